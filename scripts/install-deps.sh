@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Installs the system packages my-claw needs, only when they are missing.
+#   build: a C compiler (for SQLite, oniguruma and ring), python3 + pip (model fetch), npm
+#   test:  the above plus Debian's Chromium and ChromeDriver and python3-venv
+set -euo pipefail
+mode=${1:-build}
+
+need=()
+command -v cc >/dev/null || need+=(build-essential)
+command -v python3 >/dev/null || need+=(python3)
+python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
+command -v npm >/dev/null || need+=(npm)
+if [ "$mode" = test ]; then
+  command -v chromium >/dev/null || need+=(chromium)
+  command -v chromedriver >/dev/null || need+=(chromium-driver)
+  python3 -m venv --help >/dev/null 2>&1 || need+=(python3-venv)
+fi
+if ! command -v cargo >/dev/null; then
+  echo "cargo is missing: install Rust (rustup) first" >&2
+  exit 1
+fi
+if [ ${#need[@]} -gt 0 ]; then
+  echo "installing: ${need[*]}"
+  SUDO=""
+  [ "$(id -u)" = 0 ] || SUDO=sudo
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+fi

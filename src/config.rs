@@ -1,0 +1,618 @@
+//! Configuration from CLI flags, environment variables and `.env`, validated once at start.
+//! This module only parses and validates: it opens no pool and builds no client (that is
+//! `app.rs`). Secrets are wrapped in `Secret`, whose `Debug` prints `***`.
+
+use std::fmt;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+/// A secret string (token, key). `Debug` and `Display` print `***` so that a logged config
+/// never leaks it; use `expose` where the value is really needed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Secret(s.to_string()))
+    }
+}
+
+/// Every setting of the server, as given on the command line or in the environment.
+/// Flags are global so that `my-claw --bind …` and `my-claw serve --bind …` both work.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Config {
+    // --- Server ---------------------------------------------------------------------------
+    /// Address to listen on. Loopback by default: expose it deliberately (reverse proxy).
+    #[arg(long, env = "BIND", default_value = "127.0.0.1:3000", global = true)]
+    pub bind: String,
+
+    /// Directory for the SQLite database, the generated WebChat token and bench results.
+    #[arg(long, env = "DATA_DIR", default_value = "./data", global = true)]
+    pub data_dir: PathBuf,
+
+    /// SQLite URL; defaults to `sqlite://<DATA_DIR>/my-claw.db`.
+    #[arg(long, env = "DATABASE_URL", global = true)]
+    pub database_url: Option<String>,
+
+    /// Directory holding GGUF model files.
+    #[arg(long, env = "MODELS_DIR", default_value = "./models", global = true)]
+    pub models_dir: PathBuf,
+
+    /// Bearer token for the WebChat and the API. Generated and saved in DATA_DIR when unset.
+    #[arg(long, env = "WEBCHAT_TOKEN", global = true, hide_env_values = true)]
+    pub webchat_token: Option<Secret>,
+
+    /// How many recent messages of a conversation go into the prompt.
+    #[arg(long, env = "HISTORY_MESSAGES", default_value_t = 20, global = true)]
+    pub history_messages: usize,
+
+    /// Largest accepted request body, in bytes.
+    #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 1024 * 1024, global = true)]
+    pub max_body_bytes: usize,
+
+    /// Log filter (tracing EnvFilter syntax); RUST_LOG is used when LOG is unset.
+    #[arg(long = "log", env = "LOG", global = true)]
+    pub log: Option<String>,
+
+    // --- Local engine ---------------------------------------------------------------------
+    /// Context size in tokens for local models (capped by the model's own).
+    #[arg(long, env = "CONTEXT_SIZE", default_value_t = 32768, global = true)]
+    pub context_size: usize,
+
+    /// Requests that may wait for the engine before new ones get 503.
+    #[arg(long, env = "ENGINE_QUEUE", default_value_t = 4, global = true)]
+    pub engine_queue: usize,
+
+    /// Conversations whose KV state the engine keeps for reuse.
+    #[arg(long, env = "KV_CACHE_SEQUENCES", default_value_t = 8, global = true)]
+    pub kv_cache_sequences: usize,
+
+    /// Memory for cached KV state, e.g. `4GiB`.
+    #[arg(long, env = "KV_CACHE_MEMORY", default_value = "4GiB", global = true)]
+    pub kv_cache_memory: String,
+
+    /// Most tokens in one reply.
+    #[arg(long, env = "REPLY_MAX_TOKENS", default_value_t = 1024, global = true)]
+    pub reply_max_tokens: u32,
+
+    // --- Model tiers and router -----------------------------------------------------------
+    /// Local tier `fast`: a model name (`qwen3:4b`), a `.gguf` path, or `zai:<model>`.
+    #[arg(long, env = "MODEL_FAST", default_value = "qwen3:4b", global = true)]
+    pub model_fast: String,
+
+    /// Local tier `smart`.
+    #[arg(long, env = "MODEL_SMART", default_value = "qwen3:8b", global = true)]
+    pub model_smart: String,
+
+    /// Local tier `main`, also the fallback for cloud tiers.
+    #[arg(long, env = "MODEL_MAIN", default_value = "qwen3:14b", global = true)]
+    pub model_main: String,
+
+    /// Cloud tier `code` (thinking disabled).
+    #[arg(long, env = "MODEL_CODE", default_value = "zai:glm-4.7", global = true)]
+    pub model_code: String,
+
+    /// Cloud tier `reason` (thinking enabled, reasoning never shown).
+    #[arg(long, env = "MODEL_REASON", default_value = "zai:glm-4.7", global = true)]
+    pub model_reason: String,
+
+    /// Tier used when a request names none.
+    #[arg(long, env = "DEFAULT_TIER", default_value = "main", global = true)]
+    pub default_tier: String,
+
+    /// Total memory for loaded local models, e.g. `16GiB`; least recently used is evicted.
+    #[arg(long, env = "MODEL_MEMORY_BUDGET", global = true)]
+    pub model_memory_budget: Option<String>,
+
+    /// Unload an idle local model after this long, e.g. `30m`, `2h`, `0` for never.
+    #[arg(long, env = "MODEL_KEEP_ALIVE", default_value = "30m", global = true)]
+    pub model_keep_alive: String,
+
+    /// Load the `main` tier's model at start instead of on first use.
+    #[arg(long, env = "PRELOAD", default_value_t = false, global = true)]
+    pub preload: bool,
+
+    /// Z.ai API key; without it cloud tiers fall back to `main`.
+    #[arg(long, env = "ZAI_API_KEY", global = true, hide_env_values = true)]
+    pub zai_api_key: Option<Secret>,
+
+    /// Z.ai base URL (general endpoint; the coding plan uses `/api/coding/paas/v4`).
+    #[arg(long, env = "ZAI_BASE_URL", default_value = "https://api.z.ai/api/paas/v4", global = true)]
+    pub zai_base_url: String,
+
+    /// Seconds to wait for Z.ai to connect and to send its first byte.
+    #[arg(long, env = "ZAI_TIMEOUT_SECS", default_value_t = 20, global = true)]
+    pub zai_timeout_secs: u64,
+
+    /// Hugging Face endpoint for model downloads.
+    #[arg(long, env = "HF_ENDPOINT", default_value = "https://huggingface.co", global = true)]
+    pub hf_endpoint: String,
+
+    /// Hugging Face token for model downloads.
+    #[arg(long, env = "HF_TOKEN", global = true, hide_env_values = true)]
+    pub hf_token: Option<Secret>,
+
+    // --- WhatsApp (Meta Cloud API) --------------------------------------------------------
+    /// Token you choose and enter in the Meta app's webhook settings.
+    #[arg(long, env = "WHATSAPP_VERIFY_TOKEN", global = true, hide_env_values = true)]
+    pub whatsapp_verify_token: Option<Secret>,
+
+    /// App Secret (App Dashboard → App Settings → Basic); signs webhook payloads.
+    #[arg(long, env = "WHATSAPP_APP_SECRET", global = true, hide_env_values = true)]
+    pub whatsapp_app_secret: Option<Secret>,
+
+    /// Permanent (system user) access token for the Graph API.
+    #[arg(long, env = "WHATSAPP_ACCESS_TOKEN", global = true, hide_env_values = true)]
+    pub whatsapp_access_token: Option<Secret>,
+
+    /// Sending phone number id.
+    #[arg(long, env = "WHATSAPP_PHONE_NUMBER_ID", global = true)]
+    pub whatsapp_phone_number_id: Option<String>,
+
+    /// Graph API base including its version.
+    #[arg(
+        long,
+        env = "WHATSAPP_API_BASE",
+        default_value = "https://graph.facebook.com/v26.0",
+        global = true
+    )]
+    pub whatsapp_api_base: String,
+
+    /// Comma-separated phone numbers allowed to talk to the assistant.
+    #[arg(long, env = "WHATSAPP_ALLOWED_NUMBERS", global = true)]
+    pub whatsapp_allowed_numbers: Option<String>,
+
+    /// Approved template sent by cron jobs outside the 24-hour window.
+    #[arg(long, env = "WHATSAPP_TEMPLATE_NAME", global = true)]
+    pub whatsapp_template_name: Option<String>,
+
+    // --- Nextcloud Talk -------------------------------------------------------------------
+    /// Nextcloud base URL, e.g. `https://cloud.example.org`.
+    #[arg(long, env = "NEXTCLOUD_URL", global = true)]
+    pub nextcloud_url: Option<String>,
+
+    /// Bot secret given to `occ talk:bot:install` (40-128 characters).
+    #[arg(long, env = "NEXTCLOUD_BOT_SECRET", global = true, hide_env_values = true)]
+    pub nextcloud_bot_secret: Option<Secret>,
+
+    /// Comma-separated actor ids (`users/alice`) allowed to talk to the assistant.
+    #[arg(long, env = "NEXTCLOUD_ALLOWED_USERS", global = true)]
+    pub nextcloud_allowed_users: Option<String>,
+
+    // --- Cron -----------------------------------------------------------------------------
+    /// Secret for the `X-Cron-Secret` header of `/api/cron`; the endpoint is off when unset.
+    #[arg(long, env = "CRON_SECRET", global = true, hide_env_values = true)]
+    pub cron_secret: Option<Secret>,
+
+    /// Default time zone of cron jobs (IANA name); the system's when unset.
+    #[arg(long, env = "CRON_TIMEZONE", global = true)]
+    pub cron_timezone: Option<String>,
+}
+
+/// A configuration problem, phrased so that a person can act on it.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+fn bad(msg: impl Into<String>) -> ConfigError {
+    ConfigError(msg.into())
+}
+
+/// The validated configuration handed to `app.rs`, split per component.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub bind: SocketAddr,
+    pub data_dir: PathBuf,
+    pub database_url: String,
+    pub models_dir: PathBuf,
+    pub webchat_token: Option<Secret>,
+    pub history_messages: usize,
+    pub max_body_bytes: usize,
+    pub log: Option<String>,
+    pub engine: EngineSettings,
+    pub router: RouterSettings,
+    pub whatsapp: Option<WhatsAppSettings>,
+    pub nextcloud: Option<NextcloudSettings>,
+    pub cron: CronSettings,
+}
+
+#[derive(Debug, Clone)]
+pub struct EngineSettings {
+    pub context_size: usize,
+    pub queue_capacity: usize,
+    pub kv_cache_sequences: usize,
+    pub kv_cache_max_bytes: u64,
+    pub reply_max_tokens: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct RouterSettings {
+    pub model_fast: String,
+    pub model_smart: String,
+    pub model_main: String,
+    pub model_code: String,
+    pub model_reason: String,
+    pub default_tier: String,
+    pub memory_budget_bytes: Option<u64>,
+    /// `None` means never unload.
+    pub keep_alive: Option<Duration>,
+    pub preload: bool,
+    pub zai_api_key: Option<Secret>,
+    pub zai_base_url: String,
+    pub zai_timeout: Duration,
+    pub hf_endpoint: String,
+    pub hf_token: Option<Secret>,
+    pub models_dir: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct WhatsAppSettings {
+    pub verify_token: Secret,
+    pub app_secret: Secret,
+    pub access_token: Secret,
+    pub phone_number_id: String,
+    pub api_base: String,
+    pub allowed_numbers: Vec<String>,
+    pub template_name: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct NextcloudSettings {
+    pub url: String,
+    pub bot_secret: Secret,
+    pub allowed_users: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct CronSettings {
+    pub secret: Option<Secret>,
+    pub timezone: Option<String>,
+}
+
+impl Config {
+    /// Checks every setting once and turns the raw strings into typed settings.
+    /// Touches the file system only to make sure the data directory is writable.
+    pub fn validate(self) -> Result<Settings, ConfigError> {
+        let bind = parse_bind(&self.bind)?;
+        ensure_writable_dir(&self.data_dir)?;
+        let database_url = match &self.database_url {
+            Some(url) => {
+                validate_database_url(url)?;
+                url.clone()
+            }
+            None => format!("sqlite://{}", self.data_dir.join("my-claw.db").display()),
+        };
+        if self.history_messages == 0 || self.history_messages > 1000 {
+            return Err(bad(format!(
+                "HISTORY_MESSAGES={}: must be between 1 and 1000",
+                self.history_messages
+            )));
+        }
+        if self.max_body_bytes < 1024 {
+            return Err(bad(format!("MAX_BODY_BYTES={}: must be at least 1024", self.max_body_bytes)));
+        }
+        if self.context_size < 256 {
+            return Err(bad(format!("CONTEXT_SIZE={}: must be at least 256", self.context_size)));
+        }
+        if self.engine_queue == 0 {
+            return Err(bad("ENGINE_QUEUE=0: must be at least 1"));
+        }
+        if let Some(token) = &self.webchat_token {
+            if token.expose().len() < 16 {
+                return Err(bad("WEBCHAT_TOKEN: must be at least 16 characters"));
+            }
+        }
+        let kv_cache_max_bytes = parse_size(&self.kv_cache_memory)
+            .map_err(|e| bad(format!("KV_CACHE_MEMORY={}: {e}", self.kv_cache_memory)))?;
+        let memory_budget_bytes = match &self.model_memory_budget {
+            Some(s) => Some(
+                parse_size(s).map_err(|e| bad(format!("MODEL_MEMORY_BUDGET={s}: {e}")))?,
+            ),
+            None => None,
+        };
+        let keep_alive = parse_duration(&self.model_keep_alive)
+            .map_err(|e| bad(format!("MODEL_KEEP_ALIVE={}: {e}", self.model_keep_alive)))?;
+        for (name, value) in [("ZAI_BASE_URL", &self.zai_base_url), ("HF_ENDPOINT", &self.hf_endpoint)]
+        {
+            validate_http_url(value).map_err(|e| bad(format!("{name}={value}: {e}")))?;
+        }
+        if let Some(tz) = &self.cron_timezone {
+            if tz.parse::<chrono_tz::Tz>().is_err() {
+                return Err(bad(format!("CRON_TIMEZONE={tz}: unknown time zone (use an IANA name such as Europe/Paris)")));
+            }
+        }
+
+        let whatsapp = self.whatsapp_settings()?;
+        let nextcloud = self.nextcloud_settings()?;
+        Ok(Settings {
+            bind,
+            database_url,
+            webchat_token: self.webchat_token,
+            history_messages: self.history_messages,
+            max_body_bytes: self.max_body_bytes,
+            log: self.log,
+            engine: EngineSettings {
+                context_size: self.context_size,
+                queue_capacity: self.engine_queue,
+                kv_cache_sequences: self.kv_cache_sequences,
+                kv_cache_max_bytes,
+                reply_max_tokens: self.reply_max_tokens,
+            },
+            router: RouterSettings {
+                model_fast: self.model_fast,
+                model_smart: self.model_smart,
+                model_main: self.model_main,
+                model_code: self.model_code,
+                model_reason: self.model_reason,
+                default_tier: self.default_tier,
+                memory_budget_bytes,
+                keep_alive,
+                preload: self.preload,
+                zai_api_key: self.zai_api_key.filter(|k| !k.expose().is_empty()),
+                zai_base_url: self.zai_base_url.trim_end_matches('/').to_string(),
+                zai_timeout: Duration::from_secs(self.zai_timeout_secs.max(1)),
+                hf_endpoint: self.hf_endpoint.trim_end_matches('/').to_string(),
+                hf_token: self.hf_token,
+                models_dir: self.models_dir.clone(),
+            },
+            whatsapp,
+            nextcloud,
+            cron: CronSettings { secret: self.cron_secret, timezone: self.cron_timezone },
+            data_dir: self.data_dir,
+            models_dir: self.models_dir,
+        })
+    }
+
+    fn whatsapp_settings(&self) -> Result<Option<WhatsAppSettings>, ConfigError> {
+        let any_set = self.whatsapp_verify_token.is_some()
+            || self.whatsapp_app_secret.is_some()
+            || self.whatsapp_access_token.is_some()
+            || self.whatsapp_phone_number_id.is_some();
+        if !any_set {
+            return Ok(None);
+        }
+        let missing: Vec<&str> = [
+            ("WHATSAPP_VERIFY_TOKEN", self.whatsapp_verify_token.is_none()),
+            ("WHATSAPP_APP_SECRET", self.whatsapp_app_secret.is_none()),
+            ("WHATSAPP_ACCESS_TOKEN", self.whatsapp_access_token.is_none()),
+            ("WHATSAPP_PHONE_NUMBER_ID", self.whatsapp_phone_number_id.is_none()),
+        ]
+        .into_iter()
+        .filter_map(|(name, is_missing)| is_missing.then_some(name))
+        .collect();
+        if !missing.is_empty() {
+            return Err(bad(format!(
+                "WhatsApp is partly configured: also set {}",
+                missing.join(", ")
+            )));
+        }
+        validate_http_url(&self.whatsapp_api_base)
+            .map_err(|e| bad(format!("WHATSAPP_API_BASE={}: {e}", self.whatsapp_api_base)))?;
+        let allowed_numbers = split_list(self.whatsapp_allowed_numbers.as_deref())
+            .into_iter()
+            .map(|n| n.trim_start_matches('+').to_string())
+            .collect();
+        Ok(Some(WhatsAppSettings {
+            verify_token: self.whatsapp_verify_token.clone().expect("checked above"),
+            app_secret: self.whatsapp_app_secret.clone().expect("checked above"),
+            access_token: self.whatsapp_access_token.clone().expect("checked above"),
+            phone_number_id: self.whatsapp_phone_number_id.clone().expect("checked above"),
+            api_base: self.whatsapp_api_base.trim_end_matches('/').to_string(),
+            allowed_numbers,
+            template_name: self.whatsapp_template_name.clone(),
+        }))
+    }
+
+    fn nextcloud_settings(&self) -> Result<Option<NextcloudSettings>, ConfigError> {
+        match (&self.nextcloud_url, &self.nextcloud_bot_secret) {
+            (None, None) => Ok(None),
+            (Some(_), None) => Err(bad("NEXTCLOUD_URL is set: also set NEXTCLOUD_BOT_SECRET")),
+            (None, Some(_)) => Err(bad("NEXTCLOUD_BOT_SECRET is set: also set NEXTCLOUD_URL")),
+            (Some(url), Some(secret)) => {
+                validate_http_url(url).map_err(|e| bad(format!("NEXTCLOUD_URL={url}: {e}")))?;
+                let len = secret.expose().len();
+                if !(40..=128).contains(&len) {
+                    return Err(bad(format!(
+                        "NEXTCLOUD_BOT_SECRET: must be 40 to 128 characters (Nextcloud's rule), got {len}"
+                    )));
+                }
+                let allowed = split_list(self.nextcloud_allowed_users.as_deref());
+                Ok(Some(NextcloudSettings {
+                    url: url.trim_end_matches('/').to_string(),
+                    bot_secret: secret.clone(),
+                    allowed_users: (!allowed.is_empty()).then_some(allowed),
+                }))
+            }
+        }
+    }
+}
+
+fn split_list(value: Option<&str>) -> Vec<String> {
+    value
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// Parses `BIND`, resolving host names such as `localhost`.
+pub fn parse_bind(value: &str) -> Result<SocketAddr, ConfigError> {
+    let Some((host, port)) = value.rsplit_once(':') else {
+        return Err(bad(format!("BIND={value}: expected host:port, e.g. 127.0.0.1:3000")));
+    };
+    if port.parse::<u16>().is_err() {
+        return Err(bad(format!("BIND={value}: invalid port")));
+    }
+    if host.is_empty() {
+        return Err(bad(format!("BIND={value}: missing host, e.g. 127.0.0.1:{port}")));
+    }
+    match value.to_socket_addrs() {
+        Ok(mut addrs) => addrs
+            .next()
+            .ok_or_else(|| bad(format!("BIND={value}: host resolves to no address"))),
+        Err(e) => Err(bad(format!("BIND={value}: cannot resolve host ({e})"))),
+    }
+}
+
+fn ensure_writable_dir(dir: &Path) -> Result<(), ConfigError> {
+    std::fs::create_dir_all(dir).map_err(|e| {
+        bad(format!("DATA_DIR={}: cannot create directory ({e})", dir.display()))
+    })?;
+    let probe = dir.join(".write-test");
+    std::fs::write(&probe, b"ok")
+        .map_err(|e| bad(format!("DATA_DIR={}: directory is not writable ({e})", dir.display())))?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
+}
+
+fn validate_database_url(url: &str) -> Result<(), ConfigError> {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))
+        .ok_or_else(|| bad(format!("DATABASE_URL={url}: must start with sqlite:// (only SQLite is supported)")))?;
+    let path = rest.split('?').next().unwrap_or_default();
+    if path.is_empty() {
+        return Err(bad(format!("DATABASE_URL={url}: missing database file path")));
+    }
+    Ok(())
+}
+
+fn validate_http_url(value: &str) -> Result<(), String> {
+    let rest = value
+        .strip_prefix("https://")
+        .or_else(|| value.strip_prefix("http://"))
+        .ok_or("must start with http:// or https://")?;
+    if rest.is_empty() || rest.starts_with('/') {
+        return Err("missing host".into());
+    }
+    Ok(())
+}
+
+/// Parses a size such as `4GiB`, `512MB`, `1.5G` or a plain number of bytes.
+pub fn parse_size(value: &str) -> Result<u64, String> {
+    let value = value.trim();
+    let split = value.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(value.len());
+    let (number, unit) = value.split_at(split);
+    let number: f64 = number.parse().map_err(|_| "expected a size such as 4GiB or 512MB".to_string())?;
+    let multiplier: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "kib" => 1024.0,
+        "m" | "mb" => 1e6,
+        "mib" => 1024.0 * 1024.0,
+        "g" | "gb" => 1e9,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        "t" | "tb" => 1e12,
+        "tib" => 1024f64.powi(4),
+        other => return Err(format!("unknown unit `{other}` (use B, MB, MiB, GB, GiB…)")),
+    };
+    Ok((number * multiplier) as u64)
+}
+
+/// Parses a duration such as `30m`, `2h`, `45s`, `1h30m`; `0` means none.
+pub fn parse_duration(value: &str) -> Result<Option<Duration>, String> {
+    let value = value.trim();
+    if value == "0" {
+        return Ok(None);
+    }
+    let mut total = 0u64;
+    let mut number = String::new();
+    for c in value.chars() {
+        if c.is_ascii_digit() {
+            number.push(c);
+            continue;
+        }
+        let n: u64 = number.parse().map_err(|_| "expected a duration such as 30m or 2h".to_string())?;
+        number.clear();
+        total += match c {
+            's' => n,
+            'm' => n * 60,
+            'h' => n * 3600,
+            'd' => n * 86400,
+            other => return Err(format!("unknown unit `{other}` (use s, m, h, d)")),
+        };
+    }
+    if !number.is_empty() {
+        // A bare number is seconds.
+        total += number.parse::<u64>().map_err(|e| e.to_string())?;
+    }
+    if total == 0 {
+        return Err("expected a duration such as 30m or 2h, or 0 for never".into());
+    }
+    Ok(Some(Duration::from_secs(total)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secret_debug_is_masked() {
+        let s = Secret::new("hunter2-very-secret");
+        assert_eq!(format!("{s:?}"), "***");
+        assert_eq!(format!("{s}"), "***");
+        assert_eq!(s.expose(), "hunter2-very-secret");
+    }
+
+    #[test]
+    fn bind_errors_say_what_is_wrong() {
+        let check = |input: &str, expected: &str| {
+            let err = parse_bind(input).unwrap_err().to_string();
+            assert_eq!(err, expected, "input {input}");
+        };
+        check("localhost:99999", "BIND=localhost:99999: invalid port");
+        check("127.0.0.1", "BIND=127.0.0.1: expected host:port, e.g. 127.0.0.1:3000");
+        check(":3000", "BIND=:3000: missing host, e.g. 127.0.0.1:3000");
+        assert_eq!(parse_bind("127.0.0.1:3000").unwrap().port(), 3000);
+        assert!(parse_bind("localhost:3000").unwrap().ip().is_loopback());
+    }
+
+    #[test]
+    fn sizes_and_durations() {
+        assert_eq!(parse_size("4GiB").unwrap(), 4 * 1024 * 1024 * 1024);
+        assert_eq!(parse_size("512MB").unwrap(), 512_000_000);
+        assert_eq!(parse_size("1000").unwrap(), 1000);
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("4 parsecs").is_err());
+        assert_eq!(parse_duration("30m").unwrap(), Some(Duration::from_secs(1800)));
+        assert_eq!(parse_duration("1h30m").unwrap(), Some(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("0").unwrap(), None);
+        assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn database_url_must_be_sqlite() {
+        assert!(validate_database_url("sqlite://data/x.db").is_ok());
+        assert!(validate_database_url("sqlite:x.db?mode=rwc").is_ok());
+        let err = validate_database_url("postgres://localhost/x").unwrap_err().to_string();
+        assert!(err.contains("must start with sqlite://"), "{err}");
+        assert!(validate_database_url("sqlite://").is_err());
+    }
+}

@@ -1,0 +1,1 @@
+//! Scheduled jobs that make the assistant write first.

@@ -1,0 +1,516 @@
+//! Conversation memory: conversations, messages and settings (the plan's helpers:
+//! get-or-create conversation, add message, history, list, settings). Pure storage: no
+//! prompt building and no model knowledge here.
+
+use sqlx::SqlitePool;
+
+use crate::db::now_ms;
+use crate::domain::{ChannelKind, ConversationId, MessageId, Role};
+
+/// A stored conversation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Conversation {
+    pub id: ConversationId,
+    pub channel: ChannelKind,
+    pub external_key: String,
+    pub title: Option<String>,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+/// A conversation with what the list view needs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConversationSummary {
+    pub conversation: Conversation,
+    pub message_count: i64,
+    /// Whether any answer in it came from a provider that leaves the machine.
+    pub left_machine: bool,
+}
+
+/// How complete a stored message is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MessageStatus {
+    Complete,
+    /// Stopped or failed after some text was generated; the text is kept.
+    Partial,
+    Error,
+}
+
+impl MessageStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MessageStatus::Complete => "complete",
+            MessageStatus::Partial => "partial",
+            MessageStatus::Error => "error",
+        }
+    }
+
+    fn parse(s: &str) -> MessageStatus {
+        match s {
+            "partial" => MessageStatus::Partial,
+            "error" => MessageStatus::Error,
+            _ => MessageStatus::Complete,
+        }
+    }
+}
+
+/// A message to store. `tier`, `provider` and `model` form the privacy ledger of answers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewMessage {
+    pub conversation_id: ConversationId,
+    pub role: Role,
+    pub content: String,
+    pub tier: Option<String>,
+    pub provider: Option<String>,
+    pub model: Option<String>,
+    pub prompt_tokens: Option<i64>,
+    pub completion_tokens: Option<i64>,
+    pub status: MessageStatus,
+    pub external_id: Option<String>,
+}
+
+impl NewMessage {
+    /// A complete message with no ledger fields (user turns, system notes).
+    pub fn plain(conversation_id: ConversationId, role: Role, content: impl Into<String>) -> Self {
+        Self {
+            conversation_id,
+            role,
+            content: content.into(),
+            tier: None,
+            provider: None,
+            model: None,
+            prompt_tokens: None,
+            completion_tokens: None,
+            status: MessageStatus::Complete,
+            external_id: None,
+        }
+    }
+}
+
+/// A stored message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredMessage {
+    pub id: MessageId,
+    pub conversation_id: ConversationId,
+    pub role: Role,
+    pub content: String,
+    pub tier: Option<String>,
+    pub provider: Option<String>,
+    pub model: Option<String>,
+    pub prompt_tokens: Option<i64>,
+    pub completion_tokens: Option<i64>,
+    pub status: MessageStatus,
+    pub external_id: Option<String>,
+    pub delivery_status: Option<String>,
+    pub delivery_error: Option<String>,
+    pub created_at: i64,
+}
+
+/// Finds the conversation of `(channel, external_key)` or creates it.
+pub async fn get_or_create_conversation(
+    pool: &SqlitePool,
+    channel: ChannelKind,
+    external_key: &str,
+    title: Option<&str>,
+) -> Result<Conversation, sqlx::Error> {
+    let now = now_ms();
+    // The no-op update makes RETURNING yield the existing row on conflict, in one statement.
+    let row: ConversationRow = sqlx::query_as(
+        "INSERT INTO conversations (channel, external_key, title, created_at, updated_at)
+         VALUES (?1, ?2, ?3, ?4, ?4)
+         ON CONFLICT (channel, external_key) DO UPDATE SET channel = excluded.channel
+         RETURNING id, channel, external_key, title, created_at, updated_at",
+    )
+    .bind(channel.as_str())
+    .bind(external_key)
+    .bind(title)
+    .bind(now)
+    .fetch_one(pool)
+    .await?;
+    row.try_into()
+}
+
+/// Creates a new WebChat conversation with a fresh random key.
+pub async fn create_webchat_conversation(
+    pool: &SqlitePool,
+    title: Option<&str>,
+) -> Result<Conversation, sqlx::Error> {
+    let key = format!("wc-{:016x}", rand::random::<u64>());
+    get_or_create_conversation(pool, ChannelKind::WebChat, &key, title).await
+}
+
+pub async fn get_conversation(
+    pool: &SqlitePool,
+    id: ConversationId,
+) -> Result<Option<Conversation>, sqlx::Error> {
+    let row: Option<ConversationRow> = sqlx::query_as(
+        "SELECT id, channel, external_key, title, created_at, updated_at
+         FROM conversations WHERE id = ?1",
+    )
+    .bind(id.0)
+    .fetch_optional(pool)
+    .await?;
+    row.map(TryInto::try_into).transpose()
+}
+
+/// Conversations, most recently active first.
+pub async fn list_conversations(
+    pool: &SqlitePool,
+    limit: i64,
+) -> Result<Vec<ConversationSummary>, sqlx::Error> {
+    let rows: Vec<SummaryRow> = sqlx::query_as(
+        "SELECT c.id, c.channel, c.external_key, c.title, c.created_at, c.updated_at,
+                (SELECT COUNT(*) FROM messages m WHERE m.conversation_id = c.id) AS message_count,
+                EXISTS (SELECT 1 FROM messages m
+                        WHERE m.conversation_id = c.id AND m.provider IS NOT NULL
+                          AND m.provider <> 'local') AS left_machine
+         FROM conversations c
+         ORDER BY c.updated_at DESC, c.id DESC
+         LIMIT ?1",
+    )
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    rows.into_iter()
+        .map(|row| {
+            Ok(ConversationSummary {
+                message_count: row.message_count,
+                left_machine: row.left_machine,
+                conversation: ConversationRow {
+                    id: row.id,
+                    channel: row.channel,
+                    external_key: row.external_key,
+                    title: row.title,
+                    created_at: row.created_at,
+                    updated_at: row.updated_at,
+                }
+                .try_into()?,
+            })
+        })
+        .collect()
+}
+
+/// Renames a conversation; false when it does not exist.
+pub async fn rename_conversation(
+    pool: &SqlitePool,
+    id: ConversationId,
+    title: &str,
+) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query("UPDATE conversations SET title = ?1, updated_at = ?2 WHERE id = ?3")
+        .bind(title)
+        .bind(now_ms())
+        .bind(id.0)
+        .execute(pool)
+        .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Deletes a conversation and its messages; false when it does not exist.
+pub async fn delete_conversation(pool: &SqlitePool, id: ConversationId) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query("DELETE FROM conversations WHERE id = ?1").bind(id.0).execute(pool).await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Stores a message and bumps its conversation's activity time, in one transaction.
+pub async fn add_message(pool: &SqlitePool, msg: &NewMessage) -> Result<MessageId, sqlx::Error> {
+    let now = now_ms();
+    let mut tx = pool.begin().await?;
+    let id: i64 = sqlx::query_scalar(
+        "INSERT INTO messages (conversation_id, role, content, tier, provider, model,
+                               prompt_tokens, completion_tokens, status, external_id, created_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+         RETURNING id",
+    )
+    .bind(msg.conversation_id.0)
+    .bind(msg.role.as_str())
+    .bind(&msg.content)
+    .bind(&msg.tier)
+    .bind(&msg.provider)
+    .bind(&msg.model)
+    .bind(msg.prompt_tokens)
+    .bind(msg.completion_tokens)
+    .bind(msg.status.as_str())
+    .bind(&msg.external_id)
+    .bind(now)
+    .fetch_one(&mut *tx)
+    .await?;
+    sqlx::query("UPDATE conversations SET updated_at = ?1 WHERE id = ?2")
+        .bind(now)
+        .bind(msg.conversation_id.0)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(MessageId(id))
+}
+
+/// The last `limit` messages of a conversation, oldest first.
+pub async fn history(
+    pool: &SqlitePool,
+    conversation_id: ConversationId,
+    limit: i64,
+) -> Result<Vec<StoredMessage>, sqlx::Error> {
+    let mut rows: Vec<MessageRow> = sqlx::query_as(&format!(
+        "SELECT {MESSAGE_COLUMNS} FROM messages WHERE conversation_id = ?1
+         ORDER BY id DESC LIMIT ?2"
+    ))
+    .bind(conversation_id.0)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    rows.reverse();
+    rows.into_iter().map(TryInto::try_into).collect()
+}
+
+pub async fn get_message(pool: &SqlitePool, id: MessageId) -> Result<Option<StoredMessage>, sqlx::Error> {
+    let row: Option<MessageRow> =
+        sqlx::query_as(&format!("SELECT {MESSAGE_COLUMNS} FROM messages WHERE id = ?1"))
+            .bind(id.0)
+            .fetch_optional(pool)
+            .await?;
+    row.map(TryInto::try_into).transpose()
+}
+
+/// Records the delivery state of one of our outbound messages, found by its channel id.
+/// Returns false when no message has that id.
+pub async fn set_delivery_status(
+    pool: &SqlitePool,
+    external_id: &str,
+    status: &str,
+    error: Option<&str>,
+) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query(
+        "UPDATE messages SET delivery_status = ?1, delivery_error = COALESCE(?2, delivery_error)
+         WHERE external_id = ?3",
+    )
+    .bind(status)
+    .bind(error)
+    .bind(external_id)
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected() > 0)
+}
+
+/// Sets the channel id (and optionally the delivery state) of a stored message.
+pub async fn set_message_external_id(
+    pool: &SqlitePool,
+    id: MessageId,
+    external_id: &str,
+    delivery_status: Option<&str>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE messages SET external_id = ?1, delivery_status = ?2 WHERE id = ?3")
+        .bind(external_id)
+        .bind(delivery_status)
+        .bind(id.0)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+pub async fn setting_get(pool: &SqlitePool, key: &str) -> Result<Option<String>, sqlx::Error> {
+    sqlx::query_scalar("SELECT value FROM settings WHERE key = ?1")
+        .bind(key)
+        .fetch_optional(pool)
+        .await
+}
+
+pub async fn setting_set(pool: &SqlitePool, key: &str, value: &str) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO settings (key, value, updated_at) VALUES (?1, ?2, ?3)
+         ON CONFLICT (key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+    )
+    .bind(key)
+    .bind(value)
+    .bind(now_ms())
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+const MESSAGE_COLUMNS: &str = "id, conversation_id, role, content, tier, provider, model, \
+     prompt_tokens, completion_tokens, status, external_id, delivery_status, delivery_error, created_at";
+
+#[derive(sqlx::FromRow)]
+struct ConversationRow {
+    id: i64,
+    channel: String,
+    external_key: String,
+    title: Option<String>,
+    created_at: i64,
+    updated_at: i64,
+}
+
+impl TryFrom<ConversationRow> for Conversation {
+    type Error = sqlx::Error;
+    fn try_from(row: ConversationRow) -> Result<Self, Self::Error> {
+        let channel = ChannelKind::parse(&row.channel).ok_or_else(|| {
+            sqlx::Error::Decode(format!("unknown channel `{}` in conversations", row.channel).into())
+        })?;
+        Ok(Conversation {
+            id: ConversationId(row.id),
+            channel,
+            external_key: row.external_key,
+            title: row.title,
+            created_at: row.created_at,
+            updated_at: row.updated_at,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct SummaryRow {
+    id: i64,
+    channel: String,
+    external_key: String,
+    title: Option<String>,
+    created_at: i64,
+    updated_at: i64,
+    message_count: i64,
+    left_machine: bool,
+}
+
+#[derive(sqlx::FromRow)]
+struct MessageRow {
+    id: i64,
+    conversation_id: i64,
+    role: String,
+    content: String,
+    tier: Option<String>,
+    provider: Option<String>,
+    model: Option<String>,
+    prompt_tokens: Option<i64>,
+    completion_tokens: Option<i64>,
+    status: String,
+    external_id: Option<String>,
+    delivery_status: Option<String>,
+    delivery_error: Option<String>,
+    created_at: i64,
+}
+
+impl TryFrom<MessageRow> for StoredMessage {
+    type Error = sqlx::Error;
+    fn try_from(row: MessageRow) -> Result<Self, Self::Error> {
+        let role = Role::parse(&row.role).ok_or_else(|| {
+            sqlx::Error::Decode(format!("unknown role `{}` in messages", row.role).into())
+        })?;
+        Ok(StoredMessage {
+            id: MessageId(row.id),
+            conversation_id: ConversationId(row.conversation_id),
+            role,
+            content: row.content,
+            tier: row.tier,
+            provider: row.provider,
+            model: row.model,
+            prompt_tokens: row.prompt_tokens,
+            completion_tokens: row.completion_tokens,
+            status: MessageStatus::parse(&row.status),
+            external_id: row.external_id,
+            delivery_status: row.delivery_status,
+            delivery_error: row.delivery_error,
+            created_at: row.created_at,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn fresh() -> (tempfile::TempDir, SqlitePool) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let url = format!("sqlite://{}", dir.path().join("t.db").display());
+        let pool = crate::db::connect(&url).await.expect("open db");
+        (dir, pool)
+    }
+
+    #[tokio::test]
+    async fn get_or_create_is_idempotent_per_channel_and_key() {
+        let (_dir, pool) = fresh().await;
+        let a = get_or_create_conversation(&pool, ChannelKind::WhatsApp, "336", None).await.unwrap();
+        let b = get_or_create_conversation(&pool, ChannelKind::WhatsApp, "336", Some("x")).await.unwrap();
+        let c = get_or_create_conversation(&pool, ChannelKind::Nextcloud, "336", None).await.unwrap();
+        assert_eq!(a.id, b.id);
+        assert_ne!(a.id, c.id);
+        assert_eq!(c.channel, ChannelKind::Nextcloud);
+        // The title given on a later call does not overwrite the stored one.
+        assert_eq!(b.title, None);
+    }
+
+    #[tokio::test]
+    async fn history_is_the_last_n_in_chronological_order() {
+        let (_dir, pool) = fresh().await;
+        let conv = create_webchat_conversation(&pool, Some("t")).await.unwrap();
+        for i in 0..25 {
+            let role = if i % 2 == 0 { Role::User } else { Role::Assistant };
+            add_message(&pool, &NewMessage::plain(conv.id, role, format!("m{i}"))).await.unwrap();
+        }
+        let hist = history(&pool, conv.id, 20).await.unwrap();
+        let contents: Vec<&str> = hist.iter().map(|m| m.content.as_str()).collect();
+        let expected: Vec<String> = (5..25).map(|i| format!("m{i}")).collect();
+        assert_eq!(contents, expected);
+        assert_eq!(hist[0].role, Role::Assistant);
+    }
+
+    #[tokio::test]
+    async fn ledger_marks_conversations_that_left_the_machine() {
+        let (_dir, pool) = fresh().await;
+        let local = create_webchat_conversation(&pool, Some("local")).await.unwrap();
+        let cloud = create_webchat_conversation(&pool, Some("cloud")).await.unwrap();
+        let mut answer = NewMessage::plain(local.id, Role::Assistant, "hi");
+        answer.provider = Some("local".into());
+        add_message(&pool, &answer).await.unwrap();
+        answer.conversation_id = cloud.id;
+        answer.provider = Some("zai".into());
+        add_message(&pool, &answer).await.unwrap();
+        let list = list_conversations(&pool, 10).await.unwrap();
+        assert_eq!(list.len(), 2);
+        // Most recently active first.
+        assert_eq!(list[0].conversation.id, cloud.id);
+        assert!(list[0].left_machine);
+        assert!(!list[1].left_machine);
+        assert_eq!(list[1].message_count, 1);
+    }
+
+    #[tokio::test]
+    async fn rename_and_delete_cascade() {
+        let (_dir, pool) = fresh().await;
+        let conv = create_webchat_conversation(&pool, None).await.unwrap();
+        add_message(&pool, &NewMessage::plain(conv.id, Role::User, "x")).await.unwrap();
+        assert!(rename_conversation(&pool, conv.id, "Renamed").await.unwrap());
+        let got = get_conversation(&pool, conv.id).await.unwrap().unwrap();
+        assert_eq!(got.title.as_deref(), Some("Renamed"));
+        assert!(delete_conversation(&pool, conv.id).await.unwrap());
+        assert!(get_conversation(&pool, conv.id).await.unwrap().is_none());
+        assert!(history(&pool, conv.id, 10).await.unwrap().is_empty());
+        assert!(!delete_conversation(&pool, conv.id).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn settings_round_trip_and_overwrite() {
+        let (_dir, pool) = fresh().await;
+        assert_eq!(setting_get(&pool, "persona_name").await.unwrap(), None);
+        setting_set(&pool, "persona_name", "Claw").await.unwrap();
+        setting_set(&pool, "persona_name", "Pince").await.unwrap();
+        assert_eq!(setting_get(&pool, "persona_name").await.unwrap().as_deref(), Some("Pince"));
+    }
+
+    #[tokio::test]
+    async fn delivery_status_is_recorded_by_external_id() {
+        let (_dir, pool) = fresh().await;
+        let conv = get_or_create_conversation(&pool, ChannelKind::WhatsApp, "1", None).await.unwrap();
+        let id = add_message(&pool, &NewMessage::plain(conv.id, Role::Assistant, "a")).await.unwrap();
+        set_message_external_id(&pool, id, "wamid.X", Some("sent")).await.unwrap();
+        assert!(set_delivery_status(&pool, "wamid.X", "failed", Some("131047: re-engagement")).await.unwrap());
+        assert!(!set_delivery_status(&pool, "wamid.unknown", "read", None).await.unwrap());
+        let msg = get_message(&pool, id).await.unwrap().unwrap();
+        assert_eq!(msg.delivery_status.as_deref(), Some("failed"));
+        assert_eq!(msg.delivery_error.as_deref(), Some("131047: re-engagement"));
+    }
+
+    #[tokio::test]
+    async fn health_reports_the_migration_version() {
+        let (_dir, pool) = fresh().await;
+        let health = crate::db::health(&pool).await.unwrap();
+        assert_eq!(health.migration_version, 1);
+        assert_eq!(crate::db::integrity_check(&pool).await.unwrap(), "ok");
+    }
+}

@@ -1,0 +1,203 @@
+//! `POST /api/chat`: one WebChat turn answered as Server-Sent Events, and
+//! `POST /api/chat/{conversation_id}/stop`. This module only translates between HTTP and
+//! `Assistant` events; storing, prompting and routing are the assistant's business.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::routing::post;
+use axum::Router;
+use futures::stream::Stream;
+use serde::{Deserialize, Serialize};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
+
+use crate::assistant::Event;
+use crate::domain::{ChannelKind, ConversationId, Inbound};
+use crate::gateway::error::{ApiError, ApiJson};
+use crate::gateway::AppState;
+use crate::llm::router::Tier;
+use crate::llm::{FinishReason, Usage};
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/api/chat", post(post_chat))
+        .route("/api/chat/{conversation_id}/stop", post(post_stop))
+}
+
+/// Body of `POST /api/chat`.
+#[derive(Debug, Deserialize)]
+pub struct ChatRequest {
+    /// The conversation to continue; a new one is created when absent.
+    #[serde(default)]
+    pub conversation_id: Option<i64>,
+    pub message: String,
+    /// A tier name (`fast`, `smart`, `main`, `code`, `reason`); the default tier when absent.
+    #[serde(default)]
+    pub tier: Option<String>,
+}
+
+/// One `data:` object of the chat stream, tagged by `type`.
+#[derive(Debug, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ChatEvent {
+    Meta {
+        conversation_id: i64,
+        tier: String,
+        provider: String,
+        model: String,
+        /// Whether this answer is produced outside the machine (the privacy ledger).
+        leaves_machine: bool,
+    },
+    Token {
+        text: String,
+    },
+    Notice {
+        kind: String,
+        message: String,
+    },
+    Done {
+        message_id: i64,
+        finish: &'static str,
+        usage: UsageJson,
+        timings: TimingsJson,
+    },
+    Error {
+        message: String,
+        partial_message_id: Option<i64>,
+    },
+}
+
+#[derive(Debug, Serialize)]
+pub struct UsageJson {
+    pub prompt_tokens: u32,
+    pub cached_tokens: u32,
+    pub completion_tokens: u32,
+}
+
+#[derive(Debug, Serialize)]
+pub struct TimingsJson {
+    pub prefill_ms: u64,
+    pub decode_ms: u64,
+    pub ttft_ms: u64,
+    pub total_ms: u64,
+    /// Decode speed of this answer; 0 when nothing was decoded.
+    pub decode_tok_s: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct StopResponse {
+    stopped: bool,
+}
+
+/// Starts a turn and streams its events. Validation errors are plain JSON errors (400/404)
+/// because no stream has started yet; failures after that arrive as an `error` event.
+async fn post_chat(
+    State(state): State<AppState>,
+    ApiJson(request): ApiJson<ChatRequest>,
+) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
+    if request.message.trim().is_empty() {
+        return Err(ApiError::BadRequest("message must not be empty".into()));
+    }
+    let tier = match request.tier.as_deref().map(str::trim) {
+        None | Some("") => None,
+        Some(name) => Some(parse_tier(name)?),
+    };
+    let conversation_key = match request.conversation_id {
+        Some(id) => id.to_string(),
+        None => String::new(),
+    };
+    let inbound = Inbound {
+        channel: ChannelKind::WebChat,
+        conversation_key,
+        sender: "webchat".into(),
+        text: request.message,
+        external_id: None,
+    };
+    let events = state.assistant.start(inbound, tier).await?;
+    // When the client disconnects, axum drops this stream, which drops the receiver; the
+    // assistant then stops the engine at its next token and stores the text as `partial`.
+    let stream = ReceiverStream::new(events).map(|event| Ok(sse_event(&chat_event(event))));
+    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}
+
+/// Stops the running answer of a conversation. `stopped` is false when nothing was running.
+async fn post_stop(
+    State(state): State<AppState>,
+    Path(conversation_id): Path<String>,
+) -> Result<ApiJson<StopResponse>, ApiError> {
+    let conversation_id = crate::gateway::conversations::parse_id(&conversation_id)?;
+    let stopped = state.assistant.stop(ConversationId(conversation_id));
+    Ok(ApiJson(StopResponse { stopped }))
+}
+
+/// Parses a tier name with an error that lists the valid ones.
+pub fn parse_tier(name: &str) -> Result<Tier, ApiError> {
+    Tier::parse(name).ok_or_else(|| {
+        let names: Vec<&str> = Tier::ALL.iter().map(|t| t.as_str()).collect();
+        ApiError::BadRequest(format!("unknown tier `{name}`: expected one of {}", names.join(", ")))
+    })
+}
+
+/// The wire form of an assistant event.
+pub fn chat_event(event: Event) -> ChatEvent {
+    match event {
+        Event::Meta { conversation_id, tier, provider, model } => ChatEvent::Meta {
+            conversation_id: conversation_id.0,
+            tier: tier.as_str().to_string(),
+            leaves_machine: provider != "local",
+            provider,
+            model,
+        },
+        Event::Token(text) => ChatEvent::Token { text },
+        Event::Notice { kind, message } => ChatEvent::Notice { kind, message },
+        Event::Done { message_id, usage, finish, total_ms } => ChatEvent::Done {
+            message_id: message_id.0,
+            finish: finish_str(finish),
+            timings: timings_json(&usage, total_ms),
+            usage: UsageJson {
+                prompt_tokens: usage.prompt_tokens,
+                cached_tokens: usage.cached_tokens,
+                completion_tokens: usage.completion_tokens,
+            },
+        },
+        Event::Error { message, partial_message_id } => ChatEvent::Error {
+            message,
+            partial_message_id: partial_message_id.map(|id| id.0),
+        },
+    }
+}
+
+pub fn finish_str(finish: FinishReason) -> &'static str {
+    match finish {
+        FinishReason::Stop => "stop",
+        FinishReason::Length => "length",
+        FinishReason::Cancelled => "cancelled",
+    }
+}
+
+fn timings_json(usage: &Usage, total_ms: u64) -> TimingsJson {
+    let decode_tok_s = if usage.decode_ms > 0 {
+        f64::from(usage.completion_tokens) * 1000.0 / usage.decode_ms as f64
+    } else {
+        0.0
+    };
+    TimingsJson {
+        prefill_ms: usage.prefill_ms,
+        decode_ms: usage.decode_ms,
+        ttft_ms: usage.ttft_ms,
+        total_ms,
+        decode_tok_s: (decode_tok_s * 10.0).round() / 10.0,
+    }
+}
+
+/// Serializes one `data:` line. Our wire types always serialize; the fallback keeps the
+/// stream well-formed even so.
+pub fn sse_event<T: Serialize>(value: &T) -> SseEvent {
+    match serde_json::to_string(value) {
+        Ok(json) => SseEvent::default().data(json),
+        Err(_) => SseEvent::default().data(r#"{"type":"error","message":"serialization failed"}"#),
+    }
+}

@@ -1,0 +1,195 @@
+//! Conversation history over HTTP: list, messages (with the privacy ledger of each answer),
+//! rename and delete. Storage is `db::memory`'s; this module only shapes the JSON.
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::routing::{get, patch};
+use axum::Router;
+use serde::{Deserialize, Serialize};
+
+use crate::db::memory::{self, Conversation, ConversationSummary, StoredMessage};
+use crate::domain::ConversationId;
+use crate::gateway::error::{ApiError, ApiJson};
+use crate::gateway::AppState;
+
+/// Most conversations one list answer carries.
+const MAX_CONVERSATIONS: i64 = 500;
+/// Most messages one history answer carries (the newest ones).
+const MAX_MESSAGES: i64 = 2000;
+/// Longest accepted title, in characters.
+const MAX_TITLE_CHARS: usize = 200;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/api/conversations", get(list_conversations))
+        .route("/api/conversations/{id}", patch(rename_conversation).delete(delete_conversation))
+        .route("/api/conversations/{id}/messages", get(list_messages))
+}
+
+#[derive(Debug, Serialize)]
+pub struct ConversationJson {
+    pub id: i64,
+    /// `webchat`, `whatsapp` or `nextcloud`: only WebChat conversations accept new messages
+    /// from the page.
+    pub channel: &'static str,
+    pub title: Option<String>,
+    pub created_at: i64,
+    pub updated_at: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message_count: Option<i64>,
+    /// Whether any answer in it came from a provider outside this machine.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub left_machine: Option<bool>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct MessageJson {
+    pub id: i64,
+    pub role: &'static str,
+    pub content: String,
+    pub tier: Option<String>,
+    pub provider: Option<String>,
+    pub model: Option<String>,
+    /// `complete`, `partial` (stopped or failed mid-way) or `error`.
+    pub status: &'static str,
+    /// Whether producing this message sent the conversation outside the machine.
+    pub left_machine: bool,
+    pub prompt_tokens: Option<i64>,
+    pub completion_tokens: Option<i64>,
+    pub created_at: i64,
+}
+
+#[derive(Debug, Serialize)]
+struct ConversationList {
+    conversations: Vec<ConversationJson>,
+}
+
+#[derive(Debug, Serialize)]
+struct MessageList {
+    conversation: ConversationJson,
+    messages: Vec<MessageJson>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ListQuery {
+    limit: Option<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RenameRequest {
+    title: String,
+}
+
+async fn list_conversations(
+    State(state): State<AppState>,
+    Query(query): Query<ListQuery>,
+) -> Result<ApiJson<ConversationList>, ApiError> {
+    let limit = query.limit.unwrap_or(MAX_CONVERSATIONS).clamp(1, MAX_CONVERSATIONS);
+    let summaries = memory::list_conversations(&state.pool, limit).await?;
+    let conversations = summaries.into_iter().map(summary_json).collect();
+    Ok(ApiJson(ConversationList { conversations }))
+}
+
+async fn list_messages(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Query(query): Query<ListQuery>,
+) -> Result<ApiJson<MessageList>, ApiError> {
+    let conversation = find_conversation(&state, parse_id(&id)?).await?;
+    let limit = query.limit.unwrap_or(MAX_MESSAGES).clamp(1, MAX_MESSAGES);
+    let messages = memory::history(&state.pool, conversation.id, limit).await?;
+    Ok(ApiJson(MessageList {
+        conversation: conversation_json(conversation),
+        messages: messages.into_iter().map(message_json).collect(),
+    }))
+}
+
+async fn rename_conversation(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    ApiJson(request): ApiJson<RenameRequest>,
+) -> Result<ApiJson<ConversationJson>, ApiError> {
+    let id = parse_id(&id)?;
+    let title = request.title.trim();
+    if title.is_empty() {
+        return Err(ApiError::BadRequest("title must not be empty".into()));
+    }
+    if title.chars().count() > MAX_TITLE_CHARS {
+        return Err(ApiError::BadRequest(format!(
+            "title is longer than {MAX_TITLE_CHARS} characters"
+        )));
+    }
+    if !memory::rename_conversation(&state.pool, ConversationId(id), title).await? {
+        return Err(not_found(id));
+    }
+    let conversation = find_conversation(&state, id).await?;
+    Ok(ApiJson(conversation_json(conversation)))
+}
+
+async fn delete_conversation(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let id = parse_id(&id)?;
+    // An answer still streaming into it would otherwise fail to store at the end.
+    state.assistant.stop(ConversationId(id));
+    if !memory::delete_conversation(&state.pool, ConversationId(id)).await? {
+        return Err(not_found(id));
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn find_conversation(state: &AppState, id: i64) -> Result<Conversation, ApiError> {
+    match memory::get_conversation(&state.pool, ConversationId(id)).await? {
+        Some(conversation) => Ok(conversation),
+        None => Err(not_found(id)),
+    }
+}
+
+/// Parses a conversation id from the path, with an error in our JSON shape.
+pub fn parse_id(text: &str) -> Result<i64, ApiError> {
+    text.parse::<i64>()
+        .map_err(|_| ApiError::BadRequest(format!("`{text}` is not a conversation id")))
+}
+
+fn not_found(id: i64) -> ApiError {
+    ApiError::NotFound(format!("conversation {id} does not exist"))
+}
+
+fn conversation_json(c: Conversation) -> ConversationJson {
+    ConversationJson {
+        id: c.id.0,
+        channel: c.channel.as_str(),
+        title: c.title,
+        created_at: c.created_at,
+        updated_at: c.updated_at,
+        message_count: None,
+        left_machine: None,
+    }
+}
+
+fn summary_json(s: ConversationSummary) -> ConversationJson {
+    ConversationJson {
+        message_count: Some(s.message_count),
+        left_machine: Some(s.left_machine),
+        ..conversation_json(s.conversation)
+    }
+}
+
+fn message_json(m: StoredMessage) -> MessageJson {
+    // Same rule as the conversation list's ledger: any provider other than `local`.
+    let left_machine = m.provider.as_deref().is_some_and(|p| p != "local");
+    MessageJson {
+        id: m.id.0,
+        role: m.role.as_str(),
+        content: m.content,
+        tier: m.tier,
+        provider: m.provider,
+        model: m.model,
+        status: m.status.as_str(),
+        left_machine,
+        prompt_tokens: m.prompt_tokens,
+        completion_tokens: m.completion_tokens,
+        created_at: m.created_at,
+    }
+}

@@ -1,0 +1,65 @@
+//! `GET /api/health`: is the assistant usable? Anonymous callers get only `status`; with the
+//! bearer token the answer details the database, each model tier, Z.ai and the last bench.
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::gateway::auth::has_valid_token;
+use crate::gateway::AppState;
+
+#[derive(Serialize)]
+struct Anonymous {
+    status: &'static str,
+}
+
+#[derive(Serialize)]
+struct Detailed {
+    status: &'static str,
+    version: &'static str,
+    uptime_secs: u64,
+    database: DatabaseHealth,
+    models: Value,
+    zai: Value,
+    last_bench: Option<Value>,
+}
+
+#[derive(Serialize)]
+struct DatabaseHealth {
+    ok: bool,
+    migration_version: Option<i64>,
+    error: Option<String>,
+}
+
+pub async fn get_health(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    let db = crate::db::health(&state.pool).await;
+    let ok = db.is_ok();
+    let status_code = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if ok { "ok" } else { "unavailable" };
+    if !has_valid_token(&headers, state.webchat_token.expose()) {
+        return (status_code, Json(Anonymous { status })).into_response();
+    }
+    let database = match db {
+        Ok(h) => DatabaseHealth { ok: true, migration_version: Some(h.migration_version), error: None },
+        Err(e) => DatabaseHealth { ok: false, migration_version: None, error: Some(e.to_string()) },
+    };
+    let body = Detailed {
+        status,
+        version: env!("CARGO_PKG_VERSION"),
+        uptime_secs: state.started_at.elapsed().as_secs(),
+        database,
+        models: crate::gateway::models::tiers_json(&state).await,
+        zai: crate::gateway::models::zai_json(&state),
+        last_bench: read_last_bench(&state.data_dir),
+    };
+    (status_code, Json(body)).into_response()
+}
+
+/// The last `--bench` result saved on this machine, if any.
+fn read_last_bench(data_dir: &std::path::Path) -> Option<Value> {
+    let text = std::fs::read_to_string(data_dir.join("bench-last.json")).ok()?;
+    serde_json::from_str(&text).ok()
+}

@@ -1,0 +1,61 @@
+//! The HTTP gateway: the only module that knows axum. It merges one router per feature,
+//! puts the bearer-token check in front of `/api/*` and `/v1/*`, limits body sizes and
+//! traces requests. Handlers are free `async fn`s over `AppState`.
+
+pub mod auth;
+pub mod chat;
+pub mod conversations;
+pub mod error;
+pub mod events;
+pub mod health;
+pub mod models;
+pub mod openai;
+pub mod settings;
+pub mod webchat;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::DefaultBodyLimit;
+use axum::routing::get;
+use axum::{middleware, Router};
+use sqlx::SqlitePool;
+use tower_http::trace::TraceLayer;
+
+use crate::assistant::Assistant;
+use crate::config::Secret;
+
+/// Everything a handler may use. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub pool: SqlitePool,
+    pub assistant: Arc<Assistant>,
+    pub webchat_token: Secret,
+    pub started_at: Instant,
+    pub data_dir: Arc<PathBuf>,
+    pub max_body_bytes: usize,
+    pub channels: crate::channels::Channels,
+}
+
+/// The whole HTTP surface of my-claw.
+pub fn router(state: AppState) -> Router {
+    let protected = Router::new()
+        .merge(chat::router())
+        .merge(conversations::router())
+        .merge(events::router())
+        .merge(models::router())
+        .merge(settings::router())
+        .merge(openai::router())
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_token));
+    let public = Router::new()
+        .route("/api/health", get(health::get_health))
+        .merge(webchat::router());
+    Router::new()
+        .merge(public)
+        .merge(protected)
+        .layer(DefaultBodyLimit::max(state.max_body_bytes))
+        .layer(middleware::from_fn(error::log_internal_errors))
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}

@@ -1,0 +1,138 @@
+//! Models: the `Provider` trait every answer source implements, the request and chunk
+//! types, and `LlmError`. This module tree never imports axum, sqlx or `channels`.
+
+pub mod engine;
+pub mod providers;
+pub mod router;
+
+use futures::future::BoxFuture;
+use tokio::sync::mpsc;
+
+use crate::domain::ChatTurn;
+
+/// Sampling and length settings for one generation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerationParams {
+    pub max_tokens: u32,
+    /// 0 means greedy decoding.
+    pub temperature: f64,
+    pub top_k: usize,
+    pub top_p: f64,
+    pub min_p: f64,
+    pub presence_penalty: f32,
+    pub repeat_penalty: f32,
+    /// How many recent tokens the repeat penalty looks at.
+    pub repeat_last_n: usize,
+    pub seed: Option<u64>,
+    /// Qwen3 thinking mode. Off by default: the template renders the empty think block.
+    pub thinking: bool,
+}
+
+impl GenerationParams {
+    /// The Qwen3 model card's non-thinking settings (temperature 0.7, top-p 0.8, top-k 20,
+    /// min-p 0).
+    pub fn qwen3_non_thinking(max_tokens: u32) -> Self {
+        Self {
+            max_tokens,
+            temperature: 0.7,
+            top_k: 20,
+            top_p: 0.8,
+            min_p: 0.0,
+            presence_penalty: 0.0,
+            repeat_penalty: 1.0,
+            repeat_last_n: 64,
+            seed: None,
+            thinking: false,
+        }
+    }
+
+    /// Deterministic greedy decoding, used by tests and the benchmark.
+    pub fn greedy(max_tokens: u32) -> Self {
+        Self { temperature: 0.0, ..Self::qwen3_non_thinking(max_tokens) }
+    }
+}
+
+/// One generation request: the full prompt as chat turns (system first) and its settings.
+#[derive(Debug, Clone)]
+pub struct LlmRequest {
+    pub messages: Vec<ChatTurn>,
+    pub params: GenerationParams,
+}
+
+/// Token accounting and timings of one finished generation.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Usage {
+    pub prompt_tokens: u32,
+    /// Prompt tokens whose KV state was reused from an earlier turn (not re-prefilled).
+    pub cached_tokens: u32,
+    pub completion_tokens: u32,
+    pub prefill_ms: u64,
+    pub decode_ms: u64,
+    /// Time from request receipt to the first text delta.
+    pub ttft_ms: u64,
+}
+
+/// Why a generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    Stop,
+    Length,
+    Cancelled,
+}
+
+/// What a provider streams back.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Chunk {
+    /// A piece of answer text (always valid UTF-8, never reasoning).
+    Text(String),
+    /// Something the user should be told that is not answer text (fallback, trimming).
+    Notice { kind: String, message: String },
+    /// The last chunk of a successful generation.
+    Done { usage: Usage, finish: FinishReason },
+}
+
+/// The stream a provider returns; an `Err` item ends it.
+pub type ChunkStream = mpsc::Receiver<Result<Chunk, LlmError>>;
+
+/// Errors at the model boundary. Callers match on them (e.g. `QueueFull` becomes 503).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum LlmError {
+    #[error("the engine queue is full, try again shortly")]
+    QueueFull,
+    #[error("the engine has stopped")]
+    EngineStopped,
+    #[error("model file {path}: {reason}")]
+    BadModel { path: String, reason: String },
+    #[error("prompt is {n_tokens} tokens, over the context size of {n_ctx}")]
+    ContextOverflow { n_tokens: usize, n_ctx: usize },
+    #[error("unknown model or tier: {0}")]
+    UnknownModel(String),
+    #[error("model unavailable: {0}")]
+    Unavailable(String),
+    #[error("cloud provider error{}: {message}", code.as_ref().map(|c| format!(" {c}")).unwrap_or_default())]
+    Cloud { status: Option<u16>, code: Option<String>, message: String, retryable: bool },
+    #[error("timed out: {0}")]
+    Timeout(String),
+    #[error("inference failed: {0}")]
+    Inference(String),
+}
+
+/// Who a provider is, for the privacy ledger and the UI.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProviderInfo {
+    /// `local` or `zai`.
+    pub provider: String,
+    /// The model name as shown to the user (file name for local models).
+    pub model: String,
+    /// Whether a request to this provider leaves the machine.
+    pub leaves_machine: bool,
+}
+
+/// Anything that can answer a chat request with a token stream.
+///
+/// `stream` resolves once the answer has started (or failed before its first token), so
+/// a caller can still fall back to another provider on early failures.
+pub trait Provider: Send + Sync {
+    fn info(&self) -> ProviderInfo;
+    fn stream(&self, request: LlmRequest) -> BoxFuture<'_, Result<ChunkStream, LlmError>>;
+}

@@ -1,0 +1,64 @@
+//! `Provider` over the local engine: a thin adapter from the trait to `EngineHandle`.
+//! It adds no policy (routing and fallback live in `llm::router`).
+
+use futures::future::BoxFuture;
+use tokio::sync::mpsc;
+
+use crate::llm::engine::EngineHandle;
+use crate::llm::{ChunkStream, LlmError, LlmRequest, Provider, ProviderInfo};
+
+const FORWARD_BUFFER: usize = 64;
+
+/// The in-process model as a `Provider`. Cloning the handle is cheap; the model is shared.
+#[derive(Debug, Clone)]
+pub struct LocalProvider {
+    handle: EngineHandle,
+}
+
+impl LocalProvider {
+    pub fn new(handle: EngineHandle) -> LocalProvider {
+        LocalProvider { handle }
+    }
+
+    pub fn handle(&self) -> &EngineHandle {
+        &self.handle
+    }
+}
+
+impl Provider for LocalProvider {
+    fn info(&self) -> ProviderInfo {
+        ProviderInfo {
+            provider: "local".to_string(),
+            model: self.handle.info().name.clone(),
+            leaves_machine: false,
+        }
+    }
+
+    fn stream(&self, request: LlmRequest) -> BoxFuture<'_, Result<ChunkStream, LlmError>> {
+        // Submitting never blocks: a full queue is an immediate `QueueFull`.
+        let submitted = self.handle.submit(request);
+        Box::pin(async move {
+            let mut upstream = submitted?;
+            // Resolve only once the answer has started, so that errors before the first
+            // token (context overflow, a failed prefill) reach the router as `Err` and it
+            // can still fall back.
+            let first = match upstream.recv().await {
+                Some(Ok(chunk)) => chunk,
+                Some(Err(err)) => return Err(err),
+                None => return Err(LlmError::EngineStopped),
+            };
+            let (tx, rx) = mpsc::channel(FORWARD_BUFFER);
+            let _ = tx.try_send(Ok(first));
+            // Forward the rest; when the caller drops its receiver the send fails, the
+            // upstream receiver is dropped and the worker stops at its next token.
+            tokio::spawn(async move {
+                while let Some(item) = upstream.recv().await {
+                    if tx.send(item).await.is_err() {
+                        break;
+                    }
+                }
+            });
+            Ok(rx)
+        })
+    }
+}

