@@ -21,7 +21,7 @@ use crate::gateway::{self, AppState};
 /// fallback to local, and serves the WebChat, the WhatsApp and Nextcloud Talk webhooks, and
 /// scheduled jobs. Every option can also be set as an environment variable or in `.env`.
 #[derive(Debug, clap::Parser)]
-#[command(name = "my-claw", version, about, long_about = None, max_term_width = 100)]
+#[command(name = "my-claw", version, max_term_width = 100)]
 pub struct Cli {
     #[command(flatten)]
     pub config: Config,
@@ -94,6 +94,14 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
         },
     ));
 
+    // Channel clients, and the inbound queue worker (it first recovers unfinished messages).
+    let channels = crate::channels::Channels::start(
+        settings.whatsapp.as_ref(),
+        settings.nextcloud.as_ref(),
+        http.clone(),
+        pool.clone(),
+        assistant.clone(),
+    );
     let state = AppState {
         pool: pool.clone(),
         assistant,
@@ -101,7 +109,7 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
         started_at: Instant::now(),
         data_dir: Arc::new(settings.data_dir.clone()),
         max_body_bytes: settings.max_body_bytes,
-        channels: crate::channels::Channels::default(),
+        channels,
     };
     let listener = tokio::net::TcpListener::bind(settings.bind)
         .await

@@ -262,9 +262,7 @@ fn filler_text(
         text.push_str(SENTENCE);
     }
     match tokenizer.encode(&text) {
-        Ok(tokens) if tokens.len() > target => {
-            tokenizer.decode(&tokens[..target]).unwrap_or(text)
-        }
+        Ok(tokens) if tokens.len() > target => tokenizer.decode(&tokens[..target]).unwrap_or(text),
         _ => text,
     }
 }
@@ -367,14 +365,18 @@ fn print_table(report: &serde_json::Value) {
     println!("cpu        {} — {} threads", get("cpu_model"), get("threads"));
     println!("load       {} ms    peak RSS {} MB", get("load_ms"), get("peak_rss_mb"));
     println!();
-    println!("{:<10} {:>14} {:>14} {:>14} {:>10}", "prompt", "tokens", "prefill tok/s", "decode tok/s", "ttft ms");
+    println!(
+        "{:<10} {:>14} {:>14} {:>14} {:>10}",
+        "prompt", "tokens", "prefill tok/s", "decode tok/s", "ttft ms"
+    );
     let actual = get("prompt_tokens_actual");
     let decode = get("decode_tok_s_by_prompt");
     let prefill = get("prefill_tok_s");
     let ttft = get("ttft_ms");
     if let Some(keys) = decode.as_object() {
         for key in keys.keys() {
-            let cell = |v: &serde_json::Value| v.get(key).map_or("-".to_string(), |x| x.to_string());
+            let cell =
+                |v: &serde_json::Value| v.get(key).map_or("-".to_string(), |x| x.to_string());
             println!(
                 "{:<10} {:>14} {:>14} {:>14} {:>10}",
                 key,
@@ -392,7 +394,8 @@ fn print_table(report: &serde_json::Value) {
         let prefill = reference.get("prefill_tok_s").cloned().unwrap_or_default();
         if let Some(keys) = prefill.as_object() {
             for key in keys.keys() {
-                let cell = |v: &serde_json::Value| v.get(key).map_or("-".to_string(), |x| x.to_string());
+                let cell =
+                    |v: &serde_json::Value| v.get(key).map_or("-".to_string(), |x| x.to_string());
                 println!("{:<10} {:>14} {:>14} {:>14}", key, "", cell(&prefill), cell(&decode));
             }
         }

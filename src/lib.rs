@@ -24,5 +24,7 @@ pub mod cron;
 pub mod bench;
 /// `my-claw chat`: a terminal REPL on the local engine.
 pub mod chat;
+/// `my-claw models pull|list`: download and list model files.
+pub mod models;
 /// Wiring: builds every component from the config and runs the server.
 pub mod app;

@@ -62,7 +62,7 @@ fn help_explains_every_option() {
     let help = String::from_utf8_lossy(&out.stdout);
     for needle in [
         "--bind",
-        "[env: BIND=",
+        "BIND=",
         "--data-dir",
         "--database-url",
         "--models-dir",

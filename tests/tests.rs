@@ -3,6 +3,10 @@
 
 mod util;
 
+mod channels;
 mod engine;
 mod engine_tokenizer;
 mod foundation;
+mod router;
+mod gateway;
+mod browser;

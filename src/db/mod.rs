@@ -1,6 +1,8 @@
 //! SQLite storage: the pool, its pragmas, the embedded migrations and a health probe.
 //! Only `db/` contains SQL; callers get plain structs back, never rows.
 
+pub mod cron;
+pub mod inbound;
 pub mod memory;
 
 use std::str::FromStr;

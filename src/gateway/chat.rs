@@ -163,10 +163,9 @@ pub fn chat_event(event: Event) -> ChatEvent {
                 completion_tokens: usage.completion_tokens,
             },
         },
-        Event::Error { message, partial_message_id } => ChatEvent::Error {
-            message,
-            partial_message_id: partial_message_id.map(|id| id.0),
-        },
+        Event::Error { message, partial_message_id } => {
+            ChatEvent::Error { message, partial_message_id: partial_message_id.map(|id| id.0) }
+        }
     }
 }
 

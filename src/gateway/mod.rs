@@ -5,6 +5,7 @@
 pub mod auth;
 pub mod chat;
 pub mod conversations;
+pub mod cron;
 pub mod error;
 pub mod events;
 pub mod health;
@@ -12,6 +13,7 @@ pub mod models;
 pub mod openai;
 pub mod settings;
 pub mod webchat;
+pub mod webhooks;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -43,6 +45,7 @@ pub fn router(state: AppState) -> Router {
     let protected = Router::new()
         .merge(chat::router())
         .merge(conversations::router())
+        .merge(cron::router())
         .merge(events::router())
         .merge(models::router())
         .merge(settings::router())
@@ -50,7 +53,9 @@ pub fn router(state: AppState) -> Router {
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_token));
     let public = Router::new()
         .route("/api/health", get(health::get_health))
-        .merge(webchat::router());
+        .merge(webchat::router())
+        .merge(cron::trigger_router())
+        .merge(webhooks::router());
     Router::new()
         .merge(public)
         .merge(protected)

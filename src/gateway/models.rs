@@ -1,18 +1,121 @@
-//! (placeholder until the router lands) `GET /api/models` and the model part of health.
+//! `GET /api/models`: the tiers the page can pick, who answers each one and whether it can
+//! answer now; plus the model and Z.ai parts of `/api/health`. Policy and state live in
+//! `llm::router`; this module only turns its plain status into JSON.
 
+use std::time::SystemTime;
+
+use axum::extract::State;
+use axum::routing::get;
 use axum::Router;
+use serde::Serialize;
 use serde_json::Value;
 
+use crate::gateway::error::ApiJson;
 use crate::gateway::AppState;
+use crate::llm::router::{TierState, TierStatus, ZaiStatus};
 
 pub fn router() -> Router<AppState> {
-    Router::new()
+    Router::new().route("/api/models", get(get_models))
 }
 
-pub async fn tiers_json(_state: &AppState) -> Value {
-    Value::Null
+#[derive(Debug, Serialize)]
+pub struct ModelsResponse {
+    pub default_tier: &'static str,
+    pub tiers: Vec<TierJson>,
 }
 
-pub fn zai_json(_state: &AppState) -> Value {
-    Value::Null
+#[derive(Debug, Serialize)]
+pub struct TierJson {
+    pub tier: &'static str,
+    /// The configured value, e.g. `qwen3:8b`, a `.gguf` path or `zai:glm-4.7`.
+    pub configured: String,
+    /// `present`, `loading`, `loaded`, `load_failed`, `missing`, `configured`,
+    /// `falling_back` or `ready`.
+    pub state: &'static str,
+    /// Whether a request on this tier can be answered now.
+    pub available: bool,
+    /// Who answers (after stand-ins and fallback): `local` or `zai`.
+    pub provider: Option<String>,
+    pub model: Option<String>,
+    /// Whether an answer on this tier leaves the machine.
+    pub leaves_machine: bool,
+    /// Set when another tier answers this one (`main` for a cloud tier without Z.ai).
+    pub fallback_to: Option<&'static str>,
+    pub file: Option<String>,
+    pub stand_in_for: Option<String>,
+    pub pull_command: Option<String>,
+    pub detail: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ZaiJson {
+    pub configured: bool,
+    pub base_url: String,
+    pub fallback_active: bool,
+    pub reason: Option<String>,
+    pub last_error: Option<String>,
+    /// Unix milliseconds.
+    pub last_error_at: Option<u64>,
+    pub last_success_at: Option<u64>,
+}
+
+async fn get_models(State(state): State<AppState>) -> ApiJson<ModelsResponse> {
+    let router = state.assistant.router();
+    let tiers = router.status().await.into_iter().map(tier_json).collect();
+    ApiJson(ModelsResponse { default_tier: router.default_tier().as_str(), tiers })
+}
+
+/// Every tier's status as JSON (an array), for `/api/health`.
+pub async fn tiers_json(state: &AppState) -> Value {
+    let tiers: Vec<TierJson> =
+        state.assistant.router().status().await.into_iter().map(tier_json).collect();
+    serde_json::to_value(tiers).unwrap_or(Value::Null)
+}
+
+/// Z.ai's configuration and recent health as JSON, for `/api/health`.
+pub fn zai_json(state: &AppState) -> Value {
+    serde_json::to_value(zai(state.assistant.router().zai_status())).unwrap_or(Value::Null)
+}
+
+fn tier_json(status: TierStatus) -> TierJson {
+    let available = status.answered_by.is_some() && status.state != TierState::Missing;
+    let fallback_to = (status.state == TierState::CloudFallback).then_some("main");
+    let (provider, model, leaves_machine) = match status.answered_by {
+        Some(info) => (Some(info.provider), Some(info.model), info.leaves_machine),
+        None => (None, None, false),
+    };
+    TierJson {
+        tier: status.tier.as_str(),
+        configured: status.configured,
+        state: status.state.as_str(),
+        available,
+        provider,
+        model,
+        leaves_machine,
+        fallback_to,
+        file: status.file.map(|p| p.display().to_string()),
+        stand_in_for: status.stand_in_for,
+        pull_command: status.pull_command,
+        detail: status.detail,
+    }
+}
+
+fn zai(status: ZaiStatus) -> ZaiJson {
+    let (last_error, last_error_at) = match status.last_error {
+        Some((message, at)) => (Some(message), unix_ms(at)),
+        None => (None, None),
+    };
+    ZaiJson {
+        configured: status.configured,
+        base_url: status.base_url,
+        fallback_active: status.fallback_active,
+        reason: status.reason,
+        last_error,
+        last_error_at,
+        last_success_at: status.last_success.and_then(unix_ms),
+    }
+}
+
+fn unix_ms(at: SystemTime) -> Option<u64> {
+    at.duration_since(SystemTime::UNIX_EPOCH).ok().map(|d| d.as_millis() as u64)
 }

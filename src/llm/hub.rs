@@ -66,7 +66,7 @@ impl ModelSpec {
         let value = value.trim();
         if value.is_empty() {
             return Err(
-                "empty value: use qwen3:4b|8b|14b[-quant], a .gguf path or zai:<model>".to_string(),
+                "empty value: use qwen3:4b|8b|14b[-quant], a .gguf path or zai:<model>".to_string()
             );
         }
         if let Some(model) = value.strip_prefix("zai:") {
@@ -130,11 +130,7 @@ impl Qwen3Model {
 
     /// `qwen3:8b-q4_k_m`.
     pub fn name(&self) -> String {
-        format!(
-            "qwen3:{}-{}",
-            self.size.to_ascii_lowercase(),
-            self.quant.to_ascii_lowercase()
-        )
+        format!("qwen3:{}-{}", self.size.to_ascii_lowercase(), self.quant.to_ascii_lowercase())
     }
 
     /// `Qwen/Qwen3-8B-GGUF`.
@@ -205,26 +201,13 @@ pub type ProgressFn = Arc<dyn Fn(DownloadProgress) + Send + Sync>;
 #[derive(Debug, thiserror::Error)]
 pub enum HubError {
     #[error("{file} is not in {repo} ({endpoint}){}", available_list(.available))]
-    NotFound {
-        endpoint: String,
-        repo: String,
-        file: String,
-        available: Vec<String>,
-    },
+    NotFound { endpoint: String, repo: String, file: String, available: Vec<String> },
     #[error("access to {repo} was refused (HTTP {status}); check HF_TOKEN")]
     Unauthorized { repo: String, status: u16 },
     #[error("checksum mismatch for {file}: expected sha256 {expected}, got {actual}; the file was deleted")]
-    Checksum {
-        file: String,
-        expected: String,
-        actual: String,
-    },
+    Checksum { file: String, expected: String, actual: String },
     #[error("download of {file} failed after {attempts} tries: {reason}")]
-    Failed {
-        file: String,
-        attempts: u32,
-        reason: String,
-    },
+    Failed { file: String, attempts: u32, reason: String },
     #[error("{0}")]
     Io(String),
 }
@@ -258,9 +241,7 @@ pub async fn pull_file(
     progress: ProgressFn,
 ) -> Result<PathBuf, HubError> {
     if file.contains('/') || file.contains('\\') || file.starts_with('.') {
-        return Err(HubError::Io(format!(
-            "refusing to write file name `{file}`"
-        )));
+        return Err(HubError::Io(format!("refusing to write file name `{file}`")));
     }
     let final_path = config.models_dir.join(file);
     if final_path.is_file() {
@@ -281,9 +262,7 @@ pub async fn pull_file(
     if config.chunk_size.is_some() {
         builder = builder.with_chunk_size(config.chunk_size);
     }
-    let api = builder
-        .build()
-        .map_err(|e| HubError::Io(format!("hf-hub client: {e}")))?;
+    let api = builder.build().map_err(|e| HubError::Io(format!("hf-hub client: {e}")))?;
     let api_repo = api.repo(Repo::model(repo.to_string()));
 
     // Each try gets a new generation number; chunk tasks of a failed try that hf-hub leaves
@@ -318,10 +297,7 @@ pub async fn pull_file(
                         });
                     }
                     if status == 401 || status == 403 {
-                        return Err(HubError::Unauthorized {
-                            repo: repo.to_string(),
-                            status,
-                        });
+                        return Err(HubError::Unauthorized { repo: repo.to_string(), status });
                     }
                 }
                 if attempt >= max_attempts {
@@ -341,11 +317,7 @@ pub async fn pull_file(
     let blob = tokio::fs::canonicalize(&pointer)
         .await
         .map_err(|e| HubError::Io(format!("downloaded file {}: {e}", pointer.display())))?;
-    let etag = blob
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or_default()
-        .to_string();
+    let etag = blob.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
     let repo_cache_dir = cache_dir.join(Repo::model(repo.to_string()).folder_name());
     if let Err(err) = verify_blob(&blob, &etag, file).await {
         let _ = tokio::fs::remove_file(&blob).await;
@@ -353,11 +325,7 @@ pub async fn pull_file(
         return Err(err);
     }
     tokio::fs::rename(&blob, &final_path).await.map_err(|e| {
-        HubError::Io(format!(
-            "cannot move {} to {}: {e}",
-            blob.display(),
-            final_path.display()
-        ))
+        HubError::Io(format!("cannot move {} to {}: {e}", blob.display(), final_path.display()))
     })?;
     // The cache now holds only a dangling link and a ref; a partial download of another
     // file of the same repository would also be dropped, which is acceptable for a cache
@@ -386,10 +354,7 @@ async fn verify_blob(blob: &Path, etag: &str, file: &str) -> Result<(), HubError
         }
         return Ok(());
     }
-    tracing::warn!(
-        etag,
-        "the hub gave no sha256 for this file; checking the GGUF magic only"
-    );
+    tracing::warn!(etag, "the hub gave no sha256 for this file; checking the GGUF magic only");
     let mut magic = [0u8; 4];
     let read = std::fs::File::open(blob).and_then(|mut f| {
         use std::io::Read;
@@ -476,9 +441,7 @@ impl Progress for Reporter {
 
     async fn update(&mut self, size: usize) {
         // hf-hub first reports the bytes kept from an earlier try, then each piece received.
-        self.state
-            .downloaded
-            .fetch_add(size as u64, Ordering::SeqCst);
+        self.state.downloaded.fetch_add(size as u64, Ordering::SeqCst);
         self.state.report();
     }
 
@@ -505,25 +468,14 @@ pub fn read_gguf_summary(path: &Path) -> Result<GgufSummary, String> {
     let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
     let mut reader = std::io::BufReader::new(file);
     let content = Content::read(&mut reader).map_err(|e| format!("not a readable GGUF: {e}"))?;
-    let text = |key: &str| {
-        content
-            .metadata
-            .get(key)
-            .and_then(|v| v.to_string().ok())
-            .cloned()
-    };
-    let file_type = content
-        .metadata
-        .get("general.file_type")
-        .and_then(|v| v.to_u32().ok());
+    let text = |key: &str| content.metadata.get(key).and_then(|v| v.to_string().ok()).cloned();
+    let file_type = content.metadata.get("general.file_type").and_then(|v| v.to_u32().ok());
     let quantization = match file_type.and_then(file_type_name) {
         Some(name) => name.to_string(),
         None => {
             let mut counts = std::collections::HashMap::new();
             for info in content.tensor_infos.values() {
-                *counts
-                    .entry(format!("{:?}", info.ggml_dtype))
-                    .or_insert(0usize) += 1;
+                *counts.entry(format!("{:?}", info.ggml_dtype)).or_insert(0usize) += 1;
             }
             counts
                 .into_iter()
@@ -596,10 +548,7 @@ mod tests {
     }
 
     fn qwen(size: &str, quant: &str) -> ModelSpec {
-        ModelSpec::Qwen3(Qwen3Model {
-            size: size.into(),
-            quant: quant.into(),
-        })
+        ModelSpec::Qwen3(Qwen3Model { size: size.into(), quant: quant.into() })
     }
 
     #[test]

@@ -2,6 +2,8 @@
 //! types, and `LlmError`. This module tree never imports axum, sqlx or `channels`.
 
 pub mod engine;
+pub mod hub;
+pub mod pool;
 pub mod providers;
 pub mod router;
 

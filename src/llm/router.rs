@@ -1,1 +1,749 @@
-//! Tiers (fast/smart/main local, code/reason cloud), model resolution and fallback policy.
+//! Tiers (fast/smart/main local, code/reason cloud), what answers each one, and the fallback
+//! policy: cloud tiers without a key or failing before their first token answer from `main`
+//! with a notice; local tiers whose named file is missing use a GGUF found in `MODELS_DIR`.
+//! It owns no HTTP, SQL or model code: providers come from `providers/` and `pool.rs`.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use crate::config::{EngineSettings, RouterSettings};
+use crate::llm::hub::{self, ModelSpec};
+use crate::llm::pool::{EngineLoader, ModelLoader, ModelPool, ModelState, PoolConfig};
+use crate::llm::providers::zai::{ZaiConfig, ZaiProvider};
+use crate::llm::{ChunkStream, LlmError, LlmRequest, Provider, ProviderInfo};
+
+/// A model tier the user can pick.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Tier {
+    Fast,
+    Smart,
+    Main,
+    Code,
+    Reason,
+}
+
+impl Tier {
+    pub const ALL: [Tier; 5] = [Tier::Fast, Tier::Smart, Tier::Main, Tier::Code, Tier::Reason];
+
+    pub fn parse(s: &str) -> Option<Tier> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "fast" => Some(Tier::Fast),
+            "smart" => Some(Tier::Smart),
+            "main" => Some(Tier::Main),
+            "code" => Some(Tier::Code),
+            "reason" => Some(Tier::Reason),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tier::Fast => "fast",
+            Tier::Smart => "smart",
+            Tier::Main => "main",
+            Tier::Code => "code",
+            Tier::Reason => "reason",
+        }
+    }
+
+    /// The environment variable that sets this tier's model.
+    pub fn env_var(self) -> &'static str {
+        match self {
+            Tier::Fast => "MODEL_FAST",
+            Tier::Smart => "MODEL_SMART",
+            Tier::Main => "MODEL_MAIN",
+            Tier::Code => "MODEL_CODE",
+            Tier::Reason => "MODEL_REASON",
+        }
+    }
+
+    /// Whether a cloud model on this tier thinks: `reason` does (the reasoning is never
+    /// shown), every other tier answers directly for latency.
+    pub fn cloud_thinking(self) -> bool {
+        self == Tier::Reason
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+
+    fn configured_value(self, settings: &RouterSettings) -> &str {
+        match self {
+            Tier::Fast => &settings.model_fast,
+            Tier::Smart => &settings.model_smart,
+            Tier::Main => &settings.model_main,
+            Tier::Code => &settings.model_code,
+            Tier::Reason => &settings.model_reason,
+        }
+    }
+}
+
+impl std::fmt::Display for Tier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An answer that has started, and who gives it.
+pub struct Routed {
+    pub stream: ChunkStream,
+    /// The tier that was asked for.
+    pub tier: Tier,
+    /// Who really answers (after any fallback): for the privacy ledger and the UI.
+    pub info: ProviderInfo,
+    /// `(kind, message)` pairs to show before the answer, e.g. `("fallback", "Z.ai
+    /// unavailable (HTTP 429, code 1113: …): answered by main (…)")`. They are not repeated
+    /// inside `stream`.
+    pub notices: Vec<(String, String)>,
+}
+
+impl std::fmt::Debug for Routed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Routed")
+            .field("tier", &self.tier)
+            .field("info", &self.info)
+            .field("notices", &self.notices)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How a tier is doing, for `GET /api/models` and `/api/health`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TierState {
+    /// Local file present, not loaded yet (loads on first use).
+    Present,
+    Loading,
+    Loaded,
+    /// The last load failed (the message is in `detail`); the next request tries again.
+    LoadFailed,
+    /// No file at all: the tier cannot answer until a model is pulled.
+    Missing,
+    /// Cloud model with a key, last call fine (or none yet).
+    CloudReady,
+    /// Cloud tier answered by `main`: no key, or the last call failed.
+    CloudFallback,
+    /// A ready-made provider (tests, injected fakes).
+    Ready,
+}
+
+impl TierState {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            TierState::Present => "present",
+            TierState::Loading => "loading",
+            TierState::Loaded => "loaded",
+            TierState::LoadFailed => "load_failed",
+            TierState::Missing => "missing",
+            TierState::CloudReady => "configured",
+            TierState::CloudFallback => "falling_back",
+            TierState::Ready => "ready",
+        }
+    }
+}
+
+/// One tier's status. Plain data: the gateway turns it into JSON.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TierStatus {
+    pub tier: Tier,
+    /// The configured value, e.g. `qwen3:8b` or `zai:glm-4.7`.
+    pub configured: String,
+    pub state: TierState,
+    /// Who answers this tier now (after stand-ins and fallback); `None` when nobody can.
+    pub answered_by: Option<ProviderInfo>,
+    /// The local file used, if any.
+    pub file: Option<PathBuf>,
+    /// The file this tier wanted when another one stands in for it, e.g.
+    /// `Qwen3-8B-Q4_K_M.gguf`.
+    pub stand_in_for: Option<String>,
+    /// A command that would fix a missing or stood-in model.
+    pub pull_command: Option<String>,
+    /// One sentence for people.
+    pub detail: String,
+}
+
+/// The cloud side, for `/api/health`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ZaiStatus {
+    /// A key is set and at least one tier uses Z.ai.
+    pub configured: bool,
+    pub base_url: String,
+    /// Cloud tiers answer from `main` right now (no key, or the last call failed).
+    pub fallback_active: bool,
+    /// Why, in a sentence, when `fallback_active`.
+    pub reason: Option<String>,
+    pub last_error: Option<(String, SystemTime)>,
+    pub last_success: Option<SystemTime>,
+}
+
+/// Where a tier's answer comes from, as planned from the settings (no file is loaded).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TierPlan {
+    pub tier: Tier,
+    pub configured: String,
+    pub spec: ModelSpec,
+    pub source: PlanSource,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PlanSource {
+    /// A local file; `stand_in_for` names the missing file it replaces.
+    File { path: PathBuf, stand_in_for: Option<String>, pull_command: Option<String> },
+    /// The named file is missing and `MODELS_DIR` holds no GGUF at all.
+    Missing { wanted: String, pull_command: String },
+    /// Z.ai; `has_key` false means it answers from `main`.
+    Zai { model: String, has_key: bool },
+}
+
+/// Resolves every tier value against `MODELS_DIR` without loading anything. Errors name the
+/// variable: an unknown value, a `.gguf` path that does not exist, a cloud `MODEL_MAIN`
+/// (it is the fallback, so it must be local) or an unknown `DEFAULT_TIER`.
+pub fn plan_tiers(settings: &RouterSettings) -> Result<Vec<TierPlan>, LlmError> {
+    if Tier::parse(&settings.default_tier).is_none() {
+        return Err(LlmError::UnknownModel(format!(
+            "DEFAULT_TIER={}: unknown tier (use fast, smart, main, code or reason)",
+            settings.default_tier
+        )));
+    }
+    let models_dir = settings.models_dir.as_path();
+    let available = hub::find_gguf_files(models_dir);
+    let mut plans = Vec::with_capacity(Tier::ALL.len());
+    for tier in Tier::ALL {
+        let value = tier.configured_value(settings);
+        let spec = ModelSpec::parse(value)
+            .map_err(|e| LlmError::UnknownModel(format!("{}={value}: {e}", tier.env_var())))?;
+        let source = match &spec {
+            ModelSpec::Zai(model) => {
+                if tier == Tier::Main {
+                    return Err(LlmError::UnknownModel(format!(
+                        "MODEL_MAIN={value}: main must be a local model, it is the fallback \
+                         when Z.ai cannot answer"
+                    )));
+                }
+                PlanSource::Zai { model: model.clone(), has_key: settings.zai_api_key.is_some() }
+            }
+            ModelSpec::File(path) => {
+                if !path.is_file() {
+                    return Err(LlmError::BadModel {
+                        path: path.display().to_string(),
+                        reason: format!("{} names this file but it does not exist", tier.env_var()),
+                    });
+                }
+                PlanSource::File { path: path.clone(), stand_in_for: None, pull_command: None }
+            }
+            ModelSpec::Qwen3(model) => {
+                let wanted = models_dir.join(model.file_name());
+                if wanted.is_file() {
+                    PlanSource::File { path: wanted, stand_in_for: None, pull_command: None }
+                } else {
+                    match pick_stand_in(&available) {
+                        Some(path) => PlanSource::File {
+                            path,
+                            stand_in_for: Some(model.file_name()),
+                            pull_command: Some(model.pull_command()),
+                        },
+                        None => PlanSource::Missing {
+                            wanted: model.file_name(),
+                            pull_command: model.pull_command(),
+                        },
+                    }
+                }
+            }
+        };
+        plans.push(TierPlan { tier, configured: value.to_string(), spec, source });
+    }
+    Ok(plans)
+}
+
+/// The largest GGUF in `MODELS_DIR`: the likeliest to be a real model rather than a toy, and
+/// a single choice means every stood-in tier shares one loaded instance.
+fn pick_stand_in(available: &[PathBuf]) -> Option<PathBuf> {
+    available.iter().max_by_key(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)).cloned()
+}
+
+/// Decides who answers each tier. Cheap to clone (shared inside).
+#[derive(Clone)]
+pub struct Router {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    tiers: Vec<TierEntry>,
+    default_tier: Tier,
+    pool: Option<ModelPool>,
+    zai_base_url: String,
+    zai_has_key: bool,
+    zai_health: Mutex<ZaiHealth>,
+}
+
+#[derive(Default)]
+struct ZaiHealth {
+    last_error: Option<(String, SystemTime)>,
+    last_success: Option<SystemTime>,
+}
+
+struct TierEntry {
+    tier: Tier,
+    configured: String,
+    route: Route,
+    /// The pooled file behind a local route, for its load state.
+    file: Option<PathBuf>,
+    stand_in_for: Option<String>,
+    pull_command: Option<String>,
+}
+
+enum Route {
+    /// A local model, a Z.ai model with a key, or an injected provider.
+    Provider(Arc<dyn Provider>),
+    /// A cloud tier without a key: `main` answers.
+    CloudWithoutKey { model: String },
+    /// No model file: nobody can answer.
+    Missing { wanted: String, pull_command: String },
+}
+
+impl Router {
+    /// What `app.rs` calls: `from_settings`, then `preload` when `PRELOAD` is set (so a
+    /// bad main model fails the start).
+    pub async fn build(
+        settings: &RouterSettings,
+        engine: &EngineSettings,
+        http: reqwest::Client,
+    ) -> Result<Router, LlmError> {
+        let router = Router::from_settings(settings, engine, http)?;
+        if settings.preload {
+            router.preload().await?;
+        }
+        Ok(router)
+    }
+
+    /// Builds the router from the settings: resolves tier values (errors name the
+    /// variable), warns loudly about stand-ins and missing files, and sets up lazy loading.
+    /// Nothing is loaded or downloaded here; see `preload`.
+    pub fn from_settings(
+        settings: &RouterSettings,
+        engine: &EngineSettings,
+        http: reqwest::Client,
+    ) -> Result<Router, LlmError> {
+        let loader: Arc<dyn ModelLoader> = Arc::new(EngineLoader::new(engine));
+        Router::from_settings_with_loader(settings, engine.kv_cache_max_bytes, http, loader)
+    }
+
+    /// `from_settings` with another model loader (tests count loads or fake models) and
+    /// the per-model memory added to each file size (the KV cache bound).
+    pub fn from_settings_with_loader(
+        settings: &RouterSettings,
+        per_model_overhead_bytes: u64,
+        http: reqwest::Client,
+        loader: Arc<dyn ModelLoader>,
+    ) -> Result<Router, LlmError> {
+        let plans = plan_tiers(settings)?;
+        let default_tier = Tier::parse(&settings.default_tier).unwrap_or(Tier::Main);
+        let pool = ModelPool::new(
+            PoolConfig {
+                memory_budget_bytes: settings.memory_budget_bytes,
+                keep_alive: settings.keep_alive,
+                per_model_overhead_bytes,
+            },
+            loader,
+        );
+        let mut tiers = Vec::with_capacity(plans.len());
+        for plan in plans {
+            let mut entry = TierEntry {
+                tier: plan.tier,
+                configured: plan.configured.clone(),
+                route: Route::Missing { wanted: String::new(), pull_command: String::new() },
+                file: None,
+                stand_in_for: None,
+                pull_command: None,
+            };
+            match plan.source {
+                PlanSource::File { path, stand_in_for, pull_command } => {
+                    if let Some(wanted) = &stand_in_for {
+                        tracing::warn!(
+                            "{}={}: {wanted} is not in {}; {} STANDS IN for it (answers will \
+                             be far worse). Download the real model with `{}`",
+                            plan.tier.env_var(),
+                            plan.configured,
+                            settings.models_dir.display(),
+                            path.display(),
+                            pull_command.as_deref().unwrap_or("my-claw models pull")
+                        );
+                    }
+                    entry.route = Route::Provider(pool.provider(&path));
+                    entry.file = Some(path);
+                    entry.stand_in_for = stand_in_for;
+                    entry.pull_command = pull_command;
+                }
+                PlanSource::Missing { wanted, pull_command } => {
+                    tracing::warn!(
+                        "{}={}: {wanted} is not in {} and there is no other GGUF there; tier \
+                         {} cannot answer. Download it with `{pull_command}`",
+                        plan.tier.env_var(),
+                        plan.configured,
+                        settings.models_dir.display(),
+                        plan.tier
+                    );
+                    entry.pull_command = Some(pull_command.clone());
+                    entry.route = Route::Missing { wanted, pull_command };
+                }
+                PlanSource::Zai { model, has_key } => match &settings.zai_api_key {
+                    Some(key) if has_key => {
+                        let config = ZaiConfig::new(
+                            &settings.zai_base_url,
+                            key.clone(),
+                            &model,
+                            plan.tier.cloud_thinking(),
+                            settings.zai_timeout,
+                        );
+                        entry.route =
+                            Route::Provider(Arc::new(ZaiProvider::new(http.clone(), config)));
+                    }
+                    _ => entry.route = Route::CloudWithoutKey { model },
+                },
+            }
+            tiers.push(entry);
+        }
+        let without_key: Vec<&str> = tiers
+            .iter()
+            .filter(|t| matches!(t.route, Route::CloudWithoutKey { .. }))
+            .map(|t| t.tier.as_str())
+            .collect();
+        if !without_key.is_empty() {
+            tracing::warn!(
+                "ZAI_API_KEY is not set: tier(s) {} answer from the local main model",
+                without_key.join(", ")
+            );
+        }
+        let zai_has_key = settings.zai_api_key.is_some();
+        Ok(Router {
+            inner: Arc::new(Inner {
+                tiers,
+                default_tier,
+                pool: Some(pool),
+                zai_base_url: settings.zai_base_url.clone(),
+                zai_has_key,
+                zai_health: Mutex::new(ZaiHealth::default()),
+            }),
+        })
+    }
+
+    /// A router over ready-made providers, for tests of the assistant and the gateway.
+    /// `main` answers the `main` tier and is the fallback. Tiers absent from `providers`
+    /// behave as unconfigured: `fast`/`smart` answer from `main` directly, `code`/`reason`
+    /// answer from `main` with the no-key fallback notice.
+    pub fn with_providers(
+        main: Arc<dyn Provider>,
+        providers: HashMap<Tier, Arc<dyn Provider>>,
+        default_tier: Tier,
+    ) -> Router {
+        let mut zai_has_key = false;
+        let tiers = Tier::ALL
+            .iter()
+            .map(|&tier| {
+                let route = match (tier, providers.get(&tier)) {
+                    (Tier::Main, _) => Route::Provider(main.clone()),
+                    (_, Some(provider)) => {
+                        zai_has_key |= provider.info().leaves_machine;
+                        Route::Provider(provider.clone())
+                    }
+                    (Tier::Code | Tier::Reason, None) => {
+                        Route::CloudWithoutKey { model: "glm-4.7".to_string() }
+                    }
+                    (_, None) => Route::Provider(main.clone()),
+                };
+                TierEntry {
+                    tier,
+                    configured: "provided".to_string(),
+                    route,
+                    file: None,
+                    stand_in_for: None,
+                    pull_command: None,
+                }
+            })
+            .collect();
+        Router {
+            inner: Arc::new(Inner {
+                tiers,
+                default_tier,
+                pool: None,
+                zai_base_url: String::new(),
+                zai_has_key,
+                zai_health: Mutex::new(ZaiHealth::default()),
+            }),
+        }
+    }
+
+    pub fn default_tier(&self) -> Tier {
+        self.inner.default_tier
+    }
+
+    /// Loads the `main` tier's model now (the `PRELOAD` setting), so a bad file fails the
+    /// start instead of the first request.
+    pub async fn preload(&self) -> Result<(), LlmError> {
+        let entry = self.entry(Tier::Main);
+        match (&self.inner.pool, &entry.file) {
+            (Some(pool), Some(path)) => pool.preload(path).await,
+            _ => match &entry.route {
+                Route::Missing { wanted, pull_command } => Err(LlmError::Unavailable(format!(
+                    "cannot preload main: {wanted} is missing; run `{pull_command}`"
+                ))),
+                _ => Ok(()),
+            },
+        }
+    }
+
+    /// Starts an answer on `tier`. Cloud failures before the first token fall back to
+    /// `main` with a notice; a failure after tokens arrives as an `Err` item in the stream.
+    pub async fn stream(&self, tier: Tier, request: LlmRequest) -> Result<Routed, LlmError> {
+        let entry = self.entry(tier);
+        match &entry.route {
+            Route::Missing { wanted, pull_command } => Err(LlmError::Unavailable(format!(
+                "tier {tier} has no model: {wanted} is not in the models directory and there \
+                 is no other GGUF there; run `{pull_command}`"
+            ))),
+            Route::CloudWithoutKey { model } => {
+                let reason = format!("Z.ai is not configured (no ZAI_API_KEY) for {model}");
+                self.answer_from_main(tier, request, &reason).await
+            }
+            Route::Provider(provider) => {
+                let info = provider.info();
+                if !info.leaves_machine {
+                    let stream = provider.stream(request).await?;
+                    return Ok(Routed { stream, tier, info, notices: Vec::new() });
+                }
+                match provider.stream(request.clone()).await {
+                    Ok(stream) => {
+                        self.record_cloud(Ok(()));
+                        Ok(Routed { stream, tier, info, notices: Vec::new() })
+                    }
+                    Err(err) => {
+                        let reason =
+                            format!("{} unavailable ({})", cloud_name(&info), describe(&err));
+                        tracing::warn!(tier = %tier, "{reason}; falling back to main");
+                        self.record_cloud(Err(&reason));
+                        self.answer_from_main(tier, request, &reason).await
+                    }
+                }
+            }
+        }
+    }
+
+    /// Every tier's state, in `Tier::ALL` order.
+    pub async fn status(&self) -> Vec<TierStatus> {
+        let main_answerer = self.answerer(Tier::Main);
+        let zai = self.zai_status();
+        self.inner
+            .tiers
+            .iter()
+            .map(|entry| {
+                let mut status = TierStatus {
+                    tier: entry.tier,
+                    configured: entry.configured.clone(),
+                    state: TierState::Ready,
+                    answered_by: self.answerer(entry.tier),
+                    file: entry.file.clone(),
+                    stand_in_for: entry.stand_in_for.clone(),
+                    pull_command: entry.pull_command.clone(),
+                    detail: String::new(),
+                };
+                match &entry.route {
+                    Route::Missing { wanted, pull_command } => {
+                        status.state = TierState::Missing;
+                        status.detail = format!("{wanted} is missing; run `{pull_command}`");
+                    }
+                    Route::CloudWithoutKey { model } => {
+                        status.state = TierState::CloudFallback;
+                        status.answered_by = main_answerer.clone();
+                        status.detail = format!(
+                            "{model} on Z.ai is not configured (no ZAI_API_KEY): answered by main"
+                        );
+                    }
+                    Route::Provider(provider) => {
+                        let info = provider.info();
+                        if info.leaves_machine {
+                            if zai.fallback_active {
+                                status.state = TierState::CloudFallback;
+                                status.detail = format!(
+                                    "{} on {}; the last call failed, so it fell back to main: {}",
+                                    info.model,
+                                    cloud_name(&info),
+                                    zai.reason.clone().unwrap_or_default()
+                                );
+                            } else {
+                                status.state = TierState::CloudReady;
+                                status.detail = format!("{} on {}", info.model, cloud_name(&info));
+                            }
+                        } else if let (Some(pool), Some(path)) = (&self.inner.pool, &entry.file) {
+                            let (state, detail) = match pool.state(path) {
+                                ModelState::NotLoaded => {
+                                    (TierState::Present, "loads on first use".to_string())
+                                }
+                                ModelState::Loading => (TierState::Loading, "loading".to_string()),
+                                ModelState::Loaded { active } => (
+                                    TierState::Loaded,
+                                    format!("loaded, {active} answer(s) streaming"),
+                                ),
+                                ModelState::Failed(err) => {
+                                    (TierState::LoadFailed, format!("last load failed: {err}"))
+                                }
+                            };
+                            status.state = state;
+                            status.detail = match &entry.stand_in_for {
+                                Some(wanted) => format!(
+                                    "{} stands in for {wanted} (missing); {detail}",
+                                    path.display()
+                                ),
+                                None => format!("{}: {detail}", path.display()),
+                            };
+                        } else {
+                            status.detail = format!("{} ({})", info.model, info.provider);
+                        }
+                    }
+                }
+                status
+            })
+            .collect()
+    }
+
+    /// Whether Z.ai is configured, whether cloud tiers fall back now, and the last error.
+    pub fn zai_status(&self) -> ZaiStatus {
+        let uses_zai = self.inner.tiers.iter().any(|t| match &t.route {
+            Route::CloudWithoutKey { .. } => true,
+            Route::Provider(p) => p.info().leaves_machine,
+            Route::Missing { .. } => false,
+        });
+        let health = self.inner.zai_health.lock().unwrap_or_else(|e| e.into_inner());
+        let configured = self.inner.zai_has_key && uses_zai;
+        let failing = match (&health.last_error, health.last_success) {
+            (Some((_, failed_at)), Some(ok_at)) => *failed_at > ok_at,
+            (Some(_), None) => true,
+            _ => false,
+        };
+        let (fallback_active, reason) = if !uses_zai {
+            (false, None)
+        } else if !configured {
+            (true, Some("ZAI_API_KEY is not set: cloud tiers answer from main".to_string()))
+        } else if failing {
+            (true, health.last_error.as_ref().map(|(msg, _)| msg.clone()))
+        } else {
+            (false, None)
+        };
+        ZaiStatus {
+            configured,
+            base_url: self.inner.zai_base_url.clone(),
+            fallback_active,
+            reason,
+            last_error: health.last_error.clone(),
+            last_success: health.last_success,
+        }
+    }
+
+    fn entry(&self, tier: Tier) -> &TierEntry {
+        &self.inner.tiers[tier.index()]
+    }
+
+    /// Who answers `tier` when nothing fails.
+    fn answerer(&self, tier: Tier) -> Option<ProviderInfo> {
+        match &self.entry(tier).route {
+            Route::Provider(provider) => Some(provider.info()),
+            Route::CloudWithoutKey { .. } => self.answerer(Tier::Main),
+            Route::Missing { .. } => None,
+        }
+    }
+
+    async fn answer_from_main(
+        &self,
+        tier: Tier,
+        mut request: LlmRequest,
+        reason: &str,
+    ) -> Result<Routed, LlmError> {
+        let unavailable = |why: String| {
+            LlmError::Unavailable(format!(
+                "{reason}, and the fallback model (main) is unavailable too: {why}"
+            ))
+        };
+        let main = match &self.entry(Tier::Main).route {
+            Route::Provider(provider) => provider.clone(),
+            Route::Missing { wanted, pull_command } => {
+                return Err(unavailable(format!("{wanted} is missing; run `{pull_command}`")))
+            }
+            Route::CloudWithoutKey { .. } => {
+                return Err(unavailable("main is not a local model".to_string()))
+            }
+        };
+        // Local Qwen3 answers without thinking (the product's setting), whatever the cloud
+        // tier would have used.
+        request.params.thinking = false;
+        let info = main.info();
+        let stream = match main.stream(request).await {
+            Ok(stream) => stream,
+            Err(err) => return Err(unavailable(err.to_string())),
+        };
+        let notice = format!("{reason}: answered by main ({})", info.model);
+        Ok(Routed { stream, tier, info, notices: vec![("fallback".to_string(), notice)] })
+    }
+
+    fn record_cloud(&self, outcome: Result<(), &str>) {
+        let mut health = self.inner.zai_health.lock().unwrap_or_else(|e| e.into_inner());
+        match outcome {
+            Ok(()) => health.last_success = Some(SystemTime::now()),
+            Err(message) => health.last_error = Some((message.to_string(), SystemTime::now())),
+        }
+    }
+}
+
+fn cloud_name(info: &ProviderInfo) -> String {
+    match info.provider.as_str() {
+        "zai" => "Z.ai".to_string(),
+        other => other.to_string(),
+    }
+}
+
+/// A short cause for notices: `HTTP 429, code 1113: Insufficient balance…`.
+pub fn describe(err: &LlmError) -> String {
+    match err {
+        LlmError::Cloud { status, code, message, .. } => {
+            let mut parts = Vec::new();
+            if let Some(status) = status {
+                parts.push(format!("HTTP {status}"));
+            }
+            if let Some(code) = code {
+                parts.push(format!("code {code}"));
+            }
+            if parts.is_empty() {
+                message.clone()
+            } else {
+                format!("{}: {message}", parts.join(", "))
+            }
+        }
+        other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tiers_round_trip() {
+        for tier in Tier::ALL {
+            assert_eq!(Tier::parse(tier.as_str()), Some(tier));
+        }
+        assert_eq!(Tier::parse(" Code "), Some(Tier::Code));
+        assert_eq!(Tier::parse("turbo"), None);
+        assert!(Tier::Reason.cloud_thinking());
+        assert!(!Tier::Code.cloud_thinking());
+    }
+
+    #[test]
+    fn describe_names_status_and_code() {
+        let err = LlmError::Cloud {
+            status: Some(429),
+            code: Some("1113".into()),
+            message: "insufficient balance".into(),
+            retryable: false,
+        };
+        assert_eq!(describe(&err), "HTTP 429, code 1113: insufficient balance");
+    }
+}

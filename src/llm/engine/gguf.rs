@@ -104,7 +104,8 @@ pub fn open(path: &Path) -> Result<ModelFile, LlmError> {
         match Content::read(&mut reader) {
             Ok(content) => content,
             Err(err) => {
-                let detail = first_line(&err.to_string());
+                let message = err.to_string();
+                let detail = first_line(&message);
                 return Err(bad(path, format!("corrupt or truncated GGUF header ({detail})")));
             }
         }

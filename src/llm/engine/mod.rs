@@ -8,7 +8,6 @@ pub mod synth;
 pub mod template;
 pub mod tokenizer;
 pub mod vocab;
-pub mod vocab;
 pub mod worker;
 
 use std::path::PathBuf;

@@ -143,7 +143,6 @@ struct Rope {
     cos: Vec<f32>,
     sin: Vec<f32>,
     half_dim: usize,
-    n_positions: usize,
 }
 
 impl Rope {
@@ -161,7 +160,7 @@ impl Rope {
                 sin.push(angle.sin() as f32);
             }
         }
-        Rope { cos, sin, half_dim, n_positions }
+        Rope { cos, sin, half_dim }
     }
 
     /// Rotate every head of `rows` (laid out `(n_tokens, n_heads, head_dim)`) in place; token
@@ -394,10 +393,10 @@ impl Model {
                 None,
             )?;
             // (1, n_head, n_tokens, head_dim) → (n_tokens, n_head * head_dim)
-            out.squeeze(0)?.transpose(0, 1)?.contiguous()?.reshape((
-                n_tokens,
-                cfg.n_head * head_dim,
-            ))?
+            out.squeeze(0)?
+                .transpose(0, 1)?
+                .contiguous()?
+                .reshape((n_tokens, cfg.n_head * head_dim))?
         };
         layer.attn_output.forward(&context)
     }
@@ -426,7 +425,8 @@ mod tests {
 
     #[test]
     fn cache_grows_in_steps_and_truncates() {
-        let mut cache = KvCache { layers: vec![Vec::new(); 2], n_tokens: 0, row_len: 8, max_tokens: 4096 };
+        let mut cache =
+            KvCache { layers: vec![Vec::new(); 2], n_tokens: 0, row_len: 8, max_tokens: 4096 };
         cache.reserve_for(3);
         assert_eq!(cache.layers[0].capacity(), CACHE_GROWTH_TOKENS * 8);
         let before = cache.bytes();

@@ -155,7 +155,8 @@ pub fn write_model_to<W: Write + Seek>(
         for ((name, rows, cols), dtype) in shapes.into_iter().zip(types) {
             let scale = 1.7 / (cols as f32).sqrt();
             let weight = random_tensor(&mut rng, &[rows, cols], scale)?;
-            tensors.push((format!("blk.{layer}.{name}.weight"), QTensor::quantize(&weight, dtype)?));
+            tensors
+                .push((format!("blk.{layer}.{name}.weight"), QTensor::quantize(&weight, dtype)?));
         }
         let mut norms = vec![("attn_norm", spec.n_embd), ("ffn_norm", spec.n_embd)];
         if arch == "qwen3" {
@@ -174,8 +175,7 @@ pub fn write_model_to<W: Write + Seek>(
 
     let metadata_refs: Vec<(&str, &Value)> =
         metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let tensor_refs: Vec<(&str, &QTensor)> =
-        tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
     gguf_file::write(writer, &metadata_refs, &tensor_refs)
 }
 

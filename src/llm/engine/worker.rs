@@ -101,7 +101,10 @@ struct Engine {
 }
 
 impl Engine {
-    fn load(config: &EngineConfig, stats: Arc<SharedStats>) -> Result<(Engine, ModelInfo), LlmError> {
+    fn load(
+        config: &EngineConfig,
+        stats: Arc<SharedStats>,
+    ) -> Result<(Engine, ModelInfo), LlmError> {
         let started = Instant::now();
         let mut file = gguf::open(&config.model_path)?;
         let tokenizer = file.tokenizer()?;

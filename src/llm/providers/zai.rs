@@ -81,13 +81,7 @@ impl ZaiProvider {
             match self.try_start(&body, started).await {
                 Ok(stream) => return Ok(stream),
                 Err(err) => {
-                    let retryable = matches!(
-                        err,
-                        LlmError::Cloud {
-                            retryable: true,
-                            ..
-                        }
-                    );
+                    let retryable = matches!(err, LlmError::Cloud { retryable: true, .. });
                     if !retryable || attempt >= max_attempts {
                         return Err(err);
                     }
@@ -263,12 +257,7 @@ fn http_error(status: u16, body: &str) -> LlmError {
             snippet
         }
     });
-    LlmError::Cloud {
-        status: Some(status),
-        code,
-        message,
-        retryable,
-    }
+    LlmError::Cloud { status: Some(status), code, message, retryable }
 }
 
 /// Reads `{"error": {"code": "1113", "message": "…"}}`; the code may be a string or a number.
@@ -285,10 +274,7 @@ fn parse_error_value(error: &Value) -> (Option<String>, Option<String>) {
         Some(Value::Number(n)) => Some(n.to_string()),
         _ => None,
     };
-    let message = error
-        .get("message")
-        .and_then(Value::as_str)
-        .map(str::to_string);
+    let message = error.get("message").and_then(Value::as_str).map(str::to_string);
     (code, message)
 }
 
@@ -485,12 +471,7 @@ impl StreamState {
                     data.chars().take(200).collect()
                 }
             });
-            return Err(LlmError::Cloud {
-                status: None,
-                code,
-                message,
-                retryable,
-            });
+            return Err(LlmError::Cloud { status: None, code, message, retryable });
         }
         let Some(value) = value else {
             // Unknown non-JSON data (keep-alives from proxies): ignore it.
@@ -546,10 +527,7 @@ impl StreamState {
         let mut usage = self.usage.take().unwrap_or_default();
         usage.ttft_ms = ttft_ms;
         usage.decode_ms = (started.elapsed().as_millis() as u64).saturating_sub(ttft_ms);
-        Chunk::Done {
-            usage,
-            finish: self.finish.unwrap_or(FinishReason::Stop),
-        }
+        Chunk::Done { usage, finish: self.finish.unwrap_or(FinishReason::Stop) }
     }
 }
 
@@ -566,30 +544,15 @@ mod tests {
         assert_eq!(
             events,
             vec![
-                SseEvent {
-                    event: String::new(),
-                    data: "{\"a\":1}".into()
-                },
-                SseEvent {
-                    event: "error".into(),
-                    data: "x".into()
-                },
+                SseEvent { event: String::new(), data: "{\"a\":1}".into() },
+                SseEvent { event: "error".into(), data: "x".into() },
             ]
         );
-        assert_eq!(
-            parser.finish(),
-            Some(SseEvent {
-                event: String::new(),
-                data: "[DONE]".into()
-            })
-        );
+        assert_eq!(parser.finish(), Some(SseEvent { event: String::new(), data: "[DONE]".into() }));
     }
 
     fn event(data: &str) -> SseEvent {
-        SseEvent {
-            event: String::new(),
-            data: data.into(),
-        }
+        SseEvent { event: String::new(), data: data.into() }
     }
 
     #[test]
@@ -598,29 +561,15 @@ mod tests {
         let reasoning = r#"{"choices":[{"index":0,"delta":{"reasoning_content":"secret"}}]}"#;
         assert_eq!(state.apply(event(reasoning)).unwrap(), Step::Nothing);
         let content = r#"{"choices":[{"index":0,"delta":{"content":"Hi"}}]}"#;
-        assert_eq!(
-            state.apply(event(content)).unwrap(),
-            Step::Text("Hi".into())
-        );
+        assert_eq!(state.apply(event(content)).unwrap(), Step::Text("Hi".into()));
         let last = r#"{"choices":[{"index":0,"delta":{},"finish_reason":"length"}],"usage":{"prompt_tokens":5,"completion_tokens":2,"prompt_tokens_details":{"cached_tokens":3}}}"#;
         assert_eq!(state.apply(event(last)).unwrap(), Step::Nothing);
         assert_eq!(state.apply(event("[DONE]")).unwrap(), Step::Done);
-        let Chunk::Done { usage, finish } = state.done(1, Instant::now()) else {
-            panic!()
-        };
-        assert_eq!(
-            (
-                usage.prompt_tokens,
-                usage.cached_tokens,
-                usage.completion_tokens
-            ),
-            (5, 3, 2)
-        );
+        let Chunk::Done { usage, finish } = state.done(1, Instant::now()) else { panic!() };
+        assert_eq!((usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens), (5, 3, 2));
         assert_eq!(finish, FinishReason::Length);
 
-        let err = state
-            .apply(event(r#"{"error":{"code":"1305","message":"busy"}}"#))
-            .unwrap_err();
+        let err = state.apply(event(r#"{"error":{"code":"1305","message":"busy"}}"#)).unwrap_err();
         assert!(
             matches!(err, LlmError::Cloud { retryable: true, ref code, .. } if code.as_deref() == Some("1305"))
         );
@@ -638,40 +587,19 @@ mod tests {
     #[test]
     fn http_errors_keep_the_string_code() {
         let body = r#"{"error":{"code":"1113","message":"Insufficient balance"}}"#;
-        let LlmError::Cloud {
-            status,
-            code,
-            message,
-            retryable,
-        } = http_error(429, body)
-        else {
+        let LlmError::Cloud { status, code, message, retryable } = http_error(429, body) else {
             panic!()
         };
-        assert_eq!(
-            (status, code.as_deref(), retryable),
-            (Some(429), Some("1113"), false)
-        );
+        assert_eq!((status, code.as_deref(), retryable), (Some(429), Some("1113"), false));
         assert_eq!(message, "Insufficient balance");
         assert!(matches!(
             http_error(429, r#"{"error":{"code":"1302","message":"x"}}"#),
-            LlmError::Cloud {
-                retryable: true,
-                ..
-            }
+            LlmError::Cloud { retryable: true, .. }
         ));
-        assert!(matches!(
-            http_error(503, "<html>"),
-            LlmError::Cloud {
-                retryable: true,
-                ..
-            }
-        ));
+        assert!(matches!(http_error(503, "<html>"), LlmError::Cloud { retryable: true, .. }));
         assert!(matches!(
             http_error(401, r#"{"error":{"code":"1001","message":"x"}}"#),
-            LlmError::Cloud {
-                retryable: false,
-                ..
-            }
+            LlmError::Cloud { retryable: false, .. }
         ));
     }
 }

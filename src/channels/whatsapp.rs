@@ -1,0 +1,837 @@
+//! WhatsApp Cloud API: the webhook's wire types and signature check, turning a notification
+//! into queue rows and delivery reports, and the Graph API client (send text with markup
+//! and splitting, templates, mark-as-read with typing indicator, retries). Knows nothing of
+//! axum or of models.
+
+use std::time::Duration;
+
+use hmac::{Hmac, Mac};
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+use sqlx::SqlitePool;
+
+use crate::channels::markup::markdown_to_whatsapp;
+use crate::channels::split::split_message;
+use crate::channels::{redact, ChannelError, DeliveryReceipt, RetryPolicy};
+use crate::config::WhatsAppSettings;
+use crate::db::inbound::{self, ContactSeen, NewInbound, QueueStatus};
+use crate::db::now_ms;
+use crate::domain::ChannelKind;
+
+/// WhatsApp's limit for one text message body.
+pub const MAX_TEXT_CHARS: usize = 4096;
+/// The 24-hour customer service window.
+pub const WINDOW_MS: i64 = 24 * 60 * 60 * 1000;
+/// Error codes worth retrying: throughput (130429), pair rate (131056), unknown and
+/// service-unavailable (131000, 131016), app and WABA rate limits (4, 80007).
+pub const RETRYABLE_CODES: &[i64] = &[130429, 131056, 131000, 131016, 4, 80007];
+pub const PAIR_RATE_LIMIT: i64 = 131056;
+pub const TOKEN_EXPIRED: i64 = 190;
+pub const REENGAGEMENT: i64 = 131047;
+
+/// Sent when a user sends something other than text (image, voice note, …).
+pub const UNSUPPORTED_REPLY: &str =
+    "Sorry, I can read text messages only for now. Please type your message.";
+
+/// Checks `X-Hub-Signature-256: sha256=<hex>` against HMAC-SHA256(app secret, raw body),
+/// in constant time. The body must be the bytes exactly as received: Meta escapes
+/// non-ASCII (`\u00e9`), so a re-serialised body would not match.
+pub fn verify_signature(app_secret: &str, header: Option<&str>, body: &[u8]) -> bool {
+    let Some(header) = header else {
+        return false;
+    };
+    let Some(hex_digest) = header.trim().strip_prefix("sha256=") else {
+        return false;
+    };
+    let Ok(expected) = hex::decode(hex_digest) else {
+        return false;
+    };
+    let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(app_secret.as_bytes()) else {
+        return false;
+    };
+    mac.update(body);
+    // `verify_slice` compares in constant time (and rejects a wrong length).
+    mac.verify_slice(&expected).is_ok()
+}
+
+/// The header value Meta would send for `body` (used by tests and local tooling).
+pub fn sign(app_secret: &str, body: &[u8]) -> String {
+    let mut mac =
+        Hmac::<Sha256>::new_from_slice(app_secret.as_bytes()).expect("HMAC accepts any key");
+    mac.update(body);
+    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+/// A webhook notification (`object = "whatsapp_business_account"`). Every field that Meta
+/// may leave out is optional, so that an unexpected shape is ignored rather than rejected.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Notification {
+    #[serde(default)]
+    pub object: Option<String>,
+    #[serde(default)]
+    pub entry: Vec<Entry>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Entry {
+    #[serde(default)]
+    pub id: Option<String>,
+    #[serde(default)]
+    pub changes: Vec<Change>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Change {
+    #[serde(default)]
+    pub field: Option<String>,
+    #[serde(default)]
+    pub value: Option<ChangeValue>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ChangeValue {
+    #[serde(default)]
+    pub metadata: Option<Metadata>,
+    #[serde(default)]
+    pub contacts: Vec<Contact>,
+    /// Kept as raw JSON: one odd message must not make the whole batch unreadable.
+    #[serde(default)]
+    pub messages: Vec<serde_json::Value>,
+    #[serde(default)]
+    pub statuses: Vec<StatusReport>,
+    #[serde(default)]
+    pub errors: Vec<GraphError>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Metadata {
+    #[serde(default)]
+    pub phone_number_id: Option<String>,
+    #[serde(default)]
+    pub display_phone_number: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Contact {
+    #[serde(default)]
+    pub wa_id: Option<String>,
+    #[serde(default)]
+    pub profile: Option<Profile>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Profile {
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+/// One inbound message, as much of it as my-claw uses.
+#[derive(Debug, Clone, Deserialize)]
+pub struct IncomingMessage {
+    pub from: String,
+    pub id: String,
+    #[serde(default)]
+    pub timestamp: Option<String>,
+    #[serde(rename = "type", default)]
+    pub kind: String,
+    #[serde(default)]
+    pub text: Option<TextBody>,
+    #[serde(default)]
+    pub button: Option<ButtonReply>,
+    #[serde(default)]
+    pub interactive: Option<Interactive>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct TextBody {
+    #[serde(default)]
+    pub body: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ButtonReply {
+    #[serde(default)]
+    pub text: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Interactive {
+    #[serde(default)]
+    pub button_reply: Option<Choice>,
+    #[serde(default)]
+    pub list_reply: Option<Choice>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Choice {
+    #[serde(default)]
+    pub title: Option<String>,
+}
+
+/// A delivery report of one of our messages (`value.statuses[]`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct StatusReport {
+    pub id: String,
+    pub status: String,
+    #[serde(default)]
+    pub recipient_id: Option<String>,
+    #[serde(default)]
+    pub errors: Vec<GraphError>,
+}
+
+/// An error object, in status reports, in `value.errors[]` and in Graph API answers.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct GraphError {
+    #[serde(default)]
+    pub code: Option<i64>,
+    #[serde(default)]
+    pub title: Option<String>,
+    #[serde(default)]
+    pub message: Option<String>,
+    #[serde(default)]
+    pub error_data: Option<ErrorData>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct ErrorData {
+    #[serde(default)]
+    pub details: Option<String>,
+}
+
+impl GraphError {
+    /// `131047 Re-engagement message: Message failed to send because…`
+    pub fn describe(&self) -> String {
+        let mut text = match self.code {
+            Some(code) => code.to_string(),
+            None => "unknown".into(),
+        };
+        if let Some(title) = self.title.as_ref().or(self.message.as_ref()) {
+            text.push(' ');
+            text.push_str(title);
+        }
+        if let Some(details) = self.error_data.as_ref().and_then(|d| d.details.as_ref()) {
+            text.push_str(": ");
+            text.push_str(details);
+        }
+        text
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct GraphErrorEnvelope {
+    error: GraphError,
+}
+
+#[derive(Debug, Deserialize)]
+struct SendResponse {
+    #[serde(default)]
+    messages: Vec<SentMessage>,
+}
+
+#[derive(Debug, Deserialize)]
+struct SentMessage {
+    id: String,
+}
+
+/// What the queue stores for one inbound message: what the worker needs, already
+/// classified, so that processing never re-parses Meta's envelope.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueuedMessage {
+    pub id: String,
+    pub from: String,
+    pub name: Option<String>,
+    /// Meta's message type (`text`, `image`, `interactive`, …).
+    pub kind: String,
+    /// The text to answer; `None` for types my-claw cannot read.
+    pub text: Option<String>,
+}
+
+/// What a webhook delivery produced.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Accepted {
+    /// New messages waiting for the worker.
+    pub queued: usize,
+    /// Redeliveries of messages already stored.
+    pub duplicates: usize,
+    /// Messages stored as `ignored` (sender not allowed, reactions, system messages).
+    pub ignored: usize,
+    /// Delivery reports applied.
+    pub statuses: usize,
+}
+
+/// Parses a notification body (after the signature was checked).
+pub fn parse_notification(body: &[u8]) -> Result<Notification, serde_json::Error> {
+    serde_json::from_slice(body)
+}
+
+/// How my-claw treats a message type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Handling {
+    /// Text to answer (text, or the label of a tapped button or list item).
+    Answer(String),
+    /// Content my-claw cannot read yet: a polite reply says so.
+    Unsupported,
+    /// Not a message to answer (reactions, system notices, empty text).
+    Ignore,
+}
+
+/// Classifies an inbound message.
+pub fn handling(message: &IncomingMessage) -> Handling {
+    let text = match message.kind.as_str() {
+        "text" => message.text.as_ref().map(|t| t.body.clone()),
+        "button" => message.button.as_ref().and_then(|b| b.text.clone()),
+        "interactive" => message.interactive.as_ref().and_then(|i| {
+            i.button_reply.as_ref().or(i.list_reply.as_ref()).and_then(|c| c.title.clone())
+        }),
+        "reaction" | "system" | "request_welcome" | "ephemeral" | "errors" => {
+            return Handling::Ignore
+        }
+        _ => return Handling::Unsupported,
+    };
+    match text {
+        Some(t) if !t.trim().is_empty() => Handling::Answer(t),
+        _ => Handling::Ignore,
+    }
+}
+
+/// The Graph API client and the channel's policy (allowed numbers, 24-hour window).
+pub struct WhatsApp {
+    settings: WhatsAppSettings,
+    http: reqwest::Client,
+    pool: SqlitePool,
+    retry: RetryPolicy,
+}
+
+/// Shared between the messages endpoint's different bodies.
+#[derive(Serialize)]
+struct TextMessage<'a> {
+    messaging_product: &'static str,
+    recipient_type: &'static str,
+    to: &'a str,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    text: TextContent<'a>,
+}
+
+#[derive(Serialize)]
+struct TextContent<'a> {
+    preview_url: bool,
+    body: &'a str,
+}
+
+#[derive(Serialize)]
+struct ReadReceipt<'a> {
+    messaging_product: &'static str,
+    status: &'static str,
+    message_id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    typing_indicator: Option<TypingIndicator>,
+}
+
+#[derive(Serialize)]
+struct TypingIndicator {
+    #[serde(rename = "type")]
+    kind: &'static str,
+}
+
+#[derive(Serialize)]
+struct TemplateMessage<'a> {
+    messaging_product: &'static str,
+    to: &'a str,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    template: Template<'a>,
+}
+
+#[derive(Serialize)]
+struct Template<'a> {
+    name: &'a str,
+    language: Language<'a>,
+    components: Vec<Component>,
+}
+
+#[derive(Serialize)]
+struct Language<'a> {
+    code: &'a str,
+}
+
+#[derive(Serialize)]
+struct Component {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    parameters: Vec<Parameter>,
+}
+
+#[derive(Serialize)]
+struct Parameter {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    text: String,
+}
+
+impl WhatsApp {
+    pub fn new(settings: WhatsAppSettings, http: reqwest::Client, pool: SqlitePool) -> Self {
+        Self { settings, http, pool, retry: RetryPolicy::default() }
+    }
+
+    /// Replaces the retry policy (tests use short delays).
+    pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    pub fn app_secret(&self) -> &str {
+        self.settings.app_secret.expose()
+    }
+
+    pub fn verify_token(&self) -> &str {
+        self.settings.verify_token.expose()
+    }
+
+    /// Says at start what will happen to incoming messages.
+    pub fn log_configuration(&self) {
+        if self.settings.allowed_numbers.is_empty() {
+            tracing::warn!(
+                "whatsapp: WHATSAPP_ALLOWED_NUMBERS is empty, every incoming message will be \
+                 ignored; set it to your own number"
+            );
+        } else {
+            tracing::info!(
+                allowed = self.settings.allowed_numbers.len(),
+                template = self.settings.template_name.is_some(),
+                "whatsapp channel enabled"
+            );
+        }
+    }
+
+    /// Whether `number` may talk to the assistant. Numbers are compared on their digits
+    /// only, so `+33 6 12…` in the setting matches Meta's `33612…`.
+    pub fn is_allowed(&self, number: &str) -> bool {
+        let wanted = digits(number);
+        !wanted.is_empty() && self.settings.allowed_numbers.iter().any(|n| digits(n) == wanted)
+    }
+
+    /// Stores what a verified notification carries: each message becomes a queue row
+    /// (unique on its wamid; a redelivery changes nothing) and refreshes the sender's
+    /// last inbound time; delivery reports update our sent messages. Returns once all of it
+    /// is committed, so that the webhook answers 200 only for what is durable.
+    pub async fn accept(&self, notification: &Notification) -> Result<Accepted, sqlx::Error> {
+        let mut accepted = Accepted::default();
+        if notification.object.as_deref() != Some("whatsapp_business_account") {
+            tracing::info!(object = ?notification.object, "whatsapp: ignoring a notification for another object");
+            return Ok(accepted);
+        }
+        for change in notification.entry.iter().flat_map(|e| e.changes.iter()) {
+            let Some(value) = &change.value else { continue };
+            if change.field.as_deref().is_some_and(|f| f != "messages") {
+                tracing::debug!(field = ?change.field, "whatsapp: ignoring a change");
+                continue;
+            }
+            for error in &value.errors {
+                tracing::warn!(error = %error.describe(), "whatsapp: error notification");
+            }
+            for status in &value.statuses {
+                self.apply_status(status).await?;
+                accepted.statuses += 1;
+            }
+            for raw in &value.messages {
+                self.accept_message(value, raw, &mut accepted).await?;
+            }
+        }
+        Ok(accepted)
+    }
+
+    async fn apply_status(&self, status: &StatusReport) -> Result<(), sqlx::Error> {
+        let error = (status.status == "failed").then(|| {
+            let described: Vec<String> = status.errors.iter().map(GraphError::describe).collect();
+            if described.is_empty() {
+                "failed (no error given)".to_string()
+            } else {
+                described.join("; ")
+            }
+        });
+        if let Some(error) = &error {
+            tracing::warn!(to = %redact(status.recipient_id.as_deref().unwrap_or("")), %error, "whatsapp: message not delivered");
+        }
+        let known = inbound::record_delivery(&self.pool, &status.id, &status.status, error.as_deref())
+            .await?;
+        if !known {
+            tracing::debug!(status = %status.status, "whatsapp: status for a message we did not store");
+        }
+        Ok(())
+    }
+
+    async fn accept_message(
+        &self,
+        value: &ChangeValue,
+        raw: &serde_json::Value,
+        accepted: &mut Accepted,
+    ) -> Result<(), sqlx::Error> {
+        let message: IncomingMessage = match serde_json::from_value(raw.clone()) {
+            Ok(m) => m,
+            Err(e) => {
+                // Without an id and a sender it can be neither deduplicated nor answered.
+                tracing::warn!(error = %e, "whatsapp: skipping a message without id or sender");
+                return Ok(());
+            }
+        };
+        let name = value
+            .contacts
+            .iter()
+            .find(|c| c.wa_id.as_deref() == Some(message.from.as_str()))
+            .or(value.contacts.first())
+            .and_then(|c| c.profile.as_ref())
+            .and_then(|p| p.name.clone());
+        if !self.is_allowed(&message.from) {
+            // Recorded without its content: the row only says that it came and why it was
+            // not answered (my-claw is single-user; strangers' messages are not kept).
+            tracing::warn!(from = %redact(&message.from), "whatsapp: message from a number not in WHATSAPP_ALLOWED_NUMBERS, ignored");
+            let row = NewInbound {
+                channel: ChannelKind::WhatsApp,
+                external_id: &message.id,
+                payload: "{}",
+                status: QueueStatus::Ignored,
+                note: Some("sender not in WHATSAPP_ALLOWED_NUMBERS"),
+            };
+            if inbound::enqueue(&self.pool, &row, None).await? {
+                accepted.ignored += 1;
+            } else {
+                accepted.duplicates += 1;
+            }
+            return Ok(());
+        }
+        let handling = handling(&message);
+        let queued = QueuedMessage {
+            id: message.id.clone(),
+            from: message.from.clone(),
+            name: name.clone(),
+            kind: message.kind.clone(),
+            text: match &handling {
+                Handling::Answer(t) => Some(t.clone()),
+                _ => None,
+            },
+        };
+        let payload = serde_json::to_string(&queued).unwrap_or_else(|_| "{}".into());
+        let (status, note) = match handling {
+            Handling::Ignore => (QueueStatus::Ignored, Some("not a message to answer")),
+            _ => (QueueStatus::Pending, None),
+        };
+        let at_ms = message
+            .timestamp
+            .as_deref()
+            .and_then(|t| t.parse::<i64>().ok())
+            .map(|secs| secs.saturating_mul(1000))
+            .filter(|ms| *ms > 0 && *ms <= now_ms() + 60_000)
+            .unwrap_or_else(now_ms);
+        let row = NewInbound {
+            channel: ChannelKind::WhatsApp,
+            external_id: &message.id,
+            payload: &payload,
+            status,
+            note,
+        };
+        let contact = ContactSeen {
+            channel: ChannelKind::WhatsApp,
+            address: &message.from,
+            display_name: name.as_deref(),
+            at_ms,
+        };
+        let inserted = inbound::enqueue(&self.pool, &row, Some(&contact)).await?;
+        match (inserted, status) {
+            (false, _) => {
+                tracing::info!("whatsapp: duplicate delivery of a stored message, acknowledged");
+                accepted.duplicates += 1;
+            }
+            (true, QueueStatus::Pending) => accepted.queued += 1,
+            (true, _) => accepted.ignored += 1,
+        }
+        Ok(())
+    }
+
+    /// When `number` last wrote (Unix milliseconds), if ever.
+    pub async fn last_inbound_at(&self, number: &str) -> Result<Option<i64>, ChannelError> {
+        Ok(inbound::last_inbound_at(&self.pool, ChannelKind::WhatsApp, &digits(number)).await?)
+    }
+
+    /// Whether the 24-hour customer service window is open for `number`.
+    pub async fn window_open(&self, number: &str) -> Result<bool, ChannelError> {
+        let last = self.last_inbound_at(number).await?;
+        Ok(last.is_some_and(|at| now_ms() - at < WINDOW_MS))
+    }
+
+    /// Sends a proactive message: free-form inside the 24-hour window, else the approved
+    /// template with the text as its one body parameter, else `OutsideWindow`.
+    pub async fn deliver(&self, to: &str, text: &str) -> Result<DeliveryReceipt, ChannelError> {
+        if self.window_open(to).await? {
+            let external_ids = self.send_text(to, text).await?;
+            return Ok(DeliveryReceipt {
+                channel: ChannelKind::WhatsApp,
+                external_ids,
+                via_template: false,
+            });
+        }
+        if self.settings.template_name.is_some() {
+            let id = self.send_template(to, text).await?;
+            return Ok(DeliveryReceipt {
+                channel: ChannelKind::WhatsApp,
+                external_ids: vec![id],
+                via_template: true,
+            });
+        }
+        let detail = match self.last_inbound_at(to).await? {
+            Some(at) => format!("the user last wrote {} hours ago", (now_ms() - at) / 3_600_000),
+            None => "the user never wrote to this number".into(),
+        };
+        Err(ChannelError::OutsideWindow {
+            detail: format!("{detail}; set WHATSAPP_TEMPLATE_NAME to reach them"),
+        })
+    }
+
+    /// Sends `markdown` to `to` as WhatsApp text: converted to WhatsApp markup and split
+    /// into messages of at most 4096 characters. Returns the wamid of each part. A part that
+    /// fails stops the rest (sending later parts alone would not make sense).
+    pub async fn send_text(&self, to: &str, markdown: &str) -> Result<Vec<String>, ChannelError> {
+        let text = markdown_to_whatsapp(markdown);
+        let parts = split_message(&text, MAX_TEXT_CHARS);
+        if parts.is_empty() {
+            return Err(ChannelError::Invalid("refusing to send an empty message".into()));
+        }
+        let mut ids = Vec::with_capacity(parts.len());
+        for part in &parts {
+            let body = TextMessage {
+                messaging_product: "whatsapp",
+                recipient_type: "individual",
+                to,
+                kind: "text",
+                text: TextContent { preview_url: false, body: part },
+            };
+            ids.push(self.post_message(&body).await?);
+        }
+        tracing::info!(to = %redact(to), parts = parts.len(), "whatsapp: message sent");
+        Ok(ids)
+    }
+
+    /// Sends the approved template `WHATSAPP_TEMPLATE_NAME` (`name` or `name:language`,
+    /// language `en_US` by default) with `text` as its `{{1}}` body parameter. Template
+    /// parameters may not hold new lines or long space runs, and are kept short.
+    pub async fn send_template(&self, to: &str, text: &str) -> Result<String, ChannelError> {
+        let Some(setting) = &self.settings.template_name else {
+            return Err(ChannelError::Invalid("WHATSAPP_TEMPLATE_NAME is not set".into()));
+        };
+        let (name, language) = match setting.split_once(':') {
+            Some((name, language)) => (name, language),
+            None => (setting.as_str(), "en_US"),
+        };
+        let flat = markdown_to_whatsapp(text).split_whitespace().collect::<Vec<_>>().join(" ");
+        let mut parameter: String = flat.chars().take(1000).collect();
+        if flat.chars().count() > 1000 {
+            parameter.push('…');
+        }
+        let body = TemplateMessage {
+            messaging_product: "whatsapp",
+            to,
+            kind: "template",
+            template: Template {
+                name,
+                language: Language { code: language },
+                components: vec![Component {
+                    kind: "body",
+                    parameters: vec![Parameter { kind: "text", text: parameter }],
+                }],
+            },
+        };
+        let id = self.post_message(&body).await?;
+        tracing::info!(to = %redact(to), template = name, "whatsapp: template sent");
+        Ok(id)
+    }
+
+    /// Marks `wamid` read and, with `typing`, shows the typing indicator (for at most 25 s
+    /// or until we answer). Best effort: not retried.
+    pub async fn mark_read(&self, wamid: &str, typing: bool) -> Result<(), ChannelError> {
+        let body = ReadReceipt {
+            messaging_product: "whatsapp",
+            status: "read",
+            message_id: wamid,
+            typing_indicator: typing.then_some(TypingIndicator { kind: "text" }),
+        };
+        self.post_once(&body).await.map(|_| ())
+    }
+
+    /// Posts to `/{phone_number_id}/messages`, retrying transient failures with backoff,
+    /// and returns the new message's wamid.
+    async fn post_message<T: Serialize>(&self, body: &T) -> Result<String, ChannelError> {
+        let mut attempt = 1;
+        loop {
+            match self.post_once(body).await {
+                Ok(response) => {
+                    let parsed: SendResponse = serde_json::from_str(&response).map_err(|e| {
+                        ChannelError::Invalid(format!("whatsapp: unreadable send answer: {e}"))
+                    })?;
+                    return match parsed.messages.into_iter().next() {
+                        Some(m) => Ok(m.id),
+                        None => Err(ChannelError::Invalid(
+                            "whatsapp: send answer has no message id".into(),
+                        )),
+                    };
+                }
+                Err(e) if e.is_retryable() && attempt < self.retry.max_attempts => {
+                    let delay = self.retry.delay(attempt, &e);
+                    tracing::warn!(attempt, error = %e, ?delay, "whatsapp: send failed, retrying");
+                    tokio::time::sleep(delay).await;
+                    attempt += 1;
+                }
+                Err(e) => {
+                    tracing::error!(attempt, error = %e, "whatsapp: send failed");
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    /// One POST; the body text on success, a classified error otherwise.
+    async fn post_once<T: Serialize>(&self, body: &T) -> Result<String, ChannelError> {
+        let url = format!("{}/{}/messages", self.settings.api_base, self.settings.phone_number_id);
+        let response = self
+            .http
+            .post(url)
+            .bearer_auth(self.settings.access_token.expose())
+            .timeout(Duration::from_secs(30))
+            .json(body)
+            .send()
+            .await
+            .map_err(|e| ChannelError::Transport(e.without_url()))?;
+        let status = response.status();
+        let text = response.text().await.map_err(|e| ChannelError::Transport(e.without_url()))?;
+        if status.is_success() {
+            return Ok(text);
+        }
+        Err(classify_error(status.as_u16(), &text))
+    }
+}
+
+/// Turns a Graph API error answer into a `ChannelError`, keyed on `error.code` as Meta
+/// advises (HTTP statuses are not specific).
+pub fn classify_error(status: u16, body: &str) -> ChannelError {
+    let error = serde_json::from_str::<GraphErrorEnvelope>(body).map(|e| e.error).ok();
+    let Some(error) = error else {
+        let snippet: String = body.chars().take(200).collect();
+        return ChannelError::WhatsApp { status, code: 0, message: snippet };
+    };
+    let code = error.code.unwrap_or(0);
+    let message = error.describe();
+    match code {
+        TOKEN_EXPIRED => ChannelError::TokenExpired { code, message },
+        REENGAGEMENT => ChannelError::OutsideWindow { detail: message },
+        _ => ChannelError::WhatsApp { status, code, message },
+    }
+}
+
+fn digits(number: &str) -> String {
+    number.chars().filter(char::is_ascii_digit).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn protocol_vectors() {
+        let check = |secret: &str, body: &[u8], expected: &str| {
+            assert_eq!(sign(secret, body), expected);
+            assert!(verify_signature(secret, Some(expected), body));
+        };
+        check(
+            "secret",
+            b"test",
+            "sha256=0329a06b62cd16b33eb6792be8c60b158d89a2ee3a876fce9a881ebb488c0914",
+        );
+        check(
+            "secret",
+            b"{\"a\":1}",
+            "sha256=aa9e2e3575f5d7098b6caccd790888c36d5fdb63342a73bada2d6a51747a8494",
+        );
+    }
+
+    #[test]
+    fn bad_signatures_are_rejected() {
+        let good = "sha256=0329a06b62cd16b33eb6792be8c60b158d89a2ee3a876fce9a881ebb488c0914";
+        assert!(!verify_signature("secret", None, b"test"));
+        assert!(!verify_signature("secret", Some(""), b"test"));
+        assert!(!verify_signature("secret", Some(&good[7..]), b"test"), "missing prefix");
+        assert!(!verify_signature("secret", Some("sha256=zz"), b"test"));
+        assert!(!verify_signature("secret", Some(&good[..good.len() - 2]), b"test"));
+        assert!(!verify_signature("other", Some(good), b"test"));
+        assert!(!verify_signature("secret", Some(good), b"test "));
+        // Hex case does not matter.
+        assert!(verify_signature("secret", Some(&good.to_uppercase().replace("SHA256=", "sha256=")), b"test"));
+    }
+
+    #[test]
+    fn raw_body_passes_and_reserialised_body_fails() {
+        let raw = "{\"text\":{\"body\":\"caf\\u00e9\"}}".as_bytes();
+        let header = sign("s3cret", raw);
+        assert!(verify_signature("s3cret", Some(&header), raw));
+        let value: serde_json::Value = serde_json::from_slice(raw).unwrap();
+        let reserialised = serde_json::to_vec(&value).unwrap();
+        assert_ne!(reserialised, raw);
+        assert!(!verify_signature("s3cret", Some(&header), &reserialised));
+    }
+
+    fn message(json: &str) -> IncomingMessage {
+        serde_json::from_str(json).unwrap()
+    }
+
+    #[test]
+    fn message_handling() {
+        let check = |json: &str, expected: Handling| assert_eq!(handling(&message(json)), expected);
+        check(
+            r#"{"from":"1","id":"w","type":"text","text":{"body":"hi"}}"#,
+            Handling::Answer("hi".into()),
+        );
+        check(r#"{"from":"1","id":"w","type":"text","text":{"body":"  "}}"#, Handling::Ignore);
+        check(r#"{"from":"1","id":"w","type":"image","image":{"id":"9"}}"#, Handling::Unsupported);
+        check(r#"{"from":"1","id":"w","type":"audio","audio":{"voice":true}}"#, Handling::Unsupported);
+        check(r#"{"from":"1","id":"w","type":"unsupported"}"#, Handling::Unsupported);
+        check(
+            r#"{"from":"1","id":"w","type":"reaction","reaction":{"emoji":"😮"}}"#,
+            Handling::Ignore,
+        );
+        check(
+            r#"{"from":"1","id":"w","type":"interactive","interactive":{"type":"button_reply","button_reply":{"id":"x","title":"Yes"}}}"#,
+            Handling::Answer("Yes".into()),
+        );
+        check(
+            r#"{"from":"1","id":"w","type":"button","button":{"payload":"p","text":"Stop"}}"#,
+            Handling::Answer("Stop".into()),
+        );
+    }
+
+    #[test]
+    fn graph_errors_are_classified_by_code() {
+        let body = |code: i64| {
+            format!(
+                r#"{{"error":{{"message":"(#{code}) x","type":"OAuthException","code":{code},"error_data":{{"messaging_product":"whatsapp","details":"why"}},"fbtrace_id":"A"}}}}"#
+            )
+        };
+        assert!(matches!(classify_error(401, &body(190)), ChannelError::TokenExpired { code: 190, .. }));
+        match classify_error(400, &body(131047)) {
+            ChannelError::OutsideWindow { detail } => assert!(detail.contains("131047") && detail.contains("why")),
+            other => panic!("unexpected {other:?}"),
+        }
+        let throttled = classify_error(400, &body(130429));
+        assert!(throttled.is_retryable());
+        let gateway = classify_error(502, "<html>bad gateway</html>");
+        assert!(gateway.is_retryable());
+        assert!(!classify_error(400, &body(131026)).is_retryable());
+    }
+
+    #[test]
+    fn meta_sample_parses() {
+        let body = include_str!("../../tests/data/whatsapp_text.json");
+        let n = parse_notification(body.as_bytes()).unwrap();
+        let value = n.entry[0].changes[0].value.as_ref().unwrap();
+        let m: IncomingMessage = serde_json::from_value(value.messages[0].clone()).unwrap();
+        assert_eq!(m.from, "16505551234");
+        assert_eq!(handling(&m), Handling::Answer("Does it come in another color? Café".into()));
+    }
+}

@@ -1,0 +1,364 @@
+//! Scheduled jobs and their run history (`cron_jobs`, `cron_runs`). Pure storage: the
+//! schedule is kept as text and never interpreted here; parsing, time zones and running
+//! belong to `crate::cron`.
+
+use sqlx::SqlitePool;
+
+use crate::db::now_ms;
+use crate::domain::{ChannelKind, MessageId};
+
+/// Database id of a scheduled job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CronJobId(pub i64);
+
+/// A stored job.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CronJob {
+    pub id: CronJobId,
+    pub name: String,
+    /// The cron expression as the user wrote it (5 or 6 fields, or an `@nickname`).
+    pub schedule: String,
+    /// IANA time zone; `None` follows `CRON_TIMEZONE` or the system's.
+    pub timezone: Option<String>,
+    pub prompt: String,
+    pub channel: ChannelKind,
+    /// A WebChat conversation id, a WhatsApp number or a Nextcloud Talk room token.
+    pub target: String,
+    pub tier: Option<String>,
+    pub enabled: bool,
+    pub last_run_at: Option<i64>,
+    pub last_outcome: Option<RunOutcome>,
+    pub last_error: Option<String>,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+/// What a job is made of; used to create it and to replace it after an edit.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobSpec {
+    pub name: String,
+    pub schedule: String,
+    pub timezone: Option<String>,
+    pub prompt: String,
+    pub channel: ChannelKind,
+    pub target: String,
+    pub tier: Option<String>,
+    pub enabled: bool,
+}
+
+impl From<&CronJob> for JobSpec {
+    fn from(job: &CronJob) -> Self {
+        JobSpec {
+            name: job.name.clone(),
+            schedule: job.schedule.clone(),
+            timezone: job.timezone.clone(),
+            prompt: job.prompt.clone(),
+            channel: job.channel,
+            target: job.target.clone(),
+            tier: job.tier.clone(),
+            enabled: job.enabled,
+        }
+    }
+}
+
+/// How a run ended (or that it has not ended yet).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunOutcome {
+    Running,
+    Delivered,
+    Failed,
+}
+
+impl RunOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunOutcome::Running => "running",
+            RunOutcome::Delivered => "delivered",
+            RunOutcome::Failed => "failed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<RunOutcome> {
+        match s {
+            "running" => Some(RunOutcome::Running),
+            "delivered" => Some(RunOutcome::Delivered),
+            "failed" => Some(RunOutcome::Failed),
+            _ => None,
+        }
+    }
+}
+
+/// One run of a job.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CronRun {
+    pub id: i64,
+    pub job_id: CronJobId,
+    pub started_at: i64,
+    /// `None` while the run is in progress.
+    pub duration_ms: Option<i64>,
+    pub outcome: RunOutcome,
+    /// Why the run failed, or a note on how it was delivered (a template instead of text).
+    pub error: Option<String>,
+    /// The stored answer, when the model produced one.
+    pub message_id: Option<MessageId>,
+}
+
+/// Every job, oldest first.
+pub async fn list_jobs(pool: &SqlitePool) -> Result<Vec<CronJob>, sqlx::Error> {
+    let rows: Vec<JobRow> =
+        sqlx::query_as(&format!("SELECT {JOB_COLUMNS} FROM cron_jobs ORDER BY id"))
+            .fetch_all(pool)
+            .await?;
+    rows.into_iter().map(TryInto::try_into).collect()
+}
+
+pub async fn get_job(pool: &SqlitePool, id: CronJobId) -> Result<Option<CronJob>, sqlx::Error> {
+    let row: Option<JobRow> =
+        sqlx::query_as(&format!("SELECT {JOB_COLUMNS} FROM cron_jobs WHERE id = ?1"))
+            .bind(id.0)
+            .fetch_optional(pool)
+            .await?;
+    row.map(TryInto::try_into).transpose()
+}
+
+pub async fn insert_job(pool: &SqlitePool, spec: &JobSpec) -> Result<CronJob, sqlx::Error> {
+    let now = now_ms();
+    let row: JobRow = sqlx::query_as(&format!(
+        "INSERT INTO cron_jobs (name, schedule, timezone, prompt, channel, target, tier, enabled,
+                                created_at, updated_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9)
+         RETURNING {JOB_COLUMNS}"
+    ))
+    .bind(&spec.name)
+    .bind(&spec.schedule)
+    .bind(&spec.timezone)
+    .bind(&spec.prompt)
+    .bind(spec.channel.as_str())
+    .bind(&spec.target)
+    .bind(&spec.tier)
+    .bind(spec.enabled)
+    .bind(now)
+    .fetch_one(pool)
+    .await?;
+    row.try_into()
+}
+
+/// Replaces the editable fields of a job; `None` when it does not exist.
+pub async fn update_job(
+    pool: &SqlitePool,
+    id: CronJobId,
+    spec: &JobSpec,
+) -> Result<Option<CronJob>, sqlx::Error> {
+    let row: Option<JobRow> = sqlx::query_as(&format!(
+        "UPDATE cron_jobs SET name = ?1, schedule = ?2, timezone = ?3, prompt = ?4, channel = ?5,
+                              target = ?6, tier = ?7, enabled = ?8, updated_at = ?9
+         WHERE id = ?10
+         RETURNING {JOB_COLUMNS}"
+    ))
+    .bind(&spec.name)
+    .bind(&spec.schedule)
+    .bind(&spec.timezone)
+    .bind(&spec.prompt)
+    .bind(spec.channel.as_str())
+    .bind(&spec.target)
+    .bind(&spec.tier)
+    .bind(spec.enabled)
+    .bind(now_ms())
+    .bind(id.0)
+    .fetch_optional(pool)
+    .await?;
+    row.map(TryInto::try_into).transpose()
+}
+
+/// Deletes a job and (by cascade) its history; false when it did not exist.
+pub async fn delete_job(pool: &SqlitePool, id: CronJobId) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query("DELETE FROM cron_jobs WHERE id = ?1").bind(id.0).execute(pool).await?;
+    Ok(done.rows_affected() > 0)
+}
+
+/// Records the start of a run on the job and in the history, in one transaction, and
+/// returns the run's id.
+pub async fn start_run(
+    pool: &SqlitePool,
+    job_id: CronJobId,
+    started_at: i64,
+) -> Result<i64, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let run_id: i64 = sqlx::query_scalar(
+        "INSERT INTO cron_runs (job_id, started_at, outcome) VALUES (?1, ?2, 'running')
+         RETURNING id",
+    )
+    .bind(job_id.0)
+    .bind(started_at)
+    .fetch_one(&mut *tx)
+    .await?;
+    sqlx::query(
+        "UPDATE cron_jobs SET last_run_at = ?1, last_outcome = 'running', last_error = NULL
+         WHERE id = ?2",
+    )
+    .bind(started_at)
+    .bind(job_id.0)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(run_id)
+}
+
+/// Records how a run ended, on the run and on its job.
+pub async fn finish_run(
+    pool: &SqlitePool,
+    run_id: i64,
+    duration_ms: i64,
+    outcome: RunOutcome,
+    error: Option<&str>,
+    message_id: Option<MessageId>,
+) -> Result<(), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let job_id: Option<i64> = sqlx::query_scalar(
+        "UPDATE cron_runs SET duration_ms = ?1, outcome = ?2, error = ?3, message_id = ?4
+         WHERE id = ?5
+         RETURNING job_id",
+    )
+    .bind(duration_ms)
+    .bind(outcome.as_str())
+    .bind(error)
+    .bind(message_id.map(|m| m.0))
+    .bind(run_id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    // The job may have been deleted during the run; then there is nothing left to update.
+    if let Some(job_id) = job_id {
+        sqlx::query("UPDATE cron_jobs SET last_outcome = ?1, last_error = ?2 WHERE id = ?3")
+            .bind(outcome.as_str())
+            .bind(error)
+            .bind(job_id)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+pub async fn get_run(pool: &SqlitePool, run_id: i64) -> Result<Option<CronRun>, sqlx::Error> {
+    let row: Option<RunRow> =
+        sqlx::query_as(&format!("SELECT {RUN_COLUMNS} FROM cron_runs WHERE id = ?1"))
+            .bind(run_id)
+            .fetch_optional(pool)
+            .await?;
+    row.map(TryInto::try_into).transpose()
+}
+
+/// The last `limit` runs of a job, newest first.
+pub async fn list_runs(
+    pool: &SqlitePool,
+    job_id: CronJobId,
+    limit: i64,
+) -> Result<Vec<CronRun>, sqlx::Error> {
+    let rows: Vec<RunRow> = sqlx::query_as(&format!(
+        "SELECT {RUN_COLUMNS} FROM cron_runs WHERE job_id = ?1 ORDER BY id DESC LIMIT ?2"
+    ))
+    .bind(job_id.0)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    rows.into_iter().map(TryInto::try_into).collect()
+}
+
+/// Marks runs left `running` by a process that stopped mid-run as failed, with `reason`.
+/// Called once at start, before the scheduler runs anything; returns how many there were.
+pub async fn fail_interrupted_runs(pool: &SqlitePool, reason: &str) -> Result<u64, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let done = sqlx::query(
+        "UPDATE cron_runs SET outcome = 'failed', error = ?1 WHERE outcome = 'running'",
+    )
+    .bind(reason)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "UPDATE cron_jobs SET last_outcome = 'failed', last_error = ?1
+         WHERE last_outcome = 'running'",
+    )
+    .bind(reason)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(done.rows_affected())
+}
+
+const JOB_COLUMNS: &str = "id, name, schedule, timezone, prompt, channel, target, tier, enabled, \
+                           last_run_at, last_outcome, last_error, created_at, updated_at";
+
+const RUN_COLUMNS: &str = "id, job_id, started_at, duration_ms, outcome, error, message_id";
+
+#[derive(sqlx::FromRow)]
+struct JobRow {
+    id: i64,
+    name: String,
+    schedule: String,
+    timezone: Option<String>,
+    prompt: String,
+    channel: String,
+    target: String,
+    tier: Option<String>,
+    enabled: bool,
+    last_run_at: Option<i64>,
+    last_outcome: Option<String>,
+    last_error: Option<String>,
+    created_at: i64,
+    updated_at: i64,
+}
+
+impl TryFrom<JobRow> for CronJob {
+    type Error = sqlx::Error;
+    fn try_from(row: JobRow) -> Result<Self, Self::Error> {
+        let channel = ChannelKind::parse(&row.channel).ok_or_else(|| {
+            sqlx::Error::Decode(format!("unknown channel `{}` in cron_jobs", row.channel).into())
+        })?;
+        Ok(CronJob {
+            id: CronJobId(row.id),
+            name: row.name,
+            schedule: row.schedule,
+            timezone: row.timezone,
+            prompt: row.prompt,
+            channel,
+            target: row.target,
+            tier: row.tier,
+            enabled: row.enabled,
+            last_run_at: row.last_run_at,
+            // An outcome this version does not know reads as none rather than failing the list.
+            last_outcome: row.last_outcome.as_deref().and_then(RunOutcome::parse),
+            last_error: row.last_error,
+            created_at: row.created_at,
+            updated_at: row.updated_at,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct RunRow {
+    id: i64,
+    job_id: i64,
+    started_at: i64,
+    duration_ms: Option<i64>,
+    outcome: String,
+    error: Option<String>,
+    message_id: Option<i64>,
+}
+
+impl TryFrom<RunRow> for CronRun {
+    type Error = sqlx::Error;
+    fn try_from(row: RunRow) -> Result<Self, Self::Error> {
+        let outcome = RunOutcome::parse(&row.outcome).ok_or_else(|| {
+            sqlx::Error::Decode(format!("unknown outcome `{}` in cron_runs", row.outcome).into())
+        })?;
+        Ok(CronRun {
+            id: row.id,
+            job_id: CronJobId(row.job_id),
+            started_at: row.started_at,
+            duration_ms: row.duration_ms,
+            outcome,
+            error: row.error,
+            message_id: row.message_id.map(MessageId),
+        })
+    }
+}

@@ -1,0 +1,517 @@
+//! The durable inbound queue of channel messages (WhatsApp, Nextcloud Talk), the per-address
+//! contact facts (last inbound time, for WhatsApp's 24-hour window) and the delivery state of
+//! our outbound channel messages. Pure storage: no wire formats and no HTTP here.
+
+use sqlx::SqlitePool;
+
+use crate::db::now_ms;
+use crate::domain::{ChannelKind, ConversationId, MessageId};
+
+/// Where a queued inbound message stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueStatus {
+    /// Stored, waiting for the worker.
+    Pending,
+    /// Claimed by the worker; a row left here by a crash goes back to `Pending` at start.
+    Processing,
+    /// Answered (or recorded, for events that need no answer).
+    Done,
+    /// Given up; `last_error` says why.
+    Failed,
+    /// Deliberately not answered (sender not allowed, reaction, …); `last_error` says why.
+    Ignored,
+}
+
+impl QueueStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueueStatus::Pending => "pending",
+            QueueStatus::Processing => "processing",
+            QueueStatus::Done => "done",
+            QueueStatus::Failed => "failed",
+            QueueStatus::Ignored => "ignored",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<QueueStatus> {
+        match s {
+            "pending" => Some(QueueStatus::Pending),
+            "processing" => Some(QueueStatus::Processing),
+            "done" => Some(QueueStatus::Done),
+            "failed" => Some(QueueStatus::Failed),
+            "ignored" => Some(QueueStatus::Ignored),
+            _ => None,
+        }
+    }
+}
+
+/// A row to add to the queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewInbound<'a> {
+    pub channel: ChannelKind,
+    /// The channel's id of the message (wamid, Talk message id): the deduplication key.
+    pub external_id: &'a str,
+    /// What the worker needs to process it (JSON written by the channel adapter).
+    pub payload: &'a str,
+    pub status: QueueStatus,
+    /// Why a row is stored as `Ignored` or `Done` right away.
+    pub note: Option<&'a str>,
+}
+
+/// A contact seen on an inbound message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContactSeen<'a> {
+    pub channel: ChannelKind,
+    pub address: &'a str,
+    pub display_name: Option<&'a str>,
+    /// When the user wrote, Unix milliseconds.
+    pub at_ms: i64,
+}
+
+/// A stored queue row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueEntry {
+    pub id: i64,
+    pub channel: ChannelKind,
+    pub external_id: String,
+    pub payload: String,
+    pub status: QueueStatus,
+    pub attempts: i64,
+    pub last_error: Option<String>,
+    pub received_at: i64,
+    pub processed_at: Option<i64>,
+}
+
+/// A user message already stored for an inbound external id, and what followed it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredTurn {
+    pub conversation_id: ConversationId,
+    pub user_message_id: MessageId,
+    /// The first assistant message after it, if the answer was already produced.
+    pub answer: Option<StoredAnswer>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredAnswer {
+    pub message_id: MessageId,
+    pub content: String,
+    pub status: String,
+    pub delivery_status: Option<String>,
+}
+
+/// Adds a message to the queue, and records its sender as a contact, in one transaction.
+/// Returns false when the message was already queued (a redelivery): nothing changes then.
+pub async fn enqueue(
+    pool: &SqlitePool,
+    item: &NewInbound<'_>,
+    contact: Option<&ContactSeen<'_>>,
+) -> Result<bool, sqlx::Error> {
+    let now = now_ms();
+    let finished = matches!(item.status, QueueStatus::Done | QueueStatus::Ignored | QueueStatus::Failed);
+    let mut tx = pool.begin().await?;
+    let done = sqlx::query(
+        "INSERT INTO inbound_queue (channel, external_id, payload, status, last_error,
+                                    received_at, processed_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+         ON CONFLICT (channel, external_id) DO NOTHING",
+    )
+    .bind(item.channel.as_str())
+    .bind(item.external_id)
+    .bind(item.payload)
+    .bind(item.status.as_str())
+    .bind(item.note)
+    .bind(now)
+    .bind(finished.then_some(now))
+    .execute(&mut *tx)
+    .await?;
+    let inserted = done.rows_affected() == 1;
+    if inserted {
+        if let Some(contact) = contact {
+            // MAX keeps the window anchored on the newest message even when an older one
+            // arrives late (Meta does not order its deliveries).
+            sqlx::query(
+                "INSERT INTO contacts (channel, address, display_name, last_inbound_at)
+                 VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (channel, address) DO UPDATE SET
+                     display_name = COALESCE(excluded.display_name, contacts.display_name),
+                     last_inbound_at = MAX(COALESCE(contacts.last_inbound_at, 0),
+                                           excluded.last_inbound_at)",
+            )
+            .bind(contact.channel.as_str())
+            .bind(contact.address)
+            .bind(contact.display_name)
+            .bind(contact.at_ms)
+            .execute(&mut *tx)
+            .await?;
+        }
+    }
+    tx.commit().await?;
+    Ok(inserted)
+}
+
+/// Claims the oldest pending row for processing (one statement, so two workers could never
+/// claim the same row) and counts the attempt.
+pub async fn claim_next(pool: &SqlitePool) -> Result<Option<QueueEntry>, sqlx::Error> {
+    let row: Option<QueueRow> = sqlx::query_as(&format!(
+        "UPDATE inbound_queue SET status = 'processing', attempts = attempts + 1
+         WHERE id = (SELECT id FROM inbound_queue WHERE status = 'pending' ORDER BY id LIMIT 1)
+         RETURNING {QUEUE_COLUMNS}"
+    ))
+    .fetch_optional(pool)
+    .await?;
+    row.map(TryInto::try_into).transpose()
+}
+
+/// Records the outcome of a claimed row.
+pub async fn finish(
+    pool: &SqlitePool,
+    id: i64,
+    status: QueueStatus,
+    error: Option<&str>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE inbound_queue SET status = ?1, last_error = ?2, processed_at = ?3 WHERE id = ?4",
+    )
+    .bind(status.as_str())
+    .bind(error)
+    .bind(now_ms())
+    .bind(id)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Puts a claimed row back in the queue (a transient failure), keeping the reason.
+pub async fn release(pool: &SqlitePool, id: i64, error: &str) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE inbound_queue SET status = 'pending', last_error = ?1 WHERE id = ?2")
+        .bind(error)
+        .bind(id)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// Crash recovery, run once at start before the worker claims anything: rows left in
+/// `processing` by a stopped process go back to `pending`, except those that have already
+/// been tried `max_attempts` times, which are marked failed so that a message that crashes
+/// the process cannot do so forever. Returns (requeued, given up).
+pub async fn recover(pool: &SqlitePool, max_attempts: i64) -> Result<(u64, u64), sqlx::Error> {
+    let given_up = sqlx::query(
+        "UPDATE inbound_queue SET status = 'failed', processed_at = ?1,
+             last_error = 'gave up: the process stopped while handling it ' || attempts || ' times'
+         WHERE status = 'processing' AND attempts >= ?2",
+    )
+    .bind(now_ms())
+    .bind(max_attempts)
+    .execute(pool)
+    .await?
+    .rows_affected();
+    let requeued =
+        sqlx::query("UPDATE inbound_queue SET status = 'pending' WHERE status = 'processing'")
+            .execute(pool)
+            .await?
+            .rows_affected();
+    Ok((requeued, given_up))
+}
+
+/// One queue row by its channel id.
+pub async fn get(
+    pool: &SqlitePool,
+    channel: ChannelKind,
+    external_id: &str,
+) -> Result<Option<QueueEntry>, sqlx::Error> {
+    let row: Option<QueueRow> = sqlx::query_as(&format!(
+        "SELECT {QUEUE_COLUMNS} FROM inbound_queue WHERE channel = ?1 AND external_id = ?2"
+    ))
+    .bind(channel.as_str())
+    .bind(external_id)
+    .fetch_optional(pool)
+    .await?;
+    row.map(TryInto::try_into).transpose()
+}
+
+/// Every queue row, oldest first (inspection and tests).
+pub async fn list(pool: &SqlitePool) -> Result<Vec<QueueEntry>, sqlx::Error> {
+    let rows: Vec<QueueRow> =
+        sqlx::query_as(&format!("SELECT {QUEUE_COLUMNS} FROM inbound_queue ORDER BY id"))
+            .fetch_all(pool)
+            .await?;
+    rows.into_iter().map(TryInto::try_into).collect()
+}
+
+/// When the user at `address` last wrote on `channel` (Unix milliseconds), if ever.
+pub async fn last_inbound_at(
+    pool: &SqlitePool,
+    channel: ChannelKind,
+    address: &str,
+) -> Result<Option<i64>, sqlx::Error> {
+    let at: Option<Option<i64>> = sqlx::query_scalar(
+        "SELECT last_inbound_at FROM contacts WHERE channel = ?1 AND address = ?2",
+    )
+    .bind(channel.as_str())
+    .bind(address)
+    .fetch_optional(pool)
+    .await?;
+    Ok(at.flatten())
+}
+
+/// Records a delivery report of one of our outbound messages. Reports arrive unordered and
+/// repeated, so the state only moves forward (`sent` < `delivered` < `read`/`played`), and
+/// `failed` always wins and keeps its error. Returns false when no message has that id.
+pub async fn record_delivery(
+    pool: &SqlitePool,
+    external_id: &str,
+    status: &str,
+    error: Option<&str>,
+) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query(
+        "UPDATE messages SET delivery_status = ?1,
+                             delivery_error = COALESCE(?2, delivery_error)
+         WHERE external_id = ?3 AND role = 'assistant'
+           AND (?1 = 'failed'
+                OR COALESCE(delivery_status, '') <> 'failed'
+                   AND (CASE ?1 WHEN 'sent' THEN 1 WHEN 'delivered' THEN 2
+                                WHEN 'read' THEN 3 WHEN 'played' THEN 4 ELSE 0 END)
+                     > (CASE COALESCE(delivery_status, '') WHEN 'sent' THEN 1
+                                WHEN 'delivered' THEN 2 WHEN 'read' THEN 3
+                                WHEN 'played' THEN 4 ELSE 0 END))",
+    )
+    .bind(status)
+    .bind(error)
+    .bind(external_id)
+    .execute(pool)
+    .await?;
+    if done.rows_affected() > 0 {
+        return Ok(true);
+    }
+    let known: Option<i64> =
+        sqlx::query_scalar("SELECT id FROM messages WHERE external_id = ?1 LIMIT 1")
+            .bind(external_id)
+            .fetch_optional(pool)
+            .await?;
+    Ok(known.is_some())
+}
+
+/// Marks an answer as not delivered, with the reason (sending failed before the channel
+/// accepted it, so there is no channel id to find it by).
+pub async fn mark_undelivered(
+    pool: &SqlitePool,
+    message_id: MessageId,
+    error: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE messages SET delivery_status = 'failed', delivery_error = ?1 WHERE id = ?2")
+        .bind(error)
+        .bind(message_id.0)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// The user turn already stored for an inbound message (the process stopped while answering
+/// it), and the answer that followed it if there is one, so that a retry neither stores the
+/// question twice nor generates a second answer.
+pub async fn stored_turn(
+    pool: &SqlitePool,
+    channel: ChannelKind,
+    external_id: &str,
+) -> Result<Option<StoredTurn>, sqlx::Error> {
+    let user: Option<(i64, i64)> = sqlx::query_as(
+        "SELECT m.id, m.conversation_id FROM messages m
+         JOIN conversations c ON c.id = m.conversation_id
+         WHERE c.channel = ?1 AND m.external_id = ?2 AND m.role = 'user'
+         ORDER BY m.id LIMIT 1",
+    )
+    .bind(channel.as_str())
+    .bind(external_id)
+    .fetch_optional(pool)
+    .await?;
+    let Some((user_id, conversation_id)) = user else {
+        return Ok(None);
+    };
+    let answer: Option<(i64, String, String, Option<String>, String)> = sqlx::query_as(
+        "SELECT id, content, status, delivery_status, role FROM messages
+         WHERE conversation_id = ?1 AND id > ?2 ORDER BY id LIMIT 1",
+    )
+    .bind(conversation_id)
+    .bind(user_id)
+    .fetch_optional(pool)
+    .await?;
+    Ok(Some(StoredTurn {
+        conversation_id: ConversationId(conversation_id),
+        user_message_id: MessageId(user_id),
+        answer: answer.filter(|a| a.4 == "assistant").map(
+            |(id, content, status, delivery_status, _)| StoredAnswer {
+                message_id: MessageId(id),
+                content,
+                status,
+                delivery_status,
+            },
+        ),
+    }))
+}
+
+const QUEUE_COLUMNS: &str =
+    "id, channel, external_id, payload, status, attempts, last_error, received_at, processed_at";
+
+#[derive(sqlx::FromRow)]
+struct QueueRow {
+    id: i64,
+    channel: String,
+    external_id: String,
+    payload: String,
+    status: String,
+    attempts: i64,
+    last_error: Option<String>,
+    received_at: i64,
+    processed_at: Option<i64>,
+}
+
+impl TryFrom<QueueRow> for QueueEntry {
+    type Error = sqlx::Error;
+    fn try_from(row: QueueRow) -> Result<Self, Self::Error> {
+        let channel = ChannelKind::parse(&row.channel).ok_or_else(|| {
+            sqlx::Error::Decode(format!("unknown channel `{}` in inbound_queue", row.channel).into())
+        })?;
+        let status = QueueStatus::parse(&row.status).ok_or_else(|| {
+            sqlx::Error::Decode(format!("unknown status `{}` in inbound_queue", row.status).into())
+        })?;
+        Ok(QueueEntry {
+            id: row.id,
+            channel,
+            external_id: row.external_id,
+            payload: row.payload,
+            status,
+            attempts: row.attempts,
+            last_error: row.last_error,
+            received_at: row.received_at,
+            processed_at: row.processed_at,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::db::memory::{self, NewMessage};
+    use crate::domain::Role;
+
+    async fn fresh() -> (tempfile::TempDir, SqlitePool) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let url = format!("sqlite://{}", dir.path().join("t.db").display());
+        let pool = crate::db::connect(&url).await.expect("open db");
+        (dir, pool)
+    }
+
+    fn item<'a>(id: &'a str, status: QueueStatus) -> NewInbound<'a> {
+        NewInbound {
+            channel: ChannelKind::WhatsApp,
+            external_id: id,
+            payload: "{}",
+            status,
+            note: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn enqueue_is_deduplicated_per_channel() {
+        let (_dir, pool) = fresh().await;
+        assert!(enqueue(&pool, &item("wamid.1", QueueStatus::Pending), None).await.unwrap());
+        assert!(!enqueue(&pool, &item("wamid.1", QueueStatus::Pending), None).await.unwrap());
+        let mut other = item("wamid.1", QueueStatus::Pending);
+        other.channel = ChannelKind::Nextcloud;
+        assert!(enqueue(&pool, &other, None).await.unwrap());
+        assert_eq!(list(&pool).await.unwrap().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn claim_finish_and_recover() {
+        let (_dir, pool) = fresh().await;
+        enqueue(&pool, &item("a", QueueStatus::Pending), None).await.unwrap();
+        enqueue(&pool, &item("b", QueueStatus::Pending), None).await.unwrap();
+        enqueue(&pool, &item("c", QueueStatus::Ignored), None).await.unwrap();
+        let a = claim_next(&pool).await.unwrap().unwrap();
+        assert_eq!((a.external_id.as_str(), a.attempts), ("a", 1));
+        let b = claim_next(&pool).await.unwrap().unwrap();
+        assert_eq!(b.external_id, "b");
+        assert!(claim_next(&pool).await.unwrap().is_none());
+        finish(&pool, a.id, QueueStatus::Done, None).await.unwrap();
+        // `b` is left in `processing`, as after a crash.
+        assert_eq!(recover(&pool, 3).await.unwrap(), (1, 0));
+        let b = claim_next(&pool).await.unwrap().unwrap();
+        assert_eq!((b.external_id.as_str(), b.attempts), ("b", 2));
+        recover(&pool, 3).await.unwrap();
+        claim_next(&pool).await.unwrap().unwrap();
+        assert_eq!(recover(&pool, 3).await.unwrap(), (0, 1));
+        let b = get(&pool, ChannelKind::WhatsApp, "b").await.unwrap().unwrap();
+        assert_eq!(b.status, QueueStatus::Failed);
+        assert!(b.last_error.unwrap().contains("3 times"));
+        let a = get(&pool, ChannelKind::WhatsApp, "a").await.unwrap().unwrap();
+        assert_eq!(a.status, QueueStatus::Done);
+        assert!(a.processed_at.is_some());
+    }
+
+    #[tokio::test]
+    async fn contacts_keep_the_newest_inbound_time() {
+        let (_dir, pool) = fresh().await;
+        let seen = |at_ms| ContactSeen {
+            channel: ChannelKind::WhatsApp,
+            address: "336",
+            display_name: Some("Ada"),
+            at_ms,
+        };
+        enqueue(&pool, &item("1", QueueStatus::Pending), Some(&seen(2000))).await.unwrap();
+        enqueue(&pool, &item("2", QueueStatus::Pending), Some(&seen(1000))).await.unwrap();
+        let at = last_inbound_at(&pool, ChannelKind::WhatsApp, "336").await.unwrap();
+        assert_eq!(at, Some(2000));
+        assert_eq!(last_inbound_at(&pool, ChannelKind::WhatsApp, "999").await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn delivery_state_only_moves_forward_and_failed_wins() {
+        let (_dir, pool) = fresh().await;
+        let conv = memory::get_or_create_conversation(&pool, ChannelKind::WhatsApp, "1", None)
+            .await
+            .unwrap();
+        let id = memory::add_message(&pool, &NewMessage::plain(conv.id, Role::Assistant, "a"))
+            .await
+            .unwrap();
+        memory::set_message_external_id(&pool, id, "wamid.X", Some("sent")).await.unwrap();
+        let state = |pool: SqlitePool| async move {
+            let m = memory::get_message(&pool, id).await.unwrap().unwrap();
+            (m.delivery_status, m.delivery_error)
+        };
+        assert!(record_delivery(&pool, "wamid.X", "read", None).await.unwrap());
+        assert!(record_delivery(&pool, "wamid.X", "delivered", None).await.unwrap());
+        assert_eq!(state(pool.clone()).await.0.as_deref(), Some("read"));
+        record_delivery(&pool, "wamid.X", "failed", Some("131047 Re-engagement message"))
+            .await
+            .unwrap();
+        record_delivery(&pool, "wamid.X", "read", None).await.unwrap();
+        let (status, error) = state(pool.clone()).await;
+        assert_eq!(status.as_deref(), Some("failed"));
+        assert_eq!(error.as_deref(), Some("131047 Re-engagement message"));
+        assert!(!record_delivery(&pool, "wamid.unknown", "read", None).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn stored_turn_finds_the_question_and_its_answer() {
+        let (_dir, pool) = fresh().await;
+        let conv = memory::get_or_create_conversation(&pool, ChannelKind::WhatsApp, "1", None)
+            .await
+            .unwrap();
+        assert!(stored_turn(&pool, ChannelKind::WhatsApp, "wamid.Q").await.unwrap().is_none());
+        let mut question = NewMessage::plain(conv.id, Role::User, "q");
+        question.external_id = Some("wamid.Q".into());
+        let qid = memory::add_message(&pool, &question).await.unwrap();
+        let turn = stored_turn(&pool, ChannelKind::WhatsApp, "wamid.Q").await.unwrap().unwrap();
+        assert_eq!((turn.user_message_id, turn.answer.clone()), (qid, None));
+        let aid = memory::add_message(&pool, &NewMessage::plain(conv.id, Role::Assistant, "a"))
+            .await
+            .unwrap();
+        let turn = stored_turn(&pool, ChannelKind::WhatsApp, "wamid.Q").await.unwrap().unwrap();
+        let answer = turn.answer.unwrap();
+        assert_eq!((answer.message_id, answer.content.as_str()), (aid, "a"));
+        assert_eq!(answer.delivery_status, None);
+        assert!(stored_turn(&pool, ChannelKind::Nextcloud, "wamid.Q").await.unwrap().is_none());
+    }
+}

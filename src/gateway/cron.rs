@@ -1,0 +1,351 @@
+//! Scheduled jobs over HTTP: the jobs API behind the bearer token (`/api/cron/jobs…`) and
+//! the `X-Cron-Secret` trigger for an external crontab (`/api/cron`). Rules, scheduling and
+//! runs are `crate::cron`'s; this module only shapes the JSON and checks the secret.
+//!
+//! The handlers reach the scheduler through an `Extension<CronHandle>` that `attach` adds
+//! around the whole router, so the gateway's `AppState` does not need to know about cron.
+
+use axum::extract::{Path, Query};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Deserializer, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::cron::{CronError, CronHandle, JobChanges, JobView};
+use crate::db::cron::{CronJobId, CronRun};
+use crate::gateway::auth::constant_time_eq;
+use crate::gateway::error::{ApiError, ApiJson};
+use crate::gateway::AppState;
+
+/// The header that carries `CRON_SECRET`.
+pub const SECRET_HEADER: &str = "x-cron-secret";
+
+/// Most runs one history answer carries.
+const MAX_RUNS: i64 = 200;
+/// How many upcoming runs the preview lists.
+const PREVIEW_RUNS: usize = 3;
+
+/// The jobs API; goes behind the bearer-token check.
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/api/cron/jobs", get(list_jobs).post(create_job))
+        .route("/api/cron/jobs/{id}", get(get_job).put(update_job).delete(delete_job))
+        .route("/api/cron/jobs/{id}/run", post(run_job))
+        .route("/api/cron/jobs/{id}/runs", get(list_runs))
+        .route("/api/cron/preview", post(preview_schedule))
+}
+
+/// `GET|POST /api/cron`: public, guarded by `X-Cron-Secret` instead of the bearer token.
+pub fn trigger_router() -> Router<AppState> {
+    Router::new().route("/api/cron", get(trigger_due_jobs).post(trigger_due_jobs))
+}
+
+/// Makes the running scheduler available to the cron handlers of `router`.
+pub fn attach(router: Router, cron: CronHandle) -> Router {
+    router.layer(Extension(cron))
+}
+
+/// A job as the API shows it. Times are Unix milliseconds, like the rest of the API.
+#[derive(Debug, Serialize)]
+pub struct JobJson {
+    pub id: i64,
+    pub name: String,
+    pub schedule: String,
+    /// The job's own zone; `null` follows `CRON_TIMEZONE` (or the system's).
+    pub timezone: Option<String>,
+    /// The zone the job actually runs in.
+    pub effective_timezone: String,
+    pub prompt: String,
+    /// `webchat`, `whatsapp` or `nextcloud`.
+    pub channel: &'static str,
+    pub target: String,
+    pub tier: Option<String>,
+    pub enabled: bool,
+    /// `null` when the job is disabled.
+    pub next_run: Option<i64>,
+    pub last_run: Option<i64>,
+    /// `running`, `delivered` or `failed`; `null` before the first run.
+    pub last_outcome: Option<&'static str>,
+    pub last_error: Option<String>,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RunJson {
+    pub id: i64,
+    pub job_id: i64,
+    pub started_at: i64,
+    /// `null` while the run is in progress.
+    pub duration_ms: Option<i64>,
+    pub outcome: &'static str,
+    /// Why it failed, or how it was delivered when that is worth telling.
+    pub error: Option<String>,
+    /// The stored answer, in the target conversation.
+    pub message_id: Option<i64>,
+}
+
+#[derive(Debug, Serialize)]
+struct JobList {
+    jobs: Vec<JobJson>,
+    /// The zone of jobs with `timezone: null`.
+    default_timezone: String,
+}
+
+#[derive(Debug, Serialize)]
+struct RunList {
+    runs: Vec<RunJson>,
+}
+
+/// A create or a partial edit: absent fields are left as they are. Fields the API only
+/// shows (`id`, `next_run`, …) are ignored, so a client may send back a whole job.
+#[derive(Debug, Deserialize)]
+struct JobRequest {
+    name: Option<String>,
+    schedule: Option<String>,
+    /// `null` resets to the default zone.
+    #[serde(default, deserialize_with = "present")]
+    timezone: Option<Option<String>>,
+    prompt: Option<String>,
+    channel: Option<String>,
+    target: Option<String>,
+    /// `null` resets to the default tier.
+    #[serde(default, deserialize_with = "present")]
+    tier: Option<Option<String>>,
+    enabled: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RunsQuery {
+    limit: Option<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+struct PreviewRequest {
+    schedule: String,
+    timezone: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct PreviewJson {
+    timezone: String,
+    next_runs: Vec<i64>,
+}
+
+#[derive(Debug, Serialize)]
+struct TriggerJson {
+    /// Ids of the jobs that were due and started; their outcomes land in their histories.
+    started: Vec<i64>,
+}
+
+/// Errors of this module: the gateway's, plus the two statuses it has no variant for.
+#[derive(Debug)]
+enum CronApiError {
+    Api(ApiError),
+    Conflict(String),
+}
+
+type Scheduler = Option<Extension<CronHandle>>;
+
+async fn list_jobs(cron: Scheduler) -> Result<ApiJson<JobList>, CronApiError> {
+    let cron = running(cron)?;
+    let jobs = cron.list().await?.into_iter().map(job_json).collect();
+    Ok(ApiJson(JobList { jobs, default_timezone: cron.default_timezone().name().to_string() }))
+}
+
+async fn create_job(
+    cron: Scheduler,
+    ApiJson(request): ApiJson<JobRequest>,
+) -> Result<(StatusCode, ApiJson<JobJson>), CronApiError> {
+    let view = running(cron)?.create(request.into()).await?;
+    Ok((StatusCode::CREATED, ApiJson(job_json(view))))
+}
+
+async fn get_job(cron: Scheduler, Path(id): Path<String>) -> Result<ApiJson<JobJson>, CronApiError> {
+    let view = running(cron)?.get(parse_id(&id)?).await?;
+    Ok(ApiJson(job_json(view)))
+}
+
+async fn update_job(
+    cron: Scheduler,
+    Path(id): Path<String>,
+    ApiJson(request): ApiJson<JobRequest>,
+) -> Result<ApiJson<JobJson>, CronApiError> {
+    let view = running(cron)?.update(parse_id(&id)?, request.into()).await?;
+    Ok(ApiJson(job_json(view)))
+}
+
+async fn delete_job(cron: Scheduler, Path(id): Path<String>) -> Result<StatusCode, CronApiError> {
+    running(cron)?.delete(parse_id(&id)?).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Runs the job now and answers when the run has finished.
+async fn run_job(cron: Scheduler, Path(id): Path<String>) -> Result<ApiJson<RunJson>, CronApiError> {
+    let run = running(cron)?.run_now(parse_id(&id)?).await?;
+    Ok(ApiJson(run_json(run)))
+}
+
+async fn list_runs(
+    cron: Scheduler,
+    Path(id): Path<String>,
+    Query(query): Query<RunsQuery>,
+) -> Result<ApiJson<RunList>, CronApiError> {
+    let limit = query.limit.unwrap_or(50).clamp(1, MAX_RUNS);
+    let runs = running(cron)?.runs(parse_id(&id)?, limit).await?;
+    Ok(ApiJson(RunList { runs: runs.into_iter().map(run_json).collect() }))
+}
+
+/// Checks an expression and lists its next runs, for the editor.
+async fn preview_schedule(
+    cron: Scheduler,
+    ApiJson(request): ApiJson<PreviewRequest>,
+) -> Result<ApiJson<PreviewJson>, CronApiError> {
+    let (timezone, next) =
+        running(cron)?.preview(&request.schedule, request.timezone.as_deref(), PREVIEW_RUNS)?;
+    Ok(ApiJson(PreviewJson {
+        timezone: timezone.name().to_string(),
+        next_runs: next.iter().map(DateTime::<Utc>::timestamp_millis).collect(),
+    }))
+}
+
+/// Runs the jobs that are due, for an external crontab. Off (404) without `CRON_SECRET`;
+/// 401 and nothing runs when the header is missing or wrong.
+async fn trigger_due_jobs(
+    cron: Scheduler,
+    headers: HeaderMap,
+) -> Result<ApiJson<TriggerJson>, Response> {
+    let trigger_off = || {
+        error_response(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "the cron trigger is off: set CRON_SECRET to use it".into(),
+        )
+    };
+    let Some(Extension(cron)) = cron else {
+        return Err(trigger_off());
+    };
+    let Some(secret) = cron.trigger_secret() else {
+        return Err(trigger_off());
+    };
+    let given = headers.get(SECRET_HEADER).map(|v| v.as_bytes()).unwrap_or_default();
+    // Comparing digests keeps the comparison constant-time even in the secret's length.
+    let matches =
+        constant_time_eq(&Sha256::digest(given), &Sha256::digest(secret.expose().as_bytes()));
+    if given.is_empty() || !matches {
+        let message = format!("missing or wrong {SECRET_HEADER} header");
+        return Err(error_response(StatusCode::UNAUTHORIZED, "unauthorized", message));
+    }
+    match cron.run_due().await {
+        Ok(started) => Ok(ApiJson(TriggerJson { started: started.iter().map(|id| id.0).collect() })),
+        Err(e) => Err(CronApiError::from(e).into_response()),
+    }
+}
+
+fn running(cron: Scheduler) -> Result<CronHandle, CronApiError> {
+    match cron {
+        Some(Extension(cron)) => Ok(cron),
+        None => Err(CronApiError::Api(ApiError::Unavailable("the scheduler is not running".into()))),
+    }
+}
+
+fn parse_id(text: &str) -> Result<CronJobId, CronApiError> {
+    match text.parse::<i64>() {
+        Ok(id) => Ok(CronJobId(id)),
+        Err(_) => Err(CronApiError::Api(ApiError::BadRequest(format!("`{text}` is not a job id")))),
+    }
+}
+
+fn job_json(view: JobView) -> JobJson {
+    let job = view.job;
+    JobJson {
+        id: job.id.0,
+        name: job.name,
+        schedule: job.schedule,
+        timezone: job.timezone,
+        effective_timezone: view.timezone.name().to_string(),
+        prompt: job.prompt,
+        channel: job.channel.as_str(),
+        target: job.target,
+        tier: job.tier,
+        enabled: job.enabled,
+        next_run: view.next_run.map(|t| t.timestamp_millis()),
+        last_run: job.last_run_at,
+        last_outcome: job.last_outcome.map(|o| o.as_str()),
+        last_error: job.last_error,
+        created_at: job.created_at,
+        updated_at: job.updated_at,
+    }
+}
+
+fn run_json(run: CronRun) -> RunJson {
+    RunJson {
+        id: run.id,
+        job_id: run.job_id.0,
+        started_at: run.started_at,
+        duration_ms: run.duration_ms,
+        outcome: run.outcome.as_str(),
+        error: run.error,
+        message_id: run.message_id.map(|m| m.0),
+    }
+}
+
+impl From<JobRequest> for JobChanges {
+    fn from(r: JobRequest) -> Self {
+        JobChanges {
+            name: r.name,
+            schedule: r.schedule,
+            timezone: r.timezone,
+            prompt: r.prompt,
+            channel: r.channel,
+            target: r.target,
+            tier: r.tier,
+            enabled: r.enabled,
+        }
+    }
+}
+
+/// Tells "absent" (`None`, through `#[serde(default)]`) from "null" (`Some(None)`).
+fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<String>>, D::Error> {
+    Option::<String>::deserialize(d).map(Some)
+}
+
+impl From<CronError> for CronApiError {
+    fn from(e: CronError) -> Self {
+        match e {
+            CronError::Invalid(message) => CronApiError::Api(ApiError::BadRequest(message)),
+            CronError::NotFound(_) => CronApiError::Api(ApiError::NotFound(e.to_string())),
+            CronError::Busy(_) => CronApiError::Conflict(e.to_string()),
+            CronError::Db(e) => CronApiError::Api(e.into()),
+            CronError::Scheduler(cause) => CronApiError::Api(ApiError::Internal(cause)),
+        }
+    }
+}
+
+impl IntoResponse for CronApiError {
+    fn into_response(self) -> Response {
+        match self {
+            CronApiError::Api(e) => e.into_response(),
+            CronApiError::Conflict(message) => {
+                error_response(StatusCode::CONFLICT, "conflict", message)
+            }
+        }
+    }
+}
+
+/// An error in the gateway's JSON shape, for statuses `ApiError` has no variant for.
+fn error_response(status: StatusCode, code: &'static str, message: String) -> Response {
+    #[derive(Serialize)]
+    struct Body {
+        error: Detail,
+    }
+    #[derive(Serialize)]
+    struct Detail {
+        code: &'static str,
+        message: String,
+    }
+    (status, Json(Body { error: Detail { code, message } })).into_response()
+}

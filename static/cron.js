@@ -1,0 +1,1 @@
+// Placeholder: the schedules panel (static/cron.js) is written with the cron feature.

@@ -1,0 +1,519 @@
+//! The real browser test: Debian's headless Chromium, driven through chromedriver with the
+//! W3C WebDriver protocol (plain JSON over HTTP), uses the WebChat page of the real binary
+//! with the real SmolLM2 model. It signs in, watches tokens stream in, reloads, switches
+//! conversations, edits the persona, stops an answer, and saves `target/webchat.png`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::util::{self, Server, ServerOptions};
+
+const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
+const CHROMIUM: &str = "/usr/bin/chromium";
+const INSTALL: &str = "apt-get update && apt-get install -y chromium chromium-driver \
+     (or run scripts/browser-deps.sh)";
+/// The W3C name of an element reference in WebDriver answers.
+const ELEMENT_KEY: &str = "element-6066-11e4-a52e-4f735466cecf";
+const ENTER: &str = "\u{E007}";
+
+/// A prompt that keeps SmolLM2 writing for a while.
+const LONG_PROMPT: &str = "Count from 1 to 1000, one number per line, with no other text.";
+
+/// A chromedriver process and one browser session. Dropping it ends both, and kills any
+/// Chromium process left with this session's profile directory.
+struct Browser {
+    http: reqwest::Client,
+    base: String,
+    session: String,
+    driver: Child,
+    profile: tempfile::TempDir,
+}
+
+impl Browser {
+    async fn start() -> Browser {
+        for binary in [CHROMEDRIVER, CHROMIUM] {
+            assert!(
+                Path::new(binary).exists(),
+                "{binary} is missing: the browser test needs Debian's Chromium. Install it with: {INSTALL}"
+            );
+        }
+        let port = util::free_port();
+        let driver = Command::new(CHROMEDRIVER)
+            .arg(format!("--port={port}"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {CHROMEDRIVER}: {e}. Install: {INSTALL}"));
+        let profile = tempfile::tempdir().expect("profile dir");
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(60))
+            .build()
+            .expect("http client");
+        let base = format!("http://127.0.0.1:{port}");
+        let mut browser = Browser { http, base, session: String::new(), driver, profile };
+
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let ready = browser.http.get(format!("{}/status", browser.base)).send().await;
+            if let Ok(response) = ready {
+                let status: Value = response.json().await.unwrap_or_default();
+                if status["value"]["ready"] == true {
+                    break;
+                }
+            }
+            assert!(Instant::now() < deadline, "chromedriver did not start within 20 s");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let profile_arg = format!("--user-data-dir={}", browser.profile.path().display());
+        let capabilities = json!({
+            "capabilities": {
+                "alwaysMatch": {
+                    "browserName": "chrome",
+                    "goog:chromeOptions": {
+                        "binary": CHROMIUM,
+                        "args": [
+                            "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                            "--disable-background-networking", "--disable-component-update",
+                            "--disable-sync", "--disable-dev-shm-usage",
+                            "--window-size=1280,860", profile_arg,
+                        ]
+                    }
+                }
+            }
+        });
+        let response = browser
+            .http
+            .post(format!("{}/session", browser.base))
+            .json(&capabilities)
+            .send()
+            .await
+            .expect("new session");
+        let body: Value = response.json().await.expect("session JSON");
+        browser.session = body["value"]["sessionId"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no browser session: {body}"))
+            .to_string();
+        browser
+    }
+
+    /// One WebDriver command; panics with the driver's message on failure.
+    async fn command(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
+        let url = format!("{}/session/{}{}", self.base, self.session, path);
+        let mut request = self.http.request(method.clone(), &url);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+        let status = response.status();
+        let value: Value = response.json().await.unwrap_or_default();
+        assert!(status.is_success(), "WebDriver {method} {path}: {status} {value}");
+        value["value"].clone()
+    }
+
+    async fn goto(&self, url: &str) {
+        self.command(reqwest::Method::POST, "/url", Some(json!({ "url": url }))).await;
+    }
+
+    async fn refresh(&self) {
+        self.command(reqwest::Method::POST, "/refresh", Some(json!({}))).await;
+    }
+
+    async fn find(&self, css: &str) -> String {
+        let found = self
+            .command(
+                reqwest::Method::POST,
+                "/element",
+                Some(json!({ "using": "css selector", "value": css })),
+            )
+            .await;
+        found[ELEMENT_KEY].as_str().unwrap_or_else(|| panic!("no element {css}")).to_string()
+    }
+
+    async fn click(&self, css: &str) {
+        let id = self.find(css).await;
+        self.command(reqwest::Method::POST, &format!("/element/{id}/click"), Some(json!({}))).await;
+    }
+
+    /// Types into an element as a user would (key events, so Enter really sends).
+    async fn type_into(&self, css: &str, text: &str) {
+        let id = self.find(css).await;
+        self.command(
+            reqwest::Method::POST,
+            &format!("/element/{id}/value"),
+            Some(json!({ "text": text })),
+        )
+        .await;
+    }
+
+    async fn clear(&self, css: &str) {
+        let id = self.find(css).await;
+        self.command(reqwest::Method::POST, &format!("/element/{id}/clear"), Some(json!({}))).await;
+    }
+
+    async fn js(&self, script: &str) -> Value {
+        self.command(
+            reqwest::Method::POST,
+            "/execute/sync",
+            Some(json!({ "script": script, "args": [] })),
+        )
+        .await
+    }
+
+    /// Polls `script` until it returns something truthy; returns that value.
+    async fn wait_for(&self, what: &str, script: &str, limit: Duration) -> Value {
+        let deadline = Instant::now() + limit;
+        loop {
+            let value = self.js(script).await;
+            let truthy = !matches!(&value, Value::Null | Value::Bool(false))
+                && value != json!("")
+                && value != json!(0);
+            if truthy {
+                return value;
+            }
+            assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(40)).await;
+        }
+    }
+
+    async fn screenshot(&self, path: &Path) {
+        let data = self.command(reqwest::Method::GET, "/screenshot", None).await;
+        let png = base64_decode(data.as_str().expect("base64 screenshot"));
+        assert!(png.starts_with(b"\x89PNG"), "the screenshot is a PNG");
+        std::fs::write(path, png).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    }
+
+    async fn set_window(&self, width: u32, height: u32) {
+        self.command(
+            reqwest::Method::POST,
+            "/window/rect",
+            Some(json!({ "width": width, "height": height })),
+        )
+        .await;
+    }
+
+    async fn quit(&self) {
+        let url = format!("{}/session/{}", self.base, self.session);
+        let _ = self.http.delete(url).send().await;
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = self.driver.kill();
+        let _ = self.driver.wait();
+        // Chromium processes of this session only: those started with our profile dir.
+        let marker = self.profile.path().display().to_string();
+        if let Ok(entries) = std::fs::read_dir("/proc") {
+            for entry in entries.flatten() {
+                let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+                    continue;
+                };
+                let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+                if String::from_utf8_lossy(&cmdline).contains(&marker) {
+                    let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
+                }
+            }
+        }
+    }
+}
+
+fn base64_decode(text: &str) -> Vec<u8> {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = Vec::with_capacity(text.len() * 3 / 4);
+    let (mut acc, mut bits) = (0u32, 0u32);
+    for byte in text.bytes() {
+        let Some(value) = ALPHABET.iter().position(|&c| c == byte) else {
+            continue; // padding and line breaks
+        };
+        acc = (acc << 6) | value as u32;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+            acc &= (1 << bits) - 1;
+        }
+    }
+    out
+}
+
+/// The last answer bubble as the page shows it.
+const LAST_ANSWER: &str = "const all = document.querySelectorAll('#messages .msg.assistant'); \
+    const b = all[all.length - 1]; if (!b) return null; \
+    return { state: b.dataset.state || '', text: b.querySelector('.content').textContent, \
+             prompt: Number(b.dataset.promptTokens || 0), meta: b.querySelector('.meta').textContent, \
+             count: all.length };";
+
+fn target_dir() -> PathBuf {
+    // CARGO_TARGET_TMPDIR is `<target dir>/tmp`.
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).parent().expect("target dir").to_path_buf()
+}
+
+async fn api(server: &Server, path: &str) -> Value {
+    reqwest::Client::new()
+        .get(server.url(path))
+        .bearer_auth(&server.token)
+        .timeout(Duration::from_secs(20))
+        .send()
+        .await
+        .expect("API call")
+        .json()
+        .await
+        .expect("API JSON")
+}
+
+async fn send_message(browser: &Browser, text: &str) {
+    browser.type_into("#input", text).await;
+    browser.type_into("#input", ENTER).await;
+}
+
+async fn wait_answer_state(browser: &Browser, states: &[&str], limit: Duration) -> Value {
+    let states = serde_json::to_string(states).unwrap();
+    let script = format!("{LAST_ANSWER_FN} const a = lastAnswer(); return a && {states}.includes(a.state) ? a : null;");
+    browser.wait_for(&format!("an answer in state {states}"), &script, limit).await
+}
+
+const LAST_ANSWER_FN: &str = "function lastAnswer() { \
+    const all = document.querySelectorAll('#messages .msg.assistant'); \
+    const b = all[all.length - 1]; if (!b) return null; \
+    return { state: b.dataset.state || '', text: b.querySelector('.content').textContent, \
+             prompt: Number(b.dataset.promptTokens || 0), meta: b.querySelector('.meta').textContent }; }";
+
+#[tokio::test]
+async fn webchat_in_headless_chromium_with_the_real_model() {
+    let test_started = Instant::now();
+    let mut envs = util::smollm2_env();
+    envs.push(("REPLY_MAX_TOKENS".into(), "300".into()));
+    envs.push(("CONTEXT_SIZE".into(), "4096".into()));
+    let server =
+        tokio::task::spawn_blocking(move || Server::start(ServerOptions { envs, data_dir: None }))
+            .await
+            .expect("server start");
+    let browser = Browser::start().await;
+
+    // 1. Sign in: a wrong token is refused and asked again; the right one opens the page.
+    browser.goto(&server.url("/")).await;
+    browser
+        .wait_for(
+            "the token dialog",
+            "return !document.getElementById('token-dialog').hidden;",
+            Duration::from_secs(20),
+        )
+        .await;
+    browser.type_into("#token-input", "not-the-right-token-000000").await;
+    browser.click("#token-submit").await;
+    browser
+        .wait_for(
+            "the bad-token message",
+            "return !document.getElementById('token-dialog').hidden && \
+             document.getElementById('token-reason').textContent.includes('refused');",
+            Duration::from_secs(20),
+        )
+        .await;
+    browser.type_into("#token-input", &server.token).await;
+    browser.click("#token-submit").await;
+    browser
+        .wait_for(
+            "the page to be ready",
+            "return document.documentElement.dataset.ready === 'true' && \
+             document.getElementById('token-dialog').hidden && \
+             document.getElementById('model-select').options.length === 5;",
+            Duration::from_secs(20),
+        )
+        .await;
+    let stored = browser.js("return localStorage.getItem('my-claw.token');").await;
+    assert_eq!(stored, json!(server.token), "the token is kept in the browser");
+    let models = browser
+        .js("return [...document.getElementById('model-select').options].map(o => o.value + ':' + o.disabled);")
+        .await;
+    assert_eq!(
+        models,
+        json!(["fast:false", "smart:false", "main:false", "code:false", "reason:false"])
+    );
+    browser
+        .wait_for(
+            "the live events stream",
+            "return document.getElementById('connection').dataset.state === 'live';",
+            Duration::from_secs(20),
+        )
+        .await;
+
+    // 2. Send with Enter and watch the tokens arrive before the answer is complete.
+    let sent_at = Instant::now();
+    send_message(&browser, LONG_PROMPT).await;
+    let mut streaming_lengths: Vec<usize> = Vec::new();
+    let final_answer = loop {
+        let answer = browser.js(LAST_ANSWER).await;
+        if !answer.is_null() {
+            let state = answer["state"].as_str().unwrap_or_default().to_string();
+            let length = answer["text"].as_str().unwrap_or_default().chars().count();
+            if state == "streaming" && length > 0 && streaming_lengths.last() != Some(&length) {
+                streaming_lengths.push(length);
+            }
+            if state == "done" || state == "error" {
+                break answer;
+            }
+        }
+        assert!(sent_at.elapsed() < Duration::from_secs(60), "no complete answer within 60 s");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    };
+    assert_eq!(final_answer["state"], "done", "{final_answer}");
+    let final_length = final_answer["text"].as_str().unwrap().chars().count();
+    assert!(
+        streaming_lengths.len() >= 2,
+        "the page showed the answer growing while it streamed: {streaming_lengths:?}"
+    );
+    assert!(
+        *streaming_lengths.last().unwrap() < final_length || streaming_lengths.len() >= 3,
+        "partial text came before the complete answer: {streaming_lengths:?} then {final_length}"
+    );
+    let meta = final_answer["meta"].as_str().unwrap();
+    assert!(
+        meta.contains("main") && meta.contains("SmolLM2"),
+        "the answering model is shown: {meta}"
+    );
+    assert!(meta.contains("on this machine"), "{meta}");
+    let first_text = final_answer["text"].as_str().unwrap().to_string();
+    let first_hash = browser.js("return location.hash;").await;
+    assert!(first_hash.as_str().unwrap().starts_with("#c="), "{first_hash}");
+
+    // 3. Reload: the history is shown again, with the same conversation open.
+    browser.refresh().await;
+    browser
+        .wait_for(
+            "the history after reload",
+            "return document.documentElement.dataset.ready === 'true' && \
+             document.querySelectorAll('#messages .msg').length === 2;",
+            Duration::from_secs(20),
+        )
+        .await;
+    let reloaded = browser.js(LAST_ANSWER).await;
+    assert_eq!(reloaded["text"].as_str().unwrap(), first_text, "the stored answer is shown");
+    assert!(reloaded["meta"].as_str().unwrap().contains("SmolLM2"));
+    let user_text = browser
+        .js("return document.querySelector('#messages .msg.user .content').textContent;")
+        .await;
+    assert_eq!(user_text, json!(LONG_PROMPT));
+
+    // 4. A second conversation, then switch back to the first one.
+    browser.click("#new-chat").await;
+    browser
+        .wait_for(
+            "an empty chat",
+            "return document.querySelectorAll('#messages .msg').length === 0;",
+            Duration::from_secs(5),
+        )
+        .await;
+    send_message(&browser, "Hello!").await;
+    let hello = wait_answer_state(&browser, &["done"], Duration::from_secs(60)).await;
+    let default_prompt_tokens = hello["prompt"].as_u64().unwrap();
+    assert!(default_prompt_tokens > 0, "{hello}");
+    browser
+        .wait_for(
+            "two conversations in the list",
+            "return document.querySelectorAll('#conversation-list li').length === 2;",
+            Duration::from_secs(10),
+        )
+        .await;
+    browser.click("#conversation-list li:nth-child(2) button").await;
+    browser
+        .wait_for(
+            "the first conversation",
+            &format!(
+                "return document.querySelector('#messages .msg.user .content')?.textContent === {};",
+                json!(LONG_PROMPT)
+            ),
+            Duration::from_secs(10),
+        )
+        .await;
+    assert_eq!(browser.js("return location.hash;").await, first_hash);
+    browser.click("#conversation-list li:nth-child(1) button").await;
+    browser
+        .wait_for(
+            "the second conversation",
+            "return document.querySelector('#messages .msg.user .content')?.textContent === 'Hello!';",
+            Duration::from_secs(10),
+        )
+        .await;
+
+    // 5. Edit the persona; the next prompt changes (it is longer by the new system prompt,
+    //    and it is what the server stores).
+    browser.click("#toggle-persona").await;
+    browser
+        .wait_for(
+            "the persona form",
+            "return document.getElementById('persona-name').value === 'Claw';",
+            Duration::from_secs(10),
+        )
+        .await;
+    browser.clear("#persona-name").await;
+    browser.type_into("#persona-name", "Zorblax").await;
+    browser.clear("#persona-prompt").await;
+    let new_prompt = "You are {name}, the resident assistant of a lighthouse on a windy northern \
+        island. You always mention the lighthouse, the sea birds and the weather in your \
+        answers, and you sign every answer with your name.";
+    browser.type_into("#persona-prompt", new_prompt).await;
+    browser.click("#persona-save").await;
+    browser
+        .wait_for(
+            "the persona to be saved",
+            "return document.getElementById('persona-status').textContent.startsWith('Saved');",
+            Duration::from_secs(10),
+        )
+        .await;
+    let persona = api(&server, "/api/settings/persona").await;
+    assert_eq!(persona["persona_name"], "Zorblax");
+    assert_eq!(persona["system_prompt"], new_prompt);
+    browser.click("#persona-close").await;
+    browser.click("#new-chat").await;
+    send_message(&browser, "Hello!").await;
+    let persona_answer = wait_answer_state(&browser, &["done"], Duration::from_secs(60)).await;
+    let persona_prompt_tokens = persona_answer["prompt"].as_u64().unwrap();
+    assert!(
+        persona_prompt_tokens > default_prompt_tokens + 15,
+        "the new system prompt is in the next prompt: {default_prompt_tokens} → {persona_prompt_tokens} tokens"
+    );
+
+    // 6. Stop mid-answer: the page shows it stopped, the server stored a partial answer and
+    //    the engine is free for the next message at once.
+    send_message(&browser, LONG_PROMPT).await;
+    browser
+        .wait_for(
+            "tokens of the long answer",
+            &format!("{LAST_ANSWER_FN} const a = lastAnswer(); return a && a.state === 'streaming' && a.text.length > 5;"),
+            Duration::from_secs(60),
+        )
+        .await;
+    browser.click("#stop").await;
+    let stopped =
+        wait_answer_state(&browser, &["stopped", "done", "error"], Duration::from_secs(10)).await;
+    assert_eq!(stopped["state"], "stopped", "{stopped}");
+    assert!(stopped["meta"].as_str().unwrap().contains("stopped before the end"), "{stopped}");
+    let hash = browser.js("return location.hash;").await;
+    let conversation_id: i64 = hash.as_str().unwrap().trim_start_matches("#c=").parse().unwrap();
+    let history = api(&server, &format!("/api/conversations/{conversation_id}/messages")).await;
+    let last = history["messages"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(last["status"], "partial", "{last}");
+    let after_stop = Instant::now();
+    send_message(&browser, "Thanks!").await;
+    wait_answer_state(&browser, &["done"], Duration::from_secs(30)).await;
+    let after = api(&server, &format!("/api/conversations/{conversation_id}/messages")).await;
+    assert_eq!(after["messages"].as_array().unwrap().len(), 6, "{after}");
+    assert!(after_stop.elapsed() < Duration::from_secs(30), "the engine answered after the stop");
+
+    // 7. Screenshots: desktop, and a phone-sized window.
+    let target = target_dir();
+    browser.screenshot(&target.join("webchat.png")).await;
+    browser.set_window(390, 844).await;
+    browser.screenshot(&target.join("webchat-mobile.png")).await;
+
+    browser.quit().await;
+    eprintln!(
+        "browser test: {:?} in all; screenshots in {}",
+        test_started.elapsed(),
+        target.display()
+    );
+}

@@ -1,0 +1,718 @@
+//! Channel tests: the WhatsApp and Nextcloud Talk clients against local stand-ins for the
+//! Graph API and for Nextcloud (axum on 127.0.0.1), and the real `my-claw` binary with the
+//! real small model behind signed webhooks: answers, deduplication, crash recovery,
+//! rejections. Owns no production code; payload samples live in `tests/data/`.
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::response::IntoResponse;
+use serde_json::{json, Value};
+use sqlx::SqlitePool;
+
+use my_claw::channels::nextcloud::{self, Nextcloud};
+use my_claw::channels::whatsapp::{self, WhatsApp};
+use my_claw::channels::{ChannelError, Channels, RetryPolicy};
+use my_claw::config::{NextcloudSettings, Secret, WhatsAppSettings};
+use my_claw::db::inbound::{self, QueueStatus};
+use my_claw::db::memory;
+use my_claw::domain::{ChannelKind, Role};
+
+use crate::util::{repo_path, smollm2_env, Server, ServerOptions};
+
+const APP_SECRET: &str = "test-app-secret-5f1c";
+const VERIFY_TOKEN: &str = "verify-me-please";
+const ACCESS_TOKEN: &str = "EAAG-test-access-token";
+const PHONE_NUMBER_ID: &str = "106540352242922";
+const USER_NUMBER: &str = "16505551234";
+/// PROTOCOLS.md §2.5: 64 × "a" and 4 × "0123456789abcdef".
+const TALK_SECRET: &str = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+const TALK_RANDOM: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+const ROOM: &str = "n3xtc10ud";
+/// How long a real-model answer may take on a loaded 2-core machine.
+const ANSWER_LIMIT: Duration = Duration::from_secs(180);
+
+// --- stand-ins ------------------------------------------------------------------------------
+
+/// One request a stand-in received.
+#[derive(Debug, Clone)]
+struct Recorded {
+    path: String,
+    headers: HeaderMap,
+    body: Vec<u8>,
+}
+
+impl Recorded {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).expect("stand-in got JSON")
+    }
+
+    fn header(&self, name: &str) -> &str {
+        self.headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or_default()
+    }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Graph,
+    Talk,
+}
+
+/// A stand-in server that records every request and answers from a script, else with the
+/// service's normal success answer.
+#[derive(Clone)]
+struct StandIn {
+    kind: Kind,
+    base: String,
+    requests: Arc<Mutex<Vec<Recorded>>>,
+    script: Arc<Mutex<VecDeque<(u16, String)>>>,
+    /// Delay before answering a WhatsApp mark-as-read (holds the worker before generating).
+    read_delay: Arc<Mutex<Duration>>,
+}
+
+impl StandIn {
+    async fn start(kind: Kind) -> StandIn {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let stand_in = StandIn {
+            kind,
+            base: format!("http://{addr}"),
+            requests: Arc::default(),
+            script: Arc::default(),
+            read_delay: Arc::new(Mutex::new(Duration::ZERO)),
+        };
+        let state = stand_in.clone();
+        let app = axum::Router::new().fallback(move |uri: Uri, headers: HeaderMap, body: Bytes| {
+            let state = state.clone();
+            async move { state.answer(uri, headers, body).await }
+        });
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        stand_in
+    }
+
+    async fn answer(&self, uri: Uri, headers: HeaderMap, body: Bytes) -> axum::response::Response {
+        let is_read = self.kind == Kind::Graph
+            && serde_json::from_slice::<Value>(&body).is_ok_and(|v| v["status"] == "read");
+        if is_read {
+            let delay = *self.read_delay.lock().unwrap();
+            tokio::time::sleep(delay).await;
+        }
+        let n = {
+            let mut requests = self.requests.lock().unwrap();
+            requests.push(Recorded { path: uri.path().to_string(), headers, body: body.to_vec() });
+            requests.len()
+        };
+        let scripted = if is_read { None } else { self.script.lock().unwrap().pop_front() };
+        let (status, body) = match (scripted, self.kind) {
+            (Some(answer), _) => answer,
+            (None, Kind::Graph) if is_read => (200, json!({"success": true}).to_string()),
+            (None, Kind::Graph) => (
+                200,
+                json!({"messaging_product": "whatsapp",
+                       "contacts": [{"input": USER_NUMBER, "wa_id": USER_NUMBER}],
+                       "messages": [{"id": format!("wamid.OUT{n}")}]})
+                .to_string(),
+            ),
+            (None, Kind::Talk) => {
+                (201, json!({"ocs": {"meta": {"status": "ok", "statuscode": 201}, "data": null}}).to_string())
+            }
+        };
+        let status = StatusCode::from_u16(status).expect("status");
+        (status, [("content-type", "application/json")], body).into_response()
+    }
+
+    fn script(&self, answers: &[(u16, Value)]) {
+        let mut script = self.script.lock().unwrap();
+        for (status, body) in answers {
+            script.push_back((*status, body.to_string()));
+        }
+    }
+
+    fn all(&self) -> Vec<Recorded> {
+        self.requests.lock().unwrap().clone()
+    }
+
+    /// WhatsApp text messages (not read receipts), or Talk bot messages.
+    fn messages(&self) -> Vec<Recorded> {
+        self.all()
+            .into_iter()
+            .filter(|r| match self.kind {
+                Kind::Graph => r.json()["status"] != "read",
+                Kind::Talk => r.path.ends_with("/message"),
+            })
+            .collect()
+    }
+}
+
+fn graph_error(code: i64) -> Value {
+    json!({"error": {"message": format!("(#{code}) error"), "type": "OAuthException", "code": code,
+                     "error_data": {"messaging_product": "whatsapp", "details": "details here"},
+                     "fbtrace_id": "AbC"}})
+}
+
+// --- helpers --------------------------------------------------------------------------------
+
+fn data(name: &str) -> Vec<u8> {
+    std::fs::read(repo_path(&format!("tests/data/{name}"))).expect("test payload")
+}
+
+async fn fresh_pool() -> (tempfile::TempDir, SqlitePool) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let pool = my_claw::db::connect(&format!("sqlite://{}", dir.path().join("t.db").display()))
+        .await
+        .expect("open db");
+    (dir, pool)
+}
+
+fn fast_retry() -> RetryPolicy {
+    RetryPolicy {
+        max_attempts: 4,
+        base_delay: Duration::from_millis(10),
+        max_delay: Duration::from_millis(50),
+        pair_rate_delay: Duration::from_millis(20),
+    }
+}
+
+fn whatsapp_settings(api_base: &str, template: Option<&str>) -> WhatsAppSettings {
+    WhatsAppSettings {
+        verify_token: Secret::new(VERIFY_TOKEN),
+        app_secret: Secret::new(APP_SECRET),
+        access_token: Secret::new(ACCESS_TOKEN),
+        phone_number_id: PHONE_NUMBER_ID.into(),
+        api_base: format!("{api_base}/v26.0"),
+        allowed_numbers: vec![USER_NUMBER.into()],
+        template_name: template.map(str::to_string),
+    }
+}
+
+fn nextcloud_settings(url: &str, allowed: Option<Vec<String>>) -> NextcloudSettings {
+    NextcloudSettings { url: url.into(), bot_secret: Secret::new(TALK_SECRET), allowed_users: allowed }
+}
+
+/// Waits (bounded) until `check` holds.
+async fn wait_until(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while started.elapsed() < limit {
+        if check() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("timed out after {limit:?} waiting for {what}");
+}
+
+fn server_env(graph: Option<&StandIn>, talk: Option<&StandIn>) -> Vec<(String, String)> {
+    let mut env = smollm2_env();
+    let mut set = |k: &str, v: String| env.push((k.to_string(), v));
+    set("REPLY_MAX_TOKENS", "24".into());
+    set("LOG", "info,my_claw=debug".into());
+    if let Some(graph) = graph {
+        set("WHATSAPP_VERIFY_TOKEN", VERIFY_TOKEN.into());
+        set("WHATSAPP_APP_SECRET", APP_SECRET.into());
+        set("WHATSAPP_ACCESS_TOKEN", ACCESS_TOKEN.into());
+        set("WHATSAPP_PHONE_NUMBER_ID", PHONE_NUMBER_ID.into());
+        set("WHATSAPP_API_BASE", format!("{}/v26.0", graph.base));
+        set("WHATSAPP_ALLOWED_NUMBERS", format!("+{USER_NUMBER}"));
+    }
+    if let Some(talk) = talk {
+        set("NEXTCLOUD_URL", talk.base.clone());
+        set("NEXTCLOUD_BOT_SECRET", TALK_SECRET.into());
+        set("NEXTCLOUD_ALLOWED_USERS", "users/ada-lovelace".into());
+    }
+    env
+}
+
+/// Starts the real binary (blocking start, bounded by the util helper).
+fn start_server(env: Vec<(String, String)>, data_dir: Option<PathBuf>) -> Server {
+    tokio::task::block_in_place(|| Server::start(ServerOptions { envs: env, data_dir }))
+}
+
+async fn open_db(data_dir: &Path) -> SqlitePool {
+    my_claw::db::connect(&format!("sqlite://{}", data_dir.join("my-claw.db").display()))
+        .await
+        .expect("open the server's database")
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder().timeout(Duration::from_secs(30)).build().expect("client")
+}
+
+async fn post_whatsapp(server: &Server, body: &[u8], signature: Option<&str>) -> reqwest::Response {
+    let mut request = client()
+        .post(server.url("/api/webhook/whatsapp"))
+        .header("content-type", "application/json")
+        .body(body.to_vec());
+    if let Some(signature) = signature {
+        request = request.header("X-Hub-Signature-256", signature);
+    }
+    request.send().await.expect("post whatsapp webhook")
+}
+
+async fn post_whatsapp_signed(server: &Server, body: &[u8]) -> reqwest::Response {
+    post_whatsapp(server, body, Some(&whatsapp::sign(APP_SECRET, body))).await
+}
+
+async fn post_talk(server: &Server, body: &[u8], random: &str, signature: &str) -> reqwest::Response {
+    client()
+        .post(server.url("/api/webhook/nextcloud"))
+        .header("content-type", "application/json")
+        .header("OCS-APIRequest", "true")
+        .header("X-Nextcloud-Talk-Backend", "https://cloud.example.org/")
+        .header("X-Nextcloud-Talk-Random", random)
+        .header("X-Nextcloud-Talk-Signature", signature)
+        .body(body.to_vec())
+        .send()
+        .await
+        .expect("post talk webhook")
+}
+
+/// Signs like Nextcloud, with a random of its shape (64 chars, may hold `+` and `/`).
+async fn post_talk_signed(server: &Server, body: &[u8]) -> reqwest::Response {
+    let random = format!("{}+/{}", &TALK_RANDOM[..31], hex::encode(rand::random::<[u8; 16]>()));
+    post_talk(server, body, &random, &nextcloud::sign(TALK_SECRET, &random, body)).await
+}
+
+fn whatsapp_text(id: &str, from: &str, text: &str) -> Vec<u8> {
+    json!({"object": "whatsapp_business_account", "entry": [{"id": "102290129340398", "changes": [{
+        "field": "messages", "value": {
+            "messaging_product": "whatsapp",
+            "metadata": {"display_phone_number": "15550783881", "phone_number_id": PHONE_NUMBER_ID},
+            "contacts": [{"profile": {"name": "Tester"}, "wa_id": from}],
+            "messages": [{"from": from, "id": id, "timestamp": chrono::Utc::now().timestamp().to_string(),
+                          "type": "text", "text": {"body": text}}]}}]}]})
+    .to_string()
+    .into_bytes()
+}
+
+fn whatsapp_status(id: &str, status: &str, errors: Value) -> Vec<u8> {
+    json!({"object": "whatsapp_business_account", "entry": [{"id": "1", "changes": [{
+        "field": "messages", "value": {
+            "messaging_product": "whatsapp",
+            "metadata": {"display_phone_number": "15550783881", "phone_number_id": PHONE_NUMBER_ID},
+            "statuses": [{"id": id, "status": status, "timestamp": "1750857384",
+                          "recipient_id": USER_NUMBER, "errors": errors}]}}]}]})
+    .to_string()
+    .into_bytes()
+}
+
+fn talk_create(message_id: &str, actor: &str, text: &str) -> Vec<u8> {
+    let content = json!({"message": text, "parameters": []}).to_string();
+    json!({"type": "Create",
+           "actor": {"type": "Person", "id": actor, "name": "Someone"},
+           "object": {"type": "Note", "id": message_id, "name": "message", "content": content,
+                      "mediaType": "text/markdown"},
+           "target": {"type": "Collection", "id": ROOM, "name": "world"}})
+    .to_string()
+    .into_bytes()
+}
+
+// --- clients against stand-ins (no model) ------------------------------------------------------
+
+#[tokio::test]
+async fn whatsapp_send_converts_markup_splits_and_retries_throttling() {
+    let graph = StandIn::start(Kind::Graph).await;
+    let (_dir, pool) = fresh_pool().await;
+    let wa = WhatsApp::new(whatsapp_settings(&graph.base, None), reqwest::Client::new(), pool)
+        .with_retry(fast_retry());
+    // Throughput limit on the first try, pair rate limit on the second, then accepted.
+    graph.script(&[(400, graph_error(130429)), (400, graph_error(131056))]);
+    let paragraph = format!("**Bold** start. {}", "Words in a sentence. ".repeat(120));
+    let text = format!("{paragraph}\n\n{paragraph}");
+    let ids = wa.send_text(USER_NUMBER, &text).await.expect("sent after retries");
+    assert_eq!(ids.len(), 2, "{} chars must take two messages", text.chars().count());
+    let requests = graph.all();
+    assert_eq!(requests.len(), 4, "two throttled tries, then two parts");
+    for r in &requests {
+        assert_eq!(r.path, format!("/v26.0/{PHONE_NUMBER_ID}/messages"));
+        assert_eq!(r.header("authorization"), format!("Bearer {ACCESS_TOKEN}"));
+        let body = r.json();
+        assert_eq!(body["messaging_product"], "whatsapp");
+        assert_eq!(body["to"], USER_NUMBER);
+        assert_eq!(body["type"], "text");
+        assert!(body["text"]["body"].as_str().unwrap().chars().count() <= 4096);
+    }
+    let first = requests[2].json();
+    assert!(first["text"]["body"].as_str().unwrap().starts_with("*Bold* start."));
+    assert_eq!(ids, ["wamid.OUT3", "wamid.OUT4"]);
+}
+
+#[tokio::test]
+async fn whatsapp_expired_token_and_closed_window_are_not_retried() {
+    let graph = StandIn::start(Kind::Graph).await;
+    let (_dir, pool) = fresh_pool().await;
+    let wa = WhatsApp::new(whatsapp_settings(&graph.base, None), reqwest::Client::new(), pool)
+        .with_retry(fast_retry());
+    graph.script(&[(401, graph_error(190))]);
+    let err = wa.send_text(USER_NUMBER, "hi").await.unwrap_err();
+    assert!(matches!(err, ChannelError::TokenExpired { code: 190, .. }), "{err:?}");
+    assert!(err.to_string().contains("WHATSAPP_ACCESS_TOKEN"), "{err}");
+    assert_eq!(graph.all().len(), 1);
+
+    graph.script(&[(400, graph_error(131047))]);
+    let err = wa.send_text(USER_NUMBER, "hi").await.unwrap_err();
+    assert!(matches!(err, ChannelError::OutsideWindow { .. }), "{err:?}");
+    assert!(err.to_string().contains("131047"), "{err}");
+    assert_eq!(graph.all().len(), 2);
+
+    // Server errors are retried until the policy gives up.
+    graph.script(&[(500, json!({})), (502, json!({})), (503, json!({})), (500, json!({}))]);
+    let err = wa.send_text(USER_NUMBER, "hi").await.unwrap_err();
+    assert!(err.is_retryable());
+    assert_eq!(graph.all().len(), 6);
+}
+
+#[tokio::test]
+async fn whatsapp_proactive_delivery_follows_the_24_hour_window() {
+    let graph = StandIn::start(Kind::Graph).await;
+    let (_dir, pool) = fresh_pool().await;
+    let http = reqwest::Client::new();
+    let plain = WhatsApp::new(whatsapp_settings(&graph.base, None), http.clone(), pool.clone());
+    let channels = Channels { whatsapp: Some(Arc::new(plain)), ..Channels::default() };
+
+    // Never wrote: no template configured, so nothing is sent.
+    assert!(!channels.whatsapp_window_open(USER_NUMBER).await.unwrap());
+    let err = channels.deliver(ChannelKind::WhatsApp, USER_NUMBER, "Reminder").await.unwrap_err();
+    assert!(matches!(err, ChannelError::OutsideWindow { .. }), "{err:?}");
+    assert!(graph.all().is_empty());
+
+    // With a template, the template goes out with the text as its parameter.
+    let templated = WhatsApp::new(
+        whatsapp_settings(&graph.base, Some("daily_note:fr")),
+        http.clone(),
+        pool.clone(),
+    );
+    let receipt = templated.deliver(USER_NUMBER, "**Rappel** :\nacheter du pain").await.unwrap();
+    assert!(receipt.via_template);
+    let body = graph.all()[0].json();
+    assert_eq!(body["type"], "template");
+    assert_eq!(body["template"]["name"], "daily_note");
+    assert_eq!(body["template"]["language"]["code"], "fr");
+    assert_eq!(
+        body["template"]["components"][0]["parameters"][0]["text"],
+        "*Rappel* : acheter du pain"
+    );
+
+    // The user writes: the window opens and free-form text is sent.
+    let notification =
+        whatsapp::parse_notification(&whatsapp_text("wamid.IN1", USER_NUMBER, "hello")).unwrap();
+    let wa = channels.whatsapp.as_ref().unwrap();
+    let accepted = wa.accept(&notification).await.unwrap();
+    assert_eq!(accepted.queued, 1);
+    assert!(channels.whatsapp_window_open(&format!("+{USER_NUMBER}")).await.unwrap());
+    let receipt = channels.deliver(ChannelKind::WhatsApp, USER_NUMBER, "Reminder").await.unwrap();
+    assert!(!receipt.via_template);
+    assert_eq!(receipt.external_ids.len(), 1);
+    assert_eq!(graph.all()[1].json()["text"]["body"], "Reminder");
+
+    // WebChat has no outbound delivery; Talk is not configured here.
+    assert!(matches!(
+        channels.deliver(ChannelKind::WebChat, "1", "x").await,
+        Err(ChannelError::NotDeliverable(_))
+    ));
+    assert!(matches!(
+        channels.deliver(ChannelKind::Nextcloud, ROOM, "x").await,
+        Err(ChannelError::NotConfigured(_))
+    ));
+}
+
+/// Checks a Talk reply the way Nextcloud's BotController does.
+fn assert_signed_talk_reply(r: &Recorded) {
+    assert_eq!(r.header("ocs-apirequest"), "true");
+    assert_eq!(r.header("accept"), "application/json");
+    assert!(r.header("content-type").starts_with("application/json"));
+    let random = r.header("x-nextcloud-talk-bot-random");
+    assert!(random.len() >= 32, "random too short: {random:?}");
+    let message = r.json()["message"].as_str().expect("message").to_string();
+    let expected = nextcloud::sign(TALK_SECRET, random, message.as_bytes());
+    assert_eq!(r.header("x-nextcloud-talk-bot-signature").to_lowercase(), expected);
+    let reference = r.json()["referenceId"].as_str().unwrap_or_default().to_string();
+    assert_eq!(reference.len(), 64, "referenceId {reference:?}");
+}
+
+#[tokio::test]
+async fn nextcloud_reply_is_signed_split_and_threaded() {
+    let talk = StandIn::start(Kind::Talk).await;
+    let nc = Nextcloud::new(nextcloud_settings(&talk.base, None), reqwest::Client::new())
+        .with_retry(fast_retry());
+    let paragraph = "Une phrase en français, avec des accents é à ü. ".repeat(400);
+    let text = format!("{paragraph}\n\n{paragraph}");
+    assert!(text.chars().count() > 32_000);
+    let references = nc.send_message(ROOM, &text, Some(1567)).await.expect("sent");
+    let requests = talk.messages();
+    assert_eq!(requests.len(), 2);
+    assert_eq!(references.len(), 2);
+    for (r, reference) in requests.iter().zip(&references) {
+        assert_eq!(r.path, format!("/ocs/v2.php/apps/spreed/api/v1/bot/{ROOM}/message"));
+        assert_signed_talk_reply(r);
+        assert_eq!(r.json()["referenceId"], reference.as_str());
+        assert!(r.json()["message"].as_str().unwrap().chars().count() <= 32_000);
+    }
+    assert_eq!(requests[0].json()["replyTo"], 1567);
+    assert!(requests[1].json().get("replyTo").is_none());
+
+    // The protocol vector, through the production signer.
+    assert_eq!(
+        nextcloud::sign(TALK_SECRET, TALK_RANDOM, "Bonjour 👋".as_bytes()),
+        "a84642a1195a7d18abf1a72321e7151b2c609860432dee46285065a87ff7d610"
+    );
+}
+
+#[tokio::test]
+async fn nextcloud_errors_are_explained_and_only_server_errors_retried() {
+    let talk = StandIn::start(Kind::Talk).await;
+    let nc = Nextcloud::new(nextcloud_settings(&talk.base, None), reqwest::Client::new())
+        .with_retry(fast_retry());
+    for (status, needle) in [
+        (401, "NEXTCLOUD_BOT_SECRET"),
+        (404, "conversation not found"),
+        (429, "brute-force"),
+    ] {
+        let before = talk.all().len();
+        talk.script(&[(status, json!({}))]);
+        let err = nc.send_message(ROOM, "hello", Some(1)).await.unwrap_err();
+        assert!(err.to_string().contains(needle), "{status}: {err}");
+        assert_eq!(talk.all().len(), before + 1, "{status} must not be retried");
+    }
+    // A 413 on a long part: sent again in 1000-character pieces.
+    let before = talk.all().len();
+    talk.script(&[(413, json!({}))]);
+    let long = "word ".repeat(500);
+    let references = nc.send_message(ROOM, &long, Some(7)).await.expect("resent smaller");
+    assert_eq!(references.len(), 3);
+    let sent = &talk.all()[before..];
+    assert_eq!(sent.len(), 4);
+    assert_eq!(sent[1].json()["replyTo"], 7);
+    assert!(sent[1..].iter().all(|r| r.json()["message"].as_str().unwrap().len() <= 1000));
+    // A 503 then success.
+    talk.script(&[(503, json!({}))]);
+    nc.send_message(ROOM, "again", None).await.expect("retried");
+}
+
+// --- the real binary and the real model --------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whatsapp_webhook_end_to_end_with_the_real_model() {
+    let graph = StandIn::start(Kind::Graph).await;
+    let server = start_server(server_env(Some(&graph), None), None);
+
+    // Verification handshake.
+    let verify = |token: &str| {
+        server.url(&format!(
+            "/api/webhook/whatsapp?hub.mode=subscribe&hub.verify_token={token}&hub.challenge=1158201444"
+        ))
+    };
+    let ok = client().get(verify(VERIFY_TOKEN)).send().await.unwrap();
+    assert_eq!(ok.status(), 200);
+    assert!(ok.headers()["content-type"].to_str().unwrap().starts_with("text/plain"));
+    assert_eq!(ok.text().await.unwrap(), "1158201444");
+    assert_eq!(client().get(verify("wrong")).send().await.unwrap().status(), 403);
+
+    // Meta's sample, with `\u00e9` escapes, signed over the raw bytes.
+    let body = data("whatsapp_text.json");
+    let response = post_whatsapp_signed(&server, &body).await;
+    assert_eq!(response.status(), 200, "{}", server.output());
+    wait_until(ANSWER_LIMIT, "the answer at the Graph stand-in", || !graph.messages().is_empty())
+        .await;
+
+    let all = graph.all();
+    let read = &all[0].json();
+    assert_eq!(read["status"], "read", "mark-as-read comes first: {all:?}");
+    assert_eq!(read["typing_indicator"]["type"], "text");
+    let wamid = "wamid.HBgLMTY1MDM4Nzk0MzkVAgASGBQzQTRBNjU5OUFFRTAzODEwMTQ0RgA=";
+    assert_eq!(read["message_id"], wamid);
+    let reply = &graph.messages()[0];
+    assert_eq!(reply.header("authorization"), format!("Bearer {ACCESS_TOKEN}"));
+    let reply_body = reply.json();
+    assert_eq!(reply_body["to"], USER_NUMBER);
+    assert!(!reply_body["text"]["body"].as_str().unwrap().trim().is_empty());
+
+    // Meta redelivers the same notification: acknowledged, not answered again.
+    assert_eq!(post_whatsapp_signed(&server, &body).await.status(), 200);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(graph.messages().len(), 1, "a redelivery was answered twice");
+
+    let pool = open_db(&server.data_dir).await;
+    let row = inbound::get(&pool, ChannelKind::WhatsApp, wamid).await.unwrap().unwrap();
+    assert_eq!(row.status, QueueStatus::Done, "{row:?}");
+    let conv =
+        memory::get_or_create_conversation(&pool, ChannelKind::WhatsApp, USER_NUMBER, None).await.unwrap();
+    let history = memory::history(&pool, conv.id, 10).await.unwrap();
+    assert_eq!(history.len(), 2, "{history:?}");
+    assert_eq!(history[0].content, "Does it come in another color? Café");
+    assert_eq!(history[0].external_id.as_deref(), Some(wamid));
+    assert_eq!(history[1].role, Role::Assistant);
+    let sent_id = history[1].external_id.clone().expect("answer has its wamid");
+    assert_eq!(history[1].delivery_status.as_deref(), Some("sent"));
+    let last = inbound::last_inbound_at(&pool, ChannelKind::WhatsApp, USER_NUMBER).await.unwrap();
+    assert_eq!(last, Some(1_749_416_383_000));
+
+    // Delivery reports: forward only; a failure is recorded with its code.
+    let delivered = whatsapp_status(&sent_id, "read", json!([]));
+    assert_eq!(post_whatsapp_signed(&server, &delivered).await.status(), 200);
+    let failed = String::from_utf8(data("whatsapp_status_failed.json"))
+        .unwrap()
+        .replace("wamid.SENT1", &sent_id);
+    assert_eq!(post_whatsapp_signed(&server, failed.as_bytes()).await.status(), 200);
+    let answer = memory::get_message(&pool, history[1].id).await.unwrap().unwrap();
+    assert_eq!(answer.delivery_status.as_deref(), Some("failed"));
+    assert!(answer.delivery_error.as_deref().unwrap().starts_with("131047 Re-engagement message"));
+
+    // An image gets the polite "text only" answer, without the model.
+    assert_eq!(post_whatsapp_signed(&server, &data("whatsapp_image.json")).await.status(), 200);
+    wait_until(Duration::from_secs(30), "the text-only reply", || graph.messages().len() == 2).await;
+    assert_eq!(graph.messages()[1].json()["text"]["body"], whatsapp::UNSUPPORTED_REPLY);
+    let image = inbound::get(&pool, ChannelKind::WhatsApp, "wamid.IMG").await.unwrap().unwrap();
+    assert_eq!(image.status, QueueStatus::Done);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nextcloud_webhook_end_to_end_with_the_real_model() {
+    let talk = StandIn::start(Kind::Talk).await;
+    let server = start_server(server_env(None, Some(&talk)), None);
+
+    // PHP's escaping (`\/`, `\u00e9`) in the body; the signature covers the raw bytes.
+    let body = data("nextcloud_create.json");
+    let response = post_talk(&server, &body, TALK_RANDOM, &nextcloud::sign(TALK_SECRET, TALK_RANDOM, &body)).await;
+    assert_eq!(response.status(), 200, "{}", server.output());
+    wait_until(ANSWER_LIMIT, "the answer at the Talk stand-in", || !talk.messages().is_empty()).await;
+
+    let reply = &talk.messages()[0];
+    assert_eq!(reply.path, format!("/ocs/v2.php/apps/spreed/api/v1/bot/{ROOM}/message"));
+    assert_signed_talk_reply(reply);
+    let reply_body = reply.json();
+    assert_eq!(reply_body["replyTo"], 1567);
+    assert!(!reply_body["message"].as_str().unwrap().trim().is_empty());
+
+    // The same message delivered again (fresh random and signature): answered once.
+    assert_eq!(post_talk_signed(&server, &body).await.status(), 200);
+    // Join is recorded; reactions are accepted and ignored.
+    assert_eq!(post_talk_signed(&server, &data("nextcloud_join.json")).await.status(), 200);
+    let like = json!({"type": "Like", "actor": {"type": "Person", "id": "users/ada-lovelace"},
+                      "object": {"type": "Note", "id": "1567"}, "content": "👍",
+                      "target": {"type": "Collection", "id": ROOM}});
+    assert_eq!(post_talk_signed(&server, like.to_string().as_bytes()).await.status(), 200);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(talk.messages().len(), 1, "a redelivery was answered twice");
+
+    let pool = open_db(&server.data_dir).await;
+    let rows = inbound::list(&pool).await.unwrap();
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert_eq!((rows[0].external_id.as_str(), rows[0].status), ("1567", QueueStatus::Done));
+    assert!(rows[1].external_id.starts_with("join:"));
+    assert_eq!(rows[1].status, QueueStatus::Done);
+    let conv = memory::get_or_create_conversation(&pool, ChannelKind::Nextcloud, ROOM, None).await.unwrap();
+    let history = memory::history(&pool, conv.id, 10).await.unwrap();
+    assert_eq!(history.len(), 2, "{history:?}");
+    assert_eq!(history[0].content, "hi @world, café at 5/6 ? see notes.md");
+    assert_eq!(history[1].external_id.as_deref(), reply_body["referenceId"].as_str());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_rejections_store_and_send_nothing() {
+    let graph = StandIn::start(Kind::Graph).await;
+    let talk = StandIn::start(Kind::Talk).await;
+    let mut env = server_env(Some(&graph), Some(&talk));
+    env.push(("MAX_BODY_BYTES".into(), "4096".into()));
+    let server = start_server(env, None);
+
+    // WhatsApp.
+    let body = data("whatsapp_text.json");
+    let good = whatsapp::sign(APP_SECRET, &body);
+    assert_eq!(post_whatsapp(&server, &body, None).await.status(), 401);
+    assert_eq!(post_whatsapp(&server, &body, Some("sha256=00")).await.status(), 401);
+    assert_eq!(post_whatsapp(&server, &body, Some(&whatsapp::sign("wrong", &body))).await.status(), 401);
+    assert_eq!(post_whatsapp(&server, &body, Some(good.trim_start_matches("sha256="))).await.status(), 401);
+    // Re-serialising turns `\u00e9` into UTF-8: the original signature no longer matches.
+    let value: Value = serde_json::from_slice(&body).unwrap();
+    let reserialised = serde_json::to_vec(&value).unwrap();
+    assert_ne!(reserialised, body);
+    let response = post_whatsapp(&server, &reserialised, Some(&good)).await;
+    assert_eq!(response.status(), 401);
+    let error: Value = response.json().await.unwrap();
+    assert_eq!(error["error"]["code"], "bad_signature");
+    assert_eq!(post_whatsapp_signed(&server, b"{not json").await.status(), 400);
+    let unknown = json!({"object": "page", "entry": [{"id": "1", "changes": []}]}).to_string();
+    assert_eq!(post_whatsapp_signed(&server, unknown.as_bytes()).await.status(), 200);
+    let big = whatsapp_text("wamid.BIG", USER_NUMBER, &"x".repeat(5000));
+    assert_eq!(post_whatsapp_signed(&server, &big).await.status(), 413);
+    let stranger = whatsapp_text("wamid.STRANGER", "33699999999", "let me in");
+    assert_eq!(post_whatsapp_signed(&server, &stranger).await.status(), 200);
+
+    // Nextcloud Talk.
+    let body = data("nextcloud_create.json");
+    let signature = nextcloud::sign(TALK_SECRET, TALK_RANDOM, &body);
+    let no_headers = client().post(server.url("/api/webhook/nextcloud")).body(body.clone()).send();
+    assert_eq!(no_headers.await.unwrap().status(), 401);
+    assert_eq!(post_talk(&server, &body, TALK_RANDOM, &"0".repeat(64)).await.status(), 401);
+    assert_eq!(post_talk(&server, &body, &TALK_RANDOM[1..], &signature).await.status(), 401);
+    let value: Value = serde_json::from_slice(&body).unwrap();
+    let reserialised = serde_json::to_vec(&value).unwrap();
+    assert_eq!(post_talk(&server, &reserialised, TALK_RANDOM, &signature).await.status(), 401);
+    assert_eq!(post_talk_signed(&server, b"[1, 2").await.status(), 400);
+    let big = talk_create("9001", "users/ada-lovelace", &"y".repeat(5000));
+    assert_eq!(post_talk_signed(&server, &big).await.status(), 413);
+    let system = json!({"type": "Activity", "actor": {"type": "Person", "id": "users/ada-lovelace"},
+                        "object": {"type": "Note", "id": "9002", "name": "call_started", "content": "{}"},
+                        "target": {"type": "Collection", "id": ROOM}});
+    // Uppercase hex is accepted (Nextcloud lowercases before comparing).
+    let system = system.to_string().into_bytes();
+    let upper = nextcloud::sign(TALK_SECRET, TALK_RANDOM, &system).to_uppercase();
+    assert_eq!(post_talk(&server, &system, TALK_RANDOM, &upper).await.status(), 200);
+    let from_bot = talk_create("9003", "bots/bot-123", "beep");
+    assert_eq!(post_talk_signed(&server, &from_bot).await.status(), 200);
+    let from_mallory = talk_create("9004", "users/mallory", "let me in");
+    assert_eq!(post_talk_signed(&server, &from_mallory).await.status(), 200);
+
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(graph.all().is_empty(), "something was sent to WhatsApp: {:?}", graph.all());
+    assert!(talk.all().is_empty(), "something was sent to Talk: {:?}", talk.all());
+    let pool = open_db(&server.data_dir).await;
+    assert!(memory::list_conversations(&pool, 10).await.unwrap().is_empty());
+    // Disallowed senders leave only a marker row, without their message.
+    let rows = inbound::list(&pool).await.unwrap();
+    let summary: Vec<(&str, QueueStatus, &str)> =
+        rows.iter().map(|r| (r.external_id.as_str(), r.status, r.payload.as_str())).collect();
+    assert_eq!(
+        summary,
+        [("wamid.STRANGER", QueueStatus::Ignored, "{}"), ("9004", QueueStatus::Ignored, "{}")]
+    );
+    assert_eq!(inbound::last_inbound_at(&pool, ChannelKind::WhatsApp, "33699999999").await.unwrap(), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whatsapp_message_is_answered_after_kill_9_and_restart() {
+    let graph = StandIn::start(Kind::Graph).await;
+    // The read receipt is held for 3 s, so the worker is still before the model when the
+    // process is killed right after the webhook's 200.
+    *graph.read_delay.lock().unwrap() = Duration::from_secs(3);
+    let data_dir = tempfile::tempdir().expect("temp dir");
+    let env = server_env(Some(&graph), None);
+    let mut first = start_server(env.clone(), Some(data_dir.path().to_path_buf()));
+    let body = whatsapp_text("wamid.CRASH", USER_NUMBER, "Say hello.");
+    let response = post_whatsapp_signed(&first, &body).await;
+    assert_eq!(response.status(), 200);
+    first.kill_9();
+    assert!(graph.messages().is_empty(), "answered before the kill; the test proves nothing");
+
+    let second = start_server(env, Some(data_dir.path().to_path_buf()));
+    wait_until(ANSWER_LIMIT, "the answer after the restart", || !graph.messages().is_empty()).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(graph.messages().len(), 1, "{}", second.output());
+    let pool = open_db(data_dir.path()).await;
+    let row = inbound::get(&pool, ChannelKind::WhatsApp, "wamid.CRASH").await.unwrap().unwrap();
+    assert_eq!(row.status, QueueStatus::Done);
+    // One complete attempt, after one interrupted by the kill (unless the kill landed before
+    // the worker had claimed the row at all).
+    assert!(matches!(row.attempts, 1 | 2), "{row:?}");
+    let conv =
+        memory::get_or_create_conversation(&pool, ChannelKind::WhatsApp, USER_NUMBER, None).await.unwrap();
+    let history = memory::history(&pool, conv.id, 10).await.unwrap();
+    assert_eq!(history.iter().filter(|m| m.role == Role::User).count(), 1, "{history:?}");
+    drop(second);
+}

@@ -1,0 +1,933 @@
+//! Gateway tests. Router tests call `gateway::router(state).oneshot(req)` with no socket and
+//! a fake model (auth, validation, JSON shapes); the real-socket tests run the real binary
+//! with the real SmolLM2 model and read its Server-Sent Events (streaming, stop, client
+//! disconnect, the OpenAI-compatible API and the official `openai` Python client).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::http::{header, Method, Request, StatusCode};
+use futures::future::BoxFuture;
+use futures::StreamExt;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+use tower::ServiceExt;
+
+use my_claw::assistant::{Assistant, AssistantConfig};
+use my_claw::config::Secret;
+use my_claw::gateway::{self, AppState};
+use my_claw::llm::router::{Router as ModelRouter, Tier};
+use my_claw::llm::{
+    Chunk, ChunkStream, FinishReason, LlmError, LlmRequest, Provider, ProviderInfo, Usage,
+};
+
+use crate::util::{self, Server, ServerOptions};
+
+const TOKEN: &str = "gateway-test-token-0123456789";
+const MAX_BODY: usize = 4096;
+
+// --- A fake model and an in-process state ---------------------------------------------------
+
+/// Answers `echo: <last user message>` word by word, and remembers the last prompt.
+struct EchoProvider {
+    delay: Duration,
+    last_request: Arc<Mutex<Option<LlmRequest>>>,
+}
+
+impl Provider for EchoProvider {
+    fn info(&self) -> ProviderInfo {
+        ProviderInfo { provider: "local".into(), model: "echo-model".into(), leaves_machine: false }
+    }
+
+    fn stream(&self, request: LlmRequest) -> BoxFuture<'_, Result<ChunkStream, LlmError>> {
+        let last = request.messages.last().map(|m| m.content.clone()).unwrap_or_default();
+        *self.last_request.lock().unwrap() = Some(request);
+        let delay = self.delay;
+        Box::pin(async move {
+            let (tx, rx) = mpsc::channel(4);
+            tokio::spawn(async move {
+                let words: Vec<String> =
+                    format!("echo: {last}").split(' ').map(|w| format!("{w} ")).collect();
+                let n = words.len() as u32;
+                for word in words {
+                    tokio::time::sleep(delay).await;
+                    if tx.send(Ok(Chunk::Text(word))).await.is_err() {
+                        return;
+                    }
+                }
+                let usage = Usage { prompt_tokens: 10, completion_tokens: n, ..Usage::default() };
+                let _ = tx.send(Ok(Chunk::Done { usage, finish: FinishReason::Stop })).await;
+            });
+            Ok(rx)
+        })
+    }
+}
+
+struct TestApp {
+    state: AppState,
+    last_request: Arc<Mutex<Option<LlmRequest>>>,
+    _dir: tempfile::TempDir,
+}
+
+async fn test_app() -> TestApp {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = format!("sqlite://{}", dir.path().join("gateway.db").display());
+    let pool = my_claw::db::connect(&url).await.expect("open the database");
+    let last_request = Arc::new(Mutex::new(None));
+    let provider =
+        EchoProvider { delay: Duration::from_millis(5), last_request: last_request.clone() };
+    let router = ModelRouter::with_providers(Arc::new(provider), HashMap::new(), Tier::Main);
+    let assistant = Arc::new(Assistant::new(
+        pool.clone(),
+        Arc::new(router),
+        AssistantConfig { history_messages: 20, reply_max_tokens: 64 },
+    ));
+    let state = AppState {
+        pool,
+        assistant,
+        webchat_token: Secret::new(TOKEN),
+        started_at: Instant::now(),
+        data_dir: Arc::new(dir.path().to_path_buf()),
+        max_body_bytes: MAX_BODY,
+        channels: my_claw::channels::Channels::default(),
+    };
+    TestApp { state, last_request, _dir: dir }
+}
+
+/// One request through the whole router (auth, limits, handlers), without a socket.
+async fn call(
+    app: &TestApp,
+    method: Method,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> (StatusCode, axum::http::HeaderMap, Vec<u8>) {
+    let mut request = Request::builder().method(method).uri(path);
+    if let Some(token) = token {
+        request = request.header(header::AUTHORIZATION, format!("Bearer {token}"));
+    }
+    let body = match body {
+        Some(text) => {
+            request = request.header(header::CONTENT_TYPE, "application/json");
+            Body::from(text.to_string())
+        }
+        None => Body::empty(),
+    };
+    let response = gateway::router(app.state.clone())
+        .oneshot(request.body(body).expect("request"))
+        .await
+        .expect("infallible");
+    let status = response.status();
+    let headers = response.headers().clone();
+    let bytes = tokio::time::timeout(
+        Duration::from_secs(20),
+        axum::body::to_bytes(response.into_body(), 16 << 20),
+    )
+    .await
+    .expect("body within 20 s")
+    .expect("body");
+    (status, headers, bytes.to_vec())
+}
+
+async fn call_json(
+    app: &TestApp,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+) -> (StatusCode, Value) {
+    let body = body.map(|b| b.to_string());
+    let (status, _, bytes) = call(app, method, path, Some(TOKEN), body.as_deref()).await;
+    let value = if bytes.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| panic!("{path}: not JSON: {}", String::from_utf8_lossy(&bytes)))
+    };
+    (status, value)
+}
+
+/// The `data:` payloads of a complete SSE body.
+fn sse_payloads(body: &[u8]) -> Vec<String> {
+    let text = String::from_utf8_lossy(body).replace("\r\n", "\n");
+    text.split("\n\n")
+        .filter_map(|block| {
+            let data: Vec<&str> = block
+                .lines()
+                .filter_map(|l| l.strip_prefix("data:"))
+                .map(|l| l.strip_prefix(' ').unwrap_or(l))
+                .collect();
+            (!data.is_empty()).then(|| data.join("\n"))
+        })
+        .collect()
+}
+
+fn error_message(value: &Value) -> String {
+    value["error"]["message"].as_str().unwrap_or_default().to_string()
+}
+
+// --- Router tests (no socket) ---------------------------------------------------------------
+
+#[tokio::test]
+async fn api_and_v1_require_the_bearer_token() {
+    let app = test_app().await;
+    let protected = [
+        (Method::GET, "/api/conversations", None),
+        (Method::GET, "/api/conversations/1/messages", None),
+        (Method::PATCH, "/api/conversations/1", Some(r#"{"title":"x"}"#)),
+        (Method::DELETE, "/api/conversations/1", None),
+        (Method::POST, "/api/chat", Some(r#"{"message":"hi"}"#)),
+        (Method::POST, "/api/chat/1/stop", None),
+        (Method::GET, "/api/models", None),
+        (Method::GET, "/api/settings/persona", None),
+        (Method::PUT, "/api/settings/persona", Some(r#"{"persona_name":"x","system_prompt":""}"#)),
+        (Method::GET, "/api/events", None),
+        (Method::GET, "/v1/models", None),
+        (Method::POST, "/v1/chat/completions", Some(r#"{"model":"main","messages":[]}"#)),
+    ];
+    for (method, path, body) in protected {
+        for token in [None, Some("wrong-token-0123456789abcd"), Some("")] {
+            let (status, _, bytes) = call(&app, method.clone(), path, token, body).await;
+            assert_eq!(status, StatusCode::UNAUTHORIZED, "{method} {path} with {token:?}");
+            let value: Value = serde_json::from_slice(&bytes).expect("401 body is JSON");
+            assert_eq!(value["error"]["code"], "unauthorized", "{method} {path}");
+        }
+    }
+    // Nothing reached the model.
+    assert!(app.last_request.lock().unwrap().is_none());
+    // The page itself and the minimal health are public.
+    let (status, _, _) = call(&app, Method::GET, "/", None, None).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _, body) = call(&app, Method::GET, "/api/health", None, None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(serde_json::from_slice::<Value>(&body).unwrap(), json!({"status": "ok"}));
+}
+
+#[tokio::test]
+async fn chat_rejects_bad_requests_with_clear_messages() {
+    let app = test_app().await;
+    let cases: [(&str, StatusCode, &str); 7] = [
+        (r#"{"message": "hi""#, StatusCode::BAD_REQUEST, "invalid JSON body"),
+        (r#"{"tier": "main"}"#, StatusCode::BAD_REQUEST, "missing field `message`"),
+        (r#"{"message": 42}"#, StatusCode::BAD_REQUEST, "invalid JSON body"),
+        (r#"{"message": "  \n "}"#, StatusCode::BAD_REQUEST, "message must not be empty"),
+        (
+            r#"{"message": "hi", "tier": "turbo"}"#,
+            StatusCode::BAD_REQUEST,
+            "unknown tier `turbo`: expected one of fast, smart, main, code, reason",
+        ),
+        (r#"{"message": "hi", "conversation_id": 999}"#, StatusCode::NOT_FOUND, "999"),
+        (r#"{"message": "hi", "conversation_id": "x"}"#, StatusCode::BAD_REQUEST, "invalid JSON"),
+    ];
+    for (body, expected_status, expected_message) in cases {
+        let (status, _, bytes) =
+            call(&app, Method::POST, "/api/chat", Some(TOKEN), Some(body)).await;
+        let value: Value = serde_json::from_slice(&bytes).expect("error body is JSON");
+        assert_eq!(status, expected_status, "{body}: {value}");
+        assert!(error_message(&value).contains(expected_message), "{body}: {value}");
+    }
+    // A body without a JSON content type is refused the same way.
+    let request = Request::post("/api/chat")
+        .header(header::AUTHORIZATION, format!("Bearer {TOKEN}"))
+        .body(Body::from(r#"{"message":"hi"}"#))
+        .unwrap();
+    let response = gateway::router(app.state.clone()).oneshot(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    assert!(app.last_request.lock().unwrap().is_none(), "no bad request reached the model");
+}
+
+#[tokio::test]
+async fn oversized_bodies_get_413() {
+    let app = test_app().await;
+    let big = json!({ "message": "x".repeat(MAX_BODY * 2) }).to_string();
+    for path in ["/api/chat", "/api/settings/persona", "/v1/chat/completions"] {
+        let method = if path.ends_with("persona") { Method::PUT } else { Method::POST };
+        let (status, _, bytes) = call(&app, method, path, Some(TOKEN), Some(&big)).await;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{path}");
+        let value: Value = serde_json::from_slice(&bytes).expect("413 body is JSON");
+        assert_eq!(value["error"]["code"], "payload_too_large", "{path}");
+    }
+}
+
+#[tokio::test]
+async fn chat_streams_meta_tokens_and_done_then_history_shows_the_ledger() {
+    let app = test_app().await;
+    let (status, headers, body) = call(
+        &app,
+        Method::POST,
+        "/api/chat",
+        Some(TOKEN),
+        Some(r#"{"message": "hello there", "tier": "fast"}"#),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let content_type = headers.get(header::CONTENT_TYPE).unwrap().to_str().unwrap();
+    assert!(content_type.starts_with("text/event-stream"), "{content_type}");
+    let events: Vec<Value> =
+        sse_payloads(&body).iter().map(|d| serde_json::from_str(d).expect("JSON event")).collect();
+    assert_eq!(events[0]["type"], "meta", "{events:?}");
+    assert_eq!(events[0]["tier"], "fast");
+    assert_eq!(events[0]["provider"], "local");
+    assert_eq!(events[0]["model"], "echo-model");
+    assert_eq!(events[0]["leaves_machine"], false);
+    let conversation_id = events[0]["conversation_id"].as_i64().expect("conversation id");
+    let text: String = events
+        .iter()
+        .filter(|e| e["type"] == "token")
+        .map(|e| e["text"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(text.trim(), "echo: hello there");
+    let done = events.last().unwrap();
+    assert_eq!(done["type"], "done", "{events:?}");
+    assert_eq!(done["finish"], "stop");
+    assert_eq!(done["usage"]["prompt_tokens"], 10);
+    assert_eq!(done["usage"]["completion_tokens"], 3);
+    assert!(done["usage"]["cached_tokens"].is_u64());
+    assert!(done["timings"]["total_ms"].is_u64());
+    // The persona went in as the system turn.
+    let prompt = app.last_request.lock().unwrap().clone().expect("a prompt");
+    assert!(prompt.messages[0].content.starts_with("You are Claw"), "{:?}", prompt.messages);
+
+    let (status, list) = call_json(&app, Method::GET, "/api/conversations", None).await;
+    assert_eq!(status, StatusCode::OK);
+    let conv = &list["conversations"][0];
+    assert_eq!(conv["id"], conversation_id);
+    assert_eq!(conv["channel"], "webchat");
+    assert_eq!(conv["title"], "hello there");
+    assert_eq!(conv["message_count"], 2);
+    assert_eq!(conv["left_machine"], false);
+
+    let path = format!("/api/conversations/{conversation_id}/messages");
+    let (status, history) = call_json(&app, Method::GET, &path, None).await;
+    assert_eq!(status, StatusCode::OK);
+    let messages = history["messages"].as_array().unwrap();
+    assert_eq!(messages.len(), 2);
+    assert_eq!(messages[0]["role"], "user");
+    assert_eq!(messages[0]["content"], "hello there");
+    assert_eq!(messages[1]["role"], "assistant");
+    assert_eq!(messages[1]["content"].as_str().unwrap().trim(), "echo: hello there");
+    assert_eq!(messages[1]["tier"], "fast");
+    assert_eq!(messages[1]["provider"], "local");
+    assert_eq!(messages[1]["model"], "echo-model");
+    assert_eq!(messages[1]["status"], "complete");
+    assert_eq!(messages[1]["left_machine"], false);
+    assert_eq!(messages[1]["id"], done["message_id"]);
+
+    // A second turn continues the same conversation, with the history in the prompt.
+    let body = json!({"message": "again", "conversation_id": conversation_id}).to_string();
+    let (status, _, bytes) = call(&app, Method::POST, "/api/chat", Some(TOKEN), Some(&body)).await;
+    assert_eq!(status, StatusCode::OK);
+    let first: Value = serde_json::from_str(&sse_payloads(&bytes)[0]).unwrap();
+    assert_eq!(first["conversation_id"], conversation_id);
+    let prompt = app.last_request.lock().unwrap().clone().unwrap();
+    assert_eq!(prompt.messages.len(), 4, "system + 3 turns: {:?}", prompt.messages);
+
+    // The code tier has no Z.ai key here: main answers, and the stream says so.
+    let body = json!({"message": "hi", "conversation_id": conversation_id, "tier": "code"});
+    let (_, _, bytes) =
+        call(&app, Method::POST, "/api/chat", Some(TOKEN), Some(&body.to_string())).await;
+    let events: Vec<Value> =
+        sse_payloads(&bytes).iter().map(|d| serde_json::from_str(d).unwrap()).collect();
+    let notice = events.iter().find(|e| e["type"] == "notice").expect("a fallback notice");
+    assert_eq!(notice["kind"], "fallback");
+    assert!(notice["message"].as_str().unwrap().contains("ZAI_API_KEY"), "{notice}");
+}
+
+#[tokio::test]
+async fn conversations_can_be_renamed_and_deleted() {
+    let app = test_app().await;
+    let (_, _, bytes) =
+        call(&app, Method::POST, "/api/chat", Some(TOKEN), Some(r#"{"message":"first"}"#)).await;
+    let meta: Value = serde_json::from_str(&sse_payloads(&bytes)[0]).unwrap();
+    let id = meta["conversation_id"].as_i64().unwrap();
+    let path = format!("/api/conversations/{id}");
+
+    let (status, renamed) =
+        call_json(&app, Method::PATCH, &path, Some(json!({"title": "  Groceries  "}))).await;
+    assert_eq!(status, StatusCode::OK, "{renamed}");
+    assert_eq!(renamed["title"], "Groceries");
+    assert_eq!(renamed["id"], id);
+    let (status, err) = call_json(&app, Method::PATCH, &path, Some(json!({"title": " "}))).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(error_message(&err).contains("title must not be empty"));
+    let (status, _) =
+        call_json(&app, Method::PATCH, "/api/conversations/4242", Some(json!({"title": "x"})))
+            .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, err) = call_json(&app, Method::GET, "/api/conversations/abc/messages", None).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(error_message(&err).contains("not a conversation id"), "{err}");
+    let (_, list) = call_json(&app, Method::GET, "/api/conversations", None).await;
+    assert_eq!(list["conversations"][0]["title"], "Groceries");
+
+    let (status, _) = call_json(&app, Method::DELETE, &path, None).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, _) = call_json(&app, Method::DELETE, &path, None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _) = call_json(&app, Method::GET, &format!("{path}/messages"), None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (_, list) = call_json(&app, Method::GET, "/api/conversations", None).await;
+    assert_eq!(list["conversations"], json!([]));
+    // Stopping a conversation with nothing running is not an error.
+    let (status, stopped) = call_json(&app, Method::POST, "/api/chat/4242/stop", None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(stopped, json!({"stopped": false}));
+}
+
+#[tokio::test]
+async fn persona_round_trips_and_reaches_the_prompt() {
+    let app = test_app().await;
+    let (status, persona) = call_json(&app, Method::GET, "/api/settings/persona", None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(persona["persona_name"], "Claw");
+    assert_eq!(persona["system_prompt"], persona["default_system_prompt"]);
+
+    let update = json!({"persona_name": "Pince", "system_prompt": "You are {name}, terse."});
+    let (status, saved) = call_json(&app, Method::PUT, "/api/settings/persona", Some(update)).await;
+    assert_eq!(status, StatusCode::OK, "{saved}");
+    assert_eq!(saved["persona_name"], "Pince");
+    assert_eq!(saved["system_prompt"], "You are {name}, terse.");
+    let (_, persona) = call_json(&app, Method::GET, "/api/settings/persona", None).await;
+    assert_eq!(persona["persona_name"], "Pince");
+
+    let (status, err) = call_json(
+        &app,
+        Method::PUT,
+        "/api/settings/persona",
+        Some(json!({"persona_name": " ", "system_prompt": "x"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(error_message(&err).contains("persona_name must not be empty"));
+
+    call(&app, Method::POST, "/api/chat", Some(TOKEN), Some(r#"{"message":"hi"}"#)).await;
+    let prompt = app.last_request.lock().unwrap().clone().unwrap();
+    assert_eq!(prompt.messages[0].content, "You are Pince, terse.");
+    // The OpenAI API injects it too when the client sends no system message.
+    let body = json!({"model": "main", "messages": [{"role": "user", "content": "hi"}]});
+    let (status, _) = call_json(&app, Method::POST, "/v1/chat/completions", Some(body)).await;
+    assert_eq!(status, StatusCode::OK);
+    let prompt = app.last_request.lock().unwrap().clone().unwrap();
+    assert_eq!(prompt.messages[0].content, "You are Pince, terse.");
+}
+
+#[tokio::test]
+async fn models_lists_every_tier_with_its_state() {
+    let app = test_app().await;
+    let (status, models) = call_json(&app, Method::GET, "/api/models", None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(models["default_tier"], "main");
+    let tiers = models["tiers"].as_array().unwrap();
+    let names: Vec<&str> = tiers.iter().map(|t| t["tier"].as_str().unwrap()).collect();
+    assert_eq!(names, ["fast", "smart", "main", "code", "reason"]);
+    for tier in tiers {
+        assert_eq!(tier["available"], true, "{tier}");
+        assert_eq!(tier["model"], "echo-model", "{tier}");
+        assert!(tier["detail"].is_string());
+    }
+    assert_eq!(tiers[3]["fallback_to"], "main");
+    assert_eq!(tiers[3]["state"], "falling_back");
+    assert_eq!(tiers[2]["fallback_to"], Value::Null);
+}
+
+#[tokio::test]
+async fn openai_api_with_a_fake_model() {
+    let app = test_app().await;
+    let (status, models) = call_json(&app, Method::GET, "/v1/models", None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(models["object"], "list");
+    let ids: Vec<&str> =
+        models["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["fast", "smart", "main", "code", "reason"]);
+    let (status, _) = call_json(&app, Method::GET, "/v1/models/gpt-4", None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    let body = json!({
+        "model": "smart",
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "text", "text": "ping pong"}]}
+        ]
+    });
+    let (status, completion) =
+        call_json(&app, Method::POST, "/v1/chat/completions", Some(body)).await;
+    assert_eq!(status, StatusCode::OK, "{completion}");
+    assert_eq!(completion["object"], "chat.completion");
+    assert_eq!(completion["model"], "smart");
+    assert_eq!(completion["choices"][0]["message"]["role"], "assistant");
+    assert_eq!(
+        completion["choices"][0]["message"]["content"].as_str().unwrap().trim(),
+        "echo: ping pong"
+    );
+    assert_eq!(completion["choices"][0]["finish_reason"], "stop");
+    assert_eq!(completion["usage"]["total_tokens"], 13);
+    // The client's own system prompt wins over the persona; nothing was stored.
+    let prompt = app.last_request.lock().unwrap().clone().unwrap();
+    assert_eq!(prompt.messages[0].content, "Be brief.");
+    assert_eq!(prompt.messages.len(), 2);
+    let (_, list) = call_json(&app, Method::GET, "/api/conversations", None).await;
+    assert_eq!(list["conversations"], json!([]));
+
+    let body = json!({
+        "model": "main", "stream": true, "stream_options": {"include_usage": true},
+        "messages": [{"role": "user", "content": "a b"}]
+    });
+    let (status, headers, bytes) =
+        call(&app, Method::POST, "/v1/chat/completions", Some(TOKEN), Some(&body.to_string()))
+            .await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(headers[header::CONTENT_TYPE].to_str().unwrap().starts_with("text/event-stream"));
+    let payloads = sse_payloads(&bytes);
+    assert_eq!(payloads.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> =
+        payloads[..payloads.len() - 1].iter().map(|p| serde_json::from_str(p).unwrap()).collect();
+    assert!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk"));
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let text: String =
+        chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+    assert_eq!(text.trim(), "echo: a b");
+    let finish = chunks.iter().find(|c| c["choices"][0]["finish_reason"].is_string()).unwrap();
+    assert_eq!(finish["choices"][0]["finish_reason"], "stop");
+    let usage = chunks.last().unwrap();
+    assert_eq!(usage["choices"], json!([]));
+    assert_eq!(usage["usage"]["completion_tokens"], 3);
+    let ids: Vec<&Value> = chunks.iter().map(|c| &c["id"]).collect();
+    assert!(ids.windows(2).all(|w| w[0] == w[1]), "one id per response");
+
+    let cases = [
+        (
+            json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}]}),
+            "unknown tier `gpt-4o`",
+        ),
+        (json!({"model": "main", "messages": []}), "messages must not be empty"),
+        (json!({"model": "main", "messages": [{"role": "tool", "content": "x"}]}), "role `tool`"),
+        (
+            json!({"model": "main", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}),
+            "max_tokens",
+        ),
+        (json!({"messages": [{"role": "user", "content": "x"}]}), "missing field `model`"),
+    ];
+    for (body, expected) in cases {
+        let (status, err) =
+            call_json(&app, Method::POST, "/v1/chat/completions", Some(body.clone())).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}: {err}");
+        assert!(error_message(&err).contains(expected), "{body}: {err}");
+    }
+}
+
+#[tokio::test]
+async fn events_stream_reports_messages_as_they_are_stored() {
+    let app = test_app().await;
+    let request = Request::get("/api/events")
+        .header(header::AUTHORIZATION, format!("Bearer {TOKEN}"))
+        .body(Body::empty())
+        .unwrap();
+    let response = gateway::router(app.state.clone()).oneshot(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut body = response.into_body().into_data_stream();
+    let mut buffer = String::new();
+    let mut events: Vec<Value> = Vec::new();
+    let mut sent = false;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while events.iter().filter(|e| e["type"] == "message").count() < 2 {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let chunk = tokio::time::timeout(remaining, body.next())
+            .await
+            .expect("events within 20 s")
+            .expect("stream open")
+            .expect("chunk");
+        buffer.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(cut) = buffer.find("\n\n") {
+            let block: String = buffer.drain(..cut + 2).collect();
+            events.extend(
+                sse_payloads(block.as_bytes()).iter().map(|d| serde_json::from_str(d).unwrap()),
+            );
+        }
+        if !sent && events.iter().any(|e| e["type"] == "ready") {
+            // A message stored by anyone (here: a chat turn) shows up on the stream.
+            sent = true;
+            call(&app, Method::POST, "/api/chat", Some(TOKEN), Some(r#"{"message":"live"}"#)).await;
+        }
+    }
+    assert_eq!(events[0], json!({"type": "ready"}));
+    let messages: Vec<&Value> = events.iter().filter(|e| e["type"] == "message").collect();
+    assert_eq!(messages[0]["role"], "user");
+    assert_eq!(messages[1]["role"], "assistant");
+    assert_eq!(messages[0]["conversation_id"], messages[1]["conversation_id"]);
+    assert!(messages[1]["message_id"].as_i64() > messages[0]["message_id"].as_i64());
+}
+
+#[tokio::test]
+async fn webchat_page_is_embedded_and_served_with_a_strict_policy() {
+    let app = test_app().await;
+    let (status, headers, body) = call(&app, Method::GET, "/", None, None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(headers[header::CONTENT_TYPE].to_str().unwrap().starts_with("text/html"));
+    let csp = headers[header::CONTENT_SECURITY_POLICY].to_str().unwrap();
+    assert!(csp.contains("script-src 'self'") && !csp.contains("unsafe-inline"), "{csp}");
+    assert_eq!(headers[header::REFERRER_POLICY], "no-referrer");
+    let html = String::from_utf8(body).unwrap();
+    for needle in [
+        r#"<script src="/chat.js" defer>"#,
+        r#"<script src="/cron.js" defer>"#,
+        r#"<section id="cron-panel" class="panel" hidden></section>"#,
+        ">Schedules</button>",
+        r#"id="persona-panel""#,
+        r#"id="model-select""#,
+        r#"id="stop""#,
+    ] {
+        assert!(html.contains(needle), "index.html lacks {needle}");
+    }
+    for (path, kind) in [
+        ("/chat.js", "text/javascript"),
+        ("/chat.css", "text/css"),
+        ("/cron.js", "text/javascript"),
+        ("/favicon.svg", "image/svg+xml"),
+    ] {
+        let (status, headers, _) = call(&app, Method::GET, path, None, None).await;
+        assert_eq!(status, StatusCode::OK, "{path}");
+        assert!(headers[header::CONTENT_TYPE].to_str().unwrap().starts_with(kind), "{path}");
+    }
+    // Model output must never be parsed as HTML by the page.
+    let js = include_str!("../static/chat.js");
+    for forbidden in [".innerHTML", ".outerHTML", "insertAdjacentHTML", "document.write", "eval("] {
+        assert!(!js.contains(forbidden), "chat.js uses {forbidden}");
+    }
+}
+
+// --- Real socket, real binary, real model ----------------------------------------------------
+
+/// Real-model tests share two CPU cores with everything else: one at a time keeps their
+/// timing checks meaningful.
+static REAL_MODEL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// A prompt that makes SmolLM2 write for a long time.
+const LONG_PROMPT: &str = "Count from 1 to 1000, one number per line, with no other text.";
+
+fn real_server(reply_max_tokens: u32) -> Server {
+    let mut envs = util::smollm2_env();
+    envs.push(("REPLY_MAX_TOKENS".into(), reply_max_tokens.to_string()));
+    envs.push(("CONTEXT_SIZE".into(), "4096".into()));
+    Server::start(ServerOptions { envs, data_dir: None })
+}
+
+fn http() -> reqwest::Client {
+    reqwest::Client::builder().timeout(Duration::from_secs(120)).build().expect("http client")
+}
+
+/// Reads Server-Sent Events from a live response, with a deadline on each event.
+pub struct SseReader {
+    response: reqwest::Response,
+    buffer: Vec<u8>,
+}
+
+impl SseReader {
+    pub fn new(response: reqwest::Response) -> SseReader {
+        SseReader { response, buffer: Vec::new() }
+    }
+
+    /// The next `data:` payload; `None` when the stream ends.
+    pub async fn next_data(&mut self, limit: Duration) -> Option<String> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(cut) = self.buffer.windows(2).position(|w| w == b"\n\n") {
+                let block: Vec<u8> = self.buffer.drain(..cut + 2).collect();
+                let block = String::from_utf8(block).expect("SSE events are UTF-8");
+                let data: Vec<&str> = block
+                    .lines()
+                    .filter_map(|l| l.strip_prefix("data:"))
+                    .map(|l| l.strip_prefix(' ').unwrap_or(l))
+                    .collect();
+                if data.is_empty() {
+                    continue; // a keep-alive comment
+                }
+                return Some(data.join("\n"));
+            }
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(remaining, self.response.chunk()).await {
+                Ok(Ok(Some(bytes))) => self.buffer.extend_from_slice(&bytes),
+                Ok(Ok(None)) => return None,
+                Ok(Err(e)) => panic!("SSE stream failed: {e}"),
+                Err(_) => panic!("no SSE event within {limit:?}"),
+            }
+        }
+    }
+
+    pub async fn next_json(&mut self, limit: Duration) -> Option<Value> {
+        let data = self.next_data(limit).await?;
+        Some(serde_json::from_str(&data).unwrap_or_else(|e| panic!("bad event {data}: {e}")))
+    }
+}
+
+async fn start_chat(server: &Server, body: Value) -> SseReader {
+    let response = http()
+        .post(server.url("/api/chat"))
+        .bearer_auth(&server.token)
+        .json(&body)
+        .send()
+        .await
+        .expect("POST /api/chat");
+    assert_eq!(response.status(), 200, "{:?}", response.text().await);
+    SseReader::new(response)
+}
+
+async fn get_json(server: &Server, path: &str) -> Value {
+    let response = http().get(server.url(path)).bearer_auth(&server.token).send().await.unwrap();
+    assert!(response.status().is_success(), "{path}: {}", response.status());
+    response.json().await.unwrap()
+}
+
+/// Reads a whole answer; returns (meta, text, done or error event).
+async fn read_answer(reader: &mut SseReader) -> (Value, String, Value) {
+    let meta = reader.next_json(Duration::from_secs(60)).await.expect("meta");
+    assert_eq!(meta["type"], "meta", "{meta}");
+    let mut text = String::new();
+    loop {
+        let event = reader.next_json(Duration::from_secs(60)).await.expect("stream ended early");
+        match event["type"].as_str().unwrap() {
+            "token" => text.push_str(event["text"].as_str().unwrap()),
+            "notice" => {}
+            _ => return (meta, text, event),
+        }
+    }
+}
+
+#[tokio::test]
+async fn real_model_streams_an_answer_over_sse_and_stores_it() {
+    let _one_at_a_time = REAL_MODEL.lock().await;
+    let server = real_server(40);
+    let started = Instant::now();
+    let mut reader =
+        start_chat(&server, json!({"message": "Write one sentence about cats."})).await;
+    let meta = reader.next_json(Duration::from_secs(60)).await.unwrap();
+    assert_eq!(meta["type"], "meta");
+    assert_eq!(meta["tier"], "main");
+    assert_eq!(meta["provider"], "local");
+    assert!(meta["model"].as_str().unwrap().contains("SmolLM2"), "{meta}");
+    assert_eq!(meta["leaves_machine"], false);
+    let conversation_id = meta["conversation_id"].as_i64().unwrap();
+    let mut tokens = Vec::new();
+    let mut token_times = Vec::new();
+    let done = loop {
+        let event = reader.next_json(Duration::from_secs(60)).await.expect("done event");
+        match event["type"].as_str().unwrap() {
+            "token" => {
+                tokens.push(event["text"].as_str().unwrap().to_string());
+                token_times.push(started.elapsed());
+            }
+            "done" => break event,
+            other => panic!("unexpected {other}: {event}"),
+        }
+    };
+    assert!(reader.next_data(Duration::from_secs(5)).await.is_none(), "the stream ends");
+    assert!(tokens.len() >= 3, "several token events: {tokens:?}");
+    // Streaming, not one block at the end: the tokens arrived over time.
+    assert!(token_times.last().unwrap() > token_times.first().unwrap());
+    let usage = &done["usage"];
+    assert!(usage["prompt_tokens"].as_u64().unwrap() > 20, "{done}");
+    let completion = usage["completion_tokens"].as_u64().unwrap();
+    assert!((1..=40).contains(&completion), "{done}");
+    assert!(done["finish"] == "stop" || done["finish"] == "length", "{done}");
+    assert!(done["timings"]["decode_ms"].is_u64() && done["timings"]["ttft_ms"].is_u64());
+
+    let history =
+        get_json(&server, &format!("/api/conversations/{conversation_id}/messages")).await;
+    let messages = history["messages"].as_array().unwrap();
+    assert_eq!(messages.len(), 2, "{history}");
+    let answer = &messages[1];
+    assert_eq!(answer["content"].as_str().unwrap(), tokens.concat());
+    assert_eq!(answer["tier"], "main");
+    assert_eq!(answer["provider"], "local");
+    assert_eq!(answer["model"], meta["model"]);
+    assert_eq!(answer["status"], "complete");
+    assert_eq!(answer["left_machine"], false);
+    assert_eq!(answer["id"], done["message_id"]);
+
+    // The `code` tier without a Z.ai key: the local model answers, the stream says why, and
+    // the ledger records that nothing left the machine.
+    let body = json!({"message": "And dogs?", "conversation_id": conversation_id, "tier": "code"});
+    let mut reader = start_chat(&server, body).await;
+    let meta = reader.next_json(Duration::from_secs(60)).await.unwrap();
+    assert_eq!(meta["tier"], "code");
+    assert_eq!(meta["provider"], "local");
+    let notice = reader.next_json(Duration::from_secs(60)).await.unwrap();
+    assert_eq!(notice["type"], "notice", "{notice}");
+    assert_eq!(notice["kind"], "fallback");
+    let (_, _, done) = read_answer_rest(&mut reader).await;
+    assert_eq!(done["type"], "done", "{done}");
+    let models = get_json(&server, "/api/models").await;
+    assert_eq!(models["tiers"][2]["state"], "loaded", "{models}");
+}
+
+/// Like `read_answer` once `meta` has been read.
+async fn read_answer_rest(reader: &mut SseReader) -> (Value, String, Value) {
+    let mut text = String::new();
+    loop {
+        let event = reader.next_json(Duration::from_secs(60)).await.expect("stream ended early");
+        match event["type"].as_str().unwrap() {
+            "token" => text.push_str(event["text"].as_str().unwrap()),
+            "notice" => {}
+            _ => return (Value::Null, text, event),
+        }
+    }
+}
+
+/// After a stop, the engine must be free at once: the next answer's time to first token
+/// (measured by the engine from the moment it was queued) stays far below what the rest of
+/// a 2000-token answer would take.
+async fn assert_engine_is_free(server: &Server) {
+    let started = Instant::now();
+    let mut reader = start_chat(server, json!({"message": "Say hi."})).await;
+    let (_, _, done) = read_answer(&mut reader).await;
+    assert_eq!(done["type"], "done", "{done}");
+    let ttft_ms = done["timings"]["ttft_ms"].as_u64().unwrap();
+    assert!(
+        ttft_ms < 4000,
+        "the next request waited {ttft_ms} ms for the engine: the stopped answer kept running"
+    );
+    assert!(started.elapsed() < Duration::from_secs(30));
+}
+
+/// The stored answer of a conversation, once it is there (bounded wait).
+async fn stored_answer(server: &Server, conversation_id: i64) -> Value {
+    let path = format!("/api/conversations/{conversation_id}/messages");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let history = get_json(server, &path).await;
+        if let Some(answer) =
+            history["messages"].as_array().unwrap().iter().find(|m| m["role"] == "assistant")
+        {
+            return answer.clone();
+        }
+        assert!(Instant::now() < deadline, "no stored answer: {history}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn real_model_stop_endpoint_stops_the_engine() {
+    let _one_at_a_time = REAL_MODEL.lock().await;
+    let server = real_server(2000);
+    let mut reader = start_chat(&server, json!({"message": LONG_PROMPT})).await;
+    let meta = reader.next_json(Duration::from_secs(60)).await.unwrap();
+    let conversation_id = meta["conversation_id"].as_i64().unwrap();
+    let mut text = String::new();
+    let mut n_tokens = 0;
+    while n_tokens < 5 {
+        let event = reader.next_json(Duration::from_secs(60)).await.unwrap();
+        assert_eq!(event["type"], "token", "the answer ended before it could be stopped: {event}");
+        text.push_str(event["text"].as_str().unwrap());
+        n_tokens += 1;
+    }
+    let response = http()
+        .post(server.url(&format!("/api/chat/{conversation_id}/stop")))
+        .bearer_auth(&server.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.json::<Value>().await.unwrap(), json!({"stopped": true}));
+    let stopped_at = Instant::now();
+    let done = loop {
+        let event = reader.next_json(Duration::from_secs(10)).await.expect("a done event");
+        match event["type"].as_str().unwrap() {
+            "token" => text.push_str(event["text"].as_str().unwrap()),
+            _ => break event,
+        }
+    };
+    assert!(stopped_at.elapsed() < Duration::from_secs(3), "the stream ended promptly");
+    assert_eq!(done["type"], "done", "{done}");
+    assert_eq!(done["finish"], "cancelled");
+    assert!(reader.next_data(Duration::from_secs(5)).await.is_none(), "the stream ends");
+
+    let answer = stored_answer(&server, conversation_id).await;
+    assert_eq!(answer["status"], "partial", "{answer}");
+    assert_eq!(answer["content"].as_str().unwrap(), text);
+    assert!(!text.is_empty() && text.len() < 2000, "far fewer than 2000 tokens: {text:?}");
+    assert_engine_is_free(&server).await;
+}
+
+#[tokio::test]
+async fn real_model_client_disconnect_stops_the_engine() {
+    let _one_at_a_time = REAL_MODEL.lock().await;
+    let server = real_server(2000);
+    let mut reader = start_chat(&server, json!({"message": LONG_PROMPT})).await;
+    let meta = reader.next_json(Duration::from_secs(60)).await.unwrap();
+    let conversation_id = meta["conversation_id"].as_i64().unwrap();
+    for _ in 0..5 {
+        let event = reader.next_json(Duration::from_secs(60)).await.unwrap();
+        assert_eq!(event["type"], "token", "the answer ended before the client left: {event}");
+    }
+    // The client leaves: the connection closes.
+    drop(reader);
+    let answer = stored_answer(&server, conversation_id).await;
+    assert_eq!(answer["status"], "partial", "{answer}");
+    assert!(!answer["content"].as_str().unwrap().is_empty());
+    assert_engine_is_free(&server).await;
+}
+
+/// The virtual environment with the official `openai` package, made once under the target
+/// directory (`target/tmp/openai-venv`) and reused by later runs.
+fn openai_python() -> PathBuf {
+    let venv = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("openai-venv");
+    let python = venv.join("bin/python");
+    let ready = |python: &PathBuf| {
+        Command::new(python).args(["-c", "import openai"]).status().is_ok_and(|s| s.success())
+    };
+    if ready(&python) {
+        return python;
+    }
+    let status = Command::new("python3").arg("-m").arg("venv").arg(&venv).status();
+    assert!(
+        status.is_ok_and(|s| s.success()),
+        "cannot create {}: install python3-venv (apt-get install -y python3-venv)",
+        venv.display()
+    );
+    let output = Command::new(venv.join("bin/pip"))
+        .args(["install", "--quiet", "--disable-pip-version-check", "openai>=1.40,<3"])
+        .output()
+        .expect("run pip");
+    assert!(
+        output.status.success() && ready(&python),
+        "pip install openai failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    python
+}
+
+#[tokio::test]
+async fn openai_python_client_streams_a_completion_from_v1() {
+    let python = tokio::task::spawn_blocking(openai_python).await.unwrap();
+    let _one_at_a_time = REAL_MODEL.lock().await;
+    let server = real_server(64);
+    let script = util::repo_path("tests/openai_client.py");
+    let output = tokio::process::Command::new(&python)
+        .arg(&script)
+        .arg(server.url("/v1"))
+        .arg(&server.token)
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(120), output)
+        .await
+        .expect("the openai client finished within 120 s")
+        .expect("run python");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "openai client failed:\n{stdout}\n{}\nserver:\n{}",
+        String::from_utf8_lossy(&output.stderr),
+        server.output()
+    );
+    let result: Value = serde_json::from_str(stdout.trim()).expect("the script prints JSON");
+    assert_eq!(result["models"], json!(["fast", "smart", "main", "code", "reason"]));
+    assert!(result["content_chunks"].as_u64().unwrap() >= 2, "{result}");
+    assert!(!result["text"].as_str().unwrap().trim().is_empty(), "{result}");
+    assert!(result["finish"] == "stop" || result["finish"] == "length", "{result}");
+    assert!(result["usage"]["completion_tokens"].as_u64().unwrap() >= 1, "{result}");
+    assert!(!result["non_stream_text"].as_str().unwrap().is_empty(), "{result}");
+    assert_eq!(result["unknown_model_status"], 400, "{result}");
+    assert_eq!(result["bad_key_status"], 401, "{result}");
+}
