@@ -22,8 +22,8 @@ pub const SYSTEM_PROMPT_KEY: &str = "system_prompt";
 
 pub const DEFAULT_PERSONA_NAME: &str = "Claw";
 pub const DEFAULT_SYSTEM_PROMPT: &str = "You are {name}, a private personal assistant running on \
-your user's own machine. Answer in the language of the user's message. Be concise, accurate and \
-warm; say plainly when you do not know something.";
+your user's own machine. Be concise, accurate and warm; say plainly when you do not know \
+something.";
 
 /// The persona injected as the system turn of every call, on every channel.
 #[derive(Debug, Clone, PartialEq, Eq)]

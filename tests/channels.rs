@@ -119,9 +119,11 @@ impl StandIn {
                        "messages": [{"id": format!("wamid.OUT{n}")}]})
                 .to_string(),
             ),
-            (None, Kind::Talk) => {
-                (201, json!({"ocs": {"meta": {"status": "ok", "statuscode": 201}, "data": null}}).to_string())
-            }
+            (None, Kind::Talk) => (
+                201,
+                json!({"ocs": {"meta": {"status": "ok", "statuscode": 201}, "data": null}})
+                    .to_string(),
+            ),
         };
         let status = StatusCode::from_u16(status).expect("status");
         (status, [("content-type", "application/json")], body).into_response()
@@ -192,7 +194,11 @@ fn whatsapp_settings(api_base: &str, template: Option<&str>) -> WhatsAppSettings
 }
 
 fn nextcloud_settings(url: &str, allowed: Option<Vec<String>>) -> NextcloudSettings {
-    NextcloudSettings { url: url.into(), bot_secret: Secret::new(TALK_SECRET), allowed_users: allowed }
+    NextcloudSettings {
+        url: url.into(),
+        bot_secret: Secret::new(TALK_SECRET),
+        allowed_users: allowed,
+    }
 }
 
 /// Waits (bounded) until `check` holds.
@@ -258,7 +264,12 @@ async fn post_whatsapp_signed(server: &Server, body: &[u8]) -> reqwest::Response
     post_whatsapp(server, body, Some(&whatsapp::sign(APP_SECRET, body))).await
 }
 
-async fn post_talk(server: &Server, body: &[u8], random: &str, signature: &str) -> reqwest::Response {
+async fn post_talk(
+    server: &Server,
+    body: &[u8],
+    random: &str,
+    signature: &str,
+) -> reqwest::Response {
     client()
         .post(server.url("/api/webhook/nextcloud"))
         .header("content-type", "application/json")
@@ -468,11 +479,9 @@ async fn nextcloud_errors_are_explained_and_only_server_errors_retried() {
     let talk = StandIn::start(Kind::Talk).await;
     let nc = Nextcloud::new(nextcloud_settings(&talk.base, None), reqwest::Client::new())
         .with_retry(fast_retry());
-    for (status, needle) in [
-        (401, "NEXTCLOUD_BOT_SECRET"),
-        (404, "conversation not found"),
-        (429, "brute-force"),
-    ] {
+    for (status, needle) in
+        [(401, "NEXTCLOUD_BOT_SECRET"), (404, "conversation not found"), (429, "brute-force")]
+    {
         let before = talk.all().len();
         talk.script(&[(status, json!({}))]);
         let err = nc.send_message(ROOM, "hello", Some(1)).await.unwrap_err();
@@ -540,8 +549,9 @@ async fn whatsapp_webhook_end_to_end_with_the_real_model() {
     let pool = open_db(&server.data_dir).await;
     let row = inbound::get(&pool, ChannelKind::WhatsApp, wamid).await.unwrap().unwrap();
     assert_eq!(row.status, QueueStatus::Done, "{row:?}");
-    let conv =
-        memory::get_or_create_conversation(&pool, ChannelKind::WhatsApp, USER_NUMBER, None).await.unwrap();
+    let conv = memory::get_or_create_conversation(&pool, ChannelKind::WhatsApp, USER_NUMBER, None)
+        .await
+        .unwrap();
     let history = memory::history(&pool, conv.id, 10).await.unwrap();
     assert_eq!(history.len(), 2, "{history:?}");
     assert_eq!(history[0].content, "Does it come in another color? Café");
@@ -565,7 +575,8 @@ async fn whatsapp_webhook_end_to_end_with_the_real_model() {
 
     // An image gets the polite "text only" answer, without the model.
     assert_eq!(post_whatsapp_signed(&server, &data("whatsapp_image.json")).await.status(), 200);
-    wait_until(Duration::from_secs(30), "the text-only reply", || graph.messages().len() == 2).await;
+    wait_until(Duration::from_secs(30), "the text-only reply", || graph.messages().len() == 2)
+        .await;
     assert_eq!(graph.messages()[1].json()["text"]["body"], whatsapp::UNSUPPORTED_REPLY);
     let image = inbound::get(&pool, ChannelKind::WhatsApp, "wamid.IMG").await.unwrap().unwrap();
     assert_eq!(image.status, QueueStatus::Done);
@@ -578,9 +589,12 @@ async fn nextcloud_webhook_end_to_end_with_the_real_model() {
 
     // PHP's escaping (`\/`, `\u00e9`) in the body; the signature covers the raw bytes.
     let body = data("nextcloud_create.json");
-    let response = post_talk(&server, &body, TALK_RANDOM, &nextcloud::sign(TALK_SECRET, TALK_RANDOM, &body)).await;
+    let response =
+        post_talk(&server, &body, TALK_RANDOM, &nextcloud::sign(TALK_SECRET, TALK_RANDOM, &body))
+            .await;
     assert_eq!(response.status(), 200, "{}", server.output());
-    wait_until(ANSWER_LIMIT, "the answer at the Talk stand-in", || !talk.messages().is_empty()).await;
+    wait_until(ANSWER_LIMIT, "the answer at the Talk stand-in", || !talk.messages().is_empty())
+        .await;
 
     let reply = &talk.messages()[0];
     assert_eq!(reply.path, format!("/ocs/v2.php/apps/spreed/api/v1/bot/{ROOM}/message"));
@@ -606,7 +620,9 @@ async fn nextcloud_webhook_end_to_end_with_the_real_model() {
     assert_eq!((rows[0].external_id.as_str(), rows[0].status), ("1567", QueueStatus::Done));
     assert!(rows[1].external_id.starts_with("join:"));
     assert_eq!(rows[1].status, QueueStatus::Done);
-    let conv = memory::get_or_create_conversation(&pool, ChannelKind::Nextcloud, ROOM, None).await.unwrap();
+    let conv = memory::get_or_create_conversation(&pool, ChannelKind::Nextcloud, ROOM, None)
+        .await
+        .unwrap();
     let history = memory::history(&pool, conv.id, 10).await.unwrap();
     assert_eq!(history.len(), 2, "{history:?}");
     assert_eq!(history[0].content, "hi @world, café at 5/6 ? see notes.md");
@@ -626,8 +642,14 @@ async fn webhook_rejections_store_and_send_nothing() {
     let good = whatsapp::sign(APP_SECRET, &body);
     assert_eq!(post_whatsapp(&server, &body, None).await.status(), 401);
     assert_eq!(post_whatsapp(&server, &body, Some("sha256=00")).await.status(), 401);
-    assert_eq!(post_whatsapp(&server, &body, Some(&whatsapp::sign("wrong", &body))).await.status(), 401);
-    assert_eq!(post_whatsapp(&server, &body, Some(good.trim_start_matches("sha256="))).await.status(), 401);
+    assert_eq!(
+        post_whatsapp(&server, &body, Some(&whatsapp::sign("wrong", &body))).await.status(),
+        401
+    );
+    assert_eq!(
+        post_whatsapp(&server, &body, Some(good.trim_start_matches("sha256="))).await.status(),
+        401
+    );
     // Re-serialising turns `\u00e9` into UTF-8: the original signature no longer matches.
     let value: Value = serde_json::from_slice(&body).unwrap();
     let reserialised = serde_json::to_vec(&value).unwrap();
@@ -682,7 +704,10 @@ async fn webhook_rejections_store_and_send_nothing() {
         summary,
         [("wamid.STRANGER", QueueStatus::Ignored, "{}"), ("9004", QueueStatus::Ignored, "{}")]
     );
-    assert_eq!(inbound::last_inbound_at(&pool, ChannelKind::WhatsApp, "33699999999").await.unwrap(), None);
+    assert_eq!(
+        inbound::last_inbound_at(&pool, ChannelKind::WhatsApp, "33699999999").await.unwrap(),
+        None
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -710,8 +735,9 @@ async fn whatsapp_message_is_answered_after_kill_9_and_restart() {
     // One complete attempt, after one interrupted by the kill (unless the kill landed before
     // the worker had claimed the row at all).
     assert!(matches!(row.attempts, 1 | 2), "{row:?}");
-    let conv =
-        memory::get_or_create_conversation(&pool, ChannelKind::WhatsApp, USER_NUMBER, None).await.unwrap();
+    let conv = memory::get_or_create_conversation(&pool, ChannelKind::WhatsApp, USER_NUMBER, None)
+        .await
+        .unwrap();
     let history = memory::history(&pool, conv.id, 10).await.unwrap();
     assert_eq!(history.iter().filter(|m| m.role == Role::User).count(), 1, "{history:?}");
     drop(second);

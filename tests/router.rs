@@ -602,8 +602,11 @@ async fn a_second_model_past_the_budget_evicts_the_first() {
     settings.memory_budget_bytes = Some((size + engine.kv_cache_max_bytes) * 3 / 2);
     let router = Router::from_settings(&settings, &engine, reqwest::Client::new()).expect("router");
 
+    let t0 = Instant::now();
     let routed = router.stream(Tier::Fast, request("Hi")).await.expect("fast answers");
+    eprintln!("TIMING started {:?}", t0.elapsed());
     let (_, usage, err) = collect(routed.stream).await;
+    eprintln!("TIMING done {:?} {usage:?}", t0.elapsed());
     assert!(usage.is_some() && err.is_none(), "{err:?}");
     assert_eq!(router.status().await[0].state, TierState::Loaded);
 

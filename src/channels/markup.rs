@@ -97,7 +97,10 @@ fn span_at(chars: &[char], i: usize) -> Option<(String, usize)> {
                 return None;
             }
             let inner: String = chars[i + 2..end].iter().collect();
-            return Some((format!("{replacement}{}{replacement}", convert_inline(&inner)), end + 2));
+            return Some((
+                format!("{replacement}{}{replacement}", convert_inline(&inner)),
+                end + 2,
+            ));
         }
     }
     // Single `*italic*` (but not a lone star such as `2 * 3`).
@@ -179,7 +182,10 @@ mod tests {
     #[test]
     fn code_is_left_alone() {
         check("use `**kwargs` here", "use `**kwargs` here");
-        check("```\nlet x = **y**;\n# not a title\n```\n**after**", "```\nlet x = **y**;\n# not a title\n```\n*after*");
+        check(
+            "```\nlet x = **y**;\n# not a title\n```\n**after**",
+            "```\nlet x = **y**;\n# not a title\n```\n*after*",
+        );
     }
 
     #[test]

@@ -173,7 +173,10 @@ fn render_object(key: &str, object: &serde_json::Value) -> String {
         .or_else(|| object.get("id").and_then(|i| i.as_str()))
         .unwrap_or(key);
     let is_mention = key.starts_with("mention-")
-        || matches!(kind, "user" | "guest" | "call" | "user-group" | "group" | "email" | "circle" | "team");
+        || matches!(
+            kind,
+            "user" | "guest" | "call" | "user-group" | "group" | "email" | "circle" | "team"
+        );
     if is_mention {
         format!("@{name}")
     } else {
@@ -245,8 +248,9 @@ impl Nextcloud {
                 let room = activity.object.as_ref().and_then(|o| o.id.clone()).unwrap_or_default();
                 let name = activity.object.as_ref().and_then(|o| o.name.clone());
                 tracing::info!(event = %activity.kind, room = %redact(&room), "nextcloud: bot membership changed");
-                let payload = serde_json::json!({"type": activity.kind, "token": room, "name": name})
-                    .to_string();
+                let payload =
+                    serde_json::json!({"type": activity.kind, "token": room, "name": name})
+                        .to_string();
                 let key = format!("{}:{}", activity.kind.to_ascii_lowercase(), random);
                 let row = NewInbound {
                     channel: ChannelKind::Nextcloud,
@@ -361,8 +365,11 @@ impl Nextcloud {
                 {
                     // The server's limit is lower than the current default (old Talk or a
                     // custom setting): send the part again in smaller pieces.
-                    tracing::warn!("nextcloud: message too long for this server, splitting to 1000 characters");
-                    for (j, piece) in split_message(part, LEGACY_MAX_MESSAGE_CHARS).iter().enumerate()
+                    tracing::warn!(
+                        "nextcloud: message too long for this server, splitting to 1000 characters"
+                    );
+                    for (j, piece) in
+                        split_message(part, LEGACY_MAX_MESSAGE_CHARS).iter().enumerate()
                     {
                         let reply_to = if j == 0 { reply_to } else { None };
                         references.push(self.post_with_retry(token, piece, reply_to).await?);
@@ -410,10 +417,8 @@ impl Nextcloud {
         let random = Alphanumeric.sample_string(&mut rand::rng(), 64);
         let reference_id = hex::encode(rand::random::<[u8; 32]>());
         let signature = sign(self.settings.bot_secret.expose(), &random, message.as_bytes());
-        let url = format!(
-            "{}/ocs/v2.php/apps/spreed/api/v1/bot/{}/message",
-            self.settings.url, token
-        );
+        let url =
+            format!("{}/ocs/v2.php/apps/spreed/api/v1/bot/{}/message", self.settings.url, token);
         let body = BotMessage { message, reply_to, reference_id: &reference_id };
         let response = self
             .http
@@ -466,7 +471,12 @@ mod tests {
         let incoming = "f8a338bae8bec17f11d33e710399653974bfbf79f920d4af341961d867932070";
         assert_eq!(sign(SECRET, RANDOM, b"{\"type\":\"Create\"}"), incoming);
         assert!(verify_signature(SECRET, RANDOM, incoming, b"{\"type\":\"Create\"}"));
-        assert!(verify_signature(SECRET, RANDOM, &incoming.to_uppercase(), b"{\"type\":\"Create\"}"));
+        assert!(verify_signature(
+            SECRET,
+            RANDOM,
+            &incoming.to_uppercase(),
+            b"{\"type\":\"Create\"}"
+        ));
         assert_eq!(
             sign(SECRET, RANDOM, "Bonjour 👋".as_bytes()),
             "a84642a1195a7d18abf1a72321e7151b2c609860432dee46285065a87ff7d610"
@@ -521,7 +531,8 @@ mod tests {
 
     #[test]
     fn sample_payloads_parse() {
-        let create = parse_activity(include_bytes!("../../tests/data/nextcloud_create.json")).unwrap();
+        let create =
+            parse_activity(include_bytes!("../../tests/data/nextcloud_create.json")).unwrap();
         assert_eq!(create.kind, "Create");
         assert_eq!(create.actor.as_ref().unwrap().id, "users/ada-lovelace");
         assert_eq!(create.target.as_ref().unwrap().id, "n3xtc10ud");

@@ -41,7 +41,11 @@ pub fn spawn_worker(
         match inbound::recover(&pool, MAX_ATTEMPTS).await {
             Ok((0, 0)) => {}
             Ok((requeued, given_up)) => {
-                tracing::info!(requeued, given_up, "inbound queue: recovered messages of the previous run")
+                tracing::info!(
+                    requeued,
+                    given_up,
+                    "inbound queue: recovered messages of the previous run"
+                )
             }
             Err(e) => tracing::error!(error = %e, "inbound queue: recovery failed"),
         }
@@ -141,6 +145,10 @@ impl Worker {
             Ok(m) => m,
             Err(e) => return Outcome::Failed(format!("unreadable queued payload: {e}")),
         };
+        if !wa.is_allowed(&message.from) {
+            // The allow-list changed since the message was stored (a restart in between).
+            return Outcome::Ignored("sender not in WHATSAPP_ALLOWED_NUMBERS any more".into());
+        }
         let Some(text) = message.text.clone() else {
             // Not text: say politely what works, and mark it read.
             if let Err(e) = wa.mark_read(&message.id, false).await {
@@ -213,6 +221,9 @@ impl Worker {
             Ok(m) => m,
             Err(e) => return Outcome::Failed(format!("unreadable queued payload: {e}")),
         };
+        if !nc.is_allowed(&message.actor_id) {
+            return Outcome::Ignored("actor not in NEXTCLOUD_ALLOWED_USERS any more".into());
+        }
         let inbound = Inbound {
             channel: ChannelKind::Nextcloud,
             conversation_key: message.token.clone(),
@@ -288,7 +299,8 @@ impl Worker {
 
     async fn record_unsent(&self, message_id: Option<MessageId>, error: &ChannelError) {
         let Some(message_id) = message_id else { return };
-        if let Err(e) = inbound::mark_undelivered(&self.pool, message_id, &error.to_string()).await {
+        if let Err(e) = inbound::mark_undelivered(&self.pool, message_id, &error.to_string()).await
+        {
             tracing::error!(error = %e, "cannot record the failed delivery of an answer");
         }
     }

@@ -453,8 +453,9 @@ impl WhatsApp {
         if let Some(error) = &error {
             tracing::warn!(to = %redact(status.recipient_id.as_deref().unwrap_or("")), %error, "whatsapp: message not delivered");
         }
-        let known = inbound::record_delivery(&self.pool, &status.id, &status.status, error.as_deref())
-            .await?;
+        let known =
+            inbound::record_delivery(&self.pool, &status.id, &status.status, error.as_deref())
+                .await?;
         if !known {
             tracing::debug!(status = %status.status, "whatsapp: status for a message we did not store");
         }
@@ -763,7 +764,11 @@ mod tests {
         assert!(!verify_signature("other", Some(good), b"test"));
         assert!(!verify_signature("secret", Some(good), b"test "));
         // Hex case does not matter.
-        assert!(verify_signature("secret", Some(&good.to_uppercase().replace("SHA256=", "sha256=")), b"test"));
+        assert!(verify_signature(
+            "secret",
+            Some(&good.to_uppercase().replace("SHA256=", "sha256=")),
+            b"test"
+        ));
     }
 
     #[test]
@@ -790,7 +795,10 @@ mod tests {
         );
         check(r#"{"from":"1","id":"w","type":"text","text":{"body":"  "}}"#, Handling::Ignore);
         check(r#"{"from":"1","id":"w","type":"image","image":{"id":"9"}}"#, Handling::Unsupported);
-        check(r#"{"from":"1","id":"w","type":"audio","audio":{"voice":true}}"#, Handling::Unsupported);
+        check(
+            r#"{"from":"1","id":"w","type":"audio","audio":{"voice":true}}"#,
+            Handling::Unsupported,
+        );
         check(r#"{"from":"1","id":"w","type":"unsupported"}"#, Handling::Unsupported);
         check(
             r#"{"from":"1","id":"w","type":"reaction","reaction":{"emoji":"😮"}}"#,
@@ -813,9 +821,14 @@ mod tests {
                 r#"{{"error":{{"message":"(#{code}) x","type":"OAuthException","code":{code},"error_data":{{"messaging_product":"whatsapp","details":"why"}},"fbtrace_id":"A"}}}}"#
             )
         };
-        assert!(matches!(classify_error(401, &body(190)), ChannelError::TokenExpired { code: 190, .. }));
+        assert!(matches!(
+            classify_error(401, &body(190)),
+            ChannelError::TokenExpired { code: 190, .. }
+        ));
         match classify_error(400, &body(131047)) {
-            ChannelError::OutsideWindow { detail } => assert!(detail.contains("131047") && detail.contains("why")),
+            ChannelError::OutsideWindow { detail } => {
+                assert!(detail.contains("131047") && detail.contains("why"))
+            }
             other => panic!("unexpected {other:?}"),
         }
         let throttled = classify_error(400, &body(130429));

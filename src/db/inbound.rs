@@ -107,7 +107,8 @@ pub async fn enqueue(
     contact: Option<&ContactSeen<'_>>,
 ) -> Result<bool, sqlx::Error> {
     let now = now_ms();
-    let finished = matches!(item.status, QueueStatus::Done | QueueStatus::Ignored | QueueStatus::Failed);
+    let finished =
+        matches!(item.status, QueueStatus::Done | QueueStatus::Ignored | QueueStatus::Failed);
     let mut tx = pool.begin().await?;
     let done = sqlx::query(
         "INSERT INTO inbound_queue (channel, external_id, payload, status, last_error,
@@ -299,11 +300,13 @@ pub async fn mark_undelivered(
     message_id: MessageId,
     error: &str,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE messages SET delivery_status = 'failed', delivery_error = ?1 WHERE id = ?2")
-        .bind(error)
-        .bind(message_id.0)
-        .execute(pool)
-        .await?;
+    sqlx::query(
+        "UPDATE messages SET delivery_status = 'failed', delivery_error = ?1 WHERE id = ?2",
+    )
+    .bind(error)
+    .bind(message_id.0)
+    .execute(pool)
+    .await?;
     Ok(())
 }
 
@@ -370,7 +373,9 @@ impl TryFrom<QueueRow> for QueueEntry {
     type Error = sqlx::Error;
     fn try_from(row: QueueRow) -> Result<Self, Self::Error> {
         let channel = ChannelKind::parse(&row.channel).ok_or_else(|| {
-            sqlx::Error::Decode(format!("unknown channel `{}` in inbound_queue", row.channel).into())
+            sqlx::Error::Decode(
+                format!("unknown channel `{}` in inbound_queue", row.channel).into(),
+            )
         })?;
         let status = QueueStatus::parse(&row.status).ok_or_else(|| {
             sqlx::Error::Decode(format!("unknown status `{}` in inbound_queue", row.status).into())

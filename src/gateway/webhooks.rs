@@ -70,7 +70,10 @@ async fn receive_whatsapp(
     };
     let signature = headers.get("x-hub-signature-256").and_then(|v| v.to_str().ok());
     if !whatsapp::verify_signature(wa.app_secret(), signature, &body) {
-        tracing::warn!(present = signature.is_some(), "whatsapp: webhook with a bad signature, rejected");
+        tracing::warn!(
+            present = signature.is_some(),
+            "whatsapp: webhook with a bad signature, rejected"
+        );
         return reject(StatusCode::UNAUTHORIZED, "bad_signature", "missing or invalid signature");
     }
     let notification = match whatsapp::parse_notification(&body) {
