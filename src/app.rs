@@ -108,6 +108,11 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
         pool.clone(),
         assistant.clone(),
     );
+    // Scheduled jobs: each enabled job is scheduled from now (runs missed while the process
+    // was down are not replayed).
+    let cron = crate::cron::start(pool.clone(), assistant.clone(), channels.clone(), &settings.cron)
+        .await
+        .context("cannot start the scheduler")?;
     let state = AppState {
         pool: pool.clone(),
         assistant,
@@ -123,10 +128,11 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     let addr = listener.local_addr().context("listener has no address")?;
     announce(addr, &token, generated, &settings.data_dir);
 
-    axum::serve(listener, gateway::router(state))
+    axum::serve(listener, gateway::cron::attach(gateway::router(state), cron.clone()))
         .with_graceful_shutdown(shutdown_signal())
         .await
         .context("server error")?;
+    cron.shutdown().await;
     // In-flight requests have finished; closing the pool waits for their writes.
     pool.close().await;
     tracing::info!("stopped");

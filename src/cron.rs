@@ -220,8 +220,7 @@ pub async fn start(
         }),
     };
     let scheduled = handle.reconcile_all().await?;
-    let task =
-        tokio::spawn(maintain(Arc::downgrade(&handle.inner), handle.inner.resync.clone()));
+    let task = tokio::spawn(maintain(Arc::downgrade(&handle.inner), handle.inner.resync.clone()));
     *lock(&handle.inner.maintenance) = Some(task);
     tracing::info!(timezone = %default_timezone, jobs = scheduled, "scheduler started");
     Ok(handle)
@@ -261,9 +260,8 @@ impl CronHandle {
     pub async fn update(&self, id: CronJobId, changes: JobChanges) -> Result<JobView, CronError> {
         let current = self.load(id).await?;
         let spec = self.validate(changes, Some(&current)).await?;
-        let job = store::update_job(&self.inner.pool, id, &spec)
-            .await?
-            .ok_or(CronError::NotFound(id))?;
+        let job =
+            store::update_job(&self.inner.pool, id, &spec).await?.ok_or(CronError::NotFound(id))?;
         self.sync(id).await?;
         Ok(self.view(job, Utc::now()))
     }
@@ -590,7 +588,9 @@ impl CronHandle {
         };
         let reply = match self.inner.assistant.reply(inbound, Some(tier)).await {
             Ok(reply) => reply,
-            Err(e) => return Err(Failure::new(format!("the assistant could not answer: {e}"), None)),
+            Err(e) => {
+                return Err(Failure::new(format!("the assistant could not answer: {e}"), None))
+            }
         };
         if let Some(error) = reply.error {
             return Err(Failure::new(format!("the model failed: {error}"), reply.message_id));
@@ -603,14 +603,14 @@ impl CronHandle {
             // through the assistant's events.
             return Ok(Delivered { message_id, note: None });
         }
-        let receipt =
-            match self.inner.channels.deliver(job.channel, &job.target, &reply.text).await {
-                Ok(receipt) => receipt,
-                Err(e) => {
-                    let reason = format!("{} refused the message: {e}", job.channel);
-                    return Err(Failure::new(reason, Some(message_id)));
-                }
-            };
+        let receipt = match self.inner.channels.deliver(job.channel, &job.target, &reply.text).await
+        {
+            Ok(receipt) => receipt,
+            Err(e) => {
+                let reason = format!("{} refused the message: {e}", job.channel);
+                return Err(Failure::new(reason, Some(message_id)));
+            }
+        };
         // With the channel's id on the message, its status webhooks (delivered, read,
         // failed) land on the stored answer.
         if let Some(external_id) = receipt.external_ids.first() {
@@ -1028,8 +1028,9 @@ mod tests {
 
     #[test]
     fn drafts_get_defaults_and_normalised_fields() {
-        let spec = check_spec(merge_changes(changes("whatsapp", "+33 6 12-34-56-78"), None).unwrap())
-            .unwrap();
+        let spec =
+            check_spec(merge_changes(changes("whatsapp", "+33 6 12-34-56-78"), None).unwrap())
+                .unwrap();
         assert_eq!(spec.target, "33612345678");
         assert_eq!(spec.tier.as_deref(), Some("main"));
         assert_eq!(spec.name, "Weather today?");

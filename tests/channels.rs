@@ -14,7 +14,9 @@ use axum::response::IntoResponse;
 use serde_json::{json, Value};
 use sqlx::SqlitePool;
 
+use my_claw::channels::markup;
 use my_claw::channels::nextcloud::{self, Nextcloud};
+use my_claw::channels::queue::FAILURE_REPLY;
 use my_claw::channels::whatsapp::{self, WhatsApp};
 use my_claw::channels::{ChannelError, Channels, RetryPolicy};
 use my_claw::config::{NextcloudSettings, Secret, WhatsAppSettings};
@@ -323,6 +325,17 @@ fn talk_create(message_id: &str, actor: &str, text: &str) -> Vec<u8> {
     .into_bytes()
 }
 
+/// The stored answer came from the local SmolLM2 file, complete, and is not the apology the
+/// worker sends when the model fails.
+fn assert_answered_by_the_real_model(answer: &memory::StoredMessage) {
+    assert_eq!(answer.role, Role::Assistant);
+    assert_eq!(answer.status, memory::MessageStatus::Complete, "{answer:?}");
+    assert_eq!(answer.provider.as_deref(), Some("local"), "{answer:?}");
+    assert!(answer.model.as_deref().unwrap_or_default().contains("SmolLM2"), "{answer:?}");
+    assert!(!answer.content.trim().is_empty());
+    assert_ne!(answer.content, FAILURE_REPLY);
+}
+
 // --- clients against stand-ins (no model) ------------------------------------------------------
 
 #[tokio::test]
@@ -557,6 +570,12 @@ async fn whatsapp_webhook_end_to_end_with_the_real_model() {
     assert_eq!(history[0].content, "Does it come in another color? Café");
     assert_eq!(history[0].external_id.as_deref(), Some(wamid));
     assert_eq!(history[1].role, Role::Assistant);
+    // The real model answered (not the failure apology), and that answer was sent.
+    assert_answered_by_the_real_model(&history[1]);
+    assert_eq!(
+        reply_body["text"]["body"].as_str().unwrap(),
+        markup::markdown_to_whatsapp(history[1].content.trim())
+    );
     let sent_id = history[1].external_id.clone().expect("answer has its wamid");
     assert_eq!(history[1].delivery_status.as_deref(), Some("sent"));
     let last = inbound::last_inbound_at(&pool, ChannelKind::WhatsApp, USER_NUMBER).await.unwrap();
@@ -626,6 +645,8 @@ async fn nextcloud_webhook_end_to_end_with_the_real_model() {
     let history = memory::history(&pool, conv.id, 10).await.unwrap();
     assert_eq!(history.len(), 2, "{history:?}");
     assert_eq!(history[0].content, "hi @world, café at 5/6 ? see notes.md");
+    assert_answered_by_the_real_model(&history[1]);
+    assert_eq!(reply_body["message"].as_str().unwrap(), history[1].content.trim());
     assert_eq!(history[1].external_id.as_deref(), reply_body["referenceId"].as_str());
 }
 
@@ -740,5 +761,7 @@ async fn whatsapp_message_is_answered_after_kill_9_and_restart() {
         .unwrap();
     let history = memory::history(&pool, conv.id, 10).await.unwrap();
     assert_eq!(history.iter().filter(|m| m.role == Role::User).count(), 1, "{history:?}");
+    assert_eq!(history.len(), 2, "{history:?}");
+    assert_answered_by_the_real_model(&history[1]);
     drop(second);
 }

@@ -11,7 +11,9 @@ use candle_core::{Device, Tensor};
 use tokenizers::normalizers::NFC;
 use tokenizers::{NormalizedString, Normalizer, Tokenizer};
 
+use my_claw::domain::{ChatTurn, Role};
 use my_claw::llm::engine::gguf;
+use my_claw::llm::engine::template::{render, ChatFormat};
 use my_claw::llm::engine::tokenizer::GgufTokenizer;
 use my_claw::llm::engine::vocab::qwen3_tokenizer_metadata;
 
@@ -174,6 +176,7 @@ fn corpus() -> Vec<String> {
         "'",
         "''''",
         "'s 's 'S",
+        "it'ſ a long s, it'K a kelvin",
         "...!!!???",
         "----====____",
         "\u{200b}zero\u{200d}width\u{feff}",
@@ -330,5 +333,37 @@ fn smollm2_gguf_tokenizer_matches_chatml_specials() {
     for text in ["Hello world! It's 3.14159.", "l'été à Montréal 😀", "fn main() {}\n\tx"] {
         let ids = tok.encode(text).unwrap();
         assert_eq!(tok.decode(&ids).unwrap(), text);
+    }
+}
+
+/// The KV-reuse contract with the template, at token level: what the engine had in context
+/// after turn 1 (prompt + answer + `<|im_end|>`) and the rendering of turn 2 share their
+/// tokens up to the end of turn 1's `<|im_start|>assistant\n` (Qwen3, thinking off: the
+/// empty think block is not re-rendered for history) or entirely (ChatML).
+#[test]
+fn next_turn_shares_the_token_prefix() {
+    let ours = ours();
+    let im_end = ours.token_id("<|im_end|>").unwrap();
+    let first =
+        vec![ChatTurn::new(Role::System, "Tu es utile."), ChatTurn::new(Role::User, "Bonjour !")];
+    let answer = "Salut ! Comment puis-je t'aider aujourd'hui ?";
+    let mut second = first.clone();
+    second.push(ChatTurn::new(Role::Assistant, answer));
+    second.push(ChatTurn::new(Role::User, "Merci 🙂"));
+    let common_prefix = |a: &[u32], b: &[u32]| a.iter().zip(b).take_while(|(x, y)| x == y).count();
+
+    for format in [ChatFormat::Qwen3, ChatFormat::ChatMl] {
+        let prompt = render(format, &first, false);
+        let in_context =
+            [ours.encode(&prompt).unwrap(), ours.encode(answer).unwrap(), vec![im_end]].concat();
+        let next = ours.encode(&render(format, &second, false)).unwrap();
+        let shared = common_prefix(&in_context, &next);
+        match format {
+            ChatFormat::Qwen3 => {
+                let stable = prompt.strip_suffix("<think>\n\n</think>\n\n").unwrap();
+                assert_eq!(shared, ours.encode(stable).unwrap().len());
+            }
+            ChatFormat::ChatMl => assert_eq!(shared, in_context.len()),
+        }
     }
 }

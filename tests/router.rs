@@ -52,6 +52,15 @@ fn request(text: &str) -> LlmRequest {
     }
 }
 
+/// A request for the real small model: two tokens are enough to prove who answers, and
+/// keep the test short on a 2-core machine.
+fn short_request() -> LlmRequest {
+    LlmRequest {
+        messages: vec![ChatTurn::new(Role::User, "Hi")],
+        params: GenerationParams::greedy(2),
+    }
+}
+
 /// Reads a stream to its end (bounded): the text, whether it ended with `Done`, and the
 /// error that ended it, if any.
 async fn collect(mut stream: ChunkStream) -> (String, Option<Usage>, Option<LlmError>) {
@@ -173,7 +182,7 @@ async fn without_key_code_is_answered_by_the_real_model_through_the_pool() {
     assert_eq!(code.state, TierState::CloudFallback);
     assert_eq!(code.answered_by.as_ref().map(|i| i.provider.as_str()), Some("local"));
 
-    let routed = router.stream(Tier::Code, request("Say hi")).await.expect("answered");
+    let routed = router.stream(Tier::Code, short_request()).await.expect("answered");
     assert_eq!(routed.info.provider, "local");
     assert_eq!(routed.info.model, "SmolLM2-135M-Instruct.Q4_1.gguf");
     assert!(!routed.info.leaves_machine);
@@ -602,18 +611,36 @@ async fn a_second_model_past_the_budget_evicts_the_first() {
     settings.memory_budget_bytes = Some((size + engine.kv_cache_max_bytes) * 3 / 2);
     let router = Router::from_settings(&settings, &engine, reqwest::Client::new()).expect("router");
 
-    let t0 = Instant::now();
-    let routed = router.stream(Tier::Fast, request("Hi")).await.expect("fast answers");
-    eprintln!("TIMING started {:?}", t0.elapsed());
+    let routed = router.stream(Tier::Fast, short_request()).await.expect("fast answers");
     let (_, usage, err) = collect(routed.stream).await;
-    eprintln!("TIMING done {:?} {usage:?}", t0.elapsed());
     assert!(usage.is_some() && err.is_none(), "{err:?}");
     assert_eq!(router.status().await[0].state, TierState::Loaded);
 
-    let routed = router.stream(Tier::Main, request("Hi")).await.expect("main answers");
+    let routed = router.stream(Tier::Main, short_request()).await.expect("main answers");
     let (_, usage, err) = collect(routed.stream).await;
     assert!(usage.is_some() && err.is_none(), "{err:?}");
     let status = router.status().await;
     assert_eq!(status[2].state, TierState::Loaded, "{:?}", status[2]);
     assert_eq!(status[0].state, TierState::Present, "first evicted: {:?}", status[0]);
+}
+
+// --- `my-claw models` -----------------------------------------------------------------------
+
+#[tokio::test]
+async fn models_pull_and_list_commands() {
+    use my_claw::models::{run, ModelsCommand};
+    let content = Bytes::from(std::fs::read(smollm2_path()).expect("model")).slice(..2 << 20);
+    let (endpoint, stand_in) = hub_stand_in(content, "Qwen3-4B-Q8_0.gguf", None, false).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    link_model(dir.path(), "SmolLM2-135M-Instruct.Q4_1.gguf");
+    let mut settings = router_settings(dir.path());
+    settings.hf_endpoint = endpoint;
+    settings.hf_token = Some(Secret::new("hf-test-token"));
+
+    run(ModelsCommand::Pull { name: "qwen3:4b-q8_0".into() }, &settings).await.expect("pulled");
+    assert!(dir.path().join("Qwen3-4B-Q8_0.gguf").is_file());
+    assert!(stand_in.auth.lock().unwrap().iter().all(|a| a == "Bearer hf-test-token"));
+    let err = run(ModelsCommand::Pull { name: "zai:glm-4.7".into() }, &settings).await.unwrap_err();
+    assert!(err.to_string().contains("only Qwen3 names"), "{err:#}");
+    run(ModelsCommand::List, &settings).await.expect("listed");
 }

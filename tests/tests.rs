@@ -4,6 +4,7 @@
 mod util;
 
 mod channels;
+mod cron;
 mod engine;
 mod engine_tokenizer;
 mod foundation;

@@ -164,7 +164,10 @@ async fn create_job(
     Ok((StatusCode::CREATED, ApiJson(job_json(view))))
 }
 
-async fn get_job(cron: Scheduler, Path(id): Path<String>) -> Result<ApiJson<JobJson>, CronApiError> {
+async fn get_job(
+    cron: Scheduler,
+    Path(id): Path<String>,
+) -> Result<ApiJson<JobJson>, CronApiError> {
     let view = running(cron)?.get(parse_id(&id)?).await?;
     Ok(ApiJson(job_json(view)))
 }
@@ -184,7 +187,10 @@ async fn delete_job(cron: Scheduler, Path(id): Path<String>) -> Result<StatusCod
 }
 
 /// Runs the job now and answers when the run has finished.
-async fn run_job(cron: Scheduler, Path(id): Path<String>) -> Result<ApiJson<RunJson>, CronApiError> {
+async fn run_job(
+    cron: Scheduler,
+    Path(id): Path<String>,
+) -> Result<ApiJson<RunJson>, CronApiError> {
     let run = running(cron)?.run_now(parse_id(&id)?).await?;
     Ok(ApiJson(run_json(run)))
 }
@@ -240,7 +246,9 @@ async fn trigger_due_jobs(
         return Err(error_response(StatusCode::UNAUTHORIZED, "unauthorized", message));
     }
     match cron.run_due().await {
-        Ok(started) => Ok(ApiJson(TriggerJson { started: started.iter().map(|id| id.0).collect() })),
+        Ok(started) => {
+            Ok(ApiJson(TriggerJson { started: started.iter().map(|id| id.0).collect() }))
+        }
         Err(e) => Err(CronApiError::from(e).into_response()),
     }
 }
@@ -248,7 +256,9 @@ async fn trigger_due_jobs(
 fn running(cron: Scheduler) -> Result<CronHandle, CronApiError> {
     match cron {
         Some(Extension(cron)) => Ok(cron),
-        None => Err(CronApiError::Api(ApiError::Unavailable("the scheduler is not running".into()))),
+        None => {
+            Err(CronApiError::Api(ApiError::Unavailable("the scheduler is not running".into())))
+        }
     }
 }
 

@@ -206,7 +206,7 @@ pub enum HubError {
     Unauthorized { repo: String, status: u16 },
     #[error("checksum mismatch for {file}: expected sha256 {expected}, got {actual}; the file was deleted")]
     Checksum { file: String, expected: String, actual: String },
-    #[error("download of {file} failed after {attempts} tries: {reason}")]
+    #[error("download of {file} failed after {attempts} tries: {reason}; run the same command again to resume")]
     Failed { file: String, attempts: u32, reason: String },
     #[error("{0}")]
     Io(String),
@@ -307,6 +307,9 @@ pub async fn pull_file(
                         reason: err.to_string(),
                     });
                 }
+                // hf-hub stops at the first failed chunk but leaves the other chunk tasks
+                // of that try running; they write the same bytes at the same offsets, so the
+                // next try (which resumes from the committed offset) is unaffected.
                 let pause = config.retry_backoff * 2u32.saturating_pow(attempt - 1);
                 tracing::warn!(file, attempt, error = %err, "download interrupted, resuming in {pause:?}");
                 tokio::time::sleep(pause).await;

@@ -161,7 +161,7 @@ impl ModelPool {
 
     /// The state of one file (`NotLoaded` if the pool has never seen it).
     pub fn state(&self, path: &Path) -> ModelState {
-        let slot = lock(&self.inner.slots).get(path).cloned();
+        let slot = lock(&self.inner.slots).get(&slot_key(path)).cloned();
         slot.map(|s| s.status().state).unwrap_or(ModelState::NotLoaded)
     }
 
@@ -174,7 +174,7 @@ impl ModelPool {
     fn slot(&self, path: &Path) -> Arc<Slot> {
         let mut slots = lock(&self.inner.slots);
         slots
-            .entry(path.to_path_buf())
+            .entry(slot_key(path))
             .or_insert_with(|| {
                 Arc::new(Slot {
                     path: path.to_path_buf(),
@@ -308,7 +308,7 @@ impl ModelPool {
                     // Put nothing back: nothing was taken from the victims yet.
                     return Err(LlmError::Unavailable(format!(
                         "not enough room in the memory budget of {} for {} while other \
-                         models are answering; try again when they finish",
+                         models are loading or answering; try again when they finish",
                         human_bytes(budget),
                         slot.path.display()
                     )));
@@ -367,6 +367,12 @@ impl PoolInner {
         }
         count
     }
+}
+
+/// One entry per file, however it is spelled (`./models/x.gguf`, `models/x.gguf`, a
+/// symbolic link): tiers naming the same file share one loaded model.
+fn slot_key(path: &Path) -> PathBuf {
+    std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
 }
 
 /// Wakes a few times per keep-alive period and unloads what has been idle long enough.
@@ -576,6 +582,37 @@ mod tests {
         assert!(matches!(pool.state(&paths[1]), ModelState::Loaded { .. }));
         assert_eq!(live.load(Ordering::SeqCst), 2);
         assert_eq!(pool.unload_idle(Duration::ZERO), 2);
+        assert_eq!(live.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn idle_models_unload_after_keep_alive_and_paths_are_shared() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = files(dir.path(), &["a.gguf"], 10);
+        let live = Arc::new(AtomicUsize::new(0));
+        let loader = Arc::new(FakeLoader {
+            loads: AtomicUsize::new(0),
+            live: live.clone(),
+            delay: Duration::ZERO,
+        });
+        let pool = ModelPool::new(
+            PoolConfig {
+                memory_budget_bytes: None,
+                keep_alive: Some(Duration::from_millis(60)),
+                per_model_overhead_bytes: 0,
+            },
+            loader.clone(),
+        );
+        pool.provider(&paths[0]).stream(request()).await.unwrap();
+        let other_spelling = dir.path().join(".").join("a.gguf");
+        pool.provider(&other_spelling).stream(request()).await.unwrap();
+        assert_eq!(loader.loads.load(Ordering::SeqCst), 1, "one file, one load");
+        let mut waited = 0;
+        while pool.state(&paths[0]) != ModelState::NotLoaded && waited < 100 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            waited += 1;
+        }
+        assert_eq!(pool.state(&paths[0]), ModelState::NotLoaded);
         assert_eq!(live.load(Ordering::SeqCst), 0);
     }
 

@@ -1,0 +1,839 @@
+//! Cron tests: scheduled jobs driven through the HTTP API of an in-process server on
+//! 127.0.0.1 (a fast fake model, the real WhatsApp client against a local Graph API
+//! stand-in), and one test of the real binary with the real small model. Loops are bounded;
+//! jobs fire every two seconds, so the timing tests take a few seconds each.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::http::{StatusCode, Uri};
+use axum::response::IntoResponse;
+use futures::future::BoxFuture;
+use futures::StreamExt;
+use reqwest::Method;
+use serde_json::{json, Value};
+use sqlx::SqlitePool;
+use tokio::sync::mpsc;
+
+use my_claw::assistant::{Assistant, AssistantConfig};
+use my_claw::channels::whatsapp::WhatsApp;
+use my_claw::channels::{Channels, RetryPolicy};
+use my_claw::config::{CronSettings, Secret, WhatsAppSettings};
+use my_claw::cron::CronHandle;
+use my_claw::db::inbound::{self, ContactSeen, NewInbound, QueueStatus};
+use my_claw::db::memory;
+use my_claw::domain::{ChannelKind, Role};
+use my_claw::gateway::{self, AppState};
+use my_claw::llm::router::{Router as ModelRouter, Tier};
+use my_claw::llm::{
+    Chunk, ChunkStream, FinishReason, LlmError, LlmRequest, Provider, ProviderInfo, Usage,
+};
+
+use crate::util::{smollm2_env, Server, ServerOptions};
+
+const TOKEN: &str = "cron-test-token-0123456789";
+const CRON_SECRET: &str = "cron-secret-for-tests-42";
+const USER_NUMBER: &str = "16505551234";
+const QUIET_NUMBER: &str = "33612345678";
+const EVERY_2S: &str = "*/2 * * * * *";
+/// A schedule that will not fire during a test (midnight on the first of January).
+const YEARLY: &str = "0 0 1 1 *";
+/// Bound on waits for something scheduled every two seconds, on a loaded machine.
+const FIRE_LIMIT: Duration = Duration::from_secs(30);
+
+// --- a fake model and a Graph API stand-in ----------------------------------------------------
+
+/// Answers `echo: <last user message>` after `delay`.
+struct EchoProvider {
+    delay: Duration,
+}
+
+impl Provider for EchoProvider {
+    fn info(&self) -> ProviderInfo {
+        ProviderInfo { provider: "local".into(), model: "echo-model".into(), leaves_machine: false }
+    }
+
+    fn stream(&self, request: LlmRequest) -> BoxFuture<'_, Result<ChunkStream, LlmError>> {
+        let last = request.messages.last().map(|m| m.content.clone()).unwrap_or_default();
+        let delay = self.delay;
+        Box::pin(async move {
+            let (tx, rx) = mpsc::channel(4);
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                let _ = tx.send(Ok(Chunk::Text(format!("echo: {last}")))).await;
+                let done = Chunk::Done { usage: Usage::default(), finish: FinishReason::Stop };
+                let _ = tx.send(Ok(done)).await;
+            });
+            Ok(rx)
+        })
+    }
+}
+
+/// A Graph API stand-in: records message posts and answers from a script, else with
+/// success and a fresh wamid.
+#[derive(Clone, Default)]
+struct Graph {
+    base: String,
+    posts: Arc<Mutex<Vec<Value>>>,
+    script: Arc<Mutex<VecDeque<(u16, Value)>>>,
+}
+
+impl Graph {
+    async fn start() -> Graph {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let graph = Graph {
+            base: format!("http://{}", listener.local_addr().expect("addr")),
+            ..Graph::default()
+        };
+        let state = graph.clone();
+        let app = axum::Router::new().fallback(move |uri: Uri, body: Bytes| {
+            let state = state.clone();
+            async move { state.answer(uri, body) }
+        });
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        graph
+    }
+
+    fn answer(&self, uri: Uri, body: Bytes) -> axum::response::Response {
+        assert!(uri.path().ends_with("/messages"), "unexpected Graph path {}", uri.path());
+        let body: Value = serde_json::from_slice(&body).expect("Graph got JSON");
+        let n = {
+            let mut posts = self.posts.lock().unwrap();
+            posts.push(body);
+            posts.len()
+        };
+        let (status, answer) = self.script.lock().unwrap().pop_front().unwrap_or_else(|| {
+            let ok = json!({"messaging_product": "whatsapp",
+                            "contacts": [{"input": USER_NUMBER, "wa_id": USER_NUMBER}],
+                            "messages": [{"id": format!("wamid.CRON{n}")}]});
+            (200, ok)
+        });
+        let status = StatusCode::from_u16(status).expect("status");
+        (status, [("content-type", "application/json")], answer.to_string()).into_response()
+    }
+
+    fn posts(&self) -> Vec<Value> {
+        self.posts.lock().unwrap().clone()
+    }
+
+    fn texts_to(&self, number: &str) -> Vec<String> {
+        self.posts()
+            .into_iter()
+            .filter(|p| p["to"] == number && p["type"] == "text")
+            .map(|p| p["text"]["body"].as_str().unwrap_or_default().to_string())
+            .collect()
+    }
+}
+
+// --- an in-process server ---------------------------------------------------------------------
+
+struct App {
+    base: String,
+    pool: SqlitePool,
+    assistant: Arc<Assistant>,
+    cron: CronHandle,
+    http: reqwest::Client,
+    _dir: tempfile::TempDir,
+}
+
+struct Options {
+    delay: Duration,
+    secret: Option<&'static str>,
+    template: Option<&'static str>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options { delay: Duration::from_millis(10), secret: None, template: None }
+    }
+}
+
+impl App {
+    /// The whole gateway with the scheduler attached, on a real socket, with WhatsApp
+    /// pointed at `graph`.
+    async fn start(graph: &Graph, options: Options) -> App {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let url = format!("sqlite://{}", dir.path().join("cron.db").display());
+        let pool = my_claw::db::connect(&url).await.expect("open the database");
+        let provider = Arc::new(EchoProvider { delay: options.delay });
+        let models = ModelRouter::with_providers(provider, HashMap::new(), Tier::Main);
+        let assistant = Arc::new(Assistant::new(
+            pool.clone(),
+            Arc::new(models),
+            AssistantConfig { history_messages: 20, reply_max_tokens: 64 },
+        ));
+        let whatsapp = WhatsAppSettings {
+            verify_token: Secret::new("verify-token"),
+            app_secret: Secret::new("app-secret"),
+            access_token: Secret::new("access-token"),
+            phone_number_id: "106540352242922".into(),
+            api_base: format!("{}/v26.0", graph.base),
+            allowed_numbers: vec![USER_NUMBER.into()],
+            template_name: options.template.map(str::to_string),
+        };
+        let retry = RetryPolicy {
+            max_attempts: 2,
+            base_delay: Duration::from_millis(10),
+            max_delay: Duration::from_millis(20),
+            pair_rate_delay: Duration::from_millis(10),
+        };
+        let client =
+            WhatsApp::new(whatsapp, reqwest::Client::new(), pool.clone()).with_retry(retry);
+        let channels = Channels { whatsapp: Some(Arc::new(client)), ..Channels::default() };
+        let settings =
+            CronSettings { secret: options.secret.map(Secret::new), timezone: Some("UTC".into()) };
+        let cron =
+            my_claw::cron::start(pool.clone(), assistant.clone(), channels.clone(), &settings)
+                .await
+                .expect("start the scheduler");
+        let state = AppState {
+            pool: pool.clone(),
+            assistant: assistant.clone(),
+            webchat_token: Secret::new(TOKEN),
+            started_at: Instant::now(),
+            data_dir: Arc::new(dir.path().to_path_buf()),
+            max_body_bytes: 64 * 1024,
+            channels,
+        };
+        let app = gateway::cron::attach(gateway::router(state), cron.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let base = format!("http://{}", listener.local_addr().expect("addr"));
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
+        App { base, pool, assistant, cron, http, _dir: dir }
+    }
+
+    async fn call(&self, method: Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+        let mut request =
+            self.http.request(method, format!("{}{path}", self.base)).bearer_auth(TOKEN);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.expect("request");
+        let status = StatusCode::from_u16(response.status().as_u16()).unwrap();
+        let text = response.text().await.expect("body");
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    async fn create(&self, job: Value) -> Value {
+        let (status, body) = self.call(Method::POST, "/api/cron/jobs", Some(job)).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        body
+    }
+
+    async fn update(&self, id: i64, changes: Value) -> Value {
+        let (status, body) =
+            self.call(Method::PUT, &format!("/api/cron/jobs/{id}"), Some(changes)).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        body
+    }
+
+    async fn runs(&self, id: i64) -> Vec<Value> {
+        let (status, body) =
+            self.call(Method::GET, &format!("/api/cron/jobs/{id}/runs"), None).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        body["runs"].as_array().cloned().unwrap_or_default()
+    }
+
+    async fn finished_runs(&self, id: i64) -> Vec<Value> {
+        let runs = self.runs(id).await;
+        runs.into_iter().filter(|r| r["outcome"] != "running").collect()
+    }
+
+    /// Waits (bounded) until a job has at least `n` finished runs, and returns them.
+    async fn wait_runs(&self, id: i64, n: usize) -> Vec<Value> {
+        let started = Instant::now();
+        loop {
+            let runs = self.finished_runs(id).await;
+            if runs.len() >= n {
+                return runs;
+            }
+            assert!(
+                started.elapsed() < FIRE_LIMIT,
+                "job {id}: {} of {n} runs: {runs:?}",
+                runs.len()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Waits (bounded) until no run of the job is in progress.
+    async fn wait_idle(&self, id: i64) {
+        let started = Instant::now();
+        while self.runs(id).await.iter().any(|r| r["outcome"] == "running") {
+            assert!(started.elapsed() < FIRE_LIMIT, "job {id} kept running");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn webchat_conversation(&self) -> i64 {
+        memory::create_webchat_conversation(&self.pool, Some("cron test")).await.unwrap().id.0
+    }
+
+    async fn assistant_messages(&self, conversation_id: i64) -> Vec<String> {
+        let path = format!("/api/conversations/{conversation_id}/messages");
+        let (status, body) = self.call(Method::GET, &path, None).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        body["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|m| m["role"] == "assistant")
+            .map(|m| m["content"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    /// Records that `number` wrote just now, which opens WhatsApp's 24-hour window.
+    async fn user_wrote(&self, number: &str) {
+        let item = NewInbound {
+            channel: ChannelKind::WhatsApp,
+            external_id: &format!("wamid.IN-{number}"),
+            payload: "{}",
+            status: QueueStatus::Ignored,
+            note: Some("test: opens the window"),
+        };
+        let contact = ContactSeen {
+            channel: ChannelKind::WhatsApp,
+            address: number,
+            display_name: None,
+            at_ms: my_claw::db::now_ms(),
+        };
+        inbound::enqueue(&self.pool, &item, Some(&contact)).await.expect("record contact");
+    }
+}
+
+fn webchat_job(name: &str, schedule: &str, conversation_id: i64) -> Value {
+    json!({"name": name, "schedule": schedule, "prompt": format!("ping from {name}"),
+           "channel": "webchat", "target": conversation_id.to_string()})
+}
+
+fn whatsapp_job(name: &str, schedule: &str, number: &str) -> Value {
+    json!({"name": name, "schedule": schedule, "prompt": format!("ping from {name}"),
+           "channel": "whatsapp", "target": format!("+{number}")})
+}
+
+fn id_of(job: &Value) -> i64 {
+    job["id"].as_i64().expect("job id")
+}
+
+fn error_message(body: &Value) -> String {
+    body["error"]["message"].as_str().unwrap_or_default().to_string()
+}
+
+// --- tests --------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_every_two_seconds_delivers_to_webchat_and_whatsapp_until_disabled() {
+    let graph = Graph::start().await;
+    let app = App::start(&graph, Options::default()).await;
+    let conversation = app.webchat_conversation().await;
+    app.user_wrote(USER_NUMBER).await;
+    let mut events = app.assistant.subscribe();
+
+    // Created while the server runs: scheduled at once, on the local `main` tier by default.
+    let web = app.create(webchat_job("web", EVERY_2S, conversation)).await;
+    let wa = app.create(whatsapp_job("wa", EVERY_2S, USER_NUMBER)).await;
+    assert_eq!(web["tier"], "main");
+    assert_eq!(wa["target"], USER_NUMBER, "numbers are stored as WhatsApp ids");
+    assert_eq!(web["effective_timezone"], "UTC");
+    let now = my_claw::db::now_ms();
+    let next = web["next_run"].as_i64().expect("next_run");
+    assert!(next > now - 1000 && next <= now + 2500, "next_run {next} vs now {now}");
+
+    let web_runs = app.wait_runs(id_of(&web), 2).await;
+    let wa_runs = app.wait_runs(id_of(&wa), 2).await;
+    for run in web_runs.iter().chain(&wa_runs) {
+        assert_eq!(run["outcome"], "delivered", "{run}");
+        assert!(run["message_id"].is_i64(), "{run}");
+        assert!(run["duration_ms"].is_i64(), "{run}");
+    }
+    let answers = app.assistant_messages(conversation).await;
+    assert!(answers.len() >= 2, "{answers:?}");
+    assert!(answers[0].starts_with("echo: [scheduled: web] ping from web"), "{answers:?}");
+    let texts = graph.texts_to(USER_NUMBER);
+    assert!(texts.len() >= 2, "{:?}", graph.posts());
+    assert!(texts[0].contains("ping from wa"), "{texts:?}");
+
+    // The stored answers were announced, which is how an open WebChat page sees them.
+    let mut announced = false;
+    while let Ok(event) = events.try_recv() {
+        announced |= event.conversation_id.0 == conversation && event.role == Role::Assistant;
+    }
+    assert!(announced, "no live event for the WebChat conversation");
+
+    // The job shows its last run; the WhatsApp answer carries its wamid for status updates.
+    let (_, shown) = app.call(Method::GET, &format!("/api/cron/jobs/{}", id_of(&wa)), None).await;
+    assert_eq!(shown["last_outcome"], "delivered", "{shown}");
+    assert!(shown["last_run"].is_i64(), "{shown}");
+    let message_id = wa_runs[0]["message_id"].as_i64().unwrap();
+    let stored = memory::get_message(&app.pool, my_claw::domain::MessageId(message_id))
+        .await
+        .unwrap()
+        .expect("stored answer");
+    assert!(stored.external_id.as_deref().is_some_and(|id| id.starts_with("wamid.CRON")));
+
+    // Disabling stops both at once, without a restart.
+    for job in [&web, &wa] {
+        let disabled = app.update(id_of(job), json!({"enabled": false})).await;
+        assert_eq!(disabled["enabled"], false);
+        assert!(disabled["next_run"].is_null(), "{disabled}");
+    }
+    app.wait_idle(id_of(&web)).await;
+    app.wait_idle(id_of(&wa)).await;
+    let web_count = app.runs(id_of(&web)).await.len();
+    let wa_count = app.runs(id_of(&wa)).await.len();
+    let posts = graph.posts().len();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(app.runs(id_of(&web)).await.len(), web_count, "disabled web job ran");
+    assert_eq!(app.runs(id_of(&wa)).await.len(), wa_count, "disabled whatsapp job ran");
+    assert_eq!(graph.posts().len(), posts, "disabled job still sent to WhatsApp");
+
+    // Enabling brings it back.
+    app.update(id_of(&web), json!({"enabled": true})).await;
+    app.wait_runs(id_of(&web), web_count + 1).await;
+    app.cron.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn editing_the_schedule_takes_effect_without_a_restart() {
+    let graph = Graph::start().await;
+    let app = App::start(&graph, Options::default()).await;
+    let conversation = app.webchat_conversation().await;
+    let job = app.create(webchat_job("edit", YEARLY, conversation)).await;
+    let id = id_of(&job);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(app.runs(id).await.is_empty(), "a yearly job ran");
+
+    let edited = app.update(id, json!({"schedule": EVERY_2S})).await;
+    assert_eq!(edited["schedule"], EVERY_2S);
+    assert_eq!(edited["prompt"], "ping from edit", "a partial edit keeps the other fields");
+    app.wait_runs(id, 2).await;
+
+    // A time zone change moves the next run; back to yearly, it stops.
+    let edited = app.update(id, json!({"schedule": "0 8 * * *", "timezone": "Asia/Tokyo"})).await;
+    let next = edited["next_run"].as_i64().unwrap();
+    let next = chrono::DateTime::from_timestamp_millis(next).unwrap();
+    assert_eq!(next.format("%H:%M").to_string(), "23:00", "08:00 in Tokyo is 23:00 UTC");
+    assert_eq!(edited["effective_timezone"], "Asia/Tokyo");
+    let reset = app.update(id, json!({"timezone": null})).await;
+    assert!(reset["timezone"].is_null());
+    assert_eq!(reset["effective_timezone"], "UTC");
+    app.wait_idle(id).await;
+    let count = app.runs(id).await.len();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(app.runs(id).await.len(), count, "the old schedule still fired");
+    app.cron.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_job_never_runs_twice_at_once() {
+    let graph = Graph::start().await;
+    let options = Options { delay: Duration::from_millis(2500), ..Options::default() };
+    let app = App::start(&graph, options).await;
+    let conversation = app.webchat_conversation().await;
+    // Every second, with answers that take two and a half.
+    let job = app.create(webchat_job("slow", "* * * * * *", conversation)).await;
+    let id = id_of(&job);
+    let runs = app.wait_runs(id, 2).await;
+    app.update(id, json!({"enabled": false})).await;
+    app.wait_idle(id).await;
+    let mut spans: Vec<(i64, i64)> = app
+        .runs(id)
+        .await
+        .iter()
+        .map(|r| {
+            let start = r["started_at"].as_i64().unwrap();
+            (start, start + r["duration_ms"].as_i64().unwrap())
+        })
+        .collect();
+    spans.sort();
+    for pair in spans.windows(2) {
+        assert!(pair[1].0 >= pair[0].1, "runs overlap: {spans:?} ({runs:?})");
+    }
+    // Run-now is refused while a run is in progress.
+    app.update(id, json!({"schedule": YEARLY, "enabled": true})).await;
+    let path = format!("/api/cron/jobs/{id}/run");
+    let first = {
+        let request = app.http.post(format!("{}{path}", app.base)).bearer_auth(TOKEN);
+        tokio::spawn(request.send())
+    };
+    let started = Instant::now();
+    loop {
+        let running = app.runs(id).await.iter().any(|r| r["outcome"] == "running");
+        if running {
+            break;
+        }
+        assert!(started.elapsed() < FIRE_LIMIT, "run-now did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (status, body) = app.call(Method::POST, &path, None).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert!(error_message(&body).contains("already running"), "{body}");
+    let first = first.await.unwrap().expect("first run-now");
+    assert_eq!(first.status().as_u16(), 200);
+    app.cron.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_now_records_history_and_why_a_channel_refused() {
+    let graph = Graph::start().await;
+    let app = App::start(&graph, Options::default()).await;
+    let conversation = app.webchat_conversation().await;
+
+    // WebChat: run now answers with the finished run; the history lists it.
+    let web = app.create(webchat_job("now", YEARLY, conversation)).await;
+    let (status, run) =
+        app.call(Method::POST, &format!("/api/cron/jobs/{}/run", id_of(&web)), None).await;
+    assert_eq!(status, StatusCode::OK, "{run}");
+    assert_eq!(run["outcome"], "delivered", "{run}");
+    assert_eq!(run["job_id"], web["id"]);
+    assert_eq!(app.assistant_messages(conversation).await.len(), 1);
+    let history = app.runs(id_of(&web)).await;
+    assert_eq!(history.len(), 1);
+    assert_eq!(history[0]["id"], run["id"]);
+
+    // WhatsApp outside the 24-hour window, with no template: failed, and why.
+    let quiet = app.create(whatsapp_job("quiet", YEARLY, QUIET_NUMBER)).await;
+    let path = format!("/api/cron/jobs/{}/run", id_of(&quiet));
+    let (_, run) = app.call(Method::POST, &path, None).await;
+    assert_eq!(run["outcome"], "failed", "{run}");
+    let reason = run["error"].as_str().unwrap_or_default();
+    assert!(reason.contains("24-hour"), "{reason}");
+    assert!(run["message_id"].is_i64(), "the answer is kept in the conversation: {run}");
+    assert!(graph.texts_to(QUIET_NUMBER).is_empty());
+
+    // Inside the window, the Graph API refuses: its reason is recorded on the job too.
+    app.user_wrote(QUIET_NUMBER).await;
+    let refusal = json!({"error": {"message": "(#131026) Message undeliverable",
+                                   "type": "OAuthException", "code": 131026,
+                                   "error_data": {"details": "receiver incapable"}}});
+    graph.script.lock().unwrap().push_back((400, refusal));
+    let (_, run) = app.call(Method::POST, &path, None).await;
+    assert_eq!(run["outcome"], "failed", "{run}");
+    let reason = run["error"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("whatsapp refused the message") && reason.contains("131026"),
+        "{reason}"
+    );
+    let (_, shown) =
+        app.call(Method::GET, &format!("/api/cron/jobs/{}", id_of(&quiet)), None).await;
+    assert_eq!(shown["last_outcome"], "failed");
+    assert_eq!(shown["last_error"], run["error"]);
+
+    // The next try goes through; the history is newest first.
+    let (_, run) = app.call(Method::POST, &path, None).await;
+    assert_eq!(run["outcome"], "delivered", "{run}");
+    let history = app.runs(id_of(&quiet)).await;
+    let outcomes: Vec<&str> = history.iter().map(|r| r["outcome"].as_str().unwrap()).collect();
+    assert_eq!(outcomes, ["delivered", "failed", "failed"]);
+    assert!(history[2]["error"].as_str().unwrap().contains("24-hour"));
+    app.cron.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outside_the_window_the_configured_template_is_sent() {
+    let graph = Graph::start().await;
+    let options = Options { template: Some("daily_digest"), ..Options::default() };
+    let app = App::start(&graph, options).await;
+    let job = app.create(whatsapp_job("digest", YEARLY, QUIET_NUMBER)).await;
+    let (_, run) =
+        app.call(Method::POST, &format!("/api/cron/jobs/{}/run", id_of(&job)), None).await;
+    assert_eq!(run["outcome"], "delivered", "{run}");
+    assert!(run["error"].as_str().unwrap_or_default().contains("template"), "{run}");
+    let posts = graph.posts();
+    assert_eq!(posts.len(), 1, "{posts:?}");
+    assert_eq!(posts[0]["type"], "template");
+    assert_eq!(posts[0]["template"]["name"], "daily_digest");
+    app.cron.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_inputs_get_400_with_what_is_wrong() {
+    let graph = Graph::start().await;
+    let app = App::start(&graph, Options::default()).await;
+    let conversation = app.webchat_conversation().await;
+    let good = webchat_job("good", "0 8 * * *", conversation);
+    let with = |field: &str, value: Value| {
+        let mut job = good.clone();
+        job[field] = value;
+        job
+    };
+    let without = |field: &str| {
+        let mut job = good.clone();
+        job.as_object_mut().unwrap().remove(field);
+        job
+    };
+    let cases = [
+        (with("schedule", json!("0 25 * * *")), "hour field `25`"),
+        (with("schedule", json!("61 * * * *")), "minute field `61`"),
+        (with("schedule", json!("* * *")), "has 3 fields"),
+        (with("schedule", json!("0 0 30 2 *")), "never happens"),
+        (without("schedule"), "`schedule` is required"),
+        (with("timezone", json!("Europe/Atlantis")), "unknown time zone"),
+        (without("target"), "`target` is required"),
+        (with("target", json!("  ")), "`target` is required"),
+        (with("target", json!("999999")), "no WebChat conversation"),
+        (with("channel", json!("telegram")), "unknown channel"),
+        (without("channel"), "`channel` is required"),
+        (with("tier", json!("huge")), "unknown tier"),
+        (without("prompt"), "`prompt` is required"),
+        (
+            json!({"channel": "whatsapp", "target": "not a number", "schedule": "@daily",
+                "prompt": "hi"}),
+            "not a WhatsApp number",
+        ),
+        (json!("not an object"), "invalid JSON body"),
+    ];
+    for (job, expected) in cases {
+        let (status, body) = app.call(Method::POST, "/api/cron/jobs", Some(job.clone())).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{job} -> {body}");
+        assert!(error_message(&body).contains(expected), "{job}: {body}");
+    }
+    let (_, list) = app.call(Method::GET, "/api/cron/jobs", None).await;
+    assert_eq!(list["jobs"].as_array().unwrap().len(), 0, "nothing was stored");
+
+    // A bad edit changes nothing.
+    let job = app.create(good.clone()).await;
+    let path = format!("/api/cron/jobs/{}", id_of(&job));
+    let (status, body) = app.call(Method::PUT, &path, Some(json!({"schedule": "every day"}))).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let (_, shown) = app.call(Method::GET, &path, None).await;
+    assert_eq!(shown["schedule"], "0 8 * * *");
+
+    // Unknown and malformed ids, and no token at all.
+    let (status, _) = app.call(Method::GET, "/api/cron/jobs/4242", None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _) = app.call(Method::DELETE, "/api/cron/jobs/4242", None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _) = app.call(Method::POST, "/api/cron/jobs/abc/run", None).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let anonymous = app.http.get(format!("{}/api/cron/jobs", app.base)).send().await.unwrap();
+    assert_eq!(anonymous.status().as_u16(), 401);
+
+    // The preview says the same things, and lists the next runs.
+    let preview = json!({"schedule": "30 7 * * 1-5", "timezone": "Europe/Paris"});
+    let (status, body) = app.call(Method::POST, "/api/cron/preview", Some(preview)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["next_runs"].as_array().unwrap().len(), 3);
+    let bad = json!({"schedule": "0 8 * * MOON"});
+    let (status, body) = app.call(Method::POST, "/api/cron/preview", Some(bad)).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(error_message(&body).contains("day-of-week"), "{body}");
+
+    // Delete removes the job and its history.
+    let (status, _) = app.call(Method::DELETE, &path, None).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, _) = app.call(Method::GET, &path, None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    app.cron.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_trigger_needs_the_secret_and_runs_only_due_jobs() {
+    let graph = Graph::start().await;
+    let options = Options { secret: Some(CRON_SECRET), ..Options::default() };
+    let app = App::start(&graph, options).await;
+    let conversation = app.webchat_conversation().await;
+    // Due: its daily time was two minutes ago, and it was created (back-dated) before that.
+    let two_minutes_ago = chrono::Utc::now() - chrono::Duration::minutes(2);
+    let schedule = two_minutes_ago.format("%M %H * * *").to_string();
+    let due = app.create(webchat_job("due", &schedule, conversation)).await;
+    let not_due = app.create(webchat_job("not due", YEARLY, conversation)).await;
+    let day_ago = my_claw::db::now_ms() - 86_400_000;
+    sqlx::query("UPDATE cron_jobs SET created_at = ?1, updated_at = ?1")
+        .bind(day_ago)
+        .execute(&app.pool)
+        .await
+        .unwrap();
+
+    let trigger = |secret: Option<&str>, method: Method| {
+        let mut request = app.http.request(method, format!("{}/api/cron", app.base));
+        if let Some(secret) = secret {
+            request = request.header("X-Cron-Secret", secret);
+        }
+        request.send()
+    };
+    for (secret, method) in [
+        (None, Method::POST),
+        (Some("wrong"), Method::POST),
+        (Some(""), Method::GET),
+        (Some(&CRON_SECRET[..CRON_SECRET.len() - 1]), Method::GET),
+    ] {
+        let response = trigger(secret, method).await.unwrap();
+        assert_eq!(response.status().as_u16(), 401, "secret {secret:?}");
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(app.runs(id_of(&due)).await.is_empty(), "a refused trigger ran a job");
+
+    let response = trigger(Some(CRON_SECRET), Method::POST).await.unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["started"], json!([id_of(&due)]), "{body}");
+    let runs = app.wait_runs(id_of(&due), 1).await;
+    assert_eq!(runs[0]["outcome"], "delivered");
+    assert!(app.runs(id_of(&not_due)).await.is_empty());
+
+    // That occurrence has run: triggering again (GET works too) starts nothing.
+    let response = trigger(Some(CRON_SECRET), Method::GET).await.unwrap();
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["started"], json!([]), "{body}");
+    app.cron.shutdown().await;
+
+    // Without CRON_SECRET the trigger is off.
+    let app = App::start(&graph, Options::default()).await;
+    let response = trigger_without_secret_config(&app).await;
+    assert_eq!(response, 404);
+    app.cron.shutdown().await;
+}
+
+async fn trigger_without_secret_config(app: &App) -> u16 {
+    let response = app
+        .http
+        .post(format!("{}/api/cron", app.base))
+        .header("X-Cron-Secret", CRON_SECRET)
+        .send()
+        .await
+        .unwrap();
+    response.status().as_u16()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_restart_missed_runs_are_not_replayed_and_next_run_is_computed() {
+    let graph = Graph::start().await;
+    let app = App::start(&graph, Options::default()).await;
+    let conversation = app.webchat_conversation().await;
+    let two_minutes_ago = chrono::Utc::now() - chrono::Duration::minutes(2);
+    let schedule = two_minutes_ago.format("%M %H * * *").to_string();
+    let job = app.create(webchat_job("missed", &schedule, conversation)).await;
+    let id = my_claw::db::cron::CronJobId(id_of(&job));
+    // As if the process had died during a run, before the occurrence it then missed.
+    sqlx::query("UPDATE cron_jobs SET created_at = ?1, updated_at = ?1")
+        .bind(my_claw::db::now_ms() - 86_400_000)
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    my_claw::db::cron::start_run(&app.pool, id, my_claw::db::now_ms() - 3_600_000).await.unwrap();
+    app.cron.shutdown().await;
+
+    let settings = CronSettings { secret: None, timezone: Some("UTC".into()) };
+    let restarted = my_claw::cron::start(
+        app.pool.clone(),
+        app.assistant.clone(),
+        Channels::default(),
+        &settings,
+    )
+    .await
+    .expect("restart the scheduler");
+    let view = restarted.get(id).await.unwrap();
+    let next = view.next_run.expect("next run");
+    let expected = two_minutes_ago + chrono::Duration::days(1);
+    assert_eq!(
+        next.format("%Y-%m-%d %H:%M").to_string(),
+        expected.format("%Y-%m-%d %H:%M").to_string()
+    );
+    assert_eq!(view.job.last_outcome, Some(my_claw::db::cron::RunOutcome::Failed));
+    assert!(view.job.last_error.as_deref().unwrap_or_default().contains("interrupted"));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let runs = restarted.runs(id, 10).await.unwrap();
+    assert_eq!(runs.len(), 1, "the missed occurrence was replayed: {runs:?}");
+    assert_eq!(runs[0].outcome, my_claw::db::cron::RunOutcome::Failed);
+    restarted.shutdown().await;
+}
+
+/// The real binary and the real small model: a job created over HTTP answers in a WebChat
+/// conversation, and the page's live events announce the answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_model_job_answers_in_an_open_webchat_conversation() {
+    let mut env = smollm2_env();
+    env.push(("REPLY_MAX_TOKENS".into(), "16".into()));
+    env.push(("CRON_TIMEZONE".into(), "Europe/Paris".into()));
+    let server =
+        tokio::task::block_in_place(|| Server::start(ServerOptions { envs: env, data_dir: None }));
+    let db_url = format!("sqlite://{}", server.data_dir.join("my-claw.db").display());
+    let pool = my_claw::db::connect(&db_url).await.expect("open the server's database");
+    let conversation =
+        memory::create_webchat_conversation(&pool, Some("morning")).await.unwrap().id.0;
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(300)).build().unwrap();
+
+    // The page's live events stream, open before the job exists.
+    let events = http
+        .get(server.url("/api/events"))
+        .bearer_auth(&server.token)
+        .send()
+        .await
+        .expect("open /api/events");
+    assert_eq!(events.status().as_u16(), 200);
+    let mut events = events.bytes_stream();
+
+    let job = json!({"name": "greeting", "schedule": "*/3 * * * * *",
+                     "prompt": "Say hello in three words.", "channel": "webchat",
+                     "target": conversation.to_string()});
+    let response = http
+        .post(server.url("/api/cron/jobs"))
+        .bearer_auth(&server.token)
+        .json(&job)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 201, "{}", server.output());
+    let job: Value = response.json().await.unwrap();
+    assert_eq!(job["effective_timezone"], "Europe/Paris");
+    let id = id_of(&job);
+
+    // Wait (bounded) for the announcement of the stored answer.
+    let wanted = format!("\"conversation_id\":{conversation},");
+    let mut seen = String::new();
+    let started = Instant::now();
+    while !(seen.contains(&wanted) && seen.contains("\"role\":\"assistant\"")) {
+        let left = Duration::from_secs(240).saturating_sub(started.elapsed());
+        assert!(!left.is_zero(), "no live event for the answer: {seen}\n{}", server.output());
+        match tokio::time::timeout(left, events.next()).await {
+            Ok(Some(Ok(chunk))) => seen.push_str(&String::from_utf8_lossy(&chunk)),
+            other => panic!("events stream ended: {other:?}\n{}", server.output()),
+        }
+    }
+    let disable = http
+        .put(server.url(&format!("/api/cron/jobs/{id}")))
+        .bearer_auth(&server.token)
+        .json(&json!({"enabled": false}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(disable.status().as_u16(), 200);
+
+    // Wait for the run to be recorded, then check the stored answer and its ledger.
+    let mut run = Value::Null;
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(60) {
+        let runs: Value = http
+            .get(server.url(&format!("/api/cron/jobs/{id}/runs")))
+            .bearer_auth(&server.token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if let Some(done) =
+            runs["runs"].as_array().unwrap().iter().rev().find(|r| r["outcome"] != "running")
+        {
+            run = done.clone();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(run["outcome"], "delivered", "{run}\n{}", server.output());
+    let message_id = my_claw::domain::MessageId(run["message_id"].as_i64().unwrap());
+    let answer = memory::get_message(&pool, message_id).await.unwrap().expect("answer");
+    assert_eq!(answer.role, Role::Assistant);
+    assert_eq!(answer.conversation_id.0, conversation);
+    assert!(!answer.content.trim().is_empty());
+    assert_eq!(answer.provider.as_deref(), Some("local"));
+    assert_eq!(answer.tier.as_deref(), Some("main"));
+}
