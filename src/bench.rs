@@ -131,30 +131,28 @@ async fn measure(args: &BenchArgs, threads: usize) -> anyhow::Result<serde_json:
     let stats = engine.stats();
     drop(engine);
 
-    let reference = match args.compare_reference {
-        true => {
-            let path = args.model.clone();
-            let gen = args.gen_tokens as usize;
-            let cases: Vec<(String, Vec<u32>)> = prompts
-                .iter()
-                .filter(|(key, _)| key.as_str() != "short")
-                .map(|(key, (_, text))| {
-                    let rendered = crate::llm::engine::template::render(
-                        crate::llm::engine::template::ChatFormat::for_arch(arch),
-                        &[ChatTurn::new(Role::User, text.clone())],
-                        false,
-                    );
-                    (key.clone(), tokenizer.encode(&rendered).unwrap_or_default())
-                })
-                .collect();
-            let result = tokio::task::spawn_blocking(move || {
-                reference_bench(&path, arch, &cases, gen, runs)
+    let reference = if args.compare_reference {
+        let path = args.model.clone();
+        let gen = args.gen_tokens as usize;
+        let cases: Vec<(String, Vec<u32>)> = prompts
+            .iter()
+            .filter(|(key, _)| key.as_str() != "short")
+            .map(|(key, (_, text))| {
+                let rendered = crate::llm::engine::template::render(
+                    crate::llm::engine::template::ChatFormat::for_arch(arch),
+                    &[ChatTurn::new(Role::User, text.clone())],
+                    false,
+                );
+                (key.clone(), tokenizer.encode(&rendered).unwrap_or_default())
             })
-            .await
-            .context("the reference benchmark panicked")??;
-            Some(result)
-        }
-        false => None,
+            .collect();
+        let result =
+            tokio::task::spawn_blocking(move || reference_bench(&path, arch, &cases, gen, runs))
+                .await
+                .context("the reference benchmark panicked")??;
+        Some(result)
+    } else {
+        None
     };
 
     let mut report = json!({

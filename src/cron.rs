@@ -60,6 +60,9 @@ const MAINTENANCE_PERIOD: Duration = Duration::from_secs(60);
 
 const INTERRUPTED: &str = "interrupted: my-claw stopped during this run";
 
+/// Runs kept in each job's history; older ones are deleted as new ones finish.
+const KEEP_RUNS: i64 = 500;
+
 const MAX_NAME_CHARS: usize = 100;
 const MAX_PROMPT_CHARS: usize = 8000;
 
@@ -562,6 +565,9 @@ impl CronHandle {
         )
         .await?;
         drop(guard);
+        if let Err(e) = store::prune_runs(&self.inner.pool, job.id, KEEP_RUNS).await {
+            tracing::warn!(job = job.id.0, error = %e, "old cron runs not pruned");
+        }
         Ok(CronRun {
             id: run_id,
             job_id: job.id,
@@ -575,6 +581,16 @@ impl CronHandle {
 
     async fn answer_and_deliver(&self, job: &CronJob) -> Result<Delivered, Failure> {
         let tier = job.tier.as_deref().and_then(Tier::parse).unwrap_or(DEFAULT_TIER);
+        // An answer nobody can receive is not worth the model's time.
+        let configured = match job.channel {
+            ChannelKind::WebChat => true,
+            ChannelKind::WhatsApp => self.inner.channels.whatsapp.is_some(),
+            ChannelKind::Nextcloud => self.inner.channels.nextcloud.is_some(),
+        };
+        if !configured {
+            let reason = format!("{} is not configured, so nothing was asked or sent", job.channel);
+            return Err(Failure::new(reason, None));
+        }
         // The same path as a message the user sends: the prompt is stored in the target
         // conversation, answered with its history and the persona, and both messages are
         // announced to open WebChat pages. The prefix tells the reader (and the model)

@@ -5,7 +5,8 @@
 // never used. The server's Content-Security-Policy forbids inline scripts as a second wall.
 //
 // Other scripts (cron.js) can use `window.myClaw`: `api(path, options)`, `conversations()`,
-// `currentConversationId()`, `openConversation(id)`, `showError(text)`.
+// `currentConversationId()`, `openConversation(id)`, `refreshConversations()`,
+// `showError(text)`, and `renderMarkdown(element, text)` (the safe renderer).
 
 "use strict";
 
@@ -456,6 +457,7 @@
       add("on this machine", "local");
     }
     if (info.status === "partial") add("stopped before the end", "stopped");
+    if (info.finish === "length") add("cut at the length limit", "stopped");
     if (info.status === "error") add("failed", "stopped");
     if (info.promptTokens != null) {
       bubble.wrap.dataset.promptTokens = String(info.promptTokens);
@@ -755,8 +757,8 @@
             promptTokens: event.usage.prompt_tokens || null,
             completionTokens: event.usage.completion_tokens,
             tokS: event.timings.decode_tok_s || null,
+            finish: event.finish,
           });
-          if (event.finish === "length") addNotice(bubble, "The answer reached the length limit.");
         } else if (event.type === "error") {
           ended = true;
           renderBubbleText(bubble);
@@ -1025,6 +1027,8 @@
     openConversation: (id) => openConversation(id).catch(reportError),
     refreshConversations: () => loadConversations().catch(reportError),
     showError: (text) => showBanner(text),
+    // Exposed for the browser test, which checks that hostile text stays text.
+    renderMarkdown,
   };
 
   adoptTokenFromUrl();

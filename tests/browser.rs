@@ -18,9 +18,14 @@ const INSTALL: &str = "apt-get update && apt-get install -y chromium chromium-dr
 /// The W3C name of an element reference in WebDriver answers.
 const ELEMENT_KEY: &str = "element-6066-11e4-a52e-4f735466cecf";
 const ENTER: &str = "\u{E007}";
+/// Pressed once it holds Shift down for the next keys; pressed again it releases it.
+const SHIFT: &str = "\u{E008}";
 
-/// A prompt that keeps SmolLM2 writing for a while.
-const LONG_PROMPT: &str = "Count from 1 to 1000, one number per line, with no other text.";
+/// A prompt that keeps SmolLM2 writing until the reply limit (REPLY_MAX_TOKENS) most times.
+const LONG_PROMPT: &str = "Write a long story about a cat who sails around the world.";
+/// The reply limit of the server under test: long enough to watch an answer stream and to
+/// stop it, short enough that the whole test stays quick on a busy 2-core machine.
+const REPLY_MAX_TOKENS: &str = "48";
 
 /// A chromedriver process and one browser session. Dropping it ends both, and kills any
 /// Chromium process left with this session's profile directory.
@@ -102,16 +107,30 @@ impl Browser {
 
     /// One WebDriver command; panics with the driver's message on failure.
     async fn command(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
+        match self.try_command(method.clone(), path, body).await {
+            Ok(value) => value,
+            Err(message) => panic!("WebDriver {method} {path}: {message}"),
+        }
+    }
+
+    async fn try_command(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Value, String> {
         let url = format!("{}/session/{}{}", self.base, self.session, path);
-        let mut request = self.http.request(method.clone(), &url);
+        let mut request = self.http.request(method, &url);
         if let Some(body) = body {
             request = request.json(&body);
         }
-        let response = request.send().await.unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+        let response = request.send().await.map_err(|e| e.to_string())?;
         let status = response.status();
         let value: Value = response.json().await.unwrap_or_default();
-        assert!(status.is_success(), "WebDriver {method} {path}: {status} {value}");
-        value["value"].clone()
+        if !status.is_success() {
+            return Err(format!("{status} {value}"));
+        }
+        Ok(value["value"].clone())
     }
 
     async fn goto(&self, url: &str) {
@@ -286,7 +305,7 @@ const LAST_ANSWER_FN: &str = "function lastAnswer() { \
 async fn webchat_in_headless_chromium_with_the_real_model() {
     let test_started = Instant::now();
     let mut envs = util::smollm2_env();
-    envs.push(("REPLY_MAX_TOKENS".into(), "300".into()));
+    envs.push(("REPLY_MAX_TOKENS".into(), REPLY_MAX_TOKENS.into()));
     envs.push(("CONTEXT_SIZE".into(), "4096".into()));
     let server =
         tokio::task::spawn_blocking(move || Server::start(ServerOptions { envs, data_dir: None }))
@@ -407,6 +426,12 @@ async fn webchat_in_headless_chromium_with_the_real_model() {
             Duration::from_secs(5),
         )
         .await;
+    // Shift+Enter makes a new line and sends nothing.
+    browser.type_into("#input", &format!("one{SHIFT}{ENTER}{SHIFT}two")).await;
+    let draft = browser.js("return document.getElementById('input').value;").await;
+    assert_eq!(draft, json!("one\ntwo"));
+    assert_eq!(browser.js("return document.querySelectorAll('#messages .msg').length;").await, 0);
+    browser.clear("#input").await;
     send_message(&browser, "Hello!").await;
     let hello = wait_answer_state(&browser, &["done"], Duration::from_secs(60)).await;
     let default_prompt_tokens = hello["prompt"].as_u64().unwrap();
@@ -452,9 +477,12 @@ async fn webchat_in_headless_chromium_with_the_real_model() {
     browser.clear("#persona-name").await;
     browser.type_into("#persona-name", "Zorblax").await;
     browser.clear("#persona-prompt").await;
-    let new_prompt = "You are {name}, the resident assistant of a lighthouse on a windy northern \
-        island. You always mention the lighthouse, the sea birds and the weather in your \
-        answers, and you sign every answer with your name.";
+    let new_prompt = "You are {name}, the keeper of an old lighthouse on a windy island \
+        in the far north. Every answer you give mentions the lighthouse, the grey sea, the \
+        gulls and the puffins that nest on the cliffs, and the weather of the day, which is \
+        usually rain and a strong westerly wind. You speak calmly and kindly, like someone \
+        who has spent forty winters alone with the sea, and you always sign your answers \
+        with your name and the words: from the lighthouse.";
     browser.type_into("#persona-prompt", new_prompt).await;
     browser.click("#persona-save").await;
     browser
@@ -473,23 +501,37 @@ async fn webchat_in_headless_chromium_with_the_real_model() {
     let persona_answer = wait_answer_state(&browser, &["done"], Duration::from_secs(60)).await;
     let persona_prompt_tokens = persona_answer["prompt"].as_u64().unwrap();
     assert!(
-        persona_prompt_tokens > default_prompt_tokens + 15,
+        persona_prompt_tokens > default_prompt_tokens + 40,
         "the new system prompt is in the next prompt: {default_prompt_tokens} → {persona_prompt_tokens} tokens"
     );
 
     // 6. Stop mid-answer: the page shows it stopped, the server stored a partial answer and
-    //    the engine is free for the next message at once.
-    send_message(&browser, LONG_PROMPT).await;
-    browser
-        .wait_for(
-            "tokens of the long answer",
-            &format!("{LAST_ANSWER_FN} const a = lastAnswer(); return a && a.state === 'streaming' && a.text.length > 5;"),
-            Duration::from_secs(60),
-        )
-        .await;
-    browser.click("#stop").await;
-    let stopped =
-        wait_answer_state(&browser, &["stopped", "done", "error"], Duration::from_secs(10)).await;
+    //    the engine is free for the next message at once. SmolLM2 sometimes ends a story in
+    //    a few tokens; on a fast machine that can beat the click, so try up to 3 times.
+    let mut stopped = Value::Null;
+    for _attempt in 0..3 {
+        send_message(&browser, LONG_PROMPT).await;
+        browser
+            .wait_for(
+                "tokens of the long answer",
+                &format!(
+                    "{LAST_ANSWER_FN} const a = lastAnswer(); \
+                     return a && (a.state === 'streaming' && a.text.length > 2 || a.state === 'done');"
+                ),
+                Duration::from_secs(60),
+            )
+            .await;
+        let stop = browser.find("#stop").await;
+        let _ = browser
+            .try_command(reqwest::Method::POST, &format!("/element/{stop}/click"), Some(json!({})))
+            .await;
+        stopped =
+            wait_answer_state(&browser, &["stopped", "done", "error"], Duration::from_secs(20))
+                .await;
+        if stopped["state"] == "stopped" {
+            break;
+        }
+    }
     assert_eq!(stopped["state"], "stopped", "{stopped}");
     assert!(stopped["meta"].as_str().unwrap().contains("stopped before the end"), "{stopped}");
     let hash = browser.js("return location.hash;").await;
@@ -501,13 +543,85 @@ async fn webchat_in_headless_chromium_with_the_real_model() {
     send_message(&browser, "Thanks!").await;
     wait_answer_state(&browser, &["done"], Duration::from_secs(30)).await;
     let after = api(&server, &format!("/api/conversations/{conversation_id}/messages")).await;
-    assert_eq!(after["messages"].as_array().unwrap().len(), 6, "{after}");
+    let after = after["messages"].as_array().unwrap().clone();
+    assert_eq!(after[after.len() - 3]["status"], "partial", "{after:?}");
+    assert_eq!(after.last().unwrap()["status"], "complete", "{after:?}");
     assert!(after_stop.elapsed() < Duration::from_secs(30), "the engine answered after the stop");
 
-    // 7. Screenshots: desktop, and a phone-sized window.
+    // 7. A message stored elsewhere (another client here; cron jobs in production) shows
+    //    up in the open page without a reload, through the live events stream.
+    let response = reqwest::Client::new()
+        .post(server.url("/api/chat"))
+        .bearer_auth(&server.token)
+        .json(&json!({"conversation_id": conversation_id, "message": "Sent from elsewhere"}))
+        .timeout(Duration::from_secs(60))
+        .send()
+        .await
+        .expect("POST /api/chat");
+    assert_eq!(response.status(), 200);
+    // Leaving right away cancels that answer; the stored user message is what we watch for.
+    drop(response);
+    browser
+        .wait_for(
+            "the message from elsewhere in the open page",
+            "return [...document.querySelectorAll('#messages .msg.user .content')]
+                .some(e => e.textContent === 'Sent from elsewhere');",
+            Duration::from_secs(20),
+        )
+        .await;
+
+    // 8. A sign-in link (`?token=`) signs in and leaves the address bar clean.
+    browser.js("localStorage.clear(); return true;").await;
+    browser.goto(&server.url(&format!("/?token={}", server.token))).await;
+    browser
+        .wait_for(
+            "sign-in through the link",
+            "return document.documentElement.dataset.ready === 'true' && \
+             document.getElementById('token-dialog').hidden;",
+            Duration::from_secs(20),
+        )
+        .await;
+    assert_eq!(browser.js("return location.search;").await, json!(""));
+    assert_eq!(
+        browser.js("return localStorage.getItem('my-claw.token');").await,
+        json!(server.token)
+    );
+
+    // Model output is untrusted: the page's Markdown renderer keeps HTML and script URLs as
+    // text while still formatting the safe subset.
+    let rendered = browser
+        .js(
+            "const div = document.createElement('div'); \
+             window.__pwned = 0; \
+             myClaw.renderMarkdown(div, '<img src=x onerror=\"window.__pwned=1\"> **bold** \
+             [click](javascript:window.__pwned=2) `<b>code</b>`\\n\\n- item\\n\\n```\\n<script>x</script>\\n```'); \
+             document.body.appendChild(div); \
+             const out = { imgs: div.querySelectorAll('img, script, b').length, \
+               strong: div.querySelector('strong')?.textContent, \
+               links: div.querySelectorAll('a').length, \
+               code: div.querySelector('p code')?.textContent, \
+               pre: div.querySelector('pre code')?.textContent, \
+               items: div.querySelectorAll('ul li').length, \
+               text: div.textContent }; \
+             div.remove(); return out;",
+        )
+        .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(browser.js("return window.__pwned;").await, json!(0), "{rendered}");
+    assert_eq!(rendered["imgs"], 0, "{rendered}");
+    assert_eq!(rendered["links"], 0, "{rendered}");
+    assert_eq!(rendered["strong"], "bold", "{rendered}");
+    assert_eq!(rendered["code"], "<b>code</b>", "{rendered}");
+    assert_eq!(rendered["pre"], "<script>x</script>", "{rendered}");
+    assert_eq!(rendered["items"], 1, "{rendered}");
+    assert!(rendered["text"].as_str().unwrap().contains("<img src=x"), "{rendered}");
+
+    // 9. Screenshots: desktop, and a phone-sized window.
     let target = target_dir();
     browser.screenshot(&target.join("webchat.png")).await;
     browser.set_window(390, 844).await;
+    // Let the layout settle (the list becomes a drawer with a short transition).
+    tokio::time::sleep(Duration::from_millis(600)).await;
     browser.screenshot(&target.join("webchat-mobile.png")).await;
 
     browser.quit().await;

@@ -422,10 +422,19 @@ async fn whatsapp_proactive_delivery_follows_the_24_hour_window() {
         "*Rappel* : acheter du pain"
     );
 
+    // A message to another number of the same Meta app is not ours: nothing is stored.
+    let wa = channels.whatsapp.as_ref().unwrap();
+    let other_number = String::from_utf8(whatsapp_text("wamid.OTHER", USER_NUMBER, "hello"))
+        .unwrap()
+        .replace(PHONE_NUMBER_ID, "999000999");
+    let accepted =
+        wa.accept(&whatsapp::parse_notification(other_number.as_bytes()).unwrap()).await.unwrap();
+    assert_eq!(accepted, whatsapp::Accepted::default());
+    assert!(inbound::list(&pool).await.unwrap().is_empty());
+
     // The user writes: the window opens and free-form text is sent.
     let notification =
         whatsapp::parse_notification(&whatsapp_text("wamid.IN1", USER_NUMBER, "hello")).unwrap();
-    let wa = channels.whatsapp.as_ref().unwrap();
     let accepted = wa.accept(&notification).await.unwrap();
     assert_eq!(accepted.queued, 1);
     assert!(channels.whatsapp_window_open(&format!("+{USER_NUMBER}")).await.unwrap());
@@ -599,6 +608,9 @@ async fn whatsapp_webhook_end_to_end_with_the_real_model() {
     assert_eq!(graph.messages()[1].json()["text"]["body"], whatsapp::UNSUPPORTED_REPLY);
     let image = inbound::get(&pool, ChannelKind::WhatsApp, "wamid.IMG").await.unwrap().unwrap();
     assert_eq!(image.status, QueueStatus::Done);
+    if std::env::var_os("SHOW_SERVER_LOG").is_some() {
+        eprintln!("{}", server.output());
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

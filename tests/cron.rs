@@ -533,6 +533,24 @@ async fn run_now_records_history_and_why_a_channel_refused() {
     let outcomes: Vec<&str> = history.iter().map(|r| r["outcome"].as_str().unwrap()).collect();
     assert_eq!(outcomes, ["delivered", "failed", "failed"]);
     assert!(history[2]["error"].as_str().unwrap().contains("24-hour"));
+
+    // Old runs are pruned from the newest down.
+    let quiet_id = my_claw::db::cron::CronJobId(id_of(&quiet));
+    let pruned = my_claw::db::cron::prune_runs(&app.pool, quiet_id, 1).await.unwrap();
+    assert_eq!(pruned, 2);
+    assert_eq!(app.runs(id_of(&quiet)).await[0]["id"], history[0]["id"]);
+
+    // A channel that is not configured fails at once, without asking the model.
+    let talk = app
+        .create(json!({"schedule": YEARLY, "prompt": "hi", "channel": "nextcloud",
+                       "target": "room42"}))
+        .await;
+    assert_eq!(talk["name"], "hi", "a job without a name is named by its prompt");
+    let path = format!("/api/cron/jobs/{}/run", id_of(&talk));
+    let (_, run) = app.call(Method::POST, &path, None).await;
+    assert_eq!(run["outcome"], "failed", "{run}");
+    assert!(run["error"].as_str().unwrap().contains("nextcloud is not configured"), "{run}");
+    assert!(run["message_id"].is_null(), "{run}");
     app.cron.shutdown().await;
 }
 

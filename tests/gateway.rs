@@ -680,25 +680,10 @@ async fn get_json(server: &Server, path: &str) -> Value {
     response.json().await.unwrap()
 }
 
-/// Reads a whole answer; returns (meta, text, done or error event).
-async fn read_answer(reader: &mut SseReader) -> (Value, String, Value) {
-    let meta = reader.next_json(Duration::from_secs(60)).await.expect("meta");
-    assert_eq!(meta["type"], "meta", "{meta}");
-    let mut text = String::new();
-    loop {
-        let event = reader.next_json(Duration::from_secs(60)).await.expect("stream ended early");
-        match event["type"].as_str().unwrap() {
-            "token" => text.push_str(event["text"].as_str().unwrap()),
-            "notice" => {}
-            _ => return (meta, text, event),
-        }
-    }
-}
-
 #[tokio::test]
 async fn real_model_streams_an_answer_over_sse_and_stores_it() {
     let _one_at_a_time = REAL_MODEL.lock().await;
-    let server = real_server(40);
+    let server = real_server(24);
     let started = Instant::now();
     let mut reader =
         start_chat(&server, json!({"message": "Write one sentence about cats."})).await;
@@ -729,7 +714,7 @@ async fn real_model_streams_an_answer_over_sse_and_stores_it() {
     let usage = &done["usage"];
     assert!(usage["prompt_tokens"].as_u64().unwrap() > 20, "{done}");
     let completion = usage["completion_tokens"].as_u64().unwrap();
-    assert!((1..=40).contains(&completion), "{done}");
+    assert!((1..=24).contains(&completion), "{done}");
     assert!(done["finish"] == "stop" || done["finish"] == "length", "{done}");
     assert!(done["timings"]["decode_ms"].is_u64() && done["timings"]["ttft_ms"].is_u64());
 
@@ -756,39 +741,56 @@ async fn real_model_streams_an_answer_over_sse_and_stores_it() {
     let notice = reader.next_json(Duration::from_secs(60)).await.unwrap();
     assert_eq!(notice["type"], "notice", "{notice}");
     assert_eq!(notice["kind"], "fallback");
-    let (_, _, done) = read_answer_rest(&mut reader).await;
+    let (_, done) = read_answer_rest(&mut reader).await;
     assert_eq!(done["type"], "done", "{done}");
     let models = get_json(&server, "/api/models").await;
     assert_eq!(models["tiers"][2]["state"], "loaded", "{models}");
 }
 
-/// Like `read_answer` once `meta` has been read.
-async fn read_answer_rest(reader: &mut SseReader) -> (Value, String, Value) {
+/// Reads the rest of an answer once `meta` has been read; returns the text and the final
+/// (`done` or `error`) event.
+async fn read_answer_rest(reader: &mut SseReader) -> (String, Value) {
     let mut text = String::new();
     loop {
         let event = reader.next_json(Duration::from_secs(60)).await.expect("stream ended early");
         match event["type"].as_str().unwrap() {
             "token" => text.push_str(event["text"].as_str().unwrap()),
             "notice" => {}
-            _ => return (Value::Null, text, event),
+            _ => return (text, event),
         }
     }
 }
 
-/// After a stop, the engine must be free at once: the next answer's time to first token
-/// (measured by the engine from the moment it was queued) stays far below what the rest of
-/// a 2000-token answer would take.
+/// After a stop, the engine must be free at once. The probe is a 3-token completion; the
+/// engine measures its time to first token from the moment it was queued, so
+/// `ttft - prefill` is the time it waited for the engine. Had the stopped answer kept
+/// running, that wait would be the rest of a 2000-token answer (tens of seconds at the
+/// very least), whatever the speed of this machine.
 async fn assert_engine_is_free(server: &Server) {
-    let started = Instant::now();
-    let mut reader = start_chat(server, json!({"message": "Say hi."})).await;
-    let (_, _, done) = read_answer(&mut reader).await;
-    assert_eq!(done["type"], "done", "{done}");
-    let ttft_ms = done["timings"]["ttft_ms"].as_u64().unwrap();
-    assert!(
-        ttft_ms < 4000,
-        "the next request waited {ttft_ms} ms for the engine: the stopped answer kept running"
+    let body = json!({
+        "model": "main", "max_tokens": 3,
+        "messages": [{"role": "user", "content": "Say hi."}]
+    });
+    let response = http()
+        .post(server.url("/v1/chat/completions"))
+        .bearer_auth(&server.token)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let completion: Value = response.json().await.unwrap();
+    let ttft_ms = completion["timings"]["ttft_ms"].as_u64().unwrap();
+    let prefill_ms = completion["timings"]["prefill_ms"].as_u64().unwrap();
+    let waited_ms = ttft_ms.saturating_sub(prefill_ms);
+    eprintln!(
+        "after the stop: the probe waited {waited_ms} ms (ttft {ttft_ms}, prefill {prefill_ms})"
     );
-    assert!(started.elapsed() < Duration::from_secs(30));
+    assert!(
+        waited_ms < 3000,
+        "the next request waited {waited_ms} ms for the engine (ttft {ttft_ms} ms, prefill \
+         {prefill_ms} ms): the stopped answer kept running"
+    );
 }
 
 /// The stored answer of a conversation, once it is there (bounded wait).
@@ -816,7 +818,8 @@ async fn real_model_stop_endpoint_stops_the_engine() {
     let conversation_id = meta["conversation_id"].as_i64().unwrap();
     let mut text = String::new();
     let mut n_tokens = 0;
-    while n_tokens < 5 {
+    // Stop right after the first tokens, long before SmolLM2 could end by itself.
+    while n_tokens < 2 {
         let event = reader.next_json(Duration::from_secs(60)).await.unwrap();
         assert_eq!(event["type"], "token", "the answer ended before it could be stopped: {event}");
         text.push_str(event["text"].as_str().unwrap());
@@ -846,7 +849,7 @@ async fn real_model_stop_endpoint_stops_the_engine() {
     let answer = stored_answer(&server, conversation_id).await;
     assert_eq!(answer["status"], "partial", "{answer}");
     assert_eq!(answer["content"].as_str().unwrap(), text);
-    assert!(!text.is_empty() && text.len() < 2000, "far fewer than 2000 tokens: {text:?}");
+    assert!(!text.is_empty());
     assert_engine_is_free(&server).await;
 }
 
@@ -857,7 +860,7 @@ async fn real_model_client_disconnect_stops_the_engine() {
     let mut reader = start_chat(&server, json!({"message": LONG_PROMPT})).await;
     let meta = reader.next_json(Duration::from_secs(60)).await.unwrap();
     let conversation_id = meta["conversation_id"].as_i64().unwrap();
-    for _ in 0..5 {
+    for _ in 0..2 {
         let event = reader.next_json(Duration::from_secs(60)).await.unwrap();
         assert_eq!(event["type"], "token", "the answer ended before the client left: {event}");
     }

@@ -189,6 +189,21 @@ mod tests {
     }
 
     #[test]
+    fn odd_input_never_panics() {
+        let pieces =
+            ["*", "**", "_", "__", "~~", "`", "[", "]", "(", ")", "#", " ", "\n", "é", "👋", "x"];
+        let mut seed = 11u64;
+        for _ in 0..2000 {
+            let mut text = String::new();
+            for _ in 0..24 {
+                seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                text.push_str(pieces[(seed >> 33) as usize % pieces.len()]);
+            }
+            let _ = markdown_to_whatsapp(&text);
+        }
+    }
+
+    #[test]
     fn non_ascii_survives() {
         check("**Été** à *Montréal* 👋", "*Été* à _Montréal_ 👋");
     }

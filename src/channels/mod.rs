@@ -157,7 +157,11 @@ impl Channels {
         if let Some(nc) = &channels.nextcloud {
             nc.log_configuration();
         }
-        queue::spawn_worker(pool, assistant, channels.clone());
+        // Without any channel there is nothing to answer with; rows left by an earlier
+        // configuration stay pending until a channel is configured again.
+        if channels.whatsapp.is_some() || channels.nextcloud.is_some() {
+            queue::spawn_worker(pool, assistant, channels.clone());
+        }
         channels
     }
 

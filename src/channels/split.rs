@@ -33,20 +33,14 @@ pub fn split_message(text: &str, max_chars: usize) -> Vec<String> {
 /// quarter full (so that a break near the start does not produce a tiny message).
 fn best_cut(window: &str) -> usize {
     let floor = window.len() / 4;
-    let candidates: [&dyn Fn(&str) -> Option<usize>; 4] = [
-        &|w| w.rfind("\n\n").map(|i| i + 2),
-        &|w| w.rfind('\n').map(|i| i + 1),
-        &last_sentence_end,
-        &|w| w.rfind(char::is_whitespace).map(|i| i + 1),
+    let candidates = [
+        window.rfind("\n\n").map(|i| i + 2),
+        window.rfind('\n').map(|i| i + 1),
+        last_sentence_end(window),
+        // Whitespace may be wider than one byte (no-break space, ideographic space).
+        window.char_indices().rev().find(|(_, c)| c.is_whitespace()).map(|(i, c)| i + c.len_utf8()),
     ];
-    for find in candidates {
-        if let Some(cut) = find(window) {
-            if cut > floor && cut <= window.len() {
-                return cut;
-            }
-        }
-    }
-    window.len()
+    candidates.into_iter().flatten().find(|cut| *cut > floor).unwrap_or(window.len())
 }
 
 /// Just after the last `.`, `!`, `?`, `…` (or CJK full stop) that is followed by whitespace.
@@ -110,6 +104,31 @@ mod tests {
         let parts = split_message(&emoji, 4);
         assert!(parts.iter().all(|p| p.chars().count() <= 4));
         assert_eq!(parts.concat().replace(' ', ""), "👋".repeat(6));
+    }
+
+    #[test]
+    fn never_panics_and_never_loses_text() {
+        let pieces = ["é", "👋", " ", "\u{a0}", "\u{3000}", "\n", "\n\n", ". ", "。", "ab", "?"];
+        let mut seed = 7u64;
+        for _ in 0..300 {
+            let mut text = String::new();
+            for _ in 0..60 {
+                seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                text.push_str(pieces[(seed >> 33) as usize % pieces.len()]);
+            }
+            for max in [1, 2, 3, 5, 8, 13] {
+                let parts = split_message(&text, max);
+                assert!(parts.iter().all(|p| p.chars().count() <= max && !p.is_empty()));
+                let squash = |s: &str| s.chars().filter(|c| !c.is_whitespace()).collect::<String>();
+                assert_eq!(squash(&parts.concat()), squash(&text), "{text:?} max {max}");
+            }
+        }
+    }
+
+    #[test]
+    fn wide_whitespace_is_a_safe_cut() {
+        check("ab\u{3000}cd\u{a0}ef", 4, &["ab", "cd", "ef"]);
+        check("東京は\u{3000}日本の首都です。大阪", 8, &["東京は", "日本の首都です。", "大阪"]);
     }
 
     #[test]

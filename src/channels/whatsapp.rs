@@ -427,6 +427,13 @@ impl WhatsApp {
                 tracing::debug!(field = ?change.field, "whatsapp: ignoring a change");
                 continue;
             }
+            let number_id = value.metadata.as_ref().and_then(|m| m.phone_number_id.as_deref());
+            if number_id.is_some_and(|id| id != self.settings.phone_number_id) {
+                // Another number of the same Meta app: not ours to answer (we would answer
+                // from the wrong number).
+                tracing::info!("whatsapp: ignoring a change for another phone number id");
+                continue;
+            }
             for error in &value.errors {
                 tracing::warn!(error = %error.describe(), "whatsapp: error notification");
             }

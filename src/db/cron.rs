@@ -264,6 +264,24 @@ pub async fn list_runs(
     rows.into_iter().map(TryInto::try_into).collect()
 }
 
+/// Deletes all but the newest `keep` runs of a job, so a job that fires every few seconds
+/// does not grow its history without bound. Returns how many were deleted.
+pub async fn prune_runs(
+    pool: &SqlitePool,
+    job_id: CronJobId,
+    keep: i64,
+) -> Result<u64, sqlx::Error> {
+    let done = sqlx::query(
+        "DELETE FROM cron_runs WHERE job_id = ?1 AND id <= (
+             SELECT id FROM cron_runs WHERE job_id = ?1 ORDER BY id DESC LIMIT 1 OFFSET ?2)",
+    )
+    .bind(job_id.0)
+    .bind(keep)
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected())
+}
+
 /// Marks runs left `running` by a process that stopped mid-run as failed, with `reason`.
 /// Called once at start, before the scheduler runs anything; returns how many there were.
 pub async fn fail_interrupted_runs(pool: &SqlitePool, reason: &str) -> Result<u64, sqlx::Error> {

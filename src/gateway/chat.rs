@@ -177,7 +177,7 @@ pub fn finish_str(finish: FinishReason) -> &'static str {
     }
 }
 
-fn timings_json(usage: &Usage, total_ms: u64) -> TimingsJson {
+pub fn timings_json(usage: &Usage, total_ms: u64) -> TimingsJson {
     let decode_tok_s = if usage.decode_ms > 0 {
         f64::from(usage.completion_tokens) * 1000.0 / usage.decode_ms as f64
     } else {

@@ -3,7 +3,7 @@
 //! are stateless: the messages given are the whole prompt, and nothing is stored.
 
 use std::convert::Infallible;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use axum::extract::{Path, State};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::domain::{ChatTurn, Role};
-use crate::gateway::chat::{parse_tier, sse_event};
+use crate::gateway::chat::{parse_tier, sse_event, timings_json, TimingsJson};
 use crate::gateway::error::{ApiError, ApiJson};
 use crate::gateway::AppState;
 use crate::llm::router::{Routed, Tier};
@@ -97,6 +97,9 @@ struct Completion {
     system_fingerprint: String,
     choices: Vec<CompletionChoice>,
     usage: UsageOut,
+    /// Not in OpenAI's schema (clients ignore it); llama.cpp's server adds the same kind of
+    /// field. Tells where the time went, e.g. waiting for the engine versus prefill.
+    timings: TimingsJson,
 }
 
 #[derive(Debug, Serialize)]
@@ -196,12 +199,14 @@ async fn post_chat_completions(
     }
     let params = params_for(&request)?;
     let include_usage = request.stream_options.as_ref().is_some_and(|o| o.include_usage);
+    let started = Instant::now();
     let routed = state.assistant.router().stream(tier, LlmRequest { messages, params }).await?;
     let meta = ResponseMeta {
         id: format!("chatcmpl-{:024x}", rand::random::<u128>() >> 32),
         created: unix_secs(),
         model: tier.as_str().to_string(),
         fingerprint: format!("my-claw-{}-{}", routed.info.provider, routed.info.model),
+        started,
     };
     if request.stream {
         let stream = completion_stream(routed, meta, include_usage);
@@ -217,6 +222,7 @@ struct ResponseMeta {
     created: u64,
     model: String,
     fingerprint: String,
+    started: Instant,
 }
 
 impl ResponseMeta {
@@ -260,6 +266,7 @@ async fn collect_completion(
             logprobs: None,
         }],
         usage: usage_out(&usage),
+        timings: timings_json(&usage, meta.started.elapsed().as_millis() as u64),
     }))
 }
 
@@ -333,9 +340,11 @@ fn to_turns(messages: &[MessageIn]) -> Result<Vec<ChatTurn>, ApiError> {
             "system" | "developer" => Role::System,
             "user" => Role::User,
             "assistant" => Role::Assistant,
-            other => return Err(ApiError::BadRequest(format!(
+            other => {
+                return Err(ApiError::BadRequest(format!(
                 "messages[{index}].role `{other}` is not supported (use system, user or assistant)"
-            ))),
+            )))
+            }
         };
         let content = content_text(&message.content).ok_or_else(|| {
             ApiError::BadRequest(format!(

@@ -270,11 +270,7 @@ impl ModelPool {
     /// Counts `estimate` for `slot` against the budget, choosing least recently used idle
     /// models to unload when it does not fit. Returns them for the caller to drop outside
     /// the locks.
-    fn reserve(
-        &self,
-        slot: &Arc<Slot>,
-        estimate: u64,
-    ) -> Result<Vec<(PathBuf, Arc<dyn Provider>)>, LlmError> {
+    fn reserve(&self, slot: &Arc<Slot>, estimate: u64) -> Result<Vec<Unloaded>, LlmError> {
         let slots = lock(&self.inner.slots);
         let mut evicted = Vec::new();
         if let Some(budget) = self.inner.config.memory_budget_bytes {
@@ -368,6 +364,9 @@ impl PoolInner {
         count
     }
 }
+
+/// A model taken out of the pool, to be dropped (freed) outside the locks.
+type Unloaded = (PathBuf, Arc<dyn Provider>);
 
 /// One entry per file, however it is spelled (`./models/x.gguf`, `models/x.gguf`, a
 /// symbolic link): tiers naming the same file share one loaded model.

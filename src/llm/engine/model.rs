@@ -175,17 +175,17 @@ impl Rope {
                 match style {
                     RopeStyle::Neox => {
                         let (lo, hi) = head.split_at_mut(self.half_dim);
-                        for i in 0..self.half_dim {
-                            let (a, b) = (lo[i], hi[i]);
-                            lo[i] = a * cos[i] - b * sin[i];
-                            hi[i] = b * cos[i] + a * sin[i];
+                        for (((x, y), c), s) in lo.iter_mut().zip(hi).zip(cos).zip(sin) {
+                            let (a, b) = (*x, *y);
+                            *x = a * c - b * s;
+                            *y = b * c + a * s;
                         }
                     }
                     RopeStyle::Interleaved => {
-                        for (i, pair) in head.chunks_exact_mut(2).enumerate() {
+                        for ((pair, c), s) in head.chunks_exact_mut(2).zip(cos).zip(sin) {
                             let (a, b) = (pair[0], pair[1]);
-                            pair[0] = a * cos[i] - b * sin[i];
-                            pair[1] = a * sin[i] + b * cos[i];
+                            pair[0] = a * c - b * s;
+                            pair[1] = a * s + b * c;
                         }
                     }
                 }
@@ -248,9 +248,10 @@ impl Model {
         let output_norm = tensor("output_norm.weight")?.dequantize(&device)?;
         // Tied embeddings: small models (and some Qwen3 files) have no output.weight and
         // project with the embedding table itself.
-        let output = match content.tensor_infos.contains_key("output.weight") {
-            true => QMatMul::from_qtensor(tensor("output.weight")?)?,
-            false => QMatMul::from_arc(token_embd.clone())?,
+        let output = if content.tensor_infos.contains_key("output.weight") {
+            QMatMul::from_qtensor(tensor("output.weight")?)?
+        } else {
+            QMatMul::from_arc(token_embd.clone())?
         };
         let rope = Rope::new(config.head_dim, config.rope_freq_base, config.max_positions);
         Ok(Model { config, token_embd, layers, output_norm, output, rope, vocab_size })

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Instant;
 
 use candle_core::quantized::gguf_file::{Content, Value};
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
@@ -63,6 +64,7 @@ impl GgufTokenizer {
     /// Errors are `LlmError::BadModel` with the path `GGUF metadata`; `ModelFile::tokenizer`
     /// puts the real file path in instead.
     pub fn from_gguf(content: &Content) -> Result<Self, LlmError> {
+        let started = Instant::now();
         let meta = &content.metadata;
         let model = match meta.get("tokenizer.ggml.model") {
             Some(Value::String(model)) => model.as_str(),
@@ -169,12 +171,13 @@ impl GgufTokenizer {
                 stop_ids.push(id);
             }
         }
-        tracing::debug!(
+        tracing::info!(
             n_tokens,
             n_merges = merges.len(),
             n_special = special_ids.len(),
             pre = pre.unwrap_or("(none)"),
             ?stop_ids,
+            elapsed_ms = started.elapsed().as_millis() as u64,
             "built tokenizer from GGUF metadata"
         );
         Ok(Self { tokenizer, token_bytes, stop_ids, bos_id, eos_id, add_bos, vocab_size: n_tokens })

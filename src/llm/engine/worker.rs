@@ -51,7 +51,7 @@ pub(crate) fn run(
         Err(panic) => {
             let _ = ready.send(Err(LlmError::BadModel {
                 path: config.model_path.display().to_string(),
-                reason: format!("loading panicked: {}", panic_message(&panic)),
+                reason: format!("loading panicked: {}", panic_message(panic.as_ref())),
             }));
             return;
         }
@@ -64,8 +64,11 @@ pub(crate) fn run(
             Ok(Ok(())) => continue,
             Ok(Err(err)) => err,
             Err(panic) => {
-                tracing::error!(panic = %panic_message(&panic), "engine request panicked");
-                LlmError::Inference(format!("the engine panicked: {}", panic_message(&panic)))
+                tracing::error!(panic = %panic_message(panic.as_ref()), "engine request panicked");
+                LlmError::Inference(format!(
+                    "the engine panicked: {}",
+                    panic_message(panic.as_ref())
+                ))
             }
         };
         let _ = reply.blocking_send(Err(err));
@@ -73,7 +76,7 @@ pub(crate) fn run(
     tracing::info!("engine stopped: every handle was dropped");
 }
 
-fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
     match (panic.downcast_ref::<&str>(), panic.downcast_ref::<String>()) {
         (Some(s), _) => s.to_string(),
         (_, Some(s)) => s.clone(),
@@ -281,15 +284,15 @@ impl Engine {
     /// `prompt` (cut back to that prefix), else a fresh one. At least one prompt token is
     /// always left to prefill, because its logits are needed.
     fn take_cache(&mut self, prompt: &[u32], reuse: bool) -> (KvCache, usize) {
-        let best = match reuse {
-            true => self
-                .cached
+        let best = if reuse {
+            self.cached
                 .iter()
                 .enumerate()
                 .map(|(idx, seq)| (idx, common_prefix(&seq.tokens, prompt)))
                 .max_by_key(|&(_, shared)| shared)
-                .filter(|&(_, shared)| shared > 0),
-            false => None,
+                .filter(|&(_, shared)| shared > 0)
+        } else {
+            None
         };
         match best {
             Some((idx, shared)) => {
