@@ -429,3 +429,16 @@ async fn local_provider_streams_and_reports_itself() {
     let err = provider.stream(request).await.unwrap_err();
     assert!(matches!(err, LlmError::ContextOverflow { .. }), "{err:?}");
 }
+
+#[tokio::test]
+async fn dropping_the_last_handle_finishes_the_running_request() {
+    let engine = EngineHandle::spawn(engine_config(util::smollm2_path(), 512)).await.unwrap();
+    let request = LlmRequest { messages: vec![user("Hi")], params: GenerationParams::greedy(4) };
+    let mut stream = engine.submit(request).unwrap();
+    drop(engine);
+    let mut finished = false;
+    while let Some(item) = stream.recv().await {
+        finished |= matches!(item.unwrap(), Chunk::Done { .. });
+    }
+    assert!(finished, "the request in flight must still complete");
+}

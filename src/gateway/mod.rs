@@ -61,6 +61,10 @@ pub fn router(state: AppState) -> Router {
         .merge(protected)
         .layer(DefaultBodyLimit::max(state.max_body_bytes))
         .layer(middleware::from_fn(error::log_internal_errors))
-        .layer(TraceLayer::new_for_http())
+        // Spans carry the path only: query strings can hold secrets (`hub.verify_token`,
+        // the WebChat `?token=` link), and logs must never show them.
+        .layer(TraceLayer::new_for_http().make_span_with(|request: &axum::extract::Request| {
+            tracing::info_span!("http", method = %request.method(), path = %request.uri().path())
+        }))
         .with_state(state)
 }
