@@ -120,6 +120,7 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
         started_at: Instant::now(),
         data_dir: Arc::new(settings.data_dir.clone()),
         max_body_bytes: settings.max_body_bytes,
+        reply_max_tokens: settings.engine.reply_max_tokens,
         channels,
     };
     let listener = tokio::net::TcpListener::bind(settings.bind)

@@ -14,7 +14,7 @@ use crate::util::{self, Server, ServerOptions};
 const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
 const CHROMIUM: &str = "/usr/bin/chromium";
 const INSTALL: &str = "apt-get update && apt-get install -y chromium chromium-driver \
-     (or run scripts/browser-deps.sh)";
+     (or run scripts/install-deps.sh test)";
 /// The W3C name of an element reference in WebDriver answers.
 const ELEMENT_KEY: &str = "element-6066-11e4-a52e-4f735466cecf";
 const ENTER: &str = "\u{E007}";
@@ -152,9 +152,21 @@ impl Browser {
         found[ELEMENT_KEY].as_str().unwrap_or_else(|| panic!("no element {css}")).to_string()
     }
 
+    /// Clicks an element. The page re-renders lists when live events arrive, so an element
+    /// found a moment ago can be replaced before the click: find it again then.
     async fn click(&self, css: &str) {
-        let id = self.find(css).await;
-        self.command(reqwest::Method::POST, &format!("/element/{id}/click"), Some(json!({}))).await;
+        let mut last_error = String::new();
+        for _ in 0..20 {
+            let id = self.find(css).await;
+            let path = format!("/element/{id}/click");
+            match self.try_command(reqwest::Method::POST, &path, Some(json!({}))).await {
+                Ok(_) => return,
+                Err(message) if message.contains("stale element") => last_error = message,
+                Err(message) => panic!("click {css}: {message}"),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("click {css}: the element kept being replaced: {last_error}");
     }
 
     /// Types into an element as a user would (key events, so Enter really sends).

@@ -197,6 +197,7 @@ impl App {
             started_at: Instant::now(),
             data_dir: Arc::new(dir.path().to_path_buf()),
             max_body_bytes: 64 * 1024,
+            reply_max_tokens: 64,
             channels,
         };
         let app = gateway::cron::attach(gateway::router(state), cron.clone());

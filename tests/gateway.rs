@@ -93,6 +93,7 @@ async fn test_app() -> TestApp {
         started_at: Instant::now(),
         data_dir: Arc::new(dir.path().to_path_buf()),
         max_body_bytes: MAX_BODY,
+        reply_max_tokens: 64,
         channels: my_claw::channels::Channels::default(),
     };
     TestApp { state, last_request, _dir: dir }
@@ -362,6 +363,11 @@ async fn conversations_can_be_renamed_and_deleted() {
     assert!(error_message(&err).contains("not a conversation id"), "{err}");
     let (_, list) = call_json(&app, Method::GET, "/api/conversations", None).await;
     assert_eq!(list["conversations"][0]["title"], "Groceries");
+    let (_, list) = call_json(&app, Method::GET, "/api/conversations?limit=1", None).await;
+    assert_eq!(list["conversations"].as_array().unwrap().len(), 1);
+    let (status, err) = call_json(&app, Method::GET, "/api/conversations?limit=lots", None).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(error_message(&err).contains("limit `lots` is not a number"), "{err}");
 
     let (status, _) = call_json(&app, Method::DELETE, &path, None).await;
     assert_eq!(status, StatusCode::NO_CONTENT);
@@ -604,13 +610,17 @@ async fn webchat_page_is_embedded_and_served_with_a_strict_policy() {
 /// timing checks meaningful.
 static REAL_MODEL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// The reply limit in the stop tests: an answer that is not really stopped keeps the
+/// engine busy for thousands of tokens (40 s and more even at llama.cpp's speed here).
+const STOP_TEST_MAX_TOKENS: u32 = 6000;
+
 /// A prompt that makes SmolLM2 write for a long time.
 const LONG_PROMPT: &str = "Count from 1 to 1000, one number per line, with no other text.";
 
 fn real_server(reply_max_tokens: u32) -> Server {
     let mut envs = util::smollm2_env();
     envs.push(("REPLY_MAX_TOKENS".into(), reply_max_tokens.to_string()));
-    envs.push(("CONTEXT_SIZE".into(), "4096".into()));
+    envs.push(("CONTEXT_SIZE".into(), "8192".into()));
     Server::start(ServerOptions { envs, data_dir: None })
 }
 
@@ -763,9 +773,9 @@ async fn read_answer_rest(reader: &mut SseReader) -> (String, Value) {
 
 /// After a stop, the engine must be free at once. The probe is a 3-token completion; the
 /// engine measures its time to first token from the moment it was queued, so
-/// `ttft - prefill` is the time it waited for the engine. Had the stopped answer kept
-/// running, that wait would be the rest of a 2000-token answer (tens of seconds at the
-/// very least), whatever the speed of this machine.
+/// `ttft - prefill` is the time it waited for the engine (plus a decode step and, on this
+/// shared 2-core machine, scheduling noise of a few seconds). Had the stopped answer kept
+/// running, that wait would be the rest of a 6000-token answer: 40 s at the very least.
 async fn assert_engine_is_free(server: &Server) {
     let body = json!({
         "model": "main", "max_tokens": 3,
@@ -787,7 +797,7 @@ async fn assert_engine_is_free(server: &Server) {
         "after the stop: the probe waited {waited_ms} ms (ttft {ttft_ms}, prefill {prefill_ms})"
     );
     assert!(
-        waited_ms < 3000,
+        waited_ms < 15_000,
         "the next request waited {waited_ms} ms for the engine (ttft {ttft_ms} ms, prefill \
          {prefill_ms} ms): the stopped answer kept running"
     );
@@ -812,7 +822,7 @@ async fn stored_answer(server: &Server, conversation_id: i64) -> Value {
 #[tokio::test]
 async fn real_model_stop_endpoint_stops_the_engine() {
     let _one_at_a_time = REAL_MODEL.lock().await;
-    let server = real_server(2000);
+    let server = real_server(STOP_TEST_MAX_TOKENS);
     let mut reader = start_chat(&server, json!({"message": LONG_PROMPT})).await;
     let meta = reader.next_json(Duration::from_secs(60)).await.unwrap();
     let conversation_id = meta["conversation_id"].as_i64().unwrap();
@@ -841,7 +851,7 @@ async fn real_model_stop_endpoint_stops_the_engine() {
             _ => break event,
         }
     };
-    assert!(stopped_at.elapsed() < Duration::from_secs(3), "the stream ended promptly");
+    assert!(stopped_at.elapsed() < Duration::from_secs(10), "the stream ended promptly");
     assert_eq!(done["type"], "done", "{done}");
     assert_eq!(done["finish"], "cancelled");
     assert!(reader.next_data(Duration::from_secs(5)).await.is_none(), "the stream ends");
@@ -856,7 +866,7 @@ async fn real_model_stop_endpoint_stops_the_engine() {
 #[tokio::test]
 async fn real_model_client_disconnect_stops_the_engine() {
     let _one_at_a_time = REAL_MODEL.lock().await;
-    let server = real_server(2000);
+    let server = real_server(STOP_TEST_MAX_TOKENS);
     let mut reader = start_chat(&server, json!({"message": LONG_PROMPT})).await;
     let meta = reader.next_json(Duration::from_secs(60)).await.unwrap();
     let conversation_id = meta["conversation_id"].as_i64().unwrap();
@@ -870,6 +880,38 @@ async fn real_model_client_disconnect_stops_the_engine() {
     assert_eq!(answer["status"], "partial", "{answer}");
     assert!(!answer["content"].as_str().unwrap().is_empty());
     assert_engine_is_free(&server).await;
+}
+
+#[tokio::test]
+async fn real_model_server_shuts_down_promptly_with_open_streams() {
+    let _one_at_a_time = REAL_MODEL.lock().await;
+    let mut server = real_server(STOP_TEST_MAX_TOKENS);
+    // An open live-events stream and an answer in the middle of a long reply: neither may
+    // hold the graceful shutdown.
+    let events = http()
+        .get(server.url("/api/events"))
+        .bearer_auth(&server.token)
+        .send()
+        .await
+        .expect("GET /api/events");
+    let mut events = SseReader::new(events);
+    let ready = events.next_json(Duration::from_secs(20)).await.unwrap();
+    assert_eq!(ready["type"], "ready");
+    let mut chat = start_chat(&server, json!({"message": LONG_PROMPT})).await;
+    assert_eq!(chat.next_json(Duration::from_secs(60)).await.unwrap()["type"], "meta");
+    let token = chat.next_json(Duration::from_secs(60)).await.unwrap();
+    assert_eq!(token["type"], "token", "{token}");
+
+    let code = server.terminate(Duration::from_secs(15));
+    assert_eq!(code, Some(0), "clean exit within 15 s:\n{}", server.output());
+    let done = loop {
+        let event = chat.next_json(Duration::from_secs(5)).await.expect("a final event");
+        if event["type"] != "token" {
+            break event;
+        }
+    };
+    assert_eq!(done["type"], "done", "{done}");
+    assert_eq!(done["finish"], "cancelled", "the answer was stopped and stored: {done}");
 }
 
 /// The virtual environment with the official `openai` package, made once under the target

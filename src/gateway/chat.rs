@@ -3,6 +3,9 @@
 //! `Assistant` events; storing, prompting and routing are the assistant's business.
 
 use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{Path, State};
@@ -11,12 +14,13 @@ use axum::routing::post;
 use axum::Router;
 use futures::stream::Stream;
 use serde::{Deserialize, Serialize};
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 
-use crate::assistant::Event;
+use crate::assistant::{Assistant, Event};
 use crate::domain::{ChannelKind, ConversationId, Inbound};
 use crate::gateway::error::{ApiError, ApiJson};
+use crate::gateway::events::shutdown_requested;
 use crate::gateway::AppState;
 use crate::llm::router::Tier;
 use crate::llm::{FinishReason, Usage};
@@ -119,8 +123,63 @@ async fn post_chat(
     let events = state.assistant.start(inbound, tier).await?;
     // When the client disconnects, axum drops this stream, which drops the receiver; the
     // assistant then stops the engine at its next token and stores the text as `partial`.
-    let stream = ReceiverStream::new(events).map(|event| Ok(sse_event(&chat_event(event))));
+    let stream = stop_on_shutdown(state.assistant.clone(), events)
+        .map(|event| Ok(sse_event(&chat_event(event))));
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}
+
+/// Forwards the events of one answer. The graceful shutdown waits for open responses, and
+/// an answer on a slow machine can take minutes: on SIGINT/SIGTERM the answer is stopped
+/// (stored as `partial`, ended with a `done` event) so the server exits promptly.
+fn stop_on_shutdown(
+    assistant: Arc<Assistant>,
+    events: mpsc::Receiver<Event>,
+) -> impl Stream<Item = Event> {
+    let shutdown: Pin<Box<dyn Future<Output = ()> + Send>> = Box::pin(shutdown_requested());
+    let forward =
+        Forward { assistant, events, shutdown: Some(shutdown), id: None, stopping: false };
+    futures::stream::unfold(forward, |mut forward| async move {
+        let event = forward.next().await?;
+        Some((event, forward))
+    })
+}
+
+/// The state of `stop_on_shutdown`'s stream.
+struct Forward {
+    assistant: Arc<Assistant>,
+    events: mpsc::Receiver<Event>,
+    shutdown: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+    id: Option<ConversationId>,
+    stopping: bool,
+}
+
+impl Forward {
+    async fn next(&mut self) -> Option<Event> {
+        loop {
+            let received = match self.shutdown.as_mut() {
+                Some(signal) => tokio::select! {
+                    event = self.events.recv() => event,
+                    _ = signal => {
+                        self.shutdown = None;
+                        self.stopping = true;
+                        if let Some(id) = self.id {
+                            self.assistant.stop(id);
+                        }
+                        continue;
+                    }
+                },
+                None => self.events.recv().await,
+            };
+            let event = received?;
+            if let Event::Meta { conversation_id, .. } = &event {
+                self.id = Some(*conversation_id);
+                if self.stopping {
+                    self.assistant.stop(*conversation_id);
+                }
+            }
+            return Some(event);
+        }
+    }
 }
 
 /// Stops the running answer of a conversation. `stopped` is false when nothing was running.

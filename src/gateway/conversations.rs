@@ -72,7 +72,20 @@ struct MessageList {
 
 #[derive(Debug, Deserialize)]
 struct ListQuery {
-    limit: Option<i64>,
+    /// Kept as text so that a bad value gets our error shape, not the extractor's.
+    limit: Option<String>,
+}
+
+impl ListQuery {
+    fn limit(&self, max: i64) -> Result<i64, ApiError> {
+        match self.limit.as_deref() {
+            None => Ok(max),
+            Some(text) => match text.parse::<i64>() {
+                Ok(n) => Ok(n.clamp(1, max)),
+                Err(_) => Err(ApiError::BadRequest(format!("limit `{text}` is not a number"))),
+            },
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -84,7 +97,7 @@ async fn list_conversations(
     State(state): State<AppState>,
     Query(query): Query<ListQuery>,
 ) -> Result<ApiJson<ConversationList>, ApiError> {
-    let limit = query.limit.unwrap_or(MAX_CONVERSATIONS).clamp(1, MAX_CONVERSATIONS);
+    let limit = query.limit(MAX_CONVERSATIONS)?;
     let summaries = memory::list_conversations(&state.pool, limit).await?;
     let conversations = summaries.into_iter().map(summary_json).collect();
     Ok(ApiJson(ConversationList { conversations }))
@@ -96,7 +109,7 @@ async fn list_messages(
     Query(query): Query<ListQuery>,
 ) -> Result<ApiJson<MessageList>, ApiError> {
     let conversation = find_conversation(&state, parse_id(&id)?).await?;
-    let limit = query.limit.unwrap_or(MAX_MESSAGES).clamp(1, MAX_MESSAGES);
+    let limit = query.limit(MAX_MESSAGES)?;
     let messages = memory::history(&state.pool, conversation.id, limit).await?;
     Ok(ApiJson(MessageList {
         conversation: conversation_json(conversation),

@@ -37,6 +37,8 @@ pub struct AppState {
     pub started_at: Instant,
     pub data_dir: Arc<PathBuf>,
     pub max_body_bytes: usize,
+    /// Reply length when a `/v1` client sets none (`REPLY_MAX_TOKENS`).
+    pub reply_max_tokens: u32,
     pub channels: crate::channels::Channels,
 }
 

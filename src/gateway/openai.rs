@@ -21,8 +21,6 @@ use crate::gateway::AppState;
 use crate::llm::router::{Routed, Tier};
 use crate::llm::{Chunk, FinishReason, GenerationParams, LlmRequest, Usage};
 
-/// Reply length when the client asks for none (the WebChat's default `REPLY_MAX_TOKENS`).
-const DEFAULT_MAX_TOKENS: u32 = 1024;
 /// Largest reply a client may ask for.
 const MAX_MAX_TOKENS: u32 = 32_768;
 
@@ -197,7 +195,7 @@ async fn post_chat_completions(
         let persona = state.assistant.persona().await?;
         messages.insert(0, ChatTurn::new(Role::System, persona.system_turn()));
     }
-    let params = params_for(&request)?;
+    let params = params_for(&request, state.reply_max_tokens)?;
     let include_usage = request.stream_options.as_ref().is_some_and(|o| o.include_usage);
     let started = Instant::now();
     let routed = state.assistant.router().stream(tier, LlmRequest { messages, params }).await?;
@@ -377,9 +375,12 @@ fn content_text(content: &Value) -> Option<String> {
     }
 }
 
-fn params_for(request: &CompletionRequest) -> Result<GenerationParams, ApiError> {
+fn params_for(
+    request: &CompletionRequest,
+    default_max_tokens: u32,
+) -> Result<GenerationParams, ApiError> {
     let max_tokens =
-        request.max_completion_tokens.or(request.max_tokens).unwrap_or(DEFAULT_MAX_TOKENS);
+        request.max_completion_tokens.or(request.max_tokens).unwrap_or(default_max_tokens);
     if max_tokens == 0 || max_tokens > MAX_MAX_TOKENS {
         return Err(ApiError::BadRequest(format!(
             "max_tokens must be between 1 and {MAX_MAX_TOKENS}"
