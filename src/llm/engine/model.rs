@@ -375,26 +375,35 @@ impl Model {
             )?
             .reshape((1, cfg.n_head * head_dim))?
         } else {
-            let q = Tensor::from_vec(q, (1, n_tokens, cfg.n_head, head_dim), &Device::Cpu)?;
-            let kv = Tensor::from_slice(
-                &kv[..],
-                (1, kv_len, cfg.n_head_kv, 2 * head_dim),
-                &Device::Cpu,
-            )?;
-            let keys = kv.narrow(3, 0, head_dim)?.contiguous()?;
-            let values = kv.narrow(3, head_dim, head_dim)?.contiguous()?;
-            // Query `i` sees keys up to `start + i`: the causal mask shifted by the cache.
-            let out = candle_nn::attention::flash_attn::<f32>(
-                &q,
-                &keys,
-                &values,
-                scale,
-                candle_nn::attention::AttnMask::causal_with_offset(start),
-                None,
-                None,
-            )?;
-            // (1, n_head, n_tokens, head_dim) → (n_tokens, n_head * head_dim)
-            out.squeeze(0)?
+            // Prefill: batched matmuls (gemm) beat the row-by-row flash kernel here. Query
+            // heads of one KV group are adjacent, so (n_head, T, D) reshapes to
+            // (n_head_kv, group * T, D) and each group shares its keys without copies.
+            let group = cfg.n_head / cfg.n_head_kv;
+            let q = Tensor::from_vec(q, (n_tokens, cfg.n_head, head_dim), &Device::Cpu)?
+                .transpose(0, 1)?
+                .contiguous()?
+                .reshape((cfg.n_head_kv, group * n_tokens, head_dim))?;
+            let kv =
+                Tensor::from_slice(&kv[..], (kv_len, cfg.n_head_kv, 2 * head_dim), &Device::Cpu)?;
+            let keys = kv.narrow(2, 0, head_dim)?.transpose(0, 1)?.contiguous()?;
+            let values = kv.narrow(2, head_dim, head_dim)?.transpose(0, 1)?.contiguous()?;
+            let scores = (q.matmul(&keys.t()?)? * scale as f64)?;
+            // Query `t` sees keys up to `start + t`: the causal mask shifted by the cache.
+            let mask: Vec<f32> = (0..n_tokens)
+                .flat_map(|t| {
+                    (0..kv_len).map(move |s| if s > start + t { f32::NEG_INFINITY } else { 0.0 })
+                })
+                .collect();
+            let mask = Tensor::from_vec(mask, (n_tokens, kv_len), &Device::Cpu)?;
+            let scores = scores
+                .reshape((cfg.n_head_kv, group, n_tokens, kv_len))?
+                .broadcast_add(&mask)?
+                .reshape((cfg.n_head_kv, group * n_tokens, kv_len))?;
+            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+            // (n_head_kv, group * T, D) → (n_head, T, D) → (T, n_head * D)
+            probs
+                .matmul(&values)?
+                .reshape((cfg.n_head, n_tokens, head_dim))?
                 .transpose(0, 1)?
                 .contiguous()?
                 .reshape((n_tokens, cfg.n_head * head_dim))?
