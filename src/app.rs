@@ -88,9 +88,10 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
         .connect_timeout(Duration::from_secs(10))
         .build()
         .context("cannot build the HTTP client")?;
-    let router = crate::llm::router::Router::build(&settings.router, &settings.engine, http.clone())
-        .await
-        .context("cannot set up the model tiers")?;
+    let router =
+        crate::llm::router::Router::build(&settings.router, &settings.engine, http.clone())
+            .await
+            .context("cannot set up the model tiers")?;
     let assistant = Arc::new(Assistant::new(
         pool.clone(),
         Arc::new(router),
@@ -110,9 +111,10 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     );
     // Scheduled jobs: each enabled job is scheduled from now (runs missed while the process
     // was down are not replayed).
-    let cron = crate::cron::start(pool.clone(), assistant.clone(), channels.clone(), &settings.cron)
-        .await
-        .context("cannot start the scheduler")?;
+    let cron =
+        crate::cron::start(pool.clone(), assistant.clone(), channels.clone(), &settings.cron)
+            .await
+            .context("cannot start the scheduler")?;
     let state = AppState {
         pool: pool.clone(),
         assistant,
@@ -187,8 +189,10 @@ fn announce(addr: SocketAddr, token: &Secret, generated: bool, data_dir: &Path) 
         println!("  http://{host}/?token={}", token.expose());
         println!("The token is saved in {}.", data_dir.join("webchat_token").display());
     } else {
-        println!("my-claw is ready at http://{host}/ (token: WEBCHAT_TOKEN or {})",
-            data_dir.join("webchat_token").display());
+        println!(
+            "my-claw is ready at http://{host}/ (token: WEBCHAT_TOKEN or {})",
+            data_dir.join("webchat_token").display()
+        );
     }
 }
 

@@ -109,7 +109,9 @@ impl Assistant {
         let name = memory::setting_get(&self.pool, PERSONA_NAME_KEY).await?;
         let prompt = memory::setting_get(&self.pool, SYSTEM_PROMPT_KEY).await?;
         Ok(Persona {
-            name: name.filter(|s| !s.trim().is_empty()).unwrap_or_else(|| DEFAULT_PERSONA_NAME.into()),
+            name: name
+                .filter(|s| !s.trim().is_empty())
+                .unwrap_or_else(|| DEFAULT_PERSONA_NAME.into()),
             system_prompt: prompt
                 .filter(|s| !s.trim().is_empty())
                 .unwrap_or_else(|| DEFAULT_SYSTEM_PROMPT.into()),
@@ -152,7 +154,11 @@ impl Assistant {
     /// Stores the inbound message and starts answering it. Events arrive on the returned
     /// receiver; dropping it (the client left) or calling `stop` ends the generation in the
     /// engine, and whatever text was produced is stored as `partial`.
-    pub async fn start(&self, inbound: Inbound, tier: Option<Tier>) -> Result<mpsc::Receiver<Event>> {
+    pub async fn start(
+        &self,
+        inbound: Inbound,
+        tier: Option<Tier>,
+    ) -> Result<mpsc::Receiver<Event>> {
         let text = inbound.text.trim();
         if text.is_empty() {
             return Err(Error::Invalid("message is empty".into()));
@@ -161,7 +167,11 @@ impl Assistant {
         let mut user = NewMessage::plain(conversation_id, Role::User, text);
         user.external_id = inbound.external_id.clone();
         let user_id = memory::add_message(&self.pool, &user).await?;
-        let _ = self.events.send(ConversationEvent { conversation_id, message_id: user_id, role: Role::User });
+        let _ = self.events.send(ConversationEvent {
+            conversation_id,
+            message_id: user_id,
+            role: Role::User,
+        });
         self.answer(conversation_id, tier).await
     }
 
@@ -174,8 +184,9 @@ impl Assistant {
     ) -> Result<mpsc::Receiver<Event>> {
         let tier = tier.unwrap_or_else(|| self.router.default_tier());
         let persona = self.persona().await?;
-        let history = memory::history(&self.pool, conversation_id, self.config.history_messages as i64)
-            .await?;
+        let history =
+            memory::history(&self.pool, conversation_id, self.config.history_messages as i64)
+                .await?;
         let mut turns: Vec<ChatTurn> = history
             .into_iter()
             // Failed answers are shown to the user but are not part of what the model saw.
@@ -241,7 +252,8 @@ impl Assistant {
 
     /// Stops the running generation of a conversation; false when none runs.
     pub fn stop(&self, conversation_id: ConversationId) -> bool {
-        let sender = self.running.lock().unwrap_or_else(|e| e.into_inner()).remove(&conversation_id);
+        let sender =
+            self.running.lock().unwrap_or_else(|e| e.into_inner()).remove(&conversation_id);
         match sender {
             Some(tx) => tx.send(()).is_ok(),
             None => false,

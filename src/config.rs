@@ -142,7 +142,12 @@ pub struct Config {
     pub zai_api_key: Option<Secret>,
 
     /// Z.ai base URL (general endpoint; the coding plan uses `/api/coding/paas/v4`).
-    #[arg(long, env = "ZAI_BASE_URL", default_value = "https://api.z.ai/api/paas/v4", global = true)]
+    #[arg(
+        long,
+        env = "ZAI_BASE_URL",
+        default_value = "https://api.z.ai/api/paas/v4",
+        global = true
+    )]
     pub zai_base_url: String,
 
     /// Seconds to wait for Z.ai to connect and to send its first byte.
@@ -314,7 +319,10 @@ impl Config {
             )));
         }
         if self.max_body_bytes < 1024 {
-            return Err(bad(format!("MAX_BODY_BYTES={}: must be at least 1024", self.max_body_bytes)));
+            return Err(bad(format!(
+                "MAX_BODY_BYTES={}: must be at least 1024",
+                self.max_body_bytes
+            )));
         }
         if self.context_size < 256 {
             return Err(bad(format!("CONTEXT_SIZE={}: must be at least 256", self.context_size)));
@@ -330,20 +338,23 @@ impl Config {
         let kv_cache_max_bytes = parse_size(&self.kv_cache_memory)
             .map_err(|e| bad(format!("KV_CACHE_MEMORY={}: {e}", self.kv_cache_memory)))?;
         let memory_budget_bytes = match &self.model_memory_budget {
-            Some(s) => Some(
-                parse_size(s).map_err(|e| bad(format!("MODEL_MEMORY_BUDGET={s}: {e}")))?,
-            ),
+            Some(s) => {
+                Some(parse_size(s).map_err(|e| bad(format!("MODEL_MEMORY_BUDGET={s}: {e}")))?)
+            }
             None => None,
         };
         let keep_alive = parse_duration(&self.model_keep_alive)
             .map_err(|e| bad(format!("MODEL_KEEP_ALIVE={}: {e}", self.model_keep_alive)))?;
-        for (name, value) in [("ZAI_BASE_URL", &self.zai_base_url), ("HF_ENDPOINT", &self.hf_endpoint)]
+        for (name, value) in
+            [("ZAI_BASE_URL", &self.zai_base_url), ("HF_ENDPOINT", &self.hf_endpoint)]
         {
             validate_http_url(value).map_err(|e| bad(format!("{name}={value}: {e}")))?;
         }
         if let Some(tz) = &self.cron_timezone {
             if tz.parse::<chrono_tz::Tz>().is_err() {
-                return Err(bad(format!("CRON_TIMEZONE={tz}: unknown time zone (use an IANA name such as Europe/Paris)")));
+                return Err(bad(format!(
+                    "CRON_TIMEZONE={tz}: unknown time zone (use an IANA name such as Europe/Paris)"
+                )));
             }
         }
 
@@ -474,17 +485,16 @@ pub fn parse_bind(value: &str) -> Result<SocketAddr, ConfigError> {
         return Err(bad(format!("BIND={value}: missing host, e.g. 127.0.0.1:{port}")));
     }
     match value.to_socket_addrs() {
-        Ok(mut addrs) => addrs
-            .next()
-            .ok_or_else(|| bad(format!("BIND={value}: host resolves to no address"))),
+        Ok(mut addrs) => {
+            addrs.next().ok_or_else(|| bad(format!("BIND={value}: host resolves to no address")))
+        }
         Err(e) => Err(bad(format!("BIND={value}: cannot resolve host ({e})"))),
     }
 }
 
 fn ensure_writable_dir(dir: &Path) -> Result<(), ConfigError> {
-    std::fs::create_dir_all(dir).map_err(|e| {
-        bad(format!("DATA_DIR={}: cannot create directory ({e})", dir.display()))
-    })?;
+    std::fs::create_dir_all(dir)
+        .map_err(|e| bad(format!("DATA_DIR={}: cannot create directory ({e})", dir.display())))?;
     let probe = dir.join(".write-test");
     std::fs::write(&probe, b"ok")
         .map_err(|e| bad(format!("DATA_DIR={}: directory is not writable ({e})", dir.display())))?;
@@ -493,10 +503,10 @@ fn ensure_writable_dir(dir: &Path) -> Result<(), ConfigError> {
 }
 
 fn validate_database_url(url: &str) -> Result<(), ConfigError> {
-    let rest = url
-        .strip_prefix("sqlite://")
-        .or_else(|| url.strip_prefix("sqlite:"))
-        .ok_or_else(|| bad(format!("DATABASE_URL={url}: must start with sqlite:// (only SQLite is supported)")))?;
+    let rest =
+        url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:")).ok_or_else(|| {
+            bad(format!("DATABASE_URL={url}: must start with sqlite:// (only SQLite is supported)"))
+        })?;
     let path = rest.split('?').next().unwrap_or_default();
     if path.is_empty() {
         return Err(bad(format!("DATABASE_URL={url}: missing database file path")));
@@ -520,7 +530,8 @@ pub fn parse_size(value: &str) -> Result<u64, String> {
     let value = value.trim();
     let split = value.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(value.len());
     let (number, unit) = value.split_at(split);
-    let number: f64 = number.parse().map_err(|_| "expected a size such as 4GiB or 512MB".to_string())?;
+    let number: f64 =
+        number.parse().map_err(|_| "expected a size such as 4GiB or 512MB".to_string())?;
     let multiplier: f64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1.0,
         "k" | "kb" => 1e3,
@@ -549,7 +560,8 @@ pub fn parse_duration(value: &str) -> Result<Option<Duration>, String> {
             number.push(c);
             continue;
         }
-        let n: u64 = number.parse().map_err(|_| "expected a duration such as 30m or 2h".to_string())?;
+        let n: u64 =
+            number.parse().map_err(|_| "expected a duration such as 30m or 2h".to_string())?;
         number.clear();
         total += match c {
             's' => n,

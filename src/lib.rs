@@ -2,29 +2,29 @@
 //! Modules are listed in reading order: configuration and domain first, then storage,
 //! models, the assistant use-case, and the edges (HTTP gateway, channels, cron, bench).
 
-/// Command line and environment configuration, validated once at start.
-pub mod config;
-/// Crate-level error type for the edges.
-pub mod error;
-/// Plain domain types shared by every layer (no wire formats).
-pub mod domain;
-/// SQLite pool, migrations and the memory queries.
-pub mod db;
-/// Models: the provider trait, the in-process engine, the cloud client and the router.
-pub mod llm;
-/// The one use-case: an inbound message becomes a stored, answered conversation turn.
-pub mod assistant;
-/// Outbound channel clients (WhatsApp, Nextcloud Talk) and their wire types.
-pub mod channels;
-/// The HTTP gateway: API, WebChat, webhooks, health.
-pub mod gateway;
-/// Scheduled jobs that make the assistant write first.
-pub mod cron;
-/// `my-claw --bench`: throughput on this machine, same engine path as the server.
-pub mod bench;
-/// `my-claw chat`: a terminal REPL on the local engine.
-pub mod chat;
-/// `my-claw models pull|list`: download and list model files.
-pub mod models;
 /// Wiring: builds every component from the config and runs the server.
 pub mod app;
+/// The one use-case: an inbound message becomes a stored, answered conversation turn.
+pub mod assistant;
+/// `my-claw --bench`: throughput on this machine, same engine path as the server.
+pub mod bench;
+/// Outbound channel clients (WhatsApp, Nextcloud Talk) and their wire types.
+pub mod channels;
+/// `my-claw chat`: a terminal REPL on the local engine.
+pub mod chat;
+/// Command line and environment configuration, validated once at start.
+pub mod config;
+/// Scheduled jobs that make the assistant write first.
+pub mod cron;
+/// SQLite pool, migrations and the memory queries.
+pub mod db;
+/// Plain domain types shared by every layer (no wire formats).
+pub mod domain;
+/// Crate-level error type for the edges.
+pub mod error;
+/// The HTTP gateway: API, WebChat, webhooks, health.
+pub mod gateway;
+/// Models: the provider trait, the in-process engine, the cloud client and the router.
+pub mod llm;
+/// `my-claw models pull|list`: download and list model files.
+pub mod models;

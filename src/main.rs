@@ -22,7 +22,8 @@ fn main() -> ExitCode {
     match app::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let code = if e.downcast_ref::<my_claw::config::ConfigError>().is_some() { 2 } else { 1 };
+            let code =
+                if e.downcast_ref::<my_claw::config::ConfigError>().is_some() { 2 } else { 1 };
             eprintln!("my-claw: error: {e:#}");
             ExitCode::from(code)
         }

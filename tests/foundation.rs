@@ -27,7 +27,11 @@ fn check_config_error(args: &[&str], envs: &[(&str, &str)], expected: &str) {
 
 #[test]
 fn bad_configuration_exits_with_one_clear_line() {
-    check_config_error(&["serve"], &[("BIND", "localhost:99999")], "BIND=localhost:99999: invalid port");
+    check_config_error(
+        &["serve"],
+        &[("BIND", "localhost:99999")],
+        "BIND=localhost:99999: invalid port",
+    );
     check_config_error(&["--bind", "nonsense"], &[], "BIND=nonsense: expected host:port");
     check_config_error(
         &["serve"],

@@ -3,11 +3,11 @@
 
 mod util;
 
+mod browser;
 mod channels;
 mod cron;
 mod engine;
 mod engine_tokenizer;
 mod foundation;
-mod router;
 mod gateway;
-mod browser;
+mod router;

@@ -206,8 +206,12 @@ pub async fn rename_conversation(
 }
 
 /// Deletes a conversation and its messages; false when it does not exist.
-pub async fn delete_conversation(pool: &SqlitePool, id: ConversationId) -> Result<bool, sqlx::Error> {
-    let done = sqlx::query("DELETE FROM conversations WHERE id = ?1").bind(id.0).execute(pool).await?;
+pub async fn delete_conversation(
+    pool: &SqlitePool,
+    id: ConversationId,
+) -> Result<bool, sqlx::Error> {
+    let done =
+        sqlx::query("DELETE FROM conversations WHERE id = ?1").bind(id.0).execute(pool).await?;
     Ok(done.rows_affected() == 1)
 }
 
@@ -261,7 +265,10 @@ pub async fn history(
     rows.into_iter().map(TryInto::try_into).collect()
 }
 
-pub async fn get_message(pool: &SqlitePool, id: MessageId) -> Result<Option<StoredMessage>, sqlx::Error> {
+pub async fn get_message(
+    pool: &SqlitePool,
+    id: MessageId,
+) -> Result<Option<StoredMessage>, sqlx::Error> {
     let row: Option<MessageRow> =
         sqlx::query_as(&format!("SELECT {MESSAGE_COLUMNS} FROM messages WHERE id = ?1"))
             .bind(id.0)
@@ -343,7 +350,9 @@ impl TryFrom<ConversationRow> for Conversation {
     type Error = sqlx::Error;
     fn try_from(row: ConversationRow) -> Result<Self, Self::Error> {
         let channel = ChannelKind::parse(&row.channel).ok_or_else(|| {
-            sqlx::Error::Decode(format!("unknown channel `{}` in conversations", row.channel).into())
+            sqlx::Error::Decode(
+                format!("unknown channel `{}` in conversations", row.channel).into(),
+            )
         })?;
         Ok(Conversation {
             id: ConversationId(row.id),
@@ -425,9 +434,13 @@ mod tests {
     #[tokio::test]
     async fn get_or_create_is_idempotent_per_channel_and_key() {
         let (_dir, pool) = fresh().await;
-        let a = get_or_create_conversation(&pool, ChannelKind::WhatsApp, "336", None).await.unwrap();
-        let b = get_or_create_conversation(&pool, ChannelKind::WhatsApp, "336", Some("x")).await.unwrap();
-        let c = get_or_create_conversation(&pool, ChannelKind::Nextcloud, "336", None).await.unwrap();
+        let a =
+            get_or_create_conversation(&pool, ChannelKind::WhatsApp, "336", None).await.unwrap();
+        let b = get_or_create_conversation(&pool, ChannelKind::WhatsApp, "336", Some("x"))
+            .await
+            .unwrap();
+        let c =
+            get_or_create_conversation(&pool, ChannelKind::Nextcloud, "336", None).await.unwrap();
         assert_eq!(a.id, b.id);
         assert_ne!(a.id, c.id);
         assert_eq!(c.channel, ChannelKind::Nextcloud);
@@ -496,10 +509,14 @@ mod tests {
     #[tokio::test]
     async fn delivery_status_is_recorded_by_external_id() {
         let (_dir, pool) = fresh().await;
-        let conv = get_or_create_conversation(&pool, ChannelKind::WhatsApp, "1", None).await.unwrap();
-        let id = add_message(&pool, &NewMessage::plain(conv.id, Role::Assistant, "a")).await.unwrap();
+        let conv =
+            get_or_create_conversation(&pool, ChannelKind::WhatsApp, "1", None).await.unwrap();
+        let id =
+            add_message(&pool, &NewMessage::plain(conv.id, Role::Assistant, "a")).await.unwrap();
         set_message_external_id(&pool, id, "wamid.X", Some("sent")).await.unwrap();
-        assert!(set_delivery_status(&pool, "wamid.X", "failed", Some("131047: re-engagement")).await.unwrap());
+        assert!(set_delivery_status(&pool, "wamid.X", "failed", Some("131047: re-engagement"))
+            .await
+            .unwrap());
         assert!(!set_delivery_status(&pool, "wamid.unknown", "read", None).await.unwrap());
         let msg = get_message(&pool, id).await.unwrap().unwrap();
         assert_eq!(msg.delivery_status.as_deref(), Some("failed"));

@@ -12,7 +12,11 @@ use crate::gateway::error::ApiError;
 use crate::gateway::AppState;
 
 /// Middleware: rejects a request without `Authorization: Bearer <WEBCHAT_TOKEN>` with 401.
-pub async fn require_token(State(state): State<AppState>, request: Request, next: Next) -> Response {
+pub async fn require_token(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Response {
     if !has_valid_token(request.headers(), state.webchat_token.expose()) {
         return ApiError::Unauthorized.into_response();
     }
@@ -24,7 +28,8 @@ pub fn has_valid_token(headers: &HeaderMap, expected: &str) -> bool {
     let Some(value) = headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok()) else {
         return false;
     };
-    let Some(given) = value.strip_prefix("Bearer ").or_else(|| value.strip_prefix("bearer ")) else {
+    let Some(given) = value.strip_prefix("Bearer ").or_else(|| value.strip_prefix("bearer "))
+    else {
         return false;
     };
     constant_time_eq(given.trim().as_bytes(), expected.as_bytes())

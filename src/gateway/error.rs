@@ -68,7 +68,8 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
-        let body = ErrorBody { error: ErrorDetail { code: self.code(), message: self.to_string() } };
+        let body =
+            ErrorBody { error: ErrorDetail { code: self.code(), message: self.to_string() } };
         let mut response = (status, Json(body)).into_response();
         if let ApiError::Internal(cause) = self {
             response.extensions_mut().insert(InternalCause(cause));

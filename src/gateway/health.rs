@@ -43,7 +43,9 @@ pub async fn get_health(State(state): State<AppState>, headers: HeaderMap) -> Re
         return (status_code, Json(Anonymous { status })).into_response();
     }
     let database = match db {
-        Ok(h) => DatabaseHealth { ok: true, migration_version: Some(h.migration_version), error: None },
+        Ok(h) => {
+            DatabaseHealth { ok: true, migration_version: Some(h.migration_version), error: None }
+        }
         Err(e) => DatabaseHealth { ok: false, migration_version: None, error: Some(e.to_string()) },
     };
     let body = Detailed {
