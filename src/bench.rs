@@ -67,8 +67,11 @@ pub async fn run(args: &BenchArgs, data_dir: &Path) -> anyhow::Result<()> {
     if std::fs::create_dir_all(&dir).is_ok() {
         let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%SZ");
         let path = dir.join(format!("bench-{stamp}.json"));
-        if let Err(err) = std::fs::write(&path, &json_text) {
-            tracing::warn!(path = %path.display(), %err, "cannot save the bench report");
+        // `last.json` is what `/api/health` shows as this machine's latest result.
+        for path in [path, dir.join("last.json")] {
+            if let Err(err) = std::fs::write(&path, &json_text) {
+                tracing::warn!(path = %path.display(), %err, "cannot save the bench report");
+            }
         }
     }
     Ok(())

@@ -62,6 +62,6 @@ pub async fn get_health(State(state): State<AppState>, headers: HeaderMap) -> Re
 
 /// The last `--bench` result saved on this machine, if any.
 fn read_last_bench(data_dir: &std::path::Path) -> Option<Value> {
-    let text = std::fs::read_to_string(data_dir.join("bench-last.json")).ok()?;
+    let text = std::fs::read_to_string(data_dir.join("bench").join("last.json")).ok()?;
     serde_json::from_str(&text).ok()
 }

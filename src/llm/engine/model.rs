@@ -7,8 +7,6 @@ use std::sync::Arc;
 
 use candle_core::quantized::{gguf_file, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
-// candle-nn is not a direct dependency of this crate yet; candle-transformers re-exports
-// the exact version it was built with, which is the one whose kernels we want.
 
 /// How RoPE pairs the dimensions of a head.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
