@@ -313,8 +313,13 @@ const LAST_ANSWER_FN: &str = "function lastAnswer() { \
     return { state: b.dataset.state || '', text: b.querySelector('.content').textContent, \
              prompt: Number(b.dataset.promptTokens || 0), meta: b.querySelector('.meta').textContent }; }";
 
+/// The browser tests each start a server with the real model and a Chromium: one at a time,
+/// so that they do not fight over the cores (and their timing bounds stay meaningful).
+static ONE_BROWSER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test]
 async fn webchat_in_headless_chromium_with_the_real_model() {
+    let _one_at_a_time = ONE_BROWSER.lock().await;
     let test_started = Instant::now();
     let mut envs = util::smollm2_env();
     envs.push(("REPLY_MAX_TOKENS".into(), REPLY_MAX_TOKENS.into()));
@@ -641,5 +646,209 @@ async fn webchat_in_headless_chromium_with_the_real_model() {
         "browser test: {:?} in all; screenshots in {}",
         test_started.elapsed(),
         target.display()
+    );
+}
+
+/// A job's message arrives in the open conversation: the page creates a job every few
+/// seconds aimed at the conversation it shows, lists it with its next run, and the live
+/// events stream brings the scheduled answer into the page without a reload.
+#[tokio::test]
+async fn a_schedule_made_in_the_page_writes_into_the_open_conversation() {
+    let _one_at_a_time = ONE_BROWSER.lock().await;
+    let test_started = Instant::now();
+    let mut envs = util::smollm2_env();
+    // One-word answers: the model is slow on a busy machine.
+    envs.push(("REPLY_MAX_TOKENS".into(), "16".into()));
+    envs.push(("CONTEXT_SIZE".into(), "4096".into()));
+    let server =
+        tokio::task::spawn_blocking(move || Server::start(ServerOptions { envs, data_dir: None }))
+            .await
+            .expect("server start");
+    let browser = Browser::start().await;
+
+    // 1. Sign in through the link and start a WebChat conversation from the page.
+    browser.goto(&server.url(&format!("/?token={}", server.token))).await;
+    browser
+        .wait_for(
+            "the page to be ready",
+            "return document.documentElement.dataset.ready === 'true' && \
+             document.getElementById('token-dialog').hidden && \
+             document.getElementById('connection').dataset.state === 'live';",
+            Duration::from_secs(30),
+        )
+        .await;
+    send_message(&browser, "Hi").await;
+    wait_answer_state(&browser, &["done"], Duration::from_secs(60)).await;
+    let hash = browser.js("return location.hash;").await;
+    let conversation_id: i64 = hash
+        .as_str()
+        .and_then(|h| h.strip_prefix("#c="))
+        .and_then(|id| id.parse().ok())
+        .unwrap_or_else(|| panic!("the open conversation is in the address: {hash}"));
+    // Set on this page only: still there at the end means the page was never reloaded.
+    browser.js("window.__sameCronPage = 'yes'; return true;").await;
+
+    // 2. Open the Schedules panel and fill the form as a user would.
+    browser.click("#toggle-cron").await;
+    browser
+        .wait_for(
+            "the Schedules panel",
+            "return !document.getElementById('cron-panel').hidden && \
+             document.getElementById('cron-new') !== null && \
+             document.querySelector('#cron-jobs li') !== null;",
+            Duration::from_secs(10),
+        )
+        .await;
+    browser.click("#cron-new").await;
+    browser
+        .wait_for(
+            "the new schedule form",
+            "return document.getElementById('cron-form') !== null && \
+             document.querySelector('#cron-target option') !== null;",
+            Duration::from_secs(10),
+        )
+        .await;
+    browser.type_into("#cron-name", "Hello job").await;
+    browser.clear("#cron-schedule").await;
+    browser.type_into("#cron-schedule", "*/5 * * * * *").await;
+    browser
+        .wait_for(
+            "the expression explained in words, and its next runs",
+            "return document.getElementById('cron-description').textContent === 'every 5 seconds' && \
+             document.getElementById('cron-preview').textContent.startsWith('Next runs:');",
+            Duration::from_secs(10),
+        )
+        .await;
+    browser.click("#cron-channel option[value='webchat']").await;
+    browser.click(&format!("#cron-target option[value='{conversation_id}']")).await;
+    browser.type_into("#cron-prompt", "Say hello in one word.").await;
+    browser.click("#cron-tier option[value='main']").await;
+    let form = browser
+        .js("return ['cron-channel', 'cron-target', 'cron-tier'].map(id => document.getElementById(id).value) \
+             .concat([document.getElementById('cron-enabled').checked]);")
+        .await;
+    assert_eq!(form, json!(["webchat", conversation_id.to_string(), "main", true]));
+    browser.click("#cron-save").await;
+
+    // 3. The job is listed, with its next run shown.
+    let listed = browser
+        .wait_for(
+            "the new job in the list",
+            "const item = [...document.querySelectorAll('#cron-jobs li.cron-job')] \
+               .find(li => li.querySelector('.cron-name').textContent === 'Hello job'); \
+             if (!item || document.getElementById('cron-form')) return null; \
+             return { id: Number(item.dataset.jobId), enabled: item.dataset.enabled, \
+                      when: item.querySelector('.cron-when').textContent, \
+                      next: item.querySelector('.cron-next').textContent, \
+                      status: document.getElementById('cron-status').textContent };",
+            Duration::from_secs(15),
+        )
+        .await;
+    let job_id = listed["id"].as_i64().unwrap_or_else(|| panic!("a job id: {listed}"));
+    assert_eq!(listed["enabled"], "true", "{listed}");
+    assert!(listed["when"].as_str().unwrap().starts_with("every 5 seconds"), "{listed}");
+    let next = listed["next"].as_str().unwrap();
+    assert!(next.starts_with("Next run: "), "{listed}");
+    assert!(!next.contains("—"), "a next run time is shown: {listed}");
+    assert!(next.contains(" s") || next.contains(" min"), "{listed}");
+    assert!(listed["status"].as_str().unwrap().contains("saved"), "{listed}");
+    let jobs = api(&server, "/api/cron/jobs").await;
+    let job = jobs["jobs"]
+        .as_array()
+        .and_then(|jobs| jobs.iter().find(|j| j["id"] == job_id))
+        .unwrap_or_else(|| panic!("job {job_id} in {jobs}"))
+        .clone();
+    assert_eq!(job["schedule"], "*/5 * * * * *", "{job}");
+    assert_eq!(job["channel"], "webchat", "{job}");
+    assert_eq!(job["target"].as_str().map(str::to_owned), Some(conversation_id.to_string()));
+    assert_eq!(job["tier"], "main", "{job}");
+    assert_eq!(job["prompt"], "Say hello in one word.", "{job}");
+    assert!(job["next_run"].is_i64(), "{job}");
+
+    // 4. Back to the conversation: the scheduled turn and its answer arrive by themselves.
+    browser.click("#cron-close").await;
+    browser
+        .wait_for(
+            "the panel to close",
+            "return document.getElementById('cron-panel').hidden;",
+            Duration::from_secs(5),
+        )
+        .await;
+    let waiting_since = Instant::now();
+    let arrived = browser
+        .wait_for(
+            "the scheduled answer in the open conversation",
+            "const msgs = [...document.querySelectorAll('#messages .msg')]; \
+             const i = msgs.findIndex(m => m.classList.contains('user') && \
+               m.querySelector('.content').textContent.startsWith('[scheduled: Hello job]')); \
+             if (i < 0) return null; \
+             const a = msgs.slice(i + 1).find(m => m.classList.contains('assistant') && \
+               m.dataset.state === 'done' && m.querySelector('.content').textContent.trim()); \
+             return a ? { text: a.querySelector('.content').textContent, \
+                          id: Number(a.dataset.messageId || 0), \
+                          prompt: msgs[i].querySelector('.content').textContent, \
+                          same: window.__sameCronPage || '', hash: location.hash } : null;",
+            Duration::from_secs(90),
+        )
+        .await;
+    let arrived_after = waiting_since.elapsed();
+    assert_eq!(arrived["same"], "yes", "the page was not reloaded: {arrived}");
+    assert_eq!(arrived["hash"], hash, "{arrived}");
+    assert_eq!(arrived["prompt"], "[scheduled: Hello job] Say hello in one word.", "{arrived}");
+    let history = api(&server, &format!("/api/conversations/{conversation_id}/messages")).await;
+    let stored = history["messages"].as_array().cloned().unwrap_or_default();
+    assert!(
+        stored.iter().any(|m| m["role"] == "assistant" && m["id"] == arrived["id"]),
+        "the answer shown is the stored one: {arrived} vs {history}"
+    );
+
+    // 5. Disable the job in the page; then no new run starts.
+    browser.click("#toggle-cron").await;
+    let item = format!("#cron-jobs li.cron-job[data-job-id='{job_id}']");
+    browser
+        .wait_for(
+            "the job in the reopened panel",
+            &format!("return document.querySelector(\"{item}\") !== null;"),
+            Duration::from_secs(10),
+        )
+        .await;
+    browser.click(&format!("{item} input.cron-enabled")).await;
+    let disabled = browser
+        .wait_for(
+            "the job shown disabled",
+            &format!(
+                "const li = document.querySelector(\"{item}[data-enabled='false']\"); \
+                 return li ? {{ next: li.querySelector('.cron-next').textContent, \
+                               last: li.querySelector('.cron-last').textContent }} : null;"
+            ),
+            Duration::from_secs(10),
+        )
+        .await;
+    assert!(disabled["next"].as_str().unwrap().contains("disabled"), "{disabled}");
+    let job = api(&server, &format!("/api/cron/jobs/{job_id}")).await;
+    assert_eq!(job["enabled"], false, "{job}");
+    let runs_at_disable = api(&server, &format!("/api/cron/jobs/{job_id}/runs")).await["runs"]
+        .as_array()
+        .map(Vec::len)
+        .unwrap_or_default();
+    assert!(runs_at_disable >= 1, "at least the run we saw");
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    let runs_later = api(&server, &format!("/api/cron/jobs/{job_id}/runs")).await["runs"]
+        .as_array()
+        .map(Vec::len)
+        .unwrap_or_default();
+    assert_eq!(runs_later, runs_at_disable, "a disabled job starts no run");
+
+    // 6. The screenshot: the panel with the job and its last outcome above the conversation.
+    browser.click("#cron-refresh").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let target = target_dir();
+    browser.screenshot(&target.join("webchat-cron.png")).await;
+    browser.quit().await;
+    eprintln!(
+        "browser cron test: the answer came {arrived_after:?} after the job was saved; \
+         {:?} in all; screenshot {}",
+        test_started.elapsed(),
+        target.join("webchat-cron.png").display()
     );
 }

@@ -79,7 +79,7 @@ where
 
 /// Resolves on SIGINT or SIGTERM. Every registered listener is notified, so this does not
 /// take the signal away from the server's own shutdown handler.
-pub(crate) async fn shutdown_requested() {
+pub async fn shutdown_requested() {
     let ctrl_c = async {
         if tokio::signal::ctrl_c().await.is_err() {
             std::future::pending::<()>().await;

@@ -472,50 +472,13 @@ pub fn read_gguf_summary(path: &Path) -> Result<GgufSummary, String> {
     let mut reader = std::io::BufReader::new(file);
     let content = Content::read(&mut reader).map_err(|e| format!("not a readable GGUF: {e}"))?;
     let text = |key: &str| content.metadata.get(key).and_then(|v| v.to_string().ok()).cloned();
-    let file_type = content.metadata.get("general.file_type").and_then(|v| v.to_u32().ok());
-    let quantization = match file_type.and_then(file_type_name) {
-        Some(name) => name.to_string(),
-        None => {
-            let mut counts = std::collections::HashMap::new();
-            for info in content.tensor_infos.values() {
-                *counts.entry(format!("{:?}", info.ggml_dtype)).or_insert(0usize) += 1;
-            }
-            counts
-                .into_iter()
-                .max_by_key(|(_, n)| *n)
-                .map(|(name, _)| name)
-                .unwrap_or_else(|| "unknown".to_string())
-        }
-    };
+    // One labelling rule for the whole program: the engine's.
+    let quantization = crate::llm::engine::gguf::quantization_label(&content);
     Ok(GgufSummary {
         architecture: text("general.architecture"),
         name: text("general.name"),
         quantization,
         n_tensors: content.tensor_infos.len(),
-    })
-}
-
-/// llama.cpp's `llama_ftype` numbering, as stored in `general.file_type`.
-fn file_type_name(file_type: u32) -> Option<&'static str> {
-    Some(match file_type {
-        0 => "F32",
-        1 => "F16",
-        2 => "Q4_0",
-        3 => "Q4_1",
-        7 => "Q8_0",
-        8 => "Q5_0",
-        9 => "Q5_1",
-        10 => "Q2_K",
-        11 => "Q3_K_S",
-        12 => "Q3_K_M",
-        13 => "Q3_K_L",
-        14 => "Q4_K_S",
-        15 => "Q4_K_M",
-        16 => "Q5_K_S",
-        17 => "Q5_K_M",
-        18 => "Q6_K",
-        32 => "BF16",
-        _ => return None,
     })
 }
 
