@@ -11,8 +11,8 @@ use candle_core::{Device, Tensor};
 use candle_transformers::models::{quantized_llama, quantized_qwen3};
 
 use my_claw::domain::{ChatTurn, Role};
-use my_claw::llm::engine::gguf::{self, Architecture};
-use my_claw::llm::engine::model::{KvCache, Logits, Model, ModelConfig, RopeStyle};
+use my_claw::llm::engine::gguf;
+use my_claw::llm::engine::model::{KvCache, Logits, Model, ModelConfig};
 use my_claw::llm::engine::synth::{self, SynthSpec};
 use my_claw::llm::engine::{vocab, EngineConfig, EngineHandle, RequestOptions};
 use my_claw::llm::{Chunk, FinishReason, GenerationParams, LlmError, LlmRequest, Usage};
@@ -41,22 +41,7 @@ fn load_ours(path: &Path, n_ctx: usize) -> (Model, my_claw::llm::engine::tokeniz
     let mut file = gguf::open(path).expect("open GGUF");
     let tokenizer = file.tokenizer().expect("tokenizer");
     let hp = file.hparams.clone();
-    let (rope_style, qk_norm) = match hp.arch {
-        Architecture::Qwen3 => (RopeStyle::Neox, true),
-        Architecture::Llama => (RopeStyle::Interleaved, false),
-    };
-    let config = ModelConfig {
-        n_layer: hp.n_layer,
-        n_embd: hp.n_embd,
-        n_head: hp.n_head,
-        n_head_kv: hp.n_head_kv,
-        head_dim: hp.head_dim,
-        rope_freq_base: hp.rope_freq_base,
-        rms_norm_eps: hp.rms_norm_eps,
-        rope_style,
-        qk_norm,
-        max_positions: n_ctx,
-    };
+    let config = ModelConfig::from_hparams(&hp, n_ctx);
     let mut reader = std::io::BufReader::new(&mut file.file);
     let model = Model::load(&file.content, &mut reader, config).expect("load our model");
     (model, tokenizer)

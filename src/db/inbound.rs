@@ -400,12 +400,7 @@ mod tests {
     use crate::db::memory::{self, NewMessage};
     use crate::domain::Role;
 
-    async fn fresh() -> (tempfile::TempDir, SqlitePool) {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let url = format!("sqlite://{}", dir.path().join("t.db").display());
-        let pool = crate::db::connect(&url).await.expect("open db");
-        (dir, pool)
-    }
+    use crate::db::fresh_test_db as fresh;
 
     fn item<'a>(id: &'a str, status: QueueStatus) -> NewInbound<'a> {
         NewInbound {

@@ -424,12 +424,7 @@ impl TryFrom<MessageRow> for StoredMessage {
 mod tests {
     use super::*;
 
-    async fn fresh() -> (tempfile::TempDir, SqlitePool) {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let url = format!("sqlite://{}", dir.path().join("t.db").display());
-        let pool = crate::db::connect(&url).await.expect("open db");
-        (dir, pool)
-    }
+    use crate::db::fresh_test_db as fresh;
 
     #[tokio::test]
     async fn get_or_create_is_idempotent_per_channel_and_key() {

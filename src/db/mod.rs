@@ -63,3 +63,12 @@ pub async fn integrity_check(pool: &SqlitePool) -> Result<String, sqlx::Error> {
 pub fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
+
+/// A fresh database file with migrations applied, for unit tests of the query modules.
+#[cfg(test)]
+pub(crate) async fn fresh_test_db() -> (tempfile::TempDir, SqlitePool) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = format!("sqlite://{}", dir.path().join("t.db").display());
+    let pool = connect(&url).await.expect("open db");
+    (dir, pool)
+}

@@ -8,6 +8,8 @@ use std::sync::Arc;
 use candle_core::quantized::{gguf_file, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
 
+use crate::llm::engine::gguf::{Architecture, HyperParams};
+
 /// How RoPE pairs the dimensions of a head.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RopeStyle {
@@ -33,6 +35,30 @@ pub struct ModelConfig {
     pub qk_norm: bool,
     /// Positions the RoPE tables cover; also the largest cache a sequence may have.
     pub max_positions: usize,
+}
+
+impl ModelConfig {
+    /// The forward pass's view of a checked GGUF: the architecture decides the RoPE pairing
+    /// (NeoX halves for Qwen3; interleaved pairs for Llama, whose GGUF q/k are permuted)
+    /// and whether q/k heads are normalised.
+    pub fn from_hparams(hp: &HyperParams, max_positions: usize) -> ModelConfig {
+        let (rope_style, qk_norm) = match hp.arch {
+            Architecture::Qwen3 => (RopeStyle::Neox, true),
+            Architecture::Llama => (RopeStyle::Interleaved, false),
+        };
+        ModelConfig {
+            n_layer: hp.n_layer,
+            n_embd: hp.n_embd,
+            n_head: hp.n_head,
+            n_head_kv: hp.n_head_kv,
+            head_dim: hp.head_dim,
+            rope_freq_base: hp.rope_freq_base,
+            rms_norm_eps: hp.rms_norm_eps,
+            rope_style,
+            qk_norm,
+            max_positions,
+        }
+    }
 }
 
 /// Which logits `forward` returns.

@@ -8,8 +8,8 @@ use std::time::Instant;
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::llm::engine::gguf::{self, Architecture};
-use crate::llm::engine::model::{KvCache, Logits, Model, ModelConfig, RopeStyle};
+use crate::llm::engine::gguf;
+use crate::llm::engine::model::{KvCache, Logits, Model, ModelConfig};
 use crate::llm::engine::sampling::Sampler;
 use crate::llm::engine::template::{self, ChatFormat, ThinkFilter};
 use crate::llm::engine::tokenizer::GgufTokenizer;
@@ -114,22 +114,7 @@ impl Engine {
         let hp = file.hparams.clone();
         let n_ctx = config.n_ctx.min(hp.context_length).max(2);
         let format = ChatFormat::for_arch(hp.arch);
-        let (rope_style, qk_norm) = match hp.arch {
-            Architecture::Qwen3 => (RopeStyle::Neox, true),
-            Architecture::Llama => (RopeStyle::Interleaved, false),
-        };
-        let model_config = ModelConfig {
-            n_layer: hp.n_layer,
-            n_embd: hp.n_embd,
-            n_head: hp.n_head,
-            n_head_kv: hp.n_head_kv,
-            head_dim: hp.head_dim,
-            rope_freq_base: hp.rope_freq_base,
-            rms_norm_eps: hp.rms_norm_eps,
-            rope_style,
-            qk_norm,
-            max_positions: n_ctx,
-        };
+        let model_config = ModelConfig::from_hparams(&hp, n_ctx);
         let mut reader = std::io::BufReader::new(&mut file.file);
         let model = match Model::load(&file.content, &mut reader, model_config) {
             Ok(model) => model,
