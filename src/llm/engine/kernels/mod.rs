@@ -1,0 +1,477 @@
+//! Our own quantized matrix kernels: the engine's matrix products, run on weights kept in
+//! their GGUF block formats (Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K; anything else is
+//! widened to f32 at load) against activations quantized once per product (32-value Q8
+//! blocks for the legacy formats, 256-value Q8_K blocks for the K-quants) and reused for
+//! every output row. Integer dot products use AVX2, or AVX-512 VNNI's `vpdpbusd` where the
+//! CPU has it, chosen at run time; other CPUs get the portable code. Prefill is a tiled GEMM
+//! (one unpacked weight block feeds up to four tokens); work is split over a persistent
+//! thread pool (`pool`).
+//!
+//! This module is the only place in the crate allowed `unsafe`: SIMD intrinsics, the views of
+//! weight bytes as block structs, and the pool's hand-off of borrowed closures. Each unsafe
+//! block carries its safety argument. It knows nothing of models, GGUF files or tokens.
+
+#![allow(unsafe_code)]
+
+mod kquants;
+mod legacy;
+mod pool;
+
+pub use pool::ThreadPool;
+
+/// The instruction set a product runs with. Detected once; tests run every one available.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    /// Plain Rust: any CPU.
+    Portable,
+    /// AVX2 + FMA (x86-64 since Haswell / Zen).
+    Avx2,
+    /// AVX2 code with the u8×i8 dot products done by AVX-512 VNNI `vpdpbusd` on 256-bit
+    /// vectors (needs AVX512_VNNI and AVX512VL: Ice Lake, Sapphire Rapids, Zen 4 and later).
+    Avx2Vnni,
+}
+
+impl Isa {
+    /// The best instruction set this CPU has.
+    pub fn detect() -> Isa {
+        *Isa::available().last().expect("portable is always available")
+    }
+
+    /// Every instruction set this CPU can run, worst first.
+    pub fn available() -> Vec<Isa> {
+        let mut isas = vec![Isa::Portable];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                isas.push(Isa::Avx2);
+                if is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl") {
+                    isas.push(Isa::Avx2Vnni);
+                }
+            }
+        }
+        isas
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Portable => "portable",
+            Isa::Avx2 => "avx2",
+            Isa::Avx2Vnni => "avx512-vnni",
+        }
+    }
+}
+
+/// Storage formats of weight matrices that have kernels. Byte layouts are ggml's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum WeightType {
+    F32,
+    Q4_0,
+    Q4_1,
+    Q5_0,
+    Q8_0,
+    Q4K,
+    Q5K,
+    Q6K,
+}
+
+impl WeightType {
+    /// Values per block.
+    pub fn block_len(self) -> usize {
+        match self {
+            WeightType::F32 => 1,
+            WeightType::Q4_0 | WeightType::Q4_1 | WeightType::Q5_0 | WeightType::Q8_0 => 32,
+            WeightType::Q4K | WeightType::Q5K | WeightType::Q6K => 256,
+        }
+    }
+
+    /// Bytes per block.
+    pub fn block_bytes(self) -> usize {
+        match self {
+            WeightType::F32 => 4,
+            WeightType::Q4_0 => 18,
+            WeightType::Q4_1 => 20,
+            WeightType::Q5_0 => 22,
+            WeightType::Q8_0 => 34,
+            WeightType::Q4K => 144,
+            WeightType::Q5K => 176,
+            WeightType::Q6K => 210,
+        }
+    }
+
+    /// The activation form its dot products read.
+    pub fn act_kind(self) -> ActKind {
+        match self {
+            WeightType::F32 => ActKind::F32,
+            WeightType::Q4_0 | WeightType::Q4_1 | WeightType::Q5_0 | WeightType::Q8_0 => {
+                ActKind::Q8x32
+            }
+            WeightType::Q4K | WeightType::Q5K | WeightType::Q6K => ActKind::Q8K,
+        }
+    }
+
+    /// The kernel type for a GGUF storage type, or `None` (the caller widens it to f32).
+    pub fn from_ggml(dtype: candle_core::quantized::GgmlDType) -> Option<WeightType> {
+        use candle_core::quantized::GgmlDType as G;
+        Some(match dtype {
+            G::F32 => WeightType::F32,
+            G::Q4_0 => WeightType::Q4_0,
+            G::Q4_1 => WeightType::Q4_1,
+            G::Q5_0 => WeightType::Q5_0,
+            G::Q8_0 => WeightType::Q8_0,
+            G::Q4K => WeightType::Q4K,
+            G::Q5K => WeightType::Q5K,
+            G::Q6K => WeightType::Q6K,
+            _ => return None,
+        })
+    }
+
+    /// Bytes of one row of `cols` values (`cols` a multiple of `block_len`).
+    pub fn row_bytes(self, cols: usize) -> usize {
+        cols / self.block_len() * self.block_bytes()
+    }
+}
+
+/// The forms activations take for the kernels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ActKind {
+    F32,
+    /// `BlockQ8x32`: for Q4_0, Q4_1, Q5_0, Q8_0 weights.
+    Q8x32,
+    /// `BlockQ8K`: for the K-quants.
+    Q8K,
+}
+
+/// 32 activations quantized to 8 bits: `x[i] ≈ d * qs[i]`, with `s = d * Σ qs` kept for the
+/// formats whose weights carry an offset (Q4_1). Our own layout: it never leaves memory.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct BlockQ8x32 {
+    pub d: f32,
+    pub s: f32,
+    pub qs: [i8; 32],
+}
+
+/// 256 activations quantized to 8 bits (ggml's `block_q8_K`): `x[i] ≈ d * qs[i]`, and
+/// `bsums[j]` the sum of `qs[16j..16j+16]` (the K-quants' minimums need it).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct BlockQ8K {
+    pub d: f32,
+    pub qs: [i8; 256],
+    pub bsums: [i16; 16],
+}
+
+/// A weight matrix of `rows` outputs by `cols` inputs, each row stored contiguously in its
+/// block format (the GGUF layout, `ne0 = cols`).
+pub struct QMatrix {
+    ty: WeightType,
+    rows: usize,
+    cols: usize,
+    /// Raw blocks, or for F32 unused (empty).
+    bytes: Vec<u8>,
+    /// F32 weights.
+    floats: Vec<f32>,
+}
+
+/// Why a matrix could not be built.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum KernelError {
+    #[error("a {ty:?} row must have a multiple of {block} values, not {cols}")]
+    RaggedRow { ty: WeightType, block: usize, cols: usize },
+    #[error("{ty:?} matrix of {rows}x{cols} needs {expected} bytes, got {got}")]
+    WrongSize { ty: WeightType, rows: usize, cols: usize, expected: usize, got: usize },
+}
+
+impl QMatrix {
+    /// Take ownership of the raw blocks of a `rows × cols` matrix (as stored in GGUF).
+    pub fn from_bytes(
+        ty: WeightType,
+        rows: usize,
+        cols: usize,
+        bytes: Vec<u8>,
+    ) -> Result<QMatrix, KernelError> {
+        if ty == WeightType::F32 {
+            let expected = rows * cols * 4;
+            if bytes.len() != expected {
+                return Err(KernelError::WrongSize { ty, rows, cols, expected, got: bytes.len() });
+            }
+            let floats =
+                bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+            return Ok(QMatrix::from_f32(rows, cols, floats.collect()));
+        }
+        if cols % ty.block_len() != 0 {
+            return Err(KernelError::RaggedRow { ty, block: ty.block_len(), cols });
+        }
+        let expected = rows * ty.row_bytes(cols);
+        if bytes.len() != expected {
+            return Err(KernelError::WrongSize { ty, rows, cols, expected, got: bytes.len() });
+        }
+        Ok(QMatrix { ty, rows, cols, bytes, floats: Vec::new() })
+    }
+
+    /// An f32 matrix (`floats.len() == rows * cols`).
+    pub fn from_f32(rows: usize, cols: usize, floats: Vec<f32>) -> QMatrix {
+        assert_eq!(floats.len(), rows * cols, "f32 matrix size");
+        QMatrix { ty: WeightType::F32, rows, cols, bytes: Vec::new(), floats }
+    }
+
+    pub fn ty(&self) -> WeightType {
+        self.ty
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Bytes the weights occupy.
+    pub fn size_bytes(&self) -> usize {
+        self.bytes.len() + self.floats.len() * 4
+    }
+
+    fn row_bytes(&self, row: usize) -> &[u8] {
+        let len = self.ty.row_bytes(self.cols);
+        &self.bytes[row * len..(row + 1) * len]
+    }
+
+    fn row_floats(&self, row: usize) -> &[f32] {
+        &self.floats[row * self.cols..(row + 1) * self.cols]
+    }
+
+    /// Write row `row` as f32 into `out` (`cols` values): the embedding lookup, and the
+    /// tests' reference.
+    pub fn dequantize_row(&self, row: usize, out: &mut [f32]) {
+        assert_eq!(out.len(), self.cols, "dequantize_row width");
+        match self.ty {
+            WeightType::F32 => out.copy_from_slice(self.row_floats(row)),
+            WeightType::Q4_0 | WeightType::Q4_1 | WeightType::Q5_0 | WeightType::Q8_0 => {
+                legacy::dequantize_row(self.ty, self.row_bytes(row), out)
+            }
+            WeightType::Q4K | WeightType::Q5K | WeightType::Q6K => {
+                kquants::dequantize_row(self.ty, self.row_bytes(row), out)
+            }
+        }
+    }
+
+    /// Dot products of row `row` with each activation row in `acts` (1 to `MAX_TOKENS_PER_DOT`
+    /// of them, all of this matrix's `act_kind`), into `out[j]`.
+    fn dot_row(&self, isa: Isa, row: usize, acts: ActRows<'_>, out: &mut [f32]) {
+        match acts {
+            ActRows::F32(a) => legacy::dot_f32(isa, self.row_floats(row), a, out),
+            ActRows::Q8x32(a) => {
+                let w = self.row_bytes(row);
+                match self.ty {
+                    WeightType::Q4_0 => legacy::dot_q4_0(isa, w, a, out),
+                    WeightType::Q4_1 => legacy::dot_q4_1(isa, w, a, out),
+                    WeightType::Q5_0 => legacy::dot_q5_0(isa, w, a, out),
+                    WeightType::Q8_0 => legacy::dot_q8_0(isa, w, a, out),
+                    other => unreachable!("{other:?} does not read Q8x32 activations"),
+                }
+            }
+            ActRows::Q8K(a) => {
+                let w = self.row_bytes(row);
+                match self.ty {
+                    WeightType::Q4K => kquants::dot_q4k(isa, w, a, out),
+                    WeightType::Q5K => kquants::dot_q5k(isa, w, a, out),
+                    WeightType::Q6K => kquants::dot_q6k(isa, w, a, out),
+                    other => unreachable!("{other:?} does not read Q8K activations"),
+                }
+            }
+        }
+    }
+}
+
+/// At most this many tokens share one pass over a weight row (the GEMM micro-kernel's width).
+pub const MAX_TOKENS_PER_DOT: usize = 4;
+
+/// Up to `MAX_TOKENS_PER_DOT` activation rows in one form.
+#[derive(Clone, Copy)]
+enum ActRows<'a> {
+    F32(&'a [&'a [f32]]),
+    Q8x32(&'a [&'a [BlockQ8x32]]),
+    Q8K(&'a [&'a [BlockQ8K]]),
+}
+
+/// The activations of one matrix product, in every form its weights need. Buffers keep
+/// their capacity, so decode reuses them without allocating.
+#[derive(Default)]
+pub struct Acts {
+    n_tokens: usize,
+    cols: usize,
+    f32s: Vec<f32>,
+    q8x32: Vec<BlockQ8x32>,
+    q8k: Vec<BlockQ8K>,
+    has: [bool; 3],
+}
+
+impl Acts {
+    pub fn new() -> Acts {
+        Acts::default()
+    }
+
+    /// Take `x` (`n_tokens` rows of `cols`) in the forms the `weights` read.
+    pub fn prepare(&mut self, x: &[f32], n_tokens: usize, cols: usize, weights: &[&QMatrix]) {
+        assert_eq!(x.len(), n_tokens * cols, "activation size");
+        self.n_tokens = n_tokens;
+        self.cols = cols;
+        self.has = [false; 3];
+        for w in weights {
+            assert_eq!(w.cols, cols, "matrix width vs activations");
+            match w.ty.act_kind() {
+                ActKind::F32 if !self.has[0] => {
+                    self.f32s.clear();
+                    self.f32s.extend_from_slice(x);
+                    self.has[0] = true;
+                }
+                ActKind::Q8x32 if !self.has[1] => {
+                    let blocks = n_tokens * cols / 32;
+                    self.q8x32.resize(blocks, BlockQ8x32 { d: 0.0, s: 0.0, qs: [0; 32] });
+                    legacy::quantize_q8x32(x, &mut self.q8x32);
+                    self.has[1] = true;
+                }
+                ActKind::Q8K if !self.has[2] => {
+                    let blocks = n_tokens * cols / 256;
+                    self.q8k.resize(blocks, BlockQ8K { d: 0.0, qs: [0; 256], bsums: [0; 16] });
+                    kquants::quantize_q8k(x, &mut self.q8k);
+                    self.has[2] = true;
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+/// One output of `matmul_many`: `out` holds `n_tokens` rows of `w.rows()` values.
+pub struct Product<'a> {
+    pub w: &'a QMatrix,
+    pub out: &'a mut [f32],
+}
+
+/// Most products one `matmul_many` call takes (q/k/v is three).
+pub const MAX_PRODUCTS: usize = 4;
+
+/// `out[t][r] = Σ_c w[r][c] · x[t][c]` for every product, sharing one preparation of the
+/// activations and one dispatch to the pool (q/k/v, gate/up run as one job). Allocates
+/// nothing: tasks are numbered, and a task's matrix and rows are computed from its number.
+pub fn matmul_many(pool: &ThreadPool, isa: Isa, acts: &Acts, products: &mut [Product<'_>]) {
+    assert!(products.len() <= MAX_PRODUCTS, "at most {MAX_PRODUCTS} products per call");
+    let n_tokens = acts.n_tokens;
+    let n_products = products.len();
+    let mut weights: [Option<&QMatrix>; MAX_PRODUCTS] = [None; MAX_PRODUCTS];
+    let mut outs: [pool::SharedOut; MAX_PRODUCTS] = Default::default();
+    for (m, p) in products.iter_mut().enumerate() {
+        let idx = match p.w.ty.act_kind() {
+            ActKind::F32 => 0,
+            ActKind::Q8x32 => 1,
+            ActKind::Q8K => 2,
+        };
+        assert!(acts.has[idx], "activations not prepared for {:?}", p.w.ty);
+        assert_eq!(p.w.cols, acts.cols, "matrix width vs activations");
+        assert_eq!(p.out.len(), n_tokens * p.w.rows, "output size");
+        weights[m] = Some(p.w);
+        outs[m] = pool::SharedOut::new(p.out);
+    }
+    // Row chunks small enough to balance the threads, large enough that one task's
+    // weights stream from memory without stalls between tasks.
+    let rows = |m: usize| weights[m].map_or(0, |w| w.rows);
+    let total_rows: usize = (0..n_products).map(rows).sum();
+    let chunk = total_rows.div_ceil(pool.threads() * 8).clamp(16, 512);
+    let mut first_task = [0usize; MAX_PRODUCTS + 1];
+    for m in 0..MAX_PRODUCTS {
+        first_task[m + 1] = first_task[m] + rows(m).div_ceil(chunk);
+    }
+    let n_tasks = first_task[n_products];
+    let run = |task: usize| {
+        let m = (0..MAX_PRODUCTS).find(|&m| task < first_task[m + 1]).expect("task in range");
+        let w = weights[m].expect("product present");
+        let r0 = (task - first_task[m]) * chunk;
+        let r1 = (r0 + chunk).min(w.rows);
+        // Tasks cover disjoint row ranges of each output, so no two threads write the
+        // same element (what `SharedOut::write` relies on).
+        run_rows(isa, w, acts, r0, r1, &outs[m]);
+    };
+    pool.run(n_tasks, &run);
+}
+
+/// Single product: `matmul_many` with one matrix.
+pub fn matmul(pool: &ThreadPool, isa: Isa, acts: &Acts, w: &QMatrix, out: &mut [f32]) {
+    matmul_many(pool, isa, acts, &mut [Product { w, out }]);
+}
+
+/// Tokens per tile: the activations of one tile stay in L2 while a task's weight rows
+/// stream past them.
+const TOKEN_TILE: usize = 64;
+
+fn run_rows(isa: Isa, w: &QMatrix, acts: &Acts, r0: usize, r1: usize, out: &pool::SharedOut) {
+    let n_out = w.rows;
+    let mut dots = [0f32; MAX_TOKENS_PER_DOT];
+    let mut tile_start = 0;
+    while tile_start < acts.n_tokens {
+        let tile_end = (tile_start + TOKEN_TILE).min(acts.n_tokens);
+        for r in r0..r1 {
+            let mut t = tile_start;
+            while t < tile_end {
+                let group = (tile_end - t).min(MAX_TOKENS_PER_DOT);
+                with_act_rows(w.ty.act_kind(), acts, t, group, |rows| {
+                    w.dot_row(isa, r, rows, &mut dots[..group]);
+                });
+                for (j, value) in dots[..group].iter().enumerate() {
+                    out.write((t + j) * n_out + r, *value);
+                }
+                t += group;
+            }
+        }
+        tile_start = tile_end;
+    }
+}
+
+/// Borrow `count` consecutive token rows of the activations in `kind`'s form.
+fn with_act_rows(
+    kind: ActKind,
+    acts: &Acts,
+    first: usize,
+    count: usize,
+    f: impl FnOnce(ActRows<'_>),
+) {
+    match kind {
+        ActKind::F32 => {
+            let cols = acts.cols;
+            let rows: [&[f32]; MAX_TOKENS_PER_DOT] = std::array::from_fn(|j| {
+                let t = (first + j).min(first + count - 1);
+                &acts.f32s[t * cols..(t + 1) * cols]
+            });
+            f(ActRows::F32(&rows[..count]))
+        }
+        ActKind::Q8x32 => {
+            let per = acts.cols / 32;
+            let rows: [&[BlockQ8x32]; MAX_TOKENS_PER_DOT] = std::array::from_fn(|j| {
+                let t = (first + j).min(first + count - 1);
+                &acts.q8x32[t * per..(t + 1) * per]
+            });
+            f(ActRows::Q8x32(&rows[..count]))
+        }
+        ActKind::Q8K => {
+            let per = acts.cols / 256;
+            let rows: [&[BlockQ8K]; MAX_TOKENS_PER_DOT] = std::array::from_fn(|j| {
+                let t = (first + j).min(first + count - 1);
+                &acts.q8k[t * per..(t + 1) * per]
+            });
+            f(ActRows::Q8K(&rows[..count]))
+        }
+    }
+}
+
+/// Decode an IEEE half (GGUF block scales) to f32.
+#[inline(always)]
+pub(crate) fn f16_to_f32(bits: u16) -> f32 {
+    half::f16::from_bits(bits).to_f32()
+}
+
+/// Encode an f32 as an IEEE half (round to nearest even).
+#[inline(always)]
+pub(crate) fn f32_to_f16(value: f32) -> u16 {
+    half::f16::from_f32(value).to_bits()
+}

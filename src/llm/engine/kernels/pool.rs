@@ -1,0 +1,288 @@
+//! A persistent thread pool for the kernels: workers started once, a job handed to them by
+//! bumping a generation counter, tasks claimed from an atomic counter, and the caller working
+//! too. Between jobs the workers spin briefly (a decode step runs hundreds of products a few
+//! microseconds apart, and a futex wake-up per product would cost more than small products
+//! do), then sleep on a condition variable so an idle engine costs no CPU.
+
+use std::cell::UnsafeCell;
+use std::marker::PhantomData;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// How long an idle worker spins before it sleeps.
+const SPIN: Duration = Duration::from_micros(200);
+
+/// A job as the workers see it: the caller's closure with its lifetime erased.
+type Job = *const (dyn Fn(usize) + Sync + 'static);
+
+struct Shared {
+    /// Bumped once per job; workers run the job of each generation they see.
+    generation: AtomicU64,
+    /// Written by `run` before it bumps `generation`, read by workers after they see it.
+    job: UnsafeCell<Option<Job>>,
+    n_tasks: AtomicUsize,
+    next_task: AtomicUsize,
+    /// Workers that have not finished the current job.
+    active: AtomicUsize,
+    panicked: AtomicBool,
+    shutdown: AtomicBool,
+    sleepers: AtomicUsize,
+    sleep_lock: Mutex<()>,
+    wake: Condvar,
+}
+
+// SAFETY: `job` is the only non-Sync field. It is written only by `run` while no worker
+// reads it (every worker has finished the previous job: `active == 0`) and before the
+// generation bump that publishes it (SeqCst store / Acquire load order the accesses).
+unsafe impl Sync for Shared {}
+// SAFETY: the raw pointer in `job` points to a `Sync` closure, usable from any thread.
+unsafe impl Send for Shared {}
+
+/// Threads that run the kernels' tasks. One job at a time (a lock serialises callers).
+pub struct ThreadPool {
+    shared: Arc<Shared>,
+    workers: Vec<JoinHandle<()>>,
+    run_lock: Mutex<()>,
+}
+
+impl ThreadPool {
+    /// A pool of `threads` threads in all: the caller's plus `threads - 1` workers.
+    pub fn new(threads: usize) -> ThreadPool {
+        let shared = Arc::new(Shared {
+            generation: AtomicU64::new(0),
+            job: UnsafeCell::new(None),
+            n_tasks: AtomicUsize::new(0),
+            next_task: AtomicUsize::new(0),
+            active: AtomicUsize::new(0),
+            panicked: AtomicBool::new(false),
+            shutdown: AtomicBool::new(false),
+            sleepers: AtomicUsize::new(0),
+            sleep_lock: Mutex::new(()),
+            wake: Condvar::new(),
+        });
+        let workers = (1..threads.max(1))
+            .map(|i| {
+                let shared = shared.clone();
+                std::thread::Builder::new()
+                    .name(format!("kernels-{i}"))
+                    .spawn(move || worker(&shared))
+                    .expect("spawn kernel thread")
+            })
+            .collect();
+        ThreadPool { shared, workers, run_lock: Mutex::new(()) }
+    }
+
+    /// Threads that take part in a job (workers plus the caller).
+    pub fn threads(&self) -> usize {
+        self.workers.len() + 1
+    }
+
+    /// Run `f(0) … f(n_tasks - 1)`, spread over the pool, and return when all have run.
+    /// A panic in a task is re-raised here once every thread has left the job.
+    pub fn run(&self, n_tasks: usize, f: &(dyn Fn(usize) + Sync)) {
+        if n_tasks == 0 {
+            return;
+        }
+        if self.workers.is_empty() || n_tasks == 1 {
+            (0..n_tasks).for_each(f);
+            return;
+        }
+        let _one_job = self.run_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let shared = &*self.shared;
+        // SAFETY: the erased lifetime is restored in practice by `WaitForWorkers`: `run`
+        // does not return (nor unwind past it) before every worker has finished this job,
+        // so no worker touches `f` after the borrow ends. Transmuting only the lifetime of a
+        // fat pointer keeps its layout.
+        let job: Job = unsafe {
+            std::mem::transmute::<*const (dyn Fn(usize) + Sync + '_), Job>(f as *const _)
+        };
+        // SAFETY: no worker reads `job` now: the previous `run` waited for `active == 0`,
+        // and workers read it only after seeing a new generation, which is bumped below.
+        unsafe { *shared.job.get() = Some(job) };
+        shared.n_tasks.store(n_tasks, Ordering::Relaxed);
+        shared.next_task.store(0, Ordering::Relaxed);
+        shared.active.store(self.workers.len(), Ordering::Relaxed);
+        shared.generation.fetch_add(1, Ordering::SeqCst);
+        if shared.sleepers.load(Ordering::SeqCst) > 0 {
+            let _guard = shared.sleep_lock.lock().unwrap_or_else(|e| e.into_inner());
+            shared.wake.notify_all();
+        }
+        let wait = WaitForWorkers(shared);
+        work(shared, f);
+        drop(wait);
+        if shared.panicked.swap(false, Ordering::SeqCst) {
+            panic!("a kernel task panicked");
+        }
+    }
+}
+
+/// Blocks (on drop, so also while unwinding) until every worker has left the current job.
+struct WaitForWorkers<'a>(&'a Shared);
+
+impl Drop for WaitForWorkers<'_> {
+    fn drop(&mut self) {
+        let mut spins = 0u32;
+        while self.0.active.load(Ordering::Acquire) != 0 {
+            spins += 1;
+            if spins < 1 << 16 {
+                std::hint::spin_loop();
+            } else {
+                // Workers descheduled by a busy machine: let them run.
+                std::thread::yield_now();
+            }
+        }
+    }
+}
+
+/// Claim and run tasks of the current job until none are left.
+fn work(shared: &Shared, f: &(dyn Fn(usize) + Sync)) {
+    let n_tasks = shared.n_tasks.load(Ordering::Relaxed);
+    loop {
+        let task = shared.next_task.fetch_add(1, Ordering::Relaxed);
+        if task >= n_tasks {
+            return;
+        }
+        if catch_unwind(AssertUnwindSafe(|| f(task))).is_err() {
+            shared.panicked.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
+fn worker(shared: &Shared) {
+    let mut seen = 0u64;
+    loop {
+        // Wait for the next generation: spin, then sleep.
+        let started = Instant::now();
+        let mut spins = 0u32;
+        loop {
+            if shared.shutdown.load(Ordering::Acquire) {
+                return;
+            }
+            let generation = shared.generation.load(Ordering::SeqCst);
+            if generation != seen {
+                seen = generation;
+                break;
+            }
+            spins = spins.wrapping_add(1);
+            if spins % 128 != 0 || started.elapsed() < SPIN {
+                std::hint::spin_loop();
+                continue;
+            }
+            let mut guard = shared.sleep_lock.lock().unwrap_or_else(|e| e.into_inner());
+            shared.sleepers.fetch_add(1, Ordering::SeqCst);
+            while shared.generation.load(Ordering::SeqCst) == seen
+                && !shared.shutdown.load(Ordering::SeqCst)
+            {
+                guard = shared.wake.wait(guard).unwrap_or_else(|e| e.into_inner());
+            }
+            shared.sleepers.fetch_sub(1, Ordering::SeqCst);
+        }
+        // SAFETY: `run` stored the job before bumping the generation we just saw (SeqCst)
+        // and keeps the closure alive until this worker decrements `active` below.
+        let job = unsafe { (*shared.job.get()).expect("job published with its generation") };
+        // SAFETY: as above, the pointee outlives this use.
+        work(shared, unsafe { &*job });
+        shared.active.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Drop for ThreadPool {
+    fn drop(&mut self) {
+        self.shared.shutdown.store(true, Ordering::SeqCst);
+        {
+            let _guard = self.shared.sleep_lock.lock().unwrap_or_else(|e| e.into_inner());
+            self.shared.wake.notify_all();
+        }
+        for worker in self.workers.drain(..) {
+            let _ = worker.join();
+        }
+    }
+}
+
+/// An output buffer that tasks on several threads write disjoint elements of.
+pub(super) struct SharedOut<'a> {
+    ptr: *mut f32,
+    len: usize,
+    _borrow: PhantomData<&'a mut [f32]>,
+}
+
+// SAFETY: writers touch disjoint elements (the caller's contract on `write`); the buffer is
+// a unique borrow for `'a`, so nothing else reads it meanwhile.
+unsafe impl Sync for SharedOut<'_> {}
+// SAFETY: as for Sync: f32 is Send and the borrow is unique.
+unsafe impl Send for SharedOut<'_> {}
+
+impl Default for SharedOut<'_> {
+    fn default() -> Self {
+        SharedOut { ptr: std::ptr::null_mut(), len: 0, _borrow: PhantomData }
+    }
+}
+
+impl<'a> SharedOut<'a> {
+    pub(super) fn new(out: &'a mut [f32]) -> SharedOut<'a> {
+        SharedOut { ptr: out.as_mut_ptr(), len: out.len(), _borrow: PhantomData }
+    }
+
+    /// Store `value` at `index`. Callers on different threads must use different indices.
+    #[inline(always)]
+    pub(super) fn write(&self, index: usize, value: f32) {
+        assert!(index < self.len, "output index {index} out of {}", self.len);
+        // SAFETY: in bounds (checked above) of a live unique borrow; no other thread writes
+        // or reads this element during the job (disjoint task ranges).
+        unsafe { self.ptr.add(index).write(value) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_task_runs_once_for_any_thread_count() {
+        for threads in [1, 2, 3, 5] {
+            let pool = ThreadPool::new(threads);
+            for n_tasks in [0, 1, 2, 7, 64, 1000] {
+                let counts: Vec<AtomicUsize> = (0..n_tasks).map(|_| AtomicUsize::new(0)).collect();
+                pool.run(n_tasks, &|i| {
+                    counts[i].fetch_add(1, Ordering::Relaxed);
+                });
+                assert!(
+                    counts.iter().all(|c| c.load(Ordering::Relaxed) == 1),
+                    "{threads}/{n_tasks}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn sleeping_workers_wake_for_the_next_job() {
+        let pool = ThreadPool::new(3);
+        std::thread::sleep(SPIN * 20);
+        let total = AtomicUsize::new(0);
+        pool.run(100, &|i| {
+            total.fetch_add(i, Ordering::Relaxed);
+        });
+        assert_eq!(total.load(Ordering::Relaxed), 4950);
+    }
+
+    #[test]
+    fn a_panicking_task_is_reported_and_the_pool_still_works() {
+        let pool = ThreadPool::new(2);
+        let result = catch_unwind(AssertUnwindSafe(|| {
+            pool.run(16, &|i| {
+                if i == 9 {
+                    panic!("task 9 fails");
+                }
+            })
+        }));
+        assert!(result.is_err());
+        let total = AtomicUsize::new(0);
+        pool.run(10, &|_| {
+            total.fetch_add(1, Ordering::Relaxed);
+        });
+        assert_eq!(total.load(Ordering::Relaxed), 10);
+    }
+}
