@@ -37,6 +37,8 @@ pub enum Command {
     Chat(crate::chat::ChatArgs),
     /// Measure load time, prefill and decode throughput on this machine (`--bench` too).
     Bench(crate::bench::BenchArgs),
+    /// Write a Qwen3-shaped GGUF with random weights, for throughput benchmarks only.
+    BenchModel(crate::bench_model::BenchModelArgs),
     /// Download and list model files.
     #[command(subcommand)]
     Models(crate::models::ModelsCommand),
@@ -46,6 +48,9 @@ pub enum Command {
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     let settings = cli.config.validate()?;
     init_tracing(settings.log.as_deref());
+    if let Some(threads) = settings.engine.threads {
+        crate::llm::engine::kernels::set_default_threads(threads);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -58,6 +63,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             runtime.block_on(crate::bench::run(&args, &data_dir))
         }
         Command::Models(cmd) => runtime.block_on(crate::models::run(cmd, &settings.router)),
+        Command::BenchModel(args) => crate::bench_model::run(&args),
     }
 }
 

@@ -20,7 +20,7 @@ pub struct BenchArgs {
     /// GGUF model file to measure.
     #[arg(long)]
     pub model: PathBuf,
-    /// CPU threads for candle's kernels (default: candle's choice, the physical cores).
+    /// CPU threads for the kernels (default: one per available core).
     #[arg(long)]
     pub threads: Option<usize>,
     /// Prompt lengths to measure prefill at (comma list or repeated).
@@ -50,12 +50,14 @@ pub struct BenchArgs {
 /// Async: it runs inside the caller's tokio runtime; the model runs on the engine thread.
 pub async fn run(args: &BenchArgs, data_dir: &Path) -> anyhow::Result<()> {
     if let Some(threads) = args.threads {
-        // candle sizes its pools from these variables the first time a kernel runs, which
+        // Our kernels read this when the model loads. candle (the reference model only)
+        // sizes its pools from the variables the first time one of its kernels runs, which
         // is after this point: nothing has touched candle yet in a bench process.
+        crate::llm::engine::kernels::set_default_threads(threads);
         std::env::set_var("CANDLE_NUM_THREADS", threads.to_string());
         std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
     }
-    let threads = args.threads.unwrap_or_else(candle_core::utils::get_num_threads);
+    let threads = crate::llm::engine::kernels::default_threads();
     let report = measure(args, threads).await?;
     let json_text = serde_json::to_string_pretty(&report).context("cannot encode the report")?;
     if args.json {
@@ -125,6 +127,12 @@ async fn measure(args: &BenchArgs, threads: usize) -> anyhow::Result<serde_json:
         }
     }
     let decode_tok_s = decode_by_prompt.get("short").copied().unwrap_or_default();
+    // The KV cache of the longest sequence measured (f32 keys and values, whole pages).
+    let hp = &model_file.hparams;
+    let longest =
+        prompts.values().map(|(n, _)| *n as u64).max().unwrap_or(0) + u64::from(args.gen_tokens);
+    let kv_cache_bytes =
+        longest.div_ceil(256) * 256 * (hp.n_layer * hp.n_head_kv * hp.head_dim * 2 * 4) as u64;
 
     let turn_answer_tokens = args.gen_tokens.min(32);
     let turn_ttft = conversation(&engine, args.turns, turn_answer_tokens, true).await?;
@@ -165,6 +173,7 @@ async fn measure(args: &BenchArgs, threads: usize) -> anyhow::Result<serde_json:
         "quantization": info.quantization,
         "file_size_mb": (info.file_size as f64 / 1e6).round(),
         "threads": threads,
+        "isa": crate::llm::engine::kernels::Isa::detect().name(),
         "cpu_model": cpu_model(),
         "n_ctx": info.n_ctx,
         "gen_tokens": args.gen_tokens,
@@ -176,6 +185,11 @@ async fn measure(args: &BenchArgs, threads: usize) -> anyhow::Result<serde_json:
         "decode_tok_s_by_prompt": decode_by_prompt,
         "ttft_ms": ttft_ms,
         "peak_rss_mb": peak_rss_mb,
+        "kv_cache_mb": (kv_cache_bytes as f64 / 1e6).round(),
+        "rss_ratio": (peak_rss_mb as f64 * 1048576.0 / (info.file_size + kv_cache_bytes) as f64
+            * 100.0)
+            .round()
+            / 100.0,
         "turn_ttft_ms": turn_ttft,
         "turn_ttft_no_reuse_ms": turn_ttft_no_reuse,
         "engine_requests_served": stats.requests_served,
@@ -363,8 +377,19 @@ fn print_table(report: &serde_json::Value) {
         get("quantization"),
         get("file_size_mb")
     );
-    println!("cpu        {} — {} threads", get("cpu_model"), get("threads"));
-    println!("load       {} ms    peak RSS {} MB", get("load_ms"), get("peak_rss_mb"));
+    println!(
+        "cpu        {} — {} threads, {} kernels",
+        get("cpu_model"),
+        get("threads"),
+        get("isa")
+    );
+    println!(
+        "load       {} ms    peak RSS {} MB ({}× of file + largest KV cache, {} MB)",
+        get("load_ms"),
+        get("peak_rss_mb"),
+        get("rss_ratio"),
+        get("kv_cache_mb")
+    );
     println!();
     println!(
         "{:<10} {:>14} {:>14} {:>14} {:>10}",

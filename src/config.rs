@@ -84,6 +84,10 @@ pub struct Config {
     #[arg(long, env = "CONTEXT_SIZE", default_value_t = 32768, global = true)]
     pub context_size: usize,
 
+    /// CPU threads for local inference (default: one per core).
+    #[arg(long, env = "ENGINE_THREADS", global = true)]
+    pub engine_threads: Option<usize>,
+
     /// Requests that may wait for the engine before new ones get 503.
     #[arg(long, env = "ENGINE_QUEUE", default_value_t = 4, global = true)]
     pub engine_queue: usize,
@@ -249,6 +253,8 @@ pub struct Settings {
 #[derive(Debug, Clone)]
 pub struct EngineSettings {
     pub context_size: usize,
+    /// `None`: one per core.
+    pub threads: Option<usize>,
     pub queue_capacity: usize,
     pub kv_cache_sequences: usize,
     pub kv_cache_max_bytes: u64,
@@ -327,6 +333,11 @@ impl Config {
         if self.context_size < 256 {
             return Err(bad(format!("CONTEXT_SIZE={}: must be at least 256", self.context_size)));
         }
+        if let Some(threads) = self.engine_threads {
+            if threads == 0 || threads > 1024 {
+                return Err(bad(format!("ENGINE_THREADS={threads}: must be between 1 and 1024")));
+            }
+        }
         if self.engine_queue == 0 {
             return Err(bad("ENGINE_QUEUE=0: must be at least 1"));
         }
@@ -369,6 +380,7 @@ impl Config {
             log: self.log,
             engine: EngineSettings {
                 context_size: self.context_size,
+                threads: self.engine_threads,
                 queue_capacity: self.engine_queue,
                 kv_cache_sequences: self.kv_cache_sequences,
                 kv_cache_max_bytes,

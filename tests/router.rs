@@ -127,6 +127,7 @@ fn router_settings(models_dir: &Path) -> RouterSettings {
 fn engine_settings() -> EngineSettings {
     EngineSettings {
         context_size: 512,
+        threads: None,
         queue_capacity: 2,
         kv_cache_sequences: 1,
         kv_cache_max_bytes: 8 << 20,

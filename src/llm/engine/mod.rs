@@ -2,6 +2,7 @@
 //! to it through `EngineHandle`. Nothing here knows HTTP, SQL or channels.
 
 pub mod gguf;
+pub mod gguf_write;
 pub mod kernels;
 pub mod model;
 pub mod sampling;

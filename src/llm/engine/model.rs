@@ -1,14 +1,17 @@
-//! The forward pass for Qwen3 and Llama on candle ops, with a KV cache we own.
-//! Weights stay quantized (`QMatMul`); the model itself is immutable, so every sequence's
-//! `KvCache` lives apart from it and the worker can keep several. No tokenizer, no threads.
+//! The forward pass for Qwen3 and Llama on our own kernels (`kernels`): weights stay in
+//! their GGUF block formats, activations live in buffers allocated once and reused, and
+//! each sequence's keys and values sit in a paged f32 `KvCache` apart from the model, so the
+//! worker can keep several. Knows no tokenizer; its threads are the kernels' pool.
 
-use std::io::{Read, Seek};
-use std::sync::Arc;
+use std::io::{Read, Seek, SeekFrom};
+use std::sync::Mutex;
 
-use candle_core::quantized::{gguf_file, QMatMul, QTensor};
-use candle_core::{Device, Module, Tensor};
+use candle_core::quantized::gguf_file;
+use candle_core::{Device, Tensor};
 
 use crate::llm::engine::gguf::{Architecture, HyperParams};
+use crate::llm::engine::kernels::attention::{self, KvView, KV_PAGE};
+use crate::llm::engine::kernels::{self, Acts, Isa, Product, QMatrix, ThreadPool, WeightType};
 
 /// How RoPE pairs the dimensions of a head.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,6 +38,8 @@ pub struct ModelConfig {
     pub qk_norm: bool,
     /// Positions the RoPE tables cover; also the largest cache a sequence may have.
     pub max_positions: usize,
+    /// Threads the matrix products and attention run on.
+    pub threads: usize,
 }
 
 impl ModelConfig {
@@ -57,6 +62,7 @@ impl ModelConfig {
             rope_style,
             qk_norm,
             max_positions,
+            threads: kernels::default_threads(),
         }
     }
 }
@@ -70,20 +76,16 @@ pub enum Logits {
     All,
 }
 
-/// The KV state of one sequence: per layer, rows of `(n_head_kv, 2 * head_dim)` floats with
-/// K then V for each head, one row per position. That interleaved layout is what candle's
-/// fused single-query attention kernel reads, so decode needs no copy of the cache.
-#[derive(Debug, Clone)]
+/// The KV state of one sequence: per layer, pages of `KV_PAGE` positions holding f32 keys
+/// and values (`kernels::attention` defines the layout). Pages are allocated as the
+/// sequence reaches them and never move, so decode never copies the cache.
+#[derive(Debug)]
 pub struct KvCache {
-    layers: Vec<Vec<f32>>,
+    layers: Vec<Vec<Box<[f32]>>>,
     n_tokens: usize,
-    row_len: usize,
     max_tokens: usize,
+    page_values: usize,
 }
-
-/// Growth step of a cache, in positions. Large steps keep reallocations rare; the `Vec`
-/// keeps its capacity, so decode never copies the cache once a step is reserved.
-const CACHE_GROWTH_TOKENS: usize = 512;
 
 impl KvCache {
     /// Positions stored.
@@ -95,69 +97,88 @@ impl KvCache {
         self.n_tokens == 0
     }
 
-    /// Forget every position from `n_tokens` on (used to reuse a shared prefix).
+    /// Forget every position from `n_tokens` on (used to reuse a shared prefix). The pages
+    /// stay, to be overwritten by the next tokens.
     pub fn truncate(&mut self, n_tokens: usize) {
-        if n_tokens < self.n_tokens {
-            for layer in &mut self.layers {
-                layer.truncate(n_tokens * self.row_len);
-            }
-            self.n_tokens = n_tokens;
-        }
+        self.n_tokens = self.n_tokens.min(n_tokens);
     }
 
-    /// Bytes held, counting reserved capacity (what the memory bound must see).
+    /// Bytes held by the allocated pages (what the memory bound must see).
     pub fn bytes(&self) -> u64 {
-        self.layers.iter().map(|l| (l.capacity() * std::mem::size_of::<f32>()) as u64).sum()
+        let pages: usize = self.layers.iter().map(Vec::len).sum();
+        (pages * self.page_values * std::mem::size_of::<f32>()) as u64
     }
 
-    /// Release the growth slack, for a cache that is parked and may not grow again soon.
+    /// Release pages past the stored positions, for a cache that is parked.
     pub fn shrink_to_fit(&mut self) {
+        let keep = self.n_tokens.div_ceil(KV_PAGE);
         for layer in &mut self.layers {
-            layer.shrink_to_fit();
+            layer.truncate(keep);
         }
     }
 
+    /// Make sure pages exist for `n_new` more positions.
     fn reserve_for(&mut self, n_new: usize) {
-        let needed = self.n_tokens + n_new;
-        let capacity_tokens = self.layers.first().map_or(0, |l| l.capacity() / self.row_len);
-        if needed <= capacity_tokens {
-            return;
-        }
-        let target = needed
-            .max(capacity_tokens * 2)
-            .max(CACHE_GROWTH_TOKENS)
-            .next_multiple_of(CACHE_GROWTH_TOKENS)
-            .min(self.max_tokens.max(needed));
+        let needed = (self.n_tokens + n_new).div_ceil(KV_PAGE);
         for layer in &mut self.layers {
-            layer.reserve_exact(target * self.row_len - layer.len());
+            while layer.len() < needed {
+                layer.push(vec![0f32; self.page_values].into_boxed_slice());
+            }
         }
     }
 }
 
-/// A loaded model: quantized weights, f32 norms and RoPE tables.
+/// A loaded model: weights in their block formats, f32 norms and RoPE tables, the thread
+/// pool, and the activation buffers (`Scratch`) that every forward pass reuses.
 pub struct Model {
     config: ModelConfig,
     /// Kept quantized: only the looked-up rows are dequantized.
-    token_embd: Arc<QTensor>,
+    token_embd: QMatrix,
     layers: Vec<Layer>,
-    output_norm: Tensor,
-    output: QMatMul,
+    output_norm: Vec<f32>,
+    /// `None` when the embeddings are tied: the product then uses `token_embd`.
+    output: Option<QMatrix>,
     rope: Rope,
     vocab_size: usize,
+    pool: ThreadPool,
+    isa: Isa,
+    scratch: Mutex<Scratch>,
 }
 
 struct Layer {
-    attn_norm: Tensor,
-    attn_q: QMatMul,
-    attn_k: QMatMul,
-    attn_v: QMatMul,
-    attn_output: QMatMul,
-    q_norm: Option<Tensor>,
-    k_norm: Option<Tensor>,
-    ffn_norm: Tensor,
-    ffn_gate: QMatMul,
-    ffn_up: QMatMul,
-    ffn_down: QMatMul,
+    attn_norm: Vec<f32>,
+    attn_q: QMatrix,
+    attn_k: QMatrix,
+    attn_v: QMatrix,
+    attn_output: QMatrix,
+    q_norm: Option<Vec<f32>>,
+    k_norm: Option<Vec<f32>>,
+    ffn_norm: Vec<f32>,
+    ffn_gate: QMatrix,
+    ffn_up: QMatrix,
+    ffn_down: QMatrix,
+}
+
+/// Activation buffers, grown to the largest batch seen and then reused: a decode step
+/// allocates nothing.
+#[derive(Default)]
+struct Scratch {
+    hidden: Vec<f32>,
+    normed: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    context: Vec<f32>,
+    projected: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    acts: Acts,
+}
+
+/// Resize `buf` to `len` (contents are overwritten by the caller).
+fn sized(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    buf.resize(len, 0.0);
+    &mut buf[..]
 }
 
 /// cos/sin of `position * inv_freq[i]`, computed in f64 and stored in f32, one row of
@@ -219,65 +240,90 @@ impl Rope {
 
 impl Model {
     /// Load every tensor the forward pass needs from an opened GGUF file. The caller has
-    /// checked the architecture and read `config` from the metadata.
+    /// checked the architecture and read `config` from the metadata. Each matrix's blocks
+    /// are read straight into the buffer the kernels use (no intermediate copy), so the
+    /// resident size is the weights' size.
     pub fn load<R: Read + Seek>(
         content: &gguf_file::Content,
         reader: &mut R,
         config: ModelConfig,
     ) -> candle_core::Result<Model> {
-        let device = Device::Cpu;
-        let mut tensor = |name: &str| content.tensor(reader, name, &device);
-        let token_embd = Arc::new(tensor("token_embd.weight")?);
-        let (vocab_size, embd) = token_embd.shape().dims2()?;
-        if embd != config.n_embd {
-            candle_core::bail!("token_embd.weight has width {embd}, expected {}", config.n_embd)
+        let mut loader = Loader { content, reader };
+        let token_embd = loader.matrix("token_embd.weight")?;
+        let vocab_size = token_embd.rows();
+        if token_embd.cols() != config.n_embd {
+            candle_core::bail!(
+                "token_embd.weight has width {}, expected {}",
+                token_embd.cols(),
+                config.n_embd
+            )
+        }
+        if config.head_dim > attention::MAX_HEAD_DIM || config.head_dim % 8 != 0 {
+            candle_core::bail!("head width {} is not supported", config.head_dim)
+        }
+        if config.n_head_kv == 0
+            || config.n_head % config.n_head_kv != 0
+            || config.n_head / config.n_head_kv > attention::MAX_GROUP
+        {
+            candle_core::bail!("{} query heads over {} KV heads", config.n_head, config.n_head_kv)
         }
         let mut layers = Vec::with_capacity(config.n_layer);
-        for layer_idx in 0..config.n_layer {
-            let mut qmm = |what: &str| -> candle_core::Result<QMatMul> {
-                QMatMul::from_qtensor(tensor(&format!("blk.{layer_idx}.{what}.weight"))?)
-            };
-            let attn_q = qmm("attn_q")?;
-            let attn_k = qmm("attn_k")?;
-            let attn_v = qmm("attn_v")?;
-            let attn_output = qmm("attn_output")?;
-            let ffn_gate = qmm("ffn_gate")?;
-            let ffn_up = qmm("ffn_up")?;
-            let ffn_down = qmm("ffn_down")?;
-            let mut norm = |what: &str| -> candle_core::Result<Tensor> {
-                tensor(&format!("blk.{layer_idx}.{what}.weight"))?.dequantize(&device)
-            };
-            let attn_norm = norm("attn_norm")?;
-            let ffn_norm = norm("ffn_norm")?;
+        for i in 0..config.n_layer {
+            let name = |what: &str| format!("blk.{i}.{what}.weight");
             let (q_norm, k_norm) = if config.qk_norm {
-                (Some(norm("attn_q_norm")?), Some(norm("attn_k_norm")?))
+                (
+                    Some(loader.vector(&name("attn_q_norm"), config.head_dim)?),
+                    Some(loader.vector(&name("attn_k_norm"), config.head_dim)?),
+                )
             } else {
                 (None, None)
             };
-            layers.push(Layer {
-                attn_norm,
-                attn_q,
-                attn_k,
-                attn_v,
-                attn_output,
+            let q_width = config.n_head * config.head_dim;
+            let kv_width = config.n_head_kv * config.head_dim;
+            let layer = Layer {
+                attn_norm: loader.vector(&name("attn_norm"), config.n_embd)?,
+                attn_q: loader.shaped(&name("attn_q"), q_width, config.n_embd)?,
+                attn_k: loader.shaped(&name("attn_k"), kv_width, config.n_embd)?,
+                attn_v: loader.shaped(&name("attn_v"), kv_width, config.n_embd)?,
+                attn_output: loader.shaped(&name("attn_output"), config.n_embd, q_width)?,
                 q_norm,
                 k_norm,
-                ffn_norm,
-                ffn_gate,
-                ffn_up,
-                ffn_down,
-            });
+                ffn_norm: loader.vector(&name("ffn_norm"), config.n_embd)?,
+                ffn_gate: loader.matrix(&name("ffn_gate"))?,
+                ffn_up: loader.matrix(&name("ffn_up"))?,
+                ffn_down: loader.matrix(&name("ffn_down"))?,
+            };
+            let n_ff = layer.ffn_gate.rows();
+            if layer.ffn_gate.cols() != config.n_embd
+                || (layer.ffn_up.rows(), layer.ffn_up.cols()) != (n_ff, config.n_embd)
+                || (layer.ffn_down.rows(), layer.ffn_down.cols()) != (config.n_embd, n_ff)
+            {
+                candle_core::bail!("layer {i}: feed-forward shapes do not agree")
+            }
+            layers.push(layer);
         }
-        let output_norm = tensor("output_norm.weight")?.dequantize(&device)?;
+        let output_norm = loader.vector("output_norm.weight", config.n_embd)?;
         // Tied embeddings: small models (and some Qwen3 files) have no output.weight and
         // project with the embedding table itself.
         let output = if content.tensor_infos.contains_key("output.weight") {
-            QMatMul::from_qtensor(tensor("output.weight")?)?
+            Some(loader.shaped("output.weight", vocab_size, config.n_embd)?)
         } else {
-            QMatMul::from_arc(token_embd.clone())?
+            None
         };
         let rope = Rope::new(config.head_dim, config.rope_freq_base, config.max_positions);
-        Ok(Model { config, token_embd, layers, output_norm, output, rope, vocab_size })
+        let pool = ThreadPool::new(config.threads.max(1));
+        Ok(Model {
+            config,
+            token_embd,
+            layers,
+            output_norm,
+            output,
+            rope,
+            vocab_size,
+            pool,
+            isa: Isa::detect(),
+            scratch: Mutex::new(Scratch::default()),
+        })
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -288,31 +334,53 @@ impl Model {
         self.vocab_size
     }
 
+    /// The instruction set the kernels run with on this CPU.
+    pub fn isa(&self) -> Isa {
+        self.isa
+    }
+
     /// An empty cache for one sequence of at most `max_tokens` positions (capped by the
-    /// RoPE tables). Memory is reserved as the sequence grows, in large steps.
+    /// RoPE tables). Pages are allocated as the sequence grows.
     pub fn new_cache(&self, max_tokens: usize) -> KvCache {
         KvCache {
             layers: vec![Vec::new(); self.config.n_layer],
             n_tokens: 0,
-            row_len: self.config.n_head_kv * 2 * self.config.head_dim,
             max_tokens: max_tokens.min(self.config.max_positions),
+            page_values: attention::page_values(self.config.n_head_kv, self.config.head_dim),
         }
     }
 
-    /// Bytes one cached position takes (all layers).
+    /// Bytes one cached position takes (all layers, f32 keys and values).
     pub fn cache_bytes_per_token(&self) -> u64 {
         (self.config.n_layer * self.config.n_head_kv * 2 * self.config.head_dim * 4) as u64
     }
 
     /// Run `tokens` at positions `cache.len()..`, append their K/V to `cache` and return
-    /// logits. Works for any split: a whole prompt, one decode step, or a prefill after
-    /// decode steps (the next turn of a conversation).
+    /// logits as a tensor (tests and tools; the worker uses `forward_into`).
     pub fn forward(
         &self,
         tokens: &[u32],
         cache: &mut KvCache,
         logits: Logits,
     ) -> candle_core::Result<Tensor> {
+        let mut out = Vec::new();
+        self.forward_into(tokens, cache, logits, &mut out)?;
+        let rows = out.len() / self.vocab_size;
+        Tensor::from_vec(out, (rows, self.vocab_size), &Device::Cpu)
+    }
+
+    /// Run `tokens` at positions `cache.len()..`, append their K/V to `cache` and write the
+    /// logits into `out` (one row of `vocab_size` per returned position). Works for any
+    /// split: a whole prompt, one decode step, or a prefill after decode steps (the next
+    /// turn of a conversation). With a reused `out`, a decode step allocates nothing.
+    pub fn forward_into(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        logits: Logits,
+        out: &mut Vec<f32>,
+    ) -> candle_core::Result<()> {
+        let cfg = &self.config;
         let n_tokens = tokens.len();
         if n_tokens == 0 {
             candle_core::bail!("forward called with no tokens")
@@ -325,113 +393,201 @@ impl Model {
                 cache.max_tokens
             )
         }
+        if let Some(bad) = tokens.iter().find(|&&t| t as usize >= self.vocab_size) {
+            candle_core::bail!("token {bad} is outside the vocabulary of {}", self.vocab_size)
+        }
         cache.reserve_for(n_tokens);
-        let ids = Tensor::from_slice(tokens, n_tokens, &Device::Cpu)?;
-        let mut hidden = self.token_embd.embedding(&ids)?;
-        for (layer, layer_cache) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            let normed = candle_nn::ops::rms_norm(&hidden, &layer.attn_norm, self.eps())?;
-            let attn = self.attention(layer, &normed, start, layer_cache)?;
-            hidden = (hidden + attn)?;
-            let normed = candle_nn::ops::rms_norm(&hidden, &layer.ffn_norm, self.eps())?;
-            let gate = layer.ffn_gate.forward(&normed)?.silu()?;
-            let up = layer.ffn_up.forward(&normed)?;
-            let mlp = layer.ffn_down.forward(&(gate * up)?)?;
-            hidden = (hidden + mlp)?;
+        let mut guard = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
+        let s = &mut *guard;
+        let (e, d) = (cfg.n_embd, cfg.head_dim);
+        let (q_width, kv_width) = (cfg.n_head * d, cfg.n_head_kv * d);
+        let hidden = sized(&mut s.hidden, n_tokens * e);
+        for (row, &token) in hidden.chunks_exact_mut(e).zip(tokens) {
+            self.token_embd.dequantize_row(token as usize, row);
+        }
+        let (pool, isa) = (&self.pool, self.isa);
+        for (layer, pages) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            // Attention block.
+            let normed = sized(&mut s.normed, n_tokens * e);
+            rms_norm(&s.hidden, &layer.attn_norm, self.eps(), normed);
+            let weights = [&layer.attn_q, &layer.attn_k, &layer.attn_v];
+            s.acts.prepare(normed, n_tokens, e, &weights);
+            let q = sized(&mut s.q, n_tokens * q_width);
+            let k = sized(&mut s.k, n_tokens * kv_width);
+            let v = sized(&mut s.v, n_tokens * kv_width);
+            kernels::matmul_many(
+                pool,
+                isa,
+                &s.acts,
+                &mut [
+                    Product { w: &layer.attn_q, out: &mut *q },
+                    Product { w: &layer.attn_k, out: &mut *k },
+                    Product { w: &layer.attn_v, out: &mut *v },
+                ],
+            );
+            if let (Some(q_norm), Some(k_norm)) = (&layer.q_norm, &layer.k_norm) {
+                rms_norm_in_place(q, q_norm, self.eps());
+                rms_norm_in_place(k, k_norm, self.eps());
+            }
+            self.rope.apply(q, cfg.n_head, start, cfg.rope_style);
+            self.rope.apply(k, cfg.n_head_kv, start, cfg.rope_style);
+            for (t, (k_row, v_row)) in
+                k.chunks_exact(kv_width).zip(v.chunks_exact(kv_width)).enumerate()
+            {
+                let pos = start + t;
+                attention::store_kv(&mut pages[pos / KV_PAGE], cfg.n_head_kv, d, pos, k_row, v_row);
+            }
+            let context = sized(&mut s.context, n_tokens * q_width);
+            let view = KvView { pages, n_kv_heads: cfg.n_head_kv, head_dim: d };
+            let scale = 1.0 / (d as f32).sqrt();
+            attention::attention(pool, isa, q, n_tokens, start, cfg.n_head, &view, scale, context);
+            s.acts.prepare(context, n_tokens, q_width, &[&layer.attn_output]);
+            let projected = sized(&mut s.projected, n_tokens * e);
+            kernels::matmul(pool, isa, &s.acts, &layer.attn_output, projected);
+            add_in_place(&mut s.hidden, projected);
+
+            // Feed-forward block (SwiGLU).
+            let normed = sized(&mut s.normed, n_tokens * e);
+            rms_norm(&s.hidden, &layer.ffn_norm, self.eps(), normed);
+            s.acts.prepare(normed, n_tokens, e, &[&layer.ffn_gate, &layer.ffn_up]);
+            let n_ff = layer.ffn_gate.rows();
+            let gate = sized(&mut s.gate, n_tokens * n_ff);
+            let up = sized(&mut s.up, n_tokens * n_ff);
+            kernels::matmul_many(
+                pool,
+                isa,
+                &s.acts,
+                &mut [
+                    Product { w: &layer.ffn_gate, out: &mut *gate },
+                    Product { w: &layer.ffn_up, out: &mut *up },
+                ],
+            );
+            kernels::activation::silu_mul(isa, gate, up);
+            s.acts.prepare(gate, n_tokens, n_ff, &[&layer.ffn_down]);
+            let projected = sized(&mut s.projected, n_tokens * e);
+            kernels::matmul(pool, isa, &s.acts, &layer.ffn_down, projected);
+            add_in_place(&mut s.hidden, projected);
         }
         cache.n_tokens = start + n_tokens;
-        let hidden = match logits {
-            Logits::Last => hidden.narrow(0, n_tokens - 1, 1)?,
-            Logits::All => hidden,
+
+        let first = match logits {
+            Logits::Last => n_tokens - 1,
+            Logits::All => 0,
         };
-        let hidden = candle_nn::ops::rms_norm(&hidden, &self.output_norm, self.eps())?;
-        self.output.forward(&hidden)
+        let rows = n_tokens - first;
+        let normed = sized(&mut s.normed, rows * e);
+        rms_norm(&s.hidden[first * e..], &self.output_norm, self.eps(), normed);
+        let head = self.output.as_ref().unwrap_or(&self.token_embd);
+        s.acts.prepare(normed, rows, e, &[head]);
+        out.resize(rows * self.vocab_size, 0.0);
+        kernels::matmul(pool, isa, &s.acts, head, out);
+        Ok(())
     }
 
     fn eps(&self) -> f32 {
         self.config.rms_norm_eps as f32
     }
+}
 
-    /// Self-attention of `x` (`(n_tokens, n_embd)`, already normed) at positions
-    /// `start..start + n_tokens`, appending this layer's K/V to `kv`.
-    fn attention(
-        &self,
-        layer: &Layer,
-        x: &Tensor,
-        start: usize,
-        kv: &mut Vec<f32>,
-    ) -> candle_core::Result<Tensor> {
-        let cfg = &self.config;
-        let (n_tokens, _) = x.dims2()?;
-        let head_dim = cfg.head_dim;
-        let q = layer.attn_q.forward(x)?.reshape((n_tokens, cfg.n_head, head_dim))?;
-        let k = layer.attn_k.forward(x)?.reshape((n_tokens, cfg.n_head_kv, head_dim))?;
-        let v = layer.attn_v.forward(x)?;
-        let (q, k) = match (&layer.q_norm, &layer.k_norm) {
-            (Some(q_norm), Some(k_norm)) => (
-                candle_nn::ops::rms_norm(&q, q_norm, self.eps())?,
-                candle_nn::ops::rms_norm(&k, k_norm, self.eps())?,
-            ),
-            _ => (q, k),
-        };
-        let mut q = q.flatten_all()?.to_vec1::<f32>()?;
-        let mut k = k.flatten_all()?.to_vec1::<f32>()?;
-        let v = v.flatten_all()?.to_vec1::<f32>()?;
-        self.rope.apply(&mut q, cfg.n_head, start, cfg.rope_style);
-        self.rope.apply(&mut k, cfg.n_head_kv, start, cfg.rope_style);
-        // Append rows `[k_h0, v_h0, k_h1, v_h1, …]`; capacity was reserved by the caller.
-        for (k_row, v_row) in k.chunks_exact(head_dim).zip(v.chunks_exact(head_dim)) {
-            kv.extend_from_slice(k_row);
-            kv.extend_from_slice(v_row);
+/// `out[t] = x[t] / rms(x[t]) * weight` for each row of `weight.len()` values.
+fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    let width = weight.len();
+    for (row, dst) in x.chunks_exact(width).zip(out.chunks_exact_mut(width)) {
+        let inv = inv_rms(row, eps);
+        for ((o, v), w) in dst.iter_mut().zip(row).zip(weight) {
+            *o = v * inv * w;
         }
-        let kv_len = start + n_tokens;
-        let scale = 1.0 / (head_dim as f32).sqrt();
-        let context = if n_tokens == 1 {
-            // Decode: candle's fused kernel reads our cache in place.
-            candle_nn::attention::cpu_flash::causal::causal_decode_f32_interleaved(
-                &q,
-                kv,
-                cfg.n_head,
-                cfg.n_head_kv,
-                head_dim,
-                kv_len,
-                scale,
-            )?
-            .reshape((1, cfg.n_head * head_dim))?
-        } else {
-            // Prefill: batched matmuls (gemm) beat the row-by-row flash kernel here. Query
-            // heads of one KV group are adjacent, so (n_head, T, D) reshapes to
-            // (n_head_kv, group * T, D) and each group shares its keys without copies.
-            let group = cfg.n_head / cfg.n_head_kv;
-            let q = Tensor::from_vec(q, (n_tokens, cfg.n_head, head_dim), &Device::Cpu)?
-                .transpose(0, 1)?
-                .contiguous()?
-                .reshape((cfg.n_head_kv, group * n_tokens, head_dim))?;
-            let kv =
-                Tensor::from_slice(&kv[..], (kv_len, cfg.n_head_kv, 2 * head_dim), &Device::Cpu)?;
-            let keys = kv.narrow(2, 0, head_dim)?.transpose(0, 1)?.contiguous()?;
-            let values = kv.narrow(2, head_dim, head_dim)?.transpose(0, 1)?.contiguous()?;
-            let scores = (q.matmul(&keys.t()?)? * scale as f64)?;
-            // Query `t` sees keys up to `start + t`: the causal mask shifted by the cache.
-            let mask: Vec<f32> = (0..n_tokens)
-                .flat_map(|t| {
-                    (0..kv_len).map(move |s| if s > start + t { f32::NEG_INFINITY } else { 0.0 })
-                })
-                .collect();
-            let mask = Tensor::from_vec(mask, (n_tokens, kv_len), &Device::Cpu)?;
-            let scores = scores
-                .reshape((cfg.n_head_kv, group, n_tokens, kv_len))?
-                .broadcast_add(&mask)?
-                .reshape((cfg.n_head_kv, group * n_tokens, kv_len))?;
-            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-            // (n_head_kv, group * T, D) → (n_head, T, D) → (T, n_head * D)
-            probs
-                .matmul(&values)?
-                .reshape((cfg.n_head, n_tokens, head_dim))?
-                .transpose(0, 1)?
-                .contiguous()?
-                .reshape((n_tokens, cfg.n_head * head_dim))?
+    }
+}
+
+/// `rms_norm` of every `weight.len()`-wide piece of `x`, in place (Qwen3's per-head q/k norm).
+fn rms_norm_in_place(x: &mut [f32], weight: &[f32], eps: f32) {
+    for row in x.chunks_exact_mut(weight.len()) {
+        let inv = inv_rms(row, eps);
+        for (v, w) in row.iter_mut().zip(weight) {
+            *v *= inv * w;
+        }
+    }
+}
+
+fn inv_rms(row: &[f32], eps: f32) -> f32 {
+    // Eight partial sums: vectorisable, and closer to the exact sum than one running total.
+    let mut lanes = [0f32; 8];
+    let mut chunks = row.chunks_exact(8);
+    for chunk in &mut chunks {
+        for i in 0..8 {
+            lanes[i] += chunk[i] * chunk[i];
+        }
+    }
+    let tail: f32 = chunks.remainder().iter().map(|v| v * v).sum();
+    let mean = (lanes.iter().sum::<f32>() + tail) / row.len() as f32;
+    1.0 / (mean + eps).sqrt()
+}
+
+fn add_in_place(acc: &mut [f32], x: &[f32]) {
+    for (a, b) in acc.iter_mut().zip(x) {
+        *a += b;
+    }
+}
+
+/// Reads tensors of one GGUF file for `Model::load`.
+struct Loader<'a, R> {
+    content: &'a gguf_file::Content,
+    reader: &'a mut R,
+}
+
+impl<R: Read + Seek> Loader<'_, R> {
+    /// A matrix `(rows, cols)` in its stored format when the kernels have one, else widened
+    /// to f32.
+    fn matrix(&mut self, name: &str) -> candle_core::Result<QMatrix> {
+        let info = match self.content.tensor_infos.get(name) {
+            Some(info) => info,
+            None => candle_core::bail!("tensor {name} is missing"),
         };
-        layer.attn_output.forward(&context)
+        let (rows, cols) = match info.shape.dims() {
+            [rows, cols] => (*rows, *cols),
+            dims => candle_core::bail!("tensor {name} has shape {dims:?}, expected a matrix"),
+        };
+        let kind = WeightType::from_ggml(info.ggml_dtype).filter(|t| cols % t.block_len() == 0);
+        match kind {
+            Some(ty) => {
+                let len = rows * ty.row_bytes(cols);
+                let mut bytes = vec![0u8; len];
+                let at = self.content.tensor_data_offset + info.offset;
+                self.reader.seek(SeekFrom::Start(at))?;
+                self.reader.read_exact(&mut bytes)?;
+                QMatrix::from_bytes(ty, rows, cols, bytes)
+                    .map_err(|e| candle_core::Error::Msg(format!("tensor {name}: {e}")))
+            }
+            None => {
+                // No kernel for this storage type (F16, Q2_K, …): widen once at load.
+                let tensor = self.content.tensor(self.reader, name, &Device::Cpu)?;
+                let floats = tensor.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
+                Ok(QMatrix::from_f32(rows, cols, floats))
+            }
+        }
+    }
+
+    /// A matrix that must have this shape.
+    fn shaped(&mut self, name: &str, rows: usize, cols: usize) -> candle_core::Result<QMatrix> {
+        let m = self.matrix(name)?;
+        if (m.rows(), m.cols()) != (rows, cols) {
+            candle_core::bail!("tensor {name} is {}x{}, expected {rows}x{cols}", m.rows(), m.cols())
+        }
+        Ok(m)
+    }
+
+    /// A vector of `len` values (norm weights), as f32.
+    fn vector(&mut self, name: &str, len: usize) -> candle_core::Result<Vec<f32>> {
+        let tensor = match self.content.tensor_infos.contains_key(name) {
+            true => self.content.tensor(self.reader, name, &Device::Cpu)?,
+            false => candle_core::bail!("tensor {name} is missing"),
+        };
+        let values = tensor.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
+        if values.len() != len {
+            candle_core::bail!("tensor {name} has {} values, expected {len}", values.len())
+        }
+        Ok(values)
     }
 }
 
@@ -457,20 +613,33 @@ mod tests {
     }
 
     #[test]
-    fn cache_grows_in_steps_and_truncates() {
+    fn cache_pages_are_allocated_on_demand_and_kept_on_truncate() {
+        let page_values = attention::page_values(2, 8);
         let mut cache =
-            KvCache { layers: vec![Vec::new(); 2], n_tokens: 0, row_len: 8, max_tokens: 4096 };
+            KvCache { layers: vec![Vec::new(); 3], n_tokens: 0, max_tokens: 4096, page_values };
         cache.reserve_for(3);
-        assert_eq!(cache.layers[0].capacity(), CACHE_GROWTH_TOKENS * 8);
-        let before = cache.bytes();
-        cache.reserve_for(100);
-        assert_eq!(cache.bytes(), before, "no reallocation inside a reserved step");
-        for layer in &mut cache.layers {
-            layer.extend(std::iter::repeat_n(1.0, 10 * 8));
-        }
-        cache.n_tokens = 10;
+        assert_eq!(cache.bytes(), (3 * page_values * 4) as u64, "one page per layer");
+        let first_page = cache.layers[0][0].as_ptr();
+        cache.n_tokens = 3;
+        cache.reserve_for(KV_PAGE);
+        assert_eq!(cache.layers[0].len(), 2, "a second page once past {KV_PAGE} positions");
+        assert_eq!(cache.layers[0][0].as_ptr(), first_page, "pages never move");
+        cache.n_tokens = KV_PAGE + 3;
         cache.truncate(4);
         assert_eq!(cache.len(), 4);
-        assert_eq!(cache.layers[1].len(), 32);
+        assert_eq!(cache.layers[1].len(), 2, "truncate keeps pages for reuse");
+        cache.shrink_to_fit();
+        assert_eq!(cache.layers[1].len(), 1);
+    }
+
+    #[test]
+    fn rms_norm_matches_the_definition() {
+        let x = [3.0f32, 4.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0];
+        let w = [1.0f32, 2.0, 1.0, 1.0, 1.0];
+        let mut out = [0f32; 10];
+        rms_norm(&x, &w, 0.0, &mut out);
+        let rms = (25.0f32 / 5.0).sqrt();
+        assert!((out[0] - 3.0 / rms).abs() < 1e-6 && (out[1] - 8.0 / rms).abs() < 1e-6);
+        assert!(out[5..].iter().zip(&w).all(|(o, w)| (o - w).abs() < 1e-6));
     }
 }

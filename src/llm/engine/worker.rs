@@ -93,6 +93,8 @@ struct CachedSequence {
 
 struct Engine {
     model: Model,
+    /// Logits of the last forward pass, reused from step to step.
+    logits: Vec<f32>,
     tokenizer: GgufTokenizer,
     format: ChatFormat,
     n_ctx: usize,
@@ -138,6 +140,7 @@ impl Engine {
         tracing::info!(model = %info.name, arch = %info.arch, n_ctx, load_ms, "model loaded");
         let engine = Engine {
             model,
+            logits: Vec::new(),
             tokenizer,
             format,
             n_ctx,
@@ -172,16 +175,17 @@ impl Engine {
 
         let (mut cache, n_cached) = self.take_cache(&prompt, options.reuse_cache);
         let prefill_started = Instant::now();
-        let mut logits = None;
+        let mut prefilled = false;
         for chunk in prompt[n_cached..].chunks(PREFILL_CHUNK) {
             if reply.is_closed() {
                 return Ok(());
             }
-            logits = Some(self.forward(chunk, &mut cache)?);
+            self.forward(chunk, &mut cache)?;
+            prefilled = true;
         }
-        let Some(mut logits) = logits else {
+        if !prefilled {
             return Err(LlmError::Inference("nothing to prefill".to_string()));
-        };
+        }
         let prefill_ms = prefill_started.elapsed().as_millis() as u64;
         let prefill_secs = prefill_started.elapsed().as_secs_f64();
 
@@ -194,7 +198,7 @@ impl Engine {
         let decode_started = Instant::now();
         let finish = loop {
             let recent_from = sequence.len().saturating_sub(params.repeat_last_n);
-            let token = sampler.sample(&mut logits, &sequence[recent_from..]);
+            let token = sampler.sample(&mut self.logits, &sequence[recent_from..]);
             if !options.ignore_stop && self.tokenizer.stop_ids().contains(&token) {
                 break FinishReason::Stop;
             }
@@ -220,7 +224,7 @@ impl Engine {
             if reply.is_closed() {
                 break FinishReason::Cancelled;
             }
-            logits = self.forward(&[token], &mut cache)?;
+            self.forward(&[token], &mut cache)?;
             sequence.push(token);
         };
         let decode_secs = decode_started.elapsed().as_secs_f64();
@@ -255,14 +259,12 @@ impl Engine {
         Ok(())
     }
 
-    /// Logits of the last position of `tokens` as a `Vec`, appending to `cache`.
-    fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>, LlmError> {
-        let logits = self
-            .model
-            .forward(tokens, cache, Logits::Last)
-            .and_then(|t| t.flatten_all())
-            .and_then(|t| t.to_vec1::<f32>());
-        logits.map_err(|err| LlmError::Inference(format!("forward pass: {err}")))
+    /// Logits of the last position of `tokens`, appending to `cache`. The logits buffer is
+    /// the engine's own and reused, so a decode step allocates nothing here.
+    fn forward(&mut self, tokens: &[u32], cache: &mut KvCache) -> Result<(), LlmError> {
+        self.model
+            .forward_into(tokens, cache, Logits::Last, &mut self.logits)
+            .map_err(|err| LlmError::Inference(format!("forward pass: {err}")))
     }
 
     /// The cache to continue from: the kept sequence sharing the longest prefix with

@@ -13,11 +13,30 @@
 
 #![allow(unsafe_code)]
 
+pub mod activation;
+pub mod attention;
 mod kquants;
 mod legacy;
 mod pool;
 
 pub use pool::ThreadPool;
+
+/// Threads a model's kernels use when nothing else is said (0: one per available core).
+static DEFAULT_THREADS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Set the process-wide thread count for models loaded from now on (`--threads`).
+pub fn set_default_threads(threads: usize) {
+    DEFAULT_THREADS.store(threads, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The thread count models are loaded with: the one set by `set_default_threads`, else
+/// one per core the process may use.
+pub fn default_threads() -> usize {
+    match DEFAULT_THREADS.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    }
+}
 
 /// The instruction set a product runs with. Detected once; tests run every one available.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -474,4 +493,239 @@ pub(crate) fn f16_to_f32(bits: u16) -> f32 {
 #[inline(always)]
 pub(crate) fn f32_to_f16(value: f32) -> u16 {
     half::f16::from_f32(value).to_bits()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Random bytes that form valid blocks: every f16 scale field set to a small finite
+    /// value (random bytes there could be NaN or huge), everything else random.
+    fn random_matrix(ty: WeightType, rows: usize, cols: usize, rng: &mut u64) -> QMatrix {
+        let mut next = || {
+            *rng ^= *rng << 13;
+            *rng ^= *rng >> 7;
+            *rng ^= *rng << 17;
+            *rng
+        };
+        if ty == WeightType::F32 {
+            let floats = (0..rows * cols).map(|_| (next() % 2001) as f32 / 1000.0 - 1.0);
+            return QMatrix::from_f32(rows, cols, floats.collect());
+        }
+        let mut bytes: Vec<u8> = (0..rows * ty.row_bytes(cols)).map(|_| next() as u8).collect();
+        // Offsets of the f16 fields within a block.
+        let scale_fields: &[usize] = match ty {
+            WeightType::Q4_0 | WeightType::Q5_0 | WeightType::Q8_0 => &[0],
+            WeightType::Q4_1 | WeightType::Q4K | WeightType::Q5K => &[0, 2],
+            WeightType::Q6K => &[208],
+            WeightType::F32 => unreachable!(),
+        };
+        for block in bytes.chunks_exact_mut(ty.block_bytes()) {
+            for &at in scale_fields {
+                let value = ((next() % 1000) as f32 / 1000.0 + 0.05) * 0.02;
+                let sign = if next() % 2 == 0 { 1.0 } else { -1.0 };
+                block[at..at + 2].copy_from_slice(&f32_to_f16(sign * value).to_le_bytes());
+            }
+        }
+        QMatrix::from_bytes(ty, rows, cols, bytes).expect("valid random matrix")
+    }
+
+    const TYPES: [WeightType; 8] = [
+        WeightType::F32,
+        WeightType::Q4_0,
+        WeightType::Q4_1,
+        WeightType::Q5_0,
+        WeightType::Q8_0,
+        WeightType::Q4K,
+        WeightType::Q5K,
+        WeightType::Q6K,
+    ];
+
+    /// The whole product path (activation quantization, tiles, thread split, each ISA)
+    /// against dequantize-then-f32-matmul, on shapes that do not divide the tiles: row
+    /// counts that are not multiples of the row chunk, 1 to 67 tokens, odd thread counts.
+    #[test]
+    fn matmul_matches_dequantized_f32_matmul_for_every_format() {
+        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+        for ty in TYPES {
+            let cols = if ty.block_len() == 256 { 512 } else { 96 };
+            for (rows, n_tokens) in [(1, 1), (37, 1), (19, 5), (130, 67)] {
+                let w = random_matrix(ty, rows, cols, &mut rng);
+                let mut dense = vec![0f32; rows * cols];
+                for (r, row) in dense.chunks_exact_mut(cols).enumerate() {
+                    w.dequantize_row(r, row);
+                }
+                let x: Vec<f32> = (0..n_tokens * cols)
+                    .map(|i| ((i * 7919 % 1009) as f32 / 504.5 - 1.0) * (1.0 + (i % 5) as f32))
+                    .collect();
+                let mut expected = vec![0f64; n_tokens * rows];
+                let mut magnitude = vec![0f64; n_tokens * rows];
+                for t in 0..n_tokens {
+                    for r in 0..rows {
+                        for c in 0..cols {
+                            let p = dense[r * cols + c] as f64 * x[t * cols + c] as f64;
+                            expected[t * rows + r] += p;
+                            magnitude[t * rows + r] += p.abs();
+                        }
+                    }
+                }
+                let mut acts = Acts::new();
+                acts.prepare(&x, n_tokens, cols, &[&w]);
+                for threads in [1, 3] {
+                    let pool = ThreadPool::new(threads);
+                    for isa in Isa::available() {
+                        let mut out = vec![f32::NAN; n_tokens * rows];
+                        matmul(&pool, isa, &acts, &w, &mut out);
+                        for (i, got) in out.iter().enumerate() {
+                            // 8-bit activations: ≤ 1% of Σ|w·x| (typically far less); f32
+                            // weights see the activations as they are.
+                            let tol = if ty == WeightType::F32 { 1e-5 } else { 1e-2 };
+                            let err = (*got as f64 - expected[i]).abs();
+                            assert!(
+                                err <= tol * magnitude[i] + 1e-6,
+                                "{ty:?} {rows}x{cols} T={n_tokens} {isa:?} x{threads}: \
+                                 [{i}] {got} vs {}",
+                                expected[i]
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Every ISA computes the same thing: the SIMD paths agree with the portable one to
+    /// float summation order.
+    #[test]
+    fn isas_agree_with_the_portable_kernels() {
+        let mut rng = 0x2545_f491_4f6c_dd1du64;
+        let pool = ThreadPool::new(2);
+        for ty in TYPES {
+            let cols = 1024;
+            let (rows, n_tokens) = (33, 6);
+            let w = random_matrix(ty, rows, cols, &mut rng);
+            let x: Vec<f32> =
+                (0..n_tokens * cols).map(|i| ((i * 31 % 97) as f32 - 48.0) / 17.0).collect();
+            let mut acts = Acts::new();
+            acts.prepare(&x, n_tokens, cols, &[&w]);
+            let mut reference = vec![0f32; n_tokens * rows];
+            matmul(&pool, Isa::Portable, &acts, &w, &mut reference);
+            for isa in Isa::available() {
+                let mut out = vec![0f32; n_tokens * rows];
+                matmul(&pool, isa, &acts, &w, &mut out);
+                for (a, b) in out.iter().zip(&reference) {
+                    assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "{ty:?} {isa:?}: {a} vs {b}");
+                }
+            }
+        }
+    }
+
+    /// candle's `QMatMul` (the same ggml block formats and activation quantization, an
+    /// independent implementation) gives the same products up to float summation order.
+    #[test]
+    fn matmul_agrees_with_candle_qmatmul() {
+        use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
+        use candle_core::{Device, Module, Tensor};
+        let mut rng = 0x51_7cc1_b727_220au64;
+        let pool = ThreadPool::new(2);
+        for (ty, dtype) in [
+            (WeightType::Q4_0, GgmlDType::Q4_0),
+            (WeightType::Q4_1, GgmlDType::Q4_1),
+            (WeightType::Q5_0, GgmlDType::Q5_0),
+            (WeightType::Q8_0, GgmlDType::Q8_0),
+            (WeightType::Q4K, GgmlDType::Q4K),
+            (WeightType::Q5K, GgmlDType::Q5K),
+            (WeightType::Q6K, GgmlDType::Q6K),
+        ] {
+            let (rows, cols) = (45, 768);
+            let w = random_matrix(ty, rows, cols, &mut rng);
+            // candle views the bytes as its block structs: give it 4-aligned storage.
+            let words: Vec<u32> = w
+                .bytes
+                .chunks(4)
+                .map(|c| {
+                    let mut b = [0u8; 4];
+                    b[..c.len()].copy_from_slice(c);
+                    u32::from_le_bytes(b)
+                })
+                .collect();
+            // SAFETY: `words` is a live allocation of at least `w.bytes.len()` initialised
+            // bytes; u8 needs no alignment; the view ends before `words` is dropped.
+            let aligned =
+                unsafe { std::slice::from_raw_parts(words.as_ptr().cast::<u8>(), w.bytes.len()) };
+            let storage =
+                QStorage::from_data(std::borrow::Cow::Borrowed(aligned), &Device::Cpu, dtype)
+                    .expect("candle storage");
+            let qtensor = QTensor::new(storage, (rows, cols)).expect("candle tensor");
+            let qmm = QMatMul::from_qtensor(qtensor).expect("QMatMul");
+            for n_tokens in [1, 2, 3, 4, 5, 9] {
+                let x: Vec<f32> =
+                    (0..n_tokens * cols).map(|i| (i * 7919 % 1013) as f32 / 506.5 - 1.0).collect();
+                let input = Tensor::from_vec(x.clone(), (n_tokens, cols), &Device::Cpu).unwrap();
+                let expected: Vec<f32> =
+                    qmm.forward(&input).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+                let mut acts = Acts::new();
+                acts.prepare(&x, n_tokens, cols, &[&w]);
+                let mut out = vec![0f32; n_tokens * rows];
+                matmul(&pool, Isa::detect(), &acts, &w, &mut out);
+                let scale = expected.iter().fold(0f32, |m, v| m.max(v.abs()));
+                for (i, (a, b)) in out.iter().zip(&expected).enumerate() {
+                    assert!(
+                        (a - b).abs() <= 1e-4 * scale,
+                        "{ty:?} T={n_tokens} [{i}]: ours {a}, candle {b}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// A token's row of a batched product equals the product of that token alone (to float
+    /// summation order): what makes a prefill and decode steps agree.
+    #[test]
+    fn batched_rows_equal_single_token_products() {
+        let mut rng = 0x0dd_ba11_cafe_f00du64;
+        for ty in TYPES {
+            let cols = if ty.block_len() == 256 { 256 } else { 128 };
+            let rows = 70;
+            let w = random_matrix(ty, rows, cols, &mut rng);
+            for threads in [1, 2] {
+                let pool = ThreadPool::new(threads);
+                for n_tokens in [2, 3, 4, 5, 7, 9, 67] {
+                    let x: Vec<f32> = (0..n_tokens * cols)
+                        .map(|i| ((i * 7919 % 1013) as f32 / 506.5 - 1.0) * 3.0)
+                        .collect();
+                    let mut acts = Acts::new();
+                    acts.prepare(&x, n_tokens, cols, &[&w]);
+                    let mut batched = vec![0f32; n_tokens * rows];
+                    matmul(&pool, Isa::detect(), &acts, &w, &mut batched);
+                    for t in 0..n_tokens {
+                        let mut one = Acts::new();
+                        one.prepare(&x[t * cols..(t + 1) * cols], 1, cols, &[&w]);
+                        let mut single = vec![0f32; rows];
+                        matmul(&pool, Isa::detect(), &one, &w, &mut single);
+                        let scale = single.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
+                        for r in 0..rows {
+                            let (a, b) = (batched[t * rows + r], single[r]);
+                            assert!(
+                                (a - b).abs() <= 1e-5 * scale,
+                                "{ty:?} T={n_tokens} x{threads} token {t} row {r}: {a} vs {b}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn matrices_of_the_wrong_size_are_refused() {
+        assert_eq!(
+            QMatrix::from_bytes(WeightType::Q4K, 2, 100, vec![0; 288]).err(),
+            Some(KernelError::RaggedRow { ty: WeightType::Q4K, block: 256, cols: 100 })
+        );
+        assert!(matches!(
+            QMatrix::from_bytes(WeightType::Q8_0, 2, 64, vec![0; 135]),
+            Err(KernelError::WrongSize { expected: 136, got: 135, .. })
+        ));
+    }
 }

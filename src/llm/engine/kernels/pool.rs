@@ -1,8 +1,11 @@
 //! A persistent thread pool for the kernels: workers started once, a job handed to them by
-//! bumping a generation counter, tasks claimed from an atomic counter, and the caller working
-//! too. Between jobs the workers spin briefly (a decode step runs hundreds of products a few
-//! microseconds apart, and a futex wake-up per product would cost more than small products
-//! do), then sleep on a condition variable so an idle engine costs no CPU.
+//! opening a new generation of a gate word, tasks claimed from an atomic counter, and the
+//! caller working too. Between jobs the workers spin briefly (a decode step runs hundreds
+//! of products a few microseconds apart, and a futex wake-up per product would cost more
+//! than small products do), then sleep on a condition variable so an idle engine costs no
+//! CPU. On a busy machine a worker may be descheduled: the caller then closes the gate after
+//! doing the tasks itself and waits only for workers that actually entered the job, never
+//! for one that has not woken up yet.
 
 use std::cell::UnsafeCell;
 use std::marker::PhantomData;
@@ -18,15 +21,21 @@ const SPIN: Duration = Duration::from_micros(200);
 /// A job as the workers see it: the caller's closure with its lifetime erased.
 type Job = *const (dyn Fn(usize) + Sync + 'static);
 
+/// The gate word: job generation in the high 32 bits, `CLOSED`, and the count of workers
+/// inside the job in the low bits.
+const CLOSED: u64 = 1 << 31;
+const COUNT: u64 = CLOSED - 1;
+
+fn generation(gate: u64) -> u64 {
+    gate >> 32
+}
+
 struct Shared {
-    /// Bumped once per job; workers run the job of each generation they see.
-    generation: AtomicU64,
-    /// Written by `run` before it bumps `generation`, read by workers after they see it.
+    gate: AtomicU64,
+    /// Written by `run` before it opens a generation, read by workers that entered it.
     job: UnsafeCell<Option<Job>>,
     n_tasks: AtomicUsize,
     next_task: AtomicUsize,
-    /// Workers that have not finished the current job.
-    active: AtomicUsize,
     panicked: AtomicBool,
     shutdown: AtomicBool,
     sleepers: AtomicUsize,
@@ -34,9 +43,10 @@ struct Shared {
     wake: Condvar,
 }
 
-// SAFETY: `job` is the only non-Sync field. It is written only by `run` while no worker
-// reads it (every worker has finished the previous job: `active == 0`) and before the
-// generation bump that publishes it (SeqCst store / Acquire load order the accesses).
+// SAFETY: `job` is the only non-Sync field. `run` writes it only while the gate is closed
+// with no worker inside (it waited for the count to reach 0), before the SeqCst store that
+// opens the next generation; a worker reads it only after entering that generation with a
+// SeqCst compare-exchange, which orders the read after the write.
 unsafe impl Sync for Shared {}
 // SAFETY: the raw pointer in `job` points to a `Sync` closure, usable from any thread.
 unsafe impl Send for Shared {}
@@ -52,11 +62,10 @@ impl ThreadPool {
     /// A pool of `threads` threads in all: the caller's plus `threads - 1` workers.
     pub fn new(threads: usize) -> ThreadPool {
         let shared = Arc::new(Shared {
-            generation: AtomicU64::new(0),
+            gate: AtomicU64::new(CLOSED),
             job: UnsafeCell::new(None),
             n_tasks: AtomicUsize::new(0),
             next_task: AtomicUsize::new(0),
-            active: AtomicUsize::new(0),
             panicked: AtomicBool::new(false),
             shutdown: AtomicBool::new(false),
             sleepers: AtomicUsize::new(0),
@@ -92,45 +101,46 @@ impl ThreadPool {
         }
         let _one_job = self.run_lock.lock().unwrap_or_else(|e| e.into_inner());
         let shared = &*self.shared;
-        // SAFETY: the erased lifetime is restored in practice by `WaitForWorkers`: `run`
-        // does not return (nor unwind past it) before every worker has finished this job,
-        // so no worker touches `f` after the borrow ends. Transmuting only the lifetime of a
-        // fat pointer keeps its layout.
+        // SAFETY: only the lifetime is erased (same fat-pointer layout). `CloseAndWait`
+        // keeps `run` from returning or unwinding past this frame until the gate is closed
+        // and no worker is inside, and a worker only calls the job while inside.
         let job: Job = unsafe {
             std::mem::transmute::<*const (dyn Fn(usize) + Sync + '_), Job>(f as *const _)
         };
-        // SAFETY: no worker reads `job` now: the previous `run` waited for `active == 0`,
-        // and workers read it only after seeing a new generation, which is bumped below.
+        // SAFETY: the gate is closed and empty (the previous `run` waited for that, or no
+        // job ran yet), so no worker reads `job` until the store below opens the gate.
         unsafe { *shared.job.get() = Some(job) };
         shared.n_tasks.store(n_tasks, Ordering::Relaxed);
         shared.next_task.store(0, Ordering::Relaxed);
-        shared.active.store(self.workers.len(), Ordering::Relaxed);
-        shared.generation.fetch_add(1, Ordering::SeqCst);
+        let next = generation(shared.gate.load(Ordering::SeqCst)) + 1;
+        shared.gate.store(next << 32, Ordering::SeqCst);
         if shared.sleepers.load(Ordering::SeqCst) > 0 {
             let _guard = shared.sleep_lock.lock().unwrap_or_else(|e| e.into_inner());
             shared.wake.notify_all();
         }
-        let wait = WaitForWorkers(shared);
+        let close = CloseAndWait(shared);
         work(shared, f);
-        drop(wait);
+        drop(close);
         if shared.panicked.swap(false, Ordering::SeqCst) {
             panic!("a kernel task panicked");
         }
     }
 }
 
-/// Blocks (on drop, so also while unwinding) until every worker has left the current job.
-struct WaitForWorkers<'a>(&'a Shared);
+/// On drop (so also while unwinding): close the gate to late workers, then wait for the
+/// ones inside to finish their tasks.
+struct CloseAndWait<'a>(&'a Shared);
 
-impl Drop for WaitForWorkers<'_> {
+impl Drop for CloseAndWait<'_> {
     fn drop(&mut self) {
+        self.0.gate.fetch_or(CLOSED, Ordering::SeqCst);
         let mut spins = 0u32;
-        while self.0.active.load(Ordering::Acquire) != 0 {
+        while self.0.gate.load(Ordering::SeqCst) & COUNT != 0 {
             spins += 1;
-            if spins < 1 << 16 {
+            if spins < 4096 {
                 std::hint::spin_loop();
             } else {
-                // Workers descheduled by a busy machine: let them run.
+                // A worker inside was descheduled by a busy machine: let it run.
                 std::thread::yield_now();
             }
         }
@@ -154,38 +164,54 @@ fn work(shared: &Shared, f: &(dyn Fn(usize) + Sync)) {
 fn worker(shared: &Shared) {
     let mut seen = 0u64;
     loop {
-        // Wait for the next generation: spin, then sleep.
+        // Wait for a generation newer than the last one seen: spin, then sleep.
         let started = Instant::now();
         let mut spins = 0u32;
-        loop {
+        let mut gate = shared.gate.load(Ordering::SeqCst);
+        while generation(gate) == seen {
             if shared.shutdown.load(Ordering::Acquire) {
                 return;
-            }
-            let generation = shared.generation.load(Ordering::SeqCst);
-            if generation != seen {
-                seen = generation;
-                break;
             }
             spins = spins.wrapping_add(1);
             if spins % 128 != 0 || started.elapsed() < SPIN {
                 std::hint::spin_loop();
-                continue;
+            } else {
+                let mut guard = shared.sleep_lock.lock().unwrap_or_else(|e| e.into_inner());
+                shared.sleepers.fetch_add(1, Ordering::SeqCst);
+                while generation(shared.gate.load(Ordering::SeqCst)) == seen
+                    && !shared.shutdown.load(Ordering::SeqCst)
+                {
+                    guard = shared.wake.wait(guard).unwrap_or_else(|e| e.into_inner());
+                }
+                shared.sleepers.fetch_sub(1, Ordering::SeqCst);
             }
-            let mut guard = shared.sleep_lock.lock().unwrap_or_else(|e| e.into_inner());
-            shared.sleepers.fetch_add(1, Ordering::SeqCst);
-            while shared.generation.load(Ordering::SeqCst) == seen
-                && !shared.shutdown.load(Ordering::SeqCst)
-            {
-                guard = shared.wake.wait(guard).unwrap_or_else(|e| e.into_inner());
-            }
-            shared.sleepers.fetch_sub(1, Ordering::SeqCst);
+            gate = shared.gate.load(Ordering::SeqCst);
         }
-        // SAFETY: `run` stored the job before bumping the generation we just saw (SeqCst)
-        // and keeps the closure alive until this worker decrements `active` below.
+        seen = generation(gate);
+        // Enter the job unless the caller has closed it already (it did the tasks).
+        let entered = loop {
+            if generation(gate) != seen || gate & CLOSED != 0 {
+                break false;
+            }
+            match shared.gate.compare_exchange_weak(
+                gate,
+                gate + 1,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            ) {
+                Ok(_) => break true,
+                Err(now) => gate = now,
+            }
+        };
+        if !entered {
+            continue;
+        }
+        // SAFETY: we are inside generation `seen`, whose job `run` stored before opening
+        // it; `run` keeps the closure alive until we leave (the decrement below).
         let job = unsafe { (*shared.job.get()).expect("job published with its generation") };
         // SAFETY: as above, the pointee outlives this use.
         work(shared, unsafe { &*job });
-        shared.active.fetch_sub(1, Ordering::AcqRel);
+        shared.gate.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
