@@ -3,25 +3,13 @@
 //! SmolLM2 GGUF's metadata. Run with `cargo bench --bench prompt`; prints medians.
 //! Needs `models/SmolLM2-135M-Instruct.Q4_1.gguf` (scripts/fetch-assets.sh).
 
+mod common;
+
+use common::median_of;
 use std::hint::black_box;
-use std::time::{Duration, Instant};
 
 use my_claw::domain::{ChatTurn, Role};
 use my_claw::llm::engine::{gguf, template};
-
-fn median_of(runs: usize, mut f: impl FnMut()) -> Duration {
-    // One warm-up, then the median of `runs`.
-    f();
-    let mut times: Vec<Duration> = (0..runs)
-        .map(|_| {
-            let t = Instant::now();
-            f();
-            t.elapsed()
-        })
-        .collect();
-    times.sort();
-    times[times.len() / 2]
-}
 
 fn main() {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -144,6 +144,21 @@ impl WeightType {
         })
     }
 
+    /// The GGUF storage type of this format.
+    pub fn ggml_dtype(self) -> candle_core::quantized::GgmlDType {
+        use candle_core::quantized::GgmlDType as G;
+        match self {
+            WeightType::F32 => G::F32,
+            WeightType::Q4_0 => G::Q4_0,
+            WeightType::Q4_1 => G::Q4_1,
+            WeightType::Q5_0 => G::Q5_0,
+            WeightType::Q8_0 => G::Q8_0,
+            WeightType::Q4K => G::Q4K,
+            WeightType::Q5K => G::Q5K,
+            WeightType::Q6K => G::Q6K,
+        }
+    }
+
     /// Bytes of one row of `cols` values (`cols` a multiple of `block_len`).
     pub fn row_bytes(self, cols: usize) -> usize {
         cols / self.block_len() * self.block_bytes()
@@ -624,19 +639,12 @@ mod tests {
     /// independent implementation) gives the same products up to float summation order.
     #[test]
     fn matmul_agrees_with_candle_qmatmul() {
-        use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
+        use candle_core::quantized::{QMatMul, QStorage, QTensor};
         use candle_core::{Device, Module, Tensor};
         let mut rng = 0x51_7cc1_b727_220au64;
         let pool = ThreadPool::new(2);
-        for (ty, dtype) in [
-            (WeightType::Q4_0, GgmlDType::Q4_0),
-            (WeightType::Q4_1, GgmlDType::Q4_1),
-            (WeightType::Q5_0, GgmlDType::Q5_0),
-            (WeightType::Q8_0, GgmlDType::Q8_0),
-            (WeightType::Q4K, GgmlDType::Q4K),
-            (WeightType::Q5K, GgmlDType::Q5K),
-            (WeightType::Q6K, GgmlDType::Q6K),
-        ] {
+        for ty in TYPES.into_iter().filter(|&t| t != WeightType::F32) {
+            let dtype = ty.ggml_dtype();
             let (rows, cols) = (45, 768);
             let w = random_matrix(ty, rows, cols, &mut rng);
             // candle views the bytes as its block structs: give it 4-aligned storage.
