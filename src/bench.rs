@@ -11,6 +11,8 @@ use serde_json::json;
 
 use crate::domain::{ChatTurn, Role};
 use crate::llm::engine::gguf::{self, Architecture};
+use crate::llm::engine::kernels::attention::KV_PAGE;
+use crate::llm::engine::model::ModelConfig;
 use crate::llm::engine::{EngineConfig, EngineHandle, RequestOptions};
 use crate::llm::{Chunk, GenerationParams, LlmRequest, Usage};
 
@@ -127,12 +129,11 @@ async fn measure(args: &BenchArgs, threads: usize) -> anyhow::Result<serde_json:
         }
     }
     let decode_tok_s = decode_by_prompt.get("short").copied().unwrap_or_default();
-    // The KV cache of the longest sequence measured (f32 keys and values, whole pages).
-    let hp = &model_file.hparams;
+    // The KV cache of the longest sequence measured (whole pages).
+    let per_token = ModelConfig::from_hparams(&model_file.hparams, 0).cache_bytes_per_token();
     let longest =
-        prompts.values().map(|(n, _)| *n as u64).max().unwrap_or(0) + u64::from(args.gen_tokens);
-    let kv_cache_bytes =
-        longest.div_ceil(256) * 256 * (hp.n_layer * hp.n_head_kv * hp.head_dim * 2 * 4) as u64;
+        prompts.values().map(|(n, _)| *n as usize).max().unwrap_or(0) + args.gen_tokens as usize;
+    let kv_cache_bytes = (longest.div_ceil(KV_PAGE) * KV_PAGE) as u64 * per_token;
 
     let turn_answer_tokens = args.gen_tokens.min(32);
     let turn_ttft = conversation(&engine, args.turns, turn_answer_tokens, true).await?;

@@ -43,6 +43,11 @@ pub struct ModelConfig {
 }
 
 impl ModelConfig {
+    /// Bytes one cached position takes (all layers, f32 keys and values).
+    pub fn cache_bytes_per_token(&self) -> u64 {
+        (self.n_layer * self.n_head_kv * 2 * self.head_dim * std::mem::size_of::<f32>()) as u64
+    }
+
     /// The forward pass's view of a checked GGUF: the architecture decides the RoPE pairing
     /// (NeoX halves for Qwen3; interleaved pairs for Llama, whose GGUF q/k are permuted)
     /// and whether q/k heads are normalised.
@@ -334,11 +339,6 @@ impl Model {
         self.vocab_size
     }
 
-    /// The instruction set the kernels run with on this CPU.
-    pub fn isa(&self) -> Isa {
-        self.isa
-    }
-
     /// An empty cache for one sequence of at most `max_tokens` positions (capped by the
     /// RoPE tables). Pages are allocated as the sequence grows.
     pub fn new_cache(&self, max_tokens: usize) -> KvCache {
@@ -348,11 +348,6 @@ impl Model {
             max_tokens: max_tokens.min(self.config.max_positions),
             page_values: attention::page_values(self.config.n_head_kv, self.config.head_dim),
         }
-    }
-
-    /// Bytes one cached position takes (all layers, f32 keys and values).
-    pub fn cache_bytes_per_token(&self) -> u64 {
-        (self.config.n_layer * self.config.n_head_kv * 2 * self.config.head_dim * 4) as u64
     }
 
     /// Run `tokens` at positions `cache.len()..`, append their K/V to `cache` and return

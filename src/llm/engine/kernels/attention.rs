@@ -376,6 +376,7 @@ impl Ops for Avx2 {
 
 #[cfg(test)]
 mod tests {
+    use super::super::testing::Rng;
     use super::*;
 
     /// Plain f64 attention, as the reference.
@@ -416,20 +417,9 @@ mod tests {
         out
     }
 
-    fn rand_vec(state: &mut u64, n: usize, scale: f32) -> Vec<f32> {
-        (0..n)
-            .map(|_| {
-                *state ^= *state << 13;
-                *state ^= *state >> 7;
-                *state ^= *state << 17;
-                ((*state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
-            })
-            .collect()
-    }
-
     #[test]
     fn matches_f64_attention_across_pages_groups_and_threads() {
-        let mut rng = 0x1234_5678_9abc_def1u64;
+        let mut rng = Rng(0x1234_5678_9abc_def1);
         // (n_head, n_kv, d, start, n_tokens): decode deep in the cache across a page
         // boundary, prefill after a prefix, prefill from empty, MHA and wide groups.
         let cases = [
@@ -450,13 +440,13 @@ mod tests {
                 let mut keys = Vec::new();
                 let mut values = Vec::new();
                 for pos in 0..total {
-                    let k = rand_vec(&mut rng, n_kv * d, 2.0);
-                    let v = rand_vec(&mut rng, n_kv * d, 1.0);
+                    let k = rng.vec(n_kv * d, 2.0);
+                    let v = rng.vec(n_kv * d, 1.0);
                     store_kv(&mut pages[pos / KV_PAGE], n_kv, d, pos, &k, &v);
                     keys.push(k);
                     values.push(v);
                 }
-                let q = rand_vec(&mut rng, n_tokens * n_head * d, 1.0);
+                let q = rng.vec(n_tokens * n_head * d, 1.0);
                 let scale = 1.0 / (d as f32).sqrt();
                 let expected =
                     reference(&q, &keys, &values, n_tokens, start, n_head, n_kv, d, scale);

@@ -773,40 +773,14 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::super::f32_to_f16;
+    use super::super::testing::{candle_dequantize, Rng};
     use super::*;
 
-    /// SplitMix64: deterministic test data without a dependency.
-    struct Rng(u64);
-
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            z ^ (z >> 31)
-        }
-
-        /// Uniform in [0, 1).
-        fn unit(&mut self) -> f32 {
-            (self.next() >> 40) as f32 / (1u64 << 24) as f32
-        }
-
-        /// Uniform in [-1, 1).
-        fn signed(&mut self) -> f32 {
-            2.0 * self.unit() - 1.0
-        }
-
-        fn bytes(&mut self, out: &mut [u8]) {
-            out.iter_mut().for_each(|b| *b = self.next() as u8);
-        }
-
-        /// A sane block scale: ±[1e-3, 1e-1], log-uniform, as f16 bytes.
-        fn scale(&mut self) -> [u8; 2] {
-            let mag = 10f32.powf(-3.0 + 2.0 * self.unit());
-            let v = if self.next() & 1 == 0 { mag } else { -mag };
-            f32_to_f16(v).to_le_bytes()
-        }
+    /// A sane block scale: ±[1e-3, 1e-1], log-uniform, as f16 bytes.
+    fn scale(rng: &mut Rng) -> [u8; 2] {
+        let mag = 10f32.powf(-3.0 + 2.0 * rng.unit());
+        let v = if rng.next() & 1 == 0 { mag } else { -mag };
+        f32_to_f16(v).to_le_bytes()
     }
 
     const TYPES: [WeightType; 3] = [WeightType::Q4K, WeightType::Q5K, WeightType::Q6K];
@@ -820,10 +794,10 @@ mod tests {
             rng.bytes(blk);
             match ty {
                 WeightType::Q4K | WeightType::Q5K => {
-                    blk[0..2].copy_from_slice(&rng.scale());
-                    blk[2..4].copy_from_slice(&rng.scale());
+                    blk[0..2].copy_from_slice(&scale(rng));
+                    blk[2..4].copy_from_slice(&scale(rng));
                 }
-                WeightType::Q6K => blk[208..210].copy_from_slice(&rng.scale()),
+                WeightType::Q6K => blk[208..210].copy_from_slice(&scale(rng)),
                 other => unreachable!("{other:?}"),
             }
         }
@@ -907,15 +881,12 @@ mod tests {
 
     #[test]
     fn dequantize_matches_candle() {
-        use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType};
-        use candle_core::Device;
         let mut rng = Rng(2);
-        for (ty, dtype) in TYPES.iter().zip([GgmlDType::Q4K, GgmlDType::Q5K, GgmlDType::Q6K]) {
+        for ty in TYPES {
             for blocks in [1, 3, 10] {
-                let w = random_row(*ty, blocks, &mut rng);
-                let ours = dequantize(*ty, &w);
-                let qt = qtensor_from_ggml(dtype, &w, vec![blocks * QK], &Device::Cpu).unwrap();
-                let theirs = qt.dequantize(&Device::Cpu).unwrap().to_vec1::<f32>().unwrap();
+                let w = random_row(ty, blocks, &mut rng);
+                let ours = dequantize(ty, &w);
+                let theirs = candle_dequantize(ty, &w, 1, blocks * QK);
                 assert_eq!(ours.len(), theirs.len());
                 for (i, (a, b)) in ours.iter().zip(&theirs).enumerate() {
                     assert_eq!(a.to_bits(), b.to_bits(), "{ty:?} x{blocks} [{i}]: {a} vs {b}");

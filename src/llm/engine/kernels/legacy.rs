@@ -787,10 +787,8 @@ mod x86 {
 
 #[cfg(test)]
 mod tests {
+    use super::super::testing::{candle_dequantize, Rng};
     use super::*;
-    use candle_core::quantized::{GgmlDType, QStorage, QTensor};
-    use candle_core::Device;
-    use std::borrow::Cow;
 
     const TYPES: [WeightType; 4] =
         [WeightType::Q4_0, WeightType::Q4_1, WeightType::Q5_0, WeightType::Q8_0];
@@ -798,36 +796,13 @@ mod tests {
     /// Every instruction set, including ones this CPU lacks: those must fall back safely.
     const ALL_ISAS: [Isa; 3] = [Isa::Portable, Isa::Avx2, Isa::Avx2Vnni];
 
-    /// splitmix64: deterministic and dependency-free.
-    struct Rng(u64);
-
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            z ^ (z >> 31)
-        }
-
-        /// Uniform in [0, 1).
-        fn unit(&mut self) -> f32 {
-            (self.next() >> 40) as f32 / (1u64 << 24) as f32
-        }
-
-        /// Uniform in [-1, 1).
-        fn signed(&mut self) -> f32 {
-            self.unit() * 2.0 - 1.0
-        }
-
-        /// A sane block scale: ±[1e-3, 1e-1].
-        fn scale(&mut self) -> f32 {
-            let magnitude = 1e-3 + (1e-1 - 1e-3) * self.unit();
-            if self.next() & 1 == 0 {
-                magnitude
-            } else {
-                -magnitude
-            }
+    /// A sane block scale: ±[1e-3, 1e-1].
+    fn scale(rng: &mut Rng) -> f32 {
+        let magnitude = 1e-3 + (1e-1 - 1e-3) * rng.unit();
+        if rng.next() & 1 == 0 {
+            magnitude
+        } else {
+            -magnitude
         }
     }
 
@@ -839,9 +814,9 @@ mod tests {
     fn random_blocks(rng: &mut Rng, ty: WeightType, nb: usize) -> Vec<u8> {
         let mut bytes: Vec<u8> = (0..nb * ty.block_bytes()).map(|_| rng.next() as u8).collect();
         for block in bytes.chunks_exact_mut(ty.block_bytes()) {
-            put_f16(block, 0, rng.scale());
+            put_f16(block, 0, scale(rng));
             if ty == WeightType::Q4_1 {
-                put_f16(block, 2, rng.scale());
+                put_f16(block, 2, scale(rng));
             }
         }
         bytes
@@ -900,33 +875,6 @@ mod tests {
         assert_eq!(Q5_0::BYTES, WeightType::Q5_0.block_bytes());
         assert_eq!(Q8_0::BYTES, WeightType::Q8_0.block_bytes());
         assert_eq!(std::mem::size_of::<BlockQ8x32>(), 40);
-    }
-
-    fn candle_dtype(ty: WeightType) -> GgmlDType {
-        match ty {
-            WeightType::Q4_0 => GgmlDType::Q4_0,
-            WeightType::Q4_1 => GgmlDType::Q4_1,
-            WeightType::Q5_0 => GgmlDType::Q5_0,
-            WeightType::Q8_0 => GgmlDType::Q8_0,
-            other => unreachable!("{other:?}"),
-        }
-    }
-
-    /// candle's dequantization of `rows × cols` raw blocks: an independent implementation.
-    fn candle_dequantize(ty: WeightType, bytes: &[u8], rows: usize, cols: usize) -> Vec<f32> {
-        // candle views the bytes as its block structs (alignment 2): copy them into u16s.
-        let words: Vec<u16> = bytes
-            .chunks(2)
-            .map(|c| u16::from_le_bytes([c[0], c.get(1).copied().unwrap_or(0)]))
-            .collect();
-        // SAFETY: `words` is a live, initialised allocation of 2·len bytes; u8 has no
-        // alignment requirement, and the view is dropped before `words`.
-        let aligned =
-            unsafe { std::slice::from_raw_parts(words.as_ptr().cast::<u8>(), bytes.len()) };
-        let storage =
-            QStorage::from_data(Cow::Borrowed(aligned), &Device::Cpu, candle_dtype(ty)).unwrap();
-        let tensor = QTensor::new(storage, (rows, cols)).unwrap();
-        tensor.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
     }
 
     #[test]

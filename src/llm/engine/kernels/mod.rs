@@ -18,6 +18,8 @@ pub mod attention;
 mod kquants;
 mod legacy;
 mod pool;
+#[cfg(test)]
+mod testing;
 
 pub use pool::ThreadPool;
 
@@ -471,31 +473,22 @@ fn with_act_rows(
     f: impl FnOnce(ActRows<'_>),
 ) {
     match kind {
-        ActKind::F32 => {
-            let cols = acts.cols;
-            let rows: [&[f32]; MAX_TOKENS_PER_DOT] = std::array::from_fn(|j| {
-                let t = (first + j).min(first + count - 1);
-                &acts.f32s[t * cols..(t + 1) * cols]
-            });
-            f(ActRows::F32(&rows[..count]))
-        }
+        ActKind::F32 => f(ActRows::F32(&token_rows(&acts.f32s, acts.cols, first)[..count])),
         ActKind::Q8x32 => {
-            let per = acts.cols / 32;
-            let rows: [&[BlockQ8x32]; MAX_TOKENS_PER_DOT] = std::array::from_fn(|j| {
-                let t = (first + j).min(first + count - 1);
-                &acts.q8x32[t * per..(t + 1) * per]
-            });
-            f(ActRows::Q8x32(&rows[..count]))
+            f(ActRows::Q8x32(&token_rows(&acts.q8x32, acts.cols / 32, first)[..count]))
         }
-        ActKind::Q8K => {
-            let per = acts.cols / 256;
-            let rows: [&[BlockQ8K]; MAX_TOKENS_PER_DOT] = std::array::from_fn(|j| {
-                let t = (first + j).min(first + count - 1);
-                &acts.q8k[t * per..(t + 1) * per]
-            });
-            f(ActRows::Q8K(&rows[..count]))
-        }
+        ActKind::Q8K => f(ActRows::Q8K(&token_rows(&acts.q8k, acts.cols / 256, first)[..count])),
     }
+}
+
+/// Up to `MAX_TOKENS_PER_DOT` rows of `per_token` items from token `first` on; slots past
+/// the last token repeat it (the caller uses only the rows that exist).
+fn token_rows<T>(data: &[T], per_token: usize, first: usize) -> [&[T]; MAX_TOKENS_PER_DOT] {
+    let last = data.len() / per_token - 1;
+    std::array::from_fn(|j| {
+        let t = (first + j).min(last);
+        &data[t * per_token..(t + 1) * per_token]
+    })
 }
 
 /// Decode an IEEE half (GGUF block scales) to f32.
@@ -512,22 +505,17 @@ pub(crate) fn f32_to_f16(value: f32) -> u16 {
 
 #[cfg(test)]
 mod tests {
+    use super::testing::Rng;
     use super::*;
 
     /// Random bytes that form valid blocks: every f16 scale field set to a small finite
     /// value (random bytes there could be NaN or huge), everything else random.
-    fn random_matrix(ty: WeightType, rows: usize, cols: usize, rng: &mut u64) -> QMatrix {
-        let mut next = || {
-            *rng ^= *rng << 13;
-            *rng ^= *rng >> 7;
-            *rng ^= *rng << 17;
-            *rng
-        };
+    fn random_matrix(ty: WeightType, rows: usize, cols: usize, rng: &mut Rng) -> QMatrix {
         if ty == WeightType::F32 {
-            let floats = (0..rows * cols).map(|_| (next() % 2001) as f32 / 1000.0 - 1.0);
-            return QMatrix::from_f32(rows, cols, floats.collect());
+            return QMatrix::from_f32(rows, cols, rng.vec(rows * cols, 1.0));
         }
-        let mut bytes: Vec<u8> = (0..rows * ty.row_bytes(cols)).map(|_| next() as u8).collect();
+        let mut bytes = vec![0u8; rows * ty.row_bytes(cols)];
+        rng.bytes(&mut bytes);
         // Offsets of the f16 fields within a block.
         let scale_fields: &[usize] = match ty {
             WeightType::Q4_0 | WeightType::Q5_0 | WeightType::Q8_0 => &[0],
@@ -537,9 +525,8 @@ mod tests {
         };
         for block in bytes.chunks_exact_mut(ty.block_bytes()) {
             for &at in scale_fields {
-                let value = ((next() % 1000) as f32 / 1000.0 + 0.05) * 0.02;
-                let sign = if next() % 2 == 0 { 1.0 } else { -1.0 };
-                block[at..at + 2].copy_from_slice(&f32_to_f16(sign * value).to_le_bytes());
+                let value = (rng.unit() + 0.05) * 0.02 * rng.signed().signum();
+                block[at..at + 2].copy_from_slice(&f32_to_f16(value).to_le_bytes());
             }
         }
         QMatrix::from_bytes(ty, rows, cols, bytes).expect("valid random matrix")
@@ -561,7 +548,7 @@ mod tests {
     /// counts that are not multiples of the row chunk, 1 to 67 tokens, odd thread counts.
     #[test]
     fn matmul_matches_dequantized_f32_matmul_for_every_format() {
-        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
         for ty in TYPES {
             let cols = if ty.block_len() == 256 { 512 } else { 96 };
             for (rows, n_tokens) in [(1, 1), (37, 1), (19, 5), (130, 67)] {
@@ -613,7 +600,7 @@ mod tests {
     /// float summation order.
     #[test]
     fn isas_agree_with_the_portable_kernels() {
-        let mut rng = 0x2545_f491_4f6c_dd1du64;
+        let mut rng = Rng(0x2545_f491_4f6c_dd1d);
         let pool = ThreadPool::new(2);
         for ty in TYPES {
             let cols = 1024;
@@ -639,32 +626,14 @@ mod tests {
     /// independent implementation) gives the same products up to float summation order.
     #[test]
     fn matmul_agrees_with_candle_qmatmul() {
-        use candle_core::quantized::{QMatMul, QStorage, QTensor};
+        use candle_core::quantized::QMatMul;
         use candle_core::{Device, Module, Tensor};
-        let mut rng = 0x51_7cc1_b727_220au64;
+        let mut rng = Rng(0x51_7cc1_b727_220a);
         let pool = ThreadPool::new(2);
         for ty in TYPES.into_iter().filter(|&t| t != WeightType::F32) {
-            let dtype = ty.ggml_dtype();
             let (rows, cols) = (45, 768);
             let w = random_matrix(ty, rows, cols, &mut rng);
-            // candle views the bytes as its block structs: give it 4-aligned storage.
-            let words: Vec<u32> = w
-                .bytes
-                .chunks(4)
-                .map(|c| {
-                    let mut b = [0u8; 4];
-                    b[..c.len()].copy_from_slice(c);
-                    u32::from_le_bytes(b)
-                })
-                .collect();
-            // SAFETY: `words` is a live allocation of at least `w.bytes.len()` initialised
-            // bytes; u8 needs no alignment; the view ends before `words` is dropped.
-            let aligned =
-                unsafe { std::slice::from_raw_parts(words.as_ptr().cast::<u8>(), w.bytes.len()) };
-            let storage =
-                QStorage::from_data(std::borrow::Cow::Borrowed(aligned), &Device::Cpu, dtype)
-                    .expect("candle storage");
-            let qtensor = QTensor::new(storage, (rows, cols)).expect("candle tensor");
+            let qtensor = testing::candle_qtensor(ty, &w.bytes, rows, cols);
             let qmm = QMatMul::from_qtensor(qtensor).expect("QMatMul");
             for n_tokens in [1, 2, 3, 4, 5, 9] {
                 let x: Vec<f32> =
@@ -691,7 +660,7 @@ mod tests {
     /// summation order): what makes a prefill and decode steps agree.
     #[test]
     fn batched_rows_equal_single_token_products() {
-        let mut rng = 0x0dd_ba11_cafe_f00du64;
+        let mut rng = Rng(0x0dd_ba11_cafe_f00d);
         for ty in TYPES {
             let cols = if ty.block_len() == 256 { 256 } else { 128 };
             let rows = 70;
