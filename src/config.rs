@@ -21,6 +21,17 @@ impl Secret {
     pub fn expose(&self) -> &str {
         &self.0
     }
+
+    /// Whether `candidate` equals the secret, in time that depends on neither value: both
+    /// sides are hashed first, so even their lengths do not show. The one way secrets are
+    /// compared in this crate (bearer token, webhook verify token, cron secret).
+    pub fn matches(&self, candidate: &str) -> bool {
+        use sha2::{Digest, Sha256};
+        use subtle::ConstantTimeEq;
+        let expected = Sha256::digest(self.0.as_bytes());
+        let given = Sha256::digest(candidate.as_bytes());
+        bool::from(expected.as_slice().ct_eq(given.as_slice()))
+    }
 }
 
 impl fmt::Debug for Secret {

@@ -137,4 +137,12 @@ pub struct ProviderInfo {
 pub trait Provider: Send + Sync {
     fn info(&self) -> ProviderInfo;
     fn stream(&self, request: LlmRequest) -> BoxFuture<'_, Result<ChunkStream, LlmError>>;
+
+    /// Prepares the KV state of `request`'s prompt in idle time, without generating, so a
+    /// later request that starts with the same tokens only prefills what is new. Idle work
+    /// yields to every real request. Providers without a local cache do nothing.
+    fn warm(&self, request: LlmRequest) -> BoxFuture<'_, Result<(), LlmError>> {
+        let _ = request;
+        Box::pin(async { Ok(()) })
+    }
 }
