@@ -2,7 +2,7 @@
 //! with the right status. 5xx answers carry generic text; their cause is attached as a
 //! response extension and logged by a middleware, never inside the conversion.
 
-use axum::extract::rejection::JsonRejection;
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -128,6 +128,28 @@ impl From<JsonRejection> for ApiError {
             }
             other => ApiError::BadRequest(format!("invalid JSON body: {}", other.body_text())),
         }
+    }
+}
+
+/// `axum::extract::Query` whose rejection is our `ApiError` (`?limit=abc` gets our shape).
+#[derive(Debug, Clone, Copy, Default, axum::extract::FromRequestParts)]
+#[from_request(via(axum::extract::Query), rejection(ApiError))]
+pub struct ApiQuery<T>(pub T);
+
+impl From<QueryRejection> for ApiError {
+    fn from(rejection: QueryRejection) -> Self {
+        ApiError::BadRequest(format!("invalid query string: {}", rejection.body_text()))
+    }
+}
+
+/// `axum::extract::Path` whose rejection is our `ApiError`.
+#[derive(Debug, Clone, Copy, Default, axum::extract::FromRequestParts)]
+#[from_request(via(axum::extract::Path), rejection(ApiError))]
+pub struct ApiPath<T>(pub T);
+
+impl From<PathRejection> for ApiError {
+    fn from(rejection: PathRejection) -> Self {
+        ApiError::BadRequest(format!("invalid path: {}", rejection.body_text()))
     }
 }
 
