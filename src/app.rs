@@ -2,22 +2,31 @@
 //! HTTP gateway from the validated settings, and runs them until SIGINT/SIGTERM. This is
 //! the one place that names concrete implementations.
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use futures::future::BoxFuture;
 use rand::RngCore;
 
 use crate::assistant::{Assistant, AssistantConfig};
-use crate::config::{Config, Secret, Settings};
+use crate::config::{Config, EngineSettings, RouterSettings, Secret, Settings};
 use crate::gateway::{self, AppState};
+use crate::llm::engine::{EngineConfig, EngineHandle};
+use crate::llm::hub::ModelSpec;
+use crate::llm::pool::ModelLoader;
+use crate::llm::providers::local::LocalProvider;
+use crate::llm::providers::zai::{ZaiConfig, ZaiProvider};
+use crate::llm::router::{Router, RouterParts, Tier};
+use crate::llm::{LlmError, Provider};
 
 /// my-claw: a private personal assistant in one binary.
 ///
-/// Runs Qwen3 GGUF models in-process (candle), routes between local tiers and Z.ai with
+/// Runs Qwen3 GGUF models in-process on its own CPU kernels, routes between local tiers and Z.ai with
 /// fallback to local, and serves the WebChat, the WhatsApp and Nextcloud Talk webhooks, and
 /// scheduled jobs. Every option can also be set as an environment variable or in `.env`.
 #[derive(Debug, clap::Parser)]
@@ -48,6 +57,11 @@ pub enum Command {
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     let settings = cli.config.validate()?;
     init_tracing(settings.log.as_deref());
+    // Every conversation and phone number lives under DATA_DIR: only our user may list or
+    // read it, whatever the umask, including a directory made by an older version.
+    crate::db::set_private_mode(&settings.data_dir, 0o700).with_context(|| {
+        format!("cannot make the data directory {} private", settings.data_dir.display())
+    })?;
     if let Some(threads) = settings.engine.threads {
         crate::llm::engine::kernels::set_default_threads(threads);
     }
@@ -95,7 +109,7 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
         .build()
         .context("cannot build the HTTP client")?;
     let router =
-        crate::llm::router::Router::build(&settings.router, &settings.engine, http.clone())
+        Router::build(&settings.router, router_parts(&settings.router, &settings.engine, &http))
             .await
             .context("cannot set up the model tiers")?;
     let assistant = Arc::new(Assistant::new(
@@ -137,15 +151,78 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     let addr = listener.local_addr().context("listener has no address")?;
     announce(addr, &token, generated, &settings.data_dir);
 
-    axum::serve(listener, gateway::cron::attach(gateway::router(state), cron.clone()))
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .context("server error")?;
+    let limits = gateway::listener::ConnectionLimits {
+        header_timeout: settings.request_header_timeout,
+        body_timeout: settings.request_body_timeout,
+    };
+    let app = gateway::cron::attach(gateway::router(state), cron.clone());
+    gateway::listener::serve(listener, app, limits, shutdown_signal()).await;
     cron.shutdown().await;
     // In-flight requests have finished; closing the pool waits for their writes.
     pool.close().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The model router as the server builds it (without `PRELOAD`): local tiers load through
+/// the engine, cloud tiers with a key talk to Z.ai.
+pub fn build_router(
+    settings: &RouterSettings,
+    engine: &EngineSettings,
+    http: &reqwest::Client,
+) -> Result<Router, LlmError> {
+    Router::from_settings(settings, router_parts(settings, engine, http))
+}
+
+/// The concrete parts of the router: the engine loader and one Z.ai client per cloud tier
+/// (none without `ZAI_API_KEY`, so those tiers answer from `main`).
+fn router_parts(
+    settings: &RouterSettings,
+    engine: &EngineSettings,
+    http: &reqwest::Client,
+) -> RouterParts {
+    let mut cloud: HashMap<Tier, Arc<dyn Provider>> = HashMap::new();
+    if let Some(key) = &settings.zai_api_key {
+        for tier in Tier::ALL {
+            if let ModelSpec::Zai(model) = &settings.tier_model(tier).spec {
+                let config = ZaiConfig::new(
+                    &settings.zai_base_url,
+                    key.clone(),
+                    model,
+                    tier.cloud_thinking(),
+                    settings.zai_timeout,
+                );
+                cloud.insert(tier, Arc::new(ZaiProvider::new(http.clone(), config)));
+            }
+        }
+    }
+    RouterParts {
+        loader: Arc::new(EngineLoader { settings: engine.clone() }),
+        per_model_overhead_bytes: engine.kv_cache_max_bytes,
+        cloud,
+    }
+}
+
+/// The production model loader: one engine worker per file, with the engine settings.
+struct EngineLoader {
+    settings: EngineSettings,
+}
+
+impl ModelLoader for EngineLoader {
+    fn load(&self, path: PathBuf) -> BoxFuture<'static, Result<Arc<dyn Provider>, LlmError>> {
+        let config = EngineConfig {
+            model_path: path,
+            n_ctx: self.settings.context_size,
+            queue_capacity: self.settings.queue_capacity,
+            kv_cache_sequences: self.settings.kv_cache_sequences,
+            kv_cache_max_bytes: self.settings.kv_cache_max_bytes,
+        };
+        Box::pin(async move {
+            let handle = EngineHandle::spawn(config).await?;
+            let provider: Arc<dyn Provider> = Arc::new(LocalProvider::new(handle));
+            Ok(provider)
+        })
+    }
 }
 
 /// The WebChat token: from the configuration, else from `DATA_DIR/webchat_token`, else a
@@ -189,15 +266,24 @@ fn announce(addr: SocketAddr, token: &Secret, generated: bool, data_dir: &Path) 
         addr.to_string()
     };
     tracing::info!(%addr, "listening");
-    if generated {
-        // Printed once, on the start that created the token, and never logged.
-        println!("my-claw is ready. Open this link (it signs you in):");
-        println!("  http://{host}/?token={}", token.expose());
-        println!("The token is saved in {}.", data_dir.join("webchat_token").display());
+    // The first line names the address really bound (`BIND=127.0.0.1:0` picks a free port):
+    // scripts and the tests read it.
+    println!("my-claw is ready at http://{host}/");
+    let token_file = data_dir.join("webchat_token");
+    if !generated {
+        println!("Sign in with WEBCHAT_TOKEN or the token saved in {}.", token_file.display());
+    } else if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+        // Printed once, on the start that created the token, to the person at the terminal;
+        // never logged.
+        println!("Open this link (it signs you in): http://{host}/?token={}", token.expose());
+        println!("The token is saved in {}.", token_file.display());
     } else {
+        // Under systemd or with output redirected, stdout ends in a journal or a log file,
+        // which must never hold the token: name the file instead.
         println!(
-            "my-claw is ready at http://{host}/ (token: WEBCHAT_TOKEN or {})",
-            data_dir.join("webchat_token").display()
+            "A WebChat token was generated and saved in {} (mode 600); open http://{host}/ \
+             and sign in with it.",
+            token_file.display()
         );
     }
 }

@@ -8,6 +8,14 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
+use crate::llm::hub::ModelSpec;
+use crate::llm::router::Tier;
+
+/// Longest message a person may send, in characters (about 4,000 tokens): a chat message
+/// on `/api/chat` or `/v1/chat/completions`, and the limit the channels answer to. A longer
+/// one would hold the engine for minutes on a CPU and crowd the history out of the context.
+pub const MAX_MESSAGE_CHARS: usize = 16_000;
+
 /// A secret string (token, key). `Debug` and `Display` print `***` so that a logged config
 /// never leaks it; use `expose` where the value is really needed.
 #[derive(Clone, PartialEq, Eq)]
@@ -85,6 +93,15 @@ pub struct Config {
     /// Largest accepted request body, in bytes.
     #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 1024 * 1024, global = true)]
     pub max_body_bytes: usize,
+
+    /// Time a client has to send a request's headers, counted from when its connection opens
+    /// or its previous answer ends; also how long an idle kept-alive connection stays open.
+    #[arg(long, env = "REQUEST_HEADER_TIMEOUT", default_value = "20s", global = true)]
+    pub request_header_timeout: String,
+
+    /// Time a client has to send a whole request body once its headers are in.
+    #[arg(long, env = "REQUEST_BODY_TIMEOUT", default_value = "30s", global = true)]
+    pub request_body_timeout: String,
 
     /// Log filter (tracing EnvFilter syntax); RUST_LOG is used when LOG is unset.
     #[arg(long = "log", env = "LOG", global = true)]
@@ -253,6 +270,9 @@ pub struct Settings {
     pub webchat_token: Option<Secret>,
     pub history_messages: usize,
     pub max_body_bytes: usize,
+    /// See `Config::request_header_timeout`: also the idle limit of a connection.
+    pub request_header_timeout: Duration,
+    pub request_body_timeout: Duration,
     pub log: Option<String>,
     pub engine: EngineSettings,
     pub router: RouterSettings,
@@ -272,14 +292,45 @@ pub struct EngineSettings {
     pub reply_max_tokens: u32,
 }
 
+/// One tier's model, checked: the value as written (shown in status and messages) and what
+/// it names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TierModel {
+    pub configured: String,
+    pub spec: ModelSpec,
+}
+
+impl TierModel {
+    /// Parses the value of `tier`'s variable (`MODEL_FAST=…`). A `.gguf` path must name an
+    /// existing file; `main` must be local, since it answers when the cloud cannot. The
+    /// error is one line that names the variable.
+    pub fn parse(tier: Tier, value: &str) -> Result<TierModel, ConfigError> {
+        let var = tier.env_var();
+        let spec = ModelSpec::parse(value).map_err(|e| bad(format!("{var}={value}: {e}")))?;
+        match &spec {
+            ModelSpec::Zai(_) if tier == Tier::Main => {
+                return Err(bad(format!(
+                    "{var}={value}: main must be a local model, it is the fallback when Z.ai \
+                     cannot answer"
+                )));
+            }
+            ModelSpec::File(path) if !path.is_file() => {
+                return Err(bad(format!("{var}={value}: no such model file")));
+            }
+            _ => {}
+        }
+        Ok(TierModel { configured: value.trim().to_string(), spec })
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct RouterSettings {
-    pub model_fast: String,
-    pub model_smart: String,
-    pub model_main: String,
-    pub model_code: String,
-    pub model_reason: String,
-    pub default_tier: String,
+    pub model_fast: TierModel,
+    pub model_smart: TierModel,
+    pub model_main: TierModel,
+    pub model_code: TierModel,
+    pub model_reason: TierModel,
+    pub default_tier: Tier,
     pub memory_budget_bytes: Option<u64>,
     /// `None` means never unload.
     pub keep_alive: Option<Duration>,
@@ -290,6 +341,19 @@ pub struct RouterSettings {
     pub hf_endpoint: String,
     pub hf_token: Option<Secret>,
     pub models_dir: PathBuf,
+}
+
+impl RouterSettings {
+    /// The model configured for `tier`.
+    pub fn tier_model(&self, tier: Tier) -> &TierModel {
+        match tier {
+            Tier::Fast => &self.model_fast,
+            Tier::Smart => &self.model_smart,
+            Tier::Main => &self.model_main,
+            Tier::Code => &self.model_code,
+            Tier::Reason => &self.model_reason,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -365,6 +429,22 @@ impl Config {
             }
             None => None,
         };
+        let request_header_timeout =
+            parse_timeout("REQUEST_HEADER_TIMEOUT", &self.request_header_timeout)?;
+        let request_body_timeout =
+            parse_timeout("REQUEST_BODY_TIMEOUT", &self.request_body_timeout)?;
+        if let Some(filter) = &self.log {
+            // `EnvFilter::new` would drop a bad directive silently and log less than asked.
+            if let Err(e) = tracing_subscriber::EnvFilter::try_new(filter) {
+                return Err(bad(format!("LOG={filter}: invalid filter ({e})")));
+            }
+        }
+        if self.zai_timeout_secs == 0 {
+            return Err(bad("ZAI_TIMEOUT_SECS=0: must be at least 1"));
+        }
+        if self.reply_max_tokens == 0 {
+            return Err(bad("REPLY_MAX_TOKENS=0: must be at least 1"));
+        }
         let keep_alive = parse_duration(&self.model_keep_alive)
             .map_err(|e| bad(format!("MODEL_KEEP_ALIVE={}: {e}", self.model_keep_alive)))?;
         for (name, value) in
@@ -380,6 +460,18 @@ impl Config {
             }
         }
 
+        let default_tier = Tier::parse(&self.default_tier).ok_or_else(|| {
+            bad(format!(
+                "DEFAULT_TIER={}: unknown tier (use fast, smart, main, code or reason)",
+                self.default_tier
+            ))
+        })?;
+        let model_fast = TierModel::parse(Tier::Fast, &self.model_fast)?;
+        let model_smart = TierModel::parse(Tier::Smart, &self.model_smart)?;
+        let model_main = TierModel::parse(Tier::Main, &self.model_main)?;
+        let model_code = TierModel::parse(Tier::Code, &self.model_code)?;
+        let model_reason = TierModel::parse(Tier::Reason, &self.model_reason)?;
+
         let whatsapp = self.whatsapp_settings()?;
         let nextcloud = self.nextcloud_settings()?;
         Ok(Settings {
@@ -388,6 +480,8 @@ impl Config {
             webchat_token: self.webchat_token,
             history_messages: self.history_messages,
             max_body_bytes: self.max_body_bytes,
+            request_header_timeout,
+            request_body_timeout,
             log: self.log,
             engine: EngineSettings {
                 context_size: self.context_size,
@@ -398,18 +492,18 @@ impl Config {
                 reply_max_tokens: self.reply_max_tokens,
             },
             router: RouterSettings {
-                model_fast: self.model_fast,
-                model_smart: self.model_smart,
-                model_main: self.model_main,
-                model_code: self.model_code,
-                model_reason: self.model_reason,
-                default_tier: self.default_tier,
+                model_fast,
+                model_smart,
+                model_main,
+                model_code,
+                model_reason,
+                default_tier,
                 memory_budget_bytes,
                 keep_alive,
                 preload: self.preload,
                 zai_api_key: self.zai_api_key.filter(|k| !k.expose().is_empty()),
                 zai_base_url: self.zai_base_url.trim_end_matches('/').to_string(),
-                zai_timeout: Duration::from_secs(self.zai_timeout_secs.max(1)),
+                zai_timeout: Duration::from_secs(self.zai_timeout_secs),
                 hf_endpoint: self.hf_endpoint.trim_end_matches('/').to_string(),
                 hf_token: self.hf_token,
                 models_dir: self.models_dir.clone(),
@@ -447,10 +541,21 @@ impl Config {
         }
         validate_http_url(&self.whatsapp_api_base)
             .map_err(|e| bad(format!("WHATSAPP_API_BASE={}: {e}", self.whatsapp_api_base)))?;
-        let allowed_numbers = split_list(self.whatsapp_allowed_numbers.as_deref())
+        let allowed_numbers: Vec<String> = split_list(self.whatsapp_allowed_numbers.as_deref())
             .into_iter()
             .map(|n| n.trim_start_matches('+').to_string())
             .collect();
+        // Meta sends numbers as bare digits (E.164 without `+`): anything else would never
+        // match, and the person would be refused without a clue.
+        if let Some(wrong) = allowed_numbers
+            .iter()
+            .find(|n| !(6..=15).contains(&n.len()) || !n.bytes().all(|b| b.is_ascii_digit()))
+        {
+            return Err(bad(format!(
+                "WHATSAPP_ALLOWED_NUMBERS: `{wrong}` is not a phone number (international \
+                 format, digits only, e.g. 33612345678)"
+            )));
+        }
         Ok(Some(WhatsAppSettings {
             verify_token: self.whatsapp_verify_token.clone().expect("checked above"),
             app_secret: self.whatsapp_app_secret.clone().expect("checked above"),
@@ -516,7 +621,17 @@ pub fn parse_bind(value: &str) -> Result<SocketAddr, ConfigError> {
 }
 
 fn ensure_writable_dir(dir: &Path) -> Result<(), ConfigError> {
-    std::fs::create_dir_all(dir)
+    // Created private (700) from the start: it holds the database and the WebChat token.
+    // `app.rs` narrows a directory that already existed.
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        builder.mode(0o700);
+    }
+    builder
+        .create(dir)
         .map_err(|e| bad(format!("DATA_DIR={}: cannot create directory ({e})", dir.display())))?;
     let probe = dir.join(".write-test");
     std::fs::write(&probe, b"ok")
@@ -546,6 +661,17 @@ fn validate_http_url(value: &str) -> Result<(), String> {
         return Err("missing host".into());
     }
     Ok(())
+}
+
+/// A connection timeout: a duration (`20s`, `1m`) of at most an hour; `0` is refused, since
+/// a listener without limits is what these settings exist to prevent.
+fn parse_timeout(name: &str, value: &str) -> Result<Duration, ConfigError> {
+    match parse_duration(value) {
+        Ok(Some(duration)) if duration <= Duration::from_secs(3600) => Ok(duration),
+        Ok(Some(_)) => Err(bad(format!("{name}={value}: must be at most 1h"))),
+        Ok(None) => Err(bad(format!("{name}={value}: must be a duration such as 20s"))),
+        Err(e) => Err(bad(format!("{name}={value}: {e}"))),
+    }
 }
 
 /// Parses a size such as `4GiB`, `512MB`, `1.5G` or a plain number of bytes.

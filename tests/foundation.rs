@@ -46,6 +46,35 @@ fn bad_configuration_exits_with_one_clear_line() {
         "also set NEXTCLOUD_BOT_SECRET",
     );
 
+    check_config_error(
+        &["serve"],
+        &[("LOG", "info,my_claw=loud")],
+        "LOG=info,my_claw=loud: invalid filter",
+    );
+    check_config_error(&["serve"], &[("REQUEST_HEADER_TIMEOUT", "0")], "REQUEST_HEADER_TIMEOUT=0");
+    check_config_error(&["serve"], &[("REQUEST_BODY_TIMEOUT", "2d")], "must be at most 1h");
+    check_config_error(&["serve"], &[("ZAI_TIMEOUT_SECS", "0")], "ZAI_TIMEOUT_SECS=0");
+
+    // Tier settings are settings like the others: one line, exit 2.
+    check_config_error(&["serve"], &[("DEFAULT_TIER", "x")], "DEFAULT_TIER=x: unknown tier");
+    check_config_error(
+        &["serve"],
+        &[("MODEL_MAIN", "zai:glm-4.7")],
+        "MODEL_MAIN=zai:glm-4.7: main must be a local model",
+    );
+    check_config_error(&["serve"], &[("MODEL_FAST", "qwen3:3b")], "MODEL_FAST=qwen3:3b");
+    check_config_error(
+        &["serve"],
+        &[("MODEL_SMART", "qwen3:8b-q9")],
+        "MODEL_SMART=qwen3:8b-q9: `qwen3:8b-q9`: unknown quantization",
+    );
+    check_config_error(&["serve"], &[("MODEL_CODE", "llama3")], "MODEL_CODE=llama3");
+    check_config_error(
+        &["serve"],
+        &[("MODEL_REASON", "/nowhere/model.gguf")],
+        "MODEL_REASON=/nowhere/model.gguf: no such model file",
+    );
+
     // A data directory that cannot be created (its parent is a regular file).
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("not-a-dir");
@@ -221,42 +250,114 @@ async fn server_reports_health_and_stops_gracefully() {
     assert!(server.output().contains("stopped"), "{}", server.output());
 }
 
-#[test]
-fn webchat_token_is_generated_once_and_saved_private() {
+/// Starts `my-claw serve` with a fresh data directory, `BIND=127.0.0.1:0` and no
+/// `WEBCHAT_TOKEN` (so one is generated), optionally under a pseudo-terminal (`script`), and
+/// returns what it printed on stdout up to the line naming the token file, and its dir.
+fn first_start_stdout(on_terminal: bool) -> (String, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let data_dir = dir.path().join("data");
-    let port = util::free_port();
-    let mut child = Command::new(util::binary())
-        .arg("serve")
+    let mut cmd = if on_terminal {
+        // `script` runs the command on a new pseudo-terminal and copies what it writes.
+        let mut cmd = Command::new("script");
+        cmd.args(["-qfec", &format!("{} serve", util::binary()), "/dev/null"]);
+        cmd
+    } else {
+        let mut cmd = Command::new(util::binary());
+        cmd.arg("serve");
+        cmd
+    };
+    let mut child = cmd
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("DATA_DIR", &data_dir)
-        .env("BIND", format!("127.0.0.1:{port}"))
+        .env("BIND", "127.0.0.1:0")
         .env("MODELS_DIR", dir.path())
         .current_dir(dir.path())
+        .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
-        .unwrap();
+        .expect("spawn my-claw");
     let stdout = child.stdout.take().unwrap();
-    let mut link = None;
-    let started = Instant::now();
-    for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-        if let Some(pos) = line.find("?token=") {
-            link = Some(line[pos + 7..].trim().to_string());
-            break;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut seen = String::new();
+        let mut ready = false;
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            seen.push_str(&line);
+            seen.push('\n');
+            ready |= util::parse_ready_line(line.trim()).is_some();
+            // The sign-in lines after the ready line end with the one naming the file.
+            if ready && line.contains("webchat_token") {
+                break;
+            }
         }
-        if started.elapsed() > Duration::from_secs(60) {
-            break;
-        }
-    }
+        let _ = tx.send(seen);
+    });
+    let seen = rx.recv_timeout(Duration::from_secs(60));
     let _ = child.kill();
     let _ = child.wait();
-    let token = link.expect("a ready-to-click link with the token is printed on first start");
+    let seen = seen.expect("my-claw printed its ready line within 60 s");
+    (seen, dir)
+}
+
+#[test]
+fn sign_in_link_goes_to_a_terminal_only() {
+    // Piped (systemd, a log file): the file's path, never the token.
+    let (out, dir) = first_start_stdout(false);
+    let saved_path = dir.path().join("data").join("webchat_token");
+    let token = std::fs::read_to_string(&saved_path).unwrap().trim().to_string();
     assert_eq!(token.len(), 64, "256 bits of randomness, hex");
-    let saved_path = data_dir.join("webchat_token");
-    assert_eq!(std::fs::read_to_string(&saved_path).unwrap().trim(), token);
+    assert!(!out.contains(&token), "the token reached a pipe:\n{out}");
+    assert!(!out.contains("?token="), "{out}");
+    assert!(out.contains(&saved_path.display().to_string()), "{out}");
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(&saved_path).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
+
+    // On a terminal: a ready-to-click link carrying the token it saved.
+    let (out, dir) = first_start_stdout(true);
+    let saved_path = dir.path().join("data").join("webchat_token");
+    let token = std::fs::read_to_string(&saved_path).unwrap().trim().to_string();
+    let line = out.lines().find(|l| l.contains("?token=")).unwrap_or_else(|| panic!("{out}"));
+    let shown = line[line.find("?token=").unwrap() + 7..].trim();
+    assert_eq!(shown, token);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn data_dir_and_database_are_private_whatever_the_umask() {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |path: &std::path::Path| {
+        std::fs::metadata(path)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let data_dir = tmp.path().join("data");
+    let files = ["my-claw.db", "my-claw.db-wal", "my-claw.db-shm"];
+    let check = |data_dir: &std::path::Path, when: &str| {
+        assert_eq!(mode(data_dir), 0o700, "{when}: data dir");
+        for file in files {
+            assert_eq!(mode(&data_dir.join(file)), 0o600, "{when}: {file}");
+        }
+    };
+    // A fresh data directory, under the common umask 022.
+    let options = ServerOptions { envs: Vec::new(), data_dir: Some(data_dir.clone()) };
+    let mut server = tokio::task::block_in_place(|| Server::start_with_umask(options, 0o022));
+    check(&data_dir, "fresh");
+    assert_eq!(server.terminate(Duration::from_secs(20)), Some(0), "{}", server.output());
+
+    // Left readable by an older version: narrowed again at the next start.
+    std::fs::set_permissions(&data_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    for file in files {
+        let path = data_dir.join(file);
+        if path.exists() {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        }
+    }
+    let options = ServerOptions { envs: Vec::new(), data_dir: Some(data_dir.clone()) };
+    let _server = tokio::task::block_in_place(|| Server::start_with_umask(options, 0o022));
+    check(&data_dir, "restarted");
 }

@@ -254,6 +254,100 @@ async fn oversized_bodies_get_413() {
 }
 
 #[tokio::test]
+async fn over_long_messages_and_personas_get_400_and_store_nothing() {
+    use my_claw::config::MAX_MESSAGE_CHARS;
+    use my_claw::gateway::settings::{MAX_NAME_CHARS, MAX_SYSTEM_PROMPT_CHARS};
+    let mut app = test_app().await;
+    // Room for the texts themselves: the limits under test are in characters, not bytes.
+    app.state.max_body_bytes = 1 << 20;
+
+    // Persona: a name or a system prompt one character too long is refused, and the stored
+    // persona stays what it was.
+    let long_name = "n".repeat(MAX_NAME_CHARS + 1);
+    let long_prompt = "é".repeat(MAX_SYSTEM_PROMPT_CHARS + 1);
+    for (update, expected) in [
+        (json!({"persona_name": long_name, "system_prompt": "x"}), "persona_name is longer"),
+        (json!({"persona_name": "Pince", "system_prompt": long_prompt}), "the limit is 8000"),
+    ] {
+        let (status, err) =
+            call_json(&app, Method::PUT, "/api/settings/persona", Some(update)).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{err}");
+        assert!(error_message(&err).contains(expected), "{err}");
+        let (_, persona) = call_json(&app, Method::GET, "/api/settings/persona", None).await;
+        assert_eq!(persona["persona_name"], "Claw", "unchanged after a refused update");
+    }
+    let at_limit = "é".repeat(MAX_SYSTEM_PROMPT_CHARS);
+    let update = json!({"persona_name": "Pince", "system_prompt": at_limit});
+    let (status, saved) = call_json(&app, Method::PUT, "/api/settings/persona", Some(update)).await;
+    assert_eq!(status, StatusCode::OK, "a prompt at the limit is accepted: {saved}");
+
+    // Chat: one character past the limit (multi-byte, so bytes are not what is counted) is
+    // a 400 before anything is stored or reaches the model.
+    let too_long = "é".repeat(MAX_MESSAGE_CHARS + 1);
+    let (status, err) =
+        call_json(&app, Method::POST, "/api/chat", Some(json!({"message": too_long}))).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{err}");
+    assert!(error_message(&err).contains("longer than 16000 characters"), "{err}");
+    let (_, list) = call_json(&app, Method::GET, "/api/conversations", None).await;
+    assert_eq!(list["conversations"], json!([]), "nothing stored: {list}");
+    let body = json!({"model": "main", "messages": [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": too_long},
+    ]});
+    let (status, err) = call_json(&app, Method::POST, "/v1/chat/completions", Some(body)).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{err}");
+    assert!(error_message(&err).contains("messages[1].content is longer than"), "{err}");
+    assert!(app.last_request.lock().unwrap().is_none(), "nothing reached the model");
+
+    // At the limit it is answered and stored.
+    let at_limit = "é".repeat(MAX_MESSAGE_CHARS);
+    let body = json!({"message": at_limit}).to_string();
+    let (status, _, _) = call(&app, Method::POST, "/api/chat", Some(TOKEN), Some(&body)).await;
+    assert_eq!(status, StatusCode::OK);
+    let (_, list) = call_json(&app, Method::GET, "/api/conversations", None).await;
+    assert_eq!(list["conversations"].as_array().map(Vec::len), Some(1), "{list}");
+}
+
+/// A model whose engine queue is always full.
+struct BusyProvider;
+
+impl Provider for BusyProvider {
+    fn info(&self) -> ProviderInfo {
+        ProviderInfo { provider: "local".into(), model: "busy-model".into(), leaves_machine: false }
+    }
+
+    fn stream(&self, _request: LlmRequest) -> BoxFuture<'_, Result<ChunkStream, LlmError>> {
+        Box::pin(async { Err(LlmError::QueueFull) })
+    }
+}
+
+#[tokio::test]
+async fn every_503_says_when_to_retry() {
+    let mut app = test_app().await;
+    let router = ModelRouter::with_providers(Arc::new(BusyProvider), HashMap::new(), Tier::Main);
+    app.state.assistant = Arc::new(Assistant::new(
+        app.state.pool.clone(),
+        Arc::new(router),
+        AssistantConfig { history_messages: 20, reply_max_tokens: 64 },
+    ));
+    let body = json!({"model": "main", "messages": [{"role": "user", "content": "hi"}]});
+    let (status, headers, bytes) =
+        call(&app, Method::POST, "/v1/chat/completions", Some(TOKEN), Some(&body.to_string()))
+            .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{}", String::from_utf8_lossy(&bytes));
+    let value: Value = serde_json::from_slice(&bytes).expect("our JSON error shape");
+    assert_eq!(value["error"]["code"], "unavailable");
+    let retry = headers.get(header::RETRY_AFTER).expect("Retry-After on a busy engine");
+    assert!(retry.to_str().unwrap().parse::<u64>().unwrap() > 0);
+
+    // Health made by its own handler: the database is gone.
+    app.state.pool.close().await;
+    let (status, headers, _) = call(&app, Method::GET, "/api/health", None, None).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(headers.contains_key(header::RETRY_AFTER), "Retry-After on health: {headers:?}");
+}
+
+#[tokio::test]
 async fn chat_streams_meta_tokens_and_done_then_history_shows_the_ledger() {
     let app = test_app().await;
     let (status, headers, body) = call(
@@ -604,6 +698,108 @@ async fn webchat_page_is_embedded_and_served_with_a_strict_policy() {
     }
 }
 
+// --- Real socket, connection limits ---------------------------------------------------------
+
+/// How a raw connection ended: when the server closed it, and what it had answered.
+struct Closed {
+    after: Duration,
+    answer: String,
+}
+
+/// Reads from `stream` until the server closes it (end of stream or reset), bounded by
+/// `limit`; panics when it stays open that long.
+fn wait_closed(mut stream: std::net::TcpStream, started: Instant, limit: Duration) -> Closed {
+    use std::io::Read;
+    stream.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => answer.extend_from_slice(&buf[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                assert!(started.elapsed() < limit, "still open after {limit:?}");
+            }
+            Err(_) => break, // reset by the server: closed too
+        }
+    }
+    Closed { after: started.elapsed(), answer: String::from_utf8_lossy(&answer).into_owned() }
+}
+
+#[test]
+fn stalled_connections_are_closed_within_the_limits() {
+    use std::io::Write;
+    use std::net::TcpStream;
+    let limit = Duration::from_secs(1);
+    let envs = vec![
+        ("REQUEST_HEADER_TIMEOUT".to_string(), "1s".to_string()),
+        ("REQUEST_BODY_TIMEOUT".to_string(), "1s".to_string()),
+    ];
+    let server = Server::start(ServerOptions::with_envs(envs));
+    // Generous for a loaded machine, and far below the minutes such connections lasted.
+    let bound = Duration::from_secs(8);
+    let connect = || TcpStream::connect(server.addr).expect("connect");
+
+    let mut waiters = Vec::new();
+    // Connections that never send a byte, and one that stops inside its headers.
+    for i in 0..6 {
+        let mut stream = connect();
+        if i == 5 {
+            stream.write_all(b"POST /webhooks/whatsapp HTTP/1.1\r\nHost: x\r\n").unwrap();
+        }
+        let started = Instant::now();
+        waiters
+            .push(("no request", std::thread::spawn(move || wait_closed(stream, started, bound))));
+    }
+    // Connections that send one byte of a 100 KB body, on a protected and a public route.
+    for path in ["/api/chat", "/api/settings/persona"] {
+        let mut stream = connect();
+        let method = if path.ends_with("persona") { "PUT" } else { "POST" };
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\
+             Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n{{",
+            server.token
+        );
+        stream.write_all(head.as_bytes()).unwrap();
+        let started = Instant::now();
+        waiters.push((
+            "partial body",
+            std::thread::spawn(move || wait_closed(stream, started, bound)),
+        ));
+    }
+    for (what, waiter) in waiters {
+        let closed = waiter.join().expect("waiter");
+        assert!(closed.after < bound, "{what}: open for {:?}", closed.after);
+        if what == "partial body" {
+            // It waited for the body, then said why it gave up.
+            assert!(
+                closed.after >= limit - Duration::from_millis(100),
+                "{what}: {:?}",
+                closed.after
+            );
+            assert!(closed.answer.starts_with("HTTP/1.1 408"), "{what}: {}", closed.answer);
+            assert!(closed.answer.contains("request_timeout"), "{what}: {}", closed.answer);
+        }
+    }
+
+    // A kept-alive connection is closed once idle for the limit after its answer.
+    let mut stream = connect();
+    stream.write_all(b"GET /api/health HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let closed = wait_closed(stream, Instant::now(), bound);
+    assert!(closed.answer.starts_with("HTTP/1.1 200"), "{}", closed.answer);
+    assert!(
+        closed.after >= limit - Duration::from_millis(100),
+        "closed too early: {:?}",
+        closed.after
+    );
+}
+
+// --- Real socket, real binary, real model ----------------------------------------------------
 // --- Real socket, real binary, real model ----------------------------------------------------
 
 /// Real-model tests share two CPU cores with everything else: one at a time keeps their

@@ -18,7 +18,8 @@ use futures::future::BoxFuture;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-use my_claw::config::{EngineSettings, RouterSettings, Secret};
+use my_claw::app::build_router;
+use my_claw::config::{EngineSettings, RouterSettings, Secret, TierModel};
 use my_claw::domain::{ChatTurn, Role};
 use my_claw::llm::hub::{self, DownloadProgress, HubConfig, HubError};
 use my_claw::llm::providers::zai::{ZaiConfig, ZaiProvider};
@@ -104,14 +105,18 @@ impl Provider for FakeLocal {
     }
 }
 
+fn tier_model(tier: Tier, value: &str) -> TierModel {
+    TierModel::parse(tier, value).expect("a valid tier value")
+}
+
 fn router_settings(models_dir: &Path) -> RouterSettings {
     RouterSettings {
-        model_fast: "qwen3:4b".into(),
-        model_smart: "qwen3:8b".into(),
-        model_main: "qwen3:14b".into(),
-        model_code: "zai:glm-4.7".into(),
-        model_reason: "zai:glm-4.7".into(),
-        default_tier: "main".into(),
+        model_fast: tier_model(Tier::Fast, "qwen3:4b"),
+        model_smart: tier_model(Tier::Smart, "qwen3:8b"),
+        model_main: tier_model(Tier::Main, "qwen3:14b"),
+        model_code: tier_model(Tier::Code, "zai:glm-4.7"),
+        model_reason: tier_model(Tier::Reason, "zai:glm-4.7"),
+        default_tier: Tier::Main,
         memory_budget_bytes: None,
         keep_alive: None,
         preload: false,
@@ -169,8 +174,8 @@ async fn without_key_code_is_answered_by_the_real_model_through_the_pool() {
     let dir = tempfile::tempdir().expect("tempdir");
     let file = link_model(dir.path(), "SmolLM2-135M-Instruct.Q4_1.gguf");
     let settings = router_settings(dir.path());
-    let router = Router::from_settings(&settings, &engine_settings(), reqwest::Client::new())
-        .expect("router");
+    let router =
+        build_router(&settings, &engine_settings(), &reqwest::Client::new()).expect("router");
 
     // Offline default: every local tier stands in with the only GGUF there.
     let status = router.status().await;
@@ -198,25 +203,19 @@ async fn without_key_code_is_answered_by_the_real_model_through_the_pool() {
 #[tokio::test]
 async fn empty_models_dir_starts_and_reports_missing() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let router = Router::from_settings(
-        &router_settings(dir.path()),
-        &engine_settings(),
-        reqwest::Client::new(),
-    )
-    .expect("starts without any model");
+    let router =
+        build_router(&router_settings(dir.path()), &engine_settings(), &reqwest::Client::new())
+            .expect("starts without any model");
     let status = router.status().await;
     assert_eq!(status[1].state, TierState::Missing);
     assert_eq!(status[1].pull_command.as_deref(), Some("my-claw models pull qwen3:8b-q4_k_m"));
     let err = router.stream(Tier::Code, request("hi")).await.unwrap_err().to_string();
     assert!(err.contains("fallback model (main) is unavailable"), "{err}");
 
-    let mut bad = router_settings(dir.path());
-    bad.model_smart = "llama3".into();
-    let err = Router::from_settings(&bad, &engine_settings(), reqwest::Client::new())
-        .err()
-        .expect("unknown value rejected")
-        .to_string();
-    assert!(err.contains("MODEL_SMART=llama3"), "{err}");
+    // An unknown value is a configuration error (one line, exit 2): see
+    // `foundation::bad_tier_settings_exit_with_one_clear_line`.
+    let err = TierModel::parse(Tier::Smart, "llama3").expect_err("unknown value rejected");
+    assert!(err.to_string().contains("MODEL_SMART=llama3"), "{err}");
 }
 
 // --- Z.ai stand-in --------------------------------------------------------------------------
@@ -606,11 +605,11 @@ async fn a_second_model_past_the_budget_evicts_the_first() {
     let size = std::fs::metadata(&first).unwrap().len();
     let engine = engine_settings();
     let mut settings = router_settings(dir.path());
-    settings.model_fast = first.display().to_string();
-    settings.model_main = second.display().to_string();
+    settings.model_fast = tier_model(Tier::Fast, &first.display().to_string());
+    settings.model_main = tier_model(Tier::Main, &second.display().to_string());
     // Room for one model (file and KV budget) but not two.
     settings.memory_budget_bytes = Some((size + engine.kv_cache_max_bytes) * 3 / 2);
-    let router = Router::from_settings(&settings, &engine, reqwest::Client::new()).expect("router");
+    let router = build_router(&settings, &engine, &reqwest::Client::new()).expect("router");
 
     let routed = router.stream(Tier::Fast, short_request()).await.expect("fast answers");
     let (_, usage, err) = collect(routed.stream).await;

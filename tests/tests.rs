@@ -3,6 +3,7 @@
 
 mod util;
 
+mod architecture;
 mod bench_model;
 mod browser;
 mod channels;

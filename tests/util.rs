@@ -1,5 +1,6 @@
-//! Shared helpers for the integration tests: paths of the real assets, free ports, and a
-//! handle on the real `my-claw` binary running as a server on 127.0.0.1.
+//! Shared helpers for the integration tests: paths of the real assets, and a handle on the
+//! real `my-claw` binary running as a server on 127.0.0.1. Servers bind port 0 and report
+//! the address they got (the binary's ready line), so parallel tests never race for a port.
 
 #![allow(dead_code)]
 
@@ -7,7 +8,7 @@ use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// A path inside the repository.
@@ -35,9 +36,26 @@ pub fn qwen3_tokenizer_json() -> PathBuf {
     asset("tests/assets/qwen3/tokenizer.json")
 }
 
-/// A port that was free a moment ago on 127.0.0.1.
+/// A port that was free a moment ago on 127.0.0.1. Racy when tests run in parallel (another
+/// test may take it before it is used): only for external programs that cannot be handed a
+/// listener nor report the port they bound. Our own servers use `bound_listener` or the
+/// binary's ready line.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").expect("bind port 0").local_addr().expect("addr").port()
+}
+
+/// A listener on an ephemeral loopback port, to hand to a server under test: the port is
+/// ours from the moment it is bound.
+pub fn bound_listener() -> (TcpListener, SocketAddr) {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind port 0");
+    let addr = listener.local_addr().expect("addr");
+    (listener, addr)
+}
+
+/// The address in the binary's ready line, `my-claw is ready at http://127.0.0.1:PORT/…`.
+pub fn parse_ready_line(line: &str) -> Option<SocketAddr> {
+    let rest = line.strip_prefix("my-claw is ready at http://")?;
+    rest.split('/').next()?.parse().ok()
 }
 
 pub const TEST_TOKEN: &str = "test-token-0123456789abcdef";
@@ -65,6 +83,12 @@ pub struct ServerOptions {
     pub data_dir: Option<PathBuf>,
 }
 
+impl ServerOptions {
+    pub fn with_envs(envs: Vec<(String, String)>) -> Self {
+        Self { envs, data_dir: None }
+    }
+}
+
 impl Default for ServerOptions {
     fn default() -> Self {
         Self { envs: Vec::new(), data_dir: None }
@@ -81,8 +105,19 @@ pub fn smollm2_env() -> Vec<(String, String)> {
 }
 
 impl Server {
-    /// Starts the server and waits (bounded) until `/api/health` answers.
+    /// Starts the server on an ephemeral port and waits (bounded) until `/api/health`
+    /// answers.
     pub fn start(options: ServerOptions) -> Server {
+        Self::start_inner(options, None)
+    }
+
+    /// `start`, with the process's file-mode creation mask set to `umask` first (through
+    /// `sh`, since changing our own would affect every test running beside it).
+    pub fn start_with_umask(options: ServerOptions, umask: u32) -> Server {
+        Self::start_inner(options, Some(umask))
+    }
+
+    fn start_inner(options: ServerOptions, umask: Option<u32>) -> Server {
         let (tmp, data_dir) = match options.data_dir {
             Some(dir) => (None, dir),
             None => {
@@ -91,20 +126,33 @@ impl Server {
                 (Some(tmp), dir)
             }
         };
-        let port = free_port();
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
-        let mut cmd = Command::new(binary());
-        cmd.arg("serve")
-            .env_clear()
+        let mut cmd = match umask {
+            Some(mask) => {
+                let mut cmd = Command::new("sh");
+                cmd.arg("-c").arg(format!("umask {mask:03o} && exec \"$0\" serve")).arg(binary());
+                cmd
+            }
+            None => {
+                let mut cmd = Command::new(binary());
+                cmd.arg("serve");
+                cmd
+            }
+        };
+        cmd.env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("HOME", std::env::var("HOME").unwrap_or_default())
-            .env("BIND", addr.to_string())
+            .env("BIND", "127.0.0.1:0")
             .env("DATA_DIR", &data_dir)
             .env("MODELS_DIR", repo_path("models"))
             .env("WEBCHAT_TOKEN", TEST_TOKEN)
             .env("LOG", "info")
             // Tests run from the repository; a developer's .env must not leak in.
-            .current_dir(&data_dir)
+            // (A data directory the server is to create is not there yet: its parent is.)
+            .current_dir(if data_dir.is_dir() {
+                data_dir.as_path()
+            } else {
+                data_dir.parent().expect("data dir has a parent")
+            })
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -113,6 +161,7 @@ impl Server {
         }
         let mut child = cmd.spawn().expect("spawn my-claw");
         let output = Arc::new(Mutex::new(String::new()));
+        let (ready_tx, ready_rx) = mpsc::channel::<SocketAddr>();
         for stream in [
             child.stdout.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
             child.stderr.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
@@ -121,17 +170,40 @@ impl Server {
         .flatten()
         {
             let output = output.clone();
+            let ready_tx = ready_tx.clone();
             std::thread::spawn(move || {
                 for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    if let Some(addr) = parse_ready_line(&line) {
+                        let _ = ready_tx.send(addr);
+                    }
                     let mut out = output.lock().unwrap();
                     out.push_str(&line);
                     out.push('\n');
                 }
             });
         }
+        drop(ready_tx);
+        let limit = Duration::from_secs(60);
+        let started = Instant::now();
+        let addr = loop {
+            match ready_rx.recv_timeout(Duration::from_millis(200)) {
+                Ok(addr) => break addr,
+                Err(mpsc::RecvTimeoutError::Timeout) if started.elapsed() < limit => {
+                    if let Ok(Some(status)) = child.try_wait() {
+                        let out = output.lock().unwrap().clone();
+                        panic!("my-claw exited early with {status}:\n{out}");
+                    }
+                }
+                Err(_) => {
+                    let _ = child.kill();
+                    let out = output.lock().unwrap().clone();
+                    panic!("my-claw printed no ready line in {limit:?}:\n{out}");
+                }
+            }
+        };
         let mut server =
             Server { child, addr, data_dir, token: TEST_TOKEN.to_string(), output, _tmp: tmp };
-        server.wait_healthy(Duration::from_secs(60));
+        server.wait_healthy(limit);
         server
     }
 

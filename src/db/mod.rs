@@ -1,10 +1,12 @@
-//! SQLite storage: the pool, its pragmas, the embedded migrations and a health probe.
-//! Only `db/` contains SQL; callers get plain structs back, never rows.
+//! SQLite storage: the pool, its pragmas, the embedded migrations, a health probe, and the
+//! file modes that keep the database private (600). Only `db/` contains SQL; callers get
+//! plain structs back, never rows.
 
 pub mod cron;
 pub mod inbound;
 pub mod memory;
 
+use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -19,6 +21,11 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 /// WAL lets the WebChat read while a webhook writes; `synchronous = NORMAL` under WAL keeps
 /// every committed transaction across a process crash (`kill -9`), and only risks the
 /// last commits on a power loss, which is the usual trade-off for a single-user server.
+///
+/// The database holds every conversation and phone number, so its file is made private
+/// (mode 600) before SQLite opens it, whatever the umask. SQLite gives the `-wal` and `-shm`
+/// files it creates the mode of the database file (`findCreateFileMode` in its unix VFS), and
+/// ones left by an older version with wider modes are tightened after the open.
 pub async fn connect(url: &str) -> Result<SqlitePool, sqlx::Error> {
     let options = SqliteConnectOptions::from_str(url)?
         .create_if_missing(true)
@@ -26,13 +33,61 @@ pub async fn connect(url: &str) -> Result<SqlitePool, sqlx::Error> {
         .synchronous(SqliteSynchronous::Normal)
         .busy_timeout(Duration::from_secs(5))
         .foreign_keys(true);
+    let file = options.get_filename().to_path_buf();
+    let in_memory = url.contains(":memory:") || url.contains("mode=memory");
+    let on_disk = !in_memory && !file.as_os_str().is_empty();
+    if on_disk {
+        make_private(&file).map_err(sqlx::Error::Io)?;
+    }
     let pool = SqlitePoolOptions::new()
         .max_connections(8)
         .acquire_timeout(Duration::from_secs(10))
         .connect_with(options)
         .await?;
     MIGRATOR.run(&pool).await?;
+    if on_disk {
+        for suffix in ["-wal", "-shm", "-journal"] {
+            let mut side = file.clone().into_os_string();
+            side.push(suffix);
+            let side = std::path::PathBuf::from(side);
+            if side.exists() {
+                set_private_mode(&side, 0o600).map_err(sqlx::Error::Io)?;
+            }
+        }
+    }
     Ok(pool)
+}
+
+/// Creates the database file with mode 600 if it does not exist yet, or narrows an existing
+/// one to 600 (a database made by an older version under umask 022 was 644).
+fn make_private(file: &Path) -> std::io::Result<()> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(false);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    match options.open(file) {
+        Ok(_) => set_private_mode(file, 0o600),
+        // A missing parent directory: let SQLite report it in its own words.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Sets `mode` on `path` (unix only; elsewhere the platform's defaults stand).
+pub fn set_private_mode(path: &Path, mode: u32) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (path, mode);
+        Ok(())
+    }
 }
 
 /// What `/api/health` reports about the database.

@@ -8,7 +8,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::routing::post;
 use axum::Router;
@@ -18,12 +18,25 @@ use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 
 use crate::assistant::{Assistant, Event};
+use crate::config::MAX_MESSAGE_CHARS;
 use crate::domain::{ChannelKind, ConversationId, Inbound};
-use crate::gateway::error::{ApiError, ApiJson};
+use crate::gateway::error::{ApiError, ApiJson, ApiPath};
 use crate::gateway::events::shutdown_requested;
 use crate::gateway::AppState;
 use crate::llm::router::Tier;
 use crate::llm::{FinishReason, Usage};
+
+/// A 400 naming `field` when `text` is longer than `MAX_MESSAGE_CHARS` characters.
+pub fn check_message_length(field: &str, text: &str) -> Result<(), ApiError> {
+    // Counting stops just past the limit, so a huge text costs no more than a long one.
+    let chars = text.chars().take(MAX_MESSAGE_CHARS + 1).count();
+    if chars > MAX_MESSAGE_CHARS {
+        return Err(ApiError::BadRequest(format!(
+            "{field} is longer than {MAX_MESSAGE_CHARS} characters; send a shorter one"
+        )));
+    }
+    Ok(())
+}
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -105,6 +118,8 @@ async fn post_chat(
     if request.message.trim().is_empty() {
         return Err(ApiError::BadRequest("message must not be empty".into()));
     }
+    // Checked before anything is stored: a rejected message leaves no trace.
+    check_message_length("message", &request.message)?;
     let tier = match request.tier.as_deref().map(str::trim) {
         None | Some("") => None,
         Some(name) => Some(parse_tier(name)?),
@@ -185,7 +200,7 @@ impl Forward {
 /// Stops the running answer of a conversation. `stopped` is false when nothing was running.
 async fn post_stop(
     State(state): State<AppState>,
-    Path(conversation_id): Path<String>,
+    ApiPath(conversation_id): ApiPath<String>,
 ) -> Result<ApiJson<StopResponse>, ApiError> {
     let conversation_id = crate::gateway::conversations::parse_id(&conversation_id)?;
     let stopped = state.assistant.stop(ConversationId(conversation_id));

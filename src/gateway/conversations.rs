@@ -1,7 +1,7 @@
 //! Conversation history over HTTP: list, messages (with the privacy ledger of each answer),
 //! rename and delete. Storage is `db::memory`'s; this module only shapes the JSON.
 
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{get, patch};
 use axum::Router;
@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::db::memory::{self, Conversation, ConversationSummary, StoredMessage};
 use crate::domain::ConversationId;
-use crate::gateway::error::{ApiError, ApiJson};
+use crate::gateway::error::{ApiError, ApiJson, ApiPath, ApiQuery};
 use crate::gateway::AppState;
 
 /// Most conversations one list answer carries.
@@ -72,7 +72,7 @@ struct MessageList {
 
 #[derive(Debug, Deserialize)]
 struct ListQuery {
-    /// Kept as text so that a bad value gets our error shape, not the extractor's.
+    /// Kept as text so that a bad value gets a message naming it.
     limit: Option<String>,
 }
 
@@ -95,7 +95,7 @@ struct RenameRequest {
 
 async fn list_conversations(
     State(state): State<AppState>,
-    Query(query): Query<ListQuery>,
+    ApiQuery(query): ApiQuery<ListQuery>,
 ) -> Result<ApiJson<ConversationList>, ApiError> {
     let limit = query.limit(MAX_CONVERSATIONS)?;
     let summaries = memory::list_conversations(&state.pool, limit).await?;
@@ -105,8 +105,8 @@ async fn list_conversations(
 
 async fn list_messages(
     State(state): State<AppState>,
-    Path(id): Path<String>,
-    Query(query): Query<ListQuery>,
+    ApiPath(id): ApiPath<String>,
+    ApiQuery(query): ApiQuery<ListQuery>,
 ) -> Result<ApiJson<MessageList>, ApiError> {
     let conversation = find_conversation(&state, parse_id(&id)?).await?;
     let limit = query.limit(MAX_MESSAGES)?;
@@ -119,7 +119,7 @@ async fn list_messages(
 
 async fn rename_conversation(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiJson(request): ApiJson<RenameRequest>,
 ) -> Result<ApiJson<ConversationJson>, ApiError> {
     let id = parse_id(&id)?;
@@ -141,7 +141,7 @@ async fn rename_conversation(
 
 async fn delete_conversation(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<StatusCode, ApiError> {
     let id = parse_id(&id)?;
     // An answer still streaming into it would otherwise fail to store at the end.

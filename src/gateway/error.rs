@@ -1,9 +1,12 @@
 //! `ApiError`: every handler error becomes a JSON body `{"error": {"code", "message"}}`
-//! with the right status. 5xx answers carry generic text; their cause is attached as a
-//! response extension and logged by a middleware, never inside the conversion.
+//! with the right status; it is the only error shape of the HTTP API, and the extractor
+//! wrappers here (`ApiJson`, `ApiQuery`, `ApiPath`) give rejections that shape too. 5xx
+//! answers carry generic text; their cause is attached as a response extension and logged by
+//! a middleware, never inside the conversion. Every 503 says when to retry (`Retry-After`).
 
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
-use axum::http::StatusCode;
+use axum::http::header::RETRY_AFTER;
+use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Serialize;
@@ -16,10 +19,22 @@ pub enum ApiError {
     BadRequest(String),
     #[error("missing or invalid bearer token")]
     Unauthorized,
+    /// A missing or wrong shared secret other than the bearer token (`X-Cron-Secret`).
+    #[error("{0}")]
+    WrongSecret(String),
+    /// A webhook whose signature is missing or does not match its body.
+    #[error("missing or invalid signature")]
+    BadSignature,
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    Conflict(String),
     #[error("{0}")]
     NotFound(String),
     #[error("request body is larger than this server accepts (MAX_BODY_BYTES)")]
     PayloadTooLarge,
+    #[error("the request body did not arrive in time (REQUEST_BODY_TIMEOUT)")]
+    RequestTimeout,
     #[error("{0}")]
     Unavailable(String),
     #[error("internal error")]
@@ -45,9 +60,14 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::Unauthorized | ApiError::WrongSecret(_) | ApiError::BadSignature => {
+                StatusCode::UNAUTHORIZED
+            }
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -56,9 +76,13 @@ impl ApiError {
     fn code(&self) -> &'static str {
         match self {
             ApiError::BadRequest(_) => "bad_request",
-            ApiError::Unauthorized => "unauthorized",
+            ApiError::Unauthorized | ApiError::WrongSecret(_) => "unauthorized",
+            ApiError::BadSignature => "bad_signature",
+            ApiError::Forbidden(_) => "forbidden",
+            ApiError::Conflict(_) => "conflict",
             ApiError::NotFound(_) => "not_found",
             ApiError::PayloadTooLarge => "payload_too_large",
+            ApiError::RequestTimeout => "request_timeout",
             ApiError::Unavailable(_) => "unavailable",
             ApiError::Internal(_) => "internal",
         }
@@ -151,6 +175,25 @@ impl From<PathRejection> for ApiError {
     fn from(rejection: PathRejection) -> Self {
         ApiError::BadRequest(format!("invalid path: {}", rejection.body_text()))
     }
+}
+
+/// Seconds a client is asked to wait after a 503: the engine queue drains and a model loads
+/// in about this time, and retrying sooner only adds load.
+pub const RETRY_AFTER_SECS: u64 = 10;
+
+/// Middleware: every 503, whoever made it (a handler, health, a webhook), carries
+/// `Retry-After`, so clients and Meta's redelivery back off instead of hammering.
+pub async fn add_retry_after(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let mut response = next.run(request).await;
+    if response.status() == StatusCode::SERVICE_UNAVAILABLE
+        && !response.headers().contains_key(RETRY_AFTER)
+    {
+        response.headers_mut().insert(RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+    }
+    response
 }
 
 /// Middleware: logs the hidden cause of 5xx answers.

@@ -39,7 +39,7 @@ pub async fn get_health(State(state): State<AppState>, headers: HeaderMap) -> Re
     let ok = db.is_ok();
     let status_code = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     let status = if ok { "ok" } else { "unavailable" };
-    if !has_valid_token(&headers, state.webchat_token.expose()) {
+    if !has_valid_token(&headers, &state.webchat_token) {
         return (status_code, Json(Anonymous { status })).into_response();
     }
     let database = match db {

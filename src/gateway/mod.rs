@@ -9,6 +9,7 @@ pub mod cron;
 pub mod error;
 pub mod events;
 pub mod health;
+pub mod listener;
 pub mod models;
 pub mod openai;
 pub mod settings;
@@ -63,6 +64,7 @@ pub fn router(state: AppState) -> Router {
         .merge(protected)
         .layer(DefaultBodyLimit::max(state.max_body_bytes))
         .layer(middleware::from_fn(error::log_internal_errors))
+        .layer(middleware::from_fn(error::add_retry_after))
         // Spans carry the path only: query strings can hold secrets (`hub.verify_token`,
         // the WebChat `?token=` link), and logs must never show them.
         .layer(TraceLayer::new_for_http().make_span_with(|request: &axum::extract::Request| {

@@ -5,7 +5,7 @@
 use std::convert::Infallible;
 use std::time::{Duration, Instant, SystemTime};
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -15,8 +15,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::domain::{ChatTurn, Role};
-use crate::gateway::chat::{parse_tier, sse_event, timings_json, TimingsJson};
-use crate::gateway::error::{ApiError, ApiJson};
+use crate::gateway::chat::{
+    check_message_length, parse_tier, sse_event, timings_json, TimingsJson,
+};
+use crate::gateway::error::{ApiError, ApiJson, ApiPath};
 use crate::gateway::AppState;
 use crate::llm::router::{Routed, Tier};
 use crate::llm::{Chunk, FinishReason, GenerationParams, LlmRequest, Usage};
@@ -173,7 +175,7 @@ async fn list_models() -> ApiJson<ModelList> {
     ApiJson(ModelList { object: "list", data })
 }
 
-async fn get_model(Path(id): Path<String>) -> Result<ApiJson<ModelObject>, ApiError> {
+async fn get_model(ApiPath(id): ApiPath<String>) -> Result<ApiJson<ModelObject>, ApiError> {
     match Tier::parse(&id) {
         Some(tier) => Ok(ApiJson(model_object(tier))),
         None => Err(ApiError::NotFound(format!("model `{id}` does not exist; use a tier name"))),
@@ -349,6 +351,7 @@ fn to_turns(messages: &[MessageIn]) -> Result<Vec<ChatTurn>, ApiError> {
                 "messages[{index}].content must be a string or an array of text parts"
             ))
         })?;
+        check_message_length(&format!("messages[{index}].content"), &content)?;
         turns.push(ChatTurn::new(role, content));
     }
     if turns.last().is_some_and(|t| t.role == Role::Assistant) {

@@ -11,7 +11,11 @@ use crate::gateway::error::{ApiError, ApiJson};
 use crate::gateway::AppState;
 
 /// Longest accepted persona name, in characters.
-const MAX_NAME_CHARS: usize = 100;
+pub const MAX_NAME_CHARS: usize = 100;
+
+/// Longest accepted system prompt, in characters (about 2,000 tokens). It goes into every
+/// call on every channel, so a huge one would leave no room for the conversation.
+pub const MAX_SYSTEM_PROMPT_CHARS: usize = 8_000;
 
 pub fn router() -> Router<AppState> {
     Router::new().route("/api/settings/persona", get(get_persona).put(put_persona))
@@ -49,6 +53,13 @@ async fn put_persona(
     if name.chars().count() > MAX_NAME_CHARS {
         return Err(ApiError::BadRequest(format!(
             "persona_name is longer than {MAX_NAME_CHARS} characters"
+        )));
+    }
+    let prompt_chars = update.system_prompt.chars().count();
+    if prompt_chars > MAX_SYSTEM_PROMPT_CHARS {
+        return Err(ApiError::BadRequest(format!(
+            "system_prompt is {prompt_chars} characters long; the limit is \
+             {MAX_SYSTEM_PROMPT_CHARS}"
         )));
     }
     let persona = Persona { name: name.to_string(), system_prompt: update.system_prompt };

@@ -12,43 +12,13 @@ use std::time::{Duration, Instant};
 use futures::future::BoxFuture;
 use tokio::sync::mpsc;
 
-use crate::config::EngineSettings;
-use crate::llm::engine::{EngineConfig, EngineHandle};
-use crate::llm::providers::local::LocalProvider;
 use crate::llm::{ChunkStream, LlmError, LlmRequest, Provider, ProviderInfo};
 
 /// Loads one model file and returns it as a provider. Dropping every clone of the returned
-/// provider must free the model.
+/// provider must free the model. The production loader (an engine worker per file) is
+/// built in `app.rs`.
 pub trait ModelLoader: Send + Sync {
     fn load(&self, path: PathBuf) -> BoxFuture<'static, Result<Arc<dyn Provider>, LlmError>>;
-}
-
-/// The production loader: one engine worker per file, with the engine settings.
-pub struct EngineLoader {
-    settings: EngineSettings,
-}
-
-impl EngineLoader {
-    pub fn new(settings: &EngineSettings) -> EngineLoader {
-        EngineLoader { settings: settings.clone() }
-    }
-}
-
-impl ModelLoader for EngineLoader {
-    fn load(&self, path: PathBuf) -> BoxFuture<'static, Result<Arc<dyn Provider>, LlmError>> {
-        let config = EngineConfig {
-            model_path: path,
-            n_ctx: self.settings.context_size,
-            queue_capacity: self.settings.queue_capacity,
-            kv_cache_sequences: self.settings.kv_cache_sequences,
-            kv_cache_max_bytes: self.settings.kv_cache_max_bytes,
-        };
-        Box::pin(async move {
-            let handle = EngineHandle::spawn(config).await?;
-            let provider: Arc<dyn Provider> = Arc::new(LocalProvider::new(handle));
-            Ok(provider)
-        })
-    }
 }
 
 /// Limits of the pool.

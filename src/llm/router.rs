@@ -1,17 +1,17 @@
 //! Tiers (fast/smart/main local, code/reason cloud), what answers each one, and the fallback
 //! policy: cloud tiers without a key or failing before their first token answer from `main`
 //! with a notice; local tiers whose named file is missing use a GGUF found in `MODELS_DIR`.
-//! It owns no HTTP, SQL or model code: providers come from `providers/` and `pool.rs`.
+//! It owns no HTTP, SQL or model code and names no concrete provider: tier values arrive
+//! checked from `config.rs`, and `app.rs` hands over the model loader and the cloud providers.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
-use crate::config::{EngineSettings, RouterSettings};
+use crate::config::RouterSettings;
 use crate::llm::hub::{self, ModelSpec};
-use crate::llm::pool::{EngineLoader, ModelLoader, ModelPool, ModelState, PoolConfig};
-use crate::llm::providers::zai::{ZaiConfig, ZaiProvider};
+use crate::llm::pool::{ModelLoader, ModelPool, ModelState, PoolConfig};
 use crate::llm::{ChunkStream, LlmError, LlmRequest, Provider, ProviderInfo};
 
 /// A model tier the user can pick.
@@ -67,16 +67,6 @@ impl Tier {
 
     fn index(self) -> usize {
         self as usize
-    }
-
-    fn configured_value(self, settings: &RouterSettings) -> &str {
-        match self {
-            Tier::Fast => &settings.model_fast,
-            Tier::Smart => &settings.model_smart,
-            Tier::Main => &settings.model_main,
-            Tier::Code => &settings.model_code,
-            Tier::Reason => &settings.model_reason,
-        }
     }
 }
 
@@ -196,31 +186,18 @@ pub enum PlanSource {
     Zai { model: String, has_key: bool },
 }
 
-/// Resolves every tier value against `MODELS_DIR` without loading anything. Errors name the
-/// variable: an unknown value, a `.gguf` path that does not exist, a cloud `MODEL_MAIN`
-/// (it is the fallback, so it must be local) or an unknown `DEFAULT_TIER`.
+/// Resolves every tier against `MODELS_DIR` without loading anything. The values were
+/// checked by `Config::validate`; the one error left is a `.gguf` file removed since then.
 pub fn plan_tiers(settings: &RouterSettings) -> Result<Vec<TierPlan>, LlmError> {
-    if Tier::parse(&settings.default_tier).is_none() {
-        return Err(LlmError::UnknownModel(format!(
-            "DEFAULT_TIER={}: unknown tier (use fast, smart, main, code or reason)",
-            settings.default_tier
-        )));
-    }
     let models_dir = settings.models_dir.as_path();
     let available = hub::find_gguf_files(models_dir);
     let mut plans = Vec::with_capacity(Tier::ALL.len());
     for tier in Tier::ALL {
-        let value = tier.configured_value(settings);
-        let spec = ModelSpec::parse(value)
-            .map_err(|e| LlmError::UnknownModel(format!("{}={value}: {e}", tier.env_var())))?;
+        let configured = settings.tier_model(tier);
+        let value = configured.configured.as_str();
+        let spec = configured.spec.clone();
         let source = match &spec {
             ModelSpec::Zai(model) => {
-                if tier == Tier::Main {
-                    return Err(LlmError::UnknownModel(format!(
-                        "MODEL_MAIN={value}: main must be a local model, it is the fallback \
-                         when Z.ai cannot answer"
-                    )));
-                }
                 PlanSource::Zai { model: model.clone(), has_key: settings.zai_api_key.is_some() }
             }
             ModelSpec::File(path) => {
@@ -302,43 +279,39 @@ enum Route {
     Missing { wanted: String, pull_command: String },
 }
 
+/// What the router is built from besides the settings: the concrete parts, which `app.rs`
+/// makes (the engine loader and the Z.ai clients in production, fakes in tests).
+pub struct RouterParts {
+    /// Loads a local model file into a provider.
+    pub loader: Arc<dyn ModelLoader>,
+    /// Memory added to each model file's size in the budget (the KV cache bound).
+    pub per_model_overhead_bytes: u64,
+    /// The provider of each cloud tier that can reach its cloud (a key is set); a cloud tier
+    /// missing here answers from `main` with a notice.
+    pub cloud: HashMap<Tier, Arc<dyn Provider>>,
+}
+
 impl Router {
     /// What `app.rs` calls: `from_settings`, then `preload` when `PRELOAD` is set (so a
     /// bad main model fails the start).
-    pub async fn build(
-        settings: &RouterSettings,
-        engine: &EngineSettings,
-        http: reqwest::Client,
-    ) -> Result<Router, LlmError> {
-        let router = Router::from_settings(settings, engine, http)?;
+    pub async fn build(settings: &RouterSettings, parts: RouterParts) -> Result<Router, LlmError> {
+        let router = Router::from_settings(settings, parts)?;
         if settings.preload {
             router.preload().await?;
         }
         Ok(router)
     }
 
-    /// Builds the router from the settings: resolves tier values (errors name the
-    /// variable), warns loudly about stand-ins and missing files, and sets up lazy loading.
-    /// Nothing is loaded or downloaded here; see `preload`.
+    /// Builds the router from the checked settings and the parts `app.rs` made: warns loudly
+    /// about stand-ins and missing files, and sets up lazy loading. Nothing is loaded or
+    /// downloaded here; see `preload`.
     pub fn from_settings(
         settings: &RouterSettings,
-        engine: &EngineSettings,
-        http: reqwest::Client,
+        parts: RouterParts,
     ) -> Result<Router, LlmError> {
-        let loader: Arc<dyn ModelLoader> = Arc::new(EngineLoader::new(engine));
-        Router::from_settings_with_loader(settings, engine.kv_cache_max_bytes, http, loader)
-    }
-
-    /// `from_settings` with another model loader (tests count loads or fake models) and
-    /// the per-model memory added to each file size (the KV cache bound).
-    pub fn from_settings_with_loader(
-        settings: &RouterSettings,
-        per_model_overhead_bytes: u64,
-        http: reqwest::Client,
-        loader: Arc<dyn ModelLoader>,
-    ) -> Result<Router, LlmError> {
+        let RouterParts { loader, per_model_overhead_bytes, mut cloud } = parts;
         let plans = plan_tiers(settings)?;
-        let default_tier = Tier::parse(&settings.default_tier).unwrap_or(Tier::Main);
+        let default_tier = settings.default_tier;
         let pool = ModelPool::new(
             PoolConfig {
                 memory_budget_bytes: settings.memory_budget_bytes,
@@ -387,18 +360,8 @@ impl Router {
                     entry.pull_command = Some(pull_command.clone());
                     entry.route = Route::Missing { wanted, pull_command };
                 }
-                PlanSource::Zai { model, has_key } => match &settings.zai_api_key {
-                    Some(key) if has_key => {
-                        let config = ZaiConfig::new(
-                            &settings.zai_base_url,
-                            key.clone(),
-                            &model,
-                            plan.tier.cloud_thinking(),
-                            settings.zai_timeout,
-                        );
-                        entry.route =
-                            Route::Provider(Arc::new(ZaiProvider::new(http.clone(), config)));
-                    }
+                PlanSource::Zai { model, has_key } => match cloud.remove(&plan.tier) {
+                    Some(provider) if has_key => entry.route = Route::Provider(provider),
                     _ => entry.route = Route::CloudWithoutKey { model },
                 },
             }
