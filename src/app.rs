@@ -235,6 +235,9 @@ fn ensure_webchat_token(settings: &Settings) -> anyhow::Result<(Secret, bool)> {
     if let Ok(saved) = std::fs::read_to_string(&path) {
         let saved = saved.trim();
         if saved.len() >= 16 {
+            // A file copied in or left by an older version may be readable by others.
+            crate::db::set_private_mode(&path, 0o600)
+                .with_context(|| format!("cannot make {} private", path.display()))?;
             return Ok((Secret::new(saved), false));
         }
     }

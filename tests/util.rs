@@ -77,6 +77,7 @@ pub struct Server {
 }
 
 /// What a test wants from a server.
+#[derive(Default)]
 pub struct ServerOptions {
     pub envs: Vec<(String, String)>,
     /// Reuse a data directory (restart tests); a new temporary one when `None`.
@@ -86,12 +87,6 @@ pub struct ServerOptions {
 impl ServerOptions {
     pub fn with_envs(envs: Vec<(String, String)>) -> Self {
         Self { envs, data_dir: None }
-    }
-}
-
-impl Default for ServerOptions {
-    fn default() -> Self {
-        Self { envs: Vec::new(), data_dir: None }
     }
 }
 
