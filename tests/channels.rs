@@ -1096,7 +1096,7 @@ async fn logs_never_carry_personal_ids_or_forged_lines() {
             .to_string(),
     ]);
     assert_eq!(app.post_whatsapp(&batch).await.status(), 200);
-    // A signed Talk body that is not JSON: the parse error must not quote it.
+    // A signed Talk body that is not an activity: the parse error must not quote it.
     let junk = br#"{"type": "Create", "actor": 33655555555}"#;
     assert_eq!(app.post_talk(junk).await.status(), 400);
 
@@ -1183,21 +1183,7 @@ async fn a_stop_while_sending_never_sends_the_answer_twice() {
         app.channels.clone(),
         queue_config(),
     );
-    let row = {
-        let started = Instant::now();
-        loop {
-            let row = inbound::get(&app.pool, ChannelKind::WhatsApp, "wamid.SENDING")
-                .await
-                .unwrap()
-                .unwrap();
-            if row.status == QueueStatus::DeliveryUnknown
-                || started.elapsed() > Duration::from_secs(60)
-            {
-                break row;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    };
+    let row = app.final_row("wamid.SENDING").await;
     assert_eq!(row.status, QueueStatus::DeliveryUnknown, "{row:?}");
     assert_eq!(graph.messages().len(), 1, "the answer was sent twice");
     assert_eq!(engine.calls.load(Ordering::SeqCst), 1, "the answer was generated twice");
