@@ -1196,6 +1196,23 @@ async fn a_stop_while_sending_never_sends_the_answer_twice() {
     assert_eq!(history[1].delivery_status.as_deref(), Some("unknown"));
     assert!(history[1].delivery_error.as_deref().unwrap().contains("not sent again"));
     assert_eq!(app.health_queue().await["delivery_unknown"], 1);
+
+    // The held send carried the question's id; when Meta did accept it, its status report
+    // brings it back and the answer's fate is known after all.
+    let held = graph.messages()[0].json();
+    assert_eq!(held["biz_opaque_callback_data"], "my-claw:answer-to:wamid.SENDING");
+    let late =
+        String::from_utf8(whatsapp_status("wamid.LATE", "delivered", json!([]))).unwrap().replace(
+            r#""recipient_id""#,
+            r#""biz_opaque_callback_data":"my-claw:answer-to:wamid.SENDING","recipient_id""#,
+        );
+    assert_eq!(app.post_whatsapp(late.as_bytes()).await.status(), 200);
+    let answer = memory::get_message(&app.pool, history[1].id).await.unwrap().unwrap();
+    assert_eq!(answer.delivery_status.as_deref(), Some("delivered"));
+    assert_eq!(answer.external_id.as_deref(), Some("wamid.LATE"));
+    let row = inbound::get(&app.pool, ChannelKind::WhatsApp, "wamid.SENDING").await.unwrap();
+    assert_eq!(row.unwrap().status, QueueStatus::Done);
+    assert_eq!(graph.messages().len(), 1);
     second.abort();
 }
 

@@ -11,9 +11,12 @@ pub struct SplitError {
     pub at: usize,
 }
 
-/// The members of the JSON object `text` as (key, raw value) pairs, in order. A key that is
-/// not a valid string (a lone surrogate) is returned as `None` with its value.
-pub fn object_members(text: &[u8]) -> Result<Vec<(Option<String>, &[u8])>, SplitError> {
+/// One member of an object: its key (`None` when the key is not a valid string, e.g. a lone
+/// surrogate) and its raw value.
+pub type Member<'a> = (Option<String>, &'a [u8]);
+
+/// The members of the JSON object `text`, in order.
+pub fn object_members(text: &[u8]) -> Result<Vec<Member<'_>>, SplitError> {
     let mut pos = skip_ws(text, 0);
     expect(text, pos, b'{', "expected an object")?;
     pos = skip_ws(text, pos + 1);

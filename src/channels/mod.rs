@@ -123,8 +123,15 @@ pub enum Intake {
         note: Option<String>,
         contact: Option<Contact>,
     },
-    /// A delivery report of one of our outbound messages.
-    Delivery { external_id: String, status: String, error: Option<String> },
+    /// A delivery report of one of our outbound messages. `in_reply_to`: the inbound
+    /// message our message answered, when the channel echoes it back (WhatsApp's
+    /// `biz_opaque_callback_data`), which finds an answer whose id was never recorded.
+    Delivery {
+        external_id: String,
+        status: String,
+        error: Option<String>,
+        in_reply_to: Option<String>,
+    },
 }
 
 /// The sender of an inbound message, as the channel saw them.
@@ -407,10 +414,24 @@ impl Channels {
                         (true, _) => accepted.ignored += 1,
                     }
                 }
-                Intake::Delivery { external_id, status, error } => {
-                    let known =
+                Intake::Delivery { external_id, status, error, in_reply_to } => {
+                    let mut known =
                         inbound::record_delivery(pool, external_id, status, error.as_deref())
                             .await?;
+                    if let (false, Some(question)) = (known, in_reply_to) {
+                        known = inbound::confirm_reply_delivery(
+                            pool,
+                            kind,
+                            question,
+                            external_id,
+                            status,
+                            error.as_deref(),
+                        )
+                        .await?;
+                        if known {
+                            tracing::info!(channel = %kind, status = ?status, "delivery of an answer confirmed by the channel after a stop");
+                        }
+                    }
                     if !known {
                         tracing::debug!(channel = %kind, status = ?status, "status for a message we did not store");
                     }

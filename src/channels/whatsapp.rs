@@ -29,6 +29,8 @@ pub const MAX_TEXT_CHARS: usize = 4096;
 /// Longer inbound messages get a short "too long" reply: a few thousand characters is
 /// already minutes of prefill on a CPU, and WhatsApp users can send 65,536.
 pub const MAX_INBOUND_CHARS: usize = 4_000;
+/// Prefix of the `biz_opaque_callback_data` of an answer: the question's wamid follows.
+pub const REPLY_TAG: &str = "my-claw:answer-to:";
 /// WhatsApp shows the typing indicator for at most 25 s; it is renewed before that.
 const TYPING_RENEWAL: Duration = Duration::from_secs(20);
 /// The 24-hour customer service window.
@@ -144,6 +146,9 @@ pub struct StatusReport {
     pub status: String,
     #[serde(default)]
     pub recipient_id: Option<String>,
+    /// What we sent as `biz_opaque_callback_data` (see `REPLY_TAG`).
+    #[serde(default)]
+    pub biz_opaque_callback_data: Option<String>,
     #[serde(default)]
     pub errors: Vec<GraphError>,
 }
@@ -262,6 +267,9 @@ struct TextMessage<'a> {
     #[serde(rename = "type")]
     kind: &'static str,
     text: TextContent<'a>,
+    /// Echoed back by Meta in this message's status reports (see `REPLY_TAG`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    biz_opaque_callback_data: Option<&'a str>,
 }
 
 #[derive(Serialize)]
@@ -541,6 +549,31 @@ impl WhatsApp {
     /// into messages of at most 4096 characters. Returns the wamid of each part. A part that
     /// fails stops the rest (sending later parts alone would not make sense).
     pub async fn send_text(&self, to: &str, markdown: &str) -> Result<Vec<String>, ChannelError> {
+        self.send_text_tagged(to, markdown, None).await
+    }
+
+    /// `send_text` for the answer to the inbound message `question` (its wamid): every part
+    /// carries `REPLY_TAG` + that wamid, which Meta echoes in the parts' status reports. If
+    /// the process stops after Meta accepted the answer but before we recorded it, the first
+    /// status report still finds the answer (see `inbound::confirm_reply_delivery`).
+    pub async fn send_reply(
+        &self,
+        to: &str,
+        markdown: &str,
+        question: &str,
+    ) -> Result<Vec<String>, ChannelError> {
+        let tag = format!("{REPLY_TAG}{question}");
+        // Meta takes at most 512 bytes; a wamid is far shorter, but never send a bad request.
+        let tag = (tag.len() <= 512).then_some(tag);
+        self.send_text_tagged(to, markdown, tag.as_deref()).await
+    }
+
+    async fn send_text_tagged(
+        &self,
+        to: &str,
+        markdown: &str,
+        tag: Option<&str>,
+    ) -> Result<Vec<String>, ChannelError> {
         let text = markdown_to_whatsapp(markdown);
         let parts = split_message(&text, MAX_TEXT_CHARS);
         if parts.is_empty() {
@@ -554,6 +587,7 @@ impl WhatsApp {
                 to,
                 kind: "text",
                 text: TextContent { preview_url: false, body: part },
+                biz_opaque_callback_data: tag,
             };
             ids.push(self.post_message(&body).await?);
         }
@@ -729,7 +763,7 @@ impl Channel for WhatsApp {
         message: &'a QueuedInbound,
         text: &'a str,
     ) -> BoxFuture<'a, Result<Vec<String>, ChannelError>> {
-        Box::pin(self.send_text(&message.conversation_key, text))
+        Box::pin(self.send_reply(&message.conversation_key, text, &message.external_id))
     }
 
     fn deliver<'a>(
@@ -775,7 +809,17 @@ fn status_intake(status: &StatusReport) -> Intake {
     if let Some(error) = &error {
         tracing::warn!(to = %redact(status.recipient_id.as_deref().unwrap_or("")), error = ?error, "whatsapp: message not delivered");
     }
-    Intake::Delivery { external_id: status.id.clone(), status: status.status.clone(), error }
+    let in_reply_to = status
+        .biz_opaque_callback_data
+        .as_deref()
+        .and_then(|data| data.strip_prefix(REPLY_TAG))
+        .map(str::to_string);
+    Intake::Delivery {
+        external_id: status.id.clone(),
+        status: status.status.clone(),
+        error,
+        in_reply_to,
+    }
 }
 
 /// A message of a batch that cannot be read: recorded as `rejected`, without its content.

@@ -434,6 +434,52 @@ pub async fn mark_delivery_unknown(
     Ok(())
 }
 
+/// A status report for one of our answers whose channel id was never recorded (the process
+/// stopped between the channel accepting it and our record): found through the inbound
+/// message it answered. Only an answer left `sending` or `unknown` is updated; its queue
+/// row leaves `delivery_unknown` for `done`. Returns whether an answer was updated.
+pub async fn confirm_reply_delivery(
+    pool: &SqlitePool,
+    channel: ChannelKind,
+    question_external_id: &str,
+    external_id: &str,
+    status: &str,
+    error: Option<&str>,
+) -> Result<bool, sqlx::Error> {
+    let Some(StoredTurn { answer: Some(answer), .. }) =
+        stored_turn(pool, channel, question_external_id).await?
+    else {
+        return Ok(false);
+    };
+    let mut tx = pool.begin().await?;
+    let updated = sqlx::query(
+        "UPDATE messages SET external_id = ?1, delivery_status = ?2,
+                             delivery_error = ?3
+         WHERE id = ?4 AND delivery_status IN ('sending', 'unknown')",
+    )
+    .bind(external_id)
+    .bind(status)
+    .bind(error)
+    .bind(answer.message_id.0)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected()
+        == 1;
+    if updated {
+        sqlx::query(
+            "UPDATE inbound_queue SET status = 'done',
+                 last_error = 'delivery confirmed afterwards by the channel''s status report'
+             WHERE channel = ?1 AND external_id = ?2 AND status = 'delivery_unknown'",
+        )
+        .bind(channel.as_str())
+        .bind(question_external_id)
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(updated)
+}
+
 /// The user turn already stored for an inbound message (the process stopped while answering
 /// it), and the answer that followed it if there is one, so that a retry neither stores the
 /// question twice nor generates a second answer.
