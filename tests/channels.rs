@@ -819,12 +819,15 @@ async fn whatsapp_message_is_answered_after_kill_9_and_restart() {
 
 // --- in-process: the real gateway, queue worker and assistant over a scripted model ----------
 
+/// Decides a call: (question, times asked before, questions answered so far) → a refusal.
+type Script = dyn Fn(&str, usize, &[String]) -> Option<LlmError> + Send + Sync;
+
 /// A model stand-in behind the real `Assistant` and router: answers `echo: <question>`, or
 /// `QueueFull` (the engine is busy) or `ContextOverflow` as `script` decides for each call
 /// (the question and how many times it was asked before). It counts the streams running at
 /// once and the questions it answered, in order.
 struct ScriptedEngine {
-    script: Box<dyn Fn(&str, usize, &[String]) -> Option<LlmError> + Send + Sync>,
+    script: Box<Script>,
     asked: Mutex<std::collections::HashMap<String, usize>>,
     answered: Arc<Mutex<Vec<String>>>,
     calls: AtomicUsize,
