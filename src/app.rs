@@ -14,6 +14,9 @@ use futures::future::BoxFuture;
 use rand::RngCore;
 
 use crate::assistant::{Assistant, AssistantConfig};
+use crate::channels::nextcloud::Nextcloud;
+use crate::channels::whatsapp::WhatsApp;
+use crate::channels::{Channel, Channels};
 use crate::config::{Config, EngineSettings, RouterSettings, Secret, Settings};
 use crate::gateway::{self, AppState};
 use crate::llm::engine::{EngineConfig, EngineHandle};
@@ -122,13 +125,15 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     ));
 
     // Channel clients, and the inbound queue worker (it first recovers unfinished messages).
-    let channels = crate::channels::Channels::start(
-        settings.whatsapp.as_ref(),
-        settings.nextcloud.as_ref(),
-        http.clone(),
-        pool.clone(),
-        assistant.clone(),
-    );
+    let mut channel_list: Vec<Arc<dyn Channel>> = Vec::new();
+    if let Some(settings) = &settings.whatsapp {
+        channel_list.push(Arc::new(WhatsApp::new(settings.clone(), http.clone(), pool.clone())));
+    }
+    if let Some(settings) = &settings.nextcloud {
+        channel_list.push(Arc::new(Nextcloud::new(settings.clone(), http.clone())));
+    }
+    let channels = Channels::new(channel_list);
+    channels.start(pool.clone(), assistant.clone());
     // Scheduled jobs: each enabled job is scheduled from now (runs missed while the process
     // was down are not replayed).
     let cron =

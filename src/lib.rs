@@ -30,3 +30,5 @@ pub mod gateway;
 pub mod llm;
 /// `my-claw models pull|list`: download and list model files.
 pub mod models;
+/// Backoff with a cap and server-given delays, for every retried call.
+pub mod retry;

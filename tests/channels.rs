@@ -1,28 +1,39 @@
 //! Channel tests: the WhatsApp and Nextcloud Talk clients against local stand-ins for the
-//! Graph API and for Nextcloud (axum on 127.0.0.1), and the real `my-claw` binary with the
-//! real small model behind signed webhooks: answers, deduplication, crash recovery,
-//! rejections. Owns no production code; payload samples live in `tests/data/`.
+//! Graph API and for Nextcloud (axum on 127.0.0.1); the real gateway, queue worker and
+//! assistant in this process over a scripted model (busy engine, bad batches, stops while
+//! sending, logs); and the real `my-claw` binary with the real small model behind signed
+//! webhooks: answers, deduplication, crash recovery, rejections. Owns no production code;
+//! payload samples live in `tests/data/`.
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::IntoResponse;
+use futures::future::BoxFuture;
 use serde_json::{json, Value};
 use sqlx::SqlitePool;
 
+use my_claw::assistant::{Assistant, AssistantConfig};
 use my_claw::channels::markup;
 use my_claw::channels::nextcloud::{self, Nextcloud};
-use my_claw::channels::queue::FAILURE_REPLY;
+use my_claw::channels::queue::{self, QueueConfig, FAILURE_REPLY, UNSUPPORTED_REPLY};
 use my_claw::channels::whatsapp::{self, WhatsApp};
-use my_claw::channels::{ChannelError, Channels, RetryPolicy};
+use my_claw::channels::{Accepted, Channel, ChannelError, Channels, RetryPolicy};
 use my_claw::config::{NextcloudSettings, Secret, WhatsAppSettings};
 use my_claw::db::inbound::{self, QueueStatus};
 use my_claw::db::memory;
 use my_claw::domain::{ChannelKind, Role};
+use my_claw::gateway::AppState;
+use my_claw::llm::router::{Router as ModelRouter, Tier};
+use my_claw::llm::{
+    Chunk, ChunkStream, FinishReason, LlmError, LlmRequest, Provider, ProviderInfo, Usage,
+};
+use my_claw::retry::Backoff;
 
 use crate::util::{repo_path, smollm2_env, Server, ServerOptions};
 
@@ -74,6 +85,9 @@ struct StandIn {
     script: Arc<Mutex<VecDeque<(u16, String)>>>,
     /// Delay before answering a WhatsApp mark-as-read (holds the worker before generating).
     read_delay: Arc<Mutex<Duration>>,
+    /// Delay before answering the next message send, after recording it (holds the sender
+    /// in the middle of a send); used once.
+    send_delay: Arc<Mutex<Option<Duration>>>,
 }
 
 impl StandIn {
@@ -86,6 +100,7 @@ impl StandIn {
             requests: Arc::default(),
             script: Arc::default(),
             read_delay: Arc::new(Mutex::new(Duration::ZERO)),
+            send_delay: Arc::default(),
         };
         let state = stand_in.clone();
         let app = axum::Router::new().fallback(move |uri: Uri, headers: HeaderMap, body: Bytes| {
@@ -110,6 +125,12 @@ impl StandIn {
             requests.push(Recorded { path: uri.path().to_string(), headers, body: body.to_vec() });
             requests.len()
         };
+        if !is_read {
+            let hold = self.send_delay.lock().unwrap().take();
+            if let Some(hold) = hold {
+                tokio::time::sleep(hold).await;
+            }
+        }
         let scripted = if is_read { None } else { self.script.lock().unwrap().pop_front() };
         let (status, body) = match (scripted, self.kind) {
             (Some(answer), _) => answer,
@@ -213,6 +234,20 @@ async fn wait_until(limit: Duration, what: &str, mut check: impl FnMut() -> bool
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     panic!("timed out after {limit:?} waiting for {what}");
+}
+
+/// Waits (bounded) until no queue row is pending or being processed: from then on the
+/// worker has nothing left that could send anything.
+async fn wait_for_idle_queue(pool: &SqlitePool) {
+    let started = Instant::now();
+    while started.elapsed() < ANSWER_LIMIT {
+        let counts = inbound::counts(pool).await.expect("queue counts");
+        if counts.pending + counts.retrying + counts.processing == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the inbound queue did not become idle in {ANSWER_LIMIT:?}");
 }
 
 fn server_env(graph: Option<&StandIn>, talk: Option<&StandIn>) -> Vec<(String, String)> {
@@ -423,19 +458,19 @@ async fn whatsapp_proactive_delivery_follows_the_24_hour_window() {
     );
 
     // A message to another number of the same Meta app is not ours: nothing is stored.
-    let wa = channels.whatsapp.as_ref().unwrap();
+    let wa = channels.get(ChannelKind::WhatsApp).unwrap();
     let other_number = String::from_utf8(whatsapp_text("wamid.OTHER", USER_NUMBER, "hello"))
         .unwrap()
         .replace(PHONE_NUMBER_ID, "999000999");
-    let accepted =
-        wa.accept(&whatsapp::parse_notification(other_number.as_bytes()).unwrap()).await.unwrap();
-    assert_eq!(accepted, whatsapp::Accepted::default());
+    let intakes = wa.parse(&HeaderMap::new(), other_number.as_bytes()).unwrap();
+    let accepted = channels.store(&pool, ChannelKind::WhatsApp, &intakes).await.unwrap();
+    assert_eq!(accepted, Accepted::default());
     assert!(inbound::list(&pool).await.unwrap().is_empty());
 
     // The user writes: the window opens and free-form text is sent.
-    let notification =
-        whatsapp::parse_notification(&whatsapp_text("wamid.IN1", USER_NUMBER, "hello")).unwrap();
-    let accepted = wa.accept(&notification).await.unwrap();
+    let body = whatsapp_text("wamid.IN1", USER_NUMBER, "hello");
+    let intakes = wa.parse(&HeaderMap::new(), &body).unwrap();
+    let accepted = channels.store(&pool, ChannelKind::WhatsApp, &intakes).await.unwrap();
     assert_eq!(accepted.queued, 1);
     assert!(channels.whatsapp_window_open(&format!("+{USER_NUMBER}")).await.unwrap());
     let receipt = channels.deliver(ChannelKind::WhatsApp, USER_NUMBER, "Reminder").await.unwrap();
@@ -563,14 +598,16 @@ async fn whatsapp_webhook_end_to_end_with_the_real_model() {
     assert_eq!(reply_body["to"], USER_NUMBER);
     assert!(!reply_body["text"]["body"].as_str().unwrap().trim().is_empty());
 
-    // Meta redelivers the same notification: acknowledged, not answered again.
+    // Meta redelivers the same notification: acknowledged, not answered again. The 200
+    // comes once the delivery is stored, so once it is there and the queue holds nothing
+    // left to answer, no second answer can follow.
     assert_eq!(post_whatsapp_signed(&server, &body).await.status(), 200);
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(graph.messages().len(), 1, "a redelivery was answered twice");
-
     let pool = open_db(&server.data_dir).await;
+    wait_for_idle_queue(&pool).await;
+    assert_eq!(graph.messages().len(), 1, "a redelivery was answered twice");
     let row = inbound::get(&pool, ChannelKind::WhatsApp, wamid).await.unwrap().unwrap();
     assert_eq!(row.status, QueueStatus::Done, "{row:?}");
+    assert_eq!(inbound::list(&pool).await.unwrap().len(), 1);
     let conv = memory::get_or_create_conversation(&pool, ChannelKind::WhatsApp, USER_NUMBER, None)
         .await
         .unwrap();
@@ -605,7 +642,7 @@ async fn whatsapp_webhook_end_to_end_with_the_real_model() {
     assert_eq!(post_whatsapp_signed(&server, &data("whatsapp_image.json")).await.status(), 200);
     wait_until(Duration::from_secs(30), "the text-only reply", || graph.messages().len() == 2)
         .await;
-    assert_eq!(graph.messages()[1].json()["text"]["body"], whatsapp::UNSUPPORTED_REPLY);
+    assert_eq!(graph.messages()[1].json()["text"]["body"], UNSUPPORTED_REPLY);
     let image = inbound::get(&pool, ChannelKind::WhatsApp, "wamid.IMG").await.unwrap().unwrap();
     assert_eq!(image.status, QueueStatus::Done);
     if std::env::var_os("SHOW_SERVER_LOG").is_some() {
@@ -642,10 +679,10 @@ async fn nextcloud_webhook_end_to_end_with_the_real_model() {
                       "object": {"type": "Note", "id": "1567"}, "content": "👍",
                       "target": {"type": "Collection", "id": ROOM}});
     assert_eq!(post_talk_signed(&server, like.to_string().as_bytes()).await.status(), 200);
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    let pool = open_db(&server.data_dir).await;
+    wait_for_idle_queue(&pool).await;
     assert_eq!(talk.messages().len(), 1, "a redelivery was answered twice");
 
-    let pool = open_db(&server.data_dir).await;
     let rows = inbound::list(&pool).await.unwrap();
     assert_eq!(rows.len(), 2, "{rows:?}");
     assert_eq!((rows[0].external_id.as_str(), rows[0].status), ("1567", QueueStatus::Done));
@@ -724,10 +761,12 @@ async fn webhook_rejections_store_and_send_nothing() {
     let from_mallory = talk_create("9004", "users/mallory", "let me in");
     assert_eq!(post_talk_signed(&server, &from_mallory).await.status(), 200);
 
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Every answer above came after its rows were stored: with nothing pending or being
+    // processed, nothing can be sent any more.
+    let pool = open_db(&server.data_dir).await;
+    wait_for_idle_queue(&pool).await;
     assert!(graph.all().is_empty(), "something was sent to WhatsApp: {:?}", graph.all());
     assert!(talk.all().is_empty(), "something was sent to Talk: {:?}", talk.all());
-    let pool = open_db(&server.data_dir).await;
     assert!(memory::list_conversations(&pool, 10).await.unwrap().is_empty());
     // Disallowed senders leave only a marker row, without their message.
     let rows = inbound::list(&pool).await.unwrap();
@@ -760,9 +799,9 @@ async fn whatsapp_message_is_answered_after_kill_9_and_restart() {
 
     let second = start_server(env, Some(data_dir.path().to_path_buf()));
     wait_until(ANSWER_LIMIT, "the answer after the restart", || !graph.messages().is_empty()).await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(graph.messages().len(), 1, "{}", second.output());
     let pool = open_db(data_dir.path()).await;
+    wait_for_idle_queue(&pool).await;
+    assert_eq!(graph.messages().len(), 1, "{}", second.output());
     let row = inbound::get(&pool, ChannelKind::WhatsApp, "wamid.CRASH").await.unwrap().unwrap();
     assert_eq!(row.status, QueueStatus::Done);
     // One complete attempt, after one interrupted by the kill (unless the kill landed before
@@ -776,4 +815,533 @@ async fn whatsapp_message_is_answered_after_kill_9_and_restart() {
     assert_eq!(history.len(), 2, "{history:?}");
     assert_answered_by_the_real_model(&history[1]);
     drop(second);
+}
+
+// --- in-process: the real gateway, queue worker and assistant over a scripted model ----------
+
+/// Decides a call: (question, times asked before, questions answered so far) → a refusal.
+type Script = dyn Fn(&str, usize, &[String]) -> Option<LlmError> + Send + Sync;
+
+/// A model stand-in behind the real `Assistant` and router: answers `echo: <question>`, or
+/// `QueueFull` (the engine is busy) or `ContextOverflow` as `script` decides for each call
+/// (the question and how many times it was asked before). It counts the streams running at
+/// once and the questions it answered, in order.
+struct ScriptedEngine {
+    script: Box<Script>,
+    asked: Mutex<std::collections::HashMap<String, usize>>,
+    answered: Arc<Mutex<Vec<String>>>,
+    calls: AtomicUsize,
+    active: Arc<AtomicUsize>,
+    max_active: Arc<AtomicUsize>,
+    delay: Duration,
+}
+
+impl ScriptedEngine {
+    fn new(
+        script: impl Fn(&str, usize, &[String]) -> Option<LlmError> + Send + Sync + 'static,
+    ) -> Arc<ScriptedEngine> {
+        Arc::new(ScriptedEngine {
+            script: Box::new(script),
+            asked: Mutex::default(),
+            answered: Arc::default(),
+            calls: AtomicUsize::new(0),
+            active: Arc::default(),
+            max_active: Arc::default(),
+            delay: Duration::from_millis(30),
+        })
+    }
+}
+
+impl Provider for ScriptedEngine {
+    fn info(&self) -> ProviderInfo {
+        ProviderInfo { provider: "local".into(), model: "scripted".into(), leaves_machine: false }
+    }
+
+    fn stream(&self, request: LlmRequest) -> BoxFuture<'_, Result<ChunkStream, LlmError>> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let question = request.messages.last().map(|m| m.content.clone()).unwrap_or_default();
+        let before = {
+            let mut asked = self.asked.lock().unwrap();
+            let n = asked.entry(question.clone()).or_insert(0);
+            *n += 1;
+            *n - 1
+        };
+        let refusal = {
+            let answered = self.answered.lock().unwrap();
+            (self.script)(&question, before, &answered)
+        };
+        let (answered, active, max_active, delay) =
+            (self.answered.clone(), self.active.clone(), self.max_active.clone(), self.delay);
+        Box::pin(async move {
+            if let Some(error) = refusal {
+                return Err(error);
+            }
+            let (tx, rx) = tokio::sync::mpsc::channel(4);
+            tokio::spawn(async move {
+                let now = active.fetch_add(1, Ordering::SeqCst) + 1;
+                max_active.fetch_max(now, Ordering::SeqCst);
+                tokio::time::sleep(delay).await;
+                let _ = tx.send(Ok(Chunk::Text(format!("echo: {question}")))).await;
+                answered.lock().unwrap().push(question);
+                active.fetch_sub(1, Ordering::SeqCst);
+                let usage = Usage { prompt_tokens: 10, completion_tokens: 3, ..Usage::default() };
+                let _ = tx.send(Ok(Chunk::Done { usage, finish: FinishReason::Stop })).await;
+            });
+            Ok(rx)
+        })
+    }
+}
+
+/// The gateway (real HTTP on 127.0.0.1), the queue worker and the assistant in this process,
+/// over a scripted model, with WhatsApp and Talk clients pointed at stand-ins.
+struct InProcess {
+    base: String,
+    pool: SqlitePool,
+    assistant: Arc<Assistant>,
+    channels: Channels,
+    worker: tokio::task::JoinHandle<()>,
+    _dir: tempfile::TempDir,
+}
+
+const IN_PROCESS_TOKEN: &str = "in-process-token-0123456789";
+
+fn queue_config() -> QueueConfig {
+    QueueConfig {
+        busy_backoff: Backoff { base: Duration::from_millis(20), cap: Duration::from_millis(100) },
+        ..QueueConfig::default()
+    }
+}
+
+async fn in_process(
+    graph: &StandIn,
+    talk: Option<&StandIn>,
+    engine: Arc<ScriptedEngine>,
+    allowed: &[&str],
+) -> InProcess {
+    let (dir, pool) = fresh_pool().await;
+    let router = ModelRouter::with_providers(engine, std::collections::HashMap::new(), Tier::Main);
+    let assistant = Arc::new(Assistant::new(
+        pool.clone(),
+        Arc::new(router),
+        AssistantConfig { history_messages: 20, reply_max_tokens: 32 },
+    ));
+    let mut settings = whatsapp_settings(&graph.base, None);
+    settings.allowed_numbers = allowed.iter().map(|n| n.to_string()).collect();
+    let http = reqwest::Client::new();
+    let mut list: Vec<Arc<dyn Channel>> = vec![Arc::new(
+        WhatsApp::new(settings, http.clone(), pool.clone()).with_retry(fast_retry()),
+    )];
+    if let Some(talk) = talk {
+        let nc = Nextcloud::new(
+            nextcloud_settings(&talk.base, Some(vec!["users/ada-lovelace".into()])),
+            http,
+        )
+        .with_retry(fast_retry());
+        list.push(Arc::new(nc));
+    }
+    let channels = Channels::new(list);
+    let state = AppState {
+        pool: pool.clone(),
+        assistant: assistant.clone(),
+        webchat_token: Secret::new(IN_PROCESS_TOKEN),
+        started_at: Instant::now(),
+        data_dir: Arc::new(dir.path().to_path_buf()),
+        max_body_bytes: 1 << 20,
+        reply_max_tokens: 32,
+        channels: channels.clone(),
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let base = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, my_claw::gateway::router(state)).await;
+    });
+    let worker =
+        queue::spawn_worker(pool.clone(), assistant.clone(), channels.clone(), queue_config());
+    InProcess { base, pool, assistant, channels, worker, _dir: dir }
+}
+
+impl InProcess {
+    async fn post_whatsapp(&self, body: &[u8]) -> reqwest::Response {
+        client()
+            .post(format!("{}/api/webhook/whatsapp", self.base))
+            .header("content-type", "application/json")
+            .header("X-Hub-Signature-256", whatsapp::sign(APP_SECRET, body))
+            .body(body.to_vec())
+            .send()
+            .await
+            .expect("post whatsapp webhook")
+    }
+
+    async fn post_talk(&self, body: &[u8]) -> reqwest::Response {
+        client()
+            .post(format!("{}/api/webhook/nextcloud", self.base))
+            .header("content-type", "application/json")
+            .header("X-Nextcloud-Talk-Random", TALK_RANDOM)
+            .header("X-Nextcloud-Talk-Signature", nextcloud::sign(TALK_SECRET, TALK_RANDOM, body))
+            .body(body.to_vec())
+            .send()
+            .await
+            .expect("post talk webhook")
+    }
+
+    async fn health_queue(&self) -> Value {
+        let health: Value = client()
+            .get(format!("{}/api/health", self.base))
+            .bearer_auth(IN_PROCESS_TOKEN)
+            .send()
+            .await
+            .expect("health")
+            .json()
+            .await
+            .expect("health json");
+        health["inbound_queue"].clone()
+    }
+
+    /// Waits (bounded) until the row of `external_id` is in a final state, and returns it.
+    async fn final_row(&self, external_id: &str) -> inbound::QueueEntry {
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(60) {
+            let row = inbound::get(&self.pool, ChannelKind::WhatsApp, external_id).await.unwrap();
+            if let Some(row) =
+                row.filter(|r| !matches!(r.status, QueueStatus::Pending | QueueStatus::Processing))
+            {
+                return row;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("row {external_id} did not reach a final state");
+    }
+}
+
+/// A WhatsApp notification carrying several raw message objects at once.
+fn whatsapp_batch(messages: &[String]) -> Vec<u8> {
+    format!(
+        r#"{{"object":"whatsapp_business_account","entry":[{{"id":"1","changes":[{{"field":"messages","value":{{"messaging_product":"whatsapp","metadata":{{"display_phone_number":"15550783881","phone_number_id":"{PHONE_NUMBER_ID}"}},"contacts":[{{"profile":{{"name":"Tester"}},"wa_id":"{USER_NUMBER}"}}],"messages":[{}]}}}}]}}]}}"#,
+        messages.join(",")
+    )
+    .into_bytes()
+}
+
+fn raw_text_message(id: &str, from: &str, text: &str) -> String {
+    json!({"from": from, "id": id, "timestamp": chrono::Utc::now().timestamp().to_string(),
+           "type": "text", "text": {"body": text}})
+    .to_string()
+}
+
+#[tokio::test]
+async fn talk_room_token_and_phone_number_id_stay_one_path_segment() {
+    // A room token from a signed webhook must not walk out of the bot API path.
+    let talk = StandIn::start(Kind::Talk).await;
+    let nc = Nextcloud::new(nextcloud_settings(&talk.base, None), reqwest::Client::new())
+        .with_retry(fast_retry());
+    nc.send_message("../../../../evil?x=", "hello", None).await.expect("sent");
+    let sent = talk.all();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(
+        sent[0].path,
+        "/ocs/v2.php/apps/spreed/api/v1/bot/..%2F..%2F..%2F..%2Fevil%3Fx%3D/message"
+    );
+    // `..` alone cannot be encoded safely (URL parsers resolve `%2E%2E` too): refused.
+    assert!(nc.send_message("..", "hello", None).await.is_err());
+    assert_eq!(talk.all().len(), 1);
+
+    // The same for WhatsApp's phone number id, in the Graph API path.
+    let graph = StandIn::start(Kind::Graph).await;
+    let (_dir, pool) = fresh_pool().await;
+    let mut settings = whatsapp_settings(&graph.base, None);
+    settings.phone_number_id = "1/../../me?fields=x".into();
+    let wa = WhatsApp::new(settings, reqwest::Client::new(), pool).with_retry(fast_retry());
+    wa.send_text(USER_NUMBER, "hi").await.expect("sent");
+    assert_eq!(graph.all()[0].path, "/v26.0/1%2F..%2F..%2Fme%3Ffields%3Dx/messages");
+}
+
+/// Collects what the fmt subscriber writes, for assertions on log lines.
+#[derive(Clone, Default)]
+struct LogBuffer(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogBuffer {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+// Current-thread runtime: every task of this test runs on the thread whose default
+// subscriber captures the logs.
+#[tokio::test]
+async fn logs_never_carry_personal_ids_or_forged_lines() {
+    let logs = LogBuffer::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .with_max_level(tracing::Level::DEBUG)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let graph = StandIn::start(Kind::Graph).await;
+    let talk = StandIn::start(Kind::Talk).await;
+    let engine = ScriptedEngine::new(|_, _, _| None);
+    let app = in_process(&graph, Some(&talk), engine, &[USER_NUMBER]).await;
+
+    // A Talk actor id with a newline and a fake log line, not in the allow-list.
+    let forged = "users/mallory\nINFO my_claw: forged line";
+    let body = talk_create("4242", forged, "hello");
+    assert_eq!(app.post_talk(&body).await.status(), 200);
+    // A stranger's number, and a message whose `from` has the wrong type: serde's message
+    // would quote the number.
+    let batch = whatsapp_batch(&[
+        raw_text_message("wamid.STRANGER", "33699999999", "let me in"),
+        r#"{"from": 33612345678, "id": "wamid.BADTYPE", "type": "text", "text": {"body": "x"}}"#
+            .to_string(),
+    ]);
+    assert_eq!(app.post_whatsapp(&batch).await.status(), 200);
+    // A signed Talk body that is not an activity: the parse error must not quote it.
+    let junk = br#"{"type": "Create", "actor": 33655555555}"#;
+    assert_eq!(app.post_talk(junk).await.status(), 400);
+
+    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    assert!(text.contains("actor not in NEXTCLOUD_ALLOWED_USERS"), "{text}");
+    assert!(text.contains("…line"), "the actor id is redacted the one way: {text}");
+    for secret in ["mallory", "33699999999", "33612345678", "33655555555"] {
+        assert!(!text.contains(secret), "{secret} is in the logs:\n{text}");
+    }
+    for line in text.lines() {
+        assert!(!line.trim_start().starts_with("INFO my_claw: forged"), "forged line: {text}");
+    }
+    let row = inbound::get(&app.pool, ChannelKind::WhatsApp, "wamid.BADTYPE").await.unwrap();
+    let note = row.expect("rejected row").last_error.unwrap_or_default();
+    assert!(note.contains("invalid type") && !note.contains("33612345678"), "{note}");
+}
+
+#[tokio::test]
+async fn a_bad_message_in_a_batch_is_rejected_and_the_rest_answered() {
+    let graph = StandIn::start(Kind::Graph).await;
+    let engine = ScriptedEngine::new(|_, _, _| None);
+    let app = in_process(&graph, None, engine, &[USER_NUMBER]).await;
+    let deep = format!(
+        r#"{{"from":"{USER_NUMBER}","id":"wamid.DEEP","type":"text","text":{{"body":{}"x"{}}}}}"#,
+        "[".repeat(200),
+        "]".repeat(200)
+    );
+    // Meta's batch: a good message, a lone surrogate, a too-deep field, a wrong type, a good
+    // one. The signature covers the raw bytes as sent.
+    let batch = whatsapp_batch(&[
+        raw_text_message("wamid.GOOD1", USER_NUMBER, "first"),
+        format!(
+            r#"{{"from":"{USER_NUMBER}","id":"wamid.SURROGATE","type":"text","text":{{"body":"a \ud800 b"}}}}"#
+        ),
+        deep,
+        r#"{"from":["16505551234"],"id":"wamid.TYPE","type":"text"}"#.to_string(),
+        raw_text_message("wamid.GOOD2", USER_NUMBER, "second"),
+    ]);
+    let response = app.post_whatsapp(&batch).await;
+    assert_eq!(response.status(), 200, "the batch is acknowledged, so Meta does not redeliver it");
+    for bad in ["wamid.SURROGATE", "wamid.DEEP", "wamid.TYPE"] {
+        let row = app.final_row(bad).await;
+        assert_eq!(row.status, QueueStatus::Rejected, "{row:?}");
+        assert!(row.last_error.unwrap().starts_with("unreadable message"));
+        assert_eq!(row.payload, "{}");
+    }
+    assert_eq!(app.final_row("wamid.GOOD1").await.status, QueueStatus::Done);
+    assert_eq!(app.final_row("wamid.GOOD2").await.status, QueueStatus::Done);
+    let bodies: Vec<String> = graph
+        .messages()
+        .iter()
+        .map(|r| r.json()["text"]["body"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(bodies, ["echo: first", "echo: second"]);
+    // A redelivery of the same batch changes nothing.
+    assert_eq!(app.post_whatsapp(&batch).await.status(), 200);
+    assert_eq!(inbound::list(&app.pool).await.unwrap().len(), 5);
+    assert_eq!(app.health_queue().await["rejected"], 3);
+}
+
+#[tokio::test]
+async fn a_stop_while_sending_never_sends_the_answer_twice() {
+    let graph = StandIn::start(Kind::Graph).await;
+    // The Graph API holds the answer's send: the process "stops" while it is in flight.
+    *graph.send_delay.lock().unwrap() = Some(Duration::from_secs(60));
+    let engine = ScriptedEngine::new(|_, _, _| None);
+    let app = in_process(&graph, None, engine.clone(), &[USER_NUMBER]).await;
+    let body = whatsapp_text("wamid.SENDING", USER_NUMBER, "Say hello.");
+    assert_eq!(app.post_whatsapp(&body).await.status(), 200);
+    wait_until(Duration::from_secs(60), "the send at the Graph stand-in", || {
+        !graph.messages().is_empty()
+    })
+    .await;
+    // The stop: the worker and every send it runs end here, as with kill -9 (the database
+    // keeps what was committed).
+    app.worker.abort();
+    wait_until(Duration::from_secs(10), "the first worker to stop", || app.worker.is_finished())
+        .await;
+
+    // The next run recovers the row and finds the answer recorded as `sending`.
+    let second = queue::spawn_worker(
+        app.pool.clone(),
+        app.assistant.clone(),
+        app.channels.clone(),
+        queue_config(),
+    );
+    let row = app.final_row("wamid.SENDING").await;
+    assert_eq!(row.status, QueueStatus::DeliveryUnknown, "{row:?}");
+    assert_eq!(graph.messages().len(), 1, "the answer was sent twice");
+    assert_eq!(engine.calls.load(Ordering::SeqCst), 1, "the answer was generated twice");
+    let conv =
+        memory::get_or_create_conversation(&app.pool, ChannelKind::WhatsApp, USER_NUMBER, None)
+            .await
+            .unwrap();
+    let history = memory::history(&app.pool, conv.id, 10).await.unwrap();
+    assert_eq!(history.len(), 2, "{history:?}");
+    assert_eq!(history[1].delivery_status.as_deref(), Some("unknown"));
+    assert!(history[1].delivery_error.as_deref().unwrap().contains("not sent again"));
+    assert_eq!(app.health_queue().await["delivery_unknown"], 1);
+
+    // The held send carried the question's id; when Meta did accept it, its status report
+    // brings it back and the answer's fate is known after all.
+    let held = graph.messages()[0].json();
+    assert_eq!(held["biz_opaque_callback_data"], "my-claw:answer-to:wamid.SENDING");
+    let late =
+        String::from_utf8(whatsapp_status("wamid.LATE", "delivered", json!([]))).unwrap().replace(
+            r#""recipient_id""#,
+            r#""biz_opaque_callback_data":"my-claw:answer-to:wamid.SENDING","recipient_id""#,
+        );
+    assert_eq!(app.post_whatsapp(late.as_bytes()).await.status(), 200);
+    let answer = memory::get_message(&app.pool, history[1].id).await.unwrap().unwrap();
+    assert_eq!(answer.delivery_status.as_deref(), Some("delivered"));
+    assert_eq!(answer.external_id.as_deref(), Some("wamid.LATE"));
+    let row = inbound::get(&app.pool, ChannelKind::WhatsApp, "wamid.SENDING").await.unwrap();
+    assert_eq!(row.unwrap().status, QueueStatus::Done);
+    assert_eq!(graph.messages().len(), 1);
+    second.abort();
+}
+
+#[tokio::test]
+async fn an_over_long_message_gets_a_short_reply_without_the_engine() {
+    let graph = StandIn::start(Kind::Graph).await;
+    let engine = ScriptedEngine::new(|_, _, _| None);
+    let app = in_process(&graph, None, engine.clone(), &[USER_NUMBER]).await;
+    let long = "word ".repeat(1000);
+    let body = whatsapp_text("wamid.LONG", USER_NUMBER, long.trim());
+    assert_eq!(app.post_whatsapp(&body).await.status(), 200);
+    let row = app.final_row("wamid.LONG").await;
+    assert_eq!(row.status, QueueStatus::Rejected, "{row:?}");
+    assert!(row.last_error.as_deref().unwrap().contains("4999 characters"), "{row:?}");
+    // The message is kept in the row, not lost.
+    assert!(row.payload.contains("word word"));
+    let replies = graph.messages();
+    assert_eq!(replies.len(), 1);
+    let reply = replies[0].json()["text"]["body"].as_str().unwrap().to_string();
+    assert!(reply.contains("4999 characters") && reply.contains("4000"), "{reply}");
+    assert_eq!(engine.calls.load(Ordering::SeqCst), 0, "the engine was asked");
+    assert!(memory::list_conversations(&app.pool, 10).await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busy_engine_every_one_of_20_messages_answered_once_in_order() {
+    let graph = StandIn::start(Kind::Graph).await;
+    // Every question is refused twice with `QueueFull` before it is answered.
+    let engine = ScriptedEngine::new(|_, before, _| (before < 2).then_some(LlmError::QueueFull));
+    let numbers = ["33600000001", "33600000002", "33600000003", "33600000004"];
+    let app = in_process(&graph, None, engine.clone(), &numbers).await;
+    for i in 0..20 {
+        let from = numbers[i % numbers.len()];
+        let body = whatsapp_text(&format!("wamid.BUSY{i}"), from, &format!("question {i}"));
+        assert_eq!(app.post_whatsapp(&body).await.status(), 200);
+    }
+    wait_until(Duration::from_secs(120), "20 answers", || graph.messages().len() >= 20).await;
+    for i in 0..20 {
+        let row = app.final_row(&format!("wamid.BUSY{i}")).await;
+        assert_eq!(row.status, QueueStatus::Done, "{row:?}");
+        assert!(row.retries >= 2, "{row:?}");
+    }
+    let sent: Vec<(String, String)> = graph
+        .messages()
+        .iter()
+        .map(|r| {
+            let body = r.json();
+            (
+                body["to"].as_str().unwrap().to_string(),
+                body["text"]["body"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(sent.len(), 20, "{sent:?}");
+    for (n, number) in numbers.iter().enumerate() {
+        // Each conversation's answers, in the order its questions came.
+        let theirs: Vec<&str> =
+            sent.iter().filter(|(to, _)| to == number).map(|(_, text)| text.as_str()).collect();
+        let expected: Vec<String> = (0..20)
+            .filter(|i| i % numbers.len() == n)
+            .map(|i| format!("echo: question {i}"))
+            .collect();
+        assert_eq!(theirs, expected, "{number}");
+        let conv =
+            memory::get_or_create_conversation(&app.pool, ChannelKind::WhatsApp, number, None)
+                .await
+                .unwrap();
+        let history = memory::history(&app.pool, conv.id, 50).await.unwrap();
+        assert_eq!(history.len(), 10, "each question stored once, each answer once: {history:?}");
+    }
+    assert!(
+        engine.max_active.load(Ordering::SeqCst) >= 2,
+        "different conversations were never answered at once"
+    );
+    let queue = app.health_queue().await;
+    assert_eq!(
+        (queue["failed"].as_i64(), queue["pending"].as_i64(), queue["retrying"].as_i64()),
+        (Some(0), Some(0), Some(0)),
+        "{queue}"
+    );
+}
+
+#[tokio::test]
+async fn a_busy_conversation_does_not_hold_the_others() {
+    let graph = StandIn::start(Kind::Graph).await;
+    // The engine stays busy for A's question until B's has been answered.
+    let engine = ScriptedEngine::new(|question, _, answered| {
+        (question == "from A" && !answered.iter().any(|q| q == "from B"))
+            .then_some(LlmError::QueueFull)
+    });
+    let (a, b) = ("33600000001", "33600000002");
+    let app = in_process(&graph, None, engine, &[a, b]).await;
+    assert_eq!(app.post_whatsapp(&whatsapp_text("wamid.A", a, "from A")).await.status(), 200);
+    // A is refused at least once before B even arrives.
+    let started = Instant::now();
+    while inbound::get(&app.pool, ChannelKind::WhatsApp, "wamid.A").await.unwrap().unwrap().retries
+        == 0
+    {
+        assert!(started.elapsed() < Duration::from_secs(30), "A was never tried");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(app.post_whatsapp(&whatsapp_text("wamid.B", b, "from B")).await.status(), 200);
+    assert_eq!(app.final_row("wamid.A").await.status, QueueStatus::Done);
+    assert_eq!(app.final_row("wamid.B").await.status, QueueStatus::Done);
+    let order: Vec<String> =
+        graph.messages().iter().map(|r| r.json()["to"].as_str().unwrap().to_string()).collect();
+    assert_eq!(order, [b, a]);
+}
+
+#[tokio::test]
+async fn a_message_too_large_for_the_model_gets_a_reply_saying_so() {
+    let graph = StandIn::start(Kind::Graph).await;
+    let engine = ScriptedEngine::new(|question, _, _| {
+        question
+            .starts_with("enormous")
+            .then_some(LlmError::ContextOverflow { n_tokens: 9000, n_ctx: 8192 })
+    });
+    let app = in_process(&graph, None, engine, &[USER_NUMBER]).await;
+    let body = whatsapp_text("wamid.HUGE", USER_NUMBER, "enormous question");
+    assert_eq!(app.post_whatsapp(&body).await.status(), 200);
+    let row = app.final_row("wamid.HUGE").await;
+    assert_eq!(row.status, QueueStatus::Failed, "{row:?}");
+    assert!(row.last_error.as_deref().unwrap().contains("the user was told"), "{row:?}");
+    assert_eq!(row.retries, 0, "a permanent failure is not retried");
+    let replies = graph.messages();
+    assert_eq!(replies.len(), 1);
+    assert_eq!(replies[0].json()["text"]["body"], queue::TOO_LARGE_REPLY);
+    assert_eq!(app.health_queue().await["failed"], 1);
 }

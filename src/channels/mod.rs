@@ -1,32 +1,187 @@
-//! Messaging channels (WhatsApp Cloud API, Nextcloud Talk bots): their wire types, signature
-//! checks, outbound clients, and the durable inbound queue worker that hands their messages
-//! to the assistant. A channel knows its wire format and nothing about models; it does not
-//! know axum either (the webhooks in `gateway/webhooks.rs` call into it).
+//! Messaging channels (WhatsApp Cloud API, Nextcloud Talk bots): the `Channel` trait and the
+//! registry of configured channels, their wire types, signature checks and outbound clients,
+//! and the durable inbound queue worker that hands their messages to the assistant. A
+//! channel knows its wire format and nothing about models; it does not know axum either
+//! (the webhooks in `gateway/webhooks.rs` call into it).
 
+pub mod lenient;
 pub mod markup;
 pub mod nextcloud;
 pub mod queue;
 pub mod split;
 pub mod whatsapp;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::future::BoxFuture;
+use reqwest::header::HeaderMap;
 use sqlx::SqlitePool;
 use tokio::sync::Notify;
 
-use crate::assistant::Assistant;
-use crate::config::{NextcloudSettings, WhatsAppSettings};
+use crate::db::inbound::{self, ContactSeen, NewInbound, QueueStatus};
 use crate::domain::ChannelKind;
-use nextcloud::Nextcloud;
-use whatsapp::WhatsApp;
+use crate::retry::{Backoff, Verdict};
 
-/// The configured channels, handed to the gateway (webhooks) and to the scheduler (proactive
-/// messages). `Default` is "no channel configured", which is what most tests use.
+/// A messaging channel: its wire format (webhook verification and parsing), its policy
+/// (who may write, how long a message may be) and its outbound client. WhatsApp and Talk
+/// implement it; the webhooks, the queue worker and the scheduler use only this trait, and
+/// `app.rs` is the one place that names the implementations.
+pub trait Channel: Send + Sync {
+    fn kind(&self) -> ChannelKind;
+
+    /// Message sizes this channel accepts and sends.
+    fn limits(&self) -> Limits;
+
+    /// Says at start what will happen to incoming messages (never logs secrets).
+    fn log_configuration(&self);
+
+    /// Whether `sender` (a phone number, a Talk actor id) may talk to the assistant.
+    fn is_allowed(&self, sender: &str) -> bool;
+
+    /// A subscription handshake (WhatsApp's `GET ?hub.mode=subscribe…`): the body to answer
+    /// with, or `Err` to refuse. Channels without one refuse.
+    fn handshake(&self, params: &HashMap<String, String>) -> Result<String, ChannelError> {
+        let _ = params;
+        Err(ChannelError::NotDeliverable(self.kind()))
+    }
+
+    /// Checks the webhook's signature over the raw body, in constant time.
+    fn verify(&self, headers: &HeaderMap, body: &[u8]) -> bool;
+
+    /// Turns a verified webhook body into what to store. A body that is not this channel's
+    /// payload at all is `BadPayload`; one bad message in a batch is a `Rejected` row, not
+    /// an error, so that the good ones are kept and the batch is acknowledged.
+    fn parse(&self, headers: &HeaderMap, body: &[u8]) -> Result<Vec<Intake>, ChannelError>;
+
+    /// Reads back a queue row's payload written by `parse`.
+    fn parse_queued(&self, payload: &str) -> Result<QueuedInbound, ChannelError>;
+
+    /// Read receipt, and with `typing` a typing indicator, while the answer is produced.
+    /// Best effort; channels without them do nothing.
+    fn acknowledge<'a>(
+        &'a self,
+        message: &'a QueuedInbound,
+        typing: bool,
+    ) -> BoxFuture<'a, Result<(), ChannelError>> {
+        let _ = (message, typing);
+        Box::pin(async { Ok(()) })
+    }
+
+    /// How often the typing indicator must be sent again while the model works, if the
+    /// channel has one.
+    fn typing_renewal(&self) -> Option<Duration> {
+        None
+    }
+
+    /// Answers `message` in its conversation (split as the channel requires). Returns the
+    /// channel's id of each part sent.
+    fn reply<'a>(
+        &'a self,
+        message: &'a QueuedInbound,
+        text: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<String>, ChannelError>>;
+
+    /// Sends a message the assistant writes by itself (cron jobs) to `target` (a phone
+    /// number, a room token).
+    fn deliver<'a>(
+        &'a self,
+        target: &'a str,
+        text: &'a str,
+    ) -> BoxFuture<'a, Result<DeliveryReceipt, ChannelError>>;
+
+    /// Whether a free-form message can reach `address` now (WhatsApp's 24-hour window).
+    fn window_open<'a>(&'a self, address: &'a str) -> BoxFuture<'a, Result<bool, ChannelError>> {
+        let _ = address;
+        Box::pin(async { Ok(true) })
+    }
+}
+
+/// Message sizes, in characters (Unicode scalar values, as both services count).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Longer inbound messages get a short "too long" reply instead of hours of engine time.
+    pub max_inbound_chars: usize,
+    /// Outbound text is split into parts of at most this size.
+    pub max_outbound_chars: usize,
+}
+
+/// One thing a webhook delivery carries, ready to store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Intake {
+    /// A queue row: a message to answer (`Pending`), or the trace of one that needs no
+    /// answer (`Ignored`, `Done`, `Rejected`, with a note saying why).
+    Row {
+        /// The channel's message id (the deduplication key).
+        external_id: String,
+        /// Rows of one conversation are answered in order.
+        conversation_key: Option<String>,
+        /// What `parse_queued` reads back.
+        payload: String,
+        status: QueueStatus,
+        note: Option<String>,
+        contact: Option<Contact>,
+    },
+    /// A delivery report of one of our outbound messages. `in_reply_to`: the inbound
+    /// message our message answered, when the channel echoes it back (WhatsApp's
+    /// `biz_opaque_callback_data`), which finds an answer whose id was never recorded.
+    Delivery {
+        external_id: String,
+        status: String,
+        error: Option<String>,
+        in_reply_to: Option<String>,
+    },
+}
+
+/// The sender of an inbound message, as the channel saw them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Contact {
+    pub address: String,
+    pub display_name: Option<String>,
+    /// When they wrote, Unix milliseconds.
+    pub at_ms: i64,
+}
+
+/// A stored inbound message, as the queue worker needs it, whatever its channel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueuedInbound {
+    /// The channel's message id (wamid, Talk message id).
+    pub external_id: String,
+    /// The conversation: the sender's number (WhatsApp), the room token (Talk).
+    pub conversation_key: String,
+    /// Who wrote, for the allow-list: a number, a Talk actor id.
+    pub sender_id: String,
+    pub sender_name: Option<String>,
+    /// The text to answer; `None` for content the channel cannot read (images, voice).
+    pub text: Option<String>,
+}
+
+/// What a webhook delivery produced.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Accepted {
+    /// New messages waiting for the worker.
+    pub queued: usize,
+    /// Redeliveries of messages already stored.
+    pub duplicates: usize,
+    /// Rows stored without an answer (sender not allowed, reactions, membership events).
+    pub ignored: usize,
+    /// Messages of the batch that could not be read, stored as `rejected`.
+    pub rejected: usize,
+    /// Delivery reports applied.
+    pub statuses: usize,
+}
+
+/// The configured channels, handed to the gateway (webhooks), to the queue worker and to
+/// the scheduler (proactive messages). A registry by kind: one slot per kind that can have
+/// a client. `Default` is "no channel configured", which is what most tests use.
 #[derive(Clone, Default)]
 pub struct Channels {
-    pub whatsapp: Option<Arc<WhatsApp>>,
-    pub nextcloud: Option<Arc<Nextcloud>>,
+    // The slots stay public so that existing struct literals (`Channels { whatsapp:
+    // Some(..), ..Channels::default() }`) and `whatsapp.is_some()` checks keep compiling;
+    // new code goes through `Channels::new`, `get` and `is_configured`.
+    pub whatsapp: Option<Arc<dyn Channel>>,
+    pub nextcloud: Option<Arc<dyn Channel>>,
     /// Wakes the inbound queue worker when a webhook has stored new messages.
     pub queue: Arc<Notify>,
 }
@@ -61,13 +216,23 @@ pub enum ChannelError {
     )]
     OutsideWindow { detail: String },
     #[error("whatsapp api error {code} (http {status}): {message}")]
-    WhatsApp { status: u16, code: i64, message: String },
+    WhatsApp {
+        status: u16,
+        code: i64,
+        message: String,
+        /// The server's `Retry-After`, when it sent one.
+        retry_after: Option<Duration>,
+    },
     #[error("nextcloud talk answered http {status}: {reason}")]
-    Nextcloud { status: u16, reason: String },
+    Nextcloud { status: u16, reason: String, retry_after: Option<Duration> },
     #[error("http request failed: {0}")]
     Transport(#[from] reqwest::Error),
     #[error("database: {0}")]
     Db(#[from] sqlx::Error),
+    /// A signed webhook body that is not this channel's payload. The text never quotes the
+    /// input (see `lenient::describe_json_error`).
+    #[error("unreadable payload: {0}")]
+    BadPayload(String),
     #[error("{0}")]
     Invalid(String),
 }
@@ -85,15 +250,26 @@ impl ChannelError {
             _ => false,
         }
     }
+
+    /// The wait the server asked for, if any.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            ChannelError::WhatsApp { retry_after, .. }
+            | ChannelError::Nextcloud { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
 }
 
-/// How outbound sends are retried. Production values are in `Default`; tests shorten them.
+/// How outbound sends are retried (through `crate::retry`). Production values are in
+/// `Default`; tests shorten them.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RetryPolicy {
     /// Total tries, the first included.
     pub max_attempts: u32,
     /// Delay before the second try; doubled each time, up to `max_delay`.
     pub base_delay: Duration,
+    /// The longest wait between tries, ours or one a server asks for.
     pub max_delay: Duration,
     /// WhatsApp's pair rate limit allows about one message per 6 s to the same user.
     pub pair_rate_delay: Duration,
@@ -111,63 +287,162 @@ impl Default for RetryPolicy {
 }
 
 impl RetryPolicy {
-    /// The wait after failed try number `attempt` (1-based).
-    pub fn delay(&self, attempt: u32, error: &ChannelError) -> Duration {
-        let exponent = attempt.saturating_sub(1).min(16);
-        let backoff = self.base_delay.saturating_mul(1 << exponent).min(self.max_delay);
-        match error {
-            ChannelError::WhatsApp { code: whatsapp::PAIR_RATE_LIMIT, .. } => {
-                backoff.max(self.pair_rate_delay)
-            }
-            _ => backoff,
+    pub fn backoff(&self) -> Backoff {
+        Backoff { base: self.base_delay, cap: self.max_delay }
+    }
+
+    /// Whether and when to try a failed send again.
+    pub fn verdict(&self, error: &ChannelError) -> Verdict {
+        if !error.is_retryable() {
+            return Verdict::Stop;
         }
+        let pair_rate =
+            matches!(error, ChannelError::WhatsApp { code: whatsapp::PAIR_RATE_LIMIT, .. })
+                .then_some(self.pair_rate_delay);
+        let at_least = match (error.retry_after(), pair_rate) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        Verdict::Retry { at_least }
+    }
+
+    /// The wait after failed try number `attempt` (1-based), as `crate::retry::run` waits.
+    pub fn delay(&self, attempt: u32, error: &ChannelError) -> Duration {
+        let at_least = match self.verdict(error) {
+            Verdict::Retry { at_least } => at_least,
+            Verdict::Stop => None,
+        };
+        crate::retry::wait_before_retry(self.backoff(), attempt, at_least).unwrap_or(self.max_delay)
     }
 }
 
 impl Channels {
-    /// Builds the clients of the configured channels. `http` is the shared client from
-    /// `app.rs` (timeouts, user agent).
-    pub fn from_settings(
-        whatsapp: Option<&WhatsAppSettings>,
-        nextcloud: Option<&NextcloudSettings>,
-        http: reqwest::Client,
-        pool: SqlitePool,
-    ) -> Self {
-        Self {
-            whatsapp: whatsapp
-                .map(|s| Arc::new(WhatsApp::new(s.clone(), http.clone(), pool.clone()))),
-            nextcloud: nextcloud.map(|s| Arc::new(Nextcloud::new(s.clone(), http.clone()))),
-            queue: Arc::new(Notify::new()),
+    /// The registry of `list` (built in `app.rs`). A later client of the same kind replaces
+    /// an earlier one.
+    pub fn new(list: Vec<Arc<dyn Channel>>) -> Self {
+        let mut channels = Channels::default();
+        for channel in list {
+            match channel.kind() {
+                ChannelKind::WhatsApp => channels.whatsapp = Some(channel),
+                ChannelKind::Nextcloud => channels.nextcloud = Some(channel),
+                // The WebChat is served by the gateway, not through this registry.
+                ChannelKind::WebChat => {}
+            }
+        }
+        channels
+    }
+
+    /// The client of `kind`, when that channel is configured.
+    pub fn get(&self, kind: ChannelKind) -> Option<&Arc<dyn Channel>> {
+        match kind {
+            ChannelKind::WhatsApp => self.whatsapp.as_ref(),
+            ChannelKind::Nextcloud => self.nextcloud.as_ref(),
+            ChannelKind::WebChat => None,
         }
     }
 
-    /// `from_settings`, then starts the inbound queue worker (which first recovers messages
-    /// left pending by a previous run). The one call `app.rs` makes.
-    pub fn start(
-        whatsapp: Option<&WhatsAppSettings>,
-        nextcloud: Option<&NextcloudSettings>,
-        http: reqwest::Client,
-        pool: SqlitePool,
-        assistant: Arc<Assistant>,
-    ) -> Self {
-        let channels = Self::from_settings(whatsapp, nextcloud, http, pool.clone());
-        if let Some(wa) = &channels.whatsapp {
-            wa.log_configuration();
-        }
-        if let Some(nc) = &channels.nextcloud {
-            nc.log_configuration();
+    /// Whether a message can be sent on `kind`: the WebChat always (storing is delivering
+    /// there), the others when configured.
+    pub fn is_configured(&self, kind: ChannelKind) -> bool {
+        kind == ChannelKind::WebChat || self.get(kind).is_some()
+    }
+
+    /// Every configured channel.
+    pub fn all(&self) -> impl Iterator<Item = &Arc<dyn Channel>> {
+        self.whatsapp.iter().chain(self.nextcloud.iter())
+    }
+
+    /// Logs each channel's configuration, then starts the inbound queue worker (which first
+    /// recovers messages left unfinished by a previous run). The one call `app.rs` makes
+    /// after `new`.
+    pub fn start(&self, pool: SqlitePool, assistant: Arc<crate::assistant::Assistant>) {
+        for channel in self.all() {
+            channel.log_configuration();
         }
         // Without any channel there is nothing to answer with; rows left by an earlier
         // configuration stay pending until a channel is configured again.
-        if channels.whatsapp.is_some() || channels.nextcloud.is_some() {
-            queue::spawn_worker(pool, assistant, channels.clone());
+        if self.all().next().is_some() {
+            queue::spawn_worker(pool, assistant, self.clone(), queue::QueueConfig::default());
         }
-        channels
     }
 
     /// Tells the queue worker that new messages are waiting.
     pub fn wake_worker(&self) {
         self.queue.notify_one();
+    }
+
+    /// Stores what `parse` produced: queue rows (deduplicated on the channel's message id)
+    /// with their senders' contact facts, and delivery reports. Returns once all of it is
+    /// committed, so a webhook answers 200 only for what is durable.
+    pub async fn store(
+        &self,
+        pool: &SqlitePool,
+        kind: ChannelKind,
+        intakes: &[Intake],
+    ) -> Result<Accepted, sqlx::Error> {
+        let mut accepted = Accepted::default();
+        for intake in intakes {
+            match intake {
+                Intake::Row { external_id, conversation_key, payload, status, note, contact } => {
+                    let row = NewInbound {
+                        channel: kind,
+                        external_id,
+                        payload,
+                        status: *status,
+                        note: note.as_deref(),
+                    };
+                    let seen = contact.as_ref().map(|c| ContactSeen {
+                        channel: kind,
+                        address: &c.address,
+                        display_name: c.display_name.as_deref(),
+                        at_ms: c.at_ms,
+                    });
+                    let inserted = inbound::enqueue_message(
+                        pool,
+                        &row,
+                        conversation_key.as_deref(),
+                        seen.as_ref(),
+                    )
+                    .await?;
+                    match (inserted, status) {
+                        (false, _) => {
+                            tracing::info!(channel = %kind, "duplicate delivery of a stored message, acknowledged");
+                            accepted.duplicates += 1;
+                        }
+                        (true, QueueStatus::Pending) => accepted.queued += 1,
+                        (true, QueueStatus::Rejected) => accepted.rejected += 1,
+                        (true, _) => accepted.ignored += 1,
+                    }
+                }
+                Intake::Delivery { external_id, status, error, in_reply_to } => {
+                    let mut known =
+                        inbound::record_delivery(pool, external_id, status, error.as_deref())
+                            .await?;
+                    if let (false, Some(question)) = (known, in_reply_to) {
+                        known = inbound::confirm_reply_delivery(
+                            pool,
+                            kind,
+                            question,
+                            external_id,
+                            status,
+                            error.as_deref(),
+                        )
+                        .await?;
+                        if known {
+                            tracing::info!(channel = %kind, status = ?status, "delivery of an answer confirmed by the channel after a stop");
+                        }
+                    }
+                    if !known {
+                        tracing::debug!(channel = %kind, status = ?status, "status for a message we did not store");
+                    }
+                    accepted.statuses += 1;
+                }
+            }
+        }
+        if accepted.queued > 0 {
+            self.wake_worker();
+        }
+        Ok(accepted)
     }
 
     /// Sends a message the assistant writes by itself (cron jobs). `target` is a phone
@@ -180,73 +455,132 @@ impl Channels {
         target: &str,
         text: &str,
     ) -> Result<DeliveryReceipt, ChannelError> {
-        match channel {
-            ChannelKind::WhatsApp => {
-                let wa = self.whatsapp.as_ref().ok_or(ChannelError::NotConfigured(channel))?;
-                wa.deliver(target, text).await
-            }
-            ChannelKind::Nextcloud => {
-                let nc = self.nextcloud.as_ref().ok_or(ChannelError::NotConfigured(channel))?;
-                let external_ids = nc.send_message(target, text, None).await?;
-                Ok(DeliveryReceipt { channel, external_ids, via_template: false })
-            }
-            ChannelKind::WebChat => Err(ChannelError::NotDeliverable(channel)),
+        if channel == ChannelKind::WebChat {
+            return Err(ChannelError::NotDeliverable(channel));
+        }
+        let client = self.get(channel).ok_or(ChannelError::NotConfigured(channel))?;
+        client.deliver(target, text).await
+    }
+
+    /// Whether a free-form message can reach `address` on `channel` now. False when the
+    /// channel is not configured.
+    pub async fn window_open(
+        &self,
+        channel: ChannelKind,
+        address: &str,
+    ) -> Result<bool, ChannelError> {
+        match self.get(channel) {
+            Some(client) => client.window_open(address).await,
+            None => Ok(false),
         }
     }
 
     /// Whether a free-form WhatsApp message can reach `number` now (the user wrote within
     /// the last 24 hours). False when WhatsApp is not configured.
     pub async fn whatsapp_window_open(&self, number: &str) -> Result<bool, ChannelError> {
-        match &self.whatsapp {
-            Some(wa) => wa.window_open(number).await,
-            None => Ok(false),
-        }
+        self.window_open(ChannelKind::WhatsApp, number).await
     }
 }
 
-/// The last four characters of an address or id, for logs: phone numbers and room tokens
-/// are personal data and capabilities, so logs never carry them whole.
+/// The one way personal ids (phone numbers, Talk actor ids, room tokens) appear in logs
+/// and stored reasons: `…` and their last four characters, each kept only when it is an
+/// ASCII letter or digit (anything else shows as `_`), so that the value can neither be
+/// recovered nor forge a log line.
 pub fn redact(value: &str) -> String {
     let n = value.chars().count();
     if n <= 4 {
         return "…".into();
     }
-    let tail: String = value.chars().skip(n - 4).collect();
+    let tail: String = value
+        .chars()
+        .skip(n - 4)
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
     format!("…{tail}")
+}
+
+/// Writes `id` as one URL path segment: every byte outside RFC 3986's unreserved set is
+/// percent-encoded, so `/`, `?`, `#` and `%` cannot leave the segment. `.` and `..` (and
+/// empty ids) are refused: URL parsers resolve them, encoded or not.
+pub fn path_segment(id: &str) -> Result<String, ChannelError> {
+    if id.is_empty() || id == "." || id == ".." {
+        return Err(ChannelError::Invalid(format!(
+            "refusing {:?} as a URL path segment",
+            redact(id)
+        )));
+    }
+    let mut out = String::with_capacity(id.len());
+    for byte in id.bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn wa(status: u16, code: i64) -> ChannelError {
+        ChannelError::WhatsApp { status, code, message: String::new(), retry_after: None }
+    }
+
     #[test]
-    fn retry_delays_double_and_respect_the_pair_rate_limit() {
+    fn retry_delays_double_and_respect_the_pair_rate_limit_and_retry_after() {
         let policy = RetryPolicy::default();
-        let server = ChannelError::WhatsApp { status: 500, code: 1, message: String::new() };
+        let server = wa(500, 1);
         assert_eq!(policy.delay(1, &server), Duration::from_secs(1));
         assert_eq!(policy.delay(3, &server), Duration::from_secs(4));
         assert_eq!(policy.delay(30, &server), Duration::from_secs(30));
-        let pair = ChannelError::WhatsApp { status: 400, code: 131056, message: String::new() };
-        assert_eq!(policy.delay(1, &pair), Duration::from_secs(6));
+        assert_eq!(policy.delay(1, &wa(400, 131056)), Duration::from_secs(6));
+        let asked = ChannelError::Nextcloud {
+            status: 503,
+            reason: String::new(),
+            retry_after: Some(Duration::from_secs(9)),
+        };
+        assert_eq!(
+            policy.verdict(&asked),
+            Verdict::Retry { at_least: Some(Duration::from_secs(9)) }
+        );
+        assert_eq!(policy.delay(1, &asked), Duration::from_secs(9));
+        assert_eq!(policy.verdict(&wa(400, 131026)), Verdict::Stop);
     }
 
     #[test]
     fn retryable_errors() {
-        let wa = |status, code| ChannelError::WhatsApp { status, code, message: String::new() };
         assert!(wa(400, 130429).is_retryable());
         assert!(wa(400, 131056).is_retryable());
         assert!(wa(503, 0).is_retryable());
         assert!(!wa(400, 131026).is_retryable());
         assert!(!ChannelError::TokenExpired { code: 190, message: String::new() }.is_retryable());
         assert!(!ChannelError::OutsideWindow { detail: String::new() }.is_retryable());
-        let nc = |status| ChannelError::Nextcloud { status, reason: String::new() };
+        let nc =
+            |status| ChannelError::Nextcloud { status, reason: String::new(), retry_after: None };
         assert!(nc(502).is_retryable());
         assert!(!nc(401).is_retryable());
     }
 
     #[test]
-    fn redact_keeps_only_the_tail() {
+    fn redact_keeps_only_a_safe_tail() {
         assert_eq!(redact("16505551234"), "…1234");
+        assert_eq!(redact("users/alice"), "…lice");
         assert_eq!(redact("abc"), "…");
+        assert_eq!(redact("users/x\nINFO forged"), "…rged");
+        assert_eq!(redact("users/mallory\n\r\u{1b}"), "…y___");
+    }
+
+    #[test]
+    fn ids_stay_inside_one_path_segment() {
+        assert_eq!(path_segment("n3xtc10ud").unwrap(), "n3xtc10ud");
+        assert_eq!(path_segment("106540352242922").unwrap(), "106540352242922");
+        assert_eq!(path_segment("../../../../evil?x=").unwrap(), "..%2F..%2F..%2F..%2Fevil%3Fx%3D");
+        assert_eq!(path_segment("a b#c%2e").unwrap(), "a%20b%23c%252e");
+        assert_eq!(path_segment("é").unwrap(), "%C3%A9");
+        for bad in ["", ".", ".."] {
+            assert!(path_segment(bad).is_err(), "{bad:?}");
+        }
     }
 }

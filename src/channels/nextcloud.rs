@@ -4,16 +4,20 @@
 
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use hmac::{Hmac, Mac};
 use rand::distr::{Alphanumeric, SampleString};
+use reqwest::header::HeaderMap;
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
-use sqlx::SqlitePool;
 
 use crate::channels::split::split_message;
-use crate::channels::{redact, ChannelError, RetryPolicy};
+use crate::channels::{
+    lenient, path_segment, redact, Channel, ChannelError, DeliveryReceipt, Intake, Limits,
+    QueuedInbound, RetryPolicy,
+};
 use crate::config::NextcloudSettings;
-use crate::db::inbound::{self, NewInbound, QueueStatus};
+use crate::db::inbound::QueueStatus;
 use crate::domain::ChannelKind;
 
 /// Talk's default maximum message length (`spreed → config → chat → max-length`).
@@ -114,22 +118,12 @@ pub struct QueuedMessage {
     pub text: String,
 }
 
-/// What a webhook delivery produced.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Accepted {
-    /// A new message is waiting for the worker.
-    Queued,
-    /// A redelivery of a stored message.
-    Duplicate,
-    /// Recorded without an answer (`Join`/`Leave`, sender not allowed).
-    Recorded,
-    /// Nothing to do (other activity types, messages of bots).
-    Ignored,
-}
-
-/// Parses a webhook body (after the signature was checked).
-pub fn parse_activity(body: &[u8]) -> Result<Activity, serde_json::Error> {
-    serde_json::from_slice(body)
+/// Parses a webhook body (after the signature was checked). The error never quotes the
+/// body.
+pub fn parse_activity(body: &[u8]) -> Result<Activity, ChannelError> {
+    serde_json::from_slice(body).map_err(|e| {
+        ChannelError::BadPayload(format!("not an activity: {}", lenient::describe_json_error(&e)))
+    })
 }
 
 /// Decodes `object.content` and renders its `{placeholders}` from the rich-object
@@ -211,10 +205,6 @@ impl Nextcloud {
         self
     }
 
-    pub fn bot_secret(&self) -> &str {
-        self.settings.bot_secret.expose()
-    }
-
     pub fn log_configuration(&self) {
         tracing::info!(
             restricted = self.settings.allowed_users.is_some(),
@@ -231,85 +221,68 @@ impl Nextcloud {
         }
     }
 
-    /// Stores what a verified activity carries. `random` is the request's
+    /// What a verified activity carries, to store. `random` is the request's
     /// `X-Nextcloud-Talk-Random`, unique per delivery: it keys the rows of events that have
     /// no message id (`Join`/`Leave`).
-    pub async fn accept(
-        &self,
-        pool: &SqlitePool,
-        activity: &Activity,
-        random: &str,
-    ) -> Result<Accepted, sqlx::Error> {
+    pub fn intakes(&self, activity: &Activity, random: &str) -> Vec<Intake> {
         match activity.kind.as_str() {
-            "Create" => self.accept_message(pool, activity).await,
+            "Create" => self.message_intake(activity).into_iter().collect(),
             "Join" | "Leave" => {
                 // Recorded as `done` rows: they need no answer, and the row is the trace of
                 // when the bot was added to or removed from a conversation.
                 let room = activity.object.as_ref().and_then(|o| o.id.clone()).unwrap_or_default();
                 let name = activity.object.as_ref().and_then(|o| o.name.clone());
-                tracing::info!(event = %activity.kind, room = %redact(&room), "nextcloud: bot membership changed");
+                tracing::info!(event = ?activity.kind, room = %redact(&room), "nextcloud: bot membership changed");
                 let payload =
                     serde_json::json!({"type": activity.kind, "token": room, "name": name})
                         .to_string();
-                let key = format!("{}:{}", activity.kind.to_ascii_lowercase(), random);
-                let row = NewInbound {
-                    channel: ChannelKind::Nextcloud,
-                    external_id: &key,
-                    payload: &payload,
-                    status: QueueStatus::Done,
-                    note: Some(if activity.kind == "Join" {
-                        "bot enabled in the conversation"
-                    } else {
-                        "bot removed from the conversation"
-                    }),
-                };
-                Ok(if inbound::enqueue(pool, &row, None).await? {
-                    Accepted::Recorded
+                let note = if activity.kind == "Join" {
+                    "bot enabled in the conversation"
                 } else {
-                    Accepted::Duplicate
-                })
+                    "bot removed from the conversation"
+                };
+                vec![Intake::Row {
+                    external_id: format!("{}:{}", activity.kind.to_ascii_lowercase(), random),
+                    conversation_key: None,
+                    payload,
+                    status: QueueStatus::Done,
+                    note: Some(note.into()),
+                    contact: None,
+                }]
             }
             other => {
-                tracing::debug!(kind = other, "nextcloud: ignoring an activity");
-                Ok(Accepted::Ignored)
+                tracing::debug!(kind = ?other, "nextcloud: ignoring an activity");
+                Vec::new()
             }
         }
     }
 
-    async fn accept_message(
-        &self,
-        pool: &SqlitePool,
-        activity: &Activity,
-    ) -> Result<Accepted, sqlx::Error> {
+    fn message_intake(&self, activity: &Activity) -> Option<Intake> {
         let (Some(actor), Some(object), Some(target)) =
             (&activity.actor, &activity.object, &activity.target)
         else {
             tracing::warn!("nextcloud: Create without actor, object or target, ignored");
-            return Ok(Accepted::Ignored);
+            return None;
         };
         if actor.id.starts_with("bots/") {
             // Talk does not send bots' messages to bots, but a loop between two bots must
             // never start here.
             tracing::debug!("nextcloud: ignoring a message from a bot");
-            return Ok(Accepted::Ignored);
+            return None;
         }
         let Some(message_id) = object.id.clone().filter(|id| !id.is_empty()) else {
             tracing::warn!("nextcloud: message without id, ignored");
-            return Ok(Accepted::Ignored);
+            return None;
         };
         if !self.is_allowed(&actor.id) {
-            tracing::warn!(actor = %actor.id, "nextcloud: actor not in NEXTCLOUD_ALLOWED_USERS, ignored");
-            let row = NewInbound {
-                channel: ChannelKind::Nextcloud,
-                external_id: &message_id,
-                payload: "{}",
+            tracing::warn!(actor = %redact(&actor.id), "nextcloud: actor not in NEXTCLOUD_ALLOWED_USERS, ignored");
+            return Some(Intake::Row {
+                external_id: message_id,
+                conversation_key: None,
+                payload: "{}".into(),
                 status: QueueStatus::Ignored,
-                note: Some("actor not in NEXTCLOUD_ALLOWED_USERS"),
-            };
-            return Ok(if inbound::enqueue(pool, &row, None).await? {
-                Accepted::Recorded
-            } else {
-                Accepted::Duplicate
+                note: Some("actor not in NEXTCLOUD_ALLOWED_USERS".into()),
+                contact: None,
             });
         }
         let text = render_content(object.content.as_deref().unwrap_or_default());
@@ -322,24 +295,17 @@ impl Nextcloud {
         };
         let payload = serde_json::to_string(&queued).unwrap_or_else(|_| "{}".into());
         let (status, note) = if text.trim().is_empty() {
-            (QueueStatus::Ignored, Some("empty message"))
+            (QueueStatus::Ignored, Some("empty message".into()))
         } else {
             (QueueStatus::Pending, None)
         };
-        let row = NewInbound {
-            channel: ChannelKind::Nextcloud,
-            external_id: &message_id,
-            payload: &payload,
+        Some(Intake::Row {
+            external_id: message_id,
+            conversation_key: Some(target.id.clone()),
+            payload,
             status,
             note,
-        };
-        Ok(match (inbound::enqueue(pool, &row, None).await?, status) {
-            (false, _) => {
-                tracing::info!("nextcloud: duplicate delivery of a stored message, acknowledged");
-                Accepted::Duplicate
-            }
-            (true, QueueStatus::Pending) => Accepted::Queued,
-            (true, _) => Accepted::Recorded,
+            contact: None,
         })
     }
 
@@ -388,37 +354,33 @@ impl Nextcloud {
         message: &str,
         reply_to: Option<i64>,
     ) -> Result<String, ChannelError> {
-        let mut attempt = 1;
-        loop {
-            match self.post_once(token, message, reply_to).await {
-                Ok(reference) => return Ok(reference),
-                Err(e) if e.is_retryable() && attempt < self.retry.max_attempts => {
-                    let delay = self.retry.delay(attempt, &e);
-                    tracing::warn!(attempt, error = %e, ?delay, "nextcloud: send failed, retrying");
-                    tokio::time::sleep(delay).await;
-                    attempt += 1;
-                }
-                Err(e) => {
-                    tracing::error!(attempt, room = %redact(token), error = %e, "nextcloud: send failed");
-                    return Err(e);
-                }
-            }
-        }
+        crate::retry::run(
+            "nextcloud: send",
+            self.retry.max_attempts,
+            self.retry.backoff(),
+            || self.post_once(token, message, reply_to),
+            |e| self.retry.verdict(e),
+        )
+        .await
     }
 
-    /// One signed POST to the bot API. A fresh random and reference id per try.
+    /// One signed POST to the bot API. A fresh random and reference id per try. The room
+    /// token comes from a webhook: it is written as one path segment, whatever it holds.
     async fn post_once(
         &self,
         token: &str,
         message: &str,
         reply_to: Option<i64>,
     ) -> Result<String, ChannelError> {
+        let url = format!(
+            "{}/ocs/v2.php/apps/spreed/api/v1/bot/{}/message",
+            self.settings.url,
+            path_segment(token)?
+        );
         // The thread-local generator is not `Send`: use it in this statement only.
         let random = Alphanumeric.sample_string(&mut rand::rng(), 64);
         let reference_id = hex::encode(rand::random::<[u8; 32]>());
         let signature = sign(self.settings.bot_secret.expose(), &random, message.as_bytes());
-        let url =
-            format!("{}/ocs/v2.php/apps/spreed/api/v1/bot/{}/message", self.settings.url, token);
         let body = BotMessage { message, reply_to, reference_id: &reference_id };
         let response = self
             .http
@@ -436,7 +398,88 @@ impl Nextcloud {
         if (200..300).contains(&status) {
             return Ok(reference_id);
         }
-        Err(ChannelError::Nextcloud { status, reason: explain_status(status).to_string() })
+        let retry_after = crate::retry::retry_after_header(response.headers());
+        Err(ChannelError::Nextcloud {
+            status,
+            reason: explain_status(status).to_string(),
+            retry_after,
+        })
+    }
+}
+
+impl Channel for Nextcloud {
+    fn kind(&self) -> ChannelKind {
+        ChannelKind::Nextcloud
+    }
+
+    fn limits(&self) -> Limits {
+        Limits { max_inbound_chars: MAX_MESSAGE_CHARS, max_outbound_chars: MAX_MESSAGE_CHARS }
+    }
+
+    fn log_configuration(&self) {
+        Nextcloud::log_configuration(self)
+    }
+
+    fn is_allowed(&self, sender: &str) -> bool {
+        Nextcloud::is_allowed(self, sender)
+    }
+
+    fn verify(&self, headers: &HeaderMap, body: &[u8]) -> bool {
+        let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        match (header("x-nextcloud-talk-random"), header("x-nextcloud-talk-signature")) {
+            (Some(random), Some(signature)) => {
+                verify_signature(self.settings.bot_secret.expose(), random, signature, body)
+            }
+            _ => false,
+        }
+    }
+
+    fn parse(&self, headers: &HeaderMap, body: &[u8]) -> Result<Vec<Intake>, ChannelError> {
+        let random = headers
+            .get("x-nextcloud-talk-random")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        Ok(self.intakes(&parse_activity(body)?, random))
+    }
+
+    fn parse_queued(&self, payload: &str) -> Result<QueuedInbound, ChannelError> {
+        let message: QueuedMessage = serde_json::from_str(payload).map_err(|e| {
+            ChannelError::BadPayload(format!(
+                "queued talk message: {}",
+                lenient::describe_json_error(&e)
+            ))
+        })?;
+        Ok(QueuedInbound {
+            external_id: message.message_id,
+            conversation_key: message.token,
+            sender_id: message.actor_id,
+            sender_name: message.actor_name,
+            text: Some(message.text),
+        })
+    }
+
+    fn reply<'a>(
+        &'a self,
+        message: &'a QueuedInbound,
+        text: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<String>, ChannelError>> {
+        let reply_to = message.external_id.parse::<i64>().ok();
+        Box::pin(self.send_message(&message.conversation_key, text, reply_to))
+    }
+
+    fn deliver<'a>(
+        &'a self,
+        target: &'a str,
+        text: &'a str,
+    ) -> BoxFuture<'a, Result<DeliveryReceipt, ChannelError>> {
+        Box::pin(async move {
+            let external_ids = self.send_message(target, text, None).await?;
+            Ok(DeliveryReceipt {
+                channel: ChannelKind::Nextcloud,
+                external_ids,
+                via_template: false,
+            })
+        })
     }
 }
 

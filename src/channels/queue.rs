@@ -1,44 +1,88 @@
-//! The inbound queue worker: one tokio task that takes stored channel messages in arrival
-//! order, runs them through the assistant, and sends the answer back on their channel. It
-//! starts by recovering what a stopped process left behind. Knows no HTTP server and no
-//! model details: it calls `Assistant` and the channel clients.
+//! The inbound queue worker: takes stored channel messages, runs them through the assistant,
+//! and sends the answer back through their `Channel`. Different conversations are answered
+//! at once (up to `QueueConfig::concurrency`), one conversation in arrival order. A busy
+//! engine is a reason to wait, never to drop: the row is put back with a retry time and
+//! the worker goes on with other conversations. It starts by recovering what a stopped
+//! process left behind. Knows no HTTP server and no model details: it calls `Assistant` and
+//! the `Channel` trait.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::SqlitePool;
+use tokio::task::JoinSet;
 
 use crate::assistant::{Assistant, Reply};
-use crate::channels::{nextcloud, redact, whatsapp, ChannelError, Channels};
+use crate::channels::{redact, Channel, ChannelError, Channels, QueuedInbound};
 use crate::db::inbound::{self, QueueEntry, QueueStatus};
-use crate::db::memory;
-use crate::domain::{ChannelKind, Inbound, MessageId};
+use crate::db::{memory, now_ms};
+use crate::domain::{Inbound, MessageId};
 use crate::error::Error;
 use crate::llm::LlmError;
+use crate::retry::Backoff;
 
-/// Tries per message before it is marked failed (a crash during processing counts).
-pub const MAX_ATTEMPTS: i64 = 3;
+/// Claims a stopped process may interrupt before the row is given up (a message that
+/// crashes the process must not do so forever). Transient failures do not count.
+pub const MAX_INTERRUPTED: i64 = 3;
 /// How often the worker looks at the queue when nobody wakes it.
 const IDLE_POLL: Duration = Duration::from_secs(30);
-/// WhatsApp shows the typing indicator for at most 25 s; it is renewed before that.
-const TYPING_RENEWAL: Duration = Duration::from_secs(20);
 /// The longest the first typing indicator may delay the answer.
 const TYPING_FIRST_WAIT: Duration = Duration::from_secs(5);
 
 /// Sent instead of an answer when the model failed.
 pub const FAILURE_REPLY: &str =
     "Sorry, I could not produce an answer just now. Please try again in a moment.";
+/// Sent for content the channel cannot read (images, voice notes).
+pub const UNSUPPORTED_REPLY: &str =
+    "Sorry, I can read text messages only for now. Please type your message.";
+/// Sent when a message can never be answered, however long we wait (it does not fit the
+/// model even without any history).
+pub const TOO_LARGE_REPLY: &str = "Sorry, this message is too long for me to answer, even on \
+its own. Please send a shorter one.";
+
+/// The reply to a message longer than the channel's limit.
+pub fn too_long_reply(n_chars: usize, limit: usize) -> String {
+    format!(
+        "Sorry, your message is {n_chars} characters long and I read at most {limit}. \
+         Please send a shorter one (or split it)."
+    )
+}
+
+/// How the worker runs. Production values are in `Default`; tests shorten the waits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueConfig {
+    /// Conversations answered at once. The engine serves several sequences at once and
+    /// queues the rest in order, so this only needs to be a little above its slots.
+    pub concurrency: usize,
+    /// Wait before another try after a transient failure (busy engine, locked database):
+    /// doubled each time up to the cap, never given up for that reason alone.
+    pub busy_backoff: Backoff,
+    /// A message still unanswered after this long (transient failures all along) is given
+    /// up with a reply that says so: past WhatsApp's 24-hour window a late answer could not
+    /// be sent anyway.
+    pub give_up_after: Duration,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        Self {
+            concurrency: 6,
+            busy_backoff: Backoff { base: Duration::from_secs(2), cap: Duration::from_secs(120) },
+            give_up_after: Duration::from_secs(23 * 3600),
+        }
+    }
+}
 
 /// Starts the worker. It first puts back in the queue what a stopped process was handling,
-/// then processes pending messages one at a time (the local engine answers one sequence at
-/// a time anyway, and per-conversation order is kept).
+/// then answers pending messages as they come.
 pub fn spawn_worker(
     pool: SqlitePool,
     assistant: Arc<Assistant>,
     channels: Channels,
+    config: QueueConfig,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        match inbound::recover(&pool, MAX_ATTEMPTS).await {
+        match inbound::recover(&pool, MAX_INTERRUPTED).await {
             Ok((0, 0)) => {}
             Ok((requeued, given_up)) => {
                 tracing::info!(
@@ -49,7 +93,7 @@ pub fn spawn_worker(
             }
             Err(e) => tracing::error!(error = %e, "inbound queue: recovery failed"),
         }
-        let worker = Worker { pool, assistant, channels };
+        let worker = Arc::new(Worker { pool, assistant, channels, config });
         worker.run().await;
     })
 }
@@ -58,6 +102,7 @@ struct Worker {
     pool: SqlitePool,
     assistant: Arc<Assistant>,
     channels: Channels,
+    config: QueueConfig,
 }
 
 /// How processing one row ended.
@@ -65,184 +110,208 @@ struct Worker {
 enum Outcome {
     Done,
     Ignored(String),
+    /// Refused as it came (too long); the user was told.
+    Rejected(String),
     Failed(String),
-    /// A transient failure: the row goes back to the queue (until `MAX_ATTEMPTS`).
+    /// A permanent failure of the model (the message does not fit even alone): the user
+    /// gets `reply`, then the row is failed.
+    Refused {
+        reason: String,
+        reply: &'static str,
+    },
+    /// A transient failure: the row goes back to the queue with a retry time.
     Retry(String),
+    /// The answer may or may not have reached the user (a stop while sending).
+    DeliveryUnknown(String),
 }
 
-/// An answer ready to send, and whether it was already sent by a previous run.
+/// An answer ready to send.
 struct Answer {
     message_id: Option<MessageId>,
     text: String,
     error: Option<String>,
-    already_sent: bool,
 }
 
 impl Worker {
-    async fn run(&self) {
+    async fn run(self: Arc<Self>) {
+        let mut running = JoinSet::new();
         loop {
-            match inbound::claim_next(&self.pool).await {
-                Ok(Some(entry)) => self.handle(entry).await,
-                Ok(None) => {
-                    // `notify_one` keeps a permit when nobody waits, so a wake-up sent
-                    // between the empty claim and this wait is not lost.
-                    tokio::select! {
-                        _ = self.channels.queue.notified() => {}
-                        _ = tokio::time::sleep(IDLE_POLL) => {}
+            // Fill the free slots with rows that are due. The claim skips conversations
+            // that have an earlier row still in the queue, which keeps each in order.
+            let mut claim_failed = false;
+            while running.len() < self.config.concurrency.max(1) {
+                match inbound::claim_next(&self.pool).await {
+                    Ok(Some(entry)) => {
+                        let worker = self.clone();
+                        running.spawn(async move { worker.handle(entry).await });
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::error!(error = %e, "inbound queue: cannot read the queue");
+                        claim_failed = true;
+                        break;
                     }
                 }
-                Err(e) => {
-                    tracing::error!(error = %e, "inbound queue: cannot read the queue");
-                    tokio::time::sleep(Duration::from_secs(5)).await;
-                }
             }
+            let wait = if claim_failed { Duration::from_secs(5) } else { self.next_wake().await };
+            // `notify_one` keeps a permit when nobody waits, so a wake-up sent between the
+            // last claim and this wait is not lost.
+            tokio::select! {
+                Some(_) = running.join_next(), if !running.is_empty() => {}
+                _ = self.channels.queue.notified() => {}
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    /// How long to sleep when nothing more can be claimed: until the next retry is due, at
+    /// most `IDLE_POLL`.
+    async fn next_wake(&self) -> Duration {
+        match inbound::next_retry_at(&self.pool).await {
+            Ok(Some(at)) => {
+                let in_ms = (at - now_ms()).clamp(0, IDLE_POLL.as_millis() as i64);
+                // Never spin: a row due now but blocked by its conversation waits for that
+                // conversation's task, whose end wakes the loop anyway.
+                Duration::from_millis(in_ms as u64).max(Duration::from_millis(50))
+            }
+            _ => IDLE_POLL,
         }
     }
 
     async fn handle(&self, entry: QueueEntry) {
-        let outcome = match entry.channel {
-            ChannelKind::WhatsApp => self.process_whatsapp(&entry).await,
-            ChannelKind::Nextcloud => self.process_nextcloud(&entry).await,
-            ChannelKind::WebChat => Outcome::Failed("webchat messages are not queued".into()),
-        };
+        let outcome = self.process(&entry).await;
         let channel = entry.channel.as_str();
-        let result = match outcome {
+        let queue_id = entry.id;
+        let (status, reason) = match outcome {
             Outcome::Done => {
-                tracing::info!(channel, queue_id = entry.id, "inbound message answered");
-                inbound::finish(&self.pool, entry.id, QueueStatus::Done, None).await
+                tracing::info!(channel, queue_id, "inbound message answered");
+                (QueueStatus::Done, None)
             }
             Outcome::Ignored(reason) => {
-                tracing::info!(channel, queue_id = entry.id, %reason, "inbound message ignored");
-                inbound::finish(&self.pool, entry.id, QueueStatus::Ignored, Some(&reason)).await
+                tracing::info!(channel, queue_id, reason = ?reason, "inbound message ignored");
+                (QueueStatus::Ignored, Some(reason))
             }
-            Outcome::Failed(reason) => {
-                tracing::warn!(channel, queue_id = entry.id, %reason, "inbound message failed");
-                inbound::finish(&self.pool, entry.id, QueueStatus::Failed, Some(&reason)).await
+            Outcome::Rejected(reason) => {
+                tracing::warn!(channel, queue_id, reason = ?reason, "inbound message rejected");
+                (QueueStatus::Rejected, Some(reason))
             }
-            Outcome::Retry(reason) if entry.attempts < MAX_ATTEMPTS => {
-                tracing::warn!(channel, queue_id = entry.id, attempt = entry.attempts, %reason, "inbound message will be retried");
-                let released = inbound::release(&self.pool, entry.id, &reason).await;
-                // Give the busy resource (engine queue, database) time before the next claim.
-                tokio::time::sleep(Duration::from_secs(2 * entry.attempts.max(1) as u64)).await;
-                released
+            Outcome::Failed(reason) | Outcome::Refused { reason, .. } => {
+                tracing::warn!(channel, queue_id, reason = ?reason, "inbound message failed");
+                (QueueStatus::Failed, Some(reason))
+            }
+            Outcome::DeliveryUnknown(reason) => {
+                tracing::warn!(channel, queue_id, reason = ?reason, "inbound message: delivery unknown");
+                (QueueStatus::DeliveryUnknown, Some(reason))
             }
             Outcome::Retry(reason) => {
-                let reason = format!("gave up after {} attempts: {reason}", entry.attempts);
-                tracing::warn!(channel, queue_id = entry.id, %reason, "inbound message failed");
-                inbound::finish(&self.pool, entry.id, QueueStatus::Failed, Some(&reason)).await
+                let retries = u32::try_from(entry.retries + 1).unwrap_or(u32::MAX);
+                let wait = self.config.busy_backoff.delay(retries);
+                tracing::info!(channel, queue_id, retries, ?wait, reason = ?reason, "inbound message waits for another try");
+                let at = now_ms() + wait.as_millis() as i64;
+                if let Err(e) = inbound::retry_later(&self.pool, entry.id, &reason, at).await {
+                    tracing::error!(queue_id, error = %e, "inbound queue: cannot record the retry");
+                }
+                return;
             }
         };
-        if let Err(e) = result {
-            tracing::error!(queue_id = entry.id, error = %e, "inbound queue: cannot record the outcome");
+        if let Err(e) = inbound::finish(&self.pool, entry.id, status, reason.as_deref()).await {
+            tracing::error!(queue_id, error = %e, "inbound queue: cannot record the outcome");
         }
     }
 
-    async fn process_whatsapp(&self, entry: &QueueEntry) -> Outcome {
-        let Some(wa) = self.channels.whatsapp.clone() else {
-            return Outcome::Failed("whatsapp is not configured any more".into());
+    async fn process(&self, entry: &QueueEntry) -> Outcome {
+        let Some(channel) = self.channels.get(entry.channel).cloned() else {
+            return Outcome::Failed(format!("{} is not configured any more", entry.channel));
         };
-        let message: whatsapp::QueuedMessage = match serde_json::from_str(&entry.payload) {
+        let message = match channel.parse_queued(&entry.payload) {
             Ok(m) => m,
-            Err(e) => return Outcome::Failed(format!("unreadable queued payload: {e}")),
+            Err(e) => return Outcome::Failed(e.to_string()),
         };
-        if !wa.is_allowed(&message.from) {
+        if !channel.is_allowed(&message.sender_id) {
             // The allow-list changed since the message was stored (a restart in between).
-            return Outcome::Ignored("sender not in WHATSAPP_ALLOWED_NUMBERS any more".into());
+            return Outcome::Ignored("sender not allowed any more".into());
         }
         let Some(text) = message.text.clone() else {
             // Not text: say politely what works, and mark it read.
-            if let Err(e) = wa.mark_read(&message.id, false).await {
-                tracing::debug!(error = %e, "whatsapp: mark as read failed");
+            if let Err(e) = channel.acknowledge(&message, false).await {
+                tracing::debug!(error = ?e.to_string(), "read receipt failed");
             }
-            return match wa.send_text(&message.from, whatsapp::UNSUPPORTED_REPLY).await {
+            return match channel.reply(&message, UNSUPPORTED_REPLY).await {
                 Ok(_) => Outcome::Done,
                 Err(e) => send_failure(e),
             };
         };
+        let limit = channel.limits().max_inbound_chars;
+        let n_chars = text.chars().count();
+        if n_chars > limit {
+            // Hours of engine time for one message would hold every other conversation:
+            // the user is told, and the row keeps the message.
+            let reason = format!("message too long: {n_chars} characters, the limit is {limit}");
+            return match channel.reply(&message, &too_long_reply(n_chars, limit)).await {
+                Ok(_) => Outcome::Rejected(reason),
+                Err(e) => Outcome::Failed(format!("{reason}; telling the user failed: {e}")),
+            };
+        }
+        let waited = Duration::from_millis((now_ms() - entry.received_at).max(0) as u64);
+        if entry.retries > 0 && waited > self.config.give_up_after {
+            let reason = format!(
+                "gave up after {} tries over {} hours: {}",
+                entry.retries,
+                waited.as_secs() / 3600,
+                entry.last_error.as_deref().unwrap_or("the engine stayed busy")
+            );
+            return self.fail_with_reply(channel.as_ref(), &message, FAILURE_REPLY, reason).await;
+        }
 
         // Read receipt and typing indicator while the model works. The first one is sent
         // before generating (briefly bounded), so that it cannot arrive after a fast answer
-        // and show "typing" again; it is renewed before WhatsApp drops it, and stopped (task
+        // and show "typing" again; it is renewed while the model works, and stopped (task
         // aborted) as soon as the answer is there.
-        let first = tokio::time::timeout(TYPING_FIRST_WAIT, wa.mark_read(&message.id, true)).await;
-        if !matches!(first, Ok(Ok(()))) {
-            tracing::debug!("whatsapp: typing indicator failed or timed out");
+        let first = tokio::time::timeout(TYPING_FIRST_WAIT, channel.acknowledge(&message, true));
+        if !matches!(first.await, Ok(Ok(()))) {
+            tracing::debug!(channel = %entry.channel, "typing indicator failed or timed out");
         }
-        let typing = {
-            let wa = wa.clone();
-            let wamid = message.id.clone();
+        let typing = channel.typing_renewal().map(|every| {
+            let channel = channel.clone();
+            let message = message.clone();
             AbortOnDrop(tokio::spawn(async move {
                 loop {
-                    tokio::time::sleep(TYPING_RENEWAL).await;
-                    if let Err(e) = wa.mark_read(&wamid, true).await {
-                        tracing::debug!(error = %e, "whatsapp: typing indicator failed");
+                    tokio::time::sleep(every).await;
+                    if let Err(e) = channel.acknowledge(&message, true).await {
+                        tracing::debug!(error = ?e.to_string(), "typing indicator failed");
                     }
                 }
             }))
-        };
+        });
         let inbound = Inbound {
-            channel: ChannelKind::WhatsApp,
-            conversation_key: message.from.clone(),
-            sender: message.name.clone().unwrap_or_else(|| message.from.clone()),
+            channel: entry.channel,
+            conversation_key: message.conversation_key.clone(),
+            sender: message.sender_name.clone().unwrap_or_else(|| message.sender_id.clone()),
             text,
-            external_id: Some(message.id.clone()),
+            external_id: Some(message.external_id.clone()),
         };
         let answer = self.answer(inbound).await;
         drop(typing);
         let answer = match answer {
-            Ok(a) => a,
-            Err(outcome) => return outcome,
+            Ok(Some(a)) => a,
+            Ok(None) => return Outcome::Done,
+            Err(outcome) => {
+                return self.tell_permanent_failure(channel.as_ref(), &message, outcome).await
+            }
         };
-        if answer.already_sent {
-            return Outcome::Done;
-        }
         let text = if answer.text.trim().is_empty() { FAILURE_REPLY } else { answer.text.as_str() };
-        match wa.send_text(&message.from, text).await {
+        // The state is written before the answer leaves: if the process stops before the
+        // channel's answer is recorded, the next run finds `sending` and does not send it
+        // a second time (see `answer`).
+        if let Some(id) = answer.message_id {
+            if let Err(e) = inbound::mark_sending(&self.pool, id).await {
+                return Outcome::Retry(format!("database: {e}"));
+            }
+        }
+        match channel.reply(&message, text).await {
             Ok(ids) => {
                 self.record_sent(answer.message_id, ids.first()).await;
-                tracing::info!(to = %redact(&message.from), "whatsapp: answered");
-                match answer.error {
-                    Some(e) => Outcome::Failed(format!("the model failed: {e}")),
-                    None => Outcome::Done,
-                }
-            }
-            Err(e) => {
-                self.record_unsent(answer.message_id, &e).await;
-                send_failure(e)
-            }
-        }
-    }
-
-    async fn process_nextcloud(&self, entry: &QueueEntry) -> Outcome {
-        let Some(nc) = self.channels.nextcloud.clone() else {
-            return Outcome::Failed("nextcloud is not configured any more".into());
-        };
-        let message: nextcloud::QueuedMessage = match serde_json::from_str(&entry.payload) {
-            Ok(m) => m,
-            Err(e) => return Outcome::Failed(format!("unreadable queued payload: {e}")),
-        };
-        if !nc.is_allowed(&message.actor_id) {
-            return Outcome::Ignored("actor not in NEXTCLOUD_ALLOWED_USERS any more".into());
-        }
-        let inbound = Inbound {
-            channel: ChannelKind::Nextcloud,
-            conversation_key: message.token.clone(),
-            sender: message.actor_name.clone().unwrap_or_else(|| message.actor_id.clone()),
-            text: message.text.clone(),
-            external_id: Some(message.message_id.clone()),
-        };
-        let answer = match self.answer(inbound).await {
-            Ok(a) => a,
-            Err(outcome) => return outcome,
-        };
-        if answer.already_sent {
-            return Outcome::Done;
-        }
-        let text = if answer.text.trim().is_empty() { FAILURE_REPLY } else { answer.text.as_str() };
-        let reply_to = message.message_id.parse::<i64>().ok();
-        match nc.send_message(&message.token, text, reply_to).await {
-            Ok(references) => {
-                self.record_sent(answer.message_id, references.first()).await;
+                tracing::info!(channel = %entry.channel, to = %redact(&message.conversation_key), "answered");
                 match answer.error {
                     Some(e) => Outcome::Failed(format!("the model failed: {e}")),
                     None => Outcome::Done,
@@ -257,8 +326,8 @@ impl Worker {
 
     /// Produces the answer to `inbound`, or finds it when a previous run already stored the
     /// question (and maybe the answer) before it stopped: the question is never stored twice
-    /// and an answer is never generated twice.
-    async fn answer(&self, inbound: Inbound) -> Result<Answer, Outcome> {
+    /// and an answer is never generated twice. `Ok(None)`: it was already sent.
+    async fn answer(&self, inbound: Inbound) -> Result<Option<Answer>, Outcome> {
         let external_id = inbound.external_id.clone().unwrap_or_default();
         let stored = inbound::stored_turn(&self.pool, inbound.channel, &external_id)
             .await
@@ -266,12 +335,33 @@ impl Worker {
         let reply = match stored {
             Some(turn) => match turn.answer {
                 Some(answer) => {
-                    return Ok(Answer {
-                        already_sent: answer.delivery_status.is_some(),
-                        message_id: Some(answer.message_id),
-                        error: (answer.status == "error").then(|| answer.content.clone()),
-                        text: if answer.status == "error" { String::new() } else { answer.content },
-                    })
+                    return match answer.delivery_status.as_deref() {
+                        None => Ok(Some(Answer {
+                            message_id: Some(answer.message_id),
+                            error: (answer.status == "error").then(|| answer.content.clone()),
+                            text: if answer.status == "error" {
+                                String::new()
+                            } else {
+                                answer.content
+                            },
+                        })),
+                        Some("sending") => {
+                            let reason = "the process stopped while this answer was being sent: \
+                                          it may or may not have reached the user, and is not \
+                                          sent again";
+                            if let Err(e) = inbound::mark_delivery_unknown(
+                                &self.pool,
+                                answer.message_id,
+                                reason,
+                            )
+                            .await
+                            {
+                                return Err(Outcome::Retry(format!("database: {e}")));
+                            }
+                            Err(Outcome::DeliveryUnknown(reason.into()))
+                        }
+                        Some(_) => Ok(None),
+                    };
                 }
                 None => self.assistant.answer_collect(turn.conversation_id, None).await,
             },
@@ -279,10 +369,41 @@ impl Worker {
         };
         match reply {
             Ok(Reply { message_id, text, error, .. }) => {
-                Ok(Answer { message_id, text, error, already_sent: false })
+                Ok(Some(Answer { message_id, text, error }))
             }
             Err(e) if is_transient(&e) => Err(Outcome::Retry(e.to_string())),
-            Err(e) => Err(Outcome::Failed(e.to_string())),
+            Err(e @ Error::Llm(LlmError::ContextOverflow { .. })) => {
+                Err(Outcome::Refused { reason: e.to_string(), reply: TOO_LARGE_REPLY })
+            }
+            Err(e) => Err(Outcome::Refused { reason: e.to_string(), reply: FAILURE_REPLY }),
+        }
+    }
+
+    /// A permanent failure gets a short reply that says so; other outcomes pass through.
+    async fn tell_permanent_failure(
+        &self,
+        channel: &dyn Channel,
+        message: &QueuedInbound,
+        outcome: Outcome,
+    ) -> Outcome {
+        match outcome {
+            Outcome::Refused { reason, reply } => {
+                self.fail_with_reply(channel, message, reply, reason).await
+            }
+            other => other,
+        }
+    }
+
+    async fn fail_with_reply(
+        &self,
+        channel: &dyn Channel,
+        message: &QueuedInbound,
+        text: &str,
+        reason: String,
+    ) -> Outcome {
+        match channel.reply(message, text).await {
+            Ok(_) => Outcome::Failed(format!("{reason} (the user was told)")),
+            Err(e) => Outcome::Failed(format!("{reason}; telling the user failed: {e}")),
         }
     }
 
@@ -311,11 +432,20 @@ fn send_failure(error: ChannelError) -> Outcome {
     Outcome::Failed(format!("sending the answer failed: {error}"))
 }
 
-/// Errors worth another try later: a busy or restarting engine, a locked database.
+/// Errors worth another try later: a busy, loading or restarting engine, a cloud limit, a
+/// locked database. A prompt that does not fit even alone, a bad model file or a bad
+/// request never heal by waiting.
 fn is_transient(error: &Error) -> bool {
     match error {
         Error::Db(_) => true,
-        Error::Llm(e) => matches!(e, LlmError::QueueFull | LlmError::EngineStopped),
+        Error::Llm(e) => matches!(
+            e,
+            LlmError::QueueFull
+                | LlmError::EngineStopped
+                | LlmError::Unavailable(_)
+                | LlmError::Timeout(_)
+                | LlmError::Cloud { retryable: true, .. }
+        ),
         _ => false,
     }
 }

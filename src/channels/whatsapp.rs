@@ -3,23 +3,36 @@
 //! and splitting, templates, mark-as-read with typing indicator, retries). Knows nothing of
 //! axum or of models.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use hmac::{Hmac, Mac};
+use reqwest::header::HeaderMap;
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 use sqlx::SqlitePool;
 
 use crate::channels::markup::markdown_to_whatsapp;
 use crate::channels::split::split_message;
-use crate::channels::{redact, ChannelError, DeliveryReceipt, RetryPolicy};
+use crate::channels::{
+    lenient, path_segment, redact, Channel, ChannelError, Contact as ChannelContact,
+    DeliveryReceipt, Intake, Limits, QueuedInbound, RetryPolicy,
+};
 use crate::config::WhatsAppSettings;
-use crate::db::inbound::{self, ContactSeen, NewInbound, QueueStatus};
+use crate::db::inbound::{self, QueueStatus};
 use crate::db::now_ms;
 use crate::domain::ChannelKind;
 
 /// WhatsApp's limit for one text message body.
 pub const MAX_TEXT_CHARS: usize = 4096;
+/// Longer inbound messages get a short "too long" reply: a few thousand characters is
+/// already minutes of prefill on a CPU, and WhatsApp users can send 65,536.
+pub const MAX_INBOUND_CHARS: usize = 4_000;
+/// Prefix of the `biz_opaque_callback_data` of an answer: the question's wamid follows.
+pub const REPLY_TAG: &str = "my-claw:answer-to:";
+/// WhatsApp shows the typing indicator for at most 25 s; it is renewed before that.
+const TYPING_RENEWAL: Duration = Duration::from_secs(20);
 /// The 24-hour customer service window.
 pub const WINDOW_MS: i64 = 24 * 60 * 60 * 1000;
 /// Error codes worth retrying: throughput (130429), pair rate (131056), unknown and
@@ -28,10 +41,6 @@ pub const RETRYABLE_CODES: &[i64] = &[130429, 131056, 131000, 131016, 4, 80007];
 pub const PAIR_RATE_LIMIT: i64 = 131056;
 pub const TOKEN_EXPIRED: i64 = 190;
 pub const REENGAGEMENT: i64 = 131047;
-
-/// Sent when a user sends something other than text (image, voice note, …).
-pub const UNSUPPORTED_REPLY: &str =
-    "Sorry, I can read text messages only for now. Please type your message.";
 
 /// Checks `X-Hub-Signature-256: sha256=<hex>` against HMAC-SHA256(app secret, raw body),
 /// in constant time. The body must be the bytes exactly as received: Meta escapes
@@ -62,46 +71,8 @@ pub fn sign(app_secret: &str, body: &[u8]) -> String {
     format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
 }
 
-/// A webhook notification (`object = "whatsapp_business_account"`). Every field that Meta
-/// may leave out is optional, so that an unexpected shape is ignored rather than rejected.
-#[derive(Debug, Clone, Deserialize)]
-pub struct Notification {
-    #[serde(default)]
-    pub object: Option<String>,
-    #[serde(default)]
-    pub entry: Vec<Entry>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-pub struct Entry {
-    #[serde(default)]
-    pub id: Option<String>,
-    #[serde(default)]
-    pub changes: Vec<Change>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-pub struct Change {
-    #[serde(default)]
-    pub field: Option<String>,
-    #[serde(default)]
-    pub value: Option<ChangeValue>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-pub struct ChangeValue {
-    #[serde(default)]
-    pub metadata: Option<Metadata>,
-    #[serde(default)]
-    pub contacts: Vec<Contact>,
-    /// Kept as raw JSON: one odd message must not make the whole batch unreadable.
-    #[serde(default)]
-    pub messages: Vec<serde_json::Value>,
-    #[serde(default)]
-    pub statuses: Vec<StatusReport>,
-    #[serde(default)]
-    pub errors: Vec<GraphError>,
-}
+// The notification envelope (`object`, `entry[].changes[].value`) is read member by
+// member with `lenient` (see `WhatsApp::intakes`); these are the parts read with serde.
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct Metadata {
@@ -175,6 +146,9 @@ pub struct StatusReport {
     pub status: String,
     #[serde(default)]
     pub recipient_id: Option<String>,
+    /// What we sent as `biz_opaque_callback_data` (see `REPLY_TAG`).
+    #[serde(default)]
+    pub biz_opaque_callback_data: Option<String>,
     #[serde(default)]
     pub errors: Vec<GraphError>,
 }
@@ -246,24 +220,6 @@ pub struct QueuedMessage {
     pub text: Option<String>,
 }
 
-/// What a webhook delivery produced.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Accepted {
-    /// New messages waiting for the worker.
-    pub queued: usize,
-    /// Redeliveries of messages already stored.
-    pub duplicates: usize,
-    /// Messages stored as `ignored` (sender not allowed, reactions, system messages).
-    pub ignored: usize,
-    /// Delivery reports applied.
-    pub statuses: usize,
-}
-
-/// Parses a notification body (after the signature was checked).
-pub fn parse_notification(body: &[u8]) -> Result<Notification, serde_json::Error> {
-    serde_json::from_slice(body)
-}
-
 /// How my-claw treats a message type.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Handling {
@@ -311,6 +267,9 @@ struct TextMessage<'a> {
     #[serde(rename = "type")]
     kind: &'static str,
     text: TextContent<'a>,
+    /// Echoed back by Meta in this message's status reports (see `REPLY_TAG`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    biz_opaque_callback_data: Option<&'a str>,
 }
 
 #[derive(Serialize)]
@@ -380,14 +339,6 @@ impl WhatsApp {
         self
     }
 
-    pub fn app_secret(&self) -> &str {
-        self.settings.app_secret.expose()
-    }
-
-    pub fn verify_token(&self) -> &str {
-        self.settings.verify_token.expose()
-    }
-
     /// Says at start what will happen to incoming messages.
     pub fn log_configuration(&self) {
         if self.settings.allowed_numbers.is_empty() {
@@ -411,102 +362,116 @@ impl WhatsApp {
         !wanted.is_empty() && self.settings.allowed_numbers.iter().any(|n| digits(n) == wanted)
     }
 
-    /// Stores what a verified notification carries: each message becomes a queue row
-    /// (unique on its wamid; a redelivery changes nothing) and refreshes the sender's
-    /// last inbound time; delivery reports update our sent messages. Returns once all of it
-    /// is committed, so that the webhook answers 200 only for what is durable.
-    pub async fn accept(&self, notification: &Notification) -> Result<Accepted, sqlx::Error> {
-        let mut accepted = Accepted::default();
-        if notification.object.as_deref() != Some("whatsapp_business_account") {
-            tracing::info!(object = ?notification.object, "whatsapp: ignoring a notification for another object");
-            return Ok(accepted);
+    /// Turns a verified notification into what to store: each message a queue row (its
+    /// sender's number is the conversation; strangers' messages are kept without their
+    /// content), each delivery report an update of our sent message. Every part is read on
+    /// its own: an unreadable message (a lone surrogate, a deep nest, a wrong type) becomes a
+    /// `rejected` row and its neighbours are kept, so Meta has no reason to redeliver the
+    /// batch.
+    pub fn intakes(&self, body: &[u8]) -> Result<Vec<Intake>, ChannelError> {
+        let top = lenient::object_members(body)
+            .map_err(|e| ChannelError::BadPayload(format!("not a notification: {e}")))?;
+        let get = |key: &str| top.iter().find(|(k, _)| k.as_deref() == Some(key)).map(|m| m.1);
+        let object = get("object").and_then(|v| serde_json::from_slice::<String>(v).ok());
+        if object.as_deref() != Some("whatsapp_business_account") {
+            tracing::info!(object = ?object, "whatsapp: ignoring a notification for another object");
+            return Ok(Vec::new());
         }
-        for change in notification.entry.iter().flat_map(|e| e.changes.iter()) {
-            let Some(value) = &change.value else { continue };
-            if change.field.as_deref().is_some_and(|f| f != "messages") {
-                tracing::debug!(field = ?change.field, "whatsapp: ignoring a change");
-                continue;
-            }
-            let number_id = value.metadata.as_ref().and_then(|m| m.phone_number_id.as_deref());
-            if number_id.is_some_and(|id| id != self.settings.phone_number_id) {
-                // Another number of the same Meta app: not ours to answer (we would answer
-                // from the wrong number).
-                tracing::info!("whatsapp: ignoring a change for another phone number id");
-                continue;
-            }
-            for error in &value.errors {
-                tracing::warn!(error = %error.describe(), "whatsapp: error notification");
-            }
-            for status in &value.statuses {
-                self.apply_status(status).await?;
-                accepted.statuses += 1;
-            }
-            for raw in &value.messages {
-                self.accept_message(value, raw, &mut accepted).await?;
-            }
-        }
-        Ok(accepted)
-    }
-
-    async fn apply_status(&self, status: &StatusReport) -> Result<(), sqlx::Error> {
-        let error = (status.status == "failed").then(|| {
-            let described: Vec<String> = status.errors.iter().map(GraphError::describe).collect();
-            if described.is_empty() {
-                "failed (no error given)".to_string()
-            } else {
-                described.join("; ")
-            }
-        });
-        if let Some(error) = &error {
-            tracing::warn!(to = %redact(status.recipient_id.as_deref().unwrap_or("")), %error, "whatsapp: message not delivered");
-        }
-        let known =
-            inbound::record_delivery(&self.pool, &status.id, &status.status, error.as_deref())
-                .await?;
-        if !known {
-            tracing::debug!(status = %status.status, "whatsapp: status for a message we did not store");
-        }
-        Ok(())
-    }
-
-    async fn accept_message(
-        &self,
-        value: &ChangeValue,
-        raw: &serde_json::Value,
-        accepted: &mut Accepted,
-    ) -> Result<(), sqlx::Error> {
-        let message: IncomingMessage = match serde_json::from_value(raw.clone()) {
-            Ok(m) => m,
-            Err(e) => {
-                // Without an id and a sender it can be neither deduplicated nor answered.
-                tracing::warn!(error = %e, "whatsapp: skipping a message without id or sender");
-                return Ok(());
-            }
+        let mut intakes = Vec::new();
+        let entries = match get("entry") {
+            Some(raw) => lenient::array_items(raw)
+                .map_err(|e| ChannelError::BadPayload(format!("entry: {e}")))?,
+            None => Vec::new(),
         };
-        let name = value
-            .contacts
+        for entry in entries {
+            let changes = lenient::member(entry, "changes").map(lenient::array_items);
+            let changes = match changes {
+                Some(Ok(changes)) => changes,
+                None => Vec::new(),
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "whatsapp: unreadable changes of an entry, skipped");
+                    continue;
+                }
+            };
+            for change in changes {
+                self.change_intakes(change, &mut intakes);
+            }
+        }
+        Ok(intakes)
+    }
+
+    fn change_intakes(&self, change: &[u8], intakes: &mut Vec<Intake>) {
+        let field =
+            lenient::member(change, "field").and_then(|v| serde_json::from_slice::<String>(v).ok());
+        if field.as_deref().is_some_and(|f| f != "messages") {
+            tracing::debug!(field = ?field, "whatsapp: ignoring a change");
+            return;
+        }
+        let Some(value) = lenient::member(change, "value") else { return };
+        let part = |key: &str| lenient::member(value, key);
+        let metadata: Option<Metadata> =
+            part("metadata").and_then(|v| serde_json::from_slice(v).ok());
+        let number_id = metadata.as_ref().and_then(|m| m.phone_number_id.as_deref());
+        if number_id.is_some_and(|id| id != self.settings.phone_number_id) {
+            // Another number of the same Meta app: not ours to answer (we would answer
+            // from the wrong number).
+            tracing::info!("whatsapp: ignoring a change for another phone number id");
+            return;
+        }
+        let items = |key: &str| -> Vec<&[u8]> {
+            part(key).and_then(|v| lenient::array_items(v).ok()).unwrap_or_default()
+        };
+        // Contacts only give display names: an unreadable one costs a name, nothing more.
+        let contacts: Vec<Contact> =
+            items("contacts").into_iter().filter_map(|c| serde_json::from_slice(c).ok()).collect();
+        for raw in items("errors") {
+            match serde_json::from_slice::<GraphError>(raw) {
+                Ok(error) => {
+                    tracing::warn!(error = ?error.describe(), "whatsapp: error notification")
+                }
+                Err(e) => tracing::warn!(
+                    error = %lenient::describe_json_error(&e),
+                    "whatsapp: unreadable error notification"
+                ),
+            }
+        }
+        for raw in items("statuses") {
+            match serde_json::from_slice::<StatusReport>(raw) {
+                Ok(status) => intakes.push(status_intake(&status)),
+                Err(e) => tracing::warn!(
+                    error = %lenient::describe_json_error(&e),
+                    "whatsapp: unreadable status report, skipped"
+                ),
+            }
+        }
+        for raw in items("messages") {
+            intakes.push(self.message_intake(raw, &contacts));
+        }
+    }
+
+    fn message_intake(&self, raw: &[u8], contacts: &[Contact]) -> Intake {
+        let message: IncomingMessage = match serde_json::from_slice(raw) {
+            Ok(m) => m,
+            Err(e) => return rejected_intake(raw, &lenient::describe_json_error(&e)),
+        };
+        let name = contacts
             .iter()
             .find(|c| c.wa_id.as_deref() == Some(message.from.as_str()))
-            .or(value.contacts.first())
+            .or(contacts.first())
             .and_then(|c| c.profile.as_ref())
             .and_then(|p| p.name.clone());
         if !self.is_allowed(&message.from) {
             // Recorded without its content: the row only says that it came and why it was
             // not answered (my-claw is single-user; strangers' messages are not kept).
             tracing::warn!(from = %redact(&message.from), "whatsapp: message from a number not in WHATSAPP_ALLOWED_NUMBERS, ignored");
-            let row = NewInbound {
-                channel: ChannelKind::WhatsApp,
-                external_id: &message.id,
-                payload: "{}",
+            return Intake::Row {
+                external_id: message.id,
+                conversation_key: None,
+                payload: "{}".into(),
                 status: QueueStatus::Ignored,
-                note: Some("sender not in WHATSAPP_ALLOWED_NUMBERS"),
+                note: Some("sender not in WHATSAPP_ALLOWED_NUMBERS".into()),
+                contact: None,
             };
-            if inbound::enqueue(&self.pool, &row, None).await? {
-                accepted.ignored += 1;
-            } else {
-                accepted.duplicates += 1;
-            }
-            return Ok(());
         }
         let handling = handling(&message);
         let queued = QueuedMessage {
@@ -521,7 +486,7 @@ impl WhatsApp {
         };
         let payload = serde_json::to_string(&queued).unwrap_or_else(|_| "{}".into());
         let (status, note) = match handling {
-            Handling::Ignore => (QueueStatus::Ignored, Some("not a message to answer")),
+            Handling::Ignore => (QueueStatus::Ignored, Some("not a message to answer".into())),
             _ => (QueueStatus::Pending, None),
         };
         let at_ms = message
@@ -531,29 +496,14 @@ impl WhatsApp {
             .map(|secs| secs.saturating_mul(1000))
             .filter(|ms| *ms > 0 && *ms <= now_ms() + 60_000)
             .unwrap_or_else(now_ms);
-        let row = NewInbound {
-            channel: ChannelKind::WhatsApp,
-            external_id: &message.id,
-            payload: &payload,
+        Intake::Row {
+            external_id: message.id,
+            conversation_key: Some(message.from.clone()),
+            payload,
             status,
             note,
-        };
-        let contact = ContactSeen {
-            channel: ChannelKind::WhatsApp,
-            address: &message.from,
-            display_name: name.as_deref(),
-            at_ms,
-        };
-        let inserted = inbound::enqueue(&self.pool, &row, Some(&contact)).await?;
-        match (inserted, status) {
-            (false, _) => {
-                tracing::info!("whatsapp: duplicate delivery of a stored message, acknowledged");
-                accepted.duplicates += 1;
-            }
-            (true, QueueStatus::Pending) => accepted.queued += 1,
-            (true, _) => accepted.ignored += 1,
+            contact: Some(ChannelContact { address: message.from, display_name: name, at_ms }),
         }
-        Ok(())
     }
 
     /// When `number` last wrote (Unix milliseconds), if ever.
@@ -599,6 +549,31 @@ impl WhatsApp {
     /// into messages of at most 4096 characters. Returns the wamid of each part. A part that
     /// fails stops the rest (sending later parts alone would not make sense).
     pub async fn send_text(&self, to: &str, markdown: &str) -> Result<Vec<String>, ChannelError> {
+        self.send_text_tagged(to, markdown, None).await
+    }
+
+    /// `send_text` for the answer to the inbound message `question` (its wamid): every part
+    /// carries `REPLY_TAG` + that wamid, which Meta echoes in the parts' status reports. If
+    /// the process stops after Meta accepted the answer but before we recorded it, the first
+    /// status report still finds the answer (see `inbound::confirm_reply_delivery`).
+    pub async fn send_reply(
+        &self,
+        to: &str,
+        markdown: &str,
+        question: &str,
+    ) -> Result<Vec<String>, ChannelError> {
+        let tag = format!("{REPLY_TAG}{question}");
+        // Meta takes at most 512 bytes; a wamid is far shorter, but never send a bad request.
+        let tag = (tag.len() <= 512).then_some(tag);
+        self.send_text_tagged(to, markdown, tag.as_deref()).await
+    }
+
+    async fn send_text_tagged(
+        &self,
+        to: &str,
+        markdown: &str,
+        tag: Option<&str>,
+    ) -> Result<Vec<String>, ChannelError> {
         let text = markdown_to_whatsapp(markdown);
         let parts = split_message(&text, MAX_TEXT_CHARS);
         if parts.is_empty() {
@@ -612,6 +587,7 @@ impl WhatsApp {
                 to,
                 kind: "text",
                 text: TextContent { preview_url: false, body: part },
+                biz_opaque_callback_data: tag,
             };
             ids.push(self.post_message(&body).await?);
         }
@@ -665,40 +641,37 @@ impl WhatsApp {
         self.post_once(&body).await.map(|_| ())
     }
 
-    /// Posts to `/{phone_number_id}/messages`, retrying transient failures with backoff,
-    /// and returns the new message's wamid.
+    /// Posts to `/{phone_number_id}/messages`, retrying transient failures with backoff
+    /// (and the server's `Retry-After`), and returns the new message's wamid.
     async fn post_message<T: Serialize>(&self, body: &T) -> Result<String, ChannelError> {
-        let mut attempt = 1;
-        loop {
-            match self.post_once(body).await {
-                Ok(response) => {
-                    let parsed: SendResponse = serde_json::from_str(&response).map_err(|e| {
-                        ChannelError::Invalid(format!("whatsapp: unreadable send answer: {e}"))
-                    })?;
-                    return match parsed.messages.into_iter().next() {
-                        Some(m) => Ok(m.id),
-                        None => Err(ChannelError::Invalid(
-                            "whatsapp: send answer has no message id".into(),
-                        )),
-                    };
-                }
-                Err(e) if e.is_retryable() && attempt < self.retry.max_attempts => {
-                    let delay = self.retry.delay(attempt, &e);
-                    tracing::warn!(attempt, error = %e, ?delay, "whatsapp: send failed, retrying");
-                    tokio::time::sleep(delay).await;
-                    attempt += 1;
-                }
-                Err(e) => {
-                    tracing::error!(attempt, error = %e, "whatsapp: send failed");
-                    return Err(e);
-                }
-            }
+        let response = crate::retry::run(
+            "whatsapp: send",
+            self.retry.max_attempts,
+            self.retry.backoff(),
+            || self.post_once(body),
+            |e| self.retry.verdict(e),
+        )
+        .await?;
+        let parsed: SendResponse = serde_json::from_str(&response).map_err(|e| {
+            ChannelError::Invalid(format!(
+                "whatsapp: unreadable send answer: {}",
+                lenient::describe_json_error(&e)
+            ))
+        })?;
+        match parsed.messages.into_iter().next() {
+            Some(m) => Ok(m.id),
+            None => Err(ChannelError::Invalid("whatsapp: send answer has no message id".into())),
         }
     }
 
-    /// One POST; the body text on success, a classified error otherwise.
+    /// One POST; the body text on success, a classified error otherwise. The phone number
+    /// id is written as one path segment whatever it holds.
     async fn post_once<T: Serialize>(&self, body: &T) -> Result<String, ChannelError> {
-        let url = format!("{}/{}/messages", self.settings.api_base, self.settings.phone_number_id);
+        let url = format!(
+            "{}/{}/messages",
+            self.settings.api_base,
+            path_segment(&self.settings.phone_number_id)?
+        );
         let response = self
             .http
             .post(url)
@@ -709,28 +682,165 @@ impl WhatsApp {
             .await
             .map_err(|e| ChannelError::Transport(e.without_url()))?;
         let status = response.status();
+        let retry_after = crate::retry::retry_after_header(response.headers());
         let text = response.text().await.map_err(|e| ChannelError::Transport(e.without_url()))?;
         if status.is_success() {
             return Ok(text);
         }
-        Err(classify_error(status.as_u16(), &text))
+        Err(classify_error(status.as_u16(), &text, retry_after))
+    }
+}
+
+impl Channel for WhatsApp {
+    fn kind(&self) -> ChannelKind {
+        ChannelKind::WhatsApp
+    }
+
+    fn limits(&self) -> Limits {
+        Limits { max_inbound_chars: MAX_INBOUND_CHARS, max_outbound_chars: MAX_TEXT_CHARS }
+    }
+
+    fn log_configuration(&self) {
+        WhatsApp::log_configuration(self)
+    }
+
+    fn is_allowed(&self, sender: &str) -> bool {
+        WhatsApp::is_allowed(self, sender)
+    }
+
+    /// Meta's subscription handshake: the challenge, when the mode is `subscribe` and the
+    /// verify token matches (compared in constant time).
+    fn handshake(&self, params: &HashMap<String, String>) -> Result<String, ChannelError> {
+        let mode = params.get("hub.mode").map(String::as_str);
+        let token = params.get("hub.verify_token").map(String::as_str).unwrap_or_default();
+        match (mode, params.get("hub.challenge")) {
+            (Some("subscribe"), Some(challenge)) if self.settings.verify_token.matches(token) => {
+                Ok(challenge.clone())
+            }
+            _ => Err(ChannelError::Invalid("wrong mode or verify token".into())),
+        }
+    }
+
+    fn verify(&self, headers: &HeaderMap, body: &[u8]) -> bool {
+        let signature = headers.get("x-hub-signature-256").and_then(|v| v.to_str().ok());
+        verify_signature(self.settings.app_secret.expose(), signature, body)
+    }
+
+    fn parse(&self, _headers: &HeaderMap, body: &[u8]) -> Result<Vec<Intake>, ChannelError> {
+        self.intakes(body)
+    }
+
+    fn parse_queued(&self, payload: &str) -> Result<QueuedInbound, ChannelError> {
+        let message: QueuedMessage = serde_json::from_str(payload).map_err(|e| {
+            ChannelError::BadPayload(format!(
+                "queued whatsapp message: {}",
+                lenient::describe_json_error(&e)
+            ))
+        })?;
+        Ok(QueuedInbound {
+            external_id: message.id,
+            conversation_key: message.from.clone(),
+            sender_id: message.from,
+            sender_name: message.name,
+            text: message.text,
+        })
+    }
+
+    fn acknowledge<'a>(
+        &'a self,
+        message: &'a QueuedInbound,
+        typing: bool,
+    ) -> BoxFuture<'a, Result<(), ChannelError>> {
+        Box::pin(self.mark_read(&message.external_id, typing))
+    }
+
+    fn typing_renewal(&self) -> Option<Duration> {
+        Some(TYPING_RENEWAL)
+    }
+
+    fn reply<'a>(
+        &'a self,
+        message: &'a QueuedInbound,
+        text: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<String>, ChannelError>> {
+        Box::pin(self.send_reply(&message.conversation_key, text, &message.external_id))
+    }
+
+    fn deliver<'a>(
+        &'a self,
+        target: &'a str,
+        text: &'a str,
+    ) -> BoxFuture<'a, Result<DeliveryReceipt, ChannelError>> {
+        Box::pin(WhatsApp::deliver(self, target, text))
+    }
+
+    fn window_open<'a>(&'a self, address: &'a str) -> BoxFuture<'a, Result<bool, ChannelError>> {
+        Box::pin(WhatsApp::window_open(self, address))
     }
 }
 
 /// Turns a Graph API error answer into a `ChannelError`, keyed on `error.code` as Meta
 /// advises (HTTP statuses are not specific).
-pub fn classify_error(status: u16, body: &str) -> ChannelError {
+pub fn classify_error(status: u16, body: &str, retry_after: Option<Duration>) -> ChannelError {
     let error = serde_json::from_str::<GraphErrorEnvelope>(body).map(|e| e.error).ok();
     let Some(error) = error else {
         let snippet: String = body.chars().take(200).collect();
-        return ChannelError::WhatsApp { status, code: 0, message: snippet };
+        return ChannelError::WhatsApp { status, code: 0, message: snippet, retry_after };
     };
     let code = error.code.unwrap_or(0);
     let message = error.describe();
     match code {
         TOKEN_EXPIRED => ChannelError::TokenExpired { code, message },
         REENGAGEMENT => ChannelError::OutsideWindow { detail: message },
-        _ => ChannelError::WhatsApp { status, code, message },
+        _ => ChannelError::WhatsApp { status, code, message, retry_after },
+    }
+}
+
+/// A delivery report as an update of our sent message.
+fn status_intake(status: &StatusReport) -> Intake {
+    let error = (status.status == "failed").then(|| {
+        let described: Vec<String> = status.errors.iter().map(GraphError::describe).collect();
+        if described.is_empty() {
+            "failed (no error given)".to_string()
+        } else {
+            described.join("; ")
+        }
+    });
+    if let Some(error) = &error {
+        tracing::warn!(to = %redact(status.recipient_id.as_deref().unwrap_or("")), error = ?error, "whatsapp: message not delivered");
+    }
+    let in_reply_to = status
+        .biz_opaque_callback_data
+        .as_deref()
+        .and_then(|data| data.strip_prefix(REPLY_TAG))
+        .map(str::to_string);
+    Intake::Delivery {
+        external_id: status.id.clone(),
+        status: status.status.clone(),
+        error,
+        in_reply_to,
+    }
+}
+
+/// A message of a batch that cannot be read: recorded as `rejected`, without its content.
+/// Its wamid keys the row when it can be read, so a redelivery is recognised; otherwise a
+/// digest of its bytes does.
+fn rejected_intake(raw: &[u8], reason: &str) -> Intake {
+    let id = lenient::member(raw, "id")
+        .and_then(|v| serde_json::from_slice::<String>(v).ok())
+        .filter(|id| !id.trim().is_empty())
+        .unwrap_or_else(|| {
+            use sha2::Digest;
+            format!("rejected:{}", hex::encode(&Sha256::digest(raw)[..16]))
+        });
+    tracing::warn!(reason = ?reason, "whatsapp: rejected an unreadable message of a batch");
+    Intake::Row {
+        external_id: id,
+        conversation_key: None,
+        payload: "{}".into(),
+        status: QueueStatus::Rejected,
+        note: Some(format!("unreadable message: {reason}")),
+        contact: None,
     }
 }
 
@@ -829,29 +939,115 @@ mod tests {
             )
         };
         assert!(matches!(
-            classify_error(401, &body(190)),
+            classify_error(401, &body(190), None),
             ChannelError::TokenExpired { code: 190, .. }
         ));
-        match classify_error(400, &body(131047)) {
+        match classify_error(400, &body(131047), None) {
             ChannelError::OutsideWindow { detail } => {
                 assert!(detail.contains("131047") && detail.contains("why"))
             }
             other => panic!("unexpected {other:?}"),
         }
-        let throttled = classify_error(400, &body(130429));
+        let throttled = classify_error(400, &body(130429), Some(Duration::from_secs(3)));
+        assert_eq!(throttled.retry_after(), Some(Duration::from_secs(3)));
         assert!(throttled.is_retryable());
-        let gateway = classify_error(502, "<html>bad gateway</html>");
+        let gateway = classify_error(502, "<html>bad gateway</html>", None);
         assert!(gateway.is_retryable());
-        assert!(!classify_error(400, &body(131026)).is_retryable());
+        assert!(!classify_error(400, &body(131026), None).is_retryable());
     }
 
-    #[test]
-    fn meta_sample_parses() {
-        let body = include_str!("../../tests/data/whatsapp_text.json");
-        let n = parse_notification(body.as_bytes()).unwrap();
-        let value = n.entry[0].changes[0].value.as_ref().unwrap();
-        let m: IncomingMessage = serde_json::from_value(value.messages[0].clone()).unwrap();
-        assert_eq!(m.from, "16505551234");
-        assert_eq!(handling(&m), Handling::Answer("Does it come in another color? Café".into()));
+    fn client(allowed: &[&str]) -> WhatsApp {
+        let settings = WhatsAppSettings {
+            verify_token: crate::config::Secret::new("v"),
+            app_secret: crate::config::Secret::new("s"),
+            access_token: crate::config::Secret::new("t"),
+            phone_number_id: "106540352242922".into(),
+            api_base: "http://127.0.0.1:9".into(),
+            allowed_numbers: allowed.iter().map(|n| n.to_string()).collect(),
+            template_name: None,
+        };
+        let pool = SqlitePool::connect_lazy("sqlite::memory:").expect("lazy pool");
+        WhatsApp::new(settings, reqwest::Client::new(), pool)
+    }
+
+    fn rows(intakes: &[Intake]) -> Vec<(String, QueueStatus, Option<String>)> {
+        intakes
+            .iter()
+            .filter_map(|i| match i {
+                Intake::Row { external_id, status, conversation_key, .. } => {
+                    Some((external_id.clone(), *status, conversation_key.clone()))
+                }
+                Intake::Delivery { .. } => None,
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn meta_sample_parses() {
+        let body = include_bytes!("../../tests/data/whatsapp_text.json");
+        let intakes = client(&["16505551234"]).intakes(body).unwrap();
+        let Intake::Row { payload, status, contact, conversation_key, .. } = &intakes[0] else {
+            panic!("{intakes:?}")
+        };
+        assert_eq!(*status, QueueStatus::Pending);
+        assert_eq!(conversation_key.as_deref(), Some("16505551234"));
+        assert_eq!(contact.as_ref().unwrap().at_ms, 1_749_416_383_000);
+        let queued: QueuedMessage = serde_json::from_str(payload).unwrap();
+        assert_eq!(queued.text.as_deref(), Some("Does it come in another color? Café"));
+        assert_eq!(queued.name.as_deref(), Some("Shéena Nelson"));
+    }
+
+    #[tokio::test]
+    async fn one_bad_message_does_not_spoil_its_batch() {
+        let good = |id: &str| {
+            format!(
+                r#"{{"from":"16505551234","id":"{id}","timestamp":"1749416383","type":"text","text":{{"body":"hi"}}}}"#
+            )
+        };
+        let surrogate = r#"{"from":"16505551234","id":"wamid.SURR","type":"text","text":{"body":"bad \ud800 here"}}"#;
+        let deep = format!(
+            r#"{{"from":"16505551234","id":"wamid.DEEP","type":"text","text":{{"body":"x"}},"extra":{}{}}}"#,
+            "[".repeat(5000),
+            "]".repeat(5000)
+        );
+        let wrong_type =
+            r#"{"from":33612345678,"id":"wamid.TYPE","type":"text","text":{"body":"x"}}"#;
+        let no_id = r#"{"from":16505551234,"type":"text"}"#;
+        let body = format!(
+            r#"{{"object":"whatsapp_business_account","entry":[{{"id":"1","changes":[{{"field":"messages","value":{{"messaging_product":"whatsapp","metadata":{{"phone_number_id":"106540352242922"}},"contacts":[{{"wa_id":"16505551234","profile":{{"name":"\ud800"}}}}],"messages":[{},{},{},{},{},{}],"statuses":[{{"id":"wamid.OUT","status":"read"}},{{"id":7}}]}}}}]}}]}}"#,
+            good("wamid.A"),
+            surrogate,
+            deep,
+            wrong_type,
+            no_id,
+            good("wamid.B")
+        );
+        let intakes = client(&["16505551234"]).intakes(body.as_bytes()).unwrap();
+        let rows = rows(&intakes);
+        let key = Some("16505551234".to_string());
+        assert_eq!(rows.len(), 6, "{rows:?}");
+        assert_eq!(rows[0], ("wamid.A".into(), QueueStatus::Pending, key.clone()));
+        assert_eq!(rows[1], ("wamid.SURR".into(), QueueStatus::Rejected, None));
+        // A deep nest in a field my-claw does not read costs nothing: skipped, not parsed.
+        assert_eq!(rows[2], ("wamid.DEEP".into(), QueueStatus::Pending, key.clone()));
+        assert_eq!(rows[3], ("wamid.TYPE".into(), QueueStatus::Rejected, None));
+        assert!(rows[4].0.starts_with("rejected:") && rows[4].1 == QueueStatus::Rejected);
+        assert_eq!(rows[5], ("wamid.B".into(), QueueStatus::Pending, key));
+        for intake in &intakes {
+            if let Intake::Row {
+                note: Some(note), status: QueueStatus::Rejected, payload, ..
+            } = intake
+            {
+                assert!(!note.contains("33612345678") && !note.contains("16505551234"), "{note}");
+                assert_eq!(payload, "{}");
+            }
+        }
+        let deliveries = intakes.iter().filter(|i| matches!(i, Intake::Delivery { .. })).count();
+        assert_eq!(deliveries, 1, "the unreadable status is skipped, the good one kept");
+        // The same batch again gives the same keys (a redelivery is recognised).
+        let again = client(&["16505551234"]).intakes(body.as_bytes()).unwrap();
+        assert_eq!(self::rows(&again), rows);
+        // Not JSON at all is still an error for the whole body.
+        assert!(matches!(client(&[]).intakes(b"{not json"), Err(ChannelError::BadPayload(_))));
     }
 }

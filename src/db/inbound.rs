@@ -16,10 +16,16 @@ pub enum QueueStatus {
     Processing,
     /// Answered (or recorded, for events that need no answer).
     Done,
-    /// Given up; `last_error` says why.
+    /// Given up; `last_error` says why (the user was told when they could be).
     Failed,
     /// Deliberately not answered (sender not allowed, reaction, …); `last_error` says why.
     Ignored,
+    /// Refused as it came: unreadable in a batch, or longer than the channel's limit (the
+    /// user was told); `last_error` says why.
+    Rejected,
+    /// The process stopped while the answer was being sent: it may or may not have reached
+    /// the user, and it is not sent again (a duplicate is worse than asking again).
+    DeliveryUnknown,
 }
 
 impl QueueStatus {
@@ -30,6 +36,8 @@ impl QueueStatus {
             QueueStatus::Done => "done",
             QueueStatus::Failed => "failed",
             QueueStatus::Ignored => "ignored",
+            QueueStatus::Rejected => "rejected",
+            QueueStatus::DeliveryUnknown => "delivery_unknown",
         }
     }
 
@@ -40,6 +48,8 @@ impl QueueStatus {
             "done" => Some(QueueStatus::Done),
             "failed" => Some(QueueStatus::Failed),
             "ignored" => Some(QueueStatus::Ignored),
+            "rejected" => Some(QueueStatus::Rejected),
+            "delivery_unknown" => Some(QueueStatus::DeliveryUnknown),
             _ => None,
         }
     }
@@ -77,9 +87,26 @@ pub struct QueueEntry {
     pub payload: String,
     pub status: QueueStatus,
     pub attempts: i64,
+    /// Claims that ended in a transient failure (see `retry_later`).
+    pub retries: i64,
     pub last_error: Option<String>,
     pub received_at: i64,
     pub processed_at: Option<i64>,
+    pub conversation_key: Option<String>,
+    pub next_attempt_at: Option<i64>,
+}
+
+/// How many rows are in each state that matters to an operator.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueCounts {
+    /// Waiting for their first try.
+    pub pending: i64,
+    /// Waiting for another try after a transient failure (busy engine).
+    pub retrying: i64,
+    pub processing: i64,
+    pub failed: i64,
+    pub rejected: i64,
+    pub delivery_unknown: i64,
 }
 
 /// A user message already stored for an inbound external id, and what followed it.
@@ -99,21 +126,32 @@ pub struct StoredAnswer {
     pub delivery_status: Option<String>,
 }
 
-/// Adds a message to the queue, and records its sender as a contact, in one transaction.
-/// Returns false when the message was already queued (a redelivery): nothing changes then.
+/// Adds a row that belongs to no conversation (events, ignored or rejected messages), and
+/// records its sender as a contact. See `enqueue_message`.
 pub async fn enqueue(
     pool: &SqlitePool,
     item: &NewInbound<'_>,
     contact: Option<&ContactSeen<'_>>,
 ) -> Result<bool, sqlx::Error> {
+    enqueue_message(pool, item, None, contact).await
+}
+
+/// Adds a message of `conversation_key` to the queue, and records its sender as a contact,
+/// in one transaction. Returns false when the message was already queued (a redelivery):
+/// nothing changes then.
+pub async fn enqueue_message(
+    pool: &SqlitePool,
+    item: &NewInbound<'_>,
+    conversation_key: Option<&str>,
+    contact: Option<&ContactSeen<'_>>,
+) -> Result<bool, sqlx::Error> {
     let now = now_ms();
-    let finished =
-        matches!(item.status, QueueStatus::Done | QueueStatus::Ignored | QueueStatus::Failed);
+    let finished = !matches!(item.status, QueueStatus::Pending | QueueStatus::Processing);
     let mut tx = pool.begin().await?;
     let done = sqlx::query(
         "INSERT INTO inbound_queue (channel, external_id, payload, status, last_error,
-                                    received_at, processed_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                                    received_at, processed_at, conversation_key)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
          ON CONFLICT (channel, external_id) DO NOTHING",
     )
     .bind(item.channel.as_str())
@@ -123,6 +161,7 @@ pub async fn enqueue(
     .bind(item.note)
     .bind(now)
     .bind(finished.then_some(now))
+    .bind(conversation_key)
     .execute(&mut *tx)
     .await?;
     let inserted = done.rows_affected() == 1;
@@ -150,17 +189,60 @@ pub async fn enqueue(
     Ok(inserted)
 }
 
-/// Claims the oldest pending row for processing (one statement, so two workers could never
-/// claim the same row) and counts the attempt.
+/// Claims the oldest row that is due (pending, its retry time reached) and whose
+/// conversation has no earlier unfinished row, so that one conversation is answered in
+/// order while others go ahead. One statement, so a row is never claimed twice. Counts the
+/// attempt.
 pub async fn claim_next(pool: &SqlitePool) -> Result<Option<QueueEntry>, sqlx::Error> {
     let row: Option<QueueRow> = sqlx::query_as(&format!(
         "UPDATE inbound_queue SET status = 'processing', attempts = attempts + 1
-         WHERE id = (SELECT id FROM inbound_queue WHERE status = 'pending' ORDER BY id LIMIT 1)
+         WHERE id = (
+             SELECT q.id FROM inbound_queue q
+             WHERE q.status = 'pending' AND COALESCE(q.next_attempt_at, 0) <= ?1
+               AND NOT EXISTS (
+                   SELECT 1 FROM inbound_queue e
+                   WHERE e.channel = q.channel AND e.conversation_key = q.conversation_key
+                     AND e.id < q.id AND e.status IN ('pending', 'processing'))
+             ORDER BY q.id LIMIT 1)
          RETURNING {QUEUE_COLUMNS}"
     ))
+    .bind(now_ms())
     .fetch_optional(pool)
     .await?;
     row.map(TryInto::try_into).transpose()
+}
+
+/// When the next row waiting for a retry becomes due (Unix milliseconds), if any.
+pub async fn next_retry_at(pool: &SqlitePool) -> Result<Option<i64>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT MIN(next_attempt_at) FROM inbound_queue
+         WHERE status = 'pending' AND next_attempt_at IS NOT NULL",
+    )
+    .fetch_one(pool)
+    .await
+}
+
+/// Counts the rows by state, for `/api/health`.
+pub async fn counts(pool: &SqlitePool) -> Result<QueueCounts, sqlx::Error> {
+    let rows: Vec<(String, bool, i64)> = sqlx::query_as(
+        "SELECT status, retries > 0, COUNT(*) FROM inbound_queue
+         WHERE status IN ('pending', 'processing', 'failed', 'rejected', 'delivery_unknown')
+         GROUP BY status, retries > 0",
+    )
+    .fetch_all(pool)
+    .await?;
+    let mut counts = QueueCounts::default();
+    for (status, retried, n) in rows {
+        match (status.as_str(), retried) {
+            ("pending", false) => counts.pending += n,
+            ("pending", true) => counts.retrying += n,
+            ("processing", _) => counts.processing += n,
+            ("failed", _) => counts.failed += n,
+            ("rejected", _) => counts.rejected += n,
+            _ => counts.delivery_unknown += n,
+        }
+    }
+    Ok(counts)
 }
 
 /// Records the outcome of a claimed row.
@@ -182,28 +264,41 @@ pub async fn finish(
     Ok(())
 }
 
-/// Puts a claimed row back in the queue (a transient failure), keeping the reason.
-pub async fn release(pool: &SqlitePool, id: i64, error: &str) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE inbound_queue SET status = 'pending', last_error = ?1 WHERE id = ?2")
-        .bind(error)
-        .bind(id)
-        .execute(pool)
-        .await?;
+/// Puts a claimed row back in the queue after a transient failure, not to be claimed
+/// before `next_attempt_at`, keeping the reason.
+pub async fn retry_later(
+    pool: &SqlitePool,
+    id: i64,
+    error: &str,
+    next_attempt_at: i64,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE inbound_queue SET status = 'pending', last_error = ?1, next_attempt_at = ?2,
+                                  retries = retries + 1
+         WHERE id = ?3",
+    )
+    .bind(error)
+    .bind(next_attempt_at)
+    .bind(id)
+    .execute(pool)
+    .await?;
     Ok(())
 }
 
 /// Crash recovery, run once at start before the worker claims anything: rows left in
-/// `processing` by a stopped process go back to `pending`, except those that have already
-/// been tried `max_attempts` times, which are marked failed so that a message that crashes
-/// the process cannot do so forever. Returns (requeued, given up).
-pub async fn recover(pool: &SqlitePool, max_attempts: i64) -> Result<(u64, u64), sqlx::Error> {
+/// `processing` by a stopped process go back to `pending`, except those whose handling a
+/// stop has already interrupted `max_interrupted` times, which are marked failed so that a
+/// message that crashes the process cannot do so forever. Claims that ended in a transient
+/// failure (`retries`) do not count. Returns (requeued, given up).
+pub async fn recover(pool: &SqlitePool, max_interrupted: i64) -> Result<(u64, u64), sqlx::Error> {
     let given_up = sqlx::query(
         "UPDATE inbound_queue SET status = 'failed', processed_at = ?1,
-             last_error = 'gave up: the process stopped while handling it ' || attempts || ' times'
-         WHERE status = 'processing' AND attempts >= ?2",
+             last_error = 'gave up: the process stopped while handling it '
+                          || (attempts - retries) || ' times'
+         WHERE status = 'processing' AND attempts - retries >= ?2",
     )
     .bind(now_ms())
-    .bind(max_attempts)
+    .bind(max_interrupted)
     .execute(pool)
     .await?
     .rows_affected();
@@ -310,6 +405,81 @@ pub async fn mark_undelivered(
     Ok(())
 }
 
+/// Records that an answer is about to leave, before the channel is called: if the process
+/// stops before the channel's answer is recorded, the next run finds `sending` and does
+/// not send it again (see `mark_delivery_unknown`).
+pub async fn mark_sending(pool: &SqlitePool, message_id: MessageId) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE messages SET delivery_status = 'sending' WHERE id = ?1")
+        .bind(message_id.0)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// An answer left in `sending` by a stopped process: it may or may not have reached the
+/// user. Recorded as `unknown`, with the reason, so the page and the operator can see it.
+pub async fn mark_delivery_unknown(
+    pool: &SqlitePool,
+    message_id: MessageId,
+    reason: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE messages SET delivery_status = 'unknown', delivery_error = ?1
+         WHERE id = ?2 AND delivery_status = 'sending'",
+    )
+    .bind(reason)
+    .bind(message_id.0)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// A status report for one of our answers whose channel id was never recorded (the process
+/// stopped between the channel accepting it and our record): found through the inbound
+/// message it answered. Only an answer left `sending` or `unknown` is updated; its queue
+/// row leaves `delivery_unknown` for `done`. Returns whether an answer was updated.
+pub async fn confirm_reply_delivery(
+    pool: &SqlitePool,
+    channel: ChannelKind,
+    question_external_id: &str,
+    external_id: &str,
+    status: &str,
+    error: Option<&str>,
+) -> Result<bool, sqlx::Error> {
+    let Some(StoredTurn { answer: Some(answer), .. }) =
+        stored_turn(pool, channel, question_external_id).await?
+    else {
+        return Ok(false);
+    };
+    let mut tx = pool.begin().await?;
+    let updated = sqlx::query(
+        "UPDATE messages SET external_id = ?1, delivery_status = ?2,
+                             delivery_error = ?3
+         WHERE id = ?4 AND delivery_status IN ('sending', 'unknown')",
+    )
+    .bind(external_id)
+    .bind(status)
+    .bind(error)
+    .bind(answer.message_id.0)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected()
+        == 1;
+    if updated {
+        sqlx::query(
+            "UPDATE inbound_queue SET status = 'done',
+                 last_error = 'delivery confirmed afterwards by the channel''s status report'
+             WHERE channel = ?1 AND external_id = ?2 AND status = 'delivery_unknown'",
+        )
+        .bind(channel.as_str())
+        .bind(question_external_id)
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(updated)
+}
+
 /// The user turn already stored for an inbound message (the process stopped while answering
 /// it), and the answer that followed it if there is one, so that a retry neither stores the
 /// question twice nor generates a second answer.
@@ -353,8 +523,8 @@ pub async fn stored_turn(
     }))
 }
 
-const QUEUE_COLUMNS: &str =
-    "id, channel, external_id, payload, status, attempts, last_error, received_at, processed_at";
+const QUEUE_COLUMNS: &str = "id, channel, external_id, payload, status, attempts, retries, \
+     last_error, received_at, processed_at, conversation_key, next_attempt_at";
 
 #[derive(sqlx::FromRow)]
 struct QueueRow {
@@ -364,9 +534,12 @@ struct QueueRow {
     payload: String,
     status: String,
     attempts: i64,
+    retries: i64,
     last_error: Option<String>,
     received_at: i64,
     processed_at: Option<i64>,
+    conversation_key: Option<String>,
+    next_attempt_at: Option<i64>,
 }
 
 impl TryFrom<QueueRow> for QueueEntry {
@@ -387,9 +560,12 @@ impl TryFrom<QueueRow> for QueueEntry {
             payload: row.payload,
             status,
             attempts: row.attempts,
+            retries: row.retries,
             last_error: row.last_error,
             received_at: row.received_at,
             processed_at: row.processed_at,
+            conversation_key: row.conversation_key,
+            next_attempt_at: row.next_attempt_at,
         })
     }
 }
@@ -448,6 +624,85 @@ mod tests {
         let a = get(&pool, ChannelKind::WhatsApp, "a").await.unwrap().unwrap();
         assert_eq!(a.status, QueueStatus::Done);
         assert!(a.processed_at.is_some());
+    }
+
+    #[tokio::test]
+    async fn one_conversation_in_order_others_go_ahead_and_retries_wait() {
+        let (_dir, pool) = fresh().await;
+        let add = |id: &'static str, conversation: &'static str| {
+            let pool = pool.clone();
+            async move {
+                enqueue_message(&pool, &item(id, QueueStatus::Pending), Some(conversation), None)
+                    .await
+                    .unwrap()
+            }
+        };
+        add("a1", "A").await;
+        add("a2", "A").await;
+        add("b1", "B").await;
+        let a1 = claim_next(&pool).await.unwrap().unwrap();
+        assert_eq!(a1.conversation_key.as_deref(), Some("A"));
+        // a2 waits for a1; b1 goes ahead.
+        let b1 = claim_next(&pool).await.unwrap().unwrap();
+        assert_eq!(b1.external_id, "b1");
+        assert!(claim_next(&pool).await.unwrap().is_none());
+        // a1 is put back for later: a2 still waits behind it, and nothing is due yet.
+        let later = now_ms() + 60_000;
+        retry_later(&pool, a1.id, "the engine queue is full", later).await.unwrap();
+        assert!(claim_next(&pool).await.unwrap().is_none());
+        assert_eq!(next_retry_at(&pool).await.unwrap(), Some(later));
+        let counts = counts(&pool).await.unwrap();
+        assert_eq!((counts.pending, counts.retrying, counts.processing), (1, 1, 1));
+        // Due now: claimed again, before a2.
+        retry_later(&pool, a1.id, "busy", now_ms() - 1).await.unwrap();
+        let again = claim_next(&pool).await.unwrap().unwrap();
+        assert_eq!((again.external_id.as_str(), again.attempts, again.retries), ("a1", 2, 2));
+        finish(&pool, again.id, QueueStatus::Done, None).await.unwrap();
+        assert_eq!(claim_next(&pool).await.unwrap().unwrap().external_id, "a2");
+        // Rows without a conversation (older rows) never wait for one another.
+        enqueue(&pool, &item("x1", QueueStatus::Pending), None).await.unwrap();
+        enqueue(&pool, &item("x2", QueueStatus::Pending), None).await.unwrap();
+        assert_eq!(claim_next(&pool).await.unwrap().unwrap().external_id, "x1");
+        assert_eq!(claim_next(&pool).await.unwrap().unwrap().external_id, "x2");
+    }
+
+    #[tokio::test]
+    async fn transient_retries_do_not_count_as_interruptions() {
+        let (_dir, pool) = fresh().await;
+        enqueue(&pool, &item("r", QueueStatus::Pending), None).await.unwrap();
+        for _ in 0..5 {
+            let row = claim_next(&pool).await.unwrap().unwrap();
+            retry_later(&pool, row.id, "busy", 0).await.unwrap();
+        }
+        // Claimed a sixth time and interrupted by a stop: one interruption, requeued.
+        claim_next(&pool).await.unwrap().unwrap();
+        assert_eq!(recover(&pool, 3).await.unwrap(), (1, 0));
+        let row = get(&pool, ChannelKind::WhatsApp, "r").await.unwrap().unwrap();
+        assert_eq!((row.status, row.attempts, row.retries), (QueueStatus::Pending, 6, 5));
+    }
+
+    #[tokio::test]
+    async fn sending_becomes_unknown_and_counts_show_it() {
+        let (_dir, pool) = fresh().await;
+        let conv = memory::get_or_create_conversation(&pool, ChannelKind::WhatsApp, "1", None)
+            .await
+            .unwrap();
+        let id = memory::add_message(&pool, &NewMessage::plain(conv.id, Role::Assistant, "a"))
+            .await
+            .unwrap();
+        mark_sending(&pool, id).await.unwrap();
+        let m = memory::get_message(&pool, id).await.unwrap().unwrap();
+        assert_eq!(m.delivery_status.as_deref(), Some("sending"));
+        mark_delivery_unknown(&pool, id, "stopped while sending").await.unwrap();
+        let m = memory::get_message(&pool, id).await.unwrap().unwrap();
+        assert_eq!(m.delivery_status.as_deref(), Some("unknown"));
+        assert_eq!(m.delivery_error.as_deref(), Some("stopped while sending"));
+        // A later status report from the channel still moves it forward.
+        memory::set_message_external_id(&pool, id, "wamid.S", Some("unknown")).await.unwrap();
+        assert!(record_delivery(&pool, "wamid.S", "delivered", None).await.unwrap());
+        enqueue(&pool, &item("f", QueueStatus::Rejected), None).await.unwrap();
+        let counts = counts(&pool).await.unwrap();
+        assert_eq!(counts, QueueCounts { rejected: 1, ..QueueCounts::default() });
     }
 
     #[tokio::test]

@@ -1,5 +1,6 @@
 //! `GET /api/health`: is the assistant usable? Anonymous callers get only `status`; with the
-//! bearer token the answer details the database, each model tier, Z.ai and the last bench.
+//! bearer token the answer details the database, each model tier, Z.ai, the last bench and the
+//! inbound channel queue (pending, retrying, failed…).
 
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
@@ -25,6 +26,19 @@ struct Detailed {
     models: Value,
     zai: Value,
     last_bench: Option<Value>,
+    /// The inbound channel queue; `None` when it cannot be read.
+    inbound_queue: Option<QueueHealth>,
+}
+
+/// Channel messages by state: nothing sits unanswered without showing here.
+#[derive(Serialize)]
+struct QueueHealth {
+    pending: i64,
+    retrying: i64,
+    processing: i64,
+    failed: i64,
+    rejected: i64,
+    delivery_unknown: i64,
 }
 
 #[derive(Serialize)]
@@ -56,6 +70,14 @@ pub async fn get_health(State(state): State<AppState>, headers: HeaderMap) -> Re
         models: crate::gateway::models::tiers_json(&state).await,
         zai: crate::gateway::models::zai_json(&state),
         last_bench: read_last_bench(&state.data_dir),
+        inbound_queue: crate::db::inbound::counts(&state.pool).await.ok().map(|c| QueueHealth {
+            pending: c.pending,
+            retrying: c.retrying,
+            processing: c.processing,
+            failed: c.failed,
+            rejected: c.rejected,
+            delivery_unknown: c.delivery_unknown,
+        }),
     };
     (status_code, Json(body)).into_response()
 }

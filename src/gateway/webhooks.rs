@@ -17,9 +17,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Serialize;
-use subtle::ConstantTimeEq;
 
-use crate::channels::{nextcloud, whatsapp};
+use crate::channels::ChannelError;
+use crate::domain::ChannelKind;
 use crate::gateway::error::ApiError;
 use crate::gateway::AppState;
 
@@ -35,20 +35,16 @@ async fn verify_whatsapp(
     State(state): State<AppState>,
     Query(query): Query<HashMap<String, String>>,
 ) -> Response {
-    let Some(wa) = &state.channels.whatsapp else {
-        return not_configured("whatsapp");
+    let Some(channel) = state.channels.get(ChannelKind::WhatsApp) else {
+        return not_configured(ChannelKind::WhatsApp);
     };
-    let mode = query.get("hub.mode").map(String::as_str);
-    let token = query.get("hub.verify_token").map(String::as_str).unwrap_or_default();
-    let challenge = query.get("hub.challenge");
-    let token_ok: bool = token.as_bytes().ct_eq(wa.verify_token().as_bytes()).into();
-    match (mode, challenge) {
-        (Some("subscribe"), Some(challenge)) if token_ok => {
+    match channel.handshake(&query) {
+        Ok(challenge) => {
             tracing::info!("whatsapp: webhook verified by Meta");
-            (StatusCode::OK, [("content-type", "text/plain; charset=utf-8")], challenge.clone())
+            (StatusCode::OK, [("content-type", "text/plain; charset=utf-8")], challenge)
                 .into_response()
         }
-        _ => {
+        Err(_) => {
             tracing::warn!("whatsapp: webhook verification refused (wrong mode or verify token)");
             reject(StatusCode::FORBIDDEN, "forbidden", "verification failed")
         }
@@ -61,39 +57,7 @@ async fn receive_whatsapp(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let Some(wa) = state.channels.whatsapp.clone() else {
-        return not_configured("whatsapp");
-    };
-    let body = match body {
-        Ok(body) => body,
-        Err(rejection) => return body_rejected(rejection),
-    };
-    let signature = headers.get("x-hub-signature-256").and_then(|v| v.to_str().ok());
-    if !whatsapp::verify_signature(wa.app_secret(), signature, &body) {
-        tracing::warn!(
-            present = signature.is_some(),
-            "whatsapp: webhook with a bad signature, rejected"
-        );
-        return reject(StatusCode::UNAUTHORIZED, "bad_signature", "missing or invalid signature");
-    }
-    let notification = match whatsapp::parse_notification(&body) {
-        Ok(n) => n,
-        Err(e) => {
-            tracing::warn!(error = %e, "whatsapp: signed webhook body is not a notification");
-            return reject(StatusCode::BAD_REQUEST, "bad_request", "body is not a notification");
-        }
-    };
-    match wa.accept(&notification).await {
-        Ok(accepted) => {
-            tracing::debug!(?accepted, "whatsapp: webhook stored");
-            if accepted.queued > 0 {
-                state.channels.wake_worker();
-            }
-            StatusCode::OK.into_response()
-        }
-        // Not acknowledged: Meta redelivers, and the unique wamid keeps that safe.
-        Err(e) => ApiError::Internal(format!("storing a whatsapp webhook: {e}")).into_response(),
-    }
+    receive(state, ChannelKind::WhatsApp, headers, body).await
 }
 
 /// Talk bot events: verified over random ‖ raw body, stored, acknowledged at once (Talk
@@ -103,40 +67,47 @@ async fn receive_nextcloud(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let Some(nc) = state.channels.nextcloud.clone() else {
-        return not_configured("nextcloud");
+    receive(state, ChannelKind::Nextcloud, headers, body).await
+}
+
+/// One path for every channel: the signature over the raw bytes first, then parsing, then
+/// storing; 200 only once what the body carries is durable. One unreadable message of a
+/// batch is stored as `rejected` by the channel's parser and does not fail the batch.
+async fn receive(
+    state: AppState,
+    kind: ChannelKind,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let Some(channel) = state.channels.get(kind).cloned() else {
+        return not_configured(kind);
     };
     let body = match body {
         Ok(body) => body,
         Err(rejection) => return body_rejected(rejection),
     };
-    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    let (Some(random), Some(signature)) =
-        (header("x-nextcloud-talk-random"), header("x-nextcloud-talk-signature"))
-    else {
-        tracing::warn!("nextcloud: webhook without signature headers, rejected");
-        return reject(StatusCode::UNAUTHORIZED, "bad_signature", "missing or invalid signature");
-    };
-    if !nextcloud::verify_signature(nc.bot_secret(), random, signature, &body) {
-        tracing::warn!("nextcloud: webhook with a bad signature, rejected");
+    if !channel.verify(&headers, &body) {
+        tracing::warn!(channel = %kind, "webhook with a missing or bad signature, rejected");
         return reject(StatusCode::UNAUTHORIZED, "bad_signature", "missing or invalid signature");
     }
-    let activity = match nextcloud::parse_activity(&body) {
-        Ok(a) => a,
+    let intakes = match channel.parse(&headers, &body) {
+        Ok(intakes) => intakes,
+        Err(ChannelError::BadPayload(reason)) => {
+            // The reason never quotes the body (`lenient::describe_json_error`).
+            tracing::warn!(channel = %kind, reason = ?reason, "signed webhook body unreadable");
+            return reject(StatusCode::BAD_REQUEST, "bad_request", "body is not a notification");
+        }
         Err(e) => {
-            tracing::warn!(error = %e, "nextcloud: signed webhook body is not an activity");
-            return reject(StatusCode::BAD_REQUEST, "bad_request", "body is not an activity");
+            return ApiError::Internal(format!("reading a {kind} webhook: {e}")).into_response()
         }
     };
-    match nc.accept(&state.pool, &activity, random).await {
+    match state.channels.store(&state.pool, kind, &intakes).await {
         Ok(accepted) => {
-            tracing::debug!(?accepted, "nextcloud: webhook stored");
-            if accepted == nextcloud::Accepted::Queued {
-                state.channels.wake_worker();
-            }
+            tracing::debug!(channel = %kind, ?accepted, "webhook stored");
             StatusCode::OK.into_response()
         }
-        Err(e) => ApiError::Internal(format!("storing a nextcloud webhook: {e}")).into_response(),
+        // Not acknowledged: Meta redelivers, and the unique message ids keep that safe.
+        Err(e) => ApiError::Internal(format!("storing a {kind} webhook: {e}")).into_response(),
     }
 }
 
@@ -156,7 +127,7 @@ fn reject(status: StatusCode, code: &'static str, message: &'static str) -> Resp
     (status, Json(ErrorBody { error: ErrorDetail { code, message } })).into_response()
 }
 
-fn not_configured(channel: &'static str) -> Response {
+fn not_configured(channel: ChannelKind) -> Response {
     ApiError::NotFound(format!("the {channel} channel is not configured")).into_response()
 }
 

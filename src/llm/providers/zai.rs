@@ -15,6 +15,7 @@ use crate::domain::Role;
 use crate::llm::{
     Chunk, ChunkStream, FinishReason, LlmError, LlmRequest, Provider, ProviderInfo, Usage,
 };
+use crate::retry::{Backoff, Verdict};
 
 /// Everything one Z.ai tier needs.
 #[derive(Debug, Clone)]
@@ -55,6 +56,28 @@ impl ZaiConfig {
     }
 }
 
+/// The longest wait between tries, ours or one Z.ai asks for; a longer `Retry-After` ends
+/// the tries (the router can fall back to a local tier instead).
+const RETRY_CAP: Duration = Duration::from_secs(30);
+
+/// One failed try, with the wait the server asked for.
+struct Failed {
+    error: LlmError,
+    retry_after: Option<Duration>,
+}
+
+impl From<LlmError> for Failed {
+    fn from(error: LlmError) -> Self {
+        Failed { error, retry_after: None }
+    }
+}
+
+impl std::fmt::Display for Failed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.error.fmt(f)
+    }
+}
+
 /// Streams chat completions from Z.ai.
 pub struct ZaiProvider {
     client: reqwest::Client,
@@ -71,30 +94,29 @@ impl ZaiProvider {
     }
 
     /// Tries once or more until the answer has started: retryable failures before the
-    /// first token are retried with a short backoff; others are returned at once.
+    /// first token are retried with the shared backoff (`crate::retry`, honouring Z.ai's
+    /// `Retry-After`); others are returned at once.
     async fn start(&self, request: LlmRequest) -> Result<ChunkStream, LlmError> {
         let body = request_body(&self.config, &request);
         let started = Instant::now();
-        let max_attempts = self.config.max_attempts.max(1);
-        let mut attempt = 1;
-        loop {
-            match self.try_start(&body, started).await {
-                Ok(stream) => return Ok(stream),
-                Err(err) => {
-                    let retryable = matches!(err, LlmError::Cloud { retryable: true, .. });
-                    if !retryable || attempt >= max_attempts {
-                        return Err(err);
-                    }
-                    let pause = self.config.retry_backoff * 2u32.saturating_pow(attempt - 1);
-                    tracing::warn!(model = %self.config.model, attempt, error = %err, "z.ai request failed, retrying in {pause:?}");
-                    tokio::time::sleep(pause).await;
-                    attempt += 1;
+        let backoff = Backoff { base: self.config.retry_backoff, cap: RETRY_CAP };
+        crate::retry::run(
+            "z.ai request",
+            self.config.max_attempts,
+            backoff,
+            || self.try_start(&body, started),
+            |failed: &Failed| match failed.error {
+                LlmError::Cloud { retryable: true, .. } => {
+                    Verdict::Retry { at_least: failed.retry_after }
                 }
-            }
-        }
+                _ => Verdict::Stop,
+            },
+        )
+        .await
+        .map_err(|failed| failed.error)
     }
 
-    async fn try_start(&self, body: &Value, started: Instant) -> Result<ChunkStream, LlmError> {
+    async fn try_start(&self, body: &Value, started: Instant) -> Result<ChunkStream, Failed> {
         let url = format!("{}/chat/completions", self.config.base_url);
         let timeout = self.config.timeout;
         let send = self
@@ -110,18 +132,20 @@ impl ZaiProvider {
                 return Err(LlmError::Timeout(format!(
                     "Z.ai sent no response within {}s",
                     timeout.as_secs_f32()
-                )))
+                ))
+                .into())
             }
-            Ok(Err(e)) => return Err(transport_error(&e)),
+            Ok(Err(e)) => return Err(transport_error(&e).into()),
             Ok(Ok(response)) => response,
         };
         let status = response.status();
         if !status.is_success() {
+            let retry_after = crate::retry::retry_after_header(response.headers());
             let text = match tokio::time::timeout(timeout, response.text()).await {
                 Ok(Ok(text)) => text,
                 _ => String::new(),
             };
-            return Err(http_error(status.as_u16(), &text));
+            return Err(Failed { error: http_error(status.as_u16(), &text), retry_after });
         }
 
         let mut reader = SseReader::new(Box::pin(response.bytes_stream()), timeout);
@@ -130,7 +154,7 @@ impl ZaiProvider {
         // that every failure before the first token is still an `Err` the router can act on.
         let first = loop {
             match reader.next_event().await? {
-                None => return Err(early_end()),
+                None => return Err(early_end().into()),
                 Some(event) => match state.apply(event)? {
                     Step::Text(text) => break Some(text),
                     Step::Done => break None,
