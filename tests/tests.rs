@@ -6,6 +6,7 @@ mod util;
 mod bench_model;
 mod browser;
 mod channels;
+mod conversations;
 mod cron;
 mod engine;
 mod engine_tokenizer;
