@@ -157,8 +157,8 @@ async fn run_policy(
     policy: WindowPolicy,
     messages: &[(String, usize)],
 ) -> anyhow::Result<Vec<TurnReport>> {
-    let dir = tempfile::tempdir().context("cannot create a temporary directory")?;
-    let url = format!("sqlite://{}", dir.path().join("bench-conversation.db").display());
+    let dir = ScratchDir::new()?;
+    let url = format!("sqlite://{}", dir.0.join("bench-conversation.db").display());
     let pool = crate::db::connect(&url).await.context("cannot open the benchmark database")?;
     let config = EngineConfig { n_ctx: args.n_ctx, ..EngineConfig::for_model(args.model.clone()) };
     let engine = EngineHandle::spawn(config).await.context("cannot start the engine")?;
@@ -210,6 +210,25 @@ async fn run_policy(
     }
     pool.close().await;
     Ok(reports)
+}
+
+/// A fresh directory under the system's temporary directory, removed when dropped.
+struct ScratchDir(PathBuf);
+
+impl ScratchDir {
+    fn new() -> anyhow::Result<ScratchDir> {
+        let nonce: u64 = rand::random();
+        let path = std::env::temp_dir().join(format!("my-claw-bench-conversation-{nonce:016x}"));
+        std::fs::create_dir_all(&path)
+            .with_context(|| format!("cannot create {}", path.display()))?;
+        Ok(ScratchDir(path))
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 fn print_turns(reports: &[TurnReport]) {
