@@ -94,7 +94,6 @@ pub async fn run(args: &BenchConversationArgs) -> anyhow::Result<()> {
             policy.min_messages, policy.step, policy.warm
         );
         let reports = run_policy(args, policy, &messages).await?;
-        print_turns(&reports);
         summaries.push((name, summarize(&reports, args.history_messages)));
     }
     println!();
@@ -197,6 +196,9 @@ async fn run_policy(
             }
         }
         let usage = done.with_context(|| format!("turn {} ended without an answer", index + 1))?;
+        if index == 0 {
+            println!("turn  user  prompt  cached  answer  ttft ms  engine ttft ms");
+        }
         reports.push(TurnReport {
             turn: index + 1,
             user_tokens: *user_tokens,
@@ -206,6 +208,10 @@ async fn run_policy(
             engine_ttft_ms: usage.ttft_ms,
             ttft_ms: first_text.unwrap_or_else(|| sent.elapsed()).as_millis() as u64,
         });
+        if let Some(report) = reports.last() {
+            // One row as each turn ends: a run on a large model takes a while.
+            println!("{}", turn_row(report));
+        }
         tokio::time::sleep(Duration::from_millis(args.pause_ms)).await;
     }
     pool.close().await;
@@ -231,20 +237,17 @@ impl Drop for ScratchDir {
     }
 }
 
-fn print_turns(reports: &[TurnReport]) {
-    println!("turn  user  prompt  cached  answer  ttft ms  engine ttft ms");
-    for r in reports {
-        println!(
-            "{:>4}  {:>4}  {:>6}  {:>6}  {:>6}  {:>7}  {:>14}",
-            r.turn,
-            r.user_tokens,
-            r.prompt_tokens,
-            r.cached_tokens,
-            r.completion_tokens,
-            r.ttft_ms,
-            r.engine_ttft_ms
-        );
-    }
+fn turn_row(r: &TurnReport) -> String {
+    format!(
+        "{:>4}  {:>4}  {:>6}  {:>6}  {:>6}  {:>7}  {:>14}",
+        r.turn,
+        r.user_tokens,
+        r.prompt_tokens,
+        r.cached_tokens,
+        r.completion_tokens,
+        r.ttft_ms,
+        r.engine_ttft_ms
+    )
 }
 
 /// Deterministic user messages of 20–60 tokens of this model's tokenizer: plain words drawn

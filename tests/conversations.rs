@@ -13,7 +13,7 @@ use futures::future::BoxFuture;
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, Semaphore};
 
-use my_claw::assistant::{Assistant, AssistantConfig, WindowPolicy};
+use my_claw::assistant::{Assistant, AssistantConfig, Event, WindowPolicy};
 use my_claw::config::Secret;
 use my_claw::domain::{ChannelKind, ChatTurn, ConversationId, Inbound, Role};
 use my_claw::gateway::{self, AppState};
@@ -418,6 +418,34 @@ async fn a_scheduled_run_into_a_busy_conversation_waits_for_its_turn() {
     let roles: Vec<&str> = messages.iter().map(|m| m["role"].as_str().unwrap()).collect();
     assert_eq!(roles, ["user", "assistant", "user", "assistant"]);
     assert!(messages.iter().all(|m| m["status"] == "complete"), "{messages:?}");
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_while_waiting_withdraws_its_message() {
+    let app = test_app(ScriptedModel::new(true)).await;
+    let mut first = app.stream(json!({"message": "a long answer please"})).await;
+    let id = first.next_json(EVENT_WAIT).await.expect("meta")["conversation_id"].as_i64().unwrap();
+    let inbound = Inbound {
+        channel: ChannelKind::WebChat,
+        conversation_key: id.to_string(),
+        sender: "webchat".into(),
+        text: "never mind".into(),
+        external_id: None,
+    };
+    let mut waiting = app.assistant.start(inbound, None).await.expect("accepted");
+    let busy = waiting.recv().await.expect("a notice");
+    assert!(matches!(&busy, Event::Notice { kind, .. } if kind == "busy"), "{busy:?}");
+    assert_eq!(app.assistant.turns_queued(ConversationId(id)), 2);
+    drop(waiting);
+    app.wait_turns_queued(id, 1).await;
+
+    app.model.release_one();
+    let events = rest(&mut first).await;
+    assert_eq!(of_type(&events, "done")[0]["finish"], "stop", "{events:?}");
+    let messages = app.messages(id).await;
+    assert_eq!(messages.len(), 2, "the withdrawn message was not stored: {messages:?}");
+    assert_eq!(app.model.prompts().len(), 1, "and not answered");
+    app.wait_turns_queued(id, 0).await;
 }
 
 // --- Refusals and trimming ---------------------------------------------------------------------
