@@ -940,7 +940,7 @@ mod tests {
     fn stepping_window_sizes_stay_within_bounds() {
         for history in [1, 2, 4, 6, 7, 20, 21] {
             let policy = WindowPolicy::stepping(history);
-            assert!(policy.step >= 2 && policy.step % 2 == 0, "{policy:?}");
+            assert!(policy.step >= 2 && policy.step.is_multiple_of(2), "{policy:?}");
             for (n, start) in (1..=200).zip(starts(policy)) {
                 let size = n - start;
                 assert!(size >= history.min(n), "n={n} {policy:?}: {size} messages");

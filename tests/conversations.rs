@@ -585,7 +585,10 @@ async fn between_steps_each_prompt_extends_the_last_and_each_step_was_prepared()
                 steps += 1;
                 let warm = last_warm.expect("a prefix was prepared before the step");
                 assert_eq!(&prompt[..prompt.len() - 1], &warm[..], "turn {turn}");
-                assert!(prompt.len() - 1 >= policy.min_messages, "turn {turn}");
+                assert!(
+                    prompt.len() > policy.min_messages,
+                    "turn {turn}: system + at least the minimum"
+                );
             }
         }
         last_prompt = Some(prompt);
