@@ -51,6 +51,8 @@ pub enum Command {
     Bench(crate::bench::BenchArgs),
     /// Write a Qwen3-shaped GGUF with random weights, for throughput benchmarks only.
     BenchModel(crate::bench_model::BenchModelArgs),
+    /// Time to first token and reused KV per turn of one long conversation.
+    BenchConversation(crate::bench_conversation::BenchConversationArgs),
     /// Download and list model files.
     #[command(subcommand)]
     Models(crate::models::ModelsCommand),
@@ -81,6 +83,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Models(cmd) => runtime.block_on(crate::models::run(cmd, &settings.router)),
         Command::BenchModel(args) => crate::bench_model::run(&args),
+        Command::BenchConversation(args) => runtime.block_on(crate::bench_conversation::run(&args)),
     }
 }
 

@@ -1,9 +1,12 @@
-//! The one use-case every channel goes through: store the inbound message, build the prompt
-//! (persona + the last `HISTORY_MESSAGES` messages), route it to a model, stream the answer,
-//! store it with its privacy ledger. It knows conversations and models, and nothing of wire
-//! formats or HTTP.
+//! The one use-case every channel goes through: take the conversation's turn (one answer at
+//! a time per conversation, in arrival order), build the prompt (persona + the history
+//! window, which moves in steps so the model's KV state is reused), route it to a model,
+//! store the user message once the model accepted it, stream the answer, store it with its
+//! privacy ledger, and prepare the next window's prefix in idle time. It knows
+//! conversations and models, and nothing of wire formats or HTTP.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -80,34 +83,172 @@ pub struct AssistantConfig {
     pub reply_max_tokens: u32,
 }
 
+/// The notice kind a request gets while an earlier answer in its conversation runs.
+pub const BUSY_NOTICE_KIND: &str = "busy";
+const BUSY_NOTICE: &str = "waiting for the previous answer in this conversation";
+
+/// Events buffered between a running answer and a slow reader.
+const EVENT_BUFFER: usize = 64;
+
+/// How the history window moves along a conversation that never ends.
+///
+/// Messages are counted by their index in the conversation (0 is the first). The window of
+/// a turn is the messages from `start` to the newest one. The start moves in jumps of
+/// `step` messages: between jumps every turn's prompt begins with the previous turn's
+/// prompt, so the engine reuses its KV state and prefills only what is new. The window holds
+/// at least `min_messages` (`HISTORY_MESSAGES`; fewer only after trimming for the context)
+/// and at most `min_messages + step - 1`. With `warm`, the prefix the next window starts
+/// with is handed to the model in idle time after each turn, so a jump costs no prefill.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WindowPolicy {
+    pub min_messages: usize,
+    /// 1 slides the window one message at a time (the prefix changes every turn).
+    pub step: usize,
+    /// Prepare the next window's prefix after each turn (`Provider::warm`).
+    pub warm: bool,
+}
+
+impl WindowPolicy {
+    /// The default: jumps of half the window, rounded up to an even number so that a window
+    /// of alternating turns starts on a user message.
+    pub fn stepping(history_messages: usize) -> WindowPolicy {
+        let min_messages = history_messages.max(1);
+        let half = min_messages.div_ceil(2);
+        WindowPolicy { min_messages, step: (half + half % 2).max(2), warm: true }
+    }
+
+    /// The last `history_messages` messages, moving by one every message and never warmed:
+    /// what the assistant did before stepping (kept for the benchmark's comparison).
+    pub fn sliding(history_messages: usize) -> WindowPolicy {
+        WindowPolicy { min_messages: history_messages.max(1), step: 1, warm: false }
+    }
+
+    /// Index of the first message in the window of a conversation of `n_messages` messages
+    /// (the newest included), never before `floor` (where trimming for the context left
+    /// it) and never past the newest message.
+    pub fn start(&self, n_messages: usize, floor: usize) -> usize {
+        let natural = match n_messages.checked_sub(self.min_messages) {
+            Some(over) => over / self.step * self.step,
+            None => 0,
+        };
+        natural.max(floor).min(n_messages.saturating_sub(1))
+    }
+
+    /// The most messages a window holds.
+    pub fn max_messages(&self) -> usize {
+        self.min_messages + self.step - 1
+    }
+}
+
+/// One turn at a time per conversation: each answer holds its conversation's turn from
+/// before its prompt is read until its answer is stored.
+type TurnSlots = Arc<Mutex<HashMap<ConversationId, Arc<tokio::sync::Mutex<()>>>>>;
+
+/// Cheap to clone: the running answers share it.
+#[derive(Clone)]
 pub struct Assistant {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     pool: SqlitePool,
     router: Arc<Router>,
     config: AssistantConfig,
-    /// Stop switches of running generations, by conversation.
-    running: Mutex<HashMap<ConversationId, oneshot::Sender<()>>>,
+    window: WindowPolicy,
+    /// The stop switch of the answer running in each conversation, with its turn number;
+    /// the answer removes its own when it ends.
+    running: Mutex<HashMap<ConversationId, Running>>,
+    turns: TurnSlots,
+    /// Where trimming for the context moved each conversation's window start, so the next
+    /// turns keep that start (and their KV reuse) instead of trimming again.
+    floors: Mutex<HashMap<ConversationId, usize>>,
     events: broadcast::Sender<ConversationEvent>,
+    next_turn: AtomicU64,
+}
+
+struct Running {
+    turn: u64,
+    stop: oneshot::Sender<()>,
+}
+
+/// Where a turn lands: a stored conversation, or one created only once the model accepted
+/// the request (so a refused request leaves nothing behind).
+#[derive(Debug, Clone)]
+enum Target {
+    Existing(ConversationId),
+    NewWebChat { title: String },
+    NewChannel { channel: ChannelKind, key: String, title: String },
+}
+
+/// The user message of a turn, stored once the model has accepted the prompt.
+#[derive(Debug, Clone)]
+struct UserMessage {
+    text: String,
+    external_id: Option<String>,
+}
+
+/// What a caller does when its conversation is answering another message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Waiting {
+    /// Return the event stream at once with a `busy` notice, and start when it is free.
+    Notify,
+    /// Wait before returning (callers that collect one reply and want its errors typed).
+    Inline,
+}
+
+enum TurnStart {
+    Started,
+    /// A new conversation was created by someone else at the same moment and is busy.
+    Raced(ConversationId),
 }
 
 impl Assistant {
     pub fn new(pool: SqlitePool, router: Arc<Router>, config: AssistantConfig) -> Self {
+        let window = WindowPolicy::stepping(config.history_messages);
+        Self::with_window(pool, router, config, window)
+    }
+
+    /// `new` with another window policy (the conversation benchmark compares them).
+    pub fn with_window(
+        pool: SqlitePool,
+        router: Arc<Router>,
+        config: AssistantConfig,
+        window: WindowPolicy,
+    ) -> Self {
         let (events, _) = broadcast::channel(256);
-        Self { pool, router, config, running: Mutex::new(HashMap::new()), events }
+        Assistant {
+            inner: Arc::new(Inner {
+                pool,
+                router,
+                config,
+                window,
+                running: Mutex::new(HashMap::new()),
+                turns: Arc::default(),
+                floors: Mutex::new(HashMap::new()),
+                events,
+                next_turn: AtomicU64::new(1),
+            }),
+        }
     }
 
     pub fn router(&self) -> &Arc<Router> {
-        &self.router
+        &self.inner.router
+    }
+
+    pub fn window(&self) -> WindowPolicy {
+        self.inner.window
     }
 
     /// Live notifications of stored messages, for open WebChat pages.
     pub fn subscribe(&self) -> broadcast::Receiver<ConversationEvent> {
-        self.events.subscribe()
+        self.inner.events.subscribe()
     }
 
     /// The persona from settings, or the default one.
     pub async fn persona(&self) -> Result<Persona> {
-        let name = memory::setting_get(&self.pool, PERSONA_NAME_KEY).await?;
-        let prompt = memory::setting_get(&self.pool, SYSTEM_PROMPT_KEY).await?;
+        let pool = &self.inner.pool;
+        let name = memory::setting_get(pool, PERSONA_NAME_KEY).await?;
+        let prompt = memory::setting_get(pool, SYSTEM_PROMPT_KEY).await?;
         Ok(Persona {
             name: name
                 .filter(|s| !s.trim().is_empty())
@@ -122,100 +263,335 @@ impl Assistant {
         if persona.name.trim().is_empty() {
             return Err(Error::Invalid("persona_name must not be empty".into()));
         }
-        memory::setting_set(&self.pool, PERSONA_NAME_KEY, persona.name.trim()).await?;
-        memory::setting_set(&self.pool, SYSTEM_PROMPT_KEY, &persona.system_prompt).await?;
+        memory::setting_set(&self.inner.pool, PERSONA_NAME_KEY, persona.name.trim()).await?;
+        memory::setting_set(&self.inner.pool, SYSTEM_PROMPT_KEY, &persona.system_prompt).await?;
         Ok(())
     }
 
-    /// Finds or creates the conversation an inbound message belongs to.
-    pub async fn conversation_for(&self, inbound: &Inbound) -> Result<ConversationId> {
-        if inbound.channel == ChannelKind::WebChat {
-            // WebChat keys are conversation ids chosen by the page; anything else is new.
-            if let Ok(id) = inbound.conversation_key.parse::<i64>() {
-                return match memory::get_conversation(&self.pool, ConversationId(id)).await? {
-                    Some(c) if c.channel == ChannelKind::WebChat => Ok(c.id),
-                    _ => Err(Error::NotFound(format!("conversation {id}"))),
-                };
-            }
-            let title = title_from(&inbound.text);
-            return Ok(memory::create_webchat_conversation(&self.pool, Some(&title)).await?.id);
-        }
-        let title = format!("{} {}", inbound.channel, inbound.sender);
-        let conv = memory::get_or_create_conversation(
-            &self.pool,
-            inbound.channel,
-            &inbound.conversation_key,
-            Some(&title),
-        )
-        .await?;
-        Ok(conv.id)
-    }
-
-    /// Stores the inbound message and starts answering it. Events arrive on the returned
-    /// receiver; dropping it (the client left) or calling `stop` ends the generation in the
-    /// engine, and whatever text was produced is stored as `partial`.
+    /// Answers an inbound message. Events arrive on the returned receiver; dropping it (the
+    /// client left) or calling `stop` ends the generation in the engine, and whatever text
+    /// was produced is stored as `partial`.
+    ///
+    /// Nothing is stored and no conversation is created until the model has accepted the
+    /// prompt: a refused request (`Err`) leaves no trace. When the conversation is answering
+    /// another message, the receiver comes back at once with a `busy` notice and the turn
+    /// starts when that answer is stored; a refusal then arrives as an `Error` event.
     pub async fn start(
         &self,
         inbound: Inbound,
         tier: Option<Tier>,
     ) -> Result<mpsc::Receiver<Event>> {
-        let text = inbound.text.trim();
-        if text.is_empty() {
-            return Err(Error::Invalid("message is empty".into()));
-        }
-        let conversation_id = self.conversation_for(&inbound).await?;
-        let mut user = NewMessage::plain(conversation_id, Role::User, text);
-        user.external_id = inbound.external_id.clone();
-        let user_id = memory::add_message(&self.pool, &user).await?;
-        let _ = self.events.send(ConversationEvent {
-            conversation_id,
-            message_id: user_id,
-            role: Role::User,
-        });
-        self.answer(conversation_id, tier).await
+        let (target, user) = self.prepare(&inbound).await?;
+        self.begin(target, Some(user), tier, Waiting::Notify).await
     }
 
-    /// Answers the conversation as it stands (its last message is the prompt). Used by
-    /// `start` and by cron jobs, which store their prompt themselves.
+    /// Answers the conversation as it stands (its last message is the prompt), taking its
+    /// turn like `start`. Used by cron recovery, the channel queue and the WebChat's
+    /// regenerate and edit actions, which change the stored messages themselves.
     pub async fn answer(
         &self,
         conversation_id: ConversationId,
         tier: Option<Tier>,
     ) -> Result<mpsc::Receiver<Event>> {
-        let tier = tier.unwrap_or_else(|| self.router.default_tier());
-        let persona = self.persona().await?;
-        let history =
-            memory::history(&self.pool, conversation_id, self.config.history_messages as i64)
-                .await?;
-        let mut turns: Vec<ChatTurn> = history
-            .into_iter()
-            // Failed answers are shown to the user but are not part of what the model saw.
-            .filter(|m| m.status != MessageStatus::Error && m.role != Role::System)
-            .map(|m| ChatTurn::new(m.role, m.content))
-            .collect();
-        let params = GenerationParams::qwen3_non_thinking(self.config.reply_max_tokens);
+        self.begin(Target::Existing(conversation_id), None, tier, Waiting::Notify).await
+    }
 
-        // The system prompt is never cut: when the engine says the prompt does not fit, the
-        // oldest turns go first, and the caller is told.
+    /// Stops the running answer of a conversation; false when none runs. Messages waiting
+    /// for their turn are not affected: the next one starts once the stopped answer is
+    /// stored.
+    pub fn stop(&self, conversation_id: ConversationId) -> bool {
+        let running = lock(&self.inner.running).remove(&conversation_id);
+        match running {
+            Some(running) => running.stop.send(()).is_ok(),
+            None => false,
+        }
+    }
+
+    /// Runs a whole turn and collects the answer, for channels that send one message. It
+    /// waits its turn when the conversation is busy.
+    pub async fn reply(&self, inbound: Inbound, tier: Option<Tier>) -> Result<Reply> {
+        let (target, user) = self.prepare(&inbound).await?;
+        let rx = self.begin(target, Some(user), tier, Waiting::Inline).await?;
+        // The turn always sends `Meta` first, which carries the conversation id.
+        Ok(collect(ConversationId(0), rx).await)
+    }
+
+    /// Answers an existing conversation and collects the result (cron jobs, the channel
+    /// queue's recovery), waiting its turn.
+    pub async fn answer_collect(
+        &self,
+        conversation_id: ConversationId,
+        tier: Option<Tier>,
+    ) -> Result<Reply> {
+        let target = Target::Existing(conversation_id);
+        let rx = self.begin(target, None, tier, Waiting::Inline).await?;
+        Ok(collect(conversation_id, rx).await)
+    }
+
+    /// Prepares the prompts of the `conversations` most recently active conversations in idle
+    /// time, after a restart, so their next turn does not prefill the whole window. Returns
+    /// how many were handed to the model. Errors of single conversations are logged.
+    pub async fn warm_recent(&self, conversations: usize) -> Result<usize> {
+        if !self.inner.window.warm || conversations == 0 {
+            return Ok(0);
+        }
+        let pool = &self.inner.pool;
+        let system = ChatTurn::new(Role::System, self.persona().await?.system_turn());
+        let params = self.params();
+        let mut warmed = 0;
+        for summary in memory::list_conversations(pool, conversations as i64).await? {
+            let id = summary.conversation.id;
+            let n_stored = memory::message_count(pool, id).await? as usize;
+            if n_stored == 0 {
+                continue;
+            }
+            // The next turn adds one message; its window is what to prepare.
+            let mut start = self.inner.window.start(n_stored + 1, self.floor(id));
+            let stored = memory::messages_from(pool, id, start as i64, n_stored as i64).await?;
+            let tier = stored
+                .iter()
+                .rev()
+                .find_map(|m| m.tier.as_deref().and_then(Tier::parse))
+                .unwrap_or_else(|| self.inner.router.default_tier());
+            let mut window = prompt_turns(start, stored);
+            while !window.is_empty() {
+                let request = build_request(&system, &window, &params);
+                match self.inner.router.warm(tier, request).await {
+                    Ok(()) => {
+                        warmed += 1;
+                        break;
+                    }
+                    Err(LlmError::ContextOverflow { .. }) if window.len() > 1 => {
+                        // Trim as a turn would, and remember it so the turn starts there.
+                        start = Self::trimmed_start(&window);
+                        window.retain(|(index, _)| *index >= start);
+                        lock(&self.inner.floors).insert(id, start);
+                    }
+                    Err(err) => {
+                        tracing::warn!(conversation = id.0, error = %err, "warming after a restart failed");
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(warmed)
+    }
+
+    /// How many answers hold or wait for a conversation's turn (0 when it is idle).
+    pub fn turns_queued(&self, conversation_id: ConversationId) -> usize {
+        lock(&self.inner.turns)
+            .get(&conversation_id)
+            .map_or(0, |slot| Arc::strong_count(slot).saturating_sub(1))
+    }
+
+    /// Where the window of a conversation of `n_messages` starts now (for tests and tools).
+    pub fn window_start(&self, conversation_id: ConversationId, n_messages: usize) -> usize {
+        self.inner.window.start(n_messages, self.floor(conversation_id))
+    }
+
+    fn params(&self) -> GenerationParams {
+        GenerationParams::qwen3_non_thinking(self.inner.config.reply_max_tokens)
+    }
+
+    fn floor(&self, conversation_id: ConversationId) -> usize {
+        lock(&self.inner.floors).get(&conversation_id).copied().unwrap_or(0)
+    }
+
+    /// Validates an inbound message and finds its conversation without creating one.
+    async fn prepare(&self, inbound: &Inbound) -> Result<(Target, UserMessage)> {
+        let text = inbound.text.trim();
+        if text.is_empty() {
+            return Err(Error::Invalid("message is empty".into()));
+        }
+        let pool = &self.inner.pool;
+        let target = if inbound.channel == ChannelKind::WebChat {
+            // WebChat keys are conversation ids chosen by the page; anything else is new.
+            match inbound.conversation_key.parse::<i64>() {
+                Ok(id) => match memory::get_conversation(pool, ConversationId(id)).await? {
+                    Some(c) if c.channel == ChannelKind::WebChat => Target::Existing(c.id),
+                    _ => return Err(Error::NotFound(format!("conversation {id}"))),
+                },
+                Err(_) => Target::NewWebChat { title: title_from(text) },
+            }
+        } else {
+            let key = inbound.conversation_key.as_str();
+            match memory::find_conversation(pool, inbound.channel, key).await? {
+                Some(c) => Target::Existing(c.id),
+                None => Target::NewChannel {
+                    channel: inbound.channel,
+                    key: key.to_string(),
+                    title: format!("{} {}", inbound.channel, inbound.sender),
+                },
+            }
+        };
+        let user = UserMessage { text: text.to_string(), external_id: inbound.external_id.clone() };
+        Ok((target, user))
+    }
+
+    /// Takes the conversation's turn (waiting as `waiting` says) and starts the answer.
+    async fn begin(
+        &self,
+        target: Target,
+        user: Option<UserMessage>,
+        tier: Option<Tier>,
+        waiting: Waiting,
+    ) -> Result<mpsc::Receiver<Event>> {
+        let (tx, rx) = mpsc::channel(EVENT_BUFFER);
+        let mut target = target;
+        let mut guard = None;
+        if let Target::Existing(id) = target {
+            let slot = self.turn_slot(id);
+            match slot.clone().try_lock_owned() {
+                Ok(owned) => guard = Some(self.turn_guard(id, owned)),
+                Err(_) if waiting == Waiting::Inline => {
+                    guard = Some(self.turn_guard(id, slot.lock_owned().await));
+                }
+                Err(_) => {
+                    let _ = tx
+                        .send(Event::Notice {
+                            kind: BUSY_NOTICE_KIND.into(),
+                            message: BUSY_NOTICE.into(),
+                        })
+                        .await;
+                    let this = self.clone();
+                    tokio::spawn(async move {
+                        // A client that leaves while waiting withdraws its message: nothing
+                        // of it is stored, as for a refused request.
+                        let owned = tokio::select! {
+                            owned = slot.lock_owned() => owned,
+                            _ = tx.closed() => return,
+                        };
+                        let guard = this.turn_guard(id, owned);
+                        let started = this.run_turn(target, user, tier, Some(guard), &tx).await;
+                        let message = match started {
+                            Ok(TurnStart::Started) => return,
+                            Ok(TurnStart::Raced(_)) => "the conversation is busy".to_string(),
+                            Err(err) => err.to_string(),
+                        };
+                        let _ = tx.send(Event::Error { message, partial_message_id: None }).await;
+                    });
+                    return Ok(rx);
+                }
+            }
+        }
+        loop {
+            match self.run_turn(target.clone(), user.clone(), tier, guard.take(), &tx).await? {
+                TurnStart::Started => return Ok(rx),
+                TurnStart::Raced(id) => {
+                    // Rare: two first messages of a new channel conversation at once. Wait
+                    // for the other one's answer, then answer with it in the history.
+                    let slot = self.turn_slot(id);
+                    guard = Some(self.turn_guard(id, slot.lock_owned().await));
+                    target = Target::Existing(id);
+                }
+            }
+        }
+    }
+
+    /// Builds the prompt from the window, asks the router (trimming in steps on a context
+    /// overflow), and only then stores the user message and starts streaming. Holds the
+    /// conversation's turn from here until the answer is stored.
+    async fn run_turn(
+        &self,
+        target: Target,
+        user: Option<UserMessage>,
+        tier: Option<Tier>,
+        guard: Option<TurnGuard>,
+        tx: &mpsc::Sender<Event>,
+    ) -> Result<TurnStart> {
+        let inner = &self.inner;
+        let pool = &inner.pool;
+        let tier = tier.unwrap_or_else(|| inner.router.default_tier());
+        let persona = self.persona().await?;
+        let existing = match &target {
+            Target::Existing(id) => {
+                // It may have been deleted while this request waited for its turn.
+                if memory::get_conversation(pool, *id).await?.is_none() {
+                    return Err(Error::NotFound(format!("conversation {}", id.0)));
+                }
+                Some(*id)
+            }
+            _ => None,
+        };
+        let n_stored = match existing {
+            Some(id) => memory::message_count(pool, id).await? as usize,
+            None => 0,
+        };
+        let n_messages = n_stored + usize::from(user.is_some());
+        let floor = existing.map_or(0, |id| self.floor(id));
+        let mut start = inner.window.start(n_messages, floor);
+        let mut window = match existing {
+            Some(id) if start < n_stored => {
+                let stored =
+                    memory::messages_from(pool, id, start as i64, (n_stored - start) as i64)
+                        .await?;
+                prompt_turns(start, stored)
+            }
+            _ => Vec::new(),
+        };
+        if let Some(user) = &user {
+            window.push((n_messages - 1, ChatTurn::new(Role::User, user.text.clone())));
+        }
+        if window.is_empty() {
+            return Err(Error::Invalid("the conversation has no message to answer".into()));
+        }
+
+        // The system prompt is never cut: when the model says the prompt does not fit, the
+        // window start jumps forward a step at a time (the newest message always stays),
+        // and the new start is kept for the next turns.
+        let system = ChatTurn::new(Role::System, persona.system_turn());
+        let params = self.params();
         let mut trimmed = 0usize;
         let routed = loop {
-            let mut messages = Vec::with_capacity(turns.len() + 1);
-            messages.push(ChatTurn::new(Role::System, persona.system_turn()));
-            messages.extend(turns.iter().cloned());
-            let request = LlmRequest { messages, params: params.clone() };
-            match self.router.stream(tier, request).await {
+            let request = build_request(&system, &window, &params);
+            match inner.router.stream(tier, request).await {
                 Ok(routed) => break routed,
-                Err(LlmError::ContextOverflow { .. }) if turns.len() > 1 => {
-                    turns.remove(0);
-                    trimmed += 1;
+                Err(LlmError::ContextOverflow { .. }) if window.len() > 1 => {
+                    start = Self::trimmed_start(&window);
+                    let before = window.len();
+                    window.retain(|(index, _)| *index >= start);
+                    trimmed += before - window.len();
                 }
                 Err(e) => return Err(e.into()),
             }
         };
 
-        let (tx, rx) = mpsc::channel(64);
+        // The model accepted the prompt: from here the turn is recorded.
+        let conversation_id = match target {
+            Target::Existing(id) => id,
+            Target::NewWebChat { title } => {
+                memory::create_webchat_conversation(pool, Some(&title)).await?.id
+            }
+            Target::NewChannel { channel, key, title } => {
+                memory::get_or_create_conversation(pool, channel, &key, Some(&title)).await?.id
+            }
+        };
+        let guard = match guard {
+            Some(guard) => guard,
+            None => match self.try_turn(conversation_id) {
+                Some(guard) => guard,
+                // Dropping `routed` here stops the engine.
+                None => return Ok(TurnStart::Raced(conversation_id)),
+            },
+        };
+        if start > floor {
+            lock(&inner.floors).insert(conversation_id, start);
+        }
+        if let Some(user) = user {
+            let mut message = NewMessage::plain(conversation_id, Role::User, user.text);
+            message.external_id = user.external_id;
+            let user_id = memory::add_message(pool, &message).await?;
+            let _ = inner.events.send(ConversationEvent {
+                conversation_id,
+                message_id: user_id,
+                role: Role::User,
+            });
+        }
+
+        let turn = inner.next_turn.fetch_add(1, Ordering::Relaxed);
         let (stop_tx, stop_rx) = oneshot::channel();
-        self.running.lock().unwrap_or_else(|e| e.into_inner()).insert(conversation_id, stop_tx);
+        // Registered before `Meta` goes out, so a stop sent on `Meta` finds it.
+        lock(&inner.running).insert(conversation_id, Running { turn, stop: stop_tx });
         let _ = tx
             .send(Event::Meta {
                 conversation_id,
@@ -238,44 +614,125 @@ impl Assistant {
             let _ = tx.send(Event::Notice { kind: kind.clone(), message: message.clone() }).await;
         }
 
+        // The next window starts a step further on; its prefix is what to prepare once this
+        // answer is stored. Before the conversation reaches that point there is nothing yet.
+        let next_start = start + inner.window.step;
+        let warm = (inner.window.warm && next_start <= n_messages).then(|| WarmPlan {
+            tier,
+            system: system.clone(),
+            prefix: window
+                .iter()
+                .filter(|(index, _)| *index >= next_start)
+                .map(|(_, turn)| turn.clone())
+                .collect(),
+            params: params.clone(),
+        });
         let run = Generation {
-            pool: self.pool.clone(),
-            events: self.events.clone(),
+            assistant: self.clone(),
             conversation_id,
+            turn,
+            guard,
             tier: routed.tier,
             provider: routed.info.provider.clone(),
             model: routed.info.model.clone(),
+            warm,
         };
-        tokio::spawn(run.drive(routed.stream, tx, stop_rx));
-        Ok(rx)
+        tokio::spawn(run.drive(routed.stream, tx.clone(), stop_rx));
+        Ok(TurnStart::Started)
     }
 
-    /// Stops the running generation of a conversation; false when none runs.
-    pub fn stop(&self, conversation_id: ConversationId) -> bool {
-        let sender =
-            self.running.lock().unwrap_or_else(|e| e.into_inner()).remove(&conversation_id);
-        match sender {
-            Some(tx) => tx.send(()).is_ok(),
-            None => false,
-        }
+    /// The window start after one trimming step: the older half of the window's turns goes
+    /// (an even number when it can, so the window still starts on the same side of the
+    /// conversation), never the newest turn. Halving keeps the number of re-prefills
+    /// logarithmic in how far the prompt is over, and the start stays there afterwards.
+    fn trimmed_start(window: &[(usize, ChatTurn)]) -> usize {
+        let cut = (window.len() / 2) & !1;
+        let cut = cut.clamp(1, window.len().saturating_sub(1).max(1));
+        window.get(cut).map_or(0, |(index, _)| *index)
     }
 
-    /// Runs a whole turn and collects the answer, for channels that send one message.
-    pub async fn reply(&self, inbound: Inbound, tier: Option<Tier>) -> Result<Reply> {
-        let rx = self.start(inbound, tier).await?;
-        // `start` always sends `Meta` first, which carries the conversation id.
-        Ok(collect(ConversationId(0), rx).await)
+    fn turn_slot(&self, conversation_id: ConversationId) -> Arc<tokio::sync::Mutex<()>> {
+        lock(&self.inner.turns).entry(conversation_id).or_default().clone()
     }
 
-    /// Answers an existing conversation and collects the result (cron jobs).
-    pub async fn answer_collect(
+    fn try_turn(&self, conversation_id: ConversationId) -> Option<TurnGuard> {
+        let owned = self.turn_slot(conversation_id).try_lock_owned().ok()?;
+        Some(self.turn_guard(conversation_id, owned))
+    }
+
+    fn turn_guard(
         &self,
         conversation_id: ConversationId,
-        tier: Option<Tier>,
-    ) -> Result<Reply> {
-        let rx = self.answer(conversation_id, tier).await?;
-        Ok(collect(conversation_id, rx).await)
+        owned: tokio::sync::OwnedMutexGuard<()>,
+    ) -> TurnGuard {
+        TurnGuard { conversation_id, owned: Some(owned), slots: self.inner.turns.clone() }
     }
+
+    /// Removes the stop switch of `turn` if it is still registered (a stop may have taken it).
+    fn finish_running(&self, conversation_id: ConversationId, turn: u64) {
+        let mut running = lock(&self.inner.running);
+        if running.get(&conversation_id).is_some_and(|r| r.turn == turn) {
+            running.remove(&conversation_id);
+        }
+    }
+}
+
+/// A conversation's turn, held by one answer. Dropping it lets the next waiting message
+/// start, and forgets the conversation's slot when nobody waits for it.
+struct TurnGuard {
+    conversation_id: ConversationId,
+    owned: Option<tokio::sync::OwnedMutexGuard<()>>,
+    slots: TurnSlots,
+}
+
+impl Drop for TurnGuard {
+    fn drop(&mut self) {
+        let mut slots = lock(&self.slots);
+        self.owned.take();
+        // Waiters clone the slot under this same lock, so a count of one (the map's) means
+        // nobody holds or waits for it.
+        if slots.get(&self.conversation_id).is_some_and(|slot| Arc::strong_count(slot) == 1) {
+            slots.remove(&self.conversation_id);
+        }
+    }
+}
+
+/// What to hand to `Router::warm` once an answer is stored: the next window's prefix.
+struct WarmPlan {
+    tier: Tier,
+    system: ChatTurn,
+    /// The turns of this prompt from the next window's start on (the answer is added).
+    prefix: Vec<ChatTurn>,
+    params: GenerationParams,
+}
+
+/// The turns a prompt holds from stored messages starting at index `start`: failed answers
+/// are shown to the user but are not part of what the model saw, and system notes are not
+/// turns. Each keeps its conversation index.
+fn prompt_turns(start: usize, stored: Vec<memory::StoredMessage>) -> Vec<(usize, ChatTurn)> {
+    stored
+        .into_iter()
+        .enumerate()
+        .filter(|(_, m)| m.status != MessageStatus::Error && m.role != Role::System)
+        .map(|(offset, m)| (start + offset, ChatTurn::new(m.role, m.content)))
+        .collect()
+}
+
+fn build_request(
+    system: &ChatTurn,
+    window: &[(usize, ChatTurn)],
+    params: &GenerationParams,
+) -> LlmRequest {
+    let mut messages = Vec::with_capacity(window.len() + 1);
+    messages.push(system.clone());
+    messages.extend(window.iter().map(|(_, turn)| turn.clone()));
+    LlmRequest { messages, params: params.clone() }
+}
+
+/// Locks a std mutex, carrying on after a panic elsewhere (the maps stay consistent: every
+/// update is a single insert or remove).
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 async fn collect(conversation_id: ConversationId, mut rx: mpsc::Receiver<Event>) -> Reply {
@@ -301,14 +758,17 @@ async fn collect(conversation_id: ConversationId, mut rx: mpsc::Receiver<Event>)
     reply
 }
 
-/// One running answer: forwards chunks to the caller and stores the result.
+/// One running answer: forwards chunks to the caller, stores the result, gives the turn
+/// back and prepares the next window.
 struct Generation {
-    pool: SqlitePool,
-    events: broadcast::Sender<ConversationEvent>,
+    assistant: Assistant,
     conversation_id: ConversationId,
+    turn: u64,
+    guard: TurnGuard,
     tier: Tier,
     provider: String,
     model: String,
+    warm: Option<WarmPlan>,
 }
 
 impl Generation {
@@ -320,14 +780,27 @@ impl Generation {
     ) {
         let started = Instant::now();
         let mut text = String::new();
+        // Text pieces received: the local engine sends one per generated token that has
+        // text, so this is the completion count of an answer cut short (a lower bound).
+        let mut n_pieces: u32 = 0;
+        let mut stop_open = true;
         let outcome: std::result::Result<(Usage, FinishReason), String> = loop {
             let next = tokio::select! {
                 chunk = stream.recv() => chunk,
-                _ = &mut stop => break Ok((Usage::default(), FinishReason::Cancelled)),
+                stopped = &mut stop, if stop_open => match stopped {
+                    Ok(()) => break Ok((Usage::default(), FinishReason::Cancelled)),
+                    // The switch was dropped without a stop (the assistant going away): keep
+                    // answering; only the stop endpoint or a leaving client stops.
+                    Err(_) => {
+                        stop_open = false;
+                        continue;
+                    }
+                },
             };
             match next {
                 Some(Ok(Chunk::Text(t))) => {
                     text.push_str(&t);
+                    n_pieces += 1;
                     if tx.send(Event::Token(t)).await.is_err() {
                         // The client left: dropping the stream stops the engine.
                         break Ok((Usage::default(), FinishReason::Cancelled));
@@ -343,16 +816,17 @@ impl Generation {
         };
         // Dropping the stream here (before storing) releases the engine at once.
         drop(stream);
+        let cut_short = Usage { completion_tokens: n_pieces, ..Usage::default() };
 
         let (status, usage, finish, error) = match outcome {
-            Ok((usage, FinishReason::Cancelled)) => {
-                (MessageStatus::Partial, usage, FinishReason::Cancelled, None)
+            Ok((_, FinishReason::Cancelled)) => {
+                (MessageStatus::Partial, cut_short, FinishReason::Cancelled, None)
             }
             Ok((usage, finish)) => (MessageStatus::Complete, usage, finish, None),
             Err(e) if text.is_empty() => {
                 (MessageStatus::Error, Usage::default(), FinishReason::Stop, Some(e))
             }
-            Err(e) => (MessageStatus::Partial, Usage::default(), FinishReason::Stop, Some(e)),
+            Err(e) => (MessageStatus::Partial, cut_short, FinishReason::Stop, Some(e)),
         };
         let content = if status == MessageStatus::Error {
             format!("(no answer: {})", error.as_deref().unwrap_or("unknown error"))
@@ -366,15 +840,18 @@ impl Generation {
             tier: Some(self.tier.as_str().to_string()),
             provider: Some(self.provider.clone()),
             model: Some(self.model.clone()),
-            prompt_tokens: Some(usage.prompt_tokens as i64),
-            completion_tokens: Some(usage.completion_tokens as i64),
+            // An answer cut short never learned its prompt's size: unknown, not zero.
+            prompt_tokens: (status == MessageStatus::Complete)
+                .then_some(i64::from(usage.prompt_tokens)),
+            completion_tokens: Some(i64::from(usage.completion_tokens)),
             status,
             external_id: None,
         };
-        let stored = memory::add_message(&self.pool, &message).await;
+        let inner = &self.assistant.inner;
+        let stored = memory::add_message(&inner.pool, &message).await;
         let message_id = match stored {
             Ok(id) => {
-                let _ = self.events.send(ConversationEvent {
+                let _ = inner.events.send(ConversationEvent {
                     conversation_id: self.conversation_id,
                     message_id: id,
                     role: Role::Assistant,
@@ -386,6 +863,10 @@ impl Generation {
                 None
             }
         };
+        // The turn ends once the answer is stored: the next message of this conversation
+        // sees it in its history.
+        self.assistant.finish_running(self.conversation_id, self.turn);
+        drop(self.guard);
         let event = match (error, message_id) {
             (None, Some(message_id)) => Event::Done {
                 message_id,
@@ -403,6 +884,30 @@ impl Generation {
             },
         };
         let _ = tx.send(event).await;
+
+        // The next window's prefix goes to the model before the caller's stream closes, so
+        // the prepared state is requested before the next turn can be.
+        let warming = match (self.warm, message_id) {
+            (Some(plan), Some(_)) => {
+                let mut prefix = plan.prefix;
+                // A failed answer is not part of the next prompts (see `prompt_turns`).
+                if status != MessageStatus::Error {
+                    prefix.push(ChatTurn::new(Role::Assistant, message.content));
+                }
+                let mut messages = Vec::with_capacity(prefix.len() + 1);
+                messages.push(plan.system);
+                messages.extend(prefix);
+                let request = LlmRequest { messages, params: plan.params };
+                Some(inner.router.warm(plan.tier, request))
+            }
+            _ => None,
+        };
+        drop(tx);
+        if let Some(warming) = warming {
+            if let Err(err) = warming.await {
+                tracing::debug!(conversation = self.conversation_id.0, error = %err, "warming the next window failed");
+            }
+        }
     }
 }
 
@@ -424,6 +929,68 @@ mod tests {
     fn persona_system_turn_substitutes_the_name() {
         let p = Persona { name: "Pince".into(), system_prompt: DEFAULT_SYSTEM_PROMPT.into() };
         assert!(p.system_turn().starts_with("You are Pince, a private personal assistant"));
+    }
+
+    /// Every window start for conversations of 1..=200 messages, with no trimming.
+    fn starts(policy: WindowPolicy) -> Vec<usize> {
+        (1..=200).map(|n| policy.start(n, 0)).collect()
+    }
+
+    #[test]
+    fn stepping_window_sizes_stay_within_bounds() {
+        for history in [1, 2, 4, 6, 7, 20, 21] {
+            let policy = WindowPolicy::stepping(history);
+            assert!(policy.step >= 2 && policy.step.is_multiple_of(2), "{policy:?}");
+            for (n, start) in (1..=200).zip(starts(policy)) {
+                let size = n - start;
+                assert!(size >= history.min(n), "n={n} {policy:?}: {size} messages");
+                assert!(size <= policy.max_messages(), "n={n} {policy:?}: {size} messages");
+                // Steps land on even indices: user messages in an alternating conversation.
+                assert_eq!(start % 2, 0, "n={n} {policy:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn stepping_window_start_is_monotone_and_moves_in_steps() {
+        let policy = WindowPolicy::stepping(20);
+        assert_eq!((policy.step, policy.max_messages()), (10, 29));
+        let starts = starts(policy);
+        let mut moves = 0;
+        for pair in starts.windows(2) {
+            assert!(pair[1] >= pair[0], "never moves back: {pair:?}");
+            if pair[1] != pair[0] {
+                assert_eq!(pair[1] - pair[0], policy.step, "moves by whole steps");
+                moves += 1;
+            }
+        }
+        // 200 messages: the window stepped at 30, 40, … 200.
+        assert_eq!(moves, 18);
+        // Deterministic: the same count gives the same start (a restart computes it again).
+        assert_eq!(starts, self::starts(WindowPolicy::stepping(20)));
+        assert_eq!(policy.start(29, 0), 0);
+        assert_eq!(policy.start(30, 0), 10);
+        assert_eq!(policy.start(39, 0), 10);
+    }
+
+    #[test]
+    fn sliding_window_is_the_last_n_messages() {
+        let policy = WindowPolicy::sliding(20);
+        for n in 1..=200 {
+            assert_eq!(n - policy.start(n, 0), n.min(20), "n={n}");
+        }
+    }
+
+    #[test]
+    fn a_trimming_floor_holds_the_start_and_keeps_the_newest_message() {
+        let policy = WindowPolicy::stepping(20);
+        // Trimmed to start at 12: the start stays there until the natural start passes it.
+        assert_eq!(policy.start(25, 12), 12);
+        assert_eq!(policy.start(33, 12), 12);
+        assert_eq!(policy.start(40, 12), 20);
+        // Never past the newest message, whatever the floor.
+        assert_eq!(policy.start(5, 40), 4);
+        assert_eq!(policy.start(0, 0), 0);
     }
 
     #[test]

@@ -8,6 +8,8 @@ pub mod app;
 pub mod assistant;
 /// `my-claw --bench`: throughput on this machine, same engine path as the server.
 pub mod bench;
+/// `my-claw bench-conversation`: time to first token along one long conversation.
+pub mod bench_conversation;
 /// `my-claw bench-model`: a Qwen3-shaped GGUF with random weights, for benchmarks.
 pub mod bench_model;
 /// Outbound channel clients (WhatsApp, Nextcloud Talk) and their wire types.

@@ -130,6 +130,23 @@ pub async fn get_or_create_conversation(
     row.try_into()
 }
 
+/// The conversation of `(channel, external_key)`, if it exists (nothing is created).
+pub async fn find_conversation(
+    pool: &SqlitePool,
+    channel: ChannelKind,
+    external_key: &str,
+) -> Result<Option<Conversation>, sqlx::Error> {
+    let row: Option<ConversationRow> = sqlx::query_as(
+        "SELECT id, channel, external_key, title, created_at, updated_at
+         FROM conversations WHERE channel = ?1 AND external_key = ?2",
+    )
+    .bind(channel.as_str())
+    .bind(external_key)
+    .fetch_optional(pool)
+    .await?;
+    row.map(TryInto::try_into).transpose()
+}
+
 /// Creates a new WebChat conversation with a fresh random key.
 pub async fn create_webchat_conversation(
     pool: &SqlitePool,
@@ -262,6 +279,38 @@ pub async fn history(
     .fetch_all(pool)
     .await?;
     rows.reverse();
+    rows.into_iter().map(TryInto::try_into).collect()
+}
+
+/// How many messages a conversation holds (every role and status): the index the next
+/// message will have, which the history window's arithmetic counts in.
+pub async fn message_count(
+    pool: &SqlitePool,
+    conversation_id: ConversationId,
+) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT COUNT(*) FROM messages WHERE conversation_id = ?1")
+        .bind(conversation_id.0)
+        .fetch_one(pool)
+        .await
+}
+
+/// The messages of a conversation from index `offset` on (0 is its first message), oldest
+/// first, at most `limit` of them.
+pub async fn messages_from(
+    pool: &SqlitePool,
+    conversation_id: ConversationId,
+    offset: i64,
+    limit: i64,
+) -> Result<Vec<StoredMessage>, sqlx::Error> {
+    let rows: Vec<MessageRow> = sqlx::query_as(&format!(
+        "SELECT {MESSAGE_COLUMNS} FROM messages WHERE conversation_id = ?1
+         ORDER BY id LIMIT ?2 OFFSET ?3"
+    ))
+    .bind(conversation_id.0)
+    .bind(limit)
+    .bind(offset)
+    .fetch_all(pool)
+    .await?;
     rows.into_iter().map(TryInto::try_into).collect()
 }
 
@@ -456,6 +505,29 @@ mod tests {
         let expected: Vec<String> = (5..25).map(|i| format!("m{i}")).collect();
         assert_eq!(contents, expected);
         assert_eq!(hist[0].role, Role::Assistant);
+    }
+
+    #[tokio::test]
+    async fn messages_are_counted_and_read_from_an_index() {
+        let (_dir, pool) = fresh().await;
+        let conv = create_webchat_conversation(&pool, Some("t")).await.unwrap();
+        let other = create_webchat_conversation(&pool, Some("o")).await.unwrap();
+        for i in 0..7 {
+            add_message(&pool, &NewMessage::plain(conv.id, Role::User, format!("m{i}")))
+                .await
+                .unwrap();
+            add_message(&pool, &NewMessage::plain(other.id, Role::User, "x")).await.unwrap();
+        }
+        assert_eq!(message_count(&pool, conv.id).await.unwrap(), 7);
+        let from = messages_from(&pool, conv.id, 3, 3).await.unwrap();
+        let contents: Vec<&str> = from.iter().map(|m| m.content.as_str()).collect();
+        assert_eq!(contents, ["m3", "m4", "m5"]);
+        assert!(messages_from(&pool, conv.id, 7, 10).await.unwrap().is_empty());
+
+        let found = find_conversation(&pool, ChannelKind::WebChat, &conv.external_key).await;
+        assert_eq!(found.unwrap().map(|c| c.id), Some(conv.id));
+        let missing = find_conversation(&pool, ChannelKind::WhatsApp, &conv.external_key).await;
+        assert_eq!(missing.unwrap(), None);
     }
 
     #[tokio::test]

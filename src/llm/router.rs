@@ -9,6 +9,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
+use futures::future::BoxFuture;
+
 use crate::config::RouterSettings;
 use crate::llm::hub::{self, ModelSpec};
 use crate::llm::pool::{ModelLoader, ModelPool, ModelState, PoolConfig};
@@ -492,6 +494,27 @@ impl Router {
         }
     }
 
+    /// Hands `request`'s prompt to whoever answers `tier` locally, to prepare its KV state in
+    /// idle time (see `Provider::warm`). Cloud tiers without a key warm `main`, which answers
+    /// them; cloud providers and missing models have nothing to prepare. The provider gets
+    /// the request when this is called, not when the future is first polled, so a caller
+    /// can hand it over before telling anyone that its turn has ended.
+    pub fn warm(&self, tier: Tier, mut request: LlmRequest) -> BoxFuture<'_, Result<(), LlmError>> {
+        let nothing_to_do: BoxFuture<'_, Result<(), LlmError>> = Box::pin(async { Ok(()) });
+        match &self.entry(tier).route {
+            Route::Provider(provider) => provider.warm(request),
+            Route::CloudWithoutKey { .. } => match &self.entry(Tier::Main).route {
+                Route::Provider(main) => {
+                    // The same setting `answer_from_main` uses, so the prompts match.
+                    request.params.thinking = false;
+                    main.warm(request)
+                }
+                _ => nothing_to_do,
+            },
+            Route::Missing { .. } => nothing_to_do,
+        }
+    }
+
     /// Every tier's state, in `Tier::ALL` order.
     pub async fn status(&self) -> Vec<TierStatus> {
         let main_answerer = self.answerer(Tier::Main);
@@ -641,6 +664,10 @@ impl Router {
         let info = main.info();
         let stream = match main.stream(request).await {
             Ok(stream) => stream,
+            // These describe the request or main's load, not a missing fallback: the caller
+            // trims history on an overflow (and the retry falls back again, with its
+            // notice) or waits and retries a full queue, exactly as on the direct path.
+            Err(err @ (LlmError::ContextOverflow { .. } | LlmError::QueueFull)) => return Err(err),
             Err(err) => return Err(unavailable(err.to_string())),
         };
         let notice = format!("{reason}: answered by main ({})", info.model);
