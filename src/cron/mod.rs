@@ -271,7 +271,9 @@ impl CronHandle {
     /// Stops starting runs. Runs in progress go on until the runtime stops; the next
     /// start records any left unfinished as failed.
     pub async fn shutdown(&self) {
-        if let Some(task) = lock(&self.inner.task).take() {
+        // Taken in its own statement: the lock must not be held while the loop ends.
+        let task = lock(&self.inner.task).take();
+        if let Some(task) = task {
             task.abort();
             // Waits for the loop to be gone, so nothing starts after this returns.
             let _ = task.await;
