@@ -966,6 +966,7 @@ async fn after_a_restart_missed_runs_are_not_replayed_and_next_run_is_computed()
     app.cron.shutdown().await;
 
     let settings = CronSettings { secret: None, timezone: Some("UTC".into()) };
+    let restarted_at = Utc::now();
     let restarted = my_claw::cron::start(
         app.pool.clone(),
         app.assistant.clone(),
@@ -984,7 +985,6 @@ async fn after_a_restart_missed_runs_are_not_replayed_and_next_run_is_computed()
     assert_eq!(view.job.last_outcome, Some(my_claw::db::cron::RunOutcome::Failed));
     assert!(view.job.last_error.as_deref().unwrap_or_default().contains("interrupted"));
     // The loop's first look after the restart: a replay would have started by then.
-    let restarted_at = Utc::now();
     let mut checked = restarted.checked_through();
     let looked = tokio::time::timeout(FIRE_LIMIT, checked.wait_for(|t| *t >= restarted_at)).await;
     assert!(matches!(looked, Ok(Ok(_))), "the restarted scheduler never looked at its jobs");

@@ -148,9 +148,10 @@ impl CronHandle {
         self.inner.secret.as_ref()
     }
 
-    /// How far the scheduling loop has looked: every occurrence at or before this instant
-    /// has had its run started (its history row written) or been skipped. Lets tests wait
-    /// for the scheduler instead of sleeping.
+    /// How far the scheduling loop has looked, updated after each look: every occurrence
+    /// at or before this instant has had its run started (its history row written) or
+    /// been skipped. Before the first look it is `DateTime::MIN_UTC`. Lets tests wait for
+    /// the scheduler instead of sleeping.
     pub fn checked_through(&self) -> watch::Receiver<DateTime<Utc>> {
         self.inner.checked_through.clone()
     }

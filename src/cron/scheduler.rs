@@ -41,7 +41,6 @@ pub(super) fn spawn(
     tokio::spawn(async move {
         // Occurrences before the start are never run: missed runs are not replayed.
         let mut cursor = Utc::now();
-        checked.send_replace(cursor);
         loop {
             let Some(strong) = inner.upgrade() else {
                 return;
