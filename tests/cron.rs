@@ -284,10 +284,9 @@ impl App {
         }
     }
 
-    /// Waits (bounded) until the scheduling loop has looked at every occurrence up to
-    /// `until`: a run it started for any of them has its history row by then. The loop
-    /// wakes at each occurrence of an enabled job; `start_clock` makes sure there is one
-    /// every second.
+    /// Waits (bounded) until the scheduler has looked at every occurrence up to `until`: a
+    /// run it started for any of them has its history row by then. Its report moves each
+    /// time an enabled job fires; `start_clock` makes sure one fires every second.
     async fn scheduler_passed(&self, until: DateTime<Utc>) {
         let mut checked = self.cron.checked_through();
         let waited = tokio::time::timeout(FIRE_LIMIT, checked.wait_for(|t| *t >= until)).await;
@@ -984,7 +983,7 @@ async fn after_a_restart_missed_runs_are_not_replayed_and_next_run_is_computed()
     );
     assert_eq!(view.job.last_outcome, Some(my_claw::db::cron::RunOutcome::Failed));
     assert!(view.job.last_error.as_deref().unwrap_or_default().contains("interrupted"));
-    // The loop's first look after the restart: a replay would have started by then.
+    // The restarted scheduler has set its jobs: a replay would have started by then.
     let mut checked = restarted.checked_through();
     let looked = tokio::time::timeout(FIRE_LIMIT, checked.wait_for(|t| *t >= restarted_at)).await;
     assert!(matches!(looked, Ok(Ok(_))), "the restarted scheduler never looked at its jobs");

@@ -1,8 +1,8 @@
 //! Scheduled jobs that make the assistant write first. This module is the scheduler's
 //! handle (create, edit, run now, the `/api/cron` trigger); `schedule.rs` parses
 //! expressions and time zones and `describe.rs` puts them in words; `job.rs` says what a
-//! valid job is; `scheduler.rs` is the loop that starts runs on time; `run.rs` is what one
-//! run does. SQL lives in `db::cron` and HTTP in `gateway::cron`; this module touches
+//! valid job is; `scheduler.rs` sets tokio-cron-scheduler to start runs on time; `run.rs`
+//! is what one run does. SQL lives in `db::cron` and HTTP in `gateway::cron`; this module touches
 //! neither.
 //!
 //! Rules worth knowing:
@@ -11,7 +11,8 @@
 //!   @annually`. When both day-of-month and day-of-week are restricted, a day must match
 //!   both, unlike Vixie cron where either one is enough.
 //! - Each job runs in its own time zone: its `timezone`, else `CRON_TIMEZONE`, else the
-//!   system's. Occurrences are computed in that zone at every look, across DST changes.
+//!   system's. Each occurrence is computed in that zone when the one before it fires (or
+//!   the job is saved), so DST changes move no run.
 //! - Runs missed while the process was down (or more than a minute late) are not replayed:
 //!   at start every job's next run is its next occurrence after the restart. A run that a
 //!   stopped process left `running` is recorded as failed at the next start.
@@ -27,15 +28,16 @@ mod run;
 pub mod schedule;
 mod scheduler;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
 use sqlx::SqlitePool;
-use tokio::sync::{watch, Notify};
-use tokio::task::JoinHandle;
+use tokio::sync::watch;
+use tokio_cron_scheduler::JobScheduler;
 
 use crate::assistant::Assistant;
 use crate::channels::Channels;
@@ -114,7 +116,8 @@ pub async fn start(
     if interrupted > 0 {
         tracing::warn!(runs = interrupted, "cron runs interrupted by the last stop marked failed");
     }
-    let (checked, checked_through) = watch::channel(DateTime::<Utc>::MIN_UTC);
+    let (checked, _) = watch::channel(DateTime::<Utc>::MIN_UTC);
+    let scheduler = scheduler::new_scheduler().await?;
     let handle = CronHandle {
         inner: Arc::new(Inner {
             pool,
@@ -124,14 +127,22 @@ pub async fn start(
             secret: settings.secret.clone(),
             running: Mutex::new(HashSet::new()),
             turn: tokio::sync::Mutex::new(()),
-            wake: Arc::new(Notify::new()),
-            checked_through,
-            task: Mutex::new(None),
+            scheduler,
+            registered: Mutex::new(HashMap::new()),
+            stopped: AtomicBool::new(false),
+            checked,
         }),
     };
     let jobs = store::list_jobs(&handle.inner.pool).await?;
-    let task = scheduler::spawn(Arc::downgrade(&handle.inner), handle.inner.wake.clone(), checked);
-    *lock(&handle.inner.task) = Some(task);
+    {
+        let _turn = handle.inner.turn.lock().await;
+        // Occurrences before now are never run: missed runs are not replayed.
+        let now = Utc::now();
+        for job in jobs.iter().filter(|job| job.enabled) {
+            scheduler::sync(&handle.inner, job.id, Some(job.clone()), now).await;
+        }
+        scheduler::publish(&handle.inner);
+    }
     let enabled = jobs.iter().filter(|job| job.enabled).count();
     tracing::info!(timezone = %default_timezone, jobs = enabled, "scheduler started");
     Ok(handle)
@@ -148,12 +159,14 @@ impl CronHandle {
         self.inner.secret.as_ref()
     }
 
-    /// How far the scheduling loop has looked, updated after each look: every occurrence
-    /// at or before this instant has had its run started (its history row written) or
-    /// been skipped. Before the first look it is `DateTime::MIN_UTC`. Lets tests wait for
-    /// the scheduler instead of sleeping.
+    /// How far the scheduler has looked, updated when a job's next run is set (at start,
+    /// at each edit and each time a run fires): every occurrence at or before this instant
+    /// has had its run started (its history row written) or been skipped. It never passes
+    /// the earliest run still waiting to fire, nor the time it was published. Before start
+    /// has set the jobs it is `DateTime::MIN_UTC`. Lets tests wait for the scheduler
+    /// instead of sleeping.
     pub fn checked_through(&self) -> watch::Receiver<DateTime<Utc>> {
-        self.inner.checked_through.clone()
+        self.inner.checked.subscribe()
     }
 
     pub async fn list(&self) -> Result<Vec<JobView>, CronError> {
@@ -173,7 +186,7 @@ impl CronHandle {
         let spec = job::validate(&inner.pool, &inner.channels, changes, None).await?;
         let _turn = inner.turn.lock().await;
         let job = store::insert_job(&inner.pool, &spec).await?;
-        inner.wake.notify_one();
+        scheduler::sync(inner, job.id, Some(job.clone()), Utc::now()).await;
         Ok(self.view(job, Utc::now()))
     }
 
@@ -185,7 +198,7 @@ impl CronHandle {
         let _turn = inner.turn.lock().await;
         let job =
             store::update_job(&inner.pool, id, &spec).await?.ok_or(CronError::NotFound(id))?;
-        inner.wake.notify_one();
+        scheduler::sync(inner, id, Some(job.clone()), Utc::now()).await;
         Ok(self.view(job, Utc::now()))
     }
 
@@ -195,7 +208,7 @@ impl CronHandle {
         if !store::delete_job(&self.inner.pool, id).await? {
             return Err(CronError::NotFound(id));
         }
-        self.inner.wake.notify_one();
+        scheduler::sync(&self.inner, id, None, Utc::now()).await;
         Ok(())
     }
 
@@ -272,13 +285,13 @@ impl CronHandle {
     /// Stops starting runs. Runs in progress go on until the runtime stops; the next
     /// start records any left unfinished as failed.
     pub async fn shutdown(&self) {
-        // Taken in its own statement: the lock must not be held while the loop ends.
-        let task = lock(&self.inner.task).take();
-        if let Some(task) = task {
-            task.abort();
-            // Waits for the loop to be gone, so nothing starts after this returns.
-            let _ = task.await;
+        // Under the turn, so a firing under way has started its run or will start none:
+        // nothing starts after this returns.
+        let _turn = self.inner.turn.lock().await;
+        if self.inner.stopped.swap(true, Ordering::SeqCst) {
+            return;
         }
+        scheduler::stop(&self.inner).await;
     }
 
     async fn load(&self, id: CronJobId) -> Result<CronJob, CronError> {
@@ -309,13 +322,17 @@ struct Inner {
     secret: Option<Secret>,
     /// Jobs with a run in progress: the per-job lock (see `run::RunGuard`).
     running: Mutex<HashSet<CronJobId>>,
-    /// Edits and the scheduling loop's looks take turns, so that once an edit has returned
-    /// no run starts from the job as it was (a disabled job never starts one more run).
+    /// Edits and firings take turns, so that once an edit has returned no run starts from
+    /// the job as it was (a disabled job never starts one more run).
     turn: tokio::sync::Mutex<()>,
-    /// Makes the scheduling loop look again now, after a change to the jobs.
-    wake: Arc<Notify>,
-    checked_through: watch::Receiver<DateTime<Utc>>,
-    task: Mutex<Option<JoinHandle<()>>>,
+    /// Fires the runs: one one-shot per enabled job, for its next occurrence.
+    scheduler: JobScheduler,
+    /// Each enabled job's one-shot in `scheduler`; changed only under `turn`.
+    registered: Mutex<HashMap<CronJobId, scheduler::Registered>>,
+    /// Set by `shutdown`, under `turn`: nothing is set or started after it.
+    stopped: AtomicBool,
+    /// See `CronHandle::checked_through`.
+    checked: watch::Sender<DateTime<Utc>>,
 }
 
 /// The schedule and zone a stored job runs on; an error for rows written around the API
