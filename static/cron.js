@@ -5,9 +5,9 @@
 // Same security rule as chat.js: text from the server only reaches the page through
 // textContent and DOM nodes built here; innerHTML is never used.
 //
-// `describeSchedule(expression, timezone)` explains an expression in words as the user
-// types ("every day at 08:00 Europe/Paris"); the server's preview then confirms it and
-// lists the next runs. The describer is exported as `window.myClawCron.describeSchedule`.
+// Schedules are put in words by the server, never here: jobs carry their `description`,
+// and the editor asks `/api/cron/describe` (debounced) as the user types, which also checks
+// the expression and lists its next runs.
 
 "use strict";
 
@@ -30,170 +30,8 @@
     nextcloud: "The room token: the end of the room's link.",
   };
   const REFRESH_MS = 10000;
-
-  // --- Describing cron expressions ---------------------------------------------------------
-
-  const DAY_NAMES = ["Sunday", "Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday"];
-  const MONTH_NAMES = [
-    "January", "February", "March", "April", "May", "June",
-    "July", "August", "September", "October", "November", "December",
-  ];
-  const DAY_ALIASES = { SUN: 0, MON: 1, TUE: 2, WED: 3, THU: 4, FRI: 5, SAT: 6 };
-  const MONTH_ALIASES = {
-    JAN: 1, FEB: 2, MAR: 3, APR: 4, MAY: 5, JUN: 6, JUL: 7, AUG: 8, SEP: 9, OCT: 10, NOV: 11, DEC: 12,
-  };
-  const NICKNAMES = {
-    "@yearly": "0 0 1 1 *",
-    "@annually": "0 0 1 1 *",
-    "@monthly": "0 0 1 * *",
-    "@weekly": "0 0 * * 0",
-    "@daily": "0 0 * * *",
-    "@midnight": "0 0 * * *",
-    "@hourly": "0 * * * *",
-  };
-
-  const pad = (n) => String(n).padStart(2, "0");
-  const isNumber = (s) => /^\d+$/.test(s);
-  const isStar = (s) => s === "*" || s === "?";
-
-  /** "a", "a and b", "a, b and c". */
-  function joinWords(items) {
-    if (items.length <= 1) return items.join("");
-    return items.slice(0, -1).join(", ") + " and " + items[items.length - 1];
-  }
-
-  /** The values of a list field of plain numbers or names (`1,3,5`, `MON-FRI`), or null. */
-  function listValues(field, aliases, max) {
-    const values = [];
-    for (const part of field.toUpperCase().split(",")) {
-      const range = part.split("-");
-      if (range.length > 2) return null;
-      const nums = range.map((p) => (p in aliases ? aliases[p] : isNumber(p) ? Number(p) : NaN));
-      if (nums.some((n) => Number.isNaN(n) || n > max)) return null;
-      if (nums.length === 1) values.push(nums[0]);
-      else {
-        if (nums[0] > nums[1]) return null;
-        for (let n = nums[0]; n <= nums[1]; n++) values.push(n);
-      }
-    }
-    return values;
-  }
-
-  function describeDays(field) {
-    const days = listValues(field, DAY_ALIASES, 7);
-    if (!days) return null;
-    const set = [...new Set(days.map((d) => d % 7))].sort();
-    const key = set.join(",");
-    if (key === "1,2,3,4,5") return "every weekday (Monday to Friday)";
-    if (key === "0,6") return "every weekend day";
-    if (set.length === 7) return "every day";
-    return "every " + joinWords(set.map((d) => DAY_NAMES[d]));
-  }
-
-  function describeMonths(field) {
-    const months = listValues(field, MONTH_ALIASES, 12);
-    if (!months || months.some((m) => m < 1)) return null;
-    return joinWords(months.map((m) => MONTH_NAMES[m - 1]));
-  }
-
-  function ordinal(n) {
-    const rem100 = n % 100;
-    if (rem100 >= 11 && rem100 <= 13) return n + "th";
-    return n + ({ 1: "st", 2: "nd", 3: "rd" }[n % 10] || "th");
-  }
-
-  /** The time-of-day part: "at 08:00", "at 08:00 and 18:30", "every 2 hours at :15"… */
-  function describeTime(second, minute, hour) {
-    if (!isNumber(second) || Number(second) > 59) return null;
-    const secText = (s) => (s === "0" ? "" : ":" + pad(s));
-    if (isNumber(minute) && hour.split(",").every(isNumber)) {
-      const hours = hour.split(",").map(Number);
-      if (hours.some((h) => h > 23) || Number(minute) > 59) return null;
-      return "at " + joinWords(hours.map((h) => pad(h) + ":" + pad(minute) + secText(second)));
-    }
-    if (isNumber(minute) && isStar(hour)) {
-      return "every hour at :" + pad(minute) + secText(second);
-    }
-    const everyHours = /^(?:\*|0)\/(\d+)$/.exec(hour);
-    if (isNumber(minute) && everyHours) {
-      return "every " + everyHours[1] + " hours at :" + pad(minute) + secText(second);
-    }
-    return null;
-  }
-
-  /** Explains common patterns in words; a field-by-field reading otherwise. */
-  function describeSchedule(expression, timezone) {
-    const text = String(expression || "").trim();
-    if (!text) return { ok: false, text: "Write a cron expression, e.g. 0 8 * * * for every day at 08:00." };
-    let fields = text.split(/\s+/);
-    if (fields.length === 1 && fields[0].startsWith("@")) {
-      const expanded = NICKNAMES[fields[0].toLowerCase()];
-      if (!expanded) return { ok: false, text: "Unknown shortcut: use @hourly, @daily, @weekly, @monthly or @yearly." };
-      fields = expanded.split(" ");
-    }
-    if (fields.length !== 5 && fields.length !== 6) {
-      return {
-        ok: false,
-        text: fields.length + " fields: write 5 (minute hour day month weekday) or 6 (seconds first).",
-      };
-    }
-    if (fields.length === 5) fields = ["0", ...fields];
-    const [second, minute, hour, dom, month, dow] = fields;
-    // The zone only matters once the hour or the day is fixed.
-    const zoneMatters = !(isStar(hour) && isStar(dom) && isStar(month) && isStar(dow));
-    const zone = timezone && zoneMatters ? " " + timezone : "";
-    const words = describeFields(second, minute, hour, dom, month, dow);
-    return { ok: true, text: words + zone };
-  }
-
-  function describeFields(second, minute, hour, dom, month, dow) {
-    const allDays = isStar(dom) && isStar(month) && isStar(dow);
-    const restStar = isStar(minute) && isStar(hour) && allDays;
-    // Sub-minute and sub-hour repeats.
-    if (second === "*" && restStar) return "every second";
-    const everySeconds = /^(?:\*|0)\/(\d+)$/.exec(second);
-    if (everySeconds && restStar) return "every " + everySeconds[1] + " seconds";
-    if (second === "0" && restStar) return "every minute";
-    const everyMinutes = /^(?:\*|0)\/(\d+)$/.exec(minute);
-    if (second === "0" && everyMinutes && isStar(hour) && allDays) {
-      return "every " + everyMinutes[1] + " minutes";
-    }
-    const time = describeTime(second, minute, hour);
-    if (time) {
-      if (allDays) return time.startsWith("every") ? time : "every day " + time;
-      if (isStar(dom) && isStar(month)) {
-        const days = describeDays(dow);
-        if (days) return days + (time.startsWith("every") ? ", " : " ") + time;
-      }
-      if (isNumber(dom) && isStar(dow)) {
-        if (isStar(month)) return "on the " + ordinal(Number(dom)) + " of every month " + time;
-        const months = describeMonths(month);
-        if (months) return "every year on " + Number(dom) + " " + months + " " + time;
-      }
-      if (dom.toUpperCase() === "L" && isStar(month) && isStar(dow)) {
-        return "on the last day of every month " + time;
-      }
-    }
-    return genericReading(second, minute, hour, dom, month, dow);
-  }
-
-  function genericReading(second, minute, hour, dom, month, dow) {
-    const part = (name, value) => (isStar(value) ? null : name + " " + value);
-    const parts = [
-      part("second", second === "0" ? "*" : second),
-      part("minute", minute),
-      part("hour", hour),
-      part("day of month", dom),
-      part("month", month),
-      part("weekday", dow),
-    ].filter(Boolean);
-    if (parts.length === 0) return "every second";
-    let text = "when " + joinWords(parts);
-    if (!isStar(dom) && !isStar(dow)) text += " (both the day and the weekday must match)";
-    return text;
-  }
-
-  window.myClawCron = { describeSchedule };
+  /** Pause in the typing before the expression is sent to be described. */
+  const DESCRIBE_DELAY_MS = 250;
 
   // --- The panel ---------------------------------------------------------------------------
 
@@ -208,8 +46,8 @@
     history: new Set(), // ids of jobs whose history is shown
     busy: new Set(), // ids of jobs with a run-now in flight
     timer: 0,
-    previewTimer: 0,
-    previewSeq: 0,
+    describeTimer: 0,
+    describeSeq: 0,
   };
 
   /** Builds an element: h("button", { class: "btn", onclick }, "text", child…). */
@@ -328,7 +166,6 @@
 
   function jobItem(job) {
     const zone = job.effective_timezone;
-    const described = describeSchedule(job.schedule, zone);
     const outcome = job.last_outcome;
     const item = h(
       "li",
@@ -340,7 +177,7 @@
         h("span", { class: "badge" }, job.tier || "main"),
         job.enabled ? null : h("span", { class: "badge" }, "disabled")
       ),
-      h("p", { class: "hint cron-when" }, described.text + " — ", h("code", {}, job.schedule)),
+      h("p", { class: "hint cron-when" }, job.description + " — ", h("code", {}, job.schedule)),
       h("p", { class: "hint" }, targetText(job)),
       h(
         "p",
@@ -569,39 +406,41 @@
     slot.replaceChildren(h("label", { for: "cron-target" }, "Target"), field, h("p", { class: "hint" }, TARGET_HINTS[channel]));
   }
 
-  /** The words at once; the server's check and next runs after a short pause. */
+  /** Asks the server for the words and the next runs once the typing pauses. */
   function updateDescription() {
     const expression = panel.querySelector("#cron-schedule").value;
     const timezone = panel.querySelector("#cron-timezone").value.trim();
-    const described = describeSchedule(expression, timezone || state.defaultTimezone);
-    const line = panel.querySelector("#cron-description");
-    line.textContent = described.text;
-    line.className = described.ok ? "hint" : "error-text";
-    window.clearTimeout(state.previewTimer);
-    state.previewTimer = window.setTimeout(() => preview(expression, timezone), 300);
-  }
-
-  async function preview(expression, timezone) {
-    const seq = ++state.previewSeq;
-    const line = panel.querySelector("#cron-preview");
-    if (!line) return;
+    const seq = ++state.describeSeq;
+    window.clearTimeout(state.describeTimer);
     if (!expression.trim()) {
-      line.textContent = "";
+      showDescription("Write a cron expression, e.g. 0 8 * * * for every day at 08:00.", "", true);
       return;
     }
+    state.describeTimer = window.setTimeout(() => describe(seq, expression, timezone), DESCRIBE_DELAY_MS);
+  }
+
+  async function describe(seq, expression, timezone) {
+    const query = new URLSearchParams({ expression });
+    if (timezone) query.set("timezone", timezone);
     try {
-      const body = { schedule: expression };
-      if (timezone) body.timezone = timezone;
-      const result = await claw.api("/api/cron/preview", { method: "POST", body });
-      if (seq !== state.previewSeq) return;
+      const result = await claw.api("/api/cron/describe?" + query.toString());
+      // An older answer that arrives late must not replace a newer one.
+      if (seq !== state.describeSeq) return;
       const times = (result.next_runs || []).map((ms) => formatTime(ms, result.timezone));
-      line.textContent = times.length ? "Next runs: " + times.join(" · ") : "";
-      line.className = "hint";
+      showDescription(result.description, times.length ? "Next runs: " + times.join(" · ") : "", false);
     } catch (err) {
-      if (seq !== state.previewSeq) return;
-      line.textContent = describeError(err);
-      line.className = "error-text";
+      if (seq !== state.describeSeq) return;
+      showDescription(describeError(err), "", true);
     }
+  }
+
+  function showDescription(text, nextRuns, isError) {
+    const line = panel.querySelector("#cron-description");
+    const preview = panel.querySelector("#cron-preview");
+    if (!line || !preview) return;
+    line.textContent = text;
+    line.className = isError ? "error-text" : "hint";
+    preview.textContent = nextRuns;
   }
 
   async function save() {

@@ -1,7 +1,10 @@
 //! Cron tests: scheduled jobs driven through the HTTP API of an in-process server on
 //! 127.0.0.1 (a fast fake model, the real WhatsApp client against a local Graph API
 //! stand-in), and one test of the real binary with the real small model. Loops are bounded;
-//! jobs fire every two seconds, so the timing tests take a few seconds each.
+//! jobs fire every one or two seconds, so the timing tests take a few seconds each. That a
+//! job did NOT run is proved by the scheduler's own report of how far it has looked
+//! (`CronHandle::checked_through`), kept moving by a job that fires every second, never by
+//! sleeping.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -10,6 +13,7 @@ use std::time::{Duration, Instant};
 use axum::body::Bytes;
 use axum::http::{StatusCode, Uri};
 use axum::response::IntoResponse;
+use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
 use futures::StreamExt;
 use reqwest::Method;
@@ -38,6 +42,8 @@ const CRON_SECRET: &str = "cron-secret-for-tests-42";
 const USER_NUMBER: &str = "16505551234";
 const QUIET_NUMBER: &str = "33612345678";
 const EVERY_2S: &str = "*/2 * * * * *";
+/// The clock job's schedule: it keeps the scheduling loop looking every second.
+const EVERY_1S: &str = "* * * * * *";
 /// A schedule that will not fire during a test (midnight on the first of January).
 const YEARLY: &str = "0 0 1 1 *";
 /// Bound on waits for something scheduled every two seconds, on a loaded machine.
@@ -144,11 +150,13 @@ struct Options {
     delay: Duration,
     secret: Option<&'static str>,
     template: Option<&'static str>,
+    /// Whether WhatsApp is configured (Nextcloud Talk never is here).
+    whatsapp: bool,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { delay: Duration::from_millis(10), secret: None, template: None }
+        Options { delay: Duration::from_millis(10), secret: None, template: None, whatsapp: true }
     }
 }
 
@@ -172,7 +180,7 @@ impl App {
             access_token: Secret::new("access-token"),
             phone_number_id: "106540352242922".into(),
             api_base: format!("{}/v26.0", graph.base),
-            allowed_numbers: vec![USER_NUMBER.into()],
+            allowed_numbers: vec![USER_NUMBER.into(), format!("+{QUIET_NUMBER}")],
             template_name: options.template.map(str::to_string),
         };
         let retry = RetryPolicy {
@@ -183,7 +191,10 @@ impl App {
         };
         let client =
             WhatsApp::new(whatsapp, reqwest::Client::new(), pool.clone()).with_retry(retry);
-        let channels = Channels { whatsapp: Some(Arc::new(client)), ..Channels::default() };
+        let channels = Channels {
+            whatsapp: options.whatsapp.then(|| Arc::new(client)),
+            ..Channels::default()
+        };
         let settings =
             CronSettings { secret: options.secret.map(Secret::new), timezone: Some("UTC".into()) };
         let cron =
@@ -271,6 +282,21 @@ impl App {
             assert!(started.elapsed() < FIRE_LIMIT, "job {id} kept running");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// Waits (bounded) until the scheduler has looked at every occurrence up to `until`: a
+    /// run it started for any of them has its history row by then. Its report moves each
+    /// time an enabled job fires; `start_clock` makes sure one fires every second.
+    async fn scheduler_passed(&self, until: DateTime<Utc>) {
+        let mut checked = self.cron.checked_through();
+        let waited = tokio::time::timeout(FIRE_LIMIT, checked.wait_for(|t| *t >= until)).await;
+        assert!(matches!(waited, Ok(Ok(_))), "the scheduler did not look up to {until}");
+    }
+
+    /// A job that fires every second into a conversation of its own.
+    async fn start_clock(&self) -> i64 {
+        let conversation = self.webchat_conversation().await;
+        id_of(&self.create(webchat_job("clock", EVERY_1S, conversation)).await)
     }
 
     async fn webchat_conversation(&self) -> i64 {
@@ -385,12 +411,15 @@ async fn a_job_every_two_seconds_delivers_to_webchat_and_whatsapp_until_disabled
         assert_eq!(disabled["enabled"], false);
         assert!(disabled["next_run"].is_null(), "{disabled}");
     }
+    let disabled_at = Utc::now();
+    app.start_clock().await;
     app.wait_idle(id_of(&web)).await;
     app.wait_idle(id_of(&wa)).await;
     let web_count = app.runs(id_of(&web)).await.len();
     let wa_count = app.runs(id_of(&wa)).await.len();
     let posts = graph.posts().len();
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    // Two occurrences of theirs have passed since they were disabled.
+    app.scheduler_passed(disabled_at + chrono::Duration::seconds(4)).await;
     assert_eq!(app.runs(id_of(&web)).await.len(), web_count, "disabled web job ran");
     assert_eq!(app.runs(id_of(&wa)).await.len(), wa_count, "disabled whatsapp job ran");
     assert_eq!(graph.posts().len(), posts, "disabled job still sent to WhatsApp");
@@ -408,7 +437,8 @@ async fn editing_the_schedule_takes_effect_without_a_restart() {
     let conversation = app.webchat_conversation().await;
     let job = app.create(webchat_job("edit", YEARLY, conversation)).await;
     let id = id_of(&job);
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    app.start_clock().await;
+    app.scheduler_passed(Utc::now() + chrono::Duration::seconds(2)).await;
     assert!(app.runs(id).await.is_empty(), "a yearly job ran");
 
     let edited = app.update(id, json!({"schedule": EVERY_2S})).await;
@@ -425,9 +455,10 @@ async fn editing_the_schedule_takes_effect_without_a_restart() {
     let reset = app.update(id, json!({"timezone": null})).await;
     assert!(reset["timezone"].is_null());
     assert_eq!(reset["effective_timezone"], "UTC");
+    let edited_at = Utc::now();
     app.wait_idle(id).await;
     let count = app.runs(id).await.len();
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    app.scheduler_passed(edited_at + chrono::Duration::seconds(4)).await;
     assert_eq!(app.runs(id).await.len(), count, "the old schedule still fired");
     app.cron.shutdown().await;
 }
@@ -541,13 +572,20 @@ async fn run_now_records_history_and_why_a_channel_refused() {
     assert_eq!(pruned, 2);
     assert_eq!(app.runs(id_of(&quiet)).await[0]["id"], history[0]["id"]);
 
-    // A channel that is not configured fails at once, without asking the model.
-    let talk = app
-        .create(json!({"schedule": YEARLY, "prompt": "hi", "channel": "nextcloud",
-                       "target": "room42"}))
-        .await;
-    assert_eq!(talk["name"], "hi", "a job without a name is named by its prompt");
-    let path = format!("/api/cron/jobs/{}/run", id_of(&talk));
+    // A job whose channel is no longer configured (saved before the configuration
+    // changed) fails at once, without asking the model.
+    let spec = my_claw::db::cron::JobSpec {
+        name: "talk".into(),
+        schedule: YEARLY.into(),
+        timezone: None,
+        prompt: "hi".into(),
+        channel: ChannelKind::Nextcloud,
+        target: "room42".into(),
+        tier: None,
+        enabled: true,
+    };
+    let talk = my_claw::db::cron::insert_job(&app.pool, &spec).await.unwrap();
+    let path = format!("/api/cron/jobs/{}/run", talk.id.0);
     let (_, run) = app.call(Method::POST, &path, None).await;
     assert_eq!(run["outcome"], "failed", "{run}");
     assert!(run["error"].as_str().unwrap().contains("nextcloud is not configured"), "{run}");
@@ -635,13 +673,11 @@ async fn bad_inputs_get_400_with_what_is_wrong() {
     let anonymous = app.http.get(format!("{}/api/cron/jobs", app.base)).send().await.unwrap();
     assert_eq!(anonymous.status().as_u16(), 401);
 
-    // The preview says the same things, and lists the next runs.
-    let preview = json!({"schedule": "30 7 * * 1-5", "timezone": "Europe/Paris"});
-    let (status, body) = app.call(Method::POST, "/api/cron/preview", Some(preview)).await;
-    assert_eq!(status, StatusCode::OK, "{body}");
-    assert_eq!(body["next_runs"].as_array().unwrap().len(), 3);
-    let bad = json!({"schedule": "0 8 * * MOON"});
-    let (status, body) = app.call(Method::POST, "/api/cron/preview", Some(bad)).await;
+    // The description says the same things.
+    let path_of = |expression: &str| {
+        format!("/api/cron/describe?expression={}", expression.replace(' ', "%20"))
+    };
+    let (status, body) = app.call(Method::GET, &path_of("0 8 * * MOON"), None).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert!(error_message(&body).contains("day-of-week"), "{body}");
 
@@ -650,6 +686,194 @@ async fn bad_inputs_get_400_with_what_is_wrong() {
     assert_eq!(status, StatusCode::NO_CONTENT);
     let (status, _) = app.call(Method::GET, &path, None).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
+    app.cron.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_and_unreachable_targets_get_a_clear_400_and_store_nothing() {
+    let graph = Graph::start().await;
+    let app = App::start(&graph, Options::default()).await;
+    let conversation = app.webchat_conversation().await;
+    let good = webchat_job("good", "0 8 * * *", conversation);
+    let with = |field: &str, value: Value| {
+        let mut job = good.clone();
+        job[field] = value;
+        job
+    };
+    let whatsapp_chat =
+        memory::get_or_create_conversation(&app.pool, ChannelKind::WhatsApp, USER_NUMBER, None)
+            .await
+            .unwrap();
+    let cases = [
+        (with("prompt", json!("p".repeat(4001))), "`prompt` is longer than 4000 characters"),
+        (with("name", json!("n".repeat(101))), "`name` is longer than 100 characters"),
+        (
+            with("schedule", json!(format!("0 8 * * {}", "1,".repeat(20_000)))),
+            "longer than 200 characters",
+        ),
+        (with("target", json!("9".repeat(65))), "`target` is longer than 64 characters"),
+        (with("timezone", json!("Z".repeat(5000))), "unknown time zone"),
+        (
+            json!({"schedule": "@daily", "prompt": "hi", "channel": "nextcloud",
+                   "target": "room42"}),
+            "Nextcloud Talk is not configured",
+        ),
+        (whatsapp_job("stranger", "@daily", "447700900123"), "not in WHATSAPP_ALLOWED_NUMBERS"),
+        (with("target", json!(whatsapp_chat.id.0.to_string())), "no WebChat conversation"),
+    ];
+    for (job, expected) in cases {
+        let (status, body) = app.call(Method::POST, "/api/cron/jobs", Some(job.clone())).await;
+        let shown: String = job.to_string().chars().take(120).collect();
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{shown} -> {body}");
+        assert_eq!(body["error"]["code"], "bad_request", "{body}");
+        let message = error_message(&body);
+        assert!(message.contains(expected), "{shown}: {message}");
+        assert!(message.len() < 400, "the error echoes the input: {message}");
+    }
+    let (_, list) = app.call(Method::GET, "/api/cron/jobs", None).await;
+    assert_eq!(list["jobs"].as_array().unwrap().len(), 0, "nothing was stored");
+
+    // At the limits, and to an allowed number, a job is accepted.
+    let mut at_limits = with("prompt", json!("p".repeat(4000)));
+    at_limits["name"] = json!("n".repeat(100));
+    let at_limits = app.create(at_limits).await;
+    assert_eq!(at_limits["prompt"].as_str().unwrap().len(), 4000);
+    let allowed = app.create(whatsapp_job("quiet", "@daily", QUIET_NUMBER)).await;
+    assert_eq!(allowed["target"], QUIET_NUMBER);
+
+    // An edit is checked the same way, and a refused one changes nothing.
+    let path = format!("/api/cron/jobs/{}", id_of(&allowed));
+    for (changes, expected) in [
+        (json!({"target": "+447700900123"}), "not in WHATSAPP_ALLOWED_NUMBERS"),
+        (json!({"channel": "nextcloud", "target": "room42"}), "Nextcloud Talk is not configured"),
+        (json!({"prompt": "p".repeat(4001)}), "`prompt` is longer than 4000 characters"),
+    ] {
+        let (status, body) = app.call(Method::PUT, &path, Some(changes)).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        assert!(error_message(&body).contains(expected), "{body}");
+    }
+    let (_, shown) = app.call(Method::GET, &path, None).await;
+    assert_eq!(shown["target"], QUIET_NUMBER, "{shown}");
+    assert_eq!(shown["channel"], "whatsapp", "{shown}");
+    app.cron.shutdown().await;
+
+    // Without WhatsApp configured, a WhatsApp target is refused, even an allowed number.
+    let app = App::start(&graph, Options { whatsapp: false, ..Options::default() }).await;
+    let (status, body) = app
+        .call(Method::POST, "/api/cron/jobs", Some(whatsapp_job("wa", "@daily", USER_NUMBER)))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(error_message(&body).contains("WhatsApp is not configured"), "{body}");
+    app.cron.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_queries_paths_and_bodies_get_the_json_error_shape() {
+    let graph = Graph::start().await;
+    let app = App::start(&graph, Options::default()).await;
+    let conversation = app.webchat_conversation().await;
+    let job = app.create(webchat_job("shape", YEARLY, conversation)).await;
+    let id = id_of(&job);
+    let (status, body) =
+        app.call(Method::GET, &format!("/api/cron/jobs/{id}/runs?limit=5"), None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let cases = [
+        (Method::GET, format!("/api/cron/jobs/{id}/runs?limit=abc"), None, "invalid query"),
+        (Method::GET, format!("/api/cron/jobs/{id}/runs?limit=1e99"), None, "invalid query"),
+        (Method::GET, "/api/cron/jobs/abc".to_string(), None, "`abc` is not a job id"),
+        (Method::GET, "/api/cron/jobs/%FF".to_string(), None, "invalid path"),
+        (Method::GET, "/api/cron/jobs/abc/runs".to_string(), None, "not a job id"),
+        (Method::DELETE, "/api/cron/jobs/abc".to_string(), None, "not a job id"),
+        (Method::GET, "/api/cron/describe".to_string(), None, "invalid query"),
+        (Method::GET, "/api/cron/describe?expression=".to_string(), None, "empty"),
+        (
+            Method::PUT,
+            format!("/api/cron/jobs/{id}"),
+            Some(json!({"enabled": "yes"})),
+            "invalid JSON body",
+        ),
+        (Method::POST, "/api/cron/jobs".to_string(), Some(json!([1, 2])), "invalid JSON body"),
+    ];
+    for (method, path, body, expected) in cases {
+        let (status, answer) = app.call(method.clone(), &path, body).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{method} {path}: {answer}");
+        assert_eq!(answer["error"]["code"], "bad_request", "{method} {path}: {answer}");
+        assert!(error_message(&answer).contains(expected), "{method} {path}: {answer}");
+    }
+    // A body that is not JSON at all.
+    let response = app
+        .http
+        .put(format!("{}/api/cron/jobs/{id}", app.base))
+        .bearer_auth(TOKEN)
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 400);
+    let answer: Value = response.json().await.expect("a JSON error body");
+    assert_eq!(answer["error"]["code"], "bad_request", "{answer}");
+    app.cron.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_describes_schedules_and_the_page_has_no_describer_of_its_own() {
+    let graph = Graph::start().await;
+    let app = App::start(&graph, Options::default()).await;
+    let conversation = app.webchat_conversation().await;
+    let describe = |expression: &str, timezone: Option<&str>| {
+        let mut url = reqwest::Url::parse(&format!("{}/api/cron/describe", app.base)).unwrap();
+        url.query_pairs_mut().append_pair("expression", expression);
+        if let Some(timezone) = timezone {
+            url.query_pairs_mut().append_pair("timezone", timezone);
+        }
+        let request = app.http.get(url).bearer_auth(TOKEN);
+        async move {
+            let response = request.send().await.unwrap();
+            assert_eq!(response.status().as_u16(), 200);
+            response.json::<Value>().await.unwrap()
+        }
+    };
+    let weekdays = describe("30 7 * * 1-5", Some("Europe/Paris")).await;
+    assert_eq!(
+        weekdays["description"], "every weekday (Monday to Friday) at 07:30 Europe/Paris",
+        "{weekdays}"
+    );
+    assert_eq!(weekdays["timezone"], "Europe/Paris");
+    let runs = weekdays["next_runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 3, "{weekdays}");
+    for run in runs {
+        let at = DateTime::from_timestamp_millis(run.as_i64().unwrap()).unwrap();
+        let paris = at.with_timezone(&chrono_tz::Europe::Paris);
+        assert_eq!(paris.format("%H:%M").to_string(), "07:30", "{at}");
+        assert!(!matches!(paris.format("%a").to_string().as_str(), "Sat" | "Sun"), "{at}");
+        assert!(at > Utc::now());
+    }
+    // The default zone when none is given; no zone where it does not matter.
+    let daily = describe("@daily", None).await;
+    assert_eq!(daily["description"], "every day at 00:00 UTC", "{daily}");
+    assert_eq!(daily["timezone"], "UTC");
+    let fast = describe("*/5 * * * * *", Some("Asia/Tokyo")).await;
+    assert_eq!(fast["description"], "every 5 seconds", "{fast}");
+
+    // Jobs carry their description, in their own zone.
+    let mut job = webchat_job("words", "0 9 * * 1,3,5", conversation);
+    job["timezone"] = json!("America/New_York");
+    let job = app.create(job).await;
+    assert_eq!(
+        job["description"], "every Monday, Wednesday and Friday at 09:00 America/New_York",
+        "{job}"
+    );
+    let (_, list) = app.call(Method::GET, "/api/cron/jobs", None).await;
+    assert_eq!(list["jobs"][0]["description"], job["description"], "{list}");
+
+    // One describer: the page shows what the API says and has no copy of the rules.
+    let script = std::fs::read_to_string(crate::util::repo_path("static/cron.js")).unwrap();
+    assert!(script.contains("/api/cron/describe"), "the page asks the API");
+    assert!(script.contains("job.description"), "the list shows the API's words");
+    for copy in ["Monday", "weekday (", "@hourly\":", "ordinal"] {
+        assert!(!script.contains(copy), "static/cron.js describes schedules itself: {copy}");
+    }
     app.cron.shutdown().await;
 }
 
@@ -687,7 +911,7 @@ async fn the_trigger_needs_the_secret_and_runs_only_due_jobs() {
         let response = trigger(secret, method).await.unwrap();
         assert_eq!(response.status().as_u16(), 401, "secret {secret:?}");
     }
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // A trigger writes the rows of the runs it starts before it answers.
     assert!(app.runs(id_of(&due)).await.is_empty(), "a refused trigger ran a job");
 
     let response = trigger(Some(CRON_SECRET), Method::POST).await.unwrap();
@@ -741,6 +965,7 @@ async fn after_a_restart_missed_runs_are_not_replayed_and_next_run_is_computed()
     app.cron.shutdown().await;
 
     let settings = CronSettings { secret: None, timezone: Some("UTC".into()) };
+    let restarted_at = Utc::now();
     let restarted = my_claw::cron::start(
         app.pool.clone(),
         app.assistant.clone(),
@@ -758,7 +983,10 @@ async fn after_a_restart_missed_runs_are_not_replayed_and_next_run_is_computed()
     );
     assert_eq!(view.job.last_outcome, Some(my_claw::db::cron::RunOutcome::Failed));
     assert!(view.job.last_error.as_deref().unwrap_or_default().contains("interrupted"));
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The restarted scheduler has set its jobs: a replay would have started by then.
+    let mut checked = restarted.checked_through();
+    let looked = tokio::time::timeout(FIRE_LIMIT, checked.wait_for(|t| *t >= restarted_at)).await;
+    assert!(matches!(looked, Ok(Ok(_))), "the restarted scheduler never looked at its jobs");
     let runs = restarted.runs(id, 10).await.unwrap();
     assert_eq!(runs.len(), 1, "the missed occurrence was replayed: {runs:?}");
     assert_eq!(runs[0].outcome, my_claw::db::cron::RunOutcome::Failed);

@@ -1,23 +1,22 @@
-//! Scheduled jobs over HTTP: the jobs API behind the bearer token (`/api/cron/jobs…`) and
-//! the `X-Cron-Secret` trigger for an external crontab (`/api/cron`). Rules, scheduling and
-//! runs are `crate::cron`'s; this module only shapes the JSON and checks the secret.
+//! Scheduled jobs over HTTP: the jobs API behind the bearer token (`/api/cron/jobs…`, and
+//! `/api/cron/describe`, the schedule in words for the editor) and the `X-Cron-Secret`
+//! trigger for an external crontab (`/api/cron`). Rules, scheduling and runs are
+//! `crate::cron`'s; this module only shapes the JSON and checks the secret.
 //!
 //! The handlers reach the scheduler through an `Extension<CronHandle>` that `attach` adds
 //! around the whole router, so the gateway's `AppState` does not need to know about cron.
 
-use axum::extract::{Path, Query};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Deserializer, Serialize};
-use sha2::{Digest, Sha256};
 
-use crate::cron::{CronError, CronHandle, JobChanges, JobView};
+use crate::cron::job::JobChanges;
+use crate::cron::{CronError, CronHandle, JobView};
 use crate::db::cron::{CronJobId, CronRun};
-use crate::gateway::auth::constant_time_eq;
-use crate::gateway::error::{ApiError, ApiJson};
+use crate::gateway::error::{ApiError, ApiJson, ApiPath, ApiQuery};
 use crate::gateway::AppState;
 
 /// The header that carries `CRON_SECRET`.
@@ -25,7 +24,7 @@ pub const SECRET_HEADER: &str = "x-cron-secret";
 
 /// Most runs one history answer carries.
 const MAX_RUNS: i64 = 200;
-/// How many upcoming runs the preview lists.
+/// How many upcoming runs the description lists.
 const PREVIEW_RUNS: usize = 3;
 
 /// The jobs API; goes behind the bearer-token check.
@@ -35,7 +34,7 @@ pub fn router() -> Router<AppState> {
         .route("/api/cron/jobs/{id}", get(get_job).put(update_job).delete(delete_job))
         .route("/api/cron/jobs/{id}/run", post(run_job))
         .route("/api/cron/jobs/{id}/runs", get(list_runs))
-        .route("/api/cron/preview", post(preview_schedule))
+        .route("/api/cron/describe", get(describe_schedule))
 }
 
 /// `GET|POST /api/cron`: public, guarded by `X-Cron-Secret` instead of the bearer token.
@@ -58,6 +57,8 @@ pub struct JobJson {
     pub timezone: Option<String>,
     /// The zone the job actually runs in.
     pub effective_timezone: String,
+    /// The schedule in words, in the effective zone ("every day at 08:00 Europe/Paris").
+    pub description: String,
     pub prompt: String,
     /// `webchat`, `whatsapp` or `nextcloud`.
     pub channel: &'static str,
@@ -124,13 +125,16 @@ struct RunsQuery {
 }
 
 #[derive(Debug, Deserialize)]
-struct PreviewRequest {
-    schedule: String,
+struct DescribeQuery {
+    expression: String,
+    /// An IANA zone; the default zone when absent or empty.
     timezone: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
-struct PreviewJson {
+struct DescriptionJson {
+    /// The expression in words, with the zone when the zone matters.
+    description: String,
     timezone: String,
     next_runs: Vec<i64>,
 }
@@ -166,7 +170,7 @@ async fn create_job(
 
 async fn get_job(
     cron: Scheduler,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<ApiJson<JobJson>, CronApiError> {
     let view = running(cron)?.get(parse_id(&id)?).await?;
     Ok(ApiJson(job_json(view)))
@@ -174,14 +178,17 @@ async fn get_job(
 
 async fn update_job(
     cron: Scheduler,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiJson(request): ApiJson<JobRequest>,
 ) -> Result<ApiJson<JobJson>, CronApiError> {
     let view = running(cron)?.update(parse_id(&id)?, request.into()).await?;
     Ok(ApiJson(job_json(view)))
 }
 
-async fn delete_job(cron: Scheduler, Path(id): Path<String>) -> Result<StatusCode, CronApiError> {
+async fn delete_job(
+    cron: Scheduler,
+    ApiPath(id): ApiPath<String>,
+) -> Result<StatusCode, CronApiError> {
     running(cron)?.delete(parse_id(&id)?).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -189,7 +196,7 @@ async fn delete_job(cron: Scheduler, Path(id): Path<String>) -> Result<StatusCod
 /// Runs the job now and answers when the run has finished.
 async fn run_job(
     cron: Scheduler,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<ApiJson<RunJson>, CronApiError> {
     let run = running(cron)?.run_now(parse_id(&id)?).await?;
     Ok(ApiJson(run_json(run)))
@@ -197,24 +204,26 @@ async fn run_job(
 
 async fn list_runs(
     cron: Scheduler,
-    Path(id): Path<String>,
-    Query(query): Query<RunsQuery>,
+    ApiPath(id): ApiPath<String>,
+    ApiQuery(query): ApiQuery<RunsQuery>,
 ) -> Result<ApiJson<RunList>, CronApiError> {
     let limit = query.limit.unwrap_or(50).clamp(1, MAX_RUNS);
     let runs = running(cron)?.runs(parse_id(&id)?, limit).await?;
     Ok(ApiJson(RunList { runs: runs.into_iter().map(run_json).collect() }))
 }
 
-/// Checks an expression and lists its next runs, for the editor.
-async fn preview_schedule(
+/// Checks an expression, says it in words and lists its next runs, for the editor (which
+/// calls it as the user types, so the page has no describer of its own).
+async fn describe_schedule(
     cron: Scheduler,
-    ApiJson(request): ApiJson<PreviewRequest>,
-) -> Result<ApiJson<PreviewJson>, CronApiError> {
-    let (timezone, next) =
-        running(cron)?.preview(&request.schedule, request.timezone.as_deref(), PREVIEW_RUNS)?;
-    Ok(ApiJson(PreviewJson {
-        timezone: timezone.name().to_string(),
-        next_runs: next.iter().map(DateTime::<Utc>::timestamp_millis).collect(),
+    ApiQuery(query): ApiQuery<DescribeQuery>,
+) -> Result<ApiJson<DescriptionJson>, CronApiError> {
+    let preview =
+        running(cron)?.preview(&query.expression, query.timezone.as_deref(), PREVIEW_RUNS)?;
+    Ok(ApiJson(DescriptionJson {
+        description: preview.description,
+        timezone: preview.timezone.name().to_string(),
+        next_runs: preview.next_runs.iter().map(DateTime::<Utc>::timestamp_millis).collect(),
     }))
 }
 
@@ -225,11 +234,8 @@ async fn trigger_due_jobs(
     headers: HeaderMap,
 ) -> Result<ApiJson<TriggerJson>, Response> {
     let trigger_off = || {
-        error_response(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            "the cron trigger is off: set CRON_SECRET to use it".into(),
-        )
+        ApiError::NotFound("the cron trigger is off: set CRON_SECRET to use it".into())
+            .into_response()
     };
     let Some(Extension(cron)) = cron else {
         return Err(trigger_off());
@@ -237,11 +243,8 @@ async fn trigger_due_jobs(
     let Some(secret) = cron.trigger_secret() else {
         return Err(trigger_off());
     };
-    let given = headers.get(SECRET_HEADER).map(|v| v.as_bytes()).unwrap_or_default();
-    // Comparing digests keeps the comparison constant-time even in the secret's length.
-    let matches =
-        constant_time_eq(&Sha256::digest(given), &Sha256::digest(secret.expose().as_bytes()));
-    if given.is_empty() || !matches {
+    let given = headers.get(SECRET_HEADER).and_then(|v| v.to_str().ok()).unwrap_or_default();
+    if given.is_empty() || !secret.matches(given) {
         let message = format!("missing or wrong {SECRET_HEADER} header");
         return Err(error_response(StatusCode::UNAUTHORIZED, "unauthorized", message));
     }
@@ -265,7 +268,10 @@ fn running(cron: Scheduler) -> Result<CronHandle, CronApiError> {
 fn parse_id(text: &str) -> Result<CronJobId, CronApiError> {
     match text.parse::<i64>() {
         Ok(id) => Ok(CronJobId(id)),
-        Err(_) => Err(CronApiError::Api(ApiError::BadRequest(format!("`{text}` is not a job id")))),
+        Err(_) => {
+            let shown: String = text.chars().take(32).collect();
+            Err(CronApiError::Api(ApiError::BadRequest(format!("`{shown}` is not a job id"))))
+        }
     }
 }
 
@@ -277,6 +283,7 @@ fn job_json(view: JobView) -> JobJson {
         schedule: job.schedule,
         timezone: job.timezone,
         effective_timezone: view.timezone.name().to_string(),
+        description: view.description,
         prompt: job.prompt,
         channel: job.channel.as_str(),
         target: job.target,

@@ -1,0 +1,273 @@
+//! A parsed cron expression in words ("every weekday (Monday to Friday) at 07:30"): common
+//! patterns get a sentence, anything else a field-by-field reading. Only wording: fields
+//! come from `schedule::Schedule` (already valid, six fields); zones are added there.
+
+const DAY_NAMES: [&str; 7] =
+    ["Sunday", "Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday"];
+const MONTH_NAMES: [&str; 12] = [
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+];
+const DAY_ALIASES: [&str; 7] = ["SUN", "MON", "TUE", "WED", "THU", "FRI", "SAT"];
+const MONTH_ALIASES: [&str; 12] =
+    ["JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC"];
+
+/// The six fields (seconds first) in words, without the zone.
+pub(super) fn fields(
+    second: &str,
+    minute: &str,
+    hour: &str,
+    dom: &str,
+    month: &str,
+    dow: &str,
+) -> String {
+    let all_days = is_star(dom) && is_star(month) && is_star(dow);
+    let rest_star = is_star(minute) && is_star(hour) && all_days;
+    // Sub-minute and sub-hour repeats.
+    if second == "*" && rest_star {
+        return "every second".into();
+    }
+    if let (Some(n), true) = (every(second), rest_star) {
+        return format!("every {n} seconds");
+    }
+    if second == "0" && rest_star {
+        return "every minute".into();
+    }
+    if let (Some(n), true) = (every(minute), second == "0" && is_star(hour) && all_days) {
+        return format!("every {n} minutes");
+    }
+    if let Some(time) = time_of_day(second, minute, hour) {
+        let repeats = time.starts_with("every");
+        if all_days {
+            return if repeats { time } else { format!("every day {time}") };
+        }
+        if is_star(dom) && is_star(month) {
+            if let Some(days) = days(dow) {
+                return format!("{days}{}{time}", if repeats { ", " } else { " " });
+            }
+        }
+        if let (Some(day), true) = (number(dom), is_star(dow)) {
+            if is_star(month) {
+                return format!("on the {} of every month {time}", ordinal(day));
+            }
+            if let Some(months) = months(month) {
+                return format!("every year on {day} {months} {time}");
+            }
+        }
+        if dom.eq_ignore_ascii_case("L") && is_star(month) && is_star(dow) {
+            return format!("on the last day of every month {time}");
+        }
+    }
+    field_by_field(second, minute, hour, dom, month, dow)
+}
+
+/// `*` or `?`: any value.
+pub(super) fn is_star(field: &str) -> bool {
+    field == "*" || field == "?"
+}
+
+/// `n` in `*/n` or `0/n`.
+fn every(field: &str) -> Option<u32> {
+    let step = field.strip_prefix("*/").or_else(|| field.strip_prefix("0/"))?;
+    number(step)
+}
+
+fn number(field: &str) -> Option<u32> {
+    if field.is_empty() || !field.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    field.parse().ok()
+}
+
+/// The time-of-day part: "at 08:00", "at 08:00 and 18:30", "every 2 hours at :15"…
+fn time_of_day(second: &str, minute: &str, hour: &str) -> Option<String> {
+    let second = number(second).filter(|s| *s <= 59)?;
+    let seconds = if second == 0 { String::new() } else { format!(":{second:02}") };
+    let minute = number(minute).filter(|m| *m <= 59)?;
+    if is_star(hour) {
+        return Some(format!("every hour at :{minute:02}{seconds}"));
+    }
+    if let Some(n) = every(hour) {
+        return Some(format!("every {n} hours at :{minute:02}{seconds}"));
+    }
+    let hours: Option<Vec<u32>> = hour.split(',').map(|h| number(h).filter(|h| *h <= 23)).collect();
+    let times: Vec<String> =
+        hours?.iter().map(|h| format!("{h:02}:{minute:02}{seconds}")).collect();
+    Some(format!("at {}", join_words(&times)))
+}
+
+fn days(field: &str) -> Option<String> {
+    let mut days: Vec<u32> =
+        list_values(field, &DAY_ALIASES, 0, 7)?.iter().map(|d| d % 7).collect();
+    days.sort_unstable();
+    days.dedup();
+    Some(match days.as_slice() {
+        [1, 2, 3, 4, 5] => "every weekday (Monday to Friday)".into(),
+        [0, 6] => "every weekend day".into(),
+        all if all.len() == 7 => "every day".into(),
+        some => {
+            let names: Vec<String> = some.iter().map(|d| DAY_NAMES[*d as usize].into()).collect();
+            format!("every {}", join_words(&names))
+        }
+    })
+}
+
+fn months(field: &str) -> Option<String> {
+    let months = list_values(field, &MONTH_ALIASES, 1, 12)?;
+    if months.contains(&0) {
+        return None;
+    }
+    let names: Vec<String> = months.iter().map(|m| MONTH_NAMES[*m as usize - 1].into()).collect();
+    Some(join_words(&names))
+}
+
+/// The values of a list of plain numbers, names or ranges (`1,3,5`, `MON-FRI`); `None` for
+/// anything else (steps, `L`, `#`), which the field-by-field reading shows as written.
+/// `first` is the number of the first alias (0 for Sunday, 1 for January).
+fn list_values(field: &str, aliases: &[&str], first: u32, max: u32) -> Option<Vec<u32>> {
+    let value = |part: &str| -> Option<u32> {
+        let upper = part.to_ascii_uppercase();
+        match aliases.iter().position(|alias| *alias == upper) {
+            Some(index) => Some(index as u32 + first),
+            None => number(part).filter(|n| *n <= max),
+        }
+    };
+    let mut values = Vec::new();
+    for part in field.split(',') {
+        match part.split('-').collect::<Vec<_>>().as_slice() {
+            [single] => values.push(value(single)?),
+            [from, to] => {
+                let (from, to) = (value(from)?, value(to)?);
+                if from > to {
+                    return None;
+                }
+                values.extend(from..=to);
+            }
+            _ => return None,
+        }
+    }
+    Some(values)
+}
+
+fn ordinal(n: u32) -> String {
+    let suffix = match (n % 10, n % 100) {
+        (_, 11..=13) => "th",
+        (1, _) => "st",
+        (2, _) => "nd",
+        (3, _) => "rd",
+        _ => "th",
+    };
+    format!("{n}{suffix}")
+}
+
+/// "a", "a and b", "a, b and c".
+fn join_words(items: &[String]) -> String {
+    match items {
+        [] => String::new(),
+        [one] => one.clone(),
+        [init @ .., last] => format!("{} and {last}", init.join(", ")),
+    }
+}
+
+fn field_by_field(
+    second: &str,
+    minute: &str,
+    hour: &str,
+    dom: &str,
+    month: &str,
+    dow: &str,
+) -> String {
+    let second = if second == "0" { "*" } else { second };
+    let parts: Vec<String> = [
+        ("second", second),
+        ("minute", minute),
+        ("hour", hour),
+        ("day of month", dom),
+        ("month", month),
+        ("weekday", dow),
+    ]
+    .into_iter()
+    .filter(|(_, value)| !is_star(value))
+    .map(|(name, value)| format!("{name} {value}"))
+    .collect();
+    if parts.is_empty() {
+        return "every second".into();
+    }
+    let mut text = format!("when {}", join_words(&parts));
+    if !is_star(dom) && !is_star(dow) {
+        text.push_str(" (both the day and the weekday must match)");
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono_tz::Tz;
+
+    use crate::cron::schedule::Schedule;
+
+    fn check(expression: &str, timezone: Tz, expected: &str) {
+        let schedule = Schedule::parse(expression).unwrap();
+        assert_eq!(schedule.describe(timezone), expected, "{expression}");
+    }
+
+    #[test]
+    fn repeats_within_the_hour_need_no_zone() {
+        check("* * * * * *", Tz::Europe__Paris, "every second");
+        check("*/5 * * * * *", Tz::Europe__Paris, "every 5 seconds");
+        check("* * * * *", Tz::Europe__Paris, "every minute");
+        check("*/15 * * * *", Tz::Europe__Paris, "every 15 minutes");
+        check("@hourly", Tz::Europe__Paris, "every hour at :00");
+        check("30 15 * * * *", Tz::UTC, "every hour at :15:30");
+    }
+
+    #[test]
+    fn times_of_day_and_days() {
+        let paris = Tz::Europe__Paris;
+        check("0 8 * * *", paris, "every day at 08:00 Europe/Paris");
+        check("@daily", Tz::UTC, "every day at 00:00 UTC");
+        check("30 8,18 * * *", Tz::UTC, "every day at 08:30 and 18:30 UTC");
+        check("15 */2 * * *", Tz::UTC, "every 2 hours at :15 UTC");
+        check("30 7 * * 1-5", paris, "every weekday (Monday to Friday) at 07:30 Europe/Paris");
+        check("30 7 * * MON-FRI", Tz::UTC, "every weekday (Monday to Friday) at 07:30 UTC");
+        check("0 10 * * 6,0", Tz::UTC, "every weekend day at 10:00 UTC");
+        check("0 10 * * 7,6", Tz::UTC, "every weekend day at 10:00 UTC");
+        check("0 9 * * 1,3,5", Tz::UTC, "every Monday, Wednesday and Friday at 09:00 UTC");
+        check("0 9 * * 0-6", Tz::UTC, "every day at 09:00 UTC");
+        check("@weekly", Tz::UTC, "every Sunday at 00:00 UTC");
+        check("5 * * * 1", Tz::UTC, "every Monday, every hour at :05 UTC");
+    }
+
+    #[test]
+    fn days_of_the_month_and_year() {
+        check("@monthly", Tz::UTC, "on the 1st of every month at 00:00 UTC");
+        check("0 12 22 * *", Tz::UTC, "on the 22nd of every month at 12:00 UTC");
+        check("0 12 13 * *", Tz::UTC, "on the 13th of every month at 12:00 UTC");
+        check("0 12 L * *", Tz::UTC, "on the last day of every month at 12:00 UTC");
+        check("@yearly", Tz::UTC, "every year on 1 January at 00:00 UTC");
+        check("0 9 24 DEC *", Tz::UTC, "every year on 24 December at 09:00 UTC");
+        check("0 9 1 1,7 *", Tz::UTC, "every year on 1 January and July at 09:00 UTC");
+    }
+
+    #[test]
+    fn anything_else_is_read_field_by_field() {
+        check(
+            "0 9 13 * 5",
+            Tz::UTC,
+            "when minute 0, hour 9, day of month 13 and weekday 5 (both the day and the \
+             weekday must match) UTC",
+        );
+        check("*/10 1-5 * * *", Tz::UTC, "when minute */10 and hour 1-5 UTC");
+        check("0 0 9 * * 1#2", Tz::UTC, "when minute 0, hour 9 and weekday 1#2 UTC");
+    }
+}

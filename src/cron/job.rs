@@ -1,0 +1,305 @@
+//! What a valid job is: merging a create or an edit over the stored job, the size limits,
+//! and the target checked against the channels this instance has configured (and their
+//! allow-lists). Reads conversations to check WebChat targets; writes nothing.
+
+use sqlx::SqlitePool;
+
+use crate::channels::Channels;
+use crate::cron::schedule::{parse_timezone, Schedule};
+use crate::cron::{CronError, DEFAULT_TIER};
+use crate::db::cron::JobSpec;
+use crate::db::memory;
+use crate::domain::{ChannelKind, ConversationId};
+use crate::llm::router::Tier;
+
+/// Longest prompt: a few paragraphs of instructions. A scheduled prompt is stored in its
+/// conversation and prefilled at every run, so a pasted document would cost engine time
+/// at each occurrence.
+pub const MAX_PROMPT_CHARS: usize = 4000;
+/// Longest name: a label in a list.
+pub const MAX_NAME_CHARS: usize = 100;
+/// Longest target as typed (a number with separators, a room token, a conversation id).
+const MAX_TARGET_CHARS: usize = 64;
+
+/// A create or a partial edit. `None` leaves a field as it is (or, on create, uses its
+/// default); `Some(None)` in `timezone`/`tier` resets the field to its default.
+#[derive(Debug, Clone, Default)]
+pub struct JobChanges {
+    pub name: Option<String>,
+    pub schedule: Option<String>,
+    pub timezone: Option<Option<String>>,
+    pub prompt: Option<String>,
+    pub channel: Option<String>,
+    pub target: Option<String>,
+    pub tier: Option<Option<String>>,
+    pub enabled: Option<bool>,
+}
+
+/// Merges `changes` over `current` (an edit) or the defaults (a create) and checks every
+/// field, the target against the configured channels included.
+pub(super) async fn validate(
+    pool: &SqlitePool,
+    channels: &Channels,
+    changes: JobChanges,
+    current: Option<JobSpec>,
+) -> Result<JobSpec, CronError> {
+    let spec = merge_changes(changes, current).map_err(CronError::Invalid)?;
+    let spec = check_spec(spec).map_err(CronError::Invalid)?;
+    check_reachable(pool, channels, spec.channel, &spec.target).await?;
+    Ok(spec)
+}
+
+/// Fills a draft from `changes` over `base` (an edit) or the defaults (a create).
+fn merge_changes(changes: JobChanges, base: Option<JobSpec>) -> Result<JobSpec, String> {
+    let required = |field: &str, what: &str| format!("`{field}` is required: {what}");
+    let creating = base.is_none();
+    let base = base.unwrap_or(JobSpec {
+        name: String::new(),
+        schedule: String::new(),
+        timezone: None,
+        prompt: String::new(),
+        channel: ChannelKind::WebChat,
+        target: String::new(),
+        tier: None,
+        enabled: true,
+    });
+    let channel = match changes.channel {
+        Some(name) => ChannelKind::parse(name.trim()).ok_or_else(|| {
+            let shown: String = name.chars().take(32).collect();
+            format!("unknown channel `{shown}`: use webchat, whatsapp or nextcloud")
+        })?,
+        None if creating => {
+            return Err(required("channel", "webchat, whatsapp or nextcloud"));
+        }
+        None => base.channel,
+    };
+    let spec = JobSpec {
+        name: changes.name.unwrap_or(base.name),
+        schedule: changes.schedule.unwrap_or(base.schedule),
+        timezone: changes.timezone.unwrap_or(base.timezone),
+        prompt: changes.prompt.unwrap_or(base.prompt),
+        channel,
+        target: changes.target.unwrap_or(base.target),
+        tier: changes.tier.unwrap_or(base.tier),
+        enabled: changes.enabled.unwrap_or(base.enabled),
+    };
+    if spec.schedule.trim().is_empty() {
+        return Err(required("schedule", "a cron expression such as `0 8 * * *`"));
+    }
+    if spec.prompt.trim().is_empty() {
+        return Err(required("prompt", "what the assistant is asked at each run"));
+    }
+    if spec.target.trim().is_empty() {
+        return Err(required(
+            "target",
+            "the WebChat conversation id, the WhatsApp number or the Nextcloud Talk room token",
+        ));
+    }
+    Ok(spec)
+}
+
+/// Checks the size and form of every field of a merged draft and normalises them.
+fn check_spec(spec: JobSpec) -> Result<JobSpec, String> {
+    // Lengths first: a 100 KB field gets a short answer, not a parse or an echo of itself.
+    let prompt = spec.prompt.trim().to_string();
+    if prompt.chars().count() > MAX_PROMPT_CHARS {
+        return Err(format!("`prompt` is longer than {MAX_PROMPT_CHARS} characters"));
+    }
+    let mut name = spec.name.trim().to_string();
+    if name.chars().count() > MAX_NAME_CHARS {
+        return Err(format!("`name` is longer than {MAX_NAME_CHARS} characters"));
+    }
+    if name.is_empty() {
+        // A job without a name is called by the start of what it asks.
+        name = prompt.chars().take(40).collect();
+    }
+    if spec.target.trim().chars().count() > MAX_TARGET_CHARS {
+        return Err(format!("`target` is longer than {MAX_TARGET_CHARS} characters"));
+    }
+    let schedule = spec.schedule.split_whitespace().collect::<Vec<_>>().join(" ");
+    Schedule::parse_checked(&schedule)?;
+    let timezone = match spec.timezone.as_deref().map(str::trim).filter(|tz| !tz.is_empty()) {
+        Some(name) => Some(parse_timezone(name)?.name().to_string()),
+        None => None,
+    };
+    let tier = match spec.tier.as_deref().map(str::trim).filter(|tier| !tier.is_empty()) {
+        Some(name) => Tier::parse(name).ok_or_else(|| {
+            let shown: String = name.chars().take(32).collect();
+            format!("unknown tier `{shown}`: use fast, smart, main, code or reason")
+        })?,
+        None => DEFAULT_TIER,
+    };
+    let target = check_target(spec.channel, spec.target.trim())?;
+    Ok(JobSpec {
+        name,
+        schedule,
+        timezone,
+        prompt,
+        channel: spec.channel,
+        target,
+        tier: Some(tier.as_str().to_string()),
+        enabled: spec.enabled,
+    })
+}
+
+/// The target in the form its channel uses for conversation keys.
+fn check_target(channel: ChannelKind, target: &str) -> Result<String, String> {
+    match channel {
+        ChannelKind::WebChat => Ok(target.to_string()),
+        ChannelKind::WhatsApp => {
+            // WhatsApp ids are the number's digits, without `+` or separators.
+            let digits: String = target
+                .chars()
+                .filter(|c| !matches!(c, '+' | ' ' | '-' | '(' | ')' | '.'))
+                .collect();
+            if (6..=15).contains(&digits.len()) && digits.chars().all(|c| c.is_ascii_digit()) {
+                Ok(digits)
+            } else {
+                Err(format!(
+                    "target `{target}`: not a WhatsApp number (international format, e.g. \
+                     +33612345678)"
+                ))
+            }
+        }
+        ChannelKind::Nextcloud => {
+            if target.chars().all(|c| c.is_ascii_alphanumeric()) {
+                Ok(target.to_string())
+            } else {
+                Err(format!(
+                    "target `{target}`: not a Nextcloud Talk room token (letters and digits, \
+                     the end of the room's link)"
+                ))
+            }
+        }
+    }
+}
+
+/// Whether answers can reach the target at all: its channel is configured, a WhatsApp
+/// number is one the assistant talks with, a WebChat target is a WebChat conversation.
+/// Refusing here beats a job that is accepted and then fails at every run.
+async fn check_reachable(
+    pool: &SqlitePool,
+    channels: &Channels,
+    channel: ChannelKind,
+    target: &str,
+) -> Result<(), CronError> {
+    match channel {
+        ChannelKind::WebChat => {
+            let missing = || {
+                CronError::Invalid(format!(
+                    "target `{target}`: no WebChat conversation has this id (open the \
+                     conversation in the WebChat and use its id)"
+                ))
+            };
+            let id = target.parse::<i64>().map_err(|_| missing())?;
+            match memory::get_conversation(pool, ConversationId(id)).await? {
+                Some(c) if c.channel == ChannelKind::WebChat => Ok(()),
+                _ => Err(missing()),
+            }
+        }
+        ChannelKind::WhatsApp => {
+            let Some(whatsapp) = &channels.whatsapp else {
+                return Err(not_configured("WhatsApp", "the WHATSAPP_* settings"));
+            };
+            // The allow-list is who the assistant talks with; with none set it talks with
+            // nobody (incoming messages are ignored too), so no number passes.
+            if !whatsapp.is_allowed(target) {
+                return Err(CronError::Invalid(format!(
+                    "target `+{target}`: this number is not in WHATSAPP_ALLOWED_NUMBERS, the \
+                     numbers the assistant talks with"
+                )));
+            }
+            Ok(())
+        }
+        ChannelKind::Nextcloud => match channels.nextcloud {
+            Some(_) => Ok(()),
+            None => Err(not_configured("Nextcloud Talk", "the NEXTCLOUD_* settings")),
+        },
+    }
+}
+
+fn not_configured(channel: &str, settings: &str) -> CronError {
+    CronError::Invalid(format!(
+        "{channel} is not configured on this server (set {settings}), so a job cannot send to it"
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn changes(channel: &str, target: &str) -> JobChanges {
+        JobChanges {
+            schedule: Some("0 8 * * *".into()),
+            prompt: Some("  Weather today?  ".into()),
+            channel: Some(channel.into()),
+            target: Some(target.into()),
+            ..JobChanges::default()
+        }
+    }
+
+    fn fail(c: JobChanges) -> String {
+        match merge_changes(c, None) {
+            Ok(spec) => check_spec(spec).unwrap_err(),
+            Err(e) => e,
+        }
+    }
+
+    #[test]
+    fn drafts_get_defaults_and_normalised_fields() {
+        let spec =
+            check_spec(merge_changes(changes("whatsapp", "+33 6 12-34-56-78"), None).unwrap())
+                .unwrap();
+        assert_eq!(spec.target, "33612345678");
+        assert_eq!(spec.tier.as_deref(), Some("main"));
+        assert_eq!(spec.name, "Weather today?");
+        assert!(spec.enabled);
+        assert_eq!(spec.timezone, None);
+    }
+
+    #[test]
+    fn bad_drafts_are_refused_with_a_reason() {
+        assert!(fail(changes("telegram", "x")).contains("unknown channel"));
+        assert!(fail(changes("webchat", " ")).contains("`target` is required"));
+        assert!(fail(changes("whatsapp", "call me")).contains("not a WhatsApp number"));
+        let mut c = changes("nextcloud", "abc123");
+        c.tier = Some(Some("huge".into()));
+        assert!(fail(c).contains("unknown tier"));
+        let mut c = changes("nextcloud", "abc123");
+        c.timezone = Some(Some("Paris".into()));
+        assert!(fail(c).contains("unknown time zone"));
+    }
+
+    #[test]
+    fn sizes_are_limited_at_the_boundary() {
+        let mut c = changes("nextcloud", "abc123");
+        c.prompt = Some("p".repeat(MAX_PROMPT_CHARS));
+        c.name = Some("n".repeat(MAX_NAME_CHARS));
+        assert!(check_spec(merge_changes(c.clone(), None).unwrap()).is_ok());
+        let mut long = c.clone();
+        long.prompt = Some("p".repeat(MAX_PROMPT_CHARS + 1));
+        assert_eq!(fail(long), "`prompt` is longer than 4000 characters");
+        let mut long = c.clone();
+        long.name = Some("n".repeat(MAX_NAME_CHARS + 1));
+        assert_eq!(fail(long), "`name` is longer than 100 characters");
+        let mut long = c.clone();
+        long.target = Some("a".repeat(65));
+        assert_eq!(fail(long), "`target` is longer than 64 characters");
+        let mut long = c;
+        long.schedule = Some(format!("0 8 * * {}", "1,".repeat(100)));
+        assert!(fail(long).contains("longer than 200 characters"));
+    }
+
+    #[test]
+    fn edits_keep_what_they_do_not_name() {
+        let base = check_spec(merge_changes(changes("nextcloud", "room1"), None).unwrap()).unwrap();
+        let edit = JobChanges { enabled: Some(false), ..JobChanges::default() };
+        let edited = check_spec(merge_changes(edit, Some(base.clone())).unwrap()).unwrap();
+        assert_eq!(edited, JobSpec { enabled: false, ..base.clone() });
+        let reset = JobChanges { tier: Some(None), ..JobChanges::default() };
+        let mut cloud = base.clone();
+        cloud.tier = Some("code".into());
+        let edited = check_spec(merge_changes(reset, Some(cloud)).unwrap()).unwrap();
+        assert_eq!(edited.tier.as_deref(), Some("main"));
+    }
+}

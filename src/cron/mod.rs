@@ -1,0 +1,359 @@
+//! Scheduled jobs that make the assistant write first. This module is the scheduler's
+//! handle (create, edit, run now, the `/api/cron` trigger); `schedule.rs` parses
+//! expressions and time zones and `describe.rs` puts them in words; `job.rs` says what a
+//! valid job is; `scheduler.rs` sets tokio-cron-scheduler to start runs on time; `run.rs`
+//! is what one run does. SQL lives in `db::cron` and HTTP in `gateway::cron`; this module touches
+//! neither.
+//!
+//! Rules worth knowing:
+//! - An expression has 5 fields (minute hour day-of-month month day-of-week), or 6 with a
+//!   seconds field first, or is one of `@hourly @daily @midnight @weekly @monthly @yearly
+//!   @annually`. When both day-of-month and day-of-week are restricted, a day must match
+//!   both, unlike Vixie cron where either one is enough.
+//! - Each job runs in its own time zone: its `timezone`, else `CRON_TIMEZONE`, else the
+//!   system's. Each occurrence is computed in that zone when the one before it fires (or
+//!   the job is saved), so DST changes move no run.
+//! - Runs missed while the process was down (or more than a minute late) are not replayed:
+//!   at start every job's next run is its next occurrence after the restart. A run that a
+//!   stopped process left `running` is recorded as failed at the next start.
+//! - A job never runs twice at the same time: a scheduled occurrence that finds its job
+//!   still running is skipped, and "run now" is refused.
+//! - `run_due` (the `/api/cron` trigger for an external crontab) runs each enabled job
+//!   whose latest occurrence is at most `DUE_WINDOW` old and later than the job's last run
+//!   and last edit, so a trigger and the in-process scheduler never both run one occurrence.
+
+mod describe;
+pub mod job;
+mod run;
+pub mod schedule;
+mod scheduler;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use chrono_tz::Tz;
+use sqlx::SqlitePool;
+use tokio::sync::watch;
+use tokio_cron_scheduler::JobScheduler;
+
+use crate::assistant::Assistant;
+use crate::channels::Channels;
+use crate::config::{CronSettings, Secret};
+use crate::db::cron::{self as store, CronJob, CronJobId, CronRun, JobSpec};
+use crate::llm::router::Tier;
+
+use job::JobChanges;
+use schedule::{parse_timezone, system_timezone, Schedule};
+
+/// Jobs answer from a local tier unless told otherwise, so scheduled work never reaches
+/// the cloud by default.
+pub const DEFAULT_TIER: Tier = Tier::Main;
+
+/// How old an occurrence may be for `/api/cron` to still run it.
+pub const DUE_WINDOW: Duration = Duration::from_secs(15 * 60);
+
+const INTERRUPTED: &str = "interrupted: my-claw stopped during this run";
+
+/// Errors of the scheduler's operations; the gateway maps them to status codes.
+#[derive(Debug, thiserror::Error)]
+pub enum CronError {
+    /// Bad input, phrased for the person who typed it.
+    #[error("{0}")]
+    Invalid(String),
+    #[error("no scheduled job {}", .0 .0)]
+    NotFound(CronJobId),
+    #[error("job {} is already running", .0 .0)]
+    Busy(CronJobId),
+    #[error("database: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("scheduler: {0}")]
+    Scheduler(String),
+}
+
+/// What a job is in the API: the stored job with its effective zone, its schedule in
+/// words and its next run.
+#[derive(Debug, Clone)]
+pub struct JobView {
+    pub job: CronJob,
+    pub timezone: Tz,
+    /// The schedule in words, in the job's zone; the expression itself for a stored
+    /// expression this version does not accept.
+    pub description: String,
+    /// `None` for a disabled job (or a schedule that no longer parses).
+    pub next_run: Option<DateTime<Utc>>,
+}
+
+/// An expression checked in a zone: what the editor shows as the user types.
+#[derive(Debug, Clone)]
+pub struct Preview {
+    pub timezone: Tz,
+    pub description: String,
+    pub next_runs: Vec<DateTime<Utc>>,
+}
+
+/// The running scheduler. Cheap to clone; every clone drives the same scheduler.
+#[derive(Clone)]
+pub struct CronHandle {
+    inner: Arc<Inner>,
+}
+
+/// Starts the scheduler: marks runs a stopped process left `running` as failed, then
+/// schedules every enabled job from now (missed runs are not replayed).
+pub async fn start(
+    pool: SqlitePool,
+    assistant: Arc<Assistant>,
+    channels: Channels,
+    settings: &CronSettings,
+) -> Result<CronHandle, CronError> {
+    let default_timezone = match &settings.timezone {
+        Some(name) => parse_timezone(name).map_err(CronError::Invalid)?,
+        None => system_timezone(),
+    };
+    let interrupted = store::fail_interrupted_runs(&pool, INTERRUPTED).await?;
+    if interrupted > 0 {
+        tracing::warn!(runs = interrupted, "cron runs interrupted by the last stop marked failed");
+    }
+    let (checked, _) = watch::channel(DateTime::<Utc>::MIN_UTC);
+    let scheduler = scheduler::new_scheduler().await?;
+    let handle = CronHandle {
+        inner: Arc::new(Inner {
+            pool,
+            assistant,
+            channels,
+            default_timezone,
+            secret: settings.secret.clone(),
+            running: Mutex::new(HashSet::new()),
+            turn: tokio::sync::Mutex::new(()),
+            scheduler,
+            registered: Mutex::new(HashMap::new()),
+            stopped: AtomicBool::new(false),
+            checked,
+        }),
+    };
+    let jobs = store::list_jobs(&handle.inner.pool).await?;
+    {
+        let _turn = handle.inner.turn.lock().await;
+        // Occurrences before now are never run: missed runs are not replayed.
+        let now = Utc::now();
+        for job in jobs.iter().filter(|job| job.enabled) {
+            scheduler::sync(&handle.inner, job.id, Some(job.clone()), now).await;
+        }
+        scheduler::publish(&handle.inner);
+    }
+    let enabled = jobs.iter().filter(|job| job.enabled).count();
+    tracing::info!(timezone = %default_timezone, jobs = enabled, "scheduler started");
+    Ok(handle)
+}
+
+impl CronHandle {
+    /// The zone of jobs that name none.
+    pub fn default_timezone(&self) -> Tz {
+        self.inner.default_timezone
+    }
+
+    /// `CRON_SECRET`; the `/api/cron` trigger is off when there is none.
+    pub fn trigger_secret(&self) -> Option<&Secret> {
+        self.inner.secret.as_ref()
+    }
+
+    /// How far the scheduler has looked, updated when a job's next run is set (at start,
+    /// at each edit and each time a run fires): every occurrence at or before this instant
+    /// has had its run started (its history row written) or been skipped. It never passes
+    /// the earliest run still waiting to fire, nor the time it was published. Before start
+    /// has set the jobs it is `DateTime::MIN_UTC`. Lets tests wait for the scheduler
+    /// instead of sleeping.
+    pub fn checked_through(&self) -> watch::Receiver<DateTime<Utc>> {
+        self.inner.checked.subscribe()
+    }
+
+    pub async fn list(&self) -> Result<Vec<JobView>, CronError> {
+        let jobs = store::list_jobs(&self.inner.pool).await?;
+        let now = Utc::now();
+        Ok(jobs.into_iter().map(|job| self.view(job, now)).collect())
+    }
+
+    pub async fn get(&self, id: CronJobId) -> Result<JobView, CronError> {
+        let job = self.load(id).await?;
+        Ok(self.view(job, Utc::now()))
+    }
+
+    /// Creates a job; it is scheduled before this returns.
+    pub async fn create(&self, changes: JobChanges) -> Result<JobView, CronError> {
+        let inner = &self.inner;
+        let spec = job::validate(&inner.pool, &inner.channels, changes, None).await?;
+        let _turn = inner.turn.lock().await;
+        let job = store::insert_job(&inner.pool, &spec).await?;
+        scheduler::sync(inner, job.id, Some(job.clone()), Utc::now()).await;
+        Ok(self.view(job, Utc::now()))
+    }
+
+    /// Applies a partial edit; the new schedule (or state) holds before this returns.
+    pub async fn update(&self, id: CronJobId, changes: JobChanges) -> Result<JobView, CronError> {
+        let inner = &self.inner;
+        let current = JobSpec::from(&self.load(id).await?);
+        let spec = job::validate(&inner.pool, &inner.channels, changes, Some(current)).await?;
+        let _turn = inner.turn.lock().await;
+        let job =
+            store::update_job(&inner.pool, id, &spec).await?.ok_or(CronError::NotFound(id))?;
+        scheduler::sync(inner, id, Some(job.clone()), Utc::now()).await;
+        Ok(self.view(job, Utc::now()))
+    }
+
+    /// Deletes a job and its history. A run in progress finishes but is not recorded.
+    pub async fn delete(&self, id: CronJobId) -> Result<(), CronError> {
+        let _turn = self.inner.turn.lock().await;
+        if !store::delete_job(&self.inner.pool, id).await? {
+            return Err(CronError::NotFound(id));
+        }
+        scheduler::sync(&self.inner, id, None, Utc::now()).await;
+        Ok(())
+    }
+
+    /// The last `limit` runs of a job, newest first.
+    pub async fn runs(&self, id: CronJobId, limit: i64) -> Result<Vec<CronRun>, CronError> {
+        self.load(id).await?;
+        Ok(store::list_runs(&self.inner.pool, id, limit).await?)
+    }
+
+    /// Runs a job now, whatever its schedule or state, and returns the finished run.
+    pub async fn run_now(&self, id: CronJobId) -> Result<CronRun, CronError> {
+        let job = self.load(id).await?;
+        let started = run::begin(&self.inner, job).await?;
+        // Spawned so that a client that leaves does not cancel the run half-way.
+        match tokio::spawn(started.finish()).await {
+            Ok(result) => result,
+            Err(e) => Err(CronError::Scheduler(format!("the run stopped: {e}"))),
+        }
+    }
+
+    /// Starts the runs of every job that is due (see the module comment) and returns
+    /// their ids; the runs go on in the background and land in each job's history.
+    pub async fn run_due(&self) -> Result<Vec<CronJobId>, CronError> {
+        let now = Utc::now();
+        let jobs = store::list_jobs(&self.inner.pool).await?;
+        let mut started = Vec::new();
+        for job in jobs.into_iter().filter(|job| job.enabled) {
+            let Ok((schedule, timezone)) = plan(&self.inner, &job) else {
+                continue;
+            };
+            let Some(occurrence) = schedule.latest_at_or_before(now, timezone) else {
+                continue;
+            };
+            let age = (now - occurrence).to_std().unwrap_or_default();
+            if age > DUE_WINDOW || !not_yet_run(&job, occurrence) {
+                continue;
+            }
+            let id = job.id;
+            let run = match run::begin(&self.inner, job).await {
+                Ok(run) => run,
+                Err(CronError::Busy(_)) => continue,
+                Err(e) => return Err(e),
+            };
+            started.push(id);
+            tokio::spawn(async move {
+                if let Err(e) = run.finish().await {
+                    tracing::error!(job = id.0, error = %e, "triggered cron run could not be recorded");
+                }
+            });
+        }
+        Ok(started)
+    }
+
+    /// Checks an expression in a zone (the given one or the default) and says it in
+    /// words with its next `count` runs, for the editor.
+    pub fn preview(
+        &self,
+        expression: &str,
+        timezone: Option<&str>,
+        count: usize,
+    ) -> Result<Preview, CronError> {
+        let timezone = match timezone.map(str::trim).filter(|tz| !tz.is_empty()) {
+            Some(name) => parse_timezone(name).map_err(CronError::Invalid)?,
+            None => self.inner.default_timezone,
+        };
+        let schedule = Schedule::parse_checked(expression).map_err(CronError::Invalid)?;
+        Ok(Preview {
+            timezone,
+            description: schedule.describe(timezone),
+            next_runs: schedule.upcoming(Utc::now(), timezone, count),
+        })
+    }
+
+    /// Stops starting runs. Runs in progress go on until the runtime stops; the next
+    /// start records any left unfinished as failed.
+    pub async fn shutdown(&self) {
+        // Under the turn, so a firing under way has started its run or will start none:
+        // nothing starts after this returns.
+        let _turn = self.inner.turn.lock().await;
+        if self.inner.stopped.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        scheduler::stop(&self.inner).await;
+    }
+
+    async fn load(&self, id: CronJobId) -> Result<CronJob, CronError> {
+        store::get_job(&self.inner.pool, id).await?.ok_or(CronError::NotFound(id))
+    }
+
+    fn view(&self, job: CronJob, now: DateTime<Utc>) -> JobView {
+        match plan(&self.inner, &job) {
+            Ok((schedule, timezone)) => {
+                let next_run = if job.enabled { schedule.next_after(now, timezone) } else { None };
+                let description = schedule.describe(timezone);
+                JobView { job, timezone, description, next_run }
+            }
+            Err(_) => {
+                let timezone = self.inner.default_timezone;
+                let description = job.schedule.clone();
+                JobView { job, timezone, description, next_run: None }
+            }
+        }
+    }
+}
+
+struct Inner {
+    pool: SqlitePool,
+    assistant: Arc<Assistant>,
+    channels: Channels,
+    default_timezone: Tz,
+    secret: Option<Secret>,
+    /// Jobs with a run in progress: the per-job lock (see `run::RunGuard`).
+    running: Mutex<HashSet<CronJobId>>,
+    /// Edits and firings take turns, so that once an edit has returned no run starts from
+    /// the job as it was (a disabled job never starts one more run).
+    turn: tokio::sync::Mutex<()>,
+    /// Fires the runs: one one-shot per enabled job, for its next occurrence.
+    scheduler: JobScheduler,
+    /// Each enabled job's one-shot in `scheduler`; changed only under `turn`.
+    registered: Mutex<HashMap<CronJobId, scheduler::Registered>>,
+    /// Set by `shutdown`, under `turn`: nothing is set or started after it.
+    stopped: AtomicBool,
+    /// See `CronHandle::checked_through`.
+    checked: watch::Sender<DateTime<Utc>>,
+}
+
+/// The schedule and zone a stored job runs on; an error for rows written around the API
+/// with an expression or zone this version does not accept.
+fn plan(inner: &Inner, job: &CronJob) -> Result<(Schedule, Tz), String> {
+    let schedule = Schedule::parse(&job.schedule)?;
+    let timezone = match &job.timezone {
+        Some(name) => parse_timezone(name)?,
+        None => inner.default_timezone,
+    };
+    Ok((schedule, timezone))
+}
+
+/// Whether `occurrence` is later than the job's last run and its last edit.
+fn not_yet_run(job: &CronJob, occurrence: DateTime<Utc>) -> bool {
+    let since = job.last_run_at.unwrap_or(i64::MIN).max(job.updated_at);
+    occurrence.timestamp_millis() > since
+}
+
+/// Locks a std mutex, taking over one poisoned by a panic elsewhere (what it guards stays
+/// consistent: each update is a single insert, remove or take).
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}

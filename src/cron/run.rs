@@ -1,0 +1,182 @@
+//! One run of a job: its row in the history, the prompt answered by the assistant in the
+//! target conversation, the delivery on the job's channel, and the recorded outcome.
+//! Whether and when to run is decided elsewhere (`scheduler.rs`, `CronHandle`).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::cron::{lock, CronError, Inner, DEFAULT_TIER};
+use crate::db::cron::{self as store, CronJob, CronJobId, CronRun, RunOutcome};
+use crate::db::memory;
+use crate::db::now_ms;
+use crate::domain::{ChannelKind, Inbound, MessageId};
+use crate::llm::router::Tier;
+
+/// Runs kept in each job's history; older ones are deleted as new ones finish.
+const KEEP_RUNS: i64 = 500;
+
+/// A run whose start is recorded (its history row says `running`) and whose job is locked
+/// until it finishes.
+pub(super) struct StartedRun {
+    inner: Arc<Inner>,
+    job: CronJob,
+    run_id: i64,
+    started_at: i64,
+    clock: Instant,
+    /// Released when the run ends, however it ends.
+    _guard: RunGuard,
+}
+
+/// Locks the job and records the start of its run; `Busy` when a run of it is in progress.
+/// The row is written before this returns, so whoever started the run can tell that it
+/// did (the scheduler's `checked_through` relies on it).
+pub(super) async fn begin(inner: &Arc<Inner>, job: CronJob) -> Result<StartedRun, CronError> {
+    let guard = RunGuard::claim(inner, job.id).ok_or(CronError::Busy(job.id))?;
+    let started_at = now_ms();
+    let run_id = store::start_run(&inner.pool, job.id, started_at).await?;
+    Ok(StartedRun {
+        inner: inner.clone(),
+        job,
+        run_id,
+        started_at,
+        clock: Instant::now(),
+        _guard: guard,
+    })
+}
+
+impl StartedRun {
+    /// Asks the assistant, delivers, and records the outcome.
+    pub(super) async fn finish(self) -> Result<CronRun, CronError> {
+        let StartedRun { inner, job, run_id, started_at, clock, _guard: guard } = self;
+        let result = answer_and_deliver(&inner, &job).await;
+        let duration_ms = clock.elapsed().as_millis() as i64;
+        let (outcome, error, message_id) = match result {
+            Ok(delivered) => (RunOutcome::Delivered, delivered.note, Some(delivered.message_id)),
+            Err(failure) => (RunOutcome::Failed, Some(failure.reason), failure.message_id),
+        };
+        match &error {
+            Some(reason) if outcome == RunOutcome::Failed => {
+                tracing::warn!(job = job.id.0, duration_ms, %reason, "cron run failed")
+            }
+            _ => tracing::info!(job = job.id.0, duration_ms, "cron run delivered"),
+        }
+        store::finish_run(&inner.pool, run_id, duration_ms, outcome, error.as_deref(), message_id)
+            .await?;
+        // The job is free again before old history is pruned.
+        drop(guard);
+        if let Err(e) = store::prune_runs(&inner.pool, job.id, KEEP_RUNS).await {
+            tracing::warn!(job = job.id.0, error = %e, "old cron runs not pruned");
+        }
+        Ok(CronRun {
+            id: run_id,
+            job_id: job.id,
+            started_at,
+            duration_ms: Some(duration_ms),
+            outcome,
+            error,
+            message_id,
+        })
+    }
+}
+
+/// The per-job lock: a job with a run in progress is in `Inner::running`.
+struct RunGuard {
+    inner: Arc<Inner>,
+    id: CronJobId,
+}
+
+impl RunGuard {
+    fn claim(inner: &Arc<Inner>, id: CronJobId) -> Option<RunGuard> {
+        if !lock(&inner.running).insert(id) {
+            return None;
+        }
+        Some(RunGuard { inner: inner.clone(), id })
+    }
+}
+
+impl Drop for RunGuard {
+    fn drop(&mut self) {
+        lock(&self.inner.running).remove(&self.id);
+    }
+}
+
+struct Delivered {
+    message_id: MessageId,
+    /// How it was delivered when that is worth telling (a template instead of the text).
+    note: Option<String>,
+}
+
+struct Failure {
+    reason: String,
+    message_id: Option<MessageId>,
+}
+
+impl Failure {
+    fn new(reason: String, message_id: Option<MessageId>) -> Failure {
+        Failure { reason, message_id }
+    }
+}
+
+async fn answer_and_deliver(inner: &Inner, job: &CronJob) -> Result<Delivered, Failure> {
+    let tier = job.tier.as_deref().and_then(Tier::parse).unwrap_or(DEFAULT_TIER);
+    // Targets are checked when a job is saved, but the configuration may have changed
+    // since: an answer nobody can receive is not worth the model's time.
+    let configured = match job.channel {
+        ChannelKind::WebChat => true,
+        ChannelKind::WhatsApp => inner.channels.whatsapp.is_some(),
+        ChannelKind::Nextcloud => inner.channels.nextcloud.is_some(),
+    };
+    if !configured {
+        let reason = format!("{} is not configured, so nothing was asked or sent", job.channel);
+        return Err(Failure::new(reason, None));
+    }
+    // The same path as a message the user sends: the prompt is stored in the target
+    // conversation, answered with its history and the persona, and both messages are
+    // announced to open WebChat pages. The prefix tells the reader (and the model) that
+    // nobody typed this turn.
+    let inbound = Inbound {
+        channel: job.channel,
+        conversation_key: job.target.clone(),
+        sender: "cron".into(),
+        text: format!("[scheduled: {}] {}", job.name, job.prompt),
+        external_id: None,
+    };
+    let reply = match inner.assistant.reply(inbound, Some(tier)).await {
+        Ok(reply) => reply,
+        Err(e) => return Err(Failure::new(format!("the assistant could not answer: {e}"), None)),
+    };
+    if let Some(error) = reply.error {
+        return Err(Failure::new(format!("the model failed: {error}"), reply.message_id));
+    }
+    let Some(message_id) = reply.message_id else {
+        return Err(Failure::new("the answer could not be stored".into(), None));
+    };
+    if job.channel == ChannelKind::WebChat {
+        // For the WebChat, storing the answer is the delivery: open pages hear of it
+        // through the assistant's events.
+        return Ok(Delivered { message_id, note: None });
+    }
+    let receipt = match inner.channels.deliver(job.channel, &job.target, &reply.text).await {
+        Ok(receipt) => receipt,
+        Err(e) => {
+            let reason = format!("{} refused the message: {e}", job.channel);
+            return Err(Failure::new(reason, Some(message_id)));
+        }
+    };
+    // With the channel's id on the message, its status webhooks (delivered, read, failed)
+    // land on the stored answer.
+    if let Some(external_id) = receipt.external_ids.first() {
+        let stored =
+            memory::set_message_external_id(&inner.pool, message_id, external_id, Some("sent"))
+                .await;
+        if let Err(e) = stored {
+            tracing::warn!(job = job.id.0, error = %e, "delivery id not stored");
+        }
+    }
+    let note = receipt.via_template.then(|| {
+        "outside WhatsApp's 24-hour window: the approved template was sent instead; the answer \
+         waits in the conversation"
+            .to_string()
+    });
+    Ok(Delivered { message_id, note })
+}
