@@ -566,7 +566,10 @@ fn chunked_prefill_equals_one_prefill() {
 
 /// Greedy answers of several requests at once equal each one's answer alone.
 async fn check_parallel_answers_equal_alone(path: PathBuf, max_tokens: u32) {
-    let engine = EngineHandle::spawn(engine_config(path, 2048)).await.unwrap();
+    let mut config = engine_config(path, 2048);
+    // All three are submitted at once: none may be refused as over the waiting cap.
+    config.queue_capacity = 8;
+    let engine = EngineHandle::spawn(config).await.unwrap();
     let options = RequestOptions { ignore_stop: true, reuse_cache: false };
     let run = |question: &str| {
         let messages = vec![user(question)];
