@@ -490,6 +490,8 @@ fn prompt_tokens(
 /// Rows of several sequences run as one batch (prefills of different lengths, then decode
 /// steps at different depths) give exactly the logits each sequence gets alone: the kernels
 /// quantize activations and reduce per row, so batching changes no arithmetic.
+// `step` indexes each sequence's rows, inside a loop over the sequences.
+#[allow(clippy::needless_range_loop)]
 fn check_batched_rows_equal_single_rows(path: &Path) {
     let (model, tokenizer) = load_ours_with(path, 2048, KvType::F16);
     let prompts: Vec<Vec<u32>> =

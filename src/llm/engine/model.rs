@@ -386,11 +386,11 @@ impl Model {
                 config.n_embd
             )
         }
-        if config.head_dim > attention::MAX_HEAD_DIM || config.head_dim % 8 != 0 {
+        if config.head_dim > attention::MAX_HEAD_DIM || !config.head_dim.is_multiple_of(8) {
             candle_core::bail!("head width {} is not supported", config.head_dim)
         }
         if config.n_head_kv == 0
-            || config.n_head % config.n_head_kv != 0
+            || !config.n_head.is_multiple_of(config.n_head_kv)
             || config.n_head / config.n_head_kv > attention::MAX_GROUP
         {
             candle_core::bail!("{} query heads over {} KV heads", config.n_head, config.n_head_kv)

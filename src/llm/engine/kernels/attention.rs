@@ -165,7 +165,7 @@ pub fn attention_batch<T: KvElem>(
     let Some(first) = seqs.first() else { return };
     let (d, n_kv_heads) = (first.kv.head_dim, first.kv.n_kv_heads);
     let group = n_head / n_kv_heads;
-    assert!(d <= MAX_HEAD_DIM && d % 8 == 0, "head width {d} unsupported");
+    assert!(d <= MAX_HEAD_DIM && d.is_multiple_of(8), "head width {d} unsupported");
     assert!(group <= MAX_GROUP && group * n_kv_heads == n_head, "head grouping");
     let n_rows: usize = seqs.iter().map(|s| s.n_tokens).sum();
     assert_eq!(q.len(), n_rows * n_head * d);
@@ -270,6 +270,8 @@ fn as_f32<'a, O: Ops, T: KvElem>(row: &'a [T], buf: &'a mut [f32]) -> &'a [f32] 
 }
 
 /// All of one token's query heads that share `job.head`, over keys `0..=start + t`.
+// `g` indexes several per-head arrays at once (scores, max, sum, acc).
+#[allow(clippy::needless_range_loop)]
 #[inline(always)]
 fn query_group<O: Ops, T: KvElem>(job: &Job<'_, T>, t: usize) {
     let d = job.kv.head_dim;
@@ -418,7 +420,7 @@ impl Ops for Avx2 {
     #[inline(always)]
     fn dot(a: &[f32], b: &[f32]) -> f32 {
         use std::arch::x86_64::*;
-        assert!(a.len() == b.len() && a.len() % 8 == 0);
+        assert!(a.len() == b.len() && a.len().is_multiple_of(8));
         // SAFETY: every load is at i + 8 ≤ len (asserted); AVX2/FMA enabled by the caller.
         unsafe {
             let mut acc0 = _mm256_setzero_ps();
@@ -451,7 +453,7 @@ impl Ops for Avx2 {
     #[inline(always)]
     fn axpy(acc: &mut [f32], p: f32, x: &[f32]) {
         use std::arch::x86_64::*;
-        assert!(acc.len() == x.len() && x.len() % 8 == 0);
+        assert!(acc.len() == x.len() && x.len().is_multiple_of(8));
         // SAFETY: every access is at i + 8 ≤ len (asserted); AVX2/FMA enabled by the caller.
         unsafe {
             let pv = _mm256_set1_ps(p);
@@ -466,7 +468,7 @@ impl Ops for Avx2 {
     #[inline(always)]
     fn scale(acc: &mut [f32], s: f32) {
         use std::arch::x86_64::*;
-        assert!(acc.len() % 8 == 0);
+        assert!(acc.len().is_multiple_of(8));
         // SAFETY: every access is at i + 8 ≤ len (asserted); AVX enabled by the caller.
         unsafe {
             let sv = _mm256_set1_ps(s);
@@ -502,7 +504,7 @@ impl Ops for Avx2 {
     #[inline(always)]
     fn widen(src: &[half::f16], dst: &mut [f32]) {
         use std::arch::x86_64::*;
-        assert!(src.len() == dst.len() && src.len() % 8 == 0);
+        assert!(src.len() == dst.len() && src.len().is_multiple_of(8));
         // SAFETY: every access is at i + 8 ≤ len (asserted); `half::f16` is a
         // `repr(transparent)` u16, so 8 of them are the 128 bits `vcvtph2ps` reads; F16C is
         // enabled by the caller (`query_group_avx2`).
@@ -521,6 +523,7 @@ mod tests {
     use super::*;
 
     /// Plain f64 attention, as the reference.
+    #[allow(clippy::too_many_arguments)]
     fn reference(
         q: &[f32],
         keys: &[Vec<f32>],

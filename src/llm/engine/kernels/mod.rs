@@ -235,7 +235,7 @@ impl QMatrix {
                 bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
             return Ok(QMatrix::from_f32(rows, cols, floats.collect()));
         }
-        if cols % ty.block_len() != 0 {
+        if !cols.is_multiple_of(ty.block_len()) {
             return Err(KernelError::RaggedRow { ty, block: ty.block_len(), cols });
         }
         let expected = rows * ty.row_bytes(cols);

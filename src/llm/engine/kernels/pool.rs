@@ -191,7 +191,7 @@ fn worker(shared: &Shared) {
                 return;
             }
             spins = spins.wrapping_add(1);
-            if spins % 128 != 0 || started.elapsed() < SPIN {
+            if !spins.is_multiple_of(128) || started.elapsed() < SPIN {
                 std::hint::spin_loop();
             } else {
                 let mut guard = shared.sleep_lock.lock().unwrap_or_else(|e| e.into_inner());
