@@ -19,7 +19,7 @@ use crate::channels::whatsapp::WhatsApp;
 use crate::channels::{Channel, Channels};
 use crate::config::{Config, EngineSettings, RouterSettings, Secret, Settings};
 use crate::gateway::{self, AppState};
-use crate::llm::engine::{EngineConfig, EngineHandle};
+use crate::llm::engine::{EngineConfig, EngineHandle, LoadProgress};
 use crate::llm::hub::ModelSpec;
 use crate::llm::pool::ModelLoader;
 use crate::llm::providers::local::LocalProvider;
@@ -218,15 +218,25 @@ struct EngineLoader {
 
 impl ModelLoader for EngineLoader {
     fn load(&self, path: PathBuf) -> BoxFuture<'static, Result<Arc<dyn Provider>, LlmError>> {
+        self.load_with_progress(path, Arc::new(LoadProgress::default()))
+    }
+
+    fn load_with_progress(
+        &self,
+        path: PathBuf,
+        progress: Arc<LoadProgress>,
+    ) -> BoxFuture<'static, Result<Arc<dyn Provider>, LlmError>> {
         let config = EngineConfig {
             model_path: path,
             n_ctx: self.settings.context_size,
             queue_capacity: self.settings.queue_capacity,
+            parallel: self.settings.parallel,
             kv_cache_sequences: self.settings.kv_cache_sequences,
             kv_cache_max_bytes: self.settings.kv_cache_max_bytes,
+            kv_type: self.settings.kv_type,
         };
         Box::pin(async move {
-            let handle = EngineHandle::spawn(config).await?;
+            let handle = EngineHandle::spawn_with_progress(config, progress).await?;
             let provider: Arc<dyn Provider> = Arc::new(LocalProvider::new(handle));
             Ok(provider)
         })

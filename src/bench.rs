@@ -1,6 +1,7 @@
 //! `my-claw --bench`: throughput of the local engine on this machine, through the same
 //! `EngineHandle` the server uses. Optionally compares with candle-transformers' own
-//! quantized model on the same file. It owns no model code and touches no database.
+//! quantized model on the same file, or measures the aggregate decode rate of several
+//! simultaneous streams (`--parallel`). It owns no model code and touches no database.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -12,7 +13,7 @@ use serde_json::json;
 use crate::domain::{ChatTurn, Role};
 use crate::llm::engine::gguf::{self, Architecture};
 use crate::llm::engine::kernels::attention::KV_PAGE;
-use crate::llm::engine::model::ModelConfig;
+use crate::llm::engine::model::{KvType, ModelConfig};
 use crate::llm::engine::{EngineConfig, EngineHandle, RequestOptions};
 use crate::llm::{Chunk, GenerationParams, LlmRequest, Usage};
 
@@ -46,6 +47,13 @@ pub struct BenchArgs {
     /// Also time candle-transformers' quantized model on the same file and prompts.
     #[arg(long)]
     pub compare_reference: bool,
+    /// Measure only the aggregate decode rate of this many simultaneous streams (a comma
+    /// list, e.g. `1,2,4`), each generating `--gen-tokens` after a short prompt.
+    #[arg(long, value_delimiter = ',')]
+    pub parallel: Vec<usize>,
+    /// KV cache storage: `f16` or `f32`.
+    #[arg(long, default_value = "f16")]
+    pub kv_type: String,
 }
 
 /// Run the benchmark; prints a table (or JSON) and saves the JSON under `data_dir/bench/`.
@@ -60,12 +68,18 @@ pub async fn run(args: &BenchArgs, data_dir: &Path) -> anyhow::Result<()> {
         std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
     }
     let threads = crate::llm::engine::kernels::default_threads();
-    let report = measure(args, threads).await?;
+    let report = if args.parallel.is_empty() {
+        measure(args, threads).await?
+    } else {
+        measure_parallel(args, threads).await?
+    };
     let json_text = serde_json::to_string_pretty(&report).context("cannot encode the report")?;
     if args.json {
         println!("{json_text}");
-    } else {
+    } else if args.parallel.is_empty() {
         print_table(&report);
+    } else {
+        print_parallel_table(&report);
     }
     let dir = data_dir.join("bench");
     if std::fs::create_dir_all(&dir).is_ok() {
@@ -83,13 +97,7 @@ pub async fn run(args: &BenchArgs, data_dir: &Path) -> anyhow::Result<()> {
 
 async fn measure(args: &BenchArgs, threads: usize) -> anyhow::Result<serde_json::Value> {
     let runs = args.runs.max(1);
-    let config = EngineConfig {
-        model_path: args.model.clone(),
-        n_ctx: args.n_ctx,
-        queue_capacity: 2,
-        kv_cache_sequences: 4,
-        kv_cache_max_bytes: 8 << 30,
-    };
+    let config = bench_config(args, 1)?;
     let engine = EngineHandle::spawn(config).await.context("cannot start the engine")?;
     let info = engine.info().clone();
     // The tokenizer of the same file sizes the prompts exactly.
@@ -199,6 +207,120 @@ async fn measure(args: &BenchArgs, threads: usize) -> anyhow::Result<serde_json:
         object.insert("reference".to_string(), reference);
     }
     Ok(report)
+}
+
+fn bench_config(args: &BenchArgs, parallel: usize) -> anyhow::Result<EngineConfig> {
+    let Some(kv_type) = KvType::parse(&args.kv_type) else {
+        anyhow::bail!("--kv-type {}: must be f16 or f32", args.kv_type)
+    };
+    Ok(EngineConfig {
+        model_path: args.model.clone(),
+        n_ctx: args.n_ctx,
+        queue_capacity: 64,
+        parallel,
+        kv_cache_sequences: 4,
+        kv_cache_max_bytes: 8 << 30,
+        kv_type,
+    })
+}
+
+/// Aggregate decode rate of 1, 2, 4… simultaneous streams on one engine (continuous
+/// batching): every stream gets its own short prompt and generates `gen_tokens` tokens; all
+/// are submitted at once, so they are prefilled in the same step and decode together. The
+/// rate is the decode tokens of all streams over the longest stream's decode time; median
+/// of `runs` after a warm-up.
+async fn measure_parallel(args: &BenchArgs, threads: usize) -> anyhow::Result<serde_json::Value> {
+    let runs = args.runs.max(1);
+    let most = args.parallel.iter().copied().max().unwrap_or(1).max(1);
+    let engine =
+        EngineHandle::spawn(bench_config(args, most)?).await.context("cannot start the engine")?;
+    let info = engine.info().clone();
+    let fixed = RequestOptions { ignore_stop: true, reuse_cache: false };
+    let mut aggregate = BTreeMap::new();
+    let mut per_stream = BTreeMap::new();
+    for &streams in &args.parallel {
+        let streams = streams.max(1);
+        let mut samples = Vec::new();
+        for run_idx in 0..=runs {
+            let requests = (0..streams).map(|i| {
+                let question = QUESTIONS[(i + run_idx) % QUESTIONS.len()];
+                complete(&engine, user_request(question, args.gen_tokens), fixed)
+            });
+            let results = futures::future::join_all(requests).await;
+            let mut tokens = 0.0;
+            let mut longest_ms = 0u64;
+            for result in results {
+                let usage = result?.1;
+                tokens += usage.completion_tokens.saturating_sub(1) as f64;
+                longest_ms = longest_ms.max(usage.decode_ms);
+            }
+            if run_idx > 0 {
+                samples.push(rate(tokens, longest_ms));
+            }
+        }
+        let total = median(samples);
+        aggregate.insert(streams.to_string(), round1(total));
+        per_stream.insert(streams.to_string(), round1(total / streams as f64));
+    }
+    let one = aggregate.get("1").copied().unwrap_or(0.0);
+    let speedup: BTreeMap<String, f64> = aggregate
+        .iter()
+        .map(|(k, v)| (k.clone(), if one > 0.0 { (v / one * 100.0).round() / 100.0 } else { 0.0 }))
+        .collect();
+    Ok(json!({
+        "model_file": info.path.display().to_string(),
+        "model_name": info.name,
+        "arch": info.arch,
+        "quantization": info.quantization,
+        "file_size_mb": (info.file_size as f64 / 1e6).round(),
+        "threads": threads,
+        "isa": crate::llm::engine::kernels::Isa::detect().name(),
+        "cpu_model": cpu_model(),
+        "kv_type": args.kv_type,
+        "gen_tokens": args.gen_tokens,
+        "runs": runs,
+        "load_ms": info.load_ms,
+        "parallel_decode_tok_s": aggregate,
+        "parallel_decode_tok_s_per_stream": per_stream,
+        "parallel_speedup": speedup,
+        "peak_rss_mb": peak_rss_mb(),
+    }))
+}
+
+fn print_parallel_table(report: &serde_json::Value) {
+    let get = |key: &str| report.get(key).cloned().unwrap_or(serde_json::Value::Null);
+    println!(
+        "model      {} ({}, {}, {} MB), KV {}",
+        get("model_file"),
+        get("arch"),
+        get("quantization"),
+        get("file_size_mb"),
+        get("kv_type")
+    );
+    println!(
+        "cpu        {} — {} threads, {} kernels",
+        get("cpu_model"),
+        get("threads"),
+        get("isa")
+    );
+    println!();
+    println!("{:<10} {:>16} {:>16} {:>10}", "streams", "decode tok/s", "per stream", "vs 1");
+    let aggregate = get("parallel_decode_tok_s");
+    let per_stream = get("parallel_decode_tok_s_per_stream");
+    let speedup = get("parallel_speedup");
+    let mut keys: Vec<String> =
+        aggregate.as_object().map(|o| o.keys().cloned().collect()).unwrap_or_default();
+    keys.sort_by_key(|k| k.parse::<usize>().unwrap_or(0));
+    for key in keys {
+        let cell = |v: &serde_json::Value| v.get(&key).map_or("-".to_string(), |x| x.to_string());
+        println!(
+            "{:<10} {:>16} {:>16} {:>10}",
+            key,
+            cell(&aggregate),
+            cell(&per_stream),
+            cell(&speedup)
+        );
+    }
 }
 
 /// Send one request and wait for its end: the text and the usage.

@@ -116,15 +116,25 @@ pub struct Config {
     #[arg(long, env = "ENGINE_THREADS", global = true)]
     pub engine_threads: Option<usize>,
 
-    /// Requests that may wait for the engine before new ones get 503.
-    #[arg(long, env = "ENGINE_QUEUE", default_value_t = 4, global = true)]
+    /// Requests that may wait for a free engine slot (they are told their position); one
+    /// more gets 503. A cap against abuse, not the normal path.
+    #[arg(long, env = "ENGINE_QUEUE", default_value_t = 64, global = true)]
     pub engine_queue: usize,
+
+    /// Sequences one loaded model serves at once, batched into each step.
+    #[arg(long, env = "ENGINE_PARALLEL", default_value_t = 4, global = true)]
+    pub engine_parallel: usize,
+
+    /// Storage of the KV cache: `f16` (half the memory) or `f32` (exact).
+    #[arg(long, env = "KV_CACHE_TYPE", default_value = "f16", global = true)]
+    pub kv_cache_type: String,
 
     /// Conversations whose KV state the engine keeps for reuse.
     #[arg(long, env = "KV_CACHE_SEQUENCES", default_value_t = 8, global = true)]
     pub kv_cache_sequences: usize,
 
-    /// Memory for cached KV state, e.g. `4GiB`.
+    /// Memory for KV state per loaded model (running and kept), e.g. `4GiB`; counts in
+    /// `MODEL_MEMORY_BUDGET`.
     #[arg(long, env = "KV_CACHE_MEMORY", default_value = "4GiB", global = true)]
     pub kv_cache_memory: String,
 
@@ -287,8 +297,11 @@ pub struct EngineSettings {
     /// `None`: one per core.
     pub threads: Option<usize>,
     pub queue_capacity: usize,
+    /// Sequences batched together per loaded model.
+    pub parallel: usize,
     pub kv_cache_sequences: usize,
     pub kv_cache_max_bytes: u64,
+    pub kv_type: crate::llm::engine::model::KvType,
     pub reply_max_tokens: u32,
 }
 
@@ -416,6 +429,16 @@ impl Config {
         if self.engine_queue == 0 {
             return Err(bad("ENGINE_QUEUE=0: must be at least 1"));
         }
+        let max_parallel = crate::llm::engine::kernels::attention::MAX_BATCH_SEQS;
+        if self.engine_parallel == 0 || self.engine_parallel > max_parallel {
+            return Err(bad(format!(
+                "ENGINE_PARALLEL={}: must be between 1 and {max_parallel}",
+                self.engine_parallel
+            )));
+        }
+        let Some(kv_type) = crate::llm::engine::model::KvType::parse(&self.kv_cache_type) else {
+            return Err(bad(format!("KV_CACHE_TYPE={}: must be f16 or f32", self.kv_cache_type)));
+        };
         if let Some(token) = &self.webchat_token {
             if token.expose().len() < 16 {
                 return Err(bad("WEBCHAT_TOKEN: must be at least 16 characters"));
@@ -487,8 +510,10 @@ impl Config {
                 context_size: self.context_size,
                 threads: self.engine_threads,
                 queue_capacity: self.engine_queue,
+                parallel: self.engine_parallel,
                 kv_cache_sequences: self.kv_cache_sequences,
                 kv_cache_max_bytes,
+                kv_type,
                 reply_max_tokens: self.reply_max_tokens,
             },
             router: RouterSettings {

@@ -23,7 +23,7 @@ use tokio::sync::mpsc;
 
 use my_claw::assistant::{Assistant, AssistantConfig};
 use my_claw::channels::whatsapp::WhatsApp;
-use my_claw::channels::{Channels, RetryPolicy};
+use my_claw::channels::{Channel, Channels, RetryPolicy};
 use my_claw::config::{CronSettings, Secret, WhatsAppSettings};
 use my_claw::cron::CronHandle;
 use my_claw::db::inbound::{self, ContactSeen, NewInbound, QueueStatus};
@@ -191,10 +191,11 @@ impl App {
         };
         let client =
             WhatsApp::new(whatsapp, reqwest::Client::new(), pool.clone()).with_retry(retry);
-        let channels = Channels {
-            whatsapp: options.whatsapp.then(|| Arc::new(client)),
-            ..Channels::default()
-        };
+        let mut list: Vec<Arc<dyn Channel>> = Vec::new();
+        if options.whatsapp {
+            list.push(Arc::new(client));
+        }
+        let channels = Channels::new(list);
         let settings =
             CronSettings { secret: options.secret.map(Secret::new), timezone: Some("UTC".into()) };
         let cron =

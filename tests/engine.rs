@@ -1,6 +1,8 @@
 //! Engine integration tests: our forward pass against candle-transformers' quantized models
 //! (real SmolLM2 file, tiny Qwen3 GGUF written here with the real Qwen3 vocabulary), the
-//! prefill-after-decode path, KV reuse, the real-model answer and the worker's errors.
+//! prefill-after-decode path, KV reuse, the real-model answer and the worker's errors, and
+//! continuous batching (batched rows equal single rows, chunked prefill, queued requests,
+//! idle-time warming).
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -12,7 +14,7 @@ use candle_transformers::models::{quantized_llama, quantized_qwen3};
 
 use my_claw::domain::{ChatTurn, Role};
 use my_claw::llm::engine::gguf;
-use my_claw::llm::engine::model::{KvCache, Logits, Model, ModelConfig};
+use my_claw::llm::engine::model::{KvCache, KvType, Logits, Model, ModelConfig, SeqBatch};
 use my_claw::llm::engine::synth::{self, SynthSpec};
 use my_claw::llm::engine::{vocab, EngineConfig, EngineHandle, RequestOptions};
 use my_claw::llm::{Chunk, FinishReason, GenerationParams, LlmError, LlmRequest, Usage};
@@ -36,12 +38,22 @@ fn tiny_qwen3_path() -> PathBuf {
     .clone()
 }
 
-/// Our model loaded the way the worker does, plus the tokenizer.
+/// Our model loaded the way the worker does, plus the tokenizer. The reference comparisons
+/// run on f32 KV pages: f16 rounding is tested on its own (worker unit tests).
 fn load_ours(path: &Path, n_ctx: usize) -> (Model, my_claw::llm::engine::tokenizer::GgufTokenizer) {
+    load_ours_with(path, n_ctx, KvType::F32)
+}
+
+fn load_ours_with(
+    path: &Path,
+    n_ctx: usize,
+    kv_type: KvType,
+) -> (Model, my_claw::llm::engine::tokenizer::GgufTokenizer) {
     let mut file = gguf::open(path).expect("open GGUF");
     let tokenizer = file.tokenizer().expect("tokenizer");
     let hp = file.hparams.clone();
-    let config = ModelConfig::from_hparams(&hp, n_ctx);
+    let mut config = ModelConfig::from_hparams(&hp, n_ctx);
+    config.kv_type = kv_type;
     let mut reader = std::io::BufReader::new(&mut file.file);
     let model = Model::load(&file.content, &mut reader, config).expect("load our model");
     (model, tokenizer)
@@ -245,8 +257,10 @@ fn engine_config(path: PathBuf, n_ctx: usize) -> EngineConfig {
         model_path: path,
         n_ctx,
         queue_capacity: 2,
+        parallel: 4,
         kv_cache_sequences: 4,
         kv_cache_max_bytes: 1 << 30,
+        kv_type: KvType::F16,
     }
 }
 
@@ -363,6 +377,7 @@ async fn engine_rejects_a_prompt_over_the_context_and_stops_at_it() {
 async fn engine_queue_full_and_cancellation() {
     let mut config = engine_config(util::smollm2_path(), 2048);
     config.queue_capacity = 1;
+    config.parallel = 1;
     let engine = EngineHandle::spawn(config).await.unwrap();
     let long = RequestOptions { ignore_stop: true, reuse_cache: false };
     let request = || LlmRequest {
@@ -370,7 +385,7 @@ async fn engine_queue_full_and_cancellation() {
         params: GenerationParams::greedy(1500),
     };
     let mut running = engine.submit_with(request(), long).unwrap();
-    // Once the first text arrives the worker is busy with it; one more fits the queue.
+    // Once the first text arrives it has the only slot; one more may wait.
     assert!(matches!(running.recv().await, Some(Ok(Chunk::Text(_)))));
     let queued = engine.submit_with(request(), long).unwrap();
     let err = engine.submit_with(request(), long).unwrap_err();
@@ -448,4 +463,240 @@ async fn dropping_the_last_handle_finishes_the_running_request() {
         finished |= matches!(item.unwrap(), Chunk::Done { .. });
     }
     assert!(finished, "the request in flight must still complete");
+}
+
+/// Prompts of different lengths for the batching tests.
+const BATCH_QUESTIONS: [&str; 3] = [
+    "What is the capital of France?",
+    "Write a short poem about the sea and the wind, in four lines.",
+    "List three fruits.",
+];
+
+fn prompt_tokens(
+    path: &Path,
+    tokenizer: &my_claw::llm::engine::tokenizer::GgufTokenizer,
+    text: &str,
+) -> Vec<u32> {
+    let arch = gguf::open(path).expect("open").hparams.arch;
+    let turns = [user(text)];
+    let rendered = my_claw::llm::engine::template::render(
+        my_claw::llm::engine::template::ChatFormat::for_arch(arch),
+        &turns,
+        false,
+    );
+    tokenizer.encode(&rendered).expect("encode")
+}
+
+/// Rows of several sequences run as one batch (prefills of different lengths, then decode
+/// steps at different depths) give exactly the logits each sequence gets alone: the kernels
+/// quantize activations and reduce per row, so batching changes no arithmetic.
+// `step` indexes each sequence's rows, inside a loop over the sequences.
+#[allow(clippy::needless_range_loop)]
+fn check_batched_rows_equal_single_rows(path: &Path) {
+    let (model, tokenizer) = load_ours_with(path, 2048, KvType::F16);
+    let prompts: Vec<Vec<u32>> =
+        BATCH_QUESTIONS.iter().map(|q| prompt_tokens(path, &tokenizer, q)).collect();
+    // Alone: prefill, then 6 greedy decode steps each.
+    let mut alone_rows = Vec::new();
+    for prompt in &prompts {
+        let mut cache = model.new_cache(2048);
+        let mut logits = Vec::new();
+        let mut rows = Vec::new();
+        model.forward_into(prompt, &mut cache, Logits::Last, &mut logits).unwrap();
+        rows.push(logits.clone());
+        for _ in 0..6 {
+            let next = argmax(&logits) as u32;
+            model.forward_into(&[next], &mut cache, Logits::Last, &mut logits).unwrap();
+            rows.push(logits.clone());
+        }
+        alone_rows.push(rows);
+    }
+    // Batched: the same, every sequence in each pass.
+    let vocab = model.vocab_size();
+    let mut caches: Vec<KvCache> = prompts.iter().map(|_| model.new_cache(2048)).collect();
+    let mut inputs: Vec<Vec<u32>> = prompts.clone();
+    let mut logits = Vec::new();
+    for step in 0..7 {
+        let mut batch: Vec<SeqBatch<'_>> = inputs
+            .iter()
+            .zip(caches.iter_mut())
+            .map(|(tokens, cache)| SeqBatch { tokens, cache, logits: Some(Logits::Last) })
+            .collect();
+        model.forward_batch(&mut batch, &mut logits).unwrap();
+        for (seq, row) in logits.chunks_exact(vocab).enumerate() {
+            assert!(
+                row == &alone_rows[seq][step][..],
+                "{}: sequence {seq} step {step} differs from its single run",
+                path.display()
+            );
+            inputs[seq] = vec![argmax(row) as u32];
+        }
+    }
+}
+
+#[test]
+fn smollm2_batched_rows_equal_single_rows() {
+    check_batched_rows_equal_single_rows(&util::smollm2_path());
+}
+
+#[test]
+fn tiny_qwen3_batched_rows_equal_single_rows() {
+    check_batched_rows_equal_single_rows(&tiny_qwen3_path());
+}
+
+#[test]
+fn chunked_prefill_equals_one_prefill() {
+    // The engine prefills long prompts 128 tokens per step; the result must be the one
+    // whole-prompt pass gives (attention reads keys per query row, products reduce per row).
+    for path in [util::smollm2_path(), tiny_qwen3_path()] {
+        let (model, tokenizer) = load_ours_with(&path, 4096, KvType::F16);
+        let text = "The quick brown fox jumps over the lazy dog near the river bank. ".repeat(25);
+        let tokens = prompt_tokens(&path, &tokenizer, &text);
+        assert!(tokens.len() > 300, "{} tokens", tokens.len());
+        let mut whole = model.new_cache(4096);
+        let mut expected = Vec::new();
+        model.forward_into(&tokens, &mut whole, Logits::Last, &mut expected).unwrap();
+        let mut chunked = model.new_cache(4096);
+        let mut logits = Vec::new();
+        for chunk in tokens.chunks(128) {
+            model.forward_into(chunk, &mut chunked, Logits::Last, &mut logits).unwrap();
+        }
+        assert_eq!(chunked.len(), tokens.len());
+        assert!(logits == expected, "{}: chunked prefill differs", path.display());
+    }
+}
+
+/// Greedy answers of several requests at once equal each one's answer alone.
+async fn check_parallel_answers_equal_alone(path: PathBuf, max_tokens: u32) {
+    let mut config = engine_config(path, 2048);
+    // All three are submitted at once: none may be refused as over the waiting cap.
+    config.queue_capacity = 8;
+    let engine = EngineHandle::spawn(config).await.unwrap();
+    let options = RequestOptions { ignore_stop: true, reuse_cache: false };
+    let run = |question: &str| {
+        let messages = vec![user(question)];
+        answer(&engine, messages, GenerationParams::greedy(max_tokens), options)
+    };
+    let mut alone = Vec::new();
+    for question in BATCH_QUESTIONS {
+        alone.push(run(question).await.unwrap().0);
+    }
+    assert_eq!(engine.stats().peak_active_sequences, 1, "one at a time so far");
+    let together = futures::future::join_all(BATCH_QUESTIONS.map(run)).await;
+    let together: Vec<String> = together.into_iter().map(|r| r.unwrap().0).collect();
+    assert!(engine.stats().peak_active_sequences >= 2, "{:?}", engine.stats());
+    assert_eq!(together, alone, "batched greedy answers differ from single ones");
+}
+
+#[tokio::test]
+async fn smollm2_parallel_answers_equal_answers_alone() {
+    check_parallel_answers_equal_alone(util::smollm2_path(), 24).await;
+}
+
+#[tokio::test]
+async fn tiny_qwen3_parallel_answers_equal_answers_alone() {
+    check_parallel_answers_equal_alone(tiny_qwen3_path(), 12).await;
+}
+
+#[tokio::test]
+async fn requests_beyond_the_slots_are_told_their_place_and_served_in_order() {
+    let mut config = engine_config(util::smollm2_path(), 2048);
+    config.parallel = 1;
+    config.queue_capacity = 8;
+    let engine = EngineHandle::spawn(config).await.unwrap();
+    let options = RequestOptions { ignore_stop: true, reuse_cache: false };
+    let submit = |text: &str, max_tokens: u32| {
+        let request =
+            LlmRequest { messages: vec![user(text)], params: GenerationParams::greedy(max_tokens) };
+        engine.submit_with(request, options).unwrap()
+    };
+    let mut running = submit("Tell me a long story.", 40);
+    assert!(matches!(running.recv().await, Some(Ok(Chunk::Text(_)))));
+    // Short answers (fewer chunks than a stream buffers), so nobody needs to read them.
+    let mut second = submit("Say yes.", 4);
+    let mut third = submit("Say no.", 4);
+    let notice = |n: usize| Chunk::Notice {
+        kind: "queued".into(),
+        message: format!("waiting for the engine: {n} ahead"),
+    };
+    assert_eq!(second.recv().await.unwrap().unwrap(), notice(0));
+    assert_eq!(third.recv().await.unwrap().unwrap(), notice(1));
+    // Let the running one finish; the second gets the slot and the third moves up.
+    while running.recv().await.is_some() {}
+    assert_eq!(third.recv().await.unwrap().unwrap(), notice(0));
+    let first_text = third.recv().await.unwrap().unwrap();
+    assert!(matches!(first_text, Chunk::Text(_)), "{first_text:?}");
+    // The second finished before the third started: its Done is already in its channel.
+    let mut second_done = false;
+    while let Ok(item) = second.try_recv() {
+        second_done |= matches!(item.unwrap(), Chunk::Done { .. });
+    }
+    assert!(second_done, "served in order");
+}
+
+#[tokio::test]
+async fn a_warmed_prompt_is_reused_and_warming_yields_to_requests() {
+    let mut config = engine_config(util::smollm2_path(), 4096);
+    config.kv_cache_sequences = 8;
+    let engine = EngineHandle::spawn(config).await.unwrap();
+    let system = ChatTurn::new(
+        Role::System,
+        "You are a patient assistant. ".to_string()
+            + &"Remember the following notes about the user. ".repeat(60),
+    );
+    let history =
+        vec![system, user("Hello!"), ChatTurn::new(Role::Assistant, "Hi! How can I help?")];
+    let warm_request =
+        LlmRequest { messages: history.clone(), params: GenerationParams::greedy(1) };
+    let n_warm = prompt_len(&engine, &history).await;
+    assert!(n_warm > 4 * 128, "warm prompt is {n_warm} tokens");
+
+    // A warm in progress yields to a real request at the next chunk boundary.
+    let warming = {
+        let engine = engine.clone();
+        let request = warm_request.clone();
+        tokio::spawn(async move { engine.warm(request).await })
+    };
+    let mut waited = 0;
+    while engine.stats().warm_tokens == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        waited += 1;
+        assert!(waited < 2000, "warming never started");
+    }
+    let warmed_before = engine.stats().warm_tokens;
+    let options = RequestOptions { ignore_stop: true, reuse_cache: false };
+    let mut real = engine
+        .submit_with(
+            LlmRequest { messages: vec![user("Say hi.")], params: GenerationParams::greedy(2) },
+            options,
+        )
+        .unwrap();
+    assert!(matches!(real.recv().await, Some(Ok(Chunk::Text(_)))));
+    let warmed_at_first_token = engine.stats().warm_tokens;
+    assert!(
+        warmed_at_first_token <= warmed_before + 2 * 128,
+        "the request waited for more than the chunk in progress: {warmed_before} -> \
+         {warmed_at_first_token}"
+    );
+    assert!((warmed_at_first_token as usize) < n_warm, "the warm had not finished");
+    warming.await.unwrap().unwrap();
+    assert_eq!(engine.stats().warm_tokens as usize, n_warm, "resumed where it stopped");
+
+    // The next turn starts with the warmed prompt: only its new part is prefilled.
+    let mut next_turn = history.clone();
+    next_turn.push(user("What did I say first?"));
+    let (_, usage, _) =
+        answer(&engine, next_turn, GenerationParams::greedy(4), RequestOptions::default())
+            .await
+            .unwrap();
+    // All but the generation prompt's last tokens ("assistant\n" becomes "user…").
+    assert!(usage.cached_tokens as usize >= n_warm - 4, "{usage:?} after warming {n_warm}");
+}
+
+/// Tokens of a rendered prompt, as the engine counts them (a one-token answer's usage).
+async fn prompt_len(engine: &EngineHandle, messages: &[ChatTurn]) -> usize {
+    let options = RequestOptions { ignore_stop: true, reuse_cache: false };
+    let (_, usage, _) =
+        answer(engine, messages.to_vec(), GenerationParams::greedy(1), options).await.unwrap();
+    usage.prompt_tokens as usize
 }

@@ -134,8 +134,10 @@ fn engine_settings() -> EngineSettings {
         context_size: 512,
         threads: None,
         queue_capacity: 2,
+        parallel: 2,
         kv_cache_sequences: 1,
         kv_cache_max_bytes: 8 << 20,
+        kv_type: my_claw::llm::engine::model::KvType::F16,
         reply_max_tokens: 8,
     }
 }

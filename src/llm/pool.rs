@@ -2,7 +2,8 @@
 //! the same file share one loaded instance, the total stays within a memory budget by
 //! evicting the least recently used idle model, and idle models unload after a keep-alive.
 //! It owns no tier policy (that is `router.rs`) and never touches the candle model itself:
-//! loading goes through a `ModelLoader` (the engine in production, fakes in tests).
+//! loading goes through a `ModelLoader` (the engine in production, fakes in tests). A request
+//! that waits for a load of more than `LOAD_NOTICE_AFTER` is told so, with the progress.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -12,14 +13,32 @@ use std::time::{Duration, Instant};
 use futures::future::BoxFuture;
 use tokio::sync::mpsc;
 
-use crate::llm::{ChunkStream, LlmError, LlmRequest, Provider, ProviderInfo};
+use crate::llm::engine::LoadProgress;
+use crate::llm::{Chunk, ChunkStream, LlmError, LlmRequest, Provider, ProviderInfo};
 
 /// Loads one model file and returns it as a provider. Dropping every clone of the returned
 /// provider must free the model. The production loader (an engine worker per file) is
 /// built in `app.rs`.
 pub trait ModelLoader: Send + Sync {
     fn load(&self, path: PathBuf) -> BoxFuture<'static, Result<Arc<dyn Provider>, LlmError>>;
+
+    /// `load`, reporting how far it has read the file into `progress` (loaders that cannot
+    /// tell report nothing).
+    fn load_with_progress(
+        &self,
+        path: PathBuf,
+        progress: Arc<LoadProgress>,
+    ) -> BoxFuture<'static, Result<Arc<dyn Provider>, LlmError>> {
+        let _ = progress;
+        self.load(path)
+    }
 }
+
+/// How long a request waits for a model load before its stream starts with a `loading`
+/// notice (then one per second with the progress). Loads shorter than this answer as
+/// before: load errors and `ContextOverflow` come back from `stream` itself, so callers can
+/// still trim or fall back; after it, they arrive as the stream's error.
+pub const LOAD_NOTICE_AFTER: Duration = Duration::from_millis(500);
 
 /// Limits of the pool.
 #[derive(Debug, Clone)]
@@ -29,7 +48,7 @@ pub struct PoolConfig {
     /// Unload a model unused for this long; `None` means never.
     pub keep_alive: Option<Duration>,
     /// Added to each file's size to estimate a loaded model's memory: the engine's KV
-    /// cache bound (`KV_CACHE_MEMORY`).
+    /// bound (`KV_CACHE_MEMORY`), which covers running and kept sequences alike.
     pub per_model_overhead_bytes: u64,
 }
 
@@ -70,6 +89,8 @@ struct PoolInner {
 
 struct Slot {
     path: PathBuf,
+    /// The progress of the load in flight (or the last one).
+    progress: Mutex<Arc<LoadProgress>>,
     /// Held while this file loads: requests for this file wait for it, others do not.
     load_lock: Arc<tokio::sync::Mutex<()>>,
     state: Mutex<SlotState>,
@@ -148,6 +169,7 @@ impl ModelPool {
             .or_insert_with(|| {
                 Arc::new(Slot {
                     path: path.to_path_buf(),
+                    progress: Mutex::new(Arc::new(LoadProgress::default())),
                     load_lock: Arc::new(tokio::sync::Mutex::new(())),
                     state: Mutex::new(SlotState {
                         loaded: None,
@@ -186,12 +208,14 @@ impl ModelPool {
         // leaves the file marked as loading.
         let loader = self.inner.loader.clone();
         let load_slot = slot.clone();
+        let progress = Arc::new(LoadProgress::default());
+        *lock(&slot.progress) = progress.clone();
         let task = tokio::spawn(async move {
             let _loading = loading;
             let path = load_slot.path.clone();
             let started = Instant::now();
             tracing::info!(path = %path.display(), "loading model");
-            let result = loader.load(path.clone()).await;
+            let result = loader.load_with_progress(path.clone(), progress).await;
             let mut state = lock(&load_slot.state);
             state.loading = false;
             state.last_used = Instant::now();
@@ -409,32 +433,127 @@ struct PooledProvider {
 
 impl Provider for PooledProvider {
     fn info(&self) -> ProviderInfo {
-        let model = self
-            .path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| self.path.display().to_string());
-        ProviderInfo { provider: "local".to_string(), model, leaves_machine: false }
+        ProviderInfo {
+            provider: "local".to_string(),
+            model: self.file_name(),
+            leaves_machine: false,
+        }
     }
 
     fn stream(&self, request: LlmRequest) -> BoxFuture<'_, Result<ChunkStream, LlmError>> {
         Box::pin(async move {
-            let (provider, lease) = self.pool.acquire(&self.path).await?;
-            let mut upstream = provider.stream(request).await?;
+            let slot = self.pool.slot(&self.path);
+            if let Some((provider, lease)) = slot.try_use() {
+                return answer(provider, lease, request).await;
+            }
+            // A load is needed: it runs in its own task. Short loads answer as if the model
+            // had been there; a longer one starts the stream with notices meanwhile.
+            let pool = self.pool.clone();
+            let path = self.path.clone();
+            let mut load = tokio::spawn(async move { pool.acquire(&path).await });
+            if let Ok(joined) = tokio::time::timeout(LOAD_NOTICE_AFTER, &mut load).await {
+                let (provider, lease) = joined_load(joined)?;
+                return answer(provider, lease, request).await;
+            }
             let (tx, rx) = mpsc::channel(64);
-            // The lease lives as long as the answer streams, so the model is not evicted
-            // or unloaded under it; a reader that leaves ends the forwarding.
+            let name = self.file_name();
+            let progress = lock(&slot.progress).clone();
+            let _ = tx.try_send(Ok(loading_notice(&name, progress.fraction())));
             tokio::spawn(async move {
-                let _lease = lease;
-                while let Some(item) = upstream.recv().await {
-                    if tx.send(item).await.is_err() {
-                        break;
+                let mut ticker = tokio::time::interval(Duration::from_secs(1));
+                ticker.tick().await;
+                let joined = loop {
+                    tokio::select! {
+                        joined = &mut load => break joined,
+                        _ = ticker.tick() => {
+                            let notice = loading_notice(&name, progress.fraction());
+                            if tx.send(Ok(notice)).await.is_err() {
+                                // The reader left; the load goes on in its own task.
+                                return;
+                            }
+                        }
+                    }
+                };
+                let started = match joined_load(joined) {
+                    Ok((provider, lease)) => {
+                        provider.stream(request).await.map(|upstream| (upstream, lease))
+                    }
+                    Err(err) => Err(err),
+                };
+                match started {
+                    Ok((upstream, lease)) => forward(upstream, lease, tx),
+                    Err(err) => {
+                        let _ = tx.send(Err(err)).await;
                     }
                 }
             });
             Ok(rx)
         })
     }
+
+    fn warm(&self, request: LlmRequest) -> BoxFuture<'_, Result<(), LlmError>> {
+        Box::pin(async move {
+            // Warming loads the model if needed (after a restart, the recent conversations
+            // are warmed); the lease keeps it from being evicted meanwhile.
+            let (provider, _lease) = self.pool.acquire(&self.path).await?;
+            provider.warm(request).await
+        })
+    }
+}
+
+impl PooledProvider {
+    fn file_name(&self) -> String {
+        self.path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| self.path.display().to_string())
+    }
+}
+
+fn loading_notice(name: &str, fraction: f64) -> Chunk {
+    let message = if fraction > 0.0 {
+        format!("loading {name}: {:.0}%", fraction * 100.0)
+    } else {
+        format!("loading {name}")
+    };
+    Chunk::Notice { kind: "loading".to_string(), message }
+}
+
+type Acquired = (Arc<dyn Provider>, Lease);
+
+fn joined_load(
+    joined: Result<Result<Acquired, LlmError>, tokio::task::JoinError>,
+) -> Result<Acquired, LlmError> {
+    match joined {
+        Ok(acquired) => acquired,
+        Err(join) => Err(LlmError::Unavailable(format!("model load task failed: {join}"))),
+    }
+}
+
+/// Start the answer on a loaded model and forward it into a new stream.
+async fn answer(
+    provider: Arc<dyn Provider>,
+    lease: Lease,
+    request: LlmRequest,
+) -> Result<ChunkStream, LlmError> {
+    let upstream = provider.stream(request).await?;
+    let (tx, rx) = mpsc::channel(64);
+    forward(upstream, lease, tx);
+    Ok(rx)
+}
+
+/// Forward an answer, holding the lease while it streams (so the model is not evicted or
+/// unloaded under it). A reader that leaves ends the forwarding, which drops the upstream
+/// receiver and stops the engine's sequence.
+fn forward(mut upstream: ChunkStream, lease: Lease, tx: mpsc::Sender<Result<Chunk, LlmError>>) {
+    tokio::spawn(async move {
+        let _lease = lease;
+        while let Some(item) = upstream.recv().await {
+            if tx.send(item).await.is_err() {
+                break;
+            }
+        }
+    });
 }
 
 /// `1.5 GiB`, `98.4 MiB`.
@@ -630,5 +749,57 @@ mod tests {
         );
         let err = pool.provider(&paths[0]).stream(request()).await.unwrap_err().to_string();
         assert!(err.contains("MODEL_MEMORY_BUDGET"), "{err}");
+    }
+
+    /// Reads 40% of a "file" at once, then takes 2.5 s for the rest.
+    struct ProgressLoader;
+
+    impl ModelLoader for ProgressLoader {
+        fn load(&self, path: PathBuf) -> BoxFuture<'static, Result<Arc<dyn Provider>, LlmError>> {
+            self.load_with_progress(path, Arc::new(LoadProgress::default()))
+        }
+
+        fn load_with_progress(
+            &self,
+            _path: PathBuf,
+            progress: Arc<LoadProgress>,
+        ) -> BoxFuture<'static, Result<Arc<dyn Provider>, LlmError>> {
+            Box::pin(async move {
+                progress.set_total(100);
+                progress.add_read(40);
+                tokio::time::sleep(Duration::from_millis(2500)).await;
+                progress.add_read(60);
+                let model: Arc<dyn Provider> =
+                    Arc::new(FakeModel { live: Arc::new(AtomicUsize::new(1)) });
+                Ok(model)
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_slow_load_streams_loading_notices_with_progress_then_the_answer() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = files(dir.path(), &["slow.gguf"], 10);
+        let pool = ModelPool::new(
+            PoolConfig { memory_budget_bytes: None, keep_alive: None, per_model_overhead_bytes: 0 },
+            Arc::new(ProgressLoader),
+        );
+        let mut stream = pool.provider(&paths[0]).stream(request()).await.unwrap();
+        let mut chunks = Vec::new();
+        while let Some(item) = stream.recv().await {
+            chunks.push(item.unwrap());
+        }
+        let loading = |c: &Chunk| matches!(c, Chunk::Notice { kind, .. } if kind == "loading");
+        assert!(loading(&chunks[0]), "{chunks:?}");
+        assert!(
+            chunks.iter().any(|c| matches!(c, Chunk::Notice { message, .. }
+                if message == "loading slow.gguf: 40%")),
+            "{chunks:?}"
+        );
+        assert_eq!(chunks.last(), Some(&Chunk::Text("ok".into())), "then the answer");
+        assert!(matches!(pool.state(&paths[0]), ModelState::Loaded { .. }));
+        // Loaded now: the next request gets the answer with no notice.
+        let mut again = pool.provider(&paths[0]).stream(request()).await.unwrap();
+        assert_eq!(again.recv().await.unwrap().unwrap(), Chunk::Text("ok".into()));
     }
 }

@@ -265,7 +265,7 @@ fn check_tensor_bounds(path: &Path, content: &Content, file_size: u64) -> Result
     for name in names {
         let info = &content.tensor_infos[name];
         let block_size = info.ggml_dtype.block_size();
-        if info.shape.elem_count() % block_size != 0 {
+        if !info.shape.elem_count().is_multiple_of(block_size) {
             return Err(bad(
                 path,
                 format!(

@@ -51,7 +51,7 @@ impl<W: Write> StreamWriter<W> {
         let mut sizes = Vec::with_capacity(tensors.len());
         for tensor in tensors {
             let n_elems: usize = tensor.dims.iter().product();
-            if tensor.dims.is_empty() || n_elems % tensor.dtype.block_size() != 0 {
+            if tensor.dims.is_empty() || !n_elems.is_multiple_of(tensor.dtype.block_size()) {
                 return Err(invalid(format!(
                     "tensor `{}` of shape {:?} is not a whole number of {:?} blocks",
                     tensor.name, tensor.dims, tensor.dtype

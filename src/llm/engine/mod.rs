@@ -1,5 +1,6 @@
-//! The in-process inference engine: one worker thread owns the candle model; callers talk
-//! to it through `EngineHandle`. Nothing here knows HTTP, SQL or channels.
+//! The in-process inference engine: one worker thread per loaded model owns it and serves up
+//! to `parallel` sequences at once (continuous batching); callers talk to it through
+//! `EngineHandle`. Nothing here knows HTTP, SQL or channels.
 
 pub mod gguf;
 pub mod gguf_write;
@@ -13,12 +14,13 @@ pub mod vocab;
 pub mod worker;
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc as std_mpsc, Arc};
 use std::time::Instant;
 
 use tokio::sync::{mpsc, oneshot};
 
+use crate::llm::engine::model::KvType;
 use crate::llm::{ChunkStream, LlmError, LlmRequest};
 
 /// What the engine needs to start. Built by `app.rs` (or `--bench`, `chat`) from the config.
@@ -26,26 +28,62 @@ use crate::llm::{ChunkStream, LlmError, LlmRequest};
 pub struct EngineConfig {
     pub model_path: PathBuf,
     /// Context size in tokens (prompt and answer); capped by the model's `context_length`.
+    /// KV pages are allocated as a sequence grows, never for the whole context up front.
     pub n_ctx: usize,
-    /// Requests that may wait while one is running; one more gets `QueueFull`.
+    /// Requests that may wait for a free slot; one more gets `QueueFull` (a hard cap
+    /// against abuse: waiting requests are told their position instead).
     pub queue_capacity: usize,
+    /// Sequences decoded together in one batched step (`ENGINE_PARALLEL`).
+    pub parallel: usize,
     /// How many recent sequences keep their KV state for reuse by the next turn.
     pub kv_cache_sequences: usize,
-    /// Memory bound of those kept KV states, in bytes.
+    /// Memory bound of all KV state, kept and running, in bytes. A request waits for room
+    /// unless nothing else runs.
     pub kv_cache_max_bytes: u64,
+    /// Storage of keys and values (`KV_CACHE_TYPE`).
+    pub kv_type: KvType,
 }
 
 impl EngineConfig {
-    /// The product's defaults for a model file: 32768-token context, a queue of 4, the
-    /// KV state of 8 conversations within 4 GiB.
+    /// The product's defaults for a model file: 32768-token context, 4 parallel sequences,
+    /// up to 64 waiting, f16 KV state of 8 conversations within 4 GiB.
     pub fn for_model(model_path: PathBuf) -> EngineConfig {
         EngineConfig {
             model_path,
             n_ctx: 32_768,
-            queue_capacity: 4,
+            queue_capacity: 64,
+            parallel: 4,
             kv_cache_sequences: 8,
             kv_cache_max_bytes: 4 << 30,
+            kv_type: KvType::F16,
         }
+    }
+}
+
+/// How far a model load has read its file; shared with whoever waits for the load, to show
+/// progress.
+#[derive(Debug, Default)]
+pub struct LoadProgress {
+    read_bytes: AtomicU64,
+    total_bytes: AtomicU64,
+}
+
+impl LoadProgress {
+    /// Fraction of the file read so far, 0 to 1 (0 until the size is known).
+    pub fn fraction(&self) -> f64 {
+        let total = self.total_bytes.load(Ordering::Relaxed);
+        if total == 0 {
+            return 0.0;
+        }
+        (self.read_bytes.load(Ordering::Relaxed) as f64 / total as f64).min(1.0)
+    }
+
+    pub(crate) fn set_total(&self, bytes: u64) {
+        self.total_bytes.store(bytes, Ordering::Relaxed);
+    }
+
+    pub(crate) fn add_read(&self, bytes: u64) {
+        self.read_bytes.fetch_add(bytes, Ordering::Relaxed);
     }
 }
 
@@ -70,6 +108,15 @@ pub struct EngineStats {
     pub requests_served: u64,
     pub cached_sequences: u64,
     pub cached_bytes: u64,
+    /// Sequences being prefilled or decoded now, and the most seen at once.
+    pub active_sequences: u64,
+    pub peak_active_sequences: u64,
+    /// Requests waiting for a slot.
+    pub waiting_requests: u64,
+    /// Batched forward passes run (each decodes every active sequence once).
+    pub steps: u64,
+    /// Prompt tokens prefilled by `warm` requests in idle time.
+    pub warm_tokens: u64,
     /// Prompt tokens per second of the last request's prefill (0 when nothing was new).
     pub last_prefill_tok_s: f64,
     /// Tokens per second of the last request's decode.
@@ -96,7 +143,11 @@ impl Default for RequestOptions {
 /// worker finishes what it has been given and exits, which frees the model.
 #[derive(Clone)]
 pub struct EngineHandle {
-    queue: std_mpsc::SyncSender<worker::EngineRequest>,
+    queue: std_mpsc::Sender<worker::Message>,
+    /// Requests submitted and not yet given a slot (or refused); capped at `cap`.
+    waiting: Arc<AtomicUsize>,
+    warming: Arc<AtomicUsize>,
+    cap: usize,
     info: Arc<ModelInfo>,
     stats: Arc<SharedStats>,
 }
@@ -115,14 +166,26 @@ impl EngineHandle {
     /// Start the worker thread and load the model on it. Resolves once the model is loaded,
     /// so a bad file fails here with `LlmError::BadModel`.
     pub async fn spawn(config: EngineConfig) -> Result<EngineHandle, LlmError> {
+        EngineHandle::spawn_with_progress(config, Arc::new(LoadProgress::default())).await
+    }
+
+    /// `spawn`, reporting how much of the file has been read into `progress`.
+    pub async fn spawn_with_progress(
+        config: EngineConfig,
+        progress: Arc<LoadProgress>,
+    ) -> Result<EngineHandle, LlmError> {
         let (ready_tx, ready_rx) = oneshot::channel();
-        let (queue_tx, queue_rx) = std_mpsc::sync_channel(config.queue_capacity);
+        // Unbounded: the cap is on waiting requests (`waiting`), which the worker counts
+        // down as it gives them slots; the channel only hands them over.
+        let (queue_tx, queue_rx) = std_mpsc::channel();
         let stats = Arc::new(SharedStats::default());
-        let worker_stats = stats.clone();
+        let waiting = Arc::new(AtomicUsize::new(0));
+        let cap = config.queue_capacity.max(1);
+        let shared = worker::Shared { stats: stats.clone(), waiting: waiting.clone(), progress };
         let path = config.model_path.display().to_string();
         let spawned = std::thread::Builder::new()
             .name("my-claw-engine".to_string())
-            .spawn(move || worker::run(config, queue_rx, ready_tx, worker_stats));
+            .spawn(move || worker::run(config, queue_rx, ready_tx, shared));
         if let Err(err) = spawned {
             return Err(LlmError::Unavailable(format!("cannot start the engine thread: {err}")));
         }
@@ -136,11 +199,19 @@ impl EngineHandle {
                 })
             }
         };
-        Ok(EngineHandle { queue: queue_tx, info: Arc::new(info), stats })
+        Ok(EngineHandle {
+            queue: queue_tx,
+            waiting,
+            warming: Arc::new(AtomicUsize::new(0)),
+            cap,
+            info: Arc::new(info),
+            stats,
+        })
     }
 
     /// Queue a request; the stream yields text deltas, then `Chunk::Done` (or one error).
-    /// A full queue fails at once with `QueueFull`.
+    /// While every slot is busy it first yields `queued` notices with the position. Fails
+    /// at once with `QueueFull` when `queue_capacity` requests already wait.
     pub fn submit(&self, request: LlmRequest) -> Result<ChunkStream, LlmError> {
         self.submit_with(request, RequestOptions::default())
     }
@@ -151,13 +222,38 @@ impl EngineHandle {
         request: LlmRequest,
         options: RequestOptions,
     ) -> Result<ChunkStream, LlmError> {
+        if self.waiting.fetch_add(1, Ordering::SeqCst) >= self.cap {
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+            return Err(LlmError::QueueFull);
+        }
         let (reply, stream) = mpsc::channel(CHUNK_BUFFER);
         let job = worker::EngineRequest { request, options, reply, received: Instant::now() };
-        match self.queue.try_send(job) {
+        match self.queue.send(worker::Message::Generate(job)) {
             Ok(()) => Ok(stream),
-            Err(std_mpsc::TrySendError::Full(_)) => Err(LlmError::QueueFull),
-            Err(std_mpsc::TrySendError::Disconnected(_)) => Err(LlmError::EngineStopped),
+            Err(_) => {
+                self.waiting.fetch_sub(1, Ordering::SeqCst);
+                Err(LlmError::EngineStopped)
+            }
         }
+    }
+
+    /// Prefill `request`'s prompt into the kept KV state without generating, at idle
+    /// priority: it runs only while no request is running or waiting and yields at the next
+    /// chunk boundary when one arrives (what it prefilled so far is kept). Resolves when the
+    /// whole prompt is cached. At most `queue_capacity` warm requests wait at once.
+    pub async fn warm(&self, request: LlmRequest) -> Result<(), LlmError> {
+        if self.warming.fetch_add(1, Ordering::SeqCst) >= self.cap {
+            self.warming.fetch_sub(1, Ordering::SeqCst);
+            return Err(LlmError::QueueFull);
+        }
+        let (done, finished) = oneshot::channel();
+        let sent = self.queue.send(worker::Message::Warm(worker::WarmRequest { request, done }));
+        let result = match sent {
+            Ok(()) => finished.await.unwrap_or(Err(LlmError::EngineStopped)),
+            Err(_) => Err(LlmError::EngineStopped),
+        };
+        self.warming.fetch_sub(1, Ordering::SeqCst);
+        result
     }
 
     pub fn info(&self) -> &ModelInfo {
@@ -177,6 +273,11 @@ pub(crate) struct SharedStats {
     cached_bytes: AtomicU64,
     last_prefill_tok_s: AtomicU64,
     last_decode_tok_s: AtomicU64,
+    active_sequences: AtomicU64,
+    peak_active_sequences: AtomicU64,
+    waiting_requests: AtomicU64,
+    steps: AtomicU64,
+    warm_tokens: AtomicU64,
 }
 
 impl SharedStats {
@@ -185,6 +286,11 @@ impl SharedStats {
             requests_served: self.requests_served.load(Ordering::Relaxed),
             cached_sequences: self.cached_sequences.load(Ordering::Relaxed),
             cached_bytes: self.cached_bytes.load(Ordering::Relaxed),
+            active_sequences: self.active_sequences.load(Ordering::Relaxed),
+            peak_active_sequences: self.peak_active_sequences.load(Ordering::Relaxed),
+            waiting_requests: self.waiting_requests.load(Ordering::Relaxed),
+            steps: self.steps.load(Ordering::Relaxed),
+            warm_tokens: self.warm_tokens.load(Ordering::Relaxed),
             last_prefill_tok_s: f64::from_bits(self.last_prefill_tok_s.load(Ordering::Relaxed)),
             last_decode_tok_s: f64::from_bits(self.last_decode_tok_s.load(Ordering::Relaxed)),
         }
@@ -194,6 +300,20 @@ impl SharedStats {
         self.requests_served.fetch_add(1, Ordering::Relaxed);
         self.last_prefill_tok_s.store(prefill_tok_s.to_bits(), Ordering::Relaxed);
         self.last_decode_tok_s.store(decode_tok_s.to_bits(), Ordering::Relaxed);
+    }
+
+    pub(crate) fn record_slots(&self, active: usize, waiting: usize) {
+        self.active_sequences.store(active as u64, Ordering::Relaxed);
+        self.peak_active_sequences.fetch_max(active as u64, Ordering::Relaxed);
+        self.waiting_requests.store(waiting as u64, Ordering::Relaxed);
+    }
+
+    pub(crate) fn record_step(&self) {
+        self.steps.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn record_warm(&self, tokens: usize) {
+        self.warm_tokens.fetch_add(tokens as u64, Ordering::Relaxed);
     }
 
     pub(crate) fn record_cache(&self, sequences: usize, bytes: u64) {

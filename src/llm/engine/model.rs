@@ -1,16 +1,22 @@
 //! The forward pass for Qwen3 and Llama on our own kernels (`kernels`): weights stay in
 //! their GGUF block formats, activations live in buffers allocated once and reused, and
-//! each sequence's keys and values sit in a paged f32 `KvCache` apart from the model, so the
-//! worker can keep several. Knows no tokenizer; its threads are the kernels' pool.
+//! each sequence's keys and values sit in a paged `KvCache` (f16 or f32) apart from the
+//! model, so the worker can keep several. `forward_batch` runs several sequences in one
+//! pass (each weight block read once for all their rows). Knows no tokenizer or scheduling;
+//! its threads are the kernels' shared pool.
 
 use std::io::{Read, Seek, SeekFrom};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+
+use half::f16;
 
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
 
 use crate::llm::engine::gguf::{Architecture, HyperParams};
-use crate::llm::engine::kernels::attention::{self, KvView, KV_PAGE};
+use crate::llm::engine::kernels::attention::{
+    self, AttnSeq, KvElem, KvView, KV_PAGE, MAX_BATCH_SEQS,
+};
 use crate::llm::engine::kernels::{self, Acts, Isa, Product, QMatrix, ThreadPool, WeightType};
 
 /// How RoPE pairs the dimensions of a head.
@@ -21,6 +27,40 @@ pub enum RopeStyle {
     /// Pairs `2i` with `2i + 1` (llama.cpp's `NORM` type: its converter permutes q/k for
     /// llama, so GGUF llama weights expect the interleaved form).
     Interleaved,
+}
+
+/// How keys and values are stored in the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvType {
+    /// IEEE half: half the memory and reads of f32; the default (`KV_CACHE_TYPE=f16`).
+    F16,
+    /// Exact f32 (`KV_CACHE_TYPE=f32`).
+    F32,
+}
+
+impl KvType {
+    /// Bytes per stored value.
+    pub fn bytes(self) -> usize {
+        match self {
+            KvType::F16 => 2,
+            KvType::F32 => 4,
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<KvType> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "f16" => Some(KvType::F16),
+            "f32" => Some(KvType::F32),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KvType::F16 => "f16",
+            KvType::F32 => "f32",
+        }
+    }
 }
 
 /// The shape of a model, as read from the GGUF metadata by the caller.
@@ -38,14 +78,16 @@ pub struct ModelConfig {
     pub qk_norm: bool,
     /// Positions the RoPE tables cover; also the largest cache a sequence may have.
     pub max_positions: usize,
-    /// Threads the matrix products and attention run on.
+    /// Threads the matrix products and attention run on (the shared pool of that size).
     pub threads: usize,
+    /// Storage of the KV cache.
+    pub kv_type: KvType,
 }
 
 impl ModelConfig {
-    /// Bytes one cached position takes (all layers, f32 keys and values).
+    /// Bytes one cached position takes (all layers, keys and values).
     pub fn cache_bytes_per_token(&self) -> u64 {
-        (self.n_layer * self.n_head_kv * 2 * self.head_dim * std::mem::size_of::<f32>()) as u64
+        (self.n_layer * self.n_head_kv * 2 * self.head_dim * self.kv_type.bytes()) as u64
     }
 
     /// The forward pass's view of a checked GGUF: the architecture decides the RoPE pairing
@@ -68,6 +110,7 @@ impl ModelConfig {
             qk_norm,
             max_positions,
             threads: kernels::default_threads(),
+            kv_type: KvType::F16,
         }
     }
 }
@@ -81,18 +124,33 @@ pub enum Logits {
     All,
 }
 
-/// The KV state of one sequence: per layer, pages of `KV_PAGE` positions holding f32 keys
-/// and values (`kernels::attention` defines the layout). Pages are allocated as the
-/// sequence reaches them and never move, so decode never copies the cache.
+/// The KV state of one sequence: per layer, pages of `KV_PAGE` positions holding keys and
+/// values in the model's `KvType` (`kernels::attention` defines the layout; only one of the
+/// two page lists is used). Pages are allocated as the sequence reaches them and never
+/// move, so decode never copies the cache.
 #[derive(Debug)]
 pub struct KvCache {
-    layers: Vec<Vec<Box<[f32]>>>,
+    f32_layers: Vec<Vec<Box<[f32]>>>,
+    f16_layers: Vec<Vec<Box<[f16]>>>,
+    kv_type: KvType,
     n_tokens: usize,
     max_tokens: usize,
     page_values: usize,
 }
 
 impl KvCache {
+    fn empty(kv_type: KvType, n_layer: usize, max_tokens: usize, page_values: usize) -> KvCache {
+        let layers = |used: bool| if used { n_layer } else { 0 };
+        KvCache {
+            f32_layers: vec![Vec::new(); layers(kv_type == KvType::F32)],
+            f16_layers: vec![Vec::new(); layers(kv_type == KvType::F16)],
+            kv_type,
+            n_tokens: 0,
+            max_tokens,
+            page_values,
+        }
+    }
+
     /// Positions stored.
     pub fn len(&self) -> usize {
         self.n_tokens
@@ -100,6 +158,11 @@ impl KvCache {
 
     pub fn is_empty(&self) -> bool {
         self.n_tokens == 0
+    }
+
+    /// The most positions this cache may hold.
+    pub fn max_tokens(&self) -> usize {
+        self.max_tokens
     }
 
     /// Forget every position from `n_tokens` on (used to reuse a shared prefix). The pages
@@ -110,27 +173,87 @@ impl KvCache {
 
     /// Bytes held by the allocated pages (what the memory bound must see).
     pub fn bytes(&self) -> u64 {
-        let pages: usize = self.layers.iter().map(Vec::len).sum();
-        (pages * self.page_values * std::mem::size_of::<f32>()) as u64
+        let pages: usize = match self.kv_type {
+            KvType::F32 => self.f32_layers.iter().map(Vec::len).sum(),
+            KvType::F16 => self.f16_layers.iter().map(Vec::len).sum(),
+        };
+        (pages * self.page_values * self.kv_type.bytes()) as u64
     }
 
     /// Release pages past the stored positions, for a cache that is parked.
     pub fn shrink_to_fit(&mut self) {
         let keep = self.n_tokens.div_ceil(KV_PAGE);
-        for layer in &mut self.layers {
-            layer.truncate(keep);
+        self.f32_layers.iter_mut().for_each(|layer| layer.truncate(keep));
+        self.f16_layers.iter_mut().for_each(|layer| layer.truncate(keep));
+    }
+
+    /// A new cache holding a copy of the first `n_tokens` positions (whole pages are
+    /// copied): a stored conversation shares its prefix with a new sequence and keeps its
+    /// own state.
+    pub fn clone_prefix(&self, n_tokens: usize) -> KvCache {
+        let n_tokens = n_tokens.min(self.n_tokens);
+        let pages = n_tokens.div_ceil(KV_PAGE);
+        let copy = |layer: &Vec<Box<[f32]>>| layer[..pages].to_vec();
+        let copy16 = |layer: &Vec<Box<[f16]>>| layer[..pages].to_vec();
+        KvCache {
+            f32_layers: self.f32_layers.iter().map(copy).collect(),
+            f16_layers: self.f16_layers.iter().map(copy16).collect(),
+            kv_type: self.kv_type,
+            n_tokens,
+            max_tokens: self.max_tokens,
+            page_values: self.page_values,
         }
     }
 
     /// Make sure pages exist for `n_new` more positions.
     fn reserve_for(&mut self, n_new: usize) {
         let needed = (self.n_tokens + n_new).div_ceil(KV_PAGE);
-        for layer in &mut self.layers {
+        let page_values = self.page_values;
+        for layer in &mut self.f32_layers {
             while layer.len() < needed {
-                layer.push(vec![0f32; self.page_values].into_boxed_slice());
+                layer.push(vec![0f32; page_values].into_boxed_slice());
+            }
+        }
+        for layer in &mut self.f16_layers {
+            while layer.len() < needed {
+                layer.push(vec![f16::ZERO; page_values].into_boxed_slice());
             }
         }
     }
+}
+
+/// The page lists of a cache for one storage type (the forward pass is generic over it).
+trait CacheElem: KvElem {
+    fn layers(cache: &KvCache) -> &[Vec<Box<[Self]>>];
+    fn layers_mut(cache: &mut KvCache) -> &mut [Vec<Box<[Self]>>];
+}
+
+impl CacheElem for f32 {
+    fn layers(cache: &KvCache) -> &[Vec<Box<[f32]>>] {
+        &cache.f32_layers
+    }
+    fn layers_mut(cache: &mut KvCache) -> &mut [Vec<Box<[f32]>>] {
+        &mut cache.f32_layers
+    }
+}
+
+impl CacheElem for f16 {
+    fn layers(cache: &KvCache) -> &[Vec<Box<[f16]>>] {
+        &cache.f16_layers
+    }
+    fn layers_mut(cache: &mut KvCache) -> &mut [Vec<Box<[f16]>>] {
+        &mut cache.f16_layers
+    }
+}
+
+/// One sequence's part of `Model::forward_batch`.
+pub struct SeqBatch<'a> {
+    /// Tokens to run at positions `cache.len()..`.
+    pub tokens: &'a [u32],
+    pub cache: &'a mut KvCache,
+    /// Which of its logits to return; `None` for none (a prefill chunk that is not the
+    /// prompt's last).
+    pub logits: Option<Logits>,
 }
 
 /// A loaded model: weights in their block formats, f32 norms and RoPE tables, the thread
@@ -145,7 +268,7 @@ pub struct Model {
     output: Option<QMatrix>,
     rope: Rope,
     vocab_size: usize,
-    pool: ThreadPool,
+    pool: Arc<ThreadPool>,
     isa: Isa,
     scratch: Mutex<Scratch>,
 }
@@ -263,11 +386,11 @@ impl Model {
                 config.n_embd
             )
         }
-        if config.head_dim > attention::MAX_HEAD_DIM || config.head_dim % 8 != 0 {
+        if config.head_dim > attention::MAX_HEAD_DIM || !config.head_dim.is_multiple_of(8) {
             candle_core::bail!("head width {} is not supported", config.head_dim)
         }
         if config.n_head_kv == 0
-            || config.n_head % config.n_head_kv != 0
+            || !config.n_head.is_multiple_of(config.n_head_kv)
             || config.n_head / config.n_head_kv > attention::MAX_GROUP
         {
             candle_core::bail!("{} query heads over {} KV heads", config.n_head, config.n_head_kv)
@@ -316,7 +439,7 @@ impl Model {
             None
         };
         let rope = Rope::new(config.head_dim, config.rope_freq_base, config.max_positions);
-        let pool = ThreadPool::new(config.threads.max(1));
+        let pool = ThreadPool::shared(config.threads);
         Ok(Model {
             config,
             token_embd,
@@ -342,12 +465,12 @@ impl Model {
     /// An empty cache for one sequence of at most `max_tokens` positions (capped by the
     /// RoPE tables). Pages are allocated as the sequence grows.
     pub fn new_cache(&self, max_tokens: usize) -> KvCache {
-        KvCache {
-            layers: vec![Vec::new(); self.config.n_layer],
-            n_tokens: 0,
-            max_tokens: max_tokens.min(self.config.max_positions),
-            page_values: attention::page_values(self.config.n_head_kv, self.config.head_dim),
-        }
+        KvCache::empty(
+            self.config.kv_type,
+            self.config.n_layer,
+            max_tokens.min(self.config.max_positions),
+            attention::page_values(self.config.n_head_kv, self.config.head_dim),
+        )
     }
 
     /// Run `tokens` at positions `cache.len()..`, append their K/V to `cache` and return
@@ -375,41 +498,78 @@ impl Model {
         logits: Logits,
         out: &mut Vec<f32>,
     ) -> candle_core::Result<()> {
+        self.forward_batch(&mut [SeqBatch { tokens, cache, logits: Some(logits) }], out)
+    }
+
+    /// Run several sequences in one pass: their rows are stacked into one activation
+    /// matrix, so every matrix product reads each weight block once for all of them; RoPE
+    /// and the KV store use each row's own position and attention reads each sequence's
+    /// own pages. Each row's arithmetic is the same as when its sequence runs alone (the
+    /// kernels quantize and reduce per row), so batching does not change results. `out`
+    /// gets the requested logits rows, sequence after sequence.
+    pub fn forward_batch(
+        &self,
+        seqs: &mut [SeqBatch<'_>],
+        out: &mut Vec<f32>,
+    ) -> candle_core::Result<()> {
+        if seqs.is_empty() || seqs.len() > MAX_BATCH_SEQS {
+            candle_core::bail!("a batch takes 1 to {MAX_BATCH_SEQS} sequences, not {}", seqs.len())
+        }
+        for seq in seqs.iter() {
+            if seq.tokens.is_empty() {
+                candle_core::bail!("forward called with no tokens")
+            }
+            if seq.cache.kv_type != self.config.kv_type {
+                candle_core::bail!(
+                    "the cache stores {:?}, the model {:?}",
+                    seq.cache.kv_type,
+                    self.config.kv_type
+                )
+            }
+            let end = seq.cache.len() + seq.tokens.len();
+            if end > seq.cache.max_tokens {
+                candle_core::bail!(
+                    "sequence of {end} positions exceeds the cache size {}",
+                    seq.cache.max_tokens
+                )
+            }
+            if let Some(bad) = seq.tokens.iter().find(|&&t| t as usize >= self.vocab_size) {
+                candle_core::bail!("token {bad} is outside the vocabulary of {}", self.vocab_size)
+            }
+        }
+        for seq in seqs.iter_mut() {
+            seq.cache.reserve_for(seq.tokens.len());
+        }
+        match self.config.kv_type {
+            KvType::F32 => self.forward_typed::<f32>(seqs, out),
+            KvType::F16 => self.forward_typed::<f16>(seqs, out),
+        }
+        Ok(())
+    }
+
+    fn forward_typed<T: CacheElem>(&self, seqs: &mut [SeqBatch<'_>], out: &mut Vec<f32>) {
         let cfg = &self.config;
-        let n_tokens = tokens.len();
-        if n_tokens == 0 {
-            candle_core::bail!("forward called with no tokens")
-        }
-        let start = cache.len();
-        if start + n_tokens > cache.max_tokens {
-            candle_core::bail!(
-                "sequence of {} positions exceeds the cache size {}",
-                start + n_tokens,
-                cache.max_tokens
-            )
-        }
-        if let Some(bad) = tokens.iter().find(|&&t| t as usize >= self.vocab_size) {
-            candle_core::bail!("token {bad} is outside the vocabulary of {}", self.vocab_size)
-        }
-        cache.reserve_for(n_tokens);
+        let n_rows: usize = seqs.iter().map(|seq| seq.tokens.len()).sum();
         let mut guard = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
         let s = &mut *guard;
         let (e, d) = (cfg.n_embd, cfg.head_dim);
         let (q_width, kv_width) = (cfg.n_head * d, cfg.n_head_kv * d);
-        let hidden = sized(&mut s.hidden, n_tokens * e);
-        for (row, &token) in hidden.chunks_exact_mut(e).zip(tokens) {
+        let hidden = sized(&mut s.hidden, n_rows * e);
+        let all_tokens = seqs.iter().flat_map(|seq| seq.tokens.iter());
+        for (row, &token) in hidden.chunks_exact_mut(e).zip(all_tokens) {
             self.token_embd.dequantize_row(token as usize, row);
         }
-        let (pool, isa) = (&self.pool, self.isa);
-        for (layer, pages) in self.layers.iter().zip(cache.layers.iter_mut()) {
+        let (pool, isa) = (&*self.pool, self.isa);
+        let scale = 1.0 / (d as f32).sqrt();
+        for (l, layer) in self.layers.iter().enumerate() {
             // Attention block.
-            let normed = sized(&mut s.normed, n_tokens * e);
+            let normed = sized(&mut s.normed, n_rows * e);
             rms_norm(&s.hidden, &layer.attn_norm, self.eps(), normed);
             let weights = [&layer.attn_q, &layer.attn_k, &layer.attn_v];
-            s.acts.prepare(normed, n_tokens, e, &weights);
-            let q = sized(&mut s.q, n_tokens * q_width);
-            let k = sized(&mut s.k, n_tokens * kv_width);
-            let v = sized(&mut s.v, n_tokens * kv_width);
+            s.acts.prepare(normed, n_rows, e, &weights);
+            let q = sized(&mut s.q, n_rows * q_width);
+            let k = sized(&mut s.k, n_rows * kv_width);
+            let v = sized(&mut s.v, n_rows * kv_width);
             kernels::matmul_many(
                 pool,
                 isa,
@@ -424,30 +584,68 @@ impl Model {
                 rms_norm_in_place(q, q_norm, self.eps());
                 rms_norm_in_place(k, k_norm, self.eps());
             }
-            self.rope.apply(q, cfg.n_head, start, cfg.rope_style);
-            self.rope.apply(k, cfg.n_head_kv, start, cfg.rope_style);
-            for (t, (k_row, v_row)) in
-                k.chunks_exact(kv_width).zip(v.chunks_exact(kv_width)).enumerate()
-            {
-                let pos = start + t;
-                attention::store_kv(&mut pages[pos / KV_PAGE], cfg.n_head_kv, d, pos, k_row, v_row);
+            // RoPE and the KV store at each sequence's own positions.
+            let mut row = 0;
+            for seq in seqs.iter_mut() {
+                let (n, start) = (seq.tokens.len(), seq.cache.n_tokens);
+                let q_rows = &mut q[row * q_width..(row + n) * q_width];
+                self.rope.apply(q_rows, cfg.n_head, start, cfg.rope_style);
+                let k_rows = &mut k[row * kv_width..(row + n) * kv_width];
+                self.rope.apply(k_rows, cfg.n_head_kv, start, cfg.rope_style);
+                let pages = &mut T::layers_mut(seq.cache)[l];
+                let v_rows = &v[row * kv_width..(row + n) * kv_width];
+                for (t, (k_row, v_row)) in
+                    k_rows.chunks_exact(kv_width).zip(v_rows.chunks_exact(kv_width)).enumerate()
+                {
+                    let pos = start + t;
+                    attention::store_kv(
+                        &mut pages[pos / KV_PAGE],
+                        cfg.n_head_kv,
+                        d,
+                        pos,
+                        k_row,
+                        v_row,
+                    );
+                }
+                row += n;
             }
-            let context = sized(&mut s.context, n_tokens * q_width);
-            let view = KvView { pages, n_kv_heads: cfg.n_head_kv, head_dim: d };
-            let scale = 1.0 / (d as f32).sqrt();
-            attention::attention(pool, isa, q, n_tokens, start, cfg.n_head, &view, scale, context);
-            s.acts.prepare(context, n_tokens, q_width, &[&layer.attn_output]);
-            let projected = sized(&mut s.projected, n_tokens * e);
+            let context = sized(&mut s.context, n_rows * q_width);
+            // A fixed array, not a Vec: a decode step allocates nothing.
+            let attn: [AttnSeq<'_, T>; MAX_BATCH_SEQS] = std::array::from_fn(|i| {
+                let (pages, start, n_tokens) = match seqs.get(i) {
+                    Some(seq) => {
+                        let cache: &KvCache = &*seq.cache;
+                        (&T::layers(cache)[l][..], cache.n_tokens, seq.tokens.len())
+                    }
+                    None => (&[][..], 0, 0),
+                };
+                AttnSeq {
+                    kv: KvView { pages, n_kv_heads: cfg.n_head_kv, head_dim: d },
+                    start,
+                    n_tokens,
+                }
+            });
+            attention::attention_batch(
+                pool,
+                isa,
+                q,
+                &attn[..seqs.len()],
+                cfg.n_head,
+                scale,
+                context,
+            );
+            s.acts.prepare(context, n_rows, q_width, &[&layer.attn_output]);
+            let projected = sized(&mut s.projected, n_rows * e);
             kernels::matmul(pool, isa, &s.acts, &layer.attn_output, projected);
             add_in_place(&mut s.hidden, projected);
 
             // Feed-forward block (SwiGLU).
-            let normed = sized(&mut s.normed, n_tokens * e);
+            let normed = sized(&mut s.normed, n_rows * e);
             rms_norm(&s.hidden, &layer.ffn_norm, self.eps(), normed);
-            s.acts.prepare(normed, n_tokens, e, &[&layer.ffn_gate, &layer.ffn_up]);
+            s.acts.prepare(normed, n_rows, e, &[&layer.ffn_gate, &layer.ffn_up]);
             let n_ff = layer.ffn_gate.rows();
-            let gate = sized(&mut s.gate, n_tokens * n_ff);
-            let up = sized(&mut s.up, n_tokens * n_ff);
+            let gate = sized(&mut s.gate, n_rows * n_ff);
+            let up = sized(&mut s.up, n_rows * n_ff);
             kernels::matmul_many(
                 pool,
                 isa,
@@ -458,25 +656,40 @@ impl Model {
                 ],
             );
             kernels::activation::silu_mul(isa, gate, up);
-            s.acts.prepare(gate, n_tokens, n_ff, &[&layer.ffn_down]);
-            let projected = sized(&mut s.projected, n_tokens * e);
+            s.acts.prepare(gate, n_rows, n_ff, &[&layer.ffn_down]);
+            let projected = sized(&mut s.projected, n_rows * e);
             kernels::matmul(pool, isa, &s.acts, &layer.ffn_down, projected);
             add_in_place(&mut s.hidden, projected);
         }
-        cache.n_tokens = start + n_tokens;
+        for seq in seqs.iter_mut() {
+            seq.cache.n_tokens += seq.tokens.len();
+        }
 
-        let first = match logits {
-            Logits::Last => n_tokens - 1,
-            Logits::All => 0,
+        // The output head, only for the rows whose logits were asked for.
+        let wanted = |seq: &SeqBatch<'_>| match seq.logits {
+            None => 0,
+            Some(Logits::Last) => 1,
+            Some(Logits::All) => seq.tokens.len(),
         };
-        let rows = n_tokens - first;
-        let normed = sized(&mut s.normed, rows * e);
-        rms_norm(&s.hidden[first * e..], &self.output_norm, self.eps(), normed);
+        let n_out: usize = seqs.iter().map(wanted).sum();
+        out.resize(n_out * self.vocab_size, 0.0);
+        if n_out == 0 {
+            return;
+        }
+        let normed = sized(&mut s.normed, n_out * e);
+        let (mut row, mut at) = (0, 0);
+        for seq in seqs.iter() {
+            let n = seq.tokens.len();
+            for r in row + n - wanted(seq)..row + n {
+                let dst = &mut normed[at * e..(at + 1) * e];
+                rms_norm(&s.hidden[r * e..(r + 1) * e], &self.output_norm, self.eps(), dst);
+                at += 1;
+            }
+            row += n;
+        }
         let head = self.output.as_ref().unwrap_or(&self.token_embd);
-        s.acts.prepare(normed, rows, e, &[head]);
-        out.resize(rows * self.vocab_size, 0.0);
+        s.acts.prepare(normed, n_out, e, &[head]);
         kernels::matmul(pool, isa, &s.acts, head, out);
-        Ok(())
     }
 
     fn eps(&self) -> f32 {
@@ -610,21 +823,29 @@ mod tests {
     #[test]
     fn cache_pages_are_allocated_on_demand_and_kept_on_truncate() {
         let page_values = attention::page_values(2, 8);
-        let mut cache =
-            KvCache { layers: vec![Vec::new(); 3], n_tokens: 0, max_tokens: 4096, page_values };
+        let mut cache = KvCache::empty(KvType::F32, 3, 4096, page_values);
         cache.reserve_for(3);
         assert_eq!(cache.bytes(), (3 * page_values * 4) as u64, "one page per layer");
-        let first_page = cache.layers[0][0].as_ptr();
+        let first_page = cache.f32_layers[0][0].as_ptr();
         cache.n_tokens = 3;
         cache.reserve_for(KV_PAGE);
-        assert_eq!(cache.layers[0].len(), 2, "a second page once past {KV_PAGE} positions");
-        assert_eq!(cache.layers[0][0].as_ptr(), first_page, "pages never move");
+        assert_eq!(cache.f32_layers[0].len(), 2, "a second page once past {KV_PAGE} positions");
+        assert_eq!(cache.f32_layers[0][0].as_ptr(), first_page, "pages never move");
         cache.n_tokens = KV_PAGE + 3;
+        let copy = cache.clone_prefix(KV_PAGE + 1);
+        assert_eq!((copy.len(), copy.f32_layers[2].len()), (KV_PAGE + 1, 2));
+        assert_eq!(copy.f32_layers[0][1][..], cache.f32_layers[0][1][..]);
+        assert_ne!(copy.f32_layers[0][0].as_ptr(), first_page, "a copy, not a share");
         cache.truncate(4);
         assert_eq!(cache.len(), 4);
-        assert_eq!(cache.layers[1].len(), 2, "truncate keeps pages for reuse");
+        assert_eq!(cache.f32_layers[1].len(), 2, "truncate keeps pages for reuse");
         cache.shrink_to_fit();
-        assert_eq!(cache.layers[1].len(), 1);
+        assert_eq!(cache.f32_layers[1].len(), 1);
+        // f16 pages: half the bytes for the same positions.
+        let mut half = KvCache::empty(KvType::F16, 3, 4096, page_values);
+        half.reserve_for(3);
+        assert_eq!(half.bytes(), (3 * page_values * 2) as u64);
+        assert!(half.f32_layers.is_empty());
     }
 
     #[test]

@@ -1,22 +1,37 @@
-//! The engine thread: owns the model, runs one sequence at a time, reuses KV state.
-//! It is the only owner of the candle model; it talks to callers only through the request
-//! queue and each request's chunk channel, and knows nothing of HTTP or storage.
+//! The engine thread: owns the model and runs continuous batching. Up to `parallel`
+//! sequences are active at once; every step runs the next token of each decoding sequence
+//! and at most `PREFILL_STEP` prompt tokens of prefilling ones as one batched forward pass,
+//! so a long prompt never freezes the streams already running. Requests beyond the slots
+//! wait in order and are told their position; idle time prefills `warm` prompts. Finished
+//! sequences keep their KV state for the next turn. It talks to callers only through the
+//! request queue and each request's chunk channel, and knows nothing of HTTP or storage.
 
+use std::collections::VecDeque;
+use std::io::{Read, Seek, SeekFrom};
+use std::ops::Range;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc as std_mpsc, Arc};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::llm::engine::gguf;
-use crate::llm::engine::model::{KvCache, Logits, Model, ModelConfig};
+use crate::llm::engine::model::{KvCache, Logits, Model, ModelConfig, SeqBatch};
 use crate::llm::engine::sampling::Sampler;
 use crate::llm::engine::template::{self, ChatFormat, ThinkFilter};
-use crate::llm::engine::tokenizer::GgufTokenizer;
-use crate::llm::engine::{EngineConfig, ModelInfo, RequestOptions, SharedStats};
-use crate::llm::{Chunk, FinishReason, LlmError, LlmRequest, Usage};
+use crate::llm::engine::tokenizer::{GgufTokenizer, StreamDecoder};
+use crate::llm::engine::{EngineConfig, LoadProgress, ModelInfo, RequestOptions, SharedStats};
+use crate::llm::{Chunk, FinishReason, GenerationParams, LlmError, LlmRequest, Usage};
 
-/// One queued request and where its answer goes.
+/// What the handle sends to the engine thread.
+pub(crate) enum Message {
+    Generate(EngineRequest),
+    Warm(WarmRequest),
+}
+
+/// One generation request and where its answer goes.
 pub(crate) struct EngineRequest {
     pub(crate) request: LlmRequest,
     pub(crate) options: RequestOptions,
@@ -24,20 +39,36 @@ pub(crate) struct EngineRequest {
     pub(crate) received: Instant,
 }
 
-/// Prompts are prefilled in slices of this many tokens: it bounds the activations' memory
-/// (a 4B model's FFN activations are 39 KB per token) and lets a cancelled request stop
-/// between slices.
-const PREFILL_CHUNK: usize = 512;
+/// A prompt to prefill in idle time; `done` resolves when it is all cached.
+pub(crate) struct WarmRequest {
+    pub(crate) request: LlmRequest,
+    pub(crate) done: oneshot::Sender<Result<(), LlmError>>,
+}
+
+/// What the thread shares with the handles.
+pub(crate) struct Shared {
+    pub(crate) stats: Arc<SharedStats>,
+    /// Requests submitted and not yet given a slot; the handle refuses more than its cap.
+    pub(crate) waiting: Arc<AtomicUsize>,
+    pub(crate) progress: Arc<LoadProgress>,
+}
+
+/// Most prompt tokens prefilled in one step (shared by the prefilling sequences, oldest
+/// first). It bounds how long the running streams wait for their next token while a long
+/// prompt comes in, and the activations' memory; the kernels' token tiles are 64 wide, so
+/// chunks this size lose nothing to one whole-prompt pass.
+pub const PREFILL_STEP: usize = 128;
 
 /// Thread body: load, report readiness, then serve until every handle is gone.
 pub(crate) fn run(
     config: EngineConfig,
-    queue: std_mpsc::Receiver<EngineRequest>,
+    queue: std_mpsc::Receiver<Message>,
     ready: oneshot::Sender<Result<ModelInfo, LlmError>>,
-    stats: Arc<SharedStats>,
+    shared: Shared,
 ) {
-    let loaded = catch_unwind(AssertUnwindSafe(|| Engine::load(&config, stats)));
-    let mut engine = match loaded {
+    let Shared { stats, waiting, progress } = shared;
+    let loaded = catch_unwind(AssertUnwindSafe(|| Engine::load(&config, stats, &progress)));
+    let engine = match loaded {
         Ok(Ok((engine, info))) => {
             if ready.send(Ok(info)).is_err() {
                 return;
@@ -56,22 +87,32 @@ pub(crate) fn run(
             return;
         }
     };
-    // `recv` fails once every `EngineHandle` is dropped and the queue is drained.
-    while let Ok(job) = queue.recv() {
-        let reply = job.reply.clone();
-        let outcome = catch_unwind(AssertUnwindSafe(|| engine.handle(job)));
-        let err = match outcome {
-            Ok(Ok(())) => continue,
-            Ok(Err(err)) => err,
-            Err(panic) => {
-                tracing::error!(panic = %panic_message(panic.as_ref()), "engine request panicked");
-                LlmError::Inference(format!(
-                    "the engine panicked: {}",
-                    panic_message(panic.as_ref())
-                ))
+    let mut scheduler = Scheduler::new(engine, config.parallel, waiting);
+    let mut open = true;
+    loop {
+        if !scheduler.has_work() {
+            if !open {
+                break;
             }
-        };
-        let _ = reply.blocking_send(Err(err));
+            // Idle: sleep until something arrives; `recv` fails once every handle is gone.
+            match queue.recv() {
+                Ok(message) => scheduler.accept(message),
+                Err(_) => break,
+            }
+        }
+        loop {
+            match queue.try_recv() {
+                Ok(message) => scheduler.accept(message),
+                Err(std_mpsc::TryRecvError::Empty) => break,
+                Err(std_mpsc::TryRecvError::Disconnected) => {
+                    // Finish what was given; nobody is left to want warmed prompts.
+                    open = false;
+                    scheduler.warms.clear();
+                    break;
+                }
+            }
+        }
+        scheduler.step();
     }
     tracing::info!("engine stopped: every handle was dropped");
 }
@@ -91,9 +132,10 @@ struct CachedSequence {
     cache: KvCache,
 }
 
+/// The model and what goes with it: tokenizer, template, the kept KV states.
 struct Engine {
     model: Model,
-    /// Logits of the last forward pass, reused from step to step.
+    /// Logits of the last forward pass (one row per sequence that asked), reused.
     logits: Vec<f32>,
     tokenizer: GgufTokenizer,
     format: ChatFormat,
@@ -105,19 +147,45 @@ struct Engine {
     stats: Arc<SharedStats>,
 }
 
+/// Reads through to the file and counts the bytes, for the loading progress.
+struct CountingReader<R> {
+    inner: R,
+    progress: Arc<LoadProgress>,
+}
+
+impl<R: Read> Read for CountingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.progress.add_read(n as u64);
+        Ok(n)
+    }
+}
+
+impl<R: Seek> Seek for CountingReader<R> {
+    fn seek(&mut self, pos: SeekFrom) -> std::io::Result<u64> {
+        self.inner.seek(pos)
+    }
+}
+
 impl Engine {
     fn load(
         config: &EngineConfig,
         stats: Arc<SharedStats>,
+        progress: &Arc<LoadProgress>,
     ) -> Result<(Engine, ModelInfo), LlmError> {
         let started = Instant::now();
         let mut file = gguf::open(&config.model_path)?;
+        progress.set_total(file.file_size);
         let tokenizer = file.tokenizer()?;
         let hp = file.hparams.clone();
         let n_ctx = config.n_ctx.min(hp.context_length).max(2);
         let format = ChatFormat::for_arch(hp.arch);
-        let model_config = ModelConfig::from_hparams(&hp, n_ctx);
-        let mut reader = std::io::BufReader::new(&mut file.file);
+        let mut model_config = ModelConfig::from_hparams(&hp, n_ctx);
+        model_config.kv_type = config.kv_type;
+        let mut reader = CountingReader {
+            inner: std::io::BufReader::new(&mut file.file),
+            progress: progress.clone(),
+        };
         let model = match Model::load(&file.content, &mut reader, model_config) {
             Ok(model) => model,
             Err(err) => {
@@ -137,7 +205,10 @@ impl Engine {
             n_ctx,
             load_ms,
         };
-        tracing::info!(model = %info.name, arch = %info.arch, n_ctx, load_ms, "model loaded");
+        tracing::info!(
+            model = %info.name, arch = %info.arch, n_ctx, load_ms,
+            parallel = config.parallel, kv = config.kv_type.as_str(), "model loaded"
+        );
         let engine = Engine {
             model,
             logits: Vec::new(),
@@ -152,15 +223,10 @@ impl Engine {
         Ok((engine, info))
     }
 
-    /// Run one request to its end, streaming into `job.reply`. An `Err` is sent by the
-    /// caller; everything else (text, `Done`) is sent here.
-    fn handle(&mut self, job: EngineRequest) -> Result<(), LlmError> {
-        let EngineRequest { request, options, reply, received } = job;
-        if reply.is_closed() {
-            return Ok(());
-        }
-        let params = &request.params;
-        let prompt_text = template::render(self.format, &request.messages, params.thinking);
+    /// The prompt's tokens, or why it cannot run (checked before the request waits, so the
+    /// caller still gets errors such as `ContextOverflow` before any notice).
+    fn prompt_tokens(&self, request: &LlmRequest) -> Result<Vec<u32>, LlmError> {
+        let prompt_text = template::render(self.format, &request.messages, request.params.thinking);
         let prompt = match self.tokenizer.encode(&prompt_text) {
             Ok(tokens) => tokens,
             Err(err) => return Err(LlmError::Inference(format!("tokenizing the prompt: {err}"))),
@@ -172,136 +238,53 @@ impl Engine {
         if prompt.len() >= self.n_ctx {
             return Err(LlmError::ContextOverflow { n_tokens: prompt.len(), n_ctx: self.n_ctx });
         }
-
-        let (mut cache, n_cached) = self.take_cache(&prompt, options.reuse_cache);
-        let prefill_started = Instant::now();
-        let mut prefilled = false;
-        for chunk in prompt[n_cached..].chunks(PREFILL_CHUNK) {
-            if reply.is_closed() {
-                return Ok(());
-            }
-            self.forward(chunk, &mut cache)?;
-            prefilled = true;
-        }
-        if !prefilled {
-            return Err(LlmError::Inference("nothing to prefill".to_string()));
-        }
-        let prefill_ms = prefill_started.elapsed().as_millis() as u64;
-        let prefill_secs = prefill_started.elapsed().as_secs_f64();
-
-        let mut sampler = Sampler::new(params);
-        let mut decoder = self.tokenizer.stream_decoder();
-        let mut think_filter = ThinkFilter::new();
-        let mut sequence = prompt.clone();
-        let mut n_generated: u32 = 0;
-        let mut first_text_at = None;
-        let decode_started = Instant::now();
-        let finish = loop {
-            let recent_from = sequence.len().saturating_sub(params.repeat_last_n);
-            let token = sampler.sample(&mut self.logits, &sequence[recent_from..]);
-            if !options.ignore_stop && self.tokenizer.stop_ids().contains(&token) {
-                break FinishReason::Stop;
-            }
-            n_generated += 1;
-            let piece = match decoder.push(token) {
-                Ok(piece) => piece.unwrap_or_default(),
-                Err(err) => return Err(LlmError::Inference(format!("decoding: {err}"))),
-            };
-            let text = think_filter.push(&piece);
-            if !text.is_empty() {
-                first_text_at.get_or_insert_with(Instant::now);
-                if reply.blocking_send(Ok(Chunk::Text(text))).is_err() {
-                    break FinishReason::Cancelled;
-                }
-            }
-            if n_generated >= params.max_tokens {
-                break FinishReason::Length;
-            }
-            // Feeding the token takes one more position, which must fit in the context.
-            if sequence.len() + 1 > self.n_ctx {
-                break FinishReason::Length;
-            }
-            if reply.is_closed() {
-                break FinishReason::Cancelled;
-            }
-            self.forward(&[token], &mut cache)?;
-            sequence.push(token);
-        };
-        let decode_secs = decode_started.elapsed().as_secs_f64();
-        let decode_ms = decode_started.elapsed().as_millis() as u64;
-        // `sequence` now holds exactly the positions in `cache`.
-        self.put_cache(sequence, cache, options.reuse_cache);
-
-        if finish != FinishReason::Cancelled {
-            let mut tail = think_filter.push(&decoder.finish());
-            tail.push_str(&think_filter.finish());
-            if !tail.is_empty() {
-                first_text_at.get_or_insert_with(Instant::now);
-                let _ = reply.blocking_send(Ok(Chunk::Text(tail)));
-            }
-        }
-        let n_prefilled = prompt.len() - n_cached;
-        let decode_steps = n_generated.saturating_sub(1) as f64;
-        let prefill_tok_s = rate(n_prefilled as f64, prefill_secs);
-        let decode_tok_s = rate(decode_steps, decode_secs);
-        self.stats.record_request(prefill_tok_s, decode_tok_s);
-        let ttft_ms = first_text_at.unwrap_or_else(Instant::now).duration_since(received);
-        let usage = Usage {
-            prompt_tokens: prompt.len() as u32,
-            cached_tokens: n_cached as u32,
-            completion_tokens: n_generated,
-            prefill_ms,
-            decode_ms,
-            ttft_ms: ttft_ms.as_millis() as u64,
-        };
-        tracing::debug!(?usage, ?finish, prefill_tok_s, decode_tok_s, "request done");
-        let _ = reply.blocking_send(Ok(Chunk::Done { usage, finish }));
-        Ok(())
+        Ok(prompt)
     }
 
-    /// Logits of the last position of `tokens`, appending to `cache`. The logits buffer is
-    /// the engine's own and reused, so a decode step allocates nothing here.
-    fn forward(&mut self, tokens: &[u32], cache: &mut KvCache) -> Result<(), LlmError> {
-        self.model
-            .forward_into(tokens, cache, Logits::Last, &mut self.logits)
-            .map_err(|err| LlmError::Inference(format!("forward pass: {err}")))
-    }
-
-    /// The cache to continue from: the kept sequence sharing the longest prefix with
-    /// `prompt` (cut back to that prefix), else a fresh one. At least one prompt token is
-    /// always left to prefill, because its logits are needed.
-    fn take_cache(&mut self, prompt: &[u32], reuse: bool) -> (KvCache, usize) {
-        let best = if reuse {
-            self.cached
-                .iter()
-                .enumerate()
-                .map(|(idx, seq)| (idx, common_prefix(&seq.tokens, prompt)))
-                .max_by_key(|&(_, shared)| shared)
-                .filter(|&(_, shared)| shared > 0)
+    /// The cache to continue `prompt` from and how many of its tokens it holds (at most
+    /// `max_keep`): the kept sequence sharing the longest prefix with it. A kept sequence
+    /// that is wholly a prefix of `prompt` (the conversation's previous turn) is taken; one
+    /// that goes on differently (another conversation with the same system prompt, a
+    /// regenerated answer) stays kept and its shared prefix is copied.
+    fn take_cache(&mut self, prompt: &[u32], max_keep: usize) -> (KvCache, usize) {
+        let best = self
+            .cached
+            .iter()
+            .enumerate()
+            .map(|(idx, seq)| (idx, common_prefix(&seq.tokens, prompt)))
+            .max_by_key(|&(_, shared)| shared)
+            .filter(|&(_, shared)| shared > 0 && max_keep > 0);
+        let Some((idx, shared)) = best else {
+            return (self.model.new_cache(self.n_ctx), 0);
+        };
+        let keep = shared.min(max_keep);
+        let cache = if shared == self.cached[idx].tokens.len() {
+            let mut seq = self.cached.remove(idx);
+            seq.cache.truncate(keep);
+            seq.cache
         } else {
-            None
+            self.cached[idx].cache.clone_prefix(keep)
         };
-        match best {
-            Some((idx, shared)) => {
-                let mut seq = self.cached.remove(idx);
-                let keep = shared.min(prompt.len() - 1);
-                seq.cache.truncate(keep);
-                self.publish_cache_stats();
-                (seq.cache, keep)
-            }
-            None => (self.model.new_cache(self.n_ctx), 0),
-        }
+        self.publish_cache_stats();
+        (cache, keep)
     }
 
     /// Keep a finished sequence as the most recent, then evict the least recent ones until
     /// both bounds hold.
-    fn put_cache(&mut self, tokens: Vec<u32>, cache: KvCache, reuse: bool) {
-        if !reuse || self.max_sequences == 0 {
+    fn put_cache(&mut self, tokens: Vec<u32>, mut cache: KvCache, reuse: bool) {
+        if !reuse || self.max_sequences == 0 || tokens.is_empty() {
             return;
         }
+        cache.shrink_to_fit();
         self.cached.push(CachedSequence { tokens, cache });
+        self.evict(self.max_bytes);
+    }
+
+    /// Evict least recently used kept states until at most `max_sequences` remain within
+    /// `max_bytes`.
+    fn evict(&mut self, max_bytes: u64) {
         while self.cached.len() > self.max_sequences
-            || (!self.cached.is_empty() && self.cached_bytes() > self.max_bytes)
+            || (!self.cached.is_empty() && self.cached_bytes() > max_bytes)
         {
             self.cached.remove(0);
         }
@@ -314,6 +297,451 @@ impl Engine {
 
     fn publish_cache_stats(&self) {
         self.stats.record_cache(self.cached.len(), self.cached_bytes());
+    }
+}
+
+/// A request waiting for a slot, already tokenized.
+struct Waiting {
+    job: EngineRequest,
+    prompt: Vec<u32>,
+    /// The position last told to the client.
+    told: Option<usize>,
+}
+
+/// A warm request, tokenized.
+struct Warm {
+    prompt: Vec<u32>,
+    done: oneshot::Sender<Result<(), LlmError>>,
+}
+
+/// Chunks a sequence has produced that its channel had no room for yet.
+struct Outbox {
+    reply: mpsc::Sender<Result<Chunk, LlmError>>,
+    items: VecDeque<Result<Chunk, LlmError>>,
+}
+
+impl Outbox {
+    /// Send what the channel takes. `false` once the receiver is gone.
+    fn flush(&mut self) -> bool {
+        while let Some(item) = self.items.pop_front() {
+            match self.reply.try_send(item) {
+                Ok(()) => {}
+                Err(TrySendError::Full(item)) => {
+                    self.items.push_front(item);
+                    return true;
+                }
+                Err(TrySendError::Closed(_)) => {
+                    self.items.clear();
+                    return false;
+                }
+            }
+        }
+        !self.reply.is_closed()
+    }
+
+    fn push(&mut self, item: Result<Chunk, LlmError>) {
+        self.items.push_back(item);
+        self.flush();
+    }
+}
+
+/// One active sequence: prefilling its prompt, then decoding.
+struct Sequence {
+    out: Outbox,
+    options: RequestOptions,
+    params: GenerationParams,
+    received: Instant,
+    admitted: Instant,
+    prompt_len: usize,
+    n_cached: usize,
+    /// The prompt, then every sampled token. The first `cache.len()` are in the cache; the
+    /// rest wait to be run (prompt chunks, or the token sampled last).
+    tokens: Vec<u32>,
+    cache: KvCache,
+    sampler: Sampler,
+    decoder: StreamDecoder,
+    think: ThinkFilter,
+    n_generated: u32,
+    first_text_at: Option<Instant>,
+    prefill_done: Option<Instant>,
+    /// Set when it ends; the scheduler then retires it.
+    finish: Option<Result<FinishReason, LlmError>>,
+}
+
+/// The continuous-batching loop's state.
+struct Scheduler {
+    engine: Engine,
+    parallel: usize,
+    waiting_count: Arc<AtomicUsize>,
+    waiting: VecDeque<Waiting>,
+    /// In admission order: prefill budget goes to the oldest first.
+    active: Vec<Sequence>,
+    warms: VecDeque<Warm>,
+    /// Finished sequences whose last chunks are still on their way to slow readers.
+    draining: Vec<Outbox>,
+    /// (index in `active`, tokens to run, whether its logits are needed), reused per step.
+    plan: Vec<(usize, Range<usize>, bool)>,
+}
+
+impl Scheduler {
+    fn new(engine: Engine, parallel: usize, waiting_count: Arc<AtomicUsize>) -> Scheduler {
+        let parallel = parallel.clamp(1, crate::llm::engine::kernels::attention::MAX_BATCH_SEQS);
+        Scheduler {
+            engine,
+            parallel,
+            waiting_count,
+            waiting: VecDeque::new(),
+            active: Vec::with_capacity(parallel),
+            warms: VecDeque::new(),
+            draining: Vec::new(),
+            plan: Vec::with_capacity(parallel),
+        }
+    }
+
+    fn has_work(&self) -> bool {
+        !self.active.is_empty()
+            || !self.waiting.is_empty()
+            || !self.warms.is_empty()
+            || !self.draining.is_empty()
+    }
+
+    fn accept(&mut self, message: Message) {
+        match message {
+            Message::Generate(job) => match self.engine.prompt_tokens(&job.request) {
+                Ok(prompt) => self.waiting.push_back(Waiting { job, prompt, told: None }),
+                Err(err) => {
+                    self.waiting_count.fetch_sub(1, Ordering::SeqCst);
+                    // The channel is new and empty, so this cannot be full.
+                    let _ = job.reply.try_send(Err(err));
+                }
+            },
+            Message::Warm(warm) => match self.engine.prompt_tokens(&warm.request) {
+                Ok(prompt) => self.warms.push_back(Warm { prompt, done: warm.done }),
+                Err(err) => {
+                    let _ = warm.done.send(Err(err));
+                }
+            },
+        }
+    }
+
+    /// One round: deliver pending chunks, drop cancelled sequences, admit waiting requests,
+    /// then run one batched forward pass (or, with nothing else to do, one warm chunk).
+    fn step(&mut self) {
+        self.draining.retain_mut(|out| out.flush() && !out.items.is_empty());
+        for seq in &mut self.active {
+            if !seq.out.flush() && seq.finish.is_none() {
+                seq.finish = Some(Ok(FinishReason::Cancelled));
+            }
+        }
+        self.retire();
+        self.admit();
+        self.tell_positions();
+        self.plan_step();
+        if self.plan.is_empty() {
+            if self.active.is_empty() && self.waiting.is_empty() && self.warm_step() {
+                return;
+            }
+            if self.has_work() {
+                // Every running sequence waits for a slow reader: do not spin.
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            return;
+        }
+        let outcome = catch_unwind(AssertUnwindSafe(|| self.run_plan()));
+        let failure = match outcome {
+            Ok(Ok(())) => None,
+            Ok(Err(err)) => Some(err),
+            Err(panic) => {
+                tracing::error!(panic = %panic_message(panic.as_ref()), "engine step panicked");
+                Some(LlmError::Inference(format!(
+                    "the engine panicked: {}",
+                    panic_message(panic.as_ref())
+                )))
+            }
+        };
+        if let Some(err) = failure {
+            // The caches of a failed pass may be half-written: drop them with the sequences.
+            for seq in &mut self.active {
+                seq.finish = Some(Err(err.clone()));
+            }
+        }
+        self.retire();
+    }
+
+    /// Give free slots to waiting requests, oldest first. A request also waits while the
+    /// KV memory bound has no room for its prompt, unless nothing else runs.
+    fn admit(&mut self) {
+        while self.active.len() < self.parallel {
+            let Some(front) = self.waiting.front() else { break };
+            if !front.job.reply.is_closed() && !self.active.is_empty() {
+                let per_token = self.engine.model.config().cache_bytes_per_token();
+                let active: u64 = self.active.iter().map(|seq| seq.cache.bytes()).sum();
+                if active + front.prompt.len() as u64 * per_token > self.engine.max_bytes {
+                    break;
+                }
+            }
+            let Some(waiting) = self.waiting.pop_front() else { break };
+            self.waiting_count.fetch_sub(1, Ordering::SeqCst);
+            if waiting.job.reply.is_closed() {
+                continue;
+            }
+            let seq = self.start(waiting);
+            self.active.push(seq);
+        }
+        let active: u64 = self.active.iter().map(|seq| seq.cache.bytes()).sum();
+        self.engine.evict(self.engine.max_bytes.saturating_sub(active));
+        self.engine.stats.record_slots(self.active.len(), self.waiting.len());
+    }
+
+    fn start(&mut self, waiting: Waiting) -> Sequence {
+        let Waiting { job, prompt, .. } = waiting;
+        let max_keep = if job.options.reuse_cache { prompt.len() - 1 } else { 0 };
+        let (cache, n_cached) = self.engine.take_cache(&prompt, max_keep);
+        Sequence {
+            out: Outbox { reply: job.reply, items: VecDeque::new() },
+            options: job.options,
+            sampler: Sampler::new(&job.request.params),
+            params: job.request.params,
+            received: job.received,
+            admitted: Instant::now(),
+            prompt_len: prompt.len(),
+            n_cached,
+            tokens: prompt,
+            cache,
+            decoder: self.engine.tokenizer.stream_decoder(),
+            think: ThinkFilter::new(),
+            n_generated: 0,
+            first_text_at: None,
+            prefill_done: None,
+            finish: None,
+        }
+    }
+
+    /// Tell each waiting request its place when it changed (after dropping those whose
+    /// client left, so they do not count as ahead of anyone).
+    fn tell_positions(&mut self) {
+        let before = self.waiting.len();
+        self.waiting.retain(|waiting| !waiting.job.reply.is_closed());
+        self.waiting_count.fetch_sub(before - self.waiting.len(), Ordering::SeqCst);
+        for (ahead, waiting) in self.waiting.iter_mut().enumerate() {
+            if waiting.told == Some(ahead) {
+                continue;
+            }
+            let message = format!("waiting for the engine: {ahead} ahead");
+            let notice = Chunk::Notice { kind: "queued".to_string(), message };
+            if waiting.job.reply.try_send(Ok(notice)).is_ok() {
+                waiting.told = Some(ahead);
+            }
+        }
+    }
+
+    /// Choose this step's rows: one token for every decoding sequence, and up to
+    /// `PREFILL_STEP` prompt tokens for the prefilling ones, oldest first. A sequence whose
+    /// reader is behind (chunks still waiting to be sent) sits this step out.
+    fn plan_step(&mut self) {
+        self.plan.clear();
+        let mut budget = PREFILL_STEP;
+        for (idx, seq) in self.active.iter().enumerate() {
+            if seq.finish.is_some() || !seq.out.items.is_empty() {
+                continue;
+            }
+            let fed = seq.cache.len();
+            if fed < seq.prompt_len {
+                if budget == 0 {
+                    continue;
+                }
+                let end = (fed + budget).min(seq.prompt_len);
+                budget -= end - fed;
+                self.plan.push((idx, fed..end, end == seq.prompt_len));
+            } else if seq.tokens.len() > fed {
+                self.plan.push((idx, fed..fed + 1, true));
+            }
+        }
+    }
+
+    /// Run the planned rows as one forward pass, then sample for every sequence that got
+    /// logits.
+    fn run_plan(&mut self) -> Result<(), LlmError> {
+        let mut batch = Vec::with_capacity(self.plan.len());
+        let mut planned = self.plan.iter().peekable();
+        for (idx, seq) in self.active.iter_mut().enumerate() {
+            let Some((_, range, logits)) = planned.next_if(|(i, _, _)| *i == idx) else {
+                continue;
+            };
+            batch.push(SeqBatch {
+                tokens: &seq.tokens[range.clone()],
+                cache: &mut seq.cache,
+                logits: (*logits).then_some(Logits::Last),
+            });
+        }
+        let forward = self.engine.model.forward_batch(&mut batch, &mut self.engine.logits);
+        drop(batch);
+        if let Err(err) = forward {
+            return Err(LlmError::Inference(format!("forward pass: {err}")));
+        }
+        self.engine.stats.record_step();
+        let vocab = self.engine.model.vocab_size();
+        let now = Instant::now();
+        let mut row = 0;
+        for (idx, range, logits) in &self.plan {
+            let seq = &mut self.active[*idx];
+            if range.end == seq.prompt_len && range.start < seq.prompt_len {
+                seq.prefill_done = Some(now);
+            }
+            if *logits {
+                let out = &mut self.engine.logits[row * vocab..(row + 1) * vocab];
+                row += 1;
+                next_token(seq, out, &self.engine.tokenizer, self.engine.n_ctx);
+            }
+        }
+        Ok(())
+    }
+
+    /// Remove ended sequences: send their last text and `Done` (or the error), keep their
+    /// KV state, free their slots.
+    fn retire(&mut self) {
+        let mut idx = 0;
+        while idx < self.active.len() {
+            if self.active[idx].finish.is_none() {
+                idx += 1;
+                continue;
+            }
+            // `remove`, not `swap_remove`: the order is the prefill priority.
+            let seq = self.active.remove(idx);
+            self.finish(seq);
+        }
+        self.engine.stats.record_slots(self.active.len(), self.waiting.len());
+    }
+
+    fn finish(&mut self, mut seq: Sequence) {
+        let finish = match seq.finish.take() {
+            Some(Ok(reason)) => reason,
+            Some(Err(err)) => {
+                seq.out.push(Err(err));
+                if !seq.out.items.is_empty() {
+                    self.draining.push(seq.out);
+                }
+                return;
+            }
+            None => return,
+        };
+        let now = Instant::now();
+        if finish != FinishReason::Cancelled {
+            let mut tail = seq.think.push(&seq.decoder.finish());
+            tail.push_str(&seq.think.finish());
+            if !tail.is_empty() {
+                seq.first_text_at.get_or_insert(now);
+                seq.out.push(Ok(Chunk::Text(tail)));
+            }
+        }
+        let prefill_done = seq.prefill_done.unwrap_or(now);
+        let prefill_secs = prefill_done.duration_since(seq.admitted).as_secs_f64();
+        let decode_secs = now.duration_since(prefill_done).as_secs_f64();
+        let n_prefilled = seq.prompt_len - seq.n_cached;
+        let decode_steps = seq.n_generated.saturating_sub(1) as f64;
+        self.engine.stats.record_request(
+            rate(n_prefilled as f64, prefill_secs),
+            rate(decode_steps, decode_secs),
+        );
+        let ttft = seq.first_text_at.unwrap_or(now).duration_since(seq.received);
+        let usage = Usage {
+            prompt_tokens: seq.prompt_len as u32,
+            cached_tokens: seq.n_cached as u32,
+            completion_tokens: seq.n_generated,
+            prefill_ms: (prefill_secs * 1000.0) as u64,
+            decode_ms: (decode_secs * 1000.0) as u64,
+            ttft_ms: ttft.as_millis() as u64,
+        };
+        tracing::debug!(?usage, ?finish, "request done");
+        if finish != FinishReason::Cancelled {
+            seq.out.push(Ok(Chunk::Done { usage, finish }));
+        }
+        // Keep exactly the positions that are in the cache.
+        seq.tokens.truncate(seq.cache.len());
+        self.engine.put_cache(seq.tokens, seq.cache, seq.options.reuse_cache);
+        if !seq.out.items.is_empty() {
+            self.draining.push(seq.out);
+        }
+    }
+
+    /// Prefill one chunk of the oldest warm prompt into the kept states; `false` when there
+    /// is none. Runs only when no request is active or waiting, one chunk per step, so a
+    /// request that arrives waits at most for the chunk in progress; what is prefilled so
+    /// far is kept (as a kept state, found again by its prefix).
+    fn warm_step(&mut self) -> bool {
+        let Some(warm) = self.warms.front() else { return false };
+        if warm.done.is_closed() {
+            self.warms.pop_front();
+            return true;
+        }
+        let target = warm.prompt.len();
+        let (mut cache, have) = self.engine.take_cache(&warm.prompt, target);
+        let end = (have + PREFILL_STEP).min(target);
+        let mut result = Ok(());
+        if have < end {
+            let tokens = &warm.prompt[have..end];
+            let mut batch = [SeqBatch { tokens, cache: &mut cache, logits: None }];
+            let forward = catch_unwind(AssertUnwindSafe(|| {
+                self.engine.model.forward_batch(&mut batch, &mut self.engine.logits)
+            }));
+            result = match forward {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(err)) => Err(LlmError::Inference(format!("warming: {err}"))),
+                Err(panic) => Err(LlmError::Inference(format!(
+                    "the engine panicked while warming: {}",
+                    panic_message(panic.as_ref())
+                ))),
+            };
+        }
+        match result {
+            Ok(()) => {
+                self.engine.stats.record_warm(end - have);
+                self.engine.put_cache(warm.prompt[..end].to_vec(), cache, true);
+                if end == target {
+                    if let Some(warm) = self.warms.pop_front() {
+                        let _ = warm.done.send(Ok(()));
+                    }
+                }
+            }
+            Err(err) => {
+                if let Some(warm) = self.warms.pop_front() {
+                    let _ = warm.done.send(Err(err));
+                }
+            }
+        }
+        true
+    }
+}
+
+/// Sample the token after `logits` for `seq`, stream its text and decide whether the
+/// sequence goes on (the token then waits to be run next step) or ends.
+fn next_token(seq: &mut Sequence, logits: &mut [f32], tokenizer: &GgufTokenizer, n_ctx: usize) {
+    let recent_from = seq.tokens.len().saturating_sub(seq.params.repeat_last_n);
+    let token = seq.sampler.sample(logits, &seq.tokens[recent_from..]);
+    if !seq.options.ignore_stop && tokenizer.stop_ids().contains(&token) {
+        seq.finish = Some(Ok(FinishReason::Stop));
+        return;
+    }
+    seq.n_generated += 1;
+    let piece = match seq.decoder.push(token) {
+        Ok(piece) => piece.unwrap_or_default(),
+        Err(err) => {
+            seq.finish = Some(Err(LlmError::Inference(format!("decoding: {err}"))));
+            return;
+        }
+    };
+    let text = seq.think.push(&piece);
+    if !text.is_empty() {
+        seq.first_text_at.get_or_insert_with(Instant::now);
+        seq.out.push(Ok(Chunk::Text(text)));
+    }
+    if seq.out.reply.is_closed() {
+        seq.finish = Some(Ok(FinishReason::Cancelled));
+    } else if seq.n_generated >= seq.params.max_tokens || seq.cache.len() + 1 > n_ctx {
+        // Running the token would take one more position, which must fit in the context.
+        seq.finish = Some(Ok(FinishReason::Length));
+    } else {
+        seq.tokens.push(token);
     }
 }
 
@@ -332,11 +760,194 @@ fn rate(count: f64, secs: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::{ChatTurn, Role};
+    use crate::llm::engine::model::KvType;
 
     #[test]
     fn common_prefix_counts_shared_leading_tokens() {
         assert_eq!(common_prefix(&[1, 2, 3], &[1, 2, 4, 5]), 2);
         assert_eq!(common_prefix(&[], &[1]), 0);
         assert_eq!(common_prefix(&[1, 2], &[1, 2, 3]), 2);
+    }
+
+    fn smollm2() -> std::path::PathBuf {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("models/SmolLM2-135M-Instruct.Q4_1.gguf")
+    }
+
+    /// A scheduler over the real SmolLM2 file, driven step by step by the test.
+    fn scheduler(parallel: usize) -> (Scheduler, Arc<SharedStats>) {
+        let mut config = EngineConfig::for_model(smollm2());
+        config.n_ctx = 4096;
+        config.parallel = parallel;
+        let stats = Arc::new(SharedStats::default());
+        let progress = Arc::new(LoadProgress::default());
+        let (engine, _) = Engine::load(&config, stats.clone(), &progress).expect("load SmolLM2");
+        assert!((progress.fraction() - 1.0).abs() < 0.05, "{}", progress.fraction());
+        (Scheduler::new(engine, parallel, Arc::new(AtomicUsize::new(0))), stats)
+    }
+
+    type Stream = mpsc::Receiver<Result<Chunk, LlmError>>;
+
+    fn submit(scheduler: &mut Scheduler, text: &str, max_tokens: u32) -> Stream {
+        let (reply, stream) = mpsc::channel(256);
+        let request = LlmRequest {
+            messages: vec![ChatTurn::new(Role::User, text)],
+            params: GenerationParams::greedy(max_tokens),
+        };
+        let options = RequestOptions { ignore_stop: true, reuse_cache: false };
+        scheduler.waiting_count.fetch_add(1, Ordering::SeqCst);
+        let job = EngineRequest { request, options, reply, received: Instant::now() };
+        scheduler.accept(Message::Generate(job));
+        stream
+    }
+
+    /// Everything the stream holds now, without waiting.
+    fn drain(stream: &mut Stream) -> Vec<Chunk> {
+        std::iter::from_fn(|| stream.try_recv().ok()).map(|item| item.expect("no error")).collect()
+    }
+
+    fn texts(chunks: &[Chunk]) -> usize {
+        chunks.iter().filter(|c| matches!(c, Chunk::Text(_))).count()
+    }
+
+    #[test]
+    fn a_long_prompt_prefills_in_chunks_while_a_running_stream_keeps_decoding() {
+        let (mut s, stats) = scheduler(4);
+        let mut running = submit(&mut s, "Tell me a long story about a dragon.", 200);
+        // Step until the running stream is decoding.
+        for _ in 0..50 {
+            s.step();
+            if texts(&drain(&mut running)) > 0 {
+                break;
+            }
+        }
+        assert!(s.active[0].prefill_done.is_some(), "the first request decodes");
+        let long_text = "The quick brown fox jumps over the lazy dog. ".repeat(80);
+        let mut long = submit(&mut s, &long_text, 4);
+        let prompt_len = s.waiting[0].prompt.len();
+        assert!(prompt_len > 5 * PREFILL_STEP, "prompt is {prompt_len} tokens");
+        // Every step while the long prompt prefills also runs the stream already going
+        // (one token each; a token may hold its text back, e.g. half a UTF-8 character).
+        let mut prefill_steps = 0;
+        let mut running_texts = 0;
+        while texts(&drain(&mut long)) == 0 {
+            let steps_before = stats.steps.load(Ordering::Relaxed);
+            s.step();
+            assert_eq!(stats.steps.load(Ordering::Relaxed), steps_before + 1);
+            let long_seq = s.active.iter().find(|q| q.prompt_len == prompt_len);
+            let fed = long_seq.map_or(prompt_len, |q| q.cache.len());
+            assert!(fed <= (prefill_steps + 1) * PREFILL_STEP, "at most one chunk per step");
+            let got = texts(&drain(&mut running));
+            assert!(got <= 1, "one token per step");
+            running_texts += got;
+            prefill_steps += 1;
+            assert!(prefill_steps < 100, "bounded");
+        }
+        assert_eq!(prefill_steps, prompt_len.div_ceil(PREFILL_STEP));
+        assert!(running_texts + 1 >= prefill_steps, "{running_texts} of {prefill_steps}");
+    }
+
+    #[test]
+    fn cancelling_mid_batch_frees_the_slot_for_the_next_in_line() {
+        let (mut s, _) = scheduler(2);
+        let a = submit(&mut s, "Count from one to a hundred.", 500);
+        let mut b = submit(&mut s, "Name every planet.", 500);
+        let mut c = submit(&mut s, "Say hi.", 3);
+        s.step();
+        assert_eq!((s.active.len(), s.waiting.len()), (2, 1));
+        let notices = drain(&mut c);
+        assert_eq!(
+            notices,
+            vec![Chunk::Notice {
+                kind: "queued".into(),
+                message: "waiting for the engine: 0 ahead".into()
+            }]
+        );
+        for _ in 0..3 {
+            s.step();
+        }
+        drop(a);
+        // The next step notices the dropped receiver, frees the slot and admits `c`.
+        s.step();
+        assert_eq!(s.waiting.len(), 0, "c was admitted");
+        assert_eq!(s.active.len(), 2);
+        let mut done = false;
+        for _ in 0..50 {
+            s.step();
+            if drain(&mut c).iter().any(|chunk| matches!(chunk, Chunk::Done { .. })) {
+                done = true;
+                break;
+            }
+        }
+        assert!(done, "c finished while b still runs");
+        assert!(texts(&drain(&mut b)) > 0);
+        assert_eq!(s.active.len(), 1);
+    }
+
+    #[test]
+    fn f16_kv_stays_within_its_stated_tolerance_of_f32_on_smollm2() {
+        // The tolerance of the f16 KV cache, stated on the real model and a fixed prompt:
+        // the same greedy tokens as f32 KV for the first 24 generated tokens (measured: the
+        // first divergence is at token 28, a near-tie), and along 48 tokens of the f32
+        // answer fed to both, last-position logits within 8% of their range and a total
+        // variation distance under 0.1 (measured 4.8% and 0.068, printed below): the bound
+        // the engine tests already allow SmolLM2 between prefill and decode of the same
+        // tokens, where 30 layers amplify last-bit differences through the 8-bit
+        // activations the same way.
+        let mut file = gguf::open(&smollm2()).expect("open");
+        let tokenizer = file.tokenizer().expect("tokenizer");
+        let turns = [ChatTurn::new(Role::User, "Explain why the sky is blue.")];
+        let prompt = template::render(ChatFormat::for_arch(file.hparams.arch), &turns, false);
+        let prompt = tokenizer.encode(&prompt).expect("encode");
+        let hparams = file.hparams.clone();
+        let mut reader = std::io::BufReader::new(&mut file.file);
+        let mut load = |kv_type: KvType| {
+            let mut config = ModelConfig::from_hparams(&hparams, 1024);
+            config.kv_type = kv_type;
+            Model::load(&file.content, &mut reader, config).expect("load")
+        };
+        let (exact, half) = (load(KvType::F32), load(KvType::F16));
+        // Greedy with f32 KV; f16 KV is fed the same tokens.
+        let mut rows = [Vec::new(), Vec::new()];
+        let mut caches = [exact.new_cache(1024), half.new_cache(1024)];
+        let mut next = prompt.clone();
+        let mut f32_tokens = Vec::new();
+        let mut f16_argmax = Vec::new();
+        for _ in 0..48 {
+            let mut logits = Vec::new();
+            for (i, model) in [&exact, &half].into_iter().enumerate() {
+                model.forward_into(&next, &mut caches[i], Logits::Last, &mut logits).unwrap();
+                rows[i].push(logits.clone());
+            }
+            let token = crate::llm::engine::sampling::argmax(&rows[0][rows[0].len() - 1]);
+            f16_argmax.push(crate::llm::engine::sampling::argmax(&rows[1][rows[1].len() - 1]));
+            f32_tokens.push(token);
+            next = vec![token];
+        }
+        assert_eq!(f16_argmax[..24], f32_tokens[..24], "greedy tokens differ");
+        let (mut worst, mut worst_tv) = (0f32, 0f64);
+        for (a, b) in rows[1].iter().zip(&rows[0]) {
+            let range = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let diff = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            worst = worst.max(diff / range);
+            worst_tv = worst_tv.max(total_variation(a, b));
+        }
+        eprintln!(
+            "f16 vs f32 KV on SmolLM2: max |diff| {:.2}% of the range, TV {worst_tv:.4}",
+            worst * 100.0
+        );
+        assert!(worst < 0.08, "f16 KV moved logits by {worst} of their range");
+        assert!(worst_tv < 0.1, "total variation {worst_tv}");
+    }
+
+    fn total_variation(a: &[f32], b: &[f32]) -> f64 {
+        let softmax = |l: &[f32]| {
+            let max = l.iter().cloned().fold(f32::MIN, f32::max);
+            let exps: Vec<f64> = l.iter().map(|v| ((v - max) as f64).exp()).collect();
+            let sum: f64 = exps.iter().sum();
+            exps.into_iter().map(move |e| e / sum)
+        };
+        softmax(a).zip(softmax(b)).map(|(p, q)| (p - q).abs()).sum::<f64>() / 2.0
     }
 }

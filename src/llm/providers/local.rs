@@ -39,9 +39,9 @@ impl Provider for LocalProvider {
         let submitted = self.handle.submit(request);
         Box::pin(async move {
             let mut upstream = submitted?;
-            // Resolve only once the answer has started, so that errors before the first
-            // token (context overflow, a failed prefill) reach the router as `Err` and it
-            // can still fall back.
+            // Resolve only once the answer has started (or been told it waits for a slot),
+            // so that errors found before that (context overflow, a failed prefill) reach
+            // the router as `Err` and it can still fall back.
             let first = match upstream.recv().await {
                 Some(Ok(chunk)) => chunk,
                 Some(Err(err)) => return Err(err),
@@ -60,5 +60,10 @@ impl Provider for LocalProvider {
             });
             Ok(rx)
         })
+    }
+
+    fn warm(&self, request: LlmRequest) -> BoxFuture<'_, Result<(), LlmError>> {
+        // The engine runs it only while no request is running or waiting.
+        Box::pin(self.handle.warm(request))
     }
 }

@@ -110,10 +110,18 @@ fn dot_f32_nt<const NT: usize>(isa: Isa, w: &[f32], acts: &[&[f32]], out: &mut [
         // no VNNI variant: the AVX2 code serves both); the widths were checked by `dot_f32`
         // and `out` holds at least NT values (`check_tokens`).
         unsafe {
-            // Accumulators per token: enough independent FMA chains, within 16 registers.
-            match NT {
-                1 | 2 => x86::dot_f32_avx2::<NT, 4>(w, rows, out),
-                _ => x86::dot_f32_avx2::<NT, 2>(w, rows, out),
+            // Four accumulators per token (enough independent FMA chains) fit the 16
+            // registers for two tokens at a time; more tokens go by pairs, so each token's
+            // sum is the same however many share the call (batched rows equal single rows).
+            let mut j = 0;
+            while j < NT {
+                if j + 1 < NT {
+                    x86::dot_f32_avx2::<2, 4>(w, [rows[j], rows[j + 1]], &mut out[j..j + 2]);
+                    j += 2;
+                } else {
+                    x86::dot_f32_avx2::<1, 4>(w, [rows[j]], &mut out[j..j + 1]);
+                    j += 1;
+                }
             }
         }
         return;
@@ -633,9 +641,20 @@ mod x86 {
                     block::<F, D, NT>(&blocks[b], b, &acts, &mut acc0, &mut off0);
                 }
             } else {
-                // The tokens' chains are independent already; more would spill registers.
-                for (b, wb) in blocks.iter().enumerate() {
-                    block::<F, D, NT>(wb, b, &acts, &mut acc0, &mut off0);
+                // The tokens' chains are independent already, and a second set of
+                // accumulators for every token would spill registers; so the even blocks,
+                // then the odd ones. Each token gets exactly the sums of the interleaved
+                // loop above, so a result does not depend on how many tokens share the
+                // pass (a batched decode row equals the row decoded alone).
+                let mut b = 0;
+                while b < nb {
+                    block::<F, D, NT>(&blocks[b], b, &acts, &mut acc0, &mut off0);
+                    b += 2;
+                }
+                let mut b = 1;
+                while b < nb {
+                    block::<F, D, NT>(&blocks[b], b, &acts, &mut acc1, &mut off1);
+                    b += 2;
                 }
             }
             for j in 0..NT {

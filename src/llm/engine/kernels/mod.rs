@@ -235,7 +235,7 @@ impl QMatrix {
                 bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
             return Ok(QMatrix::from_f32(rows, cols, floats.collect()));
         }
-        if cols % ty.block_len() != 0 {
+        if !cols.is_multiple_of(ty.block_len()) {
             return Err(KernelError::RaggedRow { ty, block: ty.block_len(), cols });
         }
         let expected = rows * ty.row_bytes(cols);
@@ -591,6 +591,39 @@ mod tests {
                             );
                         }
                     }
+                }
+            }
+        }
+    }
+
+    /// A token's row is the same bits whether it is multiplied alone or with up to
+    /// `MAX_TOKENS_PER_DOT - 1` others (the engine's batched decode and chunked prefill
+    /// rely on it), on every ISA and weight type.
+    #[test]
+    fn a_row_does_not_depend_on_the_tokens_beside_it() {
+        let mut rng = Rng(0x6a09_e667_f3bc_c908);
+        let pool = ThreadPool::new(2);
+        for ty in TYPES {
+            // An odd number of blocks per row, and a full group of tokens plus a ragged one.
+            let cols = if ty.block_len() == 256 { 256 * 3 } else { 32 * 25 };
+            let (rows, n_tokens) = (19, 7);
+            let w = random_matrix(ty, rows, cols, &mut rng);
+            let x = rng.vec(n_tokens * cols, 1.0);
+            let mut acts = Acts::new();
+            acts.prepare(&x, n_tokens, cols, &[&w]);
+            for isa in Isa::available() {
+                let mut together = vec![f32::NAN; n_tokens * rows];
+                matmul(&pool, isa, &acts, &w, &mut together);
+                for t in 0..n_tokens {
+                    let mut one = Acts::new();
+                    one.prepare(&x[t * cols..(t + 1) * cols], 1, cols, &[&w]);
+                    let mut alone = vec![f32::NAN; rows];
+                    matmul(&pool, isa, &one, &w, &mut alone);
+                    assert_eq!(
+                        &together[t * rows..(t + 1) * rows],
+                        &alone[..],
+                        "{ty:?} {isa:?} {t}"
+                    );
                 }
             }
         }

@@ -11,7 +11,7 @@ use std::cell::UnsafeCell;
 use std::marker::PhantomData;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -82,6 +82,24 @@ impl ThreadPool {
             })
             .collect();
         ThreadPool { shared, workers, run_lock: Mutex::new(()) }
+    }
+
+    /// The process-wide pool of `threads` threads, started on first use and shared by every
+    /// model loaded meanwhile: two loaded models then take turns on N threads (jobs are
+    /// serialised by `run`) instead of spinning 2N threads on N cores. It stops when the
+    /// last model using it is dropped.
+    pub fn shared(threads: usize) -> Arc<ThreadPool> {
+        static POOLS: Mutex<Vec<(usize, Weak<ThreadPool>)>> = Mutex::new(Vec::new());
+        let mut pools = POOLS.lock().unwrap_or_else(|e| e.into_inner());
+        pools.retain(|(_, pool)| pool.strong_count() > 0);
+        let threads = threads.max(1);
+        if let Some(pool) = pools.iter().find(|(n, _)| *n == threads).and_then(|(_, p)| p.upgrade())
+        {
+            return pool;
+        }
+        let pool = Arc::new(ThreadPool::new(threads));
+        pools.push((threads, Arc::downgrade(&pool)));
+        pool
     }
 
     /// Threads that take part in a job (workers plus the caller).
@@ -173,7 +191,7 @@ fn worker(shared: &Shared) {
                 return;
             }
             spins = spins.wrapping_add(1);
-            if spins % 128 != 0 || started.elapsed() < SPIN {
+            if !spins.is_multiple_of(128) || started.elapsed() < SPIN {
                 std::hint::spin_loop();
             } else {
                 let mut guard = shared.sleep_lock.lock().unwrap_or_else(|e| e.into_inner());
@@ -281,6 +299,29 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn shared_pools_are_one_per_thread_count_and_serve_two_callers() {
+        let a = ThreadPool::shared(3);
+        let b = ThreadPool::shared(3);
+        assert!(Arc::ptr_eq(&a, &b), "same thread count, same pool");
+        assert!(!Arc::ptr_eq(&a, &ThreadPool::shared(2)));
+        // Two threads (two models' engines) submitting jobs at once take turns.
+        let total = AtomicUsize::new(0);
+        std::thread::scope(|scope| {
+            for pool in [&a, &b] {
+                let total = &total;
+                scope.spawn(move || {
+                    for _ in 0..200 {
+                        pool.run(8, &|_| {
+                            total.fetch_add(1, Ordering::Relaxed);
+                        });
+                    }
+                });
+            }
+        });
+        assert_eq!(total.load(Ordering::Relaxed), 2 * 200 * 8);
     }
 
     #[test]
