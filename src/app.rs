@@ -27,6 +27,9 @@ use crate::llm::providers::zai::{ZaiConfig, ZaiProvider};
 use crate::llm::router::{Router, RouterParts, Tier};
 use crate::llm::{LlmError, Provider};
 
+/// Conversations whose next window is prefilled after a restart.
+const WARM_RECENT_CONVERSATIONS: usize = 4;
+
 /// my-claw: a private personal assistant in one binary.
 ///
 /// Runs Qwen3 GGUF models in-process on its own CPU kernels, routes between local tiers and Z.ai with
@@ -126,6 +129,19 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
             reply_max_tokens: settings.engine.reply_max_tokens,
         },
     ));
+    // After a restart, the next windows of the most recently active conversations are
+    // prefilled in idle time (each uses two of the engine's kept sequences: the live window
+    // and the next prefix), so their next answers start from a warm cache.
+    {
+        let assistant = assistant.clone();
+        tokio::spawn(async move {
+            match assistant.warm_recent(WARM_RECENT_CONVERSATIONS).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(conversations = n, "prepared recent conversations"),
+                Err(e) => tracing::warn!(error = %e, "could not prepare recent conversations"),
+            }
+        });
+    }
 
     // Channel clients, and the inbound queue worker (it first recovers unfinished messages).
     let mut channel_list: Vec<Arc<dyn Channel>> = Vec::new();

@@ -198,7 +198,7 @@ async fn check_reachable(
             }
         }
         ChannelKind::WhatsApp => {
-            let Some(whatsapp) = &channels.whatsapp else {
+            let Some(whatsapp) = channels.get(ChannelKind::WhatsApp) else {
                 return Err(not_configured("WhatsApp", "the WHATSAPP_* settings"));
             };
             // The allow-list is who the assistant talks with; with none set it talks with
@@ -211,10 +211,8 @@ async fn check_reachable(
             }
             Ok(())
         }
-        ChannelKind::Nextcloud => match channels.nextcloud {
-            Some(_) => Ok(()),
-            None => Err(not_configured("Nextcloud Talk", "the NEXTCLOUD_* settings")),
-        },
+        ChannelKind::Nextcloud if channels.is_configured(ChannelKind::Nextcloud) => Ok(()),
+        ChannelKind::Nextcloud => Err(not_configured("Nextcloud Talk", "the NEXTCLOUD_* settings")),
     }
 }
 

@@ -121,12 +121,7 @@ async fn answer_and_deliver(inner: &Inner, job: &CronJob) -> Result<Delivered, F
     let tier = job.tier.as_deref().and_then(Tier::parse).unwrap_or(DEFAULT_TIER);
     // Targets are checked when a job is saved, but the configuration may have changed
     // since: an answer nobody can receive is not worth the model's time.
-    let configured = match job.channel {
-        ChannelKind::WebChat => true,
-        ChannelKind::WhatsApp => inner.channels.whatsapp.is_some(),
-        ChannelKind::Nextcloud => inner.channels.nextcloud.is_some(),
-    };
-    if !configured {
+    if !inner.channels.is_configured(job.channel) {
         let reason = format!("{} is not configured, so nothing was asked or sent", job.channel);
         return Err(Failure::new(reason, None));
     }
