@@ -39,6 +39,8 @@ pub enum Command {
     Bench(crate::bench::BenchArgs),
     /// Write a Qwen3-shaped GGUF with random weights, for throughput benchmarks only.
     BenchModel(crate::bench_model::BenchModelArgs),
+    /// Write a consistent copy of the database to FILE while the server runs.
+    Backup(crate::backup::BackupArgs),
     /// Download and list model files.
     #[command(subcommand)]
     Models(crate::models::ModelsCommand),
@@ -64,6 +66,16 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Models(cmd) => runtime.block_on(crate::models::run(cmd, &settings.router)),
         Command::BenchModel(args) => crate::bench_model::run(&args),
+        Command::Backup(args) => {
+            let summary = runtime.block_on(crate::backup::run(&args, &settings.database_url))?;
+            println!(
+                "backup written to {}: {} conversations, {} messages, integrity ok",
+                args.file.display(),
+                summary.conversations,
+                summary.messages
+            );
+            Ok(())
+        }
     }
 }
 

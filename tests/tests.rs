@@ -12,3 +12,4 @@ mod engine_tokenizer;
 mod foundation;
 mod gateway;
 mod router;
+mod webchat_api;

@@ -2,8 +2,11 @@
 //! Only `db/` contains SQL; callers get plain structs back, never rows.
 
 pub mod cron;
+pub mod export;
 pub mod inbound;
 pub mod memory;
+pub mod message_edits;
+pub mod search;
 
 use std::str::FromStr;
 use std::time::Duration;
