@@ -1149,14 +1149,18 @@ async fn webchat_renders_markdown_and_runs_message_actions_search_and_export() {
         )
         .await;
     let before = api(&server, &format!("/api/conversations/{rich}/messages")).await;
-    let old_answer = before["messages"][1]["id"].clone();
+    // SQLite may give the new answer the old one's id (no AUTOINCREMENT): compare times.
+    let old_answer_at = before["messages"][1]["created_at"].as_i64().unwrap();
     browser.click("#messages .msg.last-answer .act-regenerate").await;
     let regenerated = wait_answer_state(&browser, &["done"], Duration::from_secs(60)).await;
     assert!(regenerated["meta"].as_str().unwrap().contains("SmolLM2"), "{regenerated}");
     let after = api(&server, &format!("/api/conversations/{rich}/messages")).await;
     let after = after["messages"].as_array().unwrap().clone();
     assert_eq!(after.len(), 2, "{after:?}");
-    assert_ne!(after[1]["id"], old_answer, "a new answer replaced the old one");
+    assert!(
+        after[1]["created_at"].as_i64().unwrap() > old_answer_at,
+        "a new answer replaced the old one: {after:?}"
+    );
     assert!(!after[1]["content"].as_str().unwrap().is_empty(), "{after:?}");
     assert_eq!(browser.js("return document.querySelectorAll('#messages .msg').length;").await, 2);
 
