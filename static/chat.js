@@ -1399,6 +1399,13 @@
         closeChatMenu();
       }
     });
+    // A link or bookmark to `#c=<id>` opens that conversation without a reload.
+    window.addEventListener("hashchange", () => {
+      const id = hashConversationId();
+      if (id && state.started && (!state.current || state.current.id !== id)) {
+        openConversation(id).catch(reportError);
+      }
+    });
     el.menuButton.addEventListener("click", toggleChatMenu);
     el.exportMd.addEventListener("click", () => exportCurrent("md").catch(reportError));
     el.exportJson.addEventListener("click", () => exportCurrent("json").catch(reportError));
