@@ -1232,7 +1232,8 @@
     refreshTimer = window.setTimeout(async () => {
       try {
         await loadConversations();
-        if (!state.streaming && state.current && (conversationId === null || state.current.id === conversationId)) {
+        // Not while the last message is being edited: reloading would end the edit.
+        if (!state.streaming && !state.editing && state.current && (conversationId === null || state.current.id === conversationId)) {
           await openConversation(state.current.id);
         }
       } catch (_) {
