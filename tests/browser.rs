@@ -1125,12 +1125,10 @@ async fn webchat_renders_markdown_and_runs_message_actions_search_and_export() {
     let landed = browser
         .wait_for(
             "the found message in view",
-            &format!(
-                "const m = document.querySelector('.msg.found'); if (!m) return null; \
-                 const box = m.getBoundingClientRect(), view = document.getElementById('messages').getBoundingClientRect(); \
-                 return {{ id: Number(m.dataset.messageId), hash: location.hash, \
-                           visible: box.top >= view.top - 1 && box.bottom <= view.bottom + 1 }};"
-            ),
+            "const m = document.querySelector('.msg.found'); if (!m) return null; \
+             const box = m.getBoundingClientRect(), view = document.getElementById('messages').getBoundingClientRect(); \
+             return { id: Number(m.dataset.messageId), hash: location.hash, \
+                      visible: box.top >= view.top - 1 && box.bottom <= view.bottom + 1 };",
             Duration::from_secs(10),
         )
         .await;
