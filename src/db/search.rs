@@ -54,9 +54,10 @@ pub async fn search_messages(
     let Some(query) = fts_query(input) else {
         return Err(SearchError::NoWords);
     };
-    let rows: Vec<(i64, i64, Option<String>, String, String, i64, String)> = sqlx::query_as(
-        "SELECT m.id, m.conversation_id, c.title, c.channel, m.role, m.created_at,
-                snippet(messages_fts, 0, char(2), char(3), '…', 16)
+    let rows: Vec<HitRow> = sqlx::query_as(
+        "SELECT m.id AS message_id, m.conversation_id, c.title AS conversation_title,
+                c.channel, m.role, m.created_at,
+                snippet(messages_fts, 0, char(2), char(3), '…', 16) AS snippet
          FROM messages_fts
          JOIN messages m ON m.id = messages_fts.rowid
          JOIN conversations c ON c.id = m.conversation_id
@@ -70,16 +71,27 @@ pub async fn search_messages(
     .await?;
     Ok(rows
         .into_iter()
-        .map(|(message_id, conversation_id, title, channel, role, created_at, snippet)| SearchHit {
-            message_id,
-            conversation_id,
-            conversation_title: title,
-            channel,
-            role,
-            created_at,
-            snippet: snippet_parts(&snippet),
+        .map(|row| SearchHit {
+            message_id: row.message_id,
+            conversation_id: row.conversation_id,
+            conversation_title: row.conversation_title,
+            channel: row.channel,
+            role: row.role,
+            created_at: row.created_at,
+            snippet: snippet_parts(&row.snippet),
         })
         .collect())
+}
+
+#[derive(sqlx::FromRow)]
+struct HitRow {
+    message_id: i64,
+    conversation_id: i64,
+    conversation_title: Option<String>,
+    channel: String,
+    role: String,
+    created_at: i64,
+    snippet: String,
 }
 
 /// The FTS5 query for what a user typed: each word a quoted string (quotes doubled inside),
