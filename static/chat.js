@@ -710,6 +710,18 @@
       }
     }
     updateMessageActions();
+    // A live refresh can re-render the conversation while its last message is being edited:
+    // the edit follows the new last user bubble instead of a detached one.
+    if (state.editing) {
+      const users = el.messages.querySelectorAll(".msg.user");
+      const last = users[users.length - 1];
+      if (last) {
+        state.editing.wrap = last;
+        last.classList.add("editing");
+      } else {
+        cancelEdit();
+      }
+    }
     scrollToEnd(true);
   }
 
@@ -1072,9 +1084,15 @@
    * it goes, then a new answer streams. */
   async function resendEdited(text) {
     const c = state.current;
-    const wrap = state.editing.wrap;
+    let wrap = state.editing.wrap;
     cancelEdit();
-    if (!c || !wrap.isConnected) return;
+    if (!c) return;
+    if (!wrap.isConnected) {
+      // Re-rendered meanwhile: the server edits the last user message, so does the page.
+      const users = el.messages.querySelectorAll(".msg.user");
+      wrap = users[users.length - 1];
+      if (!wrap) return;
+    }
     el.input.value = "";
     autoGrow();
     const userBubble = wrap.__bubble;
