@@ -56,6 +56,8 @@ pub enum Command {
     BenchModel(crate::bench_model::BenchModelArgs),
     /// Time to first token and reused KV per turn of one long conversation.
     BenchConversation(crate::bench_conversation::BenchConversationArgs),
+    /// Write a consistent copy of the database to FILE while the server runs.
+    Backup(crate::backup::BackupArgs),
     /// Download and list model files.
     #[command(subcommand)]
     Models(crate::models::ModelsCommand),
@@ -87,6 +89,16 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Models(cmd) => runtime.block_on(crate::models::run(cmd, &settings.router)),
         Command::BenchModel(args) => crate::bench_model::run(&args),
         Command::BenchConversation(args) => runtime.block_on(crate::bench_conversation::run(&args)),
+        Command::Backup(args) => {
+            let summary = runtime.block_on(crate::backup::run(&args, &settings.database_url))?;
+            println!(
+                "backup written to {}: {} conversations, {} messages, integrity ok",
+                args.file.display(),
+                summary.conversations,
+                summary.messages
+            );
+            Ok(())
+        }
     }
 }
 

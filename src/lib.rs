@@ -6,6 +6,8 @@
 pub mod app;
 /// The one use-case: an inbound message becomes a stored, answered conversation turn.
 pub mod assistant;
+/// `my-claw backup FILE`: a consistent, private copy of the database while it runs.
+pub mod backup;
 /// `my-claw --bench`: throughput on this machine, same engine path as the server.
 pub mod bench;
 /// `my-claw bench-conversation`: time to first token along one long conversation.

@@ -1,8 +1,9 @@
-// my-claw WebChat. Plain browser JavaScript, no build step, no dependencies.
+// my-claw WebChat. Plain browser JavaScript, no build step; one vendored library
+// (static/vendor/markdown-it.min.js, loaded before this file) parses Markdown.
 //
 // Security rule of this file: model output (and anything else from the server) is untrusted
-// and only ever reaches the page through textContent and DOM nodes built here; innerHTML is
-// never used. The server's Content-Security-Policy forbids inline scripts as a second wall.
+// and only ever reaches the page through textContent and DOM nodes built here from the
+// parser's tokens; innerHTML is never used. The server's Content-Security-Policy forbids inline scripts as a second wall.
 //
 // Other scripts (cron.js) can use `window.myClaw`: `api(path, options)`, `conversations()`,
 // `currentConversationId()`, `openConversation(id)`, `refreshConversations()`,
@@ -54,6 +55,16 @@
     personaClose: $("persona-close"),
     personaStatus: $("persona-status"),
     cronPanel: $("cron-panel"),
+    editNote: $("edit-note"),
+    menuButton: $("chat-menu-button"),
+    exportMd: $("export-md"),
+    exportJson: $("export-json"),
+    exportAll: $("export-all"),
+    searchForm: $("search-form"),
+    searchInput: $("search-input"),
+    searchPanel: $("search-panel"),
+    searchStatus: $("search-status"),
+    searchResults: $("search-results"),
   };
 
   const state = {
@@ -61,6 +72,7 @@
     conversations: [],
     current: null, // the open conversation object, or null for a new chat
     streaming: null, // { controller, conversationId, bubble, stopRequested }
+    editing: null, // { wrap } while the last user message is being edited
     tiers: [],
     defaultTier: null,
     personaDefaults: null,
@@ -244,162 +256,299 @@
   }
 
   // --- Safe Markdown -----------------------------------------------------------------------
+  //
+  // markdown-it (vendored, CommonMark + GFM tables and strikethrough) parses; this file turns
+  // its tokens into DOM nodes with an allow-list of tags, so no HTML string from the model is
+  // ever interpreted. `html: false` keeps raw HTML as text, links are kept only for http,
+  // https and mailto, and deep nesting is capped (quotes at MAX_QUOTE_DEPTH, anything else at
+  // markdown-it's MAX_NESTING) instead of overflowing the stack.
 
-  /** Renders a safe Markdown subset into `parent` with DOM nodes only. */
-  function renderMarkdown(parent, text) {
-    parent.replaceChildren();
-    const lines = text.split("\n");
-    let i = 0;
-    let paragraph = [];
-    const flushParagraph = () => {
-      if (paragraph.length === 0) return;
-      const p = document.createElement("p");
-      renderInline(p, paragraph.join("\n"));
-      parent.appendChild(p);
-      paragraph = [];
-    };
-    while (i < lines.length) {
-      const line = lines[i];
-      const fence = line.match(/^\s*(```+|~~~+)\s*([\w+#.-]*)\s*$/);
-      if (fence) {
-        flushParagraph();
-        const closing = fence[1];
-        const body = [];
-        i += 1;
-        while (i < lines.length && !lines[i].trim().startsWith(closing)) {
-          body.push(lines[i]);
-          i += 1;
-        }
-        i += 1; // skip the closing fence (or the end of an unfinished stream)
-        const pre = document.createElement("pre");
-        const code = document.createElement("code");
-        if (fence[2]) code.dataset.lang = fence[2];
-        code.textContent = body.join("\n");
-        pre.appendChild(code);
-        parent.appendChild(pre);
-        continue;
-      }
-      if (!line.trim()) {
-        flushParagraph();
-        i += 1;
-        continue;
-      }
-      const heading = line.match(/^(#{1,6})\s+(.*)$/);
-      if (heading) {
-        flushParagraph();
-        const level = Math.min(6, heading[1].length + 2);
-        const h = document.createElement("h" + level);
-        renderInline(h, heading[2].replace(/\s+#+\s*$/, ""));
-        parent.appendChild(h);
-        i += 1;
-        continue;
-      }
-      if (/^\s*([-*_])(\s*\1){2,}\s*$/.test(line)) {
-        flushParagraph();
-        parent.appendChild(document.createElement("hr"));
-        i += 1;
-        continue;
-      }
-      if (/^\s*>/.test(line)) {
-        flushParagraph();
-        const quoted = [];
-        while (i < lines.length && /^\s*>/.test(lines[i])) {
-          quoted.push(lines[i].replace(/^\s*>\s?/, ""));
-          i += 1;
-        }
-        const quote = document.createElement("blockquote");
-        renderMarkdown(quote, quoted.join("\n"));
-        parent.appendChild(quote);
-        continue;
-      }
-      const item = line.match(/^\s*([-*+]|\d{1,9}[.)])\s+(.*)$/);
-      if (item) {
-        flushParagraph();
-        const ordered = /\d/.test(item[1]);
-        const list = document.createElement(ordered ? "ol" : "ul");
-        if (ordered) {
-          const first = parseInt(item[1], 10);
-          if (first !== 1) list.start = first;
-        }
-        while (i < lines.length) {
-          const m = lines[i].match(/^\s*([-*+]|\d{1,9}[.)])\s+(.*)$/);
-          if (!m || /\d/.test(m[1]) !== ordered) break;
-          const li = document.createElement("li");
-          renderInline(li, m[2]);
-          list.appendChild(li);
-          i += 1;
-        }
-        parent.appendChild(list);
-        continue;
-      }
-      paragraph.push(line);
-      i += 1;
-    }
-    flushParagraph();
-  }
+  const MAX_NESTING = 40;
+  const SAFE_PROTOCOLS = ["http:", "https:", "mailto:"];
+  /** Block and inline tags the renderer may create; anything else becomes a <span>. */
+  const ALLOWED_TAGS = new Set([
+    "p", "h1", "h2", "h3", "h4", "h5", "h6", "blockquote", "ul", "ol", "li", "table", "thead",
+    "tbody", "tr", "th", "td", "strong", "em", "s", "a", "hr", "br", "pre", "code", "span",
+  ]);
 
-  const INLINE =
-    /(`+)([\s\S]*?[^`])\1(?!`)|\*\*(?=\S)([\s\S]*?\S)\*\*|(?<![\p{L}\p{N}_])__(?=\S)([\s\S]*?\S)__(?![\p{L}\p{N}_])|~~(?=\S)([\s\S]*?\S)~~|\*(?=[^\s*])([^*\n]*?[^\s*])\*|(?<![\p{L}\p{N}_])_(?=[^\s_])([^_\n]*?[^\s_])_(?![\p{L}\p{N}_])|\[([^\]\n]+)\]\(([^()\s]+)\)|(https?:\/\/[^\s<>()"']*[^\s<>()"'.,;:!?])/gu;
+  const markdown = createParser();
 
-  /** Inline Markdown: code, bold, italic, strike-through and links; the rest is text. */
-  function renderInline(parent, text) {
-    let last = 0;
-    INLINE.lastIndex = 0;
-    const matches = [...text.matchAll(INLINE)];
-    for (const m of matches) {
-      if (m.index > last) appendText(parent, text.slice(last, m.index));
-      last = m.index + m[0].length;
-      if (m[2] !== undefined) {
-        const code = document.createElement("code");
-        code.textContent = m[2].trim() ? m[2].replace(/^ (.*) $/, "$1") : m[2];
-        parent.appendChild(code);
-      } else if (m[3] !== undefined || m[4] !== undefined) {
-        const strong = document.createElement("strong");
-        renderInline(strong, m[3] !== undefined ? m[3] : m[4]);
-        parent.appendChild(strong);
-      } else if (m[5] !== undefined) {
-        const del = document.createElement("del");
-        renderInline(del, m[5]);
-        parent.appendChild(del);
-      } else if (m[6] !== undefined || m[7] !== undefined) {
-        const em = document.createElement("em");
-        renderInline(em, m[6] !== undefined ? m[6] : m[7]);
-        parent.appendChild(em);
-      } else if (m[8] !== undefined) {
-        appendLink(parent, m[8], m[9]);
-      } else if (m[10] !== undefined) {
-        appendLink(parent, m[10], m[10]);
-      }
-    }
-    if (last < text.length) appendText(parent, text.slice(last));
-  }
-
-  /** A link only for http(s) and mailto URLs; anything else stays text. */
-  function appendLink(parent, label, href) {
-    let url = null;
-    try {
-      url = new URL(href, window.location.href);
-    } catch (_) {
-      url = null;
-    }
-    if (!url || !["http:", "https:", "mailto:"].includes(url.protocol)) {
-      appendText(parent, label === href ? href : label + " (" + href + ")");
-      return;
-    }
-    const a = document.createElement("a");
-    a.href = url.href;
-    a.target = "_blank";
-    a.rel = "noopener noreferrer nofollow";
-    a.textContent = label;
-    parent.appendChild(a);
-  }
-
-  function appendText(parent, text) {
-    const parts = text.split("\n");
-    parts.forEach((part, index) => {
-      if (index > 0) parent.appendChild(document.createElement("br"));
-      if (part) parent.appendChild(document.createTextNode(part));
+  function createParser() {
+    if (typeof window.markdownit !== "function") return null;
+    const md = window.markdownit({
+      html: false,
+      linkify: true,
+      breaks: true,
+      typographer: false,
+      maxNesting: MAX_NESTING,
     });
+    md.validateLink = (url) => safeUrl(url) !== null;
+    md.core.ruler.after("inline", "task_lists", markTaskLists);
+    return md;
+  }
+
+  /** The URL if it is http(s) or mailto, else null. */
+  function safeUrl(href) {
+    let url;
+    try {
+      url = new URL(String(href).trim(), window.location.href);
+    } catch (_) {
+      return null;
+    }
+    return SAFE_PROTOCOLS.includes(url.protocol) ? url : null;
+  }
+
+  /** GFM task lists: a list item whose text starts with `[ ]` or `[x]` gets a disabled
+   * checkbox. Done on the token stream (no HTML is produced), unlike the usual plugin. */
+  function markTaskLists(state) {
+    const tokens = state.tokens;
+    for (let i = 2; i < tokens.length; i += 1) {
+      const inline = tokens[i];
+      if (inline.type !== "inline" || tokens[i - 1].type !== "paragraph_open") continue;
+      if (tokens[i - 2].type !== "list_item_open") continue;
+      const m = /^\[([ xX])\](?:[ \t]+|$)/.exec(inline.content);
+      const first = inline.children && inline.children[0];
+      if (!m || !first || first.type !== "text" || !first.content.startsWith(m[0])) continue;
+      first.content = first.content.slice(m[0].length);
+      tokens[i - 2].meta = { ...(tokens[i - 2].meta || {}), task: m[1] !== " " };
+    }
+  }
+
+  /**
+   * Renders Markdown into `parent`. Top-level blocks whose source did not change keep their
+   * DOM nodes, so while an answer streams only the last block is rebuilt. Any failure falls
+   * back to plain text for this message only.
+   */
+  function renderMarkdown(parent, text) {
+    try {
+      if (!markdown) throw new Error("the Markdown parser did not load");
+      renderBlocks(parent, String(text));
+      parent.classList.remove("render-failed");
+    } catch (err) {
+      parent.__mdBlocks = null;
+      parent.replaceChildren(document.createTextNode(String(text)));
+      parent.classList.add("render-failed");
+      if (window.console) console.warn("my-claw: Markdown rendering failed:", err);
+    }
+  }
+
+  /** Quote markers beyond this depth are dropped (their text is kept): deeper quoting says
+   * nothing to a reader, and markdown-it would drop the text past its nesting cap. */
+  const MAX_QUOTE_DEPTH = 16;
+  const DEEP_QUOTES = new RegExp("^((?: {0,3}> ?){" + MAX_QUOTE_DEPTH + "})(?: {0,3}> ?)+", "gm");
+
+  function renderBlocks(parent, source) {
+    const text = source.replace(DEEP_QUOTES, "$1");
+    const tokens = markdown.parse(text, {});
+    const lines = text.split("\n");
+    const blocks = splitBlocks(tokens).map((group) => {
+      const map = group[0].map;
+      const source = map ? lines.slice(map[0], map[1]).join("\n") : "";
+      return { key: group[0].type + "\u0000" + source, tokens: group, nodes: null };
+    });
+    const previous = parent.__mdBlocks && parent.__mdBlocks.owner === parent ? parent.__mdBlocks.list : [];
+    // Reuse only while the prefix is identical: a changed block can change the meaning of
+    // nothing after it, but positions shift, so compare index by index.
+    let same = 0;
+    while (same < blocks.length && same < previous.length && previous[same].key === blocks[same].key) {
+      blocks[same].nodes = previous[same].nodes;
+      same += 1;
+    }
+    for (const old of previous.slice(same)) for (const node of old.nodes) node.remove();
+    for (const block of blocks.slice(same)) {
+      const fragment = document.createDocumentFragment();
+      renderTokens(fragment, block.tokens);
+      block.nodes = [...fragment.childNodes];
+      parent.appendChild(fragment);
+    }
+    // Nodes that are not ours (a previous plain-text fallback) go.
+    const ours = new Set(blocks.flatMap((b) => b.nodes));
+    for (const child of [...parent.childNodes]) if (!ours.has(child)) child.remove();
+    parent.__mdBlocks = { owner: parent, list: blocks };
+  }
+
+  /** Groups the token stream into top-level blocks (level 0 open … close). */
+  function splitBlocks(tokens) {
+    const groups = [];
+    let current = null;
+    let depth = 0;
+    for (const token of tokens) {
+      if (depth === 0) {
+        current = [];
+        groups.push(current);
+      }
+      current.push(token);
+      depth += token.nesting;
+      if (depth < 0) depth = 0;
+    }
+    return groups;
+  }
+
+  /** Builds DOM nodes from block tokens without recursion over block depth. */
+  function renderTokens(root, tokens) {
+    const stack = [root];
+    for (const token of tokens) {
+      const top = stack[stack.length - 1];
+      if (token.nesting === 1) {
+        // Paragraphs of tight lists are hidden: their content goes straight into the <li>.
+        const node = token.hidden ? top : openElement(token);
+        if (token.type === "table_open") {
+          // Wide tables scroll inside the bubble instead of widening the page.
+          const wrap = document.createElement("div");
+          wrap.className = "table-wrap";
+          wrap.appendChild(node);
+          top.appendChild(wrap);
+        } else if (node !== top) {
+          top.appendChild(node);
+        }
+        stack.push(node);
+      } else if (token.nesting === -1) {
+        if (stack.length > 1) stack.pop();
+      } else if (token.type === "inline") {
+        renderTokens(top, token.children || []);
+      } else {
+        renderLeaf(top, token);
+      }
+    }
+  }
+
+  function openElement(token) {
+    if (token.type === "link_open") {
+      const url = safeUrl(token.attrGet("href"));
+      if (!url) return document.createElement("span");
+      const a = document.createElement("a");
+      a.href = url.href;
+      a.target = "_blank";
+      a.rel = "noopener noreferrer nofollow";
+      return a;
+    }
+    const tag = ALLOWED_TAGS.has(token.tag) ? token.tag : "span";
+    const node = document.createElement(tag);
+    if (token.type === "ordered_list_open") {
+      const start = token.attrGet("start");
+      if (start !== null && Number.isInteger(Number(start))) node.start = Number(start);
+    } else if (token.type === "th_open" || token.type === "td_open") {
+      // Alignment comes as a style attribute, which the CSP forbids: use a class.
+      const align = /text-align:(left|right|center)/.exec(token.attrGet("style") || "");
+      if (align) node.className = "align-" + align[1];
+    } else if (token.type === "list_item_open" && token.meta && token.meta.task !== undefined) {
+      node.className = "task";
+      const box = document.createElement("input");
+      box.type = "checkbox";
+      box.disabled = true;
+      box.checked = token.meta.task;
+      node.appendChild(box);
+    }
+    return node;
+  }
+
+  function renderLeaf(parent, token) {
+    switch (token.type) {
+      case "text":
+        parent.appendChild(document.createTextNode(token.content));
+        break;
+      case "code_inline": {
+        const code = document.createElement("code");
+        code.textContent = token.content;
+        parent.appendChild(code);
+        break;
+      }
+      case "softbreak":
+      case "hardbreak":
+        parent.appendChild(document.createElement("br"));
+        break;
+      case "fence":
+      case "code_block":
+        parent.appendChild(codeBlock(token.content, (token.info || "").trim().split(/\s+/)[0]));
+        break;
+      case "hr":
+        parent.appendChild(document.createElement("hr"));
+        break;
+      case "image": {
+        // Images are not loaded (privacy: a remote image tells its server you read this);
+        // a safe source becomes a link with the alt text.
+        const alt = token.content || "image";
+        const url = safeUrl(token.attrGet("src"));
+        if (url && url.protocol !== "mailto:") {
+          const a = document.createElement("a");
+          a.href = url.href;
+          a.target = "_blank";
+          a.rel = "noopener noreferrer nofollow";
+          a.textContent = "🖼 " + alt;
+          parent.appendChild(a);
+        } else {
+          parent.appendChild(document.createTextNode(alt));
+        }
+        break;
+      }
+      default:
+        // html_inline / html_block (not produced with html: false) and anything unknown:
+        // shown as the text it is.
+        if (token.content) parent.appendChild(document.createTextNode(token.content));
+    }
+  }
+
+  /** A fenced code block: language label, copy button, and the code as text. */
+  function codeBlock(content, language) {
+    const wrap = document.createElement("div");
+    wrap.className = "code-block";
+    const head = document.createElement("div");
+    head.className = "code-head";
+    const label = document.createElement("span");
+    label.className = "code-lang";
+    label.textContent = language || "text";
+    const copy = document.createElement("button");
+    copy.type = "button";
+    copy.className = "btn small copy-code";
+    copy.textContent = "Copy";
+    const source = content.replace(/\n$/, "");
+    copy.addEventListener("click", () => copyToClipboard(source, copy));
+    head.append(label, copy);
+    const pre = document.createElement("pre");
+    const code = document.createElement("code");
+    if (language) code.dataset.lang = language;
+    code.textContent = source;
+    pre.appendChild(code);
+    wrap.append(head, pre);
+    return wrap;
+  }
+
+  /** Copies text; shows the outcome on `button`. The Clipboard API needs a secure context
+   * (https or localhost); elsewhere the old selection-based copy is used. */
+  async function copyToClipboard(text, button) {
+    let ok = false;
+    try {
+      if (navigator.clipboard && window.isSecureContext) {
+        await navigator.clipboard.writeText(text);
+        ok = true;
+      }
+    } catch (_) {
+      ok = false;
+    }
+    if (!ok) {
+      const area = document.createElement("textarea");
+      area.value = text;
+      area.setAttribute("readonly", "");
+      area.className = "copy-buffer";
+      document.body.appendChild(area);
+      area.select();
+      try {
+        ok = document.execCommand("copy");
+      } catch (_) {
+        ok = false;
+      }
+      area.remove();
+    }
+    if (button) {
+      const label = button.dataset.label || button.textContent;
+      button.dataset.label = label;
+      button.textContent = ok ? "Copied" : "Copy failed";
+      button.dataset.copied = ok ? "true" : "false";
+      window.setTimeout(() => {
+        button.textContent = label;
+      }, 1500);
+    }
+    return ok;
   }
 
   // --- Messages --------------------------------------------------------------------------
@@ -422,11 +571,50 @@
     notices.className = "notices";
     const meta = document.createElement("div");
     meta.className = "meta";
-    wrap.append(notices, content, meta);
-    const bubble = { wrap, content, meta, notices, text: text || "" };
+    const wait = document.createElement("div");
+    wait.className = "wait";
+    wait.setAttribute("role", "status");
+    const actions = document.createElement("div");
+    actions.className = "msg-actions";
+    const bubble = { wrap, content, meta, notices, wait, actions, text: text || "" };
+    wrap.__bubble = bubble;
+    actions.appendChild(actionButton("Copy", "act-copy", (button) => copyToClipboard(bubble.text, button)));
+    if (role === "assistant") {
+      actions.appendChild(actionButton("Regenerate", "act-regenerate", () => regenerateLast().catch(reportError)));
+    } else if (role === "user") {
+      actions.appendChild(actionButton("Edit", "act-edit", () => startEdit()));
+    }
+    wrap.append(notices, wait, content, meta, actions);
     renderBubbleText(bubble);
     el.messages.appendChild(wrap);
     return bubble;
+  }
+
+  function actionButton(label, cls, onClick) {
+    const button = document.createElement("button");
+    button.type = "button";
+    button.className = "btn small ghost " + cls;
+    button.textContent = label;
+    button.addEventListener("click", () => onClick(button));
+    return button;
+  }
+
+  /** Marks the last user message and the last answer: only they can be edited or
+   * regenerated, and only in a WebChat conversation with no answer running. */
+  function updateMessageActions() {
+    const editable = Boolean(state.current && state.current.channel === "webchat" && !state.streaming);
+    el.messages.classList.toggle("actions-enabled", editable);
+    const wraps = [...el.messages.querySelectorAll(".msg")];
+    for (const w of wraps) w.classList.remove("last-user", "last-answer");
+    const users = wraps.filter((w) => w.classList.contains("user"));
+    const lastUser = users[users.length - 1];
+    if (!lastUser) return;
+    lastUser.classList.add("last-user");
+    const answers = wraps.filter((w) => w.classList.contains("assistant"));
+    const lastAnswer = answers[answers.length - 1];
+    if (lastAnswer && wraps.indexOf(lastAnswer) > wraps.indexOf(lastUser)) {
+      lastAnswer.classList.add("last-answer");
+    }
   }
 
   function renderBubbleText(bubble) {
@@ -469,6 +657,20 @@
     if (info.tokS) add(info.tokS + " tok/s", "speed");
   }
 
+  /** Notices about waiting (engine queue, model loading, previous answer) replace each
+   * other in the pending bubble's status line and vanish with the first token. */
+  const WAIT_KINDS = new Set(["queued", "loading", "busy"]);
+
+  function showWait(bubble, kind, text) {
+    bubble.wait.textContent = text;
+    bubble.wrap.dataset.wait = kind;
+  }
+
+  function clearWait(bubble) {
+    bubble.wait.textContent = "";
+    delete bubble.wrap.dataset.wait;
+  }
+
   function addNotice(bubble, text) {
     const notice = document.createElement("div");
     notice.className = "notice";
@@ -505,6 +707,19 @@
           promptTokens: m.prompt_tokens || null,
           completionTokens: m.completion_tokens,
         });
+      }
+    }
+    updateMessageActions();
+    // A live refresh can re-render the conversation while its last message is being edited:
+    // the edit follows the new last user bubble instead of a detached one.
+    if (state.editing) {
+      const users = el.messages.querySelectorAll(".msg.user");
+      const last = users[users.length - 1];
+      if (last) {
+        state.editing.wrap = last;
+        last.classList.add("editing");
+      } else {
+        cancelEdit();
       }
     }
     scrollToEnd(true);
@@ -568,11 +783,14 @@
       ? "This is a " + c.channel + " conversation: it is shown here, and answered on " + c.channel + "."
       : "";
     el.input.disabled = Boolean(readOnly);
+    closeChatMenu();
     updateComposer();
+    updateMessageActions();
   }
 
   async function openConversation(id) {
     if (state.streaming) return;
+    cancelEdit();
     const data = await api("/api/conversations/" + encodeURIComponent(id) + "/messages");
     state.current = data.conversation;
     setHash(state.current.id);
@@ -583,6 +801,7 @@
 
   function newChat() {
     if (state.streaming) return;
+    cancelEdit();
     state.current = null;
     setHash(null);
     renderHeader();
@@ -622,6 +841,135 @@
   function hashConversationId() {
     const m = window.location.hash.match(/^#c=(\d+)$/);
     return m ? Number(m[1]) : null;
+  }
+
+  // --- Search ------------------------------------------------------------------------------
+
+  let searchTimer = 0;
+  let searchSeq = 0;
+
+  function scheduleSearch() {
+    window.clearTimeout(searchTimer);
+    searchTimer = window.setTimeout(() => runSearch().catch(reportError), 250);
+  }
+
+  async function runSearch() {
+    const q = el.searchInput.value.trim();
+    const seq = ++searchSeq;
+    if (!q) {
+      el.searchPanel.hidden = true;
+      el.searchResults.replaceChildren();
+      return;
+    }
+    el.searchPanel.hidden = false;
+    el.searchStatus.textContent = "Searching…";
+    let data;
+    try {
+      data = await api("/api/search?q=" + encodeURIComponent(q));
+    } catch (err) {
+      if (seq !== searchSeq) return;
+      el.searchResults.replaceChildren();
+      el.searchStatus.textContent = describeError(err);
+      return;
+    }
+    if (seq !== searchSeq) return; // a newer query is on its way
+    const results = data.results || [];
+    el.searchStatus.textContent = results.length === 0 ? "No message matches." : "";
+    el.searchResults.replaceChildren(...results.map(searchResultItem));
+  }
+
+  /** One result: the conversation, and the snippet with the matches as <mark> (text nodes
+   * only: the snippet is message text, untrusted like the rest). */
+  function searchResultItem(r) {
+    const li = document.createElement("li");
+    const button = document.createElement("button");
+    button.type = "button";
+    button.className = "search-result";
+    button.dataset.messageId = String(r.message_id);
+    button.dataset.conversationId = String(r.conversation_id);
+    const head = document.createElement("span");
+    head.className = "search-head";
+    const title = document.createElement("span");
+    title.className = "conv-title";
+    title.textContent = r.conversation_title || "Conversation " + r.conversation_id;
+    head.appendChild(title);
+    if (r.channel !== "webchat") {
+      const badge = document.createElement("span");
+      badge.className = "badge";
+      badge.textContent = r.channel;
+      head.appendChild(badge);
+    }
+    const snippet = document.createElement("span");
+    snippet.className = "snippet";
+    for (const part of r.snippet || []) {
+      if (part.mark) {
+        const mark = document.createElement("mark");
+        mark.textContent = part.text;
+        snippet.appendChild(mark);
+      } else {
+        snippet.appendChild(document.createTextNode(part.text));
+      }
+    }
+    button.append(head, snippet);
+    button.addEventListener("click", () => {
+      closeSidebar();
+      jumpToMessage(r.conversation_id, r.message_id).catch(reportError);
+    });
+    li.appendChild(button);
+    return li;
+  }
+
+  /** Opens a conversation and brings one of its messages into view, highlighted. */
+  async function jumpToMessage(conversationId, messageId) {
+    if (state.streaming) return;
+    if (!state.current || state.current.id !== conversationId) await openConversation(conversationId);
+    const target = el.messages.querySelector('.msg[data-message-id="' + Number(messageId) + '"]');
+    if (!target) {
+      showBanner("That message is not among the ones shown for this conversation.");
+      return;
+    }
+    for (const old of el.messages.querySelectorAll(".msg.found")) old.classList.remove("found");
+    target.classList.add("found");
+    target.scrollIntoView({ block: "center" });
+  }
+
+  // --- Export ------------------------------------------------------------------------------
+
+  /** Downloads an export. The API needs the token header, so a plain link cannot do it:
+   * fetch, then hand the browser a blob with the server's file name. */
+  async function download(path, fallbackName) {
+    const response = await rawFetch(path);
+    const disposition = response.headers.get("Content-Disposition") || "";
+    const m = /filename="([^"]+)"/.exec(disposition);
+    const name = m ? m[1] : fallbackName;
+    const blob = await response.blob();
+    const url = URL.createObjectURL(blob);
+    const a = document.createElement("a");
+    a.href = url;
+    a.download = name;
+    document.body.appendChild(a);
+    a.click();
+    a.remove();
+    window.setTimeout(() => URL.revokeObjectURL(url), 10000);
+    document.documentElement.dataset.lastDownload = name;
+  }
+
+  function exportCurrent(format) {
+    const c = state.current;
+    if (!c) return Promise.resolve();
+    closeChatMenu();
+    return download("/api/conversations/" + c.id + "/export?format=" + format, "conversation." + format);
+  }
+
+  function toggleChatMenu() {
+    const open = !el.actions.classList.contains("menu-open");
+    el.actions.classList.toggle("menu-open", open);
+    el.menuButton.setAttribute("aria-expanded", String(open));
+  }
+
+  function closeChatMenu() {
+    el.actions.classList.remove("menu-open");
+    el.menuButton.setAttribute("aria-expanded", "false");
   }
 
   // --- Models ----------------------------------------------------------------------------
@@ -679,29 +1027,103 @@
   async function sendMessage() {
     const text = el.input.value;
     if (!text.trim() || state.streaming || el.input.disabled) return;
+    if (state.editing) {
+      await resendEdited(text);
+      return;
+    }
     el.input.value = "";
     autoGrow();
     const conversationId = state.current ? state.current.id : null;
     addBubble("user", text);
     const bubble = addBubble("assistant", "");
+    const body = { message: text };
+    if (conversationId) body.conversation_id = conversationId;
+    await streamAnswer("/api/chat", body, bubble, conversationId, text);
+  }
+
+  /** Replaces the last answer with a new one (the old one is deleted, not kept). */
+  async function regenerateLast() {
+    const c = state.current;
+    if (state.streaming || !c || c.channel !== "webchat") return;
+    const users = el.messages.querySelectorAll(".msg.user");
+    const lastUser = users[users.length - 1];
+    if (!lastUser) return;
+    while (lastUser.nextSibling) lastUser.nextSibling.remove();
+    const bubble = addBubble("assistant", "");
+    await streamAnswer("/api/conversations/" + c.id + "/regenerate", {}, bubble, c.id, null);
+  }
+
+  /** Puts the last user message into the input for editing (Up in an empty input). */
+  function startEdit() {
+    const c = state.current;
+    if (state.streaming || !c || c.channel !== "webchat") return false;
+    const users = el.messages.querySelectorAll(".msg.user");
+    const lastUser = users[users.length - 1];
+    if (!lastUser || !lastUser.__bubble) return false;
+    cancelEdit();
+    state.editing = { wrap: lastUser };
+    lastUser.classList.add("editing");
+    el.input.value = lastUser.__bubble.text;
+    el.editNote.hidden = false;
+    autoGrow();
+    updateComposer();
+    el.input.focus();
+    el.input.setSelectionRange(el.input.value.length, el.input.value.length);
+    return true;
+  }
+
+  function cancelEdit() {
+    if (!state.editing) return;
+    state.editing.wrap.classList.remove("editing");
+    state.editing = null;
+    el.editNote.hidden = true;
+    updateComposer();
+  }
+
+  /** Sends the edited last message: it replaces the stored one, and every message after
+   * it goes, then a new answer streams. */
+  async function resendEdited(text) {
+    const c = state.current;
+    let wrap = state.editing.wrap;
+    cancelEdit();
+    if (!c) return;
+    if (!wrap.isConnected) {
+      // Re-rendered meanwhile: the server edits the last user message, so does the page.
+      const users = el.messages.querySelectorAll(".msg.user");
+      wrap = users[users.length - 1];
+      if (!wrap) return;
+    }
+    el.input.value = "";
+    autoGrow();
+    const userBubble = wrap.__bubble;
+    userBubble.text = text;
+    renderBubbleText(userBubble);
+    while (wrap.nextSibling) wrap.nextSibling.remove();
+    const bubble = addBubble("assistant", "");
+    await streamAnswer("/api/conversations/" + c.id + "/edit", { message: text }, bubble, c.id, null);
+  }
+
+  /** Posts `body` to `path` and streams the answer's events into `bubble`. */
+  async function streamAnswer(path, body, bubble, conversationId, titleText) {
     bubble.wrap.dataset.state = "waiting";
+    showWait(bubble, "sending", "Sending…");
     scrollToEnd(true);
     const controller = new AbortController();
     const run = { controller, conversationId, bubble, stopRequested: false, meta: null };
     state.streaming = run;
     updateComposer();
+    updateMessageActions();
     try {
-      const body = { message: text };
-      if (conversationId) body.conversation_id = conversationId;
       const tier = selectedTier();
       if (tier) body.tier = tier;
-      const response = await rawFetch("/api/chat", {
+      const response = await rawFetch(path, {
         method: "POST",
         body,
         signal: controller.signal,
         headers: { Accept: "text/event-stream" },
       });
       bubble.wrap.dataset.state = "streaming";
+      showWait(bubble, "started", "Waiting for the model…");
       let ended = false;
       let frame = 0;
       for await (const data of sseData(response)) {
@@ -715,7 +1137,8 @@
           run.meta = event;
           run.conversationId = event.conversation_id;
           if (!state.current || state.current.id !== event.conversation_id) {
-            state.current = { id: event.conversation_id, channel: "webchat", title: text.split("\n")[0].slice(0, 60) };
+            const title = (titleText || "").split("\n")[0].slice(0, 60);
+            state.current = { id: event.conversation_id, channel: "webchat", title };
             setHash(event.conversation_id);
             renderHeader();
             loadConversations().catch(() => {});
@@ -728,8 +1151,10 @@
           });
           if (run.stopRequested) requestStop(run);
         } else if (event.type === "token") {
+          if (bubble.wrap.dataset.wait) clearWait(bubble);
           bubble.text += event.text;
-          // Re-render at most once a frame: tokens can arrive faster than paint.
+          // Re-render at most once a frame: tokens can arrive faster than paint, and only
+          // the last Markdown block is rebuilt each time.
           if (!frame) {
             frame = window.requestAnimationFrame(() => {
               frame = 0;
@@ -738,9 +1163,14 @@
             });
           }
         } else if (event.type === "notice") {
-          addNotice(bubble, event.message);
+          if (WAIT_KINDS.has(event.kind)) {
+            if (!bubble.text) showWait(bubble, event.kind, event.message);
+          } else {
+            addNotice(bubble, event.message);
+          }
         } else if (event.type === "done") {
           ended = true;
+          clearWait(bubble);
           if (frame) window.cancelAnimationFrame(frame);
           frame = 0;
           renderBubbleText(bubble);
@@ -761,6 +1191,7 @@
           });
         } else if (event.type === "error") {
           ended = true;
+          clearWait(bubble);
           renderBubbleText(bubble);
           bubble.wrap.dataset.state = "error";
           addErrorText(bubble, "Error: " + event.message);
@@ -785,8 +1216,10 @@
         }
       }
     } finally {
+      clearWait(bubble);
       state.streaming = null;
       updateComposer();
+      updateMessageActions();
       loadConversations().catch(() => {});
       if (!el.input.disabled) el.input.focus();
     }
@@ -817,7 +1250,8 @@
     refreshTimer = window.setTimeout(async () => {
       try {
         await loadConversations();
-        if (!state.streaming && state.current && (conversationId === null || state.current.id === conversationId)) {
+        // Not while the last message is being edited: reloading would end the edit.
+        if (!state.streaming && !state.editing && state.current && (conversationId === null || state.current.id === conversationId)) {
           await openConversation(state.current.id);
         }
       } catch (_) {
@@ -967,7 +1401,39 @@
       if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {
         e.preventDefault();
         sendMessage();
+      } else if (e.key === "ArrowUp" && !el.input.value && !e.isComposing) {
+        if (startEdit()) e.preventDefault();
       }
+    });
+    document.addEventListener("keydown", (e) => {
+      if (e.key !== "Escape") return;
+      if (state.streaming) {
+        requestStop(state.streaming);
+      } else if (state.editing) {
+        cancelEdit();
+        el.input.value = "";
+        autoGrow();
+        updateComposer();
+      } else {
+        closeChatMenu();
+      }
+    });
+    // A link or bookmark to `#c=<id>` opens that conversation without a reload.
+    window.addEventListener("hashchange", () => {
+      const id = hashConversationId();
+      if (id && state.started && (!state.current || state.current.id !== id)) {
+        openConversation(id).catch(reportError);
+      }
+    });
+    el.menuButton.addEventListener("click", toggleChatMenu);
+    el.exportMd.addEventListener("click", () => exportCurrent("md").catch(reportError));
+    el.exportJson.addEventListener("click", () => exportCurrent("json").catch(reportError));
+    el.exportAll.addEventListener("click", () => download("/api/export", "my-claw-export.json").catch(reportError));
+    el.searchInput.addEventListener("input", scheduleSearch);
+    el.searchForm.addEventListener("submit", (e) => {
+      e.preventDefault();
+      window.clearTimeout(searchTimer);
+      runSearch().catch(reportError);
     });
     el.input.addEventListener("input", () => {
       autoGrow();
@@ -977,8 +1443,14 @@
       if (state.streaming) requestStop(state.streaming);
     });
     el.newChat.addEventListener("click", newChat);
-    el.rename.addEventListener("click", () => renameCurrent().catch(reportError));
-    el.del.addEventListener("click", () => deleteCurrent().catch(reportError));
+    el.rename.addEventListener("click", () => {
+      closeChatMenu();
+      renameCurrent().catch(reportError);
+    });
+    el.del.addEventListener("click", () => {
+      closeChatMenu();
+      deleteCurrent().catch(reportError);
+    });
     el.model.addEventListener("change", () => {
       try {
         window.localStorage.setItem(TIER_KEY, el.model.value);

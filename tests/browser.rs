@@ -74,6 +74,7 @@ impl Browser {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let profile_arg = format!("--user-data-dir={}", browser.profile.path().display());
+        let downloads = browser.downloads().display().to_string();
         let capabilities = json!({
             "capabilities": {
                 "alwaysMatch": {
@@ -85,7 +86,11 @@ impl Browser {
                             "--disable-background-networking", "--disable-component-update",
                             "--disable-sync", "--disable-dev-shm-usage",
                             "--window-size=1280,860", profile_arg,
-                        ]
+                        ],
+                        "prefs": {
+                            "download.default_directory": downloads,
+                            "download.prompt_for_download": false,
+                        }
                     }
                 }
             }
@@ -224,6 +229,21 @@ impl Browser {
             Some(json!({ "width": width, "height": height })),
         )
         .await;
+    }
+
+    /// Where the browser saves downloads (inside this session's profile directory).
+    fn downloads(&self) -> PathBuf {
+        self.profile.path().join("downloads")
+    }
+
+    /// A Chrome DevTools Protocol command through chromedriver (media emulation, downloads).
+    async fn cdp(&self, cmd: &str, params: Value) -> Value {
+        self.command(
+            reqwest::Method::POST,
+            "/goog/cdp/execute",
+            Some(json!({ "cmd": cmd, "params": params })),
+        )
+        .await
     }
 
     async fn quit(&self) {
@@ -832,12 +852,48 @@ async fn a_schedule_made_in_the_page_writes_into_the_open_conversation() {
         .map(Vec::len)
         .unwrap_or_default();
     assert!(runs_at_disable >= 1, "at least the run we saw");
-    tokio::time::sleep(Duration::from_secs(11)).await;
+    // Proving that nothing happens needs an event, not a long sleep: a witness job with the
+    // same schedule, made after the disable, fires on the same slots. Once one of its runs
+    // has finished, the disabled job has passed a slot where it would have run too.
+    let witness = reqwest::Client::new()
+        .post(server.url("/api/cron/jobs"))
+        .bearer_auth(&server.token)
+        .json(&json!({
+            "name": "Witness", "schedule": "*/5 * * * * *", "prompt": "Say ok.",
+            "channel": "webchat", "target": conversation_id.to_string(), "tier": "main",
+            "enabled": true,
+        }))
+        .timeout(Duration::from_secs(20))
+        .send()
+        .await
+        .expect("create the witness job");
+    assert_eq!(witness.status(), 201, "the witness job is created");
+    let witness: Value = witness.json().await.expect("witness JSON");
+    let witness_id = witness["id"].as_i64().unwrap_or_else(|| panic!("witness id: {witness}"));
+    let witness_runs = format!("/api/cron/jobs/{witness_id}/runs");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let runs = api(&server, &witness_runs).await;
+        let finished = runs["runs"]
+            .as_array()
+            .is_some_and(|runs| runs.iter().any(|r| r["outcome"] != "running"));
+        if finished {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the witness job ran within 90 s: {runs}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let runs_later = api(&server, &format!("/api/cron/jobs/{job_id}/runs")).await["runs"]
         .as_array()
         .map(Vec::len)
         .unwrap_or_default();
     assert_eq!(runs_later, runs_at_disable, "a disabled job starts no run");
+    reqwest::Client::new()
+        .delete(server.url(&format!("/api/cron/jobs/{witness_id}")))
+        .bearer_auth(&server.token)
+        .send()
+        .await
+        .expect("delete the witness job");
 
     // 6. The screenshot: the panel with the job and its last outcome above the conversation.
     browser.click("#cron-refresh").await;
@@ -850,5 +906,356 @@ async fn a_schedule_made_in_the_page_writes_into_the_open_conversation() {
          {:?} in all; screenshot {}",
         test_started.elapsed(),
         target.join("webchat-cron.png").display()
+    );
+}
+
+/// The answer of the kind Qwen3 writes every day: a table, a nested list, a task list, code.
+const RICH_ANSWER: &str = "Here is the plan:\n\n\
+| Day | Task | Time |\n|:----|:----:|-----:|\n| Mon | Run | 07:00 |\n| Tue | Swim | 18:30 |\n\n\
+1. Pack\n   - socks\n   - shoes\n2. Go\n\n\
+- [x] book the train\n- [ ] call ~~Bob~~ Alice\n\n\
+See https://example.com/docs for more.\n\n\
+```rust\nfn main() {\n    println!(\"<b>hi</b>\");\n}\n```\n";
+const RICH_CODE: &str = "fn main() {\n    println!(\"<b>hi</b>\");\n}";
+
+/// Model output as an attacker would write it, then an ordinary answer after it.
+fn hostile_answer() -> String {
+    format!(
+        "<img src=x onerror=\"window.__pwned=1\"> [click](javascript:window.__pwned=2) \
+         <script>window.__pwned=3</script>\n\n{} deep\n\n![pic](javascript:window.__pwned=4)",
+        ">".repeat(5000)
+    )
+}
+
+/// Stores conversations directly in the database the server will open, so what the page
+/// renders is deterministic (the model is used only for regenerate and edit).
+async fn seed(data_dir: &Path) -> (i64, i64, i64, i64) {
+    use my_claw::db::memory::{self, NewMessage};
+    use my_claw::domain::{ChannelKind, Role};
+    let url = format!("sqlite://{}", data_dir.join("my-claw.db").display());
+    let pool = my_claw::db::connect(&url).await.expect("seed database");
+    let add = |conversation, role, text: &str| {
+        let message = NewMessage::plain(conversation, role, text.to_string());
+        let pool = pool.clone();
+        async move { memory::add_message(&pool, &message).await.expect("seed message").0 }
+    };
+    let whatsapp = memory::get_or_create_conversation(
+        &pool,
+        ChannelKind::WhatsApp,
+        "33612345678",
+        Some("WhatsApp Anna"),
+    )
+    .await
+    .expect("seed whatsapp")
+    .id;
+    let tomatoes = add(whatsapp, Role::User, "Remind me to buy tomatoes for the soup").await;
+    for n in 0..30 {
+        add(whatsapp, Role::Assistant, &format!("Noted, item {n}.")).await;
+    }
+    let hostile = memory::create_webchat_conversation(&pool, Some("Hostile")).await.unwrap().id;
+    add(hostile, Role::User, "Show me something odd").await;
+    add(hostile, Role::Assistant, &hostile_answer()).await;
+    add(hostile, Role::Assistant, "After the storm, **still bold**.").await;
+    let rich = memory::create_webchat_conversation(&pool, Some("Weekly plan")).await.unwrap().id;
+    add(rich, Role::User, "Plan my week.").await;
+    add(rich, Role::Assistant, RICH_ANSWER).await;
+    pool.close().await;
+    (rich.0, hostile.0, whatsapp.0, tomatoes)
+}
+
+#[tokio::test]
+async fn webchat_renders_markdown_and_runs_message_actions_search_and_export() {
+    let _one_at_a_time = ONE_BROWSER.lock().await;
+    let test_started = Instant::now();
+    let data = tempfile::tempdir().expect("data dir");
+    let (rich, hostile, whatsapp, tomatoes) = seed(data.path()).await;
+    let mut envs = util::smollm2_env();
+    envs.push(("REPLY_MAX_TOKENS".into(), "12".into()));
+    envs.push(("CONTEXT_SIZE".into(), "4096".into()));
+    let data_dir = data.path().to_path_buf();
+    let server = tokio::task::spawn_blocking(move || {
+        Server::start(ServerOptions { envs, data_dir: Some(data_dir) })
+    })
+    .await
+    .expect("server start");
+    let browser = Browser::start().await;
+    let ready = "return document.documentElement.dataset.ready === 'true' && \
+                 document.getElementById('token-dialog').hidden;";
+
+    // 1. Markdown: table, nested list, task list, strikethrough, autolink, fenced code.
+    browser.goto(&server.url(&format!("/?token={}#c={rich}", server.token))).await;
+    browser.wait_for("the page", ready, Duration::from_secs(30)).await;
+    let rendered = browser
+        .wait_for(
+            "the rich answer",
+            "const c = document.querySelector('#messages .msg.assistant .content'); \
+             if (!c || !c.querySelector('table')) return null; \
+             return { th: [...c.querySelectorAll('table th')].map(e => e.textContent), \
+               td: c.querySelectorAll('table td').length, \
+               right: c.querySelectorAll('table .align-right').length, \
+               nested: c.querySelectorAll('ol > li > ul > li').length, \
+               boxes: [...c.querySelectorAll('li.task > input[type=checkbox]')] \
+                 .map(b => b.disabled + ':' + b.checked), \
+               taskText: c.querySelector('li.task')?.textContent, \
+               del: c.querySelector('del, s')?.textContent, \
+               link: c.querySelector('a')?.href, \
+               lang: c.querySelector('.code-block .code-lang')?.textContent, \
+               code: c.querySelector('.code-block pre code')?.textContent, \
+               copy: c.querySelectorAll('.code-block .copy-code').length, \
+               bold: c.querySelectorAll('b').length, \
+               failed: c.classList.contains('render-failed') };",
+            Duration::from_secs(20),
+        )
+        .await;
+    assert_eq!(rendered["th"], json!(["Day", "Task", "Time"]), "{rendered}");
+    assert_eq!(rendered["td"], 6, "{rendered}");
+    assert_eq!(rendered["right"], 3, "{rendered}");
+    assert_eq!(rendered["nested"], 2, "a <ul> inside an <li>: {rendered}");
+    assert_eq!(rendered["boxes"], json!(["true:true", "true:false"]), "{rendered}");
+    assert_eq!(rendered["taskText"], "book the train", "{rendered}");
+    assert_eq!(rendered["del"], "Bob", "{rendered}");
+    assert_eq!(rendered["link"], "https://example.com/docs", "{rendered}");
+    assert_eq!(rendered["lang"], "rust", "{rendered}");
+    assert_eq!(rendered["code"], RICH_CODE, "{rendered}");
+    assert_eq!(rendered["copy"], 1, "{rendered}");
+    assert_eq!(rendered["bold"], 0, "HTML in code stays text: {rendered}");
+    assert_eq!(rendered["failed"], false, "{rendered}");
+
+    // 2. Copy: the code block's button copies the code; the message's copies its Markdown.
+    browser
+        .js("window.__copied = []; \
+             navigator.clipboard.writeText = async (text) => { window.__copied.push(text); }; \
+             return true;")
+        .await;
+    browser.click("#messages .msg.assistant .copy-code").await;
+    browser.click("#messages .msg.assistant .act-copy").await;
+    let copied = browser
+        .wait_for(
+            "two copies",
+            "return window.__copied.length === 2 ? window.__copied : null;",
+            Duration::from_secs(5),
+        )
+        .await;
+    assert_eq!(copied, json!([RICH_CODE, RICH_ANSWER]));
+    let label =
+        browser.js("return document.querySelector('.msg.assistant .act-copy').textContent;").await;
+    assert_eq!(label, "Copied");
+
+    // 3. While streaming, a finished block keeps its DOM node; only the changed one is new.
+    let kept = browser
+        .js("const div = document.createElement('div'); \
+             myClaw.renderMarkdown(div, 'First paragraph.\\n\\nSecond'); \
+             const first = div.firstChild, second = div.lastChild; \
+             myClaw.renderMarkdown(div, 'First paragraph.\\n\\nSecond, longer'); \
+             return [div.firstChild === first, div.lastChild === second, div.childNodes.length];")
+        .await;
+    assert_eq!(kept, json!([true, false, 2]));
+
+    // Screenshots: desktop with the rich answer, then dark mode.
+    let target = target_dir();
+    browser.screenshot(&target.join("webchat-markdown.png")).await;
+    browser
+        .cdp(
+            "Emulation.setEmulatedMedia",
+            json!({ "features": [{ "name": "prefers-color-scheme", "value": "dark" }] }),
+        )
+        .await;
+    let dark = browser
+        .wait_for(
+            "the dark theme",
+            "return matchMedia('(prefers-color-scheme: dark)').matches && \
+             getComputedStyle(document.body).backgroundColor;",
+            Duration::from_secs(5),
+        )
+        .await;
+    assert_eq!(dark, "rgb(23, 25, 28)");
+    browser.screenshot(&target.join("webchat-dark.png")).await;
+    browser
+        .cdp(
+            "Emulation.setEmulatedMedia",
+            json!({ "features": [{ "name": "prefers-color-scheme", "value": "light" }] }),
+        )
+        .await;
+
+    // 4. Hostile Markdown stays inert, and the message after it still renders.
+    browser.js("window.__pwned = 0; return true;").await;
+    browser.goto(&server.url(&format!("/#c={hostile}"))).await;
+    let hostile_view = browser
+        .wait_for(
+            "the hostile conversation",
+            "const all = document.querySelectorAll('#messages .msg.assistant .content'); \
+             if (all.length !== 2 || !all[1].querySelector('strong')) return null; \
+             return { pwned: window.__pwned || 0, \
+               dangerous: document.querySelectorAll('#messages img, #messages script, \
+                 #messages a[href^=\"javascript\"], #messages [onerror]').length, \
+               firstText: all[0].textContent.slice(0, 40), \
+               deep: all[0].textContent.includes('deep'), \
+               depth: all[0].querySelectorAll('blockquote').length, \
+               next: all[1].querySelector('strong').textContent };",
+            Duration::from_secs(30),
+        )
+        .await;
+    assert_eq!(hostile_view["dangerous"], 0, "{hostile_view}");
+    assert_eq!(hostile_view["next"], "still bold", "{hostile_view}");
+    assert_eq!(hostile_view["deep"], true, "the deeply quoted text is kept: {hostile_view}");
+    assert!(hostile_view["depth"].as_u64().unwrap() <= 40, "nesting is capped: {hostile_view}");
+    assert!(
+        hostile_view["firstText"].as_str().unwrap().starts_with("<img src=x onerror"),
+        "raw HTML shows as text: {hostile_view}"
+    );
+    // Event handlers would have run by the time a later command is answered.
+    browser.wait_for("a round trip", "return true;", Duration::from_secs(1)).await;
+    assert_eq!(browser.js("return window.__pwned || 0;").await, 0, "{hostile_view}");
+
+    // 5. Search: type a word from the WhatsApp conversation, click, land on the message.
+    browser.type_into("#search-input", "tomat").await;
+    let result = browser
+        .wait_for(
+            "a search result",
+            "const r = document.querySelector('#search-results .search-result'); \
+             return r ? { id: Number(r.dataset.messageId), mark: r.querySelector('mark')?.textContent, \
+                          badge: r.querySelector('.badge')?.textContent } : null;",
+            Duration::from_secs(10),
+        )
+        .await;
+    assert_eq!(result["id"], tomatoes, "{result}");
+    assert_eq!(result["mark"], "tomatoes", "{result}");
+    assert_eq!(result["badge"], "whatsapp", "{result}");
+    browser.click("#search-results .search-result").await;
+    let landed = browser
+        .wait_for(
+            "the found message in view",
+            "const m = document.querySelector('.msg.found'); if (!m) return null; \
+             const box = m.getBoundingClientRect(), view = document.getElementById('messages').getBoundingClientRect(); \
+             return { id: Number(m.dataset.messageId), hash: location.hash, \
+                      visible: box.top >= view.top - 1 && box.bottom <= view.bottom + 1 };",
+            Duration::from_secs(10),
+        )
+        .await;
+    assert_eq!(landed["id"], tomatoes, "{landed}");
+    assert_eq!(landed["hash"], format!("#c={whatsapp}"), "{landed}");
+    assert_eq!(landed["visible"], true, "scrolled into view: {landed}");
+
+    // 6. Regenerate the rich answer with the real model: the old one is replaced.
+    browser.goto(&server.url(&format!("/#c={rich}"))).await;
+    browser
+        .wait_for(
+            "the rich conversation",
+            "return document.querySelector('#messages .msg.last-answer .act-regenerate') !== null \
+                && getComputedStyle(document.querySelector('.msg.last-answer .act-regenerate')).display !== 'none';",
+            Duration::from_secs(20),
+        )
+        .await;
+    let before = api(&server, &format!("/api/conversations/{rich}/messages")).await;
+    // SQLite may give the new answer the old one's id (no AUTOINCREMENT): compare times.
+    let old_answer_at = before["messages"][1]["created_at"].as_i64().unwrap();
+    browser.click("#messages .msg.last-answer .act-regenerate").await;
+    let regenerated = wait_answer_state(&browser, &["done"], Duration::from_secs(60)).await;
+    assert!(regenerated["meta"].as_str().unwrap().contains("SmolLM2"), "{regenerated}");
+    let after = api(&server, &format!("/api/conversations/{rich}/messages")).await;
+    let after = after["messages"].as_array().unwrap().clone();
+    assert_eq!(after.len(), 2, "{after:?}");
+    assert!(
+        after[1]["created_at"].as_i64().unwrap() > old_answer_at,
+        "a new answer replaced the old one: {after:?}"
+    );
+    assert!(!after[1]["content"].as_str().unwrap().is_empty(), "{after:?}");
+    assert_eq!(browser.js("return document.querySelectorAll('#messages .msg').length;").await, 2);
+
+    // 7. Up in the empty input edits the last message; Enter resends it.
+    browser.click("#input").await;
+    browser.type_into("#input", "\u{E013}").await;
+    let editing = browser
+        .wait_for(
+            "the last message in the input",
+            "return document.getElementById('input').value && !document.getElementById('edit-note').hidden \
+                ? document.getElementById('input').value : null;",
+            Duration::from_secs(5),
+        )
+        .await;
+    assert_eq!(editing, "Plan my week.");
+    browser.clear("#input").await;
+    send_message(&browser, "Plan my weekend.").await;
+    wait_answer_state(&browser, &["done"], Duration::from_secs(60)).await;
+    let edited = api(&server, &format!("/api/conversations/{rich}/messages")).await;
+    let edited = edited["messages"].as_array().unwrap().clone();
+    assert_eq!(edited.len(), 2, "{edited:?}");
+    assert_eq!(edited[0]["content"], "Plan my weekend.");
+    assert_eq!(edited[1]["role"], "assistant");
+    let shown = browser
+        .js("return document.querySelector('#messages .msg.user .content').textContent;")
+        .await;
+    assert_eq!(shown, "Plan my weekend.");
+
+    // 8. Export: the download holds the conversation as Markdown.
+    browser
+        .cdp(
+            "Browser.setDownloadBehavior",
+            json!({ "behavior": "allow", "downloadPath": browser.downloads().display().to_string() }),
+        )
+        .await;
+    browser.click("#export-md").await;
+    let name = format!("my-claw-{rich}-weekly-plan.md");
+    let file = browser.downloads().join(&name);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let exported = loop {
+        if let Ok(text) = std::fs::read_to_string(&file) {
+            if text.contains("Plan my weekend.") {
+                break text;
+            }
+        }
+        assert!(Instant::now() < deadline, "no download {} within 20 s", file.display());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(exported.starts_with("# Weekly plan\n"), "{exported}");
+    assert!(exported.contains(edited[1]["content"].as_str().unwrap().trim_end()), "{exported}");
+
+    // 9. A phone: the title stays readable, secondary actions live in a menu, and nothing
+    //    overflows at 400 px nor at 360 px.
+    for width in [400, 360] {
+        browser.set_window(width, 850).await;
+        let layout = browser
+            .wait_for(
+                "the phone layout",
+                &format!(
+                    "if (window.innerWidth > {width}) return null; \
+                     const t = document.getElementById('conversation-title'); \
+                     const input = document.getElementById('input'); \
+                     return {{ inner: window.innerWidth, scroll: document.documentElement.scrollWidth, \
+                       title: t.getBoundingClientRect().width, titleText: t.textContent, \
+                       menu: getComputedStyle(document.getElementById('chat-menu')).display, \
+                       button: getComputedStyle(document.getElementById('chat-menu-button')).display, \
+                       placeholderLines: Math.round(input.scrollHeight / parseFloat(getComputedStyle(input).lineHeight)) }};"
+                ),
+                Duration::from_secs(5),
+            )
+            .await;
+        let inner = layout["inner"].as_f64().unwrap();
+        assert!(layout["scroll"].as_f64().unwrap() <= inner, "nothing overflows: {layout}");
+        assert!(layout["title"].as_f64().unwrap() >= 80.0, "the title is readable: {layout}");
+        assert_eq!(layout["menu"], "none", "{layout}");
+        assert_ne!(layout["button"], "none", "{layout}");
+        assert!(layout["placeholderLines"].as_f64().unwrap() <= 2.0, "{layout}");
+        if width == 400 {
+            browser.click("#chat-menu-button").await;
+            browser
+                .wait_for(
+                    "the menu",
+                    "return getComputedStyle(document.getElementById('chat-menu')).display === 'flex' && \
+                     document.getElementById('export-json').getBoundingClientRect().width > 0;",
+                    Duration::from_secs(5),
+                )
+                .await;
+            browser.screenshot(&target.join("webchat-phone-menu.png")).await;
+            browser.click("#chat-menu-button").await;
+            browser.screenshot(&target.join("webchat-phone.png")).await;
+        }
+    }
+    browser.quit().await;
+    eprintln!(
+        "browser markdown test: {:?}; screenshots webchat-markdown.png, webchat-dark.png, \
+         webchat-phone.png in {}",
+        test_started.elapsed(),
+        target.display()
     );
 }

@@ -14,3 +14,4 @@ mod engine_tokenizer;
 mod foundation;
 mod gateway;
 mod router;
+mod webchat_api;

@@ -3,8 +3,11 @@
 //! plain structs back, never rows.
 
 pub mod cron;
+pub mod export;
 pub mod inbound;
 pub mod memory;
+pub mod message_edits;
+pub mod search;
 
 use std::path::Path;
 use std::str::FromStr;

@@ -136,11 +136,19 @@ async fn post_chat(
         external_id: None,
     };
     let events = state.assistant.start(inbound, tier).await?;
-    // When the client disconnects, axum drops this stream, which drops the receiver; the
-    // assistant then stops the engine at its next token and stores the text as `partial`.
-    let stream = stop_on_shutdown(state.assistant.clone(), events)
-        .map(|event| Ok(sse_event(&chat_event(event))));
-    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+    Ok(answer_sse(state.assistant.clone(), events))
+}
+
+/// The SSE response that carries one answer's events (also used by the WebChat's
+/// regenerate and edit actions). When the client disconnects, axum drops this stream, which
+/// drops the receiver; the assistant then stops the engine at its next token and stores the
+/// text as `partial`.
+pub fn answer_sse(
+    assistant: Arc<Assistant>,
+    events: mpsc::Receiver<Event>,
+) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
+    let stream = stop_on_shutdown(assistant, events).map(|event| Ok(sse_event(&chat_event(event))));
+    Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
 }
 
 /// Forwards the events of one answer. The graceful shutdown waits for open responses, and

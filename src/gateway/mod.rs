@@ -8,10 +8,13 @@ pub mod conversations;
 pub mod cron;
 pub mod error;
 pub mod events;
+pub mod export;
 pub mod health;
 pub mod listener;
+pub mod message_actions;
 pub mod models;
 pub mod openai;
+pub mod search;
 pub mod settings;
 pub mod webchat;
 pub mod webhooks;
@@ -53,6 +56,9 @@ pub fn router(state: AppState) -> Router {
         .merge(models::router())
         .merge(settings::router())
         .merge(openai::router())
+        .merge(search::router())
+        .merge(export::router())
+        .merge(message_actions::router())
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_token));
     let public = Router::new()
         .route("/api/health", get(health::get_health))

@@ -14,9 +14,12 @@ const CHAT_JS: &str = include_str!("../../static/chat.js");
 const CHAT_CSS: &str = include_str!("../../static/chat.css");
 const CRON_JS: &str = include_str!("../../static/cron.js");
 const FAVICON_SVG: &str = include_str!("../../static/favicon.svg");
+/// markdown-it 14.1.0, pinned and checked by `scripts/vendor-web.sh` (licences beside it).
+const MARKDOWN_IT_JS: &str = include_str!("../../static/vendor/markdown-it.min.js");
 
 /// What the page may load and talk to: only this origin, no inline script, no framing.
-/// Model output is rendered as text nodes by `chat.js`; this policy is the second wall.
+/// Model output is rendered as DOM nodes built from markdown-it's tokens by `chat.js`;
+/// this policy is the second wall.
 const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; \
      style-src 'self'; img-src 'self' data:; connect-src 'self'; manifest-src 'self'; \
      base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
@@ -28,6 +31,7 @@ pub fn router() -> Router<AppState> {
         .route("/chat.js", get(get_chat_js))
         .route("/chat.css", get(get_chat_css))
         .route("/cron.js", get(get_cron_js))
+        .route("/vendor/markdown-it.min.js", get(get_markdown_it_js))
         .route("/favicon.svg", get(get_favicon))
         .route("/favicon.ico", get(get_favicon))
 }
@@ -46,6 +50,10 @@ async fn get_chat_css() -> Response {
 
 async fn get_cron_js() -> Response {
     asset("text/javascript; charset=utf-8", CRON_JS)
+}
+
+async fn get_markdown_it_js() -> Response {
+    asset("text/javascript; charset=utf-8", MARKDOWN_IT_JS)
 }
 
 async fn get_favicon() -> Response {

@@ -1,0 +1,115 @@
+//! `my-claw backup FILE`: a consistent copy of the database while the server keeps running
+//! (`VACUUM INTO` reads one snapshot), written into a new file that only its owner can read,
+//! then checked (`PRAGMA integrity_check`) before it is reported. It never overwrites a file
+//! and never changes the database it copies; restoring is a documented manual step.
+
+use std::fs::OpenOptions;
+use std::io;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use crate::db::export::{self, BackupSummary};
+
+#[derive(Debug, clap::Args)]
+pub struct BackupArgs {
+    /// The file to write; it must not exist yet (a backup never overwrites anything).
+    pub file: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    #[error("{0} already exists: choose a new file name (a backup never overwrites)")]
+    Exists(PathBuf),
+    #[error("cannot create {path}: {source}")]
+    Create { path: PathBuf, source: io::Error },
+    #[error("cannot open the database {url}: {source}")]
+    Open { url: String, source: sqlx::Error },
+    #[error("copying the database failed: {0}")]
+    Copy(sqlx::Error),
+    #[error("the copy in {path} failed its check: {detail}")]
+    Check { path: PathBuf, detail: String },
+}
+
+/// Writes the backup and returns what the copy holds.
+pub async fn run(args: &BackupArgs, database_url: &str) -> Result<BackupSummary, BackupError> {
+    let target = &args.file;
+    if target.exists() {
+        return Err(BackupError::Exists(target.clone()));
+    }
+    // Created empty with mode 600 before any data goes in, so there is no moment where the
+    // copy is readable by others whatever the umask. `VACUUM INTO` accepts an empty file.
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(target)
+        .map_err(|source| BackupError::Create { path: target.clone(), source })?;
+    match copy_and_check(target, database_url).await {
+        Ok(summary) => Ok(summary),
+        Err(e) => {
+            // A half-written copy must not be mistaken for a backup.
+            let _ = std::fs::remove_file(target);
+            Err(e)
+        }
+    }
+}
+
+async fn copy_and_check(target: &Path, database_url: &str) -> Result<BackupSummary, BackupError> {
+    let pool = export::open_existing(database_url)
+        .await
+        .map_err(|source| BackupError::Open { url: database_url.to_string(), source })?;
+    let copied = export::vacuum_into(&pool, target).await;
+    pool.close().await;
+    copied.map_err(BackupError::Copy)?;
+    let summary = export::check_copy(target)
+        .await
+        .map_err(|e| BackupError::Check { path: target.to_path_buf(), detail: e.to_string() })?;
+    if summary.integrity != "ok" {
+        return Err(BackupError::Check {
+            path: target.to_path_buf(),
+            detail: format!("integrity_check: {}", summary.integrity),
+        });
+    }
+    // On disk before we say it is done.
+    if let Ok(file) = std::fs::File::open(target) {
+        let _ = file.sync_all();
+    }
+    Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+    use crate::db::memory::{self, NewMessage};
+    use crate::domain::Role;
+
+    #[tokio::test]
+    async fn backup_is_private_complete_and_never_overwrites() {
+        let (dir, pool) = crate::db::fresh_test_db().await;
+        let conv = memory::create_webchat_conversation(&pool, Some("t")).await.unwrap().id;
+        for n in 0..50 {
+            let message = NewMessage::plain(conv, Role::User, format!("message {n}"));
+            memory::add_message(&pool, &message).await.unwrap();
+        }
+        let url = format!("sqlite://{}", dir.path().join("t.db").display());
+        let args = BackupArgs { file: dir.path().join("copy.db") };
+        let summary = run(&args, &url).await.expect("backup");
+        assert_eq!(
+            summary,
+            BackupSummary { integrity: "ok".into(), conversations: 1, messages: 50 }
+        );
+        let mode = std::fs::metadata(&args.file).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let again = run(&args, &url).await;
+        assert!(matches!(again, Err(BackupError::Exists(_))), "{again:?}");
+        // The refused second run left the first copy as it was.
+        assert_eq!(export::check_copy(&args.file).await.unwrap().messages, 50);
+
+        let missing = BackupArgs { file: dir.path().join("other.db") };
+        let url = format!("sqlite://{}", dir.path().join("nope.db").display());
+        assert!(matches!(run(&missing, &url).await, Err(BackupError::Open { .. })));
+        assert!(!missing.file.exists(), "no half-made backup is left behind");
+    }
+}

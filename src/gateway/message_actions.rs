@@ -1,0 +1,101 @@
+//! The WebChat's message actions: `POST /api/conversations/{id}/regenerate` (the last answer
+//! is replaced: deleted, then answered again) and `POST /api/conversations/{id}/edit` (the
+//! last user message is replaced and everything after it deleted, then answered). Both
+//! stream like `/api/chat`. Storage is `db::message_edits`; answering is `Assistant::answer`.
+
+use std::convert::Infallible;
+
+use axum::extract::State;
+use axum::response::sse::{Event as SseEvent, Sse};
+use axum::routing::post;
+use axum::Router;
+use futures::stream::Stream;
+use serde::Deserialize;
+
+use crate::db::memory;
+use crate::db::message_edits::{self, EditError};
+use crate::domain::{ChannelKind, ConversationId};
+use crate::gateway::chat::{answer_sse, parse_tier};
+use crate::gateway::conversations::parse_id;
+use crate::gateway::error::{ApiError, ApiJson, ApiPath};
+use crate::gateway::AppState;
+use crate::llm::router::Tier;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/api/conversations/{id}/regenerate", post(post_regenerate))
+        .route("/api/conversations/{id}/edit", post(post_edit))
+}
+
+/// Body of `regenerate`.
+#[derive(Debug, Deserialize)]
+struct RegenerateRequest {
+    #[serde(default)]
+    tier: Option<String>,
+}
+
+/// Body of `edit`: the new text of the last user message.
+#[derive(Debug, Deserialize)]
+struct EditRequest {
+    message: String,
+    #[serde(default)]
+    tier: Option<String>,
+}
+
+async fn post_regenerate(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(request): ApiJson<RegenerateRequest>,
+) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
+    let conversation_id = webchat_conversation(&state, &id).await?;
+    let tier = tier(request.tier.as_deref())?;
+    message_edits::drop_last_answer(&state.pool, conversation_id).await.map_err(edit_error)?;
+    let events = state.assistant.answer(conversation_id, tier).await?;
+    Ok(answer_sse(state.assistant.clone(), events))
+}
+
+async fn post_edit(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(request): ApiJson<EditRequest>,
+) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
+    let conversation_id = webchat_conversation(&state, &id).await?;
+    let tier = tier(request.tier.as_deref())?;
+    let text = request.message.trim();
+    if text.is_empty() {
+        return Err(ApiError::BadRequest("message must not be empty".into()));
+    }
+    message_edits::replace_last_user_message(&state.pool, conversation_id, text)
+        .await
+        .map_err(edit_error)?;
+    let events = state.assistant.answer(conversation_id, tier).await?;
+    Ok(answer_sse(state.assistant.clone(), events))
+}
+
+/// The conversation of the path, which must exist and be a WebChat one: the others are
+/// answered on their own channel, where an edited history would not be seen.
+async fn webchat_conversation(state: &AppState, id: &str) -> Result<ConversationId, ApiError> {
+    let id = ConversationId(parse_id(id)?);
+    match memory::get_conversation(&state.pool, id).await? {
+        Some(c) if c.channel == ChannelKind::WebChat => Ok(id),
+        Some(c) => Err(ApiError::BadRequest(format!(
+            "conversation {} is a {} conversation: only WebChat answers can be regenerated or edited",
+            id.0, c.channel
+        ))),
+        None => Err(ApiError::NotFound(format!("conversation {} does not exist", id.0))),
+    }
+}
+
+fn tier(name: Option<&str>) -> Result<Option<Tier>, ApiError> {
+    match name.map(str::trim) {
+        None | Some("") => Ok(None),
+        Some(name) => Ok(Some(parse_tier(name)?)),
+    }
+}
+
+fn edit_error(e: EditError) -> ApiError {
+    match e {
+        EditError::NoUserMessage => ApiError::BadRequest(e.to_string()),
+        EditError::Db(e) => e.into(),
+    }
+}

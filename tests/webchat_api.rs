@@ -1,0 +1,519 @@
+//! The WebChat's own API: search (accents, other channels, newest first, hostile queries),
+//! message actions (regenerate, edit and resend), exports (one conversation as Markdown and
+//! JSON, everything as streamed JSON) through the whole router on a real SQLite file, and
+//! `my-claw backup` run beside a live server with the real model streaming an answer.
+
+use std::collections::{HashMap, HashSet};
+use std::os::unix::fs::PermissionsExt;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::http::{header, HeaderMap, Method, Request, StatusCode};
+use futures::future::BoxFuture;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+use tower::ServiceExt;
+
+use my_claw::assistant::{Assistant, AssistantConfig};
+use my_claw::config::Secret;
+use my_claw::db::memory::{self, NewMessage};
+use my_claw::domain::{ChannelKind, ConversationId, Role};
+use my_claw::gateway::{self, AppState};
+use my_claw::llm::router::{Router as ModelRouter, Tier};
+use my_claw::llm::{
+    Chunk, ChunkStream, FinishReason, LlmError, LlmRequest, Provider, ProviderInfo, Usage,
+};
+
+use crate::gateway::SseReader;
+use crate::util::{self, Server, ServerOptions};
+
+const TOKEN: &str = "webchat-api-test-token-0123456789";
+
+/// Answers `echo <n>: <last user message>` (n counts the calls), so a test can see which
+/// prompt was answered, and by which call.
+struct EchoProvider {
+    calls: AtomicUsize,
+}
+
+impl Provider for EchoProvider {
+    fn info(&self) -> ProviderInfo {
+        ProviderInfo { provider: "local".into(), model: "echo-model".into(), leaves_machine: false }
+    }
+
+    fn stream(&self, request: LlmRequest) -> BoxFuture<'_, Result<ChunkStream, LlmError>> {
+        let last = request.messages.last().map(|m| m.content.clone()).unwrap_or_default();
+        let call = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
+        Box::pin(async move {
+            let (tx, rx) = mpsc::channel(4);
+            tokio::spawn(async move {
+                let _ = tx.send(Ok(Chunk::Text(format!("echo {call}: {last}")))).await;
+                let usage = Usage { prompt_tokens: 10, completion_tokens: 3, ..Usage::default() };
+                let _ = tx.send(Ok(Chunk::Done { usage, finish: FinishReason::Stop })).await;
+            });
+            Ok(rx)
+        })
+    }
+}
+
+struct App {
+    state: AppState,
+    _dir: tempfile::TempDir,
+}
+
+async fn app() -> App {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = format!("sqlite://{}", dir.path().join("webchat.db").display());
+    let pool = my_claw::db::connect(&url).await.expect("open the database");
+    let router = ModelRouter::with_providers(
+        Arc::new(EchoProvider { calls: AtomicUsize::new(0) }),
+        HashMap::new(),
+        Tier::Main,
+    );
+    let assistant = Arc::new(Assistant::new(
+        pool.clone(),
+        Arc::new(router),
+        AssistantConfig { history_messages: 20, reply_max_tokens: 64 },
+    ));
+    let state = AppState {
+        pool,
+        assistant,
+        webchat_token: Secret::new(TOKEN),
+        started_at: Instant::now(),
+        data_dir: Arc::new(dir.path().to_path_buf()),
+        max_body_bytes: 1 << 20,
+        reply_max_tokens: 64,
+        channels: my_claw::channels::Channels::default(),
+    };
+    App { state, _dir: dir }
+}
+
+/// One request through the whole router (auth, limits, handlers), without a socket.
+async fn call(
+    app: &App,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+) -> (StatusCode, HeaderMap, Vec<u8>) {
+    let mut request = Request::builder()
+        .method(method)
+        .uri(path)
+        .header(header::AUTHORIZATION, format!("Bearer {TOKEN}"));
+    let body = match body {
+        Some(value) => {
+            request = request.header(header::CONTENT_TYPE, "application/json");
+            Body::from(value.to_string())
+        }
+        None => Body::empty(),
+    };
+    let response = gateway::router(app.state.clone())
+        .oneshot(request.body(body).expect("request"))
+        .await
+        .expect("infallible");
+    let status = response.status();
+    let headers = response.headers().clone();
+    let bytes = tokio::time::timeout(
+        Duration::from_secs(20),
+        axum::body::to_bytes(response.into_body(), 64 << 20),
+    )
+    .await
+    .expect("body within 20 s")
+    .expect("body");
+    (status, headers, bytes.to_vec())
+}
+
+async fn get_json(app: &App, path: &str) -> (StatusCode, Value) {
+    let (status, _, bytes) = call(app, Method::GET, path, None).await;
+    let value = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|_| panic!("{path}: not JSON: {}", String::from_utf8_lossy(&bytes)));
+    (status, value)
+}
+
+/// The JSON events of a complete SSE body.
+fn sse_events(body: &[u8]) -> Vec<Value> {
+    String::from_utf8_lossy(body)
+        .split("\n\n")
+        .filter_map(|block| {
+            let data: Vec<&str> = block.lines().filter_map(|l| l.strip_prefix("data:")).collect();
+            (!data.is_empty()).then(|| data.join("\n"))
+        })
+        .map(|data| serde_json::from_str(data.trim()).expect("event JSON"))
+        .collect()
+}
+
+async fn store(app: &App, conversation: ConversationId, role: Role, text: &str) -> i64 {
+    memory::add_message(&app.state.pool, &NewMessage::plain(conversation, role, text))
+        .await
+        .expect("store message")
+        .0
+}
+
+fn snippet_marks(result: &Value) -> Vec<String> {
+    result["snippet"]
+        .as_array()
+        .expect("snippet parts")
+        .iter()
+        .filter(|p| p["mark"] == true)
+        .map(|p| p["text"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn search_folds_accents_covers_every_channel_and_ranks_newest_first() {
+    let app = app().await;
+    let pool = &app.state.pool;
+    let older = memory::create_webchat_conversation(pool, Some("Paris")).await.unwrap().id;
+    let older_id = store(&app, older, Role::User, "Un café au lait à Paris, l'été dernier.").await;
+    let whatsapp =
+        memory::get_or_create_conversation(pool, ChannelKind::WhatsApp, "33612345678", Some("WA"))
+            .await
+            .unwrap()
+            .id;
+    let wa_id = store(&app, whatsapp, Role::User, "Remind me to buy tomatoes tomorrow").await;
+    let newer = memory::create_webchat_conversation(pool, Some("Morning")).await.unwrap().id;
+    let newer_id = store(&app, newer, Role::Assistant, "A **cafe** crème, then work.").await;
+
+    // No accent typed, accents stored (and the other way round), newest first.
+    let (status, found) = get_json(&app, "/api/search?q=cafe").await;
+    assert_eq!(status, StatusCode::OK, "{found}");
+    let results = found["results"].as_array().unwrap();
+    let ids: Vec<i64> = results.iter().map(|r| r["message_id"].as_i64().unwrap()).collect();
+    assert_eq!(ids, [newer_id, older_id], "{found}");
+    assert_eq!(results[0]["conversation_title"], "Morning");
+    assert_eq!(results[1]["conversation_id"], older.0);
+    assert_eq!(snippet_marks(&results[1]), ["café"], "{found}");
+    let (_, ete) = get_json(&app, "/api/search?q=ETE").await;
+    assert_eq!(ete["results"][0]["message_id"], older_id, "French elision and case: {ete}");
+    let (_, creme) = get_json(&app, "/api/search?q=cr%C3%A8me%20caf%C3%A9").await;
+    assert_eq!(creme["results"].as_array().unwrap().len(), 1, "{creme}");
+
+    // A WhatsApp conversation is searched like the others, and a word can be half typed.
+    let (_, tomato) = get_json(&app, "/api/search?q=tomat").await;
+    let hit = &tomato["results"][0];
+    assert_eq!(hit["message_id"], wa_id, "{tomato}");
+    assert_eq!(hit["channel"], "whatsapp", "{tomato}");
+    assert_eq!(snippet_marks(hit), ["tomatoes"], "{tomato}");
+
+    // FTS syntax is searched as text; a query with no word is a clear 400.
+    for hostile in ["%22cafe", "NEAR(", "cafe%20OR", "content:cafe", "cafe%20AND%20(x"] {
+        let (status, body) = get_json(&app, &format!("/api/search?q={hostile}")).await;
+        assert_eq!(status, StatusCode::OK, "{hostile}: {body}");
+    }
+    let (status, body) = get_json(&app, "/api/search?q=%2A%2A%2A").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["error"]["code"], "bad_request", "{body}");
+    let (status, _) = get_json(&app, &format!("/api/search?q={}", "a".repeat(201))).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, body) = get_json(&app, "/api/search?q=cafe&limit=abc").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+
+    // Deleting a conversation takes its messages out of the index.
+    let (status, _, _) =
+        call(&app, Method::DELETE, &format!("/api/conversations/{}", newer.0), None).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (_, after) = get_json(&app, "/api/search?q=cafe").await;
+    let ids: Vec<i64> = after["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["message_id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(ids, [older_id], "{after}");
+}
+
+#[tokio::test]
+async fn regenerate_replaces_the_last_answer_and_edit_resends_the_last_message() {
+    let app = app().await;
+    let (status, _, body) =
+        call(&app, Method::POST, "/api/chat", Some(json!({"message": "hello there"}))).await;
+    assert_eq!(status, StatusCode::OK);
+    let events = sse_events(&body);
+    let conversation = events[0]["conversation_id"].as_i64().expect("meta first");
+    assert!(events.last().unwrap()["message_id"].is_i64(), "done last: {events:?}");
+    let messages_path = format!("/api/conversations/{conversation}/messages");
+
+    // Regenerate: the old answer is replaced by a new one to the same message.
+    let (status, _, body) = call(
+        &app,
+        Method::POST,
+        &format!("/api/conversations/{conversation}/regenerate"),
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let events = sse_events(&body);
+    let kinds: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(kinds.first(), Some(&"meta"), "{events:?}");
+    assert_eq!(kinds.last(), Some(&"done"), "{events:?}");
+    let (_, history) = get_json(&app, &messages_path).await;
+    let messages = history["messages"].as_array().unwrap();
+    assert_eq!(messages.len(), 2, "{history}");
+    assert_eq!(messages[1]["content"], "echo 2: hello there", "a new answer replaced the old one");
+
+    // Edit: the last user message changes, what followed goes, the new text is answered.
+    let (status, _, body) = call(
+        &app,
+        Method::POST,
+        &format!("/api/conversations/{conversation}/edit"),
+        Some(json!({"message": "bonjour, ça va ?", "tier": "main"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(sse_events(&body).last().unwrap()["type"], "done");
+    let (_, history) = get_json(&app, &messages_path).await;
+    let texts: Vec<&str> = history["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["content"].as_str().unwrap())
+        .collect();
+    assert_eq!(texts, ["bonjour, ça va ?", "echo 3: bonjour, ça va ?"]);
+
+    // Bad requests get our error shape and change nothing.
+    let edit_path = format!("/api/conversations/{conversation}/edit");
+    for (path, body, expected) in [
+        (edit_path.as_str(), json!({"message": "  "}), StatusCode::BAD_REQUEST),
+        (edit_path.as_str(), json!({"message": "x", "tier": "huge"}), StatusCode::BAD_REQUEST),
+        ("/api/conversations/999999/regenerate", json!({}), StatusCode::NOT_FOUND),
+        ("/api/conversations/abc/regenerate", json!({}), StatusCode::BAD_REQUEST),
+    ] {
+        let (status, _, bytes) = call(&app, Method::POST, path, Some(body.clone())).await;
+        assert_eq!(status, expected, "{path} {body}: {}", String::from_utf8_lossy(&bytes));
+        let error: Value = serde_json::from_slice(&bytes).expect("JSON error");
+        assert!(error["error"]["message"].is_string(), "{error}");
+    }
+    let (_, unchanged) = get_json(&app, &messages_path).await;
+    assert_eq!(unchanged["messages"], history["messages"]);
+
+    // A WhatsApp conversation is answered on WhatsApp: not regenerated from the page.
+    let whatsapp = memory::get_or_create_conversation(
+        &app.state.pool,
+        ChannelKind::WhatsApp,
+        "33600000000",
+        None,
+    )
+    .await
+    .unwrap()
+    .id;
+    store(&app, whatsapp, Role::User, "hi").await;
+    let path = format!("/api/conversations/{}/regenerate", whatsapp.0);
+    let (status, _, _) = call(&app, Method::POST, &path, Some(json!({}))).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn exports_download_a_500_message_conversation_as_markdown_and_json() {
+    let app = app().await;
+    let pool = &app.state.pool;
+    let conversation =
+        memory::create_webchat_conversation(pool, Some("Trip to Lyon: the plan")).await.unwrap().id;
+    for n in 0..500 {
+        let role = if n % 2 == 0 { Role::User } else { Role::Assistant };
+        store(&app, conversation, role, &format!("message number {n} | with a table cell")).await;
+    }
+    let other = memory::create_webchat_conversation(pool, None).await.unwrap().id;
+    store(&app, other, Role::User, "the other conversation").await;
+
+    let path = format!("/api/conversations/{}/export?format=json", conversation.0);
+    let (status, headers, body) = call(&app, Method::GET, &path, None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers[header::CONTENT_TYPE], "application/json");
+    let disposition = headers[header::CONTENT_DISPOSITION].to_str().unwrap();
+    let expected_name = format!("my-claw-{}-trip-to-lyon-the-plan", conversation.0);
+    assert_eq!(disposition, format!("attachment; filename=\"{expected_name}.json\""));
+    let document: Value = serde_json::from_slice(&body).expect("export JSON");
+    assert_eq!(document["conversation"]["title"], "Trip to Lyon: the plan");
+    let messages = document["messages"].as_array().unwrap();
+    assert_eq!(messages.len(), 500);
+    for (n, m) in messages.iter().enumerate() {
+        assert_eq!(m["content"], format!("message number {n} | with a table cell"));
+    }
+
+    let path = format!("/api/conversations/{}/export?format=md", conversation.0);
+    let (status, headers, body) = call(&app, Method::GET, &path, None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(headers[header::CONTENT_TYPE].to_str().unwrap().starts_with("text/markdown"));
+    assert_eq!(
+        headers[header::CONTENT_DISPOSITION].to_str().unwrap(),
+        format!("attachment; filename=\"{expected_name}.md\"")
+    );
+    let markdown = String::from_utf8(body).unwrap();
+    assert!(markdown.starts_with("# Trip to Lyon: the plan\n"), "{}", &markdown[..200]);
+    assert_eq!(markdown.matches("\n**You** · ").count(), 250);
+    assert_eq!(markdown.matches("\n**Assistant** · ").count(), 250);
+    for n in [0, 1, 250, 499] {
+        assert!(markdown.contains(&format!("\nmessage number {n} | with")), "message {n}");
+    }
+
+    let (status, body) =
+        get_json(&app, &format!("/api/conversations/{}/export?format=pdf", conversation.0)).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let (status, _) = get_json(&app, "/api/conversations/424242/export?format=md").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    // Everything, streamed: both conversations with all their messages.
+    let (status, headers, body) = call(&app, Method::GET, "/api/export", None).await;
+    assert_eq!(status, StatusCode::OK);
+    let disposition = headers[header::CONTENT_DISPOSITION].to_str().unwrap();
+    assert!(disposition.starts_with("attachment; filename=\"my-claw-export-"), "{disposition}");
+    let all: Value = serde_json::from_slice(&body).expect("a complete JSON document");
+    assert_eq!(all["format"], "my-claw.export");
+    let conversations = all["conversations"].as_array().unwrap();
+    let counts: Vec<(i64, usize)> = conversations
+        .iter()
+        .map(|c| (c["id"].as_i64().unwrap(), c["messages"].as_array().unwrap().len()))
+        .collect();
+    assert_eq!(counts, [(conversation.0, 500), (other.0, 1)]);
+    assert_eq!(conversations[1]["messages"][0]["content"], "the other conversation");
+}
+
+/// The backup runs as its own process beside a live server whose engine is writing an
+/// answer, like `my-claw backup` from a shell or a timer on a running installation.
+#[tokio::test]
+async fn backup_while_an_answer_streams_is_consistent_private_and_restores() {
+    let mut envs = util::smollm2_env();
+    envs.push(("REPLY_MAX_TOKENS".into(), "200".into()));
+    envs.push(("CONTEXT_SIZE".into(), "4096".into()));
+    let server_envs = envs.clone();
+    let server = tokio::task::spawn_blocking(move || {
+        Server::start(ServerOptions { envs: server_envs, data_dir: None })
+    })
+    .await
+    .expect("server start");
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(120)).build().unwrap();
+
+    // Some history, then an answer that is still streaming when the backup starts.
+    let mut conversation = None;
+    for text in ["Bonjour ! Un café ?", "Say one word."] {
+        let mut body = json!({ "message": text, "tier": "main" });
+        if let Some(id) = conversation {
+            body["conversation_id"] = json!(id);
+        }
+        let response = http
+            .post(server.url("/api/chat"))
+            .bearer_auth(&server.token)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let mut reader = SseReader::new(response);
+        let meta = reader.next_json(Duration::from_secs(60)).await.expect("meta");
+        conversation = meta["conversation_id"].as_i64();
+        while reader.next_json(Duration::from_secs(120)).await.is_some() {}
+    }
+    let conversation = conversation.expect("a conversation id");
+    let response = http
+        .post(server.url("/api/chat"))
+        .bearer_auth(&server.token)
+        .json(&json!({"message": "Write a long story about a lighthouse keeper.",
+                      "conversation_id": conversation}))
+        .send()
+        .await
+        .unwrap();
+    let mut streaming = SseReader::new(response);
+    loop {
+        let event = streaming.next_json(Duration::from_secs(60)).await.expect("an event");
+        if event["type"] == "token" {
+            break;
+        }
+    }
+    let path = format!("/api/conversations/{conversation}/messages");
+    let committed: Value = http
+        .get(server.url(&path))
+        .bearer_auth(&server.token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let committed: Vec<(i64, String)> = committed["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| (m["id"].as_i64().unwrap(), m["content"].as_str().unwrap().to_string()))
+        .collect();
+    assert_eq!(committed.len(), 5, "two turns and the streaming turn's message: {committed:?}");
+
+    let out_dir = tempfile::tempdir().unwrap();
+    let backup = out_dir.path().join("my-claw-backup.db");
+    let data_dir = server.data_dir.display().to_string();
+    let backup_arg = backup.display().to_string();
+    let run = tokio::task::spawn_blocking({
+        let cwd = out_dir.path().to_path_buf();
+        move || util::run_binary(&["backup", &backup_arg], &[("DATA_DIR", data_dir.as_str())], &cwd)
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(run.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&run.stderr));
+    assert!(stdout.contains("integrity ok"), "{stdout}");
+    // The answer was still streaming while the copy was taken.
+    let still = streaming.next_json(Duration::from_secs(60)).await.expect("the stream goes on");
+    assert!(still["type"] == "token" || still["type"] == "done", "{still}");
+    while streaming.next_json(Duration::from_secs(120)).await.is_some() {}
+
+    let mode = std::fs::metadata(&backup).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the backup is private");
+    let backup_arg = backup.display().to_string();
+    let data_dir = server.data_dir.display().to_string();
+    let again = util::run_binary(
+        &["backup", backup_arg.as_str()],
+        &[("DATA_DIR", data_dir.as_str())],
+        out_dir.path(),
+    );
+    assert!(!again.status.success(), "a backup never overwrites a file");
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
+
+    // Restore as the README says: stop, put the copy in place as my-claw.db, start.
+    let restored_dir = tempfile::tempdir().unwrap();
+    std::fs::copy(&backup, restored_dir.path().join("my-claw.db")).unwrap();
+    let restored_path = restored_dir.path().to_path_buf();
+    let restored = tokio::task::spawn_blocking(move || {
+        Server::start(ServerOptions { envs, data_dir: Some(restored_path) })
+    })
+    .await
+    .expect("restored server start");
+    let health: Value = http
+        .get(restored.url("/api/health"))
+        .bearer_auth(&restored.token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(health["database"]["ok"], true, "{health}");
+    assert!(health["database"]["migration_version"].as_i64() >= Some(3), "{health}");
+    let messages: Value = http
+        .get(restored.url(&path))
+        .bearer_auth(&restored.token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let restored_ids: HashSet<(i64, String)> = messages["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| (m["id"].as_i64().unwrap(), m["content"].as_str().unwrap().to_string()))
+        .collect();
+    for message in &committed {
+        assert!(restored_ids.contains(message), "{message:?} is in the restored copy");
+    }
+    // The search index came along.
+    let found: Value = http
+        .get(restored.url("/api/search?q=cafe"))
+        .bearer_auth(&restored.token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(found["results"][0]["conversation_id"], conversation, "{found}");
+}
