@@ -183,7 +183,7 @@ pub async fn start_run(
     job_id: CronJobId,
     started_at: i64,
 ) -> Result<i64, sqlx::Error> {
-    let mut tx = pool.begin().await?;
+    let mut tx = crate::db::begin_write(pool).await?;
     let run_id: i64 = sqlx::query_scalar(
         "INSERT INTO cron_runs (job_id, started_at, outcome) VALUES (?1, ?2, 'running')
          RETURNING id",
@@ -213,7 +213,7 @@ pub async fn finish_run(
     error: Option<&str>,
     message_id: Option<MessageId>,
 ) -> Result<(), sqlx::Error> {
-    let mut tx = pool.begin().await?;
+    let mut tx = crate::db::begin_write(pool).await?;
     let job_id: Option<i64> = sqlx::query_scalar(
         "UPDATE cron_runs SET duration_ms = ?1, outcome = ?2, error = ?3, message_id = ?4
          WHERE id = ?5
@@ -285,7 +285,7 @@ pub async fn prune_runs(
 /// Marks runs left `running` by a process that stopped mid-run as failed, with `reason`.
 /// Called once at start, before the scheduler runs anything; returns how many there were.
 pub async fn fail_interrupted_runs(pool: &SqlitePool, reason: &str) -> Result<u64, sqlx::Error> {
-    let mut tx = pool.begin().await?;
+    let mut tx = crate::db::begin_write(pool).await?;
     let done = sqlx::query(
         "UPDATE cron_runs SET outcome = 'failed', error = ?1 WHERE outcome = 'running'",
     )

@@ -147,7 +147,7 @@ pub async fn enqueue_message(
 ) -> Result<bool, sqlx::Error> {
     let now = now_ms();
     let finished = !matches!(item.status, QueueStatus::Pending | QueueStatus::Processing);
-    let mut tx = pool.begin().await?;
+    let mut tx = crate::db::begin_write(pool).await?;
     let done = sqlx::query(
         "INSERT INTO inbound_queue (channel, external_id, payload, status, last_error,
                                     received_at, processed_at, conversation_key)
@@ -451,7 +451,7 @@ pub async fn confirm_reply_delivery(
     else {
         return Ok(false);
     };
-    let mut tx = pool.begin().await?;
+    let mut tx = crate::db::begin_write(pool).await?;
     let updated = sqlx::query(
         "UPDATE messages SET external_id = ?1, delivery_status = ?2,
                              delivery_error = ?3

@@ -235,7 +235,7 @@ pub async fn delete_conversation(
 /// Stores a message and bumps its conversation's activity time, in one transaction.
 pub async fn add_message(pool: &SqlitePool, msg: &NewMessage) -> Result<MessageId, sqlx::Error> {
     let now = now_ms();
-    let mut tx = pool.begin().await?;
+    let mut tx = crate::db::begin_write(pool).await?;
     let id: i64 = sqlx::query_scalar(
         "INSERT INTO messages (conversation_id, role, content, tier, provider, model,
                                prompt_tokens, completion_tokens, status, external_id, created_at)

@@ -48,7 +48,7 @@ pub async fn replace_last_user_message(
     conversation_id: ConversationId,
     content: &str,
 ) -> Result<MessageId, EditError> {
-    let mut tx = pool.begin().await?;
+    let mut tx = crate::db::begin_write(pool).await?;
     // The UPDATE comes first so the transaction takes the write lock at once.
     let edited: Option<i64> = sqlx::query_scalar(
         "UPDATE messages SET content = ?2

@@ -61,6 +61,17 @@ pub async fn connect(url: &str) -> Result<SqlitePool, sqlx::Error> {
     Ok(pool)
 }
 
+/// Starts a transaction that writes. `BEGIN IMMEDIATE` takes the write lock at once, waiting
+/// for it under the busy timeout; a plain (deferred) `BEGIN` takes a read snapshot first and,
+/// when another connection commits before the first write, SQLite answers "database is
+/// locked" at once without waiting (the busy handler cannot help a stale snapshot). Every
+/// transaction that writes starts here.
+pub async fn begin_write(
+    pool: &SqlitePool,
+) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, sqlx::Error> {
+    pool.begin_with("BEGIN IMMEDIATE").await
+}
+
 /// Creates the database file with mode 600 if it does not exist yet, or narrows an existing
 /// one to 600 (a database made by an older version under umask 022 was 644).
 fn make_private(file: &Path) -> std::io::Result<()> {

@@ -7,9 +7,8 @@
 //! around the whole router, so the gateway's `AppState` does not need to know about cron.
 
 use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Extension, Json, Router};
+use axum::{Extension, Router};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Deserializer, Serialize};
 
@@ -145,16 +144,9 @@ struct TriggerJson {
     started: Vec<i64>,
 }
 
-/// Errors of this module: the gateway's, plus the two statuses it has no variant for.
-#[derive(Debug)]
-enum CronApiError {
-    Api(ApiError),
-    Conflict(String),
-}
-
 type Scheduler = Option<Extension<CronHandle>>;
 
-async fn list_jobs(cron: Scheduler) -> Result<ApiJson<JobList>, CronApiError> {
+async fn list_jobs(cron: Scheduler) -> Result<ApiJson<JobList>, ApiError> {
     let cron = running(cron)?;
     let jobs = cron.list().await?.into_iter().map(job_json).collect();
     Ok(ApiJson(JobList { jobs, default_timezone: cron.default_timezone().name().to_string() }))
@@ -163,7 +155,7 @@ async fn list_jobs(cron: Scheduler) -> Result<ApiJson<JobList>, CronApiError> {
 async fn create_job(
     cron: Scheduler,
     ApiJson(request): ApiJson<JobRequest>,
-) -> Result<(StatusCode, ApiJson<JobJson>), CronApiError> {
+) -> Result<(StatusCode, ApiJson<JobJson>), ApiError> {
     let view = running(cron)?.create(request.into()).await?;
     Ok((StatusCode::CREATED, ApiJson(job_json(view))))
 }
@@ -171,7 +163,7 @@ async fn create_job(
 async fn get_job(
     cron: Scheduler,
     ApiPath(id): ApiPath<String>,
-) -> Result<ApiJson<JobJson>, CronApiError> {
+) -> Result<ApiJson<JobJson>, ApiError> {
     let view = running(cron)?.get(parse_id(&id)?).await?;
     Ok(ApiJson(job_json(view)))
 }
@@ -180,15 +172,12 @@ async fn update_job(
     cron: Scheduler,
     ApiPath(id): ApiPath<String>,
     ApiJson(request): ApiJson<JobRequest>,
-) -> Result<ApiJson<JobJson>, CronApiError> {
+) -> Result<ApiJson<JobJson>, ApiError> {
     let view = running(cron)?.update(parse_id(&id)?, request.into()).await?;
     Ok(ApiJson(job_json(view)))
 }
 
-async fn delete_job(
-    cron: Scheduler,
-    ApiPath(id): ApiPath<String>,
-) -> Result<StatusCode, CronApiError> {
+async fn delete_job(cron: Scheduler, ApiPath(id): ApiPath<String>) -> Result<StatusCode, ApiError> {
     running(cron)?.delete(parse_id(&id)?).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -197,7 +186,7 @@ async fn delete_job(
 async fn run_job(
     cron: Scheduler,
     ApiPath(id): ApiPath<String>,
-) -> Result<ApiJson<RunJson>, CronApiError> {
+) -> Result<ApiJson<RunJson>, ApiError> {
     let run = running(cron)?.run_now(parse_id(&id)?).await?;
     Ok(ApiJson(run_json(run)))
 }
@@ -206,7 +195,7 @@ async fn list_runs(
     cron: Scheduler,
     ApiPath(id): ApiPath<String>,
     ApiQuery(query): ApiQuery<RunsQuery>,
-) -> Result<ApiJson<RunList>, CronApiError> {
+) -> Result<ApiJson<RunList>, ApiError> {
     let limit = query.limit.unwrap_or(50).clamp(1, MAX_RUNS);
     let runs = running(cron)?.runs(parse_id(&id)?, limit).await?;
     Ok(ApiJson(RunList { runs: runs.into_iter().map(run_json).collect() }))
@@ -217,7 +206,7 @@ async fn list_runs(
 async fn describe_schedule(
     cron: Scheduler,
     ApiQuery(query): ApiQuery<DescribeQuery>,
-) -> Result<ApiJson<DescriptionJson>, CronApiError> {
+) -> Result<ApiJson<DescriptionJson>, ApiError> {
     let preview =
         running(cron)?.preview(&query.expression, query.timezone.as_deref(), PREVIEW_RUNS)?;
     Ok(ApiJson(DescriptionJson {
@@ -232,11 +221,9 @@ async fn describe_schedule(
 async fn trigger_due_jobs(
     cron: Scheduler,
     headers: HeaderMap,
-) -> Result<ApiJson<TriggerJson>, Response> {
-    let trigger_off = || {
-        ApiError::NotFound("the cron trigger is off: set CRON_SECRET to use it".into())
-            .into_response()
-    };
+) -> Result<ApiJson<TriggerJson>, ApiError> {
+    let trigger_off =
+        || ApiError::NotFound("the cron trigger is off: set CRON_SECRET to use it".into());
     let Some(Extension(cron)) = cron else {
         return Err(trigger_off());
     };
@@ -246,31 +233,29 @@ async fn trigger_due_jobs(
     let given = headers.get(SECRET_HEADER).and_then(|v| v.to_str().ok()).unwrap_or_default();
     if given.is_empty() || !secret.matches(given) {
         let message = format!("missing or wrong {SECRET_HEADER} header");
-        return Err(error_response(StatusCode::UNAUTHORIZED, "unauthorized", message));
+        return Err(ApiError::WrongSecret(message));
     }
     match cron.run_due().await {
         Ok(started) => {
             Ok(ApiJson(TriggerJson { started: started.iter().map(|id| id.0).collect() }))
         }
-        Err(e) => Err(CronApiError::from(e).into_response()),
+        Err(e) => Err(e.into()),
     }
 }
 
-fn running(cron: Scheduler) -> Result<CronHandle, CronApiError> {
+fn running(cron: Scheduler) -> Result<CronHandle, ApiError> {
     match cron {
         Some(Extension(cron)) => Ok(cron),
-        None => {
-            Err(CronApiError::Api(ApiError::Unavailable("the scheduler is not running".into())))
-        }
+        None => Err(ApiError::Unavailable("the scheduler is not running".into())),
     }
 }
 
-fn parse_id(text: &str) -> Result<CronJobId, CronApiError> {
+fn parse_id(text: &str) -> Result<CronJobId, ApiError> {
     match text.parse::<i64>() {
         Ok(id) => Ok(CronJobId(id)),
         Err(_) => {
             let shown: String = text.chars().take(32).collect();
-            Err(CronApiError::Api(ApiError::BadRequest(format!("`{shown}` is not a job id"))))
+            Err(ApiError::BadRequest(format!("`{shown}` is not a job id")))
         }
     }
 }
@@ -330,39 +315,14 @@ fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<String>>, D:
     Option::<String>::deserialize(d).map(Some)
 }
 
-impl From<CronError> for CronApiError {
+impl From<CronError> for ApiError {
     fn from(e: CronError) -> Self {
         match e {
-            CronError::Invalid(message) => CronApiError::Api(ApiError::BadRequest(message)),
-            CronError::NotFound(_) => CronApiError::Api(ApiError::NotFound(e.to_string())),
-            CronError::Busy(_) => CronApiError::Conflict(e.to_string()),
-            CronError::Db(e) => CronApiError::Api(e.into()),
-            CronError::Scheduler(cause) => CronApiError::Api(ApiError::Internal(cause)),
+            CronError::Invalid(message) => ApiError::BadRequest(message),
+            CronError::NotFound(_) => ApiError::NotFound(e.to_string()),
+            CronError::Busy(_) => ApiError::Conflict(e.to_string()),
+            CronError::Db(e) => e.into(),
+            CronError::Scheduler(cause) => ApiError::Internal(cause),
         }
     }
-}
-
-impl IntoResponse for CronApiError {
-    fn into_response(self) -> Response {
-        match self {
-            CronApiError::Api(e) => e.into_response(),
-            CronApiError::Conflict(message) => {
-                error_response(StatusCode::CONFLICT, "conflict", message)
-            }
-        }
-    }
-}
-
-/// An error in the gateway's JSON shape, for statuses `ApiError` has no variant for.
-fn error_response(status: StatusCode, code: &'static str, message: String) -> Response {
-    #[derive(Serialize)]
-    struct Body {
-        error: Detail,
-    }
-    #[derive(Serialize)]
-    struct Detail {
-        code: &'static str,
-        message: String,
-    }
-    (status, Json(Body { error: Detail { code, message } })).into_response()
 }

@@ -15,8 +15,7 @@ use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
-use serde::Serialize;
+use axum::Router;
 
 use crate::channels::ChannelError;
 use crate::domain::ChannelKind;
@@ -46,7 +45,7 @@ async fn verify_whatsapp(
         }
         Err(_) => {
             tracing::warn!("whatsapp: webhook verification refused (wrong mode or verify token)");
-            reject(StatusCode::FORBIDDEN, "forbidden", "verification failed")
+            ApiError::Forbidden("verification failed".into()).into_response()
         }
     }
 }
@@ -88,14 +87,14 @@ async fn receive(
     };
     if !channel.verify(&headers, &body) {
         tracing::warn!(channel = %kind, "webhook with a missing or bad signature, rejected");
-        return reject(StatusCode::UNAUTHORIZED, "bad_signature", "missing or invalid signature");
+        return ApiError::BadSignature.into_response();
     }
     let intakes = match channel.parse(&headers, &body) {
         Ok(intakes) => intakes,
         Err(ChannelError::BadPayload(reason)) => {
             // The reason never quotes the body (`lenient::describe_json_error`).
             tracing::warn!(channel = %kind, reason = ?reason, "signed webhook body unreadable");
-            return reject(StatusCode::BAD_REQUEST, "bad_request", "body is not a notification");
+            return ApiError::BadRequest("body is not a notification".into()).into_response();
         }
         Err(e) => {
             return ApiError::Internal(format!("reading a {kind} webhook: {e}")).into_response()
@@ -109,22 +108,6 @@ async fn receive(
         // Not acknowledged: Meta redelivers, and the unique message ids keep that safe.
         Err(e) => ApiError::Internal(format!("storing a {kind} webhook: {e}")).into_response(),
     }
-}
-
-#[derive(Serialize)]
-struct ErrorBody {
-    error: ErrorDetail,
-}
-
-#[derive(Serialize)]
-struct ErrorDetail {
-    code: &'static str,
-    message: &'static str,
-}
-
-/// Our JSON error shape, for the answers `ApiError` has no variant for (signatures).
-fn reject(status: StatusCode, code: &'static str, message: &'static str) -> Response {
-    (status, Json(ErrorBody { error: ErrorDetail { code, message } })).into_response()
 }
 
 fn not_configured(channel: ChannelKind) -> Response {
