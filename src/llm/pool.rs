@@ -1,7 +1,7 @@
 //! Loaded local models: each GGUF file loads on first use (or on `preload`), tiers that name
 //! the same file share one loaded instance, the total stays within a memory budget by
 //! evicting the least recently used idle model, and idle models unload after a keep-alive.
-//! It owns no tier policy (that is `router.rs`) and never touches the candle model itself:
+//! It owns no tier policy (that is `router.rs`) and never touches a loaded model itself:
 //! loading goes through a `ModelLoader` (the engine in production, fakes in tests). A request
 //! that waits for a load of more than `LOAD_NOTICE_AFTER` is told so, with the progress.
 
