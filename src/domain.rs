@@ -3,30 +3,48 @@
 
 use std::fmt;
 
-/// Who said a turn of a conversation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Role {
-    System,
-    User,
-    Assistant,
+/// Defines a fieldless enum whose variants each have one stored or wire name, with
+/// `as_str` and `parse` generated from that one table, so the two directions cannot drift
+/// apart (they were written by hand, twice per enum, before).
+macro_rules! named_enum {
+    (
+        $(#[$meta:meta])*
+        $vis:vis enum $name:ident {
+            $($(#[$variant_meta:meta])* $variant:ident = $text:literal,)+
+        }
+    ) => {
+        $(#[$meta])*
+        $vis enum $name {
+            $($(#[$variant_meta])* $variant,)+
+        }
+
+        impl $name {
+            /// The variant's stored or wire name.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $text,)+
+                }
+            }
+
+            /// The variant named `text`, if any.
+            pub fn parse(text: &str) -> Option<$name> {
+                match text {
+                    $($text => Some($name::$variant),)+
+                    _ => None,
+                }
+            }
+        }
+    };
 }
+pub(crate) use named_enum;
 
-impl Role {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::System => "system",
-            Role::User => "user",
-            Role::Assistant => "assistant",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Role> {
-        match s {
-            "system" => Some(Role::System),
-            "user" => Some(Role::User),
-            "assistant" => Some(Role::Assistant),
-            _ => None,
-        }
+crate::domain::named_enum! {
+    /// Who said a turn of a conversation.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    pub enum Role {
+        System = "system",
+        User = "user",
+        Assistant = "assistant",
     }
 }
 
@@ -43,30 +61,13 @@ impl ChatTurn {
     }
 }
 
-/// Where a message came from or goes to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ChannelKind {
-    WebChat,
-    WhatsApp,
-    Nextcloud,
-}
-
-impl ChannelKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ChannelKind::WebChat => "webchat",
-            ChannelKind::WhatsApp => "whatsapp",
-            ChannelKind::Nextcloud => "nextcloud",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<ChannelKind> {
-        match s {
-            "webchat" => Some(ChannelKind::WebChat),
-            "whatsapp" => Some(ChannelKind::WhatsApp),
-            "nextcloud" => Some(ChannelKind::Nextcloud),
-            _ => None,
-        }
+crate::domain::named_enum! {
+    /// Where a message came from or goes to.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    pub enum ChannelKind {
+        WebChat = "webchat",
+        WhatsApp = "whatsapp",
+        Nextcloud = "nextcloud",
     }
 }
 

@@ -61,30 +61,13 @@ impl From<&CronJob> for JobSpec {
     }
 }
 
-/// How a run ended (or that it has not ended yet).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RunOutcome {
-    Running,
-    Delivered,
-    Failed,
-}
-
-impl RunOutcome {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RunOutcome::Running => "running",
-            RunOutcome::Delivered => "delivered",
-            RunOutcome::Failed => "failed",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<RunOutcome> {
-        match s {
-            "running" => Some(RunOutcome::Running),
-            "delivered" => Some(RunOutcome::Delivered),
-            "failed" => Some(RunOutcome::Failed),
-            _ => None,
-        }
+crate::domain::named_enum! {
+    /// How a run ended (or that it has not ended yet).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum RunOutcome {
+        Running = "running",
+        Delivered = "delivered",
+        Failed = "failed",
     }
 }
 

@@ -7,51 +7,26 @@ use sqlx::SqlitePool;
 use crate::db::now_ms;
 use crate::domain::{ChannelKind, ConversationId, MessageId};
 
-/// Where a queued inbound message stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum QueueStatus {
-    /// Stored, waiting for the worker.
-    Pending,
-    /// Claimed by the worker; a row left here by a crash goes back to `Pending` at start.
-    Processing,
-    /// Answered (or recorded, for events that need no answer).
-    Done,
-    /// Given up; `last_error` says why (the user was told when they could be).
-    Failed,
-    /// Deliberately not answered (sender not allowed, reaction, …); `last_error` says why.
-    Ignored,
-    /// Refused as it came: unreadable in a batch, or longer than the channel's limit (the
-    /// user was told); `last_error` says why.
-    Rejected,
-    /// The process stopped while the answer was being sent: it may or may not have reached
-    /// the user, and it is not sent again (a duplicate is worse than asking again).
-    DeliveryUnknown,
-}
-
-impl QueueStatus {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            QueueStatus::Pending => "pending",
-            QueueStatus::Processing => "processing",
-            QueueStatus::Done => "done",
-            QueueStatus::Failed => "failed",
-            QueueStatus::Ignored => "ignored",
-            QueueStatus::Rejected => "rejected",
-            QueueStatus::DeliveryUnknown => "delivery_unknown",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<QueueStatus> {
-        match s {
-            "pending" => Some(QueueStatus::Pending),
-            "processing" => Some(QueueStatus::Processing),
-            "done" => Some(QueueStatus::Done),
-            "failed" => Some(QueueStatus::Failed),
-            "ignored" => Some(QueueStatus::Ignored),
-            "rejected" => Some(QueueStatus::Rejected),
-            "delivery_unknown" => Some(QueueStatus::DeliveryUnknown),
-            _ => None,
-        }
+crate::domain::named_enum! {
+    /// Where a queued inbound message stands.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum QueueStatus {
+        /// Stored, waiting for the worker.
+        Pending = "pending",
+        /// Claimed by the worker; a row left here by a crash goes back to `Pending` at start.
+        Processing = "processing",
+        /// Answered (or recorded, for events that need no answer).
+        Done = "done",
+        /// Given up; `last_error` says why (the user was told when they could be).
+        Failed = "failed",
+        /// Deliberately not answered (sender not allowed, reaction, …); `last_error` says why.
+        Ignored = "ignored",
+        /// Refused as it came: unreadable in a batch, or longer than the channel's limit (the
+        /// user was told); `last_error` says why.
+        Rejected = "rejected",
+        /// The process stopped while the answer was being sent: it may or may not have reached
+        /// the user, and it is not sent again (a duplicate is worse than asking again).
+        DeliveryUnknown = "delivery_unknown",
     }
 }
 

@@ -27,30 +27,14 @@ pub struct ConversationSummary {
     pub left_machine: bool,
 }
 
-/// How complete a stored message is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MessageStatus {
-    Complete,
-    /// Stopped or failed after some text was generated; the text is kept.
-    Partial,
-    Error,
-}
-
-impl MessageStatus {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            MessageStatus::Complete => "complete",
-            MessageStatus::Partial => "partial",
-            MessageStatus::Error => "error",
-        }
-    }
-
-    fn parse(s: &str) -> MessageStatus {
-        match s {
-            "partial" => MessageStatus::Partial,
-            "error" => MessageStatus::Error,
-            _ => MessageStatus::Complete,
-        }
+crate::domain::named_enum! {
+    /// How complete a stored message is.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum MessageStatus {
+        Complete = "complete",
+        /// Stopped or failed after some text was generated; the text is kept.
+        Partial = "partial",
+        Error = "error",
     }
 }
 
@@ -460,7 +444,7 @@ impl TryFrom<MessageRow> for StoredMessage {
             model: row.model,
             prompt_tokens: row.prompt_tokens,
             completion_tokens: row.completion_tokens,
-            status: MessageStatus::parse(&row.status),
+            status: MessageStatus::parse(&row.status).unwrap_or(MessageStatus::Complete),
             external_id: row.external_id,
             delivery_status: row.delivery_status,
             delivery_error: row.delivery_error,
