@@ -14,7 +14,7 @@ use crate::domain::{ChatTurn, Role};
 use crate::llm::engine::gguf::{self, Architecture};
 use crate::llm::engine::kernels::attention::KV_PAGE;
 use crate::llm::engine::model::{KvType, ModelConfig};
-use crate::llm::engine::{EngineConfig, EngineHandle, RequestOptions};
+use crate::llm::engine::{EngineConfig, EngineHandle, ModelInfo, RequestOptions};
 use crate::llm::{Chunk, GenerationParams, LlmRequest, Usage};
 
 /// Options of `my-claw --bench` / `my-claw bench`.
@@ -175,34 +175,30 @@ async fn measure(args: &BenchArgs, threads: usize) -> anyhow::Result<serde_json:
         None
     };
 
-    let mut report = json!({
-        "model_file": info.path.display().to_string(),
-        "model_name": info.name,
-        "arch": info.arch,
-        "quantization": info.quantization,
-        "file_size_mb": (info.file_size as f64 / 1e6).round(),
-        "threads": threads,
-        "isa": crate::llm::engine::kernels::Isa::detect().name(),
-        "cpu_model": cpu_model(),
-        "n_ctx": info.n_ctx,
-        "gen_tokens": args.gen_tokens,
-        "runs": runs,
-        "load_ms": info.load_ms,
-        "prompt_tokens_actual": prompts.iter().map(|(k, v)| (k.clone(), v.0)).collect::<BTreeMap<_, _>>(),
-        "prefill_tok_s": prefill_tok_s,
-        "decode_tok_s": decode_tok_s,
-        "decode_tok_s_by_prompt": decode_by_prompt,
-        "ttft_ms": ttft_ms,
-        "peak_rss_mb": peak_rss_mb,
-        "kv_cache_mb": (kv_cache_bytes as f64 / 1e6).round(),
-        "rss_ratio": (peak_rss_mb as f64 * 1048576.0 / (info.file_size + kv_cache_bytes) as f64
-            * 100.0)
-            .round()
-            / 100.0,
-        "turn_ttft_ms": turn_ttft,
-        "turn_ttft_no_reuse_ms": turn_ttft_no_reuse,
-        "engine_requests_served": stats.requests_served,
-    });
+    let mut report = with_model_fields(
+        &info,
+        threads,
+        json!({
+            "n_ctx": info.n_ctx,
+            "gen_tokens": args.gen_tokens,
+            "runs": runs,
+            "load_ms": info.load_ms,
+            "prompt_tokens_actual": prompts.iter().map(|(k, v)| (k.clone(), v.0)).collect::<BTreeMap<_, _>>(),
+            "prefill_tok_s": prefill_tok_s,
+            "decode_tok_s": decode_tok_s,
+            "decode_tok_s_by_prompt": decode_by_prompt,
+            "ttft_ms": ttft_ms,
+            "peak_rss_mb": peak_rss_mb,
+            "kv_cache_mb": (kv_cache_bytes as f64 / 1e6).round(),
+            "rss_ratio": (peak_rss_mb as f64 * 1048576.0 / (info.file_size + kv_cache_bytes) as f64
+                * 100.0)
+                .round()
+                / 100.0,
+            "turn_ttft_ms": turn_ttft,
+            "turn_ttft_no_reuse_ms": turn_ttft_no_reuse,
+            "engine_requests_served": stats.requests_served,
+        }),
+    );
     if let (Some(reference), Some(object)) = (reference, report.as_object_mut()) {
         object.insert("reference".to_string(), reference);
     }
@@ -267,7 +263,29 @@ async fn measure_parallel(args: &BenchArgs, threads: usize) -> anyhow::Result<se
         .iter()
         .map(|(k, v)| (k.clone(), if one > 0.0 { (v / one * 100.0).round() / 100.0 } else { 0.0 }))
         .collect();
-    Ok(json!({
+    Ok(with_model_fields(
+        &info,
+        threads,
+        json!({
+            "kv_type": args.kv_type,
+            "gen_tokens": args.gen_tokens,
+            "runs": runs,
+            "load_ms": info.load_ms,
+            "parallel_decode_tok_s": aggregate,
+            "parallel_decode_tok_s_per_stream": per_stream,
+            "parallel_speedup": speedup,
+            "peak_rss_mb": peak_rss_mb(),
+        }),
+    ))
+}
+
+/// `fields` plus what every report carries: which model, on which CPU and kernels.
+fn with_model_fields(
+    info: &ModelInfo,
+    threads: usize,
+    mut fields: serde_json::Value,
+) -> serde_json::Value {
+    let model = json!({
         "model_file": info.path.display().to_string(),
         "model_name": info.name,
         "arch": info.arch,
@@ -276,15 +294,11 @@ async fn measure_parallel(args: &BenchArgs, threads: usize) -> anyhow::Result<se
         "threads": threads,
         "isa": crate::llm::engine::kernels::Isa::detect().name(),
         "cpu_model": cpu_model(),
-        "kv_type": args.kv_type,
-        "gen_tokens": args.gen_tokens,
-        "runs": runs,
-        "load_ms": info.load_ms,
-        "parallel_decode_tok_s": aggregate,
-        "parallel_decode_tok_s_per_stream": per_stream,
-        "parallel_speedup": speedup,
-        "peak_rss_mb": peak_rss_mb(),
-    }))
+    });
+    if let (Some(fields), serde_json::Value::Object(model)) = (fields.as_object_mut(), model) {
+        fields.extend(model);
+    }
+    fields
 }
 
 fn print_parallel_table(report: &serde_json::Value) {
@@ -568,7 +582,8 @@ fn rate(count: f64, millis: u64) -> f64 {
     }
 }
 
-fn median(mut values: Vec<f64>) -> f64 {
+/// The median of `values` (0 when empty); shared with `bench_conversation`.
+pub(crate) fn median(mut values: Vec<f64>) -> f64 {
     if values.is_empty() {
         return 0.0;
     }
@@ -594,7 +609,9 @@ fn peak_rss_mb() -> u64 {
         .map_or(0, |kb| kb / 1024)
 }
 
-fn cpu_model() -> String {
+/// The CPU model name from /proc/cpuinfo (the architecture when unknown); figures are
+/// quoted with it.
+pub(crate) fn cpu_model() -> String {
     let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     info.lines()
         .find_map(|line| line.strip_prefix("model name"))

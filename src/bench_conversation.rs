@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 
 use crate::assistant::{Assistant, AssistantConfig, Event, WindowPolicy};
+use crate::bench::{cpu_model, median};
 use crate::domain::{ChannelKind, Inbound};
 use crate::llm::engine::gguf;
 use crate::llm::engine::tokenizer::GgufTokenizer;
@@ -288,26 +289,6 @@ pub fn user_messages(
 
 fn median_of(rows: &[&TurnReport], value: impl Fn(&TurnReport) -> f64) -> f64 {
     median(rows.iter().map(|row| value(row)).collect())
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    if values.is_empty() {
-        return 0.0;
-    }
-    values.sort_by(f64::total_cmp);
-    let mid = values.len() / 2;
-    match values.len() % 2 {
-        0 => (values[mid - 1] + values[mid]) / 2.0,
-        _ => values[mid],
-    }
-}
-
-fn cpu_model() -> String {
-    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    info.lines()
-        .find_map(|line| line.strip_prefix("model name"))
-        .and_then(|rest| rest.split_once(':'))
-        .map_or_else(|| std::env::consts::ARCH.to_string(), |(_, name)| name.trim().to_string())
 }
 
 #[cfg(test)]
