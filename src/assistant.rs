@@ -726,7 +726,7 @@ fn build_request(
     let mut messages = Vec::with_capacity(window.len() + 1);
     messages.push(system.clone());
     messages.extend(window.iter().map(|(_, turn)| turn.clone()));
-    LlmRequest { messages, params: params.clone() }
+    LlmRequest { messages, params: params.clone(), tools: Default::default() }
 }
 
 /// Locks a std mutex, carrying on after a panic elsewhere (the maps stay consistent: every
@@ -809,6 +809,8 @@ impl Generation {
                 Some(Ok(Chunk::Notice { kind, message })) => {
                     let _ = tx.send(Event::Notice { kind, message }).await;
                 }
+                // TODO(issue 15): the agent loop runs the calls; no tools are offered yet.
+                Some(Ok(Chunk::ToolCall(_))) => {}
                 Some(Ok(Chunk::Done { usage, finish })) => break Ok((usage, finish)),
                 Some(Err(e)) => break Err(e.to_string()),
                 None => break Err("the model stream ended unexpectedly".into()),
@@ -897,7 +899,8 @@ impl Generation {
                 let mut messages = Vec::with_capacity(prefix.len() + 1);
                 messages.push(plan.system);
                 messages.extend(prefix);
-                let request = LlmRequest { messages, params: plan.params };
+                let request =
+                    LlmRequest { messages, params: plan.params, tools: Default::default() };
                 Some(inner.router.warm(plan.tier, request))
             }
             _ => None,

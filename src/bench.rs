@@ -348,7 +348,8 @@ async fn complete(
     while let Some(item) = stream.recv().await {
         match item? {
             Chunk::Text(piece) => text.push_str(&piece),
-            Chunk::Notice { .. } => {}
+            // The benchmark offers no tools.
+            Chunk::Notice { .. } | Chunk::ToolCall(_) => {}
             Chunk::Done { usage, .. } => return Ok((text, usage)),
         }
     }
@@ -370,6 +371,7 @@ async fn conversation(
         let request = LlmRequest {
             messages: messages.clone(),
             params: GenerationParams::greedy(answer_tokens),
+            tools: Default::default(),
         };
         let (answer, usage) = complete(engine, request, options).await?;
         ttfts.push(usage.ttft_ms);
@@ -395,6 +397,7 @@ fn user_request(text: &str, max_tokens: u32) -> LlmRequest {
     LlmRequest {
         messages: vec![ChatTurn::new(Role::User, text)],
         params: GenerationParams::greedy(max_tokens),
+        tools: Default::default(),
     }
 }
 

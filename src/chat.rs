@@ -69,7 +69,11 @@ pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
             _ => {}
         }
         history.push(ChatTurn::new(Role::User, prompt));
-        let request = LlmRequest { messages: history.clone(), params: params.clone() };
+        let request = LlmRequest {
+            messages: history.clone(),
+            params: params.clone(),
+            tools: Default::default(),
+        };
         let answer = stream_answer(&engine, request).await?;
         history.push(ChatTurn::new(Role::Assistant, answer));
     }
@@ -93,6 +97,8 @@ async fn stream_answer(engine: &EngineHandle, request: LlmRequest) -> anyhow::Re
                 answer.push_str(&piece);
             }
             Chunk::Notice { message, .. } => eprintln!("[{message}]"),
+            // The terminal chat offers no tools.
+            Chunk::ToolCall(_) => {}
             Chunk::Done { usage, .. } => {
                 println!();
                 tracing::debug!(?usage, "answer done");

@@ -36,3 +36,5 @@ pub mod llm;
 pub mod models;
 /// Backoff with a cap and server-given delays, for every retried call.
 pub mod retry;
+/// Tools the assistant can call during a turn, and their registry.
+pub mod tools;

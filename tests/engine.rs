@@ -275,12 +275,14 @@ async fn answer(
     params: GenerationParams,
     options: RequestOptions,
 ) -> Result<(String, Usage, FinishReason), LlmError> {
-    let mut stream = engine.submit_with(LlmRequest { messages, params }, options)?;
+    let mut stream =
+        engine.submit_with(LlmRequest { messages, params, tools: Default::default() }, options)?;
     let mut text = String::new();
     while let Some(item) = stream.recv().await {
         match item? {
             Chunk::Text(piece) => text.push_str(&piece),
             Chunk::Notice { .. } => {}
+            Chunk::ToolCall(call) => panic!("no tools were offered, got {call:?}"),
             Chunk::Done { usage, finish } => return Ok((text, usage, finish)),
         }
     }
@@ -383,6 +385,7 @@ async fn engine_queue_full_and_cancellation() {
     let request = || LlmRequest {
         messages: vec![user("Tell me a very long story.")],
         params: GenerationParams::greedy(1500),
+        tools: Default::default(),
     };
     let mut running = engine.submit_with(request(), long).unwrap();
     // Once the first text arrives it has the only slot; one more may wait.
@@ -431,8 +434,11 @@ async fn local_provider_streams_and_reports_itself() {
     let info = provider.info();
     assert_eq!(info.provider, "local");
     assert!(!info.leaves_machine);
-    let request =
-        LlmRequest { messages: vec![user("Say hello.")], params: GenerationParams::greedy(6) };
+    let request = LlmRequest {
+        messages: vec![user("Say hello.")],
+        params: GenerationParams::greedy(6),
+        tools: Default::default(),
+    };
     let mut stream = provider.stream(request).await.unwrap();
     let mut done = false;
     while let Some(item) = stream.recv().await {
@@ -447,6 +453,7 @@ async fn local_provider_streams_and_reports_itself() {
     let request = LlmRequest {
         messages: vec![user(&"word ".repeat(2000))],
         params: GenerationParams::greedy(6),
+        tools: Default::default(),
     };
     let err = provider.stream(request).await.unwrap_err();
     assert!(matches!(err, LlmError::ContextOverflow { .. }), "{err:?}");
@@ -455,7 +462,11 @@ async fn local_provider_streams_and_reports_itself() {
 #[tokio::test]
 async fn dropping_the_last_handle_finishes_the_running_request() {
     let engine = EngineHandle::spawn(engine_config(util::smollm2_path(), 512)).await.unwrap();
-    let request = LlmRequest { messages: vec![user("Hi")], params: GenerationParams::greedy(4) };
+    let request = LlmRequest {
+        messages: vec![user("Hi")],
+        params: GenerationParams::greedy(4),
+        tools: Default::default(),
+    };
     let mut stream = engine.submit(request).unwrap();
     drop(engine);
     let mut finished = false;
@@ -606,8 +617,11 @@ async fn requests_beyond_the_slots_are_told_their_place_and_served_in_order() {
     let engine = EngineHandle::spawn(config).await.unwrap();
     let options = RequestOptions { ignore_stop: true, reuse_cache: false };
     let submit = |text: &str, max_tokens: u32| {
-        let request =
-            LlmRequest { messages: vec![user(text)], params: GenerationParams::greedy(max_tokens) };
+        let request = LlmRequest {
+            messages: vec![user(text)],
+            params: GenerationParams::greedy(max_tokens),
+            tools: Default::default(),
+        };
         engine.submit_with(request, options).unwrap()
     };
     let mut running = submit("Tell me a long story.", 40);
@@ -646,8 +660,11 @@ async fn a_warmed_prompt_is_reused_and_warming_yields_to_requests() {
     );
     let history =
         vec![system, user("Hello!"), ChatTurn::new(Role::Assistant, "Hi! How can I help?")];
-    let warm_request =
-        LlmRequest { messages: history.clone(), params: GenerationParams::greedy(1) };
+    let warm_request = LlmRequest {
+        messages: history.clone(),
+        params: GenerationParams::greedy(1),
+        tools: Default::default(),
+    };
     let n_warm = prompt_len(&engine, &history).await;
     assert!(n_warm > 4 * 128, "warm prompt is {n_warm} tokens");
 
@@ -667,7 +684,11 @@ async fn a_warmed_prompt_is_reused_and_warming_yields_to_requests() {
     let options = RequestOptions { ignore_stop: true, reuse_cache: false };
     let mut real = engine
         .submit_with(
-            LlmRequest { messages: vec![user("Say hi.")], params: GenerationParams::greedy(2) },
+            LlmRequest {
+                messages: vec![user("Say hi.")],
+                params: GenerationParams::greedy(2),
+                tools: Default::default(),
+            },
             options,
         )
         .unwrap();

@@ -50,6 +50,7 @@ fn request(text: &str) -> LlmRequest {
             ChatTurn::new(Role::User, text),
         ],
         params: GenerationParams::greedy(8),
+        tools: Default::default(),
     }
 }
 
@@ -59,6 +60,7 @@ fn short_request() -> LlmRequest {
     LlmRequest {
         messages: vec![ChatTurn::new(Role::User, "Hi")],
         params: GenerationParams::greedy(2),
+        tools: Default::default(),
     }
 }
 
@@ -75,6 +77,7 @@ async fn collect(mut stream: ChunkStream) -> (String, Option<Usage>, Option<LlmE
             None => return (text, usage, None),
             Some(Ok(Chunk::Text(t))) => text.push_str(&t),
             Some(Ok(Chunk::Notice { .. })) => {}
+            Some(Ok(Chunk::ToolCall(call))) => panic!("no tools were offered, got {call:?}"),
             Some(Ok(Chunk::Done { usage: u, .. })) => usage = Some(u),
             Some(Err(err)) => return (text, usage, Some(err)),
         }

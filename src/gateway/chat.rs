@@ -256,6 +256,7 @@ pub fn finish_str(finish: FinishReason) -> &'static str {
         FinishReason::Stop => "stop",
         FinishReason::Length => "length",
         FinishReason::Cancelled => "cancelled",
+        FinishReason::ToolCalls => "tool_calls",
     }
 }
 

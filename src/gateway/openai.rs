@@ -200,7 +200,11 @@ async fn post_chat_completions(
     let params = params_for(&request, state.reply_max_tokens)?;
     let include_usage = request.stream_options.as_ref().is_some_and(|o| o.include_usage);
     let started = Instant::now();
-    let routed = state.assistant.router().stream(tier, LlmRequest { messages, params }).await?;
+    let routed = state
+        .assistant
+        .router()
+        .stream(tier, LlmRequest { messages, params, tools: Default::default() })
+        .await?;
     let meta = ResponseMeta {
         id: format!("chatcmpl-{:024x}", rand::random::<u128>() >> 32),
         created: unix_secs(),
@@ -247,7 +251,8 @@ async fn collect_completion(
     let (usage, finish) = loop {
         match routed.stream.recv().await {
             Some(Ok(Chunk::Text(t))) => text.push_str(&t),
-            Some(Ok(Chunk::Notice { .. })) => {}
+            // TODO(issue 15): `tool_calls` in the answer.
+            Some(Ok(Chunk::Notice { .. } | Chunk::ToolCall(_))) => {}
             Some(Ok(Chunk::Done { usage, finish })) => break (usage, finish),
             Some(Err(e)) => return Err(e.into()),
             None => return Err(ApiError::Internal("the model stream ended unexpectedly".into())),
@@ -289,7 +294,8 @@ fn completion_stream(
                     let delta = Delta { role: None, content: Some(t) };
                     return Some((vec![sse_event(&meta.chunk(delta, None))], Some((stream, meta))));
                 }
-                Some(Ok(Chunk::Notice { .. })) => continue,
+                // TODO(issue 15): `tool_calls` deltas.
+                Some(Ok(Chunk::Notice { .. } | Chunk::ToolCall(_))) => continue,
                 Some(Ok(Chunk::Done { usage, finish })) => {
                     let mut out =
                         vec![sse_event(&meta.chunk(Delta::default(), Some(finish_reason(finish))))];
@@ -416,6 +422,7 @@ fn model_object(tier: Tier) -> ModelObject {
 fn finish_reason(finish: FinishReason) -> &'static str {
     match finish {
         FinishReason::Length => "length",
+        FinishReason::ToolCalls => "tool_calls",
         // A cancelled generation only happens when the client left; nobody reads this.
         FinishReason::Stop | FinishReason::Cancelled => "stop",
     }

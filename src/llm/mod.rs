@@ -10,7 +10,7 @@ pub mod router;
 use futures::future::BoxFuture;
 use tokio::sync::mpsc;
 
-use crate::domain::ChatTurn;
+use crate::domain::{ChatTurn, ToolCall};
 
 /// Sampling and length settings for one generation.
 #[derive(Debug, Clone, PartialEq)]
@@ -54,11 +54,82 @@ impl GenerationParams {
     }
 }
 
-/// One generation request: the full prompt as chat turns (system first) and its settings.
+/// A tool the model may call: its name, what it does, and its parameters as a JSON Schema
+/// object (OpenAI's `function` shape).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToolSpec {
+    pub name: String,
+    pub description: String,
+    pub parameters: serde_json::Value,
+}
+
+/// Whether and which tool the model must call (OpenAI's `tool_choice`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum ToolChoice {
+    /// The model decides (the default when tools are given).
+    #[default]
+    Auto,
+    /// No tool call: the tools are not offered.
+    None,
+    /// At least one tool call, of any offered tool.
+    Required,
+    /// A call of this tool.
+    Function(String),
+}
+
+/// The shape the answer text must have (OpenAI's `response_format`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub enum ResponseFormat {
+    #[default]
+    Text,
+    /// Any JSON object.
+    JsonObject,
+    /// JSON valid against this schema.
+    JsonSchema { name: String, schema: serde_json::Value },
+}
+
+/// The tools offered to the model and the constraints on its answer. Local models generate
+/// a tool call's arguments under the tool's schema (constrained decoding), so a call they
+/// make is always valid JSON for a known tool; remote providers get the OpenAI fields.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ToolUse {
+    pub tools: Vec<ToolSpec>,
+    pub choice: ToolChoice,
+    /// Several calls in one answer (OpenAI's `parallel_tool_calls`, true by default).
+    pub parallel: bool,
+    pub response_format: ResponseFormat,
+}
+
+impl ToolUse {
+    /// Offers `tools` with `auto` choice and parallel calls allowed.
+    pub fn offer(tools: Vec<ToolSpec>) -> Self {
+        Self { tools, parallel: true, ..Self::default() }
+    }
+
+    /// The tools actually offered: none when the choice is `None`.
+    pub fn offered(&self) -> &[ToolSpec] {
+        if self.choice == ToolChoice::None {
+            &[]
+        } else {
+            &self.tools
+        }
+    }
+}
+
+/// One generation request: the full prompt as chat turns (system first), its settings, and
+/// the tools offered.
 #[derive(Debug, Clone)]
 pub struct LlmRequest {
     pub messages: Vec<ChatTurn>,
     pub params: GenerationParams,
+    pub tools: ToolUse,
+}
+
+impl LlmRequest {
+    /// A request with no tools and free text.
+    pub fn new(messages: Vec<ChatTurn>, params: GenerationParams) -> Self {
+        Self { messages, params, tools: ToolUse::default() }
+    }
 }
 
 /// Token accounting and timings of one finished generation.
@@ -80,13 +151,18 @@ pub enum FinishReason {
     Stop,
     Length,
     Cancelled,
+    /// The answer ended with tool calls (sent as `Chunk::ToolCall` before `Done`).
+    ToolCalls,
 }
 
 /// What a provider streams back.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Chunk {
-    /// A piece of answer text (always valid UTF-8, never reasoning).
+    /// A piece of answer text (always valid UTF-8, never reasoning, never tool-call markup).
     Text(String),
+    /// A complete tool call, recognised in the model's output (or the provider's
+    /// `tool_calls`); its arguments are JSON text.
+    ToolCall(ToolCall),
     /// Something the user should be told that is not answer text (fallback, trimming).
     Notice { kind: String, message: String },
     /// The last chunk of a successful generation.

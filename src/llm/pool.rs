@@ -635,7 +635,11 @@ mod tests {
     }
 
     fn request() -> LlmRequest {
-        LlmRequest { messages: vec![], params: crate::llm::GenerationParams::greedy(4) }
+        LlmRequest {
+            messages: vec![],
+            params: crate::llm::GenerationParams::greedy(4),
+            tools: Default::default(),
+        }
     }
 
     #[tokio::test]

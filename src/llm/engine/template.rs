@@ -88,6 +88,8 @@ fn render_qwen3_turns(out: &mut String, turns: &[ChatTurn]) {
     for (turn_idx, turn) in turns.iter().enumerate() {
         match turn.role {
             Role::System | Role::User => push_turn(out, turn.role, &turn.content),
+            // TODO(issue 15): the official template's `<tool_response>` grouping.
+            Role::Tool => push_turn(out, Role::User, &turn.content),
             Role::Assistant => {
                 let (reasoning, content) = split_reasoning(&turn.content);
                 out.push_str("<|im_start|>assistant\n");

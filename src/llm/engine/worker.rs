@@ -794,6 +794,7 @@ mod tests {
         let request = LlmRequest {
             messages: vec![ChatTurn::new(Role::User, text)],
             params: GenerationParams::greedy(max_tokens),
+            tools: Default::default(),
         };
         let options = RequestOptions { ignore_stop: true, reuse_cache: false };
         scheduler.waiting_count.fetch_add(1, Ordering::SeqCst);

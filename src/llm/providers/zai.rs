@@ -237,6 +237,7 @@ pub fn request_body(config: &ZaiConfig, request: &LlmRequest) -> Value {
                 Role::System => "system",
                 Role::User => "user",
                 Role::Assistant => "assistant",
+                Role::Tool => "tool",
             };
             json!({ "role": role, "content": turn.content })
         })
