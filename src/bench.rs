@@ -206,7 +206,7 @@ async fn measure(args: &BenchArgs, threads: usize) -> anyhow::Result<serde_json:
 }
 
 fn bench_config(args: &BenchArgs, parallel: usize) -> anyhow::Result<EngineConfig> {
-    let Some(kv_type) = KvType::parse(&args.kv_type) else {
+    let Some(kv_type) = KvType::from_setting(&args.kv_type) else {
         anyhow::bail!("--kv-type {}: must be f16 or f32", args.kv_type)
     };
     Ok(EngineConfig {

@@ -436,7 +436,8 @@ impl Config {
                 self.engine_parallel
             )));
         }
-        let Some(kv_type) = crate::llm::engine::model::KvType::parse(&self.kv_cache_type) else {
+        let Some(kv_type) = crate::llm::engine::model::KvType::from_setting(&self.kv_cache_type)
+        else {
             return Err(bad(format!("KV_CACHE_TYPE={}: must be f16 or f32", self.kv_cache_type)));
         };
         if let Some(token) = &self.webchat_token {

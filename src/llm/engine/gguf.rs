@@ -14,28 +14,13 @@ use candle_core::quantized::GgmlDType;
 use crate::llm::engine::tokenizer::GgufTokenizer;
 use crate::llm::LlmError;
 
-/// The model families the engine has a forward pass for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Architecture {
-    Qwen3,
-    Llama,
-}
-
-impl Architecture {
-    /// The `general.architecture` value, also the prefix of the hyper-parameter keys.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Architecture::Qwen3 => "qwen3",
-            Architecture::Llama => "llama",
-        }
-    }
-
-    fn parse(s: &str) -> Option<Architecture> {
-        match s {
-            "qwen3" => Some(Architecture::Qwen3),
-            "llama" => Some(Architecture::Llama),
-            _ => None,
-        }
+crate::domain::named_enum! {
+    /// The model families the engine has a forward pass for, by their
+    /// `general.architecture` value (also the prefix of the hyper-parameter keys).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    pub enum Architecture {
+        Qwen3 = "qwen3",
+        Llama = "llama",
     }
 }
 

@@ -29,13 +29,15 @@ pub enum RopeStyle {
     Interleaved,
 }
 
-/// How keys and values are stored in the cache.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum KvType {
-    /// IEEE half: half the memory and reads of f32; the default (`KV_CACHE_TYPE=f16`).
-    F16,
-    /// Exact f32 (`KV_CACHE_TYPE=f32`).
-    F32,
+crate::domain::named_enum! {
+    /// How keys and values are stored in the cache.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum KvType {
+        /// IEEE half: half the memory and reads of f32; the default (`KV_CACHE_TYPE=f16`).
+        F16 = "f16",
+        /// Exact f32 (`KV_CACHE_TYPE=f32`).
+        F32 = "f32",
+    }
 }
 
 impl KvType {
@@ -47,19 +49,9 @@ impl KvType {
         }
     }
 
-    pub fn parse(text: &str) -> Option<KvType> {
-        match text.trim().to_ascii_lowercase().as_str() {
-            "f16" => Some(KvType::F16),
-            "f32" => Some(KvType::F32),
-            _ => None,
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            KvType::F16 => "f16",
-            KvType::F32 => "f32",
-        }
+    /// From a setting as typed (`KV_CACHE_TYPE`, `--kv-type`): case and spaces do not matter.
+    pub fn from_setting(text: &str) -> Option<KvType> {
+        KvType::parse(&text.trim().to_ascii_lowercase())
     }
 }
 
@@ -802,6 +794,17 @@ impl<R: Read + Seek> Loader<'_, R> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kv_type_settings_ignore_case_and_spaces_and_name_their_type() {
+        for (text, expected) in
+            [("f16", Some(KvType::F16)), (" F32 ", Some(KvType::F32)), ("bf16", None)]
+        {
+            assert_eq!(KvType::from_setting(text), expected, "{text:?}");
+        }
+        assert_eq!(KvType::F16.as_str(), "f16");
+        assert_eq!(KvType::parse(KvType::F32.as_str()), Some(KvType::F32));
+    }
 
     #[test]
     fn rope_neox_and_interleaved_rotate_the_right_pairs() {
