@@ -27,6 +27,33 @@ const LONG_PROMPT: &str = "Write a long story about a cat who sails around the w
 /// stop it, short enough that the whole test stays quick on a busy 2-core machine.
 const REPLY_MAX_TOKENS: &str = "48";
 
+/// The port in chromedriver's "ChromeDriver was started successfully on port N." line. The
+/// rest of its output is drained so the pipe never fills.
+async fn driver_port(driver: &mut Child) -> u16 {
+    use std::io::BufRead;
+    let stdout = driver.stdout.take().expect("chromedriver stdout is piped");
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let mut tx = Some(tx);
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            let port = line
+                .strip_prefix("ChromeDriver was started successfully on port ")
+                .and_then(|rest| rest.trim_end_matches('.').parse::<u16>().ok());
+            if let Some(port) = port {
+                if let Some(tx) = tx.take() {
+                    let _ = tx.send(port);
+                }
+            }
+        }
+    });
+    match tokio::time::timeout(Duration::from_secs(20), rx).await {
+        Ok(Ok(port)) => port,
+        Ok(Err(_)) => panic!("chromedriver exited without saying its port"),
+        Err(_) => panic!("chromedriver did not say its port within 20 s"),
+    }
+}
+
 /// A chromedriver process and one browser session. Dropping it ends both, and kills any
 /// Chromium process left with this session's profile directory.
 struct Browser {
@@ -45,14 +72,16 @@ impl Browser {
                 "{binary} is missing: the browser test needs Debian's Chromium. Install it with: {INSTALL}"
             );
         }
-        let port = util::free_port();
-        let driver = Command::new(CHROMEDRIVER)
-            .arg(format!("--port={port}"))
+        // Port 0: chromedriver binds a free port itself and says which, so no other test
+        // can take the port between our choosing it and chromedriver binding it.
+        let mut driver = Command::new(CHROMEDRIVER)
+            .arg("--port=0")
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {CHROMEDRIVER}: {e}. Install: {INSTALL}"));
+        let port = driver_port(&mut driver).await;
         let profile = tempfile::tempdir().expect("profile dir");
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(60))

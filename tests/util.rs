@@ -36,14 +36,6 @@ pub fn qwen3_tokenizer_json() -> PathBuf {
     asset("tests/assets/qwen3/tokenizer.json")
 }
 
-/// A port that was free a moment ago on 127.0.0.1. Racy when tests run in parallel (another
-/// test may take it before it is used): only for external programs that cannot be handed a
-/// listener nor report the port they bound. Our own servers use `bound_listener` or the
-/// binary's ready line.
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").expect("bind port 0").local_addr().expect("addr").port()
-}
-
 /// A listener on an ephemeral loopback port, to hand to a server under test: the port is
 /// ours from the moment it is bound.
 pub fn bound_listener() -> (TcpListener, SocketAddr) {
