@@ -1298,6 +1298,110 @@ async fn busy_engine_every_one_of_20_messages_answered_once_in_order() {
     );
 }
 
+/// Four WebChat streams and twenty WhatsApp messages from four numbers arrive at once at
+/// the real binary with the real model (four engine slots): every message is answered once,
+/// each conversation in the order its messages came, and nothing is left failed or waiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_webchat_streams_and_20_whatsapp_messages_at_once_are_all_answered() {
+    let graph = StandIn::start(Kind::Graph).await;
+    let numbers = ["33600000001", "33600000002", "33600000003", "33600000004"];
+    let mut env = server_env(Some(&graph), None);
+    env.retain(|(key, _)| key != "WHATSAPP_ALLOWED_NUMBERS" && key != "LOG");
+    env.push(("WHATSAPP_ALLOWED_NUMBERS".into(), numbers.map(|n| format!("+{n}")).join(",")));
+    env.push(("ENGINE_PARALLEL".into(), "4".into()));
+    let server = start_server(env, None);
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(300)).build().unwrap();
+
+    let chats = (0..4).map(|i| {
+        let request = http
+            .post(server.url("/api/chat"))
+            .bearer_auth(&server.token)
+            .json(&json!({"message": format!("Name one animal that starts with the letter {}.", ["B", "C", "D", "F"][i])}));
+        async move {
+            let response = request.send().await.expect("POST /api/chat");
+            assert_eq!(response.status(), 200);
+            let mut reader = crate::gateway::SseReader::new(response);
+            let mut events = Vec::new();
+            while let Some(event) = reader.next_json(ANSWER_LIMIT).await {
+                events.push(event);
+            }
+            events
+        }
+    });
+    // One sender per number, each posting its five messages one after the other (a post
+    // returns once the message is stored, so this is the order they came in), all at once.
+    let posts = numbers.iter().enumerate().map(|(n, number)| {
+        let server = &server;
+        async move {
+            let mut statuses = Vec::new();
+            for i in (0..20).filter(|i| i % 4 == n) {
+                let body =
+                    whatsapp_text(&format!("wamid.LOAD{i}"), number, &format!("question {i}"));
+                statuses.push(post_whatsapp_signed(server, &body).await.status());
+            }
+            statuses
+        }
+    });
+    let (streams, statuses) =
+        tokio::join!(futures::future::join_all(chats), futures::future::join_all(posts));
+    let statuses: Vec<_> = statuses.into_iter().flatten().collect();
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+
+    for events in &streams {
+        let kinds: Vec<&str> = events.iter().filter_map(|e| e["type"].as_str()).collect();
+        assert_eq!(kinds.first(), Some(&"meta"), "{events:?}");
+        assert_eq!(kinds.iter().filter(|k| **k == "done").count(), 1, "{events:?}");
+        assert!(kinds.contains(&"token"), "{events:?}");
+        assert!(!kinds.contains(&"error"), "{events:?}");
+        let done = events.iter().find(|e| e["type"] == "done").unwrap();
+        assert_ne!(done["finish"], "cancelled", "{done}");
+        let id = events[0]["conversation_id"].as_i64().expect("conversation id");
+        let page: Value = http
+            .get(server.url(&format!("/api/conversations/{id}/messages")))
+            .bearer_auth(&server.token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let stored = page["messages"].as_array().unwrap();
+        let roles: Vec<&str> = stored.iter().map(|m| m["role"].as_str().unwrap()).collect();
+        assert_eq!(roles, ["user", "assistant"], "{stored:?}");
+        assert_eq!(stored[1]["status"], "complete", "{stored:?}");
+    }
+
+    wait_until(ANSWER_LIMIT, "20 WhatsApp answers", || graph.messages().len() >= 20).await;
+    let pool = open_db(&server.data_dir).await;
+    wait_for_idle_queue(&pool).await;
+    assert_eq!(graph.messages().len(), 20, "each message answered once");
+    for (n, number) in numbers.iter().enumerate() {
+        let conv = memory::get_or_create_conversation(&pool, ChannelKind::WhatsApp, number, None)
+            .await
+            .unwrap();
+        let history = memory::history(&pool, conv.id, 50).await.unwrap();
+        let questions: Vec<&str> =
+            history.iter().filter(|m| m.role == Role::User).map(|m| m.content.as_str()).collect();
+        let expected: Vec<String> =
+            (0..20).filter(|i| i % 4 == n).map(|i| format!("question {i}")).collect();
+        assert_eq!(questions, expected, "{number}: in the order they came");
+        assert_eq!(history.len(), 10, "{number}: each answered once: {history:?}");
+        for pair in history.chunks(2) {
+            assert_eq!(pair[0].role, Role::User, "{history:?}");
+            assert_answered_by_the_real_model(&pair[1]);
+        }
+        let sent = graph.messages().iter().filter(|r| r.json()["to"] == *number).count();
+        assert_eq!(sent, 5, "{number}");
+    }
+    for i in 0..20 {
+        let row = inbound::get(&pool, ChannelKind::WhatsApp, &format!("wamid.LOAD{i}"))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(row.status, QueueStatus::Done, "{row:?}");
+    }
+}
+
 #[tokio::test]
 async fn a_busy_conversation_does_not_hold_the_others() {
     let graph = StandIn::start(Kind::Graph).await;
