@@ -27,9 +27,9 @@ fn main() {
     }
 
     let render = median_of(200, || {
-        black_box(template::render(template::ChatFormat::Qwen3, black_box(&turns), false));
+        black_box(template::render(template::ChatFormat::Qwen3, black_box(&turns), &[], false));
     });
-    let prompt = template::render(template::ChatFormat::Qwen3, &turns, false);
+    let prompt = template::render(template::ChatFormat::Qwen3, &turns, &[], false);
     let mut n_tokens = 0;
     let encode = median_of(50, || {
         n_tokens = tokenizer.encode(black_box(&prompt)).expect("encode").len();

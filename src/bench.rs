@@ -161,6 +161,7 @@ async fn measure(args: &BenchArgs, threads: usize) -> anyhow::Result<serde_json:
                 let rendered = crate::llm::engine::template::render(
                     crate::llm::engine::template::ChatFormat::for_arch(arch),
                     &[ChatTurn::new(Role::User, text.clone())],
+                    &[],
                     false,
                 );
                 (key.clone(), tokenizer.encode(&rendered).unwrap_or_default())

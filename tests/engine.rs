@@ -493,6 +493,7 @@ fn prompt_tokens(
     let rendered = my_claw::llm::engine::template::render(
         my_claw::llm::engine::template::ChatFormat::for_arch(arch),
         &turns,
+        &[],
         false,
     );
     tokenizer.encode(&rendered).expect("encode")

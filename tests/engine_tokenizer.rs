@@ -353,10 +353,10 @@ fn next_turn_shares_the_token_prefix() {
     let common_prefix = |a: &[u32], b: &[u32]| a.iter().zip(b).take_while(|(x, y)| x == y).count();
 
     for format in [ChatFormat::Qwen3, ChatFormat::ChatMl] {
-        let prompt = render(format, &first, false);
+        let prompt = render(format, &first, &[], false);
         let in_context =
             [ours.encode(&prompt).unwrap(), ours.encode(answer).unwrap(), vec![im_end]].concat();
-        let next = ours.encode(&render(format, &second, false)).unwrap();
+        let next = ours.encode(&render(format, &second, &[], false)).unwrap();
         let shared = common_prefix(&in_context, &next);
         match format {
             ChatFormat::Qwen3 => {

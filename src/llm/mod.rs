@@ -6,6 +6,7 @@ pub mod hub;
 pub mod pool;
 pub mod providers;
 pub mod router;
+pub mod toolcall;
 
 use futures::future::BoxFuture;
 use tokio::sync::mpsc;

@@ -145,11 +145,9 @@ fn parse_arguments(text: &str) -> Result<serde_json::Value, ToolError> {
     }
 }
 
-/// A fresh tool-call id (`call_` and 24 random alphanumerics, as OpenAI's look).
-pub fn new_call_id() -> String {
-    use rand::distr::{Alphanumeric, SampleString};
-    format!("call_{}", Alphanumeric.sample_string(&mut rand::rng(), 24))
-}
+/// A fresh tool-call id; it lives with the parser that gives local calls their ids (llm/
+/// must not import this module).
+pub use crate::llm::toolcall::new_call_id;
 
 #[cfg(test)]
 mod tests {

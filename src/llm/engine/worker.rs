@@ -23,6 +23,7 @@ use crate::llm::engine::sampling::Sampler;
 use crate::llm::engine::template::{self, ChatFormat, ThinkFilter};
 use crate::llm::engine::tokenizer::{GgufTokenizer, StreamDecoder};
 use crate::llm::engine::{EngineConfig, LoadProgress, ModelInfo, RequestOptions, SharedStats};
+use crate::llm::toolcall::{Parsed, ToolCallParser};
 use crate::llm::{Chunk, FinishReason, GenerationParams, LlmError, LlmRequest, Usage};
 
 /// What the handle sends to the engine thread.
@@ -226,7 +227,12 @@ impl Engine {
     /// The prompt's tokens, or why it cannot run (checked before the request waits, so the
     /// caller still gets errors such as `ContextOverflow` before any notice).
     fn prompt_tokens(&self, request: &LlmRequest) -> Result<Vec<u32>, LlmError> {
-        let prompt_text = template::render(self.format, &request.messages, request.params.thinking);
+        let prompt_text = template::render(
+            self.format,
+            &request.messages,
+            request.tools.offered(),
+            request.params.thinking,
+        );
         let prompt = match self.tokenizer.encode(&prompt_text) {
             Ok(tokens) => tokens,
             Err(err) => return Err(LlmError::Inference(format!("tokenizing the prompt: {err}"))),
@@ -360,7 +366,7 @@ struct Sequence {
     cache: KvCache,
     sampler: Sampler,
     decoder: StreamDecoder,
-    think: ThinkFilter,
+    answer: AnswerText,
     n_generated: u32,
     first_text_at: Option<Instant>,
     prefill_done: Option<Instant>,
@@ -509,7 +515,7 @@ impl Scheduler {
             tokens: prompt,
             cache,
             decoder: self.engine.tokenizer.stream_decoder(),
-            think: ThinkFilter::new(),
+            answer: AnswerText::new(!job.request.tools.offered().is_empty()),
             n_generated: 0,
             first_text_at: None,
             prefill_done: None,
@@ -627,13 +633,12 @@ impl Scheduler {
         };
         let now = Instant::now();
         if finish != FinishReason::Cancelled {
-            let mut tail = seq.think.push(&seq.decoder.finish());
-            tail.push_str(&seq.think.finish());
-            if !tail.is_empty() {
+            let tail = seq.decoder.finish();
+            if seq.answer.finish(&tail, &mut seq.out) {
                 seq.first_text_at.get_or_insert(now);
-                seq.out.push(Ok(Chunk::Text(tail)));
             }
         }
+        let finish = seq.answer.finish_reason(finish);
         let prefill_done = seq.prefill_done.unwrap_or(now);
         let prefill_secs = prefill_done.duration_since(seq.admitted).as_secs_f64();
         let decode_secs = now.duration_since(prefill_done).as_secs_f64();
@@ -730,10 +735,8 @@ fn next_token(seq: &mut Sequence, logits: &mut [f32], tokenizer: &GgufTokenizer,
             return;
         }
     };
-    let text = seq.think.push(&piece);
-    if !text.is_empty() {
+    if seq.answer.push(&piece, &mut seq.out) {
         seq.first_text_at.get_or_insert_with(Instant::now);
-        seq.out.push(Ok(Chunk::Text(text)));
     }
     if seq.out.reply.is_closed() {
         seq.finish = Some(Ok(FinishReason::Cancelled));
@@ -743,6 +746,88 @@ fn next_token(seq: &mut Sequence, logits: &mut [f32], tokenizer: &GgufTokenizer,
     } else {
         seq.tokens.push(token);
     }
+}
+
+/// The text side of a sequence: decoded pieces go through the think filter and, when the
+/// request offers tools, the `<tool_call>` parser, then out as `Text` and `ToolCall` chunks.
+/// Without tools the text streams exactly as the think filter releases it.
+struct AnswerText {
+    think: ThinkFilter,
+    calls: Option<ToolCallParser>,
+}
+
+impl AnswerText {
+    fn new(tools_offered: bool) -> Self {
+        Self { think: ThinkFilter::new(), calls: tools_offered.then(ToolCallParser::new) }
+    }
+
+    /// Streams what `piece` completes; true when something was sent.
+    fn push(&mut self, piece: &str, out: &mut Outbox) -> bool {
+        let text = self.think.push(piece);
+        self.send(text, out)
+    }
+
+    /// Ends the answer with the decoder's `tail`: held-back text and a call left open come
+    /// out; true when something was sent.
+    fn finish(&mut self, tail: &str, out: &mut Outbox) -> bool {
+        let mut text = self.think.push(tail);
+        text.push_str(&self.think.finish());
+        let mut sent = self.send(text, out);
+        if let Some(parser) = &mut self.calls {
+            for item in parser.finish() {
+                sent |= send_parsed(item, out);
+            }
+        }
+        sent
+    }
+
+    /// Whether the answer contained a tool call (well-formed or not).
+    fn made_calls(&self) -> bool {
+        self.calls.as_ref().is_some_and(|parser| parser.calls() > 0)
+    }
+
+    /// An answer that stopped after making calls ends for them (OpenAI's `tool_calls`);
+    /// one cut by the length limit stays `Length`, its complete calls already sent.
+    fn finish_reason(&self, finish: FinishReason) -> FinishReason {
+        match finish {
+            FinishReason::Stop if self.made_calls() => FinishReason::ToolCalls,
+            other => other,
+        }
+    }
+
+    fn send(&mut self, text: String, out: &mut Outbox) -> bool {
+        if text.is_empty() {
+            return false;
+        }
+        match &mut self.calls {
+            None => {
+                out.push(Ok(Chunk::Text(text)));
+                true
+            }
+            Some(parser) => {
+                let mut sent = false;
+                for item in parser.push(&text) {
+                    sent |= send_parsed(item, out);
+                }
+                sent
+            }
+        }
+    }
+}
+
+/// A malformed call goes out as a call too: the agent loop answers it with an error result
+/// (its arguments are the raw text, which is not a JSON object).
+fn send_parsed(item: Parsed, out: &mut Outbox) -> bool {
+    let chunk = match item {
+        Parsed::Text(text) => Chunk::Text(text),
+        Parsed::Call(call) => Chunk::ToolCall(call),
+        Parsed::Malformed { call, reason } => {
+            tracing::debug!(%reason, "the model wrote a malformed tool call");
+            Chunk::ToolCall(call)
+        }
+    };
+    out.push(Ok(chunk));
+    true
 }
 
 fn common_prefix(a: &[u32], b: &[u32]) -> usize {
@@ -899,7 +984,7 @@ mod tests {
         let mut file = gguf::open(&smollm2()).expect("open");
         let tokenizer = file.tokenizer().expect("tokenizer");
         let turns = [ChatTurn::new(Role::User, "Explain why the sky is blue.")];
-        let prompt = template::render(ChatFormat::for_arch(file.hparams.arch), &turns, false);
+        let prompt = template::render(ChatFormat::for_arch(file.hparams.arch), &turns, &[], false);
         let prompt = tokenizer.encode(&prompt).expect("encode");
         let hparams = file.hparams.clone();
         let mut reader = std::io::BufReader::new(&mut file.file);
@@ -950,5 +1035,159 @@ mod tests {
             exps.into_iter().map(move |e| e / sum)
         };
         softmax(a).zip(softmax(b)).map(|(p, q)| (p - q).abs()).sum::<f64>() / 2.0
+    }
+
+    /// The chunks the emission path sends for `answer` generated token by token: it is
+    /// tokenized with the real SmolLM2 vocabulary (so tags are split across several
+    /// tokens), then every token goes through the decoder, the think filter and the parser
+    /// exactly as `next_token` and `finish` send them.
+    fn emitted(answer: &str, tools_offered: bool) -> (Vec<Chunk>, FinishReason) {
+        let tokenizer = gguf::open(&smollm2()).expect("open").tokenizer().expect("tokenizer");
+        let tokens = tokenizer.encode(answer).expect("encode");
+        let (reply, mut stream) = mpsc::channel(4096);
+        let mut out = Outbox { reply, items: VecDeque::new() };
+        let mut decoder = tokenizer.stream_decoder();
+        let mut text = AnswerText::new(tools_offered);
+        for &token in &tokens {
+            let piece = decoder.push(token).expect("decode").unwrap_or_default();
+            text.push(&piece, &mut out);
+        }
+        text.finish(&decoder.finish(), &mut out);
+        let finish = text.finish_reason(FinishReason::Stop);
+        drop(out);
+        (drain(&mut stream), finish)
+    }
+
+    const SCRIPTED: &str = "<think>\nThe user wants a reminder.\n</think>\n\nSure, one moment.\n\
+        <tool_call>\n{\"name\": \"current_time\", \"arguments\": {}}\n</tool_call>\n\
+        <tool_call>\n{\"name\": \"reminders_create\", \"arguments\": {\"text\": \"plombier\", \
+        \"at\": \"09:00\"}}\n</tool_call>";
+
+    #[test]
+    fn tool_calls_in_the_token_stream_come_out_as_tool_call_chunks() {
+        let tokenizer = gguf::open(&smollm2()).unwrap().tokenizer().unwrap();
+        let open = tokenizer.encode("\n<tool_call>\n").unwrap();
+        assert!(open.len() > 2, "the tag spans several SmolLM2 tokens: {open:?}");
+
+        let (chunks, finish) = emitted(SCRIPTED, true);
+        let texts: String = chunks
+            .iter()
+            .filter_map(|c| match c {
+                Chunk::Text(t) => Some(t.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(texts, "Sure, one moment.");
+        let calls: Vec<(&str, &str)> = chunks
+            .iter()
+            .filter_map(|c| match c {
+                Chunk::ToolCall(call) => Some((call.name.as_str(), call.arguments.as_str())),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            calls,
+            [
+                ("current_time", "{}"),
+                ("reminders_create", r#"{"text": "plombier", "at": "09:00"}"#)
+            ]
+        );
+        assert!(matches!(chunks.last(), Some(Chunk::ToolCall(_))), "calls come after the text");
+        assert_eq!(finish, FinishReason::ToolCalls);
+
+        // A malformed call is still a call (the agent loop answers it with an error).
+        let (chunks, finish) = emitted("Ok <tool_call>{\"name\": \"current_time\", \"argu", true);
+        assert_eq!(chunks[0], Chunk::Text("Ok".into()));
+        assert!(matches!(&chunks[1], Chunk::ToolCall(c) if c.name == "current_time"));
+        assert_eq!(finish, FinishReason::ToolCalls);
+
+        // No call: the stream stops as usual, a lone `<` at the end included.
+        let (chunks, finish) = emitted("2 < 3 and 4 <", true);
+        let texts: String = chunks
+            .iter()
+            .map(|c| match c {
+                Chunk::Text(t) => t.as_str(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!((texts.as_str(), finish), ("2 < 3 and 4 <", FinishReason::Stop));
+    }
+
+    #[test]
+    fn without_tools_the_text_streams_as_the_think_filter_releases_it() {
+        let (chunks, finish) = emitted(SCRIPTED, false);
+        let mut think = ThinkFilter::new();
+        let tokenizer = gguf::open(&smollm2()).unwrap().tokenizer().unwrap();
+        let mut decoder = tokenizer.stream_decoder();
+        let mut expected = Vec::new();
+        for token in tokenizer.encode(SCRIPTED).unwrap() {
+            let text = think.push(&decoder.push(token).unwrap().unwrap_or_default());
+            if !text.is_empty() {
+                expected.push(Chunk::Text(text));
+            }
+        }
+        let mut tail = think.push(&decoder.finish());
+        tail.push_str(&think.finish());
+        if !tail.is_empty() {
+            expected.push(Chunk::Text(tail));
+        }
+        assert_eq!(chunks, expected);
+        assert_eq!(finish, FinishReason::Stop);
+    }
+
+    #[test]
+    fn smollm2_with_tools_offered_never_streams_a_raw_tool_tag() {
+        let (mut s, _) = scheduler(1);
+        let (reply, mut stream) = mpsc::channel(1024);
+        let tool = crate::llm::ToolSpec {
+            name: "current_time".into(),
+            description: "The current date and time in the user's time zone.".into(),
+            parameters: serde_json::json!({"type": "object", "properties": {}}),
+        };
+        let request = LlmRequest {
+            messages: vec![
+                ChatTurn::new(Role::System, "You are a helpful assistant with tools."),
+                ChatTurn::new(Role::User, "What time is it now? Call the current_time tool."),
+            ],
+            params: GenerationParams::greedy(96),
+            tools: crate::llm::ToolUse::offer(vec![tool]),
+        };
+        // The prompt carries the tools block.
+        let prompt = s.engine.prompt_tokens(&request).unwrap();
+        let prompt_text = s.engine.tokenizer.decode(&prompt).unwrap();
+        assert!(prompt_text.contains("\"name\": \"current_time\""), "{prompt_text}");
+        let options = RequestOptions { ignore_stop: false, reuse_cache: false };
+        s.waiting_count.fetch_add(1, Ordering::SeqCst);
+        s.accept(Message::Generate(EngineRequest {
+            request,
+            options,
+            reply,
+            received: Instant::now(),
+        }));
+        let mut chunks = Vec::new();
+        for _ in 0..400 {
+            s.step();
+            chunks.extend(drain(&mut stream));
+            if matches!(chunks.last(), Some(Chunk::Done { .. })) {
+                break;
+            }
+        }
+        let Some(Chunk::Done { finish, .. }) = chunks.last() else { panic!("{chunks:?}") };
+        let n_calls = chunks.iter().filter(|c| matches!(c, Chunk::ToolCall(_))).count();
+        let text: String = chunks
+            .iter()
+            .filter_map(|c| match c {
+                Chunk::Text(t) => Some(t.as_str()),
+                _ => None,
+            })
+            .collect();
+        eprintln!("SmolLM2 with tools: {n_calls} call(s), finish {finish:?}, text {text:?}");
+        assert!(!text.contains("<tool_call>") && !text.contains("</tool_call>"), "{text}");
+        match finish {
+            FinishReason::ToolCalls => assert!(n_calls > 0),
+            FinishReason::Stop => assert_eq!(n_calls, 0),
+            FinishReason::Length => {}
+            other => panic!("{other:?}"),
+        }
     }
 }
