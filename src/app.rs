@@ -13,7 +13,7 @@ use anyhow::Context;
 use futures::future::BoxFuture;
 use rand::RngCore;
 
-use crate::assistant::{Assistant, AssistantConfig};
+use crate::assistant::{AgentConfig, Assistant, AssistantConfig};
 use crate::channels::nextcloud::Nextcloud;
 use crate::channels::whatsapp::WhatsApp;
 use crate::channels::{Channel, Channels};
@@ -123,6 +123,11 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot open the database {}", settings.database_url))?;
     let (token, generated) = ensure_webchat_token(&settings)?;
+    // Before anything starts: an unknown name in `TOOLS` is a configuration error.
+    let agent = AgentConfig {
+        tools: tool_registry(&settings, &pool)?,
+        max_steps: settings.agent.max_steps,
+    };
 
     let http = reqwest::Client::builder()
         .user_agent(concat!("my-claw/", env!("CARGO_PKG_VERSION")))
@@ -133,13 +138,14 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
         Router::build(&settings.router, router_parts(&settings.router, &settings.engine, &http))
             .await
             .context("cannot set up the model tiers")?;
-    let assistant = Arc::new(Assistant::new(
+    let assistant = Arc::new(Assistant::with_agent(
         pool.clone(),
         Arc::new(router),
         AssistantConfig {
             history_messages: settings.history_messages,
             reply_max_tokens: settings.engine.reply_max_tokens,
         },
+        agent,
     ));
     // After a restart, the next windows of the most recently active conversations are
     // prefilled in idle time (each uses two of the engine's kept sequences: the live window
@@ -198,6 +204,27 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     pool.close().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The tools the assistant may call: every built-in tool, then only those `TOOLS` enables.
+/// A name in `TOOLS` that no built-in tool has is a start-up error listing the known ones.
+pub fn tool_registry(
+    settings: &Settings,
+    pool: &sqlx::SqlitePool,
+) -> anyhow::Result<crate::tools::ToolRegistry> {
+    // The reminders tools read and write jobs in the database.
+    let _ = pool;
+    let mut registry = crate::tools::ToolRegistry::new();
+    // BUILT-IN TOOLS (issue 15): the reminders helper's `current_time` and `reminders_*`
+    // tools are registered here, e.g. `for tool in crate::tools::builtin_tools(…) {
+    // registry.register(tool) }`.
+    let known = registry.names();
+    settings.agent.tools.check_known(&known)?;
+    registry.retain(|name| settings.agent.tools.enables(name));
+    if !registry.is_empty() {
+        tracing::info!(tools = ?registry.names(), "tools enabled");
+    }
+    Ok(registry)
 }
 
 /// The model router as the server builds it (without `PRELOAD`): local tiers load through

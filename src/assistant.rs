@@ -2,8 +2,11 @@
 //! a time per conversation, in arrival order), build the prompt (persona + the history
 //! window, which moves in steps so the model's KV state is reused), route it to a model,
 //! store the user message once the model accepted it, stream the answer, store it with its
-//! privacy ledger, and prepare the next window's prefix in idle time. It knows
-//! conversations and models, and nothing of wire formats or HTTP.
+//! privacy ledger, and prepare the next window's prefix in idle time. An answer is an agent
+//! loop (issue 15): when the model calls tools, the calls run through the `ToolRegistry`
+//! and the model is asked again with their results, at most `AgentConfig::max_steps` rounds,
+//! all inside the one turn; the rounds are stored with the answer. It knows conversations,
+//! models and tools, and nothing of wire formats or HTTP.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -13,11 +16,19 @@ use std::time::Instant;
 use sqlx::SqlitePool;
 use tokio::sync::{broadcast, mpsc, oneshot};
 
+use crate::correction::{claims_reminder, CORRECTION_NOTICE_KIND, REMINDER_CORRECTION};
 use crate::db::memory::{self, MessageStatus, NewMessage};
-use crate::domain::{ChannelKind, ChatTurn, ConversationId, Inbound, MessageId, Role};
+use crate::domain::{
+    ChannelKind, ChatTurn, ConversationId, Inbound, MessageId, Role, ToolCall, ToolResult,
+    ToolRound,
+};
 use crate::error::{Error, Result};
-use crate::llm::router::{Router, Tier};
-use crate::llm::{Chunk, FinishReason, GenerationParams, LlmError, LlmRequest, Usage};
+use crate::llm::router::{Routed, Router, Tier};
+use crate::llm::{
+    Chunk, ChunkStream, FinishReason, GenerationParams, LlmError, LlmRequest, ToolChoice, ToolUse,
+    Usage,
+};
+use crate::tools::{new_call_id, ToolContext, ToolRegistry};
 
 /// Settings keys of the persona.
 pub const PERSONA_NAME_KEY: &str = "persona_name";
@@ -49,8 +60,14 @@ pub enum Event {
     Meta { conversation_id: ConversationId, tier: Tier, provider: String, model: String },
     /// A piece of answer text.
     Token(String),
-    /// Something to tell the user that is not answer text (fallback, history trimmed).
+    /// Something to tell the user that is not answer text (fallback, history trimmed, the
+    /// `correction` of an answer that claims a reminder no call created).
     Notice { kind: String, message: String },
+    /// The model called a tool; the text streamed since the last round (or the start) was
+    /// written before this call. The call runs next.
+    ToolCall { call: ToolCall },
+    /// The result of a call, with the tool's name; the model is then asked again.
+    ToolResult { name: String, result: ToolResult },
     /// The answer is complete and stored.
     Done { message_id: MessageId, usage: Usage, finish: FinishReason, total_ms: u64 },
     /// The turn failed; text produced before the failure is stored as `partial`.
@@ -82,6 +99,27 @@ pub struct AssistantConfig {
     pub history_messages: usize,
     pub reply_max_tokens: u32,
 }
+
+/// The agent side of an assistant: the tools a turn may call and the most rounds of calls
+/// one answer makes before it must answer in plain text.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Empty: no tools are offered and every answer is one model call.
+    pub tools: ToolRegistry,
+    /// `AGENT_MAX_STEPS`: rounds with tools, then one last call without them.
+    pub max_steps: usize,
+}
+
+pub const DEFAULT_AGENT_MAX_STEPS: usize = 5;
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig { tools: ToolRegistry::new(), max_steps: DEFAULT_AGENT_MAX_STEPS }
+    }
+}
+
+/// The tool whose successful call makes a reminder claim true (see `crate::correction`).
+const REMINDER_CREATE_TOOL: &str = "reminders_create";
 
 /// The notice kind a request gets while an earlier answer in its conversation runs.
 pub const BUSY_NOTICE_KIND: &str = "busy";
@@ -155,6 +193,7 @@ struct Inner {
     router: Arc<Router>,
     config: AssistantConfig,
     window: WindowPolicy,
+    agent: AgentConfig,
     /// The stop switch of the answer running in each conversation, with its turn number;
     /// the answer removes its own when it ends.
     running: Mutex<HashMap<ConversationId, Running>>,
@@ -203,9 +242,20 @@ enum TurnStart {
 }
 
 impl Assistant {
+    /// An assistant without tools (see `with_agent`).
     pub fn new(pool: SqlitePool, router: Arc<Router>, config: AssistantConfig) -> Self {
+        Self::with_agent(pool, router, config, AgentConfig::default())
+    }
+
+    /// An assistant whose turns may call `agent.tools` (what the server builds).
+    pub fn with_agent(
+        pool: SqlitePool,
+        router: Arc<Router>,
+        config: AssistantConfig,
+        agent: AgentConfig,
+    ) -> Self {
         let window = WindowPolicy::stepping(config.history_messages);
-        Self::with_window(pool, router, config, window)
+        Self::build(pool, router, config, window, agent)
     }
 
     /// `new` with another window policy (the conversation benchmark compares them).
@@ -215,6 +265,17 @@ impl Assistant {
         config: AssistantConfig,
         window: WindowPolicy,
     ) -> Self {
+        Self::build(pool, router, config, window, AgentConfig::default())
+    }
+
+    fn build(
+        pool: SqlitePool,
+        router: Arc<Router>,
+        config: AssistantConfig,
+        window: WindowPolicy,
+        agent: AgentConfig,
+    ) -> Self {
+        let agent = AgentConfig { max_steps: agent.max_steps.max(1), ..agent };
         let (events, _) = broadcast::channel(256);
         Assistant {
             inner: Arc::new(Inner {
@@ -222,6 +283,7 @@ impl Assistant {
                 router,
                 config,
                 window,
+                agent,
                 running: Mutex::new(HashMap::new()),
                 turns: Arc::default(),
                 floors: Mutex::new(HashMap::new()),
@@ -237,6 +299,20 @@ impl Assistant {
 
     pub fn window(&self) -> WindowPolicy {
         self.inner.window
+    }
+
+    /// The tools the assistant's turns may call.
+    pub fn tools(&self) -> &ToolRegistry {
+        &self.inner.agent.tools
+    }
+
+    /// What a request offers: the registry's tools with `choice`, or nothing when the
+    /// registry is empty.
+    fn tool_use(&self, choice: ToolChoice) -> ToolUse {
+        if self.inner.agent.tools.is_empty() {
+            return ToolUse::default();
+        }
+        ToolUse { choice, ..ToolUse::offer(self.inner.agent.tools.specs()) }
     }
 
     /// Live notifications of stored messages, for open WebChat pages.
@@ -354,14 +430,15 @@ impl Assistant {
                 .find_map(|m| m.tier.as_deref().and_then(Tier::parse))
                 .unwrap_or_else(|| self.inner.router.default_tier());
             let mut window = prompt_turns(start, stored);
+            let tools = self.tool_use(ToolChoice::Auto);
             while !window.is_empty() {
-                let request = build_request(&system, &window, &params);
+                let request = build_request(&system, &window, &params, &tools);
                 match self.inner.router.warm(tier, request).await {
                     Ok(()) => {
                         warmed += 1;
                         break;
                     }
-                    Err(LlmError::ContextOverflow { .. }) if window.len() > 1 => {
+                    Err(LlmError::ContextOverflow { .. }) if message_span(&window) > 1 => {
                         // Trim as a turn would, and remember it so the turn starts there.
                         start = Self::trimmed_start(&window);
                         window.retain(|(index, _)| *index >= start);
@@ -542,15 +619,16 @@ impl Assistant {
         let system = ChatTurn::new(Role::System, persona.system_turn());
         let params = self.params();
         let mut trimmed = 0usize;
+        let tools = self.tool_use(ToolChoice::Auto);
         let routed = loop {
-            let request = build_request(&system, &window, &params);
+            let request = build_request(&system, &window, &params, &tools);
             match inner.router.stream(tier, request).await {
                 Ok(routed) => break routed,
-                Err(LlmError::ContextOverflow { .. }) if window.len() > 1 => {
+                Err(LlmError::ContextOverflow { .. }) if message_span(&window) > 1 => {
                     start = Self::trimmed_start(&window);
-                    let before = window.len();
+                    let before = message_span(&window);
                     window.retain(|(index, _)| *index >= start);
-                    trimmed += before - window.len();
+                    trimmed += before - message_span(&window);
                 }
                 Err(e) => return Err(e.into()),
             }
@@ -635,20 +713,28 @@ impl Assistant {
             tier: routed.tier,
             provider: routed.info.provider.clone(),
             model: routed.info.model.clone(),
+            leaves_machine: routed.info.leaves_machine,
             warm,
+            system,
+            window,
+            params,
+            floor: start,
         };
         tokio::spawn(run.drive(routed.stream, tx.clone(), stop_rx));
         Ok(TurnStart::Started)
     }
 
-    /// The window start after one trimming step: the older half of the window's turns goes
-    /// (an even number when it can, so the window still starts on the same side of the
-    /// conversation), never the newest turn. Halving keeps the number of re-prefills
-    /// logarithmic in how far the prompt is over, and the start stays there afterwards.
+    /// The window start after one trimming step: the older half of the window's messages
+    /// goes (an even number when it can, so the window still starts on the same side of the
+    /// conversation), never the newest message. Halving keeps the number of re-prefills
+    /// logarithmic in how far the prompt is over, and the start stays there afterwards. An
+    /// answer with tool rounds is several turns of one message: it stays or goes whole.
     fn trimmed_start(window: &[(usize, ChatTurn)]) -> usize {
-        let cut = (window.len() / 2) & !1;
-        let cut = cut.clamp(1, window.len().saturating_sub(1).max(1));
-        window.get(cut).map_or(0, |(index, _)| *index)
+        let mut indices: Vec<usize> = window.iter().map(|(index, _)| *index).collect();
+        indices.dedup();
+        let cut = (indices.len() / 2) & !1;
+        let cut = cut.clamp(1, indices.len().saturating_sub(1).max(1));
+        indices.get(cut).copied().unwrap_or(0)
     }
 
     fn turn_slot(&self, conversation_id: ConversationId) -> Arc<tokio::sync::Mutex<()>> {
@@ -708,25 +794,61 @@ struct WarmPlan {
 
 /// The turns a prompt holds from stored messages starting at index `start`: failed answers
 /// are shown to the user but are not part of what the model saw, and system notes are not
-/// turns. Each keeps its conversation index.
+/// turns. An answer with tool rounds becomes its calls, their results and its text, as the
+/// model produced them (so the next prompt starts with what the last one held). Each turn
+/// keeps its message's conversation index.
 fn prompt_turns(start: usize, stored: Vec<memory::StoredMessage>) -> Vec<(usize, ChatTurn)> {
     stored
         .into_iter()
         .enumerate()
         .filter(|(_, m)| m.status != MessageStatus::Error && m.role != Role::System)
-        .map(|(offset, m)| (start + offset, ChatTurn::new(m.role, m.content)))
+        .flat_map(|(offset, m)| {
+            let index = start + offset;
+            let turns = if m.role == Role::Assistant && !m.tool_rounds.is_empty() {
+                ChatTurn::answer_with_rounds(&m.tool_rounds, &m.content)
+            } else {
+                vec![ChatTurn::new(m.role, m.content)]
+            };
+            turns.into_iter().map(move |turn| (index, turn))
+        })
         .collect()
+}
+
+/// How many messages a window's turns come from.
+fn message_span(window: &[(usize, ChatTurn)]) -> usize {
+    let mut indices: Vec<usize> = window.iter().map(|(index, _)| *index).collect();
+    indices.dedup();
+    indices.len()
 }
 
 fn build_request(
     system: &ChatTurn,
     window: &[(usize, ChatTurn)],
     params: &GenerationParams,
+    tools: &ToolUse,
 ) -> LlmRequest {
     let mut messages = Vec::with_capacity(window.len() + 1);
     messages.push(system.clone());
     messages.extend(window.iter().map(|(_, turn)| turn.clone()));
-    LlmRequest { messages, params: params.clone(), tools: Default::default() }
+    LlmRequest { messages, params: params.clone(), tools: tools.clone() }
+}
+
+/// The turns of this answer's rounds so far, as the model's next request continues with.
+fn round_turns(rounds: &[ToolRound]) -> Vec<ChatTurn> {
+    let mut turns = ChatTurn::answer_with_rounds(rounds, "");
+    // `answer_with_rounds` ends with the final answer, which does not exist yet.
+    turns.pop();
+    turns
+}
+
+/// Whether a round created a reminder: a `reminders_create` call whose result is no error.
+fn created_a_reminder(rounds: &[ToolRound]) -> bool {
+    rounds.iter().any(|round| {
+        round.calls.iter().any(|call| {
+            call.name == REMINDER_CREATE_TOOL
+                && round.results.iter().any(|r| r.call_id == call.id && !r.is_error)
+        })
+    })
 }
 
 /// Locks a std mutex, carrying on after a panic elsewhere (the maps stay consistent: every
@@ -747,7 +869,18 @@ async fn collect(conversation_id: ConversationId, mut rx: mpsc::Receiver<Event>)
         match event {
             Event::Meta { conversation_id, .. } => reply.conversation_id = conversation_id,
             Event::Token(t) => reply.text.push_str(&t),
-            Event::Notice { kind, message } => reply.notices.push((kind, message)),
+            // Channels send the final text only: what came before a round of calls was the
+            // model thinking aloud on its way to the answer.
+            Event::ToolCall { .. } => reply.text.clear(),
+            Event::ToolResult { .. } => {}
+            Event::Notice { kind, message } => {
+                if kind == CORRECTION_NOTICE_KIND {
+                    // The stored answer carries it too (see `Generation::drive`).
+                    reply.text.push_str("\n\n");
+                    reply.text.push_str(&message);
+                }
+                reply.notices.push((kind, message));
+            }
             Event::Done { message_id, .. } => reply.message_id = Some(message_id),
             Event::Error { message, partial_message_id } => {
                 reply.error = Some(message);
@@ -768,56 +901,113 @@ struct Generation {
     tier: Tier,
     provider: String,
     model: String,
+    /// Whether any model call of this answer left the machine (the ledger keeps that one).
+    leaves_machine: bool,
     warm: Option<WarmPlan>,
+    /// The prompt the answer started from, for the model calls after each round of tools.
+    system: ChatTurn,
+    window: Vec<(usize, ChatTurn)>,
+    params: GenerationParams,
+    /// Where the window starts (trimming during the rounds moves it, like a turn's).
+    floor: usize,
+}
+
+/// How one model call of an answer ended.
+enum StepEnd {
+    Finished(Usage, FinishReason),
+    /// The stop switch, or the client left.
+    Cancelled,
+    Failed(String),
+}
+
+/// What one model call produced.
+struct Step {
+    text: String,
+    calls: Vec<ToolCall>,
+    /// Text pieces received (see `drive`).
+    n_pieces: u32,
+    end: StepEnd,
+}
+
+/// Resolves when the stop switch is pressed; never when it is dropped unpressed (the
+/// assistant going away): only the stop endpoint or a leaving client stops an answer.
+async fn stop_pressed(stop: &mut oneshot::Receiver<()>, open: &mut bool) {
+    if *open {
+        if (&mut *stop).await.is_ok() {
+            return;
+        }
+        *open = false;
+    }
+    std::future::pending::<()>().await
 }
 
 impl Generation {
     async fn drive(
-        self,
-        mut stream: crate::llm::ChunkStream,
+        mut self,
+        stream: ChunkStream,
         tx: mpsc::Sender<Event>,
         mut stop: oneshot::Receiver<()>,
     ) {
         let started = Instant::now();
-        let mut text = String::new();
+        let mut stop_open = true;
         // Text pieces received: the local engine sends one per generated token that has
         // text, so this is the completion count of an answer cut short (a lower bound).
         let mut n_pieces: u32 = 0;
-        let mut stop_open = true;
-        let outcome: std::result::Result<(Usage, FinishReason), String> = loop {
-            let next = tokio::select! {
-                chunk = stream.recv() => chunk,
-                stopped = &mut stop, if stop_open => match stopped {
-                    Ok(()) => break Ok((Usage::default(), FinishReason::Cancelled)),
-                    // The switch was dropped without a stop (the assistant going away): keep
-                    // answering; only the stop endpoint or a leaving client stops.
-                    Err(_) => {
-                        stop_open = false;
-                        continue;
-                    }
-                },
+        let mut total = Usage::default();
+        let mut rounds: Vec<ToolRound> = Vec::new();
+        let mut context: Option<Option<ToolContext>> = None;
+        let mut stream = stream;
+        // Whether the request being answered offered tools (the last one never does).
+        let mut offering = !self.assistant.inner.agent.tools.is_empty();
+        let (text, outcome): (String, std::result::Result<(Usage, FinishReason), String>) = loop {
+            let step = read_step(&mut stream, &tx, &mut stop, &mut stop_open).await;
+            // Dropping the stream here (before running tools or storing) releases the engine.
+            drop(stream);
+            n_pieces += step.n_pieces;
+            let (usage, finish) = match step.end {
+                StepEnd::Cancelled => {
+                    break (step.text, Ok((Usage::default(), FinishReason::Cancelled)))
+                }
+                StepEnd::Failed(e) => break (step.text, Err(e)),
+                StepEnd::Finished(usage, finish) => (usage, finish),
             };
-            match next {
-                Some(Ok(Chunk::Text(t))) => {
-                    text.push_str(&t);
-                    n_pieces += 1;
-                    if tx.send(Event::Token(t)).await.is_err() {
-                        // The client left: dropping the stream stops the engine.
-                        break Ok((Usage::default(), FinishReason::Cancelled));
-                    }
+            add_usage(&mut total, &usage, rounds.is_empty());
+            if step.calls.is_empty() || !offering {
+                if !step.calls.is_empty() {
+                    tracing::debug!(
+                        conversation = self.conversation_id.0,
+                        calls = step.calls.len(),
+                        "tool calls after the last round ignored"
+                    );
                 }
-                Some(Ok(Chunk::Notice { kind, message })) => {
-                    let _ = tx.send(Event::Notice { kind, message }).await;
-                }
-                // TODO(issue 15): the agent loop runs the calls; no tools are offered yet.
-                Some(Ok(Chunk::ToolCall(_))) => {}
-                Some(Ok(Chunk::Done { usage, finish })) => break Ok((usage, finish)),
-                Some(Err(e)) => break Err(e.to_string()),
-                None => break Err("the model stream ended unexpectedly".into()),
+                let finish =
+                    if finish == FinishReason::ToolCalls { FinishReason::Stop } else { finish };
+                break (step.text, Ok((total.clone(), finish)));
+            }
+
+            // A round: run the calls in order, then ask the model again with their results.
+            if context.is_none() {
+                context = Some(self.tool_context().await);
+            }
+            let ctx = context.as_ref().and_then(Option::as_ref);
+            let (round, cancelled) =
+                self.run_calls(step.text, step.calls, ctx, &tx, &mut stop, &mut stop_open).await;
+            rounds.push(round);
+            if cancelled {
+                break (String::new(), Ok((Usage::default(), FinishReason::Cancelled)));
+            }
+            let choice = if rounds.len() >= self.assistant.inner.agent.max_steps {
+                ToolChoice::None
+            } else {
+                ToolChoice::Auto
+            };
+            offering = choice != ToolChoice::None;
+            match self.next_stream(&rounds, choice, &tx, &mut stop, &mut stop_open).await {
+                Ok(next) => stream = next,
+                Err(StepEnd::Failed(e)) => break (String::new(), Err(e)),
+                Err(_) => break (String::new(), Ok((Usage::default(), FinishReason::Cancelled))),
             }
         };
-        // Dropping the stream here (before storing) releases the engine at once.
-        drop(stream);
         let cut_short = Usage { completion_tokens: n_pieces, ..Usage::default() };
 
         let (status, usage, finish, error) = match outcome {
@@ -825,16 +1015,32 @@ impl Generation {
                 (MessageStatus::Partial, cut_short, FinishReason::Cancelled, None)
             }
             Ok((usage, finish)) => (MessageStatus::Complete, usage, finish, None),
-            Err(e) if text.is_empty() => {
+            // Calls already ran (a reminder may exist): the answer keeps them, as partial.
+            Err(e) if text.is_empty() && rounds.is_empty() => {
                 (MessageStatus::Error, Usage::default(), FinishReason::Stop, Some(e))
             }
             Err(e) => (MessageStatus::Partial, cut_short, FinishReason::Stop, Some(e)),
         };
-        let content = if status == MessageStatus::Error {
+        let mut content = if status == MessageStatus::Error {
             format!("(no answer: {})", error.as_deref().unwrap_or("unknown error"))
         } else {
             text
         };
+        // An answer that says a reminder was set when no call created one gets a correction,
+        // shown now and kept in the stored text that channels send.
+        if status != MessageStatus::Error
+            && claims_reminder(&content)
+            && !created_a_reminder(&rounds)
+        {
+            content.push_str("\n\n");
+            content.push_str(REMINDER_CORRECTION);
+            let _ = tx
+                .send(Event::Notice {
+                    kind: CORRECTION_NOTICE_KIND.into(),
+                    message: REMINDER_CORRECTION.into(),
+                })
+                .await;
+        }
         let message = NewMessage {
             conversation_id: self.conversation_id,
             role: Role::Assistant,
@@ -850,7 +1056,7 @@ impl Generation {
             external_id: None,
         };
         let inner = &self.assistant.inner;
-        let stored = memory::add_message(&inner.pool, &message).await;
+        let stored = memory::add_message_with_rounds(&inner.pool, &message, &rounds).await;
         let message_id = match stored {
             Ok(id) => {
                 let _ = inner.events.send(ConversationEvent {
@@ -894,13 +1100,13 @@ impl Generation {
                 let mut prefix = plan.prefix;
                 // A failed answer is not part of the next prompts (see `prompt_turns`).
                 if status != MessageStatus::Error {
-                    prefix.push(ChatTurn::new(Role::Assistant, message.content));
+                    prefix.extend(ChatTurn::answer_with_rounds(&rounds, &message.content));
                 }
                 let mut messages = Vec::with_capacity(prefix.len() + 1);
                 messages.push(plan.system);
                 messages.extend(prefix);
-                let request =
-                    LlmRequest { messages, params: plan.params, tools: Default::default() };
+                let tools = self.assistant.tool_use(ToolChoice::Auto);
+                let request = LlmRequest { messages, params: plan.params, tools };
                 Some(inner.router.warm(plan.tier, request))
             }
             _ => None,
@@ -911,6 +1117,186 @@ impl Generation {
                 tracing::debug!(conversation = self.conversation_id.0, error = %err, "warming the next window failed");
             }
         }
+    }
+
+    /// Who a tool call runs for, read from the conversation row: `None` when it is gone
+    /// (deleted while answering), and every call then gets an error result.
+    async fn tool_context(&self) -> Option<ToolContext> {
+        let pool = &self.assistant.inner.pool;
+        match memory::get_conversation(pool, self.conversation_id).await {
+            Ok(Some(c)) => Some(ToolContext {
+                conversation_id: c.id,
+                channel: c.channel,
+                // WebChat conversations are addressed by their id (as cron targets are).
+                conversation_key: if c.channel == ChannelKind::WebChat {
+                    c.id.0.to_string()
+                } else {
+                    c.external_key
+                },
+            }),
+            Ok(None) => None,
+            Err(e) => {
+                tracing::warn!(conversation = self.conversation_id.0, error = %e, "cannot read the conversation for a tool call");
+                None
+            }
+        }
+    }
+
+    /// Runs one round's calls in order, telling the caller of each call and result. Returns
+    /// the round (with the results of the calls that ran) and whether the answer was
+    /// stopped meanwhile.
+    async fn run_calls(
+        &self,
+        text: String,
+        calls: Vec<ToolCall>,
+        context: Option<&ToolContext>,
+        tx: &mpsc::Sender<Event>,
+        stop: &mut oneshot::Receiver<()>,
+        stop_open: &mut bool,
+    ) -> (ToolRound, bool) {
+        let tools = &self.assistant.inner.agent.tools;
+        let mut round = ToolRound { text, calls: Vec::new(), results: Vec::new() };
+        for mut call in calls {
+            // Results name their call: every call needs an id, unique in the answer.
+            if call.id.is_empty() || round.calls.iter().any(|c| c.id == call.id) {
+                call.id = new_call_id();
+            }
+            round.calls.push(call.clone());
+            if tx.send(Event::ToolCall { call: call.clone() }).await.is_err() {
+                return (round, true);
+            }
+            let result = match context {
+                Some(context) => tokio::select! {
+                    result = tools.call(context, &call) => result,
+                    _ = stop_pressed(stop, stop_open) => return (round, true),
+                },
+                None => ToolResult {
+                    call_id: call.id.clone(),
+                    content: serde_json::json!({ "error": "the conversation no longer exists" })
+                        .to_string(),
+                    is_error: true,
+                },
+            };
+            round.results.push(result.clone());
+            let event = Event::ToolResult { name: call.name.clone(), result };
+            if tx.send(event).await.is_err() {
+                return (round, true);
+            }
+        }
+        (round, false)
+    }
+
+    /// Asks the model again with the rounds so far, on the tier the turn asked for (the
+    /// router's fallback applies to each call). A prompt over the context trims the window
+    /// like a turn does; `Err(Cancelled)` when the answer is stopped while waiting.
+    async fn next_stream(
+        &mut self,
+        rounds: &[ToolRound],
+        choice: ToolChoice,
+        tx: &mpsc::Sender<Event>,
+        stop: &mut oneshot::Receiver<()>,
+        stop_open: &mut bool,
+    ) -> std::result::Result<ChunkStream, StepEnd> {
+        let assistant = self.assistant.clone();
+        let inner = &assistant.inner;
+        let tools = assistant.tool_use(choice);
+        let tail = round_turns(rounds);
+        let mut trimmed = 0usize;
+        let routed: Routed = loop {
+            let mut request = build_request(&self.system, &self.window, &self.params, &tools);
+            request.messages.extend(tail.iter().cloned());
+            let asked = tokio::select! {
+                asked = inner.router.stream(self.tier, request) => asked,
+                _ = stop_pressed(stop, stop_open) => return Err(StepEnd::Cancelled),
+                _ = tx.closed() => return Err(StepEnd::Cancelled),
+            };
+            match asked {
+                Ok(routed) => break routed,
+                Err(LlmError::ContextOverflow { .. }) if message_span(&self.window) > 1 => {
+                    let start = Assistant::trimmed_start(&self.window);
+                    let before = message_span(&self.window);
+                    self.window.retain(|(index, _)| *index >= start);
+                    trimmed += before - message_span(&self.window);
+                    if start > self.floor {
+                        self.floor = start;
+                        lock(&inner.floors).insert(self.conversation_id, start);
+                    }
+                    // The prepared next window was planned from the old start.
+                    self.warm = None;
+                }
+                Err(e) => return Err(StepEnd::Failed(e.to_string())),
+            }
+        };
+        if trimmed > 0 {
+            let _ = tx
+                .send(Event::Notice {
+                    kind: "history_trimmed".into(),
+                    message: format!(
+                        "history trimmed: the {trimmed} oldest message(s) did not fit the model's context"
+                    ),
+                })
+                .await;
+        }
+        for (kind, message) in &routed.notices {
+            let _ = tx.send(Event::Notice { kind: kind.clone(), message: message.clone() }).await;
+        }
+        // The ledger names who answered; a call that left the machine is never hidden by a
+        // later local one.
+        if routed.info.leaves_machine || !self.leaves_machine {
+            self.provider = routed.info.provider.clone();
+            self.model = routed.info.model.clone();
+            self.leaves_machine = routed.info.leaves_machine;
+        }
+        Ok(routed.stream)
+    }
+}
+
+/// Reads one model call to its end: text goes to the caller as it comes, tool calls are
+/// collected for the round.
+async fn read_step(
+    stream: &mut ChunkStream,
+    tx: &mpsc::Sender<Event>,
+    stop: &mut oneshot::Receiver<()>,
+    stop_open: &mut bool,
+) -> Step {
+    let mut step =
+        Step { text: String::new(), calls: Vec::new(), n_pieces: 0, end: StepEnd::Cancelled };
+    step.end = loop {
+        let next = tokio::select! {
+            chunk = stream.recv() => chunk,
+            _ = stop_pressed(stop, stop_open) => break StepEnd::Cancelled,
+        };
+        match next {
+            Some(Ok(Chunk::Text(t))) => {
+                step.text.push_str(&t);
+                step.n_pieces += 1;
+                if tx.send(Event::Token(t)).await.is_err() {
+                    // The client left: dropping the stream stops the engine.
+                    break StepEnd::Cancelled;
+                }
+            }
+            Some(Ok(Chunk::Notice { kind, message })) => {
+                let _ = tx.send(Event::Notice { kind, message }).await;
+            }
+            Some(Ok(Chunk::ToolCall(call))) => step.calls.push(call),
+            Some(Ok(Chunk::Done { usage, finish })) => break StepEnd::Finished(usage, finish),
+            Some(Err(e)) => break StepEnd::Failed(e.to_string()),
+            None => break StepEnd::Failed("the model stream ended unexpectedly".into()),
+        }
+    };
+    step
+}
+
+/// Adds one model call's accounting to the answer's: tokens generated and time spent add
+/// up; the prompt is the last call's (the longest), the time to first token the first's.
+fn add_usage(total: &mut Usage, step: &Usage, first: bool) {
+    total.prompt_tokens = step.prompt_tokens;
+    total.cached_tokens = step.cached_tokens;
+    total.completion_tokens += step.completion_tokens;
+    total.prefill_ms += step.prefill_ms;
+    total.decode_ms += step.decode_ms;
+    if first {
+        total.ttft_ms = step.ttft_ms;
     }
 }
 

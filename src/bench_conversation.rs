@@ -193,7 +193,10 @@ async fn run_policy(
                 }
                 Event::Done { usage, .. } => done = Some(usage),
                 Event::Error { message, .. } => anyhow::bail!("turn {}: {message}", index + 1),
-                Event::Meta { .. } | Event::Notice { .. } => {}
+                Event::Meta { .. }
+                | Event::Notice { .. }
+                | Event::ToolCall { .. }
+                | Event::ToolResult { .. } => {}
             }
         }
         let usage = done.with_context(|| format!("turn {} ended without an answer", index + 1))?;

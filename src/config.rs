@@ -259,6 +259,16 @@ pub struct Config {
     /// Default time zone of cron jobs (IANA name); the system's when unset.
     #[arg(long, env = "CRON_TIMEZONE", global = true)]
     pub cron_timezone: Option<String>,
+
+    // --- Agent (issue 15) -----------------------------------------------------------------
+    /// Tools the assistant may call: `all`, `none`, or a comma-separated list of tool names
+    /// (`current_time,reminders_create`).
+    #[arg(long, env = "TOOLS", default_value = "all", global = true)]
+    pub tools: String,
+
+    /// Most rounds of tool calls in one answer, after which the model answers in text (1-20).
+    #[arg(long, env = "AGENT_MAX_STEPS", default_value_t = 5, global = true)]
+    pub agent_max_steps: usize,
 }
 
 /// A configuration problem, phrased so that a person can act on it.
@@ -289,6 +299,81 @@ pub struct Settings {
     pub whatsapp: Option<WhatsAppSettings>,
     pub nextcloud: Option<NextcloudSettings>,
     pub cron: CronSettings,
+    pub agent: AgentSettings,
+}
+
+/// The agent loop's settings (issue 15).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentSettings {
+    pub tools: ToolSelection,
+    pub max_steps: usize,
+}
+
+/// Which tools are enabled (`TOOLS`). Names are checked against the registry in `app.rs`,
+/// the one place that knows which tools exist (`ToolSelection::check_known`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ToolSelection {
+    All,
+    None,
+    /// These names, deduplicated, in the order given.
+    Only(Vec<String>),
+}
+
+impl ToolSelection {
+    /// Parses `TOOLS`: `all`, `none` (any case), or a comma list of tool names
+    /// (`[a-z0-9_]`, at most 64 characters each).
+    pub fn parse(value: &str) -> Result<ToolSelection, ConfigError> {
+        let trimmed = value.trim();
+        if trimmed.eq_ignore_ascii_case("all") {
+            return Ok(ToolSelection::All);
+        }
+        if trimmed.eq_ignore_ascii_case("none") || trimmed.is_empty() {
+            return Ok(ToolSelection::None);
+        }
+        let mut names: Vec<String> = Vec::new();
+        for name in trimmed.split(',').map(str::trim) {
+            let valid = !name.is_empty()
+                && name.len() <= 64
+                && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+            if !valid {
+                return Err(bad(format!(
+                    "TOOLS={value}: `{name}` is not a tool name (use all, none, or names such \
+                     as current_time,reminders_create separated by commas)"
+                )));
+            }
+            if !names.iter().any(|n| n == name) {
+                names.push(name.to_string());
+            }
+        }
+        Ok(ToolSelection::Only(names))
+    }
+
+    /// Whether the tool `name` is enabled.
+    pub fn enables(&self, name: &str) -> bool {
+        match self {
+            ToolSelection::All => true,
+            ToolSelection::None => false,
+            ToolSelection::Only(names) => names.iter().any(|n| n == name),
+        }
+    }
+
+    /// An error naming every listed tool that is not in `known`, with the known ones.
+    pub fn check_known(&self, known: &[&str]) -> Result<(), ConfigError> {
+        let ToolSelection::Only(names) = self else {
+            return Ok(());
+        };
+        let unknown: Vec<&str> =
+            names.iter().map(String::as_str).filter(|n| !known.contains(n)).collect();
+        if unknown.is_empty() {
+            return Ok(());
+        }
+        let known = if known.is_empty() { "none".to_string() } else { known.join(", ") };
+        Err(bad(format!(
+            "TOOLS={}: unknown tool(s) {}; the known tools are: {known}",
+            names.join(","),
+            unknown.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ")
+        )))
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -496,6 +581,15 @@ impl Config {
         let model_code = TierModel::parse(Tier::Code, &self.model_code)?;
         let model_reason = TierModel::parse(Tier::Reason, &self.model_reason)?;
 
+        let tools = ToolSelection::parse(&self.tools)?;
+        if self.agent_max_steps == 0 || self.agent_max_steps > 20 {
+            return Err(bad(format!(
+                "AGENT_MAX_STEPS={}: must be between 1 and 20",
+                self.agent_max_steps
+            )));
+        }
+        let agent = AgentSettings { tools, max_steps: self.agent_max_steps };
+
         let whatsapp = self.whatsapp_settings()?;
         let nextcloud = self.nextcloud_settings()?;
         Ok(Settings {
@@ -537,6 +631,7 @@ impl Config {
             whatsapp,
             nextcloud,
             cron: CronSettings { secret: self.cron_secret, timezone: self.cron_timezone },
+            agent,
             data_dir: self.data_dir,
             models_dir: self.models_dir,
         })
@@ -766,6 +861,32 @@ mod tests {
         assert_eq!(format!("{s:?}"), "***");
         assert_eq!(format!("{s}"), "***");
         assert_eq!(s.expose(), "hunter2-very-secret");
+    }
+
+    #[test]
+    fn tool_selection_parses_and_names_unknown_tools() {
+        assert_eq!(ToolSelection::parse("all").unwrap(), ToolSelection::All);
+        assert_eq!(ToolSelection::parse(" NONE ").unwrap(), ToolSelection::None);
+        let only = ToolSelection::parse("current_time, reminders_list,current_time").unwrap();
+        assert_eq!(only, ToolSelection::Only(vec!["current_time".into(), "reminders_list".into()]));
+        assert!(only.enables("current_time") && !only.enables("reminders_create"));
+        assert!(ToolSelection::All.enables("x") && !ToolSelection::None.enables("x"));
+        let err = ToolSelection::parse("current_time,Reminders.Create").unwrap_err().to_string();
+        assert!(
+            err.starts_with("TOOLS=current_time,Reminders.Create: `Reminders.Create`"),
+            "{err}"
+        );
+        assert!(ToolSelection::parse("a,,b").is_err());
+
+        let known = ["current_time", "reminders_create"];
+        assert!(only.check_known(&["current_time", "reminders_list"]).is_ok());
+        let err = only.check_known(&known).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "TOOLS=current_time,reminders_list: unknown tool(s) `reminders_list`; the known \
+             tools are: current_time, reminders_create"
+        );
+        assert!(ToolSelection::All.check_known(&[]).is_ok());
     }
 
     #[test]

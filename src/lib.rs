@@ -20,6 +20,8 @@ pub mod channels;
 pub mod chat;
 /// Command line and environment configuration, validated once at start.
 pub mod config;
+/// The agent loop's check of answers that claim a reminder no tool call created.
+pub mod correction;
 /// Scheduled jobs that make the assistant write first.
 pub mod cron;
 /// SQLite pool, migrations and the memory queries.

@@ -576,7 +576,9 @@
     wait.setAttribute("role", "status");
     const actions = document.createElement("div");
     actions.className = "msg-actions";
-    const bubble = { wrap, content, meta, notices, wait, actions, text: text || "" };
+    const tools = document.createElement("div");
+    tools.className = "tools";
+    const bubble = { wrap, content, meta, notices, wait, tools, actions, text: text || "" };
     wrap.__bubble = bubble;
     actions.appendChild(actionButton("Copy", "act-copy", (button) => copyToClipboard(bubble.text, button)));
     if (role === "assistant") {
@@ -584,7 +586,7 @@
     } else if (role === "user") {
       actions.appendChild(actionButton("Edit", "act-edit", () => startEdit()));
     }
-    wrap.append(notices, wait, content, meta, actions);
+    wrap.append(notices, wait, tools, content, meta, actions);
     renderBubbleText(bubble);
     el.messages.appendChild(wrap);
     return bubble;
@@ -678,6 +680,75 @@
     bubble.notices.appendChild(notice);
   }
 
+  // --- Tool use inside an answer ------------------------------------------------------------
+  // Each round shows the text the model wrote before its calls, then one compact line per
+  // call ("used reminders_create") that opens, as a native <details>, on its arguments and
+  // result. Tool names, arguments and results are untrusted text: textContent only.
+
+  /** The text an answer wrote before a round of calls (Markdown, rendered like answers). */
+  function addToolText(bubble, text) {
+    if (!text || !text.trim()) return;
+    const div = document.createElement("div");
+    div.className = "tool-text";
+    renderMarkdown(div, text);
+    bubble.tools.appendChild(div);
+  }
+
+  /** Arguments as the model wrote them, indented when they are valid JSON. */
+  function prettyJson(text) {
+    try {
+      return JSON.stringify(JSON.parse(text), null, 2);
+    } catch (_) {
+      return String(text);
+    }
+  }
+
+  function toolSection(label, text, cls) {
+    const section = document.createElement("div");
+    section.className = cls;
+    const heading = document.createElement("div");
+    heading.className = "tool-label";
+    heading.textContent = label;
+    const pre = document.createElement("pre");
+    pre.textContent = prettyJson(text);
+    section.append(heading, pre);
+    return section;
+  }
+
+  /** One call: a "used NAME" line that expands to its arguments (and later its result). */
+  function addToolCall(bubble, call) {
+    const details = document.createElement("details");
+    details.className = "tool-use";
+    details.dataset.callId = String(call.id || "");
+    details.dataset.tool = String(call.name || "");
+    const summary = document.createElement("summary");
+    summary.textContent = "used " + String(call.name || "a tool");
+    details.append(summary, toolSection("Arguments", call.arguments || "{}", "tool-arguments"));
+    bubble.tools.appendChild(details);
+    return details;
+  }
+
+  /** Adds a result under its call (found by id); a failed call says so in its line. */
+  function addToolResult(bubble, result) {
+    const calls = [...bubble.tools.querySelectorAll("details.tool-use")];
+    const details = calls.find((d) => d.dataset.callId === String(result.call_id));
+    if (!details) return;
+    details.appendChild(toolSection(result.is_error ? "Error" : "Result", result.content, "tool-result"));
+    if (result.is_error) {
+      details.classList.add("failed");
+      details.querySelector("summary").textContent += " (failed)";
+    }
+  }
+
+  /** The stored rounds of an answer, when a conversation is shown. */
+  function showToolRounds(bubble, rounds) {
+    for (const round of rounds || []) {
+      addToolText(bubble, round.text);
+      for (const call of round.calls || []) addToolCall(bubble, call);
+      for (const result of round.results || []) addToolResult(bubble, result);
+    }
+  }
+
   function addErrorText(bubble, text) {
     const p = document.createElement("div");
     p.className = "error-text";
@@ -697,6 +768,7 @@
       const role = m.role === "user" || m.role === "assistant" ? m.role : "system";
       const bubble = addBubble(role, m.content, { id: m.id, status: m.status });
       if (role === "assistant") {
+        showToolRounds(bubble, m.tool_rounds);
         bubble.wrap.dataset.state = m.status === "complete" ? "done" : m.status;
         setMeta(bubble, {
           tier: m.tier,
@@ -1162,6 +1234,18 @@
               scrollToEnd(false);
             });
           }
+        } else if (event.type === "tool_call") {
+          // The text so far was written before this call: it moves above the call, and
+          // the answer's own text starts again empty.
+          if (bubble.wrap.dataset.wait) clearWait(bubble);
+          if (frame) window.cancelAnimationFrame(frame);
+          frame = 0;
+          addToolText(bubble, bubble.text);
+          bubble.text = "";
+          renderBubbleText(bubble);
+          addToolCall(bubble, event);
+        } else if (event.type === "tool_result") {
+          addToolResult(bubble, event);
         } else if (event.type === "notice") {
           if (WAIT_KINDS.has(event.kind)) {
             if (!bubble.text) showWait(bubble, event.kind, event.message);

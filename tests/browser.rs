@@ -1288,3 +1288,88 @@ async fn webchat_renders_markdown_and_runs_message_actions_search_and_export() {
         target.display()
     );
 }
+
+/// Issue 15: a stored answer's tool rounds show as "used NAME" lines inside the answer that
+/// open on their arguments and result; names, arguments and results stay inert text.
+#[tokio::test]
+async fn webchat_shows_stored_tool_use_compactly_and_as_text() {
+    use my_claw::db::memory::{self, NewMessage};
+    use my_claw::domain::{Role, ToolCall, ToolResult, ToolRound};
+    let _one_at_a_time = ONE_BROWSER.lock().await;
+    let data = tempfile::tempdir().expect("data dir");
+    let url = format!("sqlite://{}", data.path().join("my-claw.db").display());
+    let pool = my_claw::db::connect(&url).await.expect("seed database");
+    let conversation = memory::create_webchat_conversation(&pool, Some("Tools")).await.unwrap().id;
+    memory::add_message(&pool, &NewMessage::plain(conversation, Role::User, "Remind me at 9"))
+        .await
+        .unwrap();
+    let hostile = "<img src=x onerror=\"window.__pwned=1\">";
+    let rounds = vec![ToolRound {
+        text: "Let me **check** the time.".into(),
+        calls: vec![
+            ToolCall { id: "call_1".into(), name: "current_time".into(), arguments: "{}".into() },
+            ToolCall {
+                id: "call_2".into(),
+                name: "reminders_create".into(),
+                arguments: format!(r#"{{"text":"{}"}}"#, hostile.replace('"', "\\\"")),
+            },
+        ],
+        results: vec![
+            ToolResult { call_id: "call_1".into(), content: "09:00".into(), is_error: false },
+            ToolResult { call_id: "call_2".into(), content: hostile.into(), is_error: true },
+        ],
+    }];
+    let answer = NewMessage::plain(conversation, Role::Assistant, "Your reminder is set.");
+    memory::add_message_with_rounds(&pool, &answer, &rounds).await.unwrap();
+    pool.close().await;
+
+    let envs = util::smollm2_env();
+    let data_dir = data.path().to_path_buf();
+    let server = tokio::task::spawn_blocking(move || {
+        Server::start(ServerOptions { envs, data_dir: Some(data_dir) })
+    })
+    .await
+    .expect("server start");
+    let browser = Browser::start().await;
+    browser.goto(&server.url(&format!("/?token={}#c={}", server.token, conversation.0))).await;
+    let shown = browser
+        .wait_for(
+            "the tool use",
+            "const a = document.querySelector('#messages .msg.assistant'); \
+             if (!a || a.querySelectorAll('details.tool-use').length < 2) return null; \
+             const d = [...a.querySelectorAll('details.tool-use')]; \
+             return { lines: d.map(x => x.querySelector('summary').textContent), \
+               open: d.map(x => x.open), \
+               before: a.querySelector('.tool-text strong')?.textContent, \
+               args: d[1].querySelector('.tool-arguments pre').textContent, \
+               result: d[1].querySelector('.tool-result pre').textContent, \
+               failed: d[1].classList.contains('failed'), \
+               imgs: a.querySelectorAll('img').length, \
+               answer: a.querySelector('.content').textContent };",
+            Duration::from_secs(30),
+        )
+        .await;
+    assert_eq!(
+        shown["lines"],
+        json!(["used current_time", "used reminders_create (failed)"]),
+        "{shown}"
+    );
+    assert_eq!(shown["open"], json!([false, false]), "compact until opened: {shown}");
+    assert_eq!(shown["before"], "check", "{shown}");
+    assert!(shown["args"].as_str().unwrap().contains(hostile), "{shown}");
+    assert_eq!(shown["result"], hostile, "{shown}");
+    assert_eq!(shown["failed"], true, "{shown}");
+    assert_eq!(shown["imgs"], 0, "untrusted text never becomes markup: {shown}");
+    assert_eq!(shown["answer"].as_str().unwrap().trim(), "Your reminder is set.", "{shown}");
+    browser.click("#messages details.tool-use summary").await;
+    let opened = browser
+        .wait_for(
+            "the first call opened",
+            "const d = document.querySelector('#messages details.tool-use'); \
+             return d.open ? d.querySelector('.tool-result pre').textContent : null;",
+            Duration::from_secs(5),
+        )
+        .await;
+    assert_eq!(opened, "09:00");
+    assert_eq!(browser.js("return window.__pwned || 0;").await, 0);
+}

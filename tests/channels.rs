@@ -18,7 +18,7 @@ use futures::future::BoxFuture;
 use serde_json::{json, Value};
 use sqlx::SqlitePool;
 
-use my_claw::assistant::{Assistant, AssistantConfig};
+use my_claw::assistant::{AgentConfig, Assistant, AssistantConfig};
 use my_claw::channels::markup;
 use my_claw::channels::nextcloud::{self, Nextcloud};
 use my_claw::channels::queue::{self, QueueConfig, FAILURE_REPLY, UNSUPPORTED_REPLY};
@@ -918,12 +918,24 @@ async fn in_process(
     engine: Arc<ScriptedEngine>,
     allowed: &[&str],
 ) -> InProcess {
+    in_process_with(graph, talk, engine, allowed, AgentConfig::default()).await
+}
+
+/// `in_process` with any model and the tools of `agent`.
+async fn in_process_with(
+    graph: &StandIn,
+    talk: Option<&StandIn>,
+    engine: Arc<dyn Provider>,
+    allowed: &[&str],
+    agent: AgentConfig,
+) -> InProcess {
     let (dir, pool) = fresh_pool().await;
     let router = ModelRouter::with_providers(engine, std::collections::HashMap::new(), Tier::Main);
-    let assistant = Arc::new(Assistant::new(
+    let assistant = Arc::new(Assistant::with_agent(
         pool.clone(),
         Arc::new(router),
         AssistantConfig { history_messages: 20, reply_max_tokens: 32 },
+        agent,
     ));
     let mut settings = whatsapp_settings(&graph.base, None);
     settings.allowed_numbers = allowed.iter().map(|n| n.to_string()).collect();
@@ -1448,4 +1460,49 @@ async fn a_message_too_large_for_the_model_gets_a_reply_saying_so() {
     assert_eq!(replies.len(), 1);
     assert_eq!(replies[0].json()["text"]["body"], queue::TOO_LARGE_REPLY);
     assert_eq!(app.health_queue().await["failed"], 1);
+}
+
+// --- issue 15: the agent loop on a channel -------------------------------------------------
+
+#[tokio::test]
+async fn whatsapp_gets_only_the_final_text_of_an_answer_that_used_tools() {
+    use crate::agent::{call, Echo, Scripted, ToolModel};
+
+    let graph = StandIn::start(Kind::Graph).await;
+    let model = ToolModel::new(|_, n| match n {
+        0 => (vec!["Checking the echo…".into()], vec![call("call_1", "echo", r#"{"text":"hi"}"#)]),
+        _ => (vec!["The echo says hi.".into()], vec![]),
+    });
+    let echo = Arc::new(Echo::default());
+    let mut tools = my_claw::tools::ToolRegistry::new();
+    tools.register(echo.clone());
+    let agent = AgentConfig { tools, max_steps: 5 };
+    let engine: Arc<dyn Provider> = Arc::new(Scripted(model.clone()));
+    let app = in_process_with(&graph, None, engine, &[USER_NUMBER], agent).await;
+
+    let body = whatsapp_batch(&[raw_text_message("wamid.TOOLS", USER_NUMBER, "echo hi")]);
+    assert_eq!(app.post_whatsapp(&body).await.status(), 200);
+    assert_eq!(app.final_row("wamid.TOOLS").await.status, QueueStatus::Done);
+    let bodies: Vec<String> = graph
+        .messages()
+        .iter()
+        .map(|r| r.json()["text"]["body"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(bodies, ["The echo says hi."], "the text before the call is not sent");
+
+    // The tool ran for this WhatsApp conversation, and the answer keeps its round.
+    let contexts = echo.contexts.lock().unwrap().clone();
+    assert_eq!(contexts.len(), 1);
+    assert_eq!(contexts[0].channel, ChannelKind::WhatsApp);
+    assert_eq!(contexts[0].conversation_key, USER_NUMBER);
+    let conversation = memory::find_conversation(&app.pool, ChannelKind::WhatsApp, USER_NUMBER)
+        .await
+        .unwrap()
+        .expect("the conversation");
+    let stored = memory::history(&app.pool, conversation.id, 10).await.unwrap();
+    assert_eq!(stored.len(), 2);
+    assert_eq!(stored[1].content, "The echo says hi.");
+    assert_eq!(stored[1].tool_rounds.len(), 1);
+    assert_eq!(stored[1].tool_rounds[0].calls[0].name, "echo");
+    assert_eq!(stored[1].tool_rounds[0].results[0].content, "hi");
 }

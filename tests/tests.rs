@@ -3,6 +3,7 @@
 
 mod util;
 
+mod agent;
 mod architecture;
 mod bench_model;
 mod browser;

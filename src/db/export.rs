@@ -35,6 +35,9 @@ pub struct ExportMessage {
     pub prompt_tokens: Option<i64>,
     pub completion_tokens: Option<i64>,
     pub created_at: i64,
+    /// The tool calls made for this answer and their results (the privacy ledger of tool
+    /// use): the `tool_rounds` JSON text of migration 0004, `None` when it used none.
+    pub tool_rounds: Option<String>,
 }
 
 /// What a backup copy holds, checked on the copy itself.
@@ -83,7 +86,7 @@ pub async fn messages_after(
 ) -> Result<Vec<ExportMessage>, sqlx::Error> {
     sqlx::query_as(
         "SELECT id, role, content, tier, provider, model, status, prompt_tokens,
-                completion_tokens, created_at
+                completion_tokens, created_at, tool_rounds
          FROM messages WHERE conversation_id = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
     )
     .bind(conversation_id.0)

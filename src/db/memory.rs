@@ -5,7 +5,9 @@
 use sqlx::SqlitePool;
 
 use crate::db::now_ms;
-use crate::domain::{ChannelKind, ConversationId, MessageId, Role};
+use crate::domain::{
+    ChannelKind, ConversationId, MessageId, Role, ToolCall, ToolResult, ToolRound,
+};
 
 /// A stored conversation.
 #[derive(Debug, Clone, PartialEq)]
@@ -88,6 +90,8 @@ pub struct StoredMessage {
     pub delivery_status: Option<String>,
     pub delivery_error: Option<String>,
     pub created_at: i64,
+    /// The tool rounds of an answer, oldest first (empty for every other message).
+    pub tool_rounds: Vec<ToolRound>,
 }
 
 /// Finds the conversation of `(channel, external_key)` or creates it.
@@ -218,12 +222,24 @@ pub async fn delete_conversation(
 
 /// Stores a message and bumps its conversation's activity time, in one transaction.
 pub async fn add_message(pool: &SqlitePool, msg: &NewMessage) -> Result<MessageId, sqlx::Error> {
+    add_message_with_rounds(pool, msg, &[]).await
+}
+
+/// `add_message` for an answer with the tool rounds that produced it (stored in the same
+/// row: one answer is one message, whatever tools it used).
+pub async fn add_message_with_rounds(
+    pool: &SqlitePool,
+    msg: &NewMessage,
+    rounds: &[ToolRound],
+) -> Result<MessageId, sqlx::Error> {
     let now = now_ms();
+    let rounds_json = rounds_to_json(rounds);
     let mut tx = crate::db::begin_write(pool).await?;
     let id: i64 = sqlx::query_scalar(
         "INSERT INTO messages (conversation_id, role, content, tier, provider, model,
-                               prompt_tokens, completion_tokens, status, external_id, created_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+                               prompt_tokens, completion_tokens, status, external_id, created_at,
+                               tool_rounds)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
          RETURNING id",
     )
     .bind(msg.conversation_id.0)
@@ -237,6 +253,7 @@ pub async fn add_message(pool: &SqlitePool, msg: &NewMessage) -> Result<MessageI
     .bind(msg.status.as_str())
     .bind(&msg.external_id)
     .bind(now)
+    .bind(rounds_json)
     .fetch_one(&mut *tx)
     .await?;
     sqlx::query("UPDATE conversations SET updated_at = ?1 WHERE id = ?2")
@@ -246,6 +263,89 @@ pub async fn add_message(pool: &SqlitePool, msg: &NewMessage) -> Result<MessageI
         .await?;
     tx.commit().await?;
     Ok(MessageId(id))
+}
+
+/// The `tool_rounds` column's JSON text (see migration 0004), `None` when there are none.
+pub fn rounds_to_json(rounds: &[ToolRound]) -> Option<String> {
+    if rounds.is_empty() {
+        return None;
+    }
+    let value: Vec<serde_json::Value> = rounds
+        .iter()
+        .map(|round| {
+            serde_json::json!({
+                "text": round.text,
+                "calls": round.calls.iter().map(|c| serde_json::json!({
+                    "id": c.id, "name": c.name, "arguments": c.arguments,
+                })).collect::<Vec<_>>(),
+                "results": round.results.iter().map(|r| serde_json::json!({
+                    "call_id": r.call_id, "content": r.content, "is_error": r.is_error,
+                })).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    Some(serde_json::Value::Array(value).to_string())
+}
+
+/// Parses the `tool_rounds` column. A value that does not parse (written by hand, or by a
+/// future version) reads as no rounds, logged: the answer's text is still shown and used.
+pub fn rounds_from_json(text: Option<&str>) -> Vec<ToolRound> {
+    let Some(text) = text.filter(|t| !t.trim().is_empty()) else {
+        return Vec::new();
+    };
+    match serde_json::from_str::<Vec<RoundJson>>(text) {
+        Ok(rounds) => rounds
+            .into_iter()
+            .map(|r| ToolRound {
+                text: r.text,
+                calls: r
+                    .calls
+                    .into_iter()
+                    .map(|c| ToolCall { id: c.id, name: c.name, arguments: c.arguments })
+                    .collect(),
+                results: r
+                    .results
+                    .into_iter()
+                    .map(|r| ToolResult {
+                        call_id: r.call_id,
+                        content: r.content,
+                        is_error: r.is_error,
+                    })
+                    .collect(),
+            })
+            .collect(),
+        Err(e) => {
+            tracing::warn!(error = %e, "unreadable tool rounds in a stored message; ignored");
+            Vec::new()
+        }
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct RoundJson {
+    #[serde(default)]
+    text: String,
+    #[serde(default)]
+    calls: Vec<CallJson>,
+    #[serde(default)]
+    results: Vec<ResultJson>,
+}
+
+#[derive(serde::Deserialize)]
+struct CallJson {
+    id: String,
+    name: String,
+    #[serde(default)]
+    arguments: String,
+}
+
+#[derive(serde::Deserialize)]
+struct ResultJson {
+    call_id: String,
+    #[serde(default)]
+    content: String,
+    #[serde(default)]
+    is_error: bool,
 }
 
 /// The last `limit` messages of a conversation, oldest first.
@@ -367,7 +467,8 @@ pub async fn setting_set(pool: &SqlitePool, key: &str, value: &str) -> Result<()
 }
 
 const MESSAGE_COLUMNS: &str = "id, conversation_id, role, content, tier, provider, model, \
-     prompt_tokens, completion_tokens, status, external_id, delivery_status, delivery_error, created_at";
+     prompt_tokens, completion_tokens, status, external_id, delivery_status, delivery_error, created_at, \
+     tool_rounds";
 
 #[derive(sqlx::FromRow)]
 struct ConversationRow {
@@ -426,6 +527,7 @@ struct MessageRow {
     delivery_status: Option<String>,
     delivery_error: Option<String>,
     created_at: i64,
+    tool_rounds: Option<String>,
 }
 
 impl TryFrom<MessageRow> for StoredMessage {
@@ -449,6 +551,7 @@ impl TryFrom<MessageRow> for StoredMessage {
             delivery_status: row.delivery_status,
             delivery_error: row.delivery_error,
             created_at: row.created_at,
+            tool_rounds: rounds_from_json(row.tool_rounds.as_deref()),
         })
     }
 }
@@ -572,6 +675,40 @@ mod tests {
         let msg = get_message(&pool, id).await.unwrap().unwrap();
         assert_eq!(msg.delivery_status.as_deref(), Some("failed"));
         assert_eq!(msg.delivery_error.as_deref(), Some("131047: re-engagement"));
+    }
+
+    #[tokio::test]
+    async fn an_answer_keeps_its_tool_rounds_in_one_row() {
+        let (_dir, pool) = fresh().await;
+        let conv = create_webchat_conversation(&pool, None).await.unwrap();
+        add_message(&pool, &NewMessage::plain(conv.id, Role::User, "what time is it?"))
+            .await
+            .unwrap();
+        let rounds = vec![ToolRound {
+            text: "Let me look.".into(),
+            calls: vec![ToolCall {
+                id: "call_1".into(),
+                name: "current_time".into(),
+                arguments: r#"{"zone":"Europe/Paris"}"#.into(),
+            }],
+            results: vec![ToolResult {
+                call_id: "call_1".into(),
+                content: "{\"error\":\"no \\\"zone\\\"\"}".into(),
+                is_error: true,
+            }],
+        }];
+        let answer = NewMessage::plain(conv.id, Role::Assistant, "It is nine.");
+        let id = add_message_with_rounds(&pool, &answer, &rounds).await.unwrap();
+        let stored = get_message(&pool, id).await.unwrap().unwrap();
+        assert_eq!(stored.tool_rounds, rounds);
+        assert_eq!(stored.content, "It is nine.");
+        // One answer, one row: the rounds do not count as messages.
+        assert_eq!(message_count(&pool, conv.id).await.unwrap(), 2);
+        let user = &history(&pool, conv.id, 10).await.unwrap()[0];
+        assert!(user.tool_rounds.is_empty());
+        // A column that does not parse reads as no rounds rather than failing the read.
+        assert!(rounds_from_json(Some("not json")).is_empty());
+        assert!(rounds_from_json(None).is_empty());
     }
 
     #[tokio::test]

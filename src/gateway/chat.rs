@@ -75,6 +75,20 @@ pub enum ChatEvent {
         kind: String,
         message: String,
     },
+    /// The model called a tool (sent as the named SSE event `tool_call`). `arguments` is
+    /// the model's JSON text: untrusted, shown as text only.
+    ToolCall {
+        id: String,
+        name: String,
+        arguments: String,
+    },
+    /// A tool call's result (the named SSE event `tool_result`), before the model goes on.
+    ToolResult {
+        call_id: String,
+        name: String,
+        content: String,
+        is_error: bool,
+    },
     Done {
         message_id: i64,
         finish: &'static str,
@@ -147,7 +161,21 @@ pub fn answer_sse(
     assistant: Arc<Assistant>,
     events: mpsc::Receiver<Event>,
 ) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
-    let stream = stop_on_shutdown(assistant, events).map(|event| Ok(sse_event(&chat_event(event))));
+    let stream = stop_on_shutdown(assistant, events).map(|event| {
+        let event = chat_event(event);
+        // Tool events also carry an SSE event name, so a client can listen to them alone;
+        // every event keeps its `type` for readers of the plain `data:` lines.
+        let name = match &event {
+            ChatEvent::ToolCall { .. } => Some("tool_call"),
+            ChatEvent::ToolResult { .. } => Some("tool_result"),
+            _ => None,
+        };
+        let sse = sse_event(&event);
+        Ok(match name {
+            Some(name) => sse.event(name),
+            None => sse,
+        })
+    });
     Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
 }
 
@@ -235,6 +263,15 @@ pub fn chat_event(event: Event) -> ChatEvent {
         },
         Event::Token(text) => ChatEvent::Token { text },
         Event::Notice { kind, message } => ChatEvent::Notice { kind, message },
+        Event::ToolCall { call } => {
+            ChatEvent::ToolCall { id: call.id, name: call.name, arguments: call.arguments }
+        }
+        Event::ToolResult { name, result } => ChatEvent::ToolResult {
+            call_id: result.call_id,
+            name,
+            content: result.content,
+            is_error: result.is_error,
+        },
         Event::Done { message_id, usage, finish, total_ms } => ChatEvent::Done {
             message_id: message_id.0,
             finish: finish_str(finish),

@@ -8,7 +8,7 @@ use axum::Router;
 use serde::{Deserialize, Serialize};
 
 use crate::db::memory::{self, Conversation, ConversationSummary, StoredMessage};
-use crate::domain::ConversationId;
+use crate::domain::{ConversationId, ToolRound};
 use crate::gateway::error::{ApiError, ApiJson, ApiPath, ApiQuery};
 use crate::gateway::AppState;
 
@@ -57,6 +57,54 @@ pub struct MessageJson {
     pub prompt_tokens: Option<i64>,
     pub completion_tokens: Option<i64>,
     pub created_at: i64,
+    /// The tools the assistant used for this answer, round by round (empty when none):
+    /// shown compactly by the page, and part of the privacy ledger.
+    pub tool_rounds: Vec<ToolRoundJson>,
+}
+
+/// One round of tool use: the text written before the calls, the calls, their results.
+#[derive(Debug, Serialize)]
+pub struct ToolRoundJson {
+    pub text: String,
+    pub calls: Vec<ToolCallJson>,
+    pub results: Vec<ToolResultJson>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ToolCallJson {
+    pub id: String,
+    pub name: String,
+    /// JSON text, as the model wrote it.
+    pub arguments: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ToolResultJson {
+    pub call_id: String,
+    pub content: String,
+    pub is_error: bool,
+}
+
+impl From<ToolRound> for ToolRoundJson {
+    fn from(round: ToolRound) -> Self {
+        ToolRoundJson {
+            text: round.text,
+            calls: round
+                .calls
+                .into_iter()
+                .map(|c| ToolCallJson { id: c.id, name: c.name, arguments: c.arguments })
+                .collect(),
+            results: round
+                .results
+                .into_iter()
+                .map(|r| ToolResultJson {
+                    call_id: r.call_id,
+                    content: r.content,
+                    is_error: r.is_error,
+                })
+                .collect(),
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -204,5 +252,6 @@ fn message_json(m: StoredMessage) -> MessageJson {
         prompt_tokens: m.prompt_tokens,
         completion_tokens: m.completion_tokens,
         created_at: m.created_at,
+        tool_rounds: m.tool_rounds.into_iter().map(ToolRoundJson::from).collect(),
     }
 }

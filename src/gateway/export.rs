@@ -69,6 +69,9 @@ struct MessageJson<'a> {
     prompt_tokens: Option<i64>,
     completion_tokens: Option<i64>,
     created_at: i64,
+    /// The answer's tool rounds as stored (`[]` when it used no tool): which tools ran,
+    /// with what, and what they returned.
+    tool_rounds: serde_json::Value,
 }
 
 async fn get_conversation_export(
@@ -217,6 +220,11 @@ fn message_json(m: &ExportMessage) -> MessageJson<'_> {
         prompt_tokens: m.prompt_tokens,
         completion_tokens: m.completion_tokens,
         created_at: m.created_at,
+        tool_rounds: m
+            .tool_rounds
+            .as_deref()
+            .and_then(|text| serde_json::from_str(text).ok())
+            .unwrap_or_else(|| serde_json::Value::Array(Vec::new())),
     }
 }
 
@@ -256,6 +264,26 @@ fn conversation_markdown(c: &ExportConversation, messages: &[ExportMessage]) -> 
             _ => "",
         };
         let _ = write!(out, "\n---\n\n**{who}** · {}{status}\n\n", format_time(m.created_at));
+        for round in crate::db::memory::rounds_from_json(m.tool_rounds.as_deref()) {
+            for call in &round.calls {
+                let result = round.results.iter().find(|r| r.call_id == call.id);
+                let outcome = match result {
+                    Some(r) if r.is_error => format!(" → error: {}", r.content),
+                    Some(r) => format!(" → {}", r.content),
+                    None => String::new(),
+                };
+                let _ = writeln!(
+                    out,
+                    "> used `{}` with `{}`{}",
+                    call.name,
+                    call.arguments.replace('\n', " "),
+                    outcome.replace('\n', " ")
+                );
+            }
+        }
+        if m.tool_rounds.is_some() {
+            out.push('\n');
+        }
         out.push_str(m.content.trim_end());
         out.push('\n');
     }

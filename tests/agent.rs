@@ -1,0 +1,546 @@
+//! The agent loop (issue 15) through the real HTTP stack and the real SQLite file, with a
+//! scripted model that emits tool calls and then text: calls run through the registry and
+//! their results reach the model's next request; the rounds are stored with the answer,
+//! returned by the conversation API and the export, streamed as named SSE events, and shown
+//! to the model in later turns; `AGENT_MAX_STEPS` bounds a model that always calls; malformed
+//! calls get error results; an answer that claims a reminder no call created is corrected;
+//! an unknown name in `TOOLS` stops the start. The WhatsApp case (final text only) lives in
+//! `channels.rs`, beside the Graph API stand-in, and uses `ToolModel` and `Echo` from here.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::future::BoxFuture;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+use my_claw::assistant::{AgentConfig, Assistant, AssistantConfig};
+use my_claw::config::Secret;
+use my_claw::correction::REMINDER_CORRECTION;
+use my_claw::domain::{ChannelKind, ChatTurn, Role, ToolCall};
+use my_claw::gateway::{self, AppState};
+use my_claw::llm::router::{Router as ModelRouter, Tier};
+use my_claw::llm::{
+    Chunk, ChunkStream, FinishReason, LlmError, LlmRequest, Provider, ProviderInfo, ToolChoice,
+    Usage,
+};
+use my_claw::tools::{Tool, ToolContext, ToolError, ToolRegistry};
+
+use crate::util::run_binary;
+
+const TOKEN: &str = "agent-test-token-0123456789abcdef";
+
+// --- A scripted model that calls tools ------------------------------------------------------
+
+/// Decides what the model sends for its `n`th request (0-based): text pieces and calls.
+type Script = dyn Fn(&LlmRequest, usize) -> (Vec<String>, Vec<ToolCall>) + Send + Sync;
+
+/// A model stand-in: each request is recorded, then answered with the chunks `script`
+/// gives, `Chunk::ToolCall`s after the text, and `Done` with `ToolCalls` when it called.
+pub struct ToolModel {
+    script: Box<Script>,
+    requests: Mutex<Vec<LlmRequest>>,
+}
+
+impl ToolModel {
+    pub fn new(
+        script: impl Fn(&LlmRequest, usize) -> (Vec<String>, Vec<ToolCall>) + Send + Sync + 'static,
+    ) -> Arc<ToolModel> {
+        Arc::new(ToolModel { script: Box::new(script), requests: Mutex::new(Vec::new()) })
+    }
+
+    pub fn requests(&self) -> Vec<LlmRequest> {
+        self.requests.lock().unwrap().clone()
+    }
+}
+
+/// A `ToolCall` with JSON arguments.
+pub fn call(id: &str, name: &str, arguments: &str) -> ToolCall {
+    ToolCall { id: id.into(), name: name.into(), arguments: arguments.into() }
+}
+
+/// `Arc<ToolModel>` as the provider the router holds.
+pub struct Scripted(pub Arc<ToolModel>);
+
+impl Provider for Scripted {
+    fn info(&self) -> ProviderInfo {
+        ProviderInfo { provider: "local".into(), model: "tools.gguf".into(), leaves_machine: false }
+    }
+
+    fn stream(&self, request: LlmRequest) -> BoxFuture<'_, Result<ChunkStream, LlmError>> {
+        let n = {
+            let mut requests = self.0.requests.lock().unwrap();
+            requests.push(request.clone());
+            requests.len() - 1
+        };
+        let (texts, calls) = (self.0.script)(&request, n);
+        Box::pin(async move {
+            let (tx, rx) = mpsc::channel(64);
+            tokio::spawn(async move {
+                let finish =
+                    if calls.is_empty() { FinishReason::Stop } else { FinishReason::ToolCalls };
+                let n_chunks = (texts.len() + calls.len()) as u32;
+                for text in texts {
+                    if tx.send(Ok(Chunk::Text(text))).await.is_err() {
+                        return;
+                    }
+                }
+                for call in calls {
+                    if tx.send(Ok(Chunk::ToolCall(call))).await.is_err() {
+                        return;
+                    }
+                }
+                let usage =
+                    Usage { prompt_tokens: 100, completion_tokens: n_chunks, ..Usage::default() };
+                let _ = tx.send(Ok(Chunk::Done { usage, finish })).await;
+            });
+            Ok(rx)
+        })
+    }
+}
+
+// --- Test tools -----------------------------------------------------------------------------
+
+/// `echo`: returns its `text`; records the context of every call.
+#[derive(Default)]
+pub struct Echo {
+    pub contexts: Mutex<Vec<ToolContext>>,
+}
+
+impl Tool for Echo {
+    fn name(&self) -> &'static str {
+        "echo"
+    }
+    fn description(&self) -> String {
+        "Repeats its text.".into()
+    }
+    fn parameters(&self) -> Value {
+        json!({"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]})
+    }
+    fn mutates(&self) -> bool {
+        false
+    }
+    fn call<'a>(
+        &'a self,
+        context: &'a ToolContext,
+        arguments: Value,
+    ) -> BoxFuture<'a, Result<Value, ToolError>> {
+        self.contexts.lock().unwrap().push(context.clone());
+        Box::pin(async move {
+            match arguments.get("text").and_then(Value::as_str) {
+                Some(text) => Ok(Value::String(text.to_string())),
+                None => Err(ToolError::InvalidArguments("`text` is required".into())),
+            }
+        })
+    }
+}
+
+/// A stand-in `reminders_create` (the real one is the reminders part's): succeeds unless its
+/// `when` is `never`, and counts the calls.
+#[derive(Default)]
+struct FakeReminders {
+    calls: AtomicUsize,
+}
+
+impl Tool for FakeReminders {
+    fn name(&self) -> &'static str {
+        "reminders_create"
+    }
+    fn description(&self) -> String {
+        "Creates a reminder.".into()
+    }
+    fn parameters(&self) -> Value {
+        json!({"type": "object", "properties": {"when": {"type": "string"}}, "required": ["when"]})
+    }
+    fn mutates(&self) -> bool {
+        true
+    }
+    fn call<'a>(
+        &'a self,
+        _context: &'a ToolContext,
+        arguments: Value,
+    ) -> BoxFuture<'a, Result<Value, ToolError>> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        Box::pin(async move {
+            match arguments.get("when").and_then(Value::as_str) {
+                Some("never") => Err(ToolError::Failed("that time never comes".into())),
+                Some(when) => Ok(json!({"created": true, "when": when})),
+                None => Err(ToolError::InvalidArguments("`when` is required".into())),
+            }
+        })
+    }
+}
+
+// --- The app --------------------------------------------------------------------------------
+
+struct TestApp {
+    base: String,
+    echo: Arc<Echo>,
+    reminders: Arc<FakeReminders>,
+    http: reqwest::Client,
+    _dir: tempfile::TempDir,
+}
+
+async fn test_app(model: Arc<ToolModel>, max_steps: usize) -> TestApp {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = format!("sqlite://{}", dir.path().join("agent.db").display());
+    let pool = my_claw::db::connect(&url).await.expect("open the database");
+    let provider: Arc<dyn Provider> = Arc::new(Scripted(model.clone()));
+    let router = ModelRouter::with_providers(provider, HashMap::new(), Tier::Main);
+    let echo = Arc::new(Echo::default());
+    let reminders = Arc::new(FakeReminders::default());
+    let mut tools = ToolRegistry::new();
+    tools.register(echo.clone());
+    tools.register(reminders.clone());
+    let assistant = Arc::new(Assistant::with_agent(
+        pool.clone(),
+        Arc::new(router),
+        AssistantConfig { history_messages: 20, reply_max_tokens: 64 },
+        AgentConfig { tools, max_steps },
+    ));
+    let state = AppState {
+        pool,
+        assistant,
+        webchat_token: Secret::new(TOKEN),
+        started_at: Instant::now(),
+        data_dir: Arc::new(dir.path().to_path_buf()),
+        max_body_bytes: 64 << 10,
+        reply_max_tokens: 64,
+        channels: my_claw::channels::Channels::default(),
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, gateway::router(state)).await;
+    });
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
+    TestApp { base: format!("http://{addr}"), echo, reminders, http, _dir: dir }
+}
+
+/// One SSE event: its `event:` name (if any) and its `data:` JSON.
+#[derive(Debug)]
+struct Sse {
+    name: Option<String>,
+    data: Value,
+}
+
+impl TestApp {
+    /// `POST /api/chat` and every event of the answer (the stream ends with the turn).
+    async fn chat(&self, body: Value) -> Vec<Sse> {
+        let response = self
+            .http
+            .post(format!("{}/api/chat", self.base))
+            .bearer_auth(TOKEN)
+            .json(&body)
+            .send()
+            .await
+            .expect("POST /api/chat");
+        assert_eq!(response.status(), 200);
+        let text = response.text().await.expect("the SSE body");
+        text.split("\n\n")
+            .filter_map(|block| {
+                let mut name = None;
+                let mut data = Vec::new();
+                for line in block.lines() {
+                    if let Some(n) = line.strip_prefix("event:") {
+                        name = Some(n.trim().to_string());
+                    } else if let Some(d) = line.strip_prefix("data:") {
+                        data.push(d.strip_prefix(' ').unwrap_or(d));
+                    }
+                }
+                (!data.is_empty()).then(|| Sse {
+                    name,
+                    data: serde_json::from_str(&data.join("\n")).expect("JSON data"),
+                })
+            })
+            .collect()
+    }
+
+    async fn get(&self, path: &str) -> Value {
+        let response = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .expect("GET");
+        assert_eq!(response.status(), 200, "{path}");
+        response.json().await.expect("JSON")
+    }
+
+    async fn messages(&self, conversation_id: i64) -> Vec<Value> {
+        let list = self.get(&format!("/api/conversations/{conversation_id}/messages")).await;
+        list["messages"].as_array().expect("messages").clone()
+    }
+}
+
+fn of_type<'a>(events: &'a [Sse], kind: &str) -> Vec<&'a Sse> {
+    events.iter().filter(|e| e.data["type"] == kind).collect()
+}
+
+fn conversation_of(events: &[Sse]) -> i64 {
+    of_type(events, "meta")[0].data["conversation_id"].as_i64().expect("conversation id")
+}
+
+fn answer_text(events: &[Sse]) -> String {
+    of_type(events, "token").iter().map(|e| e.data["text"].as_str().unwrap()).collect()
+}
+
+fn texts(pieces: &[&str]) -> Vec<String> {
+    pieces.iter().map(|p| p.to_string()).collect()
+}
+
+// --- Tests ----------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_tool_call_runs_and_its_result_reaches_the_next_request_and_later_turns() {
+    let model = ToolModel::new(|request, n| match n {
+        0 => (texts(&["Let me ", "check."]), vec![call("call_a", "echo", r#"{"text":"pong"}"#)]),
+        1 => (texts(&["The echo ", "said pong."]), vec![]),
+        _ => {
+            let last = request.messages.last().unwrap().content.clone();
+            (vec![format!("answer to {last}")], vec![])
+        }
+    });
+    let app = test_app(model.clone(), 5).await;
+
+    let events = app.chat(json!({"message": "ping"})).await;
+    let kinds: Vec<&str> = events.iter().map(|e| e.data["type"].as_str().unwrap()).collect();
+    assert_eq!(
+        kinds,
+        ["meta", "token", "token", "tool_call", "tool_result", "token", "token", "done"],
+        "{events:?}"
+    );
+    let tool_call = &of_type(&events, "tool_call")[0];
+    assert_eq!(tool_call.name.as_deref(), Some("tool_call"), "a named SSE event");
+    assert_eq!(tool_call.data["id"], "call_a");
+    assert_eq!(tool_call.data["name"], "echo");
+    assert_eq!(tool_call.data["arguments"], r#"{"text":"pong"}"#);
+    let result = &of_type(&events, "tool_result")[0];
+    assert_eq!(result.name.as_deref(), Some("tool_result"));
+    assert_eq!(
+        (&result.data["call_id"], &result.data["name"], &result.data["content"]),
+        (&json!("call_a"), &json!("echo"), &json!("pong"))
+    );
+    assert_eq!(result.data["is_error"], false);
+    let done = &of_type(&events, "done")[0].data;
+    assert_eq!(done["finish"], "stop");
+    // Both model calls count: 3 chunks then 2.
+    assert_eq!(done["usage"]["completion_tokens"], 5);
+    let id = conversation_of(&events);
+
+    // The tools were offered, and the second request continued with the round.
+    let requests = model.requests();
+    assert_eq!(requests.len(), 2);
+    let offered: Vec<&str> = requests[0].tools.offered().iter().map(|t| t.name.as_str()).collect();
+    assert_eq!(offered, ["echo", "reminders_create"]);
+    assert_eq!(requests[0].tools.choice, ToolChoice::Auto);
+    let second = &requests[1].messages;
+    let n = second.len();
+    assert_eq!(second[..n - 2], requests[0].messages[..], "the first prompt, then the round");
+    assert_eq!(
+        second[n - 2..],
+        [
+            ChatTurn::assistant_calls(
+                "Let me check.",
+                vec![call("call_a", "echo", r#"{"text":"pong"}"#)]
+            ),
+            ChatTurn::tool_result("call_a", "pong"),
+        ]
+    );
+    // The tool ran for this conversation, on its channel.
+    let contexts = app.echo.contexts.lock().unwrap().clone();
+    assert_eq!(contexts.len(), 1);
+    assert_eq!(contexts[0].conversation_id.0, id);
+    assert_eq!(contexts[0].channel, ChannelKind::WebChat);
+    assert_eq!(contexts[0].conversation_key, id.to_string());
+
+    // Stored: one answer row with its final text and its round (the ledger of tool use).
+    let messages = app.messages(id).await;
+    assert_eq!(messages.len(), 2, "one answer is one message: {messages:?}");
+    let answer = &messages[1];
+    assert_eq!(answer["content"], "The echo said pong.");
+    assert_eq!((&answer["provider"], &answer["model"]), (&json!("local"), &json!("tools.gguf")));
+    assert_eq!(
+        answer["tool_rounds"],
+        json!([{"text": "Let me check.",
+                "calls": [{"id": "call_a", "name": "echo", "arguments": "{\"text\":\"pong\"}"}],
+                "results": [{"call_id": "call_a", "content": "pong", "is_error": false}]}])
+    );
+    assert_eq!(messages[0]["tool_rounds"], json!([]));
+    // The export carries them too.
+    let export = app.get(&format!("/api/conversations/{id}/export?format=json")).await;
+    assert_eq!(export["messages"][1]["tool_rounds"][0]["calls"][0]["name"], "echo");
+
+    // A later turn's prompt holds the earlier round, exactly as the model produced it: the
+    // last request of turn 1 is a prefix of turn 2's (so its KV state is reused).
+    let events = app.chat(json!({"conversation_id": id, "message": "again"})).await;
+    assert_eq!(answer_text(&events), "answer to again");
+    let requests = model.requests();
+    assert_eq!(requests.len(), 3);
+    let third = &requests[2].messages;
+    assert_eq!(third[..requests[1].messages.len()], requests[1].messages[..]);
+    assert_eq!(
+        third[requests[1].messages.len()..],
+        [ChatTurn::new(Role::Assistant, "The echo said pong."), ChatTurn::new(Role::User, "again"),]
+    );
+    assert_eq!(app.messages(id).await.len(), 4);
+}
+
+#[tokio::test]
+async fn agent_max_steps_bounds_a_model_that_always_calls() {
+    // It calls even when told not to: the assistant stops asking all the same.
+    let model = ToolModel::new(|_, n| {
+        (vec![format!("step {n}")], vec![call(&format!("call_{n}"), "echo", r#"{"text":"again"}"#)])
+    });
+    let app = test_app(model.clone(), 2).await;
+    let events = app.chat(json!({"message": "loop forever"})).await;
+    assert_eq!(of_type(&events, "tool_call").len(), 2, "{events:?}");
+    assert_eq!(of_type(&events, "tool_result").len(), 2);
+    let done = &of_type(&events, "done")[0].data;
+    assert_eq!(done["finish"], "stop");
+
+    let requests = model.requests();
+    assert_eq!(requests.len(), 3, "two rounds with tools, then one plain call");
+    assert_eq!(requests[1].tools.choice, ToolChoice::Auto);
+    assert_eq!(requests[2].tools.choice, ToolChoice::None);
+    assert!(requests[2].tools.offered().is_empty());
+    let messages = app.messages(conversation_of(&events)).await;
+    assert_eq!(messages.len(), 2);
+    assert_eq!(messages[1]["content"], "step 2");
+    assert_eq!(messages[1]["status"], "complete");
+    assert_eq!(messages[1]["tool_rounds"].as_array().unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn malformed_calls_get_error_results_and_the_answer_goes_on() {
+    let model = ToolModel::new(|_, n| match n {
+        0 => (
+            vec![],
+            vec![
+                call("call_x", "no_such_tool", "{}"),
+                call("call_y", "echo", r#"{"text":"#),
+                call("", "echo", "[1, 2]"),
+                call("call_z", "echo", r#"{"nope": 1}"#),
+            ],
+        ),
+        _ => (texts(&["Sorry, ", "that failed."]), vec![]),
+    });
+    let app = test_app(model.clone(), 5).await;
+    let events = app.chat(json!({"message": "break things"})).await;
+    let results: Vec<&Value> = of_type(&events, "tool_result").iter().map(|e| &e.data).collect();
+    assert_eq!(results.len(), 4, "{events:?}");
+    for (result, expected) in results.iter().zip([
+        "unknown tool `no_such_tool`",
+        "not valid JSON",
+        "must be a JSON object",
+        "`text` is required",
+    ]) {
+        assert_eq!(result["is_error"], true, "{result}");
+        let content: Value = serde_json::from_str(result["content"].as_str().unwrap()).unwrap();
+        assert!(content["error"].as_str().unwrap().contains(expected), "{content}");
+    }
+    // The call without an id got one, and its result names it.
+    let calls: Vec<&Value> = of_type(&events, "tool_call").iter().map(|e| &e.data).collect();
+    let fresh = calls[2]["id"].as_str().unwrap();
+    assert!(fresh.starts_with("call_") && results[2]["call_id"] == fresh, "{calls:?}");
+    assert_eq!(answer_text(&events), "Sorry, that failed.");
+    assert_eq!(of_type(&events, "done").len(), 1);
+
+    // The model read the four error results.
+    let second = &model.requests()[1].messages;
+    let tool_turns: Vec<&ChatTurn> = second.iter().filter(|t| t.role == Role::Tool).collect();
+    assert_eq!(tool_turns.len(), 4);
+    assert!(tool_turns[0].content.contains("unknown tool"));
+    let messages = app.messages(conversation_of(&events)).await;
+    assert_eq!(messages[1]["content"], "Sorry, that failed.");
+    assert_eq!(messages[1]["tool_rounds"][0]["results"][1]["is_error"], true);
+}
+
+#[tokio::test]
+async fn a_reminder_claim_without_a_created_reminder_is_corrected() {
+    // The request's last user message picks the script.
+    let model = ToolModel::new(|request, _| {
+        let last = request.messages.last().unwrap();
+        if last.role == Role::Tool {
+            return (texts(&["I've set a reminder for 9."]), vec![]);
+        }
+        match last.content.as_str() {
+            "claim only" => (texts(&["Done, ", "I'll remind you at 9."]), vec![]),
+            "create it" => (vec![], vec![call("call_r", "reminders_create", r#"{"when":"9:00"}"#)]),
+            "fail it" => (vec![], vec![call("call_f", "reminders_create", r#"{"when":"never"}"#)]),
+            _ => (texts(&["Rappel créé."]), vec![]),
+        }
+    });
+    let app = test_app(model.clone(), 5).await;
+
+    // No call at all: corrected, as a notice and in the stored text.
+    let events = app.chat(json!({"message": "claim only"})).await;
+    let notices = of_type(&events, "notice");
+    assert_eq!(notices.len(), 1, "{events:?}");
+    assert_eq!(notices[0].data["kind"], "correction");
+    assert_eq!(notices[0].data["message"], REMINDER_CORRECTION);
+    let id = conversation_of(&events);
+    let messages = app.messages(id).await;
+    assert_eq!(
+        messages[1]["content"],
+        format!("Done, I'll remind you at 9.\n\n{REMINDER_CORRECTION}")
+    );
+
+    // A successful `reminders_create` in the turn: the claim is true, nothing added.
+    let events = app.chat(json!({"conversation_id": id, "message": "create it"})).await;
+    assert!(of_type(&events, "notice").is_empty(), "{events:?}");
+    assert_eq!(app.reminders.calls.load(Ordering::SeqCst), 1);
+    let messages = app.messages(id).await;
+    assert_eq!(messages[3]["content"], "I've set a reminder for 9.");
+
+    // The call failed: the claim is false again.
+    let events = app.chat(json!({"conversation_id": id, "message": "fail it"})).await;
+    assert_eq!(of_type(&events, "notice")[0].data["kind"], "correction");
+    let messages = app.messages(id).await;
+    assert!(messages[5]["content"].as_str().unwrap().ends_with(REMINDER_CORRECTION));
+
+    // French, and the earlier success does not count for a later turn.
+    let events = app.chat(json!({"conversation_id": id, "message": "en français"})).await;
+    assert_eq!(of_type(&events, "notice")[0].data["kind"], "correction");
+    let messages = app.messages(id).await;
+    assert_eq!(messages[7]["content"], format!("Rappel créé.\n\n{REMINDER_CORRECTION}"));
+}
+
+#[test]
+fn an_unknown_tool_name_stops_the_start_with_the_known_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let out = run_binary(
+        &["serve"],
+        &[
+            ("DATA_DIR", data_dir.to_str().unwrap()),
+            ("BIND", "127.0.0.1:0"),
+            ("TOOLS", "current_time,no_such_tool"),
+        ],
+        dir.path(),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    // (`current_time` is known once the reminders part registers it.)
+    assert!(stderr.contains("TOOLS=current_time,no_such_tool: unknown tool(s) "), "{stderr}");
+    assert!(stderr.contains("`no_such_tool`"), "{stderr}");
+    assert!(stderr.contains("the known tools are:"), "{stderr}");
+
+    for (name, value, expected) in [
+        ("AGENT_MAX_STEPS", "0", "AGENT_MAX_STEPS=0: must be between 1 and 20"),
+        ("AGENT_MAX_STEPS", "21", "AGENT_MAX_STEPS=21"),
+        ("TOOLS", "Current.Time", "TOOLS=Current.Time: `Current.Time` is not a tool name"),
+    ] {
+        let out = run_binary(
+            &["serve"],
+            &[("DATA_DIR", data_dir.to_str().unwrap()), (name, value)],
+            dir.path(),
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains(expected), "{stderr}");
+    }
+}
