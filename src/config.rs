@@ -256,9 +256,17 @@ pub struct Config {
     #[arg(long, env = "CRON_SECRET", global = true, hide_env_values = true)]
     pub cron_secret: Option<Secret>,
 
-    /// Default time zone of cron jobs (IANA name); the system's when unset.
+    /// Default time zone of cron jobs (IANA name). Deprecated: set TIMEZONE, which cron
+    /// follows when this is unset.
     #[arg(long, env = "CRON_TIMEZONE", global = true)]
     pub cron_timezone: Option<String>,
+
+    // --- Time zone (issue 15) ---------------------------------------------------------------
+    /// The user's time zone (IANA name, e.g. Europe/Paris): the `current_time` tool,
+    /// reminders, and cron jobs without a zone. The system's when unset (`TZ`, else
+    /// /etc/timezone, else the /etc/localtime link, else UTC).
+    #[arg(long, env = "TIMEZONE", global = true)]
+    pub timezone: Option<String>,
 }
 
 /// A configuration problem, phrased so that a person can act on it.
@@ -289,6 +297,8 @@ pub struct Settings {
     pub whatsapp: Option<WhatsAppSettings>,
     pub nextcloud: Option<NextcloudSettings>,
     pub cron: CronSettings,
+    /// `TIMEZONE`; `None` means the system's (`cron::schedule::system_timezone`).
+    pub timezone: Option<chrono_tz::Tz>,
 }
 
 #[derive(Debug, Clone)]
@@ -482,6 +492,15 @@ impl Config {
                 )));
             }
         }
+        let timezone = match self.timezone.as_deref().map(str::trim).filter(|tz| !tz.is_empty()) {
+            Some(tz) => Some(tz.parse::<chrono_tz::Tz>().map_err(|_| {
+                bad(format!(
+                    "TIMEZONE={tz}: unknown time zone (use an IANA name such as Europe/Paris or \
+                     UTC)"
+                ))
+            })?),
+            None => None,
+        };
 
         let default_tier = Tier::parse(&self.default_tier).ok_or_else(|| {
             bad(format!(
@@ -535,7 +554,12 @@ impl Config {
             },
             whatsapp,
             nextcloud,
-            cron: CronSettings { secret: self.cron_secret, timezone: self.cron_timezone },
+            // Cron follows TIMEZONE unless the older CRON_TIMEZONE overrides it.
+            cron: CronSettings {
+                secret: self.cron_secret,
+                timezone: self.cron_timezone.or(timezone.map(|tz| tz.name().to_string())),
+            },
+            timezone,
             data_dir: self.data_dir,
             models_dir: self.models_dir,
         })
