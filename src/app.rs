@@ -177,6 +177,13 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
         crate::cron::start(pool.clone(), assistant.clone(), channels.clone(), &settings.cron)
             .await
             .context("cannot start the scheduler")?;
+    // Built-in tools (issue 15): the agent helper hands this registry to the assistant.
+    let timezone = settings.timezone.unwrap_or_else(crate::cron::schedule::system_timezone);
+    let mut tools = crate::tools::ToolRegistry::new();
+    for tool in crate::tools::builtin_tools(timezone, cron.clone(), pool.clone()) {
+        tools.register(tool);
+    }
+    tracing::info!(tools = ?tools.names(), %timezone, "built-in tools ready");
     let state = AppState {
         pool: pool.clone(),
         assistant,

@@ -851,6 +851,30 @@ fn created_a_reminder(rounds: &[ToolRound]) -> bool {
     })
 }
 
+// --- messages written without a model (issue 15, reminders) -------------------------------
+
+impl Assistant {
+    /// Stores `text` as the assistant's message in an existing conversation and announces
+    /// it to open pages, in the conversation's turn (after any answer running there), with
+    /// no model involved: a reminder firing. Returns the stored message.
+    pub async fn post(&self, conversation_id: ConversationId, text: &str) -> Result<MessageId> {
+        let slot = self.turn_slot(conversation_id);
+        let _guard = self.turn_guard(conversation_id, slot.lock_owned().await);
+        let pool = &self.inner.pool;
+        if memory::get_conversation(pool, conversation_id).await?.is_none() {
+            return Err(Error::NotFound(format!("conversation {}", conversation_id.0)));
+        }
+        let message = NewMessage::plain(conversation_id, Role::Assistant, text);
+        let message_id = memory::add_message(pool, &message).await?;
+        let _ = self.inner.events.send(ConversationEvent {
+            conversation_id,
+            message_id,
+            role: Role::Assistant,
+        });
+        Ok(message_id)
+    }
+}
+
 /// Locks a std mutex, carrying on after a panic elsewhere (the maps stay consistent: every
 /// update is a single insert or remove).
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -256,7 +256,8 @@ pub struct Config {
     #[arg(long, env = "CRON_SECRET", global = true, hide_env_values = true)]
     pub cron_secret: Option<Secret>,
 
-    /// Default time zone of cron jobs (IANA name); the system's when unset.
+    /// Default time zone of cron jobs (IANA name). Deprecated: set TIMEZONE, which cron
+    /// follows when this is unset.
     #[arg(long, env = "CRON_TIMEZONE", global = true)]
     pub cron_timezone: Option<String>,
 
@@ -269,6 +270,12 @@ pub struct Config {
     /// Most rounds of tool calls in one answer, after which the model answers in text (1-20).
     #[arg(long, env = "AGENT_MAX_STEPS", default_value_t = 5, global = true)]
     pub agent_max_steps: usize,
+    // --- Time zone (issue 15) ---------------------------------------------------------------
+    /// The user's time zone (IANA name, e.g. Europe/Paris): the `current_time` tool,
+    /// reminders, and cron jobs without a zone. The system's when unset (`TZ`, else
+    /// /etc/timezone, else the /etc/localtime link, else UTC).
+    #[arg(long, env = "TIMEZONE", global = true)]
+    pub timezone: Option<String>,
 }
 
 /// A configuration problem, phrased so that a person can act on it.
@@ -300,6 +307,8 @@ pub struct Settings {
     pub nextcloud: Option<NextcloudSettings>,
     pub cron: CronSettings,
     pub agent: AgentSettings,
+    /// `TIMEZONE`; `None` means the system's (`cron::schedule::system_timezone`).
+    pub timezone: Option<chrono_tz::Tz>,
 }
 
 /// The agent loop's settings (issue 15).
@@ -568,6 +577,15 @@ impl Config {
                 )));
             }
         }
+        let timezone = match self.timezone.as_deref().map(str::trim).filter(|tz| !tz.is_empty()) {
+            Some(tz) => Some(tz.parse::<chrono_tz::Tz>().map_err(|_| {
+                bad(format!(
+                    "TIMEZONE={tz}: unknown time zone (use an IANA name such as Europe/Paris or \
+                     UTC)"
+                ))
+            })?),
+            None => None,
+        };
 
         let default_tier = Tier::parse(&self.default_tier).ok_or_else(|| {
             bad(format!(
@@ -630,8 +648,13 @@ impl Config {
             },
             whatsapp,
             nextcloud,
-            cron: CronSettings { secret: self.cron_secret, timezone: self.cron_timezone },
             agent,
+            // Cron follows TIMEZONE unless the older CRON_TIMEZONE overrides it.
+            cron: CronSettings {
+                secret: self.cron_secret,
+                timezone: self.cron_timezone.or(timezone.map(|tz| tz.name().to_string())),
+            },
+            timezone,
             data_dir: self.data_dir,
             models_dir: self.models_dir,
         })

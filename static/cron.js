@@ -174,7 +174,9 @@
         "div",
         { class: "row" },
         h("strong", { class: "cron-name" }, job.name),
-        h("span", { class: "badge" }, job.tier || "main"),
+        job.kind === "reminder"
+          ? h("span", { class: "badge cron-kind", title: "Set by asking the assistant; posts its text as is" }, "reminder")
+          : h("span", { class: "badge" }, job.tier || "main"),
         job.enabled ? null : h("span", { class: "badge" }, "disabled")
       ),
       h("p", { class: "hint cron-when" }, job.description + " — ", h("code", {}, job.schedule)),
@@ -332,7 +334,7 @@
       h("h2", {}, isNew ? "New schedule" : "Edit “" + job.name + "”"),
       h("label", { for: "cron-name" }, "Name"),
       h("input", { id: "cron-name", maxlength: 100, autocomplete: "off", value: job.name || "", placeholder: "Morning briefing" }),
-      h("label", { for: "cron-schedule" }, "When (cron expression)"),
+      h("label", { for: "cron-schedule" }, "When (cron expression, or at YYYY-MM-DD HH:MM for once)"),
       h("input", {
         id: "cron-schedule",
         autocomplete: "off",
@@ -356,9 +358,10 @@
       }),
       h("datalist", { id: "cron-timezones" }, timezoneList().map((tz) => h("option", { value: tz }))),
       h("label", { for: "cron-channel" }, "Send to"),
-      h("select", { id: "cron-channel", onchange: renderTarget }, options(CHANNELS, channel)),
+      // A reminder writes back where it was asked: its destination is not editable.
+      h("select", { id: "cron-channel", onchange: renderTarget, disabled: job.kind === "reminder" }, options(CHANNELS, channel)),
       h("div", { id: "cron-target-slot", class: "persona-form" }),
-      h("label", { for: "cron-prompt" }, "Prompt"),
+      h("label", { for: "cron-prompt" }, job.kind === "reminder" ? "Reminder text" : "Prompt"),
       h("textarea", { id: "cron-prompt", rows: 4, required: true, placeholder: "Give me a short, upbeat plan for today." }, job.prompt || ""),
       h("label", { for: "cron-tier" }, "Model"),
       h("select", { id: "cron-tier" }, options(TIERS, job.tier || "main")),

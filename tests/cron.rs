@@ -37,17 +37,17 @@ use my_claw::llm::{
 
 use crate::util::{smollm2_env, Server, ServerOptions};
 
-const TOKEN: &str = "cron-test-token-0123456789";
+pub(crate) const TOKEN: &str = "cron-test-token-0123456789";
 const CRON_SECRET: &str = "cron-secret-for-tests-42";
-const USER_NUMBER: &str = "16505551234";
-const QUIET_NUMBER: &str = "33612345678";
+pub(crate) const USER_NUMBER: &str = "16505551234";
+pub(crate) const QUIET_NUMBER: &str = "33612345678";
 const EVERY_2S: &str = "*/2 * * * * *";
 /// The clock job's schedule: it keeps the scheduling loop looking every second.
 const EVERY_1S: &str = "* * * * * *";
 /// A schedule that will not fire during a test (midnight on the first of January).
 const YEARLY: &str = "0 0 1 1 *";
 /// Bound on waits for something scheduled every two seconds, on a loaded machine.
-const FIRE_LIMIT: Duration = Duration::from_secs(30);
+pub(crate) const FIRE_LIMIT: Duration = Duration::from_secs(30);
 
 // --- a fake model and a Graph API stand-in ----------------------------------------------------
 
@@ -80,14 +80,14 @@ impl Provider for EchoProvider {
 /// A Graph API stand-in: records message posts and answers from a script, else with
 /// success and a fresh wamid.
 #[derive(Clone, Default)]
-struct Graph {
+pub(crate) struct Graph {
     base: String,
     posts: Arc<Mutex<Vec<Value>>>,
     script: Arc<Mutex<VecDeque<(u16, Value)>>>,
 }
 
 impl Graph {
-    async fn start() -> Graph {
+    pub(crate) async fn start() -> Graph {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let graph = Graph {
             base: format!("http://{}", listener.local_addr().expect("addr")),
@@ -122,11 +122,11 @@ impl Graph {
         (status, [("content-type", "application/json")], answer.to_string()).into_response()
     }
 
-    fn posts(&self) -> Vec<Value> {
+    pub(crate) fn posts(&self) -> Vec<Value> {
         self.posts.lock().unwrap().clone()
     }
 
-    fn texts_to(&self, number: &str) -> Vec<String> {
+    pub(crate) fn texts_to(&self, number: &str) -> Vec<String> {
         self.posts()
             .into_iter()
             .filter(|p| p["to"] == number && p["type"] == "text")
@@ -137,16 +137,16 @@ impl Graph {
 
 // --- an in-process server ---------------------------------------------------------------------
 
-struct App {
-    base: String,
-    pool: SqlitePool,
-    assistant: Arc<Assistant>,
-    cron: CronHandle,
+pub(crate) struct App {
+    pub(crate) base: String,
+    pub(crate) pool: SqlitePool,
+    pub(crate) assistant: Arc<Assistant>,
+    pub(crate) cron: CronHandle,
     http: reqwest::Client,
     _dir: tempfile::TempDir,
 }
 
-struct Options {
+pub(crate) struct Options {
     delay: Duration,
     secret: Option<&'static str>,
     template: Option<&'static str>,
@@ -163,7 +163,7 @@ impl Default for Options {
 impl App {
     /// The whole gateway with the scheduler attached, on a real socket, with WhatsApp
     /// pointed at `graph`.
-    async fn start(graph: &Graph, options: Options) -> App {
+    pub(crate) async fn start(graph: &Graph, options: Options) -> App {
         let dir = tempfile::tempdir().expect("temp dir");
         let url = format!("sqlite://{}", dir.path().join("cron.db").display());
         let pool = my_claw::db::connect(&url).await.expect("open the database");
@@ -222,7 +222,12 @@ impl App {
         App { base, pool, assistant, cron, http, _dir: dir }
     }
 
-    async fn call(&self, method: Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+    pub(crate) async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
         let mut request =
             self.http.request(method, format!("{}{path}", self.base)).bearer_auth(TOKEN);
         if let Some(body) = body {
@@ -234,7 +239,7 @@ impl App {
         (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
     }
 
-    async fn create(&self, job: Value) -> Value {
+    pub(crate) async fn create(&self, job: Value) -> Value {
         let (status, body) = self.call(Method::POST, "/api/cron/jobs", Some(job)).await;
         assert_eq!(status, StatusCode::CREATED, "{body}");
         body
@@ -288,7 +293,7 @@ impl App {
     /// Waits (bounded) until the scheduler has looked at every occurrence up to `until`: a
     /// run it started for any of them has its history row by then. Its report moves each
     /// time an enabled job fires; `start_clock` makes sure one fires every second.
-    async fn scheduler_passed(&self, until: DateTime<Utc>) {
+    pub(crate) async fn scheduler_passed(&self, until: DateTime<Utc>) {
         let mut checked = self.cron.checked_through();
         let waited = tokio::time::timeout(FIRE_LIMIT, checked.wait_for(|t| *t >= until)).await;
         assert!(matches!(waited, Ok(Ok(_))), "the scheduler did not look up to {until}");
@@ -300,11 +305,11 @@ impl App {
         id_of(&self.create(webchat_job("clock", EVERY_1S, conversation)).await)
     }
 
-    async fn webchat_conversation(&self) -> i64 {
+    pub(crate) async fn webchat_conversation(&self) -> i64 {
         memory::create_webchat_conversation(&self.pool, Some("cron test")).await.unwrap().id.0
     }
 
-    async fn assistant_messages(&self, conversation_id: i64) -> Vec<String> {
+    pub(crate) async fn assistant_messages(&self, conversation_id: i64) -> Vec<String> {
         let path = format!("/api/conversations/{conversation_id}/messages");
         let (status, body) = self.call(Method::GET, &path, None).await;
         assert_eq!(status, StatusCode::OK, "{body}");
@@ -318,7 +323,7 @@ impl App {
     }
 
     /// Records that `number` wrote just now, which opens WhatsApp's 24-hour window.
-    async fn user_wrote(&self, number: &str) {
+    pub(crate) async fn user_wrote(&self, number: &str) {
         let item = NewInbound {
             channel: ChannelKind::WhatsApp,
             external_id: &format!("wamid.IN-{number}"),
@@ -336,7 +341,7 @@ impl App {
     }
 }
 
-fn webchat_job(name: &str, schedule: &str, conversation_id: i64) -> Value {
+pub(crate) fn webchat_job(name: &str, schedule: &str, conversation_id: i64) -> Value {
     json!({"name": name, "schedule": schedule, "prompt": format!("ping from {name}"),
            "channel": "webchat", "target": conversation_id.to_string()})
 }
@@ -346,11 +351,11 @@ fn whatsapp_job(name: &str, schedule: &str, number: &str) -> Value {
            "channel": "whatsapp", "target": format!("+{number}")})
 }
 
-fn id_of(job: &Value) -> i64 {
+pub(crate) fn id_of(job: &Value) -> i64 {
     job["id"].as_i64().expect("job id")
 }
 
-fn error_message(body: &Value) -> String {
+pub(crate) fn error_message(body: &Value) -> String {
     body["error"]["message"].as_str().unwrap_or_default().to_string()
 }
 
@@ -584,6 +589,8 @@ async fn run_now_records_history_and_why_a_channel_refused() {
         target: "room42".into(),
         tier: None,
         enabled: true,
+        kind: my_claw::db::cron::JobKind::Prompt,
+        conversation_id: None,
     };
     let talk = my_claw::db::cron::insert_job(&app.pool, &spec).await.unwrap();
     let path = format!("/api/cron/jobs/{}/run", talk.id.0);

@@ -14,5 +14,6 @@ mod engine;
 mod engine_tokenizer;
 mod foundation;
 mod gateway;
+mod reminders;
 mod router;
 mod webchat_api;

@@ -1,5 +1,6 @@
 //! A parsed cron expression in words ("every weekday (Monday to Friday) at 07:30"): common
-//! patterns get a sentence, anything else a field-by-field reading. Only wording: fields
+//! patterns get a sentence, anything else a field-by-field reading (and the day and month
+//! names that one-shot `at …` schedules use). Only wording: fields
 //! come from `schedule::Schedule` (already valid, six fields); zones are added there.
 
 const DAY_NAMES: [&str; 7] =
@@ -69,6 +70,16 @@ pub(super) fn fields(
         }
     }
     field_by_field(second, minute, hour, dom, month, dow)
+}
+
+/// A weekday's English name ("Friday").
+pub(super) fn weekday_name(day: chrono::Weekday) -> &'static str {
+    DAY_NAMES[day.num_days_from_sunday() as usize]
+}
+
+/// A month's English name; `month` is 1 to 12.
+pub(super) fn month_name(month: u32) -> &'static str {
+    MONTH_NAMES[(month.clamp(1, 12) - 1) as usize]
 }
 
 /// `*` or `?`: any value.

@@ -2,12 +2,13 @@
 //! and the target checked against the channels this instance has configured (and their
 //! allow-lists). Reads conversations to check WebChat targets; writes nothing.
 
+use chrono_tz::Tz;
 use sqlx::SqlitePool;
 
 use crate::channels::Channels;
 use crate::cron::schedule::{parse_timezone, Schedule};
 use crate::cron::{CronError, DEFAULT_TIER};
-use crate::db::cron::JobSpec;
+use crate::db::cron::{JobKind, JobSpec};
 use crate::db::memory;
 use crate::domain::{ChannelKind, ConversationId};
 use crate::llm::router::Tier;
@@ -36,15 +37,40 @@ pub struct JobChanges {
 }
 
 /// Merges `changes` over `current` (an edit) or the defaults (a create) and checks every
-/// field, the target against the configured channels included.
+/// field, the target against the configured channels included. `default_timezone` is the
+/// zone of jobs that name none (a one-shot time is checked in it).
 pub(super) async fn validate(
     pool: &SqlitePool,
     channels: &Channels,
     changes: JobChanges,
     current: Option<JobSpec>,
+    default_timezone: Tz,
 ) -> Result<JobSpec, CronError> {
+    let reminder = current.as_ref().filter(|c| c.kind == JobKind::Reminder).cloned();
     let spec = merge_changes(changes, current).map_err(CronError::Invalid)?;
-    let spec = check_spec(spec).map_err(CronError::Invalid)?;
+    let spec = check_spec(spec, default_timezone).map_err(CronError::Invalid)?;
+    if let Some(reminder) = reminder {
+        // A reminder writes back where it was asked, whoever edits it.
+        if spec.channel != reminder.channel || spec.target != reminder.target {
+            return Err(CronError::Invalid(
+                "a reminder writes back to the conversation it was asked in: its channel and \
+                 target cannot be changed (delete it and ask again in the other conversation)"
+                    .into(),
+            ));
+        }
+    }
+    check_reachable(pool, channels, spec.channel, &spec.target).await?;
+    Ok(spec)
+}
+
+/// Checks a reminder made by the reminders tool: the same rules as any job.
+pub(super) async fn validate_new(
+    pool: &SqlitePool,
+    channels: &Channels,
+    spec: JobSpec,
+    default_timezone: Tz,
+) -> Result<JobSpec, CronError> {
+    let spec = check_spec(spec, default_timezone).map_err(CronError::Invalid)?;
     check_reachable(pool, channels, spec.channel, &spec.target).await?;
     Ok(spec)
 }
@@ -62,6 +88,8 @@ fn merge_changes(changes: JobChanges, base: Option<JobSpec>) -> Result<JobSpec, 
         target: String::new(),
         tier: None,
         enabled: true,
+        kind: JobKind::Prompt,
+        conversation_id: None,
     });
     let channel = match changes.channel {
         Some(name) => ChannelKind::parse(name.trim()).ok_or_else(|| {
@@ -82,9 +110,14 @@ fn merge_changes(changes: JobChanges, base: Option<JobSpec>) -> Result<JobSpec, 
         target: changes.target.unwrap_or(base.target),
         tier: changes.tier.unwrap_or(base.tier),
         enabled: changes.enabled.unwrap_or(base.enabled),
+        kind: base.kind,
+        conversation_id: base.conversation_id,
     };
     if spec.schedule.trim().is_empty() {
-        return Err(required("schedule", "a cron expression such as `0 8 * * *`"));
+        return Err(required(
+            "schedule",
+            "a cron expression such as `0 8 * * *`, or `at 2026-11-27 09:00` for once",
+        ));
     }
     if spec.prompt.trim().is_empty() {
         return Err(required("prompt", "what the assistant is asked at each run"));
@@ -98,8 +131,9 @@ fn merge_changes(changes: JobChanges, base: Option<JobSpec>) -> Result<JobSpec, 
     Ok(spec)
 }
 
-/// Checks the size and form of every field of a merged draft and normalises them.
-fn check_spec(spec: JobSpec) -> Result<JobSpec, String> {
+/// Checks the size and form of every field of a merged draft and normalises them. An
+/// enabled one-shot must be ahead in its zone (its own, else `default_timezone`).
+fn check_spec(spec: JobSpec, default_timezone: Tz) -> Result<JobSpec, String> {
     // Lengths first: a 100 KB field gets a short answer, not a parse or an echo of itself.
     let prompt = spec.prompt.trim().to_string();
     if prompt.chars().count() > MAX_PROMPT_CHARS {
@@ -116,12 +150,18 @@ fn check_spec(spec: JobSpec) -> Result<JobSpec, String> {
     if spec.target.trim().chars().count() > MAX_TARGET_CHARS {
         return Err(format!("`target` is longer than {MAX_TARGET_CHARS} characters"));
     }
-    let schedule = spec.schedule.split_whitespace().collect::<Vec<_>>().join(" ");
-    Schedule::parse_checked(&schedule)?;
     let timezone = match spec.timezone.as_deref().map(str::trim).filter(|tz| !tz.is_empty()) {
-        Some(name) => Some(parse_timezone(name)?.name().to_string()),
+        Some(name) => Some(parse_timezone(name)?),
         None => None,
     };
+    let zone = timezone.unwrap_or(default_timezone);
+    let parsed = if spec.enabled {
+        Schedule::parse_upcoming(&spec.schedule, zone)?
+    } else {
+        Schedule::parse_checked(&spec.schedule)?
+    };
+    let schedule = parsed.canonical(&spec.schedule);
+    let timezone = timezone.map(|tz| tz.name().to_string());
     let tier = match spec.tier.as_deref().map(str::trim).filter(|tier| !tier.is_empty()) {
         Some(name) => Tier::parse(name).ok_or_else(|| {
             let shown: String = name.chars().take(32).collect();
@@ -139,6 +179,8 @@ fn check_spec(spec: JobSpec) -> Result<JobSpec, String> {
         target,
         tier: Some(tier.as_str().to_string()),
         enabled: spec.enabled,
+        kind: spec.kind,
+        conversation_id: spec.conversation_id,
     })
 }
 
@@ -238,16 +280,18 @@ mod tests {
 
     fn fail(c: JobChanges) -> String {
         match merge_changes(c, None) {
-            Ok(spec) => check_spec(spec).unwrap_err(),
+            Ok(spec) => check_spec(spec, Tz::UTC).unwrap_err(),
             Err(e) => e,
         }
     }
 
     #[test]
     fn drafts_get_defaults_and_normalised_fields() {
-        let spec =
-            check_spec(merge_changes(changes("whatsapp", "+33 6 12-34-56-78"), None).unwrap())
-                .unwrap();
+        let spec = check_spec(
+            merge_changes(changes("whatsapp", "+33 6 12-34-56-78"), None).unwrap(),
+            Tz::UTC,
+        )
+        .unwrap();
         assert_eq!(spec.target, "33612345678");
         assert_eq!(spec.tier.as_deref(), Some("main"));
         assert_eq!(spec.name, "Weather today?");
@@ -273,7 +317,7 @@ mod tests {
         let mut c = changes("nextcloud", "abc123");
         c.prompt = Some("p".repeat(MAX_PROMPT_CHARS));
         c.name = Some("n".repeat(MAX_NAME_CHARS));
-        assert!(check_spec(merge_changes(c.clone(), None).unwrap()).is_ok());
+        assert!(check_spec(merge_changes(c.clone(), None).unwrap(), Tz::UTC).is_ok());
         let mut long = c.clone();
         long.prompt = Some("p".repeat(MAX_PROMPT_CHARS + 1));
         assert_eq!(fail(long), "`prompt` is longer than 4000 characters");
@@ -290,14 +334,29 @@ mod tests {
 
     #[test]
     fn edits_keep_what_they_do_not_name() {
-        let base = check_spec(merge_changes(changes("nextcloud", "room1"), None).unwrap()).unwrap();
+        let base = check_spec(merge_changes(changes("nextcloud", "room1"), None).unwrap(), Tz::UTC)
+            .unwrap();
         let edit = JobChanges { enabled: Some(false), ..JobChanges::default() };
-        let edited = check_spec(merge_changes(edit, Some(base.clone())).unwrap()).unwrap();
+        let edited = check_spec(merge_changes(edit, Some(base.clone())).unwrap(), Tz::UTC).unwrap();
         assert_eq!(edited, JobSpec { enabled: false, ..base.clone() });
         let reset = JobChanges { tier: Some(None), ..JobChanges::default() };
         let mut cloud = base.clone();
         cloud.tier = Some("code".into());
-        let edited = check_spec(merge_changes(reset, Some(cloud)).unwrap()).unwrap();
+        let edited = check_spec(merge_changes(reset, Some(cloud)).unwrap(), Tz::UTC).unwrap();
         assert_eq!(edited.tier.as_deref(), Some("main"));
+    }
+
+    #[test]
+    fn one_shots_are_stored_canonically_and_must_be_ahead_when_enabled() {
+        let mut c = changes("nextcloud", "room1");
+        c.schedule = Some("  AT 2999-01-02T03:04 ".into());
+        let spec = check_spec(merge_changes(c.clone(), None).unwrap(), Tz::UTC).unwrap();
+        assert_eq!(spec.schedule, "at 2999-01-02 03:04");
+        c.schedule = Some("at 2001-01-02 03:04".into());
+        let err = fail(c.clone());
+        assert!(err.contains("is in the past: it is now"), "{err}");
+        // A disabled one-shot whose time went by can still be edited.
+        c.enabled = Some(false);
+        assert!(check_spec(merge_changes(c, None).unwrap(), Tz::UTC).is_ok());
     }
 }

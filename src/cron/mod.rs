@@ -10,12 +10,22 @@
 //!   seconds field first, or is one of `@hourly @daily @midnight @weekly @monthly @yearly
 //!   @annually`. When both day-of-month and day-of-week are restricted, a day must match
 //!   both, unlike Vixie cron where either one is enough.
-//! - Each job runs in its own time zone: its `timezone`, else `CRON_TIMEZONE`, else the
-//!   system's. Each occurrence is computed in that zone when the one before it fires (or
-//!   the job is saved), so DST changes move no run.
+//! - A one-shot schedule is `at YYYY-MM-DD HH:MM` (`:SS` allowed), a wall-clock time in the
+//!   job's zone; an enabled one must be in the future when saved. After a delivered run a
+//!   one-shot job deletes itself (its answer stays in the conversation); after a failed run
+//!   it stays, disabled, with its error, so a lost reminder shows in the Schedules panel.
+//! - A job's kind is `prompt` (the model answers the prompt) or `reminder` (the fixed text
+//!   `⏰ Reminder: <prompt>` is stored and sent, no model involved). Reminders are made by
+//!   the reminders tool (`create_reminder`) in the conversation that asked, at most
+//!   `MAX_ACTIVE_REMINDERS` enabled at once; their channel and target never change.
+//! - Each job runs in its own time zone: its `timezone`, else `CRON_TIMEZONE`, else
+//!   `TIMEZONE`, else the system's. Each occurrence is computed in that zone when the one
+//!   before it fires (or the job is saved), so DST changes move no run.
 //! - Runs missed while the process was down (or more than a minute late) are not replayed:
-//!   at start every job's next run is its next occurrence after the restart. A run that a
-//!   stopped process left `running` is recorded as failed at the next start.
+//!   at start every job's next run is its next occurrence after the restart. One-shots are
+//!   the exception: one whose time went by while the process was down (or asleep) runs
+//!   late, once, since it has no later occurrence. A run that a stopped process left
+//!   `running` is recorded as failed at the next start.
 //! - A job never runs twice at the same time: a scheduled occurrence that finds its job
 //!   still running is skipped, and "run now" is refused.
 //! - `run_due` (the `/api/cron` trigger for an external crontab) runs each enabled job
@@ -42,8 +52,11 @@ use tokio_cron_scheduler::JobScheduler;
 use crate::assistant::Assistant;
 use crate::channels::Channels;
 use crate::config::{CronSettings, Secret};
-use crate::db::cron::{self as store, CronJob, CronJobId, CronRun, JobSpec};
+use crate::db::cron::{self as store, CronJob, CronJobId, CronRun, JobKind, JobSpec};
+use crate::domain::{ChannelKind, ConversationId};
 use crate::llm::router::Tier;
+
+pub use run::reminder_text;
 
 use job::JobChanges;
 use schedule::{parse_timezone, system_timezone, Schedule};
@@ -56,6 +69,25 @@ pub const DEFAULT_TIER: Tier = Tier::Main;
 pub const DUE_WINDOW: Duration = Duration::from_secs(15 * 60);
 
 const INTERRUPTED: &str = "interrupted: my-claw stopped during this run";
+
+/// Most reminders enabled at once, across conversations: a model looping on
+/// `reminders_create` cannot fill the scheduler.
+pub const MAX_ACTIVE_REMINDERS: i64 = 100;
+
+/// A reminder asked in a conversation, as the reminders tool makes it. It writes back to
+/// that conversation only: `channel` and `target` are the conversation's own.
+#[derive(Debug, Clone)]
+pub struct NewReminder {
+    /// What to remind of; stored as the job's prompt.
+    pub text: String,
+    /// `at YYYY-MM-DD HH:MM[:SS]` or a cron expression.
+    pub schedule: String,
+    pub timezone: Tz,
+    pub channel: ChannelKind,
+    /// The conversation's key on its channel (a WebChat conversation id as text).
+    pub target: String,
+    pub conversation_id: ConversationId,
+}
 
 /// Errors of the scheduler's operations; the gateway maps them to status codes.
 #[derive(Debug, thiserror::Error)]
@@ -136,9 +168,19 @@ pub async fn start(
     let jobs = store::list_jobs(&handle.inner.pool).await?;
     {
         let _turn = handle.inner.turn.lock().await;
-        // Occurrences before now are never run: missed runs are not replayed.
+        // Occurrences before now are never run: missed runs are not replayed, except a
+        // one-shot's, which would otherwise never run at all.
         let now = Utc::now();
         for job in jobs.iter().filter(|job| job.enabled) {
+            if let Some(occurrence) = missed_one_shot(&handle.inner, job, now) {
+                tracing::warn!(
+                    job = job.id.0,
+                    late_s = (now - occurrence).num_seconds(),
+                    "one-shot job missed while stopped: run late"
+                );
+                scheduler::start_run(&handle.inner, job.clone()).await;
+                continue;
+            }
             scheduler::sync(&handle.inner, job.id, Some(job.clone()), now).await;
         }
         scheduler::publish(&handle.inner);
@@ -183,7 +225,9 @@ impl CronHandle {
     /// Creates a job; it is scheduled before this returns.
     pub async fn create(&self, changes: JobChanges) -> Result<JobView, CronError> {
         let inner = &self.inner;
-        let spec = job::validate(&inner.pool, &inner.channels, changes, None).await?;
+        let spec =
+            job::validate(&inner.pool, &inner.channels, changes, None, inner.default_timezone)
+                .await?;
         let _turn = inner.turn.lock().await;
         let job = store::insert_job(&inner.pool, &spec).await?;
         scheduler::sync(inner, job.id, Some(job.clone()), Utc::now()).await;
@@ -194,12 +238,75 @@ impl CronHandle {
     pub async fn update(&self, id: CronJobId, changes: JobChanges) -> Result<JobView, CronError> {
         let inner = &self.inner;
         let current = JobSpec::from(&self.load(id).await?);
-        let spec = job::validate(&inner.pool, &inner.channels, changes, Some(current)).await?;
+        let was_enabled = current.enabled;
+        let spec = job::validate(
+            &inner.pool,
+            &inner.channels,
+            changes,
+            Some(current),
+            inner.default_timezone,
+        )
+        .await?;
         let _turn = inner.turn.lock().await;
+        if spec.kind == JobKind::Reminder && spec.enabled && !was_enabled {
+            check_reminder_room(inner).await?;
+        }
         let job =
             store::update_job(&inner.pool, id, &spec).await?.ok_or(CronError::NotFound(id))?;
         scheduler::sync(inner, id, Some(job.clone()), Utc::now()).await;
         Ok(self.view(job, Utc::now()))
+    }
+
+    /// Creates a reminder in the conversation that asked for it; scheduled before this
+    /// returns. Refused beyond `MAX_ACTIVE_REMINDERS`, for a time in the past, or for a
+    /// conversation its channel cannot reach.
+    pub async fn create_reminder(&self, reminder: NewReminder) -> Result<JobView, CronError> {
+        let inner = &self.inner;
+        let spec = JobSpec {
+            name: String::new(),
+            schedule: reminder.schedule,
+            timezone: Some(reminder.timezone.name().to_string()),
+            prompt: reminder.text,
+            channel: reminder.channel,
+            target: reminder.target,
+            tier: None,
+            enabled: true,
+            kind: JobKind::Reminder,
+            conversation_id: Some(reminder.conversation_id),
+        };
+        let spec =
+            job::validate_new(&inner.pool, &inner.channels, spec, inner.default_timezone).await?;
+        // Counted under the turn, so two creations at once cannot both take the last place.
+        let _turn = inner.turn.lock().await;
+        check_reminder_room(inner).await?;
+        let job = store::insert_job(&inner.pool, &spec).await?;
+        scheduler::sync(inner, job.id, Some(job.clone()), Utc::now()).await;
+        Ok(self.view(job, Utc::now()))
+    }
+
+    /// The enabled reminders asked in a conversation, oldest first.
+    pub async fn reminders(
+        &self,
+        conversation_id: ConversationId,
+    ) -> Result<Vec<JobView>, CronError> {
+        let jobs = store::list_reminders(&self.inner.pool, conversation_id).await?;
+        let now = Utc::now();
+        Ok(jobs.into_iter().filter(|job| job.enabled).map(|job| self.view(job, now)).collect())
+    }
+
+    /// Deletes reminder `id` if it was asked in `conversation_id` (and is a reminder);
+    /// `NotFound` otherwise, so no conversation learns of another's jobs.
+    pub async fn cancel_reminder(
+        &self,
+        conversation_id: ConversationId,
+        id: CronJobId,
+    ) -> Result<CronJob, CronError> {
+        let job = self.load(id).await?;
+        if job.kind != JobKind::Reminder || job.conversation_id != Some(conversation_id) {
+            return Err(CronError::NotFound(id));
+        }
+        self.delete(id).await?;
+        Ok(job)
     }
 
     /// Deletes a job and its history. A run in progress finishes but is not recorded.
@@ -274,7 +381,8 @@ impl CronHandle {
             Some(name) => parse_timezone(name).map_err(CronError::Invalid)?,
             None => self.inner.default_timezone,
         };
-        let schedule = Schedule::parse_checked(expression).map_err(CronError::Invalid)?;
+        let schedule =
+            Schedule::parse_upcoming(expression, timezone).map_err(CronError::Invalid)?;
         Ok(Preview {
             timezone,
             description: schedule.describe(timezone),
@@ -344,6 +452,26 @@ fn plan(inner: &Inner, job: &CronJob) -> Result<(Schedule, Tz), String> {
         None => inner.default_timezone,
     };
     Ok((schedule, timezone))
+}
+
+/// Refuses a new enabled reminder when `MAX_ACTIVE_REMINDERS` are enabled. The caller
+/// holds `Inner::turn`.
+async fn check_reminder_room(inner: &Inner) -> Result<(), CronError> {
+    if store::count_active_reminders(&inner.pool).await? >= MAX_ACTIVE_REMINDERS {
+        return Err(CronError::Invalid(format!(
+            "there are already {MAX_ACTIVE_REMINDERS} active reminders, the most this assistant \
+             keeps: cancel one (or delete it in the Schedules panel) before adding another"
+        )));
+    }
+    Ok(())
+}
+
+/// The time of an enabled one-shot job that went by without its run (the process was
+/// stopped or asleep then); `None` for anything else.
+fn missed_one_shot(inner: &Inner, job: &CronJob, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    let (schedule, timezone) = plan(inner, job).ok()?;
+    let at = schedule.once_at(timezone)?;
+    (job.enabled && at <= now && not_yet_run(job, at)).then_some(at)
 }
 
 /// Whether `occurrence` is later than the job's last run and its last edit.

@@ -1,15 +1,19 @@
 //! One run of a job: its row in the history, the prompt answered by the assistant in the
-//! target conversation, the delivery on the job's channel, and the recorded outcome.
-//! Whether and when to run is decided elsewhere (`scheduler.rs`, `CronHandle`).
+//! target conversation (or, for a reminder, its fixed text stored there), the delivery on
+//! the job's channel, the recorded outcome, and a one-shot job's end (deleted once
+//! delivered, disabled when it failed). Whether and when to run is decided elsewhere
+//! (`scheduler.rs`, `CronHandle`).
 
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::cron::{lock, CronError, Inner, DEFAULT_TIER};
-use crate::db::cron::{self as store, CronJob, CronJobId, CronRun, RunOutcome};
+use chrono::Utc;
+
+use crate::cron::{lock, plan, scheduler, CronError, Inner, DEFAULT_TIER};
+use crate::db::cron::{self as store, CronJob, CronJobId, CronRun, JobKind, JobSpec, RunOutcome};
 use crate::db::memory;
 use crate::db::now_ms;
-use crate::domain::{ChannelKind, Inbound, MessageId};
+use crate::domain::{ChannelKind, ConversationId, Inbound, MessageId};
 use crate::llm::router::Tier;
 
 /// Runs kept in each job's history; older ones are deleted as new ones finish.
@@ -67,6 +71,9 @@ impl StartedRun {
         if let Err(e) = store::prune_runs(&inner.pool, job.id, KEEP_RUNS).await {
             tracing::warn!(job = job.id.0, error = %e, "old cron runs not pruned");
         }
+        if plan(&inner, &job).is_ok_and(|(schedule, _)| schedule.is_once()) {
+            end_one_shot(&inner, &job, outcome).await;
+        }
         Ok(CronRun {
             id: run_id,
             job_id: job.id,
@@ -100,6 +107,35 @@ impl Drop for RunGuard {
     }
 }
 
+/// A one-shot job has had its run: deleted once delivered (its message stays in the
+/// conversation), disabled when the run failed, so the failure stays in the Schedules panel
+/// and the job off the active reminders.
+async fn end_one_shot(inner: &Arc<Inner>, job: &CronJob, outcome: RunOutcome) {
+    let _turn = inner.turn.lock().await;
+    // Edited during the run (a new time, say): the edit is the job now, not this run's.
+    match store::get_job(&inner.pool, job.id).await {
+        Ok(Some(current)) if current.updated_at == job.updated_at => {}
+        Ok(_) => return,
+        Err(e) => {
+            tracing::error!(job = job.id.0, error = %e, "one-shot job not ended after its run");
+            return;
+        }
+    }
+    let ended = if outcome == RunOutcome::Delivered {
+        store::delete_job(&inner.pool, job.id).await.map(|_| None)
+    } else {
+        let mut spec = JobSpec::from(job);
+        spec.enabled = false;
+        store::update_job(&inner.pool, job.id, &spec).await
+    };
+    match ended {
+        Ok(current) => scheduler::sync(inner, job.id, current, Utc::now()).await,
+        Err(e) => {
+            tracing::error!(job = job.id.0, error = %e, "one-shot job not ended after its run")
+        }
+    }
+}
+
 struct Delivered {
     message_id: MessageId,
     /// How it was delivered when that is worth telling (a template instead of the text).
@@ -125,33 +161,16 @@ async fn answer_and_deliver(inner: &Inner, job: &CronJob) -> Result<Delivered, F
         let reason = format!("{} is not configured, so nothing was asked or sent", job.channel);
         return Err(Failure::new(reason, None));
     }
-    // The same path as a message the user sends: the prompt is stored in the target
-    // conversation, answered with its history and the persona, and both messages are
-    // announced to open WebChat pages. The prefix tells the reader (and the model) that
-    // nobody typed this turn.
-    let inbound = Inbound {
-        channel: job.channel,
-        conversation_key: job.target.clone(),
-        sender: "cron".into(),
-        text: format!("[scheduled: {}] {}", job.name, job.prompt),
-        external_id: None,
-    };
-    let reply = match inner.assistant.reply(inbound, Some(tier)).await {
-        Ok(reply) => reply,
-        Err(e) => return Err(Failure::new(format!("the assistant could not answer: {e}"), None)),
-    };
-    if let Some(error) = reply.error {
-        return Err(Failure::new(format!("the model failed: {error}"), reply.message_id));
-    }
-    let Some(message_id) = reply.message_id else {
-        return Err(Failure::new("the answer could not be stored".into(), None));
+    let (message_id, text) = match job.kind {
+        JobKind::Prompt => answer(inner, job, tier).await?,
+        JobKind::Reminder => post_reminder(inner, job).await?,
     };
     if job.channel == ChannelKind::WebChat {
         // For the WebChat, storing the answer is the delivery: open pages hear of it
         // through the assistant's events.
         return Ok(Delivered { message_id, note: None });
     }
-    let receipt = match inner.channels.deliver(job.channel, &job.target, &reply.text).await {
+    let receipt = match inner.channels.deliver(job.channel, &job.target, &text).await {
         Ok(receipt) => receipt,
         Err(e) => {
             let reason = format!("{} refused the message: {e}", job.channel);
@@ -174,4 +193,61 @@ async fn answer_and_deliver(inner: &Inner, job: &CronJob) -> Result<Delivered, F
             .to_string()
     });
     Ok(Delivered { message_id, note })
+}
+
+/// The prompt answered by the model in the target conversation: the stored answer and its
+/// text.
+async fn answer(inner: &Inner, job: &CronJob, tier: Tier) -> Result<(MessageId, String), Failure> {
+    // The same path as a message the user sends: the prompt is stored in the target
+    // conversation, answered with its history and the persona, and both messages are
+    // announced to open WebChat pages. The prefix tells the reader (and the model) that
+    // nobody typed this turn.
+    let inbound = Inbound {
+        channel: job.channel,
+        conversation_key: job.target.clone(),
+        sender: "cron".into(),
+        text: format!("[scheduled: {}] {}", job.name, job.prompt),
+        external_id: None,
+    };
+    let reply = match inner.assistant.reply(inbound, Some(tier)).await {
+        Ok(reply) => reply,
+        Err(e) => return Err(Failure::new(format!("the assistant could not answer: {e}"), None)),
+    };
+    if let Some(error) = reply.error {
+        return Err(Failure::new(format!("the model failed: {error}"), reply.message_id));
+    }
+    let Some(message_id) = reply.message_id else {
+        return Err(Failure::new("the answer could not be stored".into(), None));
+    };
+    Ok((message_id, reply.text))
+}
+
+/// A reminder's fixed text, stored as the assistant's message in the conversation it was
+/// asked in and announced to open pages: no model is asked, so it fires even when no model
+/// can answer.
+async fn post_reminder(inner: &Inner, job: &CronJob) -> Result<(MessageId, String), Failure> {
+    let text = reminder_text(&job.prompt);
+    let conversation = match job.conversation_id {
+        Some(id) => Some(id),
+        // A reminder row written around the API: its channel and target say where.
+        None => match job.channel {
+            ChannelKind::WebChat => job.target.parse::<i64>().ok().map(ConversationId),
+            channel => memory::find_conversation(&inner.pool, channel, &job.target)
+                .await
+                .map_err(|e| Failure::new(format!("database: {e}"), None))?
+                .map(|c| c.id),
+        },
+    };
+    let Some(conversation) = conversation else {
+        return Err(Failure::new("the reminder's conversation no longer exists".into(), None));
+    };
+    match inner.assistant.post(conversation, &text).await {
+        Ok(message_id) => Ok((message_id, text)),
+        Err(e) => Err(Failure::new(format!("the reminder could not be stored: {e}"), None)),
+    }
+}
+
+/// What a reminder says when it fires.
+pub fn reminder_text(what: &str) -> String {
+    format!("⏰ Reminder: {}", what.trim())
 }

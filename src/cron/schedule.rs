@@ -1,8 +1,9 @@
-//! Cron expressions and time zones: parsing (5 or 6 fields, `@nicknames`), the errors that
-//! say which field is wrong, occurrences in a job's own zone, and the expression in words.
+//! Schedules and time zones: cron expressions (5 or 6 fields, `@nicknames`) with the errors
+//! that say which field is wrong, one-shot times (`at 2026-11-27 09:00`, a local date-time
+//! in the job's zone), occurrences in a job's own zone, and the schedule in words.
 //! Pure functions of their inputs and the clock: no database, no scheduler, no HTTP.
 
-use chrono::{DateTime, Timelike, Utc};
+use chrono::{DateTime, Datelike, NaiveDateTime, TimeZone, Timelike, Utc};
 use chrono_tz::Tz;
 use croner::parser::{CronParser, Seconds, Year};
 use croner::Cron;
@@ -11,16 +12,29 @@ use croner::Cron;
 /// shorter; the bound keeps a pasted page out of the parser and out of error messages.
 pub const MAX_EXPRESSION_CHARS: usize = 200;
 
-/// A parsed cron expression.
+/// The word that starts a one-shot schedule: `at 2026-11-27 09:00`.
+pub const ONCE_PREFIX: &str = "at ";
+
+/// A parsed schedule: a cron expression, or one local date-time.
 #[derive(Debug, Clone)]
 pub struct Schedule {
-    /// Six fields, seconds first.
-    six_fields: String,
-    cron: Cron,
+    kind: Kind,
+}
+
+#[derive(Debug, Clone)]
+enum Kind {
+    Cron {
+        /// Six fields, seconds first.
+        six_fields: String,
+        cron: Cron,
+    },
+    /// Runs once, at this wall-clock time in the job's zone.
+    Once(NaiveDateTime),
 }
 
 impl Schedule {
-    /// Parses a 5- or 6-field expression or an `@nickname`; the error says what is wrong.
+    /// Parses a 5- or 6-field expression, an `@nickname`, or a one-shot `at YYYY-MM-DD
+    /// HH:MM[:SS]`; the error says what is wrong.
     pub fn parse(expression: &str) -> Result<Schedule, String> {
         if expression.chars().count() > MAX_EXPRESSION_CHARS {
             return Err(format!(
@@ -28,37 +42,95 @@ impl Schedule {
                  expression such as `0 8 * * *`"
             ));
         }
+        let trimmed = expression.trim();
+        if let Some(rest) = strip_prefix_ignore_case(trimmed, ONCE_PREFIX.trim_end()) {
+            return parse_local_time(rest).map(|at| Schedule { kind: Kind::Once(at) });
+        }
         let six_fields = to_six_fields(expression)?;
         match parse_six_fields(&six_fields) {
-            Some(cron) => Ok(Schedule { six_fields, cron }),
+            Some(cron) => Ok(Schedule { kind: Kind::Cron { six_fields, cron } }),
             None => Err(explain_invalid(expression, &six_fields)),
         }
     }
 
-    /// `parse`, and makes sure the expression ever happens (`0 0 30 2 *` never does).
+    /// `parse`, and makes sure the expression ever happens (`0 0 30 2 *` never does). A
+    /// one-shot time is checked against the clock by `parse_upcoming`, which knows the zone.
     pub fn parse_checked(expression: &str) -> Result<Schedule, String> {
         let schedule = Schedule::parse(expression)?;
-        if schedule.next_after(Utc::now(), Tz::UTC).is_none() {
+        if !schedule.is_once() && schedule.next_after(Utc::now(), Tz::UTC).is_none() {
             return Err(format!("cron expression `{}` never happens", expression.trim()));
         }
         Ok(schedule)
     }
 
-    /// The expression with its seconds field, nicknames expanded.
-    pub fn six_fields(&self) -> &str {
-        &self.six_fields
+    /// `parse_checked`, and a one-shot time must still be ahead in `timezone`: a time in the
+    /// past is refused with the current local time, so the person can correct it.
+    pub fn parse_upcoming(expression: &str, timezone: Tz) -> Result<Schedule, String> {
+        let schedule = Schedule::parse_checked(expression)?;
+        if let Kind::Once(at) = schedule.kind {
+            let now = Utc::now();
+            if schedule.next_after(now, timezone).is_none() {
+                let local_now = now.with_timezone(&timezone).format("%Y-%m-%d %H:%M");
+                return Err(format!(
+                    "`at {}` is in the past: it is now {local_now} in {}",
+                    at.format(ONCE_FORMAT_MINUTES),
+                    timezone.name()
+                ));
+            }
+        }
+        Ok(schedule)
+    }
+
+    /// Whether this is a one-shot `at …` schedule.
+    pub fn is_once(&self) -> bool {
+        matches!(self.kind, Kind::Once(_))
+    }
+
+    /// The schedule as it is stored: a cron expression with its fields separated by single
+    /// spaces as written, or `at YYYY-MM-DD HH:MM` (`:SS` only when not zero).
+    pub fn canonical(&self, written: &str) -> String {
+        match &self.kind {
+            Kind::Cron { .. } => written.split_whitespace().collect::<Vec<_>>().join(" "),
+            Kind::Once(at) => format!("{ONCE_PREFIX}{}", format_local(*at)),
+        }
+    }
+
+    /// The expression with its seconds field, nicknames expanded; a one-shot's canonical form.
+    pub fn six_fields(&self) -> String {
+        match &self.kind {
+            Kind::Cron { six_fields, .. } => six_fields.clone(),
+            Kind::Once(at) => format!("{ONCE_PREFIX}{}", format_local(*at)),
+        }
     }
 
     /// The first occurrence strictly after `after`, in the zone `timezone`.
     pub fn next_after(&self, after: DateTime<Utc>, timezone: Tz) -> Option<DateTime<Utc>> {
-        let local = whole_second(after).with_timezone(&timezone);
-        self.cron.find_next_occurrence(&local, false).ok().map(|t| t.with_timezone(&Utc))
+        match &self.kind {
+            Kind::Cron { cron, .. } => {
+                let local = whole_second(after).with_timezone(&timezone);
+                cron.find_next_occurrence(&local, false).ok().map(|t| t.with_timezone(&Utc))
+            }
+            Kind::Once(at) => once_instant(*at, timezone).filter(|t| *t > after),
+        }
     }
 
     /// The latest occurrence at or before `at`, in the zone `timezone`.
     pub fn latest_at_or_before(&self, at: DateTime<Utc>, timezone: Tz) -> Option<DateTime<Utc>> {
-        let local = whole_second(at).with_timezone(&timezone);
-        self.cron.find_previous_occurrence(&local, true).ok().map(|t| t.with_timezone(&Utc))
+        match &self.kind {
+            Kind::Cron { cron, .. } => {
+                let local = whole_second(at).with_timezone(&timezone);
+                cron.find_previous_occurrence(&local, true).ok().map(|t| t.with_timezone(&Utc))
+            }
+            Kind::Once(once) => once_instant(*once, timezone).filter(|t| *t <= at),
+        }
+    }
+
+    /// The one-shot's instant in `timezone`, whether past or not; `None` for cron schedules.
+    pub fn once_at(&self, timezone: Tz) -> Option<DateTime<Utc>> {
+        match &self.kind {
+            Kind::Once(at) => once_instant(*at, timezone),
+            Kind::Cron { .. } => None,
+        }
     }
 
     /// The next `count` occurrences after `after`.
@@ -81,9 +153,24 @@ impl Schedule {
     /// Europe/Paris", "every 5 seconds"). The one describer: the page shows what the API
     /// returns.
     pub fn describe(&self, timezone: Tz) -> String {
-        let fields: Vec<&str> = self.six_fields.split(' ').collect();
+        let six_fields = match &self.kind {
+            Kind::Cron { six_fields, .. } => six_fields,
+            Kind::Once(at) => {
+                let time = if at.second() == 0 { "%H:%M" } else { "%H:%M:%S" };
+                return format!(
+                    "once, on {} {} {} {} at {} {}",
+                    super::describe::weekday_name(at.weekday()),
+                    at.day(),
+                    super::describe::month_name(at.month()),
+                    at.year(),
+                    at.format(time),
+                    timezone.name()
+                );
+            }
+        };
+        let fields: Vec<&str> = six_fields.split(' ').collect();
         let &[second, minute, hour, dom, month, dow] = fields.as_slice() else {
-            return self.six_fields.clone();
+            return six_fields.clone();
         };
         let words = super::describe::fields(second, minute, hour, dom, month, dow);
         // The zone only matters once the hour or the day is fixed.
@@ -119,6 +206,53 @@ pub fn system_timezone() -> Tz {
         .flatten()
         .find_map(|name| name.trim().parse::<Tz>().ok())
         .unwrap_or(Tz::UTC)
+}
+
+/// `at` times as written back: minutes, or seconds when a test or an API client gave them.
+const ONCE_FORMAT_MINUTES: &str = "%Y-%m-%d %H:%M";
+const ONCE_FORMAT_SECONDS: &str = "%Y-%m-%d %H:%M:%S";
+
+fn format_local(at: NaiveDateTime) -> String {
+    at.format(if at.second() == 0 { ONCE_FORMAT_MINUTES } else { ONCE_FORMAT_SECONDS }).to_string()
+}
+
+fn strip_prefix_ignore_case<'a>(text: &'a str, prefix: &str) -> Option<&'a str> {
+    let head = text.get(..prefix.len())?;
+    let rest = &text[prefix.len()..];
+    (head.eq_ignore_ascii_case(prefix)
+        && (rest.is_empty() || rest.starts_with(char::is_whitespace)))
+    .then(|| rest.trim())
+}
+
+/// A local date-time: `YYYY-MM-DD HH:MM`, with an optional `:SS`, and `T` accepted in place
+/// of the space (ISO 8601 as tools write it).
+pub fn parse_local_time(text: &str) -> Result<NaiveDateTime, String> {
+    let text = text.trim();
+    let normalised = text.replacen('T', " ", 1);
+    for format in [ONCE_FORMAT_MINUTES, ONCE_FORMAT_SECONDS] {
+        if let Ok(at) = NaiveDateTime::parse_from_str(&normalised, format) {
+            return Ok(at.with_nanosecond(0).unwrap_or(at));
+        }
+    }
+    let shown: String = text.chars().take(40).collect();
+    Err(format!(
+        "`{shown}` is not a date and time: write YYYY-MM-DD HH:MM in 24-hour time, e.g. \
+         `at 2026-11-27 09:00`"
+    ))
+}
+
+/// A wall-clock time in `timezone` as an instant. A time that happens twice (clocks going
+/// back) is the first one; a time skipped by clocks going forward is the first instant
+/// after the gap, so a reminder in the gap still fires, as late as it must.
+fn once_instant(at: NaiveDateTime, timezone: Tz) -> Option<DateTime<Utc>> {
+    if let Some(t) = timezone.from_local_datetime(&at).earliest() {
+        return Some(t.with_timezone(&Utc));
+    }
+    // Gaps are at most a few hours; look forward minute by minute for where time resumes.
+    (1..=24 * 60).find_map(|minutes| {
+        let later = at + chrono::Duration::minutes(minutes);
+        timezone.from_local_datetime(&later).earliest().map(|t| t.with_timezone(&Utc))
+    })
 }
 
 fn to_six_fields(expression: &str) -> Result<String, String> {
@@ -267,6 +401,46 @@ mod tests {
         check_invalid("0 0 30 2 *", "never happens");
         check_invalid("@often", "unknown schedule");
         check_invalid(&"1,".repeat(150), "longer than 200 characters");
+    }
+
+    #[test]
+    fn one_shots_happen_once_at_a_local_time() {
+        let once = Schedule::parse("at 2026-11-27 09:00").unwrap();
+        assert!(once.is_once());
+        assert_eq!(once.canonical(" at 2026-11-27 09:00 "), "at 2026-11-27 09:00");
+        let at = utc("2026-11-27T08:00:00Z");
+        assert_eq!(once.next_after(utc("2026-11-27T07:59:59Z"), Tz::Europe__Paris), Some(at));
+        assert_eq!(once.next_after(at, Tz::Europe__Paris), None);
+        assert_eq!(once.latest_at_or_before(at, Tz::Europe__Paris), Some(at));
+        assert_eq!(once.latest_at_or_before(utc("2026-11-27T07:00:00Z"), Tz::Europe__Paris), None);
+        assert_eq!(once.upcoming(utc("2026-01-01T00:00:00Z"), Tz::UTC, 3).len(), 1);
+        assert_eq!(
+            once.describe(Tz::Europe__Paris),
+            "once, on Friday 27 November 2026 at 09:00 Europe/Paris"
+        );
+        // `T`, seconds, and any case of `at`.
+        let precise = Schedule::parse("AT 2026-11-27T09:00:05").unwrap();
+        assert_eq!(precise.canonical("x"), "at 2026-11-27 09:00:05");
+        assert!(precise.describe(Tz::UTC).ends_with("at 09:00:05 UTC"));
+        // A time skipped by the spring change fires when the clocks resume (03:00 Paris).
+        let gap = Schedule::parse("at 2026-03-29 02:30").unwrap();
+        assert_eq!(gap.once_at(Tz::Europe__Paris), Some(utc("2026-03-29T01:00:00Z")));
+        // A time that happens twice in autumn is the first one.
+        let fold = Schedule::parse("at 2026-10-25 02:30").unwrap();
+        assert_eq!(fold.once_at(Tz::Europe__Paris), Some(utc("2026-10-25T00:30:00Z")));
+    }
+
+    #[test]
+    fn bad_or_past_one_shots_say_what_is_wrong() {
+        check_invalid("at tomorrow", "not a date and time");
+        check_invalid("at 2026-13-01 09:00", "not a date and time");
+        check_invalid("at", "not a date and time");
+        let err = Schedule::parse_upcoming("at 2001-02-03 04:05", Tz::Europe__Paris).unwrap_err();
+        assert!(err.starts_with("`at 2001-02-03 04:05` is in the past: it is now "), "{err}");
+        assert!(err.ends_with(" in Europe/Paris"), "{err}");
+        assert!(Schedule::parse_upcoming("at 2999-02-03 04:05", Tz::UTC).is_ok());
+        // `attic` is no one-shot, and no cron expression either.
+        assert!(Schedule::parse("attic").unwrap_err().contains("has 1 fields"));
     }
 
     #[test]

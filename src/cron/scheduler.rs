@@ -178,10 +178,12 @@ async fn fire(
         job.enabled && job.updated_at == set_for.updated_at && job.schedule == set_for.schedule;
     if same {
         let late = (now - occurrence).to_std().unwrap_or_default();
-        if late > FIRE_TOLERANCE {
+        // A one-shot has no later occurrence: late, it still runs.
+        let once = plan(&inner, &job).is_ok_and(|(schedule, _)| schedule.is_once());
+        if late > FIRE_TOLERANCE && !once {
             tracing::warn!(job = id.0, late_s = late.as_secs(), "cron occurrence missed");
         } else if not_yet_run(&job, occurrence) {
-            start(&inner, job.clone()).await;
+            start_run(&inner, job.clone()).await;
         }
     }
     sync(&inner, id, Some(job), now.max(occurrence)).await;
@@ -189,7 +191,7 @@ async fn fire(
 
 /// Starts one run: its row is written before this returns, the rest goes on in the
 /// background.
-async fn start(inner: &Arc<Inner>, job: CronJob) {
+pub(super) async fn start_run(inner: &Arc<Inner>, job: CronJob) {
     let id = job.id;
     match run::begin(inner, job).await {
         Ok(started) => {

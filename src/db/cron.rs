@@ -5,7 +5,7 @@
 use sqlx::SqlitePool;
 
 use crate::db::now_ms;
-use crate::domain::{ChannelKind, MessageId};
+use crate::domain::{ChannelKind, ConversationId, MessageId};
 
 /// Database id of a scheduled job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -26,6 +26,9 @@ pub struct CronJob {
     pub target: String,
     pub tier: Option<String>,
     pub enabled: bool,
+    pub kind: JobKind,
+    /// The conversation a reminder was asked in; `None` for prompt jobs.
+    pub conversation_id: Option<ConversationId>,
     pub last_run_at: Option<i64>,
     pub last_outcome: Option<RunOutcome>,
     pub last_error: Option<String>,
@@ -44,6 +47,8 @@ pub struct JobSpec {
     pub target: String,
     pub tier: Option<String>,
     pub enabled: bool,
+    pub kind: JobKind,
+    pub conversation_id: Option<ConversationId>,
 }
 
 impl From<&CronJob> for JobSpec {
@@ -57,7 +62,18 @@ impl From<&CronJob> for JobSpec {
             target: job.target.clone(),
             tier: job.tier.clone(),
             enabled: job.enabled,
+            kind: job.kind,
+            conversation_id: job.conversation_id,
         }
+    }
+}
+
+crate::domain::named_enum! {
+    /// What a run does: answer the prompt with a model, or post a fixed reminder text.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum JobKind {
+        Prompt = "prompt",
+        Reminder = "reminder",
     }
 }
 
@@ -108,8 +124,8 @@ pub async fn insert_job(pool: &SqlitePool, spec: &JobSpec) -> Result<CronJob, sq
     let now = now_ms();
     let row: JobRow = sqlx::query_as(&format!(
         "INSERT INTO cron_jobs (name, schedule, timezone, prompt, channel, target, tier, enabled,
-                                created_at, updated_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9)
+                                created_at, updated_at, kind, conversation_id)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9, ?10, ?11)
          RETURNING {JOB_COLUMNS}"
     ))
     .bind(&spec.name)
@@ -121,6 +137,8 @@ pub async fn insert_job(pool: &SqlitePool, spec: &JobSpec) -> Result<CronJob, sq
     .bind(&spec.tier)
     .bind(spec.enabled)
     .bind(now)
+    .bind(spec.kind.as_str())
+    .bind(spec.conversation_id.map(|c| c.0))
     .fetch_one(pool)
     .await?;
     row.try_into()
@@ -134,7 +152,8 @@ pub async fn update_job(
 ) -> Result<Option<CronJob>, sqlx::Error> {
     let row: Option<JobRow> = sqlx::query_as(&format!(
         "UPDATE cron_jobs SET name = ?1, schedule = ?2, timezone = ?3, prompt = ?4, channel = ?5,
-                              target = ?6, tier = ?7, enabled = ?8, updated_at = ?9
+                              target = ?6, tier = ?7, enabled = ?8, updated_at = ?9,
+                              kind = ?11, conversation_id = ?12
          WHERE id = ?10
          RETURNING {JOB_COLUMNS}"
     ))
@@ -148,9 +167,33 @@ pub async fn update_job(
     .bind(spec.enabled)
     .bind(now_ms())
     .bind(id.0)
+    .bind(spec.kind.as_str())
+    .bind(spec.conversation_id.map(|c| c.0))
     .fetch_optional(pool)
     .await?;
     row.map(TryInto::try_into).transpose()
+}
+
+/// How many reminders are enabled, in every conversation.
+pub async fn count_active_reminders(pool: &SqlitePool) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT COUNT(*) FROM cron_jobs WHERE kind = 'reminder' AND enabled = 1")
+        .fetch_one(pool)
+        .await
+}
+
+/// The reminders asked in a conversation, oldest first.
+pub async fn list_reminders(
+    pool: &SqlitePool,
+    conversation_id: ConversationId,
+) -> Result<Vec<CronJob>, sqlx::Error> {
+    let rows: Vec<JobRow> = sqlx::query_as(&format!(
+        "SELECT {JOB_COLUMNS} FROM cron_jobs
+         WHERE kind = 'reminder' AND conversation_id = ?1 ORDER BY id"
+    ))
+    .bind(conversation_id.0)
+    .fetch_all(pool)
+    .await?;
+    rows.into_iter().map(TryInto::try_into).collect()
 }
 
 /// Deletes a job and (by cascade) its history; false when it did not exist.
@@ -287,7 +330,8 @@ pub async fn fail_interrupted_runs(pool: &SqlitePool, reason: &str) -> Result<u6
 }
 
 const JOB_COLUMNS: &str = "id, name, schedule, timezone, prompt, channel, target, tier, enabled, \
-                           last_run_at, last_outcome, last_error, created_at, updated_at";
+                           kind, conversation_id, last_run_at, last_outcome, last_error, \
+                           created_at, updated_at";
 
 const RUN_COLUMNS: &str = "id, job_id, started_at, duration_ms, outcome, error, message_id";
 
@@ -302,6 +346,8 @@ struct JobRow {
     target: String,
     tier: Option<String>,
     enabled: bool,
+    kind: String,
+    conversation_id: Option<i64>,
     last_run_at: Option<i64>,
     last_outcome: Option<String>,
     last_error: Option<String>,
@@ -315,6 +361,9 @@ impl TryFrom<JobRow> for CronJob {
         let channel = ChannelKind::parse(&row.channel).ok_or_else(|| {
             sqlx::Error::Decode(format!("unknown channel `{}` in cron_jobs", row.channel).into())
         })?;
+        let kind = JobKind::parse(&row.kind).ok_or_else(|| {
+            sqlx::Error::Decode(format!("unknown job kind `{}` in cron_jobs", row.kind).into())
+        })?;
         Ok(CronJob {
             id: CronJobId(row.id),
             name: row.name,
@@ -325,6 +374,8 @@ impl TryFrom<JobRow> for CronJob {
             target: row.target,
             tier: row.tier,
             enabled: row.enabled,
+            kind,
+            conversation_id: row.conversation_id.map(ConversationId),
             last_run_at: row.last_run_at,
             // An outcome this version does not know reads as none rather than failing the list.
             last_outcome: row.last_outcome.as_deref().and_then(RunOutcome::parse),

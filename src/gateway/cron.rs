@@ -52,7 +52,8 @@ pub struct JobJson {
     pub id: i64,
     pub name: String,
     pub schedule: String,
-    /// The job's own zone; `null` follows `CRON_TIMEZONE` (or the system's).
+    /// The job's own zone; `null` follows `CRON_TIMEZONE`, else `TIMEZONE` (else the
+    /// system's).
     pub timezone: Option<String>,
     /// The zone the job actually runs in.
     pub effective_timezone: String,
@@ -64,6 +65,11 @@ pub struct JobJson {
     pub target: String,
     pub tier: Option<String>,
     pub enabled: bool,
+    /// `prompt` (the model answers the prompt at each run) or `reminder` (the prompt is a
+    /// reminder's text, posted as is in the conversation that asked for it).
+    pub kind: &'static str,
+    /// The conversation a reminder was asked in; `null` for prompt jobs.
+    pub conversation_id: Option<i64>,
     /// `null` when the job is disabled.
     pub next_run: Option<i64>,
     pub last_run: Option<i64>,
@@ -274,6 +280,8 @@ fn job_json(view: JobView) -> JobJson {
         target: job.target,
         tier: job.tier,
         enabled: job.enabled,
+        kind: job.kind.as_str(),
+        conversation_id: job.conversation_id.map(|c| c.0),
         next_run: view.next_run.map(|t| t.timestamp_millis()),
         last_run: job.last_run_at,
         last_outcome: job.last_outcome.map(|o| o.as_str()),

@@ -4,6 +4,13 @@
 //! module knows nothing of models, prompts, HTTP or wire formats: a tool that needs the
 //! database or the scheduler is handed them when `app.rs` builds it.
 
+// Built-in tools (issue 15, reminders helper).
+mod builtin;
+pub mod current_time;
+pub mod reminders;
+
+pub use builtin::builtin_tools;
+
 use std::sync::Arc;
 
 use futures::future::BoxFuture;

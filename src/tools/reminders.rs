@@ -1,0 +1,419 @@
+//! The reminders tools: `reminders_create` (once at a local time, once in N minutes, or
+//! recurring on a cron expression), `reminders_list` and `reminders_cancel`, all scoped to
+//! the conversation that calls them. A reminder is a `reminder` job on the scheduler
+//! (`crate::cron`), which stores and sends its fixed text when it fires; this module only
+//! reads arguments, asks the scheduler, and words the results for the model. It never takes
+//! a destination from the arguments: a reminder writes back where it was asked.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Duration, Utc};
+use chrono_tz::Tz;
+use futures::future::BoxFuture;
+use serde_json::{json, Map, Value};
+use sqlx::SqlitePool;
+
+use super::{Tool, ToolContext, ToolError};
+use crate::channels::whatsapp::WINDOW_MS;
+use crate::cron::schedule::{parse_local_time, Schedule, ONCE_PREFIX};
+use crate::cron::{CronError, CronHandle, JobView, NewReminder};
+use crate::db::cron::CronJobId;
+use crate::db::inbound;
+use crate::domain::ChannelKind;
+
+/// Longest reminder text: a sentence or two, sent back as one message.
+pub const MAX_TEXT_CHARS: usize = 1000;
+/// Farthest `in_minutes`: a year and a day.
+const MAX_IN_MINUTES: i64 = 366 * 24 * 60;
+
+/// What the three tools share.
+struct Shared {
+    cron: CronHandle,
+    pool: SqlitePool,
+    timezone: Tz,
+}
+
+/// The three reminders tools, in the order they are offered.
+pub fn tools(cron: CronHandle, pool: SqlitePool, timezone: Tz) -> Vec<Arc<dyn Tool>> {
+    let shared = Arc::new(Shared { cron, pool, timezone });
+    vec![
+        Arc::new(CreateReminder(shared.clone())),
+        Arc::new(ListReminders(shared.clone())),
+        Arc::new(CancelReminder(shared)),
+    ]
+}
+
+pub struct CreateReminder(Arc<Shared>);
+pub struct ListReminders(Arc<Shared>);
+pub struct CancelReminder(Arc<Shared>);
+
+impl Tool for CreateReminder {
+    fn name(&self) -> &'static str {
+        "reminders_create"
+    }
+
+    fn description(&self) -> String {
+        format!(
+            "Set a reminder that will be sent to the user in this conversation. Give `text` \
+             and exactly one of: `at` (once, a local date and time), `in_minutes` (once, that \
+             many minutes from now) or `cron` (recurring). Times are in the user's time zone, \
+             {}. Call current_time first when the user gives a relative day.",
+            self.0.timezone.name()
+        )
+    }
+
+    fn parameters(&self) -> Value {
+        json!({
+            "type": "object",
+            "properties": {
+                "text": {
+                    "type": "string",
+                    "description": "What to remind the user of, e.g. \"call the plumber\"."
+                },
+                "at": {
+                    "type": "string",
+                    "description": "Once, at this local date and time: YYYY-MM-DDTHH:MM, \
+                                    e.g. \"2026-11-27T09:00\"."
+                },
+                "in_minutes": {
+                    "type": "integer",
+                    "minimum": 1,
+                    "description": "Once, this many minutes from now, e.g. 20."
+                },
+                "cron": {
+                    "type": "string",
+                    "description": "Recurring: a 5-field cron expression (minute hour \
+                                    day-of-month month day-of-week), e.g. \"0 9 * * 1-5\" for \
+                                    weekdays at 09:00."
+                }
+            },
+            "required": ["text"],
+            "additionalProperties": false
+        })
+    }
+
+    fn mutates(&self) -> bool {
+        true
+    }
+
+    fn call<'a>(
+        &'a self,
+        context: &'a ToolContext,
+        arguments: Value,
+    ) -> BoxFuture<'a, Result<Value, ToolError>> {
+        Box::pin(self.create(context, arguments))
+    }
+}
+
+impl CreateReminder {
+    async fn create(&self, context: &ToolContext, arguments: Value) -> Result<Value, ToolError> {
+        let shared = &self.0;
+        let arguments = object(&arguments)?;
+        let text = match arguments.get("text") {
+            Some(Value::String(text)) if !text.trim().is_empty() => text.trim().to_string(),
+            Some(Value::String(_)) | None | Some(Value::Null) => {
+                return Err(invalid("`text` is required: what to remind the user of"))
+            }
+            Some(_) => return Err(invalid("`text` must be a string")),
+        };
+        if text.chars().count() > MAX_TEXT_CHARS {
+            return Err(invalid(format!("`text` is longer than {MAX_TEXT_CHARS} characters")));
+        }
+        let schedule = when(arguments, shared.timezone)?;
+        let recurring = !schedule.starts_with(ONCE_PREFIX);
+        let reminder = NewReminder {
+            text,
+            schedule,
+            timezone: shared.timezone,
+            channel: context.channel,
+            target: target_of(context),
+            conversation_id: context.conversation_id,
+        };
+        let view = shared.cron.create_reminder(reminder).await.map_err(failed)?;
+        let mut result = describe(&view);
+        result.insert("created".into(), json!(true));
+        if context.channel == ChannelKind::WhatsApp {
+            let warning = window_warning(shared, &target_of(context), view.next_run, recurring)
+                .await
+                .map_err(|e| ToolError::Failed(format!("database: {e}")))?;
+            if let Some(warning) = warning {
+                result.insert("warning".into(), json!(warning));
+            }
+        }
+        Ok(Value::Object(result))
+    }
+}
+
+impl Tool for ListReminders {
+    fn name(&self) -> &'static str {
+        "reminders_list"
+    }
+
+    fn description(&self) -> String {
+        "List the active reminders of this conversation: id, text, when each fires next \
+         (local time) and whether it repeats."
+            .into()
+    }
+
+    fn parameters(&self) -> Value {
+        json!({"type": "object", "properties": {}, "additionalProperties": false})
+    }
+
+    fn mutates(&self) -> bool {
+        false
+    }
+
+    fn call<'a>(
+        &'a self,
+        context: &'a ToolContext,
+        _arguments: Value,
+    ) -> BoxFuture<'a, Result<Value, ToolError>> {
+        Box::pin(async move {
+            let views = self.0.cron.reminders(context.conversation_id).await.map_err(failed)?;
+            let reminders: Vec<Value> =
+                views.iter().map(|view| Value::Object(describe(view))).collect();
+            Ok(json!({
+                "count": reminders.len(),
+                "reminders": reminders,
+                "timezone": self.0.timezone.name(),
+            }))
+        })
+    }
+}
+
+impl Tool for CancelReminder {
+    fn name(&self) -> &'static str {
+        "reminders_cancel"
+    }
+
+    fn description(&self) -> String {
+        "Cancel one of this conversation's reminders by its id (see reminders_list).".into()
+    }
+
+    fn parameters(&self) -> Value {
+        json!({
+            "type": "object",
+            "properties": {
+                "id": {
+                    "type": "integer",
+                    "description": "The reminder's id, as reminders_list or reminders_create \
+                                    gave it."
+                }
+            },
+            "required": ["id"],
+            "additionalProperties": false
+        })
+    }
+
+    fn mutates(&self) -> bool {
+        true
+    }
+
+    fn call<'a>(
+        &'a self,
+        context: &'a ToolContext,
+        arguments: Value,
+    ) -> BoxFuture<'a, Result<Value, ToolError>> {
+        Box::pin(async move {
+            let arguments = object(&arguments)?;
+            let id = match arguments.get("id") {
+                None | Some(Value::Null) => {
+                    return Err(invalid("`id` is required: the reminder's id from reminders_list"))
+                }
+                Some(value) => {
+                    integer(value).ok_or_else(|| invalid("`id` must be a whole number, e.g. 12"))?
+                }
+            };
+            match self.0.cron.cancel_reminder(context.conversation_id, CronJobId(id)).await {
+                Ok(job) => Ok(json!({"cancelled": true, "id": id, "text": job.prompt})),
+                Err(CronError::NotFound(_)) => Err(ToolError::Failed(format!(
+                    "no reminder {id} in this conversation: reminders_list shows its reminders"
+                ))),
+                Err(e) => Err(failed(e)),
+            }
+        })
+    }
+}
+
+/// The schedule from exactly one of `at`, `in_minutes` and `cron`.
+fn when(arguments: &Map<String, Value>, timezone: Tz) -> Result<String, ToolError> {
+    let given: Vec<&str> = ["at", "in_minutes", "cron"]
+        .into_iter()
+        .filter(|key| arguments.get(*key).is_some_and(|v| !v.is_null() && *v != ""))
+        .collect();
+    match given.as_slice() {
+        ["at"] => {
+            let Some(at) = arguments["at"].as_str() else {
+                return Err(invalid("`at` must be a string: YYYY-MM-DDTHH:MM"));
+            };
+            // Whole seconds are accepted too; the past is refused by the scheduler, which
+            // says what time it is.
+            let at = parse_local_time(at).map_err(|e| invalid(format!("`at`: {e}")))?;
+            Ok(format!("{ONCE_PREFIX}{}", at.format("%Y-%m-%d %H:%M:%S")))
+        }
+        ["in_minutes"] => {
+            let minutes = integer(&arguments["in_minutes"])
+                .ok_or_else(|| invalid("`in_minutes` must be a whole number, e.g. 20"))?;
+            if !(1..=MAX_IN_MINUTES).contains(&minutes) {
+                return Err(invalid(format!(
+                    "`in_minutes` must be between 1 and {MAX_IN_MINUTES} (a year)"
+                )));
+            }
+            let at = (Utc::now() + Duration::minutes(minutes)).with_timezone(&timezone);
+            Ok(format!("{ONCE_PREFIX}{}", at.format("%Y-%m-%d %H:%M:%S")))
+        }
+        ["cron"] => {
+            let Some(expression) = arguments["cron"].as_str() else {
+                return Err(invalid("`cron` must be a string such as \"0 9 * * 1-5\""));
+            };
+            let schedule = Schedule::parse_checked(expression).map_err(invalid)?;
+            if schedule.is_once() {
+                return Err(invalid("`cron` is for recurring reminders; use `at` for once"));
+            }
+            Ok(expression.trim().to_string())
+        }
+        [] => Err(invalid(
+            "say when: give one of `at` (YYYY-MM-DDTHH:MM, once), `in_minutes` (once) or \
+             `cron` (recurring)",
+        )),
+        several => Err(invalid(format!(
+            "give exactly one of `at`, `in_minutes` and `cron`, not {}",
+            several.iter().map(|k| format!("`{k}`")).collect::<Vec<_>>().join(" and ")
+        ))),
+    }
+}
+
+/// A reminder as the model reads it: times in the reminder's zone, with their offset.
+fn describe(view: &JobView) -> Map<String, Value> {
+    let zone = view.timezone;
+    let recurring = !view.job.schedule.starts_with(ONCE_PREFIX);
+    let mut out = Map::new();
+    out.insert("id".into(), json!(view.job.id.0));
+    out.insert("text".into(), json!(view.job.prompt));
+    out.insert("recurring".into(), json!(recurring));
+    out.insert("schedule".into(), json!(view.description));
+    if let Some(next) = view.next_run {
+        let local = next.with_timezone(&zone);
+        out.insert("next_run".into(), json!(local.format("%Y-%m-%dT%H:%M:%S%:z").to_string()));
+        out.insert(
+            "next_run_local".into(),
+            json!(local.format("%A %-d %B %Y at %H:%M").to_string()),
+        );
+    }
+    out.insert("timezone".into(), json!(zone.name()));
+    out
+}
+
+/// What to tell the model when WhatsApp will not carry the reminder's text: Meta delivers
+/// free-form messages only within 24 hours of the user's last message.
+async fn window_warning(
+    shared: &Shared,
+    number: &str,
+    next_run: Option<DateTime<Utc>>,
+    recurring: bool,
+) -> Result<Option<String>, sqlx::Error> {
+    let Some(next_run) = next_run else {
+        return Ok(None);
+    };
+    let last = inbound::last_inbound_at(&shared.pool, ChannelKind::WhatsApp, number).await?;
+    let closes = last.and_then(|at| DateTime::<Utc>::from_timestamp_millis(at + WINDOW_MS));
+    let local = |t: DateTime<Utc>| {
+        t.with_timezone(&shared.timezone).format("%A %-d %B %Y at %H:%M").to_string()
+    };
+    let rule = "WhatsApp delivers a message from the assistant only within 24 hours of the \
+                user's last message";
+    let outside = match closes {
+        Some(closes) if next_run < closes => None,
+        Some(closes) => Some(format!(
+            "{rule}. This reminder fires {}, after that window closes ({}): unless the user \
+             writes again before it fires, WhatsApp will not deliver its text (only an \
+             approved template message, if one is configured). Tell the user.",
+            local(next_run),
+            local(closes)
+        )),
+        None => Some(format!(
+            "{rule}, and no message from this user is on record: WhatsApp may not deliver \
+             this reminder. Tell the user."
+        )),
+    };
+    Ok(outside.or_else(|| {
+        recurring.then(|| {
+            format!(
+                "{rule}: each run of this recurring reminder reaches the user only if they \
+                 wrote within the 24 hours before it. Tell the user."
+            )
+        })
+    }))
+}
+
+/// The conversation's key on its channel: where a reminder writes back.
+fn target_of(context: &ToolContext) -> String {
+    match context.channel {
+        // The WebChat's key is its conversation id.
+        ChannelKind::WebChat => context.conversation_id.0.to_string(),
+        _ => context.conversation_key.clone(),
+    }
+}
+
+fn object(arguments: &Value) -> Result<&Map<String, Value>, ToolError> {
+    arguments.as_object().ok_or_else(|| invalid("the arguments must be a JSON object"))
+}
+
+/// A whole number, also when a small model writes it as `20.0` or `"20"`.
+fn integer(value: &Value) -> Option<i64> {
+    match value {
+        Value::Number(n) => n.as_i64().or_else(|| {
+            n.as_f64().filter(|f| f.fract() == 0.0 && f.abs() < 1e15).map(|f| f as i64)
+        }),
+        Value::String(s) => s.trim().parse().ok(),
+        _ => None,
+    }
+}
+
+fn invalid(message: impl Into<String>) -> ToolError {
+    ToolError::InvalidArguments(message.into())
+}
+
+fn failed(e: CronError) -> ToolError {
+    ToolError::Failed(e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(value: Value) -> Map<String, Value> {
+        value.as_object().unwrap().clone()
+    }
+
+    #[test]
+    fn exactly_one_of_at_in_minutes_and_cron() {
+        let tz = Tz::Europe__Paris;
+        let at = when(&args(json!({"at": "2999-01-02T03:04"})), tz).unwrap();
+        assert_eq!(at, "at 2999-01-02 03:04:00");
+        assert_eq!(when(&args(json!({"cron": " 0 9 * * 1-5 "})), tz).unwrap(), "0 9 * * 1-5");
+        let soon = when(&args(json!({"in_minutes": "20", "at": null, "cron": ""})), tz).unwrap();
+        assert!(soon.starts_with("at "), "{soon}");
+        for (arguments, expected) in [
+            (json!({}), "say when"),
+            (json!({"at": "2999-01-02T03:04", "cron": "0 9 * * *"}), "not `at` and `cron`"),
+            (json!({"at": "tomorrow 9am"}), "not a date and time"),
+            (json!({"in_minutes": 0}), "between 1 and"),
+            (json!({"in_minutes": 2.5}), "whole number"),
+            (json!({"cron": "0 25 * * *"}), "hour field `25`"),
+            (json!({"cron": "at 2999-01-02 03:04"}), "use `at` for once"),
+        ] {
+            let err = when(&args(arguments.clone()), tz).unwrap_err().to_string();
+            assert!(err.contains(expected), "{arguments}: {err}");
+        }
+    }
+
+    #[test]
+    fn whole_numbers_are_read_leniently() {
+        assert_eq!(integer(&json!(12)), Some(12));
+        assert_eq!(integer(&json!(12.0)), Some(12));
+        assert_eq!(integer(&json!(" 12 ")), Some(12));
+        assert_eq!(integer(&json!(12.5)), None);
+        assert_eq!(integer(&json!(true)), None);
+    }
+}
