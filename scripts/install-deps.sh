@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs the system packages my-claw needs, only when they are missing.
 #   build: a C compiler (for SQLite, oniguruma and ring), python3 + pip (model fetch), npm
-#   test:  the above plus Debian's Chromium and ChromeDriver and python3-venv
+#   test:  the above plus Debian's Chromium and ChromeDriver and python3-venv, and the
+#          official `openai` Python client (pinned in tests/openai_client/requirements.txt)
+#          in a venv under the target directory, where the /v1 tests look for it
 set -euo pipefail
 mode=${1:-build}
 
@@ -35,4 +37,16 @@ if [ "$mode" = test ]; then
       rustup component add "$component"
     fi
   done
+fi
+if [ "$mode" = test ]; then
+  # The /v1 tests drive my-claw with the official openai client. A venv keeps it out of the
+  # system Python; the tests make the same venv themselves when it is missing.
+  venv="${CARGO_TARGET_DIR:-$(dirname "$0")/../target}/tmp/openai-venv"
+  requirements="$(dirname "$0")/../tests/openai_client/requirements.txt"
+  pinned=$(grep -E '^openai==' "$requirements" | cut -d= -f3)
+  if ! "$venv/bin/python" -c "import openai, sys; sys.exit(openai.__version__ != '$pinned')" 2>/dev/null; then
+    echo "installing the openai Python client $pinned into $venv"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$requirements"
+  fi
 fi

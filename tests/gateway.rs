@@ -804,7 +804,7 @@ fn stalled_connections_are_closed_within_the_limits() {
 
 /// Real-model tests share two CPU cores with everything else: one at a time keeps their
 /// timing checks meaningful.
-static REAL_MODEL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+pub(crate) static REAL_MODEL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// The reply limit in the stop tests: an answer that is not really stopped keeps the
 /// engine busy for thousands of tokens (40 s and more even at llama.cpp's speed here).
@@ -813,7 +813,7 @@ const STOP_TEST_MAX_TOKENS: u32 = 6000;
 /// A prompt that makes SmolLM2 write for a long time.
 const LONG_PROMPT: &str = "Count from 1 to 1000, one number per line, with no other text.";
 
-fn real_server(reply_max_tokens: u32) -> Server {
+pub(crate) fn real_server(reply_max_tokens: u32) -> Server {
     let mut envs = util::smollm2_env();
     envs.push(("REPLY_MAX_TOKENS".into(), reply_max_tokens.to_string()));
     envs.push(("CONTEXT_SIZE".into(), "8192".into()));
@@ -1110,13 +1110,21 @@ async fn real_model_server_shuts_down_promptly_with_open_streams() {
     assert_eq!(done["finish"], "cancelled", "the answer was stopped and stored: {done}");
 }
 
-/// The virtual environment with the official `openai` package, made once under the target
-/// directory (`target/tmp/openai-venv`) and reused by later runs.
-fn openai_python() -> PathBuf {
+/// The virtual environment with the official `openai` package (the version pinned in
+/// tests/openai_client/requirements.txt), made by `scripts/install-deps.sh test` or else
+/// here, once, under the target directory (`target/tmp/openai-venv`).
+pub(crate) fn openai_python() -> PathBuf {
     let venv = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("openai-venv");
     let python = venv.join("bin/python");
+    let requirements = util::repo_path("tests/openai_client/requirements.txt");
+    let pinned = std::fs::read_to_string(&requirements)
+        .expect("tests/openai_client/requirements.txt")
+        .lines()
+        .find_map(|l| l.strip_prefix("openai==").map(str::to_string))
+        .expect("requirements.txt pins openai==VERSION");
+    let check = format!("import openai, sys; sys.exit(openai.__version__ != {pinned:?})");
     let ready = |python: &PathBuf| {
-        Command::new(python).args(["-c", "import openai"]).status().is_ok_and(|s| s.success())
+        Command::new(python).args(["-c", &check]).status().is_ok_and(|s| s.success())
     };
     if ready(&python) {
         return python;
@@ -1128,7 +1136,8 @@ fn openai_python() -> PathBuf {
         venv.display()
     );
     let output = Command::new(venv.join("bin/pip"))
-        .args(["install", "--quiet", "--disable-pip-version-check", "openai>=1.40,<3"])
+        .args(["install", "--quiet", "--disable-pip-version-check", "-r"])
+        .arg(&requirements)
         .output()
         .expect("run pip");
     assert!(

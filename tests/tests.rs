@@ -14,6 +14,7 @@ mod engine;
 mod engine_tokenizer;
 mod foundation;
 mod gateway;
+mod openai_tools;
 mod reminders;
 mod router;
 mod webchat_api;

@@ -1,6 +1,12 @@
 //! The OpenAI-compatible API: `POST /v1/chat/completions` (streamed or not) and
 //! `GET /v1/models`, so existing clients can use my-claw. `model` is a tier name. These calls
 //! are stateless: the messages given are the whole prompt, and nothing is stored.
+//!
+//! Tools speak OpenAI's wire format: `tools`, `tool_choice`, `parallel_tool_calls` and
+//! `response_format` in, `tool_calls` out (whole, or as streaming deltas), `role: "tool"`
+//! messages back in. Client-declared tools are only offered to the model and its calls
+//! returned to the client: this module never executes a tool nor touches the `ToolRegistry`
+//! (that is the assistant's loop, for my-claw's own tools).
 
 use std::convert::Infallible;
 use std::time::{Duration, Instant, SystemTime};
@@ -14,17 +20,23 @@ use futures::stream::Stream;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::domain::{ChatTurn, Role};
+use crate::domain::{ChatTurn, Role, ToolCall};
 use crate::gateway::chat::{
     check_message_length, parse_tier, sse_event, timings_json, TimingsJson,
 };
 use crate::gateway::error::{ApiError, ApiJson, ApiPath};
 use crate::gateway::AppState;
 use crate::llm::router::{Routed, Tier};
-use crate::llm::{Chunk, FinishReason, GenerationParams, LlmRequest, Usage};
+use crate::llm::{
+    Chunk, FinishReason, GenerationParams, LlmRequest, ResponseFormat, ToolChoice, ToolSpec,
+    ToolUse, Usage,
+};
 
 /// Largest reply a client may ask for.
 const MAX_MAX_TOKENS: u32 = 32_768;
+
+/// Most tools one request may declare (OpenAI's own limit).
+const MAX_TOOLS: usize = 128;
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -58,6 +70,25 @@ pub struct CompletionRequest {
     /// Only `n = 1` is supported.
     #[serde(default)]
     pub n: Option<u32>,
+    /// The tools (functions) the model may call, in OpenAI's shape. Read by hand (see
+    /// `tool_use`) so that each mistake gets a message naming the field.
+    #[serde(default)]
+    pub tools: Option<Value>,
+    /// `"auto"`, `"none"`, `"required"` or `{"type": "function", "function": {"name"}}`.
+    #[serde(default)]
+    pub tool_choice: Option<Value>,
+    /// Whether one answer may hold several calls (true by default, as on OpenAI).
+    #[serde(default)]
+    pub parallel_tool_calls: Option<bool>,
+    /// `{"type": "text" | "json_object" | "json_schema", "json_schema": {…}}`.
+    #[serde(default)]
+    pub response_format: Option<Value>,
+    /// OpenAI's deprecated function calling: refused with a pointer to `tools`, because
+    /// ignoring it would silently answer without the functions the client declared.
+    #[serde(default)]
+    pub functions: Option<Value>,
+    #[serde(default)]
+    pub function_call: Option<Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -72,6 +103,13 @@ pub struct MessageIn {
     /// A string, or an array of content parts of which the `text` ones are used.
     #[serde(default)]
     pub content: Value,
+    /// On assistant messages: the calls it made, `[{id, type: "function", function: {name,
+    /// arguments}}]`.
+    #[serde(default)]
+    pub tool_calls: Option<Value>,
+    /// On tool messages: the call this message answers.
+    #[serde(default)]
+    pub tool_call_id: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -113,7 +151,25 @@ struct CompletionChoice {
 #[derive(Debug, Serialize)]
 struct MessageOut {
     role: &'static str,
-    content: String,
+    /// `null` when the answer is only tool calls, as on OpenAI.
+    content: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    tool_calls: Vec<ToolCallOut>,
+}
+
+/// A whole tool call in a non-streamed answer.
+#[derive(Debug, Serialize)]
+struct ToolCallOut {
+    id: String,
+    r#type: &'static str,
+    function: FunctionOut,
+}
+
+#[derive(Debug, Serialize)]
+struct FunctionOut {
+    name: String,
+    /// JSON text, as the model wrote it (OpenAI sends a string, not an object).
+    arguments: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -142,6 +198,28 @@ struct Delta {
     role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     content: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    tool_calls: Vec<ToolCallDelta>,
+}
+
+/// A piece of a tool call in a stream. As on OpenAI, a call's first delta has its index, id,
+/// type and name with empty arguments, and later deltas the index and argument text only;
+/// clients concatenate the `arguments` of equal `index`.
+#[derive(Debug, Serialize)]
+struct ToolCallDelta {
+    index: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    r#type: Option<&'static str>,
+    function: FunctionDelta,
+}
+
+#[derive(Debug, Serialize)]
+struct FunctionDelta {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    name: Option<String>,
+    arguments: String,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -190,6 +268,7 @@ async fn post_chat_completions(
     if request.n.is_some_and(|n| n != 1) {
         return Err(ApiError::BadRequest("only n = 1 is supported".into()));
     }
+    let tools = tool_use(&request)?;
     let mut messages = to_turns(&request.messages)?;
     // The persona is injected in every call on every channel, unless the client brings its
     // own system prompt (OpenAI clients usually do, and theirs must win).
@@ -199,12 +278,10 @@ async fn post_chat_completions(
     }
     let params = params_for(&request, state.reply_max_tokens)?;
     let include_usage = request.stream_options.as_ref().is_some_and(|o| o.include_usage);
+    let calls = CallFilter::new(&tools);
     let started = Instant::now();
-    let routed = state
-        .assistant
-        .router()
-        .stream(tier, LlmRequest { messages, params, tools: Default::default() })
-        .await?;
+    let routed =
+        state.assistant.router().stream(tier, LlmRequest { messages, params, tools }).await?;
     let meta = ResponseMeta {
         id: format!("chatcmpl-{:024x}", rand::random::<u128>() >> 32),
         created: unix_secs(),
@@ -213,11 +290,11 @@ async fn post_chat_completions(
         started,
     };
     if request.stream {
-        let stream = completion_stream(routed, meta, include_usage);
+        let stream = completion_stream(routed, meta, calls, include_usage);
         let sse = Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)));
         return Ok(sse.into_response());
     }
-    collect_completion(routed, meta).await.map(IntoResponse::into_response)
+    collect_completion(routed, meta, calls).await.map(IntoResponse::into_response)
 }
 
 /// Who and what a response is, repeated in every chunk.
@@ -243,21 +320,80 @@ impl ResponseMeta {
     }
 }
 
+/// Which of the model's tool calls reach the client, and their indices. The request's
+/// contract holds whatever the provider does: no calls when no tools were offered (a request
+/// without tools answers exactly as before tools existed) and at most one call when
+/// `parallel_tool_calls` is false.
+struct CallFilter {
+    offered: bool,
+    parallel: bool,
+    sent: u32,
+}
+
+impl CallFilter {
+    fn new(tools: &ToolUse) -> Self {
+        Self { offered: !tools.offered().is_empty(), parallel: tools.parallel, sent: 0 }
+    }
+
+    /// The index of `call` in the answer, or `None` when it is not to be sent.
+    fn admit(&mut self, call: &ToolCall) -> Option<u32> {
+        if !self.offered || (!self.parallel && self.sent > 0) {
+            tracing::debug!(tool = %call.name, "a tool call outside the request's contract is dropped");
+            return None;
+        }
+        self.sent += 1;
+        Some(self.sent - 1)
+    }
+
+    /// The answer's `finish_reason`: `tool_calls` whenever a call was sent.
+    fn finish_reason(&self, finish: FinishReason) -> &'static str {
+        match finish {
+            _ if self.sent > 0 => "tool_calls",
+            // Calls the filter dropped leave a plain answer.
+            FinishReason::ToolCalls => "stop",
+            other => finish_reason(other),
+        }
+    }
+}
+
+/// A call's id as sent: the provider's, or a fresh one if it gave none, since clients
+/// answer calls by id.
+fn call_id(call: &ToolCall) -> String {
+    if call.id.is_empty() {
+        crate::tools::new_call_id()
+    } else {
+        call.id.clone()
+    }
+}
+
 async fn collect_completion(
     mut routed: Routed,
     meta: ResponseMeta,
+    mut filter: CallFilter,
 ) -> Result<ApiJson<Completion>, ApiError> {
     let mut text = String::new();
+    let mut calls = Vec::new();
     let (usage, finish) = loop {
         match routed.stream.recv().await {
             Some(Ok(Chunk::Text(t))) => text.push_str(&t),
-            // TODO(issue 15): `tool_calls` in the answer.
-            Some(Ok(Chunk::Notice { .. } | Chunk::ToolCall(_))) => {}
+            Some(Ok(Chunk::ToolCall(call))) => {
+                if filter.admit(&call).is_some() {
+                    calls.push(ToolCallOut {
+                        id: call_id(&call),
+                        r#type: "function",
+                        function: FunctionOut { name: call.name, arguments: call.arguments },
+                    });
+                }
+            }
+            Some(Ok(Chunk::Notice { .. })) => {}
             Some(Ok(Chunk::Done { usage, finish })) => break (usage, finish),
             Some(Err(e)) => return Err(e.into()),
             None => return Err(ApiError::Internal("the model stream ended unexpectedly".into())),
         }
     };
+    // OpenAI sends `content: null` beside calls when the model wrote no text; a plain
+    // answer keeps its string, even an empty one.
+    let content = if text.is_empty() && !calls.is_empty() { None } else { Some(text) };
     Ok(ApiJson(Completion {
         id: meta.id,
         object: "chat.completion",
@@ -266,8 +402,8 @@ async fn collect_completion(
         system_fingerprint: meta.fingerprint,
         choices: vec![CompletionChoice {
             index: 0,
-            message: MessageOut { role: "assistant", content: text },
-            finish_reason: finish_reason(finish),
+            message: MessageOut { role: "assistant", content, tool_calls: calls },
+            finish_reason: filter.finish_reason(finish),
             logprobs: None,
         }],
         usage: usage_out(&usage),
@@ -275,30 +411,42 @@ async fn collect_completion(
     }))
 }
 
-/// The chunk stream: a role chunk, content chunks, a finish chunk, optionally a usage
-/// chunk, then `[DONE]`. Dropping it (the client left) drops the model stream, which stops
-/// the engine at its next token.
+/// The chunk stream: a role chunk, content and tool-call chunks, a finish chunk, optionally
+/// a usage chunk, then `[DONE]`. Dropping it (the client left) drops the model stream, which
+/// stops the engine at its next token.
 fn completion_stream(
     routed: Routed,
     meta: ResponseMeta,
+    filter: CallFilter,
     include_usage: bool,
 ) -> impl Stream<Item = Result<SseEvent, Infallible>> {
-    let first = meta.chunk(Delta { role: Some("assistant"), content: Some(String::new()) }, None);
+    let first = meta.chunk(
+        Delta { role: Some("assistant"), content: Some(String::new()), ..Delta::default() },
+        None,
+    );
     let start = futures::stream::iter([Ok(sse_event(&first))]);
-    let state = Some((routed.stream, meta));
+    let state = Some((routed.stream, meta, filter));
     let body = futures::stream::unfold(state, move |state| async move {
-        let (mut stream, meta) = state?;
+        let (mut stream, meta, mut filter) = state?;
         loop {
             let events: Vec<SseEvent> = match stream.recv().await {
                 Some(Ok(Chunk::Text(t))) => {
-                    let delta = Delta { role: None, content: Some(t) };
-                    return Some((vec![sse_event(&meta.chunk(delta, None))], Some((stream, meta))));
+                    let delta = Delta { content: Some(t), ..Delta::default() };
+                    let events = vec![sse_event(&meta.chunk(delta, None))];
+                    return Some((events, Some((stream, meta, filter))));
                 }
-                // TODO(issue 15): `tool_calls` deltas.
-                Some(Ok(Chunk::Notice { .. } | Chunk::ToolCall(_))) => continue,
+                Some(Ok(Chunk::ToolCall(call))) => {
+                    let Some(index) = filter.admit(&call) else { continue };
+                    let events = tool_call_deltas(index, call)
+                        .into_iter()
+                        .map(|d| sse_event(&meta.chunk(d, None)))
+                        .collect();
+                    return Some((events, Some((stream, meta, filter))));
+                }
+                Some(Ok(Chunk::Notice { .. })) => continue,
                 Some(Ok(Chunk::Done { usage, finish })) => {
-                    let mut out =
-                        vec![sse_event(&meta.chunk(Delta::default(), Some(finish_reason(finish))))];
+                    let finish = filter.finish_reason(finish);
+                    let mut out = vec![sse_event(&meta.chunk(Delta::default(), Some(finish)))];
                     if include_usage {
                         let mut chunk = meta.chunk(Delta::default(), None);
                         chunk.choices.clear();
@@ -334,36 +482,354 @@ fn completion_stream(
     futures::StreamExt::chain(start, body)
 }
 
-/// OpenAI messages to chat turns. `developer` counts as `system`; tool messages are not
-/// supported by our models and are refused rather than silently dropped.
+/// The deltas of one complete call, in OpenAI's order: the header (index, id, type, name,
+/// empty arguments), then the arguments. Our providers hand over whole calls, so the
+/// arguments come as one fragment; clients accumulate fragments of any size the same way.
+fn tool_call_deltas(index: u32, call: ToolCall) -> [Delta; 2] {
+    let header = ToolCallDelta {
+        index,
+        id: Some(call_id(&call)),
+        r#type: Some("function"),
+        function: FunctionDelta { name: Some(call.name), arguments: String::new() },
+    };
+    let arguments = ToolCallDelta {
+        index,
+        id: None,
+        r#type: None,
+        function: FunctionDelta { name: None, arguments: call.arguments },
+    };
+    [header, arguments].map(|d| Delta { tool_calls: vec![d], ..Delta::default() })
+}
+
+/// The request's `tools`, `tool_choice`, `parallel_tool_calls` and `response_format` as the
+/// shared `ToolUse`, each checked with a message that names the offending field.
+fn tool_use(request: &CompletionRequest) -> Result<ToolUse, ApiError> {
+    if request.functions.is_some() || request.function_call.is_some() {
+        return Err(ApiError::BadRequest(
+            "`functions` and `function_call` are deprecated and not supported; use `tools` and \
+             `tool_choice`"
+                .into(),
+        ));
+    }
+    let tools = match &request.tools {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(items)) => {
+            if items.len() > MAX_TOOLS {
+                return Err(ApiError::BadRequest(format!(
+                    "tools has {} entries; at most {MAX_TOOLS} are allowed",
+                    items.len()
+                )));
+            }
+            let mut tools: Vec<ToolSpec> = Vec::with_capacity(items.len());
+            for (index, item) in items.iter().enumerate() {
+                let tool = parse_tool(index, item)?;
+                if tools.iter().any(|t| t.name == tool.name) {
+                    return Err(ApiError::BadRequest(format!(
+                        "tools[{index}]: the function name `{}` is declared twice",
+                        tool.name
+                    )));
+                }
+                tools.push(tool);
+            }
+            tools
+        }
+        Some(_) => return Err(ApiError::BadRequest("tools must be an array".into())),
+    };
+    let choice = match &request.tool_choice {
+        None | Some(Value::Null) => ToolChoice::Auto,
+        Some(value) => parse_tool_choice(value, &tools)?,
+    };
+    let response_format = match &request.response_format {
+        None | Some(Value::Null) => ResponseFormat::Text,
+        Some(value) => parse_response_format(value)?,
+    };
+    Ok(ToolUse {
+        tools,
+        choice,
+        parallel: request.parallel_tool_calls.unwrap_or(true),
+        response_format,
+    })
+}
+
+/// OpenAI's rule for function and schema names: 1 to 64 of `a-z A-Z 0-9 _ -`.
+fn valid_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// One entry of `tools`: `{"type": "function", "function": {"name", "description",
+/// "parameters", "strict"}}`. Parameters default to an object without properties, as on
+/// OpenAI; given, they must be a JSON Schema object (of type `object` if it says a type).
+fn parse_tool(index: usize, item: &Value) -> Result<ToolSpec, ApiError> {
+    let bad = |what: String| ApiError::BadRequest(format!("tools[{index}]{what}"));
+    let Some(object) = item.as_object() else {
+        return Err(bad(" must be an object".into()));
+    };
+    match object.get("type").and_then(Value::as_str) {
+        Some("function") => {}
+        Some(other) => {
+            return Err(bad(format!(".type `{other}` is not supported; only `function` tools are")))
+        }
+        None => return Err(bad(".type is missing; it must be `function`".into())),
+    }
+    let Some(function) = object.get("function").and_then(Value::as_object) else {
+        return Err(bad(".function must be an object with a name".into()));
+    };
+    let name = match function.get("name") {
+        Some(Value::String(name)) if valid_name(name) => name.clone(),
+        Some(Value::String(name)) => {
+            return Err(bad(format!(
+                ".function.name `{name}` is invalid: use 1 to 64 letters, digits, `_` or `-`"
+            )))
+        }
+        _ => return Err(bad(".function.name is missing or not a string".into())),
+    };
+    let description = match function.get("description") {
+        None | Some(Value::Null) => String::new(),
+        Some(Value::String(text)) => text.clone(),
+        Some(_) => return Err(bad(".function.description must be a string".into())),
+    };
+    let parameters = match function.get("parameters") {
+        None | Some(Value::Null) => serde_json::json!({"type": "object", "properties": {}}),
+        Some(Value::Object(schema)) => {
+            match schema.get("type") {
+                None => {}
+                Some(Value::String(t)) if t == "object" => {}
+                Some(other) => {
+                    return Err(bad(format!(
+                        ".function.parameters must be a JSON Schema of type `object`, not \
+                         {other}"
+                    )))
+                }
+            }
+            Value::Object(schema.clone())
+        }
+        Some(_) => {
+            return Err(bad(".function.parameters must be a JSON Schema object".into()));
+        }
+    };
+    if function.get("strict").is_some_and(|s| !s.is_boolean() && !s.is_null()) {
+        return Err(bad(".function.strict must be a boolean".into()));
+    }
+    Ok(ToolSpec { name, description, parameters })
+}
+
+fn parse_tool_choice(value: &Value, tools: &[ToolSpec]) -> Result<ToolChoice, ApiError> {
+    let choice = match value {
+        Value::String(s) => match s.as_str() {
+            "auto" => ToolChoice::Auto,
+            "none" => ToolChoice::None,
+            "required" => ToolChoice::Required,
+            other => {
+                return Err(ApiError::BadRequest(format!(
+                    "tool_choice `{other}` is not supported: use \"auto\", \"none\", \
+                     \"required\" or {{\"type\": \"function\", \"function\": {{\"name\": …}}}}"
+                )))
+            }
+        },
+        Value::Object(object) => {
+            let name = match (object.get("type").and_then(Value::as_str), object.get("function")) {
+                (Some("function"), Some(function)) => {
+                    function.get("name").and_then(Value::as_str).ok_or_else(|| {
+                        ApiError::BadRequest("tool_choice.function.name is missing".into())
+                    })?
+                }
+                _ => {
+                    return Err(ApiError::BadRequest(
+                        "tool_choice must be \"auto\", \"none\", \"required\" or {\"type\": \
+                         \"function\", \"function\": {\"name\": …}}"
+                            .into(),
+                    ))
+                }
+            };
+            if !tools.iter().any(|t| t.name == name) {
+                return Err(ApiError::BadRequest(format!(
+                    "tool_choice names the function `{name}`, which is not in tools"
+                )));
+            }
+            ToolChoice::Function(name.to_string())
+        }
+        _ => return Err(ApiError::BadRequest("tool_choice must be a string or an object".into())),
+    };
+    if choice == ToolChoice::Required && tools.is_empty() {
+        return Err(ApiError::BadRequest(
+            "tool_choice is \"required\" but no tools are given".into(),
+        ));
+    }
+    Ok(choice)
+}
+
+fn parse_response_format(value: &Value) -> Result<ResponseFormat, ApiError> {
+    let bad = |message: &str| ApiError::BadRequest(message.to_string());
+    let Some(object) = value.as_object() else {
+        return Err(bad("response_format must be an object with a type"));
+    };
+    match object.get("type").and_then(Value::as_str) {
+        Some("text") => Ok(ResponseFormat::Text),
+        Some("json_object") => Ok(ResponseFormat::JsonObject),
+        Some("json_schema") => {
+            let Some(spec) = object.get("json_schema").and_then(Value::as_object) else {
+                return Err(bad(
+                    "response_format.json_schema is missing: it must be an object with a name \
+                     and a schema",
+                ));
+            };
+            let name = match spec.get("name") {
+                Some(Value::String(name)) if valid_name(name) => name.clone(),
+                Some(Value::String(name)) => {
+                    return Err(ApiError::BadRequest(format!(
+                        "response_format.json_schema.name `{name}` is invalid: use 1 to 64 \
+                         letters, digits, `_` or `-`"
+                    )))
+                }
+                _ => return Err(bad("response_format.json_schema.name is missing")),
+            };
+            let schema = match spec.get("schema") {
+                Some(schema @ Value::Object(_)) => schema.clone(),
+                None | Some(Value::Null) => {
+                    return Err(bad("response_format.json_schema.schema is missing"))
+                }
+                Some(_) => {
+                    return Err(bad(
+                        "response_format.json_schema.schema must be a JSON Schema object",
+                    ))
+                }
+            };
+            if spec.get("strict").is_some_and(|s| !s.is_boolean() && !s.is_null()) {
+                return Err(bad("response_format.json_schema.strict must be a boolean"));
+            }
+            Ok(ResponseFormat::JsonSchema { name, schema })
+        }
+        Some(other) => Err(ApiError::BadRequest(format!(
+            "response_format.type `{other}` is not supported: use text, json_object or \
+             json_schema"
+        ))),
+        None => Err(bad("response_format.type is missing")),
+    }
+}
+
+/// OpenAI messages to chat turns. `developer` counts as `system`. An assistant message's
+/// `tool_calls` become `ChatTurn::assistant_calls`, and each call must be answered by a
+/// following `tool` message naming its id (OpenAI's rule: a prompt with a call but no result,
+/// or a result for no call, is refused rather than shown to the model half-formed).
 fn to_turns(messages: &[MessageIn]) -> Result<Vec<ChatTurn>, ApiError> {
     if messages.is_empty() {
         return Err(ApiError::BadRequest("messages must not be empty".into()));
     }
     let mut turns = Vec::with_capacity(messages.len());
+    // Ids of the latest assistant calls that still wait for their tool message, and the
+    // index of that assistant message.
+    let mut awaiting: Vec<String> = Vec::new();
+    let mut calls_at = 0;
     for (index, message) in messages.iter().enumerate() {
         let role = match message.role.as_str() {
             "system" | "developer" => Role::System,
             "user" => Role::User,
             "assistant" => Role::Assistant,
+            "tool" => Role::Tool,
             other => {
                 return Err(ApiError::BadRequest(format!(
-                "messages[{index}].role `{other}` is not supported (use system, user or assistant)"
-            )))
+                    "messages[{index}].role `{other}` is not supported (use system, user, \
+                     assistant or tool)"
+                )))
             }
         };
+        if role != Role::Tool && !awaiting.is_empty() {
+            return Err(unanswered(calls_at, &awaiting));
+        }
         let content = content_text(&message.content).ok_or_else(|| {
             ApiError::BadRequest(format!(
                 "messages[{index}].content must be a string or an array of text parts"
             ))
         })?;
         check_message_length(&format!("messages[{index}].content"), &content)?;
-        turns.push(ChatTurn::new(role, content));
+        if message.tool_calls.as_ref().is_some_and(|c| !c.is_null()) && role != Role::Assistant {
+            return Err(ApiError::BadRequest(format!(
+                "messages[{index}]: only assistant messages may carry tool_calls"
+            )));
+        }
+        let turn = match role {
+            Role::Tool => {
+                let Some(id) = message.tool_call_id.as_deref().filter(|id| !id.is_empty()) else {
+                    return Err(ApiError::BadRequest(format!(
+                        "messages[{index}]: a message with role `tool` needs a tool_call_id"
+                    )));
+                };
+                let Some(position) = awaiting.iter().position(|a| a == id) else {
+                    return Err(ApiError::BadRequest(format!(
+                        "messages[{index}]: tool_call_id `{id}` does not answer a call of the \
+                         assistant message before it"
+                    )));
+                };
+                awaiting.remove(position);
+                ChatTurn::tool_result(id, content)
+            }
+            Role::Assistant => match message.tool_calls.as_ref().filter(|c| !c.is_null()) {
+                Some(calls) => {
+                    let calls = parse_tool_calls(index, calls)?;
+                    awaiting = calls.iter().map(|c| c.id.clone()).collect();
+                    calls_at = index;
+                    ChatTurn::assistant_calls(content, calls)
+                }
+                None => ChatTurn::new(role, content),
+            },
+            _ => ChatTurn::new(role, content),
+        };
+        turns.push(turn);
+    }
+    if !awaiting.is_empty() {
+        return Err(unanswered(calls_at, &awaiting));
     }
     if turns.last().is_some_and(|t| t.role == Role::Assistant) {
         return Err(ApiError::BadRequest("the last message must not be from the assistant".into()));
     }
     Ok(turns)
+}
+
+/// The error for calls of the assistant message `index` that no tool message answers.
+fn unanswered(index: usize, awaiting: &[String]) -> ApiError {
+    ApiError::BadRequest(format!(
+        "messages[{index}]: the assistant's tool calls {} have no tool message answering them \
+         (each call needs a `tool` message with its tool_call_id, right after the call)",
+        awaiting.iter().map(|id| format!("`{id}`")).collect::<Vec<_>>().join(", ")
+    ))
+}
+
+/// An assistant message's `tool_calls`: `[{id, type: "function", function: {name,
+/// arguments}}]`, with arguments as JSON text (OpenAI's shape; an object is accepted too and
+/// written back as text).
+fn parse_tool_calls(index: usize, calls: &Value) -> Result<Vec<ToolCall>, ApiError> {
+    let bad = |what: String| ApiError::BadRequest(format!("messages[{index}].tool_calls{what}"));
+    let Some(items) = calls.as_array() else {
+        return Err(bad(" must be an array".into()));
+    };
+    let mut out: Vec<ToolCall> = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        let id = match item.get("id") {
+            Some(Value::String(id)) if !id.is_empty() => id.clone(),
+            _ => return Err(bad(format!("[{i}].id is missing or not a string"))),
+        };
+        if out.iter().any(|c| c.id == id) {
+            return Err(bad(format!("[{i}].id `{id}` is used twice")));
+        }
+        match item.get("type").and_then(Value::as_str) {
+            Some("function") | None => {}
+            Some(other) => return Err(bad(format!("[{i}].type `{other}` is not `function`"))),
+        }
+        let function = item.get("function");
+        let name = match function.and_then(|f| f.get("name")) {
+            Some(Value::String(name)) if !name.is_empty() => name.clone(),
+            _ => return Err(bad(format!("[{i}].function.name is missing or not a string"))),
+        };
+        let arguments = match function.and_then(|f| f.get("arguments")) {
+            Some(Value::String(text)) => text.clone(),
+            Some(object @ Value::Object(_)) => object.to_string(),
+            None | Some(Value::Null) => "{}".to_string(),
+            Some(_) => return Err(bad(format!("[{i}].function.arguments must be a JSON string"))),
+        };
+        out.push(ToolCall { id, name, arguments });
+    }
+    Ok(out)
 }
 
 fn content_text(content: &Value) -> Option<String> {
