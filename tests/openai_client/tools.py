@@ -226,6 +226,34 @@ def json_schema_answers(client, runs):
     return {"runs": runs, "valid": valid, "errors": errors}
 
 
+def helper_stream(client, kwargs, errors):
+    """The client's own accumulation (`chat.completions.stream`) of a streamed call."""
+    with client.chat.completions.stream(**kwargs) as stream:
+        done_events = []
+        for event in stream:
+            if event.type == "tool_calls.function.arguments.done":
+                done_events.append({"name": event.name, "arguments": event.arguments})
+        final = stream.get_final_completion()
+    choice = final.choices[0]
+    calls = choice.message.tool_calls or []
+    if choice.finish_reason != "tool_calls" or len(calls) < 1:
+        errors.append(f"helper: finish {choice.finish_reason!r} with {len(calls)} calls")
+    for call in calls:
+        errors.extend(f"helper: {e}" for e in forecast_errors(call.function.arguments))
+        valid = not forecast_errors(call.function.arguments)
+        if valid and call.function.parsed_arguments != json.loads(call.function.arguments):
+            errors.append("helper: parsed_arguments differ from the arguments")
+    if [e["arguments"] for e in done_events] != [c.function.arguments for c in calls]:
+        errors.append("helper: arguments.done events differ from the final calls")
+    return {
+        "finish": choice.finish_reason,
+        "calls": [
+            {"id": c.id, "name": c.function.name, "arguments": c.function.arguments} for c in calls
+        ],
+        "done_events": done_events,
+    }
+
+
 def streamed_call(client):
     """(c): the client's streaming helper and a hand accumulation of raw deltas."""
     strict_forecast = {"type": "function", "function": dict(FORECAST["function"], strict=True)}
@@ -237,30 +265,12 @@ def streamed_call(client):
         temperature=1.0,
         max_tokens=128,
     )
-    out = {"errors": []}
-    with client.chat.completions.stream(**kwargs) as stream:
-        done_events = []
-        for event in stream:
-            if event.type == "tool_calls.function.arguments.done":
-                done_events.append({"name": event.name, "arguments": event.arguments})
-        final = stream.get_final_completion()
-    choice = final.choices[0]
-    calls = choice.message.tool_calls or []
-    out["helper"] = {
-        "finish": choice.finish_reason,
-        "calls": [
-            {"id": c.id, "name": c.function.name, "arguments": c.function.arguments} for c in calls
-        ],
-        "done_events": done_events,
-    }
-    if choice.finish_reason != "tool_calls" or len(calls) < 1:
-        out["errors"].append(f"helper: finish {choice.finish_reason!r} with {len(calls)} calls")
-    for call in calls:
-        out["errors"].extend(f"helper: {e}" for e in forecast_errors(call.function.arguments))
-        if call.function.parsed_arguments != json.loads(call.function.arguments or "null"):
-            out["errors"].append("helper: parsed_arguments differ from the arguments")
-    if [e["arguments"] for e in done_events] != [c.function.arguments for c in calls]:
-        out["errors"].append("helper: arguments.done events differ from the final calls")
+    out = {"errors": [], "helper": None}
+    try:
+        out["helper"] = helper_stream(client, kwargs, out["errors"])
+    except openai.OpenAIError as err:
+        # E.g. LengthFinishReasonError: the call never completed within max_tokens.
+        out["errors"].append(f"helper: {type(err).__name__}: {err}")
 
     # By hand, from raw chunks: the first delta of a call brings id, type and name.
     raw, finish, deltas = {}, None, 0
