@@ -6,6 +6,8 @@
 //! The format is Qwen3's (Hermes-style), which `engine::template` renders for every local
 //! model: `<tool_call>\n{"name": "…", "arguments": {…}}\n</tool_call>`.
 
+use std::collections::BTreeMap;
+
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
@@ -32,7 +34,8 @@ pub enum Parsed {
     /// A call the model opened but got wrong: its JSON is not an object with a string
     /// `name` and an object or string `arguments`, or the stream ended inside it without a
     /// usable call. `call` is still a `ToolCall` (fresh id, the name if one could be read,
-    /// else empty; the raw text the model wrote as `arguments`), so the agent loop runs it
+    /// else empty; as `arguments` the raw text of the call's `arguments` member, or of the
+    /// whole call when that cannot be read: never a valid call), so the agent loop runs it
     /// through the registry like any call and the model reads an error result (unknown
     /// tool, or arguments that are not valid JSON) instead of the turn failing. `reason`
     /// says what was wrong, for logs.
@@ -153,7 +156,7 @@ fn parse_call(body: &str, closed: bool) -> Parsed {
             let call = ToolCall {
                 id: new_call_id(),
                 name: lenient_name(body).unwrap_or_default(),
-                arguments: body.trim().to_string(),
+                arguments: malformed_arguments(body),
             };
             Parsed::Malformed { call, reason }
         }
@@ -196,6 +199,21 @@ fn parse_body(body: &str) -> Result<ToolCall, String> {
         return Err("`name` is empty".to_string());
     }
     Ok(ToolCall { id: new_call_id(), name: raw.name, arguments })
+}
+
+/// The `arguments` a malformed call is given: the raw text of its `arguments` member when
+/// the body is a JSON object (so a wrong `arguments` such as `[1]` is what the tool
+/// registry rejects, never the whole object, which it could take for arguments), else the
+/// whole body as written.
+fn malformed_arguments(body: &str) -> String {
+    let body = body.trim();
+    match serde_json::from_str::<BTreeMap<String, &RawValue>>(body) {
+        Ok(members) => match members.get("arguments") {
+            Some(raw) => raw.get().to_string(),
+            None => body.to_string(),
+        },
+        Err(_) => body.to_string(),
+    }
 }
 
 /// The `name` of a call whose JSON is broken, if a `"name": "…"` can still be read.
@@ -381,7 +399,8 @@ mod tests {
         assert!(reason.contains("not a JSON object"), "{reason}");
 
         let (c, reason) = malformed(&[r#"<tool_call>{"name": "a", "arguments": [1]}</tool_call>"#]);
-        assert_eq!(c.name, "a");
+        // The registry is handed the wrong arguments, never the call object itself.
+        assert_eq!((c.name.as_str(), c.arguments.as_str()), ("a", "[1]"));
         assert!(reason.contains("must be an object"), "{reason}");
 
         let (_, reason) = malformed(&[r#"<tool_call>{"name": 3, "arguments": {}}</tool_call>"#]);
