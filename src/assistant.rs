@@ -46,7 +46,16 @@ impl Persona {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     /// Sent first: who answers.
-    Meta { conversation_id: ConversationId, tier: Tier, provider: String, model: String },
+    Meta {
+        conversation_id: ConversationId,
+        tier: Tier,
+        provider: String,
+        model: String,
+        /// The host of a network provider (privacy ledger); `None` in-process.
+        host: Option<String>,
+        /// Whether this answer is produced outside the machine.
+        leaves_machine: bool,
+    },
     /// A piece of answer text.
     Token(String),
     /// Something to tell the user that is not answer text (fallback, history trimmed).
@@ -598,6 +607,8 @@ impl Assistant {
                 tier: routed.tier,
                 provider: routed.info.provider.clone(),
                 model: routed.info.model.clone(),
+                host: routed.info.host.clone(),
+                leaves_machine: routed.info.leaves_machine,
             })
             .await;
         if trimmed > 0 {
@@ -635,6 +646,8 @@ impl Assistant {
             tier: routed.tier,
             provider: routed.info.provider.clone(),
             model: routed.info.model.clone(),
+            host: routed.info.host.clone(),
+            leaves_machine: routed.info.leaves_machine,
             warm,
         };
         tokio::spawn(run.drive(routed.stream, tx.clone(), stop_rx));
@@ -768,6 +781,8 @@ struct Generation {
     tier: Tier,
     provider: String,
     model: String,
+    host: Option<String>,
+    leaves_machine: bool,
     warm: Option<WarmPlan>,
 }
 
@@ -848,6 +863,8 @@ impl Generation {
             completion_tokens: Some(i64::from(usage.completion_tokens)),
             status,
             external_id: None,
+            host: self.host.clone(),
+            left_machine: self.leaves_machine,
         };
         let inner = &self.assistant.inner;
         let stored = memory::add_message(&inner.pool, &message).await;

@@ -40,7 +40,12 @@ struct EchoProvider {
 
 impl Provider for EchoProvider {
     fn info(&self) -> ProviderInfo {
-        ProviderInfo { provider: "local".into(), model: "echo-model".into(), leaves_machine: false }
+        ProviderInfo {
+            provider: "local".into(),
+            model: "echo-model".into(),
+            leaves_machine: false,
+            host: None,
+        }
     }
 
     fn stream(&self, request: LlmRequest) -> BoxFuture<'_, Result<ChunkStream, LlmError>> {
@@ -313,7 +318,12 @@ struct BusyProvider;
 
 impl Provider for BusyProvider {
     fn info(&self) -> ProviderInfo {
-        ProviderInfo { provider: "local".into(), model: "busy-model".into(), leaves_machine: false }
+        ProviderInfo {
+            provider: "local".into(),
+            model: "busy-model".into(),
+            leaves_machine: false,
+            host: None,
+        }
     }
 
     fn stream(&self, _request: LlmRequest) -> BoxFuture<'_, Result<ChunkStream, LlmError>> {
@@ -1112,7 +1122,7 @@ async fn real_model_server_shuts_down_promptly_with_open_streams() {
 
 /// The virtual environment with the official `openai` package, made once under the target
 /// directory (`target/tmp/openai-venv`) and reused by later runs.
-fn openai_python() -> PathBuf {
+pub(crate) fn openai_python() -> PathBuf {
     let venv = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("openai-venv");
     let python = venv.join("bin/python");
     let ready = |python: &PathBuf| {

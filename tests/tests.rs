@@ -13,5 +13,6 @@ mod engine;
 mod engine_tokenizer;
 mod foundation;
 mod gateway;
+mod remote;
 mod router;
 mod webchat_api;
