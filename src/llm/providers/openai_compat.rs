@@ -385,7 +385,7 @@ impl OpenAiCompatProvider {
                 model_listed: None,
                 error: Some(format!("{}/models: not an OpenAI model list", self.label)),
             },
-            Some(ids) if ids.iter().any(|id| *id == self.config.model) => {
+            Some(ids) if ids.contains(&self.config.model) => {
                 Probe { reachable: true, model_listed: Some(true), error: None }
             }
             Some(ids) => Probe {
