@@ -23,6 +23,7 @@ use crate::llm::engine::{EngineConfig, EngineHandle, LoadProgress};
 use crate::llm::hub::ModelSpec;
 use crate::llm::pool::ModelLoader;
 use crate::llm::providers::local::LocalProvider;
+use crate::llm::providers::openai_compat::{OpenAiCompatConfig, OpenAiCompatProvider};
 use crate::llm::providers::zai::{ZaiConfig, ZaiProvider};
 use crate::llm::router::{Router, RouterParts, Tier};
 use crate::llm::{LlmError, Provider};
@@ -138,6 +139,11 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
         Router::build(&settings.router, router_parts(&settings.router, &settings.engine, &http))
             .await
             .context("cannot set up the model tiers")?;
+    // Remote tiers' servers are checked in the background: start-up never waits for them.
+    {
+        let router = router.clone();
+        tokio::spawn(async move { router.probe_remotes().await });
+    }
     let assistant = Arc::new(Assistant::with_agent(
         pool.clone(),
         Arc::new(router),
@@ -264,6 +270,26 @@ fn router_parts(
                 );
                 cloud.insert(tier, Arc::new(ZaiProvider::new(http.clone(), config)));
             }
+        }
+    }
+    // Remote tiers: one OpenAI-compatible client each, with its own connect timeout (a
+    // GPU box on the LAN answers in milliseconds or not at all).
+    for tier in Tier::ALL {
+        if let ModelSpec::Remote(remote) = &settings.tier_model(tier).spec {
+            let config = OpenAiCompatConfig::remote(
+                &remote.base_url,
+                settings.remote.api_key(tier).cloned(),
+                &remote.model,
+                tier.cloud_thinking(),
+                settings.remote.first_byte_timeout,
+            );
+            let client = reqwest::Client::builder()
+                .user_agent(concat!("my-claw/", env!("CARGO_PKG_VERSION")))
+                .connect_timeout(settings.remote.connect_timeout)
+                .build()
+                // Only a broken TLS back-end fails here; the shared client then serves.
+                .unwrap_or_else(|_| http.clone());
+            cloud.insert(tier, Arc::new(OpenAiCompatProvider::new(client, config)));
         }
     }
     RouterParts {

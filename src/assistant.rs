@@ -57,7 +57,16 @@ impl Persona {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     /// Sent first: who answers.
-    Meta { conversation_id: ConversationId, tier: Tier, provider: String, model: String },
+    Meta {
+        conversation_id: ConversationId,
+        tier: Tier,
+        provider: String,
+        model: String,
+        /// The host of a network provider (privacy ledger); `None` in-process.
+        host: Option<String>,
+        /// Whether this answer is produced outside the machine.
+        leaves_machine: bool,
+    },
     /// A piece of answer text.
     Token(String),
     /// Something to tell the user that is not answer text (fallback, history trimmed, the
@@ -676,6 +685,8 @@ impl Assistant {
                 tier: routed.tier,
                 provider: routed.info.provider.clone(),
                 model: routed.info.model.clone(),
+                host: routed.info.host.clone(),
+                leaves_machine: routed.info.leaves_machine,
             })
             .await;
         if trimmed > 0 {
@@ -713,6 +724,7 @@ impl Assistant {
             tier: routed.tier,
             provider: routed.info.provider.clone(),
             model: routed.info.model.clone(),
+            host: routed.info.host.clone(),
             leaves_machine: routed.info.leaves_machine,
             warm,
             system,
@@ -926,6 +938,7 @@ struct Generation {
     provider: String,
     model: String,
     /// Whether any model call of this answer left the machine (the ledger keeps that one).
+    host: Option<String>,
     leaves_machine: bool,
     warm: Option<WarmPlan>,
     /// The prompt the answer started from, for the model calls after each round of tools.
@@ -1078,6 +1091,8 @@ impl Generation {
             completion_tokens: Some(i64::from(usage.completion_tokens)),
             status,
             external_id: None,
+            host: self.host.clone(),
+            left_machine: self.leaves_machine,
         };
         let inner = &self.assistant.inner;
         let stored = memory::add_message_with_rounds(&inner.pool, &message, &rounds).await;

@@ -143,7 +143,8 @@ pub struct Config {
     pub reply_max_tokens: u32,
 
     // --- Model tiers and router -----------------------------------------------------------
-    /// Local tier `fast`: a model name (`qwen3:4b`), a `.gguf` path, or `zai:<model>`.
+    /// Local tier `fast`: a model name (`qwen3:4b`), a `.gguf` path, `zai:<model>`, or
+    /// `openai:<base URL>#<model>` for an OpenAI-compatible server.
     #[arg(long, env = "MODEL_FAST", default_value = "qwen3:4b", global = true)]
     pub model_fast: String,
 
@@ -195,6 +196,32 @@ pub struct Config {
     /// Seconds to wait for Z.ai to connect and to send its first byte.
     #[arg(long, env = "ZAI_TIMEOUT_SECS", default_value_t = 20, global = true)]
     pub zai_timeout_secs: u64,
+
+    // --- Remote tiers (OpenAI-compatible servers) -----------------------------------------
+    /// API key of tier `fast` when it names `openai:<base URL>#<model>` (optional).
+    #[arg(long, env = "MODEL_FAST_API_KEY", global = true, hide_env_values = true)]
+    pub model_fast_api_key: Option<Secret>,
+
+    /// API key of a remote `smart` tier (optional).
+    #[arg(long, env = "MODEL_SMART_API_KEY", global = true, hide_env_values = true)]
+    pub model_smart_api_key: Option<Secret>,
+
+    /// API key of a remote `code` tier (optional).
+    #[arg(long, env = "MODEL_CODE_API_KEY", global = true, hide_env_values = true)]
+    pub model_code_api_key: Option<Secret>,
+
+    /// API key of a remote `reason` tier (optional).
+    #[arg(long, env = "MODEL_REASON_API_KEY", global = true, hide_env_values = true)]
+    pub model_reason_api_key: Option<Secret>,
+
+    /// Time a remote server has to accept the connection, e.g. `5s`.
+    #[arg(long, env = "REMOTE_CONNECT_TIMEOUT", default_value = "5s", global = true)]
+    pub remote_connect_timeout: String,
+
+    /// Time a remote server has to send its first byte (and the longest pause mid-stream)
+    /// before the tier falls back to `main`, e.g. `60s`.
+    #[arg(long, env = "REMOTE_FIRST_BYTE_TIMEOUT", default_value = "60s", global = true)]
+    pub remote_first_byte_timeout: String,
 
     /// Hugging Face endpoint for model downloads.
     #[arg(long, env = "HF_ENDPOINT", default_value = "https://huggingface.co", global = true)]
@@ -415,10 +442,10 @@ impl TierModel {
         let var = tier.env_var();
         let spec = ModelSpec::parse(value).map_err(|e| bad(format!("{var}={value}: {e}")))?;
         match &spec {
-            ModelSpec::Zai(_) if tier == Tier::Main => {
+            ModelSpec::Zai(_) | ModelSpec::Remote(_) if tier == Tier::Main => {
                 return Err(bad(format!(
                     "{var}={value}: main must be a local model, it is the fallback when Z.ai \
-                     cannot answer"
+                     or a remote server cannot answer"
                 )));
             }
             ModelSpec::File(path) if !path.is_file() => {
@@ -448,6 +475,36 @@ pub struct RouterSettings {
     pub hf_endpoint: String,
     pub hf_token: Option<Secret>,
     pub models_dir: PathBuf,
+    /// Keys and timeouts of tiers served by OpenAI-compatible servers.
+    pub remote: RemoteSettings,
+}
+
+/// What tiers naming `openai:<base URL>#<model>` need besides their value.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RemoteSettings {
+    /// `MODEL_<TIER>_API_KEY`, per tier; a tier without one sends no `Authorization`.
+    pub api_keys: Vec<(Tier, Secret)>,
+    /// `REMOTE_CONNECT_TIMEOUT`.
+    pub connect_timeout: Duration,
+    /// `REMOTE_FIRST_BYTE_TIMEOUT`: the headers and first event, and each later pause.
+    pub first_byte_timeout: Duration,
+}
+
+impl Default for RemoteSettings {
+    fn default() -> Self {
+        RemoteSettings {
+            api_keys: Vec::new(),
+            connect_timeout: Duration::from_secs(5),
+            first_byte_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+impl RemoteSettings {
+    /// The API key of `tier`, if one is set.
+    pub fn api_key(&self, tier: Tier) -> Option<&Secret> {
+        self.api_keys.iter().find(|(t, _)| *t == tier).map(|(_, key)| key)
+    }
 }
 
 impl RouterSettings {
@@ -598,6 +655,12 @@ impl Config {
         let model_main = TierModel::parse(Tier::Main, &self.model_main)?;
         let model_code = TierModel::parse(Tier::Code, &self.model_code)?;
         let model_reason = TierModel::parse(Tier::Reason, &self.model_reason)?;
+        let remote = self.remote_settings(&[
+            (Tier::Fast, &model_fast),
+            (Tier::Smart, &model_smart),
+            (Tier::Code, &model_code),
+            (Tier::Reason, &model_reason),
+        ])?;
 
         let tools = ToolSelection::parse(&self.tools)?;
         if self.agent_max_steps == 0 || self.agent_max_steps > 20 {
@@ -645,6 +708,7 @@ impl Config {
                 hf_endpoint: self.hf_endpoint.trim_end_matches('/').to_string(),
                 hf_token: self.hf_token,
                 models_dir: self.models_dir.clone(),
+                remote,
             },
             whatsapp,
             nextcloud,
@@ -658,6 +722,40 @@ impl Config {
             data_dir: self.data_dir,
             models_dir: self.models_dir,
         })
+    }
+
+    /// The remote tiers' keys and timeouts. A key for a tier that is not remote is a
+    /// mistake worth stopping for: it would otherwise be ignored without a word.
+    fn remote_settings(&self, tiers: &[(Tier, &TierModel)]) -> Result<RemoteSettings, ConfigError> {
+        let connect_timeout =
+            parse_timeout("REMOTE_CONNECT_TIMEOUT", &self.remote_connect_timeout)?;
+        let first_byte_timeout =
+            parse_timeout("REMOTE_FIRST_BYTE_TIMEOUT", &self.remote_first_byte_timeout)?;
+        let keys = [
+            (Tier::Fast, &self.model_fast_api_key),
+            (Tier::Smart, &self.model_smart_api_key),
+            (Tier::Code, &self.model_code_api_key),
+            (Tier::Reason, &self.model_reason_api_key),
+        ];
+        let mut api_keys = Vec::new();
+        for (tier, key) in keys {
+            let Some(key) = key.as_ref().filter(|k| !k.expose().is_empty()) else {
+                continue;
+            };
+            let is_remote = tiers
+                .iter()
+                .any(|(t, model)| *t == tier && matches!(model.spec, ModelSpec::Remote(_)));
+            if !is_remote {
+                return Err(bad(format!(
+                    "{}_API_KEY is set but {} does not name a remote server \
+                     (openai:<base URL>#<model>)",
+                    tier.env_var(),
+                    tier.env_var()
+                )));
+            }
+            api_keys.push((tier, key.clone()));
+        }
+        Ok(RemoteSettings { api_keys, connect_timeout, first_byte_timeout })
     }
 
     fn whatsapp_settings(&self) -> Result<Option<WhatsAppSettings>, ConfigError> {
@@ -936,6 +1034,20 @@ mod tests {
         assert_eq!(parse_duration("1h30m").unwrap(), Some(Duration::from_secs(5400)));
         assert_eq!(parse_duration("0").unwrap(), None);
         assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn remote_settings_print_no_key() {
+        let remote = RemoteSettings {
+            api_keys: vec![(Tier::Smart, Secret::new("sk-very-secret-remote"))],
+            ..RemoteSettings::default()
+        };
+        let shown = format!("{remote:?}");
+        assert!(!shown.contains("sk-very-secret-remote") && shown.contains("***"), "{shown}");
+        assert_eq!(remote.api_key(Tier::Smart).map(Secret::expose), Some("sk-very-secret-remote"));
+        assert!(remote.api_key(Tier::Fast).is_none());
+        let err = TierModel::parse(Tier::Main, "openai:http://gpu-box:8000/v1#m").unwrap_err();
+        assert!(err.to_string().contains("main must be a local model"), "{err}");
     }
 
     #[test]

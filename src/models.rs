@@ -107,6 +107,7 @@ fn list(settings: &RouterSettings) -> anyhow::Result<()> {
             PlanSource::Zai { model, has_key: false } => {
                 format!("Z.ai {model}, no ZAI_API_KEY: answered by main")
             }
+            PlanSource::Remote { base_url, model } => format!("{model} on {base_url}"),
         };
         println!("  {:<7}{:<16} {what}", plan.tier.as_str(), plan.configured);
     }

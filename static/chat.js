@@ -640,11 +640,13 @@
     if (info.tier || info.model) {
       const who = add([info.tier, info.model].filter(Boolean).join(" · "), "model");
       who.title = info.provider ? "provider: " + info.provider : "";
+      if (info.host) who.title += " · host: " + info.host;
     }
+    // A remote server is named by its host; one on loopback stays on this machine.
     if (info.leftMachine) {
-      add("☁ left this machine (" + (info.provider || "cloud") + ")", "left-machine");
-    } else if (info.provider === "local") {
-      add("on this machine", "local");
+      add("☁ left this machine (" + (info.host || info.provider || "cloud") + ")", "left-machine");
+    } else if (info.provider === "local" || info.host) {
+      add("on this machine" + (info.host ? " (" + info.host + ")" : ""), "local");
     }
     if (info.status === "partial") add("stopped before the end", "stopped");
     if (info.finish === "length") add("cut at the length limit", "stopped");
@@ -774,6 +776,7 @@
           tier: m.tier,
           model: m.model,
           provider: m.provider,
+          host: m.host,
           leftMachine: m.left_machine,
           status: m.status,
           promptTokens: m.prompt_tokens || null,
@@ -1219,6 +1222,7 @@
             tier: event.tier,
             model: event.model,
             provider: event.provider,
+            host: event.host,
             leftMachine: event.leaves_machine,
           });
           if (run.stopRequested) requestStop(run);
@@ -1266,6 +1270,7 @@
             tier: m.tier,
             model: m.model,
             provider: m.provider,
+            host: m.host,
             leftMachine: m.leaves_machine,
             status: stopped ? "partial" : "complete",
             promptTokens: event.usage.prompt_tokens || null,

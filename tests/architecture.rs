@@ -178,13 +178,29 @@ fn only_app_and_the_command_entry_points_build_engines_and_providers() {
     check(
         "concrete providers or the engine loader built outside app.rs and the command modules",
         |s| {
-            ["app.rs", "chat.rs", "bench.rs", "bench_conversation.rs", "llm/engine/mod.rs"]
-                .contains(&s.rel.as_str())
+            // Z.ai is a configuration of the OpenAI-compatible client: `zai.rs` builds one
+            // inside `ZaiProvider::new`, and the client's own unit tests build it.
+            [
+                "app.rs",
+                "chat.rs",
+                "bench.rs",
+                "bench_conversation.rs",
+                "llm/engine/mod.rs",
+                "llm/providers/zai.rs",
+                "llm/providers/openai_compat.rs",
+            ]
+            .contains(&s.rel.as_str())
         },
         |line| {
-            ["ZaiProvider::new", "LocalProvider::new", "EngineHandle::spawn", "EngineLoader"]
-                .iter()
-                .any(|name| line.contains(name))
+            [
+                "ZaiProvider::new",
+                "OpenAiCompatProvider::new",
+                "LocalProvider::new",
+                "EngineHandle::spawn",
+                "EngineLoader",
+            ]
+            .iter()
+            .any(|name| line.contains(name))
         },
     );
 }

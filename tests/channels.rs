@@ -854,7 +854,12 @@ impl ScriptedEngine {
 
 impl Provider for ScriptedEngine {
     fn info(&self) -> ProviderInfo {
-        ProviderInfo { provider: "local".into(), model: "scripted".into(), leaves_machine: false }
+        ProviderInfo {
+            provider: "local".into(),
+            model: "scripted".into(),
+            leaves_machine: false,
+            host: None,
+        }
     }
 
     fn stream(&self, request: LlmRequest) -> BoxFuture<'_, Result<ChunkStream, LlmError>> {

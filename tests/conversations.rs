@@ -94,6 +94,7 @@ impl Provider for Shared {
             provider: "local".into(),
             model: "scripted.gguf".into(),
             leaves_machine: false,
+            host: None,
         }
     }
 

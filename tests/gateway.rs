@@ -40,7 +40,12 @@ struct EchoProvider {
 
 impl Provider for EchoProvider {
     fn info(&self) -> ProviderInfo {
-        ProviderInfo { provider: "local".into(), model: "echo-model".into(), leaves_machine: false }
+        ProviderInfo {
+            provider: "local".into(),
+            model: "echo-model".into(),
+            leaves_machine: false,
+            host: None,
+        }
     }
 
     fn stream(&self, request: LlmRequest) -> BoxFuture<'_, Result<ChunkStream, LlmError>> {
@@ -313,7 +318,12 @@ struct BusyProvider;
 
 impl Provider for BusyProvider {
     fn info(&self) -> ProviderInfo {
-        ProviderInfo { provider: "local".into(), model: "busy-model".into(), leaves_machine: false }
+        ProviderInfo {
+            provider: "local".into(),
+            model: "busy-model".into(),
+            leaves_machine: false,
+            host: None,
+        }
     }
 
     fn stream(&self, _request: LlmRequest) -> BoxFuture<'_, Result<ChunkStream, LlmError>> {

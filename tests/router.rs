@@ -93,6 +93,7 @@ impl Provider for FakeLocal {
             provider: "local".into(),
             model: "fake-main.gguf".into(),
             leaves_machine: false,
+            host: None,
         }
     }
 
@@ -129,6 +130,7 @@ fn router_settings(models_dir: &Path) -> RouterSettings {
         hf_endpoint: "http://127.0.0.1:9".into(),
         hf_token: None,
         models_dir: models_dir.to_path_buf(),
+        remote: Default::default(),
     }
 }
 

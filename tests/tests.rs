@@ -16,5 +16,6 @@ mod foundation;
 mod gateway;
 mod openai_tools;
 mod reminders;
+mod remote;
 mod router;
 mod webchat_api;

@@ -39,7 +39,12 @@ struct EchoProvider {
 
 impl Provider for EchoProvider {
     fn info(&self) -> ProviderInfo {
-        ProviderInfo { provider: "local".into(), model: "echo-model".into(), leaves_machine: false }
+        ProviderInfo {
+            provider: "local".into(),
+            model: "echo-model".into(),
+            leaves_machine: false,
+            host: None,
+        }
     }
 
     fn stream(&self, request: LlmRequest) -> BoxFuture<'_, Result<ChunkStream, LlmError>> {

@@ -40,7 +40,8 @@ crate::domain::named_enum! {
     }
 }
 
-/// A message to store. `tier`, `provider` and `model` form the privacy ledger of answers.
+/// A message to store. `tier`, `provider`, `model`, `host` and `left_machine` form the
+/// privacy ledger of answers.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NewMessage {
     pub conversation_id: ConversationId,
@@ -53,6 +54,10 @@ pub struct NewMessage {
     pub completion_tokens: Option<i64>,
     pub status: MessageStatus,
     pub external_id: Option<String>,
+    /// The host of a network provider (`gpu-box:8000`, `api.z.ai`); `None` in-process.
+    pub host: Option<String>,
+    /// The answer was produced outside this machine (any host but loopback).
+    pub left_machine: bool,
 }
 
 impl NewMessage {
@@ -69,6 +74,8 @@ impl NewMessage {
             completion_tokens: None,
             status: MessageStatus::Complete,
             external_id: None,
+            host: None,
+            left_machine: false,
         }
     }
 }
@@ -92,6 +99,10 @@ pub struct StoredMessage {
     pub created_at: i64,
     /// The tool rounds of an answer, oldest first (empty for every other message).
     pub tool_rounds: Vec<ToolRound>,
+    /// The host that produced an answer (`None` in-process; see `NewMessage::host`).
+    pub host: Option<String>,
+    /// The answer was produced outside this machine.
+    pub left_machine: bool,
 }
 
 /// Finds the conversation of `(channel, external_key)` or creates it.
@@ -167,8 +178,7 @@ pub async fn list_conversations(
         "SELECT c.id, c.channel, c.external_key, c.title, c.created_at, c.updated_at,
                 (SELECT COUNT(*) FROM messages m WHERE m.conversation_id = c.id) AS message_count,
                 EXISTS (SELECT 1 FROM messages m
-                        WHERE m.conversation_id = c.id AND m.provider IS NOT NULL
-                          AND m.provider <> 'local') AS left_machine
+                        WHERE m.conversation_id = c.id AND m.left_machine = 1) AS left_machine
          FROM conversations c
          ORDER BY c.updated_at DESC, c.id DESC
          LIMIT ?1",
@@ -238,8 +248,8 @@ pub async fn add_message_with_rounds(
     let id: i64 = sqlx::query_scalar(
         "INSERT INTO messages (conversation_id, role, content, tier, provider, model,
                                prompt_tokens, completion_tokens, status, external_id, created_at,
-                               tool_rounds)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
+                               tool_rounds, host, left_machine)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
          RETURNING id",
     )
     .bind(msg.conversation_id.0)
@@ -254,6 +264,8 @@ pub async fn add_message_with_rounds(
     .bind(&msg.external_id)
     .bind(now)
     .bind(rounds_json)
+    .bind(&msg.host)
+    .bind(msg.left_machine)
     .fetch_one(&mut *tx)
     .await?;
     sqlx::query("UPDATE conversations SET updated_at = ?1 WHERE id = ?2")
@@ -468,7 +480,7 @@ pub async fn setting_set(pool: &SqlitePool, key: &str, value: &str) -> Result<()
 
 const MESSAGE_COLUMNS: &str = "id, conversation_id, role, content, tier, provider, model, \
      prompt_tokens, completion_tokens, status, external_id, delivery_status, delivery_error, created_at, \
-     tool_rounds";
+     tool_rounds, host, left_machine";
 
 #[derive(sqlx::FromRow)]
 struct ConversationRow {
@@ -528,6 +540,8 @@ struct MessageRow {
     delivery_error: Option<String>,
     created_at: i64,
     tool_rounds: Option<String>,
+    host: Option<String>,
+    left_machine: bool,
 }
 
 impl TryFrom<MessageRow> for StoredMessage {
@@ -552,6 +566,8 @@ impl TryFrom<MessageRow> for StoredMessage {
             delivery_error: row.delivery_error,
             created_at: row.created_at,
             tool_rounds: rounds_from_json(row.tool_rounds.as_deref()),
+            host: row.host,
+            left_machine: row.left_machine,
         })
     }
 }
@@ -625,8 +641,17 @@ mod tests {
         let mut answer = NewMessage::plain(local.id, Role::Assistant, "hi");
         answer.provider = Some("local".into());
         add_message(&pool, &answer).await.unwrap();
+        // A remote server on loopback stays on the machine; its host is still recorded.
+        answer.provider = Some("openai".into());
+        answer.host = Some("127.0.0.1:8000".into());
+        let id = add_message(&pool, &answer).await.unwrap();
+        let stored = get_message(&pool, id).await.unwrap().expect("stored");
+        assert_eq!(stored.host.as_deref(), Some("127.0.0.1:8000"));
+        assert!(!stored.left_machine);
         answer.conversation_id = cloud.id;
         answer.provider = Some("zai".into());
+        answer.host = Some("api.z.ai".into());
+        answer.left_machine = true;
         add_message(&pool, &answer).await.unwrap();
         let list = list_conversations(&pool, 10).await.unwrap();
         assert_eq!(list.len(), 2);
@@ -634,7 +659,7 @@ mod tests {
         assert_eq!(list[0].conversation.id, cloud.id);
         assert!(list[0].left_machine);
         assert!(!list[1].left_machine);
-        assert_eq!(list[1].message_count, 1);
+        assert_eq!(list[1].message_count, 2);
     }
 
     #[tokio::test]

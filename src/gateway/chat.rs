@@ -67,6 +67,9 @@ pub enum ChatEvent {
         model: String,
         /// Whether this answer is produced outside the machine (the privacy ledger).
         leaves_machine: bool,
+        /// The host of a network provider (`gpu-box:8000`); absent in-process.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        host: Option<String>,
     },
     Token {
         text: String,
@@ -254,13 +257,16 @@ pub fn parse_tier(name: &str) -> Result<Tier, ApiError> {
 /// The wire form of an assistant event.
 pub fn chat_event(event: Event) -> ChatEvent {
     match event {
-        Event::Meta { conversation_id, tier, provider, model } => ChatEvent::Meta {
-            conversation_id: conversation_id.0,
-            tier: tier.as_str().to_string(),
-            leaves_machine: provider != "local",
-            provider,
-            model,
-        },
+        Event::Meta { conversation_id, tier, provider, model, host, leaves_machine } => {
+            ChatEvent::Meta {
+                conversation_id: conversation_id.0,
+                tier: tier.as_str().to_string(),
+                leaves_machine,
+                provider,
+                model,
+                host,
+            }
+        }
         Event::Token(text) => ChatEvent::Token { text },
         Event::Notice { kind, message } => ChatEvent::Notice { kind, message },
         Event::ToolCall { call } => {

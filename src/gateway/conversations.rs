@@ -54,6 +54,9 @@ pub struct MessageJson {
     pub status: &'static str,
     /// Whether producing this message sent the conversation outside the machine.
     pub left_machine: bool,
+    /// The host that produced an answer (`gpu-box:8000`, `api.z.ai`); absent in-process.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
     pub prompt_tokens: Option<i64>,
     pub completion_tokens: Option<i64>,
     pub created_at: i64,
@@ -238,8 +241,8 @@ fn summary_json(s: ConversationSummary) -> ConversationJson {
 }
 
 fn message_json(m: StoredMessage) -> MessageJson {
-    // Same rule as the conversation list's ledger: any provider other than `local`.
-    let left_machine = m.provider.as_deref().is_some_and(|p| p != "local");
+    // Decided when the answer was written (see migration 0006), like the list's badge.
+    let left_machine = m.left_machine;
     MessageJson {
         id: m.id.0,
         role: m.role.as_str(),
@@ -249,6 +252,7 @@ fn message_json(m: StoredMessage) -> MessageJson {
         model: m.model,
         status: m.status.as_str(),
         left_machine,
+        host: m.host,
         prompt_tokens: m.prompt_tokens,
         completion_tokens: m.completion_tokens,
         created_at: m.created_at,

@@ -1,5 +1,6 @@
 //! `GET /api/models`: the tiers the page can pick, who answers each one and whether it can
-//! answer now; plus the model and Z.ai parts of `/api/health`. Policy and state live in
+//! answer now (for a remote tier, its server's health); plus the model and Z.ai parts of
+//! `/api/health`. Policy and state live in
 //! `llm::router`; this module only turns its plain status into JSON.
 
 use std::time::SystemTime;
@@ -12,7 +13,7 @@ use serde_json::Value;
 
 use crate::gateway::error::ApiJson;
 use crate::gateway::AppState;
-use crate::llm::router::{TierState, TierStatus, ZaiStatus};
+use crate::llm::router::{RemoteStatus, TierState, TierStatus, ZaiStatus};
 
 pub fn router() -> Router<AppState> {
     Router::new().route("/api/models", get(get_models))
@@ -45,6 +46,28 @@ pub struct TierJson {
     pub stand_in_for: Option<String>,
     pub pull_command: Option<String>,
     pub detail: String,
+    /// Set for a tier on an OpenAI-compatible server.
+    pub remote: Option<RemoteJson>,
+}
+
+/// A remote tier's server as last seen (checked in the background, never at start-up).
+#[derive(Debug, Serialize)]
+pub struct RemoteJson {
+    pub base_url: Option<String>,
+    /// The host recorded in the ledger, e.g. `gpu-box:8000`.
+    pub host: Option<String>,
+    pub model: String,
+    /// False only for a server on loopback.
+    pub leaves_machine: bool,
+    /// Whether the server answered the last check or call; null before any.
+    pub reachable: Option<bool>,
+    /// Whether its `/v1/models` lists the model; null when not known.
+    pub model_listed: Option<bool>,
+    pub last_error: Option<String>,
+    /// Unix milliseconds.
+    pub last_error_at: Option<u64>,
+    pub last_success_at: Option<u64>,
+    pub checked_at: Option<u64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -97,6 +120,26 @@ fn tier_json(status: TierStatus) -> TierJson {
         stand_in_for: status.stand_in_for,
         pull_command: status.pull_command,
         detail: status.detail,
+        remote: status.remote.map(remote_json),
+    }
+}
+
+fn remote_json(status: RemoteStatus) -> RemoteJson {
+    let (last_error, last_error_at) = match status.last_error {
+        Some((message, at)) => (Some(message), unix_ms(at)),
+        None => (None, None),
+    };
+    RemoteJson {
+        base_url: status.base_url,
+        host: status.host,
+        model: status.model,
+        leaves_machine: status.leaves_machine,
+        reachable: status.reachable,
+        model_listed: status.model_listed,
+        last_error,
+        last_error_at,
+        last_success_at: status.last_success.and_then(unix_ms),
+        checked_at: status.checked_at.and_then(unix_ms),
     }
 }
 

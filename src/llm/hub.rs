@@ -1,5 +1,5 @@
 //! Model names and model files: parses tier values (`qwen3:8b-q8_0`, a `.gguf` path,
-//! `zai:<model>`), maps Qwen3 names to the official `Qwen/Qwen3-*-GGUF` files, downloads them
+//! `zai:<model>`, `openai:<base URL>#<model>`), maps Qwen3 names to the official `Qwen/Qwen3-*-GGUF` files, downloads them
 //! into `MODELS_DIR` with `hf-hub` (verified, resumable, never a half file under the final
 //! name) and reads GGUF headers for listings. It loads no model and knows no tier policy.
 //!
@@ -37,6 +37,47 @@ pub enum ModelSpec {
     File(PathBuf),
     /// A Z.ai cloud model, e.g. `zai:glm-4.7`.
     Zai(String),
+    /// A model on an OpenAI-compatible server, e.g.
+    /// `openai:http://gpu-box:8000/v1#Qwen/Qwen3-32B`.
+    Remote(RemoteModel),
+}
+
+/// A model served by an OpenAI-compatible server (vLLM, llama-server, Ollama, SGLang).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteModel {
+    /// The API base as the server documents it (usually ending in `/v1`), without a
+    /// trailing slash.
+    pub base_url: String,
+    /// The name the server knows the model by (`--served-model-name` for vLLM).
+    pub model: String,
+}
+
+impl RemoteModel {
+    /// Parses what follows `openai:`: `<base URL>#<model>`. The model comes after `#`, which
+    /// never reaches the server as part of a URL, so a model name may hold `/`, `:` or `@`.
+    fn parse(rest: &str) -> Result<RemoteModel, String> {
+        const EXAMPLE: &str = "e.g. openai:http://gpu-box:8000/v1#Qwen/Qwen3-32B";
+        let Some((base, model)) = rest.split_once('#') else {
+            return Err(format!("expected openai:<base URL>#<model>, {EXAMPLE}"));
+        };
+        let (base, model) = (base.trim().trim_end_matches('/'), model.trim());
+        if model.is_empty() || model.contains(char::is_whitespace) {
+            return Err(format!("missing model name after `#`, {EXAMPLE}"));
+        }
+        let url = reqwest::Url::parse(base)
+            .map_err(|e| format!("`{base}` is not a URL ({e}), {EXAMPLE}"))?;
+        if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+            return Err(format!("`{base}` must be an http:// or https:// URL with a host"));
+        }
+        // The value is shown in /api/models and in logs: a password in it would leak. The
+        // key has its own variable.
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err("the URL must not hold a user name or password: set the tier's API key \
+                 variable (e.g. MODEL_SMART_API_KEY) instead"
+                .to_string());
+        }
+        Ok(RemoteModel { base_url: base.to_string(), model: model.to_string() })
+    }
 }
 
 /// One file of the official `Qwen/Qwen3-{4B,8B,14B}-GGUF` repositories.
@@ -65,9 +106,9 @@ impl ModelSpec {
     pub fn parse(value: &str) -> Result<ModelSpec, String> {
         let value = value.trim();
         if value.is_empty() {
-            return Err(
-                "empty value: use qwen3:4b|8b|14b[-quant], a .gguf path or zai:<model>".to_string()
-            );
+            return Err("empty value: use qwen3:4b|8b|14b[-quant], a .gguf path, zai:<model> or \
+                 openai:<base URL>#<model>"
+                .to_string());
         }
         if let Some(model) = value.strip_prefix("zai:") {
             let model = model.trim();
@@ -75,6 +116,11 @@ impl ModelSpec {
                 return Err(format!("`{value}`: expected zai:<model>, e.g. zai:glm-4.7"));
             }
             return Ok(ModelSpec::Zai(model.to_string()));
+        }
+        if let Some(rest) = value.strip_prefix("openai:") {
+            return RemoteModel::parse(rest)
+                .map(ModelSpec::Remote)
+                .map_err(|e| format!("`{value}`: {e}"));
         }
         let lower = value.to_ascii_lowercase();
         if let Some(rest) = lower.strip_prefix("qwen3:") {
@@ -87,7 +133,8 @@ impl ModelSpec {
         }
         Err(format!(
             "`{value}`: unknown model; use qwen3:4b, qwen3:8b or qwen3:14b (optionally with a \
-             quantization such as qwen3:8b-q8_0), a path to a .gguf file, or zai:<model>"
+             quantization such as qwen3:8b-q8_0), a path to a .gguf file, zai:<model>, or \
+             openai:<base URL>#<model> for an OpenAI-compatible server"
         ))
     }
 
@@ -97,6 +144,7 @@ impl ModelSpec {
             ModelSpec::Qwen3(model) => model.name(),
             ModelSpec::File(path) => path.display().to_string(),
             ModelSpec::Zai(model) => format!("zai:{model}"),
+            ModelSpec::Remote(remote) => format!("openai:{}#{}", remote.base_url, remote.model),
         }
     }
 }
@@ -529,6 +577,28 @@ mod tests {
         check("llama3", Err("unknown model"));
         check("zai:", Err("expected zai:<model>"));
         check("", Err("empty value"));
+    }
+
+    #[test]
+    fn remote_values_parse() {
+        let remote = |base: &str, model: &str| {
+            ModelSpec::Remote(RemoteModel { base_url: base.into(), model: model.into() })
+        };
+        check(
+            "openai:http://gpu-box:8000/v1#Qwen/Qwen3-32B",
+            Ok(remote("http://gpu-box:8000/v1", "Qwen/Qwen3-32B")),
+        );
+        check(
+            " openai:https://10.0.0.7/v1/#qwen3:32b ",
+            Ok(remote("https://10.0.0.7/v1", "qwen3:32b")),
+        );
+        check("openai:http://[::1]:8080/v1#m", Ok(remote("http://[::1]:8080/v1", "m")));
+        check("openai:http://gpu-box:8000/v1", Err("expected openai:<base URL>#<model>"));
+        check("openai:http://gpu-box:8000/v1#", Err("missing model name"));
+        check("openai:gpu-box:8000#m", Err("must be an http:// or https:// URL"));
+        check("openai:http://user:pw@gpu-box/v1#m", Err("must not hold a user name"));
+        let spec = ModelSpec::parse("openai:http://gpu-box:8000/v1/#Qwen/Qwen3-32B").unwrap();
+        assert_eq!(spec.display_name(), "openai:http://gpu-box:8000/v1#Qwen/Qwen3-32B");
     }
 
     #[test]

@@ -203,12 +203,29 @@ pub enum LlmError {
 /// Who a provider is, for the privacy ledger and the UI.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProviderInfo {
-    /// `local` or `zai`.
+    /// `local`, `zai` or `openai` (a remote OpenAI-compatible server).
     pub provider: String,
     /// The model name as shown to the user (file name for local models).
     pub model: String,
-    /// Whether a request to this provider leaves the machine.
+    /// Whether a request to this provider leaves the machine: false for the in-process
+    /// engine and for a server on loopback, true for every other host.
     pub leaves_machine: bool,
+    /// The host a network provider talks to (`gpu-box:8000`, `api.z.ai`), for the ledger;
+    /// `None` for the in-process engine. A provider with a host gets the router's fallback
+    /// to `main` when it fails before its first token.
+    pub host: Option<String>,
+}
+
+/// What a check of a network provider found, without generating anything.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Probe {
+    /// The server answered at all.
+    pub reachable: bool,
+    /// Whether its model list (`/v1/models`) names the configured model; `None` when the
+    /// list could not be read.
+    pub model_listed: Option<bool>,
+    /// What went wrong, in a sentence (never the key).
+    pub error: Option<String>,
 }
 
 /// Anything that can answer a chat request with a token stream.
@@ -225,5 +242,11 @@ pub trait Provider: Send + Sync {
     fn warm(&self, request: LlmRequest) -> BoxFuture<'_, Result<(), LlmError>> {
         let _ = request;
         Box::pin(async { Ok(()) })
+    }
+
+    /// Checks a network provider (is it reachable, does it serve the model) without
+    /// generating. Providers with nothing to check answer `None`.
+    fn probe(&self) -> BoxFuture<'_, Option<Probe>> {
+        Box::pin(async { None })
     }
 }

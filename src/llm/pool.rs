@@ -437,6 +437,7 @@ impl Provider for PooledProvider {
             provider: "local".to_string(),
             model: self.file_name(),
             leaves_machine: false,
+            host: None,
         }
     }
 
@@ -597,7 +598,12 @@ mod tests {
 
     impl Provider for FakeModel {
         fn info(&self) -> ProviderInfo {
-            ProviderInfo { provider: "local".into(), model: "fake".into(), leaves_machine: false }
+            ProviderInfo {
+                provider: "local".into(),
+                model: "fake".into(),
+                leaves_machine: false,
+                host: None,
+            }
         }
         fn stream(&self, _request: LlmRequest) -> BoxFuture<'_, Result<ChunkStream, LlmError>> {
             Box::pin(async {

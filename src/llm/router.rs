@@ -1,20 +1,27 @@
-//! Tiers (fast/smart/main local, code/reason cloud), what answers each one, and the fallback
-//! policy: cloud tiers without a key or failing before their first token answer from `main`
-//! with a notice; local tiers whose named file is missing use a GGUF found in `MODELS_DIR`.
+//! Tiers (fast/smart/main local, code/reason cloud, any but main on a remote
+//! OpenAI-compatible server), what answers each one, and the fallback policy: cloud tiers
+//! without a key, and cloud or remote tiers failing before their first token, answer from
+//! `main` with a notice; local tiers whose named file is missing use a GGUF found in
+//! `MODELS_DIR`. It keeps each remote's health (reachable, model listed, last error) and
+//! probes it lazily, never at start-up.
 //! It owns no HTTP, SQL or model code and names no concrete provider: tier values arrive
 //! checked from `config.rs`, and `app.rs` hands over the model loader and the cloud providers.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use futures::future::BoxFuture;
 
 use crate::config::RouterSettings;
 use crate::llm::hub::{self, ModelSpec};
 use crate::llm::pool::{ModelLoader, ModelPool, ModelState, PoolConfig};
-use crate::llm::{ChunkStream, LlmError, LlmRequest, Provider, ProviderInfo};
+use crate::llm::{ChunkStream, LlmError, LlmRequest, Probe, Provider, ProviderInfo};
+
+/// How old a remote's last check may be before a status request starts a new one.
+const PROBE_EVERY: Duration = Duration::from_secs(60);
 
 /// A model tier the user can pick.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -153,6 +160,26 @@ pub struct TierStatus {
     pub pull_command: Option<String>,
     /// One sentence for people.
     pub detail: String,
+    /// A tier on an OpenAI-compatible server: its health.
+    pub remote: Option<RemoteStatus>,
+}
+
+/// A remote tier's server as last seen, for `/api/models` and `/api/health`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteStatus {
+    /// The configured base URL (`None` for an injected provider).
+    pub base_url: Option<String>,
+    pub host: Option<String>,
+    pub model: String,
+    pub leaves_machine: bool,
+    /// Whether the server answered the last check or call; `None` before any.
+    pub reachable: Option<bool>,
+    /// Whether its `/models` lists the model; `None` when not known.
+    pub model_listed: Option<bool>,
+    pub last_error: Option<(String, SystemTime)>,
+    pub last_success: Option<SystemTime>,
+    /// When `/models` was last checked.
+    pub checked_at: Option<SystemTime>,
 }
 
 /// The cloud side, for `/api/health`.
@@ -186,6 +213,8 @@ pub enum PlanSource {
     Missing { wanted: String, pull_command: String },
     /// Z.ai; `has_key` false means it answers from `main`.
     Zai { model: String, has_key: bool },
+    /// An OpenAI-compatible server.
+    Remote { base_url: String, model: String },
 }
 
 /// Resolves every tier against `MODELS_DIR` without loading anything. The values were
@@ -202,6 +231,10 @@ pub fn plan_tiers(settings: &RouterSettings) -> Result<Vec<TierPlan>, LlmError> 
             ModelSpec::Zai(model) => {
                 PlanSource::Zai { model: model.clone(), has_key: settings.zai_api_key.is_some() }
             }
+            ModelSpec::Remote(remote) => PlanSource::Remote {
+                base_url: remote.base_url.clone(),
+                model: remote.model.clone(),
+            },
             ModelSpec::File(path) => {
                 if !path.is_file() {
                     return Err(LlmError::BadModel {
@@ -270,6 +303,80 @@ struct TierEntry {
     file: Option<PathBuf>,
     stand_in_for: Option<String>,
     pull_command: Option<String>,
+    /// Set for a tier on an OpenAI-compatible server.
+    remote: Option<RemoteEntry>,
+}
+
+/// A remote tier's health, updated by its calls and by `/models` checks.
+struct RemoteEntry {
+    base_url: Option<String>,
+    health: Mutex<RemoteHealth>,
+    /// A check is running: a second status request does not start another.
+    probing: AtomicBool,
+}
+
+impl RemoteEntry {
+    fn new(base_url: Option<String>) -> Self {
+        RemoteEntry { base_url, health: Mutex::default(), probing: AtomicBool::new(false) }
+    }
+
+    fn health(&self) -> std::sync::MutexGuard<'_, RemoteHealth> {
+        self.health.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn record_call(&self, outcome: Result<(), (&str, &LlmError)>) {
+        let mut health = self.health();
+        let now = SystemTime::now();
+        match outcome {
+            Ok(()) => {
+                health.reachable = Some(true);
+                health.last_success = Some(now);
+                health.last_ok = Some(now);
+            }
+            Err((message, err)) => {
+                health.last_error = Some((message.to_string(), now));
+                health.reachable = match err {
+                    // An HTTP status means the server is there, only unwell.
+                    LlmError::Cloud { status: Some(_), .. } => Some(true),
+                    LlmError::Cloud { status: None, .. } => Some(false),
+                    _ => health.reachable,
+                };
+            }
+        }
+    }
+
+    fn record_probe(&self, probe: Probe) {
+        let mut health = self.health();
+        let now = SystemTime::now();
+        health.checked_at = Some(now);
+        health.reachable = Some(probe.reachable);
+        health.model_listed = probe.model_listed;
+        match probe.error {
+            Some(error) => health.last_error = Some((error, now)),
+            None => health.last_ok = Some(now),
+        }
+    }
+
+    /// The last event was a failure.
+    fn failing(&self) -> bool {
+        let health = self.health();
+        match (&health.last_error, health.last_ok) {
+            (Some((_, failed_at)), Some(ok_at)) => *failed_at > ok_at,
+            (Some(_), None) => true,
+            _ => false,
+        }
+    }
+}
+
+#[derive(Default)]
+struct RemoteHealth {
+    reachable: Option<bool>,
+    model_listed: Option<bool>,
+    last_error: Option<(String, SystemTime)>,
+    last_success: Option<SystemTime>,
+    /// The last good news: a call that started or a check without error.
+    last_ok: Option<SystemTime>,
+    checked_at: Option<SystemTime>,
 }
 
 enum Route {
@@ -288,8 +395,8 @@ pub struct RouterParts {
     pub loader: Arc<dyn ModelLoader>,
     /// Memory added to each model file's size in the budget (the KV cache bound).
     pub per_model_overhead_bytes: u64,
-    /// The provider of each cloud tier that can reach its cloud (a key is set); a cloud tier
-    /// missing here answers from `main` with a notice.
+    /// The provider of each cloud tier that can reach its cloud (a key is set), and of each
+    /// remote tier; a cloud tier missing here answers from `main` with a notice.
     pub cloud: HashMap<Tier, Arc<dyn Provider>>,
 }
 
@@ -331,6 +438,7 @@ impl Router {
                 file: None,
                 stand_in_for: None,
                 pull_command: None,
+                remote: None,
             };
             match plan.source {
                 PlanSource::File { path, stand_in_for, pull_command } => {
@@ -366,6 +474,16 @@ impl Router {
                     Some(provider) if has_key => entry.route = Route::Provider(provider),
                     _ => entry.route = Route::CloudWithoutKey { model },
                 },
+                PlanSource::Remote { base_url, model } => {
+                    let Some(provider) = cloud.remove(&plan.tier) else {
+                        return Err(LlmError::Unavailable(format!(
+                            "{}: no client was built for {model} at {base_url}",
+                            plan.tier.env_var()
+                        )));
+                    };
+                    entry.route = Route::Provider(provider);
+                    entry.remote = Some(RemoteEntry::new(Some(base_url)));
+                }
             }
             tiers.push(entry);
         }
@@ -406,10 +524,16 @@ impl Router {
         let tiers = Tier::ALL
             .iter()
             .map(|&tier| {
+                let mut remote = None;
                 let route = match (tier, providers.get(&tier)) {
                     (Tier::Main, _) => Route::Provider(main.clone()),
                     (_, Some(provider)) => {
-                        zai_has_key |= provider.info().leaves_machine;
+                        let info = provider.info();
+                        if info.provider == "openai" {
+                            remote = Some(RemoteEntry::new(None));
+                        } else {
+                            zai_has_key |= info.leaves_machine;
+                        }
                         Route::Provider(provider.clone())
                     }
                     (Tier::Code | Tier::Reason, None) => {
@@ -424,6 +548,7 @@ impl Router {
                     file: None,
                     stand_in_for: None,
                     pull_command: None,
+                    remote,
                 }
             })
             .collect();
@@ -473,20 +598,28 @@ impl Router {
             }
             Route::Provider(provider) => {
                 let info = provider.info();
-                if !info.leaves_machine {
+                // Anything over the network (Z.ai, a remote server, even on loopback) can
+                // fail on its own; the in-process engine's failures are not a fallback case.
+                if !info.leaves_machine && info.host.is_none() {
                     let stream = provider.stream(request).await?;
                     return Ok(Routed { stream, tier, info, notices: Vec::new() });
                 }
                 match provider.stream(request.clone()).await {
                     Ok(stream) => {
-                        self.record_cloud(Ok(()));
+                        match &entry.remote {
+                            Some(remote) => remote.record_call(Ok(())),
+                            None => self.record_cloud(Ok(())),
+                        }
                         Ok(Routed { stream, tier, info, notices: Vec::new() })
                     }
                     Err(err) => {
                         let reason =
                             format!("{} unavailable ({})", cloud_name(&info), describe(&err));
                         tracing::warn!(tier = %tier, "{reason}; falling back to main");
-                        self.record_cloud(Err(&reason));
+                        match &entry.remote {
+                            Some(remote) => remote.record_call(Err((reason.as_str(), &err))),
+                            None => self.record_cloud(Err(&reason)),
+                        }
                         self.answer_from_main(tier, request, &reason).await
                     }
                 }
@@ -517,6 +650,7 @@ impl Router {
 
     /// Every tier's state, in `Tier::ALL` order.
     pub async fn status(&self) -> Vec<TierStatus> {
+        self.probe_stale_remotes();
         let main_answerer = self.answerer(Tier::Main);
         let zai = self.zai_status();
         self.inner
@@ -532,6 +666,7 @@ impl Router {
                     stand_in_for: entry.stand_in_for.clone(),
                     pull_command: entry.pull_command.clone(),
                     detail: String::new(),
+                    remote: None,
                 };
                 match &entry.route {
                     Route::Missing { wanted, pull_command } => {
@@ -547,7 +682,39 @@ impl Router {
                     }
                     Route::Provider(provider) => {
                         let info = provider.info();
-                        if info.leaves_machine {
+                        if let Some(remote) = &entry.remote {
+                            let failing = remote.failing();
+                            let health = remote.health();
+                            let server = cloud_name(&info);
+                            let place = if info.leaves_machine {
+                                "leaves this machine"
+                            } else {
+                                "on this machine (loopback)"
+                            };
+                            if failing {
+                                status.state = TierState::CloudFallback;
+                                status.detail = format!(
+                                    "{} on {server} ({place}); the last call or check failed, \
+                                     so it falls back to main when it fails: {}",
+                                    info.model,
+                                    health.last_error.as_ref().map_or("", |(m, _)| m.as_str())
+                                );
+                            } else {
+                                status.state = TierState::CloudReady;
+                                status.detail = format!("{} on {server} ({place})", info.model);
+                            }
+                            status.remote = Some(RemoteStatus {
+                                base_url: remote.base_url.clone(),
+                                host: info.host.clone(),
+                                model: info.model.clone(),
+                                leaves_machine: info.leaves_machine,
+                                reachable: health.reachable,
+                                model_listed: health.model_listed,
+                                last_error: health.last_error.clone(),
+                                last_success: health.last_success,
+                                checked_at: health.checked_at,
+                            });
+                        } else if info.leaves_machine {
                             if zai.fallback_active {
                                 status.state = TierState::CloudFallback;
                                 status.detail = format!(
@@ -596,7 +763,7 @@ impl Router {
     pub fn zai_status(&self) -> ZaiStatus {
         let uses_zai = self.inner.tiers.iter().any(|t| match &t.route {
             Route::CloudWithoutKey { .. } => true,
-            Route::Provider(p) => p.info().leaves_machine,
+            Route::Provider(p) => t.remote.is_none() && p.info().leaves_machine,
             Route::Missing { .. } => false,
         });
         let health = self.inner.zai_health.lock().unwrap_or_else(|e| e.into_inner());
@@ -622,6 +789,56 @@ impl Router {
             reason,
             last_error: health.last_error.clone(),
             last_success: health.last_success,
+        }
+    }
+
+    /// Checks every remote tier's server now (`/models`: reachable, model listed) and
+    /// records what it found; the tiers are checked side by side.
+    pub async fn probe_remotes(&self) {
+        let checks = self.inner.tiers.iter().filter(|e| e.remote.is_some()).map(|e| e.tier);
+        futures::future::join_all(checks.map(|tier| self.probe_tier(tier))).await;
+    }
+
+    /// Checks one remote tier's server and records the result. Runs even while a
+    /// background check is under way, so that a caller of `probe_remotes` sees a result.
+    async fn probe_tier(&self, tier: Tier) {
+        let entry = self.entry(tier);
+        let (Some(remote), Route::Provider(provider)) = (&entry.remote, &entry.route) else {
+            return;
+        };
+        if let Some(probe) = provider.probe().await {
+            if let Some(error) = &probe.error {
+                tracing::warn!(tier = %tier, "remote check: {error}");
+            }
+            remote.record_probe(probe);
+        }
+    }
+
+    /// Starts, in the background, a check of every remote tier not checked for a while:
+    /// status requests never wait for a remote server.
+    fn probe_stale_remotes(&self) {
+        for entry in &self.inner.tiers {
+            let Some(remote) = &entry.remote else { continue };
+            let stale = remote
+                .health()
+                .checked_at
+                .and_then(|at| at.elapsed().ok())
+                .is_none_or(|age| age >= PROBE_EVERY);
+            if !stale {
+                continue;
+            }
+            let Ok(runtime) = tokio::runtime::Handle::try_current() else { continue };
+            if remote.probing.swap(true, Ordering::AcqRel) {
+                continue;
+            }
+            let router = self.clone();
+            let tier = entry.tier;
+            runtime.spawn(async move {
+                router.probe_tier(tier).await;
+                if let Some(remote) = &router.entry(tier).remote {
+                    remote.probing.store(false, Ordering::Release);
+                }
+            });
         }
     }
 
@@ -684,9 +901,10 @@ impl Router {
 }
 
 fn cloud_name(info: &ProviderInfo) -> String {
-    match info.provider.as_str() {
-        "zai" => "Z.ai".to_string(),
-        other => other.to_string(),
+    match (info.provider.as_str(), &info.host) {
+        ("zai", _) => "Z.ai".to_string(),
+        ("openai", Some(host)) => host.clone(),
+        (other, _) => other.to_string(),
     }
 }
 

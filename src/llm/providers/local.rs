@@ -31,6 +31,7 @@ impl Provider for LocalProvider {
             provider: "local".to_string(),
             model: self.handle.info().name.clone(),
             leaves_machine: false,
+            host: None,
         }
     }
 
