@@ -1356,7 +1356,8 @@ async fn webchat_shows_stored_tool_use_compactly_and_as_text() {
     );
     assert_eq!(shown["open"], json!([false, false]), "compact until opened: {shown}");
     assert_eq!(shown["before"], "check", "{shown}");
-    assert!(shown["args"].as_str().unwrap().contains(hostile), "{shown}");
+    // Arguments are shown as indented JSON, so the quotes inside the string stay escaped.
+    assert!(shown["args"].as_str().unwrap().contains("<img src=x onerror="), "{shown}");
     assert_eq!(shown["result"], hostile, "{shown}");
     assert_eq!(shown["failed"], true, "{shown}");
     assert_eq!(shown["imgs"], 0, "untrusted text never becomes markup: {shown}");
