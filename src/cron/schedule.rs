@@ -26,7 +26,8 @@ enum Kind {
     Cron {
         /// Six fields, seconds first.
         six_fields: String,
-        cron: Cron,
+        // Boxed: croner's parse is large next to a one-shot's date-time.
+        cron: Box<Cron>,
     },
     /// Runs once, at this wall-clock time in the job's zone.
     Once(NaiveDateTime),
@@ -48,7 +49,7 @@ impl Schedule {
         }
         let six_fields = to_six_fields(expression)?;
         match parse_six_fields(&six_fields) {
-            Some(cron) => Ok(Schedule { kind: Kind::Cron { six_fields, cron } }),
+            Some(cron) => Ok(Schedule { kind: Kind::Cron { six_fields, cron: Box::new(cron) } }),
             None => Err(explain_invalid(expression, &six_fields)),
         }
     }
