@@ -7,6 +7,7 @@ mod architecture;
 mod bench_model;
 mod browser;
 mod channels;
+mod constraint;
 mod conversations;
 mod cron;
 mod engine;

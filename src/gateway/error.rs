@@ -125,7 +125,9 @@ impl From<LlmError> for ApiError {
             LlmError::QueueFull | LlmError::EngineStopped | LlmError::Unavailable(_) => {
                 ApiError::Unavailable(e.to_string())
             }
-            LlmError::UnknownModel(_) | LlmError::ContextOverflow { .. } => {
+            LlmError::UnknownModel(_)
+            | LlmError::ContextOverflow { .. }
+            | LlmError::InvalidRequest(_) => {
                 ApiError::BadRequest(e.to_string())
             }
             other => ApiError::Internal(other.to_string()),

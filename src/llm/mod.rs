@@ -193,6 +193,10 @@ pub enum LlmError {
     Timeout(String),
     #[error("inference failed: {0}")]
     Inference(String),
+    /// The request cannot be served as asked (e.g. a tool schema the constrained decoder
+    /// cannot compile, `tool_choice` naming a tool that is not offered): a 400.
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
 }
 
 /// Who a provider is, for the privacy ledger and the UI.
