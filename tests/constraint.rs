@@ -85,8 +85,7 @@ async fn run(
     params: GenerationParams,
     tools: ToolUse,
 ) -> Result<(String, Vec<(String, Value)>, FinishReason), LlmError> {
-    let request =
-        LlmRequest { messages: vec![ChatTurn::new(Role::User, question)], params, tools };
+    let request = LlmRequest { messages: vec![ChatTurn::new(Role::User, question)], params, tools };
     let mut stream = engine.submit_with(request, RequestOptions::default())?;
     let mut text = String::new();
     let mut calls = Vec::new();
@@ -268,8 +267,10 @@ async fn a_schema_the_grammar_engine_refuses_is_an_invalid_request_before_any_to
         ToolUse { choice: ToolChoice::Required, ..ToolUse::offer(vec![bad_tool]) },
     ];
     for tools in cases {
-        let request =
-            LlmRequest { tools, ..LlmRequest::new(vec![ChatTurn::new(Role::User, "Hi")], hot(1, 8)) };
+        let request = LlmRequest {
+            tools,
+            ..LlmRequest::new(vec![ChatTurn::new(Role::User, "Hi")], hot(1, 8))
+        };
         let err = match engine.submit(request) {
             Err(err) => err,
             Ok(mut stream) => match stream.recv().await {
@@ -281,9 +282,8 @@ async fn a_schema_the_grammar_engine_refuses_is_an_invalid_request_before_any_to
         eprintln!("{err}");
     }
     // The engine still serves the next request.
-    let (text, _, _) = run(&engine, "Hi", GenerationParams::greedy(4), ToolUse::default())
-        .await
-        .unwrap();
+    let (text, _, _) =
+        run(&engine, "Hi", GenerationParams::greedy(4), ToolUse::default()).await.unwrap();
     assert!(!text.is_empty());
 }
 
@@ -314,8 +314,8 @@ async fn a_request_without_constraint_decodes_exactly_as_before() {
     let mut config = my_claw::llm::engine::model::ModelConfig::from_hparams(&hp, 1024);
     config.kv_type = KvType::F16;
     let mut reader = std::io::BufReader::new(&mut file.file);
-    let model = my_claw::llm::engine::model::Model::load(&file.content, &mut reader, config)
-        .expect("load");
+    let model =
+        my_claw::llm::engine::model::Model::load(&file.content, &mut reader, config).expect("load");
     let mut cache = model.new_cache(1024);
     let mut next = prompt;
     let mut ids = Vec::new();
@@ -441,7 +441,8 @@ fn qwen3_forced_call_starts_with_the_special_token_and_ends_the_turn() {
 #[tokio::test]
 async fn tiny_qwen3_random_weights_still_write_valid_calls() {
     // Random weights know nothing of JSON: every byte of the call is the grammar's doing.
-    let engine = EngineHandle::spawn(engine_config(crate::engine::tiny_qwen3_path())).await.unwrap();
+    let engine =
+        EngineHandle::spawn(engine_config(crate::engine::tiny_qwen3_path())).await.unwrap();
     let tools = ToolUse {
         choice: ToolChoice::Required,
         parallel: false,

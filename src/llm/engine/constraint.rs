@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use llguidance::api::TopLevelGrammar;
-use llguidance::toktrie::{ApproximateTokEnv, SimpleVob, TokEnv, TokRxInfo, TokTrie, TokenizerEnv};
+use llguidance::toktrie::{ApproximateTokEnv, SimpleVob, TokEnv, TokRxInfo, TokTrie};
 use llguidance::{Matcher, ParserFactory};
 use serde_json::{json, Value};
 
@@ -145,8 +145,9 @@ impl TokenEnv {
     /// Compiles a Lark grammar into a fresh matcher; a grammar or schema error is the
     /// request's fault.
     fn matcher(&self, lark: String) -> Result<Matcher, LlmError> {
-        let created =
-            catch_unwind(AssertUnwindSafe(|| self.factory.create_parser(TopLevelGrammar::from_lark(lark))));
+        let created = catch_unwind(AssertUnwindSafe(|| {
+            self.factory.create_parser(TopLevelGrammar::from_lark(lark))
+        }));
         match created {
             Ok(Ok(parser)) => {
                 let matcher = Matcher::new(Ok(parser));
@@ -217,7 +218,8 @@ enum State {
     /// in) starts a call under `Constraint::call`. Nothing is constrained inside thinking.
     Free { matched: usize, in_think: bool },
     /// Under a grammar; when it is complete, free text again (`then_free`) or end of turn.
-    Grammar { matcher: Matcher, then_free: bool },
+    /// (Boxed: a matcher is large next to the other states.)
+    Grammar { matcher: Box<Matcher>, then_free: bool },
     /// Only an end-of-turn token.
     EndOfTurn,
 }
@@ -299,7 +301,8 @@ impl Constraint {
         let close = env.tag(env.close_id, CLOSE);
         if !forced && answer.is_none() {
             // Free text with a trigger: this grammar starts after the opening tag.
-            let call = env.matcher(format!("start: \"\\n\" call_json \"\\n\" {close}\n{call_json}"))?;
+            let call =
+                env.matcher(format!("start: \"\\n\" call_json \"\\n\" {close}\n{call_json}"))?;
             return Ok(Some(Constraint {
                 env: env.clone(),
                 call: Some(call),
@@ -317,7 +320,11 @@ impl Constraint {
         let body = match &answer {
             Some(schema) if !forced => {
                 rules.push_str(&format!("answer: %json {}\n", compact_schema(schema)?));
-                if calls.is_empty() { "answer" } else { "answer | calls" }
+                if calls.is_empty() {
+                    "answer"
+                } else {
+                    "answer | calls"
+                }
             }
             _ => "calls",
         };
@@ -333,7 +340,7 @@ impl Constraint {
             env: env.clone(),
             call: None,
             parallel: tools.parallel,
-            state: State::Grammar { matcher, then_free: false },
+            state: State::Grammar { matcher: Box::new(matcher), then_free: false },
         }))
     }
 
@@ -448,7 +455,7 @@ impl Constraint {
                 return Err(failed(format!("{err:#}")));
             }
         }
-        self.state = State::Grammar { matcher, then_free: self.parallel };
+        self.state = State::Grammar { matcher: Box::new(matcher), then_free: self.parallel };
         Ok(())
     }
 }
@@ -584,7 +591,11 @@ pub fn measure_mask_cost(tokenizer: &GgufTokenizer, rounds: usize) -> Result<Mas
             if !logits.get(token as usize).is_some_and(|l| l.is_finite()) {
                 return Err(failed(format!("the replayed token {token} was masked")));
             }
-            if in_call { call_us.push(micros) } else { free_us.push(micros) }
+            if in_call {
+                call_us.push(micros)
+            } else {
+                free_us.push(micros)
+            }
             constraint.commit(token)?;
         }
     }
@@ -657,7 +668,7 @@ mod tests {
         assert!(apply_mask(&mask, &mut logits));
         let kept: Vec<usize> = (0..45).filter(|&i| logits[i].is_finite()).collect();
         assert_eq!(kept, [3, 33], "rows past the mask are never allowed");
-        assert!(!apply_mask(&SimpleVob::alloc(40), &mut vec![0f32; 40]));
+        assert!(!apply_mask(&SimpleVob::alloc(40), &mut [0f32; 40]));
     }
 
     #[test]
@@ -695,7 +706,11 @@ mod tests {
             ..ToolUse::offer(vec![lookup(), tool("other", json!({}))])
         };
         let mut constraint = Constraint::for_request(&tools, false, &env).unwrap().unwrap();
-        feed(&mut constraint, &tokenizer, "<tool_call>\n{\"name\": \"lookup\", \"arguments\": {\"kind\": \"");
+        feed(
+            &mut constraint,
+            &tokenizer,
+            "<tool_call>\n{\"name\": \"lookup\", \"arguments\": {\"kind\": \"",
+        );
         let vocab = tokenizer.vocab_size();
         let now = allowed(&mut constraint, vocab);
         let id = |t: &str| tokenizer.encode(t).unwrap()[0];
@@ -729,8 +744,10 @@ mod tests {
             Err(LlmError::InvalidRequest(message)) => message,
             other => panic!("expected InvalidRequest, got {other:?}"),
         };
-        let message =
-            invalid(ToolUse { choice: ToolChoice::Function("x".into()), ..ToolUse::offer(vec![lookup()]) });
+        let message = invalid(ToolUse {
+            choice: ToolChoice::Function("x".into()),
+            ..ToolUse::offer(vec![lookup()])
+        });
         assert!(message.contains("`x`"), "{message}");
         assert!(invalid(ToolUse { choice: ToolChoice::Required, ..ToolUse::default() })
             .contains("required"));
