@@ -150,6 +150,22 @@ async fn measure(args: &BenchArgs, threads: usize) -> anyhow::Result<serde_json:
     let peak_rss_mb = peak_rss_mb();
     let stats = engine.stats();
     drop(engine);
+    // The constrained decoder's per-token mask next to the decode step it precedes.
+    let mask = crate::llm::engine::constraint::measure_mask_cost(&tokenizer, runs.max(3))?;
+    let decode_step_us = if decode_tok_s > 0.0 { 1e6 / decode_tok_s } else { 0.0 };
+    let constraint = json!({
+        "token_env_ms": round1(mask.token_env_ms),
+        "mask_us_in_call": round1(mask.call_mask_us),
+        "mask_us_free_text": round1(mask.free_mask_us),
+        "call_tokens": mask.call_tokens,
+        "free_tokens": mask.free_tokens,
+        "decode_step_us": round1(decode_step_us),
+        "mask_share_of_step_in_call": if decode_step_us > 0.0 {
+            (mask.call_mask_us / decode_step_us * 1000.0).round() / 1000.0
+        } else {
+            0.0
+        },
+    });
 
     let reference = if args.compare_reference {
         let path = args.model.clone();
@@ -198,6 +214,7 @@ async fn measure(args: &BenchArgs, threads: usize) -> anyhow::Result<serde_json:
             "turn_ttft_ms": turn_ttft,
             "turn_ttft_no_reuse_ms": turn_ttft_no_reuse,
             "engine_requests_served": stats.requests_served,
+            "constraint": constraint,
         }),
     );
     if let (Some(reference), Some(object)) = (reference, report.as_object_mut()) {
@@ -566,6 +583,18 @@ fn print_table(report: &serde_json::Value) {
                 println!("{:<10} {:>14} {:>14} {:>14}", key, "", cell(&prefill), cell(&decode));
             }
         }
+    }
+    if let Some(constraint) = report.get("constraint") {
+        let field = |key: &str| constraint.get(key).cloned().unwrap_or_default();
+        println!();
+        println!(
+            "constraint mask µs/token   {} in a tool call, {} in free text; decode step {} µs \
+             (token env built once in {} ms)",
+            field("mask_us_in_call"),
+            field("mask_us_free_text"),
+            field("decode_step_us"),
+            field("token_env_ms")
+        );
     }
     println!();
     println!("turn ttft ms (KV reuse)     {}", get("turn_ttft_ms"));

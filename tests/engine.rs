@@ -22,7 +22,7 @@ use my_claw::llm::{Chunk, FinishReason, GenerationParams, LlmError, LlmRequest, 
 use crate::util;
 
 /// The tiny Qwen3 file, written once per test run under cargo's per-target temp dir.
-fn tiny_qwen3_path() -> PathBuf {
+pub(crate) fn tiny_qwen3_path() -> PathBuf {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
     PATH.get_or_init(|| {
         let metadata = vocab::qwen3_tokenizer_metadata(&util::qwen3_tokenizer_json())

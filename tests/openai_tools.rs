@@ -723,7 +723,7 @@ async fn malformed_tool_requests_get_clear_400s() {
 async fn a_schema_the_engine_cannot_use_is_a_400() {
     let app = test_app(|request| match &request.tools.response_format {
         ResponseFormat::JsonSchema { .. } => {
-            Err(LlmError::InvalidSchema("`$ref` to `#/missing` does not resolve".into()))
+            Err(LlmError::InvalidRequest("`$ref` to `#/missing` does not resolve".into()))
         }
         _ => Ok(vec![Chunk::Text("fine".into())]),
     })

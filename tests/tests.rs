@@ -8,6 +8,7 @@ mod architecture;
 mod bench_model;
 mod browser;
 mod channels;
+mod constraint;
 mod conversations;
 mod cron;
 mod engine;

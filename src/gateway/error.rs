@@ -127,7 +127,7 @@ impl From<LlmError> for ApiError {
             }
             LlmError::UnknownModel(_)
             | LlmError::ContextOverflow { .. }
-            | LlmError::InvalidSchema(_) => ApiError::BadRequest(e.to_string()),
+            | LlmError::InvalidRequest(_) => ApiError::BadRequest(e.to_string()),
             other => ApiError::Internal(other.to_string()),
         }
     }

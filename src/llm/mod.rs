@@ -194,10 +194,10 @@ pub enum LlmError {
     Timeout(String),
     #[error("inference failed: {0}")]
     Inference(String),
-    /// A tool's parameters or a `response_format` schema that constrained decoding cannot
-    /// use. The request is at fault, not the engine: `/v1` answers it with a 400.
-    #[error("invalid JSON schema: {0}")]
-    InvalidSchema(String),
+    /// The request cannot be served as asked (e.g. a tool schema the constrained decoder
+    /// cannot compile, `tool_choice` naming a tool that is not offered): a 400.
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
 }
 
 /// Who a provider is, for the privacy ledger and the UI.

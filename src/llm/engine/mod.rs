@@ -2,6 +2,7 @@
 //! to `parallel` sequences at once (continuous batching); callers talk to it through
 //! `EngineHandle`. Nothing here knows HTTP, SQL or channels.
 
+pub mod constraint;
 pub mod gguf;
 pub mod gguf_write;
 pub mod kernels;

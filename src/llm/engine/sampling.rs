@@ -24,6 +24,22 @@ impl Sampler {
     /// Choose a token. `recent` is the tail of the sequence so far (prompt and answer), on
     /// which the repeat and presence penalties act; `logits` is modified in place.
     pub fn sample(&mut self, logits: &mut [f32], recent: &[u32]) -> u32 {
+        match self.sample_masked(logits, recent, |_| Ok::<(), std::convert::Infallible>(())) {
+            Ok(token) => token,
+            Err(never) => match never {},
+        }
+    }
+
+    /// `sample` with a constraint: `mask` sets the logits of forbidden tokens to -inf after
+    /// the penalties and before temperature and the top-k/top-p/min-p filters, so only an
+    /// allowed token is ever picked (greedy or at any temperature). Its error is returned
+    /// and nothing is sampled.
+    pub fn sample_masked<E>(
+        &mut self,
+        logits: &mut [f32],
+        recent: &[u32],
+        mask: impl FnOnce(&mut [f32]) -> Result<(), E>,
+    ) -> Result<u32, E> {
         let window_start = recent.len().saturating_sub(self.params.repeat_last_n);
         apply_penalties(
             logits,
@@ -31,20 +47,23 @@ impl Sampler {
             self.params.repeat_penalty,
             self.params.presence_penalty,
         );
+        mask(logits)?;
         if self.params.temperature <= 0.0 {
-            return argmax(logits);
+            return Ok(argmax(logits));
         }
         let candidates = filter_candidates(logits, &self.params);
         let total: f32 = candidates.iter().map(|c| c.1).sum();
         let mut draw = self.rng.random::<f32>() * total;
         for &(token, weight) in &candidates {
             if draw < weight {
-                return token;
+                return Ok(token);
             }
             draw -= weight;
         }
-        // Rounding can leave `draw` a hair above the last weight.
-        candidates.last().map_or_else(|| argmax(logits), |c| c.0)
+        // Rounding can leave `draw` a hair above the last weight: take the last candidate
+        // that has any weight (a masked one has none and must never come out).
+        let fallback = candidates.iter().rev().find(|c| c.1 > 0.0);
+        Ok(fallback.map_or_else(|| argmax(logits), |c| c.0))
     }
 }
 
@@ -199,6 +218,31 @@ mod tests {
         };
         assert_eq!(draw(1), draw(1));
         assert_ne!(draw(1), draw(2));
+    }
+
+    #[test]
+    fn a_mask_is_applied_after_penalties_and_before_temperature() {
+        // Token 0 dominates; the mask forbids it and 3. At temperature 1 with many draws
+        // only 1 and 2 ever come out; greedy takes the best allowed one.
+        let logits = [9.0f32, 1.0, 2.0, 8.0];
+        let forbid = |l: &mut [f32]| {
+            l[0] = f32::NEG_INFINITY;
+            l[3] = f32::NEG_INFINITY;
+            Ok::<(), ()>(())
+        };
+        let mut sampler = Sampler::new(&params(1.0, 0, 1.0, 0.0));
+        for _ in 0..500 {
+            let token = sampler.sample_masked(&mut logits.clone(), &[], forbid).unwrap();
+            assert!(token == 1 || token == 2, "{token}");
+        }
+        let mut greedy = Sampler::new(&GenerationParams::greedy(4));
+        assert_eq!(greedy.sample_masked(&mut logits.clone(), &[], forbid), Ok(2));
+        // With top-k 1 after the mask the best allowed token is the only candidate.
+        let mut top1 = Sampler::new(&params(1.0, 1, 1.0, 0.0));
+        assert_eq!(top1.sample_masked(&mut logits.clone(), &[], forbid), Ok(2));
+        // The mask's error is returned and nothing is sampled.
+        let refuse = |_: &mut [f32]| Err("no");
+        assert_eq!(greedy.sample_masked(&mut logits.clone(), &[], refuse), Err("no"));
     }
 
     #[test]

@@ -36,6 +36,9 @@ const TOKEN_TYPE_BYTE: i64 = 6;
 pub struct GgufTokenizer {
     tokenizer: Tokenizer,
     token_bytes: Arc<TokenBytes>,
+    /// Ids whose type is not NORMAL or BYTE (control, user-defined, unused) plus BOS, UNK
+    /// and EOS, sorted: matched atomically by `encode`, never spelled out by grammars.
+    special_ids: Vec<u32>,
     stop_ids: Vec<u32>,
     bos_id: Option<u32>,
     eos_id: u32,
@@ -180,7 +183,16 @@ impl GgufTokenizer {
             elapsed_ms = started.elapsed().as_millis() as u64,
             "built tokenizer from GGUF metadata"
         );
-        Ok(Self { tokenizer, token_bytes, stop_ids, bos_id, eos_id, add_bos, vocab_size: n_tokens })
+        Ok(Self {
+            tokenizer,
+            token_bytes,
+            special_ids,
+            stop_ids,
+            bos_id,
+            eos_id,
+            add_bos,
+            vocab_size: n_tokens,
+        })
     }
 
     /// Token ids of `text`. Special tokens written in the text (`<|im_start|>`, `<think>`…)
@@ -225,6 +237,18 @@ impl GgufTokenizer {
     /// The id of a token given by its exact vocabulary string (e.g. `<|im_end|>`).
     pub fn token_id(&self, token: &str) -> Option<u32> {
         self.tokenizer.token_to_id(token)
+    }
+
+    /// The bytes token `id` decodes to (a special token: its text), for the constrained
+    /// decoder's token trie.
+    pub fn token_bytes(&self, id: u32) -> Option<&[u8]> {
+        self.token_bytes.get(id)
+    }
+
+    /// Whether `id` is a special token (not NORMAL or BYTE, or BOS/UNK/EOS): text never
+    /// spells it out, and a grammar admits it only where it names it.
+    pub fn is_special(&self, id: u32) -> bool {
+        self.special_ids.binary_search(&id).is_ok()
     }
 
     /// Length of `tokenizer.ggml.tokens` (Qwen3: 151936, padding entries included).

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::llm::engine::constraint::{Constraint, TokenEnv};
 use crate::llm::engine::gguf;
 use crate::llm::engine::model::{KvCache, Logits, Model, ModelConfig, SeqBatch};
 use crate::llm::engine::sampling::Sampler;
@@ -146,6 +147,9 @@ struct Engine {
     max_sequences: usize,
     max_bytes: u64,
     stats: Arc<SharedStats>,
+    /// The constrained decoder's view of the vocabulary, built on the first request that
+    /// needs one (tools or `response_format`) and shared by all after it.
+    token_env: Option<Arc<TokenEnv>>,
 }
 
 /// Reads through to the file and counts the bytes, for the loading progress.
@@ -220,6 +224,7 @@ impl Engine {
             max_sequences: config.kv_cache_sequences,
             max_bytes: config.kv_cache_max_bytes,
             stats,
+            token_env: None,
         };
         Ok((engine, info))
     }
@@ -245,6 +250,23 @@ impl Engine {
             return Err(LlmError::ContextOverflow { n_tokens: prompt.len(), n_ctx: self.n_ctx });
         }
         Ok(prompt)
+    }
+
+    /// The constraint `request`'s tools and `response_format` put on its answer, checked
+    /// before the request waits (a schema the grammar engine refuses is the caller's error).
+    fn constraint(&mut self, request: &LlmRequest) -> Result<Option<Constraint>, LlmError> {
+        if !Constraint::needed(&request.tools) {
+            return Ok(None);
+        }
+        let env = match &self.token_env {
+            Some(env) => env.clone(),
+            None => {
+                let env = Arc::new(TokenEnv::new(&self.tokenizer)?);
+                self.token_env = Some(env.clone());
+                env
+            }
+        };
+        Constraint::for_request(&request.tools, request.params.thinking, &env)
     }
 
     /// The cache to continue `prompt` from and how many of its tokens it holds (at most
@@ -310,6 +332,7 @@ impl Engine {
 struct Waiting {
     job: EngineRequest,
     prompt: Vec<u32>,
+    constraint: Option<Constraint>,
     /// The position last told to the client.
     told: Option<usize>,
 }
@@ -365,6 +388,9 @@ struct Sequence {
     tokens: Vec<u32>,
     cache: KvCache,
     sampler: Sampler,
+    /// Masks the logits before each sampling and follows each sampled token (tool calls,
+    /// `response_format`); `None` leaves sampling exactly as it was.
+    constraint: Option<Constraint>,
     decoder: StreamDecoder,
     answer: AnswerText,
     n_generated: u32,
@@ -413,8 +439,14 @@ impl Scheduler {
 
     fn accept(&mut self, message: Message) {
         match message {
-            Message::Generate(job) => match self.engine.prompt_tokens(&job.request) {
-                Ok(prompt) => self.waiting.push_back(Waiting { job, prompt, told: None }),
+            Message::Generate(job) => match self
+                .engine
+                .prompt_tokens(&job.request)
+                .and_then(|prompt| Ok((prompt, self.engine.constraint(&job.request)?)))
+            {
+                Ok((prompt, constraint)) => {
+                    self.waiting.push_back(Waiting { job, prompt, constraint, told: None })
+                }
                 Err(err) => {
                     self.waiting_count.fetch_sub(1, Ordering::SeqCst);
                     // The channel is new and empty, so this cannot be full.
@@ -500,13 +532,14 @@ impl Scheduler {
     }
 
     fn start(&mut self, waiting: Waiting) -> Sequence {
-        let Waiting { job, prompt, .. } = waiting;
+        let Waiting { job, prompt, constraint, .. } = waiting;
         let max_keep = if job.options.reuse_cache { prompt.len() - 1 } else { 0 };
         let (cache, n_cached) = self.engine.take_cache(&prompt, max_keep);
         Sequence {
             out: Outbox { reply: job.reply, items: VecDeque::new() },
             options: job.options,
             sampler: Sampler::new(&job.request.params),
+            constraint,
             params: job.request.params,
             received: job.received,
             admitted: Instant::now(),
@@ -722,7 +755,26 @@ impl Scheduler {
 /// sequence goes on (the token then waits to be run next step) or ends.
 fn next_token(seq: &mut Sequence, logits: &mut [f32], tokenizer: &GgufTokenizer, n_ctx: usize) {
     let recent_from = seq.tokens.len().saturating_sub(seq.params.repeat_last_n);
-    let token = seq.sampler.sample(logits, &seq.tokens[recent_from..]);
+    let recent = &seq.tokens[recent_from..];
+    let sampled = match seq.constraint.as_mut() {
+        Some(constraint) => seq.sampler.sample_masked(logits, recent, |l| constraint.mask(l)),
+        None => Ok(seq.sampler.sample(logits, recent)),
+    };
+    let token = match sampled {
+        Ok(token) => token,
+        Err(err) => {
+            seq.finish = Some(Err(err));
+            return;
+        }
+    };
+    // An end-of-turn token ends the sequence below; any other moves the constraint on. A
+    // token it refuses ends the sequence with the error, never unconstrained text.
+    if let Some(constraint) = seq.constraint.as_mut().filter(|_| !tokenizer.is_stop(token)) {
+        if let Err(err) = constraint.commit(token) {
+            seq.finish = Some(Err(err));
+            return;
+        }
+    }
     if !seq.options.ignore_stop && tokenizer.stop_ids().contains(&token) {
         seq.finish = Some(Ok(FinishReason::Stop));
         return;
