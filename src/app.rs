@@ -14,6 +14,7 @@ use futures::future::BoxFuture;
 use rand::RngCore;
 
 use crate::assistant::{AgentConfig, Assistant, AssistantConfig};
+use crate::tools::reminders::SchedulerSlot;
 use crate::channels::nextcloud::Nextcloud;
 use crate::channels::whatsapp::WhatsApp;
 use crate::channels::{Channel, Channels};
@@ -124,9 +125,12 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot open the database {}", settings.database_url))?;
     let (token, generated) = ensure_webchat_token(&settings)?;
-    // Before anything starts: an unknown name in `TOOLS` is a configuration error.
+    // Before anything starts: an unknown name in `TOOLS` is a configuration error. The
+    // reminders tools get the scheduler once it runs (it needs the assistant, which needs
+    // its tools first).
+    let scheduler = SchedulerSlot::default();
     let agent = AgentConfig {
-        tools: tool_registry(&settings, &pool)?,
+        tools: tool_registry(&settings, &pool, scheduler.clone())?,
         max_steps: settings.agent.max_steps,
     };
 
@@ -183,13 +187,7 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
         crate::cron::start(pool.clone(), assistant.clone(), channels.clone(), &settings.cron)
             .await
             .context("cannot start the scheduler")?;
-    // Built-in tools (issue 15): the agent helper hands this registry to the assistant.
-    let timezone = settings.timezone.unwrap_or_else(crate::cron::schedule::system_timezone);
-    let mut tools = crate::tools::ToolRegistry::new();
-    for tool in crate::tools::builtin_tools(timezone, cron.clone(), pool.clone()) {
-        tools.register(tool);
-    }
-    tracing::info!(tools = ?tools.names(), %timezone, "built-in tools ready");
+    scheduler.set(cron.clone());
     let state = AppState {
         pool: pool.clone(),
         assistant,
@@ -224,18 +222,18 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
 pub fn tool_registry(
     settings: &Settings,
     pool: &sqlx::SqlitePool,
+    scheduler: SchedulerSlot,
 ) -> anyhow::Result<crate::tools::ToolRegistry> {
-    // The reminders tools read and write jobs in the database.
-    let _ = pool;
+    let timezone = settings.timezone.unwrap_or_else(crate::cron::schedule::system_timezone);
     let mut registry = crate::tools::ToolRegistry::new();
-    // BUILT-IN TOOLS (issue 15): the reminders helper's `current_time` and `reminders_*`
-    // tools are registered here, e.g. `for tool in crate::tools::builtin_tools(…) {
-    // registry.register(tool) }`.
+    for tool in crate::tools::builtin_tools(timezone, scheduler, pool.clone()) {
+        registry.register(tool);
+    }
     let known = registry.names();
     settings.agent.tools.check_known(&known)?;
     registry.retain(|name| settings.agent.tools.enables(name));
     if !registry.is_empty() {
-        tracing::info!(tools = ?registry.names(), "tools enabled");
+        tracing::info!(tools = ?registry.names(), %timezone, "tools enabled");
     }
     Ok(registry)
 }

@@ -9,13 +9,18 @@ use sqlx::SqlitePool;
 
 use super::current_time::CurrentTime;
 use super::Tool;
-use crate::cron::CronHandle;
+use super::reminders::SchedulerSlot;
 
 /// Every built-in tool: `current_time`, `reminders_create`, `reminders_list`,
 /// `reminders_cancel`. `timezone` is the user's (`TIMEZONE`, else the system's); `cron` the
-/// running scheduler that reminders are jobs of; `pool` the database (the reminders tools
-/// read WhatsApp's last-inbound times from it for the 24-hour window).
-pub fn builtin_tools(timezone: Tz, cron: CronHandle, pool: SqlitePool) -> Vec<Arc<dyn Tool>> {
+/// scheduler that reminders are jobs of (a running `CronHandle`, or a `SchedulerSlot` filled
+/// once it runs); `pool` the database (the reminders tools read WhatsApp's last-inbound times
+/// from it for the 24-hour window).
+pub fn builtin_tools(
+    timezone: Tz,
+    cron: impl Into<SchedulerSlot>,
+    pool: SqlitePool,
+) -> Vec<Arc<dyn Tool>> {
     let mut tools: Vec<Arc<dyn Tool>> = vec![Arc::new(CurrentTime::new(timezone))];
     tools.extend(super::reminders::tools(cron, pool, timezone));
     tools

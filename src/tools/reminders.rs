@@ -5,7 +5,7 @@
 //! reads arguments, asks the scheduler, and words the results for the model. It never takes
 //! a destination from the arguments: a reminder writes back where it was asked.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use chrono::{DateTime, Duration, Utc};
 use chrono_tz::Tz;
@@ -26,16 +26,43 @@ pub const MAX_TEXT_CHARS: usize = 1000;
 /// Farthest `in_minutes`: a year and a day.
 const MAX_IN_MINUTES: i64 = 366 * 24 * 60;
 
+/// The scheduler the reminders tools create jobs on, handed over once it runs. The tools
+/// are built first: the scheduler runs jobs through the assistant, which needs its tools
+/// when it is built. Until then a call answers that reminders are not available yet.
+#[derive(Clone, Default)]
+pub struct SchedulerSlot(Arc<OnceLock<CronHandle>>);
+
+impl SchedulerSlot {
+    /// Hands the running scheduler over; a second call keeps the first.
+    pub fn set(&self, cron: CronHandle) {
+        let _ = self.0.set(cron);
+    }
+
+    fn get(&self) -> Result<&CronHandle, ToolError> {
+        self.0.get().ok_or_else(|| {
+            ToolError::Failed("reminders are not available yet: the scheduler is starting".into())
+        })
+    }
+}
+
+impl From<CronHandle> for SchedulerSlot {
+    fn from(cron: CronHandle) -> Self {
+        let slot = SchedulerSlot::default();
+        slot.set(cron);
+        slot
+    }
+}
+
 /// What the three tools share.
 struct Shared {
-    cron: CronHandle,
+    cron: SchedulerSlot,
     pool: SqlitePool,
     timezone: Tz,
 }
 
 /// The three reminders tools, in the order they are offered.
-pub fn tools(cron: CronHandle, pool: SqlitePool, timezone: Tz) -> Vec<Arc<dyn Tool>> {
-    let shared = Arc::new(Shared { cron, pool, timezone });
+pub fn tools(cron: impl Into<SchedulerSlot>, pool: SqlitePool, timezone: Tz) -> Vec<Arc<dyn Tool>> {
+    let shared = Arc::new(Shared { cron: cron.into(), pool, timezone });
     vec![
         Arc::new(CreateReminder(shared.clone())),
         Arc::new(ListReminders(shared.clone())),
@@ -129,7 +156,7 @@ impl CreateReminder {
             target: target_of(context),
             conversation_id: context.conversation_id,
         };
-        let view = shared.cron.create_reminder(reminder).await.map_err(failed)?;
+        let view = shared.cron.get()?.create_reminder(reminder).await.map_err(failed)?;
         let mut result = describe(&view);
         result.insert("created".into(), json!(true));
         if context.channel == ChannelKind::WhatsApp {
@@ -169,7 +196,7 @@ impl Tool for ListReminders {
         _arguments: Value,
     ) -> BoxFuture<'a, Result<Value, ToolError>> {
         Box::pin(async move {
-            let views = self.0.cron.reminders(context.conversation_id).await.map_err(failed)?;
+            let views = self.0.cron.get()?.reminders(context.conversation_id).await.map_err(failed)?;
             let reminders: Vec<Value> =
                 views.iter().map(|view| Value::Object(describe(view))).collect();
             Ok(json!({
@@ -224,7 +251,7 @@ impl Tool for CancelReminder {
                     integer(value).ok_or_else(|| invalid("`id` must be a whole number, e.g. 12"))?
                 }
             };
-            match self.0.cron.cancel_reminder(context.conversation_id, CronJobId(id)).await {
+            match self.0.cron.get()?.cancel_reminder(context.conversation_id, CronJobId(id)).await {
                 Ok(job) => Ok(json!({"cancelled": true, "id": id, "text": job.prompt})),
                 Err(CronError::NotFound(_)) => Err(ToolError::Failed(format!(
                     "no reminder {id} in this conversation: reminders_list shows its reminders"
