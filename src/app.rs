@@ -14,7 +14,6 @@ use futures::future::BoxFuture;
 use rand::RngCore;
 
 use crate::assistant::{AgentConfig, Assistant, AssistantConfig};
-use crate::tools::reminders::SchedulerSlot;
 use crate::channels::nextcloud::Nextcloud;
 use crate::channels::whatsapp::WhatsApp;
 use crate::channels::{Channel, Channels};
@@ -28,6 +27,7 @@ use crate::llm::providers::openai_compat::{OpenAiCompatConfig, OpenAiCompatProvi
 use crate::llm::providers::zai::{ZaiConfig, ZaiProvider};
 use crate::llm::router::{Router, RouterParts, Tier};
 use crate::llm::{LlmError, Provider};
+use crate::tools::reminders::SchedulerSlot;
 
 /// Conversations whose next window is prefilled after a restart.
 const WARM_RECENT_CONVERSATIONS: usize = 4;

@@ -66,7 +66,12 @@ pub struct Scripted(pub Arc<ToolModel>);
 
 impl Provider for Scripted {
     fn info(&self) -> ProviderInfo {
-        ProviderInfo { provider: "local".into(), model: "tools.gguf".into(), leaves_machine: false }
+        ProviderInfo {
+            provider: "local".into(),
+            model: "tools.gguf".into(),
+            host: None,
+            leaves_machine: false,
+        }
     }
 
     fn stream(&self, request: LlmRequest) -> BoxFuture<'_, Result<ChunkStream, LlmError>> {

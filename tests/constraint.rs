@@ -307,6 +307,7 @@ async fn a_request_without_constraint_decodes_exactly_as_before() {
     let prompt = my_claw::llm::engine::template::render(
         format,
         &[ChatTurn::new(Role::User, question)],
+        &[],
         false,
     );
     let prompt = tokenizer.encode(&prompt).unwrap();

@@ -50,7 +50,12 @@ struct ScriptedProvider {
 
 impl Provider for ScriptedProvider {
     fn info(&self) -> ProviderInfo {
-        ProviderInfo { provider: "local".into(), model: "scripted".into(), leaves_machine: false }
+        ProviderInfo {
+            provider: "local".into(),
+            model: "scripted".into(),
+            host: None,
+            leaves_machine: false,
+        }
     }
 
     fn stream(&self, request: LlmRequest) -> BoxFuture<'_, Result<ChunkStream, LlmError>> {

@@ -883,8 +883,14 @@ impl Router {
             Ok(stream) => stream,
             // These describe the request or main's load, not a missing fallback: the caller
             // trims history on an overflow (and the retry falls back again, with its
-            // notice) or waits and retries a full queue, exactly as on the direct path.
-            Err(err @ (LlmError::ContextOverflow { .. } | LlmError::QueueFull)) => return Err(err),
+            // notice) or waits and retries a full queue, exactly as on the direct path; a
+            // request main cannot serve as asked (a schema it cannot compile) is the
+            // client's to fix (400), not an outage.
+            Err(
+                err @ (LlmError::ContextOverflow { .. }
+                | LlmError::QueueFull
+                | LlmError::InvalidRequest(_)),
+            ) => return Err(err),
             Err(err) => return Err(unavailable(err.to_string())),
         };
         let notice = format!("{reason}: answered by main ({})", info.model);

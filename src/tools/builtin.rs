@@ -8,8 +8,8 @@ use chrono_tz::Tz;
 use sqlx::SqlitePool;
 
 use super::current_time::CurrentTime;
-use super::Tool;
 use super::reminders::SchedulerSlot;
+use super::Tool;
 
 /// Every built-in tool: `current_time`, `reminders_create`, `reminders_list`,
 /// `reminders_cancel`. `timezone` is the user's (`TIMEZONE`, else the system's); `cron` the

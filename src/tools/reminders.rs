@@ -196,7 +196,8 @@ impl Tool for ListReminders {
         _arguments: Value,
     ) -> BoxFuture<'a, Result<Value, ToolError>> {
         Box::pin(async move {
-            let views = self.0.cron.get()?.reminders(context.conversation_id).await.map_err(failed)?;
+            let views =
+                self.0.cron.get()?.reminders(context.conversation_id).await.map_err(failed)?;
             let reminders: Vec<Value> =
                 views.iter().map(|view| Value::Object(describe(view))).collect();
             Ok(json!({
