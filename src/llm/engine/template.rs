@@ -194,9 +194,8 @@ fn push_tool_json(out: &mut String, tool: &ToolSpec) {
 /// `value` as HF transformers' `tojson` filter prints it: Python's
 /// `json.dumps(value, ensure_ascii=False)`, i.e. `", "` and `": "` separators, non-ASCII
 /// kept, the same string escapes as serde_json (`\n`, `\"`, `\u001f`…), floats as Python's
-/// `repr`. Object keys come in the `Value`'s own order, which is sorted (serde_json is built
-/// without `preserve_order` here); Python would keep a dict's insertion order, so a tool
-/// whose schema is given unsorted renders its keys sorted — still byte-stable run to run.
+/// `repr`. Object keys come in the `Value`'s own order, the order they were given in (serde_json
+/// is built with `preserve_order`, named in Cargo.toml), as Python keeps a dict's order.
 pub fn python_json(value: &Value) -> String {
     let mut out = String::with_capacity(64);
     push_python_json(&mut out, value);
@@ -949,11 +948,13 @@ mod tests {
 
     #[test]
     fn python_json_matches_json_dumps() {
-        // Right-hand sides are Python's `json.dumps(x, ensure_ascii=False)`.
+        // Right-hand sides are Python's `json.dumps(x, ensure_ascii=False)`. Keys keep the
+        // order they were given in, as a Python dict does (serde_json's `preserve_order`,
+        // which llguidance enables for the whole build).
         let cases = [
             (
                 serde_json::json!({"b": [1, 2.5, null, true], "a": {}}),
-                r#"{"a": {}, "b": [1, 2.5, null, true]}"#,
+                r#"{"b": [1, 2.5, null, true], "a": {}}"#,
             ),
             (serde_json::json!("é\"\\\n\u{1}\u{7f}😀"), "\"é\\\"\\\\\\n\\u0001\u{7f}😀\""),
             (
