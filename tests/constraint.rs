@@ -90,6 +90,9 @@ async fn run(
     let mut text = String::new();
     let mut calls = Vec::new();
     while let Some(item) = stream.recv().await {
+        if std::env::var_os("DEBUG_CHUNKS").is_some() {
+            eprintln!("CHUNK {item:?}");
+        }
         match item? {
             Chunk::Text(piece) => text.push_str(&piece),
             Chunk::ToolCall(call) => {

@@ -853,11 +853,9 @@ async fn openai_python_client_speaks_tools_with_a_scripted_model() {
 /// The real SmolLM2 through `/v1` with the official client (issue 15's check): 10 of 10
 /// forced calls at temperature 1 valid for a schema with a required enum and integer, a
 /// text answer to the tool result, 10 of 10 schema-valid `json_schema` answers, and a
-/// streamed call the client accumulates. It needs the local engine's constrained decoding
-/// (the `constrain` part of issue 15), which this branch lacks: without it SmolLM2 writes
-/// no valid calls and this test fails, as it must.
+/// streamed call the client accumulates. The local engine's constrained decoding is what
+/// makes a 135M model pass it: without it SmolLM2 writes no valid calls.
 #[tokio::test]
-#[ignore = "needs issue 15's constrained decoding (branch h-constrain); run after the merge"]
 async fn openai_python_client_gets_valid_tool_calls_from_smollm2() {
     let _one_at_a_time = REAL_MODEL.lock().await;
     let server = real_server(160);

@@ -600,7 +600,14 @@ async fn a_remote_tier_answers_webchat_v1_and_whatsapp_and_the_ledger_records_it
         .filter(|e| e["type"] == "token")
         .map(|e| e["text"].as_str().unwrap())
         .collect();
-    assert_eq!(text, "Hello world");
+    // The assistant offers its own tools to the remote tier too: the stand-in calls
+    // `get_weather`, which is not one of them, so the loop answers it with an error result
+    // and the remote's next answer is the text.
+    let call = events.iter().find(|e| e["type"] == "tool_call").expect("a tool_call event");
+    assert_eq!(call["name"], "get_weather", "{events:?}");
+    let result = events.iter().find(|e| e["type"] == "tool_result").expect("a tool_result");
+    assert_eq!(result["is_error"], true, "{events:?}");
+    assert_eq!(text, "It is sunny in Paris.");
     let done = events.last().unwrap();
     assert_eq!(done["type"], "done", "{events:?}");
     let conversation_id = meta["conversation_id"].as_i64().unwrap();
@@ -628,7 +635,7 @@ async fn a_remote_tier_answers_webchat_v1_and_whatsapp_and_the_ledger_records_it
         .await
         .unwrap()
         .expect("stored");
-    assert_eq!(stored.content, "Hello world");
+    assert_eq!(stored.content, "It is sunny in Paris.");
     assert_eq!(stored.provider.as_deref(), Some("openai"));
     assert_eq!(stored.model.as_deref(), Some(REMOTE_MODEL));
     assert_eq!(stored.tier.as_deref(), Some("smart"));
@@ -698,10 +705,11 @@ async fn a_remote_tier_answers_webchat_v1_and_whatsapp_and_the_ledger_records_it
     .await;
     let reply = sent(&graph)[0].clone();
     assert_eq!(reply["to"], USER_NUMBER);
-    assert_eq!(reply["text"]["body"], "Hello world");
+    assert_eq!(reply["text"]["body"], "It is sunny in Paris.");
 
-    // Every call reached the stand-in with the key.
-    assert_eq!(stand_in.requests.load(Ordering::SeqCst), 3);
+    // Every call reached the stand-in with the key: two for the WebChat answer and two for
+    // the WhatsApp one (a tool round each), one for `/v1` (no tools offered there).
+    assert_eq!(stand_in.requests.load(Ordering::SeqCst), 5);
     assert!(stand_in.auth.lock().unwrap().iter().all(|a| *a == format!("Bearer {REMOTE_KEY}")));
 
     // `/api/models` and `/api/health` show the remote's state once it has been checked.
@@ -810,7 +818,6 @@ async fn openai_python_client_streams_from_a_remote_tier() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs /v1 tools (the v1 branch); the lead runs it after the merge"]
 async fn openai_python_client_tool_round_trip_through_a_remote_tier() {
     let (base, stand_in) = stand_in(Mode::Normal, REMOTE_MODEL).await;
     let (graph_base, _graph) = start_graph().await;

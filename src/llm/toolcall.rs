@@ -103,7 +103,7 @@ impl ToolCallParser {
                         return out;
                     }
                 },
-                State::InCall => match self.held.find(TOOL_CALL_CLOSE) {
+                State::InCall => match close_tag_outside_strings(&self.held) {
                     Some(pos) => {
                         self.calls += 1;
                         out.push(parse_call(&self.held[..pos], true));
@@ -141,6 +141,28 @@ impl ToolCallParser {
         }
         out
     }
+}
+
+/// Where `</tool_call>` closes the call: its first occurrence outside a JSON string. Inside
+/// a string it is argument text (a model under the grammar may write it in a string value,
+/// and without this the call would be cut there and come out malformed).
+fn close_tag_outside_strings(held: &str) -> Option<usize> {
+    let (mut in_string, mut escaped) = (false, false);
+    for (pos, byte) in held.bytes().enumerate() {
+        if in_string {
+            match byte {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+        } else if byte == b'"' {
+            in_string = true;
+        } else if held[pos..].starts_with(TOOL_CALL_CLOSE) {
+            return Some(pos);
+        }
+    }
+    None
 }
 
 /// A call's outcome from its body (the text between the tags).
@@ -407,6 +429,22 @@ mod tests {
         assert!(reason.contains("not a JSON object"), "{reason}");
         let (_, reason) = malformed(&[r#"<tool_call>{"name": "", "arguments": {}}</tool_call>"#]);
         assert!(reason.contains("empty"), "{reason}");
+    }
+
+    #[test]
+    fn a_close_tag_inside_a_json_string_is_argument_text() {
+        let input = "<tool_call>\n{\"name\": \"note\", \"arguments\": {\"text\": \"a </tool_call> \\\" b\"}}\n</tool_call>";
+        for split in 0..=input.len() {
+            if !input.is_char_boundary(split) {
+                continue;
+            }
+            let items = parse(&[&input[..split], &input[split..]]);
+            assert_eq!(
+                items,
+                [call("note", "{\"text\": \"a </tool_call> \\\" b\"}")],
+                "split at {split}"
+            );
+        }
     }
 
     #[test]
