@@ -862,5 +862,8 @@ async fn openai_python_client_gets_valid_tool_calls_from_smollm2() {
     let result =
         run_tools_script(&server.url("/v1"), &server.token, 10, Duration::from_secs(600)).await;
     eprintln!("tools.py observed: {result}");
+    if result["valid"] != 10 {
+        eprintln!("server log:\n{}", server.output());
+    }
     assert_tools_report(&result, 10);
 }

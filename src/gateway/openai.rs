@@ -345,9 +345,11 @@ impl CallFilter {
         Some(self.sent - 1)
     }
 
-    /// The answer's `finish_reason`: `tool_calls` whenever a call was sent.
+    /// The answer's `finish_reason`: `length` when the limit cut it (a call it cut is
+    /// incomplete, as OpenAI's would be), else `tool_calls` whenever a call was sent.
     fn finish_reason(&self, finish: FinishReason) -> &'static str {
         match finish {
+            FinishReason::Length => "length",
             _ if self.sent > 0 => "tool_calls",
             // Calls the filter dropped leave a plain answer.
             FinishReason::ToolCalls => "stop",

@@ -261,8 +261,10 @@ impl Constraint {
     /// - tools under `auto`: free text; once the model opens `<tool_call>`, the call is
     ///   `{"name": <an offered name>, "arguments": <its schema>}` then `</tool_call>`;
     ///   then free text again when `parallel`, else end of turn.
-    /// - `required` / a named function: the answer is one call (several when `parallel`,
-    ///   separated by a newline as Qwen3's template writes them), then end of turn.
+    /// - `required`: the answer is one call (several when `parallel`, separated by a newline
+    ///   as Qwen3's template writes them), then end of turn.
+    /// - a named function: exactly one call of it, then end of turn (calling the same tool
+    ///   again and again until the length limit is what small models otherwise do).
     ///
     /// Errors (`LlmError::InvalidRequest`): a named function that is not offered, `required`
     /// without tools, a schema the grammar engine cannot compile.
@@ -314,7 +316,8 @@ impl Constraint {
         if !calls.is_empty() {
             let open = env.tag(env.open_id, "<tool_call>");
             rules.push_str(&format!("call: {open} \"\\n\" call_json \"\\n\" {close}\n"));
-            let more = if tools.parallel { " (\"\\n\" call)*" } else { "" };
+            let one = matches!(tools.choice, ToolChoice::Function(_));
+            let more = if tools.parallel && !one { " (\"\\n\" call)*" } else { "" };
             rules.push_str(&format!("calls: call{more}\n"));
         }
         let body = match &answer {
