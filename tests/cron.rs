@@ -157,11 +157,21 @@ pub(crate) struct Options {
     template: Option<&'static str>,
     /// Whether WhatsApp is configured (Nextcloud Talk never is here).
     whatsapp: bool,
+    /// Answer with this model instead of the echo one, through an assistant whose turns may
+    /// call the built-in tools (`current_time`, `reminders_*` in Europe/Paris), as the
+    /// server wires them.
+    pub(crate) agent: Option<Arc<dyn my_claw::llm::Provider>>,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { delay: Duration::from_millis(10), secret: None, template: None, whatsapp: true }
+        Options {
+            delay: Duration::from_millis(10),
+            secret: None,
+            template: None,
+            whatsapp: true,
+            agent: None,
+        }
     }
 }
 
@@ -172,12 +182,25 @@ impl App {
         let dir = tempfile::tempdir().expect("temp dir");
         let url = format!("sqlite://{}", dir.path().join("cron.db").display());
         let pool = my_claw::db::connect(&url).await.expect("open the database");
-        let provider = Arc::new(EchoProvider { delay: options.delay });
+        let provider: Arc<dyn my_claw::llm::Provider> = match &options.agent {
+            Some(model) => model.clone(),
+            None => Arc::new(EchoProvider { delay: options.delay }),
+        };
         let models = ModelRouter::with_providers(provider, HashMap::new(), Tier::Main);
-        let assistant = Arc::new(Assistant::new(
+        // The built-in tools get the scheduler once it runs, as in `app.rs`.
+        let scheduler = my_claw::tools::reminders::SchedulerSlot::default();
+        let mut tools = my_claw::tools::ToolRegistry::new();
+        if options.agent.is_some() {
+            let zone = chrono_tz::Tz::Europe__Paris;
+            for tool in my_claw::tools::builtin_tools(zone, scheduler.clone(), pool.clone()) {
+                tools.register(tool);
+            }
+        }
+        let assistant = Arc::new(Assistant::with_agent(
             pool.clone(),
             Arc::new(models),
             AssistantConfig { history_messages: 20, reply_max_tokens: 64 },
+            my_claw::assistant::AgentConfig { tools, max_steps: 5 },
         ));
         let whatsapp = WhatsAppSettings {
             verify_token: Secret::new("verify-token"),
@@ -207,6 +230,7 @@ impl App {
             my_claw::cron::start(pool.clone(), assistant.clone(), channels.clone(), &settings)
                 .await
                 .expect("start the scheduler");
+        scheduler.set(cron.clone());
         let state = AppState {
             pool: pool.clone(),
             assistant: assistant.clone(),

@@ -378,3 +378,121 @@ fn an_unknown_timezone_is_a_clear_start_up_error() {
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(stderr.contains("TIMEZONE=Mars/Olympus: unknown time zone"), "{stderr}");
 }
+
+// --- Through the agent loop -----------------------------------------------------------------
+
+/// What the scripted model of the loop test does with each request: on a user message it
+/// calls the tool the message names (`create AT TEXT`, `cancel`), after a `reminders_list`
+/// result it cancels the first reminder listed, and after any other result it answers.
+fn reminder_script(request: &my_claw::llm::LlmRequest, n: usize) -> (Vec<String>, Vec<ToolCall>) {
+    use crate::agent::call;
+    let last = request.messages.last().expect("a prompt");
+    let id = format!("call_{n}");
+    match last.role {
+        Role::User if last.content.starts_with("create ") => {
+            let (at, text) = last.content["create ".len()..].split_once(' ').expect("AT TEXT");
+            let arguments = json!({"text": text, "at": at}).to_string();
+            (vec!["Setting it.".into()], vec![call(&id, "reminders_create", &arguments)])
+        }
+        Role::User if last.content == "cancel" => (vec![], vec![call(&id, "reminders_list", "{}")]),
+        Role::Tool => {
+            let result: Value = serde_json::from_str(&last.content).expect("a JSON result");
+            match result["reminders"].as_array().and_then(|list| list.first()) {
+                Some(first) => {
+                    let arguments = json!({"id": first["id"]}).to_string();
+                    (vec![], vec![call(&id, "reminders_cancel", &arguments)])
+                }
+                None => (vec!["Done.".into()], vec![]),
+            }
+        }
+        _ => (vec!["I can only set and cancel reminders.".into()], vec![]),
+    }
+}
+
+/// Issue 15's end-to-end check: a model that calls `reminders_create` through the agent loop
+/// makes a job on the real scheduler that fires into the same WebChat conversation (asked
+/// through `/api/chat`) and the same WhatsApp conversation (the Graph API stand-in gets the
+/// text), then leaves the active list; a cancel through the loop removes one; the
+/// conversation API shows the tool use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reminders_set_through_the_agent_loop_fire_where_they_were_asked() {
+    let model = crate::agent::ToolModel::new(reminder_script);
+    let graph = Graph::start().await;
+    let mut options = Options::default();
+    options.agent = Some(Arc::new(crate::agent::Scripted(model.clone())));
+    let app = App::start(&graph, options).await;
+    app.user_wrote(USER_NUMBER).await;
+
+    // WebChat, through the HTTP stack.
+    let (at, when) = local_in(3);
+    let body = json!({"message": format!("create {at} call the plumber")});
+    let (status, events) = app.call(Method::POST, "/api/chat", Some(body)).await;
+    assert_eq!(status, StatusCode::OK, "{events}");
+    let events: Vec<Value> = events
+        .as_str()
+        .expect("an SSE body")
+        .lines()
+        .filter_map(|line| line.strip_prefix("data:"))
+        .filter_map(|data| serde_json::from_str(data.trim()).ok())
+        .collect();
+    let conversation = events[0]["conversation_id"].as_i64().expect("meta first");
+    let call = events.iter().find(|e| e["type"] == "tool_call").expect("a tool_call event");
+    assert_eq!(call["name"], "reminders_create", "{events:?}");
+    let result = events.iter().find(|e| e["type"] == "tool_result").expect("a tool_result");
+    assert_eq!(result["is_error"], false, "{events:?}");
+    assert!(events.iter().any(|e| e["type"] == "done"), "{events:?}");
+
+    // WhatsApp, through the assistant as the channel queue calls it.
+    let inbound = my_claw::domain::Inbound {
+        channel: ChannelKind::WhatsApp,
+        conversation_key: USER_NUMBER.into(),
+        sender: USER_NUMBER.into(),
+        text: format!("create {at} buy bread"),
+        external_id: None,
+    };
+    let reply = app.assistant.reply(inbound, None).await.expect("a reply");
+    assert_eq!(reply.error, None, "{reply:?}");
+    assert_eq!(reply.text, "Done.", "channels get the final text only: {reply:?}");
+
+    let ids = job_ids(&app).await;
+    assert_eq!(ids.len(), 2, "two reminders: {ids:?}");
+    let started = Instant::now();
+    while !job_ids(&app).await.is_empty() {
+        assert!(started.elapsed() < FIRE_LIMIT, "the reminders did not fire and end");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(Utc::now() >= when, "fired early");
+    let answers = app.assistant_messages(conversation).await;
+    assert_eq!(answers.last().map(String::as_str), Some("⏰ Reminder: call the plumber"));
+    assert_eq!(
+        graph.texts_to(USER_NUMBER).last().map(String::as_str),
+        Some("⏰ Reminder: buy bread")
+    );
+
+    // The stored answer carries its tool round for the page.
+    let (_, page) =
+        app.call(Method::GET, &format!("/api/conversations/{conversation}/messages"), None).await;
+    let answer = page["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| {
+            m["role"] == "assistant" && m["tool_rounds"].as_array().is_some_and(|r| !r.is_empty())
+        })
+        .cloned()
+        .expect("the answer with its tool round");
+    assert_eq!(answer["tool_rounds"][0]["calls"][0]["name"], "reminders_create", "{answer}");
+
+    // A reminder an hour ahead, then cancelled through the loop.
+    let (later, _) = local_in(3600);
+    let body = json!({"conversation_id": conversation, "message": format!("create {later} water the plants")});
+    let (status, _) = app.call(Method::POST, "/api/chat", Some(body)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(job_ids(&app).await.len(), 1);
+    let body = json!({"conversation_id": conversation, "message": "cancel"});
+    let (status, events) = app.call(Method::POST, "/api/chat", Some(body)).await;
+    assert_eq!(status, StatusCode::OK);
+    let events = events.as_str().unwrap();
+    assert!(events.contains("reminders_cancel"), "{events}");
+    assert!(job_ids(&app).await.is_empty(), "cancelled through the loop");
+}
