@@ -436,7 +436,7 @@ impl Assistant {
             let tier = stored
                 .iter()
                 .rev()
-                .find_map(|m| m.tier.as_deref().and_then(Tier::parse))
+                .find_map(|m| m.tier.as_deref().and_then(Tier::from_name))
                 .unwrap_or_else(|| self.inner.router.default_tier());
             let mut window = prompt_turns(start, stored);
             let tools = self.tool_use(ToolChoice::Auto);

@@ -644,7 +644,7 @@ impl Config {
             None => None,
         };
 
-        let default_tier = Tier::parse(&self.default_tier).ok_or_else(|| {
+        let default_tier = Tier::from_name(&self.default_tier).ok_or_else(|| {
             bad(format!(
                 "DEFAULT_TIER={}: unknown tier (use fast, smart, main, code or reason)",
                 self.default_tier

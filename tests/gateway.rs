@@ -876,6 +876,17 @@ impl SseReader {
         let data = self.next_data(limit).await?;
         Some(serde_json::from_str(&data).unwrap_or_else(|e| panic!("bad event {data}: {e}")))
     }
+
+    /// The next event of the answer itself: `loading` notices (sent while the model loads,
+    /// which takes longer on a busy machine) are skipped.
+    pub async fn next_answer_json(&mut self, limit: Duration) -> Option<Value> {
+        loop {
+            let event = self.next_json(limit).await?;
+            if !(event["type"] == "notice" && event["kind"] == "loading") {
+                return Some(event);
+            }
+        }
+    }
 }
 
 async fn start_chat(server: &Server, body: Value) -> SseReader {
@@ -913,7 +924,7 @@ async fn real_model_streams_an_answer_over_sse_and_stores_it() {
     let mut tokens = Vec::new();
     let mut token_times = Vec::new();
     let done = loop {
-        let event = reader.next_json(Duration::from_secs(60)).await.expect("done event");
+        let event = reader.next_answer_json(Duration::from_secs(60)).await.expect("done event");
         match event["type"].as_str().unwrap() {
             "token" => {
                 tokens.push(event["text"].as_str().unwrap().to_string());
@@ -1036,7 +1047,7 @@ async fn real_model_stop_endpoint_stops_the_engine() {
     let mut n_tokens = 0;
     // Stop right after the first tokens, long before SmolLM2 could end by itself.
     while n_tokens < 2 {
-        let event = reader.next_json(Duration::from_secs(60)).await.unwrap();
+        let event = reader.next_answer_json(Duration::from_secs(60)).await.unwrap();
         assert_eq!(event["type"], "token", "the answer ended before it could be stopped: {event}");
         text.push_str(event["text"].as_str().unwrap());
         n_tokens += 1;
@@ -1077,7 +1088,7 @@ async fn real_model_client_disconnect_stops_the_engine() {
     let meta = reader.next_json(Duration::from_secs(60)).await.unwrap();
     let conversation_id = meta["conversation_id"].as_i64().unwrap();
     for _ in 0..2 {
-        let event = reader.next_json(Duration::from_secs(60)).await.unwrap();
+        let event = reader.next_answer_json(Duration::from_secs(60)).await.unwrap();
         assert_eq!(event["type"], "token", "the answer ended before the client left: {event}");
     }
     // The client leaves: the connection closes.
@@ -1105,7 +1116,7 @@ async fn real_model_server_shuts_down_promptly_with_open_streams() {
     assert_eq!(ready["type"], "ready");
     let mut chat = start_chat(&server, json!({"message": LONG_PROMPT})).await;
     assert_eq!(chat.next_json(Duration::from_secs(60)).await.unwrap()["type"], "meta");
-    let token = chat.next_json(Duration::from_secs(60)).await.unwrap();
+    let token = chat.next_answer_json(Duration::from_secs(60)).await.unwrap();
     assert_eq!(token["type"], "token", "{token}");
 
     let code = server.terminate(Duration::from_secs(15));

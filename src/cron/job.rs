@@ -163,7 +163,7 @@ fn check_spec(spec: JobSpec, default_timezone: Tz) -> Result<JobSpec, String> {
     let schedule = parsed.canonical(&spec.schedule);
     let timezone = timezone.map(|tz| tz.name().to_string());
     let tier = match spec.tier.as_deref().map(str::trim).filter(|tier| !tier.is_empty()) {
-        Some(name) => Tier::parse(name).ok_or_else(|| {
+        Some(name) => Tier::from_name(name).ok_or_else(|| {
             let shown: String = name.chars().take(32).collect();
             format!("unknown tier `{shown}`: use fast, smart, main, code or reason")
         })?,

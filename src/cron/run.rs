@@ -154,7 +154,7 @@ impl Failure {
 }
 
 async fn answer_and_deliver(inner: &Inner, job: &CronJob) -> Result<Delivered, Failure> {
-    let tier = job.tier.as_deref().and_then(Tier::parse).unwrap_or(DEFAULT_TIER);
+    let tier = job.tier.as_deref().and_then(Tier::from_name).unwrap_or(DEFAULT_TIER);
     // Targets are checked when a job is saved, but the configuration may have changed
     // since: an answer nobody can receive is not worth the model's time.
     if !inner.channels.is_configured(job.channel) {

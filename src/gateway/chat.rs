@@ -248,7 +248,7 @@ async fn post_stop(
 
 /// Parses a tier name with an error that lists the valid ones.
 pub fn parse_tier(name: &str) -> Result<Tier, ApiError> {
-    Tier::parse(name).ok_or_else(|| {
+    Tier::from_name(name).ok_or_else(|| {
         let names: Vec<&str> = Tier::ALL.iter().map(|t| t.as_str()).collect();
         ApiError::BadRequest(format!("unknown tier `{name}`: expected one of {}", names.join(", ")))
     })

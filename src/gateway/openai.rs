@@ -254,7 +254,7 @@ async fn list_models() -> ApiJson<ModelList> {
 }
 
 async fn get_model(ApiPath(id): ApiPath<String>) -> Result<ApiJson<ModelObject>, ApiError> {
-    match Tier::parse(&id) {
+    match Tier::from_name(&id) {
         Some(tier) => Ok(ApiJson(model_object(tier))),
         None => Err(ApiError::NotFound(format!("model `{id}` does not exist; use a tier name"))),
     }

@@ -23,38 +23,25 @@ use crate::llm::{ChunkStream, LlmError, LlmRequest, Probe, Provider, ProviderInf
 /// How old a remote's last check may be before a status request starts a new one.
 const PROBE_EVERY: Duration = Duration::from_secs(60);
 
-/// A model tier the user can pick.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Tier {
-    Fast,
-    Smart,
-    Main,
-    Code,
-    Reason,
+crate::domain::named_enum! {
+    /// A model tier the user can pick, by its stored and wire name.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+    pub enum Tier {
+        Fast = "fast",
+        Smart = "smart",
+        Main = "main",
+        Code = "code",
+        Reason = "reason",
+    }
 }
 
 impl Tier {
     pub const ALL: [Tier; 5] = [Tier::Fast, Tier::Smart, Tier::Main, Tier::Code, Tier::Reason];
 
-    pub fn parse(s: &str) -> Option<Tier> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "fast" => Some(Tier::Fast),
-            "smart" => Some(Tier::Smart),
-            "main" => Some(Tier::Main),
-            "code" => Some(Tier::Code),
-            "reason" => Some(Tier::Reason),
-            _ => None,
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Tier::Fast => "fast",
-            Tier::Smart => "smart",
-            Tier::Main => "main",
-            Tier::Code => "code",
-            Tier::Reason => "reason",
-        }
+    /// A tier as a person typed it (a setting, an API field, a model id): case and
+    /// surrounding spaces do not matter. `parse` is the exact match of a name as stored.
+    pub fn from_name(s: &str) -> Option<Tier> {
+        Tier::parse(&s.trim().to_ascii_lowercase())
     }
 
     /// The environment variable that sets this tier's model.
@@ -108,37 +95,24 @@ impl std::fmt::Debug for Routed {
     }
 }
 
-/// How a tier is doing, for `GET /api/models` and `/api/health`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum TierState {
-    /// Local file present, not loaded yet (loads on first use).
-    Present,
-    Loading,
-    Loaded,
-    /// The last load failed (the message is in `detail`); the next request tries again.
-    LoadFailed,
-    /// No file at all: the tier cannot answer until a model is pulled.
-    Missing,
-    /// Cloud model with a key, last call fine (or none yet).
-    CloudReady,
-    /// Cloud tier answered by `main`: no key, or the last call failed.
-    CloudFallback,
-    /// A ready-made provider (tests, injected fakes).
-    Ready,
-}
-
-impl TierState {
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            TierState::Present => "present",
-            TierState::Loading => "loading",
-            TierState::Loaded => "loaded",
-            TierState::LoadFailed => "load_failed",
-            TierState::Missing => "missing",
-            TierState::CloudReady => "configured",
-            TierState::CloudFallback => "falling_back",
-            TierState::Ready => "ready",
-        }
+crate::domain::named_enum! {
+    /// How a tier is doing, for `GET /api/models` and `/api/health`, by its wire name.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum TierState {
+        /// Local file present, not loaded yet (loads on first use).
+        Present = "present",
+        Loading = "loading",
+        Loaded = "loaded",
+        /// The last load failed (the message is in `detail`); the next request tries again.
+        LoadFailed = "load_failed",
+        /// No file at all: the tier cannot answer until a model is pulled.
+        Missing = "missing",
+        /// Cloud model with a key, last call fine (or none yet).
+        CloudReady = "configured",
+        /// Cloud tier answered by `main`: no key, or the last call failed.
+        CloudFallback = "falling_back",
+        /// A ready-made provider (tests, injected fakes).
+        Ready = "ready",
     }
 }
 
@@ -944,8 +918,9 @@ mod tests {
         for tier in Tier::ALL {
             assert_eq!(Tier::parse(tier.as_str()), Some(tier));
         }
-        assert_eq!(Tier::parse(" Code "), Some(Tier::Code));
-        assert_eq!(Tier::parse("turbo"), None);
+        assert_eq!(Tier::from_name(" Code "), Some(Tier::Code));
+        assert_eq!(Tier::parse(" Code "), None, "stored names are exact");
+        assert_eq!(Tier::from_name("turbo"), None);
         assert!(Tier::Reason.cloud_thinking());
         assert!(!Tier::Code.cloud_thinking());
     }
