@@ -7,21 +7,18 @@
 //! an unknown name in `TOOLS` stops the start. The WhatsApp case (final text only) lives in
 //! `channels.rs`, beside the Graph API stand-in, and uses `ToolModel` and `Echo` from here.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::future::BoxFuture;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-use my_claw::assistant::{AgentConfig, Assistant, AssistantConfig};
-use my_claw::config::Secret;
+use my_claw::assistant::AgentConfig;
 use my_claw::correction::REMINDER_CORRECTION;
 use my_claw::domain::{ChannelKind, ChatTurn, Role, ToolCall};
-use my_claw::gateway::{self, AppState};
-use my_claw::llm::router::{Router as ModelRouter, Tier};
+use my_claw::gateway::{self};
 use my_claw::llm::{
     Chunk, ChunkStream, FinishReason, LlmError, LlmRequest, Provider, ProviderInfo, ToolChoice,
     Usage,
@@ -189,32 +186,14 @@ struct TestApp {
 }
 
 async fn test_app(model: Arc<ToolModel>, max_steps: usize) -> TestApp {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let url = format!("sqlite://{}", dir.path().join("agent.db").display());
-    let pool = my_claw::db::connect(&url).await.expect("open the database");
     let provider: Arc<dyn Provider> = Arc::new(Scripted(model.clone()));
-    let router = ModelRouter::with_providers(provider, HashMap::new(), Tier::Main);
     let echo = Arc::new(Echo::default());
     let reminders = Arc::new(FakeReminders::default());
     let mut tools = ToolRegistry::new();
     tools.register(echo.clone());
     tools.register(reminders.clone());
-    let assistant = Arc::new(Assistant::with_agent(
-        pool.clone(),
-        Arc::new(router),
-        AssistantConfig { history_messages: 20, reply_max_tokens: 64 },
-        AgentConfig { tools, max_steps },
-    ));
-    let state = AppState {
-        pool,
-        assistant,
-        webchat_token: Secret::new(TOKEN),
-        started_at: Instant::now(),
-        data_dir: Arc::new(dir.path().to_path_buf()),
-        max_body_bytes: 64 << 10,
-        reply_max_tokens: 64,
-        channels: my_claw::channels::Channels::default(),
-    };
+    let agent = AgentConfig { tools, max_steps };
+    let (state, dir) = crate::util::in_process_state(provider, TOKEN, 64 << 10, agent).await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move {

@@ -18,7 +18,6 @@ use tokio::sync::mpsc;
 use tower::ServiceExt;
 
 use my_claw::assistant::{Assistant, AssistantConfig};
-use my_claw::config::Secret;
 use my_claw::gateway::{self, AppState};
 use my_claw::llm::router::{Router as ModelRouter, Tier};
 use my_claw::llm::{
@@ -79,28 +78,11 @@ struct TestApp {
 }
 
 async fn test_app() -> TestApp {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let url = format!("sqlite://{}", dir.path().join("gateway.db").display());
-    let pool = my_claw::db::connect(&url).await.expect("open the database");
     let last_request = Arc::new(Mutex::new(None));
     let provider =
         EchoProvider { delay: Duration::from_millis(5), last_request: last_request.clone() };
-    let router = ModelRouter::with_providers(Arc::new(provider), HashMap::new(), Tier::Main);
-    let assistant = Arc::new(Assistant::new(
-        pool.clone(),
-        Arc::new(router),
-        AssistantConfig { history_messages: 20, reply_max_tokens: 64 },
-    ));
-    let state = AppState {
-        pool,
-        assistant,
-        webchat_token: Secret::new(TOKEN),
-        started_at: Instant::now(),
-        data_dir: Arc::new(dir.path().to_path_buf()),
-        max_body_bytes: MAX_BODY,
-        reply_max_tokens: 64,
-        channels: my_claw::channels::Channels::default(),
-    };
+    let (state, dir) =
+        util::in_process_state(Arc::new(provider), TOKEN, MAX_BODY, Default::default()).await;
     TestApp { state, last_request, _dir: dir }
 }
 

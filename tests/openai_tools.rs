@@ -8,9 +8,8 @@
 //! against the real SmolLM2 model (which needs the constrained decoding of issue 15).
 //! Owns only these tests; the gateway's other behaviour is tests/gateway.rs's.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{header, Method, Request, StatusCode};
@@ -19,12 +18,9 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tower::ServiceExt;
 
-use my_claw::assistant::{Assistant, AssistantConfig};
-use my_claw::config::Secret;
 use my_claw::domain::{ChatTurn, Role, ToolCall};
 use my_claw::gateway::listener::ConnectionLimits;
 use my_claw::gateway::{self, AppState};
-use my_claw::llm::router::{Router as ModelRouter, Tier};
 use my_claw::llm::{
     Chunk, ChunkStream, FinishReason, LlmError, LlmRequest, Provider, ProviderInfo, ResponseFormat,
     ToolChoice, ToolSpec, Usage,
@@ -119,27 +115,10 @@ impl TestApp {
 async fn test_app(
     script: impl Fn(&LlmRequest) -> Result<Vec<Chunk>, LlmError> + Send + Sync + 'static,
 ) -> TestApp {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let url = format!("sqlite://{}", dir.path().join("v1.db").display());
-    let pool = my_claw::db::connect(&url).await.expect("open the database");
     let requests = Arc::new(Mutex::new(Vec::new()));
     let provider = ScriptedProvider { script: Box::new(script), requests: requests.clone() };
-    let router = ModelRouter::with_providers(Arc::new(provider), HashMap::new(), Tier::Main);
-    let assistant = Arc::new(Assistant::new(
-        pool.clone(),
-        Arc::new(router),
-        AssistantConfig { history_messages: 20, reply_max_tokens: 64 },
-    ));
-    let state = AppState {
-        pool,
-        assistant,
-        webchat_token: Secret::new(TOKEN),
-        started_at: Instant::now(),
-        data_dir: Arc::new(dir.path().to_path_buf()),
-        max_body_bytes: 1 << 20,
-        reply_max_tokens: 64,
-        channels: my_claw::channels::Channels::default(),
-    };
+    let (state, dir) =
+        crate::util::in_process_state(Arc::new(provider), TOKEN, 1 << 20, Default::default()).await;
     TestApp { state, requests, _dir: dir }
 }
 

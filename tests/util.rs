@@ -268,3 +268,38 @@ pub fn run_binary(args: &[&str], envs: &[(&str, &str)], cwd: &Path) -> std::proc
     }
     cmd.output().expect("run my-claw")
 }
+
+/// The gateway's state over a fresh SQLite file in its own directory, answered by
+/// `provider` through a one-model router (tier `main`), with `agent`'s tools: what the
+/// in-process API tests build around their stand-in models. Keep the directory alive as
+/// long as the state.
+pub async fn in_process_state(
+    provider: Arc<dyn my_claw::llm::Provider>,
+    token: &str,
+    max_body_bytes: usize,
+    agent: my_claw::assistant::AgentConfig,
+) -> (my_claw::gateway::AppState, tempfile::TempDir) {
+    use my_claw::assistant::{Assistant, AssistantConfig};
+    use my_claw::llm::router::{Router, Tier};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = format!("sqlite://{}", dir.path().join("my-claw.db").display());
+    let pool = my_claw::db::connect(&url).await.expect("open the database");
+    let router = Router::with_providers(provider, std::collections::HashMap::new(), Tier::Main);
+    let assistant = Arc::new(Assistant::with_agent(
+        pool.clone(),
+        Arc::new(router),
+        AssistantConfig { history_messages: 20, reply_max_tokens: 64 },
+        agent,
+    ));
+    let state = my_claw::gateway::AppState {
+        pool,
+        assistant,
+        webchat_token: my_claw::config::Secret::new(token),
+        started_at: Instant::now(),
+        data_dir: Arc::new(dir.path().to_path_buf()),
+        max_body_bytes,
+        reply_max_tokens: 64,
+        channels: my_claw::channels::Channels::default(),
+    };
+    (state, dir)
+}

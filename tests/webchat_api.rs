@@ -3,11 +3,11 @@
 //! JSON, everything as streamed JSON) through the whole router on a real SQLite file, and
 //! `my-claw backup` run beside a live server with the real model streaming an answer.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::os::unix::fs::PermissionsExt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{header, HeaderMap, Method, Request, StatusCode};
@@ -16,12 +16,9 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tower::ServiceExt;
 
-use my_claw::assistant::{Assistant, AssistantConfig};
-use my_claw::config::Secret;
 use my_claw::db::memory::{self, NewMessage};
 use my_claw::domain::{ChannelKind, ConversationId, Role};
 use my_claw::gateway::{self, AppState};
-use my_claw::llm::router::{Router as ModelRouter, Tier};
 use my_claw::llm::{
     Chunk, ChunkStream, FinishReason, LlmError, LlmRequest, Provider, ProviderInfo, Usage,
 };
@@ -68,29 +65,9 @@ struct App {
 }
 
 async fn app() -> App {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let url = format!("sqlite://{}", dir.path().join("webchat.db").display());
-    let pool = my_claw::db::connect(&url).await.expect("open the database");
-    let router = ModelRouter::with_providers(
-        Arc::new(EchoProvider { calls: AtomicUsize::new(0) }),
-        HashMap::new(),
-        Tier::Main,
-    );
-    let assistant = Arc::new(Assistant::new(
-        pool.clone(),
-        Arc::new(router),
-        AssistantConfig { history_messages: 20, reply_max_tokens: 64 },
-    ));
-    let state = AppState {
-        pool,
-        assistant,
-        webchat_token: Secret::new(TOKEN),
-        started_at: Instant::now(),
-        data_dir: Arc::new(dir.path().to_path_buf()),
-        max_body_bytes: 1 << 20,
-        reply_max_tokens: 64,
-        channels: my_claw::channels::Channels::default(),
-    };
+    let provider = Arc::new(EchoProvider { calls: AtomicUsize::new(0) });
+    let (state, dir) =
+        crate::util::in_process_state(provider, TOKEN, 1 << 20, Default::default()).await;
     App { state, _dir: dir }
 }
 
