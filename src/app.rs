@@ -58,6 +58,9 @@ pub enum Command {
     BenchModel(crate::bench_model::BenchModelArgs),
     /// Time to first token and reused KV per turn of one long conversation.
     BenchConversation(crate::bench_conversation::BenchConversationArgs),
+    /// Check that a model gives the same greedy tokens on the GPU (`--device cuda`) as on
+    /// our CPU kernels; without a GPU, on candle's CPU device.
+    DeviceCheck(crate::device_check::DeviceCheckArgs),
     /// Write a consistent copy of the database to FILE while the server runs.
     Backup(crate::backup::BackupArgs),
     /// Download and list model files.
@@ -86,11 +89,12 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Chat(args) => runtime.block_on(crate::chat::run(args)),
         Command::Bench(args) => {
             let data_dir = settings.data_dir.clone();
-            runtime.block_on(crate::bench::run(&args, &data_dir))
+            runtime.block_on(crate::bench::run(&args, &data_dir, &settings.engine.device))
         }
         Command::Models(cmd) => runtime.block_on(crate::models::run(cmd, &settings.router)),
         Command::BenchModel(args) => crate::bench_model::run(&args),
         Command::BenchConversation(args) => runtime.block_on(crate::bench_conversation::run(&args)),
+        Command::DeviceCheck(args) => crate::device_check::run(&args, &settings.engine.device),
         Command::Backup(args) => {
             let summary = runtime.block_on(crate::backup::run(&args, &settings.database_url))?;
             println!(
@@ -320,6 +324,7 @@ impl ModelLoader for EngineLoader {
             kv_cache_sequences: self.settings.kv_cache_sequences,
             kv_cache_max_bytes: self.settings.kv_cache_max_bytes,
             kv_type: self.settings.kv_type,
+            device: self.settings.device.clone(),
         };
         Box::pin(async move {
             let handle = EngineHandle::spawn_with_progress(config, progress).await?;

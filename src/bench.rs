@@ -5,12 +5,15 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
 use serde_json::json;
 
 use crate::domain::{ChatTurn, Role};
+use crate::llm::engine::device::{cpu_name, ComputeDevice};
 use crate::llm::engine::gguf::{self, Architecture};
 use crate::llm::engine::kernels::attention::KV_PAGE;
 use crate::llm::engine::model::{KvType, ModelConfig};
@@ -58,7 +61,7 @@ pub struct BenchArgs {
 
 /// Run the benchmark; prints a table (or JSON) and saves the JSON under `data_dir/bench/`.
 /// Async: it runs inside the caller's tokio runtime; the model runs on the engine thread.
-pub async fn run(args: &BenchArgs, data_dir: &Path) -> anyhow::Result<()> {
+pub async fn run(args: &BenchArgs, data_dir: &Path, device: &ComputeDevice) -> anyhow::Result<()> {
     if let Some(threads) = args.threads {
         // Our kernels read this when the model loads. candle (the reference model only)
         // sizes its pools from the variables the first time one of its kernels runs, which
@@ -69,9 +72,9 @@ pub async fn run(args: &BenchArgs, data_dir: &Path) -> anyhow::Result<()> {
     }
     let threads = crate::llm::engine::kernels::default_threads();
     let report = if args.parallel.is_empty() {
-        measure(args, threads).await?
+        measure(args, threads, device).await?
     } else {
-        measure_parallel(args, threads).await?
+        measure_parallel(args, threads, device).await?
     };
     let json_text = serde_json::to_string_pretty(&report).context("cannot encode the report")?;
     if args.json {
@@ -95,9 +98,14 @@ pub async fn run(args: &BenchArgs, data_dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn measure(args: &BenchArgs, threads: usize) -> anyhow::Result<serde_json::Value> {
+async fn measure(
+    args: &BenchArgs,
+    threads: usize,
+    device: &ComputeDevice,
+) -> anyhow::Result<serde_json::Value> {
     let runs = args.runs.max(1);
-    let config = bench_config(args, 1)?;
+    let config = bench_config(args, 1, device)?;
+    let peak = PeakDeviceMemory::start(device);
     let engine = EngineHandle::spawn(config).await.context("cannot start the engine")?;
     let info = engine.info().clone();
     // The tokenizer of the same file sizes the prompts exactly.
@@ -148,6 +156,7 @@ async fn measure(args: &BenchArgs, threads: usize) -> anyhow::Result<serde_json:
     let turn_ttft_no_reuse = conversation(&engine, args.turns, turn_answer_tokens, false).await?;
     // Peak RSS before the reference model (if any) is loaded into this process.
     let peak_rss_mb = peak_rss_mb();
+    let peak_device_mb = peak.stop();
     let stats = engine.stats();
     drop(engine);
     // The constrained decoder's per-token mask next to the decode step it precedes.
@@ -206,6 +215,7 @@ async fn measure(args: &BenchArgs, threads: usize) -> anyhow::Result<serde_json:
             "decode_tok_s_by_prompt": decode_by_prompt,
             "ttft_ms": ttft_ms,
             "peak_rss_mb": peak_rss_mb,
+            "peak_device_memory_mb": peak_device_mb,
             "kv_cache_mb": (kv_cache_bytes as f64 / 1e6).round(),
             "rss_ratio": (peak_rss_mb as f64 * 1048576.0 / (info.file_size + kv_cache_bytes) as f64
                 * 100.0)
@@ -223,7 +233,11 @@ async fn measure(args: &BenchArgs, threads: usize) -> anyhow::Result<serde_json:
     Ok(report)
 }
 
-fn bench_config(args: &BenchArgs, parallel: usize) -> anyhow::Result<EngineConfig> {
+fn bench_config(
+    args: &BenchArgs,
+    parallel: usize,
+    device: &ComputeDevice,
+) -> anyhow::Result<EngineConfig> {
     let Some(kv_type) = KvType::from_setting(&args.kv_type) else {
         anyhow::bail!("--kv-type {}: must be f16 or f32", args.kv_type)
     };
@@ -235,6 +249,7 @@ fn bench_config(args: &BenchArgs, parallel: usize) -> anyhow::Result<EngineConfi
         kv_cache_sequences: 4,
         kv_cache_max_bytes: 8 << 30,
         kv_type,
+        device: device.clone(),
     })
 }
 
@@ -243,11 +258,17 @@ fn bench_config(args: &BenchArgs, parallel: usize) -> anyhow::Result<EngineConfi
 /// are submitted at once, so they are prefilled in the same step and decode together. The
 /// rate is the decode tokens of all streams over the longest stream's decode time; median
 /// of `runs` after a warm-up.
-async fn measure_parallel(args: &BenchArgs, threads: usize) -> anyhow::Result<serde_json::Value> {
+async fn measure_parallel(
+    args: &BenchArgs,
+    threads: usize,
+    device: &ComputeDevice,
+) -> anyhow::Result<serde_json::Value> {
     let runs = args.runs.max(1);
     let most = args.parallel.iter().copied().max().unwrap_or(1).max(1);
-    let engine =
-        EngineHandle::spawn(bench_config(args, most)?).await.context("cannot start the engine")?;
+    let peak = PeakDeviceMemory::start(device);
+    let engine = EngineHandle::spawn(bench_config(args, most, device)?)
+        .await
+        .context("cannot start the engine")?;
     let info = engine.info().clone();
     let fixed = RequestOptions { ignore_stop: true, reuse_cache: false };
     let mut aggregate = BTreeMap::new();
@@ -293,6 +314,7 @@ async fn measure_parallel(args: &BenchArgs, threads: usize) -> anyhow::Result<se
             "parallel_decode_tok_s_per_stream": per_stream,
             "parallel_speedup": speedup,
             "peak_rss_mb": peak_rss_mb(),
+            "peak_device_memory_mb": peak.stop(),
         }),
     ))
 }
@@ -311,7 +333,10 @@ fn with_model_fields(
         "file_size_mb": (info.file_size as f64 / 1e6).round(),
         "threads": threads,
         "isa": crate::llm::engine::kernels::Isa::detect().name(),
-        "cpu_model": cpu_model(),
+        "cpu_model": cpu_name(),
+        "device": info.device.id,
+        "device_name": info.device.name,
+        "weights_mb": (info.weight_bytes as f64 / 1e6).round(),
     });
     if let (Some(fields), serde_json::Value::Object(model)) = (fields.as_object_mut(), model) {
         fields.extend(model);
@@ -329,12 +354,7 @@ fn print_parallel_table(report: &serde_json::Value) {
         get("file_size_mb"),
         get("kv_type")
     );
-    println!(
-        "cpu        {} — {} threads, {} kernels",
-        get("cpu_model"),
-        get("threads"),
-        get("isa")
-    );
+    print_device_line(&get);
     println!();
     println!("{:<10} {:>16} {:>16} {:>10}", "streams", "decode tok/s", "per stream", "vs 1");
     let aggregate = get("parallel_decode_tok_s");
@@ -535,12 +555,7 @@ fn print_table(report: &serde_json::Value) {
         get("quantization"),
         get("file_size_mb")
     );
-    println!(
-        "cpu        {} — {} threads, {} kernels",
-        get("cpu_model"),
-        get("threads"),
-        get("isa")
-    );
+    print_device_line(&get);
     println!(
         "load       {} ms    peak RSS {} MB ({}× of file + largest KV cache, {} MB)",
         get("load_ms"),
@@ -642,14 +657,59 @@ fn peak_rss_mb() -> u64 {
         .map_or(0, |kb| kb / 1024)
 }
 
-/// The CPU model name from /proc/cpuinfo (the architecture when unknown); figures are
-/// quoted with it.
-pub(crate) fn cpu_model() -> String {
-    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    info.lines()
-        .find_map(|line| line.strip_prefix("model name"))
-        .and_then(|rest| rest.split_once(':'))
-        .map_or_else(|| std::env::consts::ARCH.to_string(), |(_, name)| name.trim().to_string())
+/// Which processor ran the figures: the CPU with its kernels, or the GPU with its memory.
+fn print_device_line(get: &dyn Fn(&str) -> serde_json::Value) {
+    match get("device").as_str() {
+        Some("cpu") | None => println!(
+            "cpu        {} — {} threads, {} kernels",
+            get("cpu_model"),
+            get("threads"),
+            get("isa")
+        ),
+        Some(device) => println!(
+            "device     {device}: {} — {} MB of weights, peak device memory {} MB (host CPU {})",
+            get("device_name"),
+            get("weights_mb"),
+            get("peak_device_memory_mb"),
+            get("cpu_model")
+        ),
+    }
+}
+
+/// The most device memory in use (all processes, as the driver reports it) while a bench
+/// runs, sampled every 20 ms; `null` on the CPU.
+struct PeakDeviceMemory {
+    peak: Arc<AtomicU64>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl PeakDeviceMemory {
+    fn start(device: &ComputeDevice) -> PeakDeviceMemory {
+        let peak = Arc::new(AtomicU64::new(0));
+        let task = device.is_gpu().then(|| {
+            let (device, peak) = (device.clone(), peak.clone());
+            tokio::spawn(async move {
+                loop {
+                    if let Some(used) = device.info().memory_used_bytes() {
+                        peak.fetch_max(used, Ordering::Relaxed);
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+            })
+        });
+        PeakDeviceMemory { peak, task }
+    }
+
+    /// The peak in MB, or `null` where there is no device memory to watch.
+    fn stop(&self) -> serde_json::Value {
+        match &self.task {
+            Some(task) => {
+                task.abort();
+                json!((self.peak.load(Ordering::Relaxed) as f64 / 1e6).round())
+            }
+            None => serde_json::Value::Null,
+        }
+    }
 }
 
 #[cfg(test)]

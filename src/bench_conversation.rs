@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 
 use crate::assistant::{Assistant, AssistantConfig, Event, WindowPolicy};
-use crate::bench::{cpu_model, median};
+use crate::bench::median;
 use crate::domain::{ChannelKind, Inbound};
 use crate::llm::engine::gguf;
 use crate::llm::engine::tokenizer::GgufTokenizer;
@@ -86,7 +86,7 @@ pub async fn run(args: &BenchConversationArgs) -> anyhow::Result<()> {
         messages.iter().map(|(_, n)| *n).max().unwrap_or(0),
         args.n_ctx
     );
-    println!("model {}, CPU {}", args.model.display(), cpu_model());
+    println!("model {}, CPU {}", args.model.display(), crate::llm::engine::device::cpu_name());
     let mut summaries = Vec::new();
     for (name, policy) in policies {
         println!();

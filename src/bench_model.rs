@@ -17,11 +17,15 @@ use crate::llm::pool::human_bytes;
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchModelArgs {
     /// The official Qwen3 file to imitate: qwen3-4b, qwen3-8b or qwen3-14b.
-    #[arg(long, value_parser = parse_shape)]
-    pub shape: Qwen3Shape,
+    #[arg(long, value_parser = parse_shape, required_unless_present = "tiny")]
+    pub shape: Option<Qwen3Shape>,
     /// Its quantization: q4_k_m or q8_0.
-    #[arg(long, value_parser = parse_quant)]
-    pub quant: QuantMix,
+    #[arg(long, value_parser = parse_quant, required_unless_present = "tiny")]
+    pub quant: Option<QuantMix>,
+    /// Write the test suite's 2-layer Qwen3 instead (several quantization types, the real
+    /// vocabulary): small, for checking a device (`device-check`), not for speed.
+    #[arg(long, conflicts_with_all = ["shape", "quant"])]
+    pub tiny: bool,
     /// The GGUF file to write (written beside it as FILE.part, then renamed).
     #[arg(long)]
     pub out: PathBuf,
@@ -49,17 +53,32 @@ pub fn run(args: &BenchModelArgs) -> anyhow::Result<()> {
         "the file needs the real Qwen3 vocabulary: run scripts/fetch-assets.sh or pass --tokenizer",
     )?;
 
-    let spec = SynthSpec::official_qwen3(args.shape, args.quant);
-    eprintln!(
-        "writing {} {} (random weights, for benchmarks only) to {}",
-        args.shape.label(),
-        args.quant.label(),
-        out.display()
-    );
-    let mut line = ProgressLine { last_draw: None };
-    let size = synth::write_streaming(out, &spec, &tokenizer_metadata, &mut |p| line.draw(p))
-        .with_context(|| format!("writing {}", out.display()))?;
-    eprintln!();
+    let size = match (args.shape, args.quant) {
+        (Some(shape), Some(quant)) if !args.tiny => {
+            let spec = SynthSpec::official_qwen3(shape, quant);
+            eprintln!(
+                "writing {} {} (random weights, for benchmarks only) to {}",
+                shape.label(),
+                quant.label(),
+                out.display()
+            );
+            let mut line = ProgressLine { last_draw: None };
+            let size =
+                synth::write_streaming(out, &spec, &tokenizer_metadata, &mut |p| line.draw(p))
+                    .with_context(|| format!("writing {}", out.display()))?;
+            eprintln!();
+            size
+        }
+        _ => {
+            // Small enough to build in memory, where candle quantizes every type it uses
+            // (the streaming writer generates only the official files' types).
+            let part = out.with_extension("part");
+            synth::write_model(&part, &SynthSpec::tiny_qwen3(), &tokenizer_metadata)
+                .with_context(|| format!("writing {}", part.display()))?;
+            std::fs::rename(&part, out).with_context(|| format!("writing {}", out.display()))?;
+            std::fs::metadata(out)?.len()
+        }
+    };
     println!(
         "wrote {}: {} ({size} bytes) in {:.1} s",
         out.display(),

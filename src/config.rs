@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
+use crate::llm::engine::device::{ComputeDevice, DeviceSetting};
 use crate::llm::hub::ModelSpec;
 use crate::llm::router::Tier;
 
@@ -128,6 +129,16 @@ pub struct Config {
     /// Storage of the KV cache: `f16` (half the memory) or `f32` (exact).
     #[arg(long, env = "KV_CACHE_TYPE", default_value = "f16", global = true)]
     pub kv_cache_type: String,
+
+    /// Where local models run: `auto` (the first GPU when this binary has CUDA and one is
+    /// visible, else the CPU), `cpu`, `cuda` or `cuda:N`.
+    #[arg(long, env = "DEVICE", default_value = "auto", global = true)]
+    pub device: String,
+
+    /// GPU memory for loaded models (weights and KV bound), e.g. `20GiB`; least recently
+    /// used is evicted. Default: what the GPU has free at start, less 2 GiB.
+    #[arg(long, env = "GPU_MEMORY_BUDGET", global = true)]
+    pub gpu_memory_budget: Option<String>,
 
     /// Conversations whose KV state the engine keeps for reuse.
     #[arg(long, env = "KV_CACHE_SEQUENCES", default_value_t = 8, global = true)]
@@ -424,7 +435,13 @@ pub struct EngineSettings {
     pub kv_cache_max_bytes: u64,
     pub kv_type: crate::llm::engine::model::KvType,
     pub reply_max_tokens: u32,
+    /// Where local models run (`DEVICE`), opened at start.
+    pub device: ComputeDevice,
 }
+
+/// GPU memory left out of the default budget: the CUDA context, cuBLAS's workspace and the
+/// activations of a forward pass.
+pub const GPU_MEMORY_MARGIN: u64 = 2 << 30;
 
 /// One tier's model, checked: the value as written (shown in status and messages) and what
 /// it names.
@@ -598,12 +615,32 @@ impl Config {
         }
         let kv_cache_max_bytes = parse_size(&self.kv_cache_memory)
             .map_err(|e| bad(format!("KV_CACHE_MEMORY={}: {e}", self.kv_cache_memory)))?;
-        let memory_budget_bytes = match &self.model_memory_budget {
+        let mut memory_budget_bytes = match &self.model_memory_budget {
             Some(s) => {
                 Some(parse_size(s).map_err(|e| bad(format!("MODEL_MEMORY_BUDGET={s}: {e}")))?)
             }
             None => None,
         };
+        let Some(device_setting) = DeviceSetting::parse(&self.device) else {
+            return Err(bad(format!(
+                "DEVICE={}: unknown device (use auto, cpu, cuda or cuda:N)",
+                self.device
+            )));
+        };
+        let gpu_budget = match &self.gpu_memory_budget {
+            Some(s) => Some(parse_size(s).map_err(|e| bad(format!("GPU_MEMORY_BUDGET={s}: {e}")))?),
+            None => None,
+        };
+        // Opened here, once: a GPU that was asked for and cannot be had stops the start
+        // with one line (exit code 2), like any other bad setting.
+        let device = ComputeDevice::open(device_setting).map_err(|e| bad(e.to_string()))?;
+        if device.is_gpu() {
+            // On a GPU the weights and KV state live in its memory: that is what the
+            // models' budget bounds (and evicts least recently used against).
+            let free = device.info().memory_free_bytes.unwrap_or(0);
+            memory_budget_bytes =
+                Some(gpu_budget.unwrap_or_else(|| free.saturating_sub(GPU_MEMORY_MARGIN)));
+        }
         let request_header_timeout =
             parse_timeout("REQUEST_HEADER_TIMEOUT", &self.request_header_timeout)?;
         let request_body_timeout =
@@ -691,6 +728,7 @@ impl Config {
                 kv_cache_max_bytes,
                 kv_type,
                 reply_max_tokens: self.reply_max_tokens,
+                device,
             },
             router: RouterSettings {
                 model_fast,

@@ -26,6 +26,8 @@ pub mod correction;
 pub mod cron;
 /// SQLite pool, migrations and the memory queries.
 pub mod db;
+/// `my-claw device-check`: the same greedy tokens on the GPU as on our CPU kernels?
+pub mod device_check;
 /// Plain domain types shared by every layer (no wire formats).
 pub mod domain;
 /// Crate-level error type for the edges.

@@ -261,6 +261,7 @@ fn engine_config(path: PathBuf, n_ctx: usize) -> EngineConfig {
         kv_cache_sequences: 4,
         kv_cache_max_bytes: 1 << 30,
         kv_type: KvType::F16,
+        device: my_claw::llm::engine::device::ComputeDevice::Kernels,
     }
 }
 

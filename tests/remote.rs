@@ -20,7 +20,7 @@ use axum::routing::{get, post};
 use serde_json::{json, Value};
 
 use my_claw::app::build_router;
-use my_claw::config::{EngineSettings, RemoteSettings, RouterSettings, Secret, TierModel};
+use my_claw::config::{RemoteSettings, RouterSettings, Secret, TierModel};
 use my_claw::domain::{ChatTurn, Role};
 use my_claw::llm::router::{Router, Tier, TierState};
 use my_claw::llm::{
@@ -28,7 +28,7 @@ use my_claw::llm::{
     ToolUse,
 };
 
-use crate::util::{smollm2_env, smollm2_path, Server, ServerOptions};
+use crate::util::{engine_settings, smollm2_env, smollm2_path, Server, ServerOptions};
 
 const REMOTE_MODEL: &str = "Qwen/Qwen3-32B";
 const REMOTE_KEY: &str = "sk-remote-7c1e0f-never-logged";
@@ -210,19 +210,6 @@ fn refused_base() -> String {
 }
 
 // --- the router in this process -------------------------------------------------------------
-
-fn engine_settings() -> EngineSettings {
-    EngineSettings {
-        context_size: 512,
-        threads: None,
-        queue_capacity: 2,
-        parallel: 2,
-        kv_cache_sequences: 1,
-        kv_cache_max_bytes: 8 << 20,
-        kv_type: my_claw::llm::engine::model::KvType::F16,
-        reply_max_tokens: 8,
-    }
-}
 
 fn tier_model(tier: Tier, value: &str) -> TierModel {
     TierModel::parse(tier, value).expect("a valid tier value")

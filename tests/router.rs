@@ -19,7 +19,7 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use my_claw::app::build_router;
-use my_claw::config::{EngineSettings, RouterSettings, Secret, TierModel};
+use my_claw::config::{RouterSettings, Secret, TierModel};
 use my_claw::domain::{ChatTurn, Role};
 use my_claw::llm::hub::{self, DownloadProgress, HubConfig, HubError};
 use my_claw::llm::providers::zai::{ZaiConfig, ZaiProvider};
@@ -29,7 +29,7 @@ use my_claw::llm::{
     ProviderInfo, Usage,
 };
 
-use crate::util::smollm2_path;
+use crate::util::{engine_settings, smollm2_path};
 
 // --- helpers --------------------------------------------------------------------------------
 
@@ -131,19 +131,6 @@ fn router_settings(models_dir: &Path) -> RouterSettings {
         hf_token: None,
         models_dir: models_dir.to_path_buf(),
         remote: Default::default(),
-    }
-}
-
-fn engine_settings() -> EngineSettings {
-    EngineSettings {
-        context_size: 512,
-        threads: None,
-        queue_capacity: 2,
-        parallel: 2,
-        kv_cache_sequences: 1,
-        kv_cache_max_bytes: 8 << 20,
-        kv_type: my_claw::llm::engine::model::KvType::F16,
-        reply_max_tokens: 8,
     }
 }
 

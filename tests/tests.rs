@@ -7,6 +7,7 @@ mod agent;
 mod architecture;
 mod bench_model;
 mod browser;
+mod candle_device;
 mod channels;
 mod constraint;
 mod conversations;

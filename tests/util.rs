@@ -303,3 +303,18 @@ pub async fn in_process_state(
     };
     (state, dir)
 }
+
+/// Engine settings for the router tests: a small context, two slots, f16 KV, the kernels.
+pub fn engine_settings() -> my_claw::config::EngineSettings {
+    my_claw::config::EngineSettings {
+        context_size: 512,
+        threads: None,
+        queue_capacity: 2,
+        parallel: 2,
+        kv_cache_sequences: 1,
+        kv_cache_max_bytes: 8 << 20,
+        kv_type: my_claw::llm::engine::model::KvType::F16,
+        reply_max_tokens: 8,
+        device: my_claw::llm::engine::device::ComputeDevice::Kernels,
+    }
+}

@@ -48,6 +48,9 @@ pub struct TierJson {
     pub detail: String,
     /// Set for a tier on an OpenAI-compatible server.
     pub remote: Option<RemoteJson>,
+    /// Set for a loaded local model: its device (`cpu`, `cuda:0`), the device's name and
+    /// the memory its weights and kept KV state hold.
+    pub device: Option<crate::llm::DeviceUse>,
 }
 
 /// A remote tier's server as last seen (checked in the background, never at start-up).
@@ -121,6 +124,7 @@ fn tier_json(status: TierStatus) -> TierJson {
         pull_command: status.pull_command,
         detail: status.detail,
         remote: status.remote.map(remote_json),
+        device: status.device,
     }
 }
 

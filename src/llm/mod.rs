@@ -216,6 +216,22 @@ pub struct ProviderInfo {
     pub host: Option<String>,
 }
 
+/// A loaded local model's device and memory, for `/api/health` and `/api/models`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct DeviceUse {
+    /// `cpu` or `cuda:N`.
+    pub device: String,
+    /// The processor's or GPU's model name.
+    pub device_name: String,
+    /// The weights where they run.
+    pub weights_bytes: u64,
+    /// KV state kept for the next turns of conversations.
+    pub kv_kept_bytes: u64,
+    /// A GPU's memory in use now, by every process on it.
+    pub device_memory_used_bytes: Option<u64>,
+    pub device_memory_total_bytes: Option<u64>,
+}
+
 /// What a check of a network provider found, without generating anything.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Probe {
@@ -234,6 +250,12 @@ pub struct Probe {
 /// a caller can still fall back to another provider on early failures.
 pub trait Provider: Send + Sync {
     fn info(&self) -> ProviderInfo;
+
+    /// Where a loaded local model runs and the memory it holds; `None` for network
+    /// providers.
+    fn device(&self) -> Option<DeviceUse> {
+        None
+    }
     fn stream(&self, request: LlmRequest) -> BoxFuture<'_, Result<ChunkStream, LlmError>>;
 
     /// Prepares the KV state of `request`'s prompt in idle time, without generating, so a

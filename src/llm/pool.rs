@@ -156,6 +156,13 @@ impl ModelPool {
         slot.map(|s| s.status().state).unwrap_or(ModelState::NotLoaded)
     }
 
+    /// The device and memory of `path`'s model when it is loaded.
+    pub fn device(&self, path: &Path) -> Option<crate::llm::DeviceUse> {
+        let slot = lock(&self.inner.slots).get(&slot_key(path)).cloned()?;
+        let provider = lock(&slot.state).loaded.clone()?;
+        provider.device()
+    }
+
     /// Unloads every idle model unused for at least `idle_for` and returns how many.
     /// The background task calls this; tests may too.
     pub fn unload_idle(&self, idle_for: Duration) -> usize {
@@ -271,7 +278,7 @@ impl ModelPool {
             if estimate > budget {
                 return Err(LlmError::Unavailable(format!(
                     "{} needs about {} (file and KV cache), more than the memory budget of {} \
-                     (MODEL_MEMORY_BUDGET)",
+                     (MODEL_MEMORY_BUDGET, or GPU_MEMORY_BUDGET when models run on a GPU)",
                     slot.path.display(),
                     human_bytes(estimate),
                     human_bytes(budget)

@@ -136,6 +136,8 @@ pub struct TierStatus {
     pub detail: String,
     /// A tier on an OpenAI-compatible server: its health.
     pub remote: Option<RemoteStatus>,
+    /// A loaded local model: where it runs and the memory it holds.
+    pub device: Option<crate::llm::DeviceUse>,
 }
 
 /// A remote tier's server as last seen, for `/api/models` and `/api/health`.
@@ -641,6 +643,7 @@ impl Router {
                     pull_command: entry.pull_command.clone(),
                     detail: String::new(),
                     remote: None,
+                    device: None,
                 };
                 match &entry.route {
                     Route::Missing { wanted, pull_command } => {
@@ -702,6 +705,7 @@ impl Router {
                                 status.detail = format!("{} on {}", info.model, cloud_name(&info));
                             }
                         } else if let (Some(pool), Some(path)) = (&self.inner.pool, &entry.file) {
+                            status.device = pool.device(path);
                             let (state, detail) = match pool.state(path) {
                                 ModelState::NotLoaded => {
                                     (TierState::Present, "loads on first use".to_string())

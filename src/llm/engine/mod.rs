@@ -2,7 +2,10 @@
 //! to `parallel` sequences at once (continuous batching); callers talk to it through
 //! `EngineHandle`. Nothing here knows HTTP, SQL or channels.
 
+pub mod backend;
+pub mod candle_model;
 pub mod constraint;
+pub mod device;
 pub mod gguf;
 pub mod gguf_write;
 pub mod kernels;
@@ -21,6 +24,7 @@ use std::time::Instant;
 
 use tokio::sync::{mpsc, oneshot};
 
+use crate::llm::engine::device::{ComputeDevice, DeviceInfo};
 use crate::llm::engine::model::KvType;
 use crate::llm::{ChunkStream, LlmError, LlmRequest};
 
@@ -43,6 +47,8 @@ pub struct EngineConfig {
     pub kv_cache_max_bytes: u64,
     /// Storage of keys and values (`KV_CACHE_TYPE`).
     pub kv_type: KvType,
+    /// Where the model runs (`DEVICE`), opened once at start and shared by every model.
+    pub device: ComputeDevice,
 }
 
 impl EngineConfig {
@@ -57,6 +63,7 @@ impl EngineConfig {
             kv_cache_sequences: 8,
             kv_cache_max_bytes: 4 << 30,
             kv_type: KvType::F16,
+            device: ComputeDevice::Kernels,
         }
     }
 }
@@ -101,6 +108,10 @@ pub struct ModelInfo {
     /// The context size in force (the configured one, capped by the model's).
     pub n_ctx: usize,
     pub load_ms: u64,
+    /// Memory the weights hold where they run (the file's size on the CPU).
+    pub weight_bytes: u64,
+    /// The device it runs on, with its memory just after loading.
+    pub device: DeviceInfo,
 }
 
 /// Counters the worker updates as it goes (cheap to read from any thread).
@@ -151,6 +162,7 @@ pub struct EngineHandle {
     cap: usize,
     info: Arc<ModelInfo>,
     stats: Arc<SharedStats>,
+    device: ComputeDevice,
 }
 
 impl std::fmt::Debug for EngineHandle {
@@ -184,6 +196,7 @@ impl EngineHandle {
         let cap = config.queue_capacity.max(1);
         let shared = worker::Shared { stats: stats.clone(), waiting: waiting.clone(), progress };
         let path = config.model_path.display().to_string();
+        let device = config.device.clone();
         let spawned = std::thread::Builder::new()
             .name("my-claw-engine".to_string())
             .spawn(move || worker::run(config, queue_rx, ready_tx, shared));
@@ -207,6 +220,7 @@ impl EngineHandle {
             cap,
             info: Arc::new(info),
             stats,
+            device,
         })
     }
 
@@ -263,6 +277,11 @@ impl EngineHandle {
 
     pub fn stats(&self) -> EngineStats {
         self.stats.snapshot()
+    }
+
+    /// The model's device as it is now (a GPU's memory changes as sequences come and go).
+    pub fn device_now(&self) -> DeviceInfo {
+        self.device.info()
     }
 }
 

@@ -238,11 +238,28 @@ impl CacheElem for f16 {
     }
 }
 
-/// One sequence's part of `Model::forward_batch`.
-pub struct SeqBatch<'a> {
+/// A sequence's KV state as `Model::forward_batch` reads it: a `KvCache`, or a cache that
+/// holds one (the backend's `Cache`, whose variant the backend checks before the pass). It
+/// lets the backend hand its batch over as it is, with no per-step allocation.
+pub trait KernelCache {
+    fn kv(&self) -> &KvCache;
+    fn kv_mut(&mut self) -> &mut KvCache;
+}
+
+impl KernelCache for KvCache {
+    fn kv(&self) -> &KvCache {
+        self
+    }
+    fn kv_mut(&mut self) -> &mut KvCache {
+        self
+    }
+}
+
+/// One sequence's part of `Model::forward_batch` (and of `CandleModel`'s, with its cache).
+pub struct SeqBatch<'a, C = KvCache> {
     /// Tokens to run at positions `cache.len()..`.
     pub tokens: &'a [u32],
-    pub cache: &'a mut KvCache,
+    pub cache: &'a mut C,
     /// Which of its logits to return; `None` for none (a prefill chunk that is not the
     /// prompt's last).
     pub logits: Option<Logits>,
@@ -499,9 +516,9 @@ impl Model {
     /// own pages. Each row's arithmetic is the same as when its sequence runs alone (the
     /// kernels quantize and reduce per row), so batching does not change results. `out`
     /// gets the requested logits rows, sequence after sequence.
-    pub fn forward_batch(
+    pub fn forward_batch<C: KernelCache>(
         &self,
-        seqs: &mut [SeqBatch<'_>],
+        seqs: &mut [SeqBatch<'_, C>],
         out: &mut Vec<f32>,
     ) -> candle_core::Result<()> {
         if seqs.is_empty() || seqs.len() > MAX_BATCH_SEQS {
@@ -511,18 +528,19 @@ impl Model {
             if seq.tokens.is_empty() {
                 candle_core::bail!("forward called with no tokens")
             }
-            if seq.cache.kv_type != self.config.kv_type {
+            let cache = seq.cache.kv();
+            if cache.kv_type != self.config.kv_type {
                 candle_core::bail!(
                     "the cache stores {:?}, the model {:?}",
-                    seq.cache.kv_type,
+                    cache.kv_type,
                     self.config.kv_type
                 )
             }
-            let end = seq.cache.len() + seq.tokens.len();
-            if end > seq.cache.max_tokens {
+            let end = cache.len() + seq.tokens.len();
+            if end > cache.max_tokens {
                 candle_core::bail!(
                     "sequence of {end} positions exceeds the cache size {}",
-                    seq.cache.max_tokens
+                    cache.max_tokens
                 )
             }
             if let Some(bad) = seq.tokens.iter().find(|&&t| t as usize >= self.vocab_size) {
@@ -530,16 +548,20 @@ impl Model {
             }
         }
         for seq in seqs.iter_mut() {
-            seq.cache.reserve_for(seq.tokens.len());
+            seq.cache.kv_mut().reserve_for(seq.tokens.len());
         }
         match self.config.kv_type {
-            KvType::F32 => self.forward_typed::<f32>(seqs, out),
-            KvType::F16 => self.forward_typed::<f16>(seqs, out),
+            KvType::F32 => self.forward_typed::<f32, C>(seqs, out),
+            KvType::F16 => self.forward_typed::<f16, C>(seqs, out),
         }
         Ok(())
     }
 
-    fn forward_typed<T: CacheElem>(&self, seqs: &mut [SeqBatch<'_>], out: &mut Vec<f32>) {
+    fn forward_typed<T: CacheElem, C: KernelCache>(
+        &self,
+        seqs: &mut [SeqBatch<'_, C>],
+        out: &mut Vec<f32>,
+    ) {
         let cfg = &self.config;
         let n_rows: usize = seqs.iter().map(|seq| seq.tokens.len()).sum();
         let mut guard = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
@@ -579,12 +601,12 @@ impl Model {
             // RoPE and the KV store at each sequence's own positions.
             let mut row = 0;
             for seq in seqs.iter_mut() {
-                let (n, start) = (seq.tokens.len(), seq.cache.n_tokens);
+                let (n, start) = (seq.tokens.len(), seq.cache.kv().n_tokens);
                 let q_rows = &mut q[row * q_width..(row + n) * q_width];
                 self.rope.apply(q_rows, cfg.n_head, start, cfg.rope_style);
                 let k_rows = &mut k[row * kv_width..(row + n) * kv_width];
                 self.rope.apply(k_rows, cfg.n_head_kv, start, cfg.rope_style);
-                let pages = &mut T::layers_mut(seq.cache)[l];
+                let pages = &mut T::layers_mut(seq.cache.kv_mut())[l];
                 let v_rows = &v[row * kv_width..(row + n) * kv_width];
                 for (t, (k_row, v_row)) in
                     k_rows.chunks_exact(kv_width).zip(v_rows.chunks_exact(kv_width)).enumerate()
@@ -606,7 +628,7 @@ impl Model {
             let attn: [AttnSeq<'_, T>; MAX_BATCH_SEQS] = std::array::from_fn(|i| {
                 let (pages, start, n_tokens) = match seqs.get(i) {
                     Some(seq) => {
-                        let cache: &KvCache = &*seq.cache;
+                        let cache: &KvCache = seq.cache.kv();
                         (&T::layers(cache)[l][..], cache.n_tokens, seq.tokens.len())
                     }
                     None => (&[][..], 0, 0),
@@ -654,11 +676,11 @@ impl Model {
             add_in_place(&mut s.hidden, projected);
         }
         for seq in seqs.iter_mut() {
-            seq.cache.n_tokens += seq.tokens.len();
+            seq.cache.kv_mut().n_tokens += seq.tokens.len();
         }
 
         // The output head, only for the rows whose logits were asked for.
-        let wanted = |seq: &SeqBatch<'_>| match seq.logits {
+        let wanted = |seq: &SeqBatch<'_, C>| match seq.logits {
             None => 0,
             Some(Logits::Last) => 1,
             Some(Logits::All) => seq.tokens.len(),

@@ -17,13 +17,16 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::llm::engine::backend::{Backend, Cache};
+use crate::llm::engine::candle_model::CandleModel;
 use crate::llm::engine::constraint::{Constraint, TokenEnv};
 use crate::llm::engine::gguf;
-use crate::llm::engine::model::{KvCache, Logits, Model, ModelConfig, SeqBatch};
+use crate::llm::engine::model::{Logits, ModelConfig, SeqBatch};
 use crate::llm::engine::sampling::Sampler;
 use crate::llm::engine::template::{self, ChatFormat, ThinkFilter};
 use crate::llm::engine::tokenizer::{GgufTokenizer, StreamDecoder};
 use crate::llm::engine::{EngineConfig, LoadProgress, ModelInfo, RequestOptions, SharedStats};
+use crate::llm::pool::human_bytes;
 use crate::llm::toolcall::{Parsed, ToolCallParser};
 use crate::llm::{Chunk, FinishReason, GenerationParams, LlmError, LlmRequest, Usage};
 
@@ -131,12 +134,12 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
 /// `cache`.
 struct CachedSequence {
     tokens: Vec<u32>,
-    cache: KvCache,
+    cache: Cache,
 }
 
 /// The model and what goes with it: tokenizer, template, the kept KV states.
 struct Engine {
-    model: Model,
+    model: Backend,
     /// Logits of the last forward pass (one row per sequence that asked), reused.
     logits: Vec<f32>,
     tokenizer: GgufTokenizer,
@@ -191,7 +194,27 @@ impl Engine {
             inner: std::io::BufReader::new(&mut file.file),
             progress: progress.clone(),
         };
-        let model = match Model::load(&file.content, &mut reader, model_config) {
+        let device = &config.device;
+        let device_info = device.info();
+        if device.is_gpu() {
+            // Weights and the whole KV bound must fit in what the GPU has free now: a
+            // model that cannot fit says so here, not at its first long conversation.
+            let weights = CandleModel::weight_bytes_of(&file.content);
+            let needed = weights + config.kv_cache_max_bytes;
+            if let Some(free) = device_info.memory_free_bytes.filter(|&free| needed > free) {
+                return Err(LlmError::Unavailable(format!(
+                    "{} needs {} of GPU memory ({} of weights and {} of KV cache,                      KV_CACHE_MEMORY), but {} ({}) has {} free",
+                    file.name,
+                    human_bytes(needed),
+                    human_bytes(weights),
+                    human_bytes(config.kv_cache_max_bytes),
+                    device_info.id,
+                    device_info.name,
+                    human_bytes(free)
+                )));
+            }
+        }
+        let model = match Backend::load(&file.content, &mut reader, model_config, device) {
             Ok(model) => model,
             Err(err) => {
                 return Err(LlmError::BadModel {
@@ -209,10 +232,20 @@ impl Engine {
             file_size: file.file_size,
             n_ctx,
             load_ms,
+            weight_bytes: match &model {
+                Backend::Kernels(_) => file.file_size,
+                Backend::Candle(model) => model.weight_bytes(),
+            },
+            // Read after the upload, so a GPU's free memory counts these weights.
+            device: device.info(),
         };
         tracing::info!(
             model = %info.name, arch = %info.arch, n_ctx, load_ms,
-            parallel = config.parallel, kv = config.kv_type.as_str(), "model loaded"
+            parallel = config.parallel, kv = config.kv_type.as_str(),
+            device = %info.device.id, device_name = %info.device.name,
+            weights = %human_bytes(info.weight_bytes),
+            device_memory_used = %info.device.memory_used_bytes().map(human_bytes).unwrap_or_default(),
+            "model loaded"
         );
         let engine = Engine {
             model,
@@ -274,7 +307,7 @@ impl Engine {
     /// that is wholly a prefix of `prompt` (the conversation's previous turn) is taken; one
     /// that goes on differently (another conversation with the same system prompt, a
     /// regenerated answer) stays kept and its shared prefix is copied.
-    fn take_cache(&mut self, prompt: &[u32], max_keep: usize) -> (KvCache, usize) {
+    fn take_cache(&mut self, prompt: &[u32], max_keep: usize) -> (Cache, usize) {
         let best = self
             .cached
             .iter()
@@ -286,12 +319,15 @@ impl Engine {
             return (self.model.new_cache(self.n_ctx), 0);
         };
         let keep = shared.min(max_keep);
-        let cache = if shared == self.cached[idx].tokens.len() {
+        let (cache, keep) = if shared == self.cached[idx].tokens.len() {
             let mut seq = self.cached.remove(idx);
             seq.cache.truncate(keep);
-            seq.cache
+            (seq.cache, keep)
         } else {
-            self.cached[idx].cache.clone_prefix(keep)
+            match self.cached[idx].cache.clone_prefix(keep) {
+                Some(copy) => (copy, keep),
+                None => (self.model.new_cache(self.n_ctx), 0),
+            }
         };
         self.publish_cache_stats();
         (cache, keep)
@@ -299,7 +335,7 @@ impl Engine {
 
     /// Keep a finished sequence as the most recent, then evict the least recent ones until
     /// both bounds hold.
-    fn put_cache(&mut self, tokens: Vec<u32>, mut cache: KvCache, reuse: bool) {
+    fn put_cache(&mut self, tokens: Vec<u32>, mut cache: Cache, reuse: bool) {
         if !reuse || self.max_sequences == 0 || tokens.is_empty() {
             return;
         }
@@ -386,7 +422,7 @@ struct Sequence {
     /// The prompt, then every sampled token. The first `cache.len()` are in the cache; the
     /// rest wait to be run (prompt chunks, or the token sampled last).
     tokens: Vec<u32>,
-    cache: KvCache,
+    cache: Cache,
     sampler: Sampler,
     /// Masks the logits before each sampling and follows each sampled token (tool calls,
     /// `response_format`); `None` leaves sampling exactly as it was.
@@ -898,7 +934,7 @@ fn rate(count: f64, secs: f64) -> f64 {
 mod tests {
     use super::*;
     use crate::domain::{ChatTurn, Role};
-    use crate::llm::engine::model::KvType;
+    use crate::llm::engine::model::{KvType, Model};
 
     #[test]
     fn common_prefix_counts_shared_leading_tokens() {

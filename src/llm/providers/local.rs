@@ -5,7 +5,7 @@ use futures::future::BoxFuture;
 use tokio::sync::mpsc;
 
 use crate::llm::engine::EngineHandle;
-use crate::llm::{ChunkStream, LlmError, LlmRequest, Provider, ProviderInfo};
+use crate::llm::{ChunkStream, DeviceUse, LlmError, LlmRequest, Provider, ProviderInfo};
 
 const FORWARD_BUFFER: usize = 64;
 
@@ -33,6 +33,19 @@ impl Provider for LocalProvider {
             leaves_machine: false,
             host: None,
         }
+    }
+
+    fn device(&self) -> Option<DeviceUse> {
+        let info = self.handle.info();
+        let now = self.handle.device_now();
+        Some(DeviceUse {
+            device: info.device.id.clone(),
+            device_name: info.device.name.clone(),
+            weights_bytes: info.weight_bytes,
+            kv_kept_bytes: self.handle.stats().cached_bytes,
+            device_memory_used_bytes: now.memory_used_bytes(),
+            device_memory_total_bytes: now.memory_total_bytes,
+        })
     }
 
     fn stream(&self, request: LlmRequest) -> BoxFuture<'_, Result<ChunkStream, LlmError>> {

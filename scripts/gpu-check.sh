@@ -1,0 +1,154 @@
+#!/usr/bin/env bash
+# The GPU check in one command, on a machine with an NVIDIA GPU (no Rust or network needed
+# there): given a release binary built with `--features cuda`, it
+#   1. writes the Qwen3-8B-shaped Q4_K_M file (`bench-model`, random weights, real vocabulary)
+#      and the tiny 2-layer Qwen3 of the test suite;
+#   2. checks that the tiny Qwen3 and SmolLM2 give the same greedy tokens on CUDA as on our
+#      CPU kernels (`device-check`);
+#   3. runs `--bench --device cuda` on the 8B file: prefill at 512 and 2048 tokens, decode at
+#      an empty context and at depth 4096, peak device memory;
+#   4. prints one summary table (and writes summary.md and the JSON files to $OUT or
+#      target/gpu-check).
+# Sized to finish in well under 8 minutes on an H100-class GPU.
+#
+#   scripts/gpu-check.sh                 # binary: target/release/my-claw, or .gpu/ (below)
+#   MY_CLAW=path/to/my-claw scripts/gpu-check.sh
+#   scripts/gpu-check.sh device-check    # only step 2 (e.g. once SmolLM2's second half came)
+#
+# On a machine without Rust, `scripts/gpu-bundle.sh` (run where the binary was built) packs
+# the binary, the tokenizer and SmolLM2 into .gpu/ (and .gpu-b/, the second half of SmolLM2
+# for a second call when one call may carry only 64 MiB); this script unpacks them.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+only=${1:-all}
+out=${OUT:-target/gpu-check}
+work=${GPU_CHECK_WORK:-/tmp/my-claw-gpu-check}
+stash=/tmp/my-claw-gpu-stash
+mkdir -p "$out" "$work" "$stash"
+export DATA_DIR="$work/data" LOG=${LOG:-warn}
+started=$(date +%s)
+say() { echo "[$(( $(date +%s) - started ))s] $*"; }
+
+# --- the binary and its files ------------------------------------------------------------
+bin=${MY_CLAW:-}
+if [ -z "$bin" ]; then
+  if [ -f .gpu/my-claw.gz ]; then
+    gzip -dc .gpu/my-claw.gz > "$work/my-claw" && chmod +x "$work/my-claw"
+    bin="$work/my-claw"
+  elif [ -x "$work/my-claw" ]; then
+    bin="$work/my-claw"
+  else
+    bin=target/release/my-claw
+  fi
+fi
+[ -x "$bin" ] || { echo "no my-claw binary (build with --features cuda, or run scripts/gpu-bundle.sh)"; exit 1; }
+tokenizer=tests/assets/qwen3/tokenizer.json
+if [ ! -f "$tokenizer" ] && [ -f .gpu/tokenizer.json.gz ]; then
+  gzip -dc .gpu/tokenizer.json.gz > "$work/tokenizer.json"
+fi
+[ -f "$tokenizer" ] || tokenizer="$work/tokenizer.json"
+
+# SmolLM2: the real file when present, else the bundle's halves (the first half may have
+# come in an earlier call and been stashed).
+[ -f .gpu/smollm2.gz.part-a ] && cp .gpu/smollm2.gz.part-a "$stash/"
+smollm2=$(ls models/SmolLM2-*.gguf 2>/dev/null | head -1)
+if [ -z "$smollm2" ] && [ -f "$stash/smollm2.gz.part-a" ] && [ -f .gpu-b/smollm2.gz.part-b ]; then
+  cat "$stash/smollm2.gz.part-a" .gpu-b/smollm2.gz.part-b | gzip -dc > "$work/smollm2.gguf" \
+    && smollm2="$work/smollm2.gguf"
+fi
+
+# cuBLAS, cuRAND and NVRTC: from the toolchain cache (scripts/cuda-toolchain.sh), a CUDA
+# install, or Python's NVIDIA wheels (PyTorch brings them).
+need_libs="libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libcudart.so.13"
+for lib in $need_libs; do
+  if ! ldconfig -p 2>/dev/null | grep -q "$lib" && ! [ -n "${LD_LIBRARY_PATH:-}" -a -n "$(for d in ${LD_LIBRARY_PATH//:/ }; do ls "$d/$lib" 2>/dev/null; done)" ]; then
+    found=$(find "${XDG_CACHE_HOME:-$HOME/.cache}/my-claw" /usr/local/cuda*/lib64 /usr/local/lib /opt /usr/lib \
+      -name "$lib" -print -quit 2>/dev/null)
+    [ -n "$found" ] && export LD_LIBRARY_PATH="$(dirname "$found")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  fi
+done
+
+say "GPU: $(nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv,noheader 2>&1 | head -1)"
+"$bin" --version
+status=0
+
+# --- 1. files --------------------------------------------------------------------------------
+model8b="$work/qwen3-8b-q4_k_m.gguf"
+if [ ! -f "$model8b" ] && [ "$only" = all ]; then
+  say "writing the Qwen3-8B-shaped Q4_K_M file"
+  "$bin" bench-model --shape qwen3-8b --quant q4_k_m --out "$model8b" --tokenizer "$tokenizer" 2>/dev/null || status=1
+fi
+tiny="$work/tiny-qwen3.gguf"
+[ -f "$tiny" ] || "$bin" bench-model --tiny --out "$tiny" --tokenizer "$tokenizer" 2>/dev/null || status=1
+
+# --- 2. same greedy tokens on CUDA as on the CPU --------------------------------------------
+: > "$out/device-check.jsonl"
+for model in "$tiny" $smollm2; do
+  # f32 keys and values: the strict comparison; f16: what runs in production.
+  for kv in f32 f16; do
+    say "device-check $(basename "$model") (KV $kv)"
+    if ! "$bin" device-check --device cuda --model "$model" --tokens 24 --kv-type "$kv" \
+      >> "$out/device-check.jsonl"; then
+      status=1
+    fi
+  done
+done
+[ -n "$smollm2" ] || say "SmolLM2 not here (models/ or the bundle's two halves): checked on the tiny Qwen3 only"
+
+# --- 3. the bench ----------------------------------------------------------------------------
+if [ "$only" = all ]; then
+say "bench on CUDA: prefill 512/2048/4096, decode at empty context and after each prompt"
+if ! timeout 300 "$bin" --bench --device cuda --model "$model8b" --prompt-tokens 512,2048,4096 \
+  --n-ctx 8192 --gen-tokens 32 --runs 2 --turns 2 --json > "$out/bench-cuda.json"; then
+  status=1
+fi
+say "bench on CUDA: 1, 2 and 4 parallel streams"
+timeout 120 "$bin" --bench --device cuda --model "$model8b" --parallel 1,2,4 --gen-tokens 32 \
+  --runs 2 --json > "$out/bench-cuda-parallel.json" || status=1
+fi
+
+# --- 4. summary ------------------------------------------------------------------------------
+python3 - "$out" <<'EOF' | tee "$out/summary.md"
+import json, sys, os
+out = sys.argv[1]
+def load(name):
+    try:
+        return json.load(open(os.path.join(out, name)))
+    except Exception as e:
+        return {"error": str(e)}
+b = load("bench-cuda.json"); p = load("bench-cuda-parallel.json")
+# Nominal memory bandwidth of the card (bytes/s), for the roofline.
+bw = {"H200": 4.8e12, "H100 80GB HBM3": 3.35e12, "H100 PCIe": 2.0e12, "A100-SXM4-80GB": 2.04e12,
+      "A100-SXM4-40GB": 1.56e12, "L40S": 0.864e12, "RTX 4090": 1.008e12}
+name = b.get("device_name", "?")
+bandwidth = next((v for k, v in bw.items() if k in name), None)
+weights = b.get("weights_mb", 0) * 1e6
+print(f"| GPU check | {name} ({b.get('device', '?')}) |")
+print("| --- | --- |")
+print(f"| model | {os.path.basename(str(b.get('model_file', '?')))} ({b.get('quantization')}, {b.get('weights_mb')} MB of weights on the device) |")
+print(f"| load | {b.get('load_ms')} ms |")
+pre = b.get("prefill_tok_s", {}); dec = b.get("decode_tok_s_by_prompt", {})
+for n in ("512", "2048", "4096"):
+    if n in pre:
+        print(f"| prefill {n} tokens | {pre[n]} tok/s |")
+for key, label in (("short", "empty context"), ("4096", "depth 4096")):
+    if key in dec:
+        roof = f", {dec[key] * weights / bandwidth * 100:.1f} % of the {bandwidth / 1e12:.2f} TB/s roofline" if bandwidth else ""
+        print(f"| decode at {label} | {dec[key]} tok/s{roof} |")
+par = p.get("parallel_decode_tok_s", {})
+if par:
+    print(f"| parallel decode (1/2/4 streams) | {' / '.join(str(par.get(k, '-')) for k in ('1', '2', '4'))} tok/s |")
+print(f"| peak device memory | {b.get('peak_device_memory_mb')} MB (bench), {p.get('peak_device_memory_mb')} MB (parallel) |")
+print(f"| turn TTFT with KV reuse | {b.get('turn_ttft_ms')} ms |")
+for line in open(os.path.join(out, "device-check.jsonl")):
+    try:
+        c = json.loads(line)
+    except ValueError:
+        continue
+    verdict = "same greedy tokens" if c["same_tokens"] else "DIFFERENT greedy tokens"
+    print(f"| {c['model']} CUDA vs CPU, KV {c['kv_type']} | {verdict} ({len(c['cpu_tokens'])}), max logit diff {c['max_abs_logit_diff']:.4f} ({c['max_rel_logit_diff'] * 100:.2f} % of spread), top-1 disagreements {c['top1_disagreements']} (unexplained {c['unexplained_disagreements']}) |")
+if "error" in b:
+    print(f"| bench error | {b['error']} |")
+EOF
+say "done (status $status)"
+exit $status

@@ -1,0 +1,563 @@
+//! The forward pass for Qwen3 and Llama on candle tensors, for any candle device: CUDA in
+//! production (`DEVICE=cuda`), candle's CPU device in the tests that check it against our
+//! own kernels (`model.rs`). Weights stay in their GGUF block formats as `QMatMul`s on the
+//! device (candle's `mmvq`/`mmq` kernels on CUDA); each sequence's keys and values live in a
+//! `DeviceCache` on the same device, apart from the model, so the worker keeps several and
+//! batches them exactly as it does on the CPU. Knows no tokenizer, scheduling or settings.
+
+use std::io::{Read, Seek};
+use std::sync::Arc;
+
+use candle_core::quantized::{gguf_file, QMatMul, QTensor};
+use candle_core::{DType, Device, Module, Tensor, D};
+
+use crate::llm::engine::model::{KvType, Logits, ModelConfig, RopeStyle, SeqBatch};
+
+/// Positions a cache grows by at least: growth copies the cache, so it is rare, and parked
+/// caches are trimmed to this grain.
+const CACHE_GRAIN: usize = 256;
+
+/// The keys and values of one sequence on the device: per layer, one `(kv_heads, capacity,
+/// head_dim)` tensor each for keys and values. The capacity grows (by copying, at least
+/// doubling) as the sequence does, up to `max_tokens`.
+#[derive(Debug)]
+pub struct DeviceCache {
+    /// `(keys, values)` per layer; empty until the first position is stored.
+    layers: Vec<(Tensor, Tensor)>,
+    n_layer: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+    dtype: DType,
+    device: Device,
+    capacity: usize,
+    n_tokens: usize,
+    max_tokens: usize,
+}
+
+impl DeviceCache {
+    /// Positions stored.
+    pub fn len(&self) -> usize {
+        self.n_tokens
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.n_tokens == 0
+    }
+
+    /// The most positions this cache may hold.
+    pub fn max_tokens(&self) -> usize {
+        self.max_tokens
+    }
+
+    /// Forget every position from `n_tokens` on; the memory stays for the next tokens.
+    pub fn truncate(&mut self, n_tokens: usize) {
+        self.n_tokens = self.n_tokens.min(n_tokens);
+    }
+
+    /// Device memory held (what the memory bound must see).
+    pub fn bytes(&self) -> u64 {
+        (self.capacity
+            * self.n_layer
+            * 2
+            * self.n_kv_heads
+            * self.head_dim
+            * self.dtype.size_in_bytes()) as u64
+    }
+
+    /// Give back the memory past the stored positions (to the grain), for a parked cache.
+    pub fn shrink_to_fit(&mut self) -> candle_core::Result<()> {
+        let keep = grain(self.n_tokens).min(self.max_tokens);
+        if keep < self.capacity {
+            self.resize(keep)?;
+        }
+        Ok(())
+    }
+
+    /// A new cache holding a copy of the first `n_tokens` positions.
+    pub fn clone_prefix(&self, n_tokens: usize) -> candle_core::Result<DeviceCache> {
+        let n_tokens = n_tokens.min(self.n_tokens);
+        let mut copy = DeviceCache { layers: Vec::new(), capacity: 0, n_tokens: 0, ..self.shell() };
+        if n_tokens > 0 {
+            copy.capacity = grain(n_tokens).min(self.max_tokens);
+            for (k, v) in &self.layers {
+                let (k2, v2) = (copy.zeros()?, copy.zeros()?);
+                k2.slice_set(&k.narrow(1, 0, n_tokens)?.contiguous()?, 1, 0)?;
+                v2.slice_set(&v.narrow(1, 0, n_tokens)?.contiguous()?, 1, 0)?;
+                copy.layers.push((k2, v2));
+            }
+            copy.n_tokens = n_tokens;
+        }
+        Ok(copy)
+    }
+
+    /// The same shape description with no tensors.
+    fn shell(&self) -> DeviceCache {
+        DeviceCache {
+            layers: Vec::new(),
+            n_layer: self.n_layer,
+            n_kv_heads: self.n_kv_heads,
+            head_dim: self.head_dim,
+            dtype: self.dtype,
+            device: self.device.clone(),
+            capacity: 0,
+            n_tokens: 0,
+            max_tokens: self.max_tokens,
+        }
+    }
+
+    fn zeros(&self) -> candle_core::Result<Tensor> {
+        Tensor::zeros((self.n_kv_heads, self.capacity, self.head_dim), self.dtype, &self.device)
+    }
+
+    /// Make room for `n_new` more positions.
+    fn reserve_for(&mut self, n_new: usize) -> candle_core::Result<()> {
+        let needed = self.n_tokens + n_new;
+        if needed <= self.capacity {
+            return Ok(());
+        }
+        let target = grain(needed.max(2 * self.capacity)).min(self.max_tokens);
+        self.resize(target.max(needed))
+    }
+
+    /// Reallocate every layer to `capacity` positions, keeping the stored ones.
+    fn resize(&mut self, capacity: usize) -> candle_core::Result<()> {
+        let old = std::mem::take(&mut self.layers);
+        self.capacity = capacity;
+        if capacity == 0 {
+            return Ok(());
+        }
+        let kept = self.n_tokens.min(capacity);
+        for l in 0..self.n_layer {
+            let (k, v) = (self.zeros()?, self.zeros()?);
+            if let Some((old_k, old_v)) = old.get(l) {
+                if kept > 0 {
+                    k.slice_set(&old_k.narrow(1, 0, kept)?.contiguous()?, 1, 0)?;
+                    v.slice_set(&old_v.narrow(1, 0, kept)?.contiguous()?, 1, 0)?;
+                }
+            }
+            self.layers.push((k, v));
+        }
+        Ok(())
+    }
+}
+
+fn grain(n: usize) -> usize {
+    n.div_ceil(CACHE_GRAIN) * CACHE_GRAIN
+}
+
+/// A loaded model on a candle device.
+pub struct CandleModel {
+    config: ModelConfig,
+    device: Device,
+    /// Looked up row by row (`QTensor::embedding`); also the output head when tied.
+    token_embd: Arc<QTensor>,
+    layers: Vec<Layer>,
+    output_norm: Tensor,
+    output: QMatMul,
+    /// `(max_positions, head_dim / 2)` f32 tables, computed in f64 like `model.rs`'s.
+    cos: Tensor,
+    sin: Tensor,
+    vocab_size: usize,
+    weight_bytes: u64,
+    kv_dtype: DType,
+}
+
+struct Layer {
+    attn_norm: Tensor,
+    attn_q: QMatMul,
+    attn_k: QMatMul,
+    attn_v: QMatMul,
+    attn_output: QMatMul,
+    q_norm: Option<Tensor>,
+    k_norm: Option<Tensor>,
+    ffn_norm: Tensor,
+    ffn_gate: QMatMul,
+    ffn_up: QMatMul,
+    ffn_down: QMatMul,
+}
+
+impl CandleModel {
+    /// Upload every tensor the forward pass needs from an opened GGUF file to `device`.
+    /// The caller has checked the architecture, read `config` from the metadata and made
+    /// sure the weights fit (`weight_bytes_of`).
+    pub fn load<R: Read + Seek>(
+        content: &gguf_file::Content,
+        reader: &mut R,
+        config: ModelConfig,
+        device: &Device,
+    ) -> candle_core::Result<CandleModel> {
+        let (e, d) = (config.n_embd, config.head_dim);
+        if d % 2 != 0 {
+            candle_core::bail!("head width {d} is not even")
+        }
+        if config.n_head_kv == 0 || !config.n_head.is_multiple_of(config.n_head_kv) {
+            candle_core::bail!("{} query heads over {} KV heads", config.n_head, config.n_head_kv)
+        }
+        let mut loader = Loader { content, reader, device, bytes: 0 };
+        let token_embd = Arc::new(loader.qtensor("token_embd.weight", None)?);
+        let (vocab_size, width) = token_embd.shape().dims2()?;
+        if width != e {
+            candle_core::bail!("token_embd.weight has width {width}, expected {e}")
+        }
+        let (q_width, kv_width) = (config.n_head * d, config.n_head_kv * d);
+        let mut layers = Vec::with_capacity(config.n_layer);
+        for i in 0..config.n_layer {
+            let name = |what: &str| format!("blk.{i}.{what}.weight");
+            let (q_norm, k_norm) = match config.qk_norm {
+                true => (
+                    Some(loader.vector(&name("attn_q_norm"), d)?),
+                    Some(loader.vector(&name("attn_k_norm"), d)?),
+                ),
+                false => (None, None),
+            };
+            let ffn_gate = loader.qtensor(&name("ffn_gate"), None)?;
+            let n_ff = ffn_gate.shape().dims2()?.0;
+            layers.push(Layer {
+                attn_norm: loader.vector(&name("attn_norm"), e)?,
+                attn_q: loader.matmul(&name("attn_q"), (q_width, e))?,
+                attn_k: loader.matmul(&name("attn_k"), (kv_width, e))?,
+                attn_v: loader.matmul(&name("attn_v"), (kv_width, e))?,
+                attn_output: loader.matmul(&name("attn_output"), (e, q_width))?,
+                q_norm,
+                k_norm,
+                ffn_norm: loader.vector(&name("ffn_norm"), e)?,
+                ffn_gate: QMatMul::from_qtensor(check_shape(ffn_gate, (n_ff, e))?)?,
+                ffn_up: loader.matmul(&name("ffn_up"), (n_ff, e))?,
+                ffn_down: loader.matmul(&name("ffn_down"), (e, n_ff))?,
+            });
+        }
+        let output_norm = loader.vector("output_norm.weight", e)?;
+        // Tied embeddings: no output.weight; the embedding table is the output head.
+        let output = if content.tensor_infos.contains_key("output.weight") {
+            loader.matmul("output.weight", (vocab_size, e))?
+        } else {
+            QMatMul::from_arc(token_embd.clone())?
+        };
+        let (cos, sin) = rope_tables(d, config.rope_freq_base, config.max_positions, device)?;
+        let weight_bytes = loader.bytes;
+        let kv_dtype = match config.kv_type {
+            KvType::F16 => DType::F16,
+            KvType::F32 => DType::F32,
+        };
+        Ok(CandleModel {
+            config,
+            device: device.clone(),
+            token_embd,
+            layers,
+            output_norm,
+            output,
+            cos,
+            sin,
+            vocab_size,
+            weight_bytes,
+            kv_dtype,
+        })
+    }
+
+    /// Bytes the weights of `content` take on a device (their stored sizes), to check
+    /// before loading that they fit.
+    pub fn weight_bytes_of(content: &gguf_file::Content) -> u64 {
+        content
+            .tensor_infos
+            .values()
+            .map(|info| {
+                let n = info.shape.elem_count();
+                (n / info.ggml_dtype.block_size() * info.ggml_dtype.type_size()) as u64
+            })
+            .sum()
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.vocab_size
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Device memory the weights hold.
+    pub fn weight_bytes(&self) -> u64 {
+        self.weight_bytes
+    }
+
+    /// An empty cache for one sequence of at most `max_tokens` positions.
+    pub fn new_cache(&self, max_tokens: usize) -> DeviceCache {
+        DeviceCache {
+            layers: Vec::new(),
+            n_layer: self.config.n_layer,
+            n_kv_heads: self.config.n_head_kv,
+            head_dim: self.config.head_dim,
+            dtype: self.kv_dtype,
+            device: self.device.clone(),
+            capacity: 0,
+            n_tokens: 0,
+            max_tokens: max_tokens.min(self.config.max_positions),
+        }
+    }
+
+    /// Run `tokens` at positions `cache.len()..`, append their K/V and return the logits
+    /// (tests and tools; the worker batches through `forward_batch`).
+    pub fn forward(
+        &self,
+        tokens: &[u32],
+        cache: &mut DeviceCache,
+        logits: Logits,
+    ) -> candle_core::Result<Tensor> {
+        let mut out = Vec::new();
+        self.forward_batch(&mut [SeqBatch { tokens, cache, logits: Some(logits) }], &mut out)?;
+        let rows = out.len() / self.vocab_size;
+        Tensor::from_vec(out, (rows, self.vocab_size), &Device::Cpu)
+    }
+
+    /// Run several sequences in one pass, as `Model::forward_batch` does: their rows share
+    /// every matrix product; RoPE and the KV store use each row's own position and attention
+    /// reads each sequence's own cache. `out` gets the requested logits rows, sequence after
+    /// sequence.
+    pub fn forward_batch(
+        &self,
+        seqs: &mut [SeqBatch<'_, DeviceCache>],
+        out: &mut Vec<f32>,
+    ) -> candle_core::Result<()> {
+        if seqs.is_empty() {
+            candle_core::bail!("a batch takes at least one sequence")
+        }
+        for seq in seqs.iter() {
+            if seq.tokens.is_empty() {
+                candle_core::bail!("forward called with no tokens")
+            }
+            if seq.cache.dtype != self.kv_dtype || seq.cache.n_layer != self.config.n_layer {
+                candle_core::bail!("the cache was made for another model")
+            }
+            let end = seq.cache.len() + seq.tokens.len();
+            if end > seq.cache.max_tokens {
+                candle_core::bail!(
+                    "sequence of {end} positions exceeds the cache size {}",
+                    seq.cache.max_tokens
+                )
+            }
+            if let Some(bad) = seq.tokens.iter().find(|&&t| t as usize >= self.vocab_size) {
+                candle_core::bail!("token {bad} is outside the vocabulary of {}", self.vocab_size)
+            }
+        }
+        for seq in seqs.iter_mut() {
+            seq.cache.reserve_for(seq.tokens.len())?;
+        }
+        let cfg = &self.config;
+        let (d, n_head, n_kv) = (cfg.head_dim, cfg.n_head, cfg.n_head_kv);
+        let group = n_head / n_kv;
+        let n_rows: usize = seqs.iter().map(|seq| seq.tokens.len()).sum();
+        let dev = &self.device;
+        let eps = cfg.rms_norm_eps as f32;
+
+        let ids: Vec<u32> = seqs.iter().flat_map(|seq| seq.tokens.iter().copied()).collect();
+        let mut x = self.token_embd.embedding(&Tensor::from_vec(ids, n_rows, dev)?)?;
+        let positions: Vec<u32> = seqs
+            .iter()
+            .flat_map(|seq| (seq.cache.len()..seq.cache.len() + seq.tokens.len()).map(|p| p as u32))
+            .collect();
+        let positions = Tensor::from_vec(positions, n_rows, dev)?;
+        // One row per token, as a batch of one-position sequences for candle's RoPE.
+        let cos = self.cos.index_select(&positions, 0)?.unsqueeze(1)?;
+        let sin = self.sin.index_select(&positions, 0)?.unsqueeze(1)?;
+        // Per sequence: (first row, tokens, start position, causal mask for a chunk).
+        let mut spans = Vec::with_capacity(seqs.len());
+        let mut row = 0;
+        for seq in seqs.iter() {
+            let (t, start) = (seq.tokens.len(), seq.cache.len());
+            let mask = match t {
+                1 => None,
+                _ => Some(causal_mask(t, start, dev)?),
+            };
+            spans.push((row, t, start, mask));
+            row += t;
+        }
+        let scale = 1.0 / (d as f64).sqrt();
+
+        for (l, layer) in self.layers.iter().enumerate() {
+            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
+            let mut q = layer.attn_q.forward(&h)?;
+            let mut k = layer.attn_k.forward(&h)?;
+            let v = layer.attn_v.forward(&h)?.reshape((n_rows, n_kv, d))?;
+            if let (Some(q_norm), Some(k_norm)) = (&layer.q_norm, &layer.k_norm) {
+                q = candle_nn::ops::rms_norm(&q.reshape((n_rows * n_head, d))?, q_norm, eps)?;
+                k = candle_nn::ops::rms_norm(&k.reshape((n_rows * n_kv, d))?, k_norm, eps)?;
+            }
+            let q = self.rope(&q.reshape((n_rows, n_head, 1, d))?, &cos, &sin)?;
+            let k = self.rope(&k.reshape((n_rows, n_kv, 1, d))?, &cos, &sin)?;
+            let (q, k) = (q.squeeze(2)?, k.squeeze(2)?);
+
+            let mut contexts = Vec::with_capacity(seqs.len());
+            for (seq, (row, t, start, mask)) in seqs.iter_mut().zip(&spans) {
+                let (row, t, start) = (*row, *t, *start);
+                let (cache_k, cache_v) = &seq.cache.layers[l];
+                // Store this chunk's keys and values at its positions: (kv_heads, t, d).
+                let k_new = k.narrow(0, row, t)?.transpose(0, 1)?.to_dtype(self.kv_dtype)?;
+                let v_new = v.narrow(0, row, t)?.transpose(0, 1)?.to_dtype(self.kv_dtype)?;
+                cache_k.slice_set(&k_new.contiguous()?, 1, start)?;
+                cache_v.slice_set(&v_new.contiguous()?, 1, start)?;
+                let len = start + t;
+                let keys = cache_k.narrow(1, 0, len)?;
+                let values = cache_v.narrow(1, 0, len)?;
+                // Grouped-query attention without copying the keys: the query heads that
+                // share a KV head are stacked as rows of one product, (kv_heads, group·t, d).
+                let q_s = (q.narrow(0, row, t)?.transpose(0, 1)? * scale)?
+                    .contiguous()?
+                    .reshape((n_kv, group * t, d))?
+                    .to_dtype(self.kv_dtype)?;
+                let mut scores = q_s.matmul(&keys.t()?)?.to_dtype(DType::F32)?;
+                if let Some(mask) = mask {
+                    scores = scores
+                        .reshape((n_kv, group, t, len))?
+                        .broadcast_add(mask)?
+                        .reshape((n_kv, group * t, len))?;
+                }
+                let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(self.kv_dtype)?;
+                let context = probs
+                    .matmul(&values)?
+                    .reshape((n_head, t, d))?
+                    .transpose(0, 1)?
+                    .contiguous()?
+                    .reshape((t, n_head * d))?
+                    .to_dtype(DType::F32)?;
+                contexts.push(context);
+            }
+            let context = match contexts.len() {
+                1 => contexts.pop().expect("one context"),
+                _ => Tensor::cat(&contexts, 0)?,
+            };
+            x = (x + layer.attn_output.forward(&context)?)?;
+
+            let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
+            let gate = layer.ffn_gate.forward(&h)?;
+            let up = layer.ffn_up.forward(&h)?;
+            let act = (candle_nn::ops::silu(&gate)? * up)?;
+            x = (x + layer.ffn_down.forward(&act)?)?;
+        }
+        for seq in seqs.iter_mut() {
+            seq.cache.n_tokens += seq.tokens.len();
+        }
+
+        // The output head, only for the rows whose logits were asked for.
+        let mut wanted = Vec::new();
+        for (seq, (row, t, _, _)) in seqs.iter().zip(&spans) {
+            let first = match seq.logits {
+                None => continue,
+                Some(Logits::Last) => row + t - 1,
+                Some(Logits::All) => *row,
+            };
+            wanted.extend((first..row + t).map(|r| r as u32));
+        }
+        out.clear();
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        let n_out = wanted.len();
+        let rows = x.index_select(&Tensor::from_vec(wanted, n_out, dev)?, 0)?;
+        let normed = candle_nn::ops::rms_norm(&rows, &self.output_norm, eps)?;
+        let logits = self.output.forward(&normed)?.to_dtype(DType::F32)?;
+        out.extend(logits.flatten_all()?.to_vec1::<f32>()?);
+        Ok(())
+    }
+
+    fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+        match self.config.rope_style {
+            RopeStyle::Neox => candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin),
+            RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i(&x.contiguous()?, cos, sin),
+        }
+    }
+}
+
+/// `(t, start + t)`: row `i` (position `start + i`) sees keys `0..=start + i`.
+fn causal_mask(t: usize, start: usize, dev: &Device) -> candle_core::Result<Tensor> {
+    let len = start + t;
+    let mask: Vec<f32> = (0..t)
+        .flat_map(|i| (0..len).map(move |j| if j <= start + i { 0.0 } else { f32::NEG_INFINITY }))
+        .collect();
+    Tensor::from_vec(mask, (t, len), dev)
+}
+
+/// cos/sin of `position * inv_freq[i]` in f64, stored as f32, uploaded once.
+fn rope_tables(
+    head_dim: usize,
+    base: f32,
+    n_positions: usize,
+    device: &Device,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let half = head_dim / 2;
+    let inv_freq: Vec<f64> =
+        (0..half).map(|i| 1.0 / (base as f64).powf((2 * i) as f64 / head_dim as f64)).collect();
+    let mut cos = Vec::with_capacity(n_positions * half);
+    let mut sin = Vec::with_capacity(n_positions * half);
+    for pos in 0..n_positions {
+        for freq in &inv_freq {
+            let angle = pos as f64 * freq;
+            cos.push(angle.cos() as f32);
+            sin.push(angle.sin() as f32);
+        }
+    }
+    Ok((
+        Tensor::from_vec(cos, (n_positions, half), device)?,
+        Tensor::from_vec(sin, (n_positions, half), device)?,
+    ))
+}
+
+fn check_shape(t: QTensor, (rows, cols): (usize, usize)) -> candle_core::Result<QTensor> {
+    match t.shape().dims() {
+        [r, c] if (*r, *c) == (rows, cols) => Ok(t),
+        dims => candle_core::bail!("a matrix is {dims:?}, expected [{rows}, {cols}]"),
+    }
+}
+
+/// Reads tensors of one GGUF file onto the device for `CandleModel::load`, counting bytes.
+struct Loader<'a, R> {
+    content: &'a gguf_file::Content,
+    reader: &'a mut R,
+    device: &'a Device,
+    bytes: u64,
+}
+
+impl<R: Read + Seek> Loader<'_, R> {
+    fn qtensor(
+        &mut self,
+        name: &str,
+        shape: Option<(usize, usize)>,
+    ) -> candle_core::Result<QTensor> {
+        if !self.content.tensor_infos.contains_key(name) {
+            candle_core::bail!("tensor {name} is missing")
+        }
+        let t = self.content.tensor(self.reader, name, self.device)?;
+        self.bytes += t.storage_size_in_bytes() as u64;
+        match shape {
+            Some(shape) => check_shape(t, shape)
+                .map_err(|e| candle_core::Error::Msg(format!("tensor {name}: {e}"))),
+            None => match t.shape().dims().len() {
+                2 => Ok(t),
+                _ => {
+                    candle_core::bail!("tensor {name} has shape {:?}, expected a matrix", t.shape())
+                }
+            },
+        }
+    }
+
+    fn matmul(&mut self, name: &str, shape: (usize, usize)) -> candle_core::Result<QMatMul> {
+        QMatMul::from_qtensor(self.qtensor(name, Some(shape))?)
+    }
+
+    /// A vector of `len` values (norm weights), as f32 on the device.
+    fn vector(&mut self, name: &str, len: usize) -> candle_core::Result<Tensor> {
+        if !self.content.tensor_infos.contains_key(name) {
+            candle_core::bail!("tensor {name} is missing")
+        }
+        let t = self.content.tensor(self.reader, name, self.device)?.dequantize(self.device)?;
+        let t = t.flatten_all()?;
+        if t.dim(D::Minus1)? != len {
+            candle_core::bail!("tensor {name} has {} values, expected {len}", t.elem_count())
+        }
+        self.bytes += (len * 4) as u64;
+        Ok(t)
+    }
+}
