@@ -68,6 +68,8 @@ fi
 echo "export CUDA_HOME='$home'"
 echo "export PATH='$home/bin':\"\$PATH\""
 echo "export CUDARC_CUDA_VERSION=13000"
+# candle's kernels compile one file per thread, half the cores by default: all of them.
+echo "export CUDAFORGE_THREADS=\${CUDAFORGE_THREADS:-$(nproc)}"
 if [ "$mode" = full ]; then
   # cuBLAS, cuRAND and NVRTC from the cache at run time; the driver from the system.
   echo "export LD_LIBRARY_PATH='$home/lib'\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}"

@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use serde::Serialize;
+use serde_json::json;
 
 use crate::domain::{ChatTurn, Role};
 use crate::llm::engine::candle_model::CandleModel;
@@ -37,7 +37,7 @@ pub struct DeviceCheckArgs {
 pub const DEFAULT_PROMPT: &str = "What is the capital of France?";
 
 /// What the two forward passes gave.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
 pub struct Comparison {
     pub model: String,
     pub kv_type: &'static str,
@@ -73,7 +73,7 @@ pub fn run(args: &DeviceCheckArgs, device: &ComputeDevice) -> anyhow::Result<()>
         anyhow::bail!("--kv-type {}: must be f16 or f32", args.kv_type)
     };
     let result = compare(&args.model, &device, &args.prompt, args.tokens, kv_type)?;
-    println!("{}", serde_json::to_string(&result)?);
+    println!("{}", result.to_json());
     if !result.same_tokens || result.unexplained_disagreements > 0 {
         anyhow::bail!(
             "{}: the greedy tokens differ between the CPU and {}",
@@ -199,6 +199,26 @@ pub fn compare(
         top1_disagreements: disagreements,
         unexplained_disagreements: unexplained,
     })
+}
+
+impl Comparison {
+    /// One JSON line, as `device-check` prints it (and `scripts/gpu-check.sh` reads it).
+    pub fn to_json(&self) -> serde_json::Value {
+        json!({
+            "model": self.model,
+            "kv_type": self.kv_type,
+            "device": self.device,
+            "device_name": self.device_name,
+            "prompt_tokens": self.prompt_tokens,
+            "cpu_tokens": self.cpu_tokens,
+            "device_tokens": self.device_tokens,
+            "same_tokens": self.same_tokens,
+            "max_abs_logit_diff": self.max_abs_logit_diff,
+            "max_rel_logit_diff": self.max_rel_logit_diff,
+            "top1_disagreements": self.top1_disagreements,
+            "unexplained_disagreements": self.unexplained_disagreements,
+        })
+    }
 }
 
 fn argmax(logits: &[f32]) -> u32 {

@@ -40,7 +40,7 @@ fn candle_forward_gives_our_kernels_greedy_tokens_on_tiny_qwen3_and_smollm2() {
     {
         let result =
             device_check::compare(&path, &candle_cpu(), DEFAULT_PROMPT, 24, KvType::F32).unwrap();
-        eprintln!("{}", serde_json::to_string(&result).unwrap());
+        eprintln!("{}", result.to_json());
         assert_eq!(result.device, "candle-cpu");
         assert_eq!(result.cpu_tokens.len(), 24);
         assert!(result.same_tokens, "{}: greedy tokens differ: {result:?}", path.display());

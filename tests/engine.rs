@@ -435,6 +435,12 @@ async fn local_provider_streams_and_reports_itself() {
     let info = provider.info();
     assert_eq!(info.provider, "local");
     assert!(!info.leaves_machine);
+    // Where it runs, for /api/health: our kernels, with the file's weights.
+    let device = provider.device().expect("a loaded local model reports its device");
+    assert_eq!(device.device, "cpu");
+    assert!(!device.device_name.is_empty());
+    assert!(device.weights_bytes > 50_000_000, "{device:?}");
+    assert_eq!(device.device_memory_used_bytes, None, "no GPU memory on the CPU");
     let request = LlmRequest {
         messages: vec![user("Say hello.")],
         params: GenerationParams::greedy(6),

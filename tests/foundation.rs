@@ -55,6 +55,17 @@ fn bad_configuration_exits_with_one_clear_line() {
     check_config_error(&["serve"], &[("REQUEST_BODY_TIMEOUT", "2d")], "must be at most 1h");
     check_config_error(&["serve"], &[("ZAI_TIMEOUT_SECS", "0")], "ZAI_TIMEOUT_SECS=0");
 
+    // Devices: an unknown one, a bad budget, and CUDA from a binary built without it.
+    check_config_error(&["serve"], &[("DEVICE", "tpu")], "DEVICE=tpu: unknown device");
+    check_config_error(&["serve"], &[("GPU_MEMORY_BUDGET", "lots")], "GPU_MEMORY_BUDGET=lots");
+    if !cfg!(feature = "cuda") {
+        check_config_error(
+            &["--device", "cuda", "serve"],
+            &[],
+            "DEVICE=cuda:0: this binary was built without CUDA",
+        );
+    }
+
     // Tier settings are settings like the others: one line, exit 2.
     check_config_error(&["serve"], &[("DEFAULT_TIER", "x")], "DEFAULT_TIER=x: unknown tier");
     check_config_error(

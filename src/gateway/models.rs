@@ -50,7 +50,32 @@ pub struct TierJson {
     pub remote: Option<RemoteJson>,
     /// Set for a loaded local model: its device (`cpu`, `cuda:0`), the device's name and
     /// the memory its weights and kept KV state hold.
-    pub device: Option<crate::llm::DeviceUse>,
+    pub device: Option<DeviceJson>,
+}
+
+/// Where a loaded local model runs and the memory it holds.
+#[derive(Debug, Serialize)]
+pub struct DeviceJson {
+    /// `cpu` or `cuda:N`.
+    pub device: String,
+    pub device_name: String,
+    pub weights_bytes: u64,
+    /// KV state kept for the next turns of conversations.
+    pub kv_kept_bytes: u64,
+    /// A GPU's memory in use now (all processes) and its size; `null` on the CPU.
+    pub device_memory_used_bytes: Option<u64>,
+    pub device_memory_total_bytes: Option<u64>,
+}
+
+fn device_json(device: crate::llm::DeviceUse) -> DeviceJson {
+    DeviceJson {
+        device: device.device,
+        device_name: device.device_name,
+        weights_bytes: device.weights_bytes,
+        kv_kept_bytes: device.kv_kept_bytes,
+        device_memory_used_bytes: device.device_memory_used_bytes,
+        device_memory_total_bytes: device.device_memory_total_bytes,
+    }
 }
 
 /// A remote tier's server as last seen (checked in the background, never at start-up).
@@ -124,7 +149,7 @@ fn tier_json(status: TierStatus) -> TierJson {
         pull_command: status.pull_command,
         detail: status.detail,
         remote: status.remote.map(remote_json),
-        device: status.device,
+        device: status.device.map(device_json),
     }
 }
 

@@ -217,7 +217,7 @@ pub struct ProviderInfo {
 }
 
 /// A loaded local model's device and memory, for `/api/health` and `/api/models`.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceUse {
     /// `cpu` or `cuda:N`.
     pub device: String,

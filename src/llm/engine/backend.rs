@@ -11,7 +11,9 @@ use crate::llm::engine::candle_model::{CandleModel, DeviceCache};
 use crate::llm::engine::device::ComputeDevice;
 use crate::llm::engine::model::{KernelCache, KvCache, Model, ModelConfig, SeqBatch};
 
-/// A loaded model.
+/// A loaded model. One per engine thread, made once and never moved in a hot path, so the
+/// size difference between the variants costs nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Backend {
     Kernels(Model),
     Candle(CandleModel),

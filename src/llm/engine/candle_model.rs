@@ -5,10 +5,11 @@
 //! `DeviceCache` on the same device, apart from the model, so the worker keeps several and
 //! batches them exactly as it does on the CPU. Knows no tokenizer, scheduling or settings.
 
-use std::io::{Read, Seek};
+use std::io::{Read, Seek, SeekFrom};
 use std::sync::Arc;
 
-use candle_core::quantized::{gguf_file, QMatMul, QTensor};
+use candle_core::quantized::ggml_file::qtensor_from_ggml;
+use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor, D};
 
 use crate::llm::engine::model::{KvType, Logits, ModelConfig, RopeStyle, SeqBatch};
@@ -164,16 +165,46 @@ pub struct CandleModel {
 
 struct Layer {
     attn_norm: Tensor,
-    attn_q: QMatMul,
-    attn_k: QMatMul,
-    attn_v: QMatMul,
+    /// Queries, keys and values.
+    qkv: Projection,
     attn_output: QMatMul,
+    /// Qwen3's per-head norms; the query's carries the attention scale `1/√d` too.
     q_norm: Option<Tensor>,
     k_norm: Option<Tensor>,
     ffn_norm: Tensor,
-    ffn_gate: QMatMul,
-    ffn_up: QMatMul,
+    /// Gate and up.
+    gate_up: Projection,
     ffn_down: QMatMul,
+}
+
+/// Several matrices applied to the same input. Those stored in the same block format are
+/// stacked into one matrix at load, so a decode step quantizes the input once and runs one
+/// kernel for them: on a GPU, where a step is a sequence of small kernels, fewer kernels is
+/// what makes it faster.
+struct Projection {
+    /// Each group: one (possibly stacked) matrix and the widths of its parts, in order.
+    groups: Vec<(QMatMul, Vec<usize>)>,
+}
+
+impl Projection {
+    /// The products of `x` with every part, in the order they were loaded. A part of a
+    /// stacked product is a view of its columns (contiguous for one row).
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Vec<Tensor>> {
+        let mut parts = Vec::new();
+        for (matrix, widths) in &self.groups {
+            let y = matrix.forward(x)?;
+            if widths.len() == 1 {
+                parts.push(y);
+                continue;
+            }
+            let mut at = 0;
+            for &width in widths {
+                parts.push(y.narrow(D::Minus1, at, width)?);
+                at += width;
+            }
+        }
+        Ok(parts)
+    }
 }
 
 impl CandleModel {
@@ -200,29 +231,35 @@ impl CandleModel {
             candle_core::bail!("token_embd.weight has width {width}, expected {e}")
         }
         let (q_width, kv_width) = (config.n_head * d, config.n_head_kv * d);
+        let scale = 1.0 / (d as f64).sqrt();
         let mut layers = Vec::with_capacity(config.n_layer);
         for i in 0..config.n_layer {
             let name = |what: &str| format!("blk.{i}.{what}.weight");
             let (q_norm, k_norm) = match config.qk_norm {
                 true => (
-                    Some(loader.vector(&name("attn_q_norm"), d)?),
+                    // The attention scale folded into the query's norm: one op fewer.
+                    Some((loader.vector(&name("attn_q_norm"), d)? * scale)?),
                     Some(loader.vector(&name("attn_k_norm"), d)?),
                 ),
                 false => (None, None),
             };
-            let ffn_gate = loader.qtensor(&name("ffn_gate"), None)?;
-            let n_ff = ffn_gate.shape().dims2()?.0;
+            let n_ff = match content.tensor_infos.get(&name("ffn_gate")) {
+                Some(info) => info.shape.dims2()?.0,
+                None => candle_core::bail!("tensor {} is missing", name("ffn_gate")),
+            };
             layers.push(Layer {
                 attn_norm: loader.vector(&name("attn_norm"), e)?,
-                attn_q: loader.matmul(&name("attn_q"), (q_width, e))?,
-                attn_k: loader.matmul(&name("attn_k"), (kv_width, e))?,
-                attn_v: loader.matmul(&name("attn_v"), (kv_width, e))?,
+                qkv: loader.projection(&[
+                    (&name("attn_q"), (q_width, e)),
+                    (&name("attn_k"), (kv_width, e)),
+                    (&name("attn_v"), (kv_width, e)),
+                ])?,
                 attn_output: loader.matmul(&name("attn_output"), (e, q_width))?,
                 q_norm,
                 k_norm,
                 ffn_norm: loader.vector(&name("ffn_norm"), e)?,
-                ffn_gate: QMatMul::from_qtensor(check_shape(ffn_gate, (n_ff, e))?)?,
-                ffn_up: loader.matmul(&name("ffn_up"), (n_ff, e))?,
+                gate_up: loader
+                    .projection(&[(&name("ffn_gate"), (n_ff, e)), (&name("ffn_up"), (n_ff, e))])?,
                 ffn_down: loader.matmul(&name("ffn_down"), (e, n_ff))?,
             });
         }
@@ -375,16 +412,24 @@ impl CandleModel {
             spans.push((row, t, start, mask));
             row += t;
         }
-        let scale = 1.0 / (d as f64).sqrt();
+        // Qwen3 scales queries in their norm's weights (see `load`); Llama here.
+        let scale = match cfg.qk_norm {
+            true => None,
+            false => Some(1.0 / (d as f64).sqrt()),
+        };
 
         for (l, layer) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
-            let mut q = layer.attn_q.forward(&h)?;
-            let mut k = layer.attn_k.forward(&h)?;
-            let v = layer.attn_v.forward(&h)?.reshape((n_rows, n_kv, d))?;
+            let [mut q, mut k, v]: [Tensor; 3] = match layer.qkv.forward(&h)?.try_into() {
+                Ok(parts) => parts,
+                Err(_) => candle_core::bail!("the attention projection has three parts"),
+            };
+            // Views of a stacked product are contiguous for one row; copied otherwise.
+            let v = v.contiguous()?.reshape((n_rows, n_kv, d))?;
             if let (Some(q_norm), Some(k_norm)) = (&layer.q_norm, &layer.k_norm) {
-                q = candle_nn::ops::rms_norm(&q.reshape((n_rows * n_head, d))?, q_norm, eps)?;
-                k = candle_nn::ops::rms_norm(&k.reshape((n_rows * n_kv, d))?, k_norm, eps)?;
+                let (q_rows, k_rows) = (q.contiguous()?, k.contiguous()?);
+                q = candle_nn::ops::rms_norm(&q_rows.reshape((n_rows * n_head, d))?, q_norm, eps)?;
+                k = candle_nn::ops::rms_norm(&k_rows.reshape((n_rows * n_kv, d))?, k_norm, eps)?;
             }
             let q = self.rope(&q.reshape((n_rows, n_head, 1, d))?, &cos, &sin)?;
             let k = self.rope(&k.reshape((n_rows, n_kv, 1, d))?, &cos, &sin)?;
@@ -404,10 +449,13 @@ impl CandleModel {
                 let values = cache_v.narrow(1, 0, len)?;
                 // Grouped-query attention without copying the keys: the query heads that
                 // share a KV head are stacked as rows of one product, (kv_heads, group·t, d).
-                let q_s = (q.narrow(0, row, t)?.transpose(0, 1)? * scale)?
-                    .contiguous()?
-                    .reshape((n_kv, group * t, d))?
-                    .to_dtype(self.kv_dtype)?;
+                let q_s = q.narrow(0, row, t)?.transpose(0, 1)?;
+                let q_s = match scale {
+                    Some(scale) => (q_s * scale)?,
+                    None => q_s,
+                };
+                let q_s =
+                    q_s.contiguous()?.reshape((n_kv, group * t, d))?.to_dtype(self.kv_dtype)?;
                 let mut scores = q_s.matmul(&keys.t()?)?.to_dtype(DType::F32)?;
                 if let Some(mask) = mask {
                     scores = scores
@@ -432,8 +480,10 @@ impl CandleModel {
             x = (x + layer.attn_output.forward(&context)?)?;
 
             let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
-            let gate = layer.ffn_gate.forward(&h)?;
-            let up = layer.ffn_up.forward(&h)?;
+            let [gate, up]: [Tensor; 2] = match layer.gate_up.forward(&h)?.try_into() {
+                Ok(parts) => parts,
+                Err(_) => candle_core::bail!("the feed-forward projection has two parts"),
+            };
             let act = (candle_nn::ops::silu(&gate)? * up)?;
             x = (x + layer.ffn_down.forward(&act)?)?;
         }
@@ -541,6 +591,45 @@ impl<R: Read + Seek> Loader<'_, R> {
                 }
             },
         }
+    }
+
+    /// The matrices `parts` (name, shape), all with the same input width, as a `Projection`:
+    /// consecutive parts in the same block format are stacked row-wise into one matrix (the
+    /// rows of a block-format matrix are independent runs of bytes, so stacking is
+    /// concatenating them).
+    fn projection(&mut self, parts: &[(&str, (usize, usize))]) -> candle_core::Result<Projection> {
+        let mut groups: Vec<(Vec<u8>, GgmlDType, usize, Vec<usize>)> = Vec::new();
+        for &(name, (rows, cols)) in parts {
+            let Some(info) = self.content.tensor_infos.get(name) else {
+                candle_core::bail!("tensor {name} is missing")
+            };
+            if info.shape.dims() != [rows, cols] {
+                candle_core::bail!(
+                    "tensor {name} has shape {:?}, expected [{rows}, {cols}]",
+                    info.shape
+                )
+            }
+            let dtype = info.ggml_dtype;
+            let n_bytes = rows * cols / dtype.block_size() * dtype.type_size();
+            let mut bytes = vec![0u8; n_bytes];
+            self.reader.seek(SeekFrom::Start(self.content.tensor_data_offset + info.offset))?;
+            self.reader.read_exact(&mut bytes)?;
+            match groups.last_mut() {
+                Some((data, ty, _, widths)) if *ty == dtype => {
+                    data.extend_from_slice(&bytes);
+                    widths.push(rows);
+                }
+                _ => groups.push((bytes, dtype, cols, vec![rows])),
+            }
+        }
+        let mut out = Vec::with_capacity(groups.len());
+        for (data, dtype, cols, widths) in groups {
+            let rows = widths.iter().sum();
+            let tensor = qtensor_from_ggml(dtype, &data, vec![rows, cols], self.device)?;
+            self.bytes += tensor.storage_size_in_bytes() as u64;
+            out.push((QMatMul::from_qtensor(tensor)?, widths));
+        }
+        Ok(Projection { groups: out })
     }
 
     fn matmul(&mut self, name: &str, shape: (usize, usize)) -> candle_core::Result<QMatMul> {

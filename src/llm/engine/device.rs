@@ -3,8 +3,6 @@
 //! `/api/health` and the bench. The only engine file with `cfg(feature = "cuda")` code;
 //! knows nothing of models.
 
-use serde::Serialize;
-
 /// The `DEVICE` setting as typed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeviceSetting {
@@ -100,7 +98,7 @@ impl ComputeDevice {
 }
 
 /// A device as reported to people.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct DeviceInfo {
     /// `cpu`, `cuda:0`, or `candle-cpu` (tests).
     pub id: String,
@@ -119,11 +117,20 @@ impl DeviceInfo {
 }
 
 #[cfg(feature = "cuda")]
+#[allow(unsafe_code)]
 fn open_cuda(ordinal: usize) -> Result<ComputeDevice, String> {
     // One line: candle appends a backtrace to its errors when RUST_BACKTRACE is set.
-    candle_core::Device::new_cuda(ordinal)
-        .map(ComputeDevice::Candle)
-        .map_err(|e| e.to_string().lines().next().unwrap_or_default().to_string())
+    let device = candle_core::Device::new_cuda(ordinal)
+        .map_err(|e| e.to_string().lines().next().unwrap_or_default().to_string())?;
+    if let candle_core::Device::Cuda(cuda) = &device {
+        // SAFETY: cudarc's event tracking (two CUDA events made and destroyed with every
+        // allocation, that is with nearly every op) orders the uses of a buffer across
+        // streams. candle runs each thread on its own per-thread stream, and every tensor
+        // of a model is made, used and freed on that model's engine thread (the bench's
+        // and `device-check`'s on theirs), so no buffer is shared between streams.
+        unsafe { cuda.disable_event_tracking() };
+    }
+    Ok(ComputeDevice::Candle(device))
 }
 
 #[cfg(not(feature = "cuda"))]
