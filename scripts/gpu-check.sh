@@ -7,13 +7,16 @@
 #      CPU kernels (`device-check`);
 #   3. runs `--bench --device cuda` on the 8B file: prefill at 512 and 2048 tokens, decode at
 #      an empty context and at depth 4096, peak device memory;
-#   4. prints one summary table (and writes summary.md and the JSON files to $OUT or
+#   4. serves on the GPU: `my-claw serve` with the 8B file answers one WebChat message and
+#      `/api/health` names the GPU; a model whose KV bound cannot fit is refused at load;
+#   5. prints one summary table (and writes summary.md and the JSON files to $OUT or
 #      target/gpu-check).
 # Sized to finish in well under 8 minutes on an H100-class GPU.
 #
 #   scripts/gpu-check.sh                 # binary: target/release/my-claw, or .gpu/ (below)
 #   MY_CLAW=path/to/my-claw scripts/gpu-check.sh
 #   scripts/gpu-check.sh device-check    # only step 2 (e.g. once SmolLM2's second half came)
+#   scripts/gpu-check.sh serve           # only step 4
 #
 # On a machine without Rust, `scripts/gpu-bundle.sh` (run where the binary was built) packs
 # the binary, the tokenizer and SmolLM2 into .gpu/ (and .gpu-b/, the second half of SmolLM2
@@ -74,7 +77,7 @@ status=0
 
 # --- 1. files --------------------------------------------------------------------------------
 model8b="$work/qwen3-8b-q4_k_m.gguf"
-if [ ! -f "$model8b" ] && [ "$only" = all ]; then
+if [ ! -f "$model8b" ] && [ "$only" != device-check ]; then
   say "writing the Qwen3-8B-shaped Q4_K_M file"
   "$bin" bench-model --shape qwen3-8b --quant q4_k_m --out "$model8b" --tokenizer "$tokenizer" 2>/dev/null || status=1
 fi
@@ -83,7 +86,8 @@ tiny="$work/tiny-qwen3.gguf"
 
 # --- 2. same greedy tokens on CUDA as on the CPU --------------------------------------------
 : > "$out/device-check.jsonl"
-for model in "$tiny" $smollm2; do
+[ "$only" = serve ] && tiny="" smollm2=""
+for model in $tiny $smollm2; do
   # f32 keys and values: the strict comparison; f16: what runs in production.
   for kv in f32 f16; do
     say "device-check $(basename "$model") (KV $kv)"
@@ -93,7 +97,7 @@ for model in "$tiny" $smollm2; do
     fi
   done
 done
-[ -n "$smollm2" ] || say "SmolLM2 not here (models/ or the bundle's two halves): checked on the tiny Qwen3 only"
+[ -n "$smollm2" ] || [ "$only" = serve ] || say "SmolLM2 not here (models/ or the bundle's two halves): checked on the tiny Qwen3 only"
 
 # --- 3. the bench ----------------------------------------------------------------------------
 if [ "$only" = all ]; then
@@ -107,7 +111,59 @@ timeout 120 "$bin" --bench --device cuda --model "$model8b" --parallel 1,2,4 --g
   --runs 2 --json > "$out/bench-cuda-parallel.json" || status=1
 fi
 
-# --- 4. summary ------------------------------------------------------------------------------
+# --- 4. the server on the GPU ---------------------------------------------------------------
+if [ "$only" = all ] || [ "$only" = serve ]; then
+  say "serve on the GPU: one WebChat answer from the 8B file, then /api/health"
+  port=39217
+  token=gpu-check-token-0123456789abcdef
+  rm -rf "$work/serve-data"
+  DATA_DIR="$work/serve-data" WEBCHAT_TOKEN=$token MODEL_MAIN="$model8b" MODEL_FAST="$model8b" \
+    MODEL_SMART="$model8b" DEVICE=${GPU_CHECK_DEVICE:-cuda} BIND=127.0.0.1:$port LOG=info \
+    "$bin" serve > "$out/serve.log" 2>&1 &
+  server=$!
+  python3 - "$port" "$token" > "$out/serve-check.json" <<'EOF' || status=1
+import json, sys, time, urllib.request
+port, token = sys.argv[1], sys.argv[2]
+base = f"http://127.0.0.1:{port}"
+auth = {"Authorization": f"Bearer {token}"}
+for _ in range(300):  # at most 60 s for the server to listen
+    try:
+        urllib.request.urlopen(base + "/api/health", timeout=2)
+        break
+    except Exception:
+        time.sleep(0.2)
+body = json.dumps({"message": "Say hello in five words.", "tier": "main"}).encode()
+request = urllib.request.Request(base + "/api/chat", body, {**auth, "Content-Type": "application/json"})
+tokens, done, error = 0, None, None
+with urllib.request.urlopen(request, timeout=120) as response:
+    for raw in response:
+        line = raw.decode().strip()
+        if not line.startswith("data:"):
+            continue
+        event = json.loads(line[5:])
+        if event.get("type") == "token":
+            tokens += 1
+        elif event.get("type") == "done":
+            done = event
+            break
+        elif event.get("type") == "error":
+            error = event
+            break
+health = json.load(urllib.request.urlopen(urllib.request.Request(base + "/api/health", headers=auth)))
+main = next(t for t in health["models"] if t["tier"] == "main")
+print(json.dumps({"tokens": tokens, "done": done is not None, "error": error, "main_state": main["state"], "device": main.get("device")}))
+ok = done and tokens > 0 and (main.get("device") or {}).get("device", "").startswith("cuda")
+sys.exit(0 if ok else 1)
+EOF
+  kill "$server" 2>/dev/null; wait "$server" 2>/dev/null
+  grep -m1 "model loaded" "$out/serve.log" | sed 's/^.*INFO //' > "$out/serve-loaded.txt"
+  say "a model whose KV bound cannot fit is refused at load"
+  echo hi | GPU_MEMORY_BUDGET=1000GiB KV_CACHE_MEMORY=200GiB timeout 60 "$bin" chat --device cuda \
+    --model "$model8b" > "$out/over-budget.txt" 2>&1 && status=1
+  grep -q "needs .* of GPU memory" "$out/over-budget.txt" || status=1
+fi
+
+# --- 5. summary ------------------------------------------------------------------------------
 python3 - "$out" <<'EOF' | tee "$out/summary.md"
 import json, sys, os
 out = sys.argv[1]
@@ -149,6 +205,18 @@ for line in open(os.path.join(out, "device-check.jsonl")):
     print(f"| {c['model']} CUDA vs CPU, KV {c['kv_type']} | {verdict} ({len(c['cpu_tokens'])}), max logit diff {c['max_abs_logit_diff']:.4f} ({c['max_rel_logit_diff'] * 100:.2f} % of spread), top-1 disagreements {c['top1_disagreements']} (unexplained {c['unexplained_disagreements']}) |")
 if "error" in b:
     print(f"| bench error | {b['error']} |")
+try:
+    s = json.load(open(os.path.join(out, "serve-check.json")))
+    d = s.get("device") or {}
+    used = d.get("device_memory_used_bytes") or 0
+    print(f"| serve on the GPU | {'answered' if s['done'] else 'NOT answered'} ({s['tokens']} tokens); /api/health main: {d.get('device')} {d.get('device_name')}, weights {d.get('weights_bytes', 0) / 1e6:.0f} MB, GPU memory in use {used / 1e6:.0f} MB |")
+except Exception as e:
+    print(f"| serve on the GPU | not run or failed ({e}) |")
+try:
+    refusal = [l for l in open(os.path.join(out, "over-budget.txt")) if "GPU memory" in l]
+    print(f"| over the GPU's memory | {refusal[0].strip() if refusal else 'NOT refused'} |")
+except Exception as e:
+    print(f"| over the GPU's memory | not run ({e}) |")
 EOF
 say "done (status $status)"
 exit $status

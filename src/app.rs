@@ -19,7 +19,7 @@ use crate::channels::whatsapp::WhatsApp;
 use crate::channels::{Channel, Channels};
 use crate::config::{Config, EngineSettings, RouterSettings, Secret, Settings};
 use crate::gateway::{self, AppState};
-use crate::llm::engine::{EngineConfig, EngineHandle, LoadProgress};
+use crate::llm::engine::{EngineHandle, LoadProgress};
 use crate::llm::hub::ModelSpec;
 use crate::llm::pool::ModelLoader;
 use crate::llm::providers::local::LocalProvider;
@@ -84,16 +84,18 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    match cli.command.unwrap_or(Command::Serve) {
+    let result = match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => runtime.block_on(serve(settings)),
-        Command::Chat(args) => runtime.block_on(crate::chat::run(args)),
+        Command::Chat(args) => runtime.block_on(crate::chat::run(args, &settings.engine)),
         Command::Bench(args) => {
             let data_dir = settings.data_dir.clone();
             runtime.block_on(crate::bench::run(&args, &data_dir, &settings.engine.device))
         }
         Command::Models(cmd) => runtime.block_on(crate::models::run(cmd, &settings.router)),
         Command::BenchModel(args) => crate::bench_model::run(&args),
-        Command::BenchConversation(args) => runtime.block_on(crate::bench_conversation::run(&args)),
+        Command::BenchConversation(args) => {
+            runtime.block_on(crate::bench_conversation::run(&args, &settings.engine))
+        }
         Command::DeviceCheck(args) => crate::device_check::run(&args, &settings.engine.device),
         Command::Backup(args) => {
             let summary = runtime.block_on(crate::backup::run(&args, &settings.database_url))?;
@@ -105,7 +107,14 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
+    };
+    // Every engine handle went with the runtime; let the engine threads free their models
+    // (on a GPU, before the driver's exit handlers run).
+    drop(runtime);
+    if !crate::llm::engine::wait_for_engines(Duration::from_secs(30)) {
+        tracing::warn!("an engine thread was still running at exit");
     }
+    result
 }
 
 fn init_tracing(filter: Option<&str>) {
@@ -316,16 +325,7 @@ impl ModelLoader for EngineLoader {
         path: PathBuf,
         progress: Arc<LoadProgress>,
     ) -> BoxFuture<'static, Result<Arc<dyn Provider>, LlmError>> {
-        let config = EngineConfig {
-            model_path: path,
-            n_ctx: self.settings.context_size,
-            queue_capacity: self.settings.queue_capacity,
-            parallel: self.settings.parallel,
-            kv_cache_sequences: self.settings.kv_cache_sequences,
-            kv_cache_max_bytes: self.settings.kv_cache_max_bytes,
-            kv_type: self.settings.kv_type,
-            device: self.settings.device.clone(),
-        };
+        let config = self.settings.engine_config(path);
         Box::pin(async move {
             let handle = EngineHandle::spawn_with_progress(config, progress).await?;
             let provider: Arc<dyn Provider> = Arc::new(LocalProvider::new(handle));

@@ -11,6 +11,7 @@ use anyhow::Context;
 
 use crate::assistant::{Assistant, AssistantConfig, Event, WindowPolicy};
 use crate::bench::median;
+use crate::config::EngineSettings;
 use crate::domain::{ChannelKind, Inbound};
 use crate::llm::engine::gguf;
 use crate::llm::engine::tokenizer::GgufTokenizer;
@@ -61,7 +62,8 @@ pub struct TurnReport {
     pub ttft_ms: u64,
 }
 
-pub async fn run(args: &BenchConversationArgs) -> anyhow::Result<()> {
+/// The engine follows the settings (`DEVICE`, `KV_CACHE_*`, …) but for `--n-ctx`.
+pub async fn run(args: &BenchConversationArgs, engine: &EngineSettings) -> anyhow::Result<()> {
     let policies: Vec<(&str, WindowPolicy)> = match args.window.as_str() {
         "stepping" => vec![("stepping", WindowPolicy::stepping(args.history_messages))],
         "sliding" => vec![("sliding", WindowPolicy::sliding(args.history_messages))],
@@ -94,7 +96,7 @@ pub async fn run(args: &BenchConversationArgs) -> anyhow::Result<()> {
             "window {name}: at least {} messages, steps of {}, next window prepared: {}",
             policy.min_messages, policy.step, policy.warm
         );
-        let reports = run_policy(args, policy, &messages).await?;
+        let reports = run_policy(args, policy, &messages, engine).await?;
         summaries.push((name, summarize(&reports, args.history_messages)));
     }
     println!();
@@ -156,11 +158,12 @@ async fn run_policy(
     args: &BenchConversationArgs,
     policy: WindowPolicy,
     messages: &[(String, usize)],
+    engine: &EngineSettings,
 ) -> anyhow::Result<Vec<TurnReport>> {
     let dir = ScratchDir::new()?;
     let url = format!("sqlite://{}", dir.0.join("bench-conversation.db").display());
     let pool = crate::db::connect(&url).await.context("cannot open the benchmark database")?;
-    let config = EngineConfig { n_ctx: args.n_ctx, ..EngineConfig::for_model(args.model.clone()) };
+    let config = EngineConfig { n_ctx: args.n_ctx, ..engine.engine_config(args.model.clone()) };
     let engine = EngineHandle::spawn(config).await.context("cannot start the engine")?;
     let provider: Arc<dyn Provider> = Arc::new(LocalProvider::new(engine));
     let router = Router::with_providers(provider, Default::default(), Tier::Main);

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
+use crate::config::EngineSettings;
 use crate::domain::{ChatTurn, Role};
 use crate::llm::engine::{EngineConfig, EngineHandle};
 use crate::llm::{Chunk, GenerationParams, LlmRequest};
@@ -36,9 +37,10 @@ pub struct ChatArgs {
 }
 
 /// Run the REPL until end of input (or `/exit`). `/reset` starts a new conversation.
-pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
+/// The engine follows the settings (`DEVICE`, `KV_CACHE_*`, …) but for `--n-ctx`.
+pub async fn run(args: ChatArgs, engine: &EngineSettings) -> anyhow::Result<()> {
     let interactive = std::io::stdin().is_terminal();
-    let config = EngineConfig { n_ctx: args.n_ctx, ..EngineConfig::for_model(args.model.clone()) };
+    let config = EngineConfig { n_ctx: args.n_ctx, ..engine.engine_config(args.model.clone()) };
     let engine = EngineHandle::spawn(config).await.context("cannot start the engine")?;
     if interactive {
         let info = engine.info();

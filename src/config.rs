@@ -439,6 +439,22 @@ pub struct EngineSettings {
     pub device: ComputeDevice,
 }
 
+impl EngineSettings {
+    /// The engine configuration for one model file under these settings.
+    pub fn engine_config(&self, model_path: PathBuf) -> crate::llm::engine::EngineConfig {
+        crate::llm::engine::EngineConfig {
+            model_path,
+            n_ctx: self.context_size,
+            queue_capacity: self.queue_capacity,
+            parallel: self.parallel,
+            kv_cache_sequences: self.kv_cache_sequences,
+            kv_cache_max_bytes: self.kv_cache_max_bytes,
+            kv_type: self.kv_type,
+            device: self.device.clone(),
+        }
+    }
+}
+
 /// GPU memory left out of the default budget: the CUDA context, cuBLAS's workspace and the
 /// activations of a forward pass.
 pub const GPU_MEMORY_MARGIN: u64 = 2 << 30;

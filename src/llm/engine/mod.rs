@@ -19,8 +19,8 @@ pub mod worker;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{mpsc as std_mpsc, Arc};
-use std::time::Instant;
+use std::sync::{mpsc as std_mpsc, Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -171,6 +171,40 @@ impl std::fmt::Debug for EngineHandle {
     }
 }
 
+/// Engine threads still running. A process waits for them before it ends
+/// (`wait_for_engines`): a GPU model must free its memory before the driver tears the
+/// context down at exit, or the thread touches a dead context and the process crashes.
+static LIVE_ENGINES: Mutex<usize> = Mutex::new(0);
+static ENGINE_ENDED: Condvar = Condvar::new();
+
+/// Counts one engine thread from before it is spawned until its model is dropped.
+struct LiveEngine;
+
+impl LiveEngine {
+    fn new() -> LiveEngine {
+        *LIVE_ENGINES.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        LiveEngine
+    }
+}
+
+impl Drop for LiveEngine {
+    fn drop(&mut self) {
+        let mut live = LIVE_ENGINES.lock().unwrap_or_else(|e| e.into_inner());
+        *live = live.saturating_sub(1);
+        ENGINE_ENDED.notify_all();
+    }
+}
+
+/// Wait (at most `timeout`) until every engine thread has ended; their handles must be
+/// gone. `true` when none is left.
+pub fn wait_for_engines(timeout: Duration) -> bool {
+    let live = LIVE_ENGINES.lock().unwrap_or_else(|e| e.into_inner());
+    let (live, _) = ENGINE_ENDED
+        .wait_timeout_while(live, timeout, |live| *live > 0)
+        .unwrap_or_else(|e| e.into_inner());
+    *live == 0
+}
+
 /// Buffer of chunks between the worker and a slow reader; when it is full the worker waits
 /// rather than dropping text.
 const CHUNK_BUFFER: usize = 64;
@@ -197,9 +231,13 @@ impl EngineHandle {
         let shared = worker::Shared { stats: stats.clone(), waiting: waiting.clone(), progress };
         let path = config.model_path.display().to_string();
         let device = config.device.clone();
-        let spawned = std::thread::Builder::new()
-            .name("my-claw-engine".to_string())
-            .spawn(move || worker::run(config, queue_rx, ready_tx, shared));
+        let live = LiveEngine::new();
+        let spawned =
+            std::thread::Builder::new().name("my-claw-engine".to_string()).spawn(move || {
+                worker::run(config, queue_rx, ready_tx, shared);
+                // Only once the worker (and its model) is gone.
+                drop(live);
+            });
         if let Err(err) = spawned {
             return Err(LlmError::Unavailable(format!("cannot start the engine thread: {err}")));
         }

@@ -203,7 +203,8 @@ impl Engine {
             let needed = weights + config.kv_cache_max_bytes;
             if let Some(free) = device_info.memory_free_bytes.filter(|&free| needed > free) {
                 return Err(LlmError::Unavailable(format!(
-                    "{} needs {} of GPU memory ({} of weights and {} of KV cache,                      KV_CACHE_MEMORY), but {} ({}) has {} free",
+                    "{} needs {} of GPU memory ({} of weights and {} of KV cache, \
+                     KV_CACHE_MEMORY), but {} ({}) has {} free",
                     file.name,
                     human_bytes(needed),
                     human_bytes(weights),
