@@ -84,6 +84,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
+    let on_gpu = settings.engine.device.is_gpu();
     let result = match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => runtime.block_on(serve(settings)),
         Command::Chat(args) => runtime.block_on(crate::chat::run(args, &settings.engine)),
@@ -108,10 +109,12 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     };
-    // Every engine handle went with the runtime; let the engine threads free their models
-    // (on a GPU, before the driver's exit handlers run).
+    // On a GPU, the engine threads must free their models before the driver's exit
+    // handlers tear the context down (a CUDA `chat` crashed at exit without this). The
+    // engine handles went with the runtime; the wait is bounded because the server's
+    // scheduler and reminder tools hold each other (and so an engine handle) until exit.
     drop(runtime);
-    if !crate::llm::engine::wait_for_engines(Duration::from_secs(30)) {
+    if on_gpu && !crate::llm::engine::wait_for_engines(Duration::from_secs(10)) {
         tracing::warn!("an engine thread was still running at exit");
     }
     result
