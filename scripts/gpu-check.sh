@@ -60,15 +60,19 @@ if [ -z "$smollm2" ] && [ -f "$stash/smollm2.gz.part-a" ] && [ -f .gpu-b/smollm2
     && smollm2="$work/smollm2.gguf"
 fi
 
-# cuBLAS, cuRAND and NVRTC: from the toolchain cache (scripts/cuda-toolchain.sh), a CUDA
-# install, or Python's NVIDIA wheels (PyTorch brings them).
-need_libs="libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libcudart.so.13"
-for lib in $need_libs; do
-  if ! ldconfig -p 2>/dev/null | grep -q "$lib" && ! [ -n "${LD_LIBRARY_PATH:-}" -a -n "$(for d in ${LD_LIBRARY_PATH//:/ }; do ls "$d/$lib" 2>/dev/null; done)" ]; then
-    found=$(find "${XDG_CACHE_HOME:-$HOME/.cache}/my-claw" /usr/local/cuda*/lib64 /usr/local/lib /opt /usr/lib \
-      -name "$lib" -print -quit 2>/dev/null)
-    [ -n "$found" ] && export LD_LIBRARY_PATH="$(dirname "$found")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-  fi
+# cuBLAS, cuRAND and the CUDA runtime: from the system, the toolchain cache
+# (scripts/cuda-toolchain.sh), a CUDA install, or Python's NVIDIA wheels (PyTorch brings them).
+findable() {
+  ldconfig -p 2>/dev/null | grep -q "$1" && return 0
+  local dir
+  for dir in ${LD_LIBRARY_PATH//:/ }; do [ -e "$dir/$1" ] && return 0; done
+  return 1
+}
+for lib in libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libcudart.so.13; do
+  findable "$lib" && continue
+  found=$(find "${XDG_CACHE_HOME:-$HOME/.cache}/my-claw" /usr/local/cuda*/lib64 /usr/local/lib /opt /usr/lib \
+    -name "$lib" -print -quit 2>/dev/null)
+  [ -n "$found" ] && export LD_LIBRARY_PATH="$(dirname "$found")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 done
 
 say "GPU: $(nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv,noheader 2>&1 | head -1)"

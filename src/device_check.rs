@@ -15,6 +15,7 @@ use crate::llm::engine::candle_model::CandleModel;
 use crate::llm::engine::device::ComputeDevice;
 use crate::llm::engine::gguf;
 use crate::llm::engine::model::{KvType, Logits, Model, ModelConfig};
+use crate::llm::engine::sampling::argmax;
 use crate::llm::engine::template::{self, ChatFormat};
 
 /// Options of `my-claw device-check`.
@@ -120,49 +121,20 @@ pub fn compare(
             .context("loading on the device")?
     };
 
-    // Greedy on our kernels, keeping the logits of every step.
+    // Greedy on each side, then the CPU's sequence fed to the device (forced), so the
+    // logits can be compared position by position.
     let mut cache = ours.new_cache(n_ctx);
-    let mut cpu_logits = vec![ours
-        .forward(&prompt_ids, &mut cache, Logits::Last)?
-        .flatten_all()?
-        .to_vec1::<f32>()?];
-    let mut cpu_tokens = Vec::with_capacity(n_tokens);
-    while cpu_tokens.len() < n_tokens {
-        let next = argmax(cpu_logits.last().expect("one step"));
-        cpu_tokens.push(next);
-        if cpu_tokens.len() < n_tokens {
-            let step = ours.forward(&[next], &mut cache, Logits::Last)?;
-            cpu_logits.push(step.flatten_all()?.to_vec1::<f32>()?);
-        }
-    }
-
-    // Greedy on the device.
+    let (cpu_tokens, cpu_logits) = decode(&prompt_ids, n_tokens, None, |tokens| {
+        Ok(ours.forward(tokens, &mut cache, Logits::Last)?.flatten_all()?.to_vec1()?)
+    })?;
     let mut cache = theirs.new_cache(n_ctx);
-    let mut logits =
-        theirs.forward(&prompt_ids, &mut cache, Logits::Last)?.flatten_all()?.to_vec1::<f32>()?;
-    let mut device_tokens = Vec::with_capacity(n_tokens);
-    while device_tokens.len() < n_tokens {
-        let next = argmax(&logits);
-        device_tokens.push(next);
-        if device_tokens.len() < n_tokens {
-            logits = theirs
-                .forward(&[next], &mut cache, Logits::Last)?
-                .flatten_all()?
-                .to_vec1::<f32>()?;
-        }
-    }
-
-    // The CPU's sequence on the device, compared position by position.
+    let (device_tokens, _) = decode(&prompt_ids, n_tokens, None, |tokens| {
+        Ok(theirs.forward(tokens, &mut cache, Logits::Last)?.flatten_all()?.to_vec1()?)
+    })?;
     let mut cache = theirs.new_cache(n_ctx);
-    let mut device_logits = vec![theirs
-        .forward(&prompt_ids, &mut cache, Logits::Last)?
-        .flatten_all()?
-        .to_vec1::<f32>()?];
-    for &token in &cpu_tokens[..cpu_tokens.len().saturating_sub(1)] {
-        device_logits.push(
-            theirs.forward(&[token], &mut cache, Logits::Last)?.flatten_all()?.to_vec1::<f32>()?,
-        );
-    }
+    let (_, device_logits) = decode(&prompt_ids, n_tokens, Some(&cpu_tokens), |tokens| {
+        Ok(theirs.forward(tokens, &mut cache, Logits::Last)?.flatten_all()?.to_vec1()?)
+    })?;
     let (mut max_abs, mut max_rel, mut disagreements, mut unexplained) = (0f32, 0f32, 0, 0);
     for (cpu, dev) in cpu_logits.iter().zip(&device_logits) {
         let spread = cpu.iter().copied().fold(f32::MIN, f32::max)
@@ -221,12 +193,24 @@ impl Comparison {
     }
 }
 
-fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in logits.iter().enumerate() {
-        if v > logits[best] {
-            best = i;
+/// `n_tokens` tokens after `prompt` through `step` (which runs tokens and returns the last
+/// logits): greedy, or the `forced` tokens when given. Returns the tokens and the logits
+/// each was chosen from.
+fn decode(
+    prompt: &[u32],
+    n_tokens: usize,
+    forced: Option<&[u32]>,
+    mut step: impl FnMut(&[u32]) -> anyhow::Result<Vec<f32>>,
+) -> anyhow::Result<(Vec<u32>, Vec<Vec<f32>>)> {
+    let mut logits = vec![step(prompt)?];
+    let mut tokens = Vec::with_capacity(n_tokens);
+    while tokens.len() < n_tokens {
+        let last = logits.last().expect("the prompt's logits");
+        let next = forced.map_or_else(|| argmax(last), |forced| forced[tokens.len()]);
+        tokens.push(next);
+        if tokens.len() < n_tokens {
+            logits.push(step(&[next])?);
         }
     }
-    best as u32
+    Ok((tokens, logits))
 }

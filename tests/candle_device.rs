@@ -109,8 +109,7 @@ fn candle_batches_and_cache_operations_keep_results() {
     let mut long_next = model.new_cache(2048);
     last_logits(&model, &tokens, &mut long_next);
     let mut decode_alone = long_next.clone_prefix(n).unwrap();
-    let alone = model.forward(&next, &mut decode_alone, Logits::Last).unwrap();
-    let alone: Vec<f32> = alone.flatten_all().unwrap().to_vec1().unwrap();
+    let alone = last_logits(&model, &next, &mut decode_alone);
     let mut fresh_short = model.new_cache(2048);
     let mut out = Vec::new();
     model
@@ -142,7 +141,7 @@ fn candle_batches_and_cache_operations_keep_results() {
     // A parked cache gives back memory and still continues the same.
     let mut parked = model.new_cache(2048);
     last_logits(&model, short, &mut parked);
-    let grown = {
+    let mut grown = {
         let mut big = parked.clone_prefix(20).unwrap();
         last_logits(&model, &tokens[..300], &mut big);
         big.truncate(20);
@@ -151,21 +150,8 @@ fn candle_batches_and_cache_operations_keep_results() {
         assert!(big.bytes() < before, "{} -> {}", before, big.bytes());
         big
     };
-    let mut grown = grown;
-    let a = model
-        .forward(&next, &mut grown, Logits::Last)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
-    let b = model
-        .forward(&next, &mut parked, Logits::Last)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
+    let a = last_logits(&model, &next, &mut grown);
+    let b = last_logits(&model, &next, &mut parked);
     assert!(max_abs_diff(&a, &b) < 1e-4, "shrunk cache");
 
     // Misuse is refused, not computed.

@@ -49,6 +49,15 @@ impl Backend {
         }
     }
 
+    /// Memory the weights hold where they run: on the device for candle; `None` for our
+    /// kernels, whose weights are the file's blocks as read (its size).
+    pub fn weight_bytes(&self) -> Option<u64> {
+        match self {
+            Backend::Kernels(_) => None,
+            Backend::Candle(model) => Some(model.weight_bytes()),
+        }
+    }
+
     pub fn vocab_size(&self) -> usize {
         match self {
             Backend::Kernels(model) => model.vocab_size(),

@@ -12,7 +12,7 @@ use candle_core::quantized::ggml_file::qtensor_from_ggml;
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor, D};
 
-use crate::llm::engine::model::{KvType, Logits, ModelConfig, RopeStyle, SeqBatch};
+use crate::llm::engine::model::{check_chunk, KvType, Logits, ModelConfig, RopeStyle, SeqBatch};
 
 /// Positions a cache grows by at least: growth copies the cache, so it is rare, and parked
 /// caches are trimmed to this grain.
@@ -76,34 +76,21 @@ impl DeviceCache {
 
     /// A new cache holding a copy of the first `n_tokens` positions.
     pub fn clone_prefix(&self, n_tokens: usize) -> candle_core::Result<DeviceCache> {
-        let n_tokens = n_tokens.min(self.n_tokens);
-        let mut copy = DeviceCache { layers: Vec::new(), capacity: 0, n_tokens: 0, ..self.shell() };
-        if n_tokens > 0 {
-            copy.capacity = grain(n_tokens).min(self.max_tokens);
-            for (k, v) in &self.layers {
-                let (k2, v2) = (copy.zeros()?, copy.zeros()?);
-                k2.slice_set(&k.narrow(1, 0, n_tokens)?.contiguous()?, 1, 0)?;
-                v2.slice_set(&v.narrow(1, 0, n_tokens)?.contiguous()?, 1, 0)?;
-                copy.layers.push((k2, v2));
-            }
-            copy.n_tokens = n_tokens;
-        }
-        Ok(copy)
-    }
-
-    /// The same shape description with no tensors.
-    fn shell(&self) -> DeviceCache {
-        DeviceCache {
-            layers: Vec::new(),
+        // Tensors are shared handles: the copy starts on this cache's tensors, and `resize`
+        // moves the kept positions into tensors of its own.
+        let mut copy = DeviceCache {
+            layers: self.layers.clone(),
             n_layer: self.n_layer,
             n_kv_heads: self.n_kv_heads,
             head_dim: self.head_dim,
             dtype: self.dtype,
             device: self.device.clone(),
-            capacity: 0,
-            n_tokens: 0,
+            capacity: self.capacity,
+            n_tokens: n_tokens.min(self.n_tokens),
             max_tokens: self.max_tokens,
-        }
+        };
+        copy.resize(grain(copy.n_tokens).min(self.max_tokens))?;
+        Ok(copy)
     }
 
     fn zeros(&self) -> candle_core::Result<Tensor> {
@@ -369,16 +356,7 @@ impl CandleModel {
             if seq.cache.dtype != self.kv_dtype || seq.cache.n_layer != self.config.n_layer {
                 candle_core::bail!("the cache was made for another model")
             }
-            let end = seq.cache.len() + seq.tokens.len();
-            if end > seq.cache.max_tokens {
-                candle_core::bail!(
-                    "sequence of {end} positions exceeds the cache size {}",
-                    seq.cache.max_tokens
-                )
-            }
-            if let Some(bad) = seq.tokens.iter().find(|&&t| t as usize >= self.vocab_size) {
-                candle_core::bail!("token {bad} is outside the vocabulary of {}", self.vocab_size)
-            }
+            check_chunk(seq.tokens, seq.cache.len(), seq.cache.max_tokens, self.vocab_size)?;
         }
         for seq in seqs.iter_mut() {
             seq.cache.reserve_for(seq.tokens.len())?;

@@ -536,16 +536,7 @@ impl Model {
                     self.config.kv_type
                 )
             }
-            let end = cache.len() + seq.tokens.len();
-            if end > cache.max_tokens {
-                candle_core::bail!(
-                    "sequence of {end} positions exceeds the cache size {}",
-                    cache.max_tokens
-                )
-            }
-            if let Some(bad) = seq.tokens.iter().find(|&&t| t as usize >= self.vocab_size) {
-                candle_core::bail!("token {bad} is outside the vocabulary of {}", self.vocab_size)
-            }
+            check_chunk(seq.tokens, cache.len(), cache.max_tokens, self.vocab_size)?;
         }
         for seq in seqs.iter_mut() {
             seq.cache.kv_mut().reserve_for(seq.tokens.len());
@@ -709,6 +700,25 @@ impl Model {
     fn eps(&self) -> f32 {
         self.config.rms_norm_eps as f32
     }
+}
+
+/// What every forward pass checks of one sequence's chunk before running it: it fits the
+/// cache (`stored` positions held of at most `max_tokens`) and every token is in the
+/// vocabulary.
+pub(crate) fn check_chunk(
+    tokens: &[u32],
+    stored: usize,
+    max_tokens: usize,
+    vocab_size: usize,
+) -> candle_core::Result<()> {
+    let end = stored + tokens.len();
+    if end > max_tokens {
+        candle_core::bail!("sequence of {end} positions exceeds the cache size {max_tokens}")
+    }
+    if let Some(bad) = tokens.iter().find(|&&t| t as usize >= vocab_size) {
+        candle_core::bail!("token {bad} is outside the vocabulary of {vocab_size}")
+    }
+    Ok(())
 }
 
 /// `out[t] = x[t] / rms(x[t]) * weight` for each row of `weight.len()` values.

@@ -233,10 +233,7 @@ impl Engine {
             file_size: file.file_size,
             n_ctx,
             load_ms,
-            weight_bytes: match &model {
-                Backend::Kernels(_) => file.file_size,
-                Backend::Candle(model) => model.weight_bytes(),
-            },
+            weight_bytes: model.weight_bytes().unwrap_or(file.file_size),
             // Read after the upload, so a GPU's free memory counts these weights.
             device: device.info(),
         };
