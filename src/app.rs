@@ -80,6 +80,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     if let Some(threads) = settings.engine.threads {
         crate::llm::engine::kernels::set_default_threads(threads);
     }
+    if let Some(isa) = settings.engine.isa {
+        crate::llm::engine::kernels::set_isa_limit(isa);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -117,6 +117,11 @@ pub struct Config {
     #[arg(long, env = "ENGINE_THREADS", global = true)]
     pub engine_threads: Option<usize>,
 
+    /// Instruction set of our CPU kernels: auto (the best this CPU has), or a lower one
+    /// to compare against (portable, avx2, avx512-vnni).
+    #[arg(long, env = "ENGINE_ISA", default_value = "auto", global = true)]
+    pub engine_isa: String,
+
     /// Requests that may wait for a free engine slot (they are told their position); one
     /// more gets 503. A cap against abuse, not the normal path.
     #[arg(long, env = "ENGINE_QUEUE", default_value_t = 64, global = true)]
@@ -428,6 +433,8 @@ pub struct EngineSettings {
     pub context_size: usize,
     /// `None`: one per core.
     pub threads: Option<usize>,
+    /// `None`: the best instruction set the CPU has (`ENGINE_ISA`).
+    pub isa: Option<crate::llm::engine::kernels::Isa>,
     pub queue_capacity: usize,
     /// Sequences batched together per loaded model.
     pub parallel: usize,
@@ -610,6 +617,7 @@ impl Config {
                 return Err(bad(format!("ENGINE_THREADS={threads}: must be between 1 and 1024")));
             }
         }
+        let isa = crate::llm::engine::kernels::Isa::from_setting(&self.engine_isa).map_err(bad)?;
         if self.engine_queue == 0 {
             return Err(bad("ENGINE_QUEUE=0: must be at least 1"));
         }
@@ -738,6 +746,7 @@ impl Config {
             engine: EngineSettings {
                 context_size: self.context_size,
                 threads: self.engine_threads,
+                isa,
                 queue_capacity: self.engine_queue,
                 parallel: self.engine_parallel,
                 kv_cache_sequences: self.kv_cache_sequences,

@@ -55,6 +55,13 @@ fn bad_configuration_exits_with_one_clear_line() {
     check_config_error(&["serve"], &[("REQUEST_BODY_TIMEOUT", "2d")], "must be at most 1h");
     check_config_error(&["serve"], &[("ZAI_TIMEOUT_SECS", "0")], "ZAI_TIMEOUT_SECS=0");
 
+    // Kernel instruction sets: a name that is none (the line says what this CPU has).
+    check_config_error(
+        &["serve"],
+        &[("ENGINE_ISA", "avx9000")],
+        "ENGINE_ISA=avx9000: must be auto or one this CPU has (portable",
+    );
+
     // Devices: an unknown one, a bad budget, and CUDA from a binary built without it.
     check_config_error(&["serve"], &[("DEVICE", "tpu")], "DEVICE=tpu: unknown device");
     check_config_error(&["serve"], &[("GPU_MEMORY_BUDGET", "lots")], "GPU_MEMORY_BUDGET=lots");
@@ -373,4 +380,39 @@ async fn data_dir_and_database_are_private_whatever_the_umask() {
     let options = ServerOptions { envs: Vec::new(), data_dir: Some(data_dir.clone()) };
     let _server = tokio::task::block_in_place(|| Server::start_with_umask(options, 0o022));
     check(&data_dir, "restarted");
+}
+
+/// `ENGINE_ISA` lowers the kernels' instruction set for the whole process: the bench on the
+/// real SmolLM2 reports the one it ran (portable here, whatever the CPU has), and `auto`
+/// reports the best this CPU has.
+#[test]
+fn engine_isa_chooses_the_kernels_instruction_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let model = util::smollm2_path();
+    let best = my_claw::llm::engine::kernels::Isa::detect().name();
+    for (setting, expected) in [("portable", "portable"), ("auto", best)] {
+        let out = run_binary(
+            &[
+                "bench",
+                "--model",
+                model.to_str().unwrap(),
+                "--prompt-tokens",
+                "8",
+                "--gen-tokens",
+                "2",
+                "--runs",
+                "1",
+                "--turns",
+                "0",
+                "--json",
+            ],
+            &[("DATA_DIR", data_dir.to_str().unwrap()), ("ENGINE_ISA", setting)],
+            dir.path(),
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{setting}: {}", String::from_utf8_lossy(&out.stderr));
+        let report: serde_json::Value = serde_json::from_str(&stdout).expect("bench JSON");
+        assert_eq!(report["isa"], expected, "ENGINE_ISA={setting}: {stdout}");
+    }
 }

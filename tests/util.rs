@@ -309,6 +309,7 @@ pub fn engine_settings() -> my_claw::config::EngineSettings {
     my_claw::config::EngineSettings {
         context_size: 512,
         threads: None,
+        isa: None,
         queue_capacity: 2,
         parallel: 2,
         kv_cache_sequences: 1,

@@ -23,7 +23,7 @@ use super::{f16_to_f32, BlockQ8K, Isa, WeightType};
 
 /// Values per block of every format here.
 const QK: usize = 256;
-const Q4K_BYTES: usize = 144;
+pub(super) const Q4K_BYTES: usize = 144;
 const Q5K_BYTES: usize = 176;
 const Q6K_BYTES: usize = 210;
 
@@ -117,7 +117,7 @@ fn scale_min_k4_words(s: &[u8]) -> [u32; 4] {
 }
 
 #[inline(always)]
-fn scale_min_k4(s: &[u8]) -> ([u8; 8], [u8; 8]) {
+pub(super) fn scale_min_k4(s: &[u8]) -> ([u8; 8], [u8; 8]) {
     let words = scale_min_k4_words(s);
     let mut sc = [0u8; 8];
     let mut m = [0u8; 8];
@@ -274,7 +274,7 @@ fn idot(a: &[u8], b: &[i8]) -> i32 {
 /// Q4_K's and Q5_K's integer sums for one activation block: `(Σ_s sc_s·(q·a)_s,
 /// Σ_s m_s·Σa_s)` (each below `8·63·32·31·128` in magnitude).
 #[inline(always)]
-fn k4_sums(q: &[u8; QK], sc: &[u8; 8], m: &[u8; 8], a: &BlockQ8K) -> (i32, i32) {
+pub(super) fn k4_sums(q: &[u8; QK], sc: &[u8; 8], m: &[u8; 8], a: &BlockQ8K) -> (i32, i32) {
     let mut sumi = 0i32;
     let mut summ = 0i32;
     let subs = q.chunks_exact(32).zip(a.qs.chunks_exact(32)).zip(a.bsums.chunks_exact(2));
@@ -424,7 +424,7 @@ impl<F: Format + x86::Body> Simd for F {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(super) mod x86 {
     use super::{BlockQ8K, Format, Q4K, Q4K_BYTES, Q5K, Q5K_BYTES, Q6K, Q6K_BYTES};
     use std::arch::x86_64::*;
 
@@ -433,20 +433,33 @@ mod x86 {
     /// u8, `a` i8, `s` i16 (a pair of equal i16 lanes per i32 lane). Exact when every pair
     /// sum `w₀a₀ + w₁a₁` fits i16 (weights ≤ 63 here: `63·128·2 = 16128`) and the sums
     /// fit i32.
-    pub(super) trait Mac {
+    pub(in crate::llm::engine::kernels) trait Mac {
         /// # Safety
         /// The CPU has the implementation's target features.
         unsafe fn scaled_dot(acc: __m256i, w: __m256i, a: __m256i, s: __m256i) -> __m256i;
+
+        /// `acc + Σ_pairs s·x` per i32 lane (`x`, `s` i16): the second half of
+        /// `scaled_dot`, for callers that sum several u8×i8 products in i16 first.
+        ///
+        /// # Safety
+        /// The CPU has the implementation's target features.
+        unsafe fn madd_acc(acc: __m256i, x: __m256i, s: __m256i) -> __m256i;
     }
 
-    pub(super) struct Avx2;
-    pub(super) struct Vnni;
+    pub(in crate::llm::engine::kernels) struct Avx2;
+    pub(in crate::llm::engine::kernels) struct Vnni;
 
     impl Mac for Avx2 {
         #[inline(always)]
         unsafe fn scaled_dot(acc: __m256i, w: __m256i, a: __m256i, s: __m256i) -> __m256i {
             // SAFETY: only reached from `entry_avx2`/`entry_vnni`, which enable AVX2.
             unsafe { _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, a), s)) }
+        }
+
+        #[inline(always)]
+        unsafe fn madd_acc(acc: __m256i, x: __m256i, s: __m256i) -> __m256i {
+            // SAFETY: only reached from entry points that enable AVX2.
+            unsafe { _mm256_add_epi32(acc, _mm256_madd_epi16(x, s)) }
         }
     }
 
@@ -456,6 +469,13 @@ mod x86 {
             // SAFETY: only reached from `entry_vnni`, which enables AVX2, AVX512-VNNI and
             // AVX512VL (`vpdpwssd` on 256-bit vectors).
             unsafe { _mm256_dpwssd_epi32(acc, _mm256_maddubs_epi16(w, a), s) }
+        }
+
+        #[inline(always)]
+        unsafe fn madd_acc(acc: __m256i, x: __m256i, s: __m256i) -> __m256i {
+            // SAFETY: only reached from entry points that enable AVX2, AVX512-VNNI and
+            // AVX512VL.
+            unsafe { _mm256_dpwssd_epi32(acc, x, s) }
         }
     }
 

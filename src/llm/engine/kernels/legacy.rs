@@ -64,6 +64,7 @@ fn quantize_portable(x: &[f32], out: &mut [BlockQ8x32]) {
             sum += i32::from(*q);
         }
         (ob.d, ob.s) = stored_scales(d, sum);
+        ob.sum = sum;
     }
 }
 
@@ -258,7 +259,7 @@ fn usable(isa: Isa) -> Isa {
 }
 
 /// One 32-value weight block format (ggml's byte layout).
-trait Format {
+pub(super) trait Format {
     /// Bytes per block.
     const BYTES: usize;
     /// `true` for Q4_1: values are `d·q + m` with `q` in 0..=15; otherwise `d·q`, `q` signed.
@@ -291,17 +292,17 @@ fn f16_at(b: &[u8], i: usize) -> f32 {
 
 /// `d: f16, qs: [u8; 16]`: value `j` is `(qs[j] & 15) - 8`, value `j + 16` is
 /// `(qs[j] >> 4) - 8`, times `d`.
-struct Q4_0;
+pub(super) struct Q4_0;
 
 /// `d: f16, m: f16, qs: [u8; 16]`: nibbles as Q4_0, unsigned; value `d·q + m`.
-struct Q4_1;
+pub(super) struct Q4_1;
 
 /// `d: f16, qh: u32 (LE), qs: [u8; 16]`: nibbles as Q4_0, with bit `j` of `qh` the fifth
 /// bit of value `j` (and bit `j + 16` of value `j + 16`); value `(q - 16) · d`.
-struct Q5_0;
+pub(super) struct Q5_0;
 
 /// `d: f16, qs: [i8; 32]`: value `d · qs[j]`.
-struct Q8_0;
+pub(super) struct Q8_0;
 
 impl Format for Q4_0 {
     const BYTES: usize = 18;
@@ -799,6 +800,7 @@ mod x86 {
                 // SAFETY: both are 32 bytes of plain integers; every bit pattern is valid.
                 ob.qs = std::mem::transmute::<__m256i, [i8; QK]>(ordered);
                 (ob.d, ob.s) = super::stored_scales(d, sum);
+                ob.sum = sum;
             }
         }
     }
@@ -854,7 +856,7 @@ mod tests {
     }
 
     fn quantize(x: &[f32]) -> Vec<BlockQ8x32> {
-        let mut q = vec![BlockQ8x32 { d: 0.0, s: 0.0, qs: [0; 32] }; x.len() / QK];
+        let mut q = vec![BlockQ8x32 { d: 0.0, s: 0.0, sum: 0, qs: [0; 32] }; x.len() / QK];
         quantize_q8x32(x, &mut q);
         q
     }
@@ -893,7 +895,7 @@ mod tests {
         assert_eq!(Q4_1::BYTES, WeightType::Q4_1.block_bytes());
         assert_eq!(Q5_0::BYTES, WeightType::Q5_0.block_bytes());
         assert_eq!(Q8_0::BYTES, WeightType::Q8_0.block_bytes());
-        assert_eq!(std::mem::size_of::<BlockQ8x32>(), 40);
+        assert_eq!(std::mem::size_of::<BlockQ8x32>(), 44);
     }
 
     #[test]
@@ -980,7 +982,7 @@ mod tests {
         for (i, v) in x[4 * QK..5 * QK].iter_mut().enumerate() {
             *v = if i == 0 { 127.0 } else { i as f32 - 0.5 * (i % 2) as f32 - 16.0 };
         }
-        let mut portable = vec![BlockQ8x32 { d: 0.0, s: 0.0, qs: [0; 32] }; 64];
+        let mut portable = vec![BlockQ8x32 { d: 0.0, s: 0.0, sum: 0, qs: [0; 32] }; 64];
         let mut simd = portable.clone();
         quantize_portable(&x, &mut portable);
         // SAFETY: AVX2, FMA and F16C were detected above; the lengths match.
@@ -1041,9 +1043,14 @@ mod tests {
     #[test]
     fn dots_at_extremes() {
         let nb = 5;
-        let acts_pos = vec![BlockQ8x32 { d: 0.25, s: 0.25 * 127.0 * 32.0, qs: [127; 32] }; nb];
-        let acts_neg = vec![BlockQ8x32 { d: 0.25, s: -0.25 * 127.0 * 32.0, qs: [-127; 32] }; nb];
-        let mut alt = BlockQ8x32 { d: 0.25, s: 0.0, qs: [127; 32] };
+        let acts_pos =
+            vec![BlockQ8x32 { d: 0.25, s: 0.25 * 127.0 * 32.0, sum: 127 * 32, qs: [127; 32] }; nb];
+        let acts_neg =
+            vec![
+                BlockQ8x32 { d: 0.25, s: -0.25 * 127.0 * 32.0, sum: -127 * 32, qs: [-127; 32] };
+                nb
+            ];
+        let mut alt = BlockQ8x32 { d: 0.25, s: 0.0, sum: 0, qs: [127; 32] };
         alt.qs.iter_mut().skip(1).step_by(2).for_each(|v| *v = -127);
         let acts_alt = vec![alt; nb];
         for (ty, fill, value) in [
@@ -1129,7 +1136,7 @@ mod tests {
     #[should_panic(expected = "activation blocks vs weight blocks")]
     fn dot_rejects_mismatched_rows() {
         let w = vec![0u8; 2 * 34];
-        let q = vec![BlockQ8x32 { d: 0.0, s: 0.0, qs: [0; 32] }; 3];
+        let q = vec![BlockQ8x32 { d: 0.0, s: 0.0, sum: 0, qs: [0; 32] }; 3];
         dot_q8_0(Isa::Portable, &w, &[&q], &mut [0.0]);
     }
 }

@@ -17,9 +17,12 @@ pub mod activation;
 pub mod attention;
 mod kquants;
 mod legacy;
+mod legacy_x4;
 mod pool;
+mod q4k_x4;
 #[cfg(test)]
 mod testing;
+mod x4;
 
 pub use pool::ThreadPool;
 
@@ -40,8 +43,18 @@ pub fn default_threads() -> usize {
     }
 }
 
+/// The best instruction set models loaded from now on may use (`ENGINE_ISA`), as an index
+/// into `Isa::available()`'s order; `usize::MAX`: no limit.
+static ISA_LIMIT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(usize::MAX);
+
+/// Make `Isa::detect` answer at most `isa` (a lower path for comparisons, `ENGINE_ISA`).
+/// The caller checked that the CPU has it (`Isa::from_setting`).
+pub fn set_isa_limit(isa: Isa) {
+    ISA_LIMIT.store(isa as usize, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// The instruction set a product runs with. Detected once; tests run every one available.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Isa {
     /// Plain Rust: any CPU.
     Portable,
@@ -53,9 +66,28 @@ pub enum Isa {
 }
 
 impl Isa {
-    /// The best instruction set this CPU has.
+    /// The best instruction set this CPU has, or the `ENGINE_ISA` limit when it is lower.
     pub fn detect() -> Isa {
-        *Isa::available().last().expect("portable is always available")
+        let limit = ISA_LIMIT.load(std::sync::atomic::Ordering::Relaxed);
+        let mut usable = Isa::available().into_iter().filter(|&isa| (isa as usize) <= limit);
+        usable.next_back().expect("portable is always available")
+    }
+
+    /// The `ENGINE_ISA` setting: `auto` is `None` (the best there is), a name is that
+    /// instruction set if this CPU has it; anything else says what this CPU offers.
+    pub fn from_setting(value: &str) -> Result<Option<Isa>, String> {
+        let available = Isa::available();
+        let names: Vec<&str> = available.iter().map(|isa| isa.name()).collect();
+        if value == "auto" {
+            return Ok(None);
+        }
+        match available.iter().find(|isa| isa.name() == value) {
+            Some(&isa) => Ok(Some(isa)),
+            None => Err(format!(
+                "ENGINE_ISA={value}: must be auto or one this CPU has ({})",
+                names.join(", ")
+            )),
+        }
     }
 
     /// Every instruction set this CPU can run, worst first.
@@ -178,12 +210,15 @@ pub enum ActKind {
 }
 
 /// 32 activations quantized to 8 bits: `x[i] ≈ d * qs[i]`, with `s = d * Σ qs` kept for the
-/// formats whose weights carry an offset (Q4_1). Our own layout: it never leaves memory.
+/// formats whose weights carry an offset (Q4_1, at f16 precision as ggml's `block_q8_1`),
+/// and `sum = Σ qs` exactly (the repacked Q4_0/Q5_0 subtract their offset in integers).
+/// Our own layout: it never leaves memory.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct BlockQ8x32 {
     pub d: f32,
     pub s: f32,
+    pub sum: i32,
     pub qs: [i8; 32],
 }
 
@@ -198,11 +233,16 @@ pub struct BlockQ8K {
 }
 
 /// A weight matrix of `rows` outputs by `cols` inputs, each row stored contiguously in its
-/// block format (the GGUF layout, `ne0 = cols`).
+/// block format (the GGUF layout, `ne0 = cols`), except that Q4_K, Q4_0, Q4_1, Q5_0 and
+/// Q8_0 rows are repacked at load four at a time (`q4k_x4`, `legacy_x4`): the first
+/// `packed_rows` rows are interleaved groups, the rest (fewer than four) stay in the GGUF
+/// layout after them.
 pub struct QMatrix {
     ty: WeightType,
     rows: usize,
     cols: usize,
+    /// Rows held in packed groups (a multiple of 4; 0 when not repacked).
+    packed_rows: usize,
     /// Raw blocks, or for F32 unused (empty).
     bytes: Vec<u8>,
     /// F32 weights.
@@ -219,8 +259,41 @@ pub enum KernelError {
 }
 
 impl QMatrix {
-    /// Take ownership of the raw blocks of a `rows × cols` matrix (as stored in GGUF).
+    /// Take the raw blocks of a `rows × cols` matrix (as stored in GGUF), repacked where the
+    /// kernels have a faster layout (four rows interleaved; the GGUF bytes are dropped, so
+    /// the weights are held once).
     pub fn from_bytes(
+        ty: WeightType,
+        rows: usize,
+        cols: usize,
+        bytes: Vec<u8>,
+    ) -> Result<QMatrix, KernelError> {
+        let stored = QMatrix::from_bytes_as_stored(ty, rows, cols, bytes)?;
+        Ok(if packed_block_bytes(ty).is_some() { stored.repacked() } else { stored })
+    }
+
+    /// The packed form: groups of four rows, the last `rows % 4` kept as they are.
+    fn repacked(self) -> QMatrix {
+        let row_len = self.ty.row_bytes(self.cols);
+        let packed_rows = self.rows / 4 * 4;
+        let group_len = self.group_len();
+        let mut bytes =
+            vec![0u8; packed_rows / 4 * group_len + (self.rows - packed_rows) * row_len];
+        let (groups, tail) = bytes.split_at_mut(packed_rows / 4 * group_len);
+        for (g, out) in groups.chunks_exact_mut(group_len).enumerate() {
+            let row = |i: usize| &self.bytes[(4 * g + i) * row_len..(4 * g + i + 1) * row_len];
+            let rows = [row(0), row(1), row(2), row(3)];
+            match self.ty {
+                WeightType::Q4K => q4k_x4::pack(rows, out),
+                ty => legacy_x4::pack(ty, rows, out),
+            }
+        }
+        tail.copy_from_slice(&self.bytes[packed_rows * row_len..]);
+        QMatrix { packed_rows, bytes, ..self }
+    }
+
+    /// As `from_bytes`, but kept in the GGUF layout (the comparisons of the two layouts).
+    pub fn from_bytes_as_stored(
         ty: WeightType,
         rows: usize,
         cols: usize,
@@ -242,13 +315,13 @@ impl QMatrix {
         if bytes.len() != expected {
             return Err(KernelError::WrongSize { ty, rows, cols, expected, got: bytes.len() });
         }
-        Ok(QMatrix { ty, rows, cols, bytes, floats: Vec::new() })
+        Ok(QMatrix { ty, rows, cols, packed_rows: 0, bytes, floats: Vec::new() })
     }
 
     /// An f32 matrix (`floats.len() == rows * cols`).
     pub fn from_f32(rows: usize, cols: usize, floats: Vec<f32>) -> QMatrix {
         assert_eq!(floats.len(), rows * cols, "f32 matrix size");
-        QMatrix { ty: WeightType::F32, rows, cols, bytes: Vec::new(), floats }
+        QMatrix { ty: WeightType::F32, rows, cols, packed_rows: 0, bytes: Vec::new(), floats }
     }
 
     pub fn ty(&self) -> WeightType {
@@ -268,9 +341,31 @@ impl QMatrix {
         self.bytes.len() + self.floats.len() * 4
     }
 
+    /// Whether rows are held in packed groups (see `packed_rows`).
+    pub fn is_repacked(&self) -> bool {
+        self.packed_rows > 0
+    }
+
+    /// The bytes of a row kept in the GGUF layout (`row ≥ packed_rows`).
     fn row_bytes(&self, row: usize) -> &[u8] {
+        assert!(row >= self.packed_rows, "row {row} is in a packed group");
         let len = self.ty.row_bytes(self.cols);
-        &self.bytes[row * len..(row + 1) * len]
+        let groups =
+            if self.packed_rows == 0 { 0 } else { self.packed_rows / 4 * self.group_len() };
+        let at = groups + (row - self.packed_rows) * len;
+        &self.bytes[at..at + len]
+    }
+
+    /// Bytes of one packed group of four rows.
+    fn group_len(&self) -> usize {
+        let block = packed_block_bytes(self.ty).expect("a format with a packed layout");
+        self.cols / self.ty.block_len() * block
+    }
+
+    /// The packed group holding rows `4g..4g + 4`.
+    fn group_bytes(&self, g: usize) -> &[u8] {
+        let len = self.group_len();
+        &self.bytes[g * len..(g + 1) * len]
     }
 
     fn row_floats(&self, row: usize) -> &[f32] {
@@ -281,6 +376,13 @@ impl QMatrix {
     /// tests' reference.
     pub fn dequantize_row(&self, row: usize, out: &mut [f32]) {
         assert_eq!(out.len(), self.cols, "dequantize_row width");
+        if row < self.packed_rows {
+            let group = self.group_bytes(row / 4);
+            return match self.ty {
+                WeightType::Q4K => q4k_x4::dequantize_row(group, row % 4, out),
+                ty => legacy_x4::dequantize_row(ty, group, row % 4, out),
+            };
+        }
         match self.ty {
             WeightType::F32 => out.copy_from_slice(self.row_floats(row)),
             WeightType::Q4_0 | WeightType::Q4_1 | WeightType::Q5_0 | WeightType::Q8_0 => {
@@ -317,6 +419,17 @@ impl QMatrix {
                 }
             }
         }
+    }
+}
+
+/// Bytes of one packed block (four rows' blocks) of the formats the kernels repack at load.
+fn packed_block_bytes(ty: WeightType) -> Option<usize> {
+    match ty {
+        WeightType::Q4K => Some(q4k_x4::BLOCK_BYTES),
+        WeightType::Q4_0 | WeightType::Q4_1 | WeightType::Q5_0 | WeightType::Q8_0 => {
+            Some(legacy_x4::block_bytes(ty))
+        }
+        WeightType::F32 | WeightType::Q5K | WeightType::Q6K => None,
     }
 }
 
@@ -364,7 +477,7 @@ impl Acts {
                 }
                 ActKind::Q8x32 if !self.has[1] => {
                     let blocks = n_tokens * cols / 32;
-                    self.q8x32.resize(blocks, BlockQ8x32 { d: 0.0, s: 0.0, qs: [0; 32] });
+                    self.q8x32.resize(blocks, BlockQ8x32 { d: 0.0, s: 0.0, sum: 0, qs: [0; 32] });
                     legacy::quantize_q8x32(x, &mut self.q8x32);
                     self.has[1] = true;
                 }
@@ -414,7 +527,8 @@ pub fn matmul_many(pool: &ThreadPool, isa: Isa, acts: &Acts, products: &mut [Pro
     // weights stream from memory without stalls between tasks.
     let rows = |m: usize| weights[m].map_or(0, |w| w.rows);
     let total_rows: usize = (0..n_products).map(rows).sum();
-    let chunk = total_rows.div_ceil(pool.threads() * 8).clamp(16, 512);
+    // A multiple of 4, so that no task splits a packed group.
+    let chunk = total_rows.div_ceil(pool.threads() * 8).clamp(16, 512).next_multiple_of(4);
     let mut first_task = [0usize; MAX_PRODUCTS + 1];
     for m in 0..MAX_PRODUCTS {
         first_task[m + 1] = first_task[m] + rows(m).div_ceil(chunk);
@@ -444,10 +558,33 @@ const TOKEN_TILE: usize = 64;
 fn run_rows(isa: Isa, w: &QMatrix, acts: &Acts, r0: usize, r1: usize, out: &pool::SharedOut) {
     let n_out = w.rows;
     let mut dots = [0f32; MAX_TOKENS_PER_DOT];
+    let mut group_dots = [[0f32; q4k_x4::ROWS]; MAX_TOKENS_PER_DOT];
+    // `r0` is a multiple of 4 (the row chunk is), so packed groups start at `r0`.
+    let packed_end = w.packed_rows.clamp(r0, r1);
     let mut tile_start = 0;
     while tile_start < acts.n_tokens {
         let tile_end = (tile_start + TOKEN_TILE).min(acts.n_tokens);
-        for r in r0..r1 {
+        for r in (r0..packed_end).step_by(q4k_x4::ROWS) {
+            let mut t = tile_start;
+            while t < tile_end {
+                let group = (tile_end - t).min(MAX_TOKENS_PER_DOT);
+                let weights = w.group_bytes(r / 4);
+                if w.ty == WeightType::Q4K {
+                    let rows = token_rows(&acts.q8k, acts.cols / 256, t);
+                    q4k_x4::dot(isa, weights, &rows[..group], &mut group_dots);
+                } else {
+                    let rows = token_rows(&acts.q8x32, acts.cols / 32, t);
+                    legacy_x4::dot(w.ty, isa, weights, &rows[..group], &mut group_dots);
+                }
+                for (j, values) in group_dots[..group].iter().enumerate() {
+                    for (i, value) in values.iter().enumerate() {
+                        out.write((t + j) * n_out + r + i, *value);
+                    }
+                }
+                t += group;
+            }
+        }
+        for r in packed_end..r1 {
             let mut t = tile_start;
             while t < tile_end {
                 let group = (tile_end - t).min(MAX_TOKENS_PER_DOT);
@@ -514,6 +651,12 @@ mod tests {
         if ty == WeightType::F32 {
             return QMatrix::from_f32(rows, cols, rng.vec(rows * cols, 1.0));
         }
+        let bytes = random_blocks(ty, rows, cols, rng);
+        QMatrix::from_bytes(ty, rows, cols, bytes).expect("valid random matrix")
+    }
+
+    /// The GGUF bytes of a random `rows × cols` matrix of a block format.
+    fn random_blocks(ty: WeightType, rows: usize, cols: usize, rng: &mut Rng) -> Vec<u8> {
         let mut bytes = vec![0u8; rows * ty.row_bytes(cols)];
         rng.bytes(&mut bytes);
         // Offsets of the f16 fields within a block.
@@ -529,7 +672,53 @@ mod tests {
                 block[at..at + 2].copy_from_slice(&f32_to_f16(value).to_le_bytes());
             }
         }
-        QMatrix::from_bytes(ty, rows, cols, bytes).expect("valid random matrix")
+        bytes
+    }
+
+    /// A Q4_K matrix repacked at load computes what the GGUF layout computes: the same bits
+    /// on the portable path (same arithmetic order), float summation order on the SIMD
+    /// paths; groups of four rows plus a ragged tail, 1 to 9 tokens, 1 and 3 threads.
+    #[test]
+    fn repacked_q4k_matches_the_stored_layout() {
+        let mut rng = Rng(0x3c6e_f372_fe94_f82b);
+        let cols = 512;
+        for rows in [4, 23, 132] {
+            let bytes = random_blocks(WeightType::Q4K, rows, cols, &mut rng);
+            let packed = QMatrix::from_bytes(WeightType::Q4K, rows, cols, bytes.clone()).unwrap();
+            let stored = QMatrix::from_bytes_as_stored(WeightType::Q4K, rows, cols, bytes).unwrap();
+            assert!(packed.is_repacked() && !stored.is_repacked());
+            let (mut a, mut b) = (vec![0f32; cols], vec![0f32; cols]);
+            for r in 0..rows {
+                packed.dequantize_row(r, &mut a);
+                stored.dequantize_row(r, &mut b);
+                assert_eq!(a, b, "{rows} rows: row {r} dequantized");
+            }
+            for n_tokens in [1, 4, 9] {
+                let x = rng.vec(n_tokens * cols, 3.0);
+                let mut acts = Acts::new();
+                acts.prepare(&x, n_tokens, cols, &[&packed]);
+                for threads in [1, 3] {
+                    let pool = ThreadPool::new(threads);
+                    for isa in Isa::available() {
+                        let mut got = vec![f32::NAN; n_tokens * rows];
+                        let mut want = vec![f32::NAN; n_tokens * rows];
+                        matmul(&pool, isa, &acts, &packed, &mut got);
+                        matmul(&pool, isa, &acts, &stored, &mut want);
+                        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                            if isa == Isa::Portable {
+                                assert_eq!(g.to_bits(), w.to_bits(), "{rows}x{n_tokens} [{i}]");
+                            } else {
+                                assert!(
+                                    (g - w).abs() <= 1e-4 * w.abs().max(1.0),
+                                    "{isa:?} {rows} rows T={n_tokens} x{threads} [{i}]: {g} vs {w}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        eprintln!("repacked Q4_K checked on: {:?}", Isa::available());
     }
 
     const TYPES: [WeightType; 8] = [
@@ -665,8 +854,9 @@ mod tests {
         let pool = ThreadPool::new(2);
         for ty in TYPES.into_iter().filter(|&t| t != WeightType::F32) {
             let (rows, cols) = (45, 768);
-            let w = random_matrix(ty, rows, cols, &mut rng);
-            let qtensor = testing::candle_qtensor(ty, &w.bytes, rows, cols);
+            let bytes = random_blocks(ty, rows, cols, &mut rng);
+            let qtensor = testing::candle_qtensor(ty, &bytes, rows, cols);
+            let w = QMatrix::from_bytes(ty, rows, cols, bytes).expect("matrix");
             let qmm = QMatMul::from_qtensor(qtensor).expect("QMatMul");
             for n_tokens in [1, 2, 3, 4, 5, 9] {
                 let x: Vec<f32> =
