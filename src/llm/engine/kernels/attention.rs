@@ -1,16 +1,28 @@
 //! Causal self-attention over a paged KV cache. Keys and values of one sequence live in
 //! fixed pages of `KV_PAGE` positions that are never moved or copied once written, so a
 //! long conversation grows without reallocating; within a page each KV head's keys are
-//! contiguous, so one head's scan is a linear read. Query heads that share a KV head (GQA)
-//! are processed together: every key and value is read and widened to f32 once per group,
-//! not once per query head. Softmax is computed online in chunks (no score buffer on the
-//! heap), with a vectorised `exp` on AVX2. Several sequences (continuous batching) run as
-//! one job of the pool, each query row over its own sequence's pages.
+//! contiguous, so one head's scan is a linear read.
+//!
+//! One kernel, flash-style, serves prefill and decode: a task is one KV head × a tile of
+//! consecutive query tokens with every query head of the GQA group (decode is a tile of
+//! one token). The keys go by in chunks of `CHUNK` at absolute positions; each chunk of
+//! keys and values is read (and widened from f16) once per tile into stack scratch, the
+//! scores are computed two query rows × four keys at a time with one transpose-reduce per
+//! four dots, softmax is online per row (vectorised `exp` on AVX2) and `P·V` reads each
+//! value row once for two rows. Nothing is allocated. A row's arithmetic does not depend
+//! on the tile it is in, so a token's output has the same bits in a prefill, alone in a
+//! decode step, or in a batch of sequences (continuous batching runs as one job of the
+//! pool, each query row over its own sequence's pages).
 //!
 //! Pages hold f32 or f16 (`KvElem`). f16 halves the cache and its reads at long context;
 //! its rounding (2^-11 relative) flips some of the 8-bit roundings of the activations
 //! downstream, so the engine's tests state its tolerance against f32 separately, and the
 //! reference-logit comparisons run on f32 pages.
+//!
+//! Owns only the attention arithmetic; the KV cache's lifetime and the model glue are in
+//! model.rs, the quantized matmuls in the sibling kernel files.
+
+use std::mem::MaybeUninit;
 
 use super::pool::{SharedOut, ThreadPool};
 use super::Isa;
@@ -21,10 +33,14 @@ pub const KV_PAGE: usize = 256;
 pub const MAX_HEAD_DIM: usize = 256;
 /// Most query heads per KV head.
 pub const MAX_GROUP: usize = 16;
-/// Keys scored per step of the online softmax.
+/// Keys scored per step of the online softmax, at absolute positions `64k..64(k+1)` (so a
+/// chunk never crosses a page, and a row's chunks are the same in any tile).
 const CHUNK: usize = 64;
-/// Tokens of one prefill handled by one task (their keys stay in cache between queries).
-const TOKENS_PER_TASK: usize = 16;
+/// Most query tokens of one tile (one task): their keys and values are read once for all.
+const TILE_TOKENS: usize = 16;
+/// Most query rows (tokens × query heads of the group) of one tile: bounds the stack
+/// scratch (accumulators and scores) of a task.
+const MAX_ROWS: usize = 64;
 /// Most sequences one `attention_batch` call takes (the engine's parallel slots).
 pub const MAX_BATCH_SEQS: usize = 64;
 
@@ -79,18 +95,22 @@ pub struct KvView<'a, T = f32> {
 }
 
 impl<T> KvView<'_, T> {
+    /// Keys of positions `pos..pos + n` of KV head `head`, which lie in one page.
     #[inline(always)]
-    fn key(&self, head: usize, pos: usize) -> &[T] {
+    fn keys(&self, head: usize, pos: usize, n: usize) -> &[T] {
+        debug_assert!(pos % KV_PAGE + n <= KV_PAGE);
         let page = &self.pages[pos / KV_PAGE];
         let at = (head * KV_PAGE + pos % KV_PAGE) * self.head_dim;
-        &page[at..at + self.head_dim]
+        &page[at..at + n * self.head_dim]
     }
 
+    /// Values of positions `pos..pos + n` of KV head `head`, which lie in one page.
     #[inline(always)]
-    fn value(&self, head: usize, pos: usize) -> &[T] {
+    fn values(&self, head: usize, pos: usize, n: usize) -> &[T] {
+        debug_assert!(pos % KV_PAGE + n <= KV_PAGE);
         let page = &self.pages[pos / KV_PAGE];
         let at = ((self.n_kv_heads + head) * KV_PAGE + pos % KV_PAGE) * self.head_dim;
-        &page[at..at + self.head_dim]
+        &page[at..at + n * self.head_dim]
     }
 }
 
@@ -170,6 +190,7 @@ pub fn attention_batch<T: KvElem>(
     let n_rows: usize = seqs.iter().map(|s| s.n_tokens).sum();
     assert_eq!(q.len(), n_rows * n_head * d);
     assert_eq!(out.len(), q.len());
+    let tile = tile_tokens(group);
     // Per sequence: its first query row and its first task number.
     let mut first_row = [0usize; MAX_BATCH_SEQS + 1];
     let mut first_task = [0usize; MAX_BATCH_SEQS + 1];
@@ -177,16 +198,19 @@ pub fn attention_batch<T: KvElem>(
         assert!(seq.kv.head_dim == d && seq.kv.n_kv_heads == n_kv_heads, "same head layout");
         assert!(seq.kv.pages.len() * KV_PAGE >= seq.start + seq.n_tokens, "cache holds them");
         first_row[i + 1] = first_row[i] + seq.n_tokens;
-        first_task[i + 1] = first_task[i] + n_kv_heads * seq.n_tokens.div_ceil(TOKENS_PER_TASK);
+        first_task[i + 1] = first_task[i] + n_kv_heads * seq.n_tokens.div_ceil(tile);
     }
     let shared = SharedOut::new(out);
     let task = |i: usize| {
         let s = (0..seqs.len()).find(|&s| i < first_task[s + 1]).expect("task in range");
         let seq = &seqs[s];
         let local = i - first_task[s];
-        let (head, block) = (local % n_kv_heads, local / n_kv_heads);
-        let t0 = block * TOKENS_PER_TASK;
-        let t1 = (t0 + TOKENS_PER_TASK).min(seq.n_tokens);
+        // The last tiles of a prefill see the most keys: hand them out first, so the job
+        // does not end on one thread finishing a long tile while the others wait.
+        let n_tiles = seq.n_tokens.div_ceil(tile);
+        let (head, block) = (local % n_kv_heads, n_tiles - 1 - local / n_kv_heads);
+        let t0 = block * tile;
+        let t1 = (t0 + tile).min(seq.n_tokens);
         let job = Job {
             q,
             n_head,
@@ -198,12 +222,15 @@ pub fn attention_batch<T: KvElem>(
             scale,
             out: &shared,
         };
-        // Tasks write disjoint (row, head-group) slices of `out`.
-        for t in t0..t1 {
-            run_query_group(isa, &job, t);
-        }
+        // Tasks write disjoint (token, head-group) slices of `out`.
+        run_tile(isa, &job, t0, t1);
     };
     pool.run(first_task[seqs.len()], &task);
+}
+
+/// Query tokens per tile: as many as keep `tokens × group` rows within `MAX_ROWS`.
+fn tile_tokens(group: usize) -> usize {
+    (MAX_ROWS / group).clamp(1, TILE_TOKENS)
 }
 
 struct Job<'a, T> {
@@ -219,15 +246,15 @@ struct Job<'a, T> {
     out: &'a SharedOut<'a>,
 }
 
-fn run_query_group<T: KvElem>(isa: Isa, job: &Job<'_, T>, t: usize) {
+fn run_tile<T: KvElem>(isa: Isa, job: &Job<'_, T>, t0: usize, t1: usize) {
     #[cfg(target_arch = "x86_64")]
     if isa != Isa::Portable && avx2_present() {
         // SAFETY: AVX2, FMA and F16C were detected on this CPU just above.
-        unsafe { query_group_avx2(job, t) };
+        unsafe { tile_avx2(job, t0, t1) };
         return;
     }
     let _ = isa;
-    query_group::<Portable, T>(job, t)
+    tile::<Portable, T>(job, t0, t1)
 }
 
 /// Every AVX2 CPU made has F16C (Haswell, Zen), so requiring it costs nothing and lets the
@@ -241,82 +268,161 @@ fn avx2_present() -> bool {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn query_group_avx2<T: KvElem>(job: &Job<'_, T>, t: usize) {
-    query_group::<Avx2, T>(job, t)
+unsafe fn tile_avx2<T: KvElem>(job: &Job<'_, T>, t0: usize, t1: usize) {
+    tile::<Avx2, T>(job, t0, t1)
 }
 
-/// The vector operations the attention body needs, on `d`-long rows (`d % 8 == 0`).
+/// The vector operations of the tile, on `d`-long rows (`d % 8 == 0`). Each (query row,
+/// key) dot and each output element has one fixed order of operations, whichever of the
+/// one-row and two-row forms computes it: that is what makes a row's result independent of
+/// the tile it is in.
 trait Ops {
-    fn dot(a: &[f32], b: &[f32]) -> f32;
-    fn axpy(acc: &mut [f32], p: f32, x: &[f32]);
-    fn scale(acc: &mut [f32], s: f32);
-    /// `x[i] = exp(x[i] - max)`, returning the sum.
+    /// `out[j] = dot(q, keys[j·d..][..d]) · scale` for `j < out.len()` (a multiple of 4).
+    fn dots1(q: &[f32], keys: &[f32], scale: f32, out: &mut [f32]);
+    /// `dots1` for two query rows at once, each key row read once for both.
+    fn dots2(qa: &[f32], qb: &[f32], keys: &[f32], scale: f32, oa: &mut [f32], ob: &mut [f32]);
+    /// The largest of `x` (`x.len() % 8 == 0`, not empty).
+    fn max(x: &[f32]) -> f32;
+    /// `x[i] = exp(x[i] - max)` (`x.len() % 8 == 0`), returning the sum.
     fn exp_sub_sum(x: &mut [f32], max: f32) -> f32;
-    /// `dst[i] = src[i]` widened from f16.
-    fn widen(src: &[half::f16], dst: &mut [f32]);
+    fn scale(acc: &mut [f32], s: f32);
+    /// `acc[i] += p[j] · values[j·d + i]` for `j` in order (`d = acc.len()`).
+    fn pv1(acc: &mut [f32], p: &[f32], values: &[f32]);
+    /// `pv1` for two rows with the same number of keys, each value row read once for both.
+    fn pv2(acc_a: &mut [f32], acc_b: &mut [f32], pa: &[f32], pb: &[f32], values: &[f32]);
+    /// `dst[i] = src[i]` widened from f16 (`src.len() % 8 == 0`); writes all of `dst`.
+    fn widen(src: &[half::f16], dst: &mut [MaybeUninit<f32>]);
 }
 
-/// A stored row as f32: f32 pages are read in place, f16 rows are widened into `buf`.
+/// Round `n` up to a multiple of `m` (a power of two).
 #[inline(always)]
-fn as_f32<'a, O: Ops, T: KvElem>(row: &'a [T], buf: &'a mut [f32]) -> &'a [f32] {
-    match T::row(row) {
-        KvRow::F32(row) => row,
-        KvRow::F16(row) => {
-            let buf = &mut buf[..row.len()];
-            O::widen(row, buf);
-            buf
+fn round_up(n: usize, m: usize) -> usize {
+    (n + m - 1) & !(m - 1)
+}
+
+/// The first `len` elements of a stack scratch area, cleared. The areas are sized for the
+/// widest tile; a decode step clears (and touches) only what it uses.
+#[inline(always)]
+fn cleared(buf: &mut [MaybeUninit<f32>], len: usize) -> &mut [f32] {
+    let part = &mut buf[..len];
+    part.iter_mut().for_each(|x| {
+        x.write(0.0);
+    });
+    // SAFETY: every element of `part` was initialised just above; `MaybeUninit<f32>` has
+    // the layout of `f32`.
+    unsafe { &mut *(part as *mut [MaybeUninit<f32>] as *mut [f32]) }
+}
+
+/// Stored rows as f32: f32 pages are read in place, f16 rows are widened into `buf`.
+#[inline(always)]
+fn as_f32<'a, O: Ops, T: KvElem>(rows: &'a [T], buf: &'a mut [MaybeUninit<f32>]) -> &'a [f32] {
+    match T::row(rows) {
+        KvRow::F32(rows) => rows,
+        KvRow::F16(rows) => {
+            let buf = &mut buf[..rows.len()];
+            O::widen(rows, buf);
+            // SAFETY: `widen` wrote every element of `buf`; same layout as `f32`.
+            unsafe { &*(buf as *const [MaybeUninit<f32>] as *const [f32]) }
         }
     }
 }
 
-/// All of one token's query heads that share `job.head`, over keys `0..=start + t`.
-// `g` indexes several per-head arrays at once (scores, max, sum, acc).
-#[allow(clippy::needless_range_loop)]
+/// Query tokens `t0..t1` of the job's sequence with all `group` query heads of each (row
+/// `r` is token `t0 + r / group`, head `r % group` of the group), over the keys of KV head
+/// `job.head`, flash-style: the keys in chunks of `CHUNK` at absolute positions, each chunk
+/// of keys and values widened once for the whole tile, scores of two rows at a time,
+/// online softmax per row, `P·V` with each value row read once for two rows.
+///
+/// What a row computes depends only on its own query and position: its keys per chunk are
+/// `s0..=pos` (the causal mask cuts exactly there, padding to the vector width with -inf
+/// whose exponential is 0), every dot and every accumulation runs in one order whichever
+/// rows share the pass. So a token gives the same bits in a prefill tile, alone in a
+/// decode step, or in a batch.
 #[inline(always)]
-fn query_group<O: Ops, T: KvElem>(job: &Job<'_, T>, t: usize) {
+fn tile<O: Ops, T: KvElem>(job: &Job<'_, T>, t0: usize, t1: usize) {
     let d = job.kv.head_dim;
     let group = job.group;
-    let n_keys = job.start + t + 1;
-    let q_base = ((job.row0 + t) * job.n_head + job.head * group) * d;
-    let mut row_buf = [0f32; MAX_HEAD_DIM];
-    let mut acc = [[0f32; MAX_HEAD_DIM]; MAX_GROUP];
-    let mut scores = [[0f32; CHUNK]; MAX_GROUP];
-    let mut max = [f32::NEG_INFINITY; MAX_GROUP];
-    let mut sum = [0f32; MAX_GROUP];
+    let rows = (t1 - t0) * group;
+    assert!(rows <= MAX_ROWS && d <= MAX_HEAD_DIM && d.is_multiple_of(8));
+    let first_pos = job.start + t0;
+    let pos = |r: usize| first_pos + r / group;
+    // Row `r`'s offset in `q` and `out`.
+    let at =
+        |r: usize| ((job.row0 + t0 + r / group) * job.n_head + job.head * group + r % group) * d;
+    let mut acc_area = [MaybeUninit::<f32>::uninit(); MAX_ROWS * MAX_HEAD_DIM];
+    let acc = cleared(&mut acc_area, rows * d);
+    let mut score_area = [MaybeUninit::<f32>::uninit(); MAX_ROWS * CHUNK];
+    let scores = cleared(&mut score_area, rows * CHUNK);
+    let mut key_area = [MaybeUninit::<f32>::uninit(); CHUNK * MAX_HEAD_DIM];
+    let mut value_area = [MaybeUninit::<f32>::uninit(); CHUNK * MAX_HEAD_DIM];
+    let mut max = [f32::NEG_INFINITY; MAX_ROWS];
+    let mut sum = [0f32; MAX_ROWS];
+    let n_keys = job.start + t1;
     let mut s0 = 0;
     while s0 < n_keys {
-        let s1 = (s0 + CHUNK).min(n_keys);
-        for s in s0..s1 {
-            let key = as_f32::<O, T>(job.kv.key(job.head, s), &mut row_buf);
-            for g in 0..group {
-                let q = &job.q[q_base + g * d..q_base + (g + 1) * d];
-                scores[g][s - s0] = O::dot(q, key) * job.scale;
+        let in_chunk = (n_keys - s0).min(CHUNK);
+        // Keys of this chunk that row `r` sees.
+        let seen = |r: usize| (pos(r) + 1).saturating_sub(s0).min(CHUNK);
+        // A chunk lies within one page (CHUNK divides KV_PAGE), so rounding the key count
+        // up to the dot block stays inside the page; the extra rows' scores are masked.
+        let keys = as_f32::<O, T>(job.kv.keys(job.head, s0, round_up(in_chunk, 4)), &mut key_area);
+        let values = as_f32::<O, T>(job.kv.values(job.head, s0, in_chunk), &mut value_area);
+        // Rows whose token comes before the chunk see none of it.
+        let r_first = s0.saturating_sub(first_pos) * group;
+        let mut r = r_first;
+        while r < rows {
+            let qa = &job.q[at(r)..][..d];
+            if r + 1 < rows {
+                // Row r + 1 sees at least what row r sees.
+                let n = round_up(seen(r + 1), 4);
+                let (a, b) = scores[r * CHUNK..(r + 2) * CHUNK].split_at_mut(CHUNK);
+                let qb = &job.q[at(r + 1)..][..d];
+                O::dots2(qa, qb, &keys[..n * d], job.scale, &mut a[..n], &mut b[..n]);
+                r += 2;
+            } else {
+                let n = round_up(seen(r), 4);
+                O::dots1(qa, &keys[..n * d], job.scale, &mut scores[r * CHUNK..][..n]);
+                r += 1;
             }
         }
-        for g in 0..group {
-            let chunk = &mut scores[g][..s1 - s0];
-            let chunk_max = chunk.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let new_max = max[g].max(chunk_max);
-            if max[g] != f32::NEG_INFINITY && new_max > max[g] {
-                let factor = (max[g] - new_max).exp();
-                O::scale(&mut acc[g][..d], factor);
-                sum[g] *= factor;
+        for r in r_first..rows {
+            let seen_r = seen(r);
+            let row = &mut scores[r * CHUNK..][..round_up(seen_r, 8)];
+            row[seen_r..].fill(f32::NEG_INFINITY);
+            let chunk_max = O::max(row);
+            let new_max = max[r].max(chunk_max);
+            if max[r] != f32::NEG_INFINITY && new_max > max[r] {
+                let factor = (max[r] - new_max).exp();
+                O::scale(&mut acc[r * d..][..d], factor);
+                sum[r] *= factor;
             }
-            max[g] = new_max;
-            sum[g] += O::exp_sub_sum(chunk, new_max);
+            max[r] = new_max;
+            sum[r] += O::exp_sub_sum(row, new_max);
         }
-        for s in s0..s1 {
-            let value = as_f32::<O, T>(job.kv.value(job.head, s), &mut row_buf);
-            for g in 0..group {
-                O::axpy(&mut acc[g][..d], scores[g][s - s0], value);
+        let mut r = r_first;
+        while r < rows {
+            let seen_a = seen(r);
+            let pa = &scores[r * CHUNK..][..seen_a];
+            if r + 1 < rows {
+                let seen_b = seen(r + 1);
+                let pb = &scores[(r + 1) * CHUNK..][..seen_b];
+                let (acc_a, acc_b) = acc[r * d..(r + 2) * d].split_at_mut(d);
+                O::pv2(acc_a, acc_b, pa, &pb[..seen_a], &values[..seen_a * d]);
+                if seen_b > seen_a {
+                    O::pv1(acc_b, &pb[seen_a..], &values[seen_a * d..seen_b * d]);
+                }
+                r += 2;
+            } else {
+                O::pv1(&mut acc[r * d..][..d], pa, &values[..seen_a * d]);
+                r += 1;
             }
         }
-        s0 = s1;
+        s0 += CHUNK;
     }
-    for g in 0..group {
-        let inv = 1.0 / sum[g];
-        let at = q_base + g * d;
-        for (i, value) in acc[g][..d].iter().enumerate() {
+    for r in 0..rows {
+        let inv = 1.0 / sum[r];
+        let at = at(r);
+        for (i, value) in acc[r * d..][..d].iter().enumerate() {
             job.out.write(at + i, value * inv);
         }
     }
@@ -324,7 +430,7 @@ fn query_group<O: Ops, T: KvElem>(job: &Job<'_, T>, t: usize) {
 
 struct Portable;
 
-impl Ops for Portable {
+impl Portable {
     #[inline(always)]
     fn dot(a: &[f32], b: &[f32]) -> f32 {
         let mut lanes = [0f32; 8];
@@ -335,17 +441,26 @@ impl Ops for Portable {
         }
         lanes.iter().sum()
     }
+}
 
+impl Ops for Portable {
     #[inline(always)]
-    fn axpy(acc: &mut [f32], p: f32, x: &[f32]) {
-        for (a, v) in acc.iter_mut().zip(x) {
-            *a += p * v;
+    fn dots1(q: &[f32], keys: &[f32], scale: f32, out: &mut [f32]) {
+        let d = q.len();
+        for (o, key) in out.iter_mut().zip(keys.chunks_exact(d)) {
+            *o = Self::dot(q, key) * scale;
         }
     }
 
     #[inline(always)]
-    fn scale(acc: &mut [f32], s: f32) {
-        acc.iter_mut().for_each(|a| *a *= s);
+    fn dots2(qa: &[f32], qb: &[f32], keys: &[f32], scale: f32, oa: &mut [f32], ob: &mut [f32]) {
+        Self::dots1(qa, keys, scale, oa);
+        Self::dots1(qb, keys, scale, ob);
+    }
+
+    #[inline(always)]
+    fn max(x: &[f32]) -> f32 {
+        x.iter().copied().fold(f32::NEG_INFINITY, f32::max)
     }
 
     #[inline(always)]
@@ -359,15 +474,36 @@ impl Ops for Portable {
     }
 
     #[inline(always)]
-    fn widen(src: &[half::f16], dst: &mut [f32]) {
+    fn scale(acc: &mut [f32], s: f32) {
+        acc.iter_mut().for_each(|a| *a *= s);
+    }
+
+    #[inline(always)]
+    fn pv1(acc: &mut [f32], p: &[f32], values: &[f32]) {
+        for (pj, value) in p.iter().zip(values.chunks_exact(acc.len())) {
+            for (a, v) in acc.iter_mut().zip(value) {
+                *a += pj * v;
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn pv2(acc_a: &mut [f32], acc_b: &mut [f32], pa: &[f32], pb: &[f32], values: &[f32]) {
+        Self::pv1(acc_a, pa, values);
+        Self::pv1(acc_b, pb, values);
+    }
+
+    #[inline(always)]
+    fn widen(src: &[half::f16], dst: &mut [MaybeUninit<f32>]) {
+        assert_eq!(src.len(), dst.len());
         for (d, s) in dst.iter_mut().zip(src) {
-            *d = s.to_f32();
+            d.write(s.to_f32());
         }
     }
 }
 
 /// AVX2 + FMA operations. Its methods are safe fns that use intrinsics, so they
-/// must only run inside `query_group_avx2` (the one place this private type is used),
+/// must only run inside `tile_avx2` (the one place this private type is used),
 /// whose `target_feature` they are inlined into.
 #[cfg(target_arch = "x86_64")]
 struct Avx2;
@@ -385,6 +521,109 @@ pub(super) mod avx2 {
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         let s = _mm_add_ss(s, _mm_movehdup_ps(s));
         _mm_cvtss_f32(s)
+    }
+
+    /// Largest of the 8 lanes.
+    #[inline(always)]
+    pub(super) unsafe fn hmax(v: __m256) -> f32 {
+        let m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        let m = _mm_max_ss(m, _mm_movehdup_ps(m));
+        _mm_cvtss_f32(m)
+    }
+
+    /// The lane sums of four vectors, `[Σa0, Σa1, Σa2, Σa3]`, each summed as
+    /// `((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7))`: one transpose-reduce for four
+    /// dots instead of a horizontal sum per dot.
+    #[inline(always)]
+    unsafe fn reduce4(a: &[__m256; 4]) -> __m128 {
+        let t = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+        _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1))
+    }
+
+    /// `out[r][j] = dot(q[r], key j) · scale` for `R` query rows and `j < n` (`n % 4 == 0`),
+    /// keys `d` apart from `keys`: four keys at a time, each key vector loaded once for
+    /// the `R` rows, one accumulator per (row, key) over `d`.
+    ///
+    /// Safety: `q[r]` readable for `d`, `keys` for `n · d`, `out[r]` writable for `n`
+    /// floats; `d % 8 == 0`; AVX2 and FMA enabled by the caller.
+    // The indices walk several register arrays at once (rows × columns), fully unrolled.
+    #[allow(clippy::needless_range_loop)]
+    #[inline(always)]
+    pub(super) unsafe fn dots<const R: usize>(
+        q: [*const f32; R],
+        keys: *const f32,
+        d: usize,
+        n: usize,
+        scale: f32,
+        out: [*mut f32; R],
+    ) {
+        let sv = _mm_set1_ps(scale);
+        let mut j = 0;
+        while j < n {
+            let k = keys.add(j * d);
+            let mut acc = [[_mm256_setzero_ps(); 4]; R];
+            let mut i = 0;
+            while i < d {
+                let mut qv = [_mm256_setzero_ps(); R];
+                for r in 0..R {
+                    qv[r] = _mm256_loadu_ps(q[r].add(i));
+                }
+                for c in 0..4 {
+                    let kv = _mm256_loadu_ps(k.add(c * d + i));
+                    for r in 0..R {
+                        acc[r][c] = _mm256_fmadd_ps(qv[r], kv, acc[r][c]);
+                    }
+                }
+                i += 8;
+            }
+            for r in 0..R {
+                _mm_storeu_ps(out[r].add(j), _mm_mul_ps(reduce4(&acc[r]), sv));
+            }
+            j += 4;
+        }
+    }
+
+    /// `acc[r][0..8W] += p[r][j] · v[j·d..][..8W]` for `R` rows and `j < n` in order, the
+    /// `8W` accumulators of each row in registers, each value vector loaded once for the
+    /// `R` rows.
+    ///
+    /// Safety: `acc[r]` read-writable for `8W`, `p[r]` readable for `n`, `v` for
+    /// `(n - 1) · d + 8W` floats; AVX2 and FMA enabled by the caller.
+    // The indices walk several register arrays at once (rows × columns), fully unrolled.
+    #[allow(clippy::needless_range_loop)]
+    #[inline(always)]
+    pub(super) unsafe fn pv<const R: usize, const W: usize>(
+        acc: [*mut f32; R],
+        p: [*const f32; R],
+        v: *const f32,
+        d: usize,
+        n: usize,
+    ) {
+        let mut a = [[_mm256_setzero_ps(); W]; R];
+        for r in 0..R {
+            for w in 0..W {
+                a[r][w] = _mm256_loadu_ps(acc[r].add(8 * w));
+            }
+        }
+        for j in 0..n {
+            let row = v.add(j * d);
+            let mut vs = [_mm256_setzero_ps(); W];
+            for w in 0..W {
+                vs[w] = _mm256_loadu_ps(row.add(8 * w));
+            }
+            for r in 0..R {
+                let pj = _mm256_set1_ps(*p[r].add(j));
+                for w in 0..W {
+                    a[r][w] = _mm256_fmadd_ps(pj, vs[w], a[r][w]);
+                }
+            }
+        }
+        for r in 0..R {
+            for w in 0..W {
+                _mm256_storeu_ps(acc[r].add(8 * w), a[r][w]);
+            }
+        }
     }
 
     /// e^x for 8 lanes (Cephes-style: 2^n · p(r), |rel. error| < 2e-7 on [-87, 88]);
@@ -416,52 +655,88 @@ pub(super) mod avx2 {
 }
 
 #[cfg(target_arch = "x86_64")]
+impl Avx2 {
+    /// `avx2::pv` over a whole row of `d = acc[0].len()`: 32 columns at a time, then 8.
+    #[inline(always)]
+    fn pv_rows<const R: usize>(acc: [&mut [f32]; R], p: [&[f32]; R], values: &[f32]) {
+        let d = acc[0].len();
+        let n = p[0].len();
+        assert!(d.is_multiple_of(8) && values.len() >= n * d);
+        assert!((0..R).all(|r| acc[r].len() == d && p[r].len() == n));
+        let acc = acc.map(|a| a.as_mut_ptr());
+        let p = p.map(|p| p.as_ptr());
+        let mut i = 0;
+        // SAFETY: columns i..i + 8W ≤ d of n rows d apart, within `values` (n · d floats)
+        // and each `acc` (d floats), as asserted; AVX2/FMA enabled by the caller.
+        unsafe {
+            while i + 32 <= d {
+                avx2::pv::<R, 4>(acc.map(|a| a.add(i)), p, values.as_ptr().add(i), d, n);
+                i += 32;
+            }
+            while i < d {
+                avx2::pv::<R, 1>(acc.map(|a| a.add(i)), p, values.as_ptr().add(i), d, n);
+                i += 8;
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
 impl Ops for Avx2 {
     #[inline(always)]
-    fn dot(a: &[f32], b: &[f32]) -> f32 {
-        use std::arch::x86_64::*;
-        assert!(a.len() == b.len() && a.len().is_multiple_of(8));
-        // SAFETY: every load is at i + 8 ≤ len (asserted); AVX2/FMA enabled by the caller.
+    fn dots1(q: &[f32], keys: &[f32], scale: f32, out: &mut [f32]) {
+        let (d, n) = (q.len(), out.len());
+        assert!(d.is_multiple_of(8) && n.is_multiple_of(4) && keys.len() >= n * d);
+        // SAFETY: bounds as `avx2::dots` needs them, asserted above.
+        unsafe { avx2::dots::<1>([q.as_ptr()], keys.as_ptr(), d, n, scale, [out.as_mut_ptr()]) }
+    }
+
+    #[inline(always)]
+    fn dots2(qa: &[f32], qb: &[f32], keys: &[f32], scale: f32, oa: &mut [f32], ob: &mut [f32]) {
+        let (d, n) = (qa.len(), oa.len());
+        assert!(d.is_multiple_of(8) && n.is_multiple_of(4) && keys.len() >= n * d);
+        assert!(qb.len() == d && ob.len() == n);
+        // SAFETY: bounds as `avx2::dots` needs them, asserted above.
         unsafe {
-            let mut acc0 = _mm256_setzero_ps();
-            let mut acc1 = _mm256_setzero_ps();
-            let mut i = 0;
-            while i + 16 <= a.len() {
-                acc0 = _mm256_fmadd_ps(
-                    _mm256_loadu_ps(a.as_ptr().add(i)),
-                    _mm256_loadu_ps(b.as_ptr().add(i)),
-                    acc0,
-                );
-                acc1 = _mm256_fmadd_ps(
-                    _mm256_loadu_ps(a.as_ptr().add(i + 8)),
-                    _mm256_loadu_ps(b.as_ptr().add(i + 8)),
-                    acc1,
-                );
-                i += 16;
-            }
-            if i < a.len() {
-                acc0 = _mm256_fmadd_ps(
-                    _mm256_loadu_ps(a.as_ptr().add(i)),
-                    _mm256_loadu_ps(b.as_ptr().add(i)),
-                    acc0,
-                );
-            }
-            avx2::hsum(_mm256_add_ps(acc0, acc1))
+            avx2::dots::<2>(
+                [qa.as_ptr(), qb.as_ptr()],
+                keys.as_ptr(),
+                d,
+                n,
+                scale,
+                [oa.as_mut_ptr(), ob.as_mut_ptr()],
+            )
         }
     }
 
     #[inline(always)]
-    fn axpy(acc: &mut [f32], p: f32, x: &[f32]) {
+    fn max(x: &[f32]) -> f32 {
         use std::arch::x86_64::*;
-        assert!(acc.len() == x.len() && x.len().is_multiple_of(8));
-        // SAFETY: every access is at i + 8 ≤ len (asserted); AVX2/FMA enabled by the caller.
+        assert!(x.len().is_multiple_of(8) && !x.is_empty());
+        // SAFETY: every load is at i + 8 ≤ len (asserted); AVX enabled by the caller.
         unsafe {
-            let pv = _mm256_set1_ps(p);
-            for i in (0..x.len()).step_by(8) {
-                let a = _mm256_loadu_ps(acc.as_ptr().add(i));
-                let r = _mm256_fmadd_ps(pv, _mm256_loadu_ps(x.as_ptr().add(i)), a);
-                _mm256_storeu_ps(acc.as_mut_ptr().add(i), r);
+            let mut m = _mm256_loadu_ps(x.as_ptr());
+            for i in (8..x.len()).step_by(8) {
+                m = _mm256_max_ps(m, _mm256_loadu_ps(x.as_ptr().add(i)));
             }
+            avx2::hmax(m)
+        }
+    }
+
+    #[inline(always)]
+    fn exp_sub_sum(x: &mut [f32], max: f32) -> f32 {
+        use std::arch::x86_64::*;
+        assert!(x.len().is_multiple_of(8));
+        // SAFETY: every access is at i + 8 ≤ len (asserted); AVX2/FMA enabled by caller.
+        unsafe {
+            let m = _mm256_set1_ps(max);
+            let mut sum = _mm256_setzero_ps();
+            for i in (0..x.len()).step_by(8) {
+                let e = avx2::exp(_mm256_sub_ps(_mm256_loadu_ps(x.as_ptr().add(i)), m));
+                _mm256_storeu_ps(x.as_mut_ptr().add(i), e);
+                sum = _mm256_add_ps(sum, e);
+            }
+            avx2::hsum(sum)
         }
     }
 
@@ -480,38 +755,27 @@ impl Ops for Avx2 {
     }
 
     #[inline(always)]
-    fn exp_sub_sum(x: &mut [f32], max: f32) -> f32 {
-        use std::arch::x86_64::*;
-        let whole = x.len() / 8 * 8;
-        // SAFETY: every vector access is at i + 8 ≤ whole ≤ len; AVX2/FMA enabled by caller.
-        let mut total = unsafe {
-            let m = _mm256_set1_ps(max);
-            let mut sum = _mm256_setzero_ps();
-            for i in (0..whole).step_by(8) {
-                let e = avx2::exp(_mm256_sub_ps(_mm256_loadu_ps(x.as_ptr().add(i)), m));
-                _mm256_storeu_ps(x.as_mut_ptr().add(i), e);
-                sum = _mm256_add_ps(sum, e);
-            }
-            avx2::hsum(sum)
-        };
-        for v in &mut x[whole..] {
-            *v = (*v - max).exp();
-            total += *v;
-        }
-        total
+    fn pv1(acc: &mut [f32], p: &[f32], values: &[f32]) {
+        Self::pv_rows::<1>([acc], [p], values)
     }
 
     #[inline(always)]
-    fn widen(src: &[half::f16], dst: &mut [f32]) {
+    fn pv2(acc_a: &mut [f32], acc_b: &mut [f32], pa: &[f32], pb: &[f32], values: &[f32]) {
+        Self::pv_rows::<2>([acc_a, acc_b], [pa, pb], values)
+    }
+
+    #[inline(always)]
+    fn widen(src: &[half::f16], dst: &mut [MaybeUninit<f32>]) {
         use std::arch::x86_64::*;
         assert!(src.len() == dst.len() && src.len().is_multiple_of(8));
         // SAFETY: every access is at i + 8 ≤ len (asserted); `half::f16` is a
-        // `repr(transparent)` u16, so 8 of them are the 128 bits `vcvtph2ps` reads; F16C is
-        // enabled by the caller (`query_group_avx2`).
+        // `repr(transparent)` u16, so 8 of them are the 128 bits `vcvtph2ps` reads, and
+        // `MaybeUninit<f32>` has the layout of `f32`; F16C is enabled by the caller
+        // (`tile_avx2`).
         unsafe {
             for i in (0..src.len()).step_by(8) {
                 let halves = _mm_loadu_si128(src.as_ptr().add(i) as *const __m128i);
-                _mm256_storeu_ps(dst.as_mut_ptr().add(i), _mm256_cvtph_ps(halves));
+                _mm256_storeu_ps(dst.as_mut_ptr().add(i) as *mut f32, _mm256_cvtph_ps(halves));
             }
         }
     }
@@ -572,7 +836,21 @@ mod tests {
             (4, 4, 128, 250, 20),
             (32, 8, 128, 0, 1),
             (5, 1, 16, 520, 3),
+            // Tile tails: token counts that are not multiples of the tile, key counts that
+            // end inside a chunk or cross chunks and pages, on groups of 1, 3, 4 and 16
+            // (16 tokens a tile up to group 4, then `MAX_ROWS / group`).
+            (3, 3, 64, 250, 23),
+            (12, 4, 128, 60, 37),
+            (16, 4, 64, 190, 70),
+            (8, 2, 128, 0, 67),
+            (9, 3, 64, 245, 19),
+            (16, 1, 64, 5, 11),
+            (16, 1, 128, 254, 7),
         ];
+        let isas = Isa::available();
+        eprintln!("attention vs f64: ISAs {isas:?}");
+        #[cfg(target_arch = "x86_64")]
+        assert!(!avx2_present() || isas.contains(&Isa::Avx2), "AVX2 path not exercised");
         for threads in [1, 2, 3] {
             let pool = ThreadPool::new(threads);
             for &(n_head, n_kv, d, start, n_tokens) in &cases {
@@ -595,7 +873,7 @@ mod tests {
                 let expected =
                     reference(&q, &keys, &values, n_tokens, start, n_head, n_kv, d, scale);
                 let view = KvView { pages: &pages, n_kv_heads: n_kv, head_dim: d };
-                for isa in Isa::available() {
+                for &isa in &isas {
                     let mut out = vec![f32::NAN; q.len()];
                     attention(&pool, isa, &q, n_tokens, start, n_head, &view, scale, &mut out);
                     let worst =
@@ -660,6 +938,7 @@ mod tests {
             let exact = reference(&q, &keys, &values, n_tokens, start, n_head, n_kv, d, scale);
             let view = KvView { pages: &f16_pages, n_kv_heads: n_kv, head_dim: d };
             let isas = Isa::available();
+            eprintln!("f16 pages vs f64: ISAs {isas:?}");
             // On a CPU with AVX2 + F16C the vector widening must be among what is tested.
             #[cfg(target_arch = "x86_64")]
             assert!(!avx2_present() || isas.contains(&Isa::Avx2), "AVX2 path not exercised");
@@ -720,6 +999,65 @@ mod tests {
                     );
                     assert_eq!(&batched[rows], &alone[..], "{isa:?} threads {threads}");
                     row += seq.n_tokens;
+                }
+            }
+        }
+    }
+
+    /// Every row of a prefill call, compared bit for bit with the same token computed alone
+    /// (`n_tokens = 1` at its position, as a decode step does) and with the whole prefill
+    /// run as one tile per token.
+    fn prefill_rows_equal_tokens_alone<T: KvElem>(
+        pages: &[Box<[T]>],
+        q: &[f32],
+        (shape, start, n_tokens): ((usize, usize, usize), usize, usize),
+        isa: Isa,
+        pool: &ThreadPool,
+    ) {
+        let (n_head, n_kv, d) = shape;
+        let view = KvView { pages, n_kv_heads: n_kv, head_dim: d };
+        let scale = 1.0 / (d as f32).sqrt();
+        let width = n_head * d;
+        let q = &q[..n_tokens * width];
+        let mut prefill = vec![f32::NAN; q.len()];
+        attention(pool, isa, q, n_tokens, start, n_head, &view, scale, &mut prefill);
+        for t in 0..n_tokens {
+            let rows = t * width..(t + 1) * width;
+            let mut alone = vec![f32::NAN; width];
+            attention(pool, isa, &q[rows.clone()], 1, start + t, n_head, &view, scale, &mut alone);
+            let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert_eq!(
+                bits(&prefill[rows]),
+                bits(&alone),
+                "{isa:?} {} pages, shape {shape:?}, start {start}, {n_tokens} tokens: row {t}",
+                std::any::type_name::<T>()
+            );
+        }
+    }
+
+    #[test]
+    fn a_prefill_row_has_the_bits_of_its_token_alone_on_every_isa() {
+        let mut rng = Rng(0x7115_d1a6_0a11_b175);
+        let isas = Isa::available();
+        eprintln!("prefill rows vs tokens alone: ISAs {isas:?}");
+        #[cfg(target_arch = "x86_64")]
+        assert!(!avx2_present() || isas.contains(&Isa::Avx2), "AVX2 path not exercised");
+        let pool = ThreadPool::new(2);
+        // (n_head, n_kv, d): SmolLM2's group of 3, Qwen3's 4 on 128-wide heads, and a group
+        // of MAX_GROUP (4 tokens a tile).
+        for shape in [(9, 3, 64), (8, 2, 128), (MAX_GROUP, 1, 32)] {
+            let (n_head, n_kv, d) = shape;
+            let max_tokens = 67;
+            for start in [0, 3, 250, 300] {
+                let (f32_pages, f16_pages, _, _) =
+                    random_pages(&mut rng, n_kv, d, start + max_tokens);
+                let q = rng.vec(max_tokens * n_head * d, 1.0);
+                for n_tokens in [1, 2, 5, 16, 17, 67] {
+                    for &isa in &isas {
+                        let case = (shape, start, n_tokens);
+                        prefill_rows_equal_tokens_alone(&f32_pages, &q, case, isa, &pool);
+                        prefill_rows_equal_tokens_alone(&f16_pages, &q, case, isa, &pool);
+                    }
                 }
             }
         }
