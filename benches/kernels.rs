@@ -2,8 +2,8 @@
 //! weights, in one run: a decode-shaped product (one token; memory-bound, GB/s of weights
 //! read) and a prefill-shaped one (64 tokens; G multiply-adds per second), for every format
 //! with a kernel, on a Qwen3-4B FFN-sized matrix (9728 × 2560), on every instruction set the
-//! CPU has (each line names it); Q4_K both repacked (`Q4K/x4`, what the engine runs) and in
-//! the GGUF row layout. Threads: `KERNEL_THREADS` (default 2). Run with
+//! CPU has (each line names it); the formats the engine repacks at load are marked `/x4`,
+//! and Q4_K and Q6_K are also timed in the GGUF row layout. Threads: `KERNEL_THREADS` (default 2). Run with
 //! `cargo bench --bench kernels`; prints medians and ratios.
 
 mod common;
@@ -36,8 +36,8 @@ fn main() {
         .collect();
     let dense = Tensor::from_vec(values, (rows, cols), &Device::Cpu).expect("weights");
     use WeightType::*;
-    // Q4_K twice: as the engine holds it (repacked four rows at a time) and in the GGUF
-    // row layout, to show what the repacking is worth.
+    // Q4_K and Q6_K twice: as the engine holds them (repacked four rows at a time, `/x4`)
+    // and in the GGUF row layout, to show what the repacking is worth.
     let cases = [
         (Q4_0, false),
         (Q4_1, false),
@@ -47,6 +47,7 @@ fn main() {
         (Q4K, true),
         (Q5K, false),
         (Q6K, false),
+        (Q6K, true),
     ];
     for (ty, as_stored) in cases {
         let dtype = ty.ggml_dtype();
@@ -85,7 +86,8 @@ fn main() {
                 rate(n_tokens, d)
             })
             .collect();
-        let name = if ty == Q4K && !as_stored { "Q4K/x4".to_string() } else { format!("{ty:?}") };
+        let packed = ours.is_repacked();
+        let name = if packed { format!("{ty:?}/x4") } else { format!("{ty:?}") };
         for &isa in &isas {
             let mine: Vec<f64> = shapes
                 .iter()

@@ -241,6 +241,7 @@ impl Engine {
             model = %info.name, arch = %info.arch, n_ctx, load_ms,
             parallel = config.parallel, kv = config.kv_type.as_str(),
             device = %info.device.id, device_name = %info.device.name,
+            isa = crate::llm::engine::kernels::Isa::detect().name(),
             weights = %human_bytes(info.weight_bytes),
             device_memory_used = %info.device.memory_used_bytes().map(human_bytes).unwrap_or_default(),
             "model loaded"

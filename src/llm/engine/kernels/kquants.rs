@@ -25,7 +25,7 @@ use super::{f16_to_f32, BlockQ8K, Isa, WeightType};
 const QK: usize = 256;
 pub(super) const Q4K_BYTES: usize = 144;
 const Q5K_BYTES: usize = 176;
-const Q6K_BYTES: usize = 210;
+pub(super) const Q6K_BYTES: usize = 210;
 
 /// Quantize `x` (a whole number of 256-value blocks, any number of rows) into `out`.
 ///
@@ -88,7 +88,7 @@ pub(super) fn dequantize_row(ty: WeightType, w: &[u8], out: &mut [f32]) {
 }
 
 #[inline(always)]
-fn read_f16(b: &[u8], at: usize) -> f32 {
+pub(super) fn read_f16(b: &[u8], at: usize) -> f32 {
     f16_to_f32(u16::from_le_bytes([b[at], b[at + 1]]))
 }
 
@@ -329,7 +329,7 @@ impl Format for Q5K {
 /// A Q6_K block's 256 weights as `sc·(q − 32)` in value order (at most `128·32`), so each
 /// token's dot product is one long i16×i8 sum.
 #[inline(always)]
-fn unpack_scaled_q6k(blk: &[u8], w: &mut [i16; QK]) {
+pub(super) fn unpack_scaled_q6k(blk: &[u8], w: &mut [i16; QK]) {
     let (ql, rest) = blk.split_at(128);
     let (qh, scales) = rest.split_at(64);
     let halves = ql.chunks_exact(64).zip(qh.chunks_exact(32)).zip(scales.chunks_exact(8));

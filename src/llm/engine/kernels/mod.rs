@@ -20,6 +20,7 @@ mod legacy;
 mod legacy_x4;
 mod pool;
 mod q4k_x4;
+mod q6k_x4;
 #[cfg(test)]
 mod testing;
 mod x4;
@@ -233,8 +234,8 @@ pub struct BlockQ8K {
 }
 
 /// A weight matrix of `rows` outputs by `cols` inputs, each row stored contiguously in its
-/// block format (the GGUF layout, `ne0 = cols`), except that Q4_K, Q4_0, Q4_1, Q5_0 and
-/// Q8_0 rows are repacked at load four at a time (`q4k_x4`, `legacy_x4`): the first
+/// block format (the GGUF layout, `ne0 = cols`), except that Q4_K, Q6_K, Q4_0, Q4_1, Q5_0
+/// and Q8_0 rows are repacked at load four at a time (`q4k_x4`, `q6k_x4`, `legacy_x4`): the first
 /// `packed_rows` rows are interleaved groups, the rest (fewer than four) stay in the GGUF
 /// layout after them.
 pub struct QMatrix {
@@ -285,6 +286,7 @@ impl QMatrix {
             let rows = [row(0), row(1), row(2), row(3)];
             match self.ty {
                 WeightType::Q4K => q4k_x4::pack(rows, out),
+                WeightType::Q6K => q6k_x4::pack(rows, out),
                 ty => legacy_x4::pack(ty, rows, out),
             }
         }
@@ -380,6 +382,7 @@ impl QMatrix {
             let group = self.group_bytes(row / 4);
             return match self.ty {
                 WeightType::Q4K => q4k_x4::dequantize_row(group, row % 4, out),
+                WeightType::Q6K => q6k_x4::dequantize_row(group, row % 4, out),
                 ty => legacy_x4::dequantize_row(ty, group, row % 4, out),
             };
         }
@@ -426,10 +429,11 @@ impl QMatrix {
 fn packed_block_bytes(ty: WeightType) -> Option<usize> {
     match ty {
         WeightType::Q4K => Some(q4k_x4::BLOCK_BYTES),
+        WeightType::Q6K => Some(q6k_x4::BLOCK_BYTES),
         WeightType::Q4_0 | WeightType::Q4_1 | WeightType::Q5_0 | WeightType::Q8_0 => {
             Some(legacy_x4::block_bytes(ty))
         }
-        WeightType::F32 | WeightType::Q5K | WeightType::Q6K => None,
+        WeightType::F32 | WeightType::Q5K => None,
     }
 }
 
@@ -572,6 +576,9 @@ fn run_rows(isa: Isa, w: &QMatrix, acts: &Acts, r0: usize, r1: usize, out: &pool
                 if w.ty == WeightType::Q4K {
                     let rows = token_rows(&acts.q8k, acts.cols / 256, t);
                     q4k_x4::dot(isa, weights, &rows[..group], &mut group_dots);
+                } else if w.ty == WeightType::Q6K {
+                    let rows = token_rows(&acts.q8k, acts.cols / 256, t);
+                    q6k_x4::dot(isa, weights, &rows[..group], &mut group_dots);
                 } else {
                     let rows = token_rows(&acts.q8x32, acts.cols / 32, t);
                     legacy_x4::dot(w.ty, isa, weights, &rows[..group], &mut group_dots);

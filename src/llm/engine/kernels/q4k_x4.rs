@@ -24,8 +24,8 @@
 //!
 //! Owns only this layout: the row layout's kernels are `kquants`, threads are `pool`.
 
-use super::kquants::{k4_sums, scale_min_k4, Q4K_BYTES};
-use super::{f16_to_f32, BlockQ8K, Isa};
+use super::kquants::{k4_sums, read_f16, scale_min_k4, Q4K_BYTES};
+use super::{BlockQ8K, Isa};
 
 pub(super) use super::x4::ROWS;
 /// Bytes of one packed block (four rows' 256 values).
@@ -62,11 +62,6 @@ pub(super) fn pack(rows: [&[u8]; ROWS], out: &mut [u8]) {
             }
         }
     }
-}
-
-#[inline(always)]
-fn read_f16(b: &[u8], at: usize) -> f32 {
-    f16_to_f32(u16::from_le_bytes([b[at], b[at + 1]]))
 }
 
 /// Row `r` of one packed block: `(d, dmin, scales, minimums, the 256 nibbles in value order)`.

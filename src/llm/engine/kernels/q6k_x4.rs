@@ -1,0 +1,404 @@
+//! Q6_K weights repacked at load four rows at a time (`Q6Kx4`), and their dot products
+//! against `BlockQ8K` activations: the `q4k_x4` idea for Q6_K's 16-value sub-blocks. With
+//! eight values of each of four rows side by side, the two `vpmaddubsw` that cover a
+//! sub-block for the four rows sum in i16 (at most `2·2·63·127 = 32004`), then one
+//! `vpmaddwd` with the four rows' signed scales; the −32 offset is taken out once per block
+//! through the activations' `bsums`, four rows at a time.
+//!
+//! One packed block holds block `b` of rows `4g..4g+4`, 840 bytes (exactly the four GGUF
+//! blocks, rearranged):
+//! - `0..8`: f16 `d[0..4]`;
+//! - `8..72`: the 16 signed scales of each row, rows in the order 0, 2, 1, 3 (so that one
+//!   byte unpack pairs rows 0, 1 in the low 128-bit lane and 2, 3 in the high one);
+//! - `72..584`: the low four bits: for half `n` (values `128n..128n+128`), group `g`
+//!   (0..4), part `p` (0..2): eight bytes `ql[64n + 32p + 8g..+8]` of each row, so the
+//!   vector at `72 + 256n + 64g + 32p` holds them for rows 0, 1, 2, 3;
+//! - `584..840`: the two high bits: the vector at `584 + 128n + 32g` holds
+//!   `qh[32n + 8g..+8]` of each row.
+//!
+//! In the GGUF layout `ql[64n + l]` carries values `128n + l` (low nibble) and
+//! `128n + 64 + l` (high nibble), `ql[64n + 32 + l]` values `128n + 32 + l` and
+//! `128n + 96 + l`, and `qh[32n + l]` their high bits (bits 0-1, 4-5, 2-3, 6-7 in that
+//! order); so vector group `g` gives values `128n + 32k + 8g..+8` for `k` = 0..4, all in
+//! sub-block `8n + 2k + g/2`.
+//!
+//! Owns only this layout; the row layout's kernels are `kquants`, threads are `pool`.
+
+use super::kquants::{self, read_f16, unpack_scaled_q6k, Q6K_BYTES};
+use super::{BlockQ8K, Isa, WeightType};
+
+pub(super) use super::x4::ROWS;
+/// Bytes of one packed block (four rows' 256 values).
+pub(super) const BLOCK_BYTES: usize = 4 * Q6K_BYTES;
+const QK: usize = 256;
+const SC_AT: usize = 8;
+const QL_AT: usize = 72;
+const QH_AT: usize = 584;
+/// Where each row's scales sit (in units of 16 bytes from `SC_AT`).
+const SC_SLOT: [usize; ROWS] = [0, 2, 1, 3];
+
+/// Repack four rows of Q6_K blocks (GGUF layout, the same length) into `out`.
+pub(super) fn pack(rows: [&[u8]; ROWS], out: &mut [u8]) {
+    let nb = rows[0].len() / Q6K_BYTES;
+    assert!(rows.iter().all(|r| r.len() == nb * Q6K_BYTES), "four whole rows of blocks");
+    assert_eq!(out.len(), nb * BLOCK_BYTES, "packed size");
+    for (b, packed) in out.chunks_exact_mut(BLOCK_BYTES).enumerate() {
+        for (r, row) in rows.iter().enumerate() {
+            pack_row(&row[b * Q6K_BYTES..(b + 1) * Q6K_BYTES], packed, r);
+        }
+    }
+}
+
+/// Row `r`'s GGUF block `blk` into a packed block.
+fn pack_row(blk: &[u8], packed: &mut [u8], r: usize) {
+    packed[2 * r..2 * r + 2].copy_from_slice(&blk[208..210]);
+    let sc = SC_AT + 16 * SC_SLOT[r];
+    packed[sc..sc + 16].copy_from_slice(&blk[192..208]);
+    for n in 0..2 {
+        for g in 0..4 {
+            for p in 0..2 {
+                let at = QL_AT + 256 * n + 64 * g + 32 * p + 8 * r;
+                let from = 64 * n + 32 * p + 8 * g;
+                packed[at..at + 8].copy_from_slice(&blk[from..from + 8]);
+            }
+            let at = QH_AT + 128 * n + 32 * g + 8 * r;
+            let from = 128 + 32 * n + 8 * g;
+            packed[at..at + 8].copy_from_slice(&blk[from..from + 8]);
+        }
+    }
+}
+
+/// Row `r`'s GGUF block out of a packed block: the inverse of `pack_row` (a test checks
+/// the round trip).
+#[inline(always)]
+fn unpack_row(packed: &[u8], r: usize, blk: &mut [u8; Q6K_BYTES]) {
+    blk[208..210].copy_from_slice(&packed[2 * r..2 * r + 2]);
+    let sc = SC_AT + 16 * SC_SLOT[r];
+    blk[192..208].copy_from_slice(&packed[sc..sc + 16]);
+    for n in 0..2 {
+        for g in 0..4 {
+            for p in 0..2 {
+                let at = QL_AT + 256 * n + 64 * g + 32 * p + 8 * r;
+                let to = 64 * n + 32 * p + 8 * g;
+                blk[to..to + 8].copy_from_slice(&packed[at..at + 8]);
+            }
+            let at = QH_AT + 128 * n + 32 * g + 8 * r;
+            let to = 128 + 32 * n + 8 * g;
+            blk[to..to + 8].copy_from_slice(&packed[at..at + 8]);
+        }
+    }
+}
+
+/// Row `r` (0..4) of a packed group as f32, bit for bit what the GGUF row dequantizes to.
+pub(super) fn dequantize_row(group: &[u8], r: usize, out: &mut [f32]) {
+    let mut blk = [0u8; Q6K_BYTES];
+    for (packed, y) in group.chunks_exact(BLOCK_BYTES).zip(out.chunks_exact_mut(QK)) {
+        unpack_row(packed, r, &mut blk);
+        kquants::dequantize_row(WeightType::Q6K, &blk, y);
+    }
+}
+
+/// `out[t][r] = Σ_i w_r[i]·a_t[i]` for the four rows of a packed group and 1 to 4 activation
+/// rows (`out.len() ≥ acts.len()`).
+pub(super) fn dot(isa: Isa, group: &[u8], acts: &[&[BlockQ8K]], out: &mut [[f32; ROWS]]) {
+    let nt = acts.len();
+    assert!((1..=4).contains(&nt), "1 to 4 activation rows, not {nt}");
+    assert!(out.len() >= nt, "output of {} for {nt} rows", out.len());
+    assert_eq!(group.len() % BLOCK_BYTES, 0, "packed group of {} bytes", group.len());
+    let nb = group.len() / BLOCK_BYTES;
+    for a in acts {
+        assert_eq!(a.len(), nb, "activation row of {} blocks for {nb} weight blocks", a.len());
+    }
+    #[cfg(target_arch = "x86_64")]
+    if x86::run(isa, group, acts, out) {
+        return;
+    }
+    let _ = isa;
+    // The row layout's portable arithmetic, in the same order (the same bits).
+    let mut sums = [[0f32; ROWS]; 4];
+    let mut blk = [0u8; Q6K_BYTES];
+    let mut wq = [0i16; QK];
+    for (b, packed) in group.chunks_exact(BLOCK_BYTES).enumerate() {
+        for r in 0..ROWS {
+            unpack_row(packed, r, &mut blk);
+            let d = read_f16(&blk, 208);
+            unpack_scaled_q6k(&blk, &mut wq);
+            for (sum, a) in sums.iter_mut().zip(acts) {
+                let a = &a[b];
+                let sumi = wq
+                    .iter()
+                    .zip(&a.qs)
+                    .fold(0i32, |s, (&x, &y)| s.wrapping_add((x as i32).wrapping_mul(y as i32)));
+                sum[r] += a.d * d * sumi as f32;
+            }
+        }
+    }
+    out[..nt].copy_from_slice(&sums[..nt]);
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::super::kquants::x86::{Avx2, Mac, Vnni};
+    use super::super::x4::x86::{bcast8, row_sums, simd};
+    use super::{BlockQ8K, Isa, BLOCK_BYTES, QH_AT, QL_AT, ROWS, SC_AT, SC_SLOT};
+    use std::arch::x86_64::*;
+
+    /// Run on `isa` if the CPU has it, returning `false` to take the portable path. Shapes
+    /// are checked by the caller.
+    #[inline(always)]
+    pub(super) fn run(
+        isa: Isa,
+        group: &[u8],
+        acts: &[&[BlockQ8K]],
+        out: &mut [[f32; ROWS]],
+    ) -> bool {
+        let Some(vnni) = simd(isa) else { return false };
+        if vnni {
+            // SAFETY: the CPU has every feature `entry_vnni` enables (`simd` checked); the
+            // caller checked 1 to 4 activation rows, each as long as the group, and `out`.
+            unsafe { entry_vnni(group, acts, out) };
+        } else {
+            // SAFETY: the CPU has AVX2, FMA and F16C (`simd` checked); shapes as above.
+            unsafe { entry_avx2(group, acts, out) };
+        }
+        true
+    }
+
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C; 1 to 4 activation rows; `out` has a slot for each.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn entry_avx2(group: &[u8], acts: &[&[BlockQ8K]], out: &mut [[f32; ROWS]]) {
+        // SAFETY: the caller's guarantees are `by_tokens`'s.
+        unsafe { by_tokens::<Avx2>(group, acts, out) }
+    }
+
+    /// # Safety
+    /// As `entry_avx2`, and the CPU has AVX512-VNNI and AVX512VL.
+    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+    unsafe fn entry_vnni(group: &[u8], acts: &[&[BlockQ8K]], out: &mut [[f32; ROWS]]) {
+        // SAFETY: the caller's guarantees are `by_tokens`'s.
+        unsafe { by_tokens::<Vnni>(group, acts, out) }
+    }
+
+    #[inline(always)]
+    unsafe fn by_tokens<M: Mac>(group: &[u8], acts: &[&[BlockQ8K]], out: &mut [[f32; ROWS]]) {
+        // SAFETY (all arms): the features are enabled by the calling entry point.
+        unsafe {
+            match acts.len() {
+                1 => out[..1].copy_from_slice(&body::<M, 1>(group, [acts[0]])),
+                2 => out[..2].copy_from_slice(&body::<M, 2>(group, [acts[0], acts[1]])),
+                3 => out[..3].copy_from_slice(&body::<M, 3>(group, [acts[0], acts[1], acts[2]])),
+                _ => out[..4]
+                    .copy_from_slice(&body::<M, 4>(group, [acts[0], acts[1], acts[2], acts[3]])),
+            }
+        }
+    }
+
+    /// `b[at..at + 32]` as a vector.
+    #[inline(always)]
+    fn v256(b: &[u8; BLOCK_BYTES], at: usize) -> __m256i {
+        let bytes: [u8; 32] = b[at..at + 32].try_into().expect("32 bytes");
+        // SAFETY: 32 bytes of plain data to a 32-byte integer vector.
+        unsafe { std::mem::transmute::<[u8; 32], __m256i>(bytes) }
+    }
+
+    /// `b[at..at + 16]` as a vector.
+    #[inline(always)]
+    fn v128(b: &[u8; BLOCK_BYTES], at: usize) -> __m128i {
+        let bytes: [u8; 16] = b[at..at + 16].try_into().expect("16 bytes");
+        // SAFETY: 16 bytes of plain data to a 16-byte integer vector.
+        unsafe { std::mem::transmute::<[u8; 16], __m128i>(bytes) }
+    }
+
+    /// Shuffle control putting byte `2k` (row 0 or 2) in the high half of i16 lanes 0..4
+    /// and byte `2k + 1` (row 1 or 3) in lanes 4..8 of each 128-bit lane, low halves zero
+    /// (an arithmetic shift right by 8 then sign-extends the scale).
+    #[inline(always)]
+    unsafe fn scale_control(k: usize) -> __m256i {
+        let (a, b, z) = (2 * k as i8, 2 * k as i8 + 1, -128i8);
+        // SAFETY: AVX is enabled in every caller.
+        unsafe {
+            _mm256_setr_epi8(
+                z, a, z, a, z, a, z, a, z, b, z, b, z, b, z, b, //
+                z, a, z, a, z, a, z, a, z, b, z, b, z, b, z, b,
+            )
+        }
+    }
+
+    /// The four rows' dot products with `NT` activation rows; lanes `2r, 2r+1` of the
+    /// accumulators belong to row `r`.
+    #[inline(always)]
+    unsafe fn body<M: Mac, const NT: usize>(
+        group: &[u8],
+        acts: [&[BlockQ8K]; NT],
+    ) -> [[f32; ROWS]; NT] {
+        // SAFETY: AVX2, FMA and F16C (and `M`'s features) are enabled by the entry point;
+        // every load goes through a bounds-checked fixed-size array.
+        unsafe {
+            let m4 = _mm256_set1_epi8(0x0f);
+            let m30 = _mm256_set1_epi8(0x30);
+            let controls: [__m256i; 8] = std::array::from_fn(|k| scale_control(k));
+            let pairs = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+            let mut acc = [_mm256_setzero_ps(); NT];
+            for (b, blk) in group.chunks_exact(BLOCK_BYTES).enumerate() {
+                let blk: &[u8; BLOCK_BYTES] = blk.try_into().expect("whole block");
+                let a: [&BlockQ8K; NT] = std::array::from_fn(|t| &acts[t][b]);
+                let d4 = {
+                    let bytes: [u8; 8] = blk[0..8].try_into().expect("8 bytes");
+                    let x = _mm_cvtph_ps(_mm_set_epi64x(0, i64::from_le_bytes(bytes)));
+                    _mm256_permutevar8x32_ps(
+                        _mm256_castps128_ps256(x),
+                        _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3),
+                    )
+                };
+                // Scales of sub-blocks 0..8 and 8..16 as byte pairs: rows (0, 1) in the low
+                // lane, (2, 3) in the high one.
+                let (rows_02, rows_13) = (v256(blk, SC_AT), v256(blk, SC_AT + 32));
+                let scales = [
+                    _mm256_unpacklo_epi8(rows_02, rows_13),
+                    _mm256_unpackhi_epi8(rows_02, rows_13),
+                ];
+                let mut sumi = [_mm256_setzero_si256(); NT];
+                for n in 0..2 {
+                    for h in 0..2 {
+                        let g = [2 * h, 2 * h + 1];
+                        let ql = |g: usize, p: usize| v256(blk, QL_AT + 256 * n + 64 * g + 32 * p);
+                        let (qa, qb) = ([ql(g[0], 0), ql(g[1], 0)], [ql(g[0], 1), ql(g[1], 1)]);
+                        let qh = g.map(|g| v256(blk, QH_AT + 128 * n + 32 * g));
+                        for k in 0..4 {
+                            let s = 8 * n + 2 * k + h;
+                            let scale = _mm256_srai_epi16(
+                                _mm256_shuffle_epi8(scales[s / 8], controls[s % 8]),
+                                8,
+                            );
+                            let v: [__m256i; 2] = std::array::from_fn(|i| {
+                                let (lo, hi) = match k {
+                                    0 => (qa[i], _mm256_slli_epi16(qh[i], 4)),
+                                    1 => (qb[i], _mm256_slli_epi16(qh[i], 2)),
+                                    2 => (_mm256_srli_epi16(qa[i], 4), qh[i]),
+                                    _ => (_mm256_srli_epi16(qb[i], 4), _mm256_srli_epi16(qh[i], 2)),
+                                };
+                                _mm256_or_si256(_mm256_and_si256(lo, m4), _mm256_and_si256(hi, m30))
+                            });
+                            for t in 0..NT {
+                                let at = 128 * n + 32 * k + 8 * g[0];
+                                let part = _mm256_add_epi16(
+                                    _mm256_maddubs_epi16(v[0], bcast8(&a[t].qs, at)),
+                                    _mm256_maddubs_epi16(v[1], bcast8(&a[t].qs, at + 8)),
+                                );
+                                sumi[t] = M::madd_acc(sumi[t], part, scale);
+                            }
+                        }
+                    }
+                }
+                // The −32 offset: Σ_s sc_s·bsum_s per row, times 32.
+                let row_scales: [__m256i; ROWS] = std::array::from_fn(|r| {
+                    _mm256_cvtepi8_epi16(v128(blk, SC_AT + 16 * SC_SLOT[r]))
+                });
+                for t in 0..NT {
+                    let bs = std::mem::transmute::<[i16; 16], __m256i>(a[t].bsums);
+                    let m: [__m256i; ROWS] =
+                        std::array::from_fn(|r| _mm256_madd_epi16(row_scales[r], bs));
+                    // [r0 r1 r2 r3 | r0 r1 r2 r3] partial sums, then two lanes per row.
+                    let h = _mm256_hadd_epi32(
+                        _mm256_hadd_epi32(m[0], m[1]),
+                        _mm256_hadd_epi32(m[2], m[3]),
+                    );
+                    let offset = _mm256_permutevar8x32_epi32(h, pairs);
+                    let isum = _mm256_sub_epi32(sumi[t], _mm256_slli_epi32(offset, 5));
+                    let scale = _mm256_mul_ps(d4, _mm256_set1_ps(a[t].d));
+                    acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), scale, acc[t]);
+                }
+            }
+            row_sums(acc)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::Rng;
+    use super::super::{f32_to_f16, Acts, QMatrix};
+    use super::*;
+
+    /// Four random Q6_K rows of `nb` blocks (sane f16 scales).
+    fn random_rows(nb: usize, rng: &mut Rng) -> Vec<Vec<u8>> {
+        (0..ROWS)
+            .map(|_| {
+                let mut row = vec![0u8; nb * Q6K_BYTES];
+                rng.bytes(&mut row);
+                for blk in row.chunks_exact_mut(Q6K_BYTES) {
+                    let v = (rng.unit() + 0.05) * 0.02 * rng.signed().signum();
+                    blk[208..210].copy_from_slice(&f32_to_f16(v).to_le_bytes());
+                }
+                row
+            })
+            .collect()
+    }
+
+    /// Packing then unpacking gives back every byte; rows dequantize to the same bits; the
+    /// portable packed product gives the row layout's portable bits and every SIMD path that
+    /// runs agrees with it to float summation order, for 1 to 4 tokens.
+    #[test]
+    fn packed_q6k_matches_the_row_kernels_on_every_isa() {
+        let mut rng = Rng(0x6b6b_0123_4567_89ab);
+        let nb = 3;
+        let rows = random_rows(nb, &mut rng);
+        let mut group = vec![0u8; nb * BLOCK_BYTES];
+        pack([&rows[0], &rows[1], &rows[2], &rows[3]], &mut group);
+        for (r, row) in rows.iter().enumerate() {
+            let mut blk = [0u8; Q6K_BYTES];
+            for b in 0..nb {
+                unpack_row(&group[b * BLOCK_BYTES..], r, &mut blk);
+                assert_eq!(&blk[..], &row[b * Q6K_BYTES..(b + 1) * Q6K_BYTES], "row {r} block {b}");
+            }
+            let (mut want, mut got) = (vec![0f32; nb * QK], vec![0f32; nb * QK]);
+            kquants::dequantize_row(WeightType::Q6K, row, &mut want);
+            dequantize_row(&group, r, &mut got);
+            assert_eq!(want, got, "row {r} values");
+        }
+        let x = rng.vec(4 * nb * QK, 2.0);
+        let w =
+            QMatrix::from_bytes_as_stored(WeightType::Q6K, 1, nb * QK, rows[0].clone()).unwrap();
+        let mut acts = Acts::new();
+        acts.prepare(&x, 4, nb * QK, &[&w]);
+        let act_rows: Vec<&[BlockQ8K]> = acts.q8k.chunks_exact(nb).collect();
+        let mut ran = Vec::new();
+        for nt in 1..=4 {
+            let mut want = [[0f32; ROWS]; 4];
+            for (r, row) in rows.iter().enumerate() {
+                let mut one = [0f32; 4];
+                kquants::dot_q6k(Isa::Portable, row, &act_rows[..nt], &mut one);
+                for t in 0..nt {
+                    want[t][r] = one[t];
+                }
+            }
+            for isa in Isa::available() {
+                let mut got = [[f32::NAN; ROWS]; 4];
+                dot(isa, &group, &act_rows[..nt], &mut got);
+                for t in 0..nt {
+                    for r in 0..ROWS {
+                        let (g, w) = (got[t][r], want[t][r]);
+                        if isa == Isa::Portable {
+                            assert_eq!(g.to_bits(), w.to_bits(), "portable T={nt} [{t}][{r}]");
+                        } else {
+                            assert!(
+                                (g - w).abs() <= 1e-4 * w.abs().max(1.0),
+                                "{isa:?} T={nt} [{t}][{r}]: {g} vs {w}"
+                            );
+                        }
+                    }
+                }
+                if !ran.contains(&isa.name()) {
+                    ran.push(isa.name());
+                }
+            }
+        }
+        eprintln!("packed Q6_K ran on: {ran:?}");
+        #[cfg(target_arch = "x86_64")]
+        assert!(
+            !is_x86_feature_detected!("avx2") || ran.contains(&"avx2"),
+            "AVX2 path not exercised"
+        );
+    }
+}
