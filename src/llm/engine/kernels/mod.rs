@@ -2,10 +2,14 @@
 //! their GGUF block formats (Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K; anything else is
 //! widened to f32 at load) against activations quantized once per product (32-value Q8
 //! blocks for the legacy formats, 256-value Q8_K blocks for the K-quants) and reused for
-//! every output row. Integer dot products use AVX2, or AVX-512 VNNI's `vpdpbusd` where the
-//! CPU has it, chosen at run time; other CPUs get the portable code. Prefill is a tiled GEMM
-//! (one unpacked weight block feeds up to four tokens); work is split over a persistent
-//! thread pool (`pool`).
+//! every output row. Q4_K, Q6_K and the 32-value formats are repacked at load four rows at
+//! a time (`q4k_x4`, `q6k_x4`, `legacy_x4`), so the integer products of four rows share their
+//! widening and float steps; Q5_K, f32 and a matrix's last `rows % 4` rows keep the GGUF row
+//! layout (`kquants`, `legacy`). Integer dot products use AVX2, or AVX-512 VNNI's
+//! `vpdpbusd`/`vpdpwssd` where the CPU has it, chosen at run time (`ENGINE_ISA` may force a
+//! lower one); other CPUs get the portable code. Prefill is a tiled GEMM (one unpacked
+//! weight block feeds up to four tokens); work is split over a persistent thread pool
+//! (`pool`).
 //!
 //! This module is the only place in the crate allowed `unsafe`: SIMD intrinsics, the views of
 //! weight bytes as block structs, and the pool's hand-off of borrowed closures. Each unsafe
