@@ -110,7 +110,7 @@ pub(super) fn dot(isa: Isa, group: &[u8], acts: &[&[BlockQ8K]], out: &mut [[f32;
         assert_eq!(a.len(), nb, "activation row of {} blocks for {nb} weight blocks", a.len());
     }
     #[cfg(target_arch = "x86_64")]
-    if x86::run(isa, group, acts, out) {
+    if super::x4::x86::run_k::<x86::Body>(isa, group, acts, out) {
         return;
     }
     let _ = isa;
@@ -141,77 +141,13 @@ fn dot_portable<const NT: usize>(group: &[u8], acts: [&[BlockQ8K]; NT]) -> [[f32
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::super::kquants::x86::{Avx2, Mac, Vnni};
-    use super::super::x4::x86::{bcast8, row_sums, simd};
-    use super::{BlockQ8K, Isa, BLOCK_BYTES, MIN_AT, QS_AT, ROWS, SC_AT};
+    use super::super::kquants::x86::Mac;
+    use super::super::x4::x86::{bcast8, row_sums, v128, v256, KBody};
+    use super::{BlockQ8K, BLOCK_BYTES, MIN_AT, QS_AT, ROWS, SC_AT};
     use std::arch::x86_64::*;
 
-    /// Run on `isa` if the CPU has it (re-checked: `Isa` is public), returning `false` to
-    /// take the portable path. Shapes are checked by the caller.
-    #[inline(always)]
-    pub(super) fn run(
-        isa: Isa,
-        group: &[u8],
-        acts: &[&[BlockQ8K]],
-        out: &mut [[f32; ROWS]],
-    ) -> bool {
-        let Some(vnni) = simd(isa) else { return false };
-        if vnni {
-            // SAFETY: the CPU has every feature `entry_vnni` enables (checked above); the
-            // caller checked 1 to 4 activation rows, each as long as the group, and `out`.
-            unsafe { entry_vnni(group, acts, out) };
-        } else {
-            // SAFETY: the CPU has AVX2, FMA and F16C (checked above); shapes as above.
-            unsafe { entry_avx2(group, acts, out) };
-        }
-        true
-    }
-
-    /// # Safety
-    /// The CPU has AVX2, FMA and F16C; 1 to 4 activation rows; `out` has a slot for each.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn entry_avx2(group: &[u8], acts: &[&[BlockQ8K]], out: &mut [[f32; ROWS]]) {
-        // SAFETY: the caller's guarantees are `by_tokens`'s.
-        unsafe { by_tokens::<Avx2>(group, acts, out) }
-    }
-
-    /// # Safety
-    /// As `entry_avx2`, and the CPU has AVX512-VNNI and AVX512VL.
-    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
-    unsafe fn entry_vnni(group: &[u8], acts: &[&[BlockQ8K]], out: &mut [[f32; ROWS]]) {
-        // SAFETY: the caller's guarantees are `by_tokens`'s.
-        unsafe { by_tokens::<Vnni>(group, acts, out) }
-    }
-
-    #[inline(always)]
-    unsafe fn by_tokens<M: Mac>(group: &[u8], acts: &[&[BlockQ8K]], out: &mut [[f32; ROWS]]) {
-        // SAFETY (all arms): the features are enabled by the calling entry point.
-        unsafe {
-            match acts.len() {
-                1 => out[..1].copy_from_slice(&body::<M, 1>(group, [acts[0]])),
-                2 => out[..2].copy_from_slice(&body::<M, 2>(group, [acts[0], acts[1]])),
-                3 => out[..3].copy_from_slice(&body::<M, 3>(group, [acts[0], acts[1], acts[2]])),
-                _ => out[..4]
-                    .copy_from_slice(&body::<M, 4>(group, [acts[0], acts[1], acts[2], acts[3]])),
-            }
-        }
-    }
-
-    /// `b[at..at + 32]` as a vector (a plain unaligned load; see `kquants::x86::v256`).
-    #[inline(always)]
-    fn v256(b: &[u8; BLOCK_BYTES], at: usize) -> __m256i {
-        let bytes: [u8; 32] = b[at..at + 32].try_into().expect("32 bytes");
-        // SAFETY: 32 bytes of plain data to a 32-byte integer vector.
-        unsafe { std::mem::transmute::<[u8; 32], __m256i>(bytes) }
-    }
-
-    /// `b[at..at + 16]` as a vector.
-    #[inline(always)]
-    fn v128(b: &[u8; BLOCK_BYTES], at: usize) -> __m128i {
-        let bytes: [u8; 16] = b[at..at + 16].try_into().expect("16 bytes");
-        // SAFETY: 16 bytes of plain data to a 16-byte integer vector.
-        unsafe { std::mem::transmute::<[u8; 16], __m128i>(bytes) }
-    }
+    /// The packed format's SIMD body (run through `x4::x86::run_k`).
+    pub(super) struct Body;
 
     /// Shuffle control that spreads the four scales of sub-block `s % 4` (bytes
     /// `4(s%4)..+4` of a 128-bit lane) over i16 lanes: rows 0, 1 in the low 128-bit lane,
@@ -219,8 +155,9 @@ mod x86 {
     #[inline(always)]
     unsafe fn scale_control(s: usize) -> __m256i {
         let k = 4 * (s % 4) as i8;
-        let z = -128i8; // 0x80: a zero byte
-                        // SAFETY: AVX is enabled in every caller.
+        // 0x80: a zero byte.
+        let z = -128i8;
+        // SAFETY: AVX is enabled in every caller.
         unsafe {
             _mm256_setr_epi8(
                 k,
@@ -261,69 +198,80 @@ mod x86 {
 
     /// The four rows' dot products with `NT` activation rows. i32 lanes `2r, 2r+1` of the
     /// integer and float accumulators belong to row `r`.
-    #[inline(always)]
-    unsafe fn body<M: Mac, const NT: usize>(
-        group: &[u8],
-        acts: [&[BlockQ8K]; NT],
-    ) -> [[f32; ROWS]; NT] {
-        // SAFETY: AVX2, FMA and F16C (and `M`'s features) are enabled by the entry point;
-        // every load goes through a bounds-checked fixed-size array.
-        unsafe {
-            let m4 = _mm256_set1_epi8(0x0f);
-            let dup_d = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
-            let dup_dmin = _mm256_setr_epi32(4, 4, 5, 5, 6, 6, 7, 7);
-            let controls = [scale_control(0), scale_control(1), scale_control(2), scale_control(3)];
-            let mut acc = [_mm256_setzero_ps(); NT];
-            for (b, blk) in group.chunks_exact(BLOCK_BYTES).enumerate() {
-                let blk: &[u8; BLOCK_BYTES] = blk.try_into().expect("whole block");
-                let a: [&BlockQ8K; NT] = std::array::from_fn(|t| &acts[t][b]);
-                let dm = _mm256_cvtph_ps(v128(blk, 0));
-                let d = _mm256_permutevar8x32_ps(dm, dup_d);
-                let dmin = _mm256_permutevar8x32_ps(dm, dup_dmin);
-                let scales = v256(blk, SC_AT);
-                let scales_lo = _mm256_permute2x128_si256(scales, scales, 0x00);
-                let scales_hi = _mm256_permute2x128_si256(scales, scales, 0x11);
-                let mut sumi = [_mm256_setzero_si256(); NT];
-                for j in 0..4 {
-                    for h in 0..2 {
-                        let s = 2 * j + h;
-                        let source = if s < 4 { scales_lo } else { scales_hi };
-                        let scale = _mm256_shuffle_epi8(source, controls[s % 4]);
-                        let mut part = [_mm256_setzero_si256(); NT];
-                        for g in 0..4 {
-                            let raw = v256(blk, QS_AT + 128 * j + 32 * g);
-                            let q = if h == 0 { raw } else { _mm256_srli_epi16(raw, 4) };
-                            let q = _mm256_and_si256(q, m4);
+    impl KBody for Body {
+        #[inline(always)]
+        unsafe fn body<M: Mac, const NT: usize>(
+            group: &[u8],
+            acts: [&[BlockQ8K]; NT],
+        ) -> [[f32; ROWS]; NT] {
+            // SAFETY: AVX2, FMA and F16C (and `M`'s features) are enabled by the entry point;
+            // every load goes through a bounds-checked fixed-size array.
+            unsafe {
+                let m4 = _mm256_set1_epi8(0x0f);
+                let dup_d = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
+                let dup_dmin = _mm256_setr_epi32(4, 4, 5, 5, 6, 6, 7, 7);
+                let controls =
+                    [scale_control(0), scale_control(1), scale_control(2), scale_control(3)];
+                let mut acc = [_mm256_setzero_ps(); NT];
+                for (b, blk) in group.chunks_exact(BLOCK_BYTES).enumerate() {
+                    let blk: &[u8; BLOCK_BYTES] = blk.try_into().expect("whole block");
+                    let a: [&BlockQ8K; NT] = std::array::from_fn(|t| &acts[t][b]);
+                    let dm = _mm256_cvtph_ps(v128(blk, 0));
+                    let d = _mm256_permutevar8x32_ps(dm, dup_d);
+                    let dmin = _mm256_permutevar8x32_ps(dm, dup_dmin);
+                    let scales = v256(blk, SC_AT);
+                    let scales_lo = _mm256_permute2x128_si256(scales, scales, 0x00);
+                    let scales_hi = _mm256_permute2x128_si256(scales, scales, 0x11);
+                    let mut sumi = [_mm256_setzero_si256(); NT];
+                    for j in 0..4 {
+                        for h in 0..2 {
+                            let s = 2 * j + h;
+                            let source = if s < 4 { scales_lo } else { scales_hi };
+                            let scale = _mm256_shuffle_epi8(source, controls[s % 4]);
+                            let mut part = [_mm256_setzero_si256(); NT];
+                            for g in 0..4 {
+                                let raw = v256(blk, QS_AT + 128 * j + 32 * g);
+                                let q = if h == 0 { raw } else { _mm256_srli_epi16(raw, 4) };
+                                let q = _mm256_and_si256(q, m4);
+                                for t in 0..NT {
+                                    let x = bcast8(&a[t].qs, 64 * j + 32 * h + 8 * g);
+                                    part[t] = _mm256_add_epi16(part[t], _mm256_maddubs_epi16(q, x));
+                                }
+                            }
                             for t in 0..NT {
-                                let x = bcast8(&a[t].qs, 64 * j + 32 * h + 8 * g);
-                                part[t] = _mm256_add_epi16(part[t], _mm256_maddubs_epi16(q, x));
+                                sumi[t] = M::madd_acc(sumi[t], part[t], scale);
                             }
                         }
-                        for t in 0..NT {
-                            sumi[t] = M::madd_acc(sumi[t], part[t], scale);
-                        }
+                    }
+                    let mins_02 = _mm256_cvtepu8_epi16(v128(blk, MIN_AT));
+                    let mins_13 = _mm256_cvtepu8_epi16(v128(blk, MIN_AT + 16));
+                    for t in 0..NT {
+                        // The sums of the activations per 32-value sub-block, in both lanes.
+                        let bs = std::mem::transmute::<[i16; 16], __m256i>(a[t].bsums);
+                        let bs = _mm_hadd_epi16(
+                            _mm256_castsi256_si128(bs),
+                            _mm256_extracti128_si256(bs, 1),
+                        );
+                        let bs = _mm256_broadcastsi128_si256(bs);
+                        let msum = _mm256_hadd_epi32(
+                            _mm256_madd_epi16(mins_02, bs),
+                            _mm256_madd_epi16(mins_13, bs),
+                        );
+                        let ad = _mm256_set1_ps(a[t].d);
+                        acc[t] = _mm256_fmadd_ps(
+                            _mm256_mul_ps(d, ad),
+                            _mm256_cvtepi32_ps(sumi[t]),
+                            acc[t],
+                        );
+                        acc[t] = _mm256_fnmadd_ps(
+                            _mm256_mul_ps(dmin, ad),
+                            _mm256_cvtepi32_ps(msum),
+                            acc[t],
+                        );
                     }
                 }
-                let mins_02 = _mm256_cvtepu8_epi16(v128(blk, MIN_AT));
-                let mins_13 = _mm256_cvtepu8_epi16(v128(blk, MIN_AT + 16));
-                for t in 0..NT {
-                    // The sums of the activations per 32-value sub-block, in both lanes.
-                    let bs = std::mem::transmute::<[i16; 16], __m256i>(a[t].bsums);
-                    let bs =
-                        _mm_hadd_epi16(_mm256_castsi256_si128(bs), _mm256_extracti128_si256(bs, 1));
-                    let bs = _mm256_broadcastsi128_si256(bs);
-                    let msum = _mm256_hadd_epi32(
-                        _mm256_madd_epi16(mins_02, bs),
-                        _mm256_madd_epi16(mins_13, bs),
-                    );
-                    let ad = _mm256_set1_ps(a[t].d);
-                    acc[t] =
-                        _mm256_fmadd_ps(_mm256_mul_ps(d, ad), _mm256_cvtepi32_ps(sumi[t]), acc[t]);
-                    acc[t] =
-                        _mm256_fnmadd_ps(_mm256_mul_ps(dmin, ad), _mm256_cvtepi32_ps(msum), acc[t]);
-                }
+                row_sums(acc)
             }
-            row_sums(acc)
         }
     }
 }

@@ -110,7 +110,7 @@ pub(super) fn dot(isa: Isa, group: &[u8], acts: &[&[BlockQ8K]], out: &mut [[f32;
         assert_eq!(a.len(), nb, "activation row of {} blocks for {nb} weight blocks", a.len());
     }
     #[cfg(target_arch = "x86_64")]
-    if x86::run(isa, group, acts, out) {
+    if super::x4::x86::run_k::<x86::Body>(isa, group, acts, out) {
         return;
     }
     let _ = isa;
@@ -138,77 +138,13 @@ pub(super) fn dot(isa: Isa, group: &[u8], acts: &[&[BlockQ8K]], out: &mut [[f32;
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::super::kquants::x86::{Avx2, Mac, Vnni};
-    use super::super::x4::x86::{bcast8, row_sums, simd};
-    use super::{BlockQ8K, Isa, BLOCK_BYTES, QH_AT, QL_AT, ROWS, SC_AT, SC_SLOT};
+    use super::super::kquants::x86::Mac;
+    use super::super::x4::x86::{bcast8, row_sums, v128, v256, KBody};
+    use super::{BlockQ8K, BLOCK_BYTES, QH_AT, QL_AT, ROWS, SC_AT, SC_SLOT};
     use std::arch::x86_64::*;
 
-    /// Run on `isa` if the CPU has it, returning `false` to take the portable path. Shapes
-    /// are checked by the caller.
-    #[inline(always)]
-    pub(super) fn run(
-        isa: Isa,
-        group: &[u8],
-        acts: &[&[BlockQ8K]],
-        out: &mut [[f32; ROWS]],
-    ) -> bool {
-        let Some(vnni) = simd(isa) else { return false };
-        if vnni {
-            // SAFETY: the CPU has every feature `entry_vnni` enables (`simd` checked); the
-            // caller checked 1 to 4 activation rows, each as long as the group, and `out`.
-            unsafe { entry_vnni(group, acts, out) };
-        } else {
-            // SAFETY: the CPU has AVX2, FMA and F16C (`simd` checked); shapes as above.
-            unsafe { entry_avx2(group, acts, out) };
-        }
-        true
-    }
-
-    /// # Safety
-    /// The CPU has AVX2, FMA and F16C; 1 to 4 activation rows; `out` has a slot for each.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn entry_avx2(group: &[u8], acts: &[&[BlockQ8K]], out: &mut [[f32; ROWS]]) {
-        // SAFETY: the caller's guarantees are `by_tokens`'s.
-        unsafe { by_tokens::<Avx2>(group, acts, out) }
-    }
-
-    /// # Safety
-    /// As `entry_avx2`, and the CPU has AVX512-VNNI and AVX512VL.
-    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
-    unsafe fn entry_vnni(group: &[u8], acts: &[&[BlockQ8K]], out: &mut [[f32; ROWS]]) {
-        // SAFETY: the caller's guarantees are `by_tokens`'s.
-        unsafe { by_tokens::<Vnni>(group, acts, out) }
-    }
-
-    #[inline(always)]
-    unsafe fn by_tokens<M: Mac>(group: &[u8], acts: &[&[BlockQ8K]], out: &mut [[f32; ROWS]]) {
-        // SAFETY (all arms): the features are enabled by the calling entry point.
-        unsafe {
-            match acts.len() {
-                1 => out[..1].copy_from_slice(&body::<M, 1>(group, [acts[0]])),
-                2 => out[..2].copy_from_slice(&body::<M, 2>(group, [acts[0], acts[1]])),
-                3 => out[..3].copy_from_slice(&body::<M, 3>(group, [acts[0], acts[1], acts[2]])),
-                _ => out[..4]
-                    .copy_from_slice(&body::<M, 4>(group, [acts[0], acts[1], acts[2], acts[3]])),
-            }
-        }
-    }
-
-    /// `b[at..at + 32]` as a vector.
-    #[inline(always)]
-    fn v256(b: &[u8; BLOCK_BYTES], at: usize) -> __m256i {
-        let bytes: [u8; 32] = b[at..at + 32].try_into().expect("32 bytes");
-        // SAFETY: 32 bytes of plain data to a 32-byte integer vector.
-        unsafe { std::mem::transmute::<[u8; 32], __m256i>(bytes) }
-    }
-
-    /// `b[at..at + 16]` as a vector.
-    #[inline(always)]
-    fn v128(b: &[u8; BLOCK_BYTES], at: usize) -> __m128i {
-        let bytes: [u8; 16] = b[at..at + 16].try_into().expect("16 bytes");
-        // SAFETY: 16 bytes of plain data to a 16-byte integer vector.
-        unsafe { std::mem::transmute::<[u8; 16], __m128i>(bytes) }
-    }
+    /// The packed format's SIMD body (run through `x4::x86::run_k`).
+    pub(super) struct Body;
 
     /// Shuffle control putting byte `2k` (row 0 or 2) in the high half of i16 lanes 0..4
     /// and byte `2k + 1` (row 1 or 3) in lanes 4..8 of each 128-bit lane, low halves zero
@@ -227,90 +163,99 @@ mod x86 {
 
     /// The four rows' dot products with `NT` activation rows; lanes `2r, 2r+1` of the
     /// accumulators belong to row `r`.
-    #[inline(always)]
-    unsafe fn body<M: Mac, const NT: usize>(
-        group: &[u8],
-        acts: [&[BlockQ8K]; NT],
-    ) -> [[f32; ROWS]; NT] {
-        // SAFETY: AVX2, FMA and F16C (and `M`'s features) are enabled by the entry point;
-        // every load goes through a bounds-checked fixed-size array.
-        unsafe {
-            let m4 = _mm256_set1_epi8(0x0f);
-            let m30 = _mm256_set1_epi8(0x30);
-            let controls: [__m256i; 8] = std::array::from_fn(|k| scale_control(k));
-            let pairs = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-            let mut acc = [_mm256_setzero_ps(); NT];
-            for (b, blk) in group.chunks_exact(BLOCK_BYTES).enumerate() {
-                let blk: &[u8; BLOCK_BYTES] = blk.try_into().expect("whole block");
-                let a: [&BlockQ8K; NT] = std::array::from_fn(|t| &acts[t][b]);
-                let d4 = {
-                    let bytes: [u8; 8] = blk[0..8].try_into().expect("8 bytes");
-                    let x = _mm_cvtph_ps(_mm_set_epi64x(0, i64::from_le_bytes(bytes)));
-                    _mm256_permutevar8x32_ps(
-                        _mm256_castps128_ps256(x),
-                        _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3),
-                    )
-                };
-                // Scales of sub-blocks 0..8 and 8..16 as byte pairs: rows (0, 1) in the low
-                // lane, (2, 3) in the high one.
-                let (rows_02, rows_13) = (v256(blk, SC_AT), v256(blk, SC_AT + 32));
-                let scales = [
-                    _mm256_unpacklo_epi8(rows_02, rows_13),
-                    _mm256_unpackhi_epi8(rows_02, rows_13),
-                ];
-                let mut sumi = [_mm256_setzero_si256(); NT];
-                for n in 0..2 {
-                    for h in 0..2 {
-                        let g = [2 * h, 2 * h + 1];
-                        let ql = |g: usize, p: usize| v256(blk, QL_AT + 256 * n + 64 * g + 32 * p);
-                        let (qa, qb) = ([ql(g[0], 0), ql(g[1], 0)], [ql(g[0], 1), ql(g[1], 1)]);
-                        let qh = g.map(|g| v256(blk, QH_AT + 128 * n + 32 * g));
-                        for k in 0..4 {
-                            let s = 8 * n + 2 * k + h;
-                            let scale = _mm256_srai_epi16(
-                                _mm256_shuffle_epi8(scales[s / 8], controls[s % 8]),
-                                8,
-                            );
-                            let v: [__m256i; 2] = std::array::from_fn(|i| {
-                                let (lo, hi) = match k {
-                                    0 => (qa[i], _mm256_slli_epi16(qh[i], 4)),
-                                    1 => (qb[i], _mm256_slli_epi16(qh[i], 2)),
-                                    2 => (_mm256_srli_epi16(qa[i], 4), qh[i]),
-                                    _ => (_mm256_srli_epi16(qb[i], 4), _mm256_srli_epi16(qh[i], 2)),
-                                };
-                                _mm256_or_si256(_mm256_and_si256(lo, m4), _mm256_and_si256(hi, m30))
-                            });
-                            for t in 0..NT {
-                                let at = 128 * n + 32 * k + 8 * g[0];
-                                let part = _mm256_add_epi16(
-                                    _mm256_maddubs_epi16(v[0], bcast8(&a[t].qs, at)),
-                                    _mm256_maddubs_epi16(v[1], bcast8(&a[t].qs, at + 8)),
+    impl KBody for Body {
+        #[inline(always)]
+        unsafe fn body<M: Mac, const NT: usize>(
+            group: &[u8],
+            acts: [&[BlockQ8K]; NT],
+        ) -> [[f32; ROWS]; NT] {
+            // SAFETY: AVX2, FMA and F16C (and `M`'s features) are enabled by the entry point;
+            // every load goes through a bounds-checked fixed-size array.
+            unsafe {
+                let m4 = _mm256_set1_epi8(0x0f);
+                let m30 = _mm256_set1_epi8(0x30);
+                let controls: [__m256i; 8] = std::array::from_fn(|k| scale_control(k));
+                let pairs = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+                let mut acc = [_mm256_setzero_ps(); NT];
+                for (b, blk) in group.chunks_exact(BLOCK_BYTES).enumerate() {
+                    let blk: &[u8; BLOCK_BYTES] = blk.try_into().expect("whole block");
+                    let a: [&BlockQ8K; NT] = std::array::from_fn(|t| &acts[t][b]);
+                    let d4 = {
+                        let bytes: [u8; 8] = blk[0..8].try_into().expect("8 bytes");
+                        let x = _mm_cvtph_ps(_mm_set_epi64x(0, i64::from_le_bytes(bytes)));
+                        _mm256_permutevar8x32_ps(
+                            _mm256_castps128_ps256(x),
+                            _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3),
+                        )
+                    };
+                    // Scales of sub-blocks 0..8 and 8..16 as byte pairs: rows (0, 1) in the low
+                    // lane, (2, 3) in the high one.
+                    let (rows_02, rows_13) = (v256(blk, SC_AT), v256(blk, SC_AT + 32));
+                    let scales = [
+                        _mm256_unpacklo_epi8(rows_02, rows_13),
+                        _mm256_unpackhi_epi8(rows_02, rows_13),
+                    ];
+                    let mut sumi = [_mm256_setzero_si256(); NT];
+                    for n in 0..2 {
+                        for h in 0..2 {
+                            let g = [2 * h, 2 * h + 1];
+                            let ql =
+                                |g: usize, p: usize| v256(blk, QL_AT + 256 * n + 64 * g + 32 * p);
+                            let (qa, qb) = ([ql(g[0], 0), ql(g[1], 0)], [ql(g[0], 1), ql(g[1], 1)]);
+                            let qh = g.map(|g| v256(blk, QH_AT + 128 * n + 32 * g));
+                            for k in 0..4 {
+                                let s = 8 * n + 2 * k + h;
+                                let scale = _mm256_srai_epi16(
+                                    _mm256_shuffle_epi8(scales[s / 8], controls[s % 8]),
+                                    8,
                                 );
-                                sumi[t] = M::madd_acc(sumi[t], part, scale);
+                                let v: [__m256i; 2] = std::array::from_fn(|i| {
+                                    let (lo, hi) = match k {
+                                        0 => (qa[i], _mm256_slli_epi16(qh[i], 4)),
+                                        1 => (qb[i], _mm256_slli_epi16(qh[i], 2)),
+                                        2 => (_mm256_srli_epi16(qa[i], 4), qh[i]),
+                                        _ => (
+                                            _mm256_srli_epi16(qb[i], 4),
+                                            _mm256_srli_epi16(qh[i], 2),
+                                        ),
+                                    };
+                                    _mm256_or_si256(
+                                        _mm256_and_si256(lo, m4),
+                                        _mm256_and_si256(hi, m30),
+                                    )
+                                });
+                                for t in 0..NT {
+                                    let at = 128 * n + 32 * k + 8 * g[0];
+                                    let part = _mm256_add_epi16(
+                                        _mm256_maddubs_epi16(v[0], bcast8(&a[t].qs, at)),
+                                        _mm256_maddubs_epi16(v[1], bcast8(&a[t].qs, at + 8)),
+                                    );
+                                    sumi[t] = M::madd_acc(sumi[t], part, scale);
+                                }
                             }
                         }
                     }
+                    // The −32 offset: Σ_s sc_s·bsum_s per row, times 32.
+                    let row_scales: [__m256i; ROWS] = std::array::from_fn(|r| {
+                        _mm256_cvtepi8_epi16(v128(blk, SC_AT + 16 * SC_SLOT[r]))
+                    });
+                    for t in 0..NT {
+                        let bs = std::mem::transmute::<[i16; 16], __m256i>(a[t].bsums);
+                        let m: [__m256i; ROWS] =
+                            std::array::from_fn(|r| _mm256_madd_epi16(row_scales[r], bs));
+                        // [r0 r1 r2 r3 | r0 r1 r2 r3] partial sums, then two lanes per row.
+                        let h = _mm256_hadd_epi32(
+                            _mm256_hadd_epi32(m[0], m[1]),
+                            _mm256_hadd_epi32(m[2], m[3]),
+                        );
+                        let offset = _mm256_permutevar8x32_epi32(h, pairs);
+                        let isum = _mm256_sub_epi32(sumi[t], _mm256_slli_epi32(offset, 5));
+                        let scale = _mm256_mul_ps(d4, _mm256_set1_ps(a[t].d));
+                        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), scale, acc[t]);
+                    }
                 }
-                // The −32 offset: Σ_s sc_s·bsum_s per row, times 32.
-                let row_scales: [__m256i; ROWS] = std::array::from_fn(|r| {
-                    _mm256_cvtepi8_epi16(v128(blk, SC_AT + 16 * SC_SLOT[r]))
-                });
-                for t in 0..NT {
-                    let bs = std::mem::transmute::<[i16; 16], __m256i>(a[t].bsums);
-                    let m: [__m256i; ROWS] =
-                        std::array::from_fn(|r| _mm256_madd_epi16(row_scales[r], bs));
-                    // [r0 r1 r2 r3 | r0 r1 r2 r3] partial sums, then two lanes per row.
-                    let h = _mm256_hadd_epi32(
-                        _mm256_hadd_epi32(m[0], m[1]),
-                        _mm256_hadd_epi32(m[2], m[3]),
-                    );
-                    let offset = _mm256_permutevar8x32_epi32(h, pairs);
-                    let isum = _mm256_sub_epi32(sumi[t], _mm256_slli_epi32(offset, 5));
-                    let scale = _mm256_mul_ps(d4, _mm256_set1_ps(a[t].d));
-                    acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), scale, acc[t]);
-                }
+                row_sums(acc)
             }
-            row_sums(acc)
         }
     }
 }

@@ -1,5 +1,5 @@
-//! What the two four-row packed layouts (`q4k_x4`, `legacy_x4`) share: the group size, and
-//! on x86-64 the run-time choice of code, the broadcast of eight activations and the final
+//! What the four-row packed layouts (`q4k_x4`, `q6k_x4`, `legacy_x4`) share: the group size,
+//! and on x86-64 the run-time choice of code, the K-quant formats' entry points, the broadcast of eight activations and the final
 //! sum of each row's two lanes.
 //! Owns no layout of its own.
 
@@ -8,9 +8,92 @@ pub(super) const ROWS: usize = 4;
 
 #[cfg(target_arch = "x86_64")]
 pub(super) mod x86 {
-    use super::super::Isa;
+    use super::super::kquants::x86::{Avx2, Mac, Vnni};
+    use super::super::{BlockQ8K, Isa};
     use super::ROWS;
     use std::arch::x86_64::*;
+
+    /// A packed K-quant format's SIMD body (`q4k_x4`, `q6k_x4`): the four rows' dot products
+    /// with `NT` activation rows.
+    pub(in crate::llm::engine::kernels) trait KBody {
+        /// # Safety
+        /// The CPU has AVX2, FMA, F16C and what `M` needs; the caller checked the shapes.
+        unsafe fn body<M: Mac, const NT: usize>(
+            group: &[u8],
+            acts: [&[BlockQ8K]; NT],
+        ) -> [[f32; ROWS]; NT];
+    }
+
+    /// Run `B` on `isa` if the CPU has it, returning `false` to take the portable path. The
+    /// caller checked 1 to 4 activation rows, each as long as the group, and `out`.
+    #[inline(always)]
+    pub(in crate::llm::engine::kernels) fn run_k<B: KBody>(
+        isa: Isa,
+        group: &[u8],
+        acts: &[&[BlockQ8K]],
+        out: &mut [[f32; ROWS]],
+    ) -> bool {
+        let Some(vnni) = simd(isa) else { return false };
+        if vnni {
+            // SAFETY: the CPU has every feature `entry_vnni` enables (`simd` checked); the
+            // shapes are the caller's.
+            unsafe { entry_vnni::<B>(group, acts, out) };
+        } else {
+            // SAFETY: the CPU has AVX2, FMA and F16C (`simd` checked); shapes as above.
+            unsafe { entry_avx2::<B>(group, acts, out) };
+        }
+        true
+    }
+
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C; 1 to 4 activation rows; `out` has a slot for each.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn entry_avx2<B: KBody>(group: &[u8], acts: &[&[BlockQ8K]], out: &mut [[f32; ROWS]]) {
+        // SAFETY: the caller's guarantees are `by_tokens`'s.
+        unsafe { by_tokens::<B, Avx2>(group, acts, out) }
+    }
+
+    /// # Safety
+    /// As `entry_avx2`, and the CPU has AVX512-VNNI and AVX512VL.
+    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+    unsafe fn entry_vnni<B: KBody>(group: &[u8], acts: &[&[BlockQ8K]], out: &mut [[f32; ROWS]]) {
+        // SAFETY: the caller's guarantees are `by_tokens`'s.
+        unsafe { by_tokens::<B, Vnni>(group, acts, out) }
+    }
+
+    #[inline(always)]
+    unsafe fn by_tokens<B: KBody, M: Mac>(
+        group: &[u8],
+        acts: &[&[BlockQ8K]],
+        out: &mut [[f32; ROWS]],
+    ) {
+        // SAFETY (all arms): the features are enabled by the calling entry point.
+        unsafe {
+            match acts.len() {
+                1 => out[..1].copy_from_slice(&B::body::<M, 1>(group, [acts[0]])),
+                2 => out[..2].copy_from_slice(&B::body::<M, 2>(group, [acts[0], acts[1]])),
+                3 => out[..3].copy_from_slice(&B::body::<M, 3>(group, [acts[0], acts[1], acts[2]])),
+                _ => out[..4]
+                    .copy_from_slice(&B::body::<M, 4>(group, [acts[0], acts[1], acts[2], acts[3]])),
+            }
+        }
+    }
+
+    /// `b[at..at + 32]` as a vector (a plain unaligned load; see `kquants::x86::v256`).
+    #[inline(always)]
+    pub(in crate::llm::engine::kernels) fn v256<const N: usize>(b: &[u8; N], at: usize) -> __m256i {
+        let bytes: [u8; 32] = b[at..at + 32].try_into().expect("32 bytes");
+        // SAFETY: 32 bytes of plain data to a 32-byte integer vector.
+        unsafe { std::mem::transmute::<[u8; 32], __m256i>(bytes) }
+    }
+
+    /// `b[at..at + 16]` as a vector.
+    #[inline(always)]
+    pub(in crate::llm::engine::kernels) fn v128<const N: usize>(b: &[u8; N], at: usize) -> __m128i {
+        let bytes: [u8; 16] = b[at..at + 16].try_into().expect("16 bytes");
+        // SAFETY: 16 bytes of plain data to a 16-byte integer vector.
+        unsafe { std::mem::transmute::<[u8; 16], __m128i>(bytes) }
+    }
 
     /// The code `isa` may really run here, re-checked against the CPU (`Isa` is public, so a
     /// caller could name one the CPU lacks): `None` for the portable code, `Some(false)` for
