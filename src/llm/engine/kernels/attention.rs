@@ -294,12 +294,6 @@ trait Ops {
     fn widen(src: &[half::f16], dst: &mut [MaybeUninit<f32>]);
 }
 
-/// Round `n` up to a multiple of `m` (a power of two).
-#[inline(always)]
-fn round_up(n: usize, m: usize) -> usize {
-    (n + m - 1) & !(m - 1)
-}
-
 /// The first `len` elements of a stack scratch area, cleared. The areas are sized for the
 /// widest tile; a decode step clears (and touches) only what it uses.
 #[inline(always)]
@@ -365,7 +359,8 @@ fn tile<O: Ops, T: KvElem>(job: &Job<'_, T>, t0: usize, t1: usize) {
         let seen = |r: usize| (pos(r) + 1).saturating_sub(s0).min(CHUNK);
         // A chunk lies within one page (CHUNK divides KV_PAGE), so rounding the key count
         // up to the dot block stays inside the page; the extra rows' scores are masked.
-        let keys = as_f32::<O, T>(job.kv.keys(job.head, s0, round_up(in_chunk, 4)), &mut key_area);
+        let keys =
+            as_f32::<O, T>(job.kv.keys(job.head, s0, in_chunk.next_multiple_of(4)), &mut key_area);
         let values = as_f32::<O, T>(job.kv.values(job.head, s0, in_chunk), &mut value_area);
         // Rows whose token comes before the chunk see none of it.
         let r_first = s0.saturating_sub(first_pos) * group;
@@ -374,20 +369,20 @@ fn tile<O: Ops, T: KvElem>(job: &Job<'_, T>, t0: usize, t1: usize) {
             let qa = &job.q[at(r)..][..d];
             if r + 1 < rows {
                 // Row r + 1 sees at least what row r sees.
-                let n = round_up(seen(r + 1), 4);
+                let n = seen(r + 1).next_multiple_of(4);
                 let (a, b) = scores[r * CHUNK..(r + 2) * CHUNK].split_at_mut(CHUNK);
                 let qb = &job.q[at(r + 1)..][..d];
                 O::dots2(qa, qb, &keys[..n * d], job.scale, &mut a[..n], &mut b[..n]);
                 r += 2;
             } else {
-                let n = round_up(seen(r), 4);
+                let n = seen(r).next_multiple_of(4);
                 O::dots1(qa, &keys[..n * d], job.scale, &mut scores[r * CHUNK..][..n]);
                 r += 1;
             }
         }
         for r in r_first..rows {
             let seen_r = seen(r);
-            let row = &mut scores[r * CHUNK..][..round_up(seen_r, 8)];
+            let row = &mut scores[r * CHUNK..][..seen_r.next_multiple_of(8)];
             row[seen_r..].fill(f32::NEG_INFINITY);
             let chunk_max = O::max(row);
             let new_max = max[r].max(chunk_max);

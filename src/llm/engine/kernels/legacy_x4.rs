@@ -126,14 +126,7 @@ pub(super) fn dot(
     acts: &[&[BlockQ8x32]],
     out: &mut [[f32; ROWS]],
 ) {
-    let nt = acts.len();
-    assert!((1..=4).contains(&nt), "1 to 4 activation rows, not {nt}");
-    assert!(out.len() >= nt, "output of {} for {nt} rows", out.len());
-    assert_eq!(group.len() % block_bytes(ty), 0, "packed group of {} bytes", group.len());
-    let nb = group.len() / block_bytes(ty);
-    for a in acts {
-        assert_eq!(a.len(), nb, "activation row of {} blocks for {nb} weight blocks", a.len());
-    }
+    super::x4::check_shapes(group, block_bytes(ty), acts, out.len());
     #[cfg(target_arch = "x86_64")]
     if x86::run(ty, isa, group, acts, out) {
         return;
@@ -502,30 +495,12 @@ mod x86 {
 
 #[cfg(test)]
 mod tests {
-    use super::super::testing::Rng;
-    use super::super::{f32_to_f16, Acts, QMatrix};
+    use super::super::testing::{check_packed_dot, random_rows, Rng};
+    use super::super::{Acts, QMatrix};
     use super::*;
 
     const TYPES: [WeightType; 4] =
         [WeightType::Q4_0, WeightType::Q4_1, WeightType::Q5_0, WeightType::Q8_0];
-
-    /// Four random rows of `nb` blocks of `ty` (sane f16 scales), GGUF layout.
-    fn random_rows(ty: WeightType, nb: usize, rng: &mut Rng) -> Vec<Vec<u8>> {
-        (0..ROWS)
-            .map(|_| {
-                let mut row = vec![0u8; nb * ty.block_bytes()];
-                rng.bytes(&mut row);
-                for blk in row.chunks_exact_mut(ty.block_bytes()) {
-                    let fields: &[usize] = if ty == WeightType::Q4_1 { &[0, 2] } else { &[0] };
-                    for &at in fields {
-                        let v = (rng.unit() + 0.05) * 0.02 * rng.signed().signum();
-                        blk[at..at + 2].copy_from_slice(&f32_to_f16(v).to_le_bytes());
-                    }
-                }
-                row
-            })
-            .collect()
-    }
 
     /// Packing then unpacking gives back every byte, and rows dequantize to the same bits.
     #[test]
@@ -577,53 +552,25 @@ mod tests {
                 let mut acts = Acts::new();
                 acts.prepare(&x, 4, nb * QK, &[&w]);
                 let act_rows: Vec<&[BlockQ8x32]> = acts.q8x32.chunks_exact(nb).collect();
-                for nt in 1..=4 {
-                    let mut want = [[0f32; ROWS]; 4];
-                    for (r, row) in rows.iter().enumerate() {
-                        let mut one = [0f32; 4];
-                        let dot_row = match ty {
-                            WeightType::Q4_0 => legacy::dot_q4_0,
-                            WeightType::Q4_1 => legacy::dot_q4_1,
-                            WeightType::Q5_0 => legacy::dot_q5_0,
-                            _ => legacy::dot_q8_0,
-                        };
-                        dot_row(Isa::Portable, row, &act_rows[..nt], &mut one);
-                        for t in 0..nt {
-                            want[t][r] = one[t];
-                        }
-                    }
-                    for isa in Isa::available() {
-                        let mut got = [[f32::NAN; ROWS]; 4];
-                        dot(ty, isa, &group, &act_rows[..nt], &mut got);
-                        for t in 0..nt {
-                            for r in 0..ROWS {
-                                let (g, w) = (got[t][r], want[t][r]);
-                                if isa == Isa::Portable {
-                                    assert_eq!(
-                                        g.to_bits(),
-                                        w.to_bits(),
-                                        "{ty:?} T={nt} [{t}][{r}]"
-                                    );
-                                } else {
-                                    assert!(
-                                        (g - w).abs() <= 1e-4 * w.abs().max(1.0),
-                                        "{ty:?} {isa:?} T={nt} [{t}][{r}]: {g} vs {w}"
-                                    );
-                                }
-                            }
-                        }
-                        if !ran.contains(&isa.name()) {
-                            ran.push(isa.name());
-                        }
+                let dot_row = match ty {
+                    WeightType::Q4_0 => legacy::dot_q4_0,
+                    WeightType::Q4_1 => legacy::dot_q4_1,
+                    WeightType::Q5_0 => legacy::dot_q5_0,
+                    _ => legacy::dot_q8_0,
+                };
+                let label = format!("{ty:?}");
+                let isas = check_packed_dot(
+                    &label,
+                    |r, nt, out| dot_row(Isa::Portable, &rows[r], &act_rows[..nt], out),
+                    |isa, nt, out| dot(ty, isa, &group, &act_rows[..nt], out),
+                );
+                for isa in isas {
+                    if !ran.contains(&isa) {
+                        ran.push(isa);
                     }
                 }
             }
         }
         eprintln!("packed 32-value formats ran on: {ran:?}");
-        #[cfg(target_arch = "x86_64")]
-        assert!(
-            !is_x86_feature_detected!("avx2") || ran.contains(&"avx2"),
-            "AVX2 path not exercised"
-        );
     }
 }

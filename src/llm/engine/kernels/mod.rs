@@ -48,8 +48,8 @@ pub fn default_threads() -> usize {
     }
 }
 
-/// The best instruction set models loaded from now on may use (`ENGINE_ISA`), as an index
-/// into `Isa::available()`'s order; `usize::MAX`: no limit.
+/// The best instruction set models loaded from now on may use (`ENGINE_ISA`), as the
+/// `Isa` discriminant (declared worst first); `usize::MAX`: no limit.
 static ISA_LIMIT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(usize::MAX);
 
 /// Make `Isa::detect` answer at most `isa` (a lower path for comparisons, `ENGINE_ISA`).
@@ -59,7 +59,7 @@ pub fn set_isa_limit(isa: Isa) {
 }
 
 /// The instruction set a product runs with. Detected once; tests run every one available.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Isa {
     /// Plain Rust: any CPU.
     Portable,
@@ -653,7 +653,7 @@ pub(crate) fn f32_to_f16(value: f32) -> u16 {
 
 #[cfg(test)]
 mod tests {
-    use super::testing::Rng;
+    use super::testing::{random_blocks, Rng};
     use super::*;
 
     /// Random bytes that form valid blocks: every f16 scale field set to a small finite
@@ -664,26 +664,6 @@ mod tests {
         }
         let bytes = random_blocks(ty, rows, cols, rng);
         QMatrix::from_bytes(ty, rows, cols, bytes).expect("valid random matrix")
-    }
-
-    /// The GGUF bytes of a random `rows × cols` matrix of a block format.
-    fn random_blocks(ty: WeightType, rows: usize, cols: usize, rng: &mut Rng) -> Vec<u8> {
-        let mut bytes = vec![0u8; rows * ty.row_bytes(cols)];
-        rng.bytes(&mut bytes);
-        // Offsets of the f16 fields within a block.
-        let scale_fields: &[usize] = match ty {
-            WeightType::Q4_0 | WeightType::Q5_0 | WeightType::Q8_0 => &[0],
-            WeightType::Q4_1 | WeightType::Q4K | WeightType::Q5K => &[0, 2],
-            WeightType::Q6K => &[208],
-            WeightType::F32 => unreachable!(),
-        };
-        for block in bytes.chunks_exact_mut(ty.block_bytes()) {
-            for &at in scale_fields {
-                let value = (rng.unit() + 0.05) * 0.02 * rng.signed().signum();
-                block[at..at + 2].copy_from_slice(&f32_to_f16(value).to_le_bytes());
-            }
-        }
-        bytes
     }
 
     /// A Q4_K matrix repacked at load computes what the GGUF layout computes: the same bits

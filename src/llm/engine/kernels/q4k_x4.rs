@@ -101,14 +101,8 @@ pub(super) fn dequantize_row(group: &[u8], r: usize, out: &mut [f32]) {
 /// `out[t][r] = Σ_i w_r[i]·a_t[i]` for the four rows of a packed group and 1 to 4 activation
 /// rows (`out.len() ≥ acts.len()`).
 pub(super) fn dot(isa: Isa, group: &[u8], acts: &[&[BlockQ8K]], out: &mut [[f32; ROWS]]) {
+    super::x4::check_shapes(group, BLOCK_BYTES, acts, out.len());
     let nt = acts.len();
-    assert!((1..=4).contains(&nt), "1 to 4 activation rows, not {nt}");
-    assert!(out.len() >= nt, "output of {} for {nt} rows", out.len());
-    assert_eq!(group.len() % BLOCK_BYTES, 0, "packed group of {} bytes", group.len());
-    let nb = group.len() / BLOCK_BYTES;
-    for a in acts {
-        assert_eq!(a.len(), nb, "activation row of {} blocks for {nb} weight blocks", a.len());
-    }
     #[cfg(target_arch = "x86_64")]
     if super::x4::x86::run_k::<x86::Body>(isa, group, acts, out) {
         return;
@@ -279,26 +273,9 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::super::kquants;
-    use super::super::testing::Rng;
-    use super::super::{f32_to_f16, Acts, WeightType};
+    use super::super::testing::{check_packed_dot, random_rows, Rng};
+    use super::super::{Acts, QMatrix, WeightType};
     use super::*;
-
-    /// Four random Q4_K rows of `nb` blocks (sane f16 scales).
-    fn random_rows(nb: usize, rng: &mut Rng) -> Vec<Vec<u8>> {
-        (0..ROWS)
-            .map(|_| {
-                let mut row = vec![0u8; nb * Q4K_BYTES];
-                rng.bytes(&mut row);
-                for blk in row.chunks_exact_mut(Q4K_BYTES) {
-                    for at in [0, 2] {
-                        let v = (rng.unit() + 0.05) * 0.02 * rng.signed().signum();
-                        blk[at..at + 2].copy_from_slice(&f32_to_f16(v).to_le_bytes());
-                    }
-                }
-                row
-            })
-            .collect()
-    }
 
     fn packed(rows: &[Vec<u8>]) -> Vec<u8> {
         let mut out = vec![0u8; rows[0].len() / Q4K_BYTES * BLOCK_BYTES];
@@ -310,7 +287,7 @@ mod tests {
     #[test]
     fn packed_rows_dequantize_as_the_stored_rows() {
         let mut rng = Rng(0x1234_5678_9abc_def0);
-        let rows = random_rows(3, &mut rng);
+        let rows = random_rows(WeightType::Q4K, 3, &mut rng);
         let group = packed(&rows);
         for (r, row) in rows.iter().enumerate() {
             let (mut want, mut got) = (vec![0f32; 768], vec![0f32; 768]);
@@ -326,55 +303,18 @@ mod tests {
     fn packed_dot_matches_the_row_kernels_on_every_isa() {
         let mut rng = Rng(0x0f0f_1e1e_2d2d_3c3c);
         let nb = 5;
-        let rows = random_rows(nb, &mut rng);
+        let rows = random_rows(WeightType::Q4K, nb, &mut rng);
         let group = packed(&rows);
         let x = rng.vec(4 * nb * QK, 2.0);
+        let w = QMatrix::from_bytes_as_stored(WeightType::Q4K, 1, nb * QK, rows[0].clone());
         let mut acts = Acts::new();
-        let w = super::super::QMatrix::from_bytes_as_stored(
-            WeightType::Q4K,
-            1,
-            nb * QK,
-            rows[0].clone(),
-        )
-        .expect("matrix");
-        acts.prepare(&x, 4, nb * QK, &[&w]);
+        acts.prepare(&x, 4, nb * QK, &[&w.expect("matrix")]);
         let act_rows: Vec<&[BlockQ8K]> = acts.q8k.chunks_exact(nb).collect();
-        let mut ran = Vec::new();
-        for nt in 1..=4 {
-            let mut reference = [0f32; 4];
-            let mut want = [[0f32; ROWS]; 4];
-            for (r, row) in rows.iter().enumerate() {
-                kquants::dot_q4k(Isa::Portable, row, &act_rows[..nt], &mut reference);
-                for t in 0..nt {
-                    want[t][r] = reference[t];
-                }
-            }
-            for isa in Isa::available() {
-                let mut got = [[f32::NAN; ROWS]; 4];
-                dot(isa, &group, &act_rows[..nt], &mut got);
-                for t in 0..nt {
-                    for r in 0..ROWS {
-                        let (g, w) = (got[t][r], want[t][r]);
-                        if isa == Isa::Portable {
-                            assert_eq!(g.to_bits(), w.to_bits(), "portable T={nt} [{t}][{r}]");
-                        } else {
-                            assert!(
-                                (g - w).abs() <= 1e-4 * w.abs().max(1.0),
-                                "{isa:?} T={nt} [{t}][{r}]: {g} vs {w}"
-                            );
-                        }
-                    }
-                }
-                if nt == 1 {
-                    ran.push(isa.name());
-                }
-            }
-        }
-        eprintln!("packed Q4_K dot ran on: {ran:?}");
-        #[cfg(target_arch = "x86_64")]
-        assert!(
-            !is_x86_feature_detected!("avx2") || ran.contains(&"avx2"),
-            "AVX2 path not exercised"
+        let ran = check_packed_dot(
+            "Q4_K",
+            |r, nt, out| kquants::dot_q4k(Isa::Portable, &rows[r], &act_rows[..nt], out),
+            |isa, nt, out| dot(isa, &group, &act_rows[..nt], out),
         );
+        eprintln!("packed Q4_K dot ran on: {ran:?}");
     }
 }

@@ -24,7 +24,7 @@
 //!
 //! Owns only this layout; the row layout's kernels are `kquants`, threads are `pool`.
 
-use super::kquants::{self, read_f16, unpack_scaled_q6k, Q6K_BYTES};
+use super::kquants::{self, Q6K_BYTES};
 use super::{BlockQ8K, Isa, WeightType};
 
 pub(super) use super::x4::ROWS;
@@ -101,35 +101,25 @@ pub(super) fn dequantize_row(group: &[u8], r: usize, out: &mut [f32]) {
 /// `out[t][r] = Σ_i w_r[i]·a_t[i]` for the four rows of a packed group and 1 to 4 activation
 /// rows (`out.len() ≥ acts.len()`).
 pub(super) fn dot(isa: Isa, group: &[u8], acts: &[&[BlockQ8K]], out: &mut [[f32; ROWS]]) {
+    super::x4::check_shapes(group, BLOCK_BYTES, acts, out.len());
     let nt = acts.len();
-    assert!((1..=4).contains(&nt), "1 to 4 activation rows, not {nt}");
-    assert!(out.len() >= nt, "output of {} for {nt} rows", out.len());
-    assert_eq!(group.len() % BLOCK_BYTES, 0, "packed group of {} bytes", group.len());
-    let nb = group.len() / BLOCK_BYTES;
-    for a in acts {
-        assert_eq!(a.len(), nb, "activation row of {} blocks for {nb} weight blocks", a.len());
-    }
     #[cfg(target_arch = "x86_64")]
     if super::x4::x86::run_k::<x86::Body>(isa, group, acts, out) {
         return;
     }
     let _ = isa;
-    // The row layout's portable arithmetic, in the same order (the same bits).
+    // The row layout's portable code on each block, summed in block order: the same
+    // operations in the same order as on the whole row (the same bits).
     let mut sums = [[0f32; ROWS]; 4];
     let mut blk = [0u8; Q6K_BYTES];
-    let mut wq = [0i16; QK];
+    let mut block_sums = [0f32; 4];
     for (b, packed) in group.chunks_exact(BLOCK_BYTES).enumerate() {
+        let block_acts: [&[BlockQ8K]; 4] = std::array::from_fn(|t| &acts[t.min(nt - 1)][b..b + 1]);
         for r in 0..ROWS {
             unpack_row(packed, r, &mut blk);
-            let d = read_f16(&blk, 208);
-            unpack_scaled_q6k(&blk, &mut wq);
-            for (sum, a) in sums.iter_mut().zip(acts) {
-                let a = &a[b];
-                let sumi = wq
-                    .iter()
-                    .zip(&a.qs)
-                    .fold(0i32, |s, (&x, &y)| s.wrapping_add((x as i32).wrapping_mul(y as i32)));
-                sum[r] += a.d * d * sumi as f32;
+            kquants::dot_q6k(Isa::Portable, &blk, &block_acts[..nt], &mut block_sums);
+            for (sum, part) in sums.iter_mut().zip(block_sums).take(nt) {
+                sum[r] += part;
             }
         }
     }
@@ -262,24 +252,9 @@ mod x86 {
 
 #[cfg(test)]
 mod tests {
-    use super::super::testing::Rng;
-    use super::super::{f32_to_f16, Acts, QMatrix};
+    use super::super::testing::{check_packed_dot, random_rows, Rng};
+    use super::super::{Acts, QMatrix};
     use super::*;
-
-    /// Four random Q6_K rows of `nb` blocks (sane f16 scales).
-    fn random_rows(nb: usize, rng: &mut Rng) -> Vec<Vec<u8>> {
-        (0..ROWS)
-            .map(|_| {
-                let mut row = vec![0u8; nb * Q6K_BYTES];
-                rng.bytes(&mut row);
-                for blk in row.chunks_exact_mut(Q6K_BYTES) {
-                    let v = (rng.unit() + 0.05) * 0.02 * rng.signed().signum();
-                    blk[208..210].copy_from_slice(&f32_to_f16(v).to_le_bytes());
-                }
-                row
-            })
-            .collect()
-    }
 
     /// Packing then unpacking gives back every byte; rows dequantize to the same bits; the
     /// portable packed product gives the row layout's portable bits and every SIMD path that
@@ -288,7 +263,7 @@ mod tests {
     fn packed_q6k_matches_the_row_kernels_on_every_isa() {
         let mut rng = Rng(0x6b6b_0123_4567_89ab);
         let nb = 3;
-        let rows = random_rows(nb, &mut rng);
+        let rows = random_rows(WeightType::Q6K, nb, &mut rng);
         let mut group = vec![0u8; nb * BLOCK_BYTES];
         pack([&rows[0], &rows[1], &rows[2], &rows[3]], &mut group);
         for (r, row) in rows.iter().enumerate() {
@@ -308,42 +283,11 @@ mod tests {
         let mut acts = Acts::new();
         acts.prepare(&x, 4, nb * QK, &[&w]);
         let act_rows: Vec<&[BlockQ8K]> = acts.q8k.chunks_exact(nb).collect();
-        let mut ran = Vec::new();
-        for nt in 1..=4 {
-            let mut want = [[0f32; ROWS]; 4];
-            for (r, row) in rows.iter().enumerate() {
-                let mut one = [0f32; 4];
-                kquants::dot_q6k(Isa::Portable, row, &act_rows[..nt], &mut one);
-                for t in 0..nt {
-                    want[t][r] = one[t];
-                }
-            }
-            for isa in Isa::available() {
-                let mut got = [[f32::NAN; ROWS]; 4];
-                dot(isa, &group, &act_rows[..nt], &mut got);
-                for t in 0..nt {
-                    for r in 0..ROWS {
-                        let (g, w) = (got[t][r], want[t][r]);
-                        if isa == Isa::Portable {
-                            assert_eq!(g.to_bits(), w.to_bits(), "portable T={nt} [{t}][{r}]");
-                        } else {
-                            assert!(
-                                (g - w).abs() <= 1e-4 * w.abs().max(1.0),
-                                "{isa:?} T={nt} [{t}][{r}]: {g} vs {w}"
-                            );
-                        }
-                    }
-                }
-                if !ran.contains(&isa.name()) {
-                    ran.push(isa.name());
-                }
-            }
-        }
-        eprintln!("packed Q6_K ran on: {ran:?}");
-        #[cfg(target_arch = "x86_64")]
-        assert!(
-            !is_x86_feature_detected!("avx2") || ran.contains(&"avx2"),
-            "AVX2 path not exercised"
+        let ran = check_packed_dot(
+            "Q6_K",
+            |r, nt, out| kquants::dot_q6k(Isa::Portable, &rows[r], &act_rows[..nt], out),
+            |isa, nt, out| dot(isa, &group, &act_rows[..nt], out),
         );
+        eprintln!("packed Q6_K ran on: {ran:?}");
     }
 }

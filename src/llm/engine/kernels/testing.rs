@@ -5,7 +5,7 @@
 use candle_core::quantized::{QStorage, QTensor};
 use candle_core::Device;
 
-use super::WeightType;
+use super::{f32_to_f16, Isa, WeightType};
 
 /// SplitMix64: deterministic test data without a dependency.
 pub(super) struct Rng(pub u64);
@@ -68,4 +68,82 @@ pub(super) fn candle_dequantize(
 ) -> Vec<f32> {
     let tensor = candle_qtensor(ty, bytes, rows, cols);
     tensor.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
+}
+
+/// The GGUF bytes of a random `rows × cols` matrix of a block format: random quant bytes,
+/// every f16 scale field set to a small finite value (random bytes there could be NaN or
+/// huge).
+pub(super) fn random_blocks(ty: WeightType, rows: usize, cols: usize, rng: &mut Rng) -> Vec<u8> {
+    let mut bytes = vec![0u8; rows * ty.row_bytes(cols)];
+    rng.bytes(&mut bytes);
+    // Offsets of the f16 fields within a block.
+    let scale_fields: &[usize] = match ty {
+        WeightType::Q4_0 | WeightType::Q5_0 | WeightType::Q8_0 => &[0],
+        WeightType::Q4_1 | WeightType::Q4K | WeightType::Q5K => &[0, 2],
+        WeightType::Q6K => &[208],
+        WeightType::F32 => unreachable!(),
+    };
+    for block in bytes.chunks_exact_mut(ty.block_bytes()) {
+        for &at in scale_fields {
+            let value = (rng.unit() + 0.05) * 0.02 * rng.signed().signum();
+            block[at..at + 2].copy_from_slice(&f32_to_f16(value).to_le_bytes());
+        }
+    }
+    bytes
+}
+
+/// Four random rows of `nb` blocks of `ty`, GGUF layout (a packed group's input).
+pub(super) fn random_rows(ty: WeightType, nb: usize, rng: &mut Rng) -> Vec<Vec<u8>> {
+    let bytes = random_blocks(ty, 4, nb * ty.block_len(), rng);
+    bytes.chunks_exact(bytes.len() / 4).map(<[u8]>::to_vec).collect()
+}
+
+/// A packed four-row product against the row layout's portable one, for 1 to 4 tokens on
+/// every instruction set here: the portable packed code must give the same bits, the SIMD
+/// paths agree to float summation order. `row_dot(r, nt, out)` is the row layout's portable
+/// product of row `r` with the first `nt` activation rows, `packed_dot(isa, nt, out)` the
+/// packed one. Returns the instruction sets that ran, and checks that AVX2 did where the
+/// CPU has it.
+pub(super) fn check_packed_dot(
+    label: &str,
+    row_dot: impl Fn(usize, usize, &mut [f32; 4]),
+    packed_dot: impl Fn(Isa, usize, &mut [[f32; 4]; 4]),
+) -> Vec<&'static str> {
+    let mut ran = Vec::new();
+    for nt in 1..=4 {
+        let mut want = [[0f32; 4]; 4];
+        for r in 0..4 {
+            let mut one = [0f32; 4];
+            row_dot(r, nt, &mut one);
+            for (w, value) in want.iter_mut().zip(one).take(nt) {
+                w[r] = value;
+            }
+        }
+        for isa in Isa::available() {
+            let mut got = [[f32::NAN; 4]; 4];
+            packed_dot(isa, nt, &mut got);
+            for t in 0..nt {
+                for r in 0..4 {
+                    let (g, w) = (got[t][r], want[t][r]);
+                    if isa == Isa::Portable {
+                        assert_eq!(g.to_bits(), w.to_bits(), "{label} portable T={nt} [{t}][{r}]");
+                    } else {
+                        assert!(
+                            (g - w).abs() <= 1e-4 * w.abs().max(1.0),
+                            "{label} {isa:?} T={nt} [{t}][{r}]: {g} vs {w}"
+                        );
+                    }
+                }
+            }
+            if !ran.contains(&isa.name()) {
+                ran.push(isa.name());
+            }
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    assert!(
+        !is_x86_feature_detected!("avx2") || ran.contains(&"avx2"),
+        "{label}: AVX2 path not exercised"
+    );
+    ran
 }

@@ -6,6 +6,20 @@
 /// Rows per packed group.
 pub(super) const ROWS: usize = 4;
 
+/// The checks every packed dot product starts with: 1 to 4 activation rows, a slot in
+/// `out` for each, a whole number of `block_bytes` blocks in the group, and as many blocks
+/// in each activation row.
+pub(super) fn check_shapes<A>(group: &[u8], block_bytes: usize, acts: &[&[A]], out_len: usize) {
+    let nt = acts.len();
+    assert!((1..=4).contains(&nt), "1 to 4 activation rows, not {nt}");
+    assert!(out_len >= nt, "output of {out_len} for {nt} rows");
+    assert_eq!(group.len() % block_bytes, 0, "packed group of {} bytes", group.len());
+    let nb = group.len() / block_bytes;
+    for a in acts {
+        assert_eq!(a.len(), nb, "activation row of {} blocks for {nb} weight blocks", a.len());
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 pub(super) mod x86 {
     use super::super::kquants::x86::{Avx2, Mac, Vnni};
