@@ -1,9 +1,11 @@
 //! Throughput of our quantized matrix products against candle's `QMatMul` on the same
 //! weights, in one run: a decode-shaped product (one token; memory-bound, GB/s of weights
-//! read) and a prefill-shaped one (64 tokens; G multiply-adds per second), for every format
+//! read), the shape of four parallel streams' decode step (4 tokens) and a prefill-shaped
+//! one (64 tokens), both in G multiply-adds per second, for every format
 //! with a kernel, on a Qwen3-4B FFN-sized matrix (9728 × 2560), on every instruction set the
 //! CPU has (each line names it); the formats the engine repacks at load are marked `/x4`,
-//! and Q4_K and Q6_K are also timed in the GGUF row layout. Threads: `KERNEL_THREADS` (default 2). Run with
+//! and Q4_K and Q6_K are also timed in the GGUF row layout. Threads: `KERNEL_THREADS` (default
+//! 2); `KERNEL_FORMATS=Q4K,Q6K` times only those formats. Run with
 //! `cargo bench --bench kernels`; prints medians and ratios.
 
 mod common;
@@ -28,8 +30,18 @@ fn main() {
     let names: Vec<&str> = isas.iter().map(|i| i.name()).collect();
     println!("{rows}x{cols} weights, {threads} threads, our kernels on every ISA here: {names:?}");
     println!(
-        "{:<9} {:<12} {:>10} {:>10} {:>7} {:>12} {:>10} {:>7}",
-        "format", "isa", "T=1 GB/s", "candle", "ratio", "T=64 GMAC/s", "candle", "ratio"
+        "{:<9} {:<12} {:>10} {:>8} {:>7} {:>11} {:>8} {:>7} {:>12} {:>8} {:>7}",
+        "format",
+        "isa",
+        "T=1 GB/s",
+        "candle",
+        "ratio",
+        "T=4 GMAC/s",
+        "candle",
+        "ratio",
+        "T=64 GMAC/s",
+        "candle",
+        "ratio"
     );
     let values: Vec<f32> = (0..rows * cols)
         .map(|i: usize| ((i.wrapping_mul(2_654_435_761) >> 7) % 2001) as f32 / 1000.0 - 1.0)
@@ -49,7 +61,14 @@ fn main() {
         (Q6K, false),
         (Q6K, true),
     ];
+    // `KERNEL_FORMATS=Q4K,Q6K` times only those formats.
+    let only: Option<Vec<String>> = std::env::var("KERNEL_FORMATS")
+        .ok()
+        .map(|v| v.split(',').map(|f| f.trim().to_string()).collect());
     for (ty, as_stored) in cases {
+        if only.as_ref().is_some_and(|only| !only.contains(&format!("{ty:?}"))) {
+            continue;
+        }
         let dtype = ty.ggml_dtype();
         // The same blocks for both: candle quantizes, we take its bytes.
         let qtensor = QTensor::quantize(&dense, dtype).expect("quantize");
@@ -61,7 +80,7 @@ fn main() {
         }
         .expect("matrix");
         let theirs = QMatMul::from_qtensor(qtensor).expect("QMatMul");
-        let shapes = [(1usize, 31), (64, 5)];
+        let shapes = [(1usize, 31), (4, 15), (64, 5)];
         let rate = |n_tokens: usize, d: Duration| {
             if n_tokens == 1 {
                 ours.size_bytes() as f64 / d.as_secs_f64() / 1e9
@@ -103,16 +122,18 @@ fn main() {
                     rate(n_tokens, d)
                 })
                 .collect();
-            println!(
-                "{name:<9} {:<12} {:>10.2} {:>10.2} {:>6.2}x {:>12.2} {:>10.2} {:>6.2}x",
-                isa.name(),
-                mine[0],
-                candle[0],
-                mine[0] / candle[0],
-                mine[1],
-                candle[1],
-                mine[1] / candle[1]
-            );
+            let cells: Vec<String> = (0..shapes.len())
+                .map(|i| {
+                    let width = [10, 11, 12][i];
+                    format!(
+                        "{:>width$.2} {:>8.2} {:>6.2}x",
+                        mine[i],
+                        candle[i],
+                        mine[i] / candle[i]
+                    )
+                })
+                .collect();
+            println!("{name:<9} {:<12} {}", isa.name(), cells.join(" "));
         }
     }
 }

@@ -176,6 +176,7 @@ fn portable<F: Format>(
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
+    use super::super::kquants::x86::prefetch;
     use super::super::x4::x86::{bcast8, row_sums, simd};
     use super::{block_bytes, fields, BlockQ8x32, Isa, WeightType, ROWS};
     use std::arch::x86_64::*;
@@ -468,6 +469,7 @@ mod x86 {
         unsafe {
             let mut acc = [_mm256_setzero_ps(); NT];
             for (b, p) in group.chunks_exact(block_bytes(K::TY)).enumerate() {
+                prefetch(p);
                 let blk = K::load(p);
                 for t in 0..NT {
                     let a = &acts[t][b];
@@ -527,7 +529,8 @@ mod tests {
 
     /// The portable packed product gives the row layout's portable bits; every SIMD path
     /// that runs here agrees with it to float summation order, for 1 to 4 tokens, including
-    /// weights at the formats' extremes (Q8_0's −128).
+    /// weights at the formats' extremes (Q8_0's −128); a token's bits do not depend on the
+    /// tokens beside it.
     #[test]
     fn packed_dot_matches_the_row_kernels_on_every_isa() {
         let mut rng = Rng(0x5151_aaaa_0f0f_3c3c);
@@ -562,7 +565,7 @@ mod tests {
                 let isas = check_packed_dot(
                     &label,
                     |r, nt, out| dot_row(Isa::Portable, &rows[r], &act_rows[..nt], out),
-                    |isa, nt, out| dot(ty, isa, &group, &act_rows[..nt], out),
+                    |isa, first, nt, out| dot(ty, isa, &group, &act_rows[first..first + nt], out),
                 );
                 for isa in isas {
                     if !ran.contains(&isa) {

@@ -135,7 +135,7 @@ fn dot_portable<const NT: usize>(group: &[u8], acts: [&[BlockQ8K]; NT]) -> [[f32
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::super::kquants::x86::Mac;
+    use super::super::kquants::x86::{prefetch, Mac};
     use super::super::x4::x86::{bcast8, row_sums, v128, v256, KBody};
     use super::{BlockQ8K, BLOCK_BYTES, MIN_AT, QS_AT, ROWS, SC_AT};
     use std::arch::x86_64::*;
@@ -208,6 +208,7 @@ mod x86 {
                     [scale_control(0), scale_control(1), scale_control(2), scale_control(3)];
                 let mut acc = [_mm256_setzero_ps(); NT];
                 for (b, blk) in group.chunks_exact(BLOCK_BYTES).enumerate() {
+                    prefetch(blk);
                     let blk: &[u8; BLOCK_BYTES] = blk.try_into().expect("whole block");
                     let a: [&BlockQ8K; NT] = std::array::from_fn(|t| &acts[t][b]);
                     let dm = _mm256_cvtph_ps(v128(blk, 0));
@@ -298,7 +299,8 @@ mod tests {
     }
 
     /// The portable packed product gives the row layout's portable bits; every SIMD path
-    /// that runs here agrees with it to float summation order, for 1 to 4 tokens.
+    /// that runs here agrees with it to float summation order, for 1 to 4 tokens; a
+    /// token's bits do not depend on the tokens beside it.
     #[test]
     fn packed_dot_matches_the_row_kernels_on_every_isa() {
         let mut rng = Rng(0x0f0f_1e1e_2d2d_3c3c);
@@ -313,7 +315,7 @@ mod tests {
         let ran = check_packed_dot(
             "Q4_K",
             |r, nt, out| kquants::dot_q4k(Isa::Portable, &rows[r], &act_rows[..nt], out),
-            |isa, nt, out| dot(isa, &group, &act_rows[..nt], out),
+            |isa, first, nt, out| dot(isa, &group, &act_rows[first..first + nt], out),
         );
         eprintln!("packed Q4_K dot ran on: {ran:?}");
     }

@@ -100,14 +100,16 @@ pub(super) fn random_rows(ty: WeightType, nb: usize, rng: &mut Rng) -> Vec<Vec<u
 
 /// A packed four-row product against the row layout's portable one, for 1 to 4 tokens on
 /// every instruction set here: the portable packed code must give the same bits, the SIMD
-/// paths agree to float summation order. `row_dot(r, nt, out)` is the row layout's portable
-/// product of row `r` with the first `nt` activation rows, `packed_dot(isa, nt, out)` the
-/// packed one. Returns the instruction sets that ran, and checks that AVX2 did where the
-/// CPU has it.
+/// paths agree to float summation order, and on every path a token's results have the same
+/// bits whether it is alone or shares the pass with others (what lets parallel streams
+/// answer exactly as they would alone). `row_dot(r, nt, out)` is the row layout's portable
+/// product of row `r` with the first `nt` activation rows, `packed_dot(isa, first, nt,
+/// out)` the packed one with rows `first..first + nt`. Returns the instruction sets that
+/// ran, and checks that AVX2 did where the CPU has it.
 pub(super) fn check_packed_dot(
     label: &str,
     row_dot: impl Fn(usize, usize, &mut [f32; 4]),
-    packed_dot: impl Fn(Isa, usize, &mut [[f32; 4]; 4]),
+    packed_dot: impl Fn(Isa, usize, usize, &mut [[f32; 4]; 4]),
 ) -> Vec<&'static str> {
     let mut ran = Vec::new();
     for nt in 1..=4 {
@@ -121,17 +123,18 @@ pub(super) fn check_packed_dot(
         }
         for isa in Isa::available() {
             let mut got = [[f32::NAN; 4]; 4];
-            packed_dot(isa, nt, &mut got);
+            packed_dot(isa, 0, nt, &mut got);
             for t in 0..nt {
+                let mut alone = [[f32::NAN; 4]; 4];
+                packed_dot(isa, t, 1, &mut alone);
                 for r in 0..4 {
                     let (g, w) = (got[t][r], want[t][r]);
+                    let how = format!("{label} {isa:?} T={nt} [{t}][{r}]");
+                    assert_eq!(g.to_bits(), alone[0][r].to_bits(), "{how}: with others vs alone");
                     if isa == Isa::Portable {
-                        assert_eq!(g.to_bits(), w.to_bits(), "{label} portable T={nt} [{t}][{r}]");
+                        assert_eq!(g.to_bits(), w.to_bits(), "{how}");
                     } else {
-                        assert!(
-                            (g - w).abs() <= 1e-4 * w.abs().max(1.0),
-                            "{label} {isa:?} T={nt} [{t}][{r}]: {g} vs {w}"
-                        );
+                        assert!((g - w).abs() <= 1e-4 * w.abs().max(1.0), "{how}: {g} vs {w}");
                     }
                 }
             }
