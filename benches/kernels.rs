@@ -4,7 +4,7 @@
 //! one (64 tokens), both in G multiply-adds per second, for every format
 //! with a kernel, on a Qwen3-4B FFN-sized matrix (9728 × 2560), on every instruction set the
 //! CPU has (each line names it); the formats the engine repacks at load are marked `/x4`,
-//! and Q4_K and Q6_K are also timed in the GGUF row layout. Threads: `KERNEL_THREADS` (default
+//! and the K-quants are also timed in the GGUF row layout. Threads: `KERNEL_THREADS` (default
 //! 2); `KERNEL_FORMATS=Q4K,Q6K` times only those formats. Run with
 //! `cargo bench --bench kernels`; prints medians and ratios.
 
@@ -48,7 +48,7 @@ fn main() {
         .collect();
     let dense = Tensor::from_vec(values, (rows, cols), &Device::Cpu).expect("weights");
     use WeightType::*;
-    // Q4_K and Q6_K twice: as the engine holds them (repacked four rows at a time, `/x4`)
+    // The K-quants twice: as the engine holds them (repacked four rows at a time, `/x4`)
     // and in the GGUF row layout, to show what the repacking is worth.
     let cases = [
         (Q4_0, false),
@@ -58,6 +58,7 @@ fn main() {
         (Q4K, false),
         (Q4K, true),
         (Q5K, false),
+        (Q5K, true),
         (Q6K, false),
         (Q6K, true),
     ];

@@ -238,8 +238,8 @@ pub struct BlockQ8K {
 }
 
 /// A weight matrix of `rows` outputs by `cols` inputs, each row stored contiguously in its
-/// block format (the GGUF layout, `ne0 = cols`), except that Q4_K, Q6_K, Q4_0, Q4_1, Q5_0
-/// and Q8_0 rows are repacked at load four at a time (`q4k_x4`, `q6k_x4`, `legacy_x4`): the first
+/// block format (the GGUF layout, `ne0 = cols`), except that Q4_K, Q5_K, Q6_K, Q4_0, Q4_1,
+/// Q5_0 and Q8_0 rows are repacked at load four at a time (`q4k_x4`, `q6k_x4`, `legacy_x4`): the first
 /// `packed_rows` rows are interleaved groups, the rest (fewer than four) stay in the GGUF
 /// layout after them.
 pub struct QMatrix {
@@ -289,7 +289,7 @@ impl QMatrix {
             let row = |i: usize| &self.bytes[(4 * g + i) * row_len..(4 * g + i + 1) * row_len];
             let rows = [row(0), row(1), row(2), row(3)];
             match self.ty {
-                WeightType::Q4K => q4k_x4::pack(rows, out),
+                WeightType::Q4K | WeightType::Q5K => q4k_x4::pack(self.ty, rows, out),
                 WeightType::Q6K => q6k_x4::pack(rows, out),
                 ty => legacy_x4::pack(ty, rows, out),
             }
@@ -385,7 +385,9 @@ impl QMatrix {
         if row < self.packed_rows {
             let group = self.group_bytes(row / 4);
             return match self.ty {
-                WeightType::Q4K => q4k_x4::dequantize_row(group, row % 4, out),
+                WeightType::Q4K | WeightType::Q5K => {
+                    q4k_x4::dequantize_row(self.ty, group, row % 4, out)
+                }
                 WeightType::Q6K => q6k_x4::dequantize_row(group, row % 4, out),
                 ty => legacy_x4::dequantize_row(ty, group, row % 4, out),
             };
@@ -433,11 +435,12 @@ impl QMatrix {
 fn packed_block_bytes(ty: WeightType) -> Option<usize> {
     match ty {
         WeightType::Q4K => Some(q4k_x4::BLOCK_BYTES),
+        WeightType::Q5K => Some(q4k_x4::Q5K_BLOCK_BYTES),
         WeightType::Q6K => Some(q6k_x4::BLOCK_BYTES),
         WeightType::Q4_0 | WeightType::Q4_1 | WeightType::Q5_0 | WeightType::Q8_0 => {
             Some(legacy_x4::block_bytes(ty))
         }
-        WeightType::F32 | WeightType::Q5K => None,
+        WeightType::F32 => None,
     }
 }
 
@@ -577,9 +580,9 @@ fn run_rows(isa: Isa, w: &QMatrix, acts: &Acts, r0: usize, r1: usize, out: &pool
             while t < tile_end {
                 let group = (tile_end - t).min(MAX_TOKENS_PER_DOT);
                 let weights = w.group_bytes(r / 4);
-                if w.ty == WeightType::Q4K {
+                if matches!(w.ty, WeightType::Q4K | WeightType::Q5K) {
                     let rows = token_rows(&acts.q8k, acts.cols / 256, t);
-                    q4k_x4::dot(isa, weights, &rows[..group], &mut group_dots);
+                    q4k_x4::dot(w.ty, isa, weights, &rows[..group], &mut group_dots);
                 } else if w.ty == WeightType::Q6K {
                     let rows = token_rows(&acts.q8k, acts.cols / 256, t);
                     q6k_x4::dot(isa, weights, &rows[..group], &mut group_dots);

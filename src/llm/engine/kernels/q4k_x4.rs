@@ -1,5 +1,5 @@
-//! Q4_K weights repacked at load four rows at a time (`Q4Kx4`, the idea of llama.cpp's
-//! `q4_K_8x8`), and their dot products against `BlockQ8K` activations.
+//! Q4_K and Q5_K weights repacked at load four rows at a time (`Q4Kx4`, the idea of
+//! llama.cpp's `q4_K_8x8`), and their dot products against `BlockQ8K` activations.
 //!
 //! Why: in the GGUF row layout one 256-bit vector of nibbles is one sub-block (32 values) of
 //! one row, so every `vpmaddubsw` (u8×i8 pairs into i16) must be followed by its own
@@ -22,29 +22,50 @@
 //!   `80 + 128j + 32g` holds those eight bytes of rows 0, 1, 2, 3. Low nibbles are values
 //!   `64j+8g..+8` (sub-block `2j`), high nibbles `64j+32+8g..+8` (sub-block `2j+1`).
 //!
+//! Q5_K's packed block is the same plus, at `592..720`, the fifth bits: the vector at
+//! `592 + 32g` holds `qh[8g..8g+8]` of rows 0, 1, 2, 3 (bit `s` of `qh[l]` is the fifth bit
+//! of value `32s + l`), 720 bytes for the four GGUF blocks' 704. Five-bit values keep the
+//! i16 sums exact: `4·2·31·128 = 31744`.
+//!
 //! Owns only this layout: the row layout's kernels are `kquants`, threads are `pool`.
 
-use super::kquants::{k4_sums, read_f16, scale_min_k4, Q4K_BYTES};
-use super::{BlockQ8K, Isa};
+use super::kquants::{k4_sums, read_f16, scale_min_k4, Q4K_BYTES, Q5K_BYTES};
+use super::{BlockQ8K, Isa, WeightType};
 
 pub(super) use super::x4::ROWS;
-/// Bytes of one packed block (four rows' 256 values).
+/// Bytes of one packed Q4_K block (four rows' 256 values).
 pub(super) const BLOCK_BYTES: usize = 592;
+/// Bytes of one packed Q5_K block.
+pub(super) const Q5K_BLOCK_BYTES: usize = 720;
 const QK: usize = 256;
 const SC_AT: usize = 16;
 const MIN_AT: usize = 48;
 const QS_AT: usize = 80;
+/// Where Q5_K's fifth bits start.
+const QH_AT: usize = BLOCK_BYTES;
+
+/// Bytes of one packed block of `ty` (Q4_K or Q5_K).
+pub(super) fn block_bytes(ty: WeightType) -> usize {
+    match ty {
+        WeightType::Q4K => BLOCK_BYTES,
+        WeightType::Q5K => Q5K_BLOCK_BYTES,
+        other => unreachable!("{other:?} is not packed by q4k_x4"),
+    }
+}
 /// Where each row's minimums sit (in units of eight bytes from `MIN_AT`).
 const MIN_SLOT: [usize; ROWS] = [0, 2, 1, 3];
 
-/// Repack four rows of Q4_K blocks (GGUF layout, the same length) into `out`.
-pub(super) fn pack(rows: [&[u8]; ROWS], out: &mut [u8]) {
-    let nb = rows[0].len() / Q4K_BYTES;
-    assert!(rows.iter().all(|r| r.len() == nb * Q4K_BYTES), "four whole rows of blocks");
-    assert_eq!(out.len(), nb * BLOCK_BYTES, "packed size");
-    for (b, dst) in out.chunks_exact_mut(BLOCK_BYTES).enumerate() {
+/// Repack four rows of `ty` blocks (Q4_K or Q5_K, GGUF layout, the same length) into `out`.
+pub(super) fn pack(ty: WeightType, rows: [&[u8]; ROWS], out: &mut [u8]) {
+    let (gguf_bytes, packed_bytes) = (gguf_block_bytes(ty), block_bytes(ty));
+    // Q5_K's GGUF block has its 32 bytes of fifth bits before the nibbles.
+    let (qh_at, qs_at) = if ty == WeightType::Q5K { (Some(16), 48) } else { (None, 16) };
+    let nb = rows[0].len() / gguf_bytes;
+    assert!(rows.iter().all(|r| r.len() == nb * gguf_bytes), "four whole rows of blocks");
+    assert_eq!(out.len(), nb * packed_bytes, "packed size");
+    for (b, dst) in out.chunks_exact_mut(packed_bytes).enumerate() {
         for (r, row) in rows.iter().enumerate() {
-            let blk = &row[b * Q4K_BYTES..(b + 1) * Q4K_BYTES];
+            let blk = &row[b * gguf_bytes..(b + 1) * gguf_bytes];
             dst[2 * r..2 * r + 2].copy_from_slice(&blk[0..2]);
             dst[8 + 2 * r..8 + 2 * r + 2].copy_from_slice(&blk[2..4]);
             let (sc, m) = scale_min_k4(&blk[4..16]);
@@ -56,7 +77,13 @@ pub(super) fn pack(rows: [&[u8]; ROWS], out: &mut [u8]) {
             for j in 0..4 {
                 for g in 0..4 {
                     let at = QS_AT + 128 * j + 32 * g + 8 * r;
-                    let from = 16 + 32 * j + 8 * g;
+                    let from = qs_at + 32 * j + 8 * g;
+                    dst[at..at + 8].copy_from_slice(&blk[from..from + 8]);
+                }
+            }
+            if let Some(qh_at) = qh_at {
+                for g in 0..4 {
+                    let (at, from) = (QH_AT + 32 * g + 8 * r, qh_at + 8 * g);
                     dst[at..at + 8].copy_from_slice(&blk[from..from + 8]);
                 }
             }
@@ -64,7 +91,16 @@ pub(super) fn pack(rows: [&[u8]; ROWS], out: &mut [u8]) {
     }
 }
 
-/// Row `r` of one packed block: `(d, dmin, scales, minimums, the 256 nibbles in value order)`.
+fn gguf_block_bytes(ty: WeightType) -> usize {
+    if ty == WeightType::Q5K {
+        Q5K_BYTES
+    } else {
+        Q4K_BYTES
+    }
+}
+
+/// Row `r` of one packed block: `(d, dmin, scales, minimums, the 256 values in value
+/// order)`, with Q5_K's fifth bits where the block has them.
 #[inline(always)]
 fn row_of(blk: &[u8], r: usize) -> (f32, f32, [u8; 8], [u8; 8], [u8; QK]) {
     let (d, dmin) = (read_f16(blk, 2 * r), read_f16(blk, 8 + 2 * r));
@@ -81,13 +117,25 @@ fn row_of(blk: &[u8], r: usize) -> (f32, f32, [u8; 8], [u8; 8], [u8; QK]) {
             }
         }
     }
+    if blk.len() == Q5K_BLOCK_BYTES {
+        for g in 0..4 {
+            let at = QH_AT + 32 * g + 8 * r;
+            for (i, &h) in blk[at..at + 8].iter().enumerate() {
+                for s in 0..8 {
+                    q[32 * s + 8 * g + i] |= ((h >> s) & 1) << 4;
+                }
+            }
+        }
+    }
     (d, dmin, sc, m, q)
 }
 
-/// Row `r` (0..4) of a packed group as f32, bit for bit what the GGUF row dequantizes to.
-pub(super) fn dequantize_row(group: &[u8], r: usize, out: &mut [f32]) {
-    assert_eq!(out.len(), group.len() / BLOCK_BYTES * QK, "dequantize_row width");
-    for (blk, y) in group.chunks_exact(BLOCK_BYTES).zip(out.chunks_exact_mut(QK)) {
+/// Row `r` (0..4) of a packed group of `ty` as f32, bit for bit what the GGUF row
+/// dequantizes to.
+pub(super) fn dequantize_row(ty: WeightType, group: &[u8], r: usize, out: &mut [f32]) {
+    let block = block_bytes(ty);
+    assert_eq!(out.len(), group.len() / block * QK, "dequantize_row width");
+    for (blk, y) in group.chunks_exact(block).zip(out.chunks_exact_mut(QK)) {
         let (d, dmin, sc, m, q) = row_of(blk, r);
         for s in 0..8 {
             let (ds, ms) = (d * sc[s] as f32, dmin * m[s] as f32);
@@ -98,29 +146,52 @@ pub(super) fn dequantize_row(group: &[u8], r: usize, out: &mut [f32]) {
     }
 }
 
-/// `out[t][r] = Σ_i w_r[i]·a_t[i]` for the four rows of a packed group and 1 to 4 activation
-/// rows (`out.len() ≥ acts.len()`).
-pub(super) fn dot(isa: Isa, group: &[u8], acts: &[&[BlockQ8K]], out: &mut [[f32; ROWS]]) {
-    super::x4::check_shapes(group, BLOCK_BYTES, acts, out.len());
+/// `out[t][r] = Σ_i w_r[i]·a_t[i]` for the four rows of a packed group of `ty` (Q4_K or
+/// Q5_K) and 1 to 4 activation rows (`out.len() ≥ acts.len()`).
+pub(super) fn dot(
+    ty: WeightType,
+    isa: Isa,
+    group: &[u8],
+    acts: &[&[BlockQ8K]],
+    out: &mut [[f32; ROWS]],
+) {
+    let block = block_bytes(ty);
+    super::x4::check_shapes(group, block, acts, out.len());
     let nt = acts.len();
     #[cfg(target_arch = "x86_64")]
-    if super::x4::x86::run_k::<x86::Body>(isa, group, acts, out) {
-        return;
+    {
+        use super::x4::x86::run_k;
+        let done = if ty == WeightType::Q5K {
+            run_k::<x86::Body<Q5K_BLOCK_BYTES>>(isa, group, acts, out)
+        } else {
+            run_k::<x86::Body<BLOCK_BYTES>>(isa, group, acts, out)
+        };
+        if done {
+            return;
+        }
     }
     let _ = isa;
     match nt {
-        1 => out[..1].copy_from_slice(&dot_portable(group, [acts[0]])),
-        2 => out[..2].copy_from_slice(&dot_portable(group, [acts[0], acts[1]])),
-        3 => out[..3].copy_from_slice(&dot_portable(group, [acts[0], acts[1], acts[2]])),
-        _ => out[..4].copy_from_slice(&dot_portable(group, [acts[0], acts[1], acts[2], acts[3]])),
+        1 => out[..1].copy_from_slice(&dot_portable(block, group, [acts[0]])),
+        2 => out[..2].copy_from_slice(&dot_portable(block, group, [acts[0], acts[1]])),
+        3 => out[..3].copy_from_slice(&dot_portable(block, group, [acts[0], acts[1], acts[2]])),
+        _ => out[..4].copy_from_slice(&dot_portable(
+            block,
+            group,
+            [acts[0], acts[1], acts[2], acts[3]],
+        )),
     }
 }
 
 /// The portable dot product: the row layout's arithmetic, in the same order, so it gives
 /// the same bits as `kquants`' portable code on the unpacked rows.
-fn dot_portable<const NT: usize>(group: &[u8], acts: [&[BlockQ8K]; NT]) -> [[f32; ROWS]; NT] {
+fn dot_portable<const NT: usize>(
+    block: usize,
+    group: &[u8],
+    acts: [&[BlockQ8K]; NT],
+) -> [[f32; ROWS]; NT] {
     let mut sums = [[0f32; ROWS]; NT];
-    for (b, blk) in group.chunks_exact(BLOCK_BYTES).enumerate() {
+    for (b, blk) in group.chunks_exact(block).enumerate() {
         for r in 0..ROWS {
             let (d, dmin, sc, m, q) = row_of(blk, r);
             for (sum, a) in sums.iter_mut().zip(acts) {
@@ -137,11 +208,12 @@ fn dot_portable<const NT: usize>(group: &[u8], acts: [&[BlockQ8K]; NT]) -> [[f32
 mod x86 {
     use super::super::kquants::x86::{prefetch, Mac};
     use super::super::x4::x86::{bcast8, row_sums, v128, v256, KBody};
-    use super::{BlockQ8K, BLOCK_BYTES, MIN_AT, QS_AT, ROWS, SC_AT};
+    use super::{BlockQ8K, MIN_AT, Q5K_BLOCK_BYTES, QH_AT, QS_AT, ROWS, SC_AT};
     use std::arch::x86_64::*;
 
-    /// The packed format's SIMD body (run through `x4::x86::run_k`).
-    pub(super) struct Body;
+    /// The packed format's SIMD body (run through `x4::x86::run_k`) for blocks of `N`
+    /// bytes: Q4_K's, or Q5_K's with the fifth bits.
+    pub(super) struct Body<const N: usize>;
 
     /// Shuffle control that spreads the four scales of sub-block `s % 4` (bytes
     /// `4(s%4)..+4` of a 128-bit lane) over i16 lanes: rows 0, 1 in the low 128-bit lane,
@@ -192,7 +264,7 @@ mod x86 {
 
     /// The four rows' dot products with `NT` activation rows. i32 lanes `2r, 2r+1` of the
     /// integer and float accumulators belong to row `r`.
-    impl KBody for Body {
+    impl<const N: usize> KBody for Body<N> {
         #[inline(always)]
         unsafe fn body<M: Mac, const NT: usize>(
             group: &[u8],
@@ -207,9 +279,11 @@ mod x86 {
                 let controls =
                     [scale_control(0), scale_control(1), scale_control(2), scale_control(3)];
                 let mut acc = [_mm256_setzero_ps(); NT];
-                for (b, blk) in group.chunks_exact(BLOCK_BYTES).enumerate() {
+                let five = N == Q5K_BLOCK_BYTES;
+                let ones = _mm256_set1_epi8(1);
+                for (b, blk) in group.chunks_exact(N).enumerate() {
                     prefetch(blk);
-                    let blk: &[u8; BLOCK_BYTES] = blk.try_into().expect("whole block");
+                    let blk: &[u8; N] = blk.try_into().expect("whole block");
                     let a: [&BlockQ8K; NT] = std::array::from_fn(|t| &acts[t][b]);
                     let dm = _mm256_cvtph_ps(v128(blk, 0));
                     let d = _mm256_permutevar8x32_ps(dm, dup_d);
@@ -227,7 +301,16 @@ mod x86 {
                             for g in 0..4 {
                                 let raw = v256(blk, QS_AT + 128 * j + 32 * g);
                                 let q = if h == 0 { raw } else { _mm256_srli_epi16(raw, 4) };
-                                let q = _mm256_and_si256(q, m4);
+                                let mut q = _mm256_and_si256(q, m4);
+                                if five {
+                                    // Bit `s` of each byte to bit 4 (a 16-bit shift moves
+                                    // the high byte's bits into the low byte's top bits,
+                                    // which the mask drops).
+                                    let qh = v256(blk, QH_AT + 32 * g);
+                                    let count = _mm_cvtsi32_si128(s as i32);
+                                    let bit = _mm256_and_si256(_mm256_srl_epi16(qh, count), ones);
+                                    q = _mm256_or_si256(q, _mm256_slli_epi16(bit, 4));
+                                }
                                 for t in 0..NT {
                                     let x = bcast8(&a[t].qs, 64 * j + 32 * h + 8 * g);
                                     part[t] = _mm256_add_epi16(part[t], _mm256_maddubs_epi16(q, x));
@@ -278,9 +361,11 @@ mod tests {
     use super::super::{Acts, QMatrix, WeightType};
     use super::*;
 
-    fn packed(rows: &[Vec<u8>]) -> Vec<u8> {
-        let mut out = vec![0u8; rows[0].len() / Q4K_BYTES * BLOCK_BYTES];
-        pack([&rows[0], &rows[1], &rows[2], &rows[3]], &mut out);
+    const TYPES: [WeightType; 2] = [WeightType::Q4K, WeightType::Q5K];
+
+    fn packed(ty: WeightType, rows: &[Vec<u8>]) -> Vec<u8> {
+        let mut out = vec![0u8; rows[0].len() / gguf_block_bytes(ty) * block_bytes(ty)];
+        pack(ty, [&rows[0], &rows[1], &rows[2], &rows[3]], &mut out);
         out
     }
 
@@ -288,35 +373,62 @@ mod tests {
     #[test]
     fn packed_rows_dequantize_as_the_stored_rows() {
         let mut rng = Rng(0x1234_5678_9abc_def0);
-        let rows = random_rows(WeightType::Q4K, 3, &mut rng);
-        let group = packed(&rows);
-        for (r, row) in rows.iter().enumerate() {
-            let (mut want, mut got) = (vec![0f32; 768], vec![0f32; 768]);
-            kquants::dequantize_row(WeightType::Q4K, row, &mut want);
-            dequantize_row(&group, r, &mut got);
-            assert_eq!(want, got, "row {r}");
+        for ty in TYPES {
+            let rows = random_rows(ty, 3, &mut rng);
+            let group = packed(ty, &rows);
+            for (r, row) in rows.iter().enumerate() {
+                let (mut want, mut got) = (vec![0f32; 768], vec![0f32; 768]);
+                kquants::dequantize_row(ty, row, &mut want);
+                dequantize_row(ty, &group, r, &mut got);
+                assert_eq!(want, got, "{ty:?} row {r}");
+            }
         }
     }
 
     /// The portable packed product gives the row layout's portable bits; every SIMD path
-    /// that runs here agrees with it to float summation order, for 1 to 4 tokens; a
-    /// token's bits do not depend on the tokens beside it.
+    /// that runs here agrees with it to float summation order, for 1 to 4 tokens, including
+    /// the largest values (every value 15 or 31, activations at full scale of one sign,
+    /// the i16 sums' worst case); a token's bits do not depend on the tokens beside it.
     #[test]
     fn packed_dot_matches_the_row_kernels_on_every_isa() {
         let mut rng = Rng(0x0f0f_1e1e_2d2d_3c3c);
         let nb = 5;
-        let rows = random_rows(WeightType::Q4K, nb, &mut rng);
-        let group = packed(&rows);
-        let x = rng.vec(4 * nb * QK, 2.0);
-        let w = QMatrix::from_bytes_as_stored(WeightType::Q4K, 1, nb * QK, rows[0].clone());
-        let mut acts = Acts::new();
-        acts.prepare(&x, 4, nb * QK, &[&w.expect("matrix")]);
-        let act_rows: Vec<&[BlockQ8K]> = acts.q8k.chunks_exact(nb).collect();
-        let ran = check_packed_dot(
-            "Q4_K",
-            |r, nt, out| kquants::dot_q4k(Isa::Portable, &rows[r], &act_rows[..nt], out),
-            |isa, first, nt, out| dot(isa, &group, &act_rows[first..first + nt], out),
-        );
-        eprintln!("packed Q4_K dot ran on: {ran:?}");
+        let mut ran = Vec::new();
+        for ty in TYPES {
+            for extreme in [None, Some(2.0f32), Some(-2.0)] {
+                let mut rows = random_rows(ty, nb, &mut rng);
+                let x = match extreme {
+                    None => rng.vec(4 * nb * QK, 2.0),
+                    Some(v) => {
+                        // Every nibble and fifth bit set (d, dmin and scales stay random).
+                        let block = gguf_block_bytes(ty);
+                        for blk in rows.iter_mut().flat_map(|r| r.chunks_exact_mut(block)) {
+                            blk[16..].fill(0xff);
+                        }
+                        vec![v; 4 * nb * QK]
+                    }
+                };
+                let group = packed(ty, &rows);
+                let w = QMatrix::from_bytes_as_stored(ty, 1, nb * QK, rows[0].clone());
+                let mut acts = Acts::new();
+                acts.prepare(&x, 4, nb * QK, &[&w.expect("matrix")]);
+                let act_rows: Vec<&[BlockQ8K]> = acts.q8k.chunks_exact(nb).collect();
+                let row_dot = |r: usize, nt: usize, out: &mut [f32; 4]| {
+                    let a = &act_rows[..nt];
+                    if ty == WeightType::Q5K {
+                        kquants::dot_q5k(Isa::Portable, &rows[r], a, out)
+                    } else {
+                        kquants::dot_q4k(Isa::Portable, &rows[r], a, out)
+                    }
+                };
+                let isas = check_packed_dot(
+                    &format!("{ty:?} {extreme:?}"),
+                    row_dot,
+                    |isa, first, nt, out| dot(ty, isa, &group, &act_rows[first..first + nt], out),
+                );
+                ran.extend(isas.into_iter().filter(|isa| !ran.contains(isa)).collect::<Vec<_>>());
+            }
+        }
+        eprintln!("packed Q4_K and Q5_K dot ran on: {ran:?}");
     }
 }
