@@ -24,7 +24,7 @@ use super::{f16_to_f32, BlockQ8K, Isa, WeightType};
 /// Values per block of every format here.
 const QK: usize = 256;
 pub(super) const Q4K_BYTES: usize = 144;
-pub(super) const Q5K_BYTES: usize = 176;
+const Q5K_BYTES: usize = 176;
 pub(super) const Q6K_BYTES: usize = 210;
 
 /// Quantize `x` (a whole number of 256-value blocks, any number of rows) into `out`.

@@ -580,15 +580,18 @@ fn run_rows(isa: Isa, w: &QMatrix, acts: &Acts, r0: usize, r1: usize, out: &pool
             while t < tile_end {
                 let group = (tile_end - t).min(MAX_TOKENS_PER_DOT);
                 let weights = w.group_bytes(r / 4);
-                if matches!(w.ty, WeightType::Q4K | WeightType::Q5K) {
-                    let rows = token_rows(&acts.q8k, acts.cols / 256, t);
-                    q4k_x4::dot(w.ty, isa, weights, &rows[..group], &mut group_dots);
-                } else if w.ty == WeightType::Q6K {
-                    let rows = token_rows(&acts.q8k, acts.cols / 256, t);
-                    q6k_x4::dot(isa, weights, &rows[..group], &mut group_dots);
-                } else {
-                    let rows = token_rows(&acts.q8x32, acts.cols / 32, t);
-                    legacy_x4::dot(w.ty, isa, weights, &rows[..group], &mut group_dots);
+                let k_rows = || token_rows(&acts.q8k, acts.cols / 256, t);
+                match w.ty {
+                    WeightType::Q4K | WeightType::Q5K => {
+                        q4k_x4::dot(w.ty, isa, weights, &k_rows()[..group], &mut group_dots)
+                    }
+                    WeightType::Q6K => {
+                        q6k_x4::dot(isa, weights, &k_rows()[..group], &mut group_dots)
+                    }
+                    ty => {
+                        let rows = token_rows(&acts.q8x32, acts.cols / 32, t);
+                        legacy_x4::dot(ty, isa, weights, &rows[..group], &mut group_dots)
+                    }
                 }
                 for (j, values) in group_dots[..group].iter().enumerate() {
                     for (i, value) in values.iter().enumerate() {

@@ -29,7 +29,7 @@
 //!
 //! Owns only this layout: the row layout's kernels are `kquants`, threads are `pool`.
 
-use super::kquants::{k4_sums, read_f16, scale_min_k4, Q4K_BYTES, Q5K_BYTES};
+use super::kquants::{k4_sums, read_f16, scale_min_k4};
 use super::{BlockQ8K, Isa, WeightType};
 
 pub(super) use super::x4::ROWS;
@@ -57,7 +57,7 @@ const MIN_SLOT: [usize; ROWS] = [0, 2, 1, 3];
 
 /// Repack four rows of `ty` blocks (Q4_K or Q5_K, GGUF layout, the same length) into `out`.
 pub(super) fn pack(ty: WeightType, rows: [&[u8]; ROWS], out: &mut [u8]) {
-    let (gguf_bytes, packed_bytes) = (gguf_block_bytes(ty), block_bytes(ty));
+    let (gguf_bytes, packed_bytes) = (ty.block_bytes(), block_bytes(ty));
     // Q5_K's GGUF block has its 32 bytes of fifth bits before the nibbles.
     let (qh_at, qs_at) = if ty == WeightType::Q5K { (Some(16), 48) } else { (None, 16) };
     let nb = rows[0].len() / gguf_bytes;
@@ -88,14 +88,6 @@ pub(super) fn pack(ty: WeightType, rows: [&[u8]; ROWS], out: &mut [u8]) {
                 }
             }
         }
-    }
-}
-
-fn gguf_block_bytes(ty: WeightType) -> usize {
-    if ty == WeightType::Q5K {
-        Q5K_BYTES
-    } else {
-        Q4K_BYTES
     }
 }
 
@@ -364,7 +356,7 @@ mod tests {
     const TYPES: [WeightType; 2] = [WeightType::Q4K, WeightType::Q5K];
 
     fn packed(ty: WeightType, rows: &[Vec<u8>]) -> Vec<u8> {
-        let mut out = vec![0u8; rows[0].len() / gguf_block_bytes(ty) * block_bytes(ty)];
+        let mut out = vec![0u8; rows[0].len() / ty.block_bytes() * block_bytes(ty)];
         pack(ty, [&rows[0], &rows[1], &rows[2], &rows[3]], &mut out);
         out
     }
@@ -401,7 +393,7 @@ mod tests {
                     None => rng.vec(4 * nb * QK, 2.0),
                     Some(v) => {
                         // Every nibble and fifth bit set (d, dmin and scales stay random).
-                        let block = gguf_block_bytes(ty);
+                        let block = ty.block_bytes();
                         for blk in rows.iter_mut().flat_map(|r| r.chunks_exact_mut(block)) {
                             blk[16..].fill(0xff);
                         }
@@ -426,7 +418,11 @@ mod tests {
                     row_dot,
                     |isa, first, nt, out| dot(ty, isa, &group, &act_rows[first..first + nt], out),
                 );
-                ran.extend(isas.into_iter().filter(|isa| !ran.contains(isa)).collect::<Vec<_>>());
+                for isa in isas {
+                    if !ran.contains(&isa) {
+                        ran.push(isa);
+                    }
+                }
             }
         }
         eprintln!("packed Q4_K and Q5_K dot ran on: {ran:?}");
