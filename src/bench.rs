@@ -256,27 +256,31 @@ fn bench_config(
 /// Aggregate decode rate of 1, 2, 4… simultaneous streams on one engine (continuous
 /// batching): every stream gets its own short prompt and generates `gen_tokens` tokens; all
 /// are submitted at once, so they are prefilled in the same step and decode together. The
-/// rate is the decode tokens of all streams over the longest stream's decode time; median
-/// of `runs` after a warm-up.
+/// rate is the decode tokens of all streams over the longest stream's decode time.
+///
+/// The stream counts take turns (a round runs each once; `runs` rounds after a warm-up
+/// round), so that a machine whose speed drifts over tens of seconds (shared hosts) slows
+/// every count alike; each rate is the median over the rounds, and each ratio to one
+/// stream the median of the rounds' own ratios.
 async fn measure_parallel(
     args: &BenchArgs,
     threads: usize,
     device: &ComputeDevice,
 ) -> anyhow::Result<serde_json::Value> {
     let runs = args.runs.max(1);
-    let most = args.parallel.iter().copied().max().unwrap_or(1).max(1);
+    let counts: Vec<usize> = args.parallel.iter().map(|&n| n.max(1)).collect();
+    let most = counts.iter().copied().max().unwrap_or(1);
     let peak = PeakDeviceMemory::start(device);
     let engine = EngineHandle::spawn(bench_config(args, most, device)?)
         .await
         .context("cannot start the engine")?;
     let info = engine.info().clone();
     let fixed = RequestOptions { ignore_stop: true, reuse_cache: false };
-    let mut aggregate = BTreeMap::new();
-    let mut per_stream = BTreeMap::new();
-    for &streams in &args.parallel {
-        let streams = streams.max(1);
-        let mut samples = Vec::new();
-        for run_idx in 0..=runs {
+    // samples[round][i]: the rate of `counts[i]` streams in that round.
+    let mut samples: Vec<Vec<f64>> = Vec::new();
+    for run_idx in 0..=runs {
+        let mut round = Vec::new();
+        for &streams in &counts {
             let requests = (0..streams).map(|i| {
                 let question = QUESTIONS[(i + run_idx) % QUESTIONS.len()];
                 complete(&engine, user_request(question, args.gen_tokens), fixed)
@@ -289,19 +293,32 @@ async fn measure_parallel(
                 tokens += usage.completion_tokens.saturating_sub(1) as f64;
                 longest_ms = longest_ms.max(usage.decode_ms);
             }
-            if run_idx > 0 {
-                samples.push(rate(tokens, longest_ms));
-            }
+            round.push(rate(tokens, longest_ms));
         }
-        let total = median(samples);
+        // The first round warms up.
+        if run_idx > 0 {
+            samples.push(round);
+        }
+    }
+    let one = counts.iter().position(|&n| n == 1);
+    let mut aggregate = BTreeMap::new();
+    let mut per_stream = BTreeMap::new();
+    let mut speedup = BTreeMap::new();
+    for (i, &streams) in counts.iter().enumerate() {
+        let total = median(samples.iter().map(|round| round[i]).collect());
         aggregate.insert(streams.to_string(), round1(total));
         per_stream.insert(streams.to_string(), round1(total / streams as f64));
+        let ratio = one.map_or(0.0, |o| {
+            median(
+                samples
+                    .iter()
+                    .filter(|round| round[o] > 0.0)
+                    .map(|round| round[i] / round[o])
+                    .collect(),
+            )
+        });
+        speedup.insert(streams.to_string(), (ratio * 100.0).round() / 100.0);
     }
-    let one = aggregate.get("1").copied().unwrap_or(0.0);
-    let speedup: BTreeMap<String, f64> = aggregate
-        .iter()
-        .map(|(k, v)| (k.clone(), if one > 0.0 { (v / one * 100.0).round() / 100.0 } else { 0.0 }))
-        .collect();
     Ok(with_model_fields(
         &info,
         threads,
@@ -313,6 +330,10 @@ async fn measure_parallel(
             "parallel_decode_tok_s": aggregate,
             "parallel_decode_tok_s_per_stream": per_stream,
             "parallel_speedup": speedup,
+            "parallel_rounds": samples
+                .iter()
+                .map(|round| round.iter().map(|&r| round1(r)).collect::<Vec<_>>())
+                .collect::<Vec<_>>(),
             "peak_rss_mb": peak_rss_mb(),
             "peak_device_memory_mb": peak.stop(),
         }),

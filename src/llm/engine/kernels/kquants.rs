@@ -30,9 +30,10 @@ pub(super) const Q6K_BYTES: usize = 210;
 /// Quantize `x` (a whole number of 256-value blocks, any number of rows) into `out`.
 ///
 /// ggml's `quantize_row_q8_K`: `d = amax / 127`, `qs[i] = round(x[i] / d)` (so `|qs| ≤ 127`),
-/// `bsums[j] = Σ qs[16j..16j+16]`; an all-zero (or all-subnormal) block gets `d = 0`. ggml takes the sign of
-/// the value of largest magnitude for `d`; we keep `d ≥ 0`, which gives the same values
-/// `d·qs` and makes the result independent of which of `±amax` comes first.
+/// `bsums[j] = Σ qs[16j..16j+16]` (and their pairs, `bsums32`); an all-zero (or
+/// all-subnormal) block gets `d = 0`. ggml takes the sign of the value of largest magnitude
+/// for `d`; we keep `d ≥ 0`, which gives the same values `d·qs` and makes the result
+/// independent of which of `±amax` comes first.
 pub(super) fn quantize_q8k(x: &[f32], out: &mut [BlockQ8K]) {
     assert_eq!(
         x.len(),
@@ -53,9 +54,7 @@ fn quantize_block_q8k(x: &[f32], y: &mut BlockQ8K) {
     // Zero, or so small (subnormal) that 127/amax would overflow: all zeros. (NaN goes on
     // and makes `d` NaN, so it shows in the products.)
     if amax < f32::MIN_POSITIVE {
-        y.d = 0.0;
-        y.qs = [0; QK];
-        y.bsums = [0; 16];
+        *y = BlockQ8K::ZERO;
         return;
     }
     let iscale = 127.0 / amax;
@@ -65,10 +64,7 @@ fn quantize_block_q8k(x: &[f32], y: &mut BlockQ8K) {
         let f = iscale * v + 12_582_912.0;
         *q = (f.to_bits() as i32).wrapping_sub(0x4b40_0000) as i8;
     }
-    for (sum, qs) in y.bsums.iter_mut().zip(y.qs.chunks_exact(16)) {
-        // At most 16·127 in magnitude.
-        *sum = qs.iter().fold(0i16, |s, &q| s.wrapping_add(q as i16));
-    }
+    y.fill_sums();
     y.d = 1.0 / iscale;
 }
 
@@ -863,7 +859,7 @@ mod tests {
     }
 
     fn quantize(x: &[f32]) -> Vec<BlockQ8K> {
-        let mut q = vec![BlockQ8K { d: 0.0, qs: [0; QK], bsums: [0; 16] }; x.len() / QK];
+        let mut q = vec![BlockQ8K::ZERO; x.len() / QK];
         quantize_q8k(x, &mut q);
         q
     }
@@ -910,6 +906,10 @@ mod tests {
             for j in 0..16 {
                 let sum: i32 = blk.qs[16 * j..16 * j + 16].iter().map(|&q| q as i32).sum();
                 assert_eq!(blk.bsums[j] as i32, sum, "block {b} bsums[{j}]");
+            }
+            for (i, s) in [0, 1, 4, 5, 2, 3, 6, 7].into_iter().enumerate() {
+                let sum: i32 = blk.qs[32 * s..32 * s + 32].iter().map(|&q| q as i32).sum();
+                assert_eq!(blk.bsums32[i] as i32, sum, "block {b} bsums32[{i}]");
             }
             // The largest value lands on ±127.
             assert!(blk.qs.iter().any(|&q| q.unsigned_abs() == 127), "block {b}");
@@ -1017,14 +1017,12 @@ mod tests {
             let patterns: [fn(usize) -> i8; 3] =
                 [|_| -128, |_| 127, |i| if i % 2 == 0 { -128 } else { 127 }];
             for pattern in patterns {
-                let mut a = vec![BlockQ8K { d: 0.5, qs: [0; QK], bsums: [0; 16] }; 2];
+                let mut a = vec![BlockQ8K { d: 0.5, ..BlockQ8K::ZERO }; 2];
                 for blk in &mut a {
                     for (i, q) in blk.qs.iter_mut().enumerate() {
                         *q = pattern(i);
                     }
-                    for j in 0..16 {
-                        blk.bsums[j] = blk.qs[16 * j..16 * j + 16].iter().map(|&q| q as i16).sum();
-                    }
+                    blk.fill_sums();
                 }
                 let aq = q8k_values(&a);
                 let exact: f64 = wf.iter().zip(&aq).map(|(w, a)| w * a).sum();

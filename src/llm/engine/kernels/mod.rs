@@ -227,14 +227,39 @@ pub struct BlockQ8x32 {
     pub qs: [i8; 32],
 }
 
-/// 256 activations quantized to 8 bits (ggml's `block_q8_K`): `x[i] ≈ d * qs[i]`, and
-/// `bsums[j]` the sum of `qs[16j..16j+16]` (the K-quants' minimums need it).
-#[repr(C)]
+/// 256 activations quantized to 8 bits (ggml's `block_q8_K`): `x[i] ≈ d * qs[i]`,
+/// `bsums[j]` the sum of `qs[16j..16j+16]` (the K-quants' minimums and Q6_K's offset need
+/// it), and `bsums32` the sums of the 32-value sub-blocks `B_s = bsums[2s] + bsums[2s+1]`
+/// in the order `B0 B1 B4 B5 B2 B3 B6 B7` (what the packed Q4_K/Q5_K minimums take, four
+/// at a time, without a horizontal add).
+///
+/// 8-byte aligned with `qs` first, so that every eight activations the packed kernels
+/// broadcast, and every four sums, are one aligned 64-bit load (`x4::x86::bcast_qs`): at
+/// offset 4 (ggml's order, `d` first) one such load in sixteen crossed a cache line.
+#[repr(C, align(8))]
 #[derive(Debug, Clone, Copy)]
 pub struct BlockQ8K {
-    pub d: f32,
     pub qs: [i8; 256],
     pub bsums: [i16; 16],
+    pub bsums32: [i16; 8],
+    pub d: f32,
+}
+
+impl BlockQ8K {
+    /// An all-zero block.
+    pub const ZERO: Self = Self { qs: [0; 256], bsums: [0; 16], bsums32: [0; 8], d: 0.0 };
+
+    /// `bsums` and `bsums32` from `qs`.
+    pub fn fill_sums(&mut self) {
+        for (sum, qs) in self.bsums.iter_mut().zip(self.qs.chunks_exact(16)) {
+            // At most 16·128 in magnitude.
+            *sum = qs.iter().map(|&q| q as i16).sum();
+        }
+        for (i, s) in [0, 1, 4, 5, 2, 3, 6, 7].into_iter().enumerate() {
+            // At most 32·128.
+            self.bsums32[i] = self.bsums[2 * s] + self.bsums[2 * s + 1];
+        }
+    }
 }
 
 /// A weight matrix of `rows` outputs by `cols` inputs, each row stored contiguously in its
@@ -370,8 +395,13 @@ impl QMatrix {
 
     /// The packed group holding rows `4g..4g + 4`.
     fn group_bytes(&self, g: usize) -> &[u8] {
+        self.groups_bytes(g, g + 1)
+    }
+
+    /// Packed groups `g0..g1`, one after the other.
+    fn groups_bytes(&self, g0: usize, g1: usize) -> &[u8] {
         let len = self.group_len();
-        &self.bytes[g * len..(g + 1) * len]
+        &self.bytes[g0 * len..g1 * len]
     }
 
     fn row_floats(&self, row: usize) -> &[f32] {
@@ -494,7 +524,7 @@ impl Acts {
                 }
                 ActKind::Q8K if !self.has[2] => {
                     let blocks = n_tokens * cols / 256;
-                    self.q8k.resize(blocks, BlockQ8K { d: 0.0, qs: [0; 256], bsums: [0; 16] });
+                    self.q8k.resize(blocks, BlockQ8K::ZERO);
                     kquants::quantize_q8k(x, &mut self.q8k);
                     self.has[2] = true;
                 }
@@ -575,30 +605,43 @@ fn run_rows(isa: Isa, w: &QMatrix, acts: &Acts, r0: usize, r1: usize, out: &pool
     let mut tile_start = 0;
     while tile_start < acts.n_tokens {
         let tile_end = (tile_start + TOKEN_TILE).min(acts.n_tokens);
-        for r in (r0..packed_end).step_by(q4k_x4::ROWS) {
-            let mut t = tile_start;
-            while t < tile_end {
-                let group = (tile_end - t).min(MAX_TOKENS_PER_DOT);
-                let weights = w.group_bytes(r / 4);
-                let k_rows = || token_rows(&acts.q8k, acts.cols / 256, t);
-                match w.ty {
-                    WeightType::Q4K | WeightType::Q5K => {
-                        q4k_x4::dot(w.ty, isa, weights, &k_rows()[..group], &mut group_dots)
-                    }
-                    WeightType::Q6K => {
-                        q6k_x4::dot(isa, weights, &k_rows()[..group], &mut group_dots)
-                    }
-                    ty => {
+        let tile = tile_end - tile_start;
+        let (g0, g1) = (r0 / 4, packed_end / 4);
+        // Group `g` of the range is rows `4(g0 + g)..`; token `t` of the tile is
+        // `tile_start + t`.
+        let emit = |g: usize, t: usize, rows: &[[f32; q4k_x4::ROWS]]| {
+            for (j, values) in rows.iter().enumerate() {
+                for (i, value) in values.iter().enumerate() {
+                    out.write((tile_start + t + j) * n_out + 4 * (g0 + g) + i, *value);
+                }
+            }
+        };
+        match w.ty {
+            _ if g0 == g1 => {}
+            WeightType::Q4K | WeightType::Q5K | WeightType::Q6K => {
+                let per_token = acts.cols / 256;
+                let rows: [&[BlockQ8K]; TOKEN_TILE] = std::array::from_fn(|j| {
+                    let t = (tile_start + j).min(tile_end - 1);
+                    &acts.q8k[t * per_token..(t + 1) * per_token]
+                });
+                let groups = w.groups_bytes(g0, g1);
+                if w.ty == WeightType::Q6K {
+                    q6k_x4::dot_groups(isa, groups, &rows[..tile], emit);
+                } else {
+                    q4k_x4::dot_groups(w.ty, isa, groups, &rows[..tile], emit);
+                }
+            }
+            ty => {
+                for g in g0..g1 {
+                    let mut t = tile_start;
+                    while t < tile_end {
+                        let group = (tile_end - t).min(MAX_TOKENS_PER_DOT);
                         let rows = token_rows(&acts.q8x32, acts.cols / 32, t);
-                        legacy_x4::dot(ty, isa, weights, &rows[..group], &mut group_dots)
+                        legacy_x4::dot(ty, isa, w.group_bytes(g), &rows[..group], &mut group_dots);
+                        emit(g - g0, t - tile_start, &group_dots[..group]);
+                        t += group;
                     }
                 }
-                for (j, values) in group_dots[..group].iter().enumerate() {
-                    for (i, value) in values.iter().enumerate() {
-                        out.write((t + j) * n_out + r + i, *value);
-                    }
-                }
-                t += group;
             }
         }
         for r in packed_end..r1 {

@@ -15,8 +15,10 @@
 //! 576: the scales are stored unpacked, 2.8 % more):
 //! - `0..16`: f16 `d[0..4]`, then f16 `dmin[0..4]`;
 //! - `16..48`: the 6-bit sub-block scales as bytes, `[s·4 + r]`;
-//! - `48..80`: the 6-bit minimums as bytes, eight per row, rows in the order 0, 2, 1, 3 (what
-//!   the minimum sums' horizontal add wants);
+//! - `48..80`: the 6-bit minimums as bytes, four per row in each half: at `48 + 16h + 4r`
+//!   row `r`'s minimums of sub-blocks `MIN_ORDER[h]` (0, 1, 4, 5, then 2, 3, 6, 7), the
+//!   order of the activations' `bsums32`, so that one `vpmaddwd` per half leaves each row's
+//!   minimum sum in its own two i32 lanes (no horizontal add);
 //! - `80..592`: the nibbles: for chunk `j` (values `64j..64j+64`), group `g` (0..4), row
 //!   `r`: the eight bytes `qs[32j+8g..32j+8g+8]` of that row's block, so a vector at
 //!   `80 + 128j + 32g` holds those eight bytes of rows 0, 1, 2, 3. Low nibbles are values
@@ -52,8 +54,9 @@ pub(super) fn block_bytes(ty: WeightType) -> usize {
         other => unreachable!("{other:?} is not packed by q4k_x4"),
     }
 }
-/// Where each row's minimums sit (in units of eight bytes from `MIN_AT`).
-const MIN_SLOT: [usize; ROWS] = [0, 2, 1, 3];
+/// The sub-blocks whose minimums each half of the minimums holds, four per row (see the
+/// module header; `BlockQ8K::bsums32` is in the same order).
+const MIN_ORDER: [[usize; 4]; 2] = [[0, 1, 4, 5], [2, 3, 6, 7]];
 
 /// Repack four rows of `ty` blocks (Q4_K or Q5_K, GGUF layout, the same length) into `out`.
 pub(super) fn pack(ty: WeightType, rows: [&[u8]; ROWS], out: &mut [u8]) {
@@ -72,8 +75,11 @@ pub(super) fn pack(ty: WeightType, rows: [&[u8]; ROWS], out: &mut [u8]) {
             for (s, &scale) in sc.iter().enumerate() {
                 dst[SC_AT + 4 * s + r] = scale;
             }
-            let at = MIN_AT + 8 * MIN_SLOT[r];
-            dst[at..at + 8].copy_from_slice(&m);
+            for (h, order) in MIN_ORDER.iter().enumerate() {
+                for (i, &s) in order.iter().enumerate() {
+                    dst[MIN_AT + 16 * h + 4 * r + i] = m[s];
+                }
+            }
             for j in 0..4 {
                 for g in 0..4 {
                     let at = QS_AT + 128 * j + 32 * g + 8 * r;
@@ -97,8 +103,12 @@ pub(super) fn pack(ty: WeightType, rows: [&[u8]; ROWS], out: &mut [u8]) {
 fn row_of(blk: &[u8], r: usize) -> (f32, f32, [u8; 8], [u8; 8], [u8; QK]) {
     let (d, dmin) = (read_f16(blk, 2 * r), read_f16(blk, 8 + 2 * r));
     let sc: [u8; 8] = std::array::from_fn(|s| blk[SC_AT + 4 * s + r]);
-    let at = MIN_AT + 8 * MIN_SLOT[r];
-    let m: [u8; 8] = blk[at..at + 8].try_into().expect("eight minimums");
+    let mut m = [0u8; 8];
+    for (h, order) in MIN_ORDER.iter().enumerate() {
+        for (i, &s) in order.iter().enumerate() {
+            m[s] = blk[MIN_AT + 16 * h + 4 * r + i];
+        }
+    }
     let mut q = [0u8; QK];
     for j in 0..4 {
         for g in 0..4 {
@@ -138,41 +148,50 @@ pub(super) fn dequantize_row(ty: WeightType, group: &[u8], r: usize, out: &mut [
     }
 }
 
-/// `out[t][r] = Σ_i w_r[i]·a_t[i]` for the four rows of a packed group of `ty` (Q4_K or
-/// Q5_K) and 1 to 4 activation rows (`out.len() ≥ acts.len()`).
-pub(super) fn dot(
+/// For every packed group `g` of `ty` (Q4_K or Q5_K) in `groups` and the activation rows
+/// `acts`, four at a time from `t`: `emit(g, t, out)` with `out[j][r]` the dot product of
+/// row `4g + r` with `acts[t + j]`.
+pub(super) fn dot_groups(
     ty: WeightType,
     isa: Isa,
-    group: &[u8],
+    groups: &[u8],
     acts: &[&[BlockQ8K]],
-    out: &mut [[f32; ROWS]],
+    mut emit: impl FnMut(usize, usize, &[[f32; ROWS]]),
 ) {
     let block = block_bytes(ty);
-    super::x4::check_shapes(group, block, acts, out.len());
-    let nt = acts.len();
+    let group_len = super::x4::check_groups(groups, block, acts);
     #[cfg(target_arch = "x86_64")]
     {
         use super::x4::x86::run_k;
         let done = if ty == WeightType::Q5K {
-            run_k::<x86::Body<Q5K_BLOCK_BYTES>>(isa, group, acts, out)
+            run_k::<x86::Body<Q5K_BLOCK_BYTES>>(isa, groups, group_len, acts, &mut emit)
         } else {
-            run_k::<x86::Body<BLOCK_BYTES>>(isa, group, acts, out)
+            run_k::<x86::Body<BLOCK_BYTES>>(isa, groups, group_len, acts, &mut emit)
         };
         if done {
             return;
         }
     }
     let _ = isa;
-    match nt {
-        1 => out[..1].copy_from_slice(&dot_portable(block, group, [acts[0]])),
-        2 => out[..2].copy_from_slice(&dot_portable(block, group, [acts[0], acts[1]])),
-        3 => out[..3].copy_from_slice(&dot_portable(block, group, [acts[0], acts[1], acts[2]])),
-        _ => out[..4].copy_from_slice(&dot_portable(
-            block,
-            group,
-            [acts[0], acts[1], acts[2], acts[3]],
-        )),
+    for (g, group) in groups.chunks_exact(group_len).enumerate() {
+        for (c, chunk) in acts.chunks(4).enumerate() {
+            match *chunk {
+                [a] => emit(g, 4 * c, &dot_portable(block, group, [a])),
+                [a, b] => emit(g, 4 * c, &dot_portable(block, group, [a, b])),
+                [a, b, d] => emit(g, 4 * c, &dot_portable(block, group, [a, b, d])),
+                [a, b, d, e] => emit(g, 4 * c, &dot_portable(block, group, [a, b, d, e])),
+                _ => unreachable!("chunks of 1 to 4"),
+            }
+        }
     }
+}
+
+/// `out[t][r] = Σ_i w_r[i]·a_t[i]` for the four rows of one packed group and 1 to 4
+/// activation rows: `dot_groups` on one group.
+#[cfg(test)]
+fn dot(ty: WeightType, isa: Isa, group: &[u8], acts: &[&[BlockQ8K]], out: &mut [[f32; ROWS]]) {
+    assert!(acts.len() <= out.len(), "an output row per activation row");
+    dot_groups(ty, isa, group, acts, |_, t, rows| out[t..t + rows.len()].copy_from_slice(rows));
 }
 
 /// The portable dot product: the row layout's arithmetic, in the same order, so it gives
@@ -199,7 +218,7 @@ fn dot_portable<const NT: usize>(
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::super::kquants::x86::{prefetch, Mac};
-    use super::super::x4::x86::{bcast8, row_sums, v128, v256, KBody};
+    use super::super::x4::x86::{bcast_bsums32, bcast_qs, row_sums, v128, v256, KBody};
     use super::{BlockQ8K, MIN_AT, Q5K_BLOCK_BYTES, QH_AT, QS_AT, ROWS, SC_AT};
     use std::arch::x86_64::*;
 
@@ -304,7 +323,7 @@ mod x86 {
                                     q = _mm256_or_si256(q, _mm256_slli_epi16(bit, 4));
                                 }
                                 for t in 0..NT {
-                                    let x = bcast8(&a[t].qs, 64 * j + 32 * h + 8 * g);
+                                    let x = bcast_qs(a[t], 64 * j + 32 * h + 8 * g);
                                     part[t] = _mm256_add_epi16(part[t], _mm256_maddubs_epi16(q, x));
                                 }
                             }
@@ -313,19 +332,18 @@ mod x86 {
                             }
                         }
                     }
-                    let mins_02 = _mm256_cvtepu8_epi16(v128(blk, MIN_AT));
-                    let mins_13 = _mm256_cvtepu8_epi16(v128(blk, MIN_AT + 16));
+                    // Each row's minimums of sub-blocks (0, 1, 4, 5) and (2, 3, 6, 7) as i16,
+                    // rows 0, 1 in the low lane and 2, 3 in the high one, against the
+                    // activations' sums of those sub-blocks: one `vpmaddwd` per half leaves row
+                    // `r`'s Σ m·bsum in i32 lanes 2r, 2r+1 (at most 2·2·63·4096 in each).
+                    let mins = [
+                        _mm256_cvtepu8_epi16(v128(blk, MIN_AT)),
+                        _mm256_cvtepu8_epi16(v128(blk, MIN_AT + 16)),
+                    ];
                     for t in 0..NT {
-                        // The sums of the activations per 32-value sub-block, in both lanes.
-                        let bs = std::mem::transmute::<[i16; 16], __m256i>(a[t].bsums);
-                        let bs = _mm_hadd_epi16(
-                            _mm256_castsi256_si128(bs),
-                            _mm256_extracti128_si256(bs, 1),
-                        );
-                        let bs = _mm256_broadcastsi128_si256(bs);
-                        let msum = _mm256_hadd_epi32(
-                            _mm256_madd_epi16(mins_02, bs),
-                            _mm256_madd_epi16(mins_13, bs),
+                        let msum = _mm256_add_epi32(
+                            _mm256_madd_epi16(mins[0], bcast_bsums32(a[t], 0)),
+                            _mm256_madd_epi16(mins[1], bcast_bsums32(a[t], 4)),
                         );
                         let ad = _mm256_set1_ps(a[t].d);
                         acc[t] = _mm256_fmadd_ps(

@@ -98,18 +98,41 @@ pub(super) fn dequantize_row(group: &[u8], r: usize, out: &mut [f32]) {
     }
 }
 
-/// `out[t][r] = Σ_i w_r[i]·a_t[i]` for the four rows of a packed group and 1 to 4 activation
-/// rows (`out.len() ≥ acts.len()`).
-pub(super) fn dot(isa: Isa, group: &[u8], acts: &[&[BlockQ8K]], out: &mut [[f32; ROWS]]) {
-    super::x4::check_shapes(group, BLOCK_BYTES, acts, out.len());
-    let nt = acts.len();
+/// For every packed group `g` in `groups` and the activation rows `acts`, four at a time
+/// from `t`: `emit(g, t, out)` with `out[j][r]` the dot product of row `4g + r` with
+/// `acts[t + j]`.
+pub(super) fn dot_groups(
+    isa: Isa,
+    groups: &[u8],
+    acts: &[&[BlockQ8K]],
+    mut emit: impl FnMut(usize, usize, &[[f32; ROWS]]),
+) {
+    let group_len = super::x4::check_groups(groups, BLOCK_BYTES, acts);
     #[cfg(target_arch = "x86_64")]
-    if super::x4::x86::run_k::<x86::Body>(isa, group, acts, out) {
+    if super::x4::x86::run_k::<x86::Body>(isa, groups, group_len, acts, &mut emit) {
         return;
     }
     let _ = isa;
-    // The row layout's portable code on each block, summed in block order: the same
-    // operations in the same order as on the whole row (the same bits).
+    for (g, group) in groups.chunks_exact(group_len).enumerate() {
+        for (c, chunk) in acts.chunks(4).enumerate() {
+            emit(g, 4 * c, &dot_portable(group, chunk)[..chunk.len()]);
+        }
+    }
+}
+
+/// `out[t][r] = Σ_i w_r[i]·a_t[i]` for the four rows of one packed group and 1 to 4
+/// activation rows: `dot_groups` on one group.
+#[cfg(test)]
+fn dot(isa: Isa, group: &[u8], acts: &[&[BlockQ8K]], out: &mut [[f32; ROWS]]) {
+    assert!(acts.len() <= out.len(), "an output row per activation row");
+    dot_groups(isa, group, acts, |_, t, rows| out[t..t + rows.len()].copy_from_slice(rows));
+}
+
+/// The row layout's portable code on each block of one group and 1 to 4 activation rows,
+/// summed in block order: the same operations in the same order as on the whole row (the
+/// same bits).
+fn dot_portable(group: &[u8], acts: &[&[BlockQ8K]]) -> [[f32; ROWS]; 4] {
+    let nt = acts.len();
     let mut sums = [[0f32; ROWS]; 4];
     let mut blk = [0u8; Q6K_BYTES];
     let mut block_sums = [0f32; 4];
@@ -123,14 +146,14 @@ pub(super) fn dot(isa: Isa, group: &[u8], acts: &[&[BlockQ8K]], out: &mut [[f32;
             }
         }
     }
-    out[..nt].copy_from_slice(&sums[..nt]);
+    sums
 }
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::super::kquants::x86::{prefetch, Mac};
-    use super::super::x4::x86::{bcast8, row_sums, v128, v256, KBody};
-    use super::{BlockQ8K, BLOCK_BYTES, QH_AT, QL_AT, ROWS, SC_AT, SC_SLOT};
+    use super::super::x4::x86::{bcast_bsums, bcast_qs, row_sums, v256, KBody};
+    use super::{BlockQ8K, BLOCK_BYTES, QH_AT, QL_AT, ROWS, SC_AT};
     use std::arch::x86_64::*;
 
     /// The packed format's SIMD body (run through `x4::x86::run_k`).
@@ -165,7 +188,6 @@ mod x86 {
                 let m4 = _mm256_set1_epi8(0x0f);
                 let m30 = _mm256_set1_epi8(0x30);
                 let controls: [__m256i; 8] = std::array::from_fn(|k| scale_control(k));
-                let pairs = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
                 let mut acc = [_mm256_setzero_ps(); NT];
                 for (b, blk) in group.chunks_exact(BLOCK_BYTES).enumerate() {
                     prefetch(blk);
@@ -218,29 +240,37 @@ mod x86 {
                                 for t in 0..NT {
                                     let at = 128 * n + 32 * k + 8 * g[0];
                                     let part = _mm256_add_epi16(
-                                        _mm256_maddubs_epi16(v[0], bcast8(&a[t].qs, at)),
-                                        _mm256_maddubs_epi16(v[1], bcast8(&a[t].qs, at + 8)),
+                                        _mm256_maddubs_epi16(v[0], bcast_qs(a[t], at)),
+                                        _mm256_maddubs_epi16(v[1], bcast_qs(a[t], at + 8)),
                                     );
                                     sumi[t] = M::madd_acc(sumi[t], part, scale);
                                 }
                             }
                         }
                     }
-                    // The −32 offset: Σ_s sc_s·bsum_s per row, times 32.
-                    let row_scales: [__m256i; ROWS] = std::array::from_fn(|r| {
-                        _mm256_cvtepi8_epi16(v128(blk, SC_AT + 16 * SC_SLOT[r]))
-                    });
+                    // The −32 offset, 32·Σ_s sc_s·bsum_s per row, four sub-blocks per
+                    // `vpmaddwd` with no horizontal add: the scales of sub-blocks 4q..4q+4 as
+                    // i16 times 32, [r0 ×4, r1 ×4 | r2 ×4, r3 ×4] (each byte doubled by the
+                    // unpack, then an arithmetic shift sign-extends it), against those four
+                    // `bsums` in every quarter. `|32·sc| ≤ 4096` fits i16.
+                    let lo = _mm256_unpacklo_epi32(rows_02, rows_13);
+                    let hi = _mm256_unpackhi_epi32(rows_02, rows_13);
+                    let wide = |x: __m256i| _mm256_slli_epi16(_mm256_srai_epi16(x, 8), 5);
+                    let offset_scales = [
+                        wide(_mm256_unpacklo_epi8(lo, lo)),
+                        wide(_mm256_unpackhi_epi8(lo, lo)),
+                        wide(_mm256_unpacklo_epi8(hi, hi)),
+                        wide(_mm256_unpackhi_epi8(hi, hi)),
+                    ];
                     for t in 0..NT {
-                        let bs = std::mem::transmute::<[i16; 16], __m256i>(a[t].bsums);
-                        let m: [__m256i; ROWS] =
-                            std::array::from_fn(|r| _mm256_madd_epi16(row_scales[r], bs));
-                        // [r0 r1 r2 r3 | r0 r1 r2 r3] partial sums, then two lanes per row.
-                        let h = _mm256_hadd_epi32(
-                            _mm256_hadd_epi32(m[0], m[1]),
-                            _mm256_hadd_epi32(m[2], m[3]),
+                        let part = |q: usize| {
+                            _mm256_madd_epi16(offset_scales[q], bcast_bsums(a[t], 4 * q))
+                        };
+                        let offset = _mm256_add_epi32(
+                            _mm256_add_epi32(part(0), part(1)),
+                            _mm256_add_epi32(part(2), part(3)),
                         );
-                        let offset = _mm256_permutevar8x32_epi32(h, pairs);
-                        let isum = _mm256_sub_epi32(sumi[t], _mm256_slli_epi32(offset, 5));
+                        let isum = _mm256_sub_epi32(sumi[t], offset);
                         let scale = _mm256_mul_ps(d4, _mm256_set1_ps(a[t].d));
                         acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), scale, acc[t]);
                     }
