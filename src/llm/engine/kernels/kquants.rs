@@ -131,11 +131,14 @@ pub(super) fn scale_min_k4(s: &[u8]) -> ([u8; 8], [u8; 8]) {
 /// Unpack a Q4_K block's 256 nibbles (0..15) in value order.
 #[inline(always)]
 fn unpack_q4k(qs: &[u8], q: &mut [u8; QK]) {
-    for (qs, q) in qs.chunks_exact(32).zip(q.chunks_exact_mut(64)) {
-        let (lo, hi) = q.split_at_mut(32);
-        for ((&byte, lo), hi) in qs.iter().zip(lo).zip(hi) {
-            *lo = byte & 0x0f;
-            *hi = byte >> 4;
+    // Fixed-size chunks, so that the compiler sees whole vectors: with slice iterators it
+    // once compiled this to a byte at a time (the portable Q4_K row product ran 5× slower).
+    for j in 0..4 {
+        let src: &[u8; 32] = qs[32 * j..32 * j + 32].try_into().expect("32 bytes");
+        let dst: &mut [u8; 64] = (&mut q[64 * j..64 * j + 64]).try_into().expect("64 values");
+        for i in 0..32 {
+            dst[i] = src[i] & 0x0f;
+            dst[32 + i] = src[i] >> 4;
         }
     }
 }
