@@ -245,6 +245,10 @@ pub struct BlockQ8K {
     pub d: f32,
 }
 
+/// The sub-blocks whose sums `BlockQ8K::bsums32` holds, in its order (the packed Q4_K/Q5_K
+/// minimums are stored in the same order).
+pub(super) const BSUMS32_ORDER: [usize; 8] = [0, 1, 4, 5, 2, 3, 6, 7];
+
 impl BlockQ8K {
     /// An all-zero block.
     pub const ZERO: Self = Self { qs: [0; 256], bsums: [0; 16], bsums32: [0; 8], d: 0.0 };
@@ -255,7 +259,7 @@ impl BlockQ8K {
             // At most 16·128 in magnitude.
             *sum = qs.iter().map(|&q| q as i16).sum();
         }
-        for (i, s) in [0, 1, 4, 5, 2, 3, 6, 7].into_iter().enumerate() {
+        for (i, s) in BSUMS32_ORDER.into_iter().enumerate() {
             // At most 32·128.
             self.bsums32[i] = self.bsums[2 * s] + self.bsums[2 * s + 1];
         }
@@ -619,11 +623,7 @@ fn run_rows(isa: Isa, w: &QMatrix, acts: &Acts, r0: usize, r1: usize, out: &pool
         match w.ty {
             _ if g0 == g1 => {}
             WeightType::Q4K | WeightType::Q5K | WeightType::Q6K => {
-                let per_token = acts.cols / 256;
-                let rows: [&[BlockQ8K]; TOKEN_TILE] = std::array::from_fn(|j| {
-                    let t = (tile_start + j).min(tile_end - 1);
-                    &acts.q8k[t * per_token..(t + 1) * per_token]
-                });
+                let rows: [_; TOKEN_TILE] = token_rows(&acts.q8k, acts.cols / 256, tile_start);
                 let groups = w.groups_bytes(g0, g1);
                 if w.ty == WeightType::Q6K {
                     q6k_x4::dot_groups(isa, groups, &rows[..tile], emit);
@@ -636,7 +636,8 @@ fn run_rows(isa: Isa, w: &QMatrix, acts: &Acts, r0: usize, r1: usize, out: &pool
                     let mut t = tile_start;
                     while t < tile_end {
                         let group = (tile_end - t).min(MAX_TOKENS_PER_DOT);
-                        let rows = token_rows(&acts.q8x32, acts.cols / 32, t);
+                        let rows: [_; MAX_TOKENS_PER_DOT] =
+                            token_rows(&acts.q8x32, acts.cols / 32, t);
                         legacy_x4::dot(ty, isa, w.group_bytes(g), &rows[..group], &mut group_dots);
                         emit(g - g0, t - tile_start, &group_dots[..group]);
                         t += group;
@@ -670,17 +671,21 @@ fn with_act_rows(
     f: impl FnOnce(ActRows<'_>),
 ) {
     match kind {
-        ActKind::F32 => f(ActRows::F32(&token_rows(&acts.f32s, acts.cols, first)[..count])),
-        ActKind::Q8x32 => {
-            f(ActRows::Q8x32(&token_rows(&acts.q8x32, acts.cols / 32, first)[..count]))
-        }
-        ActKind::Q8K => f(ActRows::Q8K(&token_rows(&acts.q8k, acts.cols / 256, first)[..count])),
+        ActKind::F32 => f(ActRows::F32(
+            &token_rows::<_, MAX_TOKENS_PER_DOT>(&acts.f32s, acts.cols, first)[..count],
+        )),
+        ActKind::Q8x32 => f(ActRows::Q8x32(
+            &token_rows::<_, MAX_TOKENS_PER_DOT>(&acts.q8x32, acts.cols / 32, first)[..count],
+        )),
+        ActKind::Q8K => f(ActRows::Q8K(
+            &token_rows::<_, MAX_TOKENS_PER_DOT>(&acts.q8k, acts.cols / 256, first)[..count],
+        )),
     }
 }
 
-/// Up to `MAX_TOKENS_PER_DOT` rows of `per_token` items from token `first` on; slots past
-/// the last token repeat it (the caller uses only the rows that exist).
-fn token_rows<T>(data: &[T], per_token: usize, first: usize) -> [&[T]; MAX_TOKENS_PER_DOT] {
+/// `N` rows of `per_token` items from token `first` on; slots past the last token repeat it
+/// (the caller uses only the rows that exist).
+fn token_rows<T, const N: usize>(data: &[T], per_token: usize, first: usize) -> [&[T]; N] {
     let last = data.len() / per_token - 1;
     std::array::from_fn(|j| {
         let t = (first + j).min(last);

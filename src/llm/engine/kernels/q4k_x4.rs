@@ -32,7 +32,7 @@
 //! Owns only this layout: the row layout's kernels are `kquants`, threads are `pool`.
 
 use super::kquants::{k4_sums, read_f16, scale_min_k4};
-use super::{BlockQ8K, Isa, WeightType};
+use super::{BlockQ8K, Isa, WeightType, BSUMS32_ORDER};
 
 pub(super) use super::x4::ROWS;
 /// Bytes of one packed Q4_K block (four rows' 256 values).
@@ -54,9 +54,12 @@ pub(super) fn block_bytes(ty: WeightType) -> usize {
         other => unreachable!("{other:?} is not packed by q4k_x4"),
     }
 }
-/// The sub-blocks whose minimums each half of the minimums holds, four per row (see the
-/// module header; `BlockQ8K::bsums32` is in the same order).
-const MIN_ORDER: [[usize; 4]; 2] = [[0, 1, 4, 5], [2, 3, 6, 7]];
+/// The sub-blocks whose minimums each half of the minimums holds, four per row: the order
+/// of the activations' `bsums32` (see the module header).
+const MIN_ORDER: [[usize; 4]; 2] = {
+    let o = BSUMS32_ORDER;
+    [[o[0], o[1], o[2], o[3]], [o[4], o[5], o[6], o[7]]]
+};
 
 /// Repack four rows of `ty` blocks (Q4_K or Q5_K, GGUF layout, the same length) into `out`.
 pub(super) fn pack(ty: WeightType, rows: [&[u8]; ROWS], out: &mut [u8]) {
@@ -175,13 +178,7 @@ pub(super) fn dot_groups(
     let _ = isa;
     for (g, group) in groups.chunks_exact(group_len).enumerate() {
         for (c, chunk) in acts.chunks(4).enumerate() {
-            match *chunk {
-                [a] => emit(g, 4 * c, &dot_portable(block, group, [a])),
-                [a, b] => emit(g, 4 * c, &dot_portable(block, group, [a, b])),
-                [a, b, d] => emit(g, 4 * c, &dot_portable(block, group, [a, b, d])),
-                [a, b, d, e] => emit(g, 4 * c, &dot_portable(block, group, [a, b, d, e])),
-                _ => unreachable!("chunks of 1 to 4"),
-            }
+            emit(g, 4 * c, &dot_portable(block, group, chunk)[..chunk.len()]);
         }
     }
 }
@@ -196,12 +193,9 @@ fn dot(ty: WeightType, isa: Isa, group: &[u8], acts: &[&[BlockQ8K]], out: &mut [
 
 /// The portable dot product: the row layout's arithmetic, in the same order, so it gives
 /// the same bits as `kquants`' portable code on the unpacked rows.
-fn dot_portable<const NT: usize>(
-    block: usize,
-    group: &[u8],
-    acts: [&[BlockQ8K]; NT],
-) -> [[f32; ROWS]; NT] {
-    let mut sums = [[0f32; ROWS]; NT];
+/// Up to four activation rows; the result has a row for each, then zeros.
+fn dot_portable(block: usize, group: &[u8], acts: &[&[BlockQ8K]]) -> [[f32; ROWS]; 4] {
+    let mut sums = [[0f32; ROWS]; 4];
     for (b, blk) in group.chunks_exact(block).enumerate() {
         for r in 0..ROWS {
             let (d, dmin, sc, m, q) = row_of(blk, r);
