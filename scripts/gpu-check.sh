@@ -6,7 +6,8 @@
 #   2. checks that the tiny Qwen3 and SmolLM2 give the same greedy tokens on CUDA as on our
 #      CPU kernels (`device-check`);
 #   3. runs `--bench --device cuda` on the 8B file: prefill at 512 and 2048 tokens, decode at
-#      an empty context and at depth 4096, peak device memory;
+#      an empty context and at depth 4096, peak device memory, and 1/2/4 parallel streams,
+#      with the fused decode kernels and then with candle's ops (GPU_DECODE=ops);
 #   4. serves on the GPU: `my-claw serve` with the 8B file answers one WebChat message and
 #      `/api/health` names the GPU; a model whose KV bound cannot fit is refused at load;
 #   5. prints one summary table (and writes summary.md and the JSON files to $OUT or
@@ -16,6 +17,7 @@
 #   scripts/gpu-check.sh                 # binary: target/release/my-claw, or .gpu/ (below)
 #   MY_CLAW=path/to/my-claw scripts/gpu-check.sh
 #   scripts/gpu-check.sh device-check    # only step 2 (e.g. once SmolLM2's second half came)
+#   scripts/gpu-check.sh bench           # only step 3
 #   scripts/gpu-check.sh serve           # only step 4
 #
 # On a machine without Rust, `scripts/gpu-bundle.sh` (run where the binary was built) packs
@@ -87,32 +89,60 @@ if [ ! -f "$model8b" ] && [ "$only" != device-check ]; then
 fi
 tiny="$work/tiny-qwen3.gguf"
 [ -f "$tiny" ] || "$bin" bench-model --tiny --out "$tiny" --tokenizer "$tokenizer" 2>/dev/null || status=1
+tiny_llama="$work/tiny-llama.gguf"
+[ -f "$tiny_llama" ] || "$bin" bench-model --tiny-llama --out "$tiny_llama" --tokenizer "$tokenizer" \
+  2>/dev/null || status=1
 
 # --- 2. same greedy tokens on CUDA as on the CPU --------------------------------------------
 : > "$out/device-check.jsonl"
-[ "$only" = serve ] && tiny="" smollm2=""
-for model in $tiny $smollm2; do
-  # f32 keys and values: the strict comparison; f16: what runs in production.
-  for kv in f32 f16; do
-    say "device-check $(basename "$model") (KV $kv)"
-    if ! "$bin" device-check --device cuda --model "$model" --tokens 24 --kv-type "$kv" \
-      >> "$out/device-check.jsonl"; then
-      status=1
-    fi
+case $only in serve | bench) tiny="" tiny_llama="" smollm2="" ;; esac
+for model in $tiny $tiny_llama $smollm2; do
+  # f32 keys and values through candle's ops: the strict comparison; f16 through the fused
+  # decode kernels: what runs in production; f16 through candle's ops: the same numbers
+  # the fused kernels replace.
+  for variant in f32:ops f16:fused f16:ops; do
+    kv=${variant%%:*} path=${variant##*:}
+    say "device-check $(basename "$model") (KV $kv, decode $path)"
+    line=$(GPU_DECODE=$path "$bin" device-check --device cuda --model "$model" --tokens 24 \
+      --kv-type "$kv") || status=1
+    echo "$line" >> "$out/device-check.jsonl"
+    # f16 with GPU_DECODE=fused must have run the fused kernels (f32 always runs the ops).
+    want=$([ "$kv:$path" = f16:fused ] && echo fused || echo ops)
+    grep -q "\"decode_path\":\"$want\"" <<< "$line" || { say "  decode path is not $want"; status=1; }
   done
 done
-[ -n "$smollm2" ] || [ "$only" = serve ] || say "SmolLM2 not here (models/ or the bundle's two halves): checked on the tiny Qwen3 only"
+# Long contexts on the tiny Qwen3: about 300 and 5,000 prompt tokens put the fused
+# attention's positions into several splits, and then several chunks per split.
+if [ -n "$tiny" ]; then
+  for repeat in 30 500; do
+    prompt=$(python3 -c "print('The quick brown fox jumps over the lazy dog. ' * $repeat)")
+    for path in fused ops; do
+      say "device-check $(basename "$tiny") with a long prompt (x$repeat, KV f16, decode $path)"
+      GPU_DECODE=$path "$bin" device-check --device cuda --model "$tiny" --tokens 24 \
+        --kv-type f16 --prompt "$prompt" >> "$out/device-check.jsonl" || status=1
+    done
+  done
+fi
+[ -n "$smollm2" ] || [ "$only" = serve ] || [ "$only" = bench ] || say "SmolLM2 not here (models/ or the bundle's two halves): checked on the tiny Qwen3 only"
 
 # --- 3. the bench ----------------------------------------------------------------------------
-if [ "$only" = all ]; then
-say "bench on CUDA: prefill 512/2048/4096, decode at empty context and after each prompt"
-if ! timeout 300 "$bin" --bench --device cuda --model "$model8b" --prompt-tokens 512,2048,4096 \
-  --n-ctx 8192 --gen-tokens 32 --runs 2 --turns 2 --json > "$out/bench-cuda.json"; then
-  status=1
-fi
-say "bench on CUDA: 1, 2 and 4 parallel streams"
-timeout 120 "$bin" --bench --device cuda --model "$model8b" --parallel 1,2,4 --gen-tokens 32 \
-  --runs 2 --json > "$out/bench-cuda-parallel.json" || status=1
+if [ "$only" = all ] || [ "$only" = bench ]; then
+# The fused decode kernels (production) and candle's ops, one after the other on the same
+# GPU, so the two can be compared.
+for path in ${GPU_CHECK_PATHS:-fused ops}; do
+  suffix=$([ $path = fused ] && echo "" || echo "-ops")
+  say "bench on CUDA ($path decode): prefill 512/2048/4096, decode at empty context and after each prompt"
+  if ! GPU_DECODE=$path timeout 300 "$bin" --bench --device cuda --model "$model8b" \
+    --prompt-tokens 512,2048,4096 --n-ctx 8192 --gen-tokens 64 --runs 3 --turns 2 --json \
+    > "$out/bench-cuda$suffix.json"; then
+    status=1
+  fi
+  grep -q "\"decode_path\": \"$path\"" "$out/bench-cuda$suffix.json" \
+    || { say "  the bench's decode path is not $path"; status=1; }
+  say "bench on CUDA ($path decode): 1, 2 and 4 parallel streams"
+  GPU_DECODE=$path timeout 120 "$bin" --bench --device cuda --model "$model8b" --parallel 1,2,4 \
+    --gen-tokens 64 --runs 2 --json > "$out/bench-cuda-parallel$suffix.json" || status=1
+done
 fi
 
 # --- 4. the server on the GPU ---------------------------------------------------------------
@@ -177,6 +207,7 @@ def load(name):
     except Exception as e:
         return {"error": str(e)}
 b = load("bench-cuda.json"); p = load("bench-cuda-parallel.json")
+b_ops = load("bench-cuda-ops.json"); p_ops = load("bench-cuda-parallel-ops.json")
 # Nominal memory bandwidth of the card (bytes/s), for the roofline.
 bw = {"H200": 4.8e12, "H100 80GB HBM3": 3.35e12, "H100 PCIe": 2.0e12, "A100-SXM4-80GB": 2.04e12,
       "A100-SXM4-40GB": 1.56e12, "L40S": 0.864e12, "RTX 4090": 1.008e12}
@@ -191,13 +222,16 @@ pre = b.get("prefill_tok_s", {}); dec = b.get("decode_tok_s_by_prompt", {})
 for n in ("512", "2048", "4096"):
     if n in pre:
         print(f"| prefill {n} tokens | {pre[n]} tok/s |")
-for key, label in (("short", "empty context"), ("4096", "depth 4096")):
-    if key in dec:
-        roof = f", {dec[key] * weights / bandwidth * 100:.1f} % of the {bandwidth / 1e12:.2f} TB/s roofline" if bandwidth else ""
-        print(f"| decode at {label} | {dec[key]} tok/s{roof} |")
-par = p.get("parallel_decode_tok_s", {})
-if par:
-    print(f"| parallel decode (1/2/4 streams) | {' / '.join(str(par.get(k, '-')) for k in ('1', '2', '4'))} tok/s |")
+for bench, par_bench in ((b, p), (b_ops, p_ops)):
+    path = bench.get("decode_path", "?")
+    dec = bench.get("decode_tok_s_by_prompt", {})
+    for key, label in (("short", "empty context"), ("4096", "depth 4096")):
+        if key in dec:
+            roof = f", {dec[key] * weights / bandwidth * 100:.1f} % of the {bandwidth / 1e12:.2f} TB/s roofline" if bandwidth else ""
+            print(f"| decode at {label} ({path}) | {dec[key]} tok/s{roof} |")
+    par = par_bench.get("parallel_decode_tok_s", {})
+    if par:
+        print(f"| parallel decode, 1/2/4 streams ({par_bench.get('decode_path', '?')}) | {' / '.join(str(par.get(k, '-')) for k in ('1', '2', '4'))} tok/s |")
 print(f"| peak device memory | {b.get('peak_device_memory_mb')} MB (bench), {p.get('peak_device_memory_mb')} MB (parallel) |")
 print(f"| turn TTFT with KV reuse | {b.get('turn_ttft_ms')} ms |")
 for line in open(os.path.join(out, "device-check.jsonl")):
@@ -206,7 +240,7 @@ for line in open(os.path.join(out, "device-check.jsonl")):
     except ValueError:
         continue
     verdict = "same greedy tokens" if c["same_tokens"] else "DIFFERENT greedy tokens"
-    print(f"| {c['model']} CUDA vs CPU, KV {c['kv_type']} | {verdict} ({len(c['cpu_tokens'])}), max logit diff {c['max_abs_logit_diff']:.4f} ({c['max_rel_logit_diff'] * 100:.2f} % of spread), top-1 disagreements {c['top1_disagreements']} (unexplained {c['unexplained_disagreements']}) |")
+    print(f"| {c['model']} CUDA vs CPU, {c['prompt_tokens']} prompt tokens, KV {c['kv_type']}, decode {c.get('decode_path', '?')} | {verdict} ({len(c['cpu_tokens'])}), max logit diff {c['max_abs_logit_diff']:.4f} ({c['max_rel_logit_diff'] * 100:.2f} % of spread), top-1 disagreements {c['top1_disagreements']} (unexplained {c['unexplained_disagreements']}) |")
 if "error" in b:
     print(f"| bench error | {b['error']} |")
 try:

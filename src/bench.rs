@@ -357,6 +357,7 @@ fn with_model_fields(
         "cpu_model": cpu_name(),
         "device": info.device.id,
         "device_name": info.device.name,
+        "decode_path": info.decode_path,
         "weights_mb": (info.weight_bytes as f64 / 1e6).round(),
     });
     if let (Some(fields), serde_json::Value::Object(model)) = (fields.as_object_mut(), model) {

@@ -17,15 +17,18 @@ use crate::llm::pool::human_bytes;
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchModelArgs {
     /// The official Qwen3 file to imitate: qwen3-4b, qwen3-8b or qwen3-14b.
-    #[arg(long, value_parser = parse_shape, required_unless_present = "tiny")]
+    #[arg(long, value_parser = parse_shape, required_unless_present_any = ["tiny", "tiny_llama"])]
     pub shape: Option<Qwen3Shape>,
     /// Its quantization: q4_k_m or q8_0.
-    #[arg(long, value_parser = parse_quant, required_unless_present = "tiny")]
+    #[arg(long, value_parser = parse_quant, required_unless_present_any = ["tiny", "tiny_llama"])]
     pub quant: Option<QuantMix>,
     /// Write the test suite's 2-layer Qwen3 instead (several quantization types, the real
     /// vocabulary): small, for checking a device (`device-check`), not for speed.
-    #[arg(long, conflicts_with_all = ["shape", "quant"])]
+    #[arg(long, conflicts_with_all = ["shape", "quant", "tiny_llama"])]
     pub tiny: bool,
+    /// Write a 2-layer Llama instead (as `--tiny`): checks a device's Llama path.
+    #[arg(long, conflicts_with_all = ["shape", "quant"])]
+    pub tiny_llama: bool,
     /// The GGUF file to write (written beside it as FILE.part, then renamed).
     #[arg(long)]
     pub out: PathBuf,
@@ -54,7 +57,7 @@ pub fn run(args: &BenchModelArgs) -> anyhow::Result<()> {
     )?;
 
     let size = match (args.shape, args.quant) {
-        (Some(shape), Some(quant)) if !args.tiny => {
+        (Some(shape), Some(quant)) if !args.tiny && !args.tiny_llama => {
             let spec = SynthSpec::official_qwen3(shape, quant);
             eprintln!(
                 "writing {} {} (random weights, for benchmarks only) to {}",
@@ -73,7 +76,11 @@ pub fn run(args: &BenchModelArgs) -> anyhow::Result<()> {
             // Small enough to build in memory, where candle quantizes every type it uses
             // (the streaming writer generates only the official files' types).
             let part = out.with_extension("part");
-            synth::write_model(&part, &SynthSpec::tiny_qwen3(), &tokenizer_metadata)
+            let spec = match args.tiny_llama {
+                true => SynthSpec::tiny_llama(),
+                false => SynthSpec::tiny_qwen3(),
+            };
+            synth::write_model(&part, &spec, &tokenizer_metadata)
                 .with_context(|| format!("writing {}", part.display()))?;
             std::fs::rename(&part, out).with_context(|| format!("writing {}", out.display()))?;
             std::fs::metadata(out)?.len()

@@ -145,6 +145,12 @@ pub struct Config {
     #[arg(long, env = "GPU_MEMORY_BUDGET", global = true)]
     pub gpu_memory_budget: Option<String>,
 
+    /// How a GPU runs decode steps: `fused` (our fused kernels around candle's quantized
+    /// products: a dozen launches per layer) or `ops` (candle's ops, about thirty per
+    /// layer; to compare, or to step around a problem with the fused kernels).
+    #[arg(long, env = "GPU_DECODE", default_value = "fused", global = true)]
+    pub gpu_decode: String,
+
     /// Conversations whose KV state the engine keeps for reuse.
     #[arg(long, env = "KV_CACHE_SEQUENCES", default_value_t = 8, global = true)]
     pub kv_cache_sequences: usize,
@@ -441,6 +447,8 @@ pub struct EngineSettings {
     pub kv_cache_sequences: usize,
     pub kv_cache_max_bytes: u64,
     pub kv_type: crate::llm::engine::model::KvType,
+    /// GPU decode steps through the fused kernels (`GPU_DECODE=fused`) or candle's ops.
+    pub gpu_fused_decode: bool,
     pub reply_max_tokens: u32,
     /// Where local models run (`DEVICE`), opened at start.
     pub device: ComputeDevice,
@@ -618,6 +626,14 @@ impl Config {
             }
         }
         let isa = crate::llm::engine::kernels::Isa::from_setting(&self.engine_isa).map_err(bad)?;
+        let gpu_fused_decode = match self.gpu_decode.trim().to_ascii_lowercase().as_str() {
+            "fused" => true,
+            "ops" => false,
+            _ => {
+                let value = &self.gpu_decode;
+                return Err(bad(format!("GPU_DECODE={value}: must be fused or ops")));
+            }
+        };
         if self.engine_queue == 0 {
             return Err(bad("ENGINE_QUEUE=0: must be at least 1"));
         }
@@ -752,6 +768,7 @@ impl Config {
                 kv_cache_sequences: self.kv_cache_sequences,
                 kv_cache_max_bytes,
                 kv_type,
+                gpu_fused_decode,
                 reply_max_tokens: self.reply_max_tokens,
                 device,
             },

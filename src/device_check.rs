@@ -44,6 +44,8 @@ pub struct Comparison {
     pub kv_type: &'static str,
     pub device: String,
     pub device_name: String,
+    /// How the device ran decode steps: `fused` kernels or candle's `ops`.
+    pub decode_path: &'static str,
     pub prompt_tokens: usize,
     /// Greedy tokens on our CPU kernels and on the device.
     pub cpu_tokens: Vec<u32>,
@@ -162,6 +164,7 @@ pub fn compare(
         kv_type: kv_type.as_str(),
         device: info.id,
         device_name: info.name,
+        decode_path: theirs.decode_path(),
         prompt_tokens: prompt_ids.len(),
         same_tokens: cpu_tokens == device_tokens,
         cpu_tokens,
@@ -181,6 +184,7 @@ impl Comparison {
             "kv_type": self.kv_type,
             "device": self.device,
             "device_name": self.device_name,
+            "decode_path": self.decode_path,
             "prompt_tokens": self.prompt_tokens,
             "cpu_tokens": self.cpu_tokens,
             "device_tokens": self.device_tokens,

@@ -18,7 +18,7 @@ use my_claw::llm::engine::model::{KvType, Logits, ModelConfig, SeqBatch};
 use my_claw::llm::engine::{EngineConfig, EngineHandle, RequestOptions};
 use my_claw::llm::{Chunk, GenerationParams, LlmRequest};
 
-use crate::engine::tiny_qwen3_path;
+use crate::engine::{tiny_llama_path, tiny_qwen3_path};
 use crate::util;
 
 fn candle_cpu() -> ComputeDevice {
@@ -31,13 +31,16 @@ fn candle_cpu() -> ComputeDevice {
 /// 8-bit activations. On SmolLM2, last-bit differences (RoPE tables, summation order) flip
 /// some 8-bit roundings of activations and 30 layers amplify them, as against
 /// candle-transformers in `engine::smollm2_logits_match_candle_transformers`: 2.6 % measured.
-const MAX_REL_LOGIT_DIFF: [f32; 2] = [1e-4, 0.05];
+/// The tiny Llama (`bench-model --tiny-llama`, which `scripts/gpu-check.sh` runs on CUDA)
+/// measured 0.38 % of the spread: a small, steady difference of the Llama path (interleaved
+/// RoPE, the attention scale on the queries) between the two, not yet traced; its bound is
+/// 1 %.
+const MAX_REL_LOGIT_DIFF: [f32; 3] = [1e-4, 0.01, 0.05];
 
 #[test]
-fn candle_forward_gives_our_kernels_greedy_tokens_on_tiny_qwen3_and_smollm2() {
-    for (path, tolerance) in
-        [tiny_qwen3_path(), util::smollm2_path()].into_iter().zip(MAX_REL_LOGIT_DIFF)
-    {
+fn candle_forward_gives_our_kernels_greedy_tokens_on_tiny_models_and_smollm2() {
+    let paths = [tiny_qwen3_path(), tiny_llama_path(), util::smollm2_path()];
+    for (path, tolerance) in paths.into_iter().zip(MAX_REL_LOGIT_DIFF) {
         let result =
             device_check::compare(&path, &candle_cpu(), DEFAULT_PROMPT, 24, KvType::F32).unwrap();
         eprintln!("{}", result.to_json());

@@ -24,18 +24,24 @@ use crate::util;
 /// The tiny Qwen3 file, written once per test run under cargo's per-target temp dir.
 pub(crate) fn tiny_qwen3_path() -> PathBuf {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
-    PATH.get_or_init(|| {
-        let metadata = vocab::qwen3_tokenizer_metadata(&util::qwen3_tokenizer_json())
-            .expect("real Qwen3 vocabulary as GGUF metadata");
-        let dir = Path::new(env!("CARGO_TARGET_TMPDIR"));
-        let path = dir.join("tiny-qwen3.gguf");
-        let partial = dir.join(format!("tiny-qwen3.{}.partial", std::process::id()));
-        synth::write_model(&partial, &SynthSpec::tiny_qwen3(), &metadata)
-            .expect("write the tiny Qwen3 GGUF");
-        std::fs::rename(&partial, &path).expect("move the tiny Qwen3 GGUF in place");
-        path
-    })
-    .clone()
+    PATH.get_or_init(|| write_tiny("tiny-qwen3", &SynthSpec::tiny_qwen3())).clone()
+}
+
+/// The tiny Llama file (`bench-model --tiny-llama`), written once per test run.
+pub(crate) fn tiny_llama_path() -> PathBuf {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| write_tiny("tiny-llama", &SynthSpec::tiny_llama())).clone()
+}
+
+fn write_tiny(name: &str, spec: &SynthSpec) -> PathBuf {
+    let metadata = vocab::qwen3_tokenizer_metadata(&util::qwen3_tokenizer_json())
+        .expect("real Qwen3 vocabulary as GGUF metadata");
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let path = dir.join(format!("{name}.gguf"));
+    let partial = dir.join(format!("{name}.{}.partial", std::process::id()));
+    synth::write_model(&partial, spec, &metadata).expect("write the tiny GGUF");
+    std::fs::rename(&partial, &path).expect("move the tiny GGUF in place");
+    path
 }
 
 /// Our model loaded the way the worker does, plus the tokenizer. The reference comparisons

@@ -414,5 +414,22 @@ fn engine_isa_chooses_the_kernels_instruction_set() {
         assert!(out.status.success(), "{setting}: {}", String::from_utf8_lossy(&out.stderr));
         let report: serde_json::Value = serde_json::from_str(&stdout).expect("bench JSON");
         assert_eq!(report["isa"], expected, "ENGINE_ISA={setting}: {stdout}");
+        assert_eq!(report["decode_path"], "kernels", "{stdout}");
     }
+}
+
+/// `GPU_DECODE` (the GPU's decode path) takes `fused` or `ops`: anything else is refused at
+/// start with exit code 2 and the setting named, before any model is touched.
+#[test]
+fn gpu_decode_setting_is_checked_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let out = run_binary(
+        &["bench", "--model", "no-such.gguf", "--json"],
+        &[("DATA_DIR", data_dir.to_str().unwrap()), ("GPU_DECODE", "sometimes")],
+        dir.path(),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("GPU_DECODE=sometimes: must be fused or ops"), "{stderr}");
 }

@@ -58,6 +58,14 @@ impl Backend {
         }
     }
 
+    /// How decode steps run (`ModelInfo::decode_path`).
+    pub fn decode_path(&self) -> &'static str {
+        match self {
+            Backend::Kernels(_) => "kernels",
+            Backend::Candle(model) => model.decode_path(),
+        }
+    }
+
     pub fn vocab_size(&self) -> usize {
         match self {
             Backend::Kernels(model) => model.vocab_size(),

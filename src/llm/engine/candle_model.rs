@@ -14,6 +14,16 @@ use candle_core::{DType, Device, Module, Tensor, D};
 
 use crate::llm::engine::model::{check_chunk, KvType, Logits, ModelConfig, RopeStyle, SeqBatch};
 
+/// Whether models loaded from now on on a GPU run decode steps through the fused kernels
+/// (`kernels::cuda_decode`, the default) or through candle's ops (`GPU_DECODE=ops`, to
+/// compare or to step around a kernel problem).
+static FUSED_DECODE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Set the decode path of GPU models loaded from now on (`GPU_DECODE`).
+pub fn set_fused_decode(fused: bool) {
+    FUSED_DECODE.store(fused, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Positions a cache grows by at least: growth copies the cache, so it is rare, and parked
 /// caches are trimmed to this grain.
 const CACHE_GRAIN: usize = 256;
@@ -148,6 +158,11 @@ pub struct CandleModel {
     vocab_size: usize,
     weight_bytes: u64,
     kv_dtype: DType,
+    /// The fused decode step on a GPU (`kernels::cuda_decode`); `None` on candle's CPU
+    /// device, with `GPU_DECODE=ops`, or for a model it cannot run (f32 KV, a format
+    /// without an `mmvq` kernel, an unusual head width).
+    #[cfg(feature = "cuda")]
+    fused: Option<std::sync::Mutex<crate::llm::engine::kernels::cuda_decode::DecodePlan>>,
 }
 
 struct Layer {
@@ -263,7 +278,7 @@ impl CandleModel {
             KvType::F16 => DType::F16,
             KvType::F32 => DType::F32,
         };
-        Ok(CandleModel {
+        let model = CandleModel {
             config,
             device: device.clone(),
             token_embd,
@@ -275,7 +290,111 @@ impl CandleModel {
             vocab_size,
             weight_bytes,
             kv_dtype,
-        })
+            #[cfg(feature = "cuda")]
+            fused: None,
+        };
+        #[cfg(feature = "cuda")]
+        let model = {
+            let mut model = model;
+            if let Device::Cuda(cuda) = device {
+                model.fused = model.fused_plan(cuda)?;
+            }
+            model
+        };
+        Ok(model)
+    }
+
+    /// The fused decode step for this model, when it can and should have one. A model it
+    /// cannot run keeps candle's ops, with the reason logged.
+    #[cfg(feature = "cuda")]
+    fn fused_plan(
+        &self,
+        cuda: &candle_core::CudaDevice,
+    ) -> candle_core::Result<
+        Option<std::sync::Mutex<crate::llm::engine::kernels::cuda_decode::DecodePlan>>,
+    > {
+        use crate::llm::engine::kernels::cuda_decode::{DecodePlan, Dims, LayerWeights};
+        if !FUSED_DECODE.load(std::sync::atomic::Ordering::Relaxed) {
+            tracing::info!("decode on the GPU through candle's ops (GPU_DECODE=ops)");
+            return Ok(None);
+        }
+        let why_not = |reason: String| {
+            tracing::warn!(%reason, "decode on the GPU through candle's ops: no fused step");
+            Ok(None)
+        };
+        if self.kv_dtype != DType::F16 {
+            return why_not("the fused step keeps keys and values in f16".to_string());
+        }
+        let quantized = |m: &QMatMul| match m {
+            QMatMul::QTensor(t) => Some(t.clone()),
+            _ => None,
+        };
+        let cfg = &self.config;
+        let mut weights = Vec::with_capacity(self.layers.len());
+        let mut held = Vec::new();
+        for layer in &self.layers {
+            let mut all = Vec::new();
+            for m in layer.qkv.groups.iter().chain(&layer.gate_up.groups).map(|(m, _)| m) {
+                all.push(quantized(m));
+            }
+            all.push(quantized(&layer.attn_output));
+            all.push(quantized(&layer.ffn_down));
+            if all.iter().any(Option::is_none) {
+                return why_not("a matrix is not in a block format".to_string());
+            }
+            held.push(all.into_iter().flatten().collect::<Vec<_>>());
+        }
+        let Some(output) = quantized(&self.output) else {
+            return why_not("the output matrix is not in a block format".to_string());
+        };
+        for (layer, mats) in self.layers.iter().zip(&held) {
+            let n_qkv = layer.qkv.groups.len();
+            let n_gu = layer.gate_up.groups.len();
+            weights.push(LayerWeights {
+                attn_norm: &layer.attn_norm,
+                qkv: mats[..n_qkv].iter().collect(),
+                q_norm: layer.q_norm.as_ref(),
+                k_norm: layer.k_norm.as_ref(),
+                attn_output: &mats[n_qkv + n_gu],
+                ffn_norm: &layer.ffn_norm,
+                gate_up: mats[n_qkv..n_qkv + n_gu].iter().collect(),
+                ffn_down: &mats[n_qkv + n_gu + 1],
+            });
+        }
+        let n_ff = layer_ff_width(&self.layers)?;
+        let dims = Dims {
+            n_embd: cfg.n_embd,
+            n_head: cfg.n_head,
+            n_kv: cfg.n_head_kv,
+            head_dim: cfg.head_dim,
+            n_ff,
+            vocab: self.vocab_size,
+            max_positions: cfg.max_positions,
+            eps: cfg.rms_norm_eps as f32,
+            q_scale: match cfg.qk_norm {
+                true => 1.0,
+                false => 1.0 / (cfg.head_dim as f32).sqrt(),
+            },
+            neox: cfg.rope_style == RopeStyle::Neox,
+        };
+        match DecodePlan::new(
+            cuda,
+            dims,
+            &weights,
+            &self.output_norm,
+            &output,
+            &self.cos,
+            &self.sin,
+        ) {
+            Ok(plan) => {
+                tracing::info!(
+                    buffers = plan.buffer_bytes(),
+                    "decode on the GPU through the fused kernels"
+                );
+                Ok(Some(std::sync::Mutex::new(plan)))
+            }
+            Err(e) => why_not(e.to_string()),
+        }
     }
 
     /// Bytes the weights of `content` take on a device (their stored sizes), to check
@@ -301,6 +420,15 @@ impl CandleModel {
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// How decode steps run: `fused` (the GPU's fused kernels) or `ops` (candle's ops).
+    pub fn decode_path(&self) -> &'static str {
+        #[cfg(feature = "cuda")]
+        if self.fused.is_some() {
+            return "fused";
+        }
+        "ops"
     }
 
     /// Device memory the weights hold.
@@ -360,6 +488,13 @@ impl CandleModel {
         }
         for seq in seqs.iter_mut() {
             seq.cache.reserve_for(seq.tokens.len())?;
+        }
+        #[cfg(feature = "cuda")]
+        if let Some(fused) = &self.fused {
+            use crate::llm::engine::kernels::cuda_decode::MAX_ROWS;
+            if seqs.len() <= MAX_ROWS && seqs.iter().all(|seq| seq.tokens.len() == 1) {
+                return self.fused_step(fused, seqs, out);
+            }
         }
         let cfg = &self.config;
         let (d, n_head, n_kv) = (cfg.head_dim, cfg.n_head, cfg.n_head_kv);
@@ -491,11 +626,54 @@ impl CandleModel {
         Ok(())
     }
 
+    /// One token for each sequence through the fused kernels: the embeddings are looked up
+    /// with candle's op, everything else is `DecodePlan::step`.
+    #[cfg(feature = "cuda")]
+    fn fused_step(
+        &self,
+        fused: &std::sync::Mutex<crate::llm::engine::kernels::cuda_decode::DecodePlan>,
+        seqs: &mut [SeqBatch<'_, DeviceCache>],
+        out: &mut Vec<f32>,
+    ) -> candle_core::Result<()> {
+        use crate::llm::engine::kernels::cuda_decode::Row;
+        let ids: Vec<u32> = seqs.iter().map(|seq| seq.tokens[0]).collect();
+        let n = ids.len();
+        let x = self.token_embd.embedding(&Tensor::from_vec(ids, n, &self.device)?)?;
+        let rows: Vec<Row<'_>> = seqs
+            .iter()
+            .map(|seq| Row { position: seq.cache.len(), caches: &seq.cache.layers })
+            .collect();
+        let mut logits = Vec::new();
+        let mut plan = fused
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("the fused decode step panicked".to_string()))?;
+        plan.step(&x, &rows, &mut logits)?;
+        drop(rows);
+        out.clear();
+        let vocab = self.vocab_size;
+        for (r, seq) in seqs.iter_mut().enumerate() {
+            seq.cache.n_tokens += 1;
+            if seq.logits.is_some() {
+                out.extend_from_slice(&logits[r * vocab..(r + 1) * vocab]);
+            }
+        }
+        Ok(())
+    }
+
     fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
         match self.config.rope_style {
             RopeStyle::Neox => candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin),
             RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i(&x.contiguous()?, cos, sin),
         }
+    }
+}
+
+/// The feed-forward width of the layers (the gate's rows).
+#[cfg(feature = "cuda")]
+fn layer_ff_width(layers: &[Layer]) -> candle_core::Result<usize> {
+    match layers.first().and_then(|layer| layer.gate_up.groups.first()) {
+        Some((_, widths)) => Ok(widths[0]),
+        None => candle_core::bail!("a model without layers"),
     }
 }
 

@@ -112,6 +112,9 @@ pub struct ModelInfo {
     pub weight_bytes: u64,
     /// The device it runs on, with its memory just after loading.
     pub device: DeviceInfo,
+    /// How decode steps run: `kernels` (our CPU kernels), `fused` (the GPU's fused
+    /// kernels) or `ops` (candle's ops).
+    pub decode_path: &'static str,
 }
 
 /// Counters the worker updates as it goes (cheap to read from any thread).

@@ -152,6 +152,27 @@ impl SynthSpec {
         }
     }
 
+    /// A 2-layer Llama for checking a device's Llama path (`bench-model --tiny-llama`):
+    /// interleaved RoPE pairs, no q/k norms, the attention scale on the queries, three
+    /// query heads per KV head (as SmolLM2), head width 64, several quantization types.
+    pub fn tiny_llama() -> SynthSpec {
+        use GgmlDType::*;
+        SynthSpec {
+            arch: "llama".to_string(),
+            n_embd: 384,
+            n_head: 6,
+            n_head_kv: 2,
+            n_ff: 512,
+            // The K-quants need an input width that is a multiple of 256: ffn_down only.
+            layer_types: vec![
+                [Q8_0, Q8_0, Q8_0, Q8_0, Q4_0, Q8_0, Q4K],
+                [Q4_1, Q5_0, Q8_0, Q5_0, Q8_0, Q4_1, Q6K],
+            ],
+            name: "synthetic-llama".to_string(),
+            ..SynthSpec::tiny_qwen3()
+        }
+    }
+
     /// The tensor table of the official Qwen3 GGUF of that size and quantization: the
     /// hyper-parameters of its config.json, and the types llama.cpp's `llama-quantize`
     /// picks. Q8_0 stores every matrix as Q8_0. Q4_K_M stores matrices as Q4_K except

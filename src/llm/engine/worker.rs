@@ -236,11 +236,13 @@ impl Engine {
             weight_bytes: model.weight_bytes().unwrap_or(file.file_size),
             // Read after the upload, so a GPU's free memory counts these weights.
             device: device.info(),
+            decode_path: model.decode_path(),
         };
         tracing::info!(
             model = %info.name, arch = %info.arch, n_ctx, load_ms,
             parallel = config.parallel, kv = config.kv_type.as_str(),
             device = %info.device.id, device_name = %info.device.name,
+            decode = info.decode_path,
             isa = crate::llm::engine::kernels::Isa::detect().name(),
             weights = %human_bytes(info.weight_bytes),
             device_memory_used = %info.device.memory_used_bytes().map(human_bytes).unwrap_or_default(),

@@ -11,14 +11,21 @@
 //! weight block feeds up to four tokens); work is split over a persistent thread pool
 //! (`pool`).
 //!
+//! On an NVIDIA GPU (the `cuda` feature), `cuda_decode` runs a whole decode step through
+//! candle's `mmvq` products and our own fused CUDA kernels (`cuda_decode.cu`, compiled to
+//! PTX by `build.rs`).
+//!
 //! This module is the only place in the crate allowed `unsafe`: SIMD intrinsics, the views of
-//! weight bytes as block structs, and the pool's hand-off of borrowed closures. Each unsafe
-//! block carries its safety argument. It knows nothing of models, GGUF files or tokens.
+//! weight bytes as block structs, the pool's hand-off of borrowed closures, and the GPU
+//! kernel launches. Each unsafe block carries its safety argument. It knows nothing of GGUF
+//! files or tokens; only `cuda_decode` knows the order of a transformer layer's operations.
 
 #![allow(unsafe_code)]
 
 pub mod activation;
 pub mod attention;
+#[cfg(feature = "cuda")]
+pub mod cuda_decode;
 mod kquants;
 mod legacy;
 mod legacy_x4;

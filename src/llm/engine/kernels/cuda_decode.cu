@@ -1,0 +1,319 @@
+// The glue of a decode step on an NVIDIA GPU (`cuda_decode.rs` launches these): every op of
+// a transformer layer between its matrix products, fused so that a step of one to eight
+// sequences at one token each is about a dozen kernels per layer instead of about thirty
+// candle ops. The matrix products themselves are candle's `mmvq` kernels, which read
+// activations as 32-value Q8_1 blocks: the kernels here that feed a product write those
+// blocks directly, laid out and rounded exactly as candle's `quantize_q8_1` writes them.
+//
+// Conventions: activations are f32 rows (one per sequence); keys and values are f16 in each
+// sequence's own cache, `(kv_heads, capacity, head_dim)` per layer; a step's per-row facts
+// (position, capacity, cache addresses) live in device memory, written once per step.
+
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+#define MAX_ROWS 8
+#define MAX_GROUP 8
+
+// candle's block_q8_1: d and the sum of the 32 values (before rounding) as two halves,
+// then the 32 quantized values.
+struct block_q8_1 {
+  half2 ds;
+  int8_t qs[32];
+};
+
+static __device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+  for (int mask = 16; mask > 0; mask >>= 1) x += __shfl_xor_sync(0xffffffff, x, mask);
+  return x;
+}
+
+static __device__ __forceinline__ float warp_max(float x) {
+#pragma unroll
+  for (int mask = 16; mask > 0; mask >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffff, x, mask));
+  return x;
+}
+
+// The sum over a whole block (every thread must call it); `red` holds 33 floats.
+static __device__ float block_sum(float v, float *red) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
+  v = warp_sum(v);
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    float w = lane < n_warps ? red[lane] : 0.0f;
+    w = warp_sum(w);
+    if (lane == 0) red[32] = w;
+  }
+  __syncthreads();
+  return red[32];
+}
+
+// One warp quantizes the 32 values its lanes hold (one each) into `out`, as candle's
+// `mmvq_gguf_quantize_q8_1_f32` does.
+static __device__ __forceinline__ void quantize_warp(float v, block_q8_1 *out) {
+  const int lane = threadIdx.x & 31;
+  const float amax = warp_max(fabsf(v));
+  const float sum = warp_sum(v);
+  const float d = amax / 127.0f;
+  out->qs[lane] = (amax == 0.0f) ? 0 : (int8_t)roundf(v / d);
+  if (lane == 0) {
+    reinterpret_cast<half &>(out->ds.x) = (half)d;
+    reinterpret_cast<half &>(out->ds.y) = (half)sum;
+  }
+}
+
+// Per row (block): x = x_in (+ delta); x_out = x (when given; may be x_in); then
+// rmsnorm(x) * w quantized into the row's Q8_1 blocks (`q8_stride` blocks, the ones past
+// `n` zero). One block per row.
+extern "C" __global__ void rms_norm_q8(const float *x_in, const float *delta, float *x_out,
+                                       const float *__restrict__ w, block_q8_1 *__restrict__ q8,
+                                       int n, int q8_stride, float eps) {
+  __shared__ float red[33];
+  const int row = blockIdx.x;
+  const float *xi = x_in + (size_t)row * n;
+  const float *di = delta ? delta + (size_t)row * n : nullptr;
+  float *xo = x_out ? x_out + (size_t)row * n : nullptr;
+  float ss = 0.0f;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    float v = xi[i];
+    if (di) v += di[i];
+    if (xo) xo[i] = v;
+    ss += v * v;
+  }
+  // block_sum's barriers also make this block's writes of x_out visible to all its threads.
+  const float scale = rsqrtf(block_sum(ss, red) / (float)n + eps);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
+  block_q8_1 *out = q8 + (size_t)row * q8_stride;
+  for (int b = warp; b < q8_stride; b += n_warps) {
+    const int i = b * 32 + lane;
+    float v = 0.0f;
+    if (i < n) {
+      v = xo ? xo[i] : (xi[i] + (di ? di[i] : 0.0f));
+      v = v * scale * w[i];
+    }
+    quantize_warp(v, out + b);
+  }
+}
+
+// Per row and head: a query head is normed (Qwen3), rotated and scaled into q_out; a key
+// head is normed, rotated and stored in f16 at the row's position in its cache; a value
+// head is stored as it is. `qkv` rows hold all query heads, then the key heads, then the
+// value heads (`qkv_stride` floats apart). Grid: (n_head + 2 * n_kv, rows); block: 128
+// threads, one rotation pair each (head_dim <= 256).
+extern "C" __global__ void qk_rope_store(
+    const float *__restrict__ qkv, int qkv_stride, const float *__restrict__ q_norm,
+    const float *__restrict__ k_norm, float *__restrict__ q_out, const int *__restrict__ pos,
+    const int *__restrict__ cap, const unsigned long long *__restrict__ kv, int layer,
+    int n_head, int n_kv, int d, float eps, float q_scale, int neox,
+    const float *__restrict__ cos_t, const float *__restrict__ sin_t) {
+  __shared__ float red[33];
+  const int row = blockIdx.y, h = blockIdx.x, half_d = d / 2, j = threadIdx.x;
+  const int p = pos[row];
+  const size_t at = (size_t)p * d;
+  const unsigned long long *slot = kv + ((size_t)layer * MAX_ROWS + row) * 2;
+  const size_t cache_row = (size_t)cap[row] * d;
+  const float *src = qkv + (size_t)row * qkv_stride + (size_t)h * d;
+  if (h >= n_head + n_kv) {
+    half *v_cache = (half *)slot[1] + (size_t)(h - n_head - n_kv) * cache_row + at;
+    for (int i = j; i < d; i += blockDim.x) v_cache[i] = __float2half(src[i]);
+    return;
+  }
+  const bool is_q = h < n_head;
+  const float *norm = is_q ? q_norm : k_norm;
+  // The pair this thread rotates: (j, j + d/2) in NeoX style, (2j, 2j + 1) interleaved.
+  const bool active = j < half_d;
+  const int i0 = neox ? j : 2 * j, i1 = neox ? j + half_d : 2 * j + 1;
+  float a = active ? src[i0] : 0.0f, b = active ? src[i1] : 0.0f;
+  if (norm) {
+    const float scale = rsqrtf(block_sum(a * a + b * b, red) / (float)d + eps);
+    if (active) {
+      a = a * scale * norm[i0];
+      b = b * scale * norm[i1];
+    }
+  }
+  if (!active) return;
+  const float c = cos_t[(size_t)p * half_d + j], s = sin_t[(size_t)p * half_d + j];
+  const float r0 = a * c - b * s, r1 = a * s + b * c;
+  if (is_q) {
+    float *out = q_out + ((size_t)row * n_head + h) * d;
+    out[i0] = r0 * q_scale;
+    out[i1] = r1 * q_scale;
+  } else {
+    half *k_cache = (half *)slot[0] + (size_t)(h - n_head) * cache_row + at;
+    k_cache[i0] = __float2half(r0);
+    k_cache[i1] = __float2half(r1);
+  }
+}
+
+// Attention of one token per row over its cache, split over positions (flash-decoding):
+// block (kv head, split, row) takes positions [split * split_len, ...) of the row's
+// pos + 1, for all the query heads that share the KV head, and leaves for each its max
+// score, its sum of exponentials and its unnormalised sum of values in `part_*`
+// (`attn_combine_q8` joins the splits). `split_len` is read from `facts[2 * MAX_ROWS]`, so
+// a captured graph serves every length with the same number of splits. Positions go in
+// chunks of 128 (one per thread): each thread scores one position for every query head
+// of the group (its key row read once), the chunk's softmax runs in shared memory, then
+// each thread accumulates its own output values over the chunk (value rows read
+// coalesced). Block: 128 threads; head_dim D = 64, 128 or 256.
+template <int D>
+static __device__ void attn_partial(const float *__restrict__ q, const int *__restrict__ facts,
+                                    const unsigned long long *__restrict__ kv, int layer,
+                                    int n_head, int n_kv, int n_split,
+                                    float *__restrict__ part_acc, float *__restrict__ part_ml) {
+  constexpr int CHUNK = 128, ITEMS = MAX_GROUP * D / CHUNK;
+  __shared__ float q_s[MAX_GROUP][D];
+  __shared__ float sc[MAX_GROUP][CHUNK];
+  __shared__ float s_m[MAX_GROUP], s_l[MAX_GROUP], s_corr[MAX_GROUP];
+  const int hk = blockIdx.x, split = blockIdx.y, row = blockIdx.z, t = threadIdx.x;
+  const int lane = t & 31, warp = t >> 5;
+  const int group = n_head / n_kv;
+  const int len = facts[row] + 1, cap = facts[MAX_ROWS + row], split_len = facts[2 * MAX_ROWS];
+  const int start = split * split_len, end = min(len, start + split_len);
+  const unsigned long long *slot = kv + ((size_t)layer * MAX_ROWS + row) * 2;
+  const size_t head_off = (size_t)hk * cap * D;
+  const half *keys = (const half *)slot[0] + head_off;
+  const half *values = (const half *)slot[1] + head_off;
+
+  for (int idx = t; idx < group * D; idx += CHUNK)
+    q_s[idx / D][idx % D] = q[((size_t)row * n_head + hk * group) * D + idx];
+  if (t < MAX_GROUP) {
+    s_m[t] = -INFINITY;
+    s_l[t] = 0.0f;
+  }
+  float acc[ITEMS];
+#pragma unroll
+  for (int k = 0; k < ITEMS; ++k) acc[k] = 0.0f;
+  __syncthreads();
+
+  for (int c0 = start; c0 < end; c0 += CHUNK) {
+    const int n = min(CHUNK, end - c0);
+    // 1. Scores: thread t takes position c0 + t for every query head of the group.
+    float s[MAX_GROUP];
+#pragma unroll
+    for (int g = 0; g < MAX_GROUP; ++g) s[g] = 0.0f;
+    if (t < n) {
+      const uint4 *k_row = (const uint4 *)(keys + (size_t)(c0 + t) * D);
+#pragma unroll 4
+      for (int c = 0; c < D / 8; ++c) {
+        const uint4 raw = k_row[c];
+        const half2 *h = (const half2 *)&raw;
+        float k[8];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const float2 f = __half22float2(h[j]);
+          k[2 * j] = f.x;
+          k[2 * j + 1] = f.y;
+        }
+#pragma unroll
+        for (int g = 0; g < MAX_GROUP; ++g) {
+          if (g >= group) break;
+#pragma unroll
+          for (int j = 0; j < 8; ++j) s[g] += q_s[g][c * 8 + j] * k[j];
+        }
+      }
+    }
+#pragma unroll
+    for (int g = 0; g < MAX_GROUP; ++g) {
+      if (g >= group) break;
+      sc[g][t] = t < n ? s[g] : -INFINITY;
+    }
+    __syncthreads();
+    // 2. The chunk's softmax step: warp w takes heads w, w + 4.
+    for (int g = warp; g < group; g += CHUNK / 32) {
+      float mx = -INFINITY;
+      for (int j = lane; j < n; j += 32) mx = fmaxf(mx, sc[g][j]);
+      mx = warp_max(mx);
+      const float m_old = s_m[g], m_new = fmaxf(m_old, mx);
+      float sum = 0.0f;
+      for (int j = lane; j < n; j += 32) {
+        const float e = expf(sc[g][j] - m_new);
+        sc[g][j] = e;
+        sum += e;
+      }
+      sum = warp_sum(sum);
+      if (lane == 0) {
+        const float corr = expf(m_old - m_new);  // 0 while m_old is -inf
+        s_corr[g] = corr;
+        s_l[g] = s_l[g] * corr + sum;
+        s_m[g] = m_new;
+      }
+    }
+    __syncthreads();
+    // 3. Values: thread t owns items t, t + 128, ... of (head g, value i).
+#pragma unroll
+    for (int k = 0; k < ITEMS; ++k) {
+      const int idx = t + k * CHUNK;
+      if (idx >= group * D) break;
+      const int g = idx / D, i = idx % D;
+      float a = acc[k] * s_corr[g];
+      const half *v = values + (size_t)c0 * D + i;
+      for (int j = 0; j < n; ++j) a += sc[g][j] * __half2float(v[(size_t)j * D]);
+      acc[k] = a;
+    }
+    __syncthreads();
+  }
+  const size_t first = ((size_t)row * n_head + hk * group) * n_split + split;
+#pragma unroll
+  for (int k = 0; k < ITEMS; ++k) {
+    const int idx = t + k * CHUNK;
+    if (idx >= group * D) break;
+    const int g = idx / D, i = idx % D;
+    part_acc[(first + (size_t)g * n_split) * D + i] = acc[k];
+  }
+  if (t < group) {
+    part_ml[(first + (size_t)t * n_split) * 2] = s_m[t];
+    part_ml[(first + (size_t)t * n_split) * 2 + 1] = s_l[t];
+  }
+}
+
+#define ATTN_PARTIAL(D)                                                                      \
+  extern "C" __global__ void attn_partial_d##D(                                              \
+      const float *q, const int *facts, const unsigned long long *kv, int layer, int n_head,   \
+      int n_kv, int n_split, float *part_acc, float *part_ml) {                              \
+    attn_partial<D>(q, facts, kv, layer, n_head, n_kv, n_split, part_acc, part_ml);          \
+  }
+ATTN_PARTIAL(64)
+ATTN_PARTIAL(128)
+ATTN_PARTIAL(256)
+
+// Join the splits of `attn_partial` into each head's output and quantize the row's heads
+// into Q8_1 blocks for the output projection. Grid: (n_head, rows); block: head_dim threads
+// (a multiple of 32, so each warp fills one block).
+extern "C" __global__ void attn_combine_q8(const float *__restrict__ part_acc,
+                                           const float *__restrict__ part_ml, int n_split,
+                                           int n_head, int d, block_q8_1 *__restrict__ q8,
+                                           int q8_stride) {
+  const int h = blockIdx.x, row = blockIdx.y, i = threadIdx.x;
+  const size_t base = ((size_t)row * n_head + h) * n_split;
+  float mx = -INFINITY;
+  for (int s = 0; s < n_split; ++s) mx = fmaxf(mx, part_ml[(base + s) * 2]);
+  float sum_l = 0.0f, sum_a = 0.0f;
+  for (int s = 0; s < n_split; ++s) {
+    const float m = part_ml[(base + s) * 2];
+    if (m == -INFINITY) continue;
+    const float f = expf(m - mx);
+    sum_l += part_ml[(base + s) * 2 + 1] * f;
+    sum_a += part_acc[(base + s) * d + i] * f;
+  }
+  const float out = sum_a / sum_l;
+  quantize_warp(out, q8 + (size_t)row * q8_stride + ((size_t)h * d + i) / 32);
+}
+
+// SwiGLU, quantized: per row, act = silu(gate) * up over `n_ff` values (gate at 0, up at
+// n_ff in a row of `gu_stride` floats), written as Q8_1 blocks (`q8_stride` per row, the
+// ones past n_ff zero). One warp per block of 32; grid: (ceil(q8_stride / 8), rows),
+// block: 256 threads.
+extern "C" __global__ void silu_mul_q8(const float *__restrict__ gu, int gu_stride, int n_ff,
+                                       block_q8_1 *__restrict__ q8, int q8_stride) {
+  const int row = blockIdx.y, lane = threadIdx.x & 31;
+  const int b = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  if (b >= q8_stride) return;
+  const int i = b * 32 + lane;
+  float v = 0.0f;
+  if (i < n_ff) {
+    const float g = gu[(size_t)row * gu_stride + i], u = gu[(size_t)row * gu_stride + n_ff + i];
+    v = g / (1.0f + expf(-g)) * u;
+  }
+  quantize_warp(v, q8 + (size_t)row * q8_stride + b);
+}

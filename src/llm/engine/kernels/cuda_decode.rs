@@ -1,0 +1,696 @@
+//! A decode step on an NVIDIA GPU in about a dozen kernel launches per layer: candle's
+//! `mmvq` matrix products (called through `candle_kernels::ffi` on the model's stream, with
+//! preallocated buffers) and our own fused glue kernels (`cuda_decode.cu`: residual add +
+//! RMSNorm + Q8_1 quantization, q/k norm + RoPE + KV store, split-position attention with a
+//! joining kernel that quantizes for the output projection, SwiGLU + quantization).
+//!
+//! Why: through candle's ops a decode step of the Qwen3-8B shape is about 1,200 small ops,
+//! each a host-side allocation and launch of 5–10 µs, so the GPU idled most of the step
+//! (10–15 % of its memory roofline on an H200). Here a step is about 430 launches with no
+//! allocation, and they are captured once into a CUDA graph per (rows, splits) shape and
+//! replayed: every kernel argument that changes from step to step (positions, lengths,
+//! cache addresses) is read from device memory that the step writes first, so one graph
+//! serves every step of that shape.
+//!
+//! Owns: the kernels' PTX, the step's device buffers, and the checks that make each launch
+//! sound (every pointer handed to a kernel comes from a tensor or buffer whose dtype,
+//! device, layout and size were checked against what the kernel reads and writes). Knows a
+//! transformer layer's order of operations but no files, tokens or scheduling: the caller
+//! (`candle_model.rs`) hands it the weights once and each step's input rows and caches.
+
+use std::sync::Arc;
+
+use std::collections::HashMap;
+
+use candle_core::cuda_backend::cudarc::driver::sys::{
+    CUgraphInstantiate_flags, CUstreamCaptureMode,
+};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
+use candle_core::cuda_backend::kernels::ffi;
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{bail, CudaDevice, DType, Device, Result, Storage, Tensor};
+
+const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/cuda_decode.ptx"));
+
+/// Sequences one step may carry (candle's `mmvq` kernels take 1 to 8 activation rows).
+pub const MAX_ROWS: usize = 8;
+/// Query heads per KV head the attention kernel holds in registers.
+const MAX_GROUP: usize = 8;
+/// Most position splits of the attention kernel (a power of two).
+const MAX_SPLIT: usize = 32;
+/// Positions per split at least: the attention kernel's chunk (one position per thread).
+const MIN_SPLIT_LEN: usize = 128;
+/// candle's padding of a row of Q8_1 activations (`MATRIX_ROW_PADDING`).
+const ROW_PADDING: usize = 512;
+const Q8_1_BYTES: usize = 36;
+
+/// `launch_mmvq_gguf_*_f32_plain`: weights, Q8_1 activations, f32 output, columns, rows,
+/// activation row stride (in blocks), output row stride (in floats), rows of activations,
+/// stream.
+type Mmvq = unsafe extern "C" fn(
+    *const std::ffi::c_void,
+    *const std::ffi::c_void,
+    *mut std::ffi::c_void,
+    i32,
+    i32,
+    i32,
+    i32,
+    i32,
+    *mut std::ffi::c_void,
+);
+
+fn mmvq_for(dtype: GgmlDType) -> Option<Mmvq> {
+    Some(match dtype {
+        GgmlDType::Q4_0 => ffi::launch_mmvq_gguf_q4_0_f32_plain,
+        GgmlDType::Q4_1 => ffi::launch_mmvq_gguf_q4_1_f32_plain,
+        GgmlDType::Q5_0 => ffi::launch_mmvq_gguf_q5_0_f32_plain,
+        GgmlDType::Q5_1 => ffi::launch_mmvq_gguf_q5_1_f32_plain,
+        GgmlDType::Q8_0 => ffi::launch_mmvq_gguf_q8_0_f32_plain,
+        GgmlDType::Q2K => ffi::launch_mmvq_gguf_q2_k_f32_plain,
+        GgmlDType::Q3K => ffi::launch_mmvq_gguf_q3_k_f32_plain,
+        GgmlDType::Q4K => ffi::launch_mmvq_gguf_q4_k_f32_plain,
+        GgmlDType::Q5K => ffi::launch_mmvq_gguf_q5_k_f32_plain,
+        GgmlDType::Q6K => ffi::launch_mmvq_gguf_q6_k_f32_plain,
+        _ => return None,
+    })
+}
+
+/// Q8_1 blocks per activation row of width `n`, padded as candle pads them.
+fn q8_stride(n: usize) -> usize {
+    n.div_ceil(ROW_PADDING) * ROW_PADDING / 32
+}
+
+/// The sizes of the model a plan runs.
+#[derive(Debug, Clone, Copy)]
+pub struct Dims {
+    pub n_embd: usize,
+    pub n_head: usize,
+    pub n_kv: usize,
+    pub head_dim: usize,
+    pub n_ff: usize,
+    pub vocab: usize,
+    pub max_positions: usize,
+    pub eps: f32,
+    /// Llama's `1/√d`, applied to queries after RoPE; 1 where the norm carries it (Qwen3).
+    pub q_scale: f32,
+    /// Rotation pairs `(i, i + d/2)` (Qwen3) rather than `(2i, 2i + 1)` (Llama).
+    pub neox: bool,
+}
+
+/// One layer's weights, as the caller holds them.
+pub struct LayerWeights<'a> {
+    pub attn_norm: &'a Tensor,
+    /// The q, k and v matrices, stacked where they share a format, in that order.
+    pub qkv: Vec<&'a Arc<QTensor>>,
+    pub q_norm: Option<&'a Tensor>,
+    pub k_norm: Option<&'a Tensor>,
+    pub attn_output: &'a Arc<QTensor>,
+    pub ffn_norm: &'a Tensor,
+    /// Gate then up, stacked where they share a format.
+    pub gate_up: Vec<&'a Arc<QTensor>>,
+    pub ffn_down: &'a Arc<QTensor>,
+}
+
+/// A matrix product: the weights (kept alive here), its launcher and its size.
+struct Product {
+    _weights: Arc<QTensor>,
+    ptr: u64,
+    launch: Mmvq,
+    rows: usize,
+    cols: usize,
+}
+
+/// A vector of f32 on the device (a norm's weights, a table), kept alive here.
+struct Vector {
+    _tensor: Tensor,
+    ptr: u64,
+}
+
+struct Layer {
+    attn_norm: Vector,
+    qkv: Vec<Product>,
+    q_norm: Option<Vector>,
+    k_norm: Option<Vector>,
+    attn_output: Product,
+    ffn_norm: Vector,
+    gate_up: Vec<Product>,
+    ffn_down: Product,
+}
+
+struct Kernels {
+    rms_norm_q8: CudaFunction,
+    qk_rope_store: CudaFunction,
+    attn_partial: CudaFunction,
+    attn_combine_q8: CudaFunction,
+    silu_mul_q8: CudaFunction,
+}
+
+/// Device buffers for up to `MAX_ROWS` rows, allocated once.
+struct Buffers {
+    /// The rows' embeddings, copied from candle's lookup (a fixed address for the graphs).
+    emb: CudaSlice<f32>,
+    x: CudaSlice<f32>,
+    delta: CudaSlice<f32>,
+    q8: CudaSlice<u8>,
+    qkv: CudaSlice<f32>,
+    q: CudaSlice<f32>,
+    part_acc: CudaSlice<f32>,
+    part_ml: CudaSlice<f32>,
+    gu: CudaSlice<f32>,
+    logits: CudaSlice<f32>,
+    /// Positions (`0..MAX_ROWS`), capacities (`MAX_ROWS..2 * MAX_ROWS`), then the
+    /// attention's positions per split.
+    rows: CudaSlice<i32>,
+    /// Per layer and row: the keys' and the values' cache address.
+    kv: CudaSlice<u64>,
+}
+
+/// Everything a decode step needs on one GPU, built once per loaded model.
+pub struct DecodePlan {
+    stream: Arc<CudaStream>,
+    device: Device,
+    dims: Dims,
+    kernels: Kernels,
+    layers: Vec<Layer>,
+    output_norm: Vector,
+    output: Product,
+    cos: Vector,
+    sin: Vector,
+    buf: Buffers,
+    /// Per (rows, splits): `None` once that shape has run without a graph (which loads
+    /// every kernel lazily, before any capture), then its captured graph.
+    graphs: HashMap<(usize, usize), Option<CudaGraph>>,
+    /// Set when a capture failed: every step then launches its kernels one by one.
+    graphs_off: bool,
+}
+
+/// One row of a step: the sequence's position and its per-layer `(keys, values)` caches,
+/// each `(n_kv, capacity, head_dim)` f16 with room at `position`.
+pub struct Row<'a> {
+    pub position: usize,
+    pub caches: &'a [(Tensor, Tensor)],
+}
+
+impl DecodePlan {
+    /// The plan for these weights, or why this model cannot use it (the caller then keeps
+    /// candle's ops for decode too).
+    pub fn new(
+        cuda: &CudaDevice,
+        dims: Dims,
+        layers: &[LayerWeights<'_>],
+        output_norm: &Tensor,
+        output: &Arc<QTensor>,
+        cos: &Tensor,
+        sin: &Tensor,
+    ) -> Result<DecodePlan> {
+        let d = dims.head_dim;
+        if !matches!(d, 64 | 128 | 256) {
+            bail!("head width {d} (the fused attention takes 64, 128 or 256)")
+        }
+        if dims.n_kv == 0 || !dims.n_head.is_multiple_of(dims.n_kv) {
+            bail!("{} query heads over {} KV heads", dims.n_head, dims.n_kv)
+        }
+        if dims.n_head / dims.n_kv > MAX_GROUP {
+            bail!("{} query heads per KV head (at most {MAX_GROUP})", dims.n_head / dims.n_kv)
+        }
+        let stream = cuda.cuda_stream();
+        let device = Device::Cuda(cuda.clone());
+        let module = stream
+            .context()
+            .load_module(Ptx::from_src(PTX))
+            .map_err(|e| candle_core::Error::Msg(format!("loading the decode kernels: {e}")))?;
+        let load = |name: &str| {
+            module
+                .load_function(name)
+                .map_err(|e| candle_core::Error::Msg(format!("kernel {name}: {e}")))
+        };
+        let kernels = Kernels {
+            rms_norm_q8: load("rms_norm_q8")?,
+            qk_rope_store: load("qk_rope_store")?,
+            attn_partial: load(&format!("attn_partial_d{d}"))?,
+            attn_combine_q8: load("attn_combine_q8")?,
+            silu_mul_q8: load("silu_mul_q8")?,
+        };
+        let (e, q_width, kv_width, n_ff) = (dims.n_embd, dims.n_head * d, dims.n_kv * d, dims.n_ff);
+        let vector = |t: &Tensor, len: usize| -> Result<Vector> {
+            Ok(Vector { _tensor: t.clone(), ptr: tensor_ptr(t, DType::F32, len, &device)? })
+        };
+        let mut plan_layers = Vec::with_capacity(layers.len());
+        for (i, layer) in layers.iter().enumerate() {
+            let ctx = |e: candle_core::Error| candle_core::Error::Msg(format!("layer {i}: {e}"));
+            plan_layers.push(Layer {
+                attn_norm: vector(layer.attn_norm, e).map_err(ctx)?,
+                qkv: products(&layer.qkv, q_width + 2 * kv_width, e, &device).map_err(ctx)?,
+                q_norm: layer.q_norm.map(|t| vector(t, d)).transpose().map_err(ctx)?,
+                k_norm: layer.k_norm.map(|t| vector(t, d)).transpose().map_err(ctx)?,
+                attn_output: product(layer.attn_output, Some(e), q_width, &device).map_err(ctx)?,
+                ffn_norm: vector(layer.ffn_norm, e).map_err(ctx)?,
+                gate_up: products(&layer.gate_up, 2 * n_ff, e, &device).map_err(ctx)?,
+                ffn_down: product(layer.ffn_down, Some(e), n_ff, &device).map_err(ctx)?,
+            });
+            if layer.q_norm.is_some() != layer.k_norm.is_some() {
+                bail!("layer {i} has a norm for queries or keys but not both")
+            }
+        }
+        let half_table = dims.max_positions * d / 2;
+        let rows = MAX_ROWS;
+        let widest = e.max(q_width).max(n_ff);
+        let alloc = |len: usize| cuda.alloc_zeros::<f32>(len);
+        let buf = Buffers {
+            emb: alloc(rows * e)?,
+            x: alloc(rows * e)?,
+            delta: alloc(rows * e)?,
+            q8: cuda.alloc_zeros::<u8>(rows * q8_stride(widest) * Q8_1_BYTES)?,
+            qkv: alloc(rows * (q_width + 2 * kv_width))?,
+            q: alloc(rows * q_width)?,
+            part_acc: alloc(rows * dims.n_head * MAX_SPLIT * d)?,
+            part_ml: alloc(rows * dims.n_head * MAX_SPLIT * 2)?,
+            gu: alloc(rows * 2 * n_ff)?,
+            logits: alloc(rows * dims.vocab)?,
+            rows: cuda.alloc_zeros::<i32>(2 * MAX_ROWS + 1)?,
+            kv: cuda.alloc_zeros::<u64>(layers.len() * MAX_ROWS * 2)?,
+        };
+        Ok(DecodePlan {
+            output_norm: vector(output_norm, e)?,
+            output: product(output, Some(dims.vocab), e, &device)?,
+            cos: vector(cos, half_table)?,
+            sin: vector(sin, half_table)?,
+            layers: plan_layers,
+            kernels,
+            buf,
+            graphs: HashMap::new(),
+            graphs_off: false,
+            dims,
+            device,
+            stream,
+        })
+    }
+
+    /// Device memory of the step's buffers (counted against the GPU budget with the
+    /// weights).
+    pub fn buffer_bytes(&self) -> u64 {
+        let b = &self.buf;
+        let floats = b.emb.len()
+            + b.x.len()
+            + b.delta.len()
+            + b.qkv.len()
+            + b.q.len()
+            + b.part_acc.len()
+            + b.part_ml.len()
+            + b.gu.len()
+            + b.logits.len();
+        (floats * 4 + b.q8.len() + b.rows.len() * 4 + b.kv.len() * 8) as u64
+    }
+
+    /// Run one token for each row: `x` holds the rows' embeddings `(rows, n_embd)` f32;
+    /// each row's keys and values go into its caches at its position. `logits` gets every
+    /// row's logits, row after row.
+    pub fn step(&mut self, x: &Tensor, rows: &[Row<'_>], logits: &mut Vec<f32>) -> Result<()> {
+        let n = rows.len();
+        let dims = self.dims;
+        let (e, d, n_kv) = (dims.n_embd, dims.head_dim, dims.n_kv);
+        if n == 0 || n > MAX_ROWS {
+            bail!("a fused decode step takes 1 to {MAX_ROWS} rows, not {n}")
+        }
+        // Per-row facts for the kernels, each cache checked against what they touch.
+        let n_layer = self.layers.len();
+        let mut facts = vec![0i32; 2 * MAX_ROWS + 1];
+        let mut kv = vec![0u64; n_layer * MAX_ROWS * 2];
+        let mut max_len = 0;
+        for (r, row) in rows.iter().enumerate() {
+            if row.caches.len() != n_layer {
+                bail!("row {r} has {} cache layers, the model {n_layer}", row.caches.len())
+            }
+            let mut capacity = None;
+            for (l, (keys, values)) in row.caches.iter().enumerate() {
+                let cap = match keys.dims() {
+                    &[h, cap, w] if h == n_kv && w == d => cap,
+                    dims => bail!("row {r} layer {l}: a key cache of shape {dims:?}"),
+                };
+                if values.dims() != keys.dims() || capacity.is_some_and(|c| c != cap) {
+                    bail!("row {r} layer {l}: caches of different shapes")
+                }
+                capacity = Some(cap);
+                let len = n_kv * cap * d;
+                kv[(l * MAX_ROWS + r) * 2] = tensor_ptr(keys, DType::F16, len, &self.device)?;
+                kv[(l * MAX_ROWS + r) * 2 + 1] = tensor_ptr(values, DType::F16, len, &self.device)?;
+            }
+            let cap = capacity.unwrap_or(0);
+            if row.position >= cap || row.position >= dims.max_positions {
+                bail!("row {r}: position {} is past its cache ({cap})", row.position)
+            }
+            facts[r] = row.position as i32;
+            facts[MAX_ROWS + r] = cap as i32;
+            max_len = max_len.max(row.position + 1);
+        }
+        // Splits in powers of two, so that few graph shapes serve every length.
+        let n_split = max_len.div_ceil(MIN_SPLIT_LEN).clamp(1, MAX_SPLIT).next_power_of_two();
+        facts[2 * MAX_ROWS] = max_len.div_ceil(n_split) as i32;
+        self.stream.memcpy_htod(&facts, &mut self.buf.rows).map_err(msg)?;
+        self.stream.memcpy_htod(&kv, &mut self.buf.kv).map_err(msg)?;
+        {
+            tensor_ptr(x, DType::F32, n * e, &self.device)?;
+            let (storage, layout) = x.storage_and_layout();
+            let Storage::Cuda(cuda) = &*storage else { bail!("embeddings not on the GPU") };
+            let at = layout.start_offset();
+            let src = cuda.as_cuda_slice::<f32>()?.slice(at..at + n * e);
+            let mut dst = self.buf.emb.slice_mut(..n * e);
+            self.stream.memcpy_dtod(&src, &mut dst).map_err(msg)?;
+        }
+
+        let key = (n, n_split);
+        match self.graphs.get(&key) {
+            Some(Some(graph)) => graph.launch().map_err(msg)?,
+            Some(None) if !self.graphs_off => match self.capture(n, n_split) {
+                Ok(graph) => {
+                    graph.launch().map_err(msg)?;
+                    self.graphs.insert(key, Some(graph));
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        "capturing a decode step as a CUDA graph failed ({e}); steps launch \
+                         their kernels one by one from now on"
+                    );
+                    self.graphs_off = true;
+                    self.launch_all(n, n_split)?;
+                }
+            },
+            _ => {
+                self.launch_all(n, n_split)?;
+                self.graphs.insert(key, None);
+            }
+        }
+        logits.clear();
+        logits.resize(n * dims.vocab, 0.0);
+        self.stream
+            .memcpy_dtoh(&self.buf.logits.slice(..n * dims.vocab), logits.as_mut_slice())
+            .map_err(msg)?;
+        self.stream.synchronize().map_err(msg)?;
+        Ok(())
+    }
+
+    /// Record the step's launches for `n` rows and `n_split` splits as a graph. Nothing
+    /// runs while capturing.
+    fn capture(&self, n: usize, n_split: usize) -> Result<CudaGraph> {
+        let mode = CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL;
+        self.stream.begin_capture(mode).map_err(msg)?;
+        let launched = self.launch_all(n, n_split);
+        let graph = self.stream.end_capture(CUgraphInstantiate_flags(0)).map_err(msg);
+        launched?;
+        graph?.ok_or_else(|| msg("the capture recorded nothing"))
+    }
+
+    /// Every launch of a step, in order, for `n` rows whose facts and embeddings are in
+    /// place.
+    fn launch_all(&self, n: usize, n_split: usize) -> Result<()> {
+        let dims = self.dims;
+        let (e, d, n_head, n_kv) = (dims.n_embd, dims.head_dim, dims.n_head, dims.n_kv);
+        let (q_width, kv_width) = (n_head * d, n_kv * d);
+        let qkv_width = q_width + 2 * kv_width;
+        let p = self.pointers();
+        let q8_e = q8_stride(e);
+        for (l, layer) in self.layers.iter().enumerate() {
+            // Layer 0 starts from the embeddings; later ones add the last product first.
+            let (src, delta) = match l {
+                0 => (p.emb, 0),
+                _ => (p.x, p.delta),
+            };
+            self.rms_norm_q8(src, delta, p.x, layer.attn_norm.ptr, n, e)?;
+            self.products(&layer.qkv, q8_e, p.qkv, qkv_width, n)?;
+            self.qk_rope_store(layer, l, n)?;
+            self.attention(l, n, n_split)?;
+            self.product(&layer.attn_output, q8_stride(q_width), p.delta, e, n, 0)?;
+            self.rms_norm_q8(p.x, p.delta, p.x, layer.ffn_norm.ptr, n, e)?;
+            self.products(&layer.gate_up, q8_e, p.gu, 2 * dims.n_ff, n)?;
+            self.silu_mul_q8(n)?;
+            self.product(&layer.ffn_down, q8_stride(dims.n_ff), p.delta, e, n, 0)?;
+        }
+        let (src, delta) = match self.layers.len() {
+            0 => (p.emb, 0),
+            _ => (p.x, p.delta),
+        };
+        self.rms_norm_q8(src, delta, 0, self.output_norm.ptr, n, e)?;
+        self.product(&self.output, q8_e, p.logits, dims.vocab, n, 0)
+    }
+
+    fn pointers(&self) -> Pointers {
+        let s = &self.stream;
+        let b = &self.buf;
+        Pointers {
+            emb: b.emb.device_ptr(s).0,
+            x: b.x.device_ptr(s).0,
+            delta: b.delta.device_ptr(s).0,
+            q8: b.q8.device_ptr(s).0,
+            qkv: b.qkv.device_ptr(s).0,
+            q: b.q.device_ptr(s).0,
+            part_acc: b.part_acc.device_ptr(s).0,
+            part_ml: b.part_ml.device_ptr(s).0,
+            gu: b.gu.device_ptr(s).0,
+            logits: b.logits.device_ptr(s).0,
+            rows: b.rows.device_ptr(s).0,
+            kv: b.kv.device_ptr(s).0,
+        }
+    }
+
+    /// `x_out = src (+ delta)` (when `x_out` is not 0) and the Q8_1 blocks of its RMSNorm
+    /// into `q8`, for `n` rows of width `width`.
+    fn rms_norm_q8(
+        &self,
+        src: u64,
+        delta: u64,
+        x_out: u64,
+        weights: u64,
+        n: usize,
+        width: usize,
+    ) -> Result<()> {
+        let p = self.pointers();
+        let (width_i, stride, eps) = (width as i32, q8_stride(width) as i32, self.dims.eps);
+        let mut launch = self.stream.launch_builder(&self.kernels.rms_norm_q8);
+        launch.arg(&src).arg(&delta).arg(&x_out).arg(&weights).arg(&p.q8);
+        launch.arg(&width_i).arg(&stride).arg(&eps);
+        let cfg = LaunchConfig {
+            grid_dim: (n as u32, 1, 1),
+            block_dim: (512, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: `src`, `delta` and `x_out` are 0 or `n` rows of `width` floats (`emb`,
+        // `x` and `delta` hold MAX_ROWS rows of n_embd, the only width used); `weights`
+        // holds `width` floats (checked in `new`); `q8` holds MAX_ROWS rows of
+        // q8_stride(widest) blocks. The kernel touches no more.
+        launched(unsafe { launch.launch(cfg) })
+    }
+
+    /// `out[:, offset..] = W · q8` for each part, parts side by side in rows of `out_stride`.
+    fn products(
+        &self,
+        parts: &[Product],
+        q8_stride: usize,
+        out: u64,
+        out_stride: usize,
+        n: usize,
+    ) -> Result<()> {
+        let mut offset = 0;
+        for part in parts {
+            self.product(part, q8_stride, out, out_stride, n, offset)?;
+            offset += part.rows;
+        }
+        Ok(())
+    }
+
+    fn product(
+        &self,
+        w: &Product,
+        q8_stride: usize,
+        out: u64,
+        out_stride: usize,
+        n: usize,
+        offset: usize,
+    ) -> Result<()> {
+        if offset + w.rows > out_stride || q8_stride * 32 < w.cols {
+            bail!("a product of {}x{} does not fit its buffers", w.rows, w.cols)
+        }
+        let q8 = self.buf.q8.device_ptr(&self.stream).0;
+        let dst = out + (offset * 4) as u64;
+        // SAFETY: the weights hold `rows x cols` in their format (checked in `new`); `q8`
+        // holds `n` rows of `q8_stride >= cols / 32` blocks written by the previous kernel;
+        // `out` holds `n` rows of `out_stride` floats (MAX_ROWS rows of each buffer), of
+        // which this writes columns `offset..offset + rows`. Same stream as every other
+        // launch of the step.
+        unsafe {
+            (w.launch)(
+                w.ptr as *const _,
+                q8 as *const _,
+                dst as *mut _,
+                w.cols as i32,
+                w.rows as i32,
+                q8_stride as i32,
+                out_stride as i32,
+                n as i32,
+                self.stream.cu_stream() as *mut _,
+            )
+        };
+        Ok(())
+    }
+
+    fn qk_rope_store(&self, layer: &Layer, l: usize, n: usize) -> Result<()> {
+        let p = self.pointers();
+        let dims = self.dims;
+        let d = dims.head_dim;
+        let qkv_stride = ((dims.n_head + 2 * dims.n_kv) * d) as i32;
+        let q_norm = layer.q_norm.as_ref().map_or(0, |v| v.ptr);
+        let k_norm = layer.k_norm.as_ref().map_or(0, |v| v.ptr);
+        let (l_i, n_head, n_kv, d_i) = (l as i32, dims.n_head as i32, dims.n_kv as i32, d as i32);
+        let (eps, q_scale, neox) = (dims.eps, dims.q_scale, dims.neox as i32);
+        let cap = p.rows + (MAX_ROWS * 4) as u64;
+        let (cos, sin) = (self.cos.ptr, self.sin.ptr);
+        let mut launch = self.stream.launch_builder(&self.kernels.qk_rope_store);
+        launch.arg(&p.qkv).arg(&qkv_stride).arg(&q_norm).arg(&k_norm).arg(&p.q);
+        launch.arg(&p.rows).arg(&cap).arg(&p.kv).arg(&l_i);
+        launch.arg(&n_head).arg(&n_kv).arg(&d_i).arg(&eps).arg(&q_scale).arg(&neox);
+        launch.arg(&cos).arg(&sin);
+        let grid = ((dims.n_head + 2 * dims.n_kv) as u32, n as u32, 1);
+        let cfg = LaunchConfig { grid_dim: grid, block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: `qkv` holds `n` rows of all heads; `q` MAX_ROWS rows of the query heads;
+        // each row's position is below its caches' capacity and below the tables' positions
+        // (checked in `step`), and its cache addresses point at `(n_kv, cap, d)` f16 tensors
+        // of this device that the caller keeps alive for the step; the norms hold `d` floats.
+        launched(unsafe { launch.launch(cfg) })
+    }
+
+    fn attention(&self, l: usize, n: usize, n_split: usize) -> Result<()> {
+        let p = self.pointers();
+        let dims = self.dims;
+        let (l_i, n_head, n_kv, n_split_i) =
+            (l as i32, dims.n_head as i32, dims.n_kv as i32, n_split as i32);
+        let mut launch = self.stream.launch_builder(&self.kernels.attn_partial);
+        launch.arg(&p.q).arg(&p.rows).arg(&p.kv).arg(&l_i).arg(&n_head).arg(&n_kv);
+        launch.arg(&n_split_i).arg(&p.part_acc).arg(&p.part_ml);
+        let cfg = LaunchConfig {
+            grid_dim: (dims.n_kv as u32, n_split as u32, n as u32),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: as for `qk_rope_store` (positions and caches checked in `step`); each row
+        // reads positions below its position + 1; `part_*` hold MAX_ROWS x n_head x
+        // MAX_SPLIT slots and n_split <= MAX_SPLIT; the positions per split times n_split
+        // cover the longest row (written in `step`).
+        launched(unsafe { launch.launch(cfg) })?;
+
+        let d_i = dims.head_dim as i32;
+        let stride = q8_stride(dims.n_head * dims.head_dim) as i32;
+        let mut launch = self.stream.launch_builder(&self.kernels.attn_combine_q8);
+        launch.arg(&p.part_acc).arg(&p.part_ml).arg(&n_split_i).arg(&n_head).arg(&d_i);
+        launch.arg(&p.q8).arg(&stride);
+        let cfg = LaunchConfig {
+            grid_dim: (dims.n_head as u32, n as u32, 1),
+            block_dim: (dims.head_dim as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: reads the slots the previous kernel wrote; writes `n` rows of the query
+        // width's Q8_1 blocks, within `q8`.
+        launched(unsafe { launch.launch(cfg) })
+    }
+
+    fn silu_mul_q8(&self, n: usize) -> Result<()> {
+        let p = self.pointers();
+        let n_ff = self.dims.n_ff;
+        let stride = q8_stride(n_ff);
+        let (gu_stride, n_ff_i, stride_i) = ((2 * n_ff) as i32, n_ff as i32, stride as i32);
+        let mut launch = self.stream.launch_builder(&self.kernels.silu_mul_q8);
+        launch.arg(&p.gu).arg(&gu_stride).arg(&n_ff_i).arg(&p.q8).arg(&stride_i);
+        let cfg = LaunchConfig {
+            grid_dim: (stride.div_ceil(8) as u32, n as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: `gu` holds MAX_ROWS rows of 2 x n_ff floats; `q8` MAX_ROWS rows of at least
+        // q8_stride(n_ff) blocks; warps past the row's blocks return.
+        launched(unsafe { launch.launch(cfg) })
+    }
+}
+
+/// A launch's result as the step's. (candle's `mmvq` launchers return nothing: a fault of
+/// theirs surfaces at the step's closing copy, or ends a capture with an error.)
+fn launched<T>(result: std::result::Result<T, impl std::fmt::Display>) -> Result<()> {
+    result.map(|_| ()).map_err(|e| msg(format!("a decode kernel failed to launch: {e}")))
+}
+
+#[derive(Clone, Copy)]
+struct Pointers {
+    emb: u64,
+    x: u64,
+    delta: u64,
+    q8: u64,
+    qkv: u64,
+    q: u64,
+    part_acc: u64,
+    part_ml: u64,
+    gu: u64,
+    logits: u64,
+    rows: u64,
+    kv: u64,
+}
+
+fn msg(e: impl std::fmt::Display) -> candle_core::Error {
+    candle_core::Error::Msg(format!("fused decode step: {e}"))
+}
+
+/// Several matrices applied to the same input, `total` output rows together.
+fn products(
+    parts: &[&Arc<QTensor>],
+    total: usize,
+    cols: usize,
+    device: &Device,
+) -> Result<Vec<Product>> {
+    let parts = parts.iter().map(|w| product(w, None, cols, device)).collect::<Result<Vec<_>>>()?;
+    let rows: usize = parts.iter().map(|p| p.rows).sum();
+    if rows != total {
+        bail!("stacked products of {rows} rows, expected {total}")
+    }
+    Ok(parts)
+}
+
+fn product(w: &Arc<QTensor>, rows: Option<usize>, cols: usize, device: &Device) -> Result<Product> {
+    let Some(launch) = mmvq_for(w.dtype()) else {
+        bail!(
+            "a matrix in {:?} (the GPU's fused decode takes Q4_0..Q8_0 and the K-quants)",
+            w.dtype()
+        )
+    };
+    let (r, c) = w.shape().dims2()?;
+    if c != cols || rows.is_some_and(|rows| rows != r) {
+        bail!("a matrix of {r}x{c}, expected {}x{cols}", rows.unwrap_or(r))
+    }
+    if !w.device().same_device(device) {
+        bail!("a matrix on another device")
+    }
+    if w.storage_size_in_bytes() < r * c / w.dtype().block_size() * w.dtype().type_size() {
+        bail!("a matrix holds fewer bytes than its shape needs")
+    }
+    Ok(Product { ptr: w.device_ptr()? as u64, _weights: w.clone(), launch, rows: r, cols: c })
+}
+
+/// The device address of a contiguous tensor of `len` values of `dtype` on `device`.
+fn tensor_ptr(t: &Tensor, dtype: DType, len: usize, device: &Device) -> Result<u64> {
+    if t.dtype() != dtype || t.elem_count() != len || !t.is_contiguous() {
+        bail!("a tensor of {:?} {:?}, expected {len} contiguous {dtype:?}", t.dtype(), t.dims())
+    }
+    if !t.device().same_device(device) {
+        bail!("a tensor on another device")
+    }
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cuda(cuda) = &*storage else { bail!("a tensor not on the GPU") };
+    let stream = match device {
+        Device::Cuda(dev) => dev.cuda_stream(),
+        _ => bail!("not a GPU"),
+    };
+    let base = match dtype {
+        DType::F32 => cuda.as_cuda_slice::<f32>()?.device_ptr(&stream).0,
+        DType::F16 => cuda.as_cuda_slice::<half::f16>()?.device_ptr(&stream).0,
+        other => bail!("{other:?} tensors are not used here"),
+    };
+    Ok(base + (layout.start_offset() * dtype.size_in_bytes()) as u64)
+}
