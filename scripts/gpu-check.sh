@@ -19,6 +19,8 @@
 #   scripts/gpu-check.sh device-check    # only step 2 (e.g. once SmolLM2's second half came)
 #   scripts/gpu-check.sh bench           # only step 3
 #   scripts/gpu-check.sh serve           # only step 4
+#   scripts/gpu-check.sh profile         # one decode step under Nsight Compute (ncu): each
+#                                        # kernel's time and DRAM bytes, summed by kernel
 #
 # On a machine without Rust, `scripts/gpu-bundle.sh` (run where the binary was built) packs
 # the binary, the tokenizer and SmolLM2 into .gpu/ (and .gpu-b/, the second half of SmolLM2
@@ -95,7 +97,7 @@ tiny_llama="$work/tiny-llama.gguf"
 
 # --- 2. same greedy tokens on CUDA as on the CPU --------------------------------------------
 : > "$out/device-check.jsonl"
-case $only in serve | bench) tiny="" tiny_llama="" smollm2="" ;; esac
+case $only in serve | bench | profile) tiny="" tiny_llama="" smollm2="" ;; esac
 for model in $tiny $tiny_llama $smollm2; do
   # f32 keys and values through candle's ops: the strict comparison; f16 through the fused
   # decode kernels: what runs in production; f16 through candle's ops: the same numbers
@@ -123,7 +125,7 @@ if [ -n "$tiny" ]; then
     done
   done
 fi
-[ -n "$smollm2" ] || [ "$only" = serve ] || [ "$only" = bench ] || say "SmolLM2 not here (models/ or the bundle's two halves): checked on the tiny Qwen3 only"
+[ -n "$smollm2" ] || [ "$only" != all ] && [ "$only" != device-check ] || say "SmolLM2 not here (models/ or the bundle's two halves): checked on the tiny Qwen3 only"
 
 # --- 3. the bench ----------------------------------------------------------------------------
 if [ "$only" = all ] || [ "$only" = bench ]; then
@@ -195,6 +197,51 @@ EOF
   echo hi | GPU_MEMORY_BUDGET=1000GiB KV_CACHE_MEMORY=200GiB timeout 60 "$bin" chat --device cuda \
     --model "$model8b" > "$out/over-budget.txt" 2>&1 && status=1
   grep -q "needs .* of GPU memory" "$out/over-budget.txt" || status=1
+fi
+
+# --- profile: where a decode step's time goes ---------------------------------------------
+# The first decode step of a shape runs without a graph (later ones replay it), so ncu sees
+# that step's kernels one by one: each is timed alone (no cache flush, clocks left alone),
+# then they are summed by kernel. With the graph the step is GPU-bound, so these sums are
+# what a step takes.
+if [ "$only" = profile ]; then
+  ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
+  [ -n "$ncu" ] || { say "no ncu here"; exit 1; }
+  say "one decode step of the 8B shape under $ncu"
+  timeout 300 "$ncu" --clock-control none --cache-control none \
+    --kernel-name regex:'mmvq_gguf|rms_norm_q8|qk_rope_store|attn_|silu_mul_q8' --launch-count 900 \
+    --metrics gpu__time_duration.sum,dram__bytes_read.sum --csv --page raw \
+    "$bin" --bench --device cuda --model "$model8b" --prompt-tokens 16 --gen-tokens 2 --runs 1 \
+    > "$out/ncu.csv" 2> "$out/ncu.err" || { tail -5 "$out/ncu.err"; exit 1; }
+  python3 - "$out/ncu.csv" <<'EOF' | tee "$out/profile.md"
+import collections, csv, io, sys
+text = open(sys.argv[1]).read()
+rows = list(csv.reader(io.StringIO(text[text.index('"ID"'):])))
+head, units = rows[0], rows[1]
+name, t, b = (head.index(k) for k in ("Kernel Name", "gpu__time_duration.sum", "dram__bytes_read.sum"))
+to_s = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "nsecond": 1e-9, "usecond": 1e-6}[units[t]]
+to_b = {"byte": 1, "Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9}[units[b]]
+data = [r for r in rows[2:] if len(r) == len(head)]
+names = [r[name].split("(")[0] for r in data]
+# One step: from its first norm to the output head, the product with the most rows.
+grid = head.index("Grid Size")
+rows_of = lambda r: int(r[grid].strip("()").split(",")[0])
+first = names.index("rms_norm_q8")
+vocab = max(rows_of(r) for r, n in zip(data, names) if n.startswith("mmvq"))
+last = next(i for i in range(first, len(names)) if names[i].startswith("mmvq") and rows_of(data[i]) == vocab)
+step = data[first:last + 1]
+agg = collections.defaultdict(lambda: [0, 0.0, 0.0])
+for r in step:
+    k = agg[r[name].split("(")[0]]
+    k[0] += 1
+    k[1] += float(r[t].replace(",", "")) * to_s
+    k[2] += float(r[b].replace(",", "")) * to_b
+print("| kernel | launches | time | DRAM read | rate |\n| --- | --- | --- | --- | --- |")
+for k, (n, sec, byt) in sorted(agg.items(), key=lambda kv: -kv[1][1]):
+    print(f"| {k} | {n} | {sec * 1e3:.3f} ms | {byt / 1e6:.1f} MB | {byt / sec / 1e12:.2f} TB/s |")
+print(f"| all ({len(step)} kernels) | | {sum(v[1] for v in agg.values()) * 1e3:.3f} ms | | |")
+EOF
+  exit 0
 fi
 
 # --- 5. summary ------------------------------------------------------------------------------
