@@ -151,6 +151,20 @@ fn device_rs_has_only_the_event_tracking_call_unsafe() {
     );
 }
 
+/// GPU-only code (`cfg(feature = "cuda")`) stays where the README's code map says: opening
+/// the device, the fused decode step's hook in the candle forward pass, and the kernels.
+#[test]
+fn cuda_only_code_lives_in_the_engine_device_files() {
+    check(
+        "`feature = \"cuda\"` outside device.rs, candle_model.rs and kernels/mod.rs",
+        |s| {
+            ["llm/engine/device.rs", "llm/engine/candle_model.rs", "llm/engine/kernels/mod.rs"]
+                .contains(&s.rel.as_str())
+        },
+        |line| line.contains("feature = \"cuda\""),
+    );
+}
+
 #[test]
 fn only_channels_and_gateway_define_serialize_types() {
     check(
