@@ -470,8 +470,9 @@ impl EngineSettings {
     }
 }
 
-/// GPU memory left out of the default budget: the CUDA context, cuBLAS's workspace and the
-/// activations of a forward pass.
+/// GPU memory left out of the default budget: the CUDA context, cuBLAS's workspace, the
+/// activations of a forward pass, and each loaded model's fused decode buffers and CUDA
+/// graphs (about 12 MB and a few MB per graph for the Qwen3-8B shape).
 pub const GPU_MEMORY_MARGIN: u64 = 2 << 30;
 
 /// One tier's model, checked: the value as written (shown in status and messages) and what
