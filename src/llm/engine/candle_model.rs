@@ -325,43 +325,41 @@ impl CandleModel {
         if self.kv_dtype != DType::F16 {
             return why_not("the fused step keeps keys and values in f16".to_string());
         }
+        // The fused step calls the block-format kernels directly: every matrix must be one.
         let quantized = |m: &QMatMul| match m {
             QMatMul::QTensor(t) => Some(t.clone()),
             _ => None,
         };
-        let cfg = &self.config;
+        let stacked = |p: &Projection| p.groups.iter().map(|(m, _)| quantized(m)).collect();
         let mut weights = Vec::with_capacity(self.layers.len());
-        let mut held = Vec::new();
         for layer in &self.layers {
-            let mut all = Vec::new();
-            for m in layer.qkv.groups.iter().chain(&layer.gate_up.groups).map(|(m, _)| m) {
-                all.push(quantized(m));
-            }
-            all.push(quantized(&layer.attn_output));
-            all.push(quantized(&layer.ffn_down));
-            if all.iter().any(Option::is_none) {
+            let (Some(qkv), Some(gate_up), Some(attn_output), Some(ffn_down)) = (
+                stacked(&layer.qkv),
+                stacked(&layer.gate_up),
+                quantized(&layer.attn_output),
+                quantized(&layer.ffn_down),
+            ) else {
                 return why_not("a matrix is not in a block format".to_string());
-            }
-            held.push(all.into_iter().flatten().collect::<Vec<_>>());
+            };
+            weights.push(LayerWeights {
+                attn_norm: &layer.attn_norm,
+                qkv,
+                q_norm: layer.q_norm.as_ref(),
+                k_norm: layer.k_norm.as_ref(),
+                attn_output,
+                ffn_norm: &layer.ffn_norm,
+                gate_up,
+                ffn_down,
+            });
         }
         let Some(output) = quantized(&self.output) else {
             return why_not("the output matrix is not in a block format".to_string());
         };
-        for (layer, mats) in self.layers.iter().zip(&held) {
-            let n_qkv = layer.qkv.groups.len();
-            let n_gu = layer.gate_up.groups.len();
-            weights.push(LayerWeights {
-                attn_norm: &layer.attn_norm,
-                qkv: mats[..n_qkv].iter().collect(),
-                q_norm: layer.q_norm.as_ref(),
-                k_norm: layer.k_norm.as_ref(),
-                attn_output: &mats[n_qkv + n_gu],
-                ffn_norm: &layer.ffn_norm,
-                gate_up: mats[n_qkv..n_qkv + n_gu].iter().collect(),
-                ffn_down: &mats[n_qkv + n_gu + 1],
-            });
-        }
-        let n_ff = layer_ff_width(&self.layers)?;
+        // The feed-forward width: the gate's rows, the first part of `gate_up`.
+        let Some((_, widths)) = self.layers.first().and_then(|l| l.gate_up.groups.first()) else {
+            return why_not("a model without layers".to_string());
+        };
+        let (cfg, n_ff) = (&self.config, widths[0]);
         let dims = Dims {
             n_embd: cfg.n_embd,
             n_head: cfg.n_head,
@@ -643,19 +641,23 @@ impl CandleModel {
             .iter()
             .map(|seq| Row { position: seq.cache.len(), caches: &seq.cache.layers })
             .collect();
-        let mut logits = Vec::new();
         let mut plan = fused
             .lock()
             .map_err(|_| candle_core::Error::Msg("the fused decode step panicked".to_string()))?;
-        plan.step(&x, &rows, &mut logits)?;
+        // Every row's logits, straight into `out`; the rows nobody asked for (rare) are
+        // dropped after.
+        plan.step(&x, &rows, out)?;
         drop(rows);
-        out.clear();
-        let vocab = self.vocab_size;
-        for (r, seq) in seqs.iter_mut().enumerate() {
-            seq.cache.n_tokens += 1;
-            if seq.logits.is_some() {
-                out.extend_from_slice(&logits[r * vocab..(r + 1) * vocab]);
+        if seqs.iter().any(|seq| seq.logits.is_none()) {
+            let (all, vocab) = (std::mem::take(out), self.vocab_size);
+            for (row, seq) in all.chunks_exact(vocab).zip(seqs.iter()) {
+                if seq.logits.is_some() {
+                    out.extend_from_slice(row);
+                }
             }
+        }
+        for seq in seqs.iter_mut() {
+            seq.cache.n_tokens += 1;
         }
         Ok(())
     }
@@ -665,15 +667,6 @@ impl CandleModel {
             RopeStyle::Neox => candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin),
             RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i(&x.contiguous()?, cos, sin),
         }
-    }
-}
-
-/// The feed-forward width of the layers (the gate's rows).
-#[cfg(feature = "cuda")]
-fn layer_ff_width(layers: &[Layer]) -> candle_core::Result<usize> {
-    match layers.first().and_then(|layer| layer.gate_up.groups.first()) {
-        Some((_, widths)) => Ok(widths[0]),
-        None => candle_core::bail!("a model without layers"),
     }
 }
 

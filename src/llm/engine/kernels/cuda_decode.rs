@@ -18,9 +18,8 @@
 //! transformer layer's order of operations but no files, tokens or scheduling: the caller
 //! (`candle_model.rs`) hands it the weights once and each step's input rows and caches.
 
-use std::sync::Arc;
-
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use candle_core::cuda_backend::cudarc::driver::sys::{
     CUgraphInstantiate_flags, CUstreamCaptureMode,
@@ -104,14 +103,14 @@ pub struct Dims {
 pub struct LayerWeights<'a> {
     pub attn_norm: &'a Tensor,
     /// The q, k and v matrices, stacked where they share a format, in that order.
-    pub qkv: Vec<&'a Arc<QTensor>>,
+    pub qkv: Vec<Arc<QTensor>>,
     pub q_norm: Option<&'a Tensor>,
     pub k_norm: Option<&'a Tensor>,
-    pub attn_output: &'a Arc<QTensor>,
+    pub attn_output: Arc<QTensor>,
     pub ffn_norm: &'a Tensor,
     /// Gate then up, stacked where they share a format.
-    pub gate_up: Vec<&'a Arc<QTensor>>,
-    pub ffn_down: &'a Arc<QTensor>,
+    pub gate_up: Vec<Arc<QTensor>>,
+    pub ffn_down: Arc<QTensor>,
 }
 
 /// A matrix product: the weights (kept alive here), its launcher and its size.
@@ -179,7 +178,9 @@ pub struct DecodePlan {
     output: Product,
     cos: Vector,
     sin: Vector,
+    /// Owns the step's device memory; `ptrs` holds its (fixed) addresses.
     buf: Buffers,
+    ptrs: Pointers,
     /// Per (rows, splits): `None` once that shape has run without a graph (which loads
     /// every kernel lazily, before any capture), then its captured graph.
     graphs: HashMap<(usize, usize), Option<CudaGraph>>,
@@ -243,13 +244,14 @@ impl DecodePlan {
             let ctx = |e: candle_core::Error| candle_core::Error::Msg(format!("layer {i}: {e}"));
             plan_layers.push(Layer {
                 attn_norm: vector(layer.attn_norm, e).map_err(ctx)?,
-                qkv: products(&layer.qkv, q_width + 2 * kv_width, e, &device).map_err(ctx)?,
+                qkv: products_of(&layer.qkv, q_width + 2 * kv_width, e, &device).map_err(ctx)?,
                 q_norm: layer.q_norm.map(|t| vector(t, d)).transpose().map_err(ctx)?,
                 k_norm: layer.k_norm.map(|t| vector(t, d)).transpose().map_err(ctx)?,
-                attn_output: product(layer.attn_output, Some(e), q_width, &device).map_err(ctx)?,
+                attn_output: product_of(&layer.attn_output, Some(e), q_width, &device)
+                    .map_err(ctx)?,
                 ffn_norm: vector(layer.ffn_norm, e).map_err(ctx)?,
-                gate_up: products(&layer.gate_up, 2 * n_ff, e, &device).map_err(ctx)?,
-                ffn_down: product(layer.ffn_down, Some(e), n_ff, &device).map_err(ctx)?,
+                gate_up: products_of(&layer.gate_up, 2 * n_ff, e, &device).map_err(ctx)?,
+                ffn_down: product_of(&layer.ffn_down, Some(e), n_ff, &device).map_err(ctx)?,
             });
             if layer.q_norm.is_some() != layer.k_norm.is_some() {
                 bail!("layer {i} has a norm for queries or keys but not both")
@@ -275,11 +277,12 @@ impl DecodePlan {
         };
         Ok(DecodePlan {
             output_norm: vector(output_norm, e)?,
-            output: product(output, Some(dims.vocab), e, &device)?,
+            output: product_of(output, Some(dims.vocab), e, &device)?,
             cos: vector(cos, half_table)?,
             sin: vector(sin, half_table)?,
             layers: plan_layers,
             kernels,
+            ptrs: Pointers::of(&buf, &stream),
             buf,
             graphs: HashMap::new(),
             graphs_off: false,
@@ -289,8 +292,7 @@ impl DecodePlan {
         })
     }
 
-    /// Device memory of the step's buffers (counted against the GPU budget with the
-    /// weights).
+    /// Device memory of the step's buffers (logged at load; `GPU_MEMORY_MARGIN` covers it).
     pub fn buffer_bytes(&self) -> u64 {
         let b = &self.buf;
         let floats = b.emb.len()
@@ -410,15 +412,14 @@ impl DecodePlan {
         let (e, d, n_head, n_kv) = (dims.n_embd, dims.head_dim, dims.n_head, dims.n_kv);
         let (q_width, kv_width) = (n_head * d, n_kv * d);
         let qkv_width = q_width + 2 * kv_width;
-        let p = self.pointers();
+        let p = self.ptrs;
         let q8_e = q8_stride(e);
+        // The first norm starts from the embeddings; every later one adds the product
+        // before it to the residual stream `x`.
+        let (mut src, mut delta) = (p.emb, 0);
         for (l, layer) in self.layers.iter().enumerate() {
-            // Layer 0 starts from the embeddings; later ones add the last product first.
-            let (src, delta) = match l {
-                0 => (p.emb, 0),
-                _ => (p.x, p.delta),
-            };
             self.rms_norm_q8(src, delta, p.x, layer.attn_norm.ptr, n, e)?;
+            (src, delta) = (p.x, p.delta);
             self.products(&layer.qkv, q8_e, p.qkv, qkv_width, n)?;
             self.qk_rope_store(layer, l, n)?;
             self.attention(l, n, n_split)?;
@@ -428,31 +429,8 @@ impl DecodePlan {
             self.silu_mul_q8(n)?;
             self.product(&layer.ffn_down, q8_stride(dims.n_ff), p.delta, e, n, 0)?;
         }
-        let (src, delta) = match self.layers.len() {
-            0 => (p.emb, 0),
-            _ => (p.x, p.delta),
-        };
         self.rms_norm_q8(src, delta, 0, self.output_norm.ptr, n, e)?;
         self.product(&self.output, q8_e, p.logits, dims.vocab, n, 0)
-    }
-
-    fn pointers(&self) -> Pointers {
-        let s = &self.stream;
-        let b = &self.buf;
-        Pointers {
-            emb: b.emb.device_ptr(s).0,
-            x: b.x.device_ptr(s).0,
-            delta: b.delta.device_ptr(s).0,
-            q8: b.q8.device_ptr(s).0,
-            qkv: b.qkv.device_ptr(s).0,
-            q: b.q.device_ptr(s).0,
-            part_acc: b.part_acc.device_ptr(s).0,
-            part_ml: b.part_ml.device_ptr(s).0,
-            gu: b.gu.device_ptr(s).0,
-            logits: b.logits.device_ptr(s).0,
-            rows: b.rows.device_ptr(s).0,
-            kv: b.kv.device_ptr(s).0,
-        }
     }
 
     /// `x_out = src (+ delta)` (when `x_out` is not 0) and the Q8_1 blocks of its RMSNorm
@@ -466,7 +444,7 @@ impl DecodePlan {
         n: usize,
         width: usize,
     ) -> Result<()> {
-        let p = self.pointers();
+        let p = self.ptrs;
         let (width_i, stride, eps) = (width as i32, q8_stride(width) as i32, self.dims.eps);
         let mut launch = self.stream.launch_builder(&self.kernels.rms_norm_q8);
         launch.arg(&src).arg(&delta).arg(&x_out).arg(&weights).arg(&p.q8);
@@ -512,7 +490,7 @@ impl DecodePlan {
         if offset + w.rows > out_stride || q8_stride * 32 < w.cols {
             bail!("a product of {}x{} does not fit its buffers", w.rows, w.cols)
         }
-        let q8 = self.buf.q8.device_ptr(&self.stream).0;
+        let q8 = self.ptrs.q8;
         let dst = out + (offset * 4) as u64;
         // SAFETY: the weights hold `rows x cols` in their format (checked in `new`); `q8`
         // holds `n` rows of `q8_stride >= cols / 32` blocks written by the previous kernel;
@@ -536,7 +514,7 @@ impl DecodePlan {
     }
 
     fn qk_rope_store(&self, layer: &Layer, l: usize, n: usize) -> Result<()> {
-        let p = self.pointers();
+        let p = self.ptrs;
         let dims = self.dims;
         let d = dims.head_dim;
         let qkv_stride = ((dims.n_head + 2 * dims.n_kv) * d) as i32;
@@ -561,7 +539,7 @@ impl DecodePlan {
     }
 
     fn attention(&self, l: usize, n: usize, n_split: usize) -> Result<()> {
-        let p = self.pointers();
+        let p = self.ptrs;
         let dims = self.dims;
         let (l_i, n_head, n_kv, n_split_i) =
             (l as i32, dims.n_head as i32, dims.n_kv as i32, n_split as i32);
@@ -595,7 +573,7 @@ impl DecodePlan {
     }
 
     fn silu_mul_q8(&self, n: usize) -> Result<()> {
-        let p = self.pointers();
+        let p = self.ptrs;
         let n_ff = self.dims.n_ff;
         let stride = q8_stride(n_ff);
         let (gu_stride, n_ff_i, stride_i) = ((2 * n_ff) as i32, n_ff as i32, stride as i32);
@@ -618,6 +596,8 @@ fn launched<T>(result: std::result::Result<T, impl std::fmt::Display>) -> Result
     result.map(|_| ()).map_err(|e| msg(format!("a decode kernel failed to launch: {e}")))
 }
 
+/// The device addresses of `Buffers`, which never move: kernel arguments, and what the
+/// captured graphs hold.
 #[derive(Clone, Copy)]
 struct Pointers {
     emb: u64,
@@ -634,18 +614,38 @@ struct Pointers {
     kv: u64,
 }
 
+impl Pointers {
+    fn of(b: &Buffers, s: &CudaStream) -> Pointers {
+        Pointers {
+            emb: b.emb.device_ptr(s).0,
+            x: b.x.device_ptr(s).0,
+            delta: b.delta.device_ptr(s).0,
+            q8: b.q8.device_ptr(s).0,
+            qkv: b.qkv.device_ptr(s).0,
+            q: b.q.device_ptr(s).0,
+            part_acc: b.part_acc.device_ptr(s).0,
+            part_ml: b.part_ml.device_ptr(s).0,
+            gu: b.gu.device_ptr(s).0,
+            logits: b.logits.device_ptr(s).0,
+            rows: b.rows.device_ptr(s).0,
+            kv: b.kv.device_ptr(s).0,
+        }
+    }
+}
+
 fn msg(e: impl std::fmt::Display) -> candle_core::Error {
     candle_core::Error::Msg(format!("fused decode step: {e}"))
 }
 
 /// Several matrices applied to the same input, `total` output rows together.
-fn products(
-    parts: &[&Arc<QTensor>],
+fn products_of(
+    parts: &[Arc<QTensor>],
     total: usize,
     cols: usize,
     device: &Device,
 ) -> Result<Vec<Product>> {
-    let parts = parts.iter().map(|w| product(w, None, cols, device)).collect::<Result<Vec<_>>>()?;
+    let parts =
+        parts.iter().map(|w| product_of(w, None, cols, device)).collect::<Result<Vec<_>>>()?;
     let rows: usize = parts.iter().map(|p| p.rows).sum();
     if rows != total {
         bail!("stacked products of {rows} rows, expected {total}")
@@ -653,7 +653,13 @@ fn products(
     Ok(parts)
 }
 
-fn product(w: &Arc<QTensor>, rows: Option<usize>, cols: usize, device: &Device) -> Result<Product> {
+/// The product by `w`, checked to be `rows x cols` (any rows when `None`) on `device`.
+fn product_of(
+    w: &Arc<QTensor>,
+    rows: Option<usize>,
+    cols: usize,
+    device: &Device,
+) -> Result<Product> {
     let Some(launch) = mmvq_for(w.dtype()) else {
         bail!(
             "a matrix in {:?} (the GPU's fused decode takes Q4_0..Q8_0 and the K-quants)",
