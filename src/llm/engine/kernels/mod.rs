@@ -388,6 +388,11 @@ impl QMatrix {
         self.packed_rows > 0
     }
 
+    /// Whether the packed groups read activations in `q4k_x4`'s paired order.
+    fn reads_paired(&self) -> bool {
+        self.is_repacked() && matches!(self.ty, WeightType::Q4K | WeightType::Q5K)
+    }
+
     /// The bytes of a row kept in the GGUF layout (`row ≥ packed_rows`).
     fn row_bytes(&self, row: usize) -> &[u8] {
         assert!(row >= self.packed_rows, "row {row} is in a packed group");
@@ -505,7 +510,10 @@ pub struct Acts {
     f32s: Vec<f32>,
     q8x32: Vec<BlockQ8x32>,
     q8k: Vec<BlockQ8K>,
-    has: [bool; 3],
+    /// `q8k` in the order the packed Q4_K/Q5_K kernels read (`q4k_x4::pair_acts`).
+    q8k_paired: Vec<BlockQ8K>,
+    /// Which of `f32s`, `q8x32`, `q8k`, `q8k_paired` hold this product's activations.
+    has: [bool; 4],
 }
 
 impl Acts {
@@ -518,7 +526,7 @@ impl Acts {
         assert_eq!(x.len(), n_tokens * cols, "activation size");
         self.n_tokens = n_tokens;
         self.cols = cols;
-        self.has = [false; 3];
+        self.has = [false; 4];
         for w in weights {
             assert_eq!(w.cols, cols, "matrix width vs activations");
             match w.ty.act_kind() {
@@ -540,6 +548,11 @@ impl Acts {
                     self.has[2] = true;
                 }
                 _ => {}
+            }
+            // After the arm above, so `q8k` is ready.
+            if w.reads_paired() && !self.has[3] {
+                q4k_x4::pair_acts(&self.q8k, &mut self.q8k_paired);
+                self.has[3] = true;
             }
         }
     }
@@ -570,6 +583,7 @@ pub fn matmul_many(pool: &ThreadPool, isa: Isa, acts: &Acts, products: &mut [Pro
             ActKind::Q8K => 2,
         };
         assert!(acts.has[idx], "activations not prepared for {:?}", p.w.ty);
+        assert!(!p.w.reads_paired() || acts.has[3], "paired activations not prepared");
         assert_eq!(p.w.cols, acts.cols, "matrix width vs activations");
         assert_eq!(p.out.len(), n_tokens * p.w.rows, "output size");
         weights[m] = Some(p.w);
@@ -629,14 +643,14 @@ fn run_rows(isa: Isa, w: &QMatrix, acts: &Acts, r0: usize, r1: usize, out: &pool
         };
         match w.ty {
             _ if g0 == g1 => {}
-            WeightType::Q4K | WeightType::Q5K | WeightType::Q6K => {
+            WeightType::Q6K => {
                 let rows: [_; TOKEN_TILE] = token_rows(&acts.q8k, acts.cols / 256, tile_start);
-                let groups = w.groups_bytes(g0, g1);
-                if w.ty == WeightType::Q6K {
-                    q6k_x4::dot_groups(isa, groups, &rows[..tile], emit);
-                } else {
-                    q4k_x4::dot_groups(w.ty, isa, groups, &rows[..tile], emit);
-                }
+                q6k_x4::dot_groups(isa, w.groups_bytes(g0, g1), &rows[..tile], emit);
+            }
+            WeightType::Q4K | WeightType::Q5K => {
+                let rows: [_; TOKEN_TILE] =
+                    token_rows(&acts.q8k_paired, acts.cols / 256, tile_start);
+                q4k_x4::dot_groups(w.ty, isa, w.groups_bytes(g0, g1), &rows[..tile], emit);
             }
             ty => {
                 for g in g0..g1 {

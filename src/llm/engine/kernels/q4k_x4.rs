@@ -1,35 +1,46 @@
 //! Q4_K and Q5_K weights repacked at load four rows at a time (`Q4Kx4`, the idea of
-//! llama.cpp's `q4_K_8x8`), and their dot products against `BlockQ8K` activations.
+//! llama.cpp's `q4_K_8x8`), and their dot products against `BlockQ8K` activations whose
+//! values are reordered to match (`pair_acts`).
 //!
 //! Why: in the GGUF row layout one 256-bit vector of nibbles is one sub-block (32 values) of
 //! one row, so every `vpmaddubsw` (u8×i8 pairs into i16) must be followed by its own
 //! `vpmaddwd` with that sub-block's scale before anything can be summed. With eight bytes of
-//! each of four rows side by side in one vector, the four `vpmaddubsw` that cover a
-//! sub-block for those rows sum in i16 lanes that belong to one row each (at most
-//! `4·2·15·127 = 15240`, no overflow), and one `vpmaddwd` with the four rows' scales
-//! finishes them: 5 multiplies per 128 multiply-adds instead of 8, on CPUs whose integer
-//! multiplier is the limit (every AVX2 CPU without VNNI here). The same code serves decode
-//! (one token) and prefill (up to four tokens per pass over a block).
+//! each of four rows side by side in one vector, the `vpmaddubsw` of many vectors sum in i16
+//! lanes that belong to one row each, and one `vpmaddwd` with the rows' scales finishes them.
+//! Each i16 lane alternates between the two sub-blocks of a pair (`2j`, `2j + 1`), so one
+//! `vpmaddwd` with the scales `[s₂ⱼ, s₂ⱼ₊₁, …]` finishes a whole pair: for Q4_K, 9
+//! multiplies per 256 multiply-adds of a row group and token (8 `vpmaddubsw`, 1 `vpmaddwd`)
+//! where one sub-block at a time took 10. That matters on CPUs whose vector integer
+//! multiplier is the limit (every AVX2 CPU without VNNI here: two multiplies a cycle, which
+//! the adds share). The same code serves decode (one token) and prefill (up to four tokens
+//! per pass over a block).
 //!
 //! One packed block holds block `b` of rows `4g..4g+4`, 592 bytes (the four GGUF blocks are
 //! 576: the scales are stored unpacked, 2.8 % more):
 //! - `0..16`: f16 `d[0..4]`, then f16 `dmin[0..4]`;
-//! - `16..48`: the 6-bit sub-block scales as bytes, `[s·4 + r]`;
+//! - `16..48`: the 6-bit sub-block scales as bytes, row `r`'s scale of sub-block `s` at
+//!   `16 + 8r + s` (rows 0, 1 in the low 128-bit lane, 2, 3 in the high one: one in-lane
+//!   byte shuffle per pair spreads them);
 //! - `48..80`: the 6-bit minimums as bytes, four per row in each half: at `48 + 16h + 4r`
 //!   row `r`'s minimums of sub-blocks `MIN_ORDER[h]` (0, 1, 4, 5, then 2, 3, 6, 7), the
 //!   order of the activations' `bsums32`, so that one `vpmaddwd` per half leaves each row's
 //!   minimum sum in its own two i32 lanes (no horizontal add);
-//! - `80..592`: the nibbles: for chunk `j` (values `64j..64j+64`), group `g` (0..4), row
-//!   `r`: the eight bytes `qs[32j+8g..32j+8g+8]` of that row's block, so a vector at
-//!   `80 + 128j + 32g` holds those eight bytes of rows 0, 1, 2, 3. Low nibbles are values
-//!   `64j+8g..+8` (sub-block `2j`), high nibbles `64j+32+8g..+8` (sub-block `2j+1`).
+//! - `80..592`: the nibbles: for pair `j` (values `64j..64j+64`) and vector `v` (0..4), the
+//!   vector at `80 + 128j + 32v` holds eight bytes of each of rows 0, 1, 2, 3. Byte `k` of a
+//!   row belongs to sub-block `2j + (k/2)%2` (bytes 0, 1, 4, 5 to the first of the pair, 2,
+//!   3, 6, 7 to the second), and holds two of its values: see `value_of` for which.
 //!
 //! Q5_K's packed block is the same plus, at `592..720`, the fifth bits: the vector at
-//! `592 + 32g` holds `qh[8g..8g+8]` of rows 0, 1, 2, 3 (bit `s` of `qh[l]` is the fifth bit
-//! of value `32s + l`), 720 bytes for the four GGUF blocks' 704. Five-bit values keep the
-//! i16 sums exact: `4·2·31·128 = 31744`.
+//! `592 + 32v` holds for each byte of vector `v`'s nibbles (the same row and byte position,
+//! in every pair) the fifth bits as bit `2j + h`: pair `j`, low (`h = 0`) or high nibble.
+//! That is 720 bytes for the four GGUF blocks' 704.
 //!
-//! Owns only this layout: the row layout's kernels are `kquants`, threads are `pool`.
+//! The i16 sums stay exact: for Q4_K a lane sums 16 products `q·a` of one pair, at most
+//! `16·15·127 = 30480`; Q5_K's values reach 31, so its pair is finished in two halves of 8
+//! products (`8·31·127 = 31496`), two `vpmaddwd` a pair as before.
+//!
+//! Owns only this layout and the activation order it reads; the row layout's kernels are
+//! `kquants`, threads are `pool`.
 
 use super::kquants::{k4_sums, read_f16, scale_min_k4};
 use super::{BlockQ8K, Isa, WeightType, BSUMS32_ORDER};
@@ -61,6 +72,50 @@ const MIN_ORDER: [[usize; 4]; 2] = {
     [[o[0], o[1], o[2], o[3]], [o[4], o[5], o[6], o[7]]]
 };
 
+/// The value (0..256, in the block's natural order) that nibble `h` (0 low, 1 high) of byte
+/// `k` (0..8) of a row in vector `v` of pair `j` holds; also where `pair_acts` takes the
+/// activation at `64j + 16v + 8h + k` from, so that the eight bytes a `vpmaddubsw` pairs
+/// with nibbles `h` of a vector are one load. Bytes `k` and `k + 1` (`k` even) form an i16
+/// lane; lanes alternate between the pair's sub-blocks.
+#[inline(always)]
+const fn value_of(j: usize, v: usize, h: usize, k: usize) -> usize {
+    64 * j + 32 * ((k / 2) % 2) + 8 * v + 4 * h + 2 * (k / 4) + k % 2
+}
+
+/// The activations in the order the packed kernels read them (`value_of`): `qs` permuted
+/// within each 64-value pair, the sums and scale as they are (a sub-block's sum does not
+/// depend on the order). `out` is resized to `natural`'s length.
+pub(super) fn pair_acts(natural: &[BlockQ8K], out: &mut Vec<BlockQ8K>) {
+    out.resize(natural.len(), BlockQ8K::ZERO);
+    for (a, p) in natural.iter().zip(out.iter_mut()) {
+        *p = *a;
+        for j in 0..4 {
+            for v in 0..4 {
+                for h in 0..2 {
+                    for k in 0..8 {
+                        p.qs[64 * j + 16 * v + 8 * h + k] = a.qs[value_of(j, v, h, k)];
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `pair_acts` undone for one block: the activations in their natural order.
+fn unpaired(p: &BlockQ8K) -> BlockQ8K {
+    let mut a = *p;
+    for j in 0..4 {
+        for v in 0..4 {
+            for h in 0..2 {
+                for k in 0..8 {
+                    a.qs[value_of(j, v, h, k)] = p.qs[64 * j + 16 * v + 8 * h + k];
+                }
+            }
+        }
+    }
+    a
+}
+
 /// Repack four rows of `ty` blocks (Q4_K or Q5_K, GGUF layout, the same length) into `out`.
 pub(super) fn pack(ty: WeightType, rows: [&[u8]; ROWS], out: &mut [u8]) {
     let (gguf_bytes, packed_bytes) = (ty.block_bytes(), block_bytes(ty));
@@ -70,30 +125,36 @@ pub(super) fn pack(ty: WeightType, rows: [&[u8]; ROWS], out: &mut [u8]) {
     assert!(rows.iter().all(|r| r.len() == nb * gguf_bytes), "four whole rows of blocks");
     assert_eq!(out.len(), nb * packed_bytes, "packed size");
     for (b, dst) in out.chunks_exact_mut(packed_bytes).enumerate() {
+        dst.fill(0);
         for (r, row) in rows.iter().enumerate() {
             let blk = &row[b * gguf_bytes..(b + 1) * gguf_bytes];
             dst[2 * r..2 * r + 2].copy_from_slice(&blk[0..2]);
             dst[8 + 2 * r..8 + 2 * r + 2].copy_from_slice(&blk[2..4]);
             let (sc, m) = scale_min_k4(&blk[4..16]);
-            for (s, &scale) in sc.iter().enumerate() {
-                dst[SC_AT + 4 * s + r] = scale;
-            }
+            dst[SC_AT + 8 * r..SC_AT + 8 * r + 8].copy_from_slice(&sc);
             for (h, order) in MIN_ORDER.iter().enumerate() {
                 for (i, &s) in order.iter().enumerate() {
                     dst[MIN_AT + 16 * h + 4 * r + i] = m[s];
                 }
             }
+            // Value `x` of sub-block `s` is nibble `s % 2` of `qs[32(s/2) + x]`, its fifth
+            // bit (Q5_K) bit `s` of `qh[x]`.
+            let nibble = |value: usize| {
+                (blk[qs_at + 32 * (value / 64) + value % 32] >> (4 * ((value / 32) % 2))) & 0x0f
+            };
             for j in 0..4 {
-                for g in 0..4 {
-                    let at = QS_AT + 128 * j + 32 * g + 8 * r;
-                    let from = qs_at + 32 * j + 8 * g;
-                    dst[at..at + 8].copy_from_slice(&blk[from..from + 8]);
-                }
-            }
-            if let Some(qh_at) = qh_at {
-                for g in 0..4 {
-                    let (at, from) = (QH_AT + 32 * g + 8 * r, qh_at + 8 * g);
-                    dst[at..at + 8].copy_from_slice(&blk[from..from + 8]);
+                for v in 0..4 {
+                    for k in 0..8 {
+                        let at = QS_AT + 128 * j + 32 * v + 8 * r + k;
+                        dst[at] = nibble(value_of(j, v, 0, k)) | nibble(value_of(j, v, 1, k)) << 4;
+                        if let Some(qh_at) = qh_at {
+                            for h in 0..2 {
+                                let value = value_of(j, v, h, k);
+                                let bit = (blk[qh_at + value % 32] >> (value / 32)) & 1;
+                                dst[QH_AT + 32 * v + 8 * r + k] |= bit << (2 * j + h);
+                            }
+                        }
+                    }
                 }
             }
         }
@@ -105,29 +166,26 @@ pub(super) fn pack(ty: WeightType, rows: [&[u8]; ROWS], out: &mut [u8]) {
 #[inline(always)]
 fn row_of(blk: &[u8], r: usize) -> (f32, f32, [u8; 8], [u8; 8], [u8; QK]) {
     let (d, dmin) = (read_f16(blk, 2 * r), read_f16(blk, 8 + 2 * r));
-    let sc: [u8; 8] = std::array::from_fn(|s| blk[SC_AT + 4 * s + r]);
+    let sc: [u8; 8] = blk[SC_AT + 8 * r..SC_AT + 8 * r + 8].try_into().expect("8 scales");
     let mut m = [0u8; 8];
     for (h, order) in MIN_ORDER.iter().enumerate() {
         for (i, &s) in order.iter().enumerate() {
             m[s] = blk[MIN_AT + 16 * h + 4 * r + i];
         }
     }
+    let five = blk.len() == Q5K_BLOCK_BYTES;
     let mut q = [0u8; QK];
     for j in 0..4 {
-        for g in 0..4 {
-            let at = QS_AT + 128 * j + 32 * g + 8 * r;
-            for (i, &byte) in blk[at..at + 8].iter().enumerate() {
-                q[64 * j + 8 * g + i] = byte & 0x0f;
-                q[64 * j + 32 + 8 * g + i] = byte >> 4;
-            }
-        }
-    }
-    if blk.len() == Q5K_BLOCK_BYTES {
-        for g in 0..4 {
-            let at = QH_AT + 32 * g + 8 * r;
-            for (i, &h) in blk[at..at + 8].iter().enumerate() {
-                for s in 0..8 {
-                    q[32 * s + 8 * g + i] |= ((h >> s) & 1) << 4;
+        for v in 0..4 {
+            for k in 0..8 {
+                let byte = blk[QS_AT + 128 * j + 32 * v + 8 * r + k];
+                for h in 0..2 {
+                    let mut value = (byte >> (4 * h)) & 0x0f;
+                    if five {
+                        let bits = blk[QH_AT + 32 * v + 8 * r + k];
+                        value |= ((bits >> (2 * j + h)) & 1) << 4;
+                    }
+                    q[value_of(j, v, h, k)] = value;
                 }
             }
         }
@@ -152,8 +210,8 @@ pub(super) fn dequantize_row(ty: WeightType, group: &[u8], r: usize, out: &mut [
 }
 
 /// For every packed group `g` of `ty` (Q4_K or Q5_K) in `groups` and the activation rows
-/// `acts`, four at a time from `t`: `emit(g, t, out)` with `out[j][r]` the dot product of
-/// row `4g + r` with `acts[t + j]`.
+/// `acts` (in `pair_acts`' order), four at a time from `t`: `emit(g, t, out)` with
+/// `out[j][r]` the dot product of row `4g + r` with `acts[t + j]`.
 pub(super) fn dot_groups(
     ty: WeightType,
     isa: Isa,
@@ -192,15 +250,16 @@ fn dot(ty: WeightType, isa: Isa, group: &[u8], acts: &[&[BlockQ8K]], out: &mut [
 }
 
 /// The portable dot product: the row layout's arithmetic, in the same order, so it gives
-/// the same bits as `kquants`' portable code on the unpacked rows.
-/// Up to four activation rows; the result has a row for each, then zeros.
+/// the same bits as `kquants`' portable code on the unpacked rows and natural activations.
+/// Up to four activation rows (paired); the result has a row for each, then zeros.
 fn dot_portable(block: usize, group: &[u8], acts: &[&[BlockQ8K]]) -> [[f32; ROWS]; 4] {
     let mut sums = [[0f32; ROWS]; 4];
     for (b, blk) in group.chunks_exact(block).enumerate() {
+        let natural: [BlockQ8K; 4] =
+            std::array::from_fn(|t| acts.get(t).map_or(BlockQ8K::ZERO, |a| unpaired(&a[b])));
         for r in 0..ROWS {
             let (d, dmin, sc, m, q) = row_of(blk, r);
-            for (sum, a) in sums.iter_mut().zip(acts) {
-                let a = &a[b];
+            for (sum, a) in sums.iter_mut().zip(&natural[..acts.len()]) {
                 let (sumi, summ) = k4_sums(&q, &sc, &m, a);
                 sum[r] += a.d * (d * sumi as f32 - dmin * summ as f32);
             }
@@ -220,55 +279,25 @@ mod x86 {
     /// bytes: Q4_K's, or Q5_K's with the fifth bits.
     pub(super) struct Body<const N: usize>;
 
-    /// Shuffle control that spreads the four scales of sub-block `s % 4` (bytes
-    /// `4(s%4)..+4` of a 128-bit lane) over i16 lanes: rows 0, 1 in the low 128-bit lane,
-    /// rows 2, 3 in the high one, each over the four i16 lanes of its eight bytes.
+    /// Shuffle control that spreads the scales of pair `j` (sub-blocks `2j`, `2j + 1`) over
+    /// i16 lanes: in each 128-bit lane (rows 0, 1 or rows 2, 3, eight scale bytes a row),
+    /// each row's four i16 lanes get `[s₂ⱼ, s₂ⱼ₊₁, s₂ⱼ, s₂ⱼ₊₁]`, the order of its nibbles'
+    /// sub-blocks (see `value_of`).
     #[inline(always)]
-    unsafe fn scale_control(s: usize) -> __m256i {
-        let k = 4 * (s % 4) as i8;
+    unsafe fn scale_control(j: usize) -> __m256i {
         // 0x80: a zero byte.
         let z = -128i8;
-        // SAFETY: AVX is enabled in every caller.
+        let lane = |i: usize| (8 * (i / 4) + 2 * j + i % 2) as i8;
+        let c: [i8; 16] = std::array::from_fn(|b| if b % 2 == 1 { z } else { lane(b / 2) });
+        // SAFETY: AVX is enabled in every caller; 32 bytes of plain data to a vector.
         unsafe {
-            _mm256_setr_epi8(
-                k,
-                z,
-                k,
-                z,
-                k,
-                z,
-                k,
-                z, //
-                k + 1,
-                z,
-                k + 1,
-                z,
-                k + 1,
-                z,
-                k + 1,
-                z, //
-                k + 2,
-                z,
-                k + 2,
-                z,
-                k + 2,
-                z,
-                k + 2,
-                z, //
-                k + 3,
-                z,
-                k + 3,
-                z,
-                k + 3,
-                z,
-                k + 3,
-                z,
-            )
+            let half = std::mem::transmute::<[i8; 16], __m128i>(c);
+            _mm256_set_m128i(half, half)
         }
     }
 
-    /// The four rows' dot products with `NT` activation rows. i32 lanes `2r, 2r+1` of the
-    /// integer and float accumulators belong to row `r`.
+    /// The four rows' dot products with `NT` activation rows (paired, `pair_acts`). i32
+    /// lanes `2r, 2r+1` of the integer and float accumulators belong to row `r`.
     impl<const N: usize> KBody for Body<N> {
         #[inline(always)]
         unsafe fn body<M: Mac, const NT: usize>(
@@ -294,36 +323,52 @@ mod x86 {
                     let d = _mm256_permutevar8x32_ps(dm, dup_d);
                     let dmin = _mm256_permutevar8x32_ps(dm, dup_dmin);
                     let scales = v256(blk, SC_AT);
-                    let scales_lo = _mm256_permute2x128_si256(scales, scales, 0x00);
-                    let scales_hi = _mm256_permute2x128_si256(scales, scales, 0x11);
                     let mut sumi = [_mm256_setzero_si256(); NT];
-                    for j in 0..4 {
-                        for h in 0..2 {
-                            let s = 2 * j + h;
-                            let source = if s < 4 { scales_lo } else { scales_hi };
-                            let scale = _mm256_shuffle_epi8(source, controls[s % 4]);
-                            let mut part = [_mm256_setzero_si256(); NT];
-                            for g in 0..4 {
-                                let raw = v256(blk, QS_AT + 128 * j + 32 * g);
-                                let q = if h == 0 { raw } else { _mm256_srli_epi16(raw, 4) };
-                                let mut q = _mm256_and_si256(q, m4);
-                                if five {
-                                    // Bit `s` of each byte to bit 4 (a 16-bit shift moves
-                                    // the high byte's bits into the low byte's top bits,
-                                    // which the mask drops).
-                                    let qh = v256(blk, QH_AT + 32 * g);
-                                    let count = _mm_cvtsi32_si128(s as i32);
+                    for (j, control) in controls.iter().enumerate() {
+                        let scale = _mm256_shuffle_epi8(scales, *control);
+                        // Two i16 sums a token (vectors 0, 2 and 1, 3): shorter add chains,
+                        // and Q5_K's halves, which must not be summed in i16.
+                        let mut part = [[_mm256_setzero_si256(); NT]; 2];
+                        for v in 0..4 {
+                            let raw = v256(blk, QS_AT + 128 * j + 32 * v);
+                            let mut lo = _mm256_and_si256(raw, m4);
+                            let mut hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
+                            if five {
+                                // Bit `2j + h` of each byte to bit 4 (a 16-bit shift moves
+                                // the high byte's bits into the low byte's top bits, which
+                                // the mask drops).
+                                let qh = v256(blk, QH_AT + 32 * v);
+                                let bit = |h: i32| {
+                                    let count = _mm_cvtsi32_si128(2 * j as i32 + h);
                                     let bit = _mm256_and_si256(_mm256_srl_epi16(qh, count), ones);
-                                    q = _mm256_or_si256(q, _mm256_slli_epi16(bit, 4));
-                                }
-                                for t in 0..NT {
-                                    let x = bcast_qs(a[t], 64 * j + 32 * h + 8 * g);
-                                    part[t] = _mm256_add_epi16(part[t], _mm256_maddubs_epi16(q, x));
-                                }
+                                    _mm256_slli_epi16(bit, 4)
+                                };
+                                lo = _mm256_or_si256(lo, bit(0));
+                                hi = _mm256_or_si256(hi, bit(1));
                             }
                             for t in 0..NT {
-                                sumi[t] = M::madd_acc(sumi[t], part[t], scale);
+                                let at = 64 * j + 16 * v;
+                                let both = _mm256_add_epi16(
+                                    _mm256_maddubs_epi16(lo, bcast_qs(a[t], at)),
+                                    _mm256_maddubs_epi16(hi, bcast_qs(a[t], at + 8)),
+                                );
+                                part[v % 2][t] = _mm256_add_epi16(part[v % 2][t], both);
                             }
+                        }
+                        for t in 0..NT {
+                            sumi[t] = if five {
+                                M::madd_acc(
+                                    M::madd_acc(sumi[t], part[0][t], scale),
+                                    part[1][t],
+                                    scale,
+                                )
+                            } else {
+                                M::madd_acc(
+                                    sumi[t],
+                                    _mm256_add_epi16(part[0][t], part[1][t]),
+                                    scale,
+                                )
+                            };
                         }
                     }
                     // Each row's minimums of sub-blocks (0, 1, 4, 5) and (2, 3, 6, 7) as i16,
@@ -373,6 +418,41 @@ mod tests {
         out
     }
 
+    /// `value_of` maps each pair's 64 slots onto its 64 values one to one, so `pair_acts`
+    /// loses nothing and `unpaired` undoes it; sums and scale are kept.
+    #[test]
+    fn pairing_permutes_each_pair_and_is_undone() {
+        for j in 0..4 {
+            let mut seen = [false; 64];
+            for (v, h, k) in
+                (0..4).flat_map(|v| (0..2).flat_map(move |h| (0..8).map(move |k| (v, h, k))))
+            {
+                let value = value_of(j, v, h, k);
+                assert_eq!(value / 64, j, "slot {v} {h} {k} of pair {j} left its pair");
+                assert!(!std::mem::replace(&mut seen[value % 64], true), "value {value} twice");
+            }
+        }
+        let mut rng = Rng(0x5eed_0f9a_1f00_d00d);
+        let mut acts = Acts::new();
+        let x = rng.vec(2 * QK, 3.0);
+        let w = QMatrix::from_bytes_as_stored(
+            WeightType::Q4K,
+            1,
+            2 * QK,
+            random_rows(WeightType::Q4K, 2, &mut rng).swap_remove(0),
+        )
+        .expect("matrix");
+        acts.prepare(&x, 1, 2 * QK, &[&w]);
+        let mut paired = Vec::new();
+        pair_acts(&acts.q8k, &mut paired);
+        assert_eq!(paired.len(), 2);
+        for (a, p) in acts.q8k.iter().zip(&paired) {
+            assert_ne!(a.qs, p.qs, "random activations come out reordered");
+            assert_eq!((a.bsums, a.bsums32, a.d.to_bits()), (p.bsums, p.bsums32, p.d.to_bits()));
+            assert_eq!(unpaired(p).qs, a.qs);
+        }
+    }
+
     /// Repacking loses nothing: each row dequantizes to the same bits as its GGUF blocks.
     #[test]
     fn packed_rows_dequantize_as_the_stored_rows() {
@@ -417,6 +497,9 @@ mod tests {
                 let mut acts = Acts::new();
                 acts.prepare(&x, 4, nb * QK, &[&w.expect("matrix")]);
                 let act_rows: Vec<&[BlockQ8K]> = acts.q8k.chunks_exact(nb).collect();
+                let mut paired = Vec::new();
+                pair_acts(&acts.q8k, &mut paired);
+                let paired_rows: Vec<&[BlockQ8K]> = paired.chunks_exact(nb).collect();
                 let row_dot = |r: usize, nt: usize, out: &mut [f32; 4]| {
                     let a = &act_rows[..nt];
                     if ty == WeightType::Q5K {
@@ -428,7 +511,9 @@ mod tests {
                 let isas = check_packed_dot(
                     &format!("{ty:?} {extreme:?}"),
                     row_dot,
-                    |isa, first, nt, out| dot(ty, isa, &group, &act_rows[first..first + nt], out),
+                    |isa, first, nt, out| {
+                        dot(ty, isa, &group, &paired_rows[first..first + nt], out)
+                    },
                 );
                 for isa in isas {
                     if !ran.contains(&isa) {
