@@ -82,21 +82,28 @@ const fn value_of(j: usize, v: usize, h: usize, k: usize) -> usize {
     64 * j + 32 * ((k / 2) % 2) + 8 * v + 4 * h + 2 * (k / 4) + k % 2
 }
 
-/// The activations in the order the packed kernels read them (`value_of`): `qs` permuted
+/// `value_of` for each of a block's 256 activation slots in `pair_acts`' order: slot
+/// `64j + 16v + 8h + k` holds value `PAIR_ORDER[slot]`.
+const PAIR_ORDER: [usize; QK] = {
+    let mut order = [0; QK];
+    let mut slot = 0;
+    while slot < QK {
+        let (j, v, h, k) = (slot / 64, slot / 16 % 4, slot / 8 % 2, slot % 8);
+        order[slot] = value_of(j, v, h, k);
+        slot += 1;
+    }
+    order
+};
+
+/// The activations in the order the packed kernels read them (`PAIR_ORDER`): `qs` permuted
 /// within each 64-value pair, the sums and scale as they are (a sub-block's sum does not
 /// depend on the order). `out` is resized to `natural`'s length.
 pub(super) fn pair_acts(natural: &[BlockQ8K], out: &mut Vec<BlockQ8K>) {
     out.resize(natural.len(), BlockQ8K::ZERO);
     for (a, p) in natural.iter().zip(out.iter_mut()) {
         *p = *a;
-        for j in 0..4 {
-            for v in 0..4 {
-                for h in 0..2 {
-                    for k in 0..8 {
-                        p.qs[64 * j + 16 * v + 8 * h + k] = a.qs[value_of(j, v, h, k)];
-                    }
-                }
-            }
+        for (q, &value) in p.qs.iter_mut().zip(&PAIR_ORDER) {
+            *q = a.qs[value];
         }
     }
 }
@@ -104,14 +111,8 @@ pub(super) fn pair_acts(natural: &[BlockQ8K], out: &mut Vec<BlockQ8K>) {
 /// `pair_acts` undone for one block: the activations in their natural order.
 fn unpaired(p: &BlockQ8K) -> BlockQ8K {
     let mut a = *p;
-    for j in 0..4 {
-        for v in 0..4 {
-            for h in 0..2 {
-                for k in 0..8 {
-                    a.qs[value_of(j, v, h, k)] = p.qs[64 * j + 16 * v + 8 * h + k];
-                }
-            }
-        }
+    for (&q, &value) in p.qs.iter().zip(&PAIR_ORDER) {
+        a.qs[value] = q;
     }
     a
 }
