@@ -248,6 +248,12 @@ struct Job<'a, T> {
 
 fn run_tile<T: KvElem>(isa: Isa, job: &Job<'_, T>, t0: usize, t1: usize) {
     #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512Vnni && avx2_present() && is_x86_feature_detected!("avx512f") {
+        // SAFETY: AVX2, FMA, F16C and AVX512F were detected on this CPU just above.
+        unsafe { tile_avx512(job, t0, t1) };
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
     if isa != Isa::Portable && avx2_present() {
         // SAFETY: AVX2, FMA and F16C were detected on this CPU just above.
         unsafe { tile_avx2(job, t0, t1) };
@@ -270,6 +276,12 @@ fn avx2_present() -> bool {
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn tile_avx2<T: KvElem>(job: &Job<'_, T>, t0: usize, t1: usize) {
     tile::<Avx2, T>(job, t0, t1)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c,avx512f")]
+unsafe fn tile_avx512<T: KvElem>(job: &Job<'_, T>, t0: usize, t1: usize) {
+    tile::<Avx512, T>(job, t0, t1)
 }
 
 /// The vector operations of the tile, on `d`-long rows (`d % 8 == 0`). Each (query row,
@@ -536,16 +548,98 @@ pub(super) mod avx2 {
         _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1))
     }
 
+    /// A float vector width for the score dots and `P·V`: 8 lanes (AVX2) or 16 (AVX-512F).
+    /// Each method is one intrinsic of the width's features, which the caller enables.
+    pub(super) trait Floats {
+        type V: Copy;
+        const LANES: usize;
+        unsafe fn zero() -> Self::V;
+        unsafe fn load(p: *const f32) -> Self::V;
+        unsafe fn store(p: *mut f32, v: Self::V);
+        unsafe fn splat(x: f32) -> Self::V;
+        unsafe fn fmadd(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
+        /// The halves added down to 8 lanes (nothing to do at 8).
+        unsafe fn fold(v: Self::V) -> __m256;
+    }
+
+    /// 8 lanes.
+    pub(super) struct Lanes8;
+    /// 16 lanes.
+    pub(super) struct Lanes16;
+
+    // SAFETY (both impls): one intrinsic each, of AVX/FMA (`Lanes8`) or AVX512F (`Lanes16`),
+    // which the entry point that uses the width enables; pointers are the caller's to vouch
+    // for.
+    impl Floats for Lanes8 {
+        type V = __m256;
+        const LANES: usize = 8;
+        #[inline(always)]
+        unsafe fn zero() -> __m256 {
+            _mm256_setzero_ps()
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> __m256 {
+            _mm256_loadu_ps(p)
+        }
+        #[inline(always)]
+        unsafe fn store(p: *mut f32, v: __m256) {
+            _mm256_storeu_ps(p, v)
+        }
+        #[inline(always)]
+        unsafe fn splat(x: f32) -> __m256 {
+            _mm256_set1_ps(x)
+        }
+        #[inline(always)]
+        unsafe fn fmadd(a: __m256, b: __m256, c: __m256) -> __m256 {
+            _mm256_fmadd_ps(a, b, c)
+        }
+        #[inline(always)]
+        unsafe fn fold(v: __m256) -> __m256 {
+            v
+        }
+    }
+
+    impl Floats for Lanes16 {
+        type V = __m512;
+        const LANES: usize = 16;
+        #[inline(always)]
+        unsafe fn zero() -> __m512 {
+            _mm512_setzero_ps()
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> __m512 {
+            _mm512_loadu_ps(p)
+        }
+        #[inline(always)]
+        unsafe fn store(p: *mut f32, v: __m512) {
+            _mm512_storeu_ps(p, v)
+        }
+        #[inline(always)]
+        unsafe fn splat(x: f32) -> __m512 {
+            _mm512_set1_ps(x)
+        }
+        #[inline(always)]
+        unsafe fn fmadd(a: __m512, b: __m512, c: __m512) -> __m512 {
+            _mm512_fmadd_ps(a, b, c)
+        }
+        #[inline(always)]
+        unsafe fn fold(v: __m512) -> __m256 {
+            let hi = _mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v));
+            _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(hi))
+        }
+    }
+
     /// `out[r][j] = dot(q[r], key j) · scale` for `R` query rows and `j < n` (`n % 4 == 0`),
     /// keys `d` apart from `keys`: four keys at a time, each key vector loaded once for
-    /// the `R` rows, one accumulator per (row, key) over `d`.
+    /// the `R` rows, one accumulator per (row, key) over `d`, folded to 8 lanes before one
+    /// transpose-reduce per four keys.
     ///
     /// Safety: `q[r]` readable for `d`, `keys` for `n · d`, `out[r]` writable for `n`
-    /// floats; `d % 8 == 0`; AVX2 and FMA enabled by the caller.
+    /// floats; `d % F::LANES == 0`; AVX2, FMA and `F`'s features enabled by the caller.
     // The indices walk several register arrays at once (rows × columns), fully unrolled.
     #[allow(clippy::needless_range_loop)]
     #[inline(always)]
-    pub(super) unsafe fn dots<const R: usize>(
+    pub(super) unsafe fn dots<F: Floats, const R: usize>(
         q: [*const f32; R],
         keys: *const f32,
         d: usize,
@@ -557,66 +651,125 @@ pub(super) mod avx2 {
         let mut j = 0;
         while j < n {
             let k = keys.add(j * d);
-            let mut acc = [[_mm256_setzero_ps(); 4]; R];
+            let mut acc = [[F::zero(); 4]; R];
             let mut i = 0;
             while i < d {
-                let mut qv = [_mm256_setzero_ps(); R];
+                let mut qv = [F::zero(); R];
                 for r in 0..R {
-                    qv[r] = _mm256_loadu_ps(q[r].add(i));
+                    qv[r] = F::load(q[r].add(i));
                 }
                 for c in 0..4 {
-                    let kv = _mm256_loadu_ps(k.add(c * d + i));
+                    let kv = F::load(k.add(c * d + i));
                     for r in 0..R {
-                        acc[r][c] = _mm256_fmadd_ps(qv[r], kv, acc[r][c]);
+                        acc[r][c] = F::fmadd(qv[r], kv, acc[r][c]);
                     }
                 }
-                i += 8;
+                i += F::LANES;
             }
             for r in 0..R {
-                _mm_storeu_ps(out[r].add(j), _mm_mul_ps(reduce4(&acc[r]), sv));
+                // A loop, not `array::map`, whose closure may stay out of line.
+                let mut lanes = [_mm256_setzero_ps(); 4];
+                for c in 0..4 {
+                    lanes[c] = F::fold(acc[r][c]);
+                }
+                _mm_storeu_ps(out[r].add(j), _mm_mul_ps(reduce4(&lanes), sv));
             }
             j += 4;
         }
     }
 
-    /// `acc[r][0..8W] += p[r][j] · v[j·d..][..8W]` for `R` rows and `j < n` in order, the
-    /// `8W` accumulators of each row in registers, each value vector loaded once for the
-    /// `R` rows.
+    /// `acc[r][0..LANES·W] += p[r][j] · v[j·d..][..LANES·W]` for `R` rows and `j < n` in
+    /// order, the `LANES·W` accumulators of each row in registers, each value vector loaded
+    /// once for the `R` rows.
     ///
-    /// Safety: `acc[r]` read-writable for `8W`, `p[r]` readable for `n`, `v` for
-    /// `(n - 1) · d + 8W` floats; AVX2 and FMA enabled by the caller.
+    /// Safety: `acc[r]` read-writable for `LANES·W`, `p[r]` readable for `n`, `v` for
+    /// `(n - 1) · d + LANES·W` floats; AVX2, FMA and `F`'s features enabled by the caller.
     // The indices walk several register arrays at once (rows × columns), fully unrolled.
     #[allow(clippy::needless_range_loop)]
     #[inline(always)]
-    pub(super) unsafe fn pv<const R: usize, const W: usize>(
+    pub(super) unsafe fn pv<F: Floats, const R: usize, const W: usize>(
         acc: [*mut f32; R],
         p: [*const f32; R],
         v: *const f32,
         d: usize,
         n: usize,
     ) {
-        let mut a = [[_mm256_setzero_ps(); W]; R];
+        let mut a = [[F::zero(); W]; R];
         for r in 0..R {
             for w in 0..W {
-                a[r][w] = _mm256_loadu_ps(acc[r].add(8 * w));
+                a[r][w] = F::load(acc[r].add(F::LANES * w));
             }
         }
         for j in 0..n {
             let row = v.add(j * d);
-            let mut vs = [_mm256_setzero_ps(); W];
+            let mut vs = [F::zero(); W];
             for w in 0..W {
-                vs[w] = _mm256_loadu_ps(row.add(8 * w));
+                vs[w] = F::load(row.add(F::LANES * w));
             }
             for r in 0..R {
-                let pj = _mm256_set1_ps(*p[r].add(j));
+                let pj = F::splat(*p[r].add(j));
                 for w in 0..W {
-                    a[r][w] = _mm256_fmadd_ps(pj, vs[w], a[r][w]);
+                    a[r][w] = F::fmadd(pj, vs[w], a[r][w]);
                 }
             }
         }
         for r in 0..R {
             for w in 0..W {
-                _mm256_storeu_ps(acc[r].add(8 * w), a[r][w]);
+                F::store(acc[r].add(F::LANES * w), a[r][w]);
+            }
+        }
+    }
+
+    /// `dots` over whole slices: the checks, then the product.
+    #[inline(always)]
+    pub(super) fn dots_rows<F: Floats, const R: usize>(
+        q: [&[f32]; R],
+        keys: &[f32],
+        scale: f32,
+        out: [&mut [f32]; R],
+    ) {
+        let (d, n) = (q[0].len(), out[0].len());
+        assert!(d.is_multiple_of(F::LANES) && n.is_multiple_of(4) && keys.len() >= n * d);
+        assert!((0..R).all(|r| q[r].len() == d && out[r].len() == n));
+        // SAFETY: bounds as `dots` needs them, asserted above; the features are enabled by
+        // the caller (`tile_avx2`, `tile_avx512`), whose width `F` is.
+        unsafe {
+            dots::<F, R>(
+                q.map(|q| q.as_ptr()),
+                keys.as_ptr(),
+                d,
+                n,
+                scale,
+                out.map(|o| o.as_mut_ptr()),
+            )
+        }
+    }
+
+    /// `pv` over a whole row of `d = acc[0].len()`: `4·LANES` columns at a time, then
+    /// `LANES`.
+    #[inline(always)]
+    pub(super) fn pv_rows<F: Floats, const R: usize>(
+        acc: [&mut [f32]; R],
+        p: [&[f32]; R],
+        values: &[f32],
+    ) {
+        let d = acc[0].len();
+        let n = p[0].len();
+        assert!(d.is_multiple_of(F::LANES) && values.len() >= n * d);
+        assert!((0..R).all(|r| acc[r].len() == d && p[r].len() == n));
+        let acc = acc.map(|a| a.as_mut_ptr());
+        let p = p.map(|p| p.as_ptr());
+        let mut i = 0;
+        // SAFETY: columns i..i + LANES·W ≤ d of n rows d apart, within `values` (n · d
+        // floats) and each `acc` (d floats), as asserted; features as in `dots_rows`.
+        unsafe {
+            while i + 4 * F::LANES <= d {
+                pv::<F, R, 4>(acc.map(|a| a.add(i)), p, values.as_ptr().add(i), d, n);
+                i += 4 * F::LANES;
+            }
+            while i < d {
+                pv::<F, R, 1>(acc.map(|a| a.add(i)), p, values.as_ptr().add(i), d, n);
+                i += F::LANES;
             }
         }
     }
@@ -650,58 +803,15 @@ pub(super) mod avx2 {
 }
 
 #[cfg(target_arch = "x86_64")]
-impl Avx2 {
-    /// `avx2::pv` over a whole row of `d = acc[0].len()`: 32 columns at a time, then 8.
-    #[inline(always)]
-    fn pv_rows<const R: usize>(acc: [&mut [f32]; R], p: [&[f32]; R], values: &[f32]) {
-        let d = acc[0].len();
-        let n = p[0].len();
-        assert!(d.is_multiple_of(8) && values.len() >= n * d);
-        assert!((0..R).all(|r| acc[r].len() == d && p[r].len() == n));
-        let acc = acc.map(|a| a.as_mut_ptr());
-        let p = p.map(|p| p.as_ptr());
-        let mut i = 0;
-        // SAFETY: columns i..i + 8W ≤ d of n rows d apart, within `values` (n · d floats)
-        // and each `acc` (d floats), as asserted; AVX2/FMA enabled by the caller.
-        unsafe {
-            while i + 32 <= d {
-                avx2::pv::<R, 4>(acc.map(|a| a.add(i)), p, values.as_ptr().add(i), d, n);
-                i += 32;
-            }
-            while i < d {
-                avx2::pv::<R, 1>(acc.map(|a| a.add(i)), p, values.as_ptr().add(i), d, n);
-                i += 8;
-            }
-        }
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
 impl Ops for Avx2 {
     #[inline(always)]
     fn dots1(q: &[f32], keys: &[f32], scale: f32, out: &mut [f32]) {
-        let (d, n) = (q.len(), out.len());
-        assert!(d.is_multiple_of(8) && n.is_multiple_of(4) && keys.len() >= n * d);
-        // SAFETY: bounds as `avx2::dots` needs them, asserted above.
-        unsafe { avx2::dots::<1>([q.as_ptr()], keys.as_ptr(), d, n, scale, [out.as_mut_ptr()]) }
+        avx2::dots_rows::<avx2::Lanes8, 1>([q], keys, scale, [out])
     }
 
     #[inline(always)]
     fn dots2(qa: &[f32], qb: &[f32], keys: &[f32], scale: f32, oa: &mut [f32], ob: &mut [f32]) {
-        let (d, n) = (qa.len(), oa.len());
-        assert!(d.is_multiple_of(8) && n.is_multiple_of(4) && keys.len() >= n * d);
-        assert!(qb.len() == d && ob.len() == n);
-        // SAFETY: bounds as `avx2::dots` needs them, asserted above.
-        unsafe {
-            avx2::dots::<2>(
-                [qa.as_ptr(), qb.as_ptr()],
-                keys.as_ptr(),
-                d,
-                n,
-                scale,
-                [oa.as_mut_ptr(), ob.as_mut_ptr()],
-            )
-        }
+        avx2::dots_rows::<avx2::Lanes8, 2>([qa, qb], keys, scale, [oa, ob])
     }
 
     #[inline(always)]
@@ -751,12 +861,12 @@ impl Ops for Avx2 {
 
     #[inline(always)]
     fn pv1(acc: &mut [f32], p: &[f32], values: &[f32]) {
-        Self::pv_rows::<1>([acc], [p], values)
+        avx2::pv_rows::<avx2::Lanes8, 1>([acc], [p], values)
     }
 
     #[inline(always)]
     fn pv2(acc_a: &mut [f32], acc_b: &mut [f32], pa: &[f32], pb: &[f32], values: &[f32]) {
-        Self::pv_rows::<2>([acc_a, acc_b], [pa, pb], values)
+        avx2::pv_rows::<avx2::Lanes8, 2>([acc_a, acc_b], [pa, pb], values)
     }
 
     #[inline(always)]
@@ -773,6 +883,71 @@ impl Ops for Avx2 {
                 _mm256_storeu_ps(dst.as_mut_ptr().add(i) as *mut f32, _mm256_cvtph_ps(halves));
             }
         }
+    }
+}
+
+/// AVX-512F operations: the score dots and `P·V` (nearly all of the arithmetic) on 512-bit
+/// vectors (`avx2::Lanes16`) where the head width is a multiple of 16, the rest as `Avx2`.
+/// Safe fns with intrinsics, as `Avx2`: they must only run inside `tile_avx512`.
+#[cfg(target_arch = "x86_64")]
+struct Avx512;
+
+#[cfg(target_arch = "x86_64")]
+impl Ops for Avx512 {
+    #[inline(always)]
+    fn dots1(q: &[f32], keys: &[f32], scale: f32, out: &mut [f32]) {
+        if q.len().is_multiple_of(16) {
+            avx2::dots_rows::<avx2::Lanes16, 1>([q], keys, scale, [out])
+        } else {
+            Avx2::dots1(q, keys, scale, out)
+        }
+    }
+
+    #[inline(always)]
+    fn dots2(qa: &[f32], qb: &[f32], keys: &[f32], scale: f32, oa: &mut [f32], ob: &mut [f32]) {
+        if qa.len().is_multiple_of(16) {
+            avx2::dots_rows::<avx2::Lanes16, 2>([qa, qb], keys, scale, [oa, ob])
+        } else {
+            Avx2::dots2(qa, qb, keys, scale, oa, ob)
+        }
+    }
+
+    #[inline(always)]
+    fn max(x: &[f32]) -> f32 {
+        Avx2::max(x)
+    }
+
+    #[inline(always)]
+    fn exp_sub_sum(x: &mut [f32], max: f32) -> f32 {
+        Avx2::exp_sub_sum(x, max)
+    }
+
+    #[inline(always)]
+    fn scale(acc: &mut [f32], s: f32) {
+        Avx2::scale(acc, s)
+    }
+
+    #[inline(always)]
+    fn pv1(acc: &mut [f32], p: &[f32], values: &[f32]) {
+        if acc.len().is_multiple_of(16) {
+            avx2::pv_rows::<avx2::Lanes16, 1>([acc], [p], values)
+        } else {
+            Avx2::pv1(acc, p, values)
+        }
+    }
+
+    #[inline(always)]
+    fn pv2(acc_a: &mut [f32], acc_b: &mut [f32], pa: &[f32], pb: &[f32], values: &[f32]) {
+        if acc_a.len().is_multiple_of(16) {
+            avx2::pv_rows::<avx2::Lanes16, 2>([acc_a, acc_b], [pa, pb], values)
+        } else {
+            Avx2::pv2(acc_a, acc_b, pa, pb, values)
+        }
+    }
+
+    #[inline(always)]
+    fn widen(src: &[half::f16], dst: &mut [MaybeUninit<f32>]) {
+        Avx2::widen(src, dst)
     }
 }
 
@@ -846,6 +1021,14 @@ mod tests {
         eprintln!("attention vs f64: ISAs {isas:?}");
         #[cfg(target_arch = "x86_64")]
         assert!(!avx2_present() || isas.contains(&Isa::Avx2), "AVX2 path not exercised");
+        #[cfg(target_arch = "x86_64")]
+        assert!(
+            !["avx512f", "avx512bw", "avx512vl", "avx512vnni"]
+                .iter()
+                .all(|&f| super::super::testing::avx512_has(f))
+                || isas.contains(&Isa::Avx512Vnni),
+            "AVX-512 attention not exercised"
+        );
         for threads in [1, 2, 3] {
             let pool = ThreadPool::new(threads);
             for &(n_head, n_kv, d, start, n_tokens) in &cases {

@@ -215,7 +215,7 @@ fn dot_blocks_nt<F: Format, const NT: usize>(
             unsafe { x86::dot_avx2::<F, NT>(w, rows, out) };
             return;
         }
-        Isa::Portable => {}
+        Isa::Avx512Vnni | Isa::Portable => {}
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = isa;
@@ -252,8 +252,8 @@ fn dot_blocks_portable<F: Format, const NT: usize>(
 #[inline(always)]
 fn usable(isa: Isa) -> Isa {
     match isa {
-        Isa::Avx2Vnni if x86::has_vnni() => Isa::Avx2Vnni,
-        Isa::Avx2Vnni | Isa::Avx2 if x86::has_avx2() => Isa::Avx2,
+        Isa::Avx512Vnni | Isa::Avx2Vnni if x86::has_vnni() => Isa::Avx2Vnni,
+        Isa::Avx512Vnni | Isa::Avx2Vnni | Isa::Avx2 if x86::has_avx2() => Isa::Avx2,
         _ => Isa::Portable,
     }
 }
@@ -815,7 +815,7 @@ mod tests {
         [WeightType::Q4_0, WeightType::Q4_1, WeightType::Q5_0, WeightType::Q8_0];
 
     /// Every instruction set, including ones this CPU lacks: those must fall back safely.
-    const ALL_ISAS: [Isa; 3] = [Isa::Portable, Isa::Avx2, Isa::Avx2Vnni];
+    const ALL_ISAS: [Isa; 4] = [Isa::Portable, Isa::Avx2, Isa::Avx2Vnni, Isa::Avx512Vnni];
 
     /// A sane block scale: ±[1e-3, 1e-1].
     fn scale(rng: &mut Rng) -> f32 {

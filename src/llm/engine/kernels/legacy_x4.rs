@@ -177,7 +177,7 @@ fn portable<F: Format>(
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::super::kquants::x86::prefetch;
-    use super::super::x4::x86::{bcast8, row_sums, simd};
+    use super::super::x4::x86::{bcast8, row_sums, simd, Simd};
     use super::{block_bytes, fields, BlockQ8x32, Isa, WeightType, ROWS};
     use std::arch::x86_64::*;
 
@@ -191,18 +191,16 @@ mod x86 {
         acts: &[&[BlockQ8x32]],
         out: &mut [[f32; ROWS]],
     ) -> bool {
-        let Some(vnni) = simd(isa) else { return false };
+        let Some(simd) = simd(isa) else { return false };
         macro_rules! go {
             ($kind:ty) => {
-                if vnni {
-                    // SAFETY: the CPU has every feature `entry_vnni` enables (checked
-                    // above); the caller checked 1 to 4 activation rows, each as long as
-                    // the group, and a slot in `out` for each.
-                    unsafe { entry_vnni::<$kind>(group, acts, out) }
-                } else {
-                    // SAFETY: the CPU has AVX2, FMA and F16C (checked above); shapes as
-                    // above.
-                    unsafe { entry_avx2::<$kind>(group, acts, out) }
+                // SAFETY (all arms): the CPU has every feature the entry point enables
+                // (`simd` checked); the caller checked 1 to 4 activation rows, each as long
+                // as the group, and a slot in `out` for each.
+                match simd {
+                    Simd::Avx2 => unsafe { entry_avx2::<$kind>(group, acts, out) },
+                    Simd::Vnni256 => unsafe { entry_vnni::<$kind>(group, acts, out) },
+                    Simd::Vnni512 => unsafe { entry_avx512::<$kind>(group, acts, out) },
                 }
             };
         }
@@ -286,6 +284,97 @@ mod x86 {
                     acc = _mm256_dpbusd_epi32(acc, _mm256_abs_epi8(w[k]), s);
                 }
                 acc
+            }
+        }
+    }
+
+    /// A block's integer sums for one token, per row in i32 lanes `2r, 2r+1`: the
+    /// weights prepared once per block (`weights`, shared by the tokens), then each
+    /// token's sums (`isum`).
+    trait Dot {
+        type W: Copy;
+        /// # Safety
+        /// The CPU has the entry point's features.
+        unsafe fn weights(q: [__m256i; 4], signed: bool) -> Self::W;
+        /// # Safety
+        /// As `weights`.
+        unsafe fn isum(w: Self::W, a: &BlockQ8x32, signed: bool) -> __m256i;
+    }
+
+    /// 256-bit vectors, the multiply-adds done by `M`.
+    struct Y<M>(std::marker::PhantomData<M>);
+
+    impl<M: Mac> Dot for Y<M> {
+        type W = [__m256i; 4];
+        #[inline(always)]
+        unsafe fn weights(q: [__m256i; 4], _: bool) -> [__m256i; 4] {
+            q
+        }
+        #[inline(always)]
+        unsafe fn isum(w: [__m256i; 4], a: &BlockQ8x32, signed: bool) -> __m256i {
+            // SAFETY: the caller's features.
+            unsafe {
+                let x = [bcast8(&a.qs, 0), bcast8(&a.qs, 8), bcast8(&a.qs, 16), bcast8(&a.qs, 24)];
+                if signed {
+                    M::signed4(w, x)
+                } else {
+                    M::unsigned4(w, x)
+                }
+            }
+        }
+    }
+
+    /// 512-bit vectors (AVX-512 F, BW, VNNI): vectors 0, 1 and 2, 3 of a block side by
+    /// side, so two `vpdpbusd` do a token's block. Signed weights (Q8_0) swap the operands'
+    /// roles: the activations are made unsigned (`a + 128`, a flip of the top bit, once per
+    /// token) and multiplied into the signed weights, and `128·Σw`, counted once per block
+    /// for each i32 lane, is taken back out. Each lane then holds exactly the integer the
+    /// 256-bit code's does, so the results have the same bits, in fewer instructions than
+    /// the sign trick (`vpsignb` + `vpabsb` a vector).
+    struct Z;
+
+    impl Dot for Z {
+        /// The weights, and for signed weights each lane's `128·Σw`.
+        type W = ([__m512i; 2], __m512i);
+        #[inline(always)]
+        unsafe fn weights(q: [__m256i; 4], signed: bool) -> Self::W {
+            // SAFETY: AVX512F, BW and VNNI are enabled by `entry_avx512`.
+            unsafe {
+                let join = |lo: __m256i, hi: __m256i| {
+                    _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi)
+                };
+                let w = [join(q[0], q[1]), join(q[2], q[3])];
+                let mut offset = _mm512_setzero_si512();
+                if signed {
+                    let top = _mm512_set1_epi8(-128);
+                    offset = _mm512_dpbusd_epi32(offset, top, w[0]);
+                    offset = _mm512_dpbusd_epi32(offset, top, w[1]);
+                }
+                (w, offset)
+            }
+        }
+        #[inline(always)]
+        unsafe fn isum((w, offset): Self::W, a: &BlockQ8x32, signed: bool) -> __m256i {
+            // SAFETY: AVX512F, BW and VNNI are enabled by `entry_avx512`; the
+            // activations are one 32-byte load.
+            unsafe {
+                let mut qs = std::mem::transmute::<[i8; 32], __m256i>(a.qs);
+                if signed {
+                    qs = _mm256_xor_si256(qs, _mm256_set1_epi8(-128));
+                }
+                let qs = _mm512_castsi256_si512(qs);
+                // Values 0..8 to each quarter of the low half, 8..16 to the high half;
+                // then 16..24 and 24..32.
+                let x01 = _mm512_permutexvar_epi64(_mm512_set_epi64(1, 1, 1, 1, 0, 0, 0, 0), qs);
+                let x23 = _mm512_permutexvar_epi64(_mm512_set_epi64(3, 3, 3, 3, 2, 2, 2, 2), qs);
+                let zero = _mm512_setzero_si512();
+                let sum = if signed {
+                    let sum = _mm512_dpbusd_epi32(zero, x01, w[0]);
+                    _mm512_sub_epi32(_mm512_dpbusd_epi32(sum, x23, w[1]), offset)
+                } else {
+                    _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, w[0], x01), w[1], x23)
+                };
+                _mm256_add_epi32(_mm512_castsi512_si256(sum), _mm512_extracti64x4_epi64::<1>(sum))
             }
         }
     }
@@ -428,7 +517,7 @@ mod x86 {
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn entry_avx2<K: Kind>(group: &[u8], acts: &[&[BlockQ8x32]], out: &mut [[f32; ROWS]]) {
         // SAFETY: the caller's guarantees are `by_tokens`'s.
-        unsafe { by_tokens::<K, Avx2>(group, acts, out) }
+        unsafe { by_tokens::<K, Y<Avx2>>(group, acts, out) }
     }
 
     /// # Safety
@@ -436,11 +525,19 @@ mod x86 {
     #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
     unsafe fn entry_vnni<K: Kind>(group: &[u8], acts: &[&[BlockQ8x32]], out: &mut [[f32; ROWS]]) {
         // SAFETY: the caller's guarantees are `by_tokens`'s.
-        unsafe { by_tokens::<K, Vnni>(group, acts, out) }
+        unsafe { by_tokens::<K, Y<Vnni>>(group, acts, out) }
+    }
+
+    /// # Safety
+    /// As `entry_vnni`, and the CPU has AVX512F and AVX512BW.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni,avx512vl")]
+    unsafe fn entry_avx512<K: Kind>(group: &[u8], acts: &[&[BlockQ8x32]], out: &mut [[f32; ROWS]]) {
+        // SAFETY: the caller's guarantees are `by_tokens`'s.
+        unsafe { by_tokens::<K, Z>(group, acts, out) }
     }
 
     #[inline(always)]
-    unsafe fn by_tokens<K: Kind, M: Mac>(
+    unsafe fn by_tokens<K: Kind, M: Dot>(
         group: &[u8],
         acts: &[&[BlockQ8x32]],
         out: &mut [[f32; ROWS]],
@@ -460,7 +557,7 @@ mod x86 {
     /// The four rows' dot products with `NT` activation rows; lanes `2r, 2r+1` of the
     /// accumulators belong to row `r`.
     #[inline(always)]
-    unsafe fn body<K: Kind, M: Mac, const NT: usize>(
+    unsafe fn body<K: Kind, M: Dot, const NT: usize>(
         group: &[u8],
         acts: [&[BlockQ8x32]; NT],
     ) -> [[f32; ROWS]; NT] {
@@ -471,11 +568,10 @@ mod x86 {
             for (b, p) in group.chunks_exact(block_bytes(K::TY)).enumerate() {
                 prefetch(p);
                 let blk = K::load(p);
+                let w = M::weights(blk.q, K::SIGNED);
                 for t in 0..NT {
                     let a = &acts[t][b];
-                    let x = std::array::from_fn(|k| bcast8(&a.qs, 8 * k));
-                    let mut isum =
-                        if K::SIGNED { M::signed4(blk.q, x) } else { M::unsigned4(blk.q, x) };
+                    let mut isum = M::isum(w, a, K::SIGNED);
                     // Q4_0's and Q5_0's offset, `Σ(q − OFFSET)·a = Σq·a − OFFSET·Σa`, exactly
                     // in integers, half in each of a row's two lanes (at most 16·32·127).
                     if K::OFFSET != 0 {

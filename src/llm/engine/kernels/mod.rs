@@ -2,12 +2,14 @@
 //! their GGUF block formats (Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K; anything else is
 //! widened to f32 at load) against activations quantized once per product (32-value Q8
 //! blocks for the legacy formats, 256-value Q8_K blocks for the K-quants) and reused for
-//! every output row. Q4_K, Q6_K and the 32-value formats are repacked at load four rows at
-//! a time (`q4k_x4`, `q6k_x4`, `legacy_x4`), so the integer products of four rows share their
-//! widening and float steps; Q5_K, f32 and a matrix's last `rows % 4` rows keep the GGUF row
-//! layout (`kquants`, `legacy`). Integer dot products use AVX2, or AVX-512 VNNI's
-//! `vpdpbusd`/`vpdpwssd` where the CPU has it, chosen at run time (`ENGINE_ISA` may force a
-//! lower one); other CPUs get the portable code. Prefill is a tiled GEMM (one unpacked
+//! every output row. The K-quants and the 32-value formats are repacked at load four rows at
+//! a time (`q4k_x4` for Q4_K and Q5_K, `q6k_x4`, `legacy_x4`), so the integer products of
+//! four rows share their widening and float steps; f32 and a matrix's last `rows % 4` rows
+//! keep the GGUF row layout (`kquants`, `legacy`). Integer dot products use AVX2, or AVX-512 VNNI's
+//! `vpdpbusd`/`vpdpwssd` where the CPU has it, the packed products and attention on 512-bit
+//! vectors where it also has AVX-512 BW, chosen at run time (`ENGINE_ISA` may force a
+//! lower one); other CPUs get the portable code. Every SIMD path of a packed product adds
+//! the same integers, so all give the same bits. Prefill is a tiled GEMM (one unpacked
 //! weight block feeds up to four tokens); work is split over a persistent thread pool
 //! (`pool`).
 //!
@@ -75,6 +77,9 @@ pub enum Isa {
     /// AVX2 code with the u8×i8 dot products done by AVX-512 VNNI `vpdpbusd` on 256-bit
     /// vectors (needs AVX512_VNNI and AVX512VL: Ice Lake, Sapphire Rapids, Zen 4 and later).
     Avx2Vnni,
+    /// That, and the packed K-quant products (`q4k_x4`, `q6k_x4`) on 512-bit vectors (also
+    /// needs AVX512F and AVX512BW); the other kernels run as `Avx2Vnni`.
+    Avx512Vnni,
 }
 
 impl Isa {
@@ -111,6 +116,9 @@ impl Isa {
                 isas.push(Isa::Avx2);
                 if is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl") {
                     isas.push(Isa::Avx2Vnni);
+                    if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") {
+                        isas.push(Isa::Avx512Vnni);
+                    }
                 }
             }
         }
@@ -121,7 +129,8 @@ impl Isa {
         match self {
             Isa::Portable => "portable",
             Isa::Avx2 => "avx2",
-            Isa::Avx2Vnni => "avx512-vnni",
+            Isa::Avx2Vnni => "avx512-vnni-256",
+            Isa::Avx512Vnni => "avx512-vnni",
         }
     }
 }

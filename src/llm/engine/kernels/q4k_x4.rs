@@ -271,8 +271,8 @@ fn dot_portable(block: usize, group: &[u8], acts: &[&[BlockQ8K]]) -> [[f32; ROWS
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::super::kquants::x86::{prefetch, Mac};
-    use super::super::x4::x86::{bcast_bsums32, bcast_qs, row_sums, v128, v256, KBody};
+    use super::super::kquants::x86::prefetch;
+    use super::super::x4::x86::{bcast_bsums32, fold, row_sums, v128, v256, KBody, Lanes};
     use super::{BlockQ8K, MIN_AT, Q5K_BLOCK_BYTES, QH_AT, QS_AT, ROWS, SC_AT};
     use std::arch::x86_64::*;
 
@@ -298,24 +298,25 @@ mod x86 {
     }
 
     /// The four rows' dot products with `NT` activation rows (paired, `pair_acts`). i32
-    /// lanes `2r, 2r+1` of the integer and float accumulators belong to row `r`.
+    /// lanes `2r, 2r+1` of the integer and float accumulators belong to row `r`. The nibble
+    /// vectors go `L::SPAN` at a time (see `Lanes`).
     impl<const N: usize> KBody for Body<N> {
         #[inline(always)]
-        unsafe fn body<M: Mac, const NT: usize>(
+        unsafe fn body<L: Lanes, const NT: usize>(
             group: &[u8],
             acts: [&[BlockQ8K]; NT],
         ) -> [[f32; ROWS]; NT] {
-            // SAFETY: AVX2, FMA and F16C (and `M`'s features) are enabled by the entry point;
+            // SAFETY: AVX2, FMA and F16C (and `L`'s features) are enabled by the entry point;
             // every load goes through a bounds-checked fixed-size array.
             unsafe {
-                let m4 = _mm256_set1_epi8(0x0f);
+                let m4 = L::splat8(0x0f);
                 let dup_d = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
                 let dup_dmin = _mm256_setr_epi32(4, 4, 5, 5, 6, 6, 7, 7);
                 let controls =
                     [scale_control(0), scale_control(1), scale_control(2), scale_control(3)];
                 let mut acc = [_mm256_setzero_ps(); NT];
                 let five = N == Q5K_BLOCK_BYTES;
-                let ones = _mm256_set1_epi8(1);
+                let ones = L::splat8(1);
                 for (b, blk) in group.chunks_exact(N).enumerate() {
                     prefetch(blk);
                     let blk: &[u8; N] = blk.try_into().expect("whole block");
@@ -324,54 +325,54 @@ mod x86 {
                     let d = _mm256_permutevar8x32_ps(dm, dup_d);
                     let dmin = _mm256_permutevar8x32_ps(dm, dup_dmin);
                     let scales = v256(blk, SC_AT);
-                    let mut sumi = [_mm256_setzero_si256(); NT];
+                    let mut sumi = [L::zero(); NT];
                     for (j, control) in controls.iter().enumerate() {
-                        let scale = _mm256_shuffle_epi8(scales, *control);
-                        // Two i16 sums a token (vectors 0, 2 and 1, 3): shorter add chains,
-                        // and Q5_K's halves, which must not be summed in i16.
-                        let mut part = [[_mm256_setzero_si256(); NT]; 2];
-                        for v in 0..4 {
-                            let raw = v256(blk, QS_AT + 128 * j + 32 * v);
-                            let mut lo = _mm256_and_si256(raw, m4);
-                            let mut hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
+                        let scale = L::per_half(|_| _mm256_shuffle_epi8(scales, *control));
+                        // Two i16 sums a token (vectors 0, 2 and 1, 3; for `Z` vectors 0, 1
+                        // side by side, then 2, 3): shorter add chains, and Q5_K's halves,
+                        // which must not be summed in i16.
+                        let mut part = [[L::zero(); NT]; 2];
+                        for v in (0..4).step_by(L::SPAN) {
+                            let raw = L::load(blk, QS_AT + 128 * j + 32 * v);
+                            let mut lo = L::and(raw, m4);
+                            let mut hi = L::and(L::srli16::<4>(raw), m4);
                             if five {
                                 // Bit `2j + h` of each byte to bit 4 (a 16-bit shift moves
                                 // the high byte's bits into the low byte's top bits, which
                                 // the mask drops).
-                                let qh = v256(blk, QH_AT + 32 * v);
+                                let qh = L::load(blk, QH_AT + 32 * v);
                                 let bit = |h: i32| {
                                     let count = _mm_cvtsi32_si128(2 * j as i32 + h);
-                                    let bit = _mm256_and_si256(_mm256_srl_epi16(qh, count), ones);
-                                    _mm256_slli_epi16(bit, 4)
+                                    L::slli16::<4>(L::and(L::srl16(qh, count), ones))
                                 };
-                                lo = _mm256_or_si256(lo, bit(0));
-                                hi = _mm256_or_si256(hi, bit(1));
+                                lo = L::or(lo, bit(0));
+                                hi = L::or(hi, bit(1));
                             }
                             for t in 0..NT {
-                                let at = 64 * j + 16 * v;
-                                let both = _mm256_add_epi16(
-                                    _mm256_maddubs_epi16(lo, bcast_qs(a[t], at)),
-                                    _mm256_maddubs_epi16(hi, bcast_qs(a[t], at + 8)),
+                                // Lows then highs of vector `v`, then of `v + 1` (half 1
+                                // of `Z`): the paired activations' order.
+                                let base = 64 * j + 16 * v;
+                                let both = L::add16(
+                                    L::maddubs(lo, L::spread(a[t], base, 0, 2)),
+                                    L::maddubs(hi, L::spread(a[t], base, 1, 3)),
                                 );
-                                part[v % 2][t] = _mm256_add_epi16(part[v % 2][t], both);
+                                let p = &mut part[v / L::SPAN % 2][t];
+                                *p = L::add16(*p, both);
                             }
                         }
                         for t in 0..NT {
                             sumi[t] = if five {
-                                M::madd_acc(
-                                    M::madd_acc(sumi[t], part[0][t], scale),
+                                L::madd_acc(
+                                    L::madd_acc(sumi[t], part[0][t], scale),
                                     part[1][t],
                                     scale,
                                 )
                             } else {
-                                M::madd_acc(
-                                    sumi[t],
-                                    _mm256_add_epi16(part[0][t], part[1][t]),
-                                    scale,
-                                )
+                                L::madd_acc(sumi[t], L::add16(part[0][t], part[1][t]), scale)
                             };
                         }
                     }
+                    let sumi = fold::<L, NT>(sumi);
                     // Each row's minimums of sub-blocks (0, 1, 4, 5) and (2, 3, 6, 7) as i16,
                     // rows 0, 1 in the low lane and 2, 3 in the high one, against the
                     // activations' sums of those sub-blocks: one `vpmaddwd` per half leaves row

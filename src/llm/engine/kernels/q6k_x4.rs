@@ -151,8 +151,8 @@ fn dot_portable(group: &[u8], acts: &[&[BlockQ8K]]) -> [[f32; ROWS]; 4] {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::super::kquants::x86::{prefetch, Mac};
-    use super::super::x4::x86::{bcast_bsums, bcast_qs, row_sums, v256, KBody};
+    use super::super::kquants::x86::prefetch;
+    use super::super::x4::x86::{bcast_bsums, fold, row_sums, v256, KBody, Lanes};
     use super::{BlockQ8K, BLOCK_BYTES, QH_AT, QL_AT, ROWS, SC_AT};
     use std::arch::x86_64::*;
 
@@ -174,19 +174,49 @@ mod x86 {
         }
     }
 
+    /// Bits 4, 5 of the values of quarter `k` (values `32k..32k + 32` of a half-block) in
+    /// bits 4, 5 of each byte of `qh` (the mask comes after).
+    #[inline(always)]
+    unsafe fn high_bits(qh: __m256i, k: usize) -> __m256i {
+        // SAFETY: AVX2 is enabled in every caller.
+        unsafe {
+            match k {
+                0 => _mm256_slli_epi16(qh, 4),
+                1 => _mm256_slli_epi16(qh, 2),
+                2 => qh,
+                _ => _mm256_srli_epi16(qh, 2),
+            }
+        }
+    }
+
+    /// The 6-bit values of quarters `k..k + L::SPAN` of the vector pair whose low nibbles
+    /// start at `ql` (quarters 0, 1 and 2, 3 share their bytes: `k % 2` picks the vector,
+    /// `k ≥ 2` the high nibbles), with bits 4, 5 from `qh`. A function, not a closure, so
+    /// that it is always inlined into the entry point (a closure called through
+    /// `array::from_fn` was not, and handed its vectors back through memory).
+    #[inline(always)]
+    unsafe fn values<L: Lanes>(blk: &[u8; BLOCK_BYTES], ql: usize, qh: __m256i, k: usize) -> L::I {
+        // SAFETY: the caller's features; bounds-checked loads.
+        unsafe {
+            let ql = L::load(blk, ql + 32 * (k % 2));
+            let lo = if k < 2 { ql } else { L::srli16::<4>(ql) };
+            let hi = L::per_half(|s| high_bits(qh, k + s));
+            L::or(L::and(lo, L::splat8(0x0f)), L::and(hi, L::splat8(0x30)))
+        }
+    }
+
     /// The four rows' dot products with `NT` activation rows; lanes `2r, 2r+1` of the
-    /// accumulators belong to row `r`.
+    /// accumulators belong to row `r`. The quarters `k` go `L::SPAN` at a time (see
+    /// `Lanes`): the low nibbles of quarters 0, 1 (and 2, 3) are consecutive vectors.
     impl KBody for Body {
         #[inline(always)]
-        unsafe fn body<M: Mac, const NT: usize>(
+        unsafe fn body<L: Lanes, const NT: usize>(
             group: &[u8],
             acts: [&[BlockQ8K]; NT],
         ) -> [[f32; ROWS]; NT] {
-            // SAFETY: AVX2, FMA and F16C (and `M`'s features) are enabled by the entry point;
+            // SAFETY: AVX2, FMA and F16C (and `L`'s features) are enabled by the entry point;
             // every load goes through a bounds-checked fixed-size array.
             unsafe {
-                let m4 = _mm256_set1_epi8(0x0f);
-                let m30 = _mm256_set1_epi8(0x30);
                 let controls: [__m256i; 8] = std::array::from_fn(|k| scale_control(k));
                 let mut acc = [_mm256_setzero_ps(); NT];
                 for (b, blk) in group.chunks_exact(BLOCK_BYTES).enumerate() {
@@ -208,46 +238,41 @@ mod x86 {
                         _mm256_unpacklo_epi8(rows_02, rows_13),
                         _mm256_unpackhi_epi8(rows_02, rows_13),
                     ];
-                    let mut sumi = [_mm256_setzero_si256(); NT];
+                    let mut sumi = [L::zero(); NT];
                     for n in 0..2 {
                         for h in 0..2 {
                             let g = [2 * h, 2 * h + 1];
-                            let ql =
-                                |g: usize, p: usize| v256(blk, QL_AT + 256 * n + 64 * g + 32 * p);
-                            let (qa, qb) = ([ql(g[0], 0), ql(g[1], 0)], [ql(g[0], 1), ql(g[1], 1)]);
-                            let qh = g.map(|g| v256(blk, QH_AT + 128 * n + 32 * g));
-                            for k in 0..4 {
-                                let s = 8 * n + 2 * k + h;
-                                let scale = _mm256_srai_epi16(
-                                    _mm256_shuffle_epi8(scales[s / 8], controls[s % 8]),
-                                    8,
-                                );
-                                let v: [__m256i; 2] = std::array::from_fn(|i| {
-                                    let (lo, hi) = match k {
-                                        0 => (qa[i], _mm256_slli_epi16(qh[i], 4)),
-                                        1 => (qb[i], _mm256_slli_epi16(qh[i], 2)),
-                                        2 => (_mm256_srli_epi16(qa[i], 4), qh[i]),
-                                        _ => (
-                                            _mm256_srli_epi16(qb[i], 4),
-                                            _mm256_srli_epi16(qh[i], 2),
-                                        ),
-                                    };
-                                    _mm256_or_si256(
-                                        _mm256_and_si256(lo, m4),
-                                        _mm256_and_si256(hi, m30),
+                            let qh = [
+                                v256(blk, QH_AT + 128 * n + 32 * g[0]),
+                                v256(blk, QH_AT + 128 * n + 32 * g[1]),
+                            ];
+                            for k in (0..4).step_by(L::SPAN) {
+                                let scale = L::per_half(|i| {
+                                    let s = 8 * n + 2 * (k + i) + h;
+                                    _mm256_srai_epi16(
+                                        _mm256_shuffle_epi8(scales[s / 8], controls[s % 8]),
+                                        8,
                                     )
                                 });
+                                let v = [
+                                    values::<L>(blk, QL_AT + 256 * n + 64 * g[0], qh[0], k),
+                                    values::<L>(blk, QL_AT + 256 * n + 64 * g[1], qh[1], k),
+                                ];
                                 for t in 0..NT {
-                                    let at = 128 * n + 32 * k + 8 * g[0];
-                                    let part = _mm256_add_epi16(
-                                        _mm256_maddubs_epi16(v[0], bcast_qs(a[t], at)),
-                                        _mm256_maddubs_epi16(v[1], bcast_qs(a[t], at + 8)),
+                                    // Quarter `k` (and `k + 1`, 32 values on, in half 1
+                                    // of `Z`), vectors `g`.
+                                    let base = 128 * n + 32 * k;
+                                    let (q0, q1) = (g[0], g[0] + 4);
+                                    let part = L::add16(
+                                        L::maddubs(v[0], L::spread(a[t], base, q0, q1)),
+                                        L::maddubs(v[1], L::spread(a[t], base, q0 + 1, q1 + 1)),
                                     );
-                                    sumi[t] = M::madd_acc(sumi[t], part, scale);
+                                    sumi[t] = L::madd_acc(sumi[t], part, scale);
                                 }
                             }
                         }
                     }
+                    let sumi = fold::<L, NT>(sumi);
                     // The −32 offset, 32·Σ_s sc_s·bsum_s per row, four sub-blocks per
                     // `vpmaddwd` with no horizontal add: the scales of sub-blocks 4q..4q+4 as
                     // i16 times 32, [r0 ×4, r1 ×4 | r2 ×4, r3 ×4] (each byte doubled by the

@@ -104,8 +104,9 @@ pub(super) fn random_rows(ty: WeightType, nb: usize, rng: &mut Rng) -> Vec<Vec<u
 /// bits whether it is alone or shares the pass with others (what lets parallel streams
 /// answer exactly as they would alone). `row_dot(r, nt, out)` is the row layout's portable
 /// product of row `r` with the first `nt` activation rows, `packed_dot(isa, first, nt,
-/// out)` the packed one with rows `first..first + nt`. Returns the instruction sets that
-/// ran, and checks that AVX2 did where the CPU has it.
+/// out)` the packed one with rows `first..first + nt`. The SIMD paths differ only in how
+/// they add integers (exactly), so they must agree to the bit. Returns the instruction
+/// sets that ran, and checks that AVX2, and the 512-bit path, did where the CPU has them.
 pub(super) fn check_packed_dot(
     label: &str,
     row_dot: impl Fn(usize, usize, &mut [f32; 4]),
@@ -121,9 +122,26 @@ pub(super) fn check_packed_dot(
                 w[r] = value;
             }
         }
+        let mut simd_bits: Option<(Isa, [[f32; 4]; 4])> = None;
         for isa in Isa::available() {
             let mut got = [[f32::NAN; 4]; 4];
             packed_dot(isa, 0, nt, &mut got);
+            if isa != Isa::Portable {
+                match simd_bits {
+                    None => simd_bits = Some((isa, got)),
+                    Some((first, bits)) => {
+                        for t in 0..nt {
+                            for r in 0..4 {
+                                assert_eq!(
+                                    got[t][r].to_bits(),
+                                    bits[t][r].to_bits(),
+                                    "{label} T={nt} [{t}][{r}]: {isa:?} vs {first:?}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
             for t in 0..nt {
                 let mut alone = [[f32::NAN; 4]; 4];
                 packed_dot(isa, t, 1, &mut alone);
@@ -148,5 +166,23 @@ pub(super) fn check_packed_dot(
         !is_x86_feature_detected!("avx2") || ran.contains(&"avx2"),
         "{label}: AVX2 path not exercised"
     );
+    #[cfg(target_arch = "x86_64")]
+    assert!(
+        !["avx512f", "avx512bw", "avx512vl", "avx512vnni"].iter().all(|&f| avx512_has(f))
+            || ran.contains(&"avx512-vnni"),
+        "{label}: 512-bit path not exercised"
+    );
     ran
+}
+
+/// Whether the CPU has AVX-512 feature `name` (one of the four the 512-bit path needs).
+#[cfg(target_arch = "x86_64")]
+pub(super) fn avx512_has(name: &str) -> bool {
+    match name {
+        "avx512f" => is_x86_feature_detected!("avx512f"),
+        "avx512bw" => is_x86_feature_detected!("avx512bw"),
+        "avx512vl" => is_x86_feature_detected!("avx512vl"),
+        "avx512vnni" => is_x86_feature_detected!("avx512vnni"),
+        other => unreachable!("{other} is not checked here"),
+    }
 }

@@ -1,5 +1,6 @@
 //! What the four-row packed layouts (`q4k_x4`, `q6k_x4`, `legacy_x4`) share: the group size,
-//! the shape checks, and on x86-64 the run-time choice of code, the K-quant formats' entry
+//! the shape checks, and on x86-64 the run-time choice of code, the vector widths the
+//! K-quant bodies are written over (`Lanes`: 256 or 512 bits), the K-quant formats' entry
 //! points (one call runs a whole range of groups against a tile of tokens), the broadcasts
 //! of eight activations or four sums and the final sum of each row's two lanes.
 //! Owns no layout of its own.
@@ -44,12 +45,222 @@ pub(super) mod x86 {
     use super::ROWS;
     use std::arch::x86_64::*;
 
+    /// The vector width a packed K-quant body runs at. The packed layouts are made of
+    /// 256-bit vectors (eight bytes of each of four rows); `Y` works on one of them at a
+    /// time, `Z` on two consecutive ones in a 512-bit vector, each half of which is then
+    /// what `Y` would have (the same rows in the same lanes), so the bodies are written once
+    /// over `SPAN` consecutive vectors: what differs per half (the activations, a scale)
+    /// is built by `per_half`, and the integer sums are folded to 256 bits (`fold`) before
+    /// each block's float step.
+    pub(in crate::llm::engine::kernels) trait Lanes {
+        /// Integer vector.
+        type I: Copy;
+        /// Consecutive 256-bit vectors of a packed block one `I` covers (1 or 2).
+        const SPAN: usize;
+
+        /// # Safety (every method)
+        /// The CPU has the features of the entry point that chose this width.
+        unsafe fn zero() -> Self::I;
+        unsafe fn splat8(x: i8) -> Self::I;
+        /// `SPAN · 32` bytes of `b` from `at`.
+        unsafe fn load<const N: usize>(b: &[u8; N], at: usize) -> Self::I;
+        unsafe fn and(a: Self::I, b: Self::I) -> Self::I;
+        unsafe fn or(a: Self::I, b: Self::I) -> Self::I;
+        unsafe fn add16(a: Self::I, b: Self::I) -> Self::I;
+        unsafe fn srli16<const S: i32>(x: Self::I) -> Self::I;
+        unsafe fn slli16<const S: i32>(x: Self::I) -> Self::I;
+        /// Each i16 lane shifted right by `count`'s low 64 bits.
+        unsafe fn srl16(x: Self::I, count: __m128i) -> Self::I;
+        /// u8 × i8 pairs summed into i16 (`vpmaddubsw`).
+        unsafe fn maddubs(w: Self::I, a: Self::I) -> Self::I;
+        /// `acc + Σ_pairs s·x` per i32 lane (`x`, `s` i16).
+        unsafe fn madd_acc(acc: Self::I, x: Self::I, s: Self::I) -> Self::I;
+        /// `f(s)` in half `s` (`s < SPAN`).
+        unsafe fn per_half(f: impl Fn(usize) -> __m256i) -> Self::I;
+        /// The i32 lanes of the halves added.
+        unsafe fn fold(x: Self::I) -> __m256i;
+        /// Activations for the packed vectors: `Y` broadcasts the eight at
+        /// `a.qs[base + 8·q0..]` to each 64-bit quarter (as `bcast_qs`); `Z` fills its low
+        /// half so and its high half with the eight at `base + 8·q1`, one load of the window
+        /// and one `vpermq` (two broadcasts and an insert became five instructions).
+        unsafe fn spread(a: &BlockQ8K, base: usize, q0: usize, q1: usize) -> Self::I;
+    }
+
+    /// One 256-bit vector at a time; `M` does the scaled multiply-adds (AVX2, or VNNI's
+    /// `vpdpwssd` on 256-bit vectors).
+    pub(in crate::llm::engine::kernels) struct Y<M>(std::marker::PhantomData<M>);
+
+    /// Two 256-bit vectors in one 512-bit vector (AVX-512 F, BW, VL and VNNI).
+    pub(in crate::llm::engine::kernels) struct Z;
+
+    // SAFETY (both impls): each method is one intrinsic of the features its entry point
+    // enables (AVX2 for `Y`, AVX-512 F/BW/VNNI for `Z`), and the loads go through
+    // bounds-checked arrays.
+    impl<M: Mac> Lanes for Y<M> {
+        type I = __m256i;
+        const SPAN: usize = 1;
+        #[inline(always)]
+        unsafe fn zero() -> __m256i {
+            unsafe { _mm256_setzero_si256() }
+        }
+        #[inline(always)]
+        unsafe fn splat8(x: i8) -> __m256i {
+            unsafe { _mm256_set1_epi8(x) }
+        }
+        #[inline(always)]
+        unsafe fn load<const N: usize>(b: &[u8; N], at: usize) -> __m256i {
+            v256(b, at)
+        }
+        #[inline(always)]
+        unsafe fn and(a: __m256i, b: __m256i) -> __m256i {
+            unsafe { _mm256_and_si256(a, b) }
+        }
+        #[inline(always)]
+        unsafe fn or(a: __m256i, b: __m256i) -> __m256i {
+            unsafe { _mm256_or_si256(a, b) }
+        }
+        #[inline(always)]
+        unsafe fn add16(a: __m256i, b: __m256i) -> __m256i {
+            unsafe { _mm256_add_epi16(a, b) }
+        }
+        #[inline(always)]
+        unsafe fn srli16<const S: i32>(x: __m256i) -> __m256i {
+            unsafe { _mm256_srli_epi16::<S>(x) }
+        }
+        #[inline(always)]
+        unsafe fn slli16<const S: i32>(x: __m256i) -> __m256i {
+            unsafe { _mm256_slli_epi16::<S>(x) }
+        }
+        #[inline(always)]
+        unsafe fn srl16(x: __m256i, count: __m128i) -> __m256i {
+            unsafe { _mm256_srl_epi16(x, count) }
+        }
+        #[inline(always)]
+        unsafe fn maddubs(w: __m256i, a: __m256i) -> __m256i {
+            unsafe { _mm256_maddubs_epi16(w, a) }
+        }
+        #[inline(always)]
+        unsafe fn madd_acc(acc: __m256i, x: __m256i, s: __m256i) -> __m256i {
+            unsafe { M::madd_acc(acc, x, s) }
+        }
+        #[inline(always)]
+        unsafe fn per_half(f: impl Fn(usize) -> __m256i) -> __m256i {
+            f(0)
+        }
+        #[inline(always)]
+        unsafe fn fold(x: __m256i) -> __m256i {
+            x
+        }
+        #[inline(always)]
+        unsafe fn spread(a: &BlockQ8K, base: usize, q0: usize, _: usize) -> __m256i {
+            unsafe { bcast_qs(a, base + 8 * q0) }
+        }
+    }
+
+    impl Lanes for Z {
+        type I = __m512i;
+        const SPAN: usize = 2;
+        #[inline(always)]
+        unsafe fn zero() -> __m512i {
+            unsafe { _mm512_setzero_si512() }
+        }
+        #[inline(always)]
+        unsafe fn splat8(x: i8) -> __m512i {
+            unsafe { _mm512_set1_epi8(x) }
+        }
+        #[inline(always)]
+        unsafe fn load<const N: usize>(b: &[u8; N], at: usize) -> __m512i {
+            let bytes: [u8; 64] = b[at..at + 64].try_into().expect("64 bytes");
+            // SAFETY: 64 bytes of plain data to a 64-byte integer vector.
+            unsafe { std::mem::transmute::<[u8; 64], __m512i>(bytes) }
+        }
+        #[inline(always)]
+        unsafe fn and(a: __m512i, b: __m512i) -> __m512i {
+            unsafe { _mm512_and_si512(a, b) }
+        }
+        #[inline(always)]
+        unsafe fn or(a: __m512i, b: __m512i) -> __m512i {
+            unsafe { _mm512_or_si512(a, b) }
+        }
+        #[inline(always)]
+        unsafe fn add16(a: __m512i, b: __m512i) -> __m512i {
+            unsafe { _mm512_add_epi16(a, b) }
+        }
+        #[inline(always)]
+        unsafe fn srli16<const S: i32>(x: __m512i) -> __m512i {
+            // A constant count (the immediate form takes a `u32`, `Y`'s an `i32`).
+            unsafe { _mm512_srl_epi16(x, _mm_cvtsi32_si128(S)) }
+        }
+        #[inline(always)]
+        unsafe fn slli16<const S: i32>(x: __m512i) -> __m512i {
+            unsafe { _mm512_sll_epi16(x, _mm_cvtsi32_si128(S)) }
+        }
+        #[inline(always)]
+        unsafe fn srl16(x: __m512i, count: __m128i) -> __m512i {
+            unsafe { _mm512_srl_epi16(x, count) }
+        }
+        #[inline(always)]
+        unsafe fn maddubs(w: __m512i, a: __m512i) -> __m512i {
+            unsafe { _mm512_maddubs_epi16(w, a) }
+        }
+        #[inline(always)]
+        unsafe fn madd_acc(acc: __m512i, x: __m512i, s: __m512i) -> __m512i {
+            unsafe { _mm512_dpwssd_epi32(acc, x, s) }
+        }
+        #[inline(always)]
+        unsafe fn per_half(f: impl Fn(usize) -> __m256i) -> __m512i {
+            unsafe { _mm512_inserti64x4::<1>(_mm512_castsi256_si512(f(0)), f(1)) }
+        }
+        #[inline(always)]
+        unsafe fn fold(x: __m512i) -> __m256i {
+            unsafe {
+                _mm256_add_epi32(_mm512_castsi512_si256(x), _mm512_extracti64x4_epi64::<1>(x))
+            }
+        }
+        #[inline(always)]
+        unsafe fn spread(a: &BlockQ8K, base: usize, q0: usize, q1: usize) -> __m512i {
+            let (i0, i1) = (q0 as i64, q1 as i64);
+            unsafe {
+                let idx = _mm512_set_epi64(i1, i1, i1, i1, i0, i0, i0, i0);
+                // The smallest window that holds both: 32 bytes when it can (a window of 64
+                // would run past `qs` at the block's end).
+                let window = if q0 < 4 && q1 < 4 {
+                    let bytes: [i8; 32] = a.qs[base..base + 32].try_into().expect("32 bytes");
+                    // SAFETY: 32 bytes of plain data; the high half is never selected.
+                    _mm512_castsi256_si512(std::mem::transmute::<[i8; 32], __m256i>(bytes))
+                } else {
+                    let bytes: [i8; 64] = a.qs[base..base + 64].try_into().expect("64 bytes");
+                    // SAFETY: 64 bytes of plain data to a 64-byte integer vector.
+                    std::mem::transmute::<[i8; 64], __m512i>(bytes)
+                };
+                _mm512_permutexvar_epi64(idx, window)
+            }
+        }
+    }
+
+    /// Each token's integer sums folded to 256 bits (`Lanes::fold`). A loop, not
+    /// `array::map`, whose closure was left out of line with its vectors in memory.
+    ///
+    /// # Safety
+    /// The CPU has `L`'s features.
+    #[inline(always)]
+    pub(in crate::llm::engine::kernels) unsafe fn fold<L: Lanes, const NT: usize>(
+        sums: [L::I; NT],
+    ) -> [__m256i; NT] {
+        let mut out = [unsafe { _mm256_setzero_si256() }; NT];
+        for (o, x) in out.iter_mut().zip(sums) {
+            // SAFETY: the caller's contract.
+            *o = unsafe { L::fold(x) };
+        }
+        out
+    }
+
     /// A packed K-quant format's SIMD body (`q4k_x4`, `q6k_x4`): the four rows' dot products
     /// with `NT` activation rows.
     pub(in crate::llm::engine::kernels) trait KBody {
         /// # Safety
-        /// The CPU has AVX2, FMA, F16C and what `M` needs; the caller checked the shapes.
-        unsafe fn body<M: Mac, const NT: usize>(
+        /// The CPU has AVX2, FMA, F16C and what `L` needs; the caller checked the shapes.
+        unsafe fn body<L: Lanes, const NT: usize>(
             group: &[u8],
             acts: [&[BlockQ8K]; NT],
         ) -> [[f32; ROWS]; NT];
@@ -69,14 +280,13 @@ pub(super) mod x86 {
         acts: &[&[BlockQ8K]],
         emit: &mut impl FnMut(usize, usize, &[[f32; ROWS]]),
     ) -> bool {
-        let Some(vnni) = simd(isa) else { return false };
-        if vnni {
-            // SAFETY: the CPU has every feature `entry_vnni` enables (`simd` checked); the
-            // shapes are the caller's.
-            unsafe { entry_vnni::<B>(groups, group_len, acts, emit) };
-        } else {
-            // SAFETY: the CPU has AVX2, FMA and F16C (`simd` checked); shapes as above.
-            unsafe { entry_avx2::<B>(groups, group_len, acts, emit) };
+        // SAFETY (all arms): the CPU has every feature the entry point enables (`simd`
+        // checked); the shapes are the caller's.
+        match simd(isa) {
+            None => return false,
+            Some(Simd::Avx2) => unsafe { entry_avx2::<B>(groups, group_len, acts, emit) },
+            Some(Simd::Vnni256) => unsafe { entry_vnni::<B>(groups, group_len, acts, emit) },
+            Some(Simd::Vnni512) => unsafe { entry_avx512::<B>(groups, group_len, acts, emit) },
         }
         true
     }
@@ -91,7 +301,7 @@ pub(super) mod x86 {
         emit: &mut impl FnMut(usize, usize, &[[f32; ROWS]]),
     ) {
         // SAFETY: the caller's guarantees are `each_group`'s.
-        unsafe { each_group::<B, Avx2>(groups, group_len, acts, emit) }
+        unsafe { each_group::<B, Y<Avx2>>(groups, group_len, acts, emit) }
     }
 
     /// # Safety
@@ -104,13 +314,26 @@ pub(super) mod x86 {
         emit: &mut impl FnMut(usize, usize, &[[f32; ROWS]]),
     ) {
         // SAFETY: the caller's guarantees are `each_group`'s.
-        unsafe { each_group::<B, Vnni>(groups, group_len, acts, emit) }
+        unsafe { each_group::<B, Y<Vnni>>(groups, group_len, acts, emit) }
+    }
+
+    /// # Safety
+    /// As `entry_vnni`, and the CPU has AVX512F and AVX512BW.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn entry_avx512<B: KBody>(
+        groups: &[u8],
+        group_len: usize,
+        acts: &[&[BlockQ8K]],
+        emit: &mut impl FnMut(usize, usize, &[[f32; ROWS]]),
+    ) {
+        // SAFETY: the caller's guarantees are `each_group`'s.
+        unsafe { each_group::<B, Z>(groups, group_len, acts, emit) }
     }
 
     /// Groups outside, tokens inside: a group's weights are read from memory once and stay
     /// in L1 for every four tokens of a prefill tile.
     #[inline(always)]
-    unsafe fn each_group<B: KBody, M: Mac>(
+    unsafe fn each_group<B: KBody, L: Lanes>(
         groups: &[u8],
         group_len: usize,
         acts: &[&[BlockQ8K]],
@@ -121,10 +344,10 @@ pub(super) mod x86 {
                 // SAFETY (all arms): the features are enabled by the calling entry point.
                 unsafe {
                     match *chunk {
-                        [a] => emit(g, 4 * c, &B::body::<M, 1>(group, [a])),
-                        [a, b] => emit(g, 4 * c, &B::body::<M, 2>(group, [a, b])),
-                        [a, b, d] => emit(g, 4 * c, &B::body::<M, 3>(group, [a, b, d])),
-                        [a, b, d, e] => emit(g, 4 * c, &B::body::<M, 4>(group, [a, b, d, e])),
+                        [a] => emit(g, 4 * c, &B::body::<L, 1>(group, [a])),
+                        [a, b] => emit(g, 4 * c, &B::body::<L, 2>(group, [a, b])),
+                        [a, b, d] => emit(g, 4 * c, &B::body::<L, 3>(group, [a, b, d])),
+                        [a, b, d, e] => emit(g, 4 * c, &B::body::<L, 4>(group, [a, b, d, e])),
                         _ => unreachable!("chunks of 1 to 4"),
                     }
                 }
@@ -148,22 +371,35 @@ pub(super) mod x86 {
         unsafe { std::mem::transmute::<[u8; 16], __m128i>(bytes) }
     }
 
+    /// The SIMD code a packed product runs with.
+    #[derive(Clone, Copy, PartialEq, Eq, Debug)]
+    pub(in crate::llm::engine::kernels) enum Simd {
+        /// AVX2 + FMA + F16C.
+        Avx2,
+        /// That plus AVX512-VNNI and AVX512VL: `vpdpwssd` on 256-bit vectors.
+        Vnni256,
+        /// That plus AVX512F and AVX512BW: 512-bit vectors.
+        Vnni512,
+    }
+
     /// The code `isa` may really run here, re-checked against the CPU (`Isa` is public, so a
-    /// caller could name one the CPU lacks): `None` for the portable code, `Some(false)` for
-    /// AVX2 + FMA + F16C, `Some(true)` for that plus AVX512-VNNI and AVX512VL.
+    /// caller could name one the CPU lacks): `None` for the portable code, else the best
+    /// of `Simd` that both `isa` allows and the CPU has.
     #[inline(always)]
-    pub(in crate::llm::engine::kernels) fn simd(isa: Isa) -> Option<bool> {
+    pub(in crate::llm::engine::kernels) fn simd(isa: Isa) -> Option<Simd> {
         let avx2 = is_x86_feature_detected!("avx2")
             && is_x86_feature_detected!("fma")
             && is_x86_feature_detected!("f16c");
         if isa == Isa::Portable || !avx2 {
             return None;
         }
-        Some(
-            isa == Isa::Avx2Vnni
-                && is_x86_feature_detected!("avx512vnni")
-                && is_x86_feature_detected!("avx512vl"),
-        )
+        let vnni = is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl");
+        let wide = is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw");
+        Some(match isa {
+            Isa::Avx512Vnni if vnni && wide => Simd::Vnni512,
+            Isa::Avx512Vnni | Isa::Avx2Vnni if vnni => Simd::Vnni256,
+            _ => Simd::Avx2,
+        })
     }
 
     /// Eight activations `q[at..at + 8]` repeated in each 64-bit quarter of a vector (the
