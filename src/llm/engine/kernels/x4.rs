@@ -52,14 +52,15 @@ pub(super) mod x86 {
     /// over `SPAN` consecutive vectors: what differs per half (the activations, a scale)
     /// is built by `per_half`, and the integer sums are folded to 256 bits (`fold`) before
     /// each block's float step.
+    ///
+    /// # Safety (every method)
+    /// The CPU has the features of the entry point that chose this width.
     pub(in crate::llm::engine::kernels) trait Lanes {
         /// Integer vector.
         type I: Copy;
         /// Consecutive 256-bit vectors of a packed block one `I` covers (1 or 2).
         const SPAN: usize;
 
-        /// # Safety (every method)
-        /// The CPU has the features of the entry point that chose this width.
         unsafe fn zero() -> Self::I;
         unsafe fn splat8(x: i8) -> Self::I;
         /// `SPAN · 32` bytes of `b` from `at`.
