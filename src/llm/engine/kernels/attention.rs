@@ -247,8 +247,14 @@ struct Job<'a, T> {
 }
 
 fn run_tile<T: KvElem>(isa: Isa, job: &Job<'_, T>, t0: usize, t1: usize) {
+    // The 512-bit dots and `P·V` take whole 16-float vectors of a head (64 and 128 wide,
+    // Qwen3's and Llama's, are); other widths stay on 8 lanes.
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx512Vnni && avx2_present() && is_x86_feature_detected!("avx512f") {
+    if isa == Isa::Avx512Vnni
+        && job.kv.head_dim.is_multiple_of(16)
+        && avx2_present()
+        && is_x86_feature_detected!("avx512f")
+    {
         // SAFETY: AVX2, FMA, F16C and AVX512F were detected on this CPU just above.
         unsafe { tile_avx512(job, t0, t1) };
         return;
@@ -275,13 +281,13 @@ fn avx2_present() -> bool {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn tile_avx2<T: KvElem>(job: &Job<'_, T>, t0: usize, t1: usize) {
-    tile::<Avx2, T>(job, t0, t1)
+    tile::<Avx2<avx2::Lanes8>, T>(job, t0, t1)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c,avx512f")]
 unsafe fn tile_avx512<T: KvElem>(job: &Job<'_, T>, t0: usize, t1: usize) {
-    tile::<Avx512, T>(job, t0, t1)
+    tile::<Avx2<avx2::Lanes16>, T>(job, t0, t1)
 }
 
 /// The vector operations of the tile, on `d`-long rows (`d % 8 == 0`). Each (query row,
@@ -509,11 +515,13 @@ impl Ops for Portable {
     }
 }
 
-/// AVX2 + FMA operations. Its methods are safe fns that use intrinsics, so they
-/// must only run inside `tile_avx2` (the one place this private type is used),
-/// whose `target_feature` they are inlined into.
+/// AVX2 + FMA operations, the score dots and `P·V` (nearly all of the arithmetic) on
+/// vectors of width `F`: 8 lanes, or 16 with AVX-512F. Its methods are safe fns that use
+/// intrinsics, so they must only run inside `tile_avx2` (`Avx2<Lanes8>`) or `tile_avx512`
+/// (`Avx2<Lanes16>`, for heads a multiple of 16 wide), the only places this private type
+/// is used, whose `target_feature` they are inlined into.
 #[cfg(target_arch = "x86_64")]
-struct Avx2;
+struct Avx2<F>(std::marker::PhantomData<F>);
 
 #[cfg(target_arch = "x86_64")]
 pub(super) mod avx2 {
@@ -803,15 +811,15 @@ pub(super) mod avx2 {
 }
 
 #[cfg(target_arch = "x86_64")]
-impl Ops for Avx2 {
+impl<F: avx2::Floats> Ops for Avx2<F> {
     #[inline(always)]
     fn dots1(q: &[f32], keys: &[f32], scale: f32, out: &mut [f32]) {
-        avx2::dots_rows::<avx2::Lanes8, 1>([q], keys, scale, [out])
+        avx2::dots_rows::<F, 1>([q], keys, scale, [out])
     }
 
     #[inline(always)]
     fn dots2(qa: &[f32], qb: &[f32], keys: &[f32], scale: f32, oa: &mut [f32], ob: &mut [f32]) {
-        avx2::dots_rows::<avx2::Lanes8, 2>([qa, qb], keys, scale, [oa, ob])
+        avx2::dots_rows::<F, 2>([qa, qb], keys, scale, [oa, ob])
     }
 
     #[inline(always)]
@@ -861,12 +869,12 @@ impl Ops for Avx2 {
 
     #[inline(always)]
     fn pv1(acc: &mut [f32], p: &[f32], values: &[f32]) {
-        avx2::pv_rows::<avx2::Lanes8, 1>([acc], [p], values)
+        avx2::pv_rows::<F, 1>([acc], [p], values)
     }
 
     #[inline(always)]
     fn pv2(acc_a: &mut [f32], acc_b: &mut [f32], pa: &[f32], pb: &[f32], values: &[f32]) {
-        avx2::pv_rows::<avx2::Lanes8, 2>([acc_a, acc_b], [pa, pb], values)
+        avx2::pv_rows::<F, 2>([acc_a, acc_b], [pa, pb], values)
     }
 
     #[inline(always)]
@@ -876,78 +884,13 @@ impl Ops for Avx2 {
         // SAFETY: every access is at i + 8 ≤ len (asserted); `half::f16` is a
         // `repr(transparent)` u16, so 8 of them are the 128 bits `vcvtph2ps` reads, and
         // `MaybeUninit<f32>` has the layout of `f32`; F16C is enabled by the caller
-        // (`tile_avx2`).
+        // (`tile_avx2`, `tile_avx512`).
         unsafe {
             for i in (0..src.len()).step_by(8) {
                 let halves = _mm_loadu_si128(src.as_ptr().add(i) as *const __m128i);
                 _mm256_storeu_ps(dst.as_mut_ptr().add(i) as *mut f32, _mm256_cvtph_ps(halves));
             }
         }
-    }
-}
-
-/// AVX-512F operations: the score dots and `P·V` (nearly all of the arithmetic) on 512-bit
-/// vectors (`avx2::Lanes16`) where the head width is a multiple of 16, the rest as `Avx2`.
-/// Safe fns with intrinsics, as `Avx2`: they must only run inside `tile_avx512`.
-#[cfg(target_arch = "x86_64")]
-struct Avx512;
-
-#[cfg(target_arch = "x86_64")]
-impl Ops for Avx512 {
-    #[inline(always)]
-    fn dots1(q: &[f32], keys: &[f32], scale: f32, out: &mut [f32]) {
-        if q.len().is_multiple_of(16) {
-            avx2::dots_rows::<avx2::Lanes16, 1>([q], keys, scale, [out])
-        } else {
-            Avx2::dots1(q, keys, scale, out)
-        }
-    }
-
-    #[inline(always)]
-    fn dots2(qa: &[f32], qb: &[f32], keys: &[f32], scale: f32, oa: &mut [f32], ob: &mut [f32]) {
-        if qa.len().is_multiple_of(16) {
-            avx2::dots_rows::<avx2::Lanes16, 2>([qa, qb], keys, scale, [oa, ob])
-        } else {
-            Avx2::dots2(qa, qb, keys, scale, oa, ob)
-        }
-    }
-
-    #[inline(always)]
-    fn max(x: &[f32]) -> f32 {
-        Avx2::max(x)
-    }
-
-    #[inline(always)]
-    fn exp_sub_sum(x: &mut [f32], max: f32) -> f32 {
-        Avx2::exp_sub_sum(x, max)
-    }
-
-    #[inline(always)]
-    fn scale(acc: &mut [f32], s: f32) {
-        Avx2::scale(acc, s)
-    }
-
-    #[inline(always)]
-    fn pv1(acc: &mut [f32], p: &[f32], values: &[f32]) {
-        if acc.len().is_multiple_of(16) {
-            avx2::pv_rows::<avx2::Lanes16, 1>([acc], [p], values)
-        } else {
-            Avx2::pv1(acc, p, values)
-        }
-    }
-
-    #[inline(always)]
-    fn pv2(acc_a: &mut [f32], acc_b: &mut [f32], pa: &[f32], pb: &[f32], values: &[f32]) {
-        if acc_a.len().is_multiple_of(16) {
-            avx2::pv_rows::<avx2::Lanes16, 2>([acc_a, acc_b], [pa, pb], values)
-        } else {
-            Avx2::pv2(acc_a, acc_b, pa, pb, values)
-        }
-    }
-
-    #[inline(always)]
-    fn widen(src: &[half::f16], dst: &mut [MaybeUninit<f32>]) {
-        Avx2::widen(src, dst)
     }
 }
 
@@ -1023,10 +966,7 @@ mod tests {
         assert!(!avx2_present() || isas.contains(&Isa::Avx2), "AVX2 path not exercised");
         #[cfg(target_arch = "x86_64")]
         assert!(
-            !["avx512f", "avx512bw", "avx512vl", "avx512vnni"]
-                .iter()
-                .all(|&f| super::super::testing::avx512_has(f))
-                || isas.contains(&Isa::Avx512Vnni),
+            !super::super::testing::cpu_has_avx512_path() || isas.contains(&Isa::Avx512Vnni),
             "AVX-512 attention not exercised"
         );
         for threads in [1, 2, 3] {

@@ -2,13 +2,13 @@
 //! their GGUF block formats (Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K; anything else is
 //! widened to f32 at load) against activations quantized once per product (32-value Q8
 //! blocks for the legacy formats, 256-value Q8_K blocks for the K-quants) and reused for
-//! every output row. The K-quants and the 32-value formats are repacked at load four rows at
-//! a time (`q4k_x4` for Q4_K and Q5_K, `q6k_x4`, `legacy_x4`), so the integer products of
-//! four rows share their widening and float steps; f32 and a matrix's last `rows % 4` rows
-//! keep the GGUF row layout (`kquants`, `legacy`). Integer dot products use AVX2, or AVX-512 VNNI's
-//! `vpdpbusd`/`vpdpwssd` where the CPU has it, the packed products and attention on 512-bit
-//! vectors where it also has AVX-512 BW, chosen at run time (`ENGINE_ISA` may force a
-//! lower one); other CPUs get the portable code. Every SIMD path of a packed product adds
+//! every output row. The K-quants and the 32-value formats are repacked at load four rows
+//! at a time (`q4k_x4` for Q4_K and Q5_K, `q6k_x4`, `legacy_x4`), so the integer products
+//! of four rows share their widening and float steps; f32 and a matrix's last `rows % 4`
+//! rows keep the GGUF row layout (`kquants`, `legacy`). Integer dot products use AVX2, or
+//! AVX-512 VNNI's `vpdpbusd`/`vpdpwssd` where the CPU has it, the packed products and
+//! attention on 512-bit vectors where it also has AVX-512 F and BW, chosen at run time
+//! (`ENGINE_ISA` may force a lower one); other CPUs get the portable code. Every SIMD path of a packed product adds
 //! the same integers, so all give the same bits. Prefill is a tiled GEMM (one unpacked
 //! weight block feeds up to four tokens); work is split over a persistent thread pool
 //! (`pool`).
@@ -77,8 +77,9 @@ pub enum Isa {
     /// AVX2 code with the u8×i8 dot products done by AVX-512 VNNI `vpdpbusd` on 256-bit
     /// vectors (needs AVX512_VNNI and AVX512VL: Ice Lake, Sapphire Rapids, Zen 4 and later).
     Avx2Vnni,
-    /// That, and the packed K-quant products (`q4k_x4`, `q6k_x4`) on 512-bit vectors (also
-    /// needs AVX512F and AVX512BW); the other kernels run as `Avx2Vnni`.
+    /// That, and the packed products (`q4k_x4`, `q6k_x4`, `legacy_x4`) and attention on
+    /// 512-bit vectors (also needs AVX512F and AVX512BW); the row-layout kernels run as
+    /// `Avx2Vnni`.
     Avx512Vnni,
 }
 
