@@ -1,7 +1,7 @@
 //! With the `cuda` feature: compiles the fused decode kernels
-//! (`src/llm/engine/kernels/cuda_decode.cu`) to PTX with nvcc, for `cuda_decode.rs` to
-//! embed. The GPU's driver compiles the PTX for the card when it first loads it (and caches
-//! the result). `CUDA_COMPUTE_CAP` (as for candle's kernels) picks the virtual architecture;
+//! (`src/llm/engine/kernels/cuda_decode.cu` and the `.cuh` files it includes) to PTX with
+//! nvcc, for `cuda_decode.rs` to embed. The GPU's driver compiles the PTX for the card when
+//! it first loads it (and caches the result). `CUDA_COMPUTE_CAP` (as for candle's kernels) picks the virtual architecture;
 //! without it, 7.5, the oldest CUDA 13 targets. Without the feature this does nothing.
 
 use std::path::PathBuf;
@@ -14,6 +14,9 @@ fn main() {
     }
     let source = "src/llm/engine/kernels/cuda_decode.cu";
     println!("cargo::rerun-if-changed={source}");
+    // What it includes.
+    println!("cargo::rerun-if-changed=src/llm/engine/kernels/cuda_common.cuh");
+    println!("cargo::rerun-if-changed=src/llm/engine/kernels/cuda_matvec.cuh");
     println!("cargo::rerun-if-env-changed=CUDA_COMPUTE_CAP");
     println!("cargo::rerun-if-env-changed=NVCC");
     let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "75".to_string());

@@ -7,7 +7,9 @@
 #      CPU kernels (`device-check`);
 #   3. runs `--bench --device cuda` on the 8B file: prefill at 512 and 2048 tokens, decode at
 #      an empty context and at depth 4096, peak device memory, and 1/2/4 parallel streams,
-#      with the fused decode kernels and then with candle's ops (GPU_DECODE=ops);
+#      with the fused decode step on our own Q4_K/Q6_K matrix kernels (GPU_DECODE=fused-own)
+#      and then on candle's `mmvq` (GPU_DECODE=fused, the default); GPU_CHECK_PATHS="fused
+#      ops" etc. picks others;
 #   4. serves on the GPU: `my-claw serve` with the 8B file answers one WebChat message and
 #      `/api/health` names the GPU; a model whose KV bound cannot fit is refused at load;
 #   5. prints one summary table (and writes summary.md and the JSON files to $OUT or
@@ -21,6 +23,7 @@
 #   scripts/gpu-check.sh serve           # only step 4
 #   scripts/gpu-check.sh profile         # one decode step under Nsight Compute (ncu): each
 #                                        # kernel's time and DRAM bytes, summed by kernel
+#   GPU_DECODE=fused-own scripts/gpu-check.sh profile   # the same with our matrix kernels
 #
 # On a machine without Rust, `scripts/gpu-bundle.sh` (run where the binary was built) packs
 # the binary, the tokenizer and SmolLM2 into .gpu/ (and .gpu-b/, the second half of SmolLM2
@@ -100,16 +103,17 @@ tiny_llama="$work/tiny-llama.gguf"
 case $only in serve | bench | profile) tiny="" tiny_llama="" smollm2="" ;; esac
 for model in $tiny $tiny_llama $smollm2; do
   # f32 keys and values through candle's ops: the strict comparison; f16 through the fused
-  # decode kernels: what runs in production; f16 through candle's ops: the same numbers
-  # the fused kernels replace.
-  for variant in f32:ops f16:fused f16:ops; do
+  # decode step: what runs in production; f16 through the fused step on our own matrix
+  # kernels; f16 through candle's ops: the numbers the fused step replaces.
+  for variant in f32:ops f16:fused f16:fused-own f16:ops; do
     kv=${variant%%:*} path=${variant##*:}
     say "device-check $(basename "$model") (KV $kv, decode $path)"
     line=$(GPU_DECODE=$path "$bin" device-check --device cuda --model "$model" --tokens 24 \
       --kv-type "$kv") || status=1
     echo "$line" >> "$out/device-check.jsonl"
-    # f16 with GPU_DECODE=fused must have run the fused kernels (f32 always runs the ops).
-    want=$([ "$kv:$path" = f16:fused ] && echo fused || echo ops)
+    # f16 must have run the path asked for (f32 always runs the ops): with fused-own, a
+    # step whose matrix kernels disagreed with candle's at load reports fused, and fails.
+    want=$([ "$kv" = f16 ] && echo "$path" || echo ops)
     grep -q "\"decode_path\":\"$want\"" <<< "$line" || { say "  decode path is not $want"; status=1; }
   done
 done
@@ -129,10 +133,10 @@ fi
 
 # --- 3. the bench ----------------------------------------------------------------------------
 if [ "$only" = all ] || [ "$only" = bench ]; then
-# The fused decode kernels (production) and candle's ops, one after the other on the same
-# GPU, so the two can be compared.
-for path in ${GPU_CHECK_PATHS:-fused ops}; do
-  suffix=$([ $path = fused ] && echo "" || echo "-ops")
+# The fused step on our own matrix kernels and on candle's `mmvq` (production), one after
+# the other on the same GPU, so the two can be compared.
+for path in ${GPU_CHECK_PATHS:-fused-own fused}; do
+  suffix=$([ $path = fused ] && echo "" || echo "-$path")
   say "bench on CUDA ($path decode): prefill 512/2048/4096, decode at empty context and after each prompt"
   if ! GPU_DECODE=$path timeout 300 "$bin" --bench --device cuda --model "$model8b" \
     --prompt-tokens 512,2048,4096 --n-ctx 8192 --gen-tokens 64 --runs 3 --turns 2 --json \
@@ -209,7 +213,7 @@ if [ "$only" = profile ]; then
   [ -n "$ncu" ] || { say "no ncu here"; exit 1; }
   say "one decode step of the 8B shape under $ncu"
   timeout 300 "$ncu" --clock-control none --cache-control none \
-    --kernel-name regex:'mmvq_gguf|rms_norm_q8|qk_rope_store|attn_|silu_mul_q8' --launch-count 900 \
+    --kernel-name regex:'mmvq_gguf|mv_q|rms_norm_q8|qk_rope_store|attn_|silu_mul_q8' --launch-count 900 \
     --metrics gpu__time_duration.sum,dram__bytes_read.sum --csv --page raw \
     "$bin" --bench --device cuda --model "$model8b" --prompt-tokens 16 --gen-tokens 2 --runs 1 \
     > "$out/ncu.csv" 2> "$out/ncu.err" || { tail -5 "$out/ncu.err"; exit 1; }
@@ -227,8 +231,11 @@ names = [r[name].split("(")[0] for r in data]
 grid = head.index("Grid Size")
 rows_of = lambda r: int(r[grid].strip("()").split(",")[0])
 first = names.index("rms_norm_q8")
-vocab = max(rows_of(r) for r, n in zip(data, names) if n.startswith("mmvq"))
-last = next(i for i in range(first, len(names)) if names[i].startswith("mmvq") and rows_of(data[i]) == vocab)
+# Products: candle's mmvq_* (a block per 1 or 2 rows) and our mv_q* (a block per 4 rows).
+rows_per_block = lambda n: 4 if n.startswith("mv_q") else 1
+products = [(i, rows_of(r) * rows_per_block(n)) for i, (r, n) in enumerate(zip(data, names)) if n.startswith(("mmvq", "mv_q"))]
+vocab = max(rows for _, rows in products)
+last = next(i for i, rows in products if i >= first and rows == vocab)
 step = data[first:last + 1]
 agg = collections.defaultdict(lambda: [0, 0.0, 0.0])
 for r in step:
@@ -254,7 +261,8 @@ def load(name):
     except Exception as e:
         return {"error": str(e)}
 b = load("bench-cuda.json"); p = load("bench-cuda-parallel.json")
-b_ops = load("bench-cuda-ops.json"); p_ops = load("bench-cuda-parallel-ops.json")
+others = [(load(f"bench-cuda-{path}.json"), load(f"bench-cuda-parallel-{path}.json"))
+          for path in ("fused-own", "ops") if os.path.exists(os.path.join(out, f"bench-cuda-{path}.json"))]
 # Nominal memory bandwidth of the card (bytes/s), for the roofline.
 bw = {"H200": 4.8e12, "H100 80GB HBM3": 3.35e12, "H100 PCIe": 2.0e12, "A100-SXM4-80GB": 2.04e12,
       "A100-SXM4-40GB": 1.56e12, "L40S": 0.864e12, "RTX 4090": 1.008e12}
@@ -269,7 +277,7 @@ pre = b.get("prefill_tok_s", {}); dec = b.get("decode_tok_s_by_prompt", {})
 for n in ("512", "2048", "4096"):
     if n in pre:
         print(f"| prefill {n} tokens | {pre[n]} tok/s |")
-for bench, par_bench in ((b, p), (b_ops, p_ops)):
+for bench, par_bench in [(b, p)] + others:
     path = bench.get("decode_path", "?")
     dec = bench.get("decode_tok_s_by_prompt", {})
     for key, label in (("short", "empty context"), ("4096", "depth 4096")):

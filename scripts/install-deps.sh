@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the system packages my-claw needs, only when they are missing.
 #   build: a C compiler (for SQLite, oniguruma and ring), python3 + pip (model fetch), npm
-#   test:  the above plus Debian's Chromium and ChromeDriver and python3-venv, and the
+#   test:  the above plus a C++ compiler (the CUDA kernels' CPU emulation test), Debian's
+#          Chromium and ChromeDriver and python3-venv, and the
 #          official `openai` Python client (pinned in tests/openai_client/requirements.txt)
 #          in a venv under the target directory, where the /v1 tests look for it
 set -euo pipefail
@@ -13,6 +14,7 @@ command -v python3 >/dev/null || need+=(python3)
 python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
 command -v npm >/dev/null || need+=(npm)
 if [ "$mode" = test ]; then
+  command -v c++ >/dev/null || need+=(g++)
   command -v chromium >/dev/null || need+=(chromium)
   command -v chromedriver >/dev/null || need+=(chromium-driver)
   python3 -m venv --help >/dev/null 2>&1 || need+=(python3-venv)

@@ -83,7 +83,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     if let Some(isa) = settings.engine.isa {
         crate::llm::engine::kernels::set_isa_limit(isa);
     }
-    crate::llm::engine::candle_model::set_fused_decode(settings.engine.gpu_fused_decode);
+    crate::llm::engine::candle_model::set_gpu_decode(settings.engine.gpu_decode);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

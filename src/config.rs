@@ -145,9 +145,10 @@ pub struct Config {
     #[arg(long, env = "GPU_MEMORY_BUDGET", global = true)]
     pub gpu_memory_budget: Option<String>,
 
-    /// How a GPU runs decode steps: `fused` (our fused kernels around candle's quantized
-    /// products: a dozen launches per layer) or `ops` (candle's ops, about thirty per
-    /// layer; to compare, or to step around a problem with the fused kernels).
+    /// How a GPU runs decode steps: `fused` (our fused kernels, a dozen launches per layer,
+    /// around candle's matrix kernels), `fused-own` (the same with our own Q4_K/Q6_K matrix
+    /// kernels, not yet measured on a GPU) or `ops` (candle's ops, about thirty per layer;
+    /// to compare, or to step around a problem).
     #[arg(long, env = "GPU_DECODE", default_value = "fused", global = true)]
     pub gpu_decode: String,
 
@@ -447,8 +448,8 @@ pub struct EngineSettings {
     pub kv_cache_sequences: usize,
     pub kv_cache_max_bytes: u64,
     pub kv_type: crate::llm::engine::model::KvType,
-    /// GPU decode steps through the fused kernels (`GPU_DECODE=fused`) or candle's ops.
-    pub gpu_fused_decode: bool,
+    /// How GPU decode steps run (`GPU_DECODE`).
+    pub gpu_decode: crate::llm::engine::candle_model::GpuDecode,
     pub reply_max_tokens: u32,
     /// Where local models run (`DEVICE`), opened at start.
     pub device: ComputeDevice,
@@ -628,13 +629,11 @@ impl Config {
             }
         }
         let isa = crate::llm::engine::kernels::Isa::from_setting(&self.engine_isa).map_err(bad)?;
-        let gpu_fused_decode = match self.gpu_decode.trim().to_ascii_lowercase().as_str() {
-            "fused" => true,
-            "ops" => false,
-            _ => {
-                let value = &self.gpu_decode;
-                return Err(bad(format!("GPU_DECODE={value}: must be fused or ops")));
-            }
+        let Some(gpu_decode) =
+            crate::llm::engine::candle_model::GpuDecode::from_setting(&self.gpu_decode)
+        else {
+            let value = &self.gpu_decode;
+            return Err(bad(format!("GPU_DECODE={value}: must be fused, fused-own or ops")));
         };
         if self.engine_queue == 0 {
             return Err(bad("ENGINE_QUEUE=0: must be at least 1"));
@@ -770,7 +769,7 @@ impl Config {
                 kv_cache_sequences: self.kv_cache_sequences,
                 kv_cache_max_bytes,
                 kv_type,
-                gpu_fused_decode,
+                gpu_decode,
                 reply_max_tokens: self.reply_max_tokens,
                 device,
             },

@@ -418,8 +418,8 @@ fn engine_isa_chooses_the_kernels_instruction_set() {
     }
 }
 
-/// `GPU_DECODE` (the GPU's decode path) takes `fused` or `ops`: anything else is refused at
-/// start with exit code 2 and the setting named, before any model is touched.
+/// `GPU_DECODE` (the GPU's decode path) takes `fused`, `fused-own` or `ops`: anything else
+/// is refused at start with exit code 2 and the setting named, before any model is touched.
 #[test]
 fn gpu_decode_setting_is_checked_at_start() {
     let dir = tempfile::tempdir().unwrap();
@@ -431,5 +431,5 @@ fn gpu_decode_setting_is_checked_at_start() {
     );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains("GPU_DECODE=sometimes: must be fused or ops"), "{stderr}");
+    assert!(stderr.contains("GPU_DECODE=sometimes: must be fused, fused-own or ops"), "{stderr}");
 }

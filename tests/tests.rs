@@ -12,6 +12,7 @@ mod channels;
 mod constraint;
 mod conversations;
 mod cron;
+mod cuda_emulated;
 mod engine;
 mod engine_tokenizer;
 mod foundation;

@@ -14,14 +14,56 @@ use candle_core::{DType, Device, Module, Tensor, D};
 
 use crate::llm::engine::model::{check_chunk, KvType, Logits, ModelConfig, RopeStyle, SeqBatch};
 
-/// Whether models loaded from now on on a GPU run decode steps through the fused kernels
-/// (`kernels::cuda_decode`, the default) or through candle's ops (`GPU_DECODE=ops`, to
-/// compare or to step around a kernel problem).
-static FUSED_DECODE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+/// How a GPU runs decode steps (`GPU_DECODE`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GpuDecode {
+    /// The fused step (`kernels::cuda_decode`) on candle's `mmvq` matrix kernels: the
+    /// default, as measured on a GPU.
+    Fused,
+    /// The fused step with our matrix kernels for Q4_K and Q6_K (when they agree with
+    /// candle's at load) and `mmvq` for the other formats. Not the default until a GPU
+    /// run has measured them (`scripts/gpu-check.sh`): they were written without one.
+    FusedOwn,
+    /// candle's ops: to compare, or to step around a problem with the fused step.
+    Ops,
+}
+
+impl GpuDecode {
+    /// The setting's value: `fused`, `fused-own` or `ops` (any case).
+    pub fn from_setting(value: &str) -> Option<GpuDecode> {
+        match value.trim().to_ascii_lowercase().as_str() {
+            "fused" => Some(GpuDecode::Fused),
+            "fused-own" => Some(GpuDecode::FusedOwn),
+            "ops" => Some(GpuDecode::Ops),
+            _ => None,
+        }
+    }
+
+    /// The setting's value, and the decode path's name where it ran as asked.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GpuDecode::Fused => "fused",
+            GpuDecode::FusedOwn => "fused-own",
+            GpuDecode::Ops => "ops",
+        }
+    }
+}
+
+/// The decode path of GPU models loaded from now on: `GpuDecode` as a number.
+static GPU_DECODE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
 
 /// Set the decode path of GPU models loaded from now on (`GPU_DECODE`).
-pub fn set_fused_decode(fused: bool) {
-    FUSED_DECODE.store(fused, std::sync::atomic::Ordering::Relaxed);
+pub fn set_gpu_decode(decode: GpuDecode) {
+    GPU_DECODE.store(decode as u8, std::sync::atomic::Ordering::Relaxed);
+}
+
+#[cfg(feature = "cuda")]
+fn gpu_decode() -> GpuDecode {
+    match GPU_DECODE.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => GpuDecode::Fused,
+        1 => GpuDecode::FusedOwn,
+        _ => GpuDecode::Ops,
+    }
 }
 
 /// Positions a cache grows by at least: growth copies the cache, so it is rare, and parked
@@ -163,6 +205,10 @@ pub struct CandleModel {
     /// without an `mmvq` kernel, an unusual head width).
     #[cfg(feature = "cuda")]
     fused: Option<std::sync::Mutex<crate::llm::engine::kernels::cuda_decode::DecodePlan>>,
+    /// The fused step's name (`GpuDecode::as_str`): `fused` also where our matrix kernels
+    /// were asked for (`fused-own`) but disagreed with candle's at load.
+    #[cfg(feature = "cuda")]
+    fused_path: &'static str,
 }
 
 struct Layer {
@@ -292,12 +338,17 @@ impl CandleModel {
             kv_dtype,
             #[cfg(feature = "cuda")]
             fused: None,
+            #[cfg(feature = "cuda")]
+            fused_path: GpuDecode::Ops.as_str(),
         };
         #[cfg(feature = "cuda")]
         let model = {
             let mut model = model;
             if let Device::Cuda(cuda) = device {
-                model.fused = model.fused_plan(cuda)?;
+                if let Some((plan, path)) = model.fused_plan(cuda)? {
+                    model.fused = Some(std::sync::Mutex::new(plan));
+                    model.fused_path = path;
+                }
             }
             model
         };
@@ -311,13 +362,17 @@ impl CandleModel {
         &self,
         cuda: &candle_core::CudaDevice,
     ) -> candle_core::Result<
-        Option<std::sync::Mutex<crate::llm::engine::kernels::cuda_decode::DecodePlan>>,
+        Option<(crate::llm::engine::kernels::cuda_decode::DecodePlan, &'static str)>,
     > {
-        use crate::llm::engine::kernels::cuda_decode::{DecodePlan, Dims, LayerWeights};
-        if !FUSED_DECODE.load(std::sync::atomic::Ordering::Relaxed) {
-            tracing::info!("decode on the GPU through candle's ops (GPU_DECODE=ops)");
-            return Ok(None);
-        }
+        use crate::llm::engine::kernels::cuda_decode::{DecodePlan, Dims, LayerWeights, MatVec};
+        let mat_vec = match gpu_decode() {
+            GpuDecode::Ops => {
+                tracing::info!("decode on the GPU through candle's ops (GPU_DECODE=ops)");
+                return Ok(None);
+            }
+            GpuDecode::Fused => MatVec::Mmvq,
+            GpuDecode::FusedOwn => MatVec::Own,
+        };
         let why_not = |reason: String| {
             tracing::warn!(%reason, "decode on the GPU through candle's ops: no fused step");
             Ok(None)
@@ -383,13 +438,20 @@ impl CandleModel {
             &output,
             &self.cos,
             &self.sin,
+            mat_vec,
         ) {
             Ok(plan) => {
+                let path = match plan.mat_vec() {
+                    MatVec::Own => GpuDecode::FusedOwn,
+                    MatVec::Mmvq => GpuDecode::Fused,
+                }
+                .as_str();
                 tracing::info!(
                     buffers = plan.buffer_bytes(),
+                    path,
                     "decode on the GPU through the fused kernels"
                 );
-                Ok(Some(std::sync::Mutex::new(plan)))
+                Ok(Some((plan, path)))
             }
             Err(e) => why_not(e.to_string()),
         }
@@ -420,13 +482,15 @@ impl CandleModel {
         &self.device
     }
 
-    /// How decode steps run: `fused` (the GPU's fused kernels) or `ops` (candle's ops).
+    /// How decode steps run (`GpuDecode::as_str`): `fused` (the GPU's fused step on
+    /// candle's `mmvq`), `fused-own` (the fused step with our Q4_K/Q6_K matrix kernels) or
+    /// `ops` (candle's ops).
     pub fn decode_path(&self) -> &'static str {
         #[cfg(feature = "cuda")]
         if self.fused.is_some() {
-            return "fused";
+            return self.fused_path;
         }
-        "ops"
+        GpuDecode::Ops.as_str()
     }
 
     /// Device memory the weights hold.
@@ -797,5 +861,20 @@ impl<R: Read + Seek> Loader<'_, R> {
         }
         self.bytes += (len * 4) as u64;
         Ok(t)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::GpuDecode;
+
+    #[test]
+    fn gpu_decode_setting_names_round_trip() {
+        for decode in [GpuDecode::Fused, GpuDecode::FusedOwn, GpuDecode::Ops] {
+            assert_eq!(GpuDecode::from_setting(decode.as_str()), Some(decode));
+        }
+        assert_eq!(GpuDecode::from_setting(" Fused-OWN "), Some(GpuDecode::FusedOwn));
+        assert_eq!(GpuDecode::from_setting("own"), None);
+        assert_eq!(GpuDecode::from_setting(""), None);
     }
 }

@@ -1,9 +1,10 @@
 // The glue of a decode step on an NVIDIA GPU (`cuda_decode.rs` launches these): every op of
 // a transformer layer between its matrix products, fused so that a step of one to eight
 // sequences at one token each is about a dozen kernels per layer instead of about thirty
-// candle ops. The matrix products themselves are candle's `mmvq` kernels, which read
-// activations as 32-value Q8_1 blocks: the kernels here that feed a product write those
-// blocks directly, laid out and rounded exactly as candle's `quantize_q8_1` writes them.
+// candle ops. The matrix products (ours for Q4_K and Q6_K, `cuda_matvec.cuh`; candle's
+// `mmvq` for the other formats) read activations as 32-value Q8_1 blocks: the kernels here
+// that feed a product write those blocks directly, laid out and rounded exactly as candle's
+// `quantize_q8_1` writes them.
 //
 // Conventions: activations are f32 rows (one per sequence); keys and values are f16 in each
 // sequence's own cache, `(kv_heads, capacity, head_dim)` per layer; a step's per-row facts
@@ -15,24 +16,7 @@
 #define MAX_ROWS 8
 #define MAX_GROUP 8
 
-// candle's block_q8_1: d and the sum of the 32 values (before rounding) as two halves,
-// then the 32 quantized values.
-struct block_q8_1 {
-  half2 ds;
-  int8_t qs[32];
-};
-
-static __device__ __forceinline__ float warp_sum(float x) {
-#pragma unroll
-  for (int mask = 16; mask > 0; mask >>= 1) x += __shfl_xor_sync(0xffffffff, x, mask);
-  return x;
-}
-
-static __device__ __forceinline__ float warp_max(float x) {
-#pragma unroll
-  for (int mask = 16; mask > 0; mask >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffff, x, mask));
-  return x;
-}
+#include "cuda_common.cuh"
 
 // The sum over a whole block (every thread must call it); `red` holds 33 floats.
 static __device__ float block_sum(float v, float *red) {
@@ -49,25 +33,12 @@ static __device__ float block_sum(float v, float *red) {
   return red[32];
 }
 
-// One warp quantizes the 32 values its lanes hold (one each) into `out`, as candle's
-// `mmvq_gguf_quantize_q8_1_f32` does.
-static __device__ __forceinline__ void quantize_warp(float v, block_q8_1 *out) {
-  const int lane = threadIdx.x & 31;
-  const float amax = warp_max(fabsf(v));
-  const float sum = warp_sum(v);
-  const float d = amax / 127.0f;
-  out->qs[lane] = (amax == 0.0f) ? 0 : (int8_t)roundf(v / d);
-  if (lane == 0) {
-    reinterpret_cast<half &>(out->ds.x) = (half)d;
-    reinterpret_cast<half &>(out->ds.y) = (half)sum;
-  }
-}
-
 // Per row (block): x = x_in (+ delta); x_out = x (when given; may be x_in); then
-// rmsnorm(x) * w quantized into the row's Q8_1 blocks (`q8_stride` blocks, the ones past
-// `n` zero). One block per row.
+// rmsnorm(x) * w quantized into the row's Q8_1 blocks, in both layouts (`q8_stride` blocks,
+// the ones past `n` zero). One block per row.
 extern "C" __global__ void rms_norm_q8(const float *x_in, const float *delta, float *x_out,
                                        const float *__restrict__ w, block_q8_1 *__restrict__ q8,
+                                       int8_t *__restrict__ x_qs, float2 *__restrict__ x_ds,
                                        int n, int q8_stride, float eps) {
   __shared__ float red[33];
   const int row = blockIdx.x;
@@ -84,7 +55,7 @@ extern "C" __global__ void rms_norm_q8(const float *x_in, const float *delta, fl
   // block_sum's barriers also make this block's writes of x_out visible to all its threads.
   const float scale = rsqrtf(block_sum(ss, red) / (float)n + eps);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
-  block_q8_1 *out = q8 + (size_t)row * q8_stride;
+  const Q8Rows out{q8, x_qs, x_ds};
   for (int b = warp; b < q8_stride; b += n_warps) {
     const int i = b * 32 + lane;
     float v = 0.0f;
@@ -92,7 +63,7 @@ extern "C" __global__ void rms_norm_q8(const float *x_in, const float *delta, fl
       v = xo ? xo[i] : (xi[i] + (di ? di[i] : 0.0f));
       v = v * scale * w[i];
     }
-    quantize_warp(v, out + b);
+    quantize_warp(v, out, (size_t)row * q8_stride + b);
   }
 }
 
@@ -278,11 +249,12 @@ ATTN_PARTIAL(128)
 ATTN_PARTIAL(256)
 
 // Join the splits of `attn_partial` into each head's output and quantize the row's heads
-// into Q8_1 blocks for the output projection. Grid: (n_head, rows); block: head_dim threads
-// (a multiple of 32, so each warp fills one block).
+// into Q8_1 blocks (both layouts) for the output projection. Grid: (n_head, rows); block:
+// head_dim threads (a multiple of 32, so each warp fills one block).
 extern "C" __global__ void attn_combine_q8(const float *__restrict__ part_acc,
                                            const float *__restrict__ part_ml, int n_split,
                                            int n_head, int d, block_q8_1 *__restrict__ q8,
+                                           int8_t *__restrict__ x_qs, float2 *__restrict__ x_ds,
                                            int q8_stride) {
   const int h = blockIdx.x, row = blockIdx.y, i = threadIdx.x;
   const size_t base = ((size_t)row * n_head + h) * n_split;
@@ -297,15 +269,16 @@ extern "C" __global__ void attn_combine_q8(const float *__restrict__ part_acc,
     sum_a += part_acc[(base + s) * d + i] * f;
   }
   const float out = sum_a / sum_l;
-  quantize_warp(out, q8 + (size_t)row * q8_stride + ((size_t)h * d + i) / 32);
+  quantize_warp(out, Q8Rows{q8, x_qs, x_ds}, (size_t)row * q8_stride + ((size_t)h * d + i) / 32);
 }
 
 // SwiGLU, quantized: per row, act = silu(gate) * up over `n_ff` values (gate at 0, up at
-// n_ff in a row of `gu_stride` floats), written as Q8_1 blocks (`q8_stride` per row, the
-// ones past n_ff zero). One warp per block of 32; grid: (ceil(q8_stride / 8), rows),
-// block: 256 threads.
+// n_ff in a row of `gu_stride` floats), written as Q8_1 blocks in both layouts (`q8_stride`
+// per row, the ones past n_ff zero). One warp per block of 32; grid:
+// (ceil(q8_stride / 8), rows), block: 256 threads.
 extern "C" __global__ void silu_mul_q8(const float *__restrict__ gu, int gu_stride, int n_ff,
-                                       block_q8_1 *__restrict__ q8, int q8_stride) {
+                                       block_q8_1 *__restrict__ q8, int8_t *__restrict__ x_qs,
+                                       float2 *__restrict__ x_ds, int q8_stride) {
   const int row = blockIdx.y, lane = threadIdx.x & 31;
   const int b = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
   if (b >= q8_stride) return;
@@ -315,5 +288,7 @@ extern "C" __global__ void silu_mul_q8(const float *__restrict__ gu, int gu_stri
     const float g = gu[(size_t)row * gu_stride + i], u = gu[(size_t)row * gu_stride + n_ff + i];
     v = g / (1.0f + expf(-g)) * u;
   }
-  quantize_warp(v, q8 + (size_t)row * q8_stride + b);
+  quantize_warp(v, Q8Rows{q8, x_qs, x_ds}, (size_t)row * q8_stride + b);
 }
+
+#include "cuda_matvec.cuh"

@@ -1,8 +1,10 @@
-//! A decode step on an NVIDIA GPU in about a dozen kernel launches per layer: candle's
-//! `mmvq` matrix products (called through `candle_kernels::ffi` on the model's stream, with
-//! preallocated buffers) and our own fused glue kernels (`cuda_decode.cu`: residual add +
-//! RMSNorm + Q8_1 quantization, q/k norm + RoPE + KV store, split-position attention with a
-//! joining kernel that quantizes for the output projection, SwiGLU + quantization).
+//! A decode step on an NVIDIA GPU in about a dozen kernel launches per layer: matrix
+//! products on 8-bit activations (our own Q4_K and Q6_K kernels, `mv_q4k_*`/`mv_q6k_*` in
+//! `cuda_decode.cu`, and candle's `mmvq` kernels, called through `candle_kernels::ffi` on
+//! the model's stream, for the other formats) with preallocated buffers, and our own fused
+//! glue kernels (residual add + RMSNorm + Q8_1 quantization, q/k norm + RoPE + KV store,
+//! split-position attention with a joining kernel that quantizes for the output projection,
+//! SwiGLU + quantization).
 //!
 //! Why: through candle's ops a decode step of the Qwen3-8B shape is about 1,200 small ops,
 //! each a host-side allocation and launch of 5–10 µs, so the GPU idled most of the step
@@ -11,6 +13,11 @@
 //! replayed: every kernel argument that changes from step to step (positions, lengths,
 //! cache addresses) is read from device memory that the step writes first, so one graph
 //! serves every step of that shape.
+//!
+//! Our matrix kernels are checked against candle's `mmvq` when a plan is built: every
+//! matrix they take, for 1 to `MAX_ROWS` rows of random activations. A disagreement puts
+//! every product back on `mmvq` and says so (`DecodePlan::mat_vec`), so a kernel fault on a
+//! GPU the tests never ran on costs speed, not answers.
 //!
 //! Owns: the kernels' PTX, the step's device buffers, and the checks that make each launch
 //! sound (every pointer handed to a kernel comes from a tensor or buffer whose dtype,
@@ -42,6 +49,13 @@ const MAX_GROUP: usize = 8;
 const MAX_SPLIT: usize = 32;
 /// Positions per split at least: the attention kernel's chunk (one position per thread).
 const MIN_SPLIT_LEN: usize = 128;
+/// Matrix rows per block of our matrix kernels (a warp each: `MV_WARPS` in the `.cu`).
+const MV_ROWS_PER_BLOCK: usize = 4;
+/// The largest difference from candle's `mmvq` that our matrix kernels may show at load,
+/// relative to the product's largest output. Both sum the same integer dot products of
+/// 32 values; only the order of the float sums differs, a few 1e-7 of the output's scale.
+/// A misread block is off by the output's own scale.
+const MAT_VEC_TOLERANCE: f32 = 1e-3;
 /// candle's padding of a row of Q8_1 activations (`MATRIX_ROW_PADDING`).
 const ROW_PADDING: usize = 512;
 const Q8_1_BYTES: usize = 36;
@@ -113,11 +127,24 @@ pub struct LayerWeights<'a> {
     pub ffn_down: Arc<QTensor>,
 }
 
-/// A matrix product: the weights (kept alive here), its launcher and its size.
+/// Which kernels a plan's matrix products run (`GPU_DECODE=fused-own` or `fused`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MatVec {
+    /// Ours for Q4_K and Q6_K matrices, candle's `mmvq` for the other formats.
+    Own,
+    /// candle's `mmvq` for every matrix.
+    Mmvq,
+}
+
+/// A matrix product: the weights (kept alive here), its launchers and its size.
 struct Product {
     _weights: Arc<QTensor>,
     ptr: u64,
+    dtype: GgmlDType,
     launch: Mmvq,
+    /// Our kernel for 1..=MAX_ROWS activation rows (index: rows - 1), where this matrix
+    /// has one; it then runs instead of `launch`.
+    own: Option<Vec<CudaFunction>>,
     rows: usize,
     cols: usize,
 }
@@ -147,13 +174,46 @@ struct Kernels {
     silu_mul_q8: CudaFunction,
 }
 
+/// Our matrix kernels, for 1..=MAX_ROWS activation rows each (index: rows - 1).
+struct MatVecKernels {
+    q4k: Vec<CudaFunction>,
+    /// Q6_K by the bytes each load takes (16, 8, 4, 2): a row of 210-byte blocks starts
+    /// aligned to what its block count allows.
+    q6k: Vec<(usize, Vec<CudaFunction>)>,
+}
+
+impl MatVecKernels {
+    /// Our kernel for a matrix of `dtype` at device address `ptr` with `cols` columns, if
+    /// there is one: every row must start aligned to the kernel's loads.
+    fn for_matrix(&self, dtype: GgmlDType, ptr: u64, cols: usize) -> Option<Vec<CudaFunction>> {
+        let aligned = |bytes: usize| ptr.is_multiple_of(bytes as u64);
+        match dtype {
+            // 144-byte blocks: every row starts 16-byte aligned when the matrix does.
+            GgmlDType::Q4K if aligned(16) => Some(self.q4k.clone()),
+            GgmlDType::Q6K => {
+                let row_bytes = cols / 256 * 210;
+                self.q6k
+                    .iter()
+                    .find(|(bytes, _)| row_bytes.is_multiple_of(*bytes) && aligned(*bytes))
+                    .map(|(_, kernels)| kernels.clone())
+            }
+            _ => None,
+        }
+    }
+}
+
 /// Device buffers for up to `MAX_ROWS` rows, allocated once.
 struct Buffers {
     /// The rows' embeddings, copied from candle's lookup (a fixed address for the graphs).
     emb: CudaSlice<f32>,
     x: CudaSlice<f32>,
     delta: CudaSlice<f32>,
+    /// The products' 8-bit activations, in candle's Q8_1 blocks (for its `mmvq`)...
     q8: CudaSlice<u8>,
+    /// ...and in our layout (`Q8Rows` in `cuda_common.cuh`, for our kernels): the quants
+    /// contiguous, and per 16 values (d, d * their sum).
+    x_qs: CudaSlice<u8>,
+    x_ds: CudaSlice<f32>,
     qkv: CudaSlice<f32>,
     q: CudaSlice<f32>,
     part_acc: CudaSlice<f32>,
@@ -186,6 +246,7 @@ pub struct DecodePlan {
     graphs: HashMap<(usize, usize), Option<CudaGraph>>,
     /// Set when a capture failed: every step then launches its kernels one by one.
     graphs_off: bool,
+    mat_vec: MatVec,
 }
 
 /// One row of a step: the sequence's position and its per-layer `(keys, values)` caches,
@@ -197,7 +258,9 @@ pub struct Row<'a> {
 
 impl DecodePlan {
     /// The plan for these weights, or why this model cannot use it (the caller then keeps
-    /// candle's ops for decode too).
+    /// candle's ops for decode too). With `MatVec::Own`, our matrix kernels are checked
+    /// against candle's `mmvq` here (see `check_own_products`).
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         cuda: &CudaDevice,
         dims: Dims,
@@ -206,6 +269,7 @@ impl DecodePlan {
         output: &Arc<QTensor>,
         cos: &Tensor,
         sin: &Tensor,
+        mat_vec: MatVec,
     ) -> Result<DecodePlan> {
         let d = dims.head_dim;
         if !matches!(d, 64 | 128 | 256) {
@@ -234,6 +298,19 @@ impl DecodePlan {
             attn_partial: load(&format!("attn_partial_d{d}"))?,
             attn_combine_q8: load("attn_combine_q8")?,
             silu_mul_q8: load("silu_mul_q8")?,
+        };
+        let per_rows = |name: &str| -> Result<Vec<CudaFunction>> {
+            (1..=MAX_ROWS).map(|n| load(&format!("{name}_n{n}"))).collect()
+        };
+        let mat_vec_kernels = match mat_vec {
+            MatVec::Own => Some(MatVecKernels {
+                q4k: per_rows("mv_q4k_v16")?,
+                q6k: [16, 8, 4, 2]
+                    .into_iter()
+                    .map(|bytes| Ok((bytes, per_rows(&format!("mv_q6k_v{bytes}"))?)))
+                    .collect::<Result<_>>()?,
+            }),
+            MatVec::Mmvq => None,
         };
         let (e, q_width, kv_width, n_ff) = (dims.n_embd, dims.n_head * d, dims.n_kv * d, dims.n_ff);
         let vector = |t: &Tensor, len: usize| -> Result<Vector> {
@@ -266,6 +343,8 @@ impl DecodePlan {
             x: alloc(rows * e)?,
             delta: alloc(rows * e)?,
             q8: cuda.alloc_zeros::<u8>(rows * q8_stride(widest) * Q8_1_BYTES)?,
+            x_qs: cuda.alloc_zeros::<u8>(rows * q8_stride(widest) * 32)?,
+            x_ds: alloc(rows * q8_stride(widest) * 2 * 2)?,
             qkv: alloc(rows * (q_width + 2 * kv_width))?,
             q: alloc(rows * q_width)?,
             part_acc: alloc(rows * dims.n_head * MAX_SPLIT * d)?,
@@ -275,7 +354,7 @@ impl DecodePlan {
             rows: cuda.alloc_zeros::<i32>(2 * MAX_ROWS + 1)?,
             kv: cuda.alloc_zeros::<u64>(layers.len() * MAX_ROWS * 2)?,
         };
-        Ok(DecodePlan {
+        let mut plan = DecodePlan {
             output_norm: vector(output_norm, e)?,
             output: product_of(output, Some(dims.vocab), e, &device)?,
             cos: vector(cos, half_table)?,
@@ -286,10 +365,120 @@ impl DecodePlan {
             buf,
             graphs: HashMap::new(),
             graphs_off: false,
+            mat_vec: MatVec::Mmvq,
             dims,
             device,
             stream,
-        })
+        };
+        if let Some(kernels) = mat_vec_kernels {
+            let mut taken = 0;
+            for product in plan.products_mut() {
+                product.own = kernels.for_matrix(product.dtype, product.ptr, product.cols);
+                taken += usize::from(product.own.is_some());
+            }
+            match plan.check_own_products()? {
+                Ok(worst) => {
+                    plan.mat_vec = MatVec::Own;
+                    tracing::info!(
+                        matrices = taken,
+                        worst_difference = worst,
+                        "our Q4_K/Q6_K matrix kernels agree with candle's mmvq"
+                    );
+                }
+                Err(why) => {
+                    tracing::warn!(
+                        "our Q4_K/Q6_K matrix kernels disagree with candle's mmvq ({why}); \
+                         every decode product runs on mmvq"
+                    );
+                    for product in plan.products_mut() {
+                        product.own = None;
+                    }
+                }
+            }
+        }
+        Ok(plan)
+    }
+
+    /// The matrix kernels the step runs: `Own` only when ours were asked for and agreed
+    /// with candle's at load.
+    pub fn mat_vec(&self) -> MatVec {
+        self.mat_vec
+    }
+
+    fn products_mut(&mut self) -> impl Iterator<Item = &mut Product> {
+        let layers = self.layers.iter_mut().flat_map(|l| {
+            l.qkv
+                .iter_mut()
+                .chain(l.gate_up.iter_mut())
+                .chain([&mut l.attn_output, &mut l.ffn_down])
+        });
+        layers.chain(std::iter::once(&mut self.output))
+    }
+
+    /// Every product that runs on our kernels, against candle's `mmvq` on the same random
+    /// activations (`MAX_ROWS` rows): ours for each count of rows from 1 to `MAX_ROWS`,
+    /// into an output first filled with NaN (so a value it never wrote fails too). The
+    /// worst difference relative to each product's largest output, or what disagreed.
+    fn check_own_products(&mut self) -> Result<std::result::Result<f32, String>> {
+        let stream = self.stream.clone();
+        let blocks = self.buf.q8.len() / Q8_1_BYTES;
+        let (q8, x_qs, x_ds) = random_q8_1(blocks);
+        stream.memcpy_htod(&q8, &mut self.buf.q8).map_err(msg)?;
+        stream.memcpy_htod(&x_qs, &mut self.buf.x_qs).map_err(msg)?;
+        stream.memcpy_htod(&x_ds, &mut self.buf.x_ds).map_err(msg)?;
+        let checked: Vec<&Product> = self.all_products().filter(|p| p.own.is_some()).collect();
+        let Some(widest) = checked.iter().map(|p| p.rows).max() else {
+            return Ok(Ok(0.0));
+        };
+        let mut out = stream.alloc_zeros::<f32>(MAX_ROWS * widest).map_err(msg)?;
+        let out_ptr = out.device_ptr(&stream).0;
+        let (mut theirs, mut ours) = (Vec::new(), Vec::new());
+        let mut worst = 0.0f32;
+        for (i, p) in checked.iter().enumerate() {
+            let len = MAX_ROWS * p.rows;
+            let stride = q8_stride(p.cols);
+            self.product_on(p, None, stride, out_ptr, p.rows, MAX_ROWS, 0)?;
+            theirs.resize(len, 0.0);
+            stream.memcpy_dtoh(&out.slice(..len), theirs.as_mut_slice()).map_err(msg)?;
+            stream.synchronize().map_err(msg)?;
+            let scale = theirs.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            if !scale.is_finite() {
+                return Ok(Err(format!("candle's mmvq gave {scale} on matrix {i}")));
+            }
+            for n in 1..=MAX_ROWS {
+                ours.clear();
+                ours.resize(len, f32::NAN);
+                stream.memcpy_htod(ours.as_slice(), &mut out.slice_mut(..len)).map_err(msg)?;
+                self.product(p, stride, out_ptr, p.rows, n, 0)?;
+                stream.memcpy_dtoh(&out.slice(..len), ours.as_mut_slice()).map_err(msg)?;
+                stream.synchronize().map_err(msg)?;
+                let used = n * p.rows;
+                let diff = ours[..used].iter().zip(&theirs[..used]).fold(0.0f32, |m, (a, b)| {
+                    if a.is_nan() {
+                        f32::INFINITY
+                    } else {
+                        m.max((a - b).abs())
+                    }
+                });
+                let relative = diff / scale.max(f32::MIN_POSITIVE);
+                if relative.is_nan() || relative > MAT_VEC_TOLERANCE {
+                    return Ok(Err(format!(
+                        "{:?} matrix {i} of {}x{}, {n} rows: off by {diff} where its largest \
+                         output is {scale}",
+                        p.dtype, p.rows, p.cols
+                    )));
+                }
+                worst = worst.max(relative);
+            }
+        }
+        Ok(Ok(worst))
+    }
+
+    fn all_products(&self) -> impl Iterator<Item = &Product> {
+        let layers = self.layers.iter().flat_map(|l| {
+            l.qkv.iter().chain(l.gate_up.iter()).chain([&l.attn_output, &l.ffn_down])
+        });
+        layers.chain(std::iter::once(&self.output))
     }
 
     /// Device memory of the step's buffers (logged at load; `GPU_MEMORY_MARGIN` covers it).
@@ -303,8 +492,9 @@ impl DecodePlan {
             + b.part_acc.len()
             + b.part_ml.len()
             + b.gu.len()
+            + b.x_ds.len()
             + b.logits.len();
-        (floats * 4 + b.q8.len() + b.rows.len() * 4 + b.kv.len() * 8) as u64
+        (floats * 4 + b.q8.len() + b.x_qs.len() + b.rows.len() * 4 + b.kv.len() * 8) as u64
     }
 
     /// Run one token for each row: `x` holds the rows' embeddings `(rows, n_embd)` f32;
@@ -447,7 +637,8 @@ impl DecodePlan {
         let p = self.ptrs;
         let (width_i, stride, eps) = (width as i32, q8_stride(width) as i32, self.dims.eps);
         let mut launch = self.stream.launch_builder(&self.kernels.rms_norm_q8);
-        launch.arg(&src).arg(&delta).arg(&x_out).arg(&weights).arg(&p.q8);
+        launch.arg(&src).arg(&delta).arg(&x_out).arg(&weights);
+        launch.arg(&p.q8).arg(&p.x_qs).arg(&p.x_ds);
         launch.arg(&width_i).arg(&stride).arg(&eps);
         let cfg = LaunchConfig {
             grid_dim: (n as u32, 1, 1),
@@ -456,8 +647,8 @@ impl DecodePlan {
         };
         // SAFETY: `src`, `delta` and `x_out` are 0 or `n` rows of `width` floats (`emb`,
         // `x` and `delta` hold MAX_ROWS rows of n_embd, the only width used); `weights`
-        // holds `width` floats (checked in `new`); `q8` holds MAX_ROWS rows of
-        // q8_stride(widest) blocks. The kernel touches no more.
+        // holds `width` floats (checked in `new`); `q8`, `x_qs` and `x_ds` hold MAX_ROWS
+        // rows of q8_stride(widest) blocks in their layouts. The kernel touches no more.
         launched(unsafe { launch.launch(cfg) })
     }
 
@@ -487,11 +678,44 @@ impl DecodePlan {
         n: usize,
         offset: usize,
     ) -> Result<()> {
+        self.product_on(w, w.own.as_deref(), q8_stride, out, out_stride, n, offset)
+    }
+
+    /// `product` on our kernels `own` when given, on candle's `mmvq` otherwise.
+    #[allow(clippy::too_many_arguments)]
+    fn product_on(
+        &self,
+        w: &Product,
+        own: Option<&[CudaFunction]>,
+        q8_stride: usize,
+        out: u64,
+        out_stride: usize,
+        n: usize,
+        offset: usize,
+    ) -> Result<()> {
         if offset + w.rows > out_stride || q8_stride * 32 < w.cols {
             bail!("a product of {}x{} does not fit its buffers", w.rows, w.cols)
         }
-        let q8 = self.ptrs.q8;
+        let p = self.ptrs;
         let dst = out + (offset * 4) as u64;
+        if let Some(own) = own {
+            let (cols, rows) = (w.cols as i32, w.rows as i32);
+            let (q8_stride, out_stride) = (q8_stride as i32, out_stride as i32);
+            let mut launch = self.stream.launch_builder(&own[n - 1]);
+            launch.arg(&w.ptr).arg(&p.x_qs).arg(&p.x_ds).arg(&dst).arg(&cols).arg(&rows);
+            launch.arg(&q8_stride).arg(&out_stride);
+            let cfg = LaunchConfig {
+                grid_dim: (w.rows.div_ceil(MV_ROWS_PER_BLOCK) as u32, 1, 1),
+                block_dim: (MV_ROWS_PER_BLOCK as u32 * 32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: as for `mmvq` below, with the activations in our layout (`x_qs` and
+            // `x_ds` hold as many rows and blocks as `q8`, written by the same kernels); the
+            // kernel's weight loads are as wide as the rows' alignment allows
+            // (`MatVecKernels::for_matrix`), its warps past `rows` return, and `own` holds
+            // MAX_ROWS kernels with 1 <= n <= MAX_ROWS (checked in `step`).
+            return launched(unsafe { launch.launch(cfg) });
+        }
         // SAFETY: the weights hold `rows x cols` in their format (checked in `new`); `q8`
         // holds `n` rows of `q8_stride >= cols / 32` blocks written by the previous kernel;
         // `out` holds `n` rows of `out_stride` floats (MAX_ROWS rows of each buffer), of
@@ -500,7 +724,7 @@ impl DecodePlan {
         unsafe {
             (w.launch)(
                 w.ptr as *const _,
-                q8 as *const _,
+                p.q8 as *const _,
                 dst as *mut _,
                 w.cols as i32,
                 w.rows as i32,
@@ -561,14 +785,14 @@ impl DecodePlan {
         let stride = q8_stride(dims.n_head * dims.head_dim) as i32;
         let mut launch = self.stream.launch_builder(&self.kernels.attn_combine_q8);
         launch.arg(&p.part_acc).arg(&p.part_ml).arg(&n_split_i).arg(&n_head).arg(&d_i);
-        launch.arg(&p.q8).arg(&stride);
+        launch.arg(&p.q8).arg(&p.x_qs).arg(&p.x_ds).arg(&stride);
         let cfg = LaunchConfig {
             grid_dim: (dims.n_head as u32, n as u32, 1),
             block_dim: (dims.head_dim as u32, 1, 1),
             shared_mem_bytes: 0,
         };
         // SAFETY: reads the slots the previous kernel wrote; writes `n` rows of the query
-        // width's Q8_1 blocks, within `q8`.
+        // width's Q8_1 blocks, within `q8`, `x_qs` and `x_ds`.
         launched(unsafe { launch.launch(cfg) })
     }
 
@@ -578,14 +802,16 @@ impl DecodePlan {
         let stride = q8_stride(n_ff);
         let (gu_stride, n_ff_i, stride_i) = ((2 * n_ff) as i32, n_ff as i32, stride as i32);
         let mut launch = self.stream.launch_builder(&self.kernels.silu_mul_q8);
-        launch.arg(&p.gu).arg(&gu_stride).arg(&n_ff_i).arg(&p.q8).arg(&stride_i);
+        launch.arg(&p.gu).arg(&gu_stride).arg(&n_ff_i);
+        launch.arg(&p.q8).arg(&p.x_qs).arg(&p.x_ds).arg(&stride_i);
         let cfg = LaunchConfig {
             grid_dim: (stride.div_ceil(8) as u32, n as u32, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: `gu` holds MAX_ROWS rows of 2 x n_ff floats; `q8` MAX_ROWS rows of at least
-        // q8_stride(n_ff) blocks; warps past the row's blocks return.
+        // SAFETY: `gu` holds MAX_ROWS rows of 2 x n_ff floats; `q8`, `x_qs` and `x_ds`
+        // MAX_ROWS rows of at least q8_stride(n_ff) blocks; warps past the row's blocks
+        // return.
         launched(unsafe { launch.launch(cfg) })
     }
 }
@@ -604,6 +830,8 @@ struct Pointers {
     x: u64,
     delta: u64,
     q8: u64,
+    x_qs: u64,
+    x_ds: u64,
     qkv: u64,
     q: u64,
     part_acc: u64,
@@ -621,6 +849,8 @@ impl Pointers {
             x: b.x.device_ptr(s).0,
             delta: b.delta.device_ptr(s).0,
             q8: b.q8.device_ptr(s).0,
+            x_qs: b.x_qs.device_ptr(s).0,
+            x_ds: b.x_ds.device_ptr(s).0,
             qkv: b.qkv.device_ptr(s).0,
             q: b.q.device_ptr(s).0,
             part_acc: b.part_acc.device_ptr(s).0,
@@ -676,7 +906,15 @@ fn product_of(
     if w.storage_size_in_bytes() < r * c / w.dtype().block_size() * w.dtype().type_size() {
         bail!("a matrix holds fewer bytes than its shape needs")
     }
-    Ok(Product { ptr: w.device_ptr()? as u64, _weights: w.clone(), launch, rows: r, cols: c })
+    Ok(Product {
+        ptr: w.device_ptr()? as u64,
+        _weights: w.clone(),
+        dtype: w.dtype(),
+        launch,
+        own: None,
+        rows: r,
+        cols: c,
+    })
 }
 
 /// The device address of a contiguous tensor of `len` values of `dtype` on `device`.
@@ -699,4 +937,37 @@ fn tensor_ptr(t: &Tensor, dtype: DType, len: usize, device: &Device) -> Result<u
         other => bail!("{other:?} tensors are not used here"),
     };
     Ok(base + (layout.start_offset() * dtype.size_in_bytes()) as u64)
+}
+
+/// `blocks` Q8_1 blocks of random activations (a fixed seed: scales 1e-3 to 1e-2, quants
+/// over the whole int8 range but -128) in both layouts, as `quantize_warp` writes them:
+/// candle's blocks (with a sum of the values), and our quants and `(d, d * sum)` per 16.
+fn random_q8_1(blocks: usize) -> (Vec<u8>, Vec<u8>, Vec<f32>) {
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let mut bytes = vec![0u8; blocks * Q8_1_BYTES];
+    let mut qs = vec![0u8; blocks * 32];
+    let mut ds = vec![0f32; blocks * 4];
+    for ((block, quants), scales) in
+        bytes.chunks_exact_mut(Q8_1_BYTES).zip(qs.chunks_exact_mut(32)).zip(ds.chunks_exact_mut(4))
+    {
+        let d = half::f16::from_f32(1e-3 + (next() % 1000) as f32 * 9e-6);
+        let mut sums = [0i32; 2];
+        for (i, (q, x)) in block[4..].iter_mut().zip(quants.iter_mut()).enumerate() {
+            let v = (next() % 255) as i32 - 127;
+            sums[i / 16] += v;
+            (*q, *x) = (v as i8 as u8, v as i8 as u8);
+        }
+        let d32 = d.to_f32();
+        block[..2].copy_from_slice(&d.to_le_bytes());
+        let sum = d32 * (sums[0] + sums[1]) as f32;
+        block[2..4].copy_from_slice(&half::f16::from_f32(sum).to_le_bytes());
+        scales.copy_from_slice(&[d32, d32 * sums[0] as f32, d32, d32 * sums[1] as f32]);
+    }
+    (bytes, qs, ds)
 }

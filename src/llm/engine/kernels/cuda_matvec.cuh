@@ -1,0 +1,239 @@
+// Our matrix-vector kernels for the decode step (included by `cuda_decode.cu`, after
+// `cuda_common.cuh`; `tests/cuda_emu` runs them under a CPU emulation of CUDA's threads).
+//
+// out[j * out_stride + r] = W[r] . a[j] for each matrix row r and each of the N (1 to 8)
+// activation rows a[j], read in our layout of 8-bit activations (`Q8Rows`: quants at
+// x_qs + j * x_stride * 32, (d, d * sum) per 16 values at x_ds + j * x_stride * 2, x_stride
+// in 32-value blocks), as candle's `mmvq` computes it from its own layout: per 32 values,
+// integer dot products of the weights' quants with the activations' (dp4a), scaled by
+// both sides' scales.
+//
+// Why not candle's `mmvq`: its threads read weights 4 bytes at a time, 128 threads sharing
+// 8 GGUF blocks, and on an H200 it read them at 35-37 % of the card's bandwidth, two thirds
+// of a decode step. Here:
+// - one warp owns one matrix row and streams it through shared memory in chunks of 16
+//   GGUF blocks (2,304 bytes of Q4_K, 3,360 of Q6_K), with the widest loads the row's
+//   alignment allows (V: 16 bytes for Q4_K's 144-byte blocks; for Q6_K's 210-byte blocks,
+//   what the block count allows), the next chunk's loads issued before the lanes compute on
+//   the current one; weights are read once, so they bypass L1 (`__ldcs`);
+// - each chunk's block scales are decoded once into a small table;
+// - each lane takes 16 values at a time, lane l the l-th 16 of two consecutive GGUF blocks,
+//   so a warp reads its activations as 512 consecutive bytes, one 16-byte load per lane
+//   (which is why the activations have a layout of our own: candle's 36-byte blocks allow
+//   no 16-byte loads), and those stay in L1 for every warp of the SM.
+
+#pragma once
+
+#define MV_WARPS 4
+#define MV_BLOCKS 16
+
+// `N` consecutive 32-bit words from a byte address of any alignment in shared memory (the
+// staging buffer of 210-byte Q6_K blocks), from aligned words joined by funnel shifts. May
+// read the aligned word after the last one: the staging buffer has room for it.
+template <int N>
+static __device__ __forceinline__ void load_words(const uint8_t *p, uint32_t *out) {
+  const uintptr_t at = (uintptr_t)p;
+  const uint32_t *w = (const uint32_t *)(at & ~(uintptr_t)3);
+  const unsigned shift = 8u * (unsigned)(at & 3);
+  uint32_t lo = w[0];
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    const uint32_t hi = w[i + 1];
+    out[i] = __funnelshift_r(lo, hi, shift);
+    lo = hi;
+  }
+}
+
+// Adds, for each activation row j < N, the dot product of 16 weight quants `v` (signed,
+// four per word) whose scale is `scale` (and, for formats with minimums, `min`: the
+// values are scale * v - min) with the 16 activations at 16-value index `at` of row j.
+template <int N>
+static __device__ __forceinline__ void dot16(const uint32_t *v, float scale, float min,
+                                             const int8_t *__restrict__ x_qs,
+                                             const float2 *__restrict__ x_ds, size_t x_stride,
+                                             size_t at, float *sum) {
+#pragma unroll
+  for (int j = 0; j < N; ++j) {
+    const uint4 a = *(const uint4 *)(x_qs + (j * x_stride * 32 + at * 16));
+    const float2 ds = x_ds[j * x_stride * 2 + at];
+    int dot = __dp4a((int)v[0], (int)a.x, 0);
+    dot = __dp4a((int)v[1], (int)a.y, dot);
+    dot = __dp4a((int)v[2], (int)a.z, dot);
+    dot = __dp4a((int)v[3], (int)a.w, dot);
+    sum[j] += ds.x * scale * (float)dot - min * ds.y;
+  }
+}
+
+// Q4_K (144 bytes per 256 values): d and dmin (half each), twelve bytes of 6-bit scales and
+// minimums for the eight 32-value sub-blocks, then 128 bytes of 4-bit quants: bytes
+// 32g..32g+32 hold sub-block 2g in their low nibbles and 2g+1 in their high ones.
+struct Q4K {
+  static constexpr int BYTES = 144;
+  // Per block of the chunk and sub-block: (d * scale, dmin * min).
+  struct Table {
+    float2 dm[MV_BLOCKS][8];
+  };
+
+  // Half h of the table row of block b (at `blk`): sub-blocks 4h..4h+3.
+  static __device__ __forceinline__ void prepare(const uint8_t *blk, int b, int h, Table &t) {
+    const uint32_t *w = (const uint32_t *)blk;
+    const float2 dm = __half22float2(*(const half2 *)blk);
+    const uint32_t s0 = w[1], s1 = w[2], s2 = w[3];
+    // ggml's get_scale_min_k4: the first four in the low 6 bits of bytes 0-3 (scales) and
+    // 4-7 (minimums); the last four in the nibbles of bytes 8-11, their top 2 bits in the
+    // top bits of bytes 0-3 and 4-7.
+    const uint32_t sc = h == 0 ? s0 & 0x3f3f3f3fu
+                               : (s2 & 0x0f0f0f0fu) | ((s0 >> 2) & 0x30303030u);
+    const uint32_t mn = h == 0 ? s1 & 0x3f3f3f3fu
+                               : ((s2 >> 4) & 0x0f0f0f0fu) | ((s1 >> 2) & 0x30303030u);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      t.dm[b][4 * h + k] = make_float2(dm.x * (float)((sc >> (8 * k)) & 0xff),
+                                       dm.y * (float)((mn >> (8 * k)) & 0xff));
+    }
+  }
+
+  // The 16 values `16 t .. 16 t + 16` (t < 16) of block b of the chunk.
+  template <int N>
+  static __device__ __forceinline__ void dot(const uint8_t *stage, const Table &t, int b,
+                                             int lane16, const int8_t *x_qs, const float2 *x_ds,
+                                             size_t x_stride, size_t at, float *sum) {
+    const int k = lane16 >> 1, s = lane16 & 1;  // sub-block, and which half of it
+    const uint4 q = *(const uint4 *)(stage + b * BYTES + 16 + 32 * (k >> 1) + 16 * s);
+    const int shift = 4 * (k & 1);
+    const uint32_t v[4] = {(q.x >> shift) & 0x0f0f0f0fu, (q.y >> shift) & 0x0f0f0f0fu,
+                           (q.z >> shift) & 0x0f0f0f0fu, (q.w >> shift) & 0x0f0f0f0fu};
+    const float2 dm = t.dm[b][k];
+    dot16<N>(v, dm.x, dm.y, x_qs, x_ds, x_stride, at, sum);
+  }
+};
+
+// Q6_K (210 bytes per 256 values): 128 bytes of low 4 bits `ql`, 64 bytes of high 2 bits
+// `qh`, sixteen int8 scales (one per 16 values), then d (half). Values 128n + 32q + l of a
+// block (n < 2, q < 4, l < 32) take ql[64n + 32(q % 2) + l]'s low (q < 2) or high nibble,
+// qh[32n + l]'s bits 2q and 2q + 1, less 32, and scale 8n + 2q + l / 16 (ggml's
+// dequantize_row_q6_K): the 16 values 16t..16t+16 have scale t.
+struct Q6K {
+  static constexpr int BYTES = 210;
+  // Per block of the chunk and 16 values: d * scale.
+  struct Table {
+    float dsc[MV_BLOCKS][16];
+  };
+
+  // Half h of the table row of block b (at `blk`): scales 8h..8h+8.
+  static __device__ __forceinline__ void prepare(const uint8_t *blk, int b, int h, Table &t) {
+    const float d = __half2float(*(const half *)(blk + 208));
+#pragma unroll
+    for (int k = 0; k < 8; ++k) t.dsc[b][8 * h + k] = d * (float)(int8_t)blk[192 + 8 * h + k];
+  }
+
+  template <int N>
+  static __device__ __forceinline__ void dot(const uint8_t *stage, const Table &t, int b,
+                                             int lane16, const int8_t *x_qs, const float2 *x_ds,
+                                             size_t x_stride, size_t at, float *sum) {
+    const int n = lane16 >> 3, q = (lane16 >> 1) & 3, s = lane16 & 1;
+    const uint8_t *blk = stage + b * BYTES;
+    uint32_t ql[4], qh[4];
+    load_words<4>(blk + 64 * n + 32 * (q & 1) + 16 * s, ql);
+    load_words<4>(blk + 128 + 32 * n + 16 * s, qh);
+    const int lo_shift = 4 * (q >> 1), hi_shift = 2 * q;
+    uint32_t v[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const uint32_t u = ((ql[i] >> lo_shift) & 0x0f0f0f0fu) |
+                         (((qh[i] >> hi_shift) & 0x03030303u) << 4);
+      v[i] = (uint32_t)__vsubss4((int)u, 0x20202020);
+    }
+    dot16<N>(v, t.dsc[b][lane16], 0.0f, x_qs, x_ds, x_stride, at, sum);
+  }
+};
+
+// The product of format F for N activation rows, loading V-sized pieces (V divides the row's
+// bytes and its start is aligned to it: the launcher checks). Grid: ceil(rows / MV_WARPS)
+// blocks of MV_WARPS warps.
+template <typename F, int N, typename V>
+static __device__ __forceinline__ void mat_vec(const uint8_t *__restrict__ w,
+                                               const int8_t *__restrict__ x_qs,
+                                               const float2 *__restrict__ x_ds,
+                                               float *__restrict__ out, int cols, int rows,
+                                               int x_stride, int out_stride) {
+  constexpr int CHUNK = MV_BLOCKS * F::BYTES;
+  static_assert(CHUNK % sizeof(V) == 0, "a chunk is whole loads");
+  constexpr int PER_CHUNK = CHUNK / (int)sizeof(V);
+  constexpr int ITEMS = (PER_CHUNK + 31) / 32;
+  // 16 bytes past the chunk: `load_words` may read one aligned word beyond a block.
+  __shared__ __align__(16) uint8_t stage[MV_WARPS][CHUNK + 16];
+  __shared__ typename F::Table tables[MV_WARPS];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int row = blockIdx.x * MV_WARPS + warp;
+  if (row >= rows) return;  // the whole warp: nothing below synchronizes the block
+  const int nb = cols / 256;
+  const int row_loads = nb * F::BYTES / (int)sizeof(V);
+  const V *src = (const V *)(w + (size_t)row * nb * F::BYTES);
+  V *staged = (V *)stage[warp];
+  typename F::Table &table = tables[warp];
+  V regs[ITEMS];
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) {
+    const int k = lane + 32 * i;
+    if (k < PER_CHUNK && k < row_loads) regs[i] = __ldcs(src + k);
+  }
+  float sum[N];
+#pragma unroll
+  for (int j = 0; j < N; ++j) sum[j] = 0.0f;
+  const int n_chunks = (nb + MV_BLOCKS - 1) / MV_BLOCKS;
+  for (int c = 0; c < n_chunks; ++c) {
+    const int first = c * PER_CHUNK, next = first + PER_CHUNK;
+    __syncwarp();  // every lane is done with the previous chunk and its table
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) {
+      const int k = lane + 32 * i;
+      if (k < PER_CHUNK && first + k < row_loads) staged[k] = regs[i];
+    }
+    __syncwarp();
+    if (c + 1 < n_chunks) {
+#pragma unroll
+      for (int i = 0; i < ITEMS; ++i) {
+        const int k = lane + 32 * i;
+        if (k < PER_CHUNK && next + k < row_loads) regs[i] = __ldcs(src + next + k);
+      }
+    }
+    const int blocks = min(MV_BLOCKS, nb - c * MV_BLOCKS);
+    // Each chunk's scales, decoded once: lane l does half l % 2 of block l / 2.
+    const int pb = lane >> 1;
+    if (pb < blocks) F::prepare(stage[warp] + pb * F::BYTES, pb, lane & 1, table);
+    __syncwarp();
+    // Lanes 0-15 take the even block of each pair, 16-31 the odd one.
+#pragma unroll 2
+    for (int b = lane >> 4; b < blocks; b += 2) {
+      const size_t at = (size_t)(c * MV_BLOCKS + b) * 16 + (lane & 15);
+      F::template dot<N>(stage[warp], table, b, lane & 15, x_qs, x_ds, x_stride, at, sum);
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < N; ++j) {
+    const float s = warp_sum(sum[j]);
+    if (lane == 0) out[(size_t)j * out_stride + row] = s;
+  }
+}
+
+#define MV_ENTRY(name, F, V, N)                                                              \
+  extern "C" __global__ void __launch_bounds__(MV_WARPS * 32)                                \
+      name##_n##N(const uint8_t *w, const int8_t *x_qs, const float2 *x_ds, float *out,      \
+                  int cols, int rows, int x_stride, int out_stride) {                        \
+    mat_vec<F, N, V>(w, x_qs, x_ds, out, cols, rows, x_stride, out_stride);                  \
+  }
+#define MV_ALL(name, F, V)                                                                   \
+  MV_ENTRY(name, F, V, 1)                                                                    \
+  MV_ENTRY(name, F, V, 2)                                                                    \
+  MV_ENTRY(name, F, V, 3)                                                                    \
+  MV_ENTRY(name, F, V, 4)                                                                    \
+  MV_ENTRY(name, F, V, 5)                                                                    \
+  MV_ENTRY(name, F, V, 6)                                                                    \
+  MV_ENTRY(name, F, V, 7)                                                                    \
+  MV_ENTRY(name, F, V, 8)
+MV_ALL(mv_q4k_v16, Q4K, uint4)
+MV_ALL(mv_q6k_v16, Q6K, uint4)
+MV_ALL(mv_q6k_v8, Q6K, uint2)
+MV_ALL(mv_q6k_v4, Q6K, unsigned int)
+MV_ALL(mv_q6k_v2, Q6K, unsigned short)

@@ -1,0 +1,247 @@
+// Our Q4_K and Q6_K matrix-vector kernels (`src/llm/engine/kernels/cuda_matvec.cuh`) and
+// the quantization that feeds them (`quantize_warp`, `cuda_common.cuh`), run on the CPU
+// under `shim.h`:
+// 1. random activations are quantized by `quantize_warp` into both layouts; candle's
+//    blocks must hold what candle's own quantization writes (d = max|x| / 127, rounded to
+//    half; quants round(x / d)), and ours the same quants and scales, with the sums;
+// 2. every matrix kernel the decode step may pick (each load width, 1 to 8 activation
+//    rows) multiplies those activations, read in our layout, by matrices whose rows take
+//    one chunk, several, and a partial last one, with a row count that leaves the last
+//    block of warps partly idle and an output stride wider than the rows (so a cell written
+//    never or out of place fails too), against a reference written from ggml's block
+//    formats (dequantize_row_q4_K / dequantize_row_q6_K) on candle's layout, in double.
+// Exit code 0 when everything agrees. Built and run by `tests/cuda_emulated.rs`.
+
+#include "shim.h"
+
+#include "../../src/llm/engine/kernels/cuda_common.cuh"
+#include "../../src/llm/engine/kernels/cuda_matvec.cuh"
+
+typedef void (*Kernel)(const uint8_t *, const int8_t *, const float2 *, float *, int, int, int,
+                       int);
+
+#define KERNELS(name) \
+  { name##_n1, name##_n2, name##_n3, name##_n4, name##_n5, name##_n6, name##_n7, name##_n8 }
+
+static uint64_t state = 0x243f6a8885a308d3ull;
+static uint32_t next_u32() {
+  state ^= state << 13;
+  state ^= state >> 7;
+  state ^= state << 17;
+  return (uint32_t)(state >> 16);
+}
+
+// A positive normal half in [2^e, 2^(e+1)).
+static half half_in(int e) { return half{(uint16_t)(((e + 15) << 10) | (next_u32() & 0x3ff))}; }
+
+static double gauss() {
+  double s = 0.0;
+  for (int i = 0; i < 4; ++i) s += (next_u32() % 100000) / 100000.0 - 0.5;
+  return s;
+}
+
+static float h2f(const uint8_t *p) {
+  half h;
+  std::memcpy(&h.bits, p, 2);
+  return __half2float(h);
+}
+
+// The activation value at column k of row a (blocks of 32).
+static double act(const block_q8_1 *a, int k) {
+  return (double)__low2float(a[k / 32].ds) * (double)a[k / 32].qs[k % 32];
+}
+
+static double ref_q4k(const uint8_t *blk, const block_q8_1 *a) {
+  const double d = h2f(blk), dmin = h2f(blk + 2);
+  const uint8_t *q = blk + 4, *qs = blk + 16;
+  double sum = 0.0;
+  for (int j = 0; j < 8; ++j) {
+    int sc, m;
+    if (j < 4) {
+      sc = q[j] & 63;
+      m = q[j + 4] & 63;
+    } else {
+      sc = (q[j + 4] & 0xf) | ((q[j - 4] >> 6) << 4);
+      m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+    }
+    for (int l = 0; l < 32; ++l) {
+      const int v = (qs[32 * (j / 2) + l] >> (4 * (j % 2))) & 0xf;
+      sum += (d * sc * v - dmin * m) * act(a, 32 * j + l);
+    }
+  }
+  return sum;
+}
+
+static double ref_q6k(const uint8_t *blk, const block_q8_1 *a) {
+  const uint8_t *ql = blk, *qh = blk + 128;
+  const int8_t *sc = (const int8_t *)(blk + 192);
+  const double d = h2f(blk + 208);
+  double sum = 0.0;
+  for (int n = 0; n < 2; ++n) {
+    for (int l = 0; l < 32; ++l) {
+      const int is = l / 16;
+      const int q[4] = {
+          ((ql[64 * n + l] & 0xf) | (((qh[32 * n + l] >> 0) & 3) << 4)) - 32,
+          ((ql[64 * n + l + 32] & 0xf) | (((qh[32 * n + l] >> 2) & 3) << 4)) - 32,
+          ((ql[64 * n + l] >> 4) | (((qh[32 * n + l] >> 4) & 3) << 4)) - 32,
+          ((ql[64 * n + l + 32] >> 4) | (((qh[32 * n + l] >> 6) & 3) << 4)) - 32,
+      };
+      for (int k = 0; k < 4; ++k)
+        sum += d * sc[8 * n + is + 2 * k] * q[k] * act(a, 128 * n + l + 32 * k);
+    }
+  }
+  return sum;
+}
+
+// Quantizes 8 rows of random activations (`width` values each, the rest of each row's
+// `stride` blocks zero, as the decode step's kernels write them) with `quantize_warp`, a
+// warp per block, and checks both layouts against candle's quantization.
+static bool quantize_checked(std::vector<block_q8_1> &q8, int8_t *x_qs, std::vector<float2> &x_ds,
+                             int width, int stride) {
+  const size_t blocks = (size_t)8 * stride;
+  std::vector<float> x(blocks * 32, 0.0f);
+  for (int j = 0; j < 8; ++j)
+    for (int k = 0; k < width; ++k) x[(size_t)j * stride * 32 + k] = (float)(gauss() * 3.0);
+  const Q8Rows out{q8.data(), x_qs, x_ds.data()};
+  emu::launch((unsigned)((blocks + 3) / 4), 128, [&] {
+    const size_t block = blockIdx.x * 4 + (threadIdx.x >> 5);
+    if (block < blocks) quantize_warp(x[block * 32 + (threadIdx.x & 31)], out, block);
+  });
+  for (size_t i = 0; i < blocks; ++i) {
+    float amax = 0.0f, sum = 0.0f;
+    for (int l = 0; l < 32; ++l) {
+      amax = std::max(amax, std::fabs(x[i * 32 + l]));
+      sum += x[i * 32 + l];
+    }
+    const float d = amax / 127.0f;
+    const half d_half = __float2half(d);
+    bool ok = q8[i].ds.x.bits == d_half.bits;
+    ok &= std::fabs(__half2float(q8[i].ds.y) - sum) <= 1e-2f * (1.0f + std::fabs(sum));
+    int q_sum[2] = {0, 0};
+    for (int l = 0; l < 32; ++l) {
+      const int want = amax == 0.0f ? 0 : (int)std::round(x[i * 32 + l] / d);
+      ok &= q8[i].qs[l] == want && x_qs[i * 32 + l] == want;
+      q_sum[l / 16] += want;
+    }
+    for (int k = 0; k < 2; ++k) {
+      const float dh = __half2float(d_half);
+      ok &= x_ds[i * 2 + k].x == dh && x_ds[i * 2 + k].y == dh * (float)q_sum[k];
+    }
+    if (!ok) {
+      std::printf("FAIL quantize_warp: block %zu differs from candle's quantization\n", i);
+      return false;
+    }
+  }
+  return true;
+}
+
+struct Case {
+  const char *format;
+  int load_bytes, nb, rows;
+};
+
+int main() {
+  const Kernel q4k[8] = KERNELS(mv_q4k_v16);
+  const Kernel q6k_v16[8] = KERNELS(mv_q6k_v16);
+  const Kernel q6k_v8[8] = KERNELS(mv_q6k_v8);
+  const Kernel q6k_v4[8] = KERNELS(mv_q6k_v4);
+  const Kernel q6k_v2[8] = KERNELS(mv_q6k_v2);
+  // GGUF blocks per row: one, one whole chunk (16), several with a partial last one. Each
+  // Q6_K width is what the decode step picks for that block count (210 * nb divisible by
+  // the width): 16 for nb % 8 == 0, 8 for nb % 4 == 0, 4 for even nb, 2 for odd.
+  const Case cases[] = {
+      {"Q4_K", 16, 1, 6},  {"Q4_K", 16, 16, 7}, {"Q4_K", 16, 33, 6}, {"Q6_K", 16, 16, 6},
+      {"Q6_K", 16, 40, 5}, {"Q6_K", 8, 20, 6},  {"Q6_K", 4, 2, 6},   {"Q6_K", 4, 38, 6},
+      {"Q6_K", 2, 1, 6},   {"Q6_K", 2, 17, 6},
+  };
+  // One set of activations for every case: 8 rows as wide as the widest matrix, each row
+  // padded as candle pads them (a multiple of 512 values).
+  int widest = 0;
+  for (const Case &c : cases) widest = std::max(widest, c.nb);
+  const int q8_stride = (widest * 256 + 511) / 512 * 16;
+  std::vector<block_q8_1> q8((size_t)8 * q8_stride);
+  std::vector<uint4> x_qs_storage((size_t)8 * q8_stride * 2);  // 16-byte aligned
+  int8_t *x_qs = (int8_t *)x_qs_storage.data();
+  std::vector<float2> x_ds((size_t)8 * q8_stride * 2);
+  if (!quantize_checked(q8, x_qs, x_ds, widest * 256, q8_stride)) return 1;
+  int failures = 0, runs = 0;
+  for (const Case &c : cases) {
+    const bool is_q4k = c.format[1] == '4';
+    const int bytes = is_q4k ? 144 : 210;
+    const Kernel *kernels = is_q4k            ? q4k
+                            : c.load_bytes == 16 ? q6k_v16
+                            : c.load_bytes == 8  ? q6k_v8
+                            : c.load_bytes == 4  ? q6k_v4
+                                                 : q6k_v2;
+    const size_t row_bytes = (size_t)c.nb * bytes;
+    if (row_bytes % c.load_bytes != 0) {
+      std::printf("case %s nb=%d: rows of %zu bytes cannot take %d-byte loads\n", c.format, c.nb,
+                  row_bytes, c.load_bytes);
+      return 2;
+    }
+    // Random quants; scales small and positive (d, dmin, Q6_K's d) as in real files.
+    std::vector<uint8_t> storage(row_bytes * c.rows + 64);
+    uint8_t *w = (uint8_t *)(((uintptr_t)storage.data() + 15) & ~(uintptr_t)15);
+    for (size_t i = 0; i < row_bytes * c.rows; ++i) w[i] = (uint8_t)next_u32();
+    for (int b = 0; b < c.nb * c.rows; ++b) {
+      uint8_t *blk = w + (size_t)b * bytes;
+      if (is_q4k) {
+        const half d = half_in(-8), dmin = half_in(-9);
+        std::memcpy(blk, &d.bits, 2);
+        std::memcpy(blk + 2, &dmin.bits, 2);
+      } else {
+        const half d = half_in(-10);
+        std::memcpy(blk + 208, &d.bits, 2);
+      }
+    }
+    std::vector<double> ref((size_t)8 * c.rows);
+    double scale = 0.0;
+    for (int j = 0; j < 8; ++j)
+      for (int r = 0; r < c.rows; ++r) {
+        double s = 0.0;
+        for (int b = 0; b < c.nb; ++b) {
+          const uint8_t *blk = w + row_bytes * r + (size_t)b * bytes;
+          const block_q8_1 *a = q8.data() + (size_t)j * q8_stride + 8 * b;
+          s += is_q4k ? ref_q4k(blk, a) : ref_q6k(blk, a);
+        }
+        ref[(size_t)j * c.rows + r] = s;
+        scale = std::max(scale, std::fabs(s));
+      }
+    const int out_stride = c.rows + 3;
+    for (int n = 1; n <= 8; ++n, ++runs) {
+      std::vector<float> out((size_t)8 * out_stride, NAN);
+      const Kernel kernel = kernels[n - 1];
+      const int cols = c.nb * 256, rows = c.rows;
+      emu::launch((rows + MV_WARPS - 1) / MV_WARPS, MV_WARPS * 32, [&] {
+        kernel(w, x_qs, x_ds.data(), out.data(), cols, rows, q8_stride, out_stride);
+      });
+      double worst = 0.0;
+      bool bad = false;
+      for (int j = 0; j < 8; ++j)
+        for (int r = 0; r < out_stride; ++r) {
+          const float got = out[(size_t)j * out_stride + r];
+          if (j >= n || r >= c.rows) {
+            bad |= !std::isnan(got);  // nothing may be written there
+            continue;
+          }
+          const double diff = std::fabs(got - ref[(size_t)j * c.rows + r]) / scale;
+          if (!(diff <= 1e-5)) bad = true;
+          worst = std::max(worst, std::isnan(diff) ? INFINITY : diff);
+        }
+      if (bad) {
+        ++failures;
+        std::printf("FAIL %s %d-byte loads, %d blocks x %d rows, %d activation rows: worst "
+                    "difference %.3g of the largest output %.4g (or a cell written out of place)\n",
+                    c.format, c.load_bytes, c.nb, c.rows, n, worst, scale);
+      } else if (n == 8 || n == 1) {
+        std::printf("ok   %s %d-byte loads, %d blocks x %d rows, %d activation rows: worst "
+                    "difference %.3g of the largest output %.4g\n",
+                    c.format, c.load_bytes, c.nb, c.rows, n, worst, scale);
+      }
+    }
+  }
+  std::printf("quantize_warp: all %d blocks as candle quantizes them, in both layouts\n",
+              8 * q8_stride);
+  std::printf("%d of %d kernel runs agree with the reference\n", runs - failures, runs);
+  return failures == 0 ? 0 : 1;
+}

@@ -1,0 +1,172 @@
+// A CPU stand-in for the parts of CUDA that our matrix kernels (`cuda_matvec.cuh`) and
+// `cuda_common.cuh` use, so that their source runs on a machine without a GPU
+// (`tests/cuda_emulated.rs`). Each CUDA thread is an OS thread; a block's threads run
+// together and blocks one after another (so `__shared__` memory can be a `static`);
+// `__syncwarp` and the warp shuffles are barriers of the warp's 32 threads, as on a GPU
+// since Volta, where a warp's threads may run apart between them.
+//
+// What this checks: the kernels' indexing, block layouts, chunking, arithmetic and
+// reductions, and (in `__ldcs`) that every wide load is aligned to its width. What it
+// cannot: nvcc's compilation, the hardware's memory model, and speed.
+
+#pragma once
+
+#include <algorithm>
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#define __device__
+#define __global__
+#define __forceinline__ inline
+#define __launch_bounds__(n)
+#define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
+
+using std::min;
+
+struct Dim3 {
+  unsigned x, y, z;
+};
+inline thread_local Dim3 threadIdx{0, 0, 0};
+inline thread_local Dim3 blockIdx{0, 0, 0};
+inline Dim3 blockDim{1, 1, 1};
+
+// CUDA's vector and half types, laid out as on the GPU.
+struct half {
+  uint16_t bits;
+};
+
+struct alignas(4) half2 {
+  half x, y;
+};
+struct float2 {
+  float x, y;
+};
+struct alignas(16) uint4 {
+  unsigned x, y, z, w;
+};
+struct alignas(8) uint2 {
+  unsigned x, y;
+};
+
+inline float __half2float(half h) {
+  const uint32_t sign = (h.bits >> 15) & 1, exp = (h.bits >> 10) & 0x1f, man = h.bits & 0x3ff;
+  float v;
+  if (exp == 0) {
+    v = std::ldexp((float)man, -24);
+  } else if (exp == 31) {
+    v = man ? NAN : INFINITY;
+  } else {
+    v = std::ldexp((float)(man | 0x400), (int)exp - 25);
+  }
+  return sign ? -v : v;
+}
+// Round to nearest even, as the GPU's conversion.
+inline half __float2half(float f) {
+  uint32_t x;
+  std::memcpy(&x, &f, 4);
+  const uint16_t sign = (uint16_t)((x >> 16) & 0x8000);
+  const float a = std::fabs(f);
+  if (std::isnan(f)) return half{(uint16_t)(sign | 0x7e00)};
+  if (a >= 65520.0f) return half{(uint16_t)(sign | 0x7c00)};
+  if (a < std::ldexp(1.0f, -14)) {  // subnormal: units of 2^-24
+    return half{(uint16_t)(sign | (uint16_t)std::nearbyint(a * std::ldexp(1.0f, 24)))};
+  }
+  int e;
+  const float m = std::frexp(a, &e);  // a = m * 2^e, m in [0.5, 1)
+  uint32_t bits = (uint32_t)std::nearbyint(std::ldexp(m, 11));  // 1024..2048
+  if (bits == 2048) {
+    bits = 1024;
+    ++e;
+  }
+  if (e + 14 >= 31) return half{(uint16_t)(sign | 0x7c00)};
+  return half{(uint16_t)(sign | ((uint32_t)(e + 14) << 10) | (bits - 1024))};
+}
+inline float2 __half22float2(half2 h) { return {__half2float(h.x), __half2float(h.y)}; }
+inline float2 make_float2(float x, float y) { return {x, y}; }
+inline float __low2float(half2 h) { return __half2float(h.x); }
+
+// Four signed bytes of `a` times those of `b`, plus `c`.
+inline int __dp4a(int a, int b, int c) {
+  for (int i = 0; i < 4; ++i) c += (int)(int8_t)(a >> (8 * i)) * (int)(int8_t)(b >> (8 * i));
+  return c;
+}
+
+// Per signed byte: a - b, saturated.
+inline int __vsubss4(int a, int b) {
+  uint32_t r = 0;
+  for (int i = 0; i < 4; ++i) {
+    int x = (int)(int8_t)(a >> (8 * i)) - (int)(int8_t)(b >> (8 * i));
+    x = std::clamp(x, -128, 127);
+    r |= (uint32_t)(x & 0xff) << (8 * i);
+  }
+  return (int)r;
+}
+
+inline unsigned __funnelshift_r(unsigned lo, unsigned hi, unsigned shift) {
+  return (unsigned)((((uint64_t)hi << 32) | lo) >> (shift & 31));
+}
+
+// A load that bypasses L1 on a GPU; here, a check that it is aligned as the GPU needs.
+template <typename T>
+inline T __ldcs(const T *p) {
+  if ((uintptr_t)p % sizeof(T) != 0) {
+    std::fprintf(stderr, "misaligned %zu-byte load at %p\n", sizeof(T), (const void *)p);
+    std::abort();
+  }
+  return *p;
+}
+
+namespace emu {
+struct Warp {
+  std::barrier<> bar{32};
+  float slots[32];
+};
+inline thread_local Warp *warp = nullptr;
+
+// Run `kernel` over `grid` blocks of `block` threads (a multiple of 32): one OS thread per
+// CUDA thread of a block, each going through the blocks in order, all of a block's threads
+// done before any starts the next (its `__shared__` memory is the next one's too).
+template <typename K>
+void launch(unsigned grid, unsigned block, K kernel) {
+  blockDim = {block, 1, 1};
+  std::vector<std::unique_ptr<Warp>> warps;
+  for (unsigned w = 0; w < block / 32; ++w) warps.push_back(std::make_unique<Warp>());
+  std::barrier<> block_done((std::ptrdiff_t)block);
+  std::vector<std::thread> threads;
+  for (unsigned t = 0; t < block; ++t) {
+    threads.emplace_back([&, t] {
+      threadIdx = {t, 0, 0};
+      warp = warps[t / 32].get();
+      for (unsigned b = 0; b < grid; ++b) {
+        blockIdx = {b, 0, 0};
+        kernel();
+        block_done.arrive_and_wait();
+      }
+    });
+  }
+  for (auto &thread : threads) thread.join();
+}
+}  // namespace emu
+
+inline void __syncwarp() { emu::warp->bar.arrive_and_wait(); }
+
+template <typename T>
+inline T __shfl_xor_sync(unsigned, T v, int mask) {
+  static_assert(sizeof(T) == 4, "32-bit shuffles");
+  const int lane = threadIdx.x & 31;
+  emu::Warp *w = emu::warp;
+  std::memcpy(&w->slots[lane], &v, 4);
+  w->bar.arrive_and_wait();
+  T r;
+  std::memcpy(&r, &w->slots[lane ^ mask], 4);
+  w->bar.arrive_and_wait();
+  return r;
+}
