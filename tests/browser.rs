@@ -591,8 +591,11 @@ async fn webchat_in_headless_chromium_with_the_real_model() {
         let _ = browser
             .try_command(reqwest::Method::POST, &format!("/element/{stop}/click"), Some(json!({})))
             .await;
+        // A click that came too late lets the answer run to its end: under the whole
+        // suite's load that can take longer than the stop itself, so wait as long as a
+        // whole answer may take, then try again.
         stopped =
-            wait_answer_state(&browser, &["stopped", "done", "error"], Duration::from_secs(20))
+            wait_answer_state(&browser, &["stopped", "done", "error"], Duration::from_secs(60))
                 .await;
         if stopped["state"] == "stopped" {
             break;
@@ -1277,6 +1280,14 @@ async fn webchat_renders_markdown_and_runs_message_actions_search_and_export() {
                 .await;
             browser.screenshot(&target.join("webchat-phone-menu.png")).await;
             browser.click("#chat-menu-button").await;
+            browser
+                .wait_for(
+                    "the menu to close on a second tap",
+                    "return getComputedStyle(document.getElementById('chat-menu')).display === 'none' && \
+                     document.getElementById('chat-menu-button').getAttribute('aria-expanded') === 'false';",
+                    Duration::from_secs(5),
+                )
+                .await;
             browser.screenshot(&target.join("webchat-phone.png")).await;
         }
     }
