@@ -17,6 +17,7 @@ fn main() {
     // What it includes.
     println!("cargo::rerun-if-changed=src/llm/engine/kernels/cuda_common.cuh");
     println!("cargo::rerun-if-changed=src/llm/engine/kernels/cuda_matvec.cuh");
+    println!("cargo::rerun-if-changed=src/llm/engine/kernels/cuda_norm.cuh");
     println!("cargo::rerun-if-env-changed=CUDA_COMPUTE_CAP");
     println!("cargo::rerun-if-env-changed=NVCC");
     let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "75".to_string());

@@ -230,7 +230,7 @@ names = [r[name].split("(")[0] for r in data]
 # One step: from its first norm to the output head, the product with the most rows.
 grid = head.index("Grid Size")
 rows_of = lambda r: int(r[grid].strip("()").split(",")[0])
-first = names.index("rms_norm_q8")
+first = next(i for i, n in enumerate(names) if n.startswith("rms_norm_q8"))
 # Products: candle's mmvq_* (a block per 1 or 2 rows) and our mv_q* (a block per 4 rows).
 rows_per_block = lambda n: 4 if n.startswith("mv_q") else 1
 products = [(i, rows_of(r) * rows_per_block(n)) for i, (r, n) in enumerate(zip(data, names)) if n.startswith(("mmvq", "mv_q"))]

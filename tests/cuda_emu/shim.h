@@ -3,7 +3,8 @@
 // (`tests/cuda_emulated.rs`). Each CUDA thread is an OS thread; a block's threads run
 // together and blocks one after another (so `__shared__` memory can be a `static`);
 // `__syncwarp` and the warp shuffles are barriers of the warp's 32 threads, as on a GPU
-// since Volta, where a warp's threads may run apart between them.
+// since Volta, where a warp's threads may run apart between them; `__syncthreads` is a
+// barrier of the block's.
 //
 // What this checks: the kernels' indexing, block layouts, chunking, arithmetic and
 // reductions, and (in `__ldcs`) that every wide load is aligned to its width. What it
@@ -12,7 +13,9 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <barrier>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -55,6 +58,12 @@ struct alignas(16) uint4 {
 struct alignas(8) uint2 {
   unsigned x, y;
 };
+struct alignas(16) float4 {
+  float x, y, z, w;
+};
+inline uint2 make_uint2(unsigned x, unsigned y) { return {x, y}; }
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 
 inline float __half2float(half h) {
   const uint32_t sign = (h.bits >> 15) & 1, exp = (h.bits >> 10) & 0x1f, man = h.bits & 0x3ff;
@@ -125,11 +134,21 @@ inline T __ldcs(const T *p) {
 }
 
 namespace emu {
+// Barriers count the phases they complete, so that a watchdog can tell a hang: on a GPU, a
+// shuffle or sync that part of a warp (or block) skips is undefined; here it would wait
+// forever, so `launch` aborts instead when no barrier completes for 10 s.
+inline std::atomic<uint64_t> phases{0};
+struct Tick {
+  void operator()() noexcept { phases.fetch_add(1, std::memory_order_relaxed); }
+};
+using Barrier = std::barrier<Tick>;
+
 struct Warp {
-  std::barrier<> bar{32};
+  Barrier bar{32};
   float slots[32];
 };
 inline thread_local Warp *warp = nullptr;
+inline thread_local Barrier *block_barrier = nullptr;
 
 // Run `kernel` over `grid` blocks of `block` threads (a multiple of 32): one OS thread per
 // CUDA thread of a block, each going through the blocks in order, all of a block's threads
@@ -139,12 +158,30 @@ void launch(unsigned grid, unsigned block, K kernel) {
   blockDim = {block, 1, 1};
   std::vector<std::unique_ptr<Warp>> warps;
   for (unsigned w = 0; w < block / 32; ++w) warps.push_back(std::make_unique<Warp>());
-  std::barrier<> block_done((std::ptrdiff_t)block);
+  Barrier block_done((std::ptrdiff_t)block), sync((std::ptrdiff_t)block);
+  std::atomic<bool> finished{false};
+  std::thread watchdog([&] {
+    uint64_t seen = phases.load();
+    auto last = std::chrono::steady_clock::now();
+    while (!finished.load()) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+      const uint64_t now = phases.load();
+      if (now != seen) {
+        seen = now;
+        last = std::chrono::steady_clock::now();
+      } else if (std::chrono::steady_clock::now() - last > std::chrono::seconds(10)) {
+        std::fprintf(stderr, "no barrier completed for 10 s: a warp or block diverged at a "
+                     "shuffle or sync\n");
+        std::abort();
+      }
+    }
+  });
   std::vector<std::thread> threads;
   for (unsigned t = 0; t < block; ++t) {
     threads.emplace_back([&, t] {
       threadIdx = {t, 0, 0};
       warp = warps[t / 32].get();
+      block_barrier = &sync;
       for (unsigned b = 0; b < grid; ++b) {
         blockIdx = {b, 0, 0};
         kernel();
@@ -153,10 +190,13 @@ void launch(unsigned grid, unsigned block, K kernel) {
     });
   }
   for (auto &thread : threads) thread.join();
+  finished = true;
+  watchdog.join();
 }
 }  // namespace emu
 
 inline void __syncwarp() { emu::warp->bar.arrive_and_wait(); }
+inline void __syncthreads() { emu::block_barrier->arrive_and_wait(); }
 
 template <typename T>
 inline T __shfl_xor_sync(unsigned, T v, int mask) {

@@ -21,8 +21,9 @@ pub enum GpuDecode {
     /// default, as measured on a GPU.
     Fused,
     /// The fused step with our matrix kernels for Q4_K and Q6_K (when they agree with
-    /// candle's at load) and `mmvq` for the other formats. Not the default until a GPU
-    /// run has measured them (`scripts/gpu-check.sh`): they were written without one.
+    /// candle's at load; `mmvq` for the other formats) and the one-pass RMSNorm. Not the
+    /// default until a GPU run has measured them (`scripts/gpu-check.sh`): they were
+    /// written without one.
     FusedOwn,
     /// candle's ops: to compare, or to step around a problem with the fused step.
     Ops,
@@ -364,14 +365,16 @@ impl CandleModel {
     ) -> candle_core::Result<
         Option<(crate::llm::engine::kernels::cuda_decode::DecodePlan, &'static str)>,
     > {
-        use crate::llm::engine::kernels::cuda_decode::{DecodePlan, Dims, LayerWeights, MatVec};
-        let mat_vec = match gpu_decode() {
+        use crate::llm::engine::kernels::cuda_decode::{
+            DecodePlan, Dims, LayerWeights, StepKernels,
+        };
+        let step_kernels = match gpu_decode() {
             GpuDecode::Ops => {
                 tracing::info!("decode on the GPU through candle's ops (GPU_DECODE=ops)");
                 return Ok(None);
             }
-            GpuDecode::Fused => MatVec::Mmvq,
-            GpuDecode::FusedOwn => MatVec::Own,
+            GpuDecode::Fused => StepKernels::Candle,
+            GpuDecode::FusedOwn => StepKernels::Own,
         };
         let why_not = |reason: String| {
             tracing::warn!(%reason, "decode on the GPU through candle's ops: no fused step");
@@ -438,12 +441,12 @@ impl CandleModel {
             &output,
             &self.cos,
             &self.sin,
-            mat_vec,
+            step_kernels,
         ) {
             Ok(plan) => {
-                let path = match plan.mat_vec() {
-                    MatVec::Own => GpuDecode::FusedOwn,
-                    MatVec::Mmvq => GpuDecode::Fused,
+                let path = match plan.step_kernels() {
+                    StepKernels::Own => GpuDecode::FusedOwn,
+                    StepKernels::Candle => GpuDecode::Fused,
                 }
                 .as_str();
                 tracing::info!(

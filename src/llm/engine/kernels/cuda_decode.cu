@@ -18,21 +18,6 @@
 
 #include "cuda_common.cuh"
 
-// The sum over a whole block (every thread must call it); `red` holds 33 floats.
-static __device__ float block_sum(float v, float *red) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
-  v = warp_sum(v);
-  if (lane == 0) red[warp] = v;
-  __syncthreads();
-  if (warp == 0) {
-    float w = lane < n_warps ? red[lane] : 0.0f;
-    w = warp_sum(w);
-    if (lane == 0) red[32] = w;
-  }
-  __syncthreads();
-  return red[32];
-}
-
 // Per row (block): x = x_in (+ delta); x_out = x (when given; may be x_in); then
 // rmsnorm(x) * w quantized into the row's Q8_1 blocks, in both layouts (`q8_stride` blocks,
 // the ones past `n` zero). One block per row.
@@ -292,3 +277,4 @@ extern "C" __global__ void silu_mul_q8(const float *__restrict__ gu, int gu_stri
 }
 
 #include "cuda_matvec.cuh"
+#include "cuda_norm.cuh"

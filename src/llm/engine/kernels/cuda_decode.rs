@@ -1,10 +1,10 @@
 //! A decode step on an NVIDIA GPU in about a dozen kernel launches per layer: matrix
-//! products on 8-bit activations (our own Q4_K and Q6_K kernels, `mv_q4k_*`/`mv_q6k_*` in
-//! `cuda_decode.cu`, and candle's `mmvq` kernels, called through `candle_kernels::ffi` on
-//! the model's stream, for the other formats) with preallocated buffers, and our own fused
-//! glue kernels (residual add + RMSNorm + Q8_1 quantization, q/k norm + RoPE + KV store,
-//! split-position attention with a joining kernel that quantizes for the output projection,
-//! SwiGLU + quantization).
+//! products on 8-bit activations (candle's `mmvq` kernels, called through
+//! `candle_kernels::ffi` on the model's stream, or with `StepKernels::Own` our own for Q4_K
+//! and Q6_K, `cuda_matvec.cuh`) with preallocated buffers, and our own fused glue kernels
+//! (residual add + RMSNorm + Q8_1 quantization, in one pass with `StepKernels::Own`,
+//! `cuda_norm.cuh`; q/k norm + RoPE + KV store; split-position attention with a joining
+//! kernel that quantizes for the output projection; SwiGLU + quantization).
 //!
 //! Why: through candle's ops a decode step of the Qwen3-8B shape is about 1,200 small ops,
 //! each a host-side allocation and launch of 5–10 µs, so the GPU idled most of the step
@@ -14,10 +14,12 @@
 //! cache addresses) is read from device memory that the step writes first, so one graph
 //! serves every step of that shape.
 //!
-//! Our matrix kernels are checked against candle's `mmvq` when a plan is built: every
-//! matrix they take, for 1 to `MAX_ROWS` rows of random activations. A disagreement puts
-//! every product back on `mmvq` and says so (`DecodePlan::mat_vec`), so a kernel fault on a
-//! GPU the tests never ran on costs speed, not answers.
+//! With `StepKernels::Own`, our kernels are checked against the measured ones when a plan
+//! is built: every matrix ours take against candle's `mmvq`, for 1 to `MAX_ROWS` rows of
+//! random activations, and the one-pass RMSNorm against the two-pass one on random rows. A
+//! disagreement puts the step back on the measured kernels and says so
+//! (`DecodePlan::step_kernels`), so a kernel fault on a GPU the tests never ran on costs
+//! speed, not answers.
 //!
 //! Owns: the kernels' PTX, the step's device buffers, and the checks that make each launch
 //! sound (every pointer handed to a kernel comes from a tensor or buffer whose dtype,
@@ -49,6 +51,10 @@ const MAX_GROUP: usize = 8;
 const MAX_SPLIT: usize = 32;
 /// Positions per split at least: the attention kernel's chunk (one position per thread).
 const MIN_SPLIT_LEN: usize = 128;
+/// The one-pass RMSNorm's threads per block and 8-value groups per thread (`RN_THREADS`
+/// and `RN_GROUPS` in `cuda_norm.cuh`).
+const NORM_1PASS_THREADS: usize = 512;
+const NORM_1PASS_GROUPS: usize = 4;
 /// Matrix rows per block of our matrix kernels (a warp each: `MV_WARPS` in the `.cu`).
 const MV_ROWS_PER_BLOCK: usize = 4;
 /// The largest difference from candle's `mmvq` that our matrix kernels may show at load,
@@ -127,13 +133,14 @@ pub struct LayerWeights<'a> {
     pub ffn_down: Arc<QTensor>,
 }
 
-/// Which kernels a plan's matrix products run (`GPU_DECODE=fused-own` or `fused`).
+/// Which kernels a plan's step runs (`GPU_DECODE=fused-own` or `fused`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MatVec {
-    /// Ours for Q4_K and Q6_K matrices, candle's `mmvq` for the other formats.
+pub enum StepKernels {
+    /// Ours for Q4_K and Q6_K matrices (candle's `mmvq` for the other formats) and the
+    /// one-pass RMSNorm (`cuda_norm.cuh`): written without a GPU, not yet measured on one.
     Own,
-    /// candle's `mmvq` for every matrix.
-    Mmvq,
+    /// candle's `mmvq` for every matrix and the two-pass RMSNorm: as measured on an H200.
+    Candle,
 }
 
 /// A matrix product: the weights (kept alive here), its launchers and its size.
@@ -175,14 +182,14 @@ struct Kernels {
 }
 
 /// Our matrix kernels, for 1..=MAX_ROWS activation rows each (index: rows - 1).
-struct MatVecKernels {
+struct OwnMatVec {
     q4k: Vec<CudaFunction>,
     /// Q6_K by the bytes each load takes (16, 8, 4, 2): a row of 210-byte blocks starts
     /// aligned to what its block count allows.
     q6k: Vec<(usize, Vec<CudaFunction>)>,
 }
 
-impl MatVecKernels {
+impl OwnMatVec {
     /// Our kernel for a matrix of `dtype` at device address `ptr` with `cols` columns, if
     /// there is one: every row must start aligned to the kernel's loads.
     fn for_matrix(&self, dtype: GgmlDType, ptr: u64, cols: usize) -> Option<Vec<CudaFunction>> {
@@ -246,7 +253,9 @@ pub struct DecodePlan {
     graphs: HashMap<(usize, usize), Option<CudaGraph>>,
     /// Set when a capture failed: every step then launches its kernels one by one.
     graphs_off: bool,
-    mat_vec: MatVec,
+    step_kernels: StepKernels,
+    /// The one-pass RMSNorm, with `StepKernels::Own`.
+    norm_1pass: Option<CudaFunction>,
 }
 
 /// One row of a step: the sequence's position and its per-layer `(keys, values)` caches,
@@ -258,8 +267,8 @@ pub struct Row<'a> {
 
 impl DecodePlan {
     /// The plan for these weights, or why this model cannot use it (the caller then keeps
-    /// candle's ops for decode too). With `MatVec::Own`, our matrix kernels are checked
-    /// against candle's `mmvq` here (see `check_own_products`).
+    /// candle's ops for decode too). With `StepKernels::Own`, our matrix kernels are
+    /// checked against candle's `mmvq` here (see `check_own_products`).
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         cuda: &CudaDevice,
@@ -269,7 +278,7 @@ impl DecodePlan {
         output: &Arc<QTensor>,
         cos: &Tensor,
         sin: &Tensor,
-        mat_vec: MatVec,
+        step_kernels: StepKernels,
     ) -> Result<DecodePlan> {
         let d = dims.head_dim;
         if !matches!(d, 64 | 128 | 256) {
@@ -302,15 +311,15 @@ impl DecodePlan {
         let per_rows = |name: &str| -> Result<Vec<CudaFunction>> {
             (1..=MAX_ROWS).map(|n| load(&format!("{name}_n{n}"))).collect()
         };
-        let mat_vec_kernels = match mat_vec {
-            MatVec::Own => Some(MatVecKernels {
+        let mat_vec_kernels = match step_kernels {
+            StepKernels::Own => Some(OwnMatVec {
                 q4k: per_rows("mv_q4k_v16")?,
                 q6k: [16, 8, 4, 2]
                     .into_iter()
                     .map(|bytes| Ok((bytes, per_rows(&format!("mv_q6k_v{bytes}"))?)))
                     .collect::<Result<_>>()?,
             }),
-            MatVec::Mmvq => None,
+            StepKernels::Candle => None,
         };
         let (e, q_width, kv_width, n_ff) = (dims.n_embd, dims.n_head * d, dims.n_kv * d, dims.n_ff);
         let vector = |t: &Tensor, len: usize| -> Result<Vector> {
@@ -365,7 +374,8 @@ impl DecodePlan {
             buf,
             graphs: HashMap::new(),
             graphs_off: false,
-            mat_vec: MatVec::Mmvq,
+            step_kernels: StepKernels::Candle,
+            norm_1pass: None,
             dims,
             device,
             stream,
@@ -376,19 +386,30 @@ impl DecodePlan {
                 product.own = kernels.for_matrix(product.dtype, product.ptr, product.cols);
                 taken += usize::from(product.own.is_some());
             }
-            match plan.check_own_products()? {
+            let verdict = match plan.check_own_products()? {
                 Ok(worst) => {
-                    plan.mat_vec = MatVec::Own;
+                    let norm = load("rms_norm_q8_1pass")?;
+                    match plan.check_norm_1pass(&norm)? {
+                        Ok(flips) => Ok((worst, flips, norm)),
+                        Err(why) => Err(format!("the one-pass RMSNorm disagrees: {why}")),
+                    }
+                }
+                Err(why) => Err(format!("our Q4_K/Q6_K matrix kernels disagree: {why}")),
+            };
+            match verdict {
+                Ok((worst, flips, norm)) => {
+                    plan.step_kernels = StepKernels::Own;
+                    plan.norm_1pass = Some(norm);
                     tracing::info!(
                         matrices = taken,
                         worst_difference = worst,
-                        "our Q4_K/Q6_K matrix kernels agree with candle's mmvq"
+                        rms_norm_quants_one_step_off = flips,
+                        "our matrix kernels and one-pass RMSNorm agree with the measured ones"
                     );
                 }
                 Err(why) => {
                     tracing::warn!(
-                        "our Q4_K/Q6_K matrix kernels disagree with candle's mmvq ({why}); \
-                         every decode product runs on mmvq"
+                        "{why}; the decode step runs on the measured kernels (GPU_DECODE=fused)"
                     );
                     for product in plan.products_mut() {
                         product.own = None;
@@ -399,10 +420,11 @@ impl DecodePlan {
         Ok(plan)
     }
 
-    /// The matrix kernels the step runs: `Own` only when ours were asked for and agreed
-    /// with candle's at load.
-    pub fn mat_vec(&self) -> MatVec {
-        self.mat_vec
+    /// The kernels the step runs: `Own` only when they were asked for and our matrix
+    /// kernels agreed with candle's at load (a disagreement puts the whole step back on
+    /// the measured kernels).
+    pub fn step_kernels(&self) -> StepKernels {
+        self.step_kernels
     }
 
     fn products_mut(&mut self) -> impl Iterator<Item = &mut Product> {
@@ -472,6 +494,65 @@ impl DecodePlan {
             }
         }
         Ok(Ok(worst))
+    }
+
+    /// The one-pass RMSNorm `norm` against the measured kernel on the same random rows
+    /// (`MAX_ROWS` of the model's width, with a residual): `x_out` must be the same floats,
+    /// and candle's blocks the same scales within one half step and the same quants within
+    /// one step, in at most 1 % of values (the two sum the squares in different orders).
+    /// The quants one step off, or what disagreed.
+    fn check_norm_1pass(
+        &mut self,
+        norm: &CudaFunction,
+    ) -> Result<std::result::Result<usize, String>> {
+        let e = self.dims.n_embd;
+        if !norm_1pass_takes(e) {
+            return Ok(Ok(0)); // never used for this width
+        }
+        let stream = self.stream.clone();
+        let len = MAX_ROWS * e;
+        let (x, delta) = random_rows(len);
+        stream.memcpy_htod(&x, &mut self.buf.emb.slice_mut(..len)).map_err(msg)?;
+        stream.memcpy_htod(&delta, &mut self.buf.delta.slice_mut(..len)).map_err(msg)?;
+        let (p, weights) = (self.ptrs, self.output_norm.ptr);
+        let blocks = MAX_ROWS * q8_stride(e);
+        let run = |one_pass: Option<&CudaFunction>| -> Result<(Vec<f32>, Vec<u8>)> {
+            self.rms_norm_q8(one_pass, p.emb, p.delta, p.x, weights, MAX_ROWS, e)?;
+            let mut x = vec![0f32; len];
+            let mut q8 = vec![0u8; blocks * Q8_1_BYTES];
+            stream.memcpy_dtoh(&self.buf.x.slice(..len), x.as_mut_slice()).map_err(msg)?;
+            let q8_view = self.buf.q8.slice(..blocks * Q8_1_BYTES);
+            stream.memcpy_dtoh(&q8_view, q8.as_mut_slice()).map_err(msg)?;
+            stream.synchronize().map_err(msg)?;
+            Ok((x, q8))
+        };
+        let (x_measured, q8_measured) = run(None)?;
+        let (x_one_pass, q8_one_pass) = run(Some(norm))?;
+        if x_measured != x_one_pass {
+            return Ok(Err("the residual sums differ".to_string()));
+        }
+        let mut flips = 0;
+        for (b, (m, o)) in q8_measured
+            .chunks_exact(Q8_1_BYTES)
+            .zip(q8_one_pass.chunks_exact(Q8_1_BYTES))
+            .enumerate()
+        {
+            let (dm, d1) = (u16::from_le_bytes([m[0], m[1]]), u16::from_le_bytes([o[0], o[1]]));
+            if dm.abs_diff(d1) > 1 {
+                return Ok(Err(format!("block {b}: scale {dm:#06x} against {d1:#06x}")));
+            }
+            for (l, (&qm, &q1)) in m[4..].iter().zip(&o[4..]).enumerate() {
+                let (qm, q1) = (qm as i8, q1 as i8);
+                if qm.abs_diff(q1) > 1 {
+                    return Ok(Err(format!("block {b} value {l}: {qm} against {q1}")));
+                }
+                flips += usize::from(qm != q1);
+            }
+        }
+        if flips * 100 > blocks * 32 {
+            return Ok(Err(format!("{flips} of {} quants one step off", blocks * 32)));
+        }
+        Ok(Ok(flips))
     }
 
     fn all_products(&self) -> impl Iterator<Item = &Product> {
@@ -604,29 +685,33 @@ impl DecodePlan {
         let qkv_width = q_width + 2 * kv_width;
         let p = self.ptrs;
         let q8_e = q8_stride(e);
+        let norm = self.norm_1pass.as_ref();
         // The first norm starts from the embeddings; every later one adds the product
         // before it to the residual stream `x`.
         let (mut src, mut delta) = (p.emb, 0);
         for (l, layer) in self.layers.iter().enumerate() {
-            self.rms_norm_q8(src, delta, p.x, layer.attn_norm.ptr, n, e)?;
+            self.rms_norm_q8(norm, src, delta, p.x, layer.attn_norm.ptr, n, e)?;
             (src, delta) = (p.x, p.delta);
             self.products(&layer.qkv, q8_e, p.qkv, qkv_width, n)?;
             self.qk_rope_store(layer, l, n)?;
             self.attention(l, n, n_split)?;
             self.product(&layer.attn_output, q8_stride(q_width), p.delta, e, n, 0)?;
-            self.rms_norm_q8(p.x, p.delta, p.x, layer.ffn_norm.ptr, n, e)?;
+            self.rms_norm_q8(norm, p.x, p.delta, p.x, layer.ffn_norm.ptr, n, e)?;
             self.products(&layer.gate_up, q8_e, p.gu, 2 * dims.n_ff, n)?;
             self.silu_mul_q8(n)?;
             self.product(&layer.ffn_down, q8_stride(dims.n_ff), p.delta, e, n, 0)?;
         }
-        self.rms_norm_q8(src, delta, 0, self.output_norm.ptr, n, e)?;
+        self.rms_norm_q8(norm, src, delta, 0, self.output_norm.ptr, n, e)?;
         self.product(&self.output, q8_e, p.logits, dims.vocab, n, 0)
     }
 
     /// `x_out = src (+ delta)` (when `x_out` is not 0) and the Q8_1 blocks of its RMSNorm
-    /// into `q8`, for `n` rows of width `width`.
+    /// into `q8`, for `n` rows of width `width`: on the one-pass kernel `one_pass` where
+    /// given and the width suits it, else on the two-pass one.
+    #[allow(clippy::too_many_arguments)]
     fn rms_norm_q8(
         &self,
+        one_pass: Option<&CudaFunction>,
         src: u64,
         delta: u64,
         x_out: u64,
@@ -636,19 +721,23 @@ impl DecodePlan {
     ) -> Result<()> {
         let p = self.ptrs;
         let (width_i, stride, eps) = (width as i32, q8_stride(width) as i32, self.dims.eps);
-        let mut launch = self.stream.launch_builder(&self.kernels.rms_norm_q8);
+        let one_pass = one_pass.filter(|_| norm_1pass_takes(width));
+        let mut launch = self.stream.launch_builder(one_pass.unwrap_or(&self.kernels.rms_norm_q8));
         launch.arg(&src).arg(&delta).arg(&x_out).arg(&weights);
         launch.arg(&p.q8).arg(&p.x_qs).arg(&p.x_ds);
         launch.arg(&width_i).arg(&stride).arg(&eps);
+        let threads = if one_pass.is_some() { NORM_1PASS_THREADS } else { 512 };
         let cfg = LaunchConfig {
             grid_dim: (n as u32, 1, 1),
-            block_dim: (512, 1, 1),
+            block_dim: (threads as u32, 1, 1),
             shared_mem_bytes: 0,
         };
         // SAFETY: `src`, `delta` and `x_out` are 0 or `n` rows of `width` floats (`emb`,
         // `x` and `delta` hold MAX_ROWS rows of n_embd, the only width used); `weights`
         // holds `width` floats (checked in `new`); `q8`, `x_qs` and `x_ds` hold MAX_ROWS
-        // rows of q8_stride(widest) blocks in their layouts. The kernel touches no more.
+        // rows of q8_stride(widest) blocks in their layouts. The kernel touches no more (the
+        // one-pass kernel: rows of a multiple of 8 floats, read and written 16 bytes at a
+        // time from 16-byte aligned buffers, and no more than its registers hold).
         launched(unsafe { launch.launch(cfg) })
     }
 
@@ -712,7 +801,7 @@ impl DecodePlan {
             // SAFETY: as for `mmvq` below, with the activations in our layout (`x_qs` and
             // `x_ds` hold as many rows and blocks as `q8`, written by the same kernels); the
             // kernel's weight loads are as wide as the rows' alignment allows
-            // (`MatVecKernels::for_matrix`), its warps past `rows` return, and `own` holds
+            // (`OwnMatVec::for_matrix`), its warps past `rows` return, and `own` holds
             // MAX_ROWS kernels with 1 <= n <= MAX_ROWS (checked in `step`).
             return launched(unsafe { launch.launch(cfg) });
         }
@@ -937,6 +1026,27 @@ fn tensor_ptr(t: &Tensor, dtype: DType, len: usize, device: &Device) -> Result<u
         other => bail!("{other:?} tensors are not used here"),
     };
     Ok(base + (layout.start_offset() * dtype.size_in_bytes()) as u64)
+}
+
+/// Whether the one-pass RMSNorm takes rows of `width` values: a multiple of 8, and no more
+/// than its threads' registers hold.
+fn norm_1pass_takes(width: usize) -> bool {
+    width.is_multiple_of(8) && q8_stride(width) * 4 <= NORM_1PASS_THREADS * NORM_1PASS_GROUPS
+}
+
+/// `len` random floats twice (a fixed seed): activations with a few large values, as real
+/// ones have, and a smaller residual.
+fn random_rows(len: usize) -> (Vec<f32>, Vec<f32>) {
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut unit = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state >> 11) as f32 / (1u64 << 53) as f32 - 0.5
+    };
+    let x = (0..len).map(|i| unit() * if i % 97 == 0 { 40.0 } else { 2.0 }).collect();
+    let delta = (0..len).map(|_| unit() * 0.5).collect();
+    (x, delta)
 }
 
 /// `blocks` Q8_1 blocks of random activations (a fixed seed: scales 1e-3 to 1e-2, quants
