@@ -3,9 +3,11 @@
 // under `shim.h`:
 // 1. random activations are quantized by `quantize_warp` into both layouts; candle's
 //    blocks must hold what candle's own quantization writes (d = max|x| / 127, rounded to
-//    half; quants round(x / d)), and ours the same quants and scales, with the sums;
+//    half; quants round(x / d)), and ours the same quants and scales, with the sums
+//    (`host_quantize`, which then writes the activations of step 2: emulating every block
+//    would take a minute);
 // 2. every matrix kernel the decode step may pick (each load width, 1 to 8 activation
-//    rows) multiplies those activations, read in our layout, by matrices whose rows take
+//    rows) multiplies random activations, read in our layout, by matrices whose rows take
 //    one chunk, several, and a partial last one, with a row count that leaves the last
 //    block of warps partly idle and an output stride wider than the rows (so a cell written
 //    never or out of place fails too), against a reference written from ggml's block
@@ -93,20 +95,11 @@ static double ref_q6k(const uint8_t *blk, const block_q8_1 *a) {
   return sum;
 }
 
-// Quantizes 8 rows of random activations (`width` values each, the rest of each row's
-// `stride` blocks zero, as the decode step's kernels write them) with `quantize_warp`, a
-// warp per block, and checks both layouts against candle's quantization.
-static bool quantize_checked(std::vector<block_q8_1> &q8, int8_t *x_qs, std::vector<float2> &x_ds,
-                             int width, int stride) {
-  const size_t blocks = (size_t)8 * stride;
-  std::vector<float> x(blocks * 32, 0.0f);
-  for (int j = 0; j < 8; ++j)
-    for (int k = 0; k < width; ++k) x[(size_t)j * stride * 32 + k] = (float)(gauss() * 3.0);
-  const Q8Rows out{q8.data(), x_qs, x_ds.data()};
-  emu::launch((unsigned)((blocks + 3) / 4), 128, [&] {
-    const size_t block = blockIdx.x * 4 + (threadIdx.x >> 5);
-    if (block < blocks) quantize_warp(x[block * 32 + (threadIdx.x & 31)], out, block);
-  });
+// candle's quantization of `blocks` 32-value blocks of `x` on the host, into both layouts
+// as `Q8Rows` defines them: d = max|x| / 127, quants round(x / d), d rounded to half in
+// candle's block with the sum of the values, and (d, d * sum of 16 quants) in ours.
+static void host_quantize(const float *x, size_t blocks, block_q8_1 *q8, int8_t *x_qs,
+                          float2 *x_ds) {
   for (size_t i = 0; i < blocks; ++i) {
     float amax = 0.0f, sum = 0.0f;
     for (int l = 0; l < 32; ++l) {
@@ -115,23 +108,51 @@ static bool quantize_checked(std::vector<block_q8_1> &q8, int8_t *x_qs, std::vec
     }
     const float d = amax / 127.0f;
     const half d_half = __float2half(d);
-    bool ok = q8[i].ds.x.bits == d_half.bits;
-    ok &= std::fabs(__half2float(q8[i].ds.y) - sum) <= 1e-2f * (1.0f + std::fabs(sum));
+    q8[i].ds = half2{d_half, __float2half(sum)};
     int q_sum[2] = {0, 0};
     for (int l = 0; l < 32; ++l) {
-      const int want = amax == 0.0f ? 0 : (int)std::round(x[i * 32 + l] / d);
-      ok &= q8[i].qs[l] == want && x_qs[i * 32 + l] == want;
-      q_sum[l / 16] += want;
+      const int q = amax == 0.0f ? 0 : (int)std::round(x[i * 32 + l] / d);
+      q8[i].qs[l] = (int8_t)q;
+      x_qs[i * 32 + l] = (int8_t)q;
+      q_sum[l / 16] += q;
     }
-    for (int k = 0; k < 2; ++k) {
-      const float dh = __half2float(d_half);
-      ok &= x_ds[i * 2 + k].x == dh && x_ds[i * 2 + k].y == dh * (float)q_sum[k];
-    }
+    const float dh = __half2float(d_half);
+    for (int k = 0; k < 2; ++k) x_ds[i * 2 + k] = make_float2(dh, dh * (float)q_sum[k]);
+  }
+}
+
+// `quantize_warp` (a warp per block) on 256 blocks of random activations, one of them all
+// zero, against `host_quantize`: the same bytes in both layouts, but for candle's sum of
+// the values (summed in another order, so within a half's rounding).
+static bool quantize_checked() {
+  const size_t blocks = 256;
+  std::vector<float> x(blocks * 32);
+  for (size_t i = 0; i < x.size(); ++i) x[i] = i / 32 == 5 ? 0.0f : (float)(gauss() * 3.0);
+  std::vector<block_q8_1> q8(blocks), q8_ref(blocks);
+  std::vector<uint4> qs(blocks * 2), qs_ref(blocks * 2);
+  std::vector<float2> ds(blocks * 2), ds_ref(blocks * 2);
+  int8_t *x_qs = (int8_t *)qs.data(), *x_qs_ref = (int8_t *)qs_ref.data();
+  const Q8Rows out{q8.data(), x_qs, ds.data()};
+  emu::launch((unsigned)(blocks / 4), 128, [&] {
+    const size_t block = blockIdx.x * 4 + (threadIdx.x >> 5);
+    quantize_warp(x[block * 32 + (threadIdx.x & 31)], out, block);
+  });
+  host_quantize(x.data(), blocks, q8_ref.data(), x_qs_ref, ds_ref.data());
+  for (size_t i = 0; i < blocks; ++i) {
+    const float sum = __half2float(q8_ref[i].ds.y);
+    bool ok = q8[i].ds.x.bits == q8_ref[i].ds.x.bits;
+    ok &= std::fabs(__half2float(q8[i].ds.y) - sum) <= 1e-2f * (1.0f + std::fabs(sum));
+    ok &= std::memcmp(q8[i].qs, q8_ref[i].qs, 32) == 0;
+    ok &= std::memcmp(x_qs + i * 32, x_qs_ref + i * 32, 32) == 0;
+    for (int k = 0; k < 2; ++k)
+      ok &= ds[i * 2 + k].x == ds_ref[i * 2 + k].x && ds[i * 2 + k].y == ds_ref[i * 2 + k].y;
     if (!ok) {
       std::printf("FAIL quantize_warp: block %zu differs from candle's quantization\n", i);
       return false;
     }
   }
+  std::printf("quantize_warp: all %zu blocks as candle quantizes them, in both layouts\n",
+              blocks);
   return true;
 }
 
@@ -163,7 +184,13 @@ int main() {
   std::vector<uint4> x_qs_storage((size_t)8 * q8_stride * 2);  // 16-byte aligned
   int8_t *x_qs = (int8_t *)x_qs_storage.data();
   std::vector<float2> x_ds((size_t)8 * q8_stride * 2);
-  if (!quantize_checked(q8, x_qs, x_ds, widest * 256, q8_stride)) return 1;
+  if (!quantize_checked()) return 1;
+  {
+    std::vector<float> x((size_t)8 * q8_stride * 32, 0.0f);  // the padding stays zero
+    for (int j = 0; j < 8; ++j)
+      for (int k = 0; k < widest * 256; ++k) x[(size_t)j * q8_stride * 32 + k] = (float)(gauss() * 3.0);
+    host_quantize(x.data(), (size_t)8 * q8_stride, q8.data(), x_qs, x_ds.data());
+  }
   int failures = 0, runs = 0;
   for (const Case &c : cases) {
     const bool is_q4k = c.format[1] == '4';
@@ -180,8 +207,14 @@ int main() {
       return 2;
     }
     // Random quants; scales small and positive (d, dmin, Q6_K's d) as in real files.
-    std::vector<uint8_t> storage(row_bytes * c.rows + 64);
-    uint8_t *w = (uint8_t *)(((uintptr_t)storage.data() + 15) & ~(uintptr_t)15);
+    // Exactly the matrix's bytes, so that the address sanitizer sees any read past them
+    // (operator new aligns to 16 bytes on x86-64, as cudaMalloc does to more).
+    std::vector<uint8_t> storage(row_bytes * c.rows);
+    uint8_t *w = storage.data();
+    if ((uintptr_t)w % 16 != 0) {
+      std::printf("the matrix is not 16-byte aligned\n");
+      return 2;
+    }
     for (size_t i = 0; i < row_bytes * c.rows; ++i) w[i] = (uint8_t)next_u32();
     for (int b = 0; b < c.nb * c.rows; ++b) {
       uint8_t *blk = w + (size_t)b * bytes;
@@ -240,8 +273,6 @@ int main() {
       }
     }
   }
-  std::printf("quantize_warp: all %d blocks as candle quantizes them, in both layouts\n",
-              8 * q8_stride);
   std::printf("%d of %d kernel runs agree with the reference\n", runs - failures, runs);
   return failures == 0 ? 0 : 1;
 }

@@ -16,6 +16,9 @@
 #include <atomic>
 #include <barrier>
 #include <chrono>
+#include <condition_variable>
+#include <functional>
+#include <mutex>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -136,7 +139,7 @@ inline T __ldcs(const T *p) {
 namespace emu {
 // Barriers count the phases they complete, so that a watchdog can tell a hang: on a GPU, a
 // shuffle or sync that part of a warp (or block) skips is undefined; here it would wait
-// forever, so `launch` aborts instead when no barrier completes for 10 s.
+// forever, so a launch aborts instead when no barrier completes for 10 s.
 inline std::atomic<uint64_t> phases{0};
 struct Tick {
   void operator()() noexcept { phases.fetch_add(1, std::memory_order_relaxed); }
@@ -150,21 +153,35 @@ struct Warp {
 inline thread_local Warp *warp = nullptr;
 inline thread_local Barrier *block_barrier = nullptr;
 
-// Run `kernel` over `grid` blocks of `block` threads (a multiple of 32): one OS thread per
-// CUDA thread of a block, each going through the blocks in order, all of a block's threads
-// done before any starts the next (its `__shared__` memory is the next one's too).
-template <typename K>
-void launch(unsigned grid, unsigned block, K kernel) {
-  blockDim = {block, 1, 1};
-  std::vector<std::unique_ptr<Warp>> warps;
-  for (unsigned w = 0; w < block / 32; ++w) warps.push_back(std::make_unique<Warp>());
-  Barrier block_done((std::ptrdiff_t)block), sync((std::ptrdiff_t)block);
-  std::atomic<bool> finished{false};
-  std::thread watchdog([&] {
+// The OS threads that play CUDA threads, kept from one launch to the next (creating
+// thousands of threads is most of the time otherwise, under the sanitizers more so).
+class Pool {
+ public:
+  ~Pool() {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      quit_ = true;
+    }
+    start_.notify_all();
+    for (auto &worker : workers_) worker.join();
+  }
+
+  // Runs `job(t)` on threads t = 0..threads - 1 at once; returns when all are done, or
+  // aborts when no barrier completed for 10 s (a diverged warp or block).
+  void run(unsigned threads, const std::function<void(unsigned)> &job) {
+    std::unique_lock<std::mutex> lock(mutex_);
+    while (workers_.size() < threads) {
+      const unsigned index = (unsigned)workers_.size();
+      workers_.emplace_back([this, index] { work(index); });
+    }
+    job_ = &job;
+    active_ = threads;
+    running_ = threads;
+    ++generation_;
+    start_.notify_all();
     uint64_t seen = phases.load();
     auto last = std::chrono::steady_clock::now();
-    while (!finished.load()) {
-      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    while (!done_.wait_for(lock, std::chrono::milliseconds(50), [&] { return running_ == 0; })) {
       const uint64_t now = phases.load();
       if (now != seen) {
         seen = now;
@@ -175,23 +192,55 @@ void launch(unsigned grid, unsigned block, K kernel) {
         std::abort();
       }
     }
-  });
-  std::vector<std::thread> threads;
-  for (unsigned t = 0; t < block; ++t) {
-    threads.emplace_back([&, t] {
-      threadIdx = {t, 0, 0};
-      warp = warps[t / 32].get();
-      block_barrier = &sync;
-      for (unsigned b = 0; b < grid; ++b) {
-        blockIdx = {b, 0, 0};
-        kernel();
-        block_done.arrive_and_wait();
-      }
-    });
+    job_ = nullptr;
   }
-  for (auto &thread : threads) thread.join();
-  finished = true;
-  watchdog.join();
+
+ private:
+  void work(unsigned index) {
+    uint64_t seen = 0;
+    std::unique_lock<std::mutex> lock(mutex_);
+    for (;;) {
+      start_.wait(lock, [&] { return quit_ || generation_ != seen; });
+      if (quit_) return;
+      seen = generation_;
+      if (index >= active_) continue;
+      const std::function<void(unsigned)> *job = job_;
+      lock.unlock();
+      (*job)(index);
+      lock.lock();
+      if (--running_ == 0) done_.notify_all();
+    }
+  }
+
+  std::mutex mutex_;
+  std::condition_variable start_, done_;
+  std::vector<std::thread> workers_;
+  const std::function<void(unsigned)> *job_ = nullptr;
+  unsigned active_ = 0, running_ = 0;
+  uint64_t generation_ = 0;
+  bool quit_ = false;
+};
+inline Pool pool;
+
+// Run `kernel` over `grid` blocks of `block` threads (a multiple of 32): one OS thread per
+// CUDA thread of a block, each going through the blocks in order, all of a block's threads
+// done before any starts the next (its `__shared__` memory is the next one's too).
+template <typename K>
+void launch(unsigned grid, unsigned block, K kernel) {
+  blockDim = {block, 1, 1};
+  std::vector<std::unique_ptr<Warp>> warps;
+  for (unsigned w = 0; w < block / 32; ++w) warps.push_back(std::make_unique<Warp>());
+  Barrier block_done((std::ptrdiff_t)block), sync((std::ptrdiff_t)block);
+  pool.run(block, [&](unsigned t) {
+    threadIdx = {t, 0, 0};
+    warp = warps[t / 32].get();
+    block_barrier = &sync;
+    for (unsigned b = 0; b < grid; ++b) {
+      blockIdx = {b, 0, 0};
+      kernel();
+      block_done.arrive_and_wait();
+    }
+  });
 }
 }  // namespace emu
 
