@@ -138,9 +138,11 @@ if [ "$only" = all ] || [ "$only" = bench ]; then
 for path in ${GPU_CHECK_PATHS:-fused-own fused}; do
   suffix=$([ $path = fused ] && echo "" || echo "-$path")
   say "bench on CUDA ($path decode): prefill 512/2048/4096, decode at empty context and after each prompt"
-  if ! GPU_DECODE=$path timeout 300 "$bin" --bench --device cuda --model "$model8b" \
+  # The load's log too: with fused-own it says how closely our kernels agreed with the
+  # measured ones (or why they were not used).
+  if ! GPU_DECODE=$path LOG=info timeout 300 "$bin" --bench --device cuda --model "$model8b" \
     --prompt-tokens 512,2048,4096 --n-ctx 8192 --gen-tokens 64 --runs 3 --turns 2 --json \
-    > "$out/bench-cuda$suffix.json"; then
+    > "$out/bench-cuda$suffix.json" 2> "$out/bench-cuda$suffix.log"; then
     status=1
   fi
   grep -q "\"decode_path\": \"$path\"" "$out/bench-cuda$suffix.json" \
@@ -287,6 +289,11 @@ for bench, par_bench in [(b, p)] + others:
     par = par_bench.get("parallel_decode_tok_s", {})
     if par:
         print(f"| parallel decode, 1/2/4 streams ({par_bench.get('decode_path', '?')}) | {' / '.join(str(par.get(k, '-')) for k in ('1', '2', '4'))} tok/s |")
+try:
+    own_log = [l for l in open(os.path.join(out, "bench-cuda-fused-own.log")) if "measured" in l]
+    print(f"| fused-own load check | {own_log[0].strip()[-300:] if own_log else 'no line in the log'} |")
+except OSError:
+    pass
 print(f"| peak device memory | {b.get('peak_device_memory_mb')} MB (bench), {p.get('peak_device_memory_mb')} MB (parallel) |")
 print(f"| turn TTFT with KV reuse | {b.get('turn_ttft_ms')} ms |")
 for line in open(os.path.join(out, "device-check.jsonl")):
