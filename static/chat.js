@@ -847,6 +847,11 @@
     el.list.replaceChildren(...items);
   }
 
+  // The conversation the header shows: its menu closes when that changes, not when a live
+  // update re-renders the same conversation (which would close a menu under the user's
+  // finger).
+  let headerFor = null;
+
   function renderHeader() {
     const c = state.current;
     el.title.textContent = conversationTitle(c);
@@ -858,7 +863,9 @@
       ? "This is a " + c.channel + " conversation: it is shown here, and answered on " + c.channel + "."
       : "";
     el.input.disabled = Boolean(readOnly);
-    closeChatMenu();
+    const shown = c ? c.id : null;
+    if (shown !== headerFor) closeChatMenu();
+    headerFor = shown;
     updateComposer();
     updateMessageActions();
   }

@@ -1278,6 +1278,15 @@ async fn webchat_renders_markdown_and_runs_message_actions_search_and_export() {
                     Duration::from_secs(5),
                 )
                 .await;
+            // A live update that re-renders the open conversation leaves the menu open (it
+            // used to close it, so that a tap meant to close it opened it again).
+            browser
+                .js("return window.myClaw.openConversation(window.myClaw.currentConversationId());")
+                .await;
+            let menu = browser
+                .js("return getComputedStyle(document.getElementById('chat-menu')).display;")
+                .await;
+            assert_eq!(menu, "flex", "a refresh of the same conversation closed the menu");
             browser.screenshot(&target.join("webchat-phone-menu.png")).await;
             browser.click("#chat-menu-button").await;
             browser

@@ -1,6 +1,7 @@
 //! Our own CUDA kernels on a machine without a GPU: the matrix-vector kernels
 //! (`src/llm/engine/kernels/cuda_matvec.cuh`), the quantization that feeds them
-//! (`cuda_common.cuh`) and the one-pass RMSNorm (`cuda_norm.cuh`), their own source compiled
+//! (`cuda_common.cuh`), the one-pass RMSNorm (`cuda_norm.cuh`) and the decode step's glue
+//! kernels (`cuda_decode.cu`, compiled whole), their own source compiled
 //! by the host's C++ compiler under a CPU emulation of CUDA's threads (`tests/cuda_emu/
 //! shim.h`: a thread per CUDA thread, warp and block barriers and shuffles, every wide load
 //! checked for alignment, a hang at a diverged barrier turned into a failure) and the
@@ -27,6 +28,8 @@ fn build_and_run(program: &str) -> String {
         // A read or write out of bounds here would be an illegal address on the GPU, and
         // undefined behaviour (a shift too far, an overflow) wrong numbers: both fail.
         .args(["-fsanitize=address,undefined", "-fno-sanitize-recover=all"])
+        // Where `#include <cuda_fp16.h>` finds the shim instead of CUDA's header.
+        .arg(format!("-I{root}/tests/cuda_emu/include"))
         .arg("-o")
         .arg(&exe)
         .arg(format!("{root}/tests/cuda_emu/{program}.cpp"))
@@ -57,4 +60,14 @@ fn cuda_matvec_kernels_agree_with_the_block_formats_under_cpu_emulation() {
 fn cuda_one_pass_rms_norm_agrees_with_the_reference_under_cpu_emulation() {
     let stdout = build_and_run("norm");
     assert!(stdout.contains("18 of 18 RMSNorm cases agree with the reference"), "{stdout}");
+}
+
+/// The decode step's glue kernels: q/k norm + RoPE + KV store (NeoX and interleaved pairs,
+/// with and without norms, nothing else in the caches touched), split attention joined and
+/// quantized (head widths 64/128/256, 1 to 8 query heads per KV head, 1 to 32 splits of one
+/// or several chunks), the two-pass RMSNorm and SwiGLU quantized: 14 cases.
+#[test]
+fn cuda_glue_kernels_agree_with_the_reference_under_cpu_emulation() {
+    let stdout = build_and_run("glue");
+    assert!(stdout.contains("14 of 14 glue kernel cases agree with the reference"), "{stdout}");
 }

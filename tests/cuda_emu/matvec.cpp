@@ -15,6 +15,7 @@
 // Exit code 0 when everything agrees. Built and run by `tests/cuda_emulated.rs`.
 
 #include "shim.h"
+#include "random.h"
 
 #include "../../src/llm/engine/kernels/cuda_common.cuh"
 #include "../../src/llm/engine/kernels/cuda_matvec.cuh"
@@ -25,20 +26,14 @@ typedef void (*Kernel)(const uint8_t *, const int8_t *, const float2 *, float *,
 #define KERNELS(name) \
   { name##_n1, name##_n2, name##_n3, name##_n4, name##_n5, name##_n6, name##_n7, name##_n8 }
 
-static uint64_t state = 0x243f6a8885a308d3ull;
-static uint32_t next_u32() {
-  state ^= state << 13;
-  state ^= state >> 7;
-  state ^= state << 17;
-  return (uint32_t)(state >> 16);
-}
+static Random rng{0x243f6a8885a308d3ull};
 
 // A positive normal half in [2^e, 2^(e+1)).
-static half half_in(int e) { return half{(uint16_t)(((e + 15) << 10) | (next_u32() & 0x3ff))}; }
+static half half_in(int e) { return half{(uint16_t)(((e + 15) << 10) | (rng.next_u32() & 0x3ff))}; }
 
 static double gauss() {
   double s = 0.0;
-  for (int i = 0; i < 4; ++i) s += (next_u32() % 100000) / 100000.0 - 0.5;
+  for (int i = 0; i < 4; ++i) s += (rng.next_u32() % 100000) / 100000.0 - 0.5;
   return s;
 }
 
@@ -215,7 +210,7 @@ int main() {
       std::printf("the matrix is not 16-byte aligned\n");
       return 2;
     }
-    for (size_t i = 0; i < row_bytes * c.rows; ++i) w[i] = (uint8_t)next_u32();
+    for (size_t i = 0; i < row_bytes * c.rows; ++i) w[i] = (uint8_t)rng.next_u32();
     for (int b = 0; b < c.nb * c.rows; ++b) {
       uint8_t *blk = w + (size_t)b * bytes;
       if (is_q4k) {

@@ -10,17 +10,12 @@
 // Exit code 0 when everything agrees. Built and run by `tests/cuda_emulated.rs`.
 
 #include "shim.h"
+#include "random.h"
 
 #include "../../src/llm/engine/kernels/cuda_common.cuh"
 #include "../../src/llm/engine/kernels/cuda_norm.cuh"
 
-static uint64_t state = 0x13198a2e03707344ull;
-static double uniform() {
-  state ^= state << 13;
-  state ^= state >> 7;
-  state ^= state << 17;
-  return (double)(state >> 11) / (double)(1ull << 53);
-}
+static Random rng{0x13198a2e03707344ull};
 
 // candle's padding of an activation row: a multiple of 512 values, in 32-value blocks.
 static int q8_stride(int n) { return (n + 511) / 512 * 16; }
@@ -41,10 +36,10 @@ int main() {
       float *x_out = (float *)o_store.data(), *w = (float *)w_store.data();
       for (int i = 0; i < rows * n; ++i) {
         // A few large values, as real activations have.
-        x[i] = (float)((uniform() - 0.5) * (uniform() < 0.01 ? 40.0 : 2.0));
-        delta[i] = (float)((uniform() - 0.5) * 0.5);
+        x[i] = (float)((rng.uniform() - 0.5) * (rng.uniform() < 0.01 ? 40.0 : 2.0));
+        delta[i] = (float)((rng.uniform() - 0.5) * 0.5);
       }
-      for (int i = 0; i < n; ++i) w[i] = (float)(0.5 + uniform());
+      for (int i = 0; i < n; ++i) w[i] = (float)(0.5 + rng.uniform());
       std::vector<float> x_in(x, x + rows * n);  // the input, before an aliased write
       float *out_ptr = alias ? x : (variant == 0 ? x_out : nullptr);
       std::vector<block_q8_1> q8((size_t)rows * stride);

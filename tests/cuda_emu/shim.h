@@ -24,6 +24,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <math.h>
 #include <memory>
 #include <thread>
 #include <vector>
@@ -222,11 +223,12 @@ class Pool {
 };
 inline Pool pool;
 
-// Run `kernel` over `grid` blocks of `block` threads (a multiple of 32): one OS thread per
-// CUDA thread of a block, each going through the blocks in order, all of a block's threads
-// done before any starts the next (its `__shared__` memory is the next one's too).
+// Run `kernel` over a grid of `grid` blocks (x fastest) of `block` threads (a multiple of
+// 32): one OS thread per CUDA thread of a block, each going through the blocks in order,
+// all of a block's threads done before any starts the next (its `__shared__` memory is the
+// next one's too).
 template <typename K>
-void launch(unsigned grid, unsigned block, K kernel) {
+void launch(Dim3 grid, unsigned block, K kernel) {
   blockDim = {block, 1, 1};
   std::vector<std::unique_ptr<Warp>> warps;
   for (unsigned w = 0; w < block / 32; ++w) warps.push_back(std::make_unique<Warp>());
@@ -235,12 +237,19 @@ void launch(unsigned grid, unsigned block, K kernel) {
     threadIdx = {t, 0, 0};
     warp = warps[t / 32].get();
     block_barrier = &sync;
-    for (unsigned b = 0; b < grid; ++b) {
-      blockIdx = {b, 0, 0};
-      kernel();
-      block_done.arrive_and_wait();
-    }
+    for (unsigned z = 0; z < grid.z; ++z)
+      for (unsigned y = 0; y < grid.y; ++y)
+        for (unsigned x = 0; x < grid.x; ++x) {
+          blockIdx = {x, y, z};
+          kernel();
+          block_done.arrive_and_wait();
+        }
   });
+}
+
+template <typename K>
+void launch(unsigned grid, unsigned block, K kernel) {
+  launch(Dim3{grid, 1, 1}, block, kernel);
 }
 }  // namespace emu
 

@@ -1,0 +1,314 @@
+// The decode step's glue kernels (`src/llm/engine/kernels/cuda_decode.cu`, compiled whole
+// with `include/cuda_fp16.h` standing in for CUDA's), run on the CPU under `shim.h`,
+// against references in double:
+// - `qk_rope_store`: queries normed (Qwen3's q/k norms), rotated (NeoX pairs and
+//   interleaved ones) and scaled; keys normed, rotated and stored in f16 at the row's
+//   position; values stored in f16; nothing else in the caches touched;
+// - `attn_partial_d{64,128,256}` + `attn_combine_q8`: causal attention of one token per row
+//   over its cache, split over positions as the step splits them (1 to 32 splits, several
+//   128-position chunks per split), for 1 to 8 query heads per KV head, joined and
+//   quantized: each output within half a quantization step (plus float error) of the
+//   reference, in both layouts;
+// - `rms_norm_q8`: residual add, RMSNorm and quantization, the padding zero;
+// - `silu_mul_q8`: SwiGLU, quantized, the padding zero.
+// Exit code 0 when everything agrees. Built and run by `tests/cuda_emulated.rs`.
+
+#include "shim.h"
+#include "random.h"
+
+#include "../../src/llm/engine/kernels/cuda_decode.cu"
+
+static Random rng{0xa4093822299f31d0ull};
+static float symmetric(double scale) { return (float)((rng.uniform() - 0.5) * 2.0 * scale); }
+
+static int q8_stride(int n) { return (n + 511) / 512 * 16; }
+// The most position splits of a step (`MAX_SPLIT` in `cuda_decode.rs`).
+constexpr int MAX_SPLIT_ = 32;
+
+// Both layouts of `blocks` quantized blocks against `want` (the reference values): each
+// value within half a step (d / 2) plus float error of what the block holds, candle's and
+// our quants the same, our scales d rounded as candle's. Returns the worst error in steps.
+static double check_quantized(const block_q8_1 *q8, const int8_t *x_qs, const float2 *x_ds,
+                              const double *want, size_t blocks, bool &ok) {
+  double worst = 0.0;
+  for (size_t b = 0; b < blocks; ++b) {
+    const float d = __half2float(q8[b].ds.x);
+    double amax = 0.0;
+    for (int l = 0; l < 32; ++l) amax = std::max(amax, std::fabs(want[b * 32 + l]));
+    // The scale is max|x| / 127 of the kernel's float values, rounded to half.
+    ok &= std::fabs(d - amax / 127.0) <= amax / 127.0 * 1e-3 + 1e-12;
+    int q_sum[2] = {0, 0};
+    for (int l = 0; l < 32; ++l) {
+      const int q = q8[b].qs[l];
+      ok &= x_qs[b * 32 + l] == q;
+      q_sum[l / 16] += q;
+      if (amax == 0.0) {
+        ok &= q == 0;
+        continue;
+      }
+      const double step_error = std::fabs(q * (amax / 127.0) - want[b * 32 + l]) / (amax / 127.0);
+      worst = std::max(worst, step_error);
+      ok &= step_error <= 0.5 + 1e-3;
+    }
+    for (int k = 0; k < 2; ++k)
+      ok &= x_ds[b * 2 + k].x == d && x_ds[b * 2 + k].y == d * (float)q_sum[k];
+  }
+  return worst;
+}
+
+struct Q8Buffers {
+  std::vector<block_q8_1> q8;
+  std::vector<uint4> qs;
+  std::vector<float2> ds;
+  explicit Q8Buffers(size_t blocks) : q8(blocks), qs(blocks * 2), ds(blocks * 2) {}
+  int8_t *x_qs() { return (int8_t *)qs.data(); }
+};
+
+static float h(half v) { return __half2float(v); }
+
+// --- qk_rope_store ---------------------------------------------------------------------
+static bool rope_case(int d, int n_head, int n_kv, bool norms, bool neox) {
+  const int rows = 2, layers = 2, layer = 1, max_pos = 64, cap = 40;
+  const int positions[rows] = {0, 37};
+  const int width = (n_head + 2 * n_kv) * d;
+  std::vector<float> qkv(rows * width), q_norm(d), k_norm(d), q_out(MAX_ROWS * n_head * d, NAN);
+  for (float &v : qkv) v = symmetric(2.0);
+  for (int i = 0; i < d; ++i) {
+    q_norm[i] = (float)(0.5 + rng.uniform());
+    k_norm[i] = (float)(0.5 + rng.uniform());
+  }
+  std::vector<float> cos_t(max_pos * d / 2), sin_t(max_pos * d / 2);
+  for (int p = 0; p < max_pos; ++p)
+    for (int j = 0; j < d / 2; ++j) {
+      const double theta = p * std::pow(1e6, -2.0 * j / d);
+      cos_t[p * d / 2 + j] = (float)std::cos(theta);
+      sin_t[p * d / 2 + j] = (float)std::sin(theta);
+    }
+  // Caches (n_kv, cap, d) f16 per row, filled with a marker that must survive.
+  const half marker = __float2half(123.0f);
+  std::vector<std::vector<half>> keys(rows, std::vector<half>(n_kv * cap * d, marker));
+  std::vector<std::vector<half>> values(rows, std::vector<half>(n_kv * cap * d, marker));
+  std::vector<int> facts(2 * MAX_ROWS + 1, 0);
+  std::vector<unsigned long long> kv(layers * MAX_ROWS * 2, 0);
+  for (int r = 0; r < rows; ++r) {
+    facts[r] = positions[r];
+    facts[MAX_ROWS + r] = cap;
+    kv[(layer * MAX_ROWS + r) * 2] = (unsigned long long)keys[r].data();
+    kv[(layer * MAX_ROWS + r) * 2 + 1] = (unsigned long long)values[r].data();
+  }
+  const float eps = 1e-6f, q_scale = 0.125f;
+  emu::launch(Dim3{(unsigned)(n_head + 2 * n_kv), (unsigned)rows, 1}, 128, [&] {
+    qk_rope_store(qkv.data(), width, norms ? q_norm.data() : nullptr,
+                  norms ? k_norm.data() : nullptr, q_out.data(), facts.data(),
+                  facts.data() + MAX_ROWS, kv.data(), layer, n_head, n_kv, d, eps, q_scale,
+                  neox ? 1 : 0, cos_t.data(), sin_t.data());
+  });
+  bool ok = true;
+  double worst = 0.0;
+  for (int r = 0; r < rows; ++r) {
+    const int p = positions[r];
+    for (int hd = 0; hd < n_head + 2 * n_kv; ++hd) {
+      const float *src = qkv.data() + r * width + hd * d;
+      if (hd >= n_head + n_kv) {  // a value head: stored as it is
+        const half *v = values[r].data() + ((size_t)(hd - n_head - n_kv) * cap + p) * d;
+        for (int i = 0; i < d; ++i) ok &= v[i].bits == __float2half(src[i]).bits;
+        continue;
+      }
+      const bool is_q = hd < n_head;
+      std::vector<double> x(src, src + d);
+      if (norms) {
+        double ss = 0.0;
+        for (double v : x) ss += v * v;
+        const double scale = 1.0 / std::sqrt(ss / d + eps);
+        for (int i = 0; i < d; ++i) x[i] *= scale * (is_q ? q_norm[i] : k_norm[i]);
+      }
+      std::vector<double> y(d);
+      for (int j = 0; j < d / 2; ++j) {
+        const int i0 = neox ? j : 2 * j, i1 = neox ? j + d / 2 : 2 * j + 1;
+        const double c = cos_t[p * d / 2 + j], s = sin_t[p * d / 2 + j];
+        y[i0] = x[i0] * c - x[i1] * s;
+        y[i1] = x[i0] * s + x[i1] * c;
+      }
+      for (int i = 0; i < d; ++i) {
+        if (is_q) {
+          const double got = q_out[((size_t)r * n_head + hd) * d + i];
+          const double err = std::fabs(got - y[i] * q_scale);
+          worst = std::max(worst, err);
+          ok &= err <= 1e-5 * (1.0 + std::fabs(y[i]));
+        } else {
+          const half *k = keys[r].data() + ((size_t)(hd - n_head) * cap + p) * d;
+          const double err = std::fabs(h(k[i]) - y[i]);
+          worst = std::max(worst, err);
+          ok &= err <= std::fabs(y[i]) * 1e-3 + 1e-4;  // f16
+        }
+      }
+    }
+    // Nothing but position p of each head was written.
+    for (int kvh = 0; kvh < n_kv; ++kvh)
+      for (int pos = 0; pos < cap; ++pos) {
+        if (pos == p) continue;
+        for (int i = 0; i < d; ++i) {
+          ok &= keys[r][((size_t)kvh * cap + pos) * d + i].bits == marker.bits;
+          ok &= values[r][((size_t)kvh * cap + pos) * d + i].bits == marker.bits;
+        }
+      }
+  }
+  std::printf("%s qk_rope_store d=%d heads %d/%d%s%s: worst difference %.3g\n",
+              ok ? "ok  " : "FAIL", d, n_head, n_kv, norms ? ", q/k norms" : "",
+              neox ? ", NeoX pairs" : ", interleaved pairs", worst);
+  return ok;
+}
+
+// --- attention ---------------------------------------------------------------------------
+template <int D>
+static bool attention_case(int group, int len0, int len1) {
+  const int rows = 2, n_kv = 2, n_head = n_kv * group, layers = 1, layer = 0;
+  const int lens[rows] = {len0, len1};
+  const int cap = std::max(len0, len1) + 3;
+  std::vector<float> q(MAX_ROWS * n_head * D);
+  for (float &v : q) v = symmetric(0.3);
+  std::vector<std::vector<half>> keys(rows), values(rows);
+  for (int r = 0; r < rows; ++r) {
+    keys[r].resize(n_kv * cap * D);
+    values[r].resize(n_kv * cap * D);
+    for (half &v : keys[r]) v = __float2half(symmetric(1.0));
+    for (half &v : values[r]) v = __float2half(symmetric(1.0));
+  }
+  const int max_len = std::max(len0, len1);
+  // As `DecodePlan::step` splits: powers of two, at least 128 positions a split.
+  int n_split = std::min(std::max((max_len + 127) / 128, 1), 32);
+  int pow2 = 1;
+  while (pow2 < n_split) pow2 *= 2;
+  n_split = pow2;
+  std::vector<int> facts(2 * MAX_ROWS + 1, 0);
+  std::vector<unsigned long long> kv(layers * MAX_ROWS * 2, 0);
+  for (int r = 0; r < rows; ++r) {
+    facts[r] = lens[r] - 1;
+    facts[MAX_ROWS + r] = cap;
+    kv[(layer * MAX_ROWS + r) * 2] = (unsigned long long)keys[r].data();
+    kv[(layer * MAX_ROWS + r) * 2 + 1] = (unsigned long long)values[r].data();
+  }
+  facts[2 * MAX_ROWS] = (max_len + n_split - 1) / n_split;
+  std::vector<float> part_acc((size_t)MAX_ROWS * n_head * MAX_SPLIT_ * D);
+  std::vector<float> part_ml((size_t)MAX_ROWS * n_head * MAX_SPLIT_ * 2);
+  emu::launch(Dim3{(unsigned)n_kv, (unsigned)n_split, (unsigned)rows}, 128, [&] {
+    auto *kernel = D == 64 ? attn_partial_d64 : D == 128 ? attn_partial_d128 : attn_partial_d256;
+    kernel(q.data(), facts.data(), kv.data(), layer, n_head, n_kv, n_split, part_acc.data(),
+           part_ml.data());
+  });
+  const int stride = q8_stride(n_head * D);
+  Q8Buffers out((size_t)rows * stride);
+  emu::launch(Dim3{(unsigned)n_head, (unsigned)rows, 1}, D, [&] {
+    attn_combine_q8(part_acc.data(), part_ml.data(), n_split, n_head, D, out.q8.data(),
+                    out.x_qs(), out.ds.data(), stride);
+  });
+  std::vector<double> want((size_t)rows * stride * 32, 0.0);
+  for (int r = 0; r < rows; ++r)
+    for (int hq = 0; hq < n_head; ++hq) {
+      const int hk = hq / group;
+      const float *qh = q.data() + ((size_t)r * n_head + hq) * D;
+      std::vector<double> scores(lens[r]);
+      double mx = -INFINITY;
+      for (int p = 0; p < lens[r]; ++p) {
+        double s = 0.0;
+        for (int i = 0; i < D; ++i) s += qh[i] * (double)h(keys[r][((size_t)hk * cap + p) * D + i]);
+        scores[p] = s;
+        mx = std::max(mx, s);
+      }
+      double l = 0.0;
+      for (double &s : scores) l += (s = std::exp(s - mx));
+      for (int i = 0; i < D; ++i) {
+        double o = 0.0;
+        for (int p = 0; p < lens[r]; ++p)
+          o += scores[p] * h(values[r][((size_t)hk * cap + p) * D + i]);
+        want[(size_t)r * stride * 32 + hq * D + i] = o / l;
+      }
+    }
+  bool ok = true;
+  const double worst = check_quantized(out.q8.data(), out.x_qs(), out.ds.data(), want.data(),
+                                       (size_t)rows * stride, ok);
+  std::printf("%s attention d=%d, %d query heads per KV head, %d and %d positions, %d splits: "
+              "worst error %.3f quantization steps\n",
+              ok ? "ok  " : "FAIL", D, group, len0, len1, n_split, worst);
+  return ok;
+}
+
+// --- rms_norm_q8 (the two-pass one the default step runs) ------------------------------
+static bool rms_case(int n) {
+  const int rows = 2, stride = q8_stride(n);
+  const float eps = 1e-6f;
+  std::vector<float> x(rows * n), delta(rows * n), x_out(rows * n, NAN), w(n);
+  for (float &v : x) v = symmetric(rng.uniform() < 0.01 ? 20.0 : 1.0);
+  for (float &v : delta) v = symmetric(0.25);
+  for (float &v : w) v = (float)(0.5 + rng.uniform());
+  Q8Buffers out((size_t)rows * stride);
+  emu::launch(rows, 512, [&] {
+    rms_norm_q8(x.data(), delta.data(), x_out.data(), w.data(), out.q8.data(), out.x_qs(),
+                out.ds.data(), n, stride, eps);
+  });
+  bool ok = true;
+  std::vector<double> want((size_t)rows * stride * 32, 0.0);
+  for (int r = 0; r < rows; ++r) {
+    double ss = 0.0;
+    for (int i = 0; i < n; ++i) {
+      const float v = x[r * n + i] + delta[r * n + i];
+      ok &= x_out[r * n + i] == v;
+      ss += (double)v * v;
+    }
+    const double scale = 1.0 / std::sqrt(ss / n + eps);
+    for (int i = 0; i < n; ++i)
+      want[(size_t)r * stride * 32 + i] = (double)x_out[r * n + i] * scale * w[i];
+  }
+  const double worst =
+      check_quantized(out.q8.data(), out.x_qs(), out.ds.data(), want.data(), (size_t)rows * stride, ok);
+  std::printf("%s rms_norm_q8 n=%d: worst error %.3f quantization steps\n", ok ? "ok  " : "FAIL", n,
+              worst);
+  return ok;
+}
+
+// --- silu_mul_q8 -------------------------------------------------------------------------
+static bool silu_case(int n_ff) {
+  const int rows = 3, stride = q8_stride(n_ff), gu_stride = 2 * n_ff;
+  std::vector<float> gu(rows * gu_stride);
+  for (float &v : gu) v = symmetric(4.0);
+  Q8Buffers out((size_t)rows * stride);
+  emu::launch(Dim3{(unsigned)((stride + 7) / 8), (unsigned)rows, 1}, 256, [&] {
+    silu_mul_q8(gu.data(), gu_stride, n_ff, out.q8.data(), out.x_qs(), out.ds.data(), stride);
+  });
+  std::vector<double> want((size_t)rows * stride * 32, 0.0);
+  for (int r = 0; r < rows; ++r)
+    for (int i = 0; i < n_ff; ++i) {
+      const double g = gu[r * gu_stride + i], u = gu[r * gu_stride + n_ff + i];
+      want[(size_t)r * stride * 32 + i] = g / (1.0 + std::exp(-g)) * u;
+    }
+  bool ok = true;
+  const double worst =
+      check_quantized(out.q8.data(), out.x_qs(), out.ds.data(), want.data(), (size_t)rows * stride, ok);
+  std::printf("%s silu_mul_q8 n_ff=%d: worst error %.3f quantization steps\n", ok ? "ok  " : "FAIL",
+              n_ff, worst);
+  return ok;
+}
+
+int main() {
+  int failures = 0, cases = 0;
+  auto count = [&](bool ok) {
+    ++cases;
+    failures += !ok;
+  };
+  count(rope_case(64, 4, 2, true, true));     // the tiny Qwen3
+  count(rope_case(128, 8, 2, true, true));    // Qwen3's head width
+  count(rope_case(64, 6, 2, false, false));   // the tiny Llama
+  count(rope_case(256, 2, 1, true, false));
+  count(attention_case<64>(8, 1, 17));
+  count(attention_case<64>(2, 130, 300));     // several splits
+  count(attention_case<128>(4, 17, 1000));    // Qwen3-8B's grouping
+  count(attention_case<128>(1, 5000, 64));    // 32 splits of several chunks
+  count(attention_case<256>(3, 129, 2));
+  count(rms_case(128));
+  count(rms_case(4096));
+  count(silu_case(256));
+  count(silu_case(1536));
+  count(silu_case(12288));
+  std::printf("%d of %d glue kernel cases agree with the reference\n", cases - failures, cases);
+  return failures == 0 ? 0 : 1;
+}
