@@ -7,8 +7,8 @@
 #      CPU kernels (`device-check`);
 #   3. runs `--bench --device cuda` on the 8B file: prefill at 512 and 2048 tokens, decode at
 #      an empty context and at depth 4096, peak device memory, and 1/2/4 parallel streams,
-#      with the fused decode step on our own Q4_K/Q6_K matrix kernels (GPU_DECODE=fused-own)
-#      and then on candle's `mmvq` (GPU_DECODE=fused, the default); GPU_CHECK_PATHS="fused
+#      with the fused decode step on our own matrix kernels and one-pass RMSNorm
+#      (GPU_DECODE=fused-own) and then on candle's `mmvq` (GPU_DECODE=fused, the default); GPU_CHECK_PATHS="fused
 #      ops" etc. picks others;
 #   4. serves on the GPU: `my-claw serve` with the 8B file answers one WebChat message and
 #      `/api/health` names the GPU; a model whose KV bound cannot fit is refused at load;

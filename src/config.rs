@@ -146,9 +146,9 @@ pub struct Config {
     pub gpu_memory_budget: Option<String>,
 
     /// How a GPU runs decode steps: `fused` (our fused kernels, a dozen launches per layer,
-    /// around candle's matrix kernels), `fused-own` (the same with our own Q4_K/Q6_K matrix
-    /// kernels, not yet measured on a GPU) or `ops` (candle's ops, about thirty per layer;
-    /// to compare, or to step around a problem).
+    /// around candle's matrix kernels), `fused-own` (the same with our own Q4_K/Q6_K/Q8_0
+    /// matrix kernels and a one-pass RMSNorm, not yet measured on a GPU) or `ops` (candle's
+    /// ops, about thirty per layer; to compare, or to step around a problem).
     #[arg(long, env = "GPU_DECODE", default_value = "fused", global = true)]
     pub gpu_decode: String,
 

@@ -260,7 +260,8 @@ static bool rms_case(int n) {
       want[(size_t)r * stride * 32 + i] = (double)x_out[r * n + i] * scale * w[i];
   }
   const double worst =
-      check_quantized(out.q8.data(), out.x_qs(), out.ds.data(), want.data(), (size_t)rows * stride, ok);
+      check_quantized(out.q8.data(), out.x_qs(), out.ds.data(), want.data(),
+                      (size_t)rows * stride, ok);
   std::printf("%s rms_norm_q8 n=%d: worst error %.3f quantization steps\n", ok ? "ok  " : "FAIL", n,
               worst);
   return ok;
@@ -283,7 +284,8 @@ static bool silu_case(int n_ff) {
     }
   bool ok = true;
   const double worst =
-      check_quantized(out.q8.data(), out.x_qs(), out.ds.data(), want.data(), (size_t)rows * stride, ok);
+      check_quantized(out.q8.data(), out.x_qs(), out.ds.data(), want.data(),
+                      (size_t)rows * stride, ok);
   std::printf("%s silu_mul_q8 n_ff=%d: worst error %.3f quantization steps\n", ok ? "ok  " : "FAIL",
               n_ff, worst);
   return ok;

@@ -1,4 +1,4 @@
-// Our Q4_K and Q6_K matrix-vector kernels (`src/llm/engine/kernels/cuda_matvec.cuh`) and
+// Our Q4_K, Q6_K and Q8_0 matrix-vector kernels (`src/llm/engine/kernels/cuda_matvec.cuh`) and
 // the quantization that feeds them (`quantize_warp`, `cuda_common.cuh`), run on the CPU
 // under `shim.h`:
 // 1. random activations are quantized by `quantize_warp` into both layouts; candle's
@@ -11,7 +11,8 @@
 //    one chunk, several, and a partial last one, with a row count that leaves the last
 //    block of warps partly idle and an output stride wider than the rows (so a cell written
 //    never or out of place fails too), against a reference written from ggml's block
-//    formats (dequantize_row_q4_K / dequantize_row_q6_K) on candle's layout, in double.
+//    formats (dequantize_row_q4_K / dequantize_row_q6_K / dequantize_row_q8_0) on
+//    candle's layout, in double.
 // Exit code 0 when everything agrees. Built and run by `tests/cuda_emulated.rs`.
 
 #include "shim.h"
@@ -151,6 +152,16 @@ static bool quantize_checked() {
   return true;
 }
 
+// 8 Q8_0 blocks (34 bytes each: d, then 32 int8 quants).
+static double ref_q8_0(const uint8_t *group, const block_q8_1 *a) {
+  double sum = 0.0;
+  for (int k = 0; k < 8; ++k) {
+    const double d = h2f(group + 34 * k);
+    for (int l = 0; l < 32; ++l) sum += d * (int8_t)group[34 * k + 2 + l] * act(a, 32 * k + l);
+  }
+  return sum;
+}
+
 struct Case {
   const char *format;
   int load_bytes, nb, rows;
@@ -162,13 +173,15 @@ int main() {
   const Kernel q6k_v8[8] = KERNELS(mv_q6k_v8);
   const Kernel q6k_v4[8] = KERNELS(mv_q6k_v4);
   const Kernel q6k_v2[8] = KERNELS(mv_q6k_v2);
+  const Kernel q8_0[8] = KERNELS(mv_q8_0_v16);
   // GGUF blocks per row: one, one whole chunk (16), several with a partial last one. Each
   // Q6_K width is what the decode step picks for that block count (210 * nb divisible by
   // the width): 16 for nb % 8 == 0, 8 for nb % 4 == 0, 4 for even nb, 2 for odd.
   const Case cases[] = {
       {"Q4_K", 16, 1, 6},  {"Q4_K", 16, 16, 7}, {"Q4_K", 16, 33, 6}, {"Q6_K", 16, 16, 6},
       {"Q6_K", 16, 40, 5}, {"Q6_K", 8, 20, 6},  {"Q6_K", 4, 2, 6},   {"Q6_K", 4, 38, 6},
-      {"Q6_K", 2, 1, 6},   {"Q6_K", 2, 17, 6},
+      {"Q6_K", 2, 1, 6},   {"Q6_K", 2, 17, 6},  {"Q8_0", 16, 1, 6},  {"Q8_0", 16, 16, 5},
+      {"Q8_0", 16, 20, 6},
   };
   // One set of activations for every case: 8 rows as wide as the widest matrix, each row
   // padded as candle pads them (a multiple of 512 values).
@@ -183,14 +196,17 @@ int main() {
   {
     std::vector<float> x((size_t)8 * q8_stride * 32, 0.0f);  // the padding stays zero
     for (int j = 0; j < 8; ++j)
-      for (int k = 0; k < widest * 256; ++k) x[(size_t)j * q8_stride * 32 + k] = (float)(gauss() * 3.0);
+      for (int k = 0; k < widest * 256; ++k)
+        x[(size_t)j * q8_stride * 32 + k] = (float)(gauss() * 3.0);
     host_quantize(x.data(), (size_t)8 * q8_stride, q8.data(), x_qs, x_ds.data());
   }
   int failures = 0, runs = 0;
   for (const Case &c : cases) {
-    const bool is_q4k = c.format[1] == '4';
-    const int bytes = is_q4k ? 144 : 210;
-    const Kernel *kernels = is_q4k            ? q4k
+    // Q8_0 in groups of 8 blocks of 34 bytes: "blocks" of 256 values below.
+    const bool is_q4k = c.format[1] == '4', is_q8_0 = c.format[1] == '8';
+    const int bytes = is_q4k ? 144 : is_q8_0 ? 272 : 210;
+    const Kernel *kernels = is_q4k               ? q4k
+                            : is_q8_0            ? q8_0
                             : c.load_bytes == 16 ? q6k_v16
                             : c.load_bytes == 8  ? q6k_v8
                             : c.load_bytes == 4  ? q6k_v4
@@ -217,6 +233,11 @@ int main() {
         const half d = half_in(-8), dmin = half_in(-9);
         std::memcpy(blk, &d.bits, 2);
         std::memcpy(blk + 2, &dmin.bits, 2);
+      } else if (is_q8_0) {
+        for (int k = 0; k < 8; ++k) {
+          const half d = half_in(-9);
+          std::memcpy(blk + 34 * k, &d.bits, 2);
+        }
       } else {
         const half d = half_in(-10);
         std::memcpy(blk + 208, &d.bits, 2);
@@ -230,7 +251,7 @@ int main() {
         for (int b = 0; b < c.nb; ++b) {
           const uint8_t *blk = w + row_bytes * r + (size_t)b * bytes;
           const block_q8_1 *a = q8.data() + (size_t)j * q8_stride + 8 * b;
-          s += is_q4k ? ref_q4k(blk, a) : ref_q6k(blk, a);
+          s += is_q4k ? ref_q4k(blk, a) : is_q8_0 ? ref_q8_0(blk, a) : ref_q6k(blk, a);
         }
         ref[(size_t)j * c.rows + r] = s;
         scale = std::max(scale, std::fabs(s));

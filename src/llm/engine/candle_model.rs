@@ -20,7 +20,7 @@ pub enum GpuDecode {
     /// The fused step (`kernels::cuda_decode`) on candle's `mmvq` matrix kernels: the
     /// default, as measured on a GPU.
     Fused,
-    /// The fused step with our matrix kernels for Q4_K and Q6_K (when they agree with
+    /// The fused step with our matrix kernels for Q4_K, Q6_K and Q8_0 (when they agree with
     /// candle's at load; `mmvq` for the other formats) and the one-pass RMSNorm. Not the
     /// default until a GPU run has measured them (`scripts/gpu-check.sh`): they were
     /// written without one.
@@ -486,8 +486,8 @@ impl CandleModel {
     }
 
     /// How decode steps run (`GpuDecode::as_str`): `fused` (the GPU's fused step on
-    /// candle's `mmvq`), `fused-own` (the fused step with our Q4_K/Q6_K matrix kernels) or
-    /// `ops` (candle's ops).
+    /// candle's `mmvq`), `fused-own` (the fused step with our Q4_K/Q6_K/Q8_0 matrix
+    /// kernels) or `ops` (candle's ops).
     pub fn decode_path(&self) -> &'static str {
         #[cfg(feature = "cuda")]
         if self.fused.is_some() {

@@ -1,10 +1,10 @@
 // The glue of a decode step on an NVIDIA GPU (`cuda_decode.rs` launches these): every op of
 // a transformer layer between its matrix products, fused so that a step of one to eight
 // sequences at one token each is about a dozen kernels per layer instead of about thirty
-// candle ops. The matrix products (ours for Q4_K and Q6_K, `cuda_matvec.cuh`; candle's
-// `mmvq` for the other formats) read activations as 32-value Q8_1 blocks: the kernels here
-// that feed a product write those blocks directly, laid out and rounded exactly as candle's
-// `quantize_q8_1` writes them.
+// candle ops. The matrix products (candle's `mmvq`, or ours for Q4_K, Q6_K and Q8_0 in
+// `cuda_matvec.cuh`) read activations as 32-value Q8_1 blocks: the kernels here that feed a
+// product write those blocks directly, laid out and rounded exactly as candle's
+// `quantize_q8_1` writes them, and in our own layout beside them (`Q8Rows`).
 //
 // Conventions: activations are f32 rows (one per sequence); keys and values are f16 in each
 // sequence's own cache, `(kv_heads, capacity, head_dim)` per layer; a step's per-row facts

@@ -1,7 +1,7 @@
 //! A decode step on an NVIDIA GPU in about a dozen kernel launches per layer: matrix
 //! products on 8-bit activations (candle's `mmvq` kernels, called through
-//! `candle_kernels::ffi` on the model's stream, or with `StepKernels::Own` our own for Q4_K
-//! and Q6_K, `cuda_matvec.cuh`) with preallocated buffers, and our own fused glue kernels
+//! `candle_kernels::ffi` on the model's stream, or with `StepKernels::Own` our own for Q4_K,
+//! Q6_K and Q8_0, `cuda_matvec.cuh`) with preallocated buffers, and our own fused glue kernels
 //! (residual add + RMSNorm + Q8_1 quantization, in one pass with `StepKernels::Own`,
 //! `cuda_norm.cuh`; q/k norm + RoPE + KV store; split-position attention with a joining
 //! kernel that quantizes for the output projection; SwiGLU + quantization).
@@ -136,7 +136,7 @@ pub struct LayerWeights<'a> {
 /// Which kernels a plan's step runs (`GPU_DECODE=fused-own` or `fused`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StepKernels {
-    /// Ours for Q4_K and Q6_K matrices (candle's `mmvq` for the other formats) and the
+    /// Ours for Q4_K, Q6_K and Q8_0 matrices (candle's `mmvq` for the other formats) and the
     /// one-pass RMSNorm (`cuda_norm.cuh`): written without a GPU, not yet measured on one.
     Own,
     /// candle's `mmvq` for every matrix and the two-pass RMSNorm: as measured on an H200.
@@ -184,6 +184,8 @@ struct Kernels {
 /// Our matrix kernels, for 1..=MAX_ROWS activation rows each (index: rows - 1).
 struct OwnMatVec {
     q4k: Vec<CudaFunction>,
+    /// Q8_0 in groups of 8 blocks (272 bytes per 256 values).
+    q8_0: Vec<CudaFunction>,
     /// Q6_K by the bytes each load takes (16, 8, 4, 2): a row of 210-byte blocks starts
     /// aligned to what its block count allows.
     q6k: Vec<(usize, Vec<CudaFunction>)>,
@@ -197,6 +199,8 @@ impl OwnMatVec {
         match dtype {
             // 144-byte blocks: every row starts 16-byte aligned when the matrix does.
             GgmlDType::Q4K if aligned(16) => Some(self.q4k.clone()),
+            // Groups of 8 blocks, 272 bytes: rows of whole groups start 16-byte aligned.
+            GgmlDType::Q8_0 if cols.is_multiple_of(256) && aligned(16) => Some(self.q8_0.clone()),
             GgmlDType::Q6K => {
                 let row_bytes = cols / 256 * 210;
                 self.q6k
@@ -314,6 +318,7 @@ impl DecodePlan {
         let mat_vec_kernels = match step_kernels {
             StepKernels::Own => Some(OwnMatVec {
                 q4k: per_rows("mv_q4k_v16")?,
+                q8_0: per_rows("mv_q8_0_v16")?,
                 q6k: [16, 8, 4, 2]
                     .into_iter()
                     .map(|bytes| Ok((bytes, per_rows(&format!("mv_q6k_v{bytes}"))?)))
@@ -394,7 +399,7 @@ impl DecodePlan {
                         Err(why) => Err(format!("the one-pass RMSNorm disagrees: {why}")),
                     }
                 }
-                Err(why) => Err(format!("our Q4_K/Q6_K matrix kernels disagree: {why}")),
+                Err(why) => Err(format!("our matrix kernels disagree: {why}")),
             };
             match verdict {
                 Ok((worst, flips, norm)) => {

@@ -1,5 +1,6 @@
-// Our matrix-vector kernels for the decode step (included by `cuda_decode.cu`, after
-// `cuda_common.cuh`; `tests/cuda_emu` runs them under a CPU emulation of CUDA's threads).
+// Our matrix-vector kernels for the decode step, Q4_K, Q6_K and Q8_0 (included by
+// `cuda_decode.cu`, after `cuda_common.cuh`; `tests/cuda_emu` runs them under a CPU
+// emulation of CUDA's threads).
 //
 // out[j * out_stride + r] = W[r] . a[j] for each matrix row r and each of the N (1 to 8)
 // activation rows a[j], read in our layout of 8-bit activations (`Q8Rows`: quants at
@@ -13,9 +14,10 @@
 // of a decode step. Here:
 // - one warp owns one matrix row and streams it through shared memory in chunks of 16
 //   GGUF blocks (2,304 bytes of Q4_K, 3,360 of Q6_K), with the widest loads the row's
-//   alignment allows (V: 16 bytes for Q4_K's 144-byte blocks; for Q6_K's 210-byte blocks,
-//   what the block count allows), the next chunk's loads issued before the lanes compute on
-//   the current one; weights are read once, so they bypass L1 (`__ldcs`);
+//   alignment allows (V: 16 bytes for Q4_K's 144-byte blocks and Q8_0's 272-byte groups
+//   of 8 blocks; for Q6_K's 210-byte blocks, what the block count allows), the next
+//   chunk's loads issued before the lanes compute on the current one; weights are read
+//   once, so they bypass L1 (`__ldcs`);
 // - each chunk's block scales are decoded once into a small table;
 // - each lane takes 16 values at a time, lane l the l-th 16 of two consecutive GGUF blocks,
 //   so a warp reads its activations as 512 consecutive bytes, one 16-byte load per lane
@@ -148,6 +150,33 @@ struct Q6K {
   }
 };
 
+// Q8_0 (34 bytes per 32 values: d as half, then 32 int8 quants), taken 8 blocks at a time
+// (272 bytes per 256 values, so rows of a multiple of 256 values fit the chunks above): the
+// 16 values 16t..16t+16 of such a group are quants 16(t % 2).. of block t / 2.
+struct Q8_0 {
+  static constexpr int BYTES = 272;
+  // Per group of the chunk and 32-value block: d.
+  struct Table {
+    float d[MV_BLOCKS][8];
+  };
+
+  // Half h of the table row of group b (at `blk`): blocks 4h..4h+3.
+  static __device__ __forceinline__ void prepare(const uint8_t *blk, int b, int h, Table &t) {
+#pragma unroll
+    for (int k = 4 * h; k < 4 * h + 4; ++k) t.d[b][k] = __half2float(*(const half *)(blk + 34 * k));
+  }
+
+  template <int N>
+  static __device__ __forceinline__ void dot(const uint8_t *stage, const Table &t, int b,
+                                             int lane16, const int8_t *x_qs, const float2 *x_ds,
+                                             size_t x_stride, size_t at, float *sum) {
+    const int k = lane16 >> 1, s = lane16 & 1;
+    uint32_t v[4];
+    load_words<4>(stage + b * BYTES + 34 * k + 2 + 16 * s, v);
+    dot16<N>(v, t.d[b][k], 0.0f, x_qs, x_ds, x_stride, at, sum);
+  }
+};
+
 // The product of format F for N activation rows, loading V-sized pieces (V divides the row's
 // bytes and its start is aligned to it: the launcher checks). Grid: ceil(rows / MV_WARPS)
 // blocks of MV_WARPS warps.
@@ -237,3 +266,4 @@ MV_ALL(mv_q6k_v16, Q6K, uint4)
 MV_ALL(mv_q6k_v8, Q6K, uint2)
 MV_ALL(mv_q6k_v4, Q6K, unsigned int)
 MV_ALL(mv_q6k_v2, Q6K, unsigned short)
+MV_ALL(mv_q8_0_v16, Q8_0, uint4)
