@@ -58,6 +58,17 @@ pub fn set_gpu_decode(decode: GpuDecode) {
     GPU_DECODE.store(decode as u8, std::sync::atomic::Ordering::Relaxed);
 }
 
+/// The name of a fused step's path: `fused` also where our kernels were asked for
+/// (`fused-own`) but disagreed with the measured ones at load.
+#[cfg(feature = "cuda")]
+fn fused_path(plan: &crate::llm::engine::kernels::cuda_decode::DecodePlan) -> &'static str {
+    use crate::llm::engine::kernels::cuda_decode::StepKernels;
+    match plan.step_kernels() {
+        StepKernels::Own => GpuDecode::FusedOwn.as_str(),
+        StepKernels::Candle => GpuDecode::Fused.as_str(),
+    }
+}
+
 #[cfg(feature = "cuda")]
 fn gpu_decode() -> GpuDecode {
     match GPU_DECODE.load(std::sync::atomic::Ordering::Relaxed) {
@@ -206,10 +217,6 @@ pub struct CandleModel {
     /// without an `mmvq` kernel, an unusual head width).
     #[cfg(feature = "cuda")]
     fused: Option<std::sync::Mutex<crate::llm::engine::kernels::cuda_decode::DecodePlan>>,
-    /// The fused step's name (`GpuDecode::as_str`): `fused` also where our matrix kernels
-    /// were asked for (`fused-own`) but disagreed with candle's at load.
-    #[cfg(feature = "cuda")]
-    fused_path: &'static str,
 }
 
 struct Layer {
@@ -339,17 +346,12 @@ impl CandleModel {
             kv_dtype,
             #[cfg(feature = "cuda")]
             fused: None,
-            #[cfg(feature = "cuda")]
-            fused_path: GpuDecode::Ops.as_str(),
         };
         #[cfg(feature = "cuda")]
         let model = {
             let mut model = model;
             if let Device::Cuda(cuda) = device {
-                if let Some((plan, path)) = model.fused_plan(cuda)? {
-                    model.fused = Some(std::sync::Mutex::new(plan));
-                    model.fused_path = path;
-                }
+                model.fused = model.fused_plan(cuda)?.map(std::sync::Mutex::new);
             }
             model
         };
@@ -362,9 +364,7 @@ impl CandleModel {
     fn fused_plan(
         &self,
         cuda: &candle_core::CudaDevice,
-    ) -> candle_core::Result<
-        Option<(crate::llm::engine::kernels::cuda_decode::DecodePlan, &'static str)>,
-    > {
+    ) -> candle_core::Result<Option<crate::llm::engine::kernels::cuda_decode::DecodePlan>> {
         use crate::llm::engine::kernels::cuda_decode::{
             DecodePlan, Dims, LayerWeights, StepKernels,
         };
@@ -444,17 +444,12 @@ impl CandleModel {
             step_kernels,
         ) {
             Ok(plan) => {
-                let path = match plan.step_kernels() {
-                    StepKernels::Own => GpuDecode::FusedOwn,
-                    StepKernels::Candle => GpuDecode::Fused,
-                }
-                .as_str();
                 tracing::info!(
                     buffers = plan.buffer_bytes(),
-                    path,
+                    path = fused_path(&plan),
                     "decode on the GPU through the fused kernels"
                 );
-                Ok(Some((plan, path)))
+                Ok(Some(plan))
             }
             Err(e) => why_not(e.to_string()),
         }
@@ -490,8 +485,10 @@ impl CandleModel {
     /// kernels) or `ops` (candle's ops).
     pub fn decode_path(&self) -> &'static str {
         #[cfg(feature = "cuda")]
-        if self.fused.is_some() {
-            return self.fused_path;
+        if let Some(fused) = &self.fused {
+            // A step that panicked leaves the plan's kernels as they were: they are chosen
+            // once, at load.
+            return fused_path(&fused.lock().unwrap_or_else(|e| e.into_inner()));
         }
         GpuDecode::Ops.as_str()
     }

@@ -257,8 +257,8 @@ pub struct DecodePlan {
     graphs: HashMap<(usize, usize), Option<CudaGraph>>,
     /// Set when a capture failed: every step then launches its kernels one by one.
     graphs_off: bool,
-    step_kernels: StepKernels,
-    /// The one-pass RMSNorm, with `StepKernels::Own`.
+    /// The one-pass RMSNorm: set exactly when the step runs `StepKernels::Own` (our matrix
+    /// kernels then sit in the products).
     norm_1pass: Option<CudaFunction>,
 }
 
@@ -379,7 +379,6 @@ impl DecodePlan {
             buf,
             graphs: HashMap::new(),
             graphs_off: false,
-            step_kernels: StepKernels::Candle,
             norm_1pass: None,
             dims,
             device,
@@ -403,7 +402,6 @@ impl DecodePlan {
             };
             match verdict {
                 Ok((worst, flips, norm)) => {
-                    plan.step_kernels = StepKernels::Own;
                     plan.norm_1pass = Some(norm);
                     tracing::info!(
                         matrices = taken,
@@ -429,7 +427,10 @@ impl DecodePlan {
     /// kernels agreed with candle's at load (a disagreement puts the whole step back on
     /// the measured kernels).
     pub fn step_kernels(&self) -> StepKernels {
-        self.step_kernels
+        match self.norm_1pass {
+            Some(_) => StepKernels::Own,
+            None => StepKernels::Candle,
+        }
     }
 
     fn products_mut(&mut self) -> impl Iterator<Item = &mut Product> {
