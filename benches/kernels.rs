@@ -54,6 +54,7 @@ fn main() {
         (Q4_0, false),
         (Q4_1, false),
         (Q5_0, false),
+        (Q5_1, false),
         (Q8_0, false),
         (Q4K, false),
         (Q4K, true),

@@ -141,7 +141,7 @@ impl SynthSpec {
             // width is 256 (attn_output, ffn_down).
             layer_types: vec![
                 [Q8_0, Q8_0, Q8_0, Q4K, Q8_0, Q8_0, Q4K],
-                [Q4_0, Q5_0, Q8_0, Q6K, Q4_1, Q8_0, Q5K],
+                [Q4_0, Q5_0, Q8_0, Q6K, Q4_1, Q5_1, Q5K],
             ],
             output_type: None,
             reference_f32_rope: true,
@@ -166,7 +166,7 @@ impl SynthSpec {
             // The K-quants need an input width that is a multiple of 256: ffn_down only.
             layer_types: vec![
                 [Q8_0, Q8_0, Q8_0, Q8_0, Q4_0, Q8_0, Q4K],
-                [Q4_1, Q5_0, Q8_0, Q5_0, Q8_0, Q4_1, Q6K],
+                [Q4_1, Q5_0, Q8_0, Q5_1, Q8_0, Q4_1, Q6K],
             ],
             name: "synthetic-llama".to_string(),
             ..SynthSpec::tiny_qwen3()

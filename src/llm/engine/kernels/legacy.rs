@@ -1,4 +1,4 @@
-//! The 32-value block formats (Q4_0, Q4_1, Q5_0, Q8_0) against `BlockQ8x32` activations,
+//! The 32-value block formats (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) against `BlockQ8x32` activations,
 //! and f32 weights against f32 activations.
 //!
 //! A dot product multiplies one weight row by 1 to `MAX_TOKENS_PER_DOT` activation rows
@@ -73,6 +73,7 @@ pub(super) fn dequantize_row(ty: WeightType, w: &[u8], out: &mut [f32]) {
         WeightType::Q4_0 => dequantize::<Q4_0>(w, out),
         WeightType::Q4_1 => dequantize::<Q4_1>(w, out),
         WeightType::Q5_0 => dequantize::<Q5_0>(w, out),
+        WeightType::Q5_1 => dequantize::<Q5_1>(w, out),
         WeightType::Q8_0 => dequantize::<Q8_0>(w, out),
         other => panic!("legacy dequantize_row: {other:?} is not a 32-value block format"),
     }
@@ -163,6 +164,10 @@ pub(super) fn dot_q4_1(isa: Isa, w: &[u8], acts: &[&[BlockQ8x32]], out: &mut [f3
 
 pub(super) fn dot_q5_0(isa: Isa, w: &[u8], acts: &[&[BlockQ8x32]], out: &mut [f32]) {
     dot_blocks::<Q5_0>(isa, w, acts, out)
+}
+
+pub(super) fn dot_q5_1(isa: Isa, w: &[u8], acts: &[&[BlockQ8x32]], out: &mut [f32]) {
+    dot_blocks::<Q5_1>(isa, w, acts, out)
 }
 
 pub(super) fn dot_q8_0(isa: Isa, w: &[u8], acts: &[&[BlockQ8x32]], out: &mut [f32]) {
@@ -262,7 +267,8 @@ fn usable(isa: Isa) -> Isa {
 pub(super) trait Format {
     /// Bytes per block.
     const BYTES: usize;
-    /// `true` for Q4_1: values are `d·q + m` with `q` in 0..=15; otherwise `d·q`, `q` signed.
+    /// `true` for Q4_1 and Q5_1: values are `d·q + m` with `q` in 0..=15 (0..=31);
+    /// otherwise `d·q`, `q` signed.
     const OFFSET: bool;
     /// `[u8; BYTES]`: one block's bytes, so the SIMD code reads them at fixed offsets
     /// with no bounds checks.
@@ -273,7 +279,7 @@ pub(super) trait Format {
     fn unpack(block: &[u8]) -> (f32, f32, [i8; QK]);
 
     /// SIMD form of `unpack`: `d` broadcast to 8 lanes, `m`, and the 32 values as bytes
-    /// (i8 for the signed formats, u8 for Q4_1), in activation order.
+    /// (i8 for the signed formats, u8 for Q4_1 and Q5_1), in activation order.
     ///
     /// # Safety
     /// The CPU has AVX2 and F16C, and the caller is compiled with them (this is inlined
@@ -290,6 +296,21 @@ fn f16_at(b: &[u8], i: usize) -> f32 {
     f16_to_f32(u16::from_le_bytes([b[i], b[i + 1]]))
 }
 
+/// The 32 five-bit values of Q5_0 and Q5_1, minus `offset`: value `j` is nibble `j` of
+/// `qs` (low nibbles first, as Q4_0's) with bit `j` of `qh` as its fifth bit.
+#[inline(always)]
+fn five_bits(qh: u32, qs: &[u8], offset: i8) -> [i8; QK] {
+    let mut q = [0i8; QK];
+    for j in 0..16 {
+        let x = qs[j];
+        let lo = (x & 15) | (((qh >> j) & 1) as u8) << 4;
+        let hi = (x >> 4) | (((qh >> (j + 16)) & 1) as u8) << 4;
+        q[j] = lo as i8 - offset;
+        q[j + 16] = hi as i8 - offset;
+    }
+    q
+}
+
 /// `d: f16, qs: [u8; 16]`: value `j` is `(qs[j] & 15) - 8`, value `j + 16` is
 /// `(qs[j] >> 4) - 8`, times `d`.
 pub(super) struct Q4_0;
@@ -300,6 +321,10 @@ pub(super) struct Q4_1;
 /// `d: f16, qh: u32 (LE), qs: [u8; 16]`: nibbles as Q4_0, with bit `j` of `qh` the fifth
 /// bit of value `j` (and bit `j + 16` of value `j + 16`); value `(q - 16) · d`.
 pub(super) struct Q5_0;
+
+/// `d: f16, m: f16, qh: u32 (LE), qs: [u8; 16]`: the values of Q5_0 unsigned (0..=31);
+/// value `d·q + m`.
+pub(super) struct Q5_1;
 
 /// `d: f16, qs: [i8; 32]`: value `d · qs[j]`.
 pub(super) struct Q8_0;
@@ -356,13 +381,11 @@ impl Format for Q4_1 {
     unsafe fn load(
         b: &Self::Block,
     ) -> (std::arch::x86_64::__m256, f32, std::arch::x86_64::__m256i) {
-        use std::arch::x86_64::*;
         // SAFETY: d and m are bytes 0..4, the nibbles 4..20, in bounds;
         // AVX2 and F16C are present (the caller's contract).
         unsafe {
-            let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from_le_bytes([b[0], b[1], b[2], b[3]])));
-            let m = _mm_cvtss_f32(_mm_movehdup_ps(dm));
-            (_mm256_broadcastss_ps(dm), m, x86::nibbles(b.as_ptr().wrapping_add(4)))
+            let (d, m) = x86::scale_and_min(b);
+            (d, m, x86::nibbles(b.as_ptr().wrapping_add(4)))
         }
     }
 }
@@ -375,15 +398,7 @@ impl Format for Q5_0 {
     #[inline(always)]
     fn unpack(b: &[u8]) -> (f32, f32, [i8; QK]) {
         let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
-        let mut q = [0i8; QK];
-        for j in 0..16 {
-            let x = b[6 + j];
-            let lo = (x & 15) | (((qh >> j) & 1) as u8) << 4;
-            let hi = (x >> 4) | (((qh >> (j + 16)) & 1) as u8) << 4;
-            q[j] = lo as i8 - 16;
-            q[j + 16] = hi as i8 - 16;
-        }
-        (f16_at(b, 0), 0.0, q)
+        (f16_at(b, 0), 0.0, five_bits(qh, &b[6..22], 16))
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -402,6 +417,34 @@ impl Format for Q5_0 {
             // Where the fifth bit is clear, q | 0xF0 is q - 16 as i8; where set, q + 16 - 16.
             let high = _mm256_andnot_si256(set, _mm256_set1_epi8(0xF0u8 as i8));
             (x86::scale8(b[0], b[1]), 0.0, _mm256_or_si256(q, high))
+        }
+    }
+}
+
+impl Format for Q5_1 {
+    const BYTES: usize = 24;
+    type Block = [u8; 24];
+    const OFFSET: bool = true;
+
+    #[inline(always)]
+    fn unpack(b: &[u8]) -> (f32, f32, [i8; QK]) {
+        let qh = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
+        (f16_at(b, 0), f16_at(b, 2), five_bits(qh, &b[8..24], 0))
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load(
+        b: &Self::Block,
+    ) -> (std::arch::x86_64::__m256, f32, std::arch::x86_64::__m256i) {
+        use std::arch::x86_64::*;
+        // SAFETY: d and m are bytes 0..4, qh 4..8, the nibbles 8..24, in bounds;
+        // AVX2 and F16C are present (the caller's contract).
+        unsafe {
+            let (d, m) = x86::scale_and_min(b);
+            let q = x86::nibbles(b.as_ptr().wrapping_add(8));
+            let set = x86::bits_to_bytes(i32::from_le_bytes([b[4], b[5], b[6], b[7]]));
+            (d, m, _mm256_or_si256(q, _mm256_and_si256(set, _mm256_set1_epi8(0x10))))
         }
     }
 }
@@ -518,6 +561,20 @@ mod x86 {
         unsafe { _mm256_cvtph_ps(_mm_set1_epi16(i16::from_le_bytes([lo, hi]))) }
     }
 
+    /// The f16 scale and minimum at the start of a block (Q4_1, Q5_1): `d` in all 8 lanes,
+    /// and `m`.
+    ///
+    /// # Safety
+    /// F16C and AVX2 are present.
+    #[inline(always)]
+    pub(super) unsafe fn scale_and_min(b: &[u8]) -> (__m256, f32) {
+        // SAFETY: the caller's contract; the four bytes are read through the slice.
+        unsafe {
+            let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from_le_bytes([b[0], b[1], b[2], b[3]])));
+            (_mm256_broadcastss_ps(dm), _mm_cvtss_f32(_mm_movehdup_ps(dm)))
+        }
+    }
+
     /// 16 bytes at `p` as 32 nibbles: the low nibbles in bytes 0..16, the high in 16..32.
     ///
     /// # Safety
@@ -586,7 +643,8 @@ mod x86 {
         // here is through a bounds-checked slice or a reference.
         unsafe {
             let (d, m, q) = F::load(wb);
-            // Unsigned operand: Q4_1's values are already 0..=15; otherwise |w| ≤ 128.
+            // Unsigned operand: Q4_1's and Q5_1's values are already 0..=31; otherwise
+            // |w| ≤ 128.
             let u = if F::OFFSET { q } else { _mm256_abs_epi8(q) };
             for j in 0..NT {
                 let a = &acts[j][b];
@@ -811,8 +869,7 @@ mod tests {
     use super::super::testing::{candle_dequantize, Rng};
     use super::*;
 
-    const TYPES: [WeightType; 4] =
-        [WeightType::Q4_0, WeightType::Q4_1, WeightType::Q5_0, WeightType::Q8_0];
+    use super::super::testing::LEGACY_TYPES as TYPES;
 
     /// Every instruction set, including ones this CPU lacks: those must fall back safely.
     const ALL_ISAS: [Isa; 4] = [Isa::Portable, Isa::Avx2, Isa::Avx2Vnni, Isa::Avx512Vnni];
@@ -836,7 +893,7 @@ mod tests {
         let mut bytes: Vec<u8> = (0..nb * ty.block_bytes()).map(|_| rng.next() as u8).collect();
         for block in bytes.chunks_exact_mut(ty.block_bytes()) {
             put_f16(block, 0, scale(rng));
-            if ty == WeightType::Q4_1 {
+            if matches!(ty, WeightType::Q4_1 | WeightType::Q5_1) {
                 put_f16(block, 2, scale(rng));
             }
         }
@@ -876,6 +933,7 @@ mod tests {
             WeightType::Q4_0 => dot_q4_0(isa, w, acts, out),
             WeightType::Q4_1 => dot_q4_1(isa, w, acts, out),
             WeightType::Q5_0 => dot_q5_0(isa, w, acts, out),
+            WeightType::Q5_1 => dot_q5_1(isa, w, acts, out),
             WeightType::Q8_0 => dot_q8_0(isa, w, acts, out),
             other => unreachable!("{other:?}"),
         }
@@ -894,6 +952,7 @@ mod tests {
         assert_eq!(Q4_0::BYTES, WeightType::Q4_0.block_bytes());
         assert_eq!(Q4_1::BYTES, WeightType::Q4_1.block_bytes());
         assert_eq!(Q5_0::BYTES, WeightType::Q5_0.block_bytes());
+        assert_eq!(Q5_1::BYTES, WeightType::Q5_1.block_bytes());
         assert_eq!(Q8_0::BYTES, WeightType::Q8_0.block_bytes());
         assert_eq!(std::mem::size_of::<BlockQ8x32>(), 44);
     }
@@ -932,6 +991,18 @@ mod tests {
         assert_eq!(v[1], 0.5 * (1.0 - 16.0));
         assert_eq!(v[16], 0.5 * (15.0 - 16.0));
         assert_eq!(v[17], 0.5 * (14.0 + 16.0 - 16.0));
+
+        // The same values as Q5_1, unsigned, with m = -2.
+        let mut q51 = vec![0u8; 24];
+        put_f16(&mut q51, 0, 0.5);
+        put_f16(&mut q51, 2, -2.0);
+        q51[4..8].copy_from_slice(&block[2..6]);
+        q51[8..24].copy_from_slice(&block[6..22]);
+        let v = dequantize_weights(WeightType::Q5_1, &q51);
+        assert_eq!(v[0], 0.5 * 16.0 - 2.0);
+        assert_eq!(v[1], 0.5 * 1.0 - 2.0);
+        assert_eq!(v[16], 0.5 * 15.0 - 2.0);
+        assert_eq!(v[17], 0.5 * (14.0 + 16.0) - 2.0);
     }
 
     #[test]
@@ -1038,8 +1109,8 @@ mod tests {
         }
     }
 
-    /// The extreme values: Q8_0's -128 against ±127, Q5_0's -16, Q4_0's -8, Q4_1's 15. A
-    /// saturating i16 pair sum or a wrong sign trick would show here.
+    /// The extreme values: Q8_0's -128 against ±127, Q5_0's -16, Q4_0's -8, Q4_1's 15,
+    /// Q5_1's 31. A saturating i16 pair sum or a wrong sign trick would show here.
     #[test]
     fn dots_at_extremes() {
         let nb = 5;
@@ -1060,11 +1131,12 @@ mod tests {
             (WeightType::Q5_0, 0xff, 15.0),
             (WeightType::Q4_0, 0x00, -8.0),
             (WeightType::Q4_1, 0xff, 15.0),
+            (WeightType::Q5_1, 0xff, 31.0),
         ] {
             let mut w = vec![fill; nb * ty.block_bytes()];
             for block in w.chunks_exact_mut(ty.block_bytes()) {
                 put_f16(block, 0, 2.0);
-                if ty == WeightType::Q4_1 {
+                if matches!(ty, WeightType::Q4_1 | WeightType::Q5_1) {
                     put_f16(block, 2, 0.0);
                 }
             }

@@ -1,4 +1,4 @@
-//! The 32-value block formats (Q4_0, Q4_1, Q5_0, Q8_0) repacked at load four rows at a
+//! The 32-value block formats (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) repacked at load four rows at a
 //! time, and their dot products against `BlockQ8x32` activations.
 //!
 //! Why: in the GGUF row layout every 32-value block of every row ends in its own float
@@ -11,9 +11,9 @@
 //!
 //! A packed block holds block `b` of rows `4g..4g+4`, exactly the bytes of the four GGUF
 //! blocks, rearranged:
-//! - `0..8`: f16 `d[0..4]`; Q4_1 then has f16 `m[0..4]` at `8..16`; Q5_0 has the fifth
-//!   bits at `8..24`, byte `4k + r` being byte `k` of row `r`'s `qh` (the bits of values
-//!   `8k..8k+8`);
+//! - `0..8`: f16 `d[0..4]`; Q4_1 and Q5_1 then have f16 `m[0..4]` at `8..16`; Q5_0 has
+//!   the fifth bits at `8..24` (Q5_1 at `16..32`), byte `4k + r` being byte `k` of row
+//!   `r`'s `qh` (the bits of values `8k..8k+8`);
 //! - then the values, in 32-byte vectors of eight bytes per row (row 0 first): Q8_0 four
 //!   vectors (values `8k..8k+8`, k = 0..4); the 4-bit formats two vectors of nibbles
 //!   (vector `g` holds `qs[8g..8g+8]`: low nibbles are values `8g..8g+8`, high nibbles
@@ -21,7 +21,7 @@
 //!
 //! Owns only this layout; the row layout's kernels are `legacy`, threads are `pool`.
 
-use super::legacy::{self, Format, Q4_0, Q4_1, Q5_0, Q8_0};
+use super::legacy::{self, Format, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0};
 use super::{BlockQ8x32, Isa, WeightType};
 
 pub(super) use super::x4::ROWS;
@@ -34,10 +34,10 @@ pub(super) fn block_bytes(ty: WeightType) -> usize {
 
 /// Where a format's fields sit: in its GGUF block and in a packed block.
 struct Fields {
-    /// Q4_1's minimum: at 2 in the block, at 8 packed.
+    /// Q4_1's and Q5_1's minimum: at 2 in the block, at 8 packed.
     min: bool,
-    /// Q5_0's fifth bits: at 2..6 in the block, at 8..24 packed.
-    high_bits: bool,
+    /// The fifth bits (Q5_0, Q5_1): where they start in the block and packed.
+    high_bits: Option<(usize, usize)>,
     /// Bytes of values per row (32 for Q8_0, 16 nibble bytes otherwise), at the block's end.
     qs_len: usize,
     /// Where the values start in a packed block.
@@ -46,10 +46,11 @@ struct Fields {
 
 fn fields(ty: WeightType) -> Fields {
     match ty {
-        WeightType::Q4_0 => Fields { min: false, high_bits: false, qs_len: 16, qs_at: 8 },
-        WeightType::Q4_1 => Fields { min: true, high_bits: false, qs_len: 16, qs_at: 16 },
-        WeightType::Q5_0 => Fields { min: false, high_bits: true, qs_len: 16, qs_at: 24 },
-        WeightType::Q8_0 => Fields { min: false, high_bits: false, qs_len: 32, qs_at: 8 },
+        WeightType::Q4_0 => Fields { min: false, high_bits: None, qs_len: 16, qs_at: 8 },
+        WeightType::Q4_1 => Fields { min: true, high_bits: None, qs_len: 16, qs_at: 16 },
+        WeightType::Q5_0 => Fields { min: false, high_bits: Some((2, 8)), qs_len: 16, qs_at: 24 },
+        WeightType::Q5_1 => Fields { min: true, high_bits: Some((4, 16)), qs_len: 16, qs_at: 32 },
+        WeightType::Q8_0 => Fields { min: false, high_bits: None, qs_len: 32, qs_at: 8 },
         other => unreachable!("{other:?} is not a 32-value block format"),
     }
 }
@@ -75,9 +76,9 @@ fn pack_row(ty: WeightType, blk: &[u8], packed: &mut [u8], r: usize) {
     if f.min {
         packed[8 + 2 * r..8 + 2 * r + 2].copy_from_slice(&blk[2..4]);
     }
-    if f.high_bits {
+    if let Some((from, to)) = f.high_bits {
         for k in 0..4 {
-            packed[8 + 4 * k + r] = blk[2 + k];
+            packed[to + 4 * k + r] = blk[from + k];
         }
     }
     let qs = blk.len() - f.qs_len;
@@ -95,9 +96,9 @@ fn unpack_row(ty: WeightType, packed: &[u8], r: usize, blk: &mut [u8]) {
     if f.min {
         blk[2..4].copy_from_slice(&packed[8 + 2 * r..8 + 2 * r + 2]);
     }
-    if f.high_bits {
+    if let Some((to, from)) = f.high_bits {
         for k in 0..4 {
-            blk[2 + k] = packed[8 + 4 * k + r];
+            blk[to + k] = packed[from + 4 * k + r];
         }
     }
     let qs = blk.len() - f.qs_len;
@@ -136,6 +137,7 @@ pub(super) fn dot(
         WeightType::Q4_0 => portable::<Q4_0>(ty, group, acts, out),
         WeightType::Q4_1 => portable::<Q4_1>(ty, group, acts, out),
         WeightType::Q5_0 => portable::<Q5_0>(ty, group, acts, out),
+        WeightType::Q5_1 => portable::<Q5_1>(ty, group, acts, out),
         WeightType::Q8_0 => portable::<Q8_0>(ty, group, acts, out),
         other => unreachable!("{other:?} is not a 32-value block format"),
     }
@@ -208,6 +210,7 @@ mod x86 {
             WeightType::Q4_0 => go!(Q4_0x4),
             WeightType::Q4_1 => go!(Q4_1x4),
             WeightType::Q5_0 => go!(Q5_0x4),
+            WeightType::Q5_1 => go!(Q5_1x4),
             WeightType::Q8_0 => go!(Q8_0x4),
             _ => return false,
         }
@@ -383,7 +386,7 @@ mod x86 {
     struct Block {
         /// `[d0 d0 d1 d1 d2 d2 d3 d3]`.
         d: __m256,
-        /// Q4_1: `[m0 m0 .. m3 m3]`; otherwise unused.
+        /// Q4_1, Q5_1: `[m0 m0 .. m3 m3]`; otherwise unused.
         m: __m256,
         /// Four vectors of eight values per row: values `8k..8k+8` in vector `k`.
         q: [__m256i; 4],
@@ -394,8 +397,11 @@ mod x86 {
         const TY: WeightType;
         /// Signed values (Q8_0); the others are unsigned with an offset.
         const SIGNED: bool = false;
-        /// The offset per value, in units of `d` (`q − OFFSET`); Q4_1's is its `m`.
+        /// The offset per value, in units of `d` (`q − OFFSET`); Q4_1's and Q5_1's is
+        /// their `m` (`MIN`).
         const OFFSET: i32 = 0;
+        /// Values `d·q + m` (Q4_1, Q5_1).
+        const MIN: bool = false;
         /// # Safety
         /// The CPU has AVX2 and F16C (inlined into the entry points).
         unsafe fn load(p: &[u8]) -> Block;
@@ -404,6 +410,7 @@ mod x86 {
     struct Q4_0x4;
     struct Q4_1x4;
     struct Q5_0x4;
+    struct Q5_1x4;
     struct Q8_0x4;
 
     /// `b[at..at + 32]` as a vector.
@@ -460,6 +467,7 @@ mod x86 {
 
     impl Kind for Q4_1x4 {
         const TY: WeightType = WeightType::Q4_1;
+        const MIN: bool = true;
         #[inline(always)]
         unsafe fn load(p: &[u8]) -> Block {
             // SAFETY: as the trait says.
@@ -477,24 +485,48 @@ mod x86 {
         unsafe fn load(p: &[u8]) -> Block {
             // SAFETY: as the trait says.
             unsafe {
-                let mut q = nibbles(p, fields(Self::TY).qs_at);
-                // Byte i of row r in vector k gets bit i of byte k of row r's qh: spread
-                // the four rows' bytes over their eight lanes, test one bit per lane.
-                let spread = _mm256_setr_epi8(
-                    0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, //
-                    2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3,
-                );
-                let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
-                let fifth = _mm256_set1_epi8(0x10);
-                for (k, q) in q.iter_mut().enumerate() {
-                    let bytes: [u8; 4] = p[8 + 4 * k..12 + 4 * k].try_into().expect("4 bytes");
-                    let h =
-                        _mm256_shuffle_epi8(_mm256_set1_epi32(i32::from_le_bytes(bytes)), spread);
-                    let set = _mm256_cmpeq_epi8(_mm256_and_si256(h, bit), bit);
-                    *q = _mm256_or_si256(*q, _mm256_and_si256(set, fifth));
-                }
-                Block { d: halves_dup(p, 0), m: _mm256_setzero_ps(), q }
+                Block { d: halves_dup(p, 0), m: _mm256_setzero_ps(), q: five_bits::<Self>(p) }
             }
+        }
+    }
+
+    impl Kind for Q5_1x4 {
+        const TY: WeightType = WeightType::Q5_1;
+        const MIN: bool = true;
+        #[inline(always)]
+        unsafe fn load(p: &[u8]) -> Block {
+            // SAFETY: as the trait says.
+            unsafe { Block { d: halves_dup(p, 0), m: halves_dup(p, 8), q: five_bits::<Self>(p) } }
+        }
+    }
+
+    /// A five-bit format's four value vectors: the nibbles with their fifth bits.
+    ///
+    /// # Safety
+    /// AVX2 is enabled by the entry points.
+    #[inline(always)]
+    unsafe fn five_bits<K: Kind>(p: &[u8]) -> [__m256i; 4] {
+        let f = fields(K::TY);
+        let (_, qh_at) = f.high_bits.expect("a five-bit format");
+        // SAFETY: the caller's features.
+        unsafe {
+            let mut q = nibbles(p, f.qs_at);
+            // Byte i of row r in vector k gets bit i of byte k of row r's qh: spread the
+            // four rows' bytes over their eight lanes, test one bit per lane.
+            let spread = _mm256_setr_epi8(
+                0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, //
+                2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3,
+            );
+            let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+            let fifth = _mm256_set1_epi8(0x10);
+            for (k, q) in q.iter_mut().enumerate() {
+                let at = qh_at + 4 * k;
+                let bytes: [u8; 4] = p[at..at + 4].try_into().expect("4 bytes");
+                let h = _mm256_shuffle_epi8(_mm256_set1_epi32(i32::from_le_bytes(bytes)), spread);
+                let set = _mm256_cmpeq_epi8(_mm256_and_si256(h, bit), bit);
+                *q = _mm256_or_si256(*q, _mm256_and_si256(set, fifth));
+            }
+            q
         }
     }
 
@@ -579,9 +611,9 @@ mod x86 {
                     }
                     let scale = _mm256_mul_ps(blk.d, _mm256_set1_ps(a.d));
                     acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), scale, acc[t]);
-                    // Q4_1's minimum times `s = d_a·Σa`, as the row kernels take it, half in
-                    // each lane.
-                    if K::TY == WeightType::Q4_1 {
+                    // Q4_1's and Q5_1's minimum times `s = d_a·Σa`, as the row kernels take
+                    // it, half in each lane.
+                    if K::MIN {
                         acc[t] = _mm256_fmadd_ps(blk.m, _mm256_set1_ps(0.5 * a.s), acc[t]);
                     }
                 }
@@ -597,8 +629,7 @@ mod tests {
     use super::super::{Acts, QMatrix};
     use super::*;
 
-    const TYPES: [WeightType; 4] =
-        [WeightType::Q4_0, WeightType::Q4_1, WeightType::Q5_0, WeightType::Q8_0];
+    use super::super::testing::LEGACY_TYPES as TYPES;
 
     /// Packing then unpacking gives back every byte, and rows dequantize to the same bits.
     #[test]
@@ -655,6 +686,7 @@ mod tests {
                     WeightType::Q4_0 => legacy::dot_q4_0,
                     WeightType::Q4_1 => legacy::dot_q4_1,
                     WeightType::Q5_0 => legacy::dot_q5_0,
+                    WeightType::Q5_1 => legacy::dot_q5_1,
                     _ => legacy::dot_q8_0,
                 };
                 let label = format!("{ty:?}");

@@ -1,5 +1,5 @@
 //! Our own quantized matrix kernels: the engine's matrix products, run on weights kept in
-//! their GGUF block formats (Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K; anything else is
+//! their GGUF block formats (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K; anything else is
 //! widened to f32 at load) against activations quantized once per product (32-value Q8
 //! blocks for the legacy formats, 256-value Q8_K blocks for the K-quants) and reused for
 //! every output row. The K-quants and the 32-value formats are repacked at load four rows
@@ -143,6 +143,7 @@ pub enum WeightType {
     Q4_0,
     Q4_1,
     Q5_0,
+    Q5_1,
     Q8_0,
     Q4K,
     Q5K,
@@ -154,7 +155,11 @@ impl WeightType {
     pub fn block_len(self) -> usize {
         match self {
             WeightType::F32 => 1,
-            WeightType::Q4_0 | WeightType::Q4_1 | WeightType::Q5_0 | WeightType::Q8_0 => 32,
+            WeightType::Q4_0
+            | WeightType::Q4_1
+            | WeightType::Q5_0
+            | WeightType::Q5_1
+            | WeightType::Q8_0 => 32,
             WeightType::Q4K | WeightType::Q5K | WeightType::Q6K => 256,
         }
     }
@@ -166,6 +171,7 @@ impl WeightType {
             WeightType::Q4_0 => 18,
             WeightType::Q4_1 => 20,
             WeightType::Q5_0 => 22,
+            WeightType::Q5_1 => 24,
             WeightType::Q8_0 => 34,
             WeightType::Q4K => 144,
             WeightType::Q5K => 176,
@@ -177,9 +183,11 @@ impl WeightType {
     pub fn act_kind(self) -> ActKind {
         match self {
             WeightType::F32 => ActKind::F32,
-            WeightType::Q4_0 | WeightType::Q4_1 | WeightType::Q5_0 | WeightType::Q8_0 => {
-                ActKind::Q8x32
-            }
+            WeightType::Q4_0
+            | WeightType::Q4_1
+            | WeightType::Q5_0
+            | WeightType::Q5_1
+            | WeightType::Q8_0 => ActKind::Q8x32,
             WeightType::Q4K | WeightType::Q5K | WeightType::Q6K => ActKind::Q8K,
         }
     }
@@ -192,6 +200,7 @@ impl WeightType {
             G::Q4_0 => WeightType::Q4_0,
             G::Q4_1 => WeightType::Q4_1,
             G::Q5_0 => WeightType::Q5_0,
+            G::Q5_1 => WeightType::Q5_1,
             G::Q8_0 => WeightType::Q8_0,
             G::Q4K => WeightType::Q4K,
             G::Q5K => WeightType::Q5K,
@@ -208,6 +217,7 @@ impl WeightType {
             WeightType::Q4_0 => G::Q4_0,
             WeightType::Q4_1 => G::Q4_1,
             WeightType::Q5_0 => G::Q5_0,
+            WeightType::Q5_1 => G::Q5_1,
             WeightType::Q8_0 => G::Q8_0,
             WeightType::Q4K => G::Q4K,
             WeightType::Q5K => G::Q5K,
@@ -225,14 +235,14 @@ impl WeightType {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ActKind {
     F32,
-    /// `BlockQ8x32`: for Q4_0, Q4_1, Q5_0, Q8_0 weights.
+    /// `BlockQ8x32`: for Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 weights.
     Q8x32,
     /// `BlockQ8K`: for the K-quants.
     Q8K,
 }
 
 /// 32 activations quantized to 8 bits: `x[i] ≈ d * qs[i]`, with `s = d * Σ qs` kept for the
-/// formats whose weights carry an offset (Q4_1, at f16 precision as ggml's `block_q8_1`),
+/// formats whose weights carry an offset (Q4_1, Q5_1, at f16 precision as ggml's `block_q8_1`),
 /// and `sum = Σ qs` exactly (the repacked Q4_0/Q5_0 subtract their offset in integers).
 /// Our own layout: it never leaves memory.
 #[repr(C)]
@@ -285,7 +295,7 @@ impl BlockQ8K {
 
 /// A weight matrix of `rows` outputs by `cols` inputs, each row stored contiguously in its
 /// block format (the GGUF layout, `ne0 = cols`), except that Q4_K, Q5_K, Q6_K, Q4_0, Q4_1,
-/// Q5_0 and Q8_0 rows are repacked at load four at a time (`q4k_x4`, `q6k_x4`, `legacy_x4`): the first
+/// Q5_0, Q5_1 and Q8_0 rows are repacked at load four at a time (`q4k_x4`, `q6k_x4`, `legacy_x4`): the first
 /// `packed_rows` rows are interleaved groups, the rest (fewer than four) stay in the GGUF
 /// layout after them.
 pub struct QMatrix {
@@ -450,9 +460,11 @@ impl QMatrix {
         }
         match self.ty {
             WeightType::F32 => out.copy_from_slice(self.row_floats(row)),
-            WeightType::Q4_0 | WeightType::Q4_1 | WeightType::Q5_0 | WeightType::Q8_0 => {
-                legacy::dequantize_row(self.ty, self.row_bytes(row), out)
-            }
+            WeightType::Q4_0
+            | WeightType::Q4_1
+            | WeightType::Q5_0
+            | WeightType::Q5_1
+            | WeightType::Q8_0 => legacy::dequantize_row(self.ty, self.row_bytes(row), out),
             WeightType::Q4K | WeightType::Q5K | WeightType::Q6K => {
                 kquants::dequantize_row(self.ty, self.row_bytes(row), out)
             }
@@ -470,6 +482,7 @@ impl QMatrix {
                     WeightType::Q4_0 => legacy::dot_q4_0(isa, w, a, out),
                     WeightType::Q4_1 => legacy::dot_q4_1(isa, w, a, out),
                     WeightType::Q5_0 => legacy::dot_q5_0(isa, w, a, out),
+                    WeightType::Q5_1 => legacy::dot_q5_1(isa, w, a, out),
                     WeightType::Q8_0 => legacy::dot_q8_0(isa, w, a, out),
                     other => unreachable!("{other:?} does not read Q8x32 activations"),
                 }
@@ -493,9 +506,11 @@ fn packed_block_bytes(ty: WeightType) -> Option<usize> {
         WeightType::Q4K => Some(q4k_x4::BLOCK_BYTES),
         WeightType::Q5K => Some(q4k_x4::Q5K_BLOCK_BYTES),
         WeightType::Q6K => Some(q6k_x4::BLOCK_BYTES),
-        WeightType::Q4_0 | WeightType::Q4_1 | WeightType::Q5_0 | WeightType::Q8_0 => {
-            Some(legacy_x4::block_bytes(ty))
-        }
+        WeightType::Q4_0
+        | WeightType::Q4_1
+        | WeightType::Q5_0
+        | WeightType::Q5_1
+        | WeightType::Q8_0 => Some(legacy_x4::block_bytes(ty)),
         WeightType::F32 => None,
     }
 }
@@ -857,11 +872,12 @@ mod tests {
         eprintln!("repacked Q4_K checked on: {:?}", Isa::available());
     }
 
-    const TYPES: [WeightType; 8] = [
+    const TYPES: [WeightType; 9] = [
         WeightType::F32,
         WeightType::Q4_0,
         WeightType::Q4_1,
         WeightType::Q5_0,
+        WeightType::Q5_1,
         WeightType::Q8_0,
         WeightType::Q4K,
         WeightType::Q5K,

@@ -59,6 +59,10 @@ pub(super) fn candle_qtensor(ty: WeightType, bytes: &[u8], rows: usize, cols: us
     QTensor::new(storage, (rows, cols)).expect("candle tensor")
 }
 
+/// The 32-value block formats (`legacy`, `legacy_x4`).
+pub(super) const LEGACY_TYPES: [WeightType; 5] =
+    [WeightType::Q4_0, WeightType::Q4_1, WeightType::Q5_0, WeightType::Q5_1, WeightType::Q8_0];
+
 /// candle's dequantization of `rows × cols` raw blocks: an independent implementation.
 pub(super) fn candle_dequantize(
     ty: WeightType,
@@ -79,7 +83,7 @@ pub(super) fn random_blocks(ty: WeightType, rows: usize, cols: usize, rng: &mut 
     // Offsets of the f16 fields within a block.
     let scale_fields: &[usize] = match ty {
         WeightType::Q4_0 | WeightType::Q5_0 | WeightType::Q8_0 => &[0],
-        WeightType::Q4_1 | WeightType::Q4K | WeightType::Q5K => &[0, 2],
+        WeightType::Q4_1 | WeightType::Q5_1 | WeightType::Q4K | WeightType::Q5K => &[0, 2],
         WeightType::Q6K => &[208],
         WeightType::F32 => unreachable!(),
     };
