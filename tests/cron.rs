@@ -25,10 +25,10 @@ use my_claw::assistant::{Assistant, AssistantConfig};
 use my_claw::channels::whatsapp::WhatsApp;
 use my_claw::channels::{Channel, Channels, RetryPolicy};
 use my_claw::config::{CronSettings, Secret, WhatsAppSettings};
-use my_claw::cron::CronHandle;
+use my_claw::cron::{CronHandle, NewReminder};
 use my_claw::db::inbound::{self, ContactSeen, NewInbound, QueueStatus};
 use my_claw::db::memory;
-use my_claw::domain::{ChannelKind, Role};
+use my_claw::domain::{ChannelKind, ConversationId, Role};
 use my_claw::gateway::{self, AppState};
 use my_claw::llm::router::{Router as ModelRouter, Tier};
 use my_claw::llm::{
@@ -1120,4 +1120,60 @@ async fn real_model_job_answers_in_an_open_webchat_conversation() {
     assert!(!answer.content.trim().is_empty());
     assert_eq!(answer.provider.as_deref(), Some("local"));
     assert_eq!(answer.tier.as_deref(), Some("main"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_conversation_disables_its_jobs_and_deletes_its_reminders() {
+    let graph = Graph::start().await;
+    let app = App::start(&graph, Options::default()).await;
+    let (doomed, kept) = (app.webchat_conversation().await, app.webchat_conversation().await);
+    // Typed with a leading zero: stored as the id it means.
+    let mut job = webchat_job("doomed", EVERY_2S, doomed);
+    job["target"] = json!(format!("0{doomed}"));
+    let doomed_job = app.create(job).await;
+    assert_eq!(doomed_job["target"], doomed.to_string(), "{doomed_job}");
+    let kept_job = app.create(webchat_job("kept", YEARLY, kept)).await;
+    let reminder = app
+        .cron
+        .create_reminder(NewReminder {
+            text: "call the plumber".into(),
+            schedule: YEARLY.into(),
+            timezone: chrono_tz::UTC,
+            channel: ChannelKind::WebChat,
+            target: doomed.to_string(),
+            conversation_id: ConversationId(doomed),
+        })
+        .await
+        .expect("reminder");
+
+    let (status, body) =
+        app.call(Method::DELETE, &format!("/api/conversations/{doomed}"), None).await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+
+    let path = format!("/api/cron/jobs/{}", id_of(&doomed_job));
+    let (_, shown) = app.call(Method::GET, &path, None).await;
+    assert_eq!(shown["enabled"], false, "{shown}");
+    assert!(shown["next_run"].is_null(), "still scheduled: {shown}");
+    let why = shown["last_error"].as_str().unwrap_or_default();
+    assert!(why.contains(&format!("conversation {doomed} was deleted")), "{shown}");
+    let (_, other) =
+        app.call(Method::GET, &format!("/api/cron/jobs/{}", id_of(&kept_job)), None).await;
+    assert_eq!(other["enabled"], true, "another conversation's job was touched: {other}");
+    let (status, _) =
+        app.call(Method::GET, &format!("/api/cron/jobs/{}", reminder.job.id.0), None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "the reminder outlived its conversation");
+
+    // The disabled job can still be edited, but not enabled towards a missing conversation.
+    let renamed =
+        app.update(id_of(&doomed_job), json!({"name": "orphan", "schedule": YEARLY})).await;
+    assert_eq!(renamed["name"], "orphan", "{renamed}");
+    let (status, body) = app.call(Method::PUT, &path, Some(json!({"enabled": true}))).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(error_message(&body).contains("no WebChat conversation"), "{body}");
+    // Pointed at a conversation that exists, it runs again.
+    let moved =
+        app.update(id_of(&doomed_job), json!({"target": kept.to_string(), "enabled": true})).await;
+    assert_eq!(moved["enabled"], true, "{moved}");
+    assert!(!moved["next_run"].is_null(), "{moved}");
+    app.cron.shutdown().await;
 }

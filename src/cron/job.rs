@@ -47,6 +47,8 @@ pub(super) async fn validate(
     default_timezone: Tz,
 ) -> Result<JobSpec, CronError> {
     let reminder = current.as_ref().filter(|c| c.kind == JobKind::Reminder).cloned();
+    // Where the job wrote before this edit, if anywhere.
+    let was = current.as_ref().map(|c| (c.channel, c.target.clone()));
     let spec = merge_changes(changes, current).map_err(CronError::Invalid)?;
     let spec = check_spec(spec, default_timezone).map_err(CronError::Invalid)?;
     if let Some(reminder) = reminder {
@@ -59,7 +61,12 @@ pub(super) async fn validate(
             ));
         }
     }
-    check_reachable(pool, channels, spec.channel, &spec.target).await?;
+    // A new target, or a job about to run, must be reachable. A disabled job keeps the
+    // target it has, so one whose conversation was deleted or whose number left the
+    // allow-list can still be renamed, rescheduled or disabled, not only deleted.
+    if spec.enabled || was != Some((spec.channel, spec.target.clone())) {
+        check_reachable(pool, channels, spec.channel, &spec.target).await?;
+    }
     Ok(spec)
 }
 
@@ -187,7 +194,14 @@ fn check_spec(spec: JobSpec, default_timezone: Tz) -> Result<JobSpec, String> {
 /// The target in the form its channel uses for conversation keys.
 fn check_target(channel: ChannelKind, target: &str) -> Result<String, String> {
     match channel {
-        ChannelKind::WebChat => Ok(target.to_string()),
+        // A conversation id, kept as its number is written (`012` is `12`).
+        ChannelKind::WebChat => match target.parse::<i64>() {
+            Ok(id) if id > 0 => Ok(id.to_string()),
+            _ => Err(format!(
+                "target `{target}`: not a WebChat conversation id (open the conversation in \
+                 the WebChat and use its id)"
+            )),
+        },
         ChannelKind::WhatsApp => {
             // WhatsApp ids are the number's digits, without `+` or separators.
             let digits: String = target

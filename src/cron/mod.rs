@@ -309,6 +309,26 @@ impl CronHandle {
         Ok(job)
     }
 
+    /// Called before WebChat conversation `id` is deleted: the prompt jobs that write there
+    /// are disabled, saying why, and the reminders asked there deleted, all unscheduled
+    /// before this returns. Without it a job would keep a dangling target, failing at each
+    /// occurrence.
+    pub async fn detach_conversation(&self, id: ConversationId) -> Result<(), CronError> {
+        let inner = &self.inner;
+        let _turn = inner.turn.lock().await;
+        let reason = format!("its WebChat conversation {} was deleted", id.0);
+        let (disabled, deleted) = store::detach_conversation(&inner.pool, id, &reason).await?;
+        let now = Utc::now();
+        for job in disabled {
+            tracing::info!(job = job.id.0, "cron job disabled: its conversation was deleted");
+            scheduler::sync(inner, job.id, Some(job), now).await;
+        }
+        for job in deleted {
+            scheduler::sync(inner, job, None, now).await;
+        }
+        Ok(())
+    }
+
     /// Deletes a job and its history. A run in progress finishes but is not recorded.
     pub async fn delete(&self, id: CronJobId) -> Result<(), CronError> {
         let _turn = self.inner.turn.lock().await;

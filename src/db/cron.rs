@@ -196,6 +196,43 @@ pub async fn list_reminders(
     rows.into_iter().map(TryInto::try_into).collect()
 }
 
+/// Takes the jobs off WebChat conversation `id` before it is deleted, in one transaction:
+/// prompt jobs that write there are disabled with `reason` as their last error (they stay,
+/// to be pointed elsewhere or deleted: a job that went on running would fail at every
+/// occurrence), and reminders asked there are deleted. Returns the disabled jobs and the
+/// deleted reminders' ids, for the scheduler.
+pub async fn detach_conversation(
+    pool: &SqlitePool,
+    id: ConversationId,
+    reason: &str,
+) -> Result<(Vec<CronJob>, Vec<CronJobId>), sqlx::Error> {
+    let mut tx = crate::db::begin_write(pool).await?;
+    // A WebChat target is a conversation id as text; CAST also matches one typed with a
+    // leading zero before targets were stored canonically.
+    let disabled: Vec<JobRow> = sqlx::query_as(&format!(
+        "UPDATE cron_jobs SET enabled = 0, last_error = ?2, updated_at = ?3
+         WHERE kind = 'prompt' AND channel = 'webchat' AND CAST(target AS INTEGER) = ?1
+         RETURNING {JOB_COLUMNS}"
+    ))
+    .bind(id.0)
+    .bind(reason)
+    .bind(now_ms())
+    .fetch_all(&mut *tx)
+    .await?;
+    let deleted: Vec<i64> = sqlx::query_scalar(
+        "DELETE FROM cron_jobs
+         WHERE kind = 'reminder'
+           AND (conversation_id = ?1 OR (channel = 'webchat' AND CAST(target AS INTEGER) = ?1))
+         RETURNING id",
+    )
+    .bind(id.0)
+    .fetch_all(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    let disabled = disabled.into_iter().map(TryInto::try_into).collect::<Result<_, _>>()?;
+    Ok((disabled, deleted.into_iter().map(CronJobId).collect()))
+}
+
 /// Deletes a job and (by cascade) its history; false when it did not exist.
 pub async fn delete_job(pool: &SqlitePool, id: CronJobId) -> Result<bool, sqlx::Error> {
     let done = sqlx::query("DELETE FROM cron_jobs WHERE id = ?1").bind(id.0).execute(pool).await?;

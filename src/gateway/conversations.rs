@@ -1,12 +1,14 @@
 //! Conversation history over HTTP: list, messages (with the privacy ledger of each answer),
-//! rename and delete. Storage is `db::memory`'s; this module only shapes the JSON.
+//! rename and delete (which first takes the conversation's scheduled jobs off it, through
+//! the scheduler when one runs). Storage is `db::memory`'s; this module only shapes the JSON.
 
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{get, patch};
-use axum::Router;
+use axum::{Extension, Router};
 use serde::{Deserialize, Serialize};
 
+use crate::cron::CronHandle;
 use crate::db::memory::{self, Conversation, ConversationSummary, StoredMessage};
 use crate::domain::{ConversationId, ToolRound};
 use crate::gateway::error::{ApiError, ApiJson, ApiPath, ApiQuery};
@@ -192,11 +194,16 @@ async fn rename_conversation(
 
 async fn delete_conversation(
     State(state): State<AppState>,
+    cron: Option<Extension<CronHandle>>,
     ApiPath(id): ApiPath<String>,
 ) -> Result<StatusCode, ApiError> {
     let id = parse_id(&id)?;
     // An answer still streaming into it would otherwise fail to store at the end.
     state.assistant.stop(ConversationId(id));
+    // Its scheduled jobs first: none may fire into it while it goes, or keep its id.
+    if let Some(Extension(cron)) = cron {
+        cron.detach_conversation(ConversationId(id)).await?;
+    }
     if !memory::delete_conversation(&state.pool, ConversationId(id)).await? {
         return Err(not_found(id));
     }
