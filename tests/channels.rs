@@ -1511,3 +1511,44 @@ async fn whatsapp_gets_only_the_final_text_of_an_answer_that_used_tools() {
     assert_eq!(stored[1].tool_rounds[0].calls[0].name, "echo");
     assert_eq!(stored[1].tool_rounds[0].results[0].content, "hi");
 }
+
+#[tokio::test]
+async fn an_outage_longer_than_the_quick_retries_is_waited_out_not_dropped() {
+    let graph = StandIn::start(Kind::Graph).await;
+    // Six server errors: the four quick tries of the first send all fail, and the queue's
+    // next try of the message gets two more before the Graph API is back.
+    let outage: Vec<(u16, Value)> = (0..6).map(|_| (500, graph_error(1))).collect();
+    graph.script(&outage);
+    let engine = ScriptedEngine::new(|_, _, _| None);
+    let app = in_process(&graph, None, engine.clone(), &[USER_NUMBER]).await;
+    let body = whatsapp_text("wamid.OUTAGE", USER_NUMBER, "Say hello.");
+    assert_eq!(app.post_whatsapp(&body).await.status(), 200);
+
+    let row = app.final_row("wamid.OUTAGE").await;
+    assert_eq!(row.status, QueueStatus::Done, "{row:?}");
+    assert!(row.retries >= 1, "answered without going back to the queue: {row:?}");
+    let sends = graph.messages();
+    assert_eq!(sends.len(), 7, "six failed sends, then the one that went through");
+    let texts: Vec<Value> = sends.iter().map(|s| s.json()["text"]["body"].clone()).collect();
+    assert!(texts.iter().all(|t| *t == texts[0]), "every try sent the same answer: {texts:?}");
+    assert_eq!(engine.calls.load(Ordering::SeqCst), 1, "the answer was generated again");
+    let conv =
+        memory::get_or_create_conversation(&app.pool, ChannelKind::WhatsApp, USER_NUMBER, None)
+            .await
+            .unwrap();
+    let history = memory::history(&app.pool, conv.id, 10).await.unwrap();
+    assert_eq!(history.len(), 2, "the question or the answer was stored twice: {history:?}");
+    assert_eq!(history[1].delivery_status.as_deref(), Some("sent"), "{:?}", history[1]);
+    // The stand-in numbers its answers by request (read receipts included): the last one.
+    let last_id = format!("wamid.OUT{}", graph.all().len());
+    assert_eq!(history[1].external_id.as_deref(), Some(last_id.as_str()));
+
+    // An error that does not heal (an expired token) is not retried: the row fails at once.
+    graph.script(&[(401, graph_error(190))]);
+    let body = whatsapp_text("wamid.TOKEN", USER_NUMBER, "Again.");
+    assert_eq!(app.post_whatsapp(&body).await.status(), 200);
+    let row = app.final_row("wamid.TOKEN").await;
+    assert_eq!(row.status, QueueStatus::Failed, "{row:?}");
+    assert_eq!(row.retries, 0, "{row:?}");
+    assert_eq!(graph.messages().len(), 8);
+}

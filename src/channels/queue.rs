@@ -3,8 +3,11 @@
 //! at once (up to `QueueConfig::concurrency`), one conversation in arrival order. A busy
 //! engine is a reason to wait, never to drop: the row is put back with a retry time and
 //! the worker goes on with other conversations. It starts by recovering what a stopped
-//! process left behind. Knows no HTTP server and no model details: it calls `Assistant` and
-//! the `Channel` trait.
+//! process left behind. A send that fails for a reason that may heal (the channel's server
+//! down or erring, the network, a rate limit), once the channel's own quick retries are
+//! spent, is retried the same way: the answer is kept and sent again later, never
+//! dropped. Knows no HTTP server and no model details: it calls `Assistant` and the
+//! `Channel` trait.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -249,6 +252,7 @@ impl Worker {
             let reason = format!("message too long: {n_chars} characters, the limit is {limit}");
             return match channel.reply(&message, &too_long_reply(n_chars, limit)).await {
                 Ok(_) => Outcome::Rejected(reason),
+                Err(e) if e.is_retryable() => send_failure(e),
                 Err(e) => Outcome::Failed(format!("{reason}; telling the user failed: {e}")),
             };
         }
@@ -418,18 +422,32 @@ impl Worker {
         }
     }
 
+    /// Records a failed send of an answer: failed for good, or (an error that may heal)
+    /// back to not sent, to be sent again at the message's next try.
     async fn record_unsent(&self, message_id: Option<MessageId>, error: &ChannelError) {
         let Some(message_id) = message_id else { return };
-        if let Err(e) = inbound::mark_undelivered(&self.pool, message_id, &error.to_string()).await
-        {
+        let reason = error.to_string();
+        let recorded = if error.is_retryable() {
+            inbound::mark_send_retry(&self.pool, message_id, &reason).await
+        } else {
+            inbound::mark_undelivered(&self.pool, message_id, &reason).await
+        };
+        if let Err(e) = recorded {
             tracing::error!(error = %e, "cannot record the failed delivery of an answer");
         }
     }
 }
 
-/// Sending already retried transient errors; what is left is recorded as the reason.
+/// A failed send, after the channel's own quick retries: an error that may heal puts the
+/// message back in the queue (with the busy engine's backoff, given up only after
+/// `QueueConfig::give_up_after`); any other is the row's final reason.
 fn send_failure(error: ChannelError) -> Outcome {
-    Outcome::Failed(format!("sending the answer failed: {error}"))
+    let reason = format!("sending the answer failed: {error}");
+    if error.is_retryable() {
+        Outcome::Retry(reason)
+    } else {
+        Outcome::Failed(reason)
+    }
 }
 
 /// Errors worth another try later: a busy, loading or restarting engine, a cloud limit, a

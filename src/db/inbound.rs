@@ -380,6 +380,22 @@ pub async fn mark_undelivered(
     Ok(())
 }
 
+/// An answer whose send failed for a reason that may heal (a server error, a network
+/// failure, a rate limit): back to not sent, with the error kept, so that the queue's next
+/// try of its message sends it again instead of taking it for delivered.
+pub async fn mark_send_retry(
+    pool: &SqlitePool,
+    message_id: MessageId,
+    error: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE messages SET delivery_status = NULL, delivery_error = ?1 WHERE id = ?2")
+        .bind(error)
+        .bind(message_id.0)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
 /// Records that an answer is about to leave, before the channel is called: if the process
 /// stops before the channel's answer is recorded, the next run finds `sending` and does
 /// not send it again (see `mark_delivery_unknown`).
