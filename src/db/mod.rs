@@ -141,3 +141,148 @@ pub(crate) async fn fresh_test_db() -> (tempfile::TempDir, SqlitePool) {
     let pool = connect(&url).await.expect("open db");
     (dir, pool)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::borrow::Cow;
+
+    use sqlx::migrate::Migrator;
+
+    use super::*;
+    use crate::db::memory::{self, NewMessage};
+    use crate::domain::{ConversationId, Role};
+
+    /// Deleting the newest conversation or message does not free its id for the next one.
+    #[tokio::test]
+    async fn deleted_ids_are_never_given_out_again() {
+        let (_dir, pool) = fresh_test_db().await;
+        let first = memory::create_webchat_conversation(&pool, Some("a")).await.unwrap();
+        let newest = memory::create_webchat_conversation(&pool, Some("b")).await.unwrap();
+        let m1 = memory::add_message(&pool, &NewMessage::plain(first.id, Role::User, "x"))
+            .await
+            .unwrap();
+        let m2 = memory::add_message(&pool, &NewMessage::plain(newest.id, Role::User, "y"))
+            .await
+            .unwrap();
+        assert!(memory::delete_conversation(&pool, newest.id).await.unwrap());
+        let next = memory::create_webchat_conversation(&pool, Some("c")).await.unwrap();
+        assert!(next.id.0 > newest.id.0, "conversation id {} given out again", next.id.0);
+        let m3 = memory::add_message(&pool, &NewMessage::plain(first.id, Role::User, "z"))
+            .await
+            .unwrap();
+        assert!(m1.0 < m2.0 && m2.0 < m3.0, "message ids {m1:?} {m2:?} {m3:?}");
+    }
+
+    /// A database of the version before 0007, with rows in every table of the rebuilt
+    /// chain, comes through the rebuild whole: the same rows and ids, the references and
+    /// their cascades, the full-text index, and the ids a job still names kept out of use.
+    #[tokio::test]
+    async fn the_autoincrement_rebuild_keeps_every_row_and_reference() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let url = format!("sqlite://{}", dir.path().join("old.db").display());
+        let before = Migrator {
+            migrations: Cow::Owned(
+                MIGRATOR.migrations.iter().filter(|m| m.version < 7).cloned().collect(),
+            ),
+            ..Migrator::DEFAULT
+        };
+        let options = SqliteConnectOptions::from_str(&url)
+            .unwrap()
+            .create_if_missing(true)
+            .foreign_keys(true);
+        let old = SqlitePoolOptions::new().max_connections(1).connect_with(options).await.unwrap();
+        before.run(&old).await.unwrap();
+        for statement in [
+            "INSERT INTO conversations VALUES (1, 'webchat', 'w1', 'one', 1, 1),
+                                              (2, 'webchat', 'w2', 'two', 1, 1),
+                                              (5, 'whatsapp', '336', NULL, 1, 1)",
+            "INSERT INTO messages (id, conversation_id, role, content, created_at, external_id,
+                                   delivery_status, tool_rounds, host, left_machine)
+             VALUES (1, 1, 'user', 'un café crème', 1, NULL, NULL, NULL, NULL, 0),
+                    (2, 1, 'assistant', 'voilà', 2, NULL, NULL, '[]', 'api.z.ai', 1),
+                    (7, 2, 'user', 'zebra crossing', 3, NULL, NULL, NULL, NULL, 0),
+                    (9, 5, 'assistant', 'sent', 4, 'wamid.X', 'read', NULL, NULL, 0)",
+            // A job still aimed at conversation 12, deleted before the migration.
+            "INSERT INTO cron_jobs (id, name, schedule, prompt, channel, target, created_at,
+                                    updated_at)
+             VALUES (3, 'daily', '@daily', 'p', 'webchat', '12', 1, 1)",
+            "INSERT INTO cron_jobs (id, name, schedule, prompt, channel, target, created_at,
+                                    updated_at, kind, conversation_id)
+             VALUES (4, '', '@daily', 'plumber', 'webchat', '1', 1, 1, 'reminder', 1)",
+            "INSERT INTO cron_runs VALUES (6, 3, 1, 5, 'delivered', NULL, 2)",
+        ] {
+            sqlx::query(statement).execute(&old).await.unwrap();
+        }
+        old.close().await;
+
+        let pool = connect(&url).await.expect("migrate to the newest version");
+        let schema: String =
+            sqlx::query_scalar("SELECT sql FROM sqlite_master WHERE name = 'conversations'")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        assert!(schema.contains("AUTOINCREMENT"), "{schema}");
+        assert_eq!(integrity_check(&pool).await.unwrap(), "ok");
+        let broken: Vec<(String, i64)> =
+            sqlx::query_as("SELECT \"table\", rowid FROM pragma_foreign_key_check")
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+        assert!(broken.is_empty(), "{broken:?}");
+        let leftovers: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM sqlite_master WHERE name LIKE '%_old'")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        assert_eq!(leftovers, 0);
+
+        // Every row, with its id and columns.
+        let ids = |table: &'static str| {
+            let pool = pool.clone();
+            async move {
+                sqlx::query_scalar::<_, i64>(&format!("SELECT id FROM {table} ORDER BY id"))
+                    .fetch_all(&pool)
+                    .await
+                    .unwrap()
+            }
+        };
+        assert_eq!(ids("conversations").await, [1, 2, 5]);
+        assert_eq!(ids("messages").await, [1, 2, 7, 9]);
+        assert_eq!(ids("cron_jobs").await, [3, 4]);
+        let answer =
+            memory::get_message(&pool, crate::domain::MessageId(2)).await.unwrap().unwrap();
+        assert_eq!((answer.host.as_deref(), answer.left_machine), (Some("api.z.ai"), true));
+        let sent = memory::get_message(&pool, crate::domain::MessageId(9)).await.unwrap().unwrap();
+        assert_eq!(sent.delivery_status.as_deref(), Some("read"));
+        let run: Option<i64> = sqlx::query_scalar("SELECT message_id FROM cron_runs WHERE id = 6")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(run, Some(2), "the run lost its answer");
+
+        // The full-text index still finds the old messages, and indexes new ones.
+        let hits = search::search_messages(&pool, "cafe", 10).await.unwrap();
+        assert_eq!(hits.iter().map(|h| h.message_id).collect::<Vec<_>>(), [1]);
+        let new = NewMessage::plain(ConversationId(2), Role::User, "another zebra");
+        let new_id = memory::add_message(&pool, &new).await.unwrap();
+        assert_eq!(new_id.0, 10);
+        let hits = search::search_messages(&pool, "zebra", 10).await.unwrap();
+        assert_eq!(hits.len(), 2);
+
+        // The cascades hold on the new tables: conversation 1 takes its messages and its
+        // reminder along, and the run only loses its link to the answer.
+        assert!(memory::delete_conversation(&pool, ConversationId(1)).await.unwrap());
+        assert_eq!(ids("messages").await, [7, 9, 10]);
+        assert_eq!(ids("cron_jobs").await, [3]);
+        let run: Option<i64> = sqlx::query_scalar("SELECT message_id FROM cron_runs WHERE id = 6")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(run, None);
+        assert!(search::search_messages(&pool, "cafe", 10).await.unwrap().is_empty());
+
+        // The next conversation takes neither a deleted id nor the one the job names.
+        let next = memory::create_webchat_conversation(&pool, None).await.unwrap();
+        assert_eq!(next.id.0, 13);
+    }
+}
