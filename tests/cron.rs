@@ -565,15 +565,18 @@ async fn run_now_records_history_and_why_a_channel_refused() {
     assert_eq!(history.len(), 1);
     assert_eq!(history[0]["id"], run["id"]);
 
-    // WhatsApp outside the 24-hour window, with no template: failed, and why.
+    // WhatsApp outside the 24-hour window, with no template: failed, and why, before the
+    // model is asked for an answer nobody could receive.
     let quiet = app.create(whatsapp_job("quiet", YEARLY, QUIET_NUMBER)).await;
     let path = format!("/api/cron/jobs/{}/run", id_of(&quiet));
     let (_, run) = app.call(Method::POST, &path, None).await;
     assert_eq!(run["outcome"], "failed", "{run}");
     let reason = run["error"].as_str().unwrap_or_default();
-    assert!(reason.contains("24-hour"), "{reason}");
-    assert!(run["message_id"].is_i64(), "the answer is kept in the conversation: {run}");
+    assert!(reason.contains("24-hour") && reason.contains("nothing was asked"), "{reason}");
+    assert!(run["message_id"].is_null(), "the model answered anyway: {run}");
     assert!(graph.texts_to(QUIET_NUMBER).is_empty());
+    let chat = memory::find_conversation(&app.pool, ChannelKind::WhatsApp, QUIET_NUMBER).await;
+    assert!(chat.unwrap().is_none(), "the prompt was stored for nobody");
 
     // Inside the window, the Graph API refuses: its reason is recorded on the job too.
     app.user_wrote(QUIET_NUMBER).await;
@@ -592,6 +595,11 @@ async fn run_now_records_history_and_why_a_channel_refused() {
         app.call(Method::GET, &format!("/api/cron/jobs/{}", id_of(&quiet)), None).await;
     assert_eq!(shown["last_outcome"], "failed");
     assert_eq!(shown["last_error"], run["error"]);
+    // The stored answer says it never left.
+    let answer = my_claw::domain::MessageId(run["message_id"].as_i64().expect("answer kept"));
+    let answer = memory::get_message(&app.pool, answer).await.unwrap().unwrap();
+    assert_eq!(answer.delivery_status.as_deref(), Some("failed"), "{answer:?}");
+    assert!(answer.delivery_error.as_deref().unwrap_or_default().contains("131026"));
 
     // The next try goes through; the history is newest first.
     let (_, run) = app.call(Method::POST, &path, None).await;

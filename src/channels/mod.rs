@@ -96,6 +96,17 @@ pub trait Channel: Send + Sync {
         let _ = address;
         Box::pin(async { Ok(true) })
     }
+
+    /// Whether `deliver` to `address` could go out now, in some form (WhatsApp: inside the
+    /// window, or through the approved template); the error `deliver` would end with when
+    /// not. Asked before a model writes what nobody could receive.
+    fn check_deliverable<'a>(
+        &'a self,
+        address: &'a str,
+    ) -> BoxFuture<'a, Result<(), ChannelError>> {
+        let _ = address;
+        Box::pin(async { Ok(()) })
+    }
 }
 
 /// Message sizes, in characters (Unicode scalar values, as both services count).
@@ -460,6 +471,19 @@ impl Channels {
         }
         let client = self.get(channel).ok_or(ChannelError::NotConfigured(channel))?;
         client.deliver(target, text).await
+    }
+
+    /// Whether `deliver` to `target` on `channel` could go out now (see
+    /// `Channel::check_deliverable`).
+    pub async fn check_deliverable(
+        &self,
+        channel: ChannelKind,
+        target: &str,
+    ) -> Result<(), ChannelError> {
+        match self.get(channel) {
+            Some(client) => client.check_deliverable(target).await,
+            None => Err(ChannelError::NotConfigured(channel)),
+        }
     }
 
     /// Whether a free-form message can reach `address` on `channel` now. False when the

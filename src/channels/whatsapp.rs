@@ -517,6 +517,21 @@ impl WhatsApp {
         Ok(last.is_some_and(|at| now_ms() - at < WINDOW_MS))
     }
 
+    /// Whether a proactive message can reach `to` now: inside the 24-hour window, or with an
+    /// approved template configured; else the `OutsideWindow` error `deliver` would return.
+    pub async fn check_deliverable(&self, to: &str) -> Result<(), ChannelError> {
+        if self.settings.template_name.is_some() || self.window_open(to).await? {
+            return Ok(());
+        }
+        let detail = match self.last_inbound_at(to).await? {
+            Some(at) => format!("the user last wrote {} hours ago", (now_ms() - at) / 3_600_000),
+            None => "the user never wrote to this number".into(),
+        };
+        Err(ChannelError::OutsideWindow {
+            detail: format!("{detail}; set WHATSAPP_TEMPLATE_NAME to reach them"),
+        })
+    }
+
     /// Sends a proactive message: free-form inside the 24-hour window, else the approved
     /// template with the text as its one body parameter, else `OutsideWindow`.
     pub async fn deliver(&self, to: &str, text: &str) -> Result<DeliveryReceipt, ChannelError> {
@@ -528,20 +543,12 @@ impl WhatsApp {
                 via_template: false,
             });
         }
-        if self.settings.template_name.is_some() {
-            let id = self.send_template(to, text).await?;
-            return Ok(DeliveryReceipt {
-                channel: ChannelKind::WhatsApp,
-                external_ids: vec![id],
-                via_template: true,
-            });
-        }
-        let detail = match self.last_inbound_at(to).await? {
-            Some(at) => format!("the user last wrote {} hours ago", (now_ms() - at) / 3_600_000),
-            None => "the user never wrote to this number".into(),
-        };
-        Err(ChannelError::OutsideWindow {
-            detail: format!("{detail}; set WHATSAPP_TEMPLATE_NAME to reach them"),
+        self.check_deliverable(to).await?;
+        let id = self.send_template(to, text).await?;
+        Ok(DeliveryReceipt {
+            channel: ChannelKind::WhatsApp,
+            external_ids: vec![id],
+            via_template: true,
         })
     }
 
@@ -776,6 +783,13 @@ impl Channel for WhatsApp {
 
     fn window_open<'a>(&'a self, address: &'a str) -> BoxFuture<'a, Result<bool, ChannelError>> {
         Box::pin(WhatsApp::window_open(self, address))
+    }
+
+    fn check_deliverable<'a>(
+        &'a self,
+        address: &'a str,
+    ) -> BoxFuture<'a, Result<(), ChannelError>> {
+        Box::pin(WhatsApp::check_deliverable(self, address))
     }
 }
 

@@ -11,8 +11,8 @@ use chrono::Utc;
 
 use crate::cron::{lock, plan, scheduler, CronError, Inner, DEFAULT_TIER};
 use crate::db::cron::{self as store, CronJob, CronJobId, CronRun, JobKind, JobSpec, RunOutcome};
-use crate::db::memory;
 use crate::db::now_ms;
+use crate::db::{inbound, memory};
 use crate::domain::{ChannelKind, ConversationId, Inbound, MessageId};
 use crate::llm::router::Tier;
 
@@ -161,6 +161,15 @@ async fn answer_and_deliver(inner: &Inner, job: &CronJob) -> Result<Delivered, F
         let reason = format!("{} is not configured, so nothing was asked or sent", job.channel);
         return Err(Failure::new(reason, None));
     }
+    // Nor is an answer that could not leave now (WhatsApp's closed window, no template):
+    // minutes of a large model on the CPU for nothing at every run. (A reminder costs no
+    // model: its text is still stored in the conversation, and its delivery fails.)
+    if job.kind == JobKind::Prompt && job.channel != ChannelKind::WebChat {
+        if let Err(e) = inner.channels.check_deliverable(job.channel, &job.target).await {
+            let reason = format!("{} cannot deliver now, so nothing was asked: {e}", job.channel);
+            return Err(Failure::new(reason, None));
+        }
+    }
     let (message_id, text) = match job.kind {
         JobKind::Prompt => answer(inner, job, tier).await?,
         JobKind::Reminder => post_reminder(inner, job).await?,
@@ -174,6 +183,10 @@ async fn answer_and_deliver(inner: &Inner, job: &CronJob) -> Result<Delivered, F
         Ok(receipt) => receipt,
         Err(e) => {
             let reason = format!("{} refused the message: {e}", job.channel);
+            // The stored answer says it never left, as a channel answer that failed does.
+            if let Err(e) = inbound::mark_undelivered(&inner.pool, message_id, &reason).await {
+                tracing::warn!(job = job.id.0, error = %e, "failed delivery not recorded");
+            }
             return Err(Failure::new(reason, Some(message_id)));
         }
     };
