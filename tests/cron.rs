@@ -691,6 +691,8 @@ async fn bad_inputs_get_400_with_what_is_wrong() {
             "not a WhatsApp number",
         ),
         (json!("not an object"), "invalid JSON body"),
+        (with("kind", json!("reminder")), "a reminder is made by asking the assistant"),
+        (with("target", json!("0")), "not a WebChat conversation id"),
     ];
     for (job, expected) in cases {
         let (status, body) = app.call(Method::POST, "/api/cron/jobs", Some(job.clone())).await;
@@ -705,8 +707,16 @@ async fn bad_inputs_get_400_with_what_is_wrong() {
     let path = format!("/api/cron/jobs/{}", id_of(&job));
     let (status, body) = app.call(Method::PUT, &path, Some(json!({"schedule": "every day"}))).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let (status, body) = app.call(Method::PUT, &path, Some(json!({"kind": "reminder"}))).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(error_message(&body).contains("kind cannot be changed"), "{body}");
     let (_, shown) = app.call(Method::GET, &path, None).await;
     assert_eq!(shown["schedule"], "0 8 * * *");
+    // The whole job sent back, as a client that edits what it was shown does, is fine.
+    let mut whole = shown.clone();
+    whole["name"] = json!("renamed");
+    let renamed = app.update(id_of(&job), whole).await;
+    assert_eq!((&renamed["name"], &renamed["kind"]), (&json!("renamed"), &json!("prompt")));
 
     // Unknown and malformed ids, and no token at all.
     let (status, _) = app.call(Method::GET, "/api/cron/jobs/4242", None).await;

@@ -34,6 +34,9 @@ pub struct JobChanges {
     pub target: Option<String>,
     pub tier: Option<Option<String>>,
     pub enabled: Option<bool>,
+    /// Only checked: a job keeps its kind, and the API creates `prompt` jobs (reminders
+    /// come from the reminders tool), so a different one is refused, never ignored.
+    pub kind: Option<String>,
 }
 
 /// Merges `changes` over `current` (an edit) or the defaults (a create) and checks every
@@ -46,6 +49,22 @@ pub(super) async fn validate(
     current: Option<JobSpec>,
     default_timezone: Tz,
 ) -> Result<JobSpec, CronError> {
+    if let Some(kind) = changes.kind.as_deref().map(str::trim) {
+        let own = current.as_ref().map_or(JobKind::Prompt, |c| c.kind);
+        if kind != own.as_str() {
+            let shown: String = kind.chars().take(32).collect();
+            return Err(CronError::Invalid(match current {
+                None => format!(
+                    "`kind` `{shown}`: jobs made here are `prompt` jobs; a reminder is made by \
+                     asking the assistant (\"remind me tomorrow at 9 to …\")"
+                ),
+                Some(_) => format!(
+                    "`kind` `{shown}`: a job's kind cannot be changed (this one is a `{}` job)",
+                    own.as_str()
+                ),
+            }));
+        }
+    }
     let reminder = current.as_ref().filter(|c| c.kind == JobKind::Reminder).cloned();
     // Where the job wrote before this edit, if anywhere.
     let was = current.as_ref().map(|c| (c.channel, c.target.clone()));

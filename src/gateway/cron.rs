@@ -122,6 +122,8 @@ struct JobRequest {
     #[serde(default, deserialize_with = "present")]
     tier: Option<Option<String>>,
     enabled: Option<bool>,
+    /// Shown, and checked when sent: it must be the job's own (`prompt` on create).
+    kind: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -314,6 +316,7 @@ impl From<JobRequest> for JobChanges {
             target: r.target,
             tier: r.tier,
             enabled: r.enabled,
+            kind: r.kind,
         }
     }
 }
