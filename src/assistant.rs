@@ -522,6 +522,10 @@ impl Assistant {
         tier: Option<Tier>,
         waiting: Waiting,
     ) -> Result<mpsc::Receiver<Event>> {
+        // The answer's clock (`ttft_ms`, `total_ms`) starts here, with the request, so it
+        // counts what the person waits for: the conversation's turn, loading the model,
+        // the engine's queue, prefill, every model call and tool round.
+        let received = Instant::now();
         let (tx, rx) = mpsc::channel(EVENT_BUFFER);
         let mut target = target;
         let mut guard = None;
@@ -548,7 +552,8 @@ impl Assistant {
                             _ = tx.closed() => return,
                         };
                         let guard = this.turn_guard(id, owned);
-                        let started = this.run_turn(target, user, tier, Some(guard), &tx).await;
+                        let started =
+                            this.run_turn(target, user, tier, Some(guard), received, &tx).await;
                         let message = match started {
                             Ok(TurnStart::Started) => return,
                             Ok(TurnStart::Raced(_)) => "the conversation is busy".to_string(),
@@ -561,7 +566,9 @@ impl Assistant {
             }
         }
         loop {
-            match self.run_turn(target.clone(), user.clone(), tier, guard.take(), &tx).await? {
+            let turn =
+                self.run_turn(target.clone(), user.clone(), tier, guard.take(), received, &tx);
+            match turn.await? {
                 TurnStart::Started => return Ok(rx),
                 TurnStart::Raced(id) => {
                     // Rare: two first messages of a new channel conversation at once. Wait
@@ -583,6 +590,7 @@ impl Assistant {
         user: Option<UserMessage>,
         tier: Option<Tier>,
         guard: Option<TurnGuard>,
+        received: Instant,
         tx: &mpsc::Sender<Event>,
     ) -> Result<TurnStart> {
         let inner = &self.inner;
@@ -731,6 +739,7 @@ impl Assistant {
             window,
             params,
             floor: start,
+            received,
         };
         tokio::spawn(run.drive(routed.stream, tx.clone(), stop_rx));
         Ok(TurnStart::Started)
@@ -947,6 +956,8 @@ struct Generation {
     params: GenerationParams,
     /// Where the window starts (trimming during the rounds moves it, like a turn's).
     floor: usize,
+    /// When the request reached the assistant: the start of `ttft_ms` and `total_ms`.
+    received: Instant,
 }
 
 /// How one model call of an answer ended.
@@ -963,6 +974,8 @@ struct Step {
     calls: Vec<ToolCall>,
     /// Text pieces received (see `drive`).
     n_pieces: u32,
+    /// When the first of them arrived.
+    first_text: Option<Instant>,
     end: StepEnd,
 }
 
@@ -985,11 +998,14 @@ impl Generation {
         tx: mpsc::Sender<Event>,
         mut stop: oneshot::Receiver<()>,
     ) {
-        let started = Instant::now();
         let mut stop_open = true;
-        // Text pieces received: the local engine sends one per generated token that has
-        // text, so this is the completion count of an answer cut short (a lower bound).
-        let mut n_pieces: u32 = 0;
+        // Text pieces of the model call that did not finish: the local engine sends one per
+        // generated token that has text, so this is its completion count (a lower bound).
+        let mut unfinished_pieces: u32 = 0;
+        // When the first text arrived, and when the first model call ended: the time to
+        // first token, on the same clock as the total (`received`).
+        let mut first_text: Option<Instant> = None;
+        let mut first_call_end: Option<Instant> = None;
         let mut total = Usage::default();
         let mut rounds: Vec<ToolRound> = Vec::new();
         let mut context: Option<Option<ToolContext>> = None;
@@ -1000,15 +1016,20 @@ impl Generation {
             let step = read_step(&mut stream, &tx, &mut stop, &mut stop_open).await;
             // Dropping the stream here (before running tools or storing) releases the engine.
             drop(stream);
-            n_pieces += step.n_pieces;
+            first_text = first_text.or(step.first_text);
+            first_call_end.get_or_insert_with(Instant::now);
             let (usage, finish) = match step.end {
                 StepEnd::Cancelled => {
-                    break (step.text, Ok((Usage::default(), FinishReason::Cancelled)))
+                    unfinished_pieces = step.n_pieces;
+                    break (step.text, Ok((Usage::default(), FinishReason::Cancelled)));
                 }
-                StepEnd::Failed(e) => break (step.text, Err(e)),
+                StepEnd::Failed(e) => {
+                    unfinished_pieces = step.n_pieces;
+                    break (step.text, Err(e));
+                }
                 StepEnd::Finished(usage, finish) => (usage, finish),
             };
-            add_usage(&mut total, &usage, rounds.is_empty());
+            add_usage(&mut total, &usage);
             if step.calls.is_empty() || !offering {
                 if !step.calls.is_empty() {
                     tracing::debug!(
@@ -1045,9 +1066,16 @@ impl Generation {
                 Err(_) => break (String::new(), Ok((Usage::default(), FinishReason::Cancelled))),
             }
         };
-        let cut_short = Usage { completion_tokens: n_pieces, ..Usage::default() };
+        // An answer cut short reports what is known: the model calls that finished (their
+        // prompt, prefill and decode), plus the text pieces of the one that did not. The
+        // engine reports a call's usage only when it finishes, so a call stopped in the
+        // first round leaves the prompt's size unknown (0).
+        let cut_short = Usage {
+            completion_tokens: total.completion_tokens + unfinished_pieces,
+            ..total.clone()
+        };
 
-        let (status, usage, finish, error) = match outcome {
+        let (status, mut usage, finish, error) = match outcome {
             Ok((_, FinishReason::Cancelled)) => {
                 (MessageStatus::Partial, cut_short, FinishReason::Cancelled, None)
             }
@@ -1058,6 +1086,12 @@ impl Generation {
             }
             Err(e) => (MessageStatus::Partial, cut_short, FinishReason::Stop, Some(e)),
         };
+        // The engine times a call from when it got it; the answer's time to first token is
+        // on the answer's clock, so that it is never more than `total_ms`. An answer without
+        // text counts, as the engine does, until its first model call ended.
+        usage.ttft_ms = first_text
+            .or(first_call_end)
+            .map_or(0, |at| at.duration_since(self.received).as_millis() as u64);
         let mut content = if status == MessageStatus::Error {
             format!("(no answer: {})", error.as_deref().unwrap_or("unknown error"))
         } else {
@@ -1085,8 +1119,9 @@ impl Generation {
             tier: Some(self.tier.as_str().to_string()),
             provider: Some(self.provider.clone()),
             model: Some(self.model.clone()),
-            // An answer cut short never learned its prompt's size: unknown, not zero.
-            prompt_tokens: (status == MessageStatus::Complete)
+            // An answer cut short in its first model call never learned its prompt's size:
+            // unknown, not zero.
+            prompt_tokens: (status == MessageStatus::Complete || usage.prompt_tokens > 0)
                 .then_some(i64::from(usage.prompt_tokens)),
             completion_tokens: Some(i64::from(usage.completion_tokens)),
             status,
@@ -1119,7 +1154,7 @@ impl Generation {
                 message_id,
                 usage,
                 finish,
-                total_ms: started.elapsed().as_millis() as u64,
+                total_ms: self.received.elapsed().as_millis() as u64,
             },
             (None, None) => Event::Error {
                 message: "the answer could not be stored".into(),
@@ -1298,8 +1333,13 @@ async fn read_step(
     stop: &mut oneshot::Receiver<()>,
     stop_open: &mut bool,
 ) -> Step {
-    let mut step =
-        Step { text: String::new(), calls: Vec::new(), n_pieces: 0, end: StepEnd::Cancelled };
+    let mut step = Step {
+        text: String::new(),
+        calls: Vec::new(),
+        n_pieces: 0,
+        first_text: None,
+        end: StepEnd::Cancelled,
+    };
     step.end = loop {
         let next = tokio::select! {
             chunk = stream.recv() => chunk,
@@ -1309,6 +1349,7 @@ async fn read_step(
             Some(Ok(Chunk::Text(t))) => {
                 step.text.push_str(&t);
                 step.n_pieces += 1;
+                step.first_text.get_or_insert_with(Instant::now);
                 if tx.send(Event::Token(t)).await.is_err() {
                     // The client left: dropping the stream stops the engine.
                     break StepEnd::Cancelled;
@@ -1327,16 +1368,14 @@ async fn read_step(
 }
 
 /// Adds one model call's accounting to the answer's: tokens generated and time spent add
-/// up; the prompt is the last call's (the longest), the time to first token the first's.
-fn add_usage(total: &mut Usage, step: &Usage, first: bool) {
+/// up; the prompt is the last call's (the longest). The time to first token is the
+/// answer's own (see `drive`), not a call's.
+fn add_usage(total: &mut Usage, step: &Usage) {
     total.prompt_tokens = step.prompt_tokens;
     total.cached_tokens = step.cached_tokens;
     total.completion_tokens += step.completion_tokens;
     total.prefill_ms += step.prefill_ms;
     total.decode_ms += step.decode_ms;
-    if first {
-        total.ttft_ms = step.ttft_ms;
-    }
 }
 
 /// A short conversation title from its first message.

@@ -83,7 +83,8 @@ pub struct Config {
     #[arg(long, env = "MODELS_DIR", default_value = "./models", global = true)]
     pub models_dir: PathBuf,
 
-    /// Bearer token for the WebChat and the API. Generated and saved in DATA_DIR when unset.
+    /// Bearer token for the WebChat and the API: 16+ visible ASCII characters, no spaces.
+    /// Generated and saved in DATA_DIR when unset.
     #[arg(long, env = "WEBCHAT_TOKEN", global = true, hide_env_values = true)]
     pub webchat_token: Option<Secret>,
 
@@ -302,7 +303,8 @@ pub struct Config {
     pub nextcloud_allowed_users: Option<String>,
 
     // --- Cron -----------------------------------------------------------------------------
-    /// Secret for the `X-Cron-Secret` header of `/api/cron`; the endpoint is off when unset.
+    /// Secret for the `X-Cron-Secret` header of `/api/cron` (16+ visible ASCII characters, no
+    /// spaces); the endpoint is off when unset.
     #[arg(long, env = "CRON_SECRET", global = true, hide_env_values = true)]
     pub cron_secret: Option<Secret>,
 
@@ -649,11 +651,14 @@ impl Config {
         else {
             return Err(bad(format!("KV_CACHE_TYPE={}: must be f16 or f32", self.kv_cache_type)));
         };
-        if let Some(token) = &self.webchat_token {
-            if token.expose().len() < 16 {
-                return Err(bad("WEBCHAT_TOKEN: must be at least 16 characters"));
-            }
-        }
+        let webchat_token = match &self.webchat_token {
+            Some(token) => Some(header_secret("WEBCHAT_TOKEN", token)?),
+            None => None,
+        };
+        let cron_secret = match &self.cron_secret {
+            Some(secret) => Some(header_secret("CRON_SECRET", secret)?),
+            None => None,
+        };
         let kv_cache_max_bytes = parse_size(&self.kv_cache_memory)
             .map_err(|e| bad(format!("KV_CACHE_MEMORY={}: {e}", self.kv_cache_memory)))?;
         let mut memory_budget_bytes = match &self.model_memory_budget {
@@ -754,7 +759,7 @@ impl Config {
         Ok(Settings {
             bind,
             database_url,
-            webchat_token: self.webchat_token,
+            webchat_token,
             history_messages: self.history_messages,
             max_body_bytes: self.max_body_bytes,
             request_header_timeout,
@@ -796,7 +801,7 @@ impl Config {
             agent,
             // Cron follows TIMEZONE unless the older CRON_TIMEZONE overrides it.
             cron: CronSettings {
-                secret: self.cron_secret,
+                secret: cron_secret,
                 timezone: self.cron_timezone.or(timezone.map(|tz| tz.name().to_string())),
             },
             timezone,
@@ -912,6 +917,34 @@ impl Config {
             }
         }
     }
+}
+
+/// Shortest bearer token or shared secret accepted (`WEBCHAT_TOKEN`, `CRON_SECRET`): both
+/// guard endpoints that may be reachable from outside, so both get the same floor.
+pub const MIN_SECRET_CHARS: usize = 16;
+
+/// A secret that clients send in an HTTP header (`Authorization: Bearer`, `X-Cron-Secret`),
+/// trimmed as it will be compared: the server trims what a client sends (HTTP drops the
+/// spaces around a header value), so untrimmed spaces in the setting could never match and
+/// spaces would count towards the minimum length. Inside, only visible ASCII is allowed:
+/// a header cannot carry control characters, and the server reads only ASCII header values.
+fn header_secret(name: &str, secret: &Secret) -> Result<Secret, ConfigError> {
+    let value = secret.expose().trim();
+    // The value itself is never shown: the message names the variable and the rule.
+    if let Some(c) = value.chars().find(|c| !c.is_ascii_graphic()) {
+        let what = if c.is_whitespace() { "a space" } else { "a control or non-ASCII character" };
+        return Err(bad(format!(
+            "{name}: contains {what}; use only visible ASCII characters (it is sent in an HTTP \
+             header)"
+        )));
+    }
+    if value.len() < MIN_SECRET_CHARS {
+        return Err(bad(format!(
+            "{name}: must be at least {MIN_SECRET_CHARS} characters, not counting spaces \
+             around it"
+        )));
+    }
+    Ok(Secret::new(value))
 }
 
 fn split_list(value: Option<&str>) -> Vec<String> {
@@ -1129,6 +1162,76 @@ mod tests {
         assert!(remote.api_key(Tier::Fast).is_none());
         let err = TierModel::parse(Tier::Main, "openai:http://gpu-box:8000/v1#m").unwrap_err();
         assert!(err.to_string().contains("main must be a local model"), "{err}");
+    }
+
+    #[test]
+    fn header_secrets_are_trimmed_long_and_visible_ascii() {
+        let check = |value: &str, expected: Result<&str, &str>| {
+            let got = header_secret("CRON_SECRET", &Secret::new(value));
+            match (got, expected) {
+                (Ok(secret), Ok(want)) => assert_eq!(secret.expose(), want, "{value:?}"),
+                (Err(e), Err(want)) => assert_eq!(e.to_string(), want, "{value:?}"),
+                (got, _) => panic!("{value:?}: got {got:?}, expected {expected:?}"),
+            }
+        };
+        let too_short =
+            "CRON_SECRET: must be at least 16 characters, not counting spaces around it";
+        let space = "CRON_SECRET: contains a space; use only visible ASCII characters (it is \
+                     sent in an HTTP header)";
+        let control = "CRON_SECRET: contains a control or non-ASCII character; use only \
+                       visible ASCII characters (it is sent in an HTTP header)";
+        check("0123456789abcdef", Ok("0123456789abcdef"));
+        check("  0123456789abcdef\n", Ok("0123456789abcdef"));
+        check("a", Err(too_short));
+        check("", Err(too_short));
+        check(&" ".repeat(20), Err(too_short));
+        check("  0123456789abcde  ", Err(too_short));
+        check("01234567 89abcdef", Err(space));
+        check("01234567\t89abcdef", Err(space));
+        check("01234567\u{7f}89abcdef", Err(control));
+        check("0123456789abcdeé", Err(control));
+    }
+
+    /// The whole `validate` with only `envs` set (and a fresh data directory), as the
+    /// binary would see them.
+    fn validate_with(envs: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            config: Config,
+        }
+        let dir = tempfile::tempdir().expect("temp dir");
+        let data_dir = dir.path().join("data");
+        let mut args = vec!["my-claw".to_string(), format!("--data-dir={}", data_dir.display())];
+        for (name, value) in envs {
+            let flag = name.to_ascii_lowercase().replace('_', "-");
+            args.push(format!("--{flag}={value}"));
+        }
+        Cli::try_parse_from(args).expect("flags parse").config.validate()
+    }
+
+    #[test]
+    fn webchat_token_and_cron_secret_are_checked_at_start() {
+        let err = |envs: &[(&str, &str)]| validate_with(envs).unwrap_err().to_string();
+        assert!(err(&[("CRON_SECRET", "a")]).starts_with("CRON_SECRET: must be at least 16"));
+        let spaces = " ".repeat(20);
+        assert!(err(&[("WEBCHAT_TOKEN", &spaces)]).starts_with("WEBCHAT_TOKEN: must be at least"));
+        assert!(err(&[("WEBCHAT_TOKEN", "0123 4567 89ab cdef")])
+            .starts_with("WEBCHAT_TOKEN: contains a space"));
+        let settings = validate_with(&[
+            ("WEBCHAT_TOKEN", " 0123456789abcdef0123 "),
+            ("CRON_SECRET", "cron-secret-0123456789"),
+        ])
+        .expect("valid");
+        assert_eq!(
+            settings.webchat_token.as_ref().map(Secret::expose),
+            Some("0123456789abcdef0123")
+        );
+        assert_eq!(
+            settings.cron.secret.as_ref().map(Secret::expose),
+            Some("cron-secret-0123456789")
+        );
     }
 
     #[test]

@@ -528,3 +528,148 @@ fn an_unknown_tool_name_stops_the_start_with_the_known_ones() {
         assert!(stderr.contains(expected), "{stderr}");
     }
 }
+
+/// The model's time before its first chunk in `SlowPrefill` (what prefill takes).
+const PREFILL: Duration = Duration::from_millis(300);
+
+/// Calls `echo` in its first round, after `PREFILL`, and reports usage as the engine does
+/// (its time to first token counted from when it got the request); in the next round it
+/// writes two pieces and then, when the user asked it to `hang`, waits until it is stopped.
+struct SlowPrefill;
+
+impl Provider for SlowPrefill {
+    fn info(&self) -> ProviderInfo {
+        ProviderInfo {
+            provider: "local".into(),
+            model: "slow.gguf".into(),
+            host: None,
+            leaves_machine: false,
+        }
+    }
+
+    fn stream(&self, request: LlmRequest) -> BoxFuture<'_, Result<ChunkStream, LlmError>> {
+        let after_tools = request.messages.iter().any(|m| m.role == Role::Tool);
+        let hang = request.messages.iter().any(|m| m.content.contains("hang"));
+        Box::pin(async move {
+            let (tx, rx) = mpsc::channel(64);
+            if !after_tools {
+                // As the local provider does, resolve once the first chunk is ready.
+                tokio::time::sleep(PREFILL).await;
+                for text in ["Let me ", "check."] {
+                    let _ = tx.send(Ok(Chunk::Text(text.into()))).await;
+                }
+                let call = call("call_a", "echo", r#"{"text":"pong"}"#);
+                let _ = tx.send(Ok(Chunk::ToolCall(call))).await;
+                let usage = Usage {
+                    prompt_tokens: 100,
+                    completion_tokens: 3,
+                    prefill_ms: PREFILL.as_millis() as u64,
+                    ttft_ms: PREFILL.as_millis() as u64,
+                    ..Usage::default()
+                };
+                let done = Chunk::Done { usage, finish: FinishReason::ToolCalls };
+                let _ = tx.send(Ok(done)).await;
+                return Ok(rx);
+            }
+            tokio::spawn(async move {
+                for text in ["The echo ", "said pong"] {
+                    let _ = tx.send(Ok(Chunk::Text(text.into()))).await;
+                }
+                if hang {
+                    tx.closed().await;
+                    return;
+                }
+                let usage = Usage { prompt_tokens: 120, completion_tokens: 2, ..Usage::default() };
+                let _ = tx.send(Ok(Chunk::Done { usage, finish: FinishReason::Stop })).await;
+            });
+            Ok(rx)
+        })
+    }
+}
+
+/// The `done` event's timings are one clock from the request: the time to first token
+/// covers the prefill before it, and the total is never less. A stopped answer reports what
+/// is known: the prompt of the model call that finished, the tokens of every call, and its
+/// time to first token.
+#[tokio::test]
+async fn done_timings_cover_the_whole_answer_and_a_stopped_one_reports_what_is_known() {
+    let mut tools = ToolRegistry::new();
+    tools.register(Arc::new(Echo::default()));
+    let agent = AgentConfig { tools, max_steps: 5 };
+    let (state, _dir) =
+        crate::util::in_process_state(Arc::new(SlowPrefill), TOKEN, 64 << 10, agent).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, gateway::router(state)).await;
+    });
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
+    let chat = |message: &str| {
+        http.post(format!("http://{addr}/api/chat"))
+            .bearer_auth(TOKEN)
+            .json(&json!({"message": message}))
+            .send()
+    };
+    let wait = Duration::from_secs(20);
+    let prefill_ms = PREFILL.as_millis() as u64;
+
+    // A whole answer: one call with tools, one without.
+    let mut reader = crate::gateway::SseReader::new(chat("ping").await.expect("POST /api/chat"));
+    let done = loop {
+        let event = reader.next_json(wait).await.expect("a done event");
+        if event["type"] == "done" {
+            break event;
+        }
+    };
+    let (ttft_ms, total_ms) = (&done["timings"]["ttft_ms"], &done["timings"]["total_ms"]);
+    assert_eq!(done["finish"], "stop", "{done}");
+    assert!(ttft_ms.as_u64().unwrap() >= prefill_ms, "{done}");
+    assert!(total_ms.as_u64().unwrap() >= ttft_ms.as_u64().unwrap(), "{done}");
+    assert_eq!(done["usage"]["prompt_tokens"], 120, "the last call's prompt: {done}");
+
+    // Stopped in its second model call, after the first one finished.
+    let mut reader =
+        crate::gateway::SseReader::new(chat("ping and hang").await.expect("POST /api/chat"));
+    let meta = reader.next_json(wait).await.expect("meta");
+    let id = meta["conversation_id"].as_i64().expect("a conversation id");
+    let mut text = String::new();
+    while !text.ends_with("said pong") {
+        let event = reader.next_json(wait).await.expect("the answer's events");
+        if event["type"] == "token" {
+            text.push_str(event["text"].as_str().unwrap());
+        }
+    }
+    let stop = http
+        .post(format!("http://{addr}/api/chat/{id}/stop"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .expect("POST stop");
+    assert_eq!(stop.json::<Value>().await.unwrap(), json!({"stopped": true}));
+    let done = loop {
+        let event = reader.next_json(wait).await.expect("a done event");
+        if event["type"] == "done" {
+            break event;
+        }
+    };
+    assert_eq!(done["finish"], "cancelled", "{done}");
+    let usage = &done["usage"];
+    assert_eq!(usage["prompt_tokens"], 100, "the finished call's prompt: {done}");
+    assert_eq!(usage["completion_tokens"], 3 + 2, "3 reported, 2 pieces received: {done}");
+    let (ttft_ms, total_ms) = (&done["timings"]["ttft_ms"], &done["timings"]["total_ms"]);
+    assert!(ttft_ms.as_u64().unwrap() >= prefill_ms, "{done}");
+    assert!(total_ms.as_u64().unwrap() >= ttft_ms.as_u64().unwrap(), "{done}");
+    assert_eq!(done["timings"]["prefill_ms"], prefill_ms, "{done}");
+
+    // The stored answer keeps the prompt's size it learned.
+    let response = http
+        .get(format!("http://{addr}/api/conversations/{id}/messages"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .expect("GET messages");
+    let messages: Value = response.json().await.expect("JSON");
+    let answer = &messages["messages"][1];
+    assert_eq!(answer["status"], "partial", "{answer}");
+    assert_eq!((&answer["prompt_tokens"], &answer["completion_tokens"]), (&json!(100), &json!(5)));
+}

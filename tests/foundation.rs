@@ -54,6 +54,19 @@ fn bad_configuration_exits_with_one_clear_line() {
     check_config_error(&["serve"], &[("REQUEST_HEADER_TIMEOUT", "0")], "REQUEST_HEADER_TIMEOUT=0");
     check_config_error(&["serve"], &[("REQUEST_BODY_TIMEOUT", "2d")], "must be at most 1h");
     check_config_error(&["serve"], &[("ZAI_TIMEOUT_SECS", "0")], "ZAI_TIMEOUT_SECS=0");
+    // Secrets of public endpoints: one floor for both, counted after trimming.
+    check_config_error(&["serve"], &[("CRON_SECRET", "a")], "CRON_SECRET: must be at least 16");
+    let spaces = " ".repeat(20);
+    check_config_error(
+        &["serve"],
+        &[("WEBCHAT_TOKEN", &spaces)],
+        "WEBCHAT_TOKEN: must be at least 16 characters",
+    );
+    check_config_error(
+        &["serve"],
+        &[("WEBCHAT_TOKEN", "0123456789abcdef\u{1b}[2J")],
+        "WEBCHAT_TOKEN: contains a control or non-ASCII character",
+    );
 
     // Kernel instruction sets: a name that is none (the line says what this CPU has).
     check_config_error(
@@ -267,7 +280,13 @@ async fn server_reports_health_and_stops_gracefully() {
     assert_eq!(status, 401);
 
     assert_eq!(server.terminate(Duration::from_secs(20)), Some(0), "{}", server.output());
-    assert!(server.output().contains("stopped"), "{}", server.output());
+    let output = server.output();
+    assert!(output.contains("stopped"), "{output}");
+    // With WEBCHAT_TOKEN set (as `Server` sets it) no token file exists: the start message
+    // points at the setting, never at the file.
+    assert!(output.contains("Sign in with the token set in WEBCHAT_TOKEN."), "{output}");
+    assert!(!output.contains("webchat_token"), "{output}");
+    assert!(!server.data_dir.join("webchat_token").exists());
 }
 
 /// Starts `my-claw serve` with a fresh data directory, `BIND=127.0.0.1:0` and no

@@ -194,6 +194,83 @@ async fn api_and_v1_require_the_bearer_token() {
     assert_eq!(serde_json::from_slice::<Value>(&body).unwrap(), json!({"status": "ok"}));
 }
 
+/// Unknown paths and wrong methods, over a real socket: the JSON error shape of every other
+/// error. A path no route serves says only "not found", token or not; a protected route
+/// asked with another method answers 401 without the token (as its own methods do), 405
+/// with it; a public one 405; both with `Allow`.
+#[tokio::test]
+async fn unknown_routes_and_wrong_methods_answer_in_the_json_error_shape() {
+    let app = test_app().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let limits = my_claw::gateway::listener::ConnectionLimits {
+        header_timeout: Duration::from_secs(30),
+        body_timeout: Duration::from_secs(30),
+    };
+    let router = gateway::router(app.state.clone());
+    tokio::spawn(gateway::listener::serve(listener, router, limits, std::future::pending()));
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(20)).build().unwrap();
+    let send = |method: Method, path: &'static str, token: Option<&'static str>| {
+        let mut request = http.request(method, format!("http://{addr}{path}"));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        async move {
+            let response = request.send().await.expect("an answer");
+            let status = response.status().as_u16();
+            let allow = response.headers().get("allow").map(|v| v.to_str().unwrap().to_string());
+            let content_type = response.headers().get("content-type").cloned();
+            let body = response.text().await.expect("a body");
+            assert_eq!(
+                content_type.as_ref().and_then(|v| v.to_str().ok()),
+                Some("application/json"),
+                "{path}: {status} {body}"
+            );
+            let body: Value = serde_json::from_str(&body).expect("a JSON body");
+            (status, allow, body)
+        }
+    };
+
+    let not_found = json!({"error": {"code": "not_found", "message": "not found"}});
+    for token in [None, Some("wrong-token-0123456789abcd"), Some(TOKEN)] {
+        for (method, path) in [
+            (Method::GET, "/nope"),
+            (Method::GET, "/api/nope"),
+            (Method::POST, "/api/conversations/1/nope"),
+            (Method::GET, "/v1/nope"),
+            (Method::DELETE, "/v1/chat/completions/1"),
+            (Method::GET, "/index.html/x"),
+        ] {
+            let (status, _, body) = send(method.clone(), path, token).await;
+            assert_eq!((status, &body), (404, &not_found), "{method} {path} with {token:?}");
+        }
+    }
+
+    // A protected route with another method: 401 without the token, 405 with it.
+    for token in [None, Some("wrong-token-0123456789abcd")] {
+        let (status, _, body) = send(Method::GET, "/v1/chat/completions", token).await;
+        assert_eq!(status, 401, "{body}");
+        assert_eq!(body["error"]["code"], "unauthorized");
+    }
+    let (status, allow, body) = send(Method::GET, "/v1/chat/completions", Some(TOKEN)).await;
+    assert_eq!(status, 405, "{body}");
+    assert_eq!(
+        body,
+        json!({"error": {"code": "method_not_allowed", "message": "method not allowed"}})
+    );
+    assert_eq!(allow.as_deref(), Some("POST"));
+    let (status, allow, _) = send(Method::PUT, "/api/conversations", Some(TOKEN)).await;
+    assert_eq!(status, 405);
+    assert!(allow.is_some_and(|a| a.contains("GET")));
+
+    // A public route with another method.
+    let (status, allow, body) = send(Method::POST, "/api/health", None).await;
+    assert_eq!(status, 405, "{body}");
+    assert_eq!(body["error"]["code"], "method_not_allowed");
+    assert!(allow.is_some_and(|a| a.contains("GET")));
+    assert!(app.last_request.lock().unwrap().is_none(), "nothing reached the model");
+}
+
 #[tokio::test]
 async fn chat_rejects_bad_requests_with_clear_messages() {
     let app = test_app().await;
@@ -926,6 +1003,10 @@ async fn real_model_streams_an_answer_over_sse_and_stores_it() {
     assert!((1..=24).contains(&completion), "{done}");
     assert!(done["finish"] == "stop" || done["finish"] == "length", "{done}");
     assert!(done["timings"]["decode_ms"].is_u64() && done["timings"]["ttft_ms"].is_u64());
+    // One clock from the request: the time to first token (prefill included) is part of
+    // the total.
+    let ttft_ms = done["timings"]["ttft_ms"].as_u64().unwrap();
+    assert!(ttft_ms > 0 && done["timings"]["total_ms"].as_u64().unwrap() >= ttft_ms, "{done}");
 
     let history =
         get_json(&server, &format!("/api/conversations/{conversation_id}/messages")).await;
@@ -1053,12 +1134,45 @@ async fn real_model_stop_endpoint_stops_the_engine() {
     assert!(stopped_at.elapsed() < Duration::from_secs(10), "the stream ended promptly");
     assert_eq!(done["type"], "done", "{done}");
     assert_eq!(done["finish"], "cancelled");
+    // Stopped in its first model call: its tokens and time to first token are known.
+    let ttft_ms = done["timings"]["ttft_ms"].as_u64().unwrap();
+    assert!(ttft_ms > 0 && done["timings"]["total_ms"].as_u64().unwrap() >= ttft_ms, "{done}");
+    assert!(done["usage"]["completion_tokens"].as_u64().unwrap() >= 2, "{done}");
     assert!(reader.next_data(Duration::from_secs(5)).await.is_none(), "the stream ends");
 
     let answer = stored_answer(&server, conversation_id).await;
     assert_eq!(answer["status"], "partial", "{answer}");
     assert_eq!(answer["content"].as_str().unwrap(), text);
     assert!(!text.is_empty());
+    assert_engine_is_free(&server).await;
+}
+
+/// A stop sequence on `/v1` cancels the real engine: the answer ends before the sequence
+/// with `finish_reason: "stop"`, and the engine is free at once although the request allowed
+/// 6000 tokens of counting.
+#[tokio::test]
+async fn real_model_stop_sequence_on_v1_stops_the_engine() {
+    let _one_at_a_time = REAL_MODEL.lock().await;
+    let server = real_server(STOP_TEST_MAX_TOKENS);
+    let body = json!({
+        "model": "main", "temperature": 0, "stop": ["5"],
+        "messages": [{"role": "user", "content": LONG_PROMPT}]
+    });
+    let response = http()
+        .post(server.url("/v1/chat/completions"))
+        .bearer_auth(&server.token)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let completion: Value = response.json().await.unwrap();
+    let choice = &completion["choices"][0];
+    let content = choice["message"]["content"].as_str().unwrap();
+    assert_eq!(choice["finish_reason"], "stop", "{completion}");
+    assert!(!content.contains('5'), "{completion}");
+    let completion_tokens = completion["usage"]["completion_tokens"].as_u64().unwrap();
+    assert!((1..STOP_TEST_MAX_TOKENS as u64).contains(&completion_tokens), "{completion}");
     assert_engine_is_free(&server).await;
 }
 

@@ -17,6 +17,7 @@ mod engine;
 mod engine_tokenizer;
 mod foundation;
 mod gateway;
+mod openai_stop;
 mod openai_tools;
 mod reminders;
 mod remote;

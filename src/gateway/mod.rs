@@ -1,6 +1,7 @@
 //! The HTTP gateway: the only module that knows axum. It merges one router per feature,
-//! puts the bearer-token check in front of `/api/*` and `/v1/*`, limits body sizes and
-//! traces requests. Handlers are free `async fn`s over `AppState`.
+//! puts the bearer-token check in front of `/api/*` and `/v1/*`, answers unknown routes and
+//! methods in the API's JSON error shape, limits body sizes and traces requests. Handlers
+//! are free `async fn`s over `AppState`.
 
 pub mod auth;
 pub mod chat;
@@ -16,6 +17,7 @@ pub mod models;
 pub mod openai;
 pub mod search;
 pub mod settings;
+pub mod stop;
 pub mod webchat;
 pub mod webhooks;
 
@@ -23,7 +25,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::extract::DefaultBodyLimit;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::HeaderMap;
 use axum::routing::get;
 use axum::{middleware, Router};
 use sqlx::SqlitePool;
@@ -31,6 +34,7 @@ use tower_http::trace::TraceLayer;
 
 use crate::assistant::Assistant;
 use crate::config::Secret;
+use crate::gateway::error::ApiError;
 
 /// Everything a handler may use. Cheap to clone.
 #[derive(Clone)]
@@ -59,15 +63,21 @@ pub fn router(state: AppState) -> Router {
         .merge(search::router())
         .merge(export::router())
         .merge(message_actions::router())
-        .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_token));
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_token))
+        // `route_layer` guards the routes' methods, not their 405 fallback: that one checks
+        // the token itself, so a caller without it learns no more than from any other
+        // protected route.
+        .method_not_allowed_fallback(protected_method_not_allowed);
     let public = Router::new()
         .route("/api/health", get(health::get_health))
         .merge(webchat::router())
         .merge(cron::trigger_router())
-        .merge(webhooks::router());
+        .merge(webhooks::router())
+        .method_not_allowed_fallback(method_not_allowed);
     Router::new()
         .merge(public)
         .merge(protected)
+        .fallback(not_found)
         .layer(DefaultBodyLimit::max(state.max_body_bytes))
         .layer(middleware::from_fn(error::log_internal_errors))
         .layer(middleware::from_fn(error::add_retry_after))
@@ -77,4 +87,28 @@ pub fn router(state: AppState) -> Router {
             tracing::info_span!("http", method = %request.method(), path = %request.uri().path())
         }))
         .with_state(state)
+}
+
+/// Any path no route serves, with or without a token: a 404 in the API's error shape that
+/// says only that, so it tells no caller which routes exist or what they would need.
+async fn not_found() -> ApiError {
+    ApiError::NotFound("not found".into())
+}
+
+/// A public route asked with a method it does not serve (axum adds the `Allow` header).
+async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
+}
+
+/// A protected route asked with a method it does not serve: 401 without the token, as the
+/// route's own methods answer, else 405.
+async fn protected_method_not_allowed(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> ApiError {
+    if auth::has_valid_token(&headers, &state.webchat_token) {
+        ApiError::MethodNotAllowed
+    } else {
+        ApiError::Unauthorized
+    }
 }

@@ -8,6 +8,7 @@
 //! returned to the client: this module never executes a tool nor touches the `ToolRegistry`
 //! (that is the assistant's loop, for my-claw's own tools).
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -25,11 +26,12 @@ use crate::gateway::chat::{
     check_message_length, parse_tier, sse_event, timings_json, TimingsJson,
 };
 use crate::gateway::error::{ApiError, ApiJson, ApiPath};
+use crate::gateway::stop::{parse_stop, StopMatcher};
 use crate::gateway::AppState;
-use crate::llm::router::{Routed, Tier};
+use crate::llm::router::Tier;
 use crate::llm::{
-    Chunk, FinishReason, GenerationParams, LlmRequest, ResponseFormat, ToolChoice, ToolSpec,
-    ToolUse, Usage,
+    Chunk, ChunkStream, FinishReason, GenerationParams, LlmError, LlmRequest, ResponseFormat,
+    ToolChoice, ToolSpec, ToolUse, Usage,
 };
 
 /// Largest reply a client may ask for.
@@ -45,8 +47,9 @@ pub fn router() -> Router<AppState> {
         .route("/v1/models/{id}", get(get_model))
 }
 
-/// Body of `POST /v1/chat/completions`; fields we do not use are ignored, as OpenAI-style
-/// servers commonly do.
+/// Body of `POST /v1/chat/completions`. Each sampling field listed here is honoured or, when
+/// it cannot be, refused with a 400 naming it unless it asks for nothing (`logit_bias: {}`);
+/// fields not listed at all are ignored, as OpenAI-style servers commonly do.
 #[derive(Debug, Deserialize)]
 pub struct CompletionRequest {
     pub model: String,
@@ -65,8 +68,28 @@ pub struct CompletionRequest {
     pub top_p: Option<f64>,
     #[serde(default)]
     pub seed: Option<u64>,
+    /// Honoured by the local engine, as llama.cpp applies it (every token among the last 64,
+    /// the prompt's included, is lowered); remote tiers are not sent it.
     #[serde(default)]
     pub presence_penalty: Option<f32>,
+    /// Not supported: only `0` (OpenAI's default, which many clients send) is accepted.
+    #[serde(default)]
+    pub frequency_penalty: Option<f32>,
+    /// Not supported: only an empty object is accepted.
+    #[serde(default)]
+    pub logit_bias: Option<Value>,
+    /// Not supported: only `false` is accepted (and `top_logprobs` only `0`).
+    #[serde(default)]
+    pub logprobs: Option<bool>,
+    #[serde(default)]
+    pub top_logprobs: Option<u32>,
+    /// A string or up to 4 strings; the answer ends before the first (see `stop.rs`).
+    #[serde(default)]
+    pub stop: Option<Value>,
+    /// OpenAI's end-user id for abuse monitoring: accepted and ignored, as OpenAI allows
+    /// (there is one user here).
+    #[serde(default)]
+    pub user: Option<String>,
     /// Only `n = 1` is supported.
     #[serde(default)]
     pub n: Option<u32>,
@@ -277,6 +300,7 @@ async fn post_chat_completions(
         messages.insert(0, ChatTurn::new(Role::System, persona.system_turn()));
     }
     let params = params_for(&request, state.reply_max_tokens)?;
+    let stops = parse_stop(request.stop.as_ref()).map_err(ApiError::BadRequest)?;
     let include_usage = request.stream_options.as_ref().is_some_and(|o| o.include_usage);
     let calls = CallFilter::new(&tools);
     let started = Instant::now();
@@ -289,12 +313,13 @@ async fn post_chat_completions(
         fingerprint: format!("my-claw-{}-{}", routed.info.provider, routed.info.model),
         started,
     };
+    let reader = AnswerReader::new(routed.stream, calls, StopMatcher::new(stops), started);
     if request.stream {
-        let stream = completion_stream(routed, meta, calls, include_usage);
+        let stream = completion_stream(reader, meta, include_usage);
         let sse = Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)));
         return Ok(sse.into_response());
     }
-    collect_completion(routed, meta, calls).await.map(IntoResponse::into_response)
+    collect_completion(reader, meta).await.map(IntoResponse::into_response)
 }
 
 /// Who and what a response is, repeated in every chunk.
@@ -368,29 +393,147 @@ fn call_id(call: &ToolCall) -> String {
     }
 }
 
+/// One part of the answer as the client is to see it.
+enum Part {
+    Text(String),
+    Call {
+        index: u32,
+        call: ToolCall,
+    },
+    /// The last part of an answer that ended well.
+    End {
+        usage: Usage,
+        finish: &'static str,
+    },
+    /// The last part of an answer that failed.
+    Failed(LlmError),
+}
+
+/// The model's answer as the client sees it: tool calls through the `CallFilter`, text
+/// through the `StopMatcher`. When a stop sequence matches, the model stream is dropped at
+/// once, which cancels the request: the local engine stops at its next token, a remote
+/// tier's connection is closed.
+///
+/// Stop sequences apply to the answer's text only, never inside a tool call: a call is
+/// generated whole (under its schema's grammar on local models) and cutting its arguments
+/// would hand the client broken JSON. A call ends the stretch of text before it, so text
+/// held back as a possible start of a sequence is released before the call, and a sequence
+/// is never matched across one. A call sent before a stop sequence matched stays in the
+/// answer, and `finish_reason` is then `tool_calls`, so the client still runs it.
+struct AnswerReader {
+    /// `None` once the answer has ended (or been cancelled by a stop sequence).
+    stream: Option<ChunkStream>,
+    filter: CallFilter,
+    stop: StopMatcher,
+    pending: VecDeque<Part>,
+    started: Instant,
+    /// Text chunks received: the local engine sends one per generated token that has text,
+    /// so this is the completion count of an answer a stop sequence cut short (it misses
+    /// the tokens of tool calls, which the engine only counts at the end).
+    n_text: u32,
+    ttft_ms: Option<u64>,
+}
+
+impl AnswerReader {
+    fn new(stream: ChunkStream, filter: CallFilter, stop: StopMatcher, started: Instant) -> Self {
+        Self {
+            stream: Some(stream),
+            filter,
+            stop,
+            pending: VecDeque::new(),
+            started,
+            n_text: 0,
+            ttft_ms: None,
+        }
+    }
+
+    /// The next part, in order; `None` after the `End` or `Failed` part.
+    async fn next(&mut self) -> Option<Part> {
+        loop {
+            if let Some(part) = self.pending.pop_front() {
+                return Some(part);
+            }
+            let stream = self.stream.as_mut()?;
+            match stream.recv().await {
+                Some(Ok(Chunk::Text(text))) => self.text(&text),
+                Some(Ok(Chunk::ToolCall(call))) => {
+                    if let Some(index) = self.filter.admit(&call) {
+                        self.release_held();
+                        self.pending.push_back(Part::Call { index, call });
+                    }
+                }
+                Some(Ok(Chunk::Notice { .. })) => {}
+                Some(Ok(Chunk::Done { usage, finish })) => {
+                    self.release_held();
+                    let finish = self.filter.finish_reason(finish);
+                    self.end(Part::End { usage, finish });
+                }
+                Some(Err(e)) => {
+                    self.release_held();
+                    self.end(Part::Failed(e));
+                }
+                None => {
+                    let e = LlmError::Inference("the model stream ended unexpectedly".into());
+                    self.end(Part::Failed(e));
+                }
+            }
+        }
+    }
+
+    fn text(&mut self, text: &str) {
+        self.n_text += 1;
+        let elapsed_ms = self.started.elapsed().as_millis() as u64;
+        self.ttft_ms.get_or_insert(elapsed_ms);
+        let release = self.stop.push(text);
+        if !release.text.is_empty() {
+            self.pending.push_back(Part::Text(release.text));
+        }
+        if release.stopped {
+            // The engine reports its usage only in `Done`, which a cancelled request never
+            // sends: what is known here is the tokens received and the first one's time.
+            // The prompt's size is not, and stays 0.
+            let usage = Usage {
+                completion_tokens: self.n_text,
+                ttft_ms: self.ttft_ms.unwrap_or(elapsed_ms),
+                ..Usage::default()
+            };
+            let finish = self.filter.finish_reason(FinishReason::Stop);
+            // Dropping the stream here is the cancellation.
+            self.end(Part::End { usage, finish });
+        }
+    }
+
+    /// Sends what the stop matcher held back as a possible start of a sequence.
+    fn release_held(&mut self) {
+        let held = self.stop.flush();
+        if !held.is_empty() {
+            self.pending.push_back(Part::Text(held));
+        }
+    }
+
+    fn end(&mut self, last: Part) {
+        self.stream = None;
+        self.pending.push_back(last);
+    }
+}
+
 async fn collect_completion(
-    mut routed: Routed,
+    mut reader: AnswerReader,
     meta: ResponseMeta,
-    mut filter: CallFilter,
 ) -> Result<ApiJson<Completion>, ApiError> {
     let mut text = String::new();
     let mut calls = Vec::new();
     let (usage, finish) = loop {
-        match routed.stream.recv().await {
-            Some(Ok(Chunk::Text(t))) => text.push_str(&t),
-            Some(Ok(Chunk::ToolCall(call))) => {
-                if filter.admit(&call).is_some() {
-                    calls.push(ToolCallOut {
-                        id: call_id(&call),
-                        r#type: "function",
-                        function: FunctionOut { name: call.name, arguments: call.arguments },
-                    });
-                }
-            }
-            Some(Ok(Chunk::Notice { .. })) => {}
-            Some(Ok(Chunk::Done { usage, finish })) => break (usage, finish),
-            Some(Err(e)) => return Err(e.into()),
-            None => return Err(ApiError::Internal("the model stream ended unexpectedly".into())),
+        match reader.next().await {
+            Some(Part::Text(t)) => text.push_str(&t),
+            Some(Part::Call { call, .. }) => calls.push(ToolCallOut {
+                id: call_id(&call),
+                r#type: "function",
+                function: FunctionOut { name: call.name, arguments: call.arguments },
+            }),
+            Some(Part::End { usage, finish }) => break (usage, finish),
+            Some(Part::Failed(e)) => return Err(e.into()),
+            None => return Err(ApiError::Internal("the answer ended without its end".into())),
         }
     };
     // OpenAI sends `content: null` beside calls when the model wrote no text; a plain
@@ -405,7 +548,7 @@ async fn collect_completion(
         choices: vec![CompletionChoice {
             index: 0,
             message: MessageOut { role: "assistant", content, tool_calls: calls },
-            finish_reason: filter.finish_reason(finish),
+            finish_reason: finish,
             logprobs: None,
         }],
         usage: usage_out(&usage),
@@ -417,9 +560,8 @@ async fn collect_completion(
 /// a usage chunk, then `[DONE]`. Dropping it (the client left) drops the model stream, which
 /// stops the engine at its next token.
 fn completion_stream(
-    routed: Routed,
+    reader: AnswerReader,
     meta: ResponseMeta,
-    filter: CallFilter,
     include_usage: bool,
 ) -> impl Stream<Item = Result<SseEvent, Infallible>> {
     let first = meta.chunk(
@@ -427,56 +569,43 @@ fn completion_stream(
         None,
     );
     let start = futures::stream::iter([Ok(sse_event(&first))]);
-    let state = Some((routed.stream, meta, filter));
-    let body = futures::stream::unfold(state, move |state| async move {
-        let (mut stream, meta, mut filter) = state?;
-        loop {
-            let events: Vec<SseEvent> = match stream.recv().await {
-                Some(Ok(Chunk::Text(t))) => {
-                    let delta = Delta { content: Some(t), ..Delta::default() };
-                    let events = vec![sse_event(&meta.chunk(delta, None))];
-                    return Some((events, Some((stream, meta, filter))));
+    let body = futures::stream::unfold(Some((reader, meta)), move |state| async move {
+        let (mut reader, meta) = state?;
+        let events: Vec<SseEvent> = match reader.next().await? {
+            Part::Text(t) => {
+                let delta = Delta { content: Some(t), ..Delta::default() };
+                let events = vec![sse_event(&meta.chunk(delta, None))];
+                return Some((events, Some((reader, meta))));
+            }
+            Part::Call { index, call } => {
+                let events = tool_call_deltas(index, call)
+                    .into_iter()
+                    .map(|d| sse_event(&meta.chunk(d, None)))
+                    .collect();
+                return Some((events, Some((reader, meta))));
+            }
+            Part::End { usage, finish } => {
+                let mut out = vec![sse_event(&meta.chunk(Delta::default(), Some(finish)))];
+                if include_usage {
+                    let mut chunk = meta.chunk(Delta::default(), None);
+                    chunk.choices.clear();
+                    chunk.usage = Some(usage_out(&usage));
+                    out.push(sse_event(&chunk));
                 }
-                Some(Ok(Chunk::ToolCall(call))) => {
-                    let Some(index) = filter.admit(&call) else { continue };
-                    let events = tool_call_deltas(index, call)
-                        .into_iter()
-                        .map(|d| sse_event(&meta.chunk(d, None)))
-                        .collect();
-                    return Some((events, Some((stream, meta, filter))));
-                }
-                Some(Ok(Chunk::Notice { .. })) => continue,
-                Some(Ok(Chunk::Done { usage, finish })) => {
-                    let finish = filter.finish_reason(finish);
-                    let mut out = vec![sse_event(&meta.chunk(Delta::default(), Some(finish)))];
-                    if include_usage {
-                        let mut chunk = meta.chunk(Delta::default(), None);
-                        chunk.choices.clear();
-                        chunk.usage = Some(usage_out(&usage));
-                        out.push(sse_event(&chunk));
-                    }
-                    out
-                }
-                Some(Err(e)) => vec![sse_event(&StreamError {
-                    error: StreamErrorDetail {
-                        message: e.to_string(),
-                        r#type: "server_error",
-                        code: None,
-                    },
-                })],
-                None => vec![sse_event(&StreamError {
-                    error: StreamErrorDetail {
-                        message: "the model stream ended unexpectedly".into(),
-                        r#type: "server_error",
-                        code: None,
-                    },
-                })],
-            };
-            let mut events = events;
-            // The terminator OpenAI clients wait for, after the last chunk or an error.
-            events.push(SseEvent::default().data("[DONE]"));
-            return Some((events, None));
-        }
+                out
+            }
+            Part::Failed(e) => vec![sse_event(&StreamError {
+                error: StreamErrorDetail {
+                    message: e.to_string(),
+                    r#type: "server_error",
+                    code: None,
+                },
+            })],
+        };
+        let mut events = events;
+        // The terminator OpenAI clients wait for, after the last chunk or an error.
+        events.push(SseEvent::default().data("[DONE]"));
+        Some((events, None))
     });
     let body = futures::StreamExt::flat_map(body, |events| {
         futures::stream::iter(events.into_iter().map(Ok))
@@ -877,7 +1006,33 @@ fn params_for(
         params.top_p = p;
     }
     if let Some(p) = request.presence_penalty {
-        params.presence_penalty = p.clamp(-2.0, 2.0);
+        if !(-2.0..=2.0).contains(&p) {
+            return Err(ApiError::BadRequest("presence_penalty must be between -2 and 2".into()));
+        }
+        params.presence_penalty = p;
+    }
+    // What the engine cannot do is refused rather than ignored: a client that asks for it
+    // would otherwise get an answer made without it and never know. The neutral values
+    // many clients send by default ask for nothing and pass.
+    if request.frequency_penalty.is_some_and(|p| p != 0.0) {
+        return Err(ApiError::BadRequest(
+            "frequency_penalty is not supported (leave it out or 0); presence_penalty is".into(),
+        ));
+    }
+    match &request.logit_bias {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(biases)) if biases.is_empty() => {}
+        Some(Value::Object(_)) => {
+            return Err(ApiError::BadRequest(
+                "logit_bias is not supported (leave it out or {})".into(),
+            ))
+        }
+        Some(_) => return Err(ApiError::BadRequest("logit_bias must be an object".into())),
+    }
+    if request.logprobs == Some(true) || request.top_logprobs.is_some_and(|n| n > 0) {
+        return Err(ApiError::BadRequest(
+            "logprobs and top_logprobs are not supported (leave them out, false or 0)".into(),
+        ));
     }
     params.seed = request.seed;
     Ok(params)
