@@ -14,6 +14,10 @@
 (() => {
   const TOKEN_KEY = "my-claw.token";
   const TIER_KEY = "my-claw.tier";
+  /** The server's limit on one message (config::MAX_MESSAGE_CHARS), in characters. */
+  const MAX_MESSAGE_CHARS = 16000;
+  /** The character counter shows from this length on. */
+  const COUNT_FROM = 14000;
 
   const $ = (id) => document.getElementById(id);
   const el = {
@@ -33,6 +37,7 @@
     banner: $("banner"),
     bannerText: $("banner-text"),
     bannerRetry: $("banner-retry"),
+    bannerClose: $("banner-close"),
     messages: $("messages"),
     empty: $("empty"),
     composer: $("composer"),
@@ -56,6 +61,10 @@
     personaStatus: $("persona-status"),
     cronPanel: $("cron-panel"),
     editNote: $("edit-note"),
+    streamNote: $("stream-note"),
+    streamNoteText: $("stream-note-text"),
+    streamOpen: $("stream-open"),
+    inputCount: $("input-count"),
     menuButton: $("chat-menu-button"),
     exportMd: $("export-md"),
     exportJson: $("export-json"),
@@ -71,8 +80,9 @@
     token: null,
     conversations: [],
     current: null, // the open conversation object, or null for a new chat
-    streaming: null, // { controller, conversationId, bubble, stopRequested }
-    editing: null, // { wrap } while the last user message is being edited
+    streaming: null, // { controller, conversationId, bubble, stopRequested, meta, kind }
+    editing: null, // { wrap, draft } while the last user message is being edited
+    reloadOnReconnect: false, // an answer lost its connection: show the stored state once back
     tiers: [],
     defaultTier: null,
     personaDefaults: null,
@@ -92,14 +102,40 @@
 
   // --- Token -----------------------------------------------------------------------------
 
-  /** Takes `?token=` from the address bar into storage, and removes it from the URL. */
-  function adoptTokenFromUrl() {
+  /**
+   * Takes `?token=` from the address bar into storage, and removes it from the URL. A link
+   * can come from anywhere (model output, a message from someone else): it replaces a stored
+   * token only when the server accepts it, so a bad link cannot sign the user out. With no
+   * stored token (the first-start sign-in link) it is kept as is, and checked by `start`.
+   */
+  async function adoptTokenFromUrl() {
     const url = new URL(window.location.href);
-    const token = url.searchParams.get("token");
-    if (token === null) return;
+    const raw = url.searchParams.get("token");
+    if (raw === null) return;
     url.searchParams.delete("token");
     window.history.replaceState(null, "", url.pathname + url.search + url.hash);
-    if (token.trim()) saveToken(token.trim());
+    const token = raw.trim();
+    if (!token) return;
+    loadToken();
+    if (!state.token || state.token === token) {
+      saveToken(token);
+    } else if (await tokenAccepted(token)) {
+      saveToken(token);
+    } else {
+      showBanner("The token in that link was refused; you are still signed in with yours.");
+    }
+  }
+
+  async function tokenAccepted(token) {
+    try {
+      const response = await fetch("/api/models", {
+        headers: { Authorization: "Bearer " + token },
+        cache: "no-store",
+      });
+      return response.ok;
+    } catch (_) {
+      return false;
+    }
   }
 
   function saveToken(token) {
@@ -238,10 +274,17 @@
     el.banner.hidden = false;
   }
 
-  /** Hides the banner; `onlyNetwork` keeps other messages until they are dismissed. */
+  /** Hides the banner; `onlyNetwork` keeps other messages until they are dismissed (with
+   * its close button) or the user moves on (`hideMessageBanner`). */
   function hideBanner(onlyNetwork) {
     if (onlyNetwork && !bannerIsNetwork) return;
     el.banner.hidden = true;
+  }
+
+  /** Hides a message about something the user did: called when they move on (open another
+   * conversation, send). A "cannot reach the server" banner stays until it is reachable. */
+  function hideMessageBanner() {
+    if (!bannerIsNetwork) el.banner.hidden = true;
   }
 
   function setConnection(kind) {
@@ -296,6 +339,14 @@
       return null;
     }
     return SAFE_PROTOCOLS.includes(url.protocol) ? url : null;
+  }
+
+  /** A safe URL that leaves this page's origin, else null. Model output has no business
+   * linking into the app itself (a `/?token=…` link would try to swap the sign-in token): such
+   * a link shows as its text. */
+  function outsideUrl(href) {
+    const url = safeUrl(href);
+    return url && url.origin !== window.location.origin ? url : null;
   }
 
   /** GFM task lists: a list item whose text starts with `[ ]` or `[x]` gets a disabled
@@ -414,7 +465,7 @@
 
   function openElement(token) {
     if (token.type === "link_open") {
-      const url = safeUrl(token.attrGet("href"));
+      const url = outsideUrl(token.attrGet("href"));
       if (!url) return document.createElement("span");
       const a = document.createElement("a");
       a.href = url.href;
@@ -468,7 +519,7 @@
         // Images are not loaded (privacy: a remote image tells its server you read this);
         // a safe source becomes a link with the alt text.
         const alt = token.content || "image";
-        const url = safeUrl(token.attrGet("src"));
+        const url = outsideUrl(token.attrGet("src"));
         if (url && url.protocol !== "mailto:") {
           const a = document.createElement("a");
           a.href = url.href;
@@ -585,6 +636,9 @@
       actions.appendChild(actionButton("Regenerate", "act-regenerate", () => regenerateLast().catch(reportError)));
     } else if (role === "user") {
       actions.appendChild(actionButton("Edit", "act-edit", () => startEdit()));
+      // The last stored message is this one and no answer follows it (the answer failed,
+      // or the connection was lost before it was stored): answer it again.
+      actions.appendChild(actionButton("Answer", "act-answer", () => regenerateFrom(wrap).catch(reportError)));
     }
     wrap.append(notices, wait, tools, content, meta, actions);
     renderBubbleText(bubble);
@@ -601,22 +655,39 @@
     return button;
   }
 
-  /** Marks the last user message and the last answer: only they can be edited or
-   * regenerated, and only in a WebChat conversation with no answer running. */
+  /** Marks the last stored user message and the last stored answer after it: only they can
+   * be edited or regenerated, and only in a WebChat conversation with no answer running. A
+   * bubble the server never stored has no message id, so it gets neither action (they would
+   * change the stored exchange before it): its own Retry puts it right. The server checks
+   * the ids again (409 when the conversation moved on meanwhile). */
   function updateMessageActions() {
     const editable = Boolean(state.current && state.current.channel === "webchat" && !state.streaming);
     el.messages.classList.toggle("actions-enabled", editable);
     const wraps = [...el.messages.querySelectorAll(".msg")];
-    for (const w of wraps) w.classList.remove("last-user", "last-answer");
-    const users = wraps.filter((w) => w.classList.contains("user"));
+    for (const w of wraps) w.classList.remove("last-user", "last-answer", "unanswered");
+    const stored = wraps.filter((w) => w.dataset.messageId);
+    const last = stored[stored.length - 1];
+    const users = stored.filter((w) => w.classList.contains("user"));
     const lastUser = users[users.length - 1];
     if (!lastUser) return;
     lastUser.classList.add("last-user");
-    const answers = wraps.filter((w) => w.classList.contains("assistant"));
-    const lastAnswer = answers[answers.length - 1];
-    if (lastAnswer && wraps.indexOf(lastAnswer) > wraps.indexOf(lastUser)) {
-      lastAnswer.classList.add("last-answer");
+    if (last === lastUser) {
+      lastUser.classList.add("unanswered");
+    } else if (last.classList.contains("assistant")) {
+      last.classList.add("last-answer");
     }
+  }
+
+  /** A message the server did not store: it says so and why, and offers Retry. */
+  function markUnsent(bubble, reason) {
+    bubble.wrap.classList.add("unsent");
+    bubble.wrap.dataset.state = "unsent";
+    addErrorText(bubble, "Not sent: " + reason);
+    bubble.actions.appendChild(actionButton("Retry", "act-retry", () => retryUnsent(bubble).catch(reportError)));
+  }
+
+  function removeUnsent() {
+    for (const wrap of el.messages.querySelectorAll(".msg.unsent")) wrap.remove();
   }
 
   function renderBubbleText(bubble) {
@@ -638,9 +709,16 @@
       return span;
     };
     if (info.tier || info.model) {
-      const who = add([info.tier, info.model].filter(Boolean).join(" · "), "model");
+      const fallback = info.fallback || fellBackToMain(info.tier, info.model);
+      const tier = fallback && info.tier ? info.tier + " → main" : info.tier;
+      const who = add([tier, info.model].filter(Boolean).join(" · "), "model");
       who.title = info.provider ? "provider: " + info.provider : "";
       if (info.host) who.title += " · host: " + info.host;
+      if (fallback) {
+        who.classList.add("fallback");
+        who.title = (typeof fallback === "string" ? fallback : info.tier + " was not available: main answered") +
+          (who.title ? " · " + who.title : "");
+      }
     }
     // A remote server is named by its host; one on loopback stays on this machine.
     if (info.leftMachine) {
@@ -648,7 +726,12 @@
     } else if (info.provider === "local" || info.host) {
       add("on this machine" + (info.host ? " (" + info.host + ")" : ""), "local");
     }
-    if (info.status === "partial") add("stopped before the end", "stopped");
+    if (info.stoppedBy === "server") {
+      add("stopped by a restart of my-claw", "stopped");
+    } else if (info.status === "partial") {
+      add("stopped before the end", "stopped");
+    }
+    if (info.status === "lost") add("connection lost", "stopped");
     if (info.finish === "length") add("cut at the length limit", "stopped");
     if (info.status === "error") add("failed", "stopped");
     if (info.promptTokens != null) {
@@ -659,6 +742,16 @@
       add(info.completionTokens + " tokens", "tokens");
     }
     if (info.tokS) add(info.tokS + " tok/s", "speed");
+  }
+
+  /** Whether a stored answer of `tier` was written by main's model instead of the tier's
+   * own (the cloud tier had no key or failed): the stream says so with a `fallback` notice,
+   * a stored message only by its model. */
+  function fellBackToMain(tier, model) {
+    if (!tier || tier === "main" || !model) return false;
+    const own = state.tiers.find((t) => t.tier === tier);
+    const main = state.tiers.find((t) => t.tier === "main");
+    return Boolean(own && main && own.model && own.model !== model && main.model === model);
   }
 
   /** Notices about waiting (engine queue, model loading, previous answer) replace each
@@ -758,46 +851,109 @@
     bubble.wrap.appendChild(p);
   }
 
-  function scrollToEnd(force) {
+  function nearEnd() {
     const box = el.messages;
-    const nearEnd = box.scrollHeight - box.scrollTop - box.clientHeight < 120;
-    if (force || nearEnd) box.scrollTop = box.scrollHeight;
+    return box.scrollHeight - box.scrollTop - box.clientHeight < 120;
   }
 
-  function showMessages(messages) {
+  function scrollToEnd(force) {
+    if (force || nearEnd()) el.messages.scrollTop = el.messages.scrollHeight;
+  }
+
+  /** Adds one stored message as the conversation endpoint gives it. */
+  function addStoredBubble(m) {
+    const role = m.role === "user" || m.role === "assistant" ? m.role : "system";
+    const bubble = addBubble(role, m.content, { id: m.id, status: m.status });
+    if (role === "assistant") {
+      showToolRounds(bubble, m.tool_rounds);
+      bubble.wrap.dataset.state = m.status === "complete" ? "done" : m.status;
+      setMeta(bubble, {
+        tier: m.tier,
+        model: m.model,
+        provider: m.provider,
+        host: m.host,
+        leftMachine: m.left_machine,
+        status: m.status,
+        promptTokens: m.prompt_tokens || null,
+        completionTokens: m.completion_tokens,
+      });
+    }
+    return bubble;
+  }
+
+  /** Shows a conversation's stored messages, scrolled to the end unless `keepScroll`. An
+   * answer of this conversation still streaming in the background comes back at the end. */
+  function showMessages(messages, keepScroll) {
     clearMessages();
-    for (const m of messages) {
-      const role = m.role === "user" || m.role === "assistant" ? m.role : "system";
-      const bubble = addBubble(role, m.content, { id: m.id, status: m.status });
-      if (role === "assistant") {
-        showToolRounds(bubble, m.tool_rounds);
-        bubble.wrap.dataset.state = m.status === "complete" ? "done" : m.status;
-        setMeta(bubble, {
-          tier: m.tier,
-          model: m.model,
-          provider: m.provider,
-          host: m.host,
-          leftMachine: m.left_machine,
-          status: m.status,
-          promptTokens: m.prompt_tokens || null,
-          completionTokens: m.completion_tokens,
-        });
-      }
+    for (const m of messages) addStoredBubble(m);
+    const run = state.streaming;
+    if (run && state.current && run.conversationId === state.current.id) {
+      el.empty.hidden = true;
+      el.messages.appendChild(run.bubble.wrap);
     }
     updateMessageActions();
     // A live refresh can re-render the conversation while its last message is being edited:
     // the edit follows the new last user bubble instead of a detached one.
     if (state.editing) {
-      const users = el.messages.querySelectorAll(".msg.user");
-      const last = users[users.length - 1];
+      const last = el.messages.querySelector(".msg.last-user");
       if (last) {
         state.editing.wrap = last;
         last.classList.add("editing");
       } else {
-        cancelEdit();
+        cancelEdit(true);
       }
     }
-    scrollToEnd(true);
+    updateComposer();
+    if (!keepScroll) scrollToEnd(true);
+  }
+
+  /**
+   * Brings the open conversation up to date with `messages` (its stored state) without
+   * disturbing the reader: when the stored messages shown are unchanged, only new ones are
+   * added (our own just-finished answer adds nothing); otherwise the view is rebuilt with
+   * its scroll position and opened tool details kept. Either way it stays where it was
+   * unless it was at the end. Bubbles that were never stored (an unsent message, the
+   * answer streaming now) are not compared and stay.
+   */
+  function reconcileMessages(messages) {
+    const box = el.messages;
+    const atEnd = nearEnd();
+    const shown = [...box.querySelectorAll(".msg")].filter((w) => w.dataset.messageId);
+    let same = 0;
+    while (same < shown.length && same < messages.length && sameMessage(shown[same], messages[same])) {
+      same += 1;
+    }
+    if (same === shown.length) {
+      if (messages.length === same) return;
+      // An answer whose connection was lost is replaced by what the server stored.
+      for (const wrap of box.querySelectorAll(".msg.lost")) wrap.remove();
+      const live = state.streaming && state.streaming.bubble.wrap.isConnected ? state.streaming.bubble.wrap : null;
+      for (const m of messages.slice(same)) {
+        const bubble = addStoredBubble(m);
+        if (live) box.insertBefore(bubble.wrap, live);
+      }
+      updateMessageActions();
+    } else {
+      const top = box.scrollTop;
+      const opened = new Set(
+        [...box.querySelectorAll(".msg[data-message-id] details[open]")].map(detailsKey),
+      );
+      showMessages(messages, true);
+      for (const d of box.querySelectorAll(".msg[data-message-id] details")) {
+        if (opened.has(detailsKey(d))) d.open = true;
+      }
+      box.scrollTop = top;
+    }
+    if (atEnd) scrollToEnd(true);
+  }
+
+  function sameMessage(wrap, m) {
+    return wrap.dataset.messageId === String(m.id) && Boolean(wrap.__bubble) && wrap.__bubble.text === m.content;
+  }
+
+  function detailsKey(details) {
+    const wrap = details.closest(".msg");
+    return (wrap ? wrap.dataset.messageId : "") + ":" + (details.dataset.callId || "");
   }
 
   // --- Conversations ---------------------------------------------------------------------
@@ -870,10 +1026,22 @@
     updateMessageActions();
   }
 
+  /**
+   * Opens a conversation. The one already open is brought up to date in place instead
+   * (`refreshConversation`). An answer streaming meanwhile goes on in the background: its
+   * request stays open, so the server finishes and stores it, and the composer says where
+   * it is being written.
+   */
   async function openConversation(id) {
-    if (state.streaming) return;
-    cancelEdit();
+    if (state.current && state.current.id === id) {
+      await refreshConversation();
+      return;
+    }
     const data = await api("/api/conversations/" + encodeURIComponent(id) + "/messages");
+    cancelEdit(true);
+    // Moving on clears a message about the previous view; the first view keeps one said at
+    // start (a refused sign-in link).
+    if (state.started) hideMessageBanner();
     state.current = data.conversation;
     setHash(state.current.id);
     renderHeader();
@@ -881,14 +1049,27 @@
     showMessages(data.messages || []);
   }
 
+  /** Reloads the open conversation's stored messages into the view (`reconcileMessages`). */
+  async function refreshConversation() {
+    const c = state.current;
+    if (!c) return;
+    const data = await api("/api/conversations/" + encodeURIComponent(c.id) + "/messages");
+    if (!state.current || state.current.id !== c.id) return; // moved on meanwhile
+    state.current = data.conversation;
+    renderHeader();
+    renderConversationList();
+    reconcileMessages(data.messages || []);
+  }
+
   function newChat() {
-    if (state.streaming) return;
-    cancelEdit();
+    cancelEdit(true);
+    hideMessageBanner();
     state.current = null;
     setHash(null);
     renderHeader();
     renderConversationList();
     clearMessages();
+    updateComposer();
     closeSidebar();
     el.input.focus();
   }
@@ -1003,9 +1184,14 @@
 
   /** Opens a conversation and brings one of its messages into view, highlighted. */
   async function jumpToMessage(conversationId, messageId) {
-    if (state.streaming) return;
-    if (!state.current || state.current.id !== conversationId) await openConversation(conversationId);
-    const target = el.messages.querySelector('.msg[data-message-id="' + Number(messageId) + '"]');
+    await openConversation(conversationId);
+    const selector = '.msg[data-message-id="' + Number(messageId) + '"]';
+    let target = el.messages.querySelector(selector);
+    if (!target) {
+      // Stored after the view was drawn (or shown without its id): reload it once.
+      await refreshConversation();
+      target = el.messages.querySelector(selector);
+    }
     if (!target) {
       showBanner("That message is not among the ones shown for this conversation.");
       return;
@@ -1094,11 +1280,44 @@
 
   // --- Sending and streaming ---------------------------------------------------------------
 
+  /** Characters as the server counts them (Unicode scalar values, not UTF-16 units). */
+  function countChars(text) {
+    let n = 0;
+    for (const _ of text) n += 1;
+    return n;
+  }
+
+  const formatCount = (n) => n.toLocaleString("en-US");
+
+  /** Whether the open view shows the running answer (it can run on in the background). */
+  function streamShown(run) {
+    return Boolean(run && run.bubble.wrap.isConnected);
+  }
+
   function updateComposer() {
-    const busy = Boolean(state.streaming);
-    el.send.hidden = busy;
-    el.stop.hidden = !busy;
-    el.send.disabled = el.input.disabled || !el.input.value.trim();
+    const run = state.streaming;
+    const here = streamShown(run);
+    el.send.hidden = here;
+    el.stop.hidden = !here;
+    const text = el.input.value;
+    const n = countChars(text);
+    const over = n > MAX_MESSAGE_CHARS;
+    el.send.disabled = el.input.disabled || !text.trim() || over || Boolean(run);
+    // The limit is shown before sending, near it and over it, rather than refused after.
+    el.inputCount.hidden = n < COUNT_FROM;
+    el.inputCount.classList.toggle("over", over);
+    el.inputCount.textContent = over
+      ? "Too long to send: " + formatCount(n) + " / " + formatCount(MAX_MESSAGE_CHARS) +
+        " characters. Remove " + formatCount(n - MAX_MESSAGE_CHARS) + " to send it."
+      : formatCount(n) + " / " + formatCount(MAX_MESSAGE_CHARS) + " characters";
+    el.streamNote.hidden = !run || here;
+    if (run && !here) {
+      const c = state.conversations.find((x) => x.id === run.conversationId);
+      const where = run.conversationId ? "“" + conversationTitle(c || { id: run.conversationId }) + "”" : "a new chat";
+      el.streamNoteText.textContent =
+        "An answer is still being written in " + where + ": it is saved there when it ends. Sending waits for it.";
+      el.streamOpen.hidden = !run.conversationId;
+    }
   }
 
   function autoGrow() {
@@ -1106,44 +1325,85 @@
     el.input.style.height = Math.min(el.input.scrollHeight + 2, window.innerHeight * 0.4) + "px";
   }
 
+  /** Puts text back into the composer, unless the user has typed something else there. */
+  function restoreInput(text) {
+    if (el.input.value.trim() || el.input.disabled) return;
+    el.input.value = text;
+    autoGrow();
+    updateComposer();
+  }
+
   async function sendMessage() {
     const text = el.input.value;
     if (!text.trim() || state.streaming || el.input.disabled) return;
+    if (countChars(text) > MAX_MESSAGE_CHARS) {
+      updateComposer();
+      return;
+    }
     if (state.editing) {
       await resendEdited(text);
       return;
     }
     el.input.value = "";
     autoGrow();
+    await sendText(text);
+  }
+
+  async function sendText(text) {
+    hideMessageBanner();
+    removeUnsent();
     const conversationId = state.current ? state.current.id : null;
-    addBubble("user", text);
+    const userBubble = addBubble("user", text);
     const bubble = addBubble("assistant", "");
     const body = { message: text };
     if (conversationId) body.conversation_id = conversationId;
-    await streamAnswer("/api/chat", body, bubble, conversationId, text);
+    await streamAnswer("/api/chat", body, bubble, conversationId, { kind: "send", userBubble, text });
+  }
+
+  /** Sends an unsent message again (its text left the composer when it was restored). */
+  async function retryUnsent(bubble) {
+    if (state.streaming || el.input.disabled) return;
+    if (el.input.value === bubble.text) {
+      el.input.value = "";
+      autoGrow();
+    }
+    bubble.wrap.remove();
+    await sendText(bubble.text);
   }
 
   /** Replaces the last answer with a new one (the old one is deleted, not kept). */
   async function regenerateLast() {
-    const c = state.current;
-    if (state.streaming || !c || c.channel !== "webchat") return;
-    const users = el.messages.querySelectorAll(".msg.user");
-    const lastUser = users[users.length - 1];
-    if (!lastUser) return;
-    while (lastUser.nextSibling) lastUser.nextSibling.remove();
-    const bubble = addBubble("assistant", "");
-    await streamAnswer("/api/conversations/" + c.id + "/regenerate", {}, bubble, c.id, null);
+    const last = el.messages.querySelector(".msg.last-answer");
+    if (last) await regenerateFrom(last);
   }
 
-  /** Puts the last user message into the input for editing (Up in an empty input). */
+  /** Answers again after `wrap`: the last stored answer (replaced), or the last stored user
+   * message when no answer to it was stored. The server refuses (409) when it is no longer
+   * the conversation's last message. */
+  async function regenerateFrom(wrap) {
+    const c = state.current;
+    if (state.streaming || !c || c.channel !== "webchat" || !wrap.isConnected) return;
+    hideMessageBanner();
+    let user = wrap;
+    while (user && !user.classList.contains("user")) user = user.previousElementSibling;
+    if (!user) return;
+    const body = {};
+    if (wrap.dataset.messageId) body.message_id = Number(wrap.dataset.messageId);
+    while (user.nextSibling) user.nextSibling.remove();
+    const bubble = addBubble("assistant", "");
+    await streamAnswer("/api/conversations/" + c.id + "/regenerate", body, bubble, c.id, { kind: "regenerate" });
+  }
+
+  /** Puts the last stored user message into the input for editing (Up in an empty input,
+   * or its Edit button). What was typed in the input is kept and comes back after. */
   function startEdit() {
     const c = state.current;
     if (state.streaming || !c || c.channel !== "webchat") return false;
-    const users = el.messages.querySelectorAll(".msg.user");
-    const lastUser = users[users.length - 1];
+    const lastUser = el.messages.querySelector(".msg.last-user");
     if (!lastUser || !lastUser.__bubble) return false;
-    cancelEdit();
-    state.editing = { wrap: lastUser };
+    const draft = state.editing ? state.editing.draft : el.input.value;
+    cancelEdit(false);
+    state.editing = { wrap: lastUser, draft };
     lastUser.classList.add("editing");
     el.input.value = lastUser.__bubble.text;
     el.editNote.hidden = false;
@@ -1154,47 +1414,92 @@
     return true;
   }
 
-  function cancelEdit() {
+  /** Ends editing; `restoreDraft` puts back what the input held before. */
+  function cancelEdit(restoreDraft) {
     if (!state.editing) return;
+    const draft = state.editing.draft;
     state.editing.wrap.classList.remove("editing");
     state.editing = null;
     el.editNote.hidden = true;
+    if (restoreDraft) {
+      el.input.value = draft;
+      autoGrow();
+    }
     updateComposer();
   }
 
   /** Sends the edited last message: it replaces the stored one, and every message after
-   * it goes, then a new answer streams. */
+   * it goes, then a new answer streams. The draft the edit put aside comes back. */
   async function resendEdited(text) {
     const c = state.current;
     let wrap = state.editing.wrap;
-    cancelEdit();
+    const draft = state.editing.draft;
+    cancelEdit(false);
     if (!c) return;
     if (!wrap.isConnected) {
-      // Re-rendered meanwhile: the server edits the last user message, so does the page.
-      const users = el.messages.querySelectorAll(".msg.user");
-      wrap = users[users.length - 1];
+      // Re-rendered meanwhile: the last stored user message is the one being edited.
+      wrap = el.messages.querySelector(".msg.last-user");
       if (!wrap) return;
     }
-    el.input.value = "";
+    hideMessageBanner();
+    el.input.value = draft;
     autoGrow();
     const userBubble = wrap.__bubble;
     userBubble.text = text;
     renderBubbleText(userBubble);
     while (wrap.nextSibling) wrap.nextSibling.remove();
     const bubble = addBubble("assistant", "");
-    await streamAnswer("/api/conversations/" + c.id + "/edit", { message: text }, bubble, c.id, null);
+    const body = { message: text };
+    if (wrap.dataset.messageId) body.message_id = Number(wrap.dataset.messageId);
+    await streamAnswer("/api/conversations/" + c.id + "/edit", body, bubble, c.id, {
+      kind: "edit",
+      userBubble,
+      text,
+      draft,
+    });
   }
 
-  /** Posts `body` to `path` and streams the answer's events into `bubble`. */
-  async function streamAnswer(path, body, bubble, conversationId, titleText) {
+  function metaInfo(run) {
+    const m = run.meta || {};
+    return {
+      tier: m.tier,
+      model: m.model,
+      provider: m.provider,
+      host: m.host,
+      leftMachine: m.leaves_machine,
+      fallback: run.fallback,
+    };
+  }
+
+  const LOST_CONNECTION =
+    "The connection to my-claw was lost; the answer may be incomplete. The conversation is reloaded when my-claw is back.";
+
+  /**
+   * Posts `body` to `path` and streams the answer's events into `bubble`. `opts.kind` says
+   * what started it: `send` (opts.userBubble and opts.text), `edit` (also opts.draft) or
+   * `regenerate`. Until `meta` arrives nothing is stored, so a failure before it gives the
+   * text back (`failedBeforeStart`); after it, a failure says what happened to the answer.
+   */
+  async function streamAnswer(path, body, bubble, conversationId, opts) {
     bubble.wrap.dataset.state = "waiting";
     showWait(bubble, "sending", "Sending…");
     scrollToEnd(true);
     const controller = new AbortController();
-    const run = { controller, conversationId, bubble, stopRequested: false, meta: null };
+    const run = {
+      controller,
+      conversationId,
+      bubble,
+      stopRequested: false,
+      meta: null,
+      fallback: null,
+      kind: opts.kind,
+      userBubble: opts.userBubble || null,
+    };
     state.streaming = run;
     updateComposer();
     updateMessageActions();
+    let lost = false;
+    let reload = false;
     try {
       const tier = selectedTier();
       if (tier) body.tier = tier;
@@ -1218,20 +1523,19 @@
         if (event.type === "meta") {
           run.meta = event;
           run.conversationId = event.conversation_id;
-          if (!state.current || state.current.id !== event.conversation_id) {
-            const title = (titleText || "").split("\n")[0].slice(0, 60);
+          if (run.userBubble && event.user_message_id != null) {
+            run.userBubble.wrap.dataset.messageId = String(event.user_message_id);
+          }
+          // A new chat becomes the open conversation, unless the user went elsewhere.
+          if (streamShown(run) && (!state.current || state.current.id !== event.conversation_id)) {
+            const title = (opts.text || "").split("\n")[0].slice(0, 60);
             state.current = { id: event.conversation_id, channel: "webchat", title };
             setHash(event.conversation_id);
             renderHeader();
-            loadConversations().catch(() => {});
           }
-          setMeta(bubble, {
-            tier: event.tier,
-            model: event.model,
-            provider: event.provider,
-            host: event.host,
-            leftMachine: event.leaves_machine,
-          });
+          loadConversations().catch(() => {});
+          setMeta(bubble, metaInfo(run));
+          updateComposer();
           if (run.stopRequested) requestStop(run);
         } else if (event.type === "token") {
           if (bubble.wrap.dataset.wait) clearWait(bubble);
@@ -1242,7 +1546,7 @@
             frame = window.requestAnimationFrame(() => {
               frame = 0;
               renderBubbleText(bubble);
-              scrollToEnd(false);
+              if (streamShown(run)) scrollToEnd(false);
             });
           }
         } else if (event.type === "tool_call") {
@@ -1261,6 +1565,11 @@
           if (WAIT_KINDS.has(event.kind)) {
             if (!bubble.text) showWait(bubble, event.kind, event.message);
           } else {
+            // A fallback also names main in the answer's label, where the model is read.
+            if (event.kind === "fallback") {
+              run.fallback = event.message;
+              setMeta(bubble, metaInfo(run));
+            }
             addNotice(bubble, event.message);
           }
         } else if (event.type === "done") {
@@ -1270,46 +1579,54 @@
           frame = 0;
           renderBubbleText(bubble);
           const stopped = event.finish === "cancelled";
+          // Not stopped by us: the server is shutting down (it stops answers to exit).
+          const byServer = stopped && !run.stopRequested;
           bubble.wrap.dataset.state = stopped ? "stopped" : "done";
           bubble.wrap.dataset.messageId = String(event.message_id);
-          const m = run.meta || {};
           setMeta(bubble, {
-            tier: m.tier,
-            model: m.model,
-            provider: m.provider,
-            host: m.host,
-            leftMachine: m.leaves_machine,
+            ...metaInfo(run),
             status: stopped ? "partial" : "complete",
+            stoppedBy: byServer ? "server" : null,
             promptTokens: event.usage.prompt_tokens || null,
             completionTokens: event.usage.completion_tokens,
             tokS: event.timings.decode_tok_s || null,
             finish: event.finish,
           });
+          if (byServer) {
+            addErrorText(bubble, "my-claw stopped while writing this answer (a restart or shutdown); the part shown is saved.");
+            state.reloadOnReconnect = true;
+          }
         } else if (event.type === "error") {
           ended = true;
           clearWait(bubble);
           renderBubbleText(bubble);
           bubble.wrap.dataset.state = "error";
+          if (event.partial_message_id != null) bubble.wrap.dataset.messageId = String(event.partial_message_id);
           addErrorText(bubble, "Error: " + event.message);
         }
-        scrollToEnd(false);
+        if (streamShown(run)) scrollToEnd(false);
       }
       if (!ended) {
         renderBubbleText(bubble);
-        bubble.wrap.dataset.state = run.stopRequested ? "stopped" : "error";
-        if (!run.stopRequested) addErrorText(bubble, "The connection closed before the answer was complete.");
+        if (run.stopRequested) {
+          bubble.wrap.dataset.state = "stopped";
+        } else {
+          lost = true;
+        }
       }
     } catch (err) {
       renderBubbleText(bubble);
-      if (err && err.name === "AbortError") {
+      if (!run.meta) {
+        reload = failedBeforeStart(run, err, opts);
+      } else if (err && err.name === "AbortError") {
         bubble.wrap.dataset.state = "stopped";
         addErrorText(bubble, "Stopped.");
-      } else {
+      } else if (err instanceof AuthError) {
         bubble.wrap.dataset.state = "error";
         addErrorText(bubble, describeError(err));
-        if (err instanceof ApiFailure && err.status === 404 && conversationId) {
-          addErrorText(bubble, "This conversation no longer exists; start a new chat.");
-        }
+      } else {
+        // The body broke off (the server died, the network went): a fetch error.
+        lost = true;
       }
     } finally {
       clearWait(bubble);
@@ -1317,8 +1634,60 @@
       updateComposer();
       updateMessageActions();
       loadConversations().catch(() => {});
-      if (!el.input.disabled) el.input.focus();
+      if (!el.input.disabled && document.activeElement === document.body) el.input.focus();
     }
+    if (lost) {
+      // What the server kept (a partial answer, or nothing after a crash) replaces this
+      // bubble on the next reload: now if the server is still up, else once it is back.
+      bubble.wrap.dataset.state = "error";
+      bubble.wrap.classList.add("lost");
+      setMeta(bubble, { ...metaInfo(run), status: "lost" });
+      addErrorText(bubble, LOST_CONNECTION);
+      state.reloadOnReconnect = true;
+      if (state.current && state.current.id === run.conversationId) refreshConversation().catch(() => {});
+    }
+    if (reload && state.current && state.current.id === conversationId) {
+      await refreshConversation().catch(() => {
+        state.reloadOnReconnect = true;
+      });
+      if (opts.kind === "edit" && el.input.value === (opts.draft || "") && startEdit()) {
+        el.input.value = opts.text;
+        autoGrow();
+        updateComposer();
+      }
+    }
+  }
+
+  /**
+   * A request that failed before its answer started (refused, the server unreachable, the
+   * user stopped it while it waited): the server stored nothing. A message comes back into
+   * the composer; the unsent bubble stays marked with Retry, unless the user stopped it. An
+   * edit or a regenerate the server did not take is undone by showing the stored state
+   * again (returns true: reload the conversation).
+   */
+  function failedBeforeStart(run, err, opts) {
+    const stopped = err && err.name === "AbortError";
+    let reason = stopped ? "" : describeError(err);
+    if (err instanceof ApiFailure && err.status === 404 && run.conversationId) {
+      reason += " This conversation no longer exists; start a new chat.";
+    }
+    run.bubble.wrap.remove();
+    if (opts.kind === "send") {
+      if (stopped) {
+        opts.userBubble.wrap.remove();
+      } else {
+        markUnsent(opts.userBubble, reason);
+      }
+      restoreInput(opts.text);
+      if (!el.messages.querySelector(".msg")) clearMessages();
+      return false;
+    }
+    if (!stopped && !(err instanceof AuthError)) {
+      const what = opts.kind === "edit" ? "Your edit was not sent: " : "The answer was not regenerated: ";
+      const conflict = err instanceof ApiFailure && err.status === 409;
+      showBanner(what + reason + (conflict ? " The conversation is shown as it is now." : ""));
+    }
+    return true;
   }
 
   /** Stops the running answer: through the API once the conversation is known, else by
@@ -1346,9 +1715,12 @@
     refreshTimer = window.setTimeout(async () => {
       try {
         await loadConversations();
-        // Not while the last message is being edited: reloading would end the edit.
-        if (!state.streaming && !state.editing && state.current && (conversationId === null || state.current.id === conversationId)) {
-          await openConversation(state.current.id);
+        const c = state.current;
+        // Not while the last message is being edited (reloading would end the edit), nor
+        // while this conversation's answer streams (it is shown as it comes).
+        const answering = state.streaming && c && state.streaming.conversationId === c.id;
+        if (!answering && !state.editing && c && (conversationId === null || c.id === conversationId)) {
+          await refreshConversation();
         }
       } catch (_) {
         /* the next event or a reload will try again */
@@ -1377,6 +1749,11 @@
             setConnection("live");
             hideBanner(true);
             delay = 1000;
+            // Back after an answer lost its connection: show what the server kept.
+            if (state.reloadOnReconnect) {
+              state.reloadOnReconnect = false;
+              scheduleRefresh(null);
+            }
           } else if (event.type === "message") {
             const own = state.streaming && state.streaming.conversationId === event.conversation_id;
             if (!own) scheduleRefresh(event.conversation_id);
@@ -1439,6 +1816,10 @@
     el.scrim.hidden = true;
   }
 
+  function touchInput() {
+    return Boolean(window.matchMedia && window.matchMedia("(pointer: coarse)").matches);
+  }
+
   function reportError(err) {
     if (err instanceof AuthError || err instanceof NetworkError) return;
     showBanner(describeError(err));
@@ -1494,7 +1875,9 @@
     });
     el.input.addEventListener("keydown", (e) => {
       // Enter sends; Shift+Enter (and Enter while composing with an IME) makes a new line.
-      if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {
+      // On a touch screen the keyboard's Enter makes a new line and the Send button sends,
+      // as in other chat apps: there is no Shift to hold.
+      if (e.key === "Enter" && !e.shiftKey && !e.isComposing && !touchInput()) {
         e.preventDefault();
         sendMessage();
       } else if (e.key === "ArrowUp" && !el.input.value && !e.isComposing) {
@@ -1503,16 +1886,30 @@
     });
     document.addEventListener("keydown", (e) => {
       if (e.key !== "Escape") return;
-      if (state.streaming) {
+      // Escape in another field (search, persona, schedule form, sign-in) is that field's:
+      // it never stops an answer nor ends an edit.
+      const target = e.target instanceof Element ? e.target : null;
+      if (target && target !== el.input && target.closest("input, textarea, select, [contenteditable]")) {
+        closeChatMenu();
+        return;
+      }
+      if (streamShown(state.streaming)) {
         requestStop(state.streaming);
       } else if (state.editing) {
-        cancelEdit();
-        el.input.value = "";
-        autoGrow();
-        updateComposer();
+        cancelEdit(true);
       } else {
         closeChatMenu();
       }
+    });
+    // The ⋯ menu closes on a click or tap anywhere outside it.
+    document.addEventListener("click", (e) => {
+      if (!el.actions.classList.contains("menu-open")) return;
+      if (!(e.target instanceof Node) || !el.actions.contains(e.target)) closeChatMenu();
+    });
+    el.bannerClose.addEventListener("click", () => hideBanner());
+    el.streamOpen.addEventListener("click", () => {
+      const run = state.streaming;
+      if (run && run.conversationId) openConversation(run.conversationId).catch(reportError);
     });
     // A link or bookmark to `#c=<id>` opens that conversation without a reload.
     window.addEventListener("hashchange", () => {
@@ -1536,7 +1933,7 @@
       updateComposer();
     });
     el.stop.addEventListener("click", () => {
-      if (state.streaming) requestStop(state.streaming);
+      if (streamShown(state.streaming)) requestStop(state.streaming);
     });
     el.newChat.addEventListener("click", newChat);
     el.rename.addEventListener("click", () => {
@@ -1599,9 +1996,12 @@
     renderMarkdown,
   };
 
-  adoptTokenFromUrl();
-  loadToken();
   bind();
   updateComposer();
-  start();
+  adoptTokenFromUrl()
+    .catch(() => {})
+    .then(() => {
+      loadToken();
+      start();
+    });
 })();

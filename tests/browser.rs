@@ -1394,3 +1394,477 @@ async fn webchat_shows_stored_tool_use_compactly_and_as_text() {
     assert_eq!(opened, "09:00");
     assert_eq!(browser.js("return window.__pwned || 0;").await, 0);
 }
+
+/// A title of 60 characters, the longest the page makes from a first message.
+const LONG_TITLE: &str = "A conversation whose title is sixty characters long, really!";
+
+/// Replaces the page's fetch for `POST /api/chat` only (`__fake` decides what it answers);
+/// `__realFetch` stays reachable so a step can put the real one back.
+const FAKE_CHAT_FETCH: &str = "if (!window.__realFetch) window.__realFetch = window.fetch; \
+    window.fetch = (url, options) => String(url) === '/api/chat' && window.__fake \
+        ? window.__fake(options) : window.__realFetch(url, options); \
+    return true;";
+
+/// An SSE response made of `events` (objects), ending with `end`: `close` or a network error.
+fn fake_stream(events: &[Value], end: &str) -> String {
+    let blocks: Vec<String> = events.iter().map(|e| format!("data: {e}\n\n")).collect();
+    let fail = if end == "close" { "c.close()" } else { "c.error(new TypeError('network error'))" };
+    format!(
+        "window.__fake = () => Promise.resolve(new Response(new ReadableStream({{ start(c) {{ \
+           const enc = new TextEncoder(); \
+           for (const b of {blocks}) c.enqueue(enc.encode(b)); \
+           setTimeout(() => {fail}, 50); }} }}), \
+           {{ status: 200, headers: {{ 'Content-Type': 'text/event-stream' }} }})); return true;",
+        blocks = serde_json::to_string(&blocks).unwrap(),
+    )
+}
+
+/// The QA pass of the WebChat, in a real Chromium with the real model: a failed send keeps
+/// its text and never lends its place to Edit/Regenerate (which would change the stored
+/// exchange before it), the limit shows before sending, a refresh keeps the reader where they
+/// were, sent messages get their stored ids, an answer goes on while the user looks
+/// elsewhere, banners close, Escape and Edit respect what the user is doing, a lost
+/// connection says so, a link in an answer cannot swap the token, and the phone layout holds.
+#[tokio::test]
+async fn webchat_recovers_from_failures_and_respects_what_the_user_is_doing() {
+    use my_claw::db::memory::{self, NewMessage};
+    use my_claw::domain::Role;
+    let _one_at_a_time = ONE_BROWSER.lock().await;
+    let test_started = Instant::now();
+    let data = tempfile::tempdir().expect("data dir");
+    let url = format!("sqlite://{}", data.path().join("my-claw.db").display());
+    let pool = my_claw::db::connect(&url).await.expect("seed database");
+    let add = |conversation, role, text: String| {
+        let pool = pool.clone();
+        async move {
+            let message = NewMessage::plain(conversation, role, text);
+            memory::add_message(&pool, &message).await.expect("seed message").0
+        }
+    };
+    let long = memory::create_webchat_conversation(&pool, Some(LONG_TITLE)).await.unwrap().id;
+    for n in 0..40 {
+        let role = if n % 2 == 0 { Role::User } else { Role::Assistant };
+        add(long, role, format!("Message number {n} of a long conversation.")).await;
+    }
+    let plan = memory::create_webchat_conversation(&pool, Some("Plan")).await.unwrap().id;
+    let plan_question = add(plan, Role::User, "Plan my week.".into()).await;
+    let plan_answer = add(plan, Role::Assistant, "Here is the plan.".into()).await;
+    pool.close().await;
+    let (plan, long) = (plan.0, long.0);
+
+    let mut envs = util::smollm2_env();
+    // Long enough to act while a story streams; the other answers are short anyway.
+    envs.push(("REPLY_MAX_TOKENS".into(), "400".into()));
+    envs.push(("CONTEXT_SIZE".into(), "4096".into()));
+    let data_dir = data.path().to_path_buf();
+    let server = tokio::task::spawn_blocking(move || {
+        Server::start(ServerOptions { envs, data_dir: Some(data_dir) })
+    })
+    .await
+    .expect("server start");
+    let browser = Browser::start().await;
+    browser.goto(&server.url(&format!("/?token={}#c={plan}", server.token))).await;
+    browser
+        .wait_for(
+            "the page, live, with the plan",
+            "return document.documentElement.dataset.ready === 'true' && \
+             document.getElementById('connection').dataset.state === 'live' && \
+             document.querySelectorAll('#messages .msg').length === 2;",
+            Duration::from_secs(30),
+        )
+        .await;
+    let messages_of = |id: i64| format!("/api/conversations/{id}/messages");
+
+    // 1. The 16,000-character limit shows before sending: a counter, Send disabled, and
+    //    Enter sends nothing.
+    let set_input = |text: String| {
+        format!(
+            "const i = document.getElementById('input'); i.value = {}; \
+             i.dispatchEvent(new Event('input', {{ bubbles: true }})); \
+             const c = document.getElementById('input-count'); \
+             return {{ count: c && !c.hidden ? c.textContent : '', \
+                       send: document.getElementById('send').disabled }};",
+            json!(text)
+        )
+    };
+    let over = browser.js(&set_input("x".repeat(16_001))).await;
+    let count = over["count"].as_str().unwrap_or_default();
+    assert!(count.contains("Too long") && count.contains("16,001 / 16,000"), "{over}");
+    assert_eq!(over["send"], true, "{over}");
+    browser.type_into("#input", ENTER).await;
+    browser.wait_for("a round trip", "return true;", Duration::from_secs(1)).await;
+    assert_eq!(browser.js("return document.querySelectorAll('#messages .msg').length;").await, 2);
+    let near = browser.js(&set_input("x".repeat(15_000))).await;
+    assert_eq!(near, json!({ "count": "15,000 / 16,000 characters", "send": false }));
+    browser.js(&set_input(String::new())).await;
+
+    // 2. A send that fails (the server cannot be reached) keeps its text in the composer and
+    //    marks its bubble unsent, with Retry; Edit and Regenerate stay on the stored exchange.
+    browser.js(FAKE_CHAT_FETCH).await;
+    browser
+        .js("window.__fake = () => Promise.reject(new TypeError('Failed to fetch')); return true;")
+        .await;
+    send_message(&browser, "What about Sunday?").await;
+    let unsent = browser
+        .wait_for(
+            "the unsent message",
+            "const u = document.querySelector('#messages .msg.user.unsent'); if (!u) return null; \
+             const shown = (sel) => { const b = document.querySelector(sel); \
+               return b ? getComputedStyle(b).display !== 'none' : false; }; \
+             return { input: document.getElementById('input').value, \
+               note: u.querySelector('.error-text')?.textContent, id: u.dataset.messageId || '', \
+               retry: shown('.msg.unsent .act-retry'), edit: shown('.msg.unsent .act-edit'), \
+               answers: document.querySelectorAll('#messages .msg.assistant').length, \
+               lastUser: Number(document.querySelector('.msg.last-user')?.dataset.messageId), \
+               lastAnswer: Number(document.querySelector('.msg.last-answer')?.dataset.messageId) };",
+            Duration::from_secs(10),
+        )
+        .await;
+    assert_eq!(unsent["input"], "What about Sunday?", "the text is back: {unsent}");
+    assert!(unsent["note"].as_str().unwrap().starts_with("Not sent"), "{unsent}");
+    assert_eq!(unsent["id"], "", "{unsent}");
+    assert_eq!(unsent["retry"], true, "{unsent}");
+    assert_eq!(unsent["edit"], false, "no Edit on a message the server never stored: {unsent}");
+    assert_eq!(unsent["answers"], 1, "{unsent}");
+    assert_eq!(unsent["lastUser"], plan_question, "{unsent}");
+    assert_eq!(unsent["lastAnswer"], plan_answer, "{unsent}");
+
+    // 3. Edit puts an unsent draft aside; Escape brings it back.
+    browser.click("#messages .msg.last-user .act-edit").await;
+    let editing = browser.js("return document.getElementById('input').value;").await;
+    assert_eq!(editing, "Plan my week.");
+    browser.type_into("#input", "\u{E00C}").await;
+    let restored = browser.js("return document.getElementById('input').value;").await;
+    assert_eq!(restored, "What about Sunday?", "the draft survives a cancelled edit");
+
+    // 4. Retry sends it for real. The bubble gets its stored id from the stream, and a later
+    //    refresh of the conversation keeps the very same nodes (no redraw).
+    browser.js("window.__fake = null; return true;").await;
+    browser.click("#messages .msg.unsent .act-retry").await;
+    browser
+        .js("const u = [...document.querySelectorAll('#messages .msg.user')].pop(); \
+             u.__mark = 'sunday'; return true;")
+        .await;
+    wait_answer_state(&browser, &["done"], Duration::from_secs(90)).await;
+    browser
+        .js("window.__refreshed = false; \
+             myClaw.openConversation(myClaw.currentConversationId()).then(() => { window.__refreshed = true; }); \
+             return true;")
+        .await;
+    browser.wait_for("the refresh", "return window.__refreshed;", Duration::from_secs(10)).await;
+    let stored = api(&server, &messages_of(plan)).await;
+    let stored = stored["messages"].as_array().unwrap().clone();
+    assert_eq!(stored.len(), 4, "{stored:?}");
+    assert_eq!(stored[2]["content"], "What about Sunday?");
+    let sent = browser
+        .js("const u = [...document.querySelectorAll('#messages .msg.user')].pop(); \
+             return { mark: u.__mark || '', id: Number(u.dataset.messageId || 0), \
+               unsent: document.querySelectorAll('.msg.unsent').length, \
+               input: document.getElementById('input').value };")
+        .await;
+    assert_eq!(sent["id"], stored[2]["id"], "{sent}");
+    assert_eq!(sent["mark"], "sunday", "the refresh redrew the conversation: {sent}");
+    assert_eq!(sent["unsent"], 0, "{sent}");
+    assert_eq!(sent["input"], "", "{sent}");
+
+    // 5. Search finds the message sent in this page and jumps to it.
+    browser.type_into("#search-input", "Sunday").await;
+    let result = format!("#search-results .search-result[data-message-id='{}']", stored[2]["id"]);
+    browser
+        .wait_for(
+            "the sent message among the search results",
+            &format!("return document.querySelector(\"{result}\") !== null;"),
+            Duration::from_secs(10),
+        )
+        .await;
+    browser.click(&result).await;
+    let found = browser
+        .wait_for(
+            "the found message",
+            "const m = document.querySelector('.msg.found'); \
+             return m ? { id: Number(m.dataset.messageId), mark: m.__mark || '', \
+               banner: document.getElementById('banner').hidden } : null;",
+            Duration::from_secs(10),
+        )
+        .await;
+    assert_eq!(found, json!({ "id": stored[2]["id"], "mark": "sunday", "banner": true }));
+    browser.clear("#search-input").await;
+
+    // 6. A message stored elsewhere arrives in the open conversation without moving the
+    //    reader, who is reading its beginning.
+    browser.click(&format!("#conversation-list li[data-conversation-id='{long}'] button")).await;
+    browser
+        .wait_for(
+            "the long conversation, scrolled to its end",
+            "const m = document.getElementById('messages'); \
+             return document.querySelectorAll('#messages .msg').length === 40 && m.scrollTop > 0;",
+            Duration::from_secs(10),
+        )
+        .await;
+    browser
+        .js("const m = document.getElementById('messages'); m.scrollTop = 0; \
+             m.querySelector('.msg').__mark = 'first'; return true;")
+        .await;
+    let response = reqwest::Client::new()
+        .post(server.url("/api/chat"))
+        .bearer_auth(&server.token)
+        .json(&json!({"conversation_id": long, "message": "Sent from elsewhere"}))
+        .timeout(Duration::from_secs(60))
+        .send()
+        .await
+        .expect("POST /api/chat");
+    assert_eq!(response.status(), 200);
+    drop(response);
+    let kept = browser
+        .wait_for(
+            "the message from elsewhere",
+            "const m = document.getElementById('messages'); \
+             const arrived = [...m.querySelectorAll('.msg.user .content')] \
+               .some(e => e.textContent === 'Sent from elsewhere'); \
+             return arrived ? { top: m.scrollTop, mark: m.querySelector('.msg').__mark || '' } : null;",
+            Duration::from_secs(20),
+        )
+        .await;
+    assert_eq!(kept, json!({ "top": 0, "mark": "first" }), "the reader stays in place");
+
+    // 7. A message banner closes, and goes when the user moves on.
+    browser.js("myClaw.showError('Something went wrong.'); return true;").await;
+    browser.click("#banner-close").await;
+    assert_eq!(browser.js("return document.getElementById('banner').hidden;").await, true);
+    browser.js("myClaw.showError('Something went wrong again.'); return true;").await;
+    browser.click(&format!("#conversation-list li[data-conversation-id='{plan}'] button")).await;
+    browser
+        .wait_for(
+            "the plan, without the banner",
+            "return document.getElementById('conversation-title').textContent === 'Plan' && \
+             document.getElementById('banner').hidden;",
+            Duration::from_secs(10),
+        )
+        .await;
+
+    // 8. While a story streams: Escape in the search box does not stop it, and another
+    //    conversation opens; the answer goes on and is stored complete. A story can end in
+    //    a few tokens: then try again.
+    let mut went_elsewhere = false;
+    for _attempt in 0..3 {
+        send_message(&browser, LONG_PROMPT).await;
+        browser
+            .wait_for(
+                "tokens of the story",
+                &format!(
+                    "{LAST_ANSWER_FN} const a = lastAnswer(); \
+                     return a && (a.state === 'streaming' && a.text.length > 2 || a.state === 'done');"
+                ),
+                Duration::from_secs(60),
+            )
+            .await;
+        browser.click("#search-input").await;
+        browser.type_into("#search-input", "\u{E00C}").await;
+        browser
+            .click(&format!("#conversation-list li[data-conversation-id='{long}'] button"))
+            .await;
+        let elsewhere = browser
+            .wait_for(
+                "the other conversation",
+                &format!(
+                    "return document.getElementById('conversation-title').textContent === {} && \
+                     {{ note: !document.getElementById('stream-note').hidden }};",
+                    json!(LONG_TITLE)
+                ),
+                Duration::from_secs(10),
+            )
+            .await;
+        // Wait for the answer to be stored, whichever way it ended.
+        let deadline = Instant::now() + Duration::from_secs(90);
+        let last = loop {
+            let history = api(&server, &messages_of(plan)).await;
+            let last = history["messages"].as_array().unwrap().last().unwrap().clone();
+            if last["role"] == "assistant" && last["status"] != "streaming" {
+                break last;
+            }
+            assert!(Instant::now() < deadline, "the story was not stored: {history}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        assert_ne!(last["status"], "partial", "the answer was stopped: {last}");
+        browser
+            .click(&format!("#conversation-list li[data-conversation-id='{plan}'] button"))
+            .await;
+        let back = wait_answer_state(&browser, &["done"], Duration::from_secs(10)).await;
+        // The page shows the stored answer (as rendered Markdown: compare without spaces).
+        let squeeze = |v: &Value| v.as_str().unwrap_or_default().replace(char::is_whitespace, "");
+        assert_eq!(squeeze(&back["text"]), squeeze(&last["content"]), "{back}");
+        if elsewhere["note"] == true {
+            went_elsewhere = true;
+            break;
+        }
+    }
+    assert!(went_elsewhere, "the story always ended before the other conversation opened");
+    browser
+        .wait_for(
+            "the note gone once the answer ended",
+            "return document.getElementById('stream-note').hidden;",
+            Duration::from_secs(10),
+        )
+        .await;
+
+    // 9. A lost connection and a server restart say what happened to the answer.
+    let meta = json!({"type": "meta", "conversation_id": plan, "tier": "main", "provider": "local",
+        "model": "SmolLM2", "leaves_machine": false});
+    browser
+        .js(&fake_stream(&[meta.clone(), json!({"type": "token", "text": "Once"})], "error"))
+        .await;
+    send_message(&browser, "Tell me more.").await;
+    let lost = browser
+        .wait_for(
+            "the lost answer",
+            "const a = [...document.querySelectorAll('#messages .msg.assistant')].pop(); \
+             return a.dataset.state === 'error' ? a.textContent : null;",
+            Duration::from_secs(10),
+        )
+        .await;
+    let lost = lost.as_str().unwrap();
+    assert!(lost.contains("connection to my-claw was lost"), "{lost}");
+    assert!(!lost.contains("network error"), "{lost}");
+    let done = json!({"type": "done", "message_id": 999_999, "finish": "cancelled",
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1}, "timings": {"decode_tok_s": 1.0}});
+    browser
+        .js(&fake_stream(&[meta, json!({"type": "token", "text": "Once"}), done], "close"))
+        .await;
+    send_message(&browser, "And then?").await;
+    let restarted = wait_answer_state(&browser, &["stopped"], Duration::from_secs(10)).await;
+    let meta_text = restarted["meta"].as_str().unwrap();
+    assert!(meta_text.contains("restart") && !meta_text.contains("before the end"), "{restarted}");
+
+    // 10. Stop before the server answered anything: nothing is left behind in a new chat,
+    //     and the text is back in the composer.
+    browser
+        .js("window.__fake = (options) => new Promise((_, reject) => options.signal.addEventListener( \
+               'abort', () => reject(new DOMException('stopped', 'AbortError')))); return true;")
+        .await;
+    browser.click("#new-chat").await;
+    send_message(&browser, "Never mind.").await;
+    browser
+        .wait_for(
+            "the waiting answer",
+            "return document.querySelector('#messages .msg.assistant[data-state=waiting]') !== null;",
+            Duration::from_secs(5),
+        )
+        .await;
+    browser.click("#stop").await;
+    let cleared = browser
+        .wait_for(
+            "the stopped send undone",
+            "return document.getElementById('stop').hidden && { msgs: document.querySelectorAll('#messages .msg').length, \
+               empty: !document.getElementById('empty').hidden, input: document.getElementById('input').value };",
+            Duration::from_secs(5),
+        )
+        .await;
+    assert_eq!(cleared, json!({ "msgs": 0, "empty": true, "input": "Never mind." }));
+    browser.js("window.__fake = null; return true;").await;
+    browser.clear("#input").await;
+
+    // 11. `code` without a Z.ai key: the answer's label says main answered.
+    browser.click("#model-select option[value='code']").await;
+    send_message(&browser, "Hi").await;
+    let code = wait_answer_state(&browser, &["done"], Duration::from_secs(90)).await;
+    assert!(code["meta"].as_str().unwrap().contains("code → main"), "{code}");
+    browser.click("#model-select option[value='main']").await;
+
+    // 12. Model output cannot link into the app, and a link with another token does not
+    //     replace a working one.
+    let links = browser
+        .js("const div = document.createElement('div'); \
+             myClaw.renderMarkdown(div, '[x](/?token=GARBAGE) [y](https://example.com/)'); \
+             return [...div.querySelectorAll('a')].map(a => a.href);")
+        .await;
+    assert_eq!(links, json!(["https://example.com/"]));
+    browser.goto(&server.url("/?token=GARBAGE-GARBAGE-GARBAGE-0000")).await;
+    browser
+        .wait_for(
+            "the page, still signed in",
+            "return document.documentElement.dataset.ready === 'true' && \
+             document.getElementById('token-dialog').hidden && \
+             document.getElementById('connection').dataset.state === 'live';",
+            Duration::from_secs(20),
+        )
+        .await;
+    assert_eq!(
+        browser.js("return localStorage.getItem('my-claw.token');").await,
+        json!(server.token)
+    );
+    let said = browser.js("return document.getElementById('banner-text').textContent;").await;
+    assert!(said.as_str().unwrap().contains("refused"), "the page says why: {said}");
+
+    // 13. A phone: Enter makes a new line on a touch screen, the ⋯ menu closes on a tap
+    //     outside it, and the Schedules form fits 360 px with a 60-character title.
+    browser.set_window(360, 800).await;
+    browser.wait_for("a phone", "return window.innerWidth <= 360;", Duration::from_secs(5)).await;
+    browser
+        .cdp("Emulation.setTouchEmulationEnabled", json!({"enabled": true, "maxTouchPoints": 1}))
+        .await;
+    browser.type_into("#input", &format!("line one{ENTER}line two")).await;
+    let typed = browser.js("return document.getElementById('input').value;").await;
+    assert_eq!(typed, "line one\nline two", "Enter made a new line on a touch screen");
+    browser.cdp("Emulation.setTouchEmulationEnabled", json!({"enabled": false})).await;
+    browser.clear("#input").await;
+    browser.click("#chat-menu-button").await;
+    browser
+        .wait_for(
+            "the menu",
+            "return getComputedStyle(document.getElementById('chat-menu')).display === 'flex';",
+            Duration::from_secs(5),
+        )
+        .await;
+    browser.click("#messages").await;
+    browser
+        .wait_for(
+            "the menu to close on a tap outside",
+            "return getComputedStyle(document.getElementById('chat-menu')).display === 'none';",
+            Duration::from_secs(5),
+        )
+        .await;
+    browser.click("#open-sidebar").await;
+    browser
+        .wait_for(
+            "the drawer open",
+            "return document.getElementById('sidebar').getBoundingClientRect().left >= 0;",
+            Duration::from_secs(5),
+        )
+        .await;
+    browser.click("#toggle-cron").await;
+    browser
+        .wait_for(
+            "the Schedules panel",
+            "return document.getElementById('cron-new') !== null;",
+            Duration::from_secs(10),
+        )
+        .await;
+    browser.click("#cron-new").await;
+    browser
+        .wait_for(
+            "the form",
+            "return document.querySelector('#cron-channel option[value=webchat]') !== null;",
+            Duration::from_secs(10),
+        )
+        .await;
+    browser.click("#cron-channel option[value='webchat']").await;
+    let form = browser
+        .wait_for(
+            "the conversation targets",
+            &format!(
+                "const t = document.getElementById('cron-target'); \
+                 if (!t || ![...t.options].some(o => o.textContent.includes({}))) return null; \
+                 return {{ inner: window.innerWidth, scroll: document.documentElement.scrollWidth, \
+                   target: t.getBoundingClientRect().right }};",
+                json!(LONG_TITLE)
+            ),
+            Duration::from_secs(10),
+        )
+        .await;
+    let inner = form["inner"].as_f64().unwrap();
+    assert!(form["scroll"].as_f64().unwrap() <= inner, "the form overflows: {form}");
+    assert!(form["target"].as_f64().unwrap() <= inner, "the select overflows: {form}");
+
+    browser.quit().await;
+    eprintln!("browser recovery test: {:?}", test_started.elapsed());
+}

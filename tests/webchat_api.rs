@@ -284,6 +284,73 @@ async fn regenerate_replaces_the_last_answer_and_edit_resends_the_last_message()
     assert_eq!(status, StatusCode::BAD_REQUEST);
 }
 
+/// The page names the message it acts on: an edit or a regenerate aimed at an exchange that
+/// is no longer the last (the page showed a message the server never stored, or another tab
+/// went on) is refused with 409 and changes nothing; the ids come from the chat stream.
+#[tokio::test]
+async fn edit_and_regenerate_of_a_message_that_is_no_longer_last_are_refused() {
+    let app = app().await;
+    let (status, _, body) =
+        call(&app, Method::POST, "/api/chat", Some(json!({"message": "first question"}))).await;
+    assert_eq!(status, StatusCode::OK);
+    let events = sse_events(&body);
+    let conversation = events[0]["conversation_id"].as_i64().expect("meta first");
+    let first_question = events[0]["user_message_id"].as_i64().expect("meta names the message");
+    let first_answer = events.last().unwrap()["message_id"].as_i64().expect("done last");
+    let messages_path = format!("/api/conversations/{conversation}/messages");
+    let (_, history) = get_json(&app, &messages_path).await;
+    assert_eq!(history["messages"][0]["id"], first_question, "{history}");
+
+    // Another client goes on: the page that saw only the first exchange is now behind.
+    let body = json!({"conversation_id": conversation, "message": "second question"});
+    let (status, _, bytes) = call(&app, Method::POST, "/api/chat", Some(body)).await;
+    assert_eq!(status, StatusCode::OK);
+    let second = sse_events(&bytes);
+    let second_question = second[0]["user_message_id"].as_i64().expect("meta names it");
+    let second_answer = second.last().unwrap()["message_id"].as_i64().expect("done last");
+    assert!(second_question > first_answer, "{second:?}");
+    let (_, before) = get_json(&app, &messages_path).await;
+
+    let edit_path = format!("/api/conversations/{conversation}/edit");
+    let regenerate_path = format!("/api/conversations/{conversation}/regenerate");
+    for (path, body) in [
+        (&edit_path, json!({"message": "first, edited", "message_id": first_question})),
+        (&regenerate_path, json!({"message_id": first_answer})),
+        // The question is stored but its answer follows it: it is not the last message.
+        (&regenerate_path, json!({"message_id": second_question})),
+    ] {
+        let (status, _, bytes) = call(&app, Method::POST, path, Some(body.clone())).await;
+        assert_eq!(status, StatusCode::CONFLICT, "{path} {body}");
+        let error: Value = serde_json::from_slice(&bytes).expect("JSON error");
+        assert_eq!(error["error"]["code"], "conflict", "{error}");
+        let message = error["error"]["message"].as_str().unwrap();
+        assert!(message.contains("no longer") && !message.contains('\n'), "{message}");
+    }
+    let (_, after) = get_json(&app, &messages_path).await;
+    assert_eq!(after["messages"], before["messages"], "a refused action changes nothing");
+
+    // The messages the page shows last are accepted, and the stream names them again.
+    let body = json!({"message_id": second_answer});
+    let (status, _, bytes) = call(&app, Method::POST, &regenerate_path, Some(body)).await;
+    assert_eq!(status, StatusCode::OK);
+    let events = sse_events(&bytes);
+    assert_eq!(events[0]["user_message_id"], second_question, "{events:?}");
+    assert_eq!(events.last().unwrap()["type"], "done", "{events:?}");
+    let body = json!({"message": "second, edited", "message_id": second_question});
+    let (status, _, bytes) = call(&app, Method::POST, &edit_path, Some(body)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(sse_events(&bytes)[0]["user_message_id"], second_question);
+    let (_, edited) = get_json(&app, &messages_path).await;
+    let texts: Vec<&str> = edited["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["content"].as_str().unwrap())
+        .collect();
+    assert_eq!(texts[..3], ["first question", "echo 1: first question", "second, edited"]);
+    assert_eq!(texts.len(), 4, "{texts:?}");
+}
+
 #[tokio::test]
 async fn exports_download_a_500_message_conversation_as_markdown_and_json() {
     let app = app().await;

@@ -1,7 +1,10 @@
 //! The WebChat's message actions: `POST /api/conversations/{id}/regenerate` (the last answer
 //! is replaced: deleted, then answered again) and `POST /api/conversations/{id}/edit` (the
 //! last user message is replaced and everything after it deleted, then answered). Both
-//! stream like `/api/chat`. Storage is `db::message_edits`; answering is `Assistant::answer`.
+//! stream like `/api/chat`. Both take the optional `message_id` of the message the client
+//! means, and answer 409 when the conversation has moved on: a page that shows a message the
+//! server never stored must not edit the exchange before it. Storage is
+//! `db::message_edits`; answering is `Assistant::answer`.
 
 use std::convert::Infallible;
 
@@ -14,8 +17,8 @@ use serde::Deserialize;
 
 use crate::db::memory;
 use crate::db::message_edits::{self, EditError};
-use crate::domain::{ChannelKind, ConversationId};
-use crate::gateway::chat::{answer_sse, parse_tier};
+use crate::domain::{ChannelKind, ConversationId, MessageId};
+use crate::gateway::chat::{answer_sse, check_message_length, parse_tier};
 use crate::gateway::conversations::parse_id;
 use crate::gateway::error::{ApiError, ApiJson, ApiPath};
 use crate::gateway::AppState;
@@ -32,6 +35,10 @@ pub fn router() -> Router<AppState> {
 struct RegenerateRequest {
     #[serde(default)]
     tier: Option<String>,
+    /// The answer to replace, which must still be the conversation's last message (or the
+    /// last user message, when its answer was never stored); any last answer when absent.
+    #[serde(default)]
+    message_id: Option<i64>,
 }
 
 /// Body of `edit`: the new text of the last user message.
@@ -40,6 +47,9 @@ struct EditRequest {
     message: String,
     #[serde(default)]
     tier: Option<String>,
+    /// The user message to replace, which must still be the last one; any when absent.
+    #[serde(default)]
+    message_id: Option<i64>,
 }
 
 async fn post_regenerate(
@@ -49,9 +59,12 @@ async fn post_regenerate(
 ) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
     let conversation_id = webchat_conversation(&state, &id).await?;
     let tier = tier(request.tier.as_deref())?;
-    message_edits::drop_last_answer(&state.pool, conversation_id).await.map_err(edit_error)?;
+    let expected = request.message_id.map(MessageId);
+    message_edits::drop_last_answer(&state.pool, conversation_id, expected)
+        .await
+        .map_err(edit_error)?;
     let events = state.assistant.answer(conversation_id, tier).await?;
-    Ok(answer_sse(state.assistant.clone(), events))
+    Ok(answer_sse(state.assistant.clone(), state.pool.clone(), events))
 }
 
 async fn post_edit(
@@ -65,11 +78,13 @@ async fn post_edit(
     if text.is_empty() {
         return Err(ApiError::BadRequest("message must not be empty".into()));
     }
-    message_edits::replace_last_user_message(&state.pool, conversation_id, text)
+    check_message_length("message", text)?;
+    let expected = request.message_id.map(MessageId);
+    message_edits::replace_last_user_message(&state.pool, conversation_id, text, expected)
         .await
         .map_err(edit_error)?;
     let events = state.assistant.answer(conversation_id, tier).await?;
-    Ok(answer_sse(state.assistant.clone(), events))
+    Ok(answer_sse(state.assistant.clone(), state.pool.clone(), events))
 }
 
 /// The conversation of the path, which must exist and be a WebChat one: the others are
@@ -96,6 +111,7 @@ fn tier(name: Option<&str>) -> Result<Option<Tier>, ApiError> {
 fn edit_error(e: EditError) -> ApiError {
     match e {
         EditError::NoUserMessage => ApiError::BadRequest(e.to_string()),
+        EditError::NotLast { .. } => ApiError::Conflict(e.to_string()),
         EditError::Db(e) => e.into(),
     }
 }
