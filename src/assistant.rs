@@ -1,8 +1,9 @@
 //! The one use-case every channel goes through: take the conversation's turn (one answer at
 //! a time per conversation, in arrival order), build the prompt (persona + the history
 //! window, which moves in steps so the model's KV state is reused), route it to a model,
-//! store the user message once the model accepted it, stream the answer, store it with its
-//! privacy ledger, and prepare the next window's prefix in idle time. An answer is an agent
+//! store the user message once the model accepted it (or, for the WebChat's regenerate and
+//! edit, change the end of the history then), stream the answer, store it with its privacy
+//! ledger, and prepare the next window's prefix in idle time. An answer is an agent
 //! loop (issue 15): when the model calls tools, the calls run through the `ToolRegistry`
 //! and the model is asked again with their results, at most `AgentConfig::max_steps` rounds,
 //! all inside the one turn; the rounds are stored with the answer. It knows conversations,
@@ -18,6 +19,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::correction::{claims_reminder, CORRECTION_NOTICE_KIND, REMINDER_CORRECTION};
 use crate::db::memory::{self, MessageStatus, NewMessage};
+use crate::db::message_edits::{self, EditError};
 use crate::domain::{
     ChannelKind, ChatTurn, ConversationId, Inbound, MessageId, Role, ToolCall, ToolResult,
     ToolRound,
@@ -66,6 +68,10 @@ pub enum Event {
         host: Option<String>,
         /// Whether this answer is produced outside the machine.
         leaves_machine: bool,
+        /// The stored user message this answer is written for: the one just stored, or the
+        /// one a regenerate answers again or an edit changed. `None` when the turn answers
+        /// the conversation as it stands (cron recovery, the channel queue).
+        user_message_id: Option<MessageId>,
     },
     /// A piece of answer text.
     Token(String),
@@ -89,6 +95,35 @@ pub struct ConversationEvent {
     pub conversation_id: ConversationId,
     pub message_id: MessageId,
     pub role: Role,
+}
+
+/// A change to the end of a WebChat conversation (its message actions), made by
+/// `Assistant::revise` inside the conversation's turn and only once the model accepted the
+/// new prompt: a refused request changes nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Revision {
+    /// Answer the last user message again; the answer after it is replaced. `expected`, when
+    /// given, must be the conversation's last message (see `LastExchange::check_regenerate`).
+    Regenerate { expected: Option<MessageId> },
+    /// The last user message gets `text` and its answer is replaced by one to the new text.
+    /// `expected`, when given, must be that user message.
+    Edit { text: String, expected: Option<MessageId> },
+}
+
+/// Why `Assistant::revise` changed nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum RevisionError {
+    /// Another answer holds the conversation's turn (or waits for it). Waiting would change
+    /// the history under that answer, or answer twice: the caller is told at once instead.
+    #[error("an answer is being written in this conversation; stop it or wait for it")]
+    Busy,
+    /// No user message to answer, or the client's `expected` message is no longer last.
+    #[error(transparent)]
+    Edit(#[from] EditError),
+    /// Refused like any turn: the conversation is gone, the model is busy, the prompt does
+    /// not fit.
+    #[error(transparent)]
+    Turn(#[from] Error),
 }
 
 /// A complete answer, for channels that send one message rather than a stream.
@@ -244,6 +279,24 @@ enum Waiting {
     Inline,
 }
 
+/// A prompt the model accepted: its stream, and what the answer needs to go on. Dropping it
+/// stops the engine.
+struct Accepted {
+    routed: Routed,
+    /// The tier asked for (the router may have fallen back to another).
+    tier: Tier,
+    system: ChatTurn,
+    window: Vec<(usize, ChatTurn)>,
+    params: GenerationParams,
+    /// Messages in the conversation once this turn's user message is in.
+    n_messages: usize,
+    /// Where the window starts, and where it started before trimming for the context.
+    start: usize,
+    floor: usize,
+    /// Messages trimmed for the context.
+    trimmed: usize,
+}
+
 enum TurnStart {
     Started,
     /// A new conversation was created by someone else at the same moment and is busy.
@@ -370,15 +423,72 @@ impl Assistant {
         self.begin(target, Some(user), tier, Waiting::Notify).await
     }
 
-    /// Answers the conversation as it stands (its last message is the prompt), taking its
-    /// turn like `start`. Used by cron recovery, the channel queue and the WebChat's
-    /// regenerate and edit actions, which change the stored messages themselves.
-    pub async fn answer(
+    /// Regenerates or edits the end of a WebChat conversation and streams the new answer. The
+    /// history changes inside the conversation's turn and only once the model accepted the
+    /// new prompt, in one write transaction that checks the exchange is still the one the
+    /// prompt was built from: a refused request (`Err`) leaves it as it was. While another
+    /// answer holds the turn this does not wait: `RevisionError::Busy`.
+    ///
+    /// A regenerate's prompt is the stored messages up to the last user message: the
+    /// conversation as the replaced answer saw it, so its prefix is in the model's cache. An
+    /// edit's is the messages before it, then the new text. A reminder posted after the last
+    /// user message is in neither (it came after the question) and stays stored.
+    pub async fn revise(
         &self,
         conversation_id: ConversationId,
+        revision: Revision,
         tier: Option<Tier>,
-    ) -> Result<mpsc::Receiver<Event>> {
-        self.begin(Target::Existing(conversation_id), None, tier, Waiting::Notify).await
+    ) -> std::result::Result<mpsc::Receiver<Event>, RevisionError> {
+        let received = Instant::now();
+        let Some(guard) = self.try_turn(conversation_id) else {
+            return Err(RevisionError::Busy);
+        };
+        let pool = &self.inner.pool;
+        if memory::get_conversation(pool, conversation_id).await.map_err(Error::from)?.is_none() {
+            return Err(Error::NotFound(format!("conversation {}", conversation_id.0)).into());
+        }
+        // Read and checked under the turn, before the model is asked: a page that is behind
+        // gets its 409 without waiting for a prompt it would throw away.
+        let exchange = message_edits::last_exchange(pool, conversation_id).await?;
+        let n_before = exchange.n_before as usize;
+        let (n_stored, user_text) = match &revision {
+            Revision::Regenerate { expected } => {
+                exchange.check_regenerate(*expected)?;
+                (n_before + 1, None)
+            }
+            Revision::Edit { text, .. } if text.trim().is_empty() => {
+                return Err(Error::Invalid("message is empty".into()).into());
+            }
+            Revision::Edit { text, expected } => {
+                exchange.check_edit(*expected)?;
+                (n_before, Some(text.as_str()))
+            }
+        };
+        let tier = tier.unwrap_or_else(|| self.inner.router.default_tier());
+        let accepted = self.ask(Some(conversation_id), n_stored, user_text, tier).await?;
+
+        // The model accepted the prompt: the old answer goes now (a failure here drops
+        // `accepted`, which stops the engine).
+        match &revision {
+            Revision::Regenerate { expected } => {
+                message_edits::drop_last_answer(pool, conversation_id, &exchange, *expected)
+                    .await?;
+            }
+            Revision::Edit { text, expected } => {
+                message_edits::replace_last_user_message(
+                    pool,
+                    conversation_id,
+                    &exchange,
+                    text,
+                    *expected,
+                )
+                .await?;
+            }
+        }
+        let (tx, rx) = mpsc::channel(EVENT_BUFFER);
+        let user_message_id = Some(exchange.user_message_id);
+        self.launch(accepted, conversation_id, guard, user_message_id, received, &tx).await;
+        Ok(rx)
     }
 
     /// Stops the running answer of a conversation; false when none runs. Messages waiting
@@ -581,8 +691,8 @@ impl Assistant {
         }
     }
 
-    /// Builds the prompt from the window, asks the router (trimming in steps on a context
-    /// overflow), and only then stores the user message and starts streaming. Holds the
+    /// Builds the prompt, asks the router, and only once the model accepted it creates the
+    /// conversation (when new), stores the user message and starts streaming. Holds the
     /// conversation's turn from here until the answer is stored.
     async fn run_turn(
         &self,
@@ -596,7 +706,6 @@ impl Assistant {
         let inner = &self.inner;
         let pool = &inner.pool;
         let tier = tier.unwrap_or_else(|| inner.router.default_tier());
-        let persona = self.persona().await?;
         let existing = match &target {
             Target::Existing(id) => {
                 // It may have been deleted while this request waited for its turn.
@@ -611,20 +720,71 @@ impl Assistant {
             Some(id) => memory::message_count(pool, id).await? as usize,
             None => 0,
         };
-        let n_messages = n_stored + usize::from(user.is_some());
+        let user_text = user.as_ref().map(|u| u.text.as_str());
+        let accepted = self.ask(existing, n_stored, user_text, tier).await?;
+
+        // The model accepted the prompt: from here the turn is recorded.
+        let conversation_id = match target {
+            Target::Existing(id) => id,
+            Target::NewWebChat { title } => {
+                memory::create_webchat_conversation(pool, Some(&title)).await?.id
+            }
+            Target::NewChannel { channel, key, title } => {
+                memory::get_or_create_conversation(pool, channel, &key, Some(&title)).await?.id
+            }
+        };
+        let guard = match guard {
+            Some(guard) => guard,
+            None => match self.try_turn(conversation_id) {
+                Some(guard) => guard,
+                // Dropping `accepted` here stops the engine.
+                None => return Ok(TurnStart::Raced(conversation_id)),
+            },
+        };
+        let mut user_message_id = None;
+        if let Some(user) = user {
+            let mut message = NewMessage::plain(conversation_id, Role::User, user.text);
+            message.external_id = user.external_id;
+            let user_id = memory::add_message(pool, &message).await?;
+            let _ = inner.events.send(ConversationEvent {
+                conversation_id,
+                message_id: user_id,
+                role: Role::User,
+            });
+            user_message_id = Some(user_id);
+        }
+        self.launch(accepted, conversation_id, guard, user_message_id, received, tx).await;
+        Ok(TurnStart::Started)
+    }
+
+    /// Builds the prompt of a turn and asks the router, trimming the window in steps on a
+    /// context overflow. The prompt is the first `n_stored` stored messages of `existing`
+    /// (through the window), then `user_text` as the user turn when given. Nothing is
+    /// stored: the caller records the turn once this returns the accepted prompt, and
+    /// dropping it stops the engine.
+    async fn ask(
+        &self,
+        existing: Option<ConversationId>,
+        n_stored: usize,
+        user_text: Option<&str>,
+        tier: Tier,
+    ) -> Result<Accepted> {
+        let inner = &self.inner;
+        let persona = self.persona().await?;
+        let n_messages = n_stored + usize::from(user_text.is_some());
         let floor = existing.map_or(0, |id| self.floor(id));
         let mut start = inner.window.start(n_messages, floor);
         let mut window = match existing {
             Some(id) if start < n_stored => {
                 let stored =
-                    memory::messages_from(pool, id, start as i64, (n_stored - start) as i64)
+                    memory::messages_from(&inner.pool, id, start as i64, (n_stored - start) as i64)
                         .await?;
                 prompt_turns(start, stored)
             }
             _ => Vec::new(),
         };
-        if let Some(user) = &user {
-            window.push((n_messages - 1, ChatTurn::new(Role::User, user.text.clone())));
+        if let Some(text) = user_text {
+            window.push((n_messages - 1, ChatTurn::new(Role::User, text.to_string())));
         }
         if window.is_empty() {
             return Err(Error::Invalid("the conversation has no message to answer".into()));
@@ -650,39 +810,27 @@ impl Assistant {
                 Err(e) => return Err(e.into()),
             }
         };
+        Ok(Accepted { routed, tier, system, window, params, n_messages, start, floor, trimmed })
+    }
 
-        // The model accepted the prompt: from here the turn is recorded.
-        let conversation_id = match target {
-            Target::Existing(id) => id,
-            Target::NewWebChat { title } => {
-                memory::create_webchat_conversation(pool, Some(&title)).await?.id
-            }
-            Target::NewChannel { channel, key, title } => {
-                memory::get_or_create_conversation(pool, channel, &key, Some(&title)).await?.id
-            }
-        };
-        let guard = match guard {
-            Some(guard) => guard,
-            None => match self.try_turn(conversation_id) {
-                Some(guard) => guard,
-                // Dropping `routed` here stops the engine.
-                None => return Ok(TurnStart::Raced(conversation_id)),
-            },
-        };
+    /// Starts the answer to an accepted prompt in a conversation whose turn `guard` holds:
+    /// `Meta` (naming `user_message_id`, the stored user message it answers), the notices,
+    /// then the streaming answer in its own task.
+    async fn launch(
+        &self,
+        accepted: Accepted,
+        conversation_id: ConversationId,
+        guard: TurnGuard,
+        user_message_id: Option<MessageId>,
+        received: Instant,
+        tx: &mpsc::Sender<Event>,
+    ) {
+        let inner = &self.inner;
+        let Accepted { routed, tier, system, window, params, n_messages, start, floor, trimmed } =
+            accepted;
         if start > floor {
             lock(&inner.floors).insert(conversation_id, start);
         }
-        if let Some(user) = user {
-            let mut message = NewMessage::plain(conversation_id, Role::User, user.text);
-            message.external_id = user.external_id;
-            let user_id = memory::add_message(pool, &message).await?;
-            let _ = inner.events.send(ConversationEvent {
-                conversation_id,
-                message_id: user_id,
-                role: Role::User,
-            });
-        }
-
         let turn = inner.next_turn.fetch_add(1, Ordering::Relaxed);
         let (stop_tx, stop_rx) = oneshot::channel();
         // Registered before `Meta` goes out, so a stop sent on `Meta` finds it.
@@ -695,6 +843,7 @@ impl Assistant {
                 model: routed.info.model.clone(),
                 host: routed.info.host.clone(),
                 leaves_machine: routed.info.leaves_machine,
+                user_message_id,
             })
             .await;
         if trimmed > 0 {
@@ -742,7 +891,6 @@ impl Assistant {
             received,
         };
         tokio::spawn(run.drive(routed.stream, tx.clone(), stop_rx));
-        Ok(TurnStart::Started)
     }
 
     /// The window start after one trimming step: the older half of the window's messages

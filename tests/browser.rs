@@ -350,6 +350,17 @@ async fn send_message(browser: &Browser, text: &str) {
     browser.type_into("#input", ENTER).await;
 }
 
+/// Sends `LONG_PROMPT` and waits until its answer streams some text (or has already ended:
+/// SmolLM2 sometimes ends a story in a few tokens, which callers check).
+async fn send_long_prompt(browser: &Browser) {
+    send_message(browser, LONG_PROMPT).await;
+    let script = format!(
+        "{LAST_ANSWER_FN} const a = lastAnswer(); \
+         return a && (a.state === 'streaming' && a.text.length > 2 || a.state === 'done');"
+    );
+    browser.wait_for("tokens of the long answer", &script, Duration::from_secs(60)).await;
+}
+
 async fn wait_answer_state(browser: &Browser, states: &[&str], limit: Duration) -> Value {
     let states = serde_json::to_string(states).unwrap();
     let script = format!("{LAST_ANSWER_FN} const a = lastAnswer(); return a && {states}.includes(a.state) ? a : null;");
@@ -576,17 +587,7 @@ async fn webchat_in_headless_chromium_with_the_real_model() {
     //    a few tokens; on a fast machine that can beat the click, so try up to 3 times.
     let mut stopped = Value::Null;
     for _attempt in 0..3 {
-        send_message(&browser, LONG_PROMPT).await;
-        browser
-            .wait_for(
-                "tokens of the long answer",
-                &format!(
-                    "{LAST_ANSWER_FN} const a = lastAnswer(); \
-                     return a && (a.state === 'streaming' && a.text.length > 2 || a.state === 'done');"
-                ),
-                Duration::from_secs(60),
-            )
-            .await;
+        send_long_prompt(&browser).await;
         let stop = browser.find("#stop").await;
         let _ = browser
             .try_command(reqwest::Method::POST, &format!("/element/{stop}/click"), Some(json!({})))
@@ -990,7 +991,15 @@ async fn seed(data_dir: &Path) -> (i64, i64, i64, i64) {
     add(hostile, Role::Assistant, "After the storm, **still bold**.").await;
     let rich = memory::create_webchat_conversation(&pool, Some("Weekly plan")).await.unwrap().id;
     add(rich, Role::User, "Plan my week.").await;
-    add(rich, Role::Assistant, RICH_ANSWER).await;
+    // An answer a model wrote (`provider` set), so a regenerate replaces it: a message stored
+    // without a model, like a reminder firing, would be kept.
+    let answer = NewMessage {
+        tier: Some("main".into()),
+        provider: Some("local".into()),
+        model: Some("SmolLM2-135M-Instruct.Q4_1.gguf".into()),
+        ..NewMessage::plain(rich, Role::Assistant, RICH_ANSWER)
+    };
+    memory::add_message(&pool, &answer).await.expect("seed answer");
     pool.close().await;
     (rich.0, hostile.0, whatsapp.0, tomatoes)
 }
@@ -1647,17 +1656,7 @@ async fn webchat_recovers_from_failures_and_respects_what_the_user_is_doing() {
     //    a few tokens: then try again.
     let mut went_elsewhere = false;
     for _attempt in 0..3 {
-        send_message(&browser, LONG_PROMPT).await;
-        browser
-            .wait_for(
-                "tokens of the story",
-                &format!(
-                    "{LAST_ANSWER_FN} const a = lastAnswer(); \
-                     return a && (a.state === 'streaming' && a.text.length > 2 || a.state === 'done');"
-                ),
-                Duration::from_secs(60),
-            )
-            .await;
+        send_long_prompt(&browser).await;
         browser.click("#search-input").await;
         browser.type_into("#search-input", "\u{E00C}").await;
         browser

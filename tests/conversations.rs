@@ -1,6 +1,7 @@
 //! Conversations that never end: one turn at a time per conversation (in order, never
 //! cancelled by the next message), the stop endpoint, refused requests that leave nothing
-//! behind, trimming through the fallback, and the history window that moves in steps so the
+//! behind (regenerate and edit included, which change the history only once the model
+//! accepted the new prompt), trimming through the fallback, and the history window that moves in steps so the
 //! model's KV state is reused and the next window is prepared ahead. The HTTP tests serve
 //! the real gateway on 127.0.0.1 over the real SQLite file with a scripted model (fast and
 //! deterministic); one runs the real binary with the real SmolLM2 model.
@@ -194,14 +195,23 @@ async fn test_app(model: Arc<ScriptedModel>) -> TestApp {
 impl TestApp {
     /// `POST /api/chat`; the status and, on 200, the event stream.
     async fn chat(&self, body: Value) -> (u16, Result<SseReader, Value>) {
+        self.post_stream("/api/chat", body).await
+    }
+
+    /// A message action (`regenerate`, `edit`) on a conversation, answered like `chat`.
+    async fn action(&self, id: i64, action: &str, body: Value) -> (u16, Result<SseReader, Value>) {
+        self.post_stream(&format!("/api/conversations/{id}/{action}"), body).await
+    }
+
+    async fn post_stream(&self, path: &str, body: Value) -> (u16, Result<SseReader, Value>) {
         let response = self
             .http
-            .post(format!("{}/api/chat", self.base))
+            .post(format!("{}{path}", self.base))
             .bearer_auth(TOKEN)
             .json(&body)
             .send()
             .await
-            .expect("POST /api/chat");
+            .expect("POST");
         let status = response.status().as_u16();
         if status == 200 {
             (status, Ok(SseReader::new(response)))
@@ -477,6 +487,148 @@ async fn a_refused_request_stores_nothing_and_creates_no_conversation() {
     assert_eq!(app.messages(id).await.len(), 2, "the refused messages were not stored");
     let list = app.get_json("/api/conversations").await;
     assert_eq!(list["conversations"].as_array().unwrap().len(), 1);
+}
+
+/// Regenerate and edit change the stored history only once the model accepted the new
+/// prompt: refused by a busy engine or a prompt that does not fit, they leave it as it was.
+#[tokio::test]
+async fn a_refused_regenerate_or_edit_changes_nothing() {
+    let app = test_app(ScriptedModel::new(false)).await;
+    let mut reader = app.stream(json!({"message": "first question"})).await;
+    let id = rest(&mut reader).await[0]["conversation_id"].as_i64().unwrap();
+    let mut reader = app.stream(json!({"conversation_id": id, "message": "second question"})).await;
+    let answer = of_type(&rest(&mut reader).await, "done")[0]["message_id"].clone();
+    let before = app.messages(id).await;
+    assert_eq!(before.len(), 4);
+    let question = before[2]["id"].clone();
+
+    *app.model.refuse.lock().unwrap() = Some(LlmError::QueueFull);
+    for (action, body) in [
+        ("regenerate", json!({})),
+        ("regenerate", json!({"message_id": answer})),
+        ("edit", json!({"message": "changed"})),
+        ("edit", json!({"message": "changed", "message_id": question})),
+    ] {
+        let (status, error) = app.action(id, action, body.clone()).await;
+        assert_eq!(status, 503, "{action} {body}");
+        assert_eq!(error.err().unwrap()["error"]["code"], "unavailable");
+        assert_eq!(app.messages(id).await, before, "a refused {action} changes nothing");
+    }
+
+    // A new text too large for the context even alone: refused, nothing changed.
+    *app.model.refuse.lock().unwrap() = None;
+    *app.model.context_chars.lock().unwrap() = 500;
+    let (status, _) = app.action(id, "edit", json!({"message": "x".repeat(600)})).await;
+    assert_eq!(status, 400);
+    assert_eq!(app.messages(id).await, before, "a refused edit changes nothing");
+    assert_eq!(app.model.prompts().len(), 2, "only the two answers were generated");
+
+    // Accepted, the new answer replaces the old one.
+    let (status, reader) = app.action(id, "regenerate", json!({"message_id": answer})).await;
+    assert_eq!(status, 200);
+    let events = rest(&mut reader.unwrap()).await;
+    assert_eq!(events[0]["user_message_id"], question, "{events:?}");
+    assert_eq!(of_type(&events, "done").len(), 1, "{events:?}");
+    let after = app.messages(id).await;
+    assert_eq!(after[..3], before[..3]);
+    assert_eq!(after.len(), 4);
+    assert_eq!(after[3]["content"], "answer to second question");
+    assert_ne!(after[3]["id"], before[3]["id"], "a new answer");
+}
+
+/// While an answer is being written, regenerate and edit are refused at once (409) instead
+/// of waiting and then changing the history under that answer or answering twice.
+#[tokio::test]
+async fn regenerate_or_edit_while_an_answer_streams_is_refused_and_changes_nothing() {
+    let app = test_app(ScriptedModel::new(true)).await;
+    app.model.release_one();
+    let mut reader = app.stream(json!({"message": "first question"})).await;
+    let id = rest(&mut reader).await[0]["conversation_id"].as_i64().unwrap();
+    let mut streaming =
+        app.stream(json!({"conversation_id": id, "message": "second question"})).await;
+    let meta = streaming.next_json(EVENT_WAIT).await.expect("meta");
+    assert_eq!(meta["type"], "meta", "{meta}");
+    let question = meta["user_message_id"].clone();
+    let before = app.messages(id).await;
+    assert_eq!(before.len(), 3, "the streaming answer's question is stored: {before:?}");
+
+    for (action, body) in [
+        ("regenerate", json!({})),
+        ("regenerate", json!({"message_id": question})),
+        ("edit", json!({"message": "another question"})),
+        ("edit", json!({"message": "another question", "message_id": question})),
+    ] {
+        let asked = tokio::time::timeout(Duration::from_secs(5), app.action(id, action, body));
+        let (status, error) = asked.await.expect("answered at once, without waiting");
+        assert_eq!(status, 409, "{action}");
+        let error = error.err().unwrap();
+        assert_eq!(error["error"]["code"], "conflict", "{error}");
+        assert_eq!(
+            error["error"]["message"],
+            "an answer is being written in this conversation; stop it or wait for it"
+        );
+        assert_eq!(app.messages(id).await, before, "a refused {action} changes nothing");
+    }
+    assert_eq!(app.assistant.turns_queued(ConversationId(id)), 1, "nothing waits");
+
+    // The streaming answer is stored as usual, under its own question, and nothing more.
+    app.model.release_one();
+    let events = rest(&mut streaming).await;
+    assert_eq!(of_type(&events, "done")[0]["finish"], "stop", "{events:?}");
+    let messages = app.messages(id).await;
+    let contents: Vec<&str> = messages.iter().map(|m| m["content"].as_str().unwrap()).collect();
+    assert_eq!(
+        contents,
+        [
+            "first question",
+            "answer to first question",
+            "second question",
+            "answer to second question"
+        ]
+    );
+    assert_eq!(app.model.prompts().len(), 2, "no other answer was generated");
+    app.wait_turns_queued(id, 0).await;
+}
+
+/// A reminder the scheduler posted after the last answer is not part of that answer: a
+/// regenerate or an edit replaces the answer and keeps the reminder. The new prompt is the
+/// conversation as the old answer saw it (the reminder came after the question).
+#[tokio::test]
+async fn a_reminder_posted_after_the_answer_survives_regenerate_and_edit() {
+    let app = test_app(ScriptedModel::new(false)).await;
+    let mut reader = app.stream(json!({"message": "remind me to call Anna"})).await;
+    let events = rest(&mut reader).await;
+    let id = events[0]["conversation_id"].as_i64().unwrap();
+    let question = events[0]["user_message_id"].clone();
+    let reminder = app.assistant.post(ConversationId(id), "Reminder: call Anna").await.unwrap();
+
+    // The page shows the reminder last, so it names it.
+    let body = json!({"message_id": reminder.0});
+    let (status, reader) = app.action(id, "regenerate", body).await;
+    assert_eq!(status, 200);
+    let events = rest(&mut reader.unwrap()).await;
+    assert_eq!(events[0]["user_message_id"], question, "{events:?}");
+    assert_eq!(of_type(&events, "done").len(), 1, "{events:?}");
+    let messages = app.messages(id).await;
+    let contents: Vec<&str> = messages.iter().map(|m| m["content"].as_str().unwrap()).collect();
+    assert_eq!(
+        contents,
+        ["remind me to call Anna", "Reminder: call Anna", "answer to remind me to call Anna"]
+    );
+    assert_eq!(messages[1]["id"], reminder.0, "the reminder itself, kept");
+    let prompts = app.model.prompts();
+    assert_eq!(prompts[1], prompts[0], "the regenerate saw what the first answer saw");
+
+    let (status, reader) = app.action(id, "edit", json!({"message": "remind me at ten"})).await;
+    assert_eq!(status, 200);
+    let events = rest(&mut reader.unwrap()).await;
+    assert_eq!(events[0]["user_message_id"], question, "{events:?}");
+    let messages = app.messages(id).await;
+    let contents: Vec<&str> = messages.iter().map(|m| m["content"].as_str().unwrap()).collect();
+    assert_eq!(contents, ["remind me at ten", "Reminder: call Anna", "answer to remind me at ten"]);
+    let prompts = app.model.prompts();
+    let prompt: Vec<&str> = prompts[2][1..].iter().map(|t| t.content.as_str()).collect();
+    assert_eq!(prompt, ["remind me at ten"], "the reminder came after the edited question");
 }
 
 #[tokio::test]

@@ -1061,15 +1061,7 @@ async fn assert_engine_is_free(server: &Server) {
         "model": "main", "max_tokens": 3,
         "messages": [{"role": "user", "content": "Say hi."}]
     });
-    let response = http()
-        .post(server.url("/v1/chat/completions"))
-        .bearer_auth(&server.token)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    let completion: Value = response.json().await.unwrap();
+    let completion = completion(server, &body).await;
     let ttft_ms = completion["timings"]["ttft_ms"].as_u64().unwrap();
     let prefill_ms = completion["timings"]["prefill_ms"].as_u64().unwrap();
     let waited_ms = ttft_ms.saturating_sub(prefill_ms);
@@ -1081,6 +1073,19 @@ async fn assert_engine_is_free(server: &Server) {
         "the next request waited {waited_ms} ms for the engine (ttft {ttft_ms} ms, prefill \
          {prefill_ms} ms): the stopped answer kept running"
     );
+}
+
+/// A non-streamed `/v1/chat/completions` answer, which must be a 200.
+async fn completion(server: &Server, body: &Value) -> Value {
+    let response = http()
+        .post(server.url("/v1/chat/completions"))
+        .bearer_auth(&server.token)
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    response.json().await.unwrap()
 }
 
 /// The stored answer of a conversation, once it is there (bounded wait).
@@ -1158,15 +1163,7 @@ async fn real_model_stop_sequence_on_v1_stops_the_engine() {
         "model": "main", "temperature": 0, "stop": ["5"],
         "messages": [{"role": "user", "content": LONG_PROMPT}]
     });
-    let response = http()
-        .post(server.url("/v1/chat/completions"))
-        .bearer_auth(&server.token)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    let completion: Value = response.json().await.unwrap();
+    let completion = completion(&server, &body).await;
     let choice = &completion["choices"][0];
     let content = choice["message"]["content"].as_str().unwrap();
     assert_eq!(choice["finish_reason"], "stop", "{completion}");

@@ -1,9 +1,13 @@
-//! Changes to the end of a conversation for the WebChat's message actions: drop the last
-//! answer (regenerate) and replace the last user message (edit and resend). Each is one
-//! write transaction that first checks the message the client meant is still the one it
-//! acts on; building the new answer is the assistant's job.
+//! Changes to the end of a conversation for the WebChat's message actions: read the last
+//! exchange a regenerate or an edit starts from, drop the last answer (regenerate) and
+//! replace the last user message (edit and resend). Each change is one write transaction
+//! that first checks the exchange is still the one the prompt was built from and the message
+//! the client meant is still the one it acts on. The assistant makes the change inside the
+//! conversation's turn once the model accepted the new prompt; building the answer is its
+//! job. A message posted without a model (a reminder firing, `provider` NULL) is not part of
+//! an answer: neither action deletes it.
 
-use sqlx::SqlitePool;
+use sqlx::{SqliteConnection, SqlitePool};
 
 use crate::db::now_ms;
 use crate::domain::{ConversationId, MessageId};
@@ -21,114 +25,152 @@ pub enum EditError {
     Db(#[from] sqlx::Error),
 }
 
-/// Deletes every message after the last user message (the answer to regenerate, with any
-/// error or partial text), and returns how many went. `expected`, when given, must be the
-/// conversation's last message (the answer the client shows last, or its own message when
-/// no answer was stored): otherwise nothing is deleted and `NotLast` comes back.
+/// The end of a conversation that a message action starts from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LastExchange {
+    /// The last user message: the one answered again, or edited.
+    pub user_message_id: MessageId,
+    /// How many messages come before it (its index in the conversation).
+    pub n_before: i64,
+    /// The conversation's last message (the user message itself when nothing followed it).
+    pub last_message_id: MessageId,
+}
+
+impl LastExchange {
+    /// Regenerate: `expected`, when given, must be the conversation's last message (the
+    /// answer the client shows last, or its own message when no answer was stored).
+    pub fn check_regenerate(&self, expected: Option<MessageId>) -> Result<(), EditError> {
+        match expected {
+            Some(id) if id != self.last_message_id => {
+                Err(EditError::NotLast { id: id.0, what: "the last message" })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Edit: `expected`, when given, must be the last user message.
+    pub fn check_edit(&self, expected: Option<MessageId>) -> Result<(), EditError> {
+        match expected {
+            Some(id) if id != self.user_message_id => {
+                Err(EditError::NotLast { id: id.0, what: "your last message" })
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The conversation's last exchange, or `NoUserMessage` when it has no user message.
+pub async fn last_exchange(
+    pool: &SqlitePool,
+    conversation_id: ConversationId,
+) -> Result<LastExchange, EditError> {
+    let mut conn = pool.acquire().await?;
+    read_last_exchange(&mut conn, conversation_id).await
+}
+
+/// Deletes the answer after the last user message (the message a model wrote there, with
+/// any error or partial text; a reminder posted there stays), and returns how many messages
+/// went. In one write transaction that first checks that `exchange` is still the
+/// conversation's last exchange (its user message the last one, and no message added since
+/// it was read) and that `expected` passes `LastExchange::check_regenerate`: otherwise
+/// nothing is deleted and `NotLast` comes back.
 pub async fn drop_last_answer(
     pool: &SqlitePool,
     conversation_id: ConversationId,
+    exchange: &LastExchange,
     expected: Option<MessageId>,
 ) -> Result<u64, EditError> {
     // One write transaction: a message stored between the check and the delete (another
     // tab, a scheduled job) waits for it instead of slipping in between.
     let mut tx = crate::db::begin_write(pool).await?;
-    let (last_user, last): (Option<i64>, Option<i64>) = sqlx::query_as(
-        "SELECT MAX(CASE WHEN role = 'user' THEN id END), MAX(id)
-         FROM messages WHERE conversation_id = ?1",
-    )
-    .bind(conversation_id.0)
-    .fetch_one(&mut *tx)
-    .await?;
-    let Some(last_user) = last_user else {
-        return Err(EditError::NoUserMessage);
-    };
-    if let Some(expected) = expected {
-        if last != Some(expected.0) {
-            return Err(EditError::NotLast { id: expected.0, what: "the last message" });
-        }
+    let now = read_last_exchange(&mut tx, conversation_id).await?;
+    now.check_regenerate(expected)?;
+    if now != *exchange {
+        let id = expected.unwrap_or(exchange.last_message_id);
+        return Err(EditError::NotLast { id: id.0, what: "the last message" });
     }
-    // Only answers after the last user message go: a user message is never deleted.
-    let done = sqlx::query(
-        "DELETE FROM messages WHERE conversation_id = ?1 AND role <> 'user' AND id > ?2",
-    )
-    .bind(conversation_id.0)
-    .bind(last_user)
-    .execute(&mut *tx)
-    .await?;
+    let dropped = delete_answer_after(&mut tx, conversation_id, exchange.user_message_id).await?;
     tx.commit().await?;
-    Ok(done.rows_affected())
+    Ok(dropped)
 }
 
-/// Replaces the text of the last user message and deletes every message after it.
-/// `expected`, when given, must be that message: otherwise nothing changes and `NotLast`
+/// Replaces the text of the last user message and deletes the answer after it (every
+/// message after it but the reminders posted there). In one write transaction that first
+/// checks that `exchange`'s user message is still the conversation's last one and that
+/// `expected` passes `LastExchange::check_edit`: otherwise nothing changes and `NotLast`
 /// comes back.
 pub async fn replace_last_user_message(
     pool: &SqlitePool,
     conversation_id: ConversationId,
+    exchange: &LastExchange,
     content: &str,
     expected: Option<MessageId>,
 ) -> Result<MessageId, EditError> {
     let mut tx = crate::db::begin_write(pool).await?;
-    // The UPDATE comes first so the transaction takes the write lock at once.
-    let edited: Option<i64> = sqlx::query_scalar(
-        "UPDATE messages SET content = ?2
-         WHERE id = (SELECT MAX(id) FROM messages WHERE conversation_id = ?1 AND role = 'user')
-           AND (?3 IS NULL OR id = ?3)
-         RETURNING id",
-    )
-    .bind(conversation_id.0)
-    .bind(content)
-    .bind(expected.map(|id| id.0))
-    .fetch_optional(&mut *tx)
-    .await?;
-    let Some(edited) = edited else {
-        return match expected {
-            Some(id) if has_user_message(&mut tx, conversation_id).await? => {
-                Err(EditError::NotLast { id: id.0, what: "your last message" })
-            }
-            _ => Err(EditError::NoUserMessage),
-        };
-    };
-    sqlx::query("DELETE FROM messages WHERE conversation_id = ?1 AND id > ?2")
-        .bind(conversation_id.0)
-        .bind(edited)
+    let now = read_last_exchange(&mut tx, conversation_id).await?;
+    now.check_edit(expected)?;
+    if now.user_message_id != exchange.user_message_id {
+        let id = expected.unwrap_or(exchange.user_message_id);
+        return Err(EditError::NotLast { id: id.0, what: "your last message" });
+    }
+    let edited = exchange.user_message_id;
+    sqlx::query("UPDATE messages SET content = ?2 WHERE id = ?1")
+        .bind(edited.0)
+        .bind(content)
         .execute(&mut *tx)
         .await?;
+    delete_answer_after(&mut tx, conversation_id, edited).await?;
     sqlx::query("UPDATE conversations SET updated_at = ?1 WHERE id = ?2")
         .bind(now_ms())
         .bind(conversation_id.0)
         .execute(&mut *tx)
         .await?;
     tx.commit().await?;
-    Ok(MessageId(edited))
+    Ok(edited)
 }
 
-async fn has_user_message(
-    tx: &mut sqlx::SqliteConnection,
+async fn read_last_exchange(
+    conn: &mut SqliteConnection,
     conversation_id: ConversationId,
-) -> Result<bool, sqlx::Error> {
-    sqlx::query_scalar(
-        "SELECT EXISTS(SELECT 1 FROM messages WHERE conversation_id = ?1 AND role = 'user')",
+) -> Result<LastExchange, EditError> {
+    let row: Option<(i64, i64, i64)> = sqlx::query_as(
+        "SELECT u.id,
+                (SELECT COUNT(*) FROM messages WHERE conversation_id = ?1 AND id < u.id),
+                (SELECT MAX(id) FROM messages WHERE conversation_id = ?1)
+         FROM messages u WHERE u.conversation_id = ?1 AND u.role = 'user'
+         ORDER BY u.id DESC LIMIT 1",
     )
     .bind(conversation_id.0)
-    .fetch_one(tx)
-    .await
-}
-
-/// The id of the conversation's last user message: the one an answer that starts now is
-/// written for (the chat stream's `meta` event names it).
-pub async fn last_user_message_id(
-    pool: &SqlitePool,
-    conversation_id: ConversationId,
-) -> Result<Option<MessageId>, sqlx::Error> {
-    let id: Option<i64> = sqlx::query_scalar(
-        "SELECT MAX(id) FROM messages WHERE conversation_id = ?1 AND role = 'user'",
-    )
-    .bind(conversation_id.0)
-    .fetch_one(pool)
+    .fetch_optional(conn)
     .await?;
-    Ok(id.map(MessageId))
+    match row {
+        Some((user, n_before, last)) => Ok(LastExchange {
+            user_message_id: MessageId(user),
+            n_before,
+            last_message_id: MessageId(last),
+        }),
+        None => Err(EditError::NoUserMessage),
+    }
+}
+
+/// Deletes what follows `user_message` but the messages posted without a model: the answer
+/// (with any error or partial text). A user message is never deleted (`user_message` is the
+/// conversation's last), and a reminder that fired there is not part of the answer.
+async fn delete_answer_after(
+    conn: &mut SqliteConnection,
+    conversation_id: ConversationId,
+    user_message: MessageId,
+) -> Result<u64, sqlx::Error> {
+    let done = sqlx::query(
+        "DELETE FROM messages
+         WHERE conversation_id = ?1 AND id > ?2
+           AND NOT (role = 'assistant' AND provider IS NULL)",
+    )
+    .bind(conversation_id.0)
+    .bind(user_message.0)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected())
 }
 
 #[cfg(test)]
@@ -138,72 +180,132 @@ mod tests {
     use crate::db::search::search_messages;
     use crate::domain::Role;
 
+    /// Stores a message: a user's, an answer (a model wrote it: `provider` set) or a post
+    /// (an assistant message without a model, as a reminder firing stores it).
+    async fn add(pool: &SqlitePool, conv: ConversationId, kind: &str, text: &str) -> MessageId {
+        let message = match kind {
+            "user" => NewMessage::plain(conv, Role::User, text),
+            "answer" => NewMessage {
+                provider: Some("local".into()),
+                model: Some("m.gguf".into()),
+                ..NewMessage::plain(conv, Role::Assistant, text)
+            },
+            "post" => NewMessage::plain(conv, Role::Assistant, text),
+            other => panic!("unknown message kind {other}"),
+        };
+        memory::add_message(pool, &message).await.unwrap()
+    }
+
+    async fn texts(pool: &SqlitePool, conv: ConversationId) -> Vec<String> {
+        let history = memory::history(pool, conv, 20).await.unwrap();
+        history.into_iter().map(|m| m.content).collect()
+    }
+
     #[tokio::test]
-    async fn edit_replaces_the_last_user_message_and_drops_what_followed() {
+    async fn edit_replaces_the_last_user_message_and_drops_its_answer() {
         let (_dir, pool) = crate::db::fresh_test_db().await;
         let conv = memory::create_webchat_conversation(&pool, Some("t")).await.unwrap().id;
-        for (role, text) in [
-            (Role::User, "first question"),
-            (Role::Assistant, "first answer"),
-            (Role::User, "second qestion"),
-            (Role::Assistant, "second answer"),
-        ] {
-            memory::add_message(&pool, &NewMessage::plain(conv, role, text)).await.unwrap();
-        }
-        replace_last_user_message(&pool, conv, "second question, fixed", None).await.unwrap();
-        let history = memory::history(&pool, conv, 10).await.unwrap();
-        let texts: Vec<&str> = history.iter().map(|m| m.content.as_str()).collect();
-        assert_eq!(texts, ["first question", "first answer", "second question, fixed"]);
+        add(&pool, conv, "user", "first question").await;
+        add(&pool, conv, "answer", "first answer").await;
+        let second = add(&pool, conv, "user", "second qestion").await;
+        add(&pool, conv, "answer", "second answer").await;
+        let exchange = last_exchange(&pool, conv).await.unwrap();
+        assert_eq!((exchange.user_message_id, exchange.n_before), (second, 2));
+
+        let edited =
+            replace_last_user_message(&pool, conv, &exchange, "second question, fixed", None);
+        assert_eq!(edited.await.unwrap(), second);
+        let expected = ["first question", "first answer", "second question, fixed"];
+        assert_eq!(texts(&pool, conv).await, expected);
         // The search index follows the edit (update trigger) and the deletion.
         assert_eq!(search_messages(&pool, "qestion", 10).await.unwrap().len(), 0);
         assert_eq!(search_messages(&pool, "fixed", 10).await.unwrap().len(), 1);
         assert_eq!(search_messages(&pool, "second answer", 10).await.unwrap().len(), 0);
 
-        assert_eq!(drop_last_answer(&pool, conv, None).await.unwrap(), 0);
-        memory::add_message(&pool, &NewMessage::plain(conv, Role::Assistant, "new")).await.unwrap();
-        assert_eq!(drop_last_answer(&pool, conv, None).await.unwrap(), 1);
-        assert_eq!(memory::history(&pool, conv, 10).await.unwrap().len(), 3);
+        let exchange = last_exchange(&pool, conv).await.unwrap();
+        assert_eq!(exchange.last_message_id, second, "nothing follows the edited message");
+        assert_eq!(drop_last_answer(&pool, conv, &exchange, None).await.unwrap(), 0);
+        add(&pool, conv, "answer", "new").await;
+        let exchange = last_exchange(&pool, conv).await.unwrap();
+        assert_eq!(drop_last_answer(&pool, conv, &exchange, None).await.unwrap(), 1);
+        assert_eq!(texts(&pool, conv).await, expected);
+    }
+
+    #[tokio::test]
+    async fn a_reminder_posted_after_the_last_user_message_is_kept() {
+        let (_dir, pool) = crate::db::fresh_test_db().await;
+        let conv = memory::create_webchat_conversation(&pool, Some("t")).await.unwrap().id;
+        add(&pool, conv, "user", "remind me at nine").await;
+        add(&pool, conv, "answer", "(no answer: the model failed)").await;
+        add(&pool, conv, "answer", "Done, at nine.").await;
+        let reminder = add(&pool, conv, "post", "Reminder: call Anna").await;
+
+        // The page shows the reminder last: it names it, and the answers before it go.
+        let exchange = last_exchange(&pool, conv).await.unwrap();
+        assert_eq!(exchange.last_message_id, reminder);
+        let dropped = drop_last_answer(&pool, conv, &exchange, Some(reminder)).await.unwrap();
+        assert_eq!(dropped, 2);
+        assert_eq!(texts(&pool, conv).await, ["remind me at nine", "Reminder: call Anna"]);
+
+        add(&pool, conv, "answer", "Done.").await;
+        let exchange = last_exchange(&pool, conv).await.unwrap();
+        replace_last_user_message(&pool, conv, &exchange, "remind me at ten", None).await.unwrap();
+        assert_eq!(texts(&pool, conv).await, ["remind me at ten", "Reminder: call Anna"]);
     }
 
     #[tokio::test]
     async fn a_conversation_without_user_messages_is_refused() {
         let (_dir, pool) = crate::db::fresh_test_db().await;
         let conv = memory::create_webchat_conversation(&pool, Some("t")).await.unwrap().id;
-        let dropped = drop_last_answer(&pool, conv, Some(MessageId(1))).await;
-        assert!(matches!(dropped, Err(EditError::NoUserMessage)));
-        let edit = replace_last_user_message(&pool, conv, "x", Some(MessageId(1))).await;
-        assert!(matches!(edit, Err(EditError::NoUserMessage)));
+        assert!(matches!(last_exchange(&pool, conv).await, Err(EditError::NoUserMessage)));
+        add(&pool, conv, "post", "Reminder: stretch").await;
+        assert!(matches!(last_exchange(&pool, conv).await, Err(EditError::NoUserMessage)));
     }
 
     #[tokio::test]
     async fn an_action_on_a_message_that_is_no_longer_last_changes_nothing() {
         let (_dir, pool) = crate::db::fresh_test_db().await;
         let conv = memory::create_webchat_conversation(&pool, Some("t")).await.unwrap().id;
-        let add = |role, text: &'static str| {
-            let pool = pool.clone();
-            async move { memory::add_message(&pool, &NewMessage::plain(conv, role, text)).await }
-        };
-        let first_question = add(Role::User, "first question").await.unwrap();
-        let first_answer = add(Role::Assistant, "first answer").await.unwrap();
-        let second_question = add(Role::User, "second question").await.unwrap();
-        assert_eq!(last_user_message_id(&pool, conv).await.unwrap(), Some(second_question));
+        let first_question = add(&pool, conv, "user", "first question").await;
+        let first_answer = add(&pool, conv, "answer", "first answer").await;
+        let second_question = add(&pool, conv, "user", "second question").await;
+        let exchange = last_exchange(&pool, conv).await.unwrap();
+        assert_eq!(exchange.user_message_id, second_question);
 
         // The page still shows the first exchange as the last one.
-        let edit = replace_last_user_message(&pool, conv, "changed", Some(first_question)).await;
+        let edit = exchange.check_edit(Some(first_question));
         assert!(matches!(edit, Err(EditError::NotLast { .. })), "{edit:?}");
-        let drop = drop_last_answer(&pool, conv, Some(first_answer)).await;
+        let edit =
+            replace_last_user_message(&pool, conv, &exchange, "changed", Some(first_question));
+        assert!(matches!(edit.await, Err(EditError::NotLast { .. })));
+        let drop = exchange.check_regenerate(Some(first_answer));
         assert!(matches!(drop, Err(EditError::NotLast { .. })), "{drop:?}");
-        let history = memory::history(&pool, conv, 10).await.unwrap();
-        let texts: Vec<&str> = history.iter().map(|m| m.content.as_str()).collect();
-        assert_eq!(texts, ["first question", "first answer", "second question"]);
+        let drop = drop_last_answer(&pool, conv, &exchange, Some(first_answer)).await;
+        assert!(matches!(drop, Err(EditError::NotLast { .. })), "{drop:?}");
+        let before = ["first question", "first answer", "second question"];
+        assert_eq!(texts(&pool, conv).await, before);
+
+        // The exchange a prompt was built from moved on before the change: refused too.
+        add(&pool, conv, "answer", "second answer").await;
+        let drop = drop_last_answer(&pool, conv, &exchange, None).await;
+        assert!(matches!(drop, Err(EditError::NotLast { .. })), "{drop:?}");
+        let third = add(&pool, conv, "user", "third question").await;
+        let edit = replace_last_user_message(&pool, conv, &exchange, "changed", None).await;
+        assert!(matches!(edit, Err(EditError::NotLast { .. })), "{edit:?}");
+        let history = texts(&pool, conv).await;
+        assert_eq!(history[3..], ["second answer", "third question"]);
 
         // The last message itself: a question whose answer was never stored is answered
         // again with nothing dropped, and an edit of it goes through.
-        assert_eq!(drop_last_answer(&pool, conv, Some(second_question)).await.unwrap(), 0);
+        let exchange = last_exchange(&pool, conv).await.unwrap();
+        assert_eq!(exchange.check_regenerate(Some(third)).ok(), Some(()));
+        assert_eq!(drop_last_answer(&pool, conv, &exchange, Some(third)).await.unwrap(), 0);
         let edited =
-            replace_last_user_message(&pool, conv, "second, edited", Some(second_question));
-        assert_eq!(edited.await.unwrap(), second_question);
-        let second_answer = add(Role::Assistant, "second answer").await.unwrap();
-        assert_eq!(drop_last_answer(&pool, conv, Some(second_answer)).await.unwrap(), 1);
+            replace_last_user_message(&pool, conv, &exchange, "third, edited", Some(third));
+        assert_eq!(edited.await.unwrap(), third);
+        let third_answer = add(&pool, conv, "answer", "third answer").await;
+        let exchange = last_exchange(&pool, conv).await.unwrap();
+        let dropped = drop_last_answer(&pool, conv, &exchange, Some(third_answer)).await;
+        assert_eq!(dropped.unwrap(), 1);
     }
 }

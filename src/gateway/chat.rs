@@ -14,14 +14,12 @@ use axum::routing::post;
 use axum::Router;
 use futures::stream::Stream;
 use serde::{Deserialize, Serialize};
-use sqlx::SqlitePool;
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 
 use crate::assistant::{Assistant, Event};
 use crate::config::MAX_MESSAGE_CHARS;
-use crate::db::message_edits;
-use crate::domain::{ChannelKind, ConversationId, Inbound, MessageId};
+use crate::domain::{ChannelKind, ConversationId, Inbound};
 use crate::gateway::error::{ApiError, ApiJson, ApiPath};
 use crate::gateway::events::shutdown_requested;
 use crate::gateway::AppState;
@@ -159,23 +157,19 @@ async fn post_chat(
         external_id: None,
     };
     let events = state.assistant.start(inbound, tier).await?;
-    Ok(answer_sse(state.assistant.clone(), state.pool.clone(), events))
+    Ok(answer_sse(state.assistant.clone(), events))
 }
 
 /// The SSE response that carries one answer's events (also used by the WebChat's
 /// regenerate and edit actions). When the client disconnects, axum drops this stream, which
 /// drops the receiver; the assistant then stops the engine at its next token and stores the
-/// text as `partial`. `pool` is read once, to name the user message in `meta`.
+/// text as `partial`.
 pub fn answer_sse(
     assistant: Arc<Assistant>,
-    pool: SqlitePool,
     events: mpsc::Receiver<Event>,
 ) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
-    let stream = stop_on_shutdown(assistant, pool, events).map(|(event, user_message_id)| {
-        let mut event = chat_event(event);
-        if let ChatEvent::Meta { user_message_id: field, .. } = &mut event {
-            *field = user_message_id.map(|id| id.0);
-        }
+    let stream = stop_on_shutdown(assistant, events).map(|event| {
+        let event = chat_event(event);
         // Tool events also carry an SSE event name, so a client can listen to them alone;
         // every event keeps its `type` for readers of the plain `data:` lines.
         let name = match &event {
@@ -195,18 +189,13 @@ pub fn answer_sse(
 /// Forwards the events of one answer. The graceful shutdown waits for open responses, and
 /// an answer on a slow machine can take minutes: on SIGINT/SIGTERM the answer is stopped
 /// (stored as `partial`, ended with a `done` event) so the server exits promptly.
-///
-/// `Meta` comes with the id of the user message being answered. The assistant stores that
-/// message just before it sends `Meta`, while it holds the conversation's turn, so the
-/// conversation's last user message is it.
 fn stop_on_shutdown(
     assistant: Arc<Assistant>,
-    pool: SqlitePool,
     events: mpsc::Receiver<Event>,
-) -> impl Stream<Item = (Event, Option<MessageId>)> {
+) -> impl Stream<Item = Event> {
     let shutdown: Pin<Box<dyn Future<Output = ()> + Send>> = Box::pin(shutdown_requested());
     let forward =
-        Forward { assistant, pool, events, shutdown: Some(shutdown), id: None, stopping: false };
+        Forward { assistant, events, shutdown: Some(shutdown), id: None, stopping: false };
     futures::stream::unfold(forward, |mut forward| async move {
         let event = forward.next().await?;
         Some((event, forward))
@@ -216,7 +205,6 @@ fn stop_on_shutdown(
 /// The state of `stop_on_shutdown`'s stream.
 struct Forward {
     assistant: Arc<Assistant>,
-    pool: SqlitePool,
     events: mpsc::Receiver<Event>,
     shutdown: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
     id: Option<ConversationId>,
@@ -224,7 +212,7 @@ struct Forward {
 }
 
 impl Forward {
-    async fn next(&mut self) -> Option<(Event, Option<MessageId>)> {
+    async fn next(&mut self) -> Option<Event> {
         loop {
             let received = match self.shutdown.as_mut() {
                 Some(signal) => tokio::select! {
@@ -241,19 +229,13 @@ impl Forward {
                 None => self.events.recv().await,
             };
             let event = received?;
-            let mut user_message_id = None;
             if let Event::Meta { conversation_id, .. } = &event {
                 self.id = Some(*conversation_id);
                 if self.stopping {
                     self.assistant.stop(*conversation_id);
                 }
-                // A failed read only leaves the id out: the answer goes on.
-                user_message_id = message_edits::last_user_message_id(&self.pool, *conversation_id)
-                    .await
-                    .ok()
-                    .flatten();
             }
-            return Some((event, user_message_id));
+            return Some(event);
         }
     }
 }
@@ -279,17 +261,23 @@ pub fn parse_tier(name: &str) -> Result<Tier, ApiError> {
 /// The wire form of an assistant event.
 pub fn chat_event(event: Event) -> ChatEvent {
     match event {
-        Event::Meta { conversation_id, tier, provider, model, host, leaves_machine } => {
-            ChatEvent::Meta {
-                conversation_id: conversation_id.0,
-                tier: tier.as_str().to_string(),
-                leaves_machine,
-                provider,
-                model,
-                host,
-                user_message_id: None,
-            }
-        }
+        Event::Meta {
+            conversation_id,
+            tier,
+            provider,
+            model,
+            host,
+            leaves_machine,
+            user_message_id,
+        } => ChatEvent::Meta {
+            conversation_id: conversation_id.0,
+            tier: tier.as_str().to_string(),
+            leaves_machine,
+            provider,
+            model,
+            host,
+            user_message_id: user_message_id.map(|id| id.0),
+        },
         Event::Token(text) => ChatEvent::Token { text },
         Event::Notice { kind, message } => ChatEvent::Notice { kind, message },
         Event::ToolCall { call } => {

@@ -1,10 +1,11 @@
 //! The WebChat's message actions: `POST /api/conversations/{id}/regenerate` (the last answer
-//! is replaced: deleted, then answered again) and `POST /api/conversations/{id}/edit` (the
-//! last user message is replaced and everything after it deleted, then answered). Both
-//! stream like `/api/chat`. Both take the optional `message_id` of the message the client
-//! means, and answer 409 when the conversation has moved on: a page that shows a message the
-//! server never stored must not edit the exchange before it. Storage is
-//! `db::message_edits`; answering is `Assistant::answer`.
+//! is replaced by a new one) and `POST /api/conversations/{id}/edit` (the last user message
+//! is replaced and its answer with it). Both stream like `/api/chat`. Both take the optional
+//! `message_id` of the message the client means, and answer 409 when the conversation has
+//! moved on (a page that shows a message the server never stored must not edit the exchange
+//! before it) or while another answer is being written in it. The history changes only once
+//! the model accepted the new prompt, so a refused request (409, 503, …) changes nothing:
+//! that is `Assistant::revise`; this module only translates HTTP.
 
 use std::convert::Infallible;
 
@@ -15,8 +16,9 @@ use axum::Router;
 use futures::stream::Stream;
 use serde::Deserialize;
 
+use crate::assistant::{Revision, RevisionError};
 use crate::db::memory;
-use crate::db::message_edits::{self, EditError};
+use crate::db::message_edits::EditError;
 use crate::domain::{ChannelKind, ConversationId, MessageId};
 use crate::gateway::chat::{answer_sse, check_message_length, parse_tier};
 use crate::gateway::conversations::parse_id;
@@ -59,12 +61,10 @@ async fn post_regenerate(
 ) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
     let conversation_id = webchat_conversation(&state, &id).await?;
     let tier = tier(request.tier.as_deref())?;
-    let expected = request.message_id.map(MessageId);
-    message_edits::drop_last_answer(&state.pool, conversation_id, expected)
-        .await
-        .map_err(edit_error)?;
-    let events = state.assistant.answer(conversation_id, tier).await?;
-    Ok(answer_sse(state.assistant.clone(), state.pool.clone(), events))
+    let revision = Revision::Regenerate { expected: request.message_id.map(MessageId) };
+    let events =
+        state.assistant.revise(conversation_id, revision, tier).await.map_err(revision_error)?;
+    Ok(answer_sse(state.assistant.clone(), events))
 }
 
 async fn post_edit(
@@ -79,12 +79,11 @@ async fn post_edit(
         return Err(ApiError::BadRequest("message must not be empty".into()));
     }
     check_message_length("message", text)?;
-    let expected = request.message_id.map(MessageId);
-    message_edits::replace_last_user_message(&state.pool, conversation_id, text, expected)
-        .await
-        .map_err(edit_error)?;
-    let events = state.assistant.answer(conversation_id, tier).await?;
-    Ok(answer_sse(state.assistant.clone(), state.pool.clone(), events))
+    let revision =
+        Revision::Edit { text: text.to_string(), expected: request.message_id.map(MessageId) };
+    let events =
+        state.assistant.revise(conversation_id, revision, tier).await.map_err(revision_error)?;
+    Ok(answer_sse(state.assistant.clone(), events))
 }
 
 /// The conversation of the path, which must exist and be a WebChat one: the others are
@@ -108,10 +107,12 @@ fn tier(name: Option<&str>) -> Result<Option<Tier>, ApiError> {
     }
 }
 
-fn edit_error(e: EditError) -> ApiError {
+fn revision_error(e: RevisionError) -> ApiError {
     match e {
-        EditError::NoUserMessage => ApiError::BadRequest(e.to_string()),
-        EditError::NotLast { .. } => ApiError::Conflict(e.to_string()),
-        EditError::Db(e) => e.into(),
+        RevisionError::Busy => ApiError::Conflict(e.to_string()),
+        RevisionError::Edit(EditError::NoUserMessage) => ApiError::BadRequest(e.to_string()),
+        RevisionError::Edit(EditError::NotLast { .. }) => ApiError::Conflict(e.to_string()),
+        RevisionError::Edit(EditError::Db(e)) => e.into(),
+        RevisionError::Turn(e) => e.into(),
     }
 }
