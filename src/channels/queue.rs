@@ -314,7 +314,7 @@ impl Worker {
         }
         match channel.reply(&message, text).await {
             Ok(ids) => {
-                self.record_sent(answer.message_id, ids.first()).await;
+                self.record_sent(answer.message_id, &ids).await;
                 tracing::info!(channel = %entry.channel, to = %redact(&message.conversation_key), "answered");
                 match answer.error {
                     Some(e) => Outcome::Failed(format!("the model failed: {e}")),
@@ -411,12 +411,11 @@ impl Worker {
         }
     }
 
-    async fn record_sent(&self, message_id: Option<MessageId>, external_id: Option<&String>) {
-        let (Some(message_id), Some(external_id)) = (message_id, external_id) else {
-            return;
-        };
+    /// Records the channel ids of every part an answer went out in.
+    async fn record_sent(&self, message_id: Option<MessageId>, external_ids: &[String]) {
+        let Some(message_id) = message_id else { return };
         if let Err(e) =
-            memory::set_message_external_id(&self.pool, message_id, external_id, Some("sent")).await
+            memory::set_message_parts(&self.pool, message_id, external_ids, Some("sent")).await
         {
             tracing::error!(error = %e, "cannot record the delivery of an answer");
         }

@@ -192,13 +192,11 @@ async fn answer_and_deliver(inner: &Inner, job: &CronJob) -> Result<Delivered, F
     };
     // With the channel's id on the message, its status webhooks (delivered, read, failed)
     // land on the stored answer.
-    if let Some(external_id) = receipt.external_ids.first() {
-        let stored =
-            memory::set_message_external_id(&inner.pool, message_id, external_id, Some("sent"))
-                .await;
-        if let Err(e) = stored {
-            tracing::warn!(job = job.id.0, error = %e, "delivery id not stored");
-        }
+    let stored =
+        memory::set_message_parts(&inner.pool, message_id, &receipt.external_ids, Some("sent"))
+            .await;
+    if let Err(e) = stored {
+        tracing::warn!(job = job.id.0, error = %e, "delivery ids not stored");
     }
     let note = receipt.via_template.then(|| {
         "outside WhatsApp's 24-hour window: the approved template was sent instead; the answer \

@@ -326,9 +326,11 @@ pub async fn last_inbound_at(
     Ok(at.flatten())
 }
 
-/// Records a delivery report of one of our outbound messages. Reports arrive unordered and
-/// repeated, so the state only moves forward (`sent` < `delivered` < `read`/`played`), and
-/// `failed` always wins and keeps its error. Returns false when no message has that id.
+/// Records a delivery report of one of our outbound messages, found by its channel id or by
+/// the id of any of its parts (`message_parts`). Reports arrive unordered and repeated, so
+/// the state only moves forward (`sent` < `delivered` < `read`/`played`; for an answer in
+/// parts, the furthest any part reached), and `failed` (of any part) always wins and keeps
+/// its error. Returns false when no message has that id.
 pub async fn record_delivery(
     pool: &SqlitePool,
     external_id: &str,
@@ -338,7 +340,9 @@ pub async fn record_delivery(
     let done = sqlx::query(
         "UPDATE messages SET delivery_status = ?1,
                              delivery_error = COALESCE(?2, delivery_error)
-         WHERE external_id = ?3 AND role = 'assistant'
+         WHERE id IN (SELECT id FROM messages WHERE external_id = ?3
+                      UNION SELECT message_id FROM message_parts WHERE external_id = ?3)
+           AND role = 'assistant'
            AND (?1 = 'failed'
                 OR COALESCE(delivery_status, '') <> 'failed'
                    AND (CASE ?1 WHEN 'sent' THEN 1 WHEN 'delivered' THEN 2
@@ -355,11 +359,13 @@ pub async fn record_delivery(
     if done.rows_affected() > 0 {
         return Ok(true);
     }
-    let known: Option<i64> =
-        sqlx::query_scalar("SELECT id FROM messages WHERE external_id = ?1 LIMIT 1")
-            .bind(external_id)
-            .fetch_optional(pool)
-            .await?;
+    let known: Option<i64> = sqlx::query_scalar(
+        "SELECT id FROM messages WHERE external_id = ?1
+         UNION SELECT message_id FROM message_parts WHERE external_id = ?1 LIMIT 1",
+    )
+    .bind(external_id)
+    .fetch_optional(pool)
+    .await?;
     Ok(known.is_some())
 }
 
@@ -737,6 +743,49 @@ mod tests {
         assert_eq!(status.as_deref(), Some("failed"));
         assert_eq!(error.as_deref(), Some("131047 Re-engagement message"));
         assert!(!record_delivery(&pool, "wamid.unknown", "read", None).await.unwrap());
+    }
+
+    /// An answer sent in parts: a report of any part reaches it, a later part's failure
+    /// marks it failed, and the parts go with the answer.
+    #[tokio::test]
+    async fn reports_of_every_part_reach_the_answer() {
+        let (_dir, pool) = fresh().await;
+        let conv = memory::get_or_create_conversation(&pool, ChannelKind::WhatsApp, "1", None)
+            .await
+            .unwrap();
+        let add = |text: &'static str| {
+            let pool = pool.clone();
+            async move {
+                let message = NewMessage::plain(conv.id, Role::Assistant, text);
+                memory::add_message(&pool, &message).await.unwrap()
+            }
+        };
+        let (long, short) = (add("a long answer").await, add("short").await);
+        let parts: Vec<String> = ["wamid.P1", "wamid.P2", "wamid.P3"].map(String::from).into();
+        memory::set_message_parts(&pool, long, &parts, Some("sent")).await.unwrap();
+        memory::set_message_parts(&pool, short, &["wamid.S1".to_string()], Some("sent"))
+            .await
+            .unwrap();
+        let state = |id: MessageId| {
+            let pool = pool.clone();
+            async move {
+                let m = memory::get_message(&pool, id).await.unwrap().unwrap();
+                (m.external_id, m.delivery_status, m.delivery_error)
+            }
+        };
+        assert_eq!(state(long).await.0.as_deref(), Some("wamid.P1"));
+        assert!(record_delivery(&pool, "wamid.P3", "delivered", None).await.unwrap());
+        assert_eq!(state(long).await.1.as_deref(), Some("delivered"));
+        assert!(record_delivery(&pool, "wamid.P2", "failed", Some("131026 undeliverable"))
+            .await
+            .unwrap());
+        assert!(record_delivery(&pool, "wamid.P1", "read", None).await.unwrap());
+        let (_, status, error) = state(long).await;
+        assert_eq!(status.as_deref(), Some("failed"));
+        assert_eq!(error.as_deref(), Some("131026 undeliverable"));
+        assert_eq!(state(short).await.1.as_deref(), Some("sent"), "another answer changed");
+        assert!(memory::delete_conversation(&pool, conv.id).await.unwrap());
+        assert!(!record_delivery(&pool, "wamid.P2", "read", None).await.unwrap());
     }
 
     #[tokio::test]

@@ -442,6 +442,38 @@ pub async fn set_delivery_status(
     Ok(done.rows_affected() > 0)
 }
 
+/// Records the channel ids of an answer that went out in parts (`external_ids`, in order)
+/// and its delivery state, in one transaction: the first id on the message, as
+/// `set_message_external_id` does, and, when there are several, every part's in
+/// `message_parts`, where delivery reports of the later parts find their answer.
+pub async fn set_message_parts(
+    pool: &SqlitePool,
+    id: MessageId,
+    external_ids: &[String],
+    delivery_status: Option<&str>,
+) -> Result<(), sqlx::Error> {
+    let Some(first) = external_ids.first() else { return Ok(()) };
+    let mut tx = crate::db::begin_write(pool).await?;
+    sqlx::query("UPDATE messages SET external_id = ?1, delivery_status = ?2 WHERE id = ?3")
+        .bind(first)
+        .bind(delivery_status)
+        .bind(id.0)
+        .execute(&mut *tx)
+        .await?;
+    if external_ids.len() > 1 {
+        for part in external_ids {
+            sqlx::query(
+                "INSERT OR IGNORE INTO message_parts (external_id, message_id) VALUES (?1, ?2)",
+            )
+            .bind(part)
+            .bind(id.0)
+            .execute(&mut *tx)
+            .await?;
+        }
+    }
+    tx.commit().await
+}
+
 /// Sets the channel id (and optionally the delivery state) of a stored message.
 pub async fn set_message_external_id(
     pool: &SqlitePool,
