@@ -345,6 +345,17 @@ async fn api(server: &Server, path: &str) -> Value {
         .expect("API JSON")
 }
 
+/// The server with the real model and `extra` settings, over `data_dir` (seeded by the
+/// test) or a fresh one.
+async fn start_server(data_dir: Option<&Path>, extra: &[(&str, &str)]) -> Server {
+    let mut envs = util::smollm2_env();
+    envs.extend(extra.iter().map(|(name, value)| (name.to_string(), value.to_string())));
+    let data_dir = data_dir.map(Path::to_path_buf);
+    tokio::task::spawn_blocking(move || Server::start(ServerOptions { envs, data_dir }))
+        .await
+        .expect("server start")
+}
+
 async fn send_message(browser: &Browser, text: &str) {
     browser.type_into("#input", text).await;
     browser.type_into("#input", ENTER).await;
@@ -381,13 +392,9 @@ static ONE_BROWSER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 async fn webchat_in_headless_chromium_with_the_real_model() {
     let _one_at_a_time = ONE_BROWSER.lock().await;
     let test_started = Instant::now();
-    let mut envs = util::smollm2_env();
-    envs.push(("REPLY_MAX_TOKENS".into(), REPLY_MAX_TOKENS.into()));
-    envs.push(("CONTEXT_SIZE".into(), "4096".into()));
     let server =
-        tokio::task::spawn_blocking(move || Server::start(ServerOptions { envs, data_dir: None }))
-            .await
-            .expect("server start");
+        start_server(None, &[("REPLY_MAX_TOKENS", REPLY_MAX_TOKENS), ("CONTEXT_SIZE", "4096")])
+            .await;
     let browser = Browser::start().await;
 
     // 1. Sign in: a wrong token is refused and asked again; the right one opens the page.
@@ -709,14 +716,8 @@ async fn webchat_in_headless_chromium_with_the_real_model() {
 async fn a_schedule_made_in_the_page_writes_into_the_open_conversation() {
     let _one_at_a_time = ONE_BROWSER.lock().await;
     let test_started = Instant::now();
-    let mut envs = util::smollm2_env();
     // One-word answers: the model is slow on a busy machine.
-    envs.push(("REPLY_MAX_TOKENS".into(), "16".into()));
-    envs.push(("CONTEXT_SIZE".into(), "4096".into()));
-    let server =
-        tokio::task::spawn_blocking(move || Server::start(ServerOptions { envs, data_dir: None }))
-            .await
-            .expect("server start");
+    let server = start_server(None, &[("REPLY_MAX_TOKENS", "16"), ("CONTEXT_SIZE", "4096")]).await;
     let browser = Browser::start().await;
 
     // 1. Sign in through the link and start a WebChat conversation from the page.
@@ -1010,15 +1011,8 @@ async fn webchat_renders_markdown_and_runs_message_actions_search_and_export() {
     let test_started = Instant::now();
     let data = tempfile::tempdir().expect("data dir");
     let (rich, hostile, whatsapp, tomatoes) = seed(data.path()).await;
-    let mut envs = util::smollm2_env();
-    envs.push(("REPLY_MAX_TOKENS".into(), "12".into()));
-    envs.push(("CONTEXT_SIZE".into(), "4096".into()));
-    let data_dir = data.path().to_path_buf();
-    let server = tokio::task::spawn_blocking(move || {
-        Server::start(ServerOptions { envs, data_dir: Some(data_dir) })
-    })
-    .await
-    .expect("server start");
+    let limits = [("REPLY_MAX_TOKENS", "12"), ("CONTEXT_SIZE", "4096")];
+    let server = start_server(Some(data.path()), &limits).await;
     let browser = Browser::start().await;
     let ready = "return document.documentElement.dataset.ready === 'true' && \
                  document.getElementById('token-dialog').hidden;";
@@ -1352,13 +1346,7 @@ async fn webchat_shows_stored_tool_use_compactly_and_as_text() {
     memory::add_message_with_rounds(&pool, &answer, &rounds).await.unwrap();
     pool.close().await;
 
-    let envs = util::smollm2_env();
-    let data_dir = data.path().to_path_buf();
-    let server = tokio::task::spawn_blocking(move || {
-        Server::start(ServerOptions { envs, data_dir: Some(data_dir) })
-    })
-    .await
-    .expect("server start");
+    let server = start_server(Some(data.path()), &[]).await;
     let browser = Browser::start().await;
     browser.goto(&server.url(&format!("/?token={}#c={}", server.token, conversation.0))).await;
     let shown = browser
@@ -1461,16 +1449,9 @@ async fn webchat_recovers_from_failures_and_respects_what_the_user_is_doing() {
     pool.close().await;
     let (plan, long) = (plan.0, long.0);
 
-    let mut envs = util::smollm2_env();
     // Long enough to act while a story streams; the other answers are short anyway.
-    envs.push(("REPLY_MAX_TOKENS".into(), "400".into()));
-    envs.push(("CONTEXT_SIZE".into(), "4096".into()));
-    let data_dir = data.path().to_path_buf();
-    let server = tokio::task::spawn_blocking(move || {
-        Server::start(ServerOptions { envs, data_dir: Some(data_dir) })
-    })
-    .await
-    .expect("server start");
+    let limits = [("REPLY_MAX_TOKENS", "400"), ("CONTEXT_SIZE", "4096")];
+    let server = start_server(Some(data.path()), &limits).await;
     let browser = Browser::start().await;
     browser.goto(&server.url(&format!("/?token={}#c={plan}", server.token))).await;
     browser

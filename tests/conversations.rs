@@ -326,7 +326,7 @@ async fn two_requests_on_one_conversation_are_both_answered_in_order() {
 
     // Both turns are in the history, in order, and the second prompt saw the first answer.
     let messages = app.messages(id).await;
-    let contents: Vec<&str> = messages.iter().map(|m| m["content"].as_str().unwrap()).collect();
+    let contents = texts_of(&messages);
     assert_eq!(
         contents,
         [
@@ -576,7 +576,7 @@ async fn regenerate_or_edit_while_an_answer_streams_is_refused_and_changes_nothi
     let events = rest(&mut streaming).await;
     assert_eq!(of_type(&events, "done")[0]["finish"], "stop", "{events:?}");
     let messages = app.messages(id).await;
-    let contents: Vec<&str> = messages.iter().map(|m| m["content"].as_str().unwrap()).collect();
+    let contents = texts_of(&messages);
     assert_eq!(
         contents,
         [
@@ -610,7 +610,7 @@ async fn a_reminder_posted_after_the_answer_survives_regenerate_and_edit() {
     assert_eq!(events[0]["user_message_id"], question, "{events:?}");
     assert_eq!(of_type(&events, "done").len(), 1, "{events:?}");
     let messages = app.messages(id).await;
-    let contents: Vec<&str> = messages.iter().map(|m| m["content"].as_str().unwrap()).collect();
+    let contents = texts_of(&messages);
     assert_eq!(
         contents,
         ["remind me to call Anna", "Reminder: call Anna", "answer to remind me to call Anna"]
@@ -624,7 +624,7 @@ async fn a_reminder_posted_after_the_answer_survives_regenerate_and_edit() {
     let events = rest(&mut reader.unwrap()).await;
     assert_eq!(events[0]["user_message_id"], question, "{events:?}");
     let messages = app.messages(id).await;
-    let contents: Vec<&str> = messages.iter().map(|m| m["content"].as_str().unwrap()).collect();
+    let contents = texts_of(&messages);
     assert_eq!(contents, ["remind me at ten", "Reminder: call Anna", "answer to remind me at ten"]);
     let prompts = app.model.prompts();
     let prompt: Vec<&str> = prompts[2][1..].iter().map(|t| t.content.as_str()).collect();
@@ -854,4 +854,9 @@ async fn real_model_two_requests_on_one_conversation_are_both_answered_in_order(
         usage["cached_tokens"].as_u64().unwrap() > 0,
         "the first turn's KV was reused: {usage}"
     );
+}
+
+/// The texts of `messages` (as the messages API lists them), in order.
+fn texts_of(messages: &[Value]) -> Vec<&str> {
+    messages.iter().map(|m| m["content"].as_str().unwrap()).collect()
 }

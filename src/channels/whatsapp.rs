@@ -513,17 +513,21 @@ impl WhatsApp {
 
     /// Whether the 24-hour customer service window is open for `number`.
     pub async fn window_open(&self, number: &str) -> Result<bool, ChannelError> {
-        let last = self.last_inbound_at(number).await?;
-        Ok(last.is_some_and(|at| now_ms() - at < WINDOW_MS))
+        Ok(in_window(self.last_inbound_at(number).await?))
     }
 
-    /// Whether a proactive message can reach `to` now: inside the 24-hour window, or with an
-    /// approved template configured; else the `OutsideWindow` error `deliver` would return.
-    pub async fn check_deliverable(&self, to: &str) -> Result<(), ChannelError> {
-        if self.settings.template_name.is_some() || self.window_open(to).await? {
-            return Ok(());
+    /// How a proactive message can reach `to` now, from one read of when they last wrote:
+    /// free-form inside the 24-hour window, else through the approved template when one is
+    /// configured, else the `OutsideWindow` error, which says how long ago that was.
+    async fn proactive_route(&self, to: &str) -> Result<Route, ChannelError> {
+        let last = self.last_inbound_at(to).await?;
+        if in_window(last) {
+            return Ok(Route::FreeForm);
         }
-        let detail = match self.last_inbound_at(to).await? {
+        if self.settings.template_name.is_some() {
+            return Ok(Route::Template);
+        }
+        let detail = match last {
             Some(at) => format!("the user last wrote {} hours ago", (now_ms() - at) / 3_600_000),
             None => "the user never wrote to this number".into(),
         };
@@ -532,24 +536,20 @@ impl WhatsApp {
         })
     }
 
+    /// Whether a proactive message can reach `to` now: inside the 24-hour window, or with an
+    /// approved template configured; else the `OutsideWindow` error `deliver` would return.
+    pub async fn check_deliverable(&self, to: &str) -> Result<(), ChannelError> {
+        self.proactive_route(to).await.map(|_| ())
+    }
+
     /// Sends a proactive message: free-form inside the 24-hour window, else the approved
     /// template with the text as its one body parameter, else `OutsideWindow`.
     pub async fn deliver(&self, to: &str, text: &str) -> Result<DeliveryReceipt, ChannelError> {
-        if self.window_open(to).await? {
-            let external_ids = self.send_text(to, text).await?;
-            return Ok(DeliveryReceipt {
-                channel: ChannelKind::WhatsApp,
-                external_ids,
-                via_template: false,
-            });
-        }
-        self.check_deliverable(to).await?;
-        let id = self.send_template(to, text).await?;
-        Ok(DeliveryReceipt {
-            channel: ChannelKind::WhatsApp,
-            external_ids: vec![id],
-            via_template: true,
-        })
+        let (external_ids, via_template) = match self.proactive_route(to).await? {
+            Route::FreeForm => (self.send_text(to, text).await?, false),
+            Route::Template => (vec![self.send_template(to, text).await?], true),
+        };
+        Ok(DeliveryReceipt { channel: ChannelKind::WhatsApp, external_ids, via_template })
     }
 
     /// Sends `markdown` to `to` as WhatsApp text: converted to WhatsApp markup and split
@@ -791,6 +791,17 @@ impl Channel for WhatsApp {
     ) -> BoxFuture<'a, Result<(), ChannelError>> {
         Box::pin(WhatsApp::check_deliverable(self, address))
     }
+}
+
+/// How a proactive message goes out (`WhatsApp::proactive_route`).
+enum Route {
+    FreeForm,
+    Template,
+}
+
+/// Whether a user who last wrote at `last` (Unix ms) is inside the 24-hour window.
+fn in_window(last: Option<i64>) -> bool {
+    last.is_some_and(|at| now_ms() - at < WINDOW_MS)
 }
 
 /// Turns a Graph API error answer into a `ChannelError`, keyed on `error.code` as Meta

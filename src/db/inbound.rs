@@ -695,7 +695,7 @@ mod tests {
         assert_eq!(m.delivery_status.as_deref(), Some("unknown"));
         assert_eq!(m.delivery_error.as_deref(), Some("stopped while sending"));
         // A later status report from the channel still moves it forward.
-        memory::set_message_external_id(&pool, id, "wamid.S", Some("unknown")).await.unwrap();
+        memory::set_message_parts(&pool, id, &["wamid.S".into()], Some("unknown")).await.unwrap();
         assert!(record_delivery(&pool, "wamid.S", "delivered", None).await.unwrap());
         enqueue(&pool, &item("f", QueueStatus::Rejected), None).await.unwrap();
         let counts = counts(&pool).await.unwrap();
@@ -727,7 +727,7 @@ mod tests {
         let id = memory::add_message(&pool, &NewMessage::plain(conv.id, Role::Assistant, "a"))
             .await
             .unwrap();
-        memory::set_message_external_id(&pool, id, "wamid.X", Some("sent")).await.unwrap();
+        memory::set_message_parts(&pool, id, &["wamid.X".into()], Some("sent")).await.unwrap();
         let state = |pool: SqlitePool| async move {
             let m = memory::get_message(&pool, id).await.unwrap().unwrap();
             (m.delivery_status, m.delivery_error)

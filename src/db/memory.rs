@@ -442,10 +442,10 @@ pub async fn set_delivery_status(
     Ok(done.rows_affected() > 0)
 }
 
-/// Records the channel ids of an answer that went out in parts (`external_ids`, in order)
-/// and its delivery state, in one transaction: the first id on the message, as
-/// `set_message_external_id` does, and, when there are several, every part's in
-/// `message_parts`, where delivery reports of the later parts find their answer.
+/// Records the channel ids of a stored message (`external_ids`, in order: one, or one per
+/// part of an answer sent in several) and its delivery state, in one transaction: the first
+/// id on the message, and, when there are several, every part's in `message_parts`, where
+/// delivery reports of the later parts find their answer.
 pub async fn set_message_parts(
     pool: &SqlitePool,
     id: MessageId,
@@ -472,22 +472,6 @@ pub async fn set_message_parts(
         }
     }
     tx.commit().await
-}
-
-/// Sets the channel id (and optionally the delivery state) of a stored message.
-pub async fn set_message_external_id(
-    pool: &SqlitePool,
-    id: MessageId,
-    external_id: &str,
-    delivery_status: Option<&str>,
-) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE messages SET external_id = ?1, delivery_status = ?2 WHERE id = ?3")
-        .bind(external_id)
-        .bind(delivery_status)
-        .bind(id.0)
-        .execute(pool)
-        .await?;
-    Ok(())
 }
 
 pub async fn setting_get(pool: &SqlitePool, key: &str) -> Result<Option<String>, sqlx::Error> {
@@ -724,7 +708,7 @@ mod tests {
             get_or_create_conversation(&pool, ChannelKind::WhatsApp, "1", None).await.unwrap();
         let id =
             add_message(&pool, &NewMessage::plain(conv.id, Role::Assistant, "a")).await.unwrap();
-        set_message_external_id(&pool, id, "wamid.X", Some("sent")).await.unwrap();
+        set_message_parts(&pool, id, &["wamid.X".into()], Some("sent")).await.unwrap();
         assert!(set_delivery_status(&pool, "wamid.X", "failed", Some("131047: re-engagement"))
             .await
             .unwrap());
