@@ -89,12 +89,20 @@ pub enum Event {
     Error { message: String, partial_message_id: Option<MessageId> },
 }
 
-/// A stored message was added to a conversation (for pages that show it live).
+/// A conversation changed (for pages that show it live).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ConversationEvent {
     pub conversation_id: ConversationId,
-    pub message_id: MessageId,
-    pub role: Role,
+    pub change: Change,
+}
+
+/// What happened to a conversation.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Change {
+    /// A message was stored in it.
+    Stored { message_id: MessageId, role: Role },
+    /// It was deleted.
+    Deleted,
 }
 
 /// A change to the end of a WebChat conversation (its message actions), made by
@@ -171,6 +179,9 @@ const BUSY_NOTICE: &str = "waiting for the previous answer in this conversation"
 
 /// Events buffered between a running answer and a slow reader.
 const EVENT_BUFFER: usize = 64;
+
+/// How often `quiesce` repeats its stop while it waits for the conversation's turn.
+const QUIESCE_STOP_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// How the history window moves along a conversation that never ends.
 ///
@@ -502,6 +513,34 @@ impl Assistant {
         }
     }
 
+    /// Stops the conversation's running answer, waits until it is stored, and holds the
+    /// conversation's turn until the returned hold is dropped, so nothing is being answered
+    /// in it meanwhile. For deleting a conversation: without it, an answer stopped a moment
+    /// before the delete would try to store into a conversation that is gone. A message that
+    /// waited for its turn before the hold gets it first and is stopped in turn once its
+    /// answer starts; those waiting after the hold find the conversation as the holder left
+    /// it (deleted: a not-found error).
+    pub async fn quiesce(&self, conversation_id: ConversationId) -> ConversationHold {
+        let slot = self.turn_slot(conversation_id);
+        let mut owned = std::pin::pin!(slot.lock_owned());
+        let owned = loop {
+            self.stop(conversation_id);
+            tokio::select! {
+                owned = &mut owned => break owned,
+                // An answer that had not registered its stop switch yet (still being
+                // prefilled) gets stopped on a later pass.
+                _ = tokio::time::sleep(QUIESCE_STOP_EVERY) => {}
+            }
+        };
+        ConversationHold { _guard: self.turn_guard(conversation_id, owned) }
+    }
+
+    /// Tells open pages that a conversation was deleted.
+    pub fn announce_deleted(&self, conversation_id: ConversationId) {
+        let _ =
+            self.inner.events.send(ConversationEvent { conversation_id, change: Change::Deleted });
+    }
+
     /// Runs a whole turn and collects the answer, for channels that send one message. It
     /// waits its turn when the conversation is busy.
     pub async fn reply(&self, inbound: Inbound, tier: Option<Tier>) -> Result<Reply> {
@@ -748,8 +787,7 @@ impl Assistant {
             let user_id = memory::add_message(pool, &message).await?;
             let _ = inner.events.send(ConversationEvent {
                 conversation_id,
-                message_id: user_id,
-                role: Role::User,
+                change: Change::Stored { message_id: user_id, role: Role::User },
             });
             user_message_id = Some(user_id);
         }
@@ -932,6 +970,11 @@ impl Assistant {
     }
 }
 
+/// A conversation's turn held by `Assistant::quiesce`: no answer runs in it until dropped.
+pub struct ConversationHold {
+    _guard: TurnGuard,
+}
+
 /// A conversation's turn, held by one answer. Dropping it lets the next waiting message
 /// start, and forgets the conversation's slot when nobody waits for it.
 struct TurnGuard {
@@ -1037,8 +1080,7 @@ impl Assistant {
         let message_id = memory::add_message(pool, &message).await?;
         let _ = self.inner.events.send(ConversationEvent {
             conversation_id,
-            message_id,
-            role: Role::Assistant,
+            change: Change::Stored { message_id, role: Role::Assistant },
         });
         Ok(message_id)
     }
@@ -1283,8 +1325,7 @@ impl Generation {
             Ok(id) => {
                 let _ = inner.events.send(ConversationEvent {
                     conversation_id: self.conversation_id,
-                    message_id: id,
-                    role: Role::Assistant,
+                    change: Change::Stored { message_id: id, role: Role::Assistant },
                 });
                 Some(id)
             }

@@ -459,6 +459,67 @@ async fn a_client_that_leaves_while_waiting_withdraws_its_message() {
     app.wait_turns_queued(id, 0).await;
 }
 
+#[tokio::test]
+async fn deleting_a_conversation_stops_and_stores_its_answers_before_it_goes() {
+    let app = test_app(ScriptedModel::new(true)).await;
+    let mut first = app.stream(json!({"message": "a long answer please"})).await;
+    let id = first.next_json(EVENT_WAIT).await.expect("meta")["conversation_id"].as_i64().unwrap();
+    let mut second = app.stream(json!({"conversation_id": id, "message": "and more"})).await;
+    assert_eq!(second.next_json(EVENT_WAIT).await.unwrap()["kind"], "busy");
+    let mut first_events = Vec::new();
+    while text_of(&first_events) != "answer to a long answer please" {
+        first_events.push(first.next_json(EVENT_WAIT).await.expect("a token"));
+    }
+
+    // An open page (another tab) learns of the deletion.
+    let events = app
+        .http
+        .get(format!("{}/api/events", app.base))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .expect("GET /api/events");
+    let mut events = SseReader::new(events);
+    assert_eq!(events.next_json(EVENT_WAIT).await.unwrap()["type"], "ready");
+
+    let response = app
+        .http
+        .delete(format!("{}/api/conversations/{id}", app.base))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .expect("DELETE");
+    assert_eq!(response.status(), 204);
+
+    // Each answer, the running one and the one that waited for its turn, ended as a stopped
+    // answer that was stored, not as a failure to store into a conversation already gone.
+    first_events.extend(rest(&mut first).await);
+    let second_events = rest(&mut second).await;
+    for events in [&first_events, &second_events] {
+        assert!(of_type(events, "error").is_empty(), "{events:?}");
+        let done = of_type(events, "done");
+        assert_eq!(done.len(), 1, "{events:?}");
+        assert_eq!(done[0]["finish"], "cancelled", "{events:?}");
+    }
+    let gone = app
+        .http
+        .get(format!("{}/api/conversations/{id}/messages", app.base))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(gone.status(), 404);
+    app.wait_turns_queued(id, 0).await;
+    loop {
+        let event = events.next_json(EVENT_WAIT).await.expect("the deletion, live");
+        if event["type"] == "deleted" {
+            assert_eq!(event["conversation_id"], id, "{event}");
+            break;
+        }
+        assert_eq!(event["type"], "message", "{event}");
+    }
+}
+
 // --- Refusals and trimming ---------------------------------------------------------------------
 
 #[tokio::test]

@@ -21,7 +21,7 @@ use serde_json::{json, Value};
 use sqlx::SqlitePool;
 use tokio::sync::mpsc;
 
-use my_claw::assistant::{Assistant, AssistantConfig};
+use my_claw::assistant::{Assistant, AssistantConfig, Change};
 use my_claw::channels::whatsapp::WhatsApp;
 use my_claw::channels::{Channel, Channels, RetryPolicy};
 use my_claw::config::{CronSettings, Secret, WhatsAppSettings};
@@ -425,7 +425,8 @@ async fn a_job_every_two_seconds_delivers_to_webchat_and_whatsapp_until_disabled
     // The stored answers were announced, which is how an open WebChat page sees them.
     let mut announced = false;
     while let Ok(event) = events.try_recv() {
-        announced |= event.conversation_id.0 == conversation && event.role == Role::Assistant;
+        announced |= event.conversation_id.0 == conversation
+            && matches!(event.change, Change::Stored { role: Role::Assistant, .. });
     }
     assert!(announced, "no live event for the WebChat conversation");
 

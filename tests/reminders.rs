@@ -13,6 +13,7 @@ use chrono_tz::Tz;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
+use my_claw::assistant::Change;
 use my_claw::domain::{ChannelKind, ConversationId, Role, ToolCall};
 use my_claw::tools::current_time::CurrentTime;
 use my_claw::tools::{builtin_tools, ToolContext, ToolRegistry};
@@ -176,7 +177,8 @@ async fn a_reminder_fires_into_its_webchat_and_whatsapp_conversations_then_disap
     assert_eq!(graph.texts_to(USER_NUMBER), ["⏰ Reminder: buy bread"], "{:?}", graph.posts());
     let mut announced = false;
     while let Ok(event) = events.try_recv() {
-        announced |= event.conversation_id == web.conversation_id && event.role == Role::Assistant;
+        announced |= event.conversation_id == web.conversation_id
+            && matches!(event.change, Change::Stored { role: Role::Assistant, .. });
     }
     assert!(announced, "no live event for the WebChat conversation");
 

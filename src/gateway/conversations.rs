@@ -198,8 +198,9 @@ async fn delete_conversation(
     ApiPath(id): ApiPath<String>,
 ) -> Result<StatusCode, ApiError> {
     let id = parse_id(&id)?;
-    // An answer still streaming into it would otherwise fail to store at the end.
-    state.assistant.stop(ConversationId(id));
+    // An answer still streaming into it is stopped and stored first (it would otherwise
+    // fail to store into a conversation that is gone), and none starts until it is gone.
+    let _hold = state.assistant.quiesce(ConversationId(id)).await;
     // Its scheduled jobs first: none may fire into it while it goes, or keep its id.
     if let Some(Extension(cron)) = cron {
         cron.detach_conversation(ConversationId(id)).await?;
@@ -207,6 +208,7 @@ async fn delete_conversation(
     if !memory::delete_conversation(&state.pool, ConversationId(id)).await? {
         return Err(not_found(id));
     }
+    state.assistant.announce_deleted(ConversationId(id));
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -1,6 +1,6 @@
 //! `GET /api/events`: a Server-Sent Events stream of messages stored in any conversation
-//! (cron jobs, other channels, other tabs), so an open WebChat page updates without a
-//! reload. It carries ids only; the page fetches the messages through the history API.
+//! (cron jobs, other channels, other tabs) and of conversations deleted, so an open WebChat
+//! page updates without a reload. It carries ids only; the page fetches the messages through the history API.
 
 use std::convert::Infallible;
 use std::time::Duration;
@@ -13,6 +13,7 @@ use futures::stream::Stream;
 use serde::Serialize;
 use tokio::sync::broadcast::error::RecvError;
 
+use crate::assistant::Change;
 use crate::gateway::chat::sse_event;
 use crate::gateway::AppState;
 
@@ -28,6 +29,8 @@ pub enum LiveEvent {
     Ready,
     /// A message was stored.
     Message { conversation_id: i64, message_id: i64, role: &'static str },
+    /// A conversation was deleted (in another tab, through the API).
+    Deleted { conversation_id: i64 },
     /// Events were missed (the client was too slow): reload what is shown.
     Resync,
 }
@@ -49,10 +52,15 @@ async fn get_events(
                 _ = &mut shutdown => return,
                 _ = tx.closed() => return,
                 received = updates.recv() => match received {
-                    Ok(update) => LiveEvent::Message {
-                        conversation_id: update.conversation_id.0,
-                        message_id: update.message_id.0,
-                        role: update.role.as_str(),
+                    Ok(update) => match update.change {
+                        Change::Stored { message_id, role } => LiveEvent::Message {
+                            conversation_id: update.conversation_id.0,
+                            message_id: message_id.0,
+                            role: role.as_str(),
+                        },
+                        Change::Deleted => {
+                            LiveEvent::Deleted { conversation_id: update.conversation_id.0 }
+                        }
                     },
                     Err(RecvError::Lagged(_)) => LiveEvent::Resync,
                     Err(RecvError::Closed) => return,
