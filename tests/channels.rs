@@ -1145,7 +1145,8 @@ async fn a_bad_message_in_a_batch_is_rejected_and_the_rest_answered() {
         "]".repeat(200)
     );
     // Meta's batch: a good message, a lone surrogate, a too-deep field, a wrong type, a good
-    // one. The signature covers the raw bytes as sent.
+    // one. The signature covers the raw bytes as sent. The first two bad ones name their
+    // (allowed) sender, who is told; the third names no sender that can be read.
     let batch = whatsapp_batch(&[
         raw_text_message("wamid.GOOD1", USER_NUMBER, "first"),
         format!(
@@ -1160,17 +1161,34 @@ async fn a_bad_message_in_a_batch_is_rejected_and_the_rest_answered() {
     for bad in ["wamid.SURROGATE", "wamid.DEEP", "wamid.TYPE"] {
         let row = app.final_row(bad).await;
         assert_eq!(row.status, QueueStatus::Rejected, "{row:?}");
-        assert!(row.last_error.unwrap().starts_with("unreadable message"));
-        assert_eq!(row.payload, "{}");
+        assert!(row.last_error.as_deref().unwrap().starts_with("unreadable message"));
+        // Nothing of the unreadable content is kept.
+        assert!(!row.payload.contains("\\ud800") && !row.payload.contains("[["), "{row:?}");
     }
+    assert_eq!(app.final_row("wamid.TYPE").await.payload, "{}");
     assert_eq!(app.final_row("wamid.GOOD1").await.status, QueueStatus::Done);
     assert_eq!(app.final_row("wamid.GOOD2").await.status, QueueStatus::Done);
-    let bodies: Vec<String> = graph
+    let mut replies: Vec<(String, String)> = graph
         .messages()
         .iter()
-        .map(|r| r.json()["text"]["body"].as_str().unwrap().to_string())
+        .map(|r| {
+            let json = r.json();
+            let body = json["text"]["body"].as_str().unwrap().to_string();
+            let tag = json["biz_opaque_callback_data"].as_str().unwrap_or_default();
+            (tag.trim_start_matches("my-claw:answer-to:").to_string(), body)
+        })
         .collect();
-    assert_eq!(bodies, ["echo: first", "echo: second"]);
+    replies.sort();
+    let unreadable = queue::UNREADABLE_REPLY.to_string();
+    let expected = [
+        ("wamid.DEEP", unreadable.as_str()),
+        ("wamid.GOOD1", "echo: first"),
+        ("wamid.GOOD2", "echo: second"),
+        ("wamid.SURROGATE", unreadable.as_str()),
+    ];
+    let expected: Vec<(String, String)> =
+        expected.iter().map(|(c, b)| (c.to_string(), b.to_string())).collect();
+    assert_eq!(replies, expected, "each readable sender is answered once");
     // A redelivery of the same batch changes nothing.
     assert_eq!(app.post_whatsapp(&batch).await.status(), 200);
     assert_eq!(inbound::list(&app.pool).await.unwrap().len(), 5);

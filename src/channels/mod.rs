@@ -166,6 +166,9 @@ pub struct QueuedInbound {
     pub sender_name: Option<String>,
     /// The text to answer; `None` for content the channel cannot read (images, voice).
     pub text: Option<String>,
+    /// Why the message could not be read at all (a malformed message from an allowed
+    /// sender): it gets a reply saying so and is recorded as rejected with this reason.
+    pub unreadable: Option<String>,
 }
 
 /// What a webhook delivery produced.

@@ -455,6 +455,7 @@ impl Channel for Nextcloud {
             sender_id: message.actor_id,
             sender_name: message.actor_name,
             text: Some(message.text),
+            unreadable: None,
         })
     }
 

@@ -38,6 +38,9 @@ pub const FAILURE_REPLY: &str =
 /// Sent for content the channel cannot read (images, voice notes).
 pub const UNSUPPORTED_REPLY: &str =
     "Sorry, I can read text messages only for now. Please type your message.";
+/// Sent for a message that arrived but could not be read at all (malformed).
+pub const UNREADABLE_REPLY: &str =
+    "Sorry, your last message reached me but I could not read it. Please send it again.";
 /// Sent when a message can never be answered, however long we wait (it does not fit the
 /// model even without any history).
 pub const TOO_LARGE_REPLY: &str = "Sorry, this message is too long for me to answer, even on \
@@ -233,6 +236,14 @@ impl Worker {
         if !channel.is_allowed(&message.sender_id) {
             // The allow-list changed since the message was stored (a restart in between).
             return Outcome::Ignored("sender not allowed any more".into());
+        }
+        if let Some(reason) = message.unreadable.clone() {
+            // Arrived but unreadable: the person is told, and the row says why.
+            return match channel.reply(&message, UNREADABLE_REPLY).await {
+                Ok(_) => Outcome::Rejected(reason),
+                Err(e) if e.is_retryable() => send_failure(e),
+                Err(e) => Outcome::Failed(format!("{reason}; telling the user failed: {e}")),
+            };
         }
         let Some(text) = message.text.clone() else {
             // Not text: say politely what works, and mark it read.

@@ -218,6 +218,9 @@ pub struct QueuedMessage {
     pub kind: String,
     /// The text to answer; `None` for types my-claw cannot read.
     pub text: Option<String>,
+    /// Why the message could not be read at all (see `QueuedInbound::unreadable`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unreadable: Option<String>,
 }
 
 /// How my-claw treats a message type.
@@ -452,14 +455,11 @@ impl WhatsApp {
     fn message_intake(&self, raw: &[u8], contacts: &[Contact]) -> Intake {
         let message: IncomingMessage = match serde_json::from_slice(raw) {
             Ok(m) => m,
-            Err(e) => return rejected_intake(raw, &lenient::describe_json_error(&e)),
+            Err(e) => {
+                return self.unreadable_intake(raw, contacts, &lenient::describe_json_error(&e))
+            }
         };
-        let name = contacts
-            .iter()
-            .find(|c| c.wa_id.as_deref() == Some(message.from.as_str()))
-            .or(contacts.first())
-            .and_then(|c| c.profile.as_ref())
-            .and_then(|p| p.name.clone());
+        let name = contact_name(contacts, &message.from);
         if !self.is_allowed(&message.from) {
             // Recorded without its content: the row only says that it came and why it was
             // not answered (my-claw is single-user; strangers' messages are not kept).
@@ -483,6 +483,7 @@ impl WhatsApp {
                 Handling::Answer(t) => Some(t.clone()),
                 _ => None,
             },
+            unreadable: None,
         };
         let payload = serde_json::to_string(&queued).unwrap_or_else(|_| "{}".into());
         let (status, note) = match handling {
@@ -503,6 +504,45 @@ impl WhatsApp {
             status,
             note,
             contact: Some(ChannelContact { address: message.from, display_name: name, at_ms }),
+        }
+    }
+
+    /// A message of a batch that does not parse. When its sender and id can still be read
+    /// and the sender is allowed, it is queued to be told (the person would otherwise wait
+    /// for an answer that never comes); otherwise it is stored as rejected, without content.
+    fn unreadable_intake(&self, raw: &[u8], contacts: &[Contact], reason: &str) -> Intake {
+        let string = |key: &str| {
+            lenient::member(raw, key)
+                .and_then(|v| serde_json::from_slice::<String>(v).ok())
+                .filter(|s| !s.trim().is_empty())
+        };
+        let (Some(id), Some(from)) = (string("id"), string("from")) else {
+            return rejected_intake(raw, reason);
+        };
+        if !self.is_allowed(&from) {
+            return rejected_intake(raw, reason);
+        }
+        tracing::warn!(reason = ?reason, "whatsapp: an unreadable message from an allowed number, the sender is told");
+        let queued = QueuedMessage {
+            id: id.clone(),
+            from: from.clone(),
+            name: contact_name(contacts, &from),
+            kind: string("type").unwrap_or_default(),
+            text: None,
+            unreadable: Some(format!("unreadable message: {reason}")),
+        };
+        Intake::Row {
+            external_id: id,
+            conversation_key: Some(from.clone()),
+            payload: serde_json::to_string(&queued).unwrap_or_else(|_| "{}".into()),
+            status: QueueStatus::Pending,
+            note: None,
+            // It was written now: it opens the 24-hour window like any message.
+            contact: Some(ChannelContact {
+                display_name: contact_name(contacts, &from),
+                address: from,
+                at_ms: now_ms(),
+            }),
         }
     }
 
@@ -750,6 +790,7 @@ impl Channel for WhatsApp {
             sender_id: message.from,
             sender_name: message.name,
             text: message.text,
+            unreadable: message.unreadable,
         })
     }
 
@@ -867,6 +908,16 @@ fn rejected_intake(raw: &[u8], reason: &str) -> Intake {
         note: Some(format!("unreadable message: {reason}")),
         contact: None,
     }
+}
+
+/// The display name Meta sent for `from` (or the batch's only contact).
+fn contact_name(contacts: &[Contact], from: &str) -> Option<String> {
+    contacts
+        .iter()
+        .find(|c| c.wa_id.as_deref() == Some(from))
+        .or(contacts.first())
+        .and_then(|c| c.profile.as_ref())
+        .and_then(|p| p.name.clone())
 }
 
 fn digits(number: &str) -> String {
