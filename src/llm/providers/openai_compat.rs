@@ -464,6 +464,11 @@ pub fn request_body(config: &OpenAiCompatConfig, request: &LlmRequest) -> Value 
             if let Some(seed) = params.seed {
                 body["seed"] = json!(seed);
             }
+            // Sent only when asked for: 0 is every server's default. (Z.ai's API has no
+            // `presence_penalty` and no `seed`: its dialect leaves both out.)
+            if params.presence_penalty != 0.0 {
+                body["presence_penalty"] = json!(params.presence_penalty);
+            }
             // Qwen3 (and other hybrid models) on vLLM, SGLang and llama-server read this
             // from the chat template; servers that do not know it ignore it.
             body["chat_template_kwargs"] = json!({ "enable_thinking": config.thinking });
@@ -1186,6 +1191,18 @@ mod tests {
         request.tools.choice = ToolChoice::None;
         let body = request_body(&config, &request);
         assert!(body.get("tools").is_none() && body.get("tool_choice").is_none());
+        assert!(body.get("seed").is_none() && body.get("presence_penalty").is_none(), "{body}");
+
+        // Sampling fields a client asked for reach an OpenAI-compatible server; Z.ai's API
+        // has neither `seed` nor `presence_penalty`.
+        request.params.seed = Some(7);
+        request.params.presence_penalty = 1.5;
+        let body = request_body(&config, &request);
+        assert_eq!(body["seed"], 7);
+        assert_eq!(body["presence_penalty"], 1.5);
+        let zai = OpenAiCompatConfig { dialect: Dialect::Zai, ..config };
+        let body = request_body(&zai, &request);
+        assert!(body.get("seed").is_none() && body.get("presence_penalty").is_none(), "{body}");
     }
 
     #[test]
