@@ -671,10 +671,30 @@
     const lastUser = users[users.length - 1];
     if (!lastUser) return;
     lastUser.classList.add("last-user");
-    if (last === lastUser) {
+    // The answer is what a model wrote after the last user message; a reminder posted there
+    // is not part of it (Regenerate keeps it), so it never carries the answer's actions.
+    const after = stored.slice(stored.indexOf(lastUser) + 1);
+    const answers = after.filter((w) => w.classList.contains("assistant") && !w.dataset.post);
+    if (answers.length) {
+      answers[answers.length - 1].classList.add("last-answer");
+    } else if (after.every((w) => w.dataset.post)) {
       lastUser.classList.add("unanswered");
-    } else if (last.classList.contains("assistant")) {
-      last.classList.add("last-answer");
+    }
+  }
+
+  /** The last message of the open conversation the server stored, as the page shows it. */
+  function lastStoredWrap() {
+    const stored = [...el.messages.querySelectorAll(".msg")].filter((w) => w.dataset.messageId);
+    return stored[stored.length - 1] || null;
+  }
+
+  /** Removes what follows `wrap` but the reminders posted there, which the server keeps. */
+  function removeAnswerAfter(wrap) {
+    let node = wrap.nextSibling;
+    while (node) {
+      const next = node.nextSibling;
+      if (!(node.dataset && node.dataset.post)) node.remove();
+      node = next;
     }
   }
 
@@ -865,6 +885,9 @@
     const role = m.role === "user" || m.role === "assistant" ? m.role : "system";
     const bubble = addBubble(role, m.content, { id: m.id, status: m.status });
     if (role === "assistant") {
+      // Written without a model (a reminder firing): not part of any answer, so Regenerate
+      // and Edit keep it, as the server does.
+      if (!m.provider) bubble.wrap.dataset.post = "true";
       showToolRounds(bubble, m.tool_rounds);
       bubble.wrap.dataset.state = m.status === "complete" ? "done" : m.status;
       setMeta(bubble, {
@@ -1387,9 +1410,12 @@
     let user = wrap;
     while (user && !user.classList.contains("user")) user = user.previousElementSibling;
     if (!user) return;
+    // The server checks the conversation's last message is still the one this page shows
+    // last (a reminder posted after the answer may be it).
     const body = {};
-    if (wrap.dataset.messageId) body.message_id = Number(wrap.dataset.messageId);
-    while (user.nextSibling) user.nextSibling.remove();
+    const last = lastStoredWrap();
+    if (last) body.message_id = Number(last.dataset.messageId);
+    removeAnswerAfter(user);
     const bubble = addBubble("assistant", "");
     await streamAnswer("/api/conversations/" + c.id + "/regenerate", body, bubble, c.id, { kind: "regenerate" });
   }
@@ -1447,7 +1473,7 @@
     const userBubble = wrap.__bubble;
     userBubble.text = text;
     renderBubbleText(userBubble);
-    while (wrap.nextSibling) wrap.nextSibling.remove();
+    removeAnswerAfter(wrap);
     const bubble = addBubble("assistant", "");
     const body = { message: text };
     if (wrap.dataset.messageId) body.message_id = Number(wrap.dataset.messageId);

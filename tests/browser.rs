@@ -944,6 +944,8 @@ async fn a_schedule_made_in_the_page_writes_into_the_open_conversation() {
 }
 
 /// The answer of the kind Qwen3 writes every day: a table, a nested list, a task list, code.
+const REMINDER_POST: &str = "⏰ Reminder: water the plants";
+
 const RICH_ANSWER: &str = "Here is the plan:\n\n\
 | Day | Task | Time |\n|:----|:----:|-----:|\n| Mon | Run | 07:00 |\n| Tue | Swim | 18:30 |\n\n\
 1. Pack\n   - socks\n   - shoes\n2. Go\n\n\
@@ -1001,6 +1003,9 @@ async fn seed(data_dir: &Path) -> (i64, i64, i64, i64) {
         ..NewMessage::plain(rich, Role::Assistant, RICH_ANSWER)
     };
     memory::add_message(&pool, &answer).await.expect("seed answer");
+    // A reminder that fired after the answer (stored without a model): regenerate and edit
+    // keep it, on the server and in the page.
+    add(rich, Role::Assistant, REMINDER_POST).await;
     pool.close().await;
     (rich.0, hostile.0, whatsapp.0, tomatoes)
 }
@@ -1182,20 +1187,27 @@ async fn webchat_renders_markdown_and_runs_message_actions_search_and_export() {
         )
         .await;
     let before = api(&server, &format!("/api/conversations/{rich}/messages")).await;
-    // SQLite may give the new answer the old one's id (no AUTOINCREMENT): compare times.
-    let old_answer_at = before["messages"][1]["created_at"].as_i64().unwrap();
+    let old_answer = before["messages"][1]["id"].as_i64().unwrap();
+    // The answer's actions are on the model's answer, not on the reminder posted after it.
+    let marked = browser
+        .js("return document.querySelector('#messages .msg.last-answer').dataset.messageId;")
+        .await;
+    assert_eq!(marked, old_answer.to_string());
     browser.click("#messages .msg.last-answer .act-regenerate").await;
     let regenerated = wait_answer_state(&browser, &["done"], Duration::from_secs(60)).await;
     assert!(regenerated["meta"].as_str().unwrap().contains("SmolLM2"), "{regenerated}");
     let after = api(&server, &format!("/api/conversations/{rich}/messages")).await;
     let after = after["messages"].as_array().unwrap().clone();
-    assert_eq!(after.len(), 2, "{after:?}");
-    assert!(
-        after[1]["created_at"].as_i64().unwrap() > old_answer_at,
-        "a new answer replaced the old one: {after:?}"
-    );
-    assert!(!after[1]["content"].as_str().unwrap().is_empty(), "{after:?}");
-    assert_eq!(browser.js("return document.querySelectorAll('#messages .msg').length;").await, 2);
+    assert_eq!(after.len(), 3, "{after:?}");
+    assert_eq!(after[1]["content"], REMINDER_POST, "the reminder is kept: {after:?}");
+    assert!(after[2]["id"].as_i64().unwrap() > old_answer, "a new answer: {after:?}");
+    assert!(!after[2]["content"].as_str().unwrap().is_empty(), "{after:?}");
+    // The page shows what is stored, in the same order, without a reload.
+    let shown = browser
+        .js("return [...document.querySelectorAll('#messages .msg')].map(m => m.dataset.messageId || '');")
+        .await;
+    let stored: Vec<String> = after.iter().map(|m| m["id"].to_string()).collect();
+    assert_eq!(shown, json!(stored));
 
     // 7. Up in the empty input edits the last message; Enter resends it.
     browser.click("#input").await;
@@ -1214,9 +1226,11 @@ async fn webchat_renders_markdown_and_runs_message_actions_search_and_export() {
     wait_answer_state(&browser, &["done"], Duration::from_secs(60)).await;
     let edited = api(&server, &format!("/api/conversations/{rich}/messages")).await;
     let edited = edited["messages"].as_array().unwrap().clone();
-    assert_eq!(edited.len(), 2, "{edited:?}");
+    assert_eq!(edited.len(), 3, "{edited:?}");
     assert_eq!(edited[0]["content"], "Plan my weekend.");
-    assert_eq!(edited[1]["role"], "assistant");
+    assert_eq!(edited[1]["content"], REMINDER_POST, "{edited:?}");
+    assert_eq!(edited[2]["role"], "assistant");
+    assert_eq!(browser.js("return document.querySelectorAll('#messages .msg').length;").await, 3);
     let shown = browser
         .js("return document.querySelector('#messages .msg.user .content').textContent;")
         .await;
@@ -1243,7 +1257,7 @@ async fn webchat_renders_markdown_and_runs_message_actions_search_and_export() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert!(exported.starts_with("# Weekly plan\n"), "{exported}");
-    assert!(exported.contains(edited[1]["content"].as_str().unwrap().trim_end()), "{exported}");
+    assert!(exported.contains(edited[2]["content"].as_str().unwrap().trim_end()), "{exported}");
 
     // 9. A phone: the title stays readable, secondary actions live in a menu, and nothing
     //    overflows at 400 px nor at 360 px.
