@@ -417,6 +417,62 @@ async fn exports_download_a_500_message_conversation_as_markdown_and_json() {
     assert_eq!(conversations[1]["messages"][0]["content"], "the other conversation");
 }
 
+#[tokio::test]
+async fn exports_say_where_each_answer_was_written_as_the_ledger_recorded_it() {
+    let app = app().await;
+    let pool = &app.state.pool;
+    let conversation = memory::create_webchat_conversation(pool, Some("Ledger")).await.unwrap().id;
+    store(&app, conversation, Role::User, "where were you?").await;
+    // A model server on this machine's loopback, then Z.ai.
+    let answers = [
+        ("fast", "openai", "qwen3-32b", "127.0.0.1:8000", false),
+        ("reason", "zai", "glm-4.7", "api.z.ai", true),
+    ];
+    for (tier, provider, model, host, left) in answers {
+        let message = NewMessage {
+            tier: Some(tier.into()),
+            provider: Some(provider.into()),
+            model: Some(model.into()),
+            host: Some(host.into()),
+            left_machine: left,
+            ..NewMessage::plain(conversation, Role::Assistant, &format!("from {host}"))
+        };
+        memory::add_message(pool, &message).await.expect("store answer");
+    }
+
+    let path = format!("/api/conversations/{}/export?format=md", conversation.0);
+    let (status, _, body) = call(&app, Method::GET, &path, None).await;
+    assert_eq!(status, StatusCode::OK);
+    let markdown = String::from_utf8(body).unwrap();
+    assert!(
+        markdown.contains("**Assistant (fast · qwen3-32b, on this machine (127.0.0.1:8000))**"),
+        "{markdown}"
+    );
+    assert!(
+        markdown.contains("**Assistant (reason · glm-4.7, outside this machine (api.z.ai))**"),
+        "{markdown}"
+    );
+
+    let path = format!("/api/conversations/{}/export?format=json", conversation.0);
+    let (status, _, body) = call(&app, Method::GET, &path, None).await;
+    assert_eq!(status, StatusCode::OK);
+    let document: Value = serde_json::from_slice(&body).expect("export JSON");
+    let ledger: Vec<(Value, Value)> = document["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| (m["host"].clone(), m["left_machine"].clone()))
+        .collect();
+    assert_eq!(
+        ledger,
+        [
+            (Value::Null, json!(false)),
+            (json!("127.0.0.1:8000"), json!(false)),
+            (json!("api.z.ai"), json!(true))
+        ]
+    );
+}
+
 /// The backup runs as its own process beside a live server whose engine is writing an
 /// answer, like `my-claw backup` from a shell or a timer on a running installation.
 #[tokio::test]

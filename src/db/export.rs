@@ -38,6 +38,10 @@ pub struct ExportMessage {
     /// The tool calls made for this answer and their results (the privacy ledger of tool
     /// use): the `tool_rounds` JSON text of migration 0004, `None` when it used none.
     pub tool_rounds: Option<String>,
+    /// The machine that wrote an answer over the network (`gpu-box:8000`, `api.z.ai`).
+    pub host: Option<String>,
+    /// Whether the answer was written on another machine (the privacy ledger).
+    pub left_machine: bool,
 }
 
 /// What a backup copy holds, checked on the copy itself.
@@ -86,7 +90,7 @@ pub async fn messages_after(
 ) -> Result<Vec<ExportMessage>, sqlx::Error> {
     sqlx::query_as(
         "SELECT id, role, content, tier, provider, model, status, prompt_tokens,
-                completion_tokens, created_at, tool_rounds
+                completion_tokens, created_at, tool_rounds, host, left_machine
          FROM messages WHERE conversation_id = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
     )
     .bind(conversation_id.0)

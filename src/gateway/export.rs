@@ -72,6 +72,8 @@ struct MessageJson<'a> {
     /// The answer's tool rounds as stored (`[]` when it used no tool): which tools ran,
     /// with what, and what they returned.
     tool_rounds: serde_json::Value,
+    host: Option<&'a str>,
+    left_machine: bool,
 }
 
 async fn get_conversation_export(
@@ -220,6 +222,8 @@ fn message_json(m: &ExportMessage) -> MessageJson<'_> {
         prompt_tokens: m.prompt_tokens,
         completion_tokens: m.completion_tokens,
         created_at: m.created_at,
+        host: m.host.as_deref(),
+        left_machine: m.left_machine,
         tool_rounds: m
             .tool_rounds
             .as_deref()
@@ -245,10 +249,13 @@ fn conversation_markdown(c: &ExportConversation, messages: &[ExportMessage]) -> 
             "assistant" => {
                 let by: Vec<&str> =
                     [m.tier.as_deref(), m.model.as_deref()].into_iter().flatten().collect();
-                let place = match m.provider.as_deref() {
-                    Some("local") => ", on this machine",
-                    Some(_) => ", outside this machine",
-                    None => "",
+                // What the privacy ledger recorded: a server on loopback is this machine.
+                let place = match (m.provider.as_deref(), m.left_machine, m.host.as_deref()) {
+                    (None, ..) => String::new(),
+                    (Some(_), true, Some(host)) => format!(", outside this machine ({host})"),
+                    (Some(_), true, None) => ", outside this machine".to_string(),
+                    (Some(_), false, Some(host)) => format!(", on this machine ({host})"),
+                    (Some(_), false, None) => ", on this machine".to_string(),
                 };
                 if by.is_empty() {
                     "Assistant".to_string()
