@@ -479,7 +479,13 @@ impl Assistant {
         let accepted = self.ask(Some(conversation_id), n_stored, user_text, tier).await?;
 
         // The model accepted the prompt: the old answer goes now (a failure here drops
-        // `accepted`, which stops the engine).
+        // `accepted`, which stops the engine), and what its tool calls did goes with it (a
+        // reminder it set), or the new answer setting it again would leave two. Read before
+        // the delete; the turn is held and the delete checks nothing changed since.
+        let replaced =
+            message_edits::answer_rounds_after(pool, conversation_id, exchange.user_message_id)
+                .await
+                .map_err(Error::from)?;
         match &revision {
             Revision::Regenerate { expected } => {
                 message_edits::drop_last_answer(pool, conversation_id, &exchange, *expected)
@@ -494,6 +500,16 @@ impl Assistant {
                     *expected,
                 )
                 .await?;
+            }
+        }
+        if !replaced.is_empty() {
+            if let Some(context) = tool_context_of(pool, conversation_id).await {
+                let undone = self.inner.agent.tools.undo(&context, &replaced).await;
+                tracing::debug!(
+                    conversation = conversation_id.0,
+                    undone,
+                    "replaced answer's tool calls undone"
+                );
             }
         }
         let (tx, rx) = mpsc::channel(EVENT_BUFFER);
@@ -1382,27 +1398,10 @@ impl Generation {
         }
     }
 
-    /// Who a tool call runs for, read from the conversation row: `None` when it is gone
-    /// (deleted while answering), and every call then gets an error result.
+    /// Who a tool call runs for: `None` when the conversation is gone (deleted while
+    /// answering), and every call then gets an error result.
     async fn tool_context(&self) -> Option<ToolContext> {
-        let pool = &self.assistant.inner.pool;
-        match memory::get_conversation(pool, self.conversation_id).await {
-            Ok(Some(c)) => Some(ToolContext {
-                conversation_id: c.id,
-                channel: c.channel,
-                // WebChat conversations are addressed by their id (as cron targets are).
-                conversation_key: if c.channel == ChannelKind::WebChat {
-                    c.id.0.to_string()
-                } else {
-                    c.external_key
-                },
-            }),
-            Ok(None) => None,
-            Err(e) => {
-                tracing::warn!(conversation = self.conversation_id.0, error = %e, "cannot read the conversation for a tool call");
-                None
-            }
-        }
+        tool_context_of(&self.assistant.inner.pool, self.conversation_id).await
     }
 
     /// Runs one round's calls in order, telling the caller of each call and result. Returns
@@ -1559,6 +1558,28 @@ async fn read_step(
 /// Adds one model call's accounting to the answer's: tokens generated and time spent add
 /// up; the prompt is the last call's (the longest). The time to first token is the
 /// answer's own (see `drive`), not a call's.
+/// Who a tool call in conversation `id` runs for, read from the conversation row: `None`
+/// when it is gone or cannot be read.
+async fn tool_context_of(pool: &SqlitePool, id: ConversationId) -> Option<ToolContext> {
+    match memory::get_conversation(pool, id).await {
+        Ok(Some(c)) => Some(ToolContext {
+            conversation_id: c.id,
+            channel: c.channel,
+            // WebChat conversations are addressed by their id (as cron targets are).
+            conversation_key: if c.channel == ChannelKind::WebChat {
+                c.id.0.to_string()
+            } else {
+                c.external_key
+            },
+        }),
+        Ok(None) => None,
+        Err(e) => {
+            tracing::warn!(conversation = id.0, error = %e, "cannot read the conversation for a tool call");
+            None
+        }
+    }
+}
+
 fn add_usage(total: &mut Usage, step: &Usage) {
     total.prompt_tokens = step.prompt_tokens;
     total.cached_tokens = step.cached_tokens;

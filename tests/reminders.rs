@@ -498,3 +498,43 @@ async fn reminders_set_through_the_agent_loop_fire_where_they_were_asked() {
     assert!(events.contains("reminders_cancel"), "{events}");
     assert!(job_ids(&app).await.is_empty(), "cancelled through the loop");
 }
+
+/// A regenerated or edited answer that sets its reminder again replaces the one the old
+/// answer set: the replaced answer's reminder goes with it, so one request leaves one
+/// reminder however often it is answered again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regenerate_and_edit_replace_the_reminder_the_old_answer_set() {
+    let model = crate::agent::ToolModel::new(reminder_script);
+    let graph = Graph::start().await;
+    let mut options = Options::default();
+    options.agent = Some(Arc::new(crate::agent::Scripted(model.clone())));
+    let app = App::start(&graph, options).await;
+
+    let (later, _) = local_in(3600);
+    let body = json!({"message": format!("create {later} call the plumber")});
+    let (status, events) = app.call(Method::POST, "/api/chat", Some(body)).await;
+    assert_eq!(status, StatusCode::OK, "{events}");
+    let meta = events.as_str().unwrap().lines().find_map(|l| l.strip_prefix("data:")).unwrap();
+    let conversation = serde_json::from_str::<Value>(meta.trim()).unwrap()["conversation_id"]
+        .as_i64()
+        .expect("meta first");
+    let first = job_ids(&app).await;
+    assert_eq!(first.len(), 1, "{first:?}");
+
+    let path = format!("/api/conversations/{conversation}/regenerate");
+    let (status, events) = app.call(Method::POST, &path, Some(json!({}))).await;
+    assert_eq!(status, StatusCode::OK, "{events}");
+    assert!(events.as_str().unwrap().contains("reminders_create"), "set again: {events}");
+    let second = job_ids(&app).await;
+    assert_eq!(second.len(), 1, "one reminder after regenerate: {second:?}");
+    assert_ne!(second, first, "the new answer's reminder");
+
+    let (later, _) = local_in(7200);
+    let path = format!("/api/conversations/{conversation}/edit");
+    let body = json!({"message": format!("create {later} call the electrician")});
+    let (status, events) = app.call(Method::POST, &path, Some(body)).await;
+    assert_eq!(status, StatusCode::OK, "{events}");
+    let third = job_ids(&app).await;
+    assert_eq!(third.len(), 1, "one reminder after the edit: {third:?}");
+    assert_eq!(job(&app, third[0]).await["prompt"], "call the electrician");
+}

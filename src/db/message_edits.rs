@@ -9,8 +9,9 @@
 
 use sqlx::{SqliteConnection, SqlitePool};
 
+use crate::db::memory::rounds_from_json;
 use crate::db::now_ms;
-use crate::domain::{ConversationId, MessageId};
+use crate::domain::{ConversationId, MessageId, ToolRound};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EditError {
@@ -127,6 +128,27 @@ pub async fn replace_last_user_message(
         .await?;
     tx.commit().await?;
     Ok(edited)
+}
+
+/// The tool rounds of the answer a regenerate or an edit of `user_message` would delete
+/// (what `delete_answer_after` deletes), oldest first: what that answer did, so that the
+/// caller can undo it (a reminder it set).
+pub async fn answer_rounds_after(
+    pool: &SqlitePool,
+    conversation_id: ConversationId,
+    user_message: MessageId,
+) -> Result<Vec<ToolRound>, sqlx::Error> {
+    let stored: Vec<Option<String>> = sqlx::query_scalar(
+        "SELECT tool_rounds FROM messages
+         WHERE conversation_id = ?1 AND id > ?2
+           AND NOT (role = 'assistant' AND provider IS NULL)
+         ORDER BY id",
+    )
+    .bind(conversation_id.0)
+    .bind(user_message.0)
+    .fetch_all(pool)
+    .await?;
+    Ok(stored.iter().flat_map(|text| rounds_from_json(text.as_deref())).collect())
 }
 
 async fn read_last_exchange(

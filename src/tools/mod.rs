@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use futures::future::BoxFuture;
 
-use crate::domain::{ChannelKind, ConversationId, ToolCall, ToolResult};
+use crate::domain::{ChannelKind, ConversationId, ToolCall, ToolResult, ToolRound};
 use crate::llm::ToolSpec;
 
 /// Who asked: the conversation, channel and sender a call runs for. A tool that writes
@@ -57,6 +57,16 @@ pub trait Tool: Send + Sync {
         context: &'a ToolContext,
         arguments: serde_json::Value,
     ) -> BoxFuture<'a, Result<serde_json::Value, ToolError>>;
+    /// Undoes what a successful call did, when the answer that made it is replaced
+    /// (regenerate, edit): `result` is the call's result as stored. Returns whether there was
+    /// something left to undo. Tools whose calls change nothing keep this default.
+    fn undo<'a>(
+        &'a self,
+        _context: &'a ToolContext,
+        _result: &'a str,
+    ) -> BoxFuture<'a, Result<bool, ToolError>> {
+        Box::pin(async { Ok(false) })
+    }
 }
 
 /// The tools a turn may use, in registration order.
@@ -109,6 +119,27 @@ impl ToolRegistry {
                 parameters: t.parameters(),
             })
             .collect()
+    }
+
+    /// Undoes the successful calls of `rounds` (the tool use of an answer being replaced),
+    /// newest first; returns how many had an effect left to undo. A failure is logged and
+    /// the rest go on: the replacement must not wait on it.
+    pub async fn undo(&self, context: &ToolContext, rounds: &[ToolRound]) -> usize {
+        let mut undone = 0;
+        for round in rounds.iter().rev() {
+            for result in round.results.iter().rev().filter(|r| !r.is_error) {
+                let call = round.calls.iter().find(|c| c.id == result.call_id);
+                let Some(tool) = call.and_then(|c| self.get(&c.name)) else { continue };
+                match tool.undo(context, &result.content).await {
+                    Ok(true) => undone += 1,
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::warn!(tool = tool.name(), error = %e, "undoing a replaced call failed")
+                    }
+                }
+            }
+        }
+        undone
     }
 
     /// Runs `call` and always returns a result: an unknown tool, arguments that are not a

@@ -130,6 +130,29 @@ impl Tool for CreateReminder {
     ) -> BoxFuture<'a, Result<Value, ToolError>> {
         Box::pin(self.create(context, arguments))
     }
+
+    /// The reminder an answer set goes with the answer: a regenerated or edited answer that
+    /// sets it again would otherwise leave two. One that already fired (and went) or that
+    /// the user cancelled has nothing left to undo.
+    fn undo<'a>(
+        &'a self,
+        context: &'a ToolContext,
+        result: &'a str,
+    ) -> BoxFuture<'a, Result<bool, ToolError>> {
+        Box::pin(async move {
+            let id = serde_json::from_str::<Value>(result)
+                .ok()
+                .filter(|r| r["created"] == true)
+                .and_then(|r| r["id"].as_i64());
+            let Some(id) = id else { return Ok(false) };
+            let cron = self.0.cron.get()?;
+            match cron.cancel_reminder(context.conversation_id, CronJobId(id)).await {
+                Ok(_) => Ok(true),
+                Err(CronError::NotFound(_)) => Ok(false),
+                Err(e) => Err(failed(e)),
+            }
+        })
+    }
 }
 
 impl CreateReminder {
