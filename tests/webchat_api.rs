@@ -435,7 +435,7 @@ async fn exports_say_where_each_answer_was_written_as_the_ledger_recorded_it() {
             model: Some(model.into()),
             host: Some(host.into()),
             left_machine: left,
-            ..NewMessage::plain(conversation, Role::Assistant, &format!("from {host}"))
+            ..NewMessage::plain(conversation, Role::Assistant, format!("from {host}"))
         };
         memory::add_message(pool, &message).await.expect("store answer");
     }
