@@ -188,7 +188,9 @@ pub enum LlmError {
     UnknownModel(String),
     #[error("model unavailable: {0}")]
     Unavailable(String),
-    #[error("cloud provider error{}: {message}", code.as_ref().map(|c| format!(" {c}")).unwrap_or_default())]
+    /// A model server over the network (Z.ai, or an OpenAI-compatible server, which may be
+    /// on this machine's loopback) refused or failed: not called "cloud", which it may not be.
+    #[error("remote model error{}: {message}", code.as_ref().map(|c| format!(" {c}")).unwrap_or_default())]
     Cloud { status: Option<u16>, code: Option<String>, message: String, retryable: bool },
     #[error("timed out: {0}")]
     Timeout(String),
