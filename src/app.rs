@@ -32,6 +32,9 @@ use crate::tools::reminders::SchedulerSlot;
 /// Conversations whose next window is prefilled after a restart.
 const WARM_RECENT_CONVERSATIONS: usize = 4;
 
+/// How long a shutdown waits for stopped WebChat answers whose page left to be stored.
+const SHUTDOWN_ANSWER_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// my-claw: a private personal assistant in one binary.
 ///
 /// Runs Qwen3 GGUF models in-process on its own CPU kernels, routes between local tiers and Z.ai with
@@ -208,6 +211,7 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
             .await
             .context("cannot start the scheduler")?;
     scheduler.set(cron.clone());
+    let live = gateway::live::LiveAnswers::default();
     let state = AppState {
         pool: pool.clone(),
         assistant,
@@ -217,6 +221,7 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
         max_body_bytes: settings.max_body_bytes,
         reply_max_tokens: settings.engine.reply_max_tokens,
         channels,
+        live: live.clone(),
     };
     let listener = tokio::net::TcpListener::bind(settings.bind)
         .await
@@ -230,6 +235,8 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     };
     let app = gateway::cron::attach(gateway::router(state), cron.clone());
     gateway::listener::serve(listener, app, limits, shutdown_signal()).await;
+    // Answers whose page left were stopped by the same signal: they are stored first.
+    live.wait_idle(SHUTDOWN_ANSWER_WAIT).await;
     cron.shutdown().await;
     // In-flight requests have finished; closing the pool waits for their writes.
     pool.close().await;

@@ -710,8 +710,9 @@ impl Assistant {
                         .await;
                     let this = self.clone();
                     tokio::spawn(async move {
-                        // A client that leaves while waiting withdraws its message: nothing
-                        // of it is stored, as for a refused request.
+                        // A caller that drops the receiver while waiting withdraws its
+                        // message: nothing of it is stored, as for a refused request. (The
+                        // WebChat's relay never does: its answers outlive the page.)
                         let owned = tokio::select! {
                             owned = slot.lock_owned() => owned,
                             _ = tx.closed() => return,

@@ -966,6 +966,7 @@ async fn in_process_with(
         max_body_bytes: 1 << 20,
         reply_max_tokens: 32,
         channels: channels.clone(),
+        live: Default::default(),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let base = format!("http://{}", listener.local_addr().expect("addr"));

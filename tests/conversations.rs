@@ -182,6 +182,7 @@ async fn test_app(model: Arc<ScriptedModel>) -> TestApp {
         max_body_bytes: 64 << 10,
         reply_max_tokens: 64,
         channels: my_claw::channels::Channels::default(),
+        live: Default::default(),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
@@ -518,6 +519,44 @@ async fn deleting_a_conversation_stops_and_stores_its_answers_before_it_goes() {
         }
         assert_eq!(event["type"], "message", "{event}");
     }
+}
+
+#[tokio::test]
+async fn an_answer_outlives_its_page_and_another_page_can_follow_it() {
+    let app = test_app(ScriptedModel::new(true)).await;
+    let live = |id: i64| {
+        app.http.get(format!("{}/api/conversations/{id}/live", app.base)).bearer_auth(TOKEN).send()
+    };
+    let mut page = app.stream(json!({"message": "write a long story"})).await;
+    let id = page.next_json(EVENT_WAIT).await.expect("meta")["conversation_id"].as_i64().unwrap();
+    let mut events = Vec::new();
+    while text_of(&events) != "answer to write a long story" {
+        events.push(page.next_json(EVENT_WAIT).await.expect("a token"));
+    }
+    // The page goes away (a reload): the answer is not stopped.
+    drop(page);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    // A page that comes (the reloaded one, another tab) follows it from its start.
+    let response = live(id).await.expect("GET live");
+    assert_eq!(response.status(), 200);
+    let mut follower = SseReader::new(response);
+    let meta = follower.next_json(EVENT_WAIT).await.expect("meta replayed");
+    assert_eq!(meta["type"], "meta", "{meta}");
+    assert_eq!(meta["conversation_id"], id);
+    let text = follower.next_json(EVENT_WAIT).await.expect("the text so far");
+    assert_eq!(text, json!({"type": "token", "text": "answer to write a long story"}));
+    app.model.release_one();
+    let rest = rest(&mut follower).await;
+    let done = of_type(&rest, "done");
+    assert_eq!(done.len(), 1, "{rest:?}");
+    assert_eq!(done[0]["finish"], "stop", "written to its end: {rest:?}");
+
+    let messages = app.messages(id).await;
+    assert_eq!(roles_and_status(&messages)[1], ("assistant".into(), "complete".into()));
+    assert_eq!(messages[1]["content"], "answer to write a long story");
+    // Nothing runs any more.
+    assert_eq!(live(id).await.expect("GET live").status(), 204);
 }
 
 // --- Refusals and trimming ---------------------------------------------------------------------

@@ -240,6 +240,7 @@ impl App {
             max_body_bytes: 64 * 1024,
             reply_max_tokens: 64,
             channels,
+            live: Default::default(),
         };
         let app = gateway::cron::attach(gateway::router(state), cron.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");

@@ -1173,10 +1173,44 @@ async fn real_model_stop_sequence_on_v1_stops_the_engine() {
     assert_engine_is_free(&server).await;
 }
 
+/// An OpenAI client that disconnects mid-stream stops its answer: the engine is free at once.
 #[tokio::test]
-async fn real_model_client_disconnect_stops_the_engine() {
+async fn real_model_v1_client_disconnect_stops_the_engine() {
     let _one_at_a_time = REAL_MODEL.lock().await;
     let server = real_server(STOP_TEST_MAX_TOKENS);
+    let body = json!({
+        "model": "main", "stream": true, "max_tokens": STOP_TEST_MAX_TOKENS,
+        "messages": [{"role": "user", "content": LONG_PROMPT}]
+    });
+    let response = http()
+        .post(server.url("/v1/chat/completions"))
+        .bearer_auth(&server.token)
+        .json(&body)
+        .send()
+        .await
+        .expect("POST /v1/chat/completions");
+    assert_eq!(response.status(), 200);
+    let mut reader = SseReader::new(response);
+    let mut pieces = 0;
+    while pieces < 3 {
+        let chunk = reader.next_json(Duration::from_secs(60)).await.expect("a chunk");
+        if chunk["choices"][0]["delta"]["content"].as_str().is_some_and(|t| !t.is_empty()) {
+            pieces += 1;
+        }
+        assert!(chunk["choices"][0]["finish_reason"].is_null(), "ended early: {chunk}");
+    }
+    drop(reader);
+    assert_engine_is_free(&server).await;
+}
+
+/// A WebChat answer is written to its end when its page goes away (a reload, a closed tab):
+/// only Stop stops it. (A `/v1` client that disconnects stops its answer: see
+/// `real_model_v1_client_disconnect_stops_the_engine`.)
+#[tokio::test]
+async fn real_model_webchat_answer_outlives_its_client() {
+    const REPLY_TOKENS: u32 = 48;
+    let _one_at_a_time = REAL_MODEL.lock().await;
+    let server = real_server(REPLY_TOKENS);
     let mut reader = start_chat(&server, json!({"message": LONG_PROMPT})).await;
     let meta = reader.next_json(Duration::from_secs(60)).await.unwrap();
     let conversation_id = meta["conversation_id"].as_i64().unwrap();
@@ -1187,9 +1221,8 @@ async fn real_model_client_disconnect_stops_the_engine() {
     // The client leaves: the connection closes.
     drop(reader);
     let answer = stored_answer(&server, conversation_id).await;
-    assert_eq!(answer["status"], "partial", "{answer}");
-    assert!(!answer["content"].as_str().unwrap().is_empty());
-    assert_engine_is_free(&server).await;
+    assert_eq!(answer["status"], "complete", "{answer}");
+    assert_eq!(answer["completion_tokens"], REPLY_TOKENS, "written to its end: {answer}");
 }
 
 #[tokio::test]
@@ -1211,6 +1244,13 @@ async fn real_model_server_shuts_down_promptly_with_open_streams() {
     assert_eq!(chat.next_json(Duration::from_secs(60)).await.unwrap()["type"], "meta");
     let token = chat.next_answer_json(Duration::from_secs(60)).await.unwrap();
     assert_eq!(token["type"], "token", "{token}");
+    // And an answer whose page left: it is stopped and stored before the process exits.
+    let mut left = start_chat(&server, json!({"message": LONG_PROMPT})).await;
+    let meta = left.next_json(Duration::from_secs(60)).await.unwrap();
+    let left_conversation = meta["conversation_id"].as_i64().unwrap();
+    let token = left.next_answer_json(Duration::from_secs(60)).await.unwrap();
+    assert_eq!(token["type"], "token", "{token}");
+    drop(left);
 
     let code = server.terminate(Duration::from_secs(15));
     assert_eq!(code, Some(0), "clean exit within 15 s:\n{}", server.output());
@@ -1222,6 +1262,18 @@ async fn real_model_server_shuts_down_promptly_with_open_streams() {
     };
     assert_eq!(done["type"], "done", "{done}");
     assert_eq!(done["finish"], "cancelled", "the answer was stopped and stored: {done}");
+    let url = format!("sqlite://{}", server.data_dir.join("my-claw.db").display());
+    let pool = my_claw::db::connect(&url).await.expect("open the database");
+    let stored: Vec<(String, String)> =
+        sqlx::query_as("SELECT role, status FROM messages WHERE conversation_id = ?1 ORDER BY id")
+            .bind(left_conversation)
+            .fetch_all(&pool)
+            .await
+            .expect("read the messages");
+    let expected = [("user", "complete"), ("assistant", "partial")];
+    let expected: Vec<(String, String)> =
+        expected.iter().map(|(r, s)| (r.to_string(), s.to_string())).collect();
+    assert_eq!(stored, expected, "the answer whose page left was stored at shutdown");
 }
 
 /// The virtual environment with the official `openai` package (the version pinned in

@@ -22,6 +22,7 @@ use crate::config::MAX_MESSAGE_CHARS;
 use crate::domain::{ChannelKind, ConversationId, Inbound};
 use crate::gateway::error::{ApiError, ApiJson, ApiPath};
 use crate::gateway::events::shutdown_requested;
+use crate::gateway::live;
 use crate::gateway::AppState;
 use crate::llm::router::Tier;
 use crate::llm::{FinishReason, Usage};
@@ -157,18 +158,21 @@ async fn post_chat(
         external_id: None,
     };
     let events = state.assistant.start(inbound, tier).await?;
-    Ok(answer_sse(state.assistant.clone(), events))
+    Ok(answer_sse(&state, events))
 }
 
 /// The SSE response that carries one answer's events (also used by the WebChat's
-/// regenerate and edit actions). When the client disconnects, axum drops this stream, which
-/// drops the receiver; the assistant then stops the engine at its next token and stores the
-/// text as `partial`.
+/// regenerate and edit actions). The answer is relayed by a task of its own
+/// (`live::relay`): when the client disconnects, it is still written to its end and stored,
+/// and other pages can follow it; Stop (`/api/chat/{id}/stop`) or a shutdown stops it.
 pub fn answer_sse(
-    assistant: Arc<Assistant>,
+    state: &AppState,
     events: mpsc::Receiver<Event>,
 ) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
-    let stream = stop_on_shutdown(assistant, events).map(|event| {
+    let forwarded = Box::pin(stop_on_shutdown(state.assistant.clone(), events));
+    let relayed =
+        tokio_stream::wrappers::ReceiverStream::new(live::relay(state.live.clone(), forwarded));
+    let stream = relayed.map(|event| {
         let event = chat_event(event);
         // Tool events also carry an SSE event name, so a client can listen to them alone;
         // every event keeps its `type` for readers of the plain `data:` lines.

@@ -64,7 +64,7 @@ async fn post_regenerate(
     let revision = Revision::Regenerate { expected: request.message_id.map(MessageId) };
     let events =
         state.assistant.revise(conversation_id, revision, tier).await.map_err(revision_error)?;
-    Ok(answer_sse(state.assistant.clone(), events))
+    Ok(answer_sse(&state, events))
 }
 
 async fn post_edit(
@@ -83,7 +83,7 @@ async fn post_edit(
         Revision::Edit { text: text.to_string(), expected: request.message_id.map(MessageId) };
     let events =
         state.assistant.revise(conversation_id, revision, tier).await.map_err(revision_error)?;
-    Ok(answer_sse(state.assistant.clone(), events))
+    Ok(answer_sse(&state, events))
 }
 
 /// The conversation of the path, which must exist and be a WebChat one: the others are

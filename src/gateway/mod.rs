@@ -12,6 +12,7 @@ pub mod events;
 pub mod export;
 pub mod health;
 pub mod listener;
+pub mod live;
 pub mod message_actions;
 pub mod models;
 pub mod openai;
@@ -48,6 +49,8 @@ pub struct AppState {
     /// Reply length when a `/v1` client sets none (`REPLY_MAX_TOKENS`).
     pub reply_max_tokens: u32,
     pub channels: crate::channels::Channels,
+    /// The running WebChat answers, for pages that follow them.
+    pub live: live::LiveAnswers,
 }
 
 /// The whole HTTP surface of my-claw.
@@ -63,6 +66,7 @@ pub fn router(state: AppState) -> Router {
         .merge(search::router())
         .merge(export::router())
         .merge(message_actions::router())
+        .merge(live::router())
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_token))
         // `route_layer` guards the routes' methods, not their 405 fallback: that one checks
         // the token itself, so a caller without it learns no more than from any other
