@@ -90,8 +90,25 @@ fn push_turn(out: &mut String, role: Role, content: &str) {
     out.push_str("<|im_start|>");
     out.push_str(role.as_str());
     out.push('\n');
-    out.push_str(content);
+    push_text(out, content);
     out.push_str("<|im_end|>\n");
+}
+
+/// How every control token of our chat formats begins (`<|im_start|>`, `<|im_end|>`,
+/// `<|endoftext|>`), and the same text as the model must read it inside a message.
+const CONTROL_OPEN: &str = "<|";
+const CONTROL_OPEN_AS_TEXT: &str = "<\u{200B}|";
+
+/// Appends text that comes from a message, a tool or a tool result. The prompt is tokenized
+/// with its control tokens recognised, so a message spelling `<|im_end|>` would end its
+/// turn there and the text after it could pose as a system or assistant turn; a zero-width
+/// space inside each `<|` keeps such text as plain text (the stored message is unchanged).
+fn push_text(out: &mut String, text: &str) {
+    if text.contains(CONTROL_OPEN) {
+        out.push_str(&text.replace(CONTROL_OPEN, CONTROL_OPEN_AS_TEXT));
+    } else {
+        out.push_str(text);
+    }
 }
 
 /// The turn loop of the official Qwen3 template, step by step. `ChatMl` follows the same
@@ -101,7 +118,7 @@ fn render_turns(out: &mut String, format: ChatFormat, turns: &[ChatTurn], tools:
     if !tools.is_empty() {
         out.push_str("<|im_start|>system\n");
         if let Some(system) = leading_system {
-            out.push_str(&system.content);
+            push_text(out, &system.content);
             out.push_str("\n\n");
         }
         out.push_str(TOOLS_HEADER);
@@ -136,7 +153,7 @@ fn render_turns(out: &mut String, format: ChatFormat, turns: &[ChatTurn], tools:
                     out.push_str("<|im_start|>user");
                 }
                 out.push_str("\n<tool_response>\n");
-                out.push_str(&turn.content);
+                push_text(out, &turn.content);
                 out.push_str("\n</tool_response>");
                 if is_last || turns[turn_idx + 1].role != Role::Tool {
                     out.push_str("<|im_end|>\n");
@@ -146,18 +163,18 @@ fn render_turns(out: &mut String, format: ChatFormat, turns: &[ChatTurn], tools:
                 out.push_str("<|im_start|>assistant\n");
                 let content = match format {
                     ChatFormat::ChatMl => {
-                        out.push_str(&turn.content);
+                        push_text(out, &turn.content);
                         turn.content.as_str()
                     }
                     ChatFormat::Qwen3 => {
                         let (reasoning, content) = split_reasoning(&turn.content);
                         if turn_idx > last_query_idx && (is_last || !reasoning.is_empty()) {
                             out.push_str("<think>\n");
-                            out.push_str(reasoning.trim_matches('\n'));
+                            push_text(out, reasoning.trim_matches('\n'));
                             out.push_str("\n</think>\n\n");
-                            out.push_str(content.trim_start_matches('\n'));
+                            push_text(out, content.trim_start_matches('\n'));
                         } else {
-                            out.push_str(content);
+                            push_text(out, content);
                         }
                         content
                     }
@@ -168,9 +185,9 @@ fn render_turns(out: &mut String, format: ChatFormat, turns: &[ChatTurn], tools:
                         out.push('\n');
                     }
                     out.push_str("<tool_call>\n{\"name\": \"");
-                    out.push_str(&call.name);
+                    push_text(out, &call.name);
                     out.push_str("\", \"arguments\": ");
-                    out.push_str(&call.arguments);
+                    push_text(out, &call.arguments);
                     out.push_str("}\n</tool_call>");
                 }
                 out.push_str("<|im_end|>\n");
@@ -183,11 +200,11 @@ fn render_turns(out: &mut String, format: ChatFormat, turns: &[ChatTurn], tools:
 /// `{"type": "function", "function": {"name", "description", "parameters"}}` shape.
 fn push_tool_json(out: &mut String, tool: &ToolSpec) {
     out.push_str("{\"type\": \"function\", \"function\": {\"name\": ");
-    out.push_str(&python_json(&Value::String(tool.name.clone())));
+    push_text(out, &python_json(&Value::String(tool.name.clone())));
     out.push_str(", \"description\": ");
-    out.push_str(&python_json(&Value::String(tool.description.clone())));
+    push_text(out, &python_json(&Value::String(tool.description.clone())));
     out.push_str(", \"parameters\": ");
-    out.push_str(&python_json(&tool.parameters));
+    push_text(out, &python_json(&tool.parameters));
     out.push_str("}}");
 }
 
