@@ -637,6 +637,24 @@ async fn run_now_records_history_and_why_a_channel_refused() {
     assert_eq!(run["outcome"], "failed", "{run}");
     assert!(run["error"].as_str().unwrap().contains("nextcloud is not configured"), "{run}");
     assert!(run["message_id"].is_null(), "{run}");
+
+    // Likewise a job for a number that left WHATSAPP_ALLOWED_NUMBERS since it was made:
+    // nothing is sent to it, and the model is not asked.
+    let posts_before = graph.posts().len();
+    let gone = my_claw::db::cron::JobSpec {
+        name: "to a number no longer allowed".into(),
+        channel: ChannelKind::WhatsApp,
+        target: "33799999999".into(),
+        ..spec
+    };
+    let gone = my_claw::db::cron::insert_job(&app.pool, &gone).await.unwrap();
+    // It wrote within the day (while it was allowed): only the allow-list stops the send.
+    app.user_wrote("33799999999").await;
+    let (_, run) = app.call(Method::POST, &format!("/api/cron/jobs/{}/run", gone.id.0), None).await;
+    assert_eq!(run["outcome"], "failed", "{run}");
+    assert!(run["error"].as_str().unwrap().contains("WHATSAPP_ALLOWED_NUMBERS"), "{run}");
+    assert!(run["message_id"].is_null(), "{run}");
+    assert_eq!(graph.posts().len(), posts_before, "nothing was sent");
     app.cron.shutdown().await;
 }
 

@@ -229,6 +229,10 @@ pub enum ChannelError {
          only an approved template can reach this user (not retried)"
     )]
     OutsideWindow { detail: String },
+    /// A proactive message (a job, a reminder) to a number the assistant no longer talks
+    /// with: it was removed from the allow-list after the job was made.
+    #[error("this number is not in WHATSAPP_ALLOWED_NUMBERS (any more): nothing is sent to it (not retried)")]
+    NotAllowed,
     #[error("whatsapp api error {code} (http {status}): {message}")]
     WhatsApp {
         status: u16,

@@ -560,6 +560,11 @@ impl WhatsApp {
     /// free-form inside the 24-hour window, else through the approved template when one is
     /// configured, else the `OutsideWindow` error, which says how long ago that was.
     async fn proactive_route(&self, to: &str) -> Result<Route, ChannelError> {
+        // The allow-list is who the assistant talks with, now: a job made for a number that
+        // left it sends nothing (jobs are checked when made, the list may change since).
+        if !self.is_allowed(to) {
+            return Err(ChannelError::NotAllowed);
+        }
         let last = self.last_inbound_at(to).await?;
         if in_window(last) {
             return Ok(Route::FreeForm);
@@ -576,8 +581,8 @@ impl WhatsApp {
         })
     }
 
-    /// Whether a proactive message can reach `to` now: inside the 24-hour window, or with an
-    /// approved template configured; else the `OutsideWindow` error `deliver` would return.
+    /// Whether a proactive message can reach `to` now: an allowed number, inside the 24-hour
+    /// window or with an approved template configured; else the error `deliver` would return.
     pub async fn check_deliverable(&self, to: &str) -> Result<(), ChannelError> {
         self.proactive_route(to).await.map(|_| ())
     }
