@@ -16,6 +16,8 @@ use crate::llm::router::Tier;
 /// on `/api/chat` or `/v1/chat/completions`, and the limit the channels answer to. A longer
 /// one would hold the engine for minutes on a CPU and crowd the history out of the context.
 pub const MAX_MESSAGE_CHARS: usize = 16_000;
+/// The smallest `CONTEXT_SIZE` accepted: a system prompt with tools and an answer fit.
+pub const MIN_CONTEXT_SIZE: usize = 2048;
 
 /// A secret string (token, key). `Debug` and `Display` print `***` so that a logged config
 /// never leaks it; use `expose` where the value is really needed.
@@ -622,8 +624,14 @@ impl Config {
                 self.max_body_bytes
             )));
         }
-        if self.context_size < 256 {
-            return Err(bad(format!("CONTEXT_SIZE={}: must be at least 256", self.context_size)));
+        // The persona and the tool definitions alone take about 750 Qwen3 tokens: below this
+        // every conversation would be refused as over the context.
+        if self.context_size < MIN_CONTEXT_SIZE {
+            return Err(bad(format!(
+                "CONTEXT_SIZE={}: must be at least {MIN_CONTEXT_SIZE} (the system prompt and tool \
+                 definitions alone take about 750 tokens, and the answer needs room)",
+                self.context_size
+            )));
         }
         if let Some(threads) = self.engine_threads {
             if threads == 0 || threads > 1024 {
@@ -1232,6 +1240,13 @@ mod tests {
             settings.cron.secret.as_ref().map(Secret::expose),
             Some("cron-secret-0123456789")
         );
+    }
+
+    #[test]
+    fn a_context_too_small_for_the_system_prompt_is_refused_at_start() {
+        let err = validate_with(&[("CONTEXT_SIZE", "512")]).unwrap_err().to_string();
+        assert!(err.starts_with("CONTEXT_SIZE=512: must be at least 2048"), "{err}");
+        assert!(validate_with(&[("CONTEXT_SIZE", "2048")]).is_ok());
     }
 
     #[test]
