@@ -227,6 +227,13 @@ impl WindowPolicy {
         natural.max(floor).min(n_messages.saturating_sub(1))
     }
 
+    /// Where the window moves next from `start`: the first start after it that `start`
+    /// gives as the conversation grows. That is one step on from a start on a step, and the
+    /// next step boundary from a start that trimming left between two.
+    pub fn next_start(&self, start: usize) -> usize {
+        (start / self.step + 1) * self.step
+    }
+
     /// The most messages a window holds.
     pub fn max_messages(&self) -> usize {
         self.min_messages + self.step - 1
@@ -915,9 +922,9 @@ impl Assistant {
             let _ = tx.send(Event::Notice { kind: kind.clone(), message: message.clone() }).await;
         }
 
-        // The next window starts a step further on; its prefix is what to prepare once this
-        // answer is stored. Before the conversation reaches that point there is nothing yet.
-        let next_start = start + inner.window.step;
+        // The next window's start; its prefix is what to prepare once this answer is stored.
+        // Before the conversation reaches that point there is nothing yet.
+        let next_start = inner.window.next_start(start);
         let warm = (inner.window.warm && next_start <= n_messages).then(|| WarmPlan {
             tier,
             system: system.clone(),
@@ -1649,6 +1656,20 @@ mod tests {
         assert_eq!(policy.start(29, 0), 0);
         assert_eq!(policy.start(30, 0), 10);
         assert_eq!(policy.start(39, 0), 10);
+    }
+
+    #[test]
+    fn the_prepared_start_is_where_the_window_moves_next_also_after_trimming() {
+        let policy = WindowPolicy::stepping(6);
+        // From each start, on a step or left between steps by trimming (the floor), the
+        // first different start the conversation reaches is the one prepared.
+        for floor in 0..30 {
+            let reached = (floor + 1..200)
+                .map(|n| policy.start(n, floor))
+                .find(|&start| start != floor && start > 0)
+                .expect("the window moves");
+            assert_eq!(policy.next_start(floor), reached, "from {floor}");
+        }
     }
 
     #[test]
