@@ -1469,9 +1469,11 @@ async fn a_busy_conversation_does_not_hold_the_others() {
 async fn a_message_too_large_for_the_model_gets_a_reply_saying_so() {
     let graph = StandIn::start(Kind::Graph).await;
     let engine = ScriptedEngine::new(|question, _, _| {
-        question
-            .starts_with("enormous")
-            .then_some(LlmError::ContextOverflow { n_tokens: 9000, n_ctx: 8192 })
+        question.starts_with("enormous").then_some(LlmError::ContextOverflow {
+            n_tokens: 9000,
+            answer_room: 0,
+            n_ctx: 8192,
+        })
     });
     let app = in_process(&graph, None, engine, &[USER_NUMBER]).await;
     let body = whatsapp_text("wamid.HUGE", USER_NUMBER, "enormous question");

@@ -108,7 +108,7 @@ impl Provider for Shared {
             let n_chars: usize = request.messages.iter().map(|m| m.content.len()).sum();
             let n_ctx = *model.context_chars.lock().unwrap();
             if n_chars > n_ctx {
-                return Err(LlmError::ContextOverflow { n_tokens: n_chars, n_ctx });
+                return Err(LlmError::ContextOverflow { n_tokens: n_chars, answer_room: 0, n_ctx });
             }
             model.calls.lock().unwrap().push(Call::Stream(request.messages.clone()));
             let answer = answer_for(&request.messages);

@@ -391,6 +391,99 @@ async fn engine_rejects_a_prompt_over_the_context_and_stops_at_it() {
 }
 
 #[tokio::test]
+async fn a_prompt_must_leave_room_for_its_answer() {
+    let path = util::smollm2_path();
+    let tokenizer = gguf::open(&path).expect("open").tokenizer().expect("tokenizer");
+    let text = "word ".repeat(100);
+    let n_prompt = prompt_tokens(&path, &tokenizer, &text).len();
+    assert!(n_prompt > 100, "prompt is {n_prompt} tokens");
+    // Room for 20 answer tokens, under a quarter of the context.
+    let n_ctx = n_prompt + 20;
+    let engine = EngineHandle::spawn(engine_config(path.clone(), n_ctx)).await.unwrap();
+    assert_eq!(engine.info().n_ctx, n_ctx);
+    let options = RequestOptions { ignore_stop: true, reuse_cache: false };
+    let ask = |max_tokens| {
+        answer(&engine, vec![user(&text)], GenerationParams::greedy(max_tokens), options)
+    };
+    // Fits with its answer: the whole answer comes, not cut by the context.
+    let (_, usage, finish) = ask(20).await.unwrap();
+    assert_eq!((usage.prompt_tokens as usize, usage.completion_tokens), (n_prompt, 20));
+    assert_eq!(finish, FinishReason::Length);
+    // Fits the context, but not with its answer: refused, so the caller can trim.
+    let err = ask(21).await.unwrap_err();
+    let LlmError::ContextOverflow { n_tokens, answer_room, n_ctx: limit } = err.clone() else {
+        panic!("{err:?}")
+    };
+    assert_eq!((n_tokens, answer_room, limit), (n_prompt, 21, n_ctx));
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "prompt is {n_prompt} tokens, {} with room for a 21-token answer, over the context \
+             size of {n_ctx}",
+            n_prompt + 21
+        )
+    );
+    // A reply budget over a quarter of the context keeps a quarter.
+    let err = ask(10_000).await.unwrap_err();
+    assert!(
+        matches!(err, LlmError::ContextOverflow { answer_room, .. } if answer_room == n_ctx / 4),
+        "{err:?}"
+    );
+    let (_, usage, finish) =
+        answer(&engine, vec![user("Hi")], GenerationParams::greedy(10_000), options).await.unwrap();
+    assert_eq!(finish, FinishReason::Length);
+    assert_eq!(usage.prompt_tokens as usize + usage.completion_tokens as usize, n_ctx + 1);
+    drop(engine);
+
+    // A warm (prefill-only) prompt needs no room: one that fills the context is prefilled,
+    // while answering it is refused.
+    let engine = EngineHandle::spawn(engine_config(path, n_prompt)).await.unwrap();
+    let request = LlmRequest {
+        messages: vec![user(&text)],
+        params: GenerationParams::greedy(1),
+        tools: Default::default(),
+    };
+    engine.warm(request.clone()).await.unwrap();
+    assert_eq!(engine.stats().warm_tokens as usize, n_prompt);
+    let err = answer(&engine, request.messages, request.params, options).await.unwrap_err();
+    let overflow =
+        LlmError::ContextOverflow { n_tokens: n_prompt, answer_room: 1, n_ctx: n_prompt };
+    assert_eq!(err.to_string(), overflow.to_string());
+}
+
+#[tokio::test]
+async fn requests_that_find_a_free_slot_do_not_count_against_the_queue() {
+    let mut config = engine_config(util::smollm2_path(), 2048);
+    config.queue_capacity = 1;
+    config.parallel = 1;
+    let engine = EngineHandle::spawn(config).await.unwrap();
+    let long = RequestOptions { ignore_stop: true, reuse_cache: false };
+    let request = |max_tokens| LlmRequest {
+        messages: vec![user("Tell me a very long story.")],
+        params: GenerationParams::greedy(max_tokens),
+        tools: Default::default(),
+    };
+    // Back to back on an idle engine, before the thread admits either: one takes the free
+    // slot and one waits, so both are accepted; a third is over the queue. The streams are
+    // not read, so the first cannot finish (its reader is behind) before the third comes.
+    let running = engine.submit_with(request(1500), long).unwrap();
+    let mut queued = engine.submit_with(request(4), long).unwrap();
+    let err = engine.submit_with(request(4), long).unwrap_err();
+    assert!(matches!(err, LlmError::QueueFull), "{err:?}");
+    // Ended requests give their places back by the time their client sees the end.
+    drop(running);
+    let mut done = false;
+    while let Some(item) = queued.recv().await {
+        done |= matches!(item.unwrap(), Chunk::Done { .. });
+    }
+    assert!(done);
+    let _running = engine.submit_with(request(1500), long).unwrap();
+    let _queued = engine.submit_with(request(4), long).unwrap();
+    let err = engine.submit_with(request(4), long).unwrap_err();
+    assert!(matches!(err, LlmError::QueueFull), "{err:?}");
+}
+
+#[tokio::test]
 async fn engine_queue_full_and_cancellation() {
     let mut config = engine_config(util::smollm2_path(), 2048);
     config.queue_capacity = 1;

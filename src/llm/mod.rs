@@ -182,8 +182,16 @@ pub enum LlmError {
     EngineStopped,
     #[error("model file {path}: {reason}")]
     BadModel { path: String, reason: String },
-    #[error("prompt is {n_tokens} tokens, over the context size of {n_ctx}")]
-    ContextOverflow { n_tokens: usize, n_ctx: usize },
+    /// The prompt, plus the room kept for its answer (`answer_room`, 0 for a prompt that is
+    /// only prefilled), does not fit the context.
+    #[error(
+        "prompt is {n_tokens} tokens{}, over the context size of {n_ctx}",
+        match answer_room {
+            0 => String::new(),
+            room => format!(", {} with room for a {room}-token answer", n_tokens + room),
+        }
+    )]
+    ContextOverflow { n_tokens: usize, answer_room: usize, n_ctx: usize },
     #[error("unknown model or tier: {0}")]
     UnknownModel(String),
     #[error("model unavailable: {0}")]

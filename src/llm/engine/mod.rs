@@ -36,7 +36,9 @@ pub struct EngineConfig {
     /// KV pages are allocated as a sequence grows, never for the whole context up front.
     pub n_ctx: usize,
     /// Requests that may wait for a free slot; one more gets `QueueFull` (a hard cap
-    /// against abuse: waiting requests are told their position instead).
+    /// against abuse: waiting requests are told their position instead). A request that
+    /// finds a slot free does not count, however soon after another it arrives; while the
+    /// KV memory bound holds requests back from free slots, those count as slots.
     pub queue_capacity: usize,
     /// Sequences decoded together in one batched step (`ENGINE_PARALLEL`).
     pub parallel: usize,
@@ -159,10 +161,13 @@ impl Default for RequestOptions {
 #[derive(Clone)]
 pub struct EngineHandle {
     queue: std_mpsc::Sender<worker::Message>,
-    /// Requests submitted and not yet given a slot (or refused); capped at `cap`.
-    waiting: Arc<AtomicUsize>,
+    /// Requests submitted and not yet done (`worker::Shared::in_flight`); capped at `limit`.
+    in_flight: Arc<AtomicUsize>,
     warming: Arc<AtomicUsize>,
+    /// Warm requests that may wait (`queue_capacity`).
     cap: usize,
+    /// Requests that may be in flight: every slot taken and `queue_capacity` waiting.
+    limit: usize,
     info: Arc<ModelInfo>,
     stats: Arc<SharedStats>,
     device: ComputeDevice,
@@ -225,13 +230,15 @@ impl EngineHandle {
         progress: Arc<LoadProgress>,
     ) -> Result<EngineHandle, LlmError> {
         let (ready_tx, ready_rx) = oneshot::channel();
-        // Unbounded: the cap is on waiting requests (`waiting`), which the worker counts
-        // down as it gives them slots; the channel only hands them over.
+        // Unbounded: the cap is on requests in flight (`in_flight`), which the worker counts
+        // down as they end; the channel only hands them over.
         let (queue_tx, queue_rx) = std_mpsc::channel();
         let stats = Arc::new(SharedStats::default());
-        let waiting = Arc::new(AtomicUsize::new(0));
+        let in_flight = Arc::new(AtomicUsize::new(0));
         let cap = config.queue_capacity.max(1);
-        let shared = worker::Shared { stats: stats.clone(), waiting: waiting.clone(), progress };
+        let limit = cap + worker::slots(config.parallel);
+        let shared =
+            worker::Shared { stats: stats.clone(), in_flight: in_flight.clone(), progress };
         let path = config.model_path.display().to_string();
         let device = config.device.clone();
         let live = LiveEngine::new();
@@ -256,9 +263,10 @@ impl EngineHandle {
         };
         Ok(EngineHandle {
             queue: queue_tx,
-            waiting,
+            in_flight,
             warming: Arc::new(AtomicUsize::new(0)),
             cap,
+            limit,
             info: Arc::new(info),
             stats,
             device,
@@ -267,7 +275,9 @@ impl EngineHandle {
 
     /// Queue a request; the stream yields text deltas, then `Chunk::Done` (or one error).
     /// While every slot is busy it first yields `queued` notices with the position. Fails
-    /// at once with `QueueFull` when `queue_capacity` requests already wait.
+    /// at once with `QueueFull` when every slot is taken and `queue_capacity` requests
+    /// already wait. Requests the thread has not picked up yet count as taking the free
+    /// slots first, so a burst on an idle engine is judged as if it had been admitted.
     pub fn submit(&self, request: LlmRequest) -> Result<ChunkStream, LlmError> {
         self.submit_with(request, RequestOptions::default())
     }
@@ -278,8 +288,8 @@ impl EngineHandle {
         request: LlmRequest,
         options: RequestOptions,
     ) -> Result<ChunkStream, LlmError> {
-        if self.waiting.fetch_add(1, Ordering::SeqCst) >= self.cap {
-            self.waiting.fetch_sub(1, Ordering::SeqCst);
+        if self.in_flight.fetch_add(1, Ordering::SeqCst) >= self.limit {
+            self.in_flight.fetch_sub(1, Ordering::SeqCst);
             return Err(LlmError::QueueFull);
         }
         let (reply, stream) = mpsc::channel(CHUNK_BUFFER);
@@ -287,7 +297,7 @@ impl EngineHandle {
         match self.queue.send(worker::Message::Generate(job)) {
             Ok(()) => Ok(stream),
             Err(_) => {
-                self.waiting.fetch_sub(1, Ordering::SeqCst);
+                self.in_flight.fetch_sub(1, Ordering::SeqCst);
                 Err(LlmError::EngineStopped)
             }
         }
@@ -380,5 +390,65 @@ impl SharedStats {
     pub(crate) fn record_cache(&self, sequences: usize, bytes: u64) {
         self.cached_sequences.store(sequences as u64, Ordering::Relaxed);
         self.cached_bytes.store(bytes, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{ChatTurn, Role};
+    use crate::llm::GenerationParams;
+
+    /// A handle whose thread never picks anything up: what the handle decides alone, as in
+    /// the instant before the engine admits a burst of requests.
+    fn handle_without_thread(
+        queue_capacity: usize,
+        parallel: usize,
+    ) -> (EngineHandle, std_mpsc::Receiver<worker::Message>) {
+        let (queue, received) = std_mpsc::channel();
+        let info = ModelInfo {
+            name: "none".to_string(),
+            path: PathBuf::from("none.gguf"),
+            arch: "llama".to_string(),
+            quantization: "Q4_0".to_string(),
+            file_size: 0,
+            n_ctx: 512,
+            load_ms: 0,
+            weight_bytes: 0,
+            device: ComputeDevice::Kernels.info(),
+            decode_path: "kernels",
+        };
+        let handle = EngineHandle {
+            queue,
+            in_flight: Arc::new(AtomicUsize::new(0)),
+            warming: Arc::new(AtomicUsize::new(0)),
+            cap: queue_capacity,
+            limit: queue_capacity + worker::slots(parallel),
+            info: Arc::new(info),
+            stats: Arc::new(SharedStats::default()),
+            device: ComputeDevice::Kernels,
+        };
+        (handle, received)
+    }
+
+    fn request() -> LlmRequest {
+        LlmRequest {
+            messages: vec![ChatTurn::new(Role::User, "Hi")],
+            params: GenerationParams::greedy(4),
+            tools: Default::default(),
+        }
+    }
+
+    #[test]
+    fn requests_not_yet_admitted_take_the_free_slots_before_the_queue() {
+        for (queue_capacity, parallel) in [(1, 1), (1, 2), (2, 4)] {
+            let (engine, _received) = handle_without_thread(queue_capacity, parallel);
+            for n in 0..queue_capacity + parallel {
+                let accepted = engine.submit(request());
+                assert!(accepted.is_ok(), "request {n} of ({queue_capacity}, {parallel})");
+            }
+            let refused = engine.submit(request());
+            assert!(matches!(refused, Err(LlmError::QueueFull)), "({queue_capacity}, {parallel})");
+        }
     }
 }

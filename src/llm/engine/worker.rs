@@ -53,8 +53,11 @@ pub(crate) struct WarmRequest {
 /// What the thread shares with the handles.
 pub(crate) struct Shared {
     pub(crate) stats: Arc<SharedStats>,
-    /// Requests submitted and not yet given a slot; the handle refuses more than its cap.
-    pub(crate) waiting: Arc<AtomicUsize>,
+    /// Requests submitted and not yet done: on their way to the thread, waiting for a slot
+    /// or running. The thread counts one down when it refuses a request, drops one whose
+    /// client left while waiting, or retires a sequence; the handle refuses a request when
+    /// slots and queue are all taken.
+    pub(crate) in_flight: Arc<AtomicUsize>,
     pub(crate) progress: Arc<LoadProgress>,
 }
 
@@ -64,6 +67,11 @@ pub(crate) struct Shared {
 /// chunks this size lose nothing to one whole-prompt pass.
 pub const PREFILL_STEP: usize = 128;
 
+/// Sequences a thread runs at once for a configured `parallel` (what `Scheduler` uses).
+pub(crate) fn slots(parallel: usize) -> usize {
+    parallel.clamp(1, crate::llm::engine::kernels::attention::MAX_BATCH_SEQS)
+}
+
 /// Thread body: load, report readiness, then serve until every handle is gone.
 pub(crate) fn run(
     config: EngineConfig,
@@ -71,7 +79,7 @@ pub(crate) fn run(
     ready: oneshot::Sender<Result<ModelInfo, LlmError>>,
     shared: Shared,
 ) {
-    let Shared { stats, waiting, progress } = shared;
+    let Shared { stats, in_flight, progress } = shared;
     let loaded = catch_unwind(AssertUnwindSafe(|| Engine::load(&config, stats, &progress)));
     let engine = match loaded {
         Ok(Ok((engine, info))) => {
@@ -92,7 +100,7 @@ pub(crate) fn run(
             return;
         }
     };
-    let mut scheduler = Scheduler::new(engine, config.parallel, waiting);
+    let mut scheduler = Scheduler::new(engine, config.parallel, in_flight);
     let mut open = true;
     loop {
         if !scheduler.has_work() {
@@ -263,9 +271,24 @@ impl Engine {
         Ok((engine, info))
     }
 
-    /// The prompt's tokens, or why it cannot run (checked before the request waits, so the
-    /// caller still gets errors such as `ContextOverflow` before any notice).
-    fn prompt_tokens(&self, request: &LlmRequest) -> Result<Vec<u32>, LlmError> {
+    /// Positions a generation request keeps free for its answer: its `max_tokens`, but at
+    /// most a quarter of the context (so a reply budget near the context size does not
+    /// refuse every prompt; such an answer may still stop at the context with `Length`), and
+    /// at least one. A prompt is refused with `ContextOverflow` when it and this room do not
+    /// fit the context, so the assistant trims its history instead of an answer being cut
+    /// short silently. A warm (prefill-only) prompt needs no room.
+    fn answer_room(&self, params: &GenerationParams) -> usize {
+        (params.max_tokens as usize).min(self.n_ctx / 4).max(1)
+    }
+
+    /// The prompt's tokens, or why it cannot run with `answer_room` positions left for the
+    /// answer (checked before the request waits, so the caller still gets errors such as
+    /// `ContextOverflow` before any notice).
+    fn prompt_tokens(
+        &self,
+        request: &LlmRequest,
+        answer_room: usize,
+    ) -> Result<Vec<u32>, LlmError> {
         let prompt_text = template::render(
             self.format,
             &request.messages,
@@ -279,9 +302,12 @@ impl Engine {
         if prompt.is_empty() {
             return Err(LlmError::Inference("the prompt is empty".to_string()));
         }
-        // At least one position must stay free for the answer.
-        if prompt.len() >= self.n_ctx {
-            return Err(LlmError::ContextOverflow { n_tokens: prompt.len(), n_ctx: self.n_ctx });
+        if prompt.len() + answer_room > self.n_ctx {
+            return Err(LlmError::ContextOverflow {
+                n_tokens: prompt.len(),
+                answer_room,
+                n_ctx: self.n_ctx,
+            });
         }
         Ok(prompt)
     }
@@ -441,7 +467,8 @@ struct Sequence {
 struct Scheduler {
     engine: Engine,
     parallel: usize,
-    waiting_count: Arc<AtomicUsize>,
+    /// `Shared::in_flight`.
+    in_flight: Arc<AtomicUsize>,
     waiting: VecDeque<Waiting>,
     /// In admission order: prefill budget goes to the oldest first.
     active: Vec<Sequence>,
@@ -453,12 +480,12 @@ struct Scheduler {
 }
 
 impl Scheduler {
-    fn new(engine: Engine, parallel: usize, waiting_count: Arc<AtomicUsize>) -> Scheduler {
-        let parallel = parallel.clamp(1, crate::llm::engine::kernels::attention::MAX_BATCH_SEQS);
+    fn new(engine: Engine, parallel: usize, in_flight: Arc<AtomicUsize>) -> Scheduler {
+        let parallel = slots(parallel);
         Scheduler {
             engine,
             parallel,
-            waiting_count,
+            in_flight,
             waiting: VecDeque::new(),
             active: Vec::with_capacity(parallel),
             warms: VecDeque::new(),
@@ -478,19 +505,19 @@ impl Scheduler {
         match message {
             Message::Generate(job) => match self
                 .engine
-                .prompt_tokens(&job.request)
+                .prompt_tokens(&job.request, self.engine.answer_room(&job.request.params))
                 .and_then(|prompt| Ok((prompt, self.engine.constraint(&job.request)?)))
             {
                 Ok((prompt, constraint)) => {
                     self.waiting.push_back(Waiting { job, prompt, constraint, told: None })
                 }
                 Err(err) => {
-                    self.waiting_count.fetch_sub(1, Ordering::SeqCst);
+                    self.in_flight.fetch_sub(1, Ordering::SeqCst);
                     // The channel is new and empty, so this cannot be full.
                     let _ = job.reply.try_send(Err(err));
                 }
             },
-            Message::Warm(warm) => match self.engine.prompt_tokens(&warm.request) {
+            Message::Warm(warm) => match self.engine.prompt_tokens(&warm.request, 0) {
                 Ok(prompt) => self.warms.push_back(Warm { prompt, done: warm.done }),
                 Err(err) => {
                     let _ = warm.done.send(Err(err));
@@ -556,8 +583,8 @@ impl Scheduler {
                 }
             }
             let Some(waiting) = self.waiting.pop_front() else { break };
-            self.waiting_count.fetch_sub(1, Ordering::SeqCst);
             if waiting.job.reply.is_closed() {
+                self.in_flight.fetch_sub(1, Ordering::SeqCst);
                 continue;
             }
             let seq = self.start(waiting);
@@ -598,7 +625,7 @@ impl Scheduler {
     fn tell_positions(&mut self) {
         let before = self.waiting.len();
         self.waiting.retain(|waiting| !waiting.job.reply.is_closed());
-        self.waiting_count.fetch_sub(before - self.waiting.len(), Ordering::SeqCst);
+        self.in_flight.fetch_sub(before - self.waiting.len(), Ordering::SeqCst);
         for (ahead, waiting) in self.waiting.iter_mut().enumerate() {
             if waiting.told == Some(ahead) {
                 continue;
@@ -684,6 +711,8 @@ impl Scheduler {
             }
             // `remove`, not `swap_remove`: the order is the prefill priority.
             let seq = self.active.remove(idx);
+            // Its slot is free before its client can see `Done`.
+            self.in_flight.fetch_sub(1, Ordering::SeqCst);
             self.finish(seq);
         }
         self.engine.stats.record_slots(self.active.len(), self.waiting.len());
@@ -971,7 +1000,7 @@ mod tests {
             tools: Default::default(),
         };
         let options = RequestOptions { ignore_stop: true, reuse_cache: false };
-        scheduler.waiting_count.fetch_add(1, Ordering::SeqCst);
+        scheduler.in_flight.fetch_add(1, Ordering::SeqCst);
         let job = EngineRequest { request, options, reply, received: Instant::now() };
         scheduler.accept(Message::Generate(job));
         stream
@@ -1031,6 +1060,7 @@ mod tests {
         let mut c = submit(&mut s, "Say hi.", 3);
         s.step();
         assert_eq!((s.active.len(), s.waiting.len()), (2, 1));
+        assert_eq!(s.in_flight.load(Ordering::SeqCst), 3);
         let notices = drain(&mut c);
         assert_eq!(
             notices,
@@ -1058,6 +1088,7 @@ mod tests {
         assert!(done, "c finished while b still runs");
         assert!(texts(&drain(&mut b)) > 0);
         assert_eq!(s.active.len(), 1);
+        assert_eq!(s.in_flight.load(Ordering::SeqCst), 1, "a and c are no longer in flight");
     }
 
     #[test]
@@ -1255,11 +1286,11 @@ mod tests {
             tools: crate::llm::ToolUse::offer(vec![tool]),
         };
         // The prompt carries the tools block.
-        let prompt = s.engine.prompt_tokens(&request).unwrap();
+        let prompt = s.engine.prompt_tokens(&request, 1).unwrap();
         let prompt_text = s.engine.tokenizer.decode(&prompt).unwrap();
         assert!(prompt_text.contains("\"name\": \"current_time\""), "{prompt_text}");
         let options = RequestOptions { ignore_stop: false, reuse_cache: false };
-        s.waiting_count.fetch_add(1, Ordering::SeqCst);
+        s.in_flight.fetch_add(1, Ordering::SeqCst);
         s.accept(Message::Generate(EngineRequest {
             request,
             options,
