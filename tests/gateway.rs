@@ -666,11 +666,12 @@ async fn openai_api_with_a_fake_model() {
     let ids: Vec<&Value> = chunks.iter().map(|c| &c["id"]).collect();
     assert!(ids.windows(2).all(|w| w[0] == w[1]), "one id per response");
 
+    let unknown = json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}]});
+    let (status, err) = call_json(&app, Method::POST, "/v1/chat/completions", Some(unknown)).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{err}");
+    assert_eq!(err["error"]["code"], "model_not_found", "{err}");
+    assert!(error_message(&err).contains("unknown tier `gpt-4o`"), "{err}");
     let cases = [
-        (
-            json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}]}),
-            "unknown tier `gpt-4o`",
-        ),
         (json!({"model": "main", "messages": []}), "messages must not be empty"),
         (json!({"model": "main", "messages": [{"role": "tool", "content": "x"}]}), "role `tool`"),
         (
@@ -1344,6 +1345,6 @@ async fn openai_python_client_streams_a_completion_from_v1() {
     assert!(result["finish"] == "stop" || result["finish"] == "length", "{result}");
     assert!(result["usage"]["completion_tokens"].as_u64().unwrap() >= 1, "{result}");
     assert!(!result["non_stream_text"].as_str().unwrap().is_empty(), "{result}");
-    assert_eq!(result["unknown_model_status"], 400, "{result}");
+    assert_eq!(result["unknown_model_status"], 404, "{result}");
     assert_eq!(result["bad_key_status"], 401, "{result}");
 }

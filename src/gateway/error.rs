@@ -31,6 +31,13 @@ pub enum ApiError {
     Conflict(String),
     #[error("{0}")]
     NotFound(String),
+    /// A `/v1` request for a model that is not one of ours (OpenAI's `model_not_found`).
+    #[error("{0}")]
+    ModelNotFound(String),
+    /// The prompt and the room for its answer do not fit the model's context (OpenAI's
+    /// `context_length_exceeded`, a 400).
+    #[error("{0}")]
+    ContextTooLong(String),
     #[error("method not allowed")]
     MethodNotAllowed,
     #[error("request body is larger than this server accepts (MAX_BODY_BYTES)")]
@@ -61,13 +68,13 @@ struct ErrorDetail<'a> {
 impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
-            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::BadRequest(_) | ApiError::ContextTooLong(_) => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized | ApiError::WrongSecret(_) | ApiError::BadSignature => {
                 StatusCode::UNAUTHORIZED
             }
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
-            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::NotFound(_) | ApiError::ModelNotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
@@ -84,6 +91,8 @@ impl ApiError {
             ApiError::Forbidden(_) => "forbidden",
             ApiError::Conflict(_) => "conflict",
             ApiError::NotFound(_) => "not_found",
+            ApiError::ModelNotFound(_) => "model_not_found",
+            ApiError::ContextTooLong(_) => "context_length_exceeded",
             ApiError::MethodNotAllowed => "method_not_allowed",
             ApiError::PayloadTooLarge => "payload_too_large",
             ApiError::RequestTimeout => "request_timeout",
@@ -129,9 +138,10 @@ impl From<LlmError> for ApiError {
             LlmError::QueueFull | LlmError::EngineStopped | LlmError::Unavailable(_) => {
                 ApiError::Unavailable(e.to_string())
             }
-            LlmError::UnknownModel(_)
-            | LlmError::ContextOverflow { .. }
-            | LlmError::InvalidRequest(_) => ApiError::BadRequest(e.to_string()),
+            LlmError::ContextOverflow { .. } => ApiError::ContextTooLong(e.to_string()),
+            LlmError::UnknownModel(_) | LlmError::InvalidRequest(_) => {
+                ApiError::BadRequest(e.to_string())
+            }
             other => ApiError::Internal(other.to_string()),
         }
     }
@@ -211,4 +221,22 @@ pub async fn log_internal_errors(
         tracing::error!(%path, %cause, "request failed");
     }
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_prompt_over_the_context_is_openais_context_length_exceeded() {
+        let overflow = LlmError::ContextOverflow { n_tokens: 500, answer_room: 128, n_ctx: 512 };
+        let error = ApiError::from(overflow);
+        assert_eq!(
+            (error.status(), error.code()),
+            (StatusCode::BAD_REQUEST, "context_length_exceeded")
+        );
+        assert!(error.to_string().contains("room for a 128-token answer"), "{error}");
+        let unknown = ApiError::ModelNotFound("unknown tier `gpt-4o`".into());
+        assert_eq!((unknown.status(), unknown.code()), (StatusCode::NOT_FOUND, "model_not_found"));
+    }
 }

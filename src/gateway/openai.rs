@@ -287,7 +287,8 @@ async fn post_chat_completions(
     State(state): State<AppState>,
     ApiJson(request): ApiJson<CompletionRequest>,
 ) -> Result<Response, ApiError> {
-    let tier = parse_tier(&request.model)?;
+    // An unknown model is OpenAI's 404 `model_not_found`, which clients recognise.
+    let tier = parse_tier(&request.model).map_err(|e| ApiError::ModelNotFound(e.to_string()))?;
     if request.n.is_some_and(|n| n != 1) {
         return Err(ApiError::BadRequest("only n = 1 is supported".into()));
     }
