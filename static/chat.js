@@ -40,6 +40,9 @@
     bannerClose: $("banner-close"),
     messages: $("messages"),
     empty: $("empty"),
+    emptyDeleted: $("empty-deleted"),
+    announcer: $("announcer"),
+    skipLink: $("skip-link"),
     composer: $("composer"),
     composerNote: $("composer-note"),
     input: $("input"),
@@ -83,11 +86,15 @@
     streaming: null, // { controller, conversationId, bubble, stopRequested, meta, kind }
     editing: null, // { wrap, draft } while the last user message is being edited
     reloadOnReconnect: false, // an answer lost its connection: show the stored state once back
+    dropLost: false, // the next reload, once back, also drops answers that were never stored
     tiers: [],
     defaultTier: null,
     personaDefaults: null,
+    personaSaved: null, // the persona as stored, to tell unsaved changes
     eventsController: null,
     started: false,
+    deletedIds: new Set(), // conversations the live events said were deleted
+    deletedWaiters: [], // { id, resolve } waiting to learn whether a conversation was deleted
   };
 
   class AuthError extends Error {}
@@ -170,8 +177,35 @@
       "Enter the WebChat token (WEBCHAT_TOKEN, or the file webchat_token in the data directory). It is kept in this browser.";
     el.tokenReason.classList.toggle("error", Boolean(reason));
     el.tokenDialog.hidden = false;
+    // A modal dialog: the page behind it can be neither focused nor clicked.
+    el.app.inert = true;
     el.tokenInput.value = "";
     el.tokenInput.focus();
+  }
+
+  /** Closes the sign-in dialog; the message box gets the focus when it was open. */
+  function closeTokenDialog() {
+    const wasOpen = !el.tokenDialog.hidden;
+    el.tokenDialog.hidden = true;
+    el.app.inert = false;
+    if (wasOpen && !el.input.disabled) el.input.focus();
+  }
+
+  /** Tab and Shift+Tab cycle inside the open sign-in dialog. */
+  function trapDialogFocus(e) {
+    if (e.key !== "Tab" || el.tokenDialog.hidden) return;
+    const focusable = [...el.tokenDialog.querySelectorAll("input, button")].filter((n) => !n.disabled);
+    if (!focusable.length) return;
+    const first = focusable[0];
+    const last = focusable[focusable.length - 1];
+    const inside = el.tokenDialog.contains(document.activeElement);
+    if (e.shiftKey && (document.activeElement === first || !inside)) {
+      e.preventDefault();
+      last.focus();
+    } else if (!e.shiftKey && (document.activeElement === last || !inside)) {
+      e.preventDefault();
+      first.focus();
+    }
   }
 
   // --- HTTP ------------------------------------------------------------------------------
@@ -288,9 +322,13 @@
   }
 
   function setConnection(kind) {
-    el.connection.dataset.state = kind;
-    el.connection.title =
+    const text =
       kind === "live" ? "Connected: live updates on" : kind === "down" ? "Server unreachable" : "Connecting…";
+    if (el.connection.dataset.state === kind && el.connection.title === text) return;
+    el.connection.dataset.state = kind;
+    el.connection.title = text;
+    el.connection.setAttribute("aria-label", text);
+    el.connection.textContent = text;
   }
 
   function retryAll() {
@@ -313,6 +351,9 @@
     "p", "h1", "h2", "h3", "h4", "h5", "h6", "blockquote", "ul", "ol", "li", "table", "thead",
     "tbody", "tr", "th", "td", "strong", "em", "s", "a", "hr", "br", "pre", "code", "span",
   ]);
+
+  /** Blocks whose direction follows their first strong character (`dir="auto"`). */
+  const TEXT_BLOCKS = new Set(["p", "h1", "h2", "h3", "h4", "h5", "h6", "blockquote", "li", "th", "td"]);
 
   const markdown = createParser();
 
@@ -367,13 +408,14 @@
 
   /**
    * Renders Markdown into `parent`. Top-level blocks whose source did not change keep their
-   * DOM nodes, so while an answer streams only the last block is rebuilt. Any failure falls
-   * back to plain text for this message only.
+   * DOM nodes, so while an answer streams only the last block is rebuilt; `final` (the
+   * answer ended) rebuilds them all. Any failure falls back to plain text for this message
+   * only.
    */
-  function renderMarkdown(parent, text) {
+  function renderMarkdown(parent, text, final) {
     try {
       if (!markdown) throw new Error("the Markdown parser did not load");
-      renderBlocks(parent, String(text));
+      renderBlocks(parent, String(text), Boolean(final));
       parent.classList.remove("render-failed");
     } catch (err) {
       parent.__mdBlocks = null;
@@ -388,16 +430,22 @@
   const MAX_QUOTE_DEPTH = 16;
   const DEEP_QUOTES = new RegExp("^((?: {0,3}> ?){" + MAX_QUOTE_DEPTH + "})(?: {0,3}> ?)+", "gm");
 
-  function renderBlocks(parent, source) {
+  function renderBlocks(parent, source, final) {
     const text = source.replace(DEEP_QUOTES, "$1");
-    const tokens = markdown.parse(text, {});
+    const env = {};
+    const tokens = markdown.parse(text, env);
+    // A reference definition (`[d]: https://…`) changes blocks above it whose source did
+    // not change (`[the docs][d]` becomes a link): when the definitions change, nothing is
+    // reused.
+    const references = JSON.stringify(env.references || {});
     const lines = text.split("\n");
     const blocks = splitBlocks(tokens).map((group) => {
       const map = group[0].map;
       const source = map ? lines.slice(map[0], map[1]).join("\n") : "";
       return { key: group[0].type + "\u0000" + source, tokens: group, nodes: null };
     });
-    const previous = parent.__mdBlocks && parent.__mdBlocks.owner === parent ? parent.__mdBlocks.list : [];
+    const kept = parent.__mdBlocks && parent.__mdBlocks.owner === parent ? parent.__mdBlocks : null;
+    const previous = kept && !final && kept.references === references ? kept.list : [];
     // Reuse only while the prefix is identical: a changed block can change the meaning of
     // nothing after it, but positions shift, so compare index by index.
     let same = 0;
@@ -405,7 +453,7 @@
       blocks[same].nodes = previous[same].nodes;
       same += 1;
     }
-    for (const old of previous.slice(same)) for (const node of old.nodes) node.remove();
+    if (kept) for (const old of kept.list.slice(same)) for (const node of old.nodes) node.remove();
     for (const block of blocks.slice(same)) {
       const fragment = document.createDocumentFragment();
       renderTokens(fragment, block.tokens);
@@ -415,7 +463,7 @@
     // Nodes that are not ours (a previous plain-text fallback) go.
     const ours = new Set(blocks.flatMap((b) => b.nodes));
     for (const child of [...parent.childNodes]) if (!ours.has(child)) child.remove();
-    parent.__mdBlocks = { owner: parent, list: blocks };
+    parent.__mdBlocks = { owner: parent, list: blocks, references };
   }
 
   /** Groups the token stream into top-level blocks (level 0 open … close). */
@@ -475,6 +523,9 @@
     }
     const tag = ALLOWED_TAGS.has(token.tag) ? token.tag : "span";
     const node = document.createElement(tag);
+    // Each block takes the direction of its own text: an Arabic or Hebrew paragraph aligns
+    // right inside an English answer.
+    if (TEXT_BLOCKS.has(tag)) node.dir = "auto";
     if (token.type === "ordered_list_open") {
       const start = token.attrGet("start");
       if (start !== null && Number.isInteger(Number(start))) node.start = Number(start);
@@ -607,6 +658,7 @@
   function clearMessages() {
     el.messages.replaceChildren(el.empty);
     el.empty.hidden = false;
+    el.emptyDeleted.hidden = true;
   }
 
   /** Adds a message bubble; returns its parts for streaming updates. */
@@ -618,6 +670,8 @@
     if (options.status) wrap.dataset.status = options.status;
     const content = document.createElement("div");
     content.className = "content";
+    // A user's message (plain text) takes the direction of its own text.
+    if (role === "user") content.dir = "auto";
     const notices = document.createElement("div");
     notices.className = "notices";
     const meta = document.createElement("div");
@@ -710,9 +764,10 @@
     for (const wrap of el.messages.querySelectorAll(".msg.unsent")) wrap.remove();
   }
 
-  function renderBubbleText(bubble) {
+  /** Shows a bubble's text; `final` once an answer ended (every block is rebuilt). */
+  function renderBubbleText(bubble, final) {
     if (bubble.wrap.classList.contains("assistant")) {
-      renderMarkdown(bubble.content, bubble.text);
+      renderMarkdown(bubble.content, bubble.text, final);
     } else {
       bubble.content.textContent = bubble.text;
     }
@@ -936,10 +991,14 @@
    * added (our own just-finished answer adds nothing); otherwise the view is rebuilt with
    * its scroll position and opened tool details kept. Either way it stays where it was
    * unless it was at the end. Bubbles that were never stored (an unsent message, the
-   * answer streaming now) are not compared and stay.
+   * answer streaming now) are not compared and stay. An answer that lost its connection
+   * stays, saying so, until the server stored something after it, or until my-claw is
+   * back after the loss (`state.dropLost`): then it goes, as the server kept nothing of it.
    */
   function reconcileMessages(messages) {
     const box = el.messages;
+    const dropLost = state.dropLost;
+    state.dropLost = false;
     const atEnd = nearEnd();
     const shown = [...box.querySelectorAll(".msg")].filter((w) => w.dataset.messageId);
     let same = 0;
@@ -947,7 +1006,18 @@
       same += 1;
     }
     if (same === shown.length) {
-      if (messages.length === same) return;
+      if (messages.length === same) {
+        // Back after my-claw went away mid-answer, and it stored nothing of it (it crashed
+        // before): the view shows what is stored, and the question left unanswered offers
+        // Answer. Before that, the lost answer says what happened.
+        const lost = dropLost ? [...box.querySelectorAll(".msg.lost")] : [];
+        for (const wrap of lost) wrap.remove();
+        if (lost.length) {
+          if (!box.querySelector(".msg")) clearMessages();
+          updateMessageActions();
+        }
+        return;
+      }
       // An answer whose connection was lost is replaced by what the server stored.
       for (const wrap of box.querySelectorAll(".msg.lost")) wrap.remove();
       const live = state.streaming && state.streaming.bubble.wrap.isConnected ? state.streaming.bubble.wrap : null;
@@ -1095,6 +1165,56 @@
     updateComposer();
     closeSidebar();
     el.input.focus();
+  }
+
+  /**
+   * A conversation was deleted (in another tab, through the API): it leaves the list, and
+   * when it is the open one the view says so and holds none of its messages, so nothing
+   * offers to act on them; what is sent next starts a new chat. An answer streaming into it
+   * was stopped and stored by the server before the deletion: it ends without alarm.
+   */
+  function conversationDeleted(id) {
+    state.deletedIds.add(id);
+    state.deletedWaiters = state.deletedWaiters.filter((w) => {
+      if (w.id !== id) return true;
+      w.resolve(true);
+      return false;
+    });
+    const run = state.streaming;
+    if (run && run.conversationId === id) run.deleted = true;
+    state.conversations = state.conversations.filter((c) => c.id !== id);
+    if (state.current && state.current.id === id) {
+      showDeleted();
+    } else {
+      renderConversationList();
+      updateComposer();
+    }
+  }
+
+  /** The open conversation is gone: an empty view that says so, ready for a new chat. */
+  function showDeleted() {
+    cancelEdit(true);
+    hideMessageBanner();
+    state.current = null;
+    setHash(null);
+    renderHeader();
+    renderConversationList();
+    clearMessages();
+    el.emptyDeleted.hidden = false;
+    updateComposer();
+  }
+
+  /** Resolves true once a live event says conversation `id` was deleted, false after `ms`. */
+  function deletedSoon(id, ms) {
+    if (state.deletedIds.has(id)) return Promise.resolve(true);
+    return new Promise((resolve) => {
+      const waiter = { id, resolve };
+      state.deletedWaiters.push(waiter);
+      window.setTimeout(() => {
+        state.deletedWaiters = state.deletedWaiters.filter((w) => w !== waiter);
+        resolve(false);
+      }, ms);
+    });
   }
 
   async function renameCurrent() {
@@ -1333,8 +1453,9 @@
       ? "Too long to send: " + formatCount(n) + " / " + formatCount(MAX_MESSAGE_CHARS) +
         " characters. Remove " + formatCount(n - MAX_MESSAGE_CHARS) + " to send it."
       : formatCount(n) + " / " + formatCount(MAX_MESSAGE_CHARS) + " characters";
-    el.streamNote.hidden = !run || here;
-    if (run && !here) {
+    // An answer whose conversation was deleted ends by itself, stored nowhere to show.
+    el.streamNote.hidden = !run || here || Boolean(run.deleted);
+    if (run && !here && !run.deleted) {
       const c = state.conversations.find((x) => x.id === run.conversationId);
       const where = run.conversationId ? "“" + conversationTitle(c || { id: run.conversationId }) + "”" : "a new chat";
       el.streamNoteText.textContent =
@@ -1603,10 +1724,16 @@
           clearWait(bubble);
           if (frame) window.cancelAnimationFrame(frame);
           frame = 0;
-          renderBubbleText(bubble);
+          renderBubbleText(bubble, true);
           const stopped = event.finish === "cancelled";
-          // Not stopped by us: the server is shutting down (it stops answers to exit).
-          const byServer = stopped && !run.stopRequested;
+          // Not stopped by us: the conversation was deleted (elsewhere, or here: the delete
+          // stops its answer first, then says so on the live events), or the server is
+          // shutting down (it stops answers to exit).
+          let byServer = stopped && !run.stopRequested;
+          if (byServer && run.conversationId && (run.deleted || (await deletedSoon(run.conversationId, 1500)))) {
+            run.deleted = true;
+            byServer = false;
+          }
           bubble.wrap.dataset.state = stopped ? "stopped" : "done";
           bubble.wrap.dataset.messageId = String(event.message_id);
           setMeta(bubble, {
@@ -1622,10 +1749,11 @@
             addErrorText(bubble, "my-claw stopped while writing this answer (a restart or shutdown); the part shown is saved.");
             state.reloadOnReconnect = true;
           }
+          if (streamShown(run)) announceAnswer(bubble.text, stopped);
         } else if (event.type === "error") {
           ended = true;
           clearWait(bubble);
-          renderBubbleText(bubble);
+          renderBubbleText(bubble, true);
           bubble.wrap.dataset.state = "error";
           if (event.partial_message_id != null) bubble.wrap.dataset.messageId = String(event.partial_message_id);
           addErrorText(bubble, "Error: " + event.message);
@@ -1633,7 +1761,7 @@
         if (streamShown(run)) scrollToEnd(false);
       }
       if (!ended) {
-        renderBubbleText(bubble);
+        renderBubbleText(bubble, true);
         if (run.stopRequested) {
           bubble.wrap.dataset.state = "stopped";
         } else {
@@ -1641,7 +1769,7 @@
         }
       }
     } catch (err) {
-      renderBubbleText(bubble);
+      renderBubbleText(bubble, true);
       if (!run.meta) {
         reload = failedBeforeStart(run, err, opts);
       } else if (err && err.name === "AbortError") {
@@ -1693,11 +1821,17 @@
    */
   function failedBeforeStart(run, err, opts) {
     const stopped = err && err.name === "AbortError";
-    let reason = stopped ? "" : describeError(err);
-    if (err instanceof ApiFailure && err.status === 404 && run.conversationId) {
-      reason += " This conversation no longer exists; start a new chat.";
-    }
+    const reason = stopped ? "" : describeError(err);
     run.bubble.wrap.remove();
+    if (err instanceof ApiFailure && err.status === 404 && run.conversationId) {
+      // The conversation was deleted meanwhile: the view says so (one message, not the
+      // server's words and ours after them), the text comes back, Send starts a new chat.
+      if (state.current && state.current.id === run.conversationId) showDeleted();
+      const what = opts.kind === "edit" ? "Your edit was not sent" : opts.kind === "send" ? "Not sent" : "Not regenerated";
+      showBanner(what + ": this conversation was deleted. Send starts a new chat.");
+      if (opts.kind === "send" || opts.kind === "edit") restoreInput(opts.text);
+      return false;
+    }
     if (opts.kind === "send") {
       if (stopped) {
         opts.userBubble.wrap.remove();
@@ -1714,6 +1848,18 @@
       showBanner(what + reason + (conflict ? " The conversation is shown as it is now." : ""));
     }
     return true;
+  }
+
+  /** Says once, to screen readers, that the answer shown ended (the message list itself is
+   * not a live region: each streamed re-render would be read out). */
+  function announceAnswer(text, stopped) {
+    const words = String(text).replace(/[#*_`>|~[\]()-]+/g, " ").trim().split(/\s+/).filter(Boolean);
+    const start = words.slice(0, 12).join(" ");
+    const said = (stopped ? "Answer stopped" : "Answer finished") + (start ? ": " + start + (words.length > 12 ? "…" : "") : ".");
+    el.announcer.textContent = "";
+    window.setTimeout(() => {
+      el.announcer.textContent = said;
+    }, 50);
   }
 
   /** Stops the running answer: through the API once the conversation is known, else by
@@ -1778,11 +1924,14 @@
             // Back after an answer lost its connection: show what the server kept.
             if (state.reloadOnReconnect) {
               state.reloadOnReconnect = false;
+              state.dropLost = true;
               scheduleRefresh(null);
             }
           } else if (event.type === "message") {
             const own = state.streaming && state.streaming.conversationId === event.conversation_id;
             if (!own) scheduleRefresh(event.conversation_id);
+          } else if (event.type === "deleted") {
+            conversationDeleted(Number(event.conversation_id));
           } else if (event.type === "resync") {
             scheduleRefresh(null);
           }
@@ -1806,24 +1955,56 @@
     el.personaStatus.textContent = "Loading…";
     const p = await api("/api/settings/persona");
     state.personaDefaults = { name: p.default_persona_name, prompt: p.default_system_prompt };
+    showPersona(p);
+    el.personaStatus.textContent = "";
+  }
+
+  /** Fills the form with the saved persona, which is what "unsaved changes" compare to. */
+  function showPersona(p) {
     el.personaName.value = p.persona_name;
     el.personaPrompt.value = p.system_prompt;
-    el.personaStatus.textContent = "";
+    state.personaSaved = { name: p.persona_name, prompt: p.system_prompt };
+  }
+
+  function personaDirty() {
+    const saved = state.personaSaved;
+    return Boolean(saved) && !el.personaPanel.hidden &&
+      (el.personaName.value !== saved.name || el.personaPrompt.value !== saved.prompt);
   }
 
   async function savePersona() {
     el.personaStatus.textContent = "Saving…";
+    const asked = el.personaPrompt.value;
     const p = await api("/api/settings/persona", {
       method: "PUT",
-      body: { persona_name: el.personaName.value, system_prompt: el.personaPrompt.value },
+      body: { persona_name: el.personaName.value, system_prompt: asked },
     });
-    el.personaName.value = p.persona_name;
-    el.personaPrompt.value = p.system_prompt;
-    el.personaStatus.textContent = "Saved: used from the next message on.";
+    showPersona(p);
+    // An empty system prompt is not kept: the server uses the default one, and says so by
+    // sending it back. The form shows it, and the status says why it came back.
+    el.personaStatus.textContent = !asked.trim() && p.system_prompt.trim()
+      ? "Saved: the system prompt was empty, so the default one is used (shown above)."
+      : "Saved: used from the next message on.";
   }
 
+  /** Closes the persona panel; unsaved changes are discarded only when the user agrees.
+   * Returns whether it is closed. */
+  function closePersona() {
+    if (el.personaPanel.hidden) return true;
+    if (personaDirty() && !window.confirm("Discard your unsaved persona changes?")) return false;
+    togglePanel(el.personaPanel, el.togglePersona, false);
+    el.personaStatus.textContent = "";
+    return true;
+  }
+
+  /** Opens or closes a settings panel. Only one is open at a time: with both open the
+   * conversation would be squeezed to nothing. */
   function togglePanel(panel, button, open) {
     const show = open === undefined ? panel.hidden : open;
+    if (show) {
+      if (panel === el.cronPanel && !closePersona()) return false;
+      if (panel === el.personaPanel && !el.cronPanel.hidden) togglePanel(el.cronPanel, el.toggleCron, false);
+    }
     panel.hidden = !show;
     button.setAttribute("aria-expanded", String(show));
     window.dispatchEvent(new CustomEvent("myclaw:panel", { detail: { id: panel.id, open: show } }));
@@ -1864,7 +2045,7 @@
       reportError(err);
       return;
     }
-    el.tokenDialog.hidden = true;
+    closeTokenDialog();
     try {
       await loadConversations();
       const wanted = hashConversationId();
@@ -1887,12 +2068,20 @@
   }
 
   function bind() {
+    document.addEventListener("keydown", trapDialogFocus);
+    el.skipLink.addEventListener("click", (e) => {
+      // The link's own #input would replace the conversation in the address bar.
+      e.preventDefault();
+      el.input.focus();
+    });
     el.tokenForm.addEventListener("submit", (e) => {
       e.preventDefault();
       const token = el.tokenInput.value.trim();
       if (!token) return;
       saveToken(token);
-      el.tokenDialog.hidden = true;
+      // Closed at once, so a "cannot reach my-claw" banner shows with its Retry; a refused
+      // token opens the dialog again.
+      closeTokenDialog();
       start();
     });
     el.composer.addEventListener("submit", (e) => {
@@ -1981,14 +2170,16 @@
     el.closeSidebar.addEventListener("click", closeSidebar);
     el.scrim.addEventListener("click", closeSidebar);
     el.togglePersona.addEventListener("click", () => {
-      if (togglePanel(el.personaPanel, el.togglePersona)) {
+      if (!el.personaPanel.hidden) {
+        closePersona();
+      } else if (togglePanel(el.personaPanel, el.togglePersona, true)) {
         closeSidebar();
         loadPersona().catch((err) => {
           el.personaStatus.textContent = describeError(err);
         });
       }
     });
-    el.personaClose.addEventListener("click", () => togglePanel(el.personaPanel, el.togglePersona, false));
+    el.personaClose.addEventListener("click", closePersona);
     el.personaForm.addEventListener("submit", (e) => {
       e.preventDefault();
       savePersona().catch((err) => {

@@ -67,16 +67,19 @@
     return node;
   }
 
+  /** A time in the job's zone, which is named: the viewer's own zone may differ. */
   function formatTime(ms, timezone) {
     if (ms === null || ms === undefined) return "—";
     try {
-      return new Intl.DateTimeFormat(undefined, {
+      const text = new Intl.DateTimeFormat(undefined, {
         timeZone: timezone || undefined,
         dateStyle: "medium",
         timeStyle: "medium",
       }).format(new Date(ms));
+      const zone = timezone || Intl.DateTimeFormat().resolvedOptions().timeZone;
+      return zone ? text + " " + zone : text;
     } catch (_) {
-      return new Date(ms).toLocaleString();
+      return new Date(ms).toLocaleString() + " (your local time)";
     }
   }
 
@@ -363,8 +366,9 @@
       h("div", { id: "cron-target-slot", class: "persona-form" }),
       h("label", { for: "cron-prompt" }, job.kind === "reminder" ? "Reminder text" : "Prompt"),
       h("textarea", { id: "cron-prompt", rows: 4, required: true, placeholder: "Give me a short, upbeat plan for today." }, job.prompt || ""),
-      h("label", { for: "cron-tier" }, "Model"),
-      h("select", { id: "cron-tier" }, options(TIERS, job.tier || "main")),
+      // A reminder posts its text as is: no model is asked, so none is chosen.
+      job.kind === "reminder" ? null : h("label", { for: "cron-tier" }, "Model"),
+      job.kind === "reminder" ? null : h("select", { id: "cron-tier" }, options(TIERS, job.tier || "main")),
       h("label", { class: "hint" }, h("input", { id: "cron-enabled", type: "checkbox", checked: job.enabled !== false }), " enabled"),
       h(
         "div",
@@ -385,14 +389,18 @@
     const channel = panel.querySelector("#cron-channel").value;
     const job = state.editing || {};
     const current = job.channel === channel ? job.target : "";
+    // A reminder writes back where it was asked: its target is shown, not editable.
+    const fixed = job.kind === "reminder";
     let field;
     if (channel === "webchat") {
       const conversations = claw.conversations().filter((c) => c.channel === "webchat");
       const selected = current || String(claw.currentConversationId() || "");
+      const listed = conversations.some((c) => String(c.id) === selected);
       field = h(
         "select",
-        { id: "cron-target" },
+        { id: "cron-target", disabled: fixed },
         h("option", { value: "" }, conversations.length ? "Choose a conversation" : "No WebChat conversation yet: start one first"),
+        fixed && selected && !listed ? h("option", { value: selected, selected: true }, conversationTitle(selected)) : null,
         conversations.map((c) =>
           h("option", { value: String(c.id), selected: String(c.id) === selected }, c.title || "conversation " + c.id))
       );
@@ -403,10 +411,12 @@
         autocomplete: "off",
         spellcheck: "false",
         value,
+        disabled: fixed,
         placeholder: channel === "whatsapp" ? "+33612345678" : "room token",
       });
     }
-    slot.replaceChildren(h("label", { for: "cron-target" }, "Target"), field, h("p", { class: "hint" }, TARGET_HINTS[channel]));
+    const hint = fixed ? "A reminder writes back where it was asked: its destination cannot change." : TARGET_HINTS[channel];
+    slot.replaceChildren(h("label", { for: "cron-target" }, "Target"), field, h("p", { class: "hint" }, hint));
   }
 
   /** Asks the server for the words and the next runs once the typing pauses. */
@@ -454,12 +464,15 @@
       name: value("cron-name"),
       schedule: value("cron-schedule"),
       timezone: value("cron-timezone").trim() || null,
-      channel: value("cron-channel"),
-      target: value("cron-target"),
       prompt: value("cron-prompt"),
-      tier: value("cron-tier"),
       enabled: panel.querySelector("#cron-enabled").checked,
     };
+    // A reminder keeps its destination and asks no model: those are not sent.
+    if (job.kind !== "reminder") {
+      body.channel = value("cron-channel");
+      body.target = value("cron-target");
+      body.tier = value("cron-tier");
+    }
     const status = panel.querySelector("#cron-form-status");
     status.textContent = "Saving…";
     status.className = "hint";

@@ -1459,7 +1459,13 @@ async fn webchat_recovers_from_failures_and_respects_what_the_user_is_doing() {
     }
     let plan = memory::create_webchat_conversation(&pool, Some("Plan")).await.unwrap().id;
     let plan_question = add(plan, Role::User, "Plan my week.".into()).await;
-    let plan_answer = add(plan, Role::Assistant, "Here is the plan.".into()).await;
+    // Written by a model (`provider` set): one stored without it is a reminder post, which
+    // carries no answer actions.
+    let plan_answer = NewMessage {
+        provider: Some("local".into()),
+        ..NewMessage::plain(plan, Role::Assistant, "Here is the plan.")
+    };
+    let plan_answer = memory::add_message(&pool, &plan_answer).await.expect("seed answer").0;
     pool.close().await;
     let (plan, long) = (plan.0, long.0);
 
@@ -1683,6 +1689,14 @@ async fn webchat_recovers_from_failures_and_respects_what_the_user_is_doing() {
         browser
             .click(&format!("#conversation-list li[data-conversation-id='{plan}'] button"))
             .await;
+        // The plan is shown (the other conversation's answers are done too).
+        browser
+            .wait_for(
+                "the plan again",
+                &format!("return location.hash === '#c={plan}';"),
+                Duration::from_secs(10),
+            )
+            .await;
         let back = wait_answer_state(&browser, &["done"], Duration::from_secs(10)).await;
         // The page shows the stored answer (as rendered Markdown: compare without spaces).
         let squeeze = |v: &Value| v.as_str().unwrap_or_default().replace(char::is_whitespace, "");
@@ -1861,4 +1875,567 @@ async fn webchat_recovers_from_failures_and_respects_what_the_user_is_doing() {
 
     browser.quit().await;
     eprintln!("browser recovery test: {:?}", test_started.elapsed());
+}
+
+/// Wide tables: a header of 30 columns, the kind that was crushed letter by letter.
+fn wide_table() -> String {
+    let head: Vec<String> = (1..=30).map(|n| format!("Column {n}")).collect();
+    let rule = vec!["---"; 30].join(" | ");
+    let row: Vec<String> = (1..=30).map(|n| format!("value {n}")).collect();
+    format!("A wide one:\n\n| {} |\n| {rule} |\n| {} |\n", head.join(" | "), row.join(" | "))
+}
+
+/// The contrast of an element's text (its opacity and its ancestors' included) against the
+/// page's background, as WCAG computes it.
+const CONTRAST_FN: &str = "function contrastOf(node) { \
+    const rgb = (s) => s.match(/[\\d.]+/g).map(Number); \
+    const lin = (c) => { c /= 255; return c <= 0.03928 ? c / 12.92 : Math.pow((c + 0.055) / 1.055, 2.4); }; \
+    const lum = (c) => 0.2126 * lin(c[0]) + 0.7152 * lin(c[1]) + 0.0722 * lin(c[2]); \
+    let alpha = 1; for (let n = node; n && n.nodeType === 1; n = n.parentElement) alpha *= Number(getComputedStyle(n).opacity); \
+    const bg = rgb(getComputedStyle(document.body).backgroundColor); \
+    const fg = rgb(getComputedStyle(node).color); \
+    const mixed = [0, 1, 2].map((i) => fg[i] * alpha + bg[i] * (1 - alpha)); \
+    const [a, b] = [lum(mixed), lum(bg)].sort((x, y) => y - x); \
+    return (a + 0.05) / (b + 0.05); }";
+
+/// The second QA pass of the WebChat: a conversation deleted elsewhere (also while its answer
+/// streams), wide tables, reference links, the view after a crash, the reminder form, the
+/// settings panels, accessibility, right-to-left text and the zone of scheduled times.
+#[tokio::test]
+async fn webchat_follows_deletions_and_keeps_the_view_true() {
+    use my_claw::db::cron::{insert_job, JobKind, JobSpec};
+    use my_claw::db::memory::{self, NewMessage};
+    use my_claw::domain::{ChannelKind, Role};
+    let _one_at_a_time = ONE_BROWSER.lock().await;
+    let test_started = Instant::now();
+    let data = tempfile::tempdir().expect("data dir");
+    let url = format!("sqlite://{}", data.path().join("my-claw.db").display());
+    let pool = my_claw::db::connect(&url).await.expect("seed database");
+    let add = |conversation, role, text: String| {
+        let pool = pool.clone();
+        async move {
+            let message = NewMessage::plain(conversation, role, text);
+            memory::add_message(&pool, &message).await.expect("seed message").0
+        }
+    };
+    let doomed = memory::create_webchat_conversation(&pool, Some("Doomed")).await.unwrap().id;
+    add(doomed, Role::User, "Hello there".into()).await;
+    add(doomed, Role::Assistant, "Hi!".into()).await;
+    let crash = memory::create_webchat_conversation(&pool, Some("Crash")).await.unwrap().id;
+    add(crash, Role::User, "First question".into()).await;
+    add(crash, Role::Assistant, "First answer".into()).await;
+    add(crash, Role::User, "Tell me more.".into()).await;
+    let wide = memory::create_webchat_conversation(&pool, Some("Wide")).await.unwrap().id;
+    add(wide, Role::User, "A wide table, please".into()).await;
+    add(wide, Role::Assistant, wide_table()).await;
+    let reminder = insert_job(
+        &pool,
+        &JobSpec {
+            name: "Plumber".into(),
+            schedule: "at 2099-01-02 09:00".into(),
+            timezone: Some("Asia/Tokyo".into()),
+            prompt: "call the plumber".into(),
+            channel: ChannelKind::WebChat,
+            target: crash.0.to_string(),
+            tier: None,
+            enabled: true,
+            kind: JobKind::Reminder,
+            conversation_id: Some(crash),
+        },
+    )
+    .await
+    .expect("seed reminder")
+    .id
+    .0;
+    pool.close().await;
+    let (doomed, crash, wide) = (doomed.0, crash.0, wide.0);
+
+    // A fixed port, so that the page finds the server again after it is killed and restarted.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let bind = format!("127.0.0.1:{port}");
+    let limits = [("REPLY_MAX_TOKENS", "400"), ("CONTEXT_SIZE", "4096"), ("BIND", bind.as_str())];
+    let mut server = start_server(Some(data.path()), &limits).await;
+    let (base, token) = (server.url(""), server.token.clone());
+    let browser = Browser::start().await;
+    let open = |id: i64| format!("#conversation-list li[data-conversation-id='{id}'] button");
+    let delete = |id: i64| {
+        let request = reqwest::Client::new()
+            .delete(format!("{base}/api/conversations/{id}"))
+            .bearer_auth(&token)
+            .timeout(Duration::from_secs(60))
+            .send();
+        async move {
+            let response = request.await.expect("DELETE conversation");
+            assert!(response.status().is_success(), "delete {id}: {}", response.status());
+        }
+    };
+
+    // 1. The sign-in dialog is a modal dialog that keeps the focus; once signed in, the
+    //    message box has it.
+    browser.goto(&server.url(&format!("/#c={doomed}"))).await;
+    let dialog = browser
+        .wait_for(
+            "the sign-in dialog",
+            "const d = document.getElementById('token-dialog'); \
+             return !d.hidden && document.activeElement?.id === 'token-input' && \
+               { role: d.getAttribute('role'), modal: d.getAttribute('aria-modal'), \
+                 inert: document.getElementById('app').inert };",
+            Duration::from_secs(20),
+        )
+        .await;
+    assert_eq!(dialog, json!({ "role": "dialog", "modal": "true", "inert": true }));
+    for _ in 0..3 {
+        // Tab where the focus is (sending keys to an element would focus it first).
+        let active = browser.command(reqwest::Method::GET, "/element/active", None).await;
+        let active = active[ELEMENT_KEY].as_str().expect("an active element").to_string();
+        browser
+            .command(
+                reqwest::Method::POST,
+                &format!("/element/{active}/value"),
+                Some(json!({ "text": "\u{E004}" })),
+            )
+            .await;
+        let inside = browser
+            .js("return document.getElementById('token-dialog').contains(document.activeElement);")
+            .await;
+        assert_eq!(inside, true, "Tab left the sign-in dialog");
+    }
+    browser.click("#token-input").await;
+    browser.type_into("#token-input", &server.token).await;
+    browser.type_into("#token-input", ENTER).await;
+    let signed_in = browser
+        .wait_for(
+            "the page, live, with Doomed",
+            "return document.documentElement.dataset.ready === 'true' && \
+             document.getElementById('connection').dataset.state === 'live' && \
+             document.querySelectorAll('#messages .msg').length === 2 && \
+             { focus: document.activeElement?.id, inert: document.getElementById('app').inert };",
+            Duration::from_secs(30),
+        )
+        .await;
+    assert_eq!(signed_in, json!({ "focus": "input", "inert": false }));
+
+    // 2. Doomed is deleted elsewhere: the page leaves it, says so, offers nothing of it.
+    delete(doomed).await;
+    let gone = browser
+        .wait_for(
+            "the deleted conversation left",
+            &format!(
+                "const note = document.getElementById('empty-deleted'); \
+                 return note && !note.hidden && {{ msgs: document.querySelectorAll('#messages .msg').length, \
+                   listed: document.querySelector(\"#conversation-list li[data-conversation-id='{doomed}']\") !== null, \
+                   hash: location.hash, title: document.getElementById('conversation-title').textContent, \
+                   note: note.textContent }};"
+            ),
+            Duration::from_secs(10),
+        )
+        .await;
+    assert_eq!(gone["msgs"], 0, "{gone}");
+    assert_eq!(gone["listed"], false, "{gone}");
+    assert_eq!(gone["hash"], "", "{gone}");
+    assert_eq!(gone["title"], "New chat", "{gone}");
+    assert!(gone["note"].as_str().unwrap().starts_with("This conversation was deleted."), "{gone}");
+
+    // 3. Accessibility: the list is a log that does not read out each token, the connection
+    //    dot says its state, a skip link leads to the message box, and the message actions
+    //    have a 4.5:1 contrast in light and dark.
+    let a11y = browser
+        .js("const m = document.getElementById('messages'), c = document.getElementById('connection'); \
+             return { role: m.getAttribute('role'), live: m.getAttribute('aria-live') || '', \
+               announcer: document.getElementById('announcer')?.getAttribute('aria-live'), \
+               dot: c.getAttribute('role') + ':' + c.getAttribute('aria-label') };")
+        .await;
+    assert_eq!(
+        a11y,
+        json!({ "role": "log", "live": "off", "announcer": "polite",
+                "dot": "status:Connected: live updates on" })
+    );
+    browser.click(&open(wide)).await;
+    browser
+        .wait_for(
+            "the wide conversation",
+            "return document.querySelector('#messages .msg.assistant table') !== null;",
+            Duration::from_secs(10),
+        )
+        .await;
+    browser.js("document.getElementById('search-input').focus(); return true;").await;
+    browser.js("document.getElementById('skip-link').focus(); return true;").await;
+    let skip = browser
+        .js("return document.getElementById('skip-link').getBoundingClientRect().top >= 0;")
+        .await;
+    assert_eq!(skip, true, "the focused skip link is visible");
+    browser.type_into("#skip-link", ENTER).await;
+    let skipped = browser.js("return [document.activeElement?.id, location.hash];").await;
+    assert_eq!(skipped, json!(["input", format!("#c={wide}")]));
+    for scheme in ["light", "dark"] {
+        browser
+            .cdp(
+                "Emulation.setEmulatedMedia",
+                json!({ "features": [{ "name": "prefers-color-scheme", "value": scheme }] }),
+            )
+            .await;
+        let contrast = browser
+            .wait_for(
+                "the actions' contrast",
+                &format!(
+                    "{CONTRAST_FN} if (matchMedia('(prefers-color-scheme: dark)').matches !== {}) return null; \
+                     document.activeElement.blur(); \
+                     return [...document.querySelectorAll('#messages .msg-actions .btn')] \
+                       .filter(b => getComputedStyle(b).display !== 'none').map(contrastOf);",
+                    scheme == "dark"
+                ),
+                Duration::from_secs(5),
+            )
+            .await;
+        let contrast = contrast.as_array().unwrap();
+        assert!(!contrast.is_empty());
+        for c in contrast {
+            assert!(c.as_f64().unwrap() >= 4.5, "{scheme}: action contrast {contrast:?}");
+        }
+    }
+
+    // 4. A wide table scrolls sideways inside its bubble, its headers on one line, on a
+    //    desktop and on a phone, and the page itself does not scroll sideways.
+    for width in [1280, 360] {
+        browser.set_window(width, 850).await;
+        let table = browser
+            .wait_for(
+                "the wide table laid out",
+                &format!(
+                    "if ((window.innerWidth > 400) !== {}) return null; \
+                     const w = document.querySelector('#messages .table-wrap'); \
+                     const th = w.querySelector('th'); \
+                     const line = parseFloat(getComputedStyle(th).lineHeight); \
+                     return {{ scrolls: w.scrollWidth > w.clientWidth + 100, \
+                       thLines: Math.round((th.clientHeight - 8) / line), thWidth: th.getBoundingClientRect().width, \
+                       page: document.documentElement.scrollWidth <= window.innerWidth }};",
+                    width > 400
+                ),
+                Duration::from_secs(5),
+            )
+            .await;
+        assert_eq!(table["scrolls"], true, "{width}: {table}");
+        assert_eq!(table["page"], true, "{width}: no page-level scroll: {table}");
+        assert!(table["thLines"].as_i64().unwrap() <= 2, "{width}: {table}");
+        assert!(table["thWidth"].as_f64().unwrap() >= 40.0, "{width}: {table}");
+    }
+    browser.set_window(1280, 860).await;
+
+    // 5. A reference definition arriving after its use makes the link, while the answer
+    //    streams and when it is redrawn at its end; Arabic text is laid out right to left.
+    let links = browser
+        .js("const div = document.createElement('div'); \
+             myClaw.renderMarkdown(div, 'See [the docs][d].\\n\\nMore'); \
+             const before = div.querySelectorAll('a').length; \
+             myClaw.renderMarkdown(div, 'See [the docs][d].\\n\\nMore\\n\\n[d]: https://example.com/docs'); \
+             const during = [...div.querySelectorAll('a')].map(a => a.href); \
+             const p = div.firstChild; \
+             myClaw.renderMarkdown(div, 'See [the docs][d].\\n\\nMore\\n\\n[d]: https://example.com/docs', true); \
+             return { before, during, rebuilt: div.firstChild !== p, \
+               after: [...div.querySelectorAll('a')].map(a => a.href) };")
+        .await;
+    assert_eq!(
+        links,
+        json!({ "before": 0, "during": ["https://example.com/docs"], "rebuilt": true,
+                "after": ["https://example.com/docs"] })
+    );
+    let rtl = browser
+        .js("const div = document.createElement('div'); document.body.appendChild(div); \
+             myClaw.renderMarkdown(div, 'مرحبا بالعالم، هذه فقرة.\\n\\nAn English one.'); \
+             const dirs = [...div.querySelectorAll('p')].map(p => getComputedStyle(p).direction); \
+             div.remove(); \
+             const user = document.querySelector('#messages .msg.user .content'); \
+             return { dirs, user: user.getAttribute('dir') };")
+        .await;
+    assert_eq!(rtl, json!({ "dirs": ["rtl", "ltr"], "user": "auto" }));
+
+    // 6. One settings panel at a time; unsaved persona edits are kept unless the user agrees
+    //    to drop them; an empty system prompt says the default is used.
+    browser.click("#toggle-persona").await;
+    browser
+        .wait_for(
+            "the persona",
+            "return document.getElementById('persona-name').value === 'Claw';",
+            Duration::from_secs(10),
+        )
+        .await;
+    browser.click("#toggle-cron").await;
+    let panels = browser
+        .wait_for(
+            "the Schedules panel",
+            "return document.getElementById('cron-new') && !document.getElementById('cron-panel').hidden && \
+             { persona: document.getElementById('persona-panel').hidden, \
+               expanded: document.getElementById('toggle-persona').getAttribute('aria-expanded') };",
+            Duration::from_secs(10),
+        )
+        .await;
+    assert_eq!(panels, json!({ "persona": true, "expanded": "false" }), "both panels open");
+    browser.click("#toggle-persona").await;
+    browser
+        .wait_for(
+            "the persona alone",
+            "return !document.getElementById('persona-panel').hidden && \
+             document.getElementById('cron-panel').hidden && \
+             document.getElementById('persona-name').value === 'Claw';",
+            Duration::from_secs(10),
+        )
+        .await;
+    browser.type_into("#persona-name", "ette").await;
+    browser.js("window.__asked = []; window.confirm = (q) => { window.__asked.push(q); return false; }; return true;").await;
+    browser.click("#persona-close").await;
+    let kept = browser
+        .js("return { open: !document.getElementById('persona-panel').hidden, \
+               name: document.getElementById('persona-name').value, asked: window.__asked.length };")
+        .await;
+    assert_eq!(kept, json!({ "open": true, "name": "Clawette", "asked": 1 }));
+    browser.click("#toggle-cron").await;
+    let refused = browser
+        .js("return { cron: document.getElementById('cron-panel').hidden, \
+               persona: !document.getElementById('persona-panel').hidden, asked: window.__asked.length };")
+        .await;
+    assert_eq!(refused, json!({ "cron": true, "persona": true, "asked": 2 }));
+    browser.clear("#persona-name").await;
+    browser.type_into("#persona-name", "Claw").await;
+    browser.clear("#persona-prompt").await;
+    browser.click("#persona-save").await;
+    let said = browser
+        .wait_for(
+            "the empty prompt saved",
+            "const s = document.getElementById('persona-status').textContent; \
+             return s.startsWith('Saved') && { status: s, prompt: document.getElementById('persona-prompt').value };",
+            Duration::from_secs(10),
+        )
+        .await;
+    assert!(said["status"].as_str().unwrap().contains("default"), "{said}");
+    assert!(!said["prompt"].as_str().unwrap().is_empty(), "{said}");
+    browser.click("#persona-close").await;
+    let closed = browser
+        .js("return { open: !document.getElementById('persona-panel').hidden, asked: window.__asked.length };")
+        .await;
+    assert_eq!(
+        closed,
+        json!({ "open": false, "asked": 2 }),
+        "nothing unsaved: closed without asking"
+    );
+
+    // 7. A reminder's form offers neither its destination nor a model; Save works; its next
+    //    run names its zone.
+    browser.click("#toggle-cron").await;
+    let item = format!("#cron-jobs li.cron-job[data-job-id='{reminder}']");
+    let next = browser
+        .wait_for(
+            "the reminder in the panel",
+            &format!("return document.querySelector(\"{item} .cron-next\")?.textContent;"),
+            Duration::from_secs(10),
+        )
+        .await;
+    assert!(next.as_str().unwrap().contains("Asia/Tokyo"), "{next}");
+    browser.click(&format!("{item} .cron-edit")).await;
+    let form = browser
+        .wait_for(
+            "the reminder form",
+            "const t = document.getElementById('cron-target'); \
+             return t && { channel: document.getElementById('cron-channel').disabled, target: t.disabled, \
+               value: t.value, tier: document.getElementById('cron-tier') !== null };",
+            Duration::from_secs(10),
+        )
+        .await;
+    assert_eq!(
+        form,
+        json!({ "channel": true, "target": true, "value": crash.to_string(), "tier": false })
+    );
+    browser.clear("#cron-prompt").await;
+    browser.type_into("#cron-prompt", "call the plumber at last").await;
+    browser.click("#cron-save").await;
+    let saved = browser
+        .wait_for(
+            "the reminder saved",
+            "return document.getElementById('cron-form') === null && \
+             document.getElementById('cron-status').textContent;",
+            Duration::from_secs(10),
+        )
+        .await;
+    assert!(saved.as_str().unwrap().contains("saved"), "{saved}");
+    let job = api(&server, &format!("/api/cron/jobs/{reminder}")).await;
+    assert_eq!(job["prompt"], "call the plumber at last", "{job}");
+    assert_eq!(job["target"], crash.to_string(), "{job}");
+    browser.click("#cron-close").await;
+
+    // 8. The connection breaks mid-answer and the server stored nothing of it: the answer
+    //    says so; my-claw is killed and comes back; then the view is what is stored, and the
+    //    question offers Answer.
+    browser.click(&open(crash)).await;
+    browser
+        .wait_for(
+            "the crash conversation",
+            "return document.querySelectorAll('#messages .msg').length === 3 && \
+             getComputedStyle(document.querySelector('.msg.last-user .act-answer')).display !== 'none';",
+            Duration::from_secs(10),
+        )
+        .await;
+    let meta = json!({"type": "meta", "conversation_id": crash, "tier": "main", "provider": "local",
+        "model": "SmolLM2", "leaves_machine": false});
+    let blocks: Vec<String> = [meta, json!({"type": "token", "text": "Once upon a time"})]
+        .iter()
+        .map(|e| format!("data: {e}\n\n"))
+        .collect();
+    browser
+        .js(&format!(
+            "if (!window.__realFetch) window.__realFetch = window.fetch; \
+             window.__fakePath = '/regenerate'; \
+             window.fetch = (url, options) => window.__fakePath && String(url).endsWith(window.__fakePath) \
+               ? window.__fake(options) : window.__realFetch(url, options); \
+             window.__fake = () => Promise.resolve(new Response(new ReadableStream({{ start(c) {{ \
+               const enc = new TextEncoder(); for (const b of {}) c.enqueue(enc.encode(b)); \
+               setTimeout(() => c.error(new TypeError('network error')), 300); }} }}), \
+               {{ status: 200, headers: {{ 'Content-Type': 'text/event-stream' }} }})); return true;",
+            serde_json::to_string(&blocks).unwrap()
+        ))
+        .await;
+    browser.click("#messages .msg.last-user .act-answer").await;
+    browser
+        .wait_for(
+            "the lost answer",
+            "const a = [...document.querySelectorAll('#messages .msg.assistant')].pop(); \
+             return a.classList.contains('lost') && a.textContent.includes('Once upon');",
+            Duration::from_secs(10),
+        )
+        .await;
+    browser.js("window.__fakePath = null; return true;").await;
+    server.kill_9();
+    browser
+        .wait_for(
+            "the page to see my-claw gone",
+            "return document.getElementById('connection').dataset.state === 'down';",
+            Duration::from_secs(10),
+        )
+        .await;
+    // While my-claw is away, the lost answer stays, saying what happened.
+    let lost = browser.js("return document.querySelectorAll('#messages .msg.lost').length;").await;
+    assert_eq!(lost, 1);
+    // Restarted on the same port and data; kept alive until the test ends.
+    let _restarted = start_server(Some(data.path()), &limits).await;
+    let after_crash = browser
+        .wait_for(
+            "the stored view back",
+            "const msgs = [...document.querySelectorAll('#messages .msg')]; \
+             const answer = document.querySelector('.msg.last-user .act-answer'); \
+             return msgs.length === 3 && !document.querySelector('.msg.lost') && answer && \
+               getComputedStyle(answer).display !== 'none' && msgs.map(m => m.textContent.includes('Once upon'));",
+            Duration::from_secs(40),
+        )
+        .await;
+    assert_eq!(after_crash, json!([false, false, false]));
+
+    // 9. An edit refused because the conversation is gone (404): one clear sentence, and the
+    //    view says it was deleted.
+    browser
+        .wait_for(
+            "live again",
+            "return document.getElementById('connection').dataset.state === 'live';",
+            Duration::from_secs(40),
+        )
+        .await;
+    browser
+        .js("window.__fakePath = '/edit'; window.__fake = () => Promise.resolve(new Response( \
+               JSON.stringify({ error: { code: 'not_found', message: 'conversation 3 does not exist' } }), \
+               { status: 404, headers: { 'Content-Type': 'application/json' } })); return true;")
+        .await;
+    browser.click("#messages .msg.last-user .act-edit").await;
+    browser.clear("#input").await;
+    send_message(&browser, "Tell me much more.").await;
+    let refused = browser
+        .wait_for(
+            "the refused edit",
+            "return !document.getElementById('banner').hidden && \
+             { banner: document.getElementById('banner-text').textContent, \
+               deleted: !document.getElementById('empty-deleted').hidden, \
+               input: document.getElementById('input').value };",
+            Duration::from_secs(10),
+        )
+        .await;
+    assert_eq!(
+        refused,
+        json!({ "banner": "Your edit was not sent: this conversation was deleted. Send starts a new chat.",
+                "deleted": true, "input": "Tell me much more." })
+    );
+    browser.js("window.__fakePath = null; return true;").await;
+    browser.clear("#input").await;
+    browser.click("#banner-close").await;
+
+    // 10. The end of an answer is said once to screen readers.
+    browser.click(&open(wide)).await;
+    browser
+        .wait_for(
+            "the wide conversation",
+            "return document.querySelector('#messages .msg.assistant table') !== null;",
+            Duration::from_secs(10),
+        )
+        .await;
+    let meta = json!({"type": "meta", "conversation_id": wide, "tier": "main", "provider": "local",
+        "model": "SmolLM2", "leaves_machine": false});
+    let done = json!({"type": "done", "message_id": 999_999, "finish": "stop",
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1}, "timings": {"decode_tok_s": 1.0}});
+    browser.js(FAKE_CHAT_FETCH).await;
+    browser
+        .js(&fake_stream(
+            &[meta, json!({"type": "token", "text": "Here is **the** answer to it."}), done],
+            "close",
+        ))
+        .await;
+    send_message(&browser, "Anything?").await;
+    let announced = browser
+        .wait_for(
+            "the announcement",
+            "return document.getElementById('announcer').textContent;",
+            Duration::from_secs(10),
+        )
+        .await;
+    assert_eq!(announced, "Answer finished: Here is the answer to it.");
+    browser.js("window.__fake = null; return true;").await;
+
+    // 11. Deleted while its answer streams: the answer ends quietly, the view says the
+    //     conversation was deleted, and nothing claims a restart or a lost answer.
+    browser.click("#new-chat").await;
+    send_long_prompt(&browser).await;
+    let story = browser
+        .wait_for(
+            "the new conversation's id",
+            "const m = location.hash.match(/^#c=(\\d+)$/); return m ? Number(m[1]) : null;",
+            Duration::from_secs(10),
+        )
+        .await;
+    // Whatever is said in the list meanwhile, even for a moment, is recorded.
+    browser
+        .js("window.__said = []; new MutationObserver((changes) => changes.forEach((c) => \
+               c.addedNodes.forEach((n) => { if (n.nodeType === 1 && (n.matches('.error-text') || n.querySelector('.error-text'))) \
+                 window.__said.push(n.textContent); }))) \
+               .observe(document.getElementById('messages'), { childList: true, subtree: true }); return true;")
+        .await;
+    delete(story.as_i64().unwrap()).await;
+    let quiet = browser
+        .wait_for(
+            "the deleted story",
+            "return !document.getElementById('empty-deleted').hidden && \
+             !document.getElementById('send').hidden && \
+             { note: document.getElementById('stream-note').hidden, \
+               errors: document.querySelectorAll('#messages .error-text').length, \
+               banner: document.getElementById('banner').hidden, msgs: document.querySelectorAll('#messages .msg').length };",
+            Duration::from_secs(30),
+        )
+        .await;
+    assert_eq!(quiet, json!({ "note": true, "errors": 0, "banner": true, "msgs": 0 }));
+    // The stopped answer's end arrives: still nothing to say.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let later = browser
+        .js("return { note: document.getElementById('stream-note').hidden, \
+               banner: document.getElementById('banner').hidden, \
+               deleted: !document.getElementById('empty-deleted').hidden, \
+               msgs: document.querySelectorAll('#messages .msg').length };")
+        .await;
+    assert_eq!(later, json!({ "note": true, "banner": true, "deleted": true, "msgs": 0 }));
+    assert_eq!(browser.js("return window.__said;").await, json!([]), "an alarm was raised");
+
+    browser.quit().await;
+    eprintln!("browser deletion test: {:?}", test_started.elapsed());
 }
