@@ -84,6 +84,7 @@
     conversations: [],
     current: null, // the open conversation object, or null for a new chat
     streaming: null, // { controller, conversationId, bubble, stopRequested, meta, kind }
+    following: null, // { conversationId, controller } while `/live` is asked (`followLive`)
     editing: null, // { wrap, draft } while the last user message is being edited
     reloadOnReconnect: false, // an answer lost its connection: show the stored state once back
     dropLost: false, // the next reload, once back, also drops answers that were never stored
@@ -1132,6 +1133,7 @@
     }
     const data = await api("/api/conversations/" + encodeURIComponent(id) + "/messages");
     cancelEdit(true);
+    stopFollowing();
     // Moving on clears a message about the previous view; the first view keeps one said at
     // start (a refused sign-in link).
     if (state.started) hideMessageBanner();
@@ -1140,10 +1142,13 @@
     renderHeader();
     renderConversationList();
     showMessages(data.messages || []);
+    followLive(state.current.id).catch(() => {});
   }
 
-  /** Reloads the open conversation's stored messages into the view (`reconcileMessages`). */
-  async function refreshConversation() {
+  /** Reloads the open conversation's stored messages into the view (`reconcileMessages`),
+   * then follows its running answer if another page asked for it (`followLive`, asked
+   * `tries` times when a user message was just stored there). */
+  async function refreshConversation(tries = 1) {
     const c = state.current;
     if (!c) return;
     const data = await api("/api/conversations/" + encodeURIComponent(c.id) + "/messages");
@@ -1152,10 +1157,12 @@
     renderHeader();
     renderConversationList();
     reconcileMessages(data.messages || []);
+    followLive(c.id, tries).catch(() => {});
   }
 
   function newChat() {
     cancelEdit(true);
+    stopFollowing();
     hideMessageBanner();
     state.current = null;
     setHash(null);
@@ -1194,6 +1201,7 @@
   /** The open conversation is gone: an empty view that says so, ready for a new chat. */
   function showDeleted() {
     cancelEdit(true);
+    stopFollowing();
     hideMessageBanner();
     state.current = null;
     setHash(null);
@@ -1622,9 +1630,9 @@
     "The connection to my-claw was lost; the answer may be incomplete. The conversation is reloaded when my-claw is back.";
 
   /**
-   * Posts `body` to `path` and streams the answer's events into `bubble`. `opts.kind` says
-   * what started it: `send` (opts.userBubble and opts.text), `edit` (also opts.draft) or
-   * `regenerate`. Until `meta` arrives nothing is stored, so a failure before it gives the
+   * Posts `body` to `path` and streams the answer's events into `bubble` (`consumeAnswer`,
+   * which `followLive` shares). `opts.kind` says what started it: `send` (opts.userBubble
+   * and opts.text), `edit` (also opts.draft) or `regenerate`. Until `meta` arrives nothing is stored, so a failure before it gives the
    * text back (`failedBeforeStart`); after it, a failure says what happened to the answer.
    */
   async function streamAnswer(path, body, bubble, conversationId, opts) {
@@ -1658,108 +1666,7 @@
       });
       bubble.wrap.dataset.state = "streaming";
       showWait(bubble, "started", "Waiting for the model…");
-      let ended = false;
-      let frame = 0;
-      for await (const data of sseData(response)) {
-        let event;
-        try {
-          event = JSON.parse(data);
-        } catch (_) {
-          continue;
-        }
-        if (event.type === "meta") {
-          run.meta = event;
-          run.conversationId = event.conversation_id;
-          if (run.userBubble && event.user_message_id != null) {
-            run.userBubble.wrap.dataset.messageId = String(event.user_message_id);
-          }
-          // A new chat becomes the open conversation, unless the user went elsewhere.
-          if (streamShown(run) && (!state.current || state.current.id !== event.conversation_id)) {
-            const title = (opts.text || "").split("\n")[0].slice(0, 60);
-            state.current = { id: event.conversation_id, channel: "webchat", title };
-            setHash(event.conversation_id);
-            renderHeader();
-          }
-          loadConversations().catch(() => {});
-          setMeta(bubble, metaInfo(run));
-          updateComposer();
-          if (run.stopRequested) requestStop(run);
-        } else if (event.type === "token") {
-          if (bubble.wrap.dataset.wait) clearWait(bubble);
-          bubble.text += event.text;
-          // Re-render at most once a frame: tokens can arrive faster than paint, and only
-          // the last Markdown block is rebuilt each time.
-          if (!frame) {
-            frame = window.requestAnimationFrame(() => {
-              frame = 0;
-              renderBubbleText(bubble);
-              if (streamShown(run)) scrollToEnd(false);
-            });
-          }
-        } else if (event.type === "tool_call") {
-          // The text so far was written before this call: it moves above the call, and
-          // the answer's own text starts again empty.
-          if (bubble.wrap.dataset.wait) clearWait(bubble);
-          if (frame) window.cancelAnimationFrame(frame);
-          frame = 0;
-          addToolText(bubble, bubble.text);
-          bubble.text = "";
-          renderBubbleText(bubble);
-          addToolCall(bubble, event);
-        } else if (event.type === "tool_result") {
-          addToolResult(bubble, event);
-        } else if (event.type === "notice") {
-          if (WAIT_KINDS.has(event.kind)) {
-            if (!bubble.text) showWait(bubble, event.kind, event.message);
-          } else {
-            // A fallback also names main in the answer's label, where the model is read.
-            if (event.kind === "fallback") {
-              run.fallback = event.message;
-              setMeta(bubble, metaInfo(run));
-            }
-            addNotice(bubble, event.message);
-          }
-        } else if (event.type === "done") {
-          ended = true;
-          clearWait(bubble);
-          if (frame) window.cancelAnimationFrame(frame);
-          frame = 0;
-          renderBubbleText(bubble, true);
-          const stopped = event.finish === "cancelled";
-          // Not stopped by us: the conversation was deleted (elsewhere, or here: the delete
-          // stops its answer first, then says so on the live events), or the server is
-          // shutting down (it stops answers to exit).
-          let byServer = stopped && !run.stopRequested;
-          if (byServer && run.conversationId && (run.deleted || (await deletedSoon(run.conversationId, 1500)))) {
-            run.deleted = true;
-            byServer = false;
-          }
-          bubble.wrap.dataset.state = stopped ? "stopped" : "done";
-          bubble.wrap.dataset.messageId = String(event.message_id);
-          setMeta(bubble, {
-            ...metaInfo(run),
-            status: stopped ? "partial" : "complete",
-            stoppedBy: byServer ? "server" : null,
-            promptTokens: event.usage.prompt_tokens || null,
-            completionTokens: event.usage.completion_tokens,
-            tokS: event.timings.decode_tok_s || null,
-            finish: event.finish,
-          });
-          if (byServer) {
-            addErrorText(bubble, "my-claw stopped while writing this answer (a restart or shutdown); the part shown is saved.");
-            state.reloadOnReconnect = true;
-          }
-          if (streamShown(run)) announceAnswer(bubble.text, stopped);
-        } else if (event.type === "error") {
-          ended = true;
-          clearWait(bubble);
-          renderBubbleText(bubble, true);
-          bubble.wrap.dataset.state = "error";
-          if (event.partial_message_id != null) bubble.wrap.dataset.messageId = String(event.partial_message_id);
-          addErrorText(bubble, "Error: " + event.message);
-        }
-        if (streamShown(run)) scrollToEnd(false);
-      }
+      const ended = await consumeAnswer(response, run, opts);
       if (!ended) {
         renderBubbleText(bubble, true);
         if (run.stopRequested) {
@@ -1813,6 +1720,118 @@
   }
 
   /**
+   * Reads an answer's Server-Sent Events (`/api/chat`, regenerate, edit, or `/live`) into
+   * `run.bubble` until the stream ends. Resolves true once `done` or `error` came; throws
+   * what reading throws (an abort, a broken connection).
+   */
+  async function consumeAnswer(response, run, opts) {
+    const bubble = run.bubble;
+    let ended = false;
+    let frame = 0;
+    for await (const data of sseData(response)) {
+      let event;
+      try {
+        event = JSON.parse(data);
+      } catch (_) {
+        continue;
+      }
+      if (event.type === "meta") {
+        run.meta = event;
+        run.conversationId = event.conversation_id;
+        if (run.userBubble && event.user_message_id != null) {
+          run.userBubble.wrap.dataset.messageId = String(event.user_message_id);
+        }
+        // A new chat becomes the open conversation, unless the user went elsewhere.
+        if (streamShown(run) && (!state.current || state.current.id !== event.conversation_id)) {
+          const title = (opts.text || "").split("\n")[0].slice(0, 60);
+          state.current = { id: event.conversation_id, channel: "webchat", title };
+          setHash(event.conversation_id);
+          renderHeader();
+        }
+        loadConversations().catch(() => {});
+        setMeta(bubble, metaInfo(run));
+        updateComposer();
+        if (run.stopRequested) requestStop(run);
+      } else if (event.type === "token") {
+        if (bubble.wrap.dataset.wait) clearWait(bubble);
+        bubble.text += event.text;
+        // Re-render at most once a frame: tokens can arrive faster than paint, and only
+        // the last Markdown block is rebuilt each time.
+        if (!frame) {
+          frame = window.requestAnimationFrame(() => {
+            frame = 0;
+            renderBubbleText(bubble);
+            if (streamShown(run)) scrollToEnd(false);
+          });
+        }
+      } else if (event.type === "tool_call") {
+        // The text so far was written before this call: it moves above the call, and
+        // the answer's own text starts again empty.
+        if (bubble.wrap.dataset.wait) clearWait(bubble);
+        if (frame) window.cancelAnimationFrame(frame);
+        frame = 0;
+        addToolText(bubble, bubble.text);
+        bubble.text = "";
+        renderBubbleText(bubble);
+        addToolCall(bubble, event);
+      } else if (event.type === "tool_result") {
+        addToolResult(bubble, event);
+      } else if (event.type === "notice") {
+        if (WAIT_KINDS.has(event.kind)) {
+          if (!bubble.text) showWait(bubble, event.kind, event.message);
+        } else {
+          // A fallback also names main in the answer's label, where the model is read.
+          if (event.kind === "fallback") {
+            run.fallback = event.message;
+            setMeta(bubble, metaInfo(run));
+          }
+          addNotice(bubble, event.message);
+        }
+      } else if (event.type === "done") {
+        ended = true;
+        clearWait(bubble);
+        if (frame) window.cancelAnimationFrame(frame);
+        frame = 0;
+        renderBubbleText(bubble, true);
+        const stopped = event.finish === "cancelled";
+        // Not stopped by us: the conversation was deleted (elsewhere, or here: the delete
+        // stops its answer first, then says so on the live events), or the server is
+        // shutting down (it stops answers to exit).
+        let byServer = stopped && !run.stopRequested;
+        if (byServer && run.conversationId && (run.deleted || (await deletedSoon(run.conversationId, 1500)))) {
+          run.deleted = true;
+          byServer = false;
+        }
+        bubble.wrap.dataset.state = stopped ? "stopped" : "done";
+        bubble.wrap.dataset.messageId = String(event.message_id);
+        setMeta(bubble, {
+          ...metaInfo(run),
+          status: stopped ? "partial" : "complete",
+          stoppedBy: byServer ? "server" : null,
+          promptTokens: event.usage.prompt_tokens || null,
+          completionTokens: event.usage.completion_tokens,
+          tokS: event.timings.decode_tok_s || null,
+          finish: event.finish,
+        });
+        if (byServer) {
+          addErrorText(bubble, "my-claw stopped while writing this answer (a restart or shutdown); the part shown is saved.");
+          state.reloadOnReconnect = true;
+        }
+        if (streamShown(run)) announceAnswer(bubble.text, stopped);
+      } else if (event.type === "error") {
+        ended = true;
+        clearWait(bubble);
+        renderBubbleText(bubble, true);
+        bubble.wrap.dataset.state = "error";
+        if (event.partial_message_id != null) bubble.wrap.dataset.messageId = String(event.partial_message_id);
+        addErrorText(bubble, "Error: " + event.message);
+      }
+      if (streamShown(run)) scrollToEnd(false);
+    }
+    return ended;
+  }
+
+  /**
    * A request that failed before its answer started (refused, the server unreachable, the
    * user stopped it while it waited): the server stored nothing. A message comes back into
    * the composer; the unsent bubble stays marked with Retry, unless the user stopped it. An
@@ -1850,6 +1869,94 @@
     return true;
   }
 
+  /**
+   * Follows the running answer of the open WebChat conversation when this page did not ask
+   * for it (it was asked before a reload, or in another tab): `/live` replays it from its
+   * start into a streaming bubble at the end, which Stop stops as any answer; once it ends
+   * the conversation is reloaded, so the view is what was stored. `tries` > 1 asks again a
+   * little later while nothing runs yet (another tab's message was stored just before its
+   * answer started). A failed request says nothing: the answer is stored all the same.
+   */
+  async function followLive(conversationId, tries = 1) {
+    const c = state.current;
+    if (state.streaming || state.following || !c || c.id !== conversationId || c.channel !== "webchat") return;
+    const controller = new AbortController();
+    const pending = { conversationId, controller };
+    state.following = pending;
+    const wanted = () =>
+      !controller.signal.aborted && !state.streaming && Boolean(state.current) && state.current.id === conversationId;
+    let response = null;
+    try {
+      for (let n = 0; n < tries && wanted(); n += 1) {
+        if (n) await new Promise((resolve) => window.setTimeout(resolve, 700));
+        if (!wanted()) break;
+        const headers = { Accept: "text/event-stream" };
+        if (state.token) headers.Authorization = "Bearer " + state.token;
+        response = await fetch("/api/conversations/" + encodeURIComponent(conversationId) + "/live", {
+          headers,
+          signal: controller.signal,
+          cache: "no-store",
+        });
+        if (response.status !== 204) break;
+      }
+    } catch (_) {
+      response = null; // unreachable, or left meanwhile: nothing to say
+    } finally {
+      if (state.following === pending) state.following = null;
+    }
+    // This page started an answer of its own meanwhile, or moved on: that one is shown.
+    if (!response || response.status !== 200 || !wanted()) {
+      controller.abort();
+      return;
+    }
+    const bubble = addBubble("assistant", "");
+    bubble.wrap.dataset.state = "streaming";
+    showWait(bubble, "started", "Waiting for the model…");
+    const run = {
+      controller,
+      conversationId,
+      bubble,
+      stopRequested: false,
+      meta: null,
+      fallback: null,
+      kind: "follow",
+      userBubble: null,
+    };
+    state.streaming = run;
+    updateComposer();
+    updateMessageActions();
+    scrollToEnd(false);
+    let ended = false;
+    try {
+      ended = await consumeAnswer(response, run, {});
+    } catch (_) {
+      /* stopped following (another conversation opened), or the connection broke */
+    } finally {
+      clearWait(bubble);
+      if (state.streaming === run) state.streaming = null;
+      if (!ended) bubble.wrap.remove();
+      updateComposer();
+      updateMessageActions();
+    }
+    // Broken off (not stopped, nor left): shown again as stored once my-claw is back.
+    if (!ended && !controller.signal.aborted) state.reloadOnReconnect = true;
+    if (state.current && state.current.id === conversationId) refreshConversation().catch(() => {});
+  }
+
+  /** Stops following another page's answer (this page moves on; the answer goes on). */
+  function stopFollowing() {
+    if (state.following) {
+      state.following.controller.abort();
+      state.following = null;
+    }
+    const run = state.streaming;
+    if (run && run.kind === "follow") {
+      state.streaming = null;
+      run.controller.abort();
+      run.bubble.wrap.remove();
+    }
+  }
+
   /** Says once, to screen readers, that the answer shown ended (the message list itself is
    * not a live region: each streamed re-render would be read out). */
   function announceAnswer(text, stopped) {
@@ -1882,8 +1989,13 @@
 
   let refreshTimer = 0;
 
-  function scheduleRefresh(conversationId) {
+  // A user message another page stored in the open conversation: its answer is about to
+  // start there, and this page follows it.
+  let refreshExpects = false;
+
+  function scheduleRefresh(conversationId, userMessage) {
     window.clearTimeout(refreshTimer);
+    refreshExpects = refreshExpects || Boolean(userMessage);
     refreshTimer = window.setTimeout(async () => {
       try {
         await loadConversations();
@@ -1891,8 +2003,10 @@
         // Not while the last message is being edited (reloading would end the edit), nor
         // while this conversation's answer streams (it is shown as it comes).
         const answering = state.streaming && c && state.streaming.conversationId === c.id;
+        const tries = refreshExpects ? 4 : 1;
+        refreshExpects = false;
         if (!answering && !state.editing && c && (conversationId === null || c.id === conversationId)) {
-          await refreshConversation();
+          await refreshConversation(tries);
         }
       } catch (_) {
         /* the next event or a reload will try again */
@@ -1929,7 +2043,7 @@
             }
           } else if (event.type === "message") {
             const own = state.streaming && state.streaming.conversationId === event.conversation_id;
-            if (!own) scheduleRefresh(event.conversation_id);
+            if (!own) scheduleRefresh(event.conversation_id, event.role === "user");
           } else if (event.type === "deleted") {
             conversationDeleted(Number(event.conversation_id));
           } else if (event.type === "resync") {

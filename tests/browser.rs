@@ -2439,3 +2439,116 @@ async fn webchat_follows_deletions_and_keeps_the_view_true() {
     browser.quit().await;
     eprintln!("browser deletion test: {:?}", test_started.elapsed());
 }
+
+/// A prompt that keeps SmolLM2 counting until the reply limit.
+const COUNTING_PROMPT: &str = "Count from 1 to 1000, one number per line, with no other text.";
+
+/// An answer outlives its page: a page reloaded while its answer streams follows that
+/// answer (`/live`) to its end, as streaming as before, and then shows what was stored;
+/// a message another client stores in the open conversation is followed the same way.
+#[tokio::test]
+async fn webchat_follows_an_answer_that_outlived_its_page() {
+    let _one_at_a_time = ONE_BROWSER.lock().await;
+    let test_started = Instant::now();
+    let server = start_server(None, &[("REPLY_MAX_TOKENS", "600"), ("CONTEXT_SIZE", "4096")]).await;
+    let browser = Browser::start().await;
+    browser.goto(&server.url(&format!("/?token={}", server.token))).await;
+    let live = "return document.documentElement.dataset.ready === 'true' && \
+                document.getElementById('connection').dataset.state === 'live';";
+    browser.wait_for("the page, live", live, Duration::from_secs(30)).await;
+
+    // 1. A long answer streams; the page reloads in the middle of it.
+    send_message(&browser, COUNTING_PROMPT).await;
+    let script = format!(
+        "{LAST_ANSWER_FN} const a = lastAnswer(); \
+         return a && a.state === 'streaming' && a.text.length > 20 && location.hash.startsWith('#c=') && a;"
+    );
+    let before =
+        browser.wait_for("the counting answer streaming", &script, Duration::from_secs(90)).await;
+    let hash = browser.js("return location.hash;").await;
+    let id: i64 =
+        hash.as_str().unwrap().trim_start_matches("#c=").parse().expect("conversation id");
+    browser.refresh().await;
+
+    // 2. The reloaded page follows it: a streaming answer after the stored question, whose
+    //    text grows; Stop is offered, Send and the message actions are not.
+    let following = format!(
+        "{LAST_ANSWER_FN} const a = lastAnswer(); \
+         return document.documentElement.dataset.ready === 'true' && a && a.state === 'streaming' && \
+           a.text.length > 0 && {{ text: a.text, \
+             users: document.querySelectorAll('#messages .msg.user').length, \
+             answers: document.querySelectorAll('#messages .msg.assistant').length, \
+             stop: !document.getElementById('stop').hidden, send: !document.getElementById('send').hidden, \
+             actions: document.getElementById('messages').classList.contains('actions-enabled') }};"
+    );
+    let first = browser
+        .wait_for("the answer followed after the reload", &following, Duration::from_secs(30))
+        .await;
+    assert_eq!(first["users"], 1, "{first}");
+    assert_eq!(first["answers"], 1, "one answer bubble: {first}");
+    assert_eq!(first["stop"], true, "Stop is offered: {first}");
+    assert_eq!(first["send"], false, "{first}");
+    assert_eq!(first["actions"], false, "no Edit or Regenerate meanwhile: {first}");
+    let first_text = first["text"].as_str().unwrap().to_string();
+    assert!(
+        first_text.len() >= before["text"].as_str().unwrap().len(),
+        "the text so far comes at once: {first} after {before}"
+    );
+    let grows = format!(
+        "{LAST_ANSWER_FN} const a = lastAnswer(); \
+         return a && a.state === 'streaming' && a.text.length > {};",
+        first_text.len()
+    );
+    browser.wait_for("the followed answer growing", &grows, Duration::from_secs(60)).await;
+
+    // 3. It ends as it was stored: complete, one answer, the same text, Send back.
+    let done = wait_answer_state(&browser, &["done"], Duration::from_secs(240)).await;
+    let messages = api(&server, &format!("/api/conversations/{id}/messages")).await;
+    let stored = messages["messages"].as_array().unwrap();
+    assert_eq!(stored.len(), 2, "{messages}");
+    assert_eq!(stored[1]["status"], "complete", "{messages}");
+    let settled = format!(
+        "const all = [...document.querySelectorAll('#messages .msg')]; \
+         const a = all[all.length - 1]; \
+         return all.length === 2 && a.dataset.messageId === '{}' && a.dataset.state === 'done' && \
+           a.__bubble.text === {} && !document.getElementById('send').hidden && \
+           document.getElementById('messages').classList.contains('actions-enabled');",
+        stored[1]["id"],
+        json!(stored[1]["content"])
+    );
+    browser.wait_for("the view as stored", &settled, Duration::from_secs(20)).await;
+    assert!(done["text"].as_str().unwrap().len() > first_text.len(), "{done}");
+
+    // 4. Another client (a second tab) asks in the open conversation: the page follows
+    //    that answer too, instead of offering Answer on the question meanwhile.
+    let request = reqwest::Client::new()
+        .post(server.url("/api/chat"))
+        .bearer_auth(&server.token)
+        .json(&json!({ "message": "Now count from 1 to 500, one number per line.", "conversation_id": id }))
+        .send();
+    let other = tokio::spawn(async move {
+        let response = request.await.expect("POST /api/chat");
+        assert!(response.status().is_success(), "{}", response.status());
+        response.text().await.expect("the other client's stream")
+    });
+    let script = format!(
+        "{LAST_ANSWER_FN} const a = lastAnswer(); \
+         return document.querySelectorAll('#messages .msg').length === 4 && a && a.state === 'streaming' && \
+           !document.getElementById('stop').hidden;"
+    );
+    browser.wait_for("the other client's answer followed", &script, Duration::from_secs(60)).await;
+    let events = other.await.expect("the other client");
+    assert!(events.contains("\"type\":\"done\""), "{events}");
+    let messages = api(&server, &format!("/api/conversations/{id}/messages")).await;
+    let stored = messages["messages"].as_array().unwrap();
+    assert_eq!(stored.len(), 4, "{messages}");
+    let settled = format!(
+        "const all = [...document.querySelectorAll('#messages .msg')]; \
+         return all.length === 4 && all.every((w) => w.dataset.messageId) && \
+           all[3].dataset.messageId === '{}' && all[3].__bubble.text === {};",
+        stored[3]["id"],
+        json!(stored[3]["content"])
+    );
+    browser.wait_for("the second answer as stored", &settled, Duration::from_secs(20)).await;
+    eprintln!("webchat follow test took {:?}", test_started.elapsed());
+}
