@@ -286,6 +286,19 @@
     }
   }
 
+  /** The JSON objects of an SSE response's `data:` payloads; one that is not JSON is skipped. */
+  async function* sseEvents(response) {
+    for await (const data of sseData(response)) {
+      let event;
+      try {
+        event = JSON.parse(data);
+      } catch (_) {
+        continue;
+      }
+      yield event;
+    }
+  }
+
   function describeError(err) {
     if (err instanceof ApiFailure) {
       if (err.status === 503) return "Model unavailable: " + err.message;
@@ -1161,6 +1174,14 @@
   }
 
   function newChat() {
+    clearView();
+    updateComposer();
+    closeSidebar();
+    el.input.focus();
+  }
+
+  /** No conversation open: the empty view a new chat starts from. */
+  function clearView() {
     cancelEdit(true);
     stopFollowing();
     hideMessageBanner();
@@ -1169,9 +1190,6 @@
     renderHeader();
     renderConversationList();
     clearMessages();
-    updateComposer();
-    closeSidebar();
-    el.input.focus();
   }
 
   /**
@@ -1200,14 +1218,7 @@
 
   /** The open conversation is gone: an empty view that says so, ready for a new chat. */
   function showDeleted() {
-    cancelEdit(true);
-    stopFollowing();
-    hideMessageBanner();
-    state.current = null;
-    setHash(null);
-    renderHeader();
-    renderConversationList();
-    clearMessages();
+    clearView();
     el.emptyDeleted.hidden = false;
     updateComposer();
   }
@@ -1629,6 +1640,20 @@
   const LOST_CONNECTION =
     "The connection to my-claw was lost; the answer may be incomplete. The conversation is reloaded when my-claw is back.";
 
+  /** The state of one answer this page shows as it is written (`state.streaming`). */
+  function newRun(controller, conversationId, bubble, kind, userBubble) {
+    return {
+      controller,
+      conversationId,
+      bubble,
+      stopRequested: false,
+      meta: null,
+      fallback: null,
+      kind,
+      userBubble: userBubble || null,
+    };
+  }
+
   /**
    * Posts `body` to `path` and streams the answer's events into `bubble` (`consumeAnswer`,
    * which `followLive` shares). `opts.kind` says what started it: `send` (opts.userBubble
@@ -1640,16 +1665,7 @@
     showWait(bubble, "sending", "Sending…");
     scrollToEnd(true);
     const controller = new AbortController();
-    const run = {
-      controller,
-      conversationId,
-      bubble,
-      stopRequested: false,
-      meta: null,
-      fallback: null,
-      kind: opts.kind,
-      userBubble: opts.userBubble || null,
-    };
+    const run = newRun(controller, conversationId, bubble, opts.kind, opts.userBubble);
     state.streaming = run;
     updateComposer();
     updateMessageActions();
@@ -1728,13 +1744,7 @@
     const bubble = run.bubble;
     let ended = false;
     let frame = 0;
-    for await (const data of sseData(response)) {
-      let event;
-      try {
-        event = JSON.parse(data);
-      } catch (_) {
-        continue;
-      }
+    for await (const event of sseEvents(response)) {
       if (event.type === "meta") {
         run.meta = event;
         run.conversationId = event.conversation_id;
@@ -1912,16 +1922,7 @@
     const bubble = addBubble("assistant", "");
     bubble.wrap.dataset.state = "streaming";
     showWait(bubble, "started", "Waiting for the model…");
-    const run = {
-      controller,
-      conversationId,
-      bubble,
-      stopRequested: false,
-      meta: null,
-      fallback: null,
-      kind: "follow",
-      userBubble: null,
-    };
+    const run = newRun(controller, conversationId, bubble, "follow", null);
     state.streaming = run;
     updateComposer();
     updateMessageActions();
@@ -2024,13 +2025,7 @@
           signal: controller.signal,
           headers: { Accept: "text/event-stream" },
         });
-        for await (const data of sseData(response)) {
-          let event;
-          try {
-            event = JSON.parse(data);
-          } catch (_) {
-            continue;
-          }
+        for await (const event of sseEvents(response)) {
           if (event.type === "ready") {
             setConnection("live");
             hideBanner(true);

@@ -1222,8 +1222,11 @@ async fn real_model_webchat_answer_outlives_its_client() {
     // The client leaves: the connection closes.
     drop(reader);
     let answer = stored_answer(&server, conversation_id).await;
+    // Not stopped (that is `partial`): written to its end, the reply budget or the model's
+    // own end of turn (sampling decides which), after the two tokens the client read.
     assert_eq!(answer["status"], "complete", "{answer}");
-    assert_eq!(answer["completion_tokens"], REPLY_TOKENS, "written to its end: {answer}");
+    let tokens = answer["completion_tokens"].as_u64().unwrap();
+    assert!((3..=REPLY_TOKENS as u64).contains(&tokens), "{answer}");
 }
 
 #[tokio::test]

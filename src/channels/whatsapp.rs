@@ -1108,7 +1108,22 @@ mod tests {
         let key = Some("16505551234".to_string());
         assert_eq!(rows.len(), 6, "{rows:?}");
         assert_eq!(rows[0], ("wamid.A".into(), QueueStatus::Pending, key.clone()));
-        assert_eq!(rows[1], ("wamid.SURR".into(), QueueStatus::Rejected, None));
+        // Unreadable, but its sender is readable and allowed: queued to be told so (the
+        // worker records it as rejected once the reply is sent), without its content.
+        assert_eq!(rows[1], ("wamid.SURR".into(), QueueStatus::Pending, key.clone()));
+        let payload = intakes
+            .iter()
+            .find_map(|i| match i {
+                Intake::Row { external_id, payload, .. } if external_id == "wamid.SURR" => {
+                    Some(payload)
+                }
+                _ => None,
+            })
+            .expect("the unreadable message's row");
+        let queued: QueuedMessage = serde_json::from_str(payload).unwrap();
+        assert_eq!(queued.text, None);
+        assert!(queued.unreadable.as_deref().unwrap().starts_with("unreadable message"));
+        assert!(!payload.contains("here"), "{payload}");
         // A deep nest in a field my-claw does not read costs nothing: skipped, not parsed.
         assert_eq!(rows[2], ("wamid.DEEP".into(), QueueStatus::Pending, key.clone()));
         assert_eq!(rows[3], ("wamid.TYPE".into(), QueueStatus::Rejected, None));
