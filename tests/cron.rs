@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use axum::body::Bytes;
 use axum::http::{StatusCode, Uri};
 use axum::response::IntoResponse;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Timelike, Utc};
 use futures::future::BoxFuture;
 use futures::StreamExt;
 use reqwest::Method;
@@ -1065,6 +1065,61 @@ async fn after_a_restart_missed_runs_are_not_replayed_and_next_run_is_computed()
     let runs = restarted.runs(id, 10).await.unwrap();
     assert_eq!(runs.len(), 1, "the missed occurrence was replayed: {runs:?}");
     assert_eq!(runs[0].outcome, my_claw::db::cron::RunOutcome::Failed);
+    restarted.shutdown().await;
+}
+
+/// A one-shot has no later occurrence: missed while the process was stopped, it runs once at
+/// the restart, and a reminder then says when it was due.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reminder_missed_while_stopped_comes_at_the_restart_saying_it_is_late() {
+    let graph = Graph::start().await;
+    let app = App::start(&graph, Options::default()).await;
+    let conversation = app.webchat_conversation().await;
+    app.cron.shutdown().await;
+    // Set yesterday for two hours ago (UTC), as if the process had been stopped since.
+    let due = (Utc::now() - chrono::Duration::hours(2)).with_second(0).unwrap();
+    let spec = my_claw::db::cron::JobSpec {
+        name: "water the plants".into(),
+        schedule: due.format("at %Y-%m-%d %H:%M").to_string(),
+        timezone: Some("UTC".into()),
+        prompt: "water the plants".into(),
+        channel: ChannelKind::WebChat,
+        target: conversation.to_string(),
+        tier: None,
+        enabled: true,
+        kind: my_claw::db::cron::JobKind::Reminder,
+        conversation_id: Some(ConversationId(conversation)),
+    };
+    let job = my_claw::db::cron::insert_job(&app.pool, &spec).await.unwrap();
+    sqlx::query("UPDATE cron_jobs SET created_at = ?1, updated_at = ?1 WHERE id = ?2")
+        .bind(my_claw::db::now_ms() - 86_400_000)
+        .bind(job.id.0)
+        .execute(&app.pool)
+        .await
+        .unwrap();
+
+    let settings = CronSettings { secret: None, timezone: Some("UTC".into()) };
+    let restarted = my_claw::cron::start(
+        app.pool.clone(),
+        app.assistant.clone(),
+        Channels::default(),
+        &settings,
+    )
+    .await
+    .expect("restart the scheduler");
+    let started = Instant::now();
+    let posted = loop {
+        if let Some(post) = app.assistant_messages(conversation).await.pop() {
+            break post;
+        }
+        assert!(started.elapsed() < FIRE_LIMIT, "the missed reminder never came");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let expected = format!(
+        "⏰ Reminder: water the plants\n\n(Sent late: it was due {}, while my-claw was not running.)",
+        due.format("%A %-d %B at %H:%M")
+    );
+    assert_eq!(posted, expected);
     restarted.shutdown().await;
 }
 

@@ -178,7 +178,7 @@ pub async fn start(
                     late_s = (now - occurrence).num_seconds(),
                     "one-shot job missed while stopped: run late"
                 );
-                scheduler::start_run(&handle.inner, job.clone()).await;
+                scheduler::start_run(&handle.inner, job.clone(), Some(occurrence)).await;
                 continue;
             }
             scheduler::sync(&handle.inner, job.id, Some(job.clone()), now).await;

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 
 use crate::cron::{lock, plan, scheduler, CronError, Inner, DEFAULT_TIER};
 use crate::db::cron::{self as store, CronJob, CronJobId, CronRun, JobKind, JobSpec, RunOutcome};
@@ -27,6 +27,9 @@ pub(super) struct StartedRun {
     run_id: i64,
     started_at: i64,
     clock: Instant,
+    /// The occurrence a one-shot runs for when it runs late (the process was stopped or
+    /// asleep at its time): a reminder then says when it was due.
+    late_for: Option<DateTime<Utc>>,
     /// Released when the run ends, however it ends.
     _guard: RunGuard,
 }
@@ -44,15 +47,21 @@ pub(super) async fn begin(inner: &Arc<Inner>, job: CronJob) -> Result<StartedRun
         run_id,
         started_at,
         clock: Instant::now(),
+        late_for: None,
         _guard: guard,
     })
 }
 
 impl StartedRun {
+    /// Marks the run as that of occurrence `due`, which went by unrun.
+    pub(super) fn late_for(self, due: Option<DateTime<Utc>>) -> StartedRun {
+        StartedRun { late_for: due, ..self }
+    }
+
     /// Asks the assistant, delivers, and records the outcome.
     pub(super) async fn finish(self) -> Result<CronRun, CronError> {
-        let StartedRun { inner, job, run_id, started_at, clock, _guard: guard } = self;
-        let result = answer_and_deliver(&inner, &job).await;
+        let StartedRun { inner, job, run_id, started_at, clock, late_for, _guard: guard } = self;
+        let result = answer_and_deliver(&inner, &job, late_for).await;
         let duration_ms = clock.elapsed().as_millis() as i64;
         let (outcome, error, message_id) = match result {
             Ok(delivered) => (RunOutcome::Delivered, delivered.note, Some(delivered.message_id)),
@@ -153,7 +162,11 @@ impl Failure {
     }
 }
 
-async fn answer_and_deliver(inner: &Inner, job: &CronJob) -> Result<Delivered, Failure> {
+async fn answer_and_deliver(
+    inner: &Inner,
+    job: &CronJob,
+    late_for: Option<DateTime<Utc>>,
+) -> Result<Delivered, Failure> {
     let tier = job.tier.as_deref().and_then(Tier::from_name).unwrap_or(DEFAULT_TIER);
     // Targets are checked when a job is saved, but the configuration may have changed
     // since: an answer nobody can receive is not worth the model's time.
@@ -172,7 +185,7 @@ async fn answer_and_deliver(inner: &Inner, job: &CronJob) -> Result<Delivered, F
     }
     let (message_id, text) = match job.kind {
         JobKind::Prompt => answer(inner, job, tier).await?,
-        JobKind::Reminder => post_reminder(inner, job).await?,
+        JobKind::Reminder => post_reminder(inner, job, late_for).await?,
     };
     if job.channel == ChannelKind::WebChat {
         // For the WebChat, storing the answer is the delivery: open pages hear of it
@@ -236,8 +249,21 @@ async fn answer(inner: &Inner, job: &CronJob, tier: Tier) -> Result<(MessageId, 
 /// A reminder's fixed text, stored as the assistant's message in the conversation it was
 /// asked in and announced to open pages: no model is asked, so it fires even when no model
 /// can answer.
-async fn post_reminder(inner: &Inner, job: &CronJob) -> Result<(MessageId, String), Failure> {
-    let text = reminder_text(&job.prompt);
+async fn post_reminder(
+    inner: &Inner,
+    job: &CronJob,
+    late_for: Option<DateTime<Utc>>,
+) -> Result<(MessageId, String), Failure> {
+    let mut text = reminder_text(&job.prompt);
+    // A reminder that comes late says so, with the time it was for, in its own zone.
+    if let Some(due) = late_for {
+        let zone = plan(inner, job).map_or(inner.default_timezone, |(_, zone)| zone);
+        let local = due.with_timezone(&zone);
+        text.push_str(&format!(
+            "\n\n(Sent late: it was due {}, while my-claw was not running.)",
+            local.format("%A %-d %B at %H:%M")
+        ));
+    }
     let conversation = match job.conversation_id {
         Some(id) => Some(id),
         // A reminder row written around the API: its channel and target say where.

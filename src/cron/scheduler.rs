@@ -183,7 +183,9 @@ async fn fire(
         if late > FIRE_TOLERANCE && !once {
             tracing::warn!(job = id.0, late_s = late.as_secs(), "cron occurrence missed");
         } else if not_yet_run(&job, occurrence) {
-            start_run(&inner, job.clone()).await;
+            // A one-shot past its tolerance (the machine slept) says it is late.
+            let late_for = (late > FIRE_TOLERANCE).then_some(occurrence);
+            start_run(&inner, job.clone(), late_for).await;
         }
     }
     sync(&inner, id, Some(job), now.max(occurrence)).await;
@@ -191,10 +193,11 @@ async fn fire(
 
 /// Starts one run: its row is written before this returns, the rest goes on in the
 /// background.
-pub(super) async fn start_run(inner: &Arc<Inner>, job: CronJob) {
+pub(super) async fn start_run(inner: &Arc<Inner>, job: CronJob, late_for: Option<DateTime<Utc>>) {
     let id = job.id;
     match run::begin(inner, job).await {
         Ok(started) => {
+            let started = started.late_for(late_for);
             tokio::spawn(async move {
                 if let Err(e) = started.finish().await {
                     tracing::error!(job = id.0, error = %e, "cron run could not be recorded");
