@@ -474,7 +474,7 @@ impl Assistant {
                 exchange.check_regenerate(*expected)?;
                 (n_before + 1, None)
             }
-            Revision::Edit { text, .. } if text.trim().is_empty() => {
+            Revision::Edit { text, .. } if crate::domain::is_blank(text) => {
                 return Err(Error::Invalid("message is empty".into()).into());
             }
             Revision::Edit { text, expected } => {
@@ -658,7 +658,7 @@ impl Assistant {
     /// Validates an inbound message and finds its conversation without creating one.
     async fn prepare(&self, inbound: &Inbound) -> Result<(Target, UserMessage)> {
         let text = inbound.text.trim();
-        if text.is_empty() {
+        if crate::domain::is_blank(text) {
             return Err(Error::Invalid("message is empty".into()));
         }
         let pool = &self.inner.pool;

@@ -83,6 +83,12 @@ pub struct ToolRound {
     pub results: Vec<ToolResult>,
 }
 
+/// Whether a message has nothing to read: only whitespace and control characters (a lone
+/// NUL is not a question).
+pub fn is_blank(text: &str) -> bool {
+    text.chars().all(|c| c.is_whitespace() || c.is_control())
+}
+
 /// One turn of a conversation as the models see it.
 ///
 /// - `Assistant` turns may carry `tool_calls` (then `content` is the text before them).

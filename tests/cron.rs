@@ -696,6 +696,10 @@ async fn bad_inputs_get_400_with_what_is_wrong() {
         (with("schedule", json!("61 * * * *")), "minute field `61`"),
         (with("schedule", json!("* * *")), "has 3 fields"),
         (with("schedule", json!("0 0 30 2 *")), "never happens"),
+        (
+            with("schedule", json!("0 8 W * *")),
+            "field `W` is not valid (1-31, L, or a day with W such as 15W)",
+        ),
         (without("schedule"), "`schedule` is required"),
         (with("timezone", json!("Europe/Atlantis")), "unknown time zone"),
         (without("target"), "`target` is required"),

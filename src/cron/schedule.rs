@@ -308,7 +308,7 @@ fn explain_invalid(expression: &str, six_fields: &str) -> String {
         ("second", "0-59"),
         ("minute", "0-59"),
         ("hour", "0-23"),
-        ("day-of-month", "1-31, L or W"),
+        ("day-of-month", "1-31, L, or a day with W such as 15W"),
         ("month", "1-12 or JAN-DEC"),
         ("day-of-week", "0-7 or SUN-SAT, where 0 and 7 are Sunday"),
     ];

@@ -137,7 +137,7 @@ async fn post_chat(
     State(state): State<AppState>,
     ApiJson(request): ApiJson<ChatRequest>,
 ) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
-    if request.message.trim().is_empty() {
+    if crate::domain::is_blank(&request.message) {
         return Err(ApiError::BadRequest("message must not be empty".into()));
     }
     // Checked before anything is stored: a rejected message leaves no trace.

@@ -75,7 +75,7 @@ async fn post_edit(
     let conversation_id = webchat_conversation(&state, &id).await?;
     let tier = tier(request.tier.as_deref())?;
     let text = request.message.trim();
-    if text.is_empty() {
+    if crate::domain::is_blank(text) {
         return Err(ApiError::BadRequest("message must not be empty".into()));
     }
     check_message_length("message", text)?;
