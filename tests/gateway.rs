@@ -1233,7 +1233,14 @@ async fn real_model_webchat_answer_outlives_its_client() {
 #[tokio::test]
 async fn real_model_server_shuts_down_promptly_with_open_streams() {
     let _one_at_a_time = REAL_MODEL.lock().await;
-    let mut server = real_server(STOP_TEST_MAX_TOKENS);
+    // `fast` is a model server on loopback that writes slowly (for the answer whose page
+    // leaves: its length must not depend on sampling); `main` is the real model.
+    let slow = util::slow_model().await;
+    let mut envs = util::smollm2_env();
+    envs.push(("REPLY_MAX_TOKENS".into(), STOP_TEST_MAX_TOKENS.to_string()));
+    envs.push(("CONTEXT_SIZE".into(), "8192".into()));
+    envs.push(("MODEL_FAST".into(), slow));
+    let mut server = Server::start(ServerOptions { envs, data_dir: None });
     // An open live-events stream and an answer in the middle of a long reply: neither may
     // hold the graceful shutdown.
     let events = http()
@@ -1245,17 +1252,17 @@ async fn real_model_server_shuts_down_promptly_with_open_streams() {
     let mut events = SseReader::new(events);
     let ready = events.next_json(Duration::from_secs(20)).await.unwrap();
     assert_eq!(ready["type"], "ready");
-    let mut chat = start_chat(&server, json!({"message": LONG_PROMPT})).await;
-    assert_eq!(chat.next_json(Duration::from_secs(60)).await.unwrap()["type"], "meta");
-    let token = chat.next_answer_json(Duration::from_secs(60)).await.unwrap();
-    assert_eq!(token["type"], "token", "{token}");
-    // And an answer whose page left: it is stopped and stored before the process exits.
-    let mut left = start_chat(&server, json!({"message": LONG_PROMPT})).await;
+    // An answer whose page left: it is stopped and stored before the process exits.
+    let mut left = start_chat(&server, json!({"message": LONG_PROMPT, "tier": "fast"})).await;
     let meta = left.next_json(Duration::from_secs(60)).await.unwrap();
     let left_conversation = meta["conversation_id"].as_i64().unwrap();
     let token = left.next_answer_json(Duration::from_secs(60)).await.unwrap();
     assert_eq!(token["type"], "token", "{token}");
     drop(left);
+    let mut chat = start_chat(&server, json!({"message": LONG_PROMPT})).await;
+    assert_eq!(chat.next_json(Duration::from_secs(60)).await.unwrap()["type"], "meta");
+    let token = chat.next_answer_json(Duration::from_secs(60)).await.unwrap();
+    assert_eq!(token["type"], "token", "{token}");
 
     let code = server.terminate(Duration::from_secs(15));
     assert_eq!(code, Some(0), "clean exit within 15 s:\n{}", server.output());

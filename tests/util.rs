@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+use serde_json::{json, Value};
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -320,4 +321,53 @@ pub fn engine_settings() -> my_claw::config::EngineSettings {
         reply_max_tokens: 8,
         device: my_claw::llm::engine::device::ComputeDevice::Kernels,
     }
+}
+
+/// Numbers the slow stand-in model writes per answer, and the pause before each.
+pub const SLOW_NUMBERS: usize = 80;
+pub const SLOW_EVERY: Duration = Duration::from_millis(75);
+
+/// A model server on 127.0.0.1 speaking OpenAI's streaming protocol that answers every
+/// request with the numbers 1 to `SLOW_NUMBERS`, one every `SLOW_EVERY`: a long answer of
+/// known length and pace, where a sampled small model may stop after a few words. Returns
+/// the `MODEL_*` value of a tier served by it.
+pub async fn slow_model() -> String {
+    use axum::body::Body;
+    use axum::response::Response;
+    use axum::routing::{get, post};
+
+    fn chunk(delta: Value, finish: Option<&str>) -> String {
+        let chunk = json!({"id": "chatcmpl-slow", "object": "chat.completion.chunk", "created": 1,
+            "model": "slow", "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]});
+        format!("data: {chunk}\n\n")
+    }
+    async fn chat() -> Response {
+        let numbers = futures::stream::unfold(0usize, |n| async move {
+            let part = match n {
+                0 => chunk(json!({"role": "assistant", "content": ""}), None),
+                n if n <= SLOW_NUMBERS => {
+                    tokio::time::sleep(SLOW_EVERY).await;
+                    chunk(json!({"content": format!("{n}\n")}), None)
+                }
+                n if n == SLOW_NUMBERS + 1 => chunk(json!({}), Some("stop")),
+                n if n == SLOW_NUMBERS + 2 => "data: [DONE]\n\n".to_string(),
+                _ => return None,
+            };
+            Some((Ok::<_, std::io::Error>(part), n + 1))
+        });
+        Response::builder()
+            .header("content-type", "text/event-stream")
+            .body(Body::from_stream(numbers))
+            .expect("a response")
+    }
+    let models = || async { axum::Json(json!({"object": "list", "data": [{"id": "slow"}]})) };
+    let app = axum::Router::new()
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/models", get(models));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    format!("openai:http://{addr}/v1#slow")
 }
