@@ -335,6 +335,20 @@ impl App {
         id_of(&self.create(webchat_job("clock", EVERY_1S, conversation)).await)
     }
 
+    /// A new scheduler over the same database (UTC, no channels), as after a restart of the
+    /// process; the caller shut the first one down.
+    async fn restart_scheduler(&self) -> my_claw::cron::CronHandle {
+        let settings = CronSettings { secret: None, timezone: Some("UTC".into()) };
+        my_claw::cron::start(
+            self.pool.clone(),
+            self.assistant.clone(),
+            Channels::default(),
+            &settings,
+        )
+        .await
+        .expect("restart the scheduler")
+    }
+
     pub(crate) async fn webchat_conversation(&self) -> i64 {
         memory::create_webchat_conversation(&self.pool, Some("cron test")).await.unwrap().id.0
     }
@@ -1043,16 +1057,8 @@ async fn after_a_restart_missed_runs_are_not_replayed_and_next_run_is_computed()
     my_claw::db::cron::start_run(&app.pool, id, my_claw::db::now_ms() - 3_600_000).await.unwrap();
     app.cron.shutdown().await;
 
-    let settings = CronSettings { secret: None, timezone: Some("UTC".into()) };
     let restarted_at = Utc::now();
-    let restarted = my_claw::cron::start(
-        app.pool.clone(),
-        app.assistant.clone(),
-        Channels::default(),
-        &settings,
-    )
-    .await
-    .expect("restart the scheduler");
+    let restarted = app.restart_scheduler().await;
     let view = restarted.get(id).await.unwrap();
     let next = view.next_run.expect("next run");
     let expected = two_minutes_ago + chrono::Duration::days(1);
@@ -1102,15 +1108,7 @@ async fn a_reminder_missed_while_stopped_comes_at_the_restart_saying_it_is_late(
         .await
         .unwrap();
 
-    let settings = CronSettings { secret: None, timezone: Some("UTC".into()) };
-    let restarted = my_claw::cron::start(
-        app.pool.clone(),
-        app.assistant.clone(),
-        Channels::default(),
-        &settings,
-    )
-    .await
-    .expect("restart the scheduler");
+    let restarted = app.restart_scheduler().await;
     let started = Instant::now();
     let posted = loop {
         if let Some(post) = app.assistant_messages(conversation).await.pop() {

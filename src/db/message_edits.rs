@@ -130,6 +130,11 @@ pub async fn replace_last_user_message(
     Ok(edited)
 }
 
+/// The messages of the answer after user message `?2` in conversation `?1`: every message
+/// after it but the ones posted without a model (a reminder firing there).
+const ANSWER_AFTER: &str =
+    "conversation_id = ?1 AND id > ?2 AND NOT (role = 'assistant' AND provider IS NULL)";
+
 /// The tool rounds of the answer a regenerate or an edit of `user_message` would delete
 /// (what `delete_answer_after` deletes), oldest first: what that answer did, so that the
 /// caller can undo it (a reminder it set).
@@ -138,16 +143,12 @@ pub async fn answer_rounds_after(
     conversation_id: ConversationId,
     user_message: MessageId,
 ) -> Result<Vec<ToolRound>, sqlx::Error> {
-    let stored: Vec<Option<String>> = sqlx::query_scalar(
-        "SELECT tool_rounds FROM messages
-         WHERE conversation_id = ?1 AND id > ?2
-           AND NOT (role = 'assistant' AND provider IS NULL)
-         ORDER BY id",
-    )
-    .bind(conversation_id.0)
-    .bind(user_message.0)
-    .fetch_all(pool)
-    .await?;
+    let sql = format!("SELECT tool_rounds FROM messages WHERE {ANSWER_AFTER} ORDER BY id");
+    let stored: Vec<Option<String>> = sqlx::query_scalar(&sql)
+        .bind(conversation_id.0)
+        .bind(user_message.0)
+        .fetch_all(pool)
+        .await?;
     Ok(stored.iter().flat_map(|text| rounds_from_json(text.as_deref())).collect())
 }
 
@@ -183,15 +184,11 @@ async fn delete_answer_after(
     conversation_id: ConversationId,
     user_message: MessageId,
 ) -> Result<u64, sqlx::Error> {
-    let done = sqlx::query(
-        "DELETE FROM messages
-         WHERE conversation_id = ?1 AND id > ?2
-           AND NOT (role = 'assistant' AND provider IS NULL)",
-    )
-    .bind(conversation_id.0)
-    .bind(user_message.0)
-    .execute(conn)
-    .await?;
+    let done = sqlx::query(&format!("DELETE FROM messages WHERE {ANSWER_AFTER}"))
+        .bind(conversation_id.0)
+        .bind(user_message.0)
+        .execute(conn)
+        .await?;
     Ok(done.rows_affected())
 }
 
