@@ -20,10 +20,16 @@ pub struct BackupArgs {
 pub enum BackupError {
     #[error("{0} already exists: choose a new file name (a backup never overwrites)")]
     Exists(PathBuf),
-    #[error("cannot create {path}: {source}")]
-    Create { path: PathBuf, source: io::Error },
-    #[error("cannot open the database {url}: {source}")]
-    Open { url: String, source: sqlx::Error },
+    // The causes are part of the one line, not `source`s: the exit message prints an error's
+    // chain, which would say each of them twice.
+    #[error("cannot create {path}: {reason}")]
+    Create { path: PathBuf, reason: io::Error },
+    #[error(
+        "there is no database at {0}: run the backup with the server's DATA_DIR or DATABASE_URL"
+    )]
+    NoDatabase(PathBuf),
+    #[error("cannot open the database {url}: {reason}")]
+    Open { url: String, reason: sqlx::Error },
     #[error("copying the database failed: {0}")]
     Copy(sqlx::Error),
     #[error("the copy in {path} failed its check: {detail}")]
@@ -36,6 +42,12 @@ pub async fn run(args: &BackupArgs, database_url: &str) -> Result<BackupSummary,
     if target.exists() {
         return Err(BackupError::Exists(target.clone()));
     }
+    // Checked before anything is created, so a wrong DATA_DIR leaves no empty file behind.
+    let database = export::database_file(database_url)
+        .map_err(|reason| BackupError::Open { url: database_url.to_string(), reason })?;
+    if !database.exists() {
+        return Err(BackupError::NoDatabase(database));
+    }
     // Created empty with mode 600 before any data goes in, so there is no moment where the
     // copy is readable by others whatever the umask. `VACUUM INTO` accepts an empty file.
     OpenOptions::new()
@@ -43,7 +55,7 @@ pub async fn run(args: &BackupArgs, database_url: &str) -> Result<BackupSummary,
         .create_new(true)
         .mode(0o600)
         .open(target)
-        .map_err(|source| BackupError::Create { path: target.clone(), source })?;
+        .map_err(|reason| BackupError::Create { path: target.clone(), reason })?;
     match copy_and_check(target, database_url).await {
         Ok(summary) => Ok(summary),
         Err(e) => {
@@ -57,7 +69,7 @@ pub async fn run(args: &BackupArgs, database_url: &str) -> Result<BackupSummary,
 async fn copy_and_check(target: &Path, database_url: &str) -> Result<BackupSummary, BackupError> {
     let pool = export::open_existing(database_url)
         .await
-        .map_err(|source| BackupError::Open { url: database_url.to_string(), source })?;
+        .map_err(|reason| BackupError::Open { url: database_url.to_string(), reason })?;
     let copied = export::vacuum_into(&pool, target).await;
     pool.close().await;
     copied.map_err(BackupError::Copy)?;
@@ -109,7 +121,15 @@ mod tests {
 
         let missing = BackupArgs { file: dir.path().join("other.db") };
         let url = format!("sqlite://{}", dir.path().join("nope.db").display());
-        assert!(matches!(run(&missing, &url).await, Err(BackupError::Open { .. })));
+        let refused = run(&missing, &url).await;
+        assert!(matches!(&refused, Err(BackupError::NoDatabase(p)) if p.ends_with("nope.db")));
         assert!(!missing.file.exists(), "no half-made backup is left behind");
+        // Each cause is said once in the line the command prints (`{:#}` walks the chain).
+        let into_missing_dir = BackupArgs { file: dir.path().join("no-such-dir/copy.db") };
+        let url = format!("sqlite://{}", dir.path().join("t.db").display());
+        let line =
+            format!("{:#}", anyhow::Error::new(run(&into_missing_dir, &url).await.unwrap_err()));
+        assert_eq!(line.matches("No such file or directory").count(), 1, "{line}");
+        assert!(line.starts_with("cannot create "), "{line}");
     }
 }

@@ -164,7 +164,8 @@ pub struct Config {
     #[arg(long, env = "KV_CACHE_MEMORY", default_value = "4GiB", global = true)]
     pub kv_cache_memory: String,
 
-    /// Most tokens in one reply.
+    /// Most tokens the model writes in one call: a reply's text, or one round of tool calls
+    /// (an answer that uses tools makes up to AGENT_MAX_STEPS + 1 calls).
     #[arg(long, env = "REPLY_MAX_TOKENS", default_value_t = 1024, global = true)]
     pub reply_max_tokens: u32,
 

@@ -182,6 +182,7 @@ async fn api_and_v1_require_the_bearer_token() {
             assert_eq!(status, StatusCode::UNAUTHORIZED, "{method} {path} with {token:?}");
             let value: Value = serde_json::from_slice(&bytes).expect("401 body is JSON");
             assert_eq!(value["error"]["code"], "unauthorized", "{method} {path}");
+            assert_eq!(value["error"]["type"], "authentication_error", "{method} {path}");
         }
     }
     // Nothing reached the model.
@@ -231,7 +232,8 @@ async fn unknown_routes_and_wrong_methods_answer_in_the_json_error_shape() {
         }
     };
 
-    let not_found = json!({"error": {"code": "not_found", "message": "not found"}});
+    let not_found = json!({"error": {"code": "not_found", "message": "not found",
+        "type": "invalid_request_error", "param": null}});
     for token in [None, Some("wrong-token-0123456789abcd"), Some(TOKEN)] {
         for (method, path) in [
             (Method::GET, "/nope"),
@@ -256,7 +258,8 @@ async fn unknown_routes_and_wrong_methods_answer_in_the_json_error_shape() {
     assert_eq!(status, 405, "{body}");
     assert_eq!(
         body,
-        json!({"error": {"code": "method_not_allowed", "message": "method not allowed"}})
+        json!({"error": {"code": "method_not_allowed", "message": "method not allowed",
+            "type": "invalid_request_error", "param": null}})
     );
     assert_eq!(allow.as_deref(), Some("POST"));
     let (status, allow, _) = send(Method::PUT, "/api/conversations", Some(TOKEN)).await;
@@ -671,7 +674,10 @@ async fn openai_api_with_a_fake_model() {
     let (status, err) = call_json(&app, Method::POST, "/v1/chat/completions", Some(unknown)).await;
     assert_eq!(status, StatusCode::NOT_FOUND, "{err}");
     assert_eq!(err["error"]["code"], "model_not_found", "{err}");
+    assert_eq!(err["error"]["type"], "invalid_request_error", "{err}");
     assert!(error_message(&err).contains("unknown tier `gpt-4o`"), "{err}");
+    let (status, err) = call_json(&app, Method::GET, "/v1/models/gpt-4o", None).await;
+    assert_eq!((status, &err["error"]["code"]), (StatusCode::NOT_FOUND, &json!("model_not_found")));
     let cases = [
         (json!({"model": "main", "messages": []}), "messages must not be empty"),
         (json!({"model": "main", "messages": [{"role": "tool", "content": "x"}]}), "role `tool`"),

@@ -174,12 +174,15 @@ impl TestServer {
             .collect()
     }
 
-    async fn refused(&self, body: Value) -> String {
+    /// The message and `param` of the 400 the body gets, in OpenAI's error shape.
+    async fn refused(&self, body: Value) -> (String, Value) {
         let response = self.post(&body).await;
         assert_eq!(response.status(), 400, "{body}");
         let error: Value = response.json().await.expect("the JSON error shape");
         assert_eq!(error["error"]["code"], "bad_request", "{error}");
-        error["error"]["message"].as_str().expect("a message").to_string()
+        assert_eq!(error["error"]["type"], "invalid_request_error", "{error}");
+        let message = error["error"]["message"].as_str().expect("a message").to_string();
+        (message, error["error"]["param"].clone())
     }
 }
 
@@ -295,24 +298,33 @@ async fn malformed_stop_and_unsupported_sampling_fields_get_a_400_naming_them() 
     let model = PiecesModel::new(text(&["ok"]), true);
     let server = serve(&model).await;
     let cases = [
-        (json!({"stop": ""}), "stop sequences must not be empty"),
-        (json!({"stop": ["a", ""]}), "stop sequences must not be empty"),
-        (json!({"stop": ["a", "b", "c", "d", "e"]}), "stop has 5 sequences; at most 4"),
-        (json!({"stop": ["a", 1]}), "stop[1] must be a string"),
-        (json!({"stop": 42}), "stop must be a string or an array"),
-        (json!({"frequency_penalty": 0.5}), "frequency_penalty is not supported"),
-        (json!({"logit_bias": {"42": 10}}), "logit_bias is not supported"),
-        (json!({"logit_bias": [1]}), "logit_bias must be an object"),
-        (json!({"presence_penalty": 2.5}), "presence_penalty must be between -2 and 2"),
-        (json!({"logprobs": true}), "logprobs and top_logprobs are not supported"),
-        (json!({"top_logprobs": 3}), "logprobs and top_logprobs are not supported"),
-        (json!({"top_p": 0}), "top_p must be in (0, 1]"),
-        (json!({"max_completion_tokens": 0}), "max_tokens must be between 1 and"),
+        (json!({"stop": ""}), "stop sequences must not be empty", "stop"),
+        (json!({"stop": ["a", ""]}), "stop sequences must not be empty", "stop"),
+        (json!({"stop": ["a", "b", "c", "d", "e"]}), "stop has 5 sequences; at most 4", "stop"),
+        (json!({"stop": ["a", 1]}), "stop[1] must be a string", "stop"),
+        (json!({"stop": 42}), "stop must be a string or an array", "stop"),
+        (json!({"frequency_penalty": 0.5}), "frequency_penalty is not", "frequency_penalty"),
+        (json!({"logit_bias": {"42": 10}}), "logit_bias is not supported", "logit_bias"),
+        (json!({"logit_bias": [1]}), "logit_bias must be an object", "logit_bias"),
+        (json!({"presence_penalty": 2.5}), "presence_penalty must be", "presence_penalty"),
+        (json!({"logprobs": true}), "logprobs and top_logprobs are not supported", "logprobs"),
+        (json!({"top_logprobs": 3}), "logprobs and top_logprobs are not supported", "logprobs"),
+        (json!({"top_p": 0}), "top_p must be in (0, 1]", "top_p"),
+        (json!({"max_completion_tokens": 0}), "max_tokens must be between 1 and", "max_tokens"),
+        (json!({"n": 2}), "only n = 1 is supported", "n"),
+        (json!({"tools": {}}), "tools must be an array", "tools"),
+        (json!({"tool_choice": "always"}), "tool_choice `always` is not supported", "tool_choice"),
+        (json!({"response_format": {"type": "xml"}}), "response_format.type", "response_format"),
+        (json!({"messages": []}), "messages must not be empty", "messages"),
     ];
-    for (extra, expected) in cases {
-        let message = server.refused(ask(extra.clone())).await;
+    for (extra, expected, param) in cases {
+        let (message, named) = server.refused(ask(extra.clone())).await;
         assert!(message.starts_with(expected), "{extra}: `{message}`");
+        assert_eq!(named, param, "{extra}: `{message}`");
     }
+    // A body that is not a request at all names no field.
+    let (_, named) = server.refused(json!({"model": "main"})).await;
+    assert_eq!(named, Value::Null);
     assert_eq!(model.requests.lock().unwrap().len(), 0, "no refused request reached the model");
 }
 

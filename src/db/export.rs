@@ -2,7 +2,7 @@
 //! so an export of any size holds one page in memory), and a consistent copy of the whole
 //! database file (`VACUUM INTO`) for backups. Read-only towards the live data.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use sqlx::sqlite::SqliteConnectOptions;
@@ -119,6 +119,11 @@ pub async fn open_existing(url: &str) -> Result<SqlitePool, sqlx::Error> {
         .create_if_missing(false)
         .busy_timeout(std::time::Duration::from_secs(10));
     sqlx::sqlite::SqlitePoolOptions::new().max_connections(1).connect_with(options).await
+}
+
+/// The file a `sqlite:` URL names.
+pub fn database_file(url: &str) -> Result<PathBuf, sqlx::Error> {
+    Ok(SqliteConnectOptions::from_str(url)?.get_filename().to_path_buf())
 }
 
 /// Checks a copy: SQLite's integrity check and what it holds.

@@ -1,5 +1,6 @@
-//! `ApiError`: every handler error becomes a JSON body `{"error": {"code", "message"}}`
-//! with the right status; it is the only error shape of the HTTP API, and the extractor
+//! `ApiError`: every handler error becomes a JSON body `{"error": {"code", "message",
+//! "type", "param"}}` with the right status (`type` and `param` as OpenAI's errors have them,
+//! so its clients read ours); it is the only error shape of the HTTP API, and the extractor
 //! wrappers here (`ApiJson`, `ApiQuery`, `ApiPath`) give rejections that shape too. 5xx
 //! answers carry generic text; their cause is attached as a response extension and logged by
 //! a middleware, never inside the conversion. Every 503 says when to retry (`Retry-After`).
@@ -17,6 +18,9 @@ use crate::llm::LlmError;
 pub enum ApiError {
     #[error("{0}")]
     BadRequest(String),
+    /// A bad value of the request field `param` (a 400 whose `param` names it).
+    #[error("{message}")]
+    BadParam { param: &'static str, message: String },
     #[error("missing or invalid bearer token")]
     Unauthorized,
     /// A missing or wrong shared secret other than the bearer token (`X-Cron-Secret`).
@@ -63,12 +67,16 @@ struct ErrorBody<'a> {
 struct ErrorDetail<'a> {
     code: &'a str,
     message: String,
+    r#type: &'a str,
+    param: Option<&'a str>,
 }
 
 impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
-            ApiError::BadRequest(_) | ApiError::ContextTooLong(_) => StatusCode::BAD_REQUEST,
+            ApiError::BadRequest(_) | ApiError::BadParam { .. } | ApiError::ContextTooLong(_) => {
+                StatusCode::BAD_REQUEST
+            }
             ApiError::Unauthorized | ApiError::WrongSecret(_) | ApiError::BadSignature => {
                 StatusCode::UNAUTHORIZED
             }
@@ -85,7 +93,7 @@ impl ApiError {
 
     fn code(&self) -> &'static str {
         match self {
-            ApiError::BadRequest(_) => "bad_request",
+            ApiError::BadRequest(_) | ApiError::BadParam { .. } => "bad_request",
             ApiError::Unauthorized | ApiError::WrongSecret(_) => "unauthorized",
             ApiError::BadSignature => "bad_signature",
             ApiError::Forbidden(_) => "forbidden",
@@ -100,13 +108,39 @@ impl ApiError {
             ApiError::Internal(_) => "internal",
         }
     }
+
+    /// OpenAI's error `type`, from the status as its API gives it.
+    fn kind(&self) -> &'static str {
+        match self.status() {
+            StatusCode::UNAUTHORIZED => "authentication_error",
+            StatusCode::FORBIDDEN => "permission_error",
+            status if status.is_server_error() => "server_error",
+            _ => "invalid_request_error",
+        }
+    }
+
+    /// The request field a 400 is about, as OpenAI's `param`.
+    fn param(&self) -> Option<&'static str> {
+        match self {
+            ApiError::BadParam { param, .. } => Some(param),
+            // The prompt is what does not fit.
+            ApiError::ContextTooLong(_) => Some("messages"),
+            _ => None,
+        }
+    }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
-        let body =
-            ErrorBody { error: ErrorDetail { code: self.code(), message: self.to_string() } };
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code(),
+                message: self.to_string(),
+                r#type: self.kind(),
+                param: self.param(),
+            },
+        };
         let mut response = (status, Json(body)).into_response();
         if let ApiError::Internal(cause) = self {
             response.extensions_mut().insert(InternalCause(cause));
@@ -236,6 +270,9 @@ mod tests {
             (StatusCode::BAD_REQUEST, "context_length_exceeded")
         );
         assert!(error.to_string().contains("room for a 128-token answer"), "{error}");
+        assert_eq!((error.kind(), error.param()), ("invalid_request_error", Some("messages")));
+        let busy = ApiError::from(LlmError::QueueFull);
+        assert_eq!((busy.kind(), busy.param()), ("server_error", None));
         let unknown = ApiError::ModelNotFound("unknown tier `gpt-4o`".into());
         assert_eq!((unknown.status(), unknown.code()), (StatusCode::NOT_FOUND, "model_not_found"));
     }

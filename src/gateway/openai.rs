@@ -279,7 +279,9 @@ async fn list_models() -> ApiJson<ModelList> {
 async fn get_model(ApiPath(id): ApiPath<String>) -> Result<ApiJson<ModelObject>, ApiError> {
     match Tier::from_name(&id) {
         Some(tier) => Ok(ApiJson(model_object(tier))),
-        None => Err(ApiError::NotFound(format!("model `{id}` does not exist; use a tier name"))),
+        None => {
+            Err(ApiError::ModelNotFound(format!("model `{id}` does not exist; use a tier name")))
+        }
     }
 }
 
@@ -290,7 +292,7 @@ async fn post_chat_completions(
     // An unknown model is OpenAI's 404 `model_not_found`, which clients recognise.
     let tier = parse_tier(&request.model).map_err(|e| ApiError::ModelNotFound(e.to_string()))?;
     if request.n.is_some_and(|n| n != 1) {
-        return Err(ApiError::BadRequest("only n = 1 is supported".into()));
+        return Err(invalid("n", "only n = 1 is supported".into()));
     }
     let tools = tool_use(&request)?;
     let mut messages = to_turns(&request.messages)?;
@@ -301,7 +303,7 @@ async fn post_chat_completions(
         messages.insert(0, ChatTurn::new(Role::System, persona.system_turn()));
     }
     let params = params_for(&request, state.reply_max_tokens)?;
-    let stops = parse_stop(request.stop.as_ref()).map_err(ApiError::BadRequest)?;
+    let stops = parse_stop(request.stop.as_ref()).map_err(|message| invalid("stop", message))?;
     let include_usage = request.stream_options.as_ref().is_some_and(|o| o.include_usage);
     let calls = CallFilter::new(&tools);
     let started = Instant::now();
@@ -633,11 +635,17 @@ fn tool_call_deltas(index: u32, call: ToolCall) -> [Delta; 2] {
     [header, arguments].map(|d| Delta { tool_calls: vec![d], ..Delta::default() })
 }
 
+/// A 400 about the request field `param`, which OpenAI's clients read from the error.
+fn invalid(param: &'static str, message: String) -> ApiError {
+    ApiError::BadParam { param, message }
+}
+
 /// The request's `tools`, `tool_choice`, `parallel_tool_calls` and `response_format` as the
 /// shared `ToolUse`, each checked with a message that names the offending field.
 fn tool_use(request: &CompletionRequest) -> Result<ToolUse, ApiError> {
     if request.functions.is_some() || request.function_call.is_some() {
-        return Err(ApiError::BadRequest(
+        return Err(invalid(
+            "functions",
             "`functions` and `function_call` are deprecated and not supported; use `tools` and \
              `tool_choice`"
                 .into(),
@@ -647,25 +655,28 @@ fn tool_use(request: &CompletionRequest) -> Result<ToolUse, ApiError> {
         None | Some(Value::Null) => Vec::new(),
         Some(Value::Array(items)) => {
             if items.len() > MAX_TOOLS {
-                return Err(ApiError::BadRequest(format!(
-                    "tools has {} entries; at most {MAX_TOOLS} are allowed",
-                    items.len()
-                )));
+                return Err(invalid(
+                    "tools",
+                    format!("tools has {} entries; at most {MAX_TOOLS} are allowed", items.len()),
+                ));
             }
             let mut tools: Vec<ToolSpec> = Vec::with_capacity(items.len());
             for (index, item) in items.iter().enumerate() {
                 let tool = parse_tool(index, item)?;
                 if tools.iter().any(|t| t.name == tool.name) {
-                    return Err(ApiError::BadRequest(format!(
-                        "tools[{index}]: the function name `{}` is declared twice",
-                        tool.name
-                    )));
+                    return Err(invalid(
+                        "tools",
+                        format!(
+                            "tools[{index}]: the function name `{}` is declared twice",
+                            tool.name
+                        ),
+                    ));
                 }
                 tools.push(tool);
             }
             tools
         }
-        Some(_) => return Err(ApiError::BadRequest("tools must be an array".into())),
+        Some(_) => return Err(invalid("tools", "tools must be an array".into())),
     };
     let choice = match &request.tool_choice {
         None | Some(Value::Null) => ToolChoice::Auto,
@@ -693,7 +704,7 @@ fn valid_name(name: &str) -> bool {
 /// "parameters", "strict"}}`. Parameters default to an object without properties, as on
 /// OpenAI; given, they must be a JSON Schema object (of type `object` if it says a type).
 fn parse_tool(index: usize, item: &Value) -> Result<ToolSpec, ApiError> {
-    let bad = |what: String| ApiError::BadRequest(format!("tools[{index}]{what}"));
+    let bad = |what: String| invalid("tools", format!("tools[{index}]{what}"));
     let Some(object) = item.as_object() else {
         return Err(bad(" must be an object".into()));
     };
@@ -753,21 +764,25 @@ fn parse_tool_choice(value: &Value, tools: &[ToolSpec]) -> Result<ToolChoice, Ap
             "none" => ToolChoice::None,
             "required" => ToolChoice::Required,
             other => {
-                return Err(ApiError::BadRequest(format!(
-                    "tool_choice `{other}` is not supported: use \"auto\", \"none\", \
+                return Err(invalid(
+                    "tool_choice",
+                    format!(
+                        "tool_choice `{other}` is not supported: use \"auto\", \"none\", \
                      \"required\" or {{\"type\": \"function\", \"function\": {{\"name\": …}}}}"
-                )))
+                    ),
+                ))
             }
         },
         Value::Object(object) => {
             let name = match (object.get("type").and_then(Value::as_str), object.get("function")) {
                 (Some("function"), Some(function)) => {
                     function.get("name").and_then(Value::as_str).ok_or_else(|| {
-                        ApiError::BadRequest("tool_choice.function.name is missing".into())
+                        invalid("tool_choice", "tool_choice.function.name is missing".into())
                     })?
                 }
                 _ => {
-                    return Err(ApiError::BadRequest(
+                    return Err(invalid(
+                        "tool_choice",
                         "tool_choice must be \"auto\", \"none\", \"required\" or {\"type\": \
                          \"function\", \"function\": {\"name\": …}}"
                             .into(),
@@ -775,16 +790,20 @@ fn parse_tool_choice(value: &Value, tools: &[ToolSpec]) -> Result<ToolChoice, Ap
                 }
             };
             if !tools.iter().any(|t| t.name == name) {
-                return Err(ApiError::BadRequest(format!(
-                    "tool_choice names the function `{name}`, which is not in tools"
-                )));
+                return Err(invalid(
+                    "tool_choice",
+                    format!("tool_choice names the function `{name}`, which is not in tools"),
+                ));
             }
             ToolChoice::Function(name.to_string())
         }
-        _ => return Err(ApiError::BadRequest("tool_choice must be a string or an object".into())),
+        _ => {
+            return Err(invalid("tool_choice", "tool_choice must be a string or an object".into()))
+        }
     };
     if choice == ToolChoice::Required && tools.is_empty() {
-        return Err(ApiError::BadRequest(
+        return Err(invalid(
+            "tool_choice",
             "tool_choice is \"required\" but no tools are given".into(),
         ));
     }
@@ -792,7 +811,7 @@ fn parse_tool_choice(value: &Value, tools: &[ToolSpec]) -> Result<ToolChoice, Ap
 }
 
 fn parse_response_format(value: &Value) -> Result<ResponseFormat, ApiError> {
-    let bad = |message: &str| ApiError::BadRequest(message.to_string());
+    let bad = |message: &str| invalid("response_format", message.to_string());
     let Some(object) = value.as_object() else {
         return Err(bad("response_format must be an object with a type"));
     };
@@ -809,10 +828,13 @@ fn parse_response_format(value: &Value) -> Result<ResponseFormat, ApiError> {
             let name = match spec.get("name") {
                 Some(Value::String(name)) if valid_name(name) => name.clone(),
                 Some(Value::String(name)) => {
-                    return Err(ApiError::BadRequest(format!(
-                        "response_format.json_schema.name `{name}` is invalid: use 1 to 64 \
+                    return Err(invalid(
+                        "response_format",
+                        format!(
+                            "response_format.json_schema.name `{name}` is invalid: use 1 to 64 \
                          letters, digits, `_` or `-`"
-                    )))
+                        ),
+                    ))
                 }
                 _ => return Err(bad("response_format.json_schema.name is missing")),
             };
@@ -832,10 +854,13 @@ fn parse_response_format(value: &Value) -> Result<ResponseFormat, ApiError> {
             }
             Ok(ResponseFormat::JsonSchema { name, schema })
         }
-        Some(other) => Err(ApiError::BadRequest(format!(
-            "response_format.type `{other}` is not supported: use text, json_object or \
+        Some(other) => Err(invalid(
+            "response_format",
+            format!(
+                "response_format.type `{other}` is not supported: use text, json_object or \
              json_schema"
-        ))),
+            ),
+        )),
         None => Err(bad("response_format.type is missing")),
     }
 }
@@ -846,7 +871,7 @@ fn parse_response_format(value: &Value) -> Result<ResponseFormat, ApiError> {
 /// or a result for no call, is refused rather than shown to the model half-formed).
 fn to_turns(messages: &[MessageIn]) -> Result<Vec<ChatTurn>, ApiError> {
     if messages.is_empty() {
-        return Err(ApiError::BadRequest("messages must not be empty".into()));
+        return Err(invalid("messages", "messages must not be empty".into()));
     }
     let mut turns = Vec::with_capacity(messages.len());
     // Ids of the latest assistant calls that still wait for their tool message, and the
@@ -860,38 +885,50 @@ fn to_turns(messages: &[MessageIn]) -> Result<Vec<ChatTurn>, ApiError> {
             "assistant" => Role::Assistant,
             "tool" => Role::Tool,
             other => {
-                return Err(ApiError::BadRequest(format!(
-                    "messages[{index}].role `{other}` is not supported (use system, user, \
+                return Err(invalid(
+                    "messages",
+                    format!(
+                        "messages[{index}].role `{other}` is not supported (use system, user, \
                      assistant or tool)"
-                )))
+                    ),
+                ))
             }
         };
         if role != Role::Tool && !awaiting.is_empty() {
             return Err(unanswered(calls_at, &awaiting));
         }
         let content = content_text(&message.content).ok_or_else(|| {
-            ApiError::BadRequest(format!(
-                "messages[{index}].content must be a string or an array of text parts"
-            ))
+            invalid(
+                "messages",
+                format!("messages[{index}].content must be a string or an array of text parts"),
+            )
         })?;
-        check_message_length(&format!("messages[{index}].content"), &content)?;
+        check_message_length(&format!("messages[{index}].content"), &content)
+            .map_err(|e| invalid("messages", e.to_string()))?;
         if message.tool_calls.as_ref().is_some_and(|c| !c.is_null()) && role != Role::Assistant {
-            return Err(ApiError::BadRequest(format!(
-                "messages[{index}]: only assistant messages may carry tool_calls"
-            )));
+            return Err(invalid(
+                "messages",
+                format!("messages[{index}]: only assistant messages may carry tool_calls"),
+            ));
         }
         let turn = match role {
             Role::Tool => {
                 let Some(id) = message.tool_call_id.as_deref().filter(|id| !id.is_empty()) else {
-                    return Err(ApiError::BadRequest(format!(
-                        "messages[{index}]: a message with role `tool` needs a tool_call_id"
-                    )));
+                    return Err(invalid(
+                        "messages",
+                        format!(
+                            "messages[{index}]: a message with role `tool` needs a tool_call_id"
+                        ),
+                    ));
                 };
                 let Some(position) = awaiting.iter().position(|a| a == id) else {
-                    return Err(ApiError::BadRequest(format!(
-                        "messages[{index}]: tool_call_id `{id}` does not answer a call of the \
+                    return Err(invalid(
+                        "messages",
+                        format!(
+                            "messages[{index}]: tool_call_id `{id}` does not answer a call of the \
                          assistant message before it"
-                    )));
+                        ),
+                    ));
                 };
                 awaiting.remove(position);
                 ChatTurn::tool_result(id, content)
@@ -913,25 +950,28 @@ fn to_turns(messages: &[MessageIn]) -> Result<Vec<ChatTurn>, ApiError> {
         return Err(unanswered(calls_at, &awaiting));
     }
     if turns.last().is_some_and(|t| t.role == Role::Assistant) {
-        return Err(ApiError::BadRequest("the last message must not be from the assistant".into()));
+        return Err(invalid("messages", "the last message must not be from the assistant".into()));
     }
     Ok(turns)
 }
 
 /// The error for calls of the assistant message `index` that no tool message answers.
 fn unanswered(index: usize, awaiting: &[String]) -> ApiError {
-    ApiError::BadRequest(format!(
-        "messages[{index}]: the assistant's tool calls {} have no tool message answering them \
+    invalid(
+        "messages",
+        format!(
+            "messages[{index}]: the assistant's tool calls {} have no tool message answering them \
          (each call needs a `tool` message with its tool_call_id, right after the call)",
-        awaiting.iter().map(|id| format!("`{id}`")).collect::<Vec<_>>().join(", ")
-    ))
+            awaiting.iter().map(|id| format!("`{id}`")).collect::<Vec<_>>().join(", ")
+        ),
+    )
 }
 
 /// An assistant message's `tool_calls`: `[{id, type: "function", function: {name,
 /// arguments}}]`, with arguments as JSON text (OpenAI's shape; an object is accepted too and
 /// written back as text).
 fn parse_tool_calls(index: usize, calls: &Value) -> Result<Vec<ToolCall>, ApiError> {
-    let bad = |what: String| ApiError::BadRequest(format!("messages[{index}].tool_calls{what}"));
+    let bad = |what: String| invalid("messages", format!("messages[{index}].tool_calls{what}"));
     let Some(items) = calls.as_array() else {
         return Err(bad(" must be an array".into()));
     };
@@ -989,26 +1029,30 @@ fn params_for(
     let max_tokens =
         request.max_completion_tokens.or(request.max_tokens).unwrap_or(default_max_tokens);
     if max_tokens == 0 || max_tokens > MAX_MAX_TOKENS {
-        return Err(ApiError::BadRequest(format!(
-            "max_tokens must be between 1 and {MAX_MAX_TOKENS}"
-        )));
+        return Err(invalid(
+            "max_tokens",
+            format!("max_tokens must be between 1 and {MAX_MAX_TOKENS}"),
+        ));
     }
     let mut params = GenerationParams::qwen3_non_thinking(max_tokens);
     if let Some(t) = request.temperature {
         if !(0.0..=2.0).contains(&t) {
-            return Err(ApiError::BadRequest("temperature must be between 0 and 2".into()));
+            return Err(invalid("temperature", "temperature must be between 0 and 2".into()));
         }
         params.temperature = t;
     }
     if let Some(p) = request.top_p {
         if !(p > 0.0 && p <= 1.0) {
-            return Err(ApiError::BadRequest("top_p must be in (0, 1]".into()));
+            return Err(invalid("top_p", "top_p must be in (0, 1]".into()));
         }
         params.top_p = p;
     }
     if let Some(p) = request.presence_penalty {
         if !(-2.0..=2.0).contains(&p) {
-            return Err(ApiError::BadRequest("presence_penalty must be between -2 and 2".into()));
+            return Err(invalid(
+                "presence_penalty",
+                "presence_penalty must be between -2 and 2".into(),
+            ));
         }
         params.presence_penalty = p;
     }
@@ -1016,7 +1060,8 @@ fn params_for(
     // would otherwise get an answer made without it and never know. The neutral values
     // many clients send by default ask for nothing and pass.
     if request.frequency_penalty.is_some_and(|p| p != 0.0) {
-        return Err(ApiError::BadRequest(
+        return Err(invalid(
+            "frequency_penalty",
             "frequency_penalty is not supported (leave it out or 0); presence_penalty is".into(),
         ));
     }
@@ -1024,14 +1069,16 @@ fn params_for(
         None | Some(Value::Null) => {}
         Some(Value::Object(biases)) if biases.is_empty() => {}
         Some(Value::Object(_)) => {
-            return Err(ApiError::BadRequest(
+            return Err(invalid(
+                "logit_bias",
                 "logit_bias is not supported (leave it out or {})".into(),
             ))
         }
-        Some(_) => return Err(ApiError::BadRequest("logit_bias must be an object".into())),
+        Some(_) => return Err(invalid("logit_bias", "logit_bias must be an object".into())),
     }
     if request.logprobs == Some(true) || request.top_logprobs.is_some_and(|n| n > 0) {
-        return Err(ApiError::BadRequest(
+        return Err(invalid(
+            "logprobs",
             "logprobs and top_logprobs are not supported (leave them out, false or 0)".into(),
         ));
     }
