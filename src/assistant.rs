@@ -101,6 +101,8 @@ pub struct ConversationEvent {
 pub enum Change {
     /// A message was stored in it.
     Stored { message_id: MessageId, role: Role },
+    /// It was renamed.
+    Renamed,
     /// It was deleted.
     Deleted,
 }
@@ -562,6 +564,12 @@ impl Assistant {
     pub fn announce_deleted(&self, conversation_id: ConversationId) {
         let _ =
             self.inner.events.send(ConversationEvent { conversation_id, change: Change::Deleted });
+    }
+
+    /// Tells open pages that a conversation was renamed.
+    pub fn announce_renamed(&self, conversation_id: ConversationId) {
+        let _ =
+            self.inner.events.send(ConversationEvent { conversation_id, change: Change::Renamed });
     }
 
     /// Runs a whole turn and collects the answer, for channels that send one message. It
@@ -1190,6 +1198,8 @@ struct Step {
     n_pieces: u32,
     /// When the first of them arrived.
     first_text: Option<Instant>,
+    /// The prompt's size, as the local engine said when it took the call (0 otherwise).
+    prompt_tokens: u32,
     end: StepEnd,
 }
 
@@ -1215,7 +1225,9 @@ impl Generation {
         let mut stop_open = true;
         // Text pieces of the model call that did not finish: the local engine sends one per
         // generated token that has text, so this is its completion count (a lower bound).
+        // Its prompt's size is known when the local engine said it on taking the call.
         let mut unfinished_pieces: u32 = 0;
+        let mut unfinished_prompt: u32 = 0;
         // When the first text arrived, and when the first model call ended: the time to
         // first token, on the same clock as the total (`received`).
         let mut first_text: Option<Instant> = None;
@@ -1235,10 +1247,12 @@ impl Generation {
             let (usage, finish) = match step.end {
                 StepEnd::Cancelled => {
                     unfinished_pieces = step.n_pieces;
+                    unfinished_prompt = step.prompt_tokens;
                     break (step.text, Ok((Usage::default(), FinishReason::Cancelled)));
                 }
                 StepEnd::Failed(e) => {
                     unfinished_pieces = step.n_pieces;
+                    unfinished_prompt = step.prompt_tokens;
                     break (step.text, Err(e));
                 }
                 StepEnd::Finished(usage, finish) => (usage, finish),
@@ -1281,11 +1295,16 @@ impl Generation {
             }
         };
         // An answer cut short reports what is known: the model calls that finished (their
-        // prompt, prefill and decode), plus the text pieces of the one that did not. The
-        // engine reports a call's usage only when it finishes, so a call stopped in the
-        // first round leaves the prompt's size unknown (0).
+        // prompt, prefill and decode), plus the text pieces of the one that did not and its
+        // prompt's size when the local engine said it (a remote server says it only at the
+        // end, so a first call stopped there leaves it unknown: 0).
         let cut_short = Usage {
             completion_tokens: total.completion_tokens + unfinished_pieces,
+            prompt_tokens: if unfinished_prompt > 0 {
+                unfinished_prompt
+            } else {
+                total.prompt_tokens
+            },
             ..total.clone()
         };
 
@@ -1344,7 +1363,7 @@ impl Generation {
             left_machine: self.leaves_machine,
         };
         let inner = &self.assistant.inner;
-        let stored = memory::add_message_with_rounds(&inner.pool, &message, &rounds).await;
+        let stored = memory::add_answer(&inner.pool, &message, &rounds, error.as_deref()).await;
         let message_id = match stored {
             Ok(id) => {
                 let _ = inner.events.send(ConversationEvent {
@@ -1534,6 +1553,7 @@ async fn read_step(
         calls: Vec::new(),
         n_pieces: 0,
         first_text: None,
+        prompt_tokens: 0,
         end: StepEnd::Cancelled,
     };
     step.end = loop {
@@ -1555,6 +1575,7 @@ async fn read_step(
                 let _ = tx.send(Event::Notice { kind, message }).await;
             }
             Some(Ok(Chunk::ToolCall(call))) => step.calls.push(call),
+            Some(Ok(Chunk::Accepted { prompt_tokens })) => step.prompt_tokens = prompt_tokens,
             Some(Ok(Chunk::Done { usage, finish })) => break StepEnd::Finished(usage, finish),
             Some(Err(e)) => break StepEnd::Failed(e.to_string()),
             None => break StepEnd::Failed("the model stream ended unexpectedly".into()),

@@ -409,7 +409,7 @@ async fn complete(
         match item? {
             Chunk::Text(piece) => text.push_str(&piece),
             // The benchmark offers no tools.
-            Chunk::Notice { .. } | Chunk::ToolCall(_) => {}
+            Chunk::Notice { .. } | Chunk::ToolCall(_) | Chunk::Accepted { .. } => {}
             Chunk::Done { usage, .. } => return Ok((text, usage)),
         }
     }

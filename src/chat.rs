@@ -99,6 +99,7 @@ async fn stream_answer(engine: &EngineHandle, request: LlmRequest) -> anyhow::Re
                 answer.push_str(&piece);
             }
             Chunk::Notice { message, .. } => eprintln!("[{message}]"),
+            Chunk::Accepted { .. } => {}
             // The terminal chat offers no tools.
             Chunk::ToolCall(_) => {}
             Chunk::Done { usage, .. } => {

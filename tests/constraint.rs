@@ -101,7 +101,7 @@ async fn run(
                     .unwrap_or_else(|err| panic!("arguments {:?}: {err}", call.arguments));
                 calls.push((call.name, arguments));
             }
-            Chunk::Notice { .. } => {}
+            Chunk::Notice { .. } | Chunk::Accepted { .. } => {}
             Chunk::Done { finish, .. } => return Ok((text, calls, finish)),
         }
     }

@@ -47,6 +47,8 @@ struct ScriptedModel {
     gate: Arc<Semaphore>,
     context_chars: Mutex<usize>,
     refuse: Mutex<Option<LlmError>>,
+    /// An error that ends the answer after its text, instead of its end.
+    fail: Mutex<Option<LlmError>>,
     calls: Mutex<Vec<Call>>,
 }
 
@@ -57,6 +59,7 @@ impl ScriptedModel {
             gate: Arc::new(Semaphore::new(0)),
             context_chars: Mutex::new(usize::MAX),
             refuse: Mutex::new(None),
+            fail: Mutex::new(None),
             calls: Mutex::new(Vec::new()),
         })
     }
@@ -124,6 +127,11 @@ impl Provider for Shared {
                     if tx.send(Ok(Chunk::Text(word))).await.is_err() {
                         return;
                     }
+                }
+                let failure = model.fail.lock().unwrap().clone();
+                if let Some(err) = failure {
+                    let _ = tx.send(Err(err)).await;
+                    return;
                 }
                 if model.gated {
                     // Ends when the test allows it, or when the reader goes away (a stop).
@@ -536,6 +544,12 @@ async fn an_answer_outlives_its_page_and_another_page_can_follow_it() {
     // The page goes away (a reload): the answer is not stopped.
     drop(page);
     tokio::time::sleep(Duration::from_millis(100)).await;
+    // The list says which conversations are being answered.
+    let answering = |list: &Value| {
+        let all = list["conversations"].as_array().unwrap();
+        all.iter().find(|c| c["id"] == id).unwrap()["answering"].clone()
+    };
+    assert_eq!(answering(&app.get_json("/api/conversations").await), json!(true));
 
     // A page that comes (the reloaded one, another tab) follows it from its start.
     let response = live(id).await.expect("GET live");
@@ -557,6 +571,29 @@ async fn an_answer_outlives_its_page_and_another_page_can_follow_it() {
     assert_eq!(messages[1]["content"], "answer to write a long story");
     // Nothing runs any more.
     assert_eq!(live(id).await.expect("GET live").status(), 204);
+    assert_eq!(answering(&app.get_json("/api/conversations").await), json!(false));
+    assert!(messages[1].get("error").is_none(), "complete, not failed: {}", messages[1]);
+}
+
+/// A failed answer keeps why it failed, so a page that loads it later says it again (not
+/// only that it stopped before its end).
+#[tokio::test]
+async fn a_failed_answer_keeps_its_reason_for_a_page_that_loads_it_later() {
+    let model = ScriptedModel::new(false);
+    *model.fail.lock().unwrap() = Some(LlmError::Inference("the GPU fell off".into()));
+    let app = test_app(model).await;
+    let mut page = app.stream(json!({"message": "hello"})).await;
+    let id = page.next_json(EVENT_WAIT).await.expect("meta")["conversation_id"].as_i64().unwrap();
+    let events = rest(&mut page).await;
+    let error = of_type(&events, "error");
+    assert_eq!(error.len(), 1, "{events:?}");
+    let said = error[0]["message"].as_str().unwrap();
+    assert!(said.contains("the GPU fell off"), "{said}");
+
+    let messages = app.messages(id).await;
+    assert_eq!(roles_and_status(&messages)[1], ("assistant".into(), "partial".into()));
+    assert_eq!(messages[1]["content"], "answer to hello");
+    assert_eq!(messages[1]["error"], said, "the reason the page was told");
 }
 
 // --- Refusals and trimming ---------------------------------------------------------------------

@@ -293,12 +293,24 @@ async fn answer(
     let mut stream =
         engine.submit_with(LlmRequest { messages, params, tools: Default::default() }, options)?;
     let mut text = String::new();
+    // The engine says it took the request, with the prompt's size, before anything else.
+    let mut accepted = None;
     while let Some(item) = stream.recv().await {
-        match item? {
+        let chunk = item?;
+        if accepted.is_none() {
+            assert!(matches!(chunk, Chunk::Accepted { .. }), "{chunk:?} came first");
+        }
+        match chunk {
+            Chunk::Accepted { prompt_tokens } => {
+                assert_eq!(accepted.replace(prompt_tokens), None, "accepted twice");
+            }
             Chunk::Text(piece) => text.push_str(&piece),
             Chunk::Notice { .. } => {}
             Chunk::ToolCall(call) => panic!("no tools were offered, got {call:?}"),
-            Chunk::Done { usage, finish } => return Ok((text, usage, finish)),
+            Chunk::Done { usage, finish } => {
+                assert_eq!(accepted, Some(usage.prompt_tokens), "the prompt said when taken");
+                return Ok((text, usage, finish));
+            }
         }
     }
     Err(LlmError::EngineStopped)

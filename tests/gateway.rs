@@ -708,8 +708,9 @@ async fn events_stream_reports_messages_as_they_are_stored() {
     let mut buffer = String::new();
     let mut events: Vec<Value> = Vec::new();
     let mut sent = false;
+    let mut renamed = false;
     let deadline = Instant::now() + Duration::from_secs(20);
-    while events.iter().filter(|e| e["type"] == "message").count() < 2 {
+    while !events.iter().any(|e| e["type"] == "renamed") {
         let remaining = deadline.saturating_duration_since(Instant::now());
         let chunk = tokio::time::timeout(remaining, body.next())
             .await
@@ -728,6 +729,17 @@ async fn events_stream_reports_messages_as_they_are_stored() {
             sent = true;
             call(&app, Method::POST, "/api/chat", Some(TOKEN), Some(r#"{"message":"live"}"#)).await;
         }
+        let stored = events.iter().filter(|e| e["type"] == "message").count();
+        if !renamed && stored == 2 {
+            // A rename in another tab reaches the open pages too.
+            renamed = true;
+            let id =
+                events.iter().find(|e| e["type"] == "message").unwrap()["conversation_id"].clone();
+            let path = format!("/api/conversations/{id}");
+            let body = r#"{"title":"renamed elsewhere"}"#;
+            let (status, _, _) = call(&app, Method::PATCH, &path, Some(TOKEN), Some(body)).await;
+            assert_eq!(status, StatusCode::OK);
+        }
     }
     assert_eq!(events[0], json!({"type": "ready"}));
     let messages: Vec<&Value> = events.iter().filter(|e| e["type"] == "message").collect();
@@ -735,6 +747,11 @@ async fn events_stream_reports_messages_as_they_are_stored() {
     assert_eq!(messages[1]["role"], "assistant");
     assert_eq!(messages[0]["conversation_id"], messages[1]["conversation_id"]);
     assert!(messages[1]["message_id"].as_i64() > messages[0]["message_id"].as_i64());
+    let renamed = events.iter().find(|e| e["type"] == "renamed").unwrap();
+    assert_eq!(
+        renamed,
+        &json!({"type": "renamed", "conversation_id": messages[0]["conversation_id"]})
+    );
 }
 
 #[tokio::test]
@@ -1151,12 +1168,51 @@ async fn real_model_stop_endpoint_stops_the_engine() {
     let ttft_ms = done["timings"]["ttft_ms"].as_u64().unwrap();
     assert!(ttft_ms > 0 && done["timings"]["total_ms"].as_u64().unwrap() >= ttft_ms, "{done}");
     assert!(done["usage"]["completion_tokens"].as_u64().unwrap() >= 2, "{done}");
+    // The engine said the prompt's size when it took the request.
+    let prompt_tokens = done["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(prompt_tokens > 10, "{done}");
     assert!(reader.next_data(Duration::from_secs(5)).await.is_none(), "the stream ends");
 
     let answer = stored_answer(&server, conversation_id).await;
     assert_eq!(answer["status"], "partial", "{answer}");
     assert_eq!(answer["content"].as_str().unwrap(), text);
+    assert_eq!(answer["prompt_tokens"], prompt_tokens, "{answer}");
+    assert!(answer.get("error").is_none(), "stopped, not failed: {answer}");
     assert!(!text.is_empty());
+    assert_engine_is_free(&server).await;
+}
+
+/// An answer runs from when the model takes its prompt, before reading it: the page gets
+/// `meta` at once, so a long prompt's reading can be stopped (and followed, and outlives
+/// the page), and the stopped answer knows its prompt's size. Before, `meta` came with the
+/// first token, and a stop sent before it found nothing to stop.
+#[tokio::test]
+async fn real_model_answer_can_be_stopped_while_its_prompt_is_read() {
+    let _one_at_a_time = REAL_MODEL.lock().await;
+    let server = real_server(64);
+    // About 3,500 tokens: seconds of prefill on these machines, where the stop takes
+    // milliseconds to arrive.
+    let long = format!("{}\nWhat was the first word?", "lorem ipsum dolor sit amet ".repeat(550));
+    let mut reader = start_chat(&server, json!({"message": long})).await;
+    let meta = reader.next_json(Duration::from_secs(60)).await.unwrap();
+    assert_eq!(meta["type"], "meta", "{meta}");
+    let conversation_id = meta["conversation_id"].as_i64().unwrap();
+    let response = http()
+        .post(server.url(&format!("/api/chat/{conversation_id}/stop")))
+        .bearer_auth(&server.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.json::<Value>().await.unwrap(), json!({"stopped": true}));
+    let done = loop {
+        let event = reader.next_json(Duration::from_secs(60)).await.expect("a done event");
+        if event["type"] != "notice" {
+            break event;
+        }
+    };
+    assert_eq!((&done["type"], &done["finish"]), (&json!("done"), &json!("cancelled")), "{done}");
+    assert_eq!(done["usage"]["completion_tokens"], 0, "stopped before its first token: {done}");
+    assert!(done["usage"]["prompt_tokens"].as_u64().unwrap() > 3000, "{done}");
     assert_engine_is_free(&server).await;
 }
 
@@ -1178,6 +1234,8 @@ async fn real_model_stop_sequence_on_v1_stops_the_engine() {
     assert!(!content.contains('5'), "{completion}");
     let completion_tokens = completion["usage"]["completion_tokens"].as_u64().unwrap();
     assert!((1..STOP_TEST_MAX_TOKENS as u64).contains(&completion_tokens), "{completion}");
+    // Cancelled before its end, it still knows its prompt's size.
+    assert!(completion["usage"]["prompt_tokens"].as_u64().unwrap() > 10, "{completion}");
     assert_engine_is_free(&server).await;
 }
 

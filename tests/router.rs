@@ -76,7 +76,7 @@ async fn collect(mut stream: ChunkStream) -> (String, Option<Usage>, Option<LlmE
         match item {
             None => return (text, usage, None),
             Some(Ok(Chunk::Text(t))) => text.push_str(&t),
-            Some(Ok(Chunk::Notice { .. })) => {}
+            Some(Ok(Chunk::Notice { .. } | Chunk::Accepted { .. })) => {}
             Some(Ok(Chunk::ToolCall(call))) => panic!("no tools were offered, got {call:?}"),
             Some(Ok(Chunk::Done { usage: u, .. })) => usage = Some(u),
             Some(Err(err)) => return (text, usage, Some(err)),

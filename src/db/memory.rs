@@ -103,6 +103,8 @@ pub struct StoredMessage {
     pub host: Option<String>,
     /// The answer was produced outside this machine.
     pub left_machine: bool,
+    /// Why the answer failed (`None` when it completed or was stopped).
+    pub failure: Option<String>,
 }
 
 /// Finds the conversation of `(channel, external_key)` or creates it.
@@ -242,14 +244,24 @@ pub async fn add_message_with_rounds(
     msg: &NewMessage,
     rounds: &[ToolRound],
 ) -> Result<MessageId, sqlx::Error> {
+    add_answer(pool, msg, rounds, None).await
+}
+
+/// `add_message_with_rounds` for an answer that may have failed: `failure` says why.
+pub async fn add_answer(
+    pool: &SqlitePool,
+    msg: &NewMessage,
+    rounds: &[ToolRound],
+    failure: Option<&str>,
+) -> Result<MessageId, sqlx::Error> {
     let now = now_ms();
     let rounds_json = rounds_to_json(rounds);
     let mut tx = crate::db::begin_write(pool).await?;
     let id: i64 = sqlx::query_scalar(
         "INSERT INTO messages (conversation_id, role, content, tier, provider, model,
                                prompt_tokens, completion_tokens, status, external_id, created_at,
-                               tool_rounds, host, left_machine)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
+                               tool_rounds, host, left_machine, failure)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)
          RETURNING id",
     )
     .bind(msg.conversation_id.0)
@@ -266,6 +278,7 @@ pub async fn add_message_with_rounds(
     .bind(rounds_json)
     .bind(&msg.host)
     .bind(msg.left_machine)
+    .bind(failure)
     .fetch_one(&mut *tx)
     .await?;
     sqlx::query("UPDATE conversations SET updated_at = ?1 WHERE id = ?2")
@@ -496,7 +509,7 @@ pub async fn setting_set(pool: &SqlitePool, key: &str, value: &str) -> Result<()
 
 const MESSAGE_COLUMNS: &str = "id, conversation_id, role, content, tier, provider, model, \
      prompt_tokens, completion_tokens, status, external_id, delivery_status, delivery_error, created_at, \
-     tool_rounds, host, left_machine";
+     tool_rounds, host, left_machine, failure";
 
 #[derive(sqlx::FromRow)]
 struct ConversationRow {
@@ -558,6 +571,7 @@ struct MessageRow {
     tool_rounds: Option<String>,
     host: Option<String>,
     left_machine: bool,
+    failure: Option<String>,
 }
 
 impl TryFrom<MessageRow> for StoredMessage {
@@ -584,6 +598,7 @@ impl TryFrom<MessageRow> for StoredMessage {
             tool_rounds: rounds_from_json(row.tool_rounds.as_deref()),
             host: row.host,
             left_machine: row.left_machine,
+            failure: row.failure,
         })
     }
 }

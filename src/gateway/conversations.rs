@@ -42,6 +42,10 @@ pub struct ConversationJson {
     /// Whether any answer in it came from a provider outside this machine.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub left_machine: Option<bool>,
+    /// In the list: whether a WebChat answer is being written in it now (followed through
+    /// `GET /api/conversations/{id}/live`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub answering: Option<bool>,
 }
 
 #[derive(Debug, Serialize)]
@@ -62,6 +66,10 @@ pub struct MessageJson {
     pub prompt_tokens: Option<i64>,
     pub completion_tokens: Option<i64>,
     pub created_at: i64,
+    /// Why an answer failed, as its page said when it happened; absent when it completed or
+    /// the user stopped it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
     /// The tools the assistant used for this answer, round by round (empty when none):
     /// shown compactly by the page, and part of the privacy ledger.
     pub tool_rounds: Vec<ToolRoundJson>,
@@ -152,7 +160,13 @@ async fn list_conversations(
 ) -> Result<ApiJson<ConversationList>, ApiError> {
     let limit = query.limit(MAX_CONVERSATIONS)?;
     let summaries = memory::list_conversations(&state.pool, limit).await?;
-    let conversations = summaries.into_iter().map(summary_json).collect();
+    let conversations = summaries
+        .into_iter()
+        .map(|summary| {
+            let answering = state.live.is_running(summary.conversation.id);
+            ConversationJson { answering: Some(answering), ..summary_json(summary) }
+        })
+        .collect();
     Ok(ApiJson(ConversationList { conversations }))
 }
 
@@ -188,6 +202,7 @@ async fn rename_conversation(
     if !memory::rename_conversation(&state.pool, ConversationId(id), title).await? {
         return Err(not_found(id));
     }
+    state.assistant.announce_renamed(ConversationId(id));
     let conversation = find_conversation(&state, id).await?;
     Ok(ApiJson(conversation_json(conversation)))
 }
@@ -238,6 +253,7 @@ fn conversation_json(c: Conversation) -> ConversationJson {
         updated_at: c.updated_at,
         message_count: None,
         left_machine: None,
+        answering: None,
     }
 }
 
@@ -265,6 +281,7 @@ fn message_json(m: StoredMessage) -> MessageJson {
         prompt_tokens: m.prompt_tokens,
         completion_tokens: m.completion_tokens,
         created_at: m.created_at,
+        error: m.failure,
         tool_rounds: m.tool_rounds.into_iter().map(ToolRoundJson::from).collect(),
     }
 }

@@ -1,5 +1,5 @@
 //! `GET /api/events`: a Server-Sent Events stream of messages stored in any conversation
-//! (cron jobs, other channels, other tabs) and of conversations deleted, so an open WebChat
+//! (cron jobs, other channels, other tabs) and of conversations renamed or deleted, so an open WebChat
 //! page updates without a reload. It carries ids only; the page fetches the messages through the history API.
 
 use std::convert::Infallible;
@@ -29,6 +29,8 @@ pub enum LiveEvent {
     Ready,
     /// A message was stored.
     Message { conversation_id: i64, message_id: i64, role: &'static str },
+    /// A conversation was renamed (its new title is in the conversations API).
+    Renamed { conversation_id: i64 },
     /// A conversation was deleted (in another tab, through the API).
     Deleted { conversation_id: i64 },
     /// Events were missed (the client was too slow): reload what is shown.
@@ -58,6 +60,9 @@ async fn get_events(
                             message_id: message_id.0,
                             role: role.as_str(),
                         },
+                        Change::Renamed => {
+                            LiveEvent::Renamed { conversation_id: update.conversation_id.0 }
+                        }
                         Change::Deleted => {
                             LiveEvent::Deleted { conversation_id: update.conversation_id.0 }
                         }

@@ -77,6 +77,11 @@ impl LiveAnswers {
         }
     }
 
+    /// Whether an answer is being written in conversation `id`.
+    pub fn is_running(&self, id: ConversationId) -> bool {
+        self.lock().contains_key(&id)
+    }
+
     /// Forgets relay `relay`'s answer (it ended without a last event).
     fn end(&self, id: ConversationId, relay: u64) {
         let mut answers = self.lock();

@@ -434,6 +434,8 @@ struct AnswerReader {
     /// so this is the completion count of an answer a stop sequence cut short (it misses
     /// the tokens of tool calls, which the engine only counts at the end).
     n_text: u32,
+    /// The prompt's size, as the local engine said when it took the request.
+    prompt_tokens: u32,
     ttft_ms: Option<u64>,
 }
 
@@ -446,6 +448,7 @@ impl AnswerReader {
             pending: VecDeque::new(),
             started,
             n_text: 0,
+            prompt_tokens: 0,
             ttft_ms: None,
         }
     }
@@ -466,6 +469,7 @@ impl AnswerReader {
                     }
                 }
                 Some(Ok(Chunk::Notice { .. })) => {}
+                Some(Ok(Chunk::Accepted { prompt_tokens })) => self.prompt_tokens = prompt_tokens,
                 Some(Ok(Chunk::Done { usage, finish })) => {
                     self.release_held();
                     let finish = self.filter.finish_reason(finish);
@@ -493,9 +497,11 @@ impl AnswerReader {
         }
         if release.stopped {
             // The engine reports its usage only in `Done`, which a cancelled request never
-            // sends: what is known here is the tokens received and the first one's time.
-            // The prompt's size is not, and stays 0.
+            // sends: what is known here is the tokens received, the first one's time, and
+            // the prompt's size when the local engine said it on taking the request (a
+            // remote server says it only at the end: 0).
             let usage = Usage {
+                prompt_tokens: self.prompt_tokens,
                 completion_tokens: self.n_text,
                 ttft_ms: self.ttft_ms.unwrap_or(elapsed_ms),
                 ..Usage::default()

@@ -166,6 +166,10 @@ pub enum Chunk {
     ToolCall(ToolCall),
     /// Something the user should be told that is not answer text (fallback, trimming).
     Notice { kind: String, message: String },
+    /// The local engine took the request (its prompt fits the context): sent first, before
+    /// the prompt is read, so a caller knows the answer has begun (it can be stopped,
+    /// followed, stored) and the prompt's size even when it stops the answer early.
+    Accepted { prompt_tokens: u32 },
     /// The last chunk of a successful generation.
     Done { usage: Usage, finish: FinishReason },
 }

@@ -509,6 +509,9 @@ impl Scheduler {
                 .and_then(|prompt| Ok((prompt, self.engine.constraint(&job.request)?)))
             {
                 Ok((prompt, constraint)) => {
+                    // The channel is new and empty, so this cannot be full.
+                    let accepted = Chunk::Accepted { prompt_tokens: prompt.len() as u32 };
+                    let _ = job.reply.try_send(Ok(accepted));
                     self.waiting.push_back(Waiting { job, prompt, constraint, told: None })
                 }
                 Err(err) => {

@@ -53,9 +53,9 @@ impl Provider for LocalProvider {
         let submitted = self.handle.submit(request);
         Box::pin(async move {
             let mut upstream = submitted?;
-            // Resolve only once the answer has started (or been told it waits for a slot),
-            // so that errors found before that (context overflow, a failed prefill) reach
-            // the router as `Err` and it can still fall back.
+            // Resolve once the engine took the request (`Chunk::Accepted`, before the prompt
+            // is read), so that what it refuses at once (a context overflow) reaches the
+            // caller as `Err`, and a long prefill already counts as the answer running.
             let first = match upstream.recv().await {
                 Some(Ok(chunk)) => chunk,
                 Some(Err(err)) => return Err(err),
