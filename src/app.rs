@@ -129,10 +129,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 
 fn init_tracing(filter: Option<&str>) {
     use tracing_subscriber::EnvFilter;
-    let filter = filter
-        .map(EnvFilter::new)
-        .or_else(|| EnvFilter::try_from_default_env().ok())
-        .unwrap_or_else(|| EnvFilter::new("info"));
+    let asked = filter.map(str::to_string).or_else(|| std::env::var("RUST_LOG").ok());
+    let filter = EnvFilter::try_new(log_directives(asked.as_deref()))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
     // Logs go to stderr (stdout carries the ready message); colours only on a terminal.
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -140,6 +139,18 @@ fn init_tracing(filter: Option<&str>) {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
+}
+
+/// The log filter: what was asked (`LOG`, else `RUST_LOG`, else `info`), with the
+/// tokenizers crate held at `warn` unless named: at `trace` it logs every character of every
+/// prompt it normalises, which would put the conversations in the log.
+fn log_directives(asked: Option<&str>) -> String {
+    let asked = asked.map(str::trim).filter(|a| !a.is_empty()).unwrap_or("info");
+    if asked.contains("tokenizers") {
+        asked.to_string()
+    } else {
+        format!("{asked},tokenizers=warn")
+    }
 }
 
 /// Builds every component and serves until a shutdown signal.
@@ -435,4 +446,39 @@ fn announce(addr: SocketAddr, token: &Secret, source: TokenSource, data_dir: &Pa
 async fn shutdown_signal() {
     crate::gateway::events::shutdown_requested().await;
     tracing::info!("shutting down: finishing in-flight requests");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tracing_subscriber::layer::SubscriberExt;
+
+    /// Whether `target` logs at `level` under the filter made from `asked`.
+    fn logs(asked: Option<&str>, target_is_tokenizers: bool, level: tracing::Level) -> bool {
+        let filter = tracing_subscriber::EnvFilter::new(log_directives(asked));
+        let subscriber = tracing_subscriber::registry().with(filter);
+        tracing::subscriber::with_default(subscriber, || {
+            if target_is_tokenizers {
+                match level {
+                    tracing::Level::TRACE => {
+                        tracing::enabled!(target: "tokenizers::normalizer", tracing::Level::TRACE)
+                    }
+                    _ => tracing::enabled!(target: "tokenizers::normalizer", tracing::Level::WARN),
+                }
+            } else {
+                tracing::enabled!(target: "my_claw::assistant", tracing::Level::TRACE)
+            }
+        })
+    }
+
+    #[test]
+    fn trace_logging_never_includes_the_tokenizers_prompt_characters() {
+        for asked in [Some("trace"), Some("my_claw=trace,trace"), None, Some("  ")] {
+            assert!(!logs(asked, true, tracing::Level::TRACE), "{asked:?}");
+            assert!(logs(asked, true, tracing::Level::WARN), "its warnings stay: {asked:?}");
+        }
+        assert!(logs(Some("trace"), false, tracing::Level::TRACE), "ours still trace");
+        // Named explicitly, it is what the user asked for.
+        assert!(logs(Some("info,tokenizers=trace"), true, tracing::Level::TRACE));
+    }
 }

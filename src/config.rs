@@ -598,6 +598,29 @@ pub struct NextcloudSettings {
 pub struct CronSettings {
     pub secret: Option<Secret>,
     pub timezone: Option<String>,
+    /// How a job's message is offered again to a channel that fails in a way that may heal.
+    pub delivery: DeliveryPatience,
+}
+
+/// A job's message meets a channel outage (a 5xx, a rate limit, the network): after the
+/// client's own quick retries it is offered again, `first_wait` then doubling up to
+/// `max_wait`, until `give_up_after` has gone by since the first try. A short outage of
+/// Meta or Nextcloud must not cost a reminder.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DeliveryPatience {
+    pub first_wait: Duration,
+    pub max_wait: Duration,
+    pub give_up_after: Duration,
+}
+
+impl Default for DeliveryPatience {
+    fn default() -> Self {
+        Self {
+            first_wait: Duration::from_secs(10),
+            max_wait: Duration::from_secs(120),
+            give_up_after: Duration::from_secs(15 * 60),
+        }
+    }
 }
 
 impl Config {
@@ -812,6 +835,7 @@ impl Config {
             cron: CronSettings {
                 secret: cron_secret,
                 timezone: self.cron_timezone.or(timezone.map(|tz| tz.name().to_string())),
+                delivery: DeliveryPatience::default(),
             },
             timezone,
             data_dir: self.data_dir,

@@ -39,6 +39,12 @@ use crate::util::{smollm2_env, Server, ServerOptions};
 
 pub(crate) const TOKEN: &str = "cron-test-token-0123456789";
 const CRON_SECRET: &str = "cron-secret-for-tests-42";
+/// Delivery retries in milliseconds, so an outage of the stand-in costs a test little.
+const PATIENCE: my_claw::config::DeliveryPatience = my_claw::config::DeliveryPatience {
+    first_wait: Duration::from_millis(100),
+    max_wait: Duration::from_millis(200),
+    give_up_after: Duration::from_secs(3),
+};
 pub(crate) const USER_NUMBER: &str = "16505551234";
 pub(crate) const QUIET_NUMBER: &str = "33612345678";
 const EVERY_2S: &str = "*/2 * * * * *";
@@ -224,8 +230,11 @@ impl App {
             list.push(Arc::new(client));
         }
         let channels = Channels::new(list);
-        let settings =
-            CronSettings { secret: options.secret.map(Secret::new), timezone: Some("UTC".into()) };
+        let settings = CronSettings {
+            secret: options.secret.map(Secret::new),
+            timezone: Some("UTC".into()),
+            delivery: PATIENCE,
+        };
         let cron =
             my_claw::cron::start(pool.clone(), assistant.clone(), channels.clone(), &settings)
                 .await
@@ -338,7 +347,8 @@ impl App {
     /// A new scheduler over the same database (UTC, no channels), as after a restart of the
     /// process; the caller shut the first one down.
     async fn restart_scheduler(&self) -> my_claw::cron::CronHandle {
-        let settings = CronSettings { secret: None, timezone: Some("UTC".into()) };
+        let settings =
+            CronSettings { secret: None, timezone: Some("UTC".into()), delivery: PATIENCE };
         my_claw::cron::start(
             self.pool.clone(),
             self.assistant.clone(),
@@ -560,6 +570,43 @@ async fn a_slow_job_never_runs_twice_at_once() {
     assert!(error_message(&body).contains("already running"), "{body}");
     let first = first.await.unwrap().expect("first run-now");
     assert_eq!(first.status().as_u16(), 200);
+    app.cron.shutdown().await;
+}
+
+/// A channel outage (here: the Graph API answering 500 to three rounds of the client's
+/// quick retries) does not cost a job's message: it is offered again with backoff and
+/// delivered once the channel is back, exactly once. Before, the run failed after the
+/// client's own retries, and a one-shot reminder was lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_channel_outage_delays_a_jobs_message_and_never_loses_it() {
+    let graph = Graph::start().await;
+    let app = App::start(&graph, Options::default()).await;
+    app.user_wrote(USER_NUMBER).await;
+    let job = app.create(whatsapp_job("outage", YEARLY, USER_NUMBER)).await;
+    // The test client tries twice per delivery: three deliveries meet the outage.
+    let outage = json!({"error": {"message": "(#1) An unknown error occurred",
+                                  "type": "OAuthException", "code": 1}});
+    for _ in 0..6 {
+        graph.script.lock().unwrap().push_back((500, outage.clone()));
+    }
+    let path = format!("/api/cron/jobs/{}/run", id_of(&job));
+    let (status, run) = app.call(Method::POST, &path, None).await;
+    assert_eq!(status, StatusCode::OK, "{run}");
+    assert_eq!(run["outcome"], "delivered", "{run}");
+    assert_eq!(graph.texts_to(USER_NUMBER).len(), 7, "six refused posts, then one delivered");
+    let answer = my_claw::domain::MessageId(run["message_id"].as_i64().expect("the answer"));
+    let answer = memory::get_message(&app.pool, answer).await.unwrap().unwrap();
+    assert_eq!(answer.delivery_status.as_deref(), Some("sent"), "{answer:?}");
+
+    // An outage longer than the patience fails the run, saying the channel could not take it.
+    for _ in 0..100 {
+        graph.script.lock().unwrap().push_back((500, outage.clone()));
+    }
+    let (_, run) = app.call(Method::POST, &path, None).await;
+    assert_eq!(run["outcome"], "failed", "{run}");
+    let reason = run["error"].as_str().unwrap_or_default();
+    assert!(reason.contains("whatsapp could not take the message"), "{reason}");
+    graph.script.lock().unwrap().clear();
     app.cron.shutdown().await;
 }
 
@@ -1122,6 +1169,49 @@ async fn a_reminder_missed_while_stopped_comes_at_the_restart_saying_it_is_late(
         due.format("%A %-d %B at %H:%M")
     );
     assert_eq!(posted, expected);
+    restarted.shutdown().await;
+}
+
+/// A one-shot whose run a stop interrupted has no run left: it ends as a failed run does,
+/// disabled with the reason, visible, and is not run again (its message may have left).
+/// Before, it stayed enabled with no next run, and could not be re-enabled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_shot_interrupted_by_a_stop_is_disabled_with_the_reason() {
+    let graph = Graph::start().await;
+    let app = App::start(&graph, Options::default()).await;
+    let conversation = app.webchat_conversation().await;
+    app.cron.shutdown().await;
+    let due = (Utc::now() - chrono::Duration::minutes(5)).with_second(0).unwrap();
+    let spec = my_claw::db::cron::JobSpec {
+        name: "call the plumber".into(),
+        schedule: due.format("at %Y-%m-%d %H:%M").to_string(),
+        timezone: Some("UTC".into()),
+        prompt: "call the plumber".into(),
+        channel: ChannelKind::WebChat,
+        target: conversation.to_string(),
+        tier: None,
+        enabled: true,
+        kind: my_claw::db::cron::JobKind::Reminder,
+        conversation_id: Some(ConversationId(conversation)),
+    };
+    let job = my_claw::db::cron::insert_job(&app.pool, &spec).await.unwrap();
+    sqlx::query("UPDATE cron_jobs SET created_at = ?1, updated_at = ?1 WHERE id = ?2")
+        .bind(my_claw::db::now_ms() - 86_400_000)
+        .bind(job.id.0)
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    // Its run started at its time, and the process died during it.
+    my_claw::db::cron::start_run(&app.pool, job.id, due.timestamp_millis()).await.unwrap();
+
+    let restarted = app.restart_scheduler().await;
+    let view = restarted.get(job.id).await.unwrap();
+    assert!(!view.job.enabled, "{view:?}");
+    assert!(view.job.last_error.as_deref().unwrap_or_default().contains("interrupted"), "{view:?}");
+    // Disabled, it is not run again (the scheduler holds only enabled jobs).
+    assert_eq!(view.next_run, None, "{view:?}");
+    assert_eq!(restarted.runs(job.id, 10).await.unwrap().len(), 1);
+    assert!(app.assistant_messages(conversation).await.is_empty());
     restarted.shutdown().await;
 }
 

@@ -68,7 +68,8 @@ pub const DEFAULT_TIER: Tier = Tier::Main;
 /// How old an occurrence may be for `/api/cron` to still run it.
 pub const DUE_WINDOW: Duration = Duration::from_secs(15 * 60);
 
-const INTERRUPTED: &str = "interrupted: my-claw stopped during this run";
+const INTERRUPTED: &str = "interrupted: my-claw stopped during this run (it may or may not have \
+                           been delivered: look in its conversation before running it again)";
 
 /// Most reminders enabled at once, across conversations: a model looping on
 /// `reminders_create` cannot fill the scheduler.
@@ -162,12 +163,36 @@ pub async fn start(
             scheduler,
             registered: Mutex::new(HashMap::new()),
             stopped: AtomicBool::new(false),
+            delivery: settings.delivery,
             checked,
         }),
     };
-    let jobs = store::list_jobs(&handle.inner.pool).await?;
+    let mut jobs = store::list_jobs(&handle.inner.pool).await?;
     {
         let _turn = handle.inner.turn.lock().await;
+        // A one-shot whose only run was interrupted would stay enabled with no run left:
+        // it ends as a failed run does, disabled with the reason, where the user sees it.
+        // It is not run again: its message may already have left, and a channel message
+        // whose delivery is unknown is never sent twice.
+        for job in
+            jobs.iter_mut().filter(|job| job.enabled && interrupted_one_shot(&handle.inner, job))
+        {
+            let mut spec = JobSpec::from(&*job);
+            spec.enabled = false;
+            match store::update_job(&handle.inner.pool, job.id, &spec).await {
+                Ok(Some(updated)) => {
+                    tracing::warn!(
+                        job = job.id.0,
+                        "one-shot job interrupted by the last stop: disabled"
+                    );
+                    *job = updated;
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::error!(job = job.id.0, error = %e, "interrupted one-shot job not disabled")
+                }
+            }
+        }
         // Occurrences before now are never run: missed runs are not replayed, except a
         // one-shot's, which would otherwise never run at all.
         let now = Utc::now();
@@ -459,6 +484,8 @@ struct Inner {
     registered: Mutex<HashMap<CronJobId, scheduler::Registered>>,
     /// Set by `shutdown`, under `turn`: nothing is set or started after it.
     stopped: AtomicBool,
+    /// How a message is offered again to a failing channel (see `run::deliver_patiently`).
+    delivery: crate::config::DeliveryPatience,
     /// See `CronHandle::checked_through`.
     checked: watch::Sender<DateTime<Utc>>,
 }
@@ -492,6 +519,12 @@ fn missed_one_shot(inner: &Inner, job: &CronJob, now: DateTime<Utc>) -> Option<D
     let (schedule, timezone) = plan(inner, job).ok()?;
     let at = schedule.once_at(timezone)?;
     (job.enabled && at <= now && not_yet_run(job, at)).then_some(at)
+}
+
+/// Whether `job` is a one-shot whose run the last stop interrupted.
+fn interrupted_one_shot(inner: &Inner, job: &CronJob) -> bool {
+    job.last_error.as_deref() == Some(INTERRUPTED)
+        && plan(inner, job).is_ok_and(|(schedule, _)| schedule.is_once())
 }
 
 /// Whether `occurrence` is later than the job's last run and its last edit.

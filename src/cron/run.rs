@@ -4,11 +4,13 @@
 //! delivered, disabled when it failed). Whether and when to run is decided elsewhere
 //! (`scheduler.rs`, `CronHandle`).
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
 use chrono::{DateTime, Utc};
 
+use crate::channels::{ChannelError, DeliveryReceipt};
 use crate::cron::{lock, plan, scheduler, CronError, Inner, DEFAULT_TIER};
 use crate::db::cron::{self as store, CronJob, CronJobId, CronRun, JobKind, JobSpec, RunOutcome};
 use crate::db::now_ms;
@@ -192,10 +194,11 @@ async fn answer_and_deliver(
         // through the assistant's events.
         return Ok(Delivered { message_id, note: None });
     }
-    let receipt = match inner.channels.deliver(job.channel, &job.target, &text).await {
+    let receipt = match deliver_patiently(inner, job, &text).await {
         Ok(receipt) => receipt,
         Err(e) => {
-            let reason = format!("{} refused the message: {e}", job.channel);
+            let verb = if e.is_retryable() { "could not take" } else { "refused" };
+            let reason = format!("{} {verb} the message: {e}", job.channel);
             // The stored answer says it never left, as a channel answer that failed does.
             if let Err(e) = inbound::mark_undelivered(&inner.pool, message_id, &reason).await {
                 tracing::warn!(job = job.id.0, error = %e, "failed delivery not recorded");
@@ -217,6 +220,39 @@ async fn answer_and_deliver(
             .to_string()
     });
     Ok(Delivered { message_id, note })
+}
+
+/// Delivers `text`, offering it again while the channel fails in a way that may heal (see
+/// `DeliveryPatience`); the run holds its job meanwhile, so an occurrence that comes during
+/// the outage is skipped, not doubled.
+async fn deliver_patiently(
+    inner: &Inner,
+    job: &CronJob,
+    text: &str,
+) -> Result<DeliveryReceipt, ChannelError> {
+    let patience = inner.delivery;
+    let started = Instant::now();
+    let mut wait = patience.first_wait;
+    loop {
+        match inner.channels.deliver(job.channel, &job.target, text).await {
+            Err(e) if e.is_retryable() && !inner.stopped.load(Ordering::SeqCst) => {
+                let pause = e.retry_after().unwrap_or(wait).min(patience.max_wait);
+                if started.elapsed() + pause > patience.give_up_after {
+                    return Err(e);
+                }
+                tracing::warn!(
+                    job = job.id.0,
+                    channel = %job.channel,
+                    error = %e,
+                    wait_s = pause.as_secs_f32(),
+                    "delivery failed; offering it again"
+                );
+                tokio::time::sleep(pause).await;
+                wait = (wait * 2).min(patience.max_wait);
+            }
+            other => return other,
+        }
+    }
 }
 
 /// The prompt answered by the model in the target conversation: the stored answer and its
