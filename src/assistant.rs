@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use sqlx::SqlitePool;
 use tokio::sync::{broadcast, mpsc, oneshot};
@@ -272,6 +272,8 @@ struct Inner {
 struct Running {
     turn: u64,
     stop: oneshot::Sender<()>,
+    /// Resolves (its sender dropped) once the answer is stored and its turn released.
+    ended: oneshot::Receiver<()>,
 }
 
 /// Where a turn lands: a stored conversation, or one created only once the model accepted
@@ -495,11 +497,13 @@ impl Assistant {
             message_edits::answer_rounds_after(pool, conversation_id, exchange.user_message_id)
                 .await
                 .map_err(Error::from)?;
-        match &revision {
+        let answered = match &revision {
             Revision::Regenerate { expected } => {
                 message_edits::drop_last_answer(pool, conversation_id, &exchange, *expected)
                     .await?;
+                exchange.user_message_id
             }
+            // The edited message has a new id (see `replace_last_user_message`).
             Revision::Edit { text, expected } => {
                 message_edits::replace_last_user_message(
                     pool,
@@ -508,9 +512,9 @@ impl Assistant {
                     text,
                     *expected,
                 )
-                .await?;
+                .await?
             }
-        }
+        };
         if !replaced.is_empty() {
             if let Some(context) = tool_context_of(pool, conversation_id).await {
                 let undone = self.inner.agent.tools.undo(&context, &replaced).await;
@@ -522,8 +526,7 @@ impl Assistant {
             }
         }
         let (tx, rx) = mpsc::channel(EVENT_BUFFER);
-        let user_message_id = Some(exchange.user_message_id);
-        self.launch(accepted, conversation_id, guard, user_message_id, received, &tx).await;
+        self.launch(accepted, conversation_id, guard, Some(answered), received, &tx).await;
         Ok(rx)
     }
 
@@ -536,6 +539,17 @@ impl Assistant {
             Some(running) => running.stop.send(()).is_ok(),
             None => false,
         }
+    }
+
+    /// `stop`, then waits (at most `limit`) until the stopped answer is stored and its turn
+    /// released: what the page does next (regenerate, edit, a new message) then finds the
+    /// conversation at rest instead of a 409 for an answer still being written.
+    pub async fn stop_and_wait(&self, conversation_id: ConversationId, limit: Duration) -> bool {
+        let running = lock(&self.inner.running).remove(&conversation_id);
+        let Some(running) = running else { return false };
+        let stopped = running.stop.send(()).is_ok();
+        let _ = tokio::time::timeout(limit, running.ended).await;
+        stopped
     }
 
     /// Stops the conversation's running answer, waits until it is stored, and holds the
@@ -903,8 +917,10 @@ impl Assistant {
         }
         let turn = inner.next_turn.fetch_add(1, Ordering::Relaxed);
         let (stop_tx, stop_rx) = oneshot::channel();
+        let (ended_tx, ended_rx) = oneshot::channel();
         // Registered before `Meta` goes out, so a stop sent on `Meta` finds it.
-        lock(&inner.running).insert(conversation_id, Running { turn, stop: stop_tx });
+        let running = Running { turn, stop: stop_tx, ended: ended_rx };
+        lock(&inner.running).insert(conversation_id, running);
         let _ = tx
             .send(Event::Meta {
                 conversation_id,
@@ -959,6 +975,7 @@ impl Assistant {
             params,
             floor: start,
             received,
+            ended: ended_tx,
         };
         tokio::spawn(run.drive(routed.stream, tx.clone(), stop_rx));
     }
@@ -1180,6 +1197,8 @@ struct Generation {
     floor: usize,
     /// When the request reached the assistant: the start of `ttft_ms` and `total_ms`.
     received: Instant,
+    /// Dropped once the answer is stored and the turn released (see `Running::ended`).
+    ended: oneshot::Sender<()>,
 }
 
 /// How one model call of an answer ended.
@@ -1381,6 +1400,7 @@ impl Generation {
         // sees it in its history.
         self.assistant.finish_running(self.conversation_id, self.turn);
         drop(self.guard);
+        drop(self.ended);
         let event = match (error, message_id) {
             (None, Some(message_id)) => Event::Done {
                 message_id,

@@ -352,6 +352,29 @@ async fn two_requests_on_one_conversation_are_both_answered_in_order() {
     assert_eq!(app.assistant.turns_queued(ConversationId(id)), 0, "the turn is given back");
 }
 
+/// Stop answers once the stopped answer is stored and its turn released, so what the page
+/// does next (Regenerate right after Stop) finds the conversation at rest. Before, Stop
+/// answered as soon as it had signalled, and a regenerate sent on its answer sometimes got
+/// a 409 for an answer still being written.
+#[tokio::test]
+async fn stop_answers_once_the_stopped_answer_is_stored() {
+    let app = test_app(ScriptedModel::new(true)).await;
+    let mut page = app.stream(json!({"message": "tell me"})).await;
+    let id = page.next_json(EVENT_WAIT).await.expect("meta")["conversation_id"].as_i64().unwrap();
+    let mut events = Vec::new();
+    while text_of(&events) != "answer to tell me" {
+        events.push(page.next_json(EVENT_WAIT).await.expect("a token"));
+    }
+    let stopped = app.post_json(&format!("/api/chat/{id}/stop")).await;
+    assert_eq!(stopped, json!({"stopped": true}));
+    assert_eq!(app.assistant.turns_queued(ConversationId(id)), 0, "still being stored");
+    let messages = app.messages(id).await;
+    assert_eq!(roles_and_status(&messages)[1], ("assistant".into(), "partial".into()));
+    app.model.release_one();
+    let (status, _) = app.action(id, "regenerate", json!({})).await;
+    assert_eq!(status, 200);
+}
+
 #[tokio::test]
 async fn the_stop_endpoint_stops_only_the_running_answer() {
     let app = test_app(ScriptedModel::new(true)).await;
@@ -759,8 +782,8 @@ async fn a_reminder_posted_after_the_answer_survives_regenerate_and_edit() {
     let (status, reader) = app.action(id, "edit", json!({"message": "remind me at ten"})).await;
     assert_eq!(status, 200);
     let events = rest(&mut reader.unwrap()).await;
-    assert_eq!(events[0]["user_message_id"], question, "{events:?}");
     let messages = app.messages(id).await;
+    assert_eq!(events[0]["user_message_id"], messages[0]["id"], "the edited message, new");
     let contents = texts_of(&messages);
     assert_eq!(contents, ["remind me at ten", "Reminder: call Anna", "answer to remind me at ten"]);
     let prompts = app.model.prompts();

@@ -337,10 +337,17 @@ async fn edit_and_regenerate_of_a_message_that_is_no_longer_last_are_refused() {
     assert_eq!(events[0]["user_message_id"], second_question, "{events:?}");
     assert_eq!(events.last().unwrap()["type"], "done", "{events:?}");
     let body = json!({"message": "second, edited", "message_id": second_question});
-    let (status, _, bytes) = call(&app, Method::POST, &edit_path, Some(body)).await;
+    let (status, _, bytes) = call(&app, Method::POST, &edit_path, Some(body.clone())).await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(sse_events(&bytes)[0]["user_message_id"], second_question);
+    // The edited message has a new id, which the stream names.
+    let new_id = sse_events(&bytes)[0]["user_message_id"].as_i64().unwrap();
+    assert!(new_id > second_question, "{new_id}");
     let (_, edited) = get_json(&app, &messages_path).await;
+    assert_eq!(edited["messages"][2]["id"], new_id);
+    // Another tab still showing the old message cannot edit it again unawares (it used to
+    // pass, the id being the same, and replace the first tab's edit and its answer).
+    let (status, _, _) = call(&app, Method::POST, &edit_path, Some(body)).await;
+    assert_eq!(status, StatusCode::CONFLICT);
     let texts: Vec<&str> = edited["messages"]
         .as_array()
         .unwrap()

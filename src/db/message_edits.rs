@@ -95,11 +95,13 @@ pub async fn drop_last_answer(
     Ok(dropped)
 }
 
-/// Replaces the text of the last user message and deletes the answer after it (every
-/// message after it but the reminders posted there). In one write transaction that first
-/// checks that `exchange`'s user message is still the conversation's last one and that
-/// `expected` passes `LastExchange::check_edit`: otherwise nothing changes and `NotLast`
-/// comes back.
+/// Replaces the last user message with one of text `content` and deletes the answer after
+/// it (every message after it but the reminders posted there); returns the new message's
+/// id. In one write transaction that first checks that `exchange`'s user message is still
+/// the conversation's last one and that `expected` passes `LastExchange::check_edit`:
+/// otherwise nothing changes and `NotLast` comes back. The edited message gets a new id, so
+/// a page that still shows the old one (another tab) cannot edit it again unawares: its
+/// `message_id` no longer names the last user message.
 pub async fn replace_last_user_message(
     pool: &SqlitePool,
     conversation_id: ConversationId,
@@ -114,21 +116,53 @@ pub async fn replace_last_user_message(
         let id = expected.unwrap_or(exchange.user_message_id);
         return Err(EditError::NotLast { id: id.0, what: "your last message" });
     }
-    let edited = exchange.user_message_id;
-    sqlx::query("UPDATE messages SET content = ?2 WHERE id = ?1")
-        .bind(edited.0)
-        .bind(content)
+    let old = exchange.user_message_id;
+    // The answer goes first: the new message comes after the old one, where the answer's
+    // delete would take it too.
+    delete_answer_after(&mut tx, conversation_id, old).await?;
+    let now = now_ms();
+    let edited: i64 = sqlx::query_scalar(
+        "INSERT INTO messages (conversation_id, role, content, status, external_id, created_at)
+         SELECT conversation_id, role, ?2, status, external_id, ?3 FROM messages WHERE id = ?1
+         RETURNING id",
+    )
+    .bind(old.0)
+    .bind(content)
+    .bind(now)
+    .fetch_one(&mut *tx)
+    .await?;
+    // What was kept after the old message (a reminder posted there) moves after the new
+    // one, in its order, so the conversation reads as before.
+    sqlx::query(&format!(
+        "INSERT INTO messages ({MOVED_COLUMNS})
+         SELECT {MOVED_COLUMNS} FROM messages WHERE conversation_id = ?1 AND id > ?2 AND id < ?3
+         ORDER BY id"
+    ))
+    .bind(conversation_id.0)
+    .bind(old.0)
+    .bind(edited)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query("DELETE FROM messages WHERE conversation_id = ?1 AND id >= ?2 AND id < ?3")
+        .bind(conversation_id.0)
+        .bind(old.0)
+        .bind(edited)
         .execute(&mut *tx)
         .await?;
-    delete_answer_after(&mut tx, conversation_id, edited).await?;
     sqlx::query("UPDATE conversations SET updated_at = ?1 WHERE id = ?2")
-        .bind(now_ms())
+        .bind(now)
         .bind(conversation_id.0)
         .execute(&mut *tx)
         .await?;
     tx.commit().await?;
-    Ok(edited)
+    Ok(MessageId(edited))
 }
+
+/// Every column of a message but its id: what moves when a message is written again later.
+const MOVED_COLUMNS: &str =
+    "conversation_id, role, content, tier, provider, model, prompt_tokens, \
+     completion_tokens, status, external_id, delivery_status, delivery_error, created_at, \
+     tool_rounds, host, left_machine, failure";
 
 /// The messages of the answer after user message `?2` in conversation `?1`: every message
 /// after it but the ones posted without a model (a reminder firing there).
@@ -233,16 +267,20 @@ mod tests {
 
         let edited =
             replace_last_user_message(&pool, conv, &exchange, "second question, fixed", None);
-        assert_eq!(edited.await.unwrap(), second);
+        let edited = edited.await.unwrap();
+        assert!(edited > second, "a new id, never one used before: {edited:?}");
         let expected = ["first question", "first answer", "second question, fixed"];
         assert_eq!(texts(&pool, conv).await, expected);
+        // A page that still shows the old message (another tab) cannot edit it unawares.
+        let exchange = last_exchange(&pool, conv).await.unwrap();
+        let stale = replace_last_user_message(&pool, conv, &exchange, "again", Some(second));
+        assert!(matches!(stale.await, Err(EditError::NotLast { .. })));
         // The search index follows the edit (update trigger) and the deletion.
         assert_eq!(search_messages(&pool, "qestion", 10).await.unwrap().len(), 0);
         assert_eq!(search_messages(&pool, "fixed", 10).await.unwrap().len(), 1);
         assert_eq!(search_messages(&pool, "second answer", 10).await.unwrap().len(), 0);
 
-        let exchange = last_exchange(&pool, conv).await.unwrap();
-        assert_eq!(exchange.last_message_id, second, "nothing follows the edited message");
+        assert_eq!(exchange.last_message_id, edited, "nothing follows the edited message");
         assert_eq!(drop_last_answer(&pool, conv, &exchange, None).await.unwrap(), 0);
         add(&pool, conv, "answer", "new").await;
         let exchange = last_exchange(&pool, conv).await.unwrap();
@@ -321,7 +359,7 @@ mod tests {
         assert_eq!(drop_last_answer(&pool, conv, &exchange, Some(third)).await.unwrap(), 0);
         let edited =
             replace_last_user_message(&pool, conv, &exchange, "third, edited", Some(third));
-        assert_eq!(edited.await.unwrap(), third);
+        assert!(edited.await.unwrap() > third);
         let third_answer = add(&pool, conv, "answer", "third answer").await;
         let exchange = last_exchange(&pool, conv).await.unwrap();
         let dropped = drop_last_answer(&pool, conv, &exchange, Some(third_answer)).await;

@@ -244,13 +244,17 @@ impl Forward {
     }
 }
 
-/// Stops the running answer of a conversation. `stopped` is false when nothing was running.
+/// Longest a stop request waits for the stopped answer to be stored.
+const STOP_WAIT: Duration = Duration::from_secs(10);
+
+/// Stops the running answer of a conversation and answers once it is stored, so the page's
+/// next action finds the conversation at rest. `stopped` is false when nothing was running.
 async fn post_stop(
     State(state): State<AppState>,
     ApiPath(conversation_id): ApiPath<String>,
 ) -> Result<ApiJson<StopResponse>, ApiError> {
     let conversation_id = crate::gateway::conversations::parse_id(&conversation_id)?;
-    let stopped = state.assistant.stop(ConversationId(conversation_id));
+    let stopped = state.assistant.stop_and_wait(ConversationId(conversation_id), STOP_WAIT).await;
     Ok(ApiJson(StopResponse { stopped }))
 }
 
