@@ -736,7 +736,8 @@ impl Scheduler {
         let now = Instant::now();
         if finish != FinishReason::Cancelled {
             let tail = seq.decoder.finish();
-            if seq.answer.finish(&tail, &mut seq.out) {
+            let cut = finish == FinishReason::Length;
+            if seq.answer.finish(&tail, cut, &mut seq.out) {
                 seq.first_text_at.get_or_insert(now);
             }
         }
@@ -889,13 +890,19 @@ impl AnswerText {
     }
 
     /// Ends the answer with the decoder's `tail`: held-back text and a call left open come
-    /// out; true when something was sent.
-    fn finish(&mut self, tail: &str, out: &mut Outbox) -> bool {
+    /// out; true when something was sent. An answer `cut` by the length limit inside a call
+    /// drops it unless it is complete: a half-written call is not the model's request, and
+    /// answering it would only start another model call past the reply's budget.
+    fn finish(&mut self, tail: &str, cut: bool, out: &mut Outbox) -> bool {
         let mut text = self.think.push(tail);
         text.push_str(&self.think.finish());
         let mut sent = self.send(text, out);
         if let Some(parser) = &mut self.calls {
             for item in parser.finish() {
+                if cut && matches!(item, Parsed::Malformed { .. }) {
+                    tracing::debug!("a tool call cut by the length limit was dropped");
+                    continue;
+                }
                 sent |= send_parsed(item, out);
             }
         }
@@ -1065,9 +1072,11 @@ mod tests {
         assert_eq!((s.active.len(), s.waiting.len()), (2, 1));
         assert_eq!(s.in_flight.load(Ordering::SeqCst), 3);
         let notices = drain(&mut c);
+        // Taken at once (its prompt fits), then told it waits for a slot.
+        assert!(matches!(notices[0], Chunk::Accepted { prompt_tokens } if prompt_tokens > 0));
         assert_eq!(
-            notices,
-            vec![Chunk::Notice {
+            notices[1..],
+            [Chunk::Notice {
                 kind: "queued".into(),
                 message: "waiting for the engine: 0 ahead".into()
             }]
@@ -1178,6 +1187,15 @@ mod tests {
     /// tokens), then every token goes through the decoder, the think filter and the parser
     /// exactly as `next_token` and `finish` send them.
     fn emitted(answer: &str, tools_offered: bool) -> (Vec<Chunk>, FinishReason) {
+        emitted_until(answer, tools_offered, FinishReason::Stop)
+    }
+
+    /// `emitted` for an answer that ended with `end` (`Length`: cut by the limit).
+    fn emitted_until(
+        answer: &str,
+        tools_offered: bool,
+        end: FinishReason,
+    ) -> (Vec<Chunk>, FinishReason) {
         let tokenizer = gguf::open(&smollm2()).expect("open").tokenizer().expect("tokenizer");
         let tokens = tokenizer.encode(answer).expect("encode");
         let (reply, mut stream) = mpsc::channel(4096);
@@ -1188,8 +1206,8 @@ mod tests {
             let piece = decoder.push(token).expect("decode").unwrap_or_default();
             text.push(&piece, &mut out);
         }
-        text.finish(&decoder.finish(), &mut out);
-        let finish = text.finish_reason(FinishReason::Stop);
+        text.finish(&decoder.finish(), end == FinishReason::Length, &mut out);
+        let finish = text.finish_reason(end);
         drop(out);
         (drain(&mut stream), finish)
     }
@@ -1236,6 +1254,14 @@ mod tests {
         assert_eq!(chunks[0], Chunk::Text("Ok".into()));
         assert!(matches!(&chunks[1], Chunk::ToolCall(c) if c.name == "current_time"));
         assert_eq!(finish, FinishReason::ToolCalls);
+        // Unless the length limit cut it: a half-written call is not run.
+        let cut = "Ok <tool_call>{\"name\": \"current_time\", \"argu";
+        let (chunks, finish) = emitted_until(cut, true, FinishReason::Length);
+        assert_eq!((chunks, finish), (vec![Chunk::Text("Ok".into())], FinishReason::Length));
+        // A complete call the limit cut right before its closing tag still is.
+        let whole = "<tool_call>{\"name\": \"current_time\", \"arguments\": {}}";
+        let (chunks, _) = emitted_until(whole, true, FinishReason::Length);
+        assert!(matches!(&chunks[..], [Chunk::ToolCall(c)] if c.name == "current_time"));
 
         // No call: the stream stops as usual, a lone `<` at the end included.
         let (chunks, finish) = emitted("2 < 3 and 4 <", true);
