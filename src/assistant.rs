@@ -9,7 +9,7 @@
 //! all inside the one turn; the rounds are stored with the answer. It knows conversations,
 //! models and tools, and nothing of wire formats or HTTP.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -261,6 +261,9 @@ struct Inner {
     /// The stop switch of the answer running in each conversation, with its turn number;
     /// the answer removes its own when it ends.
     running: Mutex<HashMap<ConversationId, Running>>,
+    /// Conversations being quiesced for deletion: a message that waited for their turn
+    /// is refused when it gets it, instead of starting an answer only to be stopped.
+    closing: Arc<Mutex<HashSet<ConversationId>>>,
     turns: TurnSlots,
     /// Where trimming for the context moved each conversation's window start, so the next
     /// turns keep that start (and their KV reuse) instead of trimming again.
@@ -369,6 +372,7 @@ impl Assistant {
                 window,
                 agent,
                 running: Mutex::new(HashMap::new()),
+                closing: Arc::default(),
                 turns: Arc::default(),
                 floors: Mutex::new(HashMap::new()),
                 events,
@@ -467,7 +471,11 @@ impl Assistant {
         };
         let pool = &self.inner.pool;
         if memory::get_conversation(pool, conversation_id).await.map_err(Error::from)?.is_none() {
-            return Err(Error::NotFound(format!("conversation {}", conversation_id.0)).into());
+            return Err(Error::NotFound(format!(
+                "conversation {} does not exist",
+                conversation_id.0
+            ))
+            .into());
         }
         // Read and checked under the turn, before the model is asked: a page that is behind
         // gets its 409 without waiting for a prompt it would throw away.
@@ -560,6 +568,8 @@ impl Assistant {
     /// answer starts; those waiting after the hold find the conversation as the holder left
     /// it (deleted: a not-found error).
     pub async fn quiesce(&self, conversation_id: ConversationId) -> ConversationHold {
+        lock(&self.inner.closing).insert(conversation_id);
+        let closing = Closing { conversation_id, set: self.inner.closing.clone() };
         let slot = self.turn_slot(conversation_id);
         let mut owned = std::pin::pin!(slot.lock_owned());
         let owned = loop {
@@ -571,7 +581,7 @@ impl Assistant {
                 _ = tokio::time::sleep(QUIESCE_STOP_EVERY) => {}
             }
         };
-        ConversationHold { _guard: self.turn_guard(conversation_id, owned) }
+        ConversationHold { _guard: self.turn_guard(conversation_id, owned), _closing: closing }
     }
 
     /// Tells open pages that a conversation was deleted.
@@ -689,7 +699,7 @@ impl Assistant {
             match inbound.conversation_key.parse::<i64>() {
                 Ok(id) => match memory::get_conversation(pool, ConversationId(id)).await? {
                     Some(c) if c.channel == ChannelKind::WebChat => Target::Existing(c.id),
-                    _ => return Err(Error::NotFound(format!("conversation {id}"))),
+                    _ => return Err(Error::NotFound(format!("conversation {id} does not exist"))),
                 },
                 Err(_) => Target::NewWebChat { title: title_from(text) },
             }
@@ -793,9 +803,11 @@ impl Assistant {
         let tier = tier.unwrap_or_else(|| inner.router.default_tier());
         let existing = match &target {
             Target::Existing(id) => {
-                // It may have been deleted while this request waited for its turn.
-                if memory::get_conversation(pool, *id).await?.is_none() {
-                    return Err(Error::NotFound(format!("conversation {}", id.0)));
+                // It may have been deleted, or be being deleted, while this request waited
+                // for its turn.
+                let closing = lock(&inner.closing).contains(id);
+                if closing || memory::get_conversation(pool, *id).await?.is_none() {
+                    return Err(Error::NotFound(format!("conversation {} was deleted", id.0)));
                 }
                 Some(*id)
             }
@@ -1022,6 +1034,19 @@ impl Assistant {
 /// A conversation's turn held by `Assistant::quiesce`: no answer runs in it until dropped.
 pub struct ConversationHold {
     _guard: TurnGuard,
+    _closing: Closing,
+}
+
+/// A conversation's mark in `Inner::closing`, removed when dropped.
+struct Closing {
+    conversation_id: ConversationId,
+    set: Arc<Mutex<HashSet<ConversationId>>>,
+}
+
+impl Drop for Closing {
+    fn drop(&mut self) {
+        lock(&self.set).remove(&self.conversation_id);
+    }
 }
 
 /// A conversation's turn, held by one answer. Dropping it lets the next waiting message
@@ -1123,7 +1148,10 @@ impl Assistant {
         let _guard = self.turn_guard(conversation_id, slot.lock_owned().await);
         let pool = &self.inner.pool;
         if memory::get_conversation(pool, conversation_id).await?.is_none() {
-            return Err(Error::NotFound(format!("conversation {}", conversation_id.0)));
+            return Err(Error::NotFound(format!(
+                "conversation {} does not exist",
+                conversation_id.0
+            )));
         }
         let message = NewMessage::plain(conversation_id, Role::Assistant, text);
         let message_id = memory::add_message(pool, &message).await?;

@@ -83,10 +83,13 @@ pub struct ToolRound {
     pub results: Vec<ToolResult>,
 }
 
-/// Whether a message has nothing to read: only whitespace and control characters (a lone
-/// NUL is not a question).
+/// Whether a message has nothing to read: only whitespace, control characters (a lone NUL
+/// is not a question) and the invisible format characters that render as nothing (zero-width
+/// space and joiners, word joiner, byte order mark, soft hyphen).
 pub fn is_blank(text: &str) -> bool {
-    text.chars().all(|c| c.is_whitespace() || c.is_control())
+    const INVISIBLE: [char; 7] =
+        ['\u{200B}', '\u{200C}', '\u{200D}', '\u{2060}', '\u{FEFF}', '\u{00AD}', '\u{180E}'];
+    text.chars().all(|c| c.is_whitespace() || c.is_control() || INVISIBLE.contains(&c))
 }
 
 /// One turn of a conversation as the models see it.

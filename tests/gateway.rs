@@ -277,12 +277,17 @@ async fn unknown_routes_and_wrong_methods_answer_in_the_json_error_shape() {
 #[tokio::test]
 async fn chat_rejects_bad_requests_with_clear_messages() {
     let app = test_app().await;
-    let cases: [(&str, StatusCode, &str); 8] = [
+    let cases: [(&str, StatusCode, &str); 9] = [
         (r#"{"message": "hi""#, StatusCode::BAD_REQUEST, "invalid JSON body"),
         (r#"{"tier": "main"}"#, StatusCode::BAD_REQUEST, "missing field `message`"),
         (r#"{"message": 42}"#, StatusCode::BAD_REQUEST, "invalid JSON body"),
         (r#"{"message": "  \n "}"#, StatusCode::BAD_REQUEST, "message must not be empty"),
         (r#"{"message": "\u0000"}"#, StatusCode::BAD_REQUEST, "message must not be empty"),
+        (
+            r#"{"message": "\u200b\u200b \ufeff"}"#,
+            StatusCode::BAD_REQUEST,
+            "message must not be empty",
+        ),
         (
             r#"{"message": "hi", "tier": "turbo"}"#,
             StatusCode::BAD_REQUEST,

@@ -310,7 +310,11 @@ async fn malformed_stop_and_unsupported_sampling_fields_get_a_400_naming_them() 
         (json!({"logprobs": true}), "logprobs and top_logprobs are not supported", "logprobs"),
         (json!({"top_logprobs": 3}), "logprobs and top_logprobs are not supported", "logprobs"),
         (json!({"top_p": 0}), "top_p must be in (0, 1]", "top_p"),
-        (json!({"max_completion_tokens": 0}), "max_tokens must be between 1 and", "max_tokens"),
+        (
+            json!({"max_completion_tokens": 0}),
+            "max_tokens (or max_completion_tokens) must be",
+            "max_tokens",
+        ),
         (json!({"n": 2}), "only n = 1 is supported", "n"),
         (json!({"tools": {}}), "tools must be an array", "tools"),
         (json!({"tool_choice": "always"}), "tool_choice `always` is not supported", "tool_choice"),

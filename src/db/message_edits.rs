@@ -20,7 +20,10 @@ pub enum EditError {
     /// The client named a message that is no longer the one the action would change: the
     /// conversation moved on (another tab, a channel) or the page showed a message that was
     /// never stored. Nothing was changed.
-    #[error("message {id} is no longer {what} in this conversation; reload it and try again")]
+    #[error(
+        "message {id} is not {what} in this conversation (it changed meanwhile, in another tab or \
+         window, or never was); reload it and try again"
+    )]
     NotLast { id: i64, what: &'static str },
     #[error(transparent)]
     Db(#[from] sqlx::Error),

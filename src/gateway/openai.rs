@@ -1037,7 +1037,7 @@ fn params_for(
     if max_tokens == 0 || max_tokens > MAX_MAX_TOKENS {
         return Err(invalid(
             "max_tokens",
-            format!("max_tokens must be between 1 and {MAX_MAX_TOKENS}"),
+            format!("max_tokens (or max_completion_tokens) must be between 1 and {MAX_MAX_TOKENS}"),
         ));
     }
     let mut params = GenerationParams::qwen3_non_thinking(max_tokens);
