@@ -917,6 +917,15 @@ impl Config {
                  format, digits only, e.g. 33612345678)"
             )));
         }
+        // No country code starts with 0: a leading 0 is a dialling prefix (00, or a national
+        // trunk 0) that Meta never sends, so such an entry could never match.
+        if let Some(wrong) = allowed_numbers.iter().find(|n| n.starts_with('0')) {
+            return Err(bad(format!(
+                "WHATSAPP_ALLOWED_NUMBERS: `{wrong}` starts with 0, which no international \
+                 number does; write the country code without the 00 or national 0 prefix, \
+                 e.g. 33612345678"
+            )));
+        }
         Ok(Some(WhatsAppSettings {
             verify_token: self.whatsapp_verify_token.clone().expect("checked above"),
             app_secret: self.whatsapp_app_secret.clone().expect("checked above"),
@@ -942,6 +951,15 @@ impl Config {
                     )));
                 }
                 let allowed = split_list(self.nextcloud_allowed_users.as_deref());
+                // Talk sends actor ids as `<type>/<id>` (`users/alice`); a bare user name
+                // could never match, and that user would be ignored without a clue.
+                if let Some(wrong) = allowed.iter().find(|u| !is_talk_actor_id(u)) {
+                    return Err(bad(format!(
+                        "NEXTCLOUD_ALLOWED_USERS: `{wrong}` is not a Talk actor id; write the \
+                         actor type, a slash and the id, e.g. users/{}",
+                        wrong.rsplit('/').next().filter(|id| !id.is_empty()).unwrap_or("alice")
+                    )));
+                }
                 Ok(Some(NextcloudSettings {
                     url: url.trim_end_matches('/').to_string(),
                     bot_secret: secret.clone(),
@@ -978,6 +996,16 @@ fn header_secret(name: &str, secret: &Secret) -> Result<Secret, ConfigError> {
         )));
     }
     Ok(Secret::new(value))
+}
+
+/// Whether `value` has the shape of a Talk actor id: a lowercase type (`users`, `guests`,
+/// `emails`, `federated_users`, …), a slash and a non-empty id.
+fn is_talk_actor_id(value: &str) -> bool {
+    value.split_once('/').is_some_and(|(kind, id)| {
+        !kind.is_empty()
+            && kind.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+            && !id.trim().is_empty()
+    })
 }
 
 fn split_list(value: Option<&str>) -> Vec<String> {
@@ -1058,7 +1086,10 @@ fn parse_timeout(name: &str, value: &str) -> Result<Duration, ConfigError> {
     match parse_duration(value) {
         Ok(Some(duration)) if duration <= Duration::from_secs(3600) => Ok(duration),
         Ok(Some(_)) => Err(bad(format!("{name}={value}: must be at most 1h"))),
-        Ok(None) => Err(bad(format!("{name}={value}: must be a duration such as 20s"))),
+        Ok(None) => Err(bad(format!(
+            "{name}={value}: must be more than 0, a duration such as 20s (a connection without \
+             this limit is what it prevents)"
+        ))),
         Err(e) => Err(bad(format!("{name}={value}: {e}"))),
     }
 }
@@ -1113,8 +1144,9 @@ pub fn parse_duration(value: &str) -> Result<Option<Duration>, String> {
         // A bare number is seconds.
         total += number.parse::<u64>().map_err(|e| e.to_string())?;
     }
+    // `0s` is `0`, however it is spelled (the two were once refused and accepted).
     if total == 0 {
-        return Err("expected a duration such as 30m or 2h, or 0 for never".into());
+        return Ok(None);
     }
     Ok(Some(Duration::from_secs(total)))
 }
@@ -1180,6 +1212,8 @@ mod tests {
         assert_eq!(parse_duration("30m").unwrap(), Some(Duration::from_secs(1800)));
         assert_eq!(parse_duration("1h30m").unwrap(), Some(Duration::from_secs(5400)));
         assert_eq!(parse_duration("0").unwrap(), None);
+        assert_eq!(parse_duration("0s").unwrap(), None, "0 however spelled");
+        assert_eq!(parse_duration("0m0s").unwrap(), None);
         assert!(parse_duration("soon").is_err());
     }
 
@@ -1272,6 +1306,51 @@ mod tests {
         let err = validate_with(&[("CONTEXT_SIZE", "512")]).unwrap_err().to_string();
         assert!(err.starts_with("CONTEXT_SIZE=512: must be at least 2048"), "{err}");
         assert!(validate_with(&[("CONTEXT_SIZE", "2048")]).is_ok());
+    }
+
+    #[test]
+    fn allow_lists_that_could_never_match_are_refused_at_start() {
+        let whatsapp = |numbers: &str| {
+            validate_with(&[
+                ("WHATSAPP_VERIFY_TOKEN", "verify"),
+                ("WHATSAPP_APP_SECRET", "app-secret"),
+                ("WHATSAPP_ACCESS_TOKEN", "access-token"),
+                ("WHATSAPP_PHONE_NUMBER_ID", "106540352242922"),
+                ("WHATSAPP_ALLOWED_NUMBERS", numbers),
+            ])
+            .map(|s| s.whatsapp.expect("configured").allowed_numbers)
+            .map_err(|e| e.to_string())
+        };
+        assert_eq!(whatsapp("+33612345678, 16505551234").unwrap(), ["33612345678", "16505551234"]);
+        let err = whatsapp("33699999999,0033612345678").unwrap_err();
+        assert!(
+            err.starts_with("WHATSAPP_ALLOWED_NUMBERS: `0033612345678` starts with 0"),
+            "{err}"
+        );
+        assert!(err.contains("e.g. 33612345678"), "{err}");
+        assert!(whatsapp("0612345678").unwrap_err().contains("starts with 0"));
+        assert!(whatsapp("+33 6 12 34 56 78").unwrap_err().contains("is not a phone number"));
+
+        let talk = |users: &str| {
+            validate_with(&[
+                ("NEXTCLOUD_URL", "https://cloud.example.org"),
+                ("NEXTCLOUD_BOT_SECRET", &"s".repeat(40)),
+                ("NEXTCLOUD_ALLOWED_USERS", users),
+            ])
+            .map(|s| s.nextcloud.expect("configured").allowed_users)
+            .map_err(|e| e.to_string())
+        };
+        let ok = talk("users/alice, federated_users/bob@cloud.example.org").unwrap();
+        assert_eq!(ok.unwrap(), ["users/alice", "federated_users/bob@cloud.example.org"]);
+        let err = talk("users/bob,alice").unwrap_err();
+        assert_eq!(
+            err,
+            "NEXTCLOUD_ALLOWED_USERS: `alice` is not a Talk actor id; write the actor type, a \
+             slash and the id, e.g. users/alice"
+        );
+        for wrong in ["users/", "/alice", "Users/alice"] {
+            assert!(talk(wrong).unwrap_err().contains("is not a Talk actor id"), "{wrong}");
+        }
     }
 
     #[test]

@@ -597,6 +597,11 @@ async fn a_short_channel_outage_delays_a_jobs_message_and_never_loses_it() {
     let answer = my_claw::domain::MessageId(run["message_id"].as_i64().expect("the answer"));
     let answer = memory::get_message(&app.pool, answer).await.unwrap().unwrap();
     assert_eq!(answer.delivery_status.as_deref(), Some("sent"), "{answer:?}");
+    // The API shows how the channel took it.
+    let path_of = |id: ConversationId| format!("/api/conversations/{}/messages", id.0);
+    let (_, shown) = app.call(Method::GET, &path_of(answer.conversation_id), None).await;
+    let shown = shown["messages"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(shown["delivery_status"], "sent", "{shown}");
 
     // An outage longer than the patience fails the run, saying the channel could not take it.
     for _ in 0..100 {
@@ -606,6 +611,10 @@ async fn a_short_channel_outage_delays_a_jobs_message_and_never_loses_it() {
     assert_eq!(run["outcome"], "failed", "{run}");
     let reason = run["error"].as_str().unwrap_or_default();
     assert!(reason.contains("whatsapp could not take the message"), "{reason}");
+    let (_, shown) = app.call(Method::GET, &path_of(answer.conversation_id), None).await;
+    let shown = shown["messages"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(shown["delivery_status"], "failed", "{shown}");
+    assert!(shown["delivery_error"].as_str().unwrap().contains("http 500"), "{shown}");
     graph.script.lock().unwrap().clear();
     app.cron.shutdown().await;
 }

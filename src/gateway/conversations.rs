@@ -70,6 +70,12 @@ pub struct MessageJson {
     /// the user stopped it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// How an answer sent on WhatsApp or Talk fared (`sending`, `sent`, `delivered`, `read`,
+    /// `failed`, `unknown`), and why it failed; absent for what no channel carried.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delivery_status: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delivery_error: Option<String>,
     /// The tools the assistant used for this answer, round by round (empty when none):
     /// shown compactly by the page, and part of the privacy ledger.
     pub tool_rounds: Vec<ToolRoundJson>,
@@ -282,6 +288,8 @@ fn message_json(m: StoredMessage) -> MessageJson {
         completion_tokens: m.completion_tokens,
         created_at: m.created_at,
         error: m.failure,
+        delivery_status: m.delivery_status,
+        delivery_error: m.delivery_error,
         tool_rounds: m.tool_rounds.into_iter().map(ToolRoundJson::from).collect(),
     }
 }
