@@ -141,6 +141,35 @@ fn init_tracing(filter: Option<&str>) {
         .try_init();
 }
 
+/// A value that does not parse (`CONTEXT_SIZE=abc`), as one line naming the variable and
+/// its flag: `CONTEXT_SIZE=abc (--context-size): invalid digit found in string`. `None` for
+/// every other command-line error (help, unknown flags), which clap prints itself.
+pub fn bad_value_line(error: &clap::Error) -> Option<String> {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if !matches!(error.kind(), ErrorKind::ValueValidation | ErrorKind::InvalidValue) {
+        return None;
+    }
+    let text = |kind| match error.get(kind) {
+        Some(ContextValue::String(s)) => Some(s.clone()),
+        _ => None,
+    };
+    // `--context-size <CONTEXT_SIZE>`: the value name is the variable's.
+    let arg = text(ContextKind::InvalidArg)?;
+    let value = text(ContextKind::InvalidValue).unwrap_or_default();
+    let (flag, name) = match arg.split_once(" <") {
+        Some((flag, name)) => (flag.to_string(), name.trim_end_matches('>').to_string()),
+        None => (arg.clone(), arg.trim_start_matches('-').replace('-', "_").to_uppercase()),
+    };
+    let reason = match std::error::Error::source(error) {
+        Some(source) => source.to_string(),
+        None => match error.get(ContextKind::ValidValue) {
+            Some(ContextValue::Strings(valid)) => format!("expected one of {}", valid.join(", ")),
+            _ => "not a valid value".to_string(),
+        },
+    };
+    Some(format!("{name}={value} ({flag}): {reason}"))
+}
+
 /// The log filter: what was asked (`LOG`, else `RUST_LOG`, else `info`), with the
 /// tokenizers crate held at `warn` unless named: at `trace` it logs every character of every
 /// prompt it normalises, which would put the conversations in the log.

@@ -18,7 +18,18 @@ fn main() -> ExitCode {
             a
         }
     });
-    let cli = Cli::parse_from(args);
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(e) => match app::bad_value_line(&e) {
+            // A setting that does not parse: one line naming the variable, like every other
+            // configuration error (clap's own is three lines naming only the flag).
+            Some(line) => {
+                eprintln!("my-claw: error: {line}");
+                return ExitCode::from(2);
+            }
+            None => e.exit(),
+        },
+    };
     match app::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -39,6 +39,9 @@ fn bad_configuration_exits_with_one_clear_line() {
         "DATABASE_URL=postgres://localhost/db: must start with sqlite://",
     );
     check_config_error(&["serve"], &[("HISTORY_MESSAGES", "0")], "HISTORY_MESSAGES=0");
+    // Values that do not even parse are said the same way, naming the variable.
+    check_config_error(&["serve"], &[("CONTEXT_SIZE", "abc")], "CONTEXT_SIZE=abc (--context-size)");
+    check_config_error(&["serve"], &[("PRELOAD", "maybe")], "expected one of true, false");
     check_config_error(&["serve"], &[("MODEL_KEEP_ALIVE", "soon")], "MODEL_KEEP_ALIVE=soon");
     check_config_error(
         &["serve"],
