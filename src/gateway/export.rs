@@ -125,10 +125,15 @@ async fn get_export_all(State(state): State<AppState>) -> Response {
     let (tx, rx) = mpsc::channel::<Result<String, std::io::Error>>(8);
     let pool = state.pool.clone();
     tokio::spawn(async move {
-        if let Err(e) = write_export(&pool, &tx).await {
-            // The client sees a truncated (invalid) document rather than a silent success.
-            tracing::error!(cause = %e, "export failed");
-            let _ = tx.send(Err(std::io::Error::other(e.to_string()))).await;
+        match write_export(&pool, &tx).await {
+            Ok(()) => {}
+            // A download cancelled by its reader is not a failure of ours.
+            Err(ExportError::Gone) => tracing::debug!("export cancelled by the client"),
+            Err(e) => {
+                // The client sees a truncated (invalid) document, not a silent success.
+                tracing::error!(cause = %e, "export failed");
+                let _ = tx.send(Err(std::io::Error::other(e.to_string()))).await;
+            }
         }
     });
     let name = format!("my-claw-export-{}.json", chrono::Utc::now().format("%Y%m%d-%H%M%S"));
