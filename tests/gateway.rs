@@ -669,6 +669,9 @@ async fn openai_api_with_a_fake_model() {
     assert_eq!(text.trim(), "echo: a b");
     let finish = chunks.iter().find(|c| c["choices"][0]["finish_reason"].is_string()).unwrap();
     assert_eq!(finish["choices"][0]["finish_reason"], "stop");
+    // The finish chunk carries the answer's timings, as a non-streamed answer does.
+    let timings = &finish["timings"];
+    assert!(timings["total_ms"].as_u64().unwrap() >= timings["ttft_ms"].as_u64().unwrap());
     let usage = chunks.last().unwrap();
     assert_eq!(usage["choices"], json!([]));
     assert_eq!(usage["usage"]["completion_tokens"], 3);

@@ -205,6 +205,10 @@ struct CompletionChunk {
     choices: Vec<ChunkChoice>,
     #[serde(skip_serializing_if = "Option::is_none")]
     usage: Option<UsageOut>,
+    /// On the finish chunk: the answer's timings, as a non-streamed answer has them (and as
+    /// llama.cpp's server puts them on its last chunk).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    timings: Option<TimingsJson>,
 }
 
 #[derive(Debug, Serialize)]
@@ -344,6 +348,7 @@ impl ResponseMeta {
             system_fingerprint: self.fingerprint.clone(),
             choices: vec![ChunkChoice { index: 0, delta, finish_reason: finish, logprobs: None }],
             usage: None,
+            timings: None,
         }
     }
 }
@@ -594,7 +599,10 @@ fn completion_stream(
                 return Some((events, Some((reader, meta))));
             }
             Part::End { usage, finish } => {
-                let mut out = vec![sse_event(&meta.chunk(Delta::default(), Some(finish)))];
+                let mut last = meta.chunk(Delta::default(), Some(finish));
+                let total_ms = meta.started.elapsed().as_millis() as u64;
+                last.timings = Some(timings_json(&usage, total_ms));
+                let mut out = vec![sse_event(&last)];
                 if include_usage {
                     let mut chunk = meta.chunk(Delta::default(), None);
                     chunk.choices.clear();
