@@ -14,6 +14,8 @@
 (() => {
   const TOKEN_KEY = "my-claw.token";
   const TIER_KEY = "my-claw.tier";
+  /** What was typed and not sent, per conversation: this prefix and its id, or `new`. */
+  const DRAFT_KEY = "my-claw.draft.";
   /** The server's limit on one message (config::MAX_MESSAGE_CHARS), in characters. */
   const MAX_MESSAGE_CHARS = 16000;
   /** The character counter shows from this length on. */
@@ -22,6 +24,7 @@
   const $ = (id) => document.getElementById(id);
   const el = {
     app: $("app"),
+    main: $("main"),
     sidebar: $("sidebar"),
     scrim: $("scrim"),
     list: $("conversation-list"),
@@ -39,6 +42,7 @@
     bannerRetry: $("banner-retry"),
     bannerClose: $("banner-close"),
     messages: $("messages"),
+    jumpLatest: $("jump-latest"),
     empty: $("empty"),
     emptyDeleted: $("empty-deleted"),
     announcer: $("announcer"),
@@ -64,9 +68,7 @@
     personaStatus: $("persona-status"),
     cronPanel: $("cron-panel"),
     editNote: $("edit-note"),
-    streamNote: $("stream-note"),
-    streamNoteText: $("stream-note-text"),
-    streamOpen: $("stream-open"),
+    busyNote: $("busy-note"),
     inputCount: $("input-count"),
     menuButton: $("chat-menu-button"),
     exportMd: $("export-md"),
@@ -83,9 +85,12 @@
     token: null,
     conversations: [],
     current: null, // the open conversation object, or null for a new chat
-    streaming: null, // { controller, conversationId, bubble, stopRequested, meta, kind }
+    // The answer the open view shows as it is written: { controller, conversationId, bubble,
+    // stopRequested, meta, kind, accepted, detached }. Only ever the open conversation's:
+    // leaving it stops reading it (`leaveAnswer`), so any other conversation can send.
+    streaming: null,
     following: null, // { conversationId, controller } while `/live` is asked (`followLive`)
-    editing: null, // { wrap, draft } while the last user message is being edited
+    editing: null, // { wrap, draft, messageId } while the last user message is being edited
     reloadOnReconnect: false, // an answer lost its connection: show the stored state once back
     dropLost: false, // the next reload, once back, also drops answers that were never stored
     tiers: [],
@@ -535,8 +540,13 @@
       a.rel = "noopener noreferrer nofollow";
       return a;
     }
-    const tag = ALLOWED_TAGS.has(token.tag) ? token.tag : "span";
+    let tag = ALLOWED_TAGS.has(token.tag) ? token.tag : "span";
+    // An answer's headings sit under the page's own (h1: the conversation; h2: the panels):
+    // # becomes h3, ## h4 and so on, capped at h6. The class keeps the look of its level.
+    const heading = /^h([1-6])$/.exec(tag);
+    if (heading) tag = "h" + Math.min(6, Number(heading[1]) + 2);
     const node = document.createElement(tag);
+    if (heading) node.className = "md-h" + heading[1];
     // Each block takes the direction of its own text: an Arabic or Hebrew paragraph aligns
     // right inside an English answer.
     if (TEXT_BLOCKS.has(tag)) node.dir = "auto";
@@ -617,6 +627,7 @@
     copy.type = "button";
     copy.className = "btn small copy-code";
     copy.textContent = "Copy";
+    copy.setAttribute("aria-label", "Copy code");
     const source = content.replace(/\n$/, "");
     copy.addEventListener("click", () => copyToClipboard(source, copy));
     head.append(label, copy);
@@ -657,11 +668,16 @@
     }
     if (button) {
       const label = button.dataset.label || button.textContent;
+      const name = button.dataset.name || button.getAttribute("aria-label") || "";
       button.dataset.label = label;
+      button.dataset.name = name;
       button.textContent = ok ? "Copied" : "Copy failed";
+      // The accessible name says the outcome too ("Copy message" would hide it).
+      if (name) button.setAttribute("aria-label", button.textContent);
       button.dataset.copied = ok ? "true" : "false";
       window.setTimeout(() => {
         button.textContent = label;
+        if (name) button.setAttribute("aria-label", name);
       }, 1500);
     }
     return ok;
@@ -680,6 +696,10 @@
     el.empty.hidden = true;
     const wrap = document.createElement("div");
     wrap.className = "msg " + role;
+    // Who wrote it, for screen readers: the bubbles' look says it to the eye.
+    const author = document.createElement("span");
+    author.className = "visually-hidden author";
+    author.textContent = role === "user" ? "You said:" : role === "assistant" ? "Assistant said:" : "Note:";
     if (options.id) wrap.dataset.messageId = String(options.id);
     if (options.status) wrap.dataset.status = options.status;
     const content = document.createElement("div");
@@ -699,7 +719,9 @@
     tools.className = "tools";
     const bubble = { wrap, content, meta, notices, wait, tools, actions, text: text || "" };
     wrap.__bubble = bubble;
-    actions.appendChild(actionButton("Copy", "act-copy", (button) => copyToClipboard(bubble.text, button)));
+    const copy = actionButton("Copy", "act-copy", (button) => copyToClipboard(bubble.text, button));
+    copy.setAttribute("aria-label", "Copy message");
+    actions.appendChild(copy);
     if (role === "assistant") {
       actions.appendChild(actionButton("Regenerate", "act-regenerate", () => regenerateLast().catch(reportError)));
     } else if (role === "user") {
@@ -708,7 +730,7 @@
       // or the connection was lost before it was stored): answer it again.
       actions.appendChild(actionButton("Answer", "act-answer", () => regenerateFrom(wrap).catch(reportError)));
     }
-    wrap.append(notices, wait, tools, content, meta, actions);
+    wrap.append(author, notices, wait, tools, content, meta, actions);
     renderBubbleText(bubble);
     el.messages.appendChild(wrap);
     return bubble;
@@ -818,7 +840,8 @@
     if (info.stoppedBy === "server") {
       add("stopped by a restart of my-claw", "stopped");
     } else if (info.status === "partial") {
-      add("stopped before the end", "stopped");
+      // A partial answer with a reason failed mid-way; without one, the user stopped it.
+      add(info.failed ? "failed before the end" : "stopped before the end", "stopped");
     }
     if (info.status === "lost") add("connection lost", "stopped");
     if (info.finish === "length") add("cut at the length limit", "stopped");
@@ -940,13 +963,88 @@
     bubble.wrap.appendChild(p);
   }
 
-  function nearEnd() {
+  // --- Following the end of the conversation --------------------------------------------
+  //
+  // While an answer streams the view follows its end, until the user scrolls up by any
+  // amount (a wheel step, a touchpad's few pixels, a swipe, a key): from then on it stays
+  // where the user put it, and "Jump to latest" brings it back. Scrolling back to the very
+  // bottom follows again.
+
+  /** How close to the bottom (px) counts as being at it. */
+  const BOTTOM_SLACK = 4;
+  const follow = {
+    on: true, // the view follows the end of the conversation
+    lastTop: 0, // the scroll position last seen or set, to tell a move up
+    touchY: null, // where a touch on the list is, to tell a swipe's direction
+  };
+
+  function atBottom() {
     const box = el.messages;
-    return box.scrollHeight - box.scrollTop - box.clientHeight < 120;
+    return box.scrollHeight - box.scrollTop - box.clientHeight <= BOTTOM_SLACK;
   }
 
+  function scrollable() {
+    return el.messages.scrollHeight - el.messages.clientHeight > BOTTOM_SLACK;
+  }
+
+  /** Scrolls to the end: always when `force` (a message was sent, a conversation opened),
+   * else only while the view follows it. */
   function scrollToEnd(force) {
-    if (force || nearEnd()) el.messages.scrollTop = el.messages.scrollHeight;
+    const box = el.messages;
+    // A move up that no scroll event has reported yet (it comes with the next frame, and a
+    // token can come first) still stops following.
+    if (!force && box.scrollTop < follow.lastTop - 1 && !atBottom()) follow.on = false;
+    if (force || follow.on) {
+      follow.on = true;
+      box.scrollTop = box.scrollHeight;
+    }
+    follow.lastTop = box.scrollTop;
+    updateJump();
+  }
+
+  /** The user moved up (a wheel, a swipe, a key): the view stops following the end, if
+   * there is anything to scroll. */
+  function userScrolledUp() {
+    if (scrollable()) follow.on = false;
+    updateJump();
+  }
+
+  function onMessagesScroll() {
+    const top = el.messages.scrollTop;
+    if (atBottom()) {
+      follow.on = true;
+    } else if (top < follow.lastTop - 1) {
+      follow.on = false;
+    }
+    follow.lastTop = top;
+    updateJump();
+  }
+
+  /** "Jump to latest" shows while there is more below than the view shows. */
+  function updateJump() {
+    el.jumpLatest.hidden = atBottom();
+  }
+
+  function bindFollow() {
+    const box = el.messages;
+    box.addEventListener("scroll", onMessagesScroll, { passive: true });
+    box.addEventListener("wheel", (e) => {
+      if (e.deltaY < 0) userScrolledUp();
+    }, { passive: true });
+    box.addEventListener("touchstart", (e) => {
+      follow.touchY = e.touches.length === 1 ? e.touches[0].clientY : null;
+    }, { passive: true });
+    box.addEventListener("touchmove", (e) => {
+      // A finger moving down drags the list down: the reader goes up.
+      if (follow.touchY !== null && e.touches.length === 1 && e.touches[0].clientY > follow.touchY + 2) {
+        userScrolledUp();
+      }
+    }, { passive: true });
+    box.addEventListener("keydown", (e) => {
+      if (["ArrowUp", "PageUp", "Home"].includes(e.key)) userScrolledUp();
+    });
+    el.jumpLatest.addEventListener("click", () => scrollToEnd(true));
+    window.addEventListener("resize", updateJump);
   }
 
   /** Adds one stored message as the conversation endpoint gives it. */
@@ -966,9 +1064,12 @@
         host: m.host,
         leftMachine: m.left_machine,
         status: m.status,
+        failed: Boolean(m.error),
         promptTokens: m.prompt_tokens || null,
         completionTokens: m.completion_tokens,
       });
+      // Why it failed, as the page that asked said it then (absent when the user stopped it).
+      if (m.error) addErrorText(bubble, "Error: " + m.error);
     }
     return bubble;
   }
@@ -985,14 +1086,15 @@
     }
     updateMessageActions();
     // A live refresh can re-render the conversation while its last message is being edited:
-    // the edit follows the new last user bubble instead of a detached one.
+    // the edit follows that message's new bubble. It never moves to another message (sent
+    // meanwhile in another tab): that one would be replaced by text written for this one.
     if (state.editing) {
       const last = el.messages.querySelector(".msg.last-user");
-      if (last) {
+      if (last && last.dataset.messageId === state.editing.messageId) {
         state.editing.wrap = last;
         last.classList.add("editing");
       } else {
-        cancelEdit(true);
+        editOvertaken();
       }
     }
     updateComposer();
@@ -1013,7 +1115,7 @@
     const box = el.messages;
     const dropLost = state.dropLost;
     state.dropLost = false;
-    const atEnd = nearEnd();
+    const atEnd = follow.on && (atBottom() || !state.streaming);
     const shown = [...box.querySelectorAll(".msg")].filter((w) => w.dataset.messageId);
     let same = 0;
     while (same < shown.length && same < messages.length && sameMessage(shown[same], messages[same])) {
@@ -1080,13 +1182,18 @@
     const items = state.conversations.map((c) => {
       const li = document.createElement("li");
       li.dataset.conversationId = String(c.id);
-      if (state.current && state.current.id === c.id) li.className = "active";
       const button = document.createElement("button");
       button.type = "button";
+      if (state.current && state.current.id === c.id) {
+        li.className = "active";
+        button.setAttribute("aria-current", "page");
+      }
       const title = document.createElement("span");
       title.className = "conv-title";
       title.textContent = conversationTitle(c);
       button.appendChild(title);
+      // The whole title (the list cuts long ones) and when it was last written in.
+      button.title = conversationTitle(c) + (c.updated_at ? " · " + shortDate(c.updated_at) : "");
       if (c.channel !== "webchat") {
         const badge = document.createElement("span");
         badge.className = "badge";
@@ -1100,14 +1207,43 @@
         badge.title = "Part of this conversation was answered outside this machine";
         button.appendChild(badge);
       }
-      button.addEventListener("click", () => {
+      if (c.answering) {
+        // Written by the server whether or not a page reads it (this one left it, or was
+        // reloaded): opening the conversation follows it.
+        const badge = document.createElement("span");
+        badge.className = "badge answering";
+        badge.textContent = "answering…";
+        badge.title = "An answer is being written in this conversation";
+        button.appendChild(badge);
+      }
+      button.addEventListener("click", (e) => {
+        // Chosen with Enter or Space (a click with no pointer behind it): the list is
+        // redrawn, so the focus would fall to the page; it goes where the user types next.
+        const byKeyboard = e.detail === 0;
         closeSidebar();
-        openConversation(c.id).catch(reportError);
+        openConversation(c.id)
+          .then(() => {
+            if (byKeyboard) focusComposer();
+          })
+          .catch(reportError);
       });
       li.appendChild(button);
       return li;
     });
     el.list.replaceChildren(...items);
+  }
+
+  /** A date as short as is clear: the time today, the day this year, else the full date. */
+  function shortDate(ms) {
+    const date = new Date(ms);
+    const now = new Date();
+    if (date.toDateString() === now.toDateString()) {
+      return date.toLocaleTimeString(undefined, { hour: "2-digit", minute: "2-digit" });
+    }
+    if (date.getFullYear() === now.getFullYear()) {
+      return date.toLocaleDateString(undefined, { day: "numeric", month: "short" });
+    }
+    return date.toLocaleDateString(undefined, { day: "numeric", month: "short", year: "numeric" });
   }
 
   // The conversation the header shows: its menu closes when that changes, not when a live
@@ -1137,23 +1273,25 @@
    * Opens a conversation. The one already open is brought up to date in place instead
    * (`refreshConversation`). An answer streaming meanwhile goes on in the background: its
    * request stays open, so the server finishes and stores it, and the composer says where
-   * it is being written.
+   * it is being written. `how` the address changes (`setHash`): a new history entry unless
+   * said otherwise.
    */
-  async function openConversation(id) {
+  async function openConversation(id, how = "push") {
     if (state.current && state.current.id === id) {
       await refreshConversation();
       return;
     }
     const data = await api("/api/conversations/" + encodeURIComponent(id) + "/messages");
     cancelEdit(true);
-    stopFollowing();
+    leaveAnswer();
     // Moving on clears a message about the previous view; the first view keeps one said at
     // start (a refused sign-in link).
     if (state.started) hideMessageBanner();
     state.current = data.conversation;
-    setHash(state.current.id);
+    setHash(state.current.id, how);
     renderHeader();
     renderConversationList();
+    showDraft(state.current.id);
     showMessages(data.messages || []);
     followLive(state.current.id).catch(() => {});
   }
@@ -1174,22 +1312,30 @@
   }
 
   function newChat() {
-    clearView();
+    clearView({ how: "push" });
     updateComposer();
     closeSidebar();
     el.input.focus();
   }
 
-  /** No conversation open: the empty view a new chat starts from. */
-  function clearView() {
+  /** No conversation open: the empty view a new chat starts from, with its draft, or with
+   * the text in the box when `keepText` (the conversation typed in was deleted). `how` the
+   * address changes (`setHash`). */
+  function clearView({ keepText = false, how = "replace" } = {}) {
     cancelEdit(true);
-    stopFollowing();
+    leaveAnswer();
     hideMessageBanner();
     state.current = null;
-    setHash(null);
+    setHash(null, how);
     renderHeader();
     renderConversationList();
     clearMessages();
+    if (keepText) {
+      draftFor = null;
+      saveDraft();
+    } else {
+      showDraft(null);
+    }
   }
 
   /**
@@ -1208,6 +1354,7 @@
     const run = state.streaming;
     if (run && run.conversationId === id) run.deleted = true;
     state.conversations = state.conversations.filter((c) => c.id !== id);
+    storeDraft(id, "");
     if (state.current && state.current.id === id) {
       showDeleted();
     } else {
@@ -1216,9 +1363,21 @@
     }
   }
 
+  /** A conversation was renamed (here, in another tab, through the API): the list and, when
+   * it is the open one, the header take the new title. Only the title changes: an edit or an
+   * answer in progress is left as it is. */
+  async function conversationRenamed(id) {
+    await loadConversations();
+    const listed = state.conversations.find((c) => c.id === id);
+    if (listed && state.current && state.current.id === id) {
+      state.current = { ...state.current, title: listed.title };
+      renderHeader();
+    }
+  }
+
   /** The open conversation is gone: an empty view that says so, ready for a new chat. */
   function showDeleted() {
-    clearView();
+    clearView({ keepText: true });
     el.emptyDeleted.hidden = false;
     updateComposer();
   }
@@ -1240,7 +1399,11 @@
     const c = state.current;
     if (!c) return;
     const title = window.prompt("New name for this conversation", conversationTitle(c));
-    if (title === null || !title.trim()) return;
+    if (title === null) return;
+    if (!title.trim()) {
+      showBanner("Not renamed: a conversation's name cannot be blank.");
+      return;
+    }
     const updated = await api("/api/conversations/" + c.id, { method: "PATCH", body: { title } });
     state.current = { ...c, ...updated };
     renderHeader();
@@ -1256,10 +1419,35 @@
     await loadConversations();
   }
 
-  function setHash(id) {
+  /** The address the view shows (`#c=<id>`, or empty for a new chat). */
+  let addressShown = null;
+
+  /** Puts the open conversation into the address: `push` adds a history entry (the user
+   * moved to another conversation, so Back returns to the one before), `replace` does not,
+   * `none` leaves the address (it is what changed: Back, Forward, a link). */
+  function setHash(id, how = "replace") {
     const hash = id ? "#c=" + id : "";
-    if (window.location.hash !== hash) {
-      window.history.replaceState(null, "", window.location.pathname + window.location.search + hash);
+    if (how !== "none") addressShown = hash;
+    if (how === "none" || window.location.hash === hash) return;
+    const url = window.location.pathname + window.location.search + hash;
+    if (how === "push") {
+      window.history.pushState(null, "", url);
+    } else {
+      window.history.replaceState(null, "", url);
+    }
+  }
+
+  /** Shows what the address names (after Back or Forward, or a `#c=` link): that
+   * conversation, or a new chat without one. */
+  function followAddress() {
+    // Back fires both popstate and hashchange: the second finds the address shown.
+    if (!state.started || window.location.hash === addressShown) return;
+    addressShown = window.location.hash;
+    const id = hashConversationId();
+    if (id && (!state.current || state.current.id !== id)) {
+      openConversation(id, "none").catch(reportError);
+    } else if (!id && !window.location.hash && state.current) {
+      clearView({ how: "none" });
     }
   }
 
@@ -1414,26 +1602,42 @@
     } catch (_) {
       saved = null;
     }
+    // The label is the tier, short enough for the closed select on a phone; the model and
+    // the rest are in the option's tooltip and the select's (`describeTier`).
     const options = state.tiers.map((t) => {
       const option = document.createElement("option");
       option.value = t.tier;
       let label = t.tier;
-      if (t.model) label += " · " + t.model;
-      if (t.leaves_machine) label += " (cloud)";
+      if (t.leaves_machine) label += " ☁";
       if (!t.available) {
-        label += " — unavailable";
+        label += " (unavailable)";
         option.disabled = true;
-      } else if (t.fallback_to) {
-        label += " → " + t.fallback_to;
       }
       option.textContent = label;
-      option.title = t.detail || "";
+      option.title = describeTier(t);
       return option;
     });
     el.model.replaceChildren(...options);
     const usable = state.tiers.filter((t) => t.available).map((t) => t.tier);
     el.model.value = usable.includes(saved) ? saved : usable.includes(state.defaultTier) ? state.defaultTier : usable[0] || "";
+    titleModelSelect();
     if (usable.length === 0) showBanner("No model is available: check MODEL_* settings and /api/health.");
+  }
+
+  /** A tier in full: its model, where it runs, what it falls back to, the server's detail. */
+  function describeTier(t) {
+    const parts = [t.tier + (t.model ? ": " + t.model : "")];
+    if (t.leaves_machine) parts.push("cloud: leaves this machine");
+    if (!t.available) parts.push("unavailable");
+    else if (t.fallback_to) parts.push("falls back to " + t.fallback_to);
+    if (t.detail) parts.push(t.detail);
+    return parts.join(" · ");
+  }
+
+  /** The closed select names only the tier: its tooltip says the rest. */
+  function titleModelSelect() {
+    const t = state.tiers.find((x) => x.tier === el.model.value);
+    el.model.title = t ? describeTier(t) : "";
   }
 
   function selectedTier() {
@@ -1472,15 +1676,65 @@
       ? "Too long to send: " + formatCount(n) + " / " + formatCount(MAX_MESSAGE_CHARS) +
         " characters. Remove " + formatCount(n - MAX_MESSAGE_CHARS) + " to send it."
       : formatCount(n) + " / " + formatCount(MAX_MESSAGE_CHARS) + " characters";
-    // An answer whose conversation was deleted ends by itself, stored nowhere to show.
-    el.streamNote.hidden = !run || here || Boolean(run.deleted);
-    if (run && !here && !run.deleted) {
-      const c = state.conversations.find((x) => x.id === run.conversationId);
-      const where = run.conversationId ? "“" + conversationTitle(c || { id: run.conversationId }) + "”" : "a new chat";
-      el.streamNoteText.textContent =
-        "An answer is still being written in " + where + ": it is saved there when it ends. Sending waits for it.";
-      el.streamOpen.hidden = !run.conversationId;
+    if (!run) el.busyNote.hidden = true;
+    saveDraft();
+  }
+
+  // --- Drafts ------------------------------------------------------------------------------
+  //
+  // Each conversation keeps what was typed in it and not sent (and a new chat its own), in
+  // this browser's storage: it comes back when the conversation is opened again, after a
+  // reload too, and goes once sent. The text of an edit is not a draft: the draft the edit
+  // put aside is.
+
+  /** The conversation whose draft the message box holds (an id, or null for a new chat);
+   * undefined until the first view is shown. */
+  let draftFor;
+
+  function draftKey(id) {
+    return DRAFT_KEY + (id === null ? "new" : String(id));
+  }
+
+  function storeDraft(id, text) {
+    try {
+      if (text.trim()) {
+        window.localStorage.setItem(draftKey(id), text);
+      } else {
+        window.localStorage.removeItem(draftKey(id));
+      }
+    } catch (_) {
+      /* no storage (private mode): the draft lives in the box only */
     }
+  }
+
+  function loadDraft(id) {
+    try {
+      return window.localStorage.getItem(draftKey(id)) || "";
+    } catch (_) {
+      return "";
+    }
+  }
+
+  /** Keeps the box's text as the draft of its conversation (called on every change). */
+  function saveDraft() {
+    if (draftFor === undefined || state.editing || el.input.disabled) return;
+    storeDraft(draftFor, el.input.value);
+  }
+
+  /** Shows conversation `id`'s draft (null: a new chat's) in the box. */
+  function showDraft(id) {
+    draftFor = id;
+    el.input.value = loadDraft(id);
+    autoGrow();
+    updateComposer();
+  }
+
+  /** A new chat got its conversation id: its draft is that conversation's from now on. */
+  function adoptDraft(id) {
+    if (draftFor !== null) return;
+    storeDraft(null, "");
+    draftFor = id;
+    saveDraft();
   }
 
   function autoGrow() {
@@ -1498,7 +1752,12 @@
 
   async function sendMessage() {
     const text = el.input.value;
-    if (!text.trim() || state.streaming || el.input.disabled) return;
+    if (!text.trim() || el.input.disabled) return;
+    if (state.streaming) {
+      // One answer at a time in a conversation: Enter says so instead of doing nothing.
+      el.busyNote.hidden = false;
+      return;
+    }
     if (countChars(text) > MAX_MESSAGE_CHARS) {
       updateComposer();
       return;
@@ -1569,7 +1828,10 @@
     if (!lastUser || !lastUser.__bubble) return false;
     const draft = state.editing ? state.editing.draft : el.input.value;
     cancelEdit(false);
-    state.editing = { wrap: lastUser, draft };
+    // The id names the message being edited for as long as the edit lasts: the server
+    // refuses the edit (409) once it is no longer the last one, and the page never points
+    // the edit at another message.
+    state.editing = { wrap: lastUser, draft, messageId: lastUser.dataset.messageId };
     lastUser.classList.add("editing");
     el.input.value = lastUser.__bubble.text;
     el.editNote.hidden = false;
@@ -1594,19 +1856,44 @@
     updateComposer();
   }
 
+  const EDIT_OVERTAKEN =
+    "Your edit was not sent: your last message changed in another tab or window. " +
+    "The conversation is shown as it is now, and your text is in the message box.";
+
+  /**
+   * The message being edited is no longer the last one (another tab or window sent or
+   * edited meanwhile): the edit ends, and what was typed stays in the message box as an
+   * ordinary draft, not sent. The draft the edit had put aside follows it.
+   */
+  function editOvertaken(text) {
+    const editing = state.editing;
+    if (!editing) return;
+    const typed = text === undefined ? el.input.value : text;
+    cancelEdit(false);
+    keepAsDraft(typed, editing.draft);
+    showBanner(EDIT_OVERTAKEN);
+  }
+
+  /** Puts `text` (and the earlier `draft` after it) into the message box, unsent. */
+  function keepAsDraft(text, draft) {
+    el.input.value = draft && draft.trim() && draft !== text ? text + "\n\n" + draft : text;
+    autoGrow();
+    updateComposer();
+  }
+
   /** Sends the edited last message: it replaces the stored one, and every message after
    * it goes, then a new answer streams. The draft the edit put aside comes back. */
   async function resendEdited(text) {
     const c = state.current;
-    let wrap = state.editing.wrap;
+    const messageId = state.editing.messageId;
     const draft = state.editing.draft;
-    cancelEdit(false);
-    if (!c) return;
-    if (!wrap.isConnected) {
-      // Re-rendered meanwhile: the last stored user message is the one being edited.
-      wrap = el.messages.querySelector(".msg.last-user");
-      if (!wrap) return;
+    // The bubble of the message being edited, found by its id (a re-render replaces it).
+    const wrap = [...el.messages.querySelectorAll(".msg.user")].find((w) => w.dataset.messageId === messageId);
+    if (!c || !messageId || !wrap || !wrap.classList.contains("last-user")) {
+      editOvertaken(text);
+      return;
     }
+    cancelEdit(false);
     hideMessageBanner();
     el.input.value = draft;
     autoGrow();
@@ -1615,13 +1902,13 @@
     renderBubbleText(userBubble);
     removeAnswerAfter(wrap);
     const bubble = addBubble("assistant", "");
-    const body = { message: text };
-    if (wrap.dataset.messageId) body.message_id = Number(wrap.dataset.messageId);
+    const body = { message: text, message_id: Number(messageId) };
     await streamAnswer("/api/conversations/" + c.id + "/edit", body, bubble, c.id, {
       kind: "edit",
       userBubble,
       text,
       draft,
+      messageId,
     });
   }
 
@@ -1651,6 +1938,8 @@
       fallback: null,
       kind,
       userBubble: userBubble || null,
+      accepted: kind === "follow", // the server answered the request (its stream is open)
+      detached: false, // the user left its conversation: it goes on unread (`leaveAnswer`)
     };
   }
 
@@ -1680,6 +1969,11 @@
         signal: controller.signal,
         headers: { Accept: "text/event-stream" },
       });
+      run.accepted = true;
+      if (run.detached) {
+        controller.abort();
+        return;
+      }
       bubble.wrap.dataset.state = "streaming";
       showWait(bubble, "started", "Waiting for the model…");
       const ended = await consumeAnswer(response, run, opts);
@@ -1692,6 +1986,14 @@
         }
       }
     } catch (err) {
+      if (run.detached) {
+        // Left meanwhile: nothing of it is shown, but a message the server never took is
+        // said, wherever the user is now.
+        if (!run.accepted && !(err && err.name === "AbortError") && opts.kind === "send") {
+          showBanner("A message you sent was not sent (" + describeError(err) + "): “" + opts.text.slice(0, 60) + "”");
+        }
+        return;
+      }
       renderBubbleText(bubble, true);
       if (!run.meta) {
         reload = failedBeforeStart(run, err, opts);
@@ -1707,11 +2009,11 @@
       }
     } finally {
       clearWait(bubble);
-      state.streaming = null;
+      if (state.streaming === run) state.streaming = null;
       updateComposer();
       updateMessageActions();
       loadConversations().catch(() => {});
-      if (!el.input.disabled && document.activeElement === document.body) el.input.focus();
+      if (!run.detached && !el.input.disabled && document.activeElement === document.body) el.input.focus();
     }
     if (lost) {
       // What the server kept (a partial answer, or nothing after a crash) replaces this
@@ -1727,10 +2029,20 @@
       await refreshConversation().catch(() => {
         state.reloadOnReconnect = true;
       });
-      if (opts.kind === "edit" && el.input.value === (opts.draft || "") && startEdit()) {
-        el.input.value = opts.text;
-        autoGrow();
-        updateComposer();
+      // An edit that was not sent comes back: as an edit again when the failure said
+      // nothing about the conversation (the server could not be reached) and the same
+      // message is still the last; after a conflict, or when that message is gone, as an
+      // ordinary draft. It never becomes an edit of another message.
+      if (opts.kind === "edit" && el.input.value === (opts.draft || "")) {
+        const last = el.messages.querySelector(".msg.last-user");
+        const same = !run.conflict && last && last.dataset.messageId === opts.messageId;
+        if (same && startEdit()) {
+          el.input.value = opts.text;
+          autoGrow();
+          updateComposer();
+        } else {
+          keepAsDraft(opts.text, opts.draft);
+        }
       }
     }
   }
@@ -1755,6 +2067,7 @@
         if (streamShown(run) && (!state.current || state.current.id !== event.conversation_id)) {
           const title = (opts.text || "").split("\n")[0].slice(0, 60);
           state.current = { id: event.conversation_id, channel: "webchat", title };
+          adoptDraft(event.conversation_id);
           setHash(event.conversation_id);
           renderHeader();
         }
@@ -1871,10 +2184,18 @@
       if (!el.messages.querySelector(".msg")) clearMessages();
       return false;
     }
-    if (!stopped && !(err instanceof AuthError)) {
+    // The server's words for a conflict name message ids, which mean nothing to the user.
+    run.conflict = err instanceof ApiFailure && err.status === 409;
+    if (run.conflict && opts.kind === "edit") {
+      showBanner(EDIT_OVERTAKEN);
+    } else if (run.conflict) {
+      showBanner(
+        "The answer was not regenerated: the conversation changed in another tab or window. " +
+          "It is shown as it is now.",
+      );
+    } else if (!stopped && !(err instanceof AuthError)) {
       const what = opts.kind === "edit" ? "Your edit was not sent: " : "The answer was not regenerated: ";
-      const conflict = err instanceof ApiFailure && err.status === 409;
-      showBanner(what + reason + (conflict ? " The conversation is shown as it is now." : ""));
+      showBanner(what + reason);
     }
     return true;
   }
@@ -1944,18 +2265,25 @@
     if (state.current && state.current.id === conversationId) refreshConversation().catch(() => {});
   }
 
-  /** Stops following another page's answer (this page moves on; the answer goes on). */
-  function stopFollowing() {
+  /**
+   * The user leaves the conversation whose answer streams: this page stops reading it (the
+   * server writes it to its end and stores it; its sidebar entry says "answering…"), so
+   * sending works in any other conversation. Coming back follows it again (`followLive`)
+   * while it runs, else shows it as stored. A request not answered yet is dropped only once
+   * its response comes: aborted before, the server might never have taken the message.
+   */
+  function leaveAnswer() {
     if (state.following) {
       state.following.controller.abort();
       state.following = null;
     }
     const run = state.streaming;
-    if (run && run.kind === "follow") {
-      state.streaming = null;
-      run.controller.abort();
-      run.bubble.wrap.remove();
-    }
+    if (!run) return;
+    run.detached = true;
+    state.streaming = null;
+    run.bubble.wrap.remove();
+    if (run.accepted) run.controller.abort();
+    updateComposer();
   }
 
   /** Says once, to screen readers, that the answer shown ended (the message list itself is
@@ -2041,6 +2369,8 @@
             if (!own) scheduleRefresh(event.conversation_id, event.role === "user");
           } else if (event.type === "deleted") {
             conversationDeleted(Number(event.conversation_id));
+          } else if (event.type === "renamed") {
+            conversationRenamed(Number(event.conversation_id)).catch(() => {});
           } else if (event.type === "resync") {
             scheduleRefresh(null);
           }
@@ -2114,22 +2444,70 @@
       if (panel === el.cronPanel && !closePersona()) return false;
       if (panel === el.personaPanel && !el.cronPanel.hidden) togglePanel(el.cronPanel, el.toggleCron, false);
     }
+    const focusWasInside = panel.contains(document.activeElement);
     panel.hidden = !show;
     button.setAttribute("aria-expanded", String(show));
     window.dispatchEvent(new CustomEvent("myclaw:panel", { detail: { id: panel.id, open: show } }));
+    // Focus follows: into the panel when it opens (cron.js has filled it by now), back to
+    // the button that opened it when it closes from inside (the button itself, Escape).
+    if (show) {
+      const first = panel.querySelector("input, textarea, select, button");
+      if (first) first.focus();
+    } else if (focusWasInside || document.activeElement === document.body) {
+      focusVisible(button);
+    }
     return show;
+  }
+
+  /** Closes the open settings panel (Escape in it); returns whether one was open. */
+  function closeOpenPanel() {
+    if (!el.personaPanel.hidden) {
+      closePersona();
+      return true;
+    }
+    if (!el.cronPanel.hidden) {
+      togglePanel(el.cronPanel, el.toggleCron, false);
+      return true;
+    }
+    return false;
+  }
+
+  /** Focuses `node`, or the message box when it cannot take the focus (the opener of a
+   * panel is in the phone's closed drawer). */
+  function focusVisible(node) {
+    node.focus();
+    if (document.activeElement !== node) focusComposer();
+  }
+
+  /** The message box gets the focus; the message list when the box is disabled (a
+   * conversation of another channel is read-only). */
+  function focusComposer() {
+    if (!el.input.disabled) {
+      el.input.focus();
+    } else {
+      el.messages.focus();
+    }
   }
 
   // --- Layout ----------------------------------------------------------------------------
 
+  /** The phone's conversation list, a drawer over the page: while it is open, the page
+   * behind it can be neither focused nor clicked (`inert`), and the focus is in it. */
   function openSidebar() {
     el.app.classList.add("sidebar-open");
     el.scrim.hidden = false;
+    el.main.inert = true;
+    el.closeSidebar.focus();
   }
 
-  function closeSidebar() {
+  /** Closes the phone's drawer; `returnFocus` puts the focus back on the button that opened
+   * it (closed with its × button, Escape or the scrim, not by choosing something in it). */
+  function closeSidebar(returnFocus) {
+    if (!el.app.classList.contains("sidebar-open")) return;
     el.app.classList.remove("sidebar-open");
     el.scrim.hidden = true;
+    el.main.inert = false;
+    if (returnFocus === true) el.openSidebar.focus();
   }
 
   function touchInput() {
@@ -2160,10 +2538,11 @@
       const wanted = hashConversationId();
       const first = state.conversations.find((c) => c.channel === "webchat");
       if (wanted && state.conversations.some((c) => c.id === wanted)) {
-        await openConversation(wanted);
+        await openConversation(wanted, "replace");
       } else if (!state.current && first) {
-        await openConversation(first.id);
+        await openConversation(first.id, "replace");
       } else {
+        if (!state.current && draftFor === undefined) showDraft(null);
         renderHeader();
       }
     } catch (err) {
@@ -2177,6 +2556,7 @@
   }
 
   function bind() {
+    bindFollow();
     document.addEventListener("keydown", trapDialogFocus);
     el.skipLink.addEventListener("click", (e) => {
       // The link's own #input would replace the conversation in the address bar.
@@ -2210,6 +2590,16 @@
     });
     document.addEventListener("keydown", (e) => {
       if (e.key !== "Escape") return;
+      const inField = e.target instanceof Element && e.target.closest("input, textarea, select");
+      // The phone's drawer closes first (a search field keeps Escape to clear its text).
+      if (el.app.classList.contains("sidebar-open") && !(inField && inField.value)) {
+        closeSidebar(true);
+        return;
+      }
+      // Escape in a settings panel closes it, and the focus goes back to its button.
+      if (e.target instanceof Element && e.target.closest("#persona-panel, #cron-panel") && closeOpenPanel()) {
+        return;
+      }
       // Escape in another field (search, persona, schedule form, sign-in) is that field's:
       // it never stops an answer nor ends an edit.
       const target = e.target instanceof Element ? e.target : null;
@@ -2231,17 +2621,10 @@
       if (!(e.target instanceof Node) || !el.actions.contains(e.target)) closeChatMenu();
     });
     el.bannerClose.addEventListener("click", () => hideBanner());
-    el.streamOpen.addEventListener("click", () => {
-      const run = state.streaming;
-      if (run && run.conversationId) openConversation(run.conversationId).catch(reportError);
-    });
-    // A link or bookmark to `#c=<id>` opens that conversation without a reload.
-    window.addEventListener("hashchange", () => {
-      const id = hashConversationId();
-      if (id && state.started && (!state.current || state.current.id !== id)) {
-        openConversation(id).catch(reportError);
-      }
-    });
+    // Back and Forward between conversations, and a link or bookmark to `#c=<id>`, show
+    // that conversation without a reload.
+    window.addEventListener("popstate", followAddress);
+    window.addEventListener("hashchange", followAddress);
     el.menuButton.addEventListener("click", toggleChatMenu);
     el.exportMd.addEventListener("click", () => exportCurrent("md").catch(reportError));
     el.exportJson.addEventListener("click", () => exportCurrent("json").catch(reportError));
@@ -2269,6 +2652,7 @@
       deleteCurrent().catch(reportError);
     });
     el.model.addEventListener("change", () => {
+      titleModelSelect();
       try {
         window.localStorage.setItem(TIER_KEY, el.model.value);
       } catch (_) {
@@ -2276,8 +2660,14 @@
       }
     });
     el.openSidebar.addEventListener("click", openSidebar);
-    el.closeSidebar.addEventListener("click", closeSidebar);
-    el.scrim.addEventListener("click", closeSidebar);
+    el.closeSidebar.addEventListener("click", () => closeSidebar(true));
+    el.scrim.addEventListener("click", () => closeSidebar(true));
+    // The drawer exists only on a narrow screen: widened, the page behind it comes back.
+    if (window.matchMedia) {
+      window.matchMedia("(max-width: 760px)").addEventListener("change", (e) => {
+        if (!e.matches) closeSidebar();
+      });
+    }
     el.togglePersona.addEventListener("click", () => {
       if (!el.personaPanel.hidden) {
         closePersona();

@@ -357,8 +357,14 @@
         autocomplete: "off",
         value: job.timezone || "",
         placeholder: "default: " + state.defaultTimezone,
-        oninput: updateDescription,
+        "aria-describedby": "cron-timezone-note",
+        oninput: () => {
+          clearTimezoneNote();
+          updateDescription();
+        },
+        onchange: checkTimezone,
       }),
+      h("p", { id: "cron-timezone-note", class: "error-text", role: "alert" }),
       h("datalist", { id: "cron-timezones" }, timezoneList().map((tz) => h("option", { value: tz }))),
       h("label", { for: "cron-channel" }, "Send to"),
       // A reminder writes back where it was asked: its destination is not editable.
@@ -447,6 +453,36 @@
     }
   }
 
+  /** Checks the zone once the field is left: a mistyped one is said beside it (the server
+   * knows the zones; the expression asked about is a fixed, valid one, so the answer is
+   * about the zone alone). */
+  async function checkTimezone() {
+    const field = panel.querySelector("#cron-timezone");
+    if (!field) return;
+    const zone = field.value.trim();
+    if (!zone) {
+      clearTimezoneNote();
+      return;
+    }
+    const query = new URLSearchParams({ expression: "0 8 * * *", timezone: zone });
+    try {
+      await claw.api("/api/cron/describe?" + query.toString());
+      if (field.value.trim() === zone) clearTimezoneNote();
+    } catch (err) {
+      const note = panel.querySelector("#cron-timezone-note");
+      if (!note || field.value.trim() !== zone) return;
+      field.setAttribute("aria-invalid", "true");
+      note.textContent = "Time zone “" + zone + "”: " + describeError(err);
+    }
+  }
+
+  function clearTimezoneNote() {
+    const field = panel.querySelector("#cron-timezone");
+    const note = panel.querySelector("#cron-timezone-note");
+    if (field) field.removeAttribute("aria-invalid");
+    if (note) note.textContent = "";
+  }
+
   function showDescription(text, nextRuns, isError) {
     const line = panel.querySelector("#cron-description");
     const preview = panel.querySelector("#cron-preview");
@@ -476,6 +512,8 @@
     const status = panel.querySelector("#cron-form-status");
     status.textContent = "Saving…";
     status.className = "hint";
+    // The note of an earlier save ("saved: next run …") would contradict what comes now.
+    setStatus("");
     try {
       const isNew = job.id === undefined;
       const saved = await claw.api(isNew ? "/api/cron/jobs" : "/api/cron/jobs/" + job.id, {

@@ -260,6 +260,29 @@ impl Browser {
         .await;
     }
 
+    /// Turns the mouse wheel over an element by `delta_y` pixels (negative: up), as a
+    /// wheel or a touchpad does.
+    async fn wheel(&self, css: &str, delta_y: i64) {
+        let id = self.find(css).await;
+        let scroll = json!({ "type": "scroll", "x": 0, "y": 0, "deltaX": 0, "deltaY": delta_y,
+            "duration": 0, "origin": { ELEMENT_KEY: id } });
+        let actions =
+            json!({ "actions": [{ "type": "wheel", "id": "wheel", "actions": [scroll] }] });
+        self.command(reqwest::Method::POST, "/actions", Some(actions)).await;
+    }
+
+    /// Presses and releases each key of `keys` where the focus is, as a keyboard does
+    /// (WebDriver key codes such as `ENTER` included).
+    async fn press(&self, keys: &str) {
+        let mut steps = Vec::new();
+        for key in keys.chars() {
+            steps.push(json!({ "type": "keyDown", "value": key.to_string() }));
+            steps.push(json!({ "type": "keyUp", "value": key.to_string() }));
+        }
+        let actions = json!({ "actions": [{ "type": "key", "id": "keyboard", "actions": steps }] });
+        self.command(reqwest::Method::POST, "/actions", Some(actions)).await;
+    }
+
     /// Where the browser saves downloads (inside this session's profile directory).
     fn downloads(&self) -> PathBuf {
         self.profile.path().join("downloads")
@@ -1663,17 +1686,33 @@ async fn webchat_recovers_from_failures_and_respects_what_the_user_is_doing() {
         browser
             .click(&format!("#conversation-list li[data-conversation-id='{long}'] button"))
             .await;
-        let elsewhere = browser
+        browser
             .wait_for(
                 "the other conversation",
                 &format!(
-                    "return document.getElementById('conversation-title').textContent === {} && \
-                     {{ note: !document.getElementById('stream-note').hidden }};",
+                    "return document.getElementById('conversation-title').textContent === {};",
                     json!(LONG_TITLE)
                 ),
                 Duration::from_secs(10),
             )
             .await;
+        // Whether the story was still being written while the other conversation was open:
+        // then the list marks it. A mark missing while the server says it is being written
+        // is a failure; no mark because the story already ended means trying again.
+        let marked = format!("return {};", answering_mark(plan));
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let mut shown = false;
+        while !shown && Instant::now() < deadline {
+            shown = browser.js(&marked).await == json!(true);
+            tokio::time::sleep(Duration::from_millis(40)).await;
+        }
+        if !shown {
+            let list = api(&server, "/api/conversations").await;
+            let conversations = list["conversations"].as_array().unwrap();
+            let still = conversations.iter().any(|c| c["id"] == plan && c["answering"] == true);
+            assert!(!still, "the plan is being answered, and the list does not say so: {list}");
+        }
+        let elsewhere = json!({ "note": shown });
         // Wait for the answer to be stored, whichever way it ended.
         let deadline = Instant::now() + Duration::from_secs(90);
         let last = loop {
@@ -1709,8 +1748,8 @@ async fn webchat_recovers_from_failures_and_respects_what_the_user_is_doing() {
     assert!(went_elsewhere, "the story always ended before the other conversation opened");
     browser
         .wait_for(
-            "the note gone once the answer ended",
-            "return document.getElementById('stream-note').hidden;",
+            "the mark gone once the answer ended",
+            "return !document.querySelector('#conversation-list .badge.answering');",
             Duration::from_secs(10),
         )
         .await;
@@ -2418,7 +2457,7 @@ async fn webchat_follows_deletions_and_keeps_the_view_true() {
             "the deleted story",
             "return !document.getElementById('empty-deleted').hidden && \
              !document.getElementById('send').hidden && \
-             { note: document.getElementById('stream-note').hidden, \
+             { note: document.getElementById('busy-note').hidden, \
                errors: document.querySelectorAll('#messages .error-text').length, \
                banner: document.getElementById('banner').hidden, msgs: document.querySelectorAll('#messages .msg').length };",
             Duration::from_secs(30),
@@ -2428,7 +2467,7 @@ async fn webchat_follows_deletions_and_keeps_the_view_true() {
     // The stopped answer's end arrives: still nothing to say.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let later = browser
-        .js("return { note: document.getElementById('stream-note').hidden, \
+        .js("return { note: document.getElementById('busy-note').hidden, \
                banner: document.getElementById('banner').hidden, \
                deleted: !document.getElementById('empty-deleted').hidden, \
                msgs: document.querySelectorAll('#messages .msg').length };")
@@ -2555,4 +2594,735 @@ async fn webchat_follows_an_answer_that_outlived_its_page() {
     );
     browser.wait_for("the second answer as stored", &settled, Duration::from_secs(20)).await;
     eprintln!("webchat follow test took {:?}", test_started.elapsed());
+}
+
+/// The page at `hash` (`#c=<id>`, or empty), signed in, once it is ready and live.
+async fn open_live(browser: &Browser, server: &Server, hash: &str) {
+    browser.goto(&server.url(&format!("/?token={}{hash}", server.token))).await;
+    let live = "return document.documentElement.dataset.ready === 'true' && \
+                document.getElementById('connection').dataset.state === 'live';";
+    browser.wait_for("the page, live", live, Duration::from_secs(30)).await;
+}
+
+/// Posts a message into conversation `id` as another tab would; the task ends with its
+/// answer's events once the answer ended.
+fn chat_from_elsewhere(server: &Server, id: i64, message: &str) -> tokio::task::JoinHandle<String> {
+    let request = reqwest::Client::new()
+        .post(server.url("/api/chat"))
+        .bearer_auth(&server.token)
+        .timeout(Duration::from_secs(120))
+        .json(&json!({ "message": message, "conversation_id": id }))
+        .send();
+    tokio::spawn(async move {
+        let response = request.await.expect("POST /api/chat");
+        assert!(response.status().is_success(), "{}", response.status());
+        response.text().await.expect("the other tab's stream")
+    })
+}
+
+/// The texts of conversation `id`'s stored messages, in order.
+async fn stored_texts(server: &Server, id: i64) -> Vec<String> {
+    let messages = api(server, &format!("/api/conversations/{id}/messages")).await;
+    let list = messages["messages"].as_array().cloned().unwrap_or_default();
+    list.iter().map(|m| m["content"].as_str().unwrap_or_default().to_string()).collect()
+}
+
+/// Stores a WebChat conversation `title` of one question and its answer (by a model) in
+/// the database at `data_dir`; returns its id.
+async fn seed_exchange(data_dir: &Path, title: &str, question: &str, answer: &str) -> i64 {
+    use my_claw::db::memory::{self, NewMessage};
+    use my_claw::domain::Role;
+    let url = format!("sqlite://{}", data_dir.join("my-claw.db").display());
+    let pool = my_claw::db::connect(&url).await.expect("seed database");
+    let id = memory::create_webchat_conversation(&pool, Some(title)).await.expect("seed").id;
+    let question = NewMessage::plain(id, Role::User, question.to_string());
+    memory::add_message(&pool, &question).await.expect("seed question");
+    let answer = NewMessage {
+        provider: Some("local".into()),
+        ..NewMessage::plain(id, Role::Assistant, answer.to_string())
+    };
+    memory::add_message(&pool, &answer).await.expect("seed answer");
+    pool.close().await;
+    id.0
+}
+
+const ARROW_UP: &str = "\u{E013}";
+
+/// Two tabs on one conversation: an edit overtaken by a message sent in another tab is not
+/// sent, never moves to that message, and comes back as an ordinary draft.
+#[tokio::test]
+async fn webchat_between_tabs_keeps_what_each_tab_did() {
+    let _one_at_a_time = ONE_BROWSER.lock().await;
+    let test_started = Instant::now();
+    let data = tempfile::tempdir().expect("data dir");
+    let tabs = seed_exchange(data.path(), "Tabs", "First question", "First answer").await;
+    let slow = util::slow_model().await;
+    let tiers = [("MODEL_FAST", slow.as_str()), ("DEFAULT_TIER", "fast")];
+    let server = start_server(Some(data.path()), &tiers).await;
+    let browser = Browser::start().await;
+    open_live(&browser, &server, &format!("#c={tabs}")).await;
+
+    // 1. This tab edits its last message (Up in the empty box); meanwhile another tab sends
+    //    a message, which is answered. Enter here: the server refuses the edit (409); the
+    //    page leaves edit mode, keeps the text unsent in the box, says why without ids, and
+    //    shows the conversation as stored. A second Enter sends the text as a new message:
+    //    the other tab's message and its answer stay.
+    browser.click("#input").await;
+    browser.type_into("#input", ARROW_UP).await;
+    browser
+        .wait_for(
+            "the edit",
+            "return !document.getElementById('edit-note').hidden && \
+             document.getElementById('input').value === 'First question';",
+            Duration::from_secs(10),
+        )
+        .await;
+    browser.clear("#input").await;
+    browser.type_into("#input", "Edited in this tab").await;
+    let events =
+        chat_from_elsewhere(&server, tabs, "Sent from the other tab").await.expect("the other tab");
+    assert!(events.contains("\"type\":\"done\""), "{events}");
+    browser.type_into("#input", ENTER).await;
+    let refused = browser
+        .wait_for(
+            "the refused edit",
+            "const b = document.getElementById('banner'); \
+             return !b.hidden && document.querySelectorAll('#messages .msg').length === 4 && { \
+               banner: document.getElementById('banner-text').textContent, editing: !document.getElementById('edit-note').hidden || \
+                 document.querySelectorAll('#messages .msg.editing').length > 0, \
+               input: document.getElementById('input').value, \
+               texts: [...document.querySelectorAll('#messages .msg')].map((w) => w.__bubble.text) };",
+            Duration::from_secs(20),
+        )
+        .await;
+    assert_eq!(refused["editing"], false, "edit mode ended: {refused}");
+    assert_eq!(refused["input"], "Edited in this tab", "{refused}");
+    let banner = refused["banner"].as_str().unwrap();
+    assert!(banner.contains("another tab or window"), "{refused}");
+    assert!(!banner.chars().any(|c| c.is_ascii_digit()), "no message ids: {refused}");
+    let stored = stored_texts(&server, tabs).await;
+    assert_eq!(refused["texts"], json!(stored), "shown as stored");
+    assert_eq!(stored[2], "Sent from the other tab");
+    browser.type_into("#input", ENTER).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let stored = stored_texts(&server, tabs).await;
+        if stored.len() >= 5 {
+            assert_eq!(stored[2], "Sent from the other tab", "{stored:?}");
+            assert_eq!(stored[4], "Edited in this tab", "sent as a new message: {stored:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the draft was not sent: {stored:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    wait_answer_state(&browser, &["done"], Duration::from_secs(30)).await;
+
+    // 2. Renamed in another tab: the list, the header and the window's title follow.
+    let renamed = reqwest::Client::new()
+        .patch(server.url(&format!("/api/conversations/{tabs}")))
+        .bearer_auth(&server.token)
+        .json(&json!({ "title": "Renamed elsewhere" }))
+        .send()
+        .await
+        .expect("PATCH conversation");
+    assert!(renamed.status().is_success(), "{}", renamed.status());
+    let script = format!(
+        "return document.getElementById('conversation-title').textContent === 'Renamed elsewhere' && \
+           document.querySelector(\"#conversation-list li[data-conversation-id='{tabs}'] .conv-title\") \
+             .textContent === 'Renamed elsewhere' && document.title.startsWith('Renamed elsewhere');"
+    );
+    browser.wait_for("the new title", &script, Duration::from_secs(10)).await;
+
+    browser.quit().await;
+    eprintln!("browser tabs test: {:?}", test_started.elapsed());
+}
+
+/// Where the message list is: how far above its bottom (px), whether "Jump to latest"
+/// shows, and the length of the last answer's text.
+const SCROLL_STATE: &str = "const box = document.getElementById('messages'); \
+    const all = document.querySelectorAll('#messages .msg.assistant'); const a = all[all.length - 1]; \
+    return { below: box.scrollHeight - box.scrollTop - box.clientHeight, \
+             overflow: box.scrollHeight - box.clientHeight, \
+             jump: !document.getElementById('jump-latest').hidden, \
+             state: a ? a.dataset.state : '', text: a ? a.__bubble.text.length : 0 };";
+
+/// Waits until the streaming answer's text is longer than `length` (tokens came after a
+/// scroll), and returns the scroll state then.
+async fn scroll_state_after(browser: &Browser, length: u64) -> Value {
+    let script = format!(
+        "const s = (() => {{ {SCROLL_STATE} }})(); \
+         return s.state === 'streaming' && s.text > {} && s;",
+        length + 6
+    );
+    browser.wait_for("more tokens of the answer", &script, Duration::from_secs(10)).await
+}
+
+/// The reader scrolls up while an answer streams: any move up, however small (a wheel
+/// step, a touchpad's few pixels), stops the view from following the answer; "Jump to
+/// latest" brings it back and follows again. Sending still scrolls to the message sent.
+#[tokio::test]
+async fn webchat_lets_the_reader_scroll_up_while_an_answer_streams() {
+    let _one_at_a_time = ONE_BROWSER.lock().await;
+    let test_started = Instant::now();
+    let slow = util::slow_model().await;
+    let tiers = [("MODEL_FAST", slow.as_str()), ("DEFAULT_TIER", "fast")];
+    let server = start_server(None, &tiers).await;
+    let browser = Browser::start().await;
+    open_live(&browser, &server, "").await;
+
+    // 1. The counting answer streams past the bottom of the view, which follows it.
+    send_message(&browser, COUNTING_PROMPT).await;
+    let script = format!(
+        "const s = (() => {{ {SCROLL_STATE} }})(); \
+         return s.state === 'streaming' && s.overflow > 200 && s;"
+    );
+    let long =
+        browser.wait_for("an answer longer than the view", &script, Duration::from_secs(30)).await;
+    let followed = scroll_state_after(&browser, long["text"].as_u64().unwrap()).await;
+    assert!(followed["below"].as_f64().unwrap() <= 4.0, "followed: {followed}");
+    assert_eq!(followed["jump"], false, "{followed}");
+
+    // 2. A small step up (60 px, less than a wheel notch): the next tokens leave it there,
+    //    and "Jump to latest" shows.
+    browser.js("document.getElementById('messages').scrollBy(0, -60); return true;").await;
+    let up = scroll_state_after(&browser, followed["text"].as_u64().unwrap()).await;
+    assert!(up["below"].as_f64().unwrap() > 40.0, "pulled back to the end: {up}");
+    assert_eq!(up["jump"], true, "{up}");
+
+    // 3. Jump to latest: at the end, and following the answer again.
+    browser.click("#jump-latest").await;
+    let back = scroll_state_after(&browser, up["text"].as_u64().unwrap()).await;
+    assert!(back["below"].as_f64().unwrap() <= 4.0, "{back}");
+    assert_eq!(back["jump"], false, "{back}");
+
+    // 4. A touchpad's step of 8 px up is a move up too.
+    browser.wheel("#messages", -8).await;
+    let nudged = scroll_state_after(&browser, back["text"].as_u64().unwrap()).await;
+    assert!(nudged["below"].as_f64().unwrap() > 4.0, "pulled back to the end: {nudged}");
+    assert_eq!(nudged["jump"], true, "{nudged}");
+    wait_answer_state(&browser, &["done"], Duration::from_secs(30)).await;
+
+    // 5. Sending scrolls to the message sent, wherever the reader was.
+    browser.js("document.getElementById('messages').scrollTop = 0; return true;").await;
+    send_message(&browser, "And again.").await;
+    let sent = format!(
+        "const s = (() => {{ {SCROLL_STATE} }})(); \
+         return document.querySelectorAll('#messages .msg').length === 4 && s.below <= 4 && s;"
+    );
+    browser.wait_for("the message sent, in view", &sent, Duration::from_secs(10)).await;
+
+    browser.quit().await;
+    eprintln!("browser scrolling test: {:?}", test_started.elapsed());
+}
+
+/// The sidebar entry of conversation `id`, and whether it says an answer is being written.
+fn answering_mark(id: i64) -> String {
+    format!(
+        "Boolean(document.querySelector(\"#conversation-list li[data-conversation-id='{id}'] .badge.answering\"))"
+    )
+}
+
+/// An answer streaming in one conversation holds up no other: the page stops reading it when
+/// the user leaves (the server writes and stores it), marks its conversation "answering…"
+/// (after a reload too), follows it again on coming back, and sends elsewhere meanwhile. In
+/// the conversation being answered, Enter says why it does not send.
+#[tokio::test]
+async fn webchat_sends_anywhere_while_another_conversation_is_answered() {
+    let _one_at_a_time = ONE_BROWSER.lock().await;
+    let test_started = Instant::now();
+    let data = tempfile::tempdir().expect("data dir");
+    let one = seed_exchange(data.path(), "One", "Question one", "Answer one").await;
+    let two = seed_exchange(data.path(), "Two", "Question two", "Answer two").await;
+    let slow = util::slow_model().await;
+    let tiers = [("MODEL_FAST", slow.as_str()), ("DEFAULT_TIER", "fast")];
+    let server = start_server(Some(data.path()), &tiers).await;
+    let browser = Browser::start().await;
+    let title_is = |title: &str| {
+        format!(
+            "return document.getElementById('conversation-title').textContent === {};",
+            json!(title)
+        )
+    };
+
+    // 1. Another tab asks in One; this page opens (as after a reload) on Two: One's entry
+    //    says it is being answered, Two's does not, until the answer is stored.
+    let other = chat_from_elsewhere(&server, one, "Count for me.");
+    open_live(&browser, &server, &format!("#c={two}")).await;
+    let marked = format!("return {} && !{};", answering_mark(one), answering_mark(two));
+    browser.wait_for("One marked as being answered", &marked, Duration::from_secs(10)).await;
+    let label = browser
+        .js(&format!(
+            "return document.querySelector(\"#conversation-list li[data-conversation-id='{one}'] button\").textContent;"
+        ))
+        .await;
+    assert!(label.as_str().unwrap().contains("answering…"), "said in the entry's name: {label}");
+    assert!(other.await.expect("the other tab").contains("\"type\":\"done\""));
+    let unmarked = format!("return !{};", answering_mark(one));
+    browser.wait_for("the mark gone", &unmarked, Duration::from_secs(10)).await;
+
+    // 2. This page asks in One, and opens Two while the answer streams: One is marked, and
+    //    Two sends at once.
+    browser.click(&format!("#conversation-list li[data-conversation-id='{one}'] button")).await;
+    browser.wait_for("One", &title_is("One"), Duration::from_secs(10)).await;
+    send_message(&browser, COUNTING_PROMPT).await;
+    wait_answer_state(&browser, &["streaming"], Duration::from_secs(10)).await;
+    browser.click(&format!("#conversation-list li[data-conversation-id='{two}'] button")).await;
+    let left = format!(
+        "return document.getElementById('conversation-title').textContent === 'Two' && {};",
+        answering_mark(one)
+    );
+    browser.wait_for("Two, with One marked", &left, Duration::from_secs(10)).await;
+    send_message(&browser, "Hello in two").await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stored_texts(&server, two).await.get(2).map(String::as_str) != Some("Hello in two") {
+        assert!(Instant::now() < deadline, "Two did not send while One was answered");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    wait_answer_state(&browser, &["streaming", "done"], Duration::from_secs(10)).await;
+
+    // 3. Back in One: its answer is followed (or shown as stored, if it ended), and ends as
+    //    stored, complete. Two's answer, left in turn, is stored complete too.
+    browser.click(&format!("#conversation-list li[data-conversation-id='{one}'] button")).await;
+    browser.wait_for("One again", &title_is("One"), Duration::from_secs(10)).await;
+    let done = wait_answer_state(&browser, &["done"], Duration::from_secs(30)).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (stored_one, stored_two) = loop {
+        let one = api(&server, &format!("/api/conversations/{one}/messages")).await;
+        let two = api(&server, &format!("/api/conversations/{two}/messages")).await;
+        let ended = |v: &Value, n: usize| {
+            v["messages"]
+                .as_array()
+                .is_some_and(|m| m.len() == n && m[n - 1]["role"] == "assistant")
+        };
+        if ended(&one, 6) && ended(&two, 4) {
+            break (one, two);
+        }
+        assert!(Instant::now() < deadline, "not stored: {one} {two}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let last_one = stored_one["messages"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(last_one["status"], "complete", "{stored_one}");
+    let squeeze = |v: &Value| v.as_str().unwrap_or_default().replace(char::is_whitespace, "");
+    assert_eq!(squeeze(&done["text"]), squeeze(&last_one["content"]), "{done}");
+    let last_two = stored_two["messages"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(last_two["status"], "complete", "{stored_two}");
+
+    // 4. One answer at a time in a conversation: Enter while it streams says so, and the
+    //    message stays in the box.
+    send_message(&browser, COUNTING_PROMPT).await;
+    wait_answer_state(&browser, &["streaming"], Duration::from_secs(10)).await;
+    let users = browser.js("return document.querySelectorAll('#messages .msg.user').length;").await;
+    send_message(&browser, "Too soon").await;
+    let refused = browser
+        .wait_for(
+            "the note",
+            "const n = document.getElementById('busy-note'); return !n.hidden && n.offsetHeight > 0 && \
+             { input: document.getElementById('input').value, \
+               users: document.querySelectorAll('#messages .msg.user').length };",
+            Duration::from_secs(5),
+        )
+        .await;
+    assert_eq!(refused, json!({ "input": "Too soon", "users": users }));
+    wait_answer_state(&browser, &["done"], Duration::from_secs(30)).await;
+    browser
+        .wait_for(
+            "the note gone with the answer",
+            "return document.getElementById('busy-note').hidden;",
+            Duration::from_secs(5),
+        )
+        .await;
+
+    browser.quit().await;
+    eprintln!("browser conversations-in-parallel test: {:?}", test_started.elapsed());
+}
+
+/// Each conversation keeps its own draft (a new chat too), across a reload, until it is
+/// sent; Back and Forward move between the conversations opened.
+#[tokio::test]
+async fn webchat_keeps_a_draft_per_conversation_and_a_history_of_them() {
+    let _one_at_a_time = ONE_BROWSER.lock().await;
+    let test_started = Instant::now();
+    let data = tempfile::tempdir().expect("data dir");
+    let one = seed_exchange(data.path(), "One", "Question one", "Answer one").await;
+    let two = seed_exchange(data.path(), "Two", "Question two", "Answer two").await;
+    let slow = util::slow_model().await;
+    let tiers = [("MODEL_FAST", slow.as_str()), ("DEFAULT_TIER", "fast")];
+    let server = start_server(Some(data.path()), &tiers).await;
+    let browser = Browser::start().await;
+    open_live(&browser, &server, &format!("#c={one}")).await;
+    // The view: which conversation, and what the message box holds.
+    let view = |title: &str, input: &str| {
+        format!(
+            "return document.getElementById('conversation-title').textContent === {} && \
+               document.getElementById('input').value === {};",
+            json!(title),
+            json!(input)
+        )
+    };
+    let open = |id: i64| format!("#conversation-list li[data-conversation-id='{id}'] button");
+
+    // 1. A draft per conversation, and one for a new chat; each comes back, after a reload too.
+    browser.type_into("#input", "Draft for one").await;
+    browser.click(&open(two)).await;
+    browser.wait_for("Two, with an empty box", &view("Two", ""), Duration::from_secs(10)).await;
+    browser.type_into("#input", "Draft for two").await;
+    browser.refresh().await;
+    browser
+        .wait_for(
+            "Two's draft after a reload",
+            &view("Two", "Draft for two"),
+            Duration::from_secs(20),
+        )
+        .await;
+    browser.click(&open(one)).await;
+    browser.wait_for("One's draft", &view("One", "Draft for one"), Duration::from_secs(10)).await;
+    browser.click("#new-chat").await;
+    browser.wait_for("a new chat, empty", &view("New chat", ""), Duration::from_secs(10)).await;
+    browser.type_into("#input", "Draft for new").await;
+    browser.click(&open(one)).await;
+    browser
+        .wait_for("One's draft again", &view("One", "Draft for one"), Duration::from_secs(10))
+        .await;
+    browser.click("#new-chat").await;
+    browser
+        .wait_for(
+            "the new chat's draft",
+            &view("New chat", "Draft for new"),
+            Duration::from_secs(10),
+        )
+        .await;
+
+    // 2. Back returns to the conversation before, Forward to the one after.
+    browser.click(&open(one)).await;
+    browser.wait_for("One", &view("One", "Draft for one"), Duration::from_secs(10)).await;
+    browser.click(&open(two)).await;
+    browser.wait_for("Two", &view("Two", "Draft for two"), Duration::from_secs(10)).await;
+    browser.command(reqwest::Method::POST, "/back", Some(json!({}))).await;
+    let back = format!(
+        "return document.getElementById('conversation-title').textContent === 'One' && \
+           document.getElementById('input').value === 'Draft for one' && location.hash === '#c={one}';"
+    );
+    browser.wait_for("One after Back", &back, Duration::from_secs(10)).await;
+    browser.command(reqwest::Method::POST, "/forward", Some(json!({}))).await;
+    browser
+        .wait_for("Two after Forward", &view("Two", "Draft for two"), Duration::from_secs(10))
+        .await;
+
+    // 3. A draft sent is gone, after a reload too.
+    browser.type_into("#input", ENTER).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stored_texts(&server, two).await.get(2).map(String::as_str) != Some("Draft for two") {
+        assert!(Instant::now() < deadline, "the draft was not sent");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    browser.refresh().await;
+    browser.wait_for("Two, nothing left to send", &view("Two", ""), Duration::from_secs(20)).await;
+
+    browser.quit().await;
+    eprintln!("browser drafts and history test: {:?}", test_started.elapsed());
+}
+
+const ESCAPE: &str = "\u{E00C}";
+const TAB: &str = "\u{E004}";
+
+/// What the focused element is: its id, or the id of the nearest ancestor that has one.
+const FOCUSED: &str = "const a = document.activeElement; const n = a && a.closest('[id]'); \
+    return { id: a ? a.id : '', within: n ? n.id : '', panel: a ? (a.closest('.panel, #sidebar') || {}).id || '' : '' };";
+
+/// The page for keyboards and screen readers: the open conversation is marked current,
+/// choosing one with the keyboard puts the focus in the message box, the settings panels and
+/// the phone's drawer take the focus, hold it (the page behind the drawer is inert), close on
+/// Escape and give it back; each message says who wrote it, Copy buttons say what they
+/// copy, and an answer's headings stay below the page's own.
+#[tokio::test]
+async fn webchat_is_usable_with_a_keyboard_and_a_screen_reader() {
+    let _one_at_a_time = ONE_BROWSER.lock().await;
+    let test_started = Instant::now();
+    let data = tempfile::tempdir().expect("data dir");
+    let answer =
+        "# Big title\n\n## Smaller title\n\n###### Smallest\n\nSome text.\n\n```\ncode\n```\n";
+    let headings = seed_exchange(data.path(), "Headings", "Show me headings", answer).await;
+    let other = seed_exchange(data.path(), "Other", "Another question", "Another answer").await;
+    let server = start_server(Some(data.path()), &[]).await;
+    let browser = Browser::start().await;
+    open_live(&browser, &server, &format!("#c={headings}")).await;
+
+    // 1. The open conversation is the list's current page; the answer's headings are h3 to
+    //    h6 of the page; each message says who wrote it; the Copy buttons differ by name.
+    let page = browser
+        .js("const current = [...document.querySelectorAll('#conversation-list [aria-current=page]')]; \
+             return { current: current.map((b) => b.closest('li').dataset.conversationId), \
+               high: document.querySelectorAll('#messages h1, #messages h2').length, \
+               headings: [...document.querySelectorAll('#messages .content :is(h3, h4, h5, h6)')] \
+                 .map((h) => h.tagName + ' ' + h.className), \
+               authors: [...document.querySelectorAll('#messages .msg')].map((m) => (m.querySelector('.author') || {}).textContent), \
+               copy: [...document.querySelectorAll('#messages .act-copy, #messages .copy-code')] \
+                 .map((b) => b.getAttribute('aria-label')) };")
+        .await;
+    assert_eq!(page["current"], json!([headings.to_string()]), "{page}");
+    assert_eq!(page["high"], 0, "{page}");
+    assert_eq!(page["headings"], json!(["H3 md-h1", "H4 md-h2", "H6 md-h6"]), "{page}");
+    assert_eq!(page["authors"], json!(["You said:", "Assistant said:"]), "{page}");
+    let mut copy: Vec<String> = page["copy"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap_or("").to_string())
+        .collect();
+    copy.sort();
+    assert_eq!(copy, ["Copy code", "Copy message", "Copy message"], "{page}");
+
+    // 2. Another conversation chosen with the keyboard: the focus goes to the message box.
+    browser
+        .js(&format!(
+            "document.querySelector(\"#conversation-list li[data-conversation-id='{other}'] button\").focus(); return true;"
+        ))
+        .await;
+    browser.press(ENTER).await;
+    let chosen = format!(
+        "return document.getElementById('conversation-title').textContent === 'Other' && \
+           document.activeElement.id === 'input' && \
+           document.querySelector(\"#conversation-list li[data-conversation-id='{other}'] button\") \
+             .getAttribute('aria-current') === 'page';"
+    );
+    browser.wait_for("Other, the focus in the box", &chosen, Duration::from_secs(10)).await;
+
+    // 3. Persona and Schedules: the focus goes into the panel, Escape closes it, and the
+    //    focus is back on the button that opened it.
+    for (button, panel) in [("toggle-persona", "persona-panel"), ("toggle-cron", "cron-panel")] {
+        browser.click(&format!("#{button}")).await;
+        let inside =
+            format!("const f = (() => {{ {FOCUSED} }})(); return f.panel === '{panel}' && f;");
+        browser.wait_for(&format!("the focus in {panel}"), &inside, Duration::from_secs(10)).await;
+        browser.press(ESCAPE).await;
+        let back = format!(
+            "return document.getElementById('{panel}').hidden && document.activeElement.id === '{button}';"
+        );
+        browser
+            .wait_for(&format!("{panel} closed, the focus back"), &back, Duration::from_secs(5))
+            .await;
+    }
+
+    // 4. A phone: the drawer takes the focus, Tab stays out of the page behind it (inert),
+    //    and Escape closes it, giving the focus back to the button that opened it.
+    browser.set_window(360, 800).await;
+    browser.wait_for("a phone", "return window.innerWidth <= 360;", Duration::from_secs(5)).await;
+    browser.click("#open-sidebar").await;
+    let opened = format!(
+        "const f = (() => {{ {FOCUSED} }})(); \
+         return f.panel === 'sidebar' && document.getElementById('main').inert && f;"
+    );
+    browser.wait_for("the focus in the drawer", &opened, Duration::from_secs(5)).await;
+    for _ in 0..20 {
+        browser.press(TAB).await;
+        let in_main = browser
+            .js("return document.getElementById('main').contains(document.activeElement);")
+            .await;
+        assert_eq!(in_main, false, "Tab reached the page behind the drawer");
+    }
+    browser.press(ESCAPE).await;
+    browser
+        .wait_for(
+            "the drawer closed, the focus back",
+            "return !document.getElementById('app').classList.contains('sidebar-open') && \
+             !document.getElementById('main').inert && document.activeElement.id === 'open-sidebar';",
+            Duration::from_secs(5),
+        )
+        .await;
+    browser.set_window(1280, 860).await;
+
+    browser.quit().await;
+    eprintln!("browser accessibility test: {:?}", test_started.elapsed());
+}
+
+/// A reloaded page says why a stored answer failed (the server keeps the reason), and says
+/// "stopped" only of an answer the user stopped.
+#[tokio::test]
+async fn webchat_says_why_a_stored_answer_failed() {
+    use my_claw::db::memory::{self, MessageStatus, NewMessage};
+    use my_claw::domain::Role;
+    let _one_at_a_time = ONE_BROWSER.lock().await;
+    let data = tempfile::tempdir().expect("data dir");
+    let url = format!("sqlite://{}", data.path().join("my-claw.db").display());
+    let pool = my_claw::db::connect(&url).await.expect("seed database");
+    let id = memory::create_webchat_conversation(&pool, Some("Failures")).await.unwrap().id;
+    let answers = [
+        (MessageStatus::Partial, "Half of it", Some("the model server closed the connection")),
+        (MessageStatus::Error, "", Some("the model is not available")),
+        (MessageStatus::Partial, "Stopped here", None),
+    ];
+    for (status, text, failure) in answers {
+        let question = NewMessage::plain(id, Role::User, "Tell me.".to_string());
+        memory::add_message(&pool, &question).await.expect("seed question");
+        let answer = NewMessage {
+            provider: Some("local".into()),
+            status,
+            ..NewMessage::plain(id, Role::Assistant, text.to_string())
+        };
+        memory::add_answer(&pool, &answer, &[], failure).await.expect("seed answer");
+    }
+    pool.close().await;
+    let server = start_server(Some(data.path()), &[]).await;
+    let browser = Browser::start().await;
+    open_live(&browser, &server, &format!("#c={}", id.0)).await;
+    let shown = browser
+        .js("return [...document.querySelectorAll('#messages .msg.assistant')].map((a) => ({ \
+               meta: a.querySelector('.meta .stopped')?.textContent || '', \
+               error: a.querySelector('.error-text')?.textContent || '' }));")
+        .await;
+    assert_eq!(
+        shown,
+        json!([
+            { "meta": "failed before the end", "error": "Error: the model server closed the connection" },
+            { "meta": "failed", "error": "Error: the model is not available" },
+            { "meta": "stopped before the end", "error": "" },
+        ])
+    );
+    browser.quit().await;
+}
+
+/// Small things that must say what they mean: a blank rename says it did not rename, a
+/// conversation's entry shows its whole title and date on hover, the model selector's labels
+/// fit it on a desktop and on a phone, hint text is readable on the sidebar, and the
+/// Schedules form drops an earlier "saved" note when a save fails and says when a time zone
+/// is mistyped.
+#[tokio::test]
+async fn webchat_small_things_say_what_they_mean() {
+    let _one_at_a_time = ONE_BROWSER.lock().await;
+    let data = tempfile::tempdir().expect("data dir");
+    let title = "A conversation with a title far too long for the sidebar to show";
+    let id = seed_exchange(data.path(), title, "Question", "Answer").await;
+    let server = start_server(Some(data.path()), &[]).await;
+    let browser = Browser::start().await;
+    open_live(&browser, &server, &format!("#c={id}")).await;
+
+    // 1. A blank name: not renamed, and said so.
+    browser.js("window.prompt = () => '   '; return true;").await;
+    browser.click("#rename-chat").await;
+    let said = browser
+        .wait_for(
+            "the banner",
+            "const b = document.getElementById('banner'); \
+             return !b.hidden && document.getElementById('banner-text').textContent;",
+            Duration::from_secs(5),
+        )
+        .await;
+    assert!(said.as_str().unwrap().starts_with("Not renamed"), "{said}");
+
+    // 2. The entry's tooltip: the whole title and a date.
+    let tooltip = browser
+        .js(&format!(
+            "return document.querySelector(\"#conversation-list li[data-conversation-id='{id}'] button\").title;"
+        ))
+        .await;
+    let tooltip = tooltip.as_str().unwrap();
+    assert!(tooltip.starts_with(title) && tooltip.len() > title.len() + 4, "{tooltip}");
+
+    // 3. Each usable tier's label fits the closed selector, at 1280 and 360 px.
+    for width in [1280, 360] {
+        browser.set_window(width, 800).await;
+        let fits = browser
+            .wait_for(
+                "the selector laid out",
+                &format!(
+                    "if ((window.innerWidth > 400) !== {}) return null; \
+                     const s = document.getElementById('model-select'); const cs = getComputedStyle(s); \
+                     const ctx = document.createElement('canvas').getContext('2d'); ctx.font = cs.font; \
+                     const room = s.clientWidth - parseFloat(cs.paddingLeft) - parseFloat(cs.paddingRight) - 16; \
+                     return {{ room, over: [...s.options].filter((o) => !o.disabled && ctx.measureText(o.textContent).width > room) \
+                       .map((o) => o.textContent), title: s.title }};",
+                    width > 400
+                ),
+                Duration::from_secs(5),
+            )
+            .await;
+        assert_eq!(fits["over"], json!([]), "{width}: {fits}");
+        assert!(fits["title"].as_str().unwrap().contains(':'), "the model in the tooltip: {fits}");
+    }
+    browser.set_window(1280, 860).await;
+
+    // 4. Hint text on the sidebar (a search's status) reads at 4.5:1 at least.
+    browser.type_into("#search-input", "nothing matches this").await;
+    let contrast = browser
+        .wait_for(
+            "the search status",
+            "const n = document.getElementById('search-status'); \
+             if (!n.textContent.startsWith('No message')) return null; \
+             const rgb = (s) => s.match(/[\\d.]+/g).map(Number); \
+             const lin = (c) => { c /= 255; return c <= 0.03928 ? c / 12.92 : Math.pow((c + 0.055) / 1.055, 2.4); }; \
+             const lum = (c) => 0.2126 * lin(c[0]) + 0.7152 * lin(c[1]) + 0.0722 * lin(c[2]); \
+             const fg = lum(rgb(getComputedStyle(n).color)); \
+             const bg = lum(rgb(getComputedStyle(document.getElementById('sidebar')).backgroundColor)); \
+             return (Math.max(fg, bg) + 0.05) / (Math.min(fg, bg) + 0.05);",
+            Duration::from_secs(10),
+        )
+        .await;
+    assert!(contrast.as_f64().unwrap() >= 4.5, "hint contrast {contrast}");
+    browser.clear("#search-input").await;
+
+    // 5. Schedules: a job saved, then a failed save: the "saved" note goes. A mistyped zone
+    //    is said beside its field once the field is left.
+    browser.click("#toggle-cron").await;
+    browser
+        .wait_for(
+            "the panel",
+            "return document.getElementById('cron-new') !== null;",
+            Duration::from_secs(10),
+        )
+        .await;
+    browser.click("#cron-new").await;
+    browser
+        .wait_for(
+            "the form",
+            "return document.getElementById('cron-name') !== null;",
+            Duration::from_secs(5),
+        )
+        .await;
+    browser.type_into("#cron-name", "Morning").await;
+    browser.type_into("#cron-prompt", "Say good morning").await;
+    browser.click("#cron-save").await;
+    browser
+        .wait_for(
+            "the saved note",
+            "return document.getElementById('cron-status').textContent.includes('saved') && \
+             document.querySelector('#cron-jobs .cron-edit') !== null;",
+            Duration::from_secs(10),
+        )
+        .await;
+    browser.click("#cron-jobs .cron-edit").await;
+    browser
+        .wait_for(
+            "the edit form",
+            "return document.getElementById('cron-schedule') !== null;",
+            Duration::from_secs(5),
+        )
+        .await;
+    browser.clear("#cron-schedule").await;
+    browser.type_into("#cron-schedule", "bogus cron").await;
+    browser.click("#cron-save").await;
+    let failed = browser
+        .wait_for(
+            "the failed save",
+            "const s = document.getElementById('cron-form-status'); \
+             return s.className === 'error-text' && s.textContent && \
+               { status: document.getElementById('cron-status').textContent };",
+            Duration::from_secs(10),
+        )
+        .await;
+    assert_eq!(failed["status"], "", "the earlier note is gone: {failed}");
+    browser.type_into("#cron-timezone", "Europe/Parsi").await;
+    browser.click("#cron-name").await;
+    let zone = browser
+        .wait_for(
+            "the zone's note",
+            "const n = document.getElementById('cron-timezone-note'); \
+             return n && n.textContent && { note: n.textContent, \
+               invalid: document.getElementById('cron-timezone').getAttribute('aria-invalid') };",
+            Duration::from_secs(10),
+        )
+        .await;
+    assert!(zone["note"].as_str().unwrap().contains("Europe/Parsi"), "{zone}");
+    assert_eq!(zone["invalid"], "true", "{zone}");
+
+    browser.quit().await;
 }

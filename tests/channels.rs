@@ -923,16 +923,19 @@ async fn in_process(
     engine: Arc<ScriptedEngine>,
     allowed: &[&str],
 ) -> InProcess {
-    in_process_with(graph, talk, engine, allowed, AgentConfig::default()).await
+    in_process_with(graph, talk, engine, allowed, AgentConfig::default(), whatsapp::REQUEST_TIMEOUT)
+        .await
 }
 
-/// `in_process` with any model and the tools of `agent`.
+/// `in_process` with any model, the tools of `agent`, and clients that wait at most
+/// `request_timeout` for each answer of the Graph and Talk stand-ins.
 async fn in_process_with(
     graph: &StandIn,
     talk: Option<&StandIn>,
     engine: Arc<dyn Provider>,
     allowed: &[&str],
     agent: AgentConfig,
+    request_timeout: Duration,
 ) -> InProcess {
     let (dir, pool) = fresh_pool().await;
     let router = ModelRouter::with_providers(engine, std::collections::HashMap::new(), Tier::Main);
@@ -946,14 +949,17 @@ async fn in_process_with(
     settings.allowed_numbers = allowed.iter().map(|n| n.to_string()).collect();
     let http = reqwest::Client::new();
     let mut list: Vec<Arc<dyn Channel>> = vec![Arc::new(
-        WhatsApp::new(settings, http.clone(), pool.clone()).with_retry(fast_retry()),
+        WhatsApp::new(settings, http.clone(), pool.clone())
+            .with_retry(fast_retry())
+            .with_request_timeout(request_timeout),
     )];
     if let Some(talk) = talk {
         let nc = Nextcloud::new(
             nextcloud_settings(&talk.base, Some(vec!["users/ada-lovelace".into()])),
             http,
         )
-        .with_retry(fast_retry());
+        .with_retry(fast_retry())
+        .with_request_timeout(request_timeout);
         list.push(Arc::new(nc));
     }
     let channels = Channels::new(list);
@@ -1015,11 +1021,17 @@ impl InProcess {
         health["inbound_queue"].clone()
     }
 
-    /// Waits (bounded) until the row of `external_id` is in a final state, and returns it.
+    /// Waits (bounded) until the WhatsApp row of `external_id` is in a final state, and
+    /// returns it.
     async fn final_row(&self, external_id: &str) -> inbound::QueueEntry {
+        self.final_row_of(ChannelKind::WhatsApp, external_id).await
+    }
+
+    /// `final_row` for the row of `external_id` on `channel`.
+    async fn final_row_of(&self, channel: ChannelKind, external_id: &str) -> inbound::QueueEntry {
         let started = Instant::now();
         while started.elapsed() < Duration::from_secs(60) {
-            let row = inbound::get(&self.pool, ChannelKind::WhatsApp, external_id).await.unwrap();
+            let row = inbound::get(&self.pool, channel, external_id).await.unwrap();
             if let Some(row) =
                 row.filter(|r| !matches!(r.status, QueueStatus::Pending | QueueStatus::Processing))
             {
@@ -1225,6 +1237,11 @@ async fn a_stop_while_sending_never_sends_the_answer_twice() {
     let row = app.final_row("wamid.SENDING").await;
     assert_eq!(row.status, QueueStatus::DeliveryUnknown, "{row:?}");
     assert_eq!(graph.messages().len(), 1, "the answer was sent twice");
+    // "Typing" was shown while the first run generated, not again for an answer that is
+    // never going to be sent.
+    let typing =
+        graph.all().iter().filter(|r| r.json()["typing_indicator"]["type"] == "text").count();
+    assert_eq!(typing, 1, "a typing indicator for an answer that is not sent");
     assert_eq!(engine.calls.load(Ordering::SeqCst), 1, "the answer was generated twice");
     let conv =
         memory::get_or_create_conversation(&app.pool, ChannelKind::WhatsApp, USER_NUMBER, None)
@@ -1504,7 +1521,9 @@ async fn whatsapp_gets_only_the_final_text_of_an_answer_that_used_tools() {
     tools.register(echo.clone());
     let agent = AgentConfig { tools, max_steps: 5 };
     let engine: Arc<dyn Provider> = Arc::new(Scripted(model.clone()));
-    let app = in_process_with(&graph, None, engine, &[USER_NUMBER], agent).await;
+    let app =
+        in_process_with(&graph, None, engine, &[USER_NUMBER], agent, whatsapp::REQUEST_TIMEOUT)
+            .await;
 
     let body = whatsapp_batch(&[raw_text_message("wamid.TOOLS", USER_NUMBER, "echo hi")]);
     assert_eq!(app.post_whatsapp(&body).await.status(), 200);
@@ -1560,6 +1579,7 @@ async fn an_outage_longer_than_the_quick_retries_is_waited_out_not_dropped() {
     let history = memory::history(&app.pool, conv.id, 10).await.unwrap();
     assert_eq!(history.len(), 2, "the question or the answer was stored twice: {history:?}");
     assert_eq!(history[1].delivery_status.as_deref(), Some("sent"), "{:?}", history[1]);
+    assert_eq!(history[1].delivery_error, None, "the outage's error outlived the delivery");
     // The stand-in numbers its answers by request (read receipts included): the last one.
     let last_id = format!("wamid.OUT{}", graph.all().len());
     assert_eq!(history[1].external_id.as_deref(), Some(last_id.as_str()));
@@ -1572,4 +1592,347 @@ async fn an_outage_longer_than_the_quick_retries_is_waited_out_not_dropped() {
     assert_eq!(row.status, QueueStatus::Failed, "{row:?}");
     assert_eq!(row.retries, 0, "{row:?}");
     assert_eq!(graph.messages().len(), 8);
+}
+
+/// The Graph API and Talk read the answer's request but do not answer within the client's
+/// timeout: the message may have been delivered, so it is never sent again (on either
+/// channel); the answer's delivery is `unknown` with a reason that says what happened. A
+/// connection that cannot be made is different: nothing left, so it is retried.
+#[tokio::test]
+async fn a_send_without_an_answer_is_never_sent_again() {
+    let graph = StandIn::start(Kind::Graph).await;
+    let talk = StandIn::start(Kind::Talk).await;
+    // Each stand-in holds the first send well past the clients' 1 s, then accepts it.
+    *graph.send_delay.lock().unwrap() = Some(Duration::from_secs(4));
+    *talk.send_delay.lock().unwrap() = Some(Duration::from_secs(4));
+    let engine = ScriptedEngine::new(|_, _, _| None);
+    let app = in_process_with(
+        &graph,
+        Some(&talk),
+        engine.clone(),
+        &[USER_NUMBER],
+        AgentConfig::default(),
+        Duration::from_secs(1),
+    )
+    .await;
+    let body = whatsapp_text("wamid.SLOW", USER_NUMBER, "slow meta");
+    assert_eq!(app.post_whatsapp(&body).await.status(), 200);
+    assert_eq!(
+        app.post_talk(&talk_create("777", "users/ada-lovelace", "slow talk")).await.status(),
+        200
+    );
+
+    for (channel, id, service) in [
+        (ChannelKind::WhatsApp, "wamid.SLOW", "the WhatsApp API"),
+        (ChannelKind::Nextcloud, "777", "the Nextcloud Talk bot API"),
+    ] {
+        let row = app.final_row_of(channel, id).await;
+        assert_eq!(row.status, QueueStatus::DeliveryUnknown, "{row:?}");
+        let reason = row.last_error.unwrap_or_default();
+        let expected = format!("no answer from {service} within 1 s");
+        assert!(reason.contains(&expected) && reason.contains("not resending"), "{reason}");
+        assert_eq!(row.retries, 0, "put back in the queue to be sent again: {reason}");
+        let key = if channel == ChannelKind::WhatsApp { USER_NUMBER } else { ROOM };
+        let conv = memory::find_conversation(&app.pool, channel, key).await.unwrap().unwrap();
+        let history = memory::history(&app.pool, conv.id, 10).await.unwrap();
+        assert_eq!(history.len(), 2, "{history:?}");
+        assert_eq!(history[1].delivery_status.as_deref(), Some("unknown"), "{:?}", history[1]);
+        assert!(history[1].delivery_error.as_deref().unwrap().contains(&expected));
+    }
+    // Every request is recorded as it arrives: once the rows are final nothing more leaves.
+    assert_eq!(graph.messages().len(), 1, "the WhatsApp answer was sent twice");
+    assert_eq!(talk.messages().len(), 1, "the Talk answer was sent twice");
+    assert_eq!(app.health_queue().await["delivery_unknown"], 2);
+    assert_eq!(engine.calls.load(Ordering::SeqCst), 2);
+
+    // No connection at all: nothing was sent, the error says so and may be retried.
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let (_dir, pool) = fresh_pool().await;
+    let wa = WhatsApp::new(whatsapp_settings(&base, None), reqwest::Client::new(), pool)
+        .with_retry(fast_retry());
+    let err = wa.send_text(USER_NUMBER, "hi").await.unwrap_err();
+    assert!(matches!(err, ChannelError::Transport(_)) && err.is_retryable(), "{err:?}");
+}
+
+/// A message whose handling a stop interrupted three times (as `kill -9` during its
+/// generation would) is given up without asking the model again, and its sender is told,
+/// on WhatsApp and on Talk; a warning says so without the number, the actor or the text.
+// Current-thread runtime: the worker's tasks run on the thread whose subscriber captures the
+// logs.
+#[tokio::test]
+async fn a_message_given_up_after_three_stops_gets_a_reply_and_a_warning() {
+    let logs = LogBuffer::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .with_max_level(tracing::Level::INFO)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let graph = StandIn::start(Kind::Graph).await;
+    let talk = StandIn::start(Kind::Talk).await;
+    let engine = ScriptedEngine::new(|_, _, _| None);
+    let app = in_process(&graph, Some(&talk), engine.clone(), &[USER_NUMBER]).await;
+    // The stopped process: no worker while the rows are stored and claimed.
+    app.worker.abort();
+    wait_until(Duration::from_secs(10), "the first worker to stop", || app.worker.is_finished())
+        .await;
+    let stored = [
+        (ChannelKind::WhatsApp, whatsapp_text("wamid.POISON", USER_NUMBER, "poison essay")),
+        (ChannelKind::Nextcloud, talk_create("4711", "users/ada-lovelace", "poison essay")),
+    ];
+    for (kind, body) in &stored {
+        let channel = app.channels.get(*kind).unwrap();
+        let intakes = channel.parse(&HeaderMap::new(), body).unwrap();
+        assert_eq!(app.channels.store(&app.pool, *kind, &intakes).await.unwrap().queued, 1);
+    }
+    // Claimed and interrupted three times: two recoveries put the rows back, and the third
+    // stop leaves them in `processing` for the next start.
+    for round in 0..3 {
+        if round > 0 {
+            let recovered = inbound::recover(&app.pool, queue::MAX_INTERRUPTED).await.unwrap();
+            assert_eq!(recovered.requeued, 2);
+        }
+        for _ in 0..2 {
+            inbound::claim_next(&app.pool).await.unwrap().expect("a row to claim");
+        }
+    }
+
+    let second = queue::spawn_worker(
+        app.pool.clone(),
+        app.assistant.clone(),
+        app.channels.clone(),
+        queue_config(),
+    );
+    for (kind, id) in [(ChannelKind::WhatsApp, "wamid.POISON"), (ChannelKind::Nextcloud, "4711")] {
+        // The row is final (failed) from the recovery on; its reason says the user was told
+        // once the reply went.
+        let told = |row: &inbound::QueueEntry| {
+            row.last_error.as_deref().is_some_and(|r| r.ends_with("(the user was told)"))
+        };
+        let started = Instant::now();
+        let row = loop {
+            let row = app.final_row_of(kind, id).await;
+            if told(&row) || started.elapsed() > Duration::from_secs(30) {
+                break row;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert_eq!(row.status, QueueStatus::Failed, "{row:?}");
+        let reason = row.last_error.clone().unwrap_or_default();
+        assert!(reason.contains("3 times") && told(&row), "{reason}");
+    }
+    let whatsapp: Vec<Value> =
+        graph.messages().iter().map(|r| r.json()["text"]["body"].clone()).collect();
+    assert_eq!(whatsapp, [queue::INTERRUPTED_REPLY]);
+    let talk_sent: Vec<Value> =
+        talk.messages().iter().map(|r| r.json()["message"].clone()).collect();
+    assert_eq!(talk_sent, [queue::INTERRUPTED_REPLY]);
+    assert_eq!(talk.messages()[0].json()["replyTo"], 4711);
+    assert_eq!(engine.calls.load(Ordering::SeqCst), 0, "the model was asked again");
+
+    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let warnings: Vec<&str> =
+        text.lines().filter(|l| l.contains("WARN") && l.contains("given up")).collect();
+    assert_eq!(warnings.len(), 2, "{text}");
+    for personal in [USER_NUMBER, "ada-lovelace", "poison essay", ROOM] {
+        assert!(!text.contains(personal), "{personal} is in the logs:\n{text}");
+    }
+    second.abort();
+}
+
+/// The queue is not an archive of the user's texts: a deleted conversation's rows lose
+/// theirs at once (`forget_conversation_payloads`, for the conversation delete), and rows
+/// finished over a week ago lose theirs at the next start. The message ids stay, so a
+/// redelivery is still recognised and not answered twice.
+#[tokio::test]
+async fn finished_queue_rows_do_not_keep_the_users_text() {
+    let graph = StandIn::start(Kind::Graph).await;
+    let engine = ScriptedEngine::new(|_, _, _| None);
+    let other = "33600000009";
+    let app = in_process(&graph, None, engine, &[USER_NUMBER, other]).await;
+    let mine = whatsapp_text("wamid.PRIVATE", USER_NUMBER, "my private words");
+    let theirs = whatsapp_text("wamid.OLD", other, "old private words");
+    for body in [&mine, &theirs] {
+        assert_eq!(app.post_whatsapp(body).await.status(), 200);
+    }
+    for id in ["wamid.PRIVATE", "wamid.OLD"] {
+        let row = app.final_row(id).await;
+        assert_eq!(row.status, QueueStatus::Done, "{row:?}");
+        assert!(row.payload.contains("private words"), "{row:?}");
+    }
+
+    // Deleting the conversation through the API takes its texts out of the queue.
+    let conversation = memory::find_conversation(&app.pool, ChannelKind::WhatsApp, USER_NUMBER)
+        .await
+        .unwrap()
+        .expect("the conversation");
+    let deleted = client()
+        .delete(format!("{}/api/conversations/{}", app.base, conversation.id.0))
+        .bearer_auth(IN_PROCESS_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), 204);
+    assert_eq!(app.final_row("wamid.PRIVATE").await.payload, "{}");
+    assert!(app.final_row("wamid.OLD").await.payload.contains("old private words"));
+
+    // Eight days later, a restart.
+    let eight_days_ago = chrono::Utc::now().timestamp_millis() - 8 * 24 * 3600 * 1000;
+    sqlx::query("UPDATE inbound_queue SET processed_at = ?1 WHERE external_id = 'wamid.OLD'")
+        .bind(eight_days_ago)
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    app.worker.abort();
+    let second = queue::spawn_worker(
+        app.pool.clone(),
+        app.assistant.clone(),
+        app.channels.clone(),
+        queue_config(),
+    );
+    let started = Instant::now();
+    while app.final_row("wamid.OLD").await.payload != "{}" {
+        assert!(started.elapsed() < Duration::from_secs(30), "the old text is still stored");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Redeliveries of both are still recognised.
+    for body in [&mine, &theirs] {
+        assert_eq!(app.post_whatsapp(body).await.status(), 200);
+    }
+    wait_for_idle_queue(&app.pool).await;
+    assert_eq!(graph.messages().len(), 2, "a redelivery was answered again");
+    assert_eq!(inbound::list(&app.pool).await.unwrap().len(), 2);
+    second.abort();
+}
+
+/// Allow-list entries that could never match what Meta or Talk send stop the start with one
+/// line that names the variable and the fix (exit code 2), instead of ignoring the user.
+#[test]
+fn allow_list_entries_that_never_match_stop_the_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let data_dir = data_dir.to_str().unwrap();
+    let whatsapp = [
+        ("WHATSAPP_VERIFY_TOKEN", VERIFY_TOKEN),
+        ("WHATSAPP_APP_SECRET", APP_SECRET),
+        ("WHATSAPP_ACCESS_TOKEN", ACCESS_TOKEN),
+        ("WHATSAPP_PHONE_NUMBER_ID", PHONE_NUMBER_ID),
+        ("WHATSAPP_ALLOWED_NUMBERS", "0033612345678"),
+    ];
+    let talk = [
+        ("NEXTCLOUD_URL", "https://cloud.example.org"),
+        ("NEXTCLOUD_BOT_SECRET", TALK_SECRET),
+        ("NEXTCLOUD_ALLOWED_USERS", "alice"),
+    ];
+    let cases: [(&[(&str, &str)], &str); 2] = [
+        (&whatsapp, "WHATSAPP_ALLOWED_NUMBERS: `0033612345678` starts with 0"),
+        (&talk, "NEXTCLOUD_ALLOWED_USERS: `alice` is not a Talk actor id"),
+    ];
+    for (envs, expected) in cases {
+        // Spawned with a deadline: a start that accepts the entry would serve forever.
+        let mut child = std::process::Command::new(crate::util::binary())
+            .arg("serve")
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("DATA_DIR", data_dir)
+            .envs(envs.iter().copied())
+            .current_dir(dir.path())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run my-claw");
+        let started = Instant::now();
+        while child.try_wait().expect("wait for my-claw").is_none() {
+            if started.elapsed() > Duration::from_secs(30) {
+                let _ = child.kill();
+                panic!("my-claw started with {envs:?} instead of refusing it");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let out = child.wait_with_output().expect("my-claw output");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        let lines: Vec<&str> = stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "one clear line expected:\n{stderr}");
+        assert!(lines[0].contains(expected), "expected `{expected}` in `{}`", lines[0]);
+    }
+}
+
+/// A WhatsApp message with `"id": ""` is unreadable, not a deduplication key: its sender is
+/// told (it is not answered by the model), and a later message without an id is told too
+/// instead of being dropped as a "redelivery"; a real redelivery is still recognised.
+#[tokio::test]
+async fn a_whatsapp_message_without_an_id_is_told_and_never_a_dedup_key() {
+    let graph = StandIn::start(Kind::Graph).await;
+    let engine = ScriptedEngine::new(|_, _, _| None);
+    let app = in_process(&graph, None, engine.clone(), &[USER_NUMBER]).await;
+    let first = whatsapp_batch(&[
+        raw_text_message("", USER_NUMBER, "no id, first"),
+        raw_text_message("wamid.WITHID", USER_NUMBER, "with an id"),
+    ]);
+    assert_eq!(app.post_whatsapp(&first).await.status(), 200);
+    let later = whatsapp_batch(&[raw_text_message("", USER_NUMBER, "no id, later")]);
+    assert_eq!(app.post_whatsapp(&later).await.status(), 200);
+    // Meta delivers the later one again: the same bytes, the same row.
+    assert_eq!(app.post_whatsapp(&later).await.status(), 200);
+    wait_for_idle_queue(&app.pool).await;
+
+    let rows = inbound::list(&app.pool).await.unwrap();
+    assert_eq!(rows.len(), 3, "{rows:?}");
+    let without_id: Vec<&inbound::QueueEntry> =
+        rows.iter().filter(|r| r.external_id != "wamid.WITHID").collect();
+    for row in &without_id {
+        assert!(row.external_id.starts_with("no-id:"), "{row:?}");
+        assert_eq!(row.status, QueueStatus::Rejected, "{row:?}");
+        assert!(row.last_error.as_deref().unwrap().contains("without an id"), "{row:?}");
+        assert!(!row.payload.contains("no id,"), "the unreadable text is kept: {row:?}");
+    }
+    assert_ne!(without_id[0].external_id, without_id[1].external_id);
+    let mut bodies: Vec<String> = graph
+        .messages()
+        .iter()
+        .map(|r| r.json()["text"]["body"].as_str().unwrap().to_string())
+        .collect();
+    bodies.sort();
+    let mut expected =
+        vec![queue::UNREADABLE_REPLY.to_string(), queue::UNREADABLE_REPLY.to_string()];
+    expected.push("echo: with an id".into());
+    expected.sort();
+    assert_eq!(bodies, expected);
+    assert_eq!(engine.calls.load(Ordering::SeqCst), 1, "a message without an id was answered");
+}
+
+/// A Talk webhook signed with a random shorter than 32 characters (Nextcloud always sends
+/// 64) is refused like a bad signature, and nothing is stored; 32 characters are enough.
+#[tokio::test]
+async fn talk_webhook_with_a_short_random_is_refused() {
+    let graph = StandIn::start(Kind::Graph).await;
+    let talk = StandIn::start(Kind::Talk).await;
+    let engine = ScriptedEngine::new(|_, _, _| None);
+    let app = in_process(&graph, Some(&talk), engine, &[USER_NUMBER]).await;
+    let post = |random: String, message_id: &str| {
+        let body = talk_create(message_id, "users/ada-lovelace", "hello");
+        let signature = nextcloud::sign(TALK_SECRET, &random, &body);
+        client()
+            .post(format!("{}/api/webhook/nextcloud", app.base))
+            .header("content-type", "application/json")
+            .header("X-Nextcloud-Talk-Random", random)
+            .header("X-Nextcloud-Talk-Signature", signature)
+            .body(body)
+            .send()
+    };
+    for (random, id) in [(String::new(), "501"), ("r".into(), "502"), ("r".repeat(31), "503")] {
+        let response = post(random.clone(), id).await.expect("post talk webhook");
+        assert_eq!(response.status(), 401, "random of {} characters", random.len());
+        let error: Value = response.json().await.unwrap();
+        assert_eq!(error["error"]["code"], "bad_signature");
+    }
+    assert!(inbound::list(&app.pool).await.unwrap().is_empty());
+    assert_eq!(post("r".repeat(32), "504").await.expect("post").status(), 200);
+    assert_eq!(app.final_row_of(ChannelKind::Nextcloud, "504").await.status, QueueStatus::Done);
 }

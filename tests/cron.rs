@@ -1134,21 +1134,19 @@ async fn after_a_restart_missed_runs_are_not_replayed_and_next_run_is_computed()
     restarted.shutdown().await;
 }
 
-/// A one-shot has no later occurrence: missed while the process was stopped, it runs once at
-/// the restart, and a reminder then says when it was due.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_reminder_missed_while_stopped_comes_at_the_restart_saying_it_is_late() {
-    let graph = Graph::start().await;
-    let app = App::start(&graph, Options::default()).await;
-    let conversation = app.webchat_conversation().await;
-    app.cron.shutdown().await;
-    // Set yesterday for two hours ago (UTC), as if the process had been stopped since.
-    let due = (Utc::now() - chrono::Duration::hours(2)).with_second(0).unwrap();
+/// A one-shot reminder for `due` into WebChat conversation `conversation`, written as if a day
+/// ago (so `due` went by after it was made), with the scheduler stopped.
+async fn reminder_made_yesterday(
+    app: &App,
+    conversation: i64,
+    what: &str,
+    due: chrono::DateTime<Utc>,
+) -> my_claw::db::cron::CronJob {
     let spec = my_claw::db::cron::JobSpec {
-        name: "water the plants".into(),
+        name: what.into(),
         schedule: due.format("at %Y-%m-%d %H:%M").to_string(),
         timezone: Some("UTC".into()),
-        prompt: "water the plants".into(),
+        prompt: what.into(),
         channel: ChannelKind::WebChat,
         target: conversation.to_string(),
         tier: None,
@@ -1163,6 +1161,20 @@ async fn a_reminder_missed_while_stopped_comes_at_the_restart_saying_it_is_late(
         .execute(&app.pool)
         .await
         .unwrap();
+    job
+}
+
+/// A one-shot has no later occurrence: missed while the process was stopped, it runs once at
+/// the restart, and a reminder then says when it was due.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reminder_missed_while_stopped_comes_at_the_restart_saying_it_is_late() {
+    let graph = Graph::start().await;
+    let app = App::start(&graph, Options::default()).await;
+    let conversation = app.webchat_conversation().await;
+    app.cron.shutdown().await;
+    // Set yesterday for two hours ago (UTC), as if the process had been stopped since.
+    let due = (Utc::now() - chrono::Duration::hours(2)).with_second(0).unwrap();
+    reminder_made_yesterday(&app, conversation, "water the plants", due).await;
 
     let restarted = app.restart_scheduler().await;
     let started = Instant::now();
@@ -1191,25 +1203,7 @@ async fn a_one_shot_interrupted_by_a_stop_is_disabled_with_the_reason() {
     let conversation = app.webchat_conversation().await;
     app.cron.shutdown().await;
     let due = (Utc::now() - chrono::Duration::minutes(5)).with_second(0).unwrap();
-    let spec = my_claw::db::cron::JobSpec {
-        name: "call the plumber".into(),
-        schedule: due.format("at %Y-%m-%d %H:%M").to_string(),
-        timezone: Some("UTC".into()),
-        prompt: "call the plumber".into(),
-        channel: ChannelKind::WebChat,
-        target: conversation.to_string(),
-        tier: None,
-        enabled: true,
-        kind: my_claw::db::cron::JobKind::Reminder,
-        conversation_id: Some(ConversationId(conversation)),
-    };
-    let job = my_claw::db::cron::insert_job(&app.pool, &spec).await.unwrap();
-    sqlx::query("UPDATE cron_jobs SET created_at = ?1, updated_at = ?1 WHERE id = ?2")
-        .bind(my_claw::db::now_ms() - 86_400_000)
-        .bind(job.id.0)
-        .execute(&app.pool)
-        .await
-        .unwrap();
+    let job = reminder_made_yesterday(&app, conversation, "call the plumber", due).await;
     // Its run started at its time, and the process died during it.
     my_claw::db::cron::start_run(&app.pool, job.id, due.timestamp_millis()).await.unwrap();
 

@@ -316,6 +316,14 @@ async fn answer(
     Err(LlmError::EngineStopped)
 }
 
+/// The chunk after the engine's `Accepted`, which must come first (the request was taken,
+/// before its prompt is read).
+async fn after_accepted(stream: &mut my_claw::llm::ChunkStream) -> Option<Result<Chunk, LlmError>> {
+    let first = stream.recv().await;
+    assert!(matches!(first, Some(Ok(Chunk::Accepted { .. }))), "{first:?}");
+    stream.recv().await
+}
+
 #[tokio::test]
 async fn smollm2_says_paris_is_the_capital_of_france() {
     let engine = EngineHandle::spawn(engine_config(util::smollm2_path(), 2048)).await.unwrap();
@@ -509,7 +517,7 @@ async fn engine_queue_full_and_cancellation() {
     };
     let mut running = engine.submit_with(request(), long).unwrap();
     // Once the first text arrives it has the only slot; one more may wait.
-    assert!(matches!(running.recv().await, Some(Ok(Chunk::Text(_)))));
+    assert!(matches!(after_accepted(&mut running).await, Some(Ok(Chunk::Text(_)))));
     let queued = engine.submit_with(request(), long).unwrap();
     let err = engine.submit_with(request(), long).unwrap_err();
     assert!(matches!(err, LlmError::QueueFull), "{err:?}");
@@ -752,7 +760,7 @@ async fn requests_beyond_the_slots_are_told_their_place_and_served_in_order() {
         engine.submit_with(request, options).unwrap()
     };
     let mut running = submit("Tell me a long story.", 40);
-    assert!(matches!(running.recv().await, Some(Ok(Chunk::Text(_)))));
+    assert!(matches!(after_accepted(&mut running).await, Some(Ok(Chunk::Text(_)))));
     // Short answers (fewer chunks than a stream buffers), so nobody needs to read them.
     let mut second = submit("Say yes.", 4);
     let mut third = submit("Say no.", 4);
@@ -760,8 +768,8 @@ async fn requests_beyond_the_slots_are_told_their_place_and_served_in_order() {
         kind: "queued".into(),
         message: format!("waiting for the engine: {n} ahead"),
     };
-    assert_eq!(second.recv().await.unwrap().unwrap(), notice(0));
-    assert_eq!(third.recv().await.unwrap().unwrap(), notice(1));
+    assert_eq!(after_accepted(&mut second).await.unwrap().unwrap(), notice(0));
+    assert_eq!(after_accepted(&mut third).await.unwrap().unwrap(), notice(1));
     // Let the running one finish; the second gets the slot and the third moves up.
     while running.recv().await.is_some() {}
     assert_eq!(third.recv().await.unwrap().unwrap(), notice(0));
@@ -819,7 +827,7 @@ async fn a_warmed_prompt_is_reused_and_warming_yields_to_requests() {
             options,
         )
         .unwrap();
-    assert!(matches!(real.recv().await, Some(Ok(Chunk::Text(_)))));
+    assert!(matches!(after_accepted(&mut real).await, Some(Ok(Chunk::Text(_)))));
     let warmed_at_first_token = engine.stats().warm_tokens;
     assert!(
         warmed_at_first_token <= warmed_before + 2 * 128,

@@ -243,8 +243,16 @@ pub enum ChannelError {
     },
     #[error("nextcloud talk answered http {status}: {reason}")]
     Nextcloud { status: u16, reason: String, retry_after: Option<Duration> },
+    /// The request never reached the service (the connection could not be made), or could
+    /// not be built: nothing was delivered, so trying again is safe.
     #[error("http request failed: {0}")]
     Transport(#[from] reqwest::Error),
+    /// The request may have reached the service but its answer never came (a timeout, a
+    /// connection broken after the request was written): the message may have been
+    /// delivered. Never retried, since a second send could be a duplicate; the queue marks
+    /// the answer's delivery `unknown`. `what` says what happened, without personal data.
+    #[error("{what}; the message may have been delivered, not resending")]
+    DeliveryUnknown { what: String },
     #[error("database: {0}")]
     Db(#[from] sqlx::Error),
     /// A signed webhook body that is not this channel's payload. The text never quotes the
@@ -267,6 +275,24 @@ impl ChannelError {
             ChannelError::Transport(e) => !e.is_builder() && !e.is_decode(),
             _ => false,
         }
+    }
+
+    /// Sorts a failed outbound request by whether the service may have received it. Only a
+    /// failed connection (or a request that could not be built) proves that nothing left:
+    /// that one is a `Transport` error, safe to retry. Anything later (no answer within
+    /// `timeout`, a connection dropped after the request was written, an unreadable answer)
+    /// is `DeliveryUnknown`. `service` names the API in the text ("the WhatsApp API").
+    pub fn from_request(service: &str, timeout: Duration, error: reqwest::Error) -> ChannelError {
+        let error = error.without_url();
+        if error.is_connect() || error.is_builder() {
+            return ChannelError::Transport(error);
+        }
+        let what = if error.is_timeout() {
+            format!("no answer from {service} within {} s", timeout.as_secs_f32())
+        } else {
+            format!("the connection to {service} failed after the request was sent ({error})")
+        };
+        ChannelError::DeliveryUnknown { what }
     }
 
     /// The wait the server asked for, if any.

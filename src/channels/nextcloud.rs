@@ -22,13 +22,27 @@ use crate::domain::ChannelKind;
 
 /// Talk's default maximum message length (`spreed → config → chat → max-length`).
 pub const MAX_MESSAGE_CHARS: usize = 32_000;
+/// How long one bot API request may take before its answer is given up on (the message may
+/// have been posted then: see `ChannelError::DeliveryUnknown`).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// How errors name the service (never with its URL, which holds the room token).
+const TALK_API: &str = "the Nextcloud Talk bot API";
 /// The limit of Talk before 16.0.1, used when a server answers 413 to a long part.
 pub const LEGACY_MAX_MESSAGE_CHARS: usize = 1_000;
 
+/// The shortest `X-Nextcloud-Talk-Random` accepted. Nextcloud always sends 64 characters,
+/// and refuses a bot's own random under 32; a short or empty one adds nothing unpredictable
+/// to the signed bytes, so a signature made once would be easier to replay or forge.
+pub const MIN_RANDOM_CHARS: usize = 32;
+
 /// Checks `X-Nextcloud-Talk-Signature` = hex HMAC-SHA256(secret, random ‖ raw body), in
-/// constant time. Upper- and lowercase hex are both accepted (Nextcloud's own verifier
-/// lowercases). The body must be the bytes as received: PHP escapes `/` and non-ASCII.
+/// constant time, with a random of at least `MIN_RANDOM_CHARS`. Upper- and lowercase hex
+/// are both accepted (Nextcloud's own verifier lowercases). The body must be the bytes as
+/// received: PHP escapes `/` and non-ASCII.
 pub fn verify_signature(secret: &str, random: &str, signature: &str, body: &[u8]) -> bool {
+    if random.chars().count() < MIN_RANDOM_CHARS {
+        return false;
+    }
     let Ok(expected) = hex::decode(signature.trim()) else {
         return false;
     };
@@ -183,6 +197,7 @@ pub struct Nextcloud {
     settings: NextcloudSettings,
     http: reqwest::Client,
     retry: RetryPolicy,
+    request_timeout: Duration,
 }
 
 #[derive(Serialize)]
@@ -196,12 +211,18 @@ struct BotMessage<'a> {
 
 impl Nextcloud {
     pub fn new(settings: NextcloudSettings, http: reqwest::Client) -> Self {
-        Self { settings, http, retry: RetryPolicy::default() }
+        Self { settings, http, retry: RetryPolicy::default(), request_timeout: REQUEST_TIMEOUT }
     }
 
     /// Replaces the retry policy (tests use short delays).
     pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
         self.retry = retry;
+        self
+    }
+
+    /// Replaces `REQUEST_TIMEOUT` (tests wait less).
+    pub fn with_request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = timeout;
         self
     }
 
@@ -389,11 +410,11 @@ impl Nextcloud {
             .header(reqwest::header::ACCEPT, "application/json")
             .header("X-Nextcloud-Talk-Bot-Random", &random)
             .header("X-Nextcloud-Talk-Bot-Signature", &signature)
-            .timeout(Duration::from_secs(30))
+            .timeout(self.request_timeout)
             .json(&body)
             .send()
             .await
-            .map_err(|e| ChannelError::Transport(e.without_url()))?;
+            .map_err(|e| ChannelError::from_request(TALK_API, self.request_timeout, e))?;
         let status = response.status().as_u16();
         if (200..300).contains(&status) {
             return Ok(reference_id);
@@ -543,6 +564,13 @@ mod tests {
         assert!(!verify_signature(SECRET, RANDOM, "not hex", body));
         assert!(!verify_signature(SECRET, RANDOM, &good[..62], body));
         assert!(!verify_signature(SECRET, &RANDOM[1..], &good, body));
+        // Correctly signed, but with a random shorter than Nextcloud's floor.
+        for random in ["", "x", &RANDOM[..31]] {
+            let signature = sign(SECRET, random, body);
+            assert!(!verify_signature(SECRET, random, &signature, body), "{random:?}");
+        }
+        let signature = sign(SECRET, &RANDOM[..32], body);
+        assert!(verify_signature(SECRET, &RANDOM[..32], &signature, body));
         assert!(!verify_signature(&SECRET[1..], RANDOM, &good, body));
         assert!(!verify_signature(SECRET, RANDOM, &good, b"{\"type\":\"Create\"} "));
     }

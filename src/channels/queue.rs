@@ -17,7 +17,7 @@ use tokio::task::JoinSet;
 
 use crate::assistant::{Assistant, Reply};
 use crate::channels::{redact, Channel, ChannelError, Channels, QueuedInbound};
-use crate::db::inbound::{self, QueueEntry, QueueStatus};
+use crate::db::inbound::{self, QueueEntry, QueueStatus, StoredTurn};
 use crate::db::{memory, now_ms};
 use crate::domain::{Inbound, MessageId};
 use crate::error::Error;
@@ -45,6 +45,11 @@ pub const UNREADABLE_REPLY: &str =
 /// model even without any history).
 pub const TOO_LARGE_REPLY: &str = "Sorry, this message is too long for me to answer, even on \
 its own. Please send a shorter one.";
+
+/// Sent when a message is given up because the process stopped `MAX_INTERRUPTED` times
+/// while answering it (it may be what stops it, so it is not tried again).
+pub const INTERRUPTED_REPLY: &str = "Sorry, something went wrong each time I tried to answer \
+your last message, so I have given up on it. Please send it again, perhaps worded differently.";
 
 /// The reply to a message longer than the channel's limit.
 pub fn too_long_reply(n_chars: usize, limit: usize) -> String {
@@ -88,18 +93,34 @@ pub fn spawn_worker(
     config: QueueConfig,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        match inbound::recover(&pool, MAX_INTERRUPTED).await {
-            Ok((0, 0)) => {}
-            Ok((requeued, given_up)) => {
-                tracing::info!(
-                    requeued,
-                    given_up,
-                    "inbound queue: recovered messages of the previous run"
-                )
+        let worker = Arc::new(Worker { pool, assistant, channels, config });
+        match inbound::recover(&worker.pool, MAX_INTERRUPTED).await {
+            Ok(recovered) => {
+                if recovered.requeued > 0 || !recovered.given_up.is_empty() {
+                    tracing::info!(
+                        requeued = recovered.requeued,
+                        given_up = recovered.given_up.len(),
+                        "inbound queue: recovered messages of the previous run"
+                    );
+                }
+                // Told before anything else is claimed, so that the apology comes before
+                // the answers to the later messages of the same conversation.
+                for entry in recovered.given_up {
+                    worker.tell_given_up(entry).await;
+                }
             }
             Err(e) => tracing::error!(error = %e, "inbound queue: recovery failed"),
         }
-        let worker = Arc::new(Worker { pool, assistant, channels, config });
+        // The user's texts are kept in the conversations, not in the queue: finished rows
+        // keep only what deduplication and the operator need.
+        let cutoff = now_ms() - inbound::FINISHED_PAYLOAD_KEEP_MS;
+        match inbound::scrub_finished_payloads(&worker.pool, cutoff).await {
+            Ok(0) => {}
+            Ok(n) => {
+                tracing::info!(rows = n, "inbound queue: dropped the text of old finished rows")
+            }
+            Err(e) => tracing::error!(error = %e, "inbound queue: cannot drop old texts"),
+        }
         worker.run().await;
     })
 }
@@ -109,6 +130,19 @@ struct Worker {
     assistant: Arc<Assistant>,
     channels: Channels,
     config: QueueConfig,
+}
+
+/// The reason of an answer found in `sending` after a stop.
+const STOPPED_WHILE_SENDING: &str = "the process stopped while this answer was being sent: it \
+may or may not have reached the user, and is not sent again";
+
+/// What became of telling the sender of a given-up message.
+enum Telling {
+    Done,
+    /// Not told, and why.
+    Impossible(String),
+    /// Its answer had already left (or may have): the row's status and why.
+    AnswerSent(QueueStatus, String),
 }
 
 /// How processing one row ended.
@@ -225,6 +259,86 @@ impl Worker {
         }
     }
 
+    /// A message given up by `inbound::recover` after `MAX_INTERRUPTED` stops: its sender is
+    /// told when they can be (allowed, inside WhatsApp's window), and the row's reason says
+    /// whether they were. An answer already on its way is never followed by an apology.
+    async fn tell_given_up(&self, entry: QueueEntry) {
+        let reason = entry.last_error.clone().unwrap_or_else(|| "gave up".into());
+        let (status, reason) = match self.tell_interrupted(&entry).await {
+            Telling::Done => (QueueStatus::Failed, format!("{reason} (the user was told)")),
+            Telling::Impossible(why) => {
+                (QueueStatus::Failed, format!("{reason}; the user was not told: {why}"))
+            }
+            Telling::AnswerSent(status, note) => (status, format!("{reason}; {note}")),
+        };
+        // Never the text or the sender: the row's id finds them for whoever may look.
+        tracing::warn!(
+            channel = entry.channel.as_str(),
+            queue_id = entry.id,
+            status = status.as_str(),
+            reason = ?reason,
+            "inbound message given up: the process stopped {MAX_INTERRUPTED} times while handling it"
+        );
+        if let Err(e) = inbound::finish(&self.pool, entry.id, status, Some(&reason)).await {
+            tracing::error!(queue_id = entry.id, error = %e, "inbound queue: cannot record the outcome");
+        }
+    }
+
+    async fn tell_interrupted(&self, entry: &QueueEntry) -> Telling {
+        let Some(channel) = self.channels.get(entry.channel).cloned() else {
+            return Telling::Impossible(format!("{} is not configured any more", entry.channel));
+        };
+        let message = match channel.parse_queued(&entry.payload) {
+            Ok(m) => m,
+            Err(e) => return Telling::Impossible(e.to_string()),
+        };
+        if !channel.is_allowed(&message.sender_id) {
+            return Telling::Impossible("sender not allowed any more".into());
+        }
+        // A stop after the answer was produced: its delivery decides, not the apology.
+        match inbound::stored_turn(&self.pool, entry.channel, &message.external_id).await {
+            Ok(Some(StoredTurn { answer: Some(answer), .. })) => {
+                match answer.delivery_status.as_deref() {
+                    None => {}
+                    Some("sending") | Some("unknown") => {
+                        if let Err(e) = inbound::mark_delivery_unknown(
+                            &self.pool,
+                            answer.message_id,
+                            STOPPED_WHILE_SENDING,
+                        )
+                        .await
+                        {
+                            return Telling::Impossible(format!("database: {e}"));
+                        }
+                        return Telling::AnswerSent(
+                            QueueStatus::DeliveryUnknown,
+                            STOPPED_WHILE_SENDING.into(),
+                        );
+                    }
+                    Some(_) => {
+                        return Telling::AnswerSent(
+                            QueueStatus::Done,
+                            "its answer had been sent".into(),
+                        )
+                    }
+                }
+            }
+            Ok(_) => {}
+            Err(e) => return Telling::Impossible(format!("database: {e}")),
+        }
+        match channel.window_open(&message.conversation_key).await {
+            Ok(true) => {}
+            Ok(false) => {
+                return Telling::Impossible("outside the channel's window for replies".into())
+            }
+            Err(e) => return Telling::Impossible(e.to_string()),
+        }
+        match channel.reply(&message, INTERRUPTED_REPLY).await {
+            Ok(_) => Telling::Done,
+            Err(e) => Telling::Impossible(format!("telling the user failed: {e}")),
+        }
+    }
+
     async fn process(&self, entry: &QueueEntry) -> Outcome {
         let Some(channel) = self.channels.get(entry.channel).cloned() else {
             return Outcome::Failed(format!("{} is not configured any more", entry.channel));
@@ -278,26 +392,39 @@ impl Worker {
             return self.fail_with_reply(channel.as_ref(), &message, FAILURE_REPLY, reason).await;
         }
 
+        // What a previous run left: the question, maybe its answer (see `answer`).
+        let stored =
+            match inbound::stored_turn(&self.pool, entry.channel, &message.external_id).await {
+                Ok(stored) => stored,
+                Err(e) => return Outcome::Retry(format!("database: {e}")),
+            };
         // Read receipt and typing indicator while the model works. The first one is sent
         // before generating (briefly bounded), so that it cannot arrive after a fast answer
         // and show "typing" again; it is renewed while the model works, and stopped (task
-        // aborted) as soon as the answer is there.
-        let first = tokio::time::timeout(TYPING_FIRST_WAIT, channel.acknowledge(&message, true));
-        if !matches!(first.await, Ok(Ok(()))) {
-            tracing::debug!(channel = %entry.channel, "typing indicator failed or timed out");
-        }
-        let typing = channel.typing_renewal().map(|every| {
-            let channel = channel.clone();
-            let message = message.clone();
-            AbortOnDrop(tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(every).await;
-                    if let Err(e) = channel.acknowledge(&message, true).await {
-                        tracing::debug!(error = ?e.to_string(), "typing indicator failed");
+        // aborted) as soon as the answer is there. An answer a previous run produced needs
+        // no model, and may never be sent at all (`sending`): no "typing" for it.
+        let generates = !matches!(&stored, Some(StoredTurn { answer: Some(_), .. }));
+        let typing = if generates {
+            let first =
+                tokio::time::timeout(TYPING_FIRST_WAIT, channel.acknowledge(&message, true));
+            if !matches!(first.await, Ok(Ok(()))) {
+                tracing::debug!(channel = %entry.channel, "typing indicator failed or timed out");
+            }
+            channel.typing_renewal().map(|every| {
+                let channel = channel.clone();
+                let message = message.clone();
+                AbortOnDrop(tokio::spawn(async move {
+                    loop {
+                        tokio::time::sleep(every).await;
+                        if let Err(e) = channel.acknowledge(&message, true).await {
+                            tracing::debug!(error = ?e.to_string(), "typing indicator failed");
+                        }
                     }
-                }
-            }))
-        });
+                }))
+            })
+        } else {
+            None
+        };
         let inbound = Inbound {
             channel: entry.channel,
             conversation_key: message.conversation_key.clone(),
@@ -305,7 +432,7 @@ impl Worker {
             text,
             external_id: Some(message.external_id.clone()),
         };
-        let answer = self.answer(inbound).await;
+        let answer = self.answer(inbound, stored).await;
         drop(typing);
         let answer = match answer {
             Ok(Some(a)) => a,
@@ -342,11 +469,12 @@ impl Worker {
     /// Produces the answer to `inbound`, or finds it when a previous run already stored the
     /// question (and maybe the answer) before it stopped: the question is never stored twice
     /// and an answer is never generated twice. `Ok(None)`: it was already sent.
-    async fn answer(&self, inbound: Inbound) -> Result<Option<Answer>, Outcome> {
-        let external_id = inbound.external_id.clone().unwrap_or_default();
-        let stored = inbound::stored_turn(&self.pool, inbound.channel, &external_id)
-            .await
-            .map_err(|e| Outcome::Retry(format!("database: {e}")))?;
+    /// `stored` is what `inbound::stored_turn` found for it.
+    async fn answer(
+        &self,
+        inbound: Inbound,
+        stored: Option<StoredTurn>,
+    ) -> Result<Option<Answer>, Outcome> {
         let reply = match stored {
             Some(turn) => match turn.answer {
                 Some(answer) => {
@@ -361,19 +489,16 @@ impl Worker {
                             },
                         })),
                         Some("sending") => {
-                            let reason = "the process stopped while this answer was being sent: \
-                                          it may or may not have reached the user, and is not \
-                                          sent again";
                             if let Err(e) = inbound::mark_delivery_unknown(
                                 &self.pool,
                                 answer.message_id,
-                                reason,
+                                STOPPED_WHILE_SENDING,
                             )
                             .await
                             {
                                 return Err(Outcome::Retry(format!("database: {e}")));
                             }
-                            Err(Outcome::DeliveryUnknown(reason.into()))
+                            Err(Outcome::DeliveryUnknown(STOPPED_WHILE_SENDING.into()))
                         }
                         Some(_) => Ok(None),
                     };
@@ -430,14 +555,22 @@ impl Worker {
         {
             tracing::error!(error = %e, "cannot record the delivery of an answer");
         }
+        // A send that went through after earlier tries failed: their error no longer
+        // describes the answer.
+        if let Err(e) = inbound::clear_delivery_error(&self.pool, message_id).await {
+            tracing::error!(error = %e, "cannot record the delivery of an answer");
+        }
     }
 
-    /// Records a failed send of an answer: failed for good, or (an error that may heal)
-    /// back to not sent, to be sent again at the message's next try.
+    /// Records a failed send of an answer: failed for good, `unknown` when it may have
+    /// reached the user (never sent again), or (an error that may heal) back to not sent, to
+    /// be sent again at the message's next try.
     async fn record_unsent(&self, message_id: Option<MessageId>, error: &ChannelError) {
         let Some(message_id) = message_id else { return };
         let reason = error.to_string();
-        let recorded = if error.is_retryable() {
+        let recorded = if matches!(error, ChannelError::DeliveryUnknown { .. }) {
+            inbound::mark_delivery_unknown(&self.pool, message_id, &reason).await
+        } else if error.is_retryable() {
             inbound::mark_send_retry(&self.pool, message_id, &reason).await
         } else {
             inbound::mark_undelivered(&self.pool, message_id, &reason).await
@@ -450,8 +583,13 @@ impl Worker {
 
 /// A failed send, after the channel's own quick retries: an error that may heal puts the
 /// message back in the queue (with the busy engine's backoff, given up only after
-/// `QueueConfig::give_up_after`); any other is the row's final reason.
+/// `QueueConfig::give_up_after`); a send that may have reached the user (no answer from
+/// the service) is never repeated, so a duplicate cannot happen; any other is the row's
+/// final reason.
 fn send_failure(error: ChannelError) -> Outcome {
+    if let ChannelError::DeliveryUnknown { .. } = error {
+        return Outcome::DeliveryUnknown(format!("sending the answer: {error}"));
+    }
     let reason = format!("sending the answer failed: {error}");
     if error.is_retryable() {
         Outcome::Retry(reason)

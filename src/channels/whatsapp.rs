@@ -31,6 +31,9 @@ pub const MAX_TEXT_CHARS: usize = 4096;
 pub const MAX_INBOUND_CHARS: usize = 4_000;
 /// Prefix of the `biz_opaque_callback_data` of an answer: the question's wamid follows.
 pub const REPLY_TAG: &str = "my-claw:answer-to:";
+/// How long one Graph API request may take before its answer is given up on (the message
+/// may have been delivered then: see `ChannelError::DeliveryUnknown`).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// WhatsApp shows the typing indicator for at most 25 s; it is renewed before that.
 const TYPING_RENEWAL: Duration = Duration::from_secs(20);
 /// The 24-hour customer service window.
@@ -41,6 +44,8 @@ pub const RETRYABLE_CODES: &[i64] = &[130429, 131056, 131000, 131016, 4, 80007];
 pub const PAIR_RATE_LIMIT: i64 = 131056;
 pub const TOKEN_EXPIRED: i64 = 190;
 pub const REENGAGEMENT: i64 = 131047;
+/// How errors name the service (never with its URL, which holds the phone number id).
+const GRAPH_API: &str = "the WhatsApp API";
 
 /// Checks `X-Hub-Signature-256: sha256=<hex>` against HMAC-SHA256(app secret, raw body),
 /// in constant time. The body must be the bytes exactly as received: Meta escapes
@@ -259,6 +264,7 @@ pub struct WhatsApp {
     http: reqwest::Client,
     pool: SqlitePool,
     retry: RetryPolicy,
+    request_timeout: Duration,
 }
 
 /// Shared between the messages endpoint's different bodies.
@@ -333,12 +339,24 @@ struct Parameter {
 
 impl WhatsApp {
     pub fn new(settings: WhatsAppSettings, http: reqwest::Client, pool: SqlitePool) -> Self {
-        Self { settings, http, pool, retry: RetryPolicy::default() }
+        Self {
+            settings,
+            http,
+            pool,
+            retry: RetryPolicy::default(),
+            request_timeout: REQUEST_TIMEOUT,
+        }
     }
 
     /// Replaces the retry policy (tests use short delays).
     pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
         self.retry = retry;
+        self
+    }
+
+    /// Replaces `REQUEST_TIMEOUT` (tests wait less).
+    pub fn with_request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = timeout;
         self
     }
 
@@ -459,6 +477,11 @@ impl WhatsApp {
                 return self.unreadable_intake(raw, contacts, &lenient::describe_json_error(&e))
             }
         };
+        if message.id.trim().is_empty() {
+            // The id is the deduplication key: an empty one would make every later message
+            // without an id look like a redelivery of this one, and be dropped unseen.
+            return self.unreadable_intake(raw, contacts, "message without an id");
+        }
         let name = contact_name(contacts, &message.from);
         if !self.is_allowed(&message.from) {
             // Recorded without its content: the row only says that it came and why it was
@@ -507,22 +530,24 @@ impl WhatsApp {
         }
     }
 
-    /// A message of a batch that does not parse. When its sender and id can still be read
-    /// and the sender is allowed, it is queued to be told (the person would otherwise wait
-    /// for an answer that never comes); otherwise it is stored as rejected, without content.
+    /// A message of a batch that does not parse (or has no id). When its sender can still be
+    /// read and is allowed, it is queued to be told (the person would otherwise wait for an
+    /// answer that never comes), keyed on its wamid or, without one, on a digest of its
+    /// bytes; otherwise it is stored as rejected, without content.
     fn unreadable_intake(&self, raw: &[u8], contacts: &[Contact], reason: &str) -> Intake {
         let string = |key: &str| {
             lenient::member(raw, key)
                 .and_then(|v| serde_json::from_slice::<String>(v).ok())
                 .filter(|s| !s.trim().is_empty())
         };
-        let (Some(id), Some(from)) = (string("id"), string("from")) else {
+        let Some(from) = string("from") else {
             return rejected_intake(raw, reason);
         };
         if !self.is_allowed(&from) {
             return rejected_intake(raw, reason);
         }
         tracing::warn!(reason = ?reason, "whatsapp: an unreadable message from an allowed number, the sender is told");
+        let id = string("id").unwrap_or_else(|| digest_key("no-id", raw));
         let queued = QueuedMessage {
             id: id.clone(),
             from: from.clone(),
@@ -728,14 +753,23 @@ impl WhatsApp {
             .http
             .post(url)
             .bearer_auth(self.settings.access_token.expose())
-            .timeout(Duration::from_secs(30))
+            .timeout(self.request_timeout)
             .json(body)
             .send()
             .await
-            .map_err(|e| ChannelError::Transport(e.without_url()))?;
+            .map_err(|e| ChannelError::from_request(GRAPH_API, self.request_timeout, e))?;
         let status = response.status();
         let retry_after = crate::retry::retry_after_header(response.headers());
-        let text = response.text().await.map_err(|e| ChannelError::Transport(e.without_url()))?;
+        let text = match response.text().await {
+            Ok(text) => text,
+            // Accepted, but the answer (with the new wamid) was lost on the way: delivered,
+            // as far as Meta is concerned, so it must not be sent again.
+            Err(e) if status.is_success() => {
+                return Err(ChannelError::from_request(GRAPH_API, self.request_timeout, e))
+            }
+            // Refused: what the refusal said is lost, its status is enough to decide.
+            Err(_) => String::new(),
+        };
         if status.is_success() {
             return Ok(text);
         }
@@ -900,10 +934,7 @@ fn rejected_intake(raw: &[u8], reason: &str) -> Intake {
     let id = lenient::member(raw, "id")
         .and_then(|v| serde_json::from_slice::<String>(v).ok())
         .filter(|id| !id.trim().is_empty())
-        .unwrap_or_else(|| {
-            use sha2::Digest;
-            format!("rejected:{}", hex::encode(&Sha256::digest(raw)[..16]))
-        });
+        .unwrap_or_else(|| digest_key("rejected", raw));
     tracing::warn!(reason = ?reason, "whatsapp: rejected an unreadable message of a batch");
     Intake::Row {
         external_id: id,
@@ -913,6 +944,13 @@ fn rejected_intake(raw: &[u8], reason: &str) -> Intake {
         note: Some(format!("unreadable message: {reason}")),
         contact: None,
     }
+}
+
+/// The key of a message without a usable wamid: `prefix:` and a digest of its bytes, so that
+/// a redelivery of the same message is recognised and two different ones are not confused.
+fn digest_key(prefix: &str, raw: &[u8]) -> String {
+    use sha2::Digest;
+    format!("{prefix}:{}", hex::encode(&Sha256::digest(raw)[..16]))
 }
 
 /// The display name Meta sent for `from` (or the batch's only contact).

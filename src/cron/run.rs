@@ -196,6 +196,20 @@ async fn answer_and_deliver(
     }
     let receipt = match deliver_patiently(inner, job, &text).await {
         Ok(receipt) => receipt,
+        Err(e @ ChannelError::DeliveryUnknown { .. }) => {
+            // It may have arrived: never sent again, and said as unknown, as a channel answer
+            // whose delivery is unknown is.
+            let reason = format!("{}: {e}", job.channel);
+            let pool = &inner.pool;
+            let marked = match inbound::mark_sending(pool, message_id).await {
+                Ok(()) => inbound::mark_delivery_unknown(pool, message_id, &reason).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = marked {
+                tracing::warn!(job = job.id.0, error = %e, "unknown delivery not recorded");
+            }
+            return Err(Failure::new(reason, Some(message_id)));
+        }
         Err(e) => {
             let verb = if e.is_retryable() { "could not take" } else { "refused" };
             let reason = format!("{} {verb} the message: {e}", job.channel);

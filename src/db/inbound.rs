@@ -260,29 +260,92 @@ pub async fn retry_later(
     Ok(())
 }
 
+/// What crash recovery did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Recovered {
+    /// Rows put back to `pending`.
+    pub requeued: u64,
+    /// Rows marked `failed` after too many interruptions, as they are now: the worker tells
+    /// their senders (their payload says who).
+    pub given_up: Vec<QueueEntry>,
+}
+
 /// Crash recovery, run once at start before the worker claims anything: rows left in
 /// `processing` by a stopped process go back to `pending`, except those whose handling a
 /// stop has already interrupted `max_interrupted` times, which are marked failed so that a
 /// message that crashes the process cannot do so forever. Claims that ended in a transient
-/// failure (`retries`) do not count. Returns (requeued, given up).
-pub async fn recover(pool: &SqlitePool, max_interrupted: i64) -> Result<(u64, u64), sqlx::Error> {
-    let given_up = sqlx::query(
+/// failure (`retries`) do not count.
+pub async fn recover(pool: &SqlitePool, max_interrupted: i64) -> Result<Recovered, sqlx::Error> {
+    let given_up: Vec<QueueRow> = sqlx::query_as(&format!(
         "UPDATE inbound_queue SET status = 'failed', processed_at = ?1,
              last_error = 'gave up: the process stopped while handling it '
                           || (attempts - retries) || ' times'
-         WHERE status = 'processing' AND attempts - retries >= ?2",
-    )
+         WHERE status = 'processing' AND attempts - retries >= ?2
+         RETURNING {QUEUE_COLUMNS}"
+    ))
     .bind(now_ms())
     .bind(max_interrupted)
-    .execute(pool)
-    .await?
-    .rows_affected();
+    .fetch_all(pool)
+    .await?;
     let requeued =
         sqlx::query("UPDATE inbound_queue SET status = 'pending' WHERE status = 'processing'")
             .execute(pool)
             .await?
             .rows_affected();
-    Ok((requeued, given_up))
+    let given_up = given_up.into_iter().map(TryInto::try_into).collect::<Result<_, _>>()?;
+    Ok(Recovered { requeued, given_up })
+}
+
+/// The states a row never leaves again (but for `delivery_unknown` → `done` when a late
+/// status report confirms the answer, which reads the messages, not the payload).
+const FINISHED: &str = "('done', 'failed', 'ignored', 'rejected', 'delivery_unknown')";
+
+/// How long a finished row keeps its payload (the user's text) before
+/// `scrub_finished_payloads` drops it at start.
+pub const FINISHED_PAYLOAD_KEEP_MS: i64 = 7 * 24 * 60 * 60 * 1000;
+
+/// Drops the user's text from the finished queue rows of one conversation, for when that
+/// conversation is deleted: `channel` and `conversation_key` as the conversation has them
+/// (`conversations.channel` and `conversations.external_key`: the WhatsApp number, the
+/// Talk room token). Callable before or after the conversation itself is deleted. The
+/// payload becomes `{}`; the channel's message id stays, so a redelivery of one of those
+/// messages is still recognised and not answered again, and so do the state and reason.
+/// Rows still waiting or being answered are left whole: they have yet to be answered.
+/// Returns how many rows were scrubbed.
+pub async fn forget_conversation_payloads(
+    pool: &SqlitePool,
+    channel: ChannelKind,
+    conversation_key: &str,
+) -> Result<u64, sqlx::Error> {
+    let done = sqlx::query(&format!(
+        "UPDATE inbound_queue SET payload = '{{}}'
+         WHERE channel = ?1 AND conversation_key = ?2 AND status IN {FINISHED}
+           AND payload <> '{{}}'"
+    ))
+    .bind(channel.as_str())
+    .bind(conversation_key)
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected())
+}
+
+/// Drops the user's text from every queue row finished before `finished_before` (Unix
+/// milliseconds), as `forget_conversation_payloads` does for one conversation: the queue
+/// is not an archive of messages (the conversation is, and the user can delete it). Run at
+/// start with `now - FINISHED_PAYLOAD_KEEP_MS`. Returns how many rows were scrubbed.
+pub async fn scrub_finished_payloads(
+    pool: &SqlitePool,
+    finished_before: i64,
+) -> Result<u64, sqlx::Error> {
+    let done = sqlx::query(&format!(
+        "UPDATE inbound_queue SET payload = '{{}}'
+         WHERE status IN {FINISHED} AND COALESCE(processed_at, received_at) < ?1
+           AND payload <> '{{}}'"
+    ))
+    .bind(finished_before)
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected())
 }
 
 /// One queue row by its channel id.
@@ -399,6 +462,22 @@ pub async fn mark_send_retry(
         .bind(message_id.0)
         .execute(pool)
         .await?;
+    Ok(())
+}
+
+/// An answer the channel accepted (`sent`) after earlier tries failed: the error those tries
+/// recorded (`mark_send_retry`) no longer describes it. A later `failed` report keeps its
+/// own error.
+pub async fn clear_delivery_error(
+    pool: &SqlitePool,
+    message_id: MessageId,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE messages SET delivery_error = NULL WHERE id = ?1 AND delivery_status = 'sent'",
+    )
+    .bind(message_id.0)
+    .execute(pool)
+    .await?;
     Ok(())
 }
 
@@ -609,12 +688,15 @@ mod tests {
         assert!(claim_next(&pool).await.unwrap().is_none());
         finish(&pool, a.id, QueueStatus::Done, None).await.unwrap();
         // `b` is left in `processing`, as after a crash.
-        assert_eq!(recover(&pool, 3).await.unwrap(), (1, 0));
+        assert_eq!(recover(&pool, 3).await.unwrap(), Recovered { requeued: 1, given_up: vec![] });
         let b = claim_next(&pool).await.unwrap().unwrap();
         assert_eq!((b.external_id.as_str(), b.attempts), ("b", 2));
         recover(&pool, 3).await.unwrap();
         claim_next(&pool).await.unwrap().unwrap();
-        assert_eq!(recover(&pool, 3).await.unwrap(), (0, 1));
+        let recovered = recover(&pool, 3).await.unwrap();
+        assert_eq!(recovered.requeued, 0);
+        let given_up: Vec<_> = recovered.given_up.iter().map(|r| r.external_id.as_str()).collect();
+        assert_eq!(given_up, ["b"]);
         let b = get(&pool, ChannelKind::WhatsApp, "b").await.unwrap().unwrap();
         assert_eq!(b.status, QueueStatus::Failed);
         assert!(b.last_error.unwrap().contains("3 times"));
@@ -664,6 +746,53 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn finished_rows_lose_their_text_and_keep_their_id() {
+        let (_dir, pool) = fresh().await;
+        let add = |id: &'static str, key: &'static str, status: QueueStatus| {
+            let pool = pool.clone();
+            async move {
+                let row = NewInbound { payload: r#"{"text":"secret"}"#, ..item(id, status) };
+                enqueue_message(&pool, &row, Some(key), None).await.unwrap()
+            }
+        };
+        add("a-done", "A", QueueStatus::Pending).await;
+        add("a-ignored", "A", QueueStatus::Ignored).await;
+        add("a-waiting", "A", QueueStatus::Pending).await;
+        add("b-done", "B", QueueStatus::Pending).await;
+        // `a-waiting` waits behind `a-done`, so `b-done` is the second row claimed.
+        let a = claim_next(&pool).await.unwrap().unwrap();
+        let b = claim_next(&pool).await.unwrap().unwrap();
+        assert_eq!((a.external_id.as_str(), b.external_id.as_str()), ("a-done", "b-done"));
+        finish(&pool, a.id, QueueStatus::Done, None).await.unwrap();
+        finish(&pool, b.id, QueueStatus::Done, None).await.unwrap();
+
+        assert_eq!(
+            forget_conversation_payloads(&pool, ChannelKind::Nextcloud, "A").await.unwrap(),
+            0
+        );
+        assert_eq!(
+            forget_conversation_payloads(&pool, ChannelKind::WhatsApp, "A").await.unwrap(),
+            2
+        );
+        let payload = |id: &'static str| {
+            let pool = pool.clone();
+            async move { get(&pool, ChannelKind::WhatsApp, id).await.unwrap().unwrap().payload }
+        };
+        assert_eq!(payload("a-done").await, "{}");
+        assert_eq!(payload("a-ignored").await, "{}");
+        assert_eq!(payload("a-waiting").await, r#"{"text":"secret"}"#, "still to answer");
+        assert_eq!(payload("b-done").await, r#"{"text":"secret"}"#, "another conversation");
+        // The id still deduplicates a redelivery.
+        assert!(!enqueue(&pool, &item("a-done", QueueStatus::Pending), None).await.unwrap());
+
+        // Rows finished before the cutoff lose their text; newer ones keep it for now.
+        assert_eq!(scrub_finished_payloads(&pool, now_ms() - 60_000).await.unwrap(), 0);
+        assert_eq!(scrub_finished_payloads(&pool, now_ms() + 1).await.unwrap(), 1);
+        assert_eq!(payload("b-done").await, "{}");
+        assert_eq!(payload("a-waiting").await, r#"{"text":"secret"}"#);
+    }
+
+    #[tokio::test]
     async fn transient_retries_do_not_count_as_interruptions() {
         let (_dir, pool) = fresh().await;
         enqueue(&pool, &item("r", QueueStatus::Pending), None).await.unwrap();
@@ -673,7 +802,7 @@ mod tests {
         }
         // Claimed a sixth time and interrupted by a stop: one interruption, requeued.
         claim_next(&pool).await.unwrap().unwrap();
-        assert_eq!(recover(&pool, 3).await.unwrap(), (1, 0));
+        assert_eq!(recover(&pool, 3).await.unwrap(), Recovered { requeued: 1, given_up: vec![] });
         let row = get(&pool, ChannelKind::WhatsApp, "r").await.unwrap().unwrap();
         assert_eq!((row.status, row.attempts, row.retries), (QueueStatus::Pending, 6, 5));
     }

@@ -226,8 +226,16 @@ async fn delete_conversation(
     if let Some(Extension(cron)) = cron {
         cron.detach_conversation(ConversationId(id)).await?;
     }
+    let conversation = find_conversation(&state, id).await?;
     if !memory::delete_conversation(&state.pool, ConversationId(id)).await? {
         return Err(not_found(id));
+    }
+    // The texts of its channel messages, kept in the inbound queue for answering them, go
+    // with it (their ids stay, so a redelivery is still recognised).
+    if conversation.channel != crate::domain::ChannelKind::WebChat {
+        let key = &conversation.external_key;
+        crate::db::inbound::forget_conversation_payloads(&state.pool, conversation.channel, key)
+            .await?;
     }
     state.assistant.announce_deleted(ConversationId(id));
     Ok(StatusCode::NO_CONTENT)
