@@ -542,21 +542,25 @@ impl Assistant {
     /// for their turn are not affected: the next one starts once the stopped answer is
     /// stored.
     pub fn stop(&self, conversation_id: ConversationId) -> bool {
-        let running = lock(&self.inner.running).remove(&conversation_id);
-        match running {
-            Some(running) => running.stop.send(()).is_ok(),
-            None => false,
-        }
+        self.signal_stop(conversation_id).is_some_and(|(stopped, _)| stopped)
+    }
+
+    /// Presses the stop switch of the conversation's running answer, if one runs: whether
+    /// it was taken, and what resolves once that answer is stored.
+    fn signal_stop(
+        &self,
+        conversation_id: ConversationId,
+    ) -> Option<(bool, oneshot::Receiver<()>)> {
+        let running = lock(&self.inner.running).remove(&conversation_id)?;
+        Some((running.stop.send(()).is_ok(), running.ended))
     }
 
     /// `stop`, then waits (at most `limit`) until the stopped answer is stored and its turn
     /// released: what the page does next (regenerate, edit, a new message) then finds the
     /// conversation at rest instead of a 409 for an answer still being written.
     pub async fn stop_and_wait(&self, conversation_id: ConversationId, limit: Duration) -> bool {
-        let running = lock(&self.inner.running).remove(&conversation_id);
-        let Some(running) = running else { return false };
-        let stopped = running.stop.send(()).is_ok();
-        let _ = tokio::time::timeout(limit, running.ended).await;
+        let Some((stopped, ended)) = self.signal_stop(conversation_id) else { return false };
+        let _ = tokio::time::timeout(limit, ended).await;
         stopped
     }
 

@@ -1194,28 +1194,20 @@
       button.appendChild(title);
       // The whole title (the list cuts long ones) and when it was last written in.
       button.title = conversationTitle(c) + (c.updated_at ? " · " + shortDate(c.updated_at) : "");
-      if (c.channel !== "webchat") {
-        const badge = document.createElement("span");
-        badge.className = "badge";
-        badge.textContent = c.channel;
-        button.appendChild(badge);
-      }
+      const badge = (className, text, title) => {
+        const span = document.createElement("span");
+        span.className = className;
+        span.textContent = text;
+        if (title) span.title = title;
+        button.appendChild(span);
+      };
+      if (c.channel !== "webchat") badge("badge", c.channel);
       if (c.left_machine) {
-        const badge = document.createElement("span");
-        badge.className = "badge cloud";
-        badge.textContent = "☁";
-        badge.title = "Part of this conversation was answered outside this machine";
-        button.appendChild(badge);
+        badge("badge cloud", "☁", "Part of this conversation was answered outside this machine");
       }
-      if (c.answering) {
-        // Written by the server whether or not a page reads it (this one left it, or was
-        // reloaded): opening the conversation follows it.
-        const badge = document.createElement("span");
-        badge.className = "badge answering";
-        badge.textContent = "answering…";
-        badge.title = "An answer is being written in this conversation";
-        button.appendChild(badge);
-      }
+      // Written by the server whether or not a page reads it (this one left it, or was
+      // reloaded): opening the conversation follows it.
+      if (c.answering) badge("badge answering", "answering…", "An answer is being written in this conversation");
       button.addEventListener("click", (e) => {
         // Chosen with Enter or Space (a click with no pointer behind it): the list is
         // redrawn, so the focus would fall to the page; it goes where the user types next.

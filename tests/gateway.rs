@@ -1122,6 +1122,16 @@ async fn completion(server: &Server, body: &Value) -> Value {
 }
 
 /// The stored answer of a conversation, once it is there (bounded wait).
+/// `POST /api/chat/{id}/stop`.
+async fn post_stop(server: &Server, conversation_id: i64) -> reqwest::Response {
+    http()
+        .post(server.url(&format!("/api/chat/{conversation_id}/stop")))
+        .bearer_auth(&server.token)
+        .send()
+        .await
+        .expect("POST stop")
+}
+
 async fn stored_answer(server: &Server, conversation_id: i64) -> Value {
     let path = format!("/api/conversations/{conversation_id}/messages");
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -1153,12 +1163,7 @@ async fn real_model_stop_endpoint_stops_the_engine() {
         text.push_str(event["text"].as_str().unwrap());
         n_tokens += 1;
     }
-    let response = http()
-        .post(server.url(&format!("/api/chat/{conversation_id}/stop")))
-        .bearer_auth(&server.token)
-        .send()
-        .await
-        .unwrap();
+    let response = post_stop(&server, conversation_id).await;
     assert_eq!(response.status(), 200);
     assert_eq!(response.json::<Value>().await.unwrap(), json!({"stopped": true}));
     let stopped_at = Instant::now();
@@ -1205,12 +1210,7 @@ async fn real_model_answer_can_be_stopped_while_its_prompt_is_read() {
     let meta = reader.next_json(Duration::from_secs(60)).await.unwrap();
     assert_eq!(meta["type"], "meta", "{meta}");
     let conversation_id = meta["conversation_id"].as_i64().unwrap();
-    let response = http()
-        .post(server.url(&format!("/api/chat/{conversation_id}/stop")))
-        .bearer_auth(&server.token)
-        .send()
-        .await
-        .unwrap();
+    let response = post_stop(&server, conversation_id).await;
     assert_eq!(response.json::<Value>().await.unwrap(), json!({"stopped": true}));
     let done = loop {
         let event = reader.next_json(Duration::from_secs(60)).await.expect("a done event");

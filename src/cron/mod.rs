@@ -177,9 +177,7 @@ pub async fn start(
         for job in
             jobs.iter_mut().filter(|job| job.enabled && interrupted_one_shot(&handle.inner, job))
         {
-            let mut spec = JobSpec::from(&*job);
-            spec.enabled = false;
-            match store::update_job(&handle.inner.pool, job.id, &spec).await {
+            match store::disable_job(&handle.inner.pool, job).await {
                 Ok(Some(updated)) => {
                     tracing::warn!(
                         job = job.id.0,

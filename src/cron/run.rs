@@ -12,7 +12,7 @@ use chrono::{DateTime, Utc};
 
 use crate::channels::{ChannelError, DeliveryReceipt};
 use crate::cron::{lock, plan, scheduler, CronError, Inner, DEFAULT_TIER};
-use crate::db::cron::{self as store, CronJob, CronJobId, CronRun, JobKind, JobSpec, RunOutcome};
+use crate::db::cron::{self as store, CronJob, CronJobId, CronRun, JobKind, RunOutcome};
 use crate::db::now_ms;
 use crate::db::{inbound, memory};
 use crate::domain::{ChannelKind, ConversationId, Inbound, MessageId};
@@ -135,9 +135,7 @@ async fn end_one_shot(inner: &Arc<Inner>, job: &CronJob, outcome: RunOutcome) {
     let ended = if outcome == RunOutcome::Delivered {
         store::delete_job(&inner.pool, job.id).await.map(|_| None)
     } else {
-        let mut spec = JobSpec::from(job);
-        spec.enabled = false;
-        store::update_job(&inner.pool, job.id, &spec).await
+        store::disable_job(&inner.pool, job).await
     };
     match ended {
         Ok(current) => scheduler::sync(inner, job.id, current, Utc::now()).await,

@@ -144,6 +144,12 @@ pub async fn insert_job(pool: &SqlitePool, spec: &JobSpec) -> Result<CronJob, sq
     row.try_into()
 }
 
+/// Disables `job`, its other fields as they are; `None` when it does not exist.
+pub async fn disable_job(pool: &SqlitePool, job: &CronJob) -> Result<Option<CronJob>, sqlx::Error> {
+    let spec = JobSpec { enabled: false, ..JobSpec::from(job) };
+    update_job(pool, job.id, &spec).await
+}
+
 /// Replaces the editable fields of a job; `None` when it does not exist.
 pub async fn update_job(
     pool: &SqlitePool,
