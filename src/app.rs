@@ -18,6 +18,7 @@ use crate::channels::nextcloud::Nextcloud;
 use crate::channels::whatsapp::WhatsApp;
 use crate::channels::{Channel, Channels};
 use crate::config::{Config, EngineSettings, RouterSettings, Secret, Settings};
+use crate::gateway::sign_in::SignInCodes;
 use crate::gateway::{self, AppState};
 use crate::llm::engine::{EngineHandle, LoadProgress};
 use crate::llm::hub::ModelSpec;
@@ -66,6 +67,9 @@ pub enum Command {
     DeviceCheck(crate::device_check::DeviceCheckArgs),
     /// Write a consistent copy of the database to FILE while the server runs.
     Backup(crate::backup::BackupArgs),
+    /// Print a link that signs a browser in to the running server once, within ten minutes
+    /// (the link never holds the token).
+    SignInLink,
     /// Download and list model files.
     #[command(subcommand)]
     Models(crate::models::ModelsCommand),
@@ -75,11 +79,17 @@ pub enum Command {
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     let settings = cli.config.validate()?;
     init_tracing(settings.log.as_deref());
-    // Every conversation and phone number lives under DATA_DIR: only our user may list or
-    // read it, whatever the umask, including a directory made by an older version.
-    crate::db::set_private_mode(&settings.data_dir, 0o700).with_context(|| {
-        format!("cannot make the data directory {} private", settings.data_dir.display())
-    })?;
+    let command = cli.command.unwrap_or(Command::Serve);
+    // Only the commands that write there create the data directory: a mistyped DATA_DIR
+    // given to `backup` or `sign-in-link` must not leave an empty one behind.
+    if matches!(command, Command::Serve | Command::Bench(_)) {
+        crate::config::ensure_writable_dir(&settings.data_dir)?;
+        // Every conversation and phone number lives under DATA_DIR: only our user may list
+        // or read it, whatever the umask, including a directory made by an older version.
+        crate::db::set_private_mode(&settings.data_dir, 0o700).with_context(|| {
+            format!("cannot make the data directory {} private", settings.data_dir.display())
+        })?;
+    }
     if let Some(threads) = settings.engine.threads {
         crate::llm::engine::kernels::set_default_threads(threads);
     }
@@ -92,7 +102,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     let on_gpu = settings.engine.device.is_gpu();
-    let result = match cli.command.unwrap_or(Command::Serve) {
+    let result = match command {
         Command::Serve => runtime.block_on(serve(settings)),
         Command::Chat(args) => runtime.block_on(crate::chat::run(args, &settings.engine)),
         Command::Bench(args) => {
@@ -105,6 +115,12 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             runtime.block_on(crate::bench_conversation::run(&args, &settings.engine))
         }
         Command::DeviceCheck(args) => crate::device_check::run(&args, &settings.engine.device),
+        Command::SignInLink => {
+            let (link, minutes) = runtime.block_on(crate::sign_in_link::run(&settings))?;
+            println!("{link}");
+            eprintln!("(it signs one browser in, once, within {minutes} minutes)");
+            Ok(())
+        }
         Command::Backup(args) => {
             let summary = runtime.block_on(crate::backup::run(&args, &settings.database_url))?;
             println!(
@@ -187,6 +203,17 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     let pool = crate::db::connect(&settings.database_url)
         .await
         .with_context(|| format!("cannot open the database {}", settings.database_url))?;
+    // Before anything serves, every draft is an answer the last process was writing when it
+    // stopped: it is stored as that answer, cut short.
+    let recovered = crate::db::drafts::recover(&pool, crate::db::drafts::INTERRUPTED_REASON)
+        .await
+        .context("cannot store the answers the last stop interrupted")?;
+    if recovered > 0 {
+        tracing::warn!(
+            answers = recovered,
+            "answers interrupted by the last stop stored as partial"
+        );
+    }
     let (token, token_source) = ensure_webchat_token(&settings)?;
     // Before anything starts: an unknown name in `TOOLS` is a configuration error. The
     // reminders tools get the scheduler once it runs (it needs the assistant, which needs
@@ -252,6 +279,7 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
             .context("cannot start the scheduler")?;
     scheduler.set(cron.clone());
     let live = gateway::live::LiveAnswers::default();
+    let sign_in = gateway::sign_in::SignInCodes::default();
     let state = AppState {
         pool: pool.clone(),
         assistant,
@@ -262,19 +290,20 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
         reply_max_tokens: settings.engine.reply_max_tokens,
         channels,
         live: live.clone(),
+        sign_in: sign_in.clone(),
     };
     let listener = tokio::net::TcpListener::bind(settings.bind)
         .await
         .with_context(|| format!("cannot listen on {}", settings.bind))?;
     let addr = listener.local_addr().context("listener has no address")?;
-    announce(addr, &token, token_source, &settings.data_dir);
+    announce(addr, &sign_in, token_source, &settings.data_dir);
 
     let limits = gateway::listener::ConnectionLimits {
         header_timeout: settings.request_header_timeout,
         body_timeout: settings.request_body_timeout,
     };
     let app = gateway::cron::attach(gateway::router(state), cron.clone());
-    gateway::listener::serve(listener, app, limits, shutdown_signal()).await;
+    gateway::listener::serve(listener, app, limits, shutdown_signal(cron.clone())).await;
     // Answers whose page left were stopped by the same signal: they are stored first.
     live.wait_idle(SHUTDOWN_ANSWER_WAIT).await;
     cron.shutdown().await;
@@ -406,14 +435,11 @@ fn ensure_webchat_token(settings: &Settings) -> anyhow::Result<(Secret, TokenSou
         return Ok((token.clone(), TokenSource::Setting));
     }
     let path = settings.data_dir.join("webchat_token");
-    if let Ok(saved) = std::fs::read_to_string(&path) {
-        let saved = saved.trim();
-        if saved.len() >= 16 {
-            // A file copied in or left by an older version may be readable by others.
-            crate::db::set_private_mode(&path, 0o600)
-                .with_context(|| format!("cannot make {} private", path.display()))?;
-            return Ok((Secret::new(saved), TokenSource::SavedFile));
-        }
+    if let Some(saved) = crate::sign_in_link::saved_token(&path) {
+        // A file copied in or left by an older version may be readable by others.
+        crate::db::set_private_mode(&path, 0o600)
+            .with_context(|| format!("cannot make {} private", path.display()))?;
+        return Ok((saved, TokenSource::SavedFile));
     }
     let mut bytes = [0u8; 32];
     rand::rng().fill_bytes(&mut bytes);
@@ -436,7 +462,7 @@ fn write_private_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     file.sync_all()
 }
 
-fn announce(addr: SocketAddr, token: &Secret, source: TokenSource, data_dir: &Path) {
+fn announce(addr: SocketAddr, sign_in: &SignInCodes, source: TokenSource, data_dir: &Path) {
     let host = if addr.ip().is_unspecified() {
         format!("127.0.0.1:{}", addr.port())
     } else {
@@ -446,6 +472,16 @@ fn announce(addr: SocketAddr, token: &Secret, source: TokenSource, data_dir: &Pa
     // The first line names the address really bound (`BIND=127.0.0.1:0` picks a free port):
     // scripts and the tests read it.
     println!("my-claw is ready at http://{host}/");
+    if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+        // For the person at the terminal: a link that signs in once, within ten minutes,
+        // and never holds the token (it stays in the browser's history). Under systemd or
+        // with output redirected no link is printed: stdout ends in a journal or a log file.
+        println!(
+            "Open this link to sign in (it works once, for {} minutes): {}",
+            crate::gateway::sign_in::CODE_LIFETIME.as_secs() / 60,
+            sign_in_url(&host, sign_in.issue().expose())
+        );
+    }
     let token_file = data_dir.join("webchat_token");
     match source {
         // The file is neither read nor written then: naming it would send the user looking
@@ -454,27 +490,31 @@ fn announce(addr: SocketAddr, token: &Secret, source: TokenSource, data_dir: &Pa
         TokenSource::SavedFile => {
             println!("Sign in with the token saved in {}.", token_file.display())
         }
-        TokenSource::Generated if std::io::IsTerminal::is_terminal(&std::io::stdout()) => {
-            // Printed once, on the start that created the token, to the person at the
-            // terminal; never logged.
-            println!("Open this link (it signs you in): http://{host}/?token={}", token.expose());
-            println!("The token is saved in {}.", token_file.display());
-        }
-        TokenSource::Generated => {
-            // Under systemd or with output redirected, stdout ends in a journal or a log
-            // file, which must never hold the token: name the file instead.
-            println!(
-                "A WebChat token was generated and saved in {} (mode 600); open \
-                 http://{host}/ and sign in with it.",
-                token_file.display()
-            );
-        }
+        TokenSource::Generated => println!(
+            "A WebChat token was generated and saved in {} (mode 600): sign in with it, or \
+             get a one-time link with `my-claw sign-in-link`.",
+            token_file.display()
+        ),
     }
 }
 
-async fn shutdown_signal() {
+/// The page's address with a one-time sign-in code (see `gateway::sign_in`).
+pub fn sign_in_url(host: &str, code: &str) -> String {
+    format!("http://{host}/?code={code}")
+}
+
+async fn shutdown_signal(cron: crate::cron::CronHandle) {
     crate::gateway::events::shutdown_requested().await;
-    tracing::info!("shutting down: finishing in-flight requests");
+    // A job's answer would hold the graceful shutdown as long as it takes.
+    cron.halt();
+    tracing::info!("shutting down: finishing in-flight requests (a second signal exits at once)");
+    // The graceful shutdown stops answers and waits for the rest within bounds; a person
+    // who presses Ctrl-C again wants out now. What SQLite committed stays (as after a kill).
+    tokio::spawn(async {
+        crate::gateway::events::shutdown_requested().await;
+        tracing::warn!("second signal: exiting without waiting for in-flight requests");
+        std::process::exit(130);
+    });
 }
 
 #[cfg(test)]

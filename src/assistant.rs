@@ -2,8 +2,10 @@
 //! a time per conversation, in arrival order), build the prompt (persona + the history
 //! window, which moves in steps so the model's KV state is reused), route it to a model,
 //! store the user message once the model accepted it (or, for the WebChat's regenerate and
-//! edit, change the end of the history then), stream the answer, store it with its privacy
-//! ledger, and prepare the next window's prefix in idle time. An answer is an agent
+//! edit, change the end of the history then), stream the answer (a WebChat answer's text so
+//! far is saved about once a second as a draft, off the token path, so a crash keeps it),
+//! store it with its privacy ledger (nothing when it was stopped before writing anything),
+//! and prepare the next window's prefix in idle time. An answer is an agent
 //! loop (issue 15): when the model calls tools, the calls run through the `ToolRegistry`
 //! and the model is asked again with their results, at most `AgentConfig::max_steps` rounds,
 //! all inside the one turn; the rounds are stored with the answer. It knows conversations,
@@ -15,9 +17,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sqlx::SqlitePool;
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use crate::correction::{claims_reminder, CORRECTION_NOTICE_KIND, REMINDER_CORRECTION};
+use crate::db::drafts::{self, Draft};
 use crate::db::memory::{self, MessageStatus, NewMessage};
 use crate::db::message_edits::{self, EditError};
 use crate::domain::{
@@ -83,8 +86,10 @@ pub enum Event {
     ToolCall { call: ToolCall },
     /// The result of a call, with the tool's name; the model is then asked again.
     ToolResult { name: String, result: ToolResult },
-    /// The answer is complete and stored.
-    Done { message_id: MessageId, usage: Usage, finish: FinishReason, total_ms: u64 },
+    /// The answer is complete and stored, or stopped (`finish` is `Cancelled`). A stop
+    /// before the answer wrote any text or ran any tool stores nothing (no empty message:
+    /// the question stays unanswered, to send again or regenerate): `message_id` is `None`.
+    Done { message_id: Option<MessageId>, usage: Usage, finish: FinishReason, total_ms: u64 },
     /// The turn failed; text produced before the failure is stored as `partial`.
     Error { message: String, partial_message_id: Option<MessageId> },
 }
@@ -178,6 +183,9 @@ const REMINDER_CREATE_TOOL: &str = "reminders_create";
 /// The notice kind a request gets while an earlier answer in its conversation runs.
 pub const BUSY_NOTICE_KIND: &str = "busy";
 const BUSY_NOTICE: &str = "waiting for the previous answer in this conversation";
+
+/// A collected reply's error when its answer was stopped before it wrote anything.
+pub const STOPPED_BEFORE_ANY_TEXT: &str = "the answer was stopped before it wrote anything";
 
 /// Events buffered between a running answer and a slow reader.
 const EVENT_BUFFER: usize = 64;
@@ -322,6 +330,14 @@ struct Accepted {
     trimmed: usize,
 }
 
+/// The conversation an answer is written in, and its turn, held until the answer is stored.
+struct Answering {
+    conversation_id: ConversationId,
+    /// Which answers are saved as drafts while written (see `launch`).
+    channel: ChannelKind,
+    guard: TurnGuard,
+}
+
 enum TurnStart {
     Started,
     /// A new conversation was created by someone else at the same moment and is busy.
@@ -434,7 +450,7 @@ impl Assistant {
 
     /// Answers an inbound message. Events arrive on the returned receiver; dropping it (the
     /// client left) or calling `stop` ends the generation in the engine, and whatever text
-    /// was produced is stored as `partial`.
+    /// was produced is stored as `partial` (nothing, when it had produced none).
     ///
     /// Nothing is stored and no conversation is created until the model has accepted the
     /// prompt: a refused request (`Err`) leaves no trace. When the conversation is answering
@@ -470,13 +486,15 @@ impl Assistant {
             return Err(RevisionError::Busy);
         };
         let pool = &self.inner.pool;
-        if memory::get_conversation(pool, conversation_id).await.map_err(Error::from)?.is_none() {
+        let Some(conversation) =
+            memory::get_conversation(pool, conversation_id).await.map_err(Error::from)?
+        else {
             return Err(Error::NotFound(format!(
                 "conversation {} does not exist",
                 conversation_id.0
             ))
             .into());
-        }
+        };
         // Read and checked under the turn, before the model is asked: a page that is behind
         // gets its 409 without waiting for a prompt it would throw away.
         let exchange = message_edits::last_exchange(pool, conversation_id).await?;
@@ -534,7 +552,8 @@ impl Assistant {
             }
         }
         let (tx, rx) = mpsc::channel(EVENT_BUFFER);
-        self.launch(accepted, conversation_id, guard, Some(answered), received, &tx).await;
+        let answering = Answering { conversation_id, channel: conversation.channel, guard };
+        self.launch(accepted, answering, Some(answered), received, &tx).await;
         Ok(rx)
     }
 
@@ -805,17 +824,19 @@ impl Assistant {
         let inner = &self.inner;
         let pool = &inner.pool;
         let tier = tier.unwrap_or_else(|| inner.router.default_tier());
-        let existing = match &target {
+        let (existing, channel) = match &target {
             Target::Existing(id) => {
                 // It may have been deleted, or be being deleted, while this request waited
                 // for its turn.
                 let closing = lock(&inner.closing).contains(id);
-                if closing || memory::get_conversation(pool, *id).await?.is_none() {
-                    return Err(Error::NotFound(format!("conversation {} was deleted", id.0)));
-                }
-                Some(*id)
+                let conversation = match memory::get_conversation(pool, *id).await? {
+                    Some(conversation) if !closing => conversation,
+                    _ => return Err(Error::NotFound(format!("conversation {} was deleted", id.0))),
+                };
+                (Some(*id), conversation.channel)
             }
-            _ => None,
+            Target::NewWebChat { .. } => (None, ChannelKind::WebChat),
+            Target::NewChannel { channel, .. } => (None, *channel),
         };
         let n_stored = match existing {
             Some(id) => memory::message_count(pool, id).await? as usize,
@@ -853,7 +874,8 @@ impl Assistant {
             });
             user_message_id = Some(user_id);
         }
-        self.launch(accepted, conversation_id, guard, user_message_id, received, tx).await;
+        let answering = Answering { conversation_id, channel, guard };
+        self.launch(accepted, answering, user_message_id, received, tx).await;
         Ok(TurnStart::Started)
     }
 
@@ -913,18 +935,18 @@ impl Assistant {
         Ok(Accepted { routed, tier, system, window, params, n_messages, start, floor, trimmed })
     }
 
-    /// Starts the answer to an accepted prompt in a conversation whose turn `guard` holds:
-    /// `Meta` (naming `user_message_id`, the stored user message it answers), the notices,
-    /// then the streaming answer in its own task.
+    /// Starts the answer to an accepted prompt in a conversation whose turn `answering`
+    /// holds: `Meta` (naming `user_message_id`, the stored user message it answers), the
+    /// notices, then the streaming answer in its own task.
     async fn launch(
         &self,
         accepted: Accepted,
-        conversation_id: ConversationId,
-        guard: TurnGuard,
+        answering: Answering,
         user_message_id: Option<MessageId>,
         received: Instant,
         tx: &mpsc::Sender<Event>,
     ) {
+        let Answering { conversation_id, channel, guard } = answering;
         let inner = &self.inner;
         let Accepted { routed, tier, system, window, params, n_messages, start, floor, trimmed } =
             accepted;
@@ -975,7 +997,7 @@ impl Assistant {
                 .collect(),
             params: params.clone(),
         });
-        let run = Generation {
+        let mut run = Generation {
             assistant: self.clone(),
             conversation_id,
             turn,
@@ -992,7 +1014,16 @@ impl Assistant {
             floor: start,
             received,
             ended: ended_tx,
+            drafts: None,
         };
+        // Only a WebChat answer is saved as it is written. A channel's message that a stop
+        // interrupts is answered again by the inbound queue after the restart (it finds its
+        // stored question and answers it): a recovered draft there would be taken for its
+        // answer and sent cut short, or sit beside the new one.
+        if channel == ChannelKind::WebChat {
+            let first = run.draft(Vec::new());
+            run.drafts = Some(DraftSaver::start(inner.pool.clone(), first));
+        }
         tokio::spawn(run.drive(routed.stream, tx.clone(), stop_rx));
     }
 
@@ -1197,7 +1228,11 @@ async fn collect(conversation_id: ConversationId, mut rx: mpsc::Receiver<Event>)
                 }
                 reply.notices.push((kind, message));
             }
-            Event::Done { message_id, .. } => reply.message_id = Some(message_id),
+            Event::Done { message_id: Some(message_id), .. } => reply.message_id = Some(message_id),
+            // Stopped before it wrote anything: there is no answer to send.
+            Event::Done { message_id: None, .. } => {
+                reply.error = Some(STOPPED_BEFORE_ANY_TEXT.into());
+            }
             Event::Error { message, partial_message_id } => {
                 reply.error = Some(message);
                 reply.message_id = partial_message_id;
@@ -1231,6 +1266,95 @@ struct Generation {
     received: Instant,
     /// Dropped once the answer is stored and the turn released (see `Running::ended`).
     ended: oneshot::Sender<()>,
+    /// Saves the answer's text as it is written (WebChat answers only; see `launch`).
+    drafts: Option<DraftSaver>,
+}
+
+/// How often the text of an answer being written is saved at most: a process killed
+/// mid-answer loses about this much of it.
+const DRAFT_EVERY: Duration = Duration::from_secs(1);
+
+/// Saves an answer's text so far while it streams (`db::drafts`), off the token path: a
+/// token only arms a timer (when it is not armed yet); when it fires, `DRAFT_EVERY` after
+/// the last save, the text is handed to a task of its own that writes the newest snapshot
+/// it has. One copy of the text a second, and a slow disk makes the writer skip snapshots,
+/// never delays a token; text written just before the model pauses is saved all the same.
+struct DraftSaver {
+    latest: watch::Sender<Option<Draft>>,
+    writer: tokio::task::JoinHandle<()>,
+    /// What each snapshot holds besides the text: the ledger and the rounds so far.
+    template: Draft,
+    saved_at: tokio::time::Instant,
+    /// Fires `DRAFT_EVERY` after the last save; armed once text came after it.
+    flush: std::pin::Pin<Box<tokio::time::Sleep>>,
+    armed: bool,
+}
+
+impl DraftSaver {
+    /// Starts the writer with `first` (the answer before its first text: a process that
+    /// stops before any leaves the question marked unanswered rather than silent).
+    fn start(pool: SqlitePool, first: Draft) -> DraftSaver {
+        let (latest, snapshots) = watch::channel(Some(first.clone()));
+        let writer = tokio::spawn(write_drafts(pool, snapshots));
+        let saved_at = tokio::time::Instant::now();
+        DraftSaver {
+            latest,
+            writer,
+            template: first,
+            saved_at,
+            flush: Box::pin(tokio::time::sleep_until(saved_at + DRAFT_EVERY)),
+            armed: false,
+        }
+    }
+
+    /// The answer's text grew: it is saved when the flush fires.
+    fn text_grew(&mut self) {
+        if !self.armed {
+            self.flush.as_mut().reset(self.saved_at + DRAFT_EVERY);
+            self.armed = true;
+        }
+    }
+
+    /// Hands `text` (and the template) to the writer now.
+    fn save(&mut self, text: &str) {
+        self.saved_at = tokio::time::Instant::now();
+        self.armed = false;
+        let draft = Draft { content: text.to_string(), ..self.template.clone() };
+        self.latest.send_replace(Some(draft));
+    }
+
+    /// Stops saving, and returns once no write is under way: the finished answer is stored
+    /// (and the draft removed) only after the last write, which could otherwise save the
+    /// draft again after it.
+    async fn finish(self) {
+        self.latest.send_replace(None);
+        if let Err(e) = self.writer.await {
+            tracing::error!(error = %e, "the draft writer ended abnormally");
+        }
+    }
+}
+
+/// Resolves when `drafts` has text to save and its flush is due; never without a saver.
+async fn draft_due(drafts: Option<&mut DraftSaver>) {
+    match drafts {
+        Some(drafts) if drafts.armed => drafts.flush.as_mut().await,
+        _ => std::future::pending().await,
+    }
+}
+
+/// The task of a `DraftSaver`: writes the newest snapshot until it is told to stop (`None`).
+async fn write_drafts(pool: SqlitePool, mut snapshots: watch::Receiver<Option<Draft>>) {
+    loop {
+        let Some(draft) = snapshots.borrow_and_update().clone() else { return };
+        if let Err(e) = drafts::save(&pool, &draft).await {
+            // The answer goes on; only its crash insurance is late (or the conversation was
+            // deleted under it, which stops the answer anyway).
+            tracing::warn!(conversation = draft.conversation_id.0, error = %e, "saving the answer being written failed");
+        }
+        if snapshots.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 /// How one model call of an answer ended.
@@ -1290,7 +1414,8 @@ impl Generation {
         // Whether the request being answered offered tools (the last one never does).
         let mut offering = !self.assistant.inner.agent.tools.is_empty();
         let (text, outcome): (String, std::result::Result<(Usage, FinishReason), String>) = loop {
-            let step = read_step(&mut stream, &tx, &mut stop, &mut stop_open).await;
+            let step =
+                read_step(&mut stream, &tx, &mut stop, &mut stop_open, self.drafts.as_mut()).await;
             // Dropping the stream here (before running tools or storing) releases the engine.
             drop(stream);
             first_text = first_text.or(step.first_text);
@@ -1333,6 +1458,11 @@ impl Generation {
             if cancelled {
                 break (String::new(), Ok((Usage::default(), FinishReason::Cancelled)));
             }
+            // The round is part of the answer now: saved at once, with no text after it yet.
+            self.update_draft(&rounds);
+            if let Some(drafts) = self.drafts.as_mut() {
+                drafts.save("");
+            }
             let choice = if rounds.len() >= self.assistant.inner.agent.max_steps {
                 ToolChoice::None
             } else {
@@ -1340,7 +1470,11 @@ impl Generation {
             };
             offering = choice != ToolChoice::None;
             match self.next_stream(&rounds, choice, &tx, &mut stop, &mut stop_open).await {
-                Ok(next) => stream = next,
+                Ok(next) => {
+                    stream = next;
+                    // The router may have fallen back to another model for this call.
+                    self.update_draft(&rounds);
+                }
                 Err(StepEnd::Failed(e)) => break (String::new(), Err(e)),
                 Err(_) => break (String::new(), Ok((Usage::default(), FinishReason::Cancelled))),
             }
@@ -1359,6 +1493,23 @@ impl Generation {
             ..total.clone()
         };
 
+        // No snapshot may be written after the answer is stored (it would come back after the
+        // next restart as a second answer): the saver ends here, before the store.
+        let had_draft = match self.drafts.take() {
+            Some(drafts) => {
+                drafts.finish().await;
+                true
+            }
+            None => false,
+        };
+        // Stopped before it wrote a word or ran a tool (waiting in the engine's queue, behind
+        // a model load, in its prefill): nothing to keep, and an empty message would be an
+        // empty bubble and an empty turn in every later prompt. The question stays as the
+        // last message, unanswered, as after a failed send: the page can send it again or
+        // regenerate.
+        let nothing_written = matches!(outcome, Ok((_, FinishReason::Cancelled)))
+            && text.trim().is_empty()
+            && rounds.is_empty();
         let (status, mut usage, finish, error) = match outcome {
             Ok((_, FinishReason::Cancelled)) => {
                 (MessageStatus::Partial, cut_short, FinishReason::Cancelled, None)
@@ -1377,7 +1528,7 @@ impl Generation {
             .or(first_call_end)
             .map_or(0, |at| at.duration_since(self.received).as_millis() as u64);
         let mut content = if status == MessageStatus::Error {
-            format!("(no answer: {})", error.as_deref().unwrap_or("unknown error"))
+            memory::no_answer_text(error.as_deref().unwrap_or("unknown error"))
         } else {
             text
         };
@@ -1414,9 +1565,20 @@ impl Generation {
             left_machine: self.leaves_machine,
         };
         let inner = &self.assistant.inner;
-        let stored = memory::add_answer(&inner.pool, &message, &rounds, error.as_deref()).await;
+        let stored = if nothing_written {
+            if had_draft {
+                if let Err(e) = drafts::discard(&inner.pool, self.conversation_id).await {
+                    // Left, it would become an answer that says the server stopped.
+                    tracing::error!(conversation = self.conversation_id.0, error = %e, "removing the stopped answer's draft failed");
+                }
+            }
+            Ok(None)
+        } else {
+            memory::add_answer(&inner.pool, &message, &rounds, error.as_deref()).await.map(Some)
+        };
         let message_id = match stored {
-            Ok(id) => {
+            Ok(None) => None,
+            Ok(Some(id)) => {
                 let _ = inner.events.send(ConversationEvent {
                     conversation_id: self.conversation_id,
                     change: Change::Stored { message_id: id, role: Role::Assistant },
@@ -1434,19 +1596,19 @@ impl Generation {
         drop(self.guard);
         drop(self.ended);
         let event = match (error, message_id) {
-            (None, Some(message_id)) => Event::Done {
+            (Some(message), partial_message_id) => Event::Error {
+                message,
+                partial_message_id: partial_message_id.filter(|_| status == MessageStatus::Partial),
+            },
+            (None, None) if !nothing_written => Event::Error {
+                message: "the answer could not be stored".into(),
+                partial_message_id: None,
+            },
+            (None, message_id) => Event::Done {
                 message_id,
                 usage,
                 finish,
                 total_ms: self.received.elapsed().as_millis() as u64,
-            },
-            (None, None) => Event::Error {
-                message: "the answer could not be stored".into(),
-                partial_message_id: None,
-            },
-            (Some(message), partial_message_id) => Event::Error {
-                message,
-                partial_message_id: partial_message_id.filter(|_| status == MessageStatus::Partial),
             },
         };
         let _ = tx.send(event).await;
@@ -1474,6 +1636,33 @@ impl Generation {
             if let Err(err) = warming.await {
                 tracing::debug!(conversation = self.conversation_id.0, error = %err, "warming the next window failed");
             }
+        }
+    }
+
+    /// The answer so far as a draft with no text: its rounds and its ledger as it stands.
+    fn draft(&self, tool_rounds: Vec<ToolRound>) -> Draft {
+        Draft {
+            conversation_id: self.conversation_id,
+            content: String::new(),
+            tool_rounds,
+            tier: Some(self.tier.as_str().to_string()),
+            provider: Some(self.provider.clone()),
+            model: Some(self.model.clone()),
+            host: self.host.clone(),
+            left_machine: self.leaves_machine,
+            started_at: crate::db::now_ms(),
+        }
+    }
+
+    /// What the next draft snapshots hold besides the text: `rounds` and the ledger now (a
+    /// fallback may have changed who answers).
+    fn update_draft(&mut self, rounds: &[ToolRound]) {
+        let Some(started_at) = self.drafts.as_ref().map(|d| d.template.started_at) else {
+            return;
+        };
+        let template = Draft { started_at, ..self.draft(rounds.to_vec()) };
+        if let Some(drafts) = self.drafts.as_mut() {
+            drafts.template = template;
         }
     }
 
@@ -1592,13 +1781,14 @@ impl Generation {
     }
 }
 
-/// Reads one model call to its end: text goes to the caller as it comes, tool calls are
-/// collected for the round.
+/// Reads one model call to its end: text goes to the caller as it comes (and to `drafts`,
+/// which saves it at most every `DRAFT_EVERY`), tool calls are collected for the round.
 async fn read_step(
     stream: &mut ChunkStream,
     tx: &mpsc::Sender<Event>,
     stop: &mut oneshot::Receiver<()>,
     stop_open: &mut bool,
+    mut drafts: Option<&mut DraftSaver>,
 ) -> Step {
     let mut step = Step {
         text: String::new(),
@@ -1612,6 +1802,12 @@ async fn read_step(
         let next = tokio::select! {
             chunk = stream.recv() => chunk,
             _ = stop_pressed(stop, stop_open) => break StepEnd::Cancelled,
+            () = draft_due(drafts.as_deref_mut()) => {
+                if let Some(drafts) = drafts.as_deref_mut() {
+                    drafts.save(&step.text);
+                }
+                continue;
+            }
         };
         match next {
             Some(Ok(Chunk::Text(t))) => {
@@ -1621,6 +1817,9 @@ async fn read_step(
                 if tx.send(Event::Token(t)).await.is_err() {
                     // The client left: dropping the stream stops the engine.
                     break StepEnd::Cancelled;
+                }
+                if let Some(drafts) = drafts.as_deref_mut() {
+                    drafts.text_grew();
                 }
             }
             Some(Ok(Chunk::Notice { kind, message })) => {

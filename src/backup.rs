@@ -1,7 +1,9 @@
 //! `my-claw backup FILE`: a consistent copy of the database while the server keeps running
 //! (`VACUUM INTO` reads one snapshot), written into a new file that only its owner can read,
-//! then checked (`PRAGMA integrity_check`) before it is reported. It never overwrites a file
-//! and never changes the database it copies; restoring is a documented manual step.
+//! then checked (`PRAGMA integrity_check`) before it is reported. The copy is written as
+//! `FILE.part` and given its name only once checked, so a backup interrupted by a signal or a
+//! crash never leaves a broken file under the name a restore would use. It never overwrites
+//! a file and never changes the database it copies; restoring is a documented manual step.
 
 use std::fs::OpenOptions;
 use std::io;
@@ -34,6 +36,12 @@ pub enum BackupError {
     Copy(sqlx::Error),
     #[error("the copy in {path} failed its check: {detail}")]
     Check { path: PathBuf, detail: String },
+    #[error(
+        "{0} exists: a backup to that name was interrupted; delete it and run the backup again"
+    )]
+    Interrupted(PathBuf),
+    #[error("cannot name the checked copy {path}: {reason}")]
+    Rename { path: PathBuf, reason: io::Error },
 }
 
 /// Writes the backup and returns what the copy holds.
@@ -48,22 +56,33 @@ pub async fn run(args: &BackupArgs, database_url: &str) -> Result<BackupSummary,
     if !database.exists() {
         return Err(BackupError::NoDatabase(database));
     }
+    let part = part_file(target);
     // Created empty with mode 600 before any data goes in, so there is no moment where the
     // copy is readable by others whatever the umask. `VACUUM INTO` accepts an empty file.
-    OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(target)
-        .map_err(|reason| BackupError::Create { path: target.clone(), reason })?;
-    match copy_and_check(target, database_url).await {
-        Ok(summary) => Ok(summary),
-        Err(e) => {
-            // A half-written copy must not be mistaken for a backup.
-            let _ = std::fs::remove_file(target);
-            Err(e)
+    OpenOptions::new().write(true).create_new(true).mode(0o600).open(&part).map_err(|reason| {
+        if reason.kind() == io::ErrorKind::AlreadyExists {
+            BackupError::Interrupted(part.clone())
+        } else {
+            BackupError::Create { path: target.clone(), reason }
         }
-    }
+    })?;
+    let done = match copy_and_check(&part, database_url).await {
+        // A hard link names the checked copy without replacing a file made meanwhile.
+        Ok(summary) => std::fs::hard_link(&part, target)
+            .map(|()| summary)
+            .map_err(|reason| BackupError::Rename { path: target.clone(), reason }),
+        Err(e) => Err(e),
+    };
+    // A half-written copy must not be mistaken for a backup; a named one needs no second name.
+    let _ = std::fs::remove_file(&part);
+    done
+}
+
+/// `FILE.part`: where the copy is written until it has been checked.
+fn part_file(target: &Path) -> PathBuf {
+    let mut name = target.as_os_str().to_os_string();
+    name.push(".part");
+    PathBuf::from(name)
 }
 
 async fn copy_and_check(target: &Path, database_url: &str) -> Result<BackupSummary, BackupError> {
@@ -131,5 +150,31 @@ mod tests {
             format!("{:#}", anyhow::Error::new(run(&into_missing_dir, &url).await.unwrap_err()));
         assert_eq!(line.matches("No such file or directory").count(), 1, "{line}");
         assert!(line.starts_with("cannot create "), "{line}");
+    }
+
+    /// The copy is written under `FILE.part` and named `FILE` only once checked: a backup
+    /// killed midway (its `.part` left behind, as here) never leaves a broken file under the
+    /// name a restore would use, and the next run says what to do.
+    #[tokio::test]
+    async fn an_interrupted_backup_leaves_nothing_under_the_final_name() {
+        let (dir, pool) = crate::db::fresh_test_db().await;
+        let conv = memory::create_webchat_conversation(&pool, Some("t")).await.unwrap().id;
+        memory::add_message(&pool, &NewMessage::plain(conv, Role::User, "kept")).await.unwrap();
+        let url = format!("sqlite://{}", dir.path().join("t.db").display());
+        let args = BackupArgs { file: dir.path().join("copy.db") };
+        run(&args, &url).await.expect("backup");
+        assert!(!part_file(&args.file).exists(), "the .part is gone once named");
+
+        // A run killed while copying: its half-written .part is all that is left.
+        let killed = BackupArgs { file: dir.path().join("killed.db") };
+        std::fs::write(part_file(&killed.file), b"SQLite format 3\0 half").unwrap();
+        let refused = run(&killed, &url).await;
+        assert!(
+            matches!(&refused, Err(BackupError::Interrupted(p)) if p.ends_with("killed.db.part"))
+        );
+        assert!(refused.unwrap_err().to_string().contains("delete it and run the backup again"));
+        assert!(!killed.file.exists(), "nothing under the final name");
+        std::fs::remove_file(part_file(&killed.file)).unwrap();
+        assert_eq!(run(&killed, &url).await.expect("backup after cleaning up").messages, 1);
     }
 }

@@ -316,6 +316,12 @@ pub struct Config {
     #[arg(long, env = "CRON_TIMEZONE", global = true)]
     pub cron_timezone: Option<String>,
 
+    /// How late a one-shot job (a reminder, a job for one date) may still run when its time
+    /// went by while my-claw was stopped (`30m`, `24h`; `0`: never late). Later ones are
+    /// disabled with the reason, shown in Schedules.
+    #[arg(long, env = "CRON_LATE_LIMIT", default_value = "24h", global = true)]
+    pub cron_late_limit: String,
+
     // --- Agent (issue 15) -----------------------------------------------------------------
     /// Tools the assistant may call: `all`, `none`, or a comma-separated list of tool names
     /// (`current_time,reminders_create`).
@@ -600,6 +606,8 @@ pub struct CronSettings {
     pub timezone: Option<String>,
     /// How a job's message is offered again to a channel that fails in a way that may heal.
     pub delivery: DeliveryPatience,
+    /// How late a missed one-shot may still run (`CRON_LATE_LIMIT`); zero: never late.
+    pub late_limit: Duration,
 }
 
 /// A job's message meets a channel outage (a 5xx, a rate limit, the network): after the
@@ -624,11 +632,11 @@ impl Default for DeliveryPatience {
 }
 
 impl Config {
-    /// Checks every setting once and turns the raw strings into typed settings.
-    /// Touches the file system only to make sure the data directory is writable.
+    /// Checks every setting once and turns the raw strings into typed settings. Touches
+    /// no file: the commands that write under the data directory make it ready themselves
+    /// (`ensure_writable_dir`), so `backup` or `sign-in-link` never create one.
     pub fn validate(self) -> Result<Settings, ConfigError> {
         let bind = parse_bind(&self.bind)?;
-        ensure_writable_dir(&self.data_dir)?;
         let database_url = match &self.database_url {
             Some(url) => {
                 validate_database_url(url)?;
@@ -735,6 +743,9 @@ impl Config {
         if self.reply_max_tokens == 0 {
             return Err(bad("REPLY_MAX_TOKENS=0: must be at least 1"));
         }
+        let late_limit = parse_duration(&self.cron_late_limit)
+            .map_err(|e| bad(format!("CRON_LATE_LIMIT={}: {e}", self.cron_late_limit)))?
+            .unwrap_or(Duration::ZERO);
         let keep_alive = parse_duration(&self.model_keep_alive)
             .map_err(|e| bad(format!("MODEL_KEEP_ALIVE={}: {e}", self.model_keep_alive)))?;
         for (name, value) in
@@ -836,6 +847,7 @@ impl Config {
                 secret: cron_secret,
                 timezone: self.cron_timezone.or(timezone.map(|tz| tz.name().to_string())),
                 delivery: DeliveryPatience::default(),
+                late_limit,
             },
             timezone,
             data_dir: self.data_dir,
@@ -1037,7 +1049,8 @@ pub fn parse_bind(value: &str) -> Result<SocketAddr, ConfigError> {
     }
 }
 
-fn ensure_writable_dir(dir: &Path) -> Result<(), ConfigError> {
+/// Creates the data directory when missing and checks that it is writable.
+pub fn ensure_writable_dir(dir: &Path) -> Result<(), ConfigError> {
     // Created private (700) from the start: it holds the database and the WebChat token.
     // `app.rs` narrows a directory that already existed.
     let mut builder = std::fs::DirBuilder::new();
@@ -1299,6 +1312,17 @@ mod tests {
             settings.cron.secret.as_ref().map(Secret::expose),
             Some("cron-secret-0123456789")
         );
+    }
+
+    #[test]
+    fn the_late_limit_of_missed_one_shots_is_a_duration() {
+        let limit =
+            |value: &str| validate_with(&[("CRON_LATE_LIMIT", value)]).map(|s| s.cron.late_limit);
+        assert_eq!(validate_with(&[]).unwrap().cron.late_limit, Duration::from_secs(24 * 3600));
+        assert_eq!(limit("90m").unwrap(), Duration::from_secs(5400));
+        assert_eq!(limit("0").unwrap(), Duration::ZERO, "0: never run late");
+        let err = limit("tomorrow").unwrap_err().to_string();
+        assert!(err.starts_with("CRON_LATE_LIMIT=tomorrow: "), "{err}");
     }
 
     #[test]

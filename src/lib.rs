@@ -40,5 +40,7 @@ pub mod llm;
 pub mod models;
 /// Backoff with a cap and server-given delays, for every retried call.
 pub mod retry;
+/// `my-claw sign-in-link`: a one-time sign-in link from the running server.
+pub mod sign_in_link;
 /// Tools the assistant can call during a turn, and their registry.
 pub mod tools;

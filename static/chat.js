@@ -74,6 +74,8 @@
     exportMd: $("export-md"),
     exportJson: $("export-json"),
     exportAll: $("export-all"),
+    importButton: $("import"),
+    importFile: $("import-file"),
     searchForm: $("search-form"),
     searchInput: $("search-input"),
     searchPanel: $("search-panel"),
@@ -83,6 +85,8 @@
 
   const state = {
     token: null,
+    /** Why a sign-in link did not sign in, said by the sign-in dialog. */
+    signInProblem: null,
     conversations: [],
     current: null, // the open conversation object, or null for a new chat
     // The answer the open view shows as it is written: { controller, conversationId, bubble,
@@ -136,6 +140,50 @@
       saveToken(token);
     } else {
       showBanner("The token in that link was refused; you are still signed in with yours.");
+    }
+  }
+
+  /**
+   * Takes `?code=` (a one-time sign-in link: `my-claw` prints one at start on a terminal,
+   * `my-claw sign-in-link` makes more) from the address bar, removes it, and exchanges it
+   * for the token. The link stays in the browser's history, but the code in it is spent. A
+   * code that was used or has expired leaves the page as it was, saying so.
+   */
+  async function adoptSignInCode() {
+    const url = new URL(window.location.href);
+    const raw = url.searchParams.get("code");
+    if (raw === null) return;
+    url.searchParams.delete("code");
+    window.history.replaceState(null, "", url.pathname + url.search + url.hash);
+    const code = raw.trim();
+    if (!code) return;
+    let problem = null;
+    try {
+      const response = await fetch("/api/sign-in", {
+        method: "POST",
+        headers: { "Content-Type": "application/json" },
+        body: JSON.stringify({ code }),
+        cache: "no-store",
+      });
+      if (response.ok) {
+        const body = await response.json();
+        if (typeof body.token === "string" && body.token) {
+          saveToken(body.token);
+          return;
+        }
+      }
+      problem =
+        response.status === 401
+          ? "That sign-in link was already used or has expired (a link works once, for 10 minutes)."
+          : "That sign-in link could not be used (the server answered " + response.status + ").";
+    } catch (_) {
+      problem = "That sign-in link could not be used: the server did not answer.";
+    }
+    loadToken();
+    if (state.token) {
+      showBanner(problem + " You are still signed in.");
+    } else {
+      state.signInProblem = problem + " Enter the WebChat token, or make a new link with `my-claw sign-in-link`.";
     }
   }
 
@@ -1564,6 +1612,38 @@
     document.documentElement.dataset.lastDownload = name;
   }
 
+  /**
+   * Sends the chosen file to `/api/import` as it is (the server tells the formats apart),
+   * then says what was added and opens the first conversation it added.
+   */
+  async function importChosenFile() {
+    const file = el.importFile.files && el.importFile.files[0];
+    // The same file can be chosen again (a second import adds nothing, and says so).
+    el.importFile.value = "";
+    if (!file) return;
+    el.importButton.disabled = true;
+    try {
+      const text = await file.text();
+      const summary = await api("/api/import", {
+        method: "POST",
+        headers: { "Content-Type": "application/json" },
+        body: text,
+      });
+      const plural = (n, word) => n + " " + word + (n === 1 ? "" : "s");
+      let said = "Imported " + plural(summary.imported, "conversation") + " (" + plural(summary.messages, "message") + ")";
+      if (summary.already_there) said += "; " + plural(summary.already_there, "conversation") + " already here";
+      if (summary.empty) said += "; " + summary.empty + " without messages skipped";
+      await loadConversations();
+      const first = summary.conversations && summary.conversations[0];
+      if (first) await openConversation(first.id);
+      showBanner(said + ".");
+    } catch (err) {
+      reportError(err);
+    } finally {
+      el.importButton.disabled = false;
+    }
+  }
+
   function exportCurrent(format) {
     const c = state.current;
     if (!c) return Promise.resolve();
@@ -2117,6 +2197,13 @@
           run.deleted = true;
           byServer = false;
         }
+        if (event.message_id == null) {
+          // Stopped before its first word: nothing was stored, so nothing stays on the page
+          // (the question stays, unanswered, as it is after a reload).
+          bubble.wrap.remove();
+          if (byServer) state.reloadOnReconnect = true;
+          continue;
+        }
         bubble.wrap.dataset.state = stopped ? "stopped" : "done";
         bubble.wrap.dataset.messageId = String(event.message_id);
         setMeta(bubble, {
@@ -2515,7 +2602,8 @@
 
   async function start() {
     if (!state.token) {
-      askToken();
+      askToken(state.signInProblem);
+      state.signInProblem = null;
       return;
     }
     try {
@@ -2621,6 +2709,8 @@
     el.exportMd.addEventListener("click", () => exportCurrent("md").catch(reportError));
     el.exportJson.addEventListener("click", () => exportCurrent("json").catch(reportError));
     el.exportAll.addEventListener("click", () => download("/api/export", "my-claw-export.json").catch(reportError));
+    el.importButton.addEventListener("click", () => el.importFile.click());
+    el.importFile.addEventListener("change", () => importChosenFile());
     el.searchInput.addEventListener("input", scheduleSearch);
     el.searchForm.addEventListener("submit", (e) => {
       e.preventDefault();
@@ -2706,7 +2796,9 @@
 
   bind();
   updateComposer();
-  adoptTokenFromUrl()
+  adoptSignInCode()
+    .catch(() => {})
+    .then(() => adoptTokenFromUrl())
     .catch(() => {})
     .then(() => {
       loadToken();

@@ -687,6 +687,56 @@ async fn webchat_in_headless_chromium_with_the_real_model() {
         json!(server.token)
     );
 
+    // 8b. A one-time sign-in link (`?code=`, what `my-claw` prints on a terminal and
+    //     `my-claw sign-in-link` makes) signs in while the address never holds the token;
+    //     opened again, it says it was used, and the address bar is clean either way.
+    let issued: Value = reqwest::Client::new()
+        .post(server.url("/api/sign-in/codes"))
+        .bearer_auth(&server.token)
+        .timeout(Duration::from_secs(30))
+        .send()
+        .await
+        .expect("POST /api/sign-in/codes")
+        .json()
+        .await
+        .expect("a code");
+    let link = server.url(&format!("/?code={}", issued["code"].as_str().expect("code")));
+    browser.js("localStorage.clear(); return true;").await;
+    browser.goto(&link).await;
+    browser
+        .wait_for(
+            "sign-in through the one-time link",
+            "return document.documentElement.dataset.ready === 'true' && \
+             document.getElementById('token-dialog').hidden;",
+            Duration::from_secs(20),
+        )
+        .await;
+    assert_eq!(browser.js("return location.search;").await, json!(""));
+    assert_eq!(
+        browser.js("return localStorage.getItem('my-claw.token');").await,
+        json!(server.token)
+    );
+    browser.js("localStorage.clear(); return true;").await;
+    browser.goto(&link).await;
+    browser
+        .wait_for(
+            "the sign-in dialog saying the link was used",
+            "return !document.getElementById('token-dialog').hidden && \
+             document.getElementById('token-reason').textContent.includes('already used');",
+            Duration::from_secs(20),
+        )
+        .await;
+    assert_eq!(browser.js("return location.search;").await, json!(""));
+    browser.goto(&server.url(&format!("/?token={}", server.token))).await;
+    browser
+        .wait_for(
+            "signed in again",
+            "return document.documentElement.dataset.ready === 'true' && \
+             document.getElementById('token-dialog').hidden;",
+            Duration::from_secs(20),
+        )
+        .await;
+
     // Model output is untrusted: the page's Markdown renderer keeps HTML and script URLs as
     // text while still formatting the safe subset.
     let rendered = browser
@@ -1281,6 +1331,61 @@ async fn webchat_renders_markdown_and_runs_message_actions_search_and_export() {
     };
     assert!(exported.starts_with("# Weekly plan\n"), "{exported}");
     assert!(exported.contains(edited[2]["content"].as_str().unwrap().trim_end()), "{exported}");
+
+    // 8b. Import: ChatGPT's conversations.json chosen in the file picker becomes a
+    //     conversation the page opens, saying what was added; the same file again adds
+    //     nothing and says so.
+    let chatgpt = json!([{
+        "id": "g-browser", "title": "Sourdough timing", "create_time": 1_700_000_000.0,
+        "current_node": "a",
+        "mapping": {
+            "u": {"parent": null, "message": {"author": {"role": "user"},
+                "content": {"content_type": "text", "parts": ["How long should sourdough proof?"]}}},
+            "a": {"parent": "u", "message": {"author": {"role": "assistant"},
+                "content": {"content_type": "text", "parts": ["Four to **twelve** hours."]}}}
+        }
+    }]);
+    let file = data.path().join("conversations.json");
+    std::fs::write(&file, chatgpt.to_string()).unwrap();
+    let choose_file = || async {
+        let document = browser.cdp("DOM.getDocument", json!({})).await;
+        let input = browser
+            .cdp(
+                "DOM.querySelector",
+                json!({"nodeId": document["root"]["nodeId"], "selector": "#import-file"}),
+            )
+            .await;
+        browser
+            .cdp(
+                "DOM.setFileInputFiles",
+                json!({"nodeId": input["nodeId"], "files": [file.display().to_string()]}),
+            )
+            .await;
+    };
+    choose_file().await;
+    let imported = browser
+        .wait_for(
+            "the imported conversation, open",
+            "const said = document.getElementById('banner-text').textContent; \
+             const title = document.getElementById('conversation-title').textContent; \
+             if (!said.startsWith('Imported') || title !== 'Sourdough timing') return null; \
+             return { said, answer: document.querySelector('#messages .msg.assistant .content strong')?.textContent };",
+            Duration::from_secs(20),
+        )
+        .await;
+    assert_eq!(imported["said"], "Imported 1 conversation (2 messages).", "{imported}");
+    assert_eq!(imported["answer"], "twelve", "rendered as Markdown: {imported}");
+    browser.js("document.getElementById('banner-text').textContent = ''; return true;").await;
+    choose_file().await;
+    let again = browser
+        .wait_for(
+            "the second import's summary",
+            "const said = document.getElementById('banner-text').textContent; \
+             return said.startsWith('Imported') ? said : null;",
+            Duration::from_secs(20),
+        )
+        .await;
+    assert_eq!(again, "Imported 0 conversations (0 messages); 1 conversation already here.");
 
     // 9. A phone: the title stays readable, secondary actions live in a menu, and nothing
     //    overflows at 400 px nor at 360 px.

@@ -19,11 +19,11 @@ use serde_json::{json, Value};
 use sqlx::SqlitePool;
 
 use my_claw::assistant::{AgentConfig, Assistant, AssistantConfig};
-use my_claw::channels::markup;
 use my_claw::channels::nextcloud::{self, Nextcloud};
 use my_claw::channels::queue::{self, QueueConfig, FAILURE_REPLY, UNSUPPORTED_REPLY};
 use my_claw::channels::whatsapp::{self, WhatsApp};
-use my_claw::channels::{Accepted, Channel, ChannelError, Channels, RetryPolicy};
+use my_claw::channels::{markup, split};
+use my_claw::channels::{Accepted, Channel, ChannelError, Channels, Progress, RetryPolicy};
 use my_claw::config::{NextcloudSettings, Secret, WhatsAppSettings};
 use my_claw::db::inbound::{self, QueueStatus};
 use my_claw::db::memory;
@@ -88,6 +88,8 @@ struct StandIn {
     /// Delay before answering the next message send, after recording it (holds the sender
     /// in the middle of a send); used once.
     send_delay: Arc<Mutex<Option<Duration>>>,
+    /// Message sends answered at once before `send_delay` holds one (0: the next is held).
+    sends_before_delay: Arc<AtomicUsize>,
 }
 
 impl StandIn {
@@ -101,6 +103,7 @@ impl StandIn {
             script: Arc::default(),
             read_delay: Arc::new(Mutex::new(Duration::ZERO)),
             send_delay: Arc::default(),
+            sends_before_delay: Arc::default(),
         };
         let state = stand_in.clone();
         let app = axum::Router::new().fallback(move |uri: Uri, headers: HeaderMap, body: Bytes| {
@@ -126,7 +129,19 @@ impl StandIn {
             requests.len()
         };
         if !is_read {
-            let hold = self.send_delay.lock().unwrap().take();
+            let hold = {
+                let mut delay = self.send_delay.lock().unwrap();
+                let let_through = delay.is_some()
+                    && self
+                        .sends_before_delay
+                        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                        .is_ok();
+                if let_through {
+                    None
+                } else {
+                    delay.take()
+                }
+            };
             if let Some(hold) = hold {
                 tokio::time::sleep(hold).await;
             }
@@ -436,7 +451,10 @@ async fn whatsapp_proactive_delivery_follows_the_24_hour_window() {
 
     // Never wrote: no template configured, so nothing is sent.
     assert!(!channels.whatsapp_window_open(USER_NUMBER).await.unwrap());
-    let err = channels.deliver(ChannelKind::WhatsApp, USER_NUMBER, "Reminder").await.unwrap_err();
+    let err = channels
+        .deliver(ChannelKind::WhatsApp, USER_NUMBER, "Reminder", Progress::unrecorded())
+        .await
+        .unwrap_err();
     assert!(matches!(err, ChannelError::OutsideWindow { .. }), "{err:?}");
     assert!(graph.all().is_empty());
 
@@ -446,7 +464,10 @@ async fn whatsapp_proactive_delivery_follows_the_24_hour_window() {
         http.clone(),
         pool.clone(),
     );
-    let receipt = templated.deliver(USER_NUMBER, "**Rappel** :\nacheter du pain").await.unwrap();
+    let receipt = templated
+        .deliver(USER_NUMBER, "**Rappel** :\nacheter du pain", Progress::unrecorded())
+        .await
+        .unwrap();
     assert!(receipt.via_template);
     let body = graph.all()[0].json();
     assert_eq!(body["type"], "template");
@@ -473,18 +494,21 @@ async fn whatsapp_proactive_delivery_follows_the_24_hour_window() {
     let accepted = channels.store(&pool, ChannelKind::WhatsApp, &intakes).await.unwrap();
     assert_eq!(accepted.queued, 1);
     assert!(channels.whatsapp_window_open(&format!("+{USER_NUMBER}")).await.unwrap());
-    let receipt = channels.deliver(ChannelKind::WhatsApp, USER_NUMBER, "Reminder").await.unwrap();
+    let receipt = channels
+        .deliver(ChannelKind::WhatsApp, USER_NUMBER, "Reminder", Progress::unrecorded())
+        .await
+        .unwrap();
     assert!(!receipt.via_template);
     assert_eq!(receipt.external_ids.len(), 1);
     assert_eq!(graph.all()[1].json()["text"]["body"], "Reminder");
 
     // WebChat has no outbound delivery; Talk is not configured here.
     assert!(matches!(
-        channels.deliver(ChannelKind::WebChat, "1", "x").await,
+        channels.deliver(ChannelKind::WebChat, "1", "x", Progress::unrecorded()).await,
         Err(ChannelError::NotDeliverable(_))
     ));
     assert!(matches!(
-        channels.deliver(ChannelKind::Nextcloud, ROOM, "x").await,
+        channels.deliver(ChannelKind::Nextcloud, ROOM, "x", Progress::unrecorded()).await,
         Err(ChannelError::NotConfigured(_))
     ));
 }
@@ -973,6 +997,7 @@ async fn in_process_with(
         reply_max_tokens: 32,
         channels: channels.clone(),
         live: Default::default(),
+        sign_in: Default::default(),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let base = format!("http://{}", listener.local_addr().expect("addr"));
@@ -1654,6 +1679,216 @@ async fn a_send_without_an_answer_is_never_sent_again() {
         .with_retry(fast_retry());
     let err = wa.send_text(USER_NUMBER, "hi").await.unwrap_err();
     assert!(matches!(err, ChannelError::Transport(_)) && err.is_retryable(), "{err:?}");
+}
+
+/// Three paragraphs of plain words, each about `chars` characters long and naming its
+/// number and `channel`: an answer its channel sends in three parts.
+fn long_answer(channel: &str, chars: usize) -> String {
+    let words = "Words in a sentence. ".repeat(chars / 21);
+    let paragraphs: Vec<String> =
+        (0..3).map(|i| format!("Part {i} of the {channel} answer. {}", words.trim_end())).collect();
+    paragraphs.join("\n\n")
+}
+
+/// A model that answers a question naming Talk with `long_answer("talk", 25_000)` and any
+/// other with `long_answer("whatsapp", 3_000)`: three parts on either channel.
+fn long_answer_model() -> Arc<crate::agent::ToolModel> {
+    crate::agent::ToolModel::new(|request, _| {
+        let question = request.messages.last().map(|m| m.content.as_str()).unwrap_or_default();
+        let text = if question.contains("talk") {
+            long_answer("talk", 25_000)
+        } else {
+            long_answer("whatsapp", 3_000)
+        };
+        (vec![text], vec![])
+    })
+}
+
+/// The parts WhatsApp and Talk cut `long_answer_model`'s answers into.
+fn long_answer_parts() -> (Vec<String>, Vec<String>) {
+    let whatsapp_text = markup::markdown_to_whatsapp(&long_answer("whatsapp", 3_000));
+    let whatsapp = split::split_message(&whatsapp_text, whatsapp::MAX_TEXT_CHARS);
+    let talk = split::split_message(&long_answer("talk", 25_000), nextcloud::MAX_MESSAGE_CHARS);
+    assert_eq!((whatsapp.len(), talk.len()), (3, 3), "the answers must take three parts");
+    (whatsapp, talk)
+}
+
+/// The Graph API's answer to an accepted message.
+fn graph_sent(wamid: &str) -> Value {
+    json!({"messaging_product": "whatsapp",
+           "contacts": [{"input": USER_NUMBER, "wa_id": USER_NUMBER}],
+           "messages": [{"id": wamid}]})
+}
+
+/// Talk's answer to an accepted bot message.
+fn talk_posted() -> Value {
+    json!({"ocs": {"meta": {"status": "ok", "statuscode": 201}, "data": null}})
+}
+
+/// The stored answer of the conversation `key` on `channel` (its second message).
+async fn stored_answer(
+    pool: &SqlitePool,
+    channel: ChannelKind,
+    key: &str,
+) -> memory::StoredMessage {
+    let conv = memory::find_conversation(pool, channel, key).await.unwrap().expect("conversation");
+    let history = memory::history(pool, conv.id, 10).await.unwrap();
+    assert_eq!(history.len(), 2, "{history:?}");
+    history[1].clone()
+}
+
+/// The recorded parts of the answer `id`: their ids, first part first, numbered from 0.
+async fn recorded_parts(pool: &SqlitePool, id: my_claw::domain::MessageId) -> Vec<String> {
+    let parts = memory::message_parts(pool, id).await.unwrap();
+    let indexes: Vec<i64> = parts.iter().map(|p| p.index).collect();
+    assert_eq!(indexes, (0..parts.len() as i64).collect::<Vec<_>>(), "{parts:?}");
+    parts.into_iter().map(|p| p.external_id).collect()
+}
+
+/// A long answer whose second part meets an outage (503 to all the client's quick tries) on
+/// WhatsApp and on Talk: the queue's next try of the message sends only the parts that did
+/// not go out, so the user gets each part once, in order; each part's id is recorded as it
+/// went, and the answer is `sent` once the last one is. Before, the next try sent the whole
+/// answer again, the first part a second time.
+#[tokio::test]
+async fn a_long_answer_is_resent_only_from_the_part_that_failed() {
+    let graph = StandIn::start(Kind::Graph).await;
+    let talk = StandIn::start(Kind::Talk).await;
+    let (whatsapp_parts, talk_parts) = long_answer_parts();
+    let outage = || (0..fast_retry().max_attempts).map(|_| (503, json!({})));
+    let mut graph_script = vec![(200, graph_sent("wamid.P0"))];
+    graph_script.extend(outage());
+    graph_script.extend([(200, graph_sent("wamid.P1")), (200, graph_sent("wamid.P2"))]);
+    graph.script(&graph_script);
+    let mut talk_script = vec![(201, talk_posted())];
+    talk_script.extend(outage());
+    talk.script(&talk_script);
+    let model = long_answer_model();
+    let engine: Arc<dyn Provider> = Arc::new(crate::agent::Scripted(model.clone()));
+    let app = in_process_with(
+        &graph,
+        Some(&talk),
+        engine,
+        &[USER_NUMBER],
+        AgentConfig::default(),
+        whatsapp::REQUEST_TIMEOUT,
+    )
+    .await;
+    let body = whatsapp_text("wamid.LONG503", USER_NUMBER, "A long whatsapp answer, please.");
+    assert_eq!(app.post_whatsapp(&body).await.status(), 200);
+    let question = talk_create("778", "users/ada-lovelace", "A long talk answer, please.");
+    assert_eq!(app.post_talk(&question).await.status(), 200);
+
+    let tries = fast_retry().max_attempts as usize;
+    for (channel, id, stand_in, parts) in [
+        (ChannelKind::WhatsApp, "wamid.LONG503", &graph, &whatsapp_parts),
+        (ChannelKind::Nextcloud, "778", &talk, &talk_parts),
+    ] {
+        let row = app.final_row_of(channel, id).await;
+        assert_eq!(row.status, QueueStatus::Done, "{row:?}");
+        assert!(row.retries >= 1, "answered without going back to the queue: {row:?}");
+        // Part 0 once, part 1 refused by every quick try and then accepted, part 2.
+        let mut expected = vec![parts[0].clone()];
+        expected.extend(std::iter::repeat_n(parts[1].clone(), tries + 1));
+        expected.push(parts[2].clone());
+        let field = if channel == ChannelKind::WhatsApp { "/text/body" } else { "/message" };
+        let sent: Vec<String> = stand_in
+            .messages()
+            .iter()
+            .map(|r| r.json().pointer(field).and_then(Value::as_str).unwrap().to_string())
+            .collect();
+        assert_eq!(sent.len(), expected.len(), "{channel}: {} sends", sent.len());
+        assert!(sent == expected, "{channel}: a part was sent again, or out of order");
+    }
+
+    // WhatsApp: each part carries the question's id, and each part's wamid is recorded.
+    let requests = graph.messages();
+    for r in &requests {
+        assert_eq!(r.json()["biz_opaque_callback_data"], "my-claw:answer-to:wamid.LONG503");
+    }
+    let answer = stored_answer(&app.pool, ChannelKind::WhatsApp, USER_NUMBER).await;
+    assert_eq!(answer.delivery_status.as_deref(), Some("sent"), "{answer:?}");
+    assert_eq!(answer.delivery_error, None, "the outage's error outlived the delivery");
+    assert_eq!(answer.external_id.as_deref(), Some("wamid.P0"));
+    assert_eq!(recorded_parts(&app.pool, answer.id).await, ["wamid.P0", "wamid.P1", "wamid.P2"]);
+    // Delivery reports reach the answer through any part.
+    let report = whatsapp_status("wamid.P2", "read", json!([]));
+    assert_eq!(app.post_whatsapp(&report).await.status(), 200);
+    let answer = memory::get_message(&app.pool, answer.id).await.unwrap().unwrap();
+    assert_eq!(answer.delivery_status.as_deref(), Some("read"));
+
+    // Talk: only the message's first part replies to the question, the resumed one does not;
+    // each part's reference id is recorded.
+    let requests = talk.messages();
+    requests.iter().for_each(assert_signed_talk_reply);
+    assert_eq!(requests[0].json()["replyTo"], 778);
+    assert!(requests[1..].iter().all(|r| r.json().get("replyTo").is_none()));
+    let answer = stored_answer(&app.pool, ChannelKind::Nextcloud, ROOM).await;
+    assert_eq!(answer.delivery_status.as_deref(), Some("sent"), "{answer:?}");
+    let accepted = [&requests[0], &requests[tries + 1], &requests[tries + 2]];
+    let references: Vec<String> =
+        accepted.iter().map(|r| r.json()["referenceId"].as_str().unwrap().to_string()).collect();
+    assert_eq!(recorded_parts(&app.pool, answer.id).await, references);
+    assert_eq!(model.requests().len(), 2, "an answer was generated again");
+}
+
+/// A long answer whose second part gets no answer within the client's timeout (it may have
+/// been delivered): neither that part nor the first is sent again, nor the third at all; the
+/// answer's delivery is `unknown`, and the first part's id is recorded, where its delivery
+/// reports find the answer. Before, the id of the part that went out was lost.
+#[tokio::test]
+async fn a_long_answer_whose_second_part_times_out_is_never_resent() {
+    let graph = StandIn::start(Kind::Graph).await;
+    let talk = StandIn::start(Kind::Talk).await;
+    let (whatsapp_parts, talk_parts) = long_answer_parts();
+    graph.script(&[(200, graph_sent("wamid.T0"))]);
+    for stand_in in [&graph, &talk] {
+        *stand_in.send_delay.lock().unwrap() = Some(Duration::from_secs(4));
+        stand_in.sends_before_delay.store(1, Ordering::SeqCst);
+    }
+    let model = long_answer_model();
+    let engine: Arc<dyn Provider> = Arc::new(crate::agent::Scripted(model.clone()));
+    let app = in_process_with(
+        &graph,
+        Some(&talk),
+        engine,
+        &[USER_NUMBER],
+        AgentConfig::default(),
+        Duration::from_secs(1),
+    )
+    .await;
+    let body = whatsapp_text("wamid.LONGSLOW", USER_NUMBER, "A long whatsapp answer, slowly.");
+    assert_eq!(app.post_whatsapp(&body).await.status(), 200);
+    let question = talk_create("779", "users/ada-lovelace", "A long talk answer, slowly.");
+    assert_eq!(app.post_talk(&question).await.status(), 200);
+
+    for (channel, id, key, stand_in, parts) in [
+        (ChannelKind::WhatsApp, "wamid.LONGSLOW", USER_NUMBER, &graph, &whatsapp_parts),
+        (ChannelKind::Nextcloud, "779", ROOM, &talk, &talk_parts),
+    ] {
+        let row = app.final_row_of(channel, id).await;
+        assert_eq!(row.status, QueueStatus::DeliveryUnknown, "{row:?}");
+        assert_eq!(row.retries, 0, "put back in the queue to be sent again: {row:?}");
+        let field = if channel == ChannelKind::WhatsApp { "/text/body" } else { "/message" };
+        let sent: Vec<String> = stand_in
+            .messages()
+            .iter()
+            .map(|r| r.json().pointer(field).and_then(Value::as_str).unwrap().to_string())
+            .collect();
+        assert!(sent == parts[..2], "{channel}: {} sends, not the first two parts", sent.len());
+        let answer = stored_answer(&app.pool, channel, key).await;
+        assert_eq!(answer.delivery_status.as_deref(), Some("unknown"), "{answer:?}");
+        assert!(answer.delivery_error.as_deref().unwrap().contains("no answer from"));
+        let first = stand_in.messages()[0].json();
+        let first_id = match channel {
+            ChannelKind::WhatsApp => "wamid.T0".to_string(),
+            _ => first["referenceId"].as_str().unwrap().to_string(),
+        };
+        assert_eq!(recorded_parts(&app.pool, answer.id).await, std::slice::from_ref(&first_id));
+        assert_eq!(answer.external_id.as_deref(), Some(first_id.as_str()));
+    }
+    assert_eq!(app.health_queue().await["delivery_unknown"], 2);
+    assert_eq!(model.requests().len(), 2, "an answer was generated again");
 }
 
 /// A message whose handling a stop interrupted three times (as `kill -9` during its

@@ -16,6 +16,7 @@ use tokio::sync::{mpsc, Semaphore};
 
 use my_claw::assistant::{Assistant, AssistantConfig, Event, WindowPolicy};
 use my_claw::config::Secret;
+use my_claw::db::drafts;
 use my_claw::domain::{ChannelKind, ChatTurn, ConversationId, Inbound, Role};
 use my_claw::gateway::{self, AppState};
 use my_claw::llm::router::{Router as ModelRouter, Tier};
@@ -49,6 +50,9 @@ struct ScriptedModel {
     refuse: Mutex<Option<LlmError>>,
     /// An error that ends the answer after its text, instead of its end.
     fail: Mutex<Option<LlmError>>,
+    /// Each answer waits for a permit of `gate` before its first word, after a `queued`
+    /// notice, as a request waits behind the engine's other sequences (or a model load).
+    hold_before_text: Mutex<bool>,
     calls: Mutex<Vec<Call>>,
 }
 
@@ -60,6 +64,7 @@ impl ScriptedModel {
             context_chars: Mutex::new(usize::MAX),
             refuse: Mutex::new(None),
             fail: Mutex::new(None),
+            hold_before_text: Mutex::new(false),
             calls: Mutex::new(Vec::new()),
         })
     }
@@ -116,7 +121,24 @@ impl Provider for Shared {
             model.calls.lock().unwrap().push(Call::Stream(request.messages.clone()));
             let answer = answer_for(&request.messages);
             let (tx, rx) = mpsc::channel(64);
+            let hold = *model.hold_before_text.lock().unwrap();
             tokio::spawn(async move {
+                if hold {
+                    let queued = Chunk::Notice {
+                        kind: "queued".into(),
+                        message: "waiting for the model: 1 answer ahead".into(),
+                    };
+                    if tx.send(Ok(queued)).await.is_err() {
+                        return;
+                    }
+                    tokio::select! {
+                        permit = model.gate.acquire() => match permit {
+                            Ok(permit) => permit.forget(),
+                            Err(_) => return,
+                        },
+                        _ = tx.closed() => return,
+                    }
+                }
                 let words: Vec<String> = answer
                     .split(' ')
                     .enumerate()
@@ -164,6 +186,7 @@ impl Provider for Shared {
 
 struct TestApp {
     base: String,
+    pool: sqlx::SqlitePool,
     model: Arc<ScriptedModel>,
     assistant: Arc<Assistant>,
     http: reqwest::Client,
@@ -182,7 +205,7 @@ async fn test_app(model: Arc<ScriptedModel>) -> TestApp {
         AssistantConfig { history_messages: 20, reply_max_tokens: 64 },
     ));
     let state = AppState {
-        pool,
+        pool: pool.clone(),
         assistant: assistant.clone(),
         webchat_token: Secret::new(TOKEN),
         started_at: Instant::now(),
@@ -191,6 +214,7 @@ async fn test_app(model: Arc<ScriptedModel>) -> TestApp {
         reply_max_tokens: 64,
         channels: my_claw::channels::Channels::default(),
         live: Default::default(),
+        sign_in: Default::default(),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
@@ -198,7 +222,7 @@ async fn test_app(model: Arc<ScriptedModel>) -> TestApp {
         let _ = axum::serve(listener, gateway::router(state)).await;
     });
     let http = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
-    TestApp { base: format!("http://{addr}"), model, assistant, http, _dir: dir }
+    TestApp { base: format!("http://{addr}"), pool, model, assistant, http, _dir: dir }
 }
 
 impl TestApp {
@@ -426,6 +450,57 @@ async fn the_stop_endpoint_stops_only_the_running_answer() {
     assert_eq!(partial["content"], "answer to tell me everything");
     assert_eq!(partial["completion_tokens"], 5, "{partial}");
     assert_eq!(partial["prompt_tokens"], Value::Null, "unknown, not zero: {partial}");
+}
+
+/// Stop pressed while the answer still waits for the model (behind the engine's other
+/// sequences, or a model load) stores nothing: before, it stored an empty `partial` answer,
+/// an empty bubble in the page and an empty turn in every later prompt. The stream still
+/// ends with `done` (`cancelled`, `message_id` null), the stop answers at once, and the
+/// question, last and unanswered, is answered by a regenerate like any other.
+#[tokio::test]
+async fn an_answer_stopped_before_its_first_word_stores_no_empty_message() {
+    let app = test_app(ScriptedModel::new(true)).await;
+    *app.model.hold_before_text.lock().unwrap() = true;
+    let mut page = app.stream(json!({"message": "are you there?"})).await;
+    let meta = page.next_json(EVENT_WAIT).await.expect("meta");
+    let id = meta["conversation_id"].as_i64().unwrap();
+    let queued = page.next_json(EVENT_WAIT).await.expect("the queued notice");
+    assert_eq!(queued["kind"], "queued", "{queued}");
+
+    let asked = Instant::now();
+    let stopped = app.post_json(&format!("/api/chat/{id}/stop")).await;
+    assert_eq!(stopped, json!({"stopped": true}));
+    assert!(asked.elapsed() < Duration::from_secs(5), "the stop took {:?}", asked.elapsed());
+    assert_eq!(app.assistant.turns_queued(ConversationId(id)), 0, "the turn is given back");
+    let events = rest(&mut page).await;
+    assert!(of_type(&events, "token").is_empty(), "{events:?}");
+    assert!(of_type(&events, "error").is_empty(), "{events:?}");
+    let done = of_type(&events, "done");
+    assert_eq!(done.len(), 1, "{events:?}");
+    assert_eq!(done[0]["finish"], "cancelled", "{events:?}");
+    assert_eq!(done[0]["message_id"], Value::Null, "nothing was stored: {events:?}");
+    assert_eq!(done[0]["usage"]["completion_tokens"], 0, "{events:?}");
+
+    let messages = app.messages(id).await;
+    assert_eq!(roles_and_status(&messages), [("user".to_string(), "complete".to_string())]);
+    assert_eq!(messages[0]["id"], meta["user_message_id"]);
+    assert_eq!(drafts::get(&app.pool, ConversationId(id)).await.unwrap(), None);
+
+    // The question is the last message: a regenerate that names it answers it, from a
+    // prompt with no empty turn in it.
+    *app.model.hold_before_text.lock().unwrap() = false;
+    app.model.release_one();
+    let body = json!({"message_id": meta["user_message_id"]});
+    let (status, reader) = app.action(id, "regenerate", body).await;
+    assert_eq!(status, 200, "{:?}", reader.err());
+    let events = rest(&mut reader.unwrap()).await;
+    assert_eq!(of_type(&events, "done")[0]["finish"], "stop", "{events:?}");
+    let messages = app.messages(id).await;
+    assert_eq!(texts_of(&messages), ["are you there?", "answer to are you there?"]);
+    let prompts = app.model.prompts();
+    let last = prompts.last().unwrap();
+    let turns: Vec<&str> = last[1..].iter().map(|t| t.content.as_str()).collect();
+    assert_eq!(turns, ["are you there?"]);
 }
 
 #[tokio::test]
@@ -953,6 +1028,169 @@ async fn after_a_restart_the_recent_conversations_are_prepared() {
     };
     assert_eq!(&prompt[..prompt.len() - 1], &prefix[..], "the next turn starts with the prefix");
     assert!(prefix.len() > 2, "{prefix:?}");
+}
+
+// --- Answers being written survive a crash -------------------------------------------------
+
+/// Waits (bounded) until the draft of conversation `id` holds `text`.
+async fn wait_draft(pool: &sqlx::SqlitePool, id: i64, text: &str) -> drafts::Draft {
+    let deadline = Instant::now() + EVENT_WAIT;
+    loop {
+        let draft = drafts::get(pool, ConversationId(id)).await.expect("read the draft");
+        match draft {
+            Some(draft) if draft.content == text => return draft,
+            other => assert!(Instant::now() < deadline, "the draft never held {text:?}: {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A WebChat answer's text is saved while it is written (also when the model then pauses),
+/// with its ledger, and the draft goes once the answer is stored. A WhatsApp answer gets no
+/// draft: after a restart the inbound queue answers its message again, and a recovered
+/// draft would be taken for that answer and sent cut short.
+#[tokio::test]
+async fn a_webchat_answer_is_saved_as_it_is_written_and_a_channel_answer_is_not() {
+    let app = test_app(ScriptedModel::new(true)).await;
+    let mut page = app.stream(json!({"message": "tell me a story"})).await;
+    let id = page.next_json(EVENT_WAIT).await.expect("meta")["conversation_id"].as_i64().unwrap();
+    let mut events = Vec::new();
+    while text_of(&events) != "answer to tell me a story" {
+        events.push(page.next_json(EVENT_WAIT).await.expect("a token"));
+    }
+    // Every word is written and the model holds its end: the text is saved within a second
+    // or so all the same.
+    let draft = wait_draft(&app.pool, id, "answer to tell me a story").await;
+    assert_eq!(
+        (draft.tier.as_deref(), draft.provider.as_deref(), draft.model.as_deref()),
+        (Some("main"), Some("local"), Some("scripted.gguf"))
+    );
+    assert_eq!((draft.host, draft.left_machine), (None, false));
+
+    let assistant = app.assistant.clone();
+    let whatsapp = tokio::spawn(async move {
+        let inbound = Inbound {
+            channel: ChannelKind::WhatsApp,
+            conversation_key: "33612345678".into(),
+            sender: "Ann".into(),
+            text: "hello from the phone".into(),
+            external_id: Some("wamid.DRAFT".into()),
+        };
+        assistant.reply(inbound, None).await
+    });
+    let conversation = loop {
+        let found =
+            my_claw::db::memory::find_conversation(&app.pool, ChannelKind::WhatsApp, "33612345678")
+                .await
+                .unwrap();
+        if let Some(conversation) = found {
+            break conversation;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    // Its words are written and it waits at the gate, longer than a draft would take.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(drafts::get(&app.pool, conversation.id).await.unwrap(), None);
+
+    app.model.release_one();
+    app.model.release_one();
+    let events = rest(&mut page).await;
+    assert_eq!(of_type(&events, "done")[0]["finish"], "stop", "{events:?}");
+    let reply = tokio::time::timeout(EVENT_WAIT, whatsapp).await.unwrap().unwrap().unwrap();
+    assert_eq!(reply.text, "answer to hello from the phone");
+    assert_eq!(drafts::get(&app.pool, ConversationId(id)).await.unwrap(), None, "stored: gone");
+    assert_eq!(texts_of(&app.messages(id).await)[1], "answer to tell me a story");
+}
+
+/// An answer being written survives `kill -9`: what was streamed (all of it but the last
+/// second at most) is there after the restart, as a partial answer that says why it ends
+/// there, with its ledger, and it can be regenerated. Before, the conversation ended with
+/// the question. The real binary, its model a stand-in on loopback that writes one number
+/// every 75 ms.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_being_written_survives_a_kill_9() {
+    let slow = util::slow_model().await;
+    let host = slow.split("http://").nth(1).unwrap().split('/').next().unwrap().to_string();
+    let data = tempfile::tempdir().expect("temp dir");
+    let options = || {
+        let mut envs = util::smollm2_env();
+        envs.push(("MODEL_FAST".into(), slow.clone()));
+        ServerOptions { envs, data_dir: Some(data.path().to_path_buf()) }
+    };
+    let mut server = tokio::task::block_in_place(|| Server::start(options()));
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
+    let response = http
+        .post(server.url("/api/chat"))
+        .bearer_auth(&server.token)
+        .json(&json!({"message": "Count to eighty.", "tier": "fast"}))
+        .send()
+        .await
+        .expect("POST /api/chat");
+    assert_eq!(response.status(), 200);
+    let mut page = SseReader::new(response);
+    let meta = page.next_json(EVENT_WAIT).await.expect("meta");
+    let id = meta["conversation_id"].as_i64().unwrap();
+    let mut text = String::new();
+    let read = |event: Value, text: &mut String| {
+        assert_eq!(event["type"], "token", "the answer ended before the kill: {event}");
+        text.push_str(event["text"].as_str().unwrap());
+    };
+    // Ten numbers in, then on for longer than a draft takes to be saved.
+    while text.lines().count() < 10 {
+        read(page.next_json(EVENT_WAIT).await.expect("a token"), &mut text);
+    }
+    let early = text.clone();
+    let until = Instant::now() + Duration::from_millis(2500);
+    while Instant::now() < until {
+        read(page.next_json(EVENT_WAIT).await.expect("a token"), &mut text);
+    }
+    server.kill_9();
+    drop(page);
+
+    let server = tokio::task::block_in_place(|| Server::start(options()));
+    let path = format!("/api/conversations/{id}/messages");
+    let response = http.get(server.url(&path)).bearer_auth(&server.token).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    let messages = response.json::<Value>().await.unwrap()["messages"].as_array().unwrap().clone();
+    assert_eq!(
+        roles_and_status(&messages)[..],
+        [
+            ("user".to_string(), "complete".to_string()),
+            ("assistant".to_string(), "partial".to_string()),
+        ],
+        "{messages:?}"
+    );
+    let answer = &messages[1];
+    let stored = answer["content"].as_str().unwrap();
+    let whole: String = (1..=util::SLOW_NUMBERS).map(|n| format!("{n}\n")).collect();
+    assert!(whole.starts_with(stored), "not the answer's start: {stored:?}");
+    assert!(stored.starts_with(&early), "lost more than the last second: {stored:?} / {early:?}");
+    assert!(
+        stored.starts_with(&text) || text.starts_with(stored),
+        "the streamed text {text:?} and the saved one {stored:?} differ"
+    );
+    assert_eq!(answer["error"], drafts::INTERRUPTED_REASON, "{answer}");
+    assert_eq!((&answer["tier"], &answer["provider"]), (&json!("fast"), &json!("openai")));
+    assert_eq!((&answer["host"], &answer["left_machine"]), (&json!(host), &json!(false)));
+
+    // An ordinary partial answer now: it is regenerated like one.
+    let response = http
+        .post(server.url(&format!("/api/conversations/{id}/regenerate")))
+        .bearer_auth(&server.token)
+        .json(&json!({"message_id": answer["id"]}))
+        .send()
+        .await
+        .expect("POST regenerate");
+    assert_eq!(response.status(), 200);
+    let mut again = SseReader::new(response);
+    assert_eq!(again.next_json(EVENT_WAIT).await.expect("meta")["type"], "meta");
+    let stop = http
+        .post(server.url(&format!("/api/chat/{id}/stop")))
+        .bearer_auth(&server.token)
+        .send()
+        .await
+        .expect("POST stop");
+    assert_eq!(stop.json::<Value>().await.unwrap(), json!({"stopped": true}));
 }
 
 // --- The real model ----------------------------------------------------------------------------

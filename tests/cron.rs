@@ -45,6 +45,8 @@ const PATIENCE: my_claw::config::DeliveryPatience = my_claw::config::DeliveryPat
     max_wait: Duration::from_millis(200),
     give_up_after: Duration::from_secs(3),
 };
+/// How late a missed one-shot may still run (the production default).
+const LATE_LIMIT: Duration = Duration::from_secs(24 * 3600);
 pub(crate) const USER_NUMBER: &str = "16505551234";
 pub(crate) const QUIET_NUMBER: &str = "33612345678";
 const EVERY_2S: &str = "*/2 * * * * *";
@@ -234,6 +236,7 @@ impl App {
             secret: options.secret.map(Secret::new),
             timezone: Some("UTC".into()),
             delivery: PATIENCE,
+            late_limit: LATE_LIMIT,
         };
         let cron =
             my_claw::cron::start(pool.clone(), assistant.clone(), channels.clone(), &settings)
@@ -250,6 +253,7 @@ impl App {
             reply_max_tokens: 64,
             channels,
             live: Default::default(),
+            sign_in: Default::default(),
         };
         let app = gateway::cron::attach(gateway::router(state), cron.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -347,8 +351,12 @@ impl App {
     /// A new scheduler over the same database (UTC, no channels), as after a restart of the
     /// process; the caller shut the first one down.
     async fn restart_scheduler(&self) -> my_claw::cron::CronHandle {
-        let settings =
-            CronSettings { secret: None, timezone: Some("UTC".into()), delivery: PATIENCE };
+        let settings = CronSettings {
+            secret: None,
+            timezone: Some("UTC".into()),
+            delivery: PATIENCE,
+            late_limit: LATE_LIMIT,
+        };
         my_claw::cron::start(
             self.pool.clone(),
             self.assistant.clone(),
@@ -616,6 +624,98 @@ async fn a_short_channel_outage_delays_a_jobs_message_and_never_loses_it() {
     assert_eq!(shown["delivery_status"], "failed", "{shown}");
     assert!(shown["delivery_error"].as_str().unwrap().contains("http 500"), "{shown}");
     graph.script.lock().unwrap().clear();
+    app.cron.shutdown().await;
+}
+
+/// A job's long answer (three WhatsApp parts) whose second part meets an outage: it is
+/// `sending` before it leaves and while the outage lasts, with the first part's id recorded
+/// as soon as it went; `deliver_patiently` then offers only what did not go out, so the user
+/// gets each part once, in order, and the answer is `sent` with every part's id. Before, each
+/// new offer sent the whole text again, and the answer was not `sending` during the send.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_jobs_message_is_resumed_from_the_part_that_failed() {
+    let paragraph =
+        |i: usize| format!("Part {i} of the job's answer. {}", "Some words. ".repeat(250));
+    let text = (0..3).map(paragraph).collect::<Vec<_>>().join("\n\n");
+    let parts = my_claw::channels::split::split_message(
+        &my_claw::channels::markup::markdown_to_whatsapp(&text),
+        my_claw::channels::whatsapp::MAX_TEXT_CHARS,
+    );
+    assert_eq!(parts.len(), 3, "the answer must take three messages");
+    let model = crate::agent::ToolModel::new(move |_, _| (vec![text.clone()], vec![]));
+    let agent: Arc<dyn my_claw::llm::Provider> = Arc::new(crate::agent::Scripted(model));
+    let graph = Graph::start().await;
+    let app = App::start(&graph, Options { agent: Some(agent), ..Options::default() }).await;
+    app.user_wrote(USER_NUMBER).await;
+    let job = app.create(whatsapp_job("long", YEARLY, USER_NUMBER)).await;
+    // The first part goes through; the test client tries twice per offer, so three offers
+    // meet the outage; the fourth sends the last two parts.
+    let sent = |wamid: &str| json!({"messaging_product": "whatsapp", "messages": [{"id": wamid}]});
+    let outage = json!({"error": {"message": "(#1) An unknown error occurred",
+                                  "type": "OAuthException", "code": 1}});
+    {
+        let mut script = graph.script.lock().unwrap();
+        script.push_back((200, sent("wamid.J0")));
+        script.extend((0..6).map(|_| (500, outage.clone())));
+        script.push_back((200, sent("wamid.J1")));
+        script.push_back((200, sent("wamid.J2")));
+    }
+    let path = format!("/api/cron/jobs/{}/run", id_of(&job));
+    let run = {
+        let app_base = app.base.clone();
+        tokio::spawn(async move {
+            reqwest::Client::new()
+                .post(format!("{app_base}{path}"))
+                .bearer_auth(TOKEN)
+                .send()
+                .await
+                .expect("run now")
+                .json::<Value>()
+                .await
+                .expect("the run")
+        })
+    };
+
+    // During the outage: the first part is recorded, and the answer is still being sent.
+    let target = job["target"].as_str().unwrap().to_string();
+    let started = Instant::now();
+    let answer = loop {
+        assert!(started.elapsed() < FIRE_LIMIT, "the first part was never recorded");
+        let conversation =
+            memory::find_conversation(&app.pool, ChannelKind::WhatsApp, &target).await.unwrap();
+        let answer = match conversation {
+            Some(c) => memory::history(&app.pool, c.id, 10).await.unwrap().into_iter().nth(1),
+            None => None,
+        };
+        if let Some(answer) = answer {
+            let recorded = memory::message_parts(&app.pool, answer.id).await.unwrap();
+            if !recorded.is_empty() {
+                let ids: Vec<&str> = recorded.iter().map(|p| p.external_id.as_str()).collect();
+                assert_eq!(ids, ["wamid.J0"], "caught after the outage ended: {recorded:?}");
+                let now = memory::get_message(&app.pool, answer.id).await.unwrap().unwrap();
+                assert_eq!(now.delivery_status.as_deref(), Some("sending"), "during the send");
+                break answer;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+
+    let run = run.await.expect("the run-now call");
+    assert_eq!(run["outcome"], "delivered", "{run}");
+    assert_eq!(run["message_id"].as_i64(), Some(answer.id.0));
+    let mut expected = vec![parts[0].clone()];
+    expected.extend(std::iter::repeat_n(parts[1].clone(), 7));
+    expected.push(parts[2].clone());
+    let texts = graph.texts_to(USER_NUMBER);
+    assert_eq!(texts.len(), expected.len(), "{} posts", texts.len());
+    assert!(texts == expected, "a part was sent again, or out of order");
+    let answer = memory::get_message(&app.pool, answer.id).await.unwrap().unwrap();
+    assert_eq!(answer.delivery_status.as_deref(), Some("sent"), "{answer:?}");
+    assert_eq!(answer.external_id.as_deref(), Some("wamid.J0"));
+    let recorded = memory::message_parts(&app.pool, answer.id).await.unwrap();
+    let ids: Vec<(i64, &str)> =
+        recorded.iter().map(|p| (p.index, p.external_id.as_str())).collect();
+    assert_eq!(ids, [(0, "wamid.J0"), (1, "wamid.J1"), (2, "wamid.J2")]);
     app.cron.shutdown().await;
 }
 
@@ -1218,6 +1318,42 @@ async fn a_one_shot_interrupted_by_a_stop_is_disabled_with_the_reason() {
     restarted.shutdown().await;
 }
 
+/// A one-shot missed by more than `CRON_LATE_LIMIT` (the process was stopped for days) is
+/// not run: a reminder or a morning briefing days late would be noise. It ends disabled,
+/// with a failed run saying when it was due and why it did not run. Before, it ran however
+/// late.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_shot_missed_by_more_than_the_late_limit_is_disabled_not_run() {
+    let graph = Graph::start().await;
+    let app = App::start(&graph, Options::default()).await;
+    let conversation = app.webchat_conversation().await;
+    app.cron.shutdown().await;
+    let due = (Utc::now() - chrono::Duration::hours(30)).with_second(0).unwrap();
+    let job = reminder_made_yesterday(&app, conversation, "renew the passport", due).await;
+    // Made the day before it was due.
+    sqlx::query("UPDATE cron_jobs SET created_at = ?1, updated_at = ?1 WHERE id = ?2")
+        .bind(due.timestamp_millis() - 86_400_000)
+        .bind(job.id.0)
+        .execute(&app.pool)
+        .await
+        .unwrap();
+
+    let restarted = app.restart_scheduler().await;
+    let view = restarted.get(job.id).await.unwrap();
+    assert!(!view.job.enabled, "{view:?}");
+    let error = view.job.last_error.clone().unwrap_or_default();
+    assert!(error.starts_with("missed: it was due "), "{error}");
+    assert!(error.contains("CRON_LATE_LIMIT"), "{error}");
+    assert_eq!(view.next_run, None, "{view:?}");
+    let runs = restarted.runs(job.id, 10).await.unwrap();
+    assert_eq!(runs.len(), 1, "{runs:?}");
+    assert_eq!(runs[0].error.as_deref(), Some(error.as_str()), "{runs:?}");
+    // Nothing was posted, neither now nor after a moment.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(app.assistant_messages(conversation).await.is_empty());
+    restarted.shutdown().await;
+}
+
 /// The real binary and the real small model: a job created over HTTP answers in a WebChat
 /// conversation, and the page's live events announce the answer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1364,4 +1500,56 @@ async fn deleting_a_conversation_disables_its_jobs_and_deletes_its_reminders() {
     assert_eq!(moved["enabled"], true, "{moved}");
     assert!(!moved["next_run"].is_null(), "{moved}");
     app.cron.shutdown().await;
+}
+
+/// A shutdown stops a job's answer instead of waiting for it (an answer can take minutes on
+/// a CPU, and systemd kills after 30 s): "Run now" answers with a failed run that says why,
+/// the cut text stays in its WebChat conversation, and the process exits cleanly. Before,
+/// the run held the shutdown until its answer ended, and was reported delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_stops_a_running_jobs_answer() {
+    let slow = crate::util::slow_model().await;
+    let envs = vec![("MODEL_FAST".to_string(), slow)];
+    let mut server =
+        tokio::task::block_in_place(|| Server::start(ServerOptions { envs, data_dir: None }));
+    let db_url = format!("sqlite://{}", server.data_dir.join("my-claw.db").display());
+    let pool = my_claw::db::connect(&db_url).await.expect("open the server's database");
+    let conversation =
+        memory::create_webchat_conversation(&pool, Some("counting")).await.unwrap().id.0;
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
+    let job = json!({"name": "count", "schedule": "0 9 * * *", "prompt": "Count.",
+                     "channel": "webchat", "target": conversation.to_string(), "tier": "fast"});
+    let response = http
+        .post(server.url("/api/cron/jobs"))
+        .bearer_auth(&server.token)
+        .json(&job)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 201, "{}", server.output());
+    let id = id_of(&response.json().await.unwrap());
+    let run_now = tokio::spawn(
+        http.post(server.url(&format!("/api/cron/jobs/{id}/run")))
+            .bearer_auth(&server.token)
+            .send(),
+    );
+    // The answer is being written (its draft holds text) when the signal comes.
+    let started = Instant::now();
+    while my_claw::db::drafts::get(&pool, ConversationId(conversation))
+        .await
+        .unwrap()
+        .is_none_or(|draft| draft.content.len() < 4)
+    {
+        assert!(started.elapsed() < Duration::from_secs(30), "no answer being written");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let code = tokio::task::block_in_place(|| server.terminate(Duration::from_secs(15)));
+    assert_eq!(code, Some(0), "clean exit within 15 s:\n{}", server.output());
+    let run: Value = run_now.await.unwrap().expect("an answer to Run now").json().await.unwrap();
+    assert_eq!(run["outcome"], "failed", "{run}");
+    assert!(run["error"].as_str().unwrap().contains("shutting down"), "{run}");
+    let stored = memory::history(&pool, ConversationId(conversation), 10).await.unwrap();
+    let answer = stored.last().expect("the cut answer");
+    assert_eq!(answer.role, Role::Assistant);
+    assert!(!answer.content.contains(&format!("{}\n", crate::util::SLOW_NUMBERS)), "{answer:?}");
 }

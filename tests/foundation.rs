@@ -357,13 +357,93 @@ fn sign_in_link_goes_to_a_terminal_only() {
     let mode = std::fs::metadata(&saved_path).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
 
-    // On a terminal: a ready-to-click link carrying the token it saved.
+    assert!(!out.contains("?code="), "a sign-in code reached a pipe:\n{out}");
+
+    // On a terminal: a ready-to-click link carrying a one-time code, never the token (a
+    // link stays in the browser's history).
     let (out, dir) = first_start_stdout(true);
     let saved_path = dir.path().join("data").join("webchat_token");
     let token = std::fs::read_to_string(&saved_path).unwrap().trim().to_string();
-    let line = out.lines().find(|l| l.contains("?token=")).unwrap_or_else(|| panic!("{out}"));
-    let shown = line[line.find("?token=").unwrap() + 7..].trim();
-    assert_eq!(shown, token);
+    assert!(!out.contains(&token), "the token reached the terminal:\n{out}");
+    let line = out.lines().find(|l| l.contains("?code=")).unwrap_or_else(|| panic!("{out}"));
+    let code = line[line.find("?code=").unwrap() + 6..].trim();
+    assert_eq!(code.len(), 32, "{line}");
+    assert!(code.chars().all(|c| c.is_ascii_hexdigit()), "{line}");
+    assert!(out.contains(&saved_path.display().to_string()), "{out}");
+}
+
+/// `my-claw sign-in-link` asks the running server for a one-time code; the page's exchange
+/// (`POST /api/sign-in`) gives the token once, then refuses the code. The command neither
+/// needs nor creates a data directory when `WEBCHAT_TOKEN` is set, and says plainly when
+/// the server refuses its token or is not there.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sign_in_link_signs_in_once() {
+    let server = tokio::task::block_in_place(|| Server::start(ServerOptions::default()));
+    let tmp = tempfile::tempdir().unwrap();
+    let missing = tmp.path().join("no-such-data");
+    let bind = server.addr.to_string();
+    let envs = |token: &str| {
+        [
+            ("BIND", bind.clone()),
+            ("WEBCHAT_TOKEN", token.to_string()),
+            ("DATA_DIR", missing.display().to_string()),
+        ]
+    };
+    let run = |token: &str| {
+        let envs = envs(token);
+        let envs: Vec<(&str, &str)> = envs.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        tokio::task::block_in_place(|| run_binary(&["sign-in-link"], &envs, tmp.path()))
+    };
+    let out = run(&server.token);
+    let stdout = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(out.status.success(), "{stdout} {}", String::from_utf8_lossy(&out.stderr));
+    let prefix = format!("http://{bind}/?code=");
+    let code = stdout.strip_prefix(&prefix).unwrap_or_else(|| panic!("{stdout}"));
+    assert!(!stdout.contains(&server.token));
+    assert!(!missing.exists(), "sign-in-link created the data directory");
+
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
+    let redeem = |code: &str| {
+        client.post(server.url("/api/sign-in")).json(&serde_json::json!({ "code": code })).send()
+    };
+    let first = redeem(code).await.unwrap();
+    assert_eq!(first.status(), 200);
+    assert_eq!(first.headers()["cache-control"], "no-store");
+    let body: serde_json::Value = first.json().await.unwrap();
+    assert_eq!(body["token"], server.token.as_str());
+    let again = redeem(code).await.unwrap();
+    assert_eq!(again.status(), 401);
+    let body: serde_json::Value = again.json().await.unwrap();
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("already used or has expired"),
+        "{body}"
+    );
+    // Issuing needs the token.
+    let anonymous = client.post(server.url("/api/sign-in/codes")).send().await.unwrap();
+    assert_eq!(anonymous.status(), 401);
+
+    let refused = run("not-the-token-0123456789");
+    assert_eq!(refused.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("refused this token"), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+
+    drop(server);
+    let gone = run("not-the-token-0123456789");
+    let stderr = String::from_utf8_lossy(&gone.stderr);
+    assert!(stderr.contains("no my-claw answers at"), "{stderr}");
+
+    // `backup` reads a database: a mistyped DATA_DIR is said, not created.
+    let backup = tmp.path().join("copy.db");
+    let out = tokio::task::block_in_place(|| {
+        run_binary(
+            &["backup", backup.to_str().unwrap()],
+            &[("DATA_DIR", missing.to_str().unwrap())],
+            tmp.path(),
+        )
+    });
+    assert!(!out.status.success());
+    assert!(!missing.exists(), "backup created the data directory");
 }
 
 #[tokio::test(flavor = "multi_thread")]

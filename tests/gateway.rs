@@ -1198,7 +1198,8 @@ async fn real_model_stop_endpoint_stops_the_engine() {
 /// An answer runs from when the model takes its prompt, before reading it: the page gets
 /// `meta` at once, so a long prompt's reading can be stopped (and followed, and outlives
 /// the page), and the stopped answer knows its prompt's size. Before, `meta` came with the
-/// first token, and a stop sent before it found nothing to stop.
+/// first token, and a stop sent before it found nothing to stop. Stopped before its first
+/// word, it stores nothing (before, an empty `partial` answer).
 #[tokio::test]
 async fn real_model_answer_can_be_stopped_while_its_prompt_is_read() {
     let _one_at_a_time = REAL_MODEL.lock().await;
@@ -1221,6 +1222,18 @@ async fn real_model_answer_can_be_stopped_while_its_prompt_is_read() {
     assert_eq!((&done["type"], &done["finish"]), (&json!("done"), &json!("cancelled")), "{done}");
     assert_eq!(done["usage"]["completion_tokens"], 0, "stopped before its first token: {done}");
     assert!(done["usage"]["prompt_tokens"].as_u64().unwrap() > 3000, "{done}");
+    // Nothing was written, so nothing is stored: the question stays, unanswered, with no
+    // empty answer after it.
+    assert_eq!(done["message_id"], Value::Null, "{done}");
+    let history =
+        get_json(&server, &format!("/api/conversations/{conversation_id}/messages")).await;
+    let roles: Vec<&str> = history["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["role"].as_str().unwrap())
+        .collect();
+    assert_eq!(roles, ["user"], "{history}");
     assert_engine_is_free(&server).await;
 }
 

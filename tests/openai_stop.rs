@@ -352,3 +352,56 @@ async fn honoured_sampling_fields_reach_the_model_and_neutral_ones_pass() {
     // `max_completion_tokens` is the newer name and wins over `max_tokens`.
     assert_eq!(params.max_tokens, 33);
 }
+
+/// SIGTERM ends `/v1` answers instead of waiting for them (a long answer on a CPU takes
+/// minutes, and systemd kills after 30 s): a stream ends with an error event saying why,
+/// then `[DONE]`; a request waiting for its whole answer gets a 503. The model is a slow
+/// server on loopback whose answer would go on for seconds. Before, the shutdown waited for
+/// every answer to end (84 s for one 6,000-token answer in QA).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_ends_v1_answers_with_a_reason() {
+    let slow = crate::util::slow_model().await;
+    let envs = vec![("MODEL_FAST".to_string(), slow)];
+    let mut server = tokio::task::block_in_place(|| {
+        crate::util::Server::start(crate::util::ServerOptions { envs, data_dir: None })
+    });
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
+    let request = |stream: bool| {
+        client
+            .post(server.url("/v1/chat/completions"))
+            .bearer_auth(&server.token)
+            .json(&json!({"model": "fast", "stream": stream,
+                          "messages": [{"role": "user", "content": "Count."}]}))
+            .send()
+    };
+    let whole = tokio::spawn(request(false));
+    let mut streamed = request(true).await.expect("the stream starts");
+    assert_eq!(streamed.status(), 200);
+    let mut body = String::new();
+    while body.matches("\"content\":\"").count() < 4 {
+        let chunk = tokio::time::timeout(Duration::from_secs(20), streamed.chunk())
+            .await
+            .expect("a chunk within 20 s")
+            .expect("the stream")
+            .expect("more of the stream");
+        body.push_str(&String::from_utf8_lossy(&chunk));
+    }
+
+    let code = tokio::task::block_in_place(|| server.terminate(Duration::from_secs(15)));
+    assert_eq!(code, Some(0), "clean exit within 15 s:\n{}", server.output());
+    while let Some(chunk) = streamed.chunk().await.expect("the rest of the stream") {
+        body.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert!(body.contains("my-claw is shutting down"), "{body}");
+    assert!(body.trim_end().ends_with("data: [DONE]"), "{body}");
+    assert!(
+        !body.contains("\"finish_reason\":\"stop\""),
+        "the answer did not end by itself: {body}"
+    );
+    assert!(!body.contains(&format!("\"{}\\n\"", crate::util::SLOW_NUMBERS)), "{body}");
+
+    let whole = whole.await.unwrap().expect("an answer");
+    assert_eq!(whole.status(), 503);
+    let error: Value = whole.json().await.unwrap();
+    assert!(error["error"]["message"].as_str().unwrap().contains("shutting down"), "{error}");
+}

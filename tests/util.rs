@@ -302,6 +302,7 @@ pub async fn in_process_state(
         reply_max_tokens: 64,
         channels: my_claw::channels::Channels::default(),
         live: Default::default(),
+        sign_in: Default::default(),
     };
     (state, dir)
 }

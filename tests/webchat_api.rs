@@ -629,3 +629,115 @@ async fn backup_while_an_answer_streams_is_consistent_private_and_restores() {
         .unwrap();
     assert_eq!(found["results"][0]["conversation_id"], conversation, "{found}");
 }
+
+/// "Export all" from one my-claw imports into another with every message and its ledger;
+/// a second import of the same file, or an import back where it came from, adds nothing.
+/// Other applications' exports (ChatGPT's here) become conversations that search finds;
+/// anything else gets a 400 saying what is expected, and a file over the limit a 413.
+#[tokio::test]
+async fn an_export_imports_into_another_my_claw_once() {
+    let source = app().await;
+    let pool = &source.state.pool;
+    let trip = memory::create_webchat_conversation(pool, Some("Trip to Lyon")).await.unwrap().id;
+    for n in 0..40 {
+        let role = if n % 2 == 0 { Role::User } else { Role::Assistant };
+        store(&source, trip, role, &format!("trip message {n}")).await;
+    }
+    let whatsapp =
+        memory::get_or_create_conversation(pool, ChannelKind::WhatsApp, "33612345678", None)
+            .await
+            .unwrap()
+            .id;
+    store(&source, whatsapp, Role::User, "from the phone").await;
+    let (status, _, exported) = call(&source, Method::GET, "/api/export", None).await;
+    assert_eq!(status, StatusCode::OK);
+    let exported: Value = serde_json::from_slice(&exported).unwrap();
+
+    let target = app().await;
+    let (status, _, body) =
+        call(&target, Method::POST, "/api/import", Some(exported.clone())).await;
+    let summary: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(status, StatusCode::OK, "{summary}");
+    assert_eq!(summary["format"], "my-claw");
+    assert_eq!((summary["imported"].as_u64(), summary["messages"].as_u64()), (Some(2), Some(41)));
+    let (_, _, copied) = call(&target, Method::GET, "/api/export", None).await;
+    let copied: Value = serde_json::from_slice(&copied).unwrap();
+    let texts = |document: &Value| -> Vec<Vec<(String, String)>> {
+        document["conversations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| {
+                c["messages"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|m| (m["role"].to_string(), m["content"].to_string()))
+                    .collect()
+            })
+            .collect()
+    };
+    assert_eq!(texts(&copied), texts(&exported));
+    let titles: Vec<&Value> =
+        copied["conversations"].as_array().unwrap().iter().map(|c| &c["title"]).collect();
+    assert_eq!(titles, [&json!("Trip to Lyon"), &Value::Null]);
+    // Every imported conversation is a WebChat one, to go on with.
+    let channels: HashSet<&str> = copied["conversations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["channel"].as_str().unwrap())
+        .collect();
+    assert_eq!(channels, HashSet::from(["webchat"]));
+
+    for app in [&target, &source] {
+        let (status, _, body) =
+            call(app, Method::POST, "/api/import", Some(exported.clone())).await;
+        let again: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(status, StatusCode::OK, "{again}");
+        assert_eq!(
+            (again["imported"].as_u64(), again["already_there"].as_u64()),
+            (Some(0), Some(2)),
+            "{again}"
+        );
+    }
+
+    let chatgpt = json!([{
+        "id": "g1", "title": "Sourdough", "create_time": 1_700_000_000.0, "current_node": "a",
+        "mapping": {
+            "u": {"parent": null, "message": {"author": {"role": "user"},
+                "content": {"content_type": "text", "parts": ["How long should sourdough proof?"]}}},
+            "a": {"parent": "u", "message": {"author": {"role": "assistant"},
+                "content": {"content_type": "text", "parts": ["Four to twelve hours."]}}}
+        }
+    }]);
+    let (status, _, body) = call(&target, Method::POST, "/api/import", Some(chatgpt)).await;
+    let summary: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(status, StatusCode::OK, "{summary}");
+    assert_eq!(summary["format"], "chatgpt");
+    let id = summary["conversations"][0]["id"].as_i64().unwrap();
+    let (_, found) = get_json(&target, "/api/search?q=sourdough").await;
+    assert_eq!(found["results"][0]["conversation_id"], id, "{found}");
+
+    let (status, _, body) =
+        call(&target, Method::POST, "/api/import", Some(json!({"hello": "world"}))).await;
+    let refused: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(refused["error"]["param"], "file");
+    assert!(refused["error"]["message"].as_str().unwrap().starts_with("unrecognized file"));
+
+    // Over the import's own limit (far above MAX_BODY_BYTES, which it replaces).
+    let huge = json!("x".repeat(my_claw::gateway::import::IMPORT_MAX_BYTES));
+    let (status, _, body) = call(&target, Method::POST, "/api/import", Some(huge)).await;
+    let refused: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{refused}");
+    assert!(refused["error"]["message"].as_str().unwrap().contains("64 MiB"), "{refused}");
+
+    let anonymous = Request::builder()
+        .method(Method::POST)
+        .uri("/api/import")
+        .body(Body::from(exported.to_string()))
+        .unwrap();
+    let response = gateway::router(target.state.clone()).oneshot(anonymous).await.unwrap();
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+}

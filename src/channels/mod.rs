@@ -1,8 +1,10 @@
 //! Messaging channels (WhatsApp Cloud API, Nextcloud Talk bots): the `Channel` trait and the
 //! registry of configured channels, their wire types, signature checks and outbound clients,
-//! and the durable inbound queue worker that hands their messages to the assistant. A
-//! channel knows its wire format and nothing about models; it does not know axum either
-//! (the webhooks in `gateway/webhooks.rs` call into it).
+//! the progress of a message sent in several parts (each part recorded as the service
+//! accepts it, so a later try sends only what did not go out), and the durable inbound queue
+//! worker that hands their messages to the assistant. A channel knows its wire format and
+//! nothing about models; it does not know axum either (the webhooks in `gateway/webhooks.rs`
+//! call into it).
 
 pub mod lenient;
 pub mod markup;
@@ -20,8 +22,10 @@ use reqwest::header::HeaderMap;
 use sqlx::SqlitePool;
 use tokio::sync::Notify;
 
+use crate::channels::split::split_message;
 use crate::db::inbound::{self, ContactSeen, NewInbound, QueueStatus};
-use crate::domain::ChannelKind;
+use crate::db::memory;
+use crate::domain::{ChannelKind, MessageId};
 use crate::retry::{Backoff, Verdict};
 
 /// A messaging channel: its wire format (webhook verification and parsing), its policy
@@ -75,20 +79,24 @@ pub trait Channel: Send + Sync {
         None
     }
 
-    /// Answers `message` in its conversation (split as the channel requires). Returns the
-    /// channel's id of each part sent.
+    /// Answers `message` in its conversation, split as the channel requires: the parts that
+    /// follow `progress.sent_through`, one at a time, each handed to `progress.log` once the
+    /// service accepted it and before the next is sent. A part that fails stops the rest.
+    /// Returns the channel's id of each part this call sent.
     fn reply<'a>(
         &'a self,
         message: &'a QueuedInbound,
         text: &'a str,
+        progress: Progress<'a>,
     ) -> BoxFuture<'a, Result<Vec<String>, ChannelError>>;
 
     /// Sends a message the assistant writes by itself (cron jobs) to `target` (a phone
-    /// number, a room token).
+    /// number, a room token), from `progress` on as `reply` does.
     fn deliver<'a>(
         &'a self,
         target: &'a str,
         text: &'a str,
+        progress: Progress<'a>,
     ) -> BoxFuture<'a, Result<DeliveryReceipt, ChannelError>>;
 
     /// Whether a free-form message can reach `address` now (WhatsApp's 24-hour window).
@@ -205,10 +213,143 @@ pub struct Channels {
 pub struct DeliveryReceipt {
     pub channel: ChannelKind,
     /// WhatsApp: one `wamid` per part. Talk: one `referenceId` per part (Talk answers with
-    /// no message id, so ours is the handle).
+    /// no message id, so ours is the handle). Only the parts this call sent: those sent by
+    /// an earlier try are in its `PartLog`.
     pub external_ids: Vec<String>,
     /// True when WhatsApp's 24-hour window was closed and the approved template was sent.
     pub via_template: bool,
+}
+
+/// A part of an outbound message that the service accepted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SentPart {
+    /// The channel's id of the part (WhatsApp: its wamid; Talk: our `referenceId`).
+    pub external_id: String,
+    /// Where the part ends in the text as the channel sends it (a byte offset in its
+    /// rendering: WhatsApp's markup, Talk's text as it is). What follows is still to send;
+    /// only the channel that wrote it reads it, as `Progress::sent_through`.
+    pub end: usize,
+}
+
+/// Where the parts of one outbound message are recorded as the service accepts them.
+pub trait PartLog: Send + Sync {
+    /// Records `part`; awaited before the next part is sent, so that a stop or a failure
+    /// after any part leaves a record of exactly what went out. An error stops the message
+    /// there: the part is out but not recorded, so the error must be one that nothing sends
+    /// again (`ChannelError::DeliveryUnknown`).
+    fn record<'a>(&'a self, part: &'a SentPart) -> BoxFuture<'a, Result<(), ChannelError>>;
+}
+
+/// How far an outbound message has gone out, and where its next parts are recorded.
+#[derive(Clone, Copy)]
+pub struct Progress<'a> {
+    /// The `end` of the last part already sent; 0 when none was. Only what follows it is
+    /// sent, so a part never goes out twice even when the split would now cut elsewhere.
+    pub sent_through: usize,
+    pub log: &'a dyn PartLog,
+}
+
+impl Progress<'static> {
+    /// A message sent from its start with nothing recorded per part: the short notices the
+    /// queue sends in place of an answer (they fit one part, and are not stored messages).
+    pub fn unrecorded() -> Progress<'static> {
+        Progress { sent_through: 0, log: &Unrecorded }
+    }
+}
+
+impl Progress<'_> {
+    /// Whether nothing of the message went out yet: only then does its first part carry what
+    /// opens a message (Talk's `replyTo`).
+    pub fn at_start(&self) -> bool {
+        self.sent_through == 0
+    }
+}
+
+/// The `PartLog` of `Progress::unrecorded`.
+struct Unrecorded;
+
+impl PartLog for Unrecorded {
+    fn record<'a>(&'a self, _part: &'a SentPart) -> BoxFuture<'a, Result<(), ChannelError>> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// The parts of a stored answer (the queue's answers, cron's messages) that went out, read
+/// from `message_parts`, and the `PartLog` that records each next part there, committed
+/// before the channel sends the one after it.
+pub struct AnswerParts {
+    pool: SqlitePool,
+    message_id: MessageId,
+    sent_through: usize,
+}
+
+impl AnswerParts {
+    /// What of the answer `message_id` went out already.
+    pub async fn load(pool: &SqlitePool, message_id: MessageId) -> Result<Self, sqlx::Error> {
+        let parts = memory::message_parts(pool, message_id).await?;
+        let sent_through = match parts.last() {
+            None => 0,
+            // A last part recorded without its end (by `memory::set_message_parts`, for an
+            // answer sent whole) gives no place from which going on surely repeats nothing:
+            // `usize::MAX` is past the end of any text, which a channel refuses (see
+            // `parts_after`).
+            Some(part) => {
+                part.sent_through.and_then(|end| usize::try_from(end).ok()).unwrap_or(usize::MAX)
+            }
+        };
+        Ok(AnswerParts { pool: pool.clone(), message_id, sent_through })
+    }
+
+    /// Sending that goes on after the recorded parts and records the next ones.
+    pub fn progress(&self) -> Progress<'_> {
+        Progress { sent_through: self.sent_through, log: self }
+    }
+}
+
+impl PartLog for AnswerParts {
+    fn record<'a>(&'a self, part: &'a SentPart) -> BoxFuture<'a, Result<(), ChannelError>> {
+        Box::pin(async move {
+            let end = i64::try_from(part.end).unwrap_or(i64::MAX);
+            memory::record_message_part(&self.pool, self.message_id, &part.external_id, end)
+                .await
+                .map_err(|e| ChannelError::DeliveryUnknown {
+                    what: format!(
+                        "a part was accepted by the channel but could not be recorded \
+                         (database: {e})"
+                    ),
+                })
+        })
+    }
+}
+
+/// The parts of `text` that follow byte `from` (the end of the last part sent, 0 for all of
+/// it), cut at `max_chars` as `split::split_message` cuts, each with the byte offset in `text`
+/// where it ends. The split is greedy from the start of what remains, so cutting what follows
+/// a sent part gives the parts that cutting the whole text gave after it; and whatever the
+/// cut, nothing before `from` is sent again. An offset outside `text` (or inside a character)
+/// means the record does not belong to this text: refused, rather than guessing.
+pub fn parts_after(
+    text: &str,
+    from: usize,
+    max_chars: usize,
+) -> Result<Vec<(String, usize)>, ChannelError> {
+    let misplaced = || {
+        ChannelError::Invalid(
+            "the record of the parts already sent does not fit this text: not sending the rest"
+                .into(),
+        )
+    };
+    let rest = text.get(from..).ok_or_else(misplaced)?;
+    let mut cursor = 0;
+    let mut parts = Vec::new();
+    for part in split_message(rest, max_chars) {
+        // `split_message` only trims whitespace around its cuts: each part is the text that
+        // follows the previous one, after the whitespace, so its first occurrence is it.
+        let start = rest[cursor..].find(part.as_str()).ok_or_else(misplaced)? + cursor;
+        cursor = start + part.len();
+        parts.push((part, from + cursor));
+    }
+    Ok(parts)
 }
 
 /// Why a channel could not deliver. Callers can match: `OutsideWindow` means "send a
@@ -489,21 +630,23 @@ impl Channels {
         Ok(accepted)
     }
 
-    /// Sends a message the assistant writes by itself (cron jobs). `target` is a phone
-    /// number for WhatsApp and a room token for Talk. On WhatsApp, outside the 24-hour
-    /// window the approved template (`WHATSAPP_TEMPLATE_NAME`) is sent instead, or
-    /// `OutsideWindow` is returned when there is none.
+    /// Sends a message the assistant writes by itself (cron jobs), the parts that follow
+    /// `progress` (see `Channel::deliver`). `target` is a phone number for WhatsApp and a
+    /// room token for Talk. On WhatsApp, outside the 24-hour window the approved template
+    /// (`WHATSAPP_TEMPLATE_NAME`) is sent instead, or `OutsideWindow` is returned when there
+    /// is none.
     pub async fn deliver(
         &self,
         channel: ChannelKind,
         target: &str,
         text: &str,
+        progress: Progress<'_>,
     ) -> Result<DeliveryReceipt, ChannelError> {
         if channel == ChannelKind::WebChat {
             return Err(ChannelError::NotDeliverable(channel));
         }
         let client = self.get(channel).ok_or(ChannelError::NotConfigured(channel))?;
-        client.deliver(target, text).await
+        client.deliver(target, text, progress).await
     }
 
     /// Whether `deliver` to `target` on `channel` could go out now (see
@@ -618,6 +761,29 @@ mod tests {
             |status| ChannelError::Nextcloud { status, reason: String::new(), retry_after: None };
         assert!(nc(502).is_retryable());
         assert!(!nc(401).is_retryable());
+    }
+
+    /// Going on after any part sent gives the parts that came after it in the whole split,
+    /// and each part's end points just past its text; nothing before the offset comes back.
+    #[test]
+    fn parts_after_a_sent_part_are_the_rest_of_the_split() {
+        let text = "  Première phrase, assez longue. Deuxième phrase ici.\n\nUn paragraphe \
+                    encore, avec é et 👋 dedans. Fin  ";
+        let whole = split_message(text, 30);
+        assert!(whole.len() >= 4, "{whole:?}");
+        let all = parts_after(text, 0, 30).unwrap();
+        assert_eq!(all.iter().map(|(p, _)| p.clone()).collect::<Vec<_>>(), whole);
+        for (k, (part, end)) in all.iter().enumerate() {
+            assert_eq!(&text[end - part.len()..*end], part);
+            let rest = parts_after(text, *end, 30).unwrap();
+            assert_eq!(rest, all[k + 1..], "after part {k}");
+        }
+        // An offset that is not in this text, or inside a character, is refused.
+        let emoji = text.find('👋').unwrap();
+        for bad in [text.len() + 1, emoji + 1, usize::MAX] {
+            assert!(matches!(parts_after(text, bad, 30), Err(ChannelError::Invalid(_))), "{bad}");
+        }
+        assert_eq!(parts_after(text, text.len(), 30).unwrap(), []);
     }
 
     #[test]

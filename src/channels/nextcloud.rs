@@ -1,6 +1,7 @@
 //! Nextcloud Talk bots: the webhook's Activity Streams wire types and signature check,
 //! turning a verified activity into queue rows, rendering rich-object messages, and the bot
-//! API client that posts signed replies. Knows nothing of axum or of models.
+//! API client that posts signed replies (part by part, from where an earlier try stopped).
+//! Knows nothing of axum or of models.
 
 use std::time::Duration;
 
@@ -11,10 +12,9 @@ use reqwest::header::HeaderMap;
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
-use crate::channels::split::split_message;
 use crate::channels::{
-    lenient, path_segment, redact, Channel, ChannelError, DeliveryReceipt, Intake, Limits,
-    QueuedInbound, RetryPolicy,
+    lenient, parts_after, path_segment, redact, Channel, ChannelError, DeliveryReceipt, Intake,
+    Limits, Progress, QueuedInbound, RetryPolicy, SentPart,
 };
 use crate::config::NextcloudSettings;
 use crate::db::inbound::QueueStatus;
@@ -338,34 +338,59 @@ impl Nextcloud {
         text: &str,
         reply_to: Option<i64>,
     ) -> Result<Vec<String>, ChannelError> {
-        let parts = split_message(text, MAX_MESSAGE_CHARS);
-        if parts.is_empty() {
+        self.send_parts(token, text, reply_to, Progress::unrecorded()).await
+    }
+
+    /// `send_message` for the parts of `text` that follow `progress`, each recorded in
+    /// `progress.log` once Talk accepted it, before the next is sent. Only the message's
+    /// first part replies to `reply_to`: a part after one sent by an earlier try does not.
+    pub async fn send_parts(
+        &self,
+        token: &str,
+        text: &str,
+        reply_to: Option<i64>,
+        progress: Progress<'_>,
+    ) -> Result<Vec<String>, ChannelError> {
+        let parts = parts_after(text, progress.sent_through, MAX_MESSAGE_CHARS)?;
+        if parts.is_empty() && progress.at_start() {
             return Err(ChannelError::Invalid("refusing to send an empty message".into()));
         }
         let mut references = Vec::with_capacity(parts.len());
-        for (i, part) in parts.iter().enumerate() {
-            let reply_to = if i == 0 { reply_to } else { None };
+        for (i, (part, end)) in parts.iter().enumerate() {
+            let reply_to = if i == 0 && progress.at_start() { reply_to } else { None };
             match self.post_with_retry(token, part, reply_to).await {
-                Ok(reference) => references.push(reference),
+                Ok(reference) => {
+                    progress
+                        .log
+                        .record(&SentPart { external_id: reference.clone(), end: *end })
+                        .await?;
+                    references.push(reference);
+                }
                 Err(ChannelError::Nextcloud { status: 413, .. })
                     if part.chars().count() > LEGACY_MAX_MESSAGE_CHARS =>
                 {
                     // The server's limit is lower than the current default (old Talk or a
-                    // custom setting): send the part again in smaller pieces.
+                    // custom setting): send the part again in smaller pieces. Each piece is
+                    // recorded with where it ends in `text`, so a later try goes on after the
+                    // last piece sent, whatever size it then cuts at.
                     tracing::warn!(
                         "nextcloud: message too long for this server, splitting to 1000 characters"
                     );
-                    for (j, piece) in
-                        split_message(part, LEGACY_MAX_MESSAGE_CHARS).iter().enumerate()
-                    {
+                    let start = end - part.len();
+                    let pieces = parts_after(part, 0, LEGACY_MAX_MESSAGE_CHARS)?;
+                    for (j, (piece, piece_end)) in pieces.iter().enumerate() {
                         let reply_to = if j == 0 { reply_to } else { None };
-                        references.push(self.post_with_retry(token, piece, reply_to).await?);
+                        let reference = self.post_with_retry(token, piece, reply_to).await?;
+                        let sent =
+                            SentPart { external_id: reference.clone(), end: start + piece_end };
+                        progress.log.record(&sent).await?;
+                        references.push(reference);
                     }
                 }
                 Err(e) => return Err(e),
             }
         }
-        tracing::info!(room = %redact(token), parts = references.len(), "nextcloud: message sent");
+        tracing::info!(room = %redact(token), parts = references.len(), resumed = !progress.at_start(), "nextcloud: message sent");
         Ok(references)
     }
 
@@ -484,18 +509,20 @@ impl Channel for Nextcloud {
         &'a self,
         message: &'a QueuedInbound,
         text: &'a str,
+        progress: Progress<'a>,
     ) -> BoxFuture<'a, Result<Vec<String>, ChannelError>> {
         let reply_to = message.external_id.parse::<i64>().ok();
-        Box::pin(self.send_message(&message.conversation_key, text, reply_to))
+        Box::pin(self.send_parts(&message.conversation_key, text, reply_to, progress))
     }
 
     fn deliver<'a>(
         &'a self,
         target: &'a str,
         text: &'a str,
+        progress: Progress<'a>,
     ) -> BoxFuture<'a, Result<DeliveryReceipt, ChannelError>> {
         Box::pin(async move {
-            let external_ids = self.send_message(target, text, None).await?;
+            let external_ids = self.send_parts(target, text, None, progress).await?;
             Ok(DeliveryReceipt {
                 channel: ChannelKind::Nextcloud,
                 external_ids,

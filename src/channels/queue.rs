@@ -3,11 +3,12 @@
 //! at once (up to `QueueConfig::concurrency`), one conversation in arrival order. A busy
 //! engine is a reason to wait, never to drop: the row is put back with a retry time and
 //! the worker goes on with other conversations. It starts by recovering what a stopped
-//! process left behind. A send that fails for a reason that may heal (the channel's server
-//! down or erring, the network, a rate limit), once the channel's own quick retries are
-//! spent, is retried the same way: the answer is kept and sent again later, never
-//! dropped. Knows no HTTP server and no model details: it calls `Assistant` and the
-//! `Channel` trait.
+//! process left behind. An answer goes out part by part, each part recorded as the channel
+//! accepts it. A send that fails for a reason that may heal (the channel's server down or
+//! erring, the network, a rate limit), once the channel's own quick retries are spent, is
+//! retried the same way: the answer is kept and its parts not yet sent go out later, never
+//! dropped and never sent twice. Knows no HTTP server and no model details: it calls
+//! `Assistant` and the `Channel` trait.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,9 +17,11 @@ use sqlx::SqlitePool;
 use tokio::task::JoinSet;
 
 use crate::assistant::{Assistant, Reply};
-use crate::channels::{redact, Channel, ChannelError, Channels, QueuedInbound};
+use crate::channels::{
+    redact, AnswerParts, Channel, ChannelError, Channels, Progress, QueuedInbound,
+};
 use crate::db::inbound::{self, QueueEntry, QueueStatus, StoredTurn};
-use crate::db::{memory, now_ms};
+use crate::db::now_ms;
 use crate::domain::{Inbound, MessageId};
 use crate::error::Error;
 use crate::llm::LlmError;
@@ -333,7 +336,7 @@ impl Worker {
             }
             Err(e) => return Telling::Impossible(e.to_string()),
         }
-        match channel.reply(&message, INTERRUPTED_REPLY).await {
+        match channel.reply(&message, INTERRUPTED_REPLY, Progress::unrecorded()).await {
             Ok(_) => Telling::Done,
             Err(e) => Telling::Impossible(format!("telling the user failed: {e}")),
         }
@@ -353,7 +356,7 @@ impl Worker {
         }
         if let Some(reason) = message.unreadable.clone() {
             // Arrived but unreadable: the person is told, and the row says why.
-            return match channel.reply(&message, UNREADABLE_REPLY).await {
+            return match channel.reply(&message, UNREADABLE_REPLY, Progress::unrecorded()).await {
                 Ok(_) => Outcome::Rejected(reason),
                 Err(e) if e.is_retryable() => send_failure(e),
                 Err(e) => Outcome::Failed(format!("{reason}; telling the user failed: {e}")),
@@ -364,7 +367,7 @@ impl Worker {
             if let Err(e) = channel.acknowledge(&message, false).await {
                 tracing::debug!(error = ?e.to_string(), "read receipt failed");
             }
-            return match channel.reply(&message, UNSUPPORTED_REPLY).await {
+            return match channel.reply(&message, UNSUPPORTED_REPLY, Progress::unrecorded()).await {
                 Ok(_) => Outcome::Done,
                 Err(e) => send_failure(e),
             };
@@ -375,7 +378,8 @@ impl Worker {
             // Hours of engine time for one message would hold every other conversation:
             // the user is told, and the row keeps the message.
             let reason = format!("message too long: {n_chars} characters, the limit is {limit}");
-            return match channel.reply(&message, &too_long_reply(n_chars, limit)).await {
+            let reply = too_long_reply(n_chars, limit);
+            return match channel.reply(&message, &reply, Progress::unrecorded()).await {
                 Ok(_) => Outcome::Rejected(reason),
                 Err(e) if e.is_retryable() => send_failure(e),
                 Err(e) => Outcome::Failed(format!("{reason}; telling the user failed: {e}")),
@@ -444,15 +448,28 @@ impl Worker {
         let text = if answer.text.trim().is_empty() { FAILURE_REPLY } else { answer.text.as_str() };
         // The state is written before the answer leaves: if the process stops before the
         // channel's answer is recorded, the next run finds `sending` and does not send it
-        // a second time (see `answer`).
-        if let Some(id) = answer.message_id {
-            if let Err(e) = inbound::mark_sending(&self.pool, id).await {
-                return Outcome::Retry(format!("database: {e}"));
+        // a second time (see `answer`). Each part is recorded as the channel accepts it, so
+        // a try after a failure that may heal sends only the parts that did not go out.
+        let parts = match answer.message_id {
+            Some(id) => {
+                let parts = match AnswerParts::load(&self.pool, id).await {
+                    Ok(parts) => parts,
+                    Err(e) => return Outcome::Retry(format!("database: {e}")),
+                };
+                if let Err(e) = inbound::mark_sending(&self.pool, id).await {
+                    return Outcome::Retry(format!("database: {e}"));
+                }
+                Some(parts)
             }
-        }
-        match channel.reply(&message, text).await {
-            Ok(ids) => {
-                self.record_sent(answer.message_id, &ids).await;
+            None => None,
+        };
+        let progress = match &parts {
+            Some(parts) => parts.progress(),
+            None => Progress::unrecorded(),
+        };
+        match channel.reply(&message, text, progress).await {
+            Ok(_) => {
+                self.record_sent(answer.message_id).await;
                 tracing::info!(channel = %entry.channel, to = %redact(&message.conversation_key), "answered");
                 match answer.error {
                     Some(e) => Outcome::Failed(format!("the model failed: {e}")),
@@ -500,6 +517,13 @@ impl Worker {
                             }
                             Err(Outcome::DeliveryUnknown(STOPPED_WHILE_SENDING.into()))
                         }
+                        // Failed while its next parts waited (the report of a part that went
+                        // out): the rest would not reach the user either.
+                        Some("failed") => Err(Outcome::Failed(
+                            "the answer was reported not delivered (its delivery error says \
+                             why): nothing more of it is sent"
+                                .into(),
+                        )),
                         Some(_) => Ok(None),
                     };
                 }
@@ -541,30 +565,25 @@ impl Worker {
         text: &str,
         reason: String,
     ) -> Outcome {
-        match channel.reply(message, text).await {
+        match channel.reply(message, text, Progress::unrecorded()).await {
             Ok(_) => Outcome::Failed(format!("{reason} (the user was told)")),
             Err(e) => Outcome::Failed(format!("{reason}; telling the user failed: {e}")),
         }
     }
 
-    /// Records the channel ids of every part an answer went out in.
-    async fn record_sent(&self, message_id: Option<MessageId>, external_ids: &[String]) {
+    /// Records that every part of an answer went out (each part's id was recorded as it
+    /// went): `sent`, without the error of earlier tries that failed.
+    async fn record_sent(&self, message_id: Option<MessageId>) {
         let Some(message_id) = message_id else { return };
-        if let Err(e) =
-            memory::set_message_parts(&self.pool, message_id, external_ids, Some("sent")).await
-        {
-            tracing::error!(error = %e, "cannot record the delivery of an answer");
-        }
-        // A send that went through after earlier tries failed: their error no longer
-        // describes the answer.
-        if let Err(e) = inbound::clear_delivery_error(&self.pool, message_id).await {
+        if let Err(e) = inbound::mark_sent(&self.pool, message_id).await {
             tracing::error!(error = %e, "cannot record the delivery of an answer");
         }
     }
 
     /// Records a failed send of an answer: failed for good, `unknown` when it may have
-    /// reached the user (never sent again), or (an error that may heal) back to not sent, to
-    /// be sent again at the message's next try.
+    /// reached the user (never sent again, nor any part after it), or (an error that may
+    /// heal) back to not sent, for the message's next try to send the parts that did not go
+    /// out.
     async fn record_unsent(&self, message_id: Option<MessageId>, error: &ChannelError) {
         let Some(message_id) = message_id else { return };
         let reason = error.to_string();

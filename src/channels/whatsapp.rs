@@ -1,7 +1,7 @@
 //! WhatsApp Cloud API: the webhook's wire types and signature check, turning a notification
 //! into queue rows and delivery reports, and the Graph API client (send text with markup
-//! and splitting, templates, mark-as-read with typing indicator, retries). Knows nothing of
-//! axum or of models.
+//! and splitting, part by part from where an earlier try stopped, templates, mark-as-read
+//! with typing indicator, retries). Knows nothing of axum or of models.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -14,10 +14,9 @@ use sha2::Sha256;
 use sqlx::SqlitePool;
 
 use crate::channels::markup::markdown_to_whatsapp;
-use crate::channels::split::split_message;
 use crate::channels::{
-    lenient, path_segment, redact, Channel, ChannelError, Contact as ChannelContact,
-    DeliveryReceipt, Intake, Limits, QueuedInbound, RetryPolicy,
+    lenient, parts_after, path_segment, redact, Channel, ChannelError, Contact as ChannelContact,
+    DeliveryReceipt, Intake, Limits, Progress, QueuedInbound, RetryPolicy, SentPart,
 };
 use crate::config::WhatsAppSettings;
 use crate::db::inbound::{self, QueueStatus};
@@ -612,12 +611,32 @@ impl WhatsApp {
         self.proactive_route(to).await.map(|_| ())
     }
 
-    /// Sends a proactive message: free-form inside the 24-hour window, else the approved
-    /// template with the text as its one body parameter, else `OutsideWindow`.
-    pub async fn deliver(&self, to: &str, text: &str) -> Result<DeliveryReceipt, ChannelError> {
+    /// Sends a proactive message, the parts that follow `progress`: free-form inside the
+    /// 24-hour window, else the approved template with the text as its one body parameter,
+    /// else `OutsideWindow`. A message whose first parts went out free-form is not finished
+    /// through the template (its parameter would repeat them): `OutsideWindow` then.
+    pub async fn deliver(
+        &self,
+        to: &str,
+        text: &str,
+        progress: Progress<'_>,
+    ) -> Result<DeliveryReceipt, ChannelError> {
         let (external_ids, via_template) = match self.proactive_route(to).await? {
-            Route::FreeForm => (self.send_text(to, text).await?, false),
-            Route::Template => (vec![self.send_template(to, text).await?], true),
+            Route::FreeForm => (self.send_text_tagged(to, text, None, progress).await?, false),
+            Route::Template if progress.at_start() => {
+                let id = self.send_template(to, text).await?;
+                // The template carries the whole text: nothing of it is left to send.
+                let end = markdown_to_whatsapp(text).len();
+                progress.log.record(&SentPart { external_id: id.clone(), end }).await?;
+                (vec![id], true)
+            }
+            Route::Template => {
+                return Err(ChannelError::OutsideWindow {
+                    detail: "the window closed after the first parts of this message were \
+                             sent; the rest waits in the conversation"
+                        .into(),
+                })
+            }
         };
         Ok(DeliveryReceipt { channel: ChannelKind::WhatsApp, external_ids, via_template })
     }
@@ -626,49 +645,56 @@ impl WhatsApp {
     /// into messages of at most 4096 characters. Returns the wamid of each part. A part that
     /// fails stops the rest (sending later parts alone would not make sense).
     pub async fn send_text(&self, to: &str, markdown: &str) -> Result<Vec<String>, ChannelError> {
-        self.send_text_tagged(to, markdown, None).await
+        self.send_text_tagged(to, markdown, None, Progress::unrecorded()).await
     }
 
-    /// `send_text` for the answer to the inbound message `question` (its wamid): every part
-    /// carries `REPLY_TAG` + that wamid, which Meta echoes in the parts' status reports. If
-    /// the process stops after Meta accepted the answer but before we recorded it, the first
-    /// status report still finds the answer (see `inbound::confirm_reply_delivery`).
+    /// `send_text` for the answer to the inbound message `question` (its wamid), the parts
+    /// that follow `progress`: every part carries `REPLY_TAG` + that wamid, which Meta echoes
+    /// in the parts' status reports. If the process stops after Meta accepted a part but
+    /// before we recorded it, its first status report still finds the answer (see
+    /// `inbound::confirm_reply_delivery`).
     pub async fn send_reply(
         &self,
         to: &str,
         markdown: &str,
         question: &str,
+        progress: Progress<'_>,
     ) -> Result<Vec<String>, ChannelError> {
         let tag = format!("{REPLY_TAG}{question}");
         // Meta takes at most 512 bytes; a wamid is far shorter, but never send a bad request.
         let tag = (tag.len() <= 512).then_some(tag);
-        self.send_text_tagged(to, markdown, tag.as_deref()).await
+        self.send_text_tagged(to, markdown, tag.as_deref(), progress).await
     }
 
+    /// Sends the parts of `markdown` (in WhatsApp markup) that follow `progress`, each
+    /// recorded in `progress.log` once Meta accepted it, before the next is sent.
     async fn send_text_tagged(
         &self,
         to: &str,
         markdown: &str,
         tag: Option<&str>,
+        progress: Progress<'_>,
     ) -> Result<Vec<String>, ChannelError> {
         let text = markdown_to_whatsapp(markdown);
-        let parts = split_message(&text, MAX_TEXT_CHARS);
-        if parts.is_empty() {
+        let parts = parts_after(&text, progress.sent_through, MAX_TEXT_CHARS)?;
+        if parts.is_empty() && progress.at_start() {
             return Err(ChannelError::Invalid("refusing to send an empty message".into()));
         }
         let mut ids = Vec::with_capacity(parts.len());
-        for part in &parts {
+        for (part, end) in parts {
             let body = TextMessage {
                 messaging_product: "whatsapp",
                 recipient_type: "individual",
                 to,
                 kind: "text",
-                text: TextContent { preview_url: false, body: part },
+                text: TextContent { preview_url: false, body: &part },
                 biz_opaque_callback_data: tag,
             };
-            ids.push(self.post_message(&body).await?);
+            let id = self.post_message(&body).await?;
+            progress.log.record(&SentPart { external_id: id.clone(), end }).await?;
+            ids.push(id);
         }
-        tracing::info!(to = %redact(to), parts = parts.len(), "whatsapp: message sent");
+        tracing::info!(to = %redact(to), parts = ids.len(), resumed = !progress.at_start(), "whatsapp: message sent");
         Ok(ids)
     }
 
@@ -849,16 +875,18 @@ impl Channel for WhatsApp {
         &'a self,
         message: &'a QueuedInbound,
         text: &'a str,
+        progress: Progress<'a>,
     ) -> BoxFuture<'a, Result<Vec<String>, ChannelError>> {
-        Box::pin(self.send_reply(&message.conversation_key, text, &message.external_id))
+        Box::pin(self.send_reply(&message.conversation_key, text, &message.external_id, progress))
     }
 
     fn deliver<'a>(
         &'a self,
         target: &'a str,
         text: &'a str,
+        progress: Progress<'a>,
     ) -> BoxFuture<'a, Result<DeliveryReceipt, ChannelError>> {
-        Box::pin(WhatsApp::deliver(self, target, text))
+        Box::pin(WhatsApp::deliver(self, target, text, progress))
     }
 
     fn window_open<'a>(&'a self, address: &'a str) -> BoxFuture<'a, Result<bool, ChannelError>> {

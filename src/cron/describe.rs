@@ -1,7 +1,9 @@
 //! A parsed cron expression in words ("every weekday (Monday to Friday) at 07:30"): common
-//! patterns get a sentence, anything else a field-by-field reading (and the day and month
-//! names that one-shot `at …` schedules use). Only wording: fields
-//! come from `schedule::Schedule` (already valid, six fields); zones are added there.
+//! patterns get a sentence, anything else a field-by-field reading; and a one-shot `at …`
+//! with the time it really runs when a clock change moves it. Only wording: fields and
+//! instants come from `schedule::Schedule` (already valid, six fields); zones are added there.
+
+use chrono::{Datelike, NaiveDateTime, Timelike};
 
 const DAY_NAMES: [&str; 7] =
     ["Sunday", "Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday"];
@@ -72,19 +74,65 @@ pub(super) fn fields(
     field_by_field(second, minute, hour, dom, month, dow)
 }
 
+/// How a one-shot's local time falls on its day's clock, as `schedule` found it.
+pub(super) enum OnTheClock {
+    /// It happens once.
+    Once,
+    /// The clocks go back over it, so it happens twice: the first one runs.
+    Twice,
+    /// The clocks go forward over it: it runs at `runs`, when they resume.
+    Skipped { runs: NaiveDateTime },
+}
+
+/// A one-shot in words at the local time it runs ("once, on Friday 27 November 2026 at 09:00
+/// Europe/Paris"), saying so when a clock change that day moves it or makes it ambiguous.
+pub(super) fn once(at: NaiveDateTime, on_the_clock: OnTheClock, zone: &str) -> String {
+    let runs = match on_the_clock {
+        OnTheClock::Skipped { runs } => runs,
+        OnTheClock::Once | OnTheClock::Twice => at,
+    };
+    let said = format!(
+        "once, on {} {} {} {} at {} {zone}",
+        weekday_name(runs.weekday()),
+        runs.day(),
+        month_name(runs.month()),
+        runs.year(),
+        clock_time(runs),
+    );
+    match on_the_clock {
+        OnTheClock::Once => said,
+        OnTheClock::Twice => {
+            format!("{said} (the first of the two {}s that day: clocks go back)", clock_time(at))
+        }
+        OnTheClock::Skipped { runs } => {
+            let skipped = if runs.date() == at.date() {
+                format!("{} does not exist that day", clock_time(at))
+            } else {
+                format!("{} {} does not exist", at.format("%Y-%m-%d"), clock_time(at))
+            };
+            format!("{said} ({skipped}: clocks go forward)")
+        }
+    }
+}
+
 /// A weekday's English name ("Friday").
-pub(super) fn weekday_name(day: chrono::Weekday) -> &'static str {
+fn weekday_name(day: chrono::Weekday) -> &'static str {
     DAY_NAMES[day.num_days_from_sunday() as usize]
 }
 
 /// A month's English name; `month` is 1 to 12.
-pub(super) fn month_name(month: u32) -> &'static str {
+fn month_name(month: u32) -> &'static str {
     MONTH_NAMES[(month.clamp(1, 12) - 1) as usize]
 }
 
 /// `*` or `?`: any value.
 pub(super) fn is_star(field: &str) -> bool {
     field == "*" || field == "?"
+}
+
+/// `HH:MM`, with `:SS` only when the seconds are not zero.
+fn clock_time(at: NaiveDateTime) -> String {
+    at.format(if at.second() == 0 { "%H:%M" } else { "%H:%M:%S" }).to_string()
 }
 
 /// `n` in `*/n` or `0/n`.
@@ -268,6 +316,43 @@ mod tests {
         check("@yearly", Tz::UTC, "every year on 1 January at 00:00 UTC");
         check("0 9 24 DEC *", Tz::UTC, "every year on 24 December at 09:00 UTC");
         check("0 9 1 1,7 *", Tz::UTC, "every year on 1 January and July at 09:00 UTC");
+    }
+
+    #[test]
+    fn one_shots_say_when_they_really_run() {
+        check(
+            "at 2027-03-27 02:30",
+            Tz::Europe__Berlin,
+            "once, on Saturday 27 March 2027 at 02:30 Europe/Berlin",
+        );
+        // Skipped by the clocks going forward: it runs when they resume.
+        check(
+            "at 2027-03-28 02:30",
+            Tz::Europe__Berlin,
+            "once, on Sunday 28 March 2027 at 03:00 Europe/Berlin (02:30 does not exist that \
+             day: clocks go forward)",
+        );
+        check(
+            "at 2027-03-14 02:15:30",
+            Tz::America__New_York,
+            "once, on Sunday 14 March 2027 at 03:00 America/New_York (02:15:30 does not exist \
+             that day: clocks go forward)",
+        );
+        check(
+            "at 2027-10-03 02:10",
+            Tz::Australia__Lord_Howe,
+            "once, on Sunday 3 October 2027 at 02:30 Australia/Lord_Howe (02:10 does not exist \
+             that day: clocks go forward)",
+        );
+        // Twice on the clock when they go back: the first one.
+        check(
+            "at 2027-10-31 02:30",
+            Tz::Europe__Berlin,
+            "once, on Sunday 31 October 2027 at 02:30 Europe/Berlin (the first of the two 02:30s \
+             that day: clocks go back)",
+        );
+        // The same wall-clock time is ordinary in a zone without the change.
+        check("at 2027-03-28 02:30", Tz::UTC, "once, on Sunday 28 March 2027 at 02:30 UTC");
     }
 
     #[test]

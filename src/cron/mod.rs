@@ -24,7 +24,10 @@
 //! - Runs missed while the process was down (or more than a minute late) are not replayed:
 //!   at start every job's next run is its next occurrence after the restart. One-shots are
 //!   the exception: one whose time went by while the process was down (or asleep) runs
-//!   late, once, since it has no later occurrence. A run that a stopped process left
+//!   late, once, since it has no later occurrence, unless it is more than `CRON_LATE_LIMIT`
+//!   late (a day by default): then it is disabled with a failed run saying when it was
+//!   due (a reminder days late is noise, and a prompt job's answer stale). A run that a
+//!   stopped process left
 //!   `running` is recorded as failed at the next start.
 //! - A job never runs twice at the same time: a scheduled occurrence that finds its job
 //!   still running is skipped, and "run now" is refused.
@@ -150,6 +153,7 @@ pub async fn start(
         tracing::warn!(runs = interrupted, "cron runs interrupted by the last stop marked failed");
     }
     let (checked, _) = watch::channel(DateTime::<Utc>::MIN_UTC);
+    let (halting, _) = watch::channel(false);
     let scheduler = scheduler::new_scheduler().await?;
     let handle = CronHandle {
         inner: Arc::new(Inner {
@@ -164,7 +168,9 @@ pub async fn start(
             registered: Mutex::new(HashMap::new()),
             stopped: AtomicBool::new(false),
             delivery: settings.delivery,
+            late_limit: settings.late_limit,
             checked,
+            halting,
         }),
     };
     let mut jobs = store::list_jobs(&handle.inner.pool).await?;
@@ -196,6 +202,18 @@ pub async fn start(
         let now = Utc::now();
         for job in jobs.iter().filter(|job| job.enabled) {
             if let Some(occurrence) = missed_one_shot(&handle.inner, job, now) {
+                let late = (now - occurrence).to_std().unwrap_or_default();
+                if late > handle.inner.late_limit {
+                    tracing::warn!(
+                        job = job.id.0,
+                        late_s = late.as_secs(),
+                        "one-shot job missed by more than CRON_LATE_LIMIT: disabled, not run"
+                    );
+                    if let Err(e) = give_up_missed(&handle.inner, job, occurrence, now).await {
+                        tracing::error!(job = job.id.0, error = %e, "missed one-shot job not disabled");
+                    }
+                    continue;
+                }
                 tracing::warn!(
                     job = job.id.0,
                     late_s = (now - occurrence).num_seconds(),
@@ -433,6 +451,15 @@ impl CronHandle {
         })
     }
 
+    /// The process is shutting down: a run whose model is answering stops that answer and
+    /// ends failed, saying so, and sends nothing (a cut answer is not worth a message); its
+    /// cut text stays in a WebChat conversation. Without it a run held the graceful
+    /// shutdown as long as its answer took (minutes on a CPU). Nothing else changes until
+    /// `shutdown`.
+    pub fn halt(&self) {
+        self.inner.halting.send_replace(true);
+    }
+
     /// Stops starting runs. Runs in progress go on until the runtime stops; the next
     /// start records any left unfinished as failed.
     pub async fn shutdown(&self) {
@@ -484,8 +511,12 @@ struct Inner {
     stopped: AtomicBool,
     /// How a message is offered again to a failing channel (see `run::deliver_patiently`).
     delivery: crate::config::DeliveryPatience,
+    /// How late a missed one-shot may still run at start (`CRON_LATE_LIMIT`).
+    late_limit: Duration,
     /// See `CronHandle::checked_through`.
     checked: watch::Sender<DateTime<Utc>>,
+    /// Set by `halt` (the process is shutting down): runs in progress stop their answer.
+    halting: watch::Sender<bool>,
 }
 
 /// The schedule and zone a stored job runs on; an error for rows written around the API
@@ -517,6 +548,40 @@ fn missed_one_shot(inner: &Inner, job: &CronJob, now: DateTime<Utc>) -> Option<D
     let (schedule, timezone) = plan(inner, job).ok()?;
     let at = schedule.once_at(timezone)?;
     (job.enabled && at <= now && not_yet_run(job, at)).then_some(at)
+}
+
+/// Ends a one-shot missed by more than the late limit as a failed run does: a run recorded
+/// as failed with the reason (the job's last error, shown in Schedules), then disabled.
+/// Written in that order so that a stop in between leaves a `running` run, which the next
+/// start turns into an interrupted one-shot, disabled as well.
+async fn give_up_missed(
+    inner: &Inner,
+    job: &CronJob,
+    due: DateTime<Utc>,
+    now: DateTime<Utc>,
+) -> Result<(), sqlx::Error> {
+    let zone = plan(inner, job).map_or(inner.default_timezone, |(_, zone)| zone);
+    let reason = format!(
+        "missed: it was due {} ({zone}) while my-claw was not running, and it is more than \
+         {} late (CRON_LATE_LIMIT); not run",
+        due.with_timezone(&zone).format("%A %-d %B at %H:%M"),
+        describe_duration(inner.late_limit),
+    );
+    let run = store::start_run(&inner.pool, job.id, now.timestamp_millis()).await?;
+    store::finish_run(&inner.pool, run, 0, store::RunOutcome::Failed, Some(&reason), None).await?;
+    store::disable_job(&inner.pool, job).await?;
+    Ok(())
+}
+
+/// `24h`, `90m`, `45s`, `0s`: a duration as the settings spell it.
+fn describe_duration(duration: Duration) -> String {
+    let secs = duration.as_secs();
+    match secs {
+        0 => "0s".into(),
+        s if s % 3600 == 0 => format!("{}h", s / 3600),
+        s if s % 60 == 0 => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    }
 }
 
 /// Whether `job` is a one-shot whose run the last stop interrupted.

@@ -1,8 +1,9 @@
 //! One run of a job: its row in the history, the prompt answered by the assistant in the
 //! target conversation (or, for a reminder, its fixed text stored there), the delivery on
-//! the job's channel, the recorded outcome, and a one-shot job's end (deleted once
-//! delivered, disabled when it failed). Whether and when to run is decided elsewhere
-//! (`scheduler.rs`, `CronHandle`).
+//! the job's channel (marked `sending` before it leaves, each part recorded as it goes out,
+//! offered again from the first part that did not), the recorded outcome, and a one-shot
+//! job's end (deleted once delivered, disabled when it failed). Whether and when to run is
+//! decided elsewhere (`scheduler.rs`, `CronHandle`).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -10,7 +11,7 @@ use std::time::Instant;
 
 use chrono::{DateTime, Utc};
 
-use crate::channels::{ChannelError, DeliveryReceipt};
+use crate::channels::{AnswerParts, ChannelError, DeliveryReceipt};
 use crate::cron::{lock, plan, scheduler, CronError, Inner, DEFAULT_TIER};
 use crate::db::cron::{self as store, CronJob, CronJobId, CronRun, JobKind, RunOutcome};
 use crate::db::now_ms;
@@ -63,7 +64,7 @@ impl StartedRun {
     /// Asks the assistant, delivers, and records the outcome.
     pub(super) async fn finish(self) -> Result<CronRun, CronError> {
         let StartedRun { inner, job, run_id, started_at, clock, late_for, _guard: guard } = self;
-        let result = answer_and_deliver(&inner, &job, late_for).await;
+        let result = answer_and_deliver(&inner, &job, run_id, late_for).await;
         let duration_ms = clock.elapsed().as_millis() as i64;
         let (outcome, error, message_id) = match result {
             Ok(delivered) => (RunOutcome::Delivered, delivered.note, Some(delivered.message_id)),
@@ -165,6 +166,7 @@ impl Failure {
 async fn answer_and_deliver(
     inner: &Inner,
     job: &CronJob,
+    run_id: i64,
     late_for: Option<DateTime<Utc>>,
 ) -> Result<Delivered, Failure> {
     let tier = job.tier.as_deref().and_then(Tier::from_name).unwrap_or(DEFAULT_TIER);
@@ -189,21 +191,30 @@ async fn answer_and_deliver(
     };
     if job.channel == ChannelKind::WebChat {
         // For the WebChat, storing the answer is the delivery: open pages hear of it
-        // through the assistant's events.
-        return Ok(Delivered { message_id, note: None });
+        // through the assistant's events. A conversation deleted during the run took the
+        // message with it: nothing was delivered.
+        return match memory::get_message(&inner.pool, message_id).await {
+            Ok(Some(_)) => Ok(Delivered { message_id, note: None }),
+            Ok(None) => Err(Failure::new(
+                "the conversation was deleted while this run was writing into it".into(),
+                None,
+            )),
+            Err(e) => Err(Failure::new(format!("database: {e}"), None)),
+        };
     }
-    let receipt = match deliver_patiently(inner, job, &text).await {
+    // The state is written before the message leaves, as the channel queue does: a stop
+    // during the send leaves `sending` on a `running` run, which the next start marks
+    // `unknown` (`store::fail_interrupted_runs`), so the message is never sent twice.
+    if let Err(e) = store::mark_run_sending(&inner.pool, run_id, message_id).await {
+        return Err(Failure::new(format!("database: {e}"), Some(message_id)));
+    }
+    let receipt = match deliver_patiently(inner, job, message_id, &text).await {
         Ok(receipt) => receipt,
         Err(e @ ChannelError::DeliveryUnknown { .. }) => {
-            // It may have arrived: never sent again, and said as unknown, as a channel answer
-            // whose delivery is unknown is.
+            // It may have arrived: never sent again (nor the parts after it), and said as
+            // unknown, as a channel answer whose delivery is unknown is.
             let reason = format!("{}: {e}", job.channel);
-            let pool = &inner.pool;
-            let marked = match inbound::mark_sending(pool, message_id).await {
-                Ok(()) => inbound::mark_delivery_unknown(pool, message_id, &reason).await,
-                Err(e) => Err(e),
-            };
-            if let Err(e) = marked {
+            if let Err(e) = inbound::mark_delivery_unknown(&inner.pool, message_id, &reason).await {
                 tracing::warn!(job = job.id.0, error = %e, "unknown delivery not recorded");
             }
             return Err(Failure::new(reason, Some(message_id)));
@@ -218,13 +229,10 @@ async fn answer_and_deliver(
             return Err(Failure::new(reason, Some(message_id)));
         }
     };
-    // With the channel's id on the message, its status webhooks (delivered, read, failed)
-    // land on the stored answer.
-    let stored =
-        memory::set_message_parts(&inner.pool, message_id, &receipt.external_ids, Some("sent"))
-            .await;
-    if let Err(e) = stored {
-        tracing::warn!(job = job.id.0, error = %e, "delivery ids not stored");
+    // Each part's id went on the message as it left (its status webhooks land there); all
+    // of them went out now.
+    if let Err(e) = inbound::mark_sent(&inner.pool, message_id).await {
+        tracing::warn!(job = job.id.0, error = %e, "delivery not recorded");
     }
     let note = receipt.via_template.then(|| {
         "outside WhatsApp's 24-hour window: the approved template was sent instead; the answer \
@@ -234,19 +242,23 @@ async fn answer_and_deliver(
     Ok(Delivered { message_id, note })
 }
 
-/// Delivers `text`, offering it again while the channel fails in a way that may heal (see
-/// `DeliveryPatience`); the run holds its job meanwhile, so an occurrence that comes during
+/// Delivers `text`, the stored message `message_id`, offering what did not go out again
+/// while the channel fails in a way that may heal (see `DeliveryPatience`): each part is
+/// recorded as the channel accepts it, and each try starts after the last recorded part, so
+/// no part is sent twice. The run holds its job meanwhile, so an occurrence that comes during
 /// the outage is skipped, not doubled.
 async fn deliver_patiently(
     inner: &Inner,
     job: &CronJob,
+    message_id: MessageId,
     text: &str,
 ) -> Result<DeliveryReceipt, ChannelError> {
     let patience = inner.delivery;
     let started = Instant::now();
     let mut wait = patience.first_wait;
     loop {
-        match inner.channels.deliver(job.channel, &job.target, text).await {
+        let parts = AnswerParts::load(&inner.pool, message_id).await?;
+        match inner.channels.deliver(job.channel, &job.target, text, parts.progress()).await {
             Err(e) if e.is_retryable() && !inner.stopped.load(Ordering::SeqCst) => {
                 let pause = e.retry_after().unwrap_or(wait).min(patience.max_wait);
                 if started.elapsed() + pause > patience.give_up_after {
@@ -281,10 +293,40 @@ async fn answer(inner: &Inner, job: &CronJob, tier: Tier) -> Result<(MessageId, 
         text: format!("[scheduled: {}] {}", job.name, job.prompt),
         external_id: None,
     };
-    let reply = match inner.assistant.reply(inbound, Some(tier)).await {
+    // The conversation is known before the answer starts, so that a shutdown can stop it.
+    let conversation = match job.channel {
+        ChannelKind::WebChat => job.target.parse::<i64>().ok().map(ConversationId),
+        channel => memory::get_or_create_conversation(&inner.pool, channel, &job.target, None)
+            .await
+            .ok()
+            .map(|c| c.id),
+    };
+    let mut halting = inner.halting.subscribe();
+    let asked = inner.assistant.reply(inbound, Some(tier));
+    tokio::pin!(asked);
+    let (reply, halted) = tokio::select! {
+        reply = &mut asked => (reply, false),
+        // (The watch's guard is dropped at once: it must not live across the wait below.)
+        _ = async {
+            if halting.wait_for(|halting| *halting).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        } => {
+            if let Some(conversation) = conversation {
+                inner.assistant.stop(conversation);
+            }
+            // The stopped answer is stored (cut short) before the reply comes back.
+            (asked.await, true)
+        }
+    };
+    let reply = match reply {
         Ok(reply) => reply,
         Err(e) => return Err(Failure::new(format!("the assistant could not answer: {e}"), None)),
     };
+    if halted {
+        let reason = "stopped: my-claw was shutting down; the answer was cut short and not sent";
+        return Err(Failure::new(reason.into(), reply.message_id));
+    }
     if let Some(error) = reply.error {
         return Err(Failure::new(format!("the model failed: {error}"), reply.message_id));
     }

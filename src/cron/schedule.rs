@@ -2,11 +2,22 @@
 //! that say which field is wrong, one-shot times (`at 2026-11-27 09:00`, a local date-time
 //! in the job's zone), occurrences in a job's own zone, and the schedule in words.
 //! Pure functions of their inputs and the clock: no database, no scheduler, no HTTP.
+//!
+//! Clock changes. Every occurrence is strictly after the instant asked about. An expression
+//! with a restricted hour field (`30 2 * * *`, `0 9-17 * * 1-5`) names wall-clock times, and
+//! each runs once: a time the clocks pass twice (going back) at its first pass only, as
+//! cronie does, and a time they skip (going forward) at the first instant after the jump
+//! (`30 2 * * *` at 03:00 when 02:00 becomes 03:00; several skipped times make one run), as
+//! a one-shot `at` does. An expression whose hour field is every hour (`*/20 * * * *`,
+//! `@hourly`, `*/15 * * * * *`) measures elapsed time: it runs at every instant whose local
+//! reading matches, so through both passes of a repeated hour, and not in the skipped one.
 
-use chrono::{DateTime, Datelike, NaiveDateTime, TimeZone, Timelike, Utc};
+use chrono::{DateTime, Duration, LocalResult, NaiveDateTime, Offset, TimeZone, Timelike, Utc};
 use chrono_tz::Tz;
 use croner::parser::{CronParser, Seconds, Year};
 use croner::Cron;
+
+use super::describe::OnTheClock;
 
 /// Longest expression accepted. The longest useful one (six lists of values) is far
 /// shorter; the bound keeps a pasted page out of the parser and out of error messages.
@@ -28,9 +39,19 @@ enum Kind {
         six_fields: String,
         // Boxed: croner's parse is large next to a one-shot's date-time.
         cron: Box<Cron>,
+        clock: Clock,
     },
     /// Runs once, at this wall-clock time in the job's zone.
     Once(NaiveDateTime),
+}
+
+/// How a cron expression meets its zone's clock changes (see the module header).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Clock {
+    /// The hour field is restricted: wall-clock times, each run once.
+    Wall,
+    /// Every hour matches: every instant whose local reading matches.
+    Elapsed,
 }
 
 impl Schedule {
@@ -49,7 +70,10 @@ impl Schedule {
         }
         let six_fields = to_six_fields(expression)?;
         match parse_six_fields(&six_fields) {
-            Some(cron) => Ok(Schedule { kind: Kind::Cron { six_fields, cron: Box::new(cron) } }),
+            Some(cron) => {
+                let clock = clock_of(&cron);
+                Ok(Schedule { kind: Kind::Cron { six_fields, cron: Box::new(cron), clock } })
+            }
             None => Err(explain_invalid(expression, &six_fields)),
         }
     }
@@ -104,23 +128,29 @@ impl Schedule {
         }
     }
 
-    /// The first occurrence strictly after `after`, in the zone `timezone`.
+    /// The first occurrence strictly after `after`, in the zone `timezone` (clock changes as
+    /// the module header says).
     pub fn next_after(&self, after: DateTime<Utc>, timezone: Tz) -> Option<DateTime<Utc>> {
         match &self.kind {
-            Kind::Cron { cron, .. } => {
-                let local = whole_second(after).with_timezone(&timezone);
-                cron.find_next_occurrence(&local, false).ok().map(|t| t.with_timezone(&Utc))
+            Kind::Cron { cron, clock: Clock::Wall, .. } => {
+                next_wall_clock(cron, whole_second(after), timezone)
+            }
+            Kind::Cron { cron, clock: Clock::Elapsed, .. } => {
+                next_elapsed(cron, whole_second(after), timezone)
             }
             Kind::Once(at) => once_instant(*at, timezone).filter(|t| *t > after),
         }
     }
 
-    /// The latest occurrence at or before `at`, in the zone `timezone`.
+    /// The latest occurrence at or before `at`, in the zone `timezone`: the same occurrences
+    /// as `next_after`'s, searched backwards.
     pub fn latest_at_or_before(&self, at: DateTime<Utc>, timezone: Tz) -> Option<DateTime<Utc>> {
         match &self.kind {
-            Kind::Cron { cron, .. } => {
-                let local = whole_second(at).with_timezone(&timezone);
-                cron.find_previous_occurrence(&local, true).ok().map(|t| t.with_timezone(&Utc))
+            Kind::Cron { cron, clock: Clock::Wall, .. } => {
+                latest_wall_clock(cron, whole_second(at), timezone)
+            }
+            Kind::Cron { cron, clock: Clock::Elapsed, .. } => {
+                latest_elapsed(cron, whole_second(at), timezone)
             }
             Kind::Once(once) => once_instant(*once, timezone).filter(|t| *t <= at),
         }
@@ -157,16 +187,18 @@ impl Schedule {
         let six_fields = match &self.kind {
             Kind::Cron { six_fields, .. } => six_fields,
             Kind::Once(at) => {
-                let time = if at.second() == 0 { "%H:%M" } else { "%H:%M:%S" };
-                return format!(
-                    "once, on {} {} {} {} at {} {}",
-                    super::describe::weekday_name(at.weekday()),
-                    at.day(),
-                    super::describe::month_name(at.month()),
-                    at.year(),
-                    at.format(time),
-                    timezone.name()
-                );
+                // The words give the time it will run, which a clock change may move.
+                let on_the_clock = match timezone.from_local_datetime(at) {
+                    LocalResult::Single(_) => OnTheClock::Once,
+                    LocalResult::Ambiguous(..) => OnTheClock::Twice,
+                    LocalResult::None => match once_instant(*at, timezone) {
+                        Some(runs) => OnTheClock::Skipped {
+                            runs: runs.with_timezone(&timezone).naive_local(),
+                        },
+                        None => OnTheClock::Once,
+                    },
+                };
+                return super::describe::once(*at, on_the_clock, timezone.name());
             }
         };
         let fields: Vec<&str> = six_fields.split(' ').collect();
@@ -246,14 +278,150 @@ pub fn parse_local_time(text: &str) -> Result<NaiveDateTime, String> {
 /// back) is the first one; a time skipped by clocks going forward is the first instant
 /// after the gap, so a reminder in the gap still fires, as late as it must.
 fn once_instant(at: NaiveDateTime, timezone: Tz) -> Option<DateTime<Utc>> {
-    if let Some(t) = timezone.from_local_datetime(&at).earliest() {
+    first_instant_reading(timezone, at)
+}
+
+/// The first instant whose reading in `timezone` is `local` or later: `local`'s instant, the
+/// first of its two when the clocks go back over it, or the instant the clocks jump over it
+/// (the end of the gap) when they go forward. This is every `Clock::Wall` occurrence.
+fn first_instant_reading(timezone: Tz, local: NaiveDateTime) -> Option<DateTime<Utc>> {
+    if let Some(t) = timezone.from_local_datetime(&local).earliest() {
         return Some(t.with_timezone(&Utc));
     }
-    // Gaps are at most a few hours; look forward minute by minute for where time resumes.
-    (1..=24 * 60).find_map(|minutes| {
-        let later = at + chrono::Duration::minutes(minutes);
-        timezone.from_local_datetime(&later).earliest().map(|t| t.with_timezone(&Utc))
-    })
+    // Skipped: the clocks jumped from the offset before to the one after, at an instant
+    // between `local` read at the offset after (before the jump) and at the one before
+    // (after it). No offset is a day or more, and no zone changes twice within two days.
+    let plain = Utc.from_utc_datetime(&local);
+    let offset_before = offset_at(timezone, plain - Duration::days(1));
+    let offset_after = offset_at(timezone, plain + Duration::days(1));
+    offset_change(timezone, plain - offset_after, plain - offset_before)
+}
+
+/// `next_after` for `Clock::Wall`: the first matching reading whose instant (as
+/// `first_instant_reading` gives it) is after `after`. A reading up to the one at `after`
+/// has its instant at or before `after`, so the search starts there; a later one may too
+/// (the first pass of a repeated hour, when `after` is in the second), and is passed over.
+fn next_wall_clock(cron: &Cron, after: DateTime<Utc>, timezone: Tz) -> Option<DateTime<Utc>> {
+    let mut local = after.with_timezone(&timezone).naive_local();
+    loop {
+        local = next_match(cron, local, false)?;
+        // A reading no instant can be found for (no zone has one) is passed over, not taken
+        // for the end of the schedule.
+        let Some(instant) = first_instant_reading(timezone, local) else { continue };
+        if instant > after {
+            return Some(instant);
+        }
+    }
+}
+
+/// `latest_at_or_before` for `Clock::Wall`. A reading later than the one at `at` may have had
+/// its instant already (the first pass of a repeated hour, when `at` is in the second), so the
+/// search starts from the latest reading shown up to `at`: `at` at the larger of its offset
+/// and the one three hours before (clocks never go back more than that).
+fn latest_wall_clock(cron: &Cron, at: DateTime<Utc>, timezone: Tz) -> Option<DateTime<Utc>> {
+    let offset = offset_at(timezone, at).max(offset_at(timezone, at - Duration::hours(3)));
+    let mut local = at.naive_utc() + offset;
+    let mut inclusive = true;
+    loop {
+        local = previous_match(cron, local, inclusive)?;
+        inclusive = false;
+        let Some(instant) = first_instant_reading(timezone, local) else { continue };
+        if instant <= at {
+            return Some(instant);
+        }
+    }
+}
+
+/// `next_after` for `Clock::Elapsed`: the first instant after `after` whose reading matches.
+/// Within a stretch of one offset readings and instants move together, so the first match is
+/// found on the readings; when the offset changes before it, the search starts again from
+/// the change, at the new offset.
+fn next_elapsed(cron: &Cron, after: DateTime<Utc>, timezone: Tz) -> Option<DateTime<Utc>> {
+    let mut from = after + Duration::seconds(1);
+    loop {
+        let offset = offset_at(timezone, from);
+        let local = next_match(cron, from.naive_utc() + offset, true)?;
+        let found = Utc.from_utc_datetime(&(local - offset));
+        match offset_change(timezone, from, found) {
+            None => return Some(found),
+            Some(change) => from = change,
+        }
+    }
+}
+
+/// `latest_at_or_before` for `Clock::Elapsed`: `next_elapsed` backwards.
+fn latest_elapsed(cron: &Cron, at: DateTime<Utc>, timezone: Tz) -> Option<DateTime<Utc>> {
+    let mut until = at;
+    loop {
+        let offset = offset_at(timezone, until);
+        let local = previous_match(cron, until.naive_utc() + offset, true)?;
+        let found = Utc.from_utc_datetime(&(local - offset));
+        match offset_change(timezone, until, found) {
+            None => return Some(found),
+            Some(change) => until = change,
+        }
+    }
+}
+
+/// Whether every hour matches the hour field: such an expression measures elapsed time.
+fn clock_of(cron: &Cron) -> Clock {
+    if (0..24).all(|hour| cron.pattern.hour_match(hour).unwrap_or(false)) {
+        Clock::Elapsed
+    } else {
+        Clock::Wall
+    }
+}
+
+/// The first reading after `local` (or at it, when `inclusive`) that the fields match, on a
+/// clock that never changes: croner on UTC, so its own handling of clock changes (which took
+/// any gap it crossed for the job's time, and a repeated hour's first pass when asked from
+/// the second) never applies; the zone is this module's to apply.
+fn next_match(cron: &Cron, local: NaiveDateTime, inclusive: bool) -> Option<NaiveDateTime> {
+    let plain = Utc.from_utc_datetime(&local);
+    cron.find_next_occurrence(&plain, inclusive).ok().map(|t| t.naive_utc())
+}
+
+/// `next_match` backwards.
+fn previous_match(cron: &Cron, local: NaiveDateTime, inclusive: bool) -> Option<NaiveDateTime> {
+    let plain = Utc.from_utc_datetime(&local);
+    cron.find_previous_occurrence(&plain, inclusive).ok().map(|t| t.naive_utc())
+}
+
+/// `timezone`'s offset from UTC at `at`.
+fn offset_at(timezone: Tz, at: DateTime<Utc>) -> Duration {
+    let offset = timezone.offset_from_utc_datetime(&at.naive_utc()).fix();
+    Duration::seconds(offset.local_minus_utc().into())
+}
+
+/// How far apart `offset_change` looks first: zones change their offset months apart, so a
+/// change and its undoing never fit between two looks.
+const OFFSET_LOOK: Duration = Duration::hours(6);
+
+/// Going from `from` towards `to` (either way, whole seconds), the first instant whose offset
+/// differs from the one at `from`, to the second; `None` when it stays the same up to `to`.
+fn offset_change(timezone: Tz, from: DateTime<Utc>, to: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    let offset = offset_at(timezone, from);
+    let step = if to >= from { OFFSET_LOOK } else { -OFFSET_LOOK };
+    let mut same = from;
+    loop {
+        let look = if (to - same).abs() <= OFFSET_LOOK { to } else { same + step };
+        if offset_at(timezone, look) != offset {
+            let mut differs = look;
+            while (differs - same).abs() > Duration::seconds(1) {
+                let middle = same + Duration::seconds((differs - same).num_seconds() / 2);
+                if offset_at(timezone, middle) == offset {
+                    same = middle;
+                } else {
+                    differs = middle;
+                }
+            }
+            return Some(differs);
+        }
+        if look == to {
+            return None;
+        }
+        same = look;
+    }
 }
 
 fn to_six_fields(expression: &str) -> Result<String, String> {
@@ -347,6 +515,34 @@ mod tests {
         assert_eq!(next, utc(expected), "{expression} in {timezone} after {after}");
     }
 
+    /// The next occurrences of `expression` in `timezone` after `after` (RFC 3339), each as
+    /// `MM-DD HH:MM:SS ±HH:MM` in the zone. Also checks that each is strictly after the one
+    /// before, and that searching backwards from just before each finds the one before it
+    /// (the first: nothing after `after`), so both directions agree on the same occurrences.
+    fn check_runs(expression: &str, timezone: Tz, after: &str, expected: &[&str]) {
+        let schedule = Schedule::parse(expression).unwrap();
+        let after = DateTime::parse_from_rfc3339(after).unwrap().with_timezone(&Utc);
+        let runs = schedule.upcoming(after, timezone, expected.len());
+        let shown: Vec<String> = runs
+            .iter()
+            .map(|t| t.with_timezone(&timezone).format("%m-%d %H:%M:%S %:z").to_string())
+            .collect();
+        assert_eq!(shown, expected, "{expression} in {timezone} after {after}");
+        let mut previous = after;
+        for run in runs {
+            assert!(run > previous, "{expression}: {run} is not after {previous}");
+            let before = run - chrono::Duration::seconds(1);
+            let latest = schedule.latest_at_or_before(before, timezone);
+            if previous == after {
+                assert!(latest.is_none_or(|t| t <= after), "{expression}: {latest:?} before {run}");
+            } else {
+                assert_eq!(latest, Some(previous), "{expression}: the occurrence before {run}");
+            }
+            assert_eq!(schedule.latest_at_or_before(run, timezone), Some(run), "{expression}");
+            previous = run;
+        }
+    }
+
     fn check_invalid(expression: &str, expected_part: &str) {
         let err = Schedule::parse_checked(expression).unwrap_err();
         assert!(err.contains(expected_part), "{expression}: {err}");
@@ -380,6 +576,274 @@ mod tests {
         let runs = schedule.upcoming(utc("2026-03-27T12:00:00Z"), Tz::Europe__Paris, 3);
         let hours: Vec<u32> = runs.iter().map(|t| t.hour()).collect();
         assert_eq!(hours, [7, 6, 6], "{runs:?}");
+    }
+
+    // Europe/Berlin in 2027: clocks go forward on 28 March at 02:00 CET (01:00 UTC) to 03:00
+    // CEST, and back on 31 October at 03:00 CEST (01:00 UTC) to 02:00 CET.
+    const BERLIN: Tz = Tz::Europe__Berlin;
+
+    #[test]
+    fn wall_clock_times_run_once_a_day_when_clocks_go_forward() {
+        // Times before the gap run once, at their time, with no extra run when it ends.
+        let eve = "2027-03-27T22:30:00Z";
+        check_runs(
+            "59 1 * * *",
+            BERLIN,
+            eve,
+            &["03-28 01:59:00 +01:00", "03-29 01:59:00 +02:00", "03-30 01:59:00 +02:00"],
+        );
+        check_runs("0 1 * * *", BERLIN, eve, &["03-28 01:00:00 +01:00", "03-29 01:00:00 +02:00"]);
+        check_runs("10 1 * * *", BERLIN, eve, &["03-28 01:10:00 +01:00", "03-29 01:10:00 +02:00"]);
+        check_runs(
+            "30 59 1 * * *",
+            BERLIN,
+            eve,
+            &["03-28 01:59:30 +01:00", "03-29 01:59:30 +02:00"],
+        );
+        // From just after a run, or a job created a minute before the gap.
+        check_runs("59 1 * * *", BERLIN, "2027-03-28T01:59:00+01:00", &["03-29 01:59:00 +02:00"]);
+        check_runs("58 1 * * *", BERLIN, "2027-03-28T01:58:42+01:00", &["03-29 01:58:00 +02:00"]);
+        check_runs("0 1 * * *", BERLIN, "2027-03-28T01:00:00+01:00", &["03-29 01:00:00 +02:00"]);
+        // A time in the gap runs once, at the first instant after it, like a one-shot.
+        check_runs(
+            "30 2 * * *",
+            BERLIN,
+            "2027-03-27T00:00:00Z",
+            &["03-27 02:30:00 +01:00", "03-28 03:00:00 +02:00", "03-29 02:30:00 +02:00"],
+        );
+        check_runs("30 2 * * *", BERLIN, "2027-03-28T01:30:00+01:00", &["03-28 03:00:00 +02:00"]);
+        check_runs("30 2 * * *", BERLIN, "2027-03-28T03:00:00+02:00", &["03-29 02:30:00 +02:00"]);
+        check_runs(
+            "15 30 2 * * *",
+            BERLIN,
+            eve,
+            &["03-28 03:00:00 +02:00", "03-29 02:30:15 +02:00"],
+        );
+        // Every time of the gap lands on its end: one run, not three.
+        check_runs(
+            "*/20 2 * * *",
+            BERLIN,
+            eve,
+            &["03-28 03:00:00 +02:00", "03-29 02:00:00 +02:00", "03-29 02:20:00 +02:00"],
+        );
+        check_runs("0 3 * * *", BERLIN, eve, &["03-28 03:00:00 +02:00", "03-29 03:00:00 +02:00"]);
+        check_runs("0 3 * * *", BERLIN, "2027-03-28T03:00:00+02:00", &["03-29 03:00:00 +02:00"]);
+    }
+
+    #[test]
+    fn wall_clock_times_run_at_the_first_pass_when_clocks_go_back() {
+        let eve = "2027-10-30T22:00:00Z";
+        check_runs(
+            "30 2 * * *",
+            BERLIN,
+            eve,
+            &["10-31 02:30:00 +02:00", "11-01 02:30:00 +01:00", "11-02 02:30:00 +01:00"],
+        );
+        // In the second pass the first 02:30 has gone by: the next is tomorrow's.
+        let second_pass = "2027-10-31T02:10:00+01:00";
+        check_runs("30 2 * * *", BERLIN, second_pass, &["11-01 02:30:00 +01:00"]);
+        check_runs("45 2 * * *", BERLIN, second_pass, &["11-01 02:45:00 +01:00"]);
+        check_runs("30 30 2 * * *", BERLIN, second_pass, &["11-01 02:30:30 +01:00"]);
+        check_runs("30 2 * * *", BERLIN, "2027-10-31T02:45:00+02:00", &["11-01 02:30:00 +01:00"]);
+        check_runs("59 1 * * *", BERLIN, eve, &["10-31 01:59:00 +02:00", "11-01 01:59:00 +01:00"]);
+        check_runs("0 1 * * *", BERLIN, eve, &["10-31 01:00:00 +02:00", "11-01 01:00:00 +01:00"]);
+        check_runs("0 3 * * *", BERLIN, eve, &["10-31 03:00:00 +01:00", "11-01 03:00:00 +01:00"]);
+        check_runs("0 3 * * *", BERLIN, second_pass, &["10-31 03:00:00 +01:00"]);
+        // An hour's worth of minutes runs once too, in the first pass.
+        check_runs(
+            "*/20 2 * * *",
+            BERLIN,
+            "2027-10-31T02:30:00+02:00",
+            &["10-31 02:40:00 +02:00", "11-01 02:00:00 +01:00"],
+        );
+    }
+
+    #[test]
+    fn repeats_within_the_hour_follow_elapsed_time() {
+        // Forward: the gap's minutes do not exist; runs stay 20 real minutes apart.
+        check_runs(
+            "*/20 * * * *",
+            BERLIN,
+            "2027-03-28T01:30:00+01:00",
+            &[
+                "03-28 01:40:00 +01:00",
+                "03-28 03:00:00 +02:00",
+                "03-28 03:20:00 +02:00",
+                "03-28 03:40:00 +02:00",
+            ],
+        );
+        check_runs(
+            "0 * * * *",
+            BERLIN,
+            "2027-03-28T00:30:00+01:00",
+            &["03-28 01:00:00 +01:00", "03-28 03:00:00 +02:00", "03-28 04:00:00 +02:00"],
+        );
+        check_runs(
+            "*/15 * * * * *",
+            BERLIN,
+            "2027-03-28T01:59:30+01:00",
+            &["03-28 01:59:45 +01:00", "03-28 03:00:00 +02:00", "03-28 03:00:15 +02:00"],
+        );
+        // Back: both passes of the repeated hour, in the order they happen.
+        let first_pass = "2027-10-31T02:30:00+02:00";
+        check_runs(
+            "*/20 * * * *",
+            BERLIN,
+            first_pass,
+            &[
+                "10-31 02:40:00 +02:00",
+                "10-31 02:00:00 +01:00",
+                "10-31 02:20:00 +01:00",
+                "10-31 02:40:00 +01:00",
+                "10-31 03:00:00 +01:00",
+            ],
+        );
+        check_runs(
+            "*/20 * * * *",
+            BERLIN,
+            "2027-10-31T02:50:00+02:00",
+            &["10-31 02:00:00 +01:00", "10-31 02:20:00 +01:00"],
+        );
+        check_runs(
+            "*/20 * * * *",
+            BERLIN,
+            "2027-10-31T02:10:00+01:00",
+            &["10-31 02:20:00 +01:00", "10-31 02:40:00 +01:00", "10-31 03:00:00 +01:00"],
+        );
+        check_runs(
+            "0 * * * *",
+            BERLIN,
+            "2027-10-31T00:30:00+02:00",
+            &[
+                "10-31 01:00:00 +02:00",
+                "10-31 02:00:00 +02:00",
+                "10-31 02:00:00 +01:00",
+                "10-31 03:00:00 +01:00",
+            ],
+        );
+        check_runs(
+            "*/15 * * * * *",
+            BERLIN,
+            "2027-10-31T02:59:30+02:00",
+            &["10-31 02:59:45 +02:00", "10-31 02:00:00 +01:00", "10-31 02:00:15 +01:00"],
+        );
+    }
+
+    #[test]
+    fn an_ordinary_day_is_unchanged() {
+        let morning = "2027-06-15T00:30:00+02:00";
+        check_runs(
+            "59 1 * * *",
+            BERLIN,
+            morning,
+            &["06-15 01:59:00 +02:00", "06-16 01:59:00 +02:00"],
+        );
+        check_runs(
+            "30 2 * * *",
+            BERLIN,
+            morning,
+            &["06-15 02:30:00 +02:00", "06-16 02:30:00 +02:00"],
+        );
+        check_runs(
+            "*/20 * * * *",
+            BERLIN,
+            morning,
+            &["06-15 00:40:00 +02:00", "06-15 01:00:00 +02:00", "06-15 01:20:00 +02:00"],
+        );
+        check_runs("30 30 2 * * *", BERLIN, morning, &["06-15 02:30:30 +02:00"]);
+    }
+
+    #[test]
+    fn new_york_changes_at_two_in_the_morning() {
+        // 2027: 02:00 EST becomes 03:00 EDT on 14 March; 02:00 EDT becomes 01:00 EST on
+        // 7 November, so 01:00-01:59 happens twice.
+        let ny = Tz::America__New_York;
+        check_runs(
+            "59 1 * * *",
+            ny,
+            "2027-03-13T12:00:00Z",
+            &["03-14 01:59:00 -05:00", "03-15 01:59:00 -04:00"],
+        );
+        check_runs(
+            "30 2 * * *",
+            ny,
+            "2027-03-13T00:00:00-05:00",
+            &["03-13 02:30:00 -05:00", "03-14 03:00:00 -04:00", "03-15 02:30:00 -04:00"],
+        );
+        check_runs(
+            "*/20 * * * *",
+            ny,
+            "2027-03-14T01:30:00-05:00",
+            &["03-14 01:40:00 -05:00", "03-14 03:00:00 -04:00"],
+        );
+        check_runs(
+            "30 1 * * *",
+            ny,
+            "2027-11-07T00:00:00-04:00",
+            &["11-07 01:30:00 -04:00", "11-08 01:30:00 -05:00"],
+        );
+        check_runs("30 1 * * *", ny, "2027-11-07T01:10:00-05:00", &["11-08 01:30:00 -05:00"]);
+        check_runs(
+            "*/20 * * * *",
+            ny,
+            "2027-11-07T01:30:00-04:00",
+            &[
+                "11-07 01:40:00 -04:00",
+                "11-07 01:00:00 -05:00",
+                "11-07 01:20:00 -05:00",
+                "11-07 01:40:00 -05:00",
+                "11-07 02:00:00 -05:00",
+            ],
+        );
+    }
+
+    #[test]
+    fn lord_howe_moves_its_clocks_by_half_an_hour() {
+        // 2027: 02:00 +10:30 becomes 02:30 +11 on 3 October; 02:00 +11 becomes 01:30 +10:30
+        // on 4 April, so 01:30-01:59 happens twice.
+        let lord_howe = Tz::Australia__Lord_Howe;
+        check_runs(
+            "59 1 * * *",
+            lord_howe,
+            "2027-10-03T00:00:00+10:30",
+            &["10-03 01:59:00 +10:30", "10-04 01:59:00 +11:00"],
+        );
+        check_runs(
+            "15 2 * * *",
+            lord_howe,
+            "2027-10-03T00:00:00+10:30",
+            &["10-03 02:30:00 +11:00", "10-04 02:15:00 +11:00"],
+        );
+        check_runs(
+            "*/20 * * * *",
+            lord_howe,
+            "2027-10-03T01:30:00+10:30",
+            &["10-03 01:40:00 +10:30", "10-03 02:40:00 +11:00", "10-03 03:00:00 +11:00"],
+        );
+        check_runs(
+            "45 1 * * *",
+            lord_howe,
+            "2027-04-04T00:00:00+11:00",
+            &["04-04 01:45:00 +11:00", "04-05 01:45:00 +10:30"],
+        );
+        check_runs(
+            "45 1 * * *",
+            lord_howe,
+            "2027-04-04T01:50:00+10:30",
+            &["04-05 01:45:00 +10:30"],
+        );
+        check_runs(
+            "*/20 * * * *",
+            lord_howe,
+            "2027-04-04T01:10:00+11:00",
+            &[
+                "04-04 01:20:00 +11:00",
+                "04-04 01:40:00 +11:00",
+                "04-04 01:40:00 +10:30",
+                "04-04 02:00:00 +10:30",
+                "04-04 02:20:00 +10:30",
+            ],
+        );
     }
 
     #[test]
@@ -429,6 +893,12 @@ mod tests {
         // A time that happens twice in autumn is the first one.
         let fold = Schedule::parse("at 2026-10-25 02:30").unwrap();
         assert_eq!(fold.once_at(Tz::Europe__Paris), Some(utc("2026-10-25T00:30:00Z")));
+        // With seconds too: the first instant after the gap is 03:00:00, not 03:00:30.
+        let gap_seconds = Schedule::parse("at 2027-03-28 02:30:30").unwrap();
+        assert_eq!(gap_seconds.once_at(BERLIN), Some(utc("2027-03-28T01:00:00Z")));
+        let at_the_end = utc("2027-03-28T01:00:00Z");
+        assert_eq!(gap_seconds.next_after(utc("2027-03-28T00:59:59Z"), BERLIN), Some(at_the_end));
+        assert_eq!(gap_seconds.next_after(at_the_end, BERLIN), None);
     }
 
     #[test]

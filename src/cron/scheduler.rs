@@ -74,7 +74,11 @@ pub(super) fn sync(
     // which the compiler cannot infer `Send` by itself.
     Box::pin(async move {
         let old = lock(&inner.registered).remove(&id);
-        if let Some(old) = old {
+        // A one-shot whose time has come (it fired, or fires within the library's next
+        // half-second check) is left to the library, which deletes it once it has recorded
+        // the firing; removing it first made the library log "Could not get job metadata"
+        // at ERROR. Out of `registered`, it starts nothing when it fires (`fire`).
+        if let Some(old) = old.filter(|old| old.occurrence > Utc::now()) {
             remove(&inner.scheduler, old.id).await;
         }
         if inner.stopped.load(Ordering::SeqCst) {

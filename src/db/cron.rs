@@ -284,7 +284,11 @@ pub async fn finish_run(
 ) -> Result<(), sqlx::Error> {
     let mut tx = crate::db::begin_write(pool).await?;
     let job_id: Option<i64> = sqlx::query_scalar(
-        "UPDATE cron_runs SET duration_ms = ?1, outcome = ?2, error = ?3, message_id = ?4
+        // The message may have gone with its conversation during the run: the run then
+        // names none (a reference to it would fail the whole update, leaving the run
+        // `running` for good).
+        "UPDATE cron_runs SET duration_ms = ?1, outcome = ?2, error = ?3,
+                              message_id = (SELECT id FROM messages WHERE id = ?4)
          WHERE id = ?5
          RETURNING job_id",
     )
@@ -351,10 +355,46 @@ pub async fn prune_runs(
     Ok(done.rows_affected())
 }
 
-/// Marks runs left `running` by a process that stopped mid-run as failed, with `reason`.
-/// Called once at start, before the scheduler runs anything; returns how many there were.
+/// Records, before a run's message leaves on its channel, that it is being sent: the stored
+/// message becomes `sending` and the run names it, in one transaction. A stop during the send
+/// then leaves a `running` run with a `sending` message, which `fail_interrupted_runs` marks
+/// `unknown`: it may have reached the user, and it is never sent again.
+pub async fn mark_run_sending(
+    pool: &SqlitePool,
+    run_id: i64,
+    message_id: MessageId,
+) -> Result<(), sqlx::Error> {
+    let mut tx = crate::db::begin_write(pool).await?;
+    sqlx::query("UPDATE messages SET delivery_status = 'sending' WHERE id = ?1")
+        .bind(message_id.0)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("UPDATE cron_runs SET message_id = ?1 WHERE id = ?2")
+        .bind(message_id.0)
+        .bind(run_id)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await
+}
+
+/// The delivery error of a message that a stop caught while it was being sent.
+const STOPPED_WHILE_SENDING: &str = "my-claw stopped while this message was being sent: it may \
+or may not have reached the user, and is not sent again";
+
+/// Marks runs left `running` by a process that stopped mid-run as failed, with `reason`, and
+/// the message such a run was sending (`mark_run_sending`) as `unknown`. Called once at
+/// start, before the scheduler runs anything (no send of a run is in flight then); returns
+/// how many runs there were.
 pub async fn fail_interrupted_runs(pool: &SqlitePool, reason: &str) -> Result<u64, sqlx::Error> {
     let mut tx = crate::db::begin_write(pool).await?;
+    sqlx::query(
+        "UPDATE messages SET delivery_status = 'unknown', delivery_error = ?1
+         WHERE delivery_status = 'sending'
+           AND id IN (SELECT message_id FROM cron_runs WHERE outcome = 'running')",
+    )
+    .bind(STOPPED_WHILE_SENDING)
+    .execute(&mut *tx)
+    .await?;
     let done = sqlx::query(
         "UPDATE cron_runs SET outcome = 'failed', error = ?1 WHERE outcome = 'running'",
     )
@@ -455,5 +495,97 @@ impl TryFrom<RunRow> for CronRun {
             error: row.error,
             message_id: row.message_id.map(MessageId),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::db::fresh_test_db as fresh;
+    use crate::db::memory::{self, NewMessage};
+    use crate::domain::Role;
+
+    /// A run whose message went with its conversation (deleted during the run) still ends:
+    /// it names no message. Before, the reference failed the update, the run stayed
+    /// `running` for good and "Run now" answered 500 (QA pass 10).
+    #[tokio::test]
+    async fn a_run_whose_message_was_deleted_meanwhile_still_ends() {
+        let (_dir, pool) = fresh().await;
+        let conv = memory::create_webchat_conversation(&pool, None).await.unwrap();
+        let spec = JobSpec {
+            name: "digest".into(),
+            schedule: "0 8 * * *".into(),
+            timezone: None,
+            prompt: "the news".into(),
+            channel: ChannelKind::WebChat,
+            target: conv.id.0.to_string(),
+            tier: None,
+            enabled: true,
+            kind: JobKind::Prompt,
+            conversation_id: None,
+        };
+        let job = insert_job(&pool, &spec).await.unwrap();
+        let run = start_run(&pool, job.id, now_ms()).await.unwrap();
+        let message = NewMessage::plain(conv.id, Role::Assistant, "an answer");
+        let message = memory::add_message(&pool, &message).await.unwrap();
+        assert!(memory::delete_conversation(&pool, conv.id).await.unwrap());
+        finish_run(&pool, run, 5, RunOutcome::Failed, Some("deleted meanwhile"), Some(message))
+            .await
+            .expect("the run ends");
+        let ended = get_run(&pool, run).await.unwrap().unwrap();
+        assert_eq!((ended.outcome, ended.message_id), (RunOutcome::Failed, None));
+        let job = get_job(&pool, job.id).await.unwrap().unwrap();
+        assert_eq!(job.last_error.as_deref(), Some("deleted meanwhile"));
+    }
+
+    /// A stop while a run's message was being sent: at the next start the run is failed and
+    /// its message `unknown` (never sent again); a message another path is sending is not
+    /// the run's to touch.
+    #[tokio::test]
+    async fn a_stop_during_a_runs_send_leaves_its_message_unknown() {
+        let (_dir, pool) = fresh().await;
+        let spec = JobSpec {
+            name: "briefing".into(),
+            schedule: "0 8 * * *".into(),
+            timezone: None,
+            prompt: "the news".into(),
+            channel: ChannelKind::WhatsApp,
+            target: "16505551234".into(),
+            tier: None,
+            enabled: true,
+            kind: JobKind::Prompt,
+            conversation_id: None,
+        };
+        let job = insert_job(&pool, &spec).await.unwrap();
+        let conv = memory::get_or_create_conversation(&pool, ChannelKind::WhatsApp, "1", None)
+            .await
+            .unwrap();
+        let add = || {
+            let pool = pool.clone();
+            async move {
+                let message = NewMessage::plain(conv.id, Role::Assistant, "an answer");
+                memory::add_message(&pool, &message).await.unwrap()
+            }
+        };
+        let (message, elsewhere) = (add().await, add().await);
+        let run = start_run(&pool, job.id, now_ms()).await.unwrap();
+        mark_run_sending(&pool, run, message).await.unwrap();
+        crate::db::inbound::mark_sending(&pool, elsewhere).await.unwrap();
+        let status = |id: MessageId| {
+            let pool = pool.clone();
+            async move {
+                let m = memory::get_message(&pool, id).await.unwrap().unwrap();
+                (m.delivery_status, m.delivery_error)
+            }
+        };
+        assert_eq!(status(message).await.0.as_deref(), Some("sending"));
+
+        assert_eq!(fail_interrupted_runs(&pool, "interrupted").await.unwrap(), 1);
+        let (state, error) = status(message).await;
+        assert_eq!(state.as_deref(), Some("unknown"));
+        assert!(error.unwrap().contains("not sent again"));
+        assert_eq!(status(elsewhere).await.0.as_deref(), Some("sending"));
+        let run = get_run(&pool, run).await.unwrap().unwrap();
+        assert_eq!((run.outcome, run.message_id), (RunOutcome::Failed, Some(message)));
     }
 }

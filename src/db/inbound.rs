@@ -393,7 +393,10 @@ pub async fn last_inbound_at(
 /// the id of any of its parts (`message_parts`). Reports arrive unordered and repeated, so
 /// the state only moves forward (`sent` < `delivered` < `read`/`played`; for an answer in
 /// parts, the furthest any part reached), and `failed` (of any part) always wins and keeps
-/// its error. Returns false when no message has that id.
+/// its error. An answer whose parts are still going out (`sending`) or waiting for another
+/// try (no state, see `mark_send_retry`) is not moved by the report of a part that went out:
+/// it becomes `sent` only once all its parts did (`mark_sent`), and the queue's next try must
+/// not take it for delivered. Returns false when no message has that id.
 pub async fn record_delivery(
     pool: &SqlitePool,
     external_id: &str,
@@ -407,7 +410,7 @@ pub async fn record_delivery(
                       UNION SELECT message_id FROM message_parts WHERE external_id = ?3)
            AND role = 'assistant'
            AND (?1 = 'failed'
-                OR COALESCE(delivery_status, '') <> 'failed'
+                OR COALESCE(delivery_status, 'sending') NOT IN ('sending', 'failed')
                    AND (CASE ?1 WHEN 'sent' THEN 1 WHEN 'delivered' THEN 2
                                 WHEN 'read' THEN 3 WHEN 'played' THEN 4 ELSE 0 END)
                      > (CASE COALESCE(delivery_status, '') WHEN 'sent' THEN 1
@@ -450,30 +453,33 @@ pub async fn mark_undelivered(
 }
 
 /// An answer whose send failed for a reason that may heal (a server error, a network
-/// failure, a rate limit): back to not sent, with the error kept, so that the queue's next
-/// try of its message sends it again instead of taking it for delivered.
+/// failure, a rate limit): back from `sending` to not sent, with the error kept, so that the
+/// queue's next try of its message sends it instead of taking it for delivered. The parts
+/// that went out stay recorded (`memory::record_message_part`): that try sends only the ones
+/// after them. An answer a `failed` report reached meanwhile stays failed.
 pub async fn mark_send_retry(
     pool: &SqlitePool,
     message_id: MessageId,
     error: &str,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE messages SET delivery_status = NULL, delivery_error = ?1 WHERE id = ?2")
-        .bind(error)
-        .bind(message_id.0)
-        .execute(pool)
-        .await?;
+    sqlx::query(
+        "UPDATE messages SET delivery_status = NULL, delivery_error = ?1
+         WHERE id = ?2 AND delivery_status = 'sending'",
+    )
+    .bind(error)
+    .bind(message_id.0)
+    .execute(pool)
+    .await?;
     Ok(())
 }
 
-/// An answer the channel accepted (`sent`) after earlier tries failed: the error those tries
-/// recorded (`mark_send_retry`) no longer describes it. A later `failed` report keeps its
-/// own error.
-pub async fn clear_delivery_error(
-    pool: &SqlitePool,
-    message_id: MessageId,
-) -> Result<(), sqlx::Error> {
+/// An answer all of whose parts the channel accepted: `sending` becomes `sent`, and the error
+/// earlier tries recorded (`mark_send_retry`) no longer describes it. An answer a `failed`
+/// report reached while it was being sent stays failed, with that report's error.
+pub async fn mark_sent(pool: &SqlitePool, message_id: MessageId) -> Result<(), sqlx::Error> {
     sqlx::query(
-        "UPDATE messages SET delivery_error = NULL WHERE id = ?1 AND delivery_status = 'sent'",
+        "UPDATE messages SET delivery_status = 'sent', delivery_error = NULL
+         WHERE id = ?1 AND delivery_status = 'sending'",
     )
     .bind(message_id.0)
     .execute(pool)
@@ -483,12 +489,17 @@ pub async fn clear_delivery_error(
 
 /// Records that an answer is about to leave, before the channel is called: if the process
 /// stops before the channel's answer is recorded, the next run finds `sending` and does
-/// not send it again (see `mark_delivery_unknown`).
+/// not send it again (see `mark_delivery_unknown`). It stays `sending` while its parts go
+/// out, until `mark_sent`, `mark_send_retry`, `mark_delivery_unknown` or `mark_undelivered`.
+/// Only an answer without a state moves: one that a `failed` report of an earlier part
+/// reached while it waited stays failed (the parts sent after it change nothing).
 pub async fn mark_sending(pool: &SqlitePool, message_id: MessageId) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE messages SET delivery_status = 'sending' WHERE id = ?1")
-        .bind(message_id.0)
-        .execute(pool)
-        .await?;
+    sqlx::query(
+        "UPDATE messages SET delivery_status = 'sending' WHERE id = ?1 AND delivery_status IS NULL",
+    )
+    .bind(message_id.0)
+    .execute(pool)
+    .await?;
     Ok(())
 }
 
@@ -915,6 +926,75 @@ mod tests {
         assert_eq!(state(short).await.1.as_deref(), Some("sent"), "another answer changed");
         assert!(memory::delete_conversation(&pool, conv.id).await.unwrap());
         assert!(!record_delivery(&pool, "wamid.P2", "read", None).await.unwrap());
+    }
+
+    /// An answer sent part by part: each part is numbered as it is recorded and the first
+    /// one's id goes on the message; while parts are still going out or waiting for another
+    /// try, a report of a part that went out does not make the answer look delivered (but
+    /// `failed` wins); it is `sent` once the last part is, and reports then move it.
+    #[tokio::test]
+    async fn an_answer_in_parts_is_sent_only_once_every_part_went_out() {
+        let (_dir, pool) = fresh().await;
+        let conv = memory::get_or_create_conversation(&pool, ChannelKind::WhatsApp, "1", None)
+            .await
+            .unwrap();
+        let add = || {
+            let pool = pool.clone();
+            async move {
+                let message = NewMessage::plain(conv.id, Role::Assistant, "a long answer");
+                memory::add_message(&pool, &message).await.unwrap()
+            }
+        };
+        let state = |id: MessageId| {
+            let pool = pool.clone();
+            async move {
+                let m = memory::get_message(&pool, id).await.unwrap().unwrap();
+                (m.external_id, m.delivery_status, m.delivery_error)
+            }
+        };
+        let id = add().await;
+        mark_sending(&pool, id).await.unwrap();
+        memory::record_message_part(&pool, id, "wamid.A0", 4000).await.unwrap();
+        assert_eq!(state(id).await.0.as_deref(), Some("wamid.A0"));
+        assert!(record_delivery(&pool, "wamid.A0", "delivered", None).await.unwrap());
+        assert_eq!(state(id).await.1.as_deref(), Some("sending"), "delivered while sending");
+        // The second part's outage: back to not sent, the first part still recorded.
+        mark_send_retry(&pool, id, "http 503").await.unwrap();
+        assert!(record_delivery(&pool, "wamid.A0", "read", None).await.unwrap());
+        assert_eq!(state(id).await.1, None, "delivered while a part waits for another try");
+        // The next try: the second and third parts, numbered after the first.
+        mark_sending(&pool, id).await.unwrap();
+        memory::record_message_part(&pool, id, "wamid.A1", 8000).await.unwrap();
+        memory::record_message_part(&pool, id, "wamid.A2", 9500).await.unwrap();
+        mark_sent(&pool, id).await.unwrap();
+        assert_eq!(state(id).await, (Some("wamid.A0".into()), Some("sent".into()), None));
+        let parts = memory::message_parts(&pool, id).await.unwrap();
+        let parts: Vec<(i64, &str, Option<i64>)> =
+            parts.iter().map(|p| (p.index, p.external_id.as_str(), p.sent_through)).collect();
+        assert_eq!(
+            parts,
+            [(0, "wamid.A0", Some(4000)), (1, "wamid.A1", Some(8000)), (2, "wamid.A2", Some(9500))]
+        );
+        assert!(record_delivery(&pool, "wamid.A2", "delivered", None).await.unwrap());
+        assert_eq!(state(id).await.1.as_deref(), Some("delivered"));
+
+        // A part reported failed while the rest waits: failed it stays, whatever follows.
+        let other = add().await;
+        mark_sending(&pool, other).await.unwrap();
+        memory::record_message_part(&pool, other, "wamid.B0", 4000).await.unwrap();
+        mark_send_retry(&pool, other, "http 503").await.unwrap();
+        assert!(record_delivery(&pool, "wamid.B0", "failed", Some("131026")).await.unwrap());
+        mark_sending(&pool, other).await.unwrap();
+        let failed = (Some("wamid.B0".into()), Some("failed".into()), Some("131026".into()));
+        assert_eq!(state(other).await, failed);
+        // Reported failed during a send: neither the end of the send nor a retry hides it.
+        let third = add().await;
+        mark_sending(&pool, third).await.unwrap();
+        memory::record_message_part(&pool, third, "wamid.C0", 4000).await.unwrap();
+        assert!(record_delivery(&pool, "wamid.C0", "failed", Some("131026")).await.unwrap());
+        mark_send_retry(&pool, third, "http 503").await.unwrap();
+        mark_sent(&pool, third).await.unwrap();
+        assert_eq!(state(third).await.1.as_deref(), Some("failed"));
     }
 
     #[tokio::test]

@@ -247,16 +247,40 @@ pub async fn add_message_with_rounds(
     add_answer(pool, msg, rounds, None).await
 }
 
-/// `add_message_with_rounds` for an answer that may have failed: `failure` says why.
+/// `add_message_with_rounds` for an answer that may have failed: `failure` says why. An
+/// assistant message ends the answer being written in its conversation: its draft (see
+/// `db::drafts`) goes in the same transaction, so a crash never leaves both.
 pub async fn add_answer(
     pool: &SqlitePool,
     msg: &NewMessage,
     rounds: &[ToolRound],
     failure: Option<&str>,
 ) -> Result<MessageId, sqlx::Error> {
-    let now = now_ms();
-    let rounds_json = rounds_to_json(rounds);
     let mut tx = crate::db::begin_write(pool).await?;
+    let id = insert_message(&mut tx, msg, rounds, failure, now_ms()).await?;
+    if msg.role == Role::Assistant {
+        crate::db::drafts::discard_in(&mut tx, msg.conversation_id).await?;
+    }
+    tx.commit().await?;
+    Ok(id)
+}
+
+/// The stored text of an answer that produced none: what the page shows for it (the model
+/// never sees it: `error` answers are left out of prompts).
+pub fn no_answer_text(reason: &str) -> String {
+    format!("(no answer: {reason})")
+}
+
+/// Inserts a message written at `created_at` and bumps its conversation's activity time to
+/// it, inside the caller's write transaction.
+pub(crate) async fn insert_message(
+    conn: &mut sqlx::SqliteConnection,
+    msg: &NewMessage,
+    rounds: &[ToolRound],
+    failure: Option<&str>,
+    created_at: i64,
+) -> Result<MessageId, sqlx::Error> {
+    let rounds_json = rounds_to_json(rounds);
     let id: i64 = sqlx::query_scalar(
         "INSERT INTO messages (conversation_id, role, content, tier, provider, model,
                                prompt_tokens, completion_tokens, status, external_id, created_at,
@@ -274,19 +298,18 @@ pub async fn add_answer(
     .bind(msg.completion_tokens)
     .bind(msg.status.as_str())
     .bind(&msg.external_id)
-    .bind(now)
+    .bind(created_at)
     .bind(rounds_json)
     .bind(&msg.host)
     .bind(msg.left_machine)
     .bind(failure)
-    .fetch_one(&mut *tx)
+    .fetch_one(&mut *conn)
     .await?;
     sqlx::query("UPDATE conversations SET updated_at = ?1 WHERE id = ?2")
-        .bind(now)
+        .bind(created_at)
         .bind(msg.conversation_id.0)
-        .execute(&mut *tx)
+        .execute(&mut *conn)
         .await?;
-    tx.commit().await?;
     Ok(MessageId(id))
 }
 
@@ -455,10 +478,12 @@ pub async fn set_delivery_status(
     Ok(done.rows_affected() > 0)
 }
 
-/// Records the channel ids of a stored message (`external_ids`, in order: one, or one per
-/// part of an answer sent in several) and its delivery state, in one transaction: the first
-/// id on the message, and, when there are several, every part's in `message_parts`, where
-/// delivery reports of the later parts find their answer.
+/// Records the channel ids of a stored message that went out all at once (`external_ids`, in
+/// order: one, or one per part of an answer sent in several) and its delivery state, in one
+/// transaction: the first id on the message, and every part's in `message_parts` (numbered
+/// after any already there, with no end), where delivery reports of every part find their
+/// answer. An answer sent part by part records each part as it goes out instead
+/// (`record_message_part`).
 pub async fn set_message_parts(
     pool: &SqlitePool,
     id: MessageId,
@@ -473,18 +498,83 @@ pub async fn set_message_parts(
         .bind(id.0)
         .execute(&mut *tx)
         .await?;
-    if external_ids.len() > 1 {
-        for part in external_ids {
-            sqlx::query(
-                "INSERT OR IGNORE INTO message_parts (external_id, message_id) VALUES (?1, ?2)",
-            )
-            .bind(part)
+    for part in external_ids {
+        sqlx::query(&format!(
+            "INSERT OR IGNORE INTO message_parts (external_id, message_id, part)
+             VALUES (?1, ?2, {NEXT_PART})"
+        ))
+        .bind(part)
+        .bind(id.0)
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await
+}
+
+/// One part of an answer that its channel accepted, as `message_parts` keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessagePart {
+    /// 0 for the first part of the answer.
+    pub index: i64,
+    /// The channel's id of the part (a wamid, a Talk reference id).
+    pub external_id: String,
+    /// Where the part ends in the text as its channel sent it (a byte offset, which only that
+    /// channel reads); `None` for parts recorded all at once by `set_message_parts`.
+    pub sent_through: Option<i64>,
+}
+
+/// The next part number of the answer bound as `?2`.
+const NEXT_PART: &str =
+    "(SELECT COALESCE(MAX(part) + 1, 0) FROM message_parts WHERE message_id = ?2)";
+
+/// Records one part of the answer `id` as soon as its channel accepted it, before the next part
+/// is sent, as the answer's next part; the first part's id also goes on the message. Committed
+/// when this returns, so that a stop or a failure after any part leaves a record of exactly the
+/// parts that went out, and a later try sends only what follows `sent_through`. The delivery
+/// state is left alone: the answer is `sent` only once every part went out.
+pub async fn record_message_part(
+    pool: &SqlitePool,
+    id: MessageId,
+    external_id: &str,
+    sent_through: i64,
+) -> Result<(), sqlx::Error> {
+    let mut tx = crate::db::begin_write(pool).await?;
+    let index: i64 = sqlx::query_scalar(&format!(
+        "INSERT INTO message_parts (external_id, message_id, part, sent_through)
+         VALUES (?1, ?2, {NEXT_PART}, ?3)
+         RETURNING part"
+    ))
+    .bind(external_id)
+    .bind(id.0)
+    .bind(sent_through)
+    .fetch_one(&mut *tx)
+    .await?;
+    if index == 0 {
+        sqlx::query("UPDATE messages SET external_id = ?1 WHERE id = ?2")
+            .bind(external_id)
             .bind(id.0)
             .execute(&mut *tx)
             .await?;
-        }
     }
     tx.commit().await
+}
+
+/// The recorded parts of the answer `id`, first part first.
+pub async fn message_parts(
+    pool: &SqlitePool,
+    id: MessageId,
+) -> Result<Vec<MessagePart>, sqlx::Error> {
+    let rows: Vec<(i64, String, Option<i64>)> = sqlx::query_as(
+        "SELECT part, external_id, sent_through FROM message_parts
+         WHERE message_id = ?1 ORDER BY part",
+    )
+    .bind(id.0)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(index, external_id, sent_through)| MessagePart { index, external_id, sent_through })
+        .collect())
 }
 
 pub async fn setting_get(pool: &SqlitePool, key: &str) -> Result<Option<String>, sqlx::Error> {

@@ -1,9 +1,11 @@
-//! SQLite storage: the pool, its pragmas, the embedded migrations, a health probe, and the
-//! file modes that keep the database private (600). Only `db/` contains SQL; callers get
-//! plain structs back, never rows.
+//! SQLite storage: the pool, its pragmas, the embedded migrations, a health probe, and
+//! the file modes that keep the database private (600). Only `db/` contains SQL; callers
+//! get plain structs back, never rows.
 
 pub mod cron;
+pub mod drafts;
 pub mod export;
+pub mod import;
 pub mod inbound;
 pub mod memory;
 pub mod message_edits;
@@ -13,13 +15,19 @@ use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::SqlitePool;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous,
+    SqliteTransactionManager,
+};
+use sqlx::{SqlitePool, TransactionManager};
 
 /// The migrations in `./migrations`, embedded in the binary.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
-/// Opens (creating if needed) the database at `url` and applies pending migrations.
+/// Opens (creating if needed) the database at `url` and applies pending migrations. Drafts
+/// of answers are left alone: another process (a test, a tool) may open the database of a
+/// server that is answering, and only the server, before it serves, knows that every draft
+/// is a left-over (`drafts::recover`, called by `app::serve`).
 ///
 /// WAL lets the WebChat read while a webhook writes; `synchronous = NORMAL` under WAL keeps
 /// every committed transaction across a process crash (`kill -9`), and only risks the
@@ -45,6 +53,17 @@ pub async fn connect(url: &str) -> Result<SqlitePool, sqlx::Error> {
     let pool = SqlitePoolOptions::new()
         .max_connections(8)
         .acquire_timeout(Duration::from_secs(10))
+        .after_release(|conn, _| {
+            Box::pin(async move {
+                // SQLite ends a transaction by itself when a COMMIT meets a full disk or an
+                // I/O error; sqlx still counts it open, its ROLLBACK fails, and the
+                // connection would refuse every later BEGIN until a restart. Once the
+                // rollback queued by a dropped transaction has run (the ping waits for it),
+                // a connection still counted in a transaction is closed, not reused.
+                sqlx::Connection::ping(conn).await?;
+                Ok(SqliteTransactionManager::get_transaction_depth(conn) == 0)
+            })
+        })
         .connect_with(options)
         .await?;
     MIGRATOR.run(&pool).await?;
@@ -151,6 +170,31 @@ mod tests {
     use super::*;
     use crate::db::memory::{self, NewMessage};
     use crate::domain::{ConversationId, Role};
+
+    /// When SQLite ends a transaction by itself (a COMMIT that meets a full disk, or an I/O
+    /// error, rolls it back) sqlx still counts it open: its own ROLLBACK then fails, and
+    /// that connection refused every later `BEGIN` ("non-zero transaction depth") until a
+    /// restart, so with space back most writes still failed (QA pass 10). The state is made
+    /// here the way SQLite makes it, by a ROLLBACK sqlx does not see.
+    #[tokio::test]
+    async fn a_transaction_sqlite_ended_by_itself_leaves_the_pool_usable() {
+        let (_dir, pool) = fresh_test_db().await;
+        let conversation = memory::create_webchat_conversation(&pool, None).await.unwrap();
+        for _ in 0..3 {
+            let mut tx = begin_write(&pool).await.unwrap();
+            sqlx::query("ROLLBACK").execute(&mut *tx).await.unwrap();
+            let err = tx.commit().await.expect_err("no transaction is active");
+            assert!(err.to_string().contains("no transaction is active"), "{err}");
+        }
+        for n in 0..20 {
+            memory::add_message(
+                &pool,
+                &NewMessage::plain(conversation.id, Role::User, format!("after {n}")),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("write {n} after the failed one: {e}"));
+        }
+    }
 
     /// Deleting the newest conversation or message does not free its id for the next one.
     #[tokio::test]

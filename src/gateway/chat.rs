@@ -97,8 +97,11 @@ pub enum ChatEvent {
         content: String,
         is_error: bool,
     },
+    /// The answer's end. `message_id` is the stored answer's, or `null` when it was stopped
+    /// before it wrote anything (or ran a tool) and nothing was stored: the question is then
+    /// the conversation's last message, unanswered.
     Done {
-        message_id: i64,
+        message_id: Option<i64>,
         finish: &'static str,
         usage: UsageJson,
         timings: TimingsJson,
@@ -247,8 +250,9 @@ impl Forward {
 /// Longest a stop request waits for the stopped answer to be stored.
 const STOP_WAIT: Duration = Duration::from_secs(10);
 
-/// Stops the running answer of a conversation and answers once it is stored, so the page's
-/// next action finds the conversation at rest. `stopped` is false when nothing was running.
+/// Stops the running answer of a conversation and answers once it is stored (or, stopped
+/// before it wrote anything, dropped), so the page's next action finds the conversation at
+/// rest. `stopped` is false when nothing was running.
 async fn post_stop(
     State(state): State<AppState>,
     ApiPath(conversation_id): ApiPath<String>,
@@ -298,7 +302,7 @@ pub fn chat_event(event: Event) -> ChatEvent {
             is_error: result.is_error,
         },
         Event::Done { message_id, usage, finish, total_ms } => ChatEvent::Done {
-            message_id: message_id.0,
+            message_id: message_id.map(|id| id.0),
             finish: finish_str(finish),
             timings: timings_json(&usage, total_ms),
             usage: UsageJson {

@@ -46,6 +46,9 @@ pub enum ApiError {
     MethodNotAllowed,
     #[error("request body is larger than this server accepts (MAX_BODY_BYTES)")]
     PayloadTooLarge,
+    /// A body over a route's own limit (an import file), saying which.
+    #[error("{0}")]
+    TooLarge(String),
     #[error("the request body did not arrive in time (REQUEST_BODY_TIMEOUT)")]
     RequestTimeout,
     #[error("{0}")]
@@ -84,7 +87,7 @@ impl ApiError {
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::NotFound(_) | ApiError::ModelNotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::PayloadTooLarge | ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -102,7 +105,7 @@ impl ApiError {
             ApiError::ModelNotFound(_) => "model_not_found",
             ApiError::ContextTooLong(_) => "context_length_exceeded",
             ApiError::MethodNotAllowed => "method_not_allowed",
-            ApiError::PayloadTooLarge => "payload_too_large",
+            ApiError::PayloadTooLarge | ApiError::TooLarge(_) => "payload_too_large",
             ApiError::RequestTimeout => "request_timeout",
             ApiError::Unavailable(_) => "unavailable",
             ApiError::Internal(_) => "internal",
@@ -169,9 +172,12 @@ impl From<crate::error::Error> for ApiError {
 impl From<LlmError> for ApiError {
     fn from(e: LlmError) -> Self {
         match e {
-            LlmError::QueueFull | LlmError::EngineStopped | LlmError::Unavailable(_) => {
-                ApiError::Unavailable(e.to_string())
-            }
+            // A model file that cannot be used is the server's state, not a fault of the
+            // request: the reason (which file, what is wrong) is the answer, as at start.
+            LlmError::QueueFull
+            | LlmError::EngineStopped
+            | LlmError::Unavailable(_)
+            | LlmError::BadModel { .. } => ApiError::Unavailable(e.to_string()),
             LlmError::ContextOverflow { .. } => ApiError::ContextTooLong(e.to_string()),
             LlmError::UnknownModel(_) | LlmError::InvalidRequest(_) => {
                 ApiError::BadRequest(e.to_string())

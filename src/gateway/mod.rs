@@ -11,6 +11,7 @@ pub mod error;
 pub mod events;
 pub mod export;
 pub mod health;
+pub mod import;
 pub mod listener;
 pub mod live;
 pub mod message_actions;
@@ -18,6 +19,7 @@ pub mod models;
 pub mod openai;
 pub mod search;
 pub mod settings;
+pub mod sign_in;
 pub mod stop;
 pub mod webchat;
 pub mod webhooks;
@@ -51,6 +53,8 @@ pub struct AppState {
     pub channels: crate::channels::Channels,
     /// The running WebChat answers, for pages that follow them.
     pub live: live::LiveAnswers,
+    /// One-time codes of sign-in links.
+    pub sign_in: sign_in::SignInCodes,
 }
 
 /// The whole HTTP surface of my-claw.
@@ -65,8 +69,10 @@ pub fn router(state: AppState) -> Router {
         .merge(openai::router())
         .merge(search::router())
         .merge(export::router())
+        .merge(import::router())
         .merge(message_actions::router())
         .merge(live::router())
+        .merge(sign_in::router())
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_token))
         // `route_layer` guards the routes' methods, not their 405 fallback: that one checks
         // the token itself, so a caller without it learns no more than from any other
@@ -75,6 +81,7 @@ pub fn router(state: AppState) -> Router {
     let public = Router::new()
         .route("/api/health", get(health::get_health))
         .merge(webchat::router())
+        .merge(sign_in::public_router())
         .merge(cron::trigger_router())
         .merge(webhooks::router())
         .method_not_allowed_fallback(method_not_allowed);

@@ -10,6 +10,8 @@
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
 use std::time::{Duration, Instant, SystemTime};
 
 use axum::extract::State;
@@ -26,6 +28,7 @@ use crate::gateway::chat::{
     check_message_length, parse_tier, sse_event, timings_json, TimingsJson,
 };
 use crate::gateway::error::{ApiError, ApiJson, ApiPath};
+use crate::gateway::events::shutdown_requested;
 use crate::gateway::stop::{parse_stop, StopMatcher};
 use crate::gateway::AppState;
 use crate::llm::router::Tier;
@@ -442,7 +445,13 @@ struct AnswerReader {
     /// The prompt's size, as the local engine said when it took the request.
     prompt_tokens: u32,
     ttft_ms: Option<u64>,
+    /// SIGINT or SIGTERM: the graceful shutdown waits for open responses, and an answer
+    /// can take minutes, so the answer ends there (`None` once it fired).
+    shutdown: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
 }
+
+/// What a `/v1` answer cut by a shutdown ends with: the stream's error event, or a 503.
+const SHUTTING_DOWN: &str = "my-claw is shutting down: the answer was cut short";
 
 impl AnswerReader {
     fn new(stream: ChunkStream, filter: CallFilter, stop: StopMatcher, started: Instant) -> Self {
@@ -455,6 +464,7 @@ impl AnswerReader {
             n_text: 0,
             prompt_tokens: 0,
             ttft_ms: None,
+            shutdown: Some(Box::pin(shutdown_requested())),
         }
     }
 
@@ -465,7 +475,21 @@ impl AnswerReader {
                 return Some(part);
             }
             let stream = self.stream.as_mut()?;
-            match stream.recv().await {
+            let received = match self.shutdown.as_mut() {
+                Some(signal) => tokio::select! {
+                    chunk = stream.recv() => Some(chunk),
+                    _ = signal => None,
+                },
+                None => Some(stream.recv().await),
+            };
+            let Some(received) = received else {
+                // Dropping the model stream (in `end`) stops the engine at its next token.
+                self.shutdown = None;
+                self.release_held();
+                self.end(Part::Failed(LlmError::Unavailable(SHUTTING_DOWN.into())));
+                continue;
+            };
+            match received {
                 Some(Ok(Chunk::Text(text))) => self.text(&text),
                 Some(Ok(Chunk::ToolCall(call))) => {
                     if let Some(index) = self.filter.admit(&call) {
