@@ -280,6 +280,7 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     scheduler.set(cron.clone());
     let live = gateway::live::LiveAnswers::default();
     let sign_in = gateway::sign_in::SignInCodes::default();
+    let shutdown_assistant = assistant.clone();
     let state = AppState {
         pool: pool.clone(),
         assistant,
@@ -303,7 +304,13 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
         body_timeout: settings.request_body_timeout,
     };
     let app = gateway::cron::attach(gateway::router(state), cron.clone());
-    gateway::listener::serve(listener, app, limits, shutdown_signal(cron.clone())).await;
+    gateway::listener::serve(
+        listener,
+        app,
+        limits,
+        shutdown_signal(cron.clone(), shutdown_assistant),
+    )
+    .await;
     // Answers whose page left were stopped by the same signal: they are stored first.
     live.wait_idle(SHUTDOWN_ANSWER_WAIT).await;
     cron.shutdown().await;
@@ -503,9 +510,11 @@ pub fn sign_in_url(host: &str, code: &str) -> String {
     format!("http://{host}/?code={code}")
 }
 
-async fn shutdown_signal(cron: crate::cron::CronHandle) {
+async fn shutdown_signal(cron: crate::cron::CronHandle, assistant: Arc<Assistant>) {
     crate::gateway::events::shutdown_requested().await;
-    // A job's answer would hold the graceful shutdown as long as it takes.
+    // Answers stopped from here on say the shutdown cut them; a job's answer would hold the
+    // graceful shutdown as long as it takes.
+    assistant.shutting_down();
     cron.halt();
     tracing::info!("shutting down: finishing in-flight requests (a second signal exits at once)");
     // The graceful shutdown stops answers and waits for the rest within bounds; a person

@@ -12,7 +12,7 @@
 //! models and tools, and nothing of wire formats or HTTP.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -185,6 +185,9 @@ pub const BUSY_NOTICE_KIND: &str = "busy";
 const BUSY_NOTICE: &str = "waiting for the previous answer in this conversation";
 
 /// A collected reply's error when its answer was stopped before it wrote anything.
+/// The failure kept with an answer a shutdown cut short (the page shows it after a reload).
+pub const SHUTDOWN_REASON: &str =
+    "my-claw stopped while writing this answer (a restart or shutdown); the part shown is saved";
 pub const STOPPED_BEFORE_ANY_TEXT: &str = "the answer was stopped before it wrote anything";
 
 /// Events buffered between a running answer and a slow reader.
@@ -278,6 +281,9 @@ struct Inner {
     floors: Mutex<HashMap<ConversationId, usize>>,
     events: broadcast::Sender<ConversationEvent>,
     next_turn: AtomicU64,
+    /// Set by `shutting_down`: an answer stopped from now on was cut by the shutdown, and
+    /// keeps that as its reason (the user did not stop it).
+    shutting_down: AtomicBool,
 }
 
 struct Running {
@@ -393,6 +399,7 @@ impl Assistant {
                 floors: Mutex::new(HashMap::new()),
                 events,
                 next_turn: AtomicU64::new(1),
+                shutting_down: AtomicBool::new(false),
             }),
         }
     }
@@ -555,6 +562,13 @@ impl Assistant {
         let answering = Answering { conversation_id, channel: conversation.channel, guard };
         self.launch(accepted, answering, Some(answered), received, &tx).await;
         Ok(rx)
+    }
+
+    /// The process is shutting down: answers stopped from now on are stored with
+    /// `SHUTDOWN_REASON` as their failure, so a reloaded page does not say the user stopped
+    /// them. Called by whoever stops answers for the shutdown, before stopping them.
+    pub fn shutting_down(&self) {
+        self.inner.shutting_down.store(true, Ordering::SeqCst);
     }
 
     /// Stops the running answer of a conversation; false when none runs. Messages waiting
@@ -1574,7 +1588,12 @@ impl Generation {
             }
             Ok(None)
         } else {
-            memory::add_answer(&inner.pool, &message, &rounds, error.as_deref()).await.map(Some)
+            // A stop is the user's, unless the process was shutting down.
+            let failure = error.as_deref().or_else(|| {
+                (finish == FinishReason::Cancelled && inner.shutting_down.load(Ordering::SeqCst))
+                    .then_some(SHUTDOWN_REASON)
+            });
+            memory::add_answer(&inner.pool, &message, &rounds, failure).await.map(Some)
         };
         let message_id = match stored {
             Ok(None) => None,

@@ -1371,6 +1371,17 @@ async fn real_model_server_shuts_down_promptly_with_open_streams() {
     let expected: Vec<(String, String)> =
         expected.iter().map(|(r, s)| (r.to_string(), s.to_string())).collect();
     assert_eq!(stored, expected, "the answer whose page left was stored at shutdown");
+    // With the reason: the shutdown cut it, not the user (the page says so after a reload).
+    let failures: Vec<Option<String>> = sqlx::query_scalar(
+        "SELECT failure FROM messages WHERE role = 'assistant' AND status = 'partial'",
+    )
+    .fetch_all(&pool)
+    .await
+    .expect("read the failures");
+    assert_eq!(failures.len(), 2, "both answers were cut: {failures:?}");
+    for failure in failures {
+        assert_eq!(failure.as_deref(), Some(my_claw::assistant::SHUTDOWN_REASON));
+    }
 }
 
 /// The virtual environment with the official `openai` package (the version pinned in

@@ -741,3 +741,27 @@ async fn an_export_imports_into_another_my_claw_once() {
     let response = gateway::router(target.state.clone()).oneshot(anonymous).await.unwrap();
     assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
 }
+
+/// Another process holding the database's write lock past the busy timeout (a backup tool,
+/// `sqlite3` left in a transaction) is a state that passes: a 503 that says so, with
+/// `Retry-After`, not a 500 "internal error" (QA pass 10).
+#[tokio::test]
+async fn a_database_locked_by_another_process_answers_503() {
+    use sqlx::Connection;
+    let app = app().await;
+    let conversation =
+        memory::create_webchat_conversation(&app.state.pool, Some("before")).await.unwrap().id;
+    let url = format!("sqlite://{}", app.state.data_dir.join("my-claw.db").display());
+    let mut other = sqlx::SqliteConnection::connect(&url).await.unwrap();
+    sqlx::query("BEGIN IMMEDIATE").execute(&mut other).await.unwrap();
+    let path = format!("/api/conversations/{}", conversation.0);
+    let (status, headers, body) =
+        call(&app, Method::PATCH, &path, Some(json!({"title": "after"}))).await;
+    let error: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{error}");
+    assert!(error["error"]["message"].as_str().unwrap().contains("database is busy"), "{error}");
+    assert!(headers.contains_key(header::RETRY_AFTER));
+    sqlx::query("ROLLBACK").execute(&mut other).await.unwrap();
+    let (status, _, _) = call(&app, Method::PATCH, &path, Some(json!({"title": "after"}))).await;
+    assert_eq!(status, StatusCode::OK, "writes again once the lock is gone");
+}

@@ -48,6 +48,9 @@ pub async fn connect(url: &str) -> Result<SqlitePool, sqlx::Error> {
     let in_memory = url.contains(":memory:") || url.contains("mode=memory");
     let on_disk = !in_memory && !file.as_os_str().is_empty();
     if on_disk {
+        if file.metadata().is_ok_and(|m| m.len() > 0) {
+            refuse_foreign(&file).await?;
+        }
         make_private(&file).map_err(sqlx::Error::Io)?;
     }
     let pool = SqlitePoolOptions::new()
@@ -78,6 +81,46 @@ pub async fn connect(url: &str) -> Result<SqlitePool, sqlx::Error> {
         }
     }
     Ok(pool)
+}
+
+/// Looks at an existing database file read-only before anything changes it (its mode, its
+/// journal, our migrations): another application's SQLite file, or one written by a newer
+/// my-claw, is refused with a line that says so, untouched.
+async fn refuse_foreign(file: &Path) -> Result<(), sqlx::Error> {
+    use sqlx::Connection;
+    let options = SqliteConnectOptions::new().filename(file).read_only(true);
+    let mut conn = sqlx::SqliteConnection::connect_with(&options).await?;
+    let tables: Vec<String> =
+        sqlx::query_scalar("SELECT name FROM sqlite_master WHERE type = 'table'")
+            .fetch_all(&mut conn)
+            .await?;
+    let refusal = if tables.is_empty() {
+        None
+    } else if !tables.iter().any(|t| t == "_sqlx_migrations") {
+        Some(format!(
+            "{} is not a my-claw database (it has tables but no my-claw migrations): point \
+             DATA_DIR or DATABASE_URL at my-claw's own file",
+            file.display()
+        ))
+    } else {
+        let newest: Option<i64> =
+            sqlx::query_scalar("SELECT MAX(version) FROM _sqlx_migrations WHERE success = 1")
+                .fetch_one(&mut conn)
+                .await?;
+        let known = MIGRATOR.migrations.iter().map(|m| m.version).max().unwrap_or(0);
+        newest.filter(|&newest| newest > known).map(|newest| {
+            format!(
+                "{} was written by a newer my-claw (migration {newest}; this one knows up to \
+                 {known}): run that version, or restore a backup made by this one",
+                file.display()
+            )
+        })
+    };
+    conn.close().await?;
+    match refusal {
+        Some(reason) => Err(sqlx::Error::Configuration(reason.into())),
+        None => Ok(()),
+    }
 }
 
 /// Starts a transaction that writes. `BEGIN IMMEDIATE` takes the write lock at once, waiting
@@ -170,6 +213,46 @@ mod tests {
     use super::*;
     use crate::db::memory::{self, NewMessage};
     use crate::domain::{ConversationId, Role};
+
+    /// Another application's SQLite file, or one from a newer my-claw, is refused before
+    /// anything changes it (its mode, its journal, our migrations table). Before, a failed
+    /// start on another app's file left our migrations table in it, WAL on and mode 600.
+    #[tokio::test]
+    async fn a_foreign_or_newer_database_is_refused_untouched() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let foreign = dir.path().join("other.db");
+        {
+            let options = SqliteConnectOptions::new().filename(&foreign).create_if_missing(true);
+            let pool = SqlitePool::connect_with(options).await.unwrap();
+            sqlx::query("CREATE TABLE notes (body TEXT)").execute(&pool).await.unwrap();
+            pool.close().await;
+        }
+        std::fs::set_permissions(&foreign, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let before = std::fs::read(&foreign).unwrap();
+        let err = connect(&format!("sqlite://{}", foreign.display())).await.unwrap_err();
+        assert!(err.to_string().contains("is not a my-claw database"), "{err}");
+        assert_eq!(std::fs::read(&foreign).unwrap(), before, "the file is untouched");
+        let mode = std::fs::metadata(&foreign).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o644);
+
+        let (dir, pool) = fresh_test_db().await;
+        sqlx::query(
+            "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time)
+             VALUES (9999, 'from the future', 1, x'00', 0)",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+        pool.close().await;
+        let url = format!("sqlite://{}", dir.path().join("t.db").display());
+        let err = connect(&url).await.unwrap_err().to_string();
+        assert!(err.contains("written by a newer my-claw (migration 9999"), "{err}");
+        // Our own database opens again and again.
+        let (dir, pool) = fresh_test_db().await;
+        pool.close().await;
+        connect(&format!("sqlite://{}", dir.path().join("t.db").display())).await.unwrap();
+    }
 
     /// When SQLite ends a transaction by itself (a COMMIT that meets a full disk, or an I/O
     /// error, rolls it back) sqlx still counts it open: its own ROLLBACK then fails, and

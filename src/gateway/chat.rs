@@ -228,6 +228,7 @@ impl Forward {
                         self.shutdown = None;
                         self.stopping = true;
                         if let Some(id) = self.id {
+                            self.assistant.shutting_down();
                             self.assistant.stop(id);
                         }
                         continue;

@@ -153,8 +153,27 @@ impl IntoResponse for ApiError {
 }
 
 impl From<sqlx::Error> for ApiError {
+    /// A database that is busy (another process holds its write lock past the busy
+    /// timeout, or every connection is taken) or on a full disk is a state that passes:
+    /// a 503 that says which, with `Retry-After`. Anything else is a fault of ours.
     fn from(e: sqlx::Error) -> Self {
-        ApiError::Internal(format!("database: {e}"))
+        // SQLite's primary result code: the low byte of the extended one sqlx reports.
+        let primary = e
+            .as_database_error()
+            .and_then(|d| d.code())
+            .and_then(|code| code.parse::<i32>().ok())
+            .map(|code| code & 0xff);
+        match (&e, primary) {
+            // SQLITE_BUSY, SQLITE_LOCKED.
+            (_, Some(5 | 6)) | (sqlx::Error::PoolTimedOut, _) => ApiError::Unavailable(
+                "the database is busy (another process is writing to it); try again shortly".into(),
+            ),
+            // SQLITE_FULL.
+            (_, Some(13)) => ApiError::Unavailable(
+                "the disk that holds the database is full: nothing was stored".into(),
+            ),
+            _ => ApiError::Internal(format!("database: {e}")),
+        }
     }
 }
 
@@ -204,9 +223,33 @@ impl From<JsonRejection> for ApiError {
             JsonRejection::BytesRejection(ref r) if r.status() == StatusCode::PAYLOAD_TOO_LARGE => {
                 ApiError::PayloadTooLarge
             }
-            other => ApiError::BadRequest(format!("invalid JSON body: {}", other.body_text())),
+            other => ApiError::BadRequest(format!(
+                "invalid JSON body: {}",
+                without_type_names(&other.body_text())
+            )),
         }
     }
+}
+
+/// serde names our Rust types in its messages ("expected struct JobRequest"): a caller
+/// reads "a JSON object" instead.
+fn without_type_names(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("struct ") {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + "struct ".len()..];
+        let name_end =
+            after.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(after.len());
+        if name_end == 0 {
+            out.push_str("struct ");
+        } else {
+            out.push_str("a JSON object");
+        }
+        rest = &after[name_end..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// `axum::extract::Query` whose rejection is our `ApiError` (`?limit=abc` gets our shape).
@@ -265,6 +308,16 @@ pub async fn log_internal_errors(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn json_errors_name_no_rust_type() {
+        assert_eq!(
+            without_type_names("invalid type: sequence, expected struct JobRequest at line 1"),
+            "invalid type: sequence, expected a JSON object at line 1"
+        );
+        assert_eq!(without_type_names("missing field `name`"), "missing field `name`");
+        assert_eq!(without_type_names("a struct  b"), "a struct  b");
+    }
+
     use super::*;
 
     #[test]
