@@ -52,7 +52,9 @@ pub struct BenchArgs {
     pub compare_reference: bool,
     /// Measure only the aggregate decode rate of this many simultaneous streams (a comma
     /// list, e.g. `1,2,4`), each generating `--gen-tokens` after a short prompt.
-    #[arg(long, value_delimiter = ',')]
+    /// 1 to 64 streams each.
+    #[arg(long, value_delimiter = ',',
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=64))]
     pub parallel: Vec<usize>,
     /// KV cache storage: `f16` or `f32`.
     #[arg(long, default_value = "f16")]

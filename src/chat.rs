@@ -56,8 +56,8 @@ pub async fn run(args: ChatArgs, engine: &EngineSettings) -> anyhow::Result<()> 
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
     loop {
         if interactive {
-            print!("> ");
-            std::io::stdout().flush().context("cannot write to stdout")?;
+            let mut stdout = std::io::stdout();
+            write!(stdout, "> ").and_then(|()| stdout.flush()).context("cannot write to stdout")?;
         }
         let Some(line) = lines.next_line().await.context("cannot read stdin")? else { break };
         let prompt = line.trim();
@@ -94,8 +94,11 @@ async fn stream_answer(engine: &EngineHandle, request: LlmRequest) -> anyhow::Re
     while let Some(item) = stream.recv().await {
         match item? {
             Chunk::Text(piece) => {
-                print!("{piece}");
-                stdout.flush().context("cannot write to stdout")?;
+                // `print!` panics when stdout is a closed pipe (`chat | head`): an error ends
+                // the command with one line instead.
+                write!(stdout, "{piece}")
+                    .and_then(|()| stdout.flush())
+                    .context("cannot write to stdout")?;
                 answer.push_str(&piece);
             }
             Chunk::Notice { message, .. } => eprintln!("[{message}]"),
@@ -103,7 +106,7 @@ async fn stream_answer(engine: &EngineHandle, request: LlmRequest) -> anyhow::Re
             // The terminal chat offers no tools.
             Chunk::ToolCall(_) => {}
             Chunk::Done { usage, .. } => {
-                println!();
+                writeln!(stdout).context("cannot write to stdout")?;
                 tracing::debug!(?usage, "answer done");
                 return Ok(answer.trim().to_string());
             }

@@ -149,6 +149,24 @@ fn help_explains_every_option() {
     }
 }
 
+/// `bench --parallel 0`, or a count no engine runs, is refused before a model is loaded
+/// (QA pass 10: 0 was accepted silently, 100000 ran 36 s before failing).
+#[test]
+fn bench_refuses_stream_counts_it_cannot_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = util::smollm2_path();
+    for parallel in ["0", "1,100000"] {
+        let out = run_binary(
+            &["bench", "--model", model.to_str().unwrap(), "--parallel", parallel],
+            &[("DATA_DIR", dir.path().join("data").to_str().unwrap())],
+            dir.path(),
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "--parallel {parallel}: {stderr}");
+        assert!(stderr.contains("--parallel"), "{stderr}");
+    }
+}
+
 async fn open(path: &std::path::Path) -> sqlx::SqlitePool {
     db::connect(&format!("sqlite://{}", path.display())).await.expect("open db")
 }
