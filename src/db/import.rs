@@ -59,24 +59,17 @@ pub async fn store_conversation(
 ) -> Result<Stored, sqlx::Error> {
     let mut tx = crate::db::begin_write(pool).await?;
     let channel = ChannelKind::WebChat.as_str();
-    let existing: Option<i64> =
-        sqlx::query_scalar("SELECT id FROM conversations WHERE channel = ?1 AND external_key = ?2")
-            .bind(channel)
-            .bind(&conversation.key)
-            .fetch_optional(&mut *tx)
-            .await?;
-    if let Some(id) = existing {
-        return Ok(Stored::AlreadyThere(ConversationId(id)));
-    }
-    if let Some((channel, key)) = &conversation.origin {
-        let original: Option<i64> = sqlx::query_scalar(
+    // Its own key, then where a my-claw export's channel conversation came from.
+    let origin = conversation.origin.as_ref().map(|(channel, key)| (channel.as_str(), key));
+    for (channel, key) in std::iter::once((channel, &conversation.key)).chain(origin) {
+        let existing: Option<i64> = sqlx::query_scalar(
             "SELECT id FROM conversations WHERE channel = ?1 AND external_key = ?2",
         )
         .bind(channel)
         .bind(key)
         .fetch_optional(&mut *tx)
         .await?;
-        if let Some(id) = original {
+        if let Some(id) = existing {
             return Ok(Stored::AlreadyThere(ConversationId(id)));
         }
     }

@@ -56,14 +56,13 @@ pub async fn connect(url: &str) -> Result<SqlitePool, sqlx::Error> {
     let pool = SqlitePoolOptions::new()
         .max_connections(8)
         .acquire_timeout(Duration::from_secs(10))
-        .after_release(|conn, _| {
+        .before_acquire(|conn, _| {
             Box::pin(async move {
                 // SQLite ends a transaction by itself when a COMMIT meets a full disk or an
                 // I/O error; sqlx still counts it open, its ROLLBACK fails, and the
-                // connection would refuse every later BEGIN until a restart. Once the
-                // rollback queued by a dropped transaction has run (the ping waits for it),
-                // a connection still counted in a transaction is closed, not reused.
-                sqlx::Connection::ping(conn).await?;
+                // connection would refuse every later BEGIN until a restart. sqlx's own
+                // ping on release has run the rollback a dropped transaction queued, so a
+                // connection still counted in a transaction here is closed, not handed out.
                 Ok(SqliteTransactionManager::get_transaction_depth(conn) == 0)
             })
         })
