@@ -1597,8 +1597,10 @@ async fn webchat_recovers_from_failures_and_respects_what_the_user_is_doing() {
     pool.close().await;
     let (plan, long) = (plan.0, long.0);
 
-    // Long enough to act while a story streams; the other answers are short anyway.
-    let limits = [("REPLY_MAX_TOKENS", "400"), ("CONTEXT_SIZE", "4096")];
+    // Long enough to act while a story streams: SmolLM2 writes this story to the limit, and
+    // 400 tokens (2.5 s here) could end before a loaded machine's browser had switched
+    // conversations. The other answers are short anyway.
+    let limits = [("REPLY_MAX_TOKENS", "1200"), ("CONTEXT_SIZE", "4096")];
     let server = start_server(Some(data.path()), &limits).await;
     let browser = Browser::start().await;
     browser.goto(&server.url(&format!("/?token={}#c={plan}", server.token))).await;

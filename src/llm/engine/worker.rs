@@ -826,9 +826,24 @@ impl Scheduler {
 fn next_token(seq: &mut Sequence, logits: &mut [f32], tokenizer: &GgufTokenizer, n_ctx: usize) {
     let recent_from = seq.tokens.len().saturating_sub(seq.params.repeat_last_n);
     let recent = &seq.tokens[recent_from..];
+    // An answer may not end before it has said anything: a small model sometimes picks
+    // end-of-turn first, and an empty answer reaches a WhatsApp or Talk user as a failure.
+    let hold_end = !seq.options.ignore_stop && !seq.answer.said_something();
+    let stop_ids = tokenizer.stop_ids();
     let sampled = match seq.constraint.as_mut() {
-        Some(constraint) => seq.sampler.sample_masked(logits, recent, |l| constraint.mask(l)),
-        None => Ok(seq.sampler.sample(logits, recent)),
+        Some(constraint) => seq.sampler.sample_masked(logits, recent, |l| {
+            constraint.mask(l)?;
+            if hold_end {
+                refuse_end(l, stop_ids);
+            }
+            Ok(())
+        }),
+        None => seq.sampler.sample_masked(logits, recent, |l| {
+            if hold_end {
+                refuse_end(l, stop_ids);
+            }
+            Ok(())
+        }),
     };
     let token = match sampled {
         Ok(token) => token,
@@ -870,17 +885,43 @@ fn next_token(seq: &mut Sequence, logits: &mut [f32], tokenizer: &GgufTokenizer,
     }
 }
 
+/// Forbids the end-of-turn tokens, unless nothing else is allowed (a grammar that can only
+/// end there): the answer must then end rather than break its constraint.
+fn refuse_end(logits: &mut [f32], stop_ids: &[u32]) {
+    let other_allowed = logits
+        .iter()
+        .enumerate()
+        .any(|(id, l)| *l > f32::NEG_INFINITY && !stop_ids.contains(&(id as u32)));
+    if other_allowed {
+        for &id in stop_ids {
+            if let Some(l) = logits.get_mut(id as usize) {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+    }
+}
+
 /// The text side of a sequence: decoded pieces go through the think filter and, when the
 /// request offers tools, the `<tool_call>` parser, then out as `Text` and `ToolCall` chunks.
 /// Without tools the text streams exactly as the think filter releases it.
 struct AnswerText {
     think: ThinkFilter,
     calls: Option<ToolCallParser>,
+    /// Whether visible text (not only white space) or a tool call has gone out.
+    said: bool,
 }
 
 impl AnswerText {
     fn new(tools_offered: bool) -> Self {
-        Self { think: ThinkFilter::new(), calls: tools_offered.then(ToolCallParser::new) }
+        Self {
+            think: ThinkFilter::new(),
+            calls: tools_offered.then(ToolCallParser::new),
+            said: false,
+        }
+    }
+
+    fn said_something(&self) -> bool {
+        self.said
     }
 
     /// Streams what `piece` completes; true when something was sent.
@@ -929,12 +970,14 @@ impl AnswerText {
         }
         match &mut self.calls {
             None => {
+                self.said |= !text.trim().is_empty();
                 out.push(Ok(Chunk::Text(text)));
                 true
             }
             Some(parser) => {
                 let mut sent = false;
                 for item in parser.push(&text) {
+                    self.said |= !matches!(&item, Parsed::Text(t) if t.trim().is_empty());
                     sent |= send_parsed(item, out);
                 }
                 sent
@@ -1003,13 +1046,22 @@ mod tests {
     type Stream = mpsc::Receiver<Result<Chunk, LlmError>>;
 
     fn submit(scheduler: &mut Scheduler, text: &str, max_tokens: u32) -> Stream {
+        let options = RequestOptions { ignore_stop: true, reuse_cache: false };
+        submit_with(scheduler, text, max_tokens, options)
+    }
+
+    fn submit_with(
+        scheduler: &mut Scheduler,
+        text: &str,
+        max_tokens: u32,
+        options: RequestOptions,
+    ) -> Stream {
         let (reply, stream) = mpsc::channel(256);
         let request = LlmRequest {
             messages: vec![ChatTurn::new(Role::User, text)],
             params: GenerationParams::greedy(max_tokens),
             tools: Default::default(),
         };
-        let options = RequestOptions { ignore_stop: true, reuse_cache: false };
         scheduler.in_flight.fetch_add(1, Ordering::SeqCst);
         let job = EngineRequest { request, options, reply, received: Instant::now() };
         scheduler.accept(Message::Generate(job));
@@ -1023,6 +1075,52 @@ mod tests {
 
     fn texts(chunks: &[Chunk]) -> usize {
         chunks.iter().filter(|c| matches!(c, Chunk::Text(_))).count()
+    }
+
+    /// End-of-turn is refused until the answer has visible text: white space alone does not
+    /// count; once a word is out, the most likely end-of-turn ends it.
+    #[test]
+    fn an_answer_cannot_end_before_it_says_something() {
+        let (mut s, _) = scheduler(1);
+        let options = RequestOptions { ignore_stop: false, reuse_cache: false };
+        let long_text = "The quick brown fox jumps over the lazy dog. ".repeat(40);
+        let mut stream = submit_with(&mut s, &long_text, 16, options);
+        s.step();
+        assert!(s.active[0].prefill_done.is_none(), "still prefilling: nothing sampled yet");
+        let tokenizer = &s.engine.tokenizer;
+        let n_ctx = s.engine.n_ctx;
+        let stop = tokenizer.stop_ids()[0];
+        let space = tokenizer.token_id("Ġ").expect("a space token") as usize;
+        let word = tokenizer.token_id("Hello").expect("a word token") as usize;
+        let logits_with_end_first = |other: usize| {
+            let mut logits = vec![0.0f32; tokenizer.vocab_size()];
+            logits[stop as usize] = 10.0;
+            logits[other] = 5.0;
+            logits
+        };
+        let seq = &mut s.active[0];
+        next_token(seq, &mut logits_with_end_first(space), tokenizer, n_ctx);
+        assert!(seq.finish.is_none(), "ended before saying anything");
+        assert_eq!(seq.tokens.last(), Some(&(space as u32)));
+        next_token(seq, &mut logits_with_end_first(word), tokenizer, n_ctx);
+        assert!(seq.finish.is_none(), "white space is not an answer");
+        assert_eq!(seq.tokens.last(), Some(&(word as u32)));
+        next_token(seq, &mut logits_with_end_first(word), tokenizer, n_ctx);
+        assert!(matches!(seq.finish, Some(Ok(FinishReason::Stop))), "{:?}", seq.finish);
+        let sent: String = drain(&mut stream)
+            .into_iter()
+            .filter_map(|c| if let Chunk::Text(t) = c { Some(t) } else { None })
+            .collect();
+        assert_eq!(sent.trim(), "Hello");
+
+        // Only end-of-turn allowed (a grammar that must end): it ends.
+        let mut only_end = vec![f32::NEG_INFINITY; 8];
+        only_end[2] = 0.0;
+        refuse_end(&mut only_end, &[2]);
+        assert_eq!(only_end[2], 0.0);
+        let mut some_text = vec![0.0f32; 8];
+        refuse_end(&mut some_text, &[2, 3]);
+        assert_eq!(&some_text[..4], &[0.0, 0.0, f32::NEG_INFINITY, f32::NEG_INFINITY]);
     }
 
     #[test]
