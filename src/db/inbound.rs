@@ -588,9 +588,16 @@ pub async fn stored_turn(
     let Some((user_id, conversation_id)) = user else {
         return Ok(None);
     };
-    let answer: Option<(i64, String, String, Option<String>, String)> = sqlx::query_as(
-        "SELECT id, content, status, delivery_status, role FROM messages
-         WHERE conversation_id = ?1 AND id > ?2 ORDER BY id LIMIT 1",
+    // Its answer is the model's (a tier is set: a reminder or job post has none, and one may
+    // fire between the question and its answer), written before the next question (the
+    // turn lock keeps the two in order).
+    let answer: Option<(i64, String, String, Option<String>)> = sqlx::query_as(
+        "SELECT id, content, status, delivery_status FROM messages
+         WHERE conversation_id = ?1 AND id > ?2 AND role = 'assistant' AND tier IS NOT NULL
+           AND id < COALESCE((SELECT MIN(id) FROM messages
+                              WHERE conversation_id = ?1 AND id > ?2 AND role = 'user'),
+                             9223372036854775807)
+         ORDER BY id LIMIT 1",
     )
     .bind(conversation_id)
     .bind(user_id)
@@ -599,14 +606,12 @@ pub async fn stored_turn(
     Ok(Some(StoredTurn {
         conversation_id: ConversationId(conversation_id),
         user_message_id: MessageId(user_id),
-        answer: answer.filter(|a| a.4 == "assistant").map(
-            |(id, content, status, delivery_status, _)| StoredAnswer {
-                message_id: MessageId(id),
-                content,
-                status,
-                delivery_status,
-            },
-        ),
+        answer: answer.map(|(id, content, status, delivery_status)| StoredAnswer {
+            message_id: MessageId(id),
+            content,
+            status,
+            delivery_status,
+        }),
     }))
 }
 
@@ -1009,13 +1014,38 @@ mod tests {
         let qid = memory::add_message(&pool, &question).await.unwrap();
         let turn = stored_turn(&pool, ChannelKind::WhatsApp, "wamid.Q").await.unwrap().unwrap();
         assert_eq!((turn.user_message_id, turn.answer.clone()), (qid, None));
-        let aid = memory::add_message(&pool, &NewMessage::plain(conv.id, Role::Assistant, "a"))
-            .await
-            .unwrap();
+        // A reminder fired before the answer was written: it is not the answer.
+        let reminder = NewMessage::plain(conv.id, Role::Assistant, "Reminder: call Ada");
+        memory::add_message(&pool, &reminder).await.unwrap();
+        let turn = stored_turn(&pool, ChannelKind::WhatsApp, "wamid.Q").await.unwrap().unwrap();
+        assert_eq!(turn.answer, None);
+        let answer = NewMessage {
+            tier: Some("fast".into()),
+            ..NewMessage::plain(conv.id, Role::Assistant, "a")
+        };
+        let aid = memory::add_message(&pool, &answer).await.unwrap();
         let turn = stored_turn(&pool, ChannelKind::WhatsApp, "wamid.Q").await.unwrap().unwrap();
         let answer = turn.answer.unwrap();
         assert_eq!((answer.message_id, answer.content.as_str()), (aid, "a"));
         assert_eq!(answer.delivery_status, None);
         assert!(stored_turn(&pool, ChannelKind::Nextcloud, "wamid.Q").await.unwrap().is_none());
+
+        // A question left unanswered (a stop), then another answered: the later answer is
+        // not the first question's.
+        let mut lost = NewMessage::plain(conv.id, Role::User, "lost");
+        lost.external_id = Some("wamid.LOST".into());
+        memory::add_message(&pool, &lost).await.unwrap();
+        let mut next = NewMessage::plain(conv.id, Role::User, "next");
+        next.external_id = Some("wamid.NEXT".into());
+        memory::add_message(&pool, &next).await.unwrap();
+        let next_answer = NewMessage {
+            tier: Some("fast".into()),
+            ..NewMessage::plain(conv.id, Role::Assistant, "b")
+        };
+        let bid = memory::add_message(&pool, &next_answer).await.unwrap();
+        let turn = stored_turn(&pool, ChannelKind::WhatsApp, "wamid.LOST").await.unwrap().unwrap();
+        assert_eq!(turn.answer, None);
+        let turn = stored_turn(&pool, ChannelKind::WhatsApp, "wamid.NEXT").await.unwrap().unwrap();
+        assert_eq!(turn.answer.map(|a| a.message_id), Some(bid));
     }
 }
