@@ -295,6 +295,7 @@ impl Engine {
             request.tools.offered(),
             request.params.thinking,
         );
+        self.refuse_far_over(&prompt_text, answer_room)?;
         let prompt = match self.tokenizer.encode(&prompt_text) {
             Ok(tokens) => tokens,
             Err(err) => return Err(LlmError::Inference(format!("tokenizing the prompt: {err}"))),
@@ -310,6 +311,35 @@ impl Engine {
             });
         }
         Ok(prompt)
+    }
+
+    /// Refuses a prompt text that is far over the context from its beginning alone:
+    /// tokenizing all of a prompt holding megabytes (an imported message) would take
+    /// seconds, and gigabytes of the tokenizer's bookkeeping, on the engine's thread, only
+    /// to learn that it does not fit. Prefixes of growing length are counted (a prefix
+    /// has at most a few tokens more than the same text inside the whole, where its last
+    /// word or a special token is cut); text of few tokens per byte (runs of spaces) takes
+    /// a longer prefix. `n_tokens` of the error is then what the prefix counted.
+    fn refuse_far_over(&self, prompt_text: &str, answer_room: usize) -> Result<(), LlmError> {
+        const SLACK: usize = 16;
+        let fits = self.n_ctx.saturating_sub(answer_room);
+        let mut probe = fits.saturating_mul(8).max(4096);
+        while probe < prompt_text.len() {
+            let mut cut = probe;
+            while !prompt_text.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            let counted = self.tokenizer.encode(&prompt_text[..cut])?.len();
+            if counted > fits + SLACK {
+                return Err(LlmError::ContextOverflow {
+                    n_tokens: counted,
+                    answer_room,
+                    n_ctx: self.n_ctx,
+                });
+            }
+            probe = probe.saturating_mul(4);
+        }
+        Ok(())
     }
 
     /// The constraint `request`'s tools and `response_format` put on its answer, checked
@@ -1075,6 +1105,42 @@ mod tests {
 
     fn texts(chunks: &[Chunk]) -> usize {
         chunks.iter().filter(|c| matches!(c, Chunk::Text(_))).count()
+    }
+
+    /// A prompt of megabytes is refused from its beginning: the count is far below what
+    /// tokenizing all of it gives (millions of tokens), whatever its tokens per byte.
+    #[test]
+    fn a_prompt_far_over_the_context_is_refused_without_tokenizing_it_all() {
+        let (s, _) = scheduler(1);
+        let room = 256;
+        let fits = s.engine.n_ctx - room;
+        for (what, text) in [("words", "a ".repeat(5_000_000)), ("spaces", " ".repeat(10_000_000))]
+        {
+            let request = LlmRequest {
+                messages: vec![ChatTurn::new(Role::User, text)],
+                params: GenerationParams::greedy(room as u32),
+                tools: Default::default(),
+            };
+            match s.engine.prompt_tokens(&request, room) {
+                Err(LlmError::ContextOverflow { n_tokens, answer_room, n_ctx }) => {
+                    assert!(n_tokens > fits && n_tokens < 64 * fits, "{what}: {n_tokens}");
+                    assert_eq!((answer_room, n_ctx), (room, s.engine.n_ctx));
+                }
+                other => panic!("{what}: {other:?}"),
+            }
+        }
+        // Just over the context, and just under it: the exact count decides.
+        let words = |n: usize| "hello ".repeat(n);
+        let request = |text: String| LlmRequest {
+            messages: vec![ChatTurn::new(Role::User, text)],
+            params: GenerationParams::greedy(room as u32),
+            tools: Default::default(),
+        };
+        assert!(s.engine.prompt_tokens(&request(words(fits - 64)), room).is_ok());
+        assert!(matches!(
+            s.engine.prompt_tokens(&request(words(fits + 8)), room),
+            Err(LlmError::ContextOverflow { .. })
+        ));
     }
 
     /// End-of-turn is refused until the answer has visible text: white space alone does not
