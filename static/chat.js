@@ -1633,6 +1633,7 @@
       let said = "Imported " + plural(summary.imported, "conversation") + " (" + plural(summary.messages, "message") + ")";
       if (summary.already_there) said += "; " + plural(summary.already_there, "conversation") + " already here";
       if (summary.empty) said += "; " + summary.empty + " without messages skipped";
+      if (summary.unreadable) said += "; " + summary.unreadable + " unreadable item" + (summary.unreadable === 1 ? "" : "s") + " skipped";
       await loadConversations();
       const first = summary.conversations && summary.conversations[0];
       if (first) await openConversation(first.id);

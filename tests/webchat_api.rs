@@ -726,12 +726,39 @@ async fn an_export_imports_into_another_my_claw_once() {
     assert_eq!(refused["error"]["param"], "file");
     assert!(refused["error"]["message"].as_str().unwrap().starts_with("unrecognized file"));
 
-    // Over the import's own limit (far above MAX_BODY_BYTES, which it replaces).
-    let huge = json!("x".repeat(my_claw::gateway::import::IMPORT_MAX_BYTES));
-    let (status, _, body) = call(&target, Method::POST, "/api/import", Some(huge)).await;
+    // Over the import's own limit (far above MAX_BODY_BYTES, which it replaces), sent in
+    // pieces: refused once the limit is passed.
+    let piece = axum::body::Bytes::from(vec![b' '; 1 << 20]);
+    let pieces = my_claw::gateway::import::IMPORT_MAX_BYTES / piece.len() + 1;
+    let huge = futures::stream::iter(
+        std::iter::repeat_n(piece, pieces).map(Ok::<_, std::convert::Infallible>),
+    );
+    let (status, body) = import_stream(&target, Body::from_stream(huge)).await;
     let refused: Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{refused}");
-    assert!(refused["error"]["message"].as_str().unwrap().contains("64 MiB"), "{refused}");
+    assert!(refused["error"]["message"].as_str().unwrap().contains("256 MiB"), "{refused}");
+
+    // One import at a time: a second one while a file is still arriving is refused, and
+    // the next goes through once the first has ended.
+    let opening = futures::stream::once(async {
+        Ok::<_, std::convert::Infallible>(axum::body::Bytes::from_static(b"["))
+    });
+    let slow = futures::StreamExt::chain(opening, futures::stream::pending());
+    let first = tokio::spawn({
+        let router = gateway::router(target.state.clone());
+        async move { import_stream_with(router, Body::from_stream(slow)).await }
+    });
+    // The first import takes its turn and waits for the rest of its file.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!first.is_finished(), "the first import ended: {:?}", first.await);
+    let (status, body) = import_stream(&target, Body::from(r#"[]"#)).await;
+    let refused: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(status, StatusCode::CONFLICT, "{refused}");
+    assert!(refused["error"]["message"].as_str().unwrap().contains("another import"));
+    first.abort();
+    let _ = first.await;
+    let (status, body) = import_stream(&target, Body::from(r#"[]"#)).await;
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
 
     let anonymous = Request::builder()
         .method(Method::POST)
@@ -740,6 +767,24 @@ async fn an_export_imports_into_another_my_claw_once() {
         .unwrap();
     let response = gateway::router(target.state.clone()).oneshot(anonymous).await.unwrap();
     assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+}
+
+/// `POST /api/import` with `body` as it is (a stream, a file never read whole here).
+async fn import_stream(app: &App, body: Body) -> (StatusCode, Vec<u8>) {
+    import_stream_with(gateway::router(app.state.clone()), body).await
+}
+
+async fn import_stream_with(router: axum::Router, body: Body) -> (StatusCode, Vec<u8>) {
+    let request = Request::builder()
+        .method(Method::POST)
+        .uri("/api/import")
+        .header(header::AUTHORIZATION, format!("Bearer {TOKEN}"))
+        .body(body)
+        .expect("request");
+    let response = router.oneshot(request).await.expect("infallible");
+    let status = response.status();
+    let bytes = axum::body::to_bytes(response.into_body(), 1 << 20).await.expect("body");
+    (status, bytes.to_vec())
 }
 
 /// Another process holding the database's write lock past the busy timeout (a backup tool,

@@ -10,12 +10,15 @@
 //! Storing is `db::import`'s: one transaction per conversation, keyed by the source's id,
 //! so a file imported twice adds nothing the second time.
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use std::collections::HashSet;
+use std::fmt;
+
+use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, State};
-use axum::http::StatusCode;
 use axum::routing::post;
 use axum::Router;
+use futures::StreamExt;
+use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -25,16 +28,25 @@ use crate::domain::Role;
 use crate::gateway::error::{ApiError, ApiJson};
 use crate::gateway::AppState;
 
-/// The largest file accepted: about 30,000 conversations of ChatGPT's export.
-pub const IMPORT_MAX_BYTES: usize = 64 * 1024 * 1024;
+/// The largest file accepted: "Export all" of about 45,000 conversations, or ChatGPT's
+/// export of as many. The file is read whole; its conversations are read one at a time
+/// from it (never the whole document as a JSON tree, which takes ten times its size), and
+/// one import runs at a time.
+pub const IMPORT_MAX_BYTES: usize = 256 * 1024 * 1024;
 /// Titles are cut to this many characters (the API's own limit for a rename).
 const MAX_TITLE_CHARS: usize = 200;
 /// Conversations listed back in the answer (the count covers all).
 const LISTED: usize = 100;
+/// A time later than this far ahead of now is not a time the file can mean.
+const FUTURE_SLACK_MS: i64 = 24 * 3600 * 1000;
+
+/// One import at a time: a second one while a file is being read is refused (409), so two
+/// large files never sit in memory together.
+static ONE_IMPORT: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
 
 pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/api/import", post(post_import).layer(DefaultBodyLimit::max(IMPORT_MAX_BYTES)))
+    // The body is read by the handler, with its own limit, once it holds the import's turn.
+    Router::new().route("/api/import", post(post_import).layer(DefaultBodyLimit::disable()))
 }
 
 #[derive(Debug, Serialize)]
@@ -47,6 +59,9 @@ struct ImportSummary {
     messages: usize,
     /// Conversations of the file with no message to keep (only system or empty ones).
     empty: usize,
+    /// Items of the file's list that are not conversations of its format (wrong types,
+    /// missing ids): skipped, and counted so that nothing vanishes without a word.
+    unreadable: usize,
     /// The first conversations imported, to open one.
     conversations: Vec<ImportedJson>,
 }
@@ -59,31 +74,22 @@ struct ImportedJson {
 
 async fn post_import(
     State(state): State<AppState>,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Result<ApiJson<ImportSummary>, ApiError> {
-    let body = body.map_err(|e| {
-        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::TooLarge(format!(
-                "the file is larger than {} MiB, the most an import takes",
-                IMPORT_MAX_BYTES / (1024 * 1024)
-            ))
-        } else {
-            ApiError::BadRequest(format!("the file could not be read: {e}"))
-        }
+    let _turn = ONE_IMPORT.try_acquire().map_err(|_| {
+        ApiError::Conflict("another import is running: try again when it has finished".into())
     })?;
-    let document: Value = serde_json::from_slice(&body).map_err(|e| ApiError::BadParam {
-        param: "file",
-        message: format!("the file is not JSON (line {}, column {})", e.line(), e.column()),
-    })?;
+    let body = read_body(body).await?;
+    let document = read_document(&body)?;
     drop(body);
-    let (format, conversations) = read_document(&document)?;
-    drop(document);
+    let Document { format, conversations, unreadable } = document;
     let mut summary = ImportSummary {
         format,
         imported: 0,
         already_there: 0,
         messages: 0,
         empty: 0,
+        unreadable,
         conversations: Vec::new(),
     };
     for conversation in conversations {
@@ -109,49 +115,233 @@ async fn post_import(
         imported = summary.imported,
         already_there = summary.already_there,
         messages = summary.messages,
+        unreadable = summary.unreadable,
         "conversations imported"
     );
     Ok(ApiJson(summary))
 }
 
-/// The format of `document` and its conversations, oldest message first in each.
-fn read_document(document: &Value) -> Result<(&'static str, Vec<ImportedConversation>), ApiError> {
-    match document {
-        Value::Object(object) => match object.get("format").and_then(Value::as_str) {
-            Some("my-claw.export") => {
-                let list =
-                    object.get("conversations").and_then(Value::as_array).ok_or_else(|| {
-                        unrecognized("a my-claw export without its `conversations` list")
-                    })?;
-                Ok(("my-claw", list.iter().filter_map(my_claw_conversation).collect()))
+/// The whole file, refused as soon as it is over `IMPORT_MAX_BYTES`.
+async fn read_body(body: Body) -> Result<Vec<u8>, ApiError> {
+    let mut file = Vec::new();
+    let mut chunks = body.into_data_stream();
+    while let Some(chunk) = chunks.next().await {
+        let chunk =
+            chunk.map_err(|e| ApiError::BadRequest(format!("the file could not be read: {e}")))?;
+        if file.len() + chunk.len() > IMPORT_MAX_BYTES {
+            return Err(ApiError::TooLarge(format!(
+                "the file is larger than {} MiB, the most an import takes",
+                IMPORT_MAX_BYTES / (1024 * 1024)
+            )));
+        }
+        file.extend_from_slice(&chunk);
+    }
+    Ok(file)
+}
+
+/// What a file holds: its format and conversations, oldest message first in each.
+#[derive(Debug)]
+struct Document {
+    format: &'static str,
+    conversations: Vec<ImportedConversation>,
+    /// Items of its list that were not conversations of its format.
+    unreadable: usize,
+}
+
+/// Reads `body`, told apart by its shape. A list (ChatGPT, Open WebUI) and a my-claw
+/// export's `conversations` are read item by item: each conversation becomes a JSON tree
+/// only while it is converted.
+fn read_document(body: &[u8]) -> Result<Document, ApiError> {
+    let mut reading = Reading::default();
+    let mut deserializer = serde_json::Deserializer::from_slice(body);
+    let read = de::Deserializer::deserialize_any(&mut deserializer, TopLevel(&mut reading))
+        .and_then(|()| deserializer.end());
+    if let Err(e) = read {
+        return Err(match reading.refused.take() {
+            Some(refused) => refused,
+            None if e.is_data() => unrecognized(&e.to_string()),
+            None => ApiError::BadParam {
+                param: "file",
+                message: format!("the file is not JSON (line {}, column {})", e.line(), e.column()),
+            },
+        });
+    }
+    reading.finish()
+}
+
+/// What the visitors gather while the file is read.
+#[derive(Default)]
+struct Reading {
+    /// A list's format, from its first item; `my-claw` for an object.
+    format: Option<&'static str>,
+    conversations: Vec<ImportedConversation>,
+    unreadable: usize,
+    /// An object's `format`, and its parts, seen in any order.
+    object_format: Option<String>,
+    listed: bool,
+    one: Option<Value>,
+    one_messages: Option<Value>,
+    /// Why the file was refused while being read (the visitors' error says only "stop").
+    refused: Option<ApiError>,
+}
+
+impl Reading {
+    fn item(&mut self, item: Value) -> Result<(), ApiError> {
+        let format = match self.format {
+            Some(format) => format,
+            None if item.get("mapping").is_some() => *self.format.insert("chatgpt"),
+            None if item.get("chat").is_some() => *self.format.insert("open-webui"),
+            None => {
+                return Err(unrecognized(
+                    "a JSON list whose items are neither ChatGPT's nor Open WebUI's",
+                ))
             }
-            Some("my-claw.conversation") => {
-                let mut conversation = object.get("conversation").cloned().ok_or_else(|| {
+        };
+        let conversation = match format {
+            "chatgpt" => chatgpt_conversation(&item),
+            _ => open_webui_conversation(&item),
+        };
+        self.keep(conversation);
+        Ok(())
+    }
+
+    fn keep(&mut self, conversation: Option<ImportedConversation>) {
+        match conversation {
+            Some(conversation) => self.conversations.push(conversation),
+            None => self.unreadable += 1,
+        }
+    }
+
+    fn finish(mut self) -> Result<Document, ApiError> {
+        let format = match (self.format, self.object_format.as_deref()) {
+            (Some(format), _) => format,
+            (None, Some("my-claw.export")) if self.listed => "my-claw",
+            (None, Some("my-claw.export")) => {
+                return Err(unrecognized("a my-claw export without its `conversations` list"))
+            }
+            (None, Some("my-claw.conversation")) => {
+                let mut conversation = self.one.take().ok_or_else(|| {
                     unrecognized("a my-claw conversation export without its `conversation`")
                 })?;
                 // One conversation's export keeps its messages beside it.
                 if let (Some(fields), Some(messages)) =
-                    (conversation.as_object_mut(), object.get("messages"))
+                    (conversation.as_object_mut(), self.one_messages.take())
                 {
-                    fields.insert("messages".into(), messages.clone());
+                    fields.insert("messages".into(), messages);
                 }
-                Ok(("my-claw", my_claw_conversation(&conversation).into_iter().collect()))
+                self.conversations.clear();
+                self.unreadable = 0;
+                let conversation = my_claw_conversation(&conversation);
+                self.keep(conversation);
+                "my-claw"
             }
-            _ => Err(unrecognized("a JSON object that is not a my-claw export")),
-        },
-        Value::Array(items) => {
-            let Some(first) = items.first() else {
-                return Ok(("empty", Vec::new()));
-            };
-            if first.get("mapping").is_some() {
-                Ok(("chatgpt", items.iter().filter_map(chatgpt_conversation).collect()))
-            } else if first.get("chat").is_some() {
-                Ok(("open-webui", items.iter().filter_map(open_webui_conversation).collect()))
-            } else {
-                Err(unrecognized("a JSON list whose items are neither ChatGPT's nor Open WebUI's"))
+            (None, Some(_)) => {
+                return Err(unrecognized("a JSON object that is not a my-claw export"))
+            }
+            // A list with no item.
+            (None, None) => "empty",
+        };
+        Ok(Document { format, conversations: self.conversations, unreadable: self.unreadable })
+    }
+}
+
+/// The file's top level: a list of conversations, or a my-claw export object.
+struct TopLevel<'a>(&'a mut Reading);
+
+impl<'de> Visitor<'de> for TopLevel<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON list of conversations or a my-claw export")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while let Some(item) = seq.next_element::<Value>()? {
+            if let Err(refused) = self.0.item(item) {
+                self.0.refused = Some(refused);
+                return Err(de::Error::custom("refused"));
             }
         }
-        _ => Err(unrecognized("JSON that is neither an object nor a list")),
+        Ok(())
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let mut is_object = false;
+        while let Some(key) = map.next_key::<String>()? {
+            is_object = true;
+            match key.as_str() {
+                "format" => {
+                    self.0.object_format = map.next_value::<Value>()?.as_str().map(Into::into)
+                }
+                "conversations" => {
+                    map.next_value_seed(MyClawList(self.0))?;
+                    self.0.listed = true;
+                }
+                "conversation" => self.0.one = Some(map.next_value()?),
+                "messages" => self.0.one_messages = Some(map.next_value()?),
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        if !is_object || self.0.object_format.is_none() {
+            self.0.refused = Some(unrecognized("a JSON object that is not a my-claw export"));
+            return Err(de::Error::custom("refused"));
+        }
+        Ok(())
+    }
+
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<(), E> {
+        self.refuse()
+    }
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
+        self.refuse()
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<(), E> {
+        self.refuse()
+    }
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<(), E> {
+        self.refuse()
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<(), E> {
+        self.refuse()
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        self.refuse()
+    }
+}
+
+impl TopLevel<'_> {
+    fn refuse<E: de::Error>(self) -> Result<(), E> {
+        self.0.refused = Some(unrecognized("JSON that is neither an object nor a list"));
+        Err(E::custom("refused"))
+    }
+}
+
+/// A my-claw export's `conversations`, one at a time.
+struct MyClawList<'a>(&'a mut Reading);
+
+impl<'de> DeserializeSeed<'de> for MyClawList<'_> {
+    type Value = ();
+
+    fn deserialize<D: de::Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_seq(self)
+    }
+}
+
+impl<'de> Visitor<'de> for MyClawList<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a list of conversations")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while let Some(item) = seq.next_element::<Value>()? {
+            let conversation = my_claw_conversation(&item);
+            self.0.keep(conversation);
+        }
+        Ok(())
     }
 }
 
@@ -191,26 +381,32 @@ fn my_claw_conversation(value: &Value) -> Option<ImportedConversation> {
             let text = |field: &str| m.get(field).and_then(Value::as_str).map(str::to_string);
             let rounds =
                 m.get("tool_rounds").filter(|r| r.as_array().is_some_and(|r| !r.is_empty()));
+            let host = text("host");
             Some(ImportedMessage {
                 role,
                 content: content.to_string(),
-                created_at: m.get("created_at").and_then(Value::as_i64).unwrap_or_else(now_ms),
+                created_at: m
+                    .get("created_at")
+                    .and_then(Value::as_i64)
+                    .and_then(plausible_ms)
+                    .unwrap_or(i64::MIN),
                 tier: text("tier"),
                 provider: text("provider"),
                 model: text("model"),
                 status,
                 tool_rounds: rounds.map(Value::to_string),
-                host: text("host"),
-                left_machine: m.get("left_machine").and_then(Value::as_bool).unwrap_or(false),
+                left_machine: left_machine(role, host.as_deref(), m.get("left_machine")),
+                host,
             })
         })
         .collect();
+    let created_at = value.get("created_at").and_then(Value::as_i64).and_then(plausible_ms);
     Some(ImportedConversation {
         key,
         origin,
         title: value.get("title").and_then(Value::as_str).and_then(title),
-        created_at: value.get("created_at").and_then(Value::as_i64).unwrap_or_else(now_ms),
-        messages,
+        created_at: created_at.unwrap_or_else(now_ms),
+        messages: fill_times(messages, created_at),
     })
 }
 
@@ -227,8 +423,10 @@ fn open_webui_conversation(value: &Value) -> Option<ImportedConversation> {
         (Some(nodes), Some(current)) => {
             let mut branch = Vec::new();
             let mut next = Some(current);
-            // Bounded by the node count: a cycle in a damaged file cannot loop forever.
-            while let Some(id) = next.filter(|_| branch.len() <= nodes.len()) {
+            // A node seen before ends the walk: a cycle in a damaged file neither loops
+            // forever nor repeats a message.
+            let mut seen = HashSet::new();
+            while let Some(id) = next.filter(|id| seen.insert(*id)) {
                 let Some(node) = nodes.get(id) else { break };
                 branch.push(node);
                 next = node.get("parentId").and_then(Value::as_str);
@@ -280,7 +478,8 @@ fn chatgpt_conversation(value: &Value) -> Option<ImportedConversation> {
     let id = value.get("conversation_id").or_else(|| value.get("id")).and_then(id_text)?;
     let mut branch = Vec::new();
     let mut next = value.get("current_node").and_then(Value::as_str);
-    while let Some(node_id) = next.filter(|_| branch.len() <= mapping.len()) {
+    let mut seen = HashSet::new();
+    while let Some(node_id) = next.filter(|id| seen.insert(*id)) {
         let Some(node) = mapping.get(node_id) else { break };
         branch.push(node);
         next = node.get("parent").and_then(Value::as_str);
@@ -372,6 +571,17 @@ fn fill_times(mut messages: Vec<ImportedMessage>, start: Option<i64>) -> Vec<Imp
     messages
 }
 
+/// The privacy ledger of an exported message: an answer from a host that is not this
+/// machine's loopback left the machine whatever the file says, and one whose file does not
+/// say (or says it in another type) is counted as having left it.
+fn left_machine(role: Role, host: Option<&str>, said: Option<&Value>) -> bool {
+    let remote = host.is_some_and(|h| !crate::llm::providers::openai_compat::is_loopback_host(h));
+    match said.and_then(Value::as_bool) {
+        Some(said) => said || remote,
+        None => role == Role::Assistant,
+    }
+}
+
 /// User and assistant turns; everything else (system prompts, tools) is not a message of
 /// the conversation as its reader saw it.
 fn chat_role(role: &str) -> Option<Role> {
@@ -391,10 +601,18 @@ fn id_text(value: &Value) -> Option<String> {
     }
 }
 
-/// Seconds since the epoch (an integer or a fraction) as milliseconds.
+/// Seconds since the epoch (an integer or a fraction) as milliseconds, when plausible.
 fn seconds_to_ms(value: Option<&Value>) -> Option<i64> {
     let seconds = value?.as_f64()?;
-    (seconds.is_finite() && seconds > 0.0).then_some((seconds * 1000.0) as i64)
+    // `as` saturates: 1e300 becomes i64::MAX, which `plausible_ms` refuses.
+    seconds.is_finite().then_some((seconds * 1000.0) as i64).and_then(plausible_ms)
+}
+
+/// Milliseconds since the epoch that a file can mean: after 1970 and not later than a day
+/// from now. Anything else (a corrupted field, seconds taken for milliseconds) would pin
+/// its conversation to the top or bottom of the list for good.
+fn plausible_ms(ms: i64) -> Option<i64> {
+    (ms > 0 && ms <= now_ms().saturating_add(FUTURE_SLACK_MS)).then_some(ms)
 }
 
 /// A title as stored: trimmed, at most `MAX_TITLE_CHARS`, none when blank.
@@ -407,6 +625,10 @@ fn title(text: &str) -> Option<String> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    fn read(document: &Value) -> Result<Document, ApiError> {
+        read_document(document.to_string().as_bytes())
+    }
 
     fn contents(conversation: &ImportedConversation) -> Vec<(Role, &str)> {
         conversation.messages.iter().map(|m| (m.role, m.content.as_str())).collect()
@@ -435,7 +657,7 @@ mod tests {
                     "content": {"content_type": "text", "parts": ["tool output"]}}}
             }
         }]);
-        let (format, conversations) = read_document(&document).unwrap();
+        let Document { format, conversations, .. } = read(&document).unwrap();
         assert_eq!(format, "chatgpt");
         let c = &conversations[0];
         assert_eq!(c.key, "import:chatgpt:c1");
@@ -467,7 +689,7 @@ mod tests {
                 {"role": "system", "content": "You are helpful"},
                 {"role": "user", "content": "Hi"}]}}
         ]);
-        let (format, conversations) = read_document(&document).unwrap();
+        let Document { format, conversations, .. } = read(&document).unwrap();
         assert_eq!(format, "open-webui");
         let trip = &conversations[0];
         assert_eq!(trip.key, "import:open-webui:w1");
@@ -500,7 +722,7 @@ mod tests {
             {"id": 2, "channel": "whatsapp", "external_key": "33612345678", "title": null, "created_at": 1, "updated_at": 2,
              "messages": [{"id": 6, "role": "system", "content": "note", "created_at": 1}]}
         ]});
-        let (format, conversations) = read_document(&all).unwrap();
+        let Document { format, conversations, .. } = read(&all).unwrap();
         assert_eq!(format, "my-claw");
         assert_eq!(conversations[0].key, "wc-00ff", "found again where it came from");
         let answer = &conversations[0].messages[1];
@@ -515,8 +737,69 @@ mod tests {
         let one = json!({"format": "my-claw.conversation", "version": 1,
             "conversation": {"id": 1, "channel": "webchat", "external_key": "wc-01", "title": "One", "created_at": 1, "updated_at": 1},
             "messages": [{"role": "user", "content": "Only", "created_at": 3}]});
-        let (_, conversations) = read_document(&one).unwrap();
+        let conversations = read(&one).unwrap().conversations;
         assert_eq!(contents(&conversations[0]), [(Role::User, "Only")]);
+    }
+
+    /// QA pass 11: a cycle in a damaged file's parent links ends the walk without repeating
+    /// a message; times no file can mean (far future, negative) are not kept; items that are
+    /// not conversations are counted; an answer from a remote host left the machine.
+    #[test]
+    fn damaged_files_import_what_they_can_and_say_what_they_skipped() {
+        let node = |parent: &str, role: &str, text: &str| {
+            json!({"parent": parent, "message": {"author": {"role": role},
+                "content": {"content_type": "text", "parts": [text]}}})
+        };
+        let cycle = json!([
+            {"id": "c", "current_node": "a", "create_time": 1e300,
+             "mapping": {"a": node("b", "user", "cycle A"), "b": node("a", "assistant", "cycle B")}},
+            {"id": "s", "current_node": "x", "create_time": -5,
+             "mapping": {"x": node("x", "user", "my own parent")}},
+            0,
+            {"mapping": {}},
+        ]);
+        let Document { conversations, unreadable, .. } = read(&cycle).unwrap();
+        assert_eq!(
+            contents(&conversations[0]),
+            [(Role::Assistant, "cycle B"), (Role::User, "cycle A")]
+        );
+        assert_eq!(contents(&conversations[1]), [(Role::User, "my own parent")]);
+        let now = now_ms();
+        for c in &conversations {
+            assert!((now - 60_000..=now + 60_000).contains(&c.created_at), "{}", c.created_at);
+        }
+        assert_eq!(unreadable, 2, "a number and a conversation without an id");
+
+        let webui =
+            json!([{"chat": 5}, {"chat": {}, "id": "z"}, {"chat": {"messages": "no"}, "id": "q"}]);
+        let Document { format, conversations, unreadable } = read(&webui).unwrap();
+        assert_eq!((format, conversations.len(), unreadable), ("open-webui", 0, 3));
+
+        let message = |host: Value, left: Value| json!({"role": "assistant", "content": "x", "created_at": i64::MAX, "host": host, "left_machine": left});
+        let export = json!({"format": "my-claw.export", "conversations": [
+            {"channel": "webchat", "external_key": "k", "created_at": 1_700_000_000_000_i64, "messages": [
+                message(json!("evil.example:443"), json!(false)),
+                message(json!("127.0.0.1:8080"), json!(false)),
+                message(Value::Null, json!("yes")),
+                {"role": "user", "content": "q", "created_at": 1_700_000_000_500_i64}]},
+            "not a conversation"]});
+        let Document { conversations, unreadable, .. } = read(&export).unwrap();
+        assert_eq!(unreadable, 1);
+        let left: Vec<bool> = conversations[0].messages.iter().map(|m| m.left_machine).collect();
+        assert_eq!(left, [true, false, true, false]);
+        let times: Vec<i64> = conversations[0].messages.iter().map(|m| m.created_at).collect();
+        assert_eq!(
+            times,
+            [1_700_000_000_000, 1_700_000_000_000, 1_700_000_000_000, 1_700_000_000_500]
+        );
+
+        // The shape is checked where it is read: a list that is not one says so.
+        let err = read(&json!({"format": "my-claw.export", "conversations": "x"}))
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("unrecognized file (") && err.contains("list"), "{err}");
+        let err = read_document(br#"[{"mapping": {}"#).unwrap_err().to_string();
+        assert!(err.starts_with("the file is not JSON (line 1"), "{err}");
     }
 
     #[test]
@@ -524,10 +807,10 @@ mod tests {
         for document in
             [json!({"a": 1}), json!([{"x": 1}]), json!("text"), json!({"format": "my-claw.export"})]
         {
-            let err = read_document(&document).unwrap_err().to_string();
+            let err = read(&document).unwrap_err().to_string();
             assert!(err.starts_with("unrecognized file ("), "{err}");
             assert!(err.contains("ChatGPT's conversations.json"), "{err}");
         }
-        assert_eq!(read_document(&json!([])).unwrap().1.len(), 0);
+        assert_eq!(read(&json!([])).unwrap().conversations.len(), 0);
     }
 }
