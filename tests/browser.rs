@@ -837,15 +837,31 @@ async fn a_schedule_made_in_the_page_writes_into_the_open_conversation() {
         .await;
     browser.type_into("#cron-name", "Hello job").await;
     browser.clear("#cron-schedule").await;
-    browser.type_into("#cron-schedule", "*/5 * * * * *").await;
-    browser
+    // Once a minute (the most a job may run), at a second soon enough to see it run: the
+    // form is saved in a few seconds, else the job runs a minute later.
+    let second = (std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs()
+        + 15)
+        % 60;
+    let schedule = format!("{second} * * * * *");
+    let every_minute = format!("every minute at :{second:02}");
+    browser.type_into("#cron-schedule", &schedule).await;
+    let described = browser
         .wait_for(
             "the expression explained in words, and its next runs",
-            "return document.getElementById('cron-description').textContent === 'every 5 seconds' && \
-             document.getElementById('cron-preview').textContent.startsWith('Next runs:');",
+            &format!(
+                "const d = document.getElementById('cron-description').textContent; \
+                 const ready = document.getElementById('cron-schedule').value === {} && \
+                   document.getElementById('cron-preview').textContent.startsWith('Next runs:'); \
+                 return ready && d ? d : null;",
+                json!(schedule)
+            ),
             Duration::from_secs(10),
         )
         .await;
+    assert_eq!(described, json!(every_minute));
     browser.click("#cron-channel option[value='webchat']").await;
     browser.click(&format!("#cron-target option[value='{conversation_id}']")).await;
     browser.type_into("#cron-prompt", "Say hello in one word.").await;
@@ -873,7 +889,7 @@ async fn a_schedule_made_in_the_page_writes_into_the_open_conversation() {
         .await;
     let job_id = listed["id"].as_i64().unwrap_or_else(|| panic!("a job id: {listed}"));
     assert_eq!(listed["enabled"], "true", "{listed}");
-    assert!(listed["when"].as_str().unwrap().starts_with("every 5 seconds"), "{listed}");
+    assert!(listed["when"].as_str().unwrap().starts_with(&every_minute), "{listed}");
     let next = listed["next"].as_str().unwrap();
     assert!(next.starts_with("Next run: "), "{listed}");
     assert!(!next.contains("—"), "a next run time is shown: {listed}");
@@ -885,7 +901,7 @@ async fn a_schedule_made_in_the_page_writes_into_the_open_conversation() {
         .and_then(|jobs| jobs.iter().find(|j| j["id"] == job_id))
         .unwrap_or_else(|| panic!("job {job_id} in {jobs}"))
         .clone();
-    assert_eq!(job["schedule"], "*/5 * * * * *", "{job}");
+    assert_eq!(job["schedule"], schedule, "{job}");
     assert_eq!(job["channel"], "webchat", "{job}");
     assert_eq!(job["target"].as_str().map(str::to_owned), Some(conversation_id.to_string()));
     assert_eq!(job["tier"], "main", "{job}");
@@ -966,7 +982,7 @@ async fn a_schedule_made_in_the_page_writes_into_the_open_conversation() {
         .post(server.url("/api/cron/jobs"))
         .bearer_auth(&server.token)
         .json(&json!({
-            "name": "Witness", "schedule": "*/5 * * * * *", "prompt": "Say ok.",
+            "name": "Witness", "schedule": schedule, "prompt": "Say ok.",
             "channel": "webchat", "target": conversation_id.to_string(), "tier": "main",
             "enabled": true,
         }))

@@ -4,7 +4,9 @@
 //! jobs fire every one or two seconds, so the timing tests take a few seconds each. That a
 //! job did NOT run is proved by the scheduler's own report of how far it has looked
 //! (`CronHandle::checked_through`), kept moving by a job that fires every second, never by
-//! sleeping.
+//! sleeping. Jobs that fire every second or two are refused in production (the shortest
+//! interval is one minute); these servers allow them (`ShortestInterval::OneSecond`) unless a
+//! test is about that rule.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -25,7 +27,7 @@ use my_claw::assistant::{Assistant, AssistantConfig, Change};
 use my_claw::channels::whatsapp::WhatsApp;
 use my_claw::channels::{Channel, Channels, RetryPolicy};
 use my_claw::config::{CronSettings, Secret, WhatsAppSettings};
-use my_claw::cron::{CronHandle, NewReminder};
+use my_claw::cron::{CronHandle, NewReminder, ShortestInterval};
 use my_claw::db::inbound::{self, ContactSeen, NewInbound, QueueStatus};
 use my_claw::db::memory;
 use my_claw::domain::{ChannelKind, ConversationId, Role};
@@ -159,6 +161,9 @@ pub(crate) struct App {
     _dir: tempfile::TempDir,
 }
 
+/// The in-process servers let jobs fire every second (see the module header).
+const TEST_INTERVAL: ShortestInterval = ShortestInterval::OneSecond;
+
 pub(crate) struct Options {
     delay: Duration,
     secret: Option<&'static str>,
@@ -169,6 +174,8 @@ pub(crate) struct Options {
     /// call the built-in tools (`current_time`, `reminders_*` in Europe/Paris), as the
     /// server wires them.
     pub(crate) agent: Option<Arc<dyn my_claw::llm::Provider>>,
+    /// How often a job may run: every second here, unless a test is about the rule.
+    shortest_interval: ShortestInterval,
 }
 
 impl Default for Options {
@@ -179,6 +186,7 @@ impl Default for Options {
             template: None,
             whatsapp: true,
             agent: None,
+            shortest_interval: TEST_INTERVAL,
         }
     }
 }
@@ -238,10 +246,15 @@ impl App {
             delivery: PATIENCE,
             late_limit: LATE_LIMIT,
         };
-        let cron =
-            my_claw::cron::start(pool.clone(), assistant.clone(), channels.clone(), &settings)
-                .await
-                .expect("start the scheduler");
+        let cron = my_claw::cron::start_with(
+            pool.clone(),
+            assistant.clone(),
+            channels.clone(),
+            &settings,
+            options.shortest_interval,
+        )
+        .await
+        .expect("start the scheduler");
         scheduler.set(cron.clone());
         let state = AppState {
             pool: pool.clone(),
@@ -351,17 +364,26 @@ impl App {
     /// A new scheduler over the same database (UTC, no channels), as after a restart of the
     /// process; the caller shut the first one down.
     async fn restart_scheduler(&self) -> my_claw::cron::CronHandle {
+        self.restart_scheduler_with(TEST_INTERVAL).await
+    }
+
+    /// `restart_scheduler`, with jobs allowed to run as often as `shortest_interval` says.
+    async fn restart_scheduler_with(
+        &self,
+        shortest_interval: ShortestInterval,
+    ) -> my_claw::cron::CronHandle {
         let settings = CronSettings {
             secret: None,
             timezone: Some("UTC".into()),
             delivery: PATIENCE,
             late_limit: LATE_LIMIT,
         };
-        my_claw::cron::start(
+        my_claw::cron::start_with(
             self.pool.clone(),
             self.assistant.clone(),
             Channels::default(),
             &settings,
+            shortest_interval,
         )
         .await
         .expect("restart the scheduler")
@@ -1027,19 +1049,19 @@ async fn bad_queries_paths_and_bodies_get_the_json_error_shape() {
         app.call(Method::GET, &format!("/api/cron/jobs/{id}/runs?limit=5"), None).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let cases = [
-        (Method::GET, format!("/api/cron/jobs/{id}/runs?limit=abc"), None, "invalid query"),
-        (Method::GET, format!("/api/cron/jobs/{id}/runs?limit=1e99"), None, "invalid query"),
+        (Method::GET, format!("/api/cron/jobs/{id}/runs?limit=abc"), None, "`abc` is not a num"),
+        (Method::GET, format!("/api/cron/jobs/{id}/runs?limit=1e99"), None, "not a number"),
         (Method::GET, "/api/cron/jobs/abc".to_string(), None, "`abc` is not a job id"),
         (Method::GET, "/api/cron/jobs/%FF".to_string(), None, "invalid path"),
         (Method::GET, "/api/cron/jobs/abc/runs".to_string(), None, "not a job id"),
         (Method::DELETE, "/api/cron/jobs/abc".to_string(), None, "not a job id"),
-        (Method::GET, "/api/cron/describe".to_string(), None, "invalid query"),
+        (Method::GET, "/api/cron/describe".to_string(), None, "`expression` is required"),
         (Method::GET, "/api/cron/describe?expression=".to_string(), None, "empty"),
         (
             Method::PUT,
             format!("/api/cron/jobs/{id}"),
             Some(json!({"enabled": "yes"})),
-            "invalid JSON body",
+            "`enabled` must be true or false",
         ),
         (Method::POST, "/api/cron/jobs".to_string(), Some(json!([1, 2])), "invalid JSON body"),
     ];
@@ -1063,6 +1085,296 @@ async fn bad_queries_paths_and_bodies_get_the_json_error_shape() {
     let answer: Value = response.json().await.expect("a JSON error body");
     assert_eq!(answer["error"]["code"], "bad_request", "{answer}");
     app.cron.shutdown().await;
+}
+
+/// Each 400 of the jobs API names the request field it is about in `param`, as OpenAI's
+/// errors do, so a client (or the page) can point at the field: body fields on a create or an
+/// edit, query fields of the history and of the describer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_refusal_of_a_job_names_its_field_in_param() {
+    let graph = Graph::start().await;
+    let app = App::start(&graph, Options::default()).await;
+    let conversation = app.webchat_conversation().await;
+    let other = app.webchat_conversation().await;
+    let job = app.create(webchat_job("fields", YEARLY, conversation)).await;
+    let id = id_of(&job);
+    let reminder = app
+        .cron
+        .create_reminder(NewReminder {
+            text: "water the plants".into(),
+            schedule: YEARLY.into(),
+            timezone: chrono_tz::UTC,
+            channel: ChannelKind::WebChat,
+            target: conversation.to_string(),
+            conversation_id: ConversationId(conversation),
+        })
+        .await
+        .expect("reminder");
+    let base = webchat_job("fields", YEARLY, conversation);
+    let with = |field: &str, value: Value| {
+        let mut job = base.clone();
+        job[field] = value;
+        job
+    };
+    let mut no_channel = base.clone();
+    no_channel.as_object_mut().unwrap().remove("channel");
+    let creates = [
+        (with("schedule", json!("0 25 * * *")), "schedule"),
+        (with("schedule", json!(" ")), "schedule"),
+        (with("schedule", json!("0 0 30 2 *")), "schedule"),
+        (with("schedule", json!("at 2001-01-02 03:04")), "schedule"),
+        (with("schedule", json!("1,".repeat(150))), "schedule"),
+        (with("timezone", json!("Mars/Olympus")), "timezone"),
+        (with("prompt", json!("   ")), "prompt"),
+        (with("prompt", json!("p".repeat(4001))), "prompt"),
+        (with("name", json!("n".repeat(101))), "name"),
+        (with("channel", json!("telegram")), "channel"),
+        (no_channel, "channel"),
+        (
+            json!({"schedule": YEARLY, "prompt": "x", "channel": "nextcloud", "target": "room1"}),
+            "channel",
+        ),
+        (with("target", json!("kitchen")), "target"),
+        (with("target", json!("")), "target"),
+        (with("target", json!("999999")), "target"),
+        (whatsapp_job("wa", YEARLY, "15550000000"), "target"),
+        (with("tier", json!("huge")), "tier"),
+        (with("kind", json!("reminder")), "kind"),
+    ];
+    let job_path = format!("/api/cron/jobs/{id}");
+    let reminder_path = format!("/api/cron/jobs/{}", reminder.job.id.0);
+    let mut cases: Vec<(Method, String, Option<Value>, &str)> = creates
+        .into_iter()
+        .map(|(body, param)| (Method::POST, "/api/cron/jobs".to_string(), Some(body), param))
+        .collect();
+    for (body, param) in [
+        (json!({"schedule": "61 * * * *"}), "schedule"),
+        (json!({"timezone": "Paris"}), "timezone"),
+        (json!({"prompt": ""}), "prompt"),
+        (json!({"tier": "gpt-9"}), "tier"),
+        (json!({"target": "0"}), "target"),
+        (json!({"kind": "reminder"}), "kind"),
+    ] {
+        cases.push((Method::PUT, job_path.clone(), Some(body), param));
+    }
+    cases.push((
+        Method::PUT,
+        reminder_path.clone(),
+        Some(json!({"target": other.to_string()})),
+        "target",
+    ));
+    cases.push((Method::PUT, reminder_path, Some(json!({"channel": "whatsapp"})), "channel"));
+    for (query, param) in [
+        ("/api/cron/describe", "expression"),
+        ("/api/cron/describe?expression=%40often", "expression"),
+        ("/api/cron/describe?expression=%40daily&timezone=Mars%2FOlympus", "timezone"),
+    ] {
+        cases.push((Method::GET, query.to_string(), None, param));
+    }
+    cases.push((Method::GET, format!("/api/cron/jobs/{id}/runs?limit=many"), None, "limit"));
+    // A field of the wrong type, which serde would not name.
+    cases.push((Method::PUT, job_path.clone(), Some(json!({"enabled": "yes"})), "enabled"));
+    cases.push((
+        Method::POST,
+        "/api/cron/jobs".into(),
+        Some(with("schedule", json!(5))),
+        "schedule",
+    ));
+    for (method, path, body, param) in cases {
+        let shown = body.as_ref().map(Value::to_string).unwrap_or_default();
+        let shown: String = shown.chars().take(120).collect();
+        let (status, answer) = app.call(method.clone(), &path, body).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{method} {path} {shown}: {answer}");
+        let error = &answer["error"];
+        assert_eq!(error["param"], param, "{method} {path} {shown}: {answer}");
+        assert_eq!(error["type"], "invalid_request_error", "{answer}");
+        assert_eq!(error["code"], "bad_request", "{answer}");
+        assert!(!error_message(&answer).is_empty(), "{answer}");
+    }
+    // Nothing was made or changed by the refusals.
+    let (_, list) = app.call(Method::GET, "/api/cron/jobs", None).await;
+    assert_eq!(list["jobs"].as_array().map(Vec::len), Some(2), "{list}");
+    let (_, unchanged) = app.call(Method::GET, &job_path, None).await;
+    assert_eq!(unchanged["schedule"], YEARLY, "{unchanged}");
+    app.cron.shutdown().await;
+}
+
+/// A job that fires several times a minute would keep the local model busy (a prompt job) or
+/// flood its conversation (a reminder): the API refuses one that is enabled, saying the
+/// shortest interval, while a fixed seconds field (once a minute) is fine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_run_at_most_once_a_minute() {
+    let graph = Graph::start().await;
+    let options = Options { shortest_interval: ShortestInterval::OneMinute, ..Options::default() };
+    let app = App::start(&graph, options).await;
+    let conversation = app.webchat_conversation().await;
+    let refused = |answer: &Value| {
+        assert_eq!(answer["error"]["param"], "schedule", "{answer}");
+        let message = error_message(answer);
+        assert!(message.contains("the shortest interval between a job's runs is one minute"));
+    };
+    for schedule in ["* * * * * *", "*/5 * * * * *", "0,30 * * * * *"] {
+        let job = webchat_job("fast", schedule, conversation);
+        let (status, answer) = app.call(Method::POST, "/api/cron/jobs", Some(job)).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{schedule}: {answer}");
+        refused(&answer);
+    }
+    let (_, answer) = app
+        .call(
+            Method::POST,
+            "/api/cron/jobs",
+            Some(webchat_job("fast", "*/5 * * * * *", conversation)),
+        )
+        .await;
+    assert!(error_message(&answer).contains("every 5 seconds"), "{answer}");
+    let once = app.create(webchat_job("once a minute", "30 * * * * *", conversation)).await;
+    assert_eq!(once["enabled"], true, "{once}");
+    let (status, answer) = app
+        .call(
+            Method::PUT,
+            &format!("/api/cron/jobs/{}", id_of(&once)),
+            Some(json!({"schedule": "*/10 * * * * *"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
+    refused(&answer);
+    // Kept disabled it may be saved; enabling it is what is refused.
+    let mut paused = webchat_job("paused", "*/5 * * * * *", conversation);
+    paused["enabled"] = json!(false);
+    let paused = app.create(paused).await;
+    let path = format!("/api/cron/jobs/{}", id_of(&paused));
+    let (status, answer) = app.call(Method::PUT, &path, Some(json!({"enabled": true}))).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
+    refused(&answer);
+    // The editor hears it as the schedule is typed.
+    let (status, answer) =
+        app.call(Method::GET, "/api/cron/describe?expression=*%2F5+*+*+*+*+*", None).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
+    assert_eq!(answer["error"]["param"], "expression", "{answer}");
+    // A reminder too: no model, but a message every few seconds is no reminder.
+    let reminder = app
+        .cron
+        .create_reminder(NewReminder {
+            text: "breathe".into(),
+            schedule: "*/10 * * * * *".into(),
+            timezone: chrono_tz::UTC,
+            channel: ChannelKind::WebChat,
+            target: conversation.to_string(),
+            conversation_id: ConversationId(conversation),
+        })
+        .await;
+    let error = reminder.expect_err("a reminder every 10 seconds").to_string();
+    assert!(error.contains("shortest interval between a job's runs is one minute"), "{error}");
+    app.cron.shutdown().await;
+}
+
+/// Jobs stored with such a schedule (before the rule, or written around the API) do not stop
+/// the start: they are loaded, and disabled with the reason as their last error, which the
+/// Schedules panel shows; the other jobs run on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_job_firing_every_second_is_disabled_at_start_saying_why() {
+    let graph = Graph::start().await;
+    let options = Options { shortest_interval: ShortestInterval::OneMinute, ..Options::default() };
+    let app = App::start(&graph, options).await;
+    let conversation = app.webchat_conversation().await;
+    app.cron.shutdown().await;
+    let stored = |name: &str, schedule: &str, kind: my_claw::db::cron::JobKind| {
+        let spec = my_claw::db::cron::JobSpec {
+            name: name.into(),
+            schedule: schedule.into(),
+            timezone: None,
+            prompt: format!("ping from {name}"),
+            channel: ChannelKind::WebChat,
+            target: conversation.to_string(),
+            tier: None,
+            enabled: true,
+            kind,
+            conversation_id: (kind == my_claw::db::cron::JobKind::Reminder)
+                .then_some(ConversationId(conversation)),
+        };
+        let pool = app.pool.clone();
+        async move { my_claw::db::cron::insert_job(&pool, &spec).await.expect("a stored job").id }
+    };
+    use my_claw::db::cron::JobKind;
+    let every_second = stored("every second", "* * * * * *", JobKind::Prompt).await;
+    let every_5s = stored("nag", "*/5 * * * * *", JobKind::Reminder).await;
+    let daily = stored("daily", "0 8 * * *", JobKind::Prompt).await;
+
+    let restarted = app.restart_scheduler_with(ShortestInterval::OneMinute).await;
+    for id in [every_second, every_5s] {
+        let view = restarted.get(id).await.unwrap();
+        assert!(!view.job.enabled, "{view:?}");
+        assert!(view.next_run.is_none(), "{view:?}");
+        let why = view.job.last_error.clone().unwrap_or_default();
+        assert!(why.starts_with("disabled at start: `"), "{why}");
+        assert!(why.contains("the shortest interval between a job's runs is one minute"), "{why}");
+        // The API shows it, as the Schedules panel does.
+        let (_, shown) = app.call(Method::GET, &format!("/api/cron/jobs/{}", id.0), None).await;
+        assert_eq!(shown["enabled"], false, "{shown}");
+        assert_eq!(shown["last_error"], why.as_str(), "{shown}");
+    }
+    let view = restarted.get(daily).await.unwrap();
+    assert!(view.job.enabled && view.job.last_error.is_none(), "{view:?}");
+    assert!(view.next_run.is_some(), "{view:?}");
+    restarted.shutdown().await;
+}
+
+/// A job's answer being written into a WebChat conversation makes the conversation list say
+/// `answering` (the page's "answering…" badge, after a reload too), as a WebChat answer does;
+/// before, only answers a page had asked for did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jobs_answer_being_written_is_answering_in_the_conversation_list() {
+    let slow = crate::util::slow_model().await;
+    let envs = vec![("MODEL_FAST".to_string(), slow)];
+    let server =
+        tokio::task::block_in_place(|| Server::start(ServerOptions { envs, data_dir: None }));
+    let db_url = format!("sqlite://{}", server.data_dir.join("my-claw.db").display());
+    let pool = my_claw::db::connect(&db_url).await.expect("open the server's database");
+    let conversation =
+        memory::create_webchat_conversation(&pool, Some("counting")).await.unwrap().id.0;
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
+    let answering = || {
+        let request = http.get(server.url("/api/conversations")).bearer_auth(&server.token);
+        async move {
+            let list: Value = request.send().await.unwrap().json().await.unwrap();
+            let entry = list["conversations"]
+                .as_array()
+                .and_then(|all| all.iter().find(|c| c["id"] == conversation).cloned())
+                .unwrap_or_else(|| panic!("conversation {conversation} in {list}"));
+            entry["answering"].as_bool().unwrap_or_else(|| panic!("`answering` in {entry}"))
+        }
+    };
+    let job = json!({"name": "count", "schedule": "0 9 * * *", "prompt": "Count.",
+                     "channel": "webchat", "target": conversation.to_string(), "tier": "fast"});
+    let response = http
+        .post(server.url("/api/cron/jobs"))
+        .bearer_auth(&server.token)
+        .json(&job)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 201, "{}", server.output());
+    let id = id_of(&response.json().await.unwrap());
+    assert!(!answering().await, "answering before the run");
+    let run_now = tokio::spawn(
+        http.post(server.url(&format!("/api/cron/jobs/{id}/run")))
+            .bearer_auth(&server.token)
+            .send(),
+    );
+    // The answer is being written (its draft holds text): the list says so.
+    let started = Instant::now();
+    while my_claw::db::drafts::get(&pool, ConversationId(conversation))
+        .await
+        .unwrap()
+        .is_none_or(|draft| draft.content.len() < 4)
+    {
+        assert!(started.elapsed() < Duration::from_secs(30), "no answer being written");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(answering().await, "the job's answer is not `answering` in the list");
+    let run: Value = run_now.await.unwrap().expect("an answer to Run now").json().await.unwrap();
+    assert_eq!(run["outcome"], "delivered", "{run}\n{}", server.output());
+    assert!(!answering().await, "still answering once the run is over");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1379,7 +1691,9 @@ async fn real_model_job_answers_in_an_open_webchat_conversation() {
     assert_eq!(events.status().as_u16(), 200);
     let mut events = events.bytes_stream();
 
-    let job = json!({"name": "greeting", "schedule": "*/3 * * * * *",
+    // Once a minute (the shortest interval), a few seconds from now.
+    let second = (Utc::now() + chrono::Duration::seconds(4)).second();
+    let job = json!({"name": "greeting", "schedule": format!("{second} * * * * *"),
                      "prompt": "Say hello in three words.", "channel": "webchat",
                      "target": conversation.to_string()});
     let response = http

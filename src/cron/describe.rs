@@ -46,6 +46,9 @@ pub(super) fn fields(
     if second == "0" && rest_star {
         return "every minute".into();
     }
+    if let (Some(s), true) = (number(second).filter(|s| *s <= 59), rest_star) {
+        return format!("every minute at :{s:02}");
+    }
     if let (Some(n), true) = (every(minute), second == "0" && is_star(hour) && all_days) {
         return format!("every {n} minutes");
     }
@@ -285,6 +288,7 @@ mod tests {
         check("* * * * * *", Tz::Europe__Paris, "every second");
         check("*/5 * * * * *", Tz::Europe__Paris, "every 5 seconds");
         check("* * * * *", Tz::Europe__Paris, "every minute");
+        check("7 * * * * *", Tz::Europe__Paris, "every minute at :07");
         check("*/15 * * * *", Tz::Europe__Paris, "every 15 minutes");
         check("@hourly", Tz::Europe__Paris, "every hour at :00");
         check("30 15 * * * *", Tz::UTC, "every hour at :15:30");

@@ -1,13 +1,15 @@
 //! What a valid job is: merging a create or an edit over the stored job, the size limits,
-//! and the target checked against the channels this instance has configured (and their
-//! allow-lists). Reads conversations to check WebChat targets; writes nothing.
+//! how often it may run, and the target checked against the channels this instance has
+//! configured (and their allow-lists). Every refusal names the request field it is about
+//! (`CronError::Invalid`'s `field`). Reads conversations to check WebChat targets; writes
+//! nothing.
 
 use chrono_tz::Tz;
 use sqlx::SqlitePool;
 
 use crate::channels::Channels;
 use crate::cron::schedule::{parse_timezone, Schedule};
-use crate::cron::{CronError, DEFAULT_TIER};
+use crate::cron::{CronError, ShortestInterval, DEFAULT_TIER};
 use crate::db::cron::{JobKind, JobSpec};
 use crate::db::memory;
 use crate::domain::{ChannelKind, ConversationId};
@@ -39,21 +41,29 @@ pub struct JobChanges {
     pub kind: Option<String>,
 }
 
+/// What a job is checked against besides its own fields.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Rules {
+    /// The zone of jobs that name none (a one-shot time is checked in it).
+    pub default_timezone: Tz,
+    /// How often an enabled job may run.
+    pub shortest_interval: ShortestInterval,
+}
+
 /// Merges `changes` over `current` (an edit) or the defaults (a create) and checks every
-/// field, the target against the configured channels included. `default_timezone` is the
-/// zone of jobs that name none (a one-shot time is checked in it).
+/// field, the target against the configured channels included.
 pub(super) async fn validate(
     pool: &SqlitePool,
     channels: &Channels,
     changes: JobChanges,
     current: Option<JobSpec>,
-    default_timezone: Tz,
+    rules: Rules,
 ) -> Result<JobSpec, CronError> {
     if let Some(kind) = changes.kind.as_deref().map(str::trim) {
         let own = current.as_ref().map_or(JobKind::Prompt, |c| c.kind);
         if kind != own.as_str() {
             let shown: String = kind.chars().take(32).collect();
-            return Err(CronError::Invalid(match current {
+            let message = match current {
                 None => format!(
                     "`kind` `{shown}`: jobs made here are `prompt` jobs; a reminder is made by \
                      asking the assistant (\"remind me tomorrow at 9 to …\")"
@@ -62,23 +72,30 @@ pub(super) async fn validate(
                     "`kind` `{shown}`: a job's kind cannot be changed (this one is a `{}` job)",
                     own.as_str()
                 ),
-            }));
+            };
+            return Err(CronError::invalid("kind", message));
         }
     }
     let reminder = current.as_ref().filter(|c| c.kind == JobKind::Reminder).cloned();
     // Where the job wrote before this edit, if anywhere.
     let was = current.as_ref().map(|c| (c.channel, c.target.clone()));
-    let spec = merge_changes(changes, current).map_err(CronError::Invalid)?;
-    let spec = check_spec(spec, default_timezone).map_err(CronError::Invalid)?;
-    if let Some(reminder) = reminder {
-        // A reminder writes back where it was asked, whoever edits it.
-        if spec.channel != reminder.channel || spec.target != reminder.target {
-            return Err(CronError::Invalid(
-                "a reminder writes back to the conversation it was asked in: its channel and \
-                 target cannot be changed (delete it and ask again in the other conversation)"
-                    .into(),
-            ));
-        }
+    let spec = merge_changes(changes, current)?;
+    // A reminder writes back where it was asked, whoever edits it: a new channel is refused
+    // before its target is read as one of that channel's (a target is compared once
+    // normalised, so `012` is still conversation 12).
+    let moved = |field| {
+        CronError::invalid(
+            field,
+            "a reminder writes back to the conversation it was asked in: its channel and \
+             target cannot be changed (delete it and ask again in the other conversation)",
+        )
+    };
+    if reminder.as_ref().is_some_and(|r| r.channel != spec.channel) {
+        return Err(moved("channel"));
+    }
+    let spec = check_spec(spec, rules)?;
+    if reminder.is_some_and(|r| r.target != spec.target) {
+        return Err(moved("target"));
     }
     // A new target, or a job about to run, must be reachable. A disabled job keeps the
     // target it has, so one whose conversation was deleted or whose number left the
@@ -94,16 +111,18 @@ pub(super) async fn validate_new(
     pool: &SqlitePool,
     channels: &Channels,
     spec: JobSpec,
-    default_timezone: Tz,
+    rules: Rules,
 ) -> Result<JobSpec, CronError> {
-    let spec = check_spec(spec, default_timezone).map_err(CronError::Invalid)?;
+    let spec = check_spec(spec, rules)?;
     check_reachable(pool, channels, spec.channel, &spec.target).await?;
     Ok(spec)
 }
 
 /// Fills a draft from `changes` over `base` (an edit) or the defaults (a create).
-fn merge_changes(changes: JobChanges, base: Option<JobSpec>) -> Result<JobSpec, String> {
-    let required = |field: &str, what: &str| format!("`{field}` is required: {what}");
+fn merge_changes(changes: JobChanges, base: Option<JobSpec>) -> Result<JobSpec, CronError> {
+    let required = |field: &'static str, what: &str| {
+        CronError::invalid(field, format!("`{field}` is required: {what}"))
+    };
     let creating = base.is_none();
     let base = base.unwrap_or(JobSpec {
         name: String::new(),
@@ -120,7 +139,8 @@ fn merge_changes(changes: JobChanges, base: Option<JobSpec>) -> Result<JobSpec, 
     let channel = match changes.channel {
         Some(name) => ChannelKind::parse(name.trim()).ok_or_else(|| {
             let shown: String = name.chars().take(32).collect();
-            format!("unknown channel `{shown}`: use webchat, whatsapp or nextcloud")
+            let message = format!("unknown channel `{shown}`: use webchat, whatsapp or nextcloud");
+            CronError::invalid("channel", message)
         })?,
         None if creating => {
             return Err(required("channel", "webchat, whatsapp or nextcloud"));
@@ -158,44 +178,53 @@ fn merge_changes(changes: JobChanges, base: Option<JobSpec>) -> Result<JobSpec, 
 }
 
 /// Checks the size and form of every field of a merged draft and normalises them. An
-/// enabled one-shot must be ahead in its zone (its own, else `default_timezone`).
-fn check_spec(spec: JobSpec, default_timezone: Tz) -> Result<JobSpec, String> {
+/// enabled job must be ahead in its zone (its own, else the default one) when it is a
+/// one-shot, and run no more often than `rules.shortest_interval` allows.
+fn check_spec(spec: JobSpec, rules: Rules) -> Result<JobSpec, CronError> {
     // Lengths first: a 100 KB field gets a short answer, not a parse or an echo of itself.
     let prompt = spec.prompt.trim().to_string();
     if prompt.chars().count() > MAX_PROMPT_CHARS {
-        return Err(format!("`prompt` is longer than {MAX_PROMPT_CHARS} characters"));
+        let message = format!("`prompt` is longer than {MAX_PROMPT_CHARS} characters");
+        return Err(CronError::invalid("prompt", message));
     }
     let mut name = spec.name.trim().to_string();
     if name.chars().count() > MAX_NAME_CHARS {
-        return Err(format!("`name` is longer than {MAX_NAME_CHARS} characters"));
+        let message = format!("`name` is longer than {MAX_NAME_CHARS} characters");
+        return Err(CronError::invalid("name", message));
     }
     if name.is_empty() {
         // A job without a name is called by the start of what it asks.
         name = prompt.chars().take(40).collect();
     }
     if spec.target.trim().chars().count() > MAX_TARGET_CHARS {
-        return Err(format!("`target` is longer than {MAX_TARGET_CHARS} characters"));
+        let message = format!("`target` is longer than {MAX_TARGET_CHARS} characters");
+        return Err(CronError::invalid("target", message));
     }
     let timezone = match spec.timezone.as_deref().map(str::trim).filter(|tz| !tz.is_empty()) {
-        Some(name) => Some(parse_timezone(name)?),
+        Some(name) => Some(parse_timezone(name).map_err(invalid("timezone"))?),
         None => None,
     };
-    let zone = timezone.unwrap_or(default_timezone);
+    let zone = timezone.unwrap_or(rules.default_timezone);
+    // A disabled job may keep a schedule it could not run on (a one-shot gone by, one
+    // stored before the shortest interval was a rule): enabling it is what is refused.
     let parsed = if spec.enabled {
-        Schedule::parse_upcoming(&spec.schedule, zone)?
+        let parsed = Schedule::parse_upcoming(&spec.schedule, zone).map_err(invalid("schedule"))?;
+        rules.shortest_interval.check(&parsed).map_err(invalid("schedule"))?;
+        parsed
     } else {
-        Schedule::parse_checked(&spec.schedule)?
+        Schedule::parse_checked(&spec.schedule).map_err(invalid("schedule"))?
     };
     let schedule = parsed.canonical(&spec.schedule);
     let timezone = timezone.map(|tz| tz.name().to_string());
     let tier = match spec.tier.as_deref().map(str::trim).filter(|tier| !tier.is_empty()) {
         Some(name) => Tier::from_name(name).ok_or_else(|| {
             let shown: String = name.chars().take(32).collect();
-            format!("unknown tier `{shown}`: use fast, smart, main, code or reason")
+            let message = format!("unknown tier `{shown}`: use fast, smart, main, code or reason");
+            CronError::invalid("tier", message)
         })?,
         None => DEFAULT_TIER,
     };
-    let target = check_target(spec.channel, spec.target.trim())?;
+    let target = check_target(spec.channel, spec.target.trim()).map_err(invalid("target"))?;
     Ok(JobSpec {
         name,
         schedule,
@@ -208,6 +237,11 @@ fn check_spec(spec: JobSpec, default_timezone: Tz) -> Result<JobSpec, String> {
         kind: spec.kind,
         conversation_id: spec.conversation_id,
     })
+}
+
+/// Makes a refusal of the request field `field` from its message, for `map_err`.
+fn invalid(field: &'static str) -> impl Fn(String) -> CronError {
+    move |message| CronError::invalid(field, message)
 }
 
 /// The target in the form its channel uses for conversation keys.
@@ -261,10 +295,13 @@ async fn check_reachable(
     match channel {
         ChannelKind::WebChat => {
             let missing = || {
-                CronError::Invalid(format!(
-                    "target `{target}`: no WebChat conversation has this id (open the \
-                     conversation in the WebChat and use its id)"
-                ))
+                CronError::invalid(
+                    "target",
+                    format!(
+                        "target `{target}`: no WebChat conversation has this id (open the \
+                         conversation in the WebChat and use its id)"
+                    ),
+                )
             };
             let id = target.parse::<i64>().map_err(|_| missing())?;
             match memory::get_conversation(pool, ConversationId(id)).await? {
@@ -279,10 +316,13 @@ async fn check_reachable(
             // The allow-list is who the assistant talks with; with none set it talks with
             // nobody (incoming messages are ignored too), so no number passes.
             if !whatsapp.is_allowed(target) {
-                return Err(CronError::Invalid(format!(
-                    "target `+{target}`: this number is not in WHATSAPP_ALLOWED_NUMBERS, the \
-                     numbers the assistant talks with"
-                )));
+                return Err(CronError::invalid(
+                    "target",
+                    format!(
+                        "target `+{target}`: this number is not in WHATSAPP_ALLOWED_NUMBERS, \
+                         the numbers the assistant talks with"
+                    ),
+                ));
             }
             Ok(())
         }
@@ -291,15 +331,23 @@ async fn check_reachable(
     }
 }
 
+/// A refusal of the request's `channel`: this server cannot send there.
 fn not_configured(channel: &str, settings: &str) -> CronError {
-    CronError::Invalid(format!(
-        "{channel} is not configured on this server (set {settings}), so a job cannot send to it"
-    ))
+    CronError::invalid(
+        "channel",
+        format!(
+            "{channel} is not configured on this server (set {settings}), so a job cannot send \
+             to it"
+        ),
+    )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const RULES: Rules =
+        Rules { default_timezone: Tz::UTC, shortest_interval: ShortestInterval::OneMinute };
 
     fn changes(channel: &str, target: &str) -> JobChanges {
         JobChanges {
@@ -311,10 +359,22 @@ mod tests {
         }
     }
 
+    /// The request field a refused draft is refused for.
+    fn field(c: JobChanges) -> &'static str {
+        let refused = match merge_changes(c, None) {
+            Ok(spec) => check_spec(spec, RULES).unwrap_err(),
+            Err(e) => e,
+        };
+        match refused {
+            CronError::Invalid { field, .. } => field,
+            other => panic!("not a refusal of a field: {other}"),
+        }
+    }
+
     fn fail(c: JobChanges) -> String {
         match merge_changes(c, None) {
-            Ok(spec) => check_spec(spec, Tz::UTC).unwrap_err(),
-            Err(e) => e,
+            Ok(spec) => check_spec(spec, RULES).unwrap_err().to_string(),
+            Err(e) => e.to_string(),
         }
     }
 
@@ -322,7 +382,7 @@ mod tests {
     fn drafts_get_defaults_and_normalised_fields() {
         let spec = check_spec(
             merge_changes(changes("whatsapp", "+33 6 12-34-56-78"), None).unwrap(),
-            Tz::UTC,
+            RULES,
         )
         .unwrap();
         assert_eq!(spec.target, "33612345678");
@@ -350,7 +410,7 @@ mod tests {
         let mut c = changes("nextcloud", "abc123");
         c.prompt = Some("p".repeat(MAX_PROMPT_CHARS));
         c.name = Some("n".repeat(MAX_NAME_CHARS));
-        assert!(check_spec(merge_changes(c.clone(), None).unwrap(), Tz::UTC).is_ok());
+        assert!(check_spec(merge_changes(c.clone(), None).unwrap(), RULES).is_ok());
         let mut long = c.clone();
         long.prompt = Some("p".repeat(MAX_PROMPT_CHARS + 1));
         assert_eq!(fail(long), "`prompt` is longer than 4000 characters");
@@ -367,15 +427,15 @@ mod tests {
 
     #[test]
     fn edits_keep_what_they_do_not_name() {
-        let base = check_spec(merge_changes(changes("nextcloud", "room1"), None).unwrap(), Tz::UTC)
-            .unwrap();
+        let base =
+            check_spec(merge_changes(changes("nextcloud", "room1"), None).unwrap(), RULES).unwrap();
         let edit = JobChanges { enabled: Some(false), ..JobChanges::default() };
-        let edited = check_spec(merge_changes(edit, Some(base.clone())).unwrap(), Tz::UTC).unwrap();
+        let edited = check_spec(merge_changes(edit, Some(base.clone())).unwrap(), RULES).unwrap();
         assert_eq!(edited, JobSpec { enabled: false, ..base.clone() });
         let reset = JobChanges { tier: Some(None), ..JobChanges::default() };
         let mut cloud = base.clone();
         cloud.tier = Some("code".into());
-        let edited = check_spec(merge_changes(reset, Some(cloud)).unwrap(), Tz::UTC).unwrap();
+        let edited = check_spec(merge_changes(reset, Some(cloud)).unwrap(), RULES).unwrap();
         assert_eq!(edited.tier.as_deref(), Some("main"));
     }
 
@@ -383,13 +443,57 @@ mod tests {
     fn one_shots_are_stored_canonically_and_must_be_ahead_when_enabled() {
         let mut c = changes("nextcloud", "room1");
         c.schedule = Some("  AT 2999-01-02T03:04 ".into());
-        let spec = check_spec(merge_changes(c.clone(), None).unwrap(), Tz::UTC).unwrap();
+        let spec = check_spec(merge_changes(c.clone(), None).unwrap(), RULES).unwrap();
         assert_eq!(spec.schedule, "at 2999-01-02 03:04");
         c.schedule = Some("at 2001-01-02 03:04".into());
         let err = fail(c.clone());
         assert!(err.contains("is in the past: it is now"), "{err}");
         // A disabled one-shot whose time went by can still be edited.
         c.enabled = Some(false);
-        assert!(check_spec(merge_changes(c, None).unwrap(), Tz::UTC).is_ok());
+        assert!(check_spec(merge_changes(c, None).unwrap(), RULES).is_ok());
+    }
+
+    #[test]
+    fn each_refusal_names_its_request_field() {
+        let with = |edit: fn(&mut JobChanges)| {
+            let mut c = changes("nextcloud", "abc123");
+            edit(&mut c);
+            c
+        };
+        assert_eq!(field(with(|c| c.schedule = Some("0 25 * * *".into()))), "schedule");
+        assert_eq!(field(with(|c| c.schedule = Some(" ".into()))), "schedule");
+        assert_eq!(field(with(|c| c.schedule = Some("at 2001-01-02 03:04".into()))), "schedule");
+        assert_eq!(field(with(|c| c.timezone = Some(Some("Paris".into())))), "timezone");
+        assert_eq!(field(with(|c| c.prompt = Some("  ".into()))), "prompt");
+        assert_eq!(field(with(|c| c.prompt = Some("p".repeat(MAX_PROMPT_CHARS + 1)))), "prompt");
+        assert_eq!(field(with(|c| c.name = Some("n".repeat(MAX_NAME_CHARS + 1)))), "name");
+        assert_eq!(field(with(|c| c.channel = Some("telegram".into()))), "channel");
+        assert_eq!(field(with(|c| c.channel = None)), "channel");
+        assert_eq!(field(with(|c| c.target = Some("room 1".into()))), "target");
+        assert_eq!(field(with(|c| c.tier = Some(Some("huge".into())))), "tier");
+    }
+
+    #[test]
+    fn an_enabled_job_runs_at_most_once_a_minute() {
+        let with = |schedule: &str, enabled: bool| {
+            let mut c = changes("nextcloud", "abc123");
+            c.schedule = Some(schedule.into());
+            c.enabled = Some(enabled);
+            check_spec(merge_changes(c, None).unwrap(), RULES)
+        };
+        for schedule in ["* * * * * *", "*/5 * * * * *", "0,30 * * * * *"] {
+            let refused = with(schedule, true).unwrap_err();
+            assert!(matches!(refused, CronError::Invalid { field: "schedule", .. }), "{refused}");
+            assert!(refused.to_string().contains("shortest interval"), "{refused}");
+            // Kept disabled, it is refused only once enabled.
+            assert!(with(schedule, false).is_ok(), "{schedule}");
+        }
+        for schedule in ["30 * * * * *", "0 * * * * *", "* * * * *"] {
+            assert!(with(schedule, true).is_ok(), "{schedule}");
+        }
+        let tests = Rules { shortest_interval: ShortestInterval::OneSecond, ..RULES };
+        let mut c = changes("nextcloud", "abc123");
+        c.schedule = Some("* * * * * *".into());
+        assert!(check_spec(merge_changes(c, None).unwrap(), tests).is_ok());
     }
 }

@@ -10,6 +10,11 @@
 //!   seconds field first, or is one of `@hourly @daily @midnight @weekly @monthly @yearly
 //!   @annually`. When both day-of-month and day-of-week are restricted, a day must match
 //!   both, unlike Vixie cron where either one is enough.
+//! - An enabled job runs at most once a minute (`ShortestInterval`): a seconds field with
+//!   several values (`*/5 * * * * *`) is refused, for prompt jobs (each run asks the model)
+//!   and reminders alike (a message every few seconds is a flood). One stored before the
+//!   rule is disabled at start, its last error saying why; a disabled one may keep it.
+//! - Every refusal of bad input names the request field it is about (`CronError::Invalid`).
 //! - A one-shot schedule is `at YYYY-MM-DD HH:MM` (`:SS` allowed), a wall-clock time in the
 //!   job's zone; an enabled one must be in the future when saved. After a delivered run a
 //!   one-shot job deletes itself (its answer stays in the conversation); after a failed run
@@ -96,9 +101,10 @@ pub struct NewReminder {
 /// Errors of the scheduler's operations; the gateway maps them to status codes.
 #[derive(Debug, thiserror::Error)]
 pub enum CronError {
-    /// Bad input, phrased for the person who typed it.
-    #[error("{0}")]
-    Invalid(String),
+    /// Bad input in the request field `field` (`schedule`, `timezone`, …), phrased for
+    /// the person who typed it.
+    #[error("{message}")]
+    Invalid { field: &'static str, message: String },
     #[error("no scheduled job {}", .0 .0)]
     NotFound(CronJobId),
     #[error("job {} is already running", .0 .0)]
@@ -107,6 +113,35 @@ pub enum CronError {
     Db(#[from] sqlx::Error),
     #[error("scheduler: {0}")]
     Scheduler(String),
+}
+
+impl CronError {
+    /// Bad input in the request field `field`.
+    pub fn invalid(field: &'static str, message: impl Into<String>) -> CronError {
+        CronError::Invalid { field, message: message.into() }
+    }
+}
+
+/// The shortest interval between two runs of a job. Each run of a prompt job asks the
+/// model, and a job that fires several times a minute (`*/5 * * * * *`) would keep the
+/// local one busy, so enabled jobs run at most once a minute (see
+/// `Schedule::check_once_a_minute`); reminders too, since a reminder every few seconds is a
+/// flood of messages, not a reminder. `OneSecond` is for tests that watch a fake model's
+/// jobs fire, so they take seconds instead of minutes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShortestInterval {
+    OneMinute,
+    OneSecond,
+}
+
+impl ShortestInterval {
+    /// Refuses `schedule` when it runs more often than this allows.
+    pub(crate) fn check(self, schedule: &Schedule) -> Result<(), String> {
+        match self {
+            ShortestInterval::OneMinute => schedule.check_once_a_minute(),
+            ShortestInterval::OneSecond => Ok(()),
+        }
+    }
 }
 
 /// What a job is in the API: the stored job with its effective zone, its schedule in
@@ -136,16 +171,30 @@ pub struct CronHandle {
     inner: Arc<Inner>,
 }
 
-/// Starts the scheduler: marks runs a stopped process left `running` as failed, then
-/// schedules every enabled job from now (missed runs are not replayed).
+/// Starts the scheduler: marks runs a stopped process left `running` as failed, disables
+/// (saying why) enabled jobs that run more than once a minute, then schedules every enabled
+/// job from now (missed runs are not replayed).
 pub async fn start(
     pool: SqlitePool,
     assistant: Arc<Assistant>,
     channels: Channels,
     settings: &CronSettings,
 ) -> Result<CronHandle, CronError> {
+    start_with(pool, assistant, channels, settings, ShortestInterval::OneMinute).await
+}
+
+/// `start`, with jobs allowed to run as often as `shortest_interval` says.
+pub async fn start_with(
+    pool: SqlitePool,
+    assistant: Arc<Assistant>,
+    channels: Channels,
+    settings: &CronSettings,
+    shortest_interval: ShortestInterval,
+) -> Result<CronHandle, CronError> {
     let default_timezone = match &settings.timezone {
-        Some(name) => parse_timezone(name).map_err(CronError::Invalid)?,
+        Some(name) => {
+            parse_timezone(name).map_err(|message| CronError::invalid("CRON_TIMEZONE", message))?
+        }
         None => system_timezone(),
     };
     let interrupted = store::fail_interrupted_runs(&pool, INTERRUPTED).await?;
@@ -169,6 +218,7 @@ pub async fn start(
             stopped: AtomicBool::new(false),
             delivery: settings.delivery,
             late_limit: settings.late_limit,
+            shortest_interval,
             checked,
             halting,
         }),
@@ -176,6 +226,21 @@ pub async fn start(
     let mut jobs = store::list_jobs(&handle.inner.pool).await?;
     {
         let _turn = handle.inner.turn.lock().await;
+        // Stored before the shortest interval was a rule (or written around the API): kept,
+        // disabled with the reason as its last error, where the Schedules panel shows it.
+        for job in jobs.iter_mut().filter(|job| job.enabled) {
+            let Some(reason) = too_frequent(&handle.inner, job) else { continue };
+            match store::disable_job_saying(&handle.inner.pool, job.id, &reason).await {
+                Ok(Some(updated)) => {
+                    tracing::warn!(job = job.id.0, %reason, "cron job disabled");
+                    *job = updated;
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::error!(job = job.id.0, error = %e, "too frequent cron job not disabled")
+                }
+            }
+        }
         // A one-shot whose only run was interrupted would stay enabled with no run left:
         // it ends as a failed run does, disabled with the reason, where the user sees it.
         // It is not run again: its message may already have left, and a channel message
@@ -267,8 +332,7 @@ impl CronHandle {
     pub async fn create(&self, changes: JobChanges) -> Result<JobView, CronError> {
         let inner = &self.inner;
         let spec =
-            job::validate(&inner.pool, &inner.channels, changes, None, inner.default_timezone)
-                .await?;
+            job::validate(&inner.pool, &inner.channels, changes, None, inner.rules()).await?;
         let _turn = inner.turn.lock().await;
         let job = store::insert_job(&inner.pool, &spec).await?;
         scheduler::sync(inner, job.id, Some(job.clone()), Utc::now()).await;
@@ -280,14 +344,9 @@ impl CronHandle {
         let inner = &self.inner;
         let current = JobSpec::from(&self.load(id).await?);
         let was_enabled = current.enabled;
-        let spec = job::validate(
-            &inner.pool,
-            &inner.channels,
-            changes,
-            Some(current),
-            inner.default_timezone,
-        )
-        .await?;
+        let spec =
+            job::validate(&inner.pool, &inner.channels, changes, Some(current), inner.rules())
+                .await?;
         let _turn = inner.turn.lock().await;
         if spec.kind == JobKind::Reminder && spec.enabled && !was_enabled {
             check_reminder_room(inner).await?;
@@ -315,8 +374,7 @@ impl CronHandle {
             kind: JobKind::Reminder,
             conversation_id: Some(reminder.conversation_id),
         };
-        let spec =
-            job::validate_new(&inner.pool, &inner.channels, spec, inner.default_timezone).await?;
+        let spec = job::validate_new(&inner.pool, &inner.channels, spec, inner.rules()).await?;
         // Counted under the turn, so two creations at once cannot both take the last place.
         let _turn = inner.turn.lock().await;
         check_reminder_room(inner).await?;
@@ -439,11 +497,15 @@ impl CronHandle {
         count: usize,
     ) -> Result<Preview, CronError> {
         let timezone = match timezone.map(str::trim).filter(|tz| !tz.is_empty()) {
-            Some(name) => parse_timezone(name).map_err(CronError::Invalid)?,
+            Some(name) => {
+                parse_timezone(name).map_err(|message| CronError::invalid("timezone", message))?
+            }
             None => self.inner.default_timezone,
         };
-        let schedule =
-            Schedule::parse_upcoming(expression, timezone).map_err(CronError::Invalid)?;
+        // What an enabled job may be: the editor says it as the schedule is typed.
+        let schedule = Schedule::parse_upcoming(expression, timezone)
+            .and_then(|schedule| self.inner.shortest_interval.check(&schedule).map(|_| schedule))
+            .map_err(|message| CronError::invalid("expression", message))?;
         Ok(Preview {
             timezone,
             description: schedule.describe(timezone),
@@ -513,10 +575,31 @@ struct Inner {
     delivery: crate::config::DeliveryPatience,
     /// How late a missed one-shot may still run at start (`CRON_LATE_LIMIT`).
     late_limit: Duration,
+    /// How often an enabled job may run.
+    shortest_interval: ShortestInterval,
     /// See `CronHandle::checked_through`.
     checked: watch::Sender<DateTime<Utc>>,
     /// Set by `halt` (the process is shutting down): runs in progress stop their answer.
     halting: watch::Sender<bool>,
+}
+
+impl Inner {
+    /// What `job::validate` checks a job against.
+    fn rules(&self) -> job::Rules {
+        job::Rules {
+            default_timezone: self.default_timezone,
+            shortest_interval: self.shortest_interval,
+        }
+    }
+}
+
+/// Why an enabled stored job may not run as it is: its schedule runs more often than
+/// `Inner::shortest_interval` allows. `None` for any other job (one whose schedule does not
+/// parse is left to fail as it does).
+fn too_frequent(inner: &Inner, job: &CronJob) -> Option<String> {
+    let (schedule, _) = plan(inner, job).ok()?;
+    let refused = inner.shortest_interval.check(&schedule).err()?;
+    Some(format!("disabled at start: {refused}; change the schedule to enable it again"))
 }
 
 /// The schedule and zone a stored job runs on; an error for rows written around the API
@@ -534,10 +617,14 @@ fn plan(inner: &Inner, job: &CronJob) -> Result<(Schedule, Tz), String> {
 /// holds `Inner::turn`.
 async fn check_reminder_room(inner: &Inner) -> Result<(), CronError> {
     if store::count_active_reminders(&inner.pool).await? >= MAX_ACTIVE_REMINDERS {
-        return Err(CronError::Invalid(format!(
-            "there are already {MAX_ACTIVE_REMINDERS} active reminders, the most this assistant \
-             keeps: cancel one (or delete it in the Schedules panel) before adding another"
-        )));
+        return Err(CronError::invalid(
+            "enabled",
+            format!(
+                "there are already {MAX_ACTIVE_REMINDERS} active reminders, the most this \
+                 assistant keeps: cancel one (or delete it in the Schedules panel) before adding \
+                 another"
+            ),
+        ));
     }
     Ok(())
 }

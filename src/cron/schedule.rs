@@ -8,8 +8,9 @@
 //! each runs once: a time the clocks pass twice (going back) at its first pass only, as
 //! cronie does, and a time they skip (going forward) at the first instant after the jump
 //! (`30 2 * * *` at 03:00 when 02:00 becomes 03:00; several skipped times make one run), as
-//! a one-shot `at` does. An expression whose hour field is every hour (`*/20 * * * *`,
-//! `@hourly`, `*/15 * * * * *`) measures elapsed time: it runs at every instant whose local
+//! a one-shot `at` does. An expression whose hour field starts with `*` (`*/20 * * * *`,
+//! `@hourly`, `*/15 * * * * *`, `0 */2 * * *`), as cronie's "wildcard" jobs, or matches
+//! every hour anyway (`0-23`), measures elapsed time: it runs at every instant whose local
 //! reading matches, so through both passes of a repeated hour, and not in the skipped one.
 
 use chrono::{DateTime, Duration, LocalResult, NaiveDateTime, Offset, TimeZone, Timelike, Utc};
@@ -48,9 +49,10 @@ enum Kind {
 /// How a cron expression meets its zone's clock changes (see the module header).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Clock {
-    /// The hour field is restricted: wall-clock times, each run once.
+    /// The hour field is a value, a range or a list: wall-clock times, each run once.
     Wall,
-    /// Every hour matches: every instant whose local reading matches.
+    /// The hour field starts with `*` or matches every hour: every instant whose local
+    /// reading matches.
     Elapsed,
 }
 
@@ -71,7 +73,7 @@ impl Schedule {
         let six_fields = to_six_fields(expression)?;
         match parse_six_fields(&six_fields) {
             Some(cron) => {
-                let clock = clock_of(&cron);
+                let clock = clock_of(&six_fields, &cron);
                 Ok(Schedule { kind: Kind::Cron { six_fields, cron: Box::new(cron), clock } })
             }
             None => Err(explain_invalid(expression, &six_fields)),
@@ -104,6 +106,32 @@ impl Schedule {
             }
         }
         Ok(schedule)
+    }
+
+    /// Refuses a cron expression that runs more than once a minute: one whose seconds field
+    /// has more than one value (`* * * * * *`, `*/5 * * * * *`, `0,30 * * * * *`), so that
+    /// some of its runs are less than a minute apart. A fixed seconds field (`30 * * * * *`)
+    /// runs once a minute at most, as 5 fields do.
+    pub fn check_once_a_minute(&self) -> Result<(), String> {
+        let Kind::Cron { six_fields, cron, .. } = &self.kind else {
+            return Ok(());
+        };
+        let seconds = (0..60).filter(|s| cron.pattern.second_match(*s).unwrap_or(false)).count();
+        if seconds <= 1 {
+            return Ok(());
+        }
+        let fields: Vec<&str> = six_fields.split(' ').collect();
+        let words = match fields.as_slice() {
+            &[second, minute, hour, dom, month, dow] => {
+                super::describe::fields(second, minute, hour, dom, month, dow)
+            }
+            _ => format!("{seconds} times a minute"),
+        };
+        Err(format!(
+            "`{six_fields}` runs more than once a minute ({words}): the shortest interval \
+             between a job's runs is one minute. Write 5 fields (`* * * * *` is every minute), \
+             or give the seconds field a single value (`30 * * * * *`)"
+        ))
     }
 
     /// Whether this is a one-shot `at …` schedule.
@@ -363,9 +391,13 @@ fn latest_elapsed(cron: &Cron, at: DateTime<Utc>, timezone: Tz) -> Option<DateTi
     }
 }
 
-/// Whether every hour matches the hour field: such an expression measures elapsed time.
-fn clock_of(cron: &Cron) -> Clock {
-    if (0..24).all(|hour| cron.pattern.hour_match(hour).unwrap_or(false)) {
+/// How an expression meets clock changes. As cronie decides it, an hour field written with a
+/// leading `*` (`*`, `*/2`, `*/3`) is a "wildcard" that measures elapsed time; so does one
+/// that matches every hour anyway (`0-23`). Any other hour field (a value, a range, a list)
+/// names wall-clock times.
+fn clock_of(six_fields: &str, cron: &Cron) -> Clock {
+    let hour = six_fields.split(' ').nth(2).unwrap_or_default();
+    if hour.starts_with('*') || (0..24).all(|hour| cron.pattern.hour_match(hour).unwrap_or(false)) {
         Clock::Elapsed
     } else {
         Clock::Wall
@@ -847,6 +879,64 @@ mod tests {
     }
 
     #[test]
+    fn hours_with_a_leading_star_follow_elapsed_time_as_in_cronie() {
+        // `*/2` is a wildcard hour, as `*` is: the skipped 02:00 does not run (no 03:00 run
+        // in its place), and the repeated 02:00 runs at both passes.
+        let every_2_hours = "0 */2 * * *";
+        check_runs(
+            every_2_hours,
+            BERLIN,
+            "2027-03-27T22:30:00Z",
+            &["03-28 00:00:00 +01:00", "03-28 04:00:00 +02:00", "03-28 06:00:00 +02:00"],
+        );
+        check_runs(
+            every_2_hours,
+            BERLIN,
+            "2027-10-30T22:00:00Z",
+            &["10-31 02:00:00 +02:00", "10-31 02:00:00 +01:00", "10-31 04:00:00 +01:00"],
+        );
+        check_runs(
+            every_2_hours,
+            Tz::America__New_York,
+            "2027-03-14T00:30:00-05:00",
+            &["03-14 04:00:00 -04:00", "03-14 06:00:00 -04:00"],
+        );
+        // 02:00 EDT is never read (01:59:59 EDT becomes 01:00 EST): one 02:00, in EST.
+        check_runs(
+            every_2_hours,
+            Tz::America__New_York,
+            "2027-11-07T00:30:00-04:00",
+            &["11-07 02:00:00 -05:00", "11-07 04:00:00 -05:00"],
+        );
+        let lord_howe = Tz::Australia__Lord_Howe;
+        check_runs(
+            every_2_hours,
+            lord_howe,
+            "2027-10-03T00:30:00+10:30",
+            &["10-03 04:00:00 +11:00", "10-03 06:00:00 +11:00"],
+        );
+        check_runs(
+            every_2_hours,
+            lord_howe,
+            "2027-04-04T00:30:00+11:00",
+            &["04-04 02:00:00 +10:30", "04-04 04:00:00 +10:30"],
+        );
+        // The same hours written as a range stay wall-clock times, run once each.
+        check_runs(
+            "0 0-22/2 * * *",
+            BERLIN,
+            "2027-03-27T22:30:00Z",
+            &["03-28 00:00:00 +01:00", "03-28 03:00:00 +02:00", "03-28 04:00:00 +02:00"],
+        );
+        check_runs(
+            "0 0-22/2 * * *",
+            BERLIN,
+            "2027-10-30T22:00:00Z",
+            &["10-31 02:00:00 +02:00", "10-31 04:00:00 +01:00"],
+        );
+    }
+
+    #[test]
     fn latest_occurrence_is_inclusive() {
         let schedule = Schedule::parse("0 8 * * *").unwrap();
         let at = utc("2026-01-10T08:00:00Z");
@@ -912,6 +1002,31 @@ mod tests {
         assert!(Schedule::parse_upcoming("at 2999-02-03 04:05", Tz::UTC).is_ok());
         // `attic` is no one-shot, and no cron expression either.
         assert!(Schedule::parse("attic").unwrap_err().contains("has 1 fields"));
+    }
+
+    #[test]
+    fn more_than_once_a_minute_is_told_apart() {
+        for (expression, words) in [
+            ("* * * * * *", "(every second)"),
+            ("*/5 * * * * *", "(every 5 seconds)"),
+            ("0,30 * * * * *", "`0,30 * * * * *` runs more than once a minute"),
+            ("0-1 0 8 * * *", "`0-1 0 8 * * *` runs more than once a minute"),
+        ] {
+            let err = Schedule::parse(expression).unwrap().check_once_a_minute().unwrap_err();
+            assert!(err.contains(words), "{expression}: {err}");
+            assert!(err.contains("the shortest interval between a job's runs is one minute"));
+        }
+        for expression in [
+            "30 * * * * *",
+            "0 * * * * *",
+            "* * * * *",
+            "*/2 * * * *",
+            "@hourly",
+            "at 2030-01-01 09:00",
+        ] {
+            let schedule = Schedule::parse(expression).unwrap();
+            assert_eq!(schedule.check_once_a_minute(), Ok(()), "{expression}");
+        }
     }
 
     #[test]

@@ -150,6 +150,26 @@ pub async fn disable_job(pool: &SqlitePool, job: &CronJob) -> Result<Option<Cron
     update_job(pool, job.id, &spec).await
 }
 
+/// Disables an enabled job with `reason` as its last error, where the Schedules panel shows
+/// it; `None` when the job does not exist or is already disabled.
+pub async fn disable_job_saying(
+    pool: &SqlitePool,
+    id: CronJobId,
+    reason: &str,
+) -> Result<Option<CronJob>, sqlx::Error> {
+    let row: Option<JobRow> = sqlx::query_as(&format!(
+        "UPDATE cron_jobs SET enabled = 0, last_error = ?2, updated_at = ?3
+         WHERE id = ?1 AND enabled = 1
+         RETURNING {JOB_COLUMNS}"
+    ))
+    .bind(id.0)
+    .bind(reason)
+    .bind(now_ms())
+    .fetch_optional(pool)
+    .await?;
+    row.map(TryInto::try_into).transpose()
+}
+
 /// Replaces the editable fields of a job; `None` when it does not exist.
 pub async fn update_job(
     pool: &SqlitePool,

@@ -42,8 +42,9 @@ pub struct ConversationJson {
     /// Whether any answer in it came from a provider outside this machine.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub left_machine: Option<bool>,
-    /// In the list: whether a WebChat answer is being written in it now (followed through
-    /// `GET /api/conversations/{id}/live`).
+    /// In the list: whether an answer is being written in it now: a WebChat answer
+    /// (followed through `GET /api/conversations/{id}/live`), or one no page asked for (a
+    /// scheduled job's, a channel message's), which the page sees once it is stored.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub answering: Option<bool>,
 }
@@ -169,7 +170,10 @@ async fn list_conversations(
     let conversations = summaries
         .into_iter()
         .map(|summary| {
-            let answering = state.live.is_running(summary.conversation.id);
+            let id = summary.conversation.id;
+            // The assistant's turn covers every answer, from before its prompt is read until
+            // it is stored; `live` only WebChat ones, and from their first event.
+            let answering = state.live.is_running(id) || state.assistant.turns_queued(id) > 0;
             ConversationJson { answering: Some(answering), ..summary_json(summary) }
         })
         .collect();

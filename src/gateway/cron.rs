@@ -11,6 +11,7 @@ use axum::routing::{get, post};
 use axum::{Extension, Router};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::Value;
 
 use crate::cron::job::JobChanges;
 use crate::cron::{CronError, CronHandle, JobView};
@@ -25,6 +26,9 @@ pub const SECRET_HEADER: &str = "x-cron-secret";
 const MAX_RUNS: i64 = 200;
 /// How many upcoming runs the description lists.
 const PREVIEW_RUNS: usize = 3;
+/// The text fields of `JobRequest`, as the JSON names them.
+const TEXT_FIELDS: [&str; 8] =
+    ["name", "schedule", "timezone", "prompt", "channel", "target", "tier", "kind"];
 
 /// The jobs API; goes behind the bearer-token check.
 pub fn router() -> Router<AppState> {
@@ -108,6 +112,7 @@ struct RunList {
 
 /// A create or a partial edit: absent fields are left as they are. Fields the API only
 /// shows (`id`, `next_run`, …) are ignored, so a client may send back a whole job.
+/// Read through `job_request`, so that a field of the wrong type is refused by its name.
 #[derive(Debug, Deserialize)]
 struct JobRequest {
     name: Option<String>,
@@ -128,12 +133,14 @@ struct JobRequest {
 
 #[derive(Debug, Deserialize)]
 struct RunsQuery {
-    limit: Option<i64>,
+    /// Kept as text so that a bad value gets a refusal naming it.
+    limit: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
 struct DescribeQuery {
-    expression: String,
+    /// Optional here so that a missing one gets a refusal naming it.
+    expression: Option<String>,
     /// An IANA zone; the default zone when absent or empty.
     timezone: Option<String>,
 }
@@ -162,8 +169,9 @@ async fn list_jobs(cron: Scheduler) -> Result<ApiJson<JobList>, ApiError> {
 
 async fn create_job(
     cron: Scheduler,
-    ApiJson(request): ApiJson<JobRequest>,
+    ApiJson(body): ApiJson<Value>,
 ) -> Result<(StatusCode, ApiJson<JobJson>), ApiError> {
+    let request = job_request(body)?;
     let view = running(cron)?.create(request.into()).await?;
     Ok((StatusCode::CREATED, ApiJson(job_json(view))))
 }
@@ -179,8 +187,9 @@ async fn get_job(
 async fn update_job(
     cron: Scheduler,
     ApiPath(id): ApiPath<String>,
-    ApiJson(request): ApiJson<JobRequest>,
+    ApiJson(body): ApiJson<Value>,
 ) -> Result<ApiJson<JobJson>, ApiError> {
+    let request = job_request(body)?;
     let view = running(cron)?.update(parse_id(&id)?, request.into()).await?;
     Ok(ApiJson(job_json(view)))
 }
@@ -204,7 +213,17 @@ async fn list_runs(
     ApiPath(id): ApiPath<String>,
     ApiQuery(query): ApiQuery<RunsQuery>,
 ) -> Result<ApiJson<RunList>, ApiError> {
-    let limit = query.limit.unwrap_or(50).clamp(1, MAX_RUNS);
+    let limit = match query.limit.as_deref() {
+        None => 50,
+        Some(text) => match text.trim().parse::<i64>() {
+            Ok(limit) => limit.clamp(1, MAX_RUNS),
+            Err(_) => {
+                let shown: String = text.chars().take(32).collect();
+                let message = format!("`limit` `{shown}` is not a number");
+                return Err(ApiError::BadParam { param: "limit", message });
+            }
+        },
+    };
     let runs = running(cron)?.runs(parse_id(&id)?, limit).await?;
     Ok(ApiJson(RunList { runs: runs.into_iter().map(run_json).collect() }))
 }
@@ -215,8 +234,11 @@ async fn describe_schedule(
     cron: Scheduler,
     ApiQuery(query): ApiQuery<DescribeQuery>,
 ) -> Result<ApiJson<DescriptionJson>, ApiError> {
-    let preview =
-        running(cron)?.preview(&query.expression, query.timezone.as_deref(), PREVIEW_RUNS)?;
+    let Some(expression) = query.expression else {
+        let message = "`expression` is required: the schedule to describe".to_string();
+        return Err(ApiError::BadParam { param: "expression", message });
+    };
+    let preview = running(cron)?.preview(&expression, query.timezone.as_deref(), PREVIEW_RUNS)?;
     Ok(ApiJson(DescriptionJson {
         description: preview.description,
         timezone: preview.timezone.name().to_string(),
@@ -249,6 +271,27 @@ async fn trigger_due_jobs(
         }
         Err(e) => Err(e.into()),
     }
+}
+
+/// Reads a create or an edit from its JSON body; a field of the wrong type is refused naming
+/// it (serde's own message names none).
+fn job_request(body: Value) -> Result<JobRequest, ApiError> {
+    let Value::Object(fields) = &body else {
+        return Err(ApiError::BadRequest("invalid JSON body: expected a JSON object".into()));
+    };
+    for field in TEXT_FIELDS.into_iter().chain(["enabled"]) {
+        let Some(value) = fields.get(field).filter(|value| !value.is_null()) else { continue };
+        let (fits, expected) = match field {
+            "enabled" => (value.is_boolean(), "true or false"),
+            _ => (value.is_string(), "a string"),
+        };
+        if !fits {
+            let message = format!("`{field}` must be {expected}");
+            return Err(ApiError::BadParam { param: field, message });
+        }
+    }
+    serde_json::from_value(body)
+        .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
 }
 
 fn running(cron: Scheduler) -> Result<CronHandle, ApiError> {
@@ -329,7 +372,7 @@ fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<String>>, D:
 impl From<CronError> for ApiError {
     fn from(e: CronError) -> Self {
         match e {
-            CronError::Invalid(message) => ApiError::BadRequest(message),
+            CronError::Invalid { field, message } => ApiError::BadParam { param: field, message },
             CronError::NotFound(_) => ApiError::NotFound(e.to_string()),
             CronError::Busy(_) => ApiError::Conflict(e.to_string()),
             CronError::Db(e) => e.into(),
