@@ -20,13 +20,14 @@ use crate::channels::{Channel, Channels};
 use crate::config::{Config, EngineSettings, RouterSettings, Secret, Settings};
 use crate::gateway::sign_in::SignInCodes;
 use crate::gateway::{self, AppState};
+use crate::llm::engine::gguf;
 use crate::llm::engine::{EngineHandle, LoadProgress};
 use crate::llm::hub::ModelSpec;
 use crate::llm::pool::ModelLoader;
 use crate::llm::providers::local::LocalProvider;
 use crate::llm::providers::openai_compat::{OpenAiCompatConfig, OpenAiCompatProvider};
 use crate::llm::providers::zai::{ZaiConfig, ZaiProvider};
-use crate::llm::router::{Router, RouterParts, Tier};
+use crate::llm::router::{plan_tiers, PlanSource, Router, RouterParts, Tier};
 use crate::llm::{LlmError, Provider};
 use crate::tools::reminders::SchedulerSlot;
 
@@ -80,9 +81,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     let settings = cli.config.validate()?;
     init_tracing(settings.log.as_deref());
     let command = cli.command.unwrap_or(Command::Serve);
-    // Only the commands that write there create the data directory: a mistyped DATA_DIR
-    // given to `backup` or `sign-in-link` must not leave an empty one behind.
-    if matches!(command, Command::Serve | Command::Bench(_)) {
+    // Only the server creates the data directory up front: a mistyped DATA_DIR given to
+    // `backup` or `sign-in-link` must not leave an empty one behind, and `bench` makes it
+    // only to save a report it has measured, so a bench that fails (a missing model) leaves
+    // nothing either.
+    if matches!(command, Command::Serve) {
         crate::config::ensure_writable_dir(&settings.data_dir)?;
         // Every conversation and phone number lives under DATA_DIR: only our user may list
         // or read it, whatever the umask, including a directory made by an older version.
@@ -157,6 +160,26 @@ fn init_tracing(filter: Option<&str>) {
         .try_init();
 }
 
+/// Reads the header of every local model file the tiers use (`gguf::check`), so that a bad
+/// one, above all a download cut short, stops the start naming the file and what is wrong
+/// instead of failing the first answer. Headers only: no tensor data is read, and nothing
+/// is loaded.
+async fn check_model_files(settings: &RouterSettings) -> anyhow::Result<()> {
+    let mut paths: Vec<PathBuf> = plan_tiers(settings)?
+        .into_iter()
+        .filter_map(|plan| match plan.source {
+            PlanSource::File { path, .. } => Some(path),
+            _ => None,
+        })
+        .collect();
+    paths.sort();
+    paths.dedup();
+    tokio::task::spawn_blocking(move || paths.iter().try_for_each(|path| gguf::check(path)))
+        .await
+        .context("the model file check stopped")??;
+    Ok(())
+}
+
 /// A value that does not parse (`CONTEXT_SIZE=abc`), as one line naming the variable and
 /// its flag: `CONTEXT_SIZE=abc (--context-size): invalid digit found in string`. `None` for
 /// every other command-line error (help, unknown flags), which clap prints itself.
@@ -200,6 +223,7 @@ fn log_directives(asked: Option<&str>) -> String {
 
 /// Builds every component and serves until a shutdown signal.
 pub async fn serve(settings: Settings) -> anyhow::Result<()> {
+    check_model_files(&settings.router).await.context("cannot set up the model tiers")?;
     let pool = crate::db::connect(&settings.database_url)
         .await
         .with_context(|| format!("cannot open the database {}", settings.database_url))?;

@@ -86,18 +86,34 @@ pub async fn run(args: &BenchArgs, data_dir: &Path, device: &ComputeDevice) -> a
     } else {
         print_parallel_table(&report);
     }
+    save_report(data_dir, &json_text);
+    Ok(())
+}
+
+/// Saves a measured report under `data_dir/bench/`; a failure is a warning, the report was
+/// printed. The data directory is made here, private like the server makes it, and not
+/// before: a bench that fails (a missing model) leaves no directory behind.
+fn save_report(data_dir: &Path, json_text: &str) {
+    let prepared = crate::config::ensure_writable_dir(data_dir)
+        .map_err(|e| e.to_string())
+        .and_then(|()| crate::db::set_private_mode(data_dir, 0o700).map_err(|e| e.to_string()));
+    if let Err(err) = prepared {
+        tracing::warn!(%err, "cannot save the bench report");
+        return;
+    }
     let dir = data_dir.join("bench");
-    if std::fs::create_dir_all(&dir).is_ok() {
-        let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%SZ");
-        let path = dir.join(format!("bench-{stamp}.json"));
-        // `last.json` is what `/api/health` shows as this machine's latest result.
-        for path in [path, dir.join("last.json")] {
-            if let Err(err) = std::fs::write(&path, &json_text) {
-                tracing::warn!(path = %path.display(), %err, "cannot save the bench report");
-            }
+    if let Err(err) = std::fs::create_dir_all(&dir) {
+        tracing::warn!(path = %dir.display(), %err, "cannot save the bench report");
+        return;
+    }
+    let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%SZ");
+    let path = dir.join(format!("bench-{stamp}.json"));
+    // `last.json` is what `/api/health` shows as this machine's latest result.
+    for path in [path, dir.join("last.json")] {
+        if let Err(err) = std::fs::write(&path, json_text) {
+            tracing::warn!(path = %path.display(), %err, "cannot save the bench report");
         }
     }
-    Ok(())
 }
 
 async fn measure(

@@ -10,9 +10,11 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 
 use crate::config::RouterSettings;
+use crate::llm::engine::gguf;
 use crate::llm::hub::{self, DownloadProgress, HubConfig, ModelSpec};
 use crate::llm::pool::human_bytes;
 use crate::llm::router::{plan_tiers, PlanSource};
+use crate::llm::LlmError;
 
 /// `my-claw models …`
 #[derive(Debug, Clone, clap::Subcommand)]
@@ -90,6 +92,13 @@ fn list(settings: &RouterSettings) -> anyhow::Result<()> {
             human_bytes(file_len(file)),
             if tiers.is_empty() { "-".to_string() } else { tiers.join(", ") }
         );
+        // The checks `serve` runs at start (a download cut short, a missing tensor), said
+        // here before a start is refused for them.
+        if summary.is_ok() {
+            if let Err(LlmError::BadModel { reason, .. }) = gguf::check(file) {
+                println!("    cannot be used: {reason}");
+            }
+        }
     }
     println!("tiers:");
     for plan in &plans {

@@ -149,6 +149,118 @@ fn help_explains_every_option() {
     }
 }
 
+/// A model file cut short (an interrupted download) stops `serve` at start, with one line
+/// naming the file and how many bytes it lacks, before the database is opened; before, the
+/// server started and every answer failed with that reason. The file is the real SmolLM2
+/// with its last 12345 bytes cut off, and it is also every tier's stand-in (the only GGUF in
+/// `MODELS_DIR`).
+#[test]
+fn serve_refuses_a_truncated_model_at_start() {
+    const CUT: u64 = 12345;
+    let dir = tempfile::tempdir().unwrap();
+    let models = dir.path().join("models");
+    std::fs::create_dir(&models).unwrap();
+    let original = util::smollm2_path();
+    let truncated = models.join("SmolLM2-cut.gguf");
+    let len = std::fs::metadata(&original).unwrap().len();
+    {
+        use std::io::Read;
+        let mut source = std::fs::File::open(&original).unwrap().take(len - CUT);
+        let mut target = std::fs::File::create(&truncated).unwrap();
+        std::io::copy(&mut source, &mut target).unwrap();
+    }
+    let data_dir = dir.path().join("data");
+    let mut child = Command::new(util::binary())
+        .arg("serve")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("BIND", "127.0.0.1:0")
+        .env("DATA_DIR", &data_dir)
+        .env("MODELS_DIR", &models)
+        .env("MODEL_MAIN", &truncated)
+        .env("WEBCHAT_TOKEN", util::TEST_TOKEN)
+        .current_dir(dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start my-claw serve");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "serve started with a truncated model:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(last.starts_with("my-claw: error: cannot set up the model tiers: "), "{stderr}");
+    assert!(last.contains(&format!("model file {}: truncated: ", truncated.display())), "{last}");
+    assert!(last.contains(&format!("{CUT} bytes missing")), "{last}");
+    assert!(last.contains(&format!("the file has {}", len - CUT)), "{last}");
+    // Refused before the database: no database file was made.
+    assert!(!data_dir.join("my-claw.db").exists(), "{stderr}");
+    // `models list` says it too.
+    let models_dir = models.display().to_string();
+    let out = run_binary(&["models", "list"], &[("MODELS_DIR", &models_dir)], dir.path());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains(&format!("cannot be used: truncated: {CUT} bytes missing")),
+        "{stdout}"
+    );
+}
+
+/// `models list`, `chat` and `bench` with a missing model create no directory: not
+/// DATA_DIR, not MODELS_DIR, not the model's parent, not a cache under HOME. Before,
+/// `bench` made DATA_DIR (and checked it writable) before looking at its model; it now
+/// makes it only to save a report it measured. `models list` succeeds (it lists the missing
+/// tiers), the others fail naming the file.
+#[test]
+fn commands_on_a_missing_model_create_no_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let path = |name: &str| root.join(name).display().to_string();
+    let envs = [
+        ("DATA_DIR", path("data")),
+        ("MODELS_DIR", path("models")),
+        ("HOME", path("home")),
+        ("HF_HOME", path("hf")),
+        ("XDG_CACHE_HOME", path("cache")),
+    ];
+    let envs: Vec<(&str, &str)> = envs.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let model = "missing/model.gguf";
+    let cases: [(&[&str], i32); 4] = [
+        (&["models", "list"], 0),
+        (&["chat", "--model", model], 1),
+        (&["bench", "--model", model, "--json"], 1),
+        (&["--bench", "--model", model], 1),
+    ];
+    for (args, code) in cases {
+        let out = run_binary(args, &envs, root);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {stderr}");
+        if code != 0 {
+            assert!(stderr.contains(&format!("model file {model}: cannot open")), "{stderr}");
+        } else {
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            assert!(stdout.contains("MISSING"), "{stdout}");
+        }
+        let left: Vec<_> = std::fs::read_dir(root).unwrap().map(|e| e.unwrap().path()).collect();
+        assert!(left.is_empty(), "{args:?} left {left:?} behind");
+    }
+}
+
 /// `bench --parallel 0`, or a count no engine runs, is refused before a model is loaded
 /// (QA pass 10: 0 was accepted silently, 100000 ran 36 s before failing).
 #[test]

@@ -425,6 +425,85 @@ async fn every_503_says_when_to_retry() {
     assert!(headers.contains_key(header::RETRY_AFTER), "Retry-After on health: {headers:?}");
 }
 
+/// A database that can be read but not written: health says so (503 `degraded`, the
+/// reason in the detailed answer) where it said `ok` while every chat was refused for a full
+/// disk. A real full file system is not available in a test: SQLite's own page limit
+/// (`PRAGMA max_page_count`, on every connection of the pool) makes the database file
+/// unable to grow, after a VACUUM empties its free list and messages fill its pages, which
+/// SQLite reports exactly as a full disk (SQLITE_FULL). The disk's side of the probe is
+/// tested in `db::tests` under a file size limit.
+#[tokio::test]
+async fn health_is_degraded_when_the_database_cannot_take_a_write() {
+    use my_claw::db::memory::{self, NewMessage};
+    use my_claw::domain::Role;
+    use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
+
+    let mut app = test_app().await;
+    let (status, value) = call_json(&app, Method::GET, "/api/health", None).await;
+    assert_eq!(status, StatusCode::OK, "{value}");
+    assert_eq!(value["status"], "ok");
+    assert_eq!(value["database"]["writable"], true, "{value}");
+
+    let file = app.state.pool.connect_options().get_filename().to_path_buf();
+    sqlx::query("VACUUM").execute(&app.state.pool).await.expect("vacuum");
+    app.state.pool.close().await;
+    let options = SqliteConnectOptions::new()
+        .filename(&file)
+        .journal_mode(SqliteJournalMode::Wal)
+        .busy_timeout(Duration::from_secs(5))
+        .foreign_keys(true)
+        // Clamped to the file's current size: not one page more.
+        .pragma("max_page_count", "1");
+    let pool = SqlitePoolOptions::new().connect_with(options).await.expect("reopen");
+    let conversation = memory::create_webchat_conversation(&pool, Some("filler")).await;
+    // Large messages until one does not fit, then smaller ones into what is left of the
+    // pages, so that not even a short message fits.
+    if let Ok(conversation) = conversation {
+        for size in [2000, 400, 80, 16, 1] {
+            for n in 0.. {
+                let text = format!("{n} {}", "x".repeat(size));
+                let message = NewMessage::plain(conversation.id, Role::User, text);
+                if memory::add_message(&pool, &message).await.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    let provider =
+        EchoProvider { delay: Duration::from_millis(5), last_request: app.last_request.clone() };
+    let router = ModelRouter::with_providers(Arc::new(provider), HashMap::new(), Tier::Main);
+    app.state.assistant = Arc::new(Assistant::new(
+        pool.clone(),
+        Arc::new(router),
+        AssistantConfig { history_messages: 20, reply_max_tokens: 64 },
+    ));
+    app.state.pool = pool;
+
+    // The state health must match: a chat is refused for the full disk.
+    let (status, _, body) =
+        call(&app, Method::POST, "/api/chat", Some(TOKEN), Some(r#"{"message": "hello"}"#)).await;
+    let body = String::from_utf8_lossy(&body);
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(body.contains("disk that holds the database is full"), "{body}");
+
+    let (status, headers, bytes) = call(&app, Method::GET, "/api/health", None, None).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(headers.contains_key(header::RETRY_AFTER), "{headers:?}");
+    let value: Value = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(value, json!({"status": "degraded"}));
+
+    let (status, value) = call_json(&app, Method::GET, "/api/health", None).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{value}");
+    assert_eq!(value["status"], "degraded", "{value}");
+    let database = &value["database"];
+    assert_eq!(database["ok"], false, "{value}");
+    assert_eq!(database["writable"], false, "{value}");
+    // Reads still work: the migration version is there.
+    assert!(database["migration_version"].as_i64().is_some(), "{value}");
+    let error = database["error"].as_str().unwrap_or_default();
+    assert!(error.contains("cannot take a write") && error.contains("full"), "{error}");
+}
+
 #[tokio::test]
 async fn chat_streams_meta_tokens_and_done_then_history_shows_the_ledger() {
     let app = test_app().await;

@@ -169,9 +169,18 @@ pub fn set_private_mode(path: &Path, mode: u32) -> std::io::Result<()> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DbHealth {
     pub migration_version: i64,
+    /// Why the database cannot take a write now (a full disk, a read-only file, a write
+    /// lock held elsewhere); `None` when it can.
+    pub write_error: Option<String>,
 }
 
-/// A real round trip: `SELECT 1` and the latest applied migration.
+/// Room a file beside the database must be able to take for the database to count as
+/// writable: a turn's rows, their full-text entries and the checkpoint that copies them
+/// into the database file, many times over.
+pub const WRITE_HEADROOM_BYTES: usize = 1 << 20;
+
+/// A real round trip: `SELECT 1` and the latest applied migration; then whether a write
+/// would be taken (`probe_write`). An error means the database cannot even be read.
 pub async fn health(pool: &SqlitePool) -> Result<DbHealth, sqlx::Error> {
     let one: i64 = sqlx::query_scalar("SELECT 1").fetch_one(pool).await?;
     if one != 1 {
@@ -181,7 +190,92 @@ pub async fn health(pool: &SqlitePool) -> Result<DbHealth, sqlx::Error> {
         sqlx::query_scalar("SELECT MAX(version) FROM _sqlx_migrations WHERE success = 1")
             .fetch_one(pool)
             .await?;
-    Ok(DbHealth { migration_version: version.unwrap_or(0) })
+    let write_error = probe_write(pool).await.err();
+    Ok(DbHealth { migration_version: version.unwrap_or(0), write_error })
+}
+
+/// Whether the database can take a write now, leaving nothing behind; the error says why
+/// not. Two probes, since neither sees everything:
+/// - SQLite's side, in a transaction that is rolled back (its pages never leave the page
+///   cache): the write lock (waiting up to the busy timeout), a read-only file, and room for
+///   new pages within SQLite's own limit (`max_page_count`).
+/// - The disk's side (`probe_space`): a full file system only shows when bytes are written,
+///   which a rolled-back transaction never does, so a file beside the database must take
+///   `WRITE_HEADROOM_BYTES`.
+async fn probe_write(pool: &SqlitePool) -> Result<(), String> {
+    let sqlite = async {
+        let mut tx = begin_write(pool).await?;
+        // `persistent(false)`: the table exists only inside this transaction, so the
+        // statements are not kept in the connection's cache.
+        sqlx::query("CREATE TABLE _health_write_probe (bytes BLOB)")
+            .persistent(false)
+            .execute(&mut *tx)
+            .await?;
+        // About 17 pages: more than the one a table takes, so a database with a page or two
+        // left in its free list does not pass for one that can take a turn.
+        sqlx::query("INSERT INTO _health_write_probe VALUES (zeroblob(65536))")
+            .persistent(false)
+            .execute(&mut *tx)
+            .await?;
+        tx.rollback().await
+    };
+    if let Err(e) = sqlite.await {
+        return Err(format!("the database cannot take a write: {e}"));
+    }
+    let file = pool.connect_options().get_filename().to_path_buf();
+    // An in-memory database has no file and no disk.
+    if !file.is_file() {
+        return Ok(());
+    }
+    let dir = match file.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    let probed = {
+        let dir = dir.clone();
+        tokio::task::spawn_blocking(move || probe_space(&dir, WRITE_HEADROOM_BYTES)).await
+    };
+    match probed {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(format!(
+            "the disk that holds the database cannot take {} KiB more in {} ({e})",
+            WRITE_HEADROOM_BYTES / 1024,
+            dir.display()
+        )),
+        Err(join) => Err(format!("the disk probe failed: {join}")),
+    }
+}
+
+/// Checks that a file in `dir` can grow by `bytes`: writes them to a new file that is
+/// removed before the first byte is written, so its space goes back when it closes and a
+/// crash midway leaves at most an empty `.space-probe` (truncated and removed by the next
+/// probe). Nothing is synced: the file system reserves the room at `write` (ext4, XFS,
+/// tmpfs), and nothing reaches the disk. Copy-on-write file systems (btrfs, ZFS) may only
+/// find a full disk at write-back, which this does not wait for.
+fn probe_space(dir: &Path, bytes: usize) -> std::io::Result<()> {
+    use std::io::Write;
+    let path = dir.join(".space-probe");
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = options.open(&path)?;
+    match std::fs::remove_file(&path) {
+        // A probe running beside this one removed it first.
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let chunk = vec![0u8; 64 * 1024];
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(chunk.len());
+        file.write_all(&chunk[..n])?;
+        left -= n;
+    }
+    Ok(())
 }
 
 /// Runs SQLite's own consistency check; `"ok"` when the file is sound.
@@ -276,6 +370,61 @@ mod tests {
             .await
             .unwrap_or_else(|e| panic!("write {n} after the failed one: {e}"));
         }
+    }
+
+    /// A full disk cannot be made in a test, so a file size limit stands in for it: the
+    /// health probe runs in a child (this test binary again) under `ulimit -f` (256 or
+    /// 512 KiB: `sh` counts 512- or 1024-byte blocks), with SIGXFSZ ignored so a write past
+    /// the limit fails (EFBIG) as one on a full disk does (ENOSPC) instead of killing it.
+    /// Reading the database, and SQLite's rolled-back probe, need no room; before, health
+    /// said the database was fine while no write could land.
+    #[tokio::test]
+    async fn health_says_when_no_file_beside_the_database_can_grow() {
+        const CHILD: &str = "MY_CLAW_TEST_FSIZE_LIMITED_DB";
+        if let Some(url) = std::env::var_os(CHILD) {
+            let pool = connect(url.to_str().unwrap()).await.expect("open under the limit");
+            let health = health(&pool).await.expect("reads need no room");
+            let error = health.write_error.expect("the probe sees the limit");
+            println!("write_error: {error}");
+            return;
+        }
+        let (dir, pool) = fresh_test_db().await;
+        let health = health(&pool).await.unwrap();
+        assert_eq!(health.write_error, None, "without a limit the database takes writes");
+        pool.close().await;
+        let listing = || {
+            let mut names: Vec<String> = std::fs::read_dir(dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            names.sort();
+            names
+        };
+        let before = listing();
+
+        let url = format!("sqlite://{}", dir.path().join("t.db").display());
+        let test_name = "db::tests::health_says_when_no_file_beside_the_database_can_grow";
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg("trap '' XFSZ; ulimit -f 512 && exec \"$0\" \"$@\"")
+            .arg(std::env::current_exe().unwrap())
+            .args([test_name, "--exact", "--nocapture", "--test-threads=1"])
+            .env(CHILD, &url)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "child failed:\n{stdout}\n{stderr}");
+        // The harness prints the test's name on the same line first.
+        let line = stdout.lines().find(|l| l.contains("write_error: ")).unwrap_or_default();
+        assert!(line.contains("the disk that holds the database cannot take 1024 KiB"), "{line}");
+        assert!(line.contains("File too large"), "{line}");
+        // The probe left nothing beside the database (SQLite's side files come and go
+        // with its connections).
+        let sqlite_files = |names: Vec<String>| -> Vec<String> {
+            names.into_iter().filter(|n| !n.ends_with("-wal") && !n.ends_with("-shm")).collect()
+        };
+        assert_eq!(sqlite_files(listing()), sqlite_files(before));
     }
 
     /// Deleting the newest conversation or message does not free its id for the next one.

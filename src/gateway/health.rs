@@ -1,6 +1,11 @@
 //! `GET /api/health`: is the assistant usable? Anonymous callers get only `status`; with the
 //! bearer token the answer details the database, each model tier, Z.ai, the last bench and the
 //! inbound channel queue (pending, retrying, failed…).
+//!
+//! `ok` (200) when the database can be read and can take a write; `degraded` (503) when it
+//! can be read but not written (a full disk, a read-only file): history, search and exports
+//! still work, but every chat and every webhook message would be refused, so a monitor that
+//! only looks at the status code must see it; `unavailable` (503) when it cannot be read.
 
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
@@ -43,24 +48,38 @@ struct QueueHealth {
 
 #[derive(Serialize)]
 struct DatabaseHealth {
+    /// Readable and writable.
     ok: bool,
+    /// Can take a write now (`false` too when it cannot even be read).
+    writable: bool,
     migration_version: Option<i64>,
+    /// Why it cannot be read, or else why it cannot be written.
     error: Option<String>,
 }
 
 pub async fn get_health(State(state): State<AppState>, headers: HeaderMap) -> Response {
     let db = crate::db::health(&state.pool).await;
-    let ok = db.is_ok();
-    let status_code = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    let status = if ok { "ok" } else { "unavailable" };
+    let (status_code, status) = match &db {
+        Ok(h) if h.write_error.is_none() => (StatusCode::OK, "ok"),
+        Ok(_) => (StatusCode::SERVICE_UNAVAILABLE, "degraded"),
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+    };
     if !has_valid_token(&headers, &state.webchat_token) {
         return (status_code, Json(Anonymous { status })).into_response();
     }
     let database = match db {
-        Ok(h) => {
-            DatabaseHealth { ok: true, migration_version: Some(h.migration_version), error: None }
-        }
-        Err(e) => DatabaseHealth { ok: false, migration_version: None, error: Some(e.to_string()) },
+        Ok(h) => DatabaseHealth {
+            ok: h.write_error.is_none(),
+            writable: h.write_error.is_none(),
+            migration_version: Some(h.migration_version),
+            error: h.write_error,
+        },
+        Err(e) => DatabaseHealth {
+            ok: false,
+            writable: false,
+            migration_version: None,
+            error: Some(e.to_string()),
+        },
     };
     let body = Detailed {
         status,

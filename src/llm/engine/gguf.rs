@@ -71,6 +71,31 @@ impl ModelFile {
 /// bad file fails here with one sentence naming the file and the reason.
 pub fn open(path: &Path) -> Result<ModelFile, LlmError> {
     let started = Instant::now();
+    let model = read_checked(path)?;
+    tracing::info!(
+        path = %path.display(),
+        file_size_mb = model.file_size / (1024 * 1024),
+        n_tensors = model.content.tensor_infos.len(),
+        quantization = %model.quantization,
+        arch = model.hparams.arch.as_str(),
+        n_layer = model.hparams.n_layer,
+        n_embd = model.hparams.n_embd,
+        vocab_size = model.hparams.vocab_size,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "opened GGUF model file"
+    );
+    Ok(model)
+}
+
+/// `open`'s checks, keeping nothing: what `serve` runs at start on every local model file,
+/// so a bad one (a download cut short, an unsupported architecture) stops the start with
+/// the reason instead of failing the first answer. Reads the header only (metadata and
+/// tensor table: tens of milliseconds for a large vocabulary), never tensor data.
+pub fn check(path: &Path) -> Result<(), LlmError> {
+    read_checked(path).map(|_| ())
+}
+
+fn read_checked(path: &Path) -> Result<ModelFile, LlmError> {
     let mut file = match File::open(path) {
         Ok(file) => file,
         Err(err) => return Err(bad(path, format!("cannot open: {err}"))),
@@ -107,19 +132,6 @@ pub fn open(path: &Path) -> Result<ModelFile, LlmError> {
     if let Err(err) = file.seek(SeekFrom::Start(0)) {
         return Err(bad(path, format!("cannot seek: {err}")));
     }
-
-    tracing::info!(
-        path = %path.display(),
-        file_size_mb = file_size / (1024 * 1024),
-        n_tensors = content.tensor_infos.len(),
-        quantization = %quantization,
-        arch = hparams.arch.as_str(),
-        n_layer = hparams.n_layer,
-        n_embd = hparams.n_embd,
-        vocab_size = hparams.vocab_size,
-        elapsed_ms = started.elapsed().as_millis() as u64,
-        "opened GGUF model file"
-    );
     Ok(ModelFile {
         path: path.to_path_buf(),
         file_size,
@@ -243,10 +255,16 @@ fn tensor_size(info: &gguf_file::TensorInfo) -> u64 {
 }
 
 /// Every tensor's bytes must lie inside the file: a download cut short otherwise loads fine
-/// and fails (or reads garbage) much later.
+/// and fails (or reads garbage) much later. A truncated file is told by how many bytes it
+/// lacks (to the end of the last tensor) and the first tensor it cuts.
 fn check_tensor_bounds(path: &Path, content: &Content, file_size: u64) -> Result<(), LlmError> {
     let mut names: Vec<&String> = content.tensor_infos.keys().collect();
     names.sort_by_key(|name| content.tensor_infos[*name].offset);
+    let data_end = |name: &String| {
+        let info = &content.tensor_infos[name];
+        content.tensor_data_offset.saturating_add(info.offset).saturating_add(tensor_size(info))
+    };
+    let needed = names.iter().map(|name| data_end(name)).max().unwrap_or(0);
     for name in names {
         let info = &content.tensor_infos[name];
         let block_size = info.ggml_dtype.block_size();
@@ -261,15 +279,14 @@ fn check_tensor_bounds(path: &Path, content: &Content, file_size: u64) -> Result
                 ),
             ));
         }
-        let end = content
-            .tensor_data_offset
-            .saturating_add(info.offset)
-            .saturating_add(tensor_size(info));
-        if end > file_size {
+        if data_end(name) > file_size {
+            let missing = needed - file_size;
             return Err(bad(
                 path,
                 format!(
-                    "truncated: tensor `{name}` ends at byte {end} but the file has {file_size} bytes"
+                    "truncated: {missing} bytes missing (its tensors end at byte {needed}, the \
+                     file has {file_size}; tensor `{name}` is the first cut short): was its \
+                     download interrupted?"
                 ),
             ));
         }
@@ -654,8 +671,8 @@ mod tests {
         let cut = &bytes[..bytes.len() - 100];
         let msg = open_err(cut);
         let cut_len = len - 100;
-        assert!(msg.starts_with("truncated: tensor `"), "{msg}");
-        assert!(msg.ends_with(&format!("but the file has {cut_len} bytes")), "{msg}");
+        assert!(msg.starts_with("truncated: 100 bytes missing (its tensors end at byte "), "{msg}");
+        assert!(msg.contains(&format!(", the file has {cut_len}; tensor `")), "{msg}");
 
         // Cut inside the header: candle's parse fails and we say so in one sentence.
         let msg = open_err(&bytes[..40]);
