@@ -222,8 +222,52 @@ fn log_directives(asked: Option<&str>) -> String {
 }
 
 /// Builds every component and serves until a shutdown signal.
+/// The lock file that makes a data directory one server's: a second `serve` on it (a
+/// second systemd unit, a copy started by hand) would store the first one's answers in
+/// progress as interrupted and run every job twice. The file holds the owner's process id,
+/// to name it.
+const LOCK_FILE: &str = "my-claw.lock";
+
+/// Takes the data directory's lock, or says which process holds it.
+fn lock_data_dir(dir: &Path) -> anyhow::Result<std::fs::File> {
+    let path = dir.join(LOCK_FILE);
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true).write(true).create(true).truncate(false);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file =
+        options.open(&path).with_context(|| format!("cannot open {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let owner = std::fs::read_to_string(&path).unwrap_or_default();
+            let owner = match owner.trim() {
+                pid if !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()) => {
+                    format!("process {pid}")
+                }
+                _ => "another process".to_string(),
+            };
+            anyhow::bail!(
+                "another my-claw ({owner}) is serving from {}: stop it first, or give this one \
+                 its own DATA_DIR",
+                dir.display()
+            );
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(e).with_context(|| format!("cannot lock {}", path.display()))
+        }
+    }
+    file.set_len(0).and_then(|()| writeln!(file, "{}", std::process::id())).ok();
+    Ok(file)
+}
+
 pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     check_model_files(&settings.router).await.context("cannot set up the model tiers")?;
+    // Held until the process ends (the kernel lets go of it on any exit, `kill -9` too).
+    let _one_server = lock_data_dir(&settings.data_dir)?;
     let pool = crate::db::connect(&settings.database_url)
         .await
         .with_context(|| format!("cannot open the database {}", settings.database_url))?;

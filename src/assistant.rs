@@ -860,11 +860,25 @@ impl Assistant {
         let accepted = self.ask(existing, n_stored, user_text, tier).await?;
 
         // The model accepted the prompt: from here the turn is recorded.
+        let mut user = user;
+        let mut user_message_id = None;
         let conversation_id = match target {
             Target::Existing(id) => id,
-            Target::NewWebChat { title } => {
-                memory::create_webchat_conversation(pool, Some(&title)).await?.id
-            }
+            // A new conversation and its first message are stored together, so a write
+            // refused between them (a full disk) leaves no empty conversation. Its id is
+            // new: its turn is free.
+            Target::NewWebChat { title } => match user.take() {
+                Some(first) => {
+                    let mut message = NewMessage::plain(ConversationId(0), Role::User, first.text);
+                    message.external_id = first.external_id;
+                    let (conversation, user_id) =
+                        memory::create_webchat_conversation_with(pool, Some(&title), &message)
+                            .await?;
+                    user_message_id = Some(user_id);
+                    conversation.id
+                }
+                None => memory::create_webchat_conversation(pool, Some(&title)).await?.id,
+            },
             Target::NewChannel { channel, key, title } => {
                 memory::get_or_create_conversation(pool, channel, &key, Some(&title)).await?.id
             }
@@ -877,16 +891,16 @@ impl Assistant {
                 None => return Ok(TurnStart::Raced(conversation_id)),
             },
         };
-        let mut user_message_id = None;
         if let Some(user) = user {
             let mut message = NewMessage::plain(conversation_id, Role::User, user.text);
             message.external_id = user.external_id;
-            let user_id = memory::add_message(pool, &message).await?;
+            user_message_id = Some(memory::add_message(pool, &message).await?);
+        }
+        if let Some(user_id) = user_message_id {
             let _ = inner.events.send(ConversationEvent {
                 conversation_id,
                 change: Change::Stored { message_id: user_id, role: Role::User },
             });
-            user_message_id = Some(user_id);
         }
         let answering = Answering { conversation_id, channel, guard };
         self.launch(accepted, answering, user_message_id, received, tx).await;

@@ -170,7 +170,8 @@ fn serve_refuses_a_truncated_model_at_start() {
         std::io::copy(&mut source, &mut target).unwrap();
     }
     let data_dir = dir.path().join("data");
-    let mut child = Command::new(util::binary())
+    let mut serve = Command::new(util::binary());
+    serve
         .arg("serve")
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
@@ -179,28 +180,9 @@ fn serve_refuses_a_truncated_model_at_start() {
         .env("MODELS_DIR", &models)
         .env("MODEL_MAIN", &truncated)
         .env("WEBCHAT_TOKEN", util::TEST_TOKEN)
-        .current_dir(dir.path())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start my-claw serve");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let out = child.wait_with_output().unwrap();
-            panic!(
-                "serve started with a truncated model:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let out = child.wait_with_output().unwrap();
+        .current_dir(dir.path());
+    let out = util::run_until_exit(serve, Duration::from_secs(60));
+    let status = out.status;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(status.code(), Some(1), "{stderr}");
     let last = stderr.lines().last().unwrap_or_default();
@@ -219,6 +201,75 @@ fn serve_refuses_a_truncated_model_at_start() {
         stdout.contains(&format!("cannot be used: truncated: {CUT} bytes missing")),
         "{stdout}"
     );
+}
+
+/// QA pass 11: a second `serve` on a data directory another one serves from (a second
+/// systemd unit, a copy started by hand on another port) is refused before it opens the
+/// database. Before, it stored the first one's answer in progress as interrupted, beside
+/// the real answer that came after, and ran a second scheduler.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_server_on_the_same_data_directory_is_refused_and_changes_nothing() {
+    let mut envs = util::smollm2_env();
+    envs.push(("REPLY_MAX_TOKENS".into(), "300".into()));
+    let server = tokio::task::block_in_place(|| {
+        Server::start(ServerOptions { envs: envs.clone(), data_dir: None })
+    });
+    let client = reqwest::Client::new();
+    let mut answer = client
+        .post(server.url("/api/chat"))
+        .bearer_auth(&server.token)
+        .json(&serde_json::json!({"message": "Write a long story about a cat who sails around the world."}))
+        .timeout(Duration::from_secs(120))
+        .send()
+        .await
+        .expect("POST /api/chat");
+    assert_eq!(answer.status(), 200);
+    let mut streamed = String::new();
+    while !streamed.contains("\"token\"") {
+        let chunk = answer.chunk().await.expect("the stream").expect("a token before the end");
+        streamed.push_str(&String::from_utf8_lossy(&chunk));
+    }
+
+    let mut second = Command::new(util::binary());
+    second
+        .arg("serve")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("BIND", "127.0.0.1:0")
+        .env("DATA_DIR", &server.data_dir)
+        .env("WEBCHAT_TOKEN", util::TEST_TOKEN)
+        .envs(envs.iter().map(|(k, v)| (k, v)));
+    let out = tokio::task::block_in_place(|| util::run_until_exit(second, Duration::from_secs(60)));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let last = stderr.lines().last().unwrap_or_default();
+    let pid = server.child.id();
+    assert_eq!(
+        last,
+        format!(
+            "my-claw: error: another my-claw (process {pid}) is serving from {}: stop it \
+             first, or give this one its own DATA_DIR",
+            server.data_dir.display()
+        ),
+        "{stderr}"
+    );
+
+    // The first server's answer ends as it would have, alone in its conversation.
+    while let Some(chunk) = answer.chunk().await.expect("the stream") {
+        streamed.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert!(streamed.contains("\"done\""), "{streamed}");
+    let (status, list) = http_get(&server, "/api/conversations", Some(&server.token)).await;
+    assert_eq!(status, 200);
+    let id = list["conversations"][0]["id"].as_i64().unwrap();
+    let (_, messages) =
+        http_get(&server, &format!("/api/conversations/{id}/messages"), Some(&server.token)).await;
+    let messages = messages["messages"].as_array().unwrap();
+    let shape: Vec<(&str, &str)> = messages
+        .iter()
+        .map(|m| (m["role"].as_str().unwrap(), m["status"].as_str().unwrap()))
+        .collect();
+    assert_eq!(shape, [("user", "complete"), ("assistant", "complete")], "{messages:?}");
 }
 
 /// `models list`, `chat` and `bench` with a missing model create no directory: not

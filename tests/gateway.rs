@@ -485,6 +485,11 @@ async fn health_is_degraded_when_the_database_cannot_take_a_write() {
     let body = String::from_utf8_lossy(&body);
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
     assert!(body.contains("disk that holds the database is full"), "{body}");
+    // The refused chat left no empty conversation behind (QA pass 10).
+    let (_, list) = call_json(&app, Method::GET, "/api/conversations", None).await;
+    let titles: Vec<&Value> =
+        list["conversations"].as_array().unwrap().iter().map(|c| &c["title"]).collect();
+    assert_eq!(titles, [&json!("filler")], "{list}");
 
     let (status, headers, bytes) = call(&app, Method::GET, "/api/health", None, None).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);

@@ -270,6 +270,36 @@ pub fn run_binary(args: &[&str], envs: &[(&str, &str)], cwd: &Path) -> std::proc
     cmd.output().expect("run my-claw")
 }
 
+/// Runs `command` (stdin closed, stdout and stderr captured) until it exits, killing it
+/// and failing the test with what it printed if it is still running after `limit`.
+pub fn run_until_exit(mut command: Command, limit: Duration) -> std::process::Output {
+    let child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start my-claw");
+    let pid = child.id();
+    let (done, outcome) = std::sync::mpsc::channel();
+    // Read on another thread: a child that fills a pipe while being waited for would never
+    // exit.
+    std::thread::spawn(move || {
+        let _ = done.send(child.wait_with_output());
+    });
+    match outcome.recv_timeout(limit) {
+        Ok(output) => output.expect("wait for my-claw"),
+        Err(_) => {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            let output = outcome.recv().expect("the waiting thread").expect("wait for my-claw");
+            panic!(
+                "still running after {limit:?}:\n{}{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+    }
+}
+
 /// The gateway's state over a fresh SQLite file in its own directory, answered by
 /// `provider` through a one-model router (tier `main`), with `agent`'s tools: what the
 /// in-process API tests build around their stand-in models. Keep the directory alive as

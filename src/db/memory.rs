@@ -157,6 +157,35 @@ pub async fn create_webchat_conversation(
     get_or_create_conversation(pool, ChannelKind::WebChat, &key, title).await
 }
 
+/// `create_webchat_conversation` with `first` (its conversation id is replaced) as its
+/// first message, in one transaction: a write refused halfway (a full disk) leaves no
+/// empty conversation behind.
+pub async fn create_webchat_conversation_with(
+    pool: &SqlitePool,
+    title: Option<&str>,
+    first: &NewMessage,
+) -> Result<(Conversation, MessageId), sqlx::Error> {
+    let key = format!("wc-{:016x}", rand::random::<u64>());
+    let now = now_ms();
+    let mut tx = crate::db::begin_write(pool).await?;
+    let row: ConversationRow = sqlx::query_as(
+        "INSERT INTO conversations (channel, external_key, title, created_at, updated_at)
+         VALUES (?1, ?2, ?3, ?4, ?4)
+         RETURNING id, channel, external_key, title, created_at, updated_at",
+    )
+    .bind(ChannelKind::WebChat.as_str())
+    .bind(&key)
+    .bind(title)
+    .bind(now)
+    .fetch_one(&mut *tx)
+    .await?;
+    let conversation: Conversation = row.try_into()?;
+    let first = NewMessage { conversation_id: conversation.id, ..first.clone() };
+    let id = insert_message(&mut tx, &first, &[], None, now).await?;
+    tx.commit().await?;
+    Ok((conversation, id))
+}
+
 pub async fn get_conversation(
     pool: &SqlitePool,
     id: ConversationId,
