@@ -17,7 +17,7 @@ use crate::config::{Secret, Settings};
 #[derive(Debug, thiserror::Error)]
 pub enum SignInLinkError {
     #[error(
-        "no WebChat token: WEBCHAT_TOKEN is not set and {0} does not exist (start my-claw \
+        "no WebChat token: WEBCHAT_TOKEN is not set and {0} holds none (start my-claw \
          once to create it)"
     )]
     NoToken(String),

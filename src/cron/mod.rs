@@ -648,11 +648,14 @@ async fn give_up_missed(
     now: DateTime<Utc>,
 ) -> Result<(), sqlx::Error> {
     let zone = plan(inner, job).map_or(inner.default_timezone, |(_, zone)| zone);
+    let late = if inner.late_limit.is_zero() {
+        "missed jobs are not run late (CRON_LATE_LIMIT=0)".to_string()
+    } else {
+        format!("it is more than {} late (CRON_LATE_LIMIT)", describe_duration(inner.late_limit))
+    };
     let reason = format!(
-        "missed: it was due {} ({zone}) while my-claw was not running, and it is more than \
-         {} late (CRON_LATE_LIMIT); not run",
+        "missed: it was due {} ({zone}) while my-claw was not running, and {late}; not run",
         due.with_timezone(&zone).format("%A %-d %B at %H:%M"),
-        describe_duration(inner.late_limit),
     );
     let run = store::start_run(&inner.pool, job.id, now.timestamp_millis()).await?;
     store::finish_run(&inner.pool, run, 0, store::RunOutcome::Failed, Some(&reason), None).await?;
