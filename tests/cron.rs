@@ -1344,33 +1344,8 @@ async fn a_jobs_answer_being_written_is_answering_in_the_conversation_list() {
             entry["answering"].as_bool().unwrap_or_else(|| panic!("`answering` in {entry}"))
         }
     };
-    let job = json!({"name": "count", "schedule": "0 9 * * *", "prompt": "Count.",
-                     "channel": "webchat", "target": conversation.to_string(), "tier": "fast"});
-    let response = http
-        .post(server.url("/api/cron/jobs"))
-        .bearer_auth(&server.token)
-        .json(&job)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status().as_u16(), 201, "{}", server.output());
-    let id = id_of(&response.json().await.unwrap());
     assert!(!answering().await, "answering before the run");
-    let run_now = tokio::spawn(
-        http.post(server.url(&format!("/api/cron/jobs/{id}/run")))
-            .bearer_auth(&server.token)
-            .send(),
-    );
-    // The answer is being written (its draft holds text): the list says so.
-    let started = Instant::now();
-    while my_claw::db::drafts::get(&pool, ConversationId(conversation))
-        .await
-        .unwrap()
-        .is_none_or(|draft| draft.content.len() < 4)
-    {
-        assert!(started.elapsed() < Duration::from_secs(30), "no answer being written");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let run_now = run_counting_job_until_it_writes(&server, &http, &pool, conversation).await;
     assert!(answering().await, "the job's answer is not `answering` in the list");
     let run: Value = run_now.await.unwrap().expect("an answer to Run now").json().await.unwrap();
     assert_eq!(run["outcome"], "delivered", "{run}\n{}", server.output());
@@ -1831,6 +1806,28 @@ async fn a_shutdown_stops_a_running_jobs_answer() {
     let conversation =
         memory::create_webchat_conversation(&pool, Some("counting")).await.unwrap().id.0;
     let http = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
+    // The answer is being written when the signal comes.
+    let run_now = run_counting_job_until_it_writes(&server, &http, &pool, conversation).await;
+    let code = tokio::task::block_in_place(|| server.terminate(Duration::from_secs(15)));
+    assert_eq!(code, Some(0), "clean exit within 15 s:\n{}", server.output());
+    let run: Value = run_now.await.unwrap().expect("an answer to Run now").json().await.unwrap();
+    assert_eq!(run["outcome"], "failed", "{run}");
+    assert!(run["error"].as_str().unwrap().contains("shutting down"), "{run}");
+    let stored = memory::history(&pool, ConversationId(conversation), 10).await.unwrap();
+    let answer = stored.last().expect("the cut answer");
+    assert_eq!(answer.role, Role::Assistant);
+    assert!(!answer.content.contains(&format!("{}\n", crate::util::SLOW_NUMBERS)), "{answer:?}");
+}
+
+/// Creates a job asking the slow stand-in model to count into `conversation`, runs it now,
+/// and returns once its answer is being written (its draft holds text), with the handle to
+/// Run now's answer.
+async fn run_counting_job_until_it_writes(
+    server: &Server,
+    http: &reqwest::Client,
+    pool: &sqlx::SqlitePool,
+    conversation: i64,
+) -> tokio::task::JoinHandle<reqwest::Result<reqwest::Response>> {
     let job = json!({"name": "count", "schedule": "0 9 * * *", "prompt": "Count.",
                      "channel": "webchat", "target": conversation.to_string(), "tier": "fast"});
     let response = http
@@ -1847,9 +1844,8 @@ async fn a_shutdown_stops_a_running_jobs_answer() {
             .bearer_auth(&server.token)
             .send(),
     );
-    // The answer is being written (its draft holds text) when the signal comes.
     let started = Instant::now();
-    while my_claw::db::drafts::get(&pool, ConversationId(conversation))
+    while my_claw::db::drafts::get(pool, ConversationId(conversation))
         .await
         .unwrap()
         .is_none_or(|draft| draft.content.len() < 4)
@@ -1857,13 +1853,5 @@ async fn a_shutdown_stops_a_running_jobs_answer() {
         assert!(started.elapsed() < Duration::from_secs(30), "no answer being written");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let code = tokio::task::block_in_place(|| server.terminate(Duration::from_secs(15)));
-    assert_eq!(code, Some(0), "clean exit within 15 s:\n{}", server.output());
-    let run: Value = run_now.await.unwrap().expect("an answer to Run now").json().await.unwrap();
-    assert_eq!(run["outcome"], "failed", "{run}");
-    assert!(run["error"].as_str().unwrap().contains("shutting down"), "{run}");
-    let stored = memory::history(&pool, ConversationId(conversation), 10).await.unwrap();
-    let answer = stored.last().expect("the cut answer");
-    assert_eq!(answer.role, Role::Assistant);
-    assert!(!answer.content.contains(&format!("{}\n", crate::util::SLOW_NUMBERS)), "{answer:?}");
+    run_now
 }
