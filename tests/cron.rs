@@ -1238,14 +1238,20 @@ async fn jobs_run_at_most_once_a_minute() {
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
     refused(&answer);
-    // Kept disabled it may be saved; enabling it is what is refused.
-    let mut paused = webchat_job("paused", "*/5 * * * * *", conversation);
+    // Disabled too, on create and on edit: no job could ever run on it (a QA pass found
+    // such a job saved, then impossible to enable).
+    let mut paused = webchat_job("paused", "* * * * * *", conversation);
     paused["enabled"] = json!(false);
-    let paused = app.create(paused).await;
-    let path = format!("/api/cron/jobs/{}", id_of(&paused));
-    let (status, answer) = app.call(Method::PUT, &path, Some(json!({"enabled": true}))).await;
+    let (status, answer) = app.call(Method::POST, "/api/cron/jobs", Some(paused)).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
     refused(&answer);
+    let path = format!("/api/cron/jobs/{}", id_of(&once));
+    let fast = json!({"schedule": "*/5 * * * * *", "enabled": false});
+    let (status, answer) = app.call(Method::PUT, &path, Some(fast)).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
+    refused(&answer);
+    let (_, kept) = app.call(Method::GET, &path, None).await;
+    assert_eq!((&kept["schedule"], &kept["enabled"]), (&json!("30 * * * * *"), &json!(true)));
     // The editor hears it as the schedule is typed.
     let (status, answer) =
         app.call(Method::GET, "/api/cron/describe?expression=*%2F5+*+*+*+*+*", None).await;
@@ -1299,6 +1305,7 @@ async fn a_stored_job_firing_every_second_is_disabled_at_start_saying_why() {
     let every_second = stored("every second", "* * * * * *", JobKind::Prompt).await;
     let every_5s = stored("nag", "*/5 * * * * *", JobKind::Reminder).await;
     let daily = stored("daily", "0 8 * * *", JobKind::Prompt).await;
+    let unreadable = stored("unreadable", "garbage", JobKind::Prompt).await;
 
     let restarted = app.restart_scheduler_with(ShortestInterval::OneMinute).await;
     for id in [every_second, every_5s] {
@@ -1308,6 +1315,8 @@ async fn a_stored_job_firing_every_second_is_disabled_at_start_saying_why() {
         let why = view.job.last_error.clone().unwrap_or_default();
         assert!(why.starts_with("disabled at start: `"), "{why}");
         assert!(why.contains("the shortest interval between a job's runs is one minute"), "{why}");
+        // Changing the schedule does not enable it again: the user does.
+        assert!(why.ends_with("; change its schedule, then enable it"), "{why}");
         // The API shows it, as the Schedules panel does.
         let (_, shown) = app.call(Method::GET, &format!("/api/cron/jobs/{}", id.0), None).await;
         assert_eq!(shown["enabled"], false, "{shown}");
@@ -1316,7 +1325,40 @@ async fn a_stored_job_firing_every_second_is_disabled_at_start_saying_why() {
     let view = restarted.get(daily).await.unwrap();
     assert!(view.job.enabled && view.job.last_error.is_none(), "{view:?}");
     assert!(view.next_run.is_some(), "{view:?}");
+    // One whose schedule cannot be read is disabled too, rather than shown enabled with no
+    // next run and no word of why (a QA pass found it only in the log).
+    let view = restarted.get(unreadable).await.unwrap();
+    assert!(!view.job.enabled && view.next_run.is_none(), "{view:?}");
+    let why = view.job.last_error.clone().unwrap_or_default();
+    assert!(why.starts_with("disabled at start: its schedule `garbage` cannot be read: "), "{why}");
+    assert!(why.ends_with("; change its schedule, then enable it"), "{why}");
     restarted.shutdown().await;
+
+    // Such a job can be disabled (again) and deleted; any other edit must change its schedule.
+    for id in [every_second, unreadable] {
+        let path = format!("/api/cron/jobs/{}", id.0);
+        let (status, answer) = app.call(Method::PUT, &path, Some(json!({"enabled": false}))).await;
+        assert_eq!(status, StatusCode::OK, "{answer}");
+        assert_eq!(answer["enabled"], false, "{answer}");
+        assert!(answer["last_error"].as_str().unwrap().starts_with("disabled at start"));
+        for edit in [json!({"name": "renamed"}), json!({"enabled": true})] {
+            let (status, answer) = app.call(Method::PUT, &path, Some(edit)).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
+            assert_eq!(answer["error"]["param"], "schedule", "{answer}");
+            let message = error_message(&answer);
+            assert!(message.contains("Change this job's schedule in the same edit"), "{message}");
+        }
+    }
+    // A new schedule and enabled: the reason it was disabled goes with it.
+    let path = format!("/api/cron/jobs/{}", every_second.0);
+    let fixed = app.update(every_second.0, json!({"schedule": "0 9 * * *", "enabled": true})).await;
+    assert_eq!(fixed["enabled"], true, "{fixed}");
+    assert_eq!(fixed["last_error"], Value::Null, "{fixed}");
+    let (status, _) = app.call(Method::DELETE, &path, None).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, _) =
+        app.call(Method::DELETE, &format!("/api/cron/jobs/{}", every_5s.0), None).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
 }
 
 /// A job's answer being written into a WebChat conversation makes the conversation list say

@@ -41,7 +41,7 @@ pub(super) fn fields(
         return "every second".into();
     }
     if let (Some(n), true) = (every(second), rest_star) {
-        return format!("every {n} seconds");
+        return every_n(n, "second");
     }
     if second == "0" && rest_star {
         return "every minute".into();
@@ -50,7 +50,7 @@ pub(super) fn fields(
         return format!("every minute at :{s:02}");
     }
     if let (Some(n), true) = (every(minute), second == "0" && is_star(hour) && all_days) {
-        return format!("every {n} minutes");
+        return every_n(n, "minute");
     }
     if let Some(time) = time_of_day(second, minute, hour) {
         let repeats = time.starts_with("every");
@@ -144,6 +144,15 @@ fn every(field: &str) -> Option<u32> {
     number(step)
 }
 
+/// "every minute" for a step of 1, "every 5 minutes" otherwise.
+fn every_n(n: u32, unit: &str) -> String {
+    if n == 1 {
+        format!("every {unit}")
+    } else {
+        format!("every {n} {unit}s")
+    }
+}
+
 fn number(field: &str) -> Option<u32> {
     if field.is_empty() || !field.bytes().all(|b| b.is_ascii_digit()) {
         return None;
@@ -160,7 +169,7 @@ fn time_of_day(second: &str, minute: &str, hour: &str) -> Option<String> {
         return Some(format!("every hour at :{minute:02}{seconds}"));
     }
     if let Some(n) = every(hour) {
-        return Some(format!("every {n} hours at :{minute:02}{seconds}"));
+        return Some(format!("{} at :{minute:02}{seconds}", every_n(n, "hour")));
     }
     let hours: Option<Vec<u32>> = hour.split(',').map(|h| number(h).filter(|h| *h <= 23)).collect();
     let times: Vec<String> =
@@ -292,6 +301,22 @@ mod tests {
         check("*/15 * * * *", Tz::Europe__Paris, "every 15 minutes");
         check("@hourly", Tz::Europe__Paris, "every hour at :00");
         check("30 15 * * * *", Tz::UTC, "every hour at :15:30");
+    }
+
+    #[test]
+    fn a_step_of_one_reads_as_every_unit() {
+        check("*/1 * * * *", Tz::UTC, "every minute");
+        check("0 */1 * * * *", Tz::UTC, "every minute");
+        check("0/1 * * * *", Tz::UTC, "every minute");
+        check("*/1 * * * * *", Tz::UTC, "every second");
+        check("0/1 * * * * *", Tz::UTC, "every second");
+        check("15 */1 * * *", Tz::UTC, "every hour at :15 UTC");
+        check("0 0 */1 * * *", Tz::UTC, "every hour at :00 UTC");
+        check("0 */1 * * 1", Tz::UTC, "every Monday, every hour at :00 UTC");
+        // Other steps keep their number.
+        check("*/2 * * * *", Tz::UTC, "every 2 minutes");
+        check("*/2 * * * * *", Tz::UTC, "every 2 seconds");
+        check("0 */3 * * *", Tz::UTC, "every 3 hours at :00 UTC");
     }
 
     #[test]

@@ -79,7 +79,16 @@ pub(super) async fn validate(
     let reminder = current.as_ref().filter(|c| c.kind == JobKind::Reminder).cloned();
     // Where the job wrote before this edit, if anywhere.
     let was = current.as_ref().map(|c| (c.channel, c.target.clone()));
+    let kept = current.clone();
     let spec = merge_changes(changes, current)?;
+    // Disabling a job, and changing nothing else, always works: a stored job whose schedule
+    // can no longer be saved (it runs more than once a minute, or cannot be read) must
+    // still be stoppable. Its fields are stored ones, so there is nothing to check.
+    if let Some(kept) = &kept {
+        if !spec.enabled && spec == (JobSpec { enabled: false, ..kept.clone() }) {
+            return Ok(spec);
+        }
+    }
     // A reminder writes back where it was asked, whoever edits it: a new channel is refused
     // before its target is read as one of that channel's (a target is compared once
     // normalised, so `012` is still conversation 12).
@@ -93,7 +102,25 @@ pub(super) async fn validate(
     if reminder.as_ref().is_some_and(|r| r.channel != spec.channel) {
         return Err(moved("channel"));
     }
-    let spec = check_spec(spec, rules)?;
+    // The stored schedule, kept by this edit, could not be saved even disabled (stored
+    // before the shortest interval was a rule, or written around the API).
+    let stuck = kept.is_some_and(|kept| {
+        kept.schedule == spec.schedule
+            && Schedule::parse_checked(&kept.schedule)
+                .and_then(|schedule| rules.shortest_interval.check(&schedule))
+                .is_err()
+    });
+    let spec = check_spec(spec, rules).map_err(|refused| match refused {
+        // Say what to change.
+        CronError::Invalid { field: "schedule", message } if stuck => CronError::invalid(
+            "schedule",
+            format!(
+                "{message}. Change this job's schedule in the same edit: as it is, the job can \
+                 only be disabled or deleted"
+            ),
+        ),
+        refused => refused,
+    })?;
     if reminder.is_some_and(|r| r.target != spec.target) {
         return Err(moved("target"));
     }
@@ -205,15 +232,16 @@ fn check_spec(spec: JobSpec, rules: Rules) -> Result<JobSpec, CronError> {
         None => None,
     };
     let zone = timezone.unwrap_or(rules.default_timezone);
-    // A disabled job may keep a schedule it could not run on (a one-shot gone by, one
-    // stored before the shortest interval was a rule): enabling it is what is refused.
+    // A disabled one-shot may keep a time gone by: enabling it is what is refused. A
+    // schedule that runs more than once a minute is refused enabled or not, since no job
+    // could ever run on it (one stored before the rule can only be disabled or deleted).
     let parsed = if spec.enabled {
-        let parsed = Schedule::parse_upcoming(&spec.schedule, zone).map_err(invalid("schedule"))?;
-        rules.shortest_interval.check(&parsed).map_err(invalid("schedule"))?;
-        parsed
+        Schedule::parse_upcoming(&spec.schedule, zone)
     } else {
-        Schedule::parse_checked(&spec.schedule).map_err(invalid("schedule"))?
-    };
+        Schedule::parse_checked(&spec.schedule)
+    }
+    .map_err(invalid("schedule"))?;
+    rules.shortest_interval.check(&parsed).map_err(invalid("schedule"))?;
     let schedule = parsed.canonical(&spec.schedule);
     let timezone = timezone.map(|tz| tz.name().to_string());
     let tier = match spec.tier.as_deref().map(str::trim).filter(|tier| !tier.is_empty()) {
@@ -485,8 +513,9 @@ mod tests {
             let refused = with(schedule, true).unwrap_err();
             assert!(matches!(refused, CronError::Invalid { field: "schedule", .. }), "{refused}");
             assert!(refused.to_string().contains("shortest interval"), "{refused}");
-            // Kept disabled, it is refused only once enabled.
-            assert!(with(schedule, false).is_ok(), "{schedule}");
+            // Disabled too: no job could ever run on it.
+            let refused = with(schedule, false).unwrap_err();
+            assert!(matches!(refused, CronError::Invalid { field: "schedule", .. }), "{refused}");
         }
         for schedule in ["30 * * * * *", "0 * * * * *", "* * * * *"] {
             assert!(with(schedule, true).is_ok(), "{schedule}");

@@ -12,8 +12,12 @@
 //!   both, unlike Vixie cron where either one is enough.
 //! - An enabled job runs at most once a minute (`ShortestInterval`): a seconds field with
 //!   several values (`*/5 * * * * *`) is refused, for prompt jobs (each run asks the model)
-//!   and reminders alike (a message every few seconds is a flood). One stored before the
-//!   rule is disabled at start, its last error saying why; a disabled one may keep it.
+//!   and reminders alike (a message every few seconds is a flood), whether the job is
+//!   enabled or not (none could ever run on it). One stored before the rule, or with a
+//!   schedule or zone that cannot be read, is disabled at start, its last error saying why;
+//!   it can then only be disabled (again) or deleted until an edit gives it a new schedule.
+//!   An edit that enables a disabled job drops that reason: its last error becomes its last
+//!   run's again.
 //! - Every refusal of bad input names the request field it is about (`CronError::Invalid`).
 //! - A one-shot schedule is `at YYYY-MM-DD HH:MM` (`:SS` allowed), a wall-clock time in the
 //!   job's zone; an enabled one must be in the future when saved. After a delivered run a
@@ -172,7 +176,8 @@ pub struct CronHandle {
 }
 
 /// Starts the scheduler: marks runs a stopped process left `running` as failed, disables
-/// (saying why) enabled jobs that run more than once a minute, then schedules every enabled
+/// (saying why) enabled jobs that cannot run (a schedule or zone that cannot be read, or
+/// one that runs more than once a minute), then schedules every enabled
 /// job from now (missed runs are not replayed).
 pub async fn start(
     pool: SqlitePool,
@@ -226,10 +231,11 @@ pub async fn start_with(
     let mut jobs = store::list_jobs(&handle.inner.pool).await?;
     {
         let _turn = handle.inner.turn.lock().await;
-        // Stored before the shortest interval was a rule (or written around the API): kept,
-        // disabled with the reason as its last error, where the Schedules panel shows it.
+        // Stored before the shortest interval was a rule, or written around the API with a
+        // schedule or zone this version cannot read: kept, disabled with the reason as its
+        // last error, where the Schedules panel shows it.
         for job in jobs.iter_mut().filter(|job| job.enabled) {
-            let Some(reason) = too_frequent(&handle.inner, job) else { continue };
+            let Some(reason) = cannot_run(&handle.inner, job) else { continue };
             match store::disable_job_saying(&handle.inner.pool, job.id, &reason).await {
                 Ok(Some(updated)) => {
                     tracing::warn!(job = job.id.0, %reason, "cron job disabled");
@@ -237,7 +243,7 @@ pub async fn start_with(
                 }
                 Ok(None) => {}
                 Err(e) => {
-                    tracing::error!(job = job.id.0, error = %e, "too frequent cron job not disabled")
+                    tracing::error!(job = job.id.0, error = %e, "unrunnable cron job not disabled")
                 }
             }
         }
@@ -593,13 +599,29 @@ impl Inner {
     }
 }
 
-/// Why an enabled stored job may not run as it is: its schedule runs more often than
-/// `Inner::shortest_interval` allows. `None` for any other job (one whose schedule does not
-/// parse is left to fail as it does).
-fn too_frequent(inner: &Inner, job: &CronJob) -> Option<String> {
-    let (schedule, _) = plan(inner, job).ok()?;
+/// Why a stored job cannot run as it is, as the last error it is disabled with at start: its
+/// schedule or zone cannot be read, or it runs more often than `Inner::shortest_interval`
+/// allows. `None` for a job that can run.
+fn cannot_run(inner: &Inner, job: &CronJob) -> Option<String> {
+    let fix = |field: &str| format!("change its {field}, then enable it");
+    let schedule = match Schedule::parse(&job.schedule) {
+        Ok(schedule) => schedule,
+        Err(e) => {
+            let shown: String = job.schedule.chars().take(64).collect();
+            return Some(format!(
+                "disabled at start: its schedule `{shown}` cannot be read: {e}; {}",
+                fix("schedule")
+            ));
+        }
+    };
+    if let Some(Err(e)) = job.timezone.as_deref().map(parse_timezone) {
+        return Some(format!(
+            "disabled at start: its time zone cannot be read: {e}; {}",
+            fix("time zone")
+        ));
+    }
     let refused = inner.shortest_interval.check(&schedule).err()?;
-    Some(format!("disabled at start: {refused}; change the schedule to enable it again"))
+    Some(format!("disabled at start: {refused}; {}", fix("schedule")))
 }
 
 /// The schedule and zone a stored job runs on; an error for rows written around the API

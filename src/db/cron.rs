@@ -170,16 +170,23 @@ pub async fn disable_job_saying(
     row.map(TryInto::try_into).transpose()
 }
 
-/// Replaces the editable fields of a job; `None` when it does not exist.
+/// Replaces the editable fields of a job; `None` when it does not exist. Enabling a
+/// disabled job drops the reason it was disabled (`disable_job_saying`,
+/// `detach_conversation`): its last error becomes its last run's again, none without runs.
 pub async fn update_job(
     pool: &SqlitePool,
     id: CronJobId,
     spec: &JobSpec,
 ) -> Result<Option<CronJob>, sqlx::Error> {
+    // SET expressions read the row as it was, so `enabled` here is the old value.
     let row: Option<JobRow> = sqlx::query_as(&format!(
         "UPDATE cron_jobs SET name = ?1, schedule = ?2, timezone = ?3, prompt = ?4, channel = ?5,
                               target = ?6, tier = ?7, enabled = ?8, updated_at = ?9,
-                              kind = ?11, conversation_id = ?12
+                              kind = ?11, conversation_id = ?12,
+                              last_error = CASE WHEN enabled = 0 AND ?8 THEN
+                                  (SELECT error FROM cron_runs WHERE job_id = ?10
+                                   ORDER BY id DESC LIMIT 1)
+                                  ELSE last_error END
          WHERE id = ?10
          RETURNING {JOB_COLUMNS}"
     ))
@@ -556,6 +563,45 @@ mod tests {
         assert_eq!((ended.outcome, ended.message_id), (RunOutcome::Failed, None));
         let job = get_job(&pool, job.id).await.unwrap().unwrap();
         assert_eq!(job.last_error.as_deref(), Some("deleted meanwhile"));
+    }
+
+    /// Enabling a disabled job drops the reason it was disabled, and only then: its last
+    /// error becomes its last run's (none without runs). Before, "disabled at start: …"
+    /// stayed on a job the user had fixed and enabled (QA pass on the shortest interval).
+    #[tokio::test]
+    async fn enabling_a_job_drops_the_reason_it_was_disabled() {
+        let (_dir, pool) = fresh().await;
+        let spec = JobSpec {
+            name: "digest".into(),
+            schedule: "0 8 * * *".into(),
+            timezone: None,
+            prompt: "the news".into(),
+            channel: ChannelKind::Nextcloud,
+            target: "room1".into(),
+            tier: None,
+            enabled: true,
+            kind: JobKind::Prompt,
+            conversation_id: None,
+        };
+        let error_of = |id: CronJobId| {
+            let pool = pool.clone();
+            async move { get_job(&pool, id).await.unwrap().unwrap().last_error }
+        };
+        let never_run = insert_job(&pool, &spec).await.unwrap();
+        let ran = insert_job(&pool, &spec).await.unwrap();
+        let run = start_run(&pool, ran.id, now_ms()).await.unwrap();
+        finish_run(&pool, run, 5, RunOutcome::Failed, Some("channel down"), None).await.unwrap();
+        for job in [never_run.id, ran.id] {
+            disable_job_saying(&pool, job, "disabled at start: why").await.unwrap().unwrap();
+            // Edited while disabled: the reason stays.
+            let renamed = JobSpec { name: "renamed".into(), enabled: false, ..spec.clone() };
+            update_job(&pool, job, &renamed).await.unwrap().unwrap();
+            assert_eq!(error_of(job).await.as_deref(), Some("disabled at start: why"));
+        }
+        update_job(&pool, never_run.id, &spec).await.unwrap().unwrap();
+        assert_eq!(error_of(never_run.id).await, None);
+        update_job(&pool, ran.id, &spec).await.unwrap().unwrap();
+        assert_eq!(error_of(ran.id).await.as_deref(), Some("channel down"));
     }
 
     /// A stop while a run's message was being sent: at the next start the run is failed and
