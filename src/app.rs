@@ -86,6 +86,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     // only to save a report it has measured, so a bench that fails (a missing model) leaves
     // nothing either.
     if matches!(command, Command::Serve) {
+        // Headers only (milliseconds): a model file that cannot be used stops the start
+        // before anything is created.
+        check_model_files(&settings.router).context("cannot set up the model tiers")?;
         crate::config::ensure_writable_dir(&settings.data_dir)?;
         // Every conversation and phone number lives under DATA_DIR: only our user may list
         // or read it, whatever the umask, including a directory made by an older version.
@@ -164,7 +167,7 @@ fn init_tracing(filter: Option<&str>) {
 /// one, above all a download cut short, stops the start naming the file and what is wrong
 /// instead of failing the first answer. Headers only: no tensor data is read, and nothing
 /// is loaded.
-async fn check_model_files(settings: &RouterSettings) -> anyhow::Result<()> {
+fn check_model_files(settings: &RouterSettings) -> anyhow::Result<()> {
     let mut paths: Vec<PathBuf> = plan_tiers(settings)?
         .into_iter()
         .filter_map(|plan| match plan.source {
@@ -174,9 +177,7 @@ async fn check_model_files(settings: &RouterSettings) -> anyhow::Result<()> {
         .collect();
     paths.sort();
     paths.dedup();
-    tokio::task::spawn_blocking(move || paths.iter().try_for_each(|path| gguf::check(path)))
-        .await
-        .context("the model file check stopped")??;
+    paths.iter().try_for_each(|path| gguf::check(path))?;
     Ok(())
 }
 
@@ -222,15 +223,19 @@ fn log_directives(asked: Option<&str>) -> String {
 }
 
 /// Builds every component and serves until a shutdown signal.
-/// The lock file that makes a data directory one server's: a second `serve` on it (a
-/// second systemd unit, a copy started by hand) would store the first one's answers in
-/// progress as interrupted and run every job twice. The file holds the owner's process id,
-/// to name it.
-const LOCK_FILE: &str = "my-claw.lock";
-
-/// Takes the data directory's lock, or says which process holds it.
-fn lock_data_dir(dir: &Path) -> anyhow::Result<std::fs::File> {
-    let path = dir.join(LOCK_FILE);
+/// A lock file beside the database (`my-claw.db.lock`) makes it one server's: a second
+/// `serve` on it (a second systemd unit, a copy started by hand, another DATA_DIR with the
+/// same DATABASE_URL) would store the first one's answers in progress as interrupted and
+/// run every job twice. The file holds the owner's process id, to name it.
+fn lock_database(database_url: &str) -> anyhow::Result<Option<std::fs::File>> {
+    let database = crate::db::export::database_file(database_url)
+        .with_context(|| format!("cannot read DATABASE_URL {database_url}"))?;
+    if database.as_os_str().is_empty() || database == Path::new(":memory:") {
+        return Ok(None);
+    }
+    let mut path = database.clone().into_os_string();
+    path.push(".lock");
+    let path = PathBuf::from(path);
     let mut options = std::fs::OpenOptions::new();
     options.read(true).write(true).create(true).truncate(false);
     #[cfg(unix)]
@@ -253,7 +258,7 @@ fn lock_data_dir(dir: &Path) -> anyhow::Result<std::fs::File> {
             anyhow::bail!(
                 "another my-claw ({owner}) is serving from {}: stop it first, or give this one \
                  its own DATA_DIR",
-                dir.display()
+                database.display()
             );
         }
         Err(std::fs::TryLockError::Error(e)) => {
@@ -261,13 +266,12 @@ fn lock_data_dir(dir: &Path) -> anyhow::Result<std::fs::File> {
         }
     }
     file.set_len(0).and_then(|()| writeln!(file, "{}", std::process::id())).ok();
-    Ok(file)
+    Ok(Some(file))
 }
 
 pub async fn serve(settings: Settings) -> anyhow::Result<()> {
-    check_model_files(&settings.router).await.context("cannot set up the model tiers")?;
     // Held until the process ends (the kernel lets go of it on any exit, `kill -9` too).
-    let _one_server = lock_data_dir(&settings.data_dir)?;
+    let _one_server = lock_database(&settings.database_url)?;
     let pool = crate::db::connect(&settings.database_url)
         .await
         .with_context(|| format!("cannot open the database {}", settings.database_url))?;

@@ -119,6 +119,16 @@ fn list(settings: &RouterSettings) -> anyhow::Result<()> {
             PlanSource::Remote { base_url, model } => format!("{model} on {base_url}"),
         };
         println!("  {:<7}{:<16} {what}", plan.tier.as_str(), plan.configured);
+        // A tier's own file (MODEL_MAIN=/elsewhere/x.gguf) is not in the listing above.
+        if let PlanSource::File { path, .. } = &plan.source {
+            match gguf::check(path) {
+                Ok(()) => {}
+                Err(LlmError::BadModel { reason, .. }) => {
+                    println!("         cannot be used: {reason}")
+                }
+                Err(e) => println!("         cannot be used: {e}"),
+            }
+        }
     }
     Ok(())
 }

@@ -190,8 +190,8 @@ fn serve_refuses_a_truncated_model_at_start() {
     assert!(last.contains(&format!("model file {}: truncated: ", truncated.display())), "{last}");
     assert!(last.contains(&format!("{CUT} bytes missing")), "{last}");
     assert!(last.contains(&format!("the file has {}", len - CUT)), "{last}");
-    // Refused before the database: no database file was made.
-    assert!(!data_dir.join("my-claw.db").exists(), "{stderr}");
+    // Refused before anything: no data directory was made.
+    assert!(!data_dir.exists(), "{stderr}");
     // `models list` says it too.
     let models_dir = models.display().to_string();
     let out = run_binary(&["models", "list"], &[("MODELS_DIR", &models_dir)], dir.path());
@@ -201,6 +201,17 @@ fn serve_refuses_a_truncated_model_at_start() {
         stdout.contains(&format!("cannot be used: truncated: {CUT} bytes missing")),
         "{stdout}"
     );
+    // Also a tier's own file outside MODELS_DIR (QA pass 11: listed as if usable).
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let (empty, model) = (empty.display().to_string(), truncated.display().to_string());
+    let envs = [("MODELS_DIR", empty.as_str()), ("MODEL_MAIN", model.as_str())];
+    let out = run_binary(&["models", "list"], &envs, dir.path());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    let tier = stdout.lines().position(|l| l.trim_start().starts_with("main ")).unwrap();
+    let next = stdout.lines().nth(tier + 1).unwrap_or_default();
+    assert!(next.contains(&format!("cannot be used: truncated: {CUT} bytes missing")), "{stdout}");
 }
 
 /// QA pass 11: a second `serve` on a data directory another one serves from (a second
@@ -249,10 +260,28 @@ async fn a_second_server_on_the_same_data_directory_is_refused_and_changes_nothi
         format!(
             "my-claw: error: another my-claw (process {pid}) is serving from {}: stop it \
              first, or give this one its own DATA_DIR",
-            server.data_dir.display()
+            server.data_dir.join("my-claw.db").display()
         ),
         "{stderr}"
     );
+
+    // Another data directory on the same database: refused the same way.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let database = server.data_dir.join("my-claw.db");
+    let mut third = Command::new(util::binary());
+    third
+        .arg("serve")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("BIND", "127.0.0.1:0")
+        .env("DATA_DIR", elsewhere.path())
+        .env("DATABASE_URL", format!("sqlite://{}", database.display()))
+        .env("WEBCHAT_TOKEN", util::TEST_TOKEN)
+        .envs(envs.iter().map(|(k, v)| (k, v)));
+    let out = tokio::task::block_in_place(|| util::run_until_exit(third, Duration::from_secs(60)));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains(&format!("another my-claw (process {pid})")), "{stderr}");
 
     // The first server's answer ends as it would have, alone in its conversation.
     while let Some(chunk) = answer.chunk().await.expect("the stream") {

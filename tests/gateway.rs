@@ -302,6 +302,15 @@ async fn chat_rejects_bad_requests_with_clear_messages() {
         let value: Value = serde_json::from_slice(&bytes).expect("error body is JSON");
         assert_eq!(status, expected_status, "{body}: {value}");
         assert!(error_message(&value).contains(expected_message), "{body}: {value}");
+        // The field at fault is named where there is one (QA pass 11).
+        let param = if expected_message.starts_with("message must") {
+            json!("message")
+        } else if expected_message.starts_with("unknown tier") {
+            json!("tier")
+        } else {
+            value["error"]["param"].clone()
+        };
+        assert_eq!(value["error"]["param"], param, "{body}: {value}");
     }
     // A body without a JSON content type is refused the same way.
     let request = Request::post("/api/chat")

@@ -27,14 +27,18 @@ use crate::gateway::AppState;
 use crate::llm::router::Tier;
 use crate::llm::{FinishReason, Usage};
 
-/// A 400 naming `field` when `text` is longer than `MAX_MESSAGE_CHARS` characters.
-pub fn check_message_length(field: &str, text: &str) -> Result<(), ApiError> {
+/// A 400 naming `field` (request field `param`) when `text` is longer than
+/// `MAX_MESSAGE_CHARS` characters.
+pub fn check_message_length(param: &'static str, field: &str, text: &str) -> Result<(), ApiError> {
     // Counting stops just past the limit, so a huge text costs no more than a long one.
     let chars = text.chars().take(MAX_MESSAGE_CHARS + 1).count();
     if chars > MAX_MESSAGE_CHARS {
-        return Err(ApiError::BadRequest(format!(
-            "{field} is longer than {MAX_MESSAGE_CHARS} characters; send a shorter one"
-        )));
+        return Err(ApiError::BadParam {
+            param,
+            message: format!(
+                "{field} is longer than {MAX_MESSAGE_CHARS} characters; send a shorter one"
+            ),
+        });
     }
     Ok(())
 }
@@ -141,10 +145,13 @@ async fn post_chat(
     ApiJson(request): ApiJson<ChatRequest>,
 ) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
     if crate::domain::is_blank(&request.message) {
-        return Err(ApiError::BadRequest("message must not be empty".into()));
+        return Err(ApiError::BadParam {
+            param: "message",
+            message: "message must not be empty".into(),
+        });
     }
     // Checked before anything is stored: a rejected message leaves no trace.
-    check_message_length("message", &request.message)?;
+    check_message_length("message", "message", &request.message)?;
     let tier = match request.tier.as_deref().map(str::trim) {
         None | Some("") => None,
         Some(name) => Some(parse_tier(name)?),
@@ -267,7 +274,10 @@ async fn post_stop(
 pub fn parse_tier(name: &str) -> Result<Tier, ApiError> {
     Tier::from_name(name).ok_or_else(|| {
         let names: Vec<&str> = Tier::ALL.iter().map(|t| t.as_str()).collect();
-        ApiError::BadRequest(format!("unknown tier `{name}`: expected one of {}", names.join(", ")))
+        ApiError::BadParam {
+            param: "tier",
+            message: format!("unknown tier `{name}`: expected one of {}", names.join(", ")),
+        }
     })
 }
 

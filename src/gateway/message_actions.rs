@@ -76,9 +76,12 @@ async fn post_edit(
     let tier = tier(request.tier.as_deref())?;
     let text = request.message.trim();
     if crate::domain::is_blank(text) {
-        return Err(ApiError::BadRequest("message must not be empty".into()));
+        return Err(ApiError::BadParam {
+            param: "message",
+            message: "message must not be empty".into(),
+        });
     }
-    check_message_length("message", text)?;
+    check_message_length("message", "message", text)?;
     let revision =
         Revision::Edit { text: text.to_string(), expected: request.message_id.map(MessageId) };
     let events =

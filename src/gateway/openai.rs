@@ -941,7 +941,7 @@ fn to_turns(messages: &[MessageIn]) -> Result<Vec<ChatTurn>, ApiError> {
                 format!("messages[{index}].content must be a string or an array of text parts"),
             )
         })?;
-        check_message_length(&format!("messages[{index}].content"), &content)
+        check_message_length("messages", &format!("messages[{index}].content"), &content)
             .map_err(|e| invalid("messages", e.to_string()))?;
         if message.tool_calls.as_ref().is_some_and(|c| !c.is_null()) && role != Role::Assistant {
             return Err(invalid(

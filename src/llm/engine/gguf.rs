@@ -284,9 +284,10 @@ fn check_tensor_bounds(path: &Path, content: &Content, file_size: u64) -> Result
             return Err(bad(
                 path,
                 format!(
-                    "truncated: {missing} bytes missing (its tensors end at byte {needed}, the \
+                    "truncated: {missing} byte{} missing (its tensors end at byte {needed}, the \
                      file has {file_size}; tensor `{name}` is the first cut short): was its \
-                     download interrupted?"
+                     download interrupted?",
+                    if missing == 1 { "" } else { "s" }
                 ),
             ));
         }
