@@ -387,9 +387,14 @@ async fn send_message(browser: &Browser, text: &str) {
 /// Sends `LONG_PROMPT` and waits until its answer streams some text (or has already ended:
 /// SmolLM2 sometimes ends a story in a few tokens, which callers check).
 async fn send_long_prompt(browser: &Browser) {
+    // The answer looked for is a new bubble: the one before it is `done` already.
+    let before =
+        browser.js("return document.querySelectorAll('#messages .msg.assistant').length;").await;
     send_message(browser, LONG_PROMPT).await;
     let script = format!(
-        "{LAST_ANSWER_FN} const a = lastAnswer(); \
+        "{LAST_ANSWER_FN} \
+         if (document.querySelectorAll('#messages .msg.assistant').length <= {before}) return false; \
+         const a = lastAnswer(); \
          return a && (a.state === 'streaming' && a.text.length > 2 || a.state === 'done');"
     );
     browser.wait_for("tokens of the long answer", &script, Duration::from_secs(60)).await;
@@ -1553,6 +1558,11 @@ async fn webchat_shows_stored_tool_use_compactly_and_as_text() {
 /// A title of 60 characters, the longest the page makes from a first message.
 const LONG_TITLE: &str = "A conversation whose title is sixty characters long, really!";
 
+/// The length of a text without its white space.
+fn squeeze_len(text: &Value) -> usize {
+    text.as_str().unwrap_or_default().chars().filter(|c| !c.is_whitespace()).count()
+}
+
 /// Replaces the page's fetch for `POST /api/chat` only (`__fake` decides what it answers);
 /// `__realFetch` stays reachable so a step can put the real one back.
 const FAKE_CHAT_FETCH: &str = "if (!window.__realFetch) window.__realFetch = window.fetch; \
@@ -1802,6 +1812,7 @@ async fn webchat_recovers_from_failures_and_respects_what_the_user_is_doing() {
     //    conversation opens; the answer goes on and is stored complete. A story can end in
     //    a few tokens: then try again.
     let mut went_elsewhere = false;
+    let mut attempts = Vec::new();
     for _attempt in 0..3 {
         send_long_prompt(&browser).await;
         browser.click("#search-input").await;
@@ -1848,6 +1859,7 @@ async fn webchat_recovers_from_failures_and_respects_what_the_user_is_doing() {
             tokio::time::sleep(Duration::from_millis(200)).await;
         };
         assert_ne!(last["status"], "partial", "the answer was stopped: {last}");
+        attempts.push(json!({"status": last["status"], "chars": squeeze_len(&last["content"])}));
         browser
             .click(&format!("#conversation-list li[data-conversation-id='{plan}'] button"))
             .await;
@@ -1868,7 +1880,10 @@ async fn webchat_recovers_from_failures_and_respects_what_the_user_is_doing() {
             break;
         }
     }
-    assert!(went_elsewhere, "the story always ended before the other conversation opened");
+    assert!(
+        went_elsewhere,
+        "the story always ended before the other conversation opened: {attempts:?}"
+    );
     browser
         .wait_for(
             "the mark gone once the answer ended",
