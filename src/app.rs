@@ -236,13 +236,8 @@ fn lock_database(database_url: &str) -> anyhow::Result<Option<std::fs::File>> {
     let mut path = database.clone().into_os_string();
     path.push(".lock");
     let path = PathBuf::from(path);
-    let mut options = std::fs::OpenOptions::new();
+    let mut options = crate::db::private_file_options();
     options.read(true).write(true).create(true).truncate(false);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600);
-    }
     let mut file =
         options.open(&path).with_context(|| format!("cannot open {}", path.display()))?;
     match file.try_lock() {
@@ -529,14 +524,8 @@ fn ensure_webchat_token(settings: &Settings) -> anyhow::Result<(Secret, TokenSou
 }
 
 fn write_private_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600);
-    }
-    let mut file = options.open(path)?;
+    let mut file =
+        crate::db::private_file_options().write(true).create(true).truncate(true).open(path)?;
     file.write_all(contents)?;
     file.sync_all()
 }

@@ -114,7 +114,18 @@ pub async fn get_or_create_conversation(
     external_key: &str,
     title: Option<&str>,
 ) -> Result<Conversation, sqlx::Error> {
-    let now = now_ms();
+    upsert_conversation(pool, channel, external_key, title, now_ms()).await
+}
+
+/// `get_or_create_conversation` on `executor` (a pool, or a caller's transaction), with
+/// `now` as a new conversation's times.
+async fn upsert_conversation<'e>(
+    executor: impl sqlx::SqliteExecutor<'e>,
+    channel: ChannelKind,
+    external_key: &str,
+    title: Option<&str>,
+    now: i64,
+) -> Result<Conversation, sqlx::Error> {
     // The no-op update makes RETURNING yield the existing row on conflict, in one statement.
     let row: ConversationRow = sqlx::query_as(
         "INSERT INTO conversations (channel, external_key, title, created_at, updated_at)
@@ -126,9 +137,14 @@ pub async fn get_or_create_conversation(
     .bind(external_key)
     .bind(title)
     .bind(now)
-    .fetch_one(pool)
+    .fetch_one(executor)
     .await?;
     row.try_into()
+}
+
+/// A fresh random key for a new WebChat conversation.
+fn new_webchat_key() -> String {
+    format!("wc-{:016x}", rand::random::<u64>())
 }
 
 /// The conversation of `(channel, external_key)`, if it exists (nothing is created).
@@ -153,8 +169,7 @@ pub async fn create_webchat_conversation(
     pool: &SqlitePool,
     title: Option<&str>,
 ) -> Result<Conversation, sqlx::Error> {
-    let key = format!("wc-{:016x}", rand::random::<u64>());
-    get_or_create_conversation(pool, ChannelKind::WebChat, &key, title).await
+    get_or_create_conversation(pool, ChannelKind::WebChat, &new_webchat_key(), title).await
 }
 
 /// `create_webchat_conversation` with `first` (its conversation id is replaced) as its
@@ -165,21 +180,10 @@ pub async fn create_webchat_conversation_with(
     title: Option<&str>,
     first: &NewMessage,
 ) -> Result<(Conversation, MessageId), sqlx::Error> {
-    let key = format!("wc-{:016x}", rand::random::<u64>());
     let now = now_ms();
     let mut tx = crate::db::begin_write(pool).await?;
-    let row: ConversationRow = sqlx::query_as(
-        "INSERT INTO conversations (channel, external_key, title, created_at, updated_at)
-         VALUES (?1, ?2, ?3, ?4, ?4)
-         RETURNING id, channel, external_key, title, created_at, updated_at",
-    )
-    .bind(ChannelKind::WebChat.as_str())
-    .bind(&key)
-    .bind(title)
-    .bind(now)
-    .fetch_one(&mut *tx)
-    .await?;
-    let conversation: Conversation = row.try_into()?;
+    let conversation =
+        upsert_conversation(&mut *tx, ChannelKind::WebChat, &new_webchat_key(), title, now).await?;
     let first = NewMessage { conversation_id: conversation.id, ..first.clone() };
     let id = insert_message(&mut tx, &first, &[], None, now).await?;
     tx.commit().await?;

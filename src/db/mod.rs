@@ -133,16 +133,23 @@ pub async fn begin_write(
     pool.begin_with("BEGIN IMMEDIATE").await
 }
 
-/// Creates the database file with mode 600 if it does not exist yet, or narrows an existing
-/// one to 600 (a database made by an older version under umask 022 was 644).
-fn make_private(file: &Path) -> std::io::Result<()> {
+/// Options that create a file readable by our user only (mode 600, whatever the umask).
+pub fn private_file_options() -> std::fs::OpenOptions {
+    #[allow(unused_mut)]
     let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(false);
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt;
         options.mode(0o600);
     }
+    options
+}
+
+/// Creates the database file with mode 600 if it does not exist yet, or narrows an existing
+/// one to 600 (a database made by an older version under umask 022 was 644).
+fn make_private(file: &Path) -> std::io::Result<()> {
+    let mut options = private_file_options();
+    options.write(true).create(true).truncate(false);
     match options.open(file) {
         Ok(_) => set_private_mode(file, 0o600),
         // A missing parent directory: let SQLite report it in its own words.
