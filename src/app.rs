@@ -18,7 +18,6 @@ use crate::channels::nextcloud::Nextcloud;
 use crate::channels::whatsapp::WhatsApp;
 use crate::channels::{Channel, Channels};
 use crate::config::{Config, EngineSettings, RouterSettings, Secret, Settings};
-use crate::gateway::sign_in::SignInCodes;
 use crate::gateway::{self, AppState};
 use crate::llm::engine::gguf;
 use crate::llm::engine::{EngineHandle, LoadProgress};
@@ -68,8 +67,9 @@ pub enum Command {
     DeviceCheck(crate::device_check::DeviceCheckArgs),
     /// Write a consistent copy of the database to FILE while the server runs.
     Backup(crate::backup::BackupArgs),
-    /// Print a link that signs a browser in to the running server once, within ten minutes
-    /// (the link never holds the token).
+    /// Print a link that signs a browser in once, within ten minutes: its code is written
+    /// into the database, so neither the token nor a request to the server is needed (the
+    /// link never holds the token).
     SignInLink,
     /// Download and list model files.
     #[command(subcommand)]
@@ -122,9 +122,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::DeviceCheck(args) => crate::device_check::run(&args, &settings.engine.device),
         Command::SignInLink => {
-            let (link, minutes) = runtime.block_on(crate::sign_in_link::run(&settings))?;
-            println!("{link}");
-            eprintln!("(it signs one browser in, once, within {minutes} minutes)");
+            let made = runtime.block_on(crate::sign_in_link::run(&settings))?;
+            println!("{}", made.link);
+            eprintln!("{}", made.note());
             Ok(())
         }
         Command::Backup(args) => {
@@ -345,8 +345,7 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
             .await
             .context("cannot start the scheduler")?;
     scheduler.set(cron.clone());
-    let live = gateway::live::LiveAnswers::default();
-    let sign_in = gateway::sign_in::SignInCodes::default();
+    let live = assistant.live().clone();
     let shutdown_assistant = assistant.clone();
     let state = AppState {
         pool: pool.clone(),
@@ -357,14 +356,12 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
         max_body_bytes: settings.max_body_bytes,
         reply_max_tokens: settings.engine.reply_max_tokens,
         channels,
-        live: live.clone(),
-        sign_in: sign_in.clone(),
     };
     let listener = tokio::net::TcpListener::bind(settings.bind)
         .await
         .with_context(|| format!("cannot listen on {}", settings.bind))?;
     let addr = listener.local_addr().context("listener has no address")?;
-    announce(addr, &sign_in, token_source, &settings.data_dir);
+    announce(addr, &pool, token_source, &settings.data_dir).await;
 
     let limits = gateway::listener::ConnectionLimits {
         header_timeout: settings.request_header_timeout,
@@ -502,6 +499,13 @@ enum TokenSource {
     Generated,
 }
 
+/// The token saved in `path`, when it holds one (16+ characters once trimmed).
+fn saved_token(path: &Path) -> Option<Secret> {
+    let saved = std::fs::read_to_string(path).ok()?;
+    let saved = saved.trim();
+    (saved.len() >= 16).then(|| Secret::new(saved))
+}
+
 /// The WebChat token: from the configuration, else from `DATA_DIR/webchat_token`, else a
 /// new random one saved there with mode 600.
 fn ensure_webchat_token(settings: &Settings) -> anyhow::Result<(Secret, TokenSource)> {
@@ -509,7 +513,7 @@ fn ensure_webchat_token(settings: &Settings) -> anyhow::Result<(Secret, TokenSou
         return Ok((token.clone(), TokenSource::Setting));
     }
     let path = settings.data_dir.join("webchat_token");
-    if let Some(saved) = crate::sign_in_link::saved_token(&path) {
+    if let Some(saved) = saved_token(&path) {
         // A file copied in or left by an older version may be readable by others.
         crate::db::set_private_mode(&path, 0o600)
             .with_context(|| format!("cannot make {} private", path.display()))?;
@@ -530,7 +534,7 @@ fn write_private_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     file.sync_all()
 }
 
-fn announce(addr: SocketAddr, sign_in: &SignInCodes, source: TokenSource, data_dir: &Path) {
+async fn announce(addr: SocketAddr, pool: &sqlx::SqlitePool, source: TokenSource, data_dir: &Path) {
     let host = if addr.ip().is_unspecified() {
         format!("127.0.0.1:{}", addr.port())
     } else {
@@ -544,11 +548,19 @@ fn announce(addr: SocketAddr, sign_in: &SignInCodes, source: TokenSource, data_d
         // For the person at the terminal: a link that signs in once, within ten minutes,
         // and never holds the token (it stays in the browser's history). Under systemd or
         // with output redirected no link is printed: stdout ends in a journal or a log file.
-        println!(
-            "Open this link to sign in (it works once, for {} minutes): {}",
-            crate::gateway::sign_in::CODE_LIFETIME.as_secs() / 60,
-            sign_in_url(&host, sign_in.issue().expose())
-        );
+        // A code that cannot be written (a full disk) costs the link, not the start.
+        let lifetime = crate::gateway::sign_in::CODE_LIFETIME;
+        match crate::db::sign_in::issue(pool, lifetime).await {
+            Ok(code) => println!(
+                "Open this link to sign in (it works once, for {} minutes): {}",
+                lifetime.as_secs() / 60,
+                sign_in_url(&host, code.expose())
+            ),
+            Err(e) => tracing::warn!(
+                error = %e,
+                "cannot write a sign-in code: make a link later with `my-claw sign-in-link`"
+            ),
+        }
     }
     let token_file = data_dir.join("webchat_token");
     match source {

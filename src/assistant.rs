@@ -28,6 +28,7 @@ use crate::domain::{
     ToolRound,
 };
 use crate::error::{Error, Result};
+use crate::live::{LiveAnswers, Reader};
 use crate::llm::router::{Routed, Router, Tier};
 use crate::llm::{
     Chunk, ChunkStream, FinishReason, GenerationParams, LlmError, LlmRequest, ToolChoice, ToolUse,
@@ -284,6 +285,8 @@ struct Inner {
     /// Set by `shutting_down`: an answer stopped from now on was cut by the shutdown, and
     /// keeps that as its reason (the user did not stop it).
     shutting_down: AtomicBool,
+    /// The answers being written now, for pages that follow them, whoever asked for them.
+    live: LiveAnswers,
 }
 
 struct Running {
@@ -400,12 +403,19 @@ impl Assistant {
                 events,
                 next_turn: AtomicU64::new(1),
                 shutting_down: AtomicBool::new(false),
+                live: LiveAnswers::default(),
             }),
         }
     }
 
     pub fn router(&self) -> &Arc<Router> {
         &self.inner.router
+    }
+
+    /// The answers being written now (every path publishes there: the WebChat's relay, and
+    /// `collect` for the others), for pages that follow them.
+    pub fn live(&self) -> &LiveAnswers {
+        &self.inner.live
     }
 
     pub fn window(&self) -> WindowPolicy {
@@ -639,7 +649,7 @@ impl Assistant {
         let (target, user) = self.prepare(&inbound).await?;
         let rx = self.begin(target, Some(user), tier, Waiting::Inline).await?;
         // The turn always sends `Meta` first, which carries the conversation id.
-        Ok(collect(ConversationId(0), rx).await)
+        Ok(collect(self.live(), ConversationId(0), rx).await)
     }
 
     /// Answers an existing conversation and collects the result (cron jobs, the channel
@@ -651,7 +661,7 @@ impl Assistant {
     ) -> Result<Reply> {
         let target = Target::Existing(conversation_id);
         let rx = self.begin(target, None, tier, Waiting::Inline).await?;
-        Ok(collect(conversation_id, rx).await)
+        Ok(collect(self.live(), conversation_id, rx).await)
     }
 
     /// Prepares the prompts of the `conversations` most recently active conversations in idle
@@ -993,8 +1003,9 @@ impl Assistant {
                 tier: routed.tier,
                 provider: routed.info.provider.clone(),
                 model: routed.info.model.clone(),
-                host: routed.info.host.clone(),
-                leaves_machine: routed.info.leaves_machine,
+                // Main may answer a prompt that a failed cloud call had already sent.
+                host: routed.host(),
+                leaves_machine: routed.leaves_machine(),
                 user_message_id,
             })
             .await;
@@ -1033,8 +1044,8 @@ impl Assistant {
             tier: routed.tier,
             provider: routed.info.provider.clone(),
             model: routed.info.model.clone(),
-            host: routed.info.host.clone(),
-            leaves_machine: routed.info.leaves_machine,
+            host: routed.host(),
+            leaves_machine: routed.leaves_machine(),
             warm,
             system,
             window,
@@ -1232,7 +1243,14 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-async fn collect(conversation_id: ConversationId, mut rx: mpsc::Receiver<Event>) -> Reply {
+/// Reads a turn's events into the reply a channel or a job sends, publishing each to `live`
+/// as it comes, so a page can follow the answer while it is written.
+async fn collect(
+    live: &LiveAnswers,
+    conversation_id: ConversationId,
+    mut rx: mpsc::Receiver<Event>,
+) -> Reply {
+    let mut publisher = live.publisher(Reader::Collector);
     let mut reply = Reply {
         conversation_id,
         message_id: None,
@@ -1241,6 +1259,7 @@ async fn collect(conversation_id: ConversationId, mut rx: mpsc::Receiver<Event>)
         error: None,
     };
     while let Some(event) = rx.recv().await {
+        publisher.publish(&event);
         match event {
             Event::Meta { conversation_id, .. } => reply.conversation_id = conversation_id,
             Event::Token(t) => reply.text.push_str(&t),
@@ -1403,7 +1422,25 @@ struct Step {
     first_text: Option<Instant>,
     /// The prompt's size, as the local engine said when it took the call (0 otherwise).
     prompt_tokens: u32,
+    /// When the local engine took the call (`Chunk::Accepted`).
+    accepted: Option<Instant>,
     end: StepEnd,
+}
+
+impl Step {
+    /// The prefill and decode time of a call that did not finish, which the engine never
+    /// reports (its `Done` is not sent to a stream that went away): on the stream's clock,
+    /// from the engine taking the call to its first text, and from there to `ended`. Zero
+    /// for what is unknown (a remote server, which says nothing before its text).
+    fn unfinished_times(&self, ended: Instant) -> (u64, u64) {
+        let ms = |from: Instant, to: Instant| to.saturating_duration_since(from).as_millis() as u64;
+        match (self.accepted, self.first_text) {
+            (Some(accepted), Some(first)) => (ms(accepted, first), ms(first, ended)),
+            (Some(accepted), None) => (ms(accepted, ended), 0),
+            (None, Some(first)) => (0, ms(first, ended)),
+            (None, None) => (0, 0),
+        }
+    }
 }
 
 /// Resolves when the stop switch is pressed; never when it is dropped unpressed (the
@@ -1431,6 +1468,7 @@ impl Generation {
         // Its prompt's size is known when the local engine said it on taking the call.
         let mut unfinished_pieces: u32 = 0;
         let mut unfinished_prompt: u32 = 0;
+        let mut unfinished_times: (u64, u64) = (0, 0);
         // When the first text arrived, and when the first model call ended: the time to
         // first token, on the same clock as the total (`received`).
         let mut first_text: Option<Instant> = None;
@@ -1448,15 +1486,18 @@ impl Generation {
             drop(stream);
             first_text = first_text.or(step.first_text);
             first_call_end.get_or_insert_with(Instant::now);
+            let times = step.unfinished_times(Instant::now());
             let (usage, finish) = match step.end {
                 StepEnd::Cancelled => {
                     unfinished_pieces = step.n_pieces;
                     unfinished_prompt = step.prompt_tokens;
+                    unfinished_times = times;
                     break (step.text, Ok((Usage::default(), FinishReason::Cancelled)));
                 }
                 StepEnd::Failed(e) => {
                     unfinished_pieces = step.n_pieces;
                     unfinished_prompt = step.prompt_tokens;
+                    unfinished_times = times;
                     break (step.text, Err(e));
                 }
                 StepEnd::Finished(usage, finish) => (usage, finish),
@@ -1469,6 +1510,24 @@ impl Generation {
                         calls = step.calls.len(),
                         "tool calls after the last round ignored"
                     );
+                }
+                // An answer never ends before it says something: a last call with no text is
+                // a failure, stored as one (partial when rounds ran), never an empty answer.
+                if step.text.trim().is_empty() {
+                    let reason = if step.calls.is_empty() && finish == FinishReason::Length {
+                        "the model reached its length limit before writing anything".to_string()
+                    } else if step.calls.is_empty() {
+                        "the model ended its answer without writing anything".to_string()
+                    } else if rounds.is_empty() {
+                        "the model called tools, but none are enabled (TOOLS)".to_string()
+                    } else {
+                        format!(
+                            "the model kept calling tools after its last allowed step \
+                             (AGENT_MAX_STEPS = {})",
+                            self.assistant.inner.agent.max_steps
+                        )
+                    };
+                    break (String::new(), Err(reason));
                 }
                 let finish =
                     if finish == FinishReason::ToolCalls { FinishReason::Stop } else { finish };
@@ -1508,9 +1567,10 @@ impl Generation {
             }
         };
         // An answer cut short reports what is known: the model calls that finished (their
-        // prompt, prefill and decode), plus the text pieces of the one that did not and its
+        // prompt, prefill and decode), plus the text pieces of the one that did not, its
         // prompt's size when the local engine said it (a remote server says it only at the
-        // end, so a first call stopped there leaves it unknown: 0).
+        // end, so a first call stopped there leaves it unknown: 0) and its times as the
+        // stream saw them (`Step::unfinished_times`).
         let cut_short = Usage {
             completion_tokens: total.completion_tokens + unfinished_pieces,
             prompt_tokens: if unfinished_prompt > 0 {
@@ -1518,6 +1578,8 @@ impl Generation {
             } else {
                 total.prompt_tokens
             },
+            prefill_ms: total.prefill_ms + unfinished_times.0,
+            decode_ms: total.decode_ms + unfinished_times.1,
             ..total.clone()
         };
 
@@ -1717,31 +1779,42 @@ impl Generation {
         stop: &mut oneshot::Receiver<()>,
         stop_open: &mut bool,
     ) -> (ToolRound, bool) {
+        // Longer ids are replaced like missing ones (OpenAI's are 29 characters, vLLM's 46).
+        const MAX_CALL_ID_CHARS: usize = 100;
         let tools = &self.assistant.inner.agent.tools;
         let mut round = ToolRound { text, calls: Vec::new(), results: Vec::new() };
-        for mut call in calls {
+        for call in calls {
+            // What the answer keeps of a call (stored, streamed, in later prompts) is bounded:
+            // oversized arguments are cut, and the registry does not run such a call.
+            let mut kept = crate::tools::kept_call(&call);
             // Results name their call: every call needs an id, unique in the answer.
-            if call.id.is_empty() || round.calls.iter().any(|c| c.id == call.id) {
-                call.id = new_call_id();
+            if kept.id.is_empty()
+                || kept.id.chars().nth(MAX_CALL_ID_CHARS).is_some()
+                || round.calls.iter().any(|c| c.id == kept.id)
+            {
+                kept.id = new_call_id();
             }
-            round.calls.push(call.clone());
-            if tx.send(Event::ToolCall { call: call.clone() }).await.is_err() {
+            round.calls.push(kept.clone());
+            if tx.send(Event::ToolCall { call: kept.clone() }).await.is_err() {
                 return (round, true);
             }
             let result = match context {
-                Some(context) => tokio::select! {
-                    result = tools.call(context, &call) => result,
-                    _ = stop_pressed(stop, stop_open) => return (round, true),
-                },
+                Some(context) => {
+                    let call = ToolCall { id: kept.id.clone(), ..call };
+                    tokio::select! {
+                        result = tools.call(context, &call) => result,
+                        _ = stop_pressed(stop, stop_open) => return (round, true),
+                    }
+                }
                 None => ToolResult {
-                    call_id: call.id.clone(),
+                    call_id: kept.id.clone(),
                     content: serde_json::json!({ "error": "the conversation no longer exists" })
                         .to_string(),
                     is_error: true,
                 },
             };
             round.results.push(result.clone());
-            let event = Event::ToolResult { name: call.name.clone(), result };
+            let event = Event::ToolResult { name: kept.name.clone(), result };
             if tx.send(event).await.is_err() {
                 return (round, true);
             }
@@ -1803,12 +1876,13 @@ impl Generation {
         for (kind, message) in &routed.notices {
             let _ = tx.send(Event::Notice { kind: kind.clone(), message: message.clone() }).await;
         }
-        // The ledger names who answered; a call that left the machine is never hidden by a
-        // later local one.
-        if routed.info.leaves_machine || !self.leaves_machine {
+        // The ledger names who answered; a call that left the machine (its answer, or only
+        // its prompt before a fallback) is never hidden by a later local one.
+        if routed.leaves_machine() || !self.leaves_machine {
             self.provider = routed.info.provider.clone();
             self.model = routed.info.model.clone();
-            self.leaves_machine = routed.info.leaves_machine;
+            self.host = routed.host();
+            self.leaves_machine = routed.leaves_machine();
         }
         Ok(routed.stream)
     }
@@ -1829,12 +1903,24 @@ async fn read_step(
         n_pieces: 0,
         first_text: None,
         prompt_tokens: 0,
+        accepted: None,
         end: StepEnd::Cancelled,
     };
     step.end = loop {
         let next = tokio::select! {
             chunk = stream.recv() => chunk,
-            _ = stop_pressed(stop, stop_open) => break StepEnd::Cancelled,
+            _ = stop_pressed(stop, stop_open) => {
+                // A stop that came while the engine's word that it took the call was already
+                // waiting here (a busy machine polls late, and `select!` picks at random
+                // among ready branches) still learns the prompt's size from it.
+                while let Ok(chunk) = stream.try_recv() {
+                    if let Ok(Chunk::Accepted { prompt_tokens }) = chunk {
+                        step.prompt_tokens = prompt_tokens;
+                        step.accepted.get_or_insert_with(Instant::now);
+                    }
+                }
+                break StepEnd::Cancelled;
+            }
             () = draft_due(drafts.as_deref_mut()) => {
                 if let Some(drafts) = drafts.as_deref_mut() {
                     drafts.save(&step.text);
@@ -1859,7 +1945,10 @@ async fn read_step(
                 let _ = tx.send(Event::Notice { kind, message }).await;
             }
             Some(Ok(Chunk::ToolCall(call))) => step.calls.push(call),
-            Some(Ok(Chunk::Accepted { prompt_tokens })) => step.prompt_tokens = prompt_tokens,
+            Some(Ok(Chunk::Accepted { prompt_tokens })) => {
+                step.prompt_tokens = prompt_tokens;
+                step.accepted = Some(Instant::now());
+            }
             Some(Ok(Chunk::Done { usage, finish })) => break StepEnd::Finished(usage, finish),
             Some(Err(e)) => break StepEnd::Failed(e.to_string()),
             None => break StepEnd::Failed("the model stream ended unexpectedly".into()),
@@ -1868,9 +1957,6 @@ async fn read_step(
     step
 }
 
-/// Adds one model call's accounting to the answer's: tokens generated and time spent add
-/// up; the prompt is the last call's (the longest). The time to first token is the
-/// answer's own (see `drive`), not a call's.
 /// Who a tool call in conversation `id` runs for, read from the conversation row: `None`
 /// when it is gone or cannot be read.
 async fn tool_context_of(pool: &SqlitePool, id: ConversationId) -> Option<ToolContext> {
@@ -1893,6 +1979,9 @@ async fn tool_context_of(pool: &SqlitePool, id: ConversationId) -> Option<ToolCo
     }
 }
 
+/// Adds one model call's accounting to the answer's: tokens generated and time spent add
+/// up; the prompt is the last call's (the longest). The time to first token is the
+/// answer's own (see `drive`), not a call's.
 fn add_usage(total: &mut Usage, step: &Usage) {
     total.prompt_tokens = step.prompt_tokens;
     total.cached_tokens = step.cached_tokens;
@@ -1914,6 +2003,25 @@ fn title_from(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A stop and the engine's `Accepted` both ready when the step is first polled: the
+    /// stop wins (`select!` may pick either), and the prompt's size is still learned. Run
+    /// many times, as one pick is a coin toss.
+    #[tokio::test]
+    async fn a_stop_that_races_the_engines_accepted_still_learns_the_prompts_size() {
+        for _ in 0..32 {
+            let (chunks, mut stream) = mpsc::channel(4);
+            chunks.send(Ok(Chunk::Accepted { prompt_tokens: 3_500 })).await.unwrap();
+            let (pressed, mut stop) = oneshot::channel();
+            pressed.send(()).unwrap();
+            let (tx, _rx) = mpsc::channel(4);
+            let mut stop_open = true;
+            let step = read_step(&mut stream, &tx, &mut stop, &mut stop_open, None).await;
+            assert!(matches!(step.end, StepEnd::Cancelled | StepEnd::Failed(_)));
+            assert_eq!(step.prompt_tokens, 3_500);
+            assert!(step.accepted.is_some());
+        }
+    }
 
     #[test]
     fn persona_system_turn_substitutes_the_name() {

@@ -34,13 +34,15 @@ pub mod domain;
 pub mod error;
 /// The HTTP gateway: API, WebChat, webhooks, health.
 pub mod gateway;
+/// The answers being written now, which any page can follow from their start.
+pub mod live;
 /// Models: the provider trait, the in-process engine, the cloud client and the router.
 pub mod llm;
 /// `my-claw models pull|list`: download and list model files.
 pub mod models;
 /// Backoff with a cap and server-given delays, for every retried call.
 pub mod retry;
-/// `my-claw sign-in-link`: a one-time sign-in link from the running server.
+/// `my-claw sign-in-link`: a one-time sign-in link, its code written into the database.
 pub mod sign_in_link;
 /// Tools the assistant can call during a turn, and their registry.
 pub mod tools;

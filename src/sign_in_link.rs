@@ -1,85 +1,143 @@
-//! `my-claw sign-in-link`: asks the running server for a one-time sign-in code and prints
-//! the link that carries it, for a server started under systemd (whose start prints no
-//! link) or a second device. The token is read where the server reads it (`WEBCHAT_TOKEN`,
-//! else `DATA_DIR/webchat_token`) and sent only to the server's loopback-or-configured
-//! address; the link never holds it.
+//! `my-claw sign-in-link`: writes a one-time sign-in code into the database and prints the
+//! link that carries it, for a server started under systemd (whose start prints no link) or
+//! a second device. Whoever may write the database (mode 600 in a private data directory)
+//! may make a code: nothing goes over the network and the token is neither read nor sent,
+//! so whatever listens on `BIND` learns nothing; the link never holds the token.
 //!
-//! Owns this command's request and its error texts; must not create or change anything in
-//! the data directory.
+//! Owns this command's checks and error texts. It writes one row (`db::sign_in::issue`) into
+//! an existing database of its own version, and must not create, migrate or otherwise change
+//! anything in the data directory.
 
-use std::path::Path;
-use std::time::Duration;
-
-use serde::Deserialize;
+use std::path::{Path, PathBuf};
 
 use crate::config::{Secret, Settings};
+use crate::gateway::sign_in::CODE_LIFETIME;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SignInLinkError {
     #[error(
-        "no WebChat token: WEBCHAT_TOKEN is not set and {0} holds none (start my-claw \
-         once to create it)"
+        "there is no database at {0}: start my-claw once (with this DATA_DIR or \
+         DATABASE_URL), then run sign-in-link again"
     )]
-    NoToken(String),
-    #[error("no my-claw answers at http://{0}/ (is it running with this BIND and DATA_DIR?): {1}")]
-    NotRunning(String, String),
+    NoDatabase(PathBuf),
+    // The causes are part of the one line, not `source`s: the exit message prints an error's
+    // chain, which would say each of them twice.
+    #[error("cannot open the database {url}: {reason}")]
+    Open { url: String, reason: sqlx::Error },
     #[error(
-        "the server at http://{0}/ refused this token (it runs with another WEBCHAT_TOKEN or \
-         data directory)"
+        "{0} is not a my-claw database (it has no my-claw migrations): point DATA_DIR or \
+         DATABASE_URL at my-claw's own file"
     )]
-    Refused(String),
-    #[error("the server at http://{0}/ answered {1}")]
-    Unexpected(String, String),
+    NotMyClaw(PathBuf),
+    #[error(
+        "{file} is at migration {found} and this my-claw needs {needed}: start (or restart) \
+         my-claw with this version once, which upgrades it, then run sign-in-link again"
+    )]
+    Older { file: PathBuf, found: i64, needed: i64 },
+    #[error(
+        "{file} was written by a newer my-claw (migration {found}; this one knows up to \
+         {known}): run that version's sign-in-link"
+    )]
+    Newer { file: PathBuf, found: i64, known: i64 },
+    #[error("cannot tell whether my-claw is serving from {path}: {reason}")]
+    Lock { path: PathBuf, reason: std::io::Error },
+    #[error("cannot write the sign-in code into {file}: {reason}")]
+    Issue { file: PathBuf, reason: sqlx::Error },
 }
 
-#[derive(Deserialize)]
-struct Issued {
-    code: String,
-    expires_in_seconds: u64,
+/// What the command made: the link, and whether a server is there to take it.
+#[derive(Debug)]
+pub struct SignInLink {
+    pub link: String,
+    /// Whether a `my-claw serve` holds the database now (its lock, `my-claw.db.lock`).
+    pub server_running: bool,
+    database: PathBuf,
 }
 
-/// The link and how many minutes it works.
-pub async fn run(settings: &Settings) -> Result<(String, u64), SignInLinkError> {
-    let token = token(settings)?;
+impl SignInLink {
+    /// The line for the person who asked: how long the link works, and whether it needs a
+    /// server started first.
+    pub fn note(&self) -> String {
+        let minutes = CODE_LIFETIME.as_secs() / 60;
+        if self.server_running {
+            format!("(it signs one browser in, once, within {minutes} minutes)")
+        } else {
+            format!(
+                "(no my-claw is serving from {} now: the link signs one browser in, once, if \
+                 my-claw is started within {minutes} minutes)",
+                self.database.display()
+            )
+        }
+    }
+}
+
+/// Writes a new code into the existing database and returns the link that carries it.
+pub async fn run(settings: &Settings) -> Result<SignInLink, SignInLinkError> {
+    let url = &settings.database_url;
+    let database = crate::db::export::database_file(url)
+        .map_err(|reason| SignInLinkError::Open { url: url.clone(), reason })?;
+    // Checked before anything is opened, so a mistyped DATA_DIR leaves nothing behind.
+    if !database.is_file() {
+        return Err(SignInLinkError::NoDatabase(database));
+    }
+    let server_running = serving(&database)?;
+    let pool = crate::db::export::open_existing(url)
+        .await
+        .map_err(|reason| SignInLinkError::Open { url: url.clone(), reason })?;
+    let issued = issue_if_current(&pool, &database).await;
+    pool.close().await;
+    let code = issued?;
     let host = if settings.bind.ip().is_unspecified() {
         format!("127.0.0.1:{}", settings.bind.port())
     } else {
         settings.bind.to_string()
     };
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .map_err(|e| SignInLinkError::NotRunning(host.clone(), e.to_string()))?;
-    let response = client
-        .post(format!("http://{host}/api/sign-in/codes"))
-        .bearer_auth(token.expose())
-        .send()
+    Ok(SignInLink { link: crate::app::sign_in_url(&host, code.expose()), server_running, database })
+}
+
+/// A new code, in a database whose schema is this binary's. The command never migrates: a
+/// server of an older version may be serving from the file, and changing its schema under it
+/// is `serve`'s decision (at its start) alone; and a link is of use only once a server of
+/// this version runs, whose start upgrades the file anyway.
+async fn issue_if_current(
+    pool: &sqlx::SqlitePool,
+    database: &Path,
+) -> Result<Secret, SignInLinkError> {
+    let file = database.to_path_buf();
+    let found = crate::db::sign_in::schema_version(pool)
         .await
-        .map_err(|e| SignInLinkError::NotRunning(host.clone(), e.without_url().to_string()))?;
-    let status = response.status();
-    if status == reqwest::StatusCode::UNAUTHORIZED {
-        return Err(SignInLinkError::Refused(host));
+        .map_err(|reason| SignInLinkError::Issue { file: file.clone(), reason })?;
+    let known = crate::db::MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0);
+    match found {
+        None => return Err(SignInLinkError::NotMyClaw(file)),
+        Some(found) if found < known => {
+            return Err(SignInLinkError::Older { file, found, needed: known })
+        }
+        Some(found) if found > known => return Err(SignInLinkError::Newer { file, found, known }),
+        Some(_) => {}
     }
-    if !status.is_success() {
-        return Err(SignInLinkError::Unexpected(host, format!("HTTP {status}")));
-    }
-    let issued: Issued = response.json().await.map_err(|e| {
-        SignInLinkError::Unexpected(host.clone(), format!("an unreadable body ({e})"))
-    })?;
-    Ok((crate::app::sign_in_url(&host, &issued.code), issued.expires_in_seconds / 60))
+    crate::db::sign_in::issue(pool, CODE_LIFETIME)
+        .await
+        .map_err(|reason| SignInLinkError::Issue { file, reason })
 }
 
-fn token(settings: &Settings) -> Result<Secret, SignInLinkError> {
-    if let Some(token) = &settings.webchat_token {
-        return Ok(token.clone());
+/// Whether a server holds `database`: `serve` keeps an exclusive lock on the file beside it
+/// (`my-claw.db.lock`, see `app::lock_database`) as long as it runs. The probe takes a
+/// shared lock and lets go at once; it never creates the lock file.
+fn serving(database: &Path) -> Result<bool, SignInLinkError> {
+    let mut path = database.as_os_str().to_owned();
+    path.push(".lock");
+    let path = PathBuf::from(path);
+    let file = match std::fs::File::open(&path) {
+        Ok(file) => file,
+        // No server has ever run on this file since the lock came in: none runs now.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(reason) => return Err(SignInLinkError::Lock { path, reason }),
+    };
+    match file.try_lock_shared() {
+        // Dropping the file lets go of the lock.
+        Ok(()) => Ok(false),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(true),
+        Err(std::fs::TryLockError::Error(reason)) => Err(SignInLinkError::Lock { path, reason }),
     }
-    let path = settings.data_dir.join("webchat_token");
-    saved_token(&path).ok_or_else(|| SignInLinkError::NoToken(path.display().to_string()))
-}
-
-/// The token saved in `path`, when it holds one (16+ characters once trimmed).
-pub fn saved_token(path: &Path) -> Option<Secret> {
-    let saved = std::fs::read_to_string(path).ok()?;
-    let saved = saved.trim();
-    (saved.len() >= 16).then(|| Secret::new(saved))
 }

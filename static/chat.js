@@ -1251,7 +1251,7 @@
       };
       if (c.channel !== "webchat") badge("badge", c.channel);
       if (c.left_machine) {
-        badge("badge cloud", "☁", "Part of this conversation was answered outside this machine");
+        badge("badge cloud", "☁", "Part of this conversation was sent outside this machine");
       }
       // Written by the server whether or not a page reads it (this one left it, or was
       // reloaded): opening the conversation follows it.
@@ -2281,16 +2281,17 @@
   }
 
   /**
-   * Follows the running answer of the open WebChat conversation when this page did not ask
-   * for it (it was asked before a reload, or in another tab): `/live` replays it from its
-   * start into a streaming bubble at the end, which Stop stops as any answer; once it ends
-   * the conversation is reloaded, so the view is what was stored. `tries` > 1 asks again a
-   * little later while nothing runs yet (another tab's message was stored just before its
-   * answer started). A failed request says nothing: the answer is stored all the same.
+   * Follows the running answer of the open conversation when this page did not ask for it
+   * (it was asked before a reload, or in another tab, or by a scheduled job, or it answers
+   * a WhatsApp or Talk message): `/live` replays it from its start into a streaming bubble
+   * at the end, which Stop stops as any answer; once it ends the conversation is reloaded,
+   * so the view is what was stored. `tries` > 1 asks again a little later while nothing
+   * runs yet (a message was stored there just before its answer started). A failed request
+   * says nothing: the answer is stored all the same.
    */
   async function followLive(conversationId, tries = 1) {
     const c = state.current;
-    if (state.streaming || state.following || !c || c.id !== conversationId || c.channel !== "webchat") return;
+    if (state.streaming || state.following || !c || c.id !== conversationId) return;
     const controller = new AbortController();
     const pending = { conversationId, controller };
     state.following = pending;

@@ -531,6 +531,9 @@ fn an_unknown_tool_name_stops_the_start_with_the_known_ones() {
 
 /// The model's time before its first chunk in `SlowPrefill` (what prefill takes).
 const PREFILL: Duration = Duration::from_millis(300);
+/// The prefill of `SlowPrefill`'s second call when it hangs: it says it took the call, as
+/// the local engine does, then writes after this long.
+const SECOND_PREFILL: Duration = Duration::from_millis(200);
 
 /// Calls `echo` in its first round, after `PREFILL`, and reports usage as the engine does
 /// (its time to first token counted from when it got the request); in the next round it
@@ -572,6 +575,10 @@ impl Provider for SlowPrefill {
                 return Ok(rx);
             }
             tokio::spawn(async move {
+                if hang {
+                    let _ = tx.send(Ok(Chunk::Accepted { prompt_tokens: 110 })).await;
+                    tokio::time::sleep(SECOND_PREFILL).await;
+                }
                 for text in ["The echo ", "said pong"] {
                     let _ = tx.send(Ok(Chunk::Text(text.into()))).await;
                 }
@@ -589,8 +596,8 @@ impl Provider for SlowPrefill {
 
 /// The `done` event's timings are one clock from the request: the time to first token
 /// covers the prefill before it, and the total is never less. A stopped answer reports what
-/// is known: the prompt of the model call that finished, the tokens of every call, and its
-/// time to first token.
+/// is known: the prompt of the model call that finished, the tokens of every call, its
+/// time to first token, and the unfinished call's prefill and decode as its stream saw them.
 #[tokio::test]
 async fn done_timings_cover_the_whole_answer_and_a_stopped_one_reports_what_is_known() {
     let mut tools = ToolRegistry::new();
@@ -639,6 +646,9 @@ async fn done_timings_cover_the_whole_answer_and_a_stopped_one_reports_what_is_k
             text.push_str(event["text"].as_str().unwrap());
         }
     }
+    // The unfinished call decodes for at least this long before it is stopped.
+    let decoding = Duration::from_millis(150);
+    tokio::time::sleep(decoding).await;
     let stop = http
         .post(format!("http://{addr}/api/chat/{id}/stop"))
         .bearer_auth(TOKEN)
@@ -654,12 +664,19 @@ async fn done_timings_cover_the_whole_answer_and_a_stopped_one_reports_what_is_k
     };
     assert_eq!(done["finish"], "cancelled", "{done}");
     let usage = &done["usage"];
-    assert_eq!(usage["prompt_tokens"], 100, "the finished call's prompt: {done}");
+    assert_eq!(usage["prompt_tokens"], 110, "the unfinished call's prompt, as it said: {done}");
     assert_eq!(usage["completion_tokens"], 3 + 2, "3 reported, 2 pieces received: {done}");
-    let (ttft_ms, total_ms) = (&done["timings"]["ttft_ms"], &done["timings"]["total_ms"]);
+    let timings = &done["timings"];
+    let (ttft_ms, total_ms) = (&timings["ttft_ms"], &timings["total_ms"]);
     assert!(ttft_ms.as_u64().unwrap() >= prefill_ms, "{done}");
     assert!(total_ms.as_u64().unwrap() >= ttft_ms.as_u64().unwrap(), "{done}");
-    assert_eq!(done["timings"]["prefill_ms"], prefill_ms, "{done}");
+    // The finished call's prefill as it reported it, plus the unfinished one's from its
+    // `Accepted` to its first text; its decode from there to the stop (no call reported one).
+    let second_prefill_ms = SECOND_PREFILL.as_millis() as u64;
+    let prefill = timings["prefill_ms"].as_u64().unwrap();
+    assert!(prefill >= prefill_ms + second_prefill_ms, "{done}");
+    assert!(prefill < prefill_ms + second_prefill_ms + 5_000, "{done}");
+    assert!(timings["decode_ms"].as_u64().unwrap() >= decoding.as_millis() as u64, "{done}");
 
     // The stored answer keeps the prompt's size it learned.
     let response = http
@@ -671,5 +688,134 @@ async fn done_timings_cover_the_whole_answer_and_a_stopped_one_reports_what_is_k
     let messages: Value = response.json().await.expect("JSON");
     let answer = &messages["messages"][1];
     assert_eq!(answer["status"], "partial", "{answer}");
-    assert_eq!((&answer["prompt_tokens"], &answer["completion_tokens"]), (&json!(100), &json!(5)));
+    assert_eq!((&answer["prompt_tokens"], &answer["completion_tokens"]), (&json!(110), &json!(5)));
+}
+
+/// The characters of a prompt's messages: their text, calls and result ids.
+fn prompt_chars(request: &LlmRequest) -> usize {
+    request
+        .messages
+        .iter()
+        .map(|turn| {
+            let calls: usize =
+                turn.tool_calls.iter().map(|c| c.id.len() + c.name.len() + c.arguments.len()).sum();
+            turn.content.len() + calls + turn.tool_call_id.as_ref().map_or(0, String::len)
+        })
+        .sum()
+}
+
+/// A remote model's call with 5 MB of arguments (QA sent one to `reminders_create`): the call
+/// is not run, its result is an error saying why, and what the answer keeps of it (the
+/// `tool_call` event, the stored `tool_rounds`, the next prompts) is a short cut of the
+/// arguments, never the whole.
+#[tokio::test]
+async fn a_call_with_huge_arguments_is_refused_and_kept_short() {
+    const HUGE: usize = 5_000_000;
+    let model = ToolModel::new(|request, _| {
+        let last = request.messages.last().unwrap();
+        match (last.role, last.content.as_str()) {
+            (Role::User, "set it") => {
+                let arguments = json!({"when": "x".repeat(HUGE)}).to_string();
+                (vec![], vec![call("call_big", "reminders_create", &arguments)])
+            }
+            (Role::Tool, _) => (texts(&["That was too long."]), vec![]),
+            _ => (texts(&["Fine."]), vec![]),
+        }
+    });
+    let app = test_app(model.clone(), 5).await;
+    let events = app.chat(json!({"message": "set it"})).await;
+
+    let tool_call = &of_type(&events, "tool_call")[0].data;
+    assert_eq!(
+        (&tool_call["id"], &tool_call["name"]),
+        (&json!("call_big"), &json!("reminders_create"))
+    );
+    let arguments = tool_call["arguments"].as_str().unwrap();
+    assert!(arguments.len() < 1_000, "{} bytes streamed", arguments.len());
+    // Still a JSON object (servers parse earlier calls' arguments), saying what was cut.
+    let kept: Value = serde_json::from_str(arguments).expect("JSON arguments");
+    let cut = kept["arguments_cut"].as_str().unwrap();
+    assert!(cut.starts_with(r#"{"when":"xxx"#), "{cut}");
+    assert!(cut.ends_with(&format!("… ({} characters cut)", HUGE + 11 - 200)), "{cut}");
+
+    let result = &of_type(&events, "tool_result")[0].data;
+    assert_eq!((&result["call_id"], &result["is_error"]), (&json!("call_big"), &json!(true)));
+    let error: Value = serde_json::from_str(result["content"].as_str().unwrap()).unwrap();
+    let error = error["error"].as_str().unwrap();
+    assert!(error.contains("over the limit of 16000: it was not run"), "{error}");
+    assert_eq!(app.reminders.calls.load(Ordering::SeqCst), 0, "not run");
+    assert_eq!(answer_text(&events), "That was too long.");
+
+    // The next request of the turn, and the stored rounds, are small.
+    let requests = model.requests();
+    assert!(prompt_chars(&requests[1]) < 10_000, "{} characters", prompt_chars(&requests[1]));
+    let id = conversation_of(&events);
+    let messages = app.messages(id).await;
+    let rounds = &messages[1]["tool_rounds"];
+    assert!(rounds.to_string().len() < 2_000, "{} bytes stored", rounds.to_string().len());
+    assert_eq!(rounds[0]["calls"][0]["arguments"], arguments);
+
+    // So is the next turn's prompt, which holds the round.
+    let events = app.chat(json!({"conversation_id": id, "message": "ok"})).await;
+    assert_eq!(answer_text(&events), "Fine.");
+    let requests = model.requests();
+    let next = requests.last().unwrap();
+    assert!(next.messages.iter().any(|t| t.tool_calls.iter().any(|c| c.arguments == arguments)));
+    assert!(prompt_chars(next) < 10_000, "{} characters", prompt_chars(next));
+}
+
+/// An answer never ends before it says something: a model that still calls tools when no
+/// more are offered, after `AGENT_MAX_STEPS` rounds, and writes nothing, fails with that
+/// reason (kept as partial, with its rounds), instead of an empty complete answer; one that
+/// writes nothing at all fails too.
+#[tokio::test]
+async fn a_model_that_only_calls_tools_fails_instead_of_answering_nothing() {
+    let model = ToolModel::new(|request, n| {
+        let asked = request.messages.iter().rev().find(|t| t.role == Role::User).unwrap();
+        match asked.content.as_str() {
+            "say nothing" => (vec![], vec![]),
+            _ => (vec![], vec![call(&format!("call_{n}"), "echo", r#"{"text":"again"}"#)]),
+        }
+    });
+    let app = test_app(model.clone(), 2).await;
+    let events = app.chat(json!({"message": "loop forever"})).await;
+    assert_eq!(of_type(&events, "tool_call").len(), 2, "{events:?}");
+    assert!(of_type(&events, "done").is_empty(), "{events:?}");
+    let error = &of_type(&events, "error")[0].data;
+    let reason = "the model kept calling tools after its last allowed step (AGENT_MAX_STEPS = 2)";
+    assert_eq!(error["message"], reason);
+    assert_eq!(model.requests().len(), 3, "two rounds, then the last step without tools");
+    let id = conversation_of(&events);
+    let messages = app.messages(id).await;
+    assert_eq!(messages.len(), 2, "{messages:?}");
+    let answer = &messages[1];
+    assert_eq!((&answer["status"], &answer["error"]), (&json!("partial"), &json!(reason)));
+    assert_eq!(error["partial_message_id"], answer["id"]);
+    assert_eq!(answer["tool_rounds"].as_array().unwrap().len(), 2);
+
+    let events = app.chat(json!({"conversation_id": id, "message": "say nothing"})).await;
+    let error = &of_type(&events, "error")[0].data;
+    assert_eq!(error["message"], "the model ended its answer without writing anything");
+    let messages = app.messages(id).await;
+    assert_eq!(messages[3]["status"], "error", "{:?}", messages[3]);
+}
+
+/// A call with no name (and no id) is answered, not dropped: the model asked for something
+/// and reads an error result saying what was wrong.
+#[tokio::test]
+async fn a_call_without_a_name_gets_an_error_result() {
+    let model = ToolModel::new(|_, n| match n {
+        0 => (vec![], vec![call("", "", r#"{"text":"hi"}"#)]),
+        _ => (texts(&["I named no tool."]), vec![]),
+    });
+    let app = test_app(model.clone(), 5).await;
+    let events = app.chat(json!({"message": "call nothing"})).await;
+    let tool_call = &of_type(&events, "tool_call")[0].data;
+    assert!(tool_call["id"].as_str().unwrap().starts_with("call_"), "{tool_call}");
+    let result = &of_type(&events, "tool_result")[0].data;
+    assert_eq!((&result["call_id"], &result["is_error"]), (&tool_call["id"], &json!(true)));
+    assert!(result["content"].as_str().unwrap().contains("names no tool"), "{result}");
+    let second = &model.requests()[1].messages;
+    assert!(second.last().unwrap().content.contains("names no tool"));
+    assert_eq!(answer_text(&events), "I named no tool.");
 }

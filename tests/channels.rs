@@ -75,6 +75,9 @@ enum Kind {
     Talk,
 }
 
+/// A webhook to post: its URL and body.
+type Webhook = (String, Vec<u8>);
+
 /// A stand-in server that records every request and answers from a script, else with the
 /// service's normal success answer.
 #[derive(Clone)]
@@ -90,6 +93,12 @@ struct StandIn {
     send_delay: Arc<Mutex<Option<Duration>>>,
     /// Message sends answered at once before `send_delay` holds one (0: the next is held).
     sends_before_delay: Arc<AtomicUsize>,
+    /// A WhatsApp webhook (URL, body) that the next message send posts, signed, and waits
+    /// to see answered before the send itself is answered: a status report that overtakes
+    /// the answer to the send request; used once.
+    webhook_before_send: Arc<Mutex<Option<Webhook>>>,
+    /// The HTTP status each `webhook_before_send` got (0: no answer).
+    webhooks_answered: Arc<Mutex<Vec<u16>>>,
 }
 
 impl StandIn {
@@ -104,6 +113,8 @@ impl StandIn {
             read_delay: Arc::new(Mutex::new(Duration::ZERO)),
             send_delay: Arc::default(),
             sends_before_delay: Arc::default(),
+            webhook_before_send: Arc::default(),
+            webhooks_answered: Arc::default(),
         };
         let state = stand_in.clone();
         let app = axum::Router::new().fallback(move |uri: Uri, headers: HeaderMap, body: Bytes| {
@@ -128,6 +139,18 @@ impl StandIn {
             requests.push(Recorded { path: uri.path().to_string(), headers, body: body.to_vec() });
             requests.len()
         };
+        let webhook = if is_read { None } else { self.webhook_before_send.lock().unwrap().take() };
+        if let Some((url, webhook)) = webhook {
+            let answered = client()
+                .post(url)
+                .header("content-type", "application/json")
+                .header("X-Hub-Signature-256", whatsapp::sign(APP_SECRET, &webhook))
+                .body(webhook)
+                .send()
+                .await
+                .map_or(0, |r| r.status().as_u16());
+            self.webhooks_answered.lock().unwrap().push(answered);
+        }
         if !is_read {
             let hold = {
                 let mut delay = self.send_delay.lock().unwrap();
@@ -996,8 +1019,6 @@ async fn in_process_with(
         max_body_bytes: 1 << 20,
         reply_max_tokens: 32,
         channels: channels.clone(),
-        live: Default::default(),
-        sign_in: Default::default(),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let base = format!("http://{}", listener.local_addr().expect("addr"));
@@ -2170,4 +2191,122 @@ async fn talk_webhook_with_a_short_random_is_refused() {
     assert!(inbound::list(&app.pool).await.unwrap().is_empty());
     assert_eq!(post("r".repeat(32), "504").await.expect("post").status(), 200);
     assert_eq!(app.final_row_of(ChannelKind::Nextcloud, "504").await.status, QueueStatus::Done);
+}
+
+/// Meta's `failed` report of an answer overtakes the answer to our send request: the Graph
+/// stand-in posts it, signed, to the real webhook and waits for the 200 before it answers
+/// the send with the answer's wamid. The report is kept until the wamid is recorded, and the
+/// stored answer ends `failed` with Meta's error. Before, the report found no message and was
+/// dropped, and the answer showed `sent` for ever though it never arrived. The report carries
+/// no `biz_opaque_callback_data` (as for a cron or reminder message, which are sent untagged),
+/// so `confirm_reply_delivery` cannot find the answer either.
+#[tokio::test]
+async fn a_failed_report_that_overtakes_the_send_still_fails_the_answer() {
+    let graph = StandIn::start(Kind::Graph).await;
+    graph.script(&[(200, graph_sent("wamid.OVERTAKEN"))]);
+    let engine = ScriptedEngine::new(|_, _, _| None);
+    let app = in_process(&graph, None, engine, &[USER_NUMBER]).await;
+    let errors = json!([{"code": 131026, "title": "Message undeliverable",
+                         "message": "Message undeliverable",
+                         "error_data": {"details": "The recipient cannot receive it."}}]);
+    let report = whatsapp_status("wamid.OVERTAKEN", "failed", errors);
+    *graph.webhook_before_send.lock().unwrap() =
+        Some((format!("{}/api/webhook/whatsapp", app.base), report));
+    let body = whatsapp_text("wamid.QOVERTAKE", USER_NUMBER, "Say hello.");
+    assert_eq!(app.post_whatsapp(&body).await.status(), 200);
+
+    let row = app.final_row("wamid.QOVERTAKE").await;
+    assert_eq!(row.status, QueueStatus::Done, "{row:?}");
+    assert_eq!(*graph.webhooks_answered.lock().unwrap(), [200], "the report was not taken first");
+    assert_eq!(graph.messages().len(), 1);
+    let answer = stored_answer(&app.pool, ChannelKind::WhatsApp, USER_NUMBER).await;
+    assert_eq!(answer.external_id.as_deref(), Some("wamid.OVERTAKEN"));
+    assert_eq!(answer.delivery_status.as_deref(), Some("failed"), "{answer:?}");
+    assert_eq!(
+        answer.delivery_error.as_deref(),
+        Some("131026 Message undeliverable: The recipient cannot receive it.")
+    );
+    let kept: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM early_deliveries")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(kept, 0, "the report stayed kept once applied");
+    app.worker.abort();
+}
+
+/// Meta's `delivered` report of an answer's first part, tagged with the question's id,
+/// overtakes the answer to its send (the Graph stand-in posts it, signed, before answering);
+/// the second part then meets an outage (503 to every quick try). The answer is being sent
+/// by this process, so the report is kept for the part's wamid rather than taken for one a
+/// stopped process left: the answer goes back to the queue, its second part is sent again
+/// and accepted, and only then is the answer `delivered`. Before, the tagged report moved
+/// the answer out of `sending` at once, the outage's retry found it `delivered`, and the
+/// second part never went out.
+#[tokio::test]
+async fn a_tagged_report_that_overtakes_a_send_in_flight_waits_for_every_part() {
+    let graph = StandIn::start(Kind::Graph).await;
+    let paragraph =
+        |i: usize| format!("Part {i} of the early answer. {}", "Words in a sentence. ".repeat(150));
+    let text = format!("{}\n\n{}", paragraph(0).trim_end(), paragraph(1).trim_end());
+    let parts =
+        split::split_message(&markup::markdown_to_whatsapp(&text), whatsapp::MAX_TEXT_CHARS);
+    assert_eq!(parts.len(), 2, "the answer must take two parts");
+    let tries = fast_retry().max_attempts as usize;
+    let mut script = vec![(200, graph_sent("wamid.EARLY0"))];
+    script.extend((0..tries).map(|_| (503, json!({}))));
+    script.push((200, graph_sent("wamid.EARLY1")));
+    graph.script(&script);
+    let model = crate::agent::ToolModel::new(move |_, _| (vec![text.clone()], vec![]));
+    let engine: Arc<dyn Provider> = Arc::new(crate::agent::Scripted(model.clone()));
+    let app = in_process_with(
+        &graph,
+        None,
+        engine,
+        &[USER_NUMBER],
+        AgentConfig::default(),
+        whatsapp::REQUEST_TIMEOUT,
+    )
+    .await;
+    let report = String::from_utf8(whatsapp_status("wamid.EARLY0", "delivered", json!([])))
+        .unwrap()
+        .replace(
+            r#""recipient_id""#,
+            r#""biz_opaque_callback_data":"my-claw:answer-to:wamid.QEARLY","recipient_id""#,
+        );
+    *graph.webhook_before_send.lock().unwrap() =
+        Some((format!("{}/api/webhook/whatsapp", app.base), report.into_bytes()));
+    let body = whatsapp_text("wamid.QEARLY", USER_NUMBER, "A long answer, please.");
+    assert_eq!(app.post_whatsapp(&body).await.status(), 200);
+
+    let row = app.final_row("wamid.QEARLY").await;
+    assert_eq!(row.status, QueueStatus::Done, "{row:?}");
+    assert!(row.retries >= 1, "answered without going back to the queue: {row:?}");
+    assert_eq!(*graph.webhooks_answered.lock().unwrap(), [200], "the report was not taken first");
+    // Part 0 once, part 1 refused by every quick try and then accepted.
+    let sent: Vec<String> = graph
+        .messages()
+        .iter()
+        .map(|r| r.json()["text"]["body"].as_str().unwrap().to_string())
+        .collect();
+    let mut expected = vec![parts[0].clone()];
+    expected.extend(std::iter::repeat_n(parts[1].clone(), tries + 1));
+    assert_eq!(
+        sent.len(),
+        expected.len(),
+        "{} sends: the second part was not sent again",
+        sent.len()
+    );
+    assert!(sent == expected, "a part was sent again, or out of order");
+    let answer = stored_answer(&app.pool, ChannelKind::WhatsApp, USER_NUMBER).await;
+    assert_eq!(answer.delivery_status.as_deref(), Some("delivered"), "{answer:?}");
+    assert_eq!(answer.delivery_error, None, "the outage's error outlived the delivery");
+    assert_eq!(answer.external_id.as_deref(), Some("wamid.EARLY0"));
+    assert_eq!(recorded_parts(&app.pool, answer.id).await, ["wamid.EARLY0", "wamid.EARLY1"]);
+    let kept: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM early_deliveries")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(kept, 0, "the report stayed kept once applied");
+    assert_eq!(model.requests().len(), 1, "the answer was generated again");
+    app.worker.abort();
 }

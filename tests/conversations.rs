@@ -213,8 +213,6 @@ async fn test_app(model: Arc<ScriptedModel>) -> TestApp {
         max_body_bytes: 64 << 10,
         reply_max_tokens: 64,
         channels: my_claw::channels::Channels::default(),
-        live: Default::default(),
-        sign_in: Default::default(),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");

@@ -265,8 +265,6 @@ impl App {
             max_body_bytes: 64 * 1024,
             reply_max_tokens: 64,
             channels,
-            live: Default::default(),
-            sign_in: Default::default(),
         };
         let app = gateway::cron::attach(gateway::router(state), cron.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -1051,6 +1049,7 @@ async fn bad_queries_paths_and_bodies_get_the_json_error_shape() {
     let cases = [
         (Method::GET, format!("/api/cron/jobs/{id}/runs?limit=abc"), None, "`abc` is not a num"),
         (Method::GET, format!("/api/cron/jobs/{id}/runs?limit=1e99"), None, "not a number"),
+        (Method::GET, format!("/api/cron/jobs/{id}/runs?limit=0"), None, "must be at least 1"),
         (Method::GET, "/api/cron/jobs/abc".to_string(), None, "`abc` is not a job id"),
         (Method::GET, "/api/cron/jobs/%FF".to_string(), None, "invalid path"),
         (Method::GET, "/api/cron/jobs/abc/runs".to_string(), None, "not a job id"),
@@ -1171,7 +1170,9 @@ async fn every_refusal_of_a_job_names_its_field_in_param() {
     ] {
         cases.push((Method::GET, query.to_string(), None, param));
     }
-    cases.push((Method::GET, format!("/api/cron/jobs/{id}/runs?limit=many"), None, "limit"));
+    for limit in ["many", "0", "-3"] {
+        cases.push((Method::GET, format!("/api/cron/jobs/{id}/runs?limit={limit}"), None, "limit"));
+    }
     // A field of the wrong type, which serde would not name.
     cases.push((Method::PUT, job_path.clone(), Some(json!({"enabled": "yes"})), "enabled"));
     cases.push((
@@ -1392,6 +1393,100 @@ async fn a_jobs_answer_being_written_is_answering_in_the_conversation_list() {
     let run: Value = run_now.await.unwrap().expect("an answer to Run now").json().await.unwrap();
     assert_eq!(run["outcome"], "delivered", "{run}\n{}", server.output());
     assert!(!answering().await, "still answering once the run is over");
+}
+
+/// A job's answer can be followed from the WebChat while it is written, as a WebChat answer
+/// can: a page that sees `answering` in the list asks `/live`, which replays the answer from
+/// its `meta` and goes on as it is written to its `done`, naming the stored message; the
+/// text streamed is the text stored. Before, only answers a page had asked for were
+/// published there: the list said `answering` and `/live` said 204 until the answer was
+/// stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jobs_answer_is_followed_live_from_its_start_while_it_is_written() {
+    let slow = crate::util::slow_model().await;
+    let envs = vec![("MODEL_FAST".to_string(), slow)];
+    let server =
+        tokio::task::block_in_place(|| Server::start(ServerOptions { envs, data_dir: None }));
+    let db_url = format!("sqlite://{}", server.data_dir.join("my-claw.db").display());
+    let pool = my_claw::db::connect(&db_url).await.expect("open the server's database");
+    let conversation =
+        memory::create_webchat_conversation(&pool, Some("counting")).await.unwrap().id.0;
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
+    let run_now = start_counting_job(&server, &http, conversation).await;
+
+    // As the page does: the list says `answering`, then `/live` is asked (again while the
+    // turn has not sent its first event yet), until the answer is over.
+    let started = Instant::now();
+    loop {
+        let list: Value = http
+            .get(server.url("/api/conversations"))
+            .bearer_auth(&server.token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let entry = list["conversations"]
+            .as_array()
+            .and_then(|all| all.iter().find(|c| c["id"] == conversation).cloned())
+            .unwrap_or_else(|| panic!("conversation {conversation} in {list}"));
+        if entry["answering"] == true {
+            break;
+        }
+        assert!(!run_now.is_finished(), "the run ended and was never `answering`");
+        assert!(started.elapsed() < Duration::from_secs(30), "never `answering`: {entry}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let live_url = server.url(&format!("/api/conversations/{conversation}/live"));
+    let followed = loop {
+        let response = http.get(&live_url).bearer_auth(&server.token).send().await.unwrap();
+        match response.status().as_u16() {
+            200 => break response,
+            204 => {}
+            status => panic!("/live answered {status}\n{}", server.output()),
+        }
+        assert!(
+            !run_now.is_finished(),
+            "the job's answer was never followable: /live said 204 until it was stored"
+        );
+        assert!(started.elapsed() < Duration::from_secs(30), "/live never followed the answer");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let body = tokio::time::timeout(Duration::from_secs(60), followed.text())
+        .await
+        .expect("the followed answer ends")
+        .expect("read /live");
+    let run: Value = run_now.await.unwrap().expect("an answer to Run now").json().await.unwrap();
+    assert_eq!(run["outcome"], "delivered", "{run}\n{}", server.output());
+
+    let events: Vec<Value> = body
+        .lines()
+        .filter_map(|line| line.strip_prefix("data:"))
+        .map(|data| serde_json::from_str(data.trim()).expect("a JSON event"))
+        .collect();
+    let first = events.first().unwrap_or_else(|| panic!("no events: {body}"));
+    assert_eq!(first["type"], "meta", "{body}");
+    assert_eq!(first["conversation_id"], conversation, "{body}");
+    let last = events.last().unwrap();
+    assert_eq!(last["type"], "done", "{body}");
+    let message_id = last["message_id"].as_i64().unwrap_or_else(|| panic!("{last}"));
+    assert_eq!(run["message_id"], message_id, "{run}\n{body}");
+    let tokens: Vec<&str> = events
+        .iter()
+        .filter(|e| e["type"] == "token")
+        .map(|e| e["text"].as_str().unwrap())
+        .collect();
+    // Followed while written: what came after the replay came piece by piece.
+    assert!(tokens.len() > 1, "the whole answer came in the replay: {body}");
+    let stored = memory::get_message(&pool, my_claw::domain::MessageId(message_id))
+        .await
+        .unwrap()
+        .expect("the stored answer");
+    assert_eq!(stored.conversation_id.0, conversation);
+    assert_eq!(stored.role, Role::Assistant);
+    assert_eq!(tokens.concat(), stored.content, "{body}");
+    assert!(stored.content.contains(&format!("{}\n", crate::util::SLOW_NUMBERS)), "{stored:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1861,13 +1956,11 @@ async fn a_shutdown_stops_a_running_jobs_answer() {
     assert!(!answer.content.contains(&format!("{}\n", crate::util::SLOW_NUMBERS)), "{answer:?}");
 }
 
-/// Creates a job asking the slow stand-in model to count into `conversation`, runs it now,
-/// and returns once its answer is being written (its draft holds text), with the handle to
-/// Run now's answer.
-async fn run_counting_job_until_it_writes(
+/// Creates a job asking the slow stand-in model to count into `conversation` and runs it
+/// now: the handle to Run now's answer.
+async fn start_counting_job(
     server: &Server,
     http: &reqwest::Client,
-    pool: &sqlx::SqlitePool,
     conversation: i64,
 ) -> tokio::task::JoinHandle<reqwest::Result<reqwest::Response>> {
     let job = json!({"name": "count", "schedule": "0 9 * * *", "prompt": "Count.",
@@ -1886,6 +1979,19 @@ async fn run_counting_job_until_it_writes(
             .bearer_auth(&server.token)
             .send(),
     );
+    run_now
+}
+
+/// Creates a job asking the slow stand-in model to count into `conversation`, runs it now,
+/// and returns once its answer is being written (its draft holds text), with the handle to
+/// Run now's answer.
+async fn run_counting_job_until_it_writes(
+    server: &Server,
+    http: &reqwest::Client,
+    pool: &sqlx::SqlitePool,
+    conversation: i64,
+) -> tokio::task::JoinHandle<reqwest::Result<reqwest::Response>> {
+    let run_now = start_counting_job(server, http, conversation).await;
     let started = Instant::now();
     while my_claw::db::drafts::get(pool, ConversationId(conversation))
         .await

@@ -582,35 +582,32 @@ fn sign_in_link_goes_to_a_terminal_only() {
     assert!(out.contains(&saved_path.display().to_string()), "{out}");
 }
 
-/// `my-claw sign-in-link` asks the running server for a one-time code; the page's exchange
-/// (`POST /api/sign-in`) gives the token once, then refuses the code. The command neither
-/// needs nor creates a data directory when `WEBCHAT_TOKEN` is set, and says plainly when
-/// the server refuses its token or is not there.
+/// `my-claw sign-in-link` writes a one-time code into the database of the running server;
+/// the page's exchange (`POST /api/sign-in`) gives the token once, then refuses the code.
+/// The command needs neither the token (none is set, and the server keeps no token file)
+/// nor a request to the server, and a mistyped DATA_DIR is said, never created.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_sign_in_link_signs_in_once() {
     let server = tokio::task::block_in_place(|| Server::start(ServerOptions::default()));
     let tmp = tempfile::tempdir().unwrap();
     let missing = tmp.path().join("no-such-data");
     let bind = server.addr.to_string();
-    let envs = |token: &str| {
-        [
-            ("BIND", bind.clone()),
-            ("WEBCHAT_TOKEN", token.to_string()),
-            ("DATA_DIR", missing.display().to_string()),
-        ]
-    };
-    let run = |token: &str| {
-        let envs = envs(token);
-        let envs: Vec<(&str, &str)> = envs.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let data_dir = server.data_dir.display().to_string();
+    // The server got its token from WEBCHAT_TOKEN: there is no token file to read either.
+    assert!(!server.data_dir.join("webchat_token").exists());
+    let run = |data_dir: &str| {
+        let envs = [("BIND", bind.as_str()), ("DATA_DIR", data_dir)];
         tokio::task::block_in_place(|| run_binary(&["sign-in-link"], &envs, tmp.path()))
     };
-    let out = run(&server.token);
+    let out = run(&data_dir);
     let stdout = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    assert!(out.status.success(), "{stdout} {}", String::from_utf8_lossy(&out.stderr));
+    let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    assert!(out.status.success(), "{stdout} {stderr}");
     let prefix = format!("http://{bind}/?code=");
     let code = stdout.strip_prefix(&prefix).unwrap_or_else(|| panic!("{stdout}"));
+    assert_eq!(code.len(), 32, "{stdout}");
     assert!(!stdout.contains(&server.token));
-    assert!(!missing.exists(), "sign-in-link created the data directory");
+    assert_eq!(stderr, "(it signs one browser in, once, within 10 minutes)");
 
     let client = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
     let redeem = |code: &str| {
@@ -628,20 +625,31 @@ async fn a_sign_in_link_signs_in_once() {
         body["error"]["message"].as_str().unwrap().contains("already used or has expired"),
         "{body}"
     );
-    // Issuing needs the token.
+    // Issuing over HTTP needs the token, and its codes are spent the same way.
     let anonymous = client.post(server.url("/api/sign-in/codes")).send().await.unwrap();
     assert_eq!(anonymous.status(), 401);
+    let issued = client
+        .post(server.url("/api/sign-in/codes"))
+        .bearer_auth(&server.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(issued.status(), 200);
+    assert_eq!(issued.headers()["cache-control"], "no-store");
+    let issued: serde_json::Value = issued.json().await.unwrap();
+    assert_eq!(issued["expires_in_seconds"], 600);
+    let issued = issued["code"].as_str().unwrap().to_string();
+    assert_eq!(redeem(&issued).await.unwrap().status(), 200);
+    assert_eq!(redeem(&issued).await.unwrap().status(), 401);
 
-    let refused = run("not-the-token-0123456789");
-    assert_eq!(refused.status.code(), Some(1));
-    let stderr = String::from_utf8_lossy(&refused.stderr);
-    assert!(stderr.contains("refused this token"), "{stderr}");
+    // A mistyped DATA_DIR: one line that says to start my-claw, and nothing created.
+    let out = run(missing.to_str().unwrap());
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("there is no database at"), "{stderr}");
+    assert!(stderr.contains("start my-claw once"), "{stderr}");
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
-
-    drop(server);
-    let gone = run("not-the-token-0123456789");
-    let stderr = String::from_utf8_lossy(&gone.stderr);
-    assert!(stderr.contains("no my-claw answers at"), "{stderr}");
+    assert!(!missing.exists(), "sign-in-link created the data directory");
 
     // `backup` reads a database: a mistyped DATA_DIR is said, not created.
     let backup = tmp.path().join("copy.db");
@@ -654,6 +662,129 @@ async fn a_sign_in_link_signs_in_once() {
     });
     assert!(!out.status.success());
     assert!(!missing.exists(), "backup created the data directory");
+}
+
+/// With my-claw stopped, another local user can take its port. `sign-in-link` sends that
+/// listener nothing (before, it sent the token as a bearer to whatever answered on BIND):
+/// it writes its code into the database, says no server is running, and the code signs in
+/// once my-claw is started.
+#[tokio::test(flavor = "multi_thread")]
+async fn sign_in_link_sends_nothing_to_whatever_listens_on_bind() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    // A data directory a server has used and left: its database and its lock file.
+    let server = tokio::task::block_in_place(|| {
+        Server::start(ServerOptions { envs: Vec::new(), data_dir: Some(data_dir.clone()) })
+    });
+    drop(server);
+    assert!(data_dir.join("my-claw.db.lock").exists());
+
+    let (impostor, addr) = util::bound_listener();
+    let bind = addr.to_string();
+    let out = tokio::task::block_in_place(|| {
+        run_binary(
+            &["sign-in-link"],
+            &[
+                ("BIND", bind.as_str()),
+                ("DATA_DIR", data_dir.to_str().unwrap()),
+                // What the command used to send: it must not go anywhere.
+                ("WEBCHAT_TOKEN", util::TEST_TOKEN),
+            ],
+            dir.path(),
+        )
+    });
+    let stdout = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    // A connection the command made, even one it closed at once, waits in the listener's
+    // queue: anything it sent would be there to read.
+    impostor.set_nonblocking(true).unwrap();
+    let deadline = Instant::now() + Duration::from_millis(500);
+    while Instant::now() < deadline {
+        match impostor.accept() {
+            Ok((mut stream, from)) => {
+                use std::io::Read;
+                stream.set_nonblocking(false).unwrap();
+                stream.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+                let mut received = Vec::new();
+                let _ = stream.read_to_end(&mut received);
+                panic!(
+                    "sign-in-link connected to the listener on BIND from {from} and sent:\n{}",
+                    String::from_utf8_lossy(&received)
+                );
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            Err(e) => panic!("accept: {e}"),
+        }
+    }
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let code = stdout
+        .strip_prefix(&format!("http://{bind}/?code="))
+        .unwrap_or_else(|| panic!("{stdout}"))
+        .to_string();
+    assert!(stderr.contains("no my-claw is serving from"), "{stderr}");
+    assert!(stderr.contains("if my-claw is started within 10 minutes"), "{stderr}");
+    assert!(!stdout.contains(util::TEST_TOKEN) && !stderr.contains(util::TEST_TOKEN));
+
+    // Started within the ten minutes (on a port of its own), my-claw takes the code once.
+    let server = tokio::task::block_in_place(|| {
+        Server::start(ServerOptions { envs: Vec::new(), data_dir: Some(data_dir.clone()) })
+    });
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
+    let redeem = || {
+        client.post(server.url("/api/sign-in")).json(&serde_json::json!({ "code": code })).send()
+    };
+    let first = redeem().await.unwrap();
+    assert_eq!(first.status(), 200);
+    let body: serde_json::Value = first.json().await.unwrap();
+    assert_eq!(body["token"], server.token.as_str());
+    assert_eq!(redeem().await.unwrap().status(), 401);
+}
+
+/// A database of an older my-claw (before the sign-in table) is not migrated by
+/// `sign-in-link`: an older server may be serving from it. The command says to start this
+/// version, and leaves the file as it was.
+#[tokio::test(flavor = "multi_thread")]
+async fn sign_in_link_leaves_an_older_database_untouched() {
+    use std::borrow::Cow;
+    use std::str::FromStr;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("my-claw.db");
+    let url = format!("sqlite://{}", path.display());
+    let older = sqlx::migrate::Migrator {
+        migrations: Cow::Owned(
+            db::MIGRATOR.iter().filter(|m| m.version < 12).cloned().collect::<Vec<_>>(),
+        ),
+        ..sqlx::migrate::Migrator::DEFAULT
+    };
+    let options =
+        sqlx::sqlite::SqliteConnectOptions::from_str(&url).unwrap().create_if_missing(true);
+    let pool = sqlx::SqlitePool::connect_with(options).await.unwrap();
+    older.run(&pool).await.unwrap();
+    pool.close().await;
+    let before = std::fs::read(&path).unwrap();
+
+    let out = tokio::task::block_in_place(|| {
+        run_binary(
+            &["sign-in-link"],
+            &[("DATA_DIR", dir.path().to_str().unwrap()), ("BIND", "127.0.0.1:9")],
+            dir.path(),
+        )
+    });
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("is at migration 11 and this my-claw needs"), "{stderr}");
+    assert!(stderr.contains("start (or restart) my-claw with this version once"), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(out.stdout.is_empty(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert_eq!(std::fs::read(&path).unwrap(), before, "the database changed");
+    let mut names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["my-claw.db"]);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -277,39 +277,54 @@ async fn unknown_routes_and_wrong_methods_answer_in_the_json_error_shape() {
 #[tokio::test]
 async fn chat_rejects_bad_requests_with_clear_messages() {
     let app = test_app().await;
-    let cases: [(&str, StatusCode, &str); 9] = [
-        (r#"{"message": "hi""#, StatusCode::BAD_REQUEST, "invalid JSON body"),
-        (r#"{"tier": "main"}"#, StatusCode::BAD_REQUEST, "missing field `message`"),
-        (r#"{"message": 42}"#, StatusCode::BAD_REQUEST, "invalid JSON body"),
-        (r#"{"message": "  \n "}"#, StatusCode::BAD_REQUEST, "message must not be empty"),
-        (r#"{"message": "\u0000"}"#, StatusCode::BAD_REQUEST, "message must not be empty"),
+    // The field at fault is named in `param` where there is one (QA passes 11 and 13).
+    let cases: [(&str, StatusCode, &str, Value); 9] = [
+        (r#"{"message": "hi""#, StatusCode::BAD_REQUEST, "invalid JSON body", Value::Null),
+        (
+            r#"{"tier": "main"}"#,
+            StatusCode::BAD_REQUEST,
+            "missing field `message`",
+            json!("message"),
+        ),
+        (r#"{"message": 42}"#, StatusCode::BAD_REQUEST, "invalid JSON body", json!("message")),
+        (
+            r#"{"message": "  \n "}"#,
+            StatusCode::BAD_REQUEST,
+            "message must not be empty",
+            json!("message"),
+        ),
+        (
+            r#"{"message": "\u0000"}"#,
+            StatusCode::BAD_REQUEST,
+            "message must not be empty",
+            json!("message"),
+        ),
         (
             r#"{"message": "\u200b\u200b \ufeff"}"#,
             StatusCode::BAD_REQUEST,
             "message must not be empty",
+            json!("message"),
         ),
         (
             r#"{"message": "hi", "tier": "turbo"}"#,
             StatusCode::BAD_REQUEST,
             "unknown tier `turbo`: expected one of fast, smart, main, code, reason",
+            json!("tier"),
         ),
-        (r#"{"message": "hi", "conversation_id": 999}"#, StatusCode::NOT_FOUND, "999"),
-        (r#"{"message": "hi", "conversation_id": "x"}"#, StatusCode::BAD_REQUEST, "invalid JSON"),
+        (r#"{"message": "hi", "conversation_id": 999}"#, StatusCode::NOT_FOUND, "999", Value::Null),
+        (
+            r#"{"message": "hi", "conversation_id": "x"}"#,
+            StatusCode::BAD_REQUEST,
+            "invalid JSON",
+            json!("conversation_id"),
+        ),
     ];
-    for (body, expected_status, expected_message) in cases {
+    for (body, expected_status, expected_message, param) in cases {
         let (status, _, bytes) =
             call(&app, Method::POST, "/api/chat", Some(TOKEN), Some(body)).await;
         let value: Value = serde_json::from_slice(&bytes).expect("error body is JSON");
         assert_eq!(status, expected_status, "{body}: {value}");
         assert!(error_message(&value).contains(expected_message), "{body}: {value}");
-        // The field at fault is named where there is one (QA pass 11).
-        let param = if expected_message.starts_with("message must") {
-            json!("message")
-        } else if expected_message.starts_with("unknown tier") {
-            json!("tier")
-        } else {
-            value["error"]["param"].clone()
-        };
         assert_eq!(value["error"]["param"], param, "{body}: {value}");
     }
     // A body without a JSON content type is refused the same way.
@@ -619,6 +634,7 @@ async fn conversations_can_be_renamed_and_deleted() {
     let (status, err) = call_json(&app, Method::PATCH, &path, Some(json!({"title": " "}))).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert!(error_message(&err).contains("title must not be empty"));
+    assert_eq!(err["error"]["param"], "title", "{err}");
     let (status, _) =
         call_json(&app, Method::PATCH, "/api/conversations/4242", Some(json!({"title": "x"})))
             .await;
@@ -673,6 +689,7 @@ async fn persona_round_trips_and_reaches_the_prompt() {
     .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert!(error_message(&err).contains("persona_name must not be empty"));
+    assert_eq!(err["error"]["param"], "persona_name", "{err}");
 
     call(&app, Method::POST, "/api/chat", Some(TOKEN), Some(r#"{"message":"hi"}"#)).await;
     let prompt = app.last_request.lock().unwrap().clone().unwrap();

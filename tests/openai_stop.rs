@@ -326,9 +326,26 @@ async fn malformed_stop_and_unsupported_sampling_fields_get_a_400_naming_them() 
         assert!(message.starts_with(expected), "{extra}: `{message}`");
         assert_eq!(named, param, "{extra}: `{message}`");
     }
+    // Fields of the wrong type or range, which serde refuses, are named too (QA pass 11),
+    // nested ones by their path; a missing field by its name.
+    let cases = [
+        (json!({"max_tokens": -1}), "max_tokens"),
+        (json!({"temperature": "hot"}), "temperature"),
+        (json!({"messages": [{"role": "user", "content": "Hi"}, {"role": 7}]}), "messages[1].role"),
+    ];
+    for (extra, param) in cases {
+        let (message, named) = server.refused(ask(extra.clone())).await;
+        assert!(message.starts_with("invalid JSON body"), "{extra}: `{message}`");
+        assert_eq!(named, param, "{extra}: `{message}`");
+    }
+    let (message, named) = server.refused(json!({"model": "main"})).await;
+    assert!(message.contains("missing field `messages`"), "{message}");
+    assert_eq!(named, "messages");
     // A body that is not a request at all names no field.
-    let (_, named) = server.refused(json!({"model": "main"})).await;
-    assert_eq!(named, Value::Null);
+    let response = server.post(&json!([1, 2])).await;
+    assert_eq!(response.status(), 400);
+    let error: Value = response.json().await.expect("the JSON error shape");
+    assert_eq!(error["error"]["param"], Value::Null, "{error}");
     assert_eq!(model.requests.lock().unwrap().len(), 0, "no refused request reached the model");
 }
 

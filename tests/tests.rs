@@ -9,6 +9,7 @@ mod bench_model;
 mod browser;
 mod candle_device;
 mod channels;
+mod cloud_fallback;
 mod constraint;
 mod conversations;
 mod cron;

@@ -331,8 +331,6 @@ pub async fn in_process_state(
         max_body_bytes,
         reply_max_tokens: 64,
         channels: my_claw::channels::Channels::default(),
-        live: Default::default(),
-        sign_in: Default::default(),
     };
     (state, dir)
 }

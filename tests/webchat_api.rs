@@ -182,13 +182,18 @@ async fn search_folds_accents_covers_every_channel_and_ranks_newest_first() {
         let (status, body) = get_json(&app, &format!("/api/search?q={hostile}")).await;
         assert_eq!(status, StatusCode::OK, "{hostile}: {body}");
     }
+    // Each refusal names the field at fault (QA pass 13).
     let (status, body) = get_json(&app, "/api/search?q=%2A%2A%2A").await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
     assert_eq!(body["error"]["code"], "bad_request", "{body}");
-    let (status, _) = get_json(&app, &format!("/api/search?q={}", "a".repeat(201))).await;
-    assert_eq!(status, StatusCode::BAD_REQUEST);
-    let (status, body) = get_json(&app, "/api/search?q=cafe&limit=abc").await;
-    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["error"]["param"], "q", "{body}");
+    let (status, body) = get_json(&app, &format!("/api/search?q={}", "a".repeat(201))).await;
+    assert_eq!((status, &body["error"]["param"]), (StatusCode::BAD_REQUEST, &json!("q")));
+    for limit in ["abc", "0"] {
+        let (status, body) = get_json(&app, &format!("/api/search?q=cafe&limit={limit}")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        assert_eq!(body["error"]["param"], "limit", "{body}");
+    }
 
     // Deleting a conversation takes its messages out of the index.
     let (status, _, _) =
@@ -405,6 +410,7 @@ async fn exports_download_a_500_message_conversation_as_markdown_and_json() {
     let (status, body) =
         get_json(&app, &format!("/api/conversations/{}/export?format=pdf", conversation.0)).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["error"]["param"], "format", "{body}");
     let (status, _) = get_json(&app, "/api/conversations/424242/export?format=md").await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 

@@ -23,7 +23,7 @@ use sqlx::SqlitePool;
 use tokio::sync::Notify;
 
 use crate::channels::split::split_message;
-use crate::db::inbound::{self, ContactSeen, NewInbound, QueueStatus};
+use crate::db::inbound::{self, ContactSeen, EarlyReport, NewInbound, QueueStatus};
 use crate::db::memory;
 use crate::domain::{ChannelKind, MessageId};
 use crate::retry::{Backoff, Verdict};
@@ -206,6 +206,59 @@ pub struct Channels {
     pub nextcloud: Option<Arc<dyn Channel>>,
     /// Wakes the inbound queue worker when a webhook has stored new messages.
     pub queue: Arc<Notify>,
+    /// The answers this process is sending now (see `SendsInFlight`).
+    pub sending: SendsInFlight,
+}
+
+/// The answers this process is sending now: from just before the queue marks one `sending`
+/// until it has recorded how the send ended (`mark_sent`, `mark_send_retry`,
+/// `mark_undelivered`, `mark_delivery_unknown`). A `sending` answer not in it was left by a
+/// stopped process (or a send that panicked or was dropped): only such an answer may be
+/// found by `inbound::confirm_reply_delivery`. A report of an answer in it is kept until its
+/// part's id is recorded, like any report that overtakes the answer to the send; confirming
+/// it would move the answer out of `sending` while its later parts may still fail, and the
+/// queue would then take it for sent. In memory on purpose: a stopped process's sends are
+/// exactly those no set holds.
+#[derive(Clone, Default)]
+pub struct SendsInFlight(Arc<std::sync::Mutex<HashMap<MessageId, usize>>>);
+
+impl SendsInFlight {
+    /// Holds `answer` as being sent until the guard is dropped, however the send ends (a
+    /// return, an error, a panic, a dropped future).
+    pub fn begin(&self, answer: MessageId) -> SendInFlight {
+        *self.lock().entry(answer).or_insert(0) += 1;
+        SendInFlight { sends: self.clone(), answer }
+    }
+
+    /// Whether a send of `answer` is in flight in this process.
+    pub fn contains(&self, answer: MessageId) -> bool {
+        self.lock().contains_key(&answer)
+    }
+
+    /// The map, also after a panic elsewhere while it was held (a counter cannot be left
+    /// half-written).
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<MessageId, usize>> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// One send held in `SendsInFlight`; dropping it ends the hold.
+#[must_use = "the answer counts as being sent only while the guard lives"]
+pub struct SendInFlight {
+    sends: SendsInFlight,
+    answer: MessageId,
+}
+
+impl Drop for SendInFlight {
+    fn drop(&mut self) {
+        let mut map = self.sends.lock();
+        if let Some(n) = map.get_mut(&self.answer) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.answer);
+            }
+        }
+    }
 }
 
 /// What a channel accepted: its ids for the message parts it sent.
@@ -604,6 +657,8 @@ impl Channels {
                         inbound::record_delivery(pool, external_id, status, error.as_deref())
                             .await?;
                     if let (false, Some(question)) = (known, in_reply_to) {
+                        // Only an answer no send of ours owns: one being sent now is found
+                        // through its part's id once that is recorded (kept below till then).
                         known = inbound::confirm_reply_delivery(
                             pool,
                             kind,
@@ -611,6 +666,7 @@ impl Channels {
                             external_id,
                             status,
                             error.as_deref(),
+                            |answer| self.sending.contains(answer),
                         )
                         .await?;
                         if known {
@@ -618,7 +674,18 @@ impl Channels {
                         }
                     }
                     if !known {
-                        tracing::debug!(channel = %kind, status = ?status, "status for a message we did not store");
+                        // Meta may report on a message before the answer to our send request
+                        // is back and its id recorded: the report waits for the id.
+                        let early = inbound::keep_early_delivery(
+                            pool,
+                            external_id,
+                            status,
+                            error.as_deref(),
+                        )
+                        .await?;
+                        if early == EarlyReport::Kept {
+                            tracing::debug!(channel = %kind, status = ?status, "status for a message not recorded (yet): kept until its id is");
+                        }
                     }
                     accepted.statuses += 1;
                 }

@@ -450,24 +450,28 @@ impl Worker {
         // channel's answer is recorded, the next run finds `sending` and does not send it
         // a second time (see `answer`). Each part is recorded as the channel accepts it, so
         // a try after a failure that may heal sends only the parts that did not go out.
-        let parts = match answer.message_id {
+        // From before `sending` is written until how the send ended is recorded, the answer
+        // is held in flight, so that a status report overtaking the send's answer is kept
+        // for its part's id rather than taken for a stopped process's (`SendsInFlight`).
+        let (parts, in_flight) = match answer.message_id {
             Some(id) => {
                 let parts = match AnswerParts::load(&self.pool, id).await {
                     Ok(parts) => parts,
                     Err(e) => return Outcome::Retry(format!("database: {e}")),
                 };
+                let in_flight = self.channels.sending.begin(id);
                 if let Err(e) = inbound::mark_sending(&self.pool, id).await {
                     return Outcome::Retry(format!("database: {e}"));
                 }
-                Some(parts)
+                (Some(parts), Some(in_flight))
             }
-            None => None,
+            None => (None, None),
         };
         let progress = match &parts {
             Some(parts) => parts.progress(),
             None => Progress::unrecorded(),
         };
-        match channel.reply(&message, text, progress).await {
+        let outcome = match channel.reply(&message, text, progress).await {
             Ok(_) => {
                 self.record_sent(answer.message_id).await;
                 tracing::info!(channel = %entry.channel, to = %redact(&message.conversation_key), "answered");
@@ -480,7 +484,9 @@ impl Worker {
                 self.record_unsent(answer.message_id, &e).await;
                 send_failure(e)
             }
-        }
+        };
+        drop(in_flight);
+        outcome
     }
 
     /// Produces the answer to `inbound`, or finds it when a previous run already stored the

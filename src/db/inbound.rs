@@ -2,7 +2,7 @@
 //! contact facts (last inbound time, for WhatsApp's 24-hour window) and the delivery state of
 //! our outbound channel messages. Pure storage: no wire formats and no HTTP here.
 
-use sqlx::SqlitePool;
+use sqlx::{SqliteConnection, SqlitePool};
 
 use crate::db::now_ms;
 use crate::domain::{ChannelKind, ConversationId, MessageId};
@@ -396,31 +396,175 @@ pub async fn last_inbound_at(
 /// its error. An answer whose parts are still going out (`sending`) or waiting for another
 /// try (no state, see `mark_send_retry`) is not moved by the report of a part that went out:
 /// it becomes `sent` only once all its parts did (`mark_sent`), and the queue's next try must
-/// not take it for delivered. Returns false when no message has that id.
+/// not take it for delivered. Returns false when no message has that id (yet: see
+/// `keep_early_delivery`).
 pub async fn record_delivery(
     pool: &SqlitePool,
     external_id: &str,
     status: &str,
     error: Option<&str>,
 ) -> Result<bool, sqlx::Error> {
-    let done = sqlx::query(
+    let mut conn = pool.acquire().await?;
+    record_delivery_in(&mut conn, external_id, status, error).await
+}
+
+/// What `keep_early_delivery` did with a report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EarlyReport {
+    /// Kept until its id is recorded.
+    Kept,
+    /// Its id was recorded meanwhile: recorded as `record_delivery` does.
+    Recorded,
+}
+
+/// How long a report for an id not recorded yet is kept (see `keep_early_delivery`).
+pub const EARLY_DELIVERY_KEEP_MS: i64 = 24 * 60 * 60 * 1000;
+
+/// At most this many reports for ids not recorded yet are kept: signed webhooks only come
+/// from Meta, but nothing a webhook sends may grow the database without bound.
+pub const EARLY_DELIVERY_MAX_ROWS: i64 = 10_000;
+
+/// Keeps a delivery report that `record_delivery` (and `confirm_reply_delivery`) found no
+/// message for: Meta can report on a part before the answer to our send request is back and
+/// its id recorded. Applied when the id is (`memory::record_message_part`,
+/// `memory::set_message_parts`, `confirm_reply_delivery`), in the transaction that records
+/// it. One write transaction: an id recorded since `record_delivery` looked gets the report
+/// now, as `record_delivery` would have, so no report falls between the two. Reports older
+/// than `EARLY_DELIVERY_KEEP_MS` are dropped here, and beyond `EARLY_DELIVERY_MAX_ROWS` the
+/// oldest (`failed` ones last). Only the id, the state and the error are kept.
+pub async fn keep_early_delivery(
+    pool: &SqlitePool,
+    external_id: &str,
+    status: &str,
+    error: Option<&str>,
+) -> Result<EarlyReport, sqlx::Error> {
+    let now = now_ms();
+    let mut tx = crate::db::begin_write(pool).await?;
+    if record_delivery_in(&mut tx, external_id, status, error).await? {
+        tx.commit().await?;
+        return Ok(EarlyReport::Recorded);
+    }
+    sqlx::query("DELETE FROM early_deliveries WHERE received_at < ?1")
+        .bind(now - EARLY_DELIVERY_KEEP_MS)
+        .execute(&mut *tx)
+        .await?;
+    // Meta repeats its reports: one row per id and state is enough (the first error kept).
+    sqlx::query(
+        "INSERT INTO early_deliveries (external_id, status, error, received_at)
+         VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (external_id, status) DO NOTHING",
+    )
+    .bind(external_id)
+    .bind(status)
+    .bind(error)
+    .bind(now)
+    .execute(&mut *tx)
+    .await?;
+    let kept: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM early_deliveries").fetch_one(&mut *tx).await?;
+    if kept > EARLY_DELIVERY_MAX_ROWS {
+        sqlx::query(
+            "DELETE FROM early_deliveries WHERE id IN (
+                 SELECT id FROM early_deliveries ORDER BY status = 'failed', id LIMIT ?1)",
+        )
+        .bind(kept - EARLY_DELIVERY_MAX_ROWS)
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(EarlyReport::Kept)
+}
+
+/// Applies the reports `keep_early_delivery` kept for `external_id`, which the caller has
+/// just recorded as an id of the message `message_id` (a part, or the message itself), inside
+/// the caller's write transaction, and drops them. The rules are `record_delivery`'s, the
+/// same SQL: forward only, `failed` wins with its error. A report that may not move the
+/// answer because it is still going out (`sending`, or no state while a part waits for
+/// another try) is remembered on the part (`message_parts.reported_status`, the furthest
+/// one), and `mark_sent` applies it once every part went out: an answer is not `delivered`
+/// while parts of it are still to send, and not left `sent` when Meta said more. Returns the
+/// errors of the `failed` reports applied, for `log_applied_failures` once committed.
+pub(crate) async fn apply_early_deliveries(
+    conn: &mut SqliteConnection,
+    message_id: MessageId,
+    external_id: &str,
+) -> Result<Vec<String>, sqlx::Error> {
+    let reports: Vec<(String, Option<String>, i64)> = sqlx::query_as(
+        "DELETE FROM early_deliveries WHERE external_id = ?1 RETURNING status, error, received_at",
+    )
+    .bind(external_id)
+    .fetch_all(&mut *conn)
+    .await?;
+    let oldest = now_ms() - EARLY_DELIVERY_KEEP_MS;
+    let mut failures = Vec::new();
+    for (status, error, received_at) in reports {
+        if received_at < oldest {
+            continue;
+        }
+        let moved = sqlx::query(&format!(
+            "UPDATE messages SET delivery_status = ?1,
+                                 delivery_error = COALESCE(?2, delivery_error)
+             WHERE id = ?3 AND role = 'assistant' AND {}",
+            moves_forward()
+        ))
+        .bind(&status)
+        .bind(&error)
+        .bind(message_id.0)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected()
+            > 0;
+        if moved && status == "failed" {
+            failures.push(error.unwrap_or_else(|| "failed (no error given)".into()));
+        } else if !moved {
+            // Held back only because the answer is still going out: kept on the part, the
+            // furthest state, for `mark_sent`.
+            sqlx::query(&format!(
+                "UPDATE message_parts SET reported_status = ?1
+                 WHERE external_id = ?2 AND message_id = ?3
+                   AND {} > {}
+                   AND (SELECT COALESCE(delivery_status, 'sending') FROM messages
+                        WHERE id = ?3 AND role = 'assistant') = 'sending'",
+                rank("?1"),
+                rank("reported_status"),
+            ))
+            .bind(&status)
+            .bind(external_id)
+            .bind(message_id.0)
+            .execute(&mut *conn)
+            .await?;
+        }
+    }
+    Ok(failures)
+}
+
+/// Logs the `failed` reports `apply_early_deliveries` applied, once they are committed, as the
+/// channel logs a `failed` report that finds its message at once.
+pub(crate) fn log_applied_failures(failures: &[String]) {
+    for error in failures {
+        tracing::warn!(error = ?error, "message not delivered (reported before its id was recorded)");
+    }
+}
+
+/// `record_delivery` on `conn` (a pool's connection, or a caller's transaction).
+async fn record_delivery_in(
+    conn: &mut SqliteConnection,
+    external_id: &str,
+    status: &str,
+    error: Option<&str>,
+) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query(&format!(
         "UPDATE messages SET delivery_status = ?1,
                              delivery_error = COALESCE(?2, delivery_error)
          WHERE id IN (SELECT id FROM messages WHERE external_id = ?3
                       UNION SELECT message_id FROM message_parts WHERE external_id = ?3)
-           AND role = 'assistant'
-           AND (?1 = 'failed'
-                OR COALESCE(delivery_status, 'sending') NOT IN ('sending', 'failed')
-                   AND (CASE ?1 WHEN 'sent' THEN 1 WHEN 'delivered' THEN 2
-                                WHEN 'read' THEN 3 WHEN 'played' THEN 4 ELSE 0 END)
-                     > (CASE COALESCE(delivery_status, '') WHEN 'sent' THEN 1
-                                WHEN 'delivered' THEN 2 WHEN 'read' THEN 3
-                                WHEN 'played' THEN 4 ELSE 0 END))",
-    )
+           AND role = 'assistant' AND {}",
+        moves_forward()
+    ))
     .bind(status)
     .bind(error)
     .bind(external_id)
-    .execute(pool)
+    .execute(&mut *conn)
     .await?;
     if done.rows_affected() > 0 {
         return Ok(true);
@@ -430,9 +574,30 @@ pub async fn record_delivery(
          UNION SELECT message_id FROM message_parts WHERE external_id = ?1 LIMIT 1",
     )
     .bind(external_id)
-    .fetch_optional(pool)
+    .fetch_optional(&mut *conn)
     .await?;
     Ok(known.is_some())
+}
+
+/// Whether the report of state `?1` moves a message's `delivery_status` (see
+/// `record_delivery`), as SQL: `failed` always; another state only forward, and not while
+/// the answer is still going out (`sending`, or no state) nor once it `failed`.
+fn moves_forward() -> String {
+    format!(
+        "(?1 = 'failed' OR COALESCE(delivery_status, 'sending') NOT IN ('sending', 'failed') \
+         AND {} > {})",
+        rank("?1"),
+        rank("delivery_status")
+    )
+}
+
+/// The place of the delivery state `expr` (SQL) in `sent` < `delivered` < `read` < `played`;
+/// 0 for any other (none, `sending`, `unknown`, `failed`).
+fn rank(expr: &str) -> String {
+    format!(
+        "(CASE {expr} WHEN 'sent' THEN 1 WHEN 'delivered' THEN 2 WHEN 'read' THEN 3 \
+         WHEN 'played' THEN 4 ELSE 0 END)"
+    )
 }
 
 /// Marks an answer as not delivered, with the reason (sending failed before the channel
@@ -473,14 +638,21 @@ pub async fn mark_send_retry(
     Ok(())
 }
 
-/// An answer all of whose parts the channel accepted: `sending` becomes `sent`, and the error
-/// earlier tries recorded (`mark_send_retry`) no longer describes it. An answer a `failed`
-/// report reached while it was being sent stays failed, with that report's error.
+/// An answer all of whose parts the channel accepted: `sending` becomes `sent`, or the
+/// furthest state a report gave one of its parts before the part's id was recorded
+/// (`apply_early_deliveries`), and the error earlier tries recorded (`mark_send_retry`) no
+/// longer describes it. An answer a `failed` report reached while it was being sent stays
+/// failed, with that report's error.
 pub async fn mark_sent(pool: &SqlitePool, message_id: MessageId) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "UPDATE messages SET delivery_status = 'sent', delivery_error = NULL
+    sqlx::query(&format!(
+        "UPDATE messages SET delivery_error = NULL, delivery_status = COALESCE(
+             (SELECT reported_status FROM message_parts
+              WHERE message_id = ?1 AND {} > 0 ORDER BY {} DESC LIMIT 1),
+             'sent')
          WHERE id = ?1 AND delivery_status = 'sending'",
-    )
+        rank("reported_status"),
+        rank("reported_status"),
+    ))
     .bind(message_id.0)
     .execute(pool)
     .await?;
@@ -525,6 +697,14 @@ pub async fn mark_delivery_unknown(
 /// stopped between the channel accepting it and our record): found through the inbound
 /// message it answered. Only an answer left `sending` or `unknown` is updated; its queue
 /// row leaves `delivery_unknown` for `done`. Returns whether an answer was updated.
+///
+/// `being_sent` says whether a send of this process owns an answer now: such an answer's
+/// `sending` is not left by a stop, and it is not touched (`false`: the caller keeps the
+/// report until the part's id is recorded). Moving it would let a later part's failure that
+/// may heal find it no longer `sending`, and the queue take it for sent with parts unsent.
+/// It is asked once the write lock is held: a send marks its answer in flight before
+/// `mark_sending` writes, and records its end before it leaves the set, so a `sending`
+/// this update can see is either owned by a send the set still holds or left by none.
 pub async fn confirm_reply_delivery(
     pool: &SqlitePool,
     channel: ChannelKind,
@@ -532,6 +712,7 @@ pub async fn confirm_reply_delivery(
     external_id: &str,
     status: &str,
     error: Option<&str>,
+    being_sent: impl Fn(MessageId) -> bool,
 ) -> Result<bool, sqlx::Error> {
     let Some(StoredTurn { answer: Some(answer), .. }) =
         stored_turn(pool, channel, question_external_id).await?
@@ -539,6 +720,10 @@ pub async fn confirm_reply_delivery(
         return Ok(false);
     };
     let mut tx = crate::db::begin_write(pool).await?;
+    if being_sent(answer.message_id) {
+        tx.rollback().await?;
+        return Ok(false);
+    }
     let updated = sqlx::query(
         "UPDATE messages SET external_id = ?1, delivery_status = ?2,
                              delivery_error = ?3
@@ -552,7 +737,10 @@ pub async fn confirm_reply_delivery(
     .await?
     .rows_affected()
         == 1;
+    let mut failures = Vec::new();
     if updated {
+        // Its id is recorded now: earlier reports of it that found nothing apply.
+        failures = apply_early_deliveries(&mut tx, answer.message_id, external_id).await?;
         sqlx::query(
             "UPDATE inbound_queue SET status = 'done',
                  last_error = 'delivery confirmed afterwards by the channel''s status report'
@@ -564,6 +752,7 @@ pub async fn confirm_reply_delivery(
         .await?;
     }
     tx.commit().await?;
+    log_applied_failures(&failures);
     Ok(updated)
 }
 
@@ -1047,5 +1236,216 @@ mod tests {
         assert_eq!(turn.answer, None);
         let turn = stored_turn(&pool, ChannelKind::WhatsApp, "wamid.NEXT").await.unwrap().unwrap();
         assert_eq!(turn.answer.map(|a| a.message_id), Some(bid));
+    }
+
+    /// The reports kept for ids not recorded yet: (id, state, error), oldest first.
+    async fn early_rows(pool: &SqlitePool) -> Vec<(String, String, Option<String>)> {
+        sqlx::query_as("SELECT external_id, status, error FROM early_deliveries ORDER BY id")
+            .fetch_all(pool)
+            .await
+            .unwrap()
+    }
+
+    /// A new answer in a WhatsApp conversation, not sent yet.
+    async fn answer_to_send(pool: &SqlitePool) -> MessageId {
+        let conv = memory::get_or_create_conversation(pool, ChannelKind::WhatsApp, "1", None)
+            .await
+            .unwrap();
+        let message = NewMessage::plain(conv.id, Role::Assistant, "a long answer");
+        memory::add_message(pool, &message).await.unwrap()
+    }
+
+    /// The delivery state of the message `id` and its error.
+    async fn delivery(pool: &SqlitePool, id: MessageId) -> (Option<String>, Option<String>) {
+        let m = memory::get_message(pool, id).await.unwrap().unwrap();
+        (m.delivery_status, m.delivery_error)
+    }
+
+    /// Meta reports a part `failed` before the answer to our send request is back: the report
+    /// waits, and the answer is failed, with the report's error, once the part is recorded;
+    /// the end of the send does not hide it. Before, the report found nothing and was
+    /// dropped, and the answer showed `sent`. The same for ids recorded all at once.
+    #[tokio::test]
+    async fn a_failed_report_before_its_part_is_recorded_fails_the_answer() {
+        let (_dir, pool) = fresh().await;
+        let id = answer_to_send(&pool).await;
+        mark_sending(&pool, id).await.unwrap();
+        let error = Some("131026 Message undeliverable");
+        assert!(!record_delivery(&pool, "wamid.E0", "failed", error).await.unwrap());
+        let kept = keep_early_delivery(&pool, "wamid.E0", "failed", error).await.unwrap();
+        assert_eq!(kept, EarlyReport::Kept);
+        // Repeated by Meta: kept once.
+        keep_early_delivery(&pool, "wamid.E0", "failed", error).await.unwrap();
+        keep_early_delivery(&pool, "wamid.E0", "sent", None).await.unwrap();
+        assert_eq!(early_rows(&pool).await.len(), 2);
+        assert_eq!(delivery(&pool, id).await.0.as_deref(), Some("sending"));
+
+        memory::record_message_part(&pool, id, "wamid.E0", 4000).await.unwrap();
+        let failed = (Some("failed".to_string()), Some("131026 Message undeliverable".into()));
+        assert_eq!(delivery(&pool, id).await, failed);
+        assert_eq!(early_rows(&pool).await, [], "applied reports are dropped");
+        memory::record_message_part(&pool, id, "wamid.E1", 8000).await.unwrap();
+        mark_sent(&pool, id).await.unwrap();
+        assert_eq!(delivery(&pool, id).await, failed);
+        // A report that comes once the id is recorded finds it, even through this path (the
+        // id recorded between `record_delivery` and `keep_early_delivery`).
+        let late = keep_early_delivery(&pool, "wamid.E1", "read", None).await.unwrap();
+        assert_eq!(late, EarlyReport::Recorded);
+        assert_eq!(delivery(&pool, id).await, failed);
+        assert_eq!(early_rows(&pool).await, []);
+
+        // Ids recorded all at once.
+        let whole = answer_to_send(&pool).await;
+        keep_early_delivery(&pool, "wamid.W1", "failed", None).await.unwrap();
+        let parts = ["wamid.W0".to_string(), "wamid.W1".to_string()];
+        memory::set_message_parts(&pool, whole, &parts, Some("sent")).await.unwrap();
+        assert_eq!(delivery(&pool, whole).await.0.as_deref(), Some("failed"));
+        assert_eq!(early_rows(&pool).await, []);
+    }
+
+    /// A part reported `delivered` (and `sent`) before it was recorded: the answer does not
+    /// look delivered while parts of it are still going out or wait for another try, and is
+    /// `delivered` (not merely `sent`) once the last part went out; reports then move it as
+    /// usual. Deleting its conversation leaves no kept report behind.
+    #[tokio::test]
+    async fn a_delivered_report_before_its_part_is_recorded_counts_once_every_part_is_out() {
+        let (_dir, pool) = fresh().await;
+        let id = answer_to_send(&pool).await;
+        mark_sending(&pool, id).await.unwrap();
+        for status in ["delivered", "sent"] {
+            assert!(!record_delivery(&pool, "wamid.D0", status, None).await.unwrap());
+            keep_early_delivery(&pool, "wamid.D0", status, None).await.unwrap();
+        }
+        memory::record_message_part(&pool, id, "wamid.D0", 4000).await.unwrap();
+        assert_eq!(delivery(&pool, id).await.0.as_deref(), Some("sending"));
+        assert_eq!(early_rows(&pool).await, []);
+        // The second part's outage: not sent, and not delivered either.
+        mark_send_retry(&pool, id, "http 503").await.unwrap();
+        assert_eq!(delivery(&pool, id).await.0, None);
+        // The next try: the second part reported `sent` early, the third recorded as usual.
+        mark_sending(&pool, id).await.unwrap();
+        keep_early_delivery(&pool, "wamid.D1", "sent", None).await.unwrap();
+        memory::record_message_part(&pool, id, "wamid.D1", 8000).await.unwrap();
+        memory::record_message_part(&pool, id, "wamid.D2", 9500).await.unwrap();
+        assert_eq!(delivery(&pool, id).await.0.as_deref(), Some("sending"));
+        mark_sent(&pool, id).await.unwrap();
+        assert_eq!(delivery(&pool, id).await, (Some("delivered".into()), None));
+        assert!(record_delivery(&pool, "wamid.D2", "sent", None).await.unwrap());
+        assert_eq!(delivery(&pool, id).await.0.as_deref(), Some("delivered"), "moved back");
+        assert!(record_delivery(&pool, "wamid.D2", "read", None).await.unwrap());
+        assert_eq!(delivery(&pool, id).await.0.as_deref(), Some("read"));
+
+        // Without early reports an answer is `sent` once its parts are out, as before.
+        let plain = answer_to_send(&pool).await;
+        mark_sending(&pool, plain).await.unwrap();
+        memory::record_message_part(&pool, plain, "wamid.N0", 10).await.unwrap();
+        mark_sent(&pool, plain).await.unwrap();
+        assert_eq!(delivery(&pool, plain).await, (Some("sent".into()), None));
+
+        let conv = memory::get_message(&pool, id).await.unwrap().unwrap().conversation_id;
+        assert!(memory::delete_conversation(&pool, conv).await.unwrap());
+        assert_eq!(early_rows(&pool).await, []);
+        let parts: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM message_parts")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(parts, 0, "the parts (and what they remembered) went with the answer");
+    }
+
+    /// Kept reports hold no text nor number, are dropped after a day (and not applied once
+    /// that old), and are bounded in number: the oldest go first, `failed` ones last.
+    #[tokio::test]
+    async fn early_reports_are_dropped_after_a_day_and_bounded() {
+        let (_dir, pool) = fresh().await;
+        let columns: Vec<String> =
+            sqlx::query_scalar("SELECT name FROM pragma_table_info('early_deliveries')")
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+        assert_eq!(columns, ["id", "external_id", "status", "error", "received_at"]);
+
+        let age = |external_id: &'static str| {
+            let pool = pool.clone();
+            async move {
+                sqlx::query("UPDATE early_deliveries SET received_at = ?1 WHERE external_id = ?2")
+                    .bind(now_ms() - EARLY_DELIVERY_KEEP_MS - 1000)
+                    .bind(external_id)
+                    .execute(&pool)
+                    .await
+                    .unwrap();
+            }
+        };
+        keep_early_delivery(&pool, "wamid.OLD", "failed", Some("131026")).await.unwrap();
+        age("wamid.OLD").await;
+        keep_early_delivery(&pool, "wamid.NEW", "delivered", None).await.unwrap();
+        let ids: Vec<String> = early_rows(&pool).await.into_iter().map(|r| r.0).collect();
+        assert_eq!(ids, ["wamid.NEW"]);
+        // One past its day but not purged yet (no report came since) is not applied.
+        age("wamid.NEW").await;
+        let id = answer_to_send(&pool).await;
+        memory::set_message_parts(&pool, id, &["wamid.NEW".into()], Some("sent")).await.unwrap();
+        assert_eq!(delivery(&pool, id).await.0.as_deref(), Some("sent"));
+        assert_eq!(early_rows(&pool).await, []);
+
+        // At the bound, the oldest `failed` report first.
+        sqlx::query(
+            "INSERT INTO early_deliveries (external_id, status, received_at)
+             WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?1)
+             SELECT 'wamid.F' || i, CASE i WHEN 1 THEN 'failed' ELSE 'delivered' END, ?2
+             FROM n",
+        )
+        .bind(EARLY_DELIVERY_MAX_ROWS)
+        .bind(now_ms())
+        .execute(&pool)
+        .await
+        .unwrap();
+        keep_early_delivery(&pool, "wamid.X", "read", None).await.unwrap();
+        let ids: Vec<String> = early_rows(&pool).await.into_iter().map(|r| r.0).collect();
+        assert_eq!(ids.len() as i64, EARLY_DELIVERY_MAX_ROWS);
+        assert_eq!(&ids[..3], ["wamid.F1", "wamid.F3", "wamid.F4"], "not the oldest dropped");
+        assert_eq!(ids.last().map(String::as_str), Some("wamid.X"));
+        // Only `failed` ones left: the oldest of them goes.
+        sqlx::query("UPDATE early_deliveries SET status = 'failed'").execute(&pool).await.unwrap();
+        keep_early_delivery(&pool, "wamid.Y", "failed", None).await.unwrap();
+        let ids: Vec<String> = early_rows(&pool).await.into_iter().map(|r| r.0).collect();
+        assert_eq!(ids.len() as i64, EARLY_DELIVERY_MAX_ROWS);
+        assert_eq!((ids[0].as_str(), ids.last().unwrap().as_str()), ("wamid.F3", "wamid.Y"));
+    }
+
+    /// A tagged report of an answer a live send owns does not touch it (the report waits
+    /// for the part's id); the same report of an answer a stopped process left confirms it.
+    #[tokio::test]
+    async fn confirm_reply_delivery_leaves_an_answer_being_sent_alone() {
+        let (_dir, pool) = fresh().await;
+        let conv = memory::get_or_create_conversation(&pool, ChannelKind::WhatsApp, "1", None)
+            .await
+            .unwrap();
+        let mut question = NewMessage::plain(conv.id, Role::User, "q");
+        question.external_id = Some("wamid.Q".into());
+        memory::add_message(&pool, &question).await.unwrap();
+        let answer = NewMessage {
+            tier: Some("fast".into()),
+            ..NewMessage::plain(conv.id, Role::Assistant, "a")
+        };
+        let id = memory::add_message(&pool, &answer).await.unwrap();
+        mark_sending(&pool, id).await.unwrap();
+        let confirm = |being_sent: bool| {
+            confirm_reply_delivery(
+                &pool,
+                ChannelKind::WhatsApp,
+                "wamid.Q",
+                "wamid.P0",
+                "delivered",
+                None,
+                move |answer| being_sent && answer == id,
+            )
+        };
+        assert!(!confirm(true).await.unwrap(), "an answer being sent was confirmed");
+        let m = memory::get_message(&pool, id).await.unwrap().unwrap();
+        assert_eq!((m.delivery_status.as_deref(), m.external_id), (Some("sending"), None));
+        assert!(confirm(false).await.unwrap());
+        let m = memory::get_message(&pool, id).await.unwrap().unwrap();
+        assert_eq!(m.delivery_status.as_deref(), Some("delivered"));
+        assert_eq!(m.external_id.as_deref(), Some("wamid.P0"));
     }
 }

@@ -4,7 +4,7 @@
 
 use sqlx::SqlitePool;
 
-use crate::db::now_ms;
+use crate::db::{inbound, now_ms};
 use crate::domain::{
     ChannelKind, ConversationId, MessageId, Role, ToolCall, ToolResult, ToolRound,
 };
@@ -515,8 +515,8 @@ pub async fn set_delivery_status(
 /// order: one, or one per part of an answer sent in several) and its delivery state, in one
 /// transaction: the first id on the message, and every part's in `message_parts` (numbered
 /// after any already there, with no end), where delivery reports of every part find their
-/// answer. An answer sent part by part records each part as it goes out instead
-/// (`record_message_part`).
+/// answer; reports of them that came before (`inbound::keep_early_delivery`) apply then. An
+/// answer sent part by part records each part as it goes out instead (`record_message_part`).
 pub async fn set_message_parts(
     pool: &SqlitePool,
     id: MessageId,
@@ -531,6 +531,7 @@ pub async fn set_message_parts(
         .bind(id.0)
         .execute(&mut *tx)
         .await?;
+    let mut failures = Vec::new();
     for part in external_ids {
         sqlx::query(&format!(
             "INSERT OR IGNORE INTO message_parts (external_id, message_id, part)
@@ -540,8 +541,12 @@ pub async fn set_message_parts(
         .bind(id.0)
         .execute(&mut *tx)
         .await?;
+        // Reports that came before the id was recorded (see `inbound::keep_early_delivery`).
+        failures.extend(inbound::apply_early_deliveries(&mut tx, id, part).await?);
     }
-    tx.commit().await
+    tx.commit().await?;
+    inbound::log_applied_failures(&failures);
+    Ok(())
 }
 
 /// One part of an answer that its channel accepted, as `message_parts` keeps it.
@@ -564,7 +569,9 @@ const NEXT_PART: &str =
 /// is sent, as the answer's next part; the first part's id also goes on the message. Committed
 /// when this returns, so that a stop or a failure after any part leaves a record of exactly the
 /// parts that went out, and a later try sends only what follows `sent_through`. The delivery
-/// state is left alone: the answer is `sent` only once every part went out.
+/// state is left alone (the answer is `sent` only once every part went out), but for the
+/// reports Meta sent about the part before its id came back to us, applied in the same
+/// transaction (`inbound::apply_early_deliveries`: a `failed` one marks the answer failed).
 pub async fn record_message_part(
     pool: &SqlitePool,
     id: MessageId,
@@ -589,7 +596,12 @@ pub async fn record_message_part(
             .execute(&mut *tx)
             .await?;
     }
-    tx.commit().await
+    // Meta may have reported on the part before its id came back to us: those reports
+    // apply now (see `inbound::keep_early_delivery`).
+    let failures = inbound::apply_early_deliveries(&mut tx, id, external_id).await?;
+    tx.commit().await?;
+    inbound::log_applied_failures(&failures);
+    Ok(())
 }
 
 /// The recorded parts of the answer `id`, first part first.

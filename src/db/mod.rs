@@ -10,6 +10,7 @@ pub mod inbound;
 pub mod memory;
 pub mod message_edits;
 pub mod search;
+pub mod sign_in;
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;

@@ -181,7 +181,7 @@ pub fn answer_sse(
 ) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
     let forwarded = Box::pin(stop_on_shutdown(state.assistant.clone(), events));
     let relayed =
-        tokio_stream::wrappers::ReceiverStream::new(live::relay(state.live.clone(), forwarded));
+        tokio_stream::wrappers::ReceiverStream::new(live::relay(state.assistant.live(), forwarded));
     let stream = relayed.map(|event| {
         let event = chat_event(event);
         // Tool events also carry an SSE event name, so a client can listen to them alone;

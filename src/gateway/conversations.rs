@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::cron::CronHandle;
 use crate::db::memory::{self, Conversation, ConversationSummary, StoredMessage};
 use crate::domain::{ConversationId, ToolRound};
-use crate::gateway::error::{ApiError, ApiJson, ApiPath, ApiQuery};
+use crate::gateway::error::{query_limit, ApiError, ApiJson, ApiPath, ApiQuery};
 use crate::gateway::AppState;
 
 /// Most conversations one list answer carries.
@@ -42,9 +42,9 @@ pub struct ConversationJson {
     /// Whether any answer in it came from a provider outside this machine.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub left_machine: Option<bool>,
-    /// In the list: whether an answer is being written in it now: a WebChat answer
-    /// (followed through `GET /api/conversations/{id}/live`), or one no page asked for (a
-    /// scheduled job's, a channel message's), which the page sees once it is stored.
+    /// In the list: whether an answer is being written in it now, whoever asked for it (a
+    /// page, a scheduled job, a channel message); a page follows it through
+    /// `GET /api/conversations/{id}/live` once it has started.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub answering: Option<bool>,
 }
@@ -146,13 +146,7 @@ struct ListQuery {
 
 impl ListQuery {
     fn limit(&self, max: i64) -> Result<i64, ApiError> {
-        match self.limit.as_deref() {
-            None => Ok(max),
-            Some(text) => match text.parse::<i64>() {
-                Ok(n) => Ok(n.clamp(1, max)),
-                Err(_) => Err(ApiError::BadRequest(format!("limit `{text}` is not a number"))),
-            },
-        }
+        query_limit(self.limit.as_deref(), max, max)
     }
 }
 
@@ -172,8 +166,10 @@ async fn list_conversations(
         .map(|summary| {
             let id = summary.conversation.id;
             // The assistant's turn covers every answer, from before its prompt is read until
-            // it is stored; `live` only WebChat ones, and from their first event.
-            let answering = state.live.is_running(id) || state.assistant.turns_queued(id) > 0;
+            // it is stored; `live` every answer from its first event until its last one is
+            // read (a page's relay can read on a moment after the turn is passed on).
+            let live = state.assistant.live();
+            let answering = live.is_running(id) || state.assistant.turns_queued(id) > 0;
             ConversationJson { answering: Some(answering), ..summary_json(summary) }
         })
         .collect();
@@ -202,12 +198,16 @@ async fn rename_conversation(
     let id = parse_id(&id)?;
     let title = request.title.trim();
     if title.is_empty() {
-        return Err(ApiError::BadRequest("title must not be empty".into()));
+        return Err(ApiError::BadParam {
+            param: "title",
+            message: "title must not be empty".into(),
+        });
     }
     if title.chars().count() > MAX_TITLE_CHARS {
-        return Err(ApiError::BadRequest(format!(
-            "title is longer than {MAX_TITLE_CHARS} characters"
-        )));
+        return Err(ApiError::BadParam {
+            param: "title",
+            message: format!("title is longer than {MAX_TITLE_CHARS} characters"),
+        });
     }
     if !memory::rename_conversation(&state.pool, ConversationId(id), title).await? {
         return Err(not_found(id));

@@ -16,7 +16,7 @@ use serde_json::Value;
 use crate::cron::job::JobChanges;
 use crate::cron::{CronError, CronHandle, JobView};
 use crate::db::cron::{CronJobId, CronRun};
-use crate::gateway::error::{ApiError, ApiJson, ApiPath, ApiQuery};
+use crate::gateway::error::{invalid_json, query_limit, ApiError, ApiJson, ApiPath, ApiQuery};
 use crate::gateway::AppState;
 
 /// The header that carries `CRON_SECRET`.
@@ -213,17 +213,7 @@ async fn list_runs(
     ApiPath(id): ApiPath<String>,
     ApiQuery(query): ApiQuery<RunsQuery>,
 ) -> Result<ApiJson<RunList>, ApiError> {
-    let limit = match query.limit.as_deref() {
-        None => 50,
-        Some(text) => match text.trim().parse::<i64>() {
-            Ok(limit) => limit.clamp(1, MAX_RUNS),
-            Err(_) => {
-                let shown: String = text.chars().take(32).collect();
-                let message = format!("`limit` `{shown}` is not a number");
-                return Err(ApiError::BadParam { param: "limit", message });
-            }
-        },
-    };
+    let limit = query_limit(query.limit.as_deref(), 50, MAX_RUNS)?;
     let runs = running(cron)?.runs(parse_id(&id)?, limit).await?;
     Ok(ApiJson(RunList { runs: runs.into_iter().map(run_json).collect() }))
 }
@@ -290,8 +280,7 @@ fn job_request(body: Value) -> Result<JobRequest, ApiError> {
             return Err(ApiError::BadParam { param: field, message });
         }
     }
-    serde_json::from_value(body)
-        .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
+    serde_path_to_error::deserialize(body).map_err(|e| invalid_json(&e))
 }
 
 fn running(cron: Scheduler) -> Result<CronHandle, ApiError> {

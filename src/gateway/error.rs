@@ -21,6 +21,10 @@ pub enum ApiError {
     /// A bad value of the request field `param` (a 400 whose `param` names it).
     #[error("{message}")]
     BadParam { param: &'static str, message: String },
+    /// A JSON body that does not fit the request's shape, with the field serde stopped at
+    /// when it names one (`max_tokens`, `messages[0].role`).
+    #[error("invalid JSON body: {message}")]
+    InvalidJson { param: Option<String>, message: String },
     #[error("missing or invalid bearer token")]
     Unauthorized,
     /// A missing or wrong shared secret other than the bearer token (`X-Cron-Secret`).
@@ -77,9 +81,10 @@ struct ErrorDetail<'a> {
 impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
-            ApiError::BadRequest(_) | ApiError::BadParam { .. } | ApiError::ContextTooLong(_) => {
-                StatusCode::BAD_REQUEST
-            }
+            ApiError::BadRequest(_)
+            | ApiError::BadParam { .. }
+            | ApiError::InvalidJson { .. }
+            | ApiError::ContextTooLong(_) => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized | ApiError::WrongSecret(_) | ApiError::BadSignature => {
                 StatusCode::UNAUTHORIZED
             }
@@ -96,7 +101,9 @@ impl ApiError {
 
     fn code(&self) -> &'static str {
         match self {
-            ApiError::BadRequest(_) | ApiError::BadParam { .. } => "bad_request",
+            ApiError::BadRequest(_) | ApiError::BadParam { .. } | ApiError::InvalidJson { .. } => {
+                "bad_request"
+            }
             ApiError::Unauthorized | ApiError::WrongSecret(_) => "unauthorized",
             ApiError::BadSignature => "bad_signature",
             ApiError::Forbidden(_) => "forbidden",
@@ -123,9 +130,10 @@ impl ApiError {
     }
 
     /// The request field a 400 is about, as OpenAI's `param`.
-    fn param(&self) -> Option<&'static str> {
+    fn param(&self) -> Option<&str> {
         match self {
             ApiError::BadParam { param, .. } => Some(param),
+            ApiError::InvalidJson { param, .. } => param.as_deref(),
             // The prompt is what does not fit.
             ApiError::ContextTooLong(_) => Some("messages"),
             _ => None,
@@ -223,11 +231,61 @@ impl From<JsonRejection> for ApiError {
             JsonRejection::BytesRejection(ref r) if r.status() == StatusCode::PAYLOAD_TOO_LARGE => {
                 ApiError::PayloadTooLarge
             }
-            other => ApiError::BadRequest(format!(
-                "invalid JSON body: {}",
-                without_type_names(&other.body_text())
-            )),
+            JsonRejection::JsonDataError(ref e) => match serde_path_error(e) {
+                Some(found) => invalid_json(found),
+                None => ApiError::InvalidJson {
+                    param: None,
+                    message: without_type_names(&rejection.body_text()),
+                },
+            },
+            other => ApiError::InvalidJson {
+                param: None,
+                message: without_type_names(&other.body_text()),
+            },
         }
+    }
+}
+
+/// A JSON value of the wrong shape, naming the field serde stopped at (see `field_of`).
+pub fn invalid_json(error: &serde_path_to_error::Error<serde_json::Error>) -> ApiError {
+    ApiError::InvalidJson {
+        param: field_of(error),
+        message: without_type_names(&error.to_string()),
+    }
+}
+
+/// The error serde gave for a body of the wrong shape, found in the rejection's chain of
+/// causes (axum deserialises through `serde_path_to_error`, which keeps the path).
+fn serde_path_error(
+    rejection: &axum::extract::rejection::JsonDataError,
+) -> Option<&serde_path_to_error::Error<serde_json::Error>> {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> =
+        std::error::Error::source(rejection);
+    while let Some(error) = cause {
+        if let Some(found) = error.downcast_ref::<serde_path_to_error::Error<serde_json::Error>>() {
+            return Some(found);
+        }
+        cause = error.source();
+    }
+    None
+}
+
+/// The request field an error is about, as OpenAI's `param` names it: the path serde was
+/// at (`max_tokens`, `messages[0].role`, an unknown field's own path), or for a missing
+/// field that field under the path (`messages[0].content`). `None` for the body as a whole
+/// (not an object, say, or a list).
+fn field_of(error: &serde_path_to_error::Error<serde_json::Error>) -> Option<String> {
+    let path = error.path().to_string();
+    // A top that is a list (which serde reads as a struct's fields in order) has no field.
+    let path = (path != "." && !path.starts_with('[')).then_some(path);
+    let inner = error.inner().to_string();
+    let missing = inner
+        .strip_prefix("missing field `")
+        .and_then(|rest| Some(rest[..rest.find('`')?].to_string()));
+    match (path, missing) {
+        (Some(path), Some(field)) => Some(format!("{path}.{field}")),
+        (None, Some(field)) => Some(field),
+        (path, None) => path,
     }
 }
 
@@ -250,6 +308,26 @@ fn without_type_names(text: &str) -> String {
     }
     out.push_str(rest);
     out
+}
+
+/// A list's `?limit=`: `default` when absent, at most `max` (a larger one gets `max`, so a
+/// client asking for "everything" gets the most there is); anything but a whole number of
+/// at least 1 is refused naming `limit`. Kept as text by the query types so that a bad
+/// value gets this message rather than serde's.
+pub fn query_limit(text: Option<&str>, default: i64, max: i64) -> Result<i64, ApiError> {
+    let Some(text) = text else { return Ok(default) };
+    let shown: String = text.chars().take(32).collect();
+    match text.trim().parse::<i64>() {
+        Ok(limit) if limit >= 1 => Ok(limit.min(max)),
+        Ok(_) => Err(ApiError::BadParam {
+            param: "limit",
+            message: format!("limit `{shown}` must be at least 1"),
+        }),
+        Err(_) => Err(ApiError::BadParam {
+            param: "limit",
+            message: format!("limit `{shown}` is not a number"),
+        }),
+    }
 }
 
 /// `axum::extract::Query` whose rejection is our `ApiError` (`?limit=abc` gets our shape).
@@ -319,6 +397,62 @@ mod tests {
     }
 
     use super::*;
+
+    #[test]
+    fn a_limit_is_a_whole_number_from_one_and_a_large_one_gets_the_most() {
+        assert_eq!(query_limit(None, 50, 200).unwrap(), 50);
+        assert_eq!(query_limit(Some(" 7 "), 50, 200).unwrap(), 7);
+        assert_eq!(query_limit(Some("100000"), 50, 200).unwrap(), 200);
+        for bad in ["0", "-1", "abc", "", "1.5"] {
+            let error = query_limit(Some(bad), 50, 200).unwrap_err();
+            assert_eq!((error.status(), error.param()), (StatusCode::BAD_REQUEST, Some("limit")));
+        }
+    }
+
+    #[test]
+    fn a_json_value_of_the_wrong_shape_names_its_field() {
+        #[derive(Debug, serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        #[allow(dead_code)]
+        struct Inner {
+            role: String,
+        }
+        #[derive(Debug, serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        #[allow(dead_code)]
+        struct Outer {
+            messages: Vec<Inner>,
+            max_tokens: Option<u32>,
+        }
+        let param = |body: serde_json::Value| {
+            let error = serde_path_to_error::deserialize::<_, Outer>(body).unwrap_err();
+            invalid_json(&error).param().map(str::to_string)
+        };
+        let messages = serde_json::json!([{"role": "user"}]);
+        assert_eq!(
+            param(serde_json::json!({"messages": messages, "max_tokens": -1})).as_deref(),
+            Some("max_tokens")
+        );
+        assert_eq!(
+            param(serde_json::json!({"messages": [{"role": "user"}, {"role": 7}]})).as_deref(),
+            Some("messages[1].role")
+        );
+        assert_eq!(
+            param(serde_json::json!({"messages": [{"role": "user"}, {}]})).as_deref(),
+            Some("messages[1].role"),
+            "a missing field under a path"
+        );
+        assert_eq!(param(serde_json::json!({})).as_deref(), Some("messages"));
+        assert_eq!(
+            param(serde_json::json!({"messages": messages, "n": 2})).as_deref(),
+            Some("n"),
+            "an unknown field"
+        );
+        assert_eq!(param(serde_json::json!([1])), None, "not an object");
+        let error = serde_path_to_error::deserialize::<_, Outer>(serde_json::json!([1]));
+        let message = invalid_json(&error.unwrap_err()).to_string();
+        assert!(!message.contains("Outer"), "no Rust type in {message}");
+    }
 
     #[test]
     fn a_prompt_over_the_context_is_openais_context_length_exceeded() {

@@ -86,9 +86,10 @@ async fn get_conversation_export(
         None | Some("") | Some("json") => false,
         Some("md") | Some("markdown") => true,
         Some(other) => {
-            return Err(ApiError::BadRequest(format!(
-                "unknown export format `{other}`: expected md or json"
-            )));
+            return Err(ApiError::BadParam {
+                param: "format",
+                message: format!("unknown export format `{other}`: expected md or json"),
+            });
         }
     };
     let Some(conversation) = export::get_conversation(&state.pool, id).await? else {
@@ -257,6 +258,14 @@ fn conversation_markdown(c: &ExportConversation, messages: &[ExportMessage]) -> 
                 // What the privacy ledger recorded: a server on loopback is this machine.
                 let place = match (m.provider.as_deref(), m.left_machine, m.host.as_deref()) {
                     (None, ..) => String::new(),
+                    // Written here by the fallback, after a cloud or remote call that had
+                    // been sent the prompt failed.
+                    (Some("local"), true, Some(host)) => {
+                        format!(", on this machine after the prompt was sent to {host}")
+                    }
+                    (Some("local"), true, None) => {
+                        ", on this machine after the prompt was sent outside it".to_string()
+                    }
                     (Some(_), true, Some(host)) => format!(", outside this machine ({host})"),
                     (Some(_), true, None) => ", outside this machine".to_string(),
                     (Some(_), false, Some(host)) => format!(", on this machine ({host})"),

@@ -51,10 +51,6 @@ pub struct AppState {
     /// Reply length when a `/v1` client sets none (`REPLY_MAX_TOKENS`).
     pub reply_max_tokens: u32,
     pub channels: crate::channels::Channels,
-    /// The running WebChat answers, for pages that follow them.
-    pub live: live::LiveAnswers,
-    /// One-time codes of sign-in links.
-    pub sign_in: sign_in::SignInCodes,
 }
 
 /// The whole HTTP surface of my-claw.

@@ -6,7 +6,9 @@
 //! `response_format` in, `tool_calls` out (whole, or as streaming deltas), `role: "tool"`
 //! messages back in. Client-declared tools are only offered to the model and its calls
 //! returned to the client: this module never executes a tool nor touches the `ToolRegistry`
-//! (that is the assistant's loop, for my-claw's own tools).
+//! (that is the assistant's loop, for my-claw's own tools). A `tool_choice` or
+//! `response_format` the tier's provider cannot enforce (Z.ai) is refused with a 400, never
+//! weakened.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -33,8 +35,8 @@ use crate::gateway::stop::{parse_stop, StopMatcher};
 use crate::gateway::AppState;
 use crate::llm::router::Tier;
 use crate::llm::{
-    Chunk, ChunkStream, FinishReason, GenerationParams, LlmError, LlmRequest, ResponseFormat,
-    ToolChoice, ToolSpec, ToolUse, Usage,
+    Capabilities, Chunk, ChunkStream, FinishReason, GenerationParams, LlmError, LlmRequest,
+    ResponseFormat, ToolChoice, ToolSpec, ToolUse, Usage,
 };
 
 /// Largest reply a client may ask for.
@@ -302,6 +304,8 @@ async fn post_chat_completions(
         return Err(invalid("n", "only n = 1 is supported".into()));
     }
     let tools = tool_use(&request)?;
+    let router = state.assistant.router();
+    check_tier_can(tier, &tools, |t| router.capabilities(t))?;
     let mut messages = to_turns(&request.messages)?;
     // The persona is injected in every call on every channel, unless the client brings its
     // own system prompt (OpenAI clients usually do, and theirs must win).
@@ -356,6 +360,54 @@ impl ResponseMeta {
     }
 }
 
+/// Refuses, with a 400 naming the field, a `tool_choice` or `response_format` that `tier`'s
+/// provider cannot enforce (Z.ai takes only `auto` and `json_object`): sending it weakened
+/// would break the client's contract silently, and falling back to `main` would answer from
+/// another model than the one asked for. The message names the tiers that can.
+fn check_tier_can(
+    tier: Tier,
+    tools: &ToolUse,
+    capabilities: impl Fn(Tier) -> Capabilities,
+) -> Result<(), ApiError> {
+    let forced = match &tools.choice {
+        ToolChoice::Required => Some("\"required\"".to_string()),
+        ToolChoice::Function(name) => Some(format!("the function `{name}`")),
+        ToolChoice::Auto | ToolChoice::None => None,
+    };
+    let schema = matches!(tools.response_format, ResponseFormat::JsonSchema { .. });
+    let able = |can: fn(&Capabilities) -> bool| -> String {
+        let tiers: Vec<&str> =
+            Tier::ALL.iter().filter(|&&t| can(&capabilities(t))).map(|t| t.as_str()).collect();
+        if tiers.is_empty() {
+            "none".to_string()
+        } else {
+            tiers.join(", ")
+        }
+    };
+    let own = capabilities(tier);
+    if let Some(forced) = forced.filter(|_| !own.forced_tool_choice) {
+        return Err(invalid(
+            "tool_choice",
+            format!(
+                "tier `{tier}` cannot be made to call a tool (tool_choice {forced}): its \
+                 provider supports only tool_choice \"auto\"; tiers that can: {}",
+                able(|c| c.forced_tool_choice)
+            ),
+        ));
+    }
+    if schema && !own.json_schema {
+        return Err(invalid(
+            "response_format",
+            format!(
+                "tier `{tier}` cannot follow a JSON schema (response_format json_schema): its \
+                 provider supports only json_object; tiers that can: {}",
+                able(|c| c.json_schema)
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Which of the model's tool calls reach the client, and their indices. The request's
 /// contract holds whatever the provider does: no calls when no tools were offered (a request
 /// without tools answers exactly as before tools existed) and at most one call when
@@ -364,17 +416,28 @@ struct CallFilter {
     offered: bool,
     parallel: bool,
     sent: u32,
+    /// A call dropped because no tools were offered: an answer of only such calls is no
+    /// answer, and fails rather than reach the client empty.
+    unoffered: Option<String>,
 }
 
 impl CallFilter {
     fn new(tools: &ToolUse) -> Self {
-        Self { offered: !tools.offered().is_empty(), parallel: tools.parallel, sent: 0 }
+        Self {
+            offered: !tools.offered().is_empty(),
+            parallel: tools.parallel,
+            sent: 0,
+            unoffered: None,
+        }
     }
 
     /// The index of `call` in the answer, or `None` when it is not to be sent.
     fn admit(&mut self, call: &ToolCall) -> Option<u32> {
         if !self.offered || (!self.parallel && self.sent > 0) {
             tracing::debug!(tool = %call.name, "a tool call outside the request's contract is dropped");
+            if !self.offered {
+                self.unoffered.get_or_insert_with(|| call.name.clone());
+            }
             return None;
         }
         self.sent += 1;
@@ -501,8 +564,17 @@ impl AnswerReader {
                 Some(Ok(Chunk::Accepted { prompt_tokens })) => self.prompt_tokens = prompt_tokens,
                 Some(Ok(Chunk::Done { usage, finish })) => {
                     self.release_held();
-                    let finish = self.filter.finish_reason(finish);
-                    self.end(Part::End { usage, finish });
+                    match self.filter.unoffered.take().filter(|_| self.n_text == 0) {
+                        // Only calls nobody offered tools for: no answer to give.
+                        Some(name) => self.end(Part::Failed(LlmError::Unavailable(format!(
+                            "the model answered only with a call of `{name}`, but the request \
+                             offered no tools: there is no answer to return"
+                        )))),
+                        None => {
+                            let finish = self.filter.finish_reason(finish);
+                            self.end(Part::End { usage, finish });
+                        }
+                    }
                 }
                 Some(Err(e)) => {
                     self.release_held();

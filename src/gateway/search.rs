@@ -8,7 +8,7 @@ use axum::Router;
 use serde::{Deserialize, Serialize};
 
 use crate::db::search::{self, SearchError, SearchHit};
-use crate::gateway::error::{ApiError, ApiJson, ApiQuery};
+use crate::gateway::error::{query_limit, ApiError, ApiJson, ApiQuery};
 use crate::gateway::AppState;
 
 const DEFAULT_RESULTS: i64 = 30;
@@ -55,19 +55,11 @@ async fn get_search(
     State(state): State<AppState>,
     ApiQuery(query): ApiQuery<SearchQuery>,
 ) -> Result<ApiJson<SearchResponse>, ApiError> {
-    let limit = match query.limit.as_deref() {
-        None => DEFAULT_RESULTS,
-        Some(text) => match text.parse::<i64>() {
-            Ok(n) => n.clamp(1, MAX_RESULTS),
-            Err(_) => {
-                return Err(ApiError::BadRequest(format!("limit `{text}` is not a number")));
-            }
-        },
-    };
+    let limit = query_limit(query.limit.as_deref(), DEFAULT_RESULTS, MAX_RESULTS)?;
     let hits = match search::search_messages(&state.pool, &query.q, limit).await {
         Ok(hits) => hits,
         Err(SearchError::Db(e)) => return Err(e.into()),
-        Err(e) => return Err(ApiError::BadRequest(e.to_string())),
+        Err(e) => return Err(ApiError::BadParam { param: "q", message: e.to_string() }),
     };
     Ok(ApiJson(SearchResponse {
         query: query.q,

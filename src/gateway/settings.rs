@@ -48,19 +48,20 @@ async fn put_persona(
 ) -> Result<ApiJson<PersonaJson>, ApiError> {
     let name = update.persona_name.trim();
     if name.is_empty() {
-        return Err(ApiError::BadRequest("persona_name must not be empty".into()));
+        let message = "persona_name must not be empty".to_string();
+        return Err(ApiError::BadParam { param: "persona_name", message });
     }
     if name.chars().count() > MAX_NAME_CHARS {
-        return Err(ApiError::BadRequest(format!(
-            "persona_name is longer than {MAX_NAME_CHARS} characters"
-        )));
+        let message = format!("persona_name is longer than {MAX_NAME_CHARS} characters");
+        return Err(ApiError::BadParam { param: "persona_name", message });
     }
     let prompt_chars = update.system_prompt.chars().count();
     if prompt_chars > MAX_SYSTEM_PROMPT_CHARS {
-        return Err(ApiError::BadRequest(format!(
+        let message = format!(
             "system_prompt is {prompt_chars} characters long; the limit is \
              {MAX_SYSTEM_PROMPT_CHARS}"
-        )));
+        );
+        return Err(ApiError::BadParam { param: "system_prompt", message });
     }
     let persona = Persona { name: name.to_string(), system_prompt: update.system_prompt };
     state.assistant.set_persona(&persona).await?;

@@ -202,8 +202,16 @@ pub enum LlmError {
     Unavailable(String),
     /// A model server over the network (Z.ai, or an OpenAI-compatible server, which may be
     /// on this machine's loopback) refused or failed: not called "cloud", which it may not be.
+    /// `sent` says whether the request (the whole prompt) may have reached the server: false
+    /// only when no connection was ever made, so nothing was written.
     #[error("remote model error{}: {message}", code.as_ref().map(|c| format!(" {c}")).unwrap_or_default())]
-    Cloud { status: Option<u16>, code: Option<String>, message: String, retryable: bool },
+    Cloud {
+        status: Option<u16>,
+        code: Option<String>,
+        message: String,
+        retryable: bool,
+        sent: bool,
+    },
     #[error("timed out: {0}")]
     Timeout(String),
     #[error("inference failed: {0}")]
@@ -212,6 +220,32 @@ pub enum LlmError {
     /// cannot compile, `tool_choice` naming a tool that is not offered): a 400.
     #[error("invalid request: {0}")]
     InvalidRequest(String),
+}
+
+impl LlmError {
+    /// Whether a network provider that failed with this error may have received the prompt,
+    /// for the privacy ledger: only a connection that was never made, or a request refused
+    /// before it was sent, proves that it did not. When unsure: it may have.
+    pub fn prompt_may_have_left(&self) -> bool {
+        !matches!(self, LlmError::Cloud { sent: false, .. } | LlmError::InvalidRequest(_))
+    }
+}
+
+/// What of a request's tool use a provider enforces rather than only asks for, so that a
+/// caller with a contract to keep (`/v1`) can refuse what a tier cannot do instead of
+/// weakening it silently.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capabilities {
+    /// `tool_choice` `required` and a named function.
+    pub forced_tool_choice: bool,
+    /// `response_format` `json_schema` (not only `json_object`).
+    pub json_schema: bool,
+}
+
+impl Capabilities {
+    /// Everything: the local engine (constrained decoding) and OpenAI-compatible servers
+    /// (sent the OpenAI fields, which they enforce).
+    pub const ALL: Capabilities = Capabilities { forced_tool_choice: true, json_schema: true };
 }
 
 /// Who a provider is, for the privacy ledger and the UI.
@@ -271,6 +305,11 @@ pub trait Provider: Send + Sync {
         None
     }
     fn stream(&self, request: LlmRequest) -> BoxFuture<'_, Result<ChunkStream, LlmError>>;
+
+    /// What of `ToolUse` this provider enforces; everything unless it says otherwise.
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::ALL
+    }
 
     /// Prepares the KV state of `request`'s prompt in idle time, without generating, so a
     /// later request that starts with the same tokens only prefills what is new. Idle work

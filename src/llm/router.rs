@@ -1,8 +1,9 @@
 //! Tiers (fast/smart/main local, code/reason cloud, any but main on a remote
 //! OpenAI-compatible server), what answers each one, and the fallback policy: cloud tiers
 //! without a key, and cloud or remote tiers failing before their first token, answer from
-//! `main` with a notice; local tiers whose named file is missing use a GGUF found in
-//! `MODELS_DIR`. It keeps each remote's health (reachable, model listed, last error) and
+//! `main` with a notice, and a fallback says whether the prompt had already been sent (the
+//! privacy ledger records that host); local tiers whose named file is missing use a GGUF
+//! found in `MODELS_DIR`. It keeps each remote's health (reachable, model listed, last error) and
 //! probes it lazily, never at start-up.
 //! It owns no HTTP, SQL or model code and names no concrete provider: tier values arrive
 //! checked from `config.rs`, and `app.rs` hands over the model loader and the cloud providers.
@@ -18,7 +19,7 @@ use futures::future::BoxFuture;
 use crate::config::RouterSettings;
 use crate::llm::hub::{self, ModelSpec};
 use crate::llm::pool::{ModelLoader, ModelPool, ModelState, PoolConfig};
-use crate::llm::{ChunkStream, LlmError, LlmRequest, Probe, Provider, ProviderInfo};
+use crate::llm::{Capabilities, ChunkStream, LlmError, LlmRequest, Probe, Provider, ProviderInfo};
 
 /// How old a remote's last check may be before a status request starts a new one.
 const PROBE_EVERY: Duration = Duration::from_secs(60);
@@ -80,9 +81,39 @@ pub struct Routed {
     /// Who really answers (after any fallback): for the privacy ledger and the UI.
     pub info: ProviderInfo,
     /// `(kind, message)` pairs to show before the answer, e.g. `("fallback", "Z.ai
-    /// unavailable (HTTP 429, code 1113: …): answered by main (…)")`. They are not repeated
-    /// inside `stream`.
+    /// unavailable (HTTP 401: …) after the prompt was sent: answered by main (…)")`. They are
+    /// not repeated inside `stream`.
     pub notices: Vec<(String, String)>,
+    /// A network provider that may have received the prompt but failed before answering,
+    /// so that `info`'s provider (main) answers instead: the prompt went there all the same.
+    /// `None` when only `info`'s provider got it.
+    pub sent_to: Option<PromptSent>,
+}
+
+/// Where a prompt went that the answerer did not write: the host of a provider that got it
+/// (or may have) and then failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PromptSent {
+    pub host: Option<String>,
+    /// Whether that host is off this machine (a server on loopback is not).
+    pub leaves_machine: bool,
+}
+
+impl Routed {
+    /// Whether this answer's prompt left the machine, for the privacy ledger: the answerer
+    /// is off the machine, or a provider that failed after it was sent is.
+    pub fn leaves_machine(&self) -> bool {
+        self.info.leaves_machine || self.sent_to.as_ref().is_some_and(|sent| sent.leaves_machine)
+    }
+
+    /// The host the ledger records: the one the prompt left for when only a failed provider
+    /// took it off the machine, else the answerer's.
+    pub fn host(&self) -> Option<String> {
+        match &self.sent_to {
+            Some(sent) if sent.leaves_machine && !self.info.leaves_machine => sent.host.clone(),
+            _ => self.info.host.clone(),
+        }
+    }
 }
 
 impl std::fmt::Debug for Routed {
@@ -91,6 +122,7 @@ impl std::fmt::Debug for Routed {
             .field("tier", &self.tier)
             .field("info", &self.info)
             .field("notices", &self.notices)
+            .field("sent_to", &self.sent_to)
             .finish_non_exhaustive()
     }
 }
@@ -312,9 +344,11 @@ impl RemoteEntry {
             Err((message, err)) => {
                 health.last_error = Some((message.to_string(), now));
                 health.reachable = match err {
-                    // An HTTP status means the server is there, only unwell.
-                    LlmError::Cloud { status: Some(_), .. } => Some(true),
-                    LlmError::Cloud { status: None, .. } => Some(false),
+                    // An HTTP status, or a connection that was made (an empty answer, a
+                    // stream cut short), means the server is there, only unwell.
+                    LlmError::Cloud { status: Some(_), .. }
+                    | LlmError::Cloud { sent: true, .. } => Some(true),
+                    LlmError::Cloud { sent: false, .. } => Some(false),
                     _ => health.reachable,
                 };
             }
@@ -578,7 +612,7 @@ impl Router {
                 // fail on its own; the in-process engine's failures are not a fallback case.
                 if !info.leaves_machine && info.host.is_none() {
                     let stream = provider.stream(request).await?;
-                    return Ok(Routed { stream, tier, info, notices: Vec::new() });
+                    return Ok(Routed { stream, tier, info, notices: Vec::new(), sent_to: None });
                 }
                 match provider.stream(request.clone()).await {
                     Ok(stream) => {
@@ -586,20 +620,46 @@ impl Router {
                             Some(remote) => remote.record_call(Ok(())),
                             None => self.record_cloud(Ok(())),
                         }
-                        Ok(Routed { stream, tier, info, notices: Vec::new() })
+                        Ok(Routed { stream, tier, info, notices: Vec::new(), sent_to: None })
                     }
                     Err(err) => {
-                        let reason =
-                            format!("{} unavailable ({})", cloud_name(&info), describe(&err));
+                        // Only a connection never made proves the prompt stayed; the ledger
+                        // and the notice say when it may have gone.
+                        let sent = err.prompt_may_have_left();
+                        let reason = format!(
+                            "{} unavailable ({}){}",
+                            cloud_name(&info),
+                            describe(&err),
+                            if sent { " after the prompt was sent" } else { "" }
+                        );
                         tracing::warn!(tier = %tier, "{reason}; falling back to main");
                         match &entry.remote {
                             Some(remote) => remote.record_call(Err((reason.as_str(), &err))),
                             None => self.record_cloud(Err(&reason)),
                         }
-                        self.answer_from_main(tier, request, &reason).await
+                        let mut routed = self.answer_from_main(tier, request, &reason).await?;
+                        if sent {
+                            routed.sent_to = Some(PromptSent {
+                                host: info.host.clone(),
+                                leaves_machine: info.leaves_machine,
+                            });
+                        }
+                        Ok(routed)
                     }
                 }
             }
+        }
+    }
+
+    /// What `tier`'s provider enforces of a request's tool use (`tool_choice`,
+    /// `response_format`), so that `/v1` can refuse what it cannot do rather than weaken it.
+    /// A cloud tier without a key is answered by `main`, so it has main's; a tier without a
+    /// model fails anyway and claims everything.
+    pub fn capabilities(&self, tier: Tier) -> Capabilities {
+        match &self.entry(tier).route {
+            Route::Provider(provider) => provider.capabilities(),
+            Route::CloudWithoutKey { .. } if tier != Tier::Main => self.capabilities(Tier::Main),
+            Route::CloudWithoutKey { .. } | Route::Missing { .. } => Capabilities::ALL,
         }
     }
 
@@ -872,7 +932,8 @@ impl Router {
             Err(err) => return Err(unavailable(err.to_string())),
         };
         let notice = format!("{reason}: answered by main ({})", info.model);
-        Ok(Routed { stream, tier, info, notices: vec![("fallback".to_string(), notice)] })
+        let notices = vec![("fallback".to_string(), notice)];
+        Ok(Routed { stream, tier, info, notices, sent_to: None })
     }
 
     fn record_cloud(&self, outcome: Result<(), &str>) {
@@ -936,7 +997,43 @@ mod tests {
             code: Some("1113".into()),
             message: "insufficient balance".into(),
             retryable: false,
+            sent: true,
         };
         assert_eq!(describe(&err), "HTTP 429, code 1113: insufficient balance");
+    }
+
+    #[test]
+    fn a_prompt_sent_before_a_fallback_is_in_the_ledger() {
+        let main = ProviderInfo {
+            provider: "local".into(),
+            model: "main.gguf".into(),
+            leaves_machine: false,
+            host: None,
+        };
+        let (_tx, stream) = tokio::sync::mpsc::channel(1);
+        let mut routed =
+            Routed { stream, tier: Tier::Code, info: main, notices: Vec::new(), sent_to: None };
+        assert!(!routed.leaves_machine());
+        assert_eq!(routed.host(), None);
+        // A loopback server got it: still on the machine, and main's ledger stands.
+        routed.sent_to =
+            Some(PromptSent { host: Some("127.0.0.1:8000".into()), leaves_machine: false });
+        assert!(!routed.leaves_machine());
+        assert_eq!(routed.host(), None);
+        routed.sent_to = Some(PromptSent { host: Some("api.z.ai".into()), leaves_machine: true });
+        assert!(routed.leaves_machine());
+        assert_eq!(routed.host().as_deref(), Some("api.z.ai"));
+
+        let refused = |sent| LlmError::Cloud {
+            status: None,
+            code: None,
+            message: "connection refused".into(),
+            retryable: true,
+            sent,
+        };
+        assert!(!refused(false).prompt_may_have_left());
+        assert!(refused(true).prompt_may_have_left());
+        assert!(LlmError::Timeout("no first byte".into()).prompt_may_have_left(), "unsure: sent");
+        assert!(!LlmError::InvalidRequest("tool_choice".into()).prompt_may_have_left());
     }
 }

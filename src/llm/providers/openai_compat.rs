@@ -3,8 +3,11 @@
 //! request body (messages, sampling, tools, `response_format`), SSE parsing, `tool_calls`
 //! accumulation, error bodies, bounded retries, timeouts, the `/models` probe and the
 //! classification of a host as loopback or not. It never forwards `reasoning_content`, never
-//! logs the API key, and knows nothing about tiers or fallback (that is `router.rs`). The
-//! `reqwest::Client` (with its connect timeout) comes from `app.rs`.
+//! logs the API key (every error it gives out has the key redacted, whatever the server
+//! echoed), says whether a failed request may have reached the server, fails an answer that
+//! says nothing (so the router can fall back), and knows nothing about tiers or fallback
+//! (that is `router.rs`). The `reqwest::Client` (with its connect timeout) comes from
+//! `app.rs`.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -18,17 +21,18 @@ use tokio::sync::mpsc;
 use crate::config::Secret;
 use crate::domain::{Role, ToolCall};
 use crate::llm::{
-    Chunk, ChunkStream, FinishReason, LlmError, LlmRequest, Probe, Provider, ProviderInfo,
-    ResponseFormat, ToolChoice, Usage,
+    Capabilities, Chunk, ChunkStream, FinishReason, LlmError, LlmRequest, Probe, Provider,
+    ProviderInfo, ResponseFormat, ToolChoice, Usage,
 };
-use crate::retry::{Backoff, Verdict};
+use crate::retry::Backoff;
 
 /// The server's flavour of the protocol: what to send besides the OpenAI fields and how to
 /// read its error codes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dialect {
     /// Z.ai: `thinking`, `do_sample`, temperature in [0, 1], business error codes, only
-    /// `tool_choice: "auto"`, no `/models` endpoint.
+    /// `tool_choice: "auto"` and `response_format: json_object` (PROTOCOLS.md §3.3), no
+    /// `/models` endpoint.
     Zai,
     /// A self-hosted OpenAI-compatible server: `stream_options.include_usage`, Qwen3's
     /// `chat_template_kwargs.enable_thinking`, every `tool_choice`, `parallel_tool_calls`.
@@ -47,8 +51,9 @@ pub struct OpenAiCompatConfig {
     pub model: String,
     /// Whether the model thinks; the reasoning is never shown.
     pub thinking: bool,
-    /// Limit for the response headers and the first event, and then for each wait for more
-    /// of the stream (a server that stalls is given up on).
+    /// Limit for the response headers, every try and the pauses between them included (a
+    /// retry whose pause would pass it is not made), and then for each wait for more of the
+    /// stream (a server that stalls is given up on).
     pub timeout: Duration,
     /// Tries for retryable failures before the first token (1 means no retry).
     pub max_attempts: u32,
@@ -208,37 +213,107 @@ impl OpenAiCompatProvider {
 
     /// Tries once or more until the answer has started: retryable failures before the
     /// first token are retried with the shared backoff (`crate::retry`, honouring
-    /// `Retry-After`); others are returned at once.
+    /// `Retry-After`), as long as the next try starts within `timeout` of the first: a
+    /// longer wait is not made, so the router can fall back instead of leaving the user in
+    /// silence. Others are returned at once. Every error has the key redacted and says
+    /// whether any try may have reached the server.
     async fn start(&self, request: LlmRequest) -> Result<ChunkStream, LlmError> {
+        if let Some(refusal) = self.unsupported(&request) {
+            return Err(refusal);
+        }
         let body = request_body(&self.config, &request);
+        let tools_offered = !request.tools.offered().is_empty();
         let started = Instant::now();
+        let limit = self.config.timeout;
         let backoff = Backoff { base: self.config.retry_backoff, cap: RETRY_CAP };
+        let max_attempts = self.config.max_attempts.max(1);
         let what = match self.config.dialect {
             Dialect::Zai => "z.ai request",
             Dialect::OpenAi => "remote model request",
         };
-        crate::retry::run(
-            what,
-            self.config.max_attempts.max(1),
-            backoff,
-            || self.try_start(&body, started),
-            |failed: &Failed| match failed.error {
-                LlmError::Cloud { retryable: true, .. } => {
-                    Verdict::Retry { at_least: failed.retry_after }
+        let mut sent = false;
+        let mut attempt = 1;
+        loop {
+            let left = limit.saturating_sub(started.elapsed());
+            let failed = match self.try_start(&body, tools_offered, started, left).await {
+                Ok(stream) => return Ok(stream),
+                Err(failed) => failed,
+            };
+            let Failed { error, retry_after } = failed;
+            sent |= error.prompt_may_have_left();
+            let mut error = with_sent(scrub(error, self.config.api_key.as_ref()), sent);
+            let retryable = matches!(error, LlmError::Cloud { retryable: true, .. });
+            if retryable && attempt < max_attempts {
+                let wait = crate::retry::wait_before_retry(backoff, attempt, retry_after);
+                match wait.filter(|wait| started.elapsed() + *wait < limit) {
+                    Some(wait) => {
+                        tracing::warn!(
+                            attempt,
+                            error = ?error.to_string(),
+                            ?wait,
+                            "{what}: failed, retrying"
+                        );
+                        tokio::time::sleep(wait).await;
+                        attempt += 1;
+                        continue;
+                    }
+                    None => {
+                        let asked = wait.or(retry_after).unwrap_or_default();
+                        error = with_note(
+                            error,
+                            &format!(
+                                "not retried: a retry in {}s would pass the {}s limit for the \
+                                 first answer",
+                                asked.as_secs_f32(),
+                                limit.as_secs_f32()
+                            ),
+                        );
+                    }
                 }
-                _ => Verdict::Stop,
-            },
-        )
-        .await
-        .map_err(|failed| failed.error)
+            }
+            tracing::warn!(attempt, error = ?error.to_string(), "{what}: failed");
+            return Err(error);
+        }
     }
 
-    async fn try_start(&self, body: &Value, started: Instant) -> Result<ChunkStream, Failed> {
+    /// A request this server cannot serve as asked, refused before anything is sent: Z.ai
+    /// takes only `tool_choice: "auto"` and `response_format: json_object`, and a stricter
+    /// contract weakened silently would break the caller's.
+    fn unsupported(&self, request: &LlmRequest) -> Option<LlmError> {
+        let capabilities = self.capabilities();
+        let tools = &request.tools;
+        let forced = matches!(tools.choice, ToolChoice::Required | ToolChoice::Function(_));
+        if forced && !tools.offered().is_empty() && !capabilities.forced_tool_choice {
+            return Some(LlmError::InvalidRequest(format!(
+                "{} supports only tool_choice \"auto\": it cannot be made to call a tool",
+                self.label
+            )));
+        }
+        let schema = matches!(tools.response_format, ResponseFormat::JsonSchema { .. });
+        if schema && !capabilities.json_schema {
+            return Some(LlmError::InvalidRequest(format!(
+                "{} supports only response_format json_object: it cannot follow a JSON schema",
+                self.label
+            )));
+        }
+        None
+    }
+
+    /// One try: the request, the response headers within `left`, then the stream up to its
+    /// first output, so that every failure before it is still an `Err` the router can act
+    /// on.
+    async fn try_start(
+        &self,
+        body: &Value,
+        tools_offered: bool,
+        started: Instant,
+        left: Duration,
+    ) -> Result<ChunkStream, Failed> {
         let url = format!("{}/chat/completions", self.config.base_url);
         let timeout = self.config.timeout;
         let label = self.label.clone();
         let send = self.post(&url).json(body).send();
-        let response = match tokio::time::timeout(timeout, send).await {
+        let response = match tokio::time::timeout(left, send).await {
             Err(_) => {
                 return Err(LlmError::Timeout(format!(
                     "{label} sent no response within {}s",
@@ -246,7 +321,7 @@ impl OpenAiCompatProvider {
                 ))
                 .into())
             }
-            Ok(Err(e)) => return Err(transport_error(&label, &e).into()),
+            Ok(Err(e)) => return Err(transport_error(&label, e).into()),
             Ok(Ok(response)) => response,
         };
         let status = response.status();
@@ -263,28 +338,29 @@ impl OpenAiCompatProvider {
         }
 
         let mut reader = SseReader::new(Box::pin(response.bytes_stream()), timeout, label);
-        let mut state = StreamState::new(self.config.dialect);
+        let mut state = StreamState::new(self.config.dialect, tools_offered);
         // Read until the first output (reasoning deltas come first and are dropped; tool
-        // calls are complete only at the end), so that every failure before it is still an
-        // `Err` the router can act on.
+        // calls are complete only at the end). An answer that ends before any is no
+        // answer: a failure like any other before the first token.
         let first = loop {
-            match reader.next_event().await? {
-                None if state.finish.is_some() => {
-                    break Step { out: state.flush_calls(), done: true }
-                }
+            let step = match reader.next_event().await? {
+                None if state.finish.is_some() => Step { out: state.flush_calls(), done: true },
                 None => return Err(early_end().into()),
-                Some(event) => {
-                    let step = state.apply(event)?;
-                    if step.done || !step.out.is_empty() {
-                        break step;
-                    }
-                }
+                Some(event) => state.apply(event)?,
+            };
+            if !step.out.is_empty() {
+                break step;
+            }
+            if step.done {
+                return Err(state.said_nothing().into());
             }
         };
+        let key = self.config.api_key.clone();
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(async move {
             let ttft_ms = started.elapsed().as_millis() as u64;
             let mut step = first;
+            let failed = |err: LlmError| Err(scrub(err, key.as_ref()));
             loop {
                 for chunk in std::mem::take(&mut step.out) {
                     if tx.send(Ok(chunk)).await.is_err() {
@@ -306,7 +382,7 @@ impl OpenAiCompatProvider {
                     Ok(Some(event)) => match state.apply(event) {
                         Ok(step) => step,
                         Err(err) => {
-                            let _ = tx.send(Err(err)).await;
+                            let _ = tx.send(failed(err)).await;
                             return;
                         }
                     },
@@ -316,11 +392,11 @@ impl OpenAiCompatProvider {
                         Step { out: state.flush_calls(), done: true }
                     }
                     Ok(None) => {
-                        let _ = tx.send(Err(early_end())).await;
+                        let _ = tx.send(failed(early_end())).await;
                         return;
                     }
                     Err(err) => {
-                        let _ = tx.send(Err(err)).await;
+                        let _ = tx.send(failed(err)).await;
                         return;
                     }
                 };
@@ -349,7 +425,10 @@ impl OpenAiCompatProvider {
                 return Probe {
                     reachable: false,
                     model_listed: None,
-                    error: Some(crate::llm::router::describe(&transport_error(&self.label, &e))),
+                    error: Some(redact(
+                        &crate::llm::router::describe(&transport_error(&self.label, e)),
+                        self.config.api_key.as_ref(),
+                    )),
                 }
             }
             Ok(Ok(response)) => response,
@@ -367,7 +446,7 @@ impl OpenAiCompatProvider {
                 error: Some(format!(
                     "{}/models: {}",
                     self.label,
-                    crate::llm::router::describe(&error)
+                    redact(&crate::llm::router::describe(&error), self.config.api_key.as_ref())
                 )),
             };
         }
@@ -391,11 +470,14 @@ impl OpenAiCompatProvider {
             Some(ids) => Probe {
                 reachable: true,
                 model_listed: Some(false),
-                error: Some(format!(
-                    "{} does not list {} (it lists: {})",
-                    self.label,
-                    self.config.model,
-                    if ids.is_empty() { "nothing".to_string() } else { ids.join(", ") }
+                error: Some(redact(
+                    &format!(
+                        "{} does not list {} (it lists: {})",
+                        self.label,
+                        self.config.model,
+                        if ids.is_empty() { "nothing".to_string() } else { ids.join(", ") }
+                    ),
+                    self.config.api_key.as_ref(),
                 )),
             },
         }
@@ -418,6 +500,15 @@ impl Provider for OpenAiCompatProvider {
 
     fn stream(&self, request: LlmRequest) -> BoxFuture<'_, Result<ChunkStream, LlmError>> {
         Box::pin(self.start(request))
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        match self.config.dialect {
+            // PROTOCOLS.md §3.3: only `tool_choice: "auto"`, and `json_object` as the one
+            // structured format.
+            Dialect::Zai => Capabilities { forced_tool_choice: false, json_schema: false },
+            Dialect::OpenAi => Capabilities::ALL,
+        }
     }
 
     fn probe(&self) -> BoxFuture<'_, Option<Probe>> {
@@ -488,8 +579,8 @@ pub fn request_body(config: &OpenAiCompatConfig, request: &LlmRequest) -> Value 
             })
             .collect();
         match config.dialect {
-            // Z.ai supports only `auto` (PROTOCOLS.md §3.3): a stricter choice is asked for
-            // in the tools offered, not enforced.
+            // Z.ai supports only `auto` (PROTOCOLS.md §3.3); `start` refuses a stricter
+            // choice before anything is sent (`OpenAiCompatProvider::unsupported`).
             Dialect::Zai => body["tool_choice"] = json!("auto"),
             Dialect::OpenAi => {
                 body["tool_choice"] = match &tools.choice {
@@ -506,7 +597,8 @@ pub fn request_body(config: &OpenAiCompatConfig, request: &LlmRequest) -> Value 
     match (&tools.response_format, config.dialect) {
         (ResponseFormat::Text, _) => {}
         (ResponseFormat::JsonObject, _) | (ResponseFormat::JsonSchema { .. }, Dialect::Zai) => {
-            // Z.ai knows `json_object` only: the schema still reaches it through the prompt.
+            // Z.ai knows `json_object` only; `start` refuses a schema before anything is
+            // sent, so only a body built for inspection gets here with one.
             body["response_format"] = json!({"type": "json_object"});
         }
         (ResponseFormat::JsonSchema { name, schema }, Dialect::OpenAi) => {
@@ -573,7 +665,7 @@ fn http_error(dialect: Dialect, status: u16, body: &str) -> LlmError {
             snippet
         }
     });
-    LlmError::Cloud { status: Some(status), code, message, retryable }
+    LlmError::Cloud { status: Some(status), code, message, retryable, sent: true }
 }
 
 /// Reads `{"error": {"code": "1113", "message": "…"}}`, or vLLM's flat
@@ -598,18 +690,25 @@ fn parse_error_value(error: &Value) -> (Option<String>, Option<String>) {
     (code, message)
 }
 
-fn transport_error(label: &str, err: &reqwest::Error) -> LlmError {
-    if err.is_timeout() {
-        return LlmError::Timeout(format!("{label}: {err}"));
+/// A request that failed in the client: a connection that could not be made (refused, no
+/// route, a connect timeout: nothing was written, `sent: false`), or one lost or timed out
+/// after it was made, when the request may have been read. The URL is left out (it may hold
+/// user info).
+fn transport_error(label: &str, err: reqwest::Error) -> LlmError {
+    let err = err.without_url();
+    let sent = !err.is_connect();
+    let cause = std::error::Error::source(&err).map(|s| format!(" ({s})")).unwrap_or_default();
+    if err.is_timeout() && sent {
+        return LlmError::Timeout(format!("{label}: {err}{cause}"));
     }
     // Connection failures are transient as far as we can tell: retried where the config
     // allows more than one try.
-    let cause = std::error::Error::source(err).map(|s| format!(" ({s})")).unwrap_or_default();
     LlmError::Cloud {
         status: None,
         code: None,
         message: format!("connection to {label} failed{cause}"),
         retryable: true,
+        sent,
     }
 }
 
@@ -619,6 +718,58 @@ fn early_end() -> LlmError {
         code: None,
         message: "the stream ended before the answer was complete".to_string(),
         retryable: true,
+        sent: true,
+    }
+}
+
+/// `text` with every occurrence of the API key replaced by `***`: servers echo a bad key
+/// back ("Invalid API key: sk-…"), and what they say goes to logs, notices and
+/// `/api/health`. The `Authorization` value is `Bearer <key>`, so it is covered too.
+fn redact(text: &str, key: Option<&Secret>) -> String {
+    match key.map(Secret::expose).filter(|key| !key.is_empty()) {
+        Some(key) if text.contains(key) => text.replace(key, "***"),
+        _ => text.to_string(),
+    }
+}
+
+/// `err` with the API key redacted from its text: the one gate every error of this client
+/// passes before anyone sees it.
+fn scrub(err: LlmError, key: Option<&Secret>) -> LlmError {
+    let clean = |text: String| redact(&text, key);
+    match err {
+        LlmError::Cloud { status, code, message, retryable, sent } => LlmError::Cloud {
+            status,
+            code: code.map(clean),
+            message: clean(message),
+            retryable,
+            sent,
+        },
+        LlmError::Timeout(message) => LlmError::Timeout(clean(message)),
+        LlmError::Unavailable(message) => LlmError::Unavailable(clean(message)),
+        LlmError::Inference(message) => LlmError::Inference(clean(message)),
+        LlmError::InvalidRequest(message) => LlmError::InvalidRequest(clean(message)),
+        other => other,
+    }
+}
+
+/// `err` saying that the prompt may have reached the server when an earlier try did.
+fn with_sent(err: LlmError, earlier: bool) -> LlmError {
+    match err {
+        LlmError::Cloud { status, code, message, retryable, sent } => {
+            LlmError::Cloud { status, code, message, retryable, sent: sent || earlier }
+        }
+        other => other,
+    }
+}
+
+/// `err` with `note` added to its message (why no further try was made).
+fn with_note(err: LlmError, note: &str) -> LlmError {
+    match err {
+        LlmError::Cloud { status, code, message, retryable, sent } => {
+            LlmError::Cloud { status, code, message: format!("{message}; {note}"), retryable, sent }
+        }
+        LlmError::Timeout(message) => LlmError::Timeout(format!("{message}; {note}")),
+        other => other,
     }
 }
 
@@ -740,6 +891,7 @@ where
                     self.queue.extend(self.parser.finish());
                 }
                 Ok(Some(Err(e))) => {
+                    let e = e.without_url();
                     if e.is_timeout() {
                         return Err(LlmError::Timeout(format!("{} stream: {e}", self.label)));
                     }
@@ -748,6 +900,7 @@ where
                         code: None,
                         message: format!("connection lost: {e}"),
                         retryable: true,
+                        sent: true,
                     });
                 }
                 Ok(Some(Ok(bytes))) => {
@@ -785,17 +938,47 @@ struct StreamState {
     calls: BTreeMap<u64, PartialCall>,
     /// Whether any tool call was passed on.
     made_calls: bool,
+    /// Whether the request offered tools: a call without them is no answer.
+    tools_offered: bool,
+    /// Whether any answer text was passed on.
+    wrote_text: bool,
+    /// Whether the model sent reasoning (never passed on), to say why an answer is empty.
+    reasoned: bool,
 }
 
 impl StreamState {
-    fn new(dialect: Dialect) -> Self {
+    fn new(dialect: Dialect, tools_offered: bool) -> Self {
         StreamState {
             dialect,
             usage: None,
             finish: None,
             calls: BTreeMap::new(),
             made_calls: false,
+            tools_offered,
+            wrote_text: false,
+            reasoned: false,
         }
+    }
+
+    /// Why a stream that ended before any text or tool call is no answer: a failure before
+    /// the first token, so the router can fall back.
+    fn said_nothing(&self) -> LlmError {
+        let message = match (self.finish, self.reasoned) {
+            (Some(FinishReason::Length), true) => {
+                match self.usage.as_ref().map(|u| u.completion_tokens).filter(|n| *n > 0) {
+                    Some(n) => format!(
+                        "spent its whole length limit ({n} tokens) thinking and answered nothing"
+                    ),
+                    None => "spent its whole length limit thinking and answered nothing".into(),
+                }
+            }
+            (Some(FinishReason::Length), false) => {
+                "reached its length limit and answered nothing".to_string()
+            }
+            (_, true) => "thought, then answered nothing".to_string(),
+            (_, false) => "answered nothing".to_string(),
+        };
+        LlmError::Cloud { status: None, code: None, message, retryable: false, sent: true }
     }
 
     /// Interprets one event: answer text, tool-call fragments, the end, or an error (both
@@ -821,11 +1004,23 @@ impl StreamState {
                     data.chars().take(200).collect()
                 }
             });
-            return Err(LlmError::Cloud { status: None, code, message, retryable });
+            return Err(LlmError::Cloud { status: None, code, message, retryable, sent: true });
         }
         let Some(value) = value else {
-            // Unknown non-JSON data (keep-alives from proxies): ignore it.
-            return Ok(Step::default());
+            // An event the protocol does not define (`event: ping`) or one without data
+            // holds nothing to lose; unreadable data may have been part of the answer, and
+            // skipping it would hand on a different answer than the model wrote.
+            if data.is_empty() || !matches!(event.event.as_str(), "" | "message") {
+                return Ok(Step::default());
+            }
+            let snippet: String = data.chars().take(80).collect();
+            return Err(LlmError::Cloud {
+                status: None,
+                code: None,
+                message: format!("sent an event that is not JSON: `{snippet}`"),
+                retryable: false,
+                sent: true,
+            });
         };
         if let Some(usage) = value.get("usage").filter(|u| u.is_object()) {
             let number = |v: Option<&Value>| v.and_then(Value::as_u64).unwrap_or(0) as u32;
@@ -845,8 +1040,37 @@ impl StreamState {
                 if let Some(content) = choice.pointer("/delta/content").and_then(Value::as_str) {
                     text.push_str(content);
                 }
+                let delta = choice.get("delta");
+                self.reasoned |= ["reasoning_content", "reasoning"].iter().any(|field| {
+                    delta
+                        .and_then(|d| d.get(*field))
+                        .and_then(Value::as_str)
+                        .is_some_and(|r| !r.is_empty())
+                });
                 if let Some(calls) = choice.pointer("/delta/tool_calls").and_then(Value::as_array) {
-                    self.add_call_fragments(calls);
+                    if self.tools_offered {
+                        self.add_call_fragments(calls);
+                    } else if !self.wrote_text && text.is_empty() {
+                        // A call when none was offered, before any text: no answer to the
+                        // request as asked (the router falls back). After text, the text
+                        // is the answer and the call is dropped, as the request's contract
+                        // says (no calls without tools).
+                        let name = calls
+                            .iter()
+                            .find_map(|c| c.pointer("/function/name").and_then(Value::as_str))
+                            .unwrap_or("a tool");
+                        return Err(LlmError::Cloud {
+                            status: None,
+                            code: None,
+                            message: format!(
+                                "answered with a call of `{name}` although no tools were offered"
+                            ),
+                            retryable: false,
+                            sent: true,
+                        });
+                    } else {
+                        tracing::debug!("a tool call without tools offered is dropped");
+                    }
                 }
                 match choice.get("finish_reason").and_then(Value::as_str) {
                     None => {}
@@ -858,6 +1082,7 @@ impl StreamState {
                             code: Some("1301".to_string()),
                             message: "the answer was blocked by Z.ai's content filter".to_string(),
                             retryable: false,
+                            sent: true,
                         })
                     }
                     Some("network_error") => {
@@ -866,6 +1091,7 @@ impl StreamState {
                             code: None,
                             message: "the server reported an inference error".to_string(),
                             retryable: true,
+                            sent: true,
                         })
                     }
                     Some(_) => self.finish = Some(FinishReason::Stop),
@@ -873,6 +1099,7 @@ impl StreamState {
             }
         }
         if !text.is_empty() {
+            self.wrote_text = true;
             step.out.push(Chunk::Text(text));
         }
         // The calls are complete once the answer has finished.
@@ -912,7 +1139,12 @@ impl StreamState {
         let calls = std::mem::take(&mut self.calls);
         let out: Vec<Chunk> = calls
             .into_values()
-            .filter(|call| !call.name.is_empty())
+            // A call with arguments or an id but no name is still a call the model made: it
+            // goes on, to get the assistant's "names no tool" error result rather than
+            // vanish; only a fragment with nothing in it is noise.
+            .filter(|call| {
+                !call.name.is_empty() || !call.id.is_empty() || !call.arguments.trim().is_empty()
+            })
             .map(|call| {
                 Chunk::ToolCall(ToolCall {
                     id: if call.id.is_empty() { crate::tools::new_call_id() } else { call.id },
@@ -936,8 +1168,9 @@ impl StreamState {
         // Some servers end a tool-calling answer with `stop`: the calls say what it was.
         let finish = match self.finish {
             _ if self.made_calls => FinishReason::ToolCalls,
+            // …and calls that were not passed on (none offered) leave a plain answer.
+            Some(FinishReason::ToolCalls) | None => FinishReason::Stop,
             Some(finish) => finish,
-            None => FinishReason::Stop,
         };
         Chunk::Done { usage, finish }
     }
@@ -974,7 +1207,7 @@ mod tests {
 
     #[test]
     fn reasoning_is_dropped_and_errors_are_read() {
-        let mut state = StreamState::new(Dialect::Zai);
+        let mut state = StreamState::new(Dialect::Zai, true);
         let reasoning = r#"{"choices":[{"index":0,"delta":{"reasoning_content":"secret"}}]}"#;
         assert_eq!(state.apply(event(reasoning)).unwrap(), Step::default());
         let content = r#"{"choices":[{"index":0,"delta":{"content":"Hi"}}]}"#;
@@ -1003,7 +1236,7 @@ mod tests {
 
     #[test]
     fn tool_call_fragments_become_whole_calls_in_index_order() {
-        let mut state = StreamState::new(Dialect::OpenAi);
+        let mut state = StreamState::new(Dialect::OpenAi, true);
         let frames = [
             r#"{"choices":[{"index":0,"delta":{"content":"Let me check."}}]}"#,
             r#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"id":"call_a","type":"function","function":{"name":"current_time","arguments":""}}]}}]}"#,
@@ -1039,10 +1272,29 @@ mod tests {
         ));
     }
 
+    /// A call without a name reaches the assistant, which answers it with an error result
+    /// the model reads (QA pass 13: it vanished here); an empty fragment does not.
+    #[test]
+    fn a_call_without_a_name_goes_on_and_an_empty_fragment_does_not() {
+        let mut state = StreamState::new(Dialect::OpenAi, true);
+        let frames = [
+            r#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"id":"call_a","type":"function","function":{"arguments":"{\"x\":1}"}}]}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":1,"type":"function","function":{"arguments":" "}}]}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{},"finish_reason":"tool_calls"}]}"#,
+        ];
+        let mut out = Vec::new();
+        for frame in frames {
+            out.extend(state.apply(event(frame)).unwrap().out);
+        }
+        let call =
+            ToolCall { id: "call_a".into(), name: String::new(), arguments: r#"{"x":1}"#.into() };
+        assert_eq!(out, vec![Chunk::ToolCall(call)]);
+    }
+
     #[test]
     fn http_errors_keep_the_string_code() {
         let body = r#"{"error":{"code":"1113","message":"Insufficient balance"}}"#;
-        let LlmError::Cloud { status, code, message, retryable } =
+        let LlmError::Cloud { status, code, message, retryable, .. } =
             http_error(Dialect::Zai, 429, body)
         else {
             panic!()
@@ -1217,5 +1469,126 @@ mod tests {
         let info = OpenAiCompatProvider::new(reqwest::Client::new(), config).info();
         assert!(!info.leaves_machine);
         assert_eq!(info.host.as_deref(), Some("127.0.0.1:8000"));
+    }
+
+    #[test]
+    fn the_key_is_redacted_from_every_error() {
+        let key = Secret::new("sk-zai-0123456789");
+        let body = r#"{"error":{"code":"1000","message":"Invalid API key: sk-zai-0123456789"}}"#;
+        let err = scrub(http_error(Dialect::Zai, 401, body), Some(&key));
+        let LlmError::Cloud { ref message, status, sent, .. } = err else { panic!("{err:?}") };
+        assert_eq!(message, "Invalid API key: ***");
+        assert_eq!((status, sent), (Some(401), true));
+        // Raw text (no JSON), the `Authorization` value, a timeout's text: all redacted.
+        let raw = scrub(
+            http_error(Dialect::OpenAi, 401, "bad header Bearer sk-zai-0123456789"),
+            Some(&key),
+        );
+        assert!(!raw.to_string().contains("sk-zai"), "{raw}");
+        assert!(raw.to_string().contains("Bearer ***"), "{raw}");
+        let timeout = scrub(LlmError::Timeout("sk-zai-0123456789 stalled".into()), Some(&key));
+        assert_eq!(timeout.to_string(), "timed out: *** stalled");
+        assert_eq!(redact("nothing here", Some(&key)), "nothing here");
+        assert_eq!(redact("no key set", None), "no key set");
+    }
+
+    #[test]
+    fn an_answer_without_text_or_calls_says_why_it_is_none() {
+        let check = |frames: &[&str], expected: &str| {
+            let mut state = StreamState::new(Dialect::Zai, false);
+            for frame in frames {
+                let step = state.apply(event(frame)).expect("no error");
+                assert!(step.out.is_empty(), "{frame}: {step:?}");
+            }
+            let err = state.said_nothing();
+            assert!(
+                matches!(&err, LlmError::Cloud { retryable: false, sent: true, message, .. }
+                    if message == expected),
+                "{err:?}"
+            );
+        };
+        let thinking = r#"{"choices":[{"index":0,"delta":{"reasoning_content":"hmm"}}]}"#;
+        let stop = r#"{"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}"#;
+        let length = r#"{"choices":[{"index":0,"delta":{},"finish_reason":"length"}],"usage":{"prompt_tokens":3,"completion_tokens":64}}"#;
+        check(&["[DONE]"], "answered nothing");
+        check(&[thinking, stop, "[DONE]"], "thought, then answered nothing");
+        check(
+            &[thinking, length, "[DONE]"],
+            "spent its whole length limit (64 tokens) thinking and answered nothing",
+        );
+        check(&[length, "[DONE]"], "reached its length limit and answered nothing");
+    }
+
+    #[test]
+    fn unreadable_events_are_errors_and_undefined_ones_are_skipped() {
+        let mut state = StreamState::new(Dialect::OpenAi, false);
+        let ping = SseEvent { event: "ping".into(), data: "hello".into() };
+        assert_eq!(state.apply(ping).unwrap(), Step::default());
+        assert_eq!(state.apply(event("")).unwrap(), Step::default());
+        let err = state.apply(event("{not json")).unwrap_err();
+        assert!(
+            matches!(&err, LlmError::Cloud { retryable: false, message, .. }
+                if message.contains("not JSON") && message.contains("{not json")),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn a_call_without_tools_offered_is_no_answer_before_text_and_dropped_after() {
+        let call = r#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"id":"c","function":{"name":"get_weather","arguments":"{}"}}]}}]}"#;
+        let mut state = StreamState::new(Dialect::Zai, false);
+        let err = state.apply(event(call)).unwrap_err();
+        assert!(err.to_string().contains("`get_weather` although no tools were offered"), "{err}");
+
+        let mut state = StreamState::new(Dialect::Zai, false);
+        let text = r#"{"choices":[{"index":0,"delta":{"content":"Sunny."}}]}"#;
+        assert_eq!(
+            state.apply(event(text)).unwrap(),
+            Step { out: vec![Chunk::Text("Sunny.".into())], done: false }
+        );
+        assert_eq!(state.apply(event(call)).unwrap(), Step::default());
+        let last = r#"{"choices":[{"index":0,"delta":{},"finish_reason":"tool_calls"}]}"#;
+        assert!(state.apply(event(last)).unwrap().out.is_empty());
+        // The dropped call leaves a plain answer.
+        assert!(
+            matches!(state.done(0, Instant::now()), Chunk::Done { finish: FinishReason::Stop, .. }),
+            "{state:?}"
+        );
+    }
+
+    #[test]
+    fn zai_refuses_what_it_cannot_enforce_before_sending() {
+        let zai = OpenAiCompatProvider::new(
+            reqwest::Client::new(),
+            OpenAiCompatConfig { dialect: Dialect::Zai, ..remote(false) },
+        );
+        assert_eq!(
+            zai.capabilities(),
+            Capabilities { forced_tool_choice: false, json_schema: false }
+        );
+        let mut request = LlmRequest::new(
+            vec![crate::domain::ChatTurn::new(Role::User, "hi")],
+            GenerationParams::greedy(8),
+        );
+        assert!(zai.unsupported(&request).is_none());
+        request.tools = ToolUse::offer(vec![ToolSpec {
+            name: "current_time".into(),
+            description: "Now".into(),
+            parameters: json!({"type": "object"}),
+        }]);
+        assert!(zai.unsupported(&request).is_none(), "auto is fine");
+        request.tools.choice = ToolChoice::Required;
+        let err = zai.unsupported(&request).expect("refused");
+        assert!(matches!(&err, LlmError::InvalidRequest(m) if m.contains("tool_choice")), "{err}");
+        assert!(!err.prompt_may_have_left());
+        request.tools.choice = ToolChoice::Auto;
+        request.tools.response_format =
+            ResponseFormat::JsonSchema { name: "t".into(), schema: json!({"type": "object"}) };
+        assert!(zai.unsupported(&request).is_some());
+        request.tools.response_format = ResponseFormat::JsonObject;
+        assert!(zai.unsupported(&request).is_none());
+
+        let openai = OpenAiCompatProvider::new(reqwest::Client::new(), remote(false));
+        assert_eq!(openai.capabilities(), Capabilities::ALL);
     }
 }

@@ -9,7 +9,7 @@ use futures::future::BoxFuture;
 
 use crate::config::Secret;
 use crate::llm::providers::openai_compat::{Dialect, OpenAiCompatConfig, OpenAiCompatProvider};
-use crate::llm::{ChunkStream, LlmError, LlmRequest, Probe, Provider, ProviderInfo};
+use crate::llm::{Capabilities, ChunkStream, LlmError, LlmRequest, Probe, Provider, ProviderInfo};
 
 pub use crate::llm::providers::openai_compat::{is_retryable_code, SseEvent, SseParser};
 
@@ -23,7 +23,9 @@ pub struct ZaiConfig {
     pub model: String,
     /// Sent as `thinking: {"type": "enabled"|"disabled"}`; the reasoning is never shown.
     pub thinking: bool,
-    /// Limit for the response headers, and then for each wait for more of the stream.
+    /// Limit for the response headers, every try and the pauses between them included (a
+    /// retry whose pause would pass it is not made), and then for each wait for more of the
+    /// stream.
     pub timeout: Duration,
     /// Tries for retryable failures before the first token (1 means no retry).
     pub max_attempts: u32,
@@ -88,6 +90,10 @@ impl Provider for ZaiProvider {
 
     fn stream(&self, request: LlmRequest) -> BoxFuture<'_, Result<ChunkStream, LlmError>> {
         self.inner.stream(request)
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
     }
 
     fn probe(&self) -> BoxFuture<'_, Option<Probe>> {
