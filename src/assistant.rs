@@ -185,10 +185,10 @@ const REMINDER_CREATE_TOOL: &str = "reminders_create";
 pub const BUSY_NOTICE_KIND: &str = "busy";
 const BUSY_NOTICE: &str = "waiting for the previous answer in this conversation";
 
-/// A collected reply's error when its answer was stopped before it wrote anything.
 /// The failure kept with an answer a shutdown cut short (the page shows it after a reload).
 pub const SHUTDOWN_REASON: &str =
     "my-claw stopped while writing this answer (a restart or shutdown); the part shown is saved";
+/// A collected reply's error when its answer was stopped before it wrote anything.
 pub const STOPPED_BEFORE_ANY_TEXT: &str = "the answer was stopped before it wrote anything";
 
 /// Events buffered between a running answer and a slow reader.

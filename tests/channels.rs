@@ -2310,3 +2310,143 @@ async fn a_tagged_report_that_overtakes_a_send_in_flight_waits_for_every_part() 
     assert_eq!(model.requests().len(), 1, "the answer was generated again");
     app.worker.abort();
 }
+
+/// A model that writes "Zorvathi had a family of" and then: for a question with "stop me",
+/// waits (at most 30 s) for its answer to be stopped; with "fail me", fails; else ends the
+/// sentence. `written` is set once the assistant has taken the first text.
+struct CutModel {
+    written: Arc<std::sync::atomic::AtomicBool>,
+}
+
+const CUT_TEXT: &str = "Zorvathi had a family of";
+
+impl Provider for CutModel {
+    fn info(&self) -> ProviderInfo {
+        ProviderInfo {
+            provider: "local".into(),
+            model: "cut".into(),
+            leaves_machine: false,
+            host: None,
+        }
+    }
+
+    fn stream(&self, request: LlmRequest) -> BoxFuture<'_, Result<ChunkStream, LlmError>> {
+        let question = request.messages.last().map(|m| m.content.clone()).unwrap_or_default();
+        let written = self.written.clone();
+        Box::pin(async move {
+            let (tx, rx) = tokio::sync::mpsc::channel(4);
+            tokio::spawn(async move {
+                let _ = tx.send(Ok(Chunk::Text(CUT_TEXT.into()))).await;
+                if question.contains("stop me") || question.contains("fail me") {
+                    // The assistant took the text: it is part of the answer.
+                    let started = Instant::now();
+                    while tx.capacity() < tx.max_capacity() && started.elapsed() < ANSWER_LIMIT {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    written.store(true, Ordering::SeqCst);
+                }
+                if question.contains("stop me") {
+                    let _ = tokio::time::timeout(Duration::from_secs(30), tx.closed()).await;
+                    return;
+                }
+                if question.contains("fail me") {
+                    let _ = tx.send(Err(LlmError::Inference("the model crashed".into()))).await;
+                    return;
+                }
+                let _ = tx.send(Ok(Chunk::Text(" five.".into()))).await;
+                let usage = Usage { prompt_tokens: 10, completion_tokens: 6, ..Usage::default() };
+                let _ = tx.send(Ok(Chunk::Done { usage, finish: FinishReason::Stop })).await;
+            });
+            Ok(rx)
+        })
+    }
+}
+
+/// QA pass 14: Stop pressed in the WebChat on a WhatsApp conversation while its answer is
+/// written (`POST /api/chat/{id}/stop`) sends the text written so far with a last line saying
+/// it was stopped, not the cut-off text as if it were the whole answer; an answer that failed
+/// half-way says it failed; a complete answer is sent as written. The stored answers keep
+/// their text as written. Before, the stopped and the failed text went out bare.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_whatsapp_answer_is_sent_saying_it_was_stopped() {
+    let graph = StandIn::start(Kind::Graph).await;
+    let written = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let engine: Arc<dyn Provider> = Arc::new(CutModel { written: written.clone() });
+    let app = in_process_with(
+        &graph,
+        None,
+        engine,
+        &[USER_NUMBER],
+        AgentConfig::default(),
+        whatsapp::REQUEST_TIMEOUT,
+    )
+    .await;
+    let bodies = || -> Vec<String> {
+        graph
+            .messages()
+            .iter()
+            .map(|r| r.json()["text"]["body"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let last_answer = |pool: SqlitePool| async move {
+        let conv = memory::find_conversation(&pool, ChannelKind::WhatsApp, USER_NUMBER)
+            .await
+            .unwrap()
+            .expect("the conversation");
+        let history = memory::history(&pool, conv.id, 20).await.unwrap();
+        history.last().expect("an answer").clone()
+    };
+
+    // Stopped from the WebChat half-way.
+    let body = whatsapp_batch(&[raw_text_message("wamid.STOP", USER_NUMBER, "stop me")]);
+    assert_eq!(app.post_whatsapp(&body).await.status(), 200);
+    wait_until(Duration::from_secs(30), "the model wrote its first text", || {
+        written.load(Ordering::SeqCst)
+    })
+    .await;
+    // The assistant appends the text it took before it can see a stop.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let conv = memory::find_conversation(&app.pool, ChannelKind::WhatsApp, USER_NUMBER)
+        .await
+        .unwrap()
+        .expect("the conversation");
+    let stopped: Value = tokio::time::timeout(
+        Duration::from_secs(30),
+        client()
+            .post(format!("{}/api/chat/{}/stop", app.base, conv.id.0))
+            .bearer_auth(IN_PROCESS_TOKEN)
+            .send(),
+    )
+    .await
+    .expect("stop answers in time")
+    .expect("post stop")
+    .json()
+    .await
+    .expect("stop json");
+    assert_eq!(stopped["stopped"], true, "{stopped}");
+    assert_eq!(app.final_row("wamid.STOP").await.status, QueueStatus::Done);
+    assert_eq!(bodies(), [format!("{CUT_TEXT}\n\n{}", queue::STOPPED_MARK)]);
+    let answer = last_answer(app.pool.clone()).await;
+    assert_eq!(answer.content, CUT_TEXT, "the stored answer is the text as written");
+    assert_eq!(answer.status, memory::MessageStatus::Partial);
+    assert_eq!(answer.failure, None);
+    assert_eq!(answer.delivery_status.as_deref(), Some("sent"));
+
+    // A complete answer has no mark.
+    let body = whatsapp_batch(&[raw_text_message("wamid.WHOLE", USER_NUMBER, "tell me all")]);
+    assert_eq!(app.post_whatsapp(&body).await.status(), 200);
+    assert_eq!(app.final_row("wamid.WHOLE").await.status, QueueStatus::Done);
+    assert_eq!(bodies()[1..], [format!("{CUT_TEXT} five.")]);
+
+    // An answer that failed half-way says so, and its row keeps the failure.
+    let body = whatsapp_batch(&[raw_text_message("wamid.FAIL", USER_NUMBER, "fail me")]);
+    assert_eq!(app.post_whatsapp(&body).await.status(), 200);
+    let row = app.final_row("wamid.FAIL").await;
+    assert_eq!(row.status, QueueStatus::Failed, "{row:?}");
+    assert_eq!(bodies()[2..], [format!("{CUT_TEXT}\n\n{}", queue::FAILED_MARK)]);
+    let answer = last_answer(app.pool.clone()).await;
+    assert_eq!(answer.content, CUT_TEXT);
+    assert_eq!(answer.status, memory::MessageStatus::Partial);
+    assert!(answer.failure.is_some(), "{answer:?}");
+    app.worker.abort();
+}

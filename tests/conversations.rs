@@ -671,6 +671,8 @@ async fn an_answer_outlives_its_page_and_another_page_can_follow_it() {
     assert_eq!(messages[1]["content"], "answer to write a long story");
     // Nothing runs any more.
     assert_eq!(live(id).await.expect("GET live").status(), 204);
+    // A conversation that does not exist is no idle one (QA pass 14).
+    assert_eq!(live(id + 1000).await.expect("GET live").status(), 404);
     assert_eq!(answering(&app.get_json("/api/conversations").await), json!(false));
     assert!(messages[1].get("error").is_none(), "complete, not failed: {}", messages[1]);
 }

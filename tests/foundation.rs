@@ -787,6 +787,72 @@ async fn sign_in_link_leaves_an_older_database_untouched() {
     assert_eq!(names, ["my-claw.db"]);
 }
 
+/// At most 16 sign-in links work at once. The 17th cancels the oldest unused one, whose
+/// redeem would then say "already used or has expired": the command says it cancelled it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sign_in_link_beyond_the_bound_says_it_cancelled_the_oldest() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = open(&dir.path().join("my-claw.db")).await;
+    let mut live = Vec::new();
+    for _ in 0..db::sign_in::MAX_LIVE_CODES {
+        live.push(db::sign_in::issue(&pool, Duration::from_secs(600)).await.unwrap());
+    }
+    let out = tokio::task::block_in_place(|| {
+        run_binary(
+            &["sign-in-link"],
+            &[("DATA_DIR", dir.path().to_str().unwrap()), ("BIND", "127.0.0.1:9")],
+            dir.path(),
+        )
+    });
+    let stdout = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.starts_with("http://127.0.0.1:9/?code="), "{stdout}");
+    let cancelled: Vec<&str> = stderr.lines().filter(|l| l.contains("cancelled")).collect();
+    assert_eq!(
+        cancelled,
+        ["(this cancelled the oldest unused link: at most 16 work at once)"],
+        "{stderr}"
+    );
+    assert!(!db::sign_in::redeem(&pool, live[0].expose()).await.unwrap(), "the oldest went");
+    assert!(db::sign_in::redeem(&pool, live[1].expose()).await.unwrap());
+
+    // With room (one was just spent), a new link cancels nothing and says nothing of it.
+    let out = tokio::task::block_in_place(|| {
+        run_binary(
+            &["sign-in-link"],
+            &[("DATA_DIR", dir.path().to_str().unwrap()), ("BIND", "127.0.0.1:9")],
+            dir.path(),
+        )
+    });
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(!stderr.contains("cancelled"), "{stderr}");
+    pool.close().await;
+}
+
+/// A database path that cannot be looked at (for a user who cannot read DATA_DIR:
+/// permission denied; here, as the tests may run as root, a DATA_DIR that is a regular
+/// file: ENOTDIR) is said with its cause, not as a missing database to start my-claw for.
+#[test]
+fn sign_in_link_says_why_it_cannot_read_the_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let not_a_dir = dir.path().join("data");
+    std::fs::write(&not_a_dir, b"").unwrap();
+    let out = run_binary(
+        &["sign-in-link"],
+        &[("DATA_DIR", not_a_dir.to_str().unwrap()), ("BIND", "127.0.0.1:9")],
+        dir.path(),
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let database = not_a_dir.join("my-claw.db");
+    assert!(stderr.contains(&format!("cannot read {}: ", database.display())), "{stderr}");
+    assert!(!stderr.contains("start my-claw once"), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(out.stdout.is_empty());
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn data_dir_and_database_are_private_whatever_the_umask() {
     use std::os::unix::fs::PermissionsExt;

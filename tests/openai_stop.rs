@@ -301,7 +301,7 @@ async fn malformed_stop_and_unsupported_sampling_fields_get_a_400_naming_them() 
         (json!({"stop": ""}), "stop sequences must not be empty", "stop"),
         (json!({"stop": ["a", ""]}), "stop sequences must not be empty", "stop"),
         (json!({"stop": ["a", "b", "c", "d", "e"]}), "stop has 5 sequences; at most 4", "stop"),
-        (json!({"stop": ["a", 1]}), "stop[1] must be a string", "stop"),
+        (json!({"stop": ["a", 1]}), "stop[1] must be a string", "stop[1]"),
         (json!({"stop": 42}), "stop must be a string or an array", "stop"),
         (json!({"frequency_penalty": 0.5}), "frequency_penalty is not", "frequency_penalty"),
         (json!({"logit_bias": {"42": 10}}), "logit_bias is not supported", "logit_bias"),
@@ -318,7 +318,11 @@ async fn malformed_stop_and_unsupported_sampling_fields_get_a_400_naming_them() 
         (json!({"n": 2}), "only n = 1 is supported", "n"),
         (json!({"tools": {}}), "tools must be an array", "tools"),
         (json!({"tool_choice": "always"}), "tool_choice `always` is not supported", "tool_choice"),
-        (json!({"response_format": {"type": "xml"}}), "response_format.type", "response_format"),
+        (
+            json!({"response_format": {"type": "xml"}}),
+            "response_format.type",
+            "response_format.type",
+        ),
         (json!({"messages": []}), "messages must not be empty", "messages"),
     ];
     for (extra, expected, param) in cases {

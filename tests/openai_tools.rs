@@ -699,6 +699,14 @@ async fn malformed_tool_requests_get_clear_400s() {
         let message = error["error"]["message"].as_str().unwrap_or_default();
         assert!(message.contains(expected), "{expected:?} not in {message:?} for {body}");
         assert!(!message.contains('\n'), "{message}");
+        // The field at fault is named: the path the message begins with, nested ones whole
+        // (`messages[1].role`, `tools[0].function.name`; QA pass 14).
+        let param = error["error"]["param"].as_str().unwrap_or_else(|| panic!("{error}"));
+        assert!(message.contains(param), "{param}: {message}");
+        if message.starts_with("messages[") || message.starts_with("tools[") {
+            let lead = message.split([' ', ':']).next().unwrap().trim_end_matches('.');
+            assert_eq!(param, lead, "{message}");
+        }
     }
     assert_eq!(app.request_count(), 0, "no malformed request reached the model");
 }

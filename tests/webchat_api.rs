@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tower::ServiceExt;
 
-use my_claw::db::memory::{self, NewMessage};
+use my_claw::db::memory::{self, MessageStatus, NewMessage};
 use my_claw::domain::{ChannelKind, ConversationId, Role};
 use my_claw::gateway::{self, AppState};
 use my_claw::llm::{
@@ -361,6 +361,52 @@ async fn edit_and_regenerate_of_a_message_that_is_no_longer_last_are_refused() {
         .collect();
     assert_eq!(texts[..3], ["first question", "echo 1: first question", "second, edited"]);
     assert_eq!(texts.len(), 4, "{texts:?}");
+}
+
+/// An export says "stopped" only of an answer the user stopped: one a failure or a
+/// shutdown cut short says why, in both formats, and a local answer written after a
+/// remote got the prompt names that host (QA pass 14).
+#[tokio::test]
+async fn exports_say_why_an_answer_ended_early_and_where_its_prompt_went() {
+    let app = app().await;
+    let pool = &app.state.pool;
+    let conversation = memory::create_webchat_conversation(pool, None).await.unwrap().id;
+    let answer = |text: &str| NewMessage {
+        status: MessageStatus::Partial,
+        tier: Some("code".into()),
+        provider: Some("local".into()),
+        model: Some("main.gguf".into()),
+        ..NewMessage::plain(conversation, Role::Assistant, text)
+    };
+    memory::add_answer(pool, &answer("stopped by me"), &[], None).await.unwrap();
+    let stall = "timed out: Z.ai stream stalled for 5s";
+    memory::add_answer(pool, &answer("cut by a stall"), &[], Some(stall)).await.unwrap();
+    let fell_back = NewMessage {
+        status: MessageStatus::Complete,
+        host: Some("127.0.0.1:8000".into()),
+        ..answer("written by main")
+    };
+    memory::add_answer(pool, &fell_back, &[], None).await.unwrap();
+
+    let path = format!("/api/conversations/{}/export?format=md", conversation.0);
+    let (status, _, body) = call(&app, Method::GET, &path, None).await;
+    assert_eq!(status, StatusCode::OK);
+    let markdown = String::from_utf8(body).unwrap();
+    assert_eq!(markdown.matches("stopped before the end").count(), 1, "{markdown}");
+    assert!(markdown.contains(&format!("· cut short: {stall}\n\ncut by a stall")), "{markdown}");
+    let sent = "on this machine after the prompt was sent to 127.0.0.1:8000";
+    assert!(markdown.contains(sent), "{markdown}");
+
+    let path = format!("/api/conversations/{}/export?format=json", conversation.0);
+    let (_, _, body) = call(&app, Method::GET, &path, None).await;
+    let document: Value = serde_json::from_slice(&body).expect("export JSON");
+    let errors: Vec<&Value> = document["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m.get("error").unwrap_or(&Value::Null))
+        .collect();
+    assert_eq!(errors, [&Value::Null, &json!(stall), &Value::Null]);
 }
 
 #[tokio::test]

@@ -10,6 +10,7 @@
 //! dropped and never sent twice. Knows no HTTP server and no model details: it calls
 //! `Assistant` and the `Channel` trait.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,6 +22,7 @@ use crate::channels::{
     redact, AnswerParts, Channel, ChannelError, Channels, Progress, QueuedInbound,
 };
 use crate::db::inbound::{self, QueueEntry, QueueStatus, StoredTurn};
+use crate::db::memory::{self, MessageStatus, StoredMessage};
 use crate::db::now_ms;
 use crate::domain::{Inbound, MessageId};
 use crate::error::Error;
@@ -53,6 +55,13 @@ its own. Please send a shorter one.";
 /// while answering it (it may be what stops it, so it is not tried again).
 pub const INTERRUPTED_REPLY: &str = "Sorry, something went wrong each time I tried to answer \
 your last message, so I have given up on it. Please send it again, perhaps worded differently.";
+
+/// The last line sent after the text of an answer the user stopped (the WebChat's Stop on a
+/// channel conversation), so the person reading it knows it is cut, not complete. Only in what
+/// is sent: the stored answer keeps the text as written (see `Ending`).
+pub const STOPPED_MARK: &str = "— stopped before the end";
+/// The last line sent after the text of an answer that failed while being written.
+pub const FAILED_MARK: &str = "— this answer failed before the end";
 
 /// The reply to a message longer than the channel's limit.
 pub fn too_long_reply(n_chars: usize, limit: usize) -> String {
@@ -173,6 +182,41 @@ struct Answer {
     message_id: Option<MessageId>,
     text: String,
     error: Option<String>,
+    ending: Ending,
+}
+
+/// How an answer's text ended, which decides the line sent after it. Read from the stored
+/// answer, on the first try and on every later one alike, so that the text sent (which the
+/// recorded parts' ends point into) is the same each time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ending {
+    /// Complete (or no stored answer): sent as written.
+    Complete,
+    /// `partial` without a failure: the user stopped it (`STOPPED_MARK`).
+    Stopped,
+    /// `partial` with a failure: the model failed while writing it (`FAILED_MARK`).
+    Failed,
+}
+
+impl Ending {
+    fn of(message: &StoredMessage) -> Ending {
+        match (message.status, &message.failure) {
+            (MessageStatus::Partial, None) => Ending::Stopped,
+            (MessageStatus::Partial, Some(_)) => Ending::Failed,
+            _ => Ending::Complete,
+        }
+    }
+
+    /// What is sent for `text`: as written, or with the mark as its last line (the split into
+    /// parts keeps it in the last part, or a part of its own when the text fills one).
+    fn sent_text(self, text: &str) -> Cow<'_, str> {
+        let mark = match self {
+            Ending::Complete => return Cow::Borrowed(text),
+            Ending::Stopped => STOPPED_MARK,
+            Ending::Failed => FAILED_MARK,
+        };
+        Cow::Owned(format!("{}\n\n{mark}", text.trim_end()))
+    }
 }
 
 impl Worker {
@@ -445,7 +489,11 @@ impl Worker {
                 return self.tell_permanent_failure(channel.as_ref(), &message, outcome).await
             }
         };
-        let text = if answer.text.trim().is_empty() { FAILURE_REPLY } else { answer.text.as_str() };
+        let text = if answer.text.trim().is_empty() {
+            Cow::Borrowed(FAILURE_REPLY)
+        } else {
+            answer.ending.sent_text(&answer.text)
+        };
         // The state is written before the answer leaves: if the process stops before the
         // channel's answer is recorded, the next run finds `sending` and does not send it
         // a second time (see `answer`). Each part is recorded as the channel accepts it, so
@@ -471,7 +519,7 @@ impl Worker {
             Some(parts) => parts.progress(),
             None => Progress::unrecorded(),
         };
-        let outcome = match channel.reply(&message, text, progress).await {
+        let outcome = match channel.reply(&message, &text, progress).await {
             Ok(_) => {
                 self.record_sent(answer.message_id).await;
                 tracing::info!(channel = %entry.channel, to = %redact(&message.conversation_key), "answered");
@@ -502,15 +550,21 @@ impl Worker {
             Some(turn) => match turn.answer {
                 Some(answer) => {
                     return match answer.delivery_status.as_deref() {
-                        None => Ok(Some(Answer {
+                        None if answer.status == "error" => Ok(Some(Answer {
                             message_id: Some(answer.message_id),
-                            error: (answer.status == "error").then(|| answer.content.clone()),
-                            text: if answer.status == "error" {
-                                String::new()
-                            } else {
-                                answer.content
-                            },
+                            error: Some(answer.content),
+                            text: String::new(),
+                            ending: Ending::Complete,
                         })),
+                        None => {
+                            let (ending, failure) = self.ending(answer.message_id).await?;
+                            Ok(Some(Answer {
+                                message_id: Some(answer.message_id),
+                                error: failure,
+                                text: answer.content,
+                                ending,
+                            }))
+                        }
                         Some("sending") => {
                             if let Err(e) = inbound::mark_delivery_unknown(
                                 &self.pool,
@@ -539,13 +593,27 @@ impl Worker {
         };
         match reply {
             Ok(Reply { message_id, text, error, .. }) => {
-                Ok(Some(Answer { message_id, text, error }))
+                let ending = match message_id {
+                    Some(id) => self.ending(id).await?.0,
+                    None => Ending::Complete,
+                };
+                Ok(Some(Answer { message_id, text, error, ending }))
             }
             Err(e) if is_transient(&e) => Err(Outcome::Retry(e.to_string())),
             Err(e @ Error::Llm(LlmError::ContextOverflow { .. })) => {
                 Err(Outcome::Refused { reason: e.to_string(), reply: TOO_LARGE_REPLY })
             }
             Err(e) => Err(Outcome::Refused { reason: e.to_string(), reply: FAILURE_REPLY }),
+        }
+    }
+
+    /// How the stored answer `id` ended, and its failure.
+    async fn ending(&self, id: MessageId) -> Result<(Ending, Option<String>), Outcome> {
+        match memory::get_message(&self.pool, id).await {
+            Ok(Some(message)) => Ok((Ending::of(&message), message.failure)),
+            // Deleted meanwhile (the conversation too): sent as it was collected.
+            Ok(None) => Ok((Ending::Complete, None)),
+            Err(e) => Err(Outcome::Retry(format!("database: {e}"))),
         }
     }
 

@@ -42,6 +42,9 @@ pub struct ExportMessage {
     pub host: Option<String>,
     /// Whether the answer was written on another machine (the privacy ledger).
     pub left_machine: bool,
+    /// Why an answer failed or was cut by a shutdown (migration 0009); `None` when it
+    /// completed or the user stopped it.
+    pub failure: Option<String>,
 }
 
 /// What a backup copy holds, checked on the copy itself.
@@ -90,7 +93,7 @@ pub async fn messages_after(
 ) -> Result<Vec<ExportMessage>, sqlx::Error> {
     sqlx::query_as(
         "SELECT id, role, content, tier, provider, model, status, prompt_tokens,
-                completion_tokens, created_at, tool_rounds, host, left_machine
+                completion_tokens, created_at, tool_rounds, host, left_machine, failure
          FROM messages WHERE conversation_id = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
     )
     .bind(conversation_id.0)

@@ -14,14 +14,31 @@ use sqlx::SqlitePool;
 use crate::config::Secret;
 use crate::db::now_ms;
 
-/// Codes alive at once; issuing one more deletes the oldest. Bounds what an endless stream
-/// of (authenticated) issue requests can leave in the database.
+/// Codes alive at once; issuing one more deletes the oldest (and says so, see
+/// [`Issued::cancelled`]). Bounds what an endless stream of (authenticated) issue requests
+/// can leave in the database.
 pub const MAX_LIVE_CODES: i64 = 16;
+
+/// A new code, and what making it cost.
+#[derive(Debug)]
+pub struct Issued {
+    pub code: Secret,
+    /// Live codes (neither spent nor expired) deleted to keep `MAX_LIVE_CODES`: the links
+    /// that carried them now fail as "already used or has expired", which is not what
+    /// happened, so whoever made this one is told. Expired codes deleted on the way are not
+    /// counted. A deleted code is not remembered: redeeming it looks like a wrong code.
+    pub cancelled: u64,
+}
+
+/// A new code (see [`issue_counted`]), for callers that do not say what it cancelled.
+pub async fn issue(pool: &SqlitePool, lifetime: Duration) -> Result<Secret, sqlx::Error> {
+    Ok(issue_counted(pool, lifetime).await?.code)
+}
 
 /// A new code: 128 random bits as 32 hex characters, redeemable for `lifetime`. Its digest
 /// goes in with its expiry (Unix milliseconds), in the transaction that deletes the expired
-/// codes and the oldest beyond `MAX_LIVE_CODES`.
-pub async fn issue(pool: &SqlitePool, lifetime: Duration) -> Result<Secret, sqlx::Error> {
+/// codes and the oldest live ones beyond `MAX_LIVE_CODES`, which it counts.
+pub async fn issue_counted(pool: &SqlitePool, lifetime: Duration) -> Result<Issued, sqlx::Error> {
     let mut bytes = [0u8; 16];
     rand::rng().fill_bytes(&mut bytes);
     let code = Secret::new(hex::encode(bytes));
@@ -38,16 +55,17 @@ pub async fn issue(pool: &SqlitePool, lifetime: Duration) -> Result<Secret, sqlx
         .execute(&mut *tx)
         .await?;
     // `id` is the rowid: each new row takes one above the largest, so the largest ids are
-    // the newest codes.
-    sqlx::query(
+    // the newest codes. The expired ones are gone already: what this deletes was live.
+    let cancelled = sqlx::query(
         "DELETE FROM sign_in_codes
          WHERE id NOT IN (SELECT id FROM sign_in_codes ORDER BY id DESC LIMIT ?1)",
     )
     .bind(MAX_LIVE_CODES)
     .execute(&mut *tx)
-    .await?;
+    .await?
+    .rows_affected();
     tx.commit().await?;
-    Ok(code)
+    Ok(Issued { code, cancelled })
 }
 
 /// Whether `given` is a live code; a code that matches is spent. One `DELETE` decides, so of
@@ -160,6 +178,26 @@ mod tests {
         assert!(!redeem(&pool, issued[0].expose()).await.unwrap(), "the oldest went");
         assert!(redeem(&pool, issued[1].expose()).await.unwrap());
         assert!(redeem(&pool, issued[MAX_LIVE_CODES as usize].expose()).await.unwrap());
+    }
+
+    /// The code that makes room is counted, so the one who made the new link can be told
+    /// that an older one stopped working; expired codes deleted on the way are not.
+    #[tokio::test]
+    async fn issuing_beyond_the_bound_counts_the_live_code_it_cancelled() {
+        let (_dir, pool) = fresh().await;
+        issue(&pool, Duration::ZERO).await.unwrap();
+        let mut issued = Vec::new();
+        for _ in 0..MAX_LIVE_CODES {
+            let made = issue_counted(&pool, LIFETIME).await.unwrap();
+            assert_eq!(made.cancelled, 0, "only an expired code went");
+            issued.push(made.code);
+        }
+        let made = issue_counted(&pool, LIFETIME).await.unwrap();
+        assert_eq!(made.cancelled, 1);
+        assert!(!redeem(&pool, issued[0].expose()).await.unwrap(), "the oldest went");
+        assert!(redeem(&pool, issued[1].expose()).await.unwrap());
+        // A spent code leaves room: the next one cancels nothing.
+        assert_eq!(issue_counted(&pool, LIFETIME).await.unwrap().cancelled, 0);
     }
 
     /// Many redeems of one code at once, through two pools as two processes would: one

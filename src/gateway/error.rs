@@ -21,10 +21,10 @@ pub enum ApiError {
     /// A bad value of the request field `param` (a 400 whose `param` names it).
     #[error("{message}")]
     BadParam { param: &'static str, message: String },
-    /// A JSON body that does not fit the request's shape, with the field serde stopped at
-    /// when it names one (`max_tokens`, `messages[0].role`).
-    #[error("invalid JSON body: {message}")]
-    InvalidJson { param: Option<String>, message: String },
+    /// A body or query string that does not fit the request's shape, with the field serde
+    /// stopped at when it names one (`max_tokens`, `messages[0].role`, `limit`).
+    #[error("{message}")]
+    BadShape { param: Option<String>, message: String },
     #[error("missing or invalid bearer token")]
     Unauthorized,
     /// A missing or wrong shared secret other than the bearer token (`X-Cron-Secret`).
@@ -83,7 +83,7 @@ impl ApiError {
         match self {
             ApiError::BadRequest(_)
             | ApiError::BadParam { .. }
-            | ApiError::InvalidJson { .. }
+            | ApiError::BadShape { .. }
             | ApiError::ContextTooLong(_) => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized | ApiError::WrongSecret(_) | ApiError::BadSignature => {
                 StatusCode::UNAUTHORIZED
@@ -101,7 +101,7 @@ impl ApiError {
 
     fn code(&self) -> &'static str {
         match self {
-            ApiError::BadRequest(_) | ApiError::BadParam { .. } | ApiError::InvalidJson { .. } => {
+            ApiError::BadRequest(_) | ApiError::BadParam { .. } | ApiError::BadShape { .. } => {
                 "bad_request"
             }
             ApiError::Unauthorized | ApiError::WrongSecret(_) => "unauthorized",
@@ -133,7 +133,7 @@ impl ApiError {
     fn param(&self) -> Option<&str> {
         match self {
             ApiError::BadParam { param, .. } => Some(param),
-            ApiError::InvalidJson { param, .. } => param.as_deref(),
+            ApiError::BadShape { param, .. } => param.as_deref(),
             // The prompt is what does not fit.
             ApiError::ContextTooLong(_) => Some("messages"),
             _ => None,
@@ -233,14 +233,17 @@ impl From<JsonRejection> for ApiError {
             }
             JsonRejection::JsonDataError(ref e) => match serde_path_error(e) {
                 Some(found) => invalid_json(found),
-                None => ApiError::InvalidJson {
+                None => ApiError::BadShape {
                     param: None,
-                    message: without_type_names(&rejection.body_text()),
+                    message: format!(
+                        "invalid JSON body: {}",
+                        without_type_names(&rejection.body_text())
+                    ),
                 },
             },
-            other => ApiError::InvalidJson {
+            other => ApiError::BadShape {
                 param: None,
-                message: without_type_names(&other.body_text()),
+                message: format!("invalid JSON body: {}", without_type_names(&other.body_text())),
             },
         }
     }
@@ -248,9 +251,17 @@ impl From<JsonRejection> for ApiError {
 
 /// A JSON value of the wrong shape, naming the field serde stopped at (see `field_of`).
 pub fn invalid_json(error: &serde_path_to_error::Error<serde_json::Error>) -> ApiError {
-    ApiError::InvalidJson {
+    // serde reads a struct from a list too, field by field in order: a list at the top is
+    // no request at all, whatever its first element says.
+    if error.path().to_string().starts_with('[') {
+        return ApiError::BadShape {
+            param: None,
+            message: "invalid JSON body: expected a JSON object, not a list".into(),
+        };
+    }
+    ApiError::BadShape {
         param: field_of(error),
-        message: without_type_names(&error.to_string()),
+        message: format!("invalid JSON body: {}", without_type_names(&error.to_string())),
     }
 }
 
@@ -273,15 +284,16 @@ fn serde_path_error(
 /// The request field an error is about, as OpenAI's `param` names it: the path serde was
 /// at (`max_tokens`, `messages[0].role`, an unknown field's own path), or for a missing
 /// field that field under the path (`messages[0].content`). `None` for the body as a whole
-/// (not an object, say, or a list).
+/// (not an object, say).
 fn field_of(error: &serde_path_to_error::Error<serde_json::Error>) -> Option<String> {
     let path = error.path().to_string();
-    // A top that is a list (which serde reads as a struct's fields in order) has no field.
-    let path = (path != "." && !path.starts_with('[')).then_some(path);
+    let path = (path != ".").then_some(path);
     let inner = error.inner().to_string();
-    let missing = inner
-        .strip_prefix("missing field `")
-        .and_then(|rest| Some(rest[..rest.find('`')?].to_string()));
+    // A missing or repeated field is reported at the object that holds it.
+    let missing = ["missing field `", "duplicate field `"].iter().find_map(|prefix| {
+        let rest = inner.strip_prefix(prefix)?;
+        Some(rest[..rest.find('`')?].to_string())
+    });
     match (path, missing) {
         (Some(path), Some(field)) => Some(format!("{path}.{field}")),
         (None, Some(field)) => Some(field),
@@ -337,7 +349,14 @@ pub struct ApiQuery<T>(pub T);
 
 impl From<QueryRejection> for ApiError {
     fn from(rejection: QueryRejection) -> Self {
-        ApiError::BadRequest(format!("invalid query string: {}", rejection.body_text()))
+        // serde_urlencoded keeps no path: a field it names (`duplicate field `limit``,
+        // `unknown field …`) is the parameter at fault.
+        let text = rejection.body_text();
+        let param = text
+            .split_once("field `")
+            .and_then(|(_, rest)| Some(rest[..rest.find('`')?].to_string()));
+        let detail = text.strip_prefix("Failed to deserialize query string: ").unwrap_or(&text);
+        ApiError::BadShape { param, message: format!("invalid query string: {detail}") }
     }
 }
 
@@ -452,6 +471,26 @@ mod tests {
         let error = serde_path_to_error::deserialize::<_, Outer>(serde_json::json!([1]));
         let message = invalid_json(&error.unwrap_err()).to_string();
         assert!(!message.contains("Outer"), "no Rust type in {message}");
+        assert!(message.ends_with("expected a JSON object, not a list"), "{message}");
+        // A field given twice (only text can say it twice) is named at its object.
+        let text = r#"{"messages": [{"role": "user", "role": "user"}]}"#;
+        let mut json = serde_json::Deserializer::from_str(text);
+        let error = serde_path_to_error::deserialize::<_, Outer>(&mut json).unwrap_err();
+        assert_eq!(invalid_json(&error).param(), Some("messages[0].role"));
+    }
+
+    #[test]
+    fn a_query_string_error_names_the_parameter_serde_names() {
+        #[derive(Debug, serde::Deserialize)]
+        #[allow(dead_code)]
+        struct Query {
+            limit: Option<String>,
+        }
+        let uri: axum::http::Uri = "/x?limit=1&limit=2".parse().unwrap();
+        let rejection = axum::extract::Query::<Query>::try_from_uri(&uri).unwrap_err();
+        let error = ApiError::from(rejection);
+        assert_eq!((error.status(), error.param()), (StatusCode::BAD_REQUEST, Some("limit")));
+        assert_eq!(error.to_string(), "invalid query string: duplicate field `limit`");
     }
 
     #[test]

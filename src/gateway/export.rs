@@ -74,6 +74,10 @@ struct MessageJson<'a> {
     tool_rounds: serde_json::Value,
     host: Option<&'a str>,
     left_machine: bool,
+    /// Why an answer failed or was cut by a shutdown, as the messages API's `error`;
+    /// absent when it completed or the user stopped it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<&'a str>,
 }
 
 async fn get_conversation_export(
@@ -230,6 +234,7 @@ fn message_json(m: &ExportMessage) -> MessageJson<'_> {
         created_at: m.created_at,
         host: m.host.as_deref(),
         left_machine: m.left_machine,
+        error: m.failure.as_deref(),
         tool_rounds: m
             .tool_rounds
             .as_deref()
@@ -259,8 +264,8 @@ fn conversation_markdown(c: &ExportConversation, messages: &[ExportMessage]) -> 
                 let place = match (m.provider.as_deref(), m.left_machine, m.host.as_deref()) {
                     (None, ..) => String::new(),
                     // Written here by the fallback, after a cloud or remote call that had
-                    // been sent the prompt failed.
-                    (Some("local"), true, Some(host)) => {
+                    // been sent the prompt failed (the in-process engine has no host).
+                    (Some("local"), _, Some(host)) => {
                         format!(", on this machine after the prompt was sent to {host}")
                     }
                     (Some("local"), true, None) => {
@@ -279,10 +284,13 @@ fn conversation_markdown(c: &ExportConversation, messages: &[ExportMessage]) -> 
             }
             other => other.to_string(),
         };
-        let status = match m.status.as_str() {
-            "partial" => " · stopped before the end",
-            "error" => " · failed",
-            _ => "",
+        // "Stopped" only when the user stopped it: a failure, or a shutdown's cut, says why.
+        let status = match (m.status.as_str(), m.failure.as_deref()) {
+            ("partial", None) => " · stopped before the end".to_string(),
+            ("partial", Some(why)) => format!(" · cut short: {}", why.replace('\n', " ")),
+            // Its text is `memory::no_answer_text`, which says why.
+            ("error", _) => " · failed".to_string(),
+            _ => String::new(),
         };
         let _ = write!(out, "\n---\n\n**{who}** · {}{status}\n\n", format_time(m.created_at));
         for round in crate::db::memory::rounds_from_json(m.tool_rounds.as_deref()) {

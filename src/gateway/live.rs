@@ -68,6 +68,10 @@ async fn get_live(
 ) -> Result<Response, ApiError> {
     let id = ConversationId(parse_id(&id)?);
     let Some((seen, mut next)) = state.assistant.live().follow(id) else {
+        // Nothing runs there: 204, unless there is no such conversation at all.
+        if crate::db::memory::get_conversation(&state.pool, id).await?.is_none() {
+            return Err(ApiError::NotFound(format!("conversation {} does not exist", id.0)));
+        }
         return Ok(StatusCode::NO_CONTENT.into_response());
     };
     let (tx, rx) = mpsc::channel::<ChatEvent>(64);

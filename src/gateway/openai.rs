@@ -745,9 +745,21 @@ fn tool_call_deltas(index: u32, call: ToolCall) -> [Delta; 2] {
     [header, arguments].map(|d| Delta { tool_calls: vec![d], ..Delta::default() })
 }
 
-/// A 400 about the request field `param`, which OpenAI's clients read from the error.
+/// A 400 about the request field `param`, which OpenAI's clients read from the error. Our
+/// messages begin with the path they are about (`messages[1].role …`, `tools[0].function.name
+/// …`): a path inside `param` is named whole, as serde's own errors name theirs.
 fn invalid(param: &'static str, message: String) -> ApiError {
-    ApiError::BadParam { param, message }
+    let lead: String = message
+        .chars()
+        .take_while(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '[' | ']'))
+        .collect();
+    let path = lead.trim_end_matches('.');
+    match path.strip_prefix(param) {
+        Some(rest) if rest.starts_with(['[', '.']) => {
+            ApiError::BadShape { param: Some(path.to_string()), message }
+        }
+        _ => ApiError::BadParam { param, message },
+    }
 }
 
 /// The request's `tools`, `tool_choice`, `parallel_tool_calls` and `response_format` as the

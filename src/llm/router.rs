@@ -106,11 +106,13 @@ impl Routed {
         self.info.leaves_machine || self.sent_to.as_ref().is_some_and(|sent| sent.leaves_machine)
     }
 
-    /// The host the ledger records: the one the prompt left for when only a failed provider
-    /// took it off the machine, else the answerer's.
+    /// The host the ledger records: the answerer's own when it is off the machine or has
+    /// one, else that of the failed provider the prompt was sent to (on loopback too: the
+    /// ledger names every host a prompt went to, off the machine or not).
     pub fn host(&self) -> Option<String> {
         match &self.sent_to {
             Some(sent) if sent.leaves_machine && !self.info.leaves_machine => sent.host.clone(),
+            Some(sent) if self.info.host.is_none() => sent.host.clone(),
             _ => self.info.host.clone(),
         }
     }
@@ -1015,11 +1017,11 @@ mod tests {
             Routed { stream, tier: Tier::Code, info: main, notices: Vec::new(), sent_to: None };
         assert!(!routed.leaves_machine());
         assert_eq!(routed.host(), None);
-        // A loopback server got it: still on the machine, and main's ledger stands.
+        // A loopback server got it: still on the machine, with that server named.
         routed.sent_to =
             Some(PromptSent { host: Some("127.0.0.1:8000".into()), leaves_machine: false });
         assert!(!routed.leaves_machine());
-        assert_eq!(routed.host(), None);
+        assert_eq!(routed.host().as_deref(), Some("127.0.0.1:8000"), "named, as README says");
         routed.sent_to = Some(PromptSent { host: Some("api.z.ai".into()), leaves_machine: true });
         assert!(routed.leaves_machine());
         assert_eq!(routed.host().as_deref(), Some("api.z.ai"));
