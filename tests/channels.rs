@@ -292,6 +292,10 @@ fn server_env(graph: Option<&StandIn>, talk: Option<&StandIn>) -> Vec<(String, S
     let mut env = smollm2_env();
     let mut set = |k: &str, v: String| env.push((k.to_string(), v));
     set("REPLY_MAX_TOKENS", "24".into());
+    // No tools: SmolLM2 offered them sometimes opens a call, which 24 tokens cut before
+    // it closes, and the answer is then rightly a failure (no text); these tests are about
+    // the channel path, tools have their own (`agent::`, `reminders::`).
+    set("TOOLS", "none".into());
     set("LOG", "info,my_claw=debug".into());
     if let Some(graph) = graph {
         set("WHATSAPP_VERIFY_TOKEN", VERIFY_TOKEN.into());
@@ -732,7 +736,12 @@ async fn nextcloud_webhook_end_to_end_with_the_real_model() {
 
     let rows = inbound::list(&pool).await.unwrap();
     assert_eq!(rows.len(), 2, "{rows:?}");
-    assert_eq!((rows[0].external_id.as_str(), rows[0].status), ("1567", QueueStatus::Done));
+    assert_eq!(
+        (rows[0].external_id.as_str(), rows[0].status),
+        ("1567", QueueStatus::Done),
+        "{rows:?}\n{}",
+        server.output()
+    );
     assert!(rows[1].external_id.starts_with("join:"));
     assert_eq!(rows[1].status, QueueStatus::Done);
     let conv = memory::get_or_create_conversation(&pool, ChannelKind::Nextcloud, ROOM, None)
