@@ -19,4 +19,6 @@ cargo clippy --locked --all-targets -- -D warnings
 # and its code is linted like the rest.
 eval "$(./scripts/cuda-toolchain.sh compile)"
 CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90} cargo clippy --locked --features cuda --lib --bins -- -D warnings
-cargo test --locked "$@"
+# Without backtraces: CI shows the end of a failed run, and a backtrace of thirty frames
+# pushes the failed assertion's message out of it. `RUST_BACKTRACE=1 cargo test …` for one.
+RUST_BACKTRACE=0 cargo test --locked "$@"

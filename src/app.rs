@@ -193,8 +193,9 @@ pub fn bad_value_line(error: &clap::Error) -> Option<String> {
         Some(ContextValue::String(s)) => Some(s.clone()),
         _ => None,
     };
-    // `--context-size <CONTEXT_SIZE>`: the value name is the variable's.
-    let arg = text(ContextKind::InvalidArg)?;
+    // `--context-size <CONTEXT_SIZE>`: the value name is the variable's. A positional
+    // argument (`<FILE>`) is no setting: clap's own message names it well.
+    let arg = text(ContextKind::InvalidArg).filter(|arg| !arg.starts_with('<'))?;
     let value = text(ContextKind::InvalidValue).unwrap_or_default();
     let (flag, name) = match arg.split_once(" <") {
         Some((flag, name)) => (flag.to_string(), name.trim_end_matches('>').to_string()),
@@ -203,7 +204,10 @@ pub fn bad_value_line(error: &clap::Error) -> Option<String> {
     let reason = match std::error::Error::source(error) {
         Some(source) => source.to_string(),
         None => match error.get(ContextKind::ValidValue) {
-            Some(ContextValue::Strings(valid)) => format!("expected one of {}", valid.join(", ")),
+            Some(ContextValue::Strings(valid)) if !valid.is_empty() => {
+                format!("expected one of {}", valid.join(", "))
+            }
+            _ if value.is_empty() => "a value is required".to_string(),
             _ => "not a valid value".to_string(),
         },
     };
@@ -603,6 +607,20 @@ async fn shutdown_signal(cron: crate::cron::CronHandle, assistant: Arc<Assistant
 mod tests {
     use super::*;
     use tracing_subscriber::layer::SubscriberExt;
+
+    #[test]
+    fn a_bad_setting_is_one_line_and_an_empty_file_is_left_to_clap() {
+        use clap::Parser;
+        let error = |args: &[&str]| Cli::try_parse_from(args).expect_err("a parse error");
+        let bad = error(&["my-claw", "serve", "--context-size", "abc"]);
+        let line = bad_value_line(&bad).expect("one line");
+        assert_eq!(line, "CONTEXT_SIZE=abc (--context-size): invalid digit found in string");
+        // `backup ""` used to print "<FILE>= (<FILE>): expected one of ".
+        let empty = error(&["my-claw", "backup", ""]);
+        assert_eq!(bad_value_line(&empty), None);
+        let said = empty.to_string();
+        assert!(said.contains("<FILE>") && !said.contains("expected one of"), "{said}");
+    }
 
     /// Whether `target` logs at `level` under the filter made from `asked`.
     fn logs(asked: Option<&str>, target_is_tokenizers: bool, level: tracing::Level) -> bool {

@@ -172,6 +172,10 @@ pub struct AgentConfig {
 
 pub const DEFAULT_AGENT_MAX_STEPS: usize = 5;
 
+/// The most calls one round runs. A model can ask for hundreds in one reply (a remote one
+/// asked for 300, each a reminder); those past this get an error result the model reads.
+pub const MAX_CALLS_PER_ROUND: usize = 16;
+
 impl Default for AgentConfig {
     fn default() -> Self {
         AgentConfig { tools: ToolRegistry::new(), max_steps: DEFAULT_AGENT_MAX_STEPS }
@@ -1767,7 +1771,8 @@ impl Generation {
         tool_context_of(&self.assistant.inner.pool, self.conversation_id).await
     }
 
-    /// Runs one round's calls in order, telling the caller of each call and result. Returns
+    /// Runs one round's calls in order (at most `MAX_CALLS_PER_ROUND` of them), telling the
+    /// caller of each call and result. Returns
     /// the round (with the results of the calls that ran) and whether the answer was
     /// stopped meanwhile.
     async fn run_calls(
@@ -1783,7 +1788,7 @@ impl Generation {
         const MAX_CALL_ID_CHARS: usize = 100;
         let tools = &self.assistant.inner.agent.tools;
         let mut round = ToolRound { text, calls: Vec::new(), results: Vec::new() };
-        for call in calls {
+        for (index, call) in calls.into_iter().enumerate() {
             // What the answer keeps of a call (stored, streamed, in later prompts) is bounded:
             // oversized arguments are cut, and the registry does not run such a call.
             let mut kept = crate::tools::kept_call(&call);
@@ -1799,6 +1804,18 @@ impl Generation {
                 return (round, true);
             }
             let result = match context {
+                // Answered, not run: the model reads why and can ask again next round.
+                _ if index >= MAX_CALLS_PER_ROUND => ToolResult {
+                    call_id: kept.id.clone(),
+                    content: serde_json::json!({
+                        "error": format!(
+                            "not run: at most {MAX_CALLS_PER_ROUND} calls are run in one round; \
+                             make the others in the next one"
+                        )
+                    })
+                    .to_string(),
+                    is_error: true,
+                },
                 Some(context) => {
                     let call = ToolCall { id: kept.id.clone(), ..call };
                     tokio::select! {

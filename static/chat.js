@@ -1215,9 +1215,20 @@
 
   // --- Conversations ---------------------------------------------------------------------
 
+  // Loads of the list overlap (live events, answers ending, the user's moves) and their
+  // answers can come back in any order: only the newest asked is shown, so a late answer to
+  // an older request never puts back a list that is no longer true (an "answering…" mark
+  // gone while the answer runs).
+  let listAsked = 0;
+  let listShown = 0;
+
   async function loadConversations() {
+    const asked = ++listAsked;
     const data = await api("/api/conversations");
-    state.conversations = data.conversations || [];
+    if (asked < listShown) return state.conversations;
+    listShown = asked;
+    // Asked before a deletion the live events already told of (ids are never reused).
+    state.conversations = (data.conversations || []).filter((c) => !state.deletedIds.has(c.id));
     renderConversationList();
     return state.conversations;
   }

@@ -432,7 +432,7 @@
     const seq = ++state.describeSeq;
     window.clearTimeout(state.describeTimer);
     if (!expression.trim()) {
-      showDescription("Write a cron expression, e.g. 0 8 * * * for every day at 08:00.", "", true);
+      showDescription("Write a cron expression, e.g. 0 8 * * * for every day at 08:00.", "", true, expression);
       return;
     }
     state.describeTimer = window.setTimeout(() => describe(seq, expression, timezone), DESCRIBE_DELAY_MS);
@@ -446,10 +446,10 @@
       // An older answer that arrives late must not replace a newer one.
       if (seq !== state.describeSeq) return;
       const times = (result.next_runs || []).map((ms) => formatTime(ms, result.timezone));
-      showDescription(result.description, times.length ? "Next runs: " + times.join(" · ") : "", false);
+      showDescription(result.description, times.length ? "Next runs: " + times.join(" · ") : "", false, expression);
     } catch (err) {
       if (seq !== state.describeSeq) return;
-      showDescription(describeError(err), "", true);
+      showDescription(describeError(err), "", true, expression);
     }
   }
 
@@ -483,11 +483,14 @@
     if (note) note.textContent = "";
   }
 
-  function showDescription(text, nextRuns, isError) {
+  /** Shows what the server said of `expression`, which the line names in `data-expression`
+   * (while the typing pauses, the line still speaks of the expression before). */
+  function showDescription(text, nextRuns, isError, expression) {
     const line = panel.querySelector("#cron-description");
     const preview = panel.querySelector("#cron-preview");
     if (!line || !preview) return;
     line.textContent = text;
+    line.dataset.expression = expression;
     line.className = isError ? "error-text" : "hint";
     preview.textContent = nextRuns;
   }

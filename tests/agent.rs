@@ -819,3 +819,34 @@ async fn a_call_without_a_name_gets_an_error_result() {
     assert!(second.last().unwrap().content.contains("names no tool"));
     assert_eq!(answer_text(&events), "I named no tool.");
 }
+
+/// A model that asks for 300 reminders in one reply (a remote one did) gets 16 made: every
+/// call is answered, and those past `MAX_CALLS_PER_ROUND` are not run and say why.
+#[tokio::test]
+async fn one_round_runs_at_most_max_calls_per_round() {
+    use my_claw::assistant::MAX_CALLS_PER_ROUND;
+    const ASKED: usize = 300;
+    let model = ToolModel::new(|_, n| match n {
+        0 => {
+            let calls = (0..ASKED)
+                .map(|i| call(&format!("call_{i}"), "reminders_create", r#"{"when":"soon"}"#))
+                .collect();
+            (vec![], calls)
+        }
+        _ => (texts(&["Some were made."]), vec![]),
+    });
+    let app = test_app(model.clone(), 5).await;
+    let events = app.chat(json!({"message": "remind me 300 times"})).await;
+    assert_eq!(app.reminders.calls.load(Ordering::SeqCst), MAX_CALLS_PER_ROUND);
+    let results = of_type(&events, "tool_result");
+    assert_eq!(results.len(), ASKED, "every call is answered");
+    for (i, result) in results.iter().enumerate() {
+        let content = result.data["content"].as_str().unwrap();
+        let refused = content.contains(&format!("not run: at most {MAX_CALLS_PER_ROUND} calls"));
+        assert_eq!(refused, i >= MAX_CALLS_PER_ROUND, "call {i}: {content}");
+        assert_eq!(result.data["is_error"], i >= MAX_CALLS_PER_ROUND, "call {i}");
+    }
+    assert_eq!(answer_text(&events), "Some were made.");
+    let second = &model.requests()[1].messages;
+    assert_eq!(second.iter().filter(|t| t.role == Role::Tool).count(), ASKED);
+}
