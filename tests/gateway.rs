@@ -658,10 +658,12 @@ async fn conversations_can_be_renamed_and_deleted() {
     assert_eq!(status, StatusCode::NOT_FOUND);
     let (_, list) = call_json(&app, Method::GET, "/api/conversations", None).await;
     assert_eq!(list["conversations"], json!([]));
-    // Stopping a conversation with nothing running is not an error.
-    let (status, stopped) = call_json(&app, Method::POST, "/api/chat/4242/stop", None).await;
-    assert_eq!(status, StatusCode::OK);
-    assert_eq!(stopped, json!({"stopped": false}));
+    // Stopping a conversation that does not exist is a 404 (as following it is); one with
+    // nothing running is not an error (`conversations::` tests).
+    let (status, _) = call_json(&app, Method::POST, "/api/chat/4242/stop", None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _) = call_json(&app, Method::POST, "/api/chat/-1/stop", None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
 }
 
 #[tokio::test]

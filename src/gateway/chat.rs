@@ -265,8 +265,12 @@ async fn post_stop(
     State(state): State<AppState>,
     ApiPath(conversation_id): ApiPath<String>,
 ) -> Result<ApiJson<StopResponse>, ApiError> {
-    let conversation_id = crate::gateway::conversations::parse_id(&conversation_id)?;
-    let stopped = state.assistant.stop_and_wait(ConversationId(conversation_id), STOP_WAIT).await;
+    let id = ConversationId(crate::gateway::conversations::parse_id(&conversation_id)?);
+    let stopped = state.assistant.stop_and_wait(id, STOP_WAIT).await;
+    // Nothing stopped: `false`, unless there is no such conversation at all (as `/live`).
+    if !stopped && crate::db::memory::get_conversation(&state.pool, id).await?.is_none() {
+        return Err(ApiError::NotFound(format!("conversation {} does not exist", id.0)));
+    }
     Ok(ApiJson(StopResponse { stopped }))
 }
 

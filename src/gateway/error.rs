@@ -329,8 +329,11 @@ fn without_type_names(text: &str) -> String {
 pub fn query_limit(text: Option<&str>, default: i64, max: i64) -> Result<i64, ApiError> {
     let Some(text) = text else { return Ok(default) };
     let shown: String = text.chars().take(32).collect();
-    match text.trim().parse::<i64>() {
+    let digits = text.trim();
+    match digits.parse::<i64>() {
         Ok(limit) if limit >= 1 => Ok(limit.min(max)),
+        // Past i64 but still a whole number: over the maximum, so the maximum.
+        Err(_) if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) => Ok(max),
         Ok(_) => Err(ApiError::BadParam {
             param: "limit",
             message: format!("limit `{shown}` must be at least 1"),
@@ -422,7 +425,8 @@ mod tests {
         assert_eq!(query_limit(None, 50, 200).unwrap(), 50);
         assert_eq!(query_limit(Some(" 7 "), 50, 200).unwrap(), 7);
         assert_eq!(query_limit(Some("100000"), 50, 200).unwrap(), 200);
-        for bad in ["0", "-1", "abc", "", "1.5"] {
+        assert_eq!(query_limit(Some("99999999999999999999"), 50, 200).unwrap(), 200);
+        for bad in ["0", "-1", "abc", "", "1.5", "-99999999999999999999"] {
             let error = query_limit(Some(bad), 50, 200).unwrap_err();
             assert_eq!((error.status(), error.param()), (StatusCode::BAD_REQUEST, Some("limit")));
         }

@@ -203,11 +203,17 @@ impl ToolRegistry {
 /// characters and how many were cut. The replacement is a JSON object, as a call's
 /// arguments must be: OpenAI-compatible servers parse those of earlier calls (vLLM answers
 /// 400 to a prompt whose history holds arguments that are not JSON).
+/// Arguments that are not a JSON object (a remote model's `{"text":`) are kept as the text
+/// of one, `{"arguments_unreadable": …}`, and blank ones as `{}`, for the same reason.
 /// A name longer than `MAX_NAME_CHARS` (no tool's) is cut the same way.
 pub fn kept_call(call: &ToolCall) -> ToolCall {
     let arguments = if count_chars(&call.arguments, MAX_ARGUMENT_CHARS + 1) > MAX_ARGUMENT_CHARS {
         let kept = cut_text(&call.arguments, KEPT_ARGUMENT_CHARS);
         serde_json::json!({ "arguments_cut": kept }).to_string()
+    } else if call.arguments.trim().is_empty() {
+        "{}".to_string()
+    } else if parse_arguments(&call.arguments).is_err() {
+        serde_json::json!({ "arguments_unreadable": call.arguments }).to_string()
     } else {
         call.arguments.clone()
     };
@@ -449,6 +455,18 @@ mod tests {
         let error = error_of(&registry.call(&context(), &long_name).await);
         assert_eq!(error, format!("unknown tool `{}… (4936 characters cut)`", "n".repeat(64)));
         assert_eq!(kept_call(&long_name).name.chars().count(), 64 + 23);
+    }
+
+    #[test]
+    fn arguments_that_are_not_a_json_object_are_kept_as_the_text_of_one() {
+        for text in [r#"{"text":"#, "[1, 2]", "not json", "\"a string\""] {
+            let kept = kept_call(&call("echo", text));
+            let arguments: serde_json::Value = serde_json::from_str(&kept.arguments).unwrap();
+            assert_eq!(arguments, serde_json::json!({ "arguments_unreadable": text }), "{text}");
+        }
+        assert_eq!(kept_call(&call("echo", " ")).arguments, "{}");
+        let fine = call("echo", r#"{"text": "hi"}"#);
+        assert_eq!(kept_call(&fine), fine, "a JSON object is kept as written");
     }
 
     #[tokio::test]
