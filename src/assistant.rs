@@ -34,7 +34,7 @@ use crate::llm::{
     Chunk, ChunkStream, FinishReason, GenerationParams, LlmError, LlmRequest, ToolChoice, ToolUse,
     Usage,
 };
-use crate::tools::{new_call_id, ToolContext, ToolRegistry};
+use crate::tools::{error_result, new_call_id, ToolContext, ToolError, ToolRegistry};
 
 /// Settings keys of the persona.
 pub const PERSONA_NAME_KEY: &str = "persona_name";
@@ -1445,6 +1445,21 @@ impl Step {
             (None, None) => (0, 0),
         }
     }
+
+    /// What is known of a call that did not finish, ended now: its text pieces (the local
+    /// engine sends one per generated token that has text, so a lower bound of its
+    /// completion), its prompt's size when the local engine said it on taking the call, and
+    /// its times (`unfinished_times`).
+    fn unfinished_usage(&self) -> Usage {
+        let (prefill_ms, decode_ms) = self.unfinished_times(Instant::now());
+        Usage {
+            completion_tokens: self.n_pieces,
+            prompt_tokens: self.prompt_tokens,
+            prefill_ms,
+            decode_ms,
+            ..Usage::default()
+        }
+    }
 }
 
 /// Resolves when the stop switch is pressed; never when it is dropped unpressed (the
@@ -1467,12 +1482,8 @@ impl Generation {
         mut stop: oneshot::Receiver<()>,
     ) {
         let mut stop_open = true;
-        // Text pieces of the model call that did not finish: the local engine sends one per
-        // generated token that has text, so this is its completion count (a lower bound).
-        // Its prompt's size is known when the local engine said it on taking the call.
-        let mut unfinished_pieces: u32 = 0;
-        let mut unfinished_prompt: u32 = 0;
-        let mut unfinished_times: (u64, u64) = (0, 0);
+        // What is known of the model call that did not finish (`Step::unfinished_usage`).
+        let mut unfinished = Usage::default();
         // When the first text arrived, and when the first model call ended: the time to
         // first token, on the same clock as the total (`received`).
         let mut first_text: Option<Instant> = None;
@@ -1490,20 +1501,14 @@ impl Generation {
             drop(stream);
             first_text = first_text.or(step.first_text);
             first_call_end.get_or_insert_with(Instant::now);
-            let times = step.unfinished_times(Instant::now());
+            if !matches!(step.end, StepEnd::Finished(..)) {
+                unfinished = step.unfinished_usage();
+            }
             let (usage, finish) = match step.end {
                 StepEnd::Cancelled => {
-                    unfinished_pieces = step.n_pieces;
-                    unfinished_prompt = step.prompt_tokens;
-                    unfinished_times = times;
                     break (step.text, Ok((Usage::default(), FinishReason::Cancelled)));
                 }
-                StepEnd::Failed(e) => {
-                    unfinished_pieces = step.n_pieces;
-                    unfinished_prompt = step.prompt_tokens;
-                    unfinished_times = times;
-                    break (step.text, Err(e));
-                }
+                StepEnd::Failed(e) => break (step.text, Err(e)),
                 StepEnd::Finished(usage, finish) => (usage, finish),
             };
             add_usage(&mut total, &usage);
@@ -1574,16 +1579,16 @@ impl Generation {
         // prompt, prefill and decode), plus the text pieces of the one that did not, its
         // prompt's size when the local engine said it (a remote server says it only at the
         // end, so a first call stopped there leaves it unknown: 0) and its times as the
-        // stream saw them (`Step::unfinished_times`).
+        // stream saw them (`Step::unfinished_usage`).
         let cut_short = Usage {
-            completion_tokens: total.completion_tokens + unfinished_pieces,
-            prompt_tokens: if unfinished_prompt > 0 {
-                unfinished_prompt
+            completion_tokens: total.completion_tokens + unfinished.completion_tokens,
+            prompt_tokens: if unfinished.prompt_tokens > 0 {
+                unfinished.prompt_tokens
             } else {
                 total.prompt_tokens
             },
-            prefill_ms: total.prefill_ms + unfinished_times.0,
-            decode_ms: total.decode_ms + unfinished_times.1,
+            prefill_ms: total.prefill_ms + unfinished.prefill_ms,
+            decode_ms: total.decode_ms + unfinished.decode_ms,
             ..total.clone()
         };
 
@@ -1805,17 +1810,13 @@ impl Generation {
             }
             let result = match context {
                 // Answered, not run: the model reads why and can ask again next round.
-                _ if index >= MAX_CALLS_PER_ROUND => ToolResult {
-                    call_id: kept.id.clone(),
-                    content: serde_json::json!({
-                        "error": format!(
-                            "not run: at most {MAX_CALLS_PER_ROUND} calls are run in one round; \
-                             make the others in the next one"
-                        )
-                    })
-                    .to_string(),
-                    is_error: true,
-                },
+                _ if index >= MAX_CALLS_PER_ROUND => error_result(
+                    &kept.id,
+                    &ToolError::Failed(format!(
+                        "not run: at most {MAX_CALLS_PER_ROUND} calls are run in one round; \
+                         make the others in the next one"
+                    )),
+                ),
                 Some(context) => {
                     let call = ToolCall { id: kept.id.clone(), ..call };
                     tokio::select! {
@@ -1823,12 +1824,10 @@ impl Generation {
                         _ = stop_pressed(stop, stop_open) => return (round, true),
                     }
                 }
-                None => ToolResult {
-                    call_id: kept.id.clone(),
-                    content: serde_json::json!({ "error": "the conversation no longer exists" })
-                        .to_string(),
-                    is_error: true,
-                },
+                None => error_result(
+                    &kept.id,
+                    &ToolError::Failed("the conversation no longer exists".into()),
+                ),
             };
             round.results.push(result.clone());
             let event = Event::ToolResult { name: kept.name.clone(), result };

@@ -114,9 +114,7 @@ struct HitRow {
 /// digit are dropped (they would tokenize to nothing), and so are those looked for as
 /// substrings; `None` when no word is left.
 pub fn fts_query(input: &str) -> Option<String> {
-    let words: Vec<String> = query_words(input)
-        .filter(|w| w.chars().any(char::is_alphanumeric) && !needs_substring(w))
-        .collect();
+    let words = indexed_words(input);
     let last = words.len().checked_sub(1)?;
     let terms: Vec<String> = words
         .iter()
@@ -131,6 +129,14 @@ pub fn fts_query(input: &str) -> Option<String> {
         })
         .collect();
     Some(terms.join(" "))
+}
+
+/// The words of `input` the index can find: with a letter or a digit (others tokenize to
+/// nothing), and not looked for as substrings.
+fn indexed_words(input: &str) -> Vec<String> {
+    query_words(input)
+        .filter(|w| w.chars().any(char::is_alphanumeric) && !needs_substring(w))
+        .collect()
 }
 
 /// The words of `input` looked for as substrings, without the punctuation around them and
@@ -196,9 +202,7 @@ struct Terms {
 
 impl Terms {
     fn of(input: &str, substrings: Vec<String>) -> Terms {
-        let words: Vec<String> = query_words(input)
-            .filter(|w| w.chars().any(char::is_alphanumeric) && !needs_substring(w))
-            .collect();
+        let words = indexed_words(input);
         let mut tokens = Vec::new();
         let mut prefix = None;
         for (i, word) in words.iter().enumerate() {

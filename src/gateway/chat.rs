@@ -269,7 +269,7 @@ async fn post_stop(
     let stopped = state.assistant.stop_and_wait(id, STOP_WAIT).await;
     // Nothing stopped: `false`, unless there is no such conversation at all (as `/live`).
     if !stopped && crate::db::memory::get_conversation(&state.pool, id).await?.is_none() {
-        return Err(ApiError::NotFound(format!("conversation {} does not exist", id.0)));
+        return Err(crate::gateway::conversations::not_found(id.0));
     }
     Ok(ApiJson(StopResponse { stopped }))
 }

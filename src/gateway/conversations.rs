@@ -258,7 +258,8 @@ pub fn parse_id(text: &str) -> Result<i64, ApiError> {
         .map_err(|_| ApiError::BadRequest(format!("`{text}` is not a conversation id")))
 }
 
-fn not_found(id: i64) -> ApiError {
+/// The 404 of conversation `id`.
+pub fn not_found(id: i64) -> ApiError {
     ApiError::NotFound(format!("conversation {id} does not exist"))
 }
 

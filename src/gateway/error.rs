@@ -227,24 +227,20 @@ impl<T: Serialize> IntoResponse for ApiJson<T> {
 
 impl From<JsonRejection> for ApiError {
     fn from(rejection: JsonRejection) -> Self {
-        match rejection {
-            JsonRejection::BytesRejection(ref r) if r.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-                ApiError::PayloadTooLarge
+        match &rejection {
+            JsonRejection::BytesRejection(r) if r.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                return ApiError::PayloadTooLarge;
             }
-            JsonRejection::JsonDataError(ref e) => match serde_path_error(e) {
-                Some(found) => invalid_json(found),
-                None => ApiError::BadShape {
-                    param: None,
-                    message: format!(
-                        "invalid JSON body: {}",
-                        without_type_names(&rejection.body_text())
-                    ),
-                },
-            },
-            other => ApiError::BadShape {
-                param: None,
-                message: format!("invalid JSON body: {}", without_type_names(&other.body_text())),
-            },
+            JsonRejection::JsonDataError(e) => {
+                if let Some(found) = serde_path_error(e) {
+                    return invalid_json(found);
+                }
+            }
+            _ => {}
+        }
+        ApiError::BadShape {
+            param: None,
+            message: format!("invalid JSON body: {}", without_type_names(&rejection.body_text())),
         }
     }
 }

@@ -24,7 +24,7 @@ use tokio::sync::{broadcast, mpsc};
 use crate::assistant::Event;
 use crate::domain::ConversationId;
 use crate::gateway::chat::{chat_event, sse_event, ChatEvent};
-use crate::gateway::conversations::parse_id;
+use crate::gateway::conversations::{not_found, parse_id};
 use crate::gateway::error::{ApiError, ApiPath};
 use crate::gateway::AppState;
 use crate::live::{LiveAnswers, Reader};
@@ -70,7 +70,7 @@ async fn get_live(
     let Some((seen, mut next)) = state.assistant.live().follow(id) else {
         // Nothing runs there: 204, unless there is no such conversation at all.
         if crate::db::memory::get_conversation(&state.pool, id).await?.is_none() {
-            return Err(ApiError::NotFound(format!("conversation {} does not exist", id.0)));
+            return Err(not_found(id.0));
         }
         return Ok(StatusCode::NO_CONTENT.into_response());
     };
