@@ -121,7 +121,7 @@ pub struct Config {
     pub engine_threads: Option<usize>,
 
     /// Instruction set of our CPU kernels: auto (the best this CPU has), or a lower one
-    /// to compare against (portable, avx2, avx512-vnni-256, avx512-vnni).
+    /// to compare against (portable, avx2, avx512-vnni-256, avx512-vnni, amx).
     #[arg(long, env = "ENGINE_ISA", default_value = "auto", global = true)]
     pub engine_isa: String,
 

@@ -250,7 +250,7 @@ fn run_tile<T: KvElem>(isa: Isa, job: &Job<'_, T>, t0: usize, t1: usize) {
     // The 512-bit dots and `P·V` take whole 16-float vectors of a head (64 and 128 wide,
     // Qwen3's and Llama's, are); other widths stay on 8 lanes.
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx512Vnni
+    if matches!(isa, Isa::Avx512Vnni | Isa::Amx)
         && job.kv.head_dim.is_multiple_of(16)
         && avx2_present()
         && is_x86_feature_detected!("avx512f")

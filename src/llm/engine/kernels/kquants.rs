@@ -406,7 +406,7 @@ impl<F: Format + x86::Body> Simd for F {
         {
             return false;
         }
-        if matches!(isa, Isa::Avx2Vnni | Isa::Avx512Vnni)
+        if matches!(isa, Isa::Avx2Vnni | Isa::Avx512Vnni | Isa::Amx)
             && is_x86_feature_detected!("avx512vnni")
             && is_x86_feature_detected!("avx512vl")
         {
@@ -825,7 +825,7 @@ mod tests {
     }
 
     const TYPES: [WeightType; 3] = [WeightType::Q4K, WeightType::Q5K, WeightType::Q6K];
-    const ALL_ISAS: [Isa; 4] = [Isa::Portable, Isa::Avx2, Isa::Avx2Vnni, Isa::Avx512Vnni];
+    const ALL_ISAS: [Isa; 5] = [Isa::Portable, Isa::Avx2, Isa::Avx2Vnni, Isa::Avx512Vnni, Isa::Amx];
 
     /// `blocks` random blocks of `ty`: random quant bytes, sane f16 scales.
     fn random_row(ty: WeightType, blocks: usize, rng: &mut Rng) -> Vec<u8> {

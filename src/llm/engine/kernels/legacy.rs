@@ -220,7 +220,7 @@ fn dot_blocks_nt<F: Format, const NT: usize>(
             unsafe { x86::dot_avx2::<F, NT>(w, rows, out) };
             return;
         }
-        Isa::Avx512Vnni | Isa::Portable => {}
+        Isa::Amx | Isa::Avx512Vnni | Isa::Portable => {}
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = isa;
@@ -257,8 +257,8 @@ fn dot_blocks_portable<F: Format, const NT: usize>(
 #[inline(always)]
 fn usable(isa: Isa) -> Isa {
     match isa {
-        Isa::Avx512Vnni | Isa::Avx2Vnni if x86::has_vnni() => Isa::Avx2Vnni,
-        Isa::Avx512Vnni | Isa::Avx2Vnni | Isa::Avx2 if x86::has_avx2() => Isa::Avx2,
+        Isa::Amx | Isa::Avx512Vnni | Isa::Avx2Vnni if x86::has_vnni() => Isa::Avx2Vnni,
+        Isa::Amx | Isa::Avx512Vnni | Isa::Avx2Vnni | Isa::Avx2 if x86::has_avx2() => Isa::Avx2,
         _ => Isa::Portable,
     }
 }
@@ -872,7 +872,7 @@ mod tests {
     use super::super::testing::LEGACY_TYPES as TYPES;
 
     /// Every instruction set, including ones this CPU lacks: those must fall back safely.
-    const ALL_ISAS: [Isa; 4] = [Isa::Portable, Isa::Avx2, Isa::Avx2Vnni, Isa::Avx512Vnni];
+    const ALL_ISAS: [Isa; 5] = [Isa::Portable, Isa::Avx2, Isa::Avx2Vnni, Isa::Avx512Vnni, Isa::Amx];
 
     /// A sane block scale: ±[1e-3, 1e-1].
     fn scale(rng: &mut Rng) -> f32 {

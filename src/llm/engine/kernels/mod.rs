@@ -7,7 +7,8 @@
 //! of four rows share their widening and float steps; f32 and a matrix's last `rows % 4`
 //! rows keep the GGUF row layout (`kquants`, `legacy`). Integer dot products use AVX2, or
 //! AVX-512 VNNI's `vpdpbusd`/`vpdpwssd` where the CPU has it, the packed products and
-//! attention on 512-bit vectors where it also has AVX-512 F and BW, chosen at run time
+//! attention on 512-bit vectors where it also has AVX-512 F and BW, and prefill products of
+//! packed Q4_K matrices on AMX tiles where it has those (`amx`), chosen at run time
 //! (`ENGINE_ISA` may force a lower one); other CPUs get the portable code. Every SIMD path of a packed product adds
 //! the same integers, so all give the same bits. Prefill is a tiled GEMM (one unpacked
 //! weight block feeds up to four tokens); work is split over a persistent thread pool
@@ -25,6 +26,8 @@
 #![allow(unsafe_code)]
 
 pub mod activation;
+#[cfg(target_arch = "x86_64")]
+mod amx;
 pub mod attention;
 #[cfg(feature = "cuda")]
 pub mod cuda_decode;
@@ -81,6 +84,10 @@ pub enum Isa {
     /// 512-bit vectors (also needs AVX512F and AVX512BW); the row-layout kernels run as
     /// `Avx2Vnni`.
     Avx512Vnni,
+    /// That, and prefill products of packed Q4_K matrices (16 tokens or more) on AMX tiles
+    /// (`amx`; needs AMX-TILE, AMX-INT8 and AVX-512 VBMI, and Linux's leave to use the
+    /// tiles: Sapphire Rapids and later), with the same bits as `Avx512Vnni`.
+    Amx,
 }
 
 impl Isa {
@@ -119,6 +126,9 @@ impl Isa {
                     isas.push(Isa::Avx2Vnni);
                     if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") {
                         isas.push(Isa::Avx512Vnni);
+                        if amx::usable() {
+                            isas.push(Isa::Amx);
+                        }
                     }
                 }
             }
@@ -132,6 +142,7 @@ impl Isa {
             Isa::Avx2 => "avx2",
             Isa::Avx2Vnni => "avx512-vnni-256",
             Isa::Avx512Vnni => "avx512-vnni",
+            Isa::Amx => "amx",
         }
     }
 }
@@ -576,8 +587,13 @@ pub struct Acts {
     q8k: Vec<BlockQ8K>,
     /// `q8k` in the order the packed Q4_K/Q5_K kernels read (`q4k_x4::pair_acts`).
     q8k_paired: Vec<BlockQ8K>,
-    /// Which of `f32s`, `q8x32`, `q8k`, `q8k_paired` hold this product's activations.
-    has: [bool; 4],
+    /// `q8k` in the AMX tiles' order (`amx::pack_acts`), where the tiles run here and a
+    /// packed Q4_K product has enough tokens for them.
+    #[cfg(target_arch = "x86_64")]
+    q8k_tiles: Vec<amx::Line>,
+    /// Which of `f32s`, `q8x32`, `q8k`, `q8k_paired`, `q8k_tiles` hold this product's
+    /// activations.
+    has: [bool; 5],
 }
 
 impl Acts {
@@ -590,7 +606,7 @@ impl Acts {
         assert_eq!(x.len(), n_tokens * cols, "activation size");
         self.n_tokens = n_tokens;
         self.cols = cols;
-        self.has = [false; 4];
+        self.has = [false; 5];
         for w in weights {
             assert_eq!(w.cols, cols, "matrix width vs activations");
             match w.ty.act_kind() {
@@ -617,6 +633,16 @@ impl Acts {
             if w.reads_paired() && !self.has[3] {
                 q4k_x4::pair_acts(&self.q8k, &mut self.q8k_paired);
                 self.has[3] = true;
+            }
+            #[cfg(target_arch = "x86_64")]
+            if w.ty == WeightType::Q4K
+                && w.is_repacked()
+                && n_tokens >= AMX_MIN_TOKENS
+                && !self.has[4]
+                && amx::usable()
+            {
+                amx::pack_acts(&self.q8k, n_tokens, cols / 256, &mut self.q8k_tiles);
+                self.has[4] = true;
             }
         }
     }
@@ -657,8 +683,10 @@ pub fn matmul_many(pool: &ThreadPool, isa: Isa, acts: &Acts, products: &mut [Pro
     // weights stream from memory without stalls between tasks.
     let rows = |m: usize| weights[m].map_or(0, |w| w.rows);
     let total_rows: usize = (0..n_products).map(rows).sum();
-    // A multiple of 4, so that no task splits a packed group.
-    let chunk = total_rows.div_ceil(pool.threads() * 8).clamp(16, 512).next_multiple_of(4);
+    // A multiple of 4, so that no task splits a packed group; of 16 for AMX, so that no
+    // task splits a strip of tiles.
+    let align = if isa == Isa::Amx { 16 } else { 4 };
+    let chunk = total_rows.div_ceil(pool.threads() * 8).clamp(16, 512).next_multiple_of(align);
     let mut first_task = [0usize; MAX_PRODUCTS + 1];
     for m in 0..MAX_PRODUCTS {
         first_task[m + 1] = first_task[m] + rows(m).div_ceil(chunk);
@@ -681,6 +709,10 @@ pub fn matmul(pool: &ThreadPool, isa: Isa, acts: &Acts, w: &QMatrix, out: &mut [
     matmul_many(pool, isa, acts, &mut [Product { w, out }]);
 }
 
+/// Fewest tokens a product runs on AMX tiles with (below it the AVX-512 code is faster).
+#[cfg(target_arch = "x86_64")]
+const AMX_MIN_TOKENS: usize = 16;
+
 /// Tokens per tile: the activations of one tile stay in L2 while a task's weight rows
 /// stream past them.
 const TOKEN_TILE: usize = 64;
@@ -691,11 +723,27 @@ fn run_rows(isa: Isa, w: &QMatrix, acts: &Acts, r0: usize, r1: usize, out: &pool
     let mut group_dots = [[0f32; q4k_x4::ROWS]; MAX_TOKENS_PER_DOT];
     // `r0` is a multiple of 4 (the row chunk is), so packed groups start at `r0`.
     let packed_end = w.packed_rows.clamp(r0, r1);
+    // The first packed group the vector code below takes: strips of four groups go to AMX
+    // tiles first where they run (same bits; see `amx`).
+    let (mut g0, g1) = (r0 / 4, packed_end / 4);
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Amx && w.ty == WeightType::Q4K && acts.has[4] && g1 - g0 >= amx::STRIP_ROWS / 4 {
+        let strip_groups = amx::STRIP_ROWS / 4;
+        let strips = (g1 - g0) / strip_groups;
+        let first_row = 4 * g0;
+        let groups = w.groups_bytes(g0, g0 + strips * strip_groups);
+        let emit = |strip: usize, t: usize, rows: &[f32; amx::STRIP_ROWS]| {
+            out.write_run(t * n_out + first_row + amx::STRIP_ROWS * strip, rows);
+        };
+        let tiles = &acts.q8k_tiles;
+        if amx::q4k_strips(groups, w.group_len(), &acts.q8k, tiles, acts.n_tokens, emit) {
+            g0 += strips * strip_groups;
+        }
+    }
     let mut tile_start = 0;
     while tile_start < acts.n_tokens {
         let tile_end = (tile_start + TOKEN_TILE).min(acts.n_tokens);
         let tile = tile_end - tile_start;
-        let (g0, g1) = (r0 / 4, packed_end / 4);
         // Group `g` of the range is rows `4(g0 + g)..`; token `t` of the tile is
         // `tile_start + t`.
         let emit = |g: usize, t: usize, rows: &[[f32; q4k_x4::ROWS]]| {

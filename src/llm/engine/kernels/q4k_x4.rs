@@ -272,7 +272,7 @@ fn dot_portable(block: usize, group: &[u8], acts: &[&[BlockQ8K]]) -> [[f32; ROWS
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::super::kquants::x86::prefetch;
-    use super::super::x4::x86::{bcast_bsums32, fold, row_sums, v128, v256, KBody, Lanes};
+    use super::super::x4::x86::{bcast_bsums32, fold, token_pair_sums, v128, v256, KBody, Lanes};
     use super::{BlockQ8K, MIN_AT, Q5K_BLOCK_BYTES, QH_AT, QS_AT, ROWS, SC_AT};
     use std::arch::x86_64::*;
 
@@ -298,7 +298,8 @@ mod x86 {
     }
 
     /// The four rows' dot products with `NT` activation rows (paired, `pair_acts`). i32
-    /// lanes `2r, 2r+1` of the integer and float accumulators belong to row `r`. The nibble
+    /// lanes `2r, 2r+1` of the integer accumulators belong to row `r`; the float ones hold
+    /// two tokens each (see `token_pair_sums`). The nibble
     /// vectors go `L::SPAN` at a time (see `Lanes`).
     impl<const N: usize> KBody for Body<N> {
         #[inline(always)]
@@ -310,8 +311,9 @@ mod x86 {
             // every load goes through a bounds-checked fixed-size array.
             unsafe {
                 let m4 = L::splat8(0x0f);
-                let dup_d = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
-                let dup_dmin = _mm256_setr_epi32(4, 4, 5, 5, 6, 6, 7, 7);
+                // Each row's `d` (and `dmin`) in the lanes `token_pair_sums` reads it from.
+                let dup_d = _mm256_setr_epi32(0, 1, 0, 1, 2, 3, 2, 3);
+                let dup_dmin = _mm256_setr_epi32(4, 5, 4, 5, 6, 7, 6, 7);
                 let controls =
                     [scale_control(0), scale_control(1), scale_control(2), scale_control(3)];
                 let mut acc = [_mm256_setzero_ps(); NT];
@@ -381,25 +383,32 @@ mod x86 {
                         _mm256_cvtepu8_epi16(v128(blk, MIN_AT)),
                         _mm256_cvtepu8_epi16(v128(blk, MIN_AT + 16)),
                     ];
+                    // A plain loop: `array::from_fn` closures returning vectors were left out
+                    // of line before (see PROGRESS, fifth session).
+                    let mut msum = [_mm256_setzero_si256(); NT];
                     for t in 0..NT {
-                        let msum = _mm256_add_epi32(
+                        msum[t] = _mm256_add_epi32(
                             _mm256_madd_epi16(mins[0], bcast_bsums32(a[t], 0)),
                             _mm256_madd_epi16(mins[1], bcast_bsums32(a[t], 4)),
                         );
-                        let ad = _mm256_set1_ps(a[t].d);
-                        acc[t] = _mm256_fmadd_ps(
-                            _mm256_mul_ps(d, ad),
-                            _mm256_cvtepi32_ps(sumi[t]),
-                            acc[t],
-                        );
-                        acc[t] = _mm256_fnmadd_ps(
-                            _mm256_mul_ps(dmin, ad),
-                            _mm256_cvtepi32_ps(msum),
-                            acc[t],
-                        );
+                    }
+                    // A row's two lanes are summed in integers (exactly) before the float
+                    // step, two tokens to a vector, so each row and token takes one float
+                    // step per block: `d·a.d·Σ − dmin·a.d·Σm`, what the AMX path computes
+                    // for sixteen rows at a time (`amx`), to the bit.
+                    for (p, acc) in acc.iter_mut().enumerate().take(NT.div_ceil(2)) {
+                        let (t0, t1) = (2 * p, (2 * p + 1).min(NT - 1));
+                        // Lanes [t0 r0, t0 r1, t1 r0, t1 r1 | t0 r2, t0 r3, t1 r2, t1 r3].
+                        let s = _mm256_hadd_epi32(sumi[t0], sumi[t1]);
+                        let m = _mm256_hadd_epi32(msum[t0], msum[t1]);
+                        let (x, y) = (a[t0].d, a[t1].d);
+                        let ad = _mm256_setr_ps(x, x, y, y, x, x, y, y);
+                        *acc = _mm256_fmadd_ps(_mm256_mul_ps(d, ad), _mm256_cvtepi32_ps(s), *acc);
+                        *acc =
+                            _mm256_fnmadd_ps(_mm256_mul_ps(dmin, ad), _mm256_cvtepi32_ps(m), *acc);
                     }
                 }
-                row_sums(acc)
+                token_pair_sums(acc)
             }
         }
     }

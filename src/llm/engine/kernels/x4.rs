@@ -397,8 +397,8 @@ pub(super) mod x86 {
         let vnni = is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl");
         let wide = is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw");
         Some(match isa {
-            Isa::Avx512Vnni if vnni && wide => Simd::Vnni512,
-            Isa::Avx512Vnni | Isa::Avx2Vnni if vnni => Simd::Vnni256,
+            Isa::Amx | Isa::Avx512Vnni if vnni && wide => Simd::Vnni512,
+            Isa::Amx | Isa::Avx512Vnni | Isa::Avx2Vnni if vnni => Simd::Vnni256,
             _ => Simd::Avx2,
         })
     }
@@ -496,6 +496,26 @@ pub(super) mod x86 {
                 std::mem::transmute::<__m256, [f32; 8]>(h)
             };
             out[t] = [lanes[0], lanes[1], lanes[4], lanes[5]];
+        }
+        out
+    }
+
+    /// Each token's four row sums from accumulators that hold two tokens each (`t0 = 2p`,
+    /// `t1 = 2p + 1`), lanes `[t0 r0, t0 r1, t1 r0, t1 r1 | t0 r2, t0 r3, t1 r2, t1 r3]`
+    /// (`q4k_x4`'s float step); accumulator `p` is read for tokens `2p` and `2p + 1`.
+    ///
+    /// # Safety
+    /// The CPU has AVX.
+    #[inline(always)]
+    pub(in crate::llm::engine::kernels) unsafe fn token_pair_sums<const NT: usize>(
+        acc: [__m256; NT],
+    ) -> [[f32; ROWS]; NT] {
+        let mut out = [[0f32; ROWS]; NT];
+        for (t, row) in out.iter_mut().enumerate() {
+            // SAFETY: a vector of 8 f32 is 32 bytes of plain floats.
+            let lanes = unsafe { std::mem::transmute::<__m256, [f32; 8]>(acc[t / 2]) };
+            let h = 2 * (t % 2);
+            *row = [lanes[h], lanes[h + 1], lanes[h + 4], lanes[h + 5]];
         }
         out
     }
