@@ -26,6 +26,7 @@ use std::arch::x86_64::*;
 use std::cell::RefCell;
 
 use super::kquants::read_f16;
+use super::q4k_x4::{min_at, BLOCK_BYTES as PACKED_BLOCK, QS_AT, SC_AT};
 use super::BlockQ8K;
 
 /// 64 bytes of plain data (`[i32; 16]`, `[u32; 16]`, `[f32; 16]` or `[u8; 64]`) as a
@@ -45,11 +46,6 @@ pub(super) const STRIP_ROWS: usize = 16;
 const TILE_TOKENS: usize = 16;
 /// Tokens per pass over a strip block: two tiles, sharing each weight tile load.
 const PASS_TOKENS: usize = 2 * TILE_TOKENS;
-/// Where the packed Q4_K block keeps its scales, minimums and nibbles (`q4k_x4`).
-const SC_AT: usize = 16;
-const MIN_AT: usize = 48;
-const QS_AT: usize = 80;
-const PACKED_BLOCK: usize = 592;
 
 /// How many strips the process ran on tiles: the tests check that products dispatched to
 /// AMX really reach the tiles.
@@ -374,8 +370,8 @@ unsafe fn fill(blocks: [&[u8]; 4], out: &mut StripBlock) {
         }
         for r in 0..4 {
             let n = 4 * g + r;
-            // The minimum of the `q`-th sub-block in `bsums32` order, where `q4k_x4` keeps it.
-            let min = |q: usize| u32::from(blk[MIN_AT + 16 * (q / 4) + 4 * r + q % 4]);
+            // The minimum of the `q`-th sub-block in `bsums32` order.
+            let min = |q: usize| u32::from(blk[min_at(r, q)]);
             for (p, pair) in out.mins.iter_mut().enumerate() {
                 pair[n] = min(2 * p) | min(2 * p + 1) << 16;
             }

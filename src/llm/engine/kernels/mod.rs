@@ -9,10 +9,10 @@
 //! AVX-512 VNNI's `vpdpbusd`/`vpdpwssd` where the CPU has it, the packed products and
 //! attention on 512-bit vectors where it also has AVX-512 F and BW, and prefill products of
 //! packed Q4_K matrices on AMX tiles where it has those (`amx`), chosen at run time
-//! (`ENGINE_ISA` may force a lower one); other CPUs get the portable code. Every SIMD path of a packed product adds
-//! the same integers, so all give the same bits. Prefill is a tiled GEMM (one unpacked
-//! weight block feeds up to four tokens); work is split over a persistent thread pool
-//! (`pool`).
+//! (`ENGINE_ISA` may force a lower one); other CPUs get the portable code. Every SIMD path
+//! of a packed product adds the same integers, so all give the same bits. Prefill is a
+//! tiled GEMM (one unpacked weight block feeds up to four tokens); work is split over a
+//! persistent thread pool (`pool`).
 //!
 //! On an NVIDIA GPU (the `cuda` feature), `cuda_decode` runs a whole decode step through
 //! candle's `mmvq` products and our own fused CUDA kernels (`cuda_decode.cu`, compiled to

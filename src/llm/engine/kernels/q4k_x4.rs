@@ -51,9 +51,9 @@ pub(super) const BLOCK_BYTES: usize = 592;
 /// Bytes of one packed Q5_K block.
 pub(super) const Q5K_BLOCK_BYTES: usize = 720;
 const QK: usize = 256;
-const SC_AT: usize = 16;
+pub(super) const SC_AT: usize = 16;
 const MIN_AT: usize = 48;
-const QS_AT: usize = 80;
+pub(super) const QS_AT: usize = 80;
 /// Where Q5_K's fifth bits start.
 const QH_AT: usize = BLOCK_BYTES;
 
@@ -71,6 +71,13 @@ const MIN_ORDER: [[usize; 4]; 2] = {
     let o = BSUMS32_ORDER;
     [[o[0], o[1], o[2], o[3]], [o[4], o[5], o[6], o[7]]]
 };
+
+/// Where a packed block keeps row `r`'s minimum of the `q`-th sub-block in `bsums32`
+/// order (`MIN_ORDER[q / 4][q % 4]`).
+#[inline(always)]
+pub(super) const fn min_at(r: usize, q: usize) -> usize {
+    MIN_AT + 16 * (q / 4) + 4 * r + q % 4
+}
 
 /// The value (0..256, in the block's natural order) that nibble `h` (0 low, 1 high) of byte
 /// `k` (0..8) of a row in vector `v` of pair `j` holds; also where `pair_acts` takes the
@@ -135,7 +142,7 @@ pub(super) fn pack(ty: WeightType, rows: [&[u8]; ROWS], out: &mut [u8]) {
             dst[SC_AT + 8 * r..SC_AT + 8 * r + 8].copy_from_slice(&sc);
             for (h, order) in MIN_ORDER.iter().enumerate() {
                 for (i, &s) in order.iter().enumerate() {
-                    dst[MIN_AT + 16 * h + 4 * r + i] = m[s];
+                    dst[min_at(r, 4 * h + i)] = m[s];
                 }
             }
             // Value `x` of sub-block `s` is nibble `s % 2` of `qs[32(s/2) + x]`, its fifth
@@ -171,7 +178,7 @@ fn row_of(blk: &[u8], r: usize) -> (f32, f32, [u8; 8], [u8; 8], [u8; QK]) {
     let mut m = [0u8; 8];
     for (h, order) in MIN_ORDER.iter().enumerate() {
         for (i, &s) in order.iter().enumerate() {
-            m[s] = blk[MIN_AT + 16 * h + 4 * r + i];
+            m[s] = blk[min_at(r, 4 * h + i)];
         }
     }
     let five = blk.len() == Q5K_BLOCK_BYTES;
