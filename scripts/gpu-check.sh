@@ -8,8 +8,8 @@
 #   3. runs `--bench --device cuda` on the 8B file: prefill at 512 and 2048 tokens, decode at
 #      an empty context and at depth 4096, peak device memory, and 1/2/4 parallel streams,
 #      with the fused decode step on our own matrix kernels and one-pass RMSNorm
-#      (GPU_DECODE=fused-own) and then on candle's `mmvq` (GPU_DECODE=fused, the default); GPU_CHECK_PATHS="fused
-#      ops" etc. picks others;
+#      (GPU_DECODE=fused-own, the default) and then on candle's `mmvq` (GPU_DECODE=fused);
+#      GPU_CHECK_PATHS="fused-own ops" etc. picks others;
 #   4. serves on the GPU: `my-claw serve` with the 8B file answers one WebChat message and
 #      `/api/health` names the GPU; a model whose KV bound cannot fit is refused at load;
 #   5. prints one summary table (and writes summary.md and the JSON files to $OUT or
@@ -23,7 +23,7 @@
 #   scripts/gpu-check.sh serve           # only step 4
 #   scripts/gpu-check.sh profile         # one decode step under Nsight Compute (ncu): each
 #                                        # kernel's time and DRAM bytes, summed by kernel
-#   GPU_DECODE=fused-own scripts/gpu-check.sh profile   # the same with our matrix kernels
+#   GPU_DECODE=fused scripts/gpu-check.sh profile   # the same with candle's matrix kernels
 #
 # On a machine without Rust, `scripts/gpu-bundle.sh` (run where the binary was built) packs
 # the binary, the tokenizer and SmolLM2 into .gpu/ (and .gpu-b/, the second half of SmolLM2
@@ -103,9 +103,9 @@ tiny_llama="$work/tiny-llama.gguf"
 case $only in serve | bench | profile) tiny="" tiny_llama="" smollm2="" ;; esac
 for model in $tiny $tiny_llama $smollm2; do
   # f32 keys and values through candle's ops: the strict comparison; f16 through the fused
-  # decode step: what runs in production; f16 through the fused step on our own matrix
-  # kernels; f16 through candle's ops: the numbers the fused step replaces.
-  for variant in f32:ops f16:fused f16:fused-own f16:ops; do
+  # decode step on our own matrix kernels: what runs in production; f16 through the fused
+  # step on candle's; f16 through candle's ops: the numbers the fused step replaces.
+  for variant in f32:ops f16:fused-own f16:fused f16:ops; do
     kv=${variant%%:*} path=${variant##*:}
     say "device-check $(basename "$model") (KV $kv, decode $path)"
     line=$(GPU_DECODE=$path "$bin" device-check --device cuda --model "$model" --tokens 24 \
@@ -122,21 +122,23 @@ done
 if [ -n "$tiny" ]; then
   for repeat in 30 500; do
     prompt=$(python3 -c "print('The quick brown fox jumps over the lazy dog. ' * $repeat)")
-    for path in fused ops; do
+    for path in fused-own ops; do
       say "device-check $(basename "$tiny") with a long prompt (x$repeat, KV f16, decode $path)"
       GPU_DECODE=$path "$bin" device-check --device cuda --model "$tiny" --tokens 24 \
         --kv-type f16 --prompt "$prompt" >> "$out/device-check.jsonl" || status=1
     done
   done
 fi
-[ -n "$smollm2" ] || [ "$only" != all ] && [ "$only" != device-check ] || say "SmolLM2 not here (models/ or the bundle's two halves): checked on the tiny Qwen3 only"
+if [ -z "$smollm2" ] && { [ "$only" = all ] || [ "$only" = device-check ]; }; then
+  say "SmolLM2 not here (models/ or the bundle's two halves): checked on the tiny models only"
+fi
 
 # --- 3. the bench ----------------------------------------------------------------------------
 if [ "$only" = all ] || [ "$only" = bench ]; then
-# The fused step on our own matrix kernels and on candle's `mmvq` (production), one after
+# The fused step on our own matrix kernels (production) and on candle's `mmvq`, one after
 # the other on the same GPU, so the two can be compared.
 for path in ${GPU_CHECK_PATHS:-fused-own fused}; do
-  suffix=$([ $path = fused ] && echo "" || echo "-$path")
+  suffix=$([ $path = fused-own ] && echo "" || echo "-$path")
   say "bench on CUDA ($path decode): prefill 512/2048/4096, decode at empty context and after each prompt"
   # The load's log too: with fused-own it says how closely our kernels agreed with the
   # measured ones (or why they were not used).
@@ -209,13 +211,14 @@ fi
 # The first decode step of a shape runs without a graph (later ones replay it), so ncu sees
 # that step's kernels one by one: each is timed alone (no cache flush, clocks left alone),
 # then they are summed by kernel. With the graph the step is GPU-bound, so these sums are
-# what a step takes.
+# what a step takes. With fused-own, the load's check of our kernels (nine launches a
+# matrix) comes first, hence the launch count.
 if [ "$only" = profile ]; then
   ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
   [ -n "$ncu" ] || { say "no ncu here"; exit 1; }
   say "one decode step of the 8B shape under $ncu"
   timeout 300 "$ncu" --clock-control none --cache-control none \
-    --kernel-name regex:'mmvq_gguf|mv_q|rms_norm_q8|qk_rope_store|attn_|silu_mul_q8' --launch-count 900 \
+    --kernel-name regex:'mmvq_gguf|mv_q|rms_norm_q8|qk_rope_store|attn_|silu_mul_q8' --launch-count 2000 \
     --metrics gpu__time_duration.sum,dram__bytes_read.sum --csv --page raw \
     "$bin" --bench --device cuda --model "$model8b" --prompt-tokens 16 --gen-tokens 2 --runs 1 \
     > "$out/ncu.csv" 2> "$out/ncu.err" || { tail -5 "$out/ncu.err"; exit 1; }
@@ -229,15 +232,19 @@ to_s = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "nsecond": 1e-9, "usecond": 1e-6}[un
 to_b = {"byte": 1, "Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9}[units[b]]
 data = [r for r in rows[2:] if len(r) == len(head)]
 names = [r[name].split("(")[0] for r in data]
-# One step: from its first norm to the output head, the product with the most rows.
-grid = head.index("Grid Size")
-rows_of = lambda r: int(r[grid].strip("()").split(",")[0])
-first = next(i for i, n in enumerate(names) if n.startswith("rms_norm_q8"))
-# Products: candle's mmvq_* (a block per 1 or 2 rows) and our mv_q* (a block per 4 rows).
-rows_per_block = lambda n: 4 if n.startswith("mv_q") else 1
-products = [(i, rows_of(r) * rows_per_block(n)) for i, (r, n) in enumerate(zip(data, names)) if n.startswith(("mmvq", "mv_q"))]
-vocab = max(rows for _, rows in products)
-last = next(i for i, rows in products if i >= first and rows == vocab)
+# One step: from its first norm to the output head. With fused-own the load's check of our
+# kernels against candle's (every matrix, then the norms) comes first and has no RoPE: the
+# step's first norm is the last one before the first RoPE kernel. The output head is the
+# product that follows a norm and precedes no product, RoPE or SwiGLU (q/k/v and gate/up
+# follow a norm too, then RoPE or SwiGLU; the others follow attention or SwiGLU). Grids
+# say nothing: our kernels' are capped at what fits on the GPU.
+is_product = lambda n: n.startswith(("mmvq_gguf_q", "mv_q")) and not n.startswith("mmvq_gguf_quantize")
+rope = next(i for i, n in enumerate(names) if n.startswith("qk_rope_store"))
+first = max(i for i, n in enumerate(names[:rope]) if n.startswith("rms_norm_q8"))
+last = next(i for i in range(rope, len(names)) if is_product(names[i])
+            and names[i - 1].startswith("rms_norm_q8")
+            and (i + 1 == len(names) or not (is_product(names[i + 1]) or names[i + 1]
+                                             .startswith(("qk_rope_store", "silu_mul_q8")))))
 step = data[first:last + 1]
 agg = collections.defaultdict(lambda: [0, 0.0, 0.0])
 for r in step:
@@ -264,7 +271,7 @@ def load(name):
         return {"error": str(e)}
 b = load("bench-cuda.json"); p = load("bench-cuda-parallel.json")
 others = [(load(f"bench-cuda-{path}.json"), load(f"bench-cuda-parallel-{path}.json"))
-          for path in ("fused-own", "ops") if os.path.exists(os.path.join(out, f"bench-cuda-{path}.json"))]
+          for path in ("fused", "ops") if os.path.exists(os.path.join(out, f"bench-cuda-{path}.json"))]
 # Nominal memory bandwidth of the card (bytes/s), for the roofline.
 bw = {"H200": 4.8e12, "H100 80GB HBM3": 3.35e12, "H100 PCIe": 2.0e12, "A100-SXM4-80GB": 2.04e12,
       "A100-SXM4-40GB": 1.56e12, "L40S": 0.864e12, "RTX 4090": 1.008e12}
@@ -290,7 +297,7 @@ for bench, par_bench in [(b, p)] + others:
     if par:
         print(f"| parallel decode, 1/2/4 streams ({par_bench.get('decode_path', '?')}) | {' / '.join(str(par.get(k, '-')) for k in ('1', '2', '4'))} tok/s |")
 try:
-    own_log = [l for l in open(os.path.join(out, "bench-cuda-fused-own.log")) if "measured" in l]
+    own_log = [l for l in open(os.path.join(out, "bench-cuda.log")) if "measured" in l]
     print(f"| fused-own load check | {own_log[0].strip()[-300:] if own_log else 'no line in the log'} |")
 except OSError:
     pass

@@ -148,11 +148,11 @@ pub struct Config {
     #[arg(long, env = "GPU_MEMORY_BUDGET", global = true)]
     pub gpu_memory_budget: Option<String>,
 
-    /// How a GPU runs decode steps: `fused` (our fused kernels, a dozen launches per layer,
-    /// around candle's matrix kernels), `fused-own` (the same with our own Q4_K/Q6_K/Q8_0
-    /// matrix kernels and a one-pass RMSNorm, not yet measured on a GPU) or `ops` (candle's
+    /// How a GPU runs decode steps: `fused-own` (our fused kernels, a dozen launches per
+    /// layer, with our own Q4_K/Q6_K/Q8_0 matrix kernels and a one-pass RMSNorm), `fused`
+    /// (the same around candle's matrix kernels and the two-pass RMSNorm) or `ops` (candle's
     /// ops, about thirty per layer; to compare, or to step around a problem).
-    #[arg(long, env = "GPU_DECODE", default_value = "fused", global = true)]
+    #[arg(long, env = "GPU_DECODE", default_value = "fused-own", global = true)]
     pub gpu_decode: String,
 
     /// Conversations whose KV state the engine keeps for reuse.

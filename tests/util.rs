@@ -346,7 +346,7 @@ pub fn engine_settings() -> my_claw::config::EngineSettings {
         kv_cache_sequences: 1,
         kv_cache_max_bytes: 8 << 20,
         kv_type: my_claw::llm::engine::model::KvType::F16,
-        gpu_decode: my_claw::llm::engine::candle_model::GpuDecode::Fused,
+        gpu_decode: my_claw::llm::engine::candle_model::GpuDecode::FusedOwn,
         reply_max_tokens: 8,
         device: my_claw::llm::engine::device::ComputeDevice::Kernels,
     }

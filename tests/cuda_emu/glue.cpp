@@ -7,8 +7,9 @@
 // - `attn_partial_d{64,128,256}` + `attn_combine_q8`: causal attention of one token per row
 //   over its cache, split over positions as the step splits them (1 to 32 splits, several
 //   128-position chunks per split), for 1 to 8 query heads per KV head, joined and
-//   quantized: each output within half a quantization step (plus float error) of the
-//   reference, in both layouts;
+//   quantized (by `attn_partial` itself with one split, as the step launches it): each
+//   output within half a quantization step (plus float error) of the reference, in both
+//   layouts;
 // - `rms_norm_q8`: residual add, RMSNorm and quantization, the padding zero;
 // - `silu_mul_q8`: SwiGLU, quantized, the padding zero.
 // Exit code 0 when everything agrees. Built and run by `tests/cuda_emulated.rs`.
@@ -191,17 +192,19 @@ static bool attention_case(int group, int len0, int len1) {
   facts[2 * MAX_ROWS] = (max_len + n_split - 1) / n_split;
   std::vector<float> part_acc((size_t)MAX_ROWS * n_head * MAX_SPLIT_ * D);
   std::vector<float> part_ml((size_t)MAX_ROWS * n_head * MAX_SPLIT_ * 2);
+  const int stride = q8_stride(n_head * D);
+  Q8Buffers out((size_t)rows * stride);
   emu::launch(Dim3{(unsigned)n_kv, (unsigned)n_split, (unsigned)rows}, 128, [&] {
     auto *kernel = D == 64 ? attn_partial_d64 : D == 128 ? attn_partial_d128 : attn_partial_d256;
     kernel(q.data(), facts.data(), kv.data(), layer, n_head, n_kv, n_split, part_acc.data(),
-           part_ml.data());
+           part_ml.data(), out.q8.data(), out.x_qs(), out.ds.data(), stride);
   });
-  const int stride = q8_stride(n_head * D);
-  Q8Buffers out((size_t)rows * stride);
-  emu::launch(Dim3{(unsigned)n_head, (unsigned)rows, 1}, D, [&] {
-    attn_combine_q8(part_acc.data(), part_ml.data(), n_split, n_head, D, out.q8.data(),
-                    out.x_qs(), out.ds.data(), stride);
-  });
+  // One split: `attn_partial` quantized the output itself, as the step launches it.
+  if (n_split > 1)
+    emu::launch(Dim3{(unsigned)n_head, (unsigned)rows, 1}, D, [&] {
+      attn_combine_q8(part_acc.data(), part_ml.data(), n_split, n_head, D, out.q8.data(),
+                      out.x_qs(), out.ds.data(), stride);
+    });
   std::vector<double> want((size_t)rows * stride * 32, 0.0);
   for (int r = 0; r < rows; ++r)
     for (int hq = 0; hq < n_head; ++hq) {
@@ -301,11 +304,19 @@ int main() {
   count(rope_case(128, 8, 2, true, true));    // Qwen3's head width
   count(rope_case(64, 6, 2, false, false));   // the tiny Llama
   count(rope_case(256, 2, 1, true, false));
+  // One split (attn_partial quantizes its output itself) for 1 to 128 positions, or 129 to
+  // 256 and more splits with attn_combine_q8; split lengths not a multiple of the value
+  // phase's batches, rows of different lengths (a split past a row's end).
   count(attention_case<64>(8, 1, 17));
+  count(attention_case<64>(3, 128, 100));     // one split, a full chunk
   count(attention_case<64>(2, 130, 300));     // several splits
-  count(attention_case<128>(4, 17, 1000));    // Qwen3-8B's grouping
+  count(attention_case<128>(4, 17, 1));       // Qwen3-8B's grouping, one split
+  count(attention_case<128>(4, 17, 1000));    // Qwen3-8B's grouping, 8 splits
+  count(attention_case<128>(5, 77, 128));     // one split, an odd group
   count(attention_case<128>(1, 5000, 64));    // 32 splits of several chunks
+  count(attention_case<128>(8, 3000, 9000));  // 32 splits of several chunks, 8 heads a group
   count(attention_case<256>(3, 129, 2));
+  count(attention_case<256>(6, 100, 45));     // one split
   count(rms_case(128));
   count(rms_case(4096));
   count(silu_case(256));

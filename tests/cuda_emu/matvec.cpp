@@ -9,8 +9,10 @@
 // 2. every matrix kernel the decode step may pick (each load width, 1 to 8 activation
 //    rows) multiplies random activations, read in our layout, by matrices whose rows take
 //    one chunk, several, and a partial last one, with a row count that leaves the last
-//    block of warps partly idle and an output stride wider than the rows (so a cell written
-//    never or out of place fails too), against a reference written from ggml's block
+//    block of warps partly idle, on a block per 4 rows or on one block whose warps take
+//    several rows each (the chunks of a row and then of the next in one stream), and an
+//    output stride wider than the rows (so a cell written never or out of place fails
+//    too), against a reference written from ggml's block
 //    formats (dequantize_row_q4_K / dequantize_row_q6_K / dequantize_row_q8_0) on
 //    candle's layout, in double.
 // Exit code 0 when everything agrees. Built and run by `tests/cuda_emulated.rs`.
@@ -261,7 +263,10 @@ int main() {
       std::vector<float> out((size_t)8 * out_stride, NAN);
       const Kernel kernel = kernels[n - 1];
       const int cols = c.nb * 256, rows = c.rows;
-      emu::launch((rows + MV_WARPS - 1) / MV_WARPS, MV_WARPS * 32, [&] {
+      // A block per MV_WARPS rows, or (odd n) a single block, as when the launcher caps
+      // the grid at what fits on the GPU at once: its warps then take two rows each.
+      const unsigned grid = n % 2 == 0 ? (rows + MV_WARPS - 1) / MV_WARPS : 1;
+      emu::launch(grid, MV_WARPS * 32, [&] {
         kernel(w, x_qs, x_ds.data(), out.data(), cols, rows, q8_stride, out_stride);
       });
       double worst = 0.0;

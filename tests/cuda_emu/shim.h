@@ -44,6 +44,7 @@ struct Dim3 {
 inline thread_local Dim3 threadIdx{0, 0, 0};
 inline thread_local Dim3 blockIdx{0, 0, 0};
 inline Dim3 blockDim{1, 1, 1};
+inline Dim3 gridDim{1, 1, 1};
 
 // CUDA's vector and half types, laid out as on the GPU.
 struct half {
@@ -230,6 +231,7 @@ inline Pool pool;
 template <typename K>
 void launch(Dim3 grid, unsigned block, K kernel) {
   blockDim = {block, 1, 1};
+  gridDim = grid;
   std::vector<std::unique_ptr<Warp>> warps;
   for (unsigned w = 0; w < block / 32; ++w) warps.push_back(std::make_unique<Warp>());
   Barrier block_done((std::ptrdiff_t)block), sync((std::ptrdiff_t)block);

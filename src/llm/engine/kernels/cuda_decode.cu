@@ -104,25 +104,44 @@ extern "C" __global__ void qk_rope_store(
 
 // Attention of one token per row over its cache, split over positions (flash-decoding):
 // block (kv head, split, row) takes positions [split * split_len, ...) of the row's
-// pos + 1, for all the query heads that share the KV head, and leaves for each its max
-// score, its sum of exponentials and its unnormalised sum of values in `part_*`
-// (`attn_combine_q8` joins the splits). `split_len` is read from `facts[2 * MAX_ROWS]`, so
-// a captured graph serves every length with the same number of splits. Positions go in
-// chunks of 128 (one per thread): each thread scores one position for every query head
-// of the group (its key row read once), the chunk's softmax runs in shared memory, then
-// each thread accumulates its own output values over the chunk (value rows read
-// coalesced). Block: 128 threads; head_dim D = 64, 128 or 256.
+// pos + 1, for all the query heads that share the KV head. With several splits it leaves
+// for each head its max score, its sum of exponentials and its unnormalised sum of values
+// in `part_*` (`attn_combine_q8` joins the splits); with one split (`n_split == 1`, short
+// contexts) it finishes the softmax itself and quantizes the heads' outputs into Q8_1
+// blocks in both layouts, as `attn_combine_q8` would (no second launch). `split_len` is
+// read from `facts[2 * MAX_ROWS]`, so a captured graph serves every length with the same
+// number of splits.
+//
+// Positions go in chunks of 128. Scores: each thread scores one position for every query
+// head of the group (its key row read once, KB 16-byte loads in flight at a time); the
+// chunk's softmax runs in shared memory, leaving each position's weights for all heads
+// side by side (`w_s`). Values: each thread owns VEC consecutive value indices (one 8-byte
+// load of a value row) and accumulates them for every head of the group at once (a load
+// feeds group x VEC FMAs); the block covers a value row PHASES times over, phase p taking
+// the chunk's positions p, p + PHASES, ... (VB loads in flight before their FMAs), and the
+// phases are added through shared memory at the end (the online-softmax rescale is linear,
+// so each phase's accumulator is rescaled on its own). The loads of a chunk's first keys
+// are issued before the barrier that opens it, overlapping the query's load (first chunk)
+// or the previous chunk's last FMAs. Block: 128 threads; head_dim D = 64, 128 or 256.
 template <int D>
 static __device__ void attn_partial(const float *__restrict__ q, const int *__restrict__ facts,
                                     const unsigned long long *__restrict__ kv, int layer,
                                     int n_head, int n_kv, int n_split,
-                                    float *__restrict__ part_acc, float *__restrict__ part_ml) {
-  constexpr int CHUNK = 128, ITEMS = MAX_GROUP * D / CHUNK;
+                                    float *__restrict__ part_acc, float *__restrict__ part_ml,
+                                    Q8Rows out, int q8_stride) {
+  constexpr int CHUNK = 128;
+  constexpr int KB = D / 8 < 8 ? D / 8 : 8;  // a key row is D / 8 uint4 loads
+  constexpr int VEC = 4, LANES = D / VEC, PHASES = CHUNK / LANES;  // PHASES: 8, 4 or 2
+  constexpr int VB = 16;  // VB * PHASES divides CHUNK: a batch never passes the chunk's end
+  static_assert(VEC == 4 && MAX_GROUP == 8, "the value phase's loads and weights assume these");
   __shared__ float q_s[MAX_GROUP][D];
   __shared__ float sc[MAX_GROUP][CHUNK];
+  __shared__ __align__(16) float w_s[CHUNK][MAX_GROUP];
+  __shared__ __align__(16) float o_s[PHASES][MAX_GROUP][D];
   __shared__ float s_m[MAX_GROUP], s_l[MAX_GROUP], s_corr[MAX_GROUP];
   const int hk = blockIdx.x, split = blockIdx.y, row = blockIdx.z, t = threadIdx.x;
   const int lane = t & 31, warp = t >> 5;
+  const int phase = t / LANES, vi = (t % LANES) * VEC;  // value phase: positions, indices
   const int group = n_head / n_kv;
   const int len = facts[row] + 1, cap = facts[MAX_ROWS + row], split_len = facts[2 * MAX_ROWS];
   const int start = split * split_len, end = min(len, start + split_len);
@@ -137,23 +156,37 @@ static __device__ void attn_partial(const float *__restrict__ q, const int *__re
     s_m[t] = -INFINITY;
     s_l[t] = 0.0f;
   }
-  float acc[ITEMS];
+  float acc[MAX_GROUP][VEC];
 #pragma unroll
-  for (int k = 0; k < ITEMS; ++k) acc[k] = 0.0f;
-  __syncthreads();
+  for (int g = 0; g < MAX_GROUP; ++g)
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) acc[g][k] = 0.0f;
 
   for (int c0 = start; c0 < end; c0 += CHUNK) {
     const int n = min(CHUNK, end - c0);
     // 1. Scores: thread t takes position c0 + t for every query head of the group.
+    const uint4 *k_row = (const uint4 *)(keys + (size_t)(c0 + t) * D);
+    uint4 raw[KB];
+    if (t < n) {
+#pragma unroll
+      for (int c = 0; c < KB; ++c) raw[c] = k_row[c];
+    }
+    // The query (first chunk) is in `q_s`; every thread is done with the previous chunk's
+    // `sc`, `w_s` and `s_corr`.
+    __syncthreads();
     float s[MAX_GROUP];
 #pragma unroll
     for (int g = 0; g < MAX_GROUP; ++g) s[g] = 0.0f;
-    if (t < n) {
-      const uint4 *k_row = (const uint4 *)(keys + (size_t)(c0 + t) * D);
-#pragma unroll 4
-      for (int c = 0; c < D / 8; ++c) {
-        const uint4 raw = k_row[c];
-        const half2 *h = (const half2 *)&raw;
+#pragma unroll
+    for (int c0k = 0; c0k < D / 8; c0k += KB) {
+      if (t >= n) break;
+      if (c0k > 0) {
+#pragma unroll
+        for (int c = 0; c < KB; ++c) raw[c] = k_row[c0k + c];
+      }
+#pragma unroll
+      for (int c = 0; c < KB; ++c) {
+        const half2 *h = (const half2 *)&raw[c];
         float k[8];
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
@@ -165,7 +198,7 @@ static __device__ void attn_partial(const float *__restrict__ q, const int *__re
         for (int g = 0; g < MAX_GROUP; ++g) {
           if (g >= group) break;
 #pragma unroll
-          for (int j = 0; j < 8; ++j) s[g] += q_s[g][c * 8 + j] * k[j];
+          for (int j = 0; j < 8; ++j) s[g] += q_s[g][(c0k + c) * 8 + j] * k[j];
         }
       }
     }
@@ -175,16 +208,17 @@ static __device__ void attn_partial(const float *__restrict__ q, const int *__re
       sc[g][t] = t < n ? s[g] : -INFINITY;
     }
     __syncthreads();
-    // 2. The chunk's softmax step: warp w takes heads w, w + 4.
+    // 2. The chunk's softmax step: warp w takes heads w, w + 4; the weights past the
+    // chunk's n positions are 0, so that the value phase needs no bound on them.
     for (int g = warp; g < group; g += CHUNK / 32) {
       float mx = -INFINITY;
       for (int j = lane; j < n; j += 32) mx = fmaxf(mx, sc[g][j]);
       mx = warp_max(mx);
       const float m_old = s_m[g], m_new = fmaxf(m_old, mx);
       float sum = 0.0f;
-      for (int j = lane; j < n; j += 32) {
-        const float e = expf(sc[g][j] - m_new);
-        sc[g][j] = e;
+      for (int j = lane; j < CHUNK; j += 32) {
+        const float e = j < n ? expf(sc[g][j] - m_new) : 0.0f;
+        w_s[j][g] = e;
         sum += e;
       }
       sum = warp_sum(sum);
@@ -196,46 +230,85 @@ static __device__ void attn_partial(const float *__restrict__ q, const int *__re
       }
     }
     __syncthreads();
-    // 3. Values: thread t owns items t, t + 128, ... of (head g, value i).
+    // 3. Values: this thread's VEC indices at positions phase, phase + PHASES, ... for
+    // every head of the group.
 #pragma unroll
-    for (int k = 0; k < ITEMS; ++k) {
-      const int idx = t + k * CHUNK;
-      if (idx >= group * D) break;
-      const int g = idx / D, i = idx % D;
-      float a = acc[k] * s_corr[g];
-      const half *v = values + (size_t)c0 * D + i;
-      for (int j = 0; j < n; ++j) a += sc[g][j] * __half2float(v[(size_t)j * D]);
-      acc[k] = a;
+    for (int g = 0; g < MAX_GROUP; ++g) {
+      if (g >= group) break;
+      const float corr = s_corr[g];
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) acc[g][k] *= corr;
     }
-    __syncthreads();
-  }
-  const size_t first = ((size_t)row * n_head + hk * group) * n_split + split;
+    const uint2 *v_col = (const uint2 *)(values + (size_t)c0 * D + vi);
+    for (int j0 = phase; j0 < n; j0 += VB * PHASES) {
+      uint2 v[VB];
 #pragma unroll
-  for (int k = 0; k < ITEMS; ++k) {
-    const int idx = t + k * CHUNK;
-    if (idx >= group * D) break;
-    const int g = idx / D, i = idx % D;
-    part_acc[(first + (size_t)g * n_split) * D + i] = acc[k];
+      for (int b = 0; b < VB; ++b) {
+        const int j = j0 + b * PHASES;
+        v[b] = j < n ? v_col[(size_t)j * (D / VEC)] : make_uint2(0, 0);
+      }
+#pragma unroll
+      for (int b = 0; b < VB; ++b) {
+        const int j = j0 + b * PHASES;
+        const half2 *h = (const half2 *)&v[b];
+        const float2 lo = __half22float2(h[0]), hi = __half22float2(h[1]);
+        const float x[VEC] = {lo.x, lo.y, hi.x, hi.y};
+        const float4 wa = *(const float4 *)&w_s[j][0];
+        const float4 wb = group > 4 ? *(const float4 *)&w_s[j][4] : make_float4(0, 0, 0, 0);
+        const float w[MAX_GROUP] = {wa.x, wa.y, wa.z, wa.w, wb.x, wb.y, wb.z, wb.w};
+#pragma unroll
+        for (int g = 0; g < MAX_GROUP; ++g) {
+          if (g >= group) break;
+#pragma unroll
+          for (int k = 0; k < VEC; ++k) acc[g][k] += w[g] * x[k];
+        }
+      }
+    }
   }
-  if (t < group) {
+  // The phases' sums, added (and, with one split, normalised and quantized) with each
+  // warp holding 32 consecutive values of one head.
+#pragma unroll
+  for (int g = 0; g < MAX_GROUP; ++g) {
+    if (g >= group) break;
+    *(float4 *)&o_s[phase][g][vi] = make_float4(acc[g][0], acc[g][1], acc[g][2], acc[g][3]);
+  }
+  __syncthreads();
+  const size_t first = ((size_t)row * n_head + hk * group) * n_split + split;
+  // group * D is a multiple of 32: a warp's lanes run this loop together.
+  for (int idx = t; idx < group * D; idx += CHUNK) {
+    const int g = idx / D, i = idx % D;
+    float a = o_s[0][g][i];
+#pragma unroll
+    for (int p = 1; p < PHASES; ++p) a += o_s[p][g][i];
+    if (n_split == 1) {
+      const size_t block = (size_t)row * q8_stride + ((size_t)hk * group * D + idx) / 32;
+      quantize_warp(a / s_l[g], out, block);  // as attn_combine_q8 with one split
+    } else {
+      part_acc[(first + (size_t)g * n_split) * D + i] = a;
+    }
+  }
+  if (n_split > 1 && t < group) {
     part_ml[(first + (size_t)t * n_split) * 2] = s_m[t];
     part_ml[(first + (size_t)t * n_split) * 2 + 1] = s_l[t];
   }
 }
 
 #define ATTN_PARTIAL(D)                                                                      \
-  extern "C" __global__ void attn_partial_d##D(                                              \
+  extern "C" __global__ void __launch_bounds__(128) attn_partial_d##D(                       \
       const float *q, const int *facts, const unsigned long long *kv, int layer, int n_head,   \
-      int n_kv, int n_split, float *part_acc, float *part_ml) {                              \
-    attn_partial<D>(q, facts, kv, layer, n_head, n_kv, n_split, part_acc, part_ml);          \
+      int n_kv, int n_split, float *part_acc, float *part_ml, block_q8_1 *q8, int8_t *x_qs,   \
+      float2 *x_ds, int q8_stride) {                                                         \
+    attn_partial<D>(q, facts, kv, layer, n_head, n_kv, n_split, part_acc, part_ml,           \
+                    Q8Rows{q8, x_qs, x_ds}, q8_stride);                                      \
   }
 ATTN_PARTIAL(64)
 ATTN_PARTIAL(128)
 ATTN_PARTIAL(256)
 
-// Join the splits of `attn_partial` into each head's output and quantize the row's heads
-// into Q8_1 blocks (both layouts) for the output projection. Grid: (n_head, rows); block:
-// head_dim threads (a multiple of 32, so each warp fills one block).
+// Join the splits of `attn_partial` (when there are several) into each head's output and
+// quantize the row's heads into Q8_1 blocks (both layouts) for the output projection.
+// Grid: (n_head, rows); block: head_dim threads (a multiple of 32, so each warp fills one
+// block).
 extern "C" __global__ void attn_combine_q8(const float *__restrict__ part_acc,
                                            const float *__restrict__ part_ml, int n_split,
                                            int n_head, int d, block_q8_1 *__restrict__ q8,

@@ -12,11 +12,12 @@
 // Why not candle's `mmvq`: its threads read weights 4 bytes at a time, 128 threads sharing
 // 8 GGUF blocks, and on an H200 it read them at 35-37 % of the card's bandwidth, two thirds
 // of a decode step. Here:
-// - one warp owns one matrix row and streams it through shared memory in chunks of 16
-//   GGUF blocks (2,304 bytes of Q4_K, 3,360 of Q6_K), with the widest loads the row's
-//   alignment allows (V: 16 bytes for Q4_K's 144-byte blocks and Q8_0's 272-byte groups
-//   of 8 blocks; for Q6_K's 210-byte blocks, what the block count allows), the next
-//   chunk's loads issued before the lanes compute on the current one; weights are read
+// - a warp owns matrix rows (as many as there are rows over the warps that fit on the GPU
+//   at once) and streams them through shared memory in chunks of 16 GGUF blocks (2,304
+//   bytes of Q4_K, 3,360 of Q6_K), with the widest loads the row's alignment allows (V: 16
+//   bytes for Q4_K's 144-byte blocks and Q8_0's 272-byte groups of 8 blocks; for Q6_K's
+//   210-byte blocks, what the block count allows), the next chunk's loads (of the same row
+//   or the next) issued before the lanes compute on the current one; weights are read
 //   once, so they bypass L1 (`__ldcs`);
 // - each chunk's block scales are decoded once into a small table;
 // - each lane takes 16 values at a time, lane l the l-th 16 of two consecutive GGUF blocks,
@@ -141,12 +142,12 @@ struct Q6K {
     const int lo_shift = 4 * (q >> 1), hi_shift = 2 * q;
     uint32_t v[4];
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const uint32_t u = ((ql[i] >> lo_shift) & 0x0f0f0f0fu) |
-                         (((qh[i] >> hi_shift) & 0x03030303u) << 4);
-      v[i] = (uint32_t)__vsubss4((int)u, 0x20202020);
-    }
-    dot16<N>(v, t.dsc[b][lane16], 0.0f, x_qs, x_ds, x_stride, at, sum);
+    for (int i = 0; i < 4; ++i)
+      v[i] = ((ql[i] >> lo_shift) & 0x0f0f0f0fu) | (((qh[i] >> hi_shift) & 0x03030303u) << 4);
+    // The quants are stored plus 32: their 32 is taken off through the activations' sum,
+    // as a minimum (`dot16`'s `min * ds.y`), instead of from each quant.
+    const float scale = t.dsc[b][lane16];
+    dot16<N>(v, scale, 32.0f * scale, x_qs, x_ds, x_stride, at, sum);
   }
 };
 
@@ -177,9 +178,27 @@ struct Q8_0 {
   }
 };
 
+// Loads chunk `c` of row `r` (V-sized pieces; the last chunk of a row may be partial).
+template <typename F, typename V, int ITEMS, int PER_CHUNK>
+static __device__ __forceinline__ void fetch_chunk(const uint8_t *__restrict__ w, int nb,
+                                                   int row_loads, int r, int c, int lane,
+                                                   V *regs) {
+  const V *src = (const V *)(w + (size_t)r * nb * F::BYTES) + c * PER_CHUNK;
+  const int left = row_loads - c * PER_CHUNK;
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) {
+    const int k = lane + 32 * i;
+    if (k < PER_CHUNK && k < left) regs[i] = __ldcs(src + k);
+  }
+}
+
 // The product of format F for N activation rows, loading V-sized pieces (V divides the row's
-// bytes and its start is aligned to it: the launcher checks). Grid: ceil(rows / MV_WARPS)
-// blocks of MV_WARPS warps.
+// bytes and its start is aligned to it: the launcher checks). Grid: at most ceil(rows /
+// MV_WARPS) blocks of MV_WARPS warps, as many as fit on the GPU at once (the launcher
+// asks the driver): warp k of the grid takes rows k, k + the grid's warps, ... and sees
+// them as one stream of chunks, the next chunk's loads (of this row or its next one) in
+// flight while its lanes compute on the current one. With a block per 4 rows instead, a
+// large matrix ran in waves whose warps all loaded, then all computed, together.
 template <typename F, int N, typename V>
 static __device__ __forceinline__ void mat_vec(const uint8_t *__restrict__ w,
                                                const int8_t *__restrict__ x_qs,
@@ -194,39 +213,32 @@ static __device__ __forceinline__ void mat_vec(const uint8_t *__restrict__ w,
   __shared__ __align__(16) uint8_t stage[MV_WARPS][CHUNK + 16];
   __shared__ typename F::Table tables[MV_WARPS];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int row = blockIdx.x * MV_WARPS + warp;
+  const int row_step = (int)gridDim.x * MV_WARPS;
+  int row = blockIdx.x * MV_WARPS + warp;
   if (row >= rows) return;  // the whole warp: nothing below synchronizes the block
   const int nb = cols / 256;
   const int row_loads = nb * F::BYTES / (int)sizeof(V);
-  const V *src = (const V *)(w + (size_t)row * nb * F::BYTES);
+  const int n_chunks = (nb + MV_BLOCKS - 1) / MV_BLOCKS;
   V *staged = (V *)stage[warp];
   typename F::Table &table = tables[warp];
   V regs[ITEMS];
-#pragma unroll
-  for (int i = 0; i < ITEMS; ++i) {
-    const int k = lane + 32 * i;
-    if (k < PER_CHUNK && k < row_loads) regs[i] = __ldcs(src + k);
-  }
+  fetch_chunk<F, V, ITEMS, PER_CHUNK>(w, nb, row_loads, row, 0, lane, regs);
   float sum[N];
 #pragma unroll
   for (int j = 0; j < N; ++j) sum[j] = 0.0f;
-  const int n_chunks = (nb + MV_BLOCKS - 1) / MV_BLOCKS;
-  for (int c = 0; c < n_chunks; ++c) {
-    const int first = c * PER_CHUNK, next = first + PER_CHUNK;
+  for (int c = 0;;) {
     __syncwarp();  // every lane is done with the previous chunk and its table
 #pragma unroll
     for (int i = 0; i < ITEMS; ++i) {
       const int k = lane + 32 * i;
-      if (k < PER_CHUNK && first + k < row_loads) staged[k] = regs[i];
+      if (k < PER_CHUNK && c * PER_CHUNK + k < row_loads) staged[k] = regs[i];
     }
     __syncwarp();
-    if (c + 1 < n_chunks) {
-#pragma unroll
-      for (int i = 0; i < ITEMS; ++i) {
-        const int k = lane + 32 * i;
-        if (k < PER_CHUNK && next + k < row_loads) regs[i] = __ldcs(src + next + k);
-      }
-    }
+    // The warp's next chunk: the rest of this row, then its next row.
+    const bool row_done = c + 1 == n_chunks;
+    const int next_row = row_done ? row + row_step : row, next_c = row_done ? 0 : c + 1;
+    if (next_row < rows)
+      fetch_chunk<F, V, ITEMS, PER_CHUNK>(w, nb, row_loads, next_row, next_c, lane, regs);
     const int blocks = min(MV_BLOCKS, nb - c * MV_BLOCKS);
     // Each chunk's scales, decoded once: lane l does half l % 2 of block l / 2.
     const int pb = lane >> 1;
@@ -238,11 +250,17 @@ static __device__ __forceinline__ void mat_vec(const uint8_t *__restrict__ w,
       const size_t at = (size_t)(c * MV_BLOCKS + b) * 16 + (lane & 15);
       F::template dot<N>(stage[warp], table, b, lane & 15, x_qs, x_ds, x_stride, at, sum);
     }
-  }
+    if (row_done) {
 #pragma unroll
-  for (int j = 0; j < N; ++j) {
-    const float s = warp_sum(sum[j]);
-    if (lane == 0) out[(size_t)j * out_stride + row] = s;
+      for (int j = 0; j < N; ++j) {
+        const float s = warp_sum(sum[j]);
+        if (lane == 0) out[(size_t)j * out_stride + row] = s;
+        sum[j] = 0.0f;
+      }
+      row = next_row;
+      if (row >= rows) break;
+    }
+    c = next_c;
   }
 }
 
