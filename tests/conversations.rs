@@ -722,7 +722,11 @@ async fn a_refused_request_stores_nothing_and_creates_no_conversation() {
     *app.model.refuse.lock().unwrap() = None;
     *app.model.context_chars.lock().unwrap() = 500;
     let (status, body) = app.chat(json!({"conversation_id": id, "message": "x".repeat(600)})).await;
-    assert_eq!(status, 400, "{:?}", body.err());
+    assert_eq!(status, 400);
+    // The request's field that does not fit: its one `message` (`/v1` says `messages`).
+    let error = body.err().unwrap();
+    assert_eq!(error["error"]["code"], "context_length_exceeded", "{error}");
+    assert_eq!(error["error"]["param"], "message", "{error}");
     assert_eq!(app.messages(id).await.len(), 2, "the refused messages were not stored");
     let list = app.get_json("/api/conversations").await;
     assert_eq!(list["conversations"].as_array().unwrap().len(), 1);
@@ -757,8 +761,11 @@ async fn a_refused_regenerate_or_edit_changes_nothing() {
     // A new text too large for the context even alone: refused, nothing changed.
     *app.model.refuse.lock().unwrap() = None;
     *app.model.context_chars.lock().unwrap() = 500;
-    let (status, _) = app.action(id, "edit", json!({"message": "x".repeat(600)})).await;
+    let (status, error) = app.action(id, "edit", json!({"message": "x".repeat(600)})).await;
     assert_eq!(status, 400);
+    let error = error.err().unwrap();
+    assert_eq!(error["error"]["code"], "context_length_exceeded", "{error}");
+    assert_eq!(error["error"]["param"], "message", "{error}");
     assert_eq!(app.messages(id).await, before, "a refused edit changes nothing");
     assert_eq!(app.model.prompts().len(), 2, "only the two answers were generated");
 

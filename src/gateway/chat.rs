@@ -167,7 +167,11 @@ async fn post_chat(
         text: request.message,
         external_id: None,
     };
-    let events = state.assistant.start(inbound, tier).await?;
+    let events = state
+        .assistant
+        .start(inbound, tier)
+        .await
+        .map_err(|e| ApiError::from(e).about_prompt(Some("message")))?;
     Ok(answer_sse(&state, events))
 }
 

@@ -43,9 +43,11 @@ pub enum ApiError {
     #[error("{0}")]
     ModelNotFound(String),
     /// The prompt and the room for its answer do not fit the model's context (OpenAI's
-    /// `context_length_exceeded`, a 400).
-    #[error("{0}")]
-    ContextTooLong(String),
+    /// `context_length_exceeded`, a 400), and the request field that holds the prompt:
+    /// `/v1`'s `messages`, the WebChat API's `message` (`ApiError::about_prompt`), none
+    /// where the prompt is stored history (regenerate).
+    #[error("{message}")]
+    ContextTooLong { message: String, param: Option<&'static str> },
     #[error("method not allowed")]
     MethodNotAllowed,
     #[error("request body is larger than this server accepts (MAX_BODY_BYTES)")]
@@ -84,7 +86,7 @@ impl ApiError {
             ApiError::BadRequest(_)
             | ApiError::BadParam { .. }
             | ApiError::BadShape { .. }
-            | ApiError::ContextTooLong(_) => StatusCode::BAD_REQUEST,
+            | ApiError::ContextTooLong { .. } => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized | ApiError::WrongSecret(_) | ApiError::BadSignature => {
                 StatusCode::UNAUTHORIZED
             }
@@ -110,7 +112,7 @@ impl ApiError {
             ApiError::Conflict(_) => "conflict",
             ApiError::NotFound(_) => "not_found",
             ApiError::ModelNotFound(_) => "model_not_found",
-            ApiError::ContextTooLong(_) => "context_length_exceeded",
+            ApiError::ContextTooLong { .. } => "context_length_exceeded",
             ApiError::MethodNotAllowed => "method_not_allowed",
             ApiError::PayloadTooLarge | ApiError::TooLarge(_) => "payload_too_large",
             ApiError::RequestTimeout => "request_timeout",
@@ -129,13 +131,24 @@ impl ApiError {
         }
     }
 
+    /// The same error where the prompt is a WebChat request's one `message` (or, with
+    /// `None`, stored history the request does not carry), not `/v1`'s `messages`.
+    pub fn about_prompt(self, field: Option<&'static str>) -> ApiError {
+        match self {
+            ApiError::ContextTooLong { message, .. } => {
+                ApiError::ContextTooLong { message, param: field }
+            }
+            other => other,
+        }
+    }
+
     /// The request field a 400 is about, as OpenAI's `param`.
     fn param(&self) -> Option<&str> {
         match self {
             ApiError::BadParam { param, .. } => Some(param),
             ApiError::BadShape { param, .. } => param.as_deref(),
             // The prompt is what does not fit.
-            ApiError::ContextTooLong(_) => Some("messages"),
+            ApiError::ContextTooLong { param, .. } => *param,
             _ => None,
         }
     }
@@ -205,7 +218,9 @@ impl From<LlmError> for ApiError {
             | LlmError::EngineStopped
             | LlmError::Unavailable(_)
             | LlmError::BadModel { .. } => ApiError::Unavailable(e.to_string()),
-            LlmError::ContextOverflow { .. } => ApiError::ContextTooLong(e.to_string()),
+            LlmError::ContextOverflow { .. } => {
+                ApiError::ContextTooLong { message: e.to_string(), param: Some("messages") }
+            }
             LlmError::UnknownModel(_) | LlmError::InvalidRequest(_) => {
                 ApiError::BadRequest(e.to_string())
             }
@@ -503,7 +518,11 @@ mod tests {
         );
         assert!(error.to_string().contains("room for a 128-token answer"), "{error}");
         assert_eq!((error.kind(), error.param()), ("invalid_request_error", Some("messages")));
-        let busy = ApiError::from(LlmError::QueueFull);
+        // The WebChat API's prompt is one `message`, or stored history (regenerate).
+        let webchat = error.about_prompt(Some("message"));
+        assert_eq!((webchat.code(), webchat.param()), ("context_length_exceeded", Some("message")));
+        assert_eq!(webchat.about_prompt(None).param(), None);
+        let busy = ApiError::from(LlmError::QueueFull).about_prompt(Some("message"));
         assert_eq!((busy.kind(), busy.param()), ("server_error", None));
         let unknown = ApiError::ModelNotFound("unknown tier `gpt-4o`".into());
         assert_eq!((unknown.status(), unknown.code()), (StatusCode::NOT_FOUND, "model_not_found"));

@@ -62,8 +62,12 @@ async fn post_regenerate(
     let conversation_id = webchat_conversation(&state, &id).await?;
     let tier = tier(request.tier.as_deref())?;
     let revision = Revision::Regenerate { expected: request.message_id.map(MessageId) };
-    let events =
-        state.assistant.revise(conversation_id, revision, tier).await.map_err(revision_error)?;
+    // The prompt is the stored history: no field of the request holds it.
+    let events = state
+        .assistant
+        .revise(conversation_id, revision, tier)
+        .await
+        .map_err(|e| revision_error(e).about_prompt(None))?;
     Ok(answer_sse(&state, events))
 }
 
@@ -84,8 +88,11 @@ async fn post_edit(
     check_message_length("message", "message", text)?;
     let revision =
         Revision::Edit { text: text.to_string(), expected: request.message_id.map(MessageId) };
-    let events =
-        state.assistant.revise(conversation_id, revision, tier).await.map_err(revision_error)?;
+    let events = state
+        .assistant
+        .revise(conversation_id, revision, tier)
+        .await
+        .map_err(|e| revision_error(e).about_prompt(Some("message")))?;
     Ok(answer_sse(&state, events))
 }
 
