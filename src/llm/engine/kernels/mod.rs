@@ -634,12 +634,14 @@ impl Acts {
                 q4k_x4::pair_acts(&self.q8k, &mut self.q8k_paired);
                 self.has[3] = true;
             }
+            // Where the tiles may run: this CPU has them and `ENGINE_ISA` does not rule them
+            // out (`Isa::detect` answers the limit).
             #[cfg(target_arch = "x86_64")]
             if w.ty == WeightType::Q4K
                 && w.is_repacked()
                 && n_tokens >= AMX_MIN_TOKENS
                 && !self.has[4]
-                && amx::usable()
+                && Isa::detect() == Isa::Amx
             {
                 amx::pack_acts(&self.q8k, n_tokens, cols / 256, &mut self.q8k_tiles);
                 self.has[4] = true;
