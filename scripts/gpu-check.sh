@@ -22,7 +22,8 @@
 #   scripts/gpu-check.sh bench           # only step 3
 #   scripts/gpu-check.sh serve           # only step 4
 #   scripts/gpu-check.sh profile         # one decode step under Nsight Compute (ncu): each
-#                                        # kernel's time and DRAM bytes, summed by kernel
+#                                        # kernel's time and DRAM bytes, summed by kernel,
+#                                        # then our matrix kernels' occupancy and stall reasons
 #   GPU_DECODE=fused scripts/gpu-check.sh profile   # the same with candle's matrix kernels
 #
 # On a machine without Rust, `scripts/gpu-bundle.sh` (run where the binary was built) packs
@@ -257,6 +258,52 @@ for k, (n, sec, byt) in sorted(agg.items(), key=lambda kv: -kv[1][1]):
     print(f"| {k} | {n} | {sec * 1e3:.3f} ms | {byt / 1e6:.1f} MB | {byt / sec / 1e12:.2f} TB/s |")
 print(f"| all ({len(step)} kernels) | | {sum(v[1] for v in agg.values()) * 1e3:.3f} ms | | |")
 EOF
+  # Why our matrix kernels wait: one step's worth of their one-row launches with the warp
+  # state statistics (what the average warp is stalled on per issued instruction) and
+  # occupancy, grouped by kernel and matrix size. The load's check launches 1 to 8 rows
+  # per matrix (163 matrices in the 8B shape: 1,304 launches) first; the launches kept are
+  # those after the check's last 8-row one. Not fatal: the table above stands alone.
+  say "our matrix kernels' stall reasons under $ncu"
+  if timeout 300 "$ncu" --clock-control none --cache-control none --kernel-name regex:'mv_q' \
+    --launch-skip 1200 --launch-count 400 --section WarpStateStats --section Occupancy --section LaunchStats \
+    --metrics gpu__time_duration.sum,dram__bytes_read.sum,smsp__issue_active.avg.pct_of_peak_sustained_active \
+    --csv --page raw \
+    "$bin" --bench --device cuda --model "$model8b" --prompt-tokens 16 --gen-tokens 2 --runs 1 \
+    > "$out/ncu-stalls.csv" 2> "$out/ncu-stalls.err"; then
+    python3 - "$out/ncu-stalls.csv" <<'EOF' | tee "$out/stalls.md"
+import collections, csv, io, re, sys
+text = open(sys.argv[1]).read()
+rows = list(csv.reader(io.StringIO(text[text.index('"ID"'):])))
+head, units = rows[0], rows[1]
+data = [r for r in rows[2:] if len(r) == len(head)]
+col = {h: i for i, h in enumerate(head)}
+name = lambda r: r[col["Kernel Name"]].split("(")[0]
+last_check = max((i for i, r in enumerate(data) if name(r).endswith("_n8")), default=-1)
+step = [r for r in data[last_check + 1:] if name(r).endswith("_n1")]
+def num(r, key):
+    try:
+        return float(r[col[key]].replace(",", ""))
+    except (KeyError, ValueError):
+        return 0.0
+to_b = {"byte": 1, "Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9}[units[col["dram__bytes_read.sum"]]]
+stall = {m.group(1): h for h in head
+         if (m := re.fullmatch(r"smsp__average_warps_issue_stalled_(\w+)_per_issue_active\.ratio", h))}
+groups = collections.defaultdict(list)
+for r in step:
+    groups[(name(r), round(num(r, "dram__bytes_read.sum") * to_b / 1e6))].append(r)
+print("| kernel | MB | launches | registers | warps active | issue active | stalls per issued instruction (top 5) |")
+print("| --- | --- | --- | --- | --- | --- | --- |")
+for (k, mb), rs in sorted(groups.items(), key=lambda kv: -sum(num(r, "gpu__time_duration.sum") for r in kv[1])):
+    mean = lambda key: sum(num(r, key) for r in rs) / len(rs)
+    top = sorted(((mean(h), s) for s, h in stall.items()), reverse=True)[:5]
+    print(f"| {k} | {mb} | {len(rs)} | {mean('launch__registers_per_thread'):.0f} "
+          f"| {mean('sm__warps_active.avg.pct_of_peak_sustained_active'):.0f} % "
+          f"| {mean('smsp__issue_active.avg.pct_of_peak_sustained_active'):.0f} % "
+          f"| {', '.join(f'{s} {v:.2f}' for v, s in top)} |")
+EOF
+  else
+    tail -5 "$out/ncu-stalls.err"
+  fi
   exit 0
 fi
 
