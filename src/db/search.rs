@@ -73,16 +73,34 @@ pub async fn search_messages(
          FROM messages m \
          JOIN conversations c ON c.id = m.conversation_id \
          WHERE 1{indexed}{substrings} \
-         ORDER BY m.created_at DESC, m.id DESC LIMIT ?"
+         ORDER BY m.created_at DESC, m.id DESC LIMIT ? OFFSET ?"
     );
-    let mut query = sqlx::query_as::<_, HitRow>(&sql);
-    if let Some(fts) = &fts {
-        query = query.bind(fts);
+    // `instr` also finds a substring word inside a longer one (`a+` in `DATA+`): those rows
+    // are dropped here (`substring_matches`), so the rows are read a page at a time until
+    // `limit` are kept or none are left.
+    let page = if literal.is_empty() { limit } else { limit.saturating_mul(4).max(64) };
+    let mut rows = Vec::new();
+    let mut offset = 0i64;
+    loop {
+        let mut query = sqlx::query_as::<_, HitRow>(&sql);
+        if let Some(fts) = &fts {
+            query = query.bind(fts);
+        }
+        for word in &literal {
+            query = query.bind(word);
+        }
+        let batch = query.bind(page).bind(offset).fetch_all(pool).await?;
+        let read = batch.len() as i64;
+        rows.extend(batch.into_iter().filter(|row| {
+            let lowered = row.content.to_ascii_lowercase();
+            literal.iter().all(|word| substring_matches(&lowered, word).next().is_some())
+        }));
+        if rows.len() as i64 >= limit || read < page {
+            break;
+        }
+        offset += read;
     }
-    for word in &literal {
-        query = query.bind(word);
-    }
-    let rows = query.bind(limit).fetch_all(pool).await?;
+    rows.truncate(usize::try_from(limit).unwrap_or(0));
     let terms = Terms::of(input, literal);
     Ok(rows
         .into_iter()
@@ -187,6 +205,25 @@ fn needs_substring(word: &str) -> bool {
     unspaced || symbol_name
 }
 
+/// Where `word` (lower case, from `substring_words`) occurs in `lowered` (the text with
+/// ASCII letters in lower case) as a word of its own: an edge that is a letter or digit of
+/// a script written with spaces must not continue a longer word of such a script there
+/// (`a+` is not found in `data+`, nor `c++` in `abc++`, but `iphone价格` is in
+/// `买iphone价格`); an edge in a script without spaces (`天气` inside `今天天气很好`) or a
+/// symbol (`c++11`) may.
+fn substring_matches<'a>(lowered: &'a str, word: &'a str) -> impl Iterator<Item = usize> + 'a {
+    let spaced = |c: char| c.is_alphanumeric() && !needs_substring(c.encode_utf8(&mut [0; 4]));
+    let first = word.chars().next().filter(|&c| spaced(c));
+    let last = word.chars().next_back().filter(|&c| spaced(c));
+    lowered.match_indices(word).map(|(at, _)| at).filter(move |&at| {
+        let before = lowered[..at].chars().next_back();
+        let after = lowered[at + word.len()..].chars().next();
+        let joins =
+            |edge: Option<char>, next: Option<char>| edge.is_some() && next.is_some_and(spaced);
+        !joins(first, before) && !joins(last, after)
+    })
+}
+
 /// Characters a snippet keeps before its first match, and in all: about what FTS5's
 /// 16-token snippets held.
 const SNIPPET_BEFORE: usize = 30;
@@ -259,7 +296,7 @@ fn snippet(content: &str, terms: &Terms) -> Vec<SnippetPart> {
         // ASCII lowering keeps every byte offset, so matches in `lowered` are in `content`.
         let lowered = content.to_ascii_lowercase();
         for word in &terms.substrings {
-            matches.extend(lowered.match_indices(word.as_str()).map(|(at, m)| (at, at + m.len())));
+            matches.extend(substring_matches(&lowered, word).map(|at| (at, at + word.len())));
         }
     }
     matches.sort_unstable();
@@ -423,6 +460,46 @@ mod tests {
         assert_eq!(found("天气 wea").await.len(), 1, "the last indexed word is a prefix");
         assert!(found("天气 program").await.is_empty());
         assert!(found("雪").await.is_empty());
+    }
+
+    #[test]
+    fn substring_words_match_as_words_of_their_own() {
+        let at = |text: &str, word: &str| -> Vec<usize> {
+            substring_matches(&text.to_ascii_lowercase(), word).collect()
+        };
+        assert_eq!(at("DATA+ and an A+, (a+)", "a+"), [13, 18]);
+        assert_eq!(at("abc++ c++11 C++", "c++"), [6, 12], "a symbol edge may go on");
+        assert_eq!(at("C#, c#.net, abc#", "c#"), [0, 4]);
+        // Scripts without spaces: a word is found inside a run, and Latin joined to it.
+        assert_eq!(at("今天天气很好", "天气"), [6]);
+        assert_eq!(at("iphone价格 and xiphone价格", "iphone价格"), [0]);
+        assert_eq!(at("买iphone价格", "iphone价格"), [3], "after a CJK letter");
+        assert_eq!(snippet_for("DATA+ or an A+", "a+"), "DATA+ or an [A+]");
+    }
+
+    /// A substring word inside longer words in many newer messages does not hide an older
+    /// real match: the rows `instr` finds are read a page at a time until enough are kept.
+    #[tokio::test]
+    async fn substring_words_inside_longer_words_are_not_matches() {
+        use crate::db::memory::{self, NewMessage};
+        use crate::domain::Role;
+        let (_dir, pool) = crate::db::fresh_test_db().await;
+        let conv = memory::create_webchat_conversation(&pool, Some("t")).await.unwrap().id;
+        let add = |text: String| {
+            let pool = pool.clone();
+            async move {
+                let message = NewMessage::plain(conv, Role::User, &text);
+                memory::add_message(&pool, &message).await.unwrap().0
+            }
+        };
+        let real = add("She got an A+ in maths.".to_string()).await;
+        for i in 0..150 {
+            add(format!("DATA+ record {i}")).await;
+        }
+        let hits = search_messages(&pool, "a+", 2).await.unwrap();
+        assert_eq!(hits.iter().map(|h| h.message_id).collect::<Vec<_>>(), [real]);
+        assert_eq!(search_messages(&pool, "data+", 200).await.unwrap().len(), 150);
+        assert_eq!(search_messages(&pool, "data+", 3).await.unwrap().len(), 3);
     }
 
     #[tokio::test]
