@@ -70,11 +70,46 @@ pub(super) fn fields(
                 return format!("every year on {day} {months} {time}");
             }
         }
-        if dom.eq_ignore_ascii_case("L") && is_star(month) && is_star(dow) {
-            return format!("on the last day of every month {time}");
+        if dom.eq_ignore_ascii_case("L") && is_star(dow) {
+            if is_star(month) {
+                return format!("on the last day of every month {time}");
+            }
+            if let Some(months) = months(month) {
+                return format!("on the last day of {months} {time}");
+            }
+        }
+        if let (Some(day), true) = (weekday_of_month(dow), is_star(dom)) {
+            if is_star(month) {
+                return format!("on {day} of every month {time}");
+            }
+            if let Some(months) = months(month) {
+                return format!("on {day} of {months} {time}");
+            }
         }
     }
     field_by_field(second, minute, hour, dom, month, dow)
+}
+
+/// A weekday field naming one weekday of the month, as croner reads it: `5L` or `FRIL` the
+/// last Friday, `1#2` or `MON#2` the second Monday (1 to 5).
+fn weekday_of_month(field: &str) -> Option<String> {
+    let upper = field.to_ascii_uppercase();
+    let (day, which) = if let Some(day) = upper.strip_suffix('L') {
+        (day, "last")
+    } else {
+        let (day, n) = upper.split_once('#')?;
+        let which = match n {
+            "1" => "first",
+            "2" => "second",
+            "3" => "third",
+            "4" => "fourth",
+            "5" => "fifth",
+            _ => return None,
+        };
+        (day, which)
+    };
+    let [day] = list_values(day, &DAY_ALIASES, 0, 7)?[..] else { return None };
+    Some(format!("the {which} {}", DAY_NAMES[(day % 7) as usize]))
 }
 
 /// How a one-shot's local time falls on its day's clock, as `schedule` found it.
@@ -393,6 +428,36 @@ mod tests {
              weekday must match) UTC",
         );
         check("*/10 1-5 * * *", Tz::UTC, "when minute */10 and hour 1-5 UTC");
-        check("0 0 9 * * 1#2", Tz::UTC, "when minute 0, hour 9 and weekday 1#2 UTC");
+        check("0 9 13 * 5L", Tz::UTC, "when minute 0, hour 9, day of month 13 and weekday 5L (both the day and the weekday must match) UTC");
+    }
+
+    /// The words for `L` and `#` say the days the schedule runs on (checked on its runs).
+    #[test]
+    fn a_weekday_of_the_month_is_said_in_words() {
+        use chrono::{Datelike, TimeZone, Utc, Weekday};
+        check("0 0 9 * * 1#2", Tz::UTC, "on the second Monday of every month at 09:00 UTC");
+        check("30 18 * * FRIL", Tz::UTC, "on the last Friday of every month at 18:30 UTC");
+        check(
+            "0 9 * 3,9 sun#1",
+            Tz::UTC,
+            "on the first Sunday of March and September at 09:00 UTC",
+        );
+        check("0 12 L 2 *", Tz::UTC, "on the last day of February at 12:00 UTC");
+        let runs = |expression: &str| {
+            let start = Utc.with_ymd_and_hms(2026, 11, 28, 0, 0, 0).unwrap();
+            Schedule::parse(expression).unwrap().upcoming(start, Tz::UTC, 6)
+        };
+        for run in runs("0 0 9 * * 1#2") {
+            assert_eq!((run.weekday(), (run.day() - 1) / 7), (Weekday::Mon, 1), "{run}");
+        }
+        for run in runs("30 18 * * FRIL") {
+            let next_week = run + chrono::Duration::days(7);
+            assert_eq!(run.weekday(), Weekday::Fri, "{run}");
+            assert_ne!(next_week.month(), run.month(), "{run} is the last Friday");
+        }
+        for run in runs("0 9 * 3,9 sun#1") {
+            assert!([3, 9].contains(&run.month()) && run.day() <= 7, "{run}");
+            assert_eq!(run.weekday(), Weekday::Sun, "{run}");
+        }
     }
 }
