@@ -57,6 +57,12 @@ pub enum ApiError {
     TooLarge(String),
     #[error("the request body did not arrive in time (REQUEST_BODY_TIMEOUT)")]
     RequestTimeout,
+    /// A request line whose path and query are longer than this server reads.
+    #[error("the request's address is longer than {0} bytes")]
+    UriTooLong(usize),
+    /// Request headers over this server's limits (their count or their total size).
+    #[error("{0}")]
+    HeadersTooLarge(String),
     #[error("{0}")]
     Unavailable(String),
     #[error("internal error")]
@@ -96,6 +102,8 @@ impl ApiError {
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PayloadTooLarge | ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+            ApiError::UriTooLong(_) => StatusCode::URI_TOO_LONG,
+            ApiError::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -116,6 +124,8 @@ impl ApiError {
             ApiError::MethodNotAllowed => "method_not_allowed",
             ApiError::PayloadTooLarge | ApiError::TooLarge(_) => "payload_too_large",
             ApiError::RequestTimeout => "request_timeout",
+            ApiError::UriTooLong(_) => "uri_too_long",
+            ApiError::HeadersTooLarge(_) => "headers_too_large",
             ApiError::Unavailable(_) => "unavailable",
             ApiError::Internal(_) => "internal",
         }

@@ -1,5 +1,6 @@
 //! The accept loop of the HTTP server: HTTP/1.1 connections with a header read timeout that
-//! is also the idle limit of a kept-alive connection, a deadline for each request body, and a
+//! is also the idle limit of a kept-alive connection, limits on the request's address and
+//! headers answered in the JSON error shape, a deadline for each request body, and a
 //! graceful shutdown. It knows sockets and hyper, not routes (those are `gateway::router`).
 //!
 //! `axum::serve` exposes none of these limits: without them a client that opens connections
@@ -24,6 +25,16 @@ use tokio::net::TcpListener;
 
 use crate::gateway::error::ApiError;
 
+/// The longest path and query a request may have, in bytes (nginx's default line limit).
+pub const MAX_URI_BYTES: usize = 8 * 1024;
+/// The most request headers, and the most bytes of them (names and values), a request may
+/// have. hyper reads up to `HYPER_MAX_HEADERS` headers in its read buffer (about 400 KiB by
+/// default) and answers a request beyond those with an empty 431 (or 414 for an address
+/// over 64 KiB); below them these limits answer in the JSON error shape.
+pub const MAX_HEADERS: usize = 100;
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+const HYPER_MAX_HEADERS: usize = 2 * MAX_HEADERS;
+
 /// How long a client may take, per connection.
 #[derive(Debug, Clone, Copy)]
 pub struct ConnectionLimits {
@@ -42,7 +53,9 @@ pub async fn serve(
     limits: ConnectionLimits,
     shutdown: impl Future<Output = ()>,
 ) {
-    let app = app.layer(middleware::from_fn_with_state(limits.body_timeout, limit_body_time));
+    let app = app
+        .layer(middleware::from_fn_with_state(limits.body_timeout, limit_body_time))
+        .layer(middleware::from_fn(limit_head));
     let (closing_tx, closing_rx) = tokio::sync::watch::channel(false);
     let mut connections = tokio::task::JoinSet::new();
     tokio::pin!(shutdown);
@@ -66,7 +79,10 @@ pub async fn serve(
         let mut closing = closing_rx.clone();
         connections.spawn(async move {
             let mut builder = hyper::server::conn::http1::Builder::new();
-            builder.timer(TokioTimer::new()).header_read_timeout(limits.header_timeout);
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.header_timeout)
+                .max_headers(HYPER_MAX_HEADERS);
             let connection = builder.serve_connection(TokioIo::new(stream), service);
             tokio::pin!(connection);
             let outcome = tokio::select! {
@@ -87,6 +103,26 @@ pub async fn serve(
     drop(listener);
     let _ = closing_tx.send(true);
     while connections.join_next().await.is_some() {}
+}
+
+/// Middleware: a request over the address and header limits gets a 414 or 431 in the JSON
+/// error shape, before any route sees it (hyper's own answers to those have no body).
+async fn limit_head(request: Request, next: Next) -> Response {
+    let uri = request.uri().path_and_query().map_or(0, |pq| pq.as_str().len());
+    if uri > MAX_URI_BYTES {
+        return ApiError::UriTooLong(MAX_URI_BYTES).into_response();
+    }
+    let headers = request.headers();
+    let bytes: usize = headers.iter().map(|(name, value)| name.as_str().len() + value.len()).sum();
+    if headers.len() > MAX_HEADERS || bytes > MAX_HEADER_BYTES {
+        return ApiError::HeadersTooLarge(format!(
+            "the request has {} headers of {bytes} bytes: at most {MAX_HEADERS} headers and \
+             {MAX_HEADER_BYTES} bytes are read",
+            headers.len()
+        ))
+        .into_response();
+    }
+    next.run(request).await
 }
 
 /// Middleware: the request body must arrive whole within `limit` of the headers. A late
