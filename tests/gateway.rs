@@ -195,13 +195,8 @@ async fn api_and_v1_require_the_bearer_token() {
     assert_eq!(serde_json::from_slice::<Value>(&body).unwrap(), json!({"status": "ok"}));
 }
 
-/// Unknown paths and wrong methods, over a real socket: the JSON error shape of every other
-/// error. A path no route serves says only "not found", token or not; a protected route
-/// asked with another method answers 401 without the token (as its own methods do), 405
-/// with it; a public one 405; both with `Allow`.
-#[tokio::test]
-async fn unknown_routes_and_wrong_methods_answer_in_the_json_error_shape() {
-    let app = test_app().await;
+/// The app served by the real listener (hyper, its limits and middleware) on 127.0.0.1.
+async fn serve_on_a_socket(app: &TestApp) -> std::net::SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let limits = my_claw::gateway::listener::ConnectionLimits {
@@ -210,6 +205,17 @@ async fn unknown_routes_and_wrong_methods_answer_in_the_json_error_shape() {
     };
     let router = gateway::router(app.state.clone());
     tokio::spawn(gateway::listener::serve(listener, router, limits, std::future::pending()));
+    addr
+}
+
+/// Unknown paths and wrong methods, over a real socket: the JSON error shape of every other
+/// error. A path no route serves says only "not found", token or not; a protected route
+/// asked with another method answers 401 without the token (as its own methods do), 405
+/// with it; a public one 405; both with `Allow`.
+#[tokio::test]
+async fn unknown_routes_and_wrong_methods_answer_in_the_json_error_shape() {
+    let app = test_app().await;
+    let addr = serve_on_a_socket(&app).await;
     let http = reqwest::Client::builder().timeout(Duration::from_secs(20)).build().unwrap();
     let send = |method: Method, path: &'static str, token: Option<&'static str>| {
         let mut request = http.request(method, format!("http://{addr}{path}"));
@@ -344,14 +350,7 @@ async fn chat_rejects_bad_requests_with_clear_messages() {
 async fn over_long_addresses_and_headers_get_json_414_and_431() {
     use my_claw::gateway::listener::{MAX_HEADERS, MAX_HEADER_BYTES, MAX_URI_BYTES};
     let app = test_app().await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let limits = my_claw::gateway::listener::ConnectionLimits {
-        header_timeout: Duration::from_secs(30),
-        body_timeout: Duration::from_secs(30),
-    };
-    let router = gateway::router(app.state.clone());
-    tokio::spawn(gateway::listener::serve(listener, router, limits, std::future::pending()));
+    let addr = serve_on_a_socket(&app).await;
     let http = reqwest::Client::builder().timeout(Duration::from_secs(20)).build().unwrap();
     let get = |query_len: usize, headers: Vec<(String, String)>| {
         let path = format!("/api/health?q={}", "a".repeat(query_len));
