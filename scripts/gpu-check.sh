@@ -217,11 +217,14 @@ fi
 if [ "$only" = profile ]; then
   ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
   [ -n "$ncu" ] || { say "no ncu here"; exit 1; }
+  # Clocks and caches left alone; a prefill of 16 tokens, then decode steps.
+  ncu_run=(timeout 300 "$ncu" --clock-control none --cache-control none)
+  one_step=("$bin" --bench --device cuda --model "$model8b" --prompt-tokens 16 --gen-tokens 2 --runs 1)
   say "one decode step of the 8B shape under $ncu"
-  timeout 300 "$ncu" --clock-control none --cache-control none \
+  "${ncu_run[@]}" \
     --kernel-name regex:'mmvq_gguf|mv_q|rms_norm_q8|qk_rope_store|attn_|silu_mul_q8' --launch-count 2000 \
     --metrics gpu__time_duration.sum,dram__bytes_read.sum --csv --page raw \
-    "$bin" --bench --device cuda --model "$model8b" --prompt-tokens 16 --gen-tokens 2 --runs 1 \
+    "${one_step[@]}" \
     > "$out/ncu.csv" 2> "$out/ncu.err" || { tail -5 "$out/ncu.err"; exit 1; }
   python3 - "$out/ncu.csv" <<'EOF' | tee "$out/profile.md"
 import collections, csv, io, sys
@@ -264,11 +267,11 @@ EOF
   # per matrix (163 matrices in the 8B shape: 1,304 launches) first; the launches kept are
   # those after the check's last 8-row one. Not fatal: the table above stands alone.
   say "our matrix kernels' stall reasons under $ncu"
-  if timeout 300 "$ncu" --clock-control none --cache-control none --kernel-name regex:'mv_q' \
+  if "${ncu_run[@]}" --kernel-name regex:'mv_q' \
     --launch-skip 1200 --launch-count 400 --section WarpStateStats --section Occupancy --section LaunchStats \
     --metrics gpu__time_duration.sum,dram__bytes_read.sum,smsp__issue_active.avg.pct_of_peak_sustained_active \
     --csv --page raw \
-    "$bin" --bench --device cuda --model "$model8b" --prompt-tokens 16 --gen-tokens 2 --runs 1 \
+    "${one_step[@]}" \
     > "$out/ncu-stalls.csv" 2> "$out/ncu-stalls.err"; then
     python3 - "$out/ncu-stalls.csv" <<'EOF' | tee "$out/stalls.md"
 import collections, csv, io, re, sys

@@ -148,7 +148,7 @@ pub struct Config {
     #[arg(long, env = "GPU_MEMORY_BUDGET", global = true)]
     pub gpu_memory_budget: Option<String>,
 
-    /// How a GPU runs decode steps: `fused-own` (our fused kernels, a dozen launches per
+    /// How a GPU runs decode steps: `fused-own` (our fused kernels, about ten launches per
     /// layer, with our own Q4_K/Q6_K/Q8_0 matrix kernels and a one-pass RMSNorm), `fused`
     /// (the same around candle's matrix kernels and the two-pass RMSNorm) or `ops` (candle's
     /// ops, about thirty per layer; to compare, or to step around a problem).

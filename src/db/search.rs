@@ -92,8 +92,10 @@ pub async fn search_messages(
         let batch = query.bind(page).bind(offset).fetch_all(pool).await?;
         let read = batch.len() as i64;
         rows.extend(batch.into_iter().filter(|row| {
-            let lowered = row.content.to_ascii_lowercase();
-            literal.iter().all(|word| substring_matches(&lowered, word).next().is_some())
+            literal.is_empty() || {
+                let lowered = row.content.to_ascii_lowercase();
+                literal.iter().all(|word| substring_matches(&lowered, word).next().is_some())
+            }
         }));
         if rows.len() as i64 >= limit || read < page {
             break;
@@ -184,25 +186,27 @@ fn query_words(input: &str) -> impl Iterator<Item = String> + '_ {
 /// sentence), so a word inside it is never found; and the symbols of `C++`, `C#` or `g++`
 /// are dropped, so `C++` would find every word that starts with c.
 fn needs_substring(word: &str) -> bool {
-    let unspaced = word.chars().any(|c| {
-        matches!(c as u32,
-            0x0E00..=0x0EFF          // Thai, Lao
-            | 0x1000..=0x109F        // Myanmar
-            | 0x1780..=0x17FF        // Khmer
-            | 0x3040..=0x30FF        // Hiragana, Katakana
-            | 0x31F0..=0x31FF        // Katakana extensions
-            | 0x3400..=0x4DBF        // CJK extension A
-            | 0x4E00..=0x9FFF        // CJK unified ideographs
-            | 0xAC00..=0xD7AF        // Hangul syllables (particles join the word)
-            | 0xF900..=0xFAFF        // CJK compatibility ideographs
-            | 0xFF66..=0xFF9F        // half-width Katakana
-            | 0x20000..=0x3FFFF) // CJK extensions B and later
-    });
     let symbol_name = word
         .chars()
         .zip(word.chars().skip(1))
         .any(|(before, c)| before.is_alphanumeric() && (c == '+' || c == '#'));
-    unspaced || symbol_name
+    word.chars().any(unspaced_script) || symbol_name
+}
+
+/// Whether `c` belongs to a script written without spaces between words.
+fn unspaced_script(c: char) -> bool {
+    matches!(c as u32,
+        0x0E00..=0x0EFF          // Thai, Lao
+        | 0x1000..=0x109F        // Myanmar
+        | 0x1780..=0x17FF        // Khmer
+        | 0x3040..=0x30FF        // Hiragana, Katakana
+        | 0x31F0..=0x31FF        // Katakana extensions
+        | 0x3400..=0x4DBF        // CJK extension A
+        | 0x4E00..=0x9FFF        // CJK unified ideographs
+        | 0xAC00..=0xD7AF        // Hangul syllables (particles join the word)
+        | 0xF900..=0xFAFF        // CJK compatibility ideographs
+        | 0xFF66..=0xFF9F        // half-width Katakana
+        | 0x20000..=0x3FFFF) // CJK extensions B and later
 }
 
 /// Where `word` (lower case, from `substring_words`) occurs in `lowered` (the text with
@@ -212,7 +216,7 @@ fn needs_substring(word: &str) -> bool {
 /// `买iphone价格`); an edge in a script without spaces (`天气` inside `今天天气很好`) or a
 /// symbol (`c++11`) may.
 fn substring_matches<'a>(lowered: &'a str, word: &'a str) -> impl Iterator<Item = usize> + 'a {
-    let spaced = |c: char| c.is_alphanumeric() && !needs_substring(c.encode_utf8(&mut [0; 4]));
+    let spaced = |c: char| c.is_alphanumeric() && !unspaced_script(c);
     let first = word.chars().next().filter(|&c| spaced(c));
     let last = word.chars().next_back().filter(|&c| spaced(c));
     lowered.match_indices(word).map(|(at, _)| at).filter(move |&at| {
