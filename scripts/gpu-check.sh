@@ -351,6 +351,18 @@ try:
     print(f"| fused-own load check | {own_log[0].strip()[-300:] if own_log else 'no line in the log'} |")
 except OSError:
     pass
+# Our matrix kernel families, timed at load on this GPU (`DecodePlan::tune`): per group of
+# matrices, µs per matrix for 1 activation row (each family, registers-staged first) and
+# which family took each count of rows.
+import re
+try:
+    for l in open(os.path.join(out, "bench-cuda.log")):
+        m = re.search(r"families timed matrices=(.*) families=(.*) micros_per_matrix_by_rows=(.*) chosen_by_rows=(.*)$", l)
+        if m:
+            one = m.group(3).split(", ")[0].split(": ")[-1]
+            print(f"| kernel families, {m.group(1)} | {m.group(2)}: {one} µs at 1 row; chosen for 1-8 rows: {m.group(4)} |")
+except OSError:
+    pass
 print(f"| peak device memory | {b.get('peak_device_memory_mb')} MB (bench), {p.get('peak_device_memory_mb')} MB (parallel) |")
 print(f"| turn TTFT with KV reuse | {b.get('turn_ttft_ms')} ms |")
 for line in open(os.path.join(out, "device-check.jsonl")):

@@ -6,9 +6,10 @@
 //    half; quants round(x / d)), and ours the same quants and scales, with the sums
 //    (`host_quantize`, which then writes the activations of step 2: emulating every block
 //    would take a minute);
-// 2. every matrix kernel the decode step may pick (each load width, 1 to 8 activation
-//    rows) multiplies random activations, read in our layout, by matrices whose rows take
-//    one chunk, several, and a partial last one, with a row count that leaves the last
+// 2. every matrix kernel the decode step may pick (each load width, staged through
+//    registers or copied by `cp.async` with 2 or 3 stages, 1 to 8 activation rows)
+//    multiplies random activations, read in our layout, by matrices whose rows take one
+//    chunk, several, and a partial last one, with a row count that leaves the last
 //    block of warps partly idle, on a block per 4 rows or on one block whose warps take
 //    several rows each (the chunks of a row and then of the next in one stream), and an
 //    output stride wider than the rows (so a cell written never or out of place fails
@@ -169,13 +170,25 @@ struct Case {
   int load_bytes, nb, rows;
 };
 
+// A kernel family: staged through registers (`mat_vec`, stages 0) or copied by `cp.async`
+// (`mat_vec_async`) with 2 or 3 stages per warp.
+struct Family {
+  const char *format;
+  int load_bytes, stages;
+  Kernel kernels[8];
+};
+
 int main() {
-  const Kernel q4k[8] = KERNELS(mv_q4k_v16);
-  const Kernel q6k_v16[8] = KERNELS(mv_q6k_v16);
-  const Kernel q6k_v8[8] = KERNELS(mv_q6k_v8);
-  const Kernel q6k_v4[8] = KERNELS(mv_q6k_v4);
-  const Kernel q6k_v2[8] = KERNELS(mv_q6k_v2);
-  const Kernel q8_0[8] = KERNELS(mv_q8_0_v16);
+  const Family families[] = {
+      {"Q4_K", 16, 0, KERNELS(mv_q4k_v16)},       {"Q4_K", 16, 2, KERNELS(mv_q4k_v16_a2)},
+      {"Q4_K", 16, 3, KERNELS(mv_q4k_v16_a3)},    {"Q6_K", 16, 0, KERNELS(mv_q6k_v16)},
+      {"Q6_K", 16, 2, KERNELS(mv_q6k_v16_a2)},    {"Q6_K", 16, 3, KERNELS(mv_q6k_v16_a3)},
+      {"Q6_K", 8, 0, KERNELS(mv_q6k_v8)},         {"Q6_K", 8, 2, KERNELS(mv_q6k_v8_a2)},
+      {"Q6_K", 8, 3, KERNELS(mv_q6k_v8_a3)},      {"Q6_K", 4, 0, KERNELS(mv_q6k_v4)},
+      {"Q6_K", 4, 2, KERNELS(mv_q6k_v4_a2)},      {"Q6_K", 4, 3, KERNELS(mv_q6k_v4_a3)},
+      {"Q6_K", 2, 0, KERNELS(mv_q6k_v2)},         {"Q8_0", 16, 0, KERNELS(mv_q8_0_v16)},
+      {"Q8_0", 16, 2, KERNELS(mv_q8_0_v16_a2)},
+  };
   // GGUF blocks per row: one, one whole chunk (16), several with a partial last one. Each
   // Q6_K width is what the decode step picks for that block count (210 * nb divisible by
   // the width): 16 for nb % 8 == 0, 8 for nb % 4 == 0, 4 for even nb, 2 for odd.
@@ -207,12 +220,6 @@ int main() {
     // Q8_0 in groups of 8 blocks of 34 bytes: "blocks" of 256 values below.
     const bool is_q4k = c.format[1] == '4', is_q8_0 = c.format[1] == '8';
     const int bytes = is_q4k ? 144 : is_q8_0 ? 272 : 210;
-    const Kernel *kernels = is_q4k               ? q4k
-                            : is_q8_0            ? q8_0
-                            : c.load_bytes == 16 ? q6k_v16
-                            : c.load_bytes == 8  ? q6k_v8
-                            : c.load_bytes == 4  ? q6k_v4
-                                                 : q6k_v2;
     const size_t row_bytes = (size_t)c.nb * bytes;
     if (row_bytes % c.load_bytes != 0) {
       std::printf("case %s nb=%d: rows of %zu bytes cannot take %d-byte loads\n", c.format, c.nb,
@@ -259,38 +266,42 @@ int main() {
         scale = std::max(scale, std::fabs(s));
       }
     const int out_stride = c.rows + 3;
-    for (int n = 1; n <= 8; ++n, ++runs) {
-      std::vector<float> out((size_t)8 * out_stride, NAN);
-      const Kernel kernel = kernels[n - 1];
-      const int cols = c.nb * 256, rows = c.rows;
-      // A block per MV_WARPS rows, or (odd n) a single block, as when the launcher caps
-      // the grid at what fits on the GPU at once: its warps then take two rows each.
-      const unsigned grid = n % 2 == 0 ? (rows + MV_WARPS - 1) / MV_WARPS : 1;
-      emu::launch(grid, MV_WARPS * 32, [&] {
-        kernel(w, x_qs, x_ds.data(), out.data(), cols, rows, q8_stride, out_stride);
-      });
-      double worst = 0.0;
-      bool bad = false;
-      for (int j = 0; j < 8; ++j)
-        for (int r = 0; r < out_stride; ++r) {
-          const float got = out[(size_t)j * out_stride + r];
-          if (j >= n || r >= c.rows) {
-            bad |= !std::isnan(got);  // nothing may be written there
-            continue;
+    for (const Family &f : families) {
+      if (std::strcmp(f.format, c.format) != 0 || f.load_bytes != c.load_bytes) continue;
+      for (int n = 1; n <= 8; ++n, ++runs) {
+        std::vector<float> out((size_t)8 * out_stride, NAN);
+        const Kernel kernel = f.kernels[n - 1];
+        const int cols = c.nb * 256, rows = c.rows;
+        // A block per MV_WARPS rows, or (odd n) a single block, as when the launcher caps
+        // the grid at what fits on the GPU at once: its warps then take two rows each.
+        const unsigned grid = n % 2 == 0 ? (rows + MV_WARPS - 1) / MV_WARPS : 1;
+        emu::launch(grid, MV_WARPS * 32, [&] {
+          kernel(w, x_qs, x_ds.data(), out.data(), cols, rows, q8_stride, out_stride);
+        });
+        double worst = 0.0;
+        bool bad = false;
+        for (int j = 0; j < 8; ++j)
+          for (int r = 0; r < out_stride; ++r) {
+            const float got = out[(size_t)j * out_stride + r];
+            if (j >= n || r >= c.rows) {
+              bad |= !std::isnan(got);  // nothing may be written there
+              continue;
+            }
+            const double diff = std::fabs(got - ref[(size_t)j * c.rows + r]) / scale;
+            if (!(diff <= 1e-5)) bad = true;
+            worst = std::max(worst, std::isnan(diff) ? INFINITY : diff);
           }
-          const double diff = std::fabs(got - ref[(size_t)j * c.rows + r]) / scale;
-          if (!(diff <= 1e-5)) bad = true;
-          worst = std::max(worst, std::isnan(diff) ? INFINITY : diff);
+        if (bad) {
+          ++failures;
+          std::printf("FAIL %s %d-byte loads, %d stages, %d blocks x %d rows, %d activation "
+                      "rows: worst difference %.3g of the largest output %.4g (or a cell written "
+                      "out of place)\n",
+                      c.format, c.load_bytes, f.stages, c.nb, c.rows, n, worst, scale);
+        } else if (n == 8 || n == 1) {
+          std::printf("ok   %s %d-byte loads, %d stages, %d blocks x %d rows, %d activation "
+                      "rows: worst difference %.3g of the largest output %.4g\n",
+                      c.format, c.load_bytes, f.stages, c.nb, c.rows, n, worst, scale);
         }
-      if (bad) {
-        ++failures;
-        std::printf("FAIL %s %d-byte loads, %d blocks x %d rows, %d activation rows: worst "
-                    "difference %.3g of the largest output %.4g (or a cell written out of place)\n",
-                    c.format, c.load_bytes, c.nb, c.rows, n, worst, scale);
-      } else if (n == 8 || n == 1) {
-        std::printf("ok   %s %d-byte loads, %d blocks x %d rows, %d activation rows: worst "
-                    "difference %.3g of the largest output %.4g\n",
-                    c.format, c.load_bytes, c.nb, c.rows, n, worst, scale);
       }
     }
   }

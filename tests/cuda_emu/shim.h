@@ -7,8 +7,10 @@
 // barrier of the block's.
 //
 // What this checks: the kernels' indexing, block layouts, chunking, arithmetic and
-// reductions, and (in `__ldcs`) that every wide load is aligned to its width. What it
-// cannot: nvcc's compilation, the hardware's memory model, and speed.
+// reductions, (in `__ldcs` and `copy_async`) that every wide load is aligned to its width,
+// and that a `cp.async` stage is read only after its wait and refilled only when no lane
+// reads it (the copies land at the wait, garbage at the copy). What it cannot: nvcc's
+// compilation, the hardware's memory model, and speed.
 
 #pragma once
 
@@ -139,6 +141,55 @@ inline T __ldcs(const T *p) {
 }
 
 namespace emu {
+// `cp.async` (see `copy_async` in `cuda_matvec.cuh`): per CUDA thread, the copies issued
+// and not yet committed, and the committed groups not yet waited for. A copy takes its
+// source bytes when issued and writes them only at the wait that retires its group; at the
+// copy it writes garbage there instead (on a GPU the bytes may land at any time in
+// between). So a kernel that reads a stage before its wait and `__syncwarp`, or refills a
+// stage another lane still reads, computes on garbage and fails its check.
+struct AsyncCopy {
+  void *dst;
+  unsigned size;
+  uint8_t bytes[16];
+};
+struct AsyncCopies {
+  std::vector<AsyncCopy> open;
+  std::vector<std::vector<AsyncCopy>> groups;  // oldest first
+};
+inline thread_local AsyncCopies async_copies;
+}  // namespace emu
+
+template <typename V>
+inline void copy_async(V *dst, const V *src) {
+  static_assert(sizeof(V) == 4 || sizeof(V) == 8 || sizeof(V) == 16, "cp.async sizes");
+  if ((uintptr_t)dst % sizeof(V) != 0 || (uintptr_t)src % sizeof(V) != 0) {
+    std::fprintf(stderr, "misaligned %zu-byte cp.async from %p to %p\n", sizeof(V),
+                 (const void *)src, (void *)dst);
+    std::abort();
+  }
+  emu::AsyncCopy copy{dst, (unsigned)sizeof(V), {}};
+  std::memcpy(copy.bytes, src, sizeof(V));
+  std::memset(dst, 0xa5, sizeof(V));
+  emu::async_copies.open.push_back(copy);
+}
+
+inline void copy_async_commit() {
+  emu::AsyncCopies &c = emu::async_copies;
+  c.groups.push_back(std::move(c.open));
+  c.open.clear();
+}
+
+template <int K>
+inline void copy_async_wait() {
+  emu::AsyncCopies &c = emu::async_copies;
+  while (c.groups.size() > (size_t)K) {
+    for (const emu::AsyncCopy &copy : c.groups.front())
+      std::memcpy(copy.dst, copy.bytes, copy.size);
+    c.groups.erase(c.groups.begin());
+  }
+}
+
+namespace emu {
 // Barriers count the phases they complete, so that a watchdog can tell a hang: on a GPU, a
 // shuffle or sync that part of a warp (or block) skips is undefined; here it would wait
 // forever, so a launch aborts instead when no barrier completes for 10 s.
@@ -244,6 +295,12 @@ void launch(Dim3 grid, unsigned block, K kernel) {
         for (unsigned x = 0; x < grid.x; ++x) {
           blockIdx = {x, y, z};
           kernel();
+          // Copies still in flight when a thread ends: on a GPU they would land in the
+          // next block's shared memory, or never be waited for.
+          if (!async_copies.open.empty() || !async_copies.groups.empty()) {
+            std::fprintf(stderr, "a kernel ended with cp.async copies in flight\n");
+            std::abort();
+          }
           block_done.arrive_and_wait();
         }
   });

@@ -20,7 +20,11 @@
 //! random activations, and the one-pass RMSNorm against the two-pass one on random rows. A
 //! disagreement puts the step back on the measured kernels and says so
 //! (`DecodePlan::step_kernels`), so a kernel fault on a GPU the tests never ran on costs
-//! speed, not answers.
+//! speed, not answers. Our matrix kernels come in families that compute the same sums
+//! (staged through registers, or copied by `cp.async` through 2 or 3 stages): each is
+//! checked, a failing one other than the registers-staged one is only left out, and then
+//! each group of same-shaped matrices is timed on every family and takes the fastest per
+//! count of rows (`DecodePlan::tune`), since which one wins depends on the GPU.
 //!
 //! Owns: the kernels' PTX, the step's device buffers, and the checks that make each launch
 //! sound (every pointer handed to a kernel comes from a tensor or buffer whose dtype,
@@ -32,7 +36,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use candle_core::cuda_backend::cudarc::driver::sys::{
-    CUdevice_attribute, CUgraphInstantiate_flags, CUstreamCaptureMode,
+    CUdevice_attribute, CUevent_flags, CUgraphInstantiate_flags, CUstreamCaptureMode,
 };
 use candle_core::cuda_backend::cudarc::driver::{
     CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
@@ -63,6 +67,12 @@ const MV_ROWS_PER_BLOCK: usize = 4;
 /// 32 values; only the order of the float sums differs, a few 1e-7 of the output's scale.
 /// A misread block is off by the output's own scale.
 const MAT_VEC_TOLERANCE: f32 = 1e-3;
+/// Timed passes over a group of matrices per kernel family and row count when a plan is
+/// built (`DecodePlan::tune`); their median decides.
+const TUNE_PASSES: usize = 5;
+/// How much faster than the registers-staged family (the one measured in full runs)
+/// another must be, in the median, to take a matrix: timing noise alone must not move it.
+const TUNE_MARGIN: f32 = 0.02;
 /// candle's padding of a row of Q8_1 activations (`MATRIX_ROW_PADDING`).
 const ROW_PADDING: usize = 512;
 const Q8_1_BYTES: usize = 36;
@@ -152,8 +162,10 @@ struct Product {
     dtype: GgmlDType,
     launch: Mmvq,
     /// Our kernel for 1..=MAX_ROWS activation rows (index: rows - 1), where this matrix
-    /// has one; it then runs instead of `launch`.
+    /// has one; it then runs instead of `launch`. Each comes from one of `families`.
     own: Option<Vec<MatVecKernel>>,
+    /// Our kernel families that take this matrix, the registers-staged one first.
+    families: Vec<Family>,
     rows: usize,
     cols: usize,
 }
@@ -191,34 +203,54 @@ struct MatVecKernel {
     max_blocks: u32,
 }
 
-/// Our matrix kernels, for 1..=MAX_ROWS activation rows each (index: rows - 1).
+/// What `DecodePlan::check_own_products` found: the worst difference from candle's `mmvq`
+/// among the kernels that agreed, relative to each product's largest output, and each
+/// family that disagreed, with the first disagreement.
+struct Checked {
+    worst: f32,
+    failed: Vec<(String, String)>,
+}
+
+/// One family of our matrix kernels (`mv_q4k_v16`: staged through registers, `mat_vec` in
+/// `cuda_matvec.cuh`; `mv_q4k_v16_a3`: copied by `cp.async` through 3 stages,
+/// `mat_vec_async`), for 1..=MAX_ROWS activation rows (index: rows - 1). Every family of a
+/// format computes the same sums; which is fastest depends on the GPU and the matrix, so
+/// `DecodePlan::tune` measures them.
+#[derive(Clone)]
+struct Family {
+    name: String,
+    kernels: Vec<MatVecKernel>,
+}
+
+/// Our matrix kernel families, the registers-staged one first in each list.
 struct OwnMatVec {
-    q4k: Vec<MatVecKernel>,
+    q4k: Vec<Family>,
     /// Q8_0 in groups of 8 blocks (272 bytes per 256 values).
-    q8_0: Vec<MatVecKernel>,
+    q8_0: Vec<Family>,
     /// Q6_K by the bytes each load takes (16, 8, 4, 2): a row of 210-byte blocks starts
     /// aligned to what its block count allows.
-    q6k: Vec<(usize, Vec<MatVecKernel>)>,
+    q6k: Vec<(usize, Vec<Family>)>,
 }
 
 impl OwnMatVec {
-    /// Our kernel for a matrix of `dtype` at device address `ptr` with `cols` columns, if
-    /// there is one: every row must start aligned to the kernel's loads.
-    fn for_matrix(&self, dtype: GgmlDType, ptr: u64, cols: usize) -> Option<Vec<MatVecKernel>> {
+    /// Our kernel families for a matrix of `dtype` at device address `ptr` with `cols`
+    /// columns (none when there is none): every row must start aligned to their loads.
+    fn for_matrix(&self, dtype: GgmlDType, ptr: u64, cols: usize) -> Vec<Family> {
         let aligned = |bytes: usize| ptr.is_multiple_of(bytes as u64);
         match dtype {
             // 144-byte blocks: every row starts 16-byte aligned when the matrix does.
-            GgmlDType::Q4K if aligned(16) => Some(self.q4k.clone()),
+            GgmlDType::Q4K if aligned(16) => self.q4k.clone(),
             // Groups of 8 blocks, 272 bytes: rows of whole groups start 16-byte aligned.
-            GgmlDType::Q8_0 if cols.is_multiple_of(256) && aligned(16) => Some(self.q8_0.clone()),
+            GgmlDType::Q8_0 if cols.is_multiple_of(256) && aligned(16) => self.q8_0.clone(),
             GgmlDType::Q6K => {
                 let row_bytes = cols / 256 * 210;
                 self.q6k
                     .iter()
                     .find(|(bytes, _)| row_bytes.is_multiple_of(*bytes) && aligned(*bytes))
-                    .map(|(_, kernels)| kernels.clone())
+                    .map(|(_, families)| families.clone())
+                    .unwrap_or_default()
             }
-            _ => None,
+            _ => Vec::new(),
         }
     }
 }
@@ -326,8 +358,8 @@ impl DecodePlan {
             .context()
             .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(msg)?;
-        let per_rows = |name: &str| -> Result<Vec<MatVecKernel>> {
-            (1..=MAX_ROWS)
+        let family = |name: String| -> Result<Family> {
+            let kernels = (1..=MAX_ROWS)
                 .map(|n| {
                     let function = load(&format!("{name}_n{n}"))?;
                     let per_sm = function
@@ -340,15 +372,32 @@ impl DecodePlan {
                     let max_blocks = per_sm.max(1) * sm_count.max(1) as u32;
                     Ok(MatVecKernel { function, max_blocks })
                 })
-                .collect()
+                .collect::<Result<_>>()?;
+            Ok(Family { name, kernels })
+        };
+        // Registers-staged first, then `cp.async` with 2 and 3 stages where `cp.async` takes
+        // the loads (not 2 bytes) and they fit a block's static shared memory (not Q8_0's 3).
+        // Only the first is needed: another that does not load is left out, and said so.
+        let families = |base: &str, stages: &[usize]| -> Result<Vec<Family>> {
+            let mut families = vec![family(base.to_string())?];
+            for s in stages {
+                match family(format!("{base}_a{s}")) {
+                    Ok(f) => families.push(f),
+                    Err(e) => tracing::warn!("{e}: left out of our matrix kernel families"),
+                }
+            }
+            Ok(families)
         };
         let mat_vec_kernels = match step_kernels {
             StepKernels::Own => Some(OwnMatVec {
-                q4k: per_rows("mv_q4k_v16")?,
-                q8_0: per_rows("mv_q8_0_v16")?,
+                q4k: families("mv_q4k_v16", &[2, 3])?,
+                q8_0: families("mv_q8_0_v16", &[2])?,
                 q6k: [16, 8, 4, 2]
                     .into_iter()
-                    .map(|bytes| Ok((bytes, per_rows(&format!("mv_q6k_v{bytes}"))?)))
+                    .map(|bytes| {
+                        let stages: &[usize] = if bytes == 2 { &[] } else { &[2, 3] };
+                        Ok((bytes, families(&format!("mv_q6k_v{bytes}"), stages)?))
+                    })
                     .collect::<Result<_>>()?,
             }),
             StepKernels::Candle => None,
@@ -414,10 +463,15 @@ impl DecodePlan {
         if let Some(kernels) = mat_vec_kernels {
             let mut taken = 0;
             for product in plan.products_mut() {
-                product.own = kernels.for_matrix(product.dtype, product.ptr, product.cols);
+                product.families = kernels.for_matrix(product.dtype, product.ptr, product.cols);
+                product.own = product.families.first().map(|f| f.kernels.clone());
                 taken += usize::from(product.own.is_some());
             }
             let verdict = match plan.check_own_products()? {
+                Ok(checked) => plan.drop_failed_families(checked),
+                Err(why) => Err(why),
+            };
+            let verdict = match verdict {
                 Ok(worst) => {
                     let norm = load("rms_norm_q8_1pass")?;
                     match plan.check_norm_1pass(&norm)? {
@@ -436,6 +490,17 @@ impl DecodePlan {
                         rms_norm_quants_one_step_off = flips,
                         "our matrix kernels and one-pass RMSNorm agree with the measured ones"
                     );
+                    // A failed measurement costs speed only: each matrix keeps its
+                    // registers-staged kernels, the ones measured in full runs.
+                    if let Err(e) = plan.tune() {
+                        tracing::warn!(
+                            "timing our matrix kernel families failed ({e}); each matrix \
+                             keeps its registers-staged kernels"
+                        );
+                        for product in plan.products_mut() {
+                            product.own = product.families.first().map(|f| f.kernels.clone());
+                        }
+                    }
                 }
                 Err(why) => {
                     tracing::warn!(
@@ -443,11 +508,129 @@ impl DecodePlan {
                     );
                     for product in plan.products_mut() {
                         product.own = None;
+                        product.families.clear();
                     }
                 }
             }
         }
         Ok(plan)
+    }
+
+    /// Drops each kernel family that disagreed with candle's `mmvq` from every matrix
+    /// (the others take those matrices), unless it is a registers-staged one, a matrix's
+    /// first: then the whole step goes back on the measured kernels, as before there were
+    /// other families. The worst difference of those kept, or why the step cannot use
+    /// ours.
+    fn drop_failed_families(&mut self, checked: Checked) -> std::result::Result<f32, String> {
+        let first_of_a_matrix = |name: &str| {
+            self.all_products().any(|p| p.families.first().is_some_and(|f| f.name == name))
+        };
+        if let Some((_, why)) = checked.failed.iter().find(|(name, _)| first_of_a_matrix(name)) {
+            return Err(format!("our matrix kernels disagree: {why}"));
+        }
+        for (name, why) in &checked.failed {
+            tracing::warn!(
+                "our {name} kernels disagree ({why}); the other families take their matrices"
+            );
+        }
+        for product in self.products_mut() {
+            product.families.retain(|f| !checked.failed.iter().any(|(name, _)| *name == f.name));
+        }
+        Ok(checked.worst)
+    }
+
+    /// Times every kernel family on each group of matrices of one format and shape (the
+    /// same matrix of every layer) for each count of activation rows, a pass over the whole
+    /// group at a time (so that, as in a step, the weights come from memory and not from
+    /// L2), and gives the group the fastest family per row count: the registers-staged one
+    /// unless another is `TUNE_MARGIN` faster in the median of `TUNE_PASSES` passes. Which
+    /// is fastest depends on the GPU (its shared memory, registers and latencies) and the
+    /// matrix's size, which is why it is measured here rather than fixed. Logs what it
+    /// measured, a line per group.
+    fn tune(&mut self) -> Result<()> {
+        let stream = self.stream.clone();
+        let products: Vec<&Product> = self.all_products().collect();
+        type Key = (GgmlDType, usize, usize, Vec<String>);
+        let mut groups: Vec<(Key, Vec<usize>)> = Vec::new();
+        for (i, p) in products.iter().enumerate() {
+            if p.families.len() < 2 {
+                continue;
+            }
+            let key =
+                (p.dtype, p.rows, p.cols, p.families.iter().map(|f| f.name.clone()).collect());
+            match groups.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, members)) => members.push(i),
+                None => groups.push((key, vec![i])),
+            }
+        }
+        let Some(widest) = groups.iter().map(|((_, rows, _, _), _)| *rows).max() else {
+            return Ok(());
+        };
+        let out = stream.alloc_zeros::<f32>(MAX_ROWS * widest).map_err(msg)?;
+        let out_ptr = out.device_ptr(&stream).0;
+        let event = || stream.context().new_event(Some(CUevent_flags::CU_EVENT_DEFAULT));
+        let (start, end) = (event().map_err(msg)?, event().map_err(msg)?);
+        let mut chosen: Vec<(usize, Vec<MatVecKernel>)> = Vec::new();
+        for ((dtype, rows, cols, names), members) in &groups {
+            let families = &products[members[0]].families;
+            let pass = |family: &Family, n: usize| -> Result<()> {
+                for &m in members {
+                    let p = products[m];
+                    self.product_on(
+                        p,
+                        Some(&family.kernels),
+                        q8_stride(p.cols),
+                        out_ptr,
+                        p.rows,
+                        n,
+                        0,
+                    )?;
+                }
+                Ok(())
+            };
+            let mut kernels = Vec::with_capacity(MAX_ROWS);
+            let (mut table, mut picks) = (Vec::new(), Vec::new());
+            for n in 1..=MAX_ROWS {
+                let mut micros = Vec::with_capacity(families.len());
+                for family in families {
+                    pass(family, n)?; // untimed: a function's first launch loads it
+                    let mut samples = Vec::with_capacity(TUNE_PASSES);
+                    for _ in 0..TUNE_PASSES {
+                        start.record(&stream).map_err(msg)?;
+                        pass(family, n)?;
+                        end.record(&stream).map_err(msg)?;
+                        samples.push(start.elapsed_ms(&end).map_err(msg)?);
+                    }
+                    samples.sort_by(f32::total_cmp);
+                    micros.push(samples[TUNE_PASSES / 2] * 1000.0 / members.len() as f32);
+                }
+                let best = (1..families.len())
+                    .filter(|&i| micros[i] < micros[0] * (1.0 - TUNE_MARGIN))
+                    .min_by(|&a, &b| micros[a].total_cmp(&micros[b]))
+                    .unwrap_or(0);
+                kernels.push(families[best].kernels[n - 1].clone());
+                let cells: Vec<String> = micros.iter().map(|t| format!("{t:.1}")).collect();
+                table.push(format!("{n}: {}", cells.join("/")));
+                picks.push(families[best].name.as_str());
+            }
+            tracing::info!(
+                matrices = %format!("{dtype:?} {rows}x{cols} x{}", members.len()),
+                families = %names.join(" / "),
+                micros_per_matrix_by_rows = %table.join(", "),
+                chosen_by_rows = %picks.join(" "),
+                "our matrix kernel families timed"
+            );
+            chosen.extend(members.iter().map(|&m| (m, kernels.clone())));
+        }
+        drop(products);
+        chosen.sort_by_key(|(m, _)| *m);
+        let mut chosen = chosen.into_iter().peekable();
+        for (i, product) in self.products_mut().enumerate() {
+            if let Some((_, kernels)) = chosen.next_if(|(m, _)| *m == i) {
+                product.own = Some(kernels);
+            }
+        }
+        Ok(())
     }
 
     /// The kernels the step runs: `Own` only when they were asked for and our matrix
@@ -471,24 +654,26 @@ impl DecodePlan {
     }
 
     /// Every product that runs on our kernels, against candle's `mmvq` on the same random
-    /// activations (`MAX_ROWS` rows): ours for each count of rows from 1 to `MAX_ROWS`,
-    /// into an output first filled with NaN (so a value it never wrote fails too). The
-    /// worst difference relative to each product's largest output, or what disagreed.
-    fn check_own_products(&mut self) -> Result<std::result::Result<f32, String>> {
+    /// activations (`MAX_ROWS` rows): each of our kernel families that take it, for each
+    /// count of rows from 1 to `MAX_ROWS`, into an output first filled with NaN (so a value
+    /// it never wrote fails too). The worst difference relative to each product's largest
+    /// output and the families that disagreed, or why nothing could be checked.
+    fn check_own_products(&mut self) -> Result<std::result::Result<Checked, String>> {
         let stream = self.stream.clone();
         let blocks = self.buf.q8.len() / Q8_1_BYTES;
         let (q8, x_qs, x_ds) = random_q8_1(blocks);
         stream.memcpy_htod(&q8, &mut self.buf.q8).map_err(msg)?;
         stream.memcpy_htod(&x_qs, &mut self.buf.x_qs).map_err(msg)?;
         stream.memcpy_htod(&x_ds, &mut self.buf.x_ds).map_err(msg)?;
-        let checked: Vec<&Product> = self.all_products().filter(|p| p.own.is_some()).collect();
+        let checked: Vec<&Product> =
+            self.all_products().filter(|p| !p.families.is_empty()).collect();
+        let mut result = Checked { worst: 0.0, failed: Vec::new() };
         let Some(widest) = checked.iter().map(|p| p.rows).max() else {
-            return Ok(Ok(0.0));
+            return Ok(Ok(result));
         };
         let mut out = stream.alloc_zeros::<f32>(MAX_ROWS * widest).map_err(msg)?;
         let out_ptr = out.device_ptr(&stream).0;
         let (mut theirs, mut ours) = (Vec::new(), Vec::new());
-        let mut worst = 0.0f32;
         for (i, p) in checked.iter().enumerate() {
             let len = MAX_ROWS * p.rows;
             let stride = q8_stride(p.cols);
@@ -500,11 +685,15 @@ impl DecodePlan {
             if !scale.is_finite() {
                 return Ok(Err(format!("candle's mmvq gave {scale} on matrix {i}")));
             }
-            for n in 1..=MAX_ROWS {
+            let runs = p.families.iter().flat_map(|f| (1..=MAX_ROWS).map(move |n| (f, n)));
+            for (family, n) in runs {
+                if result.failed.iter().any(|(name, _)| *name == family.name) {
+                    continue; // failed on another matrix or at fewer rows
+                }
                 ours.clear();
                 ours.resize(len, f32::NAN);
                 stream.memcpy_htod(ours.as_slice(), &mut out.slice_mut(..len)).map_err(msg)?;
-                self.product(p, stride, out_ptr, p.rows, n, 0)?;
+                self.product_on(p, Some(&family.kernels), stride, out_ptr, p.rows, n, 0)?;
                 stream.memcpy_dtoh(&out.slice(..len), ours.as_mut_slice()).map_err(msg)?;
                 stream.synchronize().map_err(msg)?;
                 let used = n * p.rows;
@@ -517,16 +706,18 @@ impl DecodePlan {
                 });
                 let relative = diff / scale.max(f32::MIN_POSITIVE);
                 if relative.is_nan() || relative > MAT_VEC_TOLERANCE {
-                    return Ok(Err(format!(
-                        "{:?} matrix {i} of {}x{}, {n} rows: off by {diff} where its largest \
-                         output is {scale}",
-                        p.dtype, p.rows, p.cols
-                    )));
+                    let why = format!(
+                        "{} on {:?} matrix {i} of {}x{}, {n} rows: off by {diff} where its \
+                         largest output is {scale}",
+                        family.name, p.dtype, p.rows, p.cols
+                    );
+                    result.failed.push((family.name.clone(), why));
+                    continue;
                 }
-                worst = worst.max(relative);
+                result.worst = result.worst.max(relative);
             }
         }
-        Ok(Ok(worst))
+        Ok(Ok(result))
     }
 
     /// The one-pass RMSNorm `norm` against the measured kernel on the same random rows
@@ -1042,6 +1233,7 @@ fn product_of(
         dtype: w.dtype(),
         launch,
         own: None,
+        families: Vec::new(),
         rows: r,
         cols: c,
     })

@@ -24,6 +24,11 @@
 //   so a warp reads its activations as 512 consecutive bytes, one 16-byte load per lane
 //   (which is why the activations have a layout of our own: candle's 36-byte blocks allow
 //   no 16-byte loads), and those stay in L1 for every warp of the SM.
+//
+// Each format's kernels come in families that compute the same sums and differ only in how
+// the next chunks wait: `mat_vec` holds the next one in registers, `mat_vec_async` has
+// `cp.async` copy one or two ahead into shared memory. The decode step times them on the
+// GPU at load and takes the fastest per matrix shape (`DecodePlan::tune`).
 
 #pragma once
 
@@ -178,17 +183,59 @@ struct Q8_0 {
   }
 };
 
-// Loads chunk `c` of row `r` (V-sized pieces; the last chunk of a row may be partial).
-template <typename F, typename V, int ITEMS, int PER_CHUNK>
-static __device__ __forceinline__ void fetch_chunk(const uint8_t *__restrict__ w, int nb,
-                                                   int row_loads, int r, int c, int lane,
-                                                   V *regs) {
+// Calls `take(i, k, piece)` for the lane's V-sized pieces of chunk `c` of row `r` (the
+// last chunk of a row may be partial): piece k of the chunk is the lane's i-th.
+template <typename F, typename V, int ITEMS, int PER_CHUNK, typename Take>
+static __device__ __forceinline__ void chunk_pieces(const uint8_t *__restrict__ w, int nb,
+                                                    int row_loads, int r, int c, int lane,
+                                                    Take take) {
   const V *src = (const V *)(w + (size_t)r * nb * F::BYTES) + c * PER_CHUNK;
   const int left = row_loads - c * PER_CHUNK;
 #pragma unroll
   for (int i = 0; i < ITEMS; ++i) {
     const int k = lane + 32 * i;
-    if (k < PER_CHUNK && k < left) regs[i] = __ldcs(src + k);
+    if (k < PER_CHUNK && k < left) take(i, k, src + k);
+  }
+}
+
+// Loads chunk `c` of row `r` into the lane's registers.
+template <typename F, typename V, int ITEMS, int PER_CHUNK>
+static __device__ __forceinline__ void fetch_chunk(const uint8_t *__restrict__ w, int nb,
+                                                   int row_loads, int r, int c, int lane,
+                                                   V *regs) {
+  chunk_pieces<F, V, ITEMS, PER_CHUNK>(
+      w, nb, row_loads, r, c, lane, [&](int i, int, const V *piece) { regs[i] = __ldcs(piece); });
+}
+
+// The lanes' work on chunk `c` of a row, staged at `staged`: its scales decoded once into
+// the warp's table (lane l does half l % 2 of block l / 2), then the dot products, lanes
+// 0-15 on the even block of each pair and 16-31 on the odd one.
+template <typename F, int N>
+static __device__ __forceinline__ void chunk_dots(const uint8_t *staged, typename F::Table &table,
+                                                  int c, int nb, int lane,
+                                                  const int8_t *__restrict__ x_qs,
+                                                  const float2 *__restrict__ x_ds, int x_stride,
+                                                  float *sum) {
+  const int blocks = min(MV_BLOCKS, nb - c * MV_BLOCKS);
+  const int pb = lane >> 1;
+  if (pb < blocks) F::prepare(staged + pb * F::BYTES, pb, lane & 1, table);
+  __syncwarp();
+#pragma unroll 2
+  for (int b = lane >> 4; b < blocks; b += 2) {
+    const size_t at = (size_t)(c * MV_BLOCKS + b) * 16 + (lane & 15);
+    F::template dot<N>(staged, table, b, lane & 15, x_qs, x_ds, x_stride, at, sum);
+  }
+}
+
+// A row done: its N sums, summed over the warp, written by lane 0; the sums start again.
+template <int N>
+static __device__ __forceinline__ void row_done(float *sum, float *__restrict__ out, int row,
+                                                int out_stride, int lane) {
+#pragma unroll
+  for (int j = 0; j < N; ++j) {
+    const float total = warp_sum(sum[j]);
+    if (lane == 0) out[(size_t)j * out_stride + row] = total;
+    sum[j] = 0.0f;
   }
 }
 
@@ -235,28 +282,13 @@ static __device__ __forceinline__ void mat_vec(const uint8_t *__restrict__ w,
     }
     __syncwarp();
     // The warp's next chunk: the rest of this row, then its next row.
-    const bool row_done = c + 1 == n_chunks;
-    const int next_row = row_done ? row + row_step : row, next_c = row_done ? 0 : c + 1;
+    const bool last_chunk = c + 1 == n_chunks;
+    const int next_row = last_chunk ? row + row_step : row, next_c = last_chunk ? 0 : c + 1;
     if (next_row < rows)
       fetch_chunk<F, V, ITEMS, PER_CHUNK>(w, nb, row_loads, next_row, next_c, lane, regs);
-    const int blocks = min(MV_BLOCKS, nb - c * MV_BLOCKS);
-    // Each chunk's scales, decoded once: lane l does half l % 2 of block l / 2.
-    const int pb = lane >> 1;
-    if (pb < blocks) F::prepare(stage[warp] + pb * F::BYTES, pb, lane & 1, table);
-    __syncwarp();
-    // Lanes 0-15 take the even block of each pair, 16-31 the odd one.
-#pragma unroll 2
-    for (int b = lane >> 4; b < blocks; b += 2) {
-      const size_t at = (size_t)(c * MV_BLOCKS + b) * 16 + (lane & 15);
-      F::template dot<N>(stage[warp], table, b, lane & 15, x_qs, x_ds, x_stride, at, sum);
-    }
-    if (row_done) {
-#pragma unroll
-      for (int j = 0; j < N; ++j) {
-        const float s = warp_sum(sum[j]);
-        if (lane == 0) out[(size_t)j * out_stride + row] = s;
-        sum[j] = 0.0f;
-      }
+    chunk_dots<F, N>(stage[warp], table, c, nb, lane, x_qs, x_ds, x_stride, sum);
+    if (last_chunk) {
+      row_done<N>(sum, out, row, out_stride, lane);
       row = next_row;
       if (row >= rows) break;
     }
@@ -264,24 +296,181 @@ static __device__ __forceinline__ void mat_vec(const uint8_t *__restrict__ w,
   }
 }
 
-#define MV_ENTRY(name, F, V, N)                                                              \
+// Copies of `sizeof(V)` bytes (4, 8 or 16) from global to shared memory that do not pass
+// through registers (`cp.async`, compute capability 8.0 on), in groups: a group is closed by
+// `copy_async_commit`, and `copy_async_wait<K>` returns once at most the newest K groups
+// this thread closed are still in flight. The copied bytes are visible to the thread's
+// warp after the wait and a `__syncwarp`. Before 8.0, plain loads and stores. (In
+// `tests/cuda_emu`, the shim's stand-ins write the bytes at the wait and garbage at the
+// copy, so a kernel that reads a stage too early, or refills one still read, fails there.)
+#ifdef __CUDACC__
+template <typename V>
+static __device__ __forceinline__ void copy_async(V *dst, const V *src) {
+  static_assert(sizeof(V) == 4 || sizeof(V) == 8 || sizeof(V) == 16, "cp.async sizes");
+#if __CUDA_ARCH__ >= 800
+  const unsigned to = (unsigned)__cvta_generic_to_shared(dst);
+  if constexpr (sizeof(V) == 16) {
+    // Weights are read once: bypass L1 (`.cg`, which takes 16 bytes only).
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(to), "l"(src) : "memory");
+  } else {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2;\n" ::"r"(to), "l"(src),
+                 "n"((int)sizeof(V))
+                 : "memory");
+  }
+#else
+  *dst = __ldcs(src);
+#endif
+}
+
+static __device__ __forceinline__ void copy_async_commit() {
+#if __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+
+template <int K>
+static __device__ __forceinline__ void copy_async_wait() {
+#if __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(K) : "memory");
+#endif
+}
+#endif
+
+// Copies chunk `c` of row `r` into a warp's stage, as one group.
+template <typename F, typename V, int ITEMS, int PER_CHUNK>
+static __device__ __forceinline__ void fetch_chunk_async(const uint8_t *__restrict__ w, int nb,
+                                                         int row_loads, int r, int c, int lane,
+                                                         V *stage) {
+  chunk_pieces<F, V, ITEMS, PER_CHUNK>(w, nb, row_loads, r, c, lane,
+                                       [&](int, int k, const V *piece) {
+                                         copy_async(stage + k, piece);
+                                       });
+  copy_async_commit();
+}
+
+// `mat_vec` with the weights copied into shared memory by `cp.async`, STAGES chunks per warp:
+// STAGES - 1 of them in flight while the lanes compute on one. The same warps, rows,
+// chunks, tables and arithmetic as `mat_vec` (so the same sums, bit for bit); what differs
+// is where a chunk waits for its turn. `mat_vec` holds the next chunk in registers (20 of
+// them per lane for Q4_K, 28 for Q6_K, plus the stores that move it into shared memory),
+// which cost occupancy: on the H200, 96 registers a lane held the Q6_K kernel at 5 blocks
+// per multiprocessor. Here the copies cost no registers and no stores, and more than one
+// chunk can be in flight; the shared memory they take caps occupancy instead. Which one
+// is faster for a matrix is measured when a plan is built (`DecodePlan::tune`).
+template <typename F, int N, typename V, int STAGES>
+static __device__ __forceinline__ void mat_vec_async(const uint8_t *__restrict__ w,
+                                                     const int8_t *__restrict__ x_qs,
+                                                     const float2 *__restrict__ x_ds,
+                                                     float *__restrict__ out, int cols,
+                                                     int rows, int x_stride, int out_stride) {
+  constexpr int CHUNK = MV_BLOCKS * F::BYTES;
+  static_assert(CHUNK % sizeof(V) == 0, "a chunk is whole loads");
+  static_assert(STAGES >= 2, "a chunk in flight while one is computed on");
+  constexpr int PER_CHUNK = CHUNK / (int)sizeof(V);
+  constexpr int ITEMS = (PER_CHUNK + 31) / 32;
+  // 16 bytes past the chunk (`load_words` may read one aligned word beyond a block), and
+  // each stage 16-byte aligned.
+  constexpr int STAGE_BYTES = (CHUNK + 16 + 15) / 16 * 16;
+  __shared__ __align__(16) uint8_t stage[MV_WARPS][STAGES][STAGE_BYTES];
+  __shared__ typename F::Table tables[MV_WARPS];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int row_step = (int)gridDim.x * MV_WARPS;
+  int row = blockIdx.x * MV_WARPS + warp;
+  if (row >= rows) return;  // the whole warp: nothing below synchronizes the block
+  const int nb = cols / 256;
+  const int row_loads = nb * F::BYTES / (int)sizeof(V);
+  const int n_chunks = (nb + MV_BLOCKS - 1) / MV_BLOCKS;
+  typename F::Table &table = tables[warp];
+  // The warp's stream of chunks: those of its first row, then of its next one, ... The
+  // next one to copy is chunk `fc` of row `fetch_row`; each copy is a group (an empty one
+  // past the warp's last row), so that the wait below counts chunks.
+  int fetch_row = row, fc = 0;
+  const auto fetch_next = [&](int s) {
+    if (fetch_row < rows)
+      fetch_chunk_async<F, V, ITEMS, PER_CHUNK>(w, nb, row_loads, fetch_row, fc, lane,
+                                                (V *)stage[warp][s]);
+    else
+      copy_async_commit();
+    if (++fc == n_chunks) {
+      fc = 0;
+      fetch_row += row_step;
+    }
+  };
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) fetch_next(s);
+  float sum[N];
+#pragma unroll
+  for (int j = 0; j < N; ++j) sum[j] = 0.0f;
+  int s = 0;  // the stage of chunk `c` of `row`
+  for (int c = 0;;) {
+    __syncwarp();  // every lane is done with the previous chunk's stage and the table
+    fetch_next(s == 0 ? STAGES - 1 : s - 1);  // into the stage the previous chunk used
+    copy_async_wait<STAGES - 1>();  // this lane's copies of chunk c are done...
+    __syncwarp();                   // ...and every lane's
+    chunk_dots<F, N>(stage[warp][s], table, c, nb, lane, x_qs, x_ds, x_stride, sum);
+    s = s + 1 == STAGES ? 0 : s + 1;
+    if (++c == n_chunks) {
+      row_done<N>(sum, out, row, out_stride, lane);
+      row += row_step;
+      if (row >= rows) break;
+      c = 0;
+    }
+  }
+  // Only empty groups can be left (chunks past the warp's last row), but a kernel should
+  // not end with copies it issued still in flight.
+  copy_async_wait<0>();
+}
+
+// The kernels the decode step loads by name: `{name}_n{N}` for N = 1..8 activation rows.
+template <typename F, typename V>
+struct Staged {
+  template <int N>
+  static __device__ __forceinline__ void run(const uint8_t *w, const int8_t *x_qs,
+                                             const float2 *x_ds, float *out, int cols, int rows,
+                                             int x_stride, int out_stride) {
+    mat_vec<F, N, V>(w, x_qs, x_ds, out, cols, rows, x_stride, out_stride);
+  }
+};
+template <typename F, typename V, int STAGES>
+struct Async {
+  template <int N>
+  static __device__ __forceinline__ void run(const uint8_t *w, const int8_t *x_qs,
+                                             const float2 *x_ds, float *out, int cols, int rows,
+                                             int x_stride, int out_stride) {
+    mat_vec_async<F, N, V, STAGES>(w, x_qs, x_ds, out, cols, rows, x_stride, out_stride);
+  }
+};
+#define MV_ENTRY(name, N, ...)                                                               \
   extern "C" __global__ void __launch_bounds__(MV_WARPS * 32)                                \
       name##_n##N(const uint8_t *w, const int8_t *x_qs, const float2 *x_ds, float *out,      \
                   int cols, int rows, int x_stride, int out_stride) {                        \
-    mat_vec<F, N, V>(w, x_qs, x_ds, out, cols, rows, x_stride, out_stride);                  \
+    __VA_ARGS__::template run<N>(w, x_qs, x_ds, out, cols, rows, x_stride, out_stride);      \
   }
-#define MV_ALL(name, F, V)                                                                   \
-  MV_ENTRY(name, F, V, 1)                                                                    \
-  MV_ENTRY(name, F, V, 2)                                                                    \
-  MV_ENTRY(name, F, V, 3)                                                                    \
-  MV_ENTRY(name, F, V, 4)                                                                    \
-  MV_ENTRY(name, F, V, 5)                                                                    \
-  MV_ENTRY(name, F, V, 6)                                                                    \
-  MV_ENTRY(name, F, V, 7)                                                                    \
-  MV_ENTRY(name, F, V, 8)
-MV_ALL(mv_q4k_v16, Q4K, uint4)
-MV_ALL(mv_q6k_v16, Q6K, uint4)
-MV_ALL(mv_q6k_v8, Q6K, uint2)
-MV_ALL(mv_q6k_v4, Q6K, unsigned int)
-MV_ALL(mv_q6k_v2, Q6K, unsigned short)
-MV_ALL(mv_q8_0_v16, Q8_0, uint4)
+#define MV_ALL(name, ...)                                                                    \
+  MV_ENTRY(name, 1, __VA_ARGS__)                                                             \
+  MV_ENTRY(name, 2, __VA_ARGS__)                                                             \
+  MV_ENTRY(name, 3, __VA_ARGS__)                                                             \
+  MV_ENTRY(name, 4, __VA_ARGS__)                                                             \
+  MV_ENTRY(name, 5, __VA_ARGS__)                                                             \
+  MV_ENTRY(name, 6, __VA_ARGS__)                                                             \
+  MV_ENTRY(name, 7, __VA_ARGS__)                                                             \
+  MV_ENTRY(name, 8, __VA_ARGS__)
+// Registers staged (`mat_vec`): every format and load width.
+MV_ALL(mv_q4k_v16, Staged<Q4K, uint4>)
+MV_ALL(mv_q6k_v16, Staged<Q6K, uint4>)
+MV_ALL(mv_q6k_v8, Staged<Q6K, uint2>)
+MV_ALL(mv_q6k_v4, Staged<Q6K, unsigned int>)
+MV_ALL(mv_q6k_v2, Staged<Q6K, unsigned short>)
+MV_ALL(mv_q8_0_v16, Staged<Q8_0, uint4>)
+// Copied by `cp.async` (`mat_vec_async`), with 2 or 3 stages per warp: the load widths
+// `cp.async` takes (16, 8, 4 bytes). Three stages of Q8_0's 4,352-byte chunks would pass the
+// 48 KiB of static shared memory a block may have.
+MV_ALL(mv_q4k_v16_a2, Async<Q4K, uint4, 2>)
+MV_ALL(mv_q4k_v16_a3, Async<Q4K, uint4, 3>)
+MV_ALL(mv_q6k_v16_a2, Async<Q6K, uint4, 2>)
+MV_ALL(mv_q6k_v16_a3, Async<Q6K, uint4, 3>)
+MV_ALL(mv_q6k_v8_a2, Async<Q6K, uint2, 2>)
+MV_ALL(mv_q6k_v8_a3, Async<Q6K, uint2, 3>)
+MV_ALL(mv_q6k_v4_a2, Async<Q6K, unsigned int, 2>)
+MV_ALL(mv_q6k_v4_a3, Async<Q6K, unsigned int, 3>)
+MV_ALL(mv_q8_0_v16_a2, Async<Q8_0, uint4, 2>)
