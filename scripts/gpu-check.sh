@@ -8,7 +8,8 @@
 #   3. runs `--bench --device cuda` on the 8B file: prefill at 512 and 2048 tokens, decode at
 #      an empty context and at depth 4096, peak device memory, and 1/2/4 parallel streams,
 #      with the fused decode step on our own matrix kernels and one-pass RMSNorm
-#      (GPU_DECODE=fused-own, the default) and then on candle's `mmvq` (GPU_DECODE=fused);
+#      (GPU_DECODE=fused-own, the default), the same launched as programmatic dependents
+#      (GPU_DECODE=fused-own-pdl), and on candle's `mmvq` (GPU_DECODE=fused);
 #      GPU_CHECK_PATHS="fused-own ops" etc. picks others;
 #   4. serves on the GPU: `my-claw serve` with the 8B file answers one WebChat message and
 #      `/api/health` names the GPU; a model whose KV bound cannot fit is refused at load;
@@ -86,6 +87,10 @@ done
 say "GPU: $(nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv,noheader 2>&1 | head -1)"
 "$bin" --version
 status=0
+# Programmatic dependent launch needs compute capability 9.0: older GPUs run fused-own-pdl
+# as fused-own (and say so), so it is checked and benched only where it exists.
+cap=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1)
+pdl=$([ "${cap%%.*}" -ge 9 ] 2>/dev/null && echo fused-own-pdl || true)
 
 # --- 1. files --------------------------------------------------------------------------------
 model8b="$work/qwen3-8b-q4_k_m.gguf"
@@ -105,8 +110,9 @@ case $only in serve | bench | profile) tiny="" tiny_llama="" smollm2="" ;; esac
 for model in $tiny $tiny_llama $smollm2; do
   # f32 keys and values through candle's ops: the strict comparison; f16 through the fused
   # decode step on our own matrix kernels: what runs in production; f16 through the fused
-  # step on candle's; f16 through candle's ops: the numbers the fused step replaces.
-  for variant in f32:ops f16:fused-own f16:fused f16:ops; do
+  # step on candle's; f16 through candle's ops: the numbers the fused step replaces; and
+  # our matrix kernels launched as programmatic dependents (not yet the default).
+  for variant in f32:ops f16:fused-own ${pdl:+f16:$pdl} f16:fused f16:ops; do
     kv=${variant%%:*} path=${variant##*:}
     say "device-check $(basename "$model") (KV $kv, decode $path)"
     line=$(GPU_DECODE=$path "$bin" device-check --device cuda --model "$model" --tokens 24 \
@@ -123,7 +129,7 @@ done
 if [ -n "$tiny" ]; then
   for repeat in 30 500; do
     prompt=$(python3 -c "print('The quick brown fox jumps over the lazy dog. ' * $repeat)")
-    for path in fused-own ops; do
+    for path in fused-own $pdl ops; do
       say "device-check $(basename "$tiny") with a long prompt (x$repeat, KV f16, decode $path)"
       GPU_DECODE=$path "$bin" device-check --device cuda --model "$tiny" --tokens 24 \
         --kv-type f16 --prompt "$prompt" >> "$out/device-check.jsonl" || status=1
@@ -136,9 +142,10 @@ fi
 
 # --- 3. the bench ----------------------------------------------------------------------------
 if [ "$only" = all ] || [ "$only" = bench ]; then
-# The fused step on our own matrix kernels (production) and on candle's `mmvq`, one after
-# the other on the same GPU, so the two can be compared.
-for path in ${GPU_CHECK_PATHS:-fused-own fused}; do
+# The fused step on our own matrix kernels (production), with them launched as programmatic
+# dependents (to decide whether that becomes the default), and on candle's `mmvq`, one after
+# the other on the same GPU, so that they can be compared.
+for path in ${GPU_CHECK_PATHS:-fused-own $pdl fused}; do
   suffix=$([ $path = fused-own ] && echo "" || echo "-$path")
   say "bench on CUDA ($path decode): prefill 512/2048/4096, decode at empty context and after each prompt"
   # The load's log too: with fused-own it says how closely our kernels agreed with the
@@ -212,13 +219,14 @@ fi
 # The first decode step of a shape runs without a graph (later ones replay it), so ncu sees
 # that step's kernels one by one: each is timed alone (no cache flush, clocks left alone),
 # then they are summed by kernel. With the graph the step is GPU-bound, so these sums are
-# what a step takes. With fused-own, the load's check of our kernels (nine launches a
-# matrix) comes first, hence the launch count.
+# what a step takes. The plan's first step is bracketed by cuProfilerStart/Stop, so with
+# collection off from the start ncu sees that step only, not the load's check and timing of
+# our kernels (tens of thousands of launches).
 if [ "$only" = profile ]; then
   ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
   [ -n "$ncu" ] || { say "no ncu here"; exit 1; }
   # Clocks and caches left alone; a prefill of 16 tokens, then decode steps.
-  ncu_run=(timeout 300 "$ncu" --clock-control none --cache-control none)
+  ncu_run=(timeout 300 "$ncu" --clock-control none --cache-control none --profile-from-start off)
   one_step=("$bin" --bench --device cuda --model "$model8b" --prompt-tokens 16 --gen-tokens 2 --runs 1)
   say "one decode step of the 8B shape under $ncu"
   "${ncu_run[@]}" \
@@ -261,14 +269,12 @@ for k, (n, sec, byt) in sorted(agg.items(), key=lambda kv: -kv[1][1]):
     print(f"| {k} | {n} | {sec * 1e3:.3f} ms | {byt / 1e6:.1f} MB | {byt / sec / 1e12:.2f} TB/s |")
 print(f"| all ({len(step)} kernels) | | {sum(v[1] for v in agg.values()) * 1e3:.3f} ms | | |")
 EOF
-  # Why our matrix kernels wait: one step's worth of their one-row launches with the warp
-  # state statistics (what the average warp is stalled on per issued instruction) and
-  # occupancy, grouped by kernel and matrix size. The load's check launches 1 to 8 rows
-  # per matrix (163 matrices in the 8B shape: 1,304 launches) first; the launches kept are
-  # those after the check's last 8-row one. Not fatal: the table above stands alone.
+  # Why our matrix kernels wait: one step's worth of their launches with the warp state
+  # statistics (what the average warp is stalled on per issued instruction) and occupancy,
+  # grouped by kernel and matrix size. Not fatal: the table above stands alone.
   say "our matrix kernels' stall reasons under $ncu"
   if "${ncu_run[@]}" --kernel-name regex:'mv_q' \
-    --launch-skip 1200 --launch-count 400 --section WarpStateStats --section Occupancy --section LaunchStats \
+    --launch-count 400 --section WarpStateStats --section Occupancy --section LaunchStats \
     --metrics gpu__time_duration.sum,dram__bytes_read.sum,smsp__issue_active.avg.pct_of_peak_sustained_active \
     --csv --page raw \
     "${one_step[@]}" \
@@ -281,8 +287,7 @@ head, units = rows[0], rows[1]
 data = [r for r in rows[2:] if len(r) == len(head)]
 col = {h: i for i, h in enumerate(head)}
 name = lambda r: r[col["Kernel Name"]].split("(")[0]
-last_check = max((i for i, r in enumerate(data) if name(r).endswith("_n8")), default=-1)
-step = [r for r in data[last_check + 1:] if name(r).endswith("_n1")]
+step = [r for r in data if name(r).endswith("_n1")]  # one step of one row
 def num(r, key):
     try:
         return float(r[col[key]].replace(",", ""))
@@ -321,7 +326,7 @@ def load(name):
         return {"error": str(e)}
 b = load("bench-cuda.json"); p = load("bench-cuda-parallel.json")
 others = [(load(f"bench-cuda-{path}.json"), load(f"bench-cuda-parallel-{path}.json"))
-          for path in ("fused", "ops") if os.path.exists(os.path.join(out, f"bench-cuda-{path}.json"))]
+          for path in ("fused-own-pdl", "fused", "ops") if os.path.exists(os.path.join(out, f"bench-cuda-{path}.json"))]
 # Nominal memory bandwidth of the card (bytes/s), for the roofline.
 bw = {"H200": 4.8e12, "H100 80GB HBM3": 3.35e12, "H100 PCIe": 2.0e12, "A100-SXM4-80GB": 2.04e12,
       "A100-SXM4-40GB": 1.56e12, "L40S": 0.864e12, "RTX 4090": 1.008e12}

@@ -150,8 +150,10 @@ pub struct Config {
 
     /// How a GPU runs decode steps: `fused-own` (our fused kernels, about ten launches per
     /// layer, with our own Q4_K/Q6_K/Q8_0 matrix kernels and a one-pass RMSNorm), `fused`
-    /// (the same around candle's matrix kernels and the two-pass RMSNorm) or `ops` (candle's
-    /// ops, about thirty per layer; to compare, or to step around a problem).
+    /// (the same around candle's matrix kernels and the two-pass RMSNorm), `fused-own-pdl`
+    /// (`fused-own` with our matrix kernels starting while the kernel before them finishes;
+    /// not yet measured) or `ops` (candle's ops, about thirty per layer; to compare, or to
+    /// step around a problem).
     #[arg(long, env = "GPU_DECODE", default_value = "fused-own", global = true)]
     pub gpu_decode: String,
 
@@ -675,7 +677,9 @@ impl Config {
             crate::llm::engine::candle_model::GpuDecode::from_setting(&self.gpu_decode)
         else {
             let value = &self.gpu_decode;
-            return Err(bad(format!("GPU_DECODE={value}: must be fused, fused-own or ops")));
+            return Err(bad(format!(
+                "GPU_DECODE={value}: must be fused, fused-own, fused-own-pdl or ops"
+            )));
         };
         if self.engine_queue == 0 {
             return Err(bad("ENGINE_QUEUE=0: must be at least 1"));

@@ -47,7 +47,8 @@ fn build_and_run(program: &str) -> String {
 /// loads; Q8_0; staged through registers, or copied by `cp.async` with 2 or 3 stages where
 /// its loads allow; 1 to 8 activation rows): 13 matrix shapes, each on every kernel family
 /// that takes it (32 pairs) x 8 = 256 runs, each within 1e-5 of the largest output and
-/// writing exactly its cells; and `quantize_warp` writing both layouts exactly as candle
+/// writing exactly its cells, none reading its activations or writing before its
+/// `pdl_wait` (programmatic dependent launch); and `quantize_warp` writing both layouts exactly as candle
 /// quantizes.
 #[test]
 fn cuda_matvec_kernels_agree_with_the_block_formats_under_cpu_emulation() {

@@ -940,5 +940,8 @@ fn gpu_decode_setting_is_checked_at_start() {
     );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains("GPU_DECODE=sometimes: must be fused, fused-own or ops"), "{stderr}");
+    assert!(
+        stderr.contains("GPU_DECODE=sometimes: must be fused, fused-own, fused-own-pdl or ops"),
+        "{stderr}"
+    );
 }

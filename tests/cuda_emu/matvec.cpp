@@ -13,7 +13,8 @@
 //    block of warps partly idle, on a block per 4 rows or on one block whose warps take
 //    several rows each (the chunks of a row and then of the next in one stream), and an
 //    output stride wider than the rows (so a cell written never or out of place fails
-//    too), against a reference written from ggml's block
+//    too), each launched as a programmatic dependent (the activations garbage and the
+//    output clobbered until its first `pdl_wait`, so reading or writing before it fails), against a reference written from ggml's block
 //    formats (dequantize_row_q4_K / dequantize_row_q6_K / dequantize_row_q8_0) on
 //    candle's layout, in double.
 // Exit code 0 when everything agrees. Built and run by `tests/cuda_emulated.rs`.
@@ -275,9 +276,23 @@ int main() {
         // A block per MV_WARPS rows, or (odd n) a single block, as when the launcher caps
         // the grid at what fits on the GPU at once: its warps then take two rows each.
         const unsigned grid = n % 2 == 0 ? (rows + MV_WARPS - 1) / MV_WARPS : 1;
+        // As a programmatic dependent of the kernel that writes the activations: they are
+        // garbage until the kernel's first `pdl_wait`, which also clobbers its output.
+        const std::vector<uint4> qs_real = x_qs_storage;
+        const std::vector<float2> ds_real = x_ds;
+        const uint4 garbage{0x55555555u, 0x7f7f7f7fu, 0x81818181u, 0x12345678u};
+        std::fill(x_qs_storage.begin(), x_qs_storage.end(), garbage);
+        std::fill(x_ds.begin(), x_ds.end(), make_float2(NAN, NAN));
+        emu::pdl_release = [&] {
+          std::copy(qs_real.begin(), qs_real.end(), x_qs_storage.begin());
+          std::copy(ds_real.begin(), ds_real.end(), x_ds.begin());
+          std::fill(out.begin(), out.end(), NAN);
+        };
         emu::launch(grid, MV_WARPS * 32, [&] {
           kernel(w, x_qs, x_ds.data(), out.data(), cols, rows, q8_stride, out_stride);
         });
+        std::copy(qs_real.begin(), qs_real.end(), x_qs_storage.begin());
+        std::copy(ds_real.begin(), ds_real.end(), x_ds.begin());
         double worst = 0.0;
         bool bad = false;
         for (int j = 0; j < 8; ++j)

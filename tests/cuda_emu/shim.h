@@ -173,6 +173,27 @@ inline void copy_async(V *dst, const V *src) {
   emu::async_copies.open.push_back(copy);
 }
 
+// Programmatic dependent launch (`pdl_wait` in `cuda_common.cuh`). Kernels run here one
+// after another; but a test may play the kernel before a launch: `emu::pdl_release` (set
+// before the launch, cleared by it) runs at the first `pdl_wait` of the launch, before any
+// thread passes one. A test that hides the previous kernel's outputs until then (garbage in
+// the activations, which the release puts back) and clobbers what the kernel may only
+// write after it (its output, filled with NaN by the release) finds a kernel that reads or
+// writes before its `pdl_wait`, or never calls it: the first thread to reach it has done
+// all its earlier reads and writes before the release.
+namespace emu {
+inline std::mutex pdl_mutex;
+inline std::function<void()> pdl_release;
+}  // namespace emu
+inline void pdl_launch_dependents() {}
+inline void pdl_wait() {
+  std::lock_guard<std::mutex> lock(emu::pdl_mutex);
+  if (emu::pdl_release) {
+    emu::pdl_release();
+    emu::pdl_release = nullptr;
+  }
+}
+
 inline void copy_async_commit() {
   emu::AsyncCopies &c = emu::async_copies;
   c.groups.push_back(std::move(c.open));
@@ -304,6 +325,8 @@ void launch(Dim3 grid, unsigned block, K kernel) {
           block_done.arrive_and_wait();
         }
   });
+  std::lock_guard<std::mutex> lock(pdl_mutex);
+  pdl_release = nullptr;
 }
 
 template <typename K>

@@ -24,16 +24,21 @@ pub enum GpuDecode {
     /// they agree with candle's at load; `mmvq` for the other formats) and the one-pass
     /// RMSNorm. On an H200 it decoded the Qwen3-8B shape at 286 tok/s where `Fused` did 236.
     FusedOwn,
+    /// `FusedOwn` with our matrix kernels launched as programmatic dependents of the kernel
+    /// before each (compute capability 9.0 on): their blocks start, and load their first
+    /// weights, while the small kernel before them runs. Not yet measured on a GPU.
+    FusedOwnPdl,
     /// candle's ops: to compare, or to step around a problem with the fused step.
     Ops,
 }
 
 impl GpuDecode {
-    /// The setting's value: `fused`, `fused-own` or `ops` (any case).
+    /// The setting's value: `fused`, `fused-own`, `fused-own-pdl` or `ops` (any case).
     pub fn from_setting(value: &str) -> Option<GpuDecode> {
         match value.trim().to_ascii_lowercase().as_str() {
             "fused" => Some(GpuDecode::Fused),
             "fused-own" => Some(GpuDecode::FusedOwn),
+            "fused-own-pdl" => Some(GpuDecode::FusedOwnPdl),
             "ops" => Some(GpuDecode::Ops),
             _ => None,
         }
@@ -44,6 +49,7 @@ impl GpuDecode {
         match self {
             GpuDecode::Fused => "fused",
             GpuDecode::FusedOwn => "fused-own",
+            GpuDecode::FusedOwnPdl => "fused-own-pdl",
             GpuDecode::Ops => "ops",
         }
     }
@@ -65,6 +71,7 @@ fn fused_path(plan: &crate::llm::engine::kernels::cuda_decode::DecodePlan) -> &'
     use crate::llm::engine::kernels::cuda_decode::StepKernels;
     match plan.step_kernels() {
         StepKernels::Own => GpuDecode::FusedOwn.as_str(),
+        StepKernels::OwnPdl => GpuDecode::FusedOwnPdl.as_str(),
         StepKernels::Candle => GpuDecode::Fused.as_str(),
     }
 }
@@ -72,7 +79,7 @@ fn fused_path(plan: &crate::llm::engine::kernels::cuda_decode::DecodePlan) -> &'
 #[cfg(feature = "cuda")]
 fn gpu_decode() -> GpuDecode {
     let value = GPU_DECODE.load(std::sync::atomic::Ordering::Relaxed);
-    [GpuDecode::Fused, GpuDecode::FusedOwn, GpuDecode::Ops]
+    [GpuDecode::Fused, GpuDecode::FusedOwn, GpuDecode::FusedOwnPdl, GpuDecode::Ops]
         .into_iter()
         .find(|d| *d as u8 == value)
         .unwrap_or(GpuDecode::FusedOwn)
@@ -375,6 +382,7 @@ impl CandleModel {
             }
             GpuDecode::Fused => StepKernels::Candle,
             GpuDecode::FusedOwn => StepKernels::Own,
+            GpuDecode::FusedOwnPdl => StepKernels::OwnPdl,
         };
         let why_not = |reason: String| {
             tracing::warn!(%reason, "decode on the GPU through candle's ops: no fused step");
@@ -482,7 +490,8 @@ impl CandleModel {
 
     /// How decode steps run (`GpuDecode::as_str`): `fused` (the GPU's fused step on
     /// candle's `mmvq`), `fused-own` (the fused step with our Q4_K/Q6_K/Q8_0 matrix
-    /// kernels) or `ops` (candle's ops).
+    /// kernels), `fused-own-pdl` (those launched as programmatic dependents) or `ops`
+    /// (candle's ops).
     pub fn decode_path(&self) -> &'static str {
         #[cfg(feature = "cuda")]
         if let Some(fused) = &self.fused {
@@ -870,7 +879,9 @@ mod tests {
 
     #[test]
     fn gpu_decode_setting_names_round_trip() {
-        for decode in [GpuDecode::Fused, GpuDecode::FusedOwn, GpuDecode::Ops] {
+        for decode in
+            [GpuDecode::Fused, GpuDecode::FusedOwn, GpuDecode::FusedOwnPdl, GpuDecode::Ops]
+        {
             assert_eq!(GpuDecode::from_setting(decode.as_str()), Some(decode));
         }
         assert_eq!(GpuDecode::from_setting(" Fused-OWN "), Some(GpuDecode::FusedOwn));

@@ -5,6 +5,30 @@
 
 #pragma once
 
+// Programmatic dependent launch (compute capability 9.0 on): a kernel launched as a
+// programmatic dependent of the one before it (`DecodePlan`'s `pdl`, our matrix kernels
+// only) may start once every block of that one has called `pdl_launch_dependents` (or
+// ended), and must call `pdl_wait` before it reads what that one writes, or writes
+// anything: `pdl_wait` returns once that kernel, and so everything before it, is done and
+// its writes are visible. Launched plainly, both are no-ops. The kernels that come before
+// our matrix kernels in a step call `pdl_launch_dependents` first thing, so that the
+// product's blocks can take the GPU's idle multiprocessors and load their first weights
+// (which nothing writes) while the small kernel before them runs. (`tests/cuda_emu` runs
+// kernels one after another: its stand-ins do nothing.)
+#ifdef __CUDACC__
+static __device__ __forceinline__ void pdl_launch_dependents() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" :::);
+#endif
+}
+
+static __device__ __forceinline__ void pdl_wait() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+#endif
+
 // candle's block_q8_1: d and the sum of the 32 values (before rounding) as two halves,
 // then the 32 quantized values.
 struct block_q8_1 {

@@ -25,6 +25,7 @@ extern "C" __global__ void rms_norm_q8(const float *x_in, const float *delta, fl
                                        const float *__restrict__ w, block_q8_1 *__restrict__ q8,
                                        int8_t *__restrict__ x_qs, float2 *__restrict__ x_ds,
                                        int n, int q8_stride, float eps) {
+  pdl_launch_dependents();  // the product after this may start (`pdl_wait`)
   __shared__ float red[33];
   const int row = blockIdx.x;
   const float *xi = x_in + (size_t)row * n;
@@ -298,6 +299,7 @@ static __device__ void attn_partial(const float *__restrict__ q, const int *__re
       const float *q, const int *facts, const unsigned long long *kv, int layer, int n_head,   \
       int n_kv, int n_split, float *part_acc, float *part_ml, block_q8_1 *q8, int8_t *x_qs,   \
       float2 *x_ds, int q8_stride) {                                                         \
+    pdl_launch_dependents(); /* the output projection may start (`pdl_wait`) */              \
     attn_partial<D>(q, facts, kv, layer, n_head, n_kv, n_split, part_acc, part_ml,           \
                     Q8Rows{q8, x_qs, x_ds}, q8_stride);                                      \
   }
@@ -314,6 +316,7 @@ extern "C" __global__ void attn_combine_q8(const float *__restrict__ part_acc,
                                            int n_head, int d, block_q8_1 *__restrict__ q8,
                                            int8_t *__restrict__ x_qs, float2 *__restrict__ x_ds,
                                            int q8_stride) {
+  pdl_launch_dependents();  // the output projection may start (`pdl_wait`)
   const int h = blockIdx.x, row = blockIdx.y, i = threadIdx.x;
   const size_t base = ((size_t)row * n_head + h) * n_split;
   float mx = -INFINITY;
@@ -337,6 +340,7 @@ extern "C" __global__ void attn_combine_q8(const float *__restrict__ part_acc,
 extern "C" __global__ void silu_mul_q8(const float *__restrict__ gu, int gu_stride, int n_ff,
                                        block_q8_1 *__restrict__ q8, int8_t *__restrict__ x_qs,
                                        float2 *__restrict__ x_ds, int q8_stride) {
+  pdl_launch_dependents();  // the down projection may start (`pdl_wait`)
   const int row = blockIdx.y, lane = threadIdx.x & 31;
   const int b = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
   if (b >= q8_stride) return;

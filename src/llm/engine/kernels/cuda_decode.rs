@@ -36,7 +36,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use candle_core::cuda_backend::cudarc::driver::sys::{
-    CUdevice_attribute, CUevent_flags, CUgraphInstantiate_flags, CUstreamCaptureMode,
+    self as profiler, CUdevice_attribute, CUevent_flags, CUgraphInstantiate_flags,
+    CUstreamCaptureMode,
 };
 use candle_core::cuda_backend::cudarc::driver::{
     CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
@@ -151,6 +152,12 @@ pub enum StepKernels {
     /// one-pass RMSNorm (`cuda_norm.cuh`): the default; on an H200, decode on the Qwen3-8B
     /// shape at 326 tok/s against 253 with `Candle` (same run).
     Own,
+    /// `Own` with each of our matrix kernels launched as a programmatic dependent of the
+    /// kernel before it (`pdl_wait` in `cuda_common.cuh`; compute capability 9.0 on, `Own`
+    /// before): its blocks take the multiprocessors the small kernel before it leaves idle
+    /// and load their first weights while it runs. Not yet measured on a GPU, so not the
+    /// default (`GPU_DECODE=fused-own-pdl`).
+    OwnPdl,
     /// candle's `mmvq` for every matrix and the two-pass RMSNorm: what `Own` falls back to.
     Candle,
 }
@@ -302,6 +309,8 @@ pub struct DecodePlan {
     /// The one-pass RMSNorm: set exactly when the step runs `StepKernels::Own` (our matrix
     /// kernels then sit in the products).
     norm_1pass: Option<CudaFunction>,
+    /// Whether our matrix kernels launch as programmatic dependents (`StepKernels::OwnPdl`).
+    pdl: bool,
 }
 
 /// One row of a step: the sequence's position and its per-layer `(keys, values)` caches,
@@ -389,7 +398,7 @@ impl DecodePlan {
             Ok(families)
         };
         let mat_vec_kernels = match step_kernels {
-            StepKernels::Own => Some(OwnMatVec {
+            StepKernels::Own | StepKernels::OwnPdl => Some(OwnMatVec {
                 q4k: families("mv_q4k_v16", &[2, 3])?,
                 q8_0: families("mv_q8_0_v16", &[2])?,
                 q6k: [16, 8, 4, 2]
@@ -456,6 +465,7 @@ impl DecodePlan {
             graphs: HashMap::new(),
             graphs_off: false,
             norm_1pass: None,
+            pdl: false,
             dims,
             device,
             stream,
@@ -484,6 +494,7 @@ impl DecodePlan {
             match verdict {
                 Ok((worst, flips, norm)) => {
                     plan.norm_1pass = Some(norm);
+                    plan.pdl = step_kernels == StepKernels::OwnPdl && takes_pdl(&plan.stream)?;
                     tracing::info!(
                         matrices = taken,
                         worst_difference = worst,
@@ -576,9 +587,10 @@ impl DecodePlan {
             let pass = |family: &Family, n: usize| -> Result<()> {
                 for &m in members {
                     let p = products[m];
+                    // Launched plainly: the families are compared as launched alone.
                     self.product_on(
                         p,
-                        Some(&family.kernels),
+                        Some((family.kernels.as_slice(), false)),
                         q8_stride(p.cols),
                         out_ptr,
                         p.rows,
@@ -638,6 +650,7 @@ impl DecodePlan {
     /// the measured kernels).
     pub fn step_kernels(&self) -> StepKernels {
         match self.norm_1pass {
+            Some(_) if self.pdl => StepKernels::OwnPdl,
             Some(_) => StepKernels::Own,
             None => StepKernels::Candle,
         }
@@ -693,7 +706,8 @@ impl DecodePlan {
                 ours.clear();
                 ours.resize(len, f32::NAN);
                 stream.memcpy_htod(ours.as_slice(), &mut out.slice_mut(..len)).map_err(msg)?;
-                self.product_on(p, Some(&family.kernels), stride, out_ptr, p.rows, n, 0)?;
+                let own = Some((family.kernels.as_slice(), false));
+                self.product_on(p, own, stride, out_ptr, p.rows, n, 0)?;
                 stream.memcpy_dtoh(&out.slice(..len), ours.as_mut_slice()).map_err(msg)?;
                 stream.synchronize().map_err(msg)?;
                 let used = n * p.rows;
@@ -876,7 +890,23 @@ impl DecodePlan {
                 }
             },
             _ => {
-                self.launch_all(n, n_split)?;
+                // A profiler started with collection off (`ncu --profile-from-start off`,
+                // `gpu-check.sh profile`) sees the plan's first step, kernel by kernel, and
+                // not the thousands of launches of the load's check and timing. Without one,
+                // these calls do nothing; what they return is of no consequence.
+                let first = self.graphs.is_empty();
+                if first {
+                    // SAFETY: no arguments; the model's context is current (the launches
+                    // before bound it).
+                    let _ = unsafe { profiler::cuProfilerStart() };
+                }
+                let launched = self.launch_all(n, n_split);
+                if first {
+                    self.stream.synchronize().map_err(msg)?;
+                    // SAFETY: as above.
+                    let _ = unsafe { profiler::cuProfilerStop() };
+                }
+                launched?;
                 self.graphs.insert(key, None);
             }
         }
@@ -991,15 +1021,17 @@ impl DecodePlan {
         n: usize,
         offset: usize,
     ) -> Result<()> {
-        self.product_on(w, w.own.as_deref(), q8_stride, out, out_stride, n, offset)
+        let own = w.own.as_deref().map(|kernels| (kernels, self.pdl));
+        self.product_on(w, own, q8_stride, out, out_stride, n, offset)
     }
 
-    /// `product` on our kernels `own` when given, on candle's `mmvq` otherwise.
+    /// `product` on our kernels `own` when given (as programmatic dependents of the kernel
+    /// before when its flag is set), on candle's `mmvq` otherwise.
     #[allow(clippy::too_many_arguments)]
     fn product_on(
         &self,
         w: &Product,
-        own: Option<&[MatVecKernel]>,
+        own: Option<(&[MatVecKernel], bool)>,
         q8_stride: usize,
         out: u64,
         out_stride: usize,
@@ -1011,25 +1043,43 @@ impl DecodePlan {
         }
         let p = self.ptrs;
         let dst = out + (offset * 4) as u64;
-        if let Some(own) = own {
-            let (cols, rows) = (w.cols as i32, w.rows as i32);
-            let (q8_stride, out_stride) = (q8_stride as i32, out_stride as i32);
+        if let Some((own, dependent)) = own {
+            let (mut cols, mut rows) = (w.cols as i32, w.rows as i32);
+            let (mut q8_stride, mut out_stride) = (q8_stride as i32, out_stride as i32);
             let kernel = &own[n - 1];
-            let mut launch = self.stream.launch_builder(&kernel.function);
-            launch.arg(&w.ptr).arg(&p.x_qs).arg(&p.x_ds).arg(&dst).arg(&cols).arg(&rows);
-            launch.arg(&q8_stride).arg(&out_stride);
             let blocks = (w.rows.div_ceil(MV_ROWS_PER_BLOCK) as u32).min(kernel.max_blocks);
             let cfg = LaunchConfig {
                 grid_dim: (blocks, 1, 1),
                 block_dim: (MV_ROWS_PER_BLOCK as u32 * 32, 1, 1),
                 shared_mem_bytes: 0,
             };
-            // SAFETY: as for `mmvq` below, with the activations in our layout (`x_qs` and
-            // `x_ds` hold as many rows and blocks as `q8`, written by the same kernels); the
-            // kernel's weight loads are as wide as the rows' alignment allows
+            // SAFETY (both launches): as for `mmvq` below, with the activations in our layout
+            // (`x_qs` and `x_ds` hold as many rows and blocks as `q8`, written by the same
+            // kernels); the kernel's weight loads are as wide as the rows' alignment allows
             // (`OwnMatVec::for_matrix`), its warps take rows below `rows` only (any grid of
-            // at least one block covers them all), and `own` holds
-            // MAX_ROWS kernels with 1 <= n <= MAX_ROWS (checked in `step`).
+            // at least one block covers them all), and `own` holds MAX_ROWS kernels with
+            // 1 <= n <= MAX_ROWS (checked in `step`). The arguments are the kernel's
+            // parameters in order (`MV_ENTRY` in `cuda_matvec.cuh`): three device addresses
+            // and the output's, then four `int`s.
+            if dependent {
+                let (mut weights, mut x_qs, mut x_ds, mut dst) = (w.ptr, p.x_qs, p.x_ds, dst);
+                let mut args: [*mut std::ffi::c_void; 8] = [
+                    (&raw mut weights).cast(),
+                    (&raw mut x_qs).cast(),
+                    (&raw mut x_ds).cast(),
+                    (&raw mut dst).cast(),
+                    (&raw mut cols).cast(),
+                    (&raw mut rows).cast(),
+                    (&raw mut q8_stride).cast(),
+                    (&raw mut out_stride).cast(),
+                ];
+                // ...and our matrix kernels call `pdl_wait` before they read the activations
+                // or write anything.
+                return unsafe { launch_dependent(&self.stream, &kernel.function, cfg, &mut args) };
+            }
+            let mut launch = self.stream.launch_builder(&kernel.function);
+            launch.arg(&w.ptr).arg(&p.x_qs).arg(&p.x_ds).arg(&dst).arg(&cols).arg(&rows);
+            launch.arg(&q8_stride).arg(&out_stride);
             return launched(unsafe { launch.launch(cfg) });
         }
         // SAFETY: the weights hold `rows x cols` in their format (checked in `new`); `q8`
@@ -1135,6 +1185,67 @@ impl DecodePlan {
         // return.
         launched(unsafe { launch.launch(cfg) })
     }
+}
+
+/// Launches `function` on `stream` as a programmatic dependent of the kernel before it there
+/// (`pdl_wait` in `cuda_common.cuh`), with `args` pointing at its arguments: cudarc's
+/// launch builder sets no launch attributes, so this is the driver's `cuLaunchKernelEx`.
+/// Captured into a graph, it becomes a programmatic edge (CUDA 12.3 on).
+///
+/// # Safety
+/// As for any launch: `args` point at values of the kernel's parameter types, in order,
+/// alive for the call, and the grid touches only memory it may; and the kernel calls
+/// `pdl_wait` before it reads what earlier kernels write or writes anything itself.
+unsafe fn launch_dependent(
+    stream: &CudaStream,
+    function: &CudaFunction,
+    cfg: LaunchConfig,
+    args: &mut [*mut std::ffi::c_void],
+) -> Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    // SAFETY: a plain C struct and union of integers, for which zero is a valid value.
+    let mut attribute: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+    attribute.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+    attribute.value.programmaticStreamSerializationAllowed = 1;
+    let config = sys::CUlaunchConfig {
+        gridDimX: cfg.grid_dim.0,
+        gridDimY: cfg.grid_dim.1,
+        gridDimZ: cfg.grid_dim.2,
+        blockDimX: cfg.block_dim.0,
+        blockDimY: cfg.block_dim.1,
+        blockDimZ: cfg.block_dim.2,
+        sharedMemBytes: cfg.shared_mem_bytes,
+        hStream: stream.cu_stream(),
+        attrs: &mut attribute,
+        numAttrs: 1,
+    };
+    stream.context().bind_to_thread().map_err(msg)?;
+    // SAFETY: the caller's; `config` and `attribute` live through the call.
+    let result = unsafe {
+        sys::cuLaunchKernelEx(
+            &config,
+            function.cu_function(),
+            args.as_mut_ptr(),
+            std::ptr::null_mut(),
+        )
+    };
+    launched(result.result())
+}
+
+/// Whether the GPU takes programmatic dependent launches (compute capability 9.0 on); says
+/// so when not.
+fn takes_pdl(stream: &CudaStream) -> Result<bool> {
+    let major = stream
+        .context()
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
+        .map_err(msg)?;
+    if major < 9 {
+        tracing::warn!(
+            "programmatic dependent launch needs compute capability 9.0 (this GPU: {major}.x): \
+             our matrix kernels launch as with GPU_DECODE=fused-own"
+        );
+    }
+    Ok(major >= 9)
 }
 
 /// A launch's result as the step's. (candle's `mmvq` launchers return nothing: a fault of

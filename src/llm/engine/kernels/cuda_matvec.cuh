@@ -259,6 +259,7 @@ static __device__ __forceinline__ void mat_vec(const uint8_t *__restrict__ w,
   // 16 bytes past the chunk: `load_words` may read one aligned word beyond a block.
   __shared__ __align__(16) uint8_t stage[MV_WARPS][CHUNK + 16];
   __shared__ typename F::Table tables[MV_WARPS];
+  pdl_launch_dependents();  // a product after this one may start (`pdl_wait`)
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int row_step = (int)gridDim.x * MV_WARPS;
   int row = blockIdx.x * MV_WARPS + warp;
@@ -270,6 +271,7 @@ static __device__ __forceinline__ void mat_vec(const uint8_t *__restrict__ w,
   typename F::Table &table = tables[warp];
   V regs[ITEMS];
   fetch_chunk<F, V, ITEMS, PER_CHUNK>(w, nb, row_loads, row, 0, lane, regs);
+  pdl_wait();  // the weights are nobody's output; the activations and `out` are
   float sum[N];
 #pragma unroll
   for (int j = 0; j < N; ++j) sum[j] = 0.0f;
@@ -373,6 +375,7 @@ static __device__ __forceinline__ void mat_vec_async(const uint8_t *__restrict__
   constexpr int STAGE_BYTES = (CHUNK + 16 + 15) / 16 * 16;
   __shared__ __align__(16) uint8_t stage[MV_WARPS][STAGES][STAGE_BYTES];
   __shared__ typename F::Table tables[MV_WARPS];
+  pdl_launch_dependents();  // a product after this one may start (`pdl_wait`)
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int row_step = (int)gridDim.x * MV_WARPS;
   int row = blockIdx.x * MV_WARPS + warp;
@@ -398,6 +401,7 @@ static __device__ __forceinline__ void mat_vec_async(const uint8_t *__restrict__
   };
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) fetch_next(s);
+  pdl_wait();  // the weights are nobody's output; the activations and `out` are
   float sum[N];
 #pragma unroll
   for (int j = 0; j < N; ++j) sum[j] = 0.0f;

@@ -22,6 +22,7 @@ extern "C" __global__ void __launch_bounds__(RN_THREADS)
                       const float *__restrict__ w, block_q8_1 *__restrict__ q8,
                       int8_t *__restrict__ x_qs, float2 *__restrict__ x_ds, int n, int q8_stride,
                       float eps) {
+  pdl_launch_dependents();  // the product after this may start (`pdl_wait`)
   __shared__ float red[33];
   const int row = blockIdx.x, t = threadIdx.x;
   const float4 *xi = (const float4 *)(x_in + (size_t)row * n);
