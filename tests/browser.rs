@@ -856,7 +856,11 @@ async fn a_schedule_made_in_the_page_writes_into_the_open_conversation() {
         + 15)
         % 60;
     let schedule = format!("{second} * * * * *");
-    let every_minute = format!("every minute at :{second:02}");
+    // Second 0 is a plain minute (`describe::describe`: "0 * * * * *" is "every minute").
+    let every_minute = match second {
+        0 => "every minute".to_string(),
+        _ => format!("every minute at :{second:02}"),
+    };
     browser.type_into("#cron-schedule", &schedule).await;
     let described = browser
         .wait_for(
