@@ -1,6 +1,7 @@
-//! Full-text search over every stored message (the FTS5 index of migration 0003, kept in
-//! step with `messages` by triggers). User words become a literal FTS5 query, so no input is
-//! ever parsed as FTS syntax. Read-only: it never changes a message.
+//! Full-text search over every stored message (the FTS5 word index of migration 0003 and
+//! the trigram index of 0014, kept in step with `messages` by triggers). User words become
+//! literal FTS5 queries, so no input is ever parsed as FTS syntax. Read-only: it never
+//! changes a message.
 
 use sqlx::SqlitePool;
 use unicode_normalization::char::is_combining_mark;
@@ -41,10 +42,12 @@ pub struct SnippetPart {
 /// Messages matching every word of `input`, newest first. The last word also matches as a
 /// prefix, so results come while the user is still typing it.
 ///
-/// Words the index cannot find (`needs_substring`: Chinese, Japanese, Thai…, `C++`) are
-/// looked for as substrings of the text, ASCII letters in any case. Such a search reads
-/// every message the indexed words leave (all of them when there are none): a scan of
-/// the text, fast at a person's scale of messages.
+/// Words the word index cannot find (`needs_substring`: Chinese, Japanese, Thai…, `C++`)
+/// are looked for as substrings of the text, ASCII letters in any case, through the trigram
+/// index when they have three characters or more (a scan of the messages the other words
+/// leave otherwise). A Latin word of three letters or more (`glued_words`) is also found
+/// glued to such text (`python` in `我用Python写代码`, which the word index holds as one
+/// token), through the trigram index.
 pub async fn search_messages(
     pool: &SqlitePool,
     input: &str,
@@ -53,48 +56,80 @@ pub async fn search_messages(
     if input.chars().count() > MAX_QUERY_CHARS {
         return Err(SearchError::TooLong);
     }
-    let fts = fts_query(input);
+    let words = indexed_words(input);
     let literal = substring_words(input);
-    if fts.is_none() && literal.is_empty() {
+    if words.is_empty() && literal.is_empty() {
         return Err(SearchError::NoWords);
     }
+    // The indexed words that may also be glued to unspaced text are each looked for in
+    // either index; the others together in the word index, as before.
+    let glued = glued_words(&words);
+    let last = words.len().saturating_sub(1);
+    let plain: Vec<String> = words
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !glued.iter().any(|g| g.index == *i))
+        .map(|(_, w)| w.clone())
+        .collect();
+    let fts = fts_terms(&plain, glued.iter().all(|g| g.index != last));
     // Snippets are made here from the rows returned, not by FTS5's `snippet()`, which was
     // computed for every match before the sort and costs the square of a message's
     // matches (5 s for 30 messages holding one word 5,000 times; now under 1 ms).
-    let indexed = if fts.is_some() {
-        " AND m.id IN (SELECT rowid FROM messages_fts WHERE messages_fts MATCH ?)"
-    } else {
-        ""
-    };
-    let substrings = " AND instr(lower(m.content), ?) > 0".repeat(literal.len());
+    let mut conditions = String::new();
+    let mut binds: Vec<String> = Vec::new();
+    if let Some(fts) = fts {
+        conditions
+            .push_str(" AND m.id IN (SELECT rowid FROM messages_fts WHERE messages_fts MATCH ?)");
+        binds.push(fts);
+    }
+    for g in &glued {
+        conditions.push_str(
+            " AND (m.id IN (SELECT rowid FROM messages_fts WHERE messages_fts MATCH ?) \
+             OR m.id IN (SELECT rowid FROM messages_trigram WHERE messages_trigram MATCH ?))",
+        );
+        binds.push(fts_term(&words[g.index], g.index == last));
+        binds.push(fts_term(&g.token, false));
+    }
+    for word in &literal {
+        // The trigram index narrows the rows to those holding the word (in any case);
+        // `instr` is exact about the case of letters (only ASCII ones are lowered).
+        if word.chars().count() >= 3 {
+            conditions.push_str(
+                " AND m.id IN (SELECT rowid FROM messages_trigram WHERE messages_trigram MATCH ?)",
+            );
+            binds.push(fts_term(word, false));
+        }
+        conditions.push_str(" AND instr(lower(m.content), ?) > 0");
+        binds.push(word.clone());
+    }
     let sql = format!(
         "SELECT m.id AS message_id, m.conversation_id, c.title AS conversation_title, \
                 c.channel, m.role, m.created_at, m.content \
          FROM messages m \
          JOIN conversations c ON c.id = m.conversation_id \
-         WHERE 1{indexed}{substrings} \
+         WHERE 1{conditions} \
          ORDER BY m.created_at DESC, m.id DESC LIMIT ? OFFSET ?"
     );
-    // `instr` also finds a substring word inside a longer one (`a+` in `DATA+`): those rows
-    // are dropped here (`substring_matches`), so the rows are read a page at a time until
-    // `limit` are kept or none are left.
-    let page = if literal.is_empty() { limit } else { limit.saturating_mul(4).max(64) };
+    // `instr` and the trigram index also find a word inside a longer one (`a+` in `DATA+`,
+    // `python` in `pythons`): those rows are dropped here (`substring_matches`,
+    // `GluedWord::found`), so the rows are read a page at a time until `limit` are kept or
+    // none are left.
+    let checked = !literal.is_empty() || !glued.is_empty();
+    let page = if checked { limit.saturating_mul(4).max(64) } else { limit };
     let mut rows = Vec::new();
     let mut offset = 0i64;
     loop {
         let mut query = sqlx::query_as::<_, HitRow>(&sql);
-        if let Some(fts) = &fts {
-            query = query.bind(fts);
-        }
-        for word in &literal {
-            query = query.bind(word);
+        for value in &binds {
+            query = query.bind(value);
         }
         let batch = query.bind(page).bind(offset).fetch_all(pool).await?;
         let read = batch.len() as i64;
         rows.extend(batch.into_iter().filter(|row| {
-            literal.is_empty() || {
+            !checked || {
                 let lowered = row.content.to_ascii_lowercase();
                 literal.iter().all(|word| substring_matches(&lowered, word).next().is_some())
+                    && glued.iter().all(|g| g.found(&row.content, &lowered, g.index == last))
             }
         }));
         if rows.len() as i64 >= limit || read < page {
@@ -103,7 +138,8 @@ pub async fn search_messages(
         offset += read;
     }
     rows.truncate(usize::try_from(limit).unwrap_or(0));
-    let terms = Terms::of(input, literal);
+    let glued_marks = glued.into_iter().map(|g| (g.token, g.index == last)).collect();
+    let terms = Terms { glued: glued_marks, ..Terms::of(input, literal) };
     Ok(rows
         .into_iter()
         .map(|row| SearchHit {
@@ -129,30 +165,69 @@ struct HitRow {
     content: String,
 }
 
-/// The FTS5 query for the words of `input` the index can find: each word a quoted string
-/// (quotes doubled inside), all required, the last one a prefix. Words with no letter or
-/// digit are dropped (they would tokenize to nothing), and so are those looked for as
-/// substrings; `None` when no word is left.
-pub fn fts_query(input: &str) -> Option<String> {
-    let words = indexed_words(input);
+/// `words` (the words of a query the word index can find, `indexed_words`) as an FTS5
+/// query: each word a quoted string (quotes doubled inside), all required, the last one a
+/// prefix when `prefix_last`; `None` when there is none.
+fn fts_terms(words: &[String], prefix_last: bool) -> Option<String> {
     let last = words.len().checked_sub(1)?;
-    let terms: Vec<String> = words
-        .iter()
-        .enumerate()
-        .map(|(i, word)| {
-            let quoted = format!("\"{}\"", word.replace('"', "\"\""));
-            if i == last {
-                quoted + "*"
-            } else {
-                quoted
-            }
-        })
-        .collect();
+    let terms: Vec<String> =
+        words.iter().enumerate().map(|(i, w)| fts_term(w, prefix_last && i == last)).collect();
     Some(terms.join(" "))
 }
 
+/// One word as a literal FTS5 term: a quoted string (quotes doubled inside), a prefix when
+/// `prefix`.
+fn fts_term(word: &str, prefix: bool) -> String {
+    let quoted = format!("\"{}\"", word.replace('"', "\"\""));
+    if prefix {
+        quoted + "*"
+    } else {
+        quoted
+    }
+}
+
+/// An indexed word that may also stand glued to text written without spaces, where the
+/// word index cannot see it (`我用Python写代码` is one token there): one token of three
+/// ASCII letters or digits or more (the trigram index needs three characters), `index` its
+/// place among the indexed words, `token` in lower case.
+struct GluedWord {
+    index: usize,
+    token: String,
+}
+
+impl GluedWord {
+    /// Whether a row that either index returned holds the word: as the word index compares
+    /// it (a token equal to it, folded, or starting with it when it is the last word), or
+    /// as a word of its own in the text (`lowered`: ASCII letters in lower case) whose
+    /// edges may be letters of a script without spaces, and after it anything when it is
+    /// the last word. The trigram index also returns rows where it is only part of a longer
+    /// Latin word (`python` in `pythons`, `xpython`): those are not matches.
+    fn found(&self, content: &str, lowered: &str, prefix: bool) -> bool {
+        edge_matches(lowered, &self.token, prefix).next().is_some()
+            || tokens_of(content).any(|(_, token)| {
+                let folded = folded(token);
+                folded == self.token || (prefix && folded.starts_with(&self.token))
+            })
+    }
+}
+
+/// The indexed words (`indexed_words`) that `GluedWord` describes.
+fn glued_words(words: &[String]) -> Vec<GluedWord> {
+    words
+        .iter()
+        .enumerate()
+        .filter_map(|(index, word)| {
+            let mut tokens = tokens_of(word);
+            let (_, token) = tokens.next()?;
+            let single = tokens.next().is_none();
+            let ascii = token.len() >= 3 && token.bytes().all(|b| b.is_ascii_alphanumeric());
+            (single && ascii).then(|| GluedWord { index, token: token.to_ascii_lowercase() })
+        })
+        .collect()
+}
+
 /// The words of `input` the index can find: with a letter or a digit (others tokenize to
-/// nothing), and not looked for as substrings.
+/// nothing: dropped), and not looked for as substrings.
 fn indexed_words(input: &str) -> Vec<String> {
     query_words(input)
         .filter(|w| w.chars().any(char::is_alphanumeric) && !needs_substring(w))
@@ -216,6 +291,16 @@ fn unspaced_script(c: char) -> bool {
 /// `买iphone价格`); an edge in a script without spaces (`天气` inside `今天天气很好`) or a
 /// symbol (`c++11`) may.
 fn substring_matches<'a>(lowered: &'a str, word: &'a str) -> impl Iterator<Item = usize> + 'a {
+    edge_matches(lowered, word, false)
+}
+
+/// `substring_matches`, where with `prefix` the word may go on after its end (the last word
+/// of a query).
+fn edge_matches<'a>(
+    lowered: &'a str,
+    word: &'a str,
+    prefix: bool,
+) -> impl Iterator<Item = usize> + 'a {
     let spaced = |c: char| c.is_alphanumeric() && !unspaced_script(c);
     let first = word.chars().next().filter(|&c| spaced(c));
     let last = word.chars().next_back().filter(|&c| spaced(c));
@@ -224,7 +309,7 @@ fn substring_matches<'a>(lowered: &'a str, word: &'a str) -> impl Iterator<Item 
         let after = lowered[at + word.len()..].chars().next();
         let joins =
             |edge: Option<char>, next: Option<char>| edge.is_some() && next.is_some_and(spaced);
-        !joins(first, before) && !joins(last, after)
+        !joins(first, before) && (prefix || !joins(last, after))
     })
 }
 
@@ -234,11 +319,13 @@ const SNIPPET_BEFORE: usize = 30;
 const SNIPPET_CHARS: usize = 120;
 
 /// What a snippet marks: the indexed words as the index compares them (`folded`), the
-/// last one's last token a prefix, and the words looked for as substrings.
+/// last one's last token a prefix, the words looked for as substrings, and the indexed
+/// words that may be glued to unspaced text (`GluedWord`), each with whether it is a prefix.
 struct Terms {
     tokens: Vec<String>,
     prefix: Option<String>,
     substrings: Vec<String>,
+    glued: Vec<(String, bool)>,
 }
 
 impl Terms {
@@ -253,7 +340,7 @@ impl Terms {
             }
             tokens.extend(word_tokens);
         }
-        Terms { tokens, prefix, substrings }
+        Terms { tokens, prefix, substrings, glued: Vec::new() }
     }
 
     fn matches(&self, token: &str) -> bool {
@@ -296,11 +383,15 @@ fn snippet(content: &str, terms: &Terms) -> Vec<SnippetPart> {
         let hits = tokens_of(content).filter(|(_, token)| terms.matches(token));
         matches.extend(hits.map(|(at, token)| (at, at + token.len())));
     }
-    if !terms.substrings.is_empty() {
+    if !terms.substrings.is_empty() || !terms.glued.is_empty() {
         // ASCII lowering keeps every byte offset, so matches in `lowered` are in `content`.
         let lowered = content.to_ascii_lowercase();
         for word in &terms.substrings {
             matches.extend(substring_matches(&lowered, word).map(|at| (at, at + word.len())));
+        }
+        for (word, prefix) in &terms.glued {
+            let found = edge_matches(&lowered, word, *prefix);
+            matches.extend(found.map(|at| (at, at + word.len())));
         }
     }
     matches.sort_unstable();
@@ -344,7 +435,7 @@ mod tests {
     use super::*;
 
     fn check(input: &str, expected: Option<&str>) {
-        assert_eq!(fts_query(input).as_deref(), expected, "{input:?}");
+        assert_eq!(fts_terms(&indexed_words(input), true).as_deref(), expected, "{input:?}");
     }
 
     #[test]
@@ -427,29 +518,36 @@ mod tests {
         assert_eq!(marked(&parts), expected);
     }
 
-    #[tokio::test]
-    async fn chinese_words_and_cpp_are_found_inside_text() {
+    /// A fresh database holding `texts` as messages of one conversation, and their ids.
+    async fn messages(texts: &[&str]) -> (tempfile::TempDir, SqlitePool, Vec<i64>) {
         use crate::db::memory::{self, NewMessage};
         use crate::domain::Role;
-        let (_dir, pool) = crate::db::fresh_test_db().await;
+        let (dir, pool) = crate::db::fresh_test_db().await;
         let conv = memory::create_webchat_conversation(&pool, Some("t")).await.unwrap().id;
         let mut ids = Vec::new();
-        for text in [
+        for text in texts {
+            let message = NewMessage::plain(conv, Role::User, *text);
+            ids.push(memory::add_message(&pool, &message).await.unwrap().0);
+        }
+        (dir, pool, ids)
+    }
+
+    /// The hits for `query` (at most 10), as ids and marked snippets.
+    async fn found_in(pool: &SqlitePool, query: &str) -> Vec<(i64, String)> {
+        let hits = search_messages(pool, query, 10).await.unwrap();
+        hits.into_iter().map(|h| (h.message_id, marked(&h.snippet))).collect()
+    }
+
+    #[tokio::test]
+    async fn chinese_words_and_cpp_are_found_inside_text() {
+        let (_dir, pool, ids) = messages(&[
             "今天天气很好，我们去公园吧。",
             "I write C++ every day.",
             "A c program, not the other one.",
             "明天的天气 will be cold, says the weather report.",
-        ] {
-            let message = NewMessage::plain(conv, Role::User, text);
-            ids.push(memory::add_message(&pool, &message).await.unwrap().0);
-        }
-        let found = |query: &'static str| {
-            let pool = pool.clone();
-            async move {
-                let hits = search_messages(&pool, query, 10).await.unwrap();
-                hits.into_iter().map(|h| (h.message_id, marked(&h.snippet))).collect::<Vec<_>>()
-            }
-        };
+        ])
+        .await;
+        let found = |query: &'static str| found_in(&pool, query);
         assert_eq!(
             found("天气").await,
             [
@@ -464,6 +562,78 @@ mod tests {
         assert_eq!(found("天气 wea").await.len(), 1, "the last indexed word is a prefix");
         assert!(found("天气 program").await.is_empty());
         assert!(found("雪").await.is_empty());
+    }
+
+    /// The word index holds `我用Python写代码` as one token: Latin words glued to text
+    /// without spaces are found through the trigram index, as words of their own.
+    #[tokio::test]
+    async fn latin_words_glued_to_unspaced_text_are_found() {
+        let (_dir, pool, ids) = messages(&[
+            "我用Python写代码，很方便。",
+            "买iPhone了吗？",
+            "xpython is not it",
+            "Python code, plain.",
+            "今天天气很好",
+            "東京2024年の夏",
+        ])
+        .await;
+        let found = |query: &'static str| found_in(&pool, query);
+        // With a word looked for as a substring (the two marks touch: one).
+        assert_eq!(
+            found("python 写代码").await,
+            [(ids[0], "我用[Python写代码]，很方便。".to_string())]
+        );
+        assert_eq!(
+            found("python code").await,
+            [(ids[3], "[Python] [code], plain.".to_string())],
+            "not the last word: no prefix; `code` is in the plain message only"
+        );
+        // The last word is a prefix, glued too; `xpython` is still not a match.
+        assert_eq!(
+            found("python").await.into_iter().map(|(id, _)| id).collect::<Vec<_>>(),
+            [ids[3], ids[0]]
+        );
+        assert_eq!(found("iph").await, [(ids[1], "买[iPh]one了吗？".to_string())]);
+        assert_eq!(found("IPHONE").await, [(ids[1], "买[iPhone]了吗？".to_string())]);
+        assert!(found("thon").await.is_empty(), "inside a Latin word, glued or not");
+        assert_eq!(found("2024").await, [(ids[5], "東京[2024]年の夏".to_string())]);
+        // Words of three characters or more without spaces go through the trigram index.
+        assert_eq!(found("天气很好").await, [(ids[4], "今天[天气很好]".to_string())]);
+    }
+
+    /// Messages stored before the trigram index (migration 0014) are in it: a database of
+    /// the version before, migrated, finds a Latin word glued to Chinese in an old message.
+    #[tokio::test]
+    async fn the_trigram_index_holds_the_messages_from_before_it() {
+        use std::str::FromStr;
+
+        use sqlx::migrate::Migrator;
+        use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions};
+
+        use crate::db::MIGRATOR;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let url = format!("sqlite://{}", dir.path().join("old.db").display());
+        let before = Migrator {
+            migrations: std::borrow::Cow::Owned(
+                MIGRATOR.migrations.iter().filter(|m| m.version < 14).cloned().collect(),
+            ),
+            ..Migrator::DEFAULT
+        };
+        let options = SqliteConnectOptions::from_str(&url).unwrap().create_if_missing(true);
+        let old = SqlitePoolOptions::new().max_connections(1).connect_with(options).await.unwrap();
+        before.run(&old).await.unwrap();
+        for statement in [
+            "INSERT INTO conversations (id, channel, external_key, title, created_at, updated_at)
+             VALUES (1, 'webchat', 'w1', 'one', 1, 1)",
+            "INSERT INTO messages (id, conversation_id, role, content, created_at)
+             VALUES (1, 1, 'user', '我用Python写代码', 1), (2, 1, 'user', 'xpython', 2)",
+        ] {
+            sqlx::query(statement).execute(&old).await.unwrap();
+        }
+        old.close().await;
+        let pool = crate::db::connect(&url).await.expect("migrate to the newest version");
+        let hits = search_messages(&pool, "python", 10).await.unwrap();
+        assert_eq!(hits.iter().map(|h| h.message_id).collect::<Vec<_>>(), [1]);
     }
 
     #[test]
