@@ -91,9 +91,11 @@ pub async fn search_messages(
         binds.push(fts_term(&g.token, false));
     }
     for word in &literal {
-        // The trigram index narrows the rows to those holding the word (in any case);
-        // `instr` is exact about the case of letters (only ASCII ones are lowered).
-        if word.chars().count() >= 3 {
+        // The trigram index narrows the rows to those holding the word (in any case) when
+        // it holds every message that can: those with text written without spaces, which
+        // a word of such text is found in only. `instr` is exact about the case of letters
+        // (only ASCII ones are lowered).
+        if word.chars().count() >= 3 && word.chars().any(unspaced_script) {
             conditions.push_str(
                 " AND m.id IN (SELECT rowid FROM messages_trigram WHERE messages_trigram MATCH ?)",
             );
@@ -187,9 +189,10 @@ fn fts_term(word: &str, prefix: bool) -> String {
 }
 
 /// An indexed word that may also stand glued to text written without spaces, where the
-/// word index cannot see it (`我用Python写代码` is one token there): one token of three
-/// ASCII letters or digits or more (the trigram index needs three characters), `index` its
-/// place among the indexed words, `token` in lower case.
+/// word index cannot see it (`我用Python写代码` is one token there, and the message is in
+/// the trigram index): one token of three ASCII letters or digits or more (the trigram
+/// index needs three characters), `index` its place among the indexed words, `token` in
+/// lower case.
 struct GluedWord {
     index: usize,
     token: String,
@@ -268,7 +271,9 @@ fn needs_substring(word: &str) -> bool {
     word.chars().any(unspaced_script) || symbol_name
 }
 
-/// Whether `c` belongs to a script written without spaces between words.
+/// Whether `c` belongs to a script written without spaces between words. Migration 0014's
+/// triggers test the same ranges in SQL (which messages the trigram index holds):
+/// `tests::the_trigram_index_takes_the_messages_of_unspaced_scripts` keeps them equal.
 fn unspaced_script(c: char) -> bool {
     matches!(c as u32,
         0x0E00..=0x0EFF          // Thai, Lao
@@ -601,8 +606,79 @@ mod tests {
         assert_eq!(found("天气很好").await, [(ids[4], "今天[天气很好]".to_string())]);
     }
 
-    /// Messages stored before the trigram index (migration 0014) are in it: a database of
-    /// the version before, migrated, finds a Latin word glued to Chinese in an old message.
+    /// Characters on both sides of every edge of `unspaced_script`'s ranges, and a few
+    /// others: what the trigram index's triggers and fill must tell apart as it does.
+    fn probes() -> Vec<char> {
+        let mut probes = vec!['a', 'é', 'Ж', 'ا', '😀'];
+        for c in 1..=0x40000u32 {
+            let (Some(before), Some(at)) = (char::from_u32(c - 1), char::from_u32(c)) else {
+                continue;
+            };
+            if unspaced_script(before) != unspaced_script(at) {
+                probes.extend([before, at]);
+            }
+        }
+        assert!(probes.len() >= 20, "{probes:?}");
+        probes
+    }
+
+    /// Whether the message `id`, holding `x{c}y`, is in the trigram index.
+    async fn in_trigram_index(pool: &SqlitePool, id: i64, c: char) -> bool {
+        let term = fts_term(&format!("x{c}y"), false);
+        let ids: Vec<i64> =
+            sqlx::query_scalar("SELECT rowid FROM messages_trigram WHERE messages_trigram MATCH ?")
+                .bind(term)
+                .fetch_all(pool)
+                .await
+                .unwrap();
+        ids.contains(&id)
+    }
+
+    /// The trigram index holds exactly the messages with a character of `unspaced_script`,
+    /// as stored (the insert trigger) and as edited (the update trigger); deleted ones
+    /// leave it.
+    #[tokio::test]
+    async fn the_trigram_index_takes_the_messages_of_unspaced_scripts() {
+        use crate::db::memory;
+        let probes = probes();
+        let texts: Vec<String> = probes.iter().map(|c| format!("x{c}y")).collect();
+        let (_dir, pool, ids) =
+            messages(&texts.iter().map(String::as_str).collect::<Vec<_>>()).await;
+        for (&c, &id) in probes.iter().zip(&ids) {
+            let indexed = in_trigram_index(&pool, id, c).await;
+            assert_eq!(indexed, unspaced_script(c), "U+{:04X} as stored", c as u32);
+        }
+        let edited = ids[0];
+        for &c in &probes {
+            sqlx::query("UPDATE messages SET content = ? WHERE id = ?")
+                .bind(format!("x{c}y"))
+                .bind(edited)
+                .execute(&pool)
+                .await
+                .unwrap();
+            let indexed = in_trigram_index(&pool, edited, c).await;
+            assert_eq!(indexed, unspaced_script(c), "U+{:04X} as edited", c as u32);
+        }
+        let conversation: i64 = sqlx::query_scalar("SELECT conversation_id FROM messages")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        memory::delete_conversation(&pool, crate::domain::ConversationId(conversation))
+            .await
+            .unwrap();
+        let cjk: Vec<i64> =
+            sqlx::query_scalar("SELECT rowid FROM messages_trigram WHERE messages_trigram MATCH ?")
+                .bind(fts_term("x一y", false))
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+        assert!(cjk.is_empty(), "a deleted message left the index: {cjk:?}");
+    }
+
+    /// Messages stored before the trigram index (migration 0014) are in it as the triggers
+    /// would have put them: a database of the version before, migrated, finds a Latin word
+    /// glued to Chinese in an old message, and holds exactly the old messages with
+    /// characters of `unspaced_script`.
     #[tokio::test]
     async fn the_trigram_index_holds_the_messages_from_before_it() {
         use std::str::FromStr;
@@ -622,18 +698,36 @@ mod tests {
         let options = SqliteConnectOptions::from_str(&url).unwrap().create_if_missing(true);
         let old = SqlitePoolOptions::new().max_connections(1).connect_with(options).await.unwrap();
         before.run(&old).await.unwrap();
-        for statement in [
+        sqlx::query(
             "INSERT INTO conversations (id, channel, external_key, title, created_at, updated_at)
              VALUES (1, 'webchat', 'w1', 'one', 1, 1)",
-            "INSERT INTO messages (id, conversation_id, role, content, created_at)
-             VALUES (1, 1, 'user', '我用Python写代码', 1), (2, 1, 'user', 'xpython', 2)",
-        ] {
-            sqlx::query(statement).execute(&old).await.unwrap();
+        )
+        .execute(&old)
+        .await
+        .unwrap();
+        let probes = probes();
+        let mut texts = vec!["我用Python写代码".to_string(), "xpython".to_string()];
+        texts.extend(probes.iter().map(|c| format!("x{c}y")));
+        for (i, text) in texts.iter().enumerate() {
+            sqlx::query(
+                "INSERT INTO messages (id, conversation_id, role, content, created_at)
+                 VALUES (?, 1, 'user', ?, ?)",
+            )
+            .bind(i as i64 + 1)
+            .bind(text)
+            .bind(i as i64 + 1)
+            .execute(&old)
+            .await
+            .unwrap();
         }
         old.close().await;
         let pool = crate::db::connect(&url).await.expect("migrate to the newest version");
         let hits = search_messages(&pool, "python", 10).await.unwrap();
         assert_eq!(hits.iter().map(|h| h.message_id).collect::<Vec<_>>(), [1]);
+        for (i, &c) in probes.iter().enumerate() {
+            let indexed = in_trigram_index(&pool, i as i64 + 3, c).await;
+            assert_eq!(indexed, unspaced_script(c), "U+{:04X} from before", c as u32);
+        }
     }
 
     #[test]
