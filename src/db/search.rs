@@ -64,14 +64,13 @@ pub async fn search_messages(
     // The indexed words that may also be glued to unspaced text are each looked for in
     // either index; the others together in the word index, as before.
     let glued = glued_words(&words);
-    let last = words.len().saturating_sub(1);
     let plain: Vec<String> = words
         .iter()
         .enumerate()
         .filter(|(i, _)| !glued.iter().any(|g| g.index == *i))
         .map(|(_, w)| w.clone())
         .collect();
-    let fts = fts_terms(&plain, glued.iter().all(|g| g.index != last));
+    let fts = fts_terms(&plain, !glued.iter().any(|g| g.prefix));
     // Snippets are made here from the rows returned, not by FTS5's `snippet()`, which was
     // computed for every match before the sort and costs the square of a message's
     // matches (5 s for 30 messages holding one word 5,000 times; now under 1 ms).
@@ -87,7 +86,7 @@ pub async fn search_messages(
             " AND (m.id IN (SELECT rowid FROM messages_fts WHERE messages_fts MATCH ?) \
              OR m.id IN (SELECT rowid FROM messages_trigram WHERE messages_trigram MATCH ?))",
         );
-        binds.push(fts_term(&words[g.index], g.index == last));
+        binds.push(fts_term(&words[g.index], g.prefix));
         binds.push(fts_term(&g.token, false));
     }
     for word in &literal {
@@ -131,7 +130,7 @@ pub async fn search_messages(
             !checked || {
                 let lowered = row.content.to_ascii_lowercase();
                 literal.iter().all(|word| substring_matches(&lowered, word).next().is_some())
-                    && glued.iter().all(|g| g.found(&row.content, &lowered, g.index == last))
+                    && glued.iter().all(|g| g.found(&row.content, &lowered))
             }
         }));
         if rows.len() as i64 >= limit || read < page {
@@ -140,7 +139,7 @@ pub async fn search_messages(
         offset += read;
     }
     rows.truncate(usize::try_from(limit).unwrap_or(0));
-    let glued_marks = glued.into_iter().map(|g| (g.token, g.index == last)).collect();
+    let glued_marks = glued.into_iter().map(|g| (g.token, g.prefix)).collect();
     let terms = Terms { glued: glued_marks, ..Terms::of(input, literal) };
     Ok(rows
         .into_iter()
@@ -192,10 +191,11 @@ fn fts_term(word: &str, prefix: bool) -> String {
 /// word index cannot see it (`我用Python写代码` is one token there, and the message is in
 /// the trigram index): one token of three ASCII letters or digits or more (the trigram
 /// index needs three characters), `index` its place among the indexed words, `token` in
-/// lower case.
+/// lower case, `prefix` when it is the last of them (a prefix, as the word index takes it).
 struct GluedWord {
     index: usize,
     token: String,
+    prefix: bool,
 }
 
 impl GluedWord {
@@ -205,11 +205,11 @@ impl GluedWord {
     /// edges may be letters of a script without spaces, and after it anything when it is
     /// the last word. The trigram index also returns rows where it is only part of a longer
     /// Latin word (`python` in `pythons`, `xpython`): those are not matches.
-    fn found(&self, content: &str, lowered: &str, prefix: bool) -> bool {
-        edge_matches(lowered, &self.token, prefix).next().is_some()
+    fn found(&self, content: &str, lowered: &str) -> bool {
+        edge_matches(lowered, &self.token, self.prefix).next().is_some()
             || tokens_of(content).any(|(_, token)| {
                 let folded = folded(token);
-                folded == self.token || (prefix && folded.starts_with(&self.token))
+                folded == self.token || (self.prefix && folded.starts_with(&self.token))
             })
     }
 }
@@ -224,7 +224,12 @@ fn glued_words(words: &[String]) -> Vec<GluedWord> {
             let (_, token) = tokens.next()?;
             let single = tokens.next().is_none();
             let ascii = token.len() >= 3 && token.bytes().all(|b| b.is_ascii_alphanumeric());
-            (single && ascii).then(|| GluedWord { index, token: token.to_ascii_lowercase() })
+            let prefix = index + 1 == words.len();
+            (single && ascii).then(|| GluedWord {
+                index,
+                token: token.to_ascii_lowercase(),
+                prefix,
+            })
         })
         .collect()
 }

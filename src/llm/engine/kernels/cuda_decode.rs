@@ -177,6 +177,13 @@ struct Product {
     cols: usize,
 }
 
+impl Product {
+    /// Runs on the first of its families, the registers-staged one, where it has any.
+    fn take_staged(&mut self) {
+        self.own = self.families.first().map(|f| f.kernels.clone());
+    }
+}
+
 /// A vector of f32 on the device (a norm's weights, a table), kept alive here.
 struct Vector {
     _tensor: Tensor,
@@ -474,7 +481,7 @@ impl DecodePlan {
             let mut taken = 0;
             for product in plan.products_mut() {
                 product.families = kernels.for_matrix(product.dtype, product.ptr, product.cols);
-                product.own = product.families.first().map(|f| f.kernels.clone());
+                product.take_staged();
                 taken += usize::from(product.own.is_some());
             }
             let verdict = match plan.check_own_products()? {
@@ -508,9 +515,7 @@ impl DecodePlan {
                             "timing our matrix kernel families failed ({e}); each matrix \
                              keeps its registers-staged kernels"
                         );
-                        for product in plan.products_mut() {
-                            product.own = product.families.first().map(|f| f.kernels.clone());
-                        }
+                        plan.products_mut().for_each(Product::take_staged);
                     }
                 }
                 Err(why) => {
