@@ -230,7 +230,7 @@ if [ "$only" = profile ]; then
   one_step=("$bin" --bench --device cuda --model "$model8b" --prompt-tokens 16 --gen-tokens 2 --runs 1)
   say "one decode step of the 8B shape under $ncu"
   "${ncu_run[@]}" \
-    --kernel-name regex:'mmvq_gguf|mv_q|rms_norm_q8|qk_rope_store|attn_|silu_mul_q8' --launch-count 2000 \
+    --kernel-name regex:'mmvq_gguf|mv_q|rms_norm_q8|attn_|silu_mul_q8' --launch-count 2000 \
     --metrics gpu__time_duration.sum,dram__bytes_read.sum --csv --page raw \
     "${one_step[@]}" \
     > "$out/ncu.csv" 2> "$out/ncu.err" || { tail -5 "$out/ncu.err"; exit 1; }
@@ -245,18 +245,18 @@ to_b = {"byte": 1, "Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9}[units[b]]
 data = [r for r in rows[2:] if len(r) == len(head)]
 names = [r[name].split("(")[0] for r in data]
 # One step: from its first norm to the output head. With fused-own the load's check of our
-# kernels against candle's (every matrix, then the norms) comes first and has no RoPE: the
-# step's first norm is the last one before the first RoPE kernel. The output head is the
-# product that follows a norm and precedes no product, RoPE or SwiGLU (q/k/v and gate/up
-# follow a norm too, then RoPE or SwiGLU; the others follow attention or SwiGLU). Grids
-# say nothing: our kernels' are capped at what fits on the GPU.
+# kernels against candle's (every matrix, then the norms) comes first and has no attention:
+# the step's first norm is the last one before the first attention kernel. The output head
+# is the product that follows a norm and precedes no product, attention or SwiGLU (q/k/v
+# and gate/up follow a norm too, then attention or SwiGLU; the others follow attention or
+# SwiGLU). Grids say nothing: our kernels' are capped at what fits on the GPU.
 is_product = lambda n: n.startswith(("mmvq_gguf_q", "mv_q")) and not n.startswith("mmvq_gguf_quantize")
-rope = next(i for i, n in enumerate(names) if n.startswith("qk_rope_store"))
-first = max(i for i, n in enumerate(names[:rope]) if n.startswith("rms_norm_q8"))
-last = next(i for i in range(rope, len(names)) if is_product(names[i])
+attn = next(i for i, n in enumerate(names) if n.startswith("attn_partial"))
+first = max(i for i, n in enumerate(names[:attn]) if n.startswith("rms_norm_q8"))
+last = next(i for i in range(attn, len(names)) if is_product(names[i])
             and names[i - 1].startswith("rms_norm_q8")
             and (i + 1 == len(names) or not (is_product(names[i + 1]) or names[i + 1]
-                                             .startswith(("qk_rope_store", "silu_mul_q8")))))
+                                             .startswith(("attn_partial", "silu_mul_q8")))))
 step = data[first:last + 1]
 agg = collections.defaultdict(lambda: [0, 0.0, 0.0])
 for r in step:

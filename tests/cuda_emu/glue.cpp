@@ -1,11 +1,11 @@
 // The decode step's glue kernels (`src/llm/engine/kernels/cuda_decode.cu`, compiled whole
 // with `include/cuda_fp16.h` standing in for CUDA's), run on the CPU under `shim.h`,
 // against references in double:
-// - `qk_rope_store`: queries normed (Qwen3's q/k norms), rotated (NeoX pairs and
-//   interleaved ones) and scaled; keys normed, rotated and stored in f16 at the row's
-//   position; values stored in f16; nothing else in the caches touched;
 // - `attn_partial_d{64,128,256}` + `attn_combine_q8`: causal attention of one token per row
-//   over its cache, split over positions as the step splits them (1 to 32 splits, several
+//   over its cache from the row's q/k/v projections: queries and keys normed (Qwen3's q/k
+//   norms, or none), rotated (NeoX pairs and interleaved ones), the queries scaled, the
+//   key and the value stored in f16 at the row's position and nothing else in the caches
+//   touched; split over positions as the step splits them (1 to 32 splits, several
 //   128-position chunks per split), for 1 to 8 query heads per KV head, joined and
 //   quantized (by `attn_partial` itself with one split, as the step launches it): each
 //   output within half a quantization step (plus float error) of the reference, in both
@@ -67,115 +67,38 @@ struct Q8Buffers {
 
 static float h(half v) { return __half2float(v); }
 
-// --- qk_rope_store ---------------------------------------------------------------------
-static bool rope_case(int d, int n_head, int n_kv, bool norms, bool neox) {
-  const int rows = 2, layers = 2, layer = 1, max_pos = 64, cap = 40;
-  const int positions[rows] = {0, 37};
-  const int width = (n_head + 2 * n_kv) * d;
-  std::vector<float> qkv(rows * width), q_norm(d), k_norm(d), q_out(MAX_ROWS * n_head * d, NAN);
-  for (float &v : qkv) v = symmetric(2.0);
-  for (int i = 0; i < d; ++i) {
+// --- attention ---------------------------------------------------------------------------
+// Row r's q/k/v projections at its position p = lens[r] - 1 over a cache whose positions
+// are all filled: the kernel must store the rotated key and the value at p (and touch no
+// other position), and attend over positions 0..=p with the rotated, scaled query.
+template <int D>
+static bool attention_case(int group, int len0, int len1, bool norms, bool neox) {
+  const int rows = 2, n_kv = 2, n_head = n_kv * group, layers = 2, layer = 1;
+  const int lens[rows] = {len0, len1};
+  const int max_len = std::max(len0, len1), cap = max_len + 3;
+  const int width = (n_head + 2 * n_kv) * D;
+  const float eps = 1e-6f, q_scale = (float)(1.0 / std::sqrt((double)D));
+  std::vector<float> qkv(rows * width), q_norm(D), k_norm(D);
+  for (float &v : qkv) v = symmetric(norms ? 2.0 : 1.0);
+  for (int i = 0; i < D; ++i) {
     q_norm[i] = (float)(0.5 + rng.uniform());
     k_norm[i] = (float)(0.5 + rng.uniform());
   }
-  std::vector<float> cos_t(max_pos * d / 2), sin_t(max_pos * d / 2);
-  for (int p = 0; p < max_pos; ++p)
-    for (int j = 0; j < d / 2; ++j) {
-      const double theta = p * std::pow(1e6, -2.0 * j / d);
-      cos_t[p * d / 2 + j] = (float)std::cos(theta);
-      sin_t[p * d / 2 + j] = (float)std::sin(theta);
+  std::vector<float> cos_t((size_t)max_len * D / 2), sin_t((size_t)max_len * D / 2);
+  for (int p = 0; p < max_len; ++p)
+    for (int j = 0; j < D / 2; ++j) {
+      const double theta = p * std::pow(1e6, -2.0 * j / D);
+      cos_t[(size_t)p * D / 2 + j] = (float)std::cos(theta);
+      sin_t[(size_t)p * D / 2 + j] = (float)std::sin(theta);
     }
-  // Caches (n_kv, cap, d) f16 per row, filled with a marker that must survive.
-  const half marker = __float2half(123.0f);
-  std::vector<std::vector<half>> keys(rows, std::vector<half>(n_kv * cap * d, marker));
-  std::vector<std::vector<half>> values(rows, std::vector<half>(n_kv * cap * d, marker));
-  std::vector<int> facts(2 * MAX_ROWS + 1, 0);
-  std::vector<unsigned long long> kv(layers * MAX_ROWS * 2, 0);
-  for (int r = 0; r < rows; ++r) {
-    facts[r] = positions[r];
-    facts[MAX_ROWS + r] = cap;
-    kv[(layer * MAX_ROWS + r) * 2] = (unsigned long long)keys[r].data();
-    kv[(layer * MAX_ROWS + r) * 2 + 1] = (unsigned long long)values[r].data();
-  }
-  const float eps = 1e-6f, q_scale = 0.125f;
-  emu::launch(Dim3{(unsigned)(n_head + 2 * n_kv), (unsigned)rows, 1}, 128, [&] {
-    qk_rope_store(qkv.data(), width, norms ? q_norm.data() : nullptr,
-                  norms ? k_norm.data() : nullptr, q_out.data(), facts.data(),
-                  facts.data() + MAX_ROWS, kv.data(), layer, n_head, n_kv, d, eps, q_scale,
-                  neox ? 1 : 0, cos_t.data(), sin_t.data());
-  });
-  bool ok = true;
-  double worst = 0.0;
-  for (int r = 0; r < rows; ++r) {
-    const int p = positions[r];
-    for (int hd = 0; hd < n_head + 2 * n_kv; ++hd) {
-      const float *src = qkv.data() + r * width + hd * d;
-      if (hd >= n_head + n_kv) {  // a value head: stored as it is
-        const half *v = values[r].data() + ((size_t)(hd - n_head - n_kv) * cap + p) * d;
-        for (int i = 0; i < d; ++i) ok &= v[i].bits == __float2half(src[i]).bits;
-        continue;
-      }
-      const bool is_q = hd < n_head;
-      std::vector<double> x(src, src + d);
-      if (norms) {
-        double ss = 0.0;
-        for (double v : x) ss += v * v;
-        const double scale = 1.0 / std::sqrt(ss / d + eps);
-        for (int i = 0; i < d; ++i) x[i] *= scale * (is_q ? q_norm[i] : k_norm[i]);
-      }
-      std::vector<double> y(d);
-      for (int j = 0; j < d / 2; ++j) {
-        const int i0 = neox ? j : 2 * j, i1 = neox ? j + d / 2 : 2 * j + 1;
-        const double c = cos_t[p * d / 2 + j], s = sin_t[p * d / 2 + j];
-        y[i0] = x[i0] * c - x[i1] * s;
-        y[i1] = x[i0] * s + x[i1] * c;
-      }
-      for (int i = 0; i < d; ++i) {
-        if (is_q) {
-          const double got = q_out[((size_t)r * n_head + hd) * d + i];
-          const double err = std::fabs(got - y[i] * q_scale);
-          worst = std::max(worst, err);
-          ok &= err <= 1e-5 * (1.0 + std::fabs(y[i]));
-        } else {
-          const half *k = keys[r].data() + ((size_t)(hd - n_head) * cap + p) * d;
-          const double err = std::fabs(h(k[i]) - y[i]);
-          worst = std::max(worst, err);
-          ok &= err <= std::fabs(y[i]) * 1e-3 + 1e-4;  // f16
-        }
-      }
-    }
-    // Nothing but position p of each head was written.
-    for (int kvh = 0; kvh < n_kv; ++kvh)
-      for (int pos = 0; pos < cap; ++pos) {
-        if (pos == p) continue;
-        for (int i = 0; i < d; ++i) {
-          ok &= keys[r][((size_t)kvh * cap + pos) * d + i].bits == marker.bits;
-          ok &= values[r][((size_t)kvh * cap + pos) * d + i].bits == marker.bits;
-        }
-      }
-  }
-  std::printf("%s qk_rope_store d=%d heads %d/%d%s%s: worst difference %.3g\n",
-              ok ? "ok  " : "FAIL", d, n_head, n_kv, norms ? ", q/k norms" : "",
-              neox ? ", NeoX pairs" : ", interleaved pairs", worst);
-  return ok;
-}
-
-// --- attention ---------------------------------------------------------------------------
-template <int D>
-static bool attention_case(int group, int len0, int len1) {
-  const int rows = 2, n_kv = 2, n_head = n_kv * group, layers = 1, layer = 0;
-  const int lens[rows] = {len0, len1};
-  const int cap = std::max(len0, len1) + 3;
-  std::vector<float> q(MAX_ROWS * n_head * D);
-  for (float &v : q) v = symmetric(0.3);
   std::vector<std::vector<half>> keys(rows), values(rows);
   for (int r = 0; r < rows; ++r) {
-    keys[r].resize(n_kv * cap * D);
-    values[r].resize(n_kv * cap * D);
+    keys[r].resize((size_t)n_kv * cap * D);
+    values[r].resize((size_t)n_kv * cap * D);
     for (half &v : keys[r]) v = __float2half(symmetric(1.0));
     for (half &v : values[r]) v = __float2half(symmetric(1.0));
   }
-  const int max_len = std::max(len0, len1);
+  const auto keys_before = keys, values_before = values;
   // As `DecodePlan::step` splits: powers of two, at least 128 positions a split.
   int n_split = std::min(std::max((max_len + 127) / 128, 1), 32);
   int pow2 = 1;
@@ -196,8 +119,10 @@ static bool attention_case(int group, int len0, int len1) {
   Q8Buffers out((size_t)rows * stride);
   emu::launch(Dim3{(unsigned)n_kv, (unsigned)n_split, (unsigned)rows}, 128, [&] {
     auto *kernel = D == 64 ? attn_partial_d64 : D == 128 ? attn_partial_d128 : attn_partial_d256;
-    kernel(q.data(), facts.data(), kv.data(), layer, n_head, n_kv, n_split, part_acc.data(),
-           part_ml.data(), out.q8.data(), out.x_qs(), out.ds.data(), stride);
+    kernel(qkv.data(), width, norms ? q_norm.data() : nullptr, norms ? k_norm.data() : nullptr,
+           cos_t.data(), sin_t.data(), eps, q_scale, neox ? 1 : 0, facts.data(), kv.data(), layer,
+           n_head, n_kv, n_split, part_acc.data(), part_ml.data(), out.q8.data(), out.x_qs(),
+           out.ds.data(), stride);
   });
   // One split: `attn_partial` quantized the output itself, as the step launches it.
   if (n_split > 1)
@@ -205,34 +130,78 @@ static bool attention_case(int group, int len0, int len1) {
       attn_combine_q8(part_acc.data(), part_ml.data(), n_split, n_head, D, out.q8.data(),
                       out.x_qs(), out.ds.data(), stride);
     });
+  // Head `hd` of row r normed (with `norm`) and rotated at position p, in double.
+  auto rotated = [&](int r, int hd, const float *norm, int p) {
+    const float *src = qkv.data() + (size_t)r * width + (size_t)hd * D;
+    std::vector<double> x(src, src + D), y(D);
+    if (norm) {
+      double ss = 0.0;
+      for (double v : x) ss += v * v;
+      const double scale = 1.0 / std::sqrt(ss / D + eps);
+      for (int i = 0; i < D; ++i) x[i] *= scale * norm[i];
+    }
+    for (int j = 0; j < D / 2; ++j) {
+      const int i0 = neox ? j : 2 * j, i1 = neox ? j + D / 2 : 2 * j + 1;
+      const double c = cos_t[(size_t)p * D / 2 + j], s = sin_t[(size_t)p * D / 2 + j];
+      y[i0] = x[i0] * c - x[i1] * s;
+      y[i1] = x[i0] * s + x[i1] * c;
+    }
+    return y;
+  };
+  bool ok = true;
+  double worst_key = 0.0;
   std::vector<double> want((size_t)rows * stride * 32, 0.0);
-  for (int r = 0; r < rows; ++r)
+  for (int r = 0; r < rows; ++r) {
+    const int p = lens[r] - 1;
+    // The key and value stored at p; every other position as it was.
+    for (int hk = 0; hk < n_kv; ++hk) {
+      const std::vector<double> k = rotated(r, n_head + hk, norms ? k_norm.data() : nullptr, p);
+      const float *v = qkv.data() + (size_t)r * width + (size_t)(n_head + n_kv + hk) * D;
+      for (int i = 0; i < D; ++i) {
+        const size_t at = ((size_t)hk * cap + p) * D + i;
+        const double err = std::fabs(h(keys[r][at]) - k[i]);
+        worst_key = std::max(worst_key, err);
+        ok &= err <= std::fabs(k[i]) * 1e-3 + 1e-4;  // f16
+        ok &= values[r][at].bits == __float2half(v[i]).bits;
+      }
+      for (int pos = 0; pos < cap; ++pos) {
+        if (pos == p) continue;
+        for (int i = 0; i < D; ++i) {
+          const size_t at = ((size_t)hk * cap + pos) * D + i;
+          ok &= keys[r][at].bits == keys_before[r][at].bits;
+          ok &= values[r][at].bits == values_before[r][at].bits;
+        }
+      }
+    }
+    // Attention over the cache as the kernel left it, with the reference query.
     for (int hq = 0; hq < n_head; ++hq) {
       const int hk = hq / group;
-      const float *qh = q.data() + ((size_t)r * n_head + hq) * D;
+      std::vector<double> qh = rotated(r, hq, norms ? q_norm.data() : nullptr, p);
+      for (double &v : qh) v *= q_scale;
       std::vector<double> scores(lens[r]);
       double mx = -INFINITY;
-      for (int p = 0; p < lens[r]; ++p) {
+      for (int pos = 0; pos < lens[r]; ++pos) {
         double s = 0.0;
-        for (int i = 0; i < D; ++i) s += qh[i] * (double)h(keys[r][((size_t)hk * cap + p) * D + i]);
-        scores[p] = s;
+        for (int i = 0; i < D; ++i) s += qh[i] * (double)h(keys[r][((size_t)hk * cap + pos) * D + i]);
+        scores[pos] = s;
         mx = std::max(mx, s);
       }
       double l = 0.0;
       for (double &s : scores) l += (s = std::exp(s - mx));
       for (int i = 0; i < D; ++i) {
         double o = 0.0;
-        for (int p = 0; p < lens[r]; ++p)
-          o += scores[p] * h(values[r][((size_t)hk * cap + p) * D + i]);
+        for (int pos = 0; pos < lens[r]; ++pos)
+          o += scores[pos] * h(values[r][((size_t)hk * cap + pos) * D + i]);
         want[(size_t)r * stride * 32 + hq * D + i] = o / l;
       }
     }
-  bool ok = true;
+  }
   const double worst = check_quantized(out.q8.data(), out.x_qs(), out.ds.data(), want.data(),
                                        (size_t)rows * stride, ok);
-  std::printf("%s attention d=%d, %d query heads per KV head, %d and %d positions, %d splits: "
-              "worst error %.3f quantization steps\n",
-              ok ? "ok  " : "FAIL", D, group, len0, len1, n_split, worst);
+  std::printf("%s attention d=%d, %d query heads per KV head%s%s, %d and %d positions, %d splits: "
+              "stored keys within %.2g, worst error %.3f quantization steps\n",
+              ok ? "ok  " : "FAIL", D, group, norms ? ", q/k norms" : "",
+              neox ? ", NeoX pairs" : ", interleaved pairs", len0, len1, n_split, worst_key, worst);
   return ok;
 }
 
@@ -300,23 +269,20 @@ int main() {
     ++cases;
     failures += !ok;
   };
-  count(rope_case(64, 4, 2, true, true));     // the tiny Qwen3
-  count(rope_case(128, 8, 2, true, true));    // Qwen3's head width
-  count(rope_case(64, 6, 2, false, false));   // the tiny Llama
-  count(rope_case(256, 2, 1, true, false));
   // One split (attn_partial quantizes its output itself) for 1 to 128 positions, or 129 to
   // 256 and more splits with attn_combine_q8; split lengths not a multiple of the value
-  // phase's batches, rows of different lengths (a split past a row's end).
-  count(attention_case<64>(8, 1, 17));
-  count(attention_case<64>(3, 128, 100));     // one split, a full chunk
-  count(attention_case<64>(2, 130, 300));     // several splits
-  count(attention_case<128>(4, 17, 1));       // Qwen3-8B's grouping, one split
-  count(attention_case<128>(4, 17, 1000));    // Qwen3-8B's grouping, 8 splits
-  count(attention_case<128>(5, 77, 128));     // one split, an odd group
-  count(attention_case<128>(1, 5000, 64));    // 32 splits of several chunks
-  count(attention_case<128>(8, 3000, 9000));  // 32 splits of several chunks, 8 heads a group
-  count(attention_case<256>(3, 129, 2));
-  count(attention_case<256>(6, 100, 45));     // one split
+  // phase's batches, rows of different lengths (a split past a row's end); with Qwen3's q/k
+  // norms or without (Llama), NeoX rotation pairs (Qwen3) or interleaved ones.
+  count(attention_case<64>(8, 1, 17, true, true));      // the tiny Qwen3's head width
+  count(attention_case<64>(3, 128, 100, false, false)); // one split, a full chunk; Llama
+  count(attention_case<64>(2, 130, 300, true, true));   // several splits
+  count(attention_case<128>(4, 17, 1, true, true));     // Qwen3-8B's grouping, one split
+  count(attention_case<128>(4, 17, 1000, true, true));  // Qwen3-8B's grouping, 8 splits
+  count(attention_case<128>(5, 77, 128, false, false)); // one split, an odd group
+  count(attention_case<128>(1, 5000, 64, true, false)); // 32 splits of several chunks
+  count(attention_case<128>(8, 3000, 9000, true, true));// 32 splits, 8 heads a group
+  count(attention_case<256>(3, 129, 2, true, false));
+  count(attention_case<256>(6, 100, 45, false, true));  // one split
   count(rms_case(128));
   count(rms_case(4096));
   count(silu_case(256));

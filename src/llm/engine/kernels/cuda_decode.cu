@@ -1,6 +1,6 @@
 // The glue of a decode step on an NVIDIA GPU (`cuda_decode.rs` launches these): every op of
 // a transformer layer between its matrix products, fused so that a step of one to eight
-// sequences at one token each is about a dozen kernels per layer instead of about thirty
+// sequences at one token each is about nine kernels per layer instead of about thirty
 // candle ops. The matrix products (candle's `mmvq`, or ours for Q4_K, Q6_K and Q8_0 in
 // `cuda_matvec.cuh`) read activations as 32-value Q8_1 blocks: the kernels here that feed a
 // product write those blocks directly, laid out and rounded exactly as candle's
@@ -53,56 +53,6 @@ extern "C" __global__ void rms_norm_q8(const float *x_in, const float *delta, fl
   }
 }
 
-// Per row and head: a query head is normed (Qwen3), rotated and scaled into q_out; a key
-// head is normed, rotated and stored in f16 at the row's position in its cache; a value
-// head is stored as it is. `qkv` rows hold all query heads, then the key heads, then the
-// value heads (`qkv_stride` floats apart). Grid: (n_head + 2 * n_kv, rows); block: 128
-// threads, one rotation pair each (head_dim <= 256).
-extern "C" __global__ void qk_rope_store(
-    const float *__restrict__ qkv, int qkv_stride, const float *__restrict__ q_norm,
-    const float *__restrict__ k_norm, float *__restrict__ q_out, const int *__restrict__ pos,
-    const int *__restrict__ cap, const unsigned long long *__restrict__ kv, int layer,
-    int n_head, int n_kv, int d, float eps, float q_scale, int neox,
-    const float *__restrict__ cos_t, const float *__restrict__ sin_t) {
-  __shared__ float red[33];
-  const int row = blockIdx.y, h = blockIdx.x, half_d = d / 2, j = threadIdx.x;
-  const int p = pos[row];
-  const size_t at = (size_t)p * d;
-  const unsigned long long *slot = kv + ((size_t)layer * MAX_ROWS + row) * 2;
-  const size_t cache_row = (size_t)cap[row] * d;
-  const float *src = qkv + (size_t)row * qkv_stride + (size_t)h * d;
-  if (h >= n_head + n_kv) {
-    half *v_cache = (half *)slot[1] + (size_t)(h - n_head - n_kv) * cache_row + at;
-    for (int i = j; i < d; i += blockDim.x) v_cache[i] = __float2half(src[i]);
-    return;
-  }
-  const bool is_q = h < n_head;
-  const float *norm = is_q ? q_norm : k_norm;
-  // The pair this thread rotates: (j, j + d/2) in NeoX style, (2j, 2j + 1) interleaved.
-  const bool active = j < half_d;
-  const int i0 = neox ? j : 2 * j, i1 = neox ? j + half_d : 2 * j + 1;
-  float a = active ? src[i0] : 0.0f, b = active ? src[i1] : 0.0f;
-  if (norm) {
-    const float scale = rsqrtf(block_sum(a * a + b * b, red) / (float)d + eps);
-    if (active) {
-      a = a * scale * norm[i0];
-      b = b * scale * norm[i1];
-    }
-  }
-  if (!active) return;
-  const float c = cos_t[(size_t)p * half_d + j], s = sin_t[(size_t)p * half_d + j];
-  const float r0 = a * c - b * s, r1 = a * s + b * c;
-  if (is_q) {
-    float *out = q_out + ((size_t)row * n_head + h) * d;
-    out[i0] = r0 * q_scale;
-    out[i1] = r1 * q_scale;
-  } else {
-    half *k_cache = (half *)slot[0] + (size_t)(h - n_head) * cache_row + at;
-    k_cache[i0] = __float2half(r0);
-    k_cache[i1] = __float2half(r1);
-  }
-}
-
 // Attention of one token per row over its cache, split over positions (flash-decoding):
 // block (kv head, split, row) takes positions [split * split_len, ...) of the row's
 // pos + 1, for all the query heads that share the KV head. With several splits it leaves
@@ -113,6 +63,14 @@ extern "C" __global__ void qk_rope_store(
 // read from `facts[2 * MAX_ROWS]`, so a captured graph serves every length with the same
 // number of splits.
 //
+// It starts from the row's q/k/v projections (`qkv`: all query heads, then the key heads,
+// then the value heads, `qkv_stride` floats apart), not from a kernel of their own that
+// would cost a launch per layer for a few microseconds of work (`rope_heads`): each block
+// norms (Qwen3), rotates and scales its group's query heads into shared memory, and the
+// block whose split holds the row's position also norms and rotates the key head and
+// stores it with the value head in f16 at that position of the row's cache, before any
+// thread reads the cache.
+//
 // Positions go in chunks of 128. Scores: each thread scores one position for every query
 // head of the group (its key row read once, KB 16-byte loads in flight at a time); the
 // chunk's softmax runs in shared memory, leaving each position's weights for all heads
@@ -122,10 +80,79 @@ extern "C" __global__ void qk_rope_store(
 // the chunk's positions p, p + PHASES, ... (VB loads in flight before their FMAs), and the
 // phases are added through shared memory at the end (the online-softmax rescale is linear,
 // so each phase's accumulator is rescaled on its own). The loads of a chunk's first keys
-// are issued before the barrier that opens it, overlapping the query's load (first chunk)
-// or the previous chunk's last FMAs. Block: 128 threads; head_dim D = 64, 128 or 256.
+// are issued before the barrier that opens it, overlapping the previous chunk's last FMAs.
+// Block: 128 threads; head_dim D = 64, 128 or 256.
+
+// The q/k/v projections of one row and what turns them into attention's inputs.
+struct Projections {
+  const float *qkv;  // the row's heads, `stride` floats per row
+  int stride;
+  const float *q_norm, *k_norm;  // Qwen3's, or null
+  const float *cos_t, *sin_t;    // (position, D / 2) tables
+  float eps, q_scale;
+  int neox;  // rotation pairs (j, j + D/2), else (2j, 2j + 1)
+};
+
+// The warp's lanes norm and rotate head `h` of the row (at position p, `D / 64` rotation
+// pairs a lane) and give each rotated value to `put(index, value)`. Every lane calls it.
+template <int D, class Put>
+static __device__ __forceinline__ void rope_head(const Projections &pr, int row, int h,
+                                                 const float *__restrict__ norm, int p,
+                                                 Put put) {
+  constexpr int PAIRS = D / 64;
+  const int lane = threadIdx.x & 31;
+  const float *src = pr.qkv + (size_t)row * pr.stride + (size_t)h * D;
+  float a[PAIRS], b[PAIRS];
+  float ss = 0.0f;
+#pragma unroll
+  for (int m = 0; m < PAIRS; ++m) {
+    const int j = lane + 32 * m, i0 = pr.neox ? j : 2 * j, i1 = pr.neox ? j + D / 2 : 2 * j + 1;
+    a[m] = src[i0];
+    b[m] = src[i1];
+    ss += a[m] * a[m] + b[m] * b[m];
+  }
+  const float scale = norm ? rsqrtf(warp_sum(ss) / (float)D + pr.eps) : 1.0f;
+#pragma unroll
+  for (int m = 0; m < PAIRS; ++m) {
+    const int j = lane + 32 * m, i0 = pr.neox ? j : 2 * j, i1 = pr.neox ? j + D / 2 : 2 * j + 1;
+    float x0 = a[m], x1 = b[m];
+    if (norm) {
+      x0 = x0 * scale * norm[i0];
+      x1 = x1 * scale * norm[i1];
+    }
+    const float c = pr.cos_t[(size_t)p * (D / 2) + j], s = pr.sin_t[(size_t)p * (D / 2) + j];
+    put(i0, x0 * c - x1 * s);
+    put(i1, x0 * s + x1 * c);
+  }
+}
+
+// Attention's inputs for block (kv head hk, this split, row) at the row's position p: the
+// group's query heads into `q_s`, and, when `store`, the key and value heads into the
+// row's caches (`keys`, `values`: this KV head's, at position 0). A warp per head.
 template <int D>
-static __device__ void attn_partial(const float *__restrict__ q, const int *__restrict__ facts,
+static __device__ void rope_heads(const Projections &pr, int row, int hk, int group, int n_head,
+                                  int n_kv, int p, bool store, float (*q_s)[D], half *keys,
+                                  half *values) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
+  const int heads = group + (store ? 2 : 0);
+  for (int k = warp; k < heads; k += n_warps) {
+    if (k < group) {
+      rope_head<D>(pr, row, hk * group + k, pr.q_norm, p,
+                   [&](int i, float v) { q_s[k][i] = v * pr.q_scale; });
+    } else if (k == group) {
+      half *key = keys + (size_t)p * D;
+      rope_head<D>(pr, row, n_head + hk, pr.k_norm, p,
+                   [&](int i, float v) { key[i] = __float2half(v); });
+    } else {
+      const float *src = pr.qkv + (size_t)row * pr.stride + (size_t)(n_head + n_kv + hk) * D;
+      half *value = values + (size_t)p * D;
+      for (int i = lane; i < D; i += 32) value[i] = __float2half(src[i]);
+    }
+  }
+}
+
+template <int D>
+static __device__ void attn_partial(const Projections &pr, const int *__restrict__ facts,
                                     const unsigned long long *__restrict__ kv, int layer,
                                     int n_head, int n_kv, int n_split,
                                     float *__restrict__ part_acc, float *__restrict__ part_ml,
@@ -148,15 +175,20 @@ static __device__ void attn_partial(const float *__restrict__ q, const int *__re
   const int start = split * split_len, end = min(len, start + split_len);
   const unsigned long long *slot = kv + ((size_t)layer * MAX_ROWS + row) * 2;
   const size_t head_off = (size_t)hk * cap * D;
-  const half *keys = (const half *)slot[0] + head_off;
-  const half *values = (const half *)slot[1] + head_off;
+  half *const keys = (half *)slot[0] + head_off;
+  half *const values = (half *)slot[1] + head_off;
 
-  for (int idx = t; idx < group * D; idx += CHUNK)
-    q_s[idx / D][idx % D] = q[((size_t)row * n_head + hk * group) * D + idx];
+  // The row's newest position is this split's (a condition the whole block shares).
+  const bool store = start <= len - 1 && len - 1 < start + split_len;
+  rope_heads<D>(pr, row, hk, group, n_head, n_kv, len - 1, store, q_s, keys, values);
   if (t < MAX_GROUP) {
     s_m[t] = -INFINITY;
     s_l[t] = 0.0f;
   }
+  // The key and value just stored are read by other threads of the block (global writes
+  // are visible within the block after a barrier); the query reaches them through the
+  // barrier that opens the first chunk.
+  if (store) __syncthreads();
   float acc[MAX_GROUP][VEC];
 #pragma unroll
   for (int g = 0; g < MAX_GROUP; ++g)
@@ -296,11 +328,14 @@ static __device__ void attn_partial(const float *__restrict__ q, const int *__re
 
 #define ATTN_PARTIAL(D)                                                                      \
   extern "C" __global__ void __launch_bounds__(128) attn_partial_d##D(                       \
-      const float *q, const int *facts, const unsigned long long *kv, int layer, int n_head,   \
-      int n_kv, int n_split, float *part_acc, float *part_ml, block_q8_1 *q8, int8_t *x_qs,   \
+      const float *qkv, int qkv_stride, const float *q_norm, const float *k_norm,             \
+      const float *cos_t, const float *sin_t, float eps, float q_scale, int neox,             \
+      const int *facts, const unsigned long long *kv, int layer, int n_head, int n_kv,         \
+      int n_split, float *part_acc, float *part_ml, block_q8_1 *q8, int8_t *x_qs,             \
       float2 *x_ds, int q8_stride) {                                                         \
     pdl_launch_dependents(); /* the output projection may start (`pdl_wait`) */              \
-    attn_partial<D>(q, facts, kv, layer, n_head, n_kv, n_split, part_acc, part_ml,           \
+    const Projections pr{qkv, qkv_stride, q_norm, k_norm, cos_t, sin_t, eps, q_scale, neox}; \
+    attn_partial<D>(pr, facts, kv, layer, n_head, n_kv, n_split, part_acc, part_ml,          \
                     Q8Rows{q8, x_qs, x_ds}, q8_stride);                                      \
   }
 ATTN_PARTIAL(64)

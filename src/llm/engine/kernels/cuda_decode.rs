@@ -1,15 +1,16 @@
-//! A decode step on an NVIDIA GPU in about ten kernel launches per layer: matrix
+//! A decode step on an NVIDIA GPU in about nine kernel launches per layer: matrix
 //! products on 8-bit activations (candle's `mmvq` kernels, called through
 //! `candle_kernels::ffi` on the model's stream, or with `StepKernels::Own` our own for Q4_K,
 //! Q6_K and Q8_0, `cuda_matvec.cuh`) with preallocated buffers, and our own fused glue kernels
 //! (residual add + RMSNorm + Q8_1 quantization, in one pass with `StepKernels::Own`,
-//! `cuda_norm.cuh`; q/k norm + RoPE + KV store; split-position attention with a joining
-//! kernel that quantizes for the output projection, one kernel that does it all when a
-//! single split covers the context; SwiGLU + quantization).
+//! `cuda_norm.cuh`; split-position attention that starts from the q/k/v projections (q/k
+//! norm, RoPE and the KV store in its first lines) with a joining kernel that quantizes
+//! for the output projection, one kernel that does it all when a single split covers the
+//! context; SwiGLU + quantization).
 //!
 //! Why: through candle's ops a decode step of the Qwen3-8B shape is about 1,200 small ops,
 //! each a host-side allocation and launch of 5–10 µs, so the GPU idled most of the step
-//! (10–15 % of its memory roofline on an H200). Here a step is about 350 launches with no
+//! (10–15 % of its memory roofline on an H200). Here a step is about 310 launches with no
 //! allocation, and they are captured once into a CUDA graph per (rows, splits) shape and
 //! replayed: every kernel argument that changes from step to step (positions, lengths,
 //! cache addresses) is read from device memory that the step writes first, so one graph
@@ -203,7 +204,6 @@ struct Layer {
 
 struct Kernels {
     rms_norm_q8: CudaFunction,
-    qk_rope_store: CudaFunction,
     attn_partial: CudaFunction,
     attn_combine_q8: CudaFunction,
     silu_mul_q8: CudaFunction,
@@ -282,7 +282,6 @@ struct Buffers {
     x_qs: CudaSlice<u8>,
     x_ds: CudaSlice<f32>,
     qkv: CudaSlice<f32>,
-    q: CudaSlice<f32>,
     part_acc: CudaSlice<f32>,
     part_ml: CudaSlice<f32>,
     gu: CudaSlice<f32>,
@@ -365,7 +364,6 @@ impl DecodePlan {
         };
         let kernels = Kernels {
             rms_norm_q8: load("rms_norm_q8")?,
-            qk_rope_store: load("qk_rope_store")?,
             attn_partial: load(&format!("attn_partial_d{d}"))?,
             attn_combine_q8: load("attn_combine_q8")?,
             silu_mul_q8: load("silu_mul_q8")?,
@@ -452,7 +450,6 @@ impl DecodePlan {
             x_qs: cuda.alloc_zeros::<u8>(rows * q8_stride(widest) * 32)?,
             x_ds: alloc(rows * q8_stride(widest) * 2 * 2)?,
             qkv: alloc(rows * (q_width + 2 * kv_width))?,
-            q: alloc(rows * q_width)?,
             part_acc: alloc(rows * dims.n_head * MAX_SPLIT * d)?,
             part_ml: alloc(rows * dims.n_head * MAX_SPLIT * 2)?,
             gu: alloc(rows * 2 * n_ff)?,
@@ -812,7 +809,6 @@ impl DecodePlan {
             + b.x.len()
             + b.delta.len()
             + b.qkv.len()
-            + b.q.len()
             + b.part_acc.len()
             + b.part_ml.len()
             + b.gu.len()
@@ -952,8 +948,7 @@ impl DecodePlan {
             self.rms_norm_q8(norm, src, delta, p.x, layer.attn_norm.ptr, n, e)?;
             (src, delta) = (p.x, p.delta);
             self.products(&layer.qkv, q8_e, p.qkv, qkv_width, n)?;
-            self.qk_rope_store(layer, l, n)?;
-            self.attention(l, n, n_split)?;
+            self.attention(layer, l, n, n_split)?;
             self.product(&layer.attn_output, q8_stride(q_width), p.delta, e, n, 0)?;
             self.rms_norm_q8(norm, p.x, p.delta, p.x, layer.ffn_norm.ptr, n, e)?;
             self.products(&layer.gate_up, q8_e, p.gu, 2 * dims.n_ff, n)?;
@@ -1108,40 +1103,25 @@ impl DecodePlan {
         Ok(())
     }
 
-    fn qk_rope_store(&self, layer: &Layer, l: usize, n: usize) -> Result<()> {
-        let p = self.ptrs;
-        let dims = self.dims;
-        let d = dims.head_dim;
-        let qkv_stride = ((dims.n_head + 2 * dims.n_kv) * d) as i32;
-        let q_norm = layer.q_norm.as_ref().map_or(0, |v| v.ptr);
-        let k_norm = layer.k_norm.as_ref().map_or(0, |v| v.ptr);
-        let (l_i, n_head, n_kv, d_i) = (l as i32, dims.n_head as i32, dims.n_kv as i32, d as i32);
-        let (eps, q_scale, neox) = (dims.eps, dims.q_scale, dims.neox as i32);
-        let cap = p.rows + (MAX_ROWS * 4) as u64;
-        let (cos, sin) = (self.cos.ptr, self.sin.ptr);
-        let mut launch = self.stream.launch_builder(&self.kernels.qk_rope_store);
-        launch.arg(&p.qkv).arg(&qkv_stride).arg(&q_norm).arg(&k_norm).arg(&p.q);
-        launch.arg(&p.rows).arg(&cap).arg(&p.kv).arg(&l_i);
-        launch.arg(&n_head).arg(&n_kv).arg(&d_i).arg(&eps).arg(&q_scale).arg(&neox);
-        launch.arg(&cos).arg(&sin);
-        let grid = ((dims.n_head + 2 * dims.n_kv) as u32, n as u32, 1);
-        let cfg = LaunchConfig { grid_dim: grid, block_dim: (128, 1, 1), shared_mem_bytes: 0 };
-        // SAFETY: `qkv` holds `n` rows of all heads; `q` MAX_ROWS rows of the query heads;
-        // each row's position is below its caches' capacity and below the tables' positions
-        // (checked in `step`), and its cache addresses point at `(n_kv, cap, d)` f16 tensors
-        // of this device that the caller keeps alive for the step; the norms hold `d` floats.
-        launched(unsafe { launch.launch(cfg) })
-    }
-
-    fn attention(&self, l: usize, n: usize, n_split: usize) -> Result<()> {
+    /// Attention of layer `l` for `n` rows, from the q/k/v projections in `qkv`: the
+    /// kernel norms and rotates the queries and keys and stores the keys and values at each
+    /// row's position before it reads the caches.
+    fn attention(&self, layer: &Layer, l: usize, n: usize, n_split: usize) -> Result<()> {
         let p = self.ptrs;
         let dims = self.dims;
         let (l_i, n_head, n_kv, n_split_i) =
             (l as i32, dims.n_head as i32, dims.n_kv as i32, n_split as i32);
         let d_i = dims.head_dim as i32;
+        let qkv_stride = ((dims.n_head + 2 * dims.n_kv) * dims.head_dim) as i32;
+        let q_norm = layer.q_norm.as_ref().map_or(0, |v| v.ptr);
+        let k_norm = layer.k_norm.as_ref().map_or(0, |v| v.ptr);
+        let (eps, q_scale, neox) = (dims.eps, dims.q_scale, dims.neox as i32);
+        let (cos, sin) = (self.cos.ptr, self.sin.ptr);
         let stride = q8_stride(dims.n_head * dims.head_dim) as i32;
         let mut launch = self.stream.launch_builder(&self.kernels.attn_partial);
-        launch.arg(&p.q).arg(&p.rows).arg(&p.kv).arg(&l_i).arg(&n_head).arg(&n_kv);
+        launch.arg(&p.qkv).arg(&qkv_stride).arg(&q_norm).arg(&k_norm).arg(&cos).arg(&sin);
+        launch.arg(&eps).arg(&q_scale).arg(&neox);
+        launch.arg(&p.rows).arg(&p.kv).arg(&l_i).arg(&n_head).arg(&n_kv);
         launch.arg(&n_split_i).arg(&p.part_acc).arg(&p.part_ml);
         launch.arg(&p.q8).arg(&p.x_qs).arg(&p.x_ds).arg(&stride);
         let cfg = LaunchConfig {
@@ -1149,11 +1129,15 @@ impl DecodePlan {
             block_dim: (128, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: as for `qk_rope_store` (positions and caches checked in `step`); each row
-        // reads positions below its position + 1; `part_*` hold MAX_ROWS x n_head x
-        // MAX_SPLIT slots and n_split <= MAX_SPLIT; the positions per split times n_split
-        // cover the longest row (written in `step`); with one split it writes, instead of
-        // `part_*`, `n` rows of the query width's Q8_1 blocks, within `q8`, `x_qs` and `x_ds`.
+        // SAFETY: `qkv` holds `n` rows of all heads; each row's position is below its
+        // caches' capacity and below the rotation tables' positions (checked in `step`),
+        // and its cache addresses point at `(n_kv, cap, d)` f16 tensors of this device that
+        // the caller keeps alive for the step (the kernel writes the row's position of each
+        // KV head and reads the positions up to it); the norms hold `d` floats; `part_*`
+        // hold MAX_ROWS x n_head x MAX_SPLIT slots and n_split <= MAX_SPLIT; the positions
+        // per split times n_split cover the longest row (written in `step`); with one split
+        // it writes, instead of `part_*`, `n` rows of the query width's Q8_1 blocks, within
+        // `q8`, `x_qs` and `x_ds`.
         launched(unsafe { launch.launch(cfg) })?;
         if n_split == 1 {
             return Ok(()); // `attn_partial` finished the softmax and quantized the output
@@ -1270,7 +1254,6 @@ struct Pointers {
     x_qs: u64,
     x_ds: u64,
     qkv: u64,
-    q: u64,
     part_acc: u64,
     part_ml: u64,
     gu: u64,
@@ -1289,7 +1272,6 @@ impl Pointers {
             x_qs: b.x_qs.device_ptr(s).0,
             x_ds: b.x_ds.device_ptr(s).0,
             qkv: b.qkv.device_ptr(s).0,
-            q: b.q.device_ptr(s).0,
             part_acc: b.part_acc.device_ptr(s).0,
             part_ml: b.part_ml.device_ptr(s).0,
             gu: b.gu.device_ptr(s).0,
