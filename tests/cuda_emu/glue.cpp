@@ -1,15 +1,15 @@
 // The decode step's glue kernels (`src/llm/engine/kernels/cuda_decode.cu`, compiled whole
 // with `include/cuda_fp16.h` standing in for CUDA's), run on the CPU under `shim.h`,
 // against references in double:
-// - `attn_partial_d{64,128,256}` + `attn_combine_q8`: causal attention of one token per row
-//   over its cache from the row's q/k/v projections: queries and keys normed (Qwen3's q/k
-//   norms, or none), rotated (NeoX pairs and interleaved ones), the queries scaled, the
-//   key and the value stored in f16 at the row's position and nothing else in the caches
-//   touched; split over positions as the step splits them (1 to 32 splits, several
-//   128-position chunks per split), for 1 to 8 query heads per KV head, joined and
-//   quantized (by `attn_partial` itself with one split, as the step launches it): each
-//   output within half a quantization step (plus float error) of the reference, in both
-//   layouts;
+// - `attn_partial_d{64,128,256}`: causal attention of one token per row over its cache
+//   from the row's q/k/v projections: queries and keys normed (Qwen3's q/k norms, or none),
+//   rotated (NeoX pairs and interleaved ones), the queries scaled, the key and the value
+//   stored in f16 at the row's position and nothing else in the caches touched; split over
+//   positions as the step splits them (1 to 32 splits, from under a 128-position chunk to
+//   several chunks per split), for 1 to 8 query heads per KV head, the splits joined by
+//   whichever block ends last (the shim runs blocks in a shuffled order) and quantized:
+//   each output within half a quantization step (plus float error) of the reference, in
+//   both layouts, and the join's counts back at 0;
 // - `rms_norm_q8`: residual add, RMSNorm and quantization, the padding zero;
 // - `silu_mul_q8`: SwiGLU, quantized, the padding zero.
 // Exit code 0 when everything agrees. Built and run by `tests/cuda_emulated.rs`.
@@ -72,7 +72,7 @@ static float h(half v) { return __half2float(v); }
 // are all filled: the kernel must store the rotated key and the value at p (and touch no
 // other position), and attend over positions 0..=p with the rotated, scaled query.
 template <int D>
-static bool attention_case(int group, int len0, int len1, bool norms, bool neox) {
+static bool attention_case(int group, int len0, int len1, bool norms, bool neox, int n_split) {
   const int rows = 2, n_kv = 2, n_head = n_kv * group, layers = 2, layer = 1;
   const int lens[rows] = {len0, len1};
   const int max_len = std::max(len0, len1), cap = max_len + 3;
@@ -99,11 +99,6 @@ static bool attention_case(int group, int len0, int len1, bool norms, bool neox)
     for (half &v : values[r]) v = __float2half(symmetric(1.0));
   }
   const auto keys_before = keys, values_before = values;
-  // As `DecodePlan::step` splits: powers of two, at least 128 positions a split.
-  int n_split = std::min(std::max((max_len + 127) / 128, 1), 32);
-  int pow2 = 1;
-  while (pow2 < n_split) pow2 *= 2;
-  n_split = pow2;
   std::vector<int> facts(2 * MAX_ROWS + 1, 0);
   std::vector<unsigned long long> kv(layers * MAX_ROWS * 2, 0);
   for (int r = 0; r < rows; ++r) {
@@ -115,21 +110,19 @@ static bool attention_case(int group, int len0, int len1, bool norms, bool neox)
   facts[2 * MAX_ROWS] = (max_len + n_split - 1) / n_split;
   std::vector<float> part_acc((size_t)MAX_ROWS * n_head * MAX_SPLIT_ * D);
   std::vector<float> part_ml((size_t)MAX_ROWS * n_head * MAX_SPLIT_ * 2);
+  std::vector<unsigned> counts(MAX_ROWS * n_kv, 0);
   const int stride = q8_stride(n_head * D);
   Q8Buffers out((size_t)rows * stride);
   emu::launch(Dim3{(unsigned)n_kv, (unsigned)n_split, (unsigned)rows}, 128, [&] {
     auto *kernel = D == 64 ? attn_partial_d64 : D == 128 ? attn_partial_d128 : attn_partial_d256;
     kernel(qkv.data(), width, norms ? q_norm.data() : nullptr, norms ? k_norm.data() : nullptr,
            cos_t.data(), sin_t.data(), eps, q_scale, neox ? 1 : 0, facts.data(), kv.data(), layer,
-           n_head, n_kv, n_split, part_acc.data(), part_ml.data(), out.q8.data(), out.x_qs(),
-           out.ds.data(), stride);
+           n_head, n_kv, n_split, part_acc.data(), part_ml.data(), counts.data(), out.q8.data(),
+           out.x_qs(), out.ds.data(), stride);
   });
-  // One split: `attn_partial` quantized the output itself, as the step launches it.
-  if (n_split > 1)
-    emu::launch(Dim3{(unsigned)n_head, (unsigned)rows, 1}, D, [&] {
-      attn_combine_q8(part_acc.data(), part_ml.data(), n_split, n_head, D, out.q8.data(),
-                      out.x_qs(), out.ds.data(), stride);
-    });
+  bool ok = true;
+  // The join's counts are back at 0 for the next launch.
+  for (unsigned c : counts) ok &= c == 0;
   // Head `hd` of row r normed (with `norm`) and rotated at position p, in double.
   auto rotated = [&](int r, int hd, const float *norm, int p) {
     const float *src = qkv.data() + (size_t)r * width + (size_t)hd * D;
@@ -148,7 +141,6 @@ static bool attention_case(int group, int len0, int len1, bool norms, bool neox)
     }
     return y;
   };
-  bool ok = true;
   double worst_key = 0.0;
   std::vector<double> want((size_t)rows * stride * 32, 0.0);
   for (int r = 0; r < rows; ++r) {
@@ -198,10 +190,11 @@ static bool attention_case(int group, int len0, int len1, bool norms, bool neox)
   }
   const double worst = check_quantized(out.q8.data(), out.x_qs(), out.ds.data(), want.data(),
                                        (size_t)rows * stride, ok);
-  std::printf("%s attention d=%d, %d query heads per KV head%s%s, %d and %d positions, %d splits: "
-              "stored keys within %.2g, worst error %.3f quantization steps\n",
+  std::printf("%s attention d=%d, %d query heads per KV head%s%s, %d and %d positions, %d splits "
+              "of %d: stored keys within %.2g, worst error %.3f quantization steps\n",
               ok ? "ok  " : "FAIL", D, group, norms ? ", q/k norms" : "",
-              neox ? ", NeoX pairs" : ", interleaved pairs", len0, len1, n_split, worst_key, worst);
+              neox ? ", NeoX pairs" : ", interleaved pairs", len0, len1, n_split,
+              facts[2 * MAX_ROWS], worst_key, worst);
   return ok;
 }
 
@@ -269,20 +262,23 @@ int main() {
     ++cases;
     failures += !ok;
   };
-  // One split (attn_partial quantizes its output itself) for 1 to 128 positions, or 129 to
-  // 256 and more splits with attn_combine_q8; split lengths not a multiple of the value
-  // phase's batches, rows of different lengths (a split past a row's end); with Qwen3's q/k
-  // norms or without (Llama), NeoX rotation pairs (Qwen3) or interleaved ones.
-  count(attention_case<64>(8, 1, 17, true, true));      // the tiny Qwen3's head width
-  count(attention_case<64>(3, 128, 100, false, false)); // one split, a full chunk; Llama
-  count(attention_case<64>(2, 130, 300, true, true));   // several splits
-  count(attention_case<128>(4, 17, 1, true, true));     // Qwen3-8B's grouping, one split
-  count(attention_case<128>(4, 17, 1000, true, true));  // Qwen3-8B's grouping, 8 splits
-  count(attention_case<128>(5, 77, 128, false, false)); // one split, an odd group
-  count(attention_case<128>(1, 5000, 64, true, false)); // 32 splits of several chunks
-  count(attention_case<128>(8, 3000, 9000, true, true));// 32 splits, 8 heads a group
-  count(attention_case<256>(3, 129, 2, true, false));
-  count(attention_case<256>(6, 100, 45, false, true));  // one split
+  // One split (a block finishes its heads itself) or several (the last block of each KV
+  // head and row joins them), as `DecodePlan::step` splits: a power of two, splits shorter
+  // than a 128-position chunk or of several chunks, not a multiple of the value phase's
+  // batches, splits past a row's end (rows of different lengths), up to 32; with Qwen3's
+  // q/k norms or without (Llama), NeoX rotation pairs (Qwen3) or interleaved ones.
+  count(attention_case<64>(8, 1, 17, true, true, 1));       // the tiny Qwen3's head width
+  count(attention_case<64>(3, 128, 100, false, false, 1));  // a full chunk; Llama
+  count(attention_case<64>(2, 130, 300, true, true, 4));    // splits of 75
+  count(attention_case<64>(4, 1, 33, true, true, 2));       // a row in one split of two
+  count(attention_case<128>(4, 17, 1, true, true, 1));      // Qwen3-8B's grouping
+  count(attention_case<128>(4, 17, 1000, true, true, 32));  // splits of 32
+  count(attention_case<128>(4, 700, 1000, true, true, 8));  // splits of one chunk
+  count(attention_case<128>(5, 77, 128, false, false, 4));  // an odd group, splits of 32
+  count(attention_case<128>(1, 5000, 64, true, false, 32)); // splits of several chunks
+  count(attention_case<128>(8, 3000, 9000, true, true, 32));// 32 splits, 8 heads a group
+  count(attention_case<256>(3, 129, 2, true, false, 2));
+  count(attention_case<256>(6, 100, 45, false, true, 1));
   count(rms_case(128));
   count(rms_case(4096));
   count(silu_case(256));

@@ -1,7 +1,8 @@
 // A CPU stand-in for the parts of CUDA that our matrix kernels (`cuda_matvec.cuh`) and
 // `cuda_common.cuh` use, so that their source runs on a machine without a GPU
 // (`tests/cuda_emulated.rs`). Each CUDA thread is an OS thread; a block's threads run
-// together and blocks one after another (so `__shared__` memory can be a `static`);
+// together and blocks one after another, in a different shuffled order each launch (so
+// `__shared__` memory can be a `static`, and no kernel may count on an order of blocks);
 // `__syncwarp` and the warp shuffles are barriers of the warp's 32 threads, as on a GPU
 // since Volta, where a warp's threads may run apart between them; `__syncthreads` is a
 // barrier of the block's.
@@ -138,6 +139,20 @@ inline T __ldcs(const T *p) {
     std::abort();
   }
   return *p;
+}
+
+// A load from L2 (past a possibly stale L1) on a GPU: another block's writes. Here, blocks
+// run one after another, so any load sees them.
+template <typename T>
+inline T __ldcg(const T *p) {
+  return __ldcs(p);
+}
+
+// Blocks run one after another and a block's threads at once: a fence of the C++ memory
+// model and an atomic add are what a GPU's give the kernels here.
+inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+inline unsigned atomicAdd(unsigned *p, unsigned v) {
+  return std::atomic_ref<unsigned>(*p).fetch_add(v, std::memory_order_seq_cst);
 }
 
 namespace emu {
@@ -296,14 +311,33 @@ class Pool {
 };
 inline Pool pool;
 
-// Run `kernel` over a grid of `grid` blocks (x fastest) of `block` threads (a multiple of
-// 32): one OS thread per CUDA thread of a block, each going through the blocks in order,
-// all of a block's threads done before any starts the next (its `__shared__` memory is the
-// next one's too).
+// The order the blocks of a launch run in: a GPU promises none, so each launch takes a
+// different pseudo-random one (a fixed sequence, so that a failure repeats), and a kernel
+// that counts on an order (which block of several ends last, say) meets others.
+inline uint64_t order_seed = 0x9e3779b97f4a7c15ull;
+inline std::vector<Dim3> block_order(Dim3 grid) {
+  std::vector<Dim3> order;
+  for (unsigned z = 0; z < grid.z; ++z)
+    for (unsigned y = 0; y < grid.y; ++y)
+      for (unsigned x = 0; x < grid.x; ++x) order.push_back({x, y, z});
+  for (size_t i = order.size(); i > 1; --i) {  // Fisher-Yates on splitmix64
+    uint64_t z = (order_seed += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    std::swap(order[i - 1], order[(z ^ (z >> 31)) % i]);
+  }
+  return order;
+}
+
+// Run `kernel` over a grid of `grid` blocks of `block` threads (a multiple of 32): one OS
+// thread per CUDA thread of a block, each going through the blocks in `block_order`, all
+// of a block's threads done before any starts the next (its `__shared__` memory is the next
+// one's too).
 template <typename K>
 void launch(Dim3 grid, unsigned block, K kernel) {
   blockDim = {block, 1, 1};
   gridDim = grid;
+  const std::vector<Dim3> order = block_order(grid);
   std::vector<std::unique_ptr<Warp>> warps;
   for (unsigned w = 0; w < block / 32; ++w) warps.push_back(std::make_unique<Warp>());
   Barrier block_done((std::ptrdiff_t)block), sync((std::ptrdiff_t)block);
@@ -311,19 +345,17 @@ void launch(Dim3 grid, unsigned block, K kernel) {
     threadIdx = {t, 0, 0};
     warp = warps[t / 32].get();
     block_barrier = &sync;
-    for (unsigned z = 0; z < grid.z; ++z)
-      for (unsigned y = 0; y < grid.y; ++y)
-        for (unsigned x = 0; x < grid.x; ++x) {
-          blockIdx = {x, y, z};
-          kernel();
-          // Copies still in flight when a thread ends: on a GPU they would land in the
-          // next block's shared memory, or never be waited for.
-          if (!async_copies.open.empty() || !async_copies.groups.empty()) {
-            std::fprintf(stderr, "a kernel ended with cp.async copies in flight\n");
-            std::abort();
-          }
-          block_done.arrive_and_wait();
-        }
+    for (const Dim3 &b : order) {
+      blockIdx = b;
+      kernel();
+      // Copies still in flight when a thread ends: on a GPU they would land in the next
+      // block's shared memory, or never be waited for.
+      if (!async_copies.open.empty() || !async_copies.groups.empty()) {
+        std::fprintf(stderr, "a kernel ended with cp.async copies in flight\n");
+        std::abort();
+      }
+      block_done.arrive_and_wait();
+    }
   });
   std::lock_guard<std::mutex> lock(pdl_mutex);
   pdl_release = nullptr;

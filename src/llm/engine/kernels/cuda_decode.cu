@@ -55,13 +55,14 @@ extern "C" __global__ void rms_norm_q8(const float *x_in, const float *delta, fl
 
 // Attention of one token per row over its cache, split over positions (flash-decoding):
 // block (kv head, split, row) takes positions [split * split_len, ...) of the row's
-// pos + 1, for all the query heads that share the KV head. With several splits it leaves
-// for each head its max score, its sum of exponentials and its unnormalised sum of values
-// in `part_*` (`attn_combine_q8` joins the splits); with one split (`n_split == 1`, short
-// contexts) it finishes the softmax itself and quantizes the heads' outputs into Q8_1
-// blocks in both layouts, as `attn_combine_q8` would (no second launch). `split_len` is
-// read from `facts[2 * MAX_ROWS]`, so a captured graph serves every length with the same
-// number of splits.
+// pos + 1, for all the query heads that share the KV head, and the row's heads' outputs
+// are quantized into Q8_1 blocks in both layouts for the output projection. With one split
+// (`n_split == 1`, short contexts) the block finishes the softmax itself. With several, each
+// leaves for each head its max score, its sum of exponentials and its unnormalised sum of
+// values in `part_*`, and the last block of the (kv head, row) to finish, counted in
+// `counts`, joins them: no second launch either way. `split_len` is read from
+// `facts[2 * MAX_ROWS]`, so a captured graph serves every length with the same number of
+// splits.
 //
 // It starts from the row's q/k/v projections (`qkv`: all query heads, then the key heads,
 // then the value heads, `qkv_stride` floats apart), not from a kernel of their own that
@@ -156,7 +157,7 @@ static __device__ void attn_partial(const Projections &pr, const int *__restrict
                                     const unsigned long long *__restrict__ kv, int layer,
                                     int n_head, int n_kv, int n_split,
                                     float *__restrict__ part_acc, float *__restrict__ part_ml,
-                                    Q8Rows out, int q8_stride) {
+                                    unsigned *__restrict__ counts, Q8Rows out, int q8_stride) {
   constexpr int CHUNK = 128;
   constexpr int KB = D / 8 < 8 ? D / 8 : 8;  // a key row is D / 8 uint4 loads
   constexpr int VEC = 4, LANES = D / VEC, PHASES = CHUNK / LANES;  // PHASES: 8, 4 or 2
@@ -298,32 +299,91 @@ static __device__ void attn_partial(const Projections &pr, const int *__restrict
       }
     }
   }
-  // The phases' sums, added (and, with one split, normalised and quantized) with each
-  // warp holding 32 consecutive values of one head.
+  // The phases' sums, added with each warp holding 32 consecutive values of one head.
 #pragma unroll
   for (int g = 0; g < MAX_GROUP; ++g) {
     if (g >= group) break;
     *(float4 *)&o_s[phase][g][vi] = make_float4(acc[g][0], acc[g][1], acc[g][2], acc[g][3]);
   }
   __syncthreads();
-  const size_t first = ((size_t)row * n_head + hk * group) * n_split + split;
-  // group * D is a multiple of 32: a warp's lanes run this loop together.
+  const size_t block0 = (size_t)row * q8_stride + (size_t)hk * group * D / 32;
+  if (n_split == 1) {
+    // group * D is a multiple of 32: a warp's lanes run this loop together.
+    for (int idx = t; idx < group * D; idx += CHUNK) {
+      const int g = idx / D, i = idx % D;
+      float a = o_s[0][g][i];
+#pragma unroll
+      for (int p = 1; p < PHASES; ++p) a += o_s[p][g][i];
+      quantize_warp(a / s_l[g], out, block0 + idx / 32);
+    }
+    return;
+  }
+  // Several splits: this one's partial sums, and then, in whichever block of the group's
+  // splits ends last, the join (one launch per layer fewer than a kernel of its own).
+  const size_t first = ((size_t)row * n_head + hk * group) * n_split;
   for (int idx = t; idx < group * D; idx += CHUNK) {
     const int g = idx / D, i = idx % D;
     float a = o_s[0][g][i];
 #pragma unroll
     for (int p = 1; p < PHASES; ++p) a += o_s[p][g][i];
-    if (n_split == 1) {
-      const size_t block = (size_t)row * q8_stride + ((size_t)hk * group * D + idx) / 32;
-      quantize_warp(a / s_l[g], out, block);  // as attn_combine_q8 with one split
-    } else {
-      part_acc[(first + (size_t)g * n_split) * D + i] = a;
+    part_acc[(first + (size_t)g * n_split + split) * D + i] = a;
+  }
+  if (t < group) {
+    part_ml[(first + (size_t)t * n_split + split) * 2] = s_m[t];
+    part_ml[(first + (size_t)t * n_split + split) * 2 + 1] = s_l[t];
+  }
+  // The classic last-block pattern: every thread's writes are made visible to the whole
+  // GPU before the block counts itself done; the block that brings the count to n_split
+  // reads every split's sums from L2 (`__ldcg`: another multiprocessor's writes may be
+  // stale in this one's L1) and sets the count back to 0 for the next launch.
+  __shared__ bool last;
+  __threadfence();
+  __syncthreads();
+  unsigned *count = counts + (size_t)row * n_kv + hk;
+  if (t == 0) last = atomicAdd(count, 1u) == (unsigned)n_split - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  // The join, with the chunk loop's shared memory free: per head, each split's weight
+  // exp(m - max) (0 past the row's end) into `sc` and their sum of exponentials into `s_l`,
+  // a lane per split (n_split <= 32); then each thread sums four values of a head over the
+  // splits, 8 loads in flight, into `o_s[0]`, from where warps quantize 32 values each.
+  static_assert(CHUNK >= 32, "a split's weight per lane");
+  for (int g = warp; g < group; g += CHUNK / 32) {
+    const float *ml = part_ml + (first + (size_t)g * n_split) * 2;
+    const float m = lane < n_split ? __ldcg(ml + 2 * lane) : -INFINITY;
+    const float l = lane < n_split ? __ldcg(ml + 2 * lane + 1) : 0.0f;
+    const float mx = warp_max(m);  // split 0 holds position 0: never -inf
+    const float f = m == -INFINITY ? 0.0f : expf(m - mx);
+    const float sum_l = warp_sum(l * f);
+    sc[g][lane] = f;
+    if (lane == 0) s_l[g] = sum_l;
+  }
+  __syncthreads();
+  for (int slot = t; slot < group * D / 4; slot += CHUNK) {
+    const int g = slot / (D / 4), i = slot % (D / 4) * 4;
+    const float4 *acc4 = (const float4 *)(part_acc + (first + (size_t)g * n_split) * D + i);
+    float4 sum = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    for (int s0 = 0; s0 < n_split; s0 += 8) {
+      float4 a[8];
+#pragma unroll
+      for (int k = 0; k < 8; ++k)
+        a[k] = s0 + k < n_split ? __ldcg(acc4 + (size_t)(s0 + k) * (D / 4))
+                                : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        const float f = s0 + k < n_split ? sc[g][s0 + k] : 0.0f;
+        sum = make_float4(sum.x + a[k].x * f, sum.y + a[k].y * f, sum.z + a[k].z * f,
+                          sum.w + a[k].w * f);
+      }
     }
+    const float inv = 1.0f / s_l[g];
+    *(float4 *)&o_s[0][g][i] = make_float4(sum.x * inv, sum.y * inv, sum.z * inv, sum.w * inv);
   }
-  if (n_split > 1 && t < group) {
-    part_ml[(first + (size_t)t * n_split) * 2] = s_m[t];
-    part_ml[(first + (size_t)t * n_split) * 2 + 1] = s_l[t];
-  }
+  __syncthreads();
+  for (int idx = t; idx < group * D; idx += CHUNK)
+    quantize_warp(o_s[0][idx / D][idx % D], out, block0 + idx / 32);
+  if (t == 0) *count = 0;
 }
 
 #define ATTN_PARTIAL(D)                                                                      \
@@ -331,42 +391,16 @@ static __device__ void attn_partial(const Projections &pr, const int *__restrict
       const float *qkv, int qkv_stride, const float *q_norm, const float *k_norm,             \
       const float *cos_t, const float *sin_t, float eps, float q_scale, int neox,             \
       const int *facts, const unsigned long long *kv, int layer, int n_head, int n_kv,         \
-      int n_split, float *part_acc, float *part_ml, block_q8_1 *q8, int8_t *x_qs,             \
-      float2 *x_ds, int q8_stride) {                                                         \
+      int n_split, float *part_acc, float *part_ml, unsigned *counts, block_q8_1 *q8,         \
+      int8_t *x_qs, float2 *x_ds, int q8_stride) {                                           \
     pdl_launch_dependents(); /* the output projection may start (`pdl_wait`) */              \
     const Projections pr{qkv, qkv_stride, q_norm, k_norm, cos_t, sin_t, eps, q_scale, neox}; \
-    attn_partial<D>(pr, facts, kv, layer, n_head, n_kv, n_split, part_acc, part_ml,          \
+    attn_partial<D>(pr, facts, kv, layer, n_head, n_kv, n_split, part_acc, part_ml, counts,  \
                     Q8Rows{q8, x_qs, x_ds}, q8_stride);                                      \
   }
 ATTN_PARTIAL(64)
 ATTN_PARTIAL(128)
 ATTN_PARTIAL(256)
-
-// Join the splits of `attn_partial` (when there are several) into each head's output and
-// quantize the row's heads into Q8_1 blocks (both layouts) for the output projection.
-// Grid: (n_head, rows); block: head_dim threads (a multiple of 32, so each warp fills one
-// block).
-extern "C" __global__ void attn_combine_q8(const float *__restrict__ part_acc,
-                                           const float *__restrict__ part_ml, int n_split,
-                                           int n_head, int d, block_q8_1 *__restrict__ q8,
-                                           int8_t *__restrict__ x_qs, float2 *__restrict__ x_ds,
-                                           int q8_stride) {
-  pdl_launch_dependents();  // the output projection may start (`pdl_wait`)
-  const int h = blockIdx.x, row = blockIdx.y, i = threadIdx.x;
-  const size_t base = ((size_t)row * n_head + h) * n_split;
-  float mx = -INFINITY;
-  for (int s = 0; s < n_split; ++s) mx = fmaxf(mx, part_ml[(base + s) * 2]);
-  float sum_l = 0.0f, sum_a = 0.0f;
-  for (int s = 0; s < n_split; ++s) {
-    const float m = part_ml[(base + s) * 2];
-    if (m == -INFINITY) continue;
-    const float f = expf(m - mx);
-    sum_l += part_ml[(base + s) * 2 + 1] * f;
-    sum_a += part_acc[(base + s) * d + i] * f;
-  }
-  const float out = sum_a / sum_l;
-  quantize_warp(out, Q8Rows{q8, x_qs, x_ds}, (size_t)row * q8_stride + ((size_t)h * d + i) / 32);
-}
 
 // SwiGLU, quantized: per row, act = silu(gate) * up over `n_ff` values (gate at 0, up at
 // n_ff in a row of `gu_stride` floats), written as Q8_1 blocks in both layouts (`q8_stride`

@@ -3,10 +3,10 @@
 //! `candle_kernels::ffi` on the model's stream, or with `StepKernels::Own` our own for Q4_K,
 //! Q6_K and Q8_0, `cuda_matvec.cuh`) with preallocated buffers, and our own fused glue kernels
 //! (residual add + RMSNorm + Q8_1 quantization, in one pass with `StepKernels::Own`,
-//! `cuda_norm.cuh`; split-position attention that starts from the q/k/v projections (q/k
-//! norm, RoPE and the KV store in its first lines) with a joining kernel that quantizes
-//! for the output projection, one kernel that does it all when a single split covers the
-//! context; SwiGLU + quantization).
+//! `cuda_norm.cuh`; split-position attention in one kernel, from the q/k/v projections
+//! (q/k norm, RoPE and the KV store in its first lines) to the output projection's
+//! quantized input (the splits joined by whichever block ends last); SwiGLU +
+//! quantization).
 //!
 //! Why: through candle's ops a decode step of the Qwen3-8B shape is about 1,200 small ops,
 //! each a host-side allocation and launch of 5–10 µs, so the GPU idled most of the step
@@ -54,10 +54,16 @@ const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/cuda_decode.ptx"));
 pub const MAX_ROWS: usize = 8;
 /// Query heads per KV head the attention kernel holds in registers.
 const MAX_GROUP: usize = 8;
-/// Most position splits of the attention kernel (a power of two).
+/// Most position splits of the attention kernel (a power of two; its join takes a split
+/// per lane of a warp).
 const MAX_SPLIT: usize = 32;
-/// Positions per split at least: the attention kernel's chunk (one position per thread).
-const MIN_SPLIT_LEN: usize = 128;
+/// Positions per split at least. A split's block is a chain of waits (its keys, their
+/// scores, its values), so more blocks over more multiprocessors shorten the kernel: at
+/// 128, the fifteenth session's bound (one position per thread of a 128-position chunk), a
+/// 1,000-token context ran on 64 blocks of the Qwen3-8B shape, half an H200's
+/// multiprocessors; at 32 it runs on 256. Contexts of 4,096 and more have 32 splits
+/// either way.
+const MIN_SPLIT_LEN: usize = 32;
 /// The one-pass RMSNorm's threads per block and 8-value groups per thread (`RN_THREADS`
 /// and `RN_GROUPS` in `cuda_norm.cuh`).
 const NORM_1PASS_THREADS: usize = 512;
@@ -205,7 +211,6 @@ struct Layer {
 struct Kernels {
     rms_norm_q8: CudaFunction,
     attn_partial: CudaFunction,
-    attn_combine_q8: CudaFunction,
     silu_mul_q8: CudaFunction,
 }
 
@@ -284,6 +289,8 @@ struct Buffers {
     qkv: CudaSlice<f32>,
     part_acc: CudaSlice<f32>,
     part_ml: CudaSlice<f32>,
+    /// Per row and KV head: the attention's splits done so far (0 between launches).
+    counts: CudaSlice<u32>,
     gu: CudaSlice<f32>,
     logits: CudaSlice<f32>,
     /// Positions (`0..MAX_ROWS`), capacities (`MAX_ROWS..2 * MAX_ROWS`), then the
@@ -365,7 +372,6 @@ impl DecodePlan {
         let kernels = Kernels {
             rms_norm_q8: load("rms_norm_q8")?,
             attn_partial: load(&format!("attn_partial_d{d}"))?,
-            attn_combine_q8: load("attn_combine_q8")?,
             silu_mul_q8: load("silu_mul_q8")?,
         };
         let sm_count = stream
@@ -452,6 +458,7 @@ impl DecodePlan {
             qkv: alloc(rows * (q_width + 2 * kv_width))?,
             part_acc: alloc(rows * dims.n_head * MAX_SPLIT * d)?,
             part_ml: alloc(rows * dims.n_head * MAX_SPLIT * 2)?,
+            counts: cuda.alloc_zeros::<u32>(rows * dims.n_kv)?,
             gu: alloc(rows * 2 * n_ff)?,
             logits: alloc(rows * dims.vocab)?,
             rows: cuda.alloc_zeros::<i32>(2 * MAX_ROWS + 1)?,
@@ -814,7 +821,8 @@ impl DecodePlan {
             + b.gu.len()
             + b.x_ds.len()
             + b.logits.len();
-        (floats * 4 + b.q8.len() + b.x_qs.len() + b.rows.len() * 4 + b.kv.len() * 8) as u64
+        let words = b.rows.len() + b.counts.len();
+        (floats * 4 + b.q8.len() + b.x_qs.len() + words * 4 + b.kv.len() * 8) as u64
     }
 
     /// Run one token for each row: `x` holds the rows' embeddings `(rows, n_embd)` f32;
@@ -1111,7 +1119,6 @@ impl DecodePlan {
         let dims = self.dims;
         let (l_i, n_head, n_kv, n_split_i) =
             (l as i32, dims.n_head as i32, dims.n_kv as i32, n_split as i32);
-        let d_i = dims.head_dim as i32;
         let qkv_stride = ((dims.n_head + 2 * dims.n_kv) * dims.head_dim) as i32;
         let q_norm = layer.q_norm.as_ref().map_or(0, |v| v.ptr);
         let k_norm = layer.k_norm.as_ref().map_or(0, |v| v.ptr);
@@ -1122,7 +1129,7 @@ impl DecodePlan {
         launch.arg(&p.qkv).arg(&qkv_stride).arg(&q_norm).arg(&k_norm).arg(&cos).arg(&sin);
         launch.arg(&eps).arg(&q_scale).arg(&neox);
         launch.arg(&p.rows).arg(&p.kv).arg(&l_i).arg(&n_head).arg(&n_kv);
-        launch.arg(&n_split_i).arg(&p.part_acc).arg(&p.part_ml);
+        launch.arg(&n_split_i).arg(&p.part_acc).arg(&p.part_ml).arg(&p.counts);
         launch.arg(&p.q8).arg(&p.x_qs).arg(&p.x_ds).arg(&stride);
         let cfg = LaunchConfig {
             grid_dim: (dims.n_kv as u32, n_split as u32, n as u32),
@@ -1134,25 +1141,11 @@ impl DecodePlan {
         // and its cache addresses point at `(n_kv, cap, d)` f16 tensors of this device that
         // the caller keeps alive for the step (the kernel writes the row's position of each
         // KV head and reads the positions up to it); the norms hold `d` floats; `part_*`
-        // hold MAX_ROWS x n_head x MAX_SPLIT slots and n_split <= MAX_SPLIT; the positions
-        // per split times n_split cover the longest row (written in `step`); with one split
-        // it writes, instead of `part_*`, `n` rows of the query width's Q8_1 blocks, within
-        // `q8`, `x_qs` and `x_ds`.
-        launched(unsafe { launch.launch(cfg) })?;
-        if n_split == 1 {
-            return Ok(()); // `attn_partial` finished the softmax and quantized the output
-        }
-
-        let mut launch = self.stream.launch_builder(&self.kernels.attn_combine_q8);
-        launch.arg(&p.part_acc).arg(&p.part_ml).arg(&n_split_i).arg(&n_head).arg(&d_i);
-        launch.arg(&p.q8).arg(&p.x_qs).arg(&p.x_ds).arg(&stride);
-        let cfg = LaunchConfig {
-            grid_dim: (dims.n_head as u32, n as u32, 1),
-            block_dim: (dims.head_dim as u32, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: reads the slots the previous kernel wrote; writes `n` rows of the query
-        // width's Q8_1 blocks, within `q8`, `x_qs` and `x_ds`.
+        // hold MAX_ROWS x n_head x MAX_SPLIT slots and n_split <= MAX_SPLIT; `counts`
+        // MAX_ROWS x n_kv words, 0 between launches (each launch's joining blocks set theirs
+        // back); the positions per split times n_split cover the longest row (written in
+        // `step`); it writes `n` rows of the query width's Q8_1 blocks, within `q8`, `x_qs`
+        // and `x_ds`.
         launched(unsafe { launch.launch(cfg) })
     }
 
@@ -1256,6 +1249,7 @@ struct Pointers {
     qkv: u64,
     part_acc: u64,
     part_ml: u64,
+    counts: u64,
     gu: u64,
     logits: u64,
     rows: u64,
@@ -1274,6 +1268,7 @@ impl Pointers {
             qkv: b.qkv.device_ptr(s).0,
             part_acc: b.part_acc.device_ptr(s).0,
             part_ml: b.part_ml.device_ptr(s).0,
+            counts: b.counts.device_ptr(s).0,
             gu: b.gu.device_ptr(s).0,
             logits: b.logits.device_ptr(s).0,
             rows: b.rows.device_ptr(s).0,
