@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use axum::body::Bytes;
 use axum::http::{StatusCode, Uri};
 use axum::response::IntoResponse;
-use chrono::{DateTime, Timelike, Utc};
+use chrono::{DateTime, Datelike, Timelike, Utc};
 use futures::future::BoxFuture;
 use futures::StreamExt;
 use reqwest::Method;
@@ -899,6 +899,10 @@ async fn bad_inputs_get_400_with_what_is_wrong() {
         (without("channel"), "`channel` is required"),
         (with("tier", json!("huge")), "unknown tier"),
         (without("prompt"), "`prompt` is required"),
+        // Nothing to read (a chat message of it is refused too): it was stored, and the
+        // model was asked a NUL at every run.
+        (with("prompt", json!("\u{0}")), "`prompt` is required"),
+        (with("prompt", json!(" \u{200b}\u{1b} ")), "`prompt` is required"),
         (
             json!({"channel": "whatsapp", "target": "not a number", "schedule": "@daily",
                 "prompt": "hi"}),
@@ -1528,6 +1532,24 @@ async fn the_api_describes_schedules_and_the_page_has_no_describer_of_its_own() 
     assert_eq!(daily["timezone"], "UTC");
     let fast = describe("*/5 * * * * *", Some("Asia/Tokyo")).await;
     assert_eq!(fast["description"], "every 5 seconds", "{fast}");
+    // 7 is Sunday in every form: `7L` was refused as never happening, and `1L,7L` ran on
+    // the last Mondays only.
+    for expression in ["0 9 * * 7L", "0 9 * * 1L,7L"] {
+        let last = describe(expression, Some("UTC")).await;
+        let runs: Vec<DateTime<Utc>> = last["next_runs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|run| DateTime::from_timestamp_millis(run.as_i64().unwrap()).unwrap())
+            .collect();
+        assert!(runs.iter().any(|at| at.weekday() == chrono::Weekday::Sun), "{last}");
+        for at in runs {
+            let next_week = at + chrono::Duration::days(7);
+            assert_ne!(next_week.month(), at.month(), "{expression}: not the last, {at}");
+        }
+    }
+    let last_sunday = describe("0 9 * * 7L", Some("UTC")).await;
+    assert_eq!(last_sunday["description"], "on the last Sunday of every month at 09:00 UTC");
 
     // Jobs carry their description, in their own zone.
     let mut job = webchat_job("words", "0 9 * * 1,3,5", conversation);

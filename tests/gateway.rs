@@ -685,10 +685,14 @@ async fn conversations_can_be_renamed_and_deleted() {
     assert_eq!(status, StatusCode::OK, "{renamed}");
     assert_eq!(renamed["title"], "Groceries");
     assert_eq!(renamed["id"], id);
-    let (status, err) = call_json(&app, Method::PATCH, &path, Some(json!({"title": " "}))).await;
-    assert_eq!(status, StatusCode::BAD_REQUEST);
-    assert!(error_message(&err).contains("title must not be empty"));
-    assert_eq!(err["error"]["param"], "title", "{err}");
+    // Nothing to read is no title either: a NUL showed as a blank entry in the list.
+    for blank in [" ", "\u{0}", "\u{200b}\u{1b}"] {
+        let (status, err) =
+            call_json(&app, Method::PATCH, &path, Some(json!({"title": blank}))).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{blank:?}: {err}");
+        assert!(error_message(&err).contains("title must not be empty"), "{err}");
+        assert_eq!(err["error"]["param"], "title", "{err}");
+    }
     let (status, _) =
         call_json(&app, Method::PATCH, "/api/conversations/4242", Some(json!({"title": "x"})))
             .await;
@@ -736,16 +740,18 @@ async fn persona_round_trips_and_reaches_the_prompt() {
     let (_, persona) = call_json(&app, Method::GET, "/api/settings/persona", None).await;
     assert_eq!(persona["persona_name"], "Pince");
 
-    let (status, err) = call_json(
-        &app,
-        Method::PUT,
-        "/api/settings/persona",
-        Some(json!({"persona_name": " ", "system_prompt": "x"})),
-    )
-    .await;
-    assert_eq!(status, StatusCode::BAD_REQUEST);
-    assert!(error_message(&err).contains("persona_name must not be empty"));
-    assert_eq!(err["error"]["param"], "persona_name", "{err}");
+    for blank in [" ", "\u{0}"] {
+        let (status, err) = call_json(
+            &app,
+            Method::PUT,
+            "/api/settings/persona",
+            Some(json!({"persona_name": blank, "system_prompt": "x"})),
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{blank:?}: {err}");
+        assert!(error_message(&err).contains("persona_name must not be empty"));
+        assert_eq!(err["error"]["param"], "persona_name", "{err}");
+    }
 
     call(&app, Method::POST, "/api/chat", Some(TOKEN), Some(r#"{"message":"hi"}"#)).await;
     let prompt = app.last_request.lock().unwrap().clone().unwrap();

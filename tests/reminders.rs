@@ -286,6 +286,7 @@ async fn bad_reminders_get_clear_error_results_and_store_nothing() {
         (json!({"text": "x", "at": "next friday"}), "not a date and time"),
         (json!({"text": "x"}), "say when"),
         (json!({"at": "2999-01-01T09:00"}), "`text` is required"),
+        (json!({"text": "\u{200b}\u{0}", "in_minutes": 5}), "`text` is required"),
         (json!({"text": "x".repeat(1001), "in_minutes": 5}), "longer than 1000"),
     ] {
         let err = tools.error(&web, "reminders_create", arguments.clone()).await;
@@ -296,6 +297,36 @@ async fn bad_reminders_get_clear_error_results_and_store_nothing() {
         tools.error(&web, "reminders_create", json!({"text": "x", "at": "2020-01-01T09:00"})).await;
     assert!(err.contains(&now_paris[..13]) && err.contains("Europe/Paris"), "{err}");
     assert!(job_ids(&app).await.is_empty());
+}
+
+/// A reminder's text edited in the Schedules panel (`PUT /api/cron/jobs/{id}`) is held to
+/// what the tool stores: bidi overrides and control characters never reach the channel
+/// (they reorder what a phone shows), and a text with nothing left is refused by name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reminder_edited_through_the_api_is_sent_without_reordering_characters() {
+    let graph = Graph::start().await;
+    let app = App::start(&graph, Options::default()).await;
+    let tools = Tools::new(&app);
+    let web = webchat(app.webchat_conversation().await);
+    let created =
+        tools.ok(&web, "reminders_create", json!({"text": "call", "cron": "0 9 * * *"})).await;
+    let path = format!("/api/cron/jobs/{}", id_of(&created));
+    let spoof = json!({"prompt": "call \u{202e}4321\u{202c} now\u{0}\r"});
+    let (status, edited) = app.call(Method::PUT, &path, Some(spoof)).await;
+    assert_eq!(status, StatusCode::OK, "{edited}");
+    assert_eq!(edited["prompt"], "call 4321 now", "{edited}");
+    assert_eq!(tools.listed(&web).await[0]["text"], "call 4321 now");
+    let (status, refused) =
+        app.call(Method::PUT, &path, Some(json!({"prompt": "\u{202e}\u{0}"}))).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{refused}");
+    assert_eq!(refused["error"]["param"], "prompt", "{refused}");
+    assert_eq!(job(&app, id_of(&created)).await["prompt"], "call 4321 now");
+
+    let (status, run) = app.call(Method::POST, &format!("{path}/run"), None).await;
+    assert_eq!((status, &run["outcome"]), (StatusCode::OK, &json!("delivered")), "{run}");
+    let answers = app.assistant_messages(web.conversation_id.0).await;
+    assert_eq!(answers, ["⏰ Reminder: call 4321 now"]);
+    app.cron.shutdown().await;
 }
 
 /// The reminder tools take what their schemas allow and no more: control characters leave

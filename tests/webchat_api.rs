@@ -209,6 +209,29 @@ async fn search_folds_accents_covers_every_channel_and_ranks_newest_first() {
     assert_eq!(ids, [older_id], "{after}");
 }
 
+/// Thai writes tone marks after their letter: `ที่` ("at") is not `ที`, which `ทีม` ("team")
+/// holds, and a mark stays with its letter in the snippet (a mark alone after `</mark>`
+/// shows as a dotted circle).
+#[tokio::test]
+async fn search_keeps_the_tone_marks_of_thai_words() {
+    let app = app().await;
+    let pool = &app.state.pool;
+    let thai = memory::create_webchat_conversation(pool, Some("ไทย")).await.unwrap().id;
+    store(&app, thai, Role::User, "ทีมฟุตบอล").await;
+    let at_home = store(&app, thai, Role::Assistant, "ไปที่บ้าน").await;
+    let (status, found) = get_json(&app, "/api/search?q=%E0%B8%97%E0%B8%B5%E0%B9%88").await;
+    assert_eq!(status, StatusCode::OK, "{found}");
+    let results = found["results"].as_array().unwrap();
+    let ids: Vec<i64> = results.iter().map(|r| r["message_id"].as_i64().unwrap()).collect();
+    assert_eq!(ids, [at_home], "{found}");
+    assert_eq!(snippet_marks(&results[0]), ["ที่"], "{found}");
+    // Typed without its tone mark, the word is found inside, marked with the mark.
+    let (_, bare) = get_json(&app, "/api/search?q=%E0%B8%97%E0%B8%B5").await;
+    let marks: Vec<Vec<String>> =
+        bare["results"].as_array().unwrap().iter().map(snippet_marks).collect();
+    assert_eq!(marks, [vec!["ที่".to_string()], vec!["ที".to_string()]], "{bare}");
+}
+
 #[tokio::test]
 async fn regenerate_replaces_the_last_answer_and_edit_resends_the_last_message() {
     let app = app().await;

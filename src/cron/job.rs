@@ -208,10 +208,26 @@ fn merge_changes(changes: JobChanges, base: Option<JobSpec>) -> Result<JobSpec, 
 /// enabled job must be ahead in its zone (its own, else the default one) when it is a
 /// one-shot, and run no more often than `rules.shortest_interval` allows.
 fn check_spec(spec: JobSpec, rules: Rules) -> Result<JobSpec, CronError> {
+    // A reminder's text is sent as it is stored, so an edit of it is held to what the tool
+    // stores (`plain_text`).
+    let prompt = match spec.kind {
+        JobKind::Reminder => plain_text(&spec.prompt),
+        JobKind::Prompt => spec.prompt.trim().to_string(),
+    };
     // Lengths first: a 100 KB field gets a short answer, not a parse or an echo of itself.
-    let prompt = spec.prompt.trim().to_string();
     if prompt.chars().count() > MAX_PROMPT_CHARS {
         let message = format!("`prompt` is longer than {MAX_PROMPT_CHARS} characters");
+        return Err(CronError::invalid("prompt", message));
+    }
+    // Only control or invisible characters (a lone NUL) ask nothing: refused as a chat
+    // message is, rather than stored and sent to the model at every run. Checked here and
+    // not with the empty prompt in `merge_changes`, so that a job stored with one can still
+    // be disabled.
+    if crate::domain::is_blank(&prompt) {
+        let message = match spec.kind {
+            JobKind::Reminder => "`prompt` is required: the text of the reminder",
+            JobKind::Prompt => "`prompt` is required: what the assistant is asked at each run",
+        };
         return Err(CronError::invalid("prompt", message));
     }
     let mut name = spec.name.trim().to_string();
@@ -219,8 +235,9 @@ fn check_spec(spec: JobSpec, rules: Rules) -> Result<JobSpec, CronError> {
         let message = format!("`name` is longer than {MAX_NAME_CHARS} characters");
         return Err(CronError::invalid("name", message));
     }
-    if name.is_empty() {
-        // A job without a name is called by the start of what it asks.
+    if crate::domain::is_blank(&name) {
+        // A job without a name (or with one that shows as nothing, a NUL) is called by the
+        // start of what it asks.
         name = prompt.chars().take(40).collect();
     }
     if spec.target.trim().chars().count() > MAX_TARGET_CHARS {
@@ -265,6 +282,25 @@ fn check_spec(spec: JobSpec, rules: Rules) -> Result<JobSpec, CronError> {
         kind: spec.kind,
         conversation_id: spec.conversation_id,
     })
+}
+
+/// A reminder's text as it is stored and sent, whether the reminders tool made it or an
+/// edit through the API changed it (`check_spec`): without control characters other than
+/// newline and tab (a NUL, an escape sequence, a carriage return) and without the bidi
+/// embeddings, overrides and isolates (U+202A-U+202E, U+2066-U+2069), trimmed. Those
+/// reorder what a phone shows ("Trojan Source", CVE-2021-42574): a model's text could
+/// show a number or a name other than the one it holds. The marks (LRM, RLM, ALM) stay:
+/// they set the direction of neutral characters in right-to-left text and reorder
+/// nothing. Chat-template markers (`<|im_end|>`) are left: they are plain text in a
+/// message, and the prompt builder keeps them plain text when the reminder comes back into
+/// a prompt (`engine::template::push_text`).
+pub fn plain_text(text: &str) -> String {
+    let reorders = |c: char| matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+    let kept: String = text
+        .chars()
+        .filter(|&c| (!c.is_control() || c == '\n' || c == '\t') && !reorders(c))
+        .collect();
+    kept.trim().to_string()
 }
 
 /// Makes a refusal of the request field `field` from its message, for `map_err`.
@@ -418,6 +454,52 @@ mod tests {
         assert_eq!(spec.name, "Weather today?");
         assert!(spec.enabled);
         assert_eq!(spec.timezone, None);
+    }
+
+    /// A prompt of control or invisible characters only asks nothing: refused by name, as
+    /// a chat message of them is (it was stored and sent to the model at every run).
+    #[test]
+    fn a_prompt_with_nothing_to_read_is_refused() {
+        for blank in ["\u{0}", " \u{0} \u{1b} ", "\u{200b}\u{feff}"] {
+            let mut c = changes("nextcloud", "abc123");
+            c.prompt = Some(blank.into());
+            assert_eq!(field(c.clone()), "prompt", "{blank:?}");
+            assert!(fail(c).contains("`prompt` is required"), "{blank:?}");
+        }
+    }
+
+    #[test]
+    fn a_name_with_nothing_to_read_is_the_start_of_the_prompt() {
+        for blank in ["", "\u{0}", " \u{200b} "] {
+            let mut c = changes("nextcloud", "abc123");
+            c.name = Some(blank.into());
+            let spec = check_spec(merge_changes(c, None).unwrap(), RULES).unwrap();
+            assert_eq!(spec.name, "Weather today?", "{blank:?}");
+        }
+    }
+
+    /// A reminder's text edited through the API is held to what the reminders tool stores:
+    /// no bidi overrides or control characters reach the channel.
+    #[test]
+    fn an_edited_reminder_text_loses_control_and_reordering_characters() {
+        let reminder = JobSpec {
+            kind: JobKind::Reminder,
+            ..merge_changes(changes("nextcloud", "abc123"), None).unwrap()
+        };
+        let edit = JobChanges {
+            prompt: Some(" call \u{202e}4321\u{202c}\u{0} now\r\n".into()),
+            ..JobChanges::default()
+        };
+        let spec = check_spec(merge_changes(edit, Some(reminder.clone())).unwrap(), RULES);
+        assert_eq!(spec.unwrap().prompt, "call 4321 now");
+        let edit = JobChanges { prompt: Some("\u{202e}\u{0}".into()), ..JobChanges::default() };
+        let refused = check_spec(merge_changes(edit, Some(reminder)).unwrap(), RULES);
+        assert!(refused.unwrap_err().to_string().contains("the text of the reminder"));
+        // A prompt job's prompt is the model's to read: only trimmed.
+        let edit = JobChanges { prompt: Some(" a \u{202e}b ".into()), ..JobChanges::default() };
+        let prompt_job = merge_changes(changes("nextcloud", "abc123"), None).unwrap();
+        let spec = check_spec(merge_changes(edit, Some(prompt_job)).unwrap(), RULES);
+        assert_eq!(spec.unwrap().prompt, "a \u{202e}b");
     }
 
     #[test]

@@ -374,7 +374,23 @@ async fn post_reminder(
     }
 }
 
-/// What a reminder says when it fires.
+/// What a reminder says when it fires. Its text is made plain again (`job::plain_text`): a
+/// row stored before API edits were held to that rule, or written around the API, may hold
+/// characters that would make a phone show it reordered.
 pub fn reminder_text(what: &str) -> String {
-    format!("⏰ Reminder: {}", what.trim())
+    format!("⏰ Reminder: {}", super::job::plain_text(what))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reminder_is_sent_without_control_or_reordering_characters() {
+        assert_eq!(reminder_text(" tea "), "⏰ Reminder: tea");
+        assert_eq!(
+            reminder_text("call \u{202e}4321\u{202c}\u{0} now\r\nthen\trest"),
+            "⏰ Reminder: call 4321 now\nthen\trest"
+        );
+    }
 }

@@ -498,8 +498,23 @@ fn parse_six_fields(six_fields: &str) -> Option<Cron> {
         .year(Year::Disallowed)
         .dom_and_dow(true)
         .build()
-        .parse(six_fields)
+        .parse(&sunday_as_zero(six_fields))
         .ok()
+}
+
+/// `six_fields` with `7L` (the last Sunday, 7 being Sunday as 0 is) written `0L` in the
+/// day-of-week field. croner 3.0 moves the 7 of every other form to 0 (`7`, `7#2`, `5-7`)
+/// but not the last-of-month one, which then matches no day: `0 9 * * 7L` was refused as
+/// never happening, and `1L,7L` ran on the last Mondays only.
+fn sunday_as_zero(six_fields: &str) -> String {
+    let Some((before, dow)) = six_fields.rsplit_once(' ') else {
+        return six_fields.to_string();
+    };
+    let parts: Vec<&str> = dow
+        .split(',')
+        .map(|part| if part.eq_ignore_ascii_case("7L") { "0L" } else { part })
+        .collect();
+    format!("{before} {}", parts.join(","))
 }
 
 /// Finds the first field the parser rejects on its own, to say which one is wrong.
@@ -943,6 +958,30 @@ mod tests {
         assert_eq!(schedule.latest_at_or_before(at, Tz::UTC), Some(at));
         let later = utc("2026-01-10T09:30:12.345Z");
         assert_eq!(schedule.latest_at_or_before(later, Tz::UTC), Some(at));
+    }
+
+    /// 7 is Sunday as 0 is, in the last-of-month form too (croner 3.0 read `7L` as no day).
+    #[test]
+    fn seven_l_is_the_last_sunday() {
+        let after = utc("2026-11-01T00:00:00Z");
+        let runs = |expression: &str| -> Vec<DateTime<Utc>> {
+            Schedule::parse_checked(expression).unwrap().upcoming(after, Tz::UTC, 3)
+        };
+        let last_sundays =
+            ["2026-11-29T09:00:00Z", "2026-12-27T09:00:00Z", "2027-01-31T09:00:00Z"].map(utc);
+        assert_eq!(runs("0 9 * * 7L"), last_sundays);
+        assert_eq!(runs("0 9 * * 7l"), last_sundays);
+        assert_eq!(runs("0 9 * * 0L"), last_sundays);
+        let with_mondays =
+            ["2026-11-29T09:00:00Z", "2026-11-30T09:00:00Z", "2026-12-27T09:00:00Z"].map(utc);
+        assert_eq!(runs("0 9 * * 1L,7L"), with_mondays);
+        assert_eq!(
+            Schedule::parse("0 9 * * 7L").unwrap().describe(Tz::UTC),
+            "on the last Sunday of every month at 09:00 UTC"
+        );
+        // Other 7s and other fields are left as croner reads them.
+        assert_eq!(sunday_as_zero("0 0 7 7 * 7#2"), "0 0 7 7 * 7#2");
+        assert_eq!(sunday_as_zero("0 0 7 * * 5,7L"), "0 0 7 * * 5,0L");
     }
 
     #[test]

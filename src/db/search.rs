@@ -243,13 +243,17 @@ fn indexed_words(input: &str) -> Vec<String> {
 }
 
 /// The words of `input` looked for as substrings, without the punctuation around them and
-/// with ASCII letters in lower case (as SQLite's `lower` does).
+/// with ASCII letters in lower case (as SQLite's `lower` does). The combining marks at a
+/// word's end are part of it: Thai writes tone marks (`่` in `ที่`, "at") after the letter
+/// they sit on, and without them `ที่` was looked for as `ที`, which `ทีม` ("team") holds.
 fn substring_words(input: &str) -> Vec<String> {
+    let kept = |c: char| c.is_alphanumeric() || c == '+' || c == '#';
     query_words(input)
         .filter(|w| needs_substring(w))
         .map(|w| {
-            let kept = w.trim_matches(|c: char| !c.is_alphanumeric() && c != '+' && c != '#');
-            kept.to_ascii_lowercase()
+            let word = w.trim_start_matches(|c: char| !kept(c));
+            let word = word.trim_end_matches(|c: char| !kept(c) && !is_combining_mark(c));
+            word.to_ascii_lowercase()
         })
         .filter(|w| !w.is_empty())
         .collect()
@@ -403,6 +407,15 @@ fn snippet(content: &str, terms: &Terms) -> Vec<SnippetPart> {
             let found = edge_matches(&lowered, word, *prefix);
             matches.extend(found.map(|at| (at, at + word.len())));
         }
+    }
+    // A match ends after the combining marks on its last letter (`ที` in `ที่นี่`, a
+    // word typed without its tone mark): a mark cut from its letter would show on its own.
+    for (_, end) in &mut matches {
+        *end += content[*end..]
+            .chars()
+            .take_while(|&c| is_combining_mark(c))
+            .map(char::len_utf8)
+            .sum::<usize>();
     }
     matches.sort_unstable();
     let mut merged: Vec<(usize, usize)> = Vec::new();
@@ -748,6 +761,19 @@ mod tests {
         assert_eq!(at("iphone价格 and xiphone价格", "iphone价格"), [0]);
         assert_eq!(at("买iphone价格", "iphone价格"), [3], "after a CJK letter");
         assert_eq!(snippet_for("DATA+ or an A+", "a+"), "DATA+ or an [A+]");
+    }
+
+    /// Thai writes tone marks after their letter: a word keeps the marks at its end (`ที่`,
+    /// "at", is not `ที`, which `ทีม`, "team", holds), and a mark is never cut from its
+    /// letter in a snippet.
+    #[tokio::test]
+    async fn combining_marks_at_the_end_of_a_word_are_part_of_it() {
+        assert_eq!(substring_words("ที่ (ที่นี่)"), ["ที่", "ที่นี่"].map(String::from));
+        assert_eq!(snippet_for("อยู่ที่นี่", "ที่นี่"), "อยู่[ที่นี่]");
+        assert_eq!(snippet_for("อยู่ที่นี่", "ที"), "อยู่[ที่]นี่", "typed without its mark");
+        let (_dir, pool, ids) = messages(&["ทีมฟุตบอล", "ไปที่บ้าน"]).await;
+        assert_eq!(found_in(&pool, "ที่").await, [(ids[1], "ไป[ที่]บ้าน".to_string())]);
+        assert_eq!(found_in(&pool, "ที่บ้าน").await, [(ids[1], "ไป[ที่บ้าน]".to_string())]);
     }
 
     /// A substring word inside longer words in many newer messages does not hide an older

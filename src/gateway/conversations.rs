@@ -197,7 +197,8 @@ async fn rename_conversation(
 ) -> Result<ApiJson<ConversationJson>, ApiError> {
     let id = parse_id(&id)?;
     let title = request.title.trim();
-    if title.is_empty() {
+    // A title of control or invisible characters only (a NUL) shows as nothing in the list.
+    if crate::domain::is_blank(title) {
         return Err(ApiError::BadParam {
             param: "title",
             message: "title must not be empty".into(),

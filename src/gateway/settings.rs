@@ -47,7 +47,8 @@ async fn put_persona(
     ApiJson(update): ApiJson<PersonaUpdate>,
 ) -> Result<ApiJson<PersonaJson>, ApiError> {
     let name = update.persona_name.trim();
-    if name.is_empty() {
+    // Nor only control or invisible characters: the model would be given no name.
+    if crate::domain::is_blank(name) {
         let message = "persona_name must not be empty".to_string();
         return Err(ApiError::BadParam { param: "persona_name", message });
     }

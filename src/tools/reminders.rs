@@ -7,7 +7,7 @@
 
 use std::sync::{Arc, OnceLock};
 
-use chrono::{DateTime, Duration, Utc};
+use chrono::{DateTime, Duration, TimeZone, Timelike, Utc};
 use chrono_tz::Tz;
 use futures::future::BoxFuture;
 use serde_json::{json, Map, Value};
@@ -15,6 +15,7 @@ use sqlx::SqlitePool;
 
 use super::{Tool, ToolContext, ToolError};
 use crate::channels::whatsapp::WINDOW_MS;
+use crate::cron::job::plain_text;
 use crate::cron::schedule::{parse_local_time, Schedule, ONCE_PREFIX};
 use crate::cron::{CronError, CronHandle, JobView, NewReminder};
 use crate::db::cron::CronJobId;
@@ -164,18 +165,18 @@ impl CreateReminder {
             None | Some(Value::Null) => String::new(),
             Some(_) => return Err(invalid("`text` must be a string")),
         };
-        if text.is_empty() {
+        if crate::domain::is_blank(&text) {
             return Err(invalid("`text` is required: what to remind the user of"));
         }
         if text.chars().count() > MAX_TEXT_CHARS {
             return Err(invalid(format!("`text` is longer than {MAX_TEXT_CHARS} characters")));
         }
-        let schedule = when(arguments, shared.timezone)?;
+        let (schedule, timezone) = when(arguments, shared.timezone)?;
         let recurring = !schedule.starts_with(ONCE_PREFIX);
         let reminder = NewReminder {
             text,
             schedule,
-            timezone: shared.timezone,
+            timezone,
             channel: context.channel,
             target: target_of(context),
             conversation_id: context.conversation_id,
@@ -288,7 +289,7 @@ impl Tool for CancelReminder {
 }
 
 /// The schedule from exactly one of `at`, `in_minutes` and `cron`.
-fn when(arguments: &Map<String, Value>, timezone: Tz) -> Result<String, ToolError> {
+fn when(arguments: &Map<String, Value>, timezone: Tz) -> Result<(String, Tz), ToolError> {
     let given: Vec<&str> = ["at", "in_minutes", "cron"]
         .into_iter()
         .filter(|key| arguments.get(*key).is_some_and(|v| !v.is_null() && *v != ""))
@@ -310,7 +311,7 @@ fn when(arguments: &Map<String, Value>, timezone: Tz) -> Result<String, ToolErro
                     latest.format("%Y-%m-%dT%H:%M")
                 )));
             }
-            Ok(format!("{ONCE_PREFIX}{}", at.format("%Y-%m-%d %H:%M:%S")))
+            Ok((format!("{ONCE_PREFIX}{}", at.format("%Y-%m-%d %H:%M:%S")), timezone))
         }
         ["in_minutes"] => {
             let minutes = integer(&arguments["in_minutes"])
@@ -320,8 +321,7 @@ fn when(arguments: &Map<String, Value>, timezone: Tz) -> Result<String, ToolErro
                     "`in_minutes` must be between 1 and {MAX_IN_MINUTES} (a year)"
                 )));
             }
-            let at = (Utc::now() + Duration::minutes(minutes)).with_timezone(&timezone);
-            Ok(format!("{ONCE_PREFIX}{}", at.format("%Y-%m-%d %H:%M:%S")))
+            Ok(once_at_instant(Utc::now() + Duration::minutes(minutes), timezone))
         }
         ["cron"] => {
             let Some(expression) = arguments["cron"].as_str() else {
@@ -331,7 +331,7 @@ fn when(arguments: &Map<String, Value>, timezone: Tz) -> Result<String, ToolErro
             if schedule.is_once() {
                 return Err(invalid("`cron` is for recurring reminders; use `at` for once"));
             }
-            Ok(expression.trim().to_string())
+            Ok((expression.trim().to_string(), timezone))
         }
         [] => Err(invalid(
             "say when: give one of `at` (YYYY-MM-DDTHH:MM, once), `in_minutes` (once) or \
@@ -342,6 +342,23 @@ fn when(arguments: &Map<String, Value>, timezone: Tz) -> Result<String, ToolErro
             several.iter().map(|k| format!("`{k}`")).collect::<Vec<_>>().join(" and ")
         ))),
     }
+}
+
+/// A one-shot due at the instant `due` (to the second): its `at` schedule, and the zone that
+/// schedule is read in. That is `timezone`, unless `due` falls in the second pass of an hour
+/// its clocks repeat (going back), which a local time there cannot name: `at 02:30` is the
+/// first 02:30, so a reminder "in 90 minutes" asked at 01:50 that night fired after 30,
+/// and one "in 20 minutes" asked at 02:10 in the second pass was refused as in the past.
+/// Such a one is written in UTC.
+fn once_at_instant(due: DateTime<Utc>, timezone: Tz) -> (String, Tz) {
+    let due = due.with_nanosecond(0).unwrap_or(due);
+    let local = due.with_timezone(&timezone).naive_local();
+    let zone = match timezone.from_local_datetime(&local).earliest() {
+        Some(first) if first.with_timezone(&Utc) == due => timezone,
+        _ => Tz::UTC,
+    };
+    let written = due.with_timezone(&zone).format("%Y-%m-%d %H:%M:%S");
+    (format!("{ONCE_PREFIX}{written}"), zone)
 }
 
 /// A reminder as the model reads it: times in the reminder's zone, with their offset.
@@ -416,24 +433,6 @@ fn target_of(context: &ToolContext) -> String {
     }
 }
 
-/// A reminder's text as it is stored and sent: without control characters other than
-/// newline and tab (a NUL, an escape sequence, a carriage return) and without the bidi
-/// embeddings, overrides and isolates (U+202A-U+202E, U+2066-U+2069), trimmed. Those
-/// reorder what a phone shows ("Trojan Source", CVE-2021-42574): a model's text could
-/// show a number or a name other than the one it holds. The marks (LRM, RLM, ALM) stay:
-/// they set the direction of neutral characters in right-to-left text and reorder
-/// nothing. Chat-template markers (`<|im_end|>`) are left: they are plain text in a
-/// message, and the prompt builder keeps them plain text when the reminder comes back into
-/// a prompt (`engine::template::push_text`).
-fn plain_text(text: &str) -> String {
-    let reorders = |c: char| matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
-    let kept: String = text
-        .chars()
-        .filter(|&c| (!c.is_control() || c == '\n' || c == '\t') && !reorders(c))
-        .collect();
-    kept.trim().to_string()
-}
-
 fn object(arguments: &Value) -> Result<&Map<String, Value>, ToolError> {
     arguments.as_object().ok_or_else(|| invalid("the arguments must be a JSON object"))
 }
@@ -471,10 +470,12 @@ mod tests {
         let local_in = |days| (Utc::now() + Duration::days(days)).with_timezone(&tz);
         let soon = local_in(30);
         let at = when(&args(json!({"at": soon.format("%Y-%m-%dT%H:%M").to_string()})), tz);
-        assert_eq!(at.unwrap(), soon.format("at %Y-%m-%d %H:%M:00").to_string());
+        assert_eq!(at.unwrap(), (soon.format("at %Y-%m-%d %H:%M:00").to_string(), tz));
         let too_far = local_in(367).format("%Y-%m-%dT%H:%M").to_string();
-        assert_eq!(when(&args(json!({"cron": " 0 9 * * 1-5 "})), tz).unwrap(), "0 9 * * 1-5");
-        let soon = when(&args(json!({"in_minutes": "20", "at": null, "cron": ""})), tz).unwrap();
+        let weekdays = when(&args(json!({"cron": " 0 9 * * 1-5 "})), tz).unwrap();
+        assert_eq!(weekdays, ("0 9 * * 1-5".to_string(), tz));
+        let (soon, _) =
+            when(&args(json!({"in_minutes": "20", "at": null, "cron": ""})), tz).unwrap();
         assert!(soon.starts_with("at "), "{soon}");
         for (arguments, expected) in [
             (json!({}), "say when"),
@@ -490,6 +491,31 @@ mod tests {
             let err = when(&args(arguments.clone()), tz).unwrap_err().to_string();
             assert!(err.contains(expected), "{arguments}: {err}");
         }
+    }
+
+    /// A reminder `in_minutes` is due at its instant, also on the night the clocks go back:
+    /// in Paris on 25 October 2026, 03:00 CEST became 02:00 CET at 01:00 UTC.
+    #[test]
+    fn a_reminder_in_minutes_is_due_at_its_instant_when_the_clocks_go_back() {
+        let tz = Tz::Europe__Paris;
+        let utc = |s: &str| DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc);
+        for (due, written, zone) in [
+            // An ordinary time, and the first pass of the repeated hour: local, as before.
+            ("2026-10-24T12:00:30Z", "at 2026-10-24 14:00:30", tz),
+            ("2026-10-25T00:20:00Z", "at 2026-10-25 02:20:00", tz),
+            // The second pass (02:20 CET): `at 02:20` in Paris would be the first one.
+            ("2026-10-25T01:20:00Z", "at 2026-10-25 01:20:00", Tz::UTC),
+            ("2026-10-25T02:00:00Z", "at 2026-10-25 03:00:00", tz),
+        ] {
+            let due = utc(due);
+            let (schedule, in_zone) = once_at_instant(due, tz);
+            assert_eq!((schedule.as_str(), in_zone), (written, zone), "{due}");
+            let parsed = Schedule::parse(&schedule).unwrap();
+            assert_eq!(parsed.once_at(in_zone), Some(due), "{schedule} in {in_zone}");
+        }
+        // Fractions of a second are dropped, as the `at` form has none.
+        let (schedule, _) = once_at_instant(utc("2026-10-24T12:00:30.75Z"), tz);
+        assert_eq!(schedule, "at 2026-10-24 14:00:30");
     }
 
     #[test]
