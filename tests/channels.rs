@@ -443,6 +443,43 @@ async fn whatsapp_send_converts_markup_splits_and_retries_throttling() {
     assert_eq!(ids, ["wamid.OUT3", "wamid.OUT4"]);
 }
 
+/// An answer whose code block is longer than one WhatsApp message: each message that holds
+/// some of the code shows it as a block (its ``` lines pair up, the code's `*` and `_` stay
+/// as they are), every message is within 4096 characters, and nothing is lost. Before, the
+/// first message ended in a block that never closed and the second held the rest of the
+/// code as prose, with its `_` and `*` read as italics and bold.
+#[tokio::test]
+async fn a_code_block_longer_than_a_whatsapp_message_stays_code_in_every_part() {
+    let graph = StandIn::start(Kind::Graph).await;
+    let (_dir, pool) = fresh_pool().await;
+    let wa = WhatsApp::new(whatsapp_settings(&graph.base, None), reqwest::Client::new(), pool)
+        .with_retry(fast_retry());
+    let code: String =
+        (0..250).map(|i| format!("total_{i} = price_{i} * count_{i}  # step {i}\n")).collect();
+    let text = format!("Here is the **script**:\n\n```python\n{code}```\n\nRun it with *care*.");
+    assert!(code.chars().count() > 8_192, "the code must take three messages");
+    let ids = wa.send_text(USER_NUMBER, &text).await.expect("sent");
+    let bodies: Vec<String> = graph
+        .messages()
+        .iter()
+        .map(|r| r.json()["text"]["body"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids.len(), bodies.len());
+    assert!(bodies.len() >= 3, "{}", bodies.len());
+    for (i, body) in bodies.iter().enumerate() {
+        assert!(body.chars().count() <= 4096, "part {i}: {} chars", body.chars().count());
+        let fences = body.lines().filter(|l| l.trim_start().starts_with("```")).count();
+        assert_eq!(fences % 2, 0, "part {i} leaves its code block open:\n{body}");
+    }
+    assert!(bodies[0].starts_with("Here is the *script*:"), "{}", bodies[0]);
+    assert!(bodies[1].starts_with("```\ntotal_"), "{}", &bodies[1][..40]);
+    assert!(bodies.last().unwrap().ends_with("Run it with _care_."));
+    // Every line of code went out once, untouched.
+    let sent_code: Vec<&str> =
+        bodies.iter().flat_map(|b| b.lines()).filter(|l| l.starts_with("total_")).collect();
+    assert_eq!(sent_code, code.lines().collect::<Vec<_>>());
+}
+
 #[tokio::test]
 async fn whatsapp_expired_token_and_closed_window_are_not_retried() {
     let graph = StandIn::start(Kind::Graph).await;
@@ -461,11 +498,18 @@ async fn whatsapp_expired_token_and_closed_window_are_not_retried() {
     assert!(err.to_string().contains("131047"), "{err}");
     assert_eq!(graph.all().len(), 2);
 
+    // A 429 that is not a Graph error (no code to key on) is a rate limit: retried, and
+    // the message goes out (it was failed for good, never to be sent again).
+    graph.script(&[(429, json!("Too Many Requests"))]);
+    let ids = wa.send_text(USER_NUMBER, "after the limit").await.expect("retried");
+    assert_eq!(ids.len(), 1);
+    assert_eq!(graph.all().len(), 4);
+
     // Server errors are retried until the policy gives up.
     graph.script(&[(500, json!({})), (502, json!({})), (503, json!({})), (500, json!({}))]);
     let err = wa.send_text(USER_NUMBER, "hi").await.unwrap_err();
     assert!(err.is_retryable());
-    assert_eq!(graph.all().len(), 6);
+    assert_eq!(graph.all().len(), 8);
 }
 
 #[tokio::test]
@@ -609,6 +653,32 @@ async fn nextcloud_errors_are_explained_and_only_server_errors_retried() {
     // A 503 then success.
     talk.script(&[(503, json!({}))]);
     nc.send_message(ROOM, "again", None).await.expect("retried");
+}
+
+/// Talk answers 400 to a `replyTo` naming a message the room no longer has (it expired, or
+/// the history was cleared while the answer was written): the answer still goes out, once,
+/// without the reply link, instead of being failed for good and never reaching the room.
+/// A 400 without `replyTo` is still not retried.
+#[tokio::test]
+async fn a_talk_answer_to_a_message_that_is_gone_is_posted_without_the_reply_link() {
+    let talk = StandIn::start(Kind::Talk).await;
+    let nc = Nextcloud::new(nextcloud_settings(&talk.base, None), reqwest::Client::new())
+        .with_retry(fast_retry());
+    talk.script(&[(400, json!({"ocs": {"meta": {"status": "failure", "statuscode": 400}}}))]);
+    let references =
+        nc.send_message(ROOM, "Here is your answer.", Some(1567)).await.expect("posted");
+    let requests = talk.messages();
+    assert_eq!(requests.len(), 2, "the refused reply, then the same text without replyTo");
+    assert_eq!(requests[0].json()["replyTo"], 1567);
+    assert!(requests[1].json().get("replyTo").is_none());
+    assert_eq!(requests[1].json()["message"], "Here is your answer.");
+    assert_signed_talk_reply(&requests[1]);
+    assert_eq!(references, [requests[1].json()["referenceId"].as_str().unwrap().to_string()]);
+
+    talk.script(&[(400, json!({}))]);
+    let err = nc.send_message(ROOM, "No reply link here.", None).await.unwrap_err();
+    assert!(matches!(err, ChannelError::Nextcloud { status: 400, .. }), "{err:?}");
+    assert_eq!(talk.messages().len(), 3, "a 400 without replyTo is not sent again");
 }
 
 // --- the real binary and the real model --------------------------------------------------------
@@ -1558,6 +1628,34 @@ async fn a_message_too_large_for_the_model_gets_a_reply_saying_so() {
     assert_eq!(replies.len(), 1);
     assert_eq!(replies[0].json()["text"]["body"], queue::TOO_LARGE_REPLY);
     assert_eq!(app.health_queue().await["failed"], 1);
+}
+
+/// The model refuses a message for good (too large even alone) while the Graph API is down
+/// for longer than the quick retries: the reply saying so waits for the API like an answer
+/// would, and reaches the user once it is back. Before, the row failed at once with
+/// "telling the user failed" and the user never heard anything.
+#[tokio::test]
+async fn a_refusal_met_by_a_channel_outage_still_reaches_the_user() {
+    let graph = StandIn::start(Kind::Graph).await;
+    let outage: Vec<(u16, Value)> = (0..6).map(|_| (503, graph_error(1))).collect();
+    graph.script(&outage);
+    let engine = ScriptedEngine::new(|question, _, _| {
+        question.starts_with("enormous").then_some(LlmError::ContextOverflow {
+            n_tokens: 9000,
+            answer_room: 0,
+            n_ctx: 8192,
+        })
+    });
+    let app = in_process(&graph, None, engine, &[USER_NUMBER]).await;
+    let body = whatsapp_text("wamid.HUGE2", USER_NUMBER, "enormous question");
+    assert_eq!(app.post_whatsapp(&body).await.status(), 200);
+    let row = app.final_row("wamid.HUGE2").await;
+    assert_eq!(row.status, QueueStatus::Failed, "{row:?}");
+    assert!(row.retries >= 1, "waited for the channel: {row:?}");
+    assert!(row.last_error.as_deref().unwrap().contains("the user was told"), "{row:?}");
+    let replies = graph.messages();
+    assert_eq!(replies.len(), 7, "six refused tries, then the reply");
+    assert!(replies.iter().all(|r| r.json()["text"]["body"] == queue::TOO_LARGE_REPLY));
 }
 
 // --- issue 15: the agent loop on a channel -------------------------------------------------

@@ -46,6 +46,9 @@ enum Mode {
     ServerError,
     /// One text delta, then one more every 20 ms until the client goes away.
     Endless,
+    /// Two calls of `get_weather` in one answer, both with `index: 0` (as Ollama's OpenAI
+    /// API streams them).
+    SharedIndex,
 }
 
 struct StandIn {
@@ -95,6 +98,20 @@ fn tool_call_answer() -> Vec<String> {
         sse(&json!({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1,
                     "model": REMOTE_MODEL, "choices": [],
                     "usage": {"prompt_tokens": 30, "completion_tokens": 9, "total_tokens": 39}})),
+        "data: [DONE]\n\n".to_string(),
+    ]
+}
+
+/// Two calls streamed the way Ollama streams them: each whole in one fragment, both with
+/// `index: 0`.
+fn shared_index_answer() -> Vec<String> {
+    let call = |fragment: Value| sse(&delta(json!({"tool_calls": [fragment]})));
+    vec![
+        call(json!({"index": 0, "id": "call_paris", "type": "function",
+                    "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}})),
+        call(json!({"index": 0, "id": "call_rome", "type": "function",
+                    "function": {"name": "get_weather", "arguments": "{\"city\":\"Rome\"}"}})),
+        sse(&finish("tool_calls")),
         "data: [DONE]\n\n".to_string(),
     ]
 }
@@ -158,6 +175,7 @@ async fn chat(State(state): State<Arc<StandIn>>, headers: HeaderMap, body: Strin
                 .body(Body::from_stream(futures::StreamExt::chain(first, rest)))
                 .unwrap()
         }
+        Mode::SharedIndex => event_stream(shared_index_answer()),
         Mode::Normal => {
             let messages = body["messages"].as_array().cloned().unwrap_or_default();
             let after_tool = messages.last().is_some_and(|m| m["role"] == "tool");
@@ -366,6 +384,44 @@ async fn remote_tool_calls_pass_through_both_ways() {
     assert_eq!(messages[2]["tool_calls"][0]["function"]["arguments"], "{\"city\": \"Paris\"}");
     assert_eq!(messages[3]["role"], "tool");
     assert_eq!(messages[3]["tool_call_id"], "call_remote_1");
+}
+
+/// Ollama numbers every call of an answer 0: both calls come out whole, with their own ids
+/// and arguments (they were glued into one call with `{..}{..}` arguments, which got an
+/// error result, and the second call never ran).
+#[tokio::test]
+async fn calls_a_server_numbers_alike_stay_two_calls() {
+    let (base, _stand_in) = stand_in(Mode::SharedIndex, REMOTE_MODEL).await;
+    let router = remote_router(&base, Duration::from_secs(5));
+    let mut req = request(64);
+    req.tools = ToolUse::offer(vec![ToolSpec {
+        name: "get_weather".into(),
+        description: "The weather in a city".into(),
+        parameters: json!({"type": "object", "properties": {"city": {"type": "string"}}}),
+    }]);
+    let routed = router.stream(Tier::Smart, req).await.expect("answered");
+    assert!(routed.notices.is_empty(), "{:?}", routed.notices);
+    let (chunks, err) = drain(routed.stream).await;
+    assert!(err.is_none(), "{err:?}");
+    let calls: Vec<(String, String, Value)> = chunks
+        .iter()
+        .filter_map(|c| match c {
+            Chunk::ToolCall(call) => Some((
+                call.id.clone(),
+                call.name.clone(),
+                serde_json::from_str(&call.arguments).expect("each call's arguments are JSON"),
+            )),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        calls,
+        [
+            ("call_paris".into(), "get_weather".into(), json!({"city": "Paris"})),
+            ("call_rome".into(), "get_weather".into(), json!({"city": "Rome"})),
+        ],
+        "{chunks:?}"
+    );
 }
 
 #[tokio::test]

@@ -462,8 +462,13 @@ impl ChannelError {
     /// errors, network failures. Expired tokens and the closed window never heal by retrying.
     pub fn is_retryable(&self) -> bool {
         match self {
+            // A 429 without a Graph error code (a body that is not Meta's envelope: a proxy's
+            // or an edge's refusal) is a rate limit by its status alone; with a code, the
+            // code decides (131048, the spam limit, is not retried).
             ChannelError::WhatsApp { status, code, .. } => {
-                *status >= 500 || whatsapp::RETRYABLE_CODES.contains(code)
+                *status >= 500
+                    || whatsapp::RETRYABLE_CODES.contains(code)
+                    || (*status == 429 && *code == 0)
             }
             ChannelError::Nextcloud { status, .. } => *status >= 500,
             ChannelError::Transport(e) => !e.is_builder() && !e.is_decode(),
@@ -822,6 +827,9 @@ mod tests {
         assert!(wa(400, 131056).is_retryable());
         assert!(wa(503, 0).is_retryable());
         assert!(!wa(400, 131026).is_retryable());
+        assert!(wa(429, 0).is_retryable(), "a 429 without a Graph error code");
+        assert!(!wa(429, 131048).is_retryable(), "the spam limit says stop");
+        assert!(!wa(400, 0).is_retryable());
         assert!(!ChannelError::TokenExpired { code: 190, message: String::new() }.is_retryable());
         assert!(!ChannelError::OutsideWindow { detail: String::new() }.is_retryable());
         let nc =

@@ -358,7 +358,7 @@ impl Nextcloud {
         let mut references = Vec::with_capacity(parts.len());
         for (i, (part, end)) in parts.iter().enumerate() {
             let reply_to = if i == 0 && progress.at_start() { reply_to } else { None };
-            match self.post_with_retry(token, part, reply_to).await {
+            match self.post_part(token, part, reply_to).await {
                 Ok(reference) => {
                     progress
                         .log
@@ -380,7 +380,7 @@ impl Nextcloud {
                     let pieces = parts_after(part, 0, LEGACY_MAX_MESSAGE_CHARS)?;
                     for (j, (piece, piece_end)) in pieces.iter().enumerate() {
                         let reply_to = if j == 0 { reply_to } else { None };
-                        let reference = self.post_with_retry(token, piece, reply_to).await?;
+                        let reference = self.post_part(token, piece, reply_to).await?;
                         let sent =
                             SentPart { external_id: reference.clone(), end: start + piece_end };
                         progress.log.record(&sent).await?;
@@ -392,6 +392,31 @@ impl Nextcloud {
         }
         tracing::info!(room = %redact(token), parts = references.len(), resumed = !progress.at_start(), "nextcloud: message sent");
         Ok(references)
+    }
+
+    /// Posts one part, as a reply to `reply_to` when there is one. Talk answers 400 to a
+    /// `replyTo` that names no message of the room: the question expired (a room with
+    /// message expiration) or its history was cleared while the answer was written or
+    /// waited out an outage. The answer is then posted without the reply link, once, rather
+    /// than lost: the other reasons for a 400 (an empty message, bad signature headers)
+    /// cannot hold for what this client sends.
+    async fn post_part(
+        &self,
+        token: &str,
+        message: &str,
+        reply_to: Option<i64>,
+    ) -> Result<String, ChannelError> {
+        match self.post_with_retry(token, message, reply_to).await {
+            Err(ChannelError::Nextcloud { status: 400, .. }) if reply_to.is_some() => {
+                tracing::warn!(
+                    room = %redact(token),
+                    "nextcloud: the message answered is gone (expired or history cleared), \
+                     sending the answer without replying to it"
+                );
+                self.post_with_retry(token, message, None).await
+            }
+            other => other,
+        }
     }
 
     async fn post_with_retry(

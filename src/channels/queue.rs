@@ -618,6 +618,10 @@ impl Worker {
     }
 
     /// A permanent failure gets a short reply that says so; other outcomes pass through.
+    /// When that reply meets an outage of the channel (its servers erring, a rate limit),
+    /// the message goes back to the queue like an answer would, so the user is told once
+    /// the channel is back (the model refuses the message again at once) rather than never:
+    /// nothing was stored for it, so nothing is repeated.
     async fn tell_permanent_failure(
         &self,
         channel: &dyn Channel,
@@ -626,7 +630,13 @@ impl Worker {
     ) -> Outcome {
         match outcome {
             Outcome::Refused { reason, reply } => {
-                self.fail_with_reply(channel, message, reply, reason).await
+                match channel.reply(message, reply, Progress::unrecorded()).await {
+                    Ok(_) => Outcome::Failed(format!("{reason} (the user was told)")),
+                    Err(e) if e.is_retryable() => Outcome::Retry(format!(
+                        "{reason}; telling the user failed, to be tried again: {e}"
+                    )),
+                    Err(e) => Outcome::Failed(format!("{reason}; telling the user failed: {e}")),
+                }
             }
             other => other,
         }

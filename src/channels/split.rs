@@ -28,6 +28,101 @@ pub fn split_message(text: &str, max_chars: usize) -> Vec<String> {
     parts
 }
 
+/// The characters a part may need for the fence lines `close_code_blocks` adds around it
+/// (`"```\n"` before, `"\n```"` after): a text with a code block is cut this much shorter.
+pub const FENCE_ROOM: usize = 8;
+
+/// Whether `text` has a fenced code block: a line that starts with three backticks, read as
+/// `markup::markdown_to_whatsapp` reads them.
+pub fn has_code_block(text: &str) -> bool {
+    text.split('\n').any(is_fence)
+}
+
+/// The parts cut from `text` (each with the byte offset in `text` where it ends, as
+/// `channels::parts_after` gives them) as they are sent. A cut inside a fenced code block
+/// would leave one message with a block that never closes and the next with code outside
+/// any block: neither shows as code, and the code's `*` and `_` turn into bold and italics.
+/// So a part that ends inside a block gets a closing fence line, and the next one opens it
+/// again; a part that is only the block's closing fence joins the part before it (already
+/// closed). The ends stay offsets in `text`: what was sent is recorded the same way. The
+/// cut must leave `FENCE_ROOM` characters for the fences.
+pub fn close_code_blocks(text: &str, parts: Vec<(String, usize)>) -> Vec<(String, usize)> {
+    let mut out: Vec<(String, usize)> = Vec::with_capacity(parts.len());
+    let mut previous_open = false;
+    for (part, end) in parts {
+        let start = end - part.len();
+        let mut body = part.as_str();
+        let mut open_at_start = in_code_block(text, start);
+        if open_at_start {
+            let (first, rest) = body.split_once('\n').unwrap_or((body, ""));
+            let rest = rest.trim_start();
+            if first.trim() == "```" {
+                // The block closes on this part's first line (a bare fence: nothing of the
+                // text is left out with it); the fence added to the part before closed it
+                // already.
+                match out.last_mut() {
+                    Some(previous) if rest.is_empty() && previous_open => {
+                        previous.1 = end;
+                        previous_open = false;
+                        continue;
+                    }
+                    // An earlier try sent the part before (a record from before this rule):
+                    // the lone fence goes as it is, there is nothing else to send.
+                    _ if rest.is_empty() => open_at_start = false,
+                    _ => {
+                        body = rest;
+                        open_at_start = false;
+                    }
+                }
+            }
+        }
+        let mut open_at_end = in_code_block(text, end);
+        if open_at_end {
+            // The block opened on the part's last line, a bare fence (so it was closed
+            // before that line): the next part opens it, this one leaves the fence out.
+            if let Some((before, last)) = body.rsplit_once('\n') {
+                if last.trim() == "```" && !before.trim().is_empty() {
+                    body = before.trim_end();
+                    open_at_end = false;
+                }
+            }
+        }
+        let mut sent = String::with_capacity(body.len() + FENCE_ROOM);
+        if open_at_start {
+            sent.push_str("```\n");
+        }
+        sent.push_str(body);
+        if open_at_end {
+            sent.push_str("\n```");
+        }
+        previous_open = open_at_end;
+        out.push((sent, end));
+    }
+    out
+}
+
+/// Whether a fenced code block is open at byte `at` of `text`: an odd number of fence lines
+/// begin (at their first non-blank character) before it.
+fn in_code_block(text: &str, at: usize) -> bool {
+    let mut open = false;
+    let mut line_start = 0;
+    for line in text.split('\n') {
+        let fence_at = line_start + (line.len() - line.trim_start().len());
+        if fence_at >= at {
+            break;
+        }
+        if is_fence(line) {
+            open = !open;
+        }
+        line_start += line.len() + 1;
+    }
+    open
+}
+
+fn is_fence(line: &str) -> bool {
+    line.trim_start().starts_with("```")
+}
+
 /// The byte offset in `window` where a part should end. Prefers the latest paragraph break,
 /// then line break, then sentence end, then space, as long as it keeps the part at least a
 /// quarter full (so that a break near the start does not produce a tiny message).
@@ -129,6 +224,96 @@ mod tests {
     fn wide_whitespace_is_a_safe_cut() {
         check("ab\u{3000}cd\u{a0}ef", 4, &["ab", "cd", "ef"]);
         check("東京は\u{3000}日本の首都です。大阪", 8, &["東京は", "日本の首都です。", "大阪"]);
+    }
+
+    /// What `close_code_blocks` sends for `text` cut at `max` characters (fences included).
+    fn sent(text: &str, max: usize) -> Vec<(String, usize)> {
+        let limit = if has_code_block(text) { max - FENCE_ROOM } else { max };
+        close_code_blocks(text, crate::channels::parts_after(text, 0, limit).unwrap())
+    }
+
+    /// A code block longer than a message: every message that holds some of it shows it as
+    /// a block (its fences pair up), no message is over the limit, and nothing of the text
+    /// is lost or repeated. Before, the first message ended in an open block and the next
+    /// held the rest of the code as prose (`a_b * c_d` in italics and bold on WhatsApp).
+    #[test]
+    fn a_code_block_cut_in_two_stays_a_code_block_in_each_part() {
+        let code: String = (0..40).map(|i| format!("let v{i} = a_b * c_d;\n")).collect();
+        let text = format!("Here is the code:\n\n```rust\n{code}```\nThat is all.");
+        let parts = sent(&text, 200);
+        assert!(parts.len() >= 4, "{parts:?}");
+        for (i, (part, _)) in parts.iter().enumerate() {
+            assert!(part.chars().count() <= 200, "part {i} too long: {part:?}");
+            let fences = part.split('\n').filter(|line| is_fence(line)).count();
+            assert_eq!(fences % 2, 0, "part {i} leaves a block open: {part:?}");
+        }
+        assert!(parts[1].0.starts_with("```\nlet v"), "{:?}", parts[1].0);
+        assert!(parts[0].0.ends_with("\n```"), "{:?}", parts[0].0);
+        // The ends are the plain cut's: what is recorded as sent points into `text`.
+        let plain = crate::channels::parts_after(&text, 0, 200 - FENCE_ROOM).unwrap();
+        let ends: Vec<usize> = parts.iter().map(|p| p.1).collect();
+        assert_eq!(ends, plain.iter().map(|p| p.1).collect::<Vec<_>>());
+        // Without the fences added, the parts are the text.
+        let words = |s: &str| {
+            s.split_whitespace().filter(|w| !w.starts_with("```")).collect::<Vec<_>>().join(" ")
+        };
+        let joined: Vec<String> = parts.iter().map(|(p, _)| words(p)).collect();
+        assert_eq!(joined.join(" "), words(&text));
+        // Text without a code block is cut as before, at the full limit.
+        let prose = "A sentence that goes on. ".repeat(30);
+        let plain = crate::channels::parts_after(&prose, 0, 200).unwrap();
+        assert_eq!(sent(&prose, 200), plain);
+    }
+
+    /// A cut just before a block's closing fence: the fence is not a message of its own (the
+    /// part before is closed already); a cut just after an opening fence leaves the fence to
+    /// the next part.
+    #[test]
+    fn a_lone_fence_is_never_a_message_of_its_own() {
+        let text = "```\naaaaaaa\n```";
+        assert_eq!(
+            crate::channels::parts_after(text, 0, 12).unwrap(),
+            [("```\naaaaaaa".to_string(), 11), ("```".to_string(), 15)]
+        );
+        assert_eq!(sent(text, 20), [("```\naaaaaaa\n```".to_string(), 15)]);
+        // Going on after a part an earlier try sent (the fence alone is what is left).
+        let rest = close_code_blocks(text, crate::channels::parts_after(text, 11, 12).unwrap());
+        assert_eq!(rest, [("```".to_string(), 15)]);
+
+        let text = "Intro\n```\nxxxxxxxx\n```";
+        let parts = vec![("Intro\n```".to_string(), 9), ("xxxxxxxx\n```".to_string(), 22)];
+        assert_eq!(
+            close_code_blocks(text, parts),
+            [("Intro".to_string(), 9), ("```\nxxxxxxxx\n```".to_string(), 22)]
+        );
+    }
+
+    #[test]
+    fn code_blocks_never_break_the_limit_or_lose_text() {
+        let pieces = ["```", "```py", "\n", "\n\n", "x", "ab", " ", ". ", "é", "*_"];
+        // What is sent is the text, cut, plus fences (only bare fence lines are ever left
+        // out): without backticks and whitespace, the same characters in the same order.
+        let squash =
+            |s: &str| -> String { s.chars().filter(|c| *c != '`' && !c.is_whitespace()).collect() };
+        let mut seed = 5u64;
+        for _ in 0..400 {
+            let mut text = String::new();
+            for _ in 0..50 {
+                seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                text.push_str(pieces[(seed >> 33) as usize % pieces.len()]);
+            }
+            for max in [12, 13, 17, 30] {
+                let parts = sent(&text, max);
+                let mut last_end = 0;
+                for (part, end) in &parts {
+                    assert!(!part.is_empty() && part.chars().count() <= max, "{text:?} {max}");
+                    assert!(*end > last_end || last_end == 0, "{text:?} {max}");
+                    last_end = *end;
+                }
+                let joined: String = parts.iter().map(|(p, _)| squash(p)).collect();
+                assert_eq!(joined, squash(&text), "{text:?} {max}");
+            }
+        }
     }
 
     #[test]

@@ -9,7 +9,7 @@
 //! (that is `router.rs`). The `reqwest::Client` (with its connect timeout) comes from
 //! `app.rs`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
@@ -934,8 +934,11 @@ struct StreamState {
     dialect: Dialect,
     usage: Option<Usage>,
     finish: Option<FinishReason>,
-    /// By the `index` the server gives each call.
-    calls: BTreeMap<u64, PartialCall>,
+    /// By the `index` the server gives each call, then by arrival among the calls that
+    /// share one (see `add_call_fragments`).
+    calls: BTreeMap<(u64, u32), PartialCall>,
+    /// For each `index`, how many calls have used it before the current one.
+    reused: HashMap<u64, u32>,
     /// Whether any tool call was passed on.
     made_calls: bool,
     /// Whether the request offered tools: a call without them is no answer.
@@ -953,6 +956,7 @@ impl StreamState {
             usage: None,
             finish: None,
             calls: BTreeMap::new(),
+            reused: HashMap::new(),
             made_calls: false,
             tools_offered,
             wrote_text: false,
@@ -1110,17 +1114,36 @@ impl StreamState {
     }
 
     /// Adds `delta.tool_calls` fragments: the first fragment of a call carries its id and
-    /// name, the following ones more of its arguments.
+    /// name, the following ones more of its arguments. Some servers give every call of an
+    /// answer the same `index` (Ollama's OpenAI API sends 0 for all of them): a fragment
+    /// whose id, or name, differs from the one its index holds starts another call, instead
+    /// of gluing its arguments to the first call's (`{"a":1}{"b":2}`: the first call would
+    /// get an error result and the second would never run).
     fn add_call_fragments(&mut self, fragments: &[Value]) {
         for (position, fragment) in fragments.iter().enumerate() {
             let index = fragment.get("index").and_then(Value::as_u64).unwrap_or(position as u64);
-            let call = self.calls.entry(index).or_default();
-            if let Some(id) = fragment.get("id").and_then(Value::as_str).filter(|s| !s.is_empty()) {
+            let id = fragment.get("id").and_then(Value::as_str).filter(|s| !s.is_empty());
+            let name = fragment
+                .pointer("/function/name")
+                .and_then(Value::as_str)
+                .filter(|s| !s.is_empty());
+            let mut seq = self.reused.get(&index).copied().unwrap_or(0);
+            if let Some(current) = self.calls.get(&(index, seq)) {
+                let other_id = id.is_some_and(|id| !current.id.is_empty() && current.id != id);
+                // A name repeated in every fragment of one call is the same name; a
+                // different one, with no id to say otherwise, is another call.
+                let other_name = id.is_none()
+                    && name.is_some_and(|name| !current.name.is_empty() && current.name != name);
+                if other_id || other_name {
+                    seq += 1;
+                    self.reused.insert(index, seq);
+                }
+            }
+            let call = self.calls.entry((index, seq)).or_default();
+            if let Some(id) = id {
                 call.id = id.to_string();
             }
-            if let Some(name) =
-                fragment.pointer("/function/name").and_then(Value::as_str).filter(|s| !s.is_empty())
-            {
+            if let Some(name) = name {
                 if call.name.is_empty() {
                     call.name = name.to_string();
                 }
@@ -1137,6 +1160,7 @@ impl StreamState {
     /// The accumulated calls as complete `Chunk::ToolCall`s, in index order.
     fn flush_calls(&mut self) -> Vec<Chunk> {
         let calls = std::mem::take(&mut self.calls);
+        self.reused.clear();
         let out: Vec<Chunk> = calls
             .into_values()
             // A call with arguments or an id but no name is still a call the model made: it
@@ -1270,6 +1294,44 @@ mod tests {
             state.done(0, Instant::now()),
             Chunk::Done { finish: FinishReason::ToolCalls, .. }
         ));
+    }
+
+    /// Ollama's OpenAI API gives every call of an answer `index: 0`: the calls stay apart
+    /// (by their ids, or by their names when they have none), in the order they came, and
+    /// a call whose fragments repeat its id and name is still one call.
+    #[test]
+    fn calls_that_share_an_index_stay_apart() {
+        let mut state = StreamState::new(Dialect::OpenAi, true);
+        let frames = [
+            r#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"id":"call_a","type":"function","function":{"name":"file_write","arguments":"{\"path\":"}}]}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"id":"call_a","type":"function","function":{"name":"file_write","arguments":"\"a\"}"}}]}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"id":"call_b","type":"function","function":{"name":"file_write","arguments":"{\"path\":\"b\"}"}}]}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"type":"function","function":{"name":"current_time","arguments":"{}"}}]}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":" "}}]}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{},"finish_reason":"tool_calls"}]}"#,
+        ];
+        let mut out = Vec::new();
+        for frame in frames {
+            out.extend(state.apply(event(frame)).unwrap().out);
+        }
+        let calls: Vec<(String, String)> = out
+            .iter()
+            .map(|chunk| match chunk {
+                Chunk::ToolCall(call) => (call.name.clone(), call.arguments.clone()),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            calls,
+            [
+                ("file_write".to_string(), r#"{"path":"a"}"#.to_string()),
+                ("file_write".to_string(), r#"{"path":"b"}"#.to_string()),
+                ("current_time".to_string(), "{} ".to_string()),
+            ]
+        );
+        let Chunk::ToolCall(first) = &out[0] else { unreachable!() };
+        let Chunk::ToolCall(second) = &out[1] else { unreachable!() };
+        assert_eq!((first.id.as_str(), second.id.as_str()), ("call_a", "call_b"));
     }
 
     /// A call without a name reaches the assistant, which answers it with an error result
