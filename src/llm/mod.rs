@@ -177,6 +177,25 @@ pub enum Chunk {
 /// The stream a provider returns; an `Err` item ends it.
 pub type ChunkStream = mpsc::Receiver<Result<Chunk, LlmError>>;
 
+/// Forwards `upstream` into `tx` until either ends. A reader that leaves (`tx` closed)
+/// ends it at once, not at upstream's next chunk: dropping `upstream` is what stops the
+/// engine's sequence, and while the engine reads a long prompt it sends nothing for
+/// seconds or minutes (a 6,000-token prompt read on for 90 s after its answer was
+/// stopped, holding the engine from every other request).
+pub async fn forward_chunks(mut upstream: ChunkStream, tx: mpsc::Sender<Result<Chunk, LlmError>>) {
+    loop {
+        tokio::select! {
+            item = upstream.recv() => {
+                let Some(item) = item else { break };
+                if tx.send(item).await.is_err() {
+                    break;
+                }
+            }
+            () = tx.closed() => break,
+        }
+    }
+}
+
 /// Errors at the model boundary. Callers match on them (e.g. `QueueFull` becomes 503).
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum LlmError {
@@ -323,5 +342,30 @@ pub trait Provider: Send + Sync {
     /// generating. Providers with nothing to check answer `None`.
     fn probe(&self) -> BoxFuture<'_, Option<Probe>> {
         Box::pin(async { None })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// A reader that leaves while the engine sends nothing (reading a long prompt) ends the
+    /// forwarding at once, and the engine's side sees its receiver gone.
+    #[tokio::test]
+    async fn forwarding_ends_when_the_reader_leaves_while_upstream_is_silent() {
+        let (upstream_tx, upstream) = mpsc::channel(4);
+        let (tx, rx) = mpsc::channel(4);
+        let forwarding = tokio::spawn(forward_chunks(upstream, tx));
+        upstream_tx.send(Ok(Chunk::Accepted { prompt_tokens: 9 })).await.unwrap();
+        let mut rx = rx;
+        assert!(matches!(rx.recv().await, Some(Ok(Chunk::Accepted { prompt_tokens: 9 }))));
+        drop(rx);
+        tokio::time::timeout(Duration::from_secs(10), forwarding)
+            .await
+            .expect("the forwarding ends without another chunk")
+            .unwrap();
+        assert!(upstream_tx.is_closed(), "the engine's sender sees the reader gone");
     }
 }

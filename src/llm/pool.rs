@@ -14,7 +14,9 @@ use futures::future::BoxFuture;
 use tokio::sync::mpsc;
 
 use crate::llm::engine::LoadProgress;
-use crate::llm::{Chunk, ChunkStream, LlmError, LlmRequest, Provider, ProviderInfo};
+use crate::llm::{
+    forward_chunks, Chunk, ChunkStream, LlmError, LlmRequest, Provider, ProviderInfo,
+};
 
 /// Loads one model file and returns it as a provider. Dropping every clone of the returned
 /// provider must free the model. The production loader (an engine worker per file) is
@@ -551,16 +553,12 @@ async fn answer(
 }
 
 /// Forward an answer, holding the lease while it streams (so the model is not evicted or
-/// unloaded under it). A reader that leaves ends the forwarding, which drops the upstream
-/// receiver and stops the engine's sequence.
-fn forward(mut upstream: ChunkStream, lease: Lease, tx: mpsc::Sender<Result<Chunk, LlmError>>) {
+/// unloaded under it). A reader that leaves ends the forwarding at once (`forward_chunks`),
+/// which drops the upstream receiver and stops the engine's sequence.
+fn forward(upstream: ChunkStream, lease: Lease, tx: mpsc::Sender<Result<Chunk, LlmError>>) {
     tokio::spawn(async move {
         let _lease = lease;
-        while let Some(item) = upstream.recv().await {
-            if tx.send(item).await.is_err() {
-                break;
-            }
-        }
+        forward_chunks(upstream, tx).await;
     });
 }
 

@@ -5,7 +5,9 @@ use futures::future::BoxFuture;
 use tokio::sync::mpsc;
 
 use crate::llm::engine::EngineHandle;
-use crate::llm::{ChunkStream, DeviceUse, LlmError, LlmRequest, Provider, ProviderInfo};
+use crate::llm::{
+    forward_chunks, ChunkStream, DeviceUse, LlmError, LlmRequest, Provider, ProviderInfo,
+};
 
 const FORWARD_BUFFER: usize = 64;
 
@@ -63,15 +65,9 @@ impl Provider for LocalProvider {
             };
             let (tx, rx) = mpsc::channel(FORWARD_BUFFER);
             let _ = tx.try_send(Ok(first));
-            // Forward the rest; when the caller drops its receiver the send fails, the
-            // upstream receiver is dropped and the worker stops at its next token.
-            tokio::spawn(async move {
-                while let Some(item) = upstream.recv().await {
-                    if tx.send(item).await.is_err() {
-                        break;
-                    }
-                }
-            });
+            // Forward the rest; when the caller drops its receiver, the upstream receiver is
+            // dropped and the worker stops at its next step (prefill included).
+            tokio::spawn(forward_chunks(upstream, tx));
             Ok(rx)
         })
     }
