@@ -437,7 +437,9 @@ impl Worker {
                 waited.as_secs() / 3600,
                 entry.last_error.as_deref().unwrap_or("the engine stayed busy")
             );
-            return self.fail_with_reply(channel.as_ref(), &message, FAILURE_REPLY, reason).await;
+            return self
+                .fail_with_reply(channel.as_ref(), &message, FAILURE_REPLY, reason, false)
+                .await;
         }
 
         // What a previous run left: the question, maybe its answer (see `answer`).
@@ -630,27 +632,27 @@ impl Worker {
     ) -> Outcome {
         match outcome {
             Outcome::Refused { reason, reply } => {
-                match channel.reply(message, reply, Progress::unrecorded()).await {
-                    Ok(_) => Outcome::Failed(format!("{reason} (the user was told)")),
-                    Err(e) if e.is_retryable() => Outcome::Retry(format!(
-                        "{reason}; telling the user failed, to be tried again: {e}"
-                    )),
-                    Err(e) => Outcome::Failed(format!("{reason}; telling the user failed: {e}")),
-                }
+                self.fail_with_reply(channel, message, reply, reason, true).await
             }
             other => other,
         }
     }
 
+    /// Tells the user `text` and fails the message for `reason`; with `retry_outage`, an
+    /// error of the channel that may heal puts the message back in the queue instead.
     async fn fail_with_reply(
         &self,
         channel: &dyn Channel,
         message: &QueuedInbound,
         text: &str,
         reason: String,
+        retry_outage: bool,
     ) -> Outcome {
         match channel.reply(message, text, Progress::unrecorded()).await {
             Ok(_) => Outcome::Failed(format!("{reason} (the user was told)")),
+            Err(e) if retry_outage && e.is_retryable() => {
+                Outcome::Retry(format!("{reason}; telling the user failed, to be tried again: {e}"))
+            }
             Err(e) => Outcome::Failed(format!("{reason}; telling the user failed: {e}")),
         }
     }

@@ -30,12 +30,23 @@ pub fn split_message(text: &str, max_chars: usize) -> Vec<String> {
 
 /// The characters a part may need for the fence lines `close_code_blocks` adds around it
 /// (`"```\n"` before, `"\n```"` after): a text with a code block is cut this much shorter.
-pub const FENCE_ROOM: usize = 8;
+const FENCE_ROOM: usize = 8;
 
-/// Whether `text` has a fenced code block: a line that starts with three backticks, read as
-/// `markup::markdown_to_whatsapp` reads them.
-pub fn has_code_block(text: &str) -> bool {
-    text.split('\n').any(is_fence)
+/// `channels::parts_after`, for a channel that shows fenced code blocks (WhatsApp): the
+/// parts of `text` after byte `from`, at most `max_chars` each once `close_code_blocks` has
+/// closed and reopened the blocks a cut falls in (a text with a block is cut `FENCE_ROOM`
+/// shorter; any other is cut as `parts_after` cuts it).
+pub fn parts_after_keeping_code(
+    text: &str,
+    from: usize,
+    max_chars: usize,
+) -> Result<Vec<(String, usize)>, super::ChannelError> {
+    let fences = fence_starts(text);
+    if fences.is_empty() {
+        return super::parts_after(text, from, max_chars);
+    }
+    let parts = super::parts_after(text, from, max_chars - FENCE_ROOM)?;
+    Ok(close_code_blocks(&fences, parts))
 }
 
 /// The parts cut from `text` (each with the byte offset in `text` where it ends, as
@@ -45,14 +56,14 @@ pub fn has_code_block(text: &str) -> bool {
 /// So a part that ends inside a block gets a closing fence line, and the next one opens it
 /// again; a part that is only the block's closing fence joins the part before it (already
 /// closed). The ends stay offsets in `text`: what was sent is recorded the same way. The
-/// cut must leave `FENCE_ROOM` characters for the fences.
-pub fn close_code_blocks(text: &str, parts: Vec<(String, usize)>) -> Vec<(String, usize)> {
+/// cut must leave `FENCE_ROOM` characters for the fences; `fences` are `fence_starts(text)`.
+fn close_code_blocks(fences: &[usize], parts: Vec<(String, usize)>) -> Vec<(String, usize)> {
     let mut out: Vec<(String, usize)> = Vec::with_capacity(parts.len());
     let mut previous_open = false;
     for (part, end) in parts {
         let start = end - part.len();
         let mut body = part.as_str();
-        let mut open_at_start = in_code_block(text, start);
+        let mut open_at_start = in_code_block(fences, start);
         if open_at_start {
             let (first, rest) = body.split_once('\n').unwrap_or((body, ""));
             let rest = rest.trim_start();
@@ -76,7 +87,7 @@ pub fn close_code_blocks(text: &str, parts: Vec<(String, usize)>) -> Vec<(String
                 }
             }
         }
-        let mut open_at_end = in_code_block(text, end);
+        let mut open_at_end = in_code_block(fences, end);
         if open_at_end {
             // The block opened on the part's last line, a bare fence (so it was closed
             // before that line): the next part opens it, this one leaves the fence out.
@@ -101,22 +112,25 @@ pub fn close_code_blocks(text: &str, parts: Vec<(String, usize)>) -> Vec<(String
     out
 }
 
-/// Whether a fenced code block is open at byte `at` of `text`: an odd number of fence lines
-/// begin (at their first non-blank character) before it.
-fn in_code_block(text: &str, at: usize) -> bool {
-    let mut open = false;
+/// The byte offsets in `text` where its fence lines begin (at their first non-blank
+/// character): lines that start with three backticks, read as
+/// `markup::markdown_to_whatsapp` reads them.
+fn fence_starts(text: &str) -> Vec<usize> {
+    let mut fences = Vec::new();
     let mut line_start = 0;
     for line in text.split('\n') {
-        let fence_at = line_start + (line.len() - line.trim_start().len());
-        if fence_at >= at {
-            break;
-        }
         if is_fence(line) {
-            open = !open;
+            fences.push(line_start + (line.len() - line.trim_start().len()));
         }
         line_start += line.len() + 1;
     }
-    open
+    fences
+}
+
+/// Whether a fenced code block is open at a byte: an odd number of the text's fence lines
+/// (`fence_starts`) begin before it.
+fn in_code_block(fences: &[usize], at: usize) -> bool {
+    fences.partition_point(|&fence| fence < at) % 2 == 1
 }
 
 fn is_fence(line: &str) -> bool {
@@ -226,10 +240,14 @@ mod tests {
         check("東京は\u{3000}日本の首都です。大阪", 8, &["東京は", "日本の首都です。", "大阪"]);
     }
 
-    /// What `close_code_blocks` sends for `text` cut at `max` characters (fences included).
+    /// What is sent of `text` cut at `max` characters (fences included).
     fn sent(text: &str, max: usize) -> Vec<(String, usize)> {
-        let limit = if has_code_block(text) { max - FENCE_ROOM } else { max };
-        close_code_blocks(text, crate::channels::parts_after(text, 0, limit).unwrap())
+        parts_after_keeping_code(text, 0, max).unwrap()
+    }
+
+    /// `close_code_blocks` on parts already cut.
+    fn closed(text: &str, parts: Vec<(String, usize)>) -> Vec<(String, usize)> {
+        close_code_blocks(&fence_starts(text), parts)
     }
 
     /// A code block longer than a message: every message that holds some of it shows it as
@@ -277,13 +295,13 @@ mod tests {
         );
         assert_eq!(sent(text, 20), [("```\naaaaaaa\n```".to_string(), 15)]);
         // Going on after a part an earlier try sent (the fence alone is what is left).
-        let rest = close_code_blocks(text, crate::channels::parts_after(text, 11, 12).unwrap());
+        let rest = parts_after_keeping_code(text, 11, 20).unwrap();
         assert_eq!(rest, [("```".to_string(), 15)]);
 
         let text = "Intro\n```\nxxxxxxxx\n```";
         let parts = vec![("Intro\n```".to_string(), 9), ("xxxxxxxx\n```".to_string(), 22)];
         assert_eq!(
-            close_code_blocks(text, parts),
+            closed(text, parts),
             [("Intro".to_string(), 9), ("```\nxxxxxxxx\n```".to_string(), 22)]
         );
     }

@@ -16,7 +16,7 @@ use sqlx::SqlitePool;
 use crate::channels::markup::markdown_to_whatsapp;
 use crate::channels::split;
 use crate::channels::{
-    lenient, parts_after, path_segment, redact, Channel, ChannelError, Contact as ChannelContact,
+    lenient, path_segment, redact, Channel, ChannelError, Contact as ChannelContact,
     DeliveryReceipt, Intake, Limits, Progress, QueuedInbound, RetryPolicy, SentPart,
 };
 use crate::config::WhatsAppSettings;
@@ -677,15 +677,8 @@ impl WhatsApp {
         progress: Progress<'_>,
     ) -> Result<Vec<String>, ChannelError> {
         let text = markdown_to_whatsapp(markdown);
-        // A code block cut between two messages is closed and opened again around the cut
-        // (`split::close_code_blocks`), which needs room for the fences.
-        let limit = if split::has_code_block(&text) {
-            MAX_TEXT_CHARS - split::FENCE_ROOM
-        } else {
-            MAX_TEXT_CHARS
-        };
-        let parts =
-            split::close_code_blocks(&text, parts_after(&text, progress.sent_through, limit)?);
+        // A code block cut between two messages is closed and opened again around the cut.
+        let parts = split::parts_after_keeping_code(&text, progress.sent_through, MAX_TEXT_CHARS)?;
         if parts.is_empty() && progress.at_start() {
             return Err(ChannelError::Invalid("refusing to send an empty message".into()));
         }

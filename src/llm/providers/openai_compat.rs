@@ -9,7 +9,7 @@
 //! (that is `router.rs`). The `reqwest::Client` (with its connect timeout) comes from
 //! `app.rs`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
@@ -937,8 +937,6 @@ struct StreamState {
     /// By the `index` the server gives each call, then by arrival among the calls that
     /// share one (see `add_call_fragments`).
     calls: BTreeMap<(u64, u32), PartialCall>,
-    /// For each `index`, how many calls have used it before the current one.
-    reused: HashMap<u64, u32>,
     /// Whether any tool call was passed on.
     made_calls: bool,
     /// Whether the request offered tools: a call without them is no answer.
@@ -956,7 +954,6 @@ impl StreamState {
             usage: None,
             finish: None,
             calls: BTreeMap::new(),
-            reused: HashMap::new(),
             made_calls: false,
             tools_offered,
             wrote_text: false,
@@ -1127,19 +1124,23 @@ impl StreamState {
                 .pointer("/function/name")
                 .and_then(Value::as_str)
                 .filter(|s| !s.is_empty());
-            let mut seq = self.reused.get(&index).copied().unwrap_or(0);
-            if let Some(current) = self.calls.get(&(index, seq)) {
+            // The newest call at this index, which a fragment continues unless it names
+            // another.
+            let mut key = (index, 0);
+            if let Some((&newest, current)) =
+                self.calls.range((index, 0)..=(index, u32::MAX)).next_back()
+            {
+                key = newest;
                 let other_id = id.is_some_and(|id| !current.id.is_empty() && current.id != id);
                 // A name repeated in every fragment of one call is the same name; a
                 // different one, with no id to say otherwise, is another call.
                 let other_name = id.is_none()
                     && name.is_some_and(|name| !current.name.is_empty() && current.name != name);
                 if other_id || other_name {
-                    seq += 1;
-                    self.reused.insert(index, seq);
+                    key.1 += 1;
                 }
             }
-            let call = self.calls.entry((index, seq)).or_default();
+            let call = self.calls.entry(key).or_default();
             if let Some(id) = id {
                 call.id = id.to_string();
             }
@@ -1160,7 +1161,6 @@ impl StreamState {
     /// The accumulated calls as complete `Chunk::ToolCall`s, in index order.
     fn flush_calls(&mut self) -> Vec<Chunk> {
         let calls = std::mem::take(&mut self.calls);
-        self.reused.clear();
         let out: Vec<Chunk> = calls
             .into_values()
             // A call with arguments or an id but no name is still a call the model made: it

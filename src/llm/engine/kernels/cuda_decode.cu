@@ -307,27 +307,22 @@ static __device__ void attn_partial(const Projections &pr, const int *__restrict
   }
   __syncthreads();
   const size_t block0 = (size_t)row * q8_stride + (size_t)hk * group * D / 32;
-  if (n_split == 1) {
-    // group * D is a multiple of 32: a warp's lanes run this loop together.
-    for (int idx = t; idx < group * D; idx += CHUNK) {
-      const int g = idx / D, i = idx % D;
-      float a = o_s[0][g][i];
-#pragma unroll
-      for (int p = 1; p < PHASES; ++p) a += o_s[p][g][i];
-      quantize_warp(a / s_l[g], out, block0 + idx / 32);
-    }
-    return;
-  }
-  // Several splits: this one's partial sums, and then, in whichever block of the group's
-  // splits ends last, the join (one launch per layer fewer than a kernel of its own).
+  // With one split the heads' outputs, quantized; with several, this split's partial sums,
+  // and then, in whichever block of the group's splits ends last, the join (one launch per
+  // layer fewer than a kernel of its own). group * D is a multiple of 32: a warp's lanes
+  // run this loop together.
   const size_t first = ((size_t)row * n_head + hk * group) * n_split;
   for (int idx = t; idx < group * D; idx += CHUNK) {
     const int g = idx / D, i = idx % D;
     float a = o_s[0][g][i];
 #pragma unroll
     for (int p = 1; p < PHASES; ++p) a += o_s[p][g][i];
-    part_acc[(first + (size_t)g * n_split + split) * D + i] = a;
+    if (n_split == 1)
+      quantize_warp(a / s_l[g], out, block0 + idx / 32);
+    else
+      part_acc[(first + (size_t)g * n_split + split) * D + i] = a;
   }
+  if (n_split == 1) return;
   if (t < group) {
     part_ml[(first + (size_t)t * n_split + split) * 2] = s_m[t];
     part_ml[(first + (size_t)t * n_split + split) * 2 + 1] = s_l[t];
